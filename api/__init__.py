@@ -1,0 +1,1 @@
+"""The HTTP/WebSocket API: FastAPI routes, the streaming gateway. Never imports torch."""

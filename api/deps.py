@@ -1,0 +1,38 @@
+"""Shared dependencies, injected with `Annotated[..., Depends(...)]`."""
+
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from celery import Celery
+from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
+
+from shared.jobs import JobStore, WorkerRegistry
+from shared.settings import Settings
+
+
+def get_store(conn: HTTPConnection) -> JobStore:
+    return conn.app.state.store
+
+
+def get_async_redis(conn: HTTPConnection) -> aioredis.Redis:
+    return conn.app.state.aredis
+
+
+def get_celery(conn: HTTPConnection) -> Celery:
+    return conn.app.state.celery
+
+
+def get_registry(conn: HTTPConnection) -> WorkerRegistry:
+    return conn.app.state.registry
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+Store = Annotated[JobStore, Depends(get_store)]
+AsyncRedis = Annotated[aioredis.Redis, Depends(get_async_redis)]
+CeleryApp = Annotated[Celery, Depends(get_celery)]
+Registry = Annotated[WorkerRegistry, Depends(get_registry)]
+AppSettings = Annotated[Settings, Depends(get_app_settings)]

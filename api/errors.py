@@ -1,0 +1,53 @@
+"""Errors as values the client can read: one JSON body for every 4xx/5xx."""
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.protocol import ErrorCode, InvalidRequest, describe_validation_error
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: int = ErrorCode.INVALID_REQUEST):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, int(code)
+
+
+def error_body(message: str, type: str, param: str | None, code: int) -> dict:
+    """The JSON body of every error response (the OpenAI error shape, with llava-queue's error code)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def job_not_found(job_id: str) -> ApiError:
+    return ApiError(404, f"unknown job id {job_id!r} (it never existed, or its record expired)",
+                    type="not_found", param="id", code=ErrorCode.NOT_FOUND)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer validation failures with 400 (malformed JSON) or 422 (a bad field), naming the field."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, "invalid_request_error", exc.param, ErrorCode.INVALID_REQUEST),
+                            status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        malformed = any(error.get("type") == "json_invalid" for error in errors)
+        invalid = describe_validation_error(errors)
+        return JSONResponse(error_body(invalid.message, "invalid_request_error", invalid.param,
+                                       ErrorCode.INVALID_REQUEST), status_code=400 if malformed else 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "http_error", None, ErrorCode.INVALID_REQUEST),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -1,0 +1,108 @@
+"""Jobs: submit one or many, poll, cancel."""
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from api.deps import CeleryApp, Store
+from api.errors import ApiError, job_not_found
+from api.submission import submit_job, submit_jobs
+from shared.jobs import FINAL_STATES
+from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+
+
+class BulkCreated(BaseModel):
+    ids: list[str]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Params(BaseModel):
+    """The sampling parameters the job runs with (after defaults and the max_new_tokens clamp)."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: str | None
+    seed: int | None
+
+
+class JobView(BaseModel):
+    """A job as polling sees it. `text` is what was generated so far, without the prompt."""
+
+    id: str
+    status: str
+    queue: str
+    model: str
+    prompt: str
+    text: str
+    error: str | None
+    error_code: int
+    finish_reason: str | None
+    usage: Usage
+    params: Params
+    created_at: float
+    started_at: float | None
+    first_token_at: float | None
+    finished_at: float | None
+    queue_position: int | None
+    attempts: int
+
+
+def job_view(record: dict[str, Any]) -> JobView:
+    """The public view of a job record."""
+    request = GenerateRequest.model_validate_json(record["request"])
+    params = Params(temperature=request.temperature, top_p=request.top_p, max_new_tokens=request.max_new_tokens,
+                    stop=request.stop, seed=request.seed)
+    return JobView(
+        id=record["id"], status=record["status"], queue=record["queue"], model=record["model"],
+        prompt=record["prompt"], text=record["text"], error=record["error"] or None,
+        error_code=record["error_code"], finish_reason=record["finish_reason"] or None,
+        usage=Usage(prompt_tokens=record["prompt_tokens"], completion_tokens=record["completion_tokens"]),
+        params=params,
+        created_at=record["created_at"], started_at=record["started_at"], first_token_at=record["first_token_at"],
+        finished_at=record["finished_at"], queue_position=record["queue_position"], attempts=record["attempts"])
+
+
+@router.post("", status_code=202, response_model=JobCreated)
+def create_job(body: JobRequest, store: Store, celery: CeleryApp) -> JobCreated:
+    """Enqueue one generation job; poll it at `GET /v1/jobs/{id}` or stream it at `WS /v1/jobs/{id}/ws`."""
+    return JobCreated(id=submit_job(store, celery, body, body.queue), status="queued")
+
+
+@router.post("/bulk", status_code=202, response_model=BulkCreated)
+def create_jobs(body: BulkJobRequest, store: Store, celery: CeleryApp) -> BulkCreated:
+    """Enqueue many jobs in one call; the ids come back in the order of `jobs`."""
+    return BulkCreated(ids=submit_jobs(store, celery, [(job, job.queue) for job in body.jobs]))
+
+
+@router.get("/{job_id}", response_model=JobView)
+def get_job(job_id: str, store: Store) -> JobView:
+    """The job's state, text so far, timings, token usage, and queue position while queued."""
+    record = store.get(job_id)
+    if record is None:
+        raise job_not_found(job_id)
+    return job_view(record)
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobCreated)
+def cancel_job(job_id: str, store: Store) -> JobCreated:
+    """Cancel a job: a queued job ends at once, a running one leaves its batch at the next step."""
+    previous = store.cancel(job_id)
+    if previous is None:
+        raise job_not_found(job_id)
+    if previous in FINAL_STATES:
+        raise ApiError(409, f"job {job_id} already ended ({previous})", type="conflict", param="id",
+                       code=ErrorCode.INVALID_REQUEST)
+    return JobCreated(id=job_id, status="cancelled" if previous == "queued" else "cancelling")

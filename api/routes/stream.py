@@ -1,0 +1,68 @@
+"""Streaming over WebSocket in the LLaVA chunk format `{"text", "error_code"}`.
+
+`text` is the prompt followed by everything generated so far. The last message also has
+`"done": true`, the job's `status`, `error` and `finish_reason`. Every message carries the job `id`.
+"""
+
+import asyncio
+import json
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from api.deps import AsyncRedis, CeleryApp, Store
+from api.stream import JobNotFound, StreamEvent, follow_job
+from api.submission import submit_job
+from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
+
+router = APIRouter(tags=["stream"])
+
+
+def ws_message(job_id: str, event: StreamEvent) -> dict:
+    """The WebSocket message of one event."""
+    message = {"text": event.text, "error_code": event.error_code, "id": job_id}
+    if event.done:
+        message.update(done=True, status=event.status, error=event.error or None,
+                       finish_reason=event.finish_reason or None)
+    return message
+
+
+async def _relay(websocket: WebSocket, store: Store, aredis: AsyncRedis, job_id: str) -> bool:
+    """Send the job's events until it ends; returns True when the job ended, False if the client left."""
+    try:
+        async for event in follow_job(store, aredis, job_id):
+            await websocket.send_json(ws_message(job_id, event))
+    except JobNotFound:
+        await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
+                                   "status": "unknown", "error": f"unknown job id {job_id!r}"})
+    except (WebSocketDisconnect, RuntimeError):
+        return False
+    return True
+
+
+@router.websocket("/v1/jobs/{job_id}/ws")
+async def job_stream(websocket: WebSocket, job_id: str, store: Store, aredis: AsyncRedis) -> None:
+    """Stream an existing job: its current text first, then every chunk, then how it ended."""
+    await websocket.accept()
+    if await _relay(websocket, store, aredis, job_id):
+        await websocket.close()
+
+
+@router.websocket("/v1/ws")
+async def submit_and_stream(websocket: WebSocket, store: Store, aredis: AsyncRedis, celery: CeleryApp) -> None:
+    """Take a job request as the first message, then stream that job. Leaving the socket cancels the job."""
+    await websocket.accept()
+    try:
+        raw = await websocket.receive_text()
+        request = parse_request(raw, JobRequest)
+    except WebSocketDisconnect:
+        return
+    except InvalidRequest as exc:
+        await websocket.send_json({"text": exc.message, "error_code": ErrorCode.INVALID_REQUEST, "done": True,
+                                   "status": "rejected", "error": exc.message})
+        await websocket.close(code=1008)
+        return
+    job_id = await asyncio.to_thread(submit_job, store, celery, request, request.queue)
+    if await _relay(websocket, store, aredis, job_id):
+        await websocket.close()
+    else:
+        await asyncio.to_thread(store.cancel, job_id)

@@ -1,0 +1,108 @@
+"""Following a job's output: the record first, then its pub/sub channel, so nothing is lost.
+
+Every stream endpoint (WebSocket, the LLaVA NUL-delimited stream) is this one follower plus an
+encoder for its wire format.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from shared.jobs import FINAL_STATES, JobStore, Snapshot
+
+# With no message for this long the follower re-reads the record, in case a message was missed
+# (a Redis reconnect drops pub/sub messages).
+RESYNC_AFTER_SECONDS = 5.0
+
+
+class JobNotFound(LookupError):
+    """The job id is unknown (never existed, or its record expired)."""
+
+
+@dataclass
+class StreamEvent:
+    """What a listener sees: `text` is the prompt followed by everything generated so far."""
+
+    text: str
+    done: bool = False
+    status: str = "running"
+    error: str = ""
+    error_code: int = 0
+    finish_reason: str = ""
+
+
+@dataclass
+class _Progress:
+    prompt: str
+    text: str
+    seq: int
+
+    def event(self) -> StreamEvent:
+        return StreamEvent(self.prompt + self.text)
+
+
+def _final(progress: _Progress, snap: Snapshot | dict) -> StreamEvent:
+    get = snap.get if isinstance(snap, dict) else lambda name, default=None: getattr(snap, name, default)
+    return StreamEvent(progress.prompt + progress.text, done=True, status=get("status"), error=get("error") or "",
+                       error_code=int(get("error_code") or 0), finish_reason=get("finish_reason") or "")
+
+
+async def follow_job(store: JobStore, aredis: aioredis.Redis, job_id: str) -> AsyncIterator[StreamEvent]:
+    """Yield an event for the current text (if any), one per new chunk, and a last one with `done`.
+
+    Raises JobNotFound if the job does not exist.
+    """
+    pubsub = aredis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(store.channel(job_id))
+    try:
+        snap = await asyncio.to_thread(store.snapshot, job_id)
+        if snap is None:
+            raise JobNotFound(job_id)
+        progress = _Progress(snap.prompt, snap.text, snap.seq)
+        if snap.text:
+            yield progress.event()
+        if snap.status in FINAL_STATES:
+            yield _final(progress, snap)
+            return
+        waited = 0.0
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                waited += 1.0
+                if waited < RESYNC_AFTER_SECONDS:
+                    continue
+                waited, data = 0.0, None
+            else:
+                data = json.loads(message["data"])
+                if data["seq"] <= progress.seq:
+                    continue
+            if data is None or data["seq"] != progress.seq + 1:
+                # Missed something (or quiet for long): the record is the truth.
+                snap = await asyncio.to_thread(store.snapshot, job_id)
+                if snap is None:
+                    raise JobNotFound(job_id)
+                changed = snap.text != progress.text or snap.prompt != progress.prompt
+                progress = _Progress(snap.prompt, snap.text, snap.seq)
+                if changed and progress.text:
+                    yield progress.event()
+                if snap.status in FINAL_STATES:
+                    yield _final(progress, snap)
+                    return
+                continue
+            progress.seq = data["seq"]
+            if "delta" in data:
+                progress.text += data["delta"]
+                yield progress.event()
+            elif "prompt" in data:
+                progress.prompt = data["prompt"]
+            elif data.get("reset"):
+                progress.text = ""
+            elif data.get("done"):
+                yield _final(progress, data)
+                return
+    finally:
+        await pubsub.unsubscribe()
+        await pubsub.aclose()

@@ -1,0 +1,36 @@
+"""The Celery app on Redis: JSON only, late acks, redelivery of jobs whose worker died, two queues."""
+
+from celery import Celery
+from kombu import Queue
+
+from shared.settings import Settings, get_settings
+
+GENERATE_TASK = "llava_queue.generate"
+INTERACTIVE_QUEUE = "interactive"
+BATCH_QUEUE = "batch"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app whose broker is `settings.redis_url`; tasks carry only job ids (JSON)."""
+    app = Celery("llava_queue", broker=settings.redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,  # results live in the job record, not in Celery's backend
+        # Ack after the job ends, and put it back if the worker dies while holding it.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Reserve no more than the engine's free slots; the worker's concurrency is its slot count.
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_queues=(Queue(INTERACTIVE_QUEUE), Queue(BATCH_QUEUE)),
+        task_default_queue=INTERACTIVE_QUEUE,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+celery_app = make_celery(get_settings())

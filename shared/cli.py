@@ -1,0 +1,144 @@
+"""The `llava-queue` command: `up` runs the whole stack; `api` and `worker` run one piece each."""
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from shared.redis_server import RedisServer
+from shared.settings import get_settings
+
+log = logging.getLogger("llava_queue")
+
+
+def _die_with_parent() -> None:
+    # Children get SIGTERM if `up` itself dies, even by SIGKILL: none is left behind.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, preexec_fn=_die_with_parent)
+
+
+def _stop(processes: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_ready(url: str, children: list[subprocess.Popen], timeout: float) -> bool:
+    """Wait until the API answers and a worker has announced itself; False if a child died."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            return False
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if json.load(response).get("workers"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Embedded Redis (unless --redis-url), one worker, the API; Ctrl-C stops them all."""
+    env = dict(os.environ)
+    redis_server = None
+    if args.redis_url:
+        env["LLAVA_QUEUE_REDIS_URL"] = args.redis_url
+    else:
+        redis_server = RedisServer(port=args.redis_port).start(preexec_fn=_die_with_parent)
+        env["LLAVA_QUEUE_REDIS_URL"] = redis_server.url
+        print(f"llava-queue: embedded Redis ({os.path.basename(redis_server.binary)}) at {redis_server.url}",
+              flush=True)
+    if args.model_path:
+        env["LLAVA_QUEUE_MODEL_PATH"] = args.model_path
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        children.append(_spawn(["worker"], env))
+        children.append(_spawn(["api", "--host", args.host, "--port", str(args.port)], env))
+        url = f"http://{args.host}:{args.port}"
+        print("llava-queue: starting the worker (the first start fetches and converts the default model)...",
+              flush=True)
+        if _wait_ready(url, children, timeout=args.start_timeout):
+            print(f"llava-queue is up: API {url}  (docs {url}/docs, health {url}/healthz). Ctrl-C stops it.",
+                  flush=True)
+        elif not stopping:
+            print("llava-queue: a process failed to start; stopping", file=sys.stderr, flush=True)
+            return 1
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        return 0 if stopping else 1
+    finally:
+        print("llava-queue: stopping", flush=True)
+        _stop(children)
+        if redis_server:
+            redis_server.stop()
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """The API alone, against LLAVA_QUEUE_REDIS_URL."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("api.main:app", host=args.host or settings.host, port=args.port or settings.port,
+                log_level="info", ws_ping_interval=20)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker alone, against LLAVA_QUEUE_REDIS_URL."""
+    from workers.main import run_worker
+
+    run_worker(get_settings())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    parser = argparse.ArgumentParser(prog="llava-queue", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run Redis (embedded), a worker and the API")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--model-path", help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
+    up.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
+    up.add_argument("--redis-port", type=int, default=None, help="port of the embedded Redis (default: a free one)")
+    up.add_argument("--start-timeout", type=float, default=600.0)
+    up.set_defaults(func=cmd_up)
+    api = sub.add_parser("api", help="run the API against LLAVA_QUEUE_REDIS_URL")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    api.set_defaults(func=cmd_api)
+    worker = sub.add_parser("worker", help="run one worker against LLAVA_QUEUE_REDIS_URL")
+    worker.set_defaults(func=cmd_worker)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The job store: one Redis hash per job, its queue position, and the pub/sub channel of its chunks.
+
+State machine: queued → running → succeeded | failed | cancelled | expired. Every transition
+and every appended chunk is one Lua script, so a reader never sees a record half-written and
+a chunk is published with the same sequence number the record holds. A listener subscribes
+to the channel first, then reads the record (text and seq), then applies only chunks with a
+larger seq: nothing is lost for a late or reconnecting listener.
+
+Chunk messages on the channel (JSON):
+  {"seq": n, "delta": "..."}                       text appended to the job's output
+  {"seq": n, "prompt": "..."}                      the worker rendered the job's messages into this prompt
+  {"seq": n, "reset": true}                        a redelivered job starts over
+  {"seq": n, "done": true, "status": ..., ...}     the job ended (status, error, error_code, finish_reason)
+"""
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from shared.protocol import ErrorCode, GenerateRequest
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
+QUEUES = ("interactive", "batch")
+
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status ~= 'queued' and status ~= 'running' then return status end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if status == 'running' then
+  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('HSET', KEYS[1], 'text', '', 'completion_tokens', 0, 'worker', ARGV[1], 'started_at', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'first_token_at')
+  redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, reset = true}))
+  return 'restarted'
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+return 'running'
+"""
+
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+local text = (redis.call('HGET', KEYS[1], 'text') or '') .. ARGV[1]
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], 'text', text, 'completion_tokens', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3]) end
+redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, delta = ARGV[1]}))
+return seq
+"""
+
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status ~= 'queued' and status ~= 'running' then return status end
+if ARGV[6] == 'running' and status ~= 'running' then return status end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
+           'finish_reason', ARGV[4], 'finished_at', ARGV[5])
+redis.call('ZREM', KEYS[3], ARGV[8])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
+redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = ARGV[1], error = ARGV[2],
+           error_code = tonumber(ARGV[3]), finish_reason = ARGV[4]}))
+return 'ok'
+"""
+
+_REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  redis.call('PUBLISH', KEYS[2], ARGV[1])
+end
+return status
+"""
+
+_SET_PROMPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], 'prompt', ARGV[1], 'prompt_tokens', ARGV[2])
+redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, prompt = ARGV[1]}))
+return seq
+"""
+
+_INT_FIELDS = ("seq", "error_code", "prompt_tokens", "completion_tokens", "attempts")
+_FLOAT_FIELDS = ("created_at", "started_at", "first_token_at", "finished_at")
+
+
+def new_job_id() -> str:
+    """A fresh job id (a UUID4 hex string)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A job's text and seq read atomically: what a listener has before it follows the channel."""
+
+    status: str
+    prompt: str
+    text: str
+    seq: int
+    error: str
+    error_code: int
+    finish_reason: str
+
+
+class JobStore:
+    """Reads and writes job records in Redis. Thread-safe (one redis-py connection pool)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "llq", ttl_seconds: int = 86400):
+        self.redis = client
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+        self._start = client.register_script(_START)
+        self._append = client.register_script(_APPEND)
+        self._finish = client.register_script(_FINISH)
+        self._request_cancel = client.register_script(_REQUEST_CANCEL)
+        self._set_prompt = client.register_script(_SET_PROMPT)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400) -> "JobStore":
+        """A store on a new connection pool to the Redis at `url`."""
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, ttl_seconds)
+
+    # Key names: one place, so api/ and workers/ agree.
+    def key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        """The pub/sub channel a job's chunks are published to."""
+        return f"{self.prefix}:chunks:{job_id}"
+
+    @property
+    def control_channel(self) -> str:
+        """Where cancellations of running jobs are broadcast to workers (message: the job id)."""
+        return f"{self.prefix}:control:cancel"
+
+    def queue_key(self, queue: str) -> str:
+        return f"{self.prefix}:queued:{queue}"
+
+    def create(self, request: GenerateRequest, queue: str, job_id: str | None = None) -> str:
+        """Write a new `queued` record for `request` and return its id."""
+        job_id = job_id or new_job_id()
+        order = self.redis.incr(f"{self.prefix}:enqueue_order")
+        record = {
+            "id": job_id,
+            "status": "queued",
+            "queue": queue,
+            "model": request.model or "",
+            "prompt": request.prompt or "",
+            "request": request.model_dump_json(exclude_none=True),
+            "text": "",
+            "seq": 0,
+            "error": "",
+            "error_code": 0,
+            "finish_reason": "",
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "attempts": 0,
+            "created_at": repr(time.time()),
+        }
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key(job_id), mapping=record)
+            pipe.zadd(self.queue_key(queue), {job_id: order})
+            pipe.execute()
+        return job_id
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The record as typed fields (plus `queue_position` while queued), or None if unknown."""
+        raw = self.redis.hgetall(self.key(job_id))
+        if not raw:
+            return None
+        record: dict[str, Any] = dict(raw)
+        for name in _INT_FIELDS:
+            record[name] = int(record.get(name) or 0)
+        for name in _FLOAT_FIELDS:
+            record[name] = float(record[name]) if record.get(name) else None
+        record["queue_position"] = self.queue_position(job_id, record["queue"]) if record["status"] == "queued" else None
+        return record
+
+    def request_of(self, job_id: str) -> GenerateRequest | None:
+        """The validated request a job was submitted with."""
+        raw = self.redis.hget(self.key(job_id), "request")
+        return None if raw is None else GenerateRequest.model_validate_json(raw)
+
+    def queue_position(self, job_id: str, queue: str) -> int | None:
+        """How many queued jobs will be taken before this one (0: it is next).
+
+        Interactive jobs are served first, so every queued interactive job is ahead of a batch job.
+        """
+        rank = self.redis.zrank(self.queue_key(queue), job_id)
+        if rank is None:
+            return None
+        if queue == "batch":
+            rank += self.redis.zcard(self.queue_key("interactive"))
+        return rank
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Number of queued jobs per queue."""
+        return {queue: self.redis.zcard(self.queue_key(queue)) for queue in QUEUES}
+
+    def snapshot(self, job_id: str) -> Snapshot | None:
+        """Status, prompt, text and seq read in one round trip, consistent with the channel's seq."""
+        fields = ("status", "prompt", "text", "seq", "error", "error_code", "finish_reason")
+        values = self.redis.hmget(self.key(job_id), fields)
+        if values[0] is None:
+            return None
+        status, prompt, text, seq, error, error_code, finish_reason = values
+        return Snapshot(status, prompt or "", text or "", int(seq or 0), error or "", int(error_code or 0), finish_reason or "")
+
+    def start(self, job_id: str, worker: str) -> str:
+        """Mark a job running on `worker`.
+
+        Returns "running", "restarted" (a redelivered job whose earlier run died; its text is
+        reset), "cancel" (cancelled before it started: the caller should finish it as
+        cancelled), "missing", or the final status it already has (the caller skips it).
+        """
+        queue = self.redis.hget(self.key(job_id), "queue") or "interactive"
+        return self._start(keys=[self.key(job_id), self.channel(job_id), self.queue_key(queue)],
+                           args=[worker, repr(time.time()), job_id])
+
+    def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
+        """Record (and publish) the rendered prompt and its token count; False if the job ended meanwhile."""
+        seq = self._set_prompt(keys=[self.key(job_id), self.channel(job_id)], args=[prompt, prompt_tokens])
+        return int(seq) >= 0
+
+    def append_many(self, chunks: list[tuple[str, str, int, bool]]) -> list[int]:
+        """Append text to several running jobs in one pipelined round trip and publish each chunk.
+
+        `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each job's new
+        seq, or -1 where the job is no longer running (cancelled meanwhile): stop generating it.
+        """
+        now = repr(time.time())
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, delta, completion_tokens, first_token in chunks:
+                self._append(keys=[self.key(job_id), self.channel(job_id)],
+                             args=[delta, completion_tokens, now if first_token else ""], client=pipe)
+            return [int(seq) for seq in pipe.execute()]
+
+    def finish(self, job_id: str, status: str, *, error: str = "", error_code: int = 0,
+               finish_reason: str = "", only_if_running: bool = False) -> bool:
+        """Move an active job to a final state, publish its last message, and let the record expire.
+
+        Returns False if the job had already ended (its final state is kept).
+        """
+        assert status in FINAL_STATES, status
+        queue = self.redis.hget(self.key(job_id), "queue") or "interactive"
+        result = self._finish(
+            keys=[self.key(job_id), self.channel(job_id), self.queue_key(queue)],
+            args=[status, error, int(error_code), finish_reason, repr(time.time()),
+                  "running" if only_if_running else "", self.ttl_seconds, job_id])
+        return result == "ok"
+
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.
+
+        Returns the status the job had ("queued", "running", or a final state), or None if unknown.
+        """
+        status = self._request_cancel(keys=[self.key(job_id), self.control_channel], args=[job_id])
+        if status == "missing":
+            return None
+        if status == "queued":
+            # If a worker took it meanwhile, its next chunk finds the job ended and drops it.
+            self.finish(job_id, "cancelled", error="cancelled by the client",
+                        error_code=ErrorCode.CANCELLED, finish_reason="cancelled")
+        return status
+
+
+class WorkerRegistry:
+    """Workers announce themselves with a short-lived key that they refresh; a dead worker fades out."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "llq"):
+        self.redis = client
+        self.prefix = prefix
+
+    def announce(self, name: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
+        """Publish (or refresh) a worker's description for `ttl_seconds`."""
+        self.redis.set(f"{self.prefix}:worker:{name}", json.dumps(info), ex=ttl_seconds)
+
+    def remove(self, name: str) -> None:
+        """Forget a worker at once (on a clean shutdown)."""
+        self.redis.delete(f"{self.prefix}:worker:{name}")
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every live worker's description."""
+        keys = sorted(self.redis.scan_iter(match=f"{self.prefix}:worker:*", count=100))
+        values = self.redis.mget(keys) if keys else []
+        return [json.loads(value) for value in values if value]

@@ -1,0 +1,181 @@
+"""The wire protocol: the original LLaVA request and chunk, error codes, and the one validator.
+
+A request is the LLaVA worker payload (`model, prompt, temperature, top_p, max_new_tokens,
+stop, images`) with the original defaults and clamp; llava-queue adds `messages` (rendered
+by the worker with the model's template), `seed`, and the queue a job goes to.
+"""
+
+import base64
+import binascii
+import io
+import json
+import math
+from enum import IntEnum
+from typing import Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The original worker clamps max_new_tokens to this; larger values are accepted and clamped.
+MAX_NEW_TOKENS_CAP = 1024
+IMAGE_TOKEN = "<image>"
+
+SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
+MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
+CONTEXT_OVERFLOW_MSG = "Exceeds max token length. Please start a new conversation, thanks."
+
+
+class ErrorCode(IntEnum):
+    """The `error_code` of a chunk: 0-3 are the original stack's, the rest are llava-queue's."""
+
+    OK = 0
+    SERVER_ERROR = 1  # the worker failed while generating
+    NO_WORKER = 2  # no worker serves the model (controller proxy)
+    WORKER_FAILED = 3  # the request to the worker failed (controller proxy)
+    INVALID_REQUEST = 4
+    CANCELLED = 5
+    EXPIRED = 6
+    OVERLOADED = 7
+    NOT_FOUND = 8
+
+
+QueueName = Literal["interactive", "batch"]
+
+
+class Message(BaseModel):
+    """One turn of a chat-style job; a user turn may carry images (base64 files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+    images: list[str] = Field(default_factory=list)
+
+    @field_validator("images")
+    @classmethod
+    def _images_are_files(cls, images: list[str]) -> list[str]:
+        return check_images(images)
+
+
+class GenerateRequest(BaseModel):
+    """The original `/worker_generate_stream` payload, plus `messages` and `seed`.
+
+    Exactly one of `prompt` (already rendered, may hold `<image>`) or `messages` is given.
+    Unknown fields are ignored, as the original worker ignores them.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=0)
+    stop: str | None = None
+    images: list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _clamp_max_new_tokens(cls, value: int) -> int:
+        return min(value, MAX_NEW_TOKENS_CAP)
+
+    @field_validator("images")
+    @classmethod
+    def _images_are_files(cls, images: list[str] | None) -> list[str] | None:
+        return None if images is None else check_images(images)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (a rendered prompt) or 'messages' (chat turns)")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("'messages' must hold at least one turn")
+            if self.images:
+                raise ValueError("with 'messages', put images in the turns, not in 'images'")
+        return self
+
+    def all_images(self) -> list[str]:
+        """Every image of the request in prompt order (top-level `images`, or the turns' images)."""
+        if self.messages is not None:
+            return [image for message in self.messages for image in message.images]
+        return list(self.images or [])
+
+
+class JobRequest(GenerateRequest):
+    """A job submitted to `POST /v1/jobs`: a generate request and the queue it waits in."""
+
+    queue: QueueName = "interactive"
+
+
+class BulkJobRequest(BaseModel):
+    """`POST /v1/jobs/bulk`: many jobs in one call."""
+
+    jobs: list[JobRequest] = Field(min_length=1, max_length=10_000)
+
+
+def check_images(images: list[str]) -> list[str]:
+    """Check that every entry is base64 of an image file PIL can read; return the list unchanged."""
+    for index, data in enumerate(images):
+        if not isinstance(data, str) or not data:
+            raise ValueError(f"image {index} is empty")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"image {index} is not valid base64 (send the file's bytes base64-encoded, no data: prefix)")
+        try:
+            with Image.open(io.BytesIO(raw)) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"image {index} is not a readable image file: {exc}")
+    return images
+
+
+class InvalidRequest(ValueError):
+    """A request that failed validation; `message` names the field, `param` is its path."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def describe_validation_error(exc: ValidationError | list[dict]) -> InvalidRequest:
+    """Turn pydantic's errors into one readable message that names each bad field."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else exc
+    parts, first_param = [], None
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
+        if error.get("type") == "json_invalid":
+            return InvalidRequest(f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None)
+        field = ".".join(loc)
+        message = error.get("msg", "invalid").removeprefix("Value error, ")
+        if error.get("type") == "missing":
+            message = "field required"
+        parts.append(f"{field}: {message}" if field else message)
+        first_param = first_param or field or None
+    return InvalidRequest("; ".join(parts) or "invalid request", first_param)
+
+
+def parse_request(raw: bytes | str | dict, model: type[BaseModel] = GenerateRequest) -> BaseModel:
+    """Validate a raw body (JSON text or a decoded dict) into `model`; raises InvalidRequest."""
+    try:
+        if isinstance(raw, dict):
+            return model.model_validate(raw)
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise describe_validation_error(exc) from None
+
+
+def encode_chunk(text: str, error_code: int = 0) -> bytes:
+    """One frame of the original stream: `json.dumps` with Python defaults, then a NUL byte."""
+    return json.dumps({"text": text, "error_code": int(error_code)}).encode() + b"\0"

@@ -1,0 +1,47 @@
+"""One typed settings object, read once from `LLAVA_QUEUE_*` environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of llava-queue; each field reads `LLAVA_QUEUE_<FIELD>` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAVA_QUEUE_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "llq"
+
+    # The API.
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # The worker's model. No model_path means the embedded default (SmolLM2-135M-Instruct).
+    model_path: str | None = None
+    model_base: str | None = None
+    model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    load_8bit: bool = False
+    load_4bit: bool = False
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "llava-queue")
+
+    # The engine's budgets: sequences in one batch, and tokens (prompt + new) their KV cache may hold.
+    max_num_seqs: int = 32
+    max_batch_tokens: int = 16384
+
+    # The original worker clamps max_new_tokens to 1024.
+    max_new_tokens_cap: int = 1024
+    # How long a finished job's record stays readable.
+    job_ttl_seconds: int = 24 * 3600
+    # Celery/Redis redelivers an unacked job after this long; it must exceed the longest job.
+    visibility_timeout: int = 4 * 3600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,86 @@
+"""The real stack for the tests: a Redis server process, a Celery worker process with the real
+default model, and the API process, started once per session on free ports."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.redis_server import RedisServer, free_port
+
+CACHE_DIR = Path(os.environ.get("LLAVA_QUEUE_CACHE_DIR", Path.home() / ".cache" / "llava-queue"))
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct) in Hugging Face format, built once and cached."""
+    from workers.default_model import ensure_default_model
+
+    return ensure_default_model(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real Redis (or Valkey) server process on a free port."""
+    with RedisServer() as server:
+        yield server
+
+
+class Stack:
+    """The running API and worker, and where their logs go."""
+
+    def __init__(self, base_url: str, redis_url: str, log_dir: Path, processes: dict[str, subprocess.Popen]):
+        self.base_url = base_url
+        self.ws_url = base_url.replace("http://", "ws://")
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.processes = processes
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {path.name}\n{path.read_text()[-4000:]}" for path in sorted(self.log_dir.glob("*.log")))
+
+
+def _start(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Popen:
+    log = open(log_dir / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server, default_model_dir):
+    """Worker and API processes against the test Redis, serving the default model."""
+    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-test-logs-"))
+    port = free_port()
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MODEL_PATH=str(default_model_dir),
+               LLAVA_QUEUE_MAX_NUM_SEQS="16", LLAVA_QUEUE_PORT=str(port))
+    processes = {"worker": _start("worker", ["worker"], env, log_dir),
+                 "api": _start("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
+    running = Stack(f"http://127.0.0.1:{port}", redis_server.url, log_dir, processes)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            dead = [name for name, process in processes.items() if process.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead} exited during start-up\n{running.logs()}")
+            try:
+                health = requests.get(f"{running.base_url}/healthz", timeout=2).json()
+                if health.get("workers"):
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stack did not come up in time\n{running.logs()}")
+            time.sleep(0.3)
+        yield running
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()

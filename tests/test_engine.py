@@ -1,0 +1,412 @@
+"""The batching engine on real forward passes: what a caller submits, what it gets back.
+
+Most tests use a tiny random Llama (fast, and its argmax is far from ties) with the
+real SmolLM2 tokenizer; one test runs the real SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from workers.engine import LLMEngine, SamplingParams, SeqOutput
+from workers.engine.detokenizer import Detokenizer, special_token_id
+from workers.engine.sampling import sample
+
+
+def model_dir() -> Path:
+    """The real small model (HF format) the tests read: LLAVA_QUEUE_TEST_MODEL_DIR, default /tmp/dl/smolhf."""
+    return Path(os.environ.get("LLAVA_QUEUE_TEST_MODEL_DIR", "/tmp/dl/smolhf"))
+
+
+pytestmark = pytest.mark.skipif(not (model_dir() / "tokenizer.json").exists(), reason="no test model directory")
+
+GREEDY = SamplingParams(temperature=0.0)
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(model_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        # Larger than the default 0.02, so the logits spread out and greedy ties cannot happen.
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    """Token ids past the special ones (0-16 in SmolLM2's vocabulary)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(17, 49152, (length,), generator=generator).tolist()
+
+
+def generate_alone(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy new tokens of `prompt` run by itself through model.generate."""
+    input_ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=2,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def run_until_done(engine: LLMEngine, handles, max_steps: int = 1000) -> None:
+    """Drive an engine that was not start()ed until every handle is done."""
+    for _ in range(max_steps):
+        if all(h.done.is_set() for h in handles):
+            return
+        engine.step()
+    raise AssertionError("engine did not finish the requests")
+
+
+class StreamLog:
+    """An on_step that records every output and the running count after each step."""
+
+    def __init__(self, engine_ref: list[LLMEngine] | None = None):
+        self.outputs: dict[str, list[SeqOutput]] = {}
+        self.running_per_step: list[int] = []
+        self.reserved_per_step: list[int] = []
+        self.calls = 0
+        self._engine_ref = engine_ref
+        self._lock = threading.Lock()
+
+    def __call__(self, outputs: list[SeqOutput]) -> None:
+        with self._lock:
+            self.calls += 1
+            for output in outputs:
+                self.outputs.setdefault(output.request_id, []).append(output)
+            if self._engine_ref:
+                stats = self._engine_ref[0].stats()
+                self.running_per_step.append(stats["num_running"])
+                self.reserved_per_step.append(stats["reserved_tokens"])
+
+    def joined_deltas(self, request_id: str) -> str:
+        return "".join(output.delta for output in self.outputs[request_id])
+
+
+def make_engine(model, tokenizer, **kwargs) -> tuple[LLMEngine, StreamLog]:
+    engine_ref: list[LLMEngine] = []
+    stream = StreamLog(engine_ref)
+    engine = LLMEngine(model, tokenizer, on_step=stream, **kwargs)
+    engine_ref.append(engine)
+    return engine, stream
+
+
+def test_greedy_mixed_batch_matches_generate_alone(tiny_model, tokenizer):
+    engine, stream = make_engine(tiny_model, tokenizer, max_num_seqs=4)
+    plan = {  # request id: (prompt length, max_new_tokens)
+        "a": (1, 12), "b": (7, 20), "c": (23, 6),
+        "d": (4, 15), "e": (40, 9), "f": (11, 25),
+        "g": (2, 18), "h": (16, 7),
+    }
+    prompts = {rid: random_prompt(length, seed=i) for i, (rid, (length, _)) in enumerate(plan.items())}
+
+    def add(*rids):
+        return {rid: engine.add_request(rid, prompts[rid], SamplingParams(temperature=0.0, max_new_tokens=plan[rid][1]))
+                for rid in rids}
+
+    handles = add("a", "b", "c")
+    for _ in range(3):
+        engine.step()
+    handles |= add("d", "e", "f")  # "f" has to wait: max_num_seqs=4
+    for _ in range(2):
+        engine.step()
+    engine.abort("b")  # running
+    engine.abort("f")  # still waiting
+    engine.step()
+    assert handles["f"].done.is_set(), "an aborted waiting request finishes at once"
+    handles |= add("g", "h")
+    run_until_done(engine, handles.values())
+
+    for rid in ("b", "f"):
+        assert handles[rid].wait().finish_reason == "cancelled"
+    for rid in ("a", "c", "d", "e", "g", "h"):
+        output = handles[rid].wait(0)
+        expected = generate_alone(tiny_model, prompts[rid], plan[rid][1])
+        assert output.token_ids == expected, rid
+        assert output.finish_reason == ("stop" if expected[-1] == 2 else "length")
+        assert stream.joined_deltas(rid) == output.text
+        assert sum(o.first_token for o in stream.outputs[rid]) == 1
+    assert engine.stats()["num_running"] == 0
+
+
+def test_never_more_than_max_num_seqs_running(tiny_model, tokenizer):
+    engine, stream = make_engine(tiny_model, tokenizer, max_num_seqs=4)
+    engine.start()
+    try:
+        handles = [
+            engine.add_request(f"r{i}", random_prompt(3 + i % 7, seed=100 + i),
+                               SamplingParams(temperature=0.0, max_new_tokens=4 + i % 5))
+            for i in range(20)
+        ]
+        outputs = [h.wait(WAIT_S) for h in handles]
+    finally:
+        engine.shutdown()
+    assert all(o.finished and o.finish_reason in ("length", "stop") for o in outputs)
+    assert max(stream.running_per_step) == 4
+    assert engine.stats()["num_finished"] == 20
+
+
+def test_request_that_can_never_fit_fails_at_once(tiny_model, tokenizer):
+    engine, stream = make_engine(tiny_model, tokenizer, max_batch_tokens=64)
+    small = [engine.add_request(f"s{i}", random_prompt(6, seed=200 + i), SamplingParams(temperature=0, max_new_tokens=20))
+             for i in range(3)]
+    huge = engine.add_request("huge", random_prompt(10, seed=210), SamplingParams(max_new_tokens=100))
+    engine.step()
+    assert huge.done.is_set()
+    output = huge.wait(0)
+    assert output.finish_reason == "error"
+    assert "max_batch_tokens (64)" in output.error and "110" in output.error
+    assert output.completion_tokens == 0
+    run_until_done(engine, small)
+    assert all(h.wait(0).finish_reason == "length" for h in small)
+    # Each small one reserves 6 + 20 tokens: two fit the budget of 64, the third waits.
+    assert max(stream.running_per_step) == 2
+    assert max(stream.reserved_per_step) <= 64
+
+
+def test_stop_string_spanning_tokens_ends_and_is_removed(tiny_model, tokenizer):
+    prompt = random_prompt(5, seed=300)
+    reference_ids = generate_alone(tiny_model, prompt, 30)
+    reference_text = tokenizer.decode(reference_ids, skip_special_tokens=True)
+    stop = tokenizer.decode(reference_ids[8:11], skip_special_tokens=True)
+    expected_text = reference_text[: reference_text.find(stop)]
+
+    engine, stream = make_engine(tiny_model, tokenizer)
+    handle = engine.add_request("stop", prompt, SamplingParams(temperature=0, max_new_tokens=30, stop=stop))
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert output.finish_reason == "stop"
+    assert output.text == expected_text
+    assert stop not in output.text
+    assert stream.joined_deltas("stop") == output.text
+    assert len(output.token_ids) <= 11
+
+
+def test_stop_that_is_a_special_token_acts_as_a_token_id(tiny_model, tokenizer):
+    special = "<file_sep>"
+    special_id = special_token_id(tokenizer, special)
+    assert special_id == tokenizer.convert_tokens_to_ids(special)
+    assert special_token_id(tokenizer, "<|im_end|>") == 2
+    assert special_token_id(tokenizer, "hello") is None
+    # Make the model favour the special token, then check the engine stops on it.
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight[special_id] *= 3
+    prompt = random_prompt(6, seed=310)
+    reference_ids = generate_alone(model, prompt, 40)
+    assert special_id in reference_ids
+    expected = reference_ids[: reference_ids.index(special_id) + 1]
+
+    engine, stream = make_engine(model, tokenizer)
+    handle = engine.add_request("special", prompt, SamplingParams(temperature=0, max_new_tokens=40, stop=special))
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert output.token_ids == expected
+    assert output.finish_reason == "stop"
+    assert output.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert special not in output.text
+
+
+def test_detokenizer_streams_multibyte_characters_whole(tokenizer):
+    text = "Hi 😀 你好世界 🎉! Ünïcödé ✓"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any(tokenizer.decode([i]).endswith("\ufffd") for i in ids), "the text should split characters across tokens"
+    prompt = tokenizer.encode("Say it:", add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer, prompt)
+    deltas = [detokenizer.add(token) for token in ids] + [detokenizer.finish()]
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == text == detokenizer.text
+
+
+def test_detokenizer_holds_back_a_possible_stop_and_removes_it(tokenizer):
+    stop = "世界END"
+    ids = tokenizer.encode("a 世 b 世界EN c 世界END tail", add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer, [], stop=stop)
+    deltas = []
+    for token in ids:
+        deltas.append(detokenizer.add(token))
+        streamed = "".join(deltas)
+        # Streamed text never holds a broken character nor anything that could still become the stop.
+        assert "\ufffd" not in streamed and stop not in streamed
+        if detokenizer.stopped:
+            break
+    deltas.append(detokenizer.finish())
+    assert detokenizer.stopped
+    assert "".join(deltas) == detokenizer.text == "a 世 b 世界EN c "
+    assert detokenizer.add(ids[-1]) == ""
+
+
+def test_sample_function_greedy_top_p_and_seeds():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    logits[3] = -10.0
+    logits[3, 7], logits[3, 9] = 5.0, 4.9  # ~52% and ~48%: top_p=0.5 keeps token 7 alone
+    temperature = torch.tensor([0.0, 1.0, 0.0005, 1.0])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.5])
+    for _ in range(20):
+        tokens = sample(logits, temperature, top_p)
+        assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
+        assert tokens[3] == 7
+
+    def seeded_draws(other_rows_seed: int) -> list[int]:
+        torch.manual_seed(other_rows_seed)
+        generators = [None, torch.Generator().manual_seed(42), None, None]
+        hot = torch.ones(4)
+        return [int(sample(logits, hot, torch.ones(4), generators)[1]) for _ in range(10)]
+
+    assert seeded_draws(1) == seeded_draws(2)
+    assert len(set(seeded_draws(1))) > 1
+
+
+def test_seeded_sampling_is_reproducible_across_batch_mates(tiny_model, tokenizer):
+    prompt = random_prompt(9, seed=400)
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=1234)
+
+    alone, _ = make_engine(tiny_model, tokenizer)
+    handle = alone.add_request("x", prompt, seeded)
+    run_until_done(alone, [handle])
+    tokens_alone = handle.wait(0).token_ids
+
+    crowded, _ = make_engine(tiny_model, tokenizer)
+    mates = [crowded.add_request(f"m{i}", random_prompt(3 + 11 * i, seed=410 + i), SamplingParams(max_new_tokens=20))
+             for i in range(3)]
+    crowded.step()
+    crowded.step()
+    handle = crowded.add_request("x", prompt, seeded)
+    other_seed = crowded.add_request("y", prompt, SamplingParams(temperature=1.0, max_new_tokens=16, seed=99))
+    greedy = crowded.add_request("z", prompt, SamplingParams(temperature=0.0, max_new_tokens=16))
+    run_until_done(crowded, [handle, other_seed, greedy, *mates])
+
+    assert handle.wait(0).token_ids == tokens_alone
+    assert other_seed.wait(0).token_ids != tokens_alone
+    assert greedy.wait(0).token_ids == generate_alone(tiny_model, prompt, 16)
+
+
+def test_per_request_params_in_one_batch(tiny_model, tokenizer):
+    engine, stream = make_engine(tiny_model, tokenizer)
+    greedy_prompt = random_prompt(12, seed=500)
+    handles = {
+        "greedy": engine.add_request("greedy", greedy_prompt, SamplingParams(temperature=0.0, max_new_tokens=20)),
+        "hot": engine.add_request("hot", random_prompt(5, seed=501), SamplingParams(temperature=1.5, max_new_tokens=20)),
+        "nucleus": engine.add_request("nucleus", random_prompt(30, seed=502),
+                                      SamplingParams(temperature=0.7, top_p=0.3, max_new_tokens=20, seed=7)),
+        "short": engine.add_request("short", random_prompt(2, seed=503), SamplingParams(temperature=1.0, max_new_tokens=3)),
+    }
+    engine.step()
+    assert engine.stats()["num_running"] == 4, "all four share the batch"
+    run_until_done(engine, handles.values())
+    assert handles["greedy"].wait(0).token_ids == generate_alone(tiny_model, greedy_prompt, 20)
+    assert handles["short"].wait(0).completion_tokens == 3
+    assert all(h.wait(0).finish_reason in ("length", "stop") for h in handles.values())
+
+
+def test_prompt_embeds_match_token_ids(tiny_model, tokenizer):
+    prompt = random_prompt(10, seed=600)
+    with torch.inference_mode():
+        embeds = tiny_model.get_input_embeddings()(torch.tensor(prompt))
+    engine, _ = make_engine(tiny_model, tokenizer)
+    by_embeds = engine.add_request("embeds", [], SamplingParams(temperature=0, max_new_tokens=12), prompt_embeds=embeds)
+    by_ids = engine.add_request("ids", random_prompt(4, seed=601), SamplingParams(temperature=0, max_new_tokens=12))
+    run_until_done(engine, [by_embeds, by_ids])
+    assert by_embeds.wait(0).prompt_tokens == 10
+    assert by_embeds.wait(0).token_ids == generate_alone(tiny_model, prompt, 12)
+
+
+def test_a_bad_request_fails_alone(tiny_model, tokenizer):
+    poison = 12345
+
+    def refuse_poison(module, args):
+        if (args[0] == poison).any():
+            raise RuntimeError("poisoned input")
+
+    model = copy.deepcopy(tiny_model)
+    model.get_input_embeddings().register_forward_pre_hook(refuse_poison)
+
+    def broken_on_step(outputs):
+        raise ValueError("publisher is down")
+
+    engine = LLMEngine(model, tokenizer, on_step=broken_on_step)
+    engine.start()
+    try:
+        good_prompt = random_prompt(8, seed=700)
+        good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=10))
+        out_of_vocab = engine.add_request("oov", [5, 10**6], GREEDY)
+        empty = engine.add_request("empty", [], GREEDY)
+        poisoned = engine.add_request("poisoned", [17, poison, 18], GREEDY)
+        duplicate = engine.add_request("good", good_prompt, GREEDY)
+        zero = engine.add_request("zero", [17], SamplingParams(max_new_tokens=0))
+        assert "vocabulary" in out_of_vocab.wait(WAIT_S).error
+        assert "empty prompt" in empty.wait(WAIT_S).error
+        assert poisoned.wait(WAIT_S).error == "model forward failed: RuntimeError: poisoned input"
+        assert "duplicate request id" in duplicate.wait(WAIT_S).error
+        assert "max_new_tokens" in zero.wait(WAIT_S).error
+        assert good.wait(WAIT_S).token_ids == generate_alone(tiny_model, good_prompt, 10)
+    finally:
+        engine.shutdown()
+
+
+def test_context_cap_and_shutdown(tiny_model, tokenizer):
+    engine, stream = make_engine(tiny_model, tokenizer, max_model_len=20)
+    capped = engine.add_request("capped", random_prompt(15, seed=800), SamplingParams(temperature=0, max_new_tokens=100))
+    too_long = engine.add_request("too_long", random_prompt(20, seed=801), GREEDY)
+    run_until_done(engine, [capped, too_long])
+    assert capped.wait(0).completion_tokens == 5 and capped.wait(0).finish_reason == "length"
+    assert "no room" in too_long.wait(0).error
+
+    engine.start()
+    long_running = [engine.add_request(f"l{i}", random_prompt(3, seed=810 + i), SamplingParams(max_new_tokens=10))
+                    for i in range(2)]
+    engine.shutdown()
+    for handle in long_running:
+        output = handle.wait(0)
+        assert output.finished and output.finish_reason in ("error", "length")
+        if output.finish_reason == "error":
+            assert output.error == "engine shut down"
+    late = engine.add_request("late", [17], GREEDY)
+    assert late.wait(0).error == "engine shut down"
+
+
+def test_real_model_greedy_batch_matches_generate(tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32).eval()
+    questions = ["What is 2+2?", "Name a colour.", "Write one short sentence about the sea and the sky at night."]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+        for q in questions
+    ]
+    engine, stream = make_engine(model, tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop="<|im_end|>")
+    handles = [engine.add_request(f"q{i}", p, params) for i, p in enumerate(prompts)]
+    run_until_done(engine, handles)
+    for i, (prompt, handle) in enumerate(zip(prompts, handles)):
+        output = handle.wait(0)
+        assert output.token_ids == generate_alone(model, prompt, 12)
+        assert output.text == tokenizer.decode(output.token_ids, skip_special_tokens=True)
+        assert stream.joined_deltas(f"q{i}") == output.text

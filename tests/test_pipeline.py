@@ -1,0 +1,258 @@
+"""One request the whole way: HTTP → job record → Celery on Redis → worker → model → pub/sub → WebSocket/polling.
+
+Everything here is real: a Redis server process, a Celery worker process with SmolLM2-135M-Instruct,
+and the API process. The tests do what a user does and check what the user would see.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import pytest
+import requests
+import websockets
+from PIL import Image
+
+FRANCE = [{"role": "user", "text": "What is the capital of France?"}]
+
+
+def submit(stack, **payload) -> str:
+    response = requests.post(f"{stack.base_url}/v1/jobs", json=payload, timeout=10)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
+    return response.json()["id"]
+
+
+def poll(stack, job_id: str) -> dict:
+    response = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_until(stack, job_id: str, states=("succeeded", "failed", "cancelled", "expired"), timeout=120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = poll(stack, job_id)
+        if job["status"] in states:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s\n{stack.logs()}")
+
+
+async def ws_messages(url: str, first: str | None = None) -> list[dict]:
+    """Every message of one WebSocket until the server closes it."""
+    messages = []
+    async with websockets.connect(url, open_timeout=10) as socket:
+        if first is not None:
+            await socket.send(first)
+        try:
+            async for raw in socket:
+                messages.append(json.loads(raw))
+        except websockets.ConnectionClosedError as closed:
+            # A rejected request closes with 1008 (policy violation) after its error message.
+            assert closed.rcvd.code == 1008, closed
+    return messages
+
+
+def test_submit_and_poll_answers_paris(stack):
+    job_id = submit(stack, messages=FRANCE, temperature=0, max_new_tokens=32)
+    job = wait_until(stack, job_id)
+    assert job["status"] == "succeeded", job
+    assert "Paris" in job["text"]
+    assert job["prompt"].endswith("<|im_start|>assistant\n")
+    assert job["error_code"] == 0 and job["error"] is None
+    assert job["usage"]["prompt_tokens"] > 5 and 0 < job["usage"]["completion_tokens"] <= 32
+    assert job["created_at"] <= job["started_at"] <= job["first_token_at"] <= job["finished_at"]
+    assert job["queue_position"] is None
+
+
+def test_eight_jobs_stream_over_websocket(stack):
+    questions = ["Name a primary colour.", "What is 2 + 2?", "Say hello in French.", "Name a planet.",
+                 "What is the opposite of hot?", "Name a fruit.", "What colour is the sky?", "Count to three."]
+    ids = [submit(stack, messages=[{"role": "user", "text": q}], temperature=0, max_new_tokens=24) for q in questions]
+
+    async def stream_all():
+        return await asyncio.gather(*(ws_messages(f"{stack.ws_url}/v1/jobs/{i}/ws") for i in ids))
+
+    streams = asyncio.run(stream_all())
+    for job_id, messages in zip(ids, streams):
+        assert messages[-1]["done"] is True and messages[-1]["status"] == "succeeded", messages[-1]
+        texts = [m["text"] for m in messages]
+        for before, after in zip(texts, texts[1:]):
+            assert after.startswith(before)
+        assert all(m["error_code"] == 0 for m in messages)
+        job = poll(stack, job_id)
+        assert texts[-1] == job["prompt"] + job["text"]
+        assert len(messages) >= 2  # at least one chunk and the last message
+
+
+def test_late_websocket_subscriber_gets_the_full_text(stack):
+    job_id = submit(stack, messages=FRANCE, temperature=0, max_new_tokens=32)
+
+    async def mid_stream():
+        # Join after the first chunks went out: the first message already holds them.
+        while not poll(stack, job_id)["text"]:
+            await asyncio.sleep(0.02)
+        return await ws_messages(f"{stack.ws_url}/v1/jobs/{job_id}/ws")
+
+    during = asyncio.run(mid_stream())
+    job = wait_until(stack, job_id)
+    assert during[0]["text"].startswith(job["prompt"]) and len(during[0]["text"]) > len(job["prompt"])
+    assert during[-1]["text"] == job["prompt"] + job["text"]
+    after = asyncio.run(ws_messages(f"{stack.ws_url}/v1/jobs/{job_id}/ws"))
+    assert [m["text"] for m in after] == [job["prompt"] + job["text"]] * 2
+    assert after[-1]["done"] and after[-1]["status"] == "succeeded"
+
+
+def test_submit_and_stream_in_one_socket(stack):
+    request = json.dumps({"messages": FRANCE, "temperature": 0, "max_new_tokens": 32})
+    messages = asyncio.run(ws_messages(f"{stack.ws_url}/v1/ws", first=request))
+    assert messages[-1]["status"] == "succeeded"
+    assert "Paris" in messages[-1]["text"]
+    job = poll(stack, messages[-1]["id"])
+    assert messages[-1]["text"] == job["prompt"] + job["text"]
+    rejected = asyncio.run(ws_messages(f"{stack.ws_url}/v1/ws", first='{"prompt": "x", "top_p": 2}'))
+    assert rejected == [{"text": rejected[0]["text"], "error_code": 4, "done": True, "status": "rejected",
+                         "error": rejected[0]["text"]}]
+    assert "top_p" in rejected[0]["text"]
+
+
+def test_worker_generate_stream_with_the_original_client_logic(stack):
+    # The original web server's parsing, unchanged (llava/serve/gradio_web_server.py).
+    prompt = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    pload = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "temperature": 0.0, "top_p": 0.7,
+             "max_new_tokens": 32, "stop": "<|im_end|>", "images": []}
+    response = requests.post(f"{stack.base_url}/worker_generate_stream", headers={"User-Agent": "LLaVA Client"},
+                             json=pload, stream=True, timeout=10)
+    assert response.status_code == 200
+    assert "content-type" not in response.headers
+    outputs = []
+    for chunk in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
+        if chunk:
+            data = json.loads(chunk.decode())
+            assert data["error_code"] == 0, data
+            assert list(data) == ["text", "error_code"]
+            outputs.append(data["text"][len(prompt):].strip())
+    assert outputs and "Paris" in outputs[-1]
+    for before, after in zip(outputs, outputs[1:]):
+        assert after.startswith(before)
+
+
+def test_worker_generate_stream_frames_are_byte_exact(stack):
+    pload = {"prompt": "Héllo, ", "temperature": 0, "max_new_tokens": 4}
+    body = requests.post(f"{stack.base_url}/worker_generate_stream", json=pload, timeout=60).content
+    frames = body.split(b"\0")
+    assert frames[-1] == b"" and len(frames) >= 2
+    first = frames[0]
+    assert first.startswith(b'{"text": "H\\u00e9llo, ') and first.endswith(b'", "error_code": 0}')
+    bad = requests.post(f"{stack.base_url}/worker_generate_stream", data=b'{"temperature": 0}', timeout=10)
+    assert bad.status_code == 400
+    frame = json.loads(bad.content.rstrip(b"\0"))
+    assert frame["error_code"] != 0 and "prompt" in frame["text"]
+
+
+def test_cancel_a_running_job_leaves_its_batch_mates_alone(stack):
+    story = [{"role": "user", "text": "Write a long story about a dragon who learns to cook."}]
+    long_id = submit(stack, messages=story, temperature=0, max_new_tokens=400)
+    mates = [submit(stack, messages=FRANCE, temperature=0, max_new_tokens=32) for _ in range(3)]
+    wait_until(stack, long_id, states=("running",), timeout=60)
+    while poll(stack, long_id)["usage"]["completion_tokens"] < 5:
+        time.sleep(0.05)
+    response = requests.delete(f"{stack.base_url}/v1/jobs/{long_id}", timeout=10)
+    assert response.status_code == 202 and response.json()["status"] == "cancelling"
+    cancelled = wait_until(stack, long_id, timeout=30)
+    assert cancelled["status"] == "cancelled" and cancelled["error_code"] != 0
+    assert cancelled["usage"]["completion_tokens"] < 400
+    for mate in mates:
+        job = wait_until(stack, mate)
+        assert job["status"] == "succeeded" and "Paris" in job["text"]
+    again = requests.delete(f"{stack.base_url}/v1/jobs/{long_id}", timeout=10)
+    assert again.status_code == 409
+
+
+def test_cancel_a_queued_job(stack):
+    blockers = [submit(stack, messages=FRANCE, temperature=0, max_new_tokens=64) for _ in range(20)]
+    queued = submit(stack, messages=FRANCE, temperature=0, max_new_tokens=64)
+    job = poll(stack, queued)
+    if job["status"] == "queued":
+        assert isinstance(job["queue_position"], int) and job["queue_position"] >= 0
+    response = requests.delete(f"{stack.base_url}/v1/jobs/{queued}", timeout=10)
+    assert response.status_code == 202
+    assert wait_until(stack, queued)["status"] == "cancelled"
+    for blocker in blockers:
+        requests.delete(f"{stack.base_url}/v1/jobs/{blocker}", timeout=10)
+
+
+def test_bulk_submission(stack):
+    jobs = [{"messages": FRANCE, "temperature": 0, "max_new_tokens": 16, "queue": "batch"} for _ in range(4)]
+    response = requests.post(f"{stack.base_url}/v1/jobs/bulk", json={"jobs": jobs}, timeout=10)
+    assert response.status_code == 202, response.text
+    ids = response.json()["ids"]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    for job_id in ids:
+        job = wait_until(stack, job_id)
+        assert job["status"] == "succeeded" and job["queue"] == "batch"
+
+
+def test_prompt_longer_than_the_context_gets_the_original_answer(stack):
+    prompt = "word " * 9000  # SmolLM2's context is 8192 tokens
+    pload = {"prompt": prompt, "temperature": 0, "max_new_tokens": 16}
+    body = requests.post(f"{stack.base_url}/worker_generate_stream", json=pload, timeout=60).content
+    frames = [json.loads(frame) for frame in body.split(b"\0") if frame]
+    assert frames == [{"text": prompt + "Exceeds max token length. Please start a new conversation, thanks.",
+                       "error_code": 0}]
+
+
+def test_max_new_tokens_above_the_cap_is_clamped(stack):
+    job_id = submit(stack, prompt="Hello", temperature=0, max_new_tokens=5000)
+    assert poll(stack, job_id)["params"]["max_new_tokens"] == 1024
+    requests.delete(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10)
+
+
+def png_base64(size=(8, 8)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    (b'{"prompt": "hi", ', 400, "JSON"),
+    (b'{"temperature": 0.5}', 422, "prompt"),
+    (b'{"prompt": "hi", "temperature": -1}', 422, "temperature"),
+    (b'{"prompt": "hi", "top_p": 2}', 422, "top_p"),
+    (b'{"prompt": "hi", "max_new_tokens": "abc"}', 422, "max_new_tokens"),
+    (b'{"prompt": "<image> hi", "images": ["not base64!"]}', 422, "images"),
+    (b'{"prompt": "<image> hi", "images": ["aGVsbG8="]}', 422, "images"),
+    (b'{"messages": [{"role": "robot", "text": "hi"}]}', 422, "role"),
+    (b'{"prompt": "hi", "queue": "vip"}', 422, "queue"),
+])
+def test_bad_input_gets_a_4xx_that_names_the_field(stack, body, status, field):
+    response = requests.post(f"{stack.base_url}/v1/jobs", data=body, headers={"Content-Type": "application/json"},
+                             timeout=10)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert field in error["message"], error
+    assert error["code"] != 0
+
+
+def test_a_valid_image_is_accepted(stack):
+    response = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "<image>\nhi", "images": [png_base64()],
+                                                               "max_new_tokens": 1}, timeout=10)
+    assert response.status_code == 202, response.text
+
+
+def test_unknown_job_id_is_404(stack):
+    for method in (requests.get, requests.delete):
+        response = method(f"{stack.base_url}/v1/jobs/no-such-job", timeout=10)
+        assert response.status_code == 404
+        assert "no-such-job" in response.json()["error"]["message"]
+    messages = asyncio.run(ws_messages(f"{stack.ws_url}/v1/jobs/no-such-job/ws"))
+    assert messages[-1]["error_code"] != 0 and messages[-1]["done"]
+
+
+def test_health_lists_the_worker(stack):
+    health = requests.get(f"{stack.base_url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["redis"] is True
+    assert health["workers"][0]["model"] == "SmolLM2-135M-Instruct"

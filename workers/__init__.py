@@ -1,0 +1,1 @@
+"""The GPU worker: Celery tasks and the batching engine that serves the model."""

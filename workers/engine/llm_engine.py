@@ -1,0 +1,435 @@
+"""The engine loop: one background thread that admits, prefills, decodes and streams every request.
+
+Other threads only talk to it through `add_request` and `abort`, which put work
+in an inbox under a lock and wake the loop; everything else (scheduler, batch,
+tokenizer) belongs to the engine thread alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from workers.engine.detokenizer import Detokenizer, special_token_id
+from workers.engine.model_runner import Batch, ModelRunner
+from workers.engine.sampling import sample
+from workers.engine.scheduler import Scheduler
+from workers.engine.sequence import SamplingParams, Sequence
+
+log = logging.getLogger("llava_queue.engine")
+
+SHUTDOWN_ERROR = "engine shut down"
+
+
+@dataclass
+class SeqOutput:
+    """What one request produced in one step (or its final state when `finished`).
+
+    delta is the text new since the last output, text all generated text so
+    far (the stop string removed); joined deltas always equal text.
+    first_token is True on the first output that carries generated tokens.
+    token_ids holds every generated id, on the final output only.
+    """
+
+    request_id: str
+    delta: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token: bool = False
+    token_ids: list[int] = field(default_factory=list)
+
+
+class RequestHandle:
+    """The caller's side of one request: `done` is set once its final output is published."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.done = threading.Event()
+        self.output: SeqOutput | None = None
+
+    def wait(self, timeout: float | None = None) -> SeqOutput:
+        """Block until the request finishes and return its final output; TimeoutError after `timeout` seconds."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        assert self.output is not None
+        return self.output
+
+    def _resolve(self, output: SeqOutput) -> None:
+        self.output = output
+        self.done.set()
+
+
+class LLMEngine:
+    """Continuous batching over one Hugging Face causal LM.
+
+    max_num_seqs and max_batch_tokens are the scheduler's budgets (rows, and
+    prompt + max_new_tokens summed over the running rows); max_model_len caps
+    prompt + new tokens (default: the model's max_position_embeddings).
+    on_step(outputs) is called once after every step, from the engine thread,
+    with one SeqOutput per request that has new text, its first token, or
+    finished in that step (possibly an empty list).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_num_seqs: int = 32,
+        max_batch_tokens: int = 16384,
+        max_model_len: int | None = None,
+        on_step: Callable[[list[SeqOutput]], None] | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model)
+        self.scheduler = Scheduler(max_num_seqs, max_batch_tokens)
+        self.max_model_len = max_model_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.on_step = on_step
+
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inbox: list[tuple[Sequence, RequestHandle]] = []
+        self._aborts: list[str] = []
+        self._stopping = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+        # Engine-thread state.
+        self._batch: Batch | None = None
+        self._live: dict[str, Sequence] = {}
+        self._handles: dict[Sequence, RequestHandle] = {}
+        self._step_deltas: dict[Sequence, str] = {}
+        self._stats = {
+            "num_running": 0, "num_waiting": 0, "reserved_tokens": 0, "batch_len": 0,
+            "steps": 0, "num_finished": 0, "generated_tokens": 0,
+        }
+
+    # Caller side (any thread).
+
+    def start(self) -> None:
+        """Start the engine thread (once)."""
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; every request not finished yet ends with an "engine shut down" error."""
+        with self._wakeup:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            inbox, self._inbox, self._aborts = self._inbox, [], []
+        self._batch = None
+        for seq, handle in inbox:
+            self._register(seq, handle)
+            self._finish(seq, "error", SHUTDOWN_ERROR)
+        for seq in list(self._live.values()):
+            self._finish(seq, "error", SHUTDOWN_ERROR)
+        self._publish()
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> RequestHandle:
+        """Queue a request; returns its handle at once (thread-safe).
+
+        prompt_embeds [T, H], when given, is what the model reads instead of
+        the ids (the vision path); the ids then only serve as detokenizer
+        context and may be empty. Bad input finishes the request with an error,
+        it never raises here.
+        """
+        params = params or SamplingParams()
+        prompt_token_ids = [] if prompt_token_ids is None else list(prompt_token_ids)
+        seq = Sequence(request_id, prompt_token_ids, params, params.max_new_tokens, prompt_embeds=prompt_embeds)
+        handle = RequestHandle(request_id)
+        with self._wakeup:
+            if not self._closed:
+                self._inbox.append((seq, handle))
+                self._wakeup.notify()
+                return handle
+        seq.finish("error", SHUTDOWN_ERROR)
+        handle._resolve(_output(seq, "", first_token=False))
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe): it leaves the batch at the next step with finish_reason "cancelled"."""
+        with self._wakeup:
+            self._aborts.append(request_id)
+            self._wakeup.notify()
+
+    def stats(self) -> dict:
+        """A snapshot: num_running, num_waiting, reserved_tokens, batch_len, steps, num_finished, generated_tokens."""
+        with self._lock:
+            stats = dict(self._stats)
+            stats["num_waiting"] += len(self._inbox)
+        return stats
+
+    # Engine side.
+
+    def step(self) -> list[SeqOutput]:
+        """Run one iteration: take new requests and aborts, decode the running batch, admit and prefill.
+
+        Returns the outputs it also passed to on_step. The engine thread calls
+        this in a loop; call it yourself only on an engine not start()ed.
+        """
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        with torch.inference_mode():
+            try:
+                for seq, handle in inbox:
+                    self._intake(seq, handle)
+                for request_id in aborts:
+                    self._abort(request_id)
+                self._drop_finished_rows()
+                if self._batch is not None:
+                    self._decode()
+                admitted = self.scheduler.admit()
+                if admitted:
+                    self._prefill(admitted)
+            except Exception as exc:
+                # A bug or a failure outside one forward: the batch state is suspect, so fail what runs on it.
+                log.exception("engine step failed")
+                self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+        return self._publish()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                # Sleep until there is something to do; add_request and abort notify.
+                while not (self._stopping or self._inbox or self._aborts or self.scheduler.has_work()):
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _register(self, seq: Sequence, handle: RequestHandle) -> None:
+        self._handles[seq] = handle
+        if seq.request_id not in self._live:
+            self._live[seq.request_id] = seq
+
+    def _intake(self, seq: Sequence, handle: RequestHandle) -> None:
+        """Prepare a new sequence and queue it, or finish it at once with the reason it cannot run."""
+        duplicate = seq.request_id in self._live
+        self._register(seq, handle)
+        try:
+            error = "duplicate request id: a request with this id is still running" if duplicate else self._prepare(seq)
+        except Exception as exc:
+            log.exception("request %s rejected", seq.request_id)
+            error = f"invalid request: {type(exc).__name__}: {exc}"
+        if error is not None:
+            self._finish(seq, "error", error)
+        elif not self.scheduler.add(seq):
+            self._emit(seq, "")
+
+    def _prepare(self, seq: Sequence) -> str | None:
+        """Fill in what the engine derives from a request; returns why it cannot run, or None."""
+        if seq.params.max_new_tokens < 1:
+            return f"max_new_tokens must be at least 1, got {seq.params.max_new_tokens}"
+        seq.prompt_token_ids = [operator.index(token) for token in seq.prompt_token_ids]
+        error = self.runner.check_prompt(seq)
+        if error is not None:
+            return error
+        if self.max_model_len is not None:
+            room = self.max_model_len - seq.prompt_len
+            if room < 1:
+                return f"prompt of {seq.prompt_len} tokens leaves no room in the model's {self.max_model_len}-token context"
+            seq.max_new_tokens = min(seq.params.max_new_tokens, room)
+        stop = seq.params.stop or None
+        stop_id = special_token_id(self.tokenizer, stop) if stop else None
+        seq.stop_token_ids = self.eos_token_ids | ({stop_id} if stop_id is not None else set())
+        # A special-token stop never shows up in the (special-free) text: the id alone ends generation.
+        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, None if stop_id is not None else stop)
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(seq.params.seed)
+        return None
+
+    def _abort(self, request_id: str) -> None:
+        seq = self._live.get(request_id)
+        if seq is not None and not seq.is_finished:
+            log.debug("request %s cancelled", request_id)
+            self._finish(seq, "cancelled")
+
+    def _drop_finished_rows(self) -> None:
+        if self._batch is not None:
+            keep = [row for row, seq in enumerate(self._batch.seqs) if not seq.is_finished]
+            self._batch = self.runner.filter(self._batch, keep)
+
+    def _decode(self) -> None:
+        """One new token for every running row."""
+        batch = self._batch
+        log.debug("decode %d rows, kv length %d", len(batch), batch.attention_mask.shape[1])
+        input_ids = torch.tensor([seq.output_token_ids[-1] for seq in batch.seqs], device=self.runner.device)
+        try:
+            tokens = self._sample(batch.seqs, self.runner.decode(batch, input_ids))
+        except Exception as exc:
+            log.exception("decode forward of %d rows failed", len(batch))
+            self._batch = None
+            for seq in list(batch.seqs):
+                self._finish(seq, "error", f"model forward failed: {type(exc).__name__}: {exc}")
+            return
+        self._append_tokens(batch.seqs, tokens)
+        self._drop_finished_rows()
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill admitted sequences (their first token) and merge them into the running batch."""
+        log.debug("prefill %d rows, longest prompt %d", len(seqs), max(seq.prompt_len for seq in seqs))
+        new_batch = self._prefill_group(seqs)
+        if new_batch is not None:
+            batches = [b for b in (self._batch, new_batch) if b is not None]
+            self._batch = self.runner.concatenate(batches)
+
+    def _prefill_group(self, seqs: list[Sequence]) -> Batch | None:
+        """Prefill `seqs` together; if that fails, one by one, so only a sequence that fails alone is failed."""
+        try:
+            batch, logits = self.runner.prefill(seqs)
+            tokens = self._sample(seqs, logits)
+        except Exception as exc:
+            if len(seqs) > 1:
+                log.warning("prefill of %d rows failed (%s: %s), retrying one by one", len(seqs),
+                            type(exc).__name__, exc)
+                parts = [part for part in (self._prefill_group([seq]) for seq in seqs) if part is not None]
+                return self.runner.concatenate(parts) if parts else None
+            log.exception("prefill of request %s failed", seqs[0].request_id)
+            self._finish(seqs[0], "error", f"model forward failed: {type(exc).__name__}: {exc}")
+            return None
+        self._append_tokens(seqs, tokens)
+        return self.runner.filter(batch, [row for row, seq in enumerate(batch.seqs) if not seq.is_finished])
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        device = logits.device
+        temperature = torch.tensor([seq.params.temperature for seq in seqs], dtype=torch.float32, device=device)
+        top_p = torch.tensor([seq.params.top_p for seq in seqs], dtype=torch.float32, device=device)
+        generators = [seq.generator for seq in seqs]
+        return sample(logits, temperature, top_p, generators if any(g is not None for g in generators) else None).tolist()
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        for seq, token in zip(seqs, tokens):
+            try:
+                self._append_token(seq, token)
+            except Exception as exc:
+                log.exception("request %s failed on token %d", seq.request_id, token)
+                self._finish(seq, "error", f"detokenization failed: {type(exc).__name__}: {exc}")
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        """Record one generated token, stream its text, and finish the sequence on EOS, stop or length."""
+        seq.output_token_ids.append(token)
+        self._stats["generated_tokens"] += 1
+        reason = None
+        if token in seq.stop_token_ids:
+            reason = "stop"
+            delta = ""
+        else:
+            delta = seq.detokenizer.add(token)
+            if seq.detokenizer.stopped:
+                reason = "stop"
+        if reason is None and len(seq.output_token_ids) >= seq.max_new_tokens:
+            reason = "length"
+        self._emit(seq, delta)
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End a sequence for `reason`, free its budget, and release the text it still held back."""
+        if seq.is_finished:
+            return
+        held = seq.detokenizer.finish() if seq.detokenizer is not None else ""
+        self.scheduler.finish(seq, reason, error)
+        self._emit(seq, held)
+
+    def _fail_running(self, error: str) -> None:
+        self._batch = None
+        for seq in list(self.scheduler.running):
+            self._finish(seq, "error", error)
+
+    def _emit(self, seq: Sequence, delta: str) -> None:
+        self._step_deltas[seq] = self._step_deltas.get(seq, "") + delta
+
+    def _publish(self) -> list[SeqOutput]:
+        """Turn this step's deltas into outputs, hand them to on_step, then resolve finished handles."""
+        outputs, finished = [], []
+        for seq, delta in self._step_deltas.items():
+            first_token = bool(seq.output_token_ids) and not seq.first_token_reported
+            if not (delta or first_token or seq.is_finished):
+                continue
+            seq.first_token_reported = seq.first_token_reported or first_token
+            output = _output(seq, delta, first_token)
+            outputs.append(output)
+            if seq.is_finished:
+                finished.append((seq, output))
+        self._step_deltas = {}
+        self._update_stats(len(finished))
+        if self.on_step is not None:
+            try:
+                self.on_step(outputs)
+            except Exception:
+                log.exception("on_step callback failed")
+        # Resolve after on_step, so a caller waiting on a handle finds the final chunk already published.
+        for seq, output in finished:
+            handle = self._handles.pop(seq, None)
+            if self._live.get(seq.request_id) is seq:
+                del self._live[seq.request_id]
+            if handle is not None:
+                handle._resolve(output)
+        return outputs
+
+    def _update_stats(self, num_finished: int) -> None:
+        with self._lock:
+            self._stats["steps"] += 1
+            self._stats["num_finished"] += num_finished
+            self._stats.update(
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                reserved_tokens=self.scheduler.reserved_tokens,
+                batch_len=0 if self._batch is None else int(self._batch.attention_mask.shape[1]),
+            )
+
+
+def _output(seq: Sequence, delta: str, first_token: bool) -> SeqOutput:
+    return SeqOutput(
+        request_id=seq.request_id,
+        delta=delta,
+        text=seq.detokenizer.text if seq.detokenizer is not None else "",
+        prompt_tokens=seq.prompt_len,
+        completion_tokens=len(seq.output_token_ids),
+        finished=seq.is_finished,
+        finish_reason=seq.finish_reason,
+        error=seq.error,
+        first_token=first_token,
+        token_ids=list(seq.output_token_ids) if seq.is_finished else [],
+    )
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every id that ends generation: the tokenizer's EOS and all of generation_config.eos_token_id."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos is not None:
+        ids.update(generation_eos)
+    return frozenset(ids)

@@ -1,0 +1,56 @@
+"""Sampling the next token of every row of a batch in one call."""
+
+from __future__ import annotations
+
+import torch
+
+# Same threshold as the original LLaVA worker: do_sample = temperature > 0.001.
+GREEDY_TEMPERATURE = 0.001
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Pick the next token of every row.
+
+    logits [B, V] (any float dtype), temperature [B] and top_p [B] on the
+    logits' device, generators a per-row list (None entries draw from the
+    global RNG) or None. Rows with temperature <= 0.001 take the argmax.
+    Returns token ids [B] (int64). A row with its own generator draws only
+    from it, so its tokens do not depend on its batch-mates.
+    """
+    logits = logits.float()
+    greedy_tokens = logits.argmax(dim=-1)
+    greedy = temperature <= GREEDY_TEMPERATURE
+    if bool(greedy.all()):
+        return greedy_tokens
+    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
+    if bool((top_p < 1.0).any()):
+        scaled = _top_p_filter(scaled, top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    # argmax(p / q) with q ~ Exp(1) is a draw from p (the gpt-fast trick), and
+    # it lets each row take its noise from its own generator.
+    sampled_tokens = (probs / _exponential_noise(probs, generators)).argmax(dim=-1)
+    return torch.where(greedy, greedy_tokens, sampled_tokens)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf every token outside the smallest set whose probability reaches top_p (HF TopPLogitsWarper)."""
+    sorted_logits, sorted_indices = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1.0 - top_p).unsqueeze(-1)
+    # The most likely token always stays, whatever top_p.
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None] | None) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_(1.0)
+    for row, generator in enumerate(generators or ()):
+        if generator is not None:
+            noise[row].exponential_(1.0, generator=generator)
+    return noise

@@ -1,0 +1,84 @@
+"""The state of one request: its prompt, its sampling parameters, what it has generated."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from workers.engine.detokenizer import Detokenizer
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    temperature <= 0.001 means greedy decoding (as the original LLaVA worker);
+    top_p = 1.0 keeps the whole distribution; stop is a string that ends
+    generation and is removed from the text; seed makes the draws reproducible.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: str | None = None
+    seed: int | None = None
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the engine sees it.
+
+    The prompt is `prompt_token_ids`, or `prompt_embeds` [T, H] when the caller
+    has already embedded it (the vision path); then the ids only give the
+    detokenizer its context. `max_new_tokens` is the effective cap, already
+    bounded by the model's context length.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    prompt_embeds: torch.Tensor | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
+    detokenizer: Detokenizer | None = None
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token_reported: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        """Number of positions the prompt occupies in the KV cache."""
+        if self.prompt_embeds is not None:
+            return int(self.prompt_embeds.shape[0])
+        return len(self.prompt_token_ids)
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """The KV cache this sequence may come to hold: prompt plus every new token."""
+        return self.prompt_len + self.max_new_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Mark the sequence finished with one of FINISH_REASONS (and an error message for "error")."""
+        assert reason in FINISH_REASONS, reason
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error

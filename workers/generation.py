@@ -1,0 +1,142 @@
+"""From a job record to engine requests and back: what the Celery task runs, testable without Celery.
+
+`prepare` turns a validated request into prompt text, token ids and sampling parameters (the
+template, the stop string, the original's context guard). `JobRunner` moves a job through its
+states and publishes every engine step's chunks in one pipelined round trip.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from shared.conversation import choose_template, render_messages
+from shared.jobs import JobStore
+from shared.protocol import CONTEXT_OVERFLOW_MSG, IMAGE_TOKEN, ErrorCode, GenerateRequest
+from workers.builder import LoadedModel
+from workers.engine import LLMEngine, SamplingParams, SeqOutput
+
+log = logging.getLogger("llava_queue.worker")
+
+_FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine. `max_new_tokens` < 1 means the prompt leaves no room."""
+
+    prompt: str
+    token_ids: list[int]
+    params: SamplingParams
+
+
+def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, str | None]:
+    """The prompt text and stop string of a request.
+
+    A rendered `prompt` is used as sent. `messages` are rendered with the original template for
+    LLaVA model names (and models without a chat template), else with the tokenizer's chat
+    template, whose end-of-turn token is then the stop. An explicit `stop` always wins.
+    """
+    if request.prompt is not None:
+        return request.prompt, request.stop
+    tokenizer = loaded.tokenizer
+    if loaded.is_multimodal or not tokenizer.chat_template:
+        turns = [{"role": m.role, "text": m.text, "images": len(m.images)} for m in request.messages]
+        prompt, stop = render_messages(choose_template(loaded.name), turns)
+    else:
+        chat = [{"role": m.role, "content": m.text} for m in request.messages]
+        prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        stop = tokenizer.eos_token
+    return prompt, request.stop if request.stop is not None else stop
+
+
+def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: int) -> Prepared:
+    """Render, tokenize and apply the original's limits; raises ValueError for a request it cannot serve."""
+    prompt, stop = render_prompt(request, loaded)
+    images = request.all_images() if loaded.is_multimodal else []
+    if images:
+        if len(images) != prompt.count(IMAGE_TOKEN):
+            raise ValueError("Number of images does not match number of <image> tokens in prompt")
+        raise ValueError(f"{loaded.name} cannot take images in this build")
+    tokenizer = loaded.tokenizer
+    # A chat template may already start with BOS; do not add a second one.
+    add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
+    token_ids = tokenizer(prompt, add_special_tokens=add_special).input_ids
+    room = loaded.context_len - len(token_ids)
+    max_new_tokens = min(request.max_new_tokens, max_new_tokens_cap, room)
+    params = SamplingParams(temperature=request.temperature, top_p=request.top_p,
+                            max_new_tokens=max_new_tokens, stop=stop or None, seed=request.seed)
+    return Prepared(prompt, token_ids, params)
+
+
+class JobRunner:
+    """Runs jobs on one engine and keeps their records and channels current."""
+
+    def __init__(self, store: JobStore, loaded: LoadedModel, worker_name: str, max_new_tokens_cap: int = 1024):
+        self.store = store
+        self.loaded = loaded
+        self.worker_name = worker_name
+        self.max_new_tokens_cap = max_new_tokens_cap
+        self.engine: LLMEngine | None = None
+
+    def attach(self, engine: LLMEngine) -> None:
+        """Use `engine` (built with `on_step=self.publish`)."""
+        self.engine = engine
+
+    def run(self, job_id: str) -> str:
+        """Run one job to its end; returns how it ended (its final status, or why it was skipped)."""
+        status = self.store.start(job_id, self.worker_name)
+        if status == "cancel":
+            self._finish_cancelled(job_id)
+            return "cancelled"
+        if status not in ("running", "restarted"):
+            log.info("job %s skipped: %s", job_id, status)
+            return status
+        try:
+            request = self.store.request_of(job_id)
+            prepared = prepare(request, self.loaded, self.max_new_tokens_cap)
+        except ValueError as exc:
+            self.store.finish(job_id, "failed", error=str(exc), error_code=ErrorCode.INVALID_REQUEST,
+                              finish_reason="error")
+            return "failed"
+        if not self.store.set_prompt(job_id, prepared.prompt, len(prepared.token_ids)):
+            return "ended"
+        if prepared.params.max_new_tokens < 1:
+            # The original answers with this text and error_code 0 when the prompt fills the context.
+            self.store.append_many([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)])
+            self.store.finish(job_id, "succeeded", finish_reason="length")
+            return "succeeded"
+        handle = self.engine.add_request(job_id, prepared.token_ids, prepared.params)
+        output = handle.wait()
+        # publish() has normally finished the record already; this covers an engine that ended the
+        # request without an output step (for example at shutdown). It is a no-op otherwise.
+        self._finish(output)
+        return _FINAL_STATUS.get(output.finish_reason, "failed")
+
+    def publish(self, outputs: list[SeqOutput]) -> None:
+        """The engine's per-step hook: append every new piece of text in one round trip, then end finished jobs."""
+        chunks = [(out.request_id, out.delta, out.completion_tokens, out.first_token) for out in outputs if out.delta]
+        if chunks:
+            for (job_id, *_), seq in zip(chunks, self.store.append_many(chunks)):
+                if seq < 0 and self.engine is not None:
+                    self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
+        for out in outputs:
+            if out.finished:
+                self._finish(out)
+
+    def cancel(self, job_id: str) -> None:
+        """A cancellation broadcast: drop the job from the batch if this worker holds it."""
+        if self.engine is not None:
+            self.engine.abort(job_id)
+
+    def _finish(self, out: SeqOutput) -> None:
+        status = _FINAL_STATUS.get(out.finish_reason, "failed")
+        if status == "cancelled":
+            self._finish_cancelled(out.request_id)
+        elif status == "failed":
+            self.store.finish(out.request_id, "failed", error=out.error or "generation failed",
+                              error_code=ErrorCode.SERVER_ERROR, finish_reason="error")
+        else:
+            self.store.finish(out.request_id, "succeeded", finish_reason=out.finish_reason)
+
+    def _finish_cancelled(self, job_id: str) -> None:
+        self.store.finish(job_id, "cancelled", error="cancelled by the client", error_code=ErrorCode.CANCELLED,
+                          finish_reason="cancelled")

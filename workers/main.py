@@ -1,0 +1,81 @@
+"""The worker process: load the model once, start the engine thread, then run Celery with a thread pool."""
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import torch
+
+from shared.celery_app import BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app
+from shared.jobs import JobStore, WorkerRegistry
+from shared.settings import Settings
+from workers import tasks
+from workers.builder import load_model
+from workers.default_model import ensure_default_model
+from workers.engine import LLMEngine
+from workers.generation import JobRunner
+
+log = logging.getLogger("llava_queue.worker")
+
+
+def run_worker(settings: Settings) -> None:
+    """Serve jobs from Redis until the process is told to stop."""
+    model_path = settings.model_path or str(ensure_default_model(settings.cache_dir))
+    loaded = load_model(model_path, settings.model_base, settings.model_name, device=settings.device,
+                        dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit)
+    store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
+    name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
+    runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=settings.max_num_seqs,
+                       max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
+                       on_step=runner.publish)
+    runner.attach(engine)
+    engine.start()
+    tasks.install(runner)
+    log.info("worker %s: model %s, device %s, dtype %s, %d torch threads, max_num_seqs %d, max_batch_tokens %d",
+             name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), torch.get_num_threads(),
+             settings.max_num_seqs, settings.max_batch_tokens)
+    registry = WorkerRegistry(store.redis, settings.key_prefix)
+    stop = threading.Event()
+    info = {"name": name, "model": loaded.name, "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."), "max_num_seqs": settings.max_num_seqs,
+            "started_at": time.time()}
+    threading.Thread(target=_follow_cancellations, args=(store, runner, stop), daemon=True,
+                     name="cancellations").start()
+    threading.Thread(target=_announce, args=(registry, info, engine, stop), daemon=True, name="announce").start()
+    try:
+        # One task thread per engine slot: Celery never reserves more jobs than the engine can batch.
+        celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.max_num_seqs}",
+                                "-Q", f"{INTERACTIVE_QUEUE},{BATCH_QUEUE}", "-n", name, "--loglevel=INFO",
+                                "--without-gossip", "--without-mingle"])
+    finally:
+        stop.set()
+        registry.remove(name)
+        engine.shutdown()
+
+
+def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Event) -> None:
+    """Abort a running job in this worker's batch when its cancellation is broadcast."""
+    while not stop.is_set():
+        try:
+            pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(store.control_channel)
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message:
+                    runner.cancel(message["data"])
+        except Exception:
+            log.exception("cancellation listener lost Redis; reconnecting")
+            time.sleep(1.0)
+
+
+def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, stop: threading.Event) -> None:
+    """Refresh this worker's entry every few seconds, with the engine's current load."""
+    while not stop.is_set():
+        try:
+            registry.announce(info["name"], {**info, **engine.stats()})
+        except Exception:
+            log.exception("could not announce the worker")
+        stop.wait(5.0)
