@@ -34,6 +34,7 @@ if status ~= 'queued' and status ~= 'running' then return status end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KEYS[1], 'model', ARGV[4]) end
 if status == 'running' then
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   redis.call('HSET', KEYS[1], 'text', '', 'completion_tokens', 0, 'worker', ARGV[1], 'started_at', ARGV[2])
@@ -214,8 +215,8 @@ class JobStore:
         status, prompt, text, seq, error, error_code, finish_reason = values
         return Snapshot(status, prompt or "", text or "", int(seq or 0), error or "", int(error_code or 0), finish_reason or "")
 
-    def start(self, job_id: str, worker: str) -> str:
-        """Mark a job running on `worker`.
+    def start(self, job_id: str, worker: str, model: str = "") -> str:
+        """Mark a job running on `worker`; a job submitted without a model name gets `model`.
 
         Returns "running", "restarted" (a redelivered job whose earlier run died; its text is
         reset), "cancel" (cancelled before it started: the caller should finish it as
@@ -223,7 +224,7 @@ class JobStore:
         """
         queue = self.redis.hget(self.key(job_id), "queue") or "interactive"
         return self._start(keys=[self.key(job_id), self.channel(job_id), self.queue_key(queue)],
-                           args=[worker, repr(time.time()), job_id])
+                           args=[worker, repr(time.time()), job_id, model])
 
     def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
         """Record (and publish) the rendered prompt and its token count; False if the job ended meanwhile."""

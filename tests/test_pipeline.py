@@ -63,6 +63,7 @@ def test_submit_and_poll_answers_paris(stack):
     assert "Paris" in job["text"]
     assert job["prompt"].endswith("<|im_start|>assistant\n")
     assert job["error_code"] == 0 and job["error"] is None
+    assert job["model"] == "SmolLM2-135M-Instruct"
     assert job["usage"]["prompt_tokens"] > 5 and 0 < job["usage"]["completion_tokens"] <= 32
     assert job["created_at"] <= job["started_at"] <= job["first_token_at"] <= job["finished_at"]
     assert job["queue_position"] is None

@@ -83,7 +83,7 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run one job to its end; returns how it ended (its final status, or why it was skipped)."""
-        status = self.store.start(job_id, self.worker_name)
+        status = self.store.start(job_id, self.worker_name, self.loaded.name)
         if status == "cancel":
             self._finish_cancelled(job_id)
             return "cancelled"
