@@ -26,6 +26,7 @@ from shared.protocol import ErrorCode, GenerateRequest
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
 QUEUES = ("interactive", "batch")
+CANCELLED_ERROR = "cancelled by the client"
 
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -33,6 +34,7 @@ if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
 redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KEYS[1], 'model', ARGV[4]) end
 if status == 'running' then
@@ -65,6 +67,7 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
            'finish_reason', ARGV[4], 'finished_at', ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[8])
+redis.call('ZREM', KEYS[4], ARGV[8])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = ARGV[1], error = ARGV[2],
            error_code = tonumber(ARGV[3]), finish_reason = ARGV[4]}))
@@ -96,6 +99,17 @@ _FLOAT_FIELDS = ("created_at", "started_at", "first_token_at", "finished_at")
 def new_job_id() -> str:
     """A fresh job id (a UUID4 hex string)."""
     return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a job ends: its final status, and for failures why."""
+
+    job_id: str
+    status: str
+    error: str = ""
+    error_code: int = 0
+    finish_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -222,8 +236,7 @@ class JobStore:
         reset), "cancel" (cancelled before it started: the caller should finish it as
         cancelled), "missing", or the final status it already has (the caller skips it).
         """
-        queue = self.redis.hget(self.key(job_id), "queue") or "interactive"
-        return self._start(keys=[self.key(job_id), self.channel(job_id), self.queue_key(queue)],
+        return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys()],
                            args=[worker, repr(time.time()), job_id, model])
 
     def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
@@ -231,32 +244,39 @@ class JobStore:
         seq = self._set_prompt(keys=[self.key(job_id), self.channel(job_id)], args=[prompt, prompt_tokens])
         return int(seq) >= 0
 
-    def append_many(self, chunks: list[tuple[str, str, int, bool]]) -> list[int]:
-        """Append text to several running jobs in one pipelined round trip and publish each chunk.
-
-        `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each job's new
-        seq, or -1 where the job is no longer running (cancelled meanwhile): stop generating it.
-        """
-        now = repr(time.time())
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, delta, completion_tokens, first_token in chunks:
-                self._append(keys=[self.key(job_id), self.channel(job_id)],
-                             args=[delta, completion_tokens, now if first_token else ""], client=pipe)
-            return [int(seq) for seq in pipe.execute()]
-
     def finish(self, job_id: str, status: str, *, error: str = "", error_code: int = 0,
                finish_reason: str = "", only_if_running: bool = False) -> bool:
         """Move an active job to a final state, publish its last message, and let the record expire.
 
         Returns False if the job had already ended (its final state is kept).
         """
-        assert status in FINAL_STATES, status
-        queue = self.redis.hget(self.key(job_id), "queue") or "interactive"
-        result = self._finish(
-            keys=[self.key(job_id), self.channel(job_id), self.queue_key(queue)],
-            args=[status, error, int(error_code), finish_reason, repr(time.time()),
-                  "running" if only_if_running else "", self.ttl_seconds, job_id])
-        return result == "ok"
+        ending = Ending(job_id, status, error, int(error_code), finish_reason)
+        return self._finish(**self._finish_call(ending, only_if_running)) == "ok"
+
+    def record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list["Ending"]) -> list[int]:
+        """One engine step in one pipelined round trip: append and publish each chunk, then end jobs.
+
+        `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each chunk's new seq,
+        or -1 where the job is no longer running (cancelled meanwhile): stop generating it.
+        """
+        now = repr(time.time())
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, delta, completion_tokens, first_token in chunks:
+                self._append(keys=[self.key(job_id), self.channel(job_id)],
+                             args=[delta, completion_tokens, now if first_token else ""], client=pipe)
+            for ending in endings:
+                self._finish(**self._finish_call(ending, False), client=pipe)
+            results = pipe.execute()
+        return [int(seq) for seq in results[:len(chunks)]]
+
+    def _queue_keys(self) -> list[str]:
+        return [self.queue_key(queue) for queue in QUEUES]
+
+    def _finish_call(self, ending: "Ending", only_if_running: bool) -> dict:
+        assert ending.status in FINAL_STATES, ending.status
+        return {"keys": [self.key(ending.job_id), self.channel(ending.job_id), *self._queue_keys()],
+                "args": [ending.status, ending.error, int(ending.error_code), ending.finish_reason, repr(time.time()),
+                         "running" if only_if_running else "", self.ttl_seconds, ending.job_id]}
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.
@@ -268,7 +288,7 @@ class JobStore:
             return None
         if status == "queued":
             # If a worker took it meanwhile, its next chunk finds the job ended and drops it.
-            self.finish(job_id, "cancelled", error="cancelled by the client",
+            self.finish(job_id, "cancelled", error=CANCELLED_ERROR,
                         error_code=ErrorCode.CANCELLED, finish_reason="cancelled")
         return status
 

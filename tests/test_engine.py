@@ -93,6 +93,7 @@ class StreamLog:
         self.outputs: dict[str, list[SeqOutput]] = {}
         self.running_per_step: list[int] = []
         self.reserved_per_step: list[int] = []
+        self.batch_len_per_step: list[int] = []
         self.calls = 0
         self._engine_ref = engine_ref
         self._lock = threading.Lock()
@@ -106,6 +107,7 @@ class StreamLog:
                 stats = self._engine_ref[0].stats()
                 self.running_per_step.append(stats["num_running"])
                 self.reserved_per_step.append(stats["reserved_tokens"])
+                self.batch_len_per_step.append(stats["batch_len"])
 
     def joined_deltas(self, request_id: str) -> str:
         return "".join(output.delta for output in self.outputs[request_id])
@@ -155,6 +157,9 @@ def test_greedy_mixed_batch_matches_generate_alone(tiny_model, tokenizer):
         assert stream.joined_deltas(rid) == output.text
         assert sum(o.first_token for o in stream.outputs[rid]) == 1
     assert engine.stats()["num_running"] == 0
+    # Once the 40-token prompt left, the padding columns nobody needed were cut off the cache.
+    lens = stream.batch_len_per_step
+    assert any(0 < later < earlier for earlier, later in zip(lens, lens[1:]))
 
 
 def test_never_more_than_max_num_seqs_running(tiny_model, tokenizer):
@@ -354,23 +359,21 @@ def test_a_bad_request_fails_alone(tiny_model, tokenizer):
         raise ValueError("publisher is down")
 
     engine = LLMEngine(model, tokenizer, on_step=broken_on_step)
-    engine.start()
-    try:
-        good_prompt = random_prompt(8, seed=700)
-        good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=10))
-        out_of_vocab = engine.add_request("oov", [5, 10**6], GREEDY)
-        empty = engine.add_request("empty", [], GREEDY)
-        poisoned = engine.add_request("poisoned", [17, poison, 18], GREEDY)
-        duplicate = engine.add_request("good", good_prompt, GREEDY)
-        zero = engine.add_request("zero", [17], SamplingParams(max_new_tokens=0))
-        assert "vocabulary" in out_of_vocab.wait(WAIT_S).error
-        assert "empty prompt" in empty.wait(WAIT_S).error
-        assert poisoned.wait(WAIT_S).error == "model forward failed: RuntimeError: poisoned input"
-        assert "duplicate request id" in duplicate.wait(WAIT_S).error
-        assert "max_new_tokens" in zero.wait(WAIT_S).error
-        assert good.wait(WAIT_S).token_ids == generate_alone(tiny_model, good_prompt, 10)
-    finally:
-        engine.shutdown()
+    good_prompt = random_prompt(8, seed=700)
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=10))
+    out_of_vocab = engine.add_request("oov", [5, 10**6], GREEDY)
+    empty = engine.add_request("empty", [], GREEDY)
+    poisoned = engine.add_request("poisoned", [17, poison, 18], GREEDY)  # prefilled in one batch with "good"
+    duplicate = engine.add_request("good", good_prompt, GREEDY)
+    zero = engine.add_request("zero", [17], SamplingParams(max_new_tokens=0))
+    engine.step()
+    assert "vocabulary" in out_of_vocab.wait(0).error
+    assert "empty prompt" in empty.wait(0).error
+    assert poisoned.wait(0).error == "model forward failed: RuntimeError: poisoned input"
+    assert "duplicate request id" in duplicate.wait(0).error
+    assert "max_new_tokens" in zero.wait(0).error
+    run_until_done(engine, [good])
+    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 10)
 
 
 def test_context_cap_and_shutdown(tiny_model, tokenizer):

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import JobStore
+from shared.jobs import CANCELLED_ERROR, Ending, JobStore
 from shared.protocol import CONTEXT_OVERFLOW_MSG, IMAGE_TOKEN, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -91,6 +91,16 @@ class JobRunner:
             log.info("job %s skipped: %s", job_id, status)
             return status
         try:
+            return self._generate(job_id)
+        except Exception as exc:
+            # Whatever went wrong, the job says so in its record instead of staying "running".
+            log.exception("job %s failed", job_id)
+            self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}",
+                              error_code=ErrorCode.SERVER_ERROR, finish_reason="error")
+            return "failed"
+
+    def _generate(self, job_id: str) -> str:
+        try:
             request = self.store.request_of(job_id)
             prepared = prepare(request, self.loaded, self.max_new_tokens_cap)
         except ValueError as exc:
@@ -101,8 +111,8 @@ class JobRunner:
             return "ended"
         if prepared.params.max_new_tokens < 1:
             # The original answers with this text and error_code 0 when the prompt fills the context.
-            self.store.append_many([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)])
-            self.store.finish(job_id, "succeeded", finish_reason="length")
+            self.store.record_step([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)],
+                                   [Ending(job_id, "succeeded", finish_reason="length")])
             return "succeeded"
         handle = self.engine.add_request(job_id, prepared.token_ids, prepared.params)
         output = handle.wait()
@@ -112,15 +122,14 @@ class JobRunner:
         return _FINAL_STATUS.get(output.finish_reason, "failed")
 
     def publish(self, outputs: list[SeqOutput]) -> None:
-        """The engine's per-step hook: append every new piece of text in one round trip, then end finished jobs."""
+        """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
         chunks = [(out.request_id, out.delta, out.completion_tokens, out.first_token) for out in outputs if out.delta]
-        if chunks:
-            for (job_id, *_), seq in zip(chunks, self.store.append_many(chunks)):
-                if seq < 0 and self.engine is not None:
-                    self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
-        for out in outputs:
-            if out.finished:
-                self._finish(out)
+        endings = [ending_of(out) for out in outputs if out.finished]
+        if not chunks and not endings:
+            return
+        for (job_id, *_), seq in zip(chunks, self.store.record_step(chunks, endings)):
+            if seq < 0 and self.engine is not None:
+                self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
 
     def cancel(self, job_id: str) -> None:
         """A cancellation broadcast: drop the job from the batch if this worker holds it."""
@@ -128,15 +137,17 @@ class JobRunner:
             self.engine.abort(job_id)
 
     def _finish(self, out: SeqOutput) -> None:
-        status = _FINAL_STATUS.get(out.finish_reason, "failed")
-        if status == "cancelled":
-            self._finish_cancelled(out.request_id)
-        elif status == "failed":
-            self.store.finish(out.request_id, "failed", error=out.error or "generation failed",
-                              error_code=ErrorCode.SERVER_ERROR, finish_reason="error")
-        else:
-            self.store.finish(out.request_id, "succeeded", finish_reason=out.finish_reason)
+        self.store.record_step([], [ending_of(out)])
 
     def _finish_cancelled(self, job_id: str) -> None:
-        self.store.finish(job_id, "cancelled", error="cancelled by the client", error_code=ErrorCode.CANCELLED,
-                          finish_reason="cancelled")
+        self.store.record_step([], [Ending(job_id, "cancelled", CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled")])
+
+
+def ending_of(out: SeqOutput) -> Ending:
+    """How the job of a finished engine output ends."""
+    status = _FINAL_STATUS.get(out.finish_reason, "failed")
+    if status == "cancelled":
+        return Ending(out.request_id, status, CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled")
+    if status == "failed":
+        return Ending(out.request_id, status, out.error or "generation failed", ErrorCode.SERVER_ERROR, "error")
+    return Ending(out.request_id, status, finish_reason=out.finish_reason)

@@ -113,6 +113,7 @@ class LLMEngine:
         self._stats = {
             "num_running": 0, "num_waiting": 0, "reserved_tokens": 0, "batch_len": 0,
             "steps": 0, "num_finished": 0, "generated_tokens": 0,
+            "max_num_seqs": max_num_seqs, "max_batch_tokens": max_batch_tokens,
         }
 
     # Caller side (any thread).
@@ -180,7 +181,8 @@ class LLMEngine:
             self._wakeup.notify()
 
     def stats(self) -> dict:
-        """A snapshot: num_running, num_waiting, reserved_tokens, batch_len, steps, num_finished, generated_tokens."""
+        """A snapshot as a dict: num_running, num_waiting, reserved_tokens (of max_batch_tokens), batch_len (KV
+        columns of the running batch), steps, num_finished, generated_tokens, max_num_seqs, max_batch_tokens."""
         with self._lock:
             stats = dict(self._stats)
             stats["num_waiting"] += len(self._inbox)

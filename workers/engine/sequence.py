@@ -74,6 +74,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
+        """Whether the sequence has ended (finish_reason says why)."""
         return self.status is SequenceStatus.FINISHED
 
     def finish(self, reason: str, error: str | None = None) -> None:

@@ -1,0 +1,391 @@
+"""The engine against Hugging Face generate, on the embedded default model, in one process and one run.
+
+    python -m bench.engine                 # 32 requests x 128 new tokens (about 4 minutes on 2 CPU cores)
+    python -m bench.engine --quick         # 8 x 16, a smoke run
+
+Every request generates exactly --max-new-tokens tokens (EOS is ignored, see `ignore_eos`),
+so every path does the same work and tokens/s compare directly:
+
+(a) `model.generate` one request at a time, as the original LLaVA worker serves;
+(b) `model.generate` on all requests as one left-padded static batch;
+(c) the engine with every request submitted at once;
+(d) the engine under Poisson arrivals (fixed seed), with TTFT and TPOT percentiles.
+
+It also measures the machine's matmul FLOP/s and memory bandwidth and prints the decode
+tokens/s they allow for this model (the roofline), and how close (b) and (c) come to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import random
+import time
+
+import torch
+
+from bench.workload import Prompt, RunResult, StepRecorder, build_prompts, fmt_ms, from_timings, machine_info
+from shared.settings import get_settings
+from workers.builder import LoadedModel, load_model
+from workers.default_model import ensure_default_model
+from workers.engine import LLMEngine, SamplingParams
+from workers.engine.dtype import cpu_supports_bf16
+
+WARMUP_TOKENS = 8
+
+
+# Ignoring EOS.
+
+ENGINE_HAS_IGNORE_EOS = "ignore_eos" in {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def ignore_eos(loaded: LoadedModel) -> None:
+    """Make `generate` on this process's model object run to max_new_tokens: no EOS in its generation config.
+
+    The engine is handled separately (`engine_ignoring_eos`): it also stops on the tokenizer's EOS.
+    """
+    loaded.model.generation_config.eos_token_id = None
+    if loaded.model.generation_config.pad_token_id is None:
+        loaded.model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
+
+
+def engine_ignoring_eos(loaded: LoadedModel, max_num_seqs: int, on_step=None) -> LLMEngine:
+    """An engine whose requests only end at max_new_tokens.
+
+    SamplingParams has no `ignore_eos` (checked at import); this clears the stop ids the engine
+    derived from the tokenizer and generation config, on this benchmark's engine object only.
+    """
+    settings = get_settings()
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
+                       max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
+                       on_step=on_step)
+    if not ENGINE_HAS_IGNORE_EOS:
+        if not hasattr(engine, "eos_token_ids"):
+            raise SystemExit("the engine has neither SamplingParams.ignore_eos nor eos_token_ids: cannot ignore EOS")
+        engine.eos_token_ids = frozenset()
+    return engine
+
+
+def greedy(max_new_tokens: int) -> SamplingParams:
+    if ENGINE_HAS_IGNORE_EOS:
+        return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+
+
+# The four paths.
+
+def run_sequential(loaded: LoadedModel, prompts: list[Prompt], max_new_tokens: int) -> RunResult:
+    """(a) model.generate, one request at a time."""
+    model = loaded.model
+    tokens, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt.token_ids], device=model.device)
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens)
+            tokens += out.shape[1] - input_ids.shape[1]
+    return RunResult(time.perf_counter() - start, tokens, len(prompts))
+
+
+def run_static_batch(loaded: LoadedModel, prompts: list[Prompt], max_new_tokens: int) -> RunResult:
+    """(b) model.generate on every prompt as one left-padded batch."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer.pad({"input_ids": [p.token_ids for p in prompts]}, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - start
+    return RunResult(seconds, out.shape[0] * (out.shape[1] - input_ids.shape[1]), len(prompts))
+
+
+def run_engine(engine: LLMEngine, recorder: StepRecorder, prompts: list[Prompt], max_new_tokens: int,
+               arrivals: list[float] | None = None, tag: str = "r") -> RunResult:
+    """(c) every prompt submitted at once, or (d) each at its arrival time (seconds from the start)."""
+    recorder.timings.clear()
+    params = greedy(max_new_tokens)
+    handles = []
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        if arrivals is not None:
+            delay = start + arrivals[i] - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        request_id = f"{tag}{i}"
+        recorder.submitted(request_id)
+        handles.append(engine.add_request(request_id, prompt.token_ids, params))
+    for handle in handles:
+        out = handle.wait()
+        if out.error:
+            raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
+    return from_timings(list(recorder.timings.values()))
+
+
+def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
+    """Arrival times (s) of `count` requests at `rate` per second; the first arrives at 0."""
+    rng = random.Random(seed)
+    times, now = [], 0.0
+    for _ in range(count):
+        times.append(now)
+        now += rng.expovariate(rate)
+    return times
+
+
+def check_work(name: str, result: RunResult, max_new_tokens: int) -> None:
+    expected = result.requests * max_new_tokens
+    if result.tokens != expected:
+        raise RuntimeError(f"{name}: generated {result.tokens} tokens, expected {expected}: EOS was not ignored")
+
+
+# The roofline.
+
+@dataclasses.dataclass
+class Machine:
+    """What the hardware allows: matmul FLOP/s per dtype, read and copy bandwidth in bytes/s."""
+
+    flops: dict[torch.dtype, float]
+    read_bandwidth: float
+    copy_bandwidth: float
+
+
+def measure_matmul(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) -> float:
+    """Best FLOP/s of an n x n x n matmul over `seconds`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 8) -> tuple[float, float]:
+    """Best (read, copy) bandwidth in bytes/s: a sum over, and a copy of, an `nbytes` fp32 tensor."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    y = torch.empty_like(x)
+    x.sum(), y.copy_(x)
+    read = copy = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        t1 = time.perf_counter()
+        y.copy_(x)
+        t2 = time.perf_counter()
+        read, copy = min(read, t1 - t0), min(copy, t2 - t1)
+    del x, y
+    return nbytes / read, 2 * nbytes / copy
+
+
+def measure_machine(model_dtype: torch.dtype) -> Machine:
+    """fp32 matmul, bf16 where the CPU has it natively, the model's dtype in any case; then bandwidth."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_supports_bf16() else []) + [model_dtype]
+    flops = {dtype: measure_matmul(dtype) for dtype in dict.fromkeys(dtypes)}
+    read, copy = measure_bandwidth()
+    return Machine(flops, read, copy)
+
+
+@dataclasses.dataclass
+class ModelCost:
+    """What one token costs this model: parameters (tied weights once), their bytes, KV bytes per context token."""
+
+    params: int
+    embedding_params: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelCost:
+        params = list(model.parameters())  # parameters() yields a tied weight once
+        config = model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        elem = params[0].element_size()
+        return cls(
+            params=sum(p.numel() for p in params),
+            embedding_params=model.get_input_embeddings().weight.numel(),
+            weight_bytes=sum(p.numel() * p.element_size() for p in params),
+            kv_bytes_per_token=2 * config.num_hidden_layers * kv_heads * head_dim * elem,
+        )
+
+    def decode_step_seconds(self, machine: Machine, dtype: torch.dtype, batch: int, context: float) -> float:
+        """max(bytes read / bandwidth, FLOPs / FLOP/s) for one decode step of `batch` rows at `context` tokens."""
+        bytes_read = self.weight_bytes + batch * context * self.kv_bytes_per_token
+        flops = 2 * self.params * batch
+        return max(bytes_read / machine.read_bandwidth, flops / machine.flops[dtype])
+
+    def prefill_seconds(self, machine: Machine, dtype: torch.dtype, prompt_tokens: int, rows: int) -> float:
+        """Compute-bound prefill; only each row's last position goes through the LM head."""
+        flops = 2 * (self.params - self.embedding_params) * prompt_tokens + 2 * self.embedding_params * rows
+        return max(self.weight_bytes / machine.read_bandwidth, flops / machine.flops[dtype])
+
+
+def roofline_tokens_per_s(cost: ModelCost, machine: Machine, dtype: torch.dtype, batch: int,
+                          mean_prompt: float, max_new_tokens: int, with_prefill: bool) -> float:
+    """Output tokens/s the roofline allows for `batch` rows generating max_new_tokens each."""
+    decode = sum(cost.decode_step_seconds(machine, dtype, batch, mean_prompt + step)
+                 for step in range(max_new_tokens))
+    prefill = cost.prefill_seconds(machine, dtype, round(mean_prompt * batch), batch) if with_prefill else 0.0
+    return batch * max_new_tokens / (decode + prefill)
+
+
+# Output.
+
+def gb(value: float) -> str:
+    return f"{value / 1e9:.1f}"
+
+
+def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult | None]], a: RunResult | None,
+                 b: RunResult | None, c: RunResult, machine: Machine, cost: ModelCost, prompts: list[Prompt],
+                 info: list[str]) -> None:
+    dtype = loaded.dtype
+    n, new = args.num_requests, args.max_new_tokens
+    print(f"\n## Engine benchmark: {loaded.name}, {n} requests x {new} new tokens (EOS ignored, greedy)\n")
+    print("\n".join(info))
+    print(f"- load average at end {os.getloadavg()[0]:.2f} (1 min)")
+    eos_note = ("SamplingParams.ignore_eos" if ENGINE_HAS_IGNORE_EOS else
+                "engine.eos_token_ids cleared on the benchmark's engine (SamplingParams has no ignore_eos)")
+    print(f"- EOS: generation_config.eos_token_id = None for generate; {eos_note}")
+    if dtype == torch.float32:
+        print("- the engine's default dtype here is already float32, so there is no separate fp32 reference")
+    print()
+    print("| run | requests | dtype | time (s) | output tok/s | vs (a) | vs (b) | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, dtype_name, result in rows:
+        if result is None:
+            continue
+        vs_a = f"{result.tokens_per_s / a.tokens_per_s:.2f}x" if a else "—"
+        vs_b = f"{result.tokens_per_s / b.tokens_per_s:.2f}x" if b else "—"
+        requests = f"{result.requests} x {new}"
+        print(f"| {label} | {requests} | {dtype_name} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | {vs_a} | "
+              f"{vs_b} | {fmt_ms(result.ttft_ms(50))} / {fmt_ms(result.ttft_ms(99))} | "
+              f"{fmt_ms(result.tpot_ms(50))} / {fmt_ms(result.tpot_ms(99))} |")
+    if a is not None and a.requests < n:
+        print(f"\n(a) ran {a.requests} of the {n} requests one after another: its per-request cost does not depend "
+              "on the others, so its tokens/s stands for all of them.")
+    if a is not None and b is not None:
+        print(f"\n**(c)/(a) = {c.tokens_per_s / a.tokens_per_s:.2f}x, (c)/(b) = {c.tokens_per_s / b.tokens_per_s:.2f}x**")
+
+    mean_prompt = sum(len(p.token_ids) for p in prompts) / len(prompts)
+    batch = len(prompts)
+    print(f"\n### Roofline ({str(dtype).removeprefix('torch.')})\n")
+    print(f"- matmul (2048^3): " + ", ".join(f"{str(d).removeprefix('torch.')} {f / 1e9:.0f} GFLOP/s"
+                                              for d, f in machine.flops.items())
+          + ("" if torch.bfloat16 in machine.flops else "; bf16 not measured: this CPU has no native bf16"))
+    print(f"- memory bandwidth (512 MiB fp32): read (sum) {gb(machine.read_bandwidth)} GB/s, "
+          f"copy (read + write) {gb(machine.copy_bandwidth)} GB/s; the roofline uses the read bandwidth")
+    print(f"- model: {cost.params / 1e6:.1f} M parameters (tied embedding counted once), "
+          f"{cost.weight_bytes / 1e6:.0f} MB of weights, KV cache {cost.kv_bytes_per_token / 1024:.1f} KiB per "
+          f"token of context; mean prompt {mean_prompt:.0f} tokens")
+    print("- decode step time = max((weights + batch x context x KV bytes) / bandwidth, 2 x params x batch / FLOP/s),"
+          " summed over the steps (context grows by one each step); attention FLOPs left out (< 3 %)\n")
+    print("| batch | decode step (ms) at mean context | bound by | roofline tok/s (decode only) | "
+          "roofline tok/s (with prefill) | measured tok/s | fraction of roofline (decode only / with prefill) |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    context = mean_prompt + new / 2
+    for rows_, measured in ((1, [("(a)", a)]), (batch, [("(b)", b), ("(c)", c)])):
+        step = cost.decode_step_seconds(machine, dtype, rows_, context)
+        memory = (cost.weight_bytes + rows_ * context * cost.kv_bytes_per_token) / machine.read_bandwidth
+        bound = "memory" if memory >= step else "compute"
+        decode_only = roofline_tokens_per_s(cost, machine, dtype, rows_, mean_prompt, new, with_prefill=False)
+        full = roofline_tokens_per_s(cost, machine, dtype, rows_, mean_prompt, new, with_prefill=True)
+        for name, result in measured:
+            if result is None:
+                continue
+            print(f"| {rows_} | {step * 1000:.1f} | {bound} | {decode_only:.0f} | {full:.0f} | "
+                  f"{name} {result.tokens_per_s:.1f} | {result.tokens_per_s / decode_only:.0%} / "
+                  f"{result.tokens_per_s / full:.0%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="auto", help="auto (the engine's default), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sequential-requests", type=int, default=8,
+                        help="how many requests (a) runs one at a time (0: all of them)")
+    parser.add_argument("--skip-sequential", action="store_true", help="leave out (a)")
+    parser.add_argument("--skip-static", action="store_true", help="leave out (b)")
+    parser.add_argument("--skip-poisson", action="store_true", help="leave out (d)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="(d) arrivals per second (default: the request rate (c) sustained)")
+    parser.add_argument("--seed", type=int, default=0, help="(d) arrival times seed")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
+    args = parser.parse_args()
+    if args.quick:
+        args.num_requests, args.max_new_tokens, args.sequential_requests = 8, 16, 4
+
+    settings = get_settings()
+    model_dir = ensure_default_model(settings.cache_dir)
+    loaded = load_model(str(model_dir), device=args.device, dtype=args.dtype)
+    info = machine_info(loaded.dtype)
+    ignore_eos(loaded)
+    prompts = build_prompts(loaded, args.num_requests)
+    new = args.max_new_tokens
+    dtype_name = str(loaded.dtype).removeprefix("torch.")
+
+    print("measuring the machine ...", flush=True)
+    machine = measure_machine(loaded.dtype)
+    cost = ModelCost.of(loaded.model)
+
+    a = b = d = None
+    if not args.skip_sequential:
+        subset = prompts[: args.sequential_requests or len(prompts)]
+        print(f"(a) sequential generate, {len(subset)} requests ...", flush=True)
+        run_sequential(loaded, prompts[:1], WARMUP_TOKENS)
+        a = run_sequential(loaded, subset, new)
+        check_work("(a)", a, new)
+    if not args.skip_static:
+        print(f"(b) static batch generate, batch {len(prompts)} ...", flush=True)
+        run_static_batch(loaded, prompts, WARMUP_TOKENS)
+        b = run_static_batch(loaded, prompts, new)
+        check_work("(b)", b, new)
+
+    recorder = StepRecorder()
+    engine = engine_ignoring_eos(loaded, max(settings.max_num_seqs, len(prompts)), on_step=recorder)
+    engine.start()
+    try:
+        print(f"(c) engine, {len(prompts)} at once ...", flush=True)
+        run_engine(engine, recorder, prompts, WARMUP_TOKENS, tag="warm")
+        c = run_engine(engine, recorder, prompts, new, tag="c")
+        check_work("(c)", c, new)
+        rate = args.rate or c.requests / c.seconds
+        if not args.skip_poisson:
+            print(f"(d) engine, Poisson arrivals at {rate:.2f} requests/s (seed {args.seed}) ...", flush=True)
+            d = run_engine(engine, recorder, prompts, new, poisson_arrivals(len(prompts), rate, args.seed), tag="d")
+            check_work("(d)", d, new)
+    finally:
+        engine.shutdown()
+
+    rows = [
+        ("(a) `model.generate`, one request at a time", dtype_name, a),
+        (f"(b) `model.generate`, static batch of {len(prompts)} (left padding)", dtype_name, b),
+        (f"(c) engine, all {len(prompts)} submitted at once", dtype_name, c),
+        (f"(d) engine, Poisson arrivals {rate:.2f} req/s (seed {args.seed})", dtype_name, d),
+    ]
+    if loaded.dtype != torch.float32:
+        del engine
+        gc.collect()
+        fp32 = load_model(str(model_dir), device=args.device, dtype="float32")
+        ignore_eos(fp32)
+        if not args.skip_sequential:
+            run_sequential(fp32, prompts[:1], WARMUP_TOKENS)
+            rows.append(("(a) fp32 reference", "float32",
+                         run_sequential(fp32, prompts[: args.sequential_requests or len(prompts)], new)))
+        if not args.skip_static:
+            run_static_batch(fp32, prompts, WARMUP_TOKENS)
+            rows.append(("(b) fp32 reference", "float32", run_static_batch(fp32, prompts, new)))
+    print_report(args, loaded, rows, a, b, c, machine, cost, prompts, info)
+
+
+if __name__ == "__main__":
+    main()
