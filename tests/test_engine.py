@@ -181,8 +181,8 @@ def test_never_more_than_max_num_seqs_running(tiny_model, tokenizer):
 
 def test_request_that_can_never_fit_fails_at_once(tiny_model, tokenizer):
     engine, stream = make_engine(tiny_model, tokenizer, max_batch_tokens=64)
-    small = [engine.add_request(f"s{i}", random_prompt(6, seed=200 + i), SamplingParams(temperature=0, max_new_tokens=20))
-             for i in range(3)]
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    small = [engine.add_request(f"s{i}", random_prompt(6, seed=200 + i), params) for i in range(3)]
     huge = engine.add_request("huge", random_prompt(10, seed=210), SamplingParams(max_new_tokens=100))
     engine.step()
     assert huge.done.is_set()
@@ -320,10 +320,12 @@ def test_per_request_params_in_one_batch(tiny_model, tokenizer):
     greedy_prompt = random_prompt(12, seed=500)
     handles = {
         "greedy": engine.add_request("greedy", greedy_prompt, SamplingParams(temperature=0.0, max_new_tokens=20)),
-        "hot": engine.add_request("hot", random_prompt(5, seed=501), SamplingParams(temperature=1.5, max_new_tokens=20)),
+        "hot": engine.add_request("hot", random_prompt(5, seed=501),
+                                  SamplingParams(temperature=1.5, max_new_tokens=20)),
         "nucleus": engine.add_request("nucleus", random_prompt(30, seed=502),
                                       SamplingParams(temperature=0.7, top_p=0.3, max_new_tokens=20, seed=7)),
-        "short": engine.add_request("short", random_prompt(2, seed=503), SamplingParams(temperature=1.0, max_new_tokens=3)),
+        "short": engine.add_request("short", random_prompt(2, seed=503),
+                                    SamplingParams(temperature=1.0, max_new_tokens=3)),
     }
     engine.step()
     assert engine.stats()["num_running"] == 4, "all four share the batch"
@@ -378,7 +380,8 @@ def test_a_bad_request_fails_alone(tiny_model, tokenizer):
 
 def test_context_cap_and_shutdown(tiny_model, tokenizer):
     engine, stream = make_engine(tiny_model, tokenizer, max_model_len=20)
-    capped = engine.add_request("capped", random_prompt(15, seed=800), SamplingParams(temperature=0, max_new_tokens=100))
+    capped = engine.add_request("capped", random_prompt(15, seed=800),
+                                SamplingParams(temperature=0, max_new_tokens=100))
     too_long = engine.add_request("too_long", random_prompt(20, seed=801), GREEDY)
     run_until_done(engine, [capped, too_long])
     assert capped.wait(0).completion_tokens == 5 and capped.wait(0).finish_reason == "length"

@@ -257,3 +257,9 @@ def test_health_lists_the_worker(stack):
     health = requests.get(f"{stack.base_url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["redis"] is True
     assert health["workers"][0]["model"] == "SmolLM2-135M-Instruct"
+
+
+def test_models_lists_the_served_model(stack):
+    models = requests.get(f"{stack.base_url}/v1/models", timeout=10).json()
+    assert models["object"] == "list"
+    assert [model["id"] for model in models["data"]] == ["SmolLM2-135M-Instruct"]

@@ -199,10 +199,12 @@ class LLMEngine:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
+        for seq, handle in inbox:
+            self._register(seq, handle)
         with torch.inference_mode():
             try:
-                for seq, handle in inbox:
-                    self._intake(seq, handle)
+                for seq, _ in inbox:
+                    self._intake(seq)
                 for request_id in aborts:
                     self._abort(request_id)
                 self._drop_finished_rows()
@@ -214,7 +216,7 @@ class LLMEngine:
             except Exception as exc:
                 # A bug or a failure outside one forward: the batch state is suspect, so fail what runs on it.
                 log.exception("engine step failed")
-                self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+                self._fail_all_but_waiting(f"engine step failed: {type(exc).__name__}: {exc}")
         return self._publish()
 
     def _loop(self) -> None:
@@ -232,10 +234,9 @@ class LLMEngine:
         if seq.request_id not in self._live:
             self._live[seq.request_id] = seq
 
-    def _intake(self, seq: Sequence, handle: RequestHandle) -> None:
-        """Prepare a new sequence and queue it, or finish it at once with the reason it cannot run."""
-        duplicate = seq.request_id in self._live
-        self._register(seq, handle)
+    def _intake(self, seq: Sequence) -> None:
+        """Prepare a new (registered) sequence and queue it, or finish it at once with the reason it cannot run."""
+        duplicate = self._live[seq.request_id] is not seq
         try:
             error = "duplicate request id: a request with this id is still running" if duplicate else self._prepare(seq)
         except Exception as exc:
@@ -257,7 +258,8 @@ class LLMEngine:
         if self.max_model_len is not None:
             room = self.max_model_len - seq.prompt_len
             if room < 1:
-                return f"prompt of {seq.prompt_len} tokens leaves no room in the model's {self.max_model_len}-token context"
+                return (f"prompt of {seq.prompt_len} tokens leaves no room in the model's "
+                        f"{self.max_model_len}-token context")
             seq.max_new_tokens = min(seq.params.max_new_tokens, room)
         stop = seq.params.stop or None
         stop_id = special_token_id(self.tokenizer, stop) if stop else None
@@ -325,7 +327,9 @@ class LLMEngine:
         temperature = torch.tensor([seq.params.temperature for seq in seqs], dtype=torch.float32, device=device)
         top_p = torch.tensor([seq.params.top_p for seq in seqs], dtype=torch.float32, device=device)
         generators = [seq.generator for seq in seqs]
-        return sample(logits, temperature, top_p, generators if any(g is not None for g in generators) else None).tolist()
+        if all(generator is None for generator in generators):
+            generators = None
+        return sample(logits, temperature, top_p, generators).tolist()
 
     def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
         for seq, token in zip(seqs, tokens):
@@ -361,10 +365,12 @@ class LLMEngine:
         self.scheduler.finish(seq, reason, error)
         self._emit(seq, held)
 
-    def _fail_running(self, error: str) -> None:
+    def _fail_all_but_waiting(self, error: str) -> None:
+        """Fail the running sequences and any not queued yet; the queued ones never touched the broken state."""
         self._batch = None
-        for seq in list(self.scheduler.running):
-            self._finish(seq, "error", error)
+        for seq in list(self._handles):
+            if not seq.is_finished and seq not in self.scheduler.waiting:
+                self._finish(seq, "error", error)
 
     def _emit(self, seq: Sequence, delta: str) -> None:
         self._step_deltas[seq] = self._step_deltas.get(seq, "") + delta

@@ -10,7 +10,6 @@ rows in by left-padding the caches to a common length.
 from __future__ import annotations
 
 import inspect
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from workers.engine.sequence import Sequence
-
-log = logging.getLogger("llava_queue.engine")
 
 
 @dataclass

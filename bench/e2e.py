@@ -1,0 +1,231 @@
+"""The whole stack (HTTP → Celery on Redis → worker engine → pub/sub → WebSocket) against the engine in-process.
+
+    python -m bench.e2e                 # 32 requests x up to 128 new tokens
+    python -m bench.e2e --quick         # 8 x 16, a smoke run
+
+The API cannot ignore EOS, so both paths run the same prompts greedily, tokenized by the
+worker's own `prepare`, and stop at EOS or max_new_tokens: they do the same work, and
+tokens/s counts the completion tokens each really generated (the job record's usage for
+the stack). The in-process engine runs first and is freed before the stack starts, so the
+two never share the CPU.
+
+TTFT here is submit → first visible text on both paths (the first non-empty delta in
+process; the first WebSocket message whose text goes beyond the prompt over the stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import requests
+import websockets
+
+from bench.workload import Prompt, RequestTiming, RunResult, StepRecorder, build_prompts, fmt_ms, from_timings, machine_info
+from shared.redis_server import RedisServer, free_port
+from shared.settings import get_settings
+from workers.builder import load_model
+from workers.default_model import ensure_default_model
+from workers.engine import LLMEngine, SamplingParams
+
+WARMUP_TOKENS = 4
+START_TIMEOUT_S = 180
+
+
+# In process.
+
+def run_in_process(model_dir: Path, prompts_count: int, max_new_tokens: int, max_num_seqs: int
+                   ) -> tuple[RunResult, list[Prompt], list[str]]:
+    """(c): every prompt into one engine at once, as the worker builds it; returns the run, the prompts, dtype info."""
+    settings = get_settings()
+    loaded = load_model(str(model_dir), device=settings.device, dtype=settings.dtype)
+    info = machine_info(loaded.dtype)
+    prompts = build_prompts(loaded, prompts_count)
+    recorder = StepRecorder(first_text=True)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
+                       max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
+                       on_step=recorder)
+    engine.start()
+    try:
+        for tokens, tag in ((WARMUP_TOKENS, "warm"), (max_new_tokens, "c")):
+            recorder.timings.clear()
+            params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
+            handles = []
+            for i, prompt in enumerate(prompts):
+                recorder.submitted(f"{tag}{i}")
+                handles.append(engine.add_request(f"{tag}{i}", prompt.token_ids, params))
+            for handle in handles:
+                out = handle.wait()
+                if out.error:
+                    raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
+        result = from_timings([recorder.timings[f"c{i}"] for i in range(len(prompts))])
+    finally:
+        engine.shutdown()
+    return result, prompts, info
+
+
+# The stack.
+
+class Stack:
+    """Redis, one worker and the API as child processes; `close` (or the `with` block's end) stops them all."""
+
+    def __init__(self, model_dir: Path, max_num_seqs: int):
+        self.log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-bench-"))
+        self.redis = RedisServer()
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._env_extra = {"LLAVA_QUEUE_MODEL_PATH": str(model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": str(max_num_seqs)}
+
+    def __enter__(self) -> Stack:
+        try:
+            self.redis.start()
+            env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=self.redis.url, **self._env_extra)
+            self._spawn("worker", ["worker"], env)
+            self._spawn("api", ["api", "--host", "127.0.0.1", "--port", str(self.port)], env)
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _spawn(self, name: str, args: list[str], env: dict) -> None:
+        log = open(self.log_dir / f"{name}.log", "w")
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_ready(self) -> None:
+        """Until /healthz lists a worker; RuntimeError (with the logs) if a process dies or it takes too long."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            dead = [name for name, process in self.processes.items() if process.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead} exited during start-up\n{self.logs()}")
+            try:
+                if requests.get(f"{self.base_url}/healthz", timeout=2).json().get("workers"):
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stack did not come up in {START_TIMEOUT_S} s\n{self.logs()}")
+            time.sleep(0.3)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(self.log_dir.glob("*.log")))
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        self.redis.stop()
+
+
+async def follow_one(client: httpx.AsyncClient, ws_url: str, prompt: Prompt, max_new_tokens: int
+                     ) -> tuple[str, RequestTiming]:
+    """Submit one job over HTTP and follow it over WebSocket to its end; returns its id and timing."""
+    body = {"prompt": prompt.text, "temperature": 0, "max_new_tokens": max_new_tokens}
+    timing = RequestTiming(time.perf_counter())
+    response = await client.post("/v1/jobs", json=body)
+    response.raise_for_status()
+    job_id = response.json()["id"]
+    async with websockets.connect(f"{ws_url}/v1/jobs/{job_id}/ws", max_size=None) as ws:
+        async for raw in ws:
+            message = json.loads(raw)
+            now = time.perf_counter()
+            if timing.first_token is None and len(message["text"]) > len(prompt.text):
+                timing.first_token = now
+            if message.get("done"):
+                timing.finished = now
+                timing.finish_reason = message.get("error") or message.get("finish_reason")
+                if message.get("status") != "succeeded":
+                    raise RuntimeError(f"job {job_id} ended {message.get('status')}: {message.get('error')}")
+                break
+    if timing.first_token is None:
+        timing.first_token = timing.finished
+    return job_id, timing
+
+
+async def run_over_stack(stack: Stack, prompts: list[Prompt], max_new_tokens: int) -> RunResult:
+    """Every prompt submitted at once over HTTP and followed over WebSocket; usage read back from the job records."""
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=600, limits=limits) as client:
+        done = await asyncio.gather(*(follow_one(client, stack.ws_url, p, max_new_tokens) for p in prompts))
+        for job_id, timing in done:
+            record = (await client.get(f"/v1/jobs/{job_id}")).json()
+            timing.completion_tokens = record["usage"]["completion_tokens"]
+            timing.text = record["text"]
+    return from_timings([timing for _, timing in done])
+
+
+# Output.
+
+def print_report(args, c: RunResult, e2e: RunResult, info: list[str], same_text: int) -> None:
+    n, new = args.num_requests, args.max_new_tokens
+    print(f"\n## End-to-end benchmark: {n} requests x up to {new} new tokens, greedy, EOS honoured\n")
+    print("\n".join(info))
+    print(f"- load average at end {os.getloadavg()[0]:.2f} (1 min)")
+    print("- TTFT = submit → first visible text; TPOT = (e2e − TTFT) / (completion tokens − 1)\n")
+    print("| path | requests | completion tokens | time (s) | output tok/s | vs (c) | TTFT p50 / p99 (ms) | "
+          "TPOT p50 / p99 (ms) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, result in ((f"(c) engine in process, all {n} at once", c),
+                          (f"stack: HTTP → Celery/Redis → worker → pub/sub → WebSocket, all {n} at once", e2e)):
+        print(f"| {label} | {result.requests} | {result.tokens} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | "
+              f"{result.tokens_per_s / c.tokens_per_s:.2f}x | {fmt_ms(result.ttft_ms(50))} / {fmt_ms(result.ttft_ms(99))} | "
+              f"{fmt_ms(result.tpot_ms(50))} / {fmt_ms(result.tpot_ms(99))} |")
+    print(f"\n**e2e throughput / (c) = {e2e.tokens_per_s / c.tokens_per_s:.2f}x; "
+          f"e2e TTFT p50 − (c) TTFT p50 = {e2e.ttft_ms(50) - c.ttft_ms(50):+.0f} ms**")
+    print(f"\nSame work: {c.tokens} completion tokens in process, {e2e.tokens} over the stack; "
+          f"{same_text} of {n} texts identical.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="engine slots, in process and in the worker")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
+    args = parser.parse_args()
+    if args.quick:
+        args.num_requests, args.max_new_tokens = 8, 16
+    # Ctrl-C and SIGTERM both unwind through the `with` blocks, which stop every child process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    model_dir = ensure_default_model(get_settings().cache_dir)
+    print(f"(c) engine in process, {args.num_requests} at once ...", flush=True)
+    c, prompts, info = run_in_process(model_dir, args.num_requests, args.max_new_tokens, args.max_num_seqs)
+    gc.collect()
+
+    print("starting Redis, a worker and the API ...", flush=True)
+    with Stack(model_dir, args.max_num_seqs) as stack:
+        print(f"stack up (logs in {stack.log_dir}); warming up, then {args.num_requests} jobs over HTTP ...",
+              flush=True)
+        asyncio.run(run_over_stack(stack, prompts, WARMUP_TOKENS))
+        e2e = asyncio.run(run_over_stack(stack, prompts, args.max_new_tokens))
+    same_text = sum(a.text == b.text for a, b in zip(c.timings, e2e.timings))
+    print_report(args, c, e2e, info, same_text)
+
+
+if __name__ == "__main__":
+    main()
