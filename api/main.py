@@ -6,7 +6,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import health, jobs, llava, models, stream
+from api.routes import health, jobs, llava, models, page, stream
 from shared.celery_app import make_celery
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings, get_settings
@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="llava-queue", version="0.1.0", lifespan=lifespan,
                   description="An async job queue serving LLaVA-style models with continuous batching.")
     install_error_handlers(app)
-    for module in (jobs, stream, llava, models, health):
+    for module in (jobs, stream, llava, models, health, page):
         app.include_router(module.router)
     return app
 

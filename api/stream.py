@@ -98,8 +98,6 @@ async def follow_job(store: JobStore, aredis: aioredis.Redis, job_id: str) -> As
                 yield progress.event()
             elif "prompt" in data:
                 progress.prompt = data["prompt"]
-            elif data.get("reset"):
-                progress.text = ""
             elif data.get("done"):
                 yield _final(progress, data)
                 return

@@ -29,9 +29,11 @@ from pathlib import Path
 
 import httpx
 import requests
+import torch
 import websockets
 
-from bench.workload import Prompt, RequestTiming, RunResult, StepRecorder, build_prompts, fmt_ms, from_timings, machine_info
+from bench.workload import (Prompt, RequestTiming, RunResult, StepRecorder, build_prompts, from_timings,
+                            latency_cells, machine_info)
 from shared.redis_server import RedisServer, free_port
 from shared.settings import get_settings
 from workers.builder import load_model
@@ -192,8 +194,7 @@ def print_report(args, c: RunResult, e2e: RunResult, info: list[str], same_text:
     for label, result in ((f"(c) engine in process, all {n} at once", c),
                           (f"stack: HTTP → Celery/Redis → worker → pub/sub → WebSocket, all {n} at once", e2e)):
         print(f"| {label} | {result.requests} | {result.tokens} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | "
-              f"{result.tokens_per_s / c.tokens_per_s:.2f}x | {fmt_ms(result.ttft_ms(50))} / {fmt_ms(result.ttft_ms(99))} | "
-              f"{fmt_ms(result.tpot_ms(50))} / {fmt_ms(result.tpot_ms(99))} |")
+              f"{result.tokens_per_s / c.tokens_per_s:.2f}x | {latency_cells(result)} |")
     print(f"\n**e2e throughput / (c) = {e2e.tokens_per_s / c.tokens_per_s:.2f}x; "
           f"e2e TTFT p50 − (c) TTFT p50 = {e2e.ttft_ms(50) - c.ttft_ms(50):+.0f} ms**")
     print(f"\nSame work: {c.tokens} completion tokens in process, {e2e.tokens} over the stack; "
@@ -205,10 +206,16 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=32, help="engine slots, in process and in the worker")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in process and in the worker (default: torch's, one per core)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
     args = parser.parse_args()
     if args.quick:
         args.num_requests, args.max_new_tokens = 8, 16
+    if args.threads:
+        # torch reads OMP_NUM_THREADS at start-up: the worker process inherits it.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     # Ctrl-C and SIGTERM both unwind through the `with` blocks, which stop every child process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

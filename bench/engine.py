@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.workload import Prompt, RunResult, StepRecorder, build_prompts, fmt_ms, from_timings, machine_info
+from bench.workload import Prompt, RunResult, StepRecorder, build_prompts, from_timings, latency_cells, machine_info
 from shared.settings import get_settings
 from workers.builder import LoadedModel, load_model
 from workers.default_model import ensure_default_model
@@ -257,7 +257,8 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
     if dtype == torch.float32:
         print("- the engine's default dtype here is already float32, so there is no separate fp32 reference")
     print()
-    print("| run | requests | dtype | time (s) | output tok/s | vs (a) | vs (b) | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |")
+    print("| run | requests | dtype | time (s) | output tok/s | vs (a) | vs (b) | TTFT p50 / p99 (ms) | "
+          "TPOT p50 / p99 (ms) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for label, dtype_name, result in rows:
         if result is None:
@@ -266,18 +267,19 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
         vs_b = f"{result.tokens_per_s / b.tokens_per_s:.2f}x" if b else "—"
         requests = f"{result.requests} x {new}"
         print(f"| {label} | {requests} | {dtype_name} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | {vs_a} | "
-              f"{vs_b} | {fmt_ms(result.ttft_ms(50))} / {fmt_ms(result.ttft_ms(99))} | "
-              f"{fmt_ms(result.tpot_ms(50))} / {fmt_ms(result.tpot_ms(99))} |")
+              f"{vs_b} | {latency_cells(result)} |")
     if a is not None and a.requests < n:
         print(f"\n(a) ran {a.requests} of the {n} requests one after another: its per-request cost does not depend "
               "on the others, so its tokens/s stands for all of them.")
-    if a is not None and b is not None:
-        print(f"\n**(c)/(a) = {c.tokens_per_s / a.tokens_per_s:.2f}x, (c)/(b) = {c.tokens_per_s / b.tokens_per_s:.2f}x**")
+    ratios = [f"(c)/{name} = {c.tokens_per_s / base.tokens_per_s:.2f}x" for name, base in (("(a)", a), ("(b)", b))
+              if base is not None]
+    if ratios:
+        print(f"\n**{', '.join(ratios)}**")
 
     mean_prompt = sum(len(p.token_ids) for p in prompts) / len(prompts)
     batch = len(prompts)
     print(f"\n### Roofline ({str(dtype).removeprefix('torch.')})\n")
-    print(f"- matmul (2048^3): " + ", ".join(f"{str(d).removeprefix('torch.')} {f / 1e9:.0f} GFLOP/s"
+    print("- matmul (2048^3): " + ", ".join(f"{str(d).removeprefix('torch.')} {f / 1e9:.0f} GFLOP/s"
                                               for d, f in machine.flops.items())
           + ("" if torch.bfloat16 in machine.flops else "; bf16 not measured: this CPU has no native bf16"))
     print(f"- memory bandwidth (512 MiB fp32): read (sum) {gb(machine.read_bandwidth)} GB/s, "
@@ -319,10 +321,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None,
                         help="(d) arrivals per second (default: the request rate (c) sustained)")
     parser.add_argument("--seed", type=int, default=0, help="(d) arrival times seed")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
     args = parser.parse_args()
     if args.quick:
         args.num_requests, args.max_new_tokens, args.sequential_requests = 8, 16, 4
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     settings = get_settings()
     model_dir = ensure_default_model(settings.cache_dir)

@@ -170,13 +170,20 @@ def fmt_ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
 
 
+def latency_cells(result: RunResult) -> str:
+    """The "TTFT p50 / p99 | TPOT p50 / p99" cells of a markdown row, in ms."""
+    return (f"{fmt_ms(result.ttft_ms(50))} / {fmt_ms(result.ttft_ms(99))} | "
+            f"{fmt_ms(result.tpot_ms(50))} / {fmt_ms(result.tpot_ms(99))}")
+
+
 def machine_info(dtype: torch.dtype) -> list[str]:
     """Lines describing where the numbers come from."""
     load1, load5, _ = os.getloadavg()
     return [
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible, "
         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} torch threads",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} torch threads",
         f"- dtype {str(dtype).removeprefix('torch.')}",
         f"- load average at start {load1:.2f} (1 min), {load5:.2f} (5 min)",
     ]

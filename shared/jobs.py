@@ -9,7 +9,6 @@ larger seq: nothing is lost for a late or reconnecting listener.
 Chunk messages on the channel (JSON):
   {"seq": n, "delta": "..."}                       text appended to the job's output
   {"seq": n, "prompt": "..."}                      the worker rendered the job's messages into this prompt
-  {"seq": n, "reset": true}                        a redelivered job starts over
   {"seq": n, "done": true, "status": ..., ...}     the job ended (status, error, error_code, finish_reason)
 """
 
@@ -33,27 +32,39 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
+if status == 'queued' then
+  local deadline = redis.call('HGET', KEYS[1], 'deadline')
+  if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[2]) then return 'expired' end
+else
+  -- A second delivery of a job that a live worker holds (or that this worker holds) is a duplicate.
+  local holder = redis.call('HGET', KEYS[1], 'worker') or ''
+  if holder == ARGV[1] or redis.call('EXISTS', ARGV[5] .. holder) == 1 then return 'duplicate' end
+end
+if redis.call('HINCRBY', KEYS[1], 'attempts', 1) > tonumber(ARGV[6]) then return 'exhausted' end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
 if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KEYS[1], 'model', ARGV[4]) end
-if status == 'running' then
-  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('HSET', KEYS[1], 'text', '', 'completion_tokens', 0, 'worker', ARGV[1], 'started_at', ARGV[2])
-  redis.call('HDEL', KEYS[1], 'first_token_at')
-  redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, reset = true}))
-  return 'restarted'
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+if status == 'running' then return 'resumed' end
+redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 return 'running'
 """
 
 _APPEND = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+-- Only the worker that holds the job may write to it (a fence against a worker thought dead).
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then
+  return -1
+end
+if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3]) end
+if ARGV[1] == '' then
+  -- A first token whose text is still held back (half a character, or maybe a stop string).
+  redis.call('HSET', KEYS[1], 'completion_tokens', ARGV[2])
+  return tonumber(redis.call('HGET', KEYS[1], 'seq'))
+end
 local text = (redis.call('HGET', KEYS[1], 'text') or '') .. ARGV[1]
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'text', text, 'completion_tokens', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3]) end
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, delta = ARGV[1]}))
 return seq
 """
@@ -63,11 +74,13 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
 if ARGV[6] == 'running' and status ~= 'running' then return status end
+if ARGV[9] ~= '' and status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 'fenced' end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
            'finish_reason', ARGV[4], 'finished_at', ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[8])
 redis.call('ZREM', KEYS[4], ARGV[8])
+redis.call('HDEL', KEYS[5], ARGV[8])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = ARGV[1], error = ARGV[2],
            error_code = tonumber(ARGV[3]), finish_reason = ARGV[4]}))
@@ -91,6 +104,15 @@ redis.call('HSET', KEYS[1], 'prompt', ARGV[1], 'prompt_tokens', ARGV[2])
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, prompt = ARGV[1]}))
 return seq
 """
+
+_CLAIM = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+_REQUEUED = "requeued@"
 
 _INT_FIELDS = ("seq", "error_code", "prompt_tokens", "completion_tokens", "attempts")
 _FLOAT_FIELDS = ("created_at", "started_at", "first_token_at", "finished_at")
@@ -137,6 +159,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._set_prompt = client.register_script(_SET_PROMPT)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400) -> "JobStore":
@@ -229,15 +252,47 @@ class JobStore:
         status, prompt, text, seq, error, error_code, finish_reason = values
         return Snapshot(status, prompt or "", text or "", int(seq or 0), error or "", int(error_code or 0), finish_reason or "")
 
-    def start(self, job_id: str, worker: str, model: str = "") -> str:
+    def start(self, job_id: str, worker: str, model: str = "", max_attempts: int = 3) -> str:
         """Mark a job running on `worker`; a job submitted without a model name gets `model`.
 
-        Returns "running", "restarted" (a redelivered job whose earlier run died; its text is
-        reset), "cancel" (cancelled before it started: the caller should finish it as
-        cancelled), "missing", or the final status it already has (the caller skips it).
+        Returns "running"; "resumed" (its earlier worker died: go on from the text it has);
+        "duplicate" (a live worker already runs it: skip this delivery); "cancel" or "expired"
+        (cancelled, or past its deadline, before it started: the caller ends it so);
+        "exhausted" (started more than `max_attempts` times: the caller fails it); "missing";
+        or the final status it already has (skip).
         """
-        return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys()],
-                           args=[worker, repr(time.time()), job_id, model])
+        return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys(), self.running_key],
+                           args=[worker, repr(time.time()), job_id, model, f"{self.prefix}:worker:",
+                                 max_attempts])
+
+    @property
+    def running_key(self) -> str:
+        """Hash of running job id → the worker that holds it."""
+        return f"{self.prefix}:running"
+
+    def claim_orphans(self, requeue_after: float = 60.0) -> list[str]:
+        """Running jobs whose worker stopped announcing itself (it died), claimed for a new delivery.
+
+        A claimed job is marked in the running hash, so it is handed out once, not at every sweep;
+        if no worker has started it `requeue_after` seconds later, it is claimed again.
+        """
+        held = self.redis.hgetall(self.running_key)
+        if not held:
+            return []
+        workers = sorted({holder for holder in held.values() if not holder.startswith(_REQUEUED)})
+        alive = dict(zip(workers, self.redis.mget([f"{self.prefix}:worker:{name}" for name in workers]))) \
+            if workers else {}
+        now = time.time()
+        claimed = []
+        for job_id, holder in held.items():
+            if holder.startswith(_REQUEUED):
+                if now - float(holder.removeprefix(_REQUEUED)) < requeue_after:
+                    continue
+            elif alive.get(holder) is not None:
+                continue
+            if self._claim(keys=[self.running_key], args=[job_id, holder, f"{_REQUEUED}{now!r}"]):
+                claimed.append(job_id)
+        return claimed
 
     def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
         """Record (and publish) the rendered prompt and its token count; False if the job ended meanwhile."""
@@ -245,38 +300,40 @@ class JobStore:
         return int(seq) >= 0
 
     def finish(self, job_id: str, status: str, *, error: str = "", error_code: int = 0,
-               finish_reason: str = "", only_if_running: bool = False) -> bool:
+               finish_reason: str = "", only_if_running: bool = False, worker: str = "") -> bool:
         """Move an active job to a final state, publish its last message, and let the record expire.
 
-        Returns False if the job had already ended (its final state is kept).
+        A `worker` may only end a job it holds. Returns False if the job had already ended (its
+        final state is kept) or another worker holds it.
         """
         ending = Ending(job_id, status, error, int(error_code), finish_reason)
-        return self._finish(**self._finish_call(ending, only_if_running)) == "ok"
+        return self._finish(**self._finish_call(ending, only_if_running, worker)) == "ok"
 
-    def record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list["Ending"]) -> list[int]:
-        """One engine step in one pipelined round trip: append and publish each chunk, then end jobs.
+    def record_step(self, worker: str, chunks: list[tuple[str, str, int, bool]],
+                    endings: list["Ending"]) -> list[int]:
+        """One engine step of `worker` in one pipelined round trip: append and publish each chunk, then end jobs.
 
         `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each chunk's new seq,
-        or -1 where the job is no longer running (cancelled meanwhile): stop generating it.
+        or -1 where the job is no longer running on `worker` (cancelled meanwhile): stop generating it.
         """
         now = repr(time.time())
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id, delta, completion_tokens, first_token in chunks:
                 self._append(keys=[self.key(job_id), self.channel(job_id)],
-                             args=[delta, completion_tokens, now if first_token else ""], client=pipe)
+                             args=[delta, completion_tokens, now if first_token else "", worker], client=pipe)
             for ending in endings:
-                self._finish(**self._finish_call(ending, False), client=pipe)
+                self._finish(**self._finish_call(ending, False, worker), client=pipe)
             results = pipe.execute()
         return [int(seq) for seq in results[:len(chunks)]]
 
     def _queue_keys(self) -> list[str]:
         return [self.queue_key(queue) for queue in QUEUES]
 
-    def _finish_call(self, ending: "Ending", only_if_running: bool) -> dict:
+    def _finish_call(self, ending: "Ending", only_if_running: bool, worker: str) -> dict:
         assert ending.status in FINAL_STATES, ending.status
-        return {"keys": [self.key(ending.job_id), self.channel(ending.job_id), *self._queue_keys()],
+        return {"keys": [self.key(ending.job_id), self.channel(ending.job_id), *self._queue_keys(), self.running_key],
                 "args": [ending.status, ending.error, int(ending.error_code), ending.finish_reason, repr(time.time()),
-                         "running" if only_if_running else "", self.ttl_seconds, ending.job_id]}
+                         "running" if only_if_running else "", self.ttl_seconds, ending.job_id, worker]}
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     # The API.
     host: str = "127.0.0.1"
     port: int = 8000
+    # The web page's folder; None means `frontend/` beside the `api` package (a checkout or editable install).
+    frontend_dir: Path | None = None
 
     # The worker's model. No model_path means the embedded default (SmolLM2-135M-Instruct).
     model_path: str | None = None
@@ -39,6 +41,11 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = 24 * 3600
     # Celery/Redis redelivers an unacked job after this long; it must exceed the longest job.
     visibility_timeout: int = 4 * 3600
+    # A worker refreshes its heartbeat this often; one silent for heartbeat_ttl_seconds is dead, and
+    # the jobs it held are delivered again (at most max_attempts starts per job).
+    heartbeat_interval_seconds: float = 3.0
+    heartbeat_ttl_seconds: int = 10
+    max_attempts: int = 3
 
 
 @lru_cache

@@ -45,9 +45,27 @@ class Stack:
         return "\n".join(f"--- {path.name}\n{path.read_text()[-4000:]}" for path in sorted(self.log_dir.glob("*.log")))
 
 
-def _start(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Popen:
+def start_service(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_stack(stack: Stack, workers: int = 1, timeout: float = 180) -> None:
+    """Wait until the API answers and `workers` workers announced themselves; raise with the logs if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = [name for name, process in stack.processes.items() if process.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{dead} exited during start-up\n{stack.logs()}")
+        try:
+            health = requests.get(f"{stack.base_url}/healthz", timeout=2).json()
+            if len(health.get("workers", [])) >= workers:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the stack did not come up in time\n{stack.logs()}")
+        time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")
@@ -57,24 +75,11 @@ def stack(redis_server, default_model_dir):
     port = free_port()
     env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MODEL_PATH=str(default_model_dir),
                LLAVA_QUEUE_MAX_NUM_SEQS="16", LLAVA_QUEUE_PORT=str(port))
-    processes = {"worker": _start("worker", ["worker"], env, log_dir),
-                 "api": _start("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
+    processes = {"worker": start_service("worker", ["worker"], env, log_dir),
+                 "api": start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
     running = Stack(f"http://127.0.0.1:{port}", redis_server.url, log_dir, processes)
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            dead = [name for name, process in processes.items() if process.poll() is not None]
-            if dead:
-                raise RuntimeError(f"{dead} exited during start-up\n{running.logs()}")
-            try:
-                health = requests.get(f"{running.base_url}/healthz", timeout=2).json()
-                if health.get("workers"):
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the stack did not come up in time\n{running.logs()}")
-            time.sleep(0.3)
+        wait_for_stack(running)
         yield running
     finally:
         for process in processes.values():

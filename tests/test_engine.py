@@ -7,9 +7,7 @@ real SmolLM2 tokenizer; one test runs the real SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import copy
-import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,20 +18,13 @@ from workers.engine.detokenizer import Detokenizer, special_token_id
 from workers.engine.sampling import sample
 
 
-def model_dir() -> Path:
-    """The real small model (HF format) the tests read: LLAVA_QUEUE_TEST_MODEL_DIR, default /tmp/dl/smolhf."""
-    return Path(os.environ.get("LLAVA_QUEUE_TEST_MODEL_DIR", "/tmp/dl/smolhf"))
-
-
-pytestmark = pytest.mark.skipif(not (model_dir() / "tokenizer.json").exists(), reason="no test model directory")
-
 GREEDY = SamplingParams(temperature=0.0)
 WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(model_dir())
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -341,10 +332,12 @@ def test_prompt_embeds_match_token_ids(tiny_model, tokenizer):
         embeds = tiny_model.get_input_embeddings()(torch.tensor(prompt))
     engine, _ = make_engine(tiny_model, tokenizer)
     by_embeds = engine.add_request("embeds", [], SamplingParams(temperature=0, max_new_tokens=12), prompt_embeds=embeds)
-    by_ids = engine.add_request("ids", random_prompt(4, seed=601), SamplingParams(temperature=0, max_new_tokens=12))
+    ids_prompt = random_prompt(4, seed=601)  # prefilled beside the embeddings, in the same batch
+    by_ids = engine.add_request("ids", ids_prompt, SamplingParams(temperature=0, max_new_tokens=12))
     run_until_done(engine, [by_embeds, by_ids])
     assert by_embeds.wait(0).prompt_tokens == 10
     assert by_embeds.wait(0).token_ids == generate_alone(tiny_model, prompt, 12)
+    assert by_ids.wait(0).token_ids == generate_alone(tiny_model, ids_prompt, 12)
 
 
 def test_a_bad_request_fails_alone(tiny_model, tokenizer):
@@ -400,8 +393,8 @@ def test_context_cap_and_shutdown(tiny_model, tokenizer):
     assert late.wait(0).error == "engine shut down"
 
 
-def test_real_model_greedy_batch_matches_generate(tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32).eval()
+def test_real_model_greedy_batch_matches_generate(tokenizer, default_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     questions = ["What is 2+2?", "Name a colour.", "Write one short sentence about the sea and the sky at night."]
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]

@@ -6,7 +6,7 @@ states and publishes every engine step's chunks in one pipelined round trip.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, Ending, JobStore
@@ -17,6 +17,15 @@ from workers.engine import LLMEngine, SamplingParams, SeqOutput
 log = logging.getLogger("llava_queue.worker")
 
 _FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
+
+# How a job ends when `JobStore.start` finds it should not run.
+_ENDED_BEFORE_START = {
+    "cancel": lambda job_id: Ending(job_id, "cancelled", CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled"),
+    "expired": lambda job_id: Ending(job_id, "expired", "the job waited in the queue past its deadline",
+                                     ErrorCode.EXPIRED, "expired"),
+    "exhausted": lambda job_id: Ending(job_id, "failed", "the job was started too many times: its workers died",
+                                       ErrorCode.SERVER_ERROR, "error"),
+}
 
 
 @dataclass
@@ -70,12 +79,16 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
 class JobRunner:
     """Runs jobs on one engine and keeps their records and channels current."""
 
-    def __init__(self, store: JobStore, loaded: LoadedModel, worker_name: str, max_new_tokens_cap: int = 1024):
+    def __init__(self, store: JobStore, loaded: LoadedModel, worker_name: str, max_new_tokens_cap: int = 1024,
+                 max_attempts: int = 3):
         self.store = store
         self.loaded = loaded
         self.worker_name = worker_name
         self.max_new_tokens_cap = max_new_tokens_cap
+        self.max_attempts = max_attempts
         self.engine: LLMEngine | None = None
+        # Tokens a resumed job had generated before its earlier worker died.
+        self._done_before: dict[str, int] = {}
 
     def attach(self, engine: LLMEngine) -> None:
         """Use `engine` (built with `on_step=self.publish`)."""
@@ -83,37 +96,50 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run one job to its end; returns how it ended (its final status, or why it was skipped)."""
-        status = self.store.start(job_id, self.worker_name, self.loaded.name)
-        if status == "cancel":
-            self._finish_cancelled(job_id)
-            return "cancelled"
-        if status not in ("running", "restarted"):
+        status = self.store.start(job_id, self.worker_name, self.loaded.name, self.max_attempts)
+        if status in _ENDED_BEFORE_START:
+            self.store.record_step(self.worker_name, [], [_ENDED_BEFORE_START[status](job_id)])
+            return status
+        if status not in ("running", "resumed"):
             log.info("job %s skipped: %s", job_id, status)
             return status
         try:
-            return self._generate(job_id)
+            return self._generate(job_id, resumed=status == "resumed")
         except Exception as exc:
             # Whatever went wrong, the job says so in its record instead of staying "running".
             log.exception("job %s failed", job_id)
             self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}",
-                              error_code=ErrorCode.SERVER_ERROR, finish_reason="error")
+                              error_code=ErrorCode.SERVER_ERROR, finish_reason="error", worker=self.worker_name)
             return "failed"
+        finally:
+            self._done_before.pop(job_id, None)
 
-    def _generate(self, job_id: str) -> str:
+    def _generate(self, job_id: str, resumed: bool) -> str:
         try:
             request = self.store.request_of(job_id)
             prepared = prepare(request, self.loaded, self.max_new_tokens_cap)
         except ValueError as exc:
             self.store.finish(job_id, "failed", error=str(exc), error_code=ErrorCode.INVALID_REQUEST,
-                              finish_reason="error")
+                              finish_reason="error", worker=self.worker_name)
             return "failed"
         if not self.store.set_prompt(job_id, prepared.prompt, len(prepared.token_ids)):
             return "ended"
         if prepared.params.max_new_tokens < 1:
             # The original answers with this text and error_code 0 when the prompt fills the context.
-            self.store.record_step([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)],
+            self.store.record_step(self.worker_name, [(job_id, CONTEXT_OVERFLOW_MSG, 0, True)],
                                    [Ending(job_id, "succeeded", finish_reason="length")])
             return "succeeded"
+        if resumed:
+            # The worker that ran this job died: go on after the text its clients already have.
+            record = self.store.get(job_id)
+            done_text, done_tokens = record["text"], record["completion_tokens"]
+            if done_text:
+                prepared.token_ids += self.loaded.tokenizer(done_text, add_special_tokens=False).input_ids
+            prepared.params = replace(prepared.params, max_new_tokens=prepared.params.max_new_tokens - done_tokens)
+            self._done_before[job_id] = done_tokens
+            if prepared.params.max_new_tokens < 1:
+                self.store.finish(job_id, "succeeded", finish_reason="length", worker=self.worker_name)
+                return "succeeded"
         handle = self.engine.add_request(job_id, prepared.token_ids, prepared.params)
         output = handle.wait()
         # publish() has normally finished the record already; this covers an engine that ended the
@@ -123,11 +149,12 @@ class JobRunner:
 
     def publish(self, outputs: list[SeqOutput]) -> None:
         """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
-        chunks = [(out.request_id, out.delta, out.completion_tokens, out.first_token) for out in outputs if out.delta]
+        chunks = [(out.request_id, out.delta, out.completion_tokens + self._done_before.get(out.request_id, 0),
+                   out.first_token) for out in outputs if out.delta or out.first_token]
         endings = [ending_of(out) for out in outputs if out.finished]
         if not chunks and not endings:
             return
-        for (job_id, *_), seq in zip(chunks, self.store.record_step(chunks, endings)):
+        for (job_id, *_), seq in zip(chunks, self.store.record_step(self.worker_name, chunks, endings)):
             if seq < 0 and self.engine is not None:
                 self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
 
@@ -137,10 +164,7 @@ class JobRunner:
             self.engine.abort(job_id)
 
     def _finish(self, out: SeqOutput) -> None:
-        self.store.record_step([], [ending_of(out)])
-
-    def _finish_cancelled(self, job_id: str) -> None:
-        self.store.record_step([], [Ending(job_id, "cancelled", CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled")])
+        self.store.record_step(self.worker_name, [], [ending_of(out)])
 
 
 def ending_of(out: SeqOutput) -> Ending:

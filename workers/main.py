@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from shared.celery_app import BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app
+from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings
 from workers import tasks
@@ -27,7 +27,7 @@ def run_worker(settings: Settings) -> None:
                         dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit)
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
-    runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap)
+    runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=settings.max_num_seqs,
                        max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
                        on_step=runner.publish)
@@ -44,7 +44,9 @@ def run_worker(settings: Settings) -> None:
             "started_at": time.time()}
     threading.Thread(target=_follow_cancellations, args=(store, runner, stop), daemon=True,
                      name="cancellations").start()
-    threading.Thread(target=_announce, args=(registry, info, engine, stop), daemon=True, name="announce").start()
+    threading.Thread(target=_announce, args=(registry, info, engine, settings, stop), daemon=True,
+                     name="announce").start()
+    threading.Thread(target=_sweep_orphans, args=(store, settings, stop), daemon=True, name="sweeper").start()
     try:
         # One task thread per engine slot: Celery never reserves more jobs than the engine can batch.
         celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.max_num_seqs}",
@@ -71,11 +73,32 @@ def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Ev
             time.sleep(1.0)
 
 
-def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, stop: threading.Event) -> None:
-    """Refresh this worker's entry every few seconds, with the engine's current load."""
+def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings: Settings,
+              stop: threading.Event) -> None:
+    """Refresh this worker's heartbeat, with the engine's current load; silence means this worker died."""
     while not stop.is_set():
         try:
-            registry.announce(info["name"], {**info, **engine.stats()})
+            registry.announce(info["name"], {**info, **engine.stats(), "heartbeat_at": time.time()},
+                              ttl_seconds=settings.heartbeat_ttl_seconds)
         except Exception:
             log.exception("could not announce the worker")
-        stop.wait(5.0)
+        stop.wait(settings.heartbeat_interval_seconds)
+
+
+def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -> None:
+    """Deliver again the jobs of workers that died, so none stays `running` forever.
+
+    Every worker sweeps; a short lock makes one sweep at a time. A job delivered twice is
+    harmless: `JobStore.start` lets only one live worker hold it.
+    """
+    while not stop.wait(settings.heartbeat_interval_seconds):
+        try:
+            if not store.redis.set(f"{settings.key_prefix}:sweeping", "1", nx=True,
+                                   ex=max(1, int(settings.heartbeat_interval_seconds))):
+                continue
+            for job_id in store.claim_orphans():
+                queue = store.redis.hget(store.key(job_id), "queue") or INTERACTIVE_QUEUE
+                log.warning("job %s: its worker stopped beating; delivering it again", job_id)
+                celery_app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+        except Exception:
+            log.exception("the orphan sweep failed; trying again")

@@ -58,6 +58,7 @@ class JobView(BaseModel):
     finished_at: float | None
     queue_position: int | None
     attempts: int
+    worker: str | None
 
 
 def job_view(record: dict[str, Any]) -> JobView:
@@ -72,7 +73,8 @@ def job_view(record: dict[str, Any]) -> JobView:
         usage=Usage(prompt_tokens=record["prompt_tokens"], completion_tokens=record["completion_tokens"]),
         params=params,
         created_at=record["created_at"], started_at=record["started_at"], first_token_at=record["first_token_at"],
-        finished_at=record["finished_at"], queue_position=record["queue_position"], attempts=record["attempts"])
+        finished_at=record["finished_at"], queue_position=record["queue_position"], attempts=record["attempts"],
+        worker=record.get("worker") or None)
 
 
 @router.post("", status_code=202, response_model=JobCreated)

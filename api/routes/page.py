@@ -1,0 +1,93 @@
+"""The web chat page at `/`, its static files, and the votes and flags it records.
+
+The page is plain HTML, CSS and JavaScript in `frontend/` (no build step). It is served from
+`settings.frontend_dir`, by default the `frontend/` folder beside the `api` package, which is
+where it is in a checkout and in an editable install.
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import AppSettings, Store
+from api.errors import ApiError, job_not_found
+from shared.protocol import ErrorCode
+from shared.settings import Settings
+
+router = APIRouter(tags=["page"])
+
+# Revalidate on every load (ETag), so an upgraded page is never mixed with stale scripts.
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def frontend_dir(settings: Settings) -> Path:
+    """The folder the page is served from."""
+    return settings.frontend_dir or Path(__file__).resolve().parents[2] / "frontend"
+
+
+def _page_file(settings: Settings, relative: str) -> FileResponse:
+    root = frontend_dir(settings).resolve()
+    path = (root / relative).resolve()
+    if not path.is_file() or root not in path.parents:
+        raise ApiError(404, f"no such page file: {relative!r} (the page is served from {root})",
+                       type="not_found", param="path", code=ErrorCode.NOT_FOUND)
+    return FileResponse(path, headers=_NO_CACHE)
+
+
+@router.get("/", include_in_schema=False)
+def index(settings: AppSettings) -> FileResponse:
+    """The chat page."""
+    return _page_file(settings, "index.html")
+
+
+@router.get("/static/{path:path}", include_in_schema=False)
+def static_file(path: str, settings: AppSettings) -> FileResponse:
+    """The page's scripts, style sheet and example images."""
+    return _page_file(settings, path)
+
+
+class Feedback(BaseModel):
+    """A vote or a flag on one answer, named by the job that produced it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["upvote", "downvote", "flag"]
+    job_id: str = Field(min_length=1, max_length=64)
+
+
+class FeedbackRecord(BaseModel):
+    """One line of the feedback log (the original's vote record: tstamp, type, model, the conversation, ip)."""
+
+    tstamp: float
+    type: str
+    job_id: str
+    model: str
+    prompt: str
+    text: str
+    ip: str | None
+
+
+def feedback_key(settings: Settings) -> str:
+    """The Redis list that holds the feedback log, one JSON line per vote or flag, oldest first."""
+    return f"{settings.key_prefix}:feedback"
+
+
+@router.post("/v1/feedback", status_code=201, response_model=FeedbackRecord, tags=["feedback"])
+def record_feedback(body: Feedback, request: Request, store: Store, settings: AppSettings) -> FeedbackRecord:
+    """Record an upvote, downvote or flag on a job's answer.
+
+    The model, prompt and answer are copied from the job record, so the log line outlives the job.
+    """
+    job = store.get(body.job_id)
+    if job is None:
+        raise job_not_found(body.job_id)
+    record = FeedbackRecord(tstamp=round(time.time(), 4), type=body.type, job_id=body.job_id, model=job["model"],
+                            prompt=job["prompt"], text=job["text"],
+                            ip=request.client.host if request.client else None)
+    store.redis.rpush(feedback_key(settings), json.dumps(record.model_dump()))
+    return record
