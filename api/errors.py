@@ -1,5 +1,6 @@
 """Errors as values the client can read: one JSON body for every 4xx/5xx."""
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,9 +13,10 @@ class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: int = ErrorCode.INVALID_REQUEST):
+                 code: int = ErrorCode.INVALID_REQUEST, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, int(code)
+        self.headers = headers
 
 
 def error_body(message: str, type: str, param: str | None, code: int) -> dict:
@@ -32,7 +34,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        # Redis away (restarting, network): say so, and recover by itself when it is back.
+        return JSONResponse(error_body(f"the job store is unavailable, try again shortly: {exc}", "unavailable",
+                                       None, ErrorCode.SERVER_ERROR), status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:

@@ -2,14 +2,21 @@
 
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
-from fastapi import FastAPI
+import logging
 
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from api.auth import require_api_key
 from api.errors import install_error_handlers
-from api.routes import health, jobs, llava, models, page, stream
+from api.routes import controller, health, jobs, llava, models, openai, page, stream
 from shared.celery_app import make_celery
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings, get_settings
+
+
+log = logging.getLogger("llava_queue.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -19,7 +26,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.settings = settings
-        app.state.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
+        app.state.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds,
+                                            settings.max_queued_jobs)
         app.state.registry = WorkerRegistry(app.state.store.redis, settings.key_prefix)
         app.state.aredis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
         app.state.celery = make_celery(settings)
@@ -27,11 +35,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.aredis.aclose()
         app.state.store.redis.close()
 
-    app = FastAPI(title="llava-queue", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="llava-queue", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes,
                   description="An async job queue serving LLaVA-style models with continuous batching.")
     install_error_handlers(app)
-    for module in (jobs, stream, llava, models, health, page):
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    for module in (health, page):
         app.include_router(module.router)
+    # Everything else needs an API key when keys are configured.
+    for module in (jobs, stream, llava, controller, openai, models):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+    if not settings.api_key_hashes:
+        log.warning("no API keys configured (LLAVA_QUEUE_API_KEY_HASHES): anyone who can reach the API can "
+                    "submit jobs; it listens on %s by default", settings.host)
     return app
 
 

@@ -73,7 +73,7 @@ _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
-if ARGV[6] == 'running' and status ~= 'running' then return status end
+if ARGV[6] ~= '' and status ~= ARGV[6] then return status end
 if ARGV[9] ~= '' and status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 'fenced' end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
@@ -81,6 +81,9 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', A
 redis.call('ZREM', KEYS[3], ARGV[8])
 redis.call('ZREM', KEYS[4], ARGV[8])
 redis.call('HDEL', KEYS[5], ARGV[8])
+redis.call('ZREM', KEYS[6], ARGV[8])
+redis.call('INCR', KEYS[7])
+redis.call('EXPIRE', KEYS[7], 180)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = ARGV[1], error = ARGV[2],
            error_code = tonumber(ARGV[3]), finish_reason = ARGV[4]}))
@@ -150,10 +153,12 @@ class Snapshot:
 class JobStore:
     """Reads and writes job records in Redis. Thread-safe (one redis-py connection pool)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "llq", ttl_seconds: int = 86400):
+    def __init__(self, client: redis.Redis, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0):
         self.redis = client
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
+        # Admission limit on queued jobs across both queues (0: none).
+        self.max_queued = max_queued
         self._start = client.register_script(_START)
         self._append = client.register_script(_APPEND)
         self._finish = client.register_script(_FINISH)
@@ -162,9 +167,9 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400) -> "JobStore":
+    def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0) -> "JobStore":
         """A store on a new connection pool to the Redis at `url`."""
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, ttl_seconds)
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, ttl_seconds, max_queued)
 
     # Key names: one place, so api/ and workers/ agree.
     def key(self, job_id: str) -> str:
@@ -182,9 +187,21 @@ class JobStore:
     def queue_key(self, queue: str) -> str:
         return f"{self.prefix}:queued:{queue}"
 
-    def create(self, request: GenerateRequest, queue: str, job_id: str | None = None) -> str:
-        """Write a new `queued` record for `request` and return its id."""
+    def create(self, request: GenerateRequest, queue: str, job_id: str | None = None, *,
+               deadline_seconds: float | None = None, idempotency_key: str | None = None) -> tuple[str, bool]:
+        """Write a new `queued` record for `request`; returns (job id, created).
+
+        With an `idempotency_key` already used, nothing is written and the first job's id comes
+        back with created=False. A job still queued `deadline_seconds` from now will expire.
+        """
         job_id = job_id or new_job_id()
+        if idempotency_key is not None:
+            key = f"{self.prefix}:idempotency:{idempotency_key}"
+            if not self.redis.set(key, job_id, nx=True, ex=self.ttl_seconds):
+                existing = self.redis.get(key)
+                if existing:
+                    return existing, False
+        now = time.time()
         order = self.redis.incr(f"{self.prefix}:enqueue_order")
         record = {
             "id": job_id,
@@ -201,19 +218,50 @@ class JobStore:
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "attempts": 0,
-            "created_at": repr(time.time()),
+            "created_at": repr(now),
         }
+        if deadline_seconds is not None:
+            record["deadline"] = repr(now + deadline_seconds)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(job_id), mapping=record)
             pipe.zadd(self.queue_key(queue), {job_id: order})
+            if deadline_seconds is not None:
+                pipe.zadd(self.deadlines_key, {job_id: now + deadline_seconds})
             pipe.execute()
-        return job_id
+        return job_id, True
+
+    @property
+    def deadlines_key(self) -> str:
+        """Sorted set of queued jobs that carry a deadline, scored by it."""
+        return f"{self.prefix}:deadlines"
+
+    def expire_overdue(self) -> list[str]:
+        """End `expired` every job still queued past its deadline; returns their ids."""
+        now = time.time()
+        overdue = self.redis.zrangebyscore(self.deadlines_key, "-inf", now)
+        expired = []
+        for job_id in overdue:
+            ending = Ending(job_id, "expired", "the job waited in the queue past its deadline", ErrorCode.EXPIRED,
+                            "expired")
+            if self._finish(**self._finish_call(ending, False, "", only_if_queued=True)) == "ok":
+                expired.append(job_id)
+            self.redis.zrem(self.deadlines_key, job_id)
+        return expired
+
+    def finished_per_second(self) -> float:
+        """Jobs that ended per second over the last full minute (0.0 when none did)."""
+        minute = int(time.time() // 60) - 1
+        return int(self.redis.get(f"{self.prefix}:finished:{minute}") or 0) / 60.0
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record as typed fields (plus `queue_position` while queued), or None if unknown."""
         raw = self.redis.hgetall(self.key(job_id))
         if not raw:
             return None
+        if raw.get("status") == "queued" and raw.get("deadline") and float(raw["deadline"]) < time.time():
+            # Expire on read too, so a deadline holds even while no worker is sweeping.
+            self.expire_overdue()
+            raw = self.redis.hgetall(self.key(job_id))
         record: dict[str, Any] = dict(raw)
         for name in _INT_FIELDS:
             record[name] = int(record.get(name) or 0)
@@ -329,11 +377,15 @@ class JobStore:
     def _queue_keys(self) -> list[str]:
         return [self.queue_key(queue) for queue in QUEUES]
 
-    def _finish_call(self, ending: "Ending", only_if_running: bool, worker: str) -> dict:
+    def _finish_call(self, ending: "Ending", only_if_running: bool, worker: str, only_if_queued: bool = False) -> dict:
         assert ending.status in FINAL_STATES, ending.status
-        return {"keys": [self.key(ending.job_id), self.channel(ending.job_id), *self._queue_keys(), self.running_key],
-                "args": [ending.status, ending.error, int(ending.error_code), ending.finish_reason, repr(time.time()),
-                         "running" if only_if_running else "", self.ttl_seconds, ending.job_id, worker]}
+        now = time.time()
+        required = "running" if only_if_running else "queued" if only_if_queued else ""
+        finished_counter = f"{self.prefix}:finished:{int(now // 60)}"
+        return {"keys": [self.key(ending.job_id), self.channel(ending.job_id), *self._queue_keys(), self.running_key,
+                         self.deadlines_key, finished_counter],
+                "args": [ending.status, ending.error, int(ending.error_code), ending.finish_reason, repr(now),
+                         required, self.ttl_seconds, ending.job_id, worker]}
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.

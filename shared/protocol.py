@@ -18,7 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # The original worker clamps max_new_tokens to this; larger values are accepted and clamped.
 MAX_NEW_TOKENS_CAP = 1024
+# At most this many stop strings in a list (OpenAI's limit); the original sends one string.
+MAX_STOP_STRINGS = 4
 IMAGE_TOKEN = "<image>"
+# Bounds on one request, far above any real LLaVA context, that keep a hostile request cheap to refuse.
+MAX_PROMPT_CHARS = 400_000
+MAX_IMAGES = 16
 
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
 MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
@@ -48,7 +53,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    text: str
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
     images: list[str] = Field(default_factory=list)
 
     @field_validator("images")
@@ -72,7 +77,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=0)
-    stop: str | None = None
+    stop: str | list[str] | None = None
     images: list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
 
@@ -83,10 +88,30 @@ class GenerateRequest(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_size(cls, prompt: str | None) -> str | None:
+        if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+        return prompt
+
     @field_validator("max_new_tokens")
     @classmethod
     def _clamp_max_new_tokens(cls, value: int) -> int:
         return min(value, MAX_NEW_TOKENS_CAP)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """A string is kept as sent (the original's); a list (OpenAI's form) of one string becomes that string."""
+        if not isinstance(stop, list):
+            return stop
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if not all(stop):
+            raise ValueError("a stop string must not be empty")
+        stop = list(dict.fromkeys(stop))
+        return None if not stop else stop[0] if len(stop) == 1 else stop
 
     @field_validator("images")
     @classmethod
@@ -112,9 +137,13 @@ class GenerateRequest(BaseModel):
 
 
 class JobRequest(GenerateRequest):
-    """A job submitted to `POST /v1/jobs`: a generate request and the queue it waits in."""
+    """A job submitted to `POST /v1/jobs`: a generate request, the queue it waits in, and how long it may wait.
+
+    A job still queued `deadline_seconds` after its submission ends `expired` instead of running.
+    """
 
     queue: QueueName = "interactive"
+    deadline_seconds: float | None = Field(None, gt=0, le=30 * 24 * 3600)
 
 
 class BulkJobRequest(BaseModel):
@@ -125,6 +154,8 @@ class BulkJobRequest(BaseModel):
 
 def check_images(images: list[str]) -> list[str]:
     """Check that every entry is base64 of an image file PIL can read; return the list unchanged."""
+    if len(images) > MAX_IMAGES:
+        raise ValueError(f"{len(images)} images; the limit is {MAX_IMAGES} per request")
     for index, data in enumerate(images):
         if not isinstance(data, str) or not data:
             raise ValueError(f"image {index} is empty")

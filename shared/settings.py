@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     # The API.
     host: str = "127.0.0.1"
     port: int = 8000
+    # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
+    # Unset: the address the asking client used (the scheme and Host of its request).
+    public_url: str | None = None
     # The web page's folder; None means `frontend/` beside the `api` package (a checkout or editable install).
     frontend_dir: Path | None = None
 
@@ -46,6 +49,17 @@ class Settings(BaseSettings):
     heartbeat_interval_seconds: float = 3.0
     heartbeat_ttl_seconds: int = 10
     max_attempts: int = 3
+
+    # Admission and abuse limits. Past max_queued_jobs, submissions get 429 with Retry-After.
+    max_queued_jobs: int = 10_000
+    max_body_bytes: int = 64 * 1024 * 1024
+    # SHA-256 hex digests of the accepted API keys (Bearer tokens); empty means no keys are required.
+    api_key_hashes: list[str] = Field(default_factory=list)
+    # Requests per minute per API key (0: no limit).
+    rate_limit_per_minute: int = 0
+    # Origins allowed to call the API from a browser (CORS); none by default.
+    cors_origins: list[str] = Field(default_factory=list)
+    idempotency_ttl_seconds: int = 24 * 3600
 
 
 @lru_cache

@@ -96,6 +96,8 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
             if not store.redis.set(f"{settings.key_prefix}:sweeping", "1", nx=True,
                                    ex=max(1, int(settings.heartbeat_interval_seconds))):
                 continue
+            for job_id in store.expire_overdue():
+                log.info("job %s expired: still queued past its deadline", job_id)
             for job_id in store.claim_orphans():
                 queue = store.redis.hget(store.key(job_id), "queue") or INTERACTIVE_QUEUE
                 log.warning("job %s: its worker stopped beating; delivering it again", job_id)

@@ -1,13 +1,13 @@
 """Jobs: submit one or many, poll, cancel."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from pydantic import BaseModel
 
 from api.deps import CeleryApp, Store
 from api.errors import ApiError, job_not_found
-from api.submission import submit_job, submit_jobs
+from api.submission import submit_jobs
 from shared.jobs import FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
@@ -77,16 +77,24 @@ def job_view(record: dict[str, Any]) -> JobView:
         worker=record.get("worker") or None)
 
 
+IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
+    "Retrying a submission with the same key returns the first submission's job(s) instead of new ones."))]
+
+
 @router.post("", status_code=202, response_model=JobCreated)
-def create_job(body: JobRequest, store: Store, celery: CeleryApp) -> JobCreated:
+def create_job(body: JobRequest, store: Store, celery: CeleryApp,
+               idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Enqueue one generation job; poll it at `GET /v1/jobs/{id}` or stream it at `WS /v1/jobs/{id}/ws`."""
-    return JobCreated(id=submit_job(store, celery, body, body.queue), status="queued")
+    [job_id] = submit_jobs(store, celery, [(body, body.queue)], idempotency_key=idempotency_key)
+    return JobCreated(id=job_id, status="queued")
 
 
 @router.post("/bulk", status_code=202, response_model=BulkCreated)
-def create_jobs(body: BulkJobRequest, store: Store, celery: CeleryApp) -> BulkCreated:
+def create_jobs(body: BulkJobRequest, store: Store, celery: CeleryApp,
+                idempotency_key: IdempotencyKey = None) -> BulkCreated:
     """Enqueue many jobs in one call; the ids come back in the order of `jobs`."""
-    return BulkCreated(ids=submit_jobs(store, celery, [(job, job.queue) for job in body.jobs]))
+    return BulkCreated(ids=submit_jobs(store, celery, [(job, job.queue) for job in body.jobs],
+                                       idempotency_key=idempotency_key))
 
 
 @router.get("/{job_id}", response_model=JobView)

@@ -1,0 +1,56 @@
+"""Optional API keys (Bearer tokens, configured as SHA-256 hashes) and a per-key rate limit."""
+
+import hashlib
+import logging
+import time
+
+from fastapi import WebSocketException
+from starlette.requests import HTTPConnection
+
+from api.errors import ApiError
+from shared.protocol import ErrorCode
+
+log = logging.getLogger("llava_queue.api")
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 hex digest under which an API key is configured (`LLAVA_QUEUE_API_KEY_HASHES`)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def require_api_key(conn: HTTPConnection) -> str | None:
+    """Check the caller's key when keys are configured; returns its digest (None when keys are off).
+
+    The key comes as `Authorization: Bearer <key>`, or as `?api_key=` on a WebSocket (browsers
+    cannot set headers there). A missing or unknown key → 401; past the per-minute limit → 429.
+    """
+    settings = conn.app.state.settings
+    if not settings.api_key_hashes:
+        return None
+    scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        token = conn.query_params.get("api_key", "") if conn.scope["type"] == "websocket" else ""
+    digest = key_digest(token) if token else ""
+    if digest not in settings.api_key_hashes:
+        _refuse(conn, ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                               type="authentication_error", code=ErrorCode.INVALID_REQUEST,
+                               headers={"WWW-Authenticate": "Bearer"}))
+    if settings.rate_limit_per_minute:
+        now = time.time()
+        counter = f"{settings.key_prefix}:rate:{digest[:16]}:{int(now // 60)}"
+        redis = conn.app.state.store.redis
+        with redis.pipeline() as pipe:
+            count, _ = pipe.incr(counter).expire(counter, 120).execute()
+        if count > settings.rate_limit_per_minute:
+            retry_after = max(1, 60 - int(now % 60))
+            _refuse(conn, ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute "
+                                        f"reached; retry in {retry_after} s", type="rate_limited",
+                                   code=ErrorCode.OVERLOADED, headers={"Retry-After": str(retry_after)}))
+    return digest
+
+
+def _refuse(conn: HTTPConnection, error: ApiError) -> None:
+    # A WebSocket cannot carry an HTTP error body: close it with policy violation and the reason.
+    if conn.scope["type"] == "websocket":
+        raise WebSocketException(code=1008, reason=error.message[:120])
+    raise error

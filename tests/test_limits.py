@@ -1,0 +1,104 @@
+"""Admission control, deadlines, idempotency, API keys, rate limits and a Redis outage, on a real API process.
+
+No worker runs here, so submitted jobs stay queued: exactly the state these limits are about.
+"""
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import websockets
+
+from api.auth import key_digest
+from conftest import Stack, start_service, wait_for_stack
+from shared.redis_server import RedisServer, free_port
+
+KEY = "test-key-123"
+
+
+@pytest.fixture
+def api_only():
+    """An API with keys, a rate limit and a small queue limit, on a Redis of its own, with no worker."""
+    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-limits-"))
+    redis_server = RedisServer().start()
+    port = free_port()
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MAX_QUEUED_JOBS="3",
+               LLAVA_QUEUE_API_KEY_HASHES=f'["{key_digest(KEY)}"]', LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE="40",
+               LLAVA_QUEUE_MAX_BODY_BYTES="20000")
+    process = start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
+    stack = Stack(f"http://127.0.0.1:{port}", redis_server.url, log_dir, {"api": process})
+    stack.redis_server = redis_server
+    try:
+        wait_for_stack(stack, workers=0)
+        yield stack
+    finally:
+        process.kill()
+        process.wait()
+        redis_server.stop()
+
+
+def post(stack, body, key=KEY, headers=None):
+    headers = {"Authorization": f"Bearer {key}", **(headers or {})} if key else dict(headers or {})
+    return requests.post(f"{stack.base_url}/v1/jobs", json=body, headers=headers, timeout=10)
+
+
+def test_keys_limits_deadlines_idempotency(api_only):
+    stack = api_only
+    assert post(stack, {"prompt": "hi"}, key=None).status_code == 401
+    assert post(stack, {"prompt": "hi"}, key="wrong").status_code == 401
+    assert requests.get(f"{stack.base_url}/healthz", timeout=10).status_code == 200  # health needs no key
+
+    first = post(stack, {"prompt": "hi"}, headers={"Idempotency-Key": "abc"})
+    again = post(stack, {"prompt": "hi"}, headers={"Idempotency-Key": "abc"})
+    assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+
+    expiring = post(stack, {"prompt": "hi", "deadline_seconds": 0.5}).json()["id"]
+    third = post(stack, {"prompt": "hi"})
+    assert third.status_code == 202
+    full = post(stack, {"prompt": "hi"})
+    assert full.status_code == 429, full.text
+    assert int(full.headers["Retry-After"]) >= 1 and "queue is full" in full.json()["error"]["message"]
+
+    time.sleep(0.6)
+    job = requests.get(f"{stack.base_url}/v1/jobs/{expiring}", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=10).json()
+    assert job["status"] == "expired" and job["error_code"] == 6 and "deadline" in job["error"]
+    assert post(stack, {"prompt": "hi"}).status_code == 202  # the expired job freed its place
+
+    too_big = post(stack, {"prompt": "x" * 30000})
+    assert too_big.status_code == 413
+
+    async def ws_without_key():
+        with pytest.raises(websockets.InvalidStatus):
+            async with websockets.connect(f"{stack.ws_url}/v1/jobs/{expiring}/ws"):
+                pass
+        async with websockets.connect(f"{stack.ws_url}/v1/jobs/{expiring}/ws?api_key={KEY}") as socket:
+            return [message async for message in socket]
+
+    assert '"expired"' in asyncio.run(ws_without_key())[-1]
+
+
+def test_rate_limit_per_key(api_only):
+    statuses = [requests.get(f"{api_only.base_url}/v1/jobs/none", headers={"Authorization": f"Bearer {KEY}"},
+                             timeout=10).status_code for _ in range(45)]
+    assert statuses[:40] == [404] * 40
+    assert statuses[-1] == 429
+
+
+def test_redis_outage_answers_503_and_recovers(api_only):
+    stack = api_only
+    port = stack.redis_server.port
+    stack.redis_server.stop()
+    down = requests.get(f"{stack.base_url}/v1/jobs/x", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert down.status_code == 503 and "unavailable" in down.json()["error"]["message"]
+    assert requests.get(f"{stack.base_url}/healthz", timeout=10).status_code == 503
+    stack.redis_server = RedisServer(port=port).start()
+    deadline = time.monotonic() + 20
+    while requests.get(f"{stack.base_url}/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert post(stack, {"prompt": "hi"}).status_code == 202
