@@ -342,6 +342,14 @@ class JobStore:
                 claimed.append(job_id)
         return claimed
 
+    def release(self, job_id: str, worker: str) -> bool:
+        """Give a running job of `worker` back for a new delivery (a graceful shutdown); False if not held."""
+        if not self._claim(keys=[self.running_key], args=[job_id, worker, f"{_REQUEUED}{time.time()!r}"]):
+            return False
+        # The record's holder changes too, so this worker's late writes are fenced off.
+        self.redis.hset(self.key(job_id), "worker", f"{_REQUEUED}{worker}")
+        return True
+
     def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
         """Record (and publish) the rendered prompt and its token count; False if the job ended meanwhile."""
         seq = self._set_prompt(keys=[self.key(job_id), self.channel(job_id)], args=[prompt, prompt_tokens])

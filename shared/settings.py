@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     load_8bit: bool = False
     load_4bit: bool = False
+    # A local copy of the vision tower an original LLaVA checkpoint names in `mm_vision_tower`
+    # (e.g. openai/clip-vit-large-patch14-336), so an offline worker needs no model hub.
+    vision_tower: str | None = None
+    # Limits on one image of a request, checked by the API and the worker alike: the base64 text's
+    # length, and width x height read from the file's header before decoding (decompression bombs).
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "llava-queue")
 
     # The engine's budgets: sequences in one batch, and tokens (prompt + new) their KV cache may hold.
@@ -49,6 +56,9 @@ class Settings(BaseSettings):
     heartbeat_interval_seconds: float = 3.0
     heartbeat_ttl_seconds: int = 10
     max_attempts: int = 3
+    # On SIGTERM a worker stops taking jobs and lets running ones finish for this long, then hands
+    # the rest back to the queue (another worker resumes them) and exits.
+    shutdown_grace_seconds: float = 20.0
 
     # Admission and abuse limits. Past max_queued_jobs, submissions get 429 with Retry-After.
     max_queued_jobs: int = 10_000

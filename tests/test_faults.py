@@ -24,7 +24,7 @@ def two_workers(default_model_dir):
         port = free_port()
         env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MODEL_PATH=str(default_model_dir),
                    LLAVA_QUEUE_MAX_NUM_SEQS="4", LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS="1",
-                   LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS="4")
+                   LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS="4", LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS="1")
         processes = {"worker-a": start_service("worker-a", ["worker"], env, log_dir),
                      "worker-b": start_service("worker-b", ["worker"], env, log_dir),
                      "api": start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
@@ -39,27 +39,60 @@ def two_workers(default_model_dir):
                 process.wait()
 
 
-def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
-    stack = two_workers
-    story = [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}]
-    ids = [requests.post(f"{stack.base_url}/v1/jobs", json={"messages": story, "temperature": 0,
-                                                           "max_new_tokens": 120}, timeout=10).json()["id"]
-           for _ in range(6)]
+STORY = [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}]
 
-    def jobs():
-        return [requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json() for job_id in ids]
 
-    # Wait until worker A holds running jobs that have produced text, then kill it.
-    pid_a = stack.processes["worker-a"].pid
+def submit_stories(stack, count: int) -> list[str]:
+    return [requests.post(f"{stack.base_url}/v1/jobs", json={"messages": STORY, "temperature": 0,
+                                                            "max_new_tokens": 64}, timeout=10).json()["id"]
+            for _ in range(count)]
+
+
+def get_jobs(stack, ids: list[str]) -> list[dict]:
+    return [requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json() for job_id in ids]
+
+
+def held_by(stack, ids: list[str], worker: str) -> dict:
+    """Wait until `worker` runs one of the jobs and it has produced text; return that job."""
+    pid = stack.processes[worker].pid
     deadline = time.monotonic() + 120
     while True:
-        held = [job for job in jobs() if job["status"] == "running" and job["usage"]["completion_tokens"] > 3
-                and f":{pid_a}" in (job.get("worker") or "")]
-        if held:
-            break
+        for job in get_jobs(stack, ids):
+            if job["status"] == "running" and job["usage"]["completion_tokens"] > 3 \
+                    and (job.get("worker") or "").endswith(f":{pid}"):
+                return job
         assert time.monotonic() < deadline, stack.logs()
         time.sleep(0.1)
-    victim = held[0]["id"]
+
+
+def wait_all_final(stack, ids: list[str]) -> list[dict]:
+    deadline = time.monotonic() + 400
+    while any(job["status"] in ("queued", "running") for job in get_jobs(stack, ids)):
+        assert time.monotonic() < deadline, f"{get_jobs(stack, ids)}\n{stack.logs()}"
+        time.sleep(0.5)
+    return get_jobs(stack, ids)
+
+
+def test_sigterm_hands_running_jobs_back_and_exits(two_workers):
+    stack = two_workers
+    ids = submit_stories(stack, 4)
+    victim = held_by(stack, ids, "worker-a")
+    started = time.monotonic()
+    stack.processes["worker-a"].terminate()
+    stack.processes["worker-a"].wait(30)
+    assert time.monotonic() - started < 25
+    final = wait_all_final(stack, ids)
+    assert [job["status"] for job in final] == ["succeeded"] * 4, final
+    resumed = next(job for job in final if job["id"] == victim["id"])
+    assert resumed["text"].startswith(victim["text"]) and resumed["attempts"] >= 2
+    assert resumed["worker"].endswith(f":{stack.processes['worker-b'].pid}")
+
+
+def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
+    stack = two_workers
+    ids = submit_stories(stack, 6)
+    pid_a = stack.processes["worker-a"].pid
+    victim = held_by(stack, ids, "worker-a")["id"]
 
     async def follow(job_id):
         texts = []
@@ -80,12 +113,8 @@ def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
         assert after.startswith(before)  # the stream went on where it stopped: nothing taken back
     assert messages[-1]["status"] == "succeeded", messages[-1]
 
-    deadline = time.monotonic() + 240
-    while any(job["status"] in ("queued", "running") for job in jobs()):
-        assert time.monotonic() < deadline, f"{jobs()}\n{stack.logs()}"
-        time.sleep(0.5)
-    final = jobs()
+    final = wait_all_final(stack, ids)
     assert [job["status"] for job in final] == ["succeeded"] * 6, final
     victim_job = next(job for job in final if job["id"] == victim)
     assert victim_job["attempts"] == 2 and victim_job["worker"].endswith(f":{stack.processes['worker-b'].pid}")
-    assert victim_job["usage"]["completion_tokens"] <= 120
+    assert victim_job["usage"]["completion_tokens"] <= 64

@@ -89,6 +89,9 @@ class JobRunner:
         self.engine: LLMEngine | None = None
         # Tokens a resumed job had generated before its earlier worker died.
         self._done_before: dict[str, int] = {}
+        # Jobs this worker runs now, and those it is handing back to the queue as it shuts down.
+        self._active: set[str] = set()
+        self._handed_back: set[str] = set()
 
     def attach(self, engine: LLMEngine) -> None:
         """Use `engine` (built with `on_step=self.publish`)."""
@@ -103,6 +106,7 @@ class JobRunner:
         if status not in ("running", "resumed"):
             log.info("job %s skipped: %s", job_id, status)
             return status
+        self._active.add(job_id)
         try:
             return self._generate(job_id, resumed=status == "resumed")
         except Exception as exc:
@@ -113,6 +117,8 @@ class JobRunner:
             return "failed"
         finally:
             self._done_before.pop(job_id, None)
+            self._active.discard(job_id)
+            self._handed_back.discard(job_id)
 
     def _generate(self, job_id: str, resumed: bool) -> str:
         try:
@@ -151,12 +157,27 @@ class JobRunner:
         """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
         chunks = [(out.request_id, out.delta, out.completion_tokens + self._done_before.get(out.request_id, 0),
                    out.first_token) for out in outputs if out.delta or out.first_token]
-        endings = [ending_of(out) for out in outputs if out.finished]
+        endings = [ending_of(out) for out in outputs if out.finished and out.request_id not in self._handed_back]
         if not chunks and not endings:
             return
         for (job_id, *_), seq in zip(chunks, self.store.record_step(self.worker_name, chunks, endings)):
             if seq < 0 and self.engine is not None:
                 self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
+
+    def hand_back(self, requeue) -> list[str]:
+        """Stop every job this worker runs and give it back to the queue, to be resumed elsewhere.
+
+        `requeue(job_id)` sends the job again. The text generated so far stays in the record, so
+        the worker that takes the job goes on from there. Returns the ids handed back.
+        """
+        handed = []
+        for job_id in list(self._active):
+            if self.store.release(job_id, self.worker_name):
+                self._handed_back.add(job_id)
+                self.engine.abort(job_id)
+                requeue(job_id)
+                handed.append(job_id)
+        return handed
 
     def cancel(self, job_id: str) -> None:
         """A cancellation broadcast: drop the job from the batch if this worker holds it."""
@@ -164,7 +185,8 @@ class JobRunner:
             self.engine.abort(job_id)
 
     def _finish(self, out: SeqOutput) -> None:
-        self.store.record_step(self.worker_name, [], [ending_of(out)])
+        if out.request_id not in self._handed_back:
+            self.store.record_step(self.worker_name, [], [ending_of(out)])
 
 
 def ending_of(out: SeqOutput) -> Ending:

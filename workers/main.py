@@ -7,6 +7,7 @@ import threading
 import time
 
 import torch
+from celery import signals
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app
 from shared.jobs import JobStore, WorkerRegistry
@@ -47,6 +48,21 @@ def run_worker(settings: Settings) -> None:
     threading.Thread(target=_announce, args=(registry, info, engine, settings, stop), daemon=True,
                      name="announce").start()
     threading.Thread(target=_sweep_orphans, args=(store, settings, stop), daemon=True, name="sweeper").start()
+    def requeue(job_id: str) -> None:
+        queue = store.redis.hget(store.key(job_id), "queue") or INTERACTIVE_QUEUE
+        celery_app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+
+    def on_shutdown(**_):
+        # Celery stops taking jobs and waits for the running ones; past the grace period, hand them back.
+        def hand_back_later():
+            if not engine_idle.wait(settings.shutdown_grace_seconds):
+                handed = runner.hand_back(requeue)
+                log.warning("shutting down: handed %d running jobs back to the queue", len(handed))
+        threading.Thread(target=hand_back_later, daemon=True, name="hand-back").start()
+
+    engine_idle = threading.Event()
+    signals.worker_shutting_down.connect(on_shutdown, weak=False)
+    signals.worker_shutdown.connect(lambda **_: engine_idle.set(), weak=False)
     try:
         # One task thread per engine slot: Celery never reserves more jobs than the engine can batch.
         celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.max_num_seqs}",

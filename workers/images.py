@@ -1,0 +1,97 @@
+"""From the base64 images of a request to the pixel tensors a vision tower reads.
+
+Three steps, as in the original stack: an optional process mode (what the original web page
+does before sending: Pad, Resize, Crop, Default, then its longest-side limit), the checkpoint's
+`image_aspect_ratio` ("pad": expand to a square filled with the image processor's mean colour),
+then the model's own image processor (resize, center-crop, normalize).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from PIL import Image
+
+from shared.protocol import open_image
+
+PROCESS_MODES = ("Crop", "Resize", "Pad", "Default")
+# The original page pads with this colour (CLIP's mean, rounded as it rounds it) and sizes.
+PAGE_PAD_COLOUR = (122, 116, 104)
+PAGE_RESIZE = (336, 336)
+PAGE_MAX_LEN = 1344
+PAGE_MIN_LEN = 672
+
+
+def decode_image(data: str, index: int = 0) -> Image.Image:
+    """Decode one image of a request to an RGB PIL image; ValueError (naming the image) when it cannot be.
+
+    The byte and pixel limits are checked before any pixel is decoded (`shared.protocol.open_image`,
+    the same check the API makes at submission).
+    """
+    with open_image(data, index) as image:
+        try:
+            image.load()
+            # The first frame of an animation; RGB as CLIP reads it (alpha dropped, palettes expanded).
+            return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+            raise ValueError(f"image {index} could not be decoded: {exc}") from None
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """The image centred on a square canvas of its longer side, filled with `background` (the original's expand2square)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def apply_process_mode(image: Image.Image, mode: str) -> Image.Image:
+    """What the original web page does to an image before sending it, for process mode `mode`.
+
+    Pad: expand to a square (background (122, 116, 104)); Resize: 336x336; Crop and Default:
+    unchanged (the model's processor crops). Then, when the longer side exceeds 1344, shrink so
+    the shorter side is min(1344 / aspect, 672, shorter side), keeping the aspect ratio.
+    """
+    if mode == "Pad":
+        image = expand_to_square(image, PAGE_PAD_COLOUR)
+    elif mode == "Resize":
+        image = image.resize(PAGE_RESIZE)
+    elif mode not in ("Default", "Crop"):
+        raise ValueError(f"image_process_mode must be one of {', '.join(PROCESS_MODES)}, got {mode!r}")
+    width, height = image.size
+    if max(width, height) > PAGE_MAX_LEN:
+        aspect = max(width, height) / min(width, height)
+        short = int(min(PAGE_MAX_LEN / aspect, PAGE_MIN_LEN, min(width, height)))
+        long = int(short * aspect)
+        image = image.resize((short, long) if height > width else (long, short))
+    return image
+
+
+def mean_colour(image_processor) -> tuple[int, int, int]:
+    """The processor's mean pixel as 0-255 RGB, the colour the original pads with ((122, 116, 104) for CLIP)."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)
+
+
+def prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str | None,
+                  process_mode: str | None = None) -> torch.Tensor:
+    """One decoded image → pixel values [3, S, S] for the vision tower."""
+    if process_mode is not None:
+        image = apply_process_mode(image, process_mode)
+    if image_aspect_ratio == "pad":
+        image = expand_to_square(image, mean_colour(image_processor))
+    return image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def load_pixel_values(images: list[str], image_processor, image_aspect_ratio: str | None,
+                      process_mode: str | None = None) -> torch.Tensor:
+    """Decode and prepare every image of a request → pixel values [N, 3, S, S].
+
+    One image at a time, so only one full-size decoded image is held at once. Raises ValueError
+    naming the first image that cannot be used.
+    """
+    return torch.stack([prepare_image(decode_image(data, index), image_processor, image_aspect_ratio, process_mode)
+                        for index, data in enumerate(images)])

@@ -1,0 +1,156 @@
+"""LLaVA's vision side: the tower and projector, and how image features enter a prompt.
+
+The language model of a LLaVA checkpoint is served by the engine like any causal LM; what makes
+it LLaVA lives here. As in the original, the prompt is tokenized in chunks around each `<image>`
+and every image occupies one placeholder id (-200) that becomes the image's features (one
+position per patch) when the prompt is embedded. The engine then reads the prompt as embeddings.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from shared.protocol import IMAGE_TOKEN
+
+IMAGE_TOKEN_INDEX = -200
+IM_PATCH_TOKEN = "<im_patch>"
+IM_START_TOKEN = "<im_start>"
+IM_END_TOKEN = "<im_end>"
+
+
+def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) -> nn.Module:
+    """The original's projector for `mm_projector_type`: linear, mlpNx_gelu or identity.
+
+    Its parameter names are the original's (`weight`/`bias`, or `0.`, `2.`, ... in the MLP), so
+    `model.mm_projector.*` weights load into it once the prefix is dropped.
+    """
+    if projector_type == "linear":
+        return nn.Linear(mm_hidden_size, hidden_size)
+    match = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if match:
+        layers: list[nn.Module] = [nn.Linear(mm_hidden_size, hidden_size)]
+        for _ in range(1, int(match.group(1))):
+            layers += [nn.GELU(), nn.Linear(hidden_size, hidden_size)]
+        return nn.Sequential(*layers)
+    if projector_type == "identity":
+        return nn.Identity()
+    raise ValueError(f"unknown mm_projector_type {projector_type!r} (expected linear, mlpNx_gelu or identity)")
+
+
+class VisionEncoder(nn.Module):
+    """Pixel values [N, 3, S, S] → image features [N, P, hidden]: tower, feature selection, projector.
+
+    `select_layer` indexes the tower's hidden states (-2: the penultimate layer; a list concatenates
+    several, as llava-hf allows); `select_feature` "patch" drops the CLS position, "cls_patch" keeps it.
+    """
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, select_layer: int | list[int], select_feature: str):
+        super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"unknown mm_vision_select_feature {select_feature!r} (expected patch or cls_patch)")
+        self.tower = tower
+        self.projector = projector
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Positions one image takes in the prompt: (image_size / patch_size)², plus CLS for cls_patch."""
+        config = self.tower.config
+        patches = (config.image_size // config.patch_size) ** 2
+        return patches + (1 if self.select_feature == "cls_patch" else 0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        parameter = next(self.tower.parameters())
+        outputs = self.tower(pixel_values.to(device=parameter.device, dtype=parameter.dtype),
+                             output_hidden_states=True)
+        layers = self.select_layer if isinstance(self.select_layer, list) else [self.select_layer]
+        features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)
+        if self.select_feature == "patch":
+            features = features[:, 1:]
+        return self.projector(features)
+
+
+@dataclass
+class LlavaVision:
+    """What a worker needs to read images for its LLaVA model.
+
+    `image_aspect_ratio` is the checkpoint's ("pad", or None for the processor alone); with
+    `use_im_start_end` every `<image>` is wrapped in `<im_start>` / `<im_end>` before tokenizing.
+    """
+
+    encoder: VisionEncoder
+    image_processor: object
+    image_aspect_ratio: str | None = None
+    use_im_start_end: bool = False
+    # One vision forward at a time: it bounds the activation memory of many concurrent requests and
+    # keeps task threads from oversubscribing the CPU; decoding and preprocessing stay parallel.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.encoder.tokens_per_image
+
+    def model_prompt(self, prompt: str) -> str:
+        """The prompt as the model reads it: each `<image>` wrapped in start/end tokens when the checkpoint uses them."""
+        if self.use_im_start_end:
+            return prompt.replace(IMAGE_TOKEN, IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN)
+        return prompt
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image features [N, P, hidden] of pixel values [N, 3, S, S] (thread-safe)."""
+        with self._lock:
+            return self.encoder(pixel_values)
+
+
+def tokenize_with_images(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The original's `tokenizer_image_token`: ids of `prompt` with IMAGE_TOKEN_INDEX where each `<image>` was.
+
+    Each text chunk between `<image>`s is tokenized on its own (so the `<image>` text never reaches
+    the tokenizer); when the tokenizer starts a chunk with BOS, the result starts with one BOS and
+    every chunk loses its own.
+    """
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(IMAGE_TOKEN)]
+    offset = 1 if chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    ids = chunks[0][:offset]
+    for index, chunk in enumerate(chunks):
+        if index:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+def expand_image_positions(ids: list[int], tokens_per_image: int) -> list[int]:
+    """`ids` with each placeholder repeated once per image feature: one entry per prompt position."""
+    expanded = []
+    for token in ids:
+        expanded.extend([token] * tokens_per_image if token == IMAGE_TOKEN_INDEX else [token])
+    return expanded
+
+
+@torch.inference_mode()
+def embed_prompt(ids: list[int], image_features: torch.Tensor, embed_tokens: nn.Module) -> torch.Tensor:
+    """Prompt embeddings [T, hidden]: the text ids embedded, each IMAGE_TOKEN_INDEX replaced by the next image's features.
+
+    `ids` holds one placeholder per image (`tokenize_with_images`); T is the number of text ids
+    plus every image's feature positions.
+    """
+    weight = embed_tokens.weight
+    placeholders = [index for index, token in enumerate(ids) if token == IMAGE_TOKEN_INDEX]
+    if len(placeholders) != len(image_features):
+        raise ValueError(f"{len(image_features)} images given for {len(placeholders)} image positions in the prompt")
+    pieces, start = [], 0
+    for image, position in enumerate([*placeholders, len(ids)]):
+        if position > start:
+            pieces.append(embed_tokens(torch.tensor(ids[start:position], device=weight.device)))
+        if image < len(image_features):
+            pieces.append(image_features[image].to(device=weight.device, dtype=weight.dtype))
+        start = position + 1
+    return torch.cat(pieces)
