@@ -263,3 +263,24 @@ def test_models_lists_the_served_model(stack):
     models = requests.get(f"{stack.base_url}/v1/models", timeout=10).json()
     assert models["object"] == "list"
     assert [model["id"] for model in models["data"]] == ["SmolLM2-135M-Instruct"]
+
+
+def test_messages_that_are_not_jobs_never_run_and_never_hurt_the_worker(stack):
+    from kombu import Connection
+
+    from shared.celery_app import GENERATE_TASK, make_celery
+    from shared.settings import Settings
+
+    app = make_celery(Settings(redis_url=stack.redis_url))
+    for args in ([{"evil": True}], ["../../etc/passwd"], ["0" * 32], [1, 2, 3]):
+        app.send_task(GENERATE_TASK, args=args, queue="interactive")
+    # A pickled message is refused by the worker's JSON-only consumer.
+    with Connection(stack.redis_url) as connection:
+        producer = connection.Producer(serializer="pickle")
+        producer.publish({"task": GENERATE_TASK, "id": "x", "args": [], "kwargs": {}}, routing_key="interactive",
+                         serializer="pickle", headers={"task": GENERATE_TASK, "id": "pickled"})
+    job_id = submit(stack, messages=FRANCE, temperature=0, max_new_tokens=16)
+    assert wait_until(stack, job_id)["status"] == "succeeded"
+    assert stack.processes["worker"].poll() is None
+    log = (stack.log_dir / "worker.log").read_text()
+    assert "dropped a task message that is not a job id" in log
