@@ -24,7 +24,7 @@ class JobNotFound(LookupError):
 
 @dataclass
 class StreamEvent:
-    """What a listener sees: `text` is the prompt followed by everything generated so far."""
+    """What a listener sees: `text` is the prompt followed by everything generated so far (`prompt` alone)."""
 
     text: str
     done: bool = False
@@ -32,6 +32,7 @@ class StreamEvent:
     error: str = ""
     error_code: int = 0
     finish_reason: str = ""
+    prompt: str = ""
 
 
 @dataclass
@@ -41,13 +42,14 @@ class _Progress:
     seq: int
 
     def event(self) -> StreamEvent:
-        return StreamEvent(self.prompt + self.text)
+        return StreamEvent(self.prompt + self.text, prompt=self.prompt)
 
 
 def _final(progress: _Progress, snap: Snapshot | dict) -> StreamEvent:
     get = snap.get if isinstance(snap, dict) else lambda name, default=None: getattr(snap, name, default)
     return StreamEvent(progress.prompt + progress.text, done=True, status=get("status"), error=get("error") or "",
-                       error_code=int(get("error_code") or 0), finish_reason=get("finish_reason") or "")
+                       error_code=int(get("error_code") or 0), finish_reason=get("finish_reason") or "",
+                       prompt=progress.prompt)
 
 
 async def follow_job(store: JobStore, aredis: aioredis.Redis, job_id: str) -> AsyncIterator[StreamEvent]:

@@ -80,6 +80,9 @@ class GenerateRequest(BaseModel):
     stop: str | list[str] | None = None
     images: list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
+    # How the worker prepares each image before the model's own processing: the original web
+    # page's modes ("Default" and "Crop" leave it as sent). None: as sent, as the original worker.
+    image_process_mode: Literal["Crop", "Resize", "Pad", "Default"] | None = None
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -153,22 +156,71 @@ class BulkJobRequest(BaseModel):
 
 
 def check_images(images: list[str]) -> list[str]:
-    """Check that every entry is base64 of an image file PIL can read; return the list unchanged."""
+    """Check that every entry is an image file PIL can read, within the size limits; return the list unchanged.
+
+    Only the file's structure is checked here (cheap, at submission); the worker decodes the pixels.
+    """
     if len(images) > MAX_IMAGES:
         raise ValueError(f"{len(images)} images; the limit is {MAX_IMAGES} per request")
     for index, data in enumerate(images):
-        if not isinstance(data, str) or not data:
-            raise ValueError(f"image {index} is empty")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"image {index} is not valid base64 (send the file's bytes base64-encoded, no data: prefix)")
-        try:
-            with Image.open(io.BytesIO(raw)) as image:
+        with open_image(data, index) as image:
+            try:
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ValueError(f"image {index} is not a readable image file: {exc}")
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise ValueError(f"image {index} is not a readable image file: {exc}") from None
     return images
+
+
+def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """Open one image of a request: base64 of an image file, plain or as a `data:` URL.
+
+    The one place both the API and the worker read images, with the byte limit (on the base64
+    text) and the pixel limit (read from the file's header, before any pixel is decoded: a
+    decompression bomb is refused here) of the settings unless given. Returns the opened, not yet
+    decoded, image; raises ValueError with a message that names the image by its index.
+    """
+    if max_bytes is None or max_pixels is None:
+        from shared.settings import get_settings
+
+        settings = get_settings()
+        max_bytes = settings.max_image_bytes if max_bytes is None else max_bytes
+        max_pixels = settings.max_image_pixels if max_pixels is None else max_pixels
+    if not isinstance(data, str) or not data:
+        raise ValueError(f"image {index} is empty")
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"image {index} is a data: URL that is not base64 (send data:image/png;base64,...)")
+    if len(data) > max_bytes:
+        raise ValueError(f"image {index} is {len(data)} bytes of base64; the limit is {max_bytes}")
+    try:
+        # Line breaks are allowed (some encoders wrap base64 at 76 columns); anything else must be base64.
+        raw = base64.b64decode(data.translate(_LINE_BREAKS), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"image {index} is not valid base64 (send the image file's bytes base64-encoded, "
+                         "or a data:image/...;base64, URL)") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {index} is too large: over {max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"image {index} is not an image file (no image format recognised in its "
+                         f"{len(raw)} bytes)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"image {index} is not a readable image file: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ValueError(f"image {index} is too large: {width}x{height} = {width * height} pixels; "
+                         f"the limit is {max_pixels}")
+    if width < 1 or height < 1:
+        image.close()
+        raise ValueError(f"image {index} is empty ({width}x{height} pixels)")
+    return image
+
+
+_LINE_BREAKS = str.maketrans("", "", "\r\n")
 
 
 class InvalidRequest(ValueError):

@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +71,19 @@ class Settings(BaseSettings):
     # Origins allowed to call the API from a browser (CORS); none by default.
     cors_origins: list[str] = Field(default_factory=list)
     idempotency_ttl_seconds: int = 24 * 3600
+
+    # Operations. Logs go to stderr as plain text or as JSON lines (one object per line, with the
+    # job id on every line about a job).
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    # A worker serves Prometheus metrics (and /readyz) on this port; 0: no exporter.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "0.0.0.0"
+    # The original's conversation log: one JSON line per finished job, appended by the worker that
+    # ran it (image MD5 hashes instead of image bytes); empty: off.
+    conversation_log: str = ""
+    # The model GET /readyz requires a live, ready worker for; unset: any model.
+    default_model: str | None = None
 
 
 @lru_cache

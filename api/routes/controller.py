@@ -1,0 +1,98 @@
+"""The original LLaVA controller's endpoints, answered from the workers' heartbeats in Redis.
+
+The API plays both parts of the original stack: it is the controller (which models are served,
+who serves them) and the one "worker" the controller hands out, since its own
+`/worker_generate_stream` serves every model a live worker serves. So `/get_worker_address`
+answers the API's own address. Workers announce themselves in Redis (`WorkerRegistry`); one that
+stops beating drops out within its heartbeat TTL. HTTP workers of the original stack are not used:
+`/register_worker` and `/receive_heart_beat` are accepted and change nothing.
+"""
+
+import asyncio
+import logging
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from api.deps import AppSettings, Registry, Store
+from api.routes.models import served_models
+from shared.protocol import parse_request
+
+log = logging.getLogger("llava_queue.api")
+
+router = APIRouter(tags=["llava controller"])
+
+
+class ModelList(BaseModel):
+    models: list[str]
+
+
+class WorkerAddressRequest(BaseModel):
+    model: str
+
+
+class WorkerAddress(BaseModel):
+    address: str
+
+
+class WorkerStatus(BaseModel):
+    model_names: list[str]
+    speed: int
+    queue_length: int
+
+
+class HeartBeatAnswer(BaseModel):
+    exist: bool
+
+
+def public_address(request: Request, public_url: str | None) -> str:
+    """Where clients reach this API: the configured public URL, else the address this request came to."""
+    return (public_url or str(request.base_url)).rstrip("/")
+
+
+@router.post("/refresh_all_workers")
+async def refresh_all_workers() -> None:
+    """Answers `null` as the original; there is nothing to refresh, live workers are always current."""
+
+
+@router.post("/list_models", response_model=ModelList)
+async def list_models(registry: Registry) -> ModelList:
+    """Every model some live worker serves, sorted."""
+    return ModelList(models=served_models(await asyncio.to_thread(registry.workers)))
+
+
+@router.post("/get_worker_address", response_model=WorkerAddress,
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                 "type": "object", "properties": {"model": {"type": "string"}}, "required": ["model"]}}}}})
+async def get_worker_address(request: Request, registry: Registry, settings: AppSettings) -> WorkerAddress:
+    """This API's address when a live worker serves `model` (exact name), `""` when none does.
+
+    The body is read as JSON whatever its Content-Type, as the original controller reads it.
+    """
+    body = parse_request(await request.body(), WorkerAddressRequest)
+    served = served_models(await asyncio.to_thread(registry.workers))
+    return WorkerAddress(address=public_address(request, settings.public_url) if body.model in served else "")
+
+
+@router.post("/worker_get_status", response_model=WorkerStatus)
+async def worker_get_status(registry: Registry, store: Store) -> WorkerStatus:
+    """The original worker's status: the served models, speed 1, and queue_length = requests taken and not done.
+
+    queue_length counts, over every live worker, the sequences running and waiting in its engine,
+    plus the jobs still queued in Redis (the original's requests waiting on its semaphore).
+    """
+    workers = await asyncio.to_thread(registry.workers)
+    queued = await asyncio.to_thread(store.queue_lengths)
+    in_engines = sum(int(worker.get("num_running", 0)) + int(worker.get("num_waiting", 0)) for worker in workers)
+    return WorkerStatus(model_names=served_models(workers), speed=1, queue_length=in_engines + sum(queued.values()))
+
+
+@router.post("/register_worker")
+async def register_worker() -> None:
+    """Accepted and ignored (answers `null` as the original): llava-queue workers announce themselves in Redis."""
+    log.info("ignored a /register_worker call: llava-queue workers announce themselves in Redis")
+
+
+@router.post("/receive_heart_beat", response_model=HeartBeatAnswer)
+async def receive_heart_beat() -> HeartBeatAnswer:
+    """`{"exist": false}`: no HTTP worker is ever registered here (an original worker would re-register, harmlessly)."""
+    return HeartBeatAnswer(exist=False)

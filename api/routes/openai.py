@@ -1,0 +1,389 @@
+"""OpenAI-compatible chat completions. Each request is a job like any other: queued, batched, pollable.
+
+The completion id is `chatcmpl-<job id>`, and the `X-Job-Id` header names the job, so a
+completion can be polled at `GET /v1/jobs/{job id}` or cancelled at `DELETE /v1/jobs/{job id}`.
+Messages are rendered by the worker with the model's template. A client that leaves before the
+end (a stream closed, or a plain request abandoned) cancels the job, unless the request says
+`"keep_on_disconnect": true` (llava-queue's field; with the openai package, `extra_body`).
+Errors come in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with `code` the
+llava-queue error code; a bad request is a 400, as OpenAI answers.
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.deps import AsyncRedis, CeleryApp, Registry, Store
+from api.errors import ApiError, error_body
+from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
+from api.routes.models import served_models
+from api.stream import JobNotFound, follow_job
+from api.submission import submit_job
+from shared.jobs import JobStore, WorkerRegistry
+from shared.protocol import (CONTEXT_OVERFLOW_MSG, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest, InvalidRequest,
+                             check_images, describe_validation_error, parse_request)
+
+COMPLETION_ID_PREFIX = "chatcmpl-"
+
+# How a job that did not succeed is answered: HTTP status and error type, by llava-queue error code.
+_JOB_ERRORS = {
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
+    ErrorCode.CANCELLED: (409, "cancelled"),
+    ErrorCode.EXPIRED: (504, "expired"),
+    ErrorCode.OVERLOADED: (503, "overloaded"),
+}
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose invalid requests are answered 400, as OpenAI does (the rest of the API uses 422)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                errors = [{**error, "loc": _openai_path(error.get("loc", ()))} for error in exc.errors()]
+                invalid = describe_validation_error(errors)
+                raise ApiError(400, invalid.message, param=invalid.param) from None
+
+        return route
+
+
+def _openai_path(loc: tuple) -> tuple:
+    """A field's location as OpenAI names it: `messages[0].role` (one part, for describe_validation_error)."""
+    path = ""
+    for part in loc:
+        if part == "body":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return (path,) if path else ()
+
+
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
+
+
+class ChatMessage(BaseModel):
+    """One message. `content` is a string or a list of parts: `{"type": "text", "text"}` and
+    `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (user messages only)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_or_parts(cls, content: Any) -> Any:
+        if content is not None and not isinstance(content, str | list):
+            raise ValueError("content must be a string or a list of content parts")
+        return content
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`. Fields OpenAI has that are not listed here are ignored, except
+    those that would change the answer and are not supported (refused with a 400 that names them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    keep_on_disconnect: bool = Field(False, description="llava-queue: let the job finish if the client leaves")
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[Choice]
+    usage: Usage
+
+
+# Fields OpenAI accepts that llava-queue cannot honour: refused when set to anything but "off".
+_UNSUPPORTED = {
+    "tools": (lambda value: bool(value), "function calling is not supported"),
+    "functions": (lambda value: bool(value), "function calling is not supported"),
+    "logprobs": (lambda value: bool(value), "logprobs are not supported"),
+    "top_logprobs": (lambda value: value is not None, "logprobs are not supported"),
+    "logit_bias": (lambda value: bool(value), "logit_bias is not supported"),
+    "frequency_penalty": (lambda value: bool(value), "penalties are not supported (send 0 or leave it out)"),
+    "presence_penalty": (lambda value: bool(value), "penalties are not supported (send 0 or leave it out)"),
+    "response_format": (lambda value: isinstance(value, dict) and value.get("type", "text") != "text",
+                        "only the text response format is supported"),
+    "modalities": (lambda value: value not in (None, [], ["text"]), "only text output is supported"),
+    "audio": (lambda value: value is not None, "audio output is not supported"),
+}
+
+
+def check_supported(body: ChatCompletionRequest) -> None:
+    """Refuse (400) what would silently change the answer: n != 1, and the features in `_UNSUPPORTED`."""
+    if body.n is not None and body.n != 1:
+        raise ApiError(400, f"n: only n=1 is supported (one choice per request), got n={body.n}; "
+                            "send n requests instead", param="n")
+    for name, value in (body.model_extra or {}).items():
+        refused = _UNSUPPORTED.get(name)
+        if refused and refused[0](value):
+            raise ApiError(400, f"{name}: {refused[1]}", param=name)
+
+
+def image_from_url(url: str, param: str) -> str:
+    """The base64 file of a `data:<type>;base64,<data>` URL; other URLs are refused (the API fetches nothing)."""
+    if not url.startswith("data:"):
+        raise ApiError(400, f"{param}: only data: URLs are supported (data:image/png;base64,...); "
+                            "llava-queue does not fetch remote images", param=param)
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64") or not data:
+        raise ApiError(400, f"{param}: a data: URL must be base64-encoded (data:image/png;base64,...)", param=param)
+    try:
+        check_images([data])
+    except ValueError as exc:
+        raise ApiError(400, f"{param}: {str(exc).removeprefix('image 0 ')}", param=param) from None
+    return data
+
+
+def to_turn(index: int, message: ChatMessage) -> dict:
+    """One OpenAI message as a llava-queue chat turn `{role, text, images}` (text parts joined by newlines)."""
+    role = "system" if message.role == "developer" else message.role
+    if message.content is None or isinstance(message.content, str):
+        return {"role": role, "text": message.content or "", "images": []}
+    texts, images = [], []
+    for number, part in enumerate(message.content):
+        param = f"messages[{index}].content[{number}]"
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            if role != "user":
+                raise ApiError(400, f"{param}: images are only accepted in user messages", param=param)
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            if not isinstance(url, str):
+                raise ApiError(400, f"{param}.image_url: give {{\"url\": \"data:...\"}}", param=f"{param}.image_url")
+            images.append(image_from_url(url, f"{param}.image_url.url"))
+        else:
+            raise ApiError(400, f"{param}: unsupported content part {kind!r} (use 'text' with a string 'text', "
+                                "or 'image_url')", param=param)
+    return {"role": role, "text": "\n".join(texts), "images": images}
+
+
+def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
+    """The job request of a chat completion; raises ApiError (400) naming the OpenAI field."""
+    fields: dict[str, Any] = {
+        "model": body.model,
+        "messages": [to_turn(index, message) for index, message in enumerate(body.messages)],
+        # Without a limit OpenAI generates until the end: here, up to the worker's cap.
+        "max_new_tokens": body.max_completion_tokens or body.max_tokens or MAX_NEW_TOKENS_CAP,
+        "stop": body.stop,
+        "seed": body.seed,
+    }
+    if body.temperature is not None:
+        fields["temperature"] = body.temperature
+    if body.top_p is not None:
+        fields["top_p"] = body.top_p
+    try:
+        return parse_request(fields, GenerateRequest)
+    except InvalidRequest as exc:
+        raise ApiError(400, exc.message, param=exc.param) from None
+
+
+async def require_served(registry: WorkerRegistry, model: str) -> None:
+    """404 (OpenAI's answer for an unknown model) when no live worker serves `model`."""
+    served = served_models(await asyncio.to_thread(registry.workers))
+    if model not in served:
+        raise ApiError(404, f"the model {model!r} is not served here (live workers serve: {served or 'none'})",
+                       param="model", code=ErrorCode.NO_WORKER)
+
+
+def usage_of(record: dict) -> Usage:
+    return Usage(prompt_tokens=record["prompt_tokens"], completion_tokens=record["completion_tokens"],
+                 total_tokens=record["prompt_tokens"] + record["completion_tokens"])
+
+
+def job_error(record: dict | None) -> ApiError | None:
+    """The error a finished job answers with, or None when it succeeded with an answer."""
+    if record is None:
+        return ApiError(500, "the job's record expired before it could be read", type="server_error",
+                        code=ErrorCode.SERVER_ERROR)
+    if record["status"] == "succeeded":
+        if record["completion_tokens"] == 0 and record["text"] == CONTEXT_OVERFLOW_MSG:
+            return ApiError(400, f"the messages fill the model's context ({record['prompt_tokens']} prompt tokens)",
+                            param="messages", code=ErrorCode.INVALID_REQUEST)
+        return None
+    code = record["error_code"] or ErrorCode.SERVER_ERROR
+    status, kind = _JOB_ERRORS.get(code, (500, "server_error"))
+    return ApiError(status, record["error"] or f"the job ended {record['status']}", type=kind, code=code)
+
+
+async def read_record(store: JobStore, job_id: str) -> dict | None:
+    return await asyncio.to_thread(store.get, job_id)
+
+
+class Completion:
+    """One chat completion in flight: its job, and the pieces every response of it shares."""
+
+    def __init__(self, store: JobStore, aredis: aioredis.Redis, job_id: str, model: str, keep_on_disconnect: bool):
+        self.store, self.aredis, self.job_id = store, aredis, job_id
+        self.id = COMPLETION_ID_PREFIX + job_id
+        self.model = model
+        self.created = int(time.time())
+        self.keep_on_disconnect = keep_on_disconnect
+
+    async def wait(self, request: Request) -> ChatCompletion:
+        """Wait for the job's end and answer the whole completion; a client that leaves cancels the job."""
+        finished = asyncio.ensure_future(self._until_done())
+        left = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({finished, left}, return_when=asyncio.FIRST_COMPLETED)
+        left.cancel()
+        if not finished.done():
+            finished.cancel()
+            if not self.keep_on_disconnect:
+                await cancel_unless_ended(self.store, self.job_id)
+            raise ApiError(499, "the client closed the request", type="client_closed_request",
+                           code=ErrorCode.CANCELLED)
+        finished.result()
+        record = await read_record(self.store, self.job_id)
+        error = job_error(record)
+        if error:
+            raise error
+        choice = Choice(message=ChatCompletionMessage(content=record["text"]), finish_reason=record["finish_reason"])
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
+                              usage=usage_of(record))
+
+    async def _until_done(self) -> None:
+        try:
+            async for event in follow_job(self.store, self.aredis, self.job_id):
+                if event.done:
+                    return
+        except JobNotFound:
+            return  # read_record finds nothing and says so
+
+    async def stream(self, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk shape, then `data: [DONE]`; a client that leaves cancels the job.
+
+        Deltas are the generated text as it grows. The end is read from the job record: any text not
+        yet sent, then the chunk with finish_reason, then (with include_usage) the usage chunk.
+        """
+        ended, sent = False, ""
+        try:
+            yield self._chunk({"role": "assistant", "content": ""}, None, include_usage)
+            async for event in follow_job(self.store, self.aredis, self.job_id):
+                if event.done:
+                    break
+                generated = event.text[len(event.prompt):]
+                # Hold back what cannot be streamed yet: the context-overflow answer (an error, see
+                # job_error) and the text of a job that restarted after its worker died.
+                if len(generated) > len(sent) and generated.startswith(sent) and generated != CONTEXT_OVERFLOW_MSG:
+                    yield self._chunk({"content": generated[len(sent):]}, None, include_usage)
+                    sent = generated
+            ended = True
+            record = await read_record(self.store, self.job_id)
+            error = job_error(record)
+            if error is None and not record["text"].startswith(sent):
+                error = ApiError(500, "the job restarted after a worker failure and its new text differs from "
+                                      f"what was streamed; poll GET /v1/jobs/{self.job_id} for it",
+                                 type="server_error", code=ErrorCode.SERVER_ERROR)
+            if error:
+                yield _sse(error_body(error.message, error.type, error.param, error.code))
+            else:
+                if len(record["text"]) > len(sent):
+                    yield self._chunk({"content": record["text"][len(sent):]}, None, include_usage)
+                yield self._chunk({}, record["finish_reason"], include_usage)
+                if include_usage:
+                    yield _sse({**self._base(), "choices": [], "usage": usage_of(record).model_dump()})
+            yield "data: [DONE]\n\n"
+        except JobNotFound:
+            ended = True
+            yield _sse(error_body(f"job {self.job_id} is gone (its record expired)", "server_error", None,
+                                  ErrorCode.NOT_FOUND))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ended and not self.keep_on_disconnect:
+                await cancel_unless_ended(self.store, self.job_id)
+
+    def _base(self) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def _chunk(self, delta: dict, finish_reason: str | None, include_usage: bool) -> str:
+        chunk = {**self._base(), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish_reason}]}
+        if include_usage:
+            chunk["usage"] = None  # as OpenAI: every chunk has usage null, the last one carries it
+        return _sse(chunk)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "A chat.completion, or with `stream` server-sent chat.completion.chunk "
+                                             "events ending with `data: [DONE]`"},
+                        400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
+                        404: {"description": "No live worker serves the model"}})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response, store: Store,
+                                 aredis: AsyncRedis, celery: CeleryApp, registry: Registry):
+    """OpenAI's chat completion, as a job: `id` is `chatcmpl-<job id>` (poll `GET /v1/jobs/<job id>`)."""
+    check_supported(body)
+    job_request = to_generate_request(body)
+    await require_served(registry, body.model)
+    job_id = await asyncio.to_thread(submit_job, store, celery, job_request, "interactive")
+    completion = Completion(store, aredis, job_id, body.model, body.keep_on_disconnect)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(completion.stream(include_usage), media_type="text/event-stream",
+                                 headers={JOB_ID_HEADER: job_id, "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+    response.headers[JOB_ID_HEADER] = job_id
+    return await completion.wait(request)

@@ -1,0 +1,213 @@
+"""The original LLaVA clients against llava-queue, unchanged: its controller protocol, its test script, its web server.
+
+The clients are the files of the PyPI release `llava-torch==1.2.2.post1`, fetched once with
+`pip download --no-deps` (hash-pinned) and cached beside the default model. They run as
+separate processes with `llava` as a bare package over the wheel's files, because the wheel's
+`llava/__init__.py` imports its training model code (torch 2.0, transformers 4.36), which the
+clients never use. The web server's page needs gradio; its chat code path (`add_text`, then
+`http_bot`: template choice, `/get_worker_address`, the request with the image, the streaming
+parser) runs as is, with a stand-in for the three gradio names that path touches.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from shared.jobs import WorkerRegistry
+from shared.protocol import SERVER_ERROR_MSG
+from shared.settings import Settings
+
+MODEL = "SmolLM2-135M-Instruct"
+LLAVA_WHEEL = "llava-torch==1.2.2.post1"
+LLAVA_WHEEL_SHA256 = "94a25ba4ffd67b3f55b022e7e27c5b4175fc95e6a8c3a1f5b334dd517f128314"
+KEY_PREFIX = Settings().key_prefix  # the stack runs with this environment
+CACHE_DIR = Path(os.environ.get("LLAVA_QUEUE_CACHE_DIR", Path.home() / ".cache" / "llava-queue"))
+
+# `python -c RUN_SCRIPT LLAVA_DIR SCRIPT ARGS...` runs SCRIPT as `python SCRIPT ARGS...`.
+RUN_SCRIPT = """
+import runpy, sys, types
+llava = types.ModuleType("llava"); llava.__path__ = [sys.argv[1]]; sys.modules["llava"] = llava
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# `python -c WEB_CHAT LLAVA_DIR LOGDIR CONTROLLER_URL MAX_NEW_TOKENS TEXT MODEL...`: one chat turn with
+# an image per model, as a user of the original page sends it; prints what the page showed, as JSON.
+WEB_CHAT = """
+import argparse, json, sys, types
+from PIL import Image
+llava = types.ModuleType("llava"); llava.__path__ = [sys.argv[1]]; sys.modules["llava"] = llava
+gradio = types.ModuleType("gradio")
+class Component:
+    def __init__(self, *args, **kwargs):
+        self.kwargs = kwargs
+gradio.Button = gradio.Dropdown = Component
+gradio.Request = types.SimpleNamespace
+sys.modules["gradio"] = gradio
+import llava.constants
+llava.constants.LOGDIR = sys.argv[2]
+from llava.serve import gradio_web_server as web
+web.args = argparse.Namespace(controller_url=sys.argv[3], moderate=False)
+request = types.SimpleNamespace(client=types.SimpleNamespace(host="127.0.0.1"))
+max_new_tokens, text = int(sys.argv[4]), sys.argv[5]
+chats = []
+for model in sys.argv[6:]:
+    state = web.default_conversation.copy()
+    state = web.add_text(state, text, Image.new("RGB", (64, 48), (200, 30, 30)), "Default", request)[0]
+    shown = []
+    for outputs in web.http_bot(state, model, 0.2, 0.7, max_new_tokens, request):
+        shown.append(outputs[0].messages[-1][-1])
+    chats.append({"model": model, "shown": shown, "prompt": outputs[0].get_prompt()})
+# The web server sends its own stdout to its log; answer on the real one.
+print(json.dumps({"models": web.get_model_list(), "chats": chats}), file=sys.__stdout__)
+"""
+
+
+@pytest.fixture(scope="session")
+def llava_dir() -> Path:
+    """The `llava/` folder of the original release, downloaded once and cached."""
+    target = CACHE_DIR / "llava-torch-1.2.2.post1"
+    if not (target / "llava" / "serve" / "gradio_web_server.py").exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
+            requirement = Path(tmp) / "requirements.txt"
+            requirement.write_text(f"{LLAVA_WHEEL} --hash=sha256:{LLAVA_WHEEL_SHA256}\n")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
+                            "-r", str(requirement), "-d", tmp], check=True, timeout=300)
+            unpacked = Path(tmp) / "unpacked"
+            with zipfile.ZipFile(next(Path(tmp).glob("llava_torch-*.whl"))) as wheel:
+                wheel.extractall(unpacked, [name for name in wheel.namelist() if name.startswith("llava/")])
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(unpacked, target)
+    return target / "llava"
+
+
+def post(stack, path: str, body: dict | None = None) -> requests.Response:
+    response = requests.post(f"{stack.base_url}{path}", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def find_job(stack, marker: str) -> dict:
+    """The job whose request holds `marker` (the original clients never see a job id)."""
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    for key in client.scan_iter(f"{KEY_PREFIX}:job:*", count=1000):
+        if marker in (client.hget(key, "request") or ""):
+            return requests.get(f"{stack.base_url}/v1/jobs/{key.rsplit(':', 1)[1]}", timeout=10).json()
+    raise AssertionError(f"no job holds {marker!r}")
+
+
+def test_controller_endpoints_answer_like_the_original(stack):
+    assert post(stack, "/refresh_all_workers").json() is None
+    assert post(stack, "/list_models").json() == {"models": [MODEL]}
+    assert post(stack, "/get_worker_address", {"model": MODEL}).json() == {"address": stack.base_url}
+    assert post(stack, "/get_worker_address", {"model": "llava-v1.5-13b"}).json() == {"address": ""}
+    status = post(stack, "/worker_get_status").json()
+    assert list(status) == ["model_names", "speed", "queue_length"]
+    assert status["model_names"] == [MODEL] and status["speed"] == 1 and status["queue_length"] >= 0
+    # An original model worker registering or beating is harmless: told it is unknown, it changes nothing.
+    assert post(stack, "/register_worker", {"worker_name": "http://localhost:40000", "check_heart_beat": True,
+                                            "worker_status": None}).json() is None
+    assert post(stack, "/receive_heart_beat", {"worker_name": "http://localhost:40000",
+                                               "queue_length": 0}).json() == {"exist": False}
+    assert post(stack, "/list_models").json() == {"models": [MODEL]}
+    missing = requests.post(f"{stack.base_url}/get_worker_address", json={}, timeout=10)
+    assert missing.status_code == 422 and missing.json()["error"]["param"] == "model"
+
+
+def test_a_worker_that_stops_beating_drops_out(stack):
+    registry = WorkerRegistry(redis.Redis.from_url(stack.redis_url, decode_responses=True), KEY_PREFIX)
+    before = post(stack, "/worker_get_status").json()["queue_length"]
+    registry.announce("ghost@test", {"name": "ghost@test", "model": "ghost-7b", "started_at": time.time(),
+                                     "num_running": 2, "num_waiting": 1}, ttl_seconds=2)
+    assert post(stack, "/list_models").json() == {"models": sorted([MODEL, "ghost-7b"])}
+    assert post(stack, "/get_worker_address", {"model": "ghost-7b"}).json() == {"address": stack.base_url}
+    status = post(stack, "/worker_get_status").json()
+    assert status["model_names"] == sorted([MODEL, "ghost-7b"])
+    assert status["queue_length"] >= before + 3
+    deadline = time.monotonic() + 10
+    while post(stack, "/list_models").json() != {"models": [MODEL]}:
+        assert time.monotonic() < deadline, "the silent worker never dropped out"
+        time.sleep(0.2)
+    assert post(stack, "/get_worker_address", {"model": "ghost-7b"}).json() == {"address": ""}
+
+
+def test_the_original_test_message_script_streams_an_answer(stack, llava_dir):
+    marker = uuid.uuid4().hex[:8]
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_SCRIPT, str(llava_dir), str(llava_dir / "serve" / "test_message.py"),
+         "--controller-address", stack.base_url, "--model-name", MODEL, "--max-new-tokens", "12",
+         "--message", f"Say hello to {marker}."],
+        capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    models, address, printed = result.stdout.decode().split("\n", 2)
+    assert models == f"Models: ['{MODEL}']"
+    assert address == f"worker_addr: {stack.base_url}"
+    job = find_job(stack, marker)
+    # Its exact request: no top_p, no images, temperature 0.7, stop = the template's separator " ".
+    assert job["status"] == "succeeded", job
+    assert job["params"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 12, "stop": " ", "seed": None}
+    assert job["prompt"].endswith(f"USER: Say hello to {marker}. ")
+    # That stop ends the answer at its first space, as in the original: a word at most (sampled).
+    assert " " not in job["text"]
+    # It prints the prompt (separators as newlines), then after each frame the frame's last
+    # separator-split piece and "\r", then a newline: the last piece shown is the answer.
+    prompt, _, shown = printed.partition(job["prompt"].replace(" ", "\n"))
+    assert prompt == "" and shown.endswith("\r\n")
+    assert shown.split("\r")[-2] == job["text"]
+
+
+def test_the_original_web_server_chats_with_an_image(stack, llava_dir, tmp_path):
+    marker = uuid.uuid4().hex[:8]
+    result = subprocess.run(
+        [sys.executable, "-c", WEB_CHAT, str(llava_dir), str(tmp_path), stack.base_url, "16",
+         f"What is in this picture, {marker}?", MODEL, "llava-v1.5-13b"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    page = json.loads(result.stdout)
+    assert page["models"] == [MODEL]
+    served, missing = page["chats"]
+    shown = served["shown"]
+    assert shown[0] == "▌" and all(text.endswith("▌") for text in shown[:-1]), shown
+    answer = shown[-1]
+    assert answer and not answer.endswith("▌") and "error_code" not in answer and answer != SERVER_ERROR_MSG
+    job = find_job(stack, marker)
+    assert job["status"] == "succeeded"
+    # vicuna_v1 for a non-LLaVA name, the image in the first turn as "<image>\n" (a text-only model ignores it).
+    assert job["prompt"].endswith(f"USER: <image>\nWhat is in this picture, {marker}? ASSISTANT:")
+    assert served["prompt"] == job["prompt"] + " " + answer + "</s>"
+    assert answer == job["text"].strip()
+    # The web server's own request: its sliders' values and the template's stop.
+    assert job["params"] == {"temperature": 0.2, "top_p": 0.7, "max_new_tokens": 16, "stop": "</s>", "seed": None}
+    # A model no worker serves: the original's "no worker" answer, with no request sent.
+    assert missing["shown"] == [SERVER_ERROR_MSG]
+    log = [json.loads(line) for line in next(tmp_path.glob("*-conv.json")).read_text().splitlines()]
+    assert [entry["type"] for entry in log] == ["chat"] and log[0]["model"] == MODEL
+
+
+def test_a_model_no_worker_serves_gets_the_controller_no_worker_frame(stack):
+    response = requests.post(f"{stack.base_url}/worker_generate_stream", timeout=10,
+                             json={"model": "llava-v1.5-13b", "prompt": "USER: hi ASSISTANT:", "max_new_tokens": 4})
+    assert response.status_code == 200 and "content-type" not in response.headers
+    assert response.content == b'{"text": "' + SERVER_ERROR_MSG.encode() + b'", "error_code": 2}\0'
+
+
+def test_a_failed_job_streams_the_original_server_error(stack):
+    # An empty prompt reaches the worker (the original accepts it too) and fails there.
+    response = requests.post(f"{stack.base_url}/worker_generate_stream", json={"prompt": "", "max_new_tokens": 4},
+                             timeout=60)
+    assert response.status_code == 200
+    assert response.content == b'{"text": "' + SERVER_ERROR_MSG.encode() + b'", "error_code": 1}\0'
+    job = requests.get(f"{stack.base_url}/v1/jobs/{response.headers['X-Job-Id']}", timeout=10).json()
+    assert job["status"] == "failed" and job["error"]  # the reason is in the record

@@ -1,0 +1,206 @@
+"""The OpenAI-compatible API driven by the official `openai` package, as any OpenAI client would."""
+
+import base64
+import io
+import json
+import time
+import uuid
+
+import openai
+import pytest
+import redis
+import requests
+from PIL import Image
+
+from shared.settings import Settings
+from workers.engine.sequence import SamplingParams
+
+MODEL = "SmolLM2-135M-Instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def job_of(stack, completion_id: str) -> dict:
+    assert completion_id.startswith("chatcmpl-")
+    response = requests.get(f"{stack.base_url}/v1/jobs/{completion_id.removeprefix('chatcmpl-')}", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for_end(stack, completion_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := job_of(stack, completion_id))["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    return job
+
+
+def user_parts(*parts: dict) -> dict:
+    return {"role": "user", "content": list(parts)}
+
+
+def png_data_url() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (30, 120, 200)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_chat_completion(stack, client):
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16)
+    completion = raw.parse()
+    assert completion.object == "chat.completion" and completion.model == MODEL
+    choice = completion.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.finish_reason == "stop"
+    assert "Paris" in choice.message.content
+    usage = completion.usage
+    assert usage.completion_tokens >= 1 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    # A job like any other: pollable by the id inside the completion id (also in X-Job-Id).
+    job = job_of(stack, completion.id)
+    assert raw.headers["x-job-id"] == job["id"] == completion.id.removeprefix("chatcmpl-")
+    assert job["status"] == "succeeded" and job["text"] == choice.message.content
+    # The messages were rendered with the model's chat template.
+    assert job["prompt"].endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_streamed_chat_completion_with_usage(stack, client):
+    stream = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert len({chunk.id for chunk in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    first, *middle, last_choice, usage_chunk = chunks
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
+    assert middle and all(chunk.choices[0].finish_reason is None for chunk in middle)
+    assert last_choice.choices[0].finish_reason == "stop" and last_choice.choices[0].delta.content is None
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens >= 1
+    content = "".join(chunk.choices[0].delta.content for chunk in middle)
+    assert "Paris" in content
+    assert wait_for_end(stack, first.id)["text"] == content
+
+
+def test_stream_wire_format_and_max_completion_tokens(stack):
+    response = requests.post(f"{stack.base_url}/v1/chat/completions", stream=True, timeout=60, json={
+        "model": MODEL, "messages": STORY, "temperature": 0, "max_completion_tokens": 3, "stream": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = response.content.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert all(event.startswith("data: ") for event in events[:-2])
+    assert chunks[-1]["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    assert "usage" not in chunks[-1]  # only asked for with stream_options.include_usage
+    job = wait_for_end(stack, chunks[0]["id"])
+    assert job["usage"]["completion_tokens"] == 3 and job["finish_reason"] == "length"
+
+
+def test_an_image_is_accepted(stack, client):
+    # The default model is text-only: the image is checked and carried, and the model answers the text.
+    completion = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=4, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What colour is this picture?"},
+                                     {"type": "image_url", "image_url": {"url": png_data_url(), "detail": "auto"}}]}])
+    assert completion.choices[0].message.content
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    job = job_of(stack, completion.id)
+    assert "What colour is this picture?" in job["prompt"]
+
+
+def test_stop_strings_and_seed(stack, client):
+    counting = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    completion = client.chat.completions.create(model=MODEL, messages=counting, temperature=0, max_tokens=40,
+                                                stop=["5"])
+    assert completion.choices[0].message.content == "1, 2, 3, 4, "
+    assert completion.choices[0].finish_reason == "stop"
+    assert job_of(stack, completion.id)["params"]["stop"] == "5"
+    sampled = [client.chat.completions.create(model=MODEL, messages=STORY, temperature=1.0, max_tokens=8,
+                                              seed=1234).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.skipif(not any(kind in str(SamplingParams.__annotations__["stop"]) for kind in ("list", "tuple")),
+                    reason="the engine takes one stop string (workers/engine/sequence.py SamplingParams.stop)")
+def test_several_stop_strings(client):
+    counting = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    completion = client.chat.completions.create(model=MODEL, messages=counting, temperature=0, max_tokens=40,
+                                                stop=["7", "4"])
+    assert completion.choices[0].message.content == "1, 2, 3, "
+    assert completion.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("change, status, param, words", [
+    ({"n": 2}, 400, "n", "only n=1"),
+    ({"model": "gpt-4o"}, 404, "model", "not served"),
+    ({"temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    ({"max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported"),
+    ({"messages": []}, 400, "messages", "at least 1"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, 400, "messages[0].role", "Input should be"),
+    ({"messages": [user_parts({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}})]},
+     400, "messages[0].content[0].image_url.url", "only data: URLs"),
+    ({"messages": [user_parts({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})]},
+     400, "messages[0].content[0].image_url.url", "image file"),
+    ({"messages": [user_parts({"type": "input_audio", "input_audio": {}})]},
+     400, "messages[0].content[0]", "unsupported content part"),
+])
+def test_errors_in_openai_shape(client, change, status, param, words):
+    request = {"model": MODEL, "messages": FRANCE, "max_tokens": 4, **change}
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(**request)
+    error = caught.value
+    assert error.status_code == status
+    assert set(error.body) == {"message", "type", "param", "code"}
+    assert error.param == param and words in error.message
+
+
+def test_malformed_json_is_a_400(stack):
+    response = requests.post(f"{stack.base_url}/v1/chat/completions", data=b'{"model": ', timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("malformed JSON")
+
+
+def test_closing_a_stream_cancels_its_job(stack, client):
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300, stream=True)
+    chunks = iter(stream)
+    first = next(chunks)
+    next(chunks)  # some text was generated
+    stream.close()
+    job = wait_for_end(stack, first.id)
+    assert job["status"] == "cancelled" and job["usage"]["completion_tokens"] < 300
+
+
+def test_a_stream_can_ask_to_keep_its_job(stack, client):
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=12, stream=True,
+                                            extra_body={"keep_on_disconnect": True})
+    first = next(iter(stream))
+    stream.close()
+    job = wait_for_end(stack, first.id)
+    assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] == 12
+
+
+def test_abandoning_a_plain_request_cancels_its_job(stack):
+    marker = uuid.uuid4().hex[:8]
+    impatient = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=MODEL, max_tokens=300, temperature=0, messages=[
+            {"role": "user", "content": f"Write a long story about a dragon named {marker}."}])
+    store = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    job_id = next(key.rsplit(":", 1)[1] for key in store.scan_iter(f"{Settings().key_prefix}:job:*", count=1000)
+                  if marker in (store.hget(key, "request") or ""))
+    job = wait_for_end(stack, "chatcmpl-" + job_id)
+    assert job["status"] == "cancelled" and job["usage"]["completion_tokens"] < 300
+
+
+def test_a_job_cancelled_meanwhile_ends_its_stream_with_an_error(stack, client):
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300, stream=True)
+    chunks = iter(stream)
+    first = next(chunks)
+    cancelled = requests.delete(f"{stack.base_url}/v1/jobs/{first.id.removeprefix('chatcmpl-')}", timeout=10)
+    assert cancelled.status_code == 202
+    with pytest.raises(openai.APIError) as caught:
+        for _ in chunks:
+            pass
+    assert caught.value.type == "cancelled" and "cancelled" in caught.value.message
