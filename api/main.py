@@ -10,7 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import require_api_key
 from api.errors import install_error_handlers
-from api.routes import controller, health, jobs, llava, models, openai, page, stream
+from api.routes import controller, health, jobs, llava, metrics, models, openai, page, stream
 from shared.celery_app import make_celery
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings, get_settings
@@ -41,10 +41,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    for module in (health, page):
+    for module in (health, metrics, page):
         app.include_router(module.router)
-    # Everything else needs an API key when keys are configured.
-    for module in (jobs, stream, llava, controller, openai, models):
+    # Everything else needs an API key when keys are configured. The original LLaVA clients cannot
+    # send one: an operator who runs them behind keys may leave their protocol open.
+    protected = [jobs, stream, openai, models]
+    if settings.public_llava_protocol:
+        for module in (llava, controller):
+            app.include_router(module.router)
+    else:
+        protected += [llava, controller]
+    for module in protected:
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     if not settings.api_key_hashes:
         log.warning("no API keys configured (LLAVA_QUEUE_API_KEY_HASHES): anyone who can reach the API can "

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # Origins allowed to call the API from a browser (CORS); none by default.
     cors_origins: list[str] = Field(default_factory=list)
     idempotency_ttl_seconds: int = 24 * 3600
+    # With API keys on, also leave the original LLaVA protocol (controller endpoints and
+    # /worker_generate_stream) open, for the original clients, which cannot send a key.
+    public_llava_protocol: bool = False
 
     # Operations. Logs go to stderr as plain text or as JSON lines (one object per line, with the
     # job id on every line about a job).

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.auth import require_api_key
 from api.deps import AppSettings, Store
 from api.errors import ApiError, job_not_found
 from shared.protocol import ErrorCode
@@ -77,7 +78,9 @@ def feedback_key(settings: Settings) -> str:
     return f"{settings.key_prefix}:feedback"
 
 
-@router.post("/v1/feedback", status_code=201, response_model=FeedbackRecord, tags=["feedback"])
+# The page and its files are public; feedback needs an API key when keys are configured, as jobs do.
+@router.post("/v1/feedback", status_code=201, response_model=FeedbackRecord, tags=["feedback"],
+             dependencies=[Depends(require_api_key)])
 def record_feedback(body: Feedback, request: Request, store: Store, settings: AppSettings) -> FeedbackRecord:
     """Record an upvote, downvote or flag on a job's answer.
 

@@ -1,0 +1,438 @@
+// The chat page: the conversation lives here, in the browser, and every turn is sent as
+// `messages` (the worker renders them with the model's template). Answers stream over the
+// WebSocket gateway; the original web server's controls, limits and button states are kept.
+
+import { renderMarkdown } from "./markdown.js";
+import { processImage, readImage } from "./images.js";
+import { cancelJob, followJob, listModels, sendFeedback, setApiKey, submitJob } from "./jobs.js";
+
+// The original web server cuts a message to 1536 characters, 1200 when it carries an image.
+const MAX_TEXT = 1536;
+const MAX_TEXT_WITH_IMAGE = 1200;
+const CURSOR = "▌";
+const MODEL_RETRY_MS = 3000;
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  model: $("model"), conversation: $("conversation"), emptyNote: $("empty-note"), composer: $("composer"),
+  prompt: $("prompt"), send: $("send"), stop: $("stop"), upvote: $("upvote"), downvote: $("downvote"),
+  flag: $("flag"), regenerate: $("regenerate"), clear: $("clear"), notice: $("notice"), image: $("image"),
+  preview: $("preview"), dropzone: $("dropzone"), attachment: $("attachment"), attachmentThumb: $("attachment-thumb"),
+  attachmentName: $("attachment-name"), removeImage: $("remove-image"),
+  temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"), keyField: $("key-field"),
+  apiKey: $("api-key"),
+};
+
+const state = {
+  // {role: "user", text, image: {source, mode, sent: {mode, base64, dataUrl}} | null}
+  // {role: "assistant", text, jobId, status, error, errorCode, meta, voted}
+  turns: [],
+  pendingImage: null, // {source, name}
+  current: null, // the assistant turn being generated
+  follower: null,
+};
+
+// ---- the conversation on screen -------------------------------------------------------------
+
+function renderConversation() {
+  ui.conversation.replaceChildren(...(state.turns.length ? [] : [ui.emptyNote]));
+  for (const turn of state.turns) {
+    turn.el = turn.role === "user" ? userElement(turn) : assistantElement();
+    ui.conversation.append(turn.el);
+    if (turn.role === "assistant") updateAssistant(turn);
+  }
+  ui.conversation.scrollTop = ui.conversation.scrollHeight;
+}
+
+function userElement(turn) {
+  const el = document.createElement("div");
+  el.className = "turn user";
+  const bubble = document.createElement("div");
+  bubble.className = "bubble";
+  if (turn.image) {
+    const img = document.createElement("img");
+    img.className = "upload";
+    img.alt = "user upload image";
+    img.src = turn.image.sent ? turn.image.sent.dataUrl : "";
+    bubble.append(img);
+  }
+  const text = document.createElement("div");
+  text.className = "markdown";
+  text.innerHTML = renderMarkdown(turn.text.replaceAll("<image>", "").trim());
+  bubble.append(text);
+  el.append(bubble);
+  return el;
+}
+
+function assistantElement() {
+  const el = document.createElement("div");
+  el.className = "turn assistant";
+  el.innerHTML = '<div class="bubble"><div class="markdown"></div><p class="error" role="alert" hidden></p></div>'
+    + '<p class="meta"></p>';
+  return el;
+}
+
+function updateAssistant(turn) {
+  const el = turn.el;
+  if (!el) return;
+  const stick = ui.conversation.scrollHeight - ui.conversation.scrollTop - ui.conversation.clientHeight < 40;
+  const streaming = turn === state.current;
+  el.dataset.status = turn.status;
+  if (turn.jobId) el.dataset.jobId = turn.jobId;
+  // As the original: the answer is shown stripped, with the cursor while it streams.
+  const text = turn.text.trim();
+  el.querySelector(".markdown").innerHTML = renderMarkdown(streaming ? text + CURSOR : text);
+  const error = el.querySelector(".error");
+  error.hidden = !turn.error;
+  error.classList.toggle("cancelled", turn.status === "cancelled");
+  error.textContent = turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "";
+  el.querySelector(".meta").textContent = turn.meta || "";
+  if (stick) ui.conversation.scrollTop = ui.conversation.scrollHeight;
+}
+
+function notice(text) {
+  ui.notice.textContent = text;
+}
+
+// ---- buttons, as the original enables them ---------------------------------------------------
+
+function lastAnswer() {
+  const last = state.turns.at(-1);
+  return last && last.role === "assistant" ? last : null;
+}
+
+function updateButtons() {
+  const busy = state.current !== null;
+  const answer = lastAnswer();
+  ui.send.disabled = busy || !ui.model.value;
+  ui.stop.disabled = !busy;
+  ui.regenerate.disabled = busy || !answer || !ui.model.value;
+  ui.clear.disabled = busy || state.turns.length === 0;
+  const canVote = !busy && answer && answer.status === "succeeded" && !answer.voted;
+  for (const button of [ui.upvote, ui.downvote, ui.flag]) button.disabled = !canVote;
+}
+
+// ---- sending and streaming ---------------------------------------------------------------------
+
+function processMode() {
+  return document.querySelector('input[name="process-mode"]:checked').value;
+}
+
+async function send() {
+  if (state.current || !ui.model.value) return;
+  const image = state.pendingImage;
+  let text = ui.prompt.value;
+  if (!text.trim() && !image) return; // the original skips an empty message
+  text = text.slice(0, image ? MAX_TEXT_WITH_IMAGE : MAX_TEXT);
+  if (image && state.turns.some((turn) => turn.image)) {
+    // One image per conversation, as the original: a new image starts a new conversation.
+    state.turns = [];
+    notice("A new image starts a new conversation.");
+  } else {
+    notice("");
+  }
+  state.turns.push({ role: "user", text, image: image ? { source: image.source, mode: processMode() } : null });
+  ui.prompt.value = "";
+  setPendingImage(null);
+  await generate();
+}
+
+async function messagesToSend() {
+  const messages = [];
+  for (const turn of state.turns.slice(0, -1)) {
+    if (turn.role === "assistant") {
+      messages.push({ role: "assistant", text: turn.text.trim() });
+      continue;
+    }
+    const message = { role: "user", text: turn.text, images: [] };
+    if (turn.image) {
+      if (!turn.image.sent || turn.image.sent.mode !== turn.image.mode) {
+        turn.image.sent = { mode: turn.image.mode, ...(await processImage(turn.image.source, turn.image.mode)) };
+      }
+      message.images.push(turn.image.sent.base64);
+    }
+    messages.push(message);
+  }
+  return messages;
+}
+
+async function generate() {
+  const turn = { role: "assistant", text: "", status: "submitting", jobId: null, error: "", meta: "sending…" };
+  state.turns.push(turn);
+  state.current = turn;
+  let messages;
+  try {
+    messages = await messagesToSend();
+  } catch (error) {
+    renderConversation();
+    finish(turn, null, { status: "failed", error: `could not prepare the image: ${error.message}`, error_code: 4 });
+    return;
+  }
+  renderConversation();
+  updateButtons();
+  const request = {
+    model: ui.model.value,
+    messages,
+    temperature: Number(ui.temperature.value),
+    top_p: Number(ui.topP.value),
+    max_new_tokens: Number(ui.maxTokens.value),
+  };
+  try {
+    turn.jobId = await submitJob(request);
+  } catch (error) {
+    if (error.status === 401) askForKey();
+    finish(turn, null, { status: "failed", error: error.message, error_code: error.code });
+    return;
+  }
+  turn.status = "queued";
+  turn.meta = "waiting for a worker…";
+  updateAssistant(turn);
+  if (turn.stopRequested) stopCurrent();
+  state.follower = followJob(turn.jobId, {
+    onConnected() {
+      if (turn.meta.startsWith("connection lost")) turn.meta = turn.text ? "generating…" : "waiting for a worker…";
+      updateAssistant(turn);
+    },
+    onQueued(position) {
+      turn.meta = position === 0 ? "in the queue: next" : `in the queue: ${position} ahead`;
+      updateAssistant(turn);
+    },
+    onText(text) {
+      turn.status = "running";
+      turn.text = text;
+      turn.meta = "generating…";
+      updateAssistant(turn);
+    },
+    onReconnecting(attempt) {
+      turn.meta = `connection lost; reconnecting (attempt ${attempt})…`;
+      updateAssistant(turn);
+    },
+    onDone(job, ending) {
+      finish(turn, job, ending);
+    },
+  });
+}
+
+/** The answer's end: its final text from the job record, and its timings or its error. */
+function finish(turn, job, ending) {
+  turn.status = job ? job.status : ending.status;
+  if (job) turn.text = job.text;
+  if (turn.status !== "succeeded") {
+    turn.error = (job && job.error) || ending.error || "the job did not finish";
+    turn.errorCode = job ? job.error_code : ending.error_code;
+  }
+  turn.meta = job ? timings(job) : "";
+  if (state.current === turn) {
+    state.current = null;
+    state.follower = null;
+  }
+  updateAssistant(turn);
+  updateButtons();
+}
+
+/** "first token after 0.42 s · 37 tokens · 17.1 tokens/s" (waiting in the queue counts). */
+function timings(job) {
+  const tokens = job.usage.completion_tokens;
+  if (!tokens) return "";
+  const parts = [];
+  if (job.first_token_at) parts.push(`first token after ${(job.first_token_at - job.created_at).toFixed(2)} s`);
+  parts.push(`${tokens} token${tokens === 1 ? "" : "s"}`);
+  const decoding = job.finished_at && job.first_token_at ? job.finished_at - job.first_token_at : 0;
+  // The first token comes with the prefill; the rate is that of the tokens after it.
+  if (tokens > 1 && decoding > 0) parts.push(`${((tokens - 1) / decoding).toFixed(1)} tokens/s`);
+  return parts.join(" · ");
+}
+
+async function stopCurrent() {
+  const turn = state.current;
+  if (!turn) return;
+  if (!turn.jobId) {
+    turn.stopRequested = true; // cancelled as soon as the job exists
+    return;
+  }
+  ui.stop.disabled = true;
+  try {
+    await cancelJob(turn.jobId);
+  } catch (error) {
+    // 409: it ended meanwhile; its last message says how.
+    if (error.code !== 4) notice(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
+  }
+}
+
+function regenerate() {
+  if (state.current || !lastAnswer()) return;
+  state.turns.pop();
+  const question = state.turns.at(-1);
+  if (question.image) question.image.mode = processMode(); // as the original: the current process mode
+  notice("");
+  generate();
+}
+
+function clearConversation() {
+  if (state.current) return;
+  state.turns = [];
+  ui.prompt.value = "";
+  setPendingImage(null);
+  notice("");
+  renderConversation();
+  updateButtons();
+}
+
+async function vote(type) {
+  const answer = lastAnswer();
+  if (!answer || !answer.jobId) return;
+  answer.voted = true;
+  updateButtons();
+  try {
+    await sendFeedback(type, answer.jobId);
+    notice(type === "flag" ? "Thank you: the answer is flagged." : `Thank you: your ${type} is recorded.`);
+  } catch (error) {
+    if (error.status === 401) askForKey();
+    answer.voted = false;
+    updateButtons();
+    notice(`Could not record the ${type}: ${error.message} (error_code: ${error.code})`);
+  }
+}
+
+// ---- the image ---------------------------------------------------------------------------------
+
+async function setPendingImage(image) {
+  state.pendingImage = image;
+  ui.image.value = "";
+  ui.preview.hidden = !image;
+  ui.attachment.hidden = !image;
+  if (!image) {
+    ui.preview.removeAttribute("src");
+    ui.attachmentThumb.removeAttribute("src");
+    return;
+  }
+  ui.attachmentName.textContent = image.name;
+  await showPreview();
+}
+
+async function showPreview() {
+  if (!state.pendingImage) return;
+  const { dataUrl, width, height } = await processImage(state.pendingImage.source, processMode());
+  ui.preview.src = dataUrl;
+  ui.attachmentThumb.src = dataUrl;
+  ui.preview.title = `${width}×${height}, as it will be sent`;
+}
+
+async function takeImageFile(file) {
+  if (!file) return;
+  try {
+    await setPendingImage({ source: await readImage(file), name: file.name || "pasted image" });
+    notice("");
+  } catch (error) {
+    notice(error.message);
+  }
+}
+
+async function useExample(button) {
+  ui.prompt.value = button.dataset.text;
+  if (button.dataset.image) {
+    const response = await fetch(button.dataset.image);
+    const blob = await response.blob();
+    await takeImageFile(new File([blob], button.dataset.image.split("/").pop(), { type: blob.type }));
+  }
+  ui.prompt.focus();
+}
+
+// ---- the model list --------------------------------------------------------------------------
+
+async function loadModels() {
+  let models = [];
+  try {
+    models = await listModels();
+  } catch (error) {
+    if (error.status === 401) {
+      askForKey();
+      ui.model.replaceChildren(new Option("enter the API key first", ""));
+      ui.model.disabled = true;
+      updateButtons();
+      return; // the list is read again once a key is entered
+    }
+    notice(`Could not read the model list: ${error.message}`);
+  }
+  if (!models.length) {
+    ui.model.replaceChildren(new Option("no model is served right now", ""));
+    ui.model.disabled = true;
+    updateButtons();
+    setTimeout(loadModels, MODEL_RETRY_MS);
+    return;
+  }
+  // As the original: the first model by default; ?model= picks one that is served.
+  const wanted = new URLSearchParams(location.search).get("model");
+  const previous = ui.model.value;
+  ui.model.replaceChildren(...models.map((name) => new Option(name, name)));
+  ui.model.value = models.includes(previous) ? previous : models.includes(wanted) ? wanted : models[0];
+  ui.model.disabled = false;
+  notice("");
+  updateButtons();
+}
+
+/** This server requires API keys: show the key field (its value is used once entered). */
+function askForKey() {
+  ui.keyField.hidden = false;
+  notice("This server requires an API key: enter it at the top of the page.");
+  ui.apiKey.focus();
+}
+
+// ---- wiring ------------------------------------------------------------------------------------
+
+function showSliderValue(input) {
+  document.querySelector(`output[for="${input.id}"]`).textContent = input.value;
+}
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+ui.prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send();
+  }
+});
+ui.prompt.addEventListener("paste", (event) => {
+  const file = [...event.clipboardData.files].find((item) => item.type.startsWith("image/"));
+  if (file) {
+    event.preventDefault();
+    takeImageFile(file);
+  }
+});
+ui.stop.addEventListener("click", stopCurrent);
+ui.regenerate.addEventListener("click", regenerate);
+ui.clear.addEventListener("click", clearConversation);
+ui.upvote.addEventListener("click", () => vote("upvote"));
+ui.downvote.addEventListener("click", () => vote("downvote"));
+ui.flag.addEventListener("click", () => vote("flag"));
+ui.image.addEventListener("change", () => takeImageFile(ui.image.files[0]));
+ui.removeImage.addEventListener("click", () => setPendingImage(null));
+ui.dropzone.addEventListener("dragover", (event) => {
+  event.preventDefault();
+  ui.dropzone.classList.add("dragging");
+});
+ui.dropzone.addEventListener("dragleave", () => ui.dropzone.classList.remove("dragging"));
+ui.dropzone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  ui.dropzone.classList.remove("dragging");
+  takeImageFile(event.dataTransfer.files[0]);
+});
+for (const radio of document.querySelectorAll('input[name="process-mode"]')) radio.addEventListener("change", showPreview);
+for (const button of document.querySelectorAll(".example")) button.addEventListener("click", () => useExample(button));
+for (const slider of [ui.temperature, ui.topP, ui.maxTokens]) {
+  slider.addEventListener("input", () => showSliderValue(slider));
+  showSliderValue(slider);
+}
+ui.model.addEventListener("change", updateButtons);
+ui.apiKey.addEventListener("change", () => {
+  setApiKey(ui.apiKey.value);
+  loadModels();
+});
+
+// Nobody will read an answer whose page is gone: free its slot.
+window.addEventListener("pagehide", () => {
+  if (state.current && state.current.jobId) cancelJob(state.current.jobId, { keepalive: true }).catch(() => {});
+});
+loadModels();

@@ -1,0 +1,175 @@
+// Talking to the llava-queue API: submit a job, follow it over the WebSocket gateway (reconnecting
+// without losing text), cancel it, read its record, record feedback. URLs are relative to the page,
+// so the page also works behind a proxy that serves the API under a path. When the server requires
+// API keys, the key the user entered goes as a Bearer token (and as ?api_key= on a WebSocket).
+
+// The original web server's message when the request itself failed.
+export const SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**";
+export const FINAL_STATES = ["succeeded", "failed", "cancelled", "expired"];
+
+const KEY_STORAGE = "llava-queue-api-key";
+let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
+
+/** Use `key` for every call from now on (kept for this tab's session only). */
+export function setApiKey(key) {
+  apiKey = key.trim();
+  sessionStorage.setItem(KEY_STORAGE, apiKey);
+}
+
+/** An error the API answered (HTTP `status`; 0 for a network failure) with its llava-queue error code. */
+export class ApiError extends Error {
+  constructor(message, code, status = 0) {
+    super(message);
+    this.code = code;
+    this.status = status;
+  }
+}
+
+export function apiUrl(path) {
+  return new URL(path, document.baseURI).href;
+}
+
+function wsUrl(path) {
+  const url = new URL(path, document.baseURI);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  if (apiKey) url.searchParams.set("api_key", apiKey);
+  return url.href;
+}
+
+/** Call the API; returns the JSON body, throws ApiError with the body's message and code. */
+export async function callApi(method, path, body, options = {}) {
+  let response;
+  try {
+    response = await fetch(apiUrl(path), {
+      ...options,
+      method,
+      headers: {
+        ...(body === undefined ? {} : { "Content-Type": "application/json" }),
+        ...(apiKey ? { Authorization: `Bearer ${apiKey}` } : {}),
+      },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (error) {
+    throw new ApiError(`${SERVER_ERROR_MSG} (${error.message})`, 1);
+  }
+  const payload = await response.json().catch(() => null);
+  if (!response.ok) {
+    const detail = payload && payload.error;
+    throw new ApiError(detail ? detail.message : `HTTP ${response.status}`, detail ? detail.code : 1, response.status);
+  }
+  return payload;
+}
+
+export const listModels = async () => (await callApi("GET", "v1/models")).data.map((model) => model.id);
+export const submitJob = async (request) => (await callApi("POST", "v1/jobs", request)).id;
+export const getJob = (id) => callApi("GET", `v1/jobs/${encodeURIComponent(id)}`);
+export const cancelJob = (id, options) => callApi("DELETE", `v1/jobs/${encodeURIComponent(id)}`, undefined, options);
+export const sendFeedback = (type, jobId) => callApi("POST", "v1/feedback", { type, job_id: jobId });
+
+/**
+ * Follow job `id` until it ends. Handlers (all optional):
+ *   onConnected()            the socket is open (again)
+ *   onQueued(position)       while it waits: how many jobs are ahead of it
+ *   onText(text)             the answer so far (without the prompt), after every chunk
+ *   onReconnecting(attempt)  the socket dropped; it is opened again after a short wait
+ *   onDone(job, ending)      the job's final record (or null if unreadable) and the last message
+ * Returns `{close()}` to stop following (the job itself goes on).
+ *
+ * Each socket message carries the prompt followed by everything generated so far, and a socket
+ * opened again first sends the current text, so a reconnect loses nothing. The prompt (rendered
+ * by the worker) is read once from the job record.
+ */
+export function followJob(id, handlers) {
+  let socket = null;
+  let closed = false;
+  let attempt = 0;
+  let prompt = null;
+  let promptRequest = null;
+  let latest = null;
+  let pollTimer = null;
+  let retryTimer = null;
+
+  const emitText = () => {
+    if (latest === null || prompt === null || closed) return;
+    if (latest.startsWith(prompt)) handlers.onText?.(latest.slice(prompt.length));
+  };
+  const learnPrompt = () => {
+    promptRequest ??= getJob(id).then((job) => { prompt = job.prompt; emitText(); })
+      .catch(() => { promptRequest = null; });
+  };
+
+  const pollQueue = async () => {
+    if (closed || latest !== null) return;
+    try {
+      const job = await getJob(id);
+      if (!closed && latest === null && job.status === "queued") handlers.onQueued?.(job.queue_position);
+      if (job.status !== "queued") return;
+    } catch {
+      // The socket reports what matters; polling only adds the queue position.
+    }
+    if (!closed) pollTimer = setTimeout(pollQueue, 700);
+  };
+
+  const finish = async (ending, job = undefined) => {
+    if (closed) return;
+    stop();
+    handlers.onDone?.(job === undefined ? await getJob(id).catch(() => null) : job, ending);
+  };
+
+  // Before opening the socket again: the job may have ended meanwhile, or the server may refuse us
+  // (a refused WebSocket handshake looks like a dropped one to the browser).
+  const reconnect = async () => {
+    if (closed) return;
+    try {
+      const job = await getJob(id);
+      if (FINAL_STATES.includes(job.status)) {
+        finish({ done: true, status: job.status, error: job.error, error_code: job.error_code }, job);
+        return;
+      }
+    } catch (error) {
+      if (error.status >= 400 && error.status < 500 && error.status !== 429) {
+        finish({ done: true, status: "failed", error: error.message, error_code: error.code }, null);
+        return;
+      }
+    }
+    connect();
+  };
+
+  const connect = () => {
+    if (closed) return;
+    socket = new WebSocket(wsUrl(`v1/jobs/${encodeURIComponent(id)}/ws`));
+    socket.onopen = () => handlers.onConnected?.();
+    socket.onmessage = (event) => {
+      attempt = 0;
+      const message = JSON.parse(event.data);
+      if (message.done) {
+        finish(message);
+        return;
+      }
+      latest = message.text;
+      if (prompt !== null && !latest.startsWith(prompt)) {
+        prompt = null; // the worker rendered the prompt again (a redelivered job): read it again
+        promptRequest = null;
+      }
+      if (prompt === null) learnPrompt();
+      emitText();
+    };
+    socket.onclose = () => {
+      if (closed) return;
+      attempt += 1;
+      handlers.onReconnecting?.(attempt);
+      retryTimer = setTimeout(reconnect, Math.min(250 * 2 ** attempt, 5000));
+    };
+  };
+
+  const stop = () => {
+    closed = true;
+    clearTimeout(pollTimer);
+    clearTimeout(retryTimer);
+    if (socket && socket.readyState <= WebSocket.OPEN) socket.close();
+  };
+
+  connect();
+  pollQueue();
+  return { close: stop };
+}

@@ -1,0 +1,361 @@
+"""The web chat page, driven like a user in Debian's Chromium (Playwright) against the real stack.
+
+Nothing of the API is mocked. A second, small stack (API keys required, one sequence at a time,
+a 256-token KV budget) gives a job that really waits in the queue and one that really fails. A
+dropped WebSocket is a proxy that closes the page's socket mid-answer.
+"""
+
+import hashlib
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from conftest import Stack, start_service, wait_for_stack
+
+from shared.redis_server import free_port
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="install the test extra: pip install -e '.[test]'")
+
+CHROMIUM = os.environ.get("LLAVA_QUEUE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs"
+ANSWER_TIMEOUT_MS = 60_000
+FINAL = ("succeeded", "failed", "cancelled", "expired")
+
+# Every state the last answer showed, recorded by the page itself as it changed.
+RECORD_ANSWERS = """() => {
+  window.seen = [];
+  new MutationObserver(() => {
+    const last = document.querySelector("#conversation > .turn.assistant:last-child");
+    if (!last) return;
+    window.seen.push({text: last.querySelector(".markdown").textContent, meta: last.querySelector(".meta").textContent,
+                      status: last.dataset.status, job: last.dataset.jobId || null});
+  }).observe(document.getElementById("conversation"), {subtree: true, childList: true, characterData: true,
+                                                      attributes: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (scripts/test.sh does)")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, base_url: str, query: str = "", api_key: str | None = None):
+    """The chat page, loaded (the API key entered when given), with its model list read; it records
+    its last answer's states."""
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.goto(f"{base_url}/{query}")
+    if api_key:
+        page.get_by_label("API key").fill(api_key)
+        page.get_by_label("API key").press("Enter")
+    page.wait_for_function("document.getElementById('model').value !== ''", timeout=30_000)
+    page.evaluate(RECORD_ANSWERS)
+    return page
+
+
+@pytest.fixture
+def page(browser, stack):
+    page = open_page(browser, stack.base_url)
+    yield page
+    page.close()
+
+
+def quick_answers(page) -> None:
+    """Greedy and short, so the answers are predictable and a loaded 2-core machine keeps up."""
+    page.get_by_label("Temperature").fill("0")
+    page.get_by_label("Max output tokens").fill("64")
+
+
+def ask(page, text: str) -> None:
+    page.evaluate("window.seen = []")
+    page.get_by_label("Message").fill(text)
+    page.get_by_label("Message").press("Enter")
+
+
+def last_answer(page):
+    return page.locator("#conversation > .turn.assistant:last-child")
+
+
+def wait_for_end(page) -> str:
+    """Wait until the last answer has ended; returns its status."""
+    page.wait_for_function(
+        f"{list(FINAL)}.includes(document.querySelector('#conversation > .turn.assistant:last-child')?.dataset.status)",
+        timeout=ANSWER_TIMEOUT_MS)
+    return last_answer(page).get_attribute("data-status")
+
+
+def job_record(base_url: str, job_id: str, headers: dict | None = None) -> dict:
+    response = requests.get(f"{base_url}/v1/jobs/{job_id}", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_streamed(page, final_text: str) -> None:
+    """The answer grew with the cursor at its end, and the cursor is gone once it ended."""
+    seen = page.evaluate("window.seen")
+    streaming = [state["text"] for state in seen if state["text"].endswith("▌")]
+    assert streaming, seen
+    assert any(len(text) > 1 and final_text.startswith(text[:-1].strip()) for text in streaming), (streaming, final_text)
+    assert "▌" not in last_answer(page).locator(".markdown").inner_text()
+
+
+def test_controls_have_the_original_ranges_and_defaults(page, stack):
+    sliders = {"Temperature": ("0", "1", "0.1", "0.2"), "Top P": ("0", "1", "0.1", "0.7"),
+               "Max output tokens": ("0", "1024", "64", "512")}
+    for label, (low, high, step, default) in sliders.items():
+        slider = page.get_by_label(label)
+        assert [slider.get_attribute(name) for name in ("min", "max", "step")] == [low, high, step], label
+        assert slider.input_value() == default, label
+    modes = page.get_by_role("group", name="Preprocess for non-square image").get_by_role("radio")
+    assert [modes.nth(i).get_attribute("value") for i in range(modes.count())] == ["Crop", "Resize", "Pad", "Default"]
+    assert page.get_by_label("Default", exact=True).is_checked()
+
+    served = [model["id"] for model in requests.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"]]
+    model = page.get_by_label("Model")
+    assert model.locator("option").all_inner_texts() == served
+    assert model.input_value() == served[0]
+    for name in ("Send", "Stop", "Upvote", "Downvote", "Flag", "Regenerate", "Clear"):
+        assert page.get_by_role("button", name=name, exact=True).count() == 1, name
+    # Nothing to act on yet: the original starts with the answer buttons disabled.
+    for name in ("Stop", "Upvote", "Downvote", "Flag", "Regenerate", "Clear"):
+        assert page.get_by_role("button", name=name, exact=True).is_disabled(), name
+    message = page.get_by_label("Message")
+    assert message.get_attribute("placeholder") == "Enter text and press ENTER"
+    message.press_sequentially("one")
+    message.press("Shift+Enter")
+    message.press_sequentially("two")
+    assert message.input_value() == "one\ntwo" and page.locator(".turn").count() == 0
+
+    # ?model= picks a served model and is ignored for one that is not.
+    for query, expected in ((f"?model={served[-1]}", served[-1]), ("?model=no-such-model", served[0])):
+        other = open_page(page.context.browser, stack.base_url, query)
+        assert other.get_by_label("Model").input_value() == expected
+        other.close()
+
+
+def test_feedback_endpoint_names_what_is_wrong(stack):
+    unknown = requests.post(f"{stack.base_url}/v1/feedback", json={"type": "upvote", "job_id": "nope"}, timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == 8
+    bad = requests.post(f"{stack.base_url}/v1/feedback", json={"type": "like", "job_id": "nope"}, timeout=10)
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "type"
+
+
+def test_chat_streams_regenerates_records_votes_and_clears(page, stack):
+    quick_answers(page)
+    ask(page, "What is the capital of France?")
+    assert wait_for_end(page) == "succeeded"
+    first_job = last_answer(page).get_attribute("data-job-id")
+    answer = last_answer(page).locator(".markdown").inner_text()
+    assert "Paris" in answer
+    assert_streamed(page, answer)
+    record = job_record(stack.base_url, first_job)
+    assert record["status"] == "succeeded" and record["text"].strip() == answer
+    meta = last_answer(page).locator(".meta").inner_text()
+    assert re.fullmatch(r"first token after \d+\.\d\d s · \d+ tokens · \d+\.\d tokens/s", meta), meta
+
+    page.get_by_role("button", name="Regenerate").click()
+    assert wait_for_end(page) == "succeeded"
+    regenerated_job = last_answer(page).get_attribute("data-job-id")
+    assert regenerated_job != first_job
+    assert_streamed(page, last_answer(page).locator(".markdown").inner_text())
+    assert page.locator(".turn.user").count() == 1 and page.locator(".turn.assistant").count() == 1
+
+    page.get_by_role("button", name="Upvote").click()
+    page.get_by_text("Thank you: your upvote is recorded.").wait_for()
+    assert page.get_by_role("button", name="Upvote").is_disabled()
+    votes = [json.loads(line) for line in redis.Redis.from_url(stack.redis_url).lrange("llq:feedback", 0, -1)]
+    vote = next(vote for vote in votes if vote["job_id"] == regenerated_job)
+    assert vote["type"] == "upvote" and vote["model"] == "SmolLM2-135M-Instruct" and "Paris" in vote["text"]
+
+    # The second turn carries the first exchange: the worker renders the whole conversation.
+    ask(page, "And what is the capital of Germany?")
+    assert wait_for_end(page) == "succeeded"
+    record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+    assert "What is the capital of France?" in record["prompt"] and "Paris" in record["prompt"]
+    assert "Berlin" in record["text"]
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.mouse.move(0, 0)  # no hover highlight in the picture
+    page.screenshot(path=SCREENSHOTS / "screenshot-chat.png")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=SCREENSHOTS / "screenshot-chat-phone.png", full_page=True)
+
+    page.get_by_role("button", name="Clear").click()
+    assert page.locator("#conversation .turn").count() == 0
+    assert page.get_by_text("Ask a question, with an image if you like.").is_visible()
+    assert page.get_by_role("button", name="Clear").is_disabled()
+
+
+def test_stop_cancels_the_job_and_text_is_never_html(page, stack):
+    page.get_by_label("Temperature").fill("0")
+    ask(page, "Write a long story about <b>dragons</b> and **knights**.")
+    page.wait_for_function("window.seen.some(state => state.status === 'running' && state.text.length > 3)",
+                           timeout=ANSWER_TIMEOUT_MS)
+    page.get_by_role("button", name="Stop").click()
+    assert wait_for_end(page) == "cancelled"
+    record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+    assert record["status"] == "cancelled" and record["error_code"] == 5
+    assert last_answer(page).locator(".error").inner_text() == "cancelled by the client (error_code: 5)"
+    assert page.get_by_role("button", name="Regenerate").is_enabled()
+
+    # The user's HTML is shown as text; markdown is rendered.
+    question = page.locator(".turn.user .markdown")
+    assert "<b>dragons</b>" in question.inner_text()
+    assert question.locator("b").count() == 0 and question.locator("strong").inner_text() == "knights"
+    rendered = page.evaluate("""async () => {
+      const { renderMarkdown } = await import("./static/markdown.js");
+      return renderMarkdown('<script>alert(1)</script> <img src=x onerror=alert(1)> [x](javascript:alert(1))\\n'
+                            + '```html\\n<b>code</b>\\n```');
+    }""")
+    assert "<script" not in rendered and "<img" not in rendered and "<b>" not in rendered and "href" not in rendered
+    assert "<pre><code class=\"language-html\">&lt;b&gt;code&lt;/b&gt;</code></pre>" in rendered
+
+
+def test_dropped_websocket_reconnects_and_resumes(page, stack):
+    dropped, sockets = [], []
+
+    def proxy(socket):
+        server = socket.connect_to_server()
+        sockets.append(socket)
+        if dropped:
+            return  # later sockets pass straight through
+
+        def first_message_then_drop(message):
+            socket.send(message)
+            if not dropped and '"done"' not in message:
+                dropped.append(message)
+                socket.close(code=4000, reason="dropped by the test")
+                server.close()
+
+        server.on_message(first_message_then_drop)
+
+    page.route_web_socket(re.compile(r"/v1/jobs/[^/]+/ws$"), proxy)
+    quick_answers(page)
+    ask(page, "Write a short paragraph about the sea.")
+    assert wait_for_end(page) == "succeeded"
+    assert dropped, "the answer ended before its socket could be dropped"
+    assert len(sockets) >= 2, "the page did not open the socket again"
+    assert any(state["meta"].startswith("connection lost; reconnecting") for state in page.evaluate("window.seen"))
+    record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+    assert last_answer(page).locator(".markdown").inner_text() == record["text"].strip()
+
+
+def test_images_are_processed_as_the_original(page):
+    sizes = page.evaluate("""async () => {
+      const { limitSize, processedCanvas, PAD_COLOR } = await import("./static/images.js");
+      const cases = [[4000, 3000], [3000, 4000], [1920, 1080], [1345, 1000], [2000, 2000], [5000, 1000], [1344, 1000]];
+      const source = document.createElement("canvas");
+      source.width = 40; source.height = 20;
+      const context = source.getContext("2d");
+      context.fillStyle = "rgb(255, 0, 0)"; context.fillRect(0, 0, 40, 20);
+      const pad = processedCanvas(source, "Pad");
+      const pixel = (canvas, x, y) => [...canvas.getContext("2d").getImageData(x, y, 1, 1).data.slice(0, 3)];
+      const big = document.createElement("canvas");
+      big.width = 4000; big.height = 3000;
+      const sizeOf = (canvas) => [canvas.width, canvas.height];
+      return {limits: cases.map(([w, h]) => limitSize(w, h)), pad: sizeOf(pad), corner: pixel(pad, 0, 0),
+              centre: pixel(pad, 20, 20), padColor: PAD_COLOR, resize: sizeOf(processedCanvas(source, "Resize")),
+              crop: sizeOf(processedCanvas(source, "Crop")), big: sizeOf(processedCanvas(big, "Default"))};
+    }""")
+    assert sizes["limits"] == [[896, 672], [672, 896], [1194, 672], [903, 672], [672, 672], [1340, 268], [1344, 1000]]
+    assert sizes["pad"] == [40, 40] and sizes["corner"] == [122, 116, 104] == sizes["padColor"]
+    assert sizes["centre"] == [255, 0, 0]
+    assert sizes["resize"] == [336, 336] and sizes["crop"] == [40, 20] and sizes["big"] == [896, 672]
+
+    # Choosing a file shows it as it will be sent, in the chosen process mode.
+    page.get_by_label("Choose an image").set_input_files(Path(__file__).parents[1] / "frontend/examples/lake-pier.png")
+    preview = page.get_by_alt_text("preview of the image as it will be sent")
+    preview.wait_for()
+    page.get_by_label("Pad", exact=True).check()
+    page.wait_for_function("document.querySelector('.preview').naturalWidth === 640 "
+                           "&& document.querySelector('.preview').naturalHeight === 640")
+    assert page.locator("#attachment").is_visible()
+    page.get_by_role("button", name="Remove image").click()
+    assert preview.is_hidden()
+
+
+def test_image_question_to_a_tiny_llava_model(browser, tiny_llava_stack):
+    llava = tiny_llava_stack
+    page = open_page(browser, llava.base_url)
+    quick_answers(page)
+    page.get_by_role("button", name=re.compile("What shapes do you see")).click()
+    page.locator("#attachment").wait_for()
+    page.get_by_label("Message").press("Enter")
+    assert wait_for_end(page) == "succeeded"
+    assert page.get_by_alt_text("user upload image").is_visible()
+    record = job_record(llava.base_url, last_answer(page).get_attribute("data-job-id"))
+    assert record["status"] == "succeeded" and record["usage"]["completion_tokens"] > 0
+    assert record["prompt"].count("<image>") == 1, record["prompt"]
+    page.close()
+
+
+SMALL_STACK_KEY = "page-test-key"
+SMALL_STACK_AUTH = {"Authorization": f"Bearer {SMALL_STACK_KEY}"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_stack(redis_server, default_model_dir, tmp_path_factory):
+    """A worker that runs one sequence at a time with a 256-token KV budget, and its API, which
+    requires an API key, on database 1 of the test Redis. Started when this module starts, so it
+    comes up while the other tests run."""
+    port = free_port()
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/1",
+               LLAVA_QUEUE_MODEL_PATH=str(default_model_dir), LLAVA_QUEUE_MAX_NUM_SEQS="1",
+               LLAVA_QUEUE_MAX_BATCH_TOKENS="256",
+               LLAVA_QUEUE_API_KEY_HASHES=json.dumps([hashlib.sha256(SMALL_STACK_KEY.encode()).hexdigest()]))
+    log_dir = tmp_path_factory.mktemp("small-stack-logs")
+    processes = {"worker": start_service("worker", ["worker"], env, log_dir),
+                 "api": start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
+    yield Stack(f"http://127.0.0.1:{port}", env["LLAVA_QUEUE_REDIS_URL"], log_dir, processes)
+    # Nothing of this stack outlives the module (its Redis database goes with the session's server).
+    for process in processes.values():
+        process.kill()
+        process.wait()
+
+
+def test_with_an_api_key_a_job_waits_in_the_queue_then_fails_with_its_error_and_code(browser, small_stack):
+    wait_for_stack(small_stack)
+    page = open_page(browser, small_stack.base_url, api_key=SMALL_STACK_KEY)
+    # Another user's job holds the only slot.
+    blocker = requests.post(f"{small_stack.base_url}/v1/jobs", headers=SMALL_STACK_AUTH, timeout=10, json={
+        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"]
+    deadline = time.monotonic() + 60
+    while job_record(small_stack.base_url, blocker, SMALL_STACK_AUTH)["status"] != "running":
+        assert time.monotonic() < deadline, "the blocking job never started"
+        time.sleep(0.2)
+
+    # The default 512 output tokens do not fit this worker's 256-token budget: a real failure.
+    ask(page, "What is the capital of France?")
+    page.wait_for_function("window.seen.some(state => state.meta === 'in the queue: next')", timeout=30_000)
+    requests.delete(f"{small_stack.base_url}/v1/jobs/{blocker}", headers=SMALL_STACK_AUTH, timeout=10)
+    assert wait_for_end(page) == "failed"
+    record = job_record(small_stack.base_url, last_answer(page).get_attribute("data-job-id"), SMALL_STACK_AUTH)
+    assert record["status"] == "failed" and record["error_code"] == 1
+    error = last_answer(page).locator(".error")
+    assert error.inner_text() == f"{record['error']} (error_code: 1)"
+    assert "max_batch_tokens (256)" in error.inner_text()
+    # As the original after an error: only Regenerate and Clear.
+    assert page.get_by_role("button", name="Regenerate").is_enabled()
+    assert page.get_by_role("button", name="Clear").is_enabled()
+    assert page.get_by_role("button", name="Upvote").is_disabled()
+    page.close()
+
+    # Without the key, the page asks for it; so does the feedback endpoint.
+    keyless = browser.new_page()
+    keyless.goto(f"{small_stack.base_url}/")
+    keyless.get_by_text("This server requires an API key").wait_for()
+    assert keyless.get_by_label("API key").is_visible() and keyless.get_by_role("button", name="Send").is_disabled()
+    keyless.close()
+    vote = requests.post(f"{small_stack.base_url}/v1/feedback", json={"type": "flag", "job_id": blocker}, timeout=10)
+    assert vote.status_code == 401
