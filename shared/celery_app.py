@@ -28,7 +28,9 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=(Queue(INTERACTIVE_QUEUE), Queue(BATCH_QUEUE)),
         task_default_queue=INTERACTIVE_QUEUE,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events, so Flower (or `celery events`) shows the workers and every job's task.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
 

@@ -1,4 +1,5 @@
-"""The `llava-queue` command: `up` runs the whole stack; `api` and `worker` run one piece each."""
+"""The `llava-queue` command: `up` runs the whole stack; `api` and `worker` run one piece each;
+`status` shows queues and workers."""
 
 import argparse
 import ctypes
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+from shared.logs import setup_logging
 from shared.redis_server import RedisServer
 from shared.settings import get_settings
 
@@ -106,7 +108,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     uvicorn.run("api.main:app", host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", ws_ping_interval=20)
+                log_level="info", log_config=None, ws_ping_interval=20)
     return 0
 
 
@@ -118,8 +120,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+def cmd_status(args: argparse.Namespace) -> int:
+    """The queues and workers as a table, read from Redis; again every --watch seconds."""
+    from shared.status import run_status
+
+    return run_status(get_settings(), watch=args.watch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser of `llava-queue` (built without running anything)."""
     parser = argparse.ArgumentParser(prog="llava-queue", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run Redis (embedded), a worker and the API")
@@ -136,7 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     api.set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run one worker against LLAVA_QUEUE_REDIS_URL")
     worker.set_defaults(func=cmd_worker)
-    args = parser.parse_args(argv)
+    status = sub.add_parser("status", help="show queues, workers and throughput (from LLAVA_QUEUE_REDIS_URL)")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until Ctrl-C")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = get_settings()
+    setup_logging(settings.log_format, settings.log_level)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

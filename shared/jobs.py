@@ -78,12 +78,14 @@ if ARGV[9] ~= '' and status == 'running' and redis.call('HGET', KEYS[1], 'worker
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
            'finish_reason', ARGV[4], 'finished_at', ARGV[5])
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'completion_tokens', ARGV[10]) end
 redis.call('ZREM', KEYS[3], ARGV[8])
 redis.call('ZREM', KEYS[4], ARGV[8])
 redis.call('HDEL', KEYS[5], ARGV[8])
 redis.call('ZREM', KEYS[6], ARGV[8])
 redis.call('INCR', KEYS[7])
 redis.call('EXPIRE', KEYS[7], 180)
+redis.call('HINCRBY', KEYS[8], ARGV[1] .. ':' .. ARGV[3], 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = ARGV[1], error = ARGV[2],
            error_code = tonumber(ARGV[3]), finish_reason = ARGV[4]}))
@@ -135,6 +137,8 @@ class Ending:
     error: str = ""
     error_code: int = 0
     finish_reason: str = ""
+    # The job's final count of generated tokens, when the ender knows it (the last step may add none).
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,7 @@ class JobStore:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(job_id), mapping=record)
             pipe.zadd(self.queue_key(queue), {job_id: order})
+            pipe.hincrby(self.submitted_key, queue, 1)
             if deadline_seconds is not None:
                 pipe.zadd(self.deadlines_key, {job_id: now + deadline_seconds})
             pipe.execute()
@@ -247,6 +252,31 @@ class JobStore:
                 expired.append(job_id)
             self.redis.zrem(self.deadlines_key, job_id)
         return expired
+
+    @property
+    def submitted_key(self) -> str:
+        """Hash of queue → jobs ever submitted to it (a counter for metrics)."""
+        return f"{self.prefix}:stats:submitted"
+
+    @property
+    def finished_key(self) -> str:
+        """Hash of "status:error_code" → jobs that ended so (a counter for metrics)."""
+        return f"{self.prefix}:stats:finished"
+
+    def totals(self) -> dict[str, Any]:
+        """Job counts in one round trip: queued (per queue), running, submitted (per queue), finished
+        (per (status, error_code))."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in QUEUES:
+                pipe.zcard(self.queue_key(queue))
+            pipe.hlen(self.running_key)
+            pipe.hgetall(self.submitted_key)
+            pipe.hgetall(self.finished_key)
+            *queued, running, submitted, finished = pipe.execute()
+        return {"queued": dict(zip(QUEUES, queued)), "running": running,
+                "submitted": {queue: int(count) for queue, count in submitted.items()},
+                "finished": {(name.rpartition(":")[0], int(name.rpartition(":")[2])): int(count)
+                             for name, count in finished.items()}}
 
     def finished_per_second(self) -> float:
         """Jobs that ended per second over the last full minute (0.0 when none did)."""
@@ -391,9 +421,10 @@ class JobStore:
         required = "running" if only_if_running else "queued" if only_if_queued else ""
         finished_counter = f"{self.prefix}:finished:{int(now // 60)}"
         return {"keys": [self.key(ending.job_id), self.channel(ending.job_id), *self._queue_keys(), self.running_key,
-                         self.deadlines_key, finished_counter],
+                         self.deadlines_key, finished_counter, self.finished_key],
                 "args": [ending.status, ending.error, int(ending.error_code), ending.finish_reason, repr(now),
-                         required, self.ttl_seconds, ending.job_id, worker]}
+                         required, self.ttl_seconds, ending.job_id, worker,
+                         "" if ending.completion_tokens is None else ending.completion_tokens]}
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.

@@ -11,21 +11,30 @@ from celery import signals
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app
 from shared.jobs import JobStore, WorkerRegistry
+from shared.logs import bind_job_ids_to_celery_tasks
 from shared.settings import Settings
 from workers import tasks
-from workers.builder import load_model
+from workers.builder import LoadedModel, load_model
 from workers.default_model import ensure_default_model
-from workers.engine import LLMEngine
+from workers.engine import LLMEngine, SamplingParams
 from workers.generation import JobRunner
+from workers.metrics import METRICS, serve
 
 log = logging.getLogger("llava_queue.worker")
 
 
 def run_worker(settings: Settings) -> None:
     """Serve jobs from Redis until the process is told to stop."""
+    bind_job_ids_to_celery_tasks()
+    if settings.worker_metrics_port:
+        # Up before the model loads: /readyz says 503 until the warm-up is done.
+        exporter = serve(METRICS, settings.worker_metrics_host, settings.worker_metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.worker_metrics_host, exporter.server_port)
+    load_started = time.monotonic()
     model_path = settings.model_path or str(ensure_default_model(settings.cache_dir))
     loaded = load_model(model_path, settings.model_base, settings.model_name, device=settings.device,
                         dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit)
+    load_seconds = time.monotonic() - load_started
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
@@ -33,6 +42,11 @@ def run_worker(settings: Settings) -> None:
                        max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
                        on_step=runner.publish)
     runner.attach(engine)
+    warmup_seconds = _warm_up(engine, loaded)
+    log.info("model %s loaded in %.1f s, warmed up in %.2f s", loaded.name, load_seconds, warmup_seconds)
+    METRICS.observe_load(loaded.name, load_seconds, warmup_seconds)
+    METRICS.bind(loaded.name, engine)
+    METRICS.start_observer(store, name, settings.conversation_log)
     engine.start()
     tasks.install(runner)
     log.info("worker %s: model %s, device %s, dtype %s, %d torch threads, max_num_seqs %d, max_batch_tokens %d",
@@ -42,7 +56,8 @@ def run_worker(settings: Settings) -> None:
     stop = threading.Event()
     info = {"name": name, "model": loaded.name, "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."), "max_num_seqs": settings.max_num_seqs,
-            "started_at": time.time()}
+            "started_at": time.time(), "load_seconds": round(load_seconds, 2), "ready": True}
+    METRICS.set_ready(True)
     threading.Thread(target=_follow_cancellations, args=(store, runner, stop), daemon=True,
                      name="cancellations").start()
     threading.Thread(target=_announce, args=(registry, info, engine, settings, stop), daemon=True,
@@ -53,7 +68,10 @@ def run_worker(settings: Settings) -> None:
         celery_app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
 
     def on_shutdown(**_):
-        # Celery stops taking jobs and waits for the running ones; past the grace period, hand them back.
+        # Not ready any more (the next heartbeat says so); Celery stops taking jobs and waits for the
+        # running ones; past the grace period, hand them back.
+        info["ready"] = False
+        METRICS.set_ready(False)
         def hand_back_later():
             if not engine_idle.wait(settings.shutdown_grace_seconds):
                 handed = runner.hand_back(requeue)
@@ -89,12 +107,42 @@ def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Ev
             time.sleep(1.0)
 
 
+def _warm_up(engine: LLMEngine, loaded: LoadedModel) -> float:
+    """Run one greedy 1-token request through the engine before it starts (first kernels, allocator); its seconds.
+
+    The engine is stepped here, in this thread, with its step hook off, so nothing reaches Redis.
+    A failed warm-up is logged; the worker still serves (the error would show on the first job).
+    """
+    started = time.monotonic()
+    on_step, engine.on_step = engine.on_step, None
+    try:
+        ids = loaded.tokenizer("Hello", add_special_tokens=True).input_ids
+        handle = engine.add_request("warm-up", ids, SamplingParams(temperature=0.0, max_new_tokens=1))
+        for _ in range(100):
+            if handle.done.is_set():
+                break
+            engine.step()
+        output = handle.wait(timeout=0)
+        if output.error:
+            log.warning("warm-up request failed: %s", output.error)
+    except Exception:
+        log.exception("warm-up request failed")
+    finally:
+        engine.on_step = on_step
+    return time.monotonic() - started
+
+
 def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings: Settings,
               stop: threading.Event) -> None:
-    """Refresh this worker's heartbeat, with the engine's current load; silence means this worker died."""
+    """Refresh this worker's heartbeat, with the engine's current load and tokens/s; silence means this worker died."""
+    last_at, last_tokens = time.monotonic(), engine.stats()["generated_tokens"]
     while not stop.is_set():
+        stats, now = engine.stats(), time.monotonic()
+        tokens_per_second = (stats["generated_tokens"] - last_tokens) / max(now - last_at, 1e-3)
+        last_at, last_tokens = now, stats["generated_tokens"]
         try:
-            registry.announce(info["name"], {**info, **engine.stats(), "heartbeat_at": time.time()},
+            registry.announce(info["name"], {**info, **stats, "tokens_per_second": round(tokens_per_second, 1),
+                                             "heartbeat_at": time.time()},
                               ttl_seconds=settings.heartbeat_ttl_seconds)
         except Exception:
             log.exception("could not announce the worker")

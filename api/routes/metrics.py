@@ -1,0 +1,134 @@
+"""`GET /metrics` (Prometheus) and `GET /readyz` (ready to serve the default model).
+
+Every number here is read from Redis when asked, so all API replicas answer the same: queue
+depths, jobs queued and running, jobs ever submitted and finished (counters kept in Redis by the
+job store's scripts), and the live workers with their load from their heartbeats. What happens
+inside one worker (batch sizes, latencies, tokens) is on that worker's own exporter
+(`LLAVA_QUEUE_WORKER_METRICS_PORT`).
+"""
+
+import asyncio
+from collections import defaultdict
+
+import redis
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from api.deps import AppSettings, Registry, Store
+from shared.jobs import QUEUES, JobStore, WorkerRegistry
+
+router = APIRouter(tags=["health"])
+
+
+class RedisCollector:
+    """The deployment's state from Redis, collected at scrape time (one pipelined read and one scan)."""
+
+    def __init__(self, store: JobStore, registry: WorkerRegistry):
+        self.store = store
+        self.registry = registry
+
+    def collect(self):
+        up = GaugeMetricFamily("llava_queue_redis_up", "1 if the API reached Redis for this scrape, else 0.")
+        try:
+            totals = self.store.totals()
+            workers = self.registry.workers()
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("llava_queue_queue_depth", "Jobs waiting in each queue.", labels=["queue"])
+        for queue in QUEUES:
+            depth.add_metric([queue], totals["queued"].get(queue, 0))
+        yield depth
+        jobs = GaugeMetricFamily("llava_queue_jobs", "Jobs in each active state (ended jobs: "
+                                 "llava_queue_jobs_finished_total).", labels=["state"])
+        jobs.add_metric(["queued"], sum(totals["queued"].values()))
+        jobs.add_metric(["running"], totals["running"])
+        yield jobs
+        submitted = CounterMetricFamily("llava_queue_jobs_submitted", "Jobs accepted, per queue.", labels=["queue"])
+        for queue in sorted(set(QUEUES) | set(totals["submitted"])):
+            submitted.add_metric([queue], totals["submitted"].get(queue, 0))
+        yield submitted
+        finished = CounterMetricFamily("llava_queue_jobs_finished", "Jobs that ended, per final status and error "
+                                       "code.", labels=["status", "error_code"])
+        for (status, error_code), count in sorted(totals["finished"].items()):
+            finished.add_metric([status, str(error_code)], count)
+        yield finished
+        yield from _worker_families(workers)
+
+
+def _worker_families(workers: list[dict]):
+    """Live workers and their load, summed per model, from their heartbeats (a few seconds old at most)."""
+    count = GaugeMetricFamily("llava_queue_workers", "Live workers, per model and readiness.",
+                              labels=["model", "ready"])
+    slots = GaugeMetricFamily("llava_queue_worker_slots", "Sequence slots (max_num_seqs) of the live workers.",
+                              labels=["model"])
+    used = GaugeMetricFamily("llava_queue_worker_slots_used", "Sequences running on the live workers.",
+                             labels=["model"])
+    kv_used = GaugeMetricFamily("llava_queue_worker_kv_budget_used_tokens", "KV budget tokens reserved on the "
+                                "live workers.", labels=["model"])
+    kv_total = GaugeMetricFamily("llava_queue_worker_kv_budget_tokens", "KV budget tokens of the live workers.",
+                                 labels=["model"])
+    speed = GaugeMetricFamily("llava_queue_worker_tokens_per_second", "Tokens generated per second by the live "
+                              "workers (over their last heartbeat interval).", labels=["model"])
+    per_model: dict[tuple[str, str], int] = defaultdict(int)
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for worker in workers:
+        model = worker.get("model", "")
+        per_model[(model, "true" if worker.get("ready", True) else "false")] += 1
+        for name in ("max_num_seqs", "num_running", "reserved_tokens", "max_batch_tokens", "tokens_per_second"):
+            sums[model][name] += worker.get(name) or 0
+    for (model, ready), n in sorted(per_model.items()):
+        count.add_metric([model, ready], n)
+    for model, values in sorted(sums.items()):
+        slots.add_metric([model], values["max_num_seqs"])
+        used.add_metric([model], values["num_running"])
+        kv_used.add_metric([model], values["reserved_tokens"])
+        kv_total.add_metric([model], values["max_batch_tokens"])
+        speed.add_metric([model], values["tokens_per_second"])
+    yield from (count, slots, used, kv_used, kv_total, speed)
+
+
+def _registry_of(request: Request) -> CollectorRegistry:
+    state = request.app.state
+    if getattr(state, "metrics_registry", None) is None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(RedisCollector(state.store, state.registry))
+        state.metrics_registry = registry
+    return state.metrics_registry
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of the whole deployment, read from Redis (every API replica answers the same)."""
+    body = await asyncio.to_thread(generate_latest, _registry_of(request))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+# A probe, not part of the client API: left out of the OpenAPI schema (its 503 is an answer, not a fault).
+@router.get("/readyz", include_in_schema=False)
+async def readyz(store: Store, registry: Registry, settings: AppSettings) -> JSONResponse:
+    """200 when Redis answers and a live, ready worker serves the default model (any model if
+    LLAVA_QUEUE_DEFAULT_MODEL is unset); 503 with the reasons otherwise."""
+    try:
+        await asyncio.to_thread(store.redis.ping)
+        workers = await asyncio.to_thread(registry.workers)
+    except redis.RedisError as exc:
+        return JSONResponse({"status": "not ready", "redis": False, "reasons": [f"Redis is unreachable: {exc}"]},
+                            status_code=503)
+    model = settings.default_model
+    ready = [worker for worker in workers if worker.get("ready", True)
+             and (model is None or worker.get("model") == model)]
+    body = {"status": "ready" if ready else "not ready", "redis": True, "model": model,
+            "ready_workers": len(ready), "workers": len(workers)}
+    if ready:
+        return JSONResponse(body)
+    wanted = f"model {model!r}" if model else "any model"
+    live_models = sorted({worker.get("model", "") for worker in workers})
+    body["reasons"] = [f"no live, ready worker serves {wanted} (live workers' models: {live_models or 'none'})"]
+    return JSONResponse(body, status_code=503)

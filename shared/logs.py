@@ -1,0 +1,122 @@
+"""Logging for every llava-queue process: plain text, or JSON lines that carry the job id.
+
+`setup_logging` is called once by the `llava-queue` command before anything logs. With
+`log_format="json"` each record is one JSON object on one line:
+
+    {"time": "2026-11-24T10:00:00.123Z", "level": "INFO", "logger": "llava_queue.worker",
+     "message": "job 3f2a... failed", "job_id": "3f2a...", "process": 4242, "thread": "..."}
+
+A line is about a job when the job id is bound to the thread that logs it (`job_context`, set
+for the duration of each Celery task), when the record carries `extra={"job_id": ...}`, or when
+its message names a job id (32 hex digits: the engine thread serves many jobs at once and names
+the one it logs about). Every such line gets the `job_id` field, so one `grep`/`jq` finds a
+job's whole story across the API and the workers.
+"""
+
+import contextvars
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+_job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("llava_queue_job_id", default=None)
+_JOB_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+TEXT_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
+
+
+def job_id_of(record: logging.LogRecord) -> str | None:
+    """The job a log record is about, or None."""
+    explicit = getattr(record, "job_id", None)
+    if explicit:
+        return str(explicit)
+    bound = _job_id.get()
+    if bound:
+        return bound
+    found = _JOB_ID.search(record.getMessage())
+    return found.group(0) if found else None
+
+
+@contextmanager
+def job_context(job_id: str) -> Iterator[None]:
+    """Tag every line this thread logs inside the block with `job_id`."""
+    token = _job_id.set(job_id)
+    try:
+        yield
+    finally:
+        _job_id.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (tracebacks included as a string)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        job_id = job_id_of(record)
+        if job_id:
+            line["job_id"] = job_id
+        line["process"] = record.process
+        line["thread"] = record.threadName
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with `[job ID]` added when the job is known but the message does not name it."""
+
+    def __init__(self):
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        job_id = job_id_of(record)
+        if job_id and job_id not in record.message:
+            text += f" [job {job_id}]"
+        return text
+
+
+def setup_logging(log_format: str = "text", level: str | int = "INFO") -> None:
+    """Send every process's logs to stderr in `log_format` ("text" or "json"); safe to call again."""
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', got {log_format!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    # uvicorn's own loggers propagate to this handler (the API runs uvicorn with log_config=None).
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+
+
+def bind_job_ids_to_celery_tasks() -> None:
+    """Tag every line a Celery task thread logs with the job id the task carries (its first argument)."""
+    from celery import signals
+
+    tokens: dict[str, contextvars.Token] = {}
+
+    def on_prerun(task_id=None, args=None, **_):
+        if args and isinstance(args[0], str) and _JOB_ID.fullmatch(args[0]):
+            tokens[task_id] = _job_id.set(args[0])
+
+    def on_postrun(task_id=None, **_):
+        token = tokens.pop(task_id, None)
+        if token is not None:
+            _job_id.reset(token)
+
+    signals.task_prerun.connect(on_prerun, weak=False)
+    signals.task_postrun.connect(on_postrun, weak=False)

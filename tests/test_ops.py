@@ -1,0 +1,237 @@
+"""Operations: what an operator scrapes, probes, reads in the logs and types at the shell.
+
+The API's `/metrics` and `/readyz` and `llava-queue status` run against the real stack; the
+worker's metrics run in this process on a real engine with the default model (the stack's
+worker has no exporter port), on the test Redis under a key prefix of their own.
+"""
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import start_service
+from shared.redis_server import free_port
+from shared.settings import Settings
+
+FRANCE = [{"role": "user", "text": "What is the capital of France?"}]
+
+
+def scrape(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text → {(sample name, sorted labels): value}."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def run_job(stack, **payload) -> dict:
+    job_id = requests.post(f"{stack.base_url}/v1/jobs", json=payload, timeout=10).json()["id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end\n{stack.logs()}")
+
+
+def test_api_metrics_count_jobs_from_redis(stack):
+    before = scrape(requests.get(f"{stack.base_url}/metrics", timeout=10).text)
+    job = run_job(stack, messages=FRANCE, temperature=0, max_new_tokens=8)
+    assert job["status"] == "succeeded"
+    response = requests.get(f"{stack.base_url}/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    after = scrape(response.text)
+    submitted = ("llava_queue_jobs_submitted_total", (("queue", "interactive"),))
+    succeeded = ("llava_queue_jobs_finished_total", (("error_code", "0"), ("status", "succeeded")))
+    assert after[submitted] >= before.get(submitted, 0) + 1
+    assert after[succeeded] >= before.get(succeeded, 0) + 1
+    assert after[("llava_queue_redis_up", ())] == 1
+    assert ("llava_queue_queue_depth", (("queue", "batch"),)) in after
+    assert ("llava_queue_jobs", (("state", "running"),)) in after
+    workers = {labels: value for (name, labels), value in after.items() if name == "llava_queue_workers"}
+    assert workers == {(("model", "SmolLM2-135M-Instruct"), ("ready", "true")): 1}
+    assert after[("llava_queue_worker_slots", (("model", "SmolLM2-135M-Instruct"),))] == 16
+
+
+def test_readyz_needs_redis_and_a_ready_worker_for_the_default_model(stack):
+    ready = requests.get(f"{stack.base_url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["ready_workers"] == 1, ready.text
+    # The same deployment with a default model no worker serves, and with Redis away (in-process apps).
+    from api.main import create_app
+
+    with TestClient(create_app(Settings(redis_url=stack.redis_url, default_model="llava-v1.5-13b"))) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert "no live, ready worker serves model 'llava-v1.5-13b'" in response.json()["reasons"][0]
+        assert "SmolLM2-135M-Instruct" in response.json()["reasons"][0]
+    with TestClient(create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503 and response.json()["redis"] is False
+        assert "Redis is unreachable" in response.json()["reasons"][0]
+        metrics = scrape(client.get("/metrics").text)
+        assert metrics[("llava_queue_redis_up", ())] == 0
+
+
+def test_status_table_and_watch(stack):
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=stack.redis_url)
+    once = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert once.returncode == 0, once.stderr
+    lines = once.stdout.splitlines()
+    assert lines[1].split() == ["QUEUE", "QUEUED"] and lines[2].split()[0] == "interactive"
+    header = next(line for line in lines if line.startswith("WORKER"))
+    assert header.split() == ["WORKER", "MODEL", "DEVICE", "READY", "SLOTS", "WAITING", "KV", "BUDGET", "TOK/S",
+                              "HEARTBEAT"]
+    row = lines[lines.index(header) + 1].split()
+    assert row[1] == "SmolLM2-135M-Instruct" and row[3] == "yes" and row[4].endswith("/16")
+    assert lines[-1].startswith("throughput: ")
+    watch = subprocess.Popen([sys.executable, "-m", "shared.cli", "status", "--watch", "0.3"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    assert out.count("\033[H\033[2J") >= 2 and out.count("SmolLM2-135M-Instruct@") >= 2
+
+
+def test_json_logs_carry_the_job_id(stack):
+    """An API replica with JSON logs: its lines about a job (uvicorn's access lines too) name the job."""
+    port = free_port()
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=stack.redis_url, LLAVA_QUEUE_LOG_FORMAT="json")
+    log_dir = Path(stack.log_dir)
+    api = start_service("api-json", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"{url}/healthz", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and api.poll() is None, (log_dir / "api-json.log").read_text()
+                time.sleep(0.2)
+        job_id = requests.post(f"{url}/v1/jobs", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=10).json()["id"]
+        requests.get(f"{url}/v1/jobs/{job_id}", timeout=10)
+    finally:
+        api.terminate()
+        api.wait(15)
+    lines = [json.loads(line) for line in (log_dir / "api-json.log").read_text().splitlines() if line.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    about_job = [line for line in lines if job_id in line["message"]]
+    assert any(line["logger"] == "uvicorn.access" for line in about_job)
+    assert all(line["job_id"] == job_id for line in about_job)
+
+
+def test_job_context_tags_every_line_of_a_celery_task():
+    from celery import signals
+
+    from shared.logs import JsonFormatter, TextFormatter, bind_job_ids_to_celery_tasks
+
+    bind_job_ids_to_celery_tasks()
+    record = lambda message: logging.LogRecord("llava_queue.worker", logging.INFO, __file__, 1, message, (), None)
+    job_id = "0123456789abcdef0123456789abcdef"
+    signals.task_prerun.send(sender=None, task_id="t1", task=None, args=[job_id], kwargs={})
+    tagged = json.loads(JsonFormatter().format(record("prompt rendered")))
+    assert tagged["job_id"] == job_id and tagged["message"] == "prompt rendered"
+    assert TextFormatter().format(record("prompt rendered")).endswith(f"prompt rendered [job {job_id}]")
+    signals.task_postrun.send(sender=None, task_id="t1", task=None, args=[job_id], kwargs={})
+    assert "job_id" not in json.loads(JsonFormatter().format(record("idle")))
+
+
+@pytest.fixture(scope="module")
+def in_process_worker(redis_server, default_model_dir, tmp_path_factory):
+    """A JobRunner and engine in this process, on the default model and the test Redis (a key prefix of its own)."""
+    from shared.jobs import JobStore
+    from workers.builder import load_model
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+    from workers.main import _warm_up
+    from workers.metrics import METRICS, serve
+
+    loaded = load_model(str(default_model_dir), device="cpu", dtype="float32")
+    store = JobStore.from_url(redis_server.url, prefix="llq-ops-test")
+    runner = JobRunner(store, loaded, "ops-test-worker")
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=4, max_model_len=loaded.context_len,
+                       on_step=runner.publish)
+    runner.attach(engine)
+    server = serve(METRICS, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_port}"
+    assert requests.get(f"{url}/readyz", timeout=5).status_code == 503  # still loading
+    _warm_up(engine, loaded)
+    METRICS.observe_load(loaded.name, 1.5, 0.25)
+    METRICS.bind(loaded.name, engine)
+    conversation_log = tmp_path_factory.mktemp("conversations") / "conv.jsonl"
+    METRICS.start_observer(store, runner.worker_name, str(conversation_log))
+    engine.start()
+    METRICS.set_ready(True)
+    try:
+        yield store, runner, url, conversation_log
+    finally:
+        engine.shutdown()
+        server.shutdown()
+
+
+def test_worker_metrics_and_conversation_log(in_process_worker):
+    from shared.protocol import GenerateRequest
+
+    store, runner, url, conversation_log = in_process_worker
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    requests_ = [GenerateRequest(messages=[{"role": "user", "text": "Hello", "images": [image]}], temperature=0,
+                                 max_new_tokens=6),
+                 GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=6, stop="\n\n\n")]
+    job_ids = [store.create(request, "interactive")[0] for request in requests_]
+    threads = [threading.Thread(target=runner.run, args=(job_id,)) for job_id in job_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [store.get(job_id)["status"] for job_id in job_ids] == ["succeeded", "succeeded"]
+
+    model = (("model", "SmolLM2-135M-Instruct"),)
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = scrape(requests.get(f"{url}/metrics", timeout=5).text)
+        if metrics.get(("llava_queue_e2e_request_latency_seconds_count", model), 0) >= 2:
+            break
+        assert time.monotonic() < deadline, "the finished jobs' latencies were not observed"
+        time.sleep(0.1)
+    for name in ("time_in_queue_seconds", "time_to_first_token_seconds", "time_per_output_token_seconds",
+                 "e2e_request_latency_seconds"):
+        assert metrics[(f"llava_queue_{name}_count", model)] == 2, name
+    assert metrics[("llava_queue_batch_size_count", model)] >= 6
+    # Both jobs were in the batch together for at least one step.
+    assert metrics[("llava_queue_batch_size_bucket", (("le", "1.0"),) + model)] < \
+        metrics[("llava_queue_batch_size_count", model)]
+    completion_tokens = sum(store.get(job_id)["completion_tokens"] for job_id in job_ids)
+    assert metrics[("llava_queue_generated_tokens_total", model)] >= completion_tokens
+    assert metrics[("llava_queue_worker_jobs_total", model + (("status", "succeeded"),))] == 2
+    assert metrics[("llava_queue_model_load_seconds", model)] == 1.5
+    assert metrics[("llava_queue_kv_budget_tokens", model)] == 16384
+    assert metrics[("llava_queue_worker_ready", ())] == 1
+    assert requests.get(f"{url}/readyz", timeout=5).json() == {"ready": True, "model": "SmolLM2-135M-Instruct"}
+
+    lines = {line["job_id"]: line for line in map(json.loads, conversation_log.read_text().splitlines())}
+    chat = lines[job_ids[0]]
+    assert chat["type"] == "chat" and chat["model"] == "SmolLM2-135M-Instruct" and chat["status"] == "succeeded"
+    assert chat["start"] <= chat["finish"] == chat["tstamp"]
+    assert chat["parameters"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 6, "stop": None, "seed": None}
+    assert chat["messages"] == [{"role": "user", "text": "Hello"}]
+    assert chat["images"] == [hashlib.md5(buffer.getvalue()).hexdigest()]
+    assert image not in conversation_log.read_text()
+    assert lines[job_ids[1]]["prompt"] == "Once upon a time" and lines[job_ids[1]]["images"] == []

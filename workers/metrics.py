@@ -1,0 +1,294 @@
+"""A worker's Prometheus metrics, its HTTP exporter (`/metrics`, `/readyz`), and the conversation log.
+
+The engine thread pays almost nothing: per step one histogram observation (the batch size); per
+finished job a counter and a put on a queue. Engine gauges (running and waiting sequences, the
+KV budget in use, generated tokens) are read from `engine.stats()` when Prometheus scrapes. A
+background thread reads each finished job's timestamps from its record, several jobs per
+pipelined round trip, and observes the latency histograms (time in queue, time to first token,
+time per output token, end to end) and, when `conversation_log` is set, appends the job's line
+to it.
+
+Latencies are measured from the job's `created_at` (stamped by the API that took it) to the
+times the worker stamped (`started_at`, `first_token_at`, `finished_at`), so they include the
+wait in the queue, as a user sees it; hosts should keep their clocks in sync (NTP).
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from shared.jobs import FINAL_STATES, JobStore
+
+log = logging.getLogger("llava_queue.worker")
+# No `_created` series beside every counter and histogram: they double what a scrape carries, and
+# Prometheus does not need them.
+disable_created_metrics()
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
+# From tens of milliseconds (a short answer on an idle GPU) to hours (a batch job behind a long queue).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+                   320.0, 640.0, 1280.0, 2560.0, 5120.0, 10240.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                2.5, 5.0)
+_RECORD_FIELDS = ("status", "worker", "model", "created_at", "started_at", "first_token_at", "finished_at",
+                  "prompt_tokens", "completion_tokens", "error_code", "finish_reason")
+_CONVERSATION_FIELDS = ("request", "prompt", "text")
+
+
+class WorkerMetrics:
+    """Every metric of one worker process, in its own registry; `bind` it to the engine once the model is loaded."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.model = ""
+        self.engine = None
+        self._baseline = {"generated_tokens": 0, "steps": 0}
+        r = self.registry
+        self.batch_size = Histogram("llava_queue_batch_size", "Sequences in the engine's batch at each step.",
+                                    ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.queue_time = Histogram("llava_queue_time_in_queue_seconds",
+                                    "From a job's submission to its start on a worker.", ["model"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llava_queue_time_to_first_token_seconds",
+                              "From a job's submission to its first generated token.", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("llava_queue_time_per_output_token_seconds",
+                              "Per succeeded job: (end - first token) / (generated tokens - 1).", ["model"],
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("llava_queue_e2e_request_latency_seconds",
+                             "Per succeeded job: from its submission to its end.", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.jobs = Counter("llava_queue_worker_jobs", "Jobs this worker ran to an end, by final status.",
+                            ["model", "status"], registry=r)
+        self.prompt_tokens = Counter("llava_queue_prompt_tokens", "Prompt tokens of the jobs this worker ended.",
+                                     ["model"], registry=r)
+        self.load_seconds = Gauge("llava_queue_model_load_seconds", "How long loading the model took.", ["model"],
+                                  registry=r)
+        self.warmup_seconds = Gauge("llava_queue_model_warmup_seconds",
+                                    "How long the warm-up request took after loading.", ["model"], registry=r)
+        self.ready = Gauge("llava_queue_worker_ready",
+                           "1 once the model is loaded and warmed up; 0 while starting or shutting down.", registry=r)
+        self.registry.register(_EngineCollector(self))
+        self._ended: queue.Queue[str] = queue.Queue()
+        self.is_ready = False
+
+    def bind(self, model: str, engine) -> None:
+        """Label every metric with `model` and read the engine's gauges from `engine.stats()` from now on."""
+        stats = engine.stats()
+        self._baseline = {"generated_tokens": stats["generated_tokens"], "steps": stats["steps"]}
+        self.model, self.engine = model, engine
+
+    def observe_load(self, model: str, load_seconds: float, warmup_seconds: float) -> None:
+        self.load_seconds.labels(model).set(load_seconds)
+        self.warmup_seconds.labels(model).set(warmup_seconds)
+
+    def set_ready(self, ready: bool) -> None:
+        """Say whether this worker takes jobs (its /readyz and `llava_queue_worker_ready`)."""
+        self.is_ready = ready
+        self.ready.set(1 if ready else 0)
+
+    def observe_step(self, outputs: list, endings: list) -> None:
+        """After every engine step (from `JobRunner.publish`, on the engine thread): the batch size, and the
+        jobs that ended, whose latencies the observer thread reads."""
+        if self.engine is None:
+            return
+        # The rows running after the step, plus those that finished in it (they were in the batch too).
+        size = self.engine.stats()["num_running"] + sum(1 for out in outputs if out.finished)
+        if size:
+            self.batch_size.labels(self.model).observe(size)
+        for ending in endings:
+            self.jobs.labels(self.model, ending.status).inc()
+            self._ended.put(ending.job_id)
+
+    def observe_record(self, record: dict[str, Any]) -> None:
+        """Observe the latencies of one finished job record (its raw Redis fields)."""
+        created, started, first, finished = (_float(record.get(name)) for name in
+                                             ("created_at", "started_at", "first_token_at", "finished_at"))
+        completion_tokens = int(record.get("completion_tokens") or 0)
+        model = self.model or record.get("model") or ""
+        if created is not None and started is not None:
+            self.queue_time.labels(model).observe(max(0.0, started - created))
+        if created is not None and first is not None:
+            self.ttft.labels(model).observe(max(0.0, first - created))
+        self.prompt_tokens.labels(model).inc(int(record.get("prompt_tokens") or 0))
+        if record.get("status") != "succeeded":
+            return
+        if created is not None and finished is not None:
+            self.e2e.labels(model).observe(max(0.0, finished - created))
+        if first is not None and finished is not None and completion_tokens >= 2:
+            self.tpot.labels(model).observe(max(0.0, finished - first) / (completion_tokens - 1))
+
+    def start_observer(self, store: JobStore, worker_name: str, conversation_log: str = "") -> threading.Thread:
+        """Start the thread that turns finished jobs into latency observations (and conversation log lines)."""
+        thread = threading.Thread(target=self._observe_finished, args=(store, worker_name, conversation_log),
+                                  daemon=True, name="job-metrics")
+        thread.start()
+        return thread
+
+    def _observe_finished(self, store: JobStore, worker_name: str, conversation_log: str) -> None:
+        fields = _RECORD_FIELDS + (_CONVERSATION_FIELDS if conversation_log else ())
+        while True:
+            job_ids = [self._ended.get()]
+            while len(job_ids) < 256:
+                try:
+                    job_ids.append(self._ended.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with store.redis.pipeline(transaction=False) as pipe:
+                    for job_id in job_ids:
+                        pipe.hmget(store.key(job_id), fields)
+                    rows = pipe.execute()
+            except Exception:
+                log.exception("could not read %d finished jobs for the metrics", len(job_ids))
+                continue
+            lines = []
+            for job_id, values in zip(job_ids, rows):
+                record = dict(zip(fields, values))
+                # Only jobs this worker ended (a job handed back or fenced off was ended elsewhere).
+                if record["status"] not in FINAL_STATES or record["worker"] != worker_name:
+                    continue
+                self.observe_record(record)
+                if conversation_log:
+                    lines.append(json.dumps(conversation_line(job_id, record), ensure_ascii=False))
+            if lines:
+                try:
+                    _append_lines(conversation_log, lines)
+                except OSError:
+                    log.exception("could not write the conversation log %s", conversation_log)
+
+
+class _EngineCollector:
+    """The engine's gauges and counters, read from `engine.stats()` at scrape time."""
+
+    def __init__(self, metrics: WorkerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        engine, model = self.metrics.engine, self.metrics.model
+        if engine is None:
+            return
+        stats = engine.stats()
+        baseline = self.metrics._baseline
+        for name, help_text, value in (
+                ("llava_queue_generated_tokens", "Tokens generated by this worker.",
+                 stats["generated_tokens"] - baseline["generated_tokens"]),
+                ("llava_queue_engine_steps", "Engine steps (one decode for the batch, plus any prefill).",
+                 stats["steps"] - baseline["steps"])):
+            family = CounterMetricFamily(name, help_text, labels=["model"])
+            family.add_metric([model], value)
+            yield family
+        for name, help_text, value in (
+                ("llava_queue_running_sequences", "Sequences in the engine's batch.", stats["num_running"]),
+                ("llava_queue_waiting_sequences", "Sequences handed to the engine, waiting for room in its batch.",
+                 stats["num_waiting"]),
+                ("llava_queue_kv_budget_used_tokens",
+                 "Tokens (prompt + max new) reserved by the running sequences, of the KV budget.",
+                 stats["reserved_tokens"]),
+                ("llava_queue_kv_budget_tokens", "The engine's KV budget (LLAVA_QUEUE_MAX_BATCH_TOKENS).",
+                 stats["max_batch_tokens"]),
+                ("llava_queue_max_num_seqs", "The engine's sequence budget (LLAVA_QUEUE_MAX_NUM_SEQS).",
+                 stats["max_num_seqs"])):
+            family = GaugeMetricFamily(name, help_text, labels=["model"])
+            family.add_metric([model], value)
+            yield family
+
+
+def conversation_line(job_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The original's conversation log record for one finished job; images as MD5 hashes of their bytes."""
+    request = json.loads(record.get("request") or "{}")
+    messages = request.get("messages")
+    images = [image for message in messages for image in message.get("images", [])] if messages \
+        else request.get("images") or []
+    finished = _float(record.get("finished_at")) or time.time()
+    line: dict[str, Any] = {
+        "tstamp": round(finished, 4),
+        "type": "chat",
+        "job_id": job_id,
+        "model": record.get("model") or "",
+        "start": round(_float(record.get("created_at")) or finished, 4),
+        "finish": round(finished, 4),
+        "status": record.get("status"),
+        "error_code": int(record.get("error_code") or 0),
+        "finish_reason": record.get("finish_reason") or "",
+        "parameters": {name: request.get(name) for name in ("temperature", "top_p", "max_new_tokens", "stop",
+                                                             "seed")},
+    }
+    if messages:
+        line["messages"] = [{"role": message.get("role"), "text": message.get("text", "")} for message in messages]
+    line["prompt"] = record.get("prompt") or ""
+    line["text"] = record.get("text") or ""
+    line["images"] = [image_md5(image) for image in images]
+    line["prompt_tokens"] = int(record.get("prompt_tokens") or 0)
+    line["completion_tokens"] = int(record.get("completion_tokens") or 0)
+    return line
+
+
+def image_md5(image: str) -> str:
+    """MD5 of an image's file bytes (base64, plain or as a data: URL); of the text itself if it is not base64."""
+    data = image.partition(",")[2] if image.startswith("data:") else image
+    try:
+        raw = base64.b64decode(data.replace("\n", "").replace("\r", ""), validate=True)
+    except (binascii.Error, ValueError):
+        raw = image.encode()
+    return hashlib.md5(raw).hexdigest()
+
+
+_log_lock = threading.Lock()
+
+
+def _append_lines(path: str, lines: list[str]) -> None:
+    with _log_lock:
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        with open(Path(path).expanduser(), "a", encoding="utf-8") as file:
+            file.write("".join(line + "\n" for line in lines))
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes every few seconds would flood the log
+        pass
+
+
+def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
+    """Serve `GET /metrics` (Prometheus text) and `GET /readyz` (200 once ready, else 503) in a daemon thread.
+
+    Port 0 picks a free port (`server.server_port`). Stop it with `server.shutdown()`.
+    """
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/readyz":
+            ready = metrics.is_ready
+            body = json.dumps({"ready": ready, "model": metrics.model or None}).encode()
+            start_response("200 OK" if ready else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics_app(environ, start_response)
+
+    server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics-exporter").start()
+    return server
+
+
+# The process's metrics: the worker binds them at start, `JobRunner.publish` feeds them.
+METRICS = WorkerMetrics()
