@@ -99,8 +99,11 @@ def create_jobs(body: BulkJobRequest, store: Store, celery: CeleryApp,
 
 @router.get("/{job_id}", response_model=JobView)
 def get_job(job_id: str, store: Store) -> JobView:
-    """The job's state, text so far, timings, token usage, and queue position while queued."""
-    record = store.get(job_id)
+    """The job's state, text so far, timings, token usage, and queue position while queued.
+
+    The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too.
+    """
+    record = store.get(job_id.removeprefix("chatcmpl-"))
     if record is None:
         raise job_not_found(job_id)
     return job_view(record)

@@ -10,8 +10,11 @@ router = APIRouter(tags=["models"])
 
 
 def served_models(workers: list[dict]) -> list[str]:
-    """Names of the models some live worker serves, sorted (the original's model list order)."""
-    return sorted({worker["model"] for worker in workers})
+    """Names of the models some live worker serves, sorted (the original's model list order).
+
+    A worker that is draining (its heartbeat says `"ready": false`) takes no new work: it does not count.
+    """
+    return sorted({worker["model"] for worker in workers if worker.get("ready", True)})
 
 
 @router.get("/v1/models")
