@@ -89,3 +89,45 @@ def stack(redis_server, default_model_dir):
                 process.wait(15)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_family(tmp_path_factory):
+    """Tiny random-weight LLaVA checkpoints in every layout the loader reads (see tests/llava_fixtures.py), built once."""
+    from llava_fixtures import build_family
+
+    return build_family(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tiny_llava_family) -> Path:
+    """A tiny LLaVA-1.5 checkpoint in the original layout (mlp2x_gelu projector, 'pad' images, 16 tokens per image)."""
+    return tiny_llava_family.original
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_stack(tiny_llava_dir):
+    """Its own Redis, a worker serving the tiny LLaVA checkpoint (fp32, so batching cannot change a greedy answer),
+    and an API."""
+    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-tiny-llava-logs-"))
+    with RedisServer() as server:
+        port = free_port()
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_MODEL_NAME", "LLAVA_QUEUE_VISION_TOWER")}
+        env.update(LLAVA_QUEUE_REDIS_URL=server.url, LLAVA_QUEUE_MODEL_PATH=str(tiny_llava_dir),
+                   LLAVA_QUEUE_DEVICE="cpu", LLAVA_QUEUE_DTYPE="float32", LLAVA_QUEUE_MAX_NUM_SEQS="8",
+                   LLAVA_QUEUE_PORT=str(port))
+        processes = {"worker": start_service("worker", ["worker"], env, log_dir),
+                     "api": start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
+        running = Stack(f"http://127.0.0.1:{port}", server.url, log_dir, processes)
+        try:
+            wait_for_stack(running)
+            yield running
+        finally:
+            for process in processes.values():
+                process.terminate()
+            for process in processes.values():
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()

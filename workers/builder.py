@@ -1,20 +1,53 @@
-"""Loading a model for serving: one entry point, from a model path to a ready model and tokenizer."""
+"""Loading a model for serving: one entry point, from a model path to a ready model and tokenizer.
 
+The model name decides what is loaded, by the original's rules: a name with "llava" is a LLaVA
+model (multimodal), with "lora" and a `model_base` its LoRA weights are merged onto the base,
+else it is a plain causal LM (a `.gguf` file included). LLaVA checkpoints come in two layouts:
+
+* the original (`LlavaLlamaForCausalLM`: `mm_*` config keys, `model.mm_projector.*` weights, the
+  vision tower loaded by name from `mm_vision_tower`), also as LoRA or projector-only checkpoints
+  over a `model_base`;
+* llava-hf (`LlavaForConditionalGeneration`, transformers' own conversion of the original).
+
+Either way the result is the language model as a plain causal LM (what the engine batches) and a
+`LlavaVision` (tower + projector + image processor) that turns images into prompt embeddings.
+"""
+
+from __future__ import annotations
+
+import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from workers.engine.dtype import pick_dtype
+from workers.llava import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, LlavaVision, VisionEncoder, build_projector
+from workers.weights import checkpoint_file, read_file, read_tensors
 
 log = logging.getLogger("llava_queue.worker")
+
+# The language model inside each original LLaVA model type.
+_ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
+_PROJECTOR_PREFIX = "model.mm_projector."
+_TOWER_PREFIX = "model.vision_tower.vision_tower."
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be served as asked; the message says why and what to change."""
 
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve, with what the protocol needs to know about it."""
+    """A model ready to serve, with what the protocol needs to know about it.
+
+    `model` is a causal LM (for a LLaVA model, its language model); `vision` is set for LLaVA
+    models and turns their images into prompt embeddings.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -23,6 +56,26 @@ class LoadedModel:
     context_len: int
     device: torch.device
     dtype: torch.dtype
+    vision: LlavaVision | None = None
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where and how weights load: device, dtype, and the bitsandbytes config for 8/4-bit."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quantization: object | None = None
+
+    def kwargs(self) -> dict:
+        if self.quantization is None:
+            return {"dtype": self.dtype}
+        gpu = self.device.index if self.device.index is not None else 0
+        return {"dtype": self.dtype, "quantization_config": self.quantization, "device_map": {"": gpu}}
+
+    def place(self, model: PreTrainedModel) -> PreTrainedModel:
+        # bitsandbytes puts quantized weights on the GPU while loading and forbids moving them.
+        return (model if self.quantization is not None else model.to(self.device)).eval()
 
 
 def model_name_from_path(model_path: str) -> str:
@@ -53,28 +106,304 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(model_path: str, model_base: str | None = None, model_name: str | None = None, *,
                device: str = "auto", dtype: str = "auto", load_8bit: bool = False,
-               load_4bit: bool = False) -> LoadedModel:
-    """Load the model at `model_path` (a Hugging Face folder, or a `.gguf` file) for serving.
+               load_4bit: bool = False, vision_tower: str | None = None) -> LoadedModel:
+    """Load the model at `model_path` (a local folder, a hub id, or a `.gguf` file) for serving.
 
     `model_name` overrides the name derived from the path; the name decides, as in the original,
-    whether the model is LLaVA (multimodal: the name contains "llava").
+    whether the model is LLaVA ("llava" in it) and whether `model_base` takes LoRA weights
+    ("lora" in it). `vision_tower` is a local copy of the tower an original LLaVA checkpoint names
+    (default: the `vision_tower` setting). Raises ModelLoadError for what cannot be served.
     """
     name = model_name or model_name_from_path(model_path)
     is_multimodal = "llava" in name.lower()
-    if is_multimodal or model_base or load_8bit or load_4bit:
-        raise NotImplementedError(
-            f"{name}: LLaVA checkpoints, model_base (LoRA) and 8/4-bit loading are not supported by this "
-            "build yet; serve a plain causal LM or the embedded default")
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    path = Path(model_path)
-    kwargs: dict = {"dtype": torch_dtype}
+    placement = _Placement(torch_device, resolve_dtype(dtype, torch_device),
+                           _quantization(load_8bit, load_4bit, torch_device))
+    vision = None
+    if is_multimodal:
+        if vision_tower is None:
+            from shared.settings import get_settings
+
+            vision_tower = get_settings().vision_tower
+        model, tokenizer, vision = _load_llava(model_path, model_base, name, placement, vision_tower)
+    elif model_base:
+        log.info("%s: merging the LoRA weights of %s onto %s", name, model_path, model_base)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        model = _merge_lora(AutoModelForCausalLM.from_pretrained(model_base, **placement.kwargs()), model_path)
+        model = placement.place(model)
+    else:
+        model, tokenizer = _load_causal_lm(model_path, placement, name)
+    context_len = getattr(model.config, "max_position_embeddings", None) or 2048
+    log.info("loaded %s from %s on %s in %s (context %d tokens%s)", name, model_path, torch_device,
+             str(placement.dtype).removeprefix("torch."), context_len,
+             f", {vision.tokens_per_image} tokens per image" if vision else "")
+    return LoadedModel(model, tokenizer, name, is_multimodal, context_len, torch_device, placement.dtype, vision)
+
+
+def _quantization(load_8bit: bool, load_4bit: bool, device: torch.device):
+    """The bitsandbytes config of the original's --load-8bit / --load-4bit (nf4, double quant), or None."""
+    if not (load_8bit or load_4bit):
+        return None
+    if load_8bit and load_4bit:
+        raise ModelLoadError("load_8bit and load_4bit are both set: choose one")
+    bits = "8-bit" if load_8bit else "4-bit"
+    if device.type != "cuda":
+        raise ModelLoadError(f"{bits} loading uses bitsandbytes, which needs a CUDA GPU; this worker runs on "
+                             f"{device}. Unset LLAVA_QUEUE_LOAD_8BIT / LLAVA_QUEUE_LOAD_4BIT, or run on a GPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"{bits} loading needs bitsandbytes: pip install 'llava-queue[quantization]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
+
+
+def _load_causal_lm(model_path: str, placement: _Placement,
+                    name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A plain causal LM: a Hugging Face folder or hub id, or a `.gguf` file (dequantized by transformers)."""
+    path, kwargs = Path(model_path), placement.kwargs()
     if path.suffix == ".gguf":
         kwargs["gguf_file"] = path.name
         path = path.parent
+    else:
+        config = _read_config(model_path)
+        if "vision_config" in config or "mm_vision_tower" in config:
+            raise ModelLoadError(f"{name}: {model_path} is a LLaVA checkpoint, but only names with 'llava' are served "
+                                 "as LLaVA (the original's rule); set LLAVA_QUEUE_MODEL_NAME to such a name")
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(torch_device).eval()
-    context_len = getattr(model.config, "max_position_embeddings", None) or 2048
-    log.info("loaded %s from %s on %s in %s (context %d tokens)", name, model_path, torch_device,
-             str(torch_dtype).removeprefix("torch."), context_len)
-    return LoadedModel(model, tokenizer, name, is_multimodal, context_len, torch_device, torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return placement.place(model), tokenizer
+
+
+def _merge_lora(model: PreTrainedModel, adapter_path: str) -> PreTrainedModel:
+    """`model` with the PEFT LoRA adapter at `adapter_path` merged into its weights (the original's merge)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError("merging LoRA weights needs peft: pip install 'llava-queue[worker]'") from None
+    return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+
+
+@contextmanager
+def _extra_weights_expected(note: str):
+    """Load a model whose checkpoint also holds weights that are not its own, logging `note` instead of
+    transformers' table of every such key; a report that says more (missing or mismatched weights) still shows."""
+
+    def only_unexpected(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" in message and not any(word in message for word in ("MISSING", "MISMATCH", "CONVERSION")):
+            log.info(note)
+            return False
+        return True
+
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    transformers_log.addFilter(only_unexpected)
+    try:
+        yield
+    finally:
+        transformers_log.removeFilter(only_unexpected)
+
+
+def _read_config(model_path: str) -> dict:
+    file = checkpoint_file(model_path, "config.json")
+    if file is None:
+        raise ModelLoadError(f"{model_path} has no config.json: not a Hugging Face checkpoint folder or hub id")
+    return json.loads(file.read_text())
+
+
+def _load_llava(model_path: str, model_base: str | None, name: str, placement: _Placement,
+                vision_tower: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LlavaVision]:
+    config = _read_config(model_path)
+    if "vision_config" in config:
+        if config.get("model_type") != "llava":
+            raise ModelLoadError(f"{name}: a {config.get('model_type')!r} checkpoint; llava-queue serves LLaVA "
+                                 "(the original layout, or llava-hf's 'llava' type), not LLaVA-NeXT or others")
+        if model_base:
+            raise ModelLoadError(f"{name}: model_base is for original LoRA and projector-only checkpoints; "
+                                 f"{model_path} is a complete llava-hf checkpoint, serve it without a base")
+        return _load_llava_hf(model_path, placement)
+    if "mm_vision_tower" not in config and "mm_projector_type" not in config:
+        raise ModelLoadError(f"{name}: the name says LLaVA, but {model_path}/config.json has neither the original "
+                             "LLaVA keys (mm_vision_tower, ...) nor a llava-hf vision_config. A plain language model "
+                             "needs a name without 'llava' (set LLAVA_QUEUE_MODEL_NAME)")
+    return _load_llava_original(model_path, model_base, name, config, placement, vision_tower)
+
+
+def _load_llava_original(model_path: str, model_base: str | None, name: str, config: dict, placement: _Placement,
+                         vision_tower: str | None):
+    """An original LLaVA checkpoint: full, LoRA over a base, or projector-only over a base (the original's paths)."""
+    if config.get("image_aspect_ratio") == "anyres" or "spatial" in config.get("mm_patch_merge_type", "flat"):
+        raise ModelLoadError(f"{name}: LLaVA-1.6 (anyres images, spatial_unpad features) is not supported; "
+                             "LLaVA v1 and 1.5 checkpoints are")
+    model_type = config.get("model_type", "llava")
+    if model_type not in _ORIGINAL_TEXT_TYPES:
+        raise ModelLoadError(f"{name}: original LLaVA checkpoints of model_type {model_type!r} are not supported "
+                             f"(supported: {', '.join(_ORIGINAL_TEXT_TYPES)})")
+    fields = {key: value for key, value in config.items() if key not in ("model_type", "architectures", "auto_map")}
+    text_config = AutoConfig.for_model(_ORIGINAL_TEXT_TYPES[model_type], **fields)
+    lower = name.lower()
+    if "lora" in lower and model_base:
+        # The original: the base's weights with the LoRA checkpoint's config, its non-LoRA trainables
+        # (the projector, maybe embeddings), then the LoRA merged in.
+        log.info("%s: loading the base %s, then merging the LoRA weights of %s", name, model_base, model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        lm = AutoModelForCausalLM.from_pretrained(model_base, config=text_config, **placement.kwargs())
+        extras = _non_lora_trainables(model_path)
+        _load_language_extras(lm, extras)
+        lm = _merge_lora(lm, model_path)
+    elif model_base:
+        log.info("%s: loading the base %s with the projector of %s", name, model_base, model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_base)
+        lm = AutoModelForCausalLM.from_pretrained(model_base, config=text_config, **placement.kwargs())
+        projector_file = checkpoint_file(model_path, "mm_projector.bin")
+        if projector_file is None:
+            raise ModelLoadError(f"{name}: with a model_base and no 'lora' in the name, {model_path} must hold "
+                                 "mm_projector.bin (a projector-only checkpoint)")
+        extras = read_file(projector_file)
+        _load_language_extras(lm, extras)
+    else:
+        if "lora" in lower:
+            log.warning("%s: 'lora' in the name but no model_base; loading it as a full checkpoint", name)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # Its projector (and any tower) weights are not the language model's: loaded below.
+        with _extra_weights_expected("the language model leaves the checkpoint's projector weights to the projector"):
+            lm = AutoModelForCausalLM.from_pretrained(model_path, config=text_config, **placement.kwargs())
+        with_tower = bool(config.get("unfreeze_mm_vision_tower"))
+        extras = read_tensors(model_path, lambda key: key.startswith(_PROJECTOR_PREFIX)
+                              or (with_tower and key.startswith(_TOWER_PREFIX)))
+    lm = placement.place(lm)
+    _add_image_tokens(lm, tokenizer, config)
+
+    tower, image_processor = _load_tower(config, vision_tower, placement, name)
+    tower_weights = {key.removeprefix(_TOWER_PREFIX): value for key, value in extras.items()
+                     if key.startswith(_TOWER_PREFIX)}
+    if tower_weights and config.get("unfreeze_mm_vision_tower"):
+        _load_tower_weights(tower, tower_weights)
+    projector = build_projector(config.get("mm_projector_type", "linear"),
+                                config.get("mm_hidden_size", tower.config.hidden_size), text_config.hidden_size)
+    projector_weights = {key.removeprefix(_PROJECTOR_PREFIX): value for key, value in extras.items()
+                         if key.startswith(_PROJECTOR_PREFIX)}
+    missing = sorted(set(projector.state_dict()) - set(projector_weights))
+    if missing:
+        raise ModelLoadError(f"{name}: the projector weights are missing from {model_path} "
+                             f"({', '.join(_PROJECTOR_PREFIX + key for key in missing)})")
+    projector.load_state_dict(projector_weights)
+    projector.to(device=lm.get_input_embeddings().weight.device, dtype=_compute_dtype(placement))
+    encoder = VisionEncoder(tower, projector, config.get("mm_vision_select_layer", -2),
+                            config.get("mm_vision_select_feature", "patch")).eval()
+    vision = LlavaVision(encoder, image_processor, config.get("image_aspect_ratio"),
+                         bool(config.get("mm_use_im_start_end", False)))
+    return lm, tokenizer, vision
+
+
+def _non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:
+    """`non_lora_trainables.bin` with the original's key fix-ups (drop `base_model.`, then one `model.` if doubled)."""
+    file = checkpoint_file(model_path, "non_lora_trainables.bin")
+    if file is None:
+        raise ModelLoadError(f"{model_path} has no non_lora_trainables.bin: not an original LLaVA LoRA checkpoint")
+    weights = {key.removeprefix("base_model."): value for key, value in read_file(file).items()}
+    if any(key.startswith("model.model.") for key in weights):
+        weights = {key.removeprefix("model."): value for key, value in weights.items()}
+    return weights
+
+
+def _load_language_extras(lm: PreTrainedModel, extras: dict[str, torch.Tensor]) -> None:
+    """Language-model weights among a checkpoint's extras (embeddings trained with new image tokens)."""
+    own = lm.state_dict()
+    language = {key: value for key, value in extras.items() if key in own}
+    for key, value in language.items():
+        if own[key].shape != value.shape:
+            raise ModelLoadError(f"{key}: the checkpoint has shape {list(value.shape)}, the base "
+                                 f"{list(own[key].shape)}")
+    if language:
+        lm.load_state_dict(language, strict=False)
+
+
+def _add_image_tokens(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: dict) -> None:
+    """The original's tokenizer additions (`<im_patch>`, `<im_start>`/`<im_end>` per config), then embeddings resized.
+
+    Rows a resize adds are set to the mean of the existing ones, so loading is deterministic.
+    """
+    if config.get("mm_use_im_patch_token", True):
+        tokenizer.add_tokens([IM_PATCH_TOKEN], special_tokens=True)
+    if config.get("mm_use_im_start_end", False):
+        tokenizer.add_tokens([IM_START_TOKEN, IM_END_TOKEN], special_tokens=True)
+    old = lm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) == old:
+        return
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if len(tokenizer) > old:
+        with torch.no_grad():
+            for embeddings in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+                if embeddings is not None:
+                    embeddings.weight[old:] = embeddings.weight[:old].mean(dim=0, keepdim=True)
+
+
+def _load_tower(config: dict, override: str | None, placement: _Placement, name: str):
+    """The CLIP vision tower and image processor named by `mm_vision_tower` (or the local `override`)."""
+    from transformers import CLIPVisionModel
+
+    source = override or config.get("mm_vision_tower") or config.get("vision_tower")
+    if not source:
+        raise ModelLoadError(f"{name}: config.json names no vision tower (mm_vision_tower); "
+                             "give one with LLAVA_QUEUE_VISION_TOWER")
+    looks_local = source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+    where = "LLAVA_QUEUE_VISION_TOWER" if override else "mm_vision_tower in config.json"
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise ModelLoadError(f"{name}: the vision tower {source!r} ({where}) is not a folder on this machine; "
+                             "point LLAVA_QUEUE_VISION_TOWER at a local copy of it")
+    source = str(Path(source).expanduser()) if looks_local else source
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        with _extra_weights_expected("the vision tower skips the CLIP text model of its checkpoint"):
+            tower = CLIPVisionModel.from_pretrained(source, dtype=_compute_dtype(placement))
+    except OSError as exc:
+        raise ModelLoadError(f"{name}: cannot load the vision tower {source!r} ({where}): {exc}. Offline, point "
+                             "LLAVA_QUEUE_VISION_TOWER at a local copy (e.g. of openai/clip-vit-large-patch14-336)") \
+            from None
+    return tower.to(placement.device).eval(), image_processor
+
+
+def _load_tower_weights(tower: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
+    """Fine-tuned tower weights of the checkpoint (`vision_model.*` names) onto the loaded tower."""
+    own = tower.state_dict()
+    if not any(key in own for key in weights):
+        weights = {key.removeprefix("vision_model."): value for key, value in weights.items()}
+    unknown = sorted(set(weights) - set(own))
+    if unknown:
+        raise ModelLoadError(f"the checkpoint's vision tower weights do not fit the tower: {unknown[:3]}")
+    tower.load_state_dict(weights, strict=False)
+
+
+def _compute_dtype(placement: _Placement) -> torch.dtype:
+    # The tower and projector stay unquantized; next to an 8/4-bit LM they compute in fp16, as the original.
+    return torch.float16 if placement.quantization is not None else placement.dtype
+
+
+def _load_llava_hf(model_path: str, placement: _Placement):
+    """A llava-hf checkpoint (`LlavaForConditionalGeneration`), split into its language model and vision side."""
+    from transformers import LlavaForConditionalGeneration
+
+    llava = LlavaForConditionalGeneration.from_pretrained(model_path, **placement.kwargs())
+    llava = placement.place(llava)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    image_processor = AutoImageProcessor.from_pretrained(model_path)
+    config = llava.config
+    # The language model and head as a causal LM of their own, sharing (not copying) the weights.
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config.text_config)
+    lm.model = llava.model.language_model
+    lm.lm_head = llava.lm_head
+    lm.generation_config = llava.generation_config
+    lm.eval()
+    select_feature = {"default": "patch", "full": "cls_patch"}.get(config.vision_feature_select_strategy)
+    if select_feature is None:
+        raise ModelLoadError(f"unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
+    encoder = VisionEncoder(llava.model.vision_tower, llava.model.multi_modal_projector,
+                            config.vision_feature_layer, select_feature).eval()
+    vision = LlavaVision(encoder, image_processor, getattr(config, "image_aspect_ratio", None), False)
+    return lm, tokenizer, vision

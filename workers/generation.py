@@ -13,6 +13,7 @@ from shared.jobs import CANCELLED_ERROR, Ending, JobStore
 from shared.protocol import CONTEXT_OVERFLOW_MSG, IMAGE_TOKEN, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
+from workers.metrics import METRICS
 
 log = logging.getLogger("llava_queue.worker")
 
@@ -30,11 +31,31 @@ _ENDED_BEFORE_START = {
 
 @dataclass
 class Prepared:
-    """A request ready for the engine. `max_new_tokens` < 1 means the prompt leaves no room."""
+    """A request ready for the engine. `max_new_tokens` < 1 means the prompt leaves no room.
+
+    `token_ids` holds one entry per prompt position. With images, each image feature position
+    holds the placeholder -200, and `prompt_embeds` [T, hidden] is what the model reads (text
+    embedded, image features spliced in); `embed_tokens` embeds ids appended later (a resumed job).
+    """
 
     prompt: str
     token_ids: list[int]
     params: SamplingParams
+    prompt_embeds: "torch.Tensor | None" = None
+    embed_tokens: "torch.nn.Module | None" = None
+
+    @property
+    def text_token_ids(self) -> list[int]:
+        """The prompt's text ids, image positions left out: the engine's detokenizer context."""
+        return [token for token in self.token_ids if token >= 0]
+
+    def engine_prompt_embeds(self) -> "torch.Tensor | None":
+        """What the engine reads: `prompt_embeds` then any ids appended to `token_ids` since; None for text."""
+        if self.prompt_embeds is None:
+            return None
+        from workers.llava import extend_prompt_embeds
+
+        return extend_prompt_embeds(self.prompt_embeds, self.token_ids[len(self.prompt_embeds):], self.embed_tokens)
 
 
 def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, str | None]:
@@ -58,22 +79,42 @@ def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, s
 
 
 def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: int) -> Prepared:
-    """Render, tokenize and apply the original's limits; raises ValueError for a request it cannot serve."""
+    """Render, tokenize and apply the original's limits; raises ValueError for a request it cannot serve.
+
+    For a LLaVA model the prompt is tokenized as the original does (text chunks around each
+    `<image>`), the images (one per `<image>`, else the original's ValueError) are decoded here,
+    and, when the prompt leaves room, encoded by the vision tower in this (the task's) thread:
+    the engine then gets the prompt as embeddings, one position per image feature, and counts
+    those positions against its context and batch budgets. A bad image fails only its own job.
+    """
     prompt, stop = render_prompt(request, loaded)
-    images = request.all_images() if loaded.is_multimodal else []
-    if images:
-        if len(images) != prompt.count(IMAGE_TOKEN):
-            raise ValueError("Number of images does not match number of <image> tokens in prompt")
-        raise ValueError(f"{loaded.name} cannot take images in this build")
     tokenizer = loaded.tokenizer
-    # A chat template may already start with BOS; do not add a second one.
-    add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
-    token_ids = tokenizer(prompt, add_special_tokens=add_special).input_ids
-    room = loaded.context_len - len(token_ids)
+    vision = loaded.vision
+    pixel_values = prompt_embeds = embed_tokens = None
+    if vision is not None:
+        images = request.all_images()
+        vision.check_image_count(prompt, len(images))
+        if images:
+            pixel_values = vision.pixel_values(images, request.image_process_mode)
+        ids = vision.tokenize(prompt, tokenizer)
+        token_ids = [position for token in ids
+                     for position in ([token] * vision.tokens_per_image if token < 0 else [token])]
+        # The original's guard: every image counts its features and its placeholder id.
+        room = loaded.context_len - len(ids) - len(images) * vision.tokens_per_image
+    else:
+        # A chat template may already start with BOS; do not add a second one.
+        add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
+        token_ids = tokenizer(prompt, add_special_tokens=add_special).input_ids
+        room = loaded.context_len - len(token_ids)
     max_new_tokens = min(request.max_new_tokens, max_new_tokens_cap, room)
+    if pixel_values is not None and max_new_tokens >= 1:
+        from workers.llava import embed_prompt
+
+        embed_tokens = loaded.model.get_input_embeddings()
+        prompt_embeds = embed_prompt(ids, vision.encode(pixel_values), embed_tokens)
     params = SamplingParams(temperature=request.temperature, top_p=request.top_p,
                             max_new_tokens=max_new_tokens, stop=stop or None, seed=request.seed)
-    return Prepared(prompt, token_ids, params)
+    return Prepared(prompt, token_ids, params, prompt_embeds, embed_tokens)
 
 
 class JobRunner:
@@ -146,7 +187,8 @@ class JobRunner:
             if prepared.params.max_new_tokens < 1:
                 self.store.finish(job_id, "succeeded", finish_reason="length", worker=self.worker_name)
                 return "succeeded"
-        handle = self.engine.add_request(job_id, prepared.token_ids, prepared.params)
+        handle = self.engine.add_request(job_id, prepared.text_token_ids, prepared.params,
+                                         prompt_embeds=prepared.engine_prompt_embeds())
         output = handle.wait()
         # publish() has normally finished the record already; this covers an engine that ended the
         # request without an output step (for example at shutdown). It is a no-op otherwise.
@@ -158,11 +200,12 @@ class JobRunner:
         chunks = [(out.request_id, out.delta, out.completion_tokens + self._done_before.get(out.request_id, 0),
                    out.first_token) for out in outputs if out.delta or out.first_token]
         endings = [ending_of(out) for out in outputs if out.finished and out.request_id not in self._handed_back]
-        if not chunks and not endings:
-            return
-        for (job_id, *_), seq in zip(chunks, self.store.record_step(self.worker_name, chunks, endings)):
-            if seq < 0 and self.engine is not None:
-                self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
+        if chunks or endings:
+            for (job_id, *_), seq in zip(chunks, self.store.record_step(self.worker_name, chunks, endings)):
+                if seq < 0 and self.engine is not None:
+                    self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
+        # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
+        METRICS.observe_step(outputs, endings)
 
     def hand_back(self, requeue) -> list[str]:
         """Stop every job this worker runs and give it back to the queue, to be resumed elsewhere.

@@ -39,7 +39,7 @@ def decode_image(data: str, index: int = 0) -> Image.Image:
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """The image centred on a square canvas of its longer side, filled with `background` (the original's expand2square)."""
+    """The image centred on a square canvas of its longer side, filled with `background` (expand2square)."""
     width, height = image.size
     if width == height:
         return image

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from shared.protocol import IMAGE_TOKEN
+from workers.images import load_pixel_values
 
 IMAGE_TOKEN_INDEX = -200
 IM_PATCH_TOKEN = "<im_patch>"
@@ -97,11 +98,22 @@ class LlavaVision:
     def tokens_per_image(self) -> int:
         return self.encoder.tokens_per_image
 
-    def model_prompt(self, prompt: str) -> str:
-        """The prompt as the model reads it: each `<image>` wrapped in start/end tokens when the checkpoint uses them."""
+    def check_image_count(self, prompt: str, num_images: int) -> None:
+        """The original's rule: one image per `<image>` of the prompt; ValueError (its message) otherwise."""
+        tags = prompt.count(IMAGE_TOKEN)
+        if tags != num_images:
+            raise ValueError(f"Number of images does not match number of <image> tokens in prompt "
+                             f"({num_images} image{'s' if num_images != 1 else ''}, {tags} <image>)")
+
+    def pixel_values(self, images: list[str], process_mode: str | None = None) -> torch.Tensor:
+        """Decode and prepare a request's base64 images → [N, 3, S, S]; ValueError naming a bad image."""
+        return load_pixel_values(images, self.image_processor, self.image_aspect_ratio, process_mode)
+
+    def tokenize(self, prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Ids of the prompt as the model reads it, one IMAGE_TOKEN_INDEX per image (the original's tokenization)."""
         if self.use_im_start_end:
-            return prompt.replace(IMAGE_TOKEN, IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN)
-        return prompt
+            prompt = prompt.replace(IMAGE_TOKEN, IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN)
+        return tokenize_with_images(prompt, tokenizer)
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -137,7 +149,7 @@ def expand_image_positions(ids: list[int], tokens_per_image: int) -> list[int]:
 
 @torch.inference_mode()
 def embed_prompt(ids: list[int], image_features: torch.Tensor, embed_tokens: nn.Module) -> torch.Tensor:
-    """Prompt embeddings [T, hidden]: the text ids embedded, each IMAGE_TOKEN_INDEX replaced by the next image's features.
+    """Prompt embeddings [T, hidden]: text ids embedded, each IMAGE_TOKEN_INDEX replaced by the next image's features.
 
     `ids` holds one placeholder per image (`tokenize_with_images`); T is the number of text ids
     plus every image's feature positions.
@@ -154,3 +166,13 @@ def embed_prompt(ids: list[int], image_features: torch.Tensor, embed_tokens: nn.
             pieces.append(image_features[image].to(device=weight.device, dtype=weight.dtype))
         start = position + 1
     return torch.cat(pieces)
+
+
+@torch.inference_mode()
+def extend_prompt_embeds(prompt_embeds: torch.Tensor, ids: list[int], embed_tokens: nn.Module) -> torch.Tensor:
+    """`prompt_embeds` [T, hidden] followed by the embeddings of text `ids` (a resumed job's earlier output)."""
+    if not ids:
+        return prompt_embeds
+    weight = embed_tokens.weight
+    more = embed_tokens(torch.tensor(ids, device=weight.device)).to(prompt_embeds.dtype)
+    return torch.cat([prompt_embeds, more.to(prompt_embeds.device)])

@@ -1,0 +1,136 @@
+"""Images from request to pixels: decoding with limits, the original's process modes and pad-to-square."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from llava_fixtures import b64, png_bytes, png_claiming_size, png_with_corrupt_pixels
+from shared.protocol import GenerateRequest, check_images, open_image
+from workers.images import (PAGE_PAD_COLOUR, apply_process_mode, decode_image, expand_to_square, load_pixel_values,
+                            mean_colour)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return b64(buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+
+
+def test_plain_base64_a_data_url_and_wrapped_lines_decode_alike():
+    data = b64(png_bytes(30, 20, seed=1))
+    wrapped = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
+    images = [decode_image(form) for form in (data, f"data:image/png;base64,{data}", wrapped)]
+    assert all(image.size == (30, 20) and image.mode == "RGB" for image in images)
+    assert images[0].tobytes() == images[1].tobytes() == images[2].tobytes()
+    # The API takes the data: URL too (the original took only plain base64).
+    GenerateRequest(prompt="<image>", images=[f"data:image/png;base64,{data}"])
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ("not base64!", "image 0 is not valid base64"),
+    (b64(b"Just a text file, not an image.\n"), "image 0 is not an image file"),
+    (b64(png_bytes(40, 30)[:300]), "image 0 (is not a readable image file|could not be decoded): .*[Tt]runcated"),
+    (b64(png_claiming_size(9000, 9000)), "image 0 is too large: 9000x9000 = 81000000 pixels; the limit is 50000000"),
+    (b64(png_claiming_size(100_000, 100_000)), "image 0 is too large"),
+    ("data:image/png,rawbytes", "not base64"),
+    ("", "image 0 is empty"),
+])
+def test_bad_images_are_refused_at_submission_with_a_clear_message(data, message):
+    with pytest.raises(ValueError, match=message):
+        check_images([data])
+    with pytest.raises(ValueError, match=message):
+        decode_image(data)
+
+
+def test_the_pixel_limit_is_read_from_the_header_before_decoding():
+    bomb = b64(png_claiming_size(5000, 5000))  # a few hundred bytes that claim 25 million pixels
+    assert len(bomb) < 1000
+    with pytest.raises(ValueError, match="image 3 is too large: 5000x5000"):
+        open_image(bomb, 3, max_pixels=1_000_000)
+    with pytest.raises(ValueError, match="image 0 is 8 bytes of base64; the limit is 4"):
+        open_image("aGVsbG8=", max_bytes=4)
+
+
+def test_pixel_data_only_the_worker_decodes_fails_there_with_a_clear_message():
+    data = b64(png_with_corrupt_pixels())
+    check_images([data])  # the file's structure is sound: the API accepts it
+    with pytest.raises(ValueError, match="image 2 could not be decoded: .*broken data stream"):
+        decode_image(data, 2)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_any_mode_decodes_to_rgb(mode):
+    image = Image.new("RGB", (12, 7), (10, 200, 30)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    decoded = decode_image(encoded(image, fmt))
+    assert decoded.mode == "RGB" and decoded.size == (12, 7)
+
+
+def test_expand_to_square_centres_the_image_on_the_background():
+    wide = expand_to_square(Image.new("RGB", (10, 4), (255, 0, 0)), (1, 2, 3))
+    assert wide.size == (10, 10)
+    assert wide.getpixel((0, 2)) == (1, 2, 3) and wide.getpixel((0, 3)) == (255, 0, 0)  # pasted at y = (10 - 4) // 2
+    assert wide.getpixel((9, 6)) == (255, 0, 0) and wide.getpixel((9, 7)) == (1, 2, 3)
+    tall = expand_to_square(Image.new("RGB", (3, 10), (255, 0, 0)), (1, 2, 3))
+    assert tall.getpixel((2, 0)) == (1, 2, 3) and tall.getpixel((3, 0)) == (255, 0, 0)  # x = (10 - 3) // 2
+    square = Image.new("RGB", (5, 5))
+    assert expand_to_square(square, (0, 0, 0)) is square
+
+
+def test_the_pad_colour_is_the_processor_mean(processor):
+    assert mean_colour(processor) == (122, 116, 104) == PAGE_PAD_COLOUR
+
+
+@pytest.mark.parametrize(("size", "mode", "expected"), [
+    ((4000, 3000), "Default", (896, 672)),
+    ((3000, 4000), "Crop", (672, 896)),
+    ((1920, 1080), "Default", (1194, 672)),
+    ((1345, 1000), "Default", (903, 672)),
+    ((2000, 2000), "Default", (672, 672)),
+    ((5000, 1000), "Default", (1340, 268)),
+    ((1344, 1000), "Default", (1344, 1000)),
+    ((640, 480), "Resize", (336, 336)),
+    ((640, 480), "Pad", (640, 640)),
+    ((2000, 1000), "Pad", (672, 672)),
+])
+def test_process_modes_and_the_longest_side_limit_match_the_original_page(size, mode, expected):
+    assert apply_process_mode(Image.new("RGB", size), mode).size == expected
+
+
+def test_pad_mode_fills_with_the_pages_colour():
+    padded = apply_process_mode(Image.new("RGB", (20, 10), (0, 0, 0)), "Pad")
+    assert padded.getpixel((0, 0)) == PAGE_PAD_COLOUR and padded.getpixel((10, 10)) == (0, 0, 0)
+
+
+def test_an_unknown_process_mode_is_refused():
+    with pytest.raises(ValueError, match="image_process_mode must be one of Crop, Resize, Pad, Default"):
+        apply_process_mode(Image.new("RGB", (4, 4)), "Stretch")
+    with pytest.raises(ValueError):
+        GenerateRequest(prompt="<image>", images=[b64(png_bytes(4, 4))], image_process_mode="Stretch")
+
+
+def test_pixel_values_with_and_without_padding(processor):
+    wide, square = b64(png_bytes(80, 40, seed=2)), b64(png_bytes(60, 60, seed=3))
+    padded = load_pixel_values([wide, square], processor, "pad")
+    cropped = load_pixel_values([wide, square], processor, None)
+    assert padded.shape == cropped.shape == (2, 3, 56, 56)
+    # "pad" = the original's expand2square with the mean colour, then the processor.
+    expected = processor(expand_to_square(decode_image(wide), (122, 116, 104)), return_tensors="pt")["pixel_values"]
+    assert torch.equal(padded[0], expected[0])
+    assert not torch.equal(padded[0], cropped[0])
+    # A square image is the same either way.
+    assert torch.equal(padded[1], cropped[1])
+
+
+def test_a_bad_image_among_good_ones_is_named(processor):
+    good = b64(png_bytes(20, 20))
+    with pytest.raises(ValueError, match="image 1 could not be decoded"):
+        load_pixel_values([good, b64(png_with_corrupt_pixels()), good], processor, "pad")
