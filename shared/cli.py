@@ -114,9 +114,14 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker alone, against LLAVA_QUEUE_REDIS_URL."""
+    from workers.builder import ModelLoadError
     from workers.main import run_worker
 
-    run_worker(get_settings())
+    try:
+        run_worker(get_settings())
+    except ModelLoadError as exc:
+        print(f"llava-queue worker: cannot serve the model: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

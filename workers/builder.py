@@ -112,7 +112,7 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     `model_name` overrides the name derived from the path; the name decides, as in the original,
     whether the model is LLaVA ("llava" in it) and whether `model_base` takes LoRA weights
     ("lora" in it). `vision_tower` is a local copy of the tower an original LLaVA checkpoint names
-    (default: the `vision_tower` setting). Raises ModelLoadError for what cannot be served.
+    (None: load the tower by the name in its config). Raises ModelLoadError for what cannot be served.
     """
     name = model_name or model_name_from_path(model_path)
     is_multimodal = "llava" in name.lower()
@@ -121,10 +121,6 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
                            _quantization(load_8bit, load_4bit, torch_device))
     vision = None
     if is_multimodal:
-        if vision_tower is None:
-            from shared.settings import get_settings
-
-            vision_tower = get_settings().vision_tower
         model, tokenizer, vision = _load_llava(model_path, model_base, name, placement, vision_tower)
     elif model_base:
         log.info("%s: merging the LoRA weights of %s onto %s", name, model_path, model_base)

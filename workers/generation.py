@@ -8,11 +8,14 @@ states and publishes every engine step's chunks in one pipelined round trip.
 import logging
 from dataclasses import dataclass, replace
 
+import torch
+
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, Ending, JobStore
-from shared.protocol import CONTEXT_OVERFLOW_MSG, IMAGE_TOKEN, ErrorCode, GenerateRequest
+from shared.protocol import CONTEXT_OVERFLOW_MSG, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
+from workers.llava import embed_prompt, extend_prompt_embeds
 from workers.metrics import METRICS
 
 log = logging.getLogger("llava_queue.worker")
@@ -41,20 +44,18 @@ class Prepared:
     prompt: str
     token_ids: list[int]
     params: SamplingParams
-    prompt_embeds: "torch.Tensor | None" = None
-    embed_tokens: "torch.nn.Module | None" = None
+    prompt_embeds: torch.Tensor | None = None
+    embed_tokens: torch.nn.Module | None = None
 
     @property
     def text_token_ids(self) -> list[int]:
         """The prompt's text ids, image positions left out: the engine's detokenizer context."""
         return [token for token in self.token_ids if token >= 0]
 
-    def engine_prompt_embeds(self) -> "torch.Tensor | None":
+    def engine_prompt_embeds(self) -> torch.Tensor | None:
         """What the engine reads: `prompt_embeds` then any ids appended to `token_ids` since; None for text."""
         if self.prompt_embeds is None:
             return None
-        from workers.llava import extend_prompt_embeds
-
         return extend_prompt_embeds(self.prompt_embeds, self.token_ids[len(self.prompt_embeds):], self.embed_tokens)
 
 
@@ -108,7 +109,6 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
         room = loaded.context_len - len(token_ids)
     max_new_tokens = min(request.max_new_tokens, max_new_tokens_cap, room)
     if pixel_values is not None and max_new_tokens >= 1:
-        from workers.llava import embed_prompt
 
         embed_tokens = loaded.model.get_input_embeddings()
         prompt_embeds = embed_prompt(ids, vision.encode(pixel_values), embed_tokens)

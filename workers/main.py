@@ -33,7 +33,8 @@ def run_worker(settings: Settings) -> None:
     load_started = time.monotonic()
     model_path = settings.model_path or str(ensure_default_model(settings.cache_dir))
     loaded = load_model(model_path, settings.model_base, settings.model_name, device=settings.device,
-                        dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit)
+                        dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit,
+                        vision_tower=settings.vision_tower)
     load_seconds = time.monotonic() - load_started
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
