@@ -3,6 +3,7 @@ default model, and the API process, started once per session on free ports."""
 
 import os
 import subprocess
+from contextlib import contextmanager
 import sys
 import tempfile
 import time
@@ -68,27 +69,43 @@ def wait_for_stack(stack: Stack, workers: int = 1, timeout: float = 180) -> None
         time.sleep(0.3)
 
 
+def stop_processes(processes) -> None:
+    """SIGTERM every process, then SIGKILL whatever is still there after 15 s."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def run_stack(redis_url: str, env: dict[str, str], *, workers: tuple[str, ...] = ("worker",),
+              log_prefix: str = "llava-queue-test-logs-"):
+    """Worker processes (one per name) and an API process against `redis_url`, with `env` on top of
+    this process's environment; yields the Stack once the API answers and every worker announced itself."""
+    log_dir = Path(tempfile.mkdtemp(prefix=log_prefix))
+    port = free_port()
+    env = dict(os.environ, **env, LLAVA_QUEUE_REDIS_URL=redis_url, LLAVA_QUEUE_PORT=str(port))
+    processes = {name: start_service(name, ["worker"], env, log_dir) for name in workers}
+    processes["api"] = start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
+    running = Stack(f"http://127.0.0.1:{port}", redis_url, log_dir, processes)
+    try:
+        wait_for_stack(running, workers=len(workers))
+        yield running
+    finally:
+        stop_processes(processes.values())
+
+
 @pytest.fixture(scope="session")
 def stack(redis_server, default_model_dir):
     """Worker and API processes against the test Redis, serving the default model."""
-    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-test-logs-"))
-    port = free_port()
-    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MODEL_PATH=str(default_model_dir),
-               LLAVA_QUEUE_MAX_NUM_SEQS="16", LLAVA_QUEUE_PORT=str(port))
-    processes = {"worker": start_service("worker", ["worker"], env, log_dir),
-                 "api": start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
-    running = Stack(f"http://127.0.0.1:{port}", redis_server.url, log_dir, processes)
-    try:
-        wait_for_stack(running)
+    with run_stack(redis_server.url, {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
+                                      "LLAVA_QUEUE_MAX_NUM_SEQS": "16"}) as running:
         yield running
-    finally:
-        for process in processes.values():
-            process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @pytest.fixture(scope="session")
@@ -109,25 +126,11 @@ def tiny_llava_dir(tiny_llava_family) -> Path:
 def tiny_llava_stack(tiny_llava_dir):
     """Its own Redis, a worker serving the tiny LLaVA checkpoint (fp32, so batching cannot change a greedy answer),
     and an API."""
-    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-tiny-llava-logs-"))
     with RedisServer() as server:
-        port = free_port()
-        env = {key: value for key, value in os.environ.items()
-               if key not in ("LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_MODEL_NAME", "LLAVA_QUEUE_VISION_TOWER")}
-        env.update(LLAVA_QUEUE_REDIS_URL=server.url, LLAVA_QUEUE_MODEL_PATH=str(tiny_llava_dir),
-                   LLAVA_QUEUE_DEVICE="cpu", LLAVA_QUEUE_DTYPE="float32", LLAVA_QUEUE_MAX_NUM_SEQS="8",
-                   LLAVA_QUEUE_PORT=str(port))
-        processes = {"worker": start_service("worker", ["worker"], env, log_dir),
-                     "api": start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
-        running = Stack(f"http://127.0.0.1:{port}", server.url, log_dir, processes)
-        try:
-            wait_for_stack(running)
+        # The tiny checkpoint's tower is local: no setting of the caller's may point elsewhere.
+        for name in ("LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_MODEL_NAME", "LLAVA_QUEUE_VISION_TOWER"):
+            os.environ.pop(name, None)
+        env = {"LLAVA_QUEUE_MODEL_PATH": str(tiny_llava_dir), "LLAVA_QUEUE_DEVICE": "cpu",
+               "LLAVA_QUEUE_DTYPE": "float32", "LLAVA_QUEUE_MAX_NUM_SEQS": "8"}
+        with run_stack(server.url, env, log_prefix="llava-queue-tiny-llava-logs-") as running:
             yield running
-        finally:
-            for process in processes.values():
-                process.terminate()
-            for process in processes.values():
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()

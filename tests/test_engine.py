@@ -231,6 +231,82 @@ def test_stop_that_is_a_special_token_acts_as_a_token_id(tiny_model, tokenizer):
     assert special not in output.text
 
 
+def test_several_stop_strings_end_at_the_earliest(tiny_model, tokenizer):
+    prompt = random_prompt(5, seed=300)
+    reference_ids = generate_alone(tiny_model, prompt, 30)
+    reference_text = tokenizer.decode(reference_ids, skip_special_tokens=True)
+    early = tokenizer.decode(reference_ids[6:8], skip_special_tokens=True)
+    late = tokenizer.decode(reference_ids[14:16], skip_special_tokens=True)
+    assert reference_text.find(early) < reference_text.find(late)
+    never = "never in this text \u2603"
+
+    engine, stream = make_engine(tiny_model, tokenizer)
+    # Listed late first: the order of the list does not matter, the earliest match in the text wins.
+    params = SamplingParams(temperature=0, max_new_tokens=30, stop=[never, late, early, "<file_sep>"])
+    assert params.stop == (never, late, early, "<file_sep>")
+    handle = engine.add_request("stops", prompt, params)
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert output.finish_reason == "stop"
+    assert output.text == reference_text[: reference_text.find(early)]
+    assert stream.joined_deltas("stops") == output.text
+    assert len(output.token_ids) <= 8
+
+
+def test_special_token_among_several_stops_acts_as_a_token_id(tiny_model, tokenizer):
+    special = "<file_sep>"
+    special_id = special_token_id(tokenizer, special)
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight[special_id] *= 3
+    prompt = random_prompt(6, seed=310)
+    reference_ids = generate_alone(model, prompt, 40)
+    expected = reference_ids[: reference_ids.index(special_id) + 1]
+
+    engine, _ = make_engine(model, tokenizer)
+    params = SamplingParams(temperature=0, max_new_tokens=40, stop=("no such text", special))
+    handle = engine.add_request("special", prompt, params)
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert output.token_ids == expected and output.finish_reason == "stop"
+    assert output.text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_ignore_eos_runs_to_max_new_tokens(tiny_model, tokenizer):
+    eos = 2  # the tiny model's EOS, also SmolLM2's "<|im_end|>"
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        # EOS is also the pad id, whose (tied) embedding row starts at zero: give it a strong one.
+        model.lm_head.weight[eos] = 3 * model.lm_head.weight[special_token_id(tokenizer, "<file_sep>")]
+    prompt = random_prompt(6, seed=320)
+    reference_ids = generate_alone(model, prompt, 30)
+    assert reference_ids[-1] == eos and len(reference_ids) < 30, "the model should emit EOS early"
+    with torch.inference_mode():
+        input_ids = torch.tensor([prompt])
+        no_eos = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                max_new_tokens=30, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+
+    engine, _ = make_engine(model, tokenizer)
+    stops = engine.add_request("stops", prompt, SamplingParams(temperature=0, max_new_tokens=30))
+    ignores = engine.add_request("ignores", prompt, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))
+    # An explicit stop still ends a request that ignores EOS.
+    stopped = engine.add_request("stopped", prompt, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True,
+                                                                   stop="<|im_end|>"))
+    run_until_done(engine, [stops, ignores, stopped])
+    assert stops.wait(0).token_ids == reference_ids
+    assert ignores.wait(0).token_ids == no_eos and ignores.wait(0).finish_reason == "length"
+    assert stopped.wait(0).token_ids == stops.wait(0).token_ids and stopped.wait(0).finish_reason == "stop"
+
+
+def test_sampling_params_stop_forms():
+    assert SamplingParams(stop="</s>").stop == "</s>"
+    assert SamplingParams(stop="</s>").stop_strings == ("</s>",)
+    assert SamplingParams(stop=["a", "", "b", "a"]).stop_strings == ("a", "b")
+    assert SamplingParams(stop=["a", "b"]) == SamplingParams(stop=("a", "b"))
+    assert hash(SamplingParams(stop=["a"]))
+    assert SamplingParams().stop_strings == SamplingParams(stop="").stop_strings == ()
+
+
 def test_detokenizer_streams_multibyte_characters_whole(tokenizer):
     text = "Hi 😀 你好世界 🎉! Ünïcödé ✓"
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -258,6 +334,38 @@ def test_detokenizer_holds_back_a_possible_stop_and_removes_it(tokenizer):
     assert detokenizer.stopped
     assert "".join(deltas) == detokenizer.text == "a 世 b 世界EN c "
     assert detokenizer.add(ids[-1]) == ""
+
+
+def test_detokenizer_stops_at_the_earliest_of_several(tokenizer):
+    ids = tokenizer.encode("one two three four five", add_special_tokens=False)
+
+    def run(stop):
+        detokenizer = Detokenizer(tokenizer, [], stop=stop)
+        deltas = []
+        for token in ids:
+            deltas.append(detokenizer.add(token))
+            if detokenizer.stopped:
+                break
+        deltas.append(detokenizer.finish())
+        assert "".join(deltas) == detokenizer.text
+        return detokenizer.text, detokenizer.stopped
+
+    assert run(["four", "two"]) == ("one ", True)
+    assert run(("five", "hree")) == ("one two t", True)
+    # Both complete on the same token: the one that begins first wins.
+    assert run(["o three", "two three"]) == ("one ", True)
+    assert run(["seven", "eight"]) == ("one two three four five", False)
+    assert run("two") == run(["two"])
+
+
+def test_detokenizer_holds_back_the_longest_prefix_of_any_stop(tokenizer):
+    detokenizer = Detokenizer(tokenizer, [], stop=["xyz", "ab cd"])
+    streamed = ""
+    for token in tokenizer.encode("hello ab c", add_special_tokens=False):
+        streamed += detokenizer.add(token)
+    # "ab c" could still become "ab cd"; nothing else is held.
+    assert streamed == "hello "
+    assert detokenizer.finish() == "ab c"
 
 
 def test_sample_function_greedy_top_p_and_seeds():

@@ -4,39 +4,26 @@ import asyncio
 import json
 import os
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import websockets
 
-from conftest import Stack, start_service, wait_for_stack
-from shared.redis_server import RedisServer, free_port
+from conftest import run_stack
+from shared.redis_server import RedisServer
 
 
 @pytest.fixture
 def two_workers(default_model_dir):
     """A Redis of its own, an API, and two workers with a fast heartbeat."""
-    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-faults-"))
     with RedisServer() as redis_server:
-        port = free_port()
-        env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MODEL_PATH=str(default_model_dir),
-                   LLAVA_QUEUE_MAX_NUM_SEQS="4", LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS="1",
-                   LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS="4", LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS="1")
-        processes = {"worker-a": start_service("worker-a", ["worker"], env, log_dir),
-                     "worker-b": start_service("worker-b", ["worker"], env, log_dir),
-                     "api": start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)}
-        stack = Stack(f"http://127.0.0.1:{port}", redis_server.url, log_dir, processes)
-        try:
-            wait_for_stack(stack, workers=2)
+        env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "4",
+               "LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS": "1", "LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS": "4",
+               "LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS": "1"}
+        with run_stack(redis_server.url, env, workers=("worker-a", "worker-b"),
+                       log_prefix="llava-queue-faults-") as stack:
             yield stack
-        finally:
-            for process in processes.values():
-                if process.poll() is None:
-                    process.kill()
-                process.wait()
 
 
 STORY = [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}]

@@ -4,32 +4,21 @@ The API runs against a Redis of its own with no worker, so fuzzed jobs stay queu
 decode steps; a bounded number of cases per operation keeps the run short.
 """
 
-import os
-import tempfile
-from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from conftest import Stack, start_service, wait_for_stack
-from shared.redis_server import RedisServer, free_port
+from conftest import run_stack
+from shared.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
 def fuzz_api():
-    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-fuzz-"))
     with RedisServer() as redis_server:
-        port = free_port()
-        env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MAX_QUEUED_JOBS="100000")
-        process = start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
-        stack = Stack(f"http://127.0.0.1:{port}", redis_server.url, log_dir, {"api": process})
-        try:
-            wait_for_stack(stack, workers=0)
+        with run_stack(redis_server.url, {"LLAVA_QUEUE_MAX_QUEUED_JOBS": "100000"}, workers=(),
+                       log_prefix="llava-queue-fuzz-") as stack:
             yield stack
-        finally:
-            process.kill()
-            process.wait()
 
 
 def test_no_input_gives_a_server_error(fuzz_api):

@@ -4,18 +4,15 @@ No worker runs here, so submitted jobs stay queued: exactly the state these limi
 """
 
 import asyncio
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import websockets
 
 from api.auth import key_digest
-from conftest import Stack, start_service, wait_for_stack
-from shared.redis_server import RedisServer, free_port
+from conftest import run_stack
+from shared.redis_server import RedisServer
 
 KEY = "test-key-123"
 
@@ -23,21 +20,15 @@ KEY = "test-key-123"
 @pytest.fixture
 def api_only():
     """An API with keys, a rate limit and a small queue limit, on a Redis of its own, with no worker."""
-    log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-limits-"))
     redis_server = RedisServer().start()
-    port = free_port()
-    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_MAX_QUEUED_JOBS="3",
-               LLAVA_QUEUE_API_KEY_HASHES=f'["{key_digest(KEY)}"]', LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE="40",
-               LLAVA_QUEUE_MAX_BODY_BYTES="20000")
-    process = start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
-    stack = Stack(f"http://127.0.0.1:{port}", redis_server.url, log_dir, {"api": process})
-    stack.redis_server = redis_server
+    env = {"LLAVA_QUEUE_MAX_QUEUED_JOBS": "3", "LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(KEY)}"]',
+           "LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE": "40", "LLAVA_QUEUE_MAX_BODY_BYTES": "20000"}
     try:
-        wait_for_stack(stack, workers=0)
-        yield stack
+        with run_stack(redis_server.url, env, workers=(), log_prefix="llava-queue-limits-") as stack:
+            stack.redis_server = redis_server
+            yield stack
+            redis_server = stack.redis_server  # the outage test starts a new one on the same port
     finally:
-        process.kill()
-        process.wait()
         redis_server.stop()
 
 
