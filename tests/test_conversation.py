@@ -16,7 +16,7 @@ from shared.conversation import (
 )
 
 GOLDEN = json.loads(
-    (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "conversation_golden.json").read_text()
+    (Path(__file__).resolve().parent / "fixtures" / "conversation_golden.json").read_text()
 )
 PROMPTS = GOLDEN["prompts"]
 CHOICES = GOLDEN["template_choice"]
