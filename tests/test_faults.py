@@ -39,15 +39,19 @@ def get_jobs(stack, ids: list[str]) -> list[dict]:
     return [requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json() for job_id in ids]
 
 
-def held_by(stack, ids: list[str], worker: str) -> dict:
-    """Wait until `worker` runs one of the jobs and it has produced text; return that job."""
-    pid = stack.processes[worker].pid
+def running_job(stack, ids: list[str]) -> tuple[dict, str, str]:
+    """Wait until some worker runs one of the jobs and it has produced text.
+
+    Returns that job, the worker that holds it, and the other worker (Celery decides who takes what).
+    """
+    pids = {stack.processes[name].pid: name for name in ("worker-a", "worker-b")}
     deadline = time.monotonic() + 120
     while True:
         for job in get_jobs(stack, ids):
-            if job["status"] == "running" and job["usage"]["completion_tokens"] > 3 \
-                    and (job.get("worker") or "").endswith(f":{pid}"):
-                return job
+            holder = pids.get(int((job.get("worker") or ":0").rpartition(":")[2] or 0))
+            if job["status"] == "running" and job["usage"]["completion_tokens"] > 3 and holder:
+                other = "worker-b" if holder == "worker-a" else "worker-a"
+                return job, holder, other
         assert time.monotonic() < deadline, stack.logs()
         time.sleep(0.1)
 
@@ -63,23 +67,23 @@ def wait_all_final(stack, ids: list[str]) -> list[dict]:
 def test_sigterm_hands_running_jobs_back_and_exits(two_workers):
     stack = two_workers
     ids = submit_stories(stack, 4)
-    victim = held_by(stack, ids, "worker-a")
+    victim, holder, other = running_job(stack, ids)
     started = time.monotonic()
-    stack.processes["worker-a"].terminate()
-    stack.processes["worker-a"].wait(30)
+    stack.processes[holder].terminate()
+    stack.processes[holder].wait(30)
     assert time.monotonic() - started < 25
     final = wait_all_final(stack, ids)
     assert [job["status"] for job in final] == ["succeeded"] * 4, final
     resumed = next(job for job in final if job["id"] == victim["id"])
     assert resumed["text"].startswith(victim["text"]) and resumed["attempts"] >= 2
-    assert resumed["worker"].endswith(f":{stack.processes['worker-b'].pid}")
+    assert resumed["worker"].endswith(f":{stack.processes[other].pid}")
 
 
 def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
     stack = two_workers
     ids = submit_stories(stack, 6)
-    pid_a = stack.processes["worker-a"].pid
-    victim = held_by(stack, ids, "worker-a")["id"]
+    victim_job, holder, other = running_job(stack, ids)
+    victim, holder_pid = victim_job["id"], stack.processes[holder].pid
 
     async def follow(job_id):
         texts = []
@@ -91,7 +95,7 @@ def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
     async def kill_while_streaming():
         listener = asyncio.create_task(follow(victim))
         await asyncio.sleep(0.3)
-        os.kill(pid_a, signal.SIGKILL)
+        os.kill(holder_pid, signal.SIGKILL)
         return await asyncio.wait_for(listener, 180)
 
     messages = asyncio.run(kill_while_streaming())
@@ -103,5 +107,5 @@ def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
     final = wait_all_final(stack, ids)
     assert [job["status"] for job in final] == ["succeeded"] * 6, final
     victim_job = next(job for job in final if job["id"] == victim)
-    assert victim_job["attempts"] == 2 and victim_job["worker"].endswith(f":{stack.processes['worker-b'].pid}")
+    assert victim_job["attempts"] == 2 and victim_job["worker"].endswith(f":{stack.processes[other].pid}")
     assert victim_job["usage"]["completion_tokens"] <= 64
