@@ -189,12 +189,12 @@ def print_report(args, c: RunResult, e2e: RunResult, info: list[str], same_text:
     print(f"- load average at end {os.getloadavg()[0]:.2f} (1 min)")
     print("- TTFT = submit → first visible text; TPOT = (e2e − TTFT) / (completion tokens − 1)\n")
     print("| path | requests | completion tokens | time (s) | output tok/s | vs (c) | TTFT p50 / p99 (ms) | "
-          "TPOT p50 / p99 (ms) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "TPOT p50 / p99 (ms) | host load |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, result in ((f"(c) engine in process, all {n} at once", c),
                           (f"stack: HTTP → Celery/Redis → worker → pub/sub → WebSocket, all {n} at once", e2e)):
         print(f"| {label} | {result.requests} | {result.tokens} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | "
-              f"{result.tokens_per_s / c.tokens_per_s:.2f}x | {latency_cells(result)} |")
+              f"{result.tokens_per_s / c.tokens_per_s:.2f}x | {latency_cells(result)} | {result.load:.1f} |")
     print(f"\n**e2e throughput / (c) = {e2e.tokens_per_s / c.tokens_per_s:.2f}x; "
           f"e2e TTFT p50 − (c) TTFT p50 = {e2e.ttft_ms(50) - c.ttft_ms(50):+.0f} ms**")
     print(f"\nSame work: {c.tokens} completion tokens in process, {e2e.tokens} over the stack; "

@@ -258,8 +258,8 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
         print("- the engine's default dtype here is already float32, so there is no separate fp32 reference")
     print()
     print("| run | requests | dtype | time (s) | output tok/s | vs (a) | vs (b) | TTFT p50 / p99 (ms) | "
-          "TPOT p50 / p99 (ms) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "TPOT p50 / p99 (ms) | host load |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, dtype_name, result in rows:
         if result is None:
             continue
@@ -267,7 +267,7 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
         vs_b = f"{result.tokens_per_s / b.tokens_per_s:.2f}x" if b else "—"
         requests = f"{result.requests} x {new}"
         print(f"| {label} | {requests} | {dtype_name} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | {vs_a} | "
-              f"{vs_b} | {latency_cells(result)} |")
+              f"{vs_b} | {latency_cells(result)} | {result.load:.1f} |")
     if a is not None and a.requests < n:
         print(f"\n(a) ran {a.requests} of the {n} requests one after another: its per-request cost does not depend "
               "on the others, so its tokens/s stands for all of them.")

@@ -145,6 +145,8 @@ class RunResult:
     tokens: int
     requests: int
     timings: list[RequestTiming] = field(default_factory=list)
+    # The host's 1-minute load average when the run ended: above the core count, other work shared the CPU.
+    load: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
     def tokens_per_s(self) -> float:

@@ -59,12 +59,13 @@ class Prepared:
         return extend_prompt_embeds(self.prompt_embeds, self.token_ids[len(self.prompt_embeds):], self.embed_tokens)
 
 
-def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, str | None]:
-    """The prompt text and stop string of a request.
+def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, str | tuple[str, ...] | None]:
+    """The prompt text and stop string(s) of a request.
 
-    A rendered `prompt` is used as sent. `messages` are rendered with the original template for
-    LLaVA model names (and models without a chat template), else with the tokenizer's chat
-    template, whose end-of-turn token is then the stop. An explicit `stop` always wins.
+    A rendered `prompt` is used as sent, with the request's `stop`. `messages` are rendered with
+    the original template for LLaVA model names (and models without a chat template), else with
+    the tokenizer's chat template, whose end-of-turn token is then the stop; the request's own
+    stops come on top of the template's, so a turn still ends where the template says.
     """
     if request.prompt is not None:
         return request.prompt, request.stop
@@ -76,7 +77,9 @@ def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, s
         chat = [{"role": m.role, "content": m.text} for m in request.messages]
         prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         stop = tokenizer.eos_token
-    return prompt, request.stop if request.stop is not None else stop
+    own = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    stops = tuple(dict.fromkeys(own + ((stop,) if stop else ())))
+    return prompt, stops[0] if len(stops) == 1 else (stops or None)
 
 
 def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: int) -> Prepared:
@@ -199,7 +202,8 @@ class JobRunner:
         """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
         chunks = [(out.request_id, out.delta, out.completion_tokens + self._done_before.get(out.request_id, 0),
                    out.first_token) for out in outputs if out.delta or out.first_token]
-        endings = [ending_of(out) for out in outputs if out.finished and out.request_id not in self._handed_back]
+        endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
+                   if out.finished and out.request_id not in self._handed_back]
         if chunks or endings:
             for (job_id, *_), seq in zip(chunks, self.store.record_step(self.worker_name, chunks, endings)):
                 if seq < 0 and self.engine is not None:
@@ -229,14 +233,16 @@ class JobRunner:
 
     def _finish(self, out: SeqOutput) -> None:
         if out.request_id not in self._handed_back:
-            self.store.record_step(self.worker_name, [], [ending_of(out)])
+            self.store.record_step(self.worker_name, [], [ending_of(out, self._done_before.get(out.request_id, 0))])
 
 
-def ending_of(out: SeqOutput) -> Ending:
-    """How the job of a finished engine output ends."""
+def ending_of(out: SeqOutput, done_before: int = 0) -> Ending:
+    """How the job of a finished engine output ends; `done_before` counts tokens of an earlier attempt."""
     status = _FINAL_STATUS.get(out.finish_reason, "failed")
+    tokens = done_before + out.completion_tokens
     if status == "cancelled":
-        return Ending(out.request_id, status, CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled")
+        return Ending(out.request_id, status, CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled", tokens)
     if status == "failed":
-        return Ending(out.request_id, status, out.error or "generation failed", ErrorCode.SERVER_ERROR, "error")
-    return Ending(out.request_id, status, finish_reason=out.finish_reason)
+        return Ending(out.request_id, status, out.error or "generation failed", ErrorCode.SERVER_ERROR, "error",
+                      tokens)
+    return Ending(out.request_id, status, finish_reason=out.finish_reason, completion_tokens=tokens)

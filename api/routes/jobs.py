@@ -34,7 +34,7 @@ class Params(BaseModel):
     temperature: float
     top_p: float
     max_new_tokens: int
-    stop: str | None
+    stop: str | list[str] | None
     seed: int | None
 
 

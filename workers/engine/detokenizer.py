@@ -3,12 +3,14 @@
 Two rules make the deltas safe to send as they come: text is decoded over a
 small window of previous tokens (vLLM/TGI's prefix/read offsets) so merges and
 leading spaces come out as in a full decode, and text that is a broken UTF-8
-character or could be the start of the stop string is held back until it is
+character or could be the start of a stop string is held back until it is
 settled. The deltas therefore never have to be taken back, and joined they
 equal the final text.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -29,17 +31,24 @@ def special_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | Non
 
 
 class Detokenizer:
-    """Incremental decoding of one sequence, with its stop string.
+    """Incremental decoding of one sequence, with its stop strings.
 
     Feed each generated token to `add`, which returns the new text that is
     safe to stream ("" when nothing is settled yet). `stopped` turns True once
-    the stop string appears; the text then ends just before it. Call `finish`
-    when the sequence ends for any reason, to get the text still held back.
+    any stop string appears; the text then ends just before the earliest one.
+    Call `finish` when the sequence ends for any reason, to get the text still
+    held back.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], stop: str | None = None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: list[int],
+        stop: str | Sequence[str] | None = None,
+    ):
         self._tokenizer = tokenizer
-        self._stop = stop or None
+        stops = (stop,) if isinstance(stop, str) else (stop or ())
+        self._stops = tuple(dict.fromkeys(s for s in stops if s))
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self._ids = context
         self._prefix_offset = 0
@@ -61,14 +70,13 @@ class Detokenizer:
         new_text = self._decode_new(allow_partial=False)
         if not new_text:
             return ""
-        search_from = max(0, len(self._text) - len(self._stop) + 1) if self._stop else 0
+        old_len = len(self._text)
         self._text += new_text
-        if self._stop:
-            stop_at = self._text.find(self._stop, search_from)
-            if stop_at >= 0:
-                self._text = self._text[:stop_at]
-                self.stopped = True
-                return self._release(len(self._text))
+        stop_at = self._earliest_stop(old_len)
+        if stop_at is not None:
+            self._text = self._text[:stop_at]
+            self.stopped = True
+            return self._release(len(self._text))
         return self._release(len(self._text) - self._stop_prefix_len())
 
     def finish(self) -> str:
@@ -96,14 +104,28 @@ class Detokenizer:
         self._read_offset = len(self._ids)
         return full[len(prefix) :]
 
+    def _earliest_stop(self, old_len: int) -> int | None:
+        """Where the earliest stop string that the text added after `old_len` completes begins, or None.
+
+        Each stop is searched only where it could end in the new text: earlier
+        matches would have stopped an earlier call.
+        """
+        found = [
+            self._text.find(stop, max(0, old_len - len(stop) + 1))
+            for stop in self._stops
+        ]
+        found = [at for at in found if at >= 0]
+        return min(found) if found else None
+
     def _stop_prefix_len(self) -> int:
-        """Length of the longest end of the text that could be the start of the stop string."""
-        if not self._stop:
-            return 0
-        for length in range(min(len(self._stop) - 1, len(self._text)), 0, -1):
-            if self._text.endswith(self._stop[:length]):
-                return length
-        return 0
+        """Length of the longest end of the text that could be the start of a stop string."""
+        longest = 0
+        for stop in self._stops:
+            for length in range(min(len(stop) - 1, len(self._text)), longest, -1):
+                if self._text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self._emitted)

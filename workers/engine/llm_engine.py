@@ -261,14 +261,27 @@ class LLMEngine:
                 return (f"prompt of {seq.prompt_len} tokens leaves no room in the model's "
                         f"{self.max_model_len}-token context")
             seq.max_new_tokens = min(seq.params.max_new_tokens, room)
-        stop = seq.params.stop or None
-        stop_id = special_token_id(self.tokenizer, stop) if stop else None
-        seq.stop_token_ids = self.eos_token_ids | ({stop_id} if stop_id is not None else set())
-        # A special-token stop never shows up in the (special-free) text: the id alone ends generation.
-        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, None if stop_id is not None else stop)
+        stop_ids, text_stops = self._split_stops(seq.params.stop_strings)
+        eos_ids = frozenset() if seq.params.ignore_eos else self.eos_token_ids
+        seq.stop_token_ids = eos_ids | stop_ids
+        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, text_stops)
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(seq.params.seed)
         return None
+
+    def _split_stops(self, stops: tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
+        """Split stop strings into the ids of those that are one special token, and the text stops.
+
+        A special-token stop never shows up in the (special-free) text: its id alone ends generation.
+        """
+        ids, texts = set(), []
+        for stop in stops:
+            token_id = special_token_id(self.tokenizer, stop)
+            if token_id is None:
+                texts.append(stop)
+            else:
+                ids.add(token_id)
+        return frozenset(ids), tuple(texts)
 
     def _abort(self, request_id: str) -> None:
         seq = self._live.get(request_id)
@@ -284,7 +297,7 @@ class LLMEngine:
     def _decode(self) -> None:
         """One new token for every running row."""
         batch = self._batch
-        log.debug("decode %d rows, kv length %d", len(batch), batch.attention_mask.shape[1])
+        log.debug("decode %d rows, kv length %d", len(batch), batch.kv_len)
         input_ids = torch.tensor([seq.output_token_ids[-1] for seq in batch.seqs], device=self.runner.device)
         try:
             tokens = self._sample(batch.seqs, self.runner.decode(batch, input_ids))
@@ -411,7 +424,7 @@ class LLMEngine:
                 num_running=len(self.scheduler.running),
                 num_waiting=len(self.scheduler.waiting),
                 reserved_tokens=self.scheduler.reserved_tokens,
-                batch_len=0 if self._batch is None else int(self._batch.attention_mask.shape[1]),
+                batch_len=0 if self._batch is None else self._batch.kv_len,
             )
 
 

@@ -19,15 +19,30 @@ class SamplingParams:
     """How one request samples and when it stops.
 
     temperature <= 0.001 means greedy decoding (as the original LLaVA worker);
-    top_p = 1.0 keeps the whole distribution; stop is a string that ends
-    generation and is removed from the text; seed makes the draws reproducible.
+    top_p = 1.0 keeps the whole distribution; stop is a string, or several
+    (OpenAI allows up to 4), that ends generation at its first occurrence and
+    is removed from the text; seed makes the draws reproducible; ignore_eos
+    runs to max_new_tokens whatever EOS the model emits (benchmarks need every
+    request to do the same work), though an explicit stop still ends it.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
-    stop: str | None = None
+    stop: str | tuple[str, ...] | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # A list would make the frozen params unhashable; a tuple reads the same.
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Every stop string, in order, without empty ones or repeats (() when there is none)."""
+        stops = (self.stop,) if isinstance(self.stop, str) else (self.stop or ())
+        return tuple(dict.fromkeys(stop for stop in stops if stop))
 
 
 class SequenceStatus(enum.Enum):
