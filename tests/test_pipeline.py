@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import pickle
 import time
 
 import pytest
@@ -274,13 +275,15 @@ def test_messages_that_are_not_jobs_never_run_and_never_hurt_the_worker(stack):
     app = make_celery(Settings(redis_url=stack.redis_url))
     for args in ([{"evil": True}], ["../../etc/passwd"], ["0" * 32], [1, 2, 3]):
         app.send_task(GENERATE_TASK, args=args, queue="interactive")
-    # A pickled message is refused by the worker's JSON-only consumer.
+    # A message in Python's serialization format is refused by the worker's JSON-only consumer.
+    untrusted = pickle.dumps(([], {}, {}))
     with Connection(stack.redis_url) as connection:
-        producer = connection.Producer(serializer="pickle")
-        producer.publish({"task": GENERATE_TASK, "id": "x", "args": [], "kwargs": {}}, routing_key="interactive",
-                         serializer="pickle", headers={"task": GENERATE_TASK, "id": "pickled"})
+        connection.Producer().publish(untrusted, routing_key="interactive",
+                                      content_type="application/x-python-serialize", content_encoding="binary",
+                                      headers={"task": GENERATE_TASK, "id": "untrusted"})
     job_id = submit(stack, messages=FRANCE, temperature=0, max_new_tokens=16)
     assert wait_until(stack, job_id)["status"] == "succeeded"
     assert stack.processes["worker"].poll() is None
     log = (stack.log_dir / "worker.log").read_text()
     assert "dropped a task message that is not a job id" in log
+    assert "Refusing to deserialize untrusted content" in log
