@@ -21,19 +21,29 @@ import gc
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 import requests
 import torch
 import websockets
 
-from bench.workload import (Prompt, RequestTiming, RunResult, StepRecorder, build_prompts, from_timings,
-                            latency_cells, machine_info)
+from bench.workload import (
+    Prompt,
+    RequestTiming,
+    RunResult,
+    StepRecorder,
+    build_prompts,
+    from_timings,
+    latency_cells,
+    machine_info,
+)
 from shared.redis_server import RedisServer, free_port
 from shared.settings import get_settings
 from workers.builder import load_model
@@ -90,7 +100,7 @@ class Stack:
         self.processes: dict[str, subprocess.Popen] = {}
         self._env_extra = {"LLAVA_QUEUE_MODEL_PATH": str(model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": str(max_num_seqs)}
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         try:
             self.redis.start()
             env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=self.redis.url, **self._env_extra)
@@ -106,9 +116,10 @@ class Stack:
         self.close()
 
     def _spawn(self, name: str, args: list[str], env: dict) -> None:
-        log = open(self.log_dir / f"{name}.log", "w")
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env,
-                                                stdout=log, stderr=subprocess.STDOUT)
+        # The child keeps its own copy of the file descriptor.
+        with open(self.log_dir / f"{name}.log", "w") as log:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env,
+                                                    stdout=log, stderr=subprocess.STDOUT)
 
     def _wait_ready(self) -> None:
         """Until /healthz lists a worker; RuntimeError (with the logs) if a process dies or it takes too long."""
@@ -144,9 +155,14 @@ class Stack:
 
 
 async def follow_one(client: httpx.AsyncClient, ws_url: str, prompt: Prompt, max_new_tokens: int
-                     ) -> tuple[str, RequestTiming]:
-    """Submit one job over HTTP and follow it over WebSocket to its end; returns its id and timing."""
+                     ) -> tuple[str, RequestTiming, float, float]:
+    """Submit one job over HTTP and follow it over WebSocket to its end.
+
+    Returns its id, its timing, and the wall-clock (time.time) moments of the submit and of the
+    first visible text, to set against the timestamps in the job record.
+    """
     body = {"prompt": prompt.text, "temperature": 0, "max_new_tokens": max_new_tokens}
+    wall_submit, wall_first = time.time(), None
     timing = RequestTiming(time.perf_counter())
     response = await client.post("/v1/jobs", json=body)
     response.raise_for_status()
@@ -156,7 +172,7 @@ async def follow_one(client: httpx.AsyncClient, ws_url: str, prompt: Prompt, max
             message = json.loads(raw)
             now = time.perf_counter()
             if timing.first_token is None and len(message["text"]) > len(prompt.text):
-                timing.first_token = now
+                timing.first_token, wall_first = now, time.time()
             if message.get("done"):
                 timing.finished = now
                 timing.finish_reason = message.get("error") or message.get("finish_reason")
@@ -164,25 +180,39 @@ async def follow_one(client: httpx.AsyncClient, ws_url: str, prompt: Prompt, max
                     raise RuntimeError(f"job {job_id} ended {message.get('status')}: {message.get('error')}")
                 break
     if timing.first_token is None:
-        timing.first_token = timing.finished
-    return job_id, timing
+        timing.first_token, wall_first = timing.finished, time.time()
+    return job_id, timing, wall_submit, wall_first
 
 
-async def run_over_stack(stack: Stack, prompts: list[Prompt], max_new_tokens: int) -> RunResult:
-    """Every prompt submitted at once over HTTP and followed over WebSocket; usage read back from the job records."""
+# Where a job's time to first text goes over the stack, from the job record's timestamps.
+TTFT_SEGMENTS = ("submit → worker starts the job", "job started → first text at the worker",
+                 "first text at the worker → client sees it")
+
+
+async def run_over_stack(stack: Stack, prompts: list[Prompt], max_new_tokens: int
+                         ) -> tuple[RunResult, dict[str, list[float]]]:
+    """Every prompt submitted at once over HTTP and followed over WebSocket; usage read back from the job records.
+
+    Returns the run and, per TTFT_SEGMENTS entry, each job's seconds in it.
+    """
     limits = httpx.Limits(max_connections=len(prompts) + 4)
+    segments: dict[str, list[float]] = {name: [] for name in TTFT_SEGMENTS}
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=600, limits=limits) as client:
         done = await asyncio.gather(*(follow_one(client, stack.ws_url, p, max_new_tokens) for p in prompts))
-        for job_id, timing in done:
+        for job_id, timing, wall_submit, wall_first in done:
             record = (await client.get(f"/v1/jobs/{job_id}")).json()
             timing.completion_tokens = record["usage"]["completion_tokens"]
             timing.text = record["text"]
-    return from_timings([timing for _, timing in done])
+            started, first = record["started_at"], record["first_token_at"] or record["finished_at"]
+            for name, seconds in zip(TTFT_SEGMENTS, (started - wall_submit, first - started, wall_first - first)):
+                segments[name].append(seconds)
+    return from_timings([timing for _, timing, _, _ in done]), segments
 
 
 # Output.
 
-def print_report(args, c: RunResult, e2e: RunResult, info: list[str], same_text: int) -> None:
+def print_report(args, c: RunResult, e2e: RunResult, segments: dict[str, list[float]], info: list[str],
+                 same_text: int) -> None:
     n, new = args.num_requests, args.max_new_tokens
     print(f"\n## End-to-end benchmark: {n} requests x up to {new} new tokens, greedy, EOS honoured\n")
     print("\n".join(info))
@@ -197,6 +227,8 @@ def print_report(args, c: RunResult, e2e: RunResult, info: list[str], same_text:
               f"{result.tokens_per_s / c.tokens_per_s:.2f}x | {latency_cells(result)} | {result.load:.1f} |")
     print(f"\n**e2e throughput / (c) = {e2e.tokens_per_s / c.tokens_per_s:.2f}x; "
           f"e2e TTFT p50 − (c) TTFT p50 = {e2e.ttft_ms(50) - c.ttft_ms(50):+.0f} ms**")
+    parts = ", ".join(f"{name} {1000 * statistics.median(values):.0f} ms" for name, values in segments.items())
+    print(f"\nStack TTFT, medians from the job records: {parts}.")
     print(f"\nSame work: {c.tokens} completion tokens in process, {e2e.tokens} over the stack; "
           f"{same_text} of {n} texts identical.")
 
@@ -229,9 +261,9 @@ def main() -> None:
         print(f"stack up (logs in {stack.log_dir}); warming up, then {args.num_requests} jobs over HTTP ...",
               flush=True)
         asyncio.run(run_over_stack(stack, prompts, WARMUP_TOKENS))
-        e2e = asyncio.run(run_over_stack(stack, prompts, args.max_new_tokens))
+        e2e, segments = asyncio.run(run_over_stack(stack, prompts, args.max_new_tokens))
     same_text = sum(a.text == b.text for a, b in zip(c.timings, e2e.timings))
-    print_report(args, c, e2e, info, same_text)
+    print_report(args, c, e2e, segments, info, same_text)
 
 
 if __name__ == "__main__":

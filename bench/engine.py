@@ -26,7 +26,15 @@ import time
 
 import torch
 
-from bench.workload import Prompt, RunResult, StepRecorder, build_prompts, from_timings, latency_cells, machine_info
+from bench.workload import (
+    Prompt,
+    RunResult,
+    StepRecorder,
+    build_prompts,
+    from_timings,
+    latency_cells,
+    machine_info,
+)
 from shared.settings import get_settings
 from workers.builder import LoadedModel, load_model
 from workers.default_model import ensure_default_model
@@ -38,40 +46,25 @@ WARMUP_TOKENS = 8
 
 # Ignoring EOS.
 
-ENGINE_HAS_IGNORE_EOS = "ignore_eos" in {f.name for f in dataclasses.fields(SamplingParams)}
-
-
 def ignore_eos(loaded: LoadedModel) -> None:
     """Make `generate` on this process's model object run to max_new_tokens: no EOS in its generation config.
 
-    The engine is handled separately (`engine_ignoring_eos`): it also stops on the tokenizer's EOS.
+    The engine needs no change: its requests carry SamplingParams(ignore_eos=True).
     """
     loaded.model.generation_config.eos_token_id = None
     if loaded.model.generation_config.pad_token_id is None:
         loaded.model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
 
 
-def engine_ignoring_eos(loaded: LoadedModel, max_num_seqs: int, on_step=None) -> LLMEngine:
-    """An engine whose requests only end at max_new_tokens.
-
-    SamplingParams has no `ignore_eos` (checked at import); this clears the stop ids the engine
-    derived from the tokenizer and generation config, on this benchmark's engine object only.
-    """
+def benchmark_engine(loaded: LoadedModel, max_num_seqs: int, on_step=None) -> LLMEngine:
+    """An engine built as the worker builds it (budgets from the settings, the model's context length)."""
     settings = get_settings()
-    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
-                       max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
-                       on_step=on_step)
-    if not ENGINE_HAS_IGNORE_EOS:
-        if not hasattr(engine, "eos_token_ids"):
-            raise SystemExit("the engine has neither SamplingParams.ignore_eos nor eos_token_ids: cannot ignore EOS")
-        engine.eos_token_ids = frozenset()
-    return engine
+    return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
+                     max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len, on_step=on_step)
 
 
 def greedy(max_new_tokens: int) -> SamplingParams:
-    if ENGINE_HAS_IGNORE_EOS:
-        return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True)
-    return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True)
 
 
 # The four paths.
@@ -251,9 +244,8 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
     print(f"\n## Engine benchmark: {loaded.name}, {n} requests x {new} new tokens (EOS ignored, greedy)\n")
     print("\n".join(info))
     print(f"- load average at end {os.getloadavg()[0]:.2f} (1 min)")
-    eos_note = ("SamplingParams.ignore_eos" if ENGINE_HAS_IGNORE_EOS else
-                "engine.eos_token_ids cleared on the benchmark's engine (SamplingParams has no ignore_eos)")
-    print(f"- EOS: generation_config.eos_token_id = None for generate; {eos_note}")
+    print("- EOS ignored: generation_config.eos_token_id = None for generate, SamplingParams(ignore_eos=True) "
+          "for the engine")
     if dtype == torch.float32:
         print("- the engine's default dtype here is already float32, so there is no separate fp32 reference")
     print()
@@ -356,7 +348,7 @@ def main() -> None:
         check_work("(b)", b, new)
 
     recorder = StepRecorder()
-    engine = engine_ignoring_eos(loaded, max(settings.max_num_seqs, len(prompts)), on_step=recorder)
+    engine = benchmark_engine(loaded, max(settings.max_num_seqs, len(prompts)), on_step=recorder)
     engine.start()
     try:
         print(f"(c) engine, {len(prompts)} at once ...", flush=True)

@@ -182,10 +182,10 @@ def machine_info(dtype: torch.dtype) -> list[str]:
     """Lines describing where the numbers come from."""
     load1, load5, _ = os.getloadavg()
     return [
-        f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible, "
-        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} torch threads",
+        (f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible, "
+         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"),
+        (f"- torch {torch.__version__}, transformers {transformers.__version__}, "
+         f"{torch.get_num_threads()} torch threads"),
         f"- dtype {str(dtype).removeprefix('torch.')}",
         f"- load average at start {load1:.2f} (1 min), {load5:.2f} (5 min)",
     ]
