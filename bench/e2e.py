@@ -43,6 +43,7 @@ from bench.workload import (
     from_timings,
     latency_cells,
     machine_info,
+    warm_up_in_this_thread,
 )
 from shared.redis_server import RedisServer, free_port
 from shared.settings import get_settings
@@ -67,19 +68,18 @@ def run_in_process(model_dir: Path, prompts_count: int, max_new_tokens: int, max
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
                        max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
                        on_step=recorder)
+    warm_up_in_this_thread(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=WARMUP_TOKENS))
     engine.start()
     try:
-        for tokens, tag in ((WARMUP_TOKENS, "warm"), (max_new_tokens, "c")):
-            recorder.timings.clear()
-            params = SamplingParams(temperature=0.0, max_new_tokens=tokens)
-            handles = []
-            for i, prompt in enumerate(prompts):
-                recorder.submitted(f"{tag}{i}")
-                handles.append(engine.add_request(f"{tag}{i}", prompt.token_ids, params))
-            for handle in handles:
-                out = handle.wait()
-                if out.error:
-                    raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+        handles = []
+        for i, prompt in enumerate(prompts):
+            recorder.submitted(f"c{i}")
+            handles.append(engine.add_request(f"c{i}", prompt.token_ids, params))
+        for handle in handles:
+            out = handle.wait()
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
         result = from_timings([recorder.timings[f"c{i}"] for i in range(len(prompts))])
     finally:
         engine.shutdown()

@@ -34,6 +34,7 @@ from bench.workload import (
     from_timings,
     latency_cells,
     machine_info,
+    warm_up_in_this_thread,
 )
 from shared.settings import get_settings
 from workers.builder import LoadedModel, load_model
@@ -130,10 +131,16 @@ def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
     return times
 
 
-def check_work(name: str, result: RunResult, max_new_tokens: int) -> None:
+def check_work(name: str, result: RunResult, max_new_tokens: int) -> RunResult:
+    """`result`, once checked that every request generated exactly max_new_tokens."""
     expected = result.requests * max_new_tokens
     if result.tokens != expected:
         raise RuntimeError(f"{name}: generated {result.tokens} tokens, expected {expected}: EOS was not ignored")
+    return result
+
+
+def fastest(best: RunResult | None, result: RunResult) -> RunResult:
+    return result if best is None or result.tokens_per_s > best.tokens_per_s else best
 
 
 # The roofline.
@@ -260,6 +267,8 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
         requests = f"{result.requests} x {new}"
         print(f"| {label} | {requests} | {dtype_name} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | {vs_a} | "
               f"{vs_b} | {latency_cells(result)} | {result.load:.1f} |")
+    if args.repeats > 1:
+        print(f"\n(a), (b), (c): the fastest of {args.repeats} rounds run in turn; (d) and fp32 references: one run.")
     if a is not None and a.requests < n:
         print(f"\n(a) ran {a.requests} of the {n} requests one after another: its per-request cost does not depend "
               "on the others, so its tokens/s stands for all of them.")
@@ -313,6 +322,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None,
                         help="(d) arrivals per second (default: the request rate (c) sustained)")
     parser.add_argument("--seed", type=int, default=0, help="(d) arrival times seed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of (a), (b), (c) in turn; each one's fastest round is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
     args = parser.parse_args()
@@ -334,32 +345,34 @@ def main() -> None:
     machine = measure_machine(loaded.dtype)
     cost = ModelCost.of(loaded.model)
 
-    a = b = d = None
-    if not args.skip_sequential:
-        subset = prompts[: args.sequential_requests or len(prompts)]
-        print(f"(a) sequential generate, {len(subset)} requests ...", flush=True)
-        run_sequential(loaded, prompts[:1], WARMUP_TOKENS)
-        a = run_sequential(loaded, subset, new)
-        check_work("(a)", a, new)
-    if not args.skip_static:
-        print(f"(b) static batch generate, batch {len(prompts)} ...", flush=True)
-        run_static_batch(loaded, prompts, WARMUP_TOKENS)
-        b = run_static_batch(loaded, prompts, new)
-        check_work("(b)", b, new)
-
+    subset = prompts[: args.sequential_requests or len(prompts)]
     recorder = StepRecorder()
     engine = benchmark_engine(loaded, max(settings.max_num_seqs, len(prompts)), on_step=recorder)
+    # Warm every path once, then time (a), (b), (c) in turn, `--repeats` rounds, keeping each one's fastest:
+    # on a shared machine a round that other work slowed down is not the one reported.
+    print("warming up ...", flush=True)
+    warm_up_in_this_thread(engine, prompts, greedy(WARMUP_TOKENS))
+    if not args.skip_sequential:
+        run_sequential(loaded, prompts[:1], WARMUP_TOKENS)
+    if not args.skip_static:
+        run_static_batch(loaded, prompts, WARMUP_TOKENS)
     engine.start()
+    a = b = c = d = None
     try:
-        print(f"(c) engine, {len(prompts)} at once ...", flush=True)
-        run_engine(engine, recorder, prompts, WARMUP_TOKENS, tag="warm")
-        c = run_engine(engine, recorder, prompts, new, tag="c")
-        check_work("(c)", c, new)
+        for round_ in range(1, args.repeats + 1):
+            if not args.skip_sequential:
+                print(f"round {round_}: (a) sequential generate, {len(subset)} requests ...", flush=True)
+                a = fastest(a, check_work("(a)", run_sequential(loaded, subset, new), new))
+            if not args.skip_static:
+                print(f"round {round_}: (b) static batch generate, batch {len(prompts)} ...", flush=True)
+                b = fastest(b, check_work("(b)", run_static_batch(loaded, prompts, new), new))
+            print(f"round {round_}: (c) engine, {len(prompts)} at once ...", flush=True)
+            c = fastest(c, check_work("(c)", run_engine(engine, recorder, prompts, new, tag=f"c{round_}_"), new))
         rate = args.rate or c.requests / c.seconds
         if not args.skip_poisson:
             print(f"(d) engine, Poisson arrivals at {rate:.2f} requests/s (seed {args.seed}) ...", flush=True)
-            d = run_engine(engine, recorder, prompts, new, poisson_arrivals(len(prompts), rate, args.seed), tag="d")
-            check_work("(d)", d, new)
+            arrivals = poisson_arrivals(len(prompts), rate, args.seed)
+            d = check_work("(d)", run_engine(engine, recorder, prompts, new, arrivals, tag="d"), new)
     finally:
         engine.shutdown()
 
@@ -376,8 +389,7 @@ def main() -> None:
         ignore_eos(fp32)
         if not args.skip_sequential:
             run_sequential(fp32, prompts[:1], WARMUP_TOKENS)
-            rows.append(("(a) fp32 reference", "float32",
-                         run_sequential(fp32, prompts[: args.sequential_requests or len(prompts)], new)))
+            rows.append(("(a) fp32 reference", "float32", run_sequential(fp32, subset, new)))
         if not args.skip_static:
             run_static_batch(fp32, prompts, WARMUP_TOKENS)
             rows.append(("(b) fp32 reference", "float32", run_static_batch(fp32, prompts, new)))

@@ -18,7 +18,7 @@ import transformers
 
 from shared.protocol import GenerateRequest
 from workers.builder import LoadedModel
-from workers.engine import SeqOutput
+from workers.engine import LLMEngine, SamplingParams, SeqOutput
 from workers.generation import prepare
 
 # Open questions that make a small chat model write long answers (the e2e path cannot ignore EOS).
@@ -79,6 +79,17 @@ def build_prompts(loaded: LoadedModel, count: int) -> list[Prompt]:
         prepared = prepare(GenerateRequest(prompt=text, temperature=0.0, max_new_tokens=16), loaded, 1024)
         prompts.append(Prompt(text, prepared.token_ids))
     return prompts
+
+
+def warm_up_in_this_thread(engine: LLMEngine, prompts: list[Prompt], params: SamplingParams) -> None:
+    """Run `prompts` through an engine not started yet, stepping it in this thread, as the worker warms up.
+
+    Torch's first parallel work then comes from the main thread. Without that, the engine
+    thread's forwards ran about 8x slower on a busy 2-core machine (bench/README.md).
+    """
+    handles = [engine.add_request(f"warm-up-{i}", p.token_ids, params) for i, p in enumerate(prompts)]
+    while not all(handle.done.is_set() for handle in handles):
+        engine.step()
 
 
 @dataclass

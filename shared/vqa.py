@@ -1,0 +1,157 @@
+"""Offline evaluation as the original `llava/eval/model_vqa.py` does it.
+
+A question line `{"question_id", "image", "text"[, "category"]}` becomes the prompt
+`"<image>\\n" + text` in the chosen conversation template (the worker wraps `<image>` in
+`<im_start>`/`<im_end>` for models configured so, as the original does); generation runs with
+no stop string, to EOS or the token limit, and the answer is the decoded text, stripped. The
+answers file holds one line per question, keys in the original's order, written with
+`json.dumps`' default formatting. Both `POST /v1/batches` and `llava-queue eval` use these
+functions, so the two give the same prompts and the same answer lines.
+"""
+
+import base64
+import json
+import math
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.conversation import IMAGE_TOKEN, get_template
+from shared.protocol import MAX_NEW_TOKENS_CAP, MAX_PROMPT_CHARS, JobRequest
+
+DEFAULT_CONV_MODE = "llava_v1"
+DEFAULT_TEMPERATURE = 0.2
+# `model_vqa.py` hard-codes max_new_tokens=1024 (the loader variant defaults to 128).
+DEFAULT_MAX_NEW_TOKENS = MAX_NEW_TOKENS_CAP
+# shortuuid's alphabet (no 0, 1, I, O, l) and length, as the original's `answer_id`.
+_SHORTUUID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_SHORTUUID_LENGTH = 22
+
+
+class Question(BaseModel):
+    """One line of an original question file. Other keys are ignored, as the original ignores them.
+
+    `question_id` is any JSON value and is echoed as given. A line without `image` is a
+    text-only question (the original would fail on it).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    question_id: Any = Field(...)
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+    image: str | None = None
+    category: str | None = None
+
+    @field_validator("question_id")
+    @classmethod
+    def _present(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null")
+        if isinstance(value, (dict, list)):
+            raise ValueError("must be a string or a number")
+        return value
+
+
+class EvalParams(BaseModel):
+    """The batch-level parameters of `model_vqa.py`, with its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    conv_mode: str = DEFAULT_CONV_MODE
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    num_beams: int = 1
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @field_validator("conv_mode")
+    @classmethod
+    def _known_template(cls, name: str) -> str:
+        get_template(name)  # TemplateError (a ValueError) names the known templates
+        return name
+
+    @field_validator("num_beams")
+    @classmethod
+    def _greedy_or_sampling_only(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"num_beams={value} is not supported: llava-queue decodes one beam "
+                             "(greedy when temperature is 0, sampling otherwise); use num_beams=1")
+        return value
+
+
+def question_prompt(text: str, conv_mode: str, with_image: bool = True) -> str:
+    """The prompt `model_vqa.py` builds for a question: `<image>\\n` + text as the user turn, then the open answer."""
+    conv = get_template(conv_mode)
+    conv.append_message(conv.roles[0], f"{IMAGE_TOKEN}\n{text}" if with_image else text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def question_job(question: Question, params: EvalParams, image_b64: str | None) -> JobRequest:
+    """The batch-queue job for one question; `image_b64` is the question's image file, base64."""
+    if (image_b64 is None) != (question.image is None):
+        raise ValueError("an image is given exactly when the question names one")
+    return JobRequest(
+        model=params.model,
+        prompt=question_prompt(question.text, params.conv_mode, with_image=image_b64 is not None),
+        images=[image_b64] if image_b64 is not None else None,
+        temperature=params.temperature,
+        top_p=1.0 if params.top_p is None else params.top_p,
+        max_new_tokens=params.max_new_tokens,
+        seed=params.seed,
+        queue="batch",
+    )
+
+
+def read_image_b64(folder: Path, name: str) -> str:
+    """The image file `name` under `folder`, base64 (no path checks: see the callers)."""
+    return base64.b64encode((folder / name).read_bytes()).decode("ascii")
+
+
+def answer_text(generated: str) -> str:
+    """The answer as the original writes it: the decoded new text, stripped."""
+    return generated.strip()
+
+
+def new_answer_id() -> str:
+    """An id shaped like `shortuuid.uuid()`: 22 characters of its 57-letter alphabet."""
+    return "".join(secrets.choice(_SHORTUUID_ALPHABET) for _ in range(_SHORTUUID_LENGTH))
+
+
+def answer_record(question_id: Any, prompt: str, text: str, model_id: str,
+                  answer_id: str | None = None) -> dict[str, Any]:
+    """One answers-file object, keys in the original's order; `prompt` is the question text as given."""
+    return {"question_id": question_id, "prompt": prompt, "text": answer_text(text),
+            "answer_id": answer_id or new_answer_id(), "model_id": model_id, "metadata": {}}
+
+
+def answer_line(record: dict[str, Any]) -> str:
+    """An answers-file line: `json.dumps` with its default formatting, as the original writes it."""
+    return json.dumps(record) + "\n"
+
+
+def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
+    """Chunk `chunk_idx` of `num_chunks` contiguous chunks of ceil(n / num_chunks) items, as the original splits.
+
+    The original fails with an IndexError for a chunk that does not exist; this says why.
+    """
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be at least 1, not {num_chunks}")
+    if not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"chunk_idx must be in 0..{num_chunks - 1}, not {chunk_idx}")
+    size = math.ceil(len(items) / num_chunks)
+    chunks = [list(items[i:i + size]) for i in range(0, len(items), size)] if size else []
+    if chunk_idx >= len(chunks):
+        raise ValueError(f"{len(items)} questions in chunks of {size} make {len(chunks)} chunks; "
+                         f"chunk {chunk_idx} does not exist")
+    return chunks[chunk_idx]
+
+
+def parse_question_line(line: str | bytes) -> Question:
+    """A question from one JSONL line; ValueError (pydantic's ValidationError) says what is wrong."""
+    return Question.model_validate_json(line)
+
