@@ -7,6 +7,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
 
+from api.auth import require_api_key
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings
 
@@ -36,3 +37,6 @@ AsyncRedis = Annotated[aioredis.Redis, Depends(get_async_redis)]
 CeleryApp = Annotated[Celery, Depends(get_celery)]
 Registry = Annotated[WorkerRegistry, Depends(get_registry)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]
+# The caller's API key digest (None with keys off): the same dependency the protected routers run,
+# so FastAPI evaluates it once per request (the rate limit counts the request once).
+ApiKey = Annotated[str | None, Depends(require_api_key)]

@@ -11,20 +11,21 @@ from shared.protocol import ErrorCode, GenerateRequest
 
 
 def submit_jobs(store: JobStore, celery: Celery, requests: list[tuple[GenerateRequest, str]], *,
-                idempotency_key: str | None = None) -> list[str]:
+                idempotency_key: str | None = None, owner: str | None = None) -> list[str]:
     """Record each (request, queue) as a queued job and send its Celery task; returns the job ids in order.
 
     Only the job id crosses the queue; the worker reads the request from the record. Past the
     queue limit the call answers 429 with a Retry-After from the measured drain rate. With an
     `idempotency_key` seen before, the first submission's ids come back and nothing is enqueued.
-    If the broker cannot take a task, that job is marked failed and the call answers 503.
+    If the broker cannot take a task, that job is marked failed and the call answers 503. An
+    `owner` (the caller's API key digest) is held to its own queued-job quota too.
     """
-    admit(store, len(requests))
+    admit(store, len(requests), owner)
     ids, created = [], []
     for index, (request, queue) in enumerate(requests):
         key = idempotency_key if idempotency_key is None or len(requests) == 1 else f"{idempotency_key}:{index}"
         job_id, new = store.create(request, queue, deadline_seconds=getattr(request, "deadline_seconds", None),
-                                   idempotency_key=key)
+                                   idempotency_key=key, owner=owner)
         ids.append(job_id)
         if new:
             created.append((job_id, queue))
@@ -41,21 +42,32 @@ def submit_jobs(store: JobStore, celery: Celery, requests: list[tuple[GenerateRe
     return ids
 
 
-def admit(store: JobStore, count: int) -> None:
-    """Refuse `count` more jobs with 429 when they would take the queues past their limit."""
-    if not store.max_queued:
-        return
-    queued = sum(store.queue_lengths().values())
-    excess = queued + count - store.max_queued
-    if excess <= 0:
-        return
+def admit(store: JobStore, count: int, owner: str | None = None) -> None:
+    """Refuse `count` more jobs with 429 when they would take the queues past their limit, or the
+    caller (`owner`, an API key digest) past its own quota."""
+    if store.max_queued:
+        queued = sum(store.queue_lengths().values())
+        excess = queued + count - store.max_queued
+        if excess > 0:
+            _refuse(store, excess, f"the queue is full ({queued} jobs queued, limit {store.max_queued})")
+    if owner and store.max_queued_per_owner:
+        limit = store.max_queued_per_owner
+        queued = store.owner_queued(owner, at_least=limit - count + 1)
+        excess = queued + count - limit
+        if excess > 0:
+            _refuse(store, excess, f"this API key has {queued} jobs queued; its quota is {limit}"
+                                   + (f" and this request holds {count}" if count > 1 else ""))
+
+
+def _refuse(store: JobStore, excess: int, reason: str) -> None:
+    """429 with a Retry-After from the measured drain rate: about when `excess` queued jobs will have left."""
     rate = store.finished_per_second()
     retry_after = min(3600, max(1, math.ceil(excess / rate))) if rate > 0 else 30
-    raise ApiError(429, f"the queue is full ({queued} jobs queued, limit {store.max_queued}); "
-                        f"retry in about {retry_after} s", type="overloaded", code=ErrorCode.OVERLOADED,
+    raise ApiError(429, f"{reason}; retry in about {retry_after} s", type="overloaded", code=ErrorCode.OVERLOADED,
                    headers={"Retry-After": str(retry_after)})
 
 
-def submit_job(store: JobStore, celery: Celery, request: GenerateRequest, queue: str = "interactive") -> str:
+def submit_job(store: JobStore, celery: Celery, request: GenerateRequest, queue: str = "interactive",
+               owner: str | None = None) -> str:
     """Submit one job; see `submit_jobs`."""
-    return submit_jobs(store, celery, [(request, queue)])[0]
+    return submit_jobs(store, celery, [(request, queue)], owner=owner)[0]

@@ -123,6 +123,11 @@ _INT_FIELDS = ("seq", "error_code", "prompt_tokens", "completion_tokens", "attem
 _FLOAT_FIELDS = ("created_at", "started_at", "first_token_at", "finished_at")
 
 
+def owner_id(api_key_digest: str) -> str:
+    """The short form of an API key's digest kept in job records and key names (never the key itself)."""
+    return api_key_digest[:16]
+
+
 def new_job_id() -> str:
     """A fresh job id (a UUID4 hex string)."""
     return uuid.uuid4().hex
@@ -157,12 +162,14 @@ class Snapshot:
 class JobStore:
     """Reads and writes job records in Redis. Thread-safe (one redis-py connection pool)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0):
+    def __init__(self, client: redis.Redis, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
+                 max_queued_per_owner: int = 0):
         self.redis = client
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
-        # Admission limit on queued jobs across both queues (0: none).
+        # Admission limits on queued jobs across both queues, in all and per API key (0: none).
         self.max_queued = max_queued
+        self.max_queued_per_owner = max_queued_per_owner
         self._start = client.register_script(_START)
         self._append = client.register_script(_APPEND)
         self._finish = client.register_script(_FINISH)
@@ -171,9 +178,11 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0) -> "JobStore":
+    def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
+                 max_queued_per_owner: int = 0) -> "JobStore":
         """A store on a new connection pool to the Redis at `url`."""
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, ttl_seconds, max_queued)
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, ttl_seconds, max_queued,
+                   max_queued_per_owner)
 
     # Key names: one place, so api/ and workers/ agree.
     def key(self, job_id: str) -> str:
@@ -192,11 +201,13 @@ class JobStore:
         return f"{self.prefix}:queued:{queue}"
 
     def create(self, request: GenerateRequest, queue: str, job_id: str | None = None, *,
-               deadline_seconds: float | None = None, idempotency_key: str | None = None) -> tuple[str, bool]:
+               deadline_seconds: float | None = None, idempotency_key: str | None = None,
+               owner: str | None = None) -> tuple[str, bool]:
         """Write a new `queued` record for `request`; returns (job id, created).
 
         With an `idempotency_key` already used, nothing is written and the first job's id comes
-        back with created=False. A job still queued `deadline_seconds` from now will expire.
+        back with created=False. A job still queued `deadline_seconds` from now will expire. An
+        `owner` (the submitting API key's digest) has the job counted against its queued-job quota.
         """
         job_id = job_id or new_job_id()
         if idempotency_key is not None:
@@ -226,14 +237,43 @@ class JobStore:
         }
         if deadline_seconds is not None:
             record["deadline"] = repr(now + deadline_seconds)
+        if owner:
+            record["owner"] = owner_id(owner)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(job_id), mapping=record)
             pipe.zadd(self.queue_key(queue), {job_id: order})
             pipe.hincrby(self.submitted_key, queue, 1)
             if deadline_seconds is not None:
                 pipe.zadd(self.deadlines_key, {job_id: now + deadline_seconds})
+            if owner:
+                pipe.zadd(self.owner_key(owner), {job_id: now})
             pipe.execute()
         return job_id, True
+
+    def owner_key(self, owner: str) -> str:
+        """Sorted set of an API key's jobs that may still be queued (pruned lazily by `owner_queued`)."""
+        return f"{self.prefix}:owner:{owner_id(owner)}:queued"
+
+    def owner_queued(self, owner: str, at_least: int = 0) -> int:
+        """How many of `owner`'s jobs are queued.
+
+        Jobs enter the owner's set when created and are dropped from it here, once seen to have left
+        `queued` (started, cancelled, expired, or their record gone): the count is exact after a
+        prune, which runs only when the cheap count reaches `at_least`, near the quota.
+        """
+        key = self.owner_key(owner)
+        count = self.redis.zcard(key)
+        if count < at_least or count == 0:
+            return count
+        members = self.redis.zrange(key, 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in members:
+                pipe.hget(self.key(job_id), "status")
+            statuses = pipe.execute()
+        gone = [job_id for job_id, status in zip(members, statuses) if status != "queued"]
+        if gone:
+            self.redis.zrem(key, *gone)
+        return count - len(gone)
 
     @property
     def deadlines_key(self) -> str:

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
 
     # Admission and abuse limits. Past max_queued_jobs, submissions get 429 with Retry-After.
     max_queued_jobs: int = 10_000
+    # The same limit for the jobs of one API key (0: none), so one client cannot fill the queue.
+    max_queued_jobs_per_key: int = 0
     max_body_bytes: int = 64 * 1024 * 1024
     # SHA-256 hex digests of the accepted API keys (Bearer tokens); empty means no keys are required.
     api_key_hashes: list[str] = Field(default_factory=list)

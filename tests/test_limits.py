@@ -4,6 +4,7 @@ No worker runs here, so submitted jobs stay queued: exactly the state these limi
 """
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -30,6 +31,19 @@ def api_only():
             redis_server = stack.redis_server  # the outage test starts a new one on the same port
     finally:
         redis_server.stop()
+
+
+OTHER_KEY = "test-key-456"
+
+
+@pytest.fixture
+def api_with_quotas():
+    """An API with two keys, each held to 2 queued jobs, and a rate limit of 6 requests a minute; no worker."""
+    env = {"LLAVA_QUEUE_MAX_QUEUED_JOBS_PER_KEY": "2", "LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE": "6",
+           "LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(KEY)}", "{key_digest(OTHER_KEY)}"]'}
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
+                                                   log_prefix="llava-queue-quotas-") as stack:
+        yield stack
 
 
 def post(stack, body, key=KEY, headers=None):
@@ -93,3 +107,37 @@ def test_redis_outage_answers_503_and_recovers(api_only):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert post(stack, {"prompt": "hi"}).status_code == 202
+
+
+def test_queued_job_quota_per_key(api_with_quotas):
+    stack = api_with_quotas
+    first, second = (post(stack, {"prompt": "hi"}) for _ in range(2))
+    assert first.status_code == second.status_code == 202
+    over = post(stack, {"prompt": "hi"})
+    assert over.status_code == 429 and int(over.headers["Retry-After"]) >= 1
+    assert "quota is 2" in over.json()["error"]["message"]
+
+    # The other key has its own quota: a bulk of 3 does not fit it, a bulk of 2 does.
+    bulk = {"jobs": [{"prompt": "hi"}] * 3}
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    too_many = requests.post(f"{stack.base_url}/v1/jobs/bulk", json=bulk, headers=other, timeout=10)
+    assert too_many.status_code == 429 and "this request holds 3" in too_many.json()["error"]["message"]
+    bulk["jobs"] = bulk["jobs"][:2]
+    assert requests.post(f"{stack.base_url}/v1/jobs/bulk", json=bulk, headers=other, timeout=10).status_code == 202
+
+    async def submit_on_socket():
+        async with websockets.connect(f"{stack.ws_url}/v1/ws?api_key={KEY}") as socket:
+            await socket.send('{"prompt": "hi"}')
+            return json.loads(await socket.recv())
+
+    refused = asyncio.run(submit_on_socket())  # the same quota holds on the WebSocket, as an error chunk
+    assert refused["error_code"] == 7 and refused["status"] == "rejected" and refused["retry_after"] >= 1
+
+    # A job that leaves the queue frees its place. Each request counts once against the key's rate
+    # limit (6 a minute): 3 posts, the socket, this cancel and the next post make 6; the 7th is refused.
+    cancelled = requests.delete(f"{stack.base_url}/v1/jobs/{first.json()['id']}",
+                                headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert cancelled.status_code == 202
+    assert post(stack, {"prompt": "hi"}).status_code == 202
+    limited = post(stack, {"prompt": "hi"})
+    assert limited.status_code == 429 and "rate limit" in limited.json()["error"]["message"]

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.deps import AsyncRedis, CeleryApp, Registry, Store
+from api.deps import ApiKey, AsyncRedis, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
@@ -373,12 +373,12 @@ async def _disconnected(request: Request) -> None:
                         400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
                         404: {"description": "No live worker serves the model"}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response, store: Store,
-                                 aredis: AsyncRedis, celery: CeleryApp, registry: Registry):
+                                 aredis: AsyncRedis, celery: CeleryApp, registry: Registry, api_key: ApiKey):
     """OpenAI's chat completion, as a job: `id` is `chatcmpl-<job id>` (poll `GET /v1/jobs/<job id>`)."""
     check_supported(body)
     job_request = to_generate_request(body)
     await require_served(registry, body.model)
-    job_id = await asyncio.to_thread(submit_job, store, celery, job_request, "interactive")
+    job_id = await asyncio.to_thread(submit_job, store, celery, job_request, "interactive", api_key)
     completion = Completion(store, aredis, job_id, body.model, body.keep_on_disconnect)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -8,7 +8,8 @@ import asyncio
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from api.deps import AsyncRedis, CeleryApp, Store
+from api.deps import ApiKey, AsyncRedis, CeleryApp, Store
+from api.errors import ApiError
 from api.stream import JobNotFound, StreamEvent, follow_job
 from api.submission import submit_job
 from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
@@ -47,21 +48,33 @@ async def job_stream(websocket: WebSocket, job_id: str, store: Store, aredis: As
 
 
 @router.websocket("/v1/ws")
-async def submit_and_stream(websocket: WebSocket, store: Store, aredis: AsyncRedis, celery: CeleryApp) -> None:
+async def submit_and_stream(websocket: WebSocket, store: Store, aredis: AsyncRedis, celery: CeleryApp,
+                            api_key: ApiKey) -> None:
     """Take a job request as the first message, then stream that job. Leaving the socket cancels the job."""
     await websocket.accept()
     try:
         raw = await websocket.receive_text()
-        request = parse_request(raw, JobRequest)
     except WebSocketDisconnect:
         return
+    try:
+        request = parse_request(raw, JobRequest)
+        job_id = await asyncio.to_thread(submit_job, store, celery, request, request.queue, api_key)
     except InvalidRequest as exc:
-        await websocket.send_json({"text": exc.message, "error_code": ErrorCode.INVALID_REQUEST, "done": True,
-                                   "status": "rejected", "error": exc.message})
-        await websocket.close(code=1008)
+        await _reject(websocket, exc.message, ErrorCode.INVALID_REQUEST)
         return
-    job_id = await asyncio.to_thread(submit_job, store, celery, request, request.queue)
+    except ApiError as exc:  # the queue or this key's quota is full (429), or the broker is away (503)
+        await _reject(websocket, exc.message, exc.code, exc.headers)
+        return
     if await _relay(websocket, store, aredis, job_id):
         await websocket.close()
     else:
         await asyncio.to_thread(store.cancel, job_id)
+
+
+async def _reject(websocket: WebSocket, message: str, error_code: int, headers: dict[str, str] | None = None) -> None:
+    """Refuse a submission on the socket: one final error chunk (with `retry_after` when the queue is full), then close."""
+    reply = {"text": message, "error_code": error_code, "done": True, "status": "rejected", "error": message}
+    if headers and "Retry-After" in headers:
+        reply["retry_after"] = int(headers["Retry-After"])
+    await websocket.send_json(reply)
+    await websocket.close(code=1008 if error_code == ErrorCode.INVALID_REQUEST else 1013)
