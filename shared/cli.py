@@ -1,5 +1,5 @@
 """The `llava-queue` command: `up` runs the whole stack; `api` and `worker` run one piece each;
-`status` shows queues and workers."""
+`status` shows queues and workers; `eval` answers an original question file through the queue."""
 
 import argparse
 import ctypes
@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
 from shared.redis_server import RedisServer
 from shared.settings import get_settings
@@ -65,9 +67,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.redis_url:
         env["LLAVA_QUEUE_REDIS_URL"] = args.redis_url
     else:
-        redis_server = RedisServer(port=args.redis_port).start(preexec_fn=_die_with_parent)
+        data_dir = None if args.ephemeral_redis else (args.redis_dir or get_settings().cache_dir / "redis")
+        redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(preexec_fn=_die_with_parent)
         env["LLAVA_QUEUE_REDIS_URL"] = redis_server.url
-        print(f"llava-queue: embedded Redis ({os.path.basename(redis_server.binary)}) at {redis_server.url}",
+        kept = f", jobs kept in {data_dir}" if data_dir else ", nothing kept after it stops"
+        print(f"llava-queue: embedded Redis ({os.path.basename(redis_server.binary)}) at {redis_server.url}{kept}",
               flush=True)
     if args.model_path:
         env["LLAVA_QUEUE_MODEL_PATH"] = args.model_path
@@ -142,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model-path", help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
     up.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
     up.add_argument("--redis-port", type=int, default=None, help="port of the embedded Redis (default: a free one)")
+    up.add_argument("--redis-dir", type=Path, default=None,
+                    help="folder of the embedded Redis's append-only file: queued and finished jobs survive a "
+                         "restart (default: <cache dir>/redis)")
+    up.add_argument("--ephemeral-redis", action="store_true", help="keep nothing after the embedded Redis stops")
     up.add_argument("--start-timeout", type=float, default=600.0)
     up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="run the API against LLAVA_QUEUE_REDIS_URL")
@@ -154,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(func=cmd_status)
+    add_eval_parser(sub)
     return parser
 
 

@@ -34,11 +34,15 @@ def free_port() -> int:
 class RedisServer:
     """A Redis server process on 127.0.0.1 that lives as long as this object (or its `with` block)."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None):
+    def __init__(self, port: int | None = None, binary: str | None = None, data_dir: Path | None = None):
+        """With a `data_dir`, the server keeps an append-only file there (fsync every second): what it
+        held survives a stop or a crash, less at most the last second, and a server started again on the
+        same folder reads it back. Without one, it runs in a temporary folder and keeps nothing."""
         self.port = port or free_port()
         self.binary = binary or find_server_binary()
         self.process: subprocess.Popen | None = None
-        self._dir = tempfile.TemporaryDirectory(prefix="llava-queue-redis-")
+        self.data_dir = data_dir
+        self._dir = None if data_dir else tempfile.TemporaryDirectory(prefix="llava-queue-redis-")
 
     @property
     def url(self) -> str:
@@ -46,8 +50,13 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0, **popen_kwargs) -> "RedisServer":
         """Start the server and wait until it answers PING; raises RuntimeError if it does not."""
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self._dir.name, "--loglevel", "warning"]
+        if self.data_dir:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir)]
+        else:
+            persistence = ["--appendonly", "no", "--dir", self._dir.name]
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+                "--loglevel", "warning"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, **popen_kwargs)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
@@ -71,7 +80,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._dir.cleanup()
+        if self._dir:
+            self._dir.cleanup()
 
     def __enter__(self) -> "RedisServer":
         return self.start()

@@ -12,12 +12,12 @@ import requests
 from shared.redis_server import free_port
 
 
-def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir):
+def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir, tmp_path):
     port = free_port()
     env = dict(os.environ, LLAVA_QUEUE_MAX_NUM_SEQS="4")
     up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--model-path",
-                           str(default_model_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                           str(default_model_dir), "--redis-dir", str(tmp_path / "redis")], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         deadline = time.monotonic() + 180
@@ -38,6 +38,7 @@ def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir):
         assert up.wait(30) == 0
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, [child.cmdline() for child in alive]
+        assert (tmp_path / "redis" / "appendonlydir").is_dir()  # the jobs outlive the stack
     finally:
         if up.poll() is None:
             up.kill()

@@ -109,3 +109,30 @@ def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
     victim_job = next(job for job in final if job["id"] == victim)
     assert victim_job["attempts"] == 2 and victim_job["worker"].endswith(f":{stack.processes[other].pid}")
     assert victim_job["usage"]["completion_tokens"] <= 64
+
+
+def test_redis_stopped_and_restarted_under_load_loses_no_job(default_model_dir, tmp_path):
+    """Redis with an append-only file stops mid-batch and comes back on the same port: the API answers
+    503 meanwhile, the worker reconnects, and every job accepted before the outage ends."""
+    redis_server = RedisServer(data_dir=tmp_path).start()
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "4",
+           "LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS": "1", "LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS": "4"}
+    try:
+        with run_stack(redis_server.url, env, log_prefix="llava-queue-redis-outage-") as stack:
+            ids = submit_stories(stack, 6)
+            deadline = time.monotonic() + 120
+            while not any(job["status"] == "running" and job["usage"]["completion_tokens"] > 3
+                          for job in get_jobs(stack, ids)):
+                assert time.monotonic() < deadline, stack.logs()
+                time.sleep(0.1)
+            redis_server.stop()  # SIGTERM: the server writes its file and exits
+            down = requests.get(f"{stack.base_url}/v1/jobs/{ids[0]}", timeout=10)
+            assert down.status_code == 503 and "unavailable" in down.json()["error"]["message"]
+            time.sleep(3)  # the worker's batch runs into the outage
+            redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path).start()
+            final = wait_all_final(stack, ids)
+            assert [job["status"] for job in final] == ["succeeded"] * 6, (final, stack.logs())
+            again = submit_stories(stack, 1)
+            assert wait_all_final(stack, again)[0]["status"] == "succeeded"
+    finally:
+        redis_server.stop()
