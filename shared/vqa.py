@@ -151,6 +151,17 @@ def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
     return chunks[chunk_idx]
 
 
+def model_name_from_path(model_path: str) -> str:
+    """The model name the original derives from a model path (`get_model_name_from_path`).
+
+    The last path part; a `checkpoint-N` folder is joined with its parent by "_".
+    """
+    parts = model_path.rstrip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
 def parse_question_line(line: str | bytes) -> Question:
     """A question from one JSONL line; ValueError (pydantic's ValidationError) says what is wrong."""
     return Question.model_validate_json(line)

@@ -25,6 +25,7 @@ import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from shared.vqa import model_name_from_path
 from workers.engine.dtype import pick_dtype
 from workers.llava import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, LlavaVision, VisionEncoder, build_projector
 from workers.weights import checkpoint_file, read_file, read_tensors
@@ -76,17 +77,6 @@ class _Placement:
     def place(self, model: PreTrainedModel) -> PreTrainedModel:
         # bitsandbytes puts quantized weights on the GPU while loading and forbids moving them.
         return (model if self.quantization is not None else model.to(self.device)).eval()
-
-
-def model_name_from_path(model_path: str) -> str:
-    """The served model name, derived as the original worker does.
-
-    The last path part; a `checkpoint-N` folder is joined with its parent by "_".
-    """
-    parts = model_path.rstrip("/").split("/")
-    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
-        return f"{parts[-2]}_{parts[-1]}"
-    return parts[-1]
 
 
 def resolve_device(device: str) -> torch.device:

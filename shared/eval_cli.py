@@ -1,0 +1,771 @@
+"""`llava-queue eval`: an original question file through a running llava-queue, answered as `model_vqa.py` does.
+
+    llava-queue eval --question-file q.jsonl --image-folder imgs/ --answers-file a.jsonl --model NAME
+
+The images are on this machine: each question's image is read from `--image-folder`, sent as
+base64 in a job built by `shared/vqa.py` (the same prompt as the original and as `POST
+/v1/batches`), and the jobs go to `POST /v1/jobs/bulk` on the `batch` queue, a group at a time,
+never more than `--max-in-flight` waiting at once. Each job is polled until it ends; its answer
+line is appended to the answers file and flushed, as the original does. At the end the file is
+rewritten in question-file order.
+
+Beside the answers file `a.jsonl`:
+
+* `a.jsonl.errors`: one JSON line per question that got no answer (bad line, unreadable image,
+  failed job), with the reason; removed when there is none.
+* `a.jsonl.jobs`: the jobs in the queue. A group is recorded there before it is posted (with its
+  Idempotency-Key) and again with its job ids, so a run stopped at any point (Ctrl-C, a crash, a
+  lost connection) is resumed by running the same command again: questions already in the
+  answers file are skipped, jobs still known to the queue are collected instead of submitted
+  again. Removed once no job is outstanding.
+
+Exit status: 0 every question answered; 1 some failed (see the errors file); 2 the run could
+not start or go on (bad arguments, API unreachable, refused); 130 interrupted.
+
+No torch here: the command runs on client machines with the base install.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from shared.protocol import CONTEXT_OVERFLOW_MSG, check_images, describe_validation_error
+from shared.vqa import (DEFAULT_CONV_MODE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EvalParams, Question,
+                        answer_line, answer_record, get_chunk, model_name_from_path, parse_question_line,
+                        question_job, read_image_b64)
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+# Jobs per bulk POST, and base64 bytes per POST (the API's body limit is 64 MiB by default).
+GROUP_SIZE = 128
+GROUP_BYTES = 16 * 1024 * 1024
+# How long a lost API (connection refused, 502-504) is waited for before the run stops.
+PATIENCE_SECONDS = 300.0
+POLL_THREADS = 8
+FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
+
+
+class Unreachable(Exception):
+    """The API did not answer (connection refused, reset, timed out)."""
+
+
+class Fatal(Exception):
+    """The run cannot go on; the message says why."""
+
+
+class Stopped(Exception):
+    """Ctrl-C (or SIGTERM) arrived while waiting."""
+
+
+class Api:
+    """A small JSON client for the llava-queue API (stdlib only), one keep-alive connection per thread."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0):
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--api-url {url!r} is not an http(s) URL")
+        self.url = url.rstrip("/")
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path.rstrip("/")
+        self._timeout = timeout
+        self._headers = {"Accept": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._local = threading.local()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        self._local.conn = kind(self._host, self._port, timeout=self._timeout)
+        return self._local.conn, False
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+        """One request; returns (status, headers, decoded JSON or text). Raises Unreachable."""
+        payload = None if body is None else json.dumps(body).encode()
+        sent = {**self._headers, **(headers or {})}
+        if payload is not None:
+            sent["Content-Type"] = "application/json"
+        while True:
+            conn, reused = self._connection()
+            try:
+                conn.request(method, self._prefix + path, body=payload, headers=sent)
+                response = conn.getresponse()
+                raw = response.read()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                self._local.conn = None
+                # A kept-alive connection the server closed meanwhile: try once on a new one.
+                if not reused:
+                    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                    raise Unreachable(f"cannot reach llava-queue at {self.url}: {reason}") from None
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = raw.decode("utf-8", "replace")
+        return response.status, {key.lower(): value for key, value in response.getheaders()}, data
+
+
+def error_message(data: Any) -> str:
+    """The message of an API error body (`{"error": {"message"}}`), or the body itself."""
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return str(data["error"].get("message", data["error"]))
+    return str(data)[:500]
+
+
+def retry_after(headers: dict[str, str], default: float) -> float:
+    try:
+        return max(0.0, float(headers.get("retry-after", "")))
+    except ValueError:
+        return default
+
+
+@dataclass
+class Item:
+    """One non-blank line of the question file (of this chunk)."""
+
+    line: int
+    question: Question | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        # question_id is any JSON scalar: 1 and "1" are different questions.
+        return json.dumps(self.question.question_id)
+
+
+@dataclass
+class Flight:
+    """A job in the queue for one question."""
+
+    item: Item
+    job_id: str
+    next_poll: float
+    collected: bool = False  # submitted by an earlier run
+
+
+@dataclass
+class Group:
+    """Questions posted together under one Idempotency-Key."""
+
+    key: str
+    items: list[Item]
+    job_ids: list[str | None] | None = None
+
+
+@dataclass
+class Tally:
+    total: int = 0
+    answered_before: int = 0
+    answered: int = 0
+    failed: int = 0
+    submitted: int = 0
+    collected: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def read_questions(path: Path) -> list[Item]:
+    """Every non-blank line of the question file, parsed; a bad line is an Item with an error."""
+    items = []
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
+                continue
+            item = Item(number)
+            try:
+                item.question = parse_question_line(raw)
+            except ValidationError as exc:
+                item.error = f"bad question line: {describe_validation_error(exc).message}"
+            items.append(item)
+    return items
+
+
+def read_answers(path: Path) -> tuple[dict[str, str], list[str], bool]:
+    """The answers file's lines by question key, the keyless order, and whether a partial last line was dropped.
+
+    A crash can leave the last line unfinished: it is dropped (its question is asked again).
+    Any other line that is not an answer stops the run: the file is not ours to guess at.
+    """
+    if not path.exists():
+        return {}, [], False
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    by_key: dict[str, str] = {}
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            key = json.dumps(record["question_id"])
+        except (ValueError, KeyError, TypeError):
+            raise Fatal(f"{path} line {number} is not an answer line; fix or remove it "
+                        "(or pass --overwrite to start over)") from None
+        by_key.setdefault(key, raw.decode() + "\n")
+    dropped = bool(tail.strip())
+    if dropped:
+        try:
+            record = json.loads(tail)
+            by_key.setdefault(json.dumps(record["question_id"]), tail.decode() + "\n")
+            dropped = False
+        except (ValueError, KeyError, TypeError):
+            pass
+    return by_key, list(by_key), dropped
+
+
+def write_atomically(path: Path, lines: list[str]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as file:
+        file.writelines(lines)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, a line every `interval` seconds otherwise."""
+
+    def __init__(self, tally: Tally, stream=sys.stderr, interval: float | None = None):
+        self.tally, self.stream = tally, stream
+        self.tty = stream.isatty()
+        self.interval = interval if interval is not None else (0.2 if self.tty else 10.0)
+        self._last = 0.0
+        self.note = ""
+
+    def line(self) -> str:
+        t = self.tally
+        done = t.answered_before + t.answered + t.failed
+        elapsed = max(1e-6, time.monotonic() - t.started)
+        fraction = done / t.total if t.total else 1.0
+        width = 24
+        filled = int(fraction * width)
+        bar = "█" * filled + "░" * (width - filled)
+        finished_now = t.answered + t.failed
+        left = "?"
+        if done >= t.total:
+            left = "0:00:00"
+        elif finished_now:
+            seconds = int((t.total - done) * elapsed / finished_now)
+            left = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        text = (f"eval {done}/{t.total} |{bar}| {fraction:4.0%}  failed {t.failed}  "
+                f"{t.tokens / elapsed:.1f} tok/s  {left} left")
+        return f"{text}  ({self.note})" if self.note else text
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        if self.tty:
+            self.stream.write(f"\r\033[K{self.line()}")
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own above the status line."""
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+        if self.tty:
+            self._last = 0.0
+            self.update()
+
+    def close(self) -> None:
+        self.update(force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class EvalRun:
+    """One run over the questions of a chunk; `run()` returns the exit status."""
+
+    def __init__(self, args: argparse.Namespace, api: Api, params: EvalParams, items: list[Item]):
+        self.args, self.api, self.params, self.items = args, api, params, items
+        self.answers_path = Path(args.answers_file)
+        self.errors_path = Path(args.errors_file or f"{args.answers_file}.errors")
+        self.state_path = Path(f"{args.answers_file}.jobs")
+        self.image_folder = Path(args.image_folder)
+        self.max_in_flight = args.max_in_flight
+        self.group_size = max(1, min(GROUP_SIZE, self.max_in_flight // 2))
+        self.fingerprint = {**params.model_dump(), "question_file": str(Path(args.question_file).resolve()),
+                            "image_folder": str(self.image_folder.resolve())}
+        self.tally = Tally(total=len(items))
+        self.progress = Progress(self.tally)
+        self.stop = threading.Event()
+        self.todo: deque[Item] = deque()
+        self.resend: list[Group] = []
+        self.flights: dict[str, Flight] = {}
+        self.pending: dict[str, Group] = {}  # posted, ids not yet known (only while posting)
+        self.answers: dict[str, str] = {}
+        self.extra_answers: list[str] = []
+        self.resubmitted: set[str] = set()
+        self.last_contact = time.monotonic()
+        self.started_wall = time.time()
+
+    # Files.
+
+    def _prepare_files(self) -> None:
+        self.answers_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.args.overwrite:
+            for path in (self.answers_path, self.errors_path, self.state_path):
+                path.unlink(missing_ok=True)
+        by_key, order, dropped = read_answers(self.answers_path)
+        keys = {item.key for item in self.items if item.question is not None}
+        self.answers = {key: line for key, line in by_key.items() if key in keys}
+        self.extra_answers = [by_key[key] for key in order if key not in keys]
+        if dropped:
+            self.progress.message(f"eval: {self.answers_path}: dropped an unfinished last line (from a crash); "
+                                  "its question is asked again")
+        if self.answers_path.exists():
+            self._rewrite_answers()  # clean, in order, ending in a newline before lines are appended
+        if self.extra_answers:
+            self.progress.message(f"eval: {len(self.extra_answers)} answers in {self.answers_path} are for questions "
+                                  "not in this question file or chunk; they are kept at its end")
+        self.answers_file = open(self.answers_path, "a")
+        self.errors_file = open(self.errors_path, "w")
+        self.state_file = None
+
+    def _rewrite_answers(self) -> None:
+        """The answers in question-file order, then any others; replaces the file at once."""
+        ordered = [self.answers[item.key] for item in self.items if item.question is not None
+                   and item.key in self.answers]
+        unique = list(dict.fromkeys(ordered))
+        write_atomically(self.answers_path, unique + self.extra_answers)
+
+    def _state_append(self, record: dict) -> None:
+        """One line of the jobs file, on disk before the run goes on (it is what makes a rerun safe)."""
+        if self.state_file is None:
+            self.state_file = open(self.state_path, "a")
+        self.state_file.write(json.dumps(record) + "\n")
+        self.state_file.flush()
+        os.fsync(self.state_file.fileno())
+
+    def _load_state(self, todo: dict[str, Item]) -> None:
+        """Take over the jobs of an earlier run: collect those still known, post again groups never confirmed."""
+        if not self.state_path.exists():
+            return
+        groups: dict[str, dict] = {}
+        foreign = 0
+        for raw in self.state_path.read_text().splitlines():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue  # a line cut short by a crash: its group is still in the "before" line
+            if "params" in record:
+                if record["params"] != self.fingerprint:
+                    foreign += len(record.get("question_ids", []))
+                    continue
+                groups[record.get("key") or uuid.uuid4().hex] = record
+            elif record.get("key") in groups:
+                groups[record["key"]]["job_ids"] = record.get("job_ids")
+        if foreign:
+            self.progress.message(f"eval: {foreign} jobs in {self.state_path} were submitted with other parameters; "
+                                  "they are not collected")
+        now = time.monotonic()
+        for key, record in groups.items():
+            question_keys = [json.dumps(qid) for qid in record.get("question_ids", [])]
+            job_ids = record.get("job_ids")
+            if job_ids is None:
+                if question_keys and all(qk in todo for qk in question_keys):
+                    self.resend.append(Group(key, [todo.pop(qk) for qk in question_keys]))
+                continue
+            for qk, job_id in zip(question_keys, job_ids):
+                if job_id and qk in todo:
+                    item = todo.pop(qk)
+                    self.flights[job_id] = Flight(item, job_id, now, collected=True)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        """Replace the jobs file with what is outstanding now (or remove it when nothing is)."""
+        if self.state_file is not None:
+            self.state_file.close()
+            self.state_file = None
+        records = []
+        if self.flights:
+            flights = list(self.flights.values())
+            records.append({"key": uuid.uuid4().hex, "params": self.fingerprint,
+                            "question_ids": [f.item.question.question_id for f in flights],
+                            "job_ids": [f.job_id for f in flights]})
+        for group in [*self.resend, *self.pending.values()]:
+            records.append({"key": group.key, "params": self.fingerprint,
+                            "question_ids": [item.question.question_id for item in group.items]})
+        if records:
+            write_atomically(self.state_path, [json.dumps(record) + "\n" for record in records])
+        else:
+            self.state_path.unlink(missing_ok=True)
+
+    def _fail(self, item: Item, error: str, job_id: str | None = None) -> None:
+        record = {"question_id": item.question.question_id if item.question else None, "line": item.line,
+                  "error": error}
+        if job_id:
+            record["job_id"] = job_id
+        self.errors_file.write(json.dumps(record) + "\n")
+        self.errors_file.flush()
+        self.tally.failed += 1
+
+    def _answer(self, item: Item, job: dict) -> None:
+        line = answer_line(answer_record(item.question.question_id, item.question.text, job["text"], job["model"]))
+        self.answers_file.write(line)
+        self.answers_file.flush()
+        self.answers[item.key] = line
+        self.tally.answered += 1
+        if (job.get("finished_at") or 0) >= self.started_wall:
+            self.tally.tokens += job["usage"]["completion_tokens"]
+
+    # Submitting.
+
+    def _wait(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise Stopped
+
+    def _job_of(self, item: Item) -> tuple[dict, int] | None:
+        """The JSON job for a question and its image bytes; None (and an error line) when it cannot be built."""
+        image = None
+        name = item.question.image
+        if name is not None:
+            try:
+                image = read_image_b64(self.image_folder, name)
+            except OSError as exc:
+                self._fail(item, f"cannot read image {name!r} in {self.image_folder}: "
+                                 f"{exc.strerror or exc}")
+                return None
+            try:
+                check_images([image])
+            except ValueError as exc:
+                self._fail(item, f"image {name!r}: {str(exc).removeprefix('image 0 ')}")
+                return None
+        job = question_job(item.question, self.params, image)
+        return job.model_dump(mode="json", exclude_none=True), len(image or "")
+
+    def _next_group(self) -> Group | None:
+        room = self.max_in_flight - len(self.flights)
+        size = min(self.group_size, room)
+        if self.resend:
+            return self.resend.pop(0)
+        if not self.todo or room < min(self.group_size, len(self.todo)):
+            return None
+        return Group(uuid.uuid4().hex, [self.todo.popleft() for _ in range(min(size, len(self.todo)))])
+
+    def _post(self, path: str, body: dict, key: str) -> tuple[int, Any]:
+        """POST with the Idempotency-Key, waiting out 429 (Retry-After) and a lost API (up to PATIENCE_SECONDS)."""
+        lost_since = None
+        backoff = 1.0
+        while True:
+            try:
+                status, headers, data = self.api.request("POST", path, body, {"Idempotency-Key": key})
+            except Unreachable as exc:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > PATIENCE_SECONDS:
+                    raise Fatal(str(exc)) from None
+                self.progress.note = f"{exc}; retrying"
+                self.progress.update()
+                self._wait(backoff)
+                backoff = min(10.0, backoff * 2)
+                continue
+            if status == 429 or status in (502, 503, 504):
+                delay = retry_after(headers, backoff)
+                self.progress.note = f"{error_message(data)}; retrying in {delay:.0f} s"
+                self.progress.update(force=True)
+                self._wait(delay)
+                backoff = min(10.0, backoff * 2)
+                continue
+            self.progress.note = ""
+            return status, data
+
+    def _submit(self, group: Group) -> None:
+        built = [(item, self._job_of(item)) for item in group.items]
+        built = [(item, job) for item, job in built if job is not None]
+        if len(built) != len(group.items):
+            # A question dropped on this side: the group's composition changed, so its old key cannot be reused.
+            group = Group(uuid.uuid4().hex, [item for item, _ in built])
+        if not built:
+            return
+        self.pending[group.key] = group
+        self._state_append({"key": group.key, "params": self.fingerprint,
+                            "question_ids": [item.question.question_id for item in group.items]})
+        status, data = self._post("/v1/jobs/bulk", {"jobs": [job for _, (job, _) in built]}, group.key)
+        if status == 202:
+            job_ids = data["ids"]
+        elif status == 422:
+            # Something only the server refuses (its limits may differ from ours): post one by one to find it.
+            job_ids = []
+            for index, (item, (job, _)) in enumerate(built):
+                status, data = self._post("/v1/jobs", job, f"{group.key}.{index}")
+                if status == 202:
+                    job_ids.append(data["id"])
+                elif status in (400, 422):
+                    job_ids.append(None)
+                    self._fail(item, f"refused by the API: {error_message(data)}")
+                else:
+                    raise Fatal(f"POST /v1/jobs answered {status}: {error_message(data)}")
+        else:
+            raise Fatal(f"POST /v1/jobs/bulk answered {status}: {error_message(data)}")
+        self._state_append({"key": group.key, "job_ids": job_ids})
+        del self.pending[group.key]
+        now = time.monotonic()
+        for item, job_id in zip(group.items, job_ids):
+            if job_id is not None:
+                self.flights[job_id] = Flight(item, job_id, now + 0.3)
+                self.tally.submitted += 1
+        self.last_contact = time.monotonic()
+
+    def _fill(self) -> None:
+        while not self.stop.is_set():
+            group = self._next_group()
+            if group is None:
+                return
+            self._submit(group)
+            self.progress.update()
+
+    # Following.
+
+    def _get(self, job_id: str) -> tuple[int, dict[str, str], Any] | Unreachable:
+        try:
+            return self.api.request("GET", f"/v1/jobs/{job_id}")
+        except Unreachable as exc:
+            return exc
+
+    def _next_poll(self, job: dict) -> float:
+        """When to look at a job again: soon while it runs, later the further back in the queue it waits."""
+        now = time.monotonic()
+        if job["status"] != "queued":
+            return now + 0.5
+        finished = self.tally.answered + self.tally.failed
+        rate = finished / max(1e-6, now - self.tally.started) if finished else 1.0
+        ahead = job.get("queue_position") or 0
+        return now + min(10.0, max(0.5, ahead / rate))
+
+    def _poll(self, pool: ThreadPoolExecutor) -> None:
+        now = time.monotonic()
+        due = [flight for flight in self.flights.values() if flight.next_poll <= now]
+        lost = None
+        for flight, result in zip(due, pool.map(self._get, [flight.job_id for flight in due])):
+            if isinstance(result, Unreachable):
+                lost = result
+                flight.next_poll = now + 2.0
+                continue
+            status, headers, data = result
+            if status == 200:
+                self.last_contact = time.monotonic()
+                if data["status"] in FINAL_STATES:
+                    self._ended(flight, data)
+                else:
+                    flight.next_poll = self._next_poll(data)
+            elif status == 404:
+                self._ended(flight, None)
+            elif status in (429, 502, 503, 504):
+                flight.next_poll = now + retry_after(headers, 2.0)
+            else:
+                raise Fatal(f"GET /v1/jobs/{flight.job_id} answered {status}: {error_message(data)}")
+        if lost is not None and time.monotonic() - self.last_contact > PATIENCE_SECONDS:
+            raise Fatal(str(lost))
+
+    def _ended(self, flight: Flight, job: dict | None) -> None:
+        del self.flights[flight.job_id]
+        item = flight.item
+        if job is not None and job["status"] == "succeeded":
+            if job["usage"]["completion_tokens"] == 0 and job["text"] == CONTEXT_OVERFLOW_MSG:
+                self._fail(item, f"the question does not fit the model's context "
+                                 f"({job['usage']['prompt_tokens']} prompt tokens)", flight.job_id)
+            else:
+                self._answer(item, job)
+                self.tally.collected += flight.collected
+            return
+        if flight.collected and item.key not in self.resubmitted:
+            # A job of an earlier run that did not answer (or whose record expired): ask again, once.
+            self.resubmitted.add(item.key)
+            self.todo.appendleft(item)
+            return
+        if job is None:
+            self._fail(item, f"job {flight.job_id} is unknown to the API (its record expired?)", flight.job_id)
+        else:
+            reason = job.get("error") or f"the job ended {job['status']}"
+            self._fail(item, f"job {job['status']}: {reason} (error_code {job['error_code']})", flight.job_id)
+
+    # The run.
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop.set()
+        # A second Ctrl-C stops at once.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def run(self) -> int:
+        self._prepare_files()
+        todo: dict[str, Item] = {}
+        seen: dict[str, int] = {}
+        for item in self.items:
+            if item.question is None:
+                self._fail(item, item.error)
+            elif item.key in seen:
+                self._fail(item, f"question_id {item.question.question_id!r} repeats line {seen[item.key]}'s; "
+                                 "answered once")
+            else:
+                seen[item.key] = item.line
+                if item.key in self.answers:
+                    self.tally.answered_before += 1
+                else:
+                    todo[item.key] = item
+        self._load_state(todo)
+        self.todo = deque(todo.values())
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if main_thread:
+            previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        fatal = None
+        try:
+            with ThreadPoolExecutor(POLL_THREADS, thread_name_prefix="eval-poll") as pool:
+                while (self.todo or self.resend or self.flights) and not self.stop.is_set():
+                    self._fill()
+                    self._poll(pool)
+                    self.progress.update()
+                    upcoming = min((f.next_poll for f in self.flights.values()), default=time.monotonic() + 0.05)
+                    self.stop.wait(min(0.5, max(0.02, upcoming - time.monotonic())))
+        except Stopped:
+            pass
+        except Fatal as exc:
+            fatal = str(exc)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.progress.close()
+            self.answers_file.close()
+            self._rewrite_answers()
+            self._save_state()
+            if self.state_file is not None:
+                self.state_file.close()
+            self.errors_file.close()
+            if self.tally.failed == 0:
+                self.errors_path.unlink(missing_ok=True)
+        return self._report(fatal)
+
+    def _report(self, fatal: str | None) -> int:
+        t = self.tally
+        answered = t.answered_before + t.answered
+        outstanding = len(self.flights) + sum(len(g.items) for g in [*self.resend, *self.pending.values()])
+        if fatal or outstanding or self.todo:
+            why = f"stopped: {fatal}" if fatal else "interrupted"
+            print(f"eval: {why}. {answered} of {t.total} answered in {self.answers_path}"
+                  + (f", {outstanding} jobs still in the queue (recorded in {self.state_path})" if outstanding else "")
+                  + ". Run the same command again to "
+                  + ("collect them and " if outstanding else "") + "answer the rest.", file=sys.stderr)
+            return 2 if fatal else 130
+        elapsed = time.monotonic() - t.started
+        failed = f"{t.failed} failed (see {self.errors_path})" if t.failed else "0 failed"
+        print(f"eval: {t.total} questions: {answered} answered ({t.answered_before} before this run), {failed}; "
+              f"this run: {t.submitted} jobs submitted, {t.collected} collected from an earlier run, "
+              f"{t.tokens} tokens in {elapsed:.1f} s ({t.tokens / max(elapsed, 1e-6):.1f} tokens/s); "
+              f"answers in {self.answers_path}")
+        return 1 if t.failed else 0
+
+
+def served_models(api: Api) -> list[str]:
+    """The models live workers serve (`GET /v1/models`); raises Fatal when the API cannot be used."""
+    try:
+        status, _, data = api.request("GET", "/v1/models")
+    except Unreachable as exc:
+        raise Fatal(f"{exc} (is it running? start it with `llava-queue up`, or give --api-url or "
+                    "LLAVA_QUEUE_API_URL)") from None
+    if status == 401:
+        raise Fatal(f"{api.url} wants an API key: give --api-key or LLAVA_QUEUE_API_KEY ({error_message(data)})")
+    if status != 200 or not isinstance(data, dict):
+        raise Fatal(f"{api.url} does not look like llava-queue: GET /v1/models answered {status}: "
+                    f"{error_message(data)}")
+    return [model["id"] for model in data.get("data", [])]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`llava-queue eval`: see the module docstring."""
+    def refuse(message: str) -> int:
+        print(f"llava-queue eval: {message}", file=sys.stderr)
+        return 2
+
+    model = args.model or (model_name_from_path(args.model_path) if args.model_path else None)
+    try:
+        params = EvalParams(model=model, conv_mode=args.conv_mode, temperature=args.temperature, top_p=args.top_p,
+                            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValidationError as exc:
+        return refuse(describe_validation_error(exc).message)
+    if args.max_in_flight < 1:
+        return refuse("--max-in-flight must be at least 1")
+    try:
+        items = read_questions(Path(args.question_file))
+        if not items:
+            return refuse(f"the question file {args.question_file} holds no questions")
+        items = get_chunk(items, args.num_chunks, args.chunk_idx)
+    except OSError as exc:
+        return refuse(f"cannot read the question file {args.question_file}: {exc.strerror or exc}")
+    except ValueError as exc:
+        return refuse(str(exc))
+    if any(item.question and item.question.image for item in items) and not Path(args.image_folder).is_dir():
+        return refuse(f"the image folder {args.image_folder} is not a folder")
+    try:
+        api = Api(args.api_url, args.api_key)
+        served = served_models(api)
+    except (ValueError, Fatal) as exc:
+        return refuse(str(exc))
+    if model is not None and served and model not in served:
+        return refuse(f"model {model!r} is not served at {api.url} (served: {', '.join(served)})")
+    if not served:
+        print(f"llava-queue eval: no worker serves a model at {api.url} now; the jobs wait in the queue until one "
+              "does", file=sys.stderr)
+    try:
+        return EvalRun(args, api, params, items).run()
+    except Fatal as exc:
+        return refuse(str(exc))
+    except KeyboardInterrupt:
+        print("llava-queue eval: stopped at once; run the same command again to go on", file=sys.stderr)
+        return 130
+
+
+def add_eval_parser(sub) -> None:
+    """Register `eval` (with the original `model_vqa.py` flags) on the `llava-queue` subparsers."""
+    parser = sub.add_parser(
+        "eval", help="answer an original LLaVA question file through a running llava-queue",
+        description="Answer a model_vqa.py question file through the llava-queue at --api-url; resumable "
+                    "(run it again after a crash or Ctrl-C: answered questions are skipped, jobs still in the "
+                    "queue are collected).")
+    parser.add_argument("--question-file", required=True, help="JSON lines {question_id, image, text[, category]}")
+    parser.add_argument("--image-folder", default="", help="where the questions' image files are (on this machine)")
+    parser.add_argument("--answers-file", required=True, help="JSON lines, as model_vqa.py writes them")
+    parser.add_argument("--model", help="the served model to ask (default: whichever worker takes the job)")
+    parser.add_argument("--model-path", help="as in model_vqa.py: names the model by its last path part "
+                                             "(what the worker serving it reports); --model wins")
+    parser.add_argument("--model-base", help="accepted for the original command lines and ignored: the worker "
+                                             "loads the base (LLAVA_QUEUE_MODEL_BASE)")
+    parser.add_argument("--conv-mode", default=DEFAULT_CONV_MODE)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
+    parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1,
+                        help="1 only (llava-queue decodes one beam)")
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
+                        default=DEFAULT_MAX_NEW_TOKENS, help="default 1024, as model_vqa.py hard-codes")
+    parser.add_argument("--seed", type=int, default=None, help="every job samples with this seed")
+    parser.add_argument("--num-chunks", type=int, default=1)
+    parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--api-url", default=os.environ.get("LLAVA_QUEUE_API_URL", DEFAULT_API_URL),
+                        help="default LLAVA_QUEUE_API_URL, else %(default)s")
+    parser.add_argument("--api-key", default=os.environ.get("LLAVA_QUEUE_API_KEY"),
+                        help="sent as 'Authorization: Bearer'; default LLAVA_QUEUE_API_KEY")
+    parser.add_argument("--errors-file", help="default: the answers file + '.errors'")
+    parser.add_argument("--max-in-flight", type=int, default=256,
+                        help="at most this many jobs in the queue at once (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: remove the answers, errors and jobs files of an earlier run")
+    parser.set_defaults(func=cmd_eval)

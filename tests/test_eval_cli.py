@@ -1,0 +1,223 @@
+"""`llava-queue eval`: an original question file answered through the real stack (a tiny LLaVA), as a user runs it.
+
+The answers file must be what `model_vqa.py` writes (its keys, in order, one line per question,
+in question-file order), greedy answers must be those of single interactive jobs, a bad line
+must fail alone, and a run stopped half-way must be finished by running it again, with no
+question asked twice.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from llava_fixtures import b64, png_bytes
+from shared.cli import build_parser
+from shared.redis_server import free_port
+from shared.vqa import get_chunk, question_prompt
+
+ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
+MODEL = "llava-v1.5-tiny"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """50 PNGs of different sizes and pixels, as a benchmark's image folder holds them."""
+    folder = tmp_path_factory.mktemp("eval-images")
+    for index in range(50):
+        (folder / f"img_{index}.png").write_bytes(png_bytes(24 + index % 37, 20 + index % 23, seed=100 + index))
+    return folder
+
+
+def write_questions(path: Path, question_ids, marker: str = "") -> list[dict]:
+    """An original question file: question i asks about img_i.png."""
+    questions = [{"question_id": qid, "image": f"img_{index}.png",
+                  "text": f"What is in picture {index}?{marker}", "category": "conv"}
+                 for index, qid in enumerate(question_ids)]
+    path.write_text("".join(json.dumps(question) + "\n" for question in questions))
+    return questions
+
+
+def eval_args(stack, questions: Path, images: Path, answers: Path, *extra: str) -> list[str]:
+    return ["eval", "--question-file", str(questions), "--image-folder", str(images), "--answers-file",
+            str(answers), "--api-url", stack.base_url, "--temperature", "0", "--max_new_tokens", "8", *extra]
+
+
+def eval_in_process(argv: list[str]) -> int:
+    """`llava-queue eval ...` in this process (what `main` does, without redoing the logging setup)."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def interactive_answer(stack, text: str, image: bytes) -> str:
+    """The same question as one interactive job, the way a user would ask it."""
+    job = {"prompt": question_prompt(text, "llava_v1"), "images": [b64(image)], "temperature": 0,
+           "max_new_tokens": 8}
+    job_id = requests.post(f"{stack.base_url}/v1/jobs", json=job, timeout=10).json()["id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json()
+        if record["status"] == "succeeded":
+            return record["text"].strip()
+        assert record["status"] in ("queued", "running"), record
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end\n{stack.logs()}")
+
+
+def test_a_question_file_becomes_the_originals_answers_file(tiny_llava_stack, images, tmp_path):
+    # Ids out of order, and of both kinds: the file's order is the answers' order, ids are echoed as given.
+    question_ids = [f"q{n}" if n % 5 == 0 else n for n in range(1000, 950, -1)]
+    questions = write_questions(tmp_path / "questions.jsonl", question_ids)
+    answers = tmp_path / "answers" / "model.jsonl"
+    done = subprocess.run([sys.executable, "-m", "shared.cli",
+                           *eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", images, answers,
+                                      "--model", MODEL)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "eval 50/50" in done.stderr and "failed 0" in done.stderr and "tok/s" in done.stderr
+    assert "50 answered (0 before this run), 0 failed; this run: 50 jobs submitted" in done.stdout
+
+    lines = read_lines(answers)
+    assert [line["question_id"] for line in lines] == question_ids
+    for line, question in zip(lines, questions):
+        assert list(line) == ANSWER_KEYS
+        assert line["prompt"] == question["text"] and line["model_id"] == MODEL and line["metadata"] == {}
+        assert line["text"] == line["text"].strip()
+    assert len({line["answer_id"] for line in lines}) == 50 and all(len(line["answer_id"]) == 22 for line in lines)
+    # Nothing is left beside the answers when everything was answered.
+    assert sorted(path.name for path in answers.parent.iterdir()) == ["model.jsonl"]
+
+    for index in (0, 17, 49):
+        image = (images / f"img_{index}.png").read_bytes()
+        assert lines[index]["text"] == interactive_answer(tiny_llava_stack, questions[index]["text"], image)
+
+
+def test_bad_lines_fail_alone_with_their_reason(tiny_llava_stack, images, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("Dear reviewer, this is not a picture.\n")
+    (tmp_path / "cat.png").write_bytes(png_bytes(40, 30, seed=1))
+    good = [{"question_id": n, "image": "cat.png", "text": f"Question {n}?"} for n in (1, 2, 3)]
+    lines = [
+        json.dumps(good[0]),
+        '{"question_id": 10, "image": "cat.png", "text": "cut',
+        json.dumps({"question_id": 11, "image": "missing.png", "text": "Where is it?"}),
+        "",
+        json.dumps(good[1]),
+        json.dumps({"question_id": 12, "image": "notes.png", "text": "And this?"}),
+        json.dumps({"question_id": 13, "image": "cat.png"}),
+        json.dumps({"question_id": 2, "image": "cat.png", "text": "Question 2 again?"}),
+        # A second <image> in the text: only the worker sees the prompt has two for one image.
+        json.dumps({"question_id": 14, "image": "cat.png", "text": "Compare with <image>"}),
+        json.dumps(good[2]),
+    ]
+    (tmp_path / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    answers = tmp_path / "answers.jsonl"
+
+    status = eval_in_process(eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", tmp_path, answers))
+    assert status == 1
+    assert [line["question_id"] for line in read_lines(answers)] == [1, 2, 3]
+    errors = {error["line"]: error for error in read_lines(tmp_path / "answers.jsonl.errors")}
+    assert sorted(errors) == [2, 3, 6, 7, 8, 9]
+    assert errors[2]["question_id"] is None and "malformed JSON" in errors[2]["error"]
+    assert errors[3]["question_id"] == 11 and "cannot read image 'missing.png'" in errors[3]["error"]
+    assert "No such file" in errors[3]["error"]
+    assert errors[6]["question_id"] == 12 and "is not an image file" in errors[6]["error"]
+    assert errors[7]["question_id"] is None and "text: field required" in errors[7]["error"]
+    assert errors[8]["question_id"] == 2 and "repeats line 5's" in errors[8]["error"]
+    assert errors[9]["question_id"] == 14 and "Number of images does not match" in errors[9]["error"]
+    assert errors[9]["job_id"]
+    out = capsys.readouterr().out
+    assert "3 answered (0 before this run), 6 failed (see " in out
+
+
+def job_records_with(stack, marker: str) -> int:
+    """How many jobs the queue has ever been given whose prompt holds `marker`."""
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    return sum(marker in (client.hget(key, "prompt") or "") for key in client.scan_iter("llq:job:*", count=1000))
+
+
+def test_an_interrupted_run_is_finished_by_running_it_again(tiny_llava_stack, images, tmp_path):
+    marker = f" [{uuid.uuid4().hex[:8]}]"
+    questions = write_questions(tmp_path / "questions.jsonl", list(range(40)), marker)
+    answers = tmp_path / "answers.jsonl"
+    argv = eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", images, answers, "--max-in-flight", "4")
+    argv[argv.index("--max_new_tokens") + 1] = "32"
+    first = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not answers.exists() or len(answers.read_text().splitlines()) < 8):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 130, out + err
+    assert "interrupted" in err and "Run the same command again" in err
+    answered_first = [line["question_id"] for line in read_lines(answers)]
+    assert 8 <= len(answered_first) < 40
+    # A crash in the middle of writing a line leaves half of it: the next run drops it.
+    with open(answers, "a") as file:
+        file.write('{"question_id": 39, "prompt": "What is in pict')
+
+    second = subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "dropped an unfinished last line" in second.stderr
+    lines = read_lines(answers)
+    assert [line["question_id"] for line in lines] == list(range(40))
+    assert [line["prompt"] for line in lines] == [question["text"] for question in questions]
+    summary = second.stdout
+    assert f"40 answered ({len(answered_first)} before this run)" in summary
+    submitted = int(summary.split(" jobs submitted")[0].rsplit(" ", 1)[1])
+    collected = int(summary.split(" collected from an earlier run")[0].rsplit(" ", 1)[1])
+    # The jobs still in the queue at Ctrl-C were collected, not asked again: one job per question in all.
+    assert submitted + collected == 40 - len(answered_first)
+    assert job_records_with(tiny_llava_stack, marker) == 40
+    assert not (tmp_path / "answers.jsonl.jobs").exists()
+
+    # A third run has nothing to do.
+    third = subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert third.returncode == 0 and "40 answered (40 before this run)" in third.stdout
+    assert "0 jobs submitted" in third.stdout and job_records_with(tiny_llava_stack, marker) == 40
+
+
+def test_chunks_are_the_originals_and_the_model_is_checked(tiny_llava_stack, images, tmp_path, capsys):
+    questions = write_questions(tmp_path / "questions.jsonl", list(range(10)))
+    answers = tmp_path / "answers_3_1.jsonl"
+    base = eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", images, answers)
+    # The original's flags: --model-path names the model (its last part), --model-base is the worker's business.
+    status = eval_in_process([*base, "--num-chunks", "3", "--chunk-idx", "1", "--model-path",
+                              f"/checkpoints/{MODEL}", "--model-base", "/checkpoints/vicuna", "--top_p", "0.9",
+                              "--num_beams", "1"])
+    assert status == 0
+    lines = read_lines(answers)
+    assert [line["question_id"] for line in lines] == [q["question_id"] for q in get_chunk(questions, 3, 1)]
+    assert [line["question_id"] for line in lines] == [4, 5, 6, 7]
+    assert all(line["model_id"] == MODEL for line in lines)
+    capsys.readouterr()
+
+    assert eval_in_process([*base, "--num-chunks", "3", "--chunk-idx", "3"]) == 2
+    assert "chunk_idx must be in 0..2" in capsys.readouterr().err
+    assert eval_in_process([*base, "--model", "llava-v1.5-13b"]) == 2
+    assert f"model 'llava-v1.5-13b' is not served at {tiny_llava_stack.base_url} (served: {MODEL})" in \
+        capsys.readouterr().err
+
+
+def test_beam_search_and_an_unreachable_api_are_refused_clearly(tmp_path, capsys):
+    write_questions(tmp_path / "questions.jsonl", [1])
+    argv = ["eval", "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(tmp_path),
+            "--answers-file", str(tmp_path / "answers.jsonl"), "--api-url", f"http://127.0.0.1:{free_port()}"]
+    assert eval_in_process([*argv, "--num_beams", "4"]) == 2
+    assert "num_beams=4 is not supported" in capsys.readouterr().err
+    assert eval_in_process(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach llava-queue at http://127.0.0.1:" in err and "Connection refused" in err
+    assert not (tmp_path / "answers.jsonl").exists()
