@@ -166,11 +166,12 @@ class Group:
 
     key: str
     items: list[Item]
-    job_ids: list[str | None] | None = None
 
 
 @dataclass
 class Tally:
+    """The counts the progress line and the summary show."""
+
     total: int = 0
     answered_before: int = 0
     answered: int = 0
@@ -435,8 +436,8 @@ class EvalRun:
         if self.stop.wait(seconds):
             raise Stopped
 
-    def _job_of(self, item: Item) -> tuple[dict, int] | None:
-        """The JSON job for a question and its image bytes; None (and an error line) when it cannot be built."""
+    def _job_of(self, item: Item) -> dict | None:
+        """The JSON job for a question; None (and an error line) when it cannot be built."""
         image = None
         name = item.question.image
         if name is not None:
@@ -451,17 +452,29 @@ class EvalRun:
             except ValueError as exc:
                 self._fail(item, f"image {name!r}: {str(exc).removeprefix('image 0 ')}")
                 return None
-        job = question_job(item.question, self.params, image)
-        return job.model_dump(mode="json", exclude_none=True), len(image or "")
+        return question_job(item.question, self.params, image).model_dump(mode="json", exclude_none=True)
 
-    def _next_group(self) -> Group | None:
-        room = self.max_in_flight - len(self.flights)
-        size = min(self.group_size, room)
+    def _next_group(self) -> tuple[Group, list[dict]] | None:
+        """The next questions to post and their jobs: a group of an earlier run first, else new ones that fit."""
         if self.resend:
-            return self.resend.pop(0)
+            group = self.resend.pop(0)
+            built = [(item, job) for item in group.items if (job := self._job_of(item)) is not None]
+            if len(built) != len(group.items):
+                # The group is not what was posted before: its key cannot be used again.
+                group = Group(uuid.uuid4().hex, [item for item, _ in built])
+            return group, [job for _, job in built]
+        room = self.max_in_flight - len(self.flights)
         if not self.todo or room < min(self.group_size, len(self.todo)):
             return None
-        return Group(uuid.uuid4().hex, [self.todo.popleft() for _ in range(min(size, len(self.todo)))])
+        items, jobs, size = [], [], 0
+        while self.todo and len(jobs) < min(self.group_size, room) and size < GROUP_BYTES:
+            item = self.todo.popleft()
+            job = self._job_of(item)
+            if job is not None:
+                items.append(item)
+                jobs.append(job)
+                size += sum(map(len, job.get("images", [])))
+        return Group(uuid.uuid4().hex, items), jobs
 
     def _post(self, path: str, body: dict, key: str) -> tuple[int, Any]:
         """POST with the Idempotency-Key, waiting out 429 (Retry-After) and a lost API (up to PATIENCE_SECONDS)."""
@@ -489,24 +502,18 @@ class EvalRun:
             self.progress.note = ""
             return status, data
 
-    def _submit(self, group: Group) -> None:
-        built = [(item, self._job_of(item)) for item in group.items]
-        built = [(item, job) for item, job in built if job is not None]
-        if len(built) != len(group.items):
-            # A question dropped on this side: the group's composition changed, so its old key cannot be reused.
-            group = Group(uuid.uuid4().hex, [item for item, _ in built])
-        if not built:
-            return
+    def _submit(self, group: Group, jobs: list[dict]) -> None:
+        """Post a group's jobs under its Idempotency-Key, recorded in the jobs file before and after."""
         self.pending[group.key] = group
         self._state_append({"key": group.key, "params": self.fingerprint,
                             "question_ids": [item.question.question_id for item in group.items]})
-        status, data = self._post("/v1/jobs/bulk", {"jobs": [job for _, (job, _) in built]}, group.key)
+        status, data = self._post("/v1/jobs/bulk", {"jobs": jobs}, group.key)
         if status == 202:
             job_ids = data["ids"]
         elif status == 422:
             # Something only the server refuses (its limits may differ from ours): post one by one to find it.
             job_ids = []
-            for index, (item, (job, _)) in enumerate(built):
+            for index, (item, job) in enumerate(zip(group.items, jobs)):
                 status, data = self._post("/v1/jobs", job, f"{group.key}.{index}")
                 if status == 202:
                     job_ids.append(data["id"])
@@ -528,10 +535,11 @@ class EvalRun:
 
     def _fill(self) -> None:
         while not self.stop.is_set():
-            group = self._next_group()
-            if group is None:
+            following = self._next_group()
+            if following is None:
                 return
-            self._submit(group)
+            if following[1]:
+                self._submit(*following)
             self.progress.update()
 
     # Following.
@@ -749,16 +757,17 @@ def add_eval_parser(sub) -> None:
                                              "(what the worker serving it reports); --model wins")
     parser.add_argument("--model-base", help="accepted for the original command lines and ignored: the worker "
                                              "loads the base (LLAVA_QUEUE_MODEL_BASE)")
-    parser.add_argument("--conv-mode", default=DEFAULT_CONV_MODE)
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    parser.add_argument("--conv-mode", default=DEFAULT_CONV_MODE, help="conversation template (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="0 is greedy (default %(default)s, as model_vqa.py)")
     parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
     parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1,
                         help="1 only (llava-queue decodes one beam)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
                         default=DEFAULT_MAX_NEW_TOKENS, help="default 1024, as model_vqa.py hard-codes")
     parser.add_argument("--seed", type=int, default=None, help="every job samples with this seed")
-    parser.add_argument("--num-chunks", type=int, default=1)
-    parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions as model_vqa.py does...")
+    parser.add_argument("--chunk-idx", type=int, default=0, help="...and answer this chunk (from 0)")
     parser.add_argument("--api-url", default=os.environ.get("LLAVA_QUEUE_API_URL", DEFAULT_API_URL),
                         help="default LLAVA_QUEUE_API_URL, else %(default)s")
     parser.add_argument("--api-key", default=os.environ.get("LLAVA_QUEUE_API_KEY"),

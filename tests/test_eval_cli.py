@@ -7,6 +7,7 @@ question asked twice.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import redis
 import requests
 
-from llava_fixtures import b64, png_bytes
+from llava_fixtures import b64, png_bytes, png_claiming_size
 from shared.cli import build_parser
 from shared.redis_server import free_port
 from shared.vqa import get_chunk, question_prompt
@@ -138,6 +139,26 @@ def test_bad_lines_fail_alone_with_their_reason(tiny_llava_stack, images, tmp_pa
     assert errors[9]["job_id"]
     out = capsys.readouterr().out
     assert "3 answered (0 before this run), 6 failed (see " in out
+
+
+def test_a_question_only_the_api_refuses_fails_alone(tiny_llava_stack, tmp_path):
+    # This client allows more pixels than the API does: the API refuses one job of the group (422), and the
+    # others must still be answered.
+    (tmp_path / "cat.png").write_bytes(png_bytes(40, 30, seed=1))
+    (tmp_path / "huge.png").write_bytes(png_claiming_size(10_000, 8_000))
+    lines = [{"question_id": n, "image": "huge.png" if n == 2 else "cat.png", "text": f"Question {n}?"}
+             for n in (1, 2, 3)]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = tmp_path / "answers.jsonl"
+    done = subprocess.run([sys.executable, "-m", "shared.cli",
+                           *eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", tmp_path, answers)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LLAVA_QUEUE_MAX_IMAGE_PIXELS": str(10**9)})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [line["question_id"] for line in read_lines(answers)] == [1, 3]
+    [error] = read_lines(tmp_path / "answers.jsonl.errors")
+    assert error["question_id"] == 2 and error["line"] == 2
+    assert "refused by the API" in error["error"] and "is too large: 10000x8000" in error["error"]
 
 
 def job_records_with(stack, marker: str) -> int:
