@@ -191,7 +191,7 @@ def read_questions(path: Path) -> list[Item]:
                 continue
             item = Item(number)
             try:
-                item.question = parse_question_line(raw)
+                item.question = parse_question_line(raw.strip())
             except ValidationError as exc:
                 item.error = f"bad question line: {describe_validation_error(exc).message}"
             items.append(item)
@@ -317,6 +317,7 @@ class EvalRun:
         self.answers: dict[str, str] = {}
         self.extra_answers: list[str] = []
         self.resubmitted: set[str] = set()
+        self.errors: list[dict] = []
         self.last_contact = time.monotonic()
         self.started_wall = time.time()
 
@@ -419,6 +420,7 @@ class EvalRun:
             record["job_id"] = job_id
         self.errors_file.write(json.dumps(record) + "\n")
         self.errors_file.flush()
+        self.errors.append(record)
         self.tally.failed += 1
 
     def _answer(self, item: Item, job: dict) -> None:
@@ -659,7 +661,10 @@ class EvalRun:
             if self.state_file is not None:
                 self.state_file.close()
             self.errors_file.close()
-            if self.tally.failed == 0:
+            if self.errors:
+                self.errors.sort(key=lambda record: record["line"])
+                write_atomically(self.errors_path, [json.dumps(record) + "\n" for record in self.errors])
+            else:
                 self.errors_path.unlink(missing_ok=True)
         return self._report(fatal)
 
