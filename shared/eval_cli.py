@@ -452,7 +452,7 @@ class EvalRun:
             try:
                 check_images([image])
             except ValueError as exc:
-                self._fail(item, f"image {name!r}: {str(exc).removeprefix('image 0 ')}")
+                self._fail(item, f"image {name!r} {str(exc).removeprefix('image 0 ')}")
                 return None
         return question_job(item.question, self.params, image).model_dump(mode="json", exclude_none=True)
 

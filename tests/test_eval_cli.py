@@ -22,7 +22,7 @@ import requests
 from llava_fixtures import b64, png_bytes, png_claiming_size
 from shared.cli import build_parser
 from shared.redis_server import free_port
-from shared.vqa import get_chunk, question_prompt
+from shared.vqa import EvalParams, Question, get_chunk, question_job, question_prompt
 
 ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
 MODEL = "llava-v1.5-tiny"
@@ -132,7 +132,7 @@ def test_bad_lines_fail_alone_with_their_reason(tiny_llava_stack, images, tmp_pa
     assert errors[2]["question_id"] is None and "malformed JSON" in errors[2]["error"]
     assert errors[3]["question_id"] == 11 and "cannot read image 'missing.png'" in errors[3]["error"]
     assert "No such file" in errors[3]["error"]
-    assert errors[6]["question_id"] == 12 and "is not an image file" in errors[6]["error"]
+    assert errors[6]["question_id"] == 12 and "image 'notes.png' is not an image file" in errors[6]["error"]
     assert errors[7]["question_id"] is None and "text: field required" in errors[7]["error"]
     assert errors[8]["question_id"] == 2 and "repeats line 5's" in errors[8]["error"]
     assert errors[9]["question_id"] == 14 and "Number of images does not match" in errors[9]["error"]
@@ -208,6 +208,30 @@ def test_an_interrupted_run_is_finished_by_running_it_again(tiny_llava_stack, im
     third = subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True, timeout=60)
     assert third.returncode == 0 and "40 answered (40 before this run)" in third.stdout
     assert "0 jobs submitted" in third.stdout and job_records_with(tiny_llava_stack, marker) == 40
+
+
+def test_a_group_posted_just_before_a_crash_is_not_posted_twice(tiny_llava_stack, images, tmp_path):
+    marker = f" [{uuid.uuid4().hex[:8]}]"
+    question_file = tmp_path / "questions.jsonl"
+    questions = write_questions(question_file, list(range(6)), marker)
+    # The crash: a run wrote down the group it was posting (its key and questions, as it does before
+    # every post), the API took the post, and the run died before it could write down the job ids.
+    key = uuid.uuid4().hex
+    params = EvalParams(temperature=0, max_new_tokens=8)
+    jobs = [question_job(Question(**question), params, b64((images / question["image"]).read_bytes()))
+            for question in questions[:3]]
+    response = requests.post(f"{tiny_llava_stack.base_url}/v1/jobs/bulk", headers={"Idempotency-Key": key},
+                             json={"jobs": [job.model_dump(mode="json", exclude_none=True) for job in jobs]},
+                             timeout=30)
+    assert response.status_code == 202, response.text
+    run = {**params.model_dump(), "question_file": str(question_file.resolve()), "image_folder": str(images)}
+    (tmp_path / "answers.jsonl.jobs").write_text(json.dumps({"key": key, "params": run,
+                                                             "question_ids": [0, 1, 2]}) + "\n")
+
+    answers = tmp_path / "answers.jsonl"
+    assert eval_in_process(eval_args(tiny_llava_stack, question_file, images, answers)) == 0
+    assert [line["question_id"] for line in read_lines(answers)] == list(range(6))
+    assert job_records_with(tiny_llava_stack, marker) == 6
 
 
 def test_chunks_are_the_originals_and_the_model_is_checked(tiny_llava_stack, images, tmp_path, capsys):
