@@ -10,7 +10,8 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import require_api_key
 from api.errors import install_error_handlers
-from api.routes import controller, health, jobs, llava, metrics, models, openai, page, stream
+from api.routes import (batches, controller, files, health, jobs, llava, metrics, models, openai, page,
+                        stream)
 from shared.celery_app import make_celery
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings, get_settings
@@ -45,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     # Everything else needs an API key when keys are configured. The original LLaVA clients cannot
     # send one: an operator who runs them behind keys may leave their protocol open.
-    protected = [jobs, stream, openai, models]
+    protected = [jobs, stream, openai, models, batches, files]
     if settings.public_llava_protocol:
         for module in (llava, controller):
             app.include_router(module.router)

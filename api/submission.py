@@ -71,3 +71,17 @@ def submit_job(store: JobStore, celery: Celery, request: GenerateRequest, queue:
                owner: str | None = None) -> str:
     """Submit one job; see `submit_jobs`."""
     return submit_jobs(store, celery, [(request, queue)], owner=owner)[0]
+
+
+def send_many(celery: Celery, job_ids: list[str], queue: str) -> None:
+    """Send the Celery task of each (already recorded) job, pipelined: a batch's lines enqueued in bulk.
+
+    The message is the one `send_task` builds (JSON, the job id as its only argument and as the
+    task id), published in one Redis pipeline per few hundred jobs, without the per-message
+    queue declaration and task-sent event that make `send_task` cost a millisecond each.
+    """
+    with celery.producer_or_acquire() as producer, producer.batch(max_size=500):
+        for job_id in job_ids:
+            headers, properties, body, _ = celery.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id])
+            producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
+                             declare=[], retry=False, delivery_mode=2, **properties)

@@ -22,8 +22,13 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # Reserve no more than the engine's free slots; the worker's concurrency is its slot count.
+        # Without prefetch a worker takes a message only when a task thread (an engine slot) is
+        # free, and it then polls the queues in the order declared: an interactive job waiting
+        # goes before every queued batch job (kombu's "priority" order; its default rotates).
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        worker_disable_prefetch=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout,
+                                  "queue_order_strategy": "priority"},
         broker_connection_retry_on_startup=True,
         task_queues=(Queue(INTERACTIVE_QUEUE), Queue(BATCH_QUEUE)),
         task_default_queue=INTERACTIVE_QUEUE,

@@ -69,7 +69,28 @@ redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, delta = ARGV[1]}))
 return seq
 """
 
-_FINISH = """
+# A batch (shared/batches.py) ends with its last line: completed, expired (some lines waited past
+# its completion window), or cancelled. `ended`, `total` and the counters are fields of its hash.
+BATCH_END_LUA = """
+local function end_batch_if_done(bkey, now)
+  local b = redis.call('HMGET', bkey, 'status', 'total', 'ended', 'expired')
+  local status, total, ended = b[1], tonumber(b[2]), tonumber(b[3]) or 0
+  if not total or ended < total then return status end
+  local final
+  if status == 'in_progress' then
+    if (tonumber(b[4]) or 0) > 0 then final = 'expired' else final = 'completed' end
+  elseif status == 'cancelling' then
+    final = 'cancelled'
+  else
+    return status
+  end
+  redis.call('HSET', bkey, 'status', final, final .. '_at', now)
+  if final == 'completed' then redis.call('HSET', bkey, 'finalizing_at', now) end
+  return final
+end
+"""
+
+_FINISH = BATCH_END_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
@@ -89,6 +110,24 @@ redis.call('HINCRBY', KEYS[8], ARGV[1] .. ':' .. ARGV[3], 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = ARGV[1], error = ARGV[2],
            error_code = tonumber(ARGV[3]), finish_reason = ARGV[4]}))
+-- A line of a batch: copy its result into the batch, which outlives the job record, and count it.
+local batch, line = unpack(redis.call('HMGET', KEYS[1], 'batch', 'batch_line'))
+if batch and redis.call('EXISTS', ARGV[11] .. batch) == 1 then
+  local bkey = ARGV[11] .. batch
+  local f = redis.call('HMGET', KEYS[1], 'text', 'prompt_tokens', 'completion_tokens', 'model', 'started_at',
+                       'first_token_at')
+  redis.call('HSET', bkey .. ':results', line, cjson.encode({status = ARGV[1], error = ARGV[2],
+             error_code = tonumber(ARGV[3]), finish_reason = ARGV[4], text = f[1] or '',
+             prompt_tokens = tonumber(f[2]) or 0, completion_tokens = tonumber(f[3]) or 0, model = f[4] or '',
+             started_at = tonumber(f[5]), first_token_at = tonumber(f[6]), finished_at = tonumber(ARGV[5])}))
+  local ttl = redis.call('TTL', bkey)
+  if ttl > 0 then redis.call('EXPIRE', bkey .. ':results', ttl) end
+  redis.call('HINCRBY', bkey, ({succeeded = 'completed'})[ARGV[1]] or ARGV[1], 1)
+  redis.call('HINCRBY', bkey, 'completion_tokens', tonumber(f[3]) or 0)
+  redis.call('HSET', bkey, 'last_finished_at', ARGV[5])
+  redis.call('HINCRBY', bkey, 'ended', 1)
+  end_batch_if_done(bkey, ARGV[5])
+end
 return 'ok'
 """
 
@@ -216,8 +255,31 @@ class JobStore:
                 existing = self.redis.get(key)
                 if existing:
                     return existing, False
-        now = time.time()
         order = self.redis.incr(f"{self.prefix}:enqueue_order")
+        with self.redis.pipeline(transaction=True) as pipe:
+            self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
+            pipe.execute()
+        return job_id, True
+
+    def create_many(self, requests: list[GenerateRequest], queue: str, *, deadline_seconds: float | None = None,
+                    owner: str | None = None, extra: list[dict[str, str | int]] | None = None) -> list[str]:
+        """Write a `queued` record for each request in one pipelined round trip; returns their new ids in order.
+
+        `extra[i]` adds fields to record i (a batch line's batch id and line number, see _FINISH).
+        """
+        last = self.redis.incrby(f"{self.prefix}:enqueue_order", len(requests))
+        ids = [new_job_id() for _ in requests]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index, (job_id, request) in enumerate(zip(ids, requests)):
+                self._write_queued(pipe, job_id, request, queue, last - len(requests) + 1 + index, deadline_seconds,
+                                   owner, extra[index] if extra else None)
+            pipe.execute()
+        return ids
+
+    def _write_queued(self, pipe, job_id: str, request: GenerateRequest, queue: str, order: int,
+                      deadline_seconds: float | None, owner: str | None, extra: dict | None = None) -> None:
+        """Queue, on `pipe`, the writes that make a new `queued` job: its record, queue entry and counters."""
+        now = time.time()
         record = {
             "id": job_id,
             "status": "queued",
@@ -234,21 +296,19 @@ class JobStore:
             "completion_tokens": 0,
             "attempts": 0,
             "created_at": repr(now),
+            **(extra or {}),
         }
         if deadline_seconds is not None:
             record["deadline"] = repr(now + deadline_seconds)
         if owner:
             record["owner"] = owner_id(owner)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(job_id), mapping=record)
-            pipe.zadd(self.queue_key(queue), {job_id: order})
-            pipe.hincrby(self.submitted_key, queue, 1)
-            if deadline_seconds is not None:
-                pipe.zadd(self.deadlines_key, {job_id: now + deadline_seconds})
-            if owner:
-                pipe.zadd(self.owner_key(owner), {job_id: now})
-            pipe.execute()
-        return job_id, True
+        pipe.hset(self.key(job_id), mapping=record)
+        pipe.zadd(self.queue_key(queue), {job_id: order})
+        pipe.hincrby(self.submitted_key, queue, 1)
+        if deadline_seconds is not None:
+            pipe.zadd(self.deadlines_key, {job_id: now + deadline_seconds})
+        if owner:
+            pipe.zadd(self.owner_key(owner), {job_id: now})
 
     def owner_key(self, owner: str) -> str:
         """Sorted set of an API key's jobs that may still be queued (pruned lazily by `owner_queued`)."""
@@ -274,6 +334,11 @@ class JobStore:
         if gone:
             self.redis.zrem(key, *gone)
         return count - len(gone)
+
+    @property
+    def batch_prefix(self) -> str:
+        """Key prefix of batch records (shared/batches.py): a job with a `batch` field is a line of one."""
+        return f"{self.prefix}:batch:"
 
     @property
     def deadlines_key(self) -> str:
@@ -464,7 +529,7 @@ class JobStore:
                          self.deadlines_key, finished_counter, self.finished_key],
                 "args": [ending.status, ending.error, int(ending.error_code), ending.finish_reason, repr(now),
                          required, self.ttl_seconds, ending.job_id, worker,
-                         "" if ending.completion_tokens is None else ending.completion_tokens]}
+                         "" if ending.completion_tokens is None else ending.completion_tokens, self.batch_prefix]}
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.

@@ -1,11 +1,13 @@
 """One typed settings object, read once from `LLAVA_QUEUE_*` environment variables."""
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -89,6 +91,24 @@ class Settings(BaseSettings):
     conversation_log: str = ""
     # The model GET /readyz requires a live, ready worker for; unset: any model.
     default_model: str | None = None
+
+    # Offline batch evaluation (POST /v1/batches). Server-side files (question files, image folders)
+    # are read only under these folders: a JSON list or paths separated by ':'; empty: server-side
+    # paths are refused, uploads still work.
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Lines in one batch file, and how long a batch, its results and uploaded files stay readable.
+    batch_max_lines: int = 50_000
+    batch_ttl_seconds: int = 30 * 24 * 3600
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _path_list(cls, value):
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
 
 
 @lru_cache

@@ -123,14 +123,21 @@ def tiny_llava_dir(tiny_llava_family) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llava_stack(tiny_llava_dir):
+def data_root(tmp_path_factory) -> Path:
+    """The tiny LLaVA stack's data root (LLAVA_QUEUE_DATA_ROOTS): batch files and image folders tests write there."""
+    return tmp_path_factory.mktemp("data-root")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_stack(tiny_llava_dir, data_root):
     """Its own Redis, a worker serving the tiny LLaVA checkpoint (fp32, so batching cannot change a greedy answer),
-    and an API."""
+    and an API whose data root is `data_root`."""
     with RedisServer() as server:
         # The tiny checkpoint's tower is local: no setting of the caller's may point elsewhere.
         for name in ("LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_MODEL_NAME", "LLAVA_QUEUE_VISION_TOWER"):
             os.environ.pop(name, None)
         env = {"LLAVA_QUEUE_MODEL_PATH": str(tiny_llava_dir), "LLAVA_QUEUE_DEVICE": "cpu",
-               "LLAVA_QUEUE_DTYPE": "float32", "LLAVA_QUEUE_MAX_NUM_SEQS": "8"}
+               "LLAVA_QUEUE_DTYPE": "float32", "LLAVA_QUEUE_MAX_NUM_SEQS": "8",
+               "LLAVA_QUEUE_DATA_ROOTS": str(data_root)}
         with run_stack(server.url, env, log_prefix="llava-queue-tiny-llava-logs-") as running:
             yield running

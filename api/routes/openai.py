@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.deps import ApiKey, AsyncRedis, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
@@ -258,6 +258,25 @@ def job_error(record: dict | None) -> ApiError | None:
     return ApiError(status, record["error"] or f"the job ended {record['status']}", type=kind, code=code)
 
 
+def completion_of(record: dict, completion_id: str, model: str, created: int) -> ChatCompletion:
+    """The chat.completion object of a job that succeeded (its record, or a batch line's copy of it)."""
+    choice = Choice(message=ChatCompletionMessage(content=record["text"]), finish_reason=record["finish_reason"])
+    return ChatCompletion(id=completion_id, created=created, model=model, choices=[choice], usage=usage_of(record))
+
+
+def parse_chat_request(raw: Any) -> tuple[ChatCompletionRequest, GenerateRequest]:
+    """A chat completion request body (decoded JSON) as a job request, checked as `POST /v1/chat/completions`
+    checks it (a batch line runs exactly like that call); raises ApiError (400) naming the OpenAI field."""
+    try:
+        body = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{**error, "loc": _openai_path(error.get("loc", ()))} for error in exc.errors()]
+        invalid = describe_validation_error(errors)
+        raise ApiError(400, invalid.message, param=invalid.param) from None
+    check_supported(body)
+    return body, to_generate_request(body)
+
+
 async def read_record(store: JobStore, job_id: str) -> dict | None:
     return await asyncio.to_thread(store.get, job_id)
 
@@ -289,9 +308,7 @@ class Completion:
         error = job_error(record)
         if error:
             raise error
-        choice = Choice(message=ChatCompletionMessage(content=record["text"]), finish_reason=record["finish_reason"])
-        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
-                              usage=usage_of(record))
+        return completion_of(record, self.id, self.model, self.created)
 
     async def _until_done(self) -> None:
         try:

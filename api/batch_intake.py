@@ -1,0 +1,211 @@
+"""Reading a batch file into jobs: line by line, a few hundred lines per bulk enqueue.
+
+Two formats, told apart by the first line that is a JSON object:
+
+* the original question file (`llava/eval/model_vqa.py`): `{"question_id", "image", "text"}`,
+  run with the batch's parameters (shared/vqa.py makes the prompt and the job);
+* the OpenAI Batch input: `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}`,
+  whose body is checked and converted exactly as `POST /v1/chat/completions` does.
+
+A line that cannot run (bad JSON, a missing or bad field, an image that is missing, unreadable
+or outside the data roots) is recorded with the reason and becomes no job; the others run.
+"""
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from celery import Celery
+from pydantic import ValidationError
+
+from api.errors import ApiError
+from api.routes.openai import parse_chat_request
+from api.submission import send_many
+from shared.batches import BatchStore
+from shared.dataroot import PathRefused, resolve_in_folder
+from shared.jobs import JobStore
+from shared.protocol import ErrorCode, GenerateRequest, check_images, describe_validation_error
+from shared.settings import Settings
+from shared.vqa import EvalParams, Question, question_job
+
+CHAT_COMPLETIONS = "/v1/chat/completions"
+# Lines per bulk enqueue: one pipelined write of their job records, one of their Celery messages.
+CHUNK_LINES = 500
+# Line errors kept in the batch record's `errors` (all of them are in the errors file).
+MAX_LISTED_ERRORS = 100
+_IMAGE_CACHE_SIZE = 64
+
+
+class LineRefused(Exception):
+    """A line that cannot run: why, and for OpenAI lines the HTTP status and error the call would have had."""
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status_code, self.param = message, status_code, param
+
+
+def count_lines(stream: IO[bytes]) -> int:
+    """Non-blank lines of a seekable binary file; the file is left at its start."""
+    count = sum(1 for line in stream if line.strip())
+    stream.seek(0)
+    return count
+
+
+@dataclass
+class Intake:
+    """Turns the lines of one batch file into queued jobs on the `batch` queue."""
+
+    store: JobStore
+    batches: BatchStore
+    celery: Celery
+    settings: Settings
+    batch_id: str
+    params: EvalParams
+    image_folder: Path | None
+    served: list[str]
+    deadline_seconds: float
+    owner: str | None = None
+    format: str | None = None
+    total: int = 0
+    invalid: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    _custom_ids: set[str] = field(default_factory=set)
+    _images: dict[Path, str | LineRefused] = field(default_factory=dict)
+
+    def read(self, stream: IO[bytes]) -> None:
+        """Read every line, enqueue the jobs of the good ones in chunks, record every line in order."""
+        entries: list[dict[str, Any]] = []
+        jobs: list[tuple[int, GenerateRequest]] = []
+        for raw in stream:
+            if not raw.strip():
+                continue
+            number = self.total
+            self.total += 1
+            entry, request = self._line(number, raw)
+            entries.append(entry)
+            if request is None:
+                self.invalid += 1
+                if len(self.errors) < MAX_LISTED_ERRORS:
+                    self.errors.append({"code": "invalid_line", "message": entry["error"]["message"],
+                                        "param": entry["error"].get("param"), "line": number + 1})
+            else:
+                jobs.append((len(entries) - 1, request))
+            if len(entries) >= CHUNK_LINES:
+                self._enqueue(entries, jobs)
+                entries, jobs = [], []
+        if entries:
+            self._enqueue(entries, jobs)
+
+    def _enqueue(self, entries: list[dict[str, Any]], jobs: list[tuple[int, GenerateRequest]]) -> None:
+        first_line = self.total - len(entries)
+        ids = self.store.create_many(
+            [request for _, request in jobs], "batch", deadline_seconds=self.deadline_seconds, owner=self.owner,
+            extra=[{"batch": self.batch_id, "batch_line": first_line + index} for index, _ in jobs]) if jobs else []
+        for (index, _), job_id in zip(jobs, ids):
+            entries[index]["job"] = job_id
+        self.batches.add_lines(self.batch_id, entries)
+        try:
+            send_many(self.celery, ids, "batch")
+        except Exception as exc:
+            # Their lines fail (and are counted by the batch); the caller answers 503.
+            for job_id in ids:
+                self.store.finish(job_id, "failed", error=f"could not enqueue the job: {exc}",
+                                  error_code=ErrorCode.SERVER_ERROR, finish_reason="error")
+            raise ApiError(503, f"the queue is unavailable: {exc}", type="unavailable", code=ErrorCode.SERVER_ERROR,
+                           headers={"Retry-After": "5"}) from exc
+
+    def _line(self, number: int, raw: bytes) -> tuple[dict[str, Any], GenerateRequest | None]:
+        """The line's entry (what its output line needs) and its job request, or the entry with `error`."""
+        entry: dict[str, Any] = {"line": number + 1}
+        try:
+            try:
+                line = json.loads(raw)
+            except ValueError as exc:
+                raise LineRefused(f"line {number + 1} is not valid JSON: {exc}") from None
+            if not isinstance(line, dict):
+                raise LineRefused(f"line {number + 1} is not a JSON object")
+            if self.format is None:
+                self.format = "openai" if "custom_id" in line else "llava"
+            if self.format == "openai":
+                return entry, self._openai_line(line, entry)
+            return entry, self._question_line(line, entry)
+        except LineRefused as refused:
+            entry["error"] = {"message": refused.message, "param": refused.param, "status_code": refused.status_code}
+            return entry, None
+
+    def _question_line(self, line: dict[str, Any], entry: dict[str, Any]) -> GenerateRequest:
+        question_id = line.get("question_id")
+        entry["question_id"] = question_id if isinstance(question_id, str | int | float) else None
+        try:
+            question = Question.model_validate(line)
+        except ValidationError as exc:
+            invalid = describe_validation_error(exc)
+            raise LineRefused(invalid.message, param=invalid.param) from None
+        entry["prompt"] = question.text
+        image = self._image(question.image) if question.image is not None else None
+        try:
+            return question_job(question, self.params, image)
+        except ValueError as exc:
+            message = describe_validation_error(exc).message if isinstance(exc, ValidationError) else str(exc)
+            raise LineRefused(message) from None
+
+    def _image(self, name: str) -> str:
+        """The base64 file of a question's image, read under the image folder; LineRefused says why not."""
+        if self.image_folder is None:
+            raise LineRefused(f"image {name!r}: this batch has no image_folder (images are read from a folder "
+                              "under the server's data roots)", param="image")
+        try:
+            path = resolve_in_folder(self.image_folder, name, self.settings.data_roots, what=f"image {name!r}")
+        except PathRefused as exc:
+            raise LineRefused(str(exc), status_code=403, param="image") from None
+        cached = self._images.get(path)
+        if cached is None:
+            cached = self._images[path] = self._read_image(name, path)
+            if len(self._images) > _IMAGE_CACHE_SIZE:
+                self._images.pop(next(iter(self._images)))
+        if isinstance(cached, LineRefused):
+            raise cached
+        return cached
+
+    def _read_image(self, name: str, path: Path) -> str | LineRefused:
+        if not path.is_file():
+            return LineRefused(f"image {name!r}: no such file in the image folder", status_code=404, param="image")
+        size = path.stat().st_size
+        if (size + 2) // 3 * 4 > self.settings.max_image_bytes:
+            return LineRefused(f"image {name!r}: {size} bytes is over the image size limit", param="image")
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        try:
+            check_images([data])
+        except ValueError as exc:
+            return LineRefused(f"image {name!r}: {str(exc).removeprefix('image 0 ')}", param="image")
+        return data
+
+    def _openai_line(self, line: dict[str, Any], entry: dict[str, Any]) -> GenerateRequest:
+        custom_id = line.get("custom_id")
+        entry["custom_id"] = custom_id if isinstance(custom_id, str) else None
+        if not isinstance(custom_id, str) or not custom_id:
+            raise LineRefused("custom_id: a non-empty string is required", param="custom_id")
+        if custom_id in self._custom_ids:
+            raise LineRefused(f"custom_id {custom_id!r} is used by an earlier line; each line needs its own",
+                              param="custom_id")
+        self._custom_ids.add(custom_id)
+        if line.get("method", "POST") != "POST":
+            raise LineRefused(f"method: only POST is supported, not {line.get('method')!r}", param="method")
+        if line.get("url") != CHAT_COMPLETIONS:
+            raise LineRefused(f"url: only {CHAT_COMPLETIONS} is supported, not {line.get('url')!r}", param="url")
+        body = line.get("body")
+        if not isinstance(body, dict):
+            raise LineRefused("body: the chat completion request (a JSON object) is required", param="body")
+        if body.get("stream"):
+            raise LineRefused("body.stream: a batch line is answered whole; leave stream out", param="body.stream")
+        try:
+            chat, request = parse_chat_request(body)
+        except ApiError as exc:
+            raise LineRefused(exc.message, status_code=exc.status, param=exc.param) from None
+        if chat.model not in self.served:
+            raise LineRefused(f"the model {chat.model!r} is not served here (live workers serve: "
+                              f"{self.served or 'none'})", status_code=404, param="model")
+        entry["model"] = chat.model
+        return request

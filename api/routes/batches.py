@@ -1,0 +1,375 @@
+"""Offline batch evaluation: `POST /v1/batches` runs a JSONL file of questions or OpenAI requests.
+
+The file comes as an upload (multipart `file`), as an uploaded file's id (`input_file_id`, see
+`POST /v1/files`), or as a path under the server's data roots (`input_path`). Every line that
+can run becomes a job on the `batch` queue, which workers take only when no interactive job
+waits. Results come back in the input's order: `GET /v1/batches/{id}/output` (the original's
+answers file, or OpenAI's batch output) and `/errors` (the lines that failed, with why), also
+as OpenAI's `output_file_id` / `error_file_id` at `GET /v1/files/{id}/content`.
+"""
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ConfigDict, Field
+
+from api.batch_intake import CHAT_COMPLETIONS, Intake, count_lines
+from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
+from api.errors import ApiError, error_body
+from api.routes.models import served_models
+from api.routes.openai import completion_of, job_error
+from api.submission import admit
+from shared.batches import FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
+from shared.dataroot import PathRefused, resolve_data_path
+from shared.jobs import JobStore
+from shared.protocol import ErrorCode, InvalidRequest, parse_request
+from shared.settings import Settings
+from shared.vqa import EvalParams, answer_line, answer_record
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+JSONL = "application/jsonl"
+# Output files of a batch are named after it: file-<batch id>-output / -errors.
+OUTPUT_FILE = "file-{}-output"
+ERROR_FILE = "file-{}-errors"
+
+
+class BatchCreate(EvalParams):
+    """A batch: where its file is, and for question files the original's evaluation parameters
+    (model, conv_mode, temperature, top_p, num_beams = 1, max_new_tokens, seed) and image folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str | None = Field(None, max_length=200, description="an uploaded file (POST /v1/files)")
+    input_path: str | None = Field(None, max_length=4096, description="a file under the server's data roots")
+    endpoint: Literal["/v1/chat/completions"] | None = Field(None, description="OpenAI's; OpenAI lines' url")
+    completion_window: str = Field("24h", max_length=16, pattern=r"^[0-9]{1,7}[smhd]$",
+                                   description="lines not started by then expire")
+    metadata: dict[str, str] | None = None
+    image_folder: str | None = Field(None, max_length=4096, description="question files: where `image` files "
+                                                                         "are, under the data roots")
+
+
+def batch_store(request: Request | Any) -> BatchStore:
+    settings: Settings = request.app.state.settings
+    return BatchStore(request.app.state.store, settings.batch_ttl_seconds)
+
+
+def batch_not_found(batch_id: str) -> ApiError:
+    return ApiError(404, f"unknown batch id {batch_id!r} (it never existed, or it expired)", type="not_found",
+                    param="batch_id", code=ErrorCode.NOT_FOUND)
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
+    """The batch object: OpenAI's fields, then llava-queue's (format, timings, tokens/s, time left)."""
+    failed = record["failed"] + record["cancelled"] + record["expired"] + record["invalid"]
+    ended = record["status"] in FINAL_STATUSES
+    errors = record["errors"]
+    ended_at = next((record[f"{status}_at"] for status in FINAL_STATUSES if record[f"{status}_at"]), None)
+    return {
+        "id": record["id"], "object": "batch", "endpoint": record.get("endpoint") or CHAT_COMPLETIONS,
+        "errors": {"object": "list", "data": errors} if errors else None,
+        "input_file_id": record.get("input_file_id") or None,
+        "completion_window": record.get("completion_window", "24h"), "status": record["status"],
+        "output_file_id": OUTPUT_FILE.format(record["id"]) if ended and record["completed"] else None,
+        "error_file_id": ERROR_FILE.format(record["id"]) if ended and failed else None,
+        **{name: _int(record[name]) for name in ("created_at", "in_progress_at", "expires_at", "finalizing_at",
+                                                 "completed_at", "failed_at", "expired_at", "cancelling_at",
+                                                 "cancelled_at")},
+        "request_counts": {"total": record["total"], "completed": record["completed"], "failed": failed},
+        "metadata": record["metadata"],
+        "format": record.get("format") or None, "input_path": record.get("input_path") or None,
+        "params": record["params"], "started_at": record["in_progress_at"], "ended_at": ended_at,
+        "usage": {"completion_tokens": record["completion_tokens"]},
+        **batches.progress(record),
+    }
+
+
+def read_batch(batches: BatchStore, batch_id: str) -> dict[str, Any]:
+    """The batch record; lines still queued past the completion window expire first."""
+    record = batches.get(batch_id)
+    if record is None:
+        raise batch_not_found(batch_id)
+    if record["status"] in ("in_progress", "cancelling") and record["expires_at"] and \
+            record["expires_at"] < time.time():
+        batches.store.expire_overdue()
+        record = batches.get(batch_id)
+    return record
+
+
+def _open_input(body: BatchCreate, upload: IO[bytes] | None, batches: BatchStore,
+                settings: Settings) -> tuple[IO[bytes], dict[str, str]]:
+    """The batch file, opened, and what the batch records about where it came from."""
+    sources = [name for name, given in (("file", upload is not None), ("input_file_id", body.input_file_id),
+                                        ("input_path", body.input_path)) if given]
+    if len(sources) != 1:
+        raise ApiError(422, "give the batch file exactly once: upload it as 'file', or name an uploaded file "
+                            f"('input_file_id') or a server path ('input_path'); got {sources or 'none'}",
+                       param="input_file_id")
+    if upload is not None:
+        return upload, {}
+    if body.input_file_id:
+        content = batches.file_content(body.input_file_id)
+        if content is None:
+            raise ApiError(404, f"unknown file id {body.input_file_id!r}", type="not_found",
+                           param="input_file_id", code=ErrorCode.NOT_FOUND)
+        return io.BytesIO(content), {"input_file_id": body.input_file_id}
+    try:
+        path = resolve_data_path(body.input_path, settings.data_roots, "input_path")
+    except PathRefused as exc:
+        raise ApiError(403, str(exc), type="permission_denied", param="input_path") from None
+    if not path.is_file():
+        raise ApiError(404, f"input_path: no file {body.input_path!r} under the data roots", type="not_found",
+                       param="input_path", code=ErrorCode.NOT_FOUND)
+    return path.open("rb"), {"input_path": body.input_path}
+
+
+def _image_folder(body: BatchCreate, settings: Settings) -> Path | None:
+    if body.image_folder is None:
+        return None
+    try:
+        folder = resolve_data_path(body.image_folder, settings.data_roots, "image_folder")
+    except PathRefused as exc:
+        raise ApiError(403, str(exc), type="permission_denied", param="image_folder") from None
+    if not folder.is_dir():
+        raise ApiError(404, f"image_folder: no folder {body.image_folder!r} under the data roots",
+                       type="not_found", param="image_folder", code=ErrorCode.NOT_FOUND)
+    return folder
+
+
+def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches: BatchStore, celery,
+           registry, settings: Settings, owner: str | None) -> dict[str, Any]:
+    """Check the request, read the file into jobs (the batch is `validating` meanwhile), start the batch."""
+    try:
+        window = window_seconds(body.completion_window)
+    except ValueError as exc:
+        raise ApiError(422, str(exc), param="completion_window") from None
+    image_folder = _image_folder(body, settings)
+    served = served_models(registry.workers())
+    if body.model is not None and body.model not in served:
+        raise ApiError(404, f"the model {body.model!r} is not served here (live workers serve: {served or 'none'})",
+                       param="model", code=ErrorCode.NO_WORKER)
+    stream, source = _open_input(body, upload, batches, settings)
+    with stream:
+        lines = count_lines(stream)
+        if lines > settings.batch_max_lines:
+            raise ApiError(400, f"the file has {lines} lines; a batch holds at most {settings.batch_max_lines}",
+                           param="file")
+        admit(store, lines, owner)
+        params = EvalParams.model_validate(body.model_dump(include=set(EvalParams.model_fields)))
+        batch_id = new_batch_id()
+        now = time.time()
+        batches.create(batch_id, {**source, "endpoint": body.endpoint or CHAT_COMPLETIONS,
+                                  "completion_window": body.completion_window, "expires_at": repr(now + window),
+                                  "metadata": body.metadata, "params": params.model_dump(),
+                                  "image_folder": body.image_folder or ""})
+        intake = Intake(store, batches, celery, settings, batch_id, params, image_folder, served, window, owner)
+        try:
+            intake.read(stream)
+        except ApiError:
+            batches.fail(batch_id, {"code": "unavailable", "message": "the queue was unavailable while reading",
+                                    "param": None, "line": intake.total})
+            raise
+    fields = {"format": intake.format or "llava"}
+    if intake.errors:
+        fields["errors"] = json.dumps(intake.errors)
+    batches.redis.hset(batches.key(batch_id), mapping=fields)
+    batches.activate(batch_id, intake.total, intake.invalid)
+    return batch_view(batches, batches.get(batch_id))
+
+
+async def _parse_create(request: Request) -> tuple[BatchCreate, Any]:
+    """The request's parameters, and its uploaded file (multipart) if any."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            fields = {name: value for name, value in form.multi_items() if name != "file"}
+            if isinstance(fields.get("metadata"), str):
+                try:
+                    fields["metadata"] = json.loads(fields["metadata"])
+                except ValueError:
+                    raise InvalidRequest("metadata: give a JSON object of strings", "metadata") from None
+            if upload is not None and isinstance(upload, str):
+                raise InvalidRequest("file: send the batch file as a file part", "file")
+            return parse_request(fields, BatchCreate), upload
+        return parse_request(await request.body(), BatchCreate), None
+    except InvalidRequest as exc:
+        raise ApiError(422 if exc.param else 400, exc.message, param=exc.param) from None
+
+
+_CREATE_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": BatchCreate.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"},
+        **{name: {"type": "string"} for name in BatchCreate.model_fields if name != "metadata"}}}}}}}
+
+
+@router.post("", openapi_extra=_CREATE_DOC, responses={
+    403: {"description": "A server path outside the data roots (or none configured)"},
+    404: {"description": "An unknown file, path or model"},
+    429: {"description": "The batch would take the queue past its limit"}})
+async def create_batch(request: Request, store: Store, celery: CeleryApp, registry: Registry, settings: AppSettings,
+                       api_key: ApiKey) -> dict:
+    """Start a batch from a JSONL file: original question lines or OpenAI batch lines.
+
+    JSON `{"input_file_id" | "input_path", ...parameters}`, or multipart with the file as `file`
+    and the parameters as fields. Returns the batch object once every line is read and queued.
+    """
+    body, upload = await _parse_create(request)
+    batches = batch_store(request)
+    try:
+        return await asyncio.to_thread(create, body, upload.file if upload is not None else None, store, batches,
+                                       celery, registry, settings, api_key)
+    finally:
+        if upload is not None:
+            await upload.close()
+
+
+@router.get("")
+def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
+                 after: str | None = Query(None, max_length=200)) -> dict:
+    """Batches, newest first (OpenAI's list shape: `data`, `first_id`, `last_id`, `has_more`)."""
+    batches = batch_store(request)
+    records, more = batches.list(limit, after)
+    data = [batch_view(batches, record) for record in records]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
+@router.get("/{batch_id}")
+def get_batch(batch_id: str, request: Request) -> dict:
+    """The batch: status, request counts, timestamps, tokens/s and an estimate of the seconds left."""
+    batches = batch_store(request)
+    return batch_view(batches, read_batch(batches, batch_id))
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(batch_id: str, request: Request, store: Store) -> dict:
+    """Cancel a batch: queued lines end `cancelled`, running ones leave their engine batch at the next step."""
+    batches = batch_store(request)
+    status = batches.request_cancel(batch_id)
+    if status == "not:missing":
+        raise batch_not_found(batch_id)
+    if status.startswith("not:"):
+        raise ApiError(409, f"batch {batch_id} is {status[4:]}; only a batch in progress can be cancelled",
+                       type="conflict", param="batch_id")
+    if status == "cancelling":
+        for job_id in batches.job_ids(batch_id):
+            store.cancel(job_id)
+    return batch_view(batches, read_batch(batches, batch_id))
+
+
+@router.get("/{batch_id}/lines")
+def batch_lines(batch_id: str, request: Request, store: Store, offset: int = Query(0, ge=0),
+                limit: int = Query(100, ge=1, le=1000)) -> dict:
+    """Each line's job and state: `{line, job_id, status, started_at, finished_at, error}` in file order."""
+    batches = batch_store(request)
+    read_batch(batches, batch_id)
+    data = []
+    for number, entry, result in batches.lines(batch_id):
+        if number < offset:
+            continue
+        if len(data) == limit:
+            break
+        if result is None and entry.get("job"):
+            job = store.get(entry["job"])
+            result = {name: job.get(name) for name in ("status", "started_at", "finished_at", "error")} if job \
+                else {"status": "unknown"}
+        elif result is None:
+            result = {"status": "invalid", "error": entry["error"]["message"]}
+        data.append({"line": number + 1, "job_id": entry.get("job"), "status": result.get("status"),
+                     "started_at": result.get("started_at"), "finished_at": result.get("finished_at"),
+                     "error": result.get("error") or None})
+    return {"object": "list", "data": data}
+
+
+# Output files, assembled from the batch's lines and results in file order.
+def _llava_line(number: int, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
+    if "error" in entry:
+        return None, _error_line(number, entry, entry["error"]["message"], ErrorCode.INVALID_REQUEST, "invalid")
+    if result is None:
+        return None, None
+    if result["status"] == "succeeded":
+        record = answer_record(entry["question_id"], entry["prompt"], result["text"], result["model"],
+                               answer_id_of(entry["job"]))
+        return answer_line(record), None
+    return None, _error_line(number, entry, result["error"], result["error_code"], result["status"])
+
+
+def _error_line(number: int, entry: dict, error: str, error_code: int, status: str) -> str:
+    return json.dumps({"line": number + 1, "question_id": entry.get("question_id"), "status": status,
+                       "error": error, "error_code": error_code}) + "\n"
+
+
+_UNRUN = {"cancelled": ("batch_cancelled", "This request was cancelled with its batch before it ran."),
+          "expired": ("batch_expired", "This request could not be executed before the completion window expired.")}
+
+
+def _openai_line(number: int, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
+    job_id = entry.get("job")
+    line = {"id": f"batch_req_{job_id or number + 1}", "custom_id": entry.get("custom_id")}
+    if "error" in entry:
+        error = entry["error"]
+        if error["param"] in ("custom_id", "method", "url", "body") or entry.get("custom_id") is None:
+            line.update(response=None, error={"code": "invalid_line", "message": error["message"], "line": number + 1})
+        else:
+            line.update(response={"status_code": error["status_code"], "request_id": None,
+                                  "body": error_body(error["message"], "invalid_request_error", error["param"],
+                                                     ErrorCode.INVALID_REQUEST)}, error=None)
+        return None, json.dumps(line) + "\n"
+    if result is None:
+        return None, None
+    if result["status"] in _UNRUN and not result.get("started_at"):
+        code, message = _UNRUN[result["status"]]
+        line.update(response=None, error={"code": code, "message": message})
+        return None, json.dumps(line) + "\n"
+    failure = job_error(result)
+    if failure is None:
+        body = completion_of(result, f"chatcmpl-{job_id}", entry["model"], int(result["finished_at"]))
+        line.update(response={"status_code": 200, "request_id": job_id, "body": body.model_dump()}, error=None)
+        return json.dumps(line) + "\n", None
+    line.update(response={"status_code": failure.status, "request_id": job_id,
+                          "body": error_body(failure.message, failure.type, failure.param, failure.code)}, error=None)
+    return None, json.dumps(line) + "\n"
+
+
+def output_lines(batches: BatchStore, record: dict[str, Any], errors: bool) -> Iterator[str]:
+    """The batch's output file (answers, or OpenAI's output) or its errors file, line by line in input order."""
+    convert = _openai_line if record.get("format") == "openai" else _llava_line
+    for number, entry, result in batches.lines(record["id"]):
+        line = convert(number, entry, result)[1 if errors else 0]
+        if line is not None:
+            yield line
+
+
+def output_response(batches: BatchStore, batch_id: str, errors: bool) -> StreamingResponse:
+    record = read_batch(batches, batch_id)
+    return StreamingResponse(output_lines(batches, record, errors), media_type=JSONL)
+
+
+@router.get("/{batch_id}/output", response_class=StreamingResponse,
+            responses={200: {"content": {JSONL: {}}, "description": "One line per answered line, in input order"}})
+def batch_output(batch_id: str, request: Request) -> StreamingResponse:
+    """The answers so far: the original's answers file for question files (`question_id`, `prompt`, `text`,
+    `answer_id`, `model_id`, `metadata`), OpenAI's batch output for OpenAI lines; in input order."""
+    return output_response(batch_store(request), batch_id, errors=False)
+
+
+@router.get("/{batch_id}/errors", response_class=StreamingResponse,
+            responses={200: {"content": {JSONL: {}}, "description": "One line per failed line, in input order"}})
+def batch_errors(batch_id: str, request: Request) -> StreamingResponse:
+    """The lines that failed so far, with why (OpenAI's error lines for OpenAI batches)."""
+    return output_response(batch_store(request), batch_id, errors=True)

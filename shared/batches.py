@@ -1,0 +1,230 @@
+"""Batches of offline evaluation in Redis: a batch record, its lines in file order, and their results.
+
+A batch is a hash (status, timestamps, counters), a list with one JSON entry per input line in
+file order (the line's job id and what its output line needs: `question_id` and question text,
+or `custom_id`; or why the line was refused when it was read), and a hash of results by line
+number. Each line that parses becomes a job on the `batch` queue whose record names the batch
+and the line; when such a job ends, the job store's finish script (shared/jobs.py `_FINISH`)
+copies its result into the batch, counts it, and ends the batch with its last line. So a batch
+needs no process watching it, results outlive job records, and any API replica can answer.
+
+Statuses (OpenAI's): validating → in_progress → finalizing → completed; failed (no line could
+be read); cancelling → cancelled; expired (lines still queued when the completion window passed).
+Output files are assembled from the lines and results when they are read.
+"""
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from redis.client import NEVER_DECODE
+
+from shared.jobs import BATCH_END_LUA, JobStore
+from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
+
+FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
+_TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+               "cancelling_at", "cancelled_at", "expires_at", "last_finished_at")
+_COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "invalid", "completion_tokens")
+
+# Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch.
+_ACTIVATE = BATCH_END_LUA + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return redis.call('HGET', KEYS[1], 'status') end
+redis.call('HSET', KEYS[1], 'total', ARGV[1], 'invalid', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'ended', tonumber(ARGV[2]))
+if tonumber(ARGV[1]) == tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[3])
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[3])
+return end_batch_if_done(KEYS[1], ARGV[3])
+"""
+
+_CANCEL = BATCH_END_LUA + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'cancelling' then return status end
+if status ~= 'in_progress' then return 'not:' .. (status or 'missing') end
+redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
+return end_batch_if_done(KEYS[1], ARGV[1])
+"""
+
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
+def answer_id_of(job_id: str) -> str:
+    """A line's `answer_id`: its job's UUID written as `shortuuid.encode` writes one (stable across reads)."""
+    number, digits = int(job_id, 16), []
+    while number:
+        number, digit = divmod(number, len(_SHORTUUID_ALPHABET))
+        digits.append(_SHORTUUID_ALPHABET[digit])
+    return "".join(reversed(digits)).rjust(_SHORTUUID_LENGTH, _SHORTUUID_ALPHABET[0])
+
+
+def window_seconds(window: str) -> int:
+    """Seconds of a completion window such as "24h" (also s, m, d); ValueError otherwise."""
+    number, unit = window[:-1], window[-1:]
+    if not number.isdigit() or unit not in _WINDOW_UNITS or int(number) < 1:
+        raise ValueError(f"completion_window {window!r}: give a whole number of s, m, h or d, such as '24h'")
+    return int(number) * _WINDOW_UNITS[unit]
+
+
+class BatchStore:
+    """Batch records, their lines and results, and uploaded files, in the job store's Redis."""
+
+    def __init__(self, store: JobStore, ttl_seconds: int):
+        self.store = store
+        self.redis: redis.Redis = store.redis
+        self.prefix = store.prefix
+        self.ttl_seconds = ttl_seconds
+        self._activate = self.redis.register_script(_ACTIVATE)
+        self._cancel = self.redis.register_script(_CANCEL)
+
+    def key(self, batch_id: str) -> str:
+        return f"{self.store.batch_prefix}{batch_id}"
+
+    def lines_key(self, batch_id: str) -> str:
+        return f"{self.key(batch_id)}:lines"
+
+    def results_key(self, batch_id: str) -> str:
+        return f"{self.key(batch_id)}:results"
+
+    @property
+    def index_key(self) -> str:
+        """Sorted set of batch ids by creation time (GET /v1/batches)."""
+        return f"{self.prefix}:batches"
+
+    def create(self, batch_id: str, fields: dict[str, Any]) -> None:
+        """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL."""
+        now = time.time()
+        record = {"id": batch_id, "status": "validating", "created_at": repr(now), "ended": 0, "completed": 0,
+                  "failed": 0, "cancelled": 0, "expired": 0, "completion_tokens": 0,
+                  **{name: value if isinstance(value, str) else json.dumps(value) for name, value in fields.items()}}
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key(batch_id), mapping=record)
+            pipe.expire(self.key(batch_id), self.ttl_seconds)
+            pipe.zadd(self.index_key, {batch_id: now})
+            pipe.execute()
+
+    def add_lines(self, batch_id: str, entries: list[dict[str, Any]]) -> None:
+        """Append lines (file order) to the batch: each entry names its job, or says why the line was refused."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(self.lines_key(batch_id), *[json.dumps(entry) for entry in entries])
+            pipe.expire(self.lines_key(batch_id), self.ttl_seconds)
+            pipe.execute()
+
+    def activate(self, batch_id: str, total: int, invalid: int) -> str:
+        """Reading is over: `total` lines, `invalid` of them refused. Returns the batch's status now."""
+        return self._activate(keys=[self.key(batch_id)], args=[total, invalid, repr(time.time())])
+
+    def fail(self, batch_id: str, error: dict[str, Any]) -> None:
+        """The batch could not be read at all: `failed`, with the reason in its errors."""
+        self.redis.hset(self.key(batch_id), mapping={"status": "failed", "failed_at": repr(time.time()),
+                                                     "errors": json.dumps([error])})
+
+    def request_cancel(self, batch_id: str) -> str:
+        """Move an in-progress batch to `cancelling` (or at once to `cancelled` if every line has ended).
+
+        Returns the status it has now; "not:<status>" for a batch in another status ("not:missing").
+        """
+        return self._cancel(keys=[self.key(batch_id)], args=[repr(time.time())])
+
+    def get(self, batch_id: str) -> dict[str, Any] | None:
+        """The batch record with typed fields, or None if unknown (or expired)."""
+        raw = self.redis.hgetall(self.key(batch_id))
+        if not raw:
+            return None
+        record: dict[str, Any] = dict(raw)
+        for name in _TIMESTAMPS:
+            record[name] = float(raw[name]) if raw.get(name) else None
+        for name in _COUNTERS:
+            record[name] = int(raw[name]) if raw.get(name) else 0
+        for name in ("metadata", "params", "errors"):
+            record[name] = json.loads(raw[name]) if raw.get(name) else None
+        return record
+
+    def list(self, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Batches newest first, `limit` of them after the batch id `after`; and whether more follow."""
+        start = 0
+        if after:
+            rank = self.redis.zrevrank(self.index_key, after)
+            start = 0 if rank is None else rank + 1
+        ids = self.redis.zrevrange(self.index_key, start, start + limit)
+        batches, gone = [], []
+        for batch_id in ids[:limit]:
+            record = self.get(batch_id)
+            (batches.append(record) if record else gone.append(batch_id))
+        if gone:
+            self.redis.zrem(self.index_key, *gone)
+        return batches, len(ids) > limit
+
+    def job_ids(self, batch_id: str) -> Iterator[str]:
+        """The job ids of the batch's lines that became jobs, in file order."""
+        for _, entry, _ in self.lines(batch_id, with_results=False):
+            if entry.get("job"):
+                yield entry["job"]
+
+    def lines(self, batch_id: str, with_results: bool = True,
+              chunk: int = 1000) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None]]:
+        """(line number from 0, line entry, result or None while it runs) for every line, in file order."""
+        start = 0
+        while True:
+            raw = self.redis.lrange(self.lines_key(batch_id), start, start + chunk - 1)
+            if not raw:
+                return
+            numbers = [str(number) for number in range(start, start + len(raw))]
+            results = self.redis.hmget(self.results_key(batch_id), numbers) if with_results else [None] * len(raw)
+            for offset, (entry, result) in enumerate(zip(raw, results)):
+                yield start + offset, json.loads(entry), json.loads(result) if result else None
+            start += len(raw)
+
+    def progress(self, record: dict[str, Any], now: float | None = None) -> dict[str, float | None]:
+        """Tokens/s generated since the batch started, and an estimate of the seconds left (None when unknown)."""
+        now = now or time.time()
+        started = record["in_progress_at"]
+        if not started:
+            return {"tokens_per_second": None, "estimated_seconds_left": None}
+        done = record["status"] in FINAL_STATUSES
+        end = (record["last_finished_at"] or now) if done else now
+        elapsed = max(end - started, 1e-3)
+        ran = record["ended"] - record["invalid"]
+        left = record["total"] - record["ended"]
+        estimate = 0.0 if done or left == 0 else (left * elapsed / ran if ran > 0 else None)
+        return {"tokens_per_second": round(record["completion_tokens"] / elapsed, 2),
+                "estimated_seconds_left": None if estimate is None else math.ceil(estimate)}
+
+    # Uploaded files (POST /v1/files): their bytes and a description, kept as long as batches.
+    def file_key(self, file_id: str) -> str:
+        return f"{self.prefix}:file:{file_id}"
+
+    def save_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        """Store an uploaded file; returns its description (`id`, `bytes`, `created_at`, `filename`, `purpose`)."""
+        meta = {"id": f"file-{uuid.uuid4().hex}", "bytes": len(content), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose}
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.file_key(meta["id"]), mapping={"meta": json.dumps(meta), "content": content})
+            pipe.expire(self.file_key(meta["id"]), self.ttl_seconds)
+            pipe.execute()
+        return meta
+
+    def file_meta(self, file_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(self.file_key(file_id), "meta")
+        return json.loads(raw) if raw else None
+
+    def file_content(self, file_id: str) -> bytes | None:
+        """An uploaded file's bytes, or None if unknown."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            # The store's client decodes replies as text; the file's bytes are read without decoding.
+            pipe.execute_command("HGET", self.file_key(file_id), "content", **{NEVER_DECODE: []})
+            [content] = pipe.execute()
+        return content
+
+    def delete_file(self, file_id: str) -> bool:
+        return bool(self.redis.delete(self.file_key(file_id)))

@@ -1,0 +1,302 @@
+"""Offline batch evaluation through the whole stack, on a worker serving a tiny (random) LLaVA checkpoint.
+
+A question file in the original's format gives the original's answers file, in question order;
+an OpenAI batch file works through the `openai` package; bad lines fail alone, with reasons;
+server-side paths are read only under the data roots; batch jobs give way to interactive ones.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from fastapi.testclient import TestClient
+from openai import OpenAI
+
+from llava_fixtures import b64, png_bytes
+from test_llava_stack import submit, wait_until
+from shared.dataroot import PathRefused, resolve_data_path, resolve_in_folder
+from shared.vqa import question_prompt
+
+ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
+FINAL = ("completed", "failed", "cancelled", "expired")
+# A generous bound on one engine step of the tiny model on a busy 2-core machine.
+ONE_STEP = 0.25
+
+
+@pytest.fixture(scope="module")
+def images(data_root) -> Path:
+    """An image folder under the data root with three small PNGs, and one file that is not an image."""
+    folder = data_root / "images"
+    folder.mkdir(exist_ok=True)
+    for seed, (width, height) in enumerate([(70, 40), (40, 90), (56, 56)]):
+        (folder / f"img{seed}.png").write_bytes(png_bytes(width, height, seed=30 + seed))
+    (folder / "not-an-image.png").write_bytes(b"Dear user,\nthis is a text file.\n")
+    return folder
+
+
+def questions(count: int, start: int = 0, image: bool = True) -> list[dict]:
+    return [{"question_id": start + index, "text": f"What is in picture {index}? Describe it.",
+             **({"image": f"img{index % 3}.png"} if image else {}), "category": "conv"}
+            for index in range(count)]
+
+
+def jsonl(lines: list) -> bytes:
+    return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+
+
+def upload_batch(stack, content: bytes, **fields) -> dict:
+    response = requests.post(f"{stack.base_url}/v1/batches", files={"file": ("questions.jsonl", content)},
+                             data={name: str(value) for name, value in fields.items()}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for_batch(stack, batch_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = requests.get(f"{stack.base_url}/v1/batches/{batch_id}", timeout=10).json()
+        if batch["status"] in FINAL:
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"batch {batch_id} still {batch['status']} after {timeout} s\n{stack.logs()}")
+
+
+def download(stack, batch_id: str, kind: str) -> list[dict]:
+    response = requests.get(f"{stack.base_url}/v1/batches/{batch_id}/{kind}", timeout=30)
+    assert response.status_code == 200, response.text
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def run_interactive(stack, job: dict) -> dict:
+    return wait_until(stack, submit(stack, **job), timeout=60)
+
+
+def test_a_question_file_gives_the_original_answers_file(tiny_llava_stack, images):
+    lines = questions(50)
+    batch = upload_batch(tiny_llava_stack, jsonl(lines), image_folder="images", temperature=0, max_new_tokens=8)
+    assert batch["object"] == "batch" and batch["format"] == "llava"
+    assert batch["request_counts"] == {"total": 50, "completed": batch["request_counts"]["completed"], "failed": 0}
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["status"] == "completed", done
+    assert done["request_counts"] == {"total": 50, "completed": 50, "failed": 0}
+    assert done["started_at"] <= done["ended_at"] and done["tokens_per_second"] > 0
+    assert done["estimated_seconds_left"] == 0 and done["error_file_id"] is None
+
+    answers = download(tiny_llava_stack, batch["id"], "output")
+    assert len(answers) == 50
+    assert all(list(answer) == ANSWER_KEYS for answer in answers)
+    assert [answer["question_id"] for answer in answers] == list(range(50))
+    assert [answer["prompt"] for answer in answers] == [line["text"] for line in lines]
+    assert {answer["model_id"] for answer in answers} == {"llava-v1.5-tiny"}
+    assert all(len(answer["answer_id"]) == 22 and answer["metadata"] == {} for answer in answers)
+    # Stable: the same file every time it is read, as the original's json.dumps lines.
+    again = requests.get(f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/output", timeout=30).text
+    assert again == "".join(json.dumps(answer) + "\n" for answer in answers)
+
+    # Greedy answers are those of single interactive jobs with the same prompt and image.
+    for line in lines[:3]:
+        alone = run_interactive(tiny_llava_stack, {
+            "prompt": question_prompt(line["text"], "llava_v1"), "temperature": 0, "max_new_tokens": 8,
+            "images": [b64((images / line["image"]).read_bytes())]})
+        assert alone["status"] == "succeeded", alone
+        assert answers[line["question_id"]]["text"] == alone["text"].strip()
+
+
+def test_bad_lines_fail_alone_with_their_reasons(tiny_llava_stack, images, data_root, tmp_path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(20, 20, seed=1))
+    link = images / "escape.png"
+    if not link.exists():
+        link.symlink_to(outside)
+    good = questions(2, start=100)
+    lines = [
+        good[0],
+        '{"question_id": 1, "text": "unterminated',
+        {"question_id": 2, "image": "img0.png"},
+        {"question_id": 3, "text": "Where?", "image": "missing.png"},
+        {"question_id": 4, "text": "Where?", "image": "../../outside.png"},
+        {"question_id": 5, "text": "Where?", "image": str(outside)},
+        {"question_id": 6, "text": "Where?", "image": "escape.png"},
+        {"question_id": 7, "text": "Where?", "image": "not-an-image.png"},
+        "[1, 2, 3]",
+        good[1],
+    ]
+    (data_root / "bad-lines.jsonl").write_bytes(jsonl(lines))
+    response = requests.post(f"{tiny_llava_stack.base_url}/v1/batches", timeout=30, json={
+        "input_path": "bad-lines.jsonl", "image_folder": "images", "temperature": 0, "max_new_tokens": 4})
+    assert response.status_code == 200, response.text
+    batch = response.json()
+    assert batch["errors"]["data"][0]["line"] == 2
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 10, "completed": 2, "failed": 8}
+    assert [answer["question_id"] for answer in download(tiny_llava_stack, batch["id"], "output")] == [100, 101]
+    errors = download(tiny_llava_stack, batch["id"], "errors")
+    reasons = {error["line"]: error["error"] for error in errors}
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert "not valid JSON" in reasons[2]
+    assert "text: field required" in reasons[3]
+    assert "no such file" in reasons[4]
+    assert "'..'" in reasons[5]
+    assert "absolute path" in reasons[6]
+    assert "outside the data roots" in reasons[7]
+    assert "not an image file" in reasons[8]
+    assert "not a JSON object" in reasons[9]
+    assert [error["question_id"] for error in errors[1:7]] == [2, 3, 4, 5, 6, 7]
+
+
+def test_an_openai_batch_through_the_openai_package(tiny_llava_stack, images):
+    client = OpenAI(base_url=f"{tiny_llava_stack.base_url}/v1", api_key="unused")
+    picture = f"data:image/png;base64,{b64((images / 'img1.png').read_bytes())}"
+    body = {"model": "llava-v1.5-tiny", "temperature": 0, "max_tokens": 6, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": picture}}]}]}
+    lines = [{"custom_id": f"request-{index}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {**body, "max_tokens": 4 + index}} for index in range(4)]
+    lines.insert(2, {"custom_id": "two-choices", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {**body, "n": 2}})
+    lines.append({"custom_id": "unknown-model", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {**body, "model": "gpt-4o"}})
+    uploaded = client.files.create(file=("batch.jsonl", jsonl(lines)), purpose="batch")
+    assert uploaded.bytes == len(jsonl(lines))
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"run": "test"})
+    assert batch.status == "in_progress" and batch.request_counts.total == 6
+    deadline = time.monotonic() + 60
+    while batch.status not in FINAL and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.completed == 4 and batch.request_counts.failed == 2
+    assert batch.metadata == {"run": "test"}
+    assert batch.id in [listed.id for listed in client.batches.list(limit=100)]
+
+    output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in output] == [f"request-{index}" for index in range(4)]
+    for index, line in enumerate(output):
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        assert line["response"]["status_code"] == 200
+        completion = line["response"]["body"]
+        assert completion["object"] == "chat.completion" and completion["model"] == "llava-v1.5-tiny"
+        assert completion["usage"]["completion_tokens"] <= 4 + index
+    # A line runs exactly as the same chat completion does.
+    direct = client.chat.completions.create(**lines[0]["body"])
+    assert output[0]["response"]["body"]["choices"][0]["message"]["content"] == direct.choices[0].message.content
+
+    errors = {line["custom_id"]: line for line in
+              (json.loads(text) for text in client.files.content(batch.error_file_id).text.splitlines())}
+    assert errors["two-choices"]["response"]["status_code"] == 400
+    assert "only n=1" in errors["two-choices"]["response"]["body"]["error"]["message"]
+    assert errors["unknown-model"]["response"]["status_code"] == 404
+
+
+def test_cancel_a_batch(tiny_llava_stack, images):
+    client = OpenAI(base_url=f"{tiny_llava_stack.base_url}/v1", api_key="unused")
+    batch = upload_batch(tiny_llava_stack, jsonl(questions(40)), image_folder="images", temperature=0,
+                         max_new_tokens=64)
+    cancelled = client.batches.cancel(batch["id"])
+    assert cancelled.status in ("cancelling", "cancelled")
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["status"] == "cancelled" and done["cancelled_at"] is not None
+    counts = done["request_counts"]
+    assert counts["total"] == 40 and counts["completed"] + counts["failed"] == 40 and counts["failed"] > 20
+    errors = download(tiny_llava_stack, batch["id"], "errors")
+    assert len(errors) == counts["failed"] and {error["status"] for error in errors} == {"cancelled"}
+    assert len(download(tiny_llava_stack, batch["id"], "output")) == counts["completed"]
+    again = requests.post(f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/cancel", timeout=10)
+    assert again.status_code == 409, again.text
+
+
+def test_lines_past_the_completion_window_expire(tiny_llava_stack, images):
+    batch = upload_batch(tiny_llava_stack, jsonl(questions(40, image=False)), temperature=0, max_new_tokens=64,
+                         completion_window="1s")
+    time.sleep(1.2)
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["status"] == "expired" and done["expired_at"] is not None
+    errors = download(tiny_llava_stack, batch["id"], "errors")
+    assert errors and {error["status"] for error in errors} == {"expired"}
+    assert len(errors) + len(download(tiny_llava_stack, batch["id"], "output")) == 40
+
+
+@pytest.mark.parametrize(("field", "value", "status"), [
+    ("input_path", "../questions.jsonl", 403),
+    ("input_path", "/etc/passwd", 403),
+    ("input_path", "link-to-outside.jsonl", 403),
+    ("input_path", "no-such-file.jsonl", 404),
+    ("image_folder", "/tmp", 403),
+    ("image_folder", "images/../..", 403),
+])
+def test_server_paths_outside_the_data_roots_are_refused(tiny_llava_stack, data_root, tmp_path, field, value,
+                                                         status):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes(jsonl(questions(1)))
+    if not (data_root / "link-to-outside.jsonl").exists():
+        (data_root / "link-to-outside.jsonl").symlink_to(outside)
+    (data_root / "ok.jsonl").write_bytes(jsonl(questions(1)))
+    body = {"input_path": "ok.jsonl", field: value}
+    response = requests.post(f"{tiny_llava_stack.base_url}/v1/batches", json=body, timeout=10)
+    assert response.status_code == status, response.text
+    assert field in response.json()["error"]["message"]
+
+
+def test_without_data_roots_paths_are_refused_and_uploads_work(tiny_llava_stack, monkeypatch):
+    from api.main import create_app
+    from shared.settings import Settings
+
+    settings = Settings(redis_url=tiny_llava_stack.redis_url, data_roots=[])
+    with TestClient(create_app(settings)) as client:
+        refused = client.post("/v1/batches", json={"input_path": "questions.jsonl"})
+        assert refused.status_code == 403
+        assert "no LLAVA_QUEUE_DATA_ROOTS configured" in refused.json()["error"]["message"]
+        accepted = client.post("/v1/batches", files={"file": ("q.jsonl", jsonl(questions(2, image=False)))},
+                               data={"temperature": "0", "max_new_tokens": "2"})
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.json()["request_counts"]["total"] == 2
+        refused = client.post("/v1/batches", files={"file": ("q.jsonl", jsonl(questions(1)))},
+                              data={"num_beams": "4"})
+        assert refused.status_code == 422 and "num_beams=4 is not supported" in refused.text
+
+
+def test_the_data_root_rules(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "secret").write_text("no")
+    os.symlink(tmp_path / "secret", root / "sub" / "link")
+    assert resolve_data_path("sub/a.jsonl", [root]) == (root / "sub" / "a.jsonl").resolve()
+    assert resolve_data_path(str(root / "sub" / "a.jsonl"), [root]) == (root / "sub" / "a.jsonl").resolve()
+    assert resolve_in_folder(root / "sub", "a.jsonl", [root]) == (root / "sub" / "a.jsonl").resolve()
+    for path in ("../secret", "sub/../../secret", str(tmp_path / "secret"), "sub/link"):
+        with pytest.raises(PathRefused):
+            resolve_data_path(path, [root])
+    for name in ("link", "../a.jsonl", "/etc/passwd"):
+        with pytest.raises(PathRefused):
+            resolve_in_folder(root / "sub", name, [root])
+    with pytest.raises(PathRefused, match="no LLAVA_QUEUE_DATA_ROOTS"):
+        resolve_data_path("sub/a.jsonl", [])
+
+
+def test_interactive_jobs_start_before_a_queued_batch_backlog(tiny_llava_stack):
+    batch = upload_batch(tiny_llava_stack, jsonl(questions(40, image=False)), temperature=0, max_new_tokens=48)
+    lines_url = f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/lines"
+    # Every engine slot (8) holds a batch job, the rest of the batch waits in the queue.
+    while sum(line["status"] == "running" for line in requests.get(lines_url, timeout=10).json()["data"]) < 8:
+        time.sleep(0.01)
+    submitted = time.time()
+    interactive = run_interactive(tiny_llava_stack, {"prompt": "USER: Hello? ASSISTANT:", "temperature": 0,
+                                                     "max_new_tokens": 4})
+    assert interactive["status"] == "succeeded"
+    requests.post(f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/cancel", timeout=10)
+    wait_for_batch(tiny_llava_stack, batch["id"])
+    lines = requests.get(lines_url, timeout=10).json()["data"]
+    started = [line["started_at"] for line in lines if line["started_at"]]
+    # The batch jobs still queued when the interactive one came start after it: at the latest in the
+    # same engine step (the task threads that a finished step frees start their jobs in any order).
+    overtaking = [at - interactive["started_at"] for at in started
+                  if submitted < at < interactive["started_at"] - ONE_STEP]
+    assert not overtaking, (overtaking, interactive)
+    # And there was a backlog to overtake: lines that had not started when the interactive job did.
+    assert sum(1 for line in lines if not line["started_at"] or line["started_at"] > interactive["started_at"]) >= 10
