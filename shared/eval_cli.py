@@ -198,14 +198,14 @@ def read_questions(path: Path) -> list[Item]:
     return items
 
 
-def read_answers(path: Path) -> tuple[dict[str, str], list[str], bool]:
-    """The answers file's lines by question key, the keyless order, and whether a partial last line was dropped.
+def read_answers(path: Path) -> tuple[dict[str, str], bool]:
+    """The answers file's lines by question key, in file order, and whether an unfinished last line was dropped.
 
     A crash can leave the last line unfinished: it is dropped (its question is asked again).
     Any other line that is not an answer stops the run: the file is not ours to guess at.
     """
     if not path.exists():
-        return {}, [], False
+        return {}, False
     lines = path.read_bytes().split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     by_key: dict[str, str] = {}
@@ -227,7 +227,7 @@ def read_answers(path: Path) -> tuple[dict[str, str], list[str], bool]:
             dropped = False
         except (ValueError, KeyError, TypeError):
             pass
-    return by_key, list(by_key), dropped
+    return by_key, dropped
 
 
 def write_atomically(path: Path, lines: list[str]) -> None:
@@ -242,8 +242,8 @@ def write_atomically(path: Path, lines: list[str]) -> None:
 class Progress:
     """One status line on stderr: redrawn in place on a terminal, a line every `interval` seconds otherwise."""
 
-    def __init__(self, tally: Tally, stream=sys.stderr, interval: float | None = None):
-        self.tally, self.stream = tally, stream
+    def __init__(self, tally: Tally, stream=None, interval: float | None = None):
+        self.tally, self.stream = tally, stream or sys.stderr
         self.tty = stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.tty else 10.0)
         self._last = 0.0
@@ -328,10 +328,10 @@ class EvalRun:
         if self.args.overwrite:
             for path in (self.answers_path, self.errors_path, self.state_path):
                 path.unlink(missing_ok=True)
-        by_key, order, dropped = read_answers(self.answers_path)
+        by_key, dropped = read_answers(self.answers_path)
         keys = {item.key for item in self.items if item.question is not None}
         self.answers = {key: line for key, line in by_key.items() if key in keys}
-        self.extra_answers = [by_key[key] for key in order if key not in keys]
+        self.extra_answers = [line for key, line in by_key.items() if key not in keys]
         if dropped:
             self.progress.message(f"eval: {self.answers_path}: dropped an unfinished last line (from a crash); "
                                   "its question is asked again")
