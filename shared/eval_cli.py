@@ -243,8 +243,9 @@ class Progress:
     """One status line on stderr: redrawn in place on a terminal, a line every `interval` seconds otherwise."""
 
     def __init__(self, tally: Tally, stream=None, interval: float | None = None):
-        self.tally, self.stream = tally, stream or sys.stderr
-        self.tty = stream.isatty()
+        self.tally = tally
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.tty else 10.0)
         self._last = 0.0
         self.note = ""
