@@ -672,13 +672,15 @@ class EvalRun:
     def _report(self, fatal: str | None) -> int:
         t = self.tally
         answered = t.answered_before + t.answered
-        outstanding = len(self.flights) + sum(len(g.items) for g in [*self.resend, *self.pending.values()])
-        if fatal or outstanding or self.todo:
+        posting = sum(len(group.items) for group in [*self.resend, *self.pending.values()])
+        if fatal or self.flights or posting or self.todo:
             why = f"stopped: {fatal}" if fatal else "interrupted"
+            kept = [f"{len(self.flights)} jobs still in the queue"] if self.flights else []
+            kept += [f"{posting} being posted"] if posting else []
             print(f"eval: {why}. {answered} of {t.total} answered in {self.answers_path}"
-                  + (f", {outstanding} jobs still in the queue (recorded in {self.state_path})" if outstanding else "")
-                  + ". Run the same command again to "
-                  + ("collect them and " if outstanding else "") + "answer the rest.", file=sys.stderr)
+                  + (f", {' and '.join(kept)} (recorded in {self.state_path})" if kept else "")
+                  + ". Run the same command again to " + ("collect them and " if kept else "") + "answer the rest.",
+                  file=sys.stderr)
             return 2 if fatal else 130
         elapsed = time.monotonic() - t.started
         failed = f"{t.failed} failed (see {self.errors_path})" if t.failed else "0 failed"

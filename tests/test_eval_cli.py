@@ -19,9 +19,11 @@ import pytest
 import redis
 import requests
 
+from api.auth import key_digest
+from conftest import run_stack
 from llava_fixtures import b64, png_bytes, png_claiming_size
 from shared.cli import build_parser
-from shared.redis_server import free_port
+from shared.redis_server import RedisServer, free_port
 from shared.vqa import EvalParams, Question, get_chunk, question_job, question_prompt
 
 ANSWER_KEYS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
@@ -254,6 +256,39 @@ def test_chunks_are_the_originals_and_the_model_is_checked(tiny_llava_stack, ima
     assert eval_in_process([*base, "--model", "llava-v1.5-13b"]) == 2
     assert f"model 'llava-v1.5-13b' is not served at {tiny_llava_stack.base_url} (served: {MODEL})" in \
         capsys.readouterr().err
+
+
+def test_a_full_queue_is_waited_out_and_the_key_is_sent(images, tmp_path):
+    """An API with keys and room for 2 queued jobs, and no worker: the jobs stay queued."""
+    key = "eval-key-1"
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": json.dumps([key_digest(key)]), "LLAVA_QUEUE_MAX_QUEUED_JOBS": "2"}
+    write_questions(tmp_path / "questions.jsonl", list(range(6)))
+    answers = tmp_path / "answers.jsonl"
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
+                                                   log_prefix="llava-queue-eval-full-") as stack:
+        argv = [sys.executable, "-m", "shared.cli",
+                *eval_args(stack, tmp_path / "questions.jsonl", images, answers, "--max-in-flight", "4")]
+        no_key = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert no_key.returncode == 2 and "wants an API key: give --api-key or LLAVA_QUEUE_API_KEY" in no_key.stderr
+
+        run = subprocess.Popen(argv, env={**os.environ, "LLAVA_QUEUE_API_KEY": key}, stderr=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+        seen = []
+        for line in run.stderr:  # the progress line is printed when a wait starts
+            seen.append(line)
+            if "retrying in" in line:
+                break
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=30)
+        text = "".join(seen) + err
+        assert run.returncode == 130, text
+        assert "no worker serves a model" in text
+        assert "the queue is full (2 jobs queued, limit 2)" in text
+        assert "0 of 6 answered" in text and "2 jobs still in the queue and 2 being posted" in text
+        # Two jobs were taken, the next two were refused and are waiting to be posted again with the same key.
+        state = read_lines(tmp_path / "answers.jsonl.jobs")
+        assert [record["question_ids"] for record in state] == [[0, 1], [2, 3]]
+        assert len(state[0]["job_ids"]) == 2 and "job_ids" not in state[1]
 
 
 def test_beam_search_and_an_unreachable_api_are_refused_clearly(tmp_path, capsys):
