@@ -20,10 +20,15 @@ def submit_jobs(store: JobStore, celery: Celery, requests: list[tuple[GenerateRe
     If the broker cannot take a task, that job is marked failed and the call answers 503. An
     `owner` (the caller's API key digest) is held to its own queued-job quota too.
     """
+    keys: list[str | None] = [None] * len(requests)
+    if idempotency_key is not None:
+        keys = [idempotency_key] if len(requests) == 1 else [f"{idempotency_key}:{i}" for i in range(len(requests))]
+        known = store.idempotent_jobs(keys)
+        if all(known):  # a retry of a submission that went through: its jobs, even when the queue is full now
+            return known
     admit(store, len(requests), owner)
     ids, created = [], []
-    for index, (request, queue) in enumerate(requests):
-        key = idempotency_key if idempotency_key is None or len(requests) == 1 else f"{idempotency_key}:{index}"
+    for key, (request, queue) in zip(keys, requests):
         job_id, new = store.create(request, queue, deadline_seconds=getattr(request, "deadline_seconds", None),
                                    idempotency_key=key, owner=owner)
         ids.append(job_id)
@@ -82,6 +87,7 @@ def send_many(celery: Celery, job_ids: list[str], queue: str) -> None:
     """
     with celery.producer_or_acquire() as producer, producer.batch(max_size=500):
         for job_id in job_ids:
-            headers, properties, body, _ = celery.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id])
+            headers, properties, body, _ = celery.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
+                                                                  argsrepr=f"['{job_id}']", kwargsrepr="{}")
             producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
                              declare=[], retry=False, delivery_mode=2, **properties)

@@ -310,6 +310,10 @@ class JobStore:
         if owner:
             pipe.zadd(self.owner_key(owner), {job_id: now})
 
+    def idempotent_jobs(self, idempotency_keys: list[str]) -> list[str | None]:
+        """The job created under each idempotency key, or None where the key is unused."""
+        return self.redis.mget([f"{self.prefix}:idempotency:{key}" for key in idempotency_keys])
+
     def owner_key(self, owner: str) -> str:
         """Sorted set of an API key's jobs that may still be queued (pruned lazily by `owner_queued`)."""
         return f"{self.prefix}:owner:{owner_id(owner)}:queued"
