@@ -157,7 +157,7 @@ class Intake:
             raise LineRefused(f"image {name!r}: this batch has no image_folder (images are read from a folder "
                               "under the server's data roots)", param="image")
         try:
-            path = resolve_in_folder(self.image_folder, name, self.settings.data_roots, what=f"image {name!r}")
+            path = resolve_in_folder(self.image_folder, name, self.settings.data_roots, what="image")
         except PathRefused as exc:
             raise LineRefused(str(exc), status_code=403, param="image") from None
         cached = self._images.get(path)

@@ -78,7 +78,8 @@ def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
     errors = record["errors"]
     ended_at = next((record[f"{status}_at"] for status in FINAL_STATUSES if record[f"{status}_at"]), None)
     return {
-        "id": record["id"], "object": "batch", "endpoint": record.get("endpoint") or CHAT_COMPLETIONS,
+        "id": record["id"], "object": "batch",
+        "endpoint": (record.get("endpoint") or CHAT_COMPLETIONS) if record.get("format") == "openai" else None,
         "errors": {"object": "list", "data": errors} if errors else None,
         "input_file_id": record.get("input_file_id") or None,
         "completion_window": record.get("completion_window", "24h"), "status": record["status"],
