@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
 from workers.engine.detokenizer import Detokenizer, special_token_id
-from workers.engine.sampling import sample
+from workers.engine.sampling import argmax, sample
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -112,8 +112,17 @@ def make_engine(model, tokenizer, **kwargs) -> tuple[LLMEngine, StreamLog]:
     return engine, stream
 
 
-def test_greedy_mixed_batch_matches_generate_alone(tiny_model, tokenizer):
+@pytest.fixture(scope="module")
+def tiny_model_fp64(tiny_model):
+    return copy.deepcopy(tiny_model).double()
+
+
+@pytest.mark.parametrize("forward", ["packed", "transformers"])
+def test_greedy_mixed_batch_matches_generate_alone(forward, tiny_model, tiny_model_fp64, tokenizer):
+    # The engine runs fp32 Llama models on its own forward over prepacked weights, others on the model's forward.
+    tiny_model = tiny_model if forward == "packed" else tiny_model_fp64
     engine, stream = make_engine(tiny_model, tokenizer, max_num_seqs=4)
+    assert (engine.runner.packed is not None) == (forward == "packed")
     plan = {  # request id: (prompt length, max_new_tokens)
         "a": (1, 12), "b": (7, 20), "c": (23, 6),
         "d": (4, 15), "e": (40, 9), "f": (11, 25),
@@ -388,6 +397,11 @@ def test_sample_function_greedy_top_p_and_seeds():
 
     assert seeded_draws(1) == seeded_draws(2)
     assert len(set(seeded_draws(1))) > 1
+
+    wide = torch.randn(3, 256)
+    wide[1, 70] = wide[1, 200] = 10.0  # a tie in two blocks: the first index wins, as torch.argmax
+    for x in (wide, torch.randn(3, 100)):  # 100 is not a multiple of the block
+        assert torch.equal(argmax(x), x.argmax(dim=-1))
 
 
 def test_seeded_sampling_is_reproducible_across_batch_mates(tiny_model, tokenizer):

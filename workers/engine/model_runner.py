@@ -10,6 +10,7 @@ prefilled rows in, aligned on the last column.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from workers.engine.kv_cache import BatchKVCache
+from workers.engine.packed_llama import PackedLlama
 from workers.engine.sequence import Sequence
+
+log = logging.getLogger("llava_queue.engine")
 
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`:
 # no logit scaling or soft-capping, so the runner may apply the head itself.
@@ -63,6 +67,9 @@ class ModelRunner:
         # transformers 5.x renames past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self._can_keep_last_logits = "logits_to_keep" in parameters
+        # Llama-family fp32 models on a CPU run on the engine's own forward over prepacked weights.
+        self.packed = PackedLlama.of(model)
+        log.info("engine forward: %s", "prepacked oneDNN weights" if self.packed else "the model's own")
 
     def check_prompt(self, seq: Sequence) -> str | None:
         """Why this sequence's prompt cannot go through the model, or None when it can."""
@@ -165,6 +172,8 @@ class ModelRunner:
         cache: BatchKVCache,
     ) -> torch.Tensor:
         """The logits [B, V] of the last position of every row."""
+        if self.packed is not None:
+            return self.packed(inputs, attention_mask, position_ids, cache)
         kwargs = {**inputs, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": True,
                   self._cache_kwarg: cache}
         if self._head is None:

@@ -1,0 +1,185 @@
+"""The engine's own forward for Llama-family decoders on a CPU, over weights prepacked for oneDNN.
+
+`torch.nn.functional.linear` hands MKL the weight as it is, and MKL repacks it into its
+blocked layout on every call: with a few dozen rows per step (decode), packing the weight
+costs as much as multiplying by it. Packing each weight once, when the engine starts,
+and fusing q/k/v and gate/up into one product each makes a decode step of
+SmolLM2-135M at batch 32 about 2x faster on a 2-core AVX2 CPU (bench/README.md).
+
+The forward is the model's own, operation for operation (RMSNorm, rotary embeddings from
+the model's rotary module, attention over the engine's BatchKVCache, SiLU MLP), minus
+the framework around it. The packed weights are a copy: the model's weight memory
+doubles, which is why `of` only packs a model of at most MAX_PACKED_BYTES.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from workers.engine.kv_cache import BatchKVCache
+
+# Same computation, layer for layer, as transformers' LlamaForCausalLM.
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# Rotary types whose frequencies do not depend on the sequence length (a fixed table of cos/sin works).
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+# Above this many bytes of weights, a second (packed) copy costs more memory than it saves time.
+MAX_PACKED_BYTES = 4 << 30
+
+
+class PackedLlama:
+    """Logits of the last position of every row, from ids or embeddings, on prepacked weights.
+
+    Build it with `of(model)`, which says None when the model is not one it can run.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        config = model.config.get_text_config()
+        base = model.base_model
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.embed = base.embed_tokens
+        self.layers = [_Layer(layer) for layer in base.layers]
+        self.norm_weight, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
+        self.head = _Linear(model.get_output_embeddings().weight, None)
+        positions = torch.arange(config.max_position_embeddings, device=model.device)[None]
+        probe = torch.zeros(1, dtype=self.embed.weight.dtype, device=model.device)
+        with torch.inference_mode():
+            cos, sin = base.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> PackedLlama | None:
+        """A PackedLlama for `model` when it is a Llama-family fp32 model on a CPU with oneDNN, else None."""
+        config = model.config
+        head = model.get_output_embeddings()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        runnable = (
+            config.model_type in PACKED_MODEL_TYPES
+            and model.device.type == "cpu"
+            and model.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and weight_bytes <= MAX_PACKED_BYTES
+            and getattr(config, "hidden_act", None) == "silu"
+            and not getattr(config, "mlp_bias", False)
+            and getattr(config, "pretraining_tp", 1) == 1
+            and not _sliding_window(config)
+            and _rope_type(config) in STATIC_ROPE_TYPES
+            and isinstance(head, torch.nn.Linear)
+            and head.bias is None
+        )
+        return cls(model) if runnable else None
+
+    def __call__(
+        self,
+        inputs: dict[str, torch.Tensor],
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: BatchKVCache,
+    ) -> torch.Tensor:
+        """inputs holds input_ids [B, T] or inputs_embeds [B, T, H]; attention_mask [B, W] covers the cache's live
+        window and the T new columns; position_ids [B, T]. Writes the new keys and values into `cache` and returns
+        the logits [B, V] of each row's last position."""
+        hidden = inputs.get("inputs_embeds")
+        if hidden is None:
+            hidden = self.embed(inputs["input_ids"])
+        rows, new = hidden.shape[:2]
+        cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, T, head_dim], broadcast over heads
+        sin = self.sin[position_ids].unsqueeze(1)
+        mask = _attention_mask(attention_mask, new)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(self, hidden, cos, sin, mask, cache.layers[index])
+        last = F.rms_norm(hidden[:, -1], (self.hidden_size,), self.norm_weight, self.norm_eps)
+        return self.head(last)
+
+
+class _Linear:
+    """y = x W^T + b with W reordered once into oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        with torch.inference_mode():
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+        self.bias = None if bias is None else bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class _Layer:
+    """One decoder layer: q/k/v as one product, gate/up as one product."""
+
+    def __init__(self, layer: torch.nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        bias = None if attn.q_proj.bias is None else torch.cat([p.bias for p in projections])
+        self.qkv = _Linear(torch.cat([p.weight for p in projections]), bias)
+        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None)
+        self.down = _Linear(mlp.down_proj.weight, None)
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+        self.input_norm = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.post_norm = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+
+    def __call__(self, model: PackedLlama, hidden, cos, sin, mask, cache_layer) -> torch.Tensor:
+        rows, new, size = hidden.shape
+        heads, kv_heads, head_dim = model.num_heads, model.num_kv_heads, model.head_dim
+        x = F.rms_norm(hidden, (size,), *self.input_norm)
+        q, k, v = self.qkv(x).view(rows, new, heads + 2 * kv_heads, head_dim).transpose(1, 2).split(
+            [heads, kv_heads, kv_heads], dim=1)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys, values = cache_layer.update(k, v)
+        hidden = hidden + self.o(_attention(q, keys, values, mask, model.scale).reshape(rows, new, heads * head_dim))
+        x = F.rms_norm(hidden, (size,), *self.post_norm)
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return hidden + self.down(F.silu(gate) * up)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(q, keys, values, mask, scale) -> torch.Tensor:
+    """Attention of q [B, heads, T, d] over the cache's keys/values [B, kv_heads, W, d]; returns [B, T, heads, d]."""
+    rows, heads, new, head_dim = q.shape
+    groups = heads // keys.shape[1]
+    if new == 1:
+        # One query position: the heads that share a KV head become its query positions (no KV copy).
+        q = q.reshape(rows, keys.shape[1], groups, head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        return out.reshape(rows, heads, 1, head_dim).transpose(1, 2)
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def _attention_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """[B, 1, T, W] booleans: each of the T new positions sees the real columns up to itself, and always itself.
+
+    A padding position sees only itself, so no query row is fully masked: its output stays finite and, in the
+    cache, its keys and values stay finite (0 x NaN would reach the real rows).
+    """
+    if new == 1:
+        return mask[:, None, None, :]
+    width = mask.shape[-1]
+    query = torch.arange(width - new, width, device=mask.device)[:, None]
+    key = torch.arange(width, device=mask.device)[None, :]
+    return (mask[:, None, None, :] & (key <= query)) | (key == query)
+
+
+def _sliding_window(config) -> bool:
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2":
+        return bool(getattr(config, "use_sliding_window", False)) and window is not None
+    return window is not None
+
+
+def _rope_type(config) -> str:
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return parameters.get("rope_type", parameters.get("type", "default"))
