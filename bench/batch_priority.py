@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--batch-max-new-tokens", type=int, default=32)
     parser.add_argument("--interactive", type=int, default=10, help="interactive jobs in each phase")
     parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--reserved-slots", type=int, default=0,
+                        help="LLAVA_QUEUE_BATCH_RESERVED_SLOTS: slots the worker keeps for interactive jobs")
+    parser.add_argument("--skip-accept", action="store_true", help="only the priority part")
     args = parser.parse_args()
     if args.quick:
         args.accept_lines, args.batch_questions, args.interactive = 2000, 200, 5
@@ -109,7 +112,8 @@ def main() -> None:
     data_root = Path(tempfile.mkdtemp(prefix="llava-queue-bench-data-"))
     (data_root / "images").mkdir()
     (data_root / "images" / "pixel.png").write_bytes(PIXEL)
-    os.environ.update(LLAVA_QUEUE_DATA_ROOTS=str(data_root), LLAVA_QUEUE_MAX_QUEUED_JOBS="1000000")
+    os.environ.update(LLAVA_QUEUE_DATA_ROOTS=str(data_root), LLAVA_QUEUE_MAX_QUEUED_JOBS="1000000",
+                      LLAVA_QUEUE_BATCH_RESERVED_SLOTS=str(args.reserved_slots))
     model_dir = ensure_default_model(get_settings().cache_dir)
     with Stack(model_dir, args.max_num_seqs) as stack:
         model = requests.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -117,7 +121,7 @@ def main() -> None:
         uploaded = requests.post(f"{stack.base_url}/v1/files", files={"file": ("b.jsonl", openai_file(n, model))},
                                  data={"purpose": "batch"}, timeout=60).json()["id"]
         # The OpenAI lines name the model, checked against the worker's heartbeat: first, while it is fresh.
-        accepted = [
+        accepted = [] if args.skip_accept else [
             accept(stack, "OpenAI batch file (input_file_id)", n, lambda: requests.post(
                 url, json={"input_file_id": uploaded, "endpoint": "/v1/chat/completions",
                            "completion_window": "24h"}, timeout=600)),
@@ -135,7 +139,7 @@ def main() -> None:
         batch = requests.post(url, files={"file": ("q.jsonl", question_file(args.batch_questions))},
                               data={"temperature": "0", "max_new_tokens": str(args.batch_max_new_tokens)},
                               timeout=600).json()
-        while busy_slots(stack) < args.max_num_seqs:
+        while busy_slots(stack) < args.max_num_seqs - args.reserved_slots:
             time.sleep(0.05)
         busy = interactive_ttft(stack, args.interactive)
         fifo = requests.post(f"{stack.base_url}/v1/jobs", timeout=10, json={
@@ -152,8 +156,8 @@ def main() -> None:
     p50 = {name: statistics.median(t["ttft"] for t in timings) for name, timings in (("idle", idle), ("busy", busy))}
     wait = {name: statistics.median(t["wait"] for t in timings) for name, timings in (("idle", idle), ("busy", busy))}
     print(f"\n### Interactive TTFT with a {args.batch_questions:,}-question batch running "
-          f"({args.interactive} jobs each, max_num_seqs {args.max_num_seqs}, batch max_new_tokens "
-          f"{args.batch_max_new_tokens})\n")
+          f"({args.interactive} jobs each, max_num_seqs {args.max_num_seqs}, batch_reserved_slots "
+          f"{args.reserved_slots}, batch max_new_tokens {args.batch_max_new_tokens})\n")
     print("| | TTFT p50 | TTFT max | queue wait p50 |\n|---|---:|---:|---:|")
     for name, label in (("idle", "idle worker"), ("busy", "batch running")):
         timings = idle if name == "idle" else busy

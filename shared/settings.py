@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # Lines in one batch file, and how long a batch, its results and uploaded files stay readable.
     batch_max_lines: int = 50_000
     batch_ttl_seconds: int = 30 * 24 * 3600
+    # Engine slots a worker keeps for interactive jobs: it runs at most max_num_seqs minus this many
+    # batch-queue jobs at once (0: batch jobs may fill every slot).
+    batch_reserved_slots: int = Field(0, ge=0)
 
     @field_validator("data_roots", mode="before")
     @classmethod

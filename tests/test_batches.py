@@ -300,3 +300,42 @@ def test_interactive_jobs_start_before_a_queued_batch_backlog(tiny_llava_stack):
     assert not overtaking, (overtaking, interactive)
     # And there was a backlog to overtake: lines that had not started when the interactive job did.
     assert sum(1 for line in lines if not line["started_at"] or line["started_at"] > interactive["started_at"]) >= 10
+
+
+@pytest.fixture(scope="module")
+def reserved_stack(tiny_llava_dir):
+    """A tiny LLaVA worker with 4 slots that keeps 2 of them for interactive jobs."""
+    from conftest import run_stack
+    from shared.redis_server import RedisServer
+
+    with RedisServer() as server:
+        env = {"LLAVA_QUEUE_MODEL_PATH": str(tiny_llava_dir), "LLAVA_QUEUE_DEVICE": "cpu",
+               "LLAVA_QUEUE_DTYPE": "float32", "LLAVA_QUEUE_MAX_NUM_SEQS": "4",
+               "LLAVA_QUEUE_BATCH_RESERVED_SLOTS": "2"}
+        with run_stack(server.url, env, log_prefix="llava-queue-reserved-logs-") as running:
+            yield running
+
+
+def test_reserved_slots_keep_room_for_interactive_jobs(reserved_stack):
+    batch = upload_batch(reserved_stack, jsonl(questions(16, image=False)), temperature=0, max_new_tokens=24)
+    lines_url = f"{reserved_stack.base_url}/v1/batches/{batch['id']}/lines"
+    peak, interactive, queued_then = 0, None, 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        lines = requests.get(lines_url, timeout=10).json()["data"]
+        running = sum(line["status"] == "running" for line in lines)
+        peak = max(peak, running)
+        if interactive is None and running == 2:
+            queued_then = sum(line["status"] == "queued" for line in lines)
+            interactive = submit(reserved_stack, prompt="USER: Hello? ASSISTANT:", temperature=0, max_new_tokens=4)
+        if all(line["status"] not in ("queued", "running") for line in lines):
+            break
+        time.sleep(0.02)
+    # Two batch jobs at a time; the other two slots stay free, so the interactive job starts at once.
+    assert peak == 2, peak
+    assert interactive is not None and queued_then >= 8
+    job = wait_until(reserved_stack, interactive, timeout=60)
+    assert job["status"] == "succeeded" and job["started_at"] - job["created_at"] < ONE_STEP, job
+    # And the batch queue is read again as batch jobs end: the whole batch runs.
+    done = wait_for_batch(reserved_stack, batch["id"])
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 16

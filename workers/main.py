@@ -14,6 +14,7 @@ from shared.jobs import JobStore, WorkerRegistry
 from shared.logs import bind_job_ids_to_celery_tasks
 from shared.settings import Settings
 from workers import tasks
+from workers.batch_slots import BatchSlots
 from workers.builder import LoadedModel, load_model
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
@@ -49,6 +50,12 @@ def run_worker(settings: Settings) -> None:
     METRICS.bind(loaded.name, engine)
     METRICS.start_observer(store, name, settings.conversation_log)
     engine.start()
+    batch_slots = None
+    if settings.batch_reserved_slots > 0:
+        batch_slots = BatchSlots(settings.max_num_seqs - settings.batch_reserved_slots)
+        signals.worker_ready.connect(lambda sender, **_: batch_slots.attach(sender), weak=False)
+        signals.task_received.connect(lambda request, **_: batch_slots.received(request.delivery_info), weak=False)
+        signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
     tasks.install(runner)
     log.info("worker %s: model %s, device %s, dtype %s, %d torch threads, max_num_seqs %d, max_batch_tokens %d",
              name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), torch.get_num_threads(),

@@ -1,0 +1,82 @@
+"""Engine slots kept for interactive jobs: a cap on the batch-queue jobs one worker runs at once.
+
+A worker takes a job only when a task thread (an engine slot) is free, and then takes an
+interactive job before a batch job. With every slot held by a batch job, an interactive job
+still waits for one of them to end. With `LLAVA_QUEUE_BATCH_RESERVED_SLOTS` = R, the worker
+stops reading the batch queue while it runs MAX_NUM_SEQS − R batch jobs, and reads it again
+when one ends: R slots stay free for interactive jobs, at the cost of R slots of batch
+throughput when no interactive job comes.
+"""
+
+import logging
+import threading
+
+from shared.celery_app import BATCH_QUEUE
+
+log = logging.getLogger("llava_queue.worker")
+
+
+class BatchSlots:
+    """Counts this worker's batch jobs from their receipt to their end, and pauses its batch-queue consumer
+    at `limit`.
+
+    Counting starts at receipt (in the consumer's own thread, before it fetches the next message),
+    so a worker with free threads does not take more batch jobs in the moment before they start.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.running = 0
+        self.paused = False
+        self._lock = threading.Lock()
+        self._consumer = None
+
+    def attach(self, consumer) -> None:
+        """Use the worker's Celery consumer (the `worker_ready` signal's sender)."""
+        self._consumer = consumer
+
+    def received(self, delivery_info: dict | None) -> None:
+        """A job arrived (`task_received`, in the consumer's thread): count it if it is a batch job."""
+        if (delivery_info or {}).get("routing_key") != BATCH_QUEUE:
+            return
+        with self._lock:
+            self.running += 1
+            changed = self._update()
+        if changed:
+            self._apply()
+
+    def ended(self, delivery_info: dict | None) -> None:
+        """A job ended (`task_postrun`, in its task thread): below the limit again, the batch queue is read."""
+        if (delivery_info or {}).get("routing_key") != BATCH_QUEUE:
+            return
+        with self._lock:
+            self.running -= 1
+            changed = self._update()
+        if changed:
+            # The consumer belongs to the worker's event loop: change it there.
+            self._consumer.call_soon(self._apply)
+
+    def _update(self) -> bool:
+        full = self.running >= self.limit
+        if full == self.paused or self._consumer is None:
+            return False
+        self.paused = full
+        return True
+
+    def _apply(self) -> None:
+        """Make the consumer match `paused` (callbacks may run in any order: each applies the latest state).
+
+        A batch message already on its way when the consumer pauses is handed back to the queue by
+        kombu, which has no consumer for it.
+        """
+        task_consumer = self._consumer.task_consumer
+        with self._lock:
+            paused = self.paused
+        consuming = task_consumer.consuming_from(BATCH_QUEUE)
+        if paused and consuming:
+            task_consumer.cancel_by_queue(BATCH_QUEUE)
+            log.debug("batch queue paused: %d batch jobs running", self.running)
+        elif not paused and not consuming:
+            # Added after `interactive`, so the queues are still polled interactive first.
+            task_consumer.add_queue(self._consumer.app.amqp.queues[BATCH_QUEUE])
+            task_consumer.consume()
