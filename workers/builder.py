@@ -107,6 +107,10 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     name = model_name or model_name_from_path(model_path)
     is_multimodal = "llava" in name.lower()
     torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        # PyTorch's cuDNN attention builds an execution plan for each new attention shape, and a serving batch
+        # meets new shapes at nearly every step: decode ran about 3x slower with it on an H100 (README).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     placement = _Placement(torch_device, resolve_dtype(dtype, torch_device),
                            _quantization(load_8bit, load_4bit, torch_device))
     vision = None

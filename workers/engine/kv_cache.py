@@ -15,6 +15,8 @@ values and returns views of the live window.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -132,7 +134,13 @@ class _Layer(CacheLayerMixin):
 
     def __init__(self, cache: BatchKVCache):
         super().__init__()
-        self.cache = cache
+        # Weak: the cache holds its layers, so a strong reference back would make a cycle that keeps a
+        # finished batch's buffers (gigabytes on a GPU) allocated until Python's cyclic GC happens to run.
+        self._cache = weakref.ref(cache)
+
+    @property
+    def cache(self) -> BatchKVCache:
+        return self._cache()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # Head count, head size, dtype and device come from the first keys the model writes.
