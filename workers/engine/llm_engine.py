@@ -191,8 +191,11 @@ class LLMEngine:
     # Engine side.
 
     def step(self) -> list[SeqOutput]:
-        """Run one iteration: take new requests and aborts, decode the running batch, admit and prefill.
+        """Run one iteration: take new requests and aborts, then prefill what the budgets admit, else decode.
 
+        A step is one forward: admitted sequences are prefilled first (their first
+        token is published at the end of this step, not after a decode of the
+        others too), and the running batch decodes in the steps without admissions.
         Returns the outputs it also passed to on_step. The engine thread calls
         this in a loop; call it yourself only on an engine not start()ed.
         """
@@ -208,11 +211,11 @@ class LLMEngine:
                 for request_id in aborts:
                     self._abort(request_id)
                 self._drop_finished_rows()
-                if self._batch is not None:
-                    self._decode()
                 admitted = self.scheduler.admit()
                 if admitted:
                     self._prefill(admitted)
+                elif self._batch is not None:
+                    self._decode()
             except Exception as exc:
                 # A bug or a failure outside one forward: the batch state is suspect, so fail what runs on it.
                 log.exception("engine step failed")
