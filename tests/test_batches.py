@@ -242,7 +242,7 @@ def test_server_paths_outside_the_data_roots_are_refused(tiny_llava_stack, data_
     assert field in response.json()["error"]["message"]
 
 
-def test_without_data_roots_paths_are_refused_and_uploads_work(tiny_llava_stack, monkeypatch):
+def test_without_data_roots_paths_are_refused_and_uploads_work(tiny_llava_stack):
     from api.main import create_app
     from shared.settings import Settings
 
