@@ -31,6 +31,7 @@ from bench.workload import (
     RunResult,
     StepRecorder,
     build_prompts,
+    fastest,
     from_timings,
     latency_cells,
     machine_info,
@@ -137,10 +138,6 @@ def check_work(name: str, result: RunResult, max_new_tokens: int) -> RunResult:
     if result.tokens != expected:
         raise RuntimeError(f"{name}: generated {result.tokens} tokens, expected {expected}: EOS was not ignored")
     return result
-
-
-def fastest(best: RunResult | None, result: RunResult) -> RunResult:
-    return result if best is None or result.tokens_per_s > best.tokens_per_s else best
 
 
 # The roofline.

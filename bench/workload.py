@@ -179,6 +179,11 @@ def from_timings(timings: list[RequestTiming]) -> RunResult:
     return RunResult(end - start, sum(t.completion_tokens for t in timings), len(timings), timings)
 
 
+def fastest(best: RunResult | None, result: RunResult) -> RunResult:
+    """Whichever of two runs of the same work had the higher throughput (`best` may be None)."""
+    return result if best is None or result.tokens_per_s > best.tokens_per_s else best
+
+
 def fmt_ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
 

@@ -87,7 +87,7 @@ class PackedLlama:
         hidden = inputs.get("inputs_embeds")
         if hidden is None:
             hidden = self.embed(inputs["input_ids"])
-        rows, new = hidden.shape[:2]
+        new = hidden.shape[1]
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, T, head_dim], broadcast over heads
         sin = self.sin[position_ids].unsqueeze(1)
         mask = _attention_mask(attention_mask, new)
