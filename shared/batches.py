@@ -53,6 +53,8 @@ return end_batch_if_done(KEYS[1], ARGV[1])
 """
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The API process reading a batch file renews this lease with every chunk of lines it queues.
+READER_LEASE_SECONDS = 60
 
 
 def new_batch_id() -> str:
@@ -111,14 +113,28 @@ class BatchStore:
             pipe.hset(self.key(batch_id), mapping=record)
             pipe.expire(self.key(batch_id), self.ttl_seconds)
             pipe.zadd(self.index_key, {batch_id: now})
+            pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
             pipe.execute()
 
     def add_lines(self, batch_id: str, entries: list[dict[str, Any]]) -> None:
-        """Append lines (file order) to the batch: each entry names its job, or says why the line was refused."""
+        """Append lines (file order) to the batch: each entry names its job, or says why the line was refused.
+
+        Also renews the reader's lease: a batch left `validating` without one was abandoned by an API
+        process that died while reading it (see `abandoned`).
+        """
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.rpush(self.lines_key(batch_id), *[json.dumps(entry) for entry in entries])
             pipe.expire(self.lines_key(batch_id), self.ttl_seconds)
+            pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
             pipe.execute()
+
+    def reader_key(self, batch_id: str) -> str:
+        return f"{self.key(batch_id)}:reader"
+
+    def abandoned(self, record: dict[str, Any]) -> bool:
+        """Whether a `validating` batch lost the API process reading it (no lease renewed for a while)."""
+        return (record["status"] == "validating" and time.time() - record["created_at"] > READER_LEASE_SECONDS
+                and not self.redis.exists(self.reader_key(record["id"])))
 
     def activate(self, batch_id: str, total: int, invalid: int) -> str:
         """Reading is over: `total` lines, `invalid` of them refused. Returns the batch's status now."""

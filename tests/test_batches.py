@@ -339,3 +339,17 @@ def test_reserved_slots_keep_room_for_interactive_jobs(reserved_stack):
     # And the batch queue is read again as batch jobs end: the whole batch runs.
     done = wait_for_batch(reserved_stack, batch["id"])
     assert done["status"] == "completed" and done["request_counts"]["completed"] == 16
+
+
+def test_a_batch_whose_reader_died_fails(tiny_llava_stack):
+    from shared.batches import BatchStore, new_batch_id
+    from shared.jobs import JobStore
+
+    batches = BatchStore(JobStore.from_url(tiny_llava_stack.redis_url), 3600)
+    batch_id = new_batch_id()
+    batches.create(batch_id, {"params": {}})
+    # As an API process that died two minutes ago in the middle of the file leaves it: no lease renewed.
+    batches.redis.hset(batches.key(batch_id), "created_at", repr(time.time() - 120))
+    batches.redis.delete(batches.reader_key(batch_id))
+    batch = requests.get(f"{tiny_llava_stack.base_url}/v1/batches/{batch_id}", timeout=10).json()
+    assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "abandoned", batch

@@ -106,6 +106,13 @@ def read_batch(batches: BatchStore, batch_id: str) -> dict[str, Any]:
             record["expires_at"] < time.time():
         batches.store.expire_overdue()
         record = batches.get(batch_id)
+    elif batches.abandoned(record):
+        # The API process reading the file died: the lines it queued do not make a whole batch.
+        batches.fail(batch_id, {"code": "abandoned", "message": "the API process reading the file stopped "
+                                "before the end; submit the file again", "param": None, "line": None})
+        for job_id in batches.job_ids(batch_id):
+            batches.store.cancel(job_id)
+        record = batches.get(batch_id)
     return record
 
 
