@@ -170,12 +170,16 @@ class Intake:
         return cached
 
     def _read_image(self, name: str, path: Path) -> str | LineRefused:
-        if not path.is_file():
-            return LineRefused(f"image {name!r}: no such file in the image folder", status_code=404, param="image")
-        size = path.stat().st_size
-        if (size + 2) // 3 * 4 > self.settings.max_image_bytes:
-            return LineRefused(f"image {name!r}: {size} bytes is over the image size limit", param="image")
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        try:
+            if not path.is_file():
+                return LineRefused(f"image {name!r}: no such file in the image folder", status_code=404,
+                                   param="image")
+            size = path.stat().st_size
+            if (size + 2) // 3 * 4 > self.settings.max_image_bytes:
+                return LineRefused(f"image {name!r}: {size} bytes is over the image size limit", param="image")
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+        except OSError as exc:
+            return LineRefused(f"image {name!r}: cannot be read ({exc.strerror})", param="image")
         try:
             check_images([data])
         except ValueError as exc:

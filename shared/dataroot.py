@@ -42,12 +42,15 @@ def resolve_data_path(path: str, roots: list[Path], what: str = "path") -> Path:
                           "upload the file instead")
     parts = _check_parts(path, what)
     real_roots = resolved_roots(roots)
-    if parts.is_absolute():
-        candidates = [Path(path)]
-    else:
-        candidates = [root / parts for root in real_roots]
-        candidates = [candidate for candidate in candidates if candidate.exists()] or candidates[:1]
-    resolved = candidates[0].resolve()
+    try:
+        if parts.is_absolute():
+            candidates = [Path(path)]
+        else:
+            candidates = [root / parts for root in real_roots]
+            candidates = [candidate for candidate in candidates if candidate.exists()] or candidates[:1]
+        resolved = candidates[0].resolve()
+    except OSError as exc:
+        raise PathRefused(f"{what}: {path!r} cannot be used as a path ({exc.strerror})") from None
     if not _under(resolved, real_roots):
         raise PathRefused(f"{what}: {path!r} is outside the data roots"
                           + (" (it leads there through a symbolic link)" if not parts.is_absolute()
@@ -63,7 +66,10 @@ def resolve_in_folder(folder: Path, name: str, roots: list[Path], what: str = "i
     parts = _check_parts(name, what)
     if parts.is_absolute():
         raise PathRefused(f"{what}: {name!r} is an absolute path; name a file relative to the image folder")
-    resolved = (folder / parts).resolve()
+    try:
+        resolved = (folder / parts).resolve()
+    except OSError as exc:
+        raise PathRefused(f"{what}: {name!r} cannot be used as a path ({exc.strerror})") from None
     if not _under(resolved, resolved_roots(roots)):
         raise PathRefused(f"{what}: {name!r} leads outside the data roots (through a symbolic link)")
     return resolved

@@ -137,10 +137,14 @@ def _open_input(body: BatchCreate, upload: IO[bytes] | None, batches: BatchStore
         path = resolve_data_path(body.input_path, settings.data_roots, "input_path")
     except PathRefused as exc:
         raise ApiError(403, str(exc), type="permission_denied", param="input_path") from None
-    if not path.is_file():
-        raise ApiError(404, f"input_path: no file {body.input_path!r} under the data roots", type="not_found",
-                       param="input_path", code=ErrorCode.NOT_FOUND)
-    return path.open("rb"), {"input_path": body.input_path}
+    try:
+        if path.is_file():
+            return path.open("rb"), {"input_path": body.input_path}
+    except OSError as exc:
+        raise ApiError(400, f"input_path: {body.input_path!r} cannot be read ({exc.strerror})",
+                       param="input_path") from None
+    raise ApiError(404, f"input_path: no file {body.input_path!r} under the data roots", type="not_found",
+                   param="input_path", code=ErrorCode.NOT_FOUND)
 
 
 def _image_folder(body: BatchCreate, settings: Settings) -> Path | None:
@@ -150,10 +154,14 @@ def _image_folder(body: BatchCreate, settings: Settings) -> Path | None:
         folder = resolve_data_path(body.image_folder, settings.data_roots, "image_folder")
     except PathRefused as exc:
         raise ApiError(403, str(exc), type="permission_denied", param="image_folder") from None
-    if not folder.is_dir():
-        raise ApiError(404, f"image_folder: no folder {body.image_folder!r} under the data roots",
-                       type="not_found", param="image_folder", code=ErrorCode.NOT_FOUND)
-    return folder
+    try:
+        if folder.is_dir():
+            return folder
+    except OSError as exc:
+        raise ApiError(400, f"image_folder: {body.image_folder!r} cannot be read ({exc.strerror})",
+                       param="image_folder") from None
+    raise ApiError(404, f"image_folder: no folder {body.image_folder!r} under the data roots",
+                   type="not_found", param="image_folder", code=ErrorCode.NOT_FOUND)
 
 
 def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches: BatchStore, celery,
