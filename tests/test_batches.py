@@ -259,6 +259,9 @@ def test_without_data_roots_paths_are_refused_and_uploads_work(tiny_llava_stack)
                                data={"temperature": "0", "max_new_tokens": "2"})
         assert accepted.status_code == 200, accepted.text
         assert accepted.json()["request_counts"]["total"] == 2
+        empty = client.post("/v1/batches", files={"file": ("q.jsonl", b"\n\n")})
+        assert empty.status_code == 200 and empty.json()["status"] == "failed"
+        assert empty.json()["errors"]["data"][0]["code"] == "empty_file"
         refused = client.post("/v1/batches", files={"file": ("q.jsonl", jsonl(questions(1)))},
                               data={"num_beams": "4"})
         assert refused.status_code == 422 and "num_beams=4 is not supported" in refused.text

@@ -198,8 +198,10 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
                                     "param": None, "line": intake.total})
             raise
     fields = {"format": intake.format or "llava"}
-    if intake.errors:
-        fields["errors"] = json.dumps(intake.errors)
+    errors = intake.errors or ([] if intake.total else [{"code": "empty_file", "message": "the file has no lines",
+                                                         "param": "file", "line": None}])
+    if errors:
+        fields["errors"] = json.dumps(errors)
     batches.redis.hset(batches.key(batch_id), mapping=fields)
     batches.activate(batch_id, intake.total, intake.invalid)
     return batch_view(batches, batches.get(batch_id))
