@@ -46,6 +46,7 @@ def require_api_key(conn: HTTPConnection) -> str | None:
             _refuse(conn, ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute "
                                         f"reached; retry in {retry_after} s", type="rate_limited",
                                    code=ErrorCode.OVERLOADED, headers={"Retry-After": str(retry_after)}))
+    conn.state.api_key = digest  # what the caller owns (batches, files) is scoped by it
     return digest
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import BATCH_END_LUA, JobStore
+from shared.jobs import BATCH_END_LUA, JobStore, owner_id
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -81,8 +81,11 @@ def window_seconds(window: str) -> int:
 class BatchStore:
     """Batch records, their lines and results, and uploaded files, in the job store's Redis."""
 
-    def __init__(self, store: JobStore, ttl_seconds: int):
+    def __init__(self, store: JobStore, ttl_seconds: int, owner: str | None = None):
+        """`owner`, the caller's API key digest (None with keys off), scopes every read and write: a key
+        sees, lists and cancels only the batches and files it created."""
         self.store = store
+        self.owner = owner_id(owner) if owner else ""
         self.redis: redis.Redis = store.redis
         self.prefix = store.prefix
         self.ttl_seconds = ttl_seconds
@@ -100,13 +103,14 @@ class BatchStore:
 
     @property
     def index_key(self) -> str:
-        """Sorted set of batch ids by creation time (GET /v1/batches)."""
-        return f"{self.prefix}:batches"
+        """Sorted set of the owner's batch ids by creation time (GET /v1/batches)."""
+        return f"{self.prefix}:batches" + (f":{self.owner}" if self.owner else "")
 
     def create(self, batch_id: str, fields: dict[str, Any]) -> None:
         """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL."""
         now = time.time()
-        record = {"id": batch_id, "status": "validating", "created_at": repr(now), "ended": 0, "completed": 0,
+        record = {"id": batch_id, "owner": self.owner, "status": "validating", "created_at": repr(now), "ended": 0,
+                  "completed": 0,
                   "failed": 0, "cancelled": 0, "expired": 0, "completion_tokens": 0,
                   **{name: value if isinstance(value, str) else json.dumps(value) for name, value in fields.items()}}
         with self.redis.pipeline(transaction=True) as pipe:
@@ -155,7 +159,7 @@ class BatchStore:
     def get(self, batch_id: str) -> dict[str, Any] | None:
         """The batch record with typed fields, or None if unknown (or expired)."""
         raw = self.redis.hgetall(self.key(batch_id))
-        if not raw:
+        if not raw or raw.get("owner", "") != self.owner:
             return None
         record: dict[str, Any] = dict(raw)
         for name in _TIMESTAMPS:
@@ -225,22 +229,26 @@ class BatchStore:
         meta = {"id": f"file-{uuid.uuid4().hex}", "bytes": len(content), "created_at": int(time.time()),
                 "filename": filename, "purpose": purpose}
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.file_key(meta["id"]), mapping={"meta": json.dumps(meta), "content": content})
+            pipe.hset(self.file_key(meta["id"]), mapping={"meta": json.dumps(meta), "content": content,
+                                                          "owner": self.owner})
             pipe.expire(self.file_key(meta["id"]), self.ttl_seconds)
             pipe.execute()
         return meta
 
     def file_meta(self, file_id: str) -> dict[str, Any] | None:
-        raw = self.redis.hget(self.file_key(file_id), "meta")
-        return json.loads(raw) if raw else None
+        """An uploaded file's description, or None if unknown (or another key's)."""
+        raw, owner = self.redis.hmget(self.file_key(file_id), ["meta", "owner"])
+        return json.loads(raw) if raw and (owner or "") == self.owner else None
 
     def file_content(self, file_id: str) -> bytes | None:
-        """An uploaded file's bytes, or None if unknown."""
+        """An uploaded file's bytes, or None if unknown (or another key's)."""
         with self.redis.pipeline(transaction=False) as pipe:
             # The store's client decodes replies as text; the file's bytes are read without decoding.
             pipe.execute_command("HGET", self.file_key(file_id), "content", **{NEVER_DECODE: []})
-            [content] = pipe.execute()
-        return content
+            pipe.hget(self.file_key(file_id), "owner")
+            content, owner = pipe.execute()
+        return content if (owner or "") == self.owner else None
 
     def delete_file(self, file_id: str) -> bool:
-        return bool(self.redis.delete(self.file_key(file_id)))
+        """Delete an uploaded file of the owner's; False if unknown (or another key's)."""
+        return self.file_meta(file_id) is not None and bool(self.redis.delete(self.file_key(file_id)))

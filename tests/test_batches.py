@@ -213,14 +213,14 @@ def test_cancel_a_batch(tiny_llava_stack, images):
 
 
 def test_lines_past_the_completion_window_expire(tiny_llava_stack, images):
-    batch = upload_batch(tiny_llava_stack, jsonl(questions(40, image=False)), temperature=0, max_new_tokens=64,
+    batch = upload_batch(tiny_llava_stack, jsonl(questions(200, image=False)), temperature=0, max_new_tokens=64,
                          completion_window="1s")
     time.sleep(1.2)
     done = wait_for_batch(tiny_llava_stack, batch["id"])
     assert done["status"] == "expired" and done["expired_at"] is not None
     errors = download(tiny_llava_stack, batch["id"], "errors")
     assert errors and {error["status"] for error in errors} == {"expired"}
-    assert len(errors) + len(download(tiny_llava_stack, batch["id"], "output")) == 40
+    assert len(errors) + len(download(tiny_llava_stack, batch["id"], "output")) == 200
 
 
 @pytest.mark.parametrize(("field", "value", "status"), [

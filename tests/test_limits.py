@@ -151,3 +151,43 @@ def test_queued_job_quota_per_key(api_with_quotas):
     assert post(stack, {"prompt": "hi"}).status_code == 202
     limited = post(stack, {"prompt": "hi"})
     assert limited.status_code == 429 and "rate limit" in limited.json()["error"]["message"]
+
+
+@pytest.fixture
+def api_two_keys():
+    """An API with two keys and no other limit, on a Redis of its own, with no worker."""
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(KEY)}", "{key_digest(OTHER_KEY)}"]'}
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
+                                                   log_prefix="llava-queue-two-keys-") as stack:
+        yield stack
+
+
+def test_batches_and_files_belong_to_the_key_that_made_them(api_two_keys):
+    base = api_two_keys.base_url
+    mine, theirs = ({"Authorization": f"Bearer {key}"} for key in (KEY, OTHER_KEY))
+    questions = "".join(json.dumps({"question_id": i, "text": f"Question {i}?"}) + "\n" for i in range(3))
+    uploaded = requests.post(f"{base}/v1/files", files={"file": ("q.jsonl", questions)}, data={"purpose": "batch"},
+                             headers=mine, timeout=10)
+    assert uploaded.status_code == 200, uploaded.text
+    file_id = uploaded.json()["id"]
+    assert requests.get(f"{base}/v1/files/{file_id}", headers=theirs, timeout=10).status_code == 404
+    assert requests.get(f"{base}/v1/files/{file_id}/content", headers=theirs, timeout=10).status_code == 404
+    stolen = requests.post(f"{base}/v1/batches", json={"input_file_id": file_id}, headers=theirs, timeout=10)
+    assert stolen.status_code == 404
+
+    created = requests.post(f"{base}/v1/batches", json={"input_file_id": file_id}, headers=mine, timeout=10)
+    assert created.status_code == 200, created.text
+    batch_id = created.json()["id"]
+    assert created.json()["status"] == "in_progress" and created.json()["request_counts"]["total"] == 3
+    for path in ("", "/output", "/errors", "/lines"):
+        assert requests.get(f"{base}/v1/batches/{batch_id}{path}", headers=theirs, timeout=10).status_code == 404
+    assert requests.post(f"{base}/v1/batches/{batch_id}/cancel", headers=theirs, timeout=10).status_code == 404
+    assert requests.delete(f"{base}/v1/files/{file_id}", headers=theirs, timeout=10).status_code == 404
+    listed = {key: [batch["id"] for batch in requests.get(f"{base}/v1/batches", headers=headers,
+                                                          timeout=10).json()["data"]]
+              for key, headers in (("mine", mine), ("theirs", theirs))}
+    assert listed == {"mine": [batch_id], "theirs": []}
+
+    cancelled = requests.post(f"{base}/v1/batches/{batch_id}/cancel", headers=mine, timeout=10)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] in ("cancelling", "cancelled")
+    assert requests.delete(f"{base}/v1/files/{file_id}", headers=mine, timeout=10).status_code == 200

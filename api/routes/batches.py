@@ -58,8 +58,9 @@ class BatchCreate(EvalParams):
 
 
 def batch_store(request: Request | Any) -> BatchStore:
+    """The batches and files of the caller's API key (with keys off, everyone's)."""
     settings: Settings = request.app.state.settings
-    return BatchStore(request.app.state.store, settings.batch_ttl_seconds)
+    return BatchStore(request.app.state.store, settings.batch_ttl_seconds, getattr(request.state, "api_key", None))
 
 
 def batch_not_found(batch_id: str) -> ApiError:
@@ -278,6 +279,7 @@ def get_batch(batch_id: str, request: Request) -> dict:
 def cancel_batch(batch_id: str, request: Request, store: Store) -> dict:
     """Cancel a batch: queued lines end `cancelled`, running ones leave their engine batch at the next step."""
     batches = batch_store(request)
+    read_batch(batches, batch_id)  # another key's batch is unknown to this one
     status = batches.request_cancel(batch_id)
     if status == "not:missing":
         raise batch_not_found(batch_id)
