@@ -46,11 +46,8 @@ class PackedLlama:
         self.layers = [_Layer(layer) for layer in base.layers]
         self.norm_weight, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
         self.head = _Linear(model.get_output_embeddings().weight, None)
-        positions = torch.arange(config.max_position_embeddings, device=model.device)[None]
-        probe = torch.zeros(1, dtype=self.embed.weight.dtype, device=model.device)
-        with torch.inference_mode():
-            cos, sin = base.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
+        self.rotary = base.rotary_emb
+        self._rotary_table(config.max_position_embeddings)
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> PackedLlama | None:
@@ -88,6 +85,8 @@ class PackedLlama:
         if hidden is None:
             hidden = self.embed(inputs["input_ids"])
         new = hidden.shape[1]
+        if int(position_ids.max()) >= len(self.cos):  # a context longer than max_position_embeddings
+            self._rotary_table(2 * int(position_ids.max()))
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, T, head_dim], broadcast over heads
         sin = self.sin[position_ids].unsqueeze(1)
         mask = _attention_mask(attention_mask, new)
@@ -95,6 +94,14 @@ class PackedLlama:
             hidden = layer(self, hidden, cos, sin, mask, cache.layers[index])
         last = F.rms_norm(hidden[:, -1], (self.hidden_size,), self.norm_weight, self.norm_eps)
         return self.head(last)
+
+
+    def _rotary_table(self, positions: int) -> None:
+        """cos and sin [positions, head_dim] of every position from 0, from the model's own rotary module."""
+        probe = torch.zeros(1, dtype=self.embed.weight.dtype, device=self.embed.weight.device)
+        with torch.inference_mode():
+            cos, sin = self.rotary(probe, torch.arange(positions, device=probe.device)[None])
+        self.cos, self.sin = cos[0], sin[0]
 
 
 class _Linear:
