@@ -100,8 +100,15 @@ class Settings(BaseSettings):
     batch_max_lines: int = 50_000
     batch_ttl_seconds: int = 30 * 24 * 3600
     # Engine slots a worker keeps for interactive jobs: it runs at most max_num_seqs minus this many
-    # batch-queue jobs at once (0: batch jobs may fill every slot).
-    batch_reserved_slots: int = Field(0, ge=0)
+    # batch-queue jobs at once (0: batch jobs may fill every slot). Unset: an eighth of max_num_seqs.
+    batch_reserved_slots: int | None = Field(None, ge=0)
+
+    @property
+    def reserved_slots(self) -> int:
+        """The engine slots kept for interactive jobs (`batch_reserved_slots`, or its default); a batch job
+        always has at least one slot."""
+        wanted = self.max_num_seqs // 8 if self.batch_reserved_slots is None else self.batch_reserved_slots
+        return max(0, min(wanted, self.max_num_seqs - 1))
 
     @field_validator("data_roots", mode="before")
     @classmethod

@@ -130,14 +130,14 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llava_stack(tiny_llava_dir, data_root):
-    """Its own Redis, a worker serving the tiny LLaVA checkpoint (fp32, so batching cannot change a greedy answer),
-    and an API whose data root is `data_root`."""
+    """Its own Redis, a worker serving the tiny LLaVA checkpoint (fp32, so batching cannot change a greedy answer;
+    8 slots, none kept for interactive jobs), and an API whose data root is `data_root`."""
     with RedisServer() as server:
         # The tiny checkpoint's tower is local: no setting of the caller's may point elsewhere.
         for name in ("LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_MODEL_NAME", "LLAVA_QUEUE_VISION_TOWER"):
             os.environ.pop(name, None)
         env = {"LLAVA_QUEUE_MODEL_PATH": str(tiny_llava_dir), "LLAVA_QUEUE_DEVICE": "cpu",
                "LLAVA_QUEUE_DTYPE": "float32", "LLAVA_QUEUE_MAX_NUM_SEQS": "8",
-               "LLAVA_QUEUE_DATA_ROOTS": str(data_root)}
+               "LLAVA_QUEUE_BATCH_RESERVED_SLOTS": "0", "LLAVA_QUEUE_DATA_ROOTS": str(data_root)}
         with run_stack(server.url, env, log_prefix="llava-queue-tiny-llava-logs-") as running:
             yield running

@@ -289,8 +289,11 @@ def test_the_data_root_rules(tmp_path):
 def test_interactive_jobs_start_before_a_queued_batch_backlog(tiny_llava_stack):
     batch = upload_batch(tiny_llava_stack, jsonl(questions(40, image=False)), temperature=0, max_new_tokens=48)
     lines_url = f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/lines"
-    # Every engine slot (8) holds a batch job, the rest of the batch waits in the queue.
+    # Every engine slot (8; the shared stack keeps none for interactive jobs) holds a batch job, the
+    # rest of the batch waits in the queue.
+    deadline = time.monotonic() + 60
     while sum(line["status"] == "running" for line in requests.get(lines_url, timeout=10).json()["data"]) < 8:
+        assert time.monotonic() < deadline, "the batch never filled the engine's 8 slots"
         time.sleep(0.01)
     submitted = time.time()
     interactive = run_interactive(tiny_llava_stack, {"prompt": "USER: Hello? ASSISTANT:", "temperature": 0,

@@ -51,8 +51,8 @@ def run_worker(settings: Settings) -> None:
     METRICS.start_observer(store, name, settings.conversation_log)
     engine.start()
     batch_slots = None
-    if settings.batch_reserved_slots > 0:
-        batch_slots = BatchSlots(settings.max_num_seqs - settings.batch_reserved_slots)
+    if settings.reserved_slots > 0:
+        batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots)
         signals.worker_ready.connect(lambda sender, **_: batch_slots.attach(sender), weak=False)
         signals.task_received.connect(lambda request, **_: batch_slots.received(request.delivery_info), weak=False)
         signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
