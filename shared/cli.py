@@ -68,7 +68,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         env["LLAVA_QUEUE_REDIS_URL"] = args.redis_url
     else:
         data_dir = None if args.ephemeral_redis else (args.redis_dir or get_settings().cache_dir / "redis")
-        redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(preexec_fn=_die_with_parent)
+        try:
+            redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(preexec_fn=_die_with_parent)
+        except RuntimeError as exc:
+            print(f"llava-queue: cannot start the embedded Redis: {exc}", file=sys.stderr, flush=True)
+            return 2
         env["LLAVA_QUEUE_REDIS_URL"] = redis_server.url
         kept = f", jobs kept in {data_dir}" if data_dir else ", nothing kept after it stops"
         print(f"llava-queue: embedded Redis ({os.path.basename(redis_server.binary)}) at {redis_server.url}{kept}",

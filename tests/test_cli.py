@@ -7,9 +7,10 @@ import sys
 import time
 
 import psutil
+import pytest
 import requests
 
-from shared.redis_server import free_port
+from shared.redis_server import RedisServer, free_port
 
 
 def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir, tmp_path):
@@ -42,3 +43,14 @@ def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir, tmp_path):
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_two_embedded_redis_servers_cannot_share_a_data_folder(tmp_path):
+    with RedisServer(data_dir=tmp_path):
+        with pytest.raises(RuntimeError, match="in use by another embedded Redis"):
+            RedisServer(data_dir=tmp_path).start()
+        up = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--redis-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+        assert up.returncode == 2 and "--ephemeral-redis" in up.stderr
+    with RedisServer(data_dir=tmp_path):  # free again once the first one stopped
+        pass
