@@ -8,6 +8,7 @@ from fastapi import WebSocketException
 from starlette.requests import HTTPConnection
 
 from api.errors import ApiError
+from shared.jobs import owner_id
 from shared.protocol import ErrorCode
 
 log = logging.getLogger("llava_queue.api")
@@ -37,7 +38,7 @@ def require_api_key(conn: HTTPConnection) -> str | None:
                                headers={"WWW-Authenticate": "Bearer"}))
     if settings.rate_limit_per_minute:
         now = time.time()
-        counter = f"{settings.key_prefix}:rate:{digest[:16]}:{int(now // 60)}"
+        counter = f"{settings.key_prefix}:rate:{owner_id(digest)}:{int(now // 60)}"
         redis = conn.app.state.store.redis
         with redis.pipeline() as pipe:
             count, _ = pipe.incr(counter).expire(counter, 120).execute()

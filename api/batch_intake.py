@@ -22,11 +22,11 @@ from pydantic import ValidationError
 
 from api.errors import ApiError
 from api.routes.openai import parse_chat_request
-from api.submission import send_many
+from api.submission import send_many, unsent
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
 from shared.jobs import JobStore
-from shared.protocol import ErrorCode, GenerateRequest, check_images, describe_validation_error
+from shared.protocol import GenerateRequest, check_images, describe_validation_error
 from shared.settings import Settings
 from shared.vqa import EvalParams, Question, question_job
 
@@ -109,12 +109,7 @@ class Intake:
         try:
             send_many(self.celery, ids, "batch")
         except Exception as exc:
-            # Their lines fail (and are counted by the batch); the caller answers 503.
-            for job_id in ids:
-                self.store.finish(job_id, "failed", error=f"could not enqueue the job: {exc}",
-                                  error_code=ErrorCode.SERVER_ERROR, finish_reason="error")
-            raise ApiError(503, f"the queue is unavailable: {exc}", type="unavailable", code=ErrorCode.SERVER_ERROR,
-                           headers={"Retry-After": "5"}) from exc
+            raise unsent(self.store, ids, exc) from exc  # their lines fail (counted by the batch); 503
 
     def _line(self, number: int, raw: bytes) -> tuple[dict[str, Any], GenerateRequest | None]:
         """The line's entry (what its output line needs) and its job request, or the entry with `error`."""

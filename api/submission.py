@@ -39,12 +39,17 @@ def submit_jobs(store: JobStore, celery: Celery, requests: list[tuple[GenerateRe
             try:
                 celery.send_task(GENERATE_TASK, args=[job_id], queue=queue, task_id=job_id, producer=producer)
             except Exception as exc:
-                for failed, _ in created[position:]:
-                    store.finish(failed, "failed", error=f"could not enqueue the job: {exc}",
-                                 error_code=ErrorCode.SERVER_ERROR, finish_reason="error")
-                raise ApiError(503, f"the queue is unavailable: {exc}", type="unavailable",
-                               code=ErrorCode.SERVER_ERROR, headers={"Retry-After": "5"}) from exc
+                raise unsent(store, [failed for failed, _ in created[position:]], exc) from exc
     return ids
+
+
+def unsent(store: JobStore, job_ids: list[str], exc: Exception) -> ApiError:
+    """Jobs recorded but not enqueued (the broker refused): they end failed; the 503 the caller answers."""
+    for job_id in job_ids:
+        store.finish(job_id, "failed", error=f"could not enqueue the job: {exc}", error_code=ErrorCode.SERVER_ERROR,
+                     finish_reason="error")
+    return ApiError(503, f"the queue is unavailable: {exc}", type="unavailable", code=ErrorCode.SERVER_ERROR,
+                    headers={"Retry-After": "5"})
 
 
 def admit(store: JobStore, count: int, owner: str | None = None) -> None:

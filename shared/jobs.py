@@ -250,7 +250,7 @@ class JobStore:
         """
         job_id = job_id or new_job_id()
         if idempotency_key is not None:
-            key = f"{self.prefix}:idempotency:{idempotency_key}"
+            key = self.idempotency_key(idempotency_key)
             if not self.redis.set(key, job_id, nx=True, ex=self.ttl_seconds):
                 existing = self.redis.get(key)
                 if existing:
@@ -310,9 +310,13 @@ class JobStore:
         if owner:
             pipe.zadd(self.owner_key(owner), {job_id: now})
 
+    def idempotency_key(self, idempotency_key: str) -> str:
+        """Where the job created under an Idempotency-Key is remembered."""
+        return f"{self.prefix}:idempotency:{idempotency_key}"
+
     def idempotent_jobs(self, idempotency_keys: list[str]) -> list[str | None]:
         """The job created under each idempotency key, or None where the key is unused."""
-        return self.redis.mget([f"{self.prefix}:idempotency:{key}" for key in idempotency_keys])
+        return self.redis.mget([self.idempotency_key(key) for key in idempotency_keys])
 
     def owner_key(self, owner: str) -> str:
         """Sorted set of an API key's jobs that may still be queued (pruned lazily by `owner_queued`)."""

@@ -50,7 +50,6 @@ def run_worker(settings: Settings) -> None:
     METRICS.bind(loaded.name, engine)
     METRICS.start_observer(store, name, settings.conversation_log)
     engine.start()
-    batch_slots = None
     if settings.reserved_slots > 0:
         batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots)
         signals.worker_ready.connect(lambda sender, **_: batch_slots.attach(sender), weak=False)

@@ -134,35 +134,35 @@ def _open_input(body: BatchCreate, upload: IO[bytes] | None, batches: BatchStore
             raise ApiError(404, f"unknown file id {body.input_file_id!r}", type="not_found",
                            param="input_file_id", code=ErrorCode.NOT_FOUND)
         return io.BytesIO(content), {"input_file_id": body.input_file_id}
+    path = _server_path(body.input_path, "input_path", settings, folder=False)
     try:
-        path = resolve_data_path(body.input_path, settings.data_roots, "input_path")
-    except PathRefused as exc:
-        raise ApiError(403, str(exc), type="permission_denied", param="input_path") from None
-    try:
-        if path.is_file():
-            return path.open("rb"), {"input_path": body.input_path}
+        return path.open("rb"), {"input_path": body.input_path}
     except OSError as exc:
         raise ApiError(400, f"input_path: {body.input_path!r} cannot be read ({exc.strerror})",
                        param="input_path") from None
-    raise ApiError(404, f"input_path: no file {body.input_path!r} under the data roots", type="not_found",
-                   param="input_path", code=ErrorCode.NOT_FOUND)
 
 
 def _image_folder(body: BatchCreate, settings: Settings) -> Path | None:
     if body.image_folder is None:
         return None
+    return _server_path(body.image_folder, "image_folder", settings, folder=True)
+
+
+def _server_path(value: str, param: str, settings: Settings, *, folder: bool) -> Path:
+    """The existing file (or folder) `value` names under the data roots; 403 outside them, 404 if missing,
+    400 if the OS cannot look at it."""
     try:
-        folder = resolve_data_path(body.image_folder, settings.data_roots, "image_folder")
+        path = resolve_data_path(value, settings.data_roots, param)
     except PathRefused as exc:
-        raise ApiError(403, str(exc), type="permission_denied", param="image_folder") from None
+        raise ApiError(403, str(exc), type="permission_denied", param=param) from None
     try:
-        if folder.is_dir():
-            return folder
+        if path.is_dir() if folder else path.is_file():
+            return path
     except OSError as exc:
-        raise ApiError(400, f"image_folder: {body.image_folder!r} cannot be read ({exc.strerror})",
-                       param="image_folder") from None
-    raise ApiError(404, f"image_folder: no folder {body.image_folder!r} under the data roots",
-                   type="not_found", param="image_folder", code=ErrorCode.NOT_FOUND)
+        raise ApiError(400, f"{param}: {value!r} cannot be read ({exc.strerror})", param=param) from None
+    kind = "folder" if folder else "file"
+    raise ApiError(404, f"{param}: no {kind} {value!r} under the data roots", type="not_found", param=param,
+                   code=ErrorCode.NOT_FOUND)
 
 
 def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches: BatchStore, celery,
