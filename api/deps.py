@@ -2,12 +2,12 @@
 
 from typing import Annotated
 
-import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
 
 from api.auth import require_api_key
+from api.channel_hub import ChannelHub
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings
 
@@ -16,8 +16,8 @@ def get_store(conn: HTTPConnection) -> JobStore:
     return conn.app.state.store
 
 
-def get_async_redis(conn: HTTPConnection) -> aioredis.Redis:
-    return conn.app.state.aredis
+def get_hub(conn: HTTPConnection) -> ChannelHub:
+    return conn.app.state.hub
 
 
 def get_celery(conn: HTTPConnection) -> Celery:
@@ -33,7 +33,7 @@ def get_app_settings(request: Request) -> Settings:
 
 
 Store = Annotated[JobStore, Depends(get_store)]
-AsyncRedis = Annotated[aioredis.Redis, Depends(get_async_redis)]
+Hub = Annotated[ChannelHub, Depends(get_hub)]
 CeleryApp = Annotated[Celery, Depends(get_celery)]
 Registry = Annotated[WorkerRegistry, Depends(get_registry)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]

@@ -9,6 +9,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import require_api_key
+from api.channel_hub import ChannelHub
 from api.errors import install_error_handlers
 from api.routes import (batches, controller, files, health, jobs, llava, metrics, models, openai, page,
                         stream)
@@ -30,9 +31,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds,
                                             settings.max_queued_jobs, settings.max_queued_jobs_per_key)
         app.state.registry = WorkerRegistry(app.state.store.redis, settings.key_prefix)
-        app.state.aredis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        # Named, so that CLIENT LIST shows which connection is the API's stream subscriber.
+        app.state.aredis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                                   client_name="llava-queue-api")
+        app.state.hub = ChannelHub(app.state.aredis)
+        app.state.hub.start()
         app.state.celery = make_celery(settings)
         yield
+        await app.state.hub.aclose()
         await app.state.aredis.aclose()
         app.state.store.redis.close()
 

@@ -1,4 +1,4 @@
-"""Following a job's output: the record first, then its pub/sub channel, so nothing is lost.
+"""Following a job's output: subscribe to its pub/sub channel, then read the record, so nothing is lost.
 
 Every stream endpoint (WebSocket, the LLaVA NUL-delimited stream) is this one follower plus an
 encoder for its wire format.
@@ -9,12 +9,11 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
+from api.channel_hub import ChannelHub
 from shared.jobs import FINAL_STATES, JobStore, Snapshot
 
 # With no message for this long the follower re-reads the record, in case a message was missed
-# (a Redis reconnect drops pub/sub messages).
+# that the hub could not report (Redis away, a subscription never acknowledged).
 RESYNC_AFTER_SECONDS = 5.0
 
 
@@ -52,14 +51,12 @@ def _final(progress: _Progress, snap: Snapshot | dict) -> StreamEvent:
                        prompt=progress.prompt)
 
 
-async def follow_job(store: JobStore, aredis: aioredis.Redis, job_id: str) -> AsyncIterator[StreamEvent]:
+async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIterator[StreamEvent]:
     """Yield an event for the current text (if any), one per new chunk, and a last one with `done`.
 
     Raises JobNotFound if the job does not exist.
     """
-    pubsub = aredis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(store.channel(job_id))
-    try:
+    async with hub.subscribe(store.channel(job_id)) as messages:
         snap = await asyncio.to_thread(store.snapshot, job_id)
         if snap is None:
             raise JobNotFound(job_id)
@@ -69,18 +66,11 @@ async def follow_job(store: JobStore, aredis: aioredis.Redis, job_id: str) -> As
         if snap.status in FINAL_STATES:
             yield _final(progress, snap)
             return
-        waited = 0.0
         while True:
-            message = await pubsub.get_message(timeout=1.0)
-            if message is None:
-                waited += 1.0
-                if waited < RESYNC_AFTER_SECONDS:
-                    continue
-                waited, data = 0.0, None
-            else:
-                data = json.loads(message["data"])
-                if data["seq"] <= progress.seq:
-                    continue
+            payload = await _next_message(messages)
+            data = None if payload is None else json.loads(payload)
+            if data is not None and data["seq"] <= progress.seq:
+                continue
             if data is None or data["seq"] != progress.seq + 1:
                 # Missed something (or quiet for long): the record is the truth.
                 snap = await asyncio.to_thread(store.snapshot, job_id)
@@ -103,6 +93,12 @@ async def follow_job(store: JobStore, aredis: aioredis.Redis, job_id: str) -> As
             elif data.get("done"):
                 yield _final(progress, data)
                 return
-    finally:
-        await pubsub.unsubscribe()
-        await pubsub.aclose()
+
+
+async def _next_message(messages: asyncio.Queue) -> str | None:
+    """The next payload; None when the hub says messages were lost, or after RESYNC_AFTER_SECONDS without one."""
+    try:
+        async with asyncio.timeout(RESYNC_AFTER_SECONDS):
+            return await messages.get()
+    except TimeoutError:
+        return None

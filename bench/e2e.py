@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Self
 
 import httpx
+import psutil
 import requests
 import torch
 import websockets
@@ -50,6 +51,7 @@ from shared.settings import get_settings
 from workers.builder import load_model
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
+from workers.engine.scheduler import prefill_budget
 
 WARMUP_TOKENS = 4
 START_TIMEOUT_S = 180
@@ -66,8 +68,9 @@ def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int
     prompts = build_prompts(loaded, prompts_count)
     recorder = StepRecorder(first_text=True)
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
-                       max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
-                       on_step=recorder)
+                       max_batch_tokens=settings.max_batch_tokens,
+                       max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
+                       max_model_len=loaded.context_len, on_step=recorder)
     warm_up_in_this_thread(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=WARMUP_TOKENS))
     engine.start()
     return engine, recorder, prompts, info
@@ -140,6 +143,12 @@ class Stack:
                 raise RuntimeError(f"the stack did not come up in {START_TIMEOUT_S} s\n{self.logs()}")
             time.sleep(0.3)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) each process of the stack, and this one (the client), has used so far."""
+        pids = {name: process.pid for name, process in self.processes.items()}
+        pids.update(redis=self.redis.process.pid, client=os.getpid())
+        return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
+
     def logs(self) -> str:
         return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(self.log_dir.glob("*.log")))
 
@@ -188,8 +197,8 @@ async def follow_one(client: httpx.AsyncClient, ws_url: str, prompt: Prompt, max
 
 
 # Where a job's time to first text goes over the stack, from the job record's timestamps.
-TTFT_SEGMENTS = ("submit → worker starts the job", "job started → first text at the worker",
-                 "first text at the worker → client sees it")
+TTFT_SEGMENTS = ("submit → API records the job", "job recorded → worker starts it",
+                 "job started → first text at the worker", "first text at the worker → client sees it")
 
 
 async def run_over_stack(stack: Stack, prompts: list[Prompt], max_new_tokens: int
@@ -200,22 +209,26 @@ async def run_over_stack(stack: Stack, prompts: list[Prompt], max_new_tokens: in
     """
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     segments: dict[str, list[float]] = {name: [] for name in TTFT_SEGMENTS}
+    cpu_before = stack.cpu_seconds()
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=600, limits=limits) as client:
         done = await asyncio.gather(*(follow_one(client, stack.ws_url, p, max_new_tokens) for p in prompts))
         for job_id, timing, wall_submit, wall_first in done:
             record = (await client.get(f"/v1/jobs/{job_id}")).json()
             timing.completion_tokens = record["usage"]["completion_tokens"]
             timing.text = record["text"]
-            started, first = record["started_at"], record["first_token_at"] or record["finished_at"]
-            for name, seconds in zip(TTFT_SEGMENTS, (started - wall_submit, first - started, wall_first - first)):
+            created, started = record["created_at"], record["started_at"]
+            first = record["first_token_at"] or record["finished_at"]
+            moments = (wall_submit, created, started, first, wall_first)
+            for name, seconds in zip(TTFT_SEGMENTS, (b - a for a, b in zip(moments, moments[1:]))):
                 segments[name].append(seconds)
-    return from_timings([timing for _, timing, _, _ in done]), segments
+    cpu = {name: seconds - cpu_before[name] for name, seconds in stack.cpu_seconds().items()}
+    return from_timings([timing for _, timing, _, _ in done]), segments, cpu
 
 
 # Output.
 
-def print_report(args, c: RunResult, e2e: RunResult, segments: dict[str, list[float]], info: list[str],
-                 same_text: int) -> None:
+def print_report(args, c: RunResult, e2e: RunResult, segments: dict[str, list[float]], cpu: dict[str, float],
+                 info: list[str], same_text: int) -> None:
     n, new = args.num_requests, args.max_new_tokens
     print(f"\n## End-to-end benchmark: {n} requests x up to {new} new tokens, greedy, EOS honoured\n")
     print("\n".join(info))
@@ -234,6 +247,11 @@ def print_report(args, c: RunResult, e2e: RunResult, segments: dict[str, list[fl
           f"e2e TTFT p50 − (c) TTFT p50 = {e2e.ttft_ms(50) - c.ttft_ms(50):+.0f} ms**")
     parts = ", ".join(f"{name} {1000 * statistics.median(values):.0f} ms" for name, values in segments.items())
     print(f"\nStack TTFT, medians from the job records: {parts}.")
+    per_k = 1000 / max(e2e.tokens, 1)
+    print("\nCPU over the stack round (user + system seconds; the machine has "
+          f"{os.cpu_count()} cores × {e2e.seconds:.1f} s = {os.cpu_count() * e2e.seconds:.1f} s): "
+          + ", ".join(f"{name} {seconds:.1f} s ({1000 * seconds * per_k:.0f} ms per 1,000 tokens)"
+                      for name, seconds in cpu.items()) + ".")
     print(f"\nSame work: {c.tokens} completion tokens in process, {e2e.tokens} over the stack; "
           f"{same_text} of {n} texts identical.")
 
@@ -261,7 +279,7 @@ def main() -> None:
     model_dir = ensure_default_model(get_settings().cache_dir)
     print("loading the engine in process ...", flush=True)
     engine, recorder, prompts, info = in_process_engine(model_dir, args.num_requests, args.max_num_seqs)
-    c = e2e = segments = None
+    c = e2e = segments = cpu = None
     try:
         print("starting Redis, a worker and the API ...", flush=True)
         with Stack(model_dir, args.max_num_seqs) as stack:
@@ -275,11 +293,11 @@ def main() -> None:
                 print(f"round {round_}: {args.num_requests} jobs over HTTP ...", flush=True)
                 result = asyncio.run(run_over_stack(stack, prompts, args.max_new_tokens))
                 if e2e is None or result[0].tokens_per_s > e2e.tokens_per_s:
-                    e2e, segments = result
+                    e2e, segments, cpu = result
     finally:
         engine.shutdown()
     same_text = sum(a.text == b.text for a, b in zip(c.timings, e2e.timings))
-    print_report(args, c, e2e, segments, info, same_text)
+    print_report(args, c, e2e, segments, cpu, info, same_text)
 
 if __name__ == "__main__":
     main()

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # The engine's budgets: sequences in one batch, and tokens (prompt + new) their KV cache may hold.
     max_num_seqs: int = 32
     max_batch_tokens: int = 16384
+    # Prompt positions (rows x longest prompt) one prefill forward computes: a burst is prefilled in
+    # groups, so the first ones start streaming early. Unset: 512 on a CPU, 4096 on a GPU.
+    max_prefill_tokens: int | None = Field(None, ge=1)
 
     # The original worker clamps max_new_tokens to 1024.
     max_new_tokens_cap: int = 1024

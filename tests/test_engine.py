@@ -179,6 +179,32 @@ def test_never_more_than_max_num_seqs_running(tiny_model, tokenizer):
     assert engine.stats()["num_finished"] == 20
 
 
+def test_prefill_budget_splits_a_burst_into_groups(tiny_model, tokenizer):
+    engine, stream = make_engine(tiny_model, tokenizer, max_prefill_tokens=40)
+    groups = []
+    prefill = engine.runner.prefill
+
+    first_group_outputs = []
+
+    def recording_prefill(seqs):
+        groups.append([seq.prompt_len for seq in seqs])
+        first_group_outputs.append(len(stream.outputs.get("b0", [])))
+        return prefill(seqs)
+
+    engine.runner.prefill = recording_prefill
+    prompts = [random_prompt(length, seed=300 + i) for i, length in enumerate([8, 8, 14, 5, 9, 50, 7])]
+    handles = [engine.add_request(f"b{i}", prompt, SamplingParams(temperature=0.0, max_new_tokens=5))
+               for i, prompt in enumerate(prompts)]
+    run_until_done(engine, handles)
+    # Arrival order is kept; each group computes at most 40 padded positions, except the 50-token prompt alone.
+    assert groups == [[8, 8], [14, 5], [9], [50], [7]]
+    assert all(len(group) * max(group) <= 40 or len(group) == 1 for group in groups)
+    for prompt, handle in zip(prompts, handles):
+        assert handle.wait(0).token_ids == generate_alone(tiny_model, prompt, 5)
+    # The first group's first token was out before the second group's prefill (prefills come first: no more yet).
+    assert first_group_outputs == [0, 1, 1, 1, 1]
+
+
 def test_request_that_can_never_fit_fails_at_once(tiny_model, tokenizer):
     engine, stream = make_engine(tiny_model, tokenizer, max_batch_tokens=64)
     params = SamplingParams(temperature=0, max_new_tokens=20)

@@ -18,6 +18,7 @@ from workers.batch_slots import BatchSlots
 from workers.builder import LoadedModel, load_model
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
+from workers.engine.scheduler import prefill_budget
 from workers.generation import JobRunner
 from workers.metrics import METRICS, serve
 
@@ -41,8 +42,9 @@ def run_worker(settings: Settings) -> None:
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=settings.max_num_seqs,
-                       max_batch_tokens=settings.max_batch_tokens, max_model_len=loaded.context_len,
-                       on_step=runner.publish)
+                       max_batch_tokens=settings.max_batch_tokens,
+                       max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
+                       max_model_len=loaded.context_len, on_step=runner.publish)
     runner.attach(engine)
     warmup_seconds = _warm_up(engine, loaded)
     log.info("model %s loaded in %.1f s, warmed up in %.2f s", loaded.name, load_seconds, warmup_seconds)
@@ -56,9 +58,10 @@ def run_worker(settings: Settings) -> None:
         signals.task_received.connect(lambda request, **_: batch_slots.received(request.delivery_info), weak=False)
         signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
     tasks.install(runner)
-    log.info("worker %s: model %s, device %s, dtype %s, %d torch threads, max_num_seqs %d, max_batch_tokens %d",
-             name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), torch.get_num_threads(),
-             settings.max_num_seqs, settings.max_batch_tokens)
+    log.info("worker %s: model %s, device %s, dtype %s, %d torch threads, max_num_seqs %d, max_batch_tokens %d, "
+             "max_prefill_tokens %d", name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."),
+             torch.get_num_threads(), settings.max_num_seqs, settings.max_batch_tokens,
+             engine.scheduler.max_prefill_tokens)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
     stop = threading.Event()
     info = {"name": name, "model": loaded.name, "device": str(loaded.device),

@@ -6,7 +6,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from api.deps import AsyncRedis, CeleryApp, Registry, Store
+from api.deps import CeleryApp, Hub, Registry, Store
 from api.errors import ApiError
 from api.routes.models import served_models
 from api.stream import JobNotFound, StreamEvent, follow_job
@@ -46,7 +46,7 @@ async def cancel_unless_ended(store: JobStore, job_id: str) -> None:
 
 
 @router.post("/worker_generate_stream", response_class=StreamingResponse)
-async def worker_generate_stream(request: Request, store: Store, aredis: AsyncRedis, celery: CeleryApp,
+async def worker_generate_stream(request: Request, store: Store, hub: Hub, celery: CeleryApp,
                                  registry: Registry):
     """Generate like the original worker: frames `{"text": prompt + output, "error_code": 0}` each followed by NUL.
 
@@ -73,7 +73,7 @@ async def worker_generate_stream(request: Request, store: Store, aredis: AsyncRe
     async def frames():
         ended = sent = False
         try:
-            async for event in follow_job(store, aredis, job_id):
+            async for event in follow_job(store, hub, job_id):
                 if not event.done:
                     sent = True
                     yield encode_chunk(event.text)

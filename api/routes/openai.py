@@ -15,14 +15,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from api.deps import ApiKey, AsyncRedis, CeleryApp, Registry, Store
+from api.channel_hub import ChannelHub
+from api.deps import ApiKey, CeleryApp, Hub, Registry, Store
 from api.errors import ApiError, error_body
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
@@ -284,8 +284,8 @@ async def read_record(store: JobStore, job_id: str) -> dict | None:
 class Completion:
     """One chat completion in flight: its job, and the pieces every response of it shares."""
 
-    def __init__(self, store: JobStore, aredis: aioredis.Redis, job_id: str, model: str, keep_on_disconnect: bool):
-        self.store, self.aredis, self.job_id = store, aredis, job_id
+    def __init__(self, store: JobStore, hub: ChannelHub, job_id: str, model: str, keep_on_disconnect: bool):
+        self.store, self.hub, self.job_id = store, hub, job_id
         self.id = COMPLETION_ID_PREFIX + job_id
         self.model = model
         self.created = int(time.time())
@@ -312,7 +312,7 @@ class Completion:
 
     async def _until_done(self) -> None:
         try:
-            async for event in follow_job(self.store, self.aredis, self.job_id):
+            async for event in follow_job(self.store, self.hub, self.job_id):
                 if event.done:
                     return
         except JobNotFound:
@@ -327,7 +327,7 @@ class Completion:
         ended, sent = False, ""
         try:
             yield self._chunk({"role": "assistant", "content": ""}, None, include_usage)
-            async for event in follow_job(self.store, self.aredis, self.job_id):
+            async for event in follow_job(self.store, self.hub, self.job_id):
                 if event.done:
                     break
                 generated = event.text[len(event.prompt):]
@@ -390,13 +390,13 @@ async def _disconnected(request: Request) -> None:
                         400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
                         404: {"description": "No live worker serves the model"}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response, store: Store,
-                                 aredis: AsyncRedis, celery: CeleryApp, registry: Registry, api_key: ApiKey):
+                                 hub: Hub, celery: CeleryApp, registry: Registry, api_key: ApiKey):
     """OpenAI's chat completion, as a job: `id` is `chatcmpl-<job id>` (poll `GET /v1/jobs/<job id>`)."""
     check_supported(body)
     job_request = to_generate_request(body)
     await require_served(registry, body.model)
     job_id = await asyncio.to_thread(submit_job, store, celery, job_request, "interactive", api_key)
-    completion = Completion(store, aredis, job_id, body.model, body.keep_on_disconnect)
+    completion = Completion(store, hub, job_id, body.model, body.keep_on_disconnect)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(completion.stream(include_usage), media_type="text/event-stream",

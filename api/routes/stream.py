@@ -8,7 +8,7 @@ import asyncio
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from api.deps import ApiKey, AsyncRedis, CeleryApp, Store
+from api.deps import ApiKey, CeleryApp, Hub, Store
 from api.errors import ApiError
 from api.stream import JobNotFound, StreamEvent, follow_job
 from api.submission import submit_job
@@ -26,10 +26,10 @@ def ws_message(job_id: str, event: StreamEvent) -> dict:
     return message
 
 
-async def _relay(websocket: WebSocket, store: Store, aredis: AsyncRedis, job_id: str) -> bool:
+async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> bool:
     """Send the job's events until it ends; returns True when the job ended, False if the client left."""
     try:
-        async for event in follow_job(store, aredis, job_id):
+        async for event in follow_job(store, hub, job_id):
             await websocket.send_json(ws_message(job_id, event))
     except JobNotFound:
         await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
@@ -40,15 +40,15 @@ async def _relay(websocket: WebSocket, store: Store, aredis: AsyncRedis, job_id:
 
 
 @router.websocket("/v1/jobs/{job_id}/ws")
-async def job_stream(websocket: WebSocket, job_id: str, store: Store, aredis: AsyncRedis) -> None:
+async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub) -> None:
     """Stream an existing job: its current text first, then every chunk, then how it ended."""
     await websocket.accept()
-    if await _relay(websocket, store, aredis, job_id):
+    if await _relay(websocket, store, hub, job_id):
         await websocket.close()
 
 
 @router.websocket("/v1/ws")
-async def submit_and_stream(websocket: WebSocket, store: Store, aredis: AsyncRedis, celery: CeleryApp,
+async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, celery: CeleryApp,
                             api_key: ApiKey) -> None:
     """Take a job request as the first message, then stream that job. Leaving the socket cancels the job."""
     await websocket.accept()
@@ -65,7 +65,7 @@ async def submit_and_stream(websocket: WebSocket, store: Store, aredis: AsyncRed
     except ApiError as exc:  # the queue or this key's quota is full (429), or the broker is away (503)
         await _reject(websocket, exc.message, exc.code, exc.headers)
         return
-    if await _relay(websocket, store, aredis, job_id):
+    if await _relay(websocket, store, hub, job_id):
         await websocket.close()
     else:
         await asyncio.to_thread(store.cancel, job_id)

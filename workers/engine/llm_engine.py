@@ -72,8 +72,9 @@ class RequestHandle:
 class LLMEngine:
     """Continuous batching over one Hugging Face causal LM.
 
-    max_num_seqs and max_batch_tokens are the scheduler's budgets (rows, and
-    prompt + max_new_tokens summed over the running rows); max_model_len caps
+    max_num_seqs, max_batch_tokens and max_prefill_tokens are the scheduler's budgets (rows,
+    prompt + max_new_tokens summed over the running rows, and the padded prompt positions of
+    one prefill forward; None: no limit); max_model_len caps
     prompt + new tokens (default: the model's max_position_embeddings).
     on_step(outputs) is called once after every step, from the engine thread,
     with one SeqOutput per request that has new text, its first token, or
@@ -87,12 +88,13 @@ class LLMEngine:
         *,
         max_num_seqs: int = 32,
         max_batch_tokens: int = 16384,
+        max_prefill_tokens: int | None = None,
         max_model_len: int | None = None,
         on_step: Callable[[list[SeqOutput]], None] | None = None,
     ):
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model)
-        self.scheduler = Scheduler(max_num_seqs, max_batch_tokens)
+        self.scheduler = Scheduler(max_num_seqs, max_batch_tokens, max_prefill_tokens)
         self.max_model_len = max_model_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.on_step = on_step
@@ -114,6 +116,7 @@ class LLMEngine:
             "num_running": 0, "num_waiting": 0, "reserved_tokens": 0, "batch_len": 0,
             "steps": 0, "num_finished": 0, "generated_tokens": 0,
             "max_num_seqs": max_num_seqs, "max_batch_tokens": max_batch_tokens,
+            "max_prefill_tokens": max_prefill_tokens,
         }
 
     # Caller side (any thread).

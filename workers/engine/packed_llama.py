@@ -89,7 +89,7 @@ class PackedLlama:
             self._rotary_table(2 * int(position_ids.max()))
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, T, head_dim], broadcast over heads
         sin = self.sin[position_ids].unsqueeze(1)
-        mask = _attention_mask(attention_mask, new)
+        mask = _attention_mask(attention_mask, new, hidden.dtype)
         for index, layer in enumerate(self.layers):
             hidden = layer(self, hidden, cos, sin, mask, cache.layers[index])
         last = F.rms_norm(hidden[:, -1], (self.hidden_size,), self.norm_weight, self.norm_eps)
@@ -135,14 +135,14 @@ class _Layer:
         rows, new, size = hidden.shape
         heads, kv_heads, head_dim = model.num_heads, model.num_kv_heads, model.head_dim
         x = F.rms_norm(hidden, (size,), *self.input_norm)
-        q, k, v = self.qkv(x).view(rows, new, heads + 2 * kv_heads, head_dim).transpose(1, 2).split(
-            [heads, kv_heads, kv_heads], dim=1)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = cache_layer.update(k, v)
+        qkv = self.qkv(x).view(rows, new, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+        # q and k are rotated as one tensor: their heads are adjacent, and the rotation is the same for each.
+        q, k = _rotate(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
+        keys, values = cache_layer.update(k, qkv[:, heads + kv_heads :])
         hidden = hidden + self.o(_attention(q, keys, values, mask, model.scale).reshape(rows, new, heads * head_dim))
         x = F.rms_norm(hidden, (size,), *self.post_norm)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return hidden + self.down(F.silu(gate) * up)
+        return hidden + self.down(F.silu(gate).mul_(up))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -166,14 +166,14 @@ def _attention(q, keys, values, mask, scale) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).transpose(1, 2)
 
 
-def _attention_mask(mask: torch.Tensor, new: int) -> torch.Tensor:
+def _attention_mask(mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, T, W] booleans: each of the T new positions sees the real columns up to itself, and always itself.
 
     A padding position sees only itself, so no query row is fully masked: its output stays finite and, in the
     cache, its keys and values stay finite (0 x NaN would reach the real rows).
     """
     if new == 1:
-        return mask[:, None, None, :]
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None, None]
     width = mask.shape[-1]
     query = torch.arange(width - new, width, device=mask.device)[:, None]
     key = torch.arange(width, device=mask.device)[None, :]

@@ -9,20 +9,37 @@ from workers.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger("llava_queue.engine")
 
+# The default prefill budget per device type: about a second of prefill on a 2-core CPU with a
+# 135M model, a few hundred milliseconds at 13B on one GPU (bench/README.md).
+DEFAULT_PREFILL_TOKENS = {"cpu": 512}
+DEFAULT_GPU_PREFILL_TOKENS = 4096
+
+
+def prefill_budget(configured: int | None, device_type: str) -> int:
+    """The prefill budget of an engine on `device_type` ("cpu", "cuda", ...): `configured`, or the device's default."""
+    return configured or DEFAULT_PREFILL_TOKENS.get(device_type, DEFAULT_GPU_PREFILL_TOKENS)
+
 
 class Scheduler:
-    """Holds the `waiting` queue and the `running` list under two budgets.
+    """Holds the `waiting` queue and the `running` list under three budgets.
 
     max_num_seqs bounds the rows of the running batch; max_batch_tokens bounds
     the sum over running sequences of prompt_len + max_new_tokens, the KV cache
     they may come to hold, so an admitted sequence can always run to its end.
+    max_prefill_tokens bounds one prefill forward (rows x longest prompt, the
+    positions a left-padded prefill computes), as vLLM's max_num_batched_tokens
+    and TGI's max_batch_prefill_tokens do: a burst is prefilled in groups, one per
+    step, so the first group has its first tokens out while the next is computed
+    instead of every request waiting for the whole burst's prefill. A prompt longer
+    than the budget is prefilled alone.
     """
 
-    def __init__(self, max_num_seqs: int, max_batch_tokens: int):
-        if max_num_seqs < 1 or max_batch_tokens < 1:
-            raise ValueError("max_num_seqs and max_batch_tokens must be positive")
+    def __init__(self, max_num_seqs: int, max_batch_tokens: int, max_prefill_tokens: int | None = None):
+        if max_num_seqs < 1 or max_batch_tokens < 1 or (max_prefill_tokens is not None and max_prefill_tokens < 1):
+            raise ValueError("max_num_seqs, max_batch_tokens and max_prefill_tokens must be positive")
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.reserved_tokens = 0
@@ -44,11 +61,16 @@ class Scheduler:
         return True
 
     def admit(self) -> list[Sequence]:
-        """Move waiting sequences to running, in arrival order, while both budgets allow. Returns the admitted."""
+        """Move waiting sequences to running, in arrival order, while the budgets allow. Returns the admitted
+        (one prefill group)."""
         admitted = []
+        width = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.reserved_tokens + seq.max_kv_tokens > self.max_batch_tokens:
+                break
+            width = max(width, seq.prompt_len)
+            if admitted and self.max_prefill_tokens is not None and (len(admitted) + 1) * width > self.max_prefill_tokens:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -1,0 +1,137 @@
+"""One Redis pub/sub connection per API process, shared by every stream follower.
+
+A subscription per follower would cost a Redis connection and a reader loop per streaming client.
+Here one reader task reads every subscribed channel and hands each message to the queues of that
+channel's followers. A channel's followers share one SUBSCRIBE: sent for the first, withdrawn after
+the last.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("llava_queue.api")
+
+# How long a new follower waits for Redis to acknowledge its SUBSCRIBE. Past it, the follower goes on
+# without: it re-reads the job record when a chunk is missing or the channel stays quiet.
+SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+# The pause before the reader tries again after losing its connection, doubled while Redis stays away.
+RECONNECT_DELAY_SECONDS = 0.5
+MAX_RECONNECT_DELAY_SECONDS = 4.0
+
+
+class _Channel:
+    """The followers' queues of one channel, and whether Redis has acknowledged its SUBSCRIBE."""
+
+    def __init__(self) -> None:
+        self.queues: set[asyncio.Queue] = set()
+        self.acknowledged = asyncio.get_running_loop().create_future()
+
+
+class ChannelHub:
+    """Hands the messages of subscribed channels to their followers, over one pub/sub connection.
+
+    `start()` it on the running loop, `aclose()` it at shutdown.
+    """
+
+    def __init__(self, aredis: aioredis.Redis):
+        self._pubsub = aredis.pubsub()
+        self._channels: dict[str, _Channel] = {}
+        # Two coroutines connecting the PubSub at once would each open a connection.
+        self._connecting = asyncio.Lock()
+        self._reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read(), name="channel-hub-reader")
+
+    async def aclose(self) -> None:
+        self._reader.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._reader
+        await self._pubsub.aclose()
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue]:
+        """A queue of `channel`'s message payloads, for the `with` block; None in it means some may have been lost.
+
+        Entered once Redis acknowledged the subscription (or after SUBSCRIBE_TIMEOUT_SECONDS), so
+        whatever is published after entering is in the queue. Raises redis' ConnectionError when
+        Redis cannot be reached.
+        """
+        queue = asyncio.Queue()
+        followers = self._channels.setdefault(channel, _Channel())
+        followers.queues.add(queue)
+        try:
+            if len(followers.queues) == 1:
+                await self._connect()
+                await self._pubsub.subscribe(channel)
+            _, waiting = await asyncio.wait([followers.acknowledged], timeout=SUBSCRIBE_TIMEOUT_SECONDS)
+            if waiting:
+                log.warning("Redis did not acknowledge the subscription to %s in %s s", channel,
+                            SUBSCRIBE_TIMEOUT_SECONDS)
+            yield queue
+        finally:
+            followers.queues.discard(queue)
+            if not followers.queues and self._channels.get(channel) is followers:
+                del self._channels[channel]
+                with suppress(RedisConnectionError, RedisTimeoutError):
+                    # Unsent for want of a connection, it is resent by the reader (see _dispatch).
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _connect(self) -> None:
+        async with self._connecting:
+            await self._pubsub.connect()
+
+    async def _read(self) -> None:
+        """Dispatch every message for as long as the hub runs, reconnecting whenever the connection fails.
+
+        A reconnection (redis-py's own, or this loop's) subscribes every live channel again, and
+        Redis acknowledges each again: _dispatch takes that as the sign that messages were lost.
+        """
+        delay = RECONNECT_DELAY_SECONDS
+        while True:
+            try:
+                await self._connect()
+                delay = RECONNECT_DELAY_SECONDS
+                while True:
+                    await self._dispatch(await self._pubsub.get_message(timeout=None))
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("lost the pub/sub connection to Redis (%s); reconnecting in %s s", exc, delay)
+            except Exception:
+                log.exception("the pub/sub reader failed; restarting it in %s s", delay)
+                # It may have dropped a message on its way out.
+                self._tell_all_missed()
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, MAX_RECONNECT_DELAY_SECONDS)
+
+    async def _dispatch(self, message: dict | None) -> None:
+        """Hand a message to its channel's followers; note an acknowledged SUBSCRIBE."""
+        if message is None or message["type"] not in ("message", "subscribe"):
+            return
+        channel = message["channel"]
+        followers = self._channels.get(channel)
+        if message["type"] == "message":
+            if followers:
+                _put(followers, message["data"])
+        elif followers is None:
+            # Subscribed again on reconnecting, though its last follower left (its UNSUBSCRIBE was lost).
+            await self._pubsub.unsubscribe(channel)
+        elif followers.acknowledged.done():
+            # Subscribed again on reconnecting: what was published while disconnected is lost.
+            _put(followers, None)
+        else:
+            followers.acknowledged.set_result(None)
+
+    def _tell_all_missed(self) -> None:
+        for followers in self._channels.values():
+            _put(followers, None)
+
+
+def _put(followers: _Channel, payload: str | None) -> None:
+    for queue in followers.queues:
+        queue.put_nowait(payload)

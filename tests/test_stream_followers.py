@@ -1,0 +1,142 @@
+"""Every stream of an API process shares one Redis pub/sub connection: two followers of one job, twenty
+jobs streamed at once, and that connection killed mid-stream."""
+
+import asyncio
+import json
+import time
+
+import redis.asyncio as aioredis
+import websockets
+
+from test_pipeline import poll, submit, ws_messages
+
+STORY = [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}]
+# The API names its Redis connections so (see api/main.py).
+API_CLIENT_NAME = "llava-queue-api"
+
+
+async def api_subscribers(admin: aioredis.Redis) -> dict[str, int]:
+    """The API's Redis connections that hold subscriptions: client id → how many channels."""
+    return {client["id"]: int(client["sub"]) for client in await admin.client_list()
+            if client["name"] == API_CLIENT_NAME and int(client["sub"]) > 0}
+
+
+async def job_channels(admin: aioredis.Redis) -> list[str]:
+    return await admin.pubsub_channels("*:chunks:*")
+
+
+async def published_deltas(chunks: aioredis.client.PubSub, job_id: str) -> list[str]:
+    """The text deltas published for `job_id`, in order, until its last message."""
+    deltas, deadline = [], time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, f"job {job_id} did not end in 120 s"
+        message = await chunks.get_message(ignore_subscribe_messages=True, timeout=1)
+        if message is None or not message["channel"].endswith(job_id):
+            continue
+        data = json.loads(message["data"])
+        if data.get("done"):
+            return deltas
+        if "delta" in data:
+            deltas.append(data["delta"])
+
+
+async def first_messages(url: str, count: int) -> list[dict]:
+    """The first `count` messages of a WebSocket stream, then the client leaves."""
+    async with websockets.connect(url, open_timeout=10) as socket:
+        return [json.loads(await socket.recv()) for _ in range(count)]
+
+
+def is_run_of(texts: list[str], expected: list[str]) -> bool:
+    """Whether `texts` is a run of consecutive items of `expected`: a chunk-by-chunk stream that missed none."""
+    return any(texts == expected[start:start + len(texts)] for start in range(len(expected)))
+
+
+def test_two_followers_of_one_job_each_get_every_chunk(stack):
+    async def follow_twice():
+        admin = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+        chunks = admin.pubsub()
+        await chunks.psubscribe("*:chunks:*")  # before the job exists: every chunk of it is seen here
+        job_id = submit(stack, messages=STORY, temperature=0, max_new_tokens=48)
+        url = f"{stack.ws_url}/v1/jobs/{job_id}/ws"
+        leaver = asyncio.create_task(first_messages(url, 3))
+        stayer = asyncio.create_task(ws_messages(url))
+        deltas = await published_deltas(chunks, job_id)
+        await chunks.aclose()
+        await admin.aclose()
+        return job_id, deltas, await leaver, await stayer
+
+    job_id, deltas, leaver, stayer = asyncio.run(follow_twice())
+    job = poll(stack, job_id)
+    assert job["status"] == "succeeded", job
+    expected = [job["prompt"] + "".join(deltas[:count]) for count in range(1, len(deltas) + 1)]
+    assert expected[-1] == job["prompt"] + job["text"]
+    assert is_run_of([message["text"] for message in leaver], expected), (leaver, expected)
+    # The other follower went on after the first left, every chunk up to the last.
+    assert expected.index(leaver[-1]["text"]) < len(expected) - 1
+    assert stayer[-1]["done"] and stayer[-1]["status"] == "succeeded" and stayer[-1]["text"] == expected[-1]
+    assert is_run_of([message["text"] for message in stayer[:-1]], expected) and stayer[-2]["text"] == expected[-1]
+
+
+def test_twenty_streams_share_one_subscriber_connection(stack):
+    requests_ = [json.dumps({"messages": [{"role": "user", "text": f"Count from {start} to {start + 5}."}],
+                             "temperature": 0, "max_new_tokens": 16}) for start in range(20)]
+
+    async def stream_all():
+        admin = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+        samples = []
+
+        async def sample():
+            while True:
+                samples.append(await api_subscribers(admin))
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
+        streams = await asyncio.gather(*(ws_messages(f"{stack.ws_url}/v1/ws", first=request)
+                                         for request in requests_))
+        sampler.cancel()
+        deadline = time.monotonic() + 5
+        while await job_channels(admin) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = await job_channels(admin), await api_subscribers(admin)
+        await admin.aclose()
+        return streams, samples, left
+
+    streams, samples, (channels_left, subscribers_left) = asyncio.run(stream_all())
+    for messages in streams:
+        assert messages[-1]["done"] and messages[-1]["status"] == "succeeded", messages[-1]
+        job = poll(stack, messages[-1]["id"])
+        assert messages[-1]["text"] == job["prompt"] + job["text"]
+    assert all(len(sample) <= 1 for sample in samples), samples  # never a second subscriber connection
+    assert max(count for sample in samples for count in sample.values()) >= 10, samples  # but many channels on it
+    assert channels_left == [] and subscribers_left == {}
+
+
+def test_a_stream_survives_its_pubsub_connection_being_killed(stack):
+    job_id = submit(stack, messages=STORY, temperature=0, max_new_tokens=64)
+
+    async def kill_mid_stream():
+        admin = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+        messages = []
+        async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws", open_timeout=10) as socket:
+            while len(messages) < 3:
+                messages.append(json.loads(await socket.recv()))
+            [killed] = await api_subscribers(admin)
+            # Only the API's: `CLIENT KILL TYPE pubsub` would also cut the worker's Celery broker connection.
+            assert await admin.execute_command("CLIENT", "KILL", "ID", killed) == 1
+            # The API connects again and subscribes to the job's channel again, while the job still runs.
+            deadline = time.monotonic() + 10
+            while set(await api_subscribers(admin)) in (set(), {killed}):
+                assert time.monotonic() < deadline, "the API did not subscribe again"
+                await asyncio.sleep(0.05)
+            async for raw in socket:
+                messages.append(json.loads(raw))
+        await admin.aclose()
+        return messages
+
+    messages = asyncio.run(kill_mid_stream())
+    job = poll(stack, job_id)
+    texts = [message["text"] for message in messages]
+    for before, after in zip(texts, texts[1:]):
+        assert after.startswith(before)
+    assert messages[-1]["done"] and messages[-1]["status"] == "succeeded", messages[-1]
+    assert texts[-1] == job["prompt"] + job["text"]
