@@ -167,13 +167,16 @@ def _attention(q, keys, values, mask, scale) -> torch.Tensor:
 
 
 def _attention_mask(mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, T, W] booleans: each of the T new positions sees the real columns up to itself, and always itself.
+    """What each of the T new positions attends to: the real columns up to itself, and always itself.
 
-    A padding position sees only itself, so no query row is fully masked: its output stays finite and, in the
-    cache, its keys and values stay finite (0 x NaN would reach the real rows).
+    Decode (T = 1): an additive mask [B, 1, 1, W] of 0 and -inf in `dtype`, made once a step (sdpa would make it
+    from booleans in every layer). Prefill: booleans [B, 1, T, W], where a padding position sees only itself, so
+    no query row is fully masked: its output stays finite and, in the cache, its keys and values stay finite
+    (0 x NaN would reach the real rows).
     """
     if new == 1:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None, None]
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return additive[:, None, None]
     width = mask.shape[-1]
     query = torch.arange(width - new, width, device=mask.device)[:, None]
     key = torch.arange(width, device=mask.device)[None, :]
