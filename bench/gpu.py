@@ -185,7 +185,7 @@ class Parity:
 def greedy_parity(loaded: LoadedModel, prompts: list[Prompt], new_tokens: int, label: str) -> Parity:
     """Token-for-token comparison; where they part, the reference's top-1 minus top-2 logit at that step."""
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=len(prompts),
-                       max_batch_tokens=sum(len(p.token_ids) + new_tokens for p in prompts),
+                       max_batch_tokens=len(prompts) * max(len(p.token_ids) + new_tokens for p in prompts),
                        max_model_len=loaded.context_len)
     handles = [engine.add_request(f"p{i}", p.token_ids, greedy(new_tokens)) for i, p in enumerate(prompts)]
     while not all(h.done.is_set() for h in handles):
@@ -504,7 +504,7 @@ def llava_engine_run(loaded: LoadedModel, prepared: list[Prepared], batch: int, 
                      one_at_a_time: bool = False) -> tuple[RunResult, list[list[int]], list[str]]:
     """The engine with `batch` slots: every request submitted at once (or one after another's end)."""
     device = loaded.device
-    budget = sum(len(p.token_ids) + new for p in prepared)
+    budget = len(prepared) * max(len(p.token_ids) + new for p in prepared)  # the left-padded batch's KV positions
     recorder = StepRecorder()
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=batch, max_batch_tokens=max(budget, CONTEXT),
                        max_model_len=loaded.context_len, on_step=recorder)

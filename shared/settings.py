@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = 50_000_000
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "llava-queue")
 
-    # The engine's budgets: sequences in one batch, and tokens (prompt + new) their KV cache may hold.
+    # The engine's budgets: sequences in one batch, and the positions their (left-padded) KV cache may
+    # hold: rows x the longest prompt + max new tokens among them.
     max_num_seqs: int = 32
     max_batch_tokens: int = 16384
     # Prompt positions (rows x longest prompt) one prefill forward computes: a burst is prefilled in

@@ -223,6 +223,21 @@ def test_request_that_can_never_fit_fails_at_once(tiny_model, tokenizer):
     assert max(stream.reserved_per_step) <= 64
 
 
+def test_kv_budget_counts_the_longest_request_on_every_row(tiny_model, tokenizer):
+    # The cache is left-padded: beside a 10 + 90 token request, every row is up to 100 columns wide.
+    engine, stream = make_engine(tiny_model, tokenizer, max_batch_tokens=200)
+    long = engine.add_request("long", random_prompt(10, seed=400), SamplingParams(temperature=0, max_new_tokens=90))
+    short = [engine.add_request(f"s{i}", random_prompt(6, seed=401 + i), SamplingParams(temperature=0, max_new_tokens=4))
+             for i in range(5)]
+    run_until_done(engine, [long, *short])
+    assert all(h.wait(0).finish_reason == "length" for h in [long, *short])
+    # Summed per row (100 + 5 x 10 = 150) all six would have run at once; padded, two rows of 100 fill 200.
+    assert max(stream.running_per_step) == 2
+    assert max(stream.reserved_per_step) <= 200
+    # What the cache really held never went past the budget.
+    assert max(rows * width for rows, width in zip(stream.running_per_step, stream.batch_len_per_step)) <= 200
+
+
 def test_stop_string_spanning_tokens_ends_and_is_removed(tiny_model, tokenizer):
     prompt = random_prompt(5, seed=300)
     reference_ids = generate_alone(tiny_model, prompt, 30)

@@ -195,7 +195,8 @@ class _EngineCollector:
                 ("llava_queue_waiting_sequences", "Sequences handed to the engine, waiting for room in its batch.",
                  stats["num_waiting"]),
                 ("llava_queue_kv_budget_used_tokens",
-                 "Tokens (prompt + max new) reserved by the running sequences, of the KV budget.",
+                 "KV cache positions the running batch may come to hold (rows x longest prompt + max new), "
+                 "of the KV budget.",
                  stats["reserved_tokens"]),
                 ("llava_queue_kv_budget_tokens", "The engine's KV budget (LLAVA_QUEUE_MAX_BATCH_TOKENS).",
                  stats["max_batch_tokens"]),

@@ -73,8 +73,8 @@ class LLMEngine:
     """Continuous batching over one Hugging Face causal LM.
 
     max_num_seqs, max_batch_tokens and max_prefill_tokens are the scheduler's budgets (rows,
-    prompt + max_new_tokens summed over the running rows, and the padded prompt positions of
-    one prefill forward; None: no limit); max_model_len caps
+    KV positions of the left-padded running batch, and the padded prompt positions of one
+    prefill forward; None: no limit; see scheduler.py); max_model_len caps
     prompt + new tokens (default: the model's max_position_embeddings).
     on_step(outputs) is called once after every step, from the engine thread,
     with one SeqOutput per request that has new text, its first token, or

@@ -23,9 +23,12 @@ def prefill_budget(configured: int | None, device_type: str) -> int:
 class Scheduler:
     """Holds the `waiting` queue and the `running` list under three budgets.
 
-    max_num_seqs bounds the rows of the running batch; max_batch_tokens bounds
-    the sum over running sequences of prompt_len + max_new_tokens, the KV cache
-    they may come to hold, so an admitted sequence can always run to its end.
+    max_num_seqs bounds the rows of the running batch; max_batch_tokens bounds the
+    KV cache positions the batch may come to hold. The cache is left-padded (every
+    row as wide as the longest, see kv_cache.py), so that is rows x the longest
+    prompt_len + max_new_tokens among them, not the sum of each row's own: one long
+    request among short ones costs its length on every row. Within it an admitted
+    sequence can always run to its end (the buffers add their growth room on top).
     max_prefill_tokens bounds one prefill forward (rows x longest prompt, the
     positions a left-padded prefill computes), as vLLM's max_num_batched_tokens
     and TGI's max_batch_prefill_tokens do: a burst is prefilled in groups, one per
@@ -42,7 +45,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.reserved_tokens = 0
+        self.reserved_tokens = 0  # len(running) x the longest max_kv_tokens among them
 
     def add(self, seq: Sequence) -> bool:
         """Queue a new sequence. One that could never fit the token budget is finished with an error instead.
@@ -67,7 +70,7 @@ class Scheduler:
         width = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.reserved_tokens + seq.max_kv_tokens > self.max_batch_tokens:
+            if self._reservation(self.running + [seq]) > self.max_batch_tokens:
                 break
             width = max(width, seq.prompt_len)
             if admitted and self.max_prefill_tokens is not None and (len(admitted) + 1) * width > self.max_prefill_tokens:
@@ -75,7 +78,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.reserved_tokens += seq.max_kv_tokens
+            self.reserved_tokens = self._reservation(self.running)
             admitted.append(seq)
         if admitted:
             log.debug(
@@ -88,10 +91,15 @@ class Scheduler:
         """Finish a sequence (waiting, running, or never queued) and give its slot and tokens back at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.reserved_tokens -= seq.max_kv_tokens
+            self.reserved_tokens = self._reservation(self.running)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.finish(reason, error)
+
+    @staticmethod
+    def _reservation(seqs: list[Sequence]) -> int:
+        """KV cache positions a left-padded batch of `seqs` may come to hold."""
+        return len(seqs) * max((seq.max_kv_tokens for seq in seqs), default=0)
 
     def has_work(self) -> bool:
         """Whether a step would do anything."""
