@@ -85,6 +85,7 @@ class StreamLog:
         self.running_per_step: list[int] = []
         self.reserved_per_step: list[int] = []
         self.batch_len_per_step: list[int] = []
+        self.allocated_per_step: list[int] = []  # KV positions the running batch's buffers hold (rows x columns)
         self.calls = 0
         self._engine_ref = engine_ref
         self._lock = threading.Lock()
@@ -99,6 +100,9 @@ class StreamLog:
                 self.running_per_step.append(stats["num_running"])
                 self.reserved_per_step.append(stats["reserved_tokens"])
                 self.batch_len_per_step.append(stats["batch_len"])
+                batch = self._engine_ref[0]._batch
+                cache = batch.cache if batch is not None else None
+                self.allocated_per_step.append(0 if cache is None else cache.row_capacity * cache.column_capacity)
 
     def joined_deltas(self, request_id: str) -> str:
         return "".join(output.delta for output in self.outputs[request_id])
@@ -234,8 +238,9 @@ def test_kv_budget_counts_the_longest_request_on_every_row(tiny_model, tokenizer
     # Summed per row (100 + 5 x 10 = 150) all six would have run at once; padded, two rows of 100 fill 200.
     assert max(stream.running_per_step) == 2
     assert max(stream.reserved_per_step) <= 200
-    # What the cache really held never went past the budget.
+    # What the cache really held never went past the budget, nor did its buffers, spare rows and columns included.
     assert max(rows * width for rows, width in zip(stream.running_per_step, stream.batch_len_per_step)) <= 200
+    assert max(stream.allocated_per_step) <= 200
 
 
 def test_stop_string_spanning_tokens_ends_and_is_removed(tiny_model, tokenizer):

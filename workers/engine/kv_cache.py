@@ -34,11 +34,13 @@ class BatchKVCache(Cache):
     the number of positions the forward fed.
     """
 
-    def __init__(self, num_layers: int, rows: int, device: torch.device):
+    def __init__(self, num_layers: int, rows: int, device: torch.device, max_positions: int | None = None):
         super().__init__(layers=[_Layer(self) for _ in range(num_layers)])
         self.rows = rows
         self.start = 0
         self.end = 0
+        # The engine's KV budget: spare rows and columns are allocated only within it (None: no limit).
+        self.max_positions = max_positions
         self.row_capacity = _round_rows(rows)
         self.column_capacity = 0
         self.mask = torch.zeros(self.row_capacity, 0, dtype=torch.bool, device=device)
@@ -55,7 +57,7 @@ class BatchKVCache(Cache):
     def reserve(self, new_columns: int) -> None:
         """Make room for a forward of `new_columns` positions after `end` (moves the window to column 0 if needed)."""
         if self.end + new_columns > self.column_capacity:
-            self._relayout(self.row_capacity, self.width, new_columns)
+            self._relayout(self.rows, self.row_capacity, self.width, new_columns)
 
     def advance(self, new_columns: int) -> None:
         """The forward that wrote `new_columns` positions at `end` is done."""
@@ -92,7 +94,7 @@ class BatchKVCache(Cache):
         width = max(self.width, other.width)
         rows = self.rows + other.rows
         if rows > self.row_capacity or other.width > self.end:
-            self._relayout(max(self.row_capacity, _round_rows(rows)), width, 0)
+            self._relayout(rows, max(self.row_capacity, _round_rows(rows)), width, 0)
         first = self.end - other.width
         new_rows = slice(self.rows, rows)
         for layer, incoming in zip(self.layers, other.layers):
@@ -108,7 +110,7 @@ class BatchKVCache(Cache):
         used = self.window_mask().any(dim=0)
         self.start = self.end if not bool(used.any()) else self.start + int(used.to(torch.int8).argmax())
 
-    def _relayout(self, row_capacity: int, width: int, new_columns: int) -> None:
+    def _relayout(self, rows: int, row_capacity: int, width: int, new_columns: int) -> None:
         """Copy the live rows into new buffers whose window is `width` columns from column 0, ending at `end`.
 
         `width` may exceed the live window (room on the left for longer incoming rows);
@@ -116,7 +118,7 @@ class BatchKVCache(Cache):
         """
         live = self.width
         columns = width + new_columns
-        column_capacity = columns + max(MIN_GROWTH_COLUMNS, columns // 2)
+        row_capacity, column_capacity = self._capacities(rows, row_capacity, columns)
         offset = width - live
         for layer in self.layers:
             layer.reallocate(row_capacity, column_capacity, offset)
@@ -125,6 +127,17 @@ class BatchKVCache(Cache):
         self.mask = mask
         self.row_capacity, self.column_capacity = row_capacity, column_capacity
         self.start, self.end = offset, width
+
+    def _capacities(self, rows: int, row_capacity: int, columns: int) -> tuple[int, int]:
+        """Rows and columns to allocate: at least `rows` and `columns`; spare ones (rows rounded up, columns to grow
+        into) only while rows x columns stays within max_positions, so the buffers hold no more positions than the
+        scheduler's budget allows the batch (it admits rows x their longest length within it)."""
+        column_capacity = columns + max(MIN_GROWTH_COLUMNS, columns // 2)
+        if self.max_positions is None:
+            return row_capacity, column_capacity
+        rows = max(rows, 1)
+        column_capacity = max(columns, min(column_capacity, self.max_positions // rows))
+        return max(rows, min(row_capacity, self.max_positions // column_capacity)), column_capacity
 
 
 class _Layer(CacheLayerMixin):

@@ -93,7 +93,7 @@ class LLMEngine:
         on_step: Callable[[list[SeqOutput]], None] | None = None,
     ):
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, max_kv_positions=max_batch_tokens)
         self.scheduler = Scheduler(max_num_seqs, max_batch_tokens, max_prefill_tokens)
         self.max_model_len = max_model_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)

@@ -52,8 +52,10 @@ class Batch:
 class ModelRunner:
     """Runs the forward passes of one Hugging Face causal LM (Llama, Mistral, Qwen2, ... and LLaVA's language side)."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, max_kv_positions: int | None = None):
+        """`max_kv_positions`: the engine's KV budget, which no batch's cache buffers outgrow (None: no limit)."""
         self.model = model
+        self.max_kv_positions = max_kv_positions
         self.device = model.device
         embeddings = model.get_input_embeddings()
         self.vocab_size = embeddings.num_embeddings
@@ -97,7 +99,7 @@ class ModelRunner:
         """
         lengths = [seq.prompt_len for seq in seqs]
         width = max(lengths)
-        cache = BatchKVCache(self.num_layers, len(seqs), self.device)
+        cache = BatchKVCache(self.num_layers, len(seqs), self.device, self.max_kv_positions)
         cache.reserve(width)
         mask = cache.window_mask(width)
         for row, length in enumerate(lengths):

@@ -28,7 +28,9 @@ class Scheduler:
     row as wide as the longest, see kv_cache.py), so that is rows x the longest
     prompt_len + max_new_tokens among them, not the sum of each row's own: one long
     request among short ones costs its length on every row. Within it an admitted
-    sequence can always run to its end (the buffers add their growth room on top).
+    sequence can always run to its end, and the cache's buffers, spare rows and
+    columns included, stay within it too (kv_cache.py; while a prefilled group is
+    merged into the running batch, both exist for a moment).
     max_prefill_tokens bounds one prefill forward (rows x longest prompt, the
     positions a left-padded prefill computes), as vLLM's max_num_batched_tokens
     and TGI's max_batch_prefill_tokens do: a burst is prefilled in groups, one per
