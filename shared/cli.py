@@ -116,7 +116,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     uvicorn.run("api.main:app", host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", log_config=None, ws_ping_interval=20)
+                log_level="info", log_config=None, ws_ping_interval=20,
+                ws_per_message_deflate=settings.ws_compression)
     return 0
 
 

@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     # The API.
     host: str = "127.0.0.1"
     port: int = 8000
+    # WebSocket permessage-deflate. Off: every chunk repeats the whole text so far (LLaVA's format), and
+    # compressing each one costs the API, and every client decompressing it, CPU for each token
+    # (bench/README.md); turn it on for clients on slow links.
+    ws_compression: bool = False
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).
     public_url: str | None = None

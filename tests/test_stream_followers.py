@@ -140,3 +140,22 @@ def test_a_stream_survives_its_pubsub_connection_being_killed(stack):
         assert after.startswith(before)
     assert messages[-1]["done"] and messages[-1]["status"] == "succeeded", messages[-1]
     assert texts[-1] == job["prompt"] + job["text"]
+
+
+def test_websocket_streams_are_not_compressed_by_default(stack):
+    """A client offering permessage-deflate (as `websockets` does) gets plain frames: compressing every chunk,
+    which repeats the whole text so far, would cost the API CPU for each token (LLAVA_QUEUE_WS_COMPRESSION=1 turns
+    it on)."""
+    job_id = submit(stack, messages=STORY, temperature=0, max_new_tokens=4)
+
+    async def handshake():
+        async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws", compression="deflate") as socket:
+            offered = socket.request.headers.get("Sec-WebSocket-Extensions", "")
+            accepted = socket.response.headers.get("Sec-WebSocket-Extensions")
+            messages = [json.loads(message) async for message in socket]
+        return offered, accepted, messages
+
+    offered, accepted, messages = asyncio.run(handshake())
+    assert "permessage-deflate" in offered
+    assert accepted is None
+    assert messages[-1]["done"] and messages[-1]["status"] == "succeeded"
