@@ -44,6 +44,7 @@ from bench.workload import (
     from_timings,
     latency_cells,
     machine_info,
+    run_engine,
     warm_up_in_this_thread,
 )
 from shared.redis_server import RedisServer, free_port
@@ -74,22 +75,6 @@ def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int
     warm_up_in_this_thread(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=WARMUP_TOKENS))
     engine.start()
     return engine, recorder, prompts, info
-
-
-def run_in_process(engine: LLMEngine, recorder: StepRecorder, prompts: list[Prompt], max_new_tokens: int,
-                   tag: str) -> RunResult:
-    """(c): every prompt into the engine at once."""
-    recorder.timings.clear()
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    handles = []
-    for i, prompt in enumerate(prompts):
-        recorder.submitted(f"{tag}{i}")
-        handles.append(engine.add_request(f"{tag}{i}", prompt.token_ids, params))
-    for handle in handles:
-        out = handle.wait()
-        if out.error:
-            raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
-    return from_timings([recorder.timings[f"{tag}{i}"] for i in range(len(prompts))])
 
 
 # The stack.
@@ -289,7 +274,8 @@ def main() -> None:
             # other work is not the one that counts. The idle side only waits (no CPU) while the other runs.
             for round_ in range(1, args.repeats + 1):
                 print(f"round {round_}: (c) engine in process, {args.num_requests} at once ...", flush=True)
-                c = fastest(c, run_in_process(engine, recorder, prompts, args.max_new_tokens, f"c{round_}_"))
+                params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
+                c = fastest(c, run_engine(engine, recorder, prompts, params, tag=f"c{round_}_"))
                 print(f"round {round_}: {args.num_requests} jobs over HTTP ...", flush=True)
                 result = asyncio.run(run_over_stack(stack, prompts, args.max_new_tokens))
                 if e2e is None or result[0].tokens_per_s > e2e.tokens_per_s:

@@ -32,9 +32,9 @@ from bench.workload import (
     StepRecorder,
     build_prompts,
     fastest,
-    from_timings,
     latency_cells,
     machine_info,
+    run_engine,
     warm_up_in_this_thread,
 )
 from shared.settings import get_settings
@@ -101,28 +101,6 @@ def run_static_batch(loaded: LoadedModel, prompts: list[Prompt], max_new_tokens:
         out = model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - start
     return RunResult(seconds, out.shape[0] * (out.shape[1] - input_ids.shape[1]), len(prompts))
-
-
-def run_engine(engine: LLMEngine, recorder: StepRecorder, prompts: list[Prompt], max_new_tokens: int,
-               arrivals: list[float] | None = None, tag: str = "r") -> RunResult:
-    """(c) every prompt submitted at once, or (d) each at its arrival time (seconds from the start)."""
-    recorder.timings.clear()
-    params = greedy(max_new_tokens)
-    handles = []
-    start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        if arrivals is not None:
-            delay = start + arrivals[i] - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        request_id = f"{tag}{i}"
-        recorder.submitted(request_id)
-        handles.append(engine.add_request(request_id, prompt.token_ids, params))
-    for handle in handles:
-        out = handle.wait()
-        if out.error:
-            raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
-    return from_timings(list(recorder.timings.values()))
 
 
 def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
@@ -367,12 +345,13 @@ def main() -> None:
                 print(f"round {round_}: (b) static batch generate, batch {len(prompts)} ...", flush=True)
                 b = fastest(b, check_work("(b)", run_static_batch(loaded, prompts, new), new))
             print(f"round {round_}: (c) engine, {len(prompts)} at once ...", flush=True)
-            c = fastest(c, check_work("(c)", run_engine(engine, recorder, prompts, new, tag=f"c{round_}_"), new))
+            c_round = run_engine(engine, recorder, prompts, greedy(new), tag=f"c{round_}_")
+            c = fastest(c, check_work("(c)", c_round, new))
         rate = args.rate or c.requests / c.seconds
         if not args.skip_poisson:
             print(f"(d) engine, Poisson arrivals at {rate:.2f} requests/s (seed {args.seed}) ...", flush=True)
             arrivals = poisson_arrivals(len(prompts), rate, args.seed)
-            d = check_work("(d)", run_engine(engine, recorder, prompts, new, arrivals, tag="d"), new)
+            d = check_work("(d)", run_engine(engine, recorder, prompts, greedy(new), arrivals, tag="d"), new)
     finally:
         engine.shutdown()
 

@@ -52,7 +52,6 @@ from bench.engine import (
     ignore_eos,
     poisson_arrivals,
     roofline_tokens_per_s,
-    run_engine,
     run_sequential,
     run_static_batch,
 )
@@ -65,6 +64,7 @@ from bench.workload import (
     build_prompts,
     from_timings,
     latency_cells,
+    run_engine,
     warm_up_in_this_thread,
 )
 from shared.protocol import GenerateRequest, Message
@@ -234,12 +234,13 @@ def run_smol(args) -> None:
             print(f"round {round_}: (a) (b) (c) ...", flush=True)
             rows["a"].append(check_work("(a)", run_sequential(loaded, subset, new), new))
             rows["b"].append(check_work("(b)", run_static_batch(loaded, prompts, new), new))
-            rows["c"].append(check_work("(c)", run_engine(engine, recorder, prompts, new, tag=f"c{round_}_"), new))
+            c_round = run_engine(engine, recorder, prompts, greedy(new), tag=f"c{round_}_")
+            rows["c"].append(check_work("(c)", c_round, new))
         a, b, c = (max(rows[key], key=lambda r: r.tokens_per_s) for key in "abc")
         rate = c.requests / c.seconds
         print(f"(d) Poisson at {rate:.2f} req/s ...", flush=True)
-        d = check_work("(d)", run_engine(engine, recorder, prompts, new, poisson_arrivals(len(prompts), rate, 0),
-                                         tag="d"), new)
+        arrivals = poisson_arrivals(len(prompts), rate, 0)
+        d = check_work("(d)", run_engine(engine, recorder, prompts, greedy(new), arrivals, tag="d"), new)
     finally:
         engine.shutdown()
     del engine

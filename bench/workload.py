@@ -217,3 +217,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.machine()
+
+
+def run_engine(engine: LLMEngine, recorder: StepRecorder, prompts: list[Prompt], params: SamplingParams,
+               arrivals: list[float] | None = None, tag: str = "r") -> RunResult:
+    """Every prompt submitted to a started engine at once, or each at its arrival time (seconds from the start);
+    returns the run once every request has ended (RuntimeError if one failed)."""
+    recorder.timings.clear()
+    handles = []
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        if arrivals is not None:
+            delay = start + arrivals[i] - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        request_id = f"{tag}{i}"
+        recorder.submitted(request_id)
+        handles.append(engine.add_request(request_id, prompt.token_ids, params))
+    for handle in handles:
+        out = handle.wait()
+        if out.error:
+            raise RuntimeError(f"request {out.request_id} failed in the engine: {out.error}")
+    return from_timings(list(recorder.timings.values()))

@@ -47,7 +47,6 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.reserved_tokens = 0  # len(running) x the longest max_kv_tokens among them
 
     def add(self, seq: Sequence) -> bool:
         """Queue a new sequence. One that could never fit the token budget is finished with an error instead.
@@ -75,12 +74,12 @@ class Scheduler:
             if self._reservation(self.running + [seq]) > self.max_batch_tokens:
                 break
             width = max(width, seq.prompt_len)
-            if admitted and self.max_prefill_tokens is not None and (len(admitted) + 1) * width > self.max_prefill_tokens:
+            over_prefill = self.max_prefill_tokens is not None and (len(admitted) + 1) * width > self.max_prefill_tokens
+            if admitted and over_prefill:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.reserved_tokens = self._reservation(self.running)
             admitted.append(seq)
         if admitted:
             log.debug(
@@ -93,10 +92,14 @@ class Scheduler:
         """Finish a sequence (waiting, running, or never queued) and give its slot and tokens back at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.reserved_tokens = self._reservation(self.running)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.finish(reason, error)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV cache positions the running batch may come to hold (what max_batch_tokens bounds)."""
+        return self._reservation(self.running)
 
     @staticmethod
     def _reservation(seqs: list[Sequence]) -> int:
