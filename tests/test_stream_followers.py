@@ -159,3 +159,32 @@ def test_websocket_streams_are_not_compressed_by_default(stack):
     assert "permessage-deflate" in offered
     assert accepted is None
     assert messages[-1]["done"] and messages[-1]["status"] == "succeeded"
+
+
+def test_a_client_that_leaves_after_the_last_message_is_not_an_error(stack):
+    """Clients hang up as soon as they have the `done` message, often before the server's own close: that is how a
+    stream ends, not an "Exception in ASGI application" with a traceback in the API log for every stream (what
+    uvicorn logged for most streams before the API tolerated it)."""
+    api_log = stack.log_dir / "api.log"
+    logged_before = api_log.stat().st_size
+    job_ids = [submit(stack, messages=STORY, temperature=0, max_new_tokens=2) for _ in range(6)]
+
+    async def take_last_message_and_leave(job_id: str) -> dict:
+        async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws", open_timeout=10) as socket:
+            while True:
+                message = json.loads(await socket.recv())
+                if message.get("done"):
+                    return message  # leaving the block closes the socket from this side at once
+
+    async def all_of_them():
+        return await asyncio.gather(*(take_last_message_and_leave(job_id) for job_id in job_ids))
+
+    finals = asyncio.run(all_of_them())
+    assert [final["status"] for final in finals] == ["succeeded"] * len(job_ids), finals
+    time.sleep(1)  # the API has closed (or found closed) every socket
+    with api_log.open() as log:
+        log.seek(logged_before)
+        logged = log.read()
+    assert logged.count("connection open") >= len(job_ids), logged[-3000:]
+    assert "Exception in ASGI application" not in logged, logged[-3000:]
+    assert "Traceback" not in logged, logged[-3000:]

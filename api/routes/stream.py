@@ -44,7 +44,16 @@ async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub) 
     """Stream an existing job: its current text first, then every chunk, then how it ended."""
     await websocket.accept()
     if await _relay(websocket, store, hub, job_id):
-        await websocket.close()
+        await _close(websocket)
+
+
+async def _close(websocket: WebSocket, code: int = 1000) -> None:
+    """Close the socket from this side, unless the client has already: a client may leave as soon as it has the
+    last message, and that is not an error (uvicorn would log one, with its traceback, for every such stream)."""
+    try:
+        await websocket.close(code=code)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
 
 
 @router.websocket("/v1/ws")
@@ -66,7 +75,7 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, celery
         await _reject(websocket, exc.message, exc.code, exc.headers)
         return
     if await _relay(websocket, store, hub, job_id):
-        await websocket.close()
+        await _close(websocket)
     else:
         await asyncio.to_thread(store.cancel, job_id)
 
@@ -76,5 +85,8 @@ async def _reject(websocket: WebSocket, message: str, error_code: int, headers: 
     reply = {"text": message, "error_code": error_code, "done": True, "status": "rejected", "error": message}
     if headers and "Retry-After" in headers:
         reply["retry_after"] = int(headers["Retry-After"])
-    await websocket.send_json(reply)
-    await websocket.close(code=1008 if error_code == ErrorCode.INVALID_REQUEST else 1013)
+    try:
+        await websocket.send_json(reply)
+    except (WebSocketDisconnect, RuntimeError):
+        return
+    await _close(websocket, 1008 if error_code == ErrorCode.INVALID_REQUEST else 1013)
