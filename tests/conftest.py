@@ -32,6 +32,10 @@ def redis_server():
         yield server
 
 
+# What uvicorn logs when a request or WebSocket handler raises instead of answering (or closing).
+UNHANDLED = "Exception in ASGI application"
+
+
 class Stack:
     """The running API and worker, and where their logs go."""
 
@@ -41,9 +45,36 @@ class Stack:
         self.redis_url = redis_url
         self.log_dir = log_dir
         self.processes = processes
+        self._api_log_checked = 0
 
     def logs(self) -> str:
         return "\n".join(f"--- {path.name}\n{path.read_text()[-4000:]}" for path in sorted(self.log_dir.glob("*.log")))
+
+    def check_api_log(self) -> None:
+        """Fail if the API logged an unhandled exception since the last check: whatever a client sends or does
+        (leaving mid-stream included), the API answers it or closes the connection itself."""
+        path = self.log_dir / "api.log"
+        if not path.exists():
+            return
+        with path.open(errors="replace") as log:
+            log.seek(self._api_log_checked)
+            written = log.read()
+            self._api_log_checked = log.tell()
+        if UNHANDLED in written:
+            start = written.index(UNHANDLED)
+            raise AssertionError(f"the API logged an unhandled exception:\n{written[start:start + 4000]}")
+
+
+# The stacks run_stack has up: each test ends by checking their API logs (see check_api_logs).
+RUNNING_STACKS: list[Stack] = []
+
+
+@pytest.fixture(autouse=True)
+def check_api_logs():
+    """After every test, no running API process has logged an unhandled exception during it."""
+    yield
+    for running in list(RUNNING_STACKS):
+        running.check_api_log()
 
 
 def start_service(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Popen:
@@ -93,11 +124,14 @@ def run_stack(redis_url: str, env: dict[str, str], *, workers: tuple[str, ...] =
     processes = {name: start_service(name, ["worker"], env, log_dir) for name in workers}
     processes["api"] = start_service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
     running = Stack(f"http://127.0.0.1:{port}", redis_url, log_dir, processes)
+    RUNNING_STACKS.append(running)
     try:
         wait_for_stack(running, workers=len(workers))
         yield running
     finally:
+        RUNNING_STACKS.remove(running)
         stop_processes(processes.values())
+    running.check_api_log()  # a stack that lived within one test: checked once it is down
 
 
 @pytest.fixture(scope="session")
