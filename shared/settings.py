@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = 32
     max_batch_tokens: int = 16384
     # Prompt positions (rows x longest prompt) one prefill forward computes: a burst is prefilled in
-    # groups, so the first ones start streaming early. Unset: 512 on a CPU, 4096 on a GPU.
+    # groups, so the first ones start streaming early. Unset: 256 on a CPU, 4096 on a GPU.
     max_prefill_tokens: int | None = Field(None, ge=1)
 
     # The original worker clamps max_new_tokens to 1024.

@@ -9,9 +9,10 @@ from workers.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger("llava_queue.engine")
 
-# The default prefill budget per device type: about a second of prefill on a 2-core CPU with a
-# 135M model, a few hundred milliseconds at 13B on one GPU (bench/README.md).
-DEFAULT_PREFILL_TOKENS = {"cpu": 512}
+# The default prefill budget per device type: about half a second of prefill on a 2-core CPU with a
+# 135M model (512 gave a burst's median request its first token later, at the same throughput),
+# a few hundred milliseconds at 13B on one GPU (bench/README.md).
+DEFAULT_PREFILL_TOKENS = {"cpu": 256}
 DEFAULT_GPU_PREFILL_TOKENS = 4096
 
 
