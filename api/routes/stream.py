@@ -16,6 +16,10 @@ from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
 
 router = APIRouter(tags=["stream"])
 
+# What sending on a socket whose client has left raises: WebSocketDisconnect, or Starlette's RuntimeError once it
+# has seen the socket closed.
+CLIENT_GONE = (WebSocketDisconnect, RuntimeError)
+
 
 def ws_message(job_id: str, event: StreamEvent) -> dict:
     """The WebSocket message of one event."""
@@ -34,7 +38,7 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> b
     except JobNotFound:
         await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
                                    "status": "unknown", "error": f"unknown job id {job_id!r}"})
-    except (WebSocketDisconnect, RuntimeError):
+    except CLIENT_GONE:
         return False
     return True
 
@@ -52,7 +56,7 @@ async def _close(websocket: WebSocket, code: int = 1000) -> None:
     last message, and that is not an error (uvicorn would log one, with its traceback, for every such stream)."""
     try:
         await websocket.close(code=code)
-    except (WebSocketDisconnect, RuntimeError):
+    except CLIENT_GONE:
         pass
 
 
@@ -87,6 +91,6 @@ async def _reject(websocket: WebSocket, message: str, error_code: int, headers: 
         reply["retry_after"] = int(headers["Retry-After"])
     try:
         await websocket.send_json(reply)
-    except (WebSocketDisconnect, RuntimeError):
+    except CLIENT_GONE:
         return
     await _close(websocket, 1008 if error_code == ErrorCode.INVALID_REQUEST else 1013)
