@@ -49,10 +49,9 @@ from bench.workload import (
 )
 from shared.redis_server import RedisServer, free_port
 from shared.settings import get_settings
-from workers.builder import load_model
+from workers.builder import load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
-from workers.engine.scheduler import prefill_budget
 
 WARMUP_TOKENS = 4
 START_TIMEOUT_S = 180
@@ -68,10 +67,7 @@ def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int
     info = machine_info(loaded.dtype)
     prompts = build_prompts(loaded, prompts_count)
     recorder = StepRecorder(first_text=True)
-    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
-                       max_batch_tokens=settings.max_batch_tokens,
-                       max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
-                       max_model_len=loaded.context_len, on_step=recorder)
+    engine = serving_engine(loaded, settings, max_num_seqs=max_num_seqs, on_step=recorder)
     warm_up_in_this_thread(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=WARMUP_TOKENS))
     engine.start()
     return engine, recorder, prompts, info

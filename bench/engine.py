@@ -38,10 +38,9 @@ from bench.workload import (
     warm_up_in_this_thread,
 )
 from shared.settings import get_settings
-from workers.builder import LoadedModel, load_model
+from workers.builder import LoadedModel, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
-from workers.engine.scheduler import prefill_budget
 from workers.engine.dtype import cpu_supports_bf16
 
 WARMUP_TOKENS = 8
@@ -61,11 +60,7 @@ def ignore_eos(loaded: LoadedModel) -> None:
 
 def benchmark_engine(loaded: LoadedModel, max_num_seqs: int, on_step=None) -> LLMEngine:
     """An engine built as the worker builds it (budgets from the settings, the model's context length)."""
-    settings = get_settings()
-    return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs,
-                     max_batch_tokens=settings.max_batch_tokens,
-                     max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
-                     max_model_len=loaded.context_len, on_step=on_step)
+    return serving_engine(loaded, get_settings(), max_num_seqs=max_num_seqs, on_step=on_step)
 
 
 def greedy(max_new_tokens: int) -> SamplingParams:

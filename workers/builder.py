@@ -25,8 +25,11 @@ import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from shared.settings import Settings
 from shared.vqa import model_name_from_path
+from workers.engine import LLMEngine
 from workers.engine.dtype import pick_dtype
+from workers.engine.scheduler import prefill_budget
 from workers.llava import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, LlavaVision, VisionEncoder, build_projector
 from workers.weights import checkpoint_file, read_file, read_tensors
 
@@ -58,6 +61,16 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     vision: LlavaVision | None = None
+
+
+def serving_engine(loaded: LoadedModel, settings: Settings, *, max_num_seqs: int | None = None,
+                   on_step=None) -> LLMEngine:
+    """The engine a worker serves `loaded` with: the budgets from `settings` (the prefill budget's default by
+    device), the model's context length; `max_num_seqs` overrides the setting. Not started."""
+    return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs or settings.max_num_seqs,
+                     max_batch_tokens=settings.max_batch_tokens,
+                     max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
+                     max_model_len=loaded.context_len, on_step=on_step)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ from shared.logs import bind_job_ids_to_celery_tasks
 from shared.settings import Settings
 from workers import tasks
 from workers.batch_slots import BatchSlots
-from workers.builder import LoadedModel, load_model
+from workers.builder import LoadedModel, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
-from workers.engine.scheduler import prefill_budget
 from workers.generation import JobRunner
 from workers.metrics import METRICS, serve
 
@@ -41,10 +40,7 @@ def run_worker(settings: Settings) -> None:
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
-    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=settings.max_num_seqs,
-                       max_batch_tokens=settings.max_batch_tokens,
-                       max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
-                       max_model_len=loaded.context_len, on_step=runner.publish)
+    engine = serving_engine(loaded, settings, on_step=runner.publish)
     runner.attach(engine)
     warmup_seconds = _warm_up(engine, loaded)
     log.info("model %s loaded in %.1f s, warmed up in %.2f s", loaded.name, load_seconds, warmup_seconds)
