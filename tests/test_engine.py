@@ -45,7 +45,12 @@ def tiny_model(tokenizer):
         # Larger than the default 0.02, so the logits spread out and greedy ties cannot happen.
         initializer_range=0.2,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # RMSNorm weights start at 1; spread them, so a forward that drops one is caught
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    return model
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
@@ -121,12 +126,21 @@ def tiny_model_fp64(tiny_model):
     return copy.deepcopy(tiny_model).double()
 
 
-@pytest.mark.parametrize("forward", ["packed", "transformers"])
-def test_greedy_mixed_batch_matches_generate_alone(forward, tiny_model, tiny_model_fp64, tokenizer):
-    # The engine runs fp32 Llama models on its own forward over prepacked weights, others on the model's forward.
-    tiny_model = tiny_model if forward == "packed" else tiny_model_fp64
+@pytest.fixture(scope="module")
+def tiny_model_bf16(tiny_model):
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 on this CPU")
+    return copy.deepcopy(tiny_model).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("forward", ["packed", "packed-bf16", "transformers"])
+def test_greedy_mixed_batch_matches_generate_alone(forward, request, tokenizer):
+    # The engine runs fp32 and bf16 Llama models on its own forward over prepacked weights, others (here fp64) on
+    # the model's forward; each is compared with model.generate in the same dtype.
+    fixture = {"packed": "tiny_model", "packed-bf16": "tiny_model_bf16", "transformers": "tiny_model_fp64"}[forward]
+    tiny_model = request.getfixturevalue(fixture)
     engine, stream = make_engine(tiny_model, tokenizer, max_num_seqs=4)
-    assert (engine.runner.packed is not None) == (forward == "packed")
+    assert (engine.runner.packed is not None) == forward.startswith("packed")
     plan = {  # request id: (prompt length, max_new_tokens)
         "a": (1, 12), "b": (7, 20), "c": (23, 6),
         "d": (4, 15), "e": (40, 9), "f": (11, 25),

@@ -69,7 +69,7 @@ class ModelRunner:
         # transformers 5.x renames past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self._can_keep_last_logits = "logits_to_keep" in parameters
-        # Llama-family fp32 models on a CPU run on the engine's own forward over prepacked weights.
+        # Llama-family fp32 and bf16 models on a CPU run on the engine's own forward over prepacked weights.
         self.packed = PackedLlama.of(model)
         log.info("engine forward: %s", "prepacked oneDNN weights" if self.packed else "the model's own")
 
