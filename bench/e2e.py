@@ -52,6 +52,7 @@ from shared.settings import get_settings
 from workers.builder import load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
+from workers.torch_threads import in_passing_thread
 
 WARMUP_TOKENS = 4
 START_TIMEOUT_S = 180
@@ -61,14 +62,20 @@ START_TIMEOUT_S = 180
 
 def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int
                       ) -> tuple[LLMEngine, StepRecorder, list[Prompt], list[str]]:
-    """The engine as the worker builds it, warmed up and started; with its recorder, the prompts, dtype info."""
-    settings = get_settings()
-    loaded = load_model(str(model_dir), device=settings.device, dtype=settings.dtype)
-    info = machine_info(loaded.dtype)
-    prompts = build_prompts(loaded, prompts_count)
-    recorder = StepRecorder(first_text=True)
-    engine = serving_engine(loaded, settings, max_num_seqs=max_num_seqs, on_step=recorder)
-    warm_up_in_this_thread(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=WARMUP_TOKENS))
+    """The engine as the worker builds it, warmed up and started; with its recorder, the prompts, dtype info.
+
+    As in the worker, it is built and warmed up on a thread that then ends (workers/torch_threads.py).
+    """
+    def build() -> tuple[LLMEngine, StepRecorder, list[Prompt], list[str]]:
+        settings = get_settings()
+        loaded = load_model(str(model_dir), device=settings.device, dtype=settings.dtype)
+        prompts = build_prompts(loaded, prompts_count)
+        recorder = StepRecorder(first_text=True)
+        engine = serving_engine(loaded, settings, max_num_seqs=max_num_seqs, on_step=recorder)
+        warm_up_in_this_thread(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=WARMUP_TOKENS))
+        return engine, recorder, prompts, machine_info(loaded.dtype)
+
+    engine, recorder, prompts, info = in_passing_thread(build)
     engine.start()
     return engine, recorder, prompts, info
 
@@ -257,7 +264,7 @@ def main() -> None:
     # Ctrl-C and SIGTERM both unwind through the `with` blocks, which stop every child process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    model_dir = ensure_default_model(get_settings().cache_dir)
+    model_dir = in_passing_thread(ensure_default_model, get_settings().cache_dir)
     print("loading the engine in process ...", flush=True)
     engine, recorder, prompts, info = in_process_engine(model_dir, args.num_requests, args.max_num_seqs)
     c = e2e = segments = cpu = None

@@ -42,6 +42,7 @@ from workers.builder import LoadedModel, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
 from workers.engine.dtype import cpu_supports_bf16
+from workers.torch_threads import in_passing_thread
 
 WARMUP_TOKENS = 8
 
@@ -61,6 +62,21 @@ def ignore_eos(loaded: LoadedModel) -> None:
 def benchmark_engine(loaded: LoadedModel, max_num_seqs: int, on_step=None) -> LLMEngine:
     """An engine built as the worker builds it (budgets from the settings, the model's context length)."""
     return serving_engine(loaded, get_settings(), max_num_seqs=max_num_seqs, on_step=on_step)
+
+
+def run_on_fresh_engine(loaded: LoadedModel, max_num_seqs: int, recorder: StepRecorder, prompts: list[Prompt],
+                        params: SamplingParams, arrivals: list[float] | None = None, tag: str = "r") -> RunResult:
+    """`run_engine` on an engine built for this run and shut down after it.
+
+    Its thread, and that thread's OpenMP team, end with the run, so the next path runs with a
+    team of its own as the only one, as the worker's engine does (workers/torch_threads.py).
+    """
+    engine = in_passing_thread(benchmark_engine, loaded, max_num_seqs, on_step=recorder)
+    engine.start()
+    try:
+        return run_engine(engine, recorder, prompts, params, arrivals, tag=tag)
+    finally:
+        engine.shutdown()
 
 
 def greedy(max_new_tokens: int) -> SamplingParams:
@@ -305,9 +321,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    # Every torch run outside the engine thread goes through in_passing_thread, so that while a path runs, its
+    # thread's OpenMP team is the only one (workers/torch_threads.py), as in the worker.
     settings = get_settings()
-    model_dir = ensure_default_model(settings.cache_dir)
-    loaded = load_model(str(model_dir), device=args.device, dtype=args.dtype)
+    model_dir = in_passing_thread(ensure_default_model, settings.cache_dir)
+    loaded = in_passing_thread(load_model, str(model_dir), device=args.device, dtype=args.dtype)
     info = machine_info(loaded.dtype)
     ignore_eos(loaded)
     prompts = build_prompts(loaded, args.num_requests)
@@ -315,40 +333,39 @@ def main() -> None:
     dtype_name = str(loaded.dtype).removeprefix("torch.")
 
     print("measuring the machine ...", flush=True)
-    machine = measure_machine(loaded.dtype)
+    machine = in_passing_thread(measure_machine, loaded.dtype)
     cost = ModelCost.of(loaded.model)
 
     subset = prompts[: args.sequential_requests or len(prompts)]
     recorder = StepRecorder()
-    engine = benchmark_engine(loaded, max(settings.max_num_seqs, len(prompts)), on_step=recorder)
+    max_num_seqs = max(settings.max_num_seqs, len(prompts))
     # Warm every path once, then time (a), (b), (c) in turn, `--repeats` rounds, keeping each one's fastest:
     # on a shared machine a round that other work slowed down is not the one reported.
     print("warming up ...", flush=True)
-    warm_up_in_this_thread(engine, prompts, greedy(WARMUP_TOKENS))
+    warm_up = in_passing_thread(benchmark_engine, loaded, max_num_seqs)
+    in_passing_thread(warm_up_in_this_thread, warm_up, prompts, greedy(WARMUP_TOKENS))
+    del warm_up
     if not args.skip_sequential:
-        run_sequential(loaded, prompts[:1], WARMUP_TOKENS)
+        in_passing_thread(run_sequential, loaded, prompts[:1], WARMUP_TOKENS)
     if not args.skip_static:
-        run_static_batch(loaded, prompts, WARMUP_TOKENS)
-    engine.start()
+        in_passing_thread(run_static_batch, loaded, prompts, WARMUP_TOKENS)
     a = b = c = d = None
-    try:
-        for round_ in range(1, args.repeats + 1):
-            if not args.skip_sequential:
-                print(f"round {round_}: (a) sequential generate, {len(subset)} requests ...", flush=True)
-                a = fastest(a, check_work("(a)", run_sequential(loaded, subset, new), new))
-            if not args.skip_static:
-                print(f"round {round_}: (b) static batch generate, batch {len(prompts)} ...", flush=True)
-                b = fastest(b, check_work("(b)", run_static_batch(loaded, prompts, new), new))
-            print(f"round {round_}: (c) engine, {len(prompts)} at once ...", flush=True)
-            c_round = run_engine(engine, recorder, prompts, greedy(new), tag=f"c{round_}_")
-            c = fastest(c, check_work("(c)", c_round, new))
-        rate = args.rate or c.requests / c.seconds
-        if not args.skip_poisson:
-            print(f"(d) engine, Poisson arrivals at {rate:.2f} requests/s (seed {args.seed}) ...", flush=True)
-            arrivals = poisson_arrivals(len(prompts), rate, args.seed)
-            d = check_work("(d)", run_engine(engine, recorder, prompts, greedy(new), arrivals, tag="d"), new)
-    finally:
-        engine.shutdown()
+    for round_ in range(1, args.repeats + 1):
+        if not args.skip_sequential:
+            print(f"round {round_}: (a) sequential generate, {len(subset)} requests ...", flush=True)
+            a = fastest(a, check_work("(a)", in_passing_thread(run_sequential, loaded, subset, new), new))
+        if not args.skip_static:
+            print(f"round {round_}: (b) static batch generate, batch {len(prompts)} ...", flush=True)
+            b = fastest(b, check_work("(b)", in_passing_thread(run_static_batch, loaded, prompts, new), new))
+        print(f"round {round_}: (c) engine, {len(prompts)} at once ...", flush=True)
+        c_round = run_on_fresh_engine(loaded, max_num_seqs, recorder, prompts, greedy(new), tag=f"c{round_}_")
+        c = fastest(c, check_work("(c)", c_round, new))
+    rate = args.rate or c.requests / c.seconds
+    if not args.skip_poisson:
+        print(f"(d) engine, Poisson arrivals at {rate:.2f} requests/s (seed {args.seed}) ...", flush=True)
+        arrivals = poisson_arrivals(len(prompts), rate, args.seed)
+        d_run = run_on_fresh_engine(loaded, max_num_seqs, recorder, prompts, greedy(new), arrivals, tag="d")
+        d = check_work("(d)", d_run, new)
 
     rows = [
         ("(a) `model.generate`, one request at a time", dtype_name, a),
@@ -357,16 +374,15 @@ def main() -> None:
         (f"(d) engine, Poisson arrivals {rate:.2f} req/s (seed {args.seed})", dtype_name, d),
     ]
     if loaded.dtype != torch.float32:
-        del engine
         gc.collect()
-        fp32 = load_model(str(model_dir), device=args.device, dtype="float32")
+        fp32 = in_passing_thread(load_model, str(model_dir), device=args.device, dtype="float32")
         ignore_eos(fp32)
         if not args.skip_sequential:
-            run_sequential(fp32, prompts[:1], WARMUP_TOKENS)
-            rows.append(("(a) fp32 reference", "float32", run_sequential(fp32, subset, new)))
+            in_passing_thread(run_sequential, fp32, prompts[:1], WARMUP_TOKENS)
+            rows.append(("(a) fp32 reference", "float32", in_passing_thread(run_sequential, fp32, subset, new)))
         if not args.skip_static:
-            run_static_batch(fp32, prompts, WARMUP_TOKENS)
-            rows.append(("(b) fp32 reference", "float32", run_static_batch(fp32, prompts, new)))
+            in_passing_thread(run_static_batch, fp32, prompts, WARMUP_TOKENS)
+            rows.append(("(b) fp32 reference", "float32", in_passing_thread(run_static_batch, fp32, prompts, new)))
     print_report(args, loaded, rows, a, b, c, machine, cost, prompts, info)
 
 

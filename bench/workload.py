@@ -84,8 +84,8 @@ def build_prompts(loaded: LoadedModel, count: int) -> list[Prompt]:
 def warm_up_in_this_thread(engine: LLMEngine, prompts: list[Prompt], params: SamplingParams) -> None:
     """Run `prompts` through an engine not started yet, stepping it in this thread, as the worker warms up.
 
-    Torch's first parallel work then comes from the main thread. Without that, the engine
-    thread's forwards ran about 8x slower on a busy 2-core machine (bench/README.md).
+    Call it through `in_passing_thread`, as the worker does: the OpenMP team of the thread that
+    steps it then ends before the engine thread starts (workers/torch_threads.py).
     """
     handles = [engine.add_request(f"warm-up-{i}", p.token_ids, params) for i, p in enumerate(prompts)]
     while not all(handle.done.is_set() for handle in handles):

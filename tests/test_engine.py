@@ -7,7 +7,9 @@ real SmolLM2 tokenizer; one test runs the real SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import copy
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
 from workers.engine.detokenizer import Detokenizer, special_token_id
 from workers.engine.sampling import argmax, sample
+from workers.torch_threads import in_passing_thread
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -591,3 +594,20 @@ def test_real_model_greedy_batch_matches_generate(tokenizer, default_model_dir):
         assert output.token_ids == generate_alone(model, prompt, 12)
         assert output.text == tokenizer.decode(output.token_ids, skip_special_tokens=True)
         assert stream.joined_deltas(f"q{i}") == output.text
+
+
+def test_torch_work_in_a_passing_thread_leaves_no_thread_behind():
+    # workers/torch_threads.py: the thread that ran a parallel op ends, and the OpenMP team it got ends with it.
+    def live_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    x = torch.randn(1024, 1024)
+    expected = torch.mm(x, x)  # this thread's own team, if any, exists from here on
+    before = live_threads()
+    assert torch.equal(in_passing_thread(torch.mm, x, x), expected)
+    deadline = time.monotonic() + 5
+    while live_threads() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_threads() == before
+    with pytest.raises(ZeroDivisionError):
+        in_passing_thread(lambda: 1 / 0)

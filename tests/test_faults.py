@@ -1,17 +1,20 @@
-"""Faults on the real processes: a worker killed mid-batch loses no job."""
+"""Faults on the real processes: a worker killed mid-batch loses no job; Redis away and back loses none."""
 
 import asyncio
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
+import redis
 import requests
 import websockets
 
 from conftest import run_stack
 from shared.redis_server import RedisServer
+from workers.generation import when_redis_answers
 
 
 @pytest.fixture
@@ -136,3 +139,25 @@ def test_redis_stopped_and_restarted_under_load_loses_no_job(default_model_dir, 
             assert wait_all_final(stack, again)[0]["status"] == "succeeded"
     finally:
         redis_server.stop()
+
+
+def test_a_worker_write_waits_for_redis_to_come_back(tmp_path):
+    # workers/generation.py: a write that finds Redis away is tried again until Redis answers, within its wait.
+    servers = [RedisServer(data_dir=tmp_path).start()]
+    port = servers[0].port
+    client = redis.Redis.from_url(servers[0].url)
+    try:
+        client.set("kept", "1")
+        servers[0].stop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            when_redis_answers(client.ping, "a ping", wait_seconds=0.5)
+        restart = threading.Timer(1.0, lambda: servers.append(RedisServer(port=port, data_dir=tmp_path).start()))
+        restart.start()
+        started = time.monotonic()
+        assert when_redis_answers(lambda: client.get("kept"), "a read", wait_seconds=30) == b"1"
+        assert time.monotonic() - started >= 1.0
+        restart.join()
+    finally:
+        client.close()
+        for server in servers:
+            server.stop()

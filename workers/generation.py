@@ -6,9 +6,12 @@ states and publishes every engine step's chunks in one pipelined round trip.
 """
 
 import logging
+import time
 from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
 
 import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, Ending, JobStore
@@ -17,8 +20,14 @@ from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
 from workers.llava import embed_prompt, extend_prompt_embeds
 from workers.metrics import METRICS
+from workers.torch_threads import in_passing_thread
 
 log = logging.getLogger("llava_queue.worker")
+
+T = TypeVar("T")
+
+# How long a write of the worker waits for Redis to come back before it gives up (see `when_redis_answers`).
+REDIS_WAIT_SECONDS = 300.0
 
 _FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
 
@@ -87,7 +96,8 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
 
     For a LLaVA model the prompt is tokenized as the original does (text chunks around each
     `<image>`), the images (one per `<image>`, else the original's ValueError) are decoded here,
-    and, when the prompt leaves room, encoded by the vision tower in this (the task's) thread:
+    and, when the prompt leaves room, encoded by the vision tower for this task (on a thread of its own that
+    ends, so no task thread keeps an OpenMP team: workers/torch_threads.py):
     the engine then gets the prompt as embeddings, one position per image feature, and counts
     those positions against its context and batch budgets. A bad image fails only its own job.
     """
@@ -114,7 +124,7 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
     if pixel_values is not None and max_new_tokens >= 1:
 
         embed_tokens = loaded.model.get_input_embeddings()
-        prompt_embeds = embed_prompt(ids, vision.encode(pixel_values), embed_tokens)
+        prompt_embeds = in_passing_thread(lambda: embed_prompt(ids, vision.encode(pixel_values), embed_tokens))
     params = SamplingParams(temperature=request.temperature, top_p=request.top_p,
                             max_new_tokens=max_new_tokens, stop=stop or None, seed=request.seed)
     return Prepared(prompt, token_ids, params, prompt_embeds, embed_tokens)
@@ -143,7 +153,8 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run one job to its end; returns how it ended (its final status, or why it was skipped)."""
-        status = self.store.start(job_id, self.worker_name, self.loaded.name, self.max_attempts)
+        status = when_redis_answers(lambda: self.store.start(job_id, self.worker_name, self.loaded.name,
+                                                             self.max_attempts), f"starting job {job_id}")
         if status in _ENDED_BEFORE_START:
             self.store.record_step(self.worker_name, [], [_ENDED_BEFORE_START[status](job_id)])
             return status
@@ -156,8 +167,9 @@ class JobRunner:
         except Exception as exc:
             # Whatever went wrong, the job says so in its record instead of staying "running".
             log.exception("job %s failed", job_id)
-            self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}",
-                              error_code=ErrorCode.SERVER_ERROR, finish_reason="error", worker=self.worker_name)
+            when_redis_answers(lambda: self.store.finish(
+                job_id, "failed", error=f"{type(exc).__name__}: {exc}", error_code=ErrorCode.SERVER_ERROR,
+                finish_reason="error", worker=self.worker_name), f"failing job {job_id}")
             return "failed"
         finally:
             self._done_before.pop(job_id, None)
@@ -205,7 +217,11 @@ class JobRunner:
         endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
                    if out.finished and out.request_id not in self._handed_back]
         if chunks or endings:
-            for (job_id, *_), seq in zip(chunks, self.store.record_step(self.worker_name, chunks, endings)):
+            # While Redis is away the engine waits here: its text would have nowhere to go, and a step dropped
+            # would leave a hole in a job's text.
+            seqs = when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings),
+                                      f"publishing a step of {len(outputs)} jobs")
+            for (job_id, *_), seq in zip(chunks, seqs):
                 if seq < 0 and self.engine is not None:
                     self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
@@ -233,7 +249,35 @@ class JobRunner:
 
     def _finish(self, out: SeqOutput) -> None:
         if out.request_id not in self._handed_back:
-            self.store.record_step(self.worker_name, [], [ending_of(out, self._done_before.get(out.request_id, 0))])
+            ending = ending_of(out, self._done_before.get(out.request_id, 0))
+            when_redis_answers(lambda: self.store.record_step(self.worker_name, [], [ending]),
+                               f"ending job {out.request_id}")
+
+
+def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = REDIS_WAIT_SECONDS) -> T:
+    """write(), tried again while Redis cannot be reached (0.1 s apart, doubling to 2 s), for up to `wait_seconds`.
+
+    A job that ended while Redis was restarting used to lose its final write, and with it the job (its
+    task failed, and was acknowledged). Only connection errors are retried. A refused connection ran
+    nothing, so trying again writes each chunk once; a connection cut while Redis was answering could
+    have run part of a pipelined step, which would then be written twice (possible, not seen).
+    """
+    deadline, delay, warned = time.monotonic() + wait_seconds, 0.1, False
+    while True:
+        try:
+            result = write()
+        except RedisConnectionError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            if not warned:
+                log.warning("Redis cannot be reached (%s): %s waits for it, up to %.0f s", exc, what, wait_seconds)
+                warned = True
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+            continue
+        if warned:
+            log.info("Redis is back: %s done", what)
+        return result
 
 
 def ending_of(out: SeqOutput, done_before: int = 0) -> Ending:

@@ -20,6 +20,7 @@ from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
 from workers.generation import JobRunner
 from workers.metrics import METRICS, serve
+from workers.torch_threads import in_passing_thread
 
 log = logging.getLogger("llava_queue.worker")
 
@@ -32,17 +33,15 @@ def run_worker(settings: Settings) -> None:
         exporter = serve(METRICS, settings.worker_metrics_host, settings.worker_metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.worker_metrics_host, exporter.server_port)
     load_started = time.monotonic()
-    model_path = settings.model_path or str(ensure_default_model(settings.cache_dir))
-    loaded = load_model(model_path, settings.model_base, settings.model_name, device=settings.device,
-                        dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit,
-                        vision_tower=settings.vision_tower)
+    # Torch runs here only on threads that end (workers/torch_threads.py): the engine thread's team stays the only one.
+    loaded = in_passing_thread(_load, settings)
     load_seconds = time.monotonic() - load_started
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
-    engine = serving_engine(loaded, settings, on_step=runner.publish)
+    engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish)
     runner.attach(engine)
-    warmup_seconds = _warm_up(engine, loaded)
+    warmup_seconds = in_passing_thread(_warm_up, engine, loaded)
     log.info("model %s loaded in %.1f s, warmed up in %.2f s", loaded.name, load_seconds, warmup_seconds)
     METRICS.observe_load(loaded.name, load_seconds, warmup_seconds)
     METRICS.bind(loaded.name, engine)
@@ -113,10 +112,18 @@ def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Ev
             time.sleep(1.0)
 
 
+def _load(settings: Settings) -> LoadedModel:
+    """The model the settings name (the default model, fetched and converted on first use, when none is named)."""
+    model_path = settings.model_path or str(ensure_default_model(settings.cache_dir))
+    return load_model(model_path, settings.model_base, settings.model_name, device=settings.device,
+                      dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit,
+                      vision_tower=settings.vision_tower)
+
+
 def _warm_up(engine: LLMEngine, loaded: LoadedModel) -> float:
     """Run one greedy 1-token request through the engine before it starts (first kernels, allocator); its seconds.
 
-    The engine is stepped here, in this thread, with its step hook off, so nothing reaches Redis.
+    The engine is stepped by the calling thread, with its step hook off, so nothing reaches Redis.
     A failed warm-up is logged; the worker still serves (the error would show on the first job).
     """
     started = time.monotonic()
