@@ -188,3 +188,24 @@ def test_a_client_that_leaves_after_the_last_message_is_not_an_error(stack):
     assert logged.count("connection open") >= len(job_ids), logged[-3000:]
     assert "Exception in ASGI application" not in logged, logged[-3000:]
     assert "Traceback" not in logged, logged[-3000:]
+
+
+def test_a_client_that_asks_for_an_unknown_job_and_leaves_is_not_an_error(stack):
+    """The "unknown job id" answer may find the client gone (it asked and hung up at once): no traceback."""
+    api_log = stack.log_dir / "api.log"
+    logged_before = api_log.stat().st_size
+
+    async def ask_and_leave(index: int) -> None:
+        socket = await websockets.connect(f"{stack.ws_url}/v1/jobs/{index:032x}/ws", open_timeout=10)
+        socket.transport.abort()  # gone without a close frame, before the answer
+
+    async def all_of_them():
+        await asyncio.gather(*(ask_and_leave(index) for index in range(20)))
+
+    asyncio.run(all_of_them())
+    time.sleep(1)
+    with api_log.open() as log:
+        log.seek(logged_before)
+        logged = log.read()
+    assert logged.count("connection open") >= 20, logged[-3000:]
+    assert "Exception in ASGI application" not in logged, logged[-3000:]

@@ -36,8 +36,11 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> b
         async for event in follow_job(store, hub, job_id):
             await websocket.send_json(ws_message(job_id, event))
     except JobNotFound:
-        await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
-                                   "status": "unknown", "error": f"unknown job id {job_id!r}"})
+        try:
+            await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
+                                       "status": "unknown", "error": f"unknown job id {job_id!r}"})
+        except CLIENT_GONE:  # asked for an unknown job and left before the answer
+            return False
     except CLIENT_GONE:
         return False
     return True
