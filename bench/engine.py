@@ -342,9 +342,8 @@ def main() -> None:
     # Warm every path once, then time (a), (b), (c) in turn, `--repeats` rounds, keeping each one's fastest:
     # on a shared machine a round that other work slowed down is not the one reported.
     print("warming up ...", flush=True)
-    warm_up = in_passing_thread(benchmark_engine, loaded, max_num_seqs)
-    in_passing_thread(warm_up_in_this_thread, warm_up, prompts, greedy(WARMUP_TOKENS))
-    del warm_up
+    in_passing_thread(lambda: warm_up_in_this_thread(benchmark_engine(loaded, max_num_seqs), prompts,
+                                                     greedy(WARMUP_TOKENS)))
     if not args.skip_sequential:
         in_passing_thread(run_sequential, loaded, prompts[:1], WARMUP_TOKENS)
     if not args.skip_static:

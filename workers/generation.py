@@ -156,7 +156,7 @@ class JobRunner:
         status = when_redis_answers(lambda: self.store.start(job_id, self.worker_name, self.loaded.name,
                                                              self.max_attempts), f"starting job {job_id}")
         if status in _ENDED_BEFORE_START:
-            self.store.record_step(self.worker_name, [], [_ENDED_BEFORE_START[status](job_id)])
+            self._record_step([], [_ENDED_BEFORE_START[status](job_id)], f"ending job {job_id}")
             return status
         if status not in ("running", "resumed"):
             log.info("job %s skipped: %s", job_id, status)
@@ -188,8 +188,8 @@ class JobRunner:
             return "ended"
         if prepared.params.max_new_tokens < 1:
             # The original answers with this text and error_code 0 when the prompt fills the context.
-            self.store.record_step(self.worker_name, [(job_id, CONTEXT_OVERFLOW_MSG, 0, True)],
-                                   [Ending(job_id, "succeeded", finish_reason="length")])
+            self._record_step([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)],
+                              [Ending(job_id, "succeeded", finish_reason="length")], f"ending job {job_id}")
             return "succeeded"
         if resumed:
             # The worker that ran this job died: go on after the text its clients already have.
@@ -219,8 +219,7 @@ class JobRunner:
         if chunks or endings:
             # While Redis is away the engine waits here: its text would have nowhere to go, and a step dropped
             # would leave a hole in a job's text.
-            seqs = when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings),
-                                      f"publishing a step of {len(outputs)} jobs")
+            seqs = self._record_step(chunks, endings, f"publishing a step of {len(outputs)} jobs")
             for (job_id, *_), seq in zip(chunks, seqs):
                 if seq < 0 and self.engine is not None:
                     self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
@@ -250,8 +249,11 @@ class JobRunner:
     def _finish(self, out: SeqOutput) -> None:
         if out.request_id not in self._handed_back:
             ending = ending_of(out, self._done_before.get(out.request_id, 0))
-            when_redis_answers(lambda: self.store.record_step(self.worker_name, [], [ending]),
-                               f"ending job {out.request_id}")
+            self._record_step([], [ending], f"ending job {out.request_id}")
+
+    def _record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], what: str) -> list[int]:
+        """`JobStore.record_step` for this worker, waiting for Redis while it is away (`when_redis_answers`)."""
+        return when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings), what)
 
 
 def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = REDIS_WAIT_SECONDS) -> T:

@@ -134,7 +134,7 @@ class _Layer:
         self.post_norm = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
 
     def __call__(self, model: PackedLlama, hidden, cos, sin, mask, cache_layer) -> torch.Tensor:
-        rows, new, size = hidden.shape
+        rows, new, _ = hidden.shape
         heads, kv_heads, head_dim = model.num_heads, model.num_kv_heads, model.head_dim
         x = _rms_norm(hidden, *self.input_norm)
         qkv = self.qkv(x).view(rows, new, heads + 2 * kv_heads, head_dim).transpose(1, 2)
