@@ -107,7 +107,7 @@ class Intake:
             entries[index]["job"] = job_id
         self.batches.add_lines(self.batch_id, entries)
         try:
-            send_many(self.celery, ids, "batch")
+            send_many(self.celery, [(job_id, "batch") for job_id in ids])
         except Exception as exc:
             raise unsent(self.store, ids, exc) from exc  # their lines fail (counted by the batch); 503
 

@@ -8,6 +8,7 @@ from starlette.requests import HTTPConnection
 
 from api.auth import require_api_key
 from api.channel_hub import ChannelHub
+from api.submission import Submitter
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings
 
@@ -24,6 +25,10 @@ def get_celery(conn: HTTPConnection) -> Celery:
     return conn.app.state.celery
 
 
+def get_submitter(conn: HTTPConnection) -> Submitter:
+    return conn.app.state.submitter
+
+
 def get_registry(conn: HTTPConnection) -> WorkerRegistry:
     return conn.app.state.registry
 
@@ -35,6 +40,7 @@ def get_app_settings(request: Request) -> Settings:
 Store = Annotated[JobStore, Depends(get_store)]
 Hub = Annotated[ChannelHub, Depends(get_hub)]
 CeleryApp = Annotated[Celery, Depends(get_celery)]
+Submissions = Annotated[Submitter, Depends(get_submitter)]
 Registry = Annotated[WorkerRegistry, Depends(get_registry)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]
 # The caller's API key digest (None with keys off): the same dependency the protected routers run,

@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from api.auth import require_api_key
 from api.channel_hub import ChannelHub
 from api.errors import install_error_handlers
+from api.submission import Submitter
 from api.routes import (batches, controller, files, health, jobs, llava, metrics, models, openai, page,
                         stream)
 from shared.celery_app import make_celery
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = ChannelHub(app.state.aredis)
         app.state.hub.start()
         app.state.celery = make_celery(settings)
+        app.state.submitter = Submitter(app.state.store, app.state.celery)
         yield
         await app.state.hub.aclose()
         await app.state.aredis.aclose()

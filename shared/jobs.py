@@ -198,6 +198,18 @@ class Snapshot:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A job to record as `queued` (`JobStore.create_jobs`): its request, queue, and optional deadline, owner
+    (an API key digest) and extra record fields."""
+
+    request: GenerateRequest
+    queue: str
+    deadline_seconds: float | None = None
+    owner: str | None = None
+    extra: dict[str, str | int] | None = None
+
+
 class JobStore:
     """Reads and writes job records in Redis. Thread-safe (one redis-py connection pool)."""
 
@@ -267,12 +279,20 @@ class JobStore:
 
         `extra[i]` adds fields to record i (a batch line's batch id and line number, see _FINISH).
         """
-        last = self.redis.incrby(f"{self.prefix}:enqueue_order", len(requests))
-        ids = [new_job_id() for _ in requests]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for index, (job_id, request) in enumerate(zip(ids, requests)):
-                self._write_queued(pipe, job_id, request, queue, last - len(requests) + 1 + index, deadline_seconds,
-                                   owner, extra[index] if extra else None)
+        return self.create_jobs([NewJob(request, queue, deadline_seconds, owner, extra[index] if extra else None)
+                                 for index, request in enumerate(requests)], transaction=False)
+
+    def create_jobs(self, jobs: list["NewJob"], transaction: bool = True) -> list[str]:
+        """Write a `queued` record for each job, in order, in one round trip (one MULTI unless `transaction` is
+        False: then a batch's hundreds of lines do not hold Redis for the whole write); returns their new ids."""
+        if not jobs:
+            return []
+        last = self.redis.incrby(f"{self.prefix}:enqueue_order", len(jobs))
+        ids = [new_job_id() for _ in jobs]
+        with self.redis.pipeline(transaction=transaction) as pipe:
+            for index, (job_id, job) in enumerate(zip(ids, jobs)):
+                self._write_queued(pipe, job_id, job.request, job.queue, last - len(jobs) + 1 + index,
+                                   job.deadline_seconds, job.owner, job.extra)
             pipe.execute()
         return ids
 
@@ -432,7 +452,10 @@ class JobStore:
 
     def queue_lengths(self) -> dict[str, int]:
         """Number of queued jobs per queue."""
-        return {queue: self.redis.zcard(self.queue_key(queue)) for queue in QUEUES}
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in QUEUES:
+                pipe.zcard(self.queue_key(queue))
+            return dict(zip(QUEUES, pipe.execute()))
 
     def snapshot(self, job_id: str) -> Snapshot | None:
         """Status, prompt, text and seq read in one round trip, consistent with the channel's seq."""

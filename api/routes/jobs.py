@@ -5,9 +5,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from pydantic import BaseModel
 
-from api.deps import ApiKey, CeleryApp, Store
+from api.deps import ApiKey, Store, Submissions
 from api.errors import ApiError, job_not_found
-from api.submission import submit_jobs
 from shared.jobs import FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
@@ -82,19 +81,19 @@ IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
 
 
 @router.post("", status_code=202, response_model=JobCreated)
-def create_job(body: JobRequest, store: Store, celery: CeleryApp, api_key: ApiKey,
+def create_job(body: JobRequest, submitter: Submissions, api_key: ApiKey,
                idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Enqueue one generation job; poll it at `GET /v1/jobs/{id}` or stream it at `WS /v1/jobs/{id}/ws`."""
-    [job_id] = submit_jobs(store, celery, [(body, body.queue)], idempotency_key=idempotency_key, owner=api_key)
+    [job_id] = submitter.submit([(body, body.queue)], idempotency_key=idempotency_key, owner=api_key)
     return JobCreated(id=job_id, status="queued")
 
 
 @router.post("/bulk", status_code=202, response_model=BulkCreated)
-def create_jobs(body: BulkJobRequest, store: Store, celery: CeleryApp, api_key: ApiKey,
+def create_jobs(body: BulkJobRequest, submitter: Submissions, api_key: ApiKey,
                 idempotency_key: IdempotencyKey = None) -> BulkCreated:
     """Enqueue many jobs in one call; the ids come back in the order of `jobs`."""
-    return BulkCreated(ids=submit_jobs(store, celery, [(job, job.queue) for job in body.jobs],
-                                       idempotency_key=idempotency_key, owner=api_key))
+    return BulkCreated(ids=submitter.submit([(job, job.queue) for job in body.jobs],
+                                           idempotency_key=idempotency_key, owner=api_key))
 
 
 @router.get("/{job_id}", response_model=JobView)

@@ -6,11 +6,10 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from api.deps import CeleryApp, Hub, Registry, Store
+from api.deps import Hub, Registry, Store, Submissions
 from api.errors import ApiError
 from api.routes.models import served_models
 from api.stream import JobNotFound, StreamEvent, follow_job
-from api.submission import submit_job
 from shared.jobs import JobStore
 from shared.protocol import SERVER_ERROR_MSG, ErrorCode, GenerateRequest, InvalidRequest, encode_chunk, parse_request
 
@@ -46,7 +45,7 @@ async def cancel_unless_ended(store: JobStore, job_id: str) -> None:
 
 
 @router.post("/worker_generate_stream", response_class=StreamingResponse)
-async def worker_generate_stream(request: Request, store: Store, hub: Hub, celery: CeleryApp,
+async def worker_generate_stream(request: Request, store: Store, hub: Hub, submitter: Submissions,
                                  registry: Registry):
     """Generate like the original worker: frames `{"text": prompt + output, "error_code": 0}` each followed by NUL.
 
@@ -64,7 +63,7 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, celer
         # No media type: the original answers with no Content-Type header.
         return Response(encode_chunk(SERVER_ERROR_MSG, ErrorCode.NO_WORKER), media_type=None)
     try:
-        job_id = await asyncio.to_thread(submit_job, store, celery, body, "interactive")
+        job_id = await asyncio.to_thread(submitter.submit_one, body, "interactive")
     except ApiError as exc:
         # Refused (queue full, broker away): one frame that says why, so original clients show it.
         return Response(encode_chunk(exc.message, exc.code), status_code=exc.status, headers=exc.headers,

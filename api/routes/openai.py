@@ -22,12 +22,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.channel_hub import ChannelHub
-from api.deps import ApiKey, CeleryApp, Hub, Registry, Store
+from api.deps import ApiKey, Hub, Registry, Store, Submissions
 from api.errors import ApiError, error_body
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
 from api.stream import JobNotFound, follow_job
-from api.submission import submit_job
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest, InvalidRequest,
                              check_images, describe_validation_error, parse_request)
@@ -390,12 +389,12 @@ async def _disconnected(request: Request) -> None:
                         400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
                         404: {"description": "No live worker serves the model"}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response, store: Store,
-                                 hub: Hub, celery: CeleryApp, registry: Registry, api_key: ApiKey):
+                                 hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey):
     """OpenAI's chat completion, as a job: `id` is `chatcmpl-<job id>` (poll `GET /v1/jobs/<job id>`)."""
     check_supported(body)
     job_request = to_generate_request(body)
     await require_served(registry, body.model)
-    job_id = await asyncio.to_thread(submit_job, store, celery, job_request, "interactive", api_key)
+    job_id = await asyncio.to_thread(submitter.submit_one, job_request, "interactive", api_key)
     completion = Completion(store, hub, job_id, body.model, body.keep_on_disconnect)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -8,10 +8,9 @@ import asyncio
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from api.deps import ApiKey, CeleryApp, Hub, Store
+from api.deps import ApiKey, Hub, Store, Submissions
 from api.errors import ApiError
 from api.stream import JobNotFound, StreamEvent, follow_job
-from api.submission import submit_job
 from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
 
 router = APIRouter(tags=["stream"])
@@ -64,7 +63,7 @@ async def _close(websocket: WebSocket, code: int = 1000) -> None:
 
 
 @router.websocket("/v1/ws")
-async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, celery: CeleryApp,
+async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submitter: Submissions,
                             api_key: ApiKey) -> None:
     """Take a job request as the first message, then stream that job. Leaving the socket cancels the job."""
     await websocket.accept()
@@ -74,7 +73,7 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, celery
         return
     try:
         request = parse_request(raw, JobRequest)
-        job_id = await asyncio.to_thread(submit_job, store, celery, request, request.queue, api_key)
+        job_id = await asyncio.to_thread(submitter.submit_one, request, request.queue, api_key)
     except InvalidRequest as exc:
         await _reject(websocket, exc.message, ErrorCode.INVALID_REQUEST)
         return

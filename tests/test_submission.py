@@ -1,0 +1,145 @@
+"""Group commit of submissions (api/submission.py) on a real Redis: what arrives together is recorded and
+sent together, and each submission still gets its own answer (ids, 429, the same job for a repeated key, 503)."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from api.errors import ApiError
+from api.submission import Submitter
+from shared.celery_app import make_celery
+from shared.jobs import JobStore
+from shared.protocol import GenerateRequest
+from shared.redis_server import RedisServer
+from shared.settings import Settings
+
+
+class HeldStore(JobStore):
+    """A JobStore whose first `create_jobs` waits for `release`, and that counts the jobs of every call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def create_jobs(self, jobs, transaction=True):
+        self.calls.append(len(jobs))
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return super().create_jobs(jobs, transaction)
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis of the test's own: the tests count every key and message in it."""
+    with RedisServer() as server:
+        yield server.url
+
+
+def make_submitter(redis_url: str, max_queued: int = 0, broker_url: str | None = None) -> tuple[Submitter, HeldStore]:
+    store = HeldStore.from_url(redis_url, "sub", max_queued=max_queued)
+    return Submitter(store, make_celery(Settings(redis_url=broker_url or redis_url))), store
+
+
+def submit_held(submitter: Submitter, store: HeldStore, calls: list[tuple]) -> list:
+    """Run the first call alone, hold its commit until every other call waits, then let them commit; each call's
+    ids or error, in order."""
+    answers: list = [None] * len(calls)
+
+    def run(index):
+        args, kwargs = calls[index]
+        try:
+            answers[index] = submitter.submit(*args, **kwargs)
+        except ApiError as exc:
+            answers[index] = exc
+
+    threads = [threading.Thread(target=run, args=(0,))]
+    threads[0].start()
+    assert store.entered.wait(30)
+    threads += [threading.Thread(target=run, args=(index,)) for index in range(1, len(calls))]
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(submitter._waiting) < len(calls) - 1:
+        assert time.monotonic() < deadline, "the other calls never queued up behind the held commit"
+        time.sleep(0.01)
+    store.release.set()
+    for thread in threads:
+        thread.join(30)
+    return answers
+
+
+def queued_messages(store: JobStore, queue: str = "interactive") -> list[str]:
+    """The job ids of the Celery messages waiting in the broker's `queue` list, oldest first."""
+    raw = store.redis.lrange(queue, 0, -1)
+    return [json.loads(message)["headers"]["id"] for message in reversed(raw)]
+
+
+def one(prompt: str, queue: str = "interactive") -> tuple:
+    return ([(GenerateRequest(prompt=prompt), queue)],), {}
+
+
+def test_submissions_that_arrive_together_are_recorded_and_sent_together(redis_url):
+    submitter, store = make_submitter(redis_url)
+    calls = [one(f"prompt {index}") for index in range(31)]
+    calls.append(([[(GenerateRequest(prompt=f"bulk {index}"), "batch") for index in range(3)]], {}))
+    answers = submit_held(submitter, store, calls)
+
+    assert store.calls == [1, 33]  # the held call alone, then everything that queued behind it at once
+    ids = [job_id for answer in answers for job_id in answer]
+    assert len(set(ids)) == 34
+    for index, [job_id] in enumerate(answers[:31]):
+        record = store.get(job_id)
+        assert (record["status"], record["queue"], record["prompt"]) == ("queued", "interactive", f"prompt {index}")
+    assert [store.get(job_id)["prompt"] for job_id in answers[31]] == ["bulk 0", "bulk 1", "bulk 2"]
+    # Every job has its one task message, in the order the jobs were recorded.
+    assert queued_messages(store) == [job_id for [job_id] in answers[:31]]
+    assert queued_messages(store, "batch") == answers[31]
+    order = [store.redis.zscore(store.queue_key("interactive"), job_id) for [job_id] in answers[:31]]
+    assert order == sorted(order)
+
+
+def test_a_refused_submission_leaves_the_rest_of_its_group_whole(redis_url):
+    submitter, store = make_submitter(redis_url, max_queued=6)
+    calls = [one("first"), one("a"), ([[(GenerateRequest(prompt="x"), "interactive")] * 3], {}), one("b"),
+             ([[(GenerateRequest(prompt="y"), "interactive")] * 2], {}), one("c"), one("d")]
+    answers = submit_held(submitter, store, calls)
+
+    # In order: first (1), a (2), the bulk of 3 (5), b (6); the bulk of 2 and c, d no longer fit.
+    accepted = [answer for answer in answers if not isinstance(answer, ApiError)]
+    refused = [answer for answer in answers if isinstance(answer, ApiError)]
+    assert [len(answer) for answer in accepted] == [1, 1, 3, 1]
+    assert [answer.status for answer in refused] == [429, 429, 429]
+    assert all("the queue is full (6 jobs queued, limit 6)" in answer.message for answer in refused[1:])
+    assert sum(store.queue_lengths().values()) == 6
+    assert sorted(queued_messages(store)) == sorted(job_id for answer in accepted for job_id in answer)
+
+
+def test_a_repeated_idempotency_key_in_one_group_gives_one_job(redis_url):
+    submitter, store = make_submitter(redis_url)
+    keyed = ([[(GenerateRequest(prompt="once"), "interactive")]], {"idempotency_key": "same"})
+    answers = submit_held(submitter, store, [one("first"), keyed, one("between"), keyed, keyed])
+
+    assert answers[1] == answers[3] == answers[4]
+    assert len(queued_messages(store)) == 3  # first, between, and the keyed job once
+    assert submitter.submit(*keyed[0], **keyed[1]) == answers[1]  # a later retry too
+    assert len(queued_messages(store)) == 3
+
+
+def test_when_the_broker_is_away_every_job_of_the_group_fails_with_503(redis_url):
+    with RedisServer() as broker:
+        broker_url = broker.url
+    submitter, store = make_submitter(redis_url, broker_url=broker_url)  # the broker's Redis has stopped
+    answers = submit_held(submitter, store, [one("first"), one("a"), one("b")])
+
+    assert all(isinstance(answer, ApiError) and answer.status == 503 for answer in answers)
+    assert "the queue is unavailable" in answers[0].message
+    records = [store.get(job_id) for job_id in store.redis.zrange(store.queue_key("interactive"), 0, -1)]
+    assert records == []  # none is left queued without a task
+    failed = [key for key in store.redis.scan_iter("sub:job:*")]
+    assert len(failed) == 3
+    assert {store.redis.hget(key, "status") for key in failed} == {"failed"}
