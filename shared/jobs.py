@@ -46,6 +46,7 @@ redis.call('ZREM', KEYS[4], ARGV[3])
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
 if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KEYS[1], 'model', ARGV[4]) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('HDEL', KEYS[1], 'step')  -- the steps of the worker that held it before count no more
 if status == 'running' then return 'resumed' end
 redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 return 'running'
@@ -55,6 +56,13 @@ _APPEND = """
 -- Only the worker that holds the job may write to it (a fence against a worker thought dead).
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then
   return -1
+end
+-- A step written again (its first try's answer was lost with the connection) is not appended twice.
+if ARGV[5] ~= '' then
+  if tonumber(redis.call('HGET', KEYS[1], 'step') or '-1') >= tonumber(ARGV[5]) then
+    return tonumber(redis.call('HGET', KEYS[1], 'seq'))
+  end
+  redis.call('HSET', KEYS[1], 'step', ARGV[5])
 end
 if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3]) end
 if ARGV[1] == '' then
@@ -532,17 +540,20 @@ class JobStore:
         return self._finish(**self._finish_call(ending, only_if_running, worker)) == "ok"
 
     def record_step(self, worker: str, chunks: list[tuple[str, str, int, bool]],
-                    endings: list["Ending"]) -> list[int]:
+                    endings: list["Ending"], step: int | None = None) -> list[int]:
         """One engine step of `worker` in one pipelined round trip: append and publish each chunk, then end jobs.
 
         `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each chunk's new seq,
         or -1 where the job is no longer running on `worker` (cancelled meanwhile): stop generating it.
+        `step`, increasing with each call of this worker, makes writing the same step again harmless: a
+        job whose record has seen that step (or a later one) keeps its text as it is.
         """
         now = repr(time.time())
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id, delta, completion_tokens, first_token in chunks:
                 self._append(keys=[self.key(job_id), self.channel(job_id)],
-                             args=[delta, completion_tokens, now if first_token else "", worker], client=pipe)
+                             args=[delta, completion_tokens, now if first_token else "", worker,
+                                   "" if step is None else step], client=pipe)
             for ending in endings:
                 self._finish(**self._finish_call(ending, False, worker), client=pipe)
             results = pipe.execute()

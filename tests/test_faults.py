@@ -14,6 +14,8 @@ import websockets
 
 from conftest import run_stack
 from shared.redis_server import RedisServer
+from shared.jobs import JobStore
+from shared.protocol import GenerateRequest
 from workers.generation import when_redis_answers
 
 
@@ -161,3 +163,37 @@ def test_a_worker_write_waits_for_redis_to_come_back(tmp_path):
         client.close()
         for server in servers:
             server.stop()
+
+
+def test_a_step_written_again_is_appended_once():
+    # A try again of a step whose first try ran in Redis (its answer lost with the connection) carries the same
+    # step number: the record and the stream get each chunk once. A new holder of the job starts its count afresh.
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, "steps")
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(job_id, "w1") == "running"
+        pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(store.channel(job_id))
+        try:
+            assert store.record_step("w1", [(job_id, "Hel", 1, True)], [], step=7) == [1]
+            assert store.record_step("w1", [(job_id, "Hel", 1, True)], [], step=7) == [1]  # the same step again
+            assert store.record_step("w1", [(job_id, "lo", 2, False)], [], step=8) == [2]
+            assert store.record_step("w1", [(job_id, "Hel", 1, True)], [], step=7) == [2]  # an older one
+            assert store.get(job_id)["text"] == "Hello"
+            # w1 died (it announces nothing): w2 resumes the job, its steps numbered from 1.
+            assert store.start(job_id, "w2") == "resumed"
+            assert store.record_step("w2", [(job_id, " world", 3, False)], [], step=1) == [3]
+            assert store.record_step("w1", [(job_id, "!", 3, False)], [], step=9) == [-1]  # fenced off
+            record = store.get(job_id)
+            assert (record["text"], record["completion_tokens"]) == ("Hello world", 3)
+            messages = []
+            deadline = time.monotonic() + 5
+            while len(messages) < 3 and time.monotonic() < deadline:
+                message = pubsub.get_message(timeout=0.5)
+                if message:
+                    messages.append(json.loads(message["data"]))
+            assert [(m["seq"], m["delta"]) for m in messages] == [(1, "Hel"), (2, "lo"), (3, " world")]
+            assert pubsub.get_message(timeout=0.3) is None
+        finally:
+            pubsub.close()
+            store.redis.close()

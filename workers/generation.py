@@ -5,6 +5,7 @@ template, the stop string, the original's context guard). `JobRunner` moves a jo
 states and publishes every engine step's chunks in one pipelined round trip.
 """
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -146,6 +147,8 @@ class JobRunner:
         # Jobs this worker runs now, and those it is handing back to the queue as it shuts down.
         self._active: set[str] = set()
         self._handed_back: set[str] = set()
+        # Numbers this worker's writes of chunks, so that one tried again is not appended twice.
+        self._steps = itertools.count(1)
 
     def attach(self, engine: LLMEngine) -> None:
         """Use `engine` (built with `on_step=self.publish`)."""
@@ -252,17 +255,19 @@ class JobRunner:
             self._record_step([], [ending], f"ending job {out.request_id}")
 
     def _record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], what: str) -> list[int]:
-        """`JobStore.record_step` for this worker, waiting for Redis while it is away (`when_redis_answers`)."""
-        return when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings), what)
+        """`JobStore.record_step` for this worker, waiting for Redis while it is away (`when_redis_answers`); a try
+        again carries the same step number, so chunks the lost try had written are not written twice."""
+        step = next(self._steps)
+        return when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings, step), what)
 
 
 def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = REDIS_WAIT_SECONDS) -> T:
     """write(), tried again while Redis cannot be reached (0.1 s apart, doubling to 2 s), for up to `wait_seconds`.
 
     A job that ended while Redis was restarting used to lose its final write, and with it the job (its
-    task failed, and was acknowledged). Only connection errors are retried. A refused connection ran
-    nothing, so trying again writes each chunk once; a connection cut while Redis was answering could
-    have run part of a pipelined step, which would then be written twice (possible, not seen).
+    task failed, and was acknowledged). Only connection errors are retried. A connection cut while
+    Redis was answering may have run part of a pipelined step: the runner's writes carry a step
+    number for that (`JobRunner._record_step`), and its endings end a job once.
     """
     deadline, delay, warned = time.monotonic() + wait_seconds, 0.1, False
     while True:
