@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from api.errors import ApiError
 from api.routes.openai import parse_chat_request
 from api.submission import send_many, unsent
+from shared.celery_app import BATCH_QUEUE, task_queue
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
 from shared.jobs import JobStore
@@ -107,7 +108,8 @@ class Intake:
             entries[index]["job"] = job_id
         self.batches.add_lines(self.batch_id, entries)
         try:
-            send_many(self.celery, [(job_id, "batch") for job_id in ids])
+            send_many(self.celery, [(job_id, task_queue(BATCH_QUEUE, request.model))
+                                    for job_id, (_, request) in zip(ids, jobs)])
         except Exception as exc:
             raise unsent(self.store, ids, exc) from exc  # their lines fail (counted by the batch); 503
 

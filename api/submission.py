@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 
 from api.errors import ApiError
-from shared.celery_app import GENERATE_TASK
+from shared.celery_app import GENERATE_TASK, task_queue
 from shared.jobs import JobStore, NewJob
 from shared.protocol import ErrorCode, GenerateRequest
 
@@ -100,7 +100,8 @@ class Submitter:
             for submission in admitted:
                 if submission.idempotency_key is None:
                     submission.ids = [next(ids) for _ in submission.requests]
-                    created += zip(submission.ids, (queue for _, queue in submission.requests))
+                    created += [(job_id, task_queue(queue, request.model))
+                                for job_id, (request, queue) in zip(submission.ids, submission.requests)]
                 else:
                     submission.ids, new = self._create_keyed(submission)
                     created += new
@@ -130,14 +131,14 @@ class Submitter:
 
     def _create_keyed(self, submission: _Submission) -> tuple[list[str], list[tuple[str, str]]]:
         """Record the jobs of a submission with an idempotency key, one by one (a key already taken gives its job);
-        returns their ids and the (id, queue) of those newly created."""
+        returns their ids and the (id, Celery queue) of those newly created."""
         ids, created = [], []
         for key, (request, queue) in zip(self._keys(submission), submission.requests):
             job_id, new = self.store.create(request, queue, deadline_seconds=getattr(request, "deadline_seconds", None),
                                             idempotency_key=key, owner=submission.owner)
             ids.append(job_id)
             if new:
-                created.append((job_id, queue))
+                created.append((job_id, task_queue(queue, request.model)))
         return ids, created
 
     def _admit(self, group: list[_Submission]) -> list[_Submission]:
@@ -210,7 +211,7 @@ def _refuse(store: JobStore, excess: int, reason: str) -> None:
 
 
 def send_many(celery: Celery, jobs: list[tuple[str, str]]) -> None:
-    """Send the Celery task of each (already recorded) (job id, queue), pipelined: one Redis round trip per few
+    """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one Redis round trip per few
     hundred jobs.
 
     The message is the one `send_task` builds (JSON, the job id as its only argument and as the

@@ -1,4 +1,7 @@
-"""The Celery app on Redis: JSON only, late acks, redelivery of jobs whose worker died, two queues."""
+"""The Celery app on Redis: JSON only, late acks, redelivery of jobs whose worker died, two queues (and their
+per-model variants: `task_queue`)."""
+
+import re
 
 from celery import Celery
 from kombu import Queue
@@ -8,6 +11,20 @@ from shared.settings import Settings, get_settings
 GENERATE_TASK = "llava_queue.generate"
 INTERACTIVE_QUEUE = "interactive"
 BATCH_QUEUE = "batch"
+_UNSAFE = re.compile(r"[\s,]")
+
+
+def task_queue(queue: str, model: str | None = None) -> str:
+    """The Celery queue of a job's task: `queue` ("interactive" or "batch") for a job that names no model,
+    `queue.<model>` for one that does, which only workers serving that model read (commas and spaces in the
+    name become "_": the worker's -Q option splits on them)."""
+    return f"{queue}.{_UNSAFE.sub('_', model)}" if model else queue
+
+
+def worker_queues(model: str) -> list[str]:
+    """The queues a worker serving `model` reads, in the order it takes from them: interactive jobs for its
+    model, then for any model, then batch jobs the same way."""
+    return [task_queue(INTERACTIVE_QUEUE, model), INTERACTIVE_QUEUE, task_queue(BATCH_QUEUE, model), BATCH_QUEUE]
 
 
 def make_celery(settings: Settings) -> Celery:

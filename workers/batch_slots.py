@@ -11,21 +11,20 @@ throughput when no interactive job comes.
 import logging
 import threading
 
-from shared.celery_app import BATCH_QUEUE
-
 log = logging.getLogger("llava_queue.worker")
 
 
 class BatchSlots:
-    """Counts this worker's batch jobs from their receipt to their end, and pauses its batch-queue consumer
-    at `limit`.
+    """Counts this worker's batch jobs from their receipt to their end, and pauses its batch-queue consumers
+    (`queues`: the batch queue for its model, and for any) at `limit`.
 
     Counting starts at receipt (in the consumer's own thread, before it fetches the next message),
     so a worker with free threads does not take more batch jobs in the moment before they start.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, queues: tuple[str, ...]):
         self.limit = max(1, limit)
+        self.queues = queues
         self.running = 0
         self.paused = False
         self._lock = threading.Lock()
@@ -37,7 +36,7 @@ class BatchSlots:
 
     def received(self, delivery_info: dict | None) -> None:
         """A job arrived (`task_received`, in the consumer's thread): count it if it is a batch job."""
-        if (delivery_info or {}).get("routing_key") != BATCH_QUEUE:
+        if (delivery_info or {}).get("routing_key") not in self.queues:
             return
         with self._lock:
             self.running += 1
@@ -46,8 +45,8 @@ class BatchSlots:
             self._apply()
 
     def ended(self, delivery_info: dict | None) -> None:
-        """A job ended (`task_postrun`, in its task thread): below the limit again, the batch queue is read."""
-        if (delivery_info or {}).get("routing_key") != BATCH_QUEUE:
+        """A job ended (`task_postrun`, in its task thread): below the limit again, the batch queues are read."""
+        if (delivery_info or {}).get("routing_key") not in self.queues:
             return
         with self._lock:
             self.running -= 1
@@ -72,11 +71,13 @@ class BatchSlots:
         task_consumer = self._consumer.task_consumer
         with self._lock:
             paused = self.paused
-        consuming = task_consumer.consuming_from(BATCH_QUEUE)
+        consuming = task_consumer.consuming_from(self.queues[0])
         if paused and consuming:
-            task_consumer.cancel_by_queue(BATCH_QUEUE)
-            log.debug("batch queue paused: %d batch jobs running", self.running)
+            for queue in self.queues:
+                task_consumer.cancel_by_queue(queue)
+            log.debug("batch queues paused: %d batch jobs running", self.running)
         elif not paused and not consuming:
-            # Added after `interactive`, so the queues are still polled interactive first.
-            task_consumer.add_queue(self._consumer.app.amqp.queues[BATCH_QUEUE])
+            # Added after the interactive queues, in order, so they are still polled interactive first.
+            for queue in self.queues:
+                task_consumer.add_queue(self._consumer.app.amqp.queues[queue])
             task_consumer.consume()

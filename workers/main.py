@@ -9,7 +9,7 @@ import time
 import torch
 from celery import signals
 
-from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app
+from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
 from shared.jobs import JobStore, WorkerRegistry
 from shared.logs import bind_job_ids_to_celery_tasks
 from shared.settings import Settings
@@ -48,7 +48,8 @@ def run_worker(settings: Settings) -> None:
     METRICS.start_observer(store, name, settings.conversation_log)
     engine.start()
     if settings.reserved_slots > 0:
-        batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots)
+        batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots,
+                                 (task_queue(BATCH_QUEUE, loaded.name), BATCH_QUEUE))
         signals.worker_ready.connect(lambda sender, **_: batch_slots.attach(sender), weak=False)
         signals.task_received.connect(lambda request, **_: batch_slots.received(request.delivery_info), weak=False)
         signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
@@ -69,8 +70,7 @@ def run_worker(settings: Settings) -> None:
                      name="announce").start()
     threading.Thread(target=_sweep_orphans, args=(store, settings, stop), daemon=True, name="sweeper").start()
     def requeue(job_id: str) -> None:
-        queue = store.redis.hget(store.key(job_id), "queue") or INTERACTIVE_QUEUE
-        celery_app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+        celery_app.send_task(GENERATE_TASK, args=[job_id], queue=_task_queue_of(store, job_id))
 
     def on_shutdown(**_):
         # Not ready any more (the next heartbeat says so); Celery stops taking jobs and waits for the
@@ -89,12 +89,19 @@ def run_worker(settings: Settings) -> None:
     try:
         # One task thread per engine slot: Celery never reserves more jobs than the engine can batch.
         celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.max_num_seqs}",
-                                "-Q", f"{INTERACTIVE_QUEUE},{BATCH_QUEUE}", "-n", name, "--loglevel=INFO",
+                                "-Q", ",".join(worker_queues(loaded.name)), "-n", name, "--loglevel=INFO",
                                 "--without-gossip", "--without-mingle"])
     finally:
         stop.set()
         registry.remove(name)
         engine.shutdown()
+
+
+def _task_queue_of(store: JobStore, job_id: str) -> str:
+    """Where to deliver a started job again: its queue, for the model it started on (the text it has came from
+    that model, so a worker serving another one must not go on with it)."""
+    queue, model = store.redis.hmget(store.key(job_id), ["queue", "model"])
+    return task_queue(queue or INTERACTIVE_QUEUE, model)
 
 
 def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Event) -> None:
@@ -176,8 +183,7 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
             for job_id in store.expire_overdue():
                 log.info("job %s expired: still queued past its deadline", job_id)
             for job_id in store.claim_orphans():
-                queue = store.redis.hget(store.key(job_id), "queue") or INTERACTIVE_QUEUE
                 log.warning("job %s: its worker stopped beating; delivering it again", job_id)
-                celery_app.send_task(GENERATE_TASK, args=[job_id], queue=queue)
+                celery_app.send_task(GENERATE_TASK, args=[job_id], queue=_task_queue_of(store, job_id))
         except Exception:
             log.exception("the orphan sweep failed; trying again")
