@@ -100,6 +100,17 @@ def wait_for_stack(stack: Stack, workers: int = 1, timeout: float = 180) -> None
         time.sleep(0.3)
 
 
+def job_final(stack: Stack, job_id: str, timeout: float = 60) -> dict:
+    """The job's view (`GET /v1/jobs/{id}`) once it has ended; AssertionError with the logs if it has not in `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end\n{stack.logs()}")
+
+
 def stop_processes(processes) -> None:
     """SIGTERM every process, then SIGKILL whatever is still there after 15 s."""
     for process in processes:

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_service
+from conftest import job_final, start_service
 from shared.redis_server import free_port
 from shared.settings import Settings
 
@@ -38,14 +38,7 @@ def scrape(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def run_job(stack, **payload) -> dict:
-    job_id = requests.post(f"{stack.base_url}/v1/jobs", json=payload, timeout=10).json()["id"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not end\n{stack.logs()}")
+    return job_final(stack, requests.post(f"{stack.base_url}/v1/jobs", json=payload, timeout=10).json()["id"])
 
 
 def test_api_metrics_count_jobs_from_redis(stack):

@@ -2,12 +2,11 @@
 on any worker (shared/celery_app.py `task_queue`)."""
 
 import os
-import time
 
 import pytest
 import requests
 
-from conftest import run_stack, start_service, stop_processes, wait_for_stack
+from conftest import job_final, run_stack, start_service, stop_processes, wait_for_stack
 from shared.celery_app import task_queue
 from shared.redis_server import RedisServer
 
@@ -34,16 +33,6 @@ def two_models(default_model_dir):
                 stack.processes.pop(name)
 
 
-def wait_final(stack, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not end\n{stack.logs()}")
-
-
 def test_a_job_that_names_a_model_runs_on_a_worker_of_that_model(two_models):
     stack = two_models
     served = requests.get(f"{stack.base_url}/v1/models", timeout=10).json()
@@ -57,11 +46,11 @@ def test_a_job_that_names_a_model_runs_on_a_worker_of_that_model(two_models):
     anonymous = [requests.post(f"{stack.base_url}/v1/jobs", json=body, timeout=10).json()["id"] for _ in range(4)]
 
     for model, job_id in named:
-        job = wait_final(stack, job_id)
+        job = job_final(stack, job_id, timeout=120)
         assert job["status"] == "succeeded", job
         assert (job["model"], job["worker"].split("@")[0]) == (model, model), job
     for job_id in anonymous:
-        job = wait_final(stack, job_id)
+        job = job_final(stack, job_id, timeout=120)
         assert job["status"] == "succeeded" and job["model"] in MODELS and job["worker"].startswith(job["model"] + "@")
 
 
