@@ -4,6 +4,7 @@ The checkpoints are tiny and random (tests/llava_fixtures.py) but laid out on di
 are; comparisons are exact or to float32 round-off.
 """
 
+import logging
 import json
 import shutil
 
@@ -272,3 +273,20 @@ def test_what_cannot_be_served_is_a_clear_start_up_error(family, tmp_path):
     (anyres / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="LLaVA-1.6"):
         load(anyres)
+
+
+@pytest.mark.parametrize("vision", [True, False])
+def test_the_worker_warms_up_the_image_path_of_a_vision_model(original, default_model_dir, vision, caplog):
+    # workers/main.py: a text request, and for a vision model an image request through `prepare`, before serving.
+    from shared.settings import Settings
+    from workers.builder import serving_engine
+    from workers.main import _warm_up
+
+    loaded = original if vision else load_model(str(default_model_dir), device="cpu", dtype="float32")
+    engine = serving_engine(loaded, Settings(), max_num_seqs=4)
+    _warm_up(engine, loaded)
+    stats = engine.stats()
+    assert (stats["num_finished"], stats["generated_tokens"]) == ((2, 2) if vision else (1, 1))
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert not warnings  # neither request failed, and the two were prefilled together

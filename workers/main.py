@@ -1,5 +1,7 @@
 """The worker process: load the model once, start the engine thread, then run Celery with a thread pool."""
 
+import base64
+import io
 import logging
 import os
 import socket
@@ -8,17 +10,19 @@ import time
 
 import torch
 from celery import signals
+from PIL import Image
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
 from shared.jobs import JobStore, WorkerRegistry
 from shared.logs import bind_job_ids_to_celery_tasks
+from shared.protocol import IMAGE_TOKEN, GenerateRequest
 from shared.settings import Settings
 from workers import tasks
 from workers.batch_slots import BatchSlots
 from workers.builder import LoadedModel, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
-from workers.generation import JobRunner
+from workers.generation import JobRunner, prepare
 from workers.metrics import METRICS, serve
 from workers.torch_threads import in_passing_thread
 
@@ -128,7 +132,9 @@ def _load(settings: Settings) -> LoadedModel:
 
 
 def _warm_up(engine: LLMEngine, loaded: LoadedModel) -> float:
-    """Run one greedy 1-token request through the engine before it starts (first kernels, allocator); its seconds.
+    """Run one greedy 1-token request through the engine before it starts (first kernels, allocator), and for a
+    vision model one with an image too, through `prepare` as a job's (image decoding, the vision tower, a prefill
+    from embeddings); returns the seconds it took.
 
     The engine is stepped by the calling thread, with its step hook off, so nothing reaches Redis.
     A failed warm-up is logged; the worker still serves (the error would show on the first job).
@@ -137,19 +143,37 @@ def _warm_up(engine: LLMEngine, loaded: LoadedModel) -> float:
     on_step, engine.on_step = engine.on_step, None
     try:
         ids = loaded.tokenizer("Hello", add_special_tokens=True).input_ids
-        handle = engine.add_request("warm-up", ids, SamplingParams(temperature=0.0, max_new_tokens=1))
+        one_token = SamplingParams(temperature=0.0, max_new_tokens=1)
+        handles = [engine.add_request("warm-up", ids, one_token)]
+        if loaded.vision is not None:
+            request = GenerateRequest(prompt=f"{IMAGE_TOKEN}\nHello", images=[_WARM_UP_IMAGE], temperature=0.0,
+                                      max_new_tokens=1)
+            prepared = prepare(request, loaded, max_new_tokens_cap=1)
+            handles.append(engine.add_request("warm-up-image", prepared.text_token_ids, prepared.params,
+                                              prompt_embeds=prepared.engine_prompt_embeds()))
         for _ in range(100):
-            if handle.done.is_set():
+            if all(handle.done.is_set() for handle in handles):
                 break
             engine.step()
-        output = handle.wait(timeout=0)
-        if output.error:
-            log.warning("warm-up request failed: %s", output.error)
+        for handle in handles:
+            output = handle.wait(timeout=0)
+            if output.error:
+                log.warning("warm-up request %s failed: %s", output.request_id, output.error)
     except Exception:
         log.exception("warm-up request failed")
     finally:
         engine.on_step = on_step
     return time.monotonic() - started
+
+
+def _warm_up_image() -> str:
+    """A small gray PNG, base64: the vision warm-up's image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+_WARM_UP_IMAGE = _warm_up_image()
 
 
 def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings: Settings,
