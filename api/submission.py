@@ -9,7 +9,7 @@ own six round trips (two counts, the order, the record, the message, Celery's ta
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from celery import Celery
 
@@ -28,7 +28,7 @@ class _Submission:
     owner: str | None
     ids: list[str] | None = None
     error: BaseException | None = None
-    done: bool = field(default=False)
+    done: bool = False
 
     def settle(self, ids: list[str] | None = None, error: BaseException | None = None) -> None:
         if not self.done:
@@ -211,8 +211,8 @@ def _refuse(store: JobStore, excess: int, reason: str) -> None:
 
 
 def send_many(celery: Celery, jobs: list[tuple[str, str]]) -> None:
-    """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one Redis round trip per few
-    hundred jobs.
+    """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one
+    Redis round trip per few hundred jobs.
 
     The message is the one `send_task` builds (JSON, the job id as its only argument and as the
     task id), published without the per-message queue declaration and task-sent event that make

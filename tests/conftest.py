@@ -101,7 +101,8 @@ def wait_for_stack(stack: Stack, workers: int = 1, timeout: float = 180) -> None
 
 
 def job_final(stack: Stack, job_id: str, timeout: float = 60) -> dict:
-    """The job's view (`GET /v1/jobs/{id}`) once it has ended; AssertionError with the logs if it has not in `timeout` s."""
+    """The job's view (`GET /v1/jobs/{id}`) once it has ended; AssertionError with the logs if it has not in
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json()
