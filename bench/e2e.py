@@ -259,10 +259,13 @@ def print_report(args, c: RunResult, e2e: RunResult, segments: dict[str, list[fl
         for index, (round_c, round_e2e) in enumerate(rounds, 1):
             print(f"- round {index}: {round_c.tokens_per_s:.1f} and {round_e2e.tokens_per_s:.1f} tok/s, "
                   f"{round_e2e.tokens_per_s / round_c.tokens_per_s:.2f}x; TTFT p50 {round_c.ttft_ms(50):.0f} and "
-                  f"{round_e2e.ttft_ms(50):.0f} ms, {round_e2e.ttft_ms(50) - round_c.ttft_ms(50):+.0f} ms")
+                  f"{round_e2e.ttft_ms(50):.0f} ms, {round_e2e.ttft_ms(50) - round_c.ttft_ms(50):+.0f} ms; "
+                  f"TTFT mean {round_e2e.ttft_mean_ms() - round_c.ttft_mean_ms():+.0f} ms")
         ratios = [b.tokens_per_s / a.tokens_per_s for a, b in rounds]
         differences = [b.ttft_ms(50) - a.ttft_ms(50) for a, b in rounds]
-        print(f"- median of the rounds: {statistics.median(ratios):.2f}x, {statistics.median(differences):+.0f} ms")
+        mean_differences = [b.ttft_mean_ms() - a.ttft_mean_ms() for a, b in rounds]
+        print(f"- median of the rounds: {statistics.median(ratios):.2f}x, TTFT p50 "
+              f"{statistics.median(differences):+.0f} ms, TTFT mean {statistics.median(mean_differences):+.0f} ms")
     print(f"\n**e2e throughput / (c) = {e2e.tokens_per_s / c.tokens_per_s:.2f}x; "
           f"e2e TTFT p50 − (c) TTFT p50 = {e2e.ttft_ms(50) - c.ttft_ms(50):+.0f} ms**")
     parts = ", ".join(f"{name} {1000 * statistics.median(values):.0f} ms" for name, values in segments.items())
