@@ -40,8 +40,9 @@ def redis_url():
         yield server.url
 
 
-def make_submitter(redis_url: str, max_queued: int = 0, broker_url: str | None = None) -> tuple[Submitter, HeldStore]:
-    store = HeldStore.from_url(redis_url, "sub", max_queued=max_queued)
+def make_submitter(redis_url: str, max_queued: int = 0, broker_url: str | None = None,
+                   max_queued_per_owner: int = 0) -> tuple[Submitter, HeldStore]:
+    store = HeldStore.from_url(redis_url, "sub", max_queued=max_queued, max_queued_per_owner=max_queued_per_owner)
     return Submitter(store, make_celery(Settings(redis_url=broker_url or redis_url))), store
 
 
@@ -117,6 +118,19 @@ def test_a_refused_submission_leaves_the_rest_of_its_group_whole(redis_url):
     assert all("the queue is full (6 jobs queued, limit 6)" in answer.message for answer in refused[1:])
     assert sum(store.queue_lengths().values()) == 6
     assert sorted(queued_messages(store)) == sorted(job_id for answer in accepted for job_id in answer)
+
+
+def test_each_api_key_is_held_to_its_quota_within_a_group(redis_url):
+    submitter, store = make_submitter(redis_url, max_queued_per_owner=2)
+    owned = lambda owner, prompt: ([[(GenerateRequest(prompt=prompt), "interactive")]], {"owner": owner})
+    calls = [owned("key-a", "a1"), owned("key-a", "a2"), owned("key-b", "b1"), owned("key-a", "a3"),
+             owned("key-b", "b2"), owned("key-b", "b3"), one("no key")]
+    answers = submit_held(submitter, store, calls)
+
+    refused = [index for index, answer in enumerate(answers) if isinstance(answer, ApiError)]
+    assert refused == [3, 5]  # a3 and b3: each key already has 2 queued, counted within the group
+    assert all(answers[index].status == 429 and "its quota is 2" in answers[index].message for index in refused)
+    assert len(queued_messages(store)) == 5
 
 
 def test_a_repeated_idempotency_key_in_one_group_gives_one_job(redis_url):
