@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import threading
@@ -16,7 +17,7 @@ from conftest import run_stack
 from shared.redis_server import RedisServer
 from shared.jobs import JobStore
 from shared.protocol import GenerateRequest
-from workers.generation import when_redis_answers
+from workers.generation import JobRunner, when_redis_answers
 
 
 @pytest.fixture
@@ -197,3 +198,21 @@ def test_a_step_written_again_is_appended_once():
         finally:
             pubsub.close()
             store.redis.close()
+
+
+def test_hand_back_with_redis_away_leaves_the_job_running_and_raises_nothing(caplog):
+    # workers/generation.py: at shutdown a job that cannot be released stays as it is (not aborted, not requeued):
+    # the orphan sweep of a live worker delivers it again once this worker's heartbeat has expired.
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, "handback")
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(job_id, "w1") == "running"
+        runner = JobRunner(store, loaded=None, worker_name="w1")
+        runner._active.add(job_id)
+        server.stop()
+        requeued = []
+        with caplog.at_level(logging.WARNING, logger="llava_queue.worker"):
+            assert runner.hand_back(requeued.append) == []
+        assert requeued == [] and job_id not in runner._handed_back
+        assert any(f"job {job_id} not handed back" in record.getMessage() for record in caplog.records)
+        store.redis.close()

@@ -13,6 +13,7 @@ from typing import Callable, TypeVar
 
 import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, Ending, JobStore
@@ -234,14 +235,28 @@ class JobRunner:
 
         `requeue(job_id)` sends the job again. The text generated so far stays in the record, so
         the worker that takes the job goes on from there. Returns the ids handed back.
+
+        With Redis away, a job that cannot be released stays in the batch (aborted, its ending would mark it
+        cancelled once Redis is back): if this worker exits first, the orphan sweep of a live worker delivers it
+        again once the heartbeat has expired; one released but not requeued is delivered again by that sweep too.
         """
         handed = []
         for job_id in list(self._active):
-            if self.store.release(job_id, self.worker_name):
+            try:
+                released = self.store.release(job_id, self.worker_name)
+            except RedisError as exc:
+                log.warning("job %s not handed back (%s): it runs on; if this worker exits, the orphan sweep "
+                            "delivers it again", job_id, exc)
+                continue
+            if released:
                 self._handed_back.add(job_id)
                 self.engine.abort(job_id)
-                requeue(job_id)
                 handed.append(job_id)
+                try:
+                    requeue(job_id)
+                except Exception as exc:
+                    log.warning("job %s handed back but not requeued (%s): the orphan sweep delivers it again",
+                                job_id, exc)
         return handed
 
     def cancel(self, job_id: str) -> None:
