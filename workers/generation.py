@@ -171,9 +171,10 @@ class JobRunner:
         except Exception as exc:
             # Whatever went wrong, the job says so in its record instead of staying "running".
             log.exception("job %s failed", job_id)
+            error = f"{type(exc).__name__}: {exc}"
             when_redis_answers(lambda: self.store.finish(
-                job_id, "failed", error=f"{type(exc).__name__}: {exc}", error_code=ErrorCode.SERVER_ERROR,
-                finish_reason="error", worker=self.worker_name), f"failing job {job_id}")
+                job_id, "failed", error=error, error_code=ErrorCode.SERVER_ERROR, finish_reason="error",
+                worker=self.worker_name), f"failing job {job_id}")
             return "failed"
         finally:
             self._done_before.pop(job_id, None)
