@@ -164,12 +164,15 @@ class RunResult:
         return self.tokens / self.seconds
 
     def ttft_ms(self, q: float) -> float | None:
-        values = [t.ttft for t in self.timings if t.first_token is not None]
+        values = self._ttfts()
         return 1000 * float(np.percentile(values, q)) if values else None
 
     def ttft_mean_ms(self) -> float | None:
-        values = [t.ttft for t in self.timings if t.first_token is not None]
+        values = self._ttfts()
         return 1000 * float(np.mean(values)) if values else None
+
+    def _ttfts(self) -> list[float]:
+        return [t.ttft for t in self.timings if t.first_token is not None]
 
     def tpot_ms(self, q: float) -> float | None:
         values = [t.tpot for t in self.timings if t.tpot is not None]

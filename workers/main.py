@@ -73,8 +73,6 @@ def run_worker(settings: Settings) -> None:
     threading.Thread(target=_announce, args=(registry, info, engine, settings, stop), daemon=True,
                      name="announce").start()
     threading.Thread(target=_sweep_orphans, args=(store, settings, stop), daemon=True, name="sweeper").start()
-    def requeue(job_id: str) -> None:
-        celery_app.send_task(GENERATE_TASK, args=[job_id], queue=_task_queue_of(store, job_id))
 
     def on_shutdown(**_):
         # Not ready any more (the next heartbeat says so); Celery stops taking jobs and waits for the
@@ -83,7 +81,7 @@ def run_worker(settings: Settings) -> None:
         METRICS.set_ready(False)
         def hand_back_later():
             if not engine_idle.wait(settings.shutdown_grace_seconds):
-                handed = runner.hand_back(requeue)
+                handed = runner.hand_back(lambda job_id: _deliver_again(store, job_id))
                 log.warning("shutting down: handed %d running jobs back to the queue", len(handed))
         threading.Thread(target=hand_back_later, daemon=True, name="hand-back").start()
 
@@ -101,11 +99,11 @@ def run_worker(settings: Settings) -> None:
         engine.shutdown()
 
 
-def _task_queue_of(store: JobStore, job_id: str) -> str:
-    """Where to deliver a started job again: its queue, for the model it started on (the text it has came from
-    that model, so a worker serving another one must not go on with it)."""
+def _deliver_again(store: JobStore, job_id: str) -> None:
+    """Send a started job's task again, to its queue for the model it started on (the text it has came from that
+    model, so a worker serving another one must not go on with it)."""
     queue, model = store.redis.hmget(store.key(job_id), ["queue", "model"])
-    return task_queue(queue or INTERACTIVE_QUEUE, model)
+    celery_app.send_task(GENERATE_TASK, args=[job_id], queue=task_queue(queue or INTERACTIVE_QUEUE, model))
 
 
 def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Event) -> None:
@@ -146,7 +144,7 @@ def _warm_up(engine: LLMEngine, loaded: LoadedModel) -> float:
         one_token = SamplingParams(temperature=0.0, max_new_tokens=1)
         handles = [engine.add_request("warm-up", ids, one_token)]
         if loaded.vision is not None:
-            request = GenerateRequest(prompt=f"{IMAGE_TOKEN}\nHello", images=[_WARM_UP_IMAGE], temperature=0.0,
+            request = GenerateRequest(prompt=f"{IMAGE_TOKEN}\nHello", images=[_warm_up_image()], temperature=0.0,
                                       max_new_tokens=1)
             prepared = prepare(request, loaded, max_new_tokens_cap=1)
             handles.append(engine.add_request("warm-up-image", prepared.text_token_ids, prepared.params,
@@ -171,9 +169,6 @@ def _warm_up_image() -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-_WARM_UP_IMAGE = _warm_up_image()
 
 
 def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings: Settings,
@@ -208,6 +203,6 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
                 log.info("job %s expired: still queued past its deadline", job_id)
             for job_id in store.claim_orphans():
                 log.warning("job %s: its worker stopped beating; delivering it again", job_id)
-                celery_app.send_task(GENERATE_TASK, args=[job_id], queue=_task_queue_of(store, job_id))
+                _deliver_again(store, job_id)
         except Exception:
             log.exception("the orphan sweep failed; trying again")
