@@ -50,9 +50,10 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=(Queue(INTERACTIVE_QUEUE), Queue(BATCH_QUEUE)),
         task_default_queue=INTERACTIVE_QUEUE,
         worker_hijack_root_logger=False,
-        # Task events, so Flower (or `celery events`) shows the workers and every job's task.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Task events only when asked (settings.task_events): Flower asks for them itself. Worker events
+        # (heartbeats, online, offline) are always sent, so Flower lists the workers either way.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
     )
     return app
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from shared.protocol import ErrorCode, GenerateRequest
 
@@ -549,15 +551,43 @@ class JobStore:
         job whose record has seen that step (or a later one) keeps its text as it is.
         """
         now = repr(time.time())
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, delta, completion_tokens, first_token in chunks:
-                self._append(keys=[self.key(job_id), self.channel(job_id)],
-                             args=[delta, completion_tokens, now if first_token else "", worker,
-                                   "" if step is None else step], client=pipe)
-            for ending in endings:
-                self._finish(**self._finish_call(ending, False, worker), client=pipe)
-            results = pipe.execute()
+        calls = [(self._append, [self.key(job_id), self.channel(job_id)],
+                  [delta, completion_tokens, now if first_token else "", worker, "" if step is None else step])
+                 for job_id, delta, completion_tokens, first_token in chunks]
+        calls += [(self._finish, call["keys"], call["args"])
+                  for call in (self._finish_call(ending, False, worker) for ending in endings)]
+        results = self._run_scripts(calls)
         return [int(seq) for seq in results[:len(chunks)]]
+
+    def _run_scripts(self, calls: list[tuple[Script, list, list]]) -> list:
+        """EVALSHA every (script, keys, args) in order, in one pipelined round trip; their results.
+
+        A redis-py pipeline that runs scripts first asks Redis whether they are loaded (SCRIPT EXISTS, a round
+        trip of its own, before every execute: one more per engine step). This sends EVALSHA at once and only
+        after a NOSCRIPT (Redis restarted, or its script cache was flushed) loads the scripts and runs the calls
+        again from the first that failed: those before it ran; those after it ran too only if their script was
+        loaded, and then a second run changes nothing (a chunk carries its step number, an ending ends a job once).
+        """
+        results: list = []
+        loaded = False
+        while calls:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                answers = pipe.execute(raise_on_error=False)
+            failed = next((i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)), len(answers))
+            for answer in answers[:failed]:
+                if isinstance(answer, Exception):
+                    raise answer
+            results += answers[:failed]
+            if failed < len(calls):
+                if loaded:
+                    raise answers[failed]
+                for script in {script for script, _, _ in calls[failed:]}:
+                    script.sha = self.redis.script_load(script.script)
+                loaded = True
+            calls = calls[failed:]
+        return results
 
     def _queue_keys(self) -> list[str]:
         return [self.queue_key(queue) for queue in QUEUES]

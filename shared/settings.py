@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     # A worker serves Prometheus metrics (and /readyz) on this port; 0: no exporter.
     worker_metrics_port: int = 0
     worker_metrics_host: str = "0.0.0.0"
+    # Celery task events (task-received, -started, -succeeded: three more messages per job through the
+    # worker's one consumer thread, which also takes every job from the queue). Off by default; Flower
+    # turns them on in the workers it watches (its enable_events), `celery control enable_events` too.
+    task_events: bool = False
     # The original's conversation log: one JSON line per finished job, appended by the worker that
     # ran it (image MD5 hashes instead of image bytes); empty: off.
     conversation_log: str = ""

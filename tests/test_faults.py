@@ -15,7 +15,7 @@ import websockets
 
 from conftest import run_stack
 from shared.redis_server import RedisServer
-from shared.jobs import JobStore
+from shared.jobs import Ending, JobStore
 from shared.protocol import GenerateRequest
 from workers.generation import JobRunner, when_redis_answers
 
@@ -198,6 +198,39 @@ def test_a_step_written_again_is_appended_once():
         finally:
             pubsub.close()
             store.redis.close()
+
+
+def test_a_step_is_one_round_trip_and_survives_a_flushed_script_cache():
+    # JobStore._run_scripts: a step sends EVALSHA straight away (no SCRIPT EXISTS before each step, which
+    # redis-py's scripted pipelines send); after Redis lost its scripts (a restart, SCRIPT FLUSH) the step loads
+    # them and still writes every chunk once, then ends the job.
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, "oneway")
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(job_id, "w1") == "running"
+
+        def calls(command: str) -> int:
+            return int(store.redis.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        assert store.record_step("w1", [(job_id, "Hel", 1, True)], [], step=1) == [1]
+        before = (calls("script|exists"), calls("evalsha"))
+        assert store.record_step("w1", [(job_id, "lo", 2, False)], [], step=2) == [2]
+        assert (calls("script|exists"), calls("evalsha")) == (before[0], before[1] + 1)
+        store.redis.script_flush()
+        assert store.record_step("w1", [(job_id, " world", 3, False)], [Ending(job_id, "succeeded", finish_reason="stop",
+                                                                               completion_tokens=3)], step=3) == [3]
+        record = store.get(job_id)
+        assert (record["status"], record["text"], record["completion_tokens"]) == ("succeeded", "Hello world", 3)
+        # Only the ending's script missing (loaded again by someone else's plain call first): the chunks ran once.
+        second, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(second, "w1") == "running"
+        store.redis.script_flush()
+        store._append.sha = store.redis.script_load(store._append.script)
+        assert store.record_step("w1", [(second, "Hi", 1, True)], [Ending(second, "succeeded", finish_reason="stop",
+                                                                          completion_tokens=1)]) == [1]
+        record = store.get(second)
+        assert (record["status"], record["text"]) == ("succeeded", "Hi")
+        store.redis.close()
 
 
 def test_hand_back_with_redis_away_leaves_the_job_running_and_raises_nothing(caplog):

@@ -79,6 +79,48 @@ def test_readyz_needs_redis_and_a_ready_worker_for_the_default_model(stack):
         assert metrics[("llava_queue_redis_up", ())] == 0
 
 
+def test_task_events_are_off_until_a_monitor_turns_them_on(stack):
+    """By default a worker sends worker events but no task events (those would go out through the consumer
+    thread that takes every job); Flower's `enable_events` command turns them on, and they name the job."""
+    from shared.celery_app import make_celery
+
+    app = make_celery(Settings(redis_url=stack.redis_url))
+    events: list[dict] = []
+    with app.connection() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": events.append})
+        listening = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False),
+                                     daemon=True)
+        listening.start()
+
+        def wait_for(kinds: set[str], job_id: str | None = None, timeout: float = 15) -> set[str]:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                seen = {event["type"] for event in list(events) if job_id is None or event.get("uuid") == job_id}
+                if kinds <= seen:
+                    return seen
+                time.sleep(0.1)
+            return {event["type"] for event in list(events) if job_id is None or event.get("uuid") == job_id}
+
+        try:
+            # The worker's heartbeat shows the receiver is listening.
+            assert "worker-heartbeat" in wait_for({"worker-heartbeat"})
+            quiet = run_job(stack, prompt="Hi", temperature=0, max_new_tokens=2)
+            assert quiet["status"] == "succeeded"
+            time.sleep(1)
+            assert not [event for event in events if event["type"].startswith("task-")]
+            app.control.enable_events()
+            try:
+                watched = run_job(stack, prompt="Hi", temperature=0, max_new_tokens=2)
+                assert watched["status"] == "succeeded"
+                seen = wait_for({"task-received", "task-started", "task-succeeded"}, watched["id"])
+                assert {"task-received", "task-started", "task-succeeded"} <= seen, seen
+            finally:
+                app.control.disable_events()
+        finally:
+            receiver.should_stop = True
+            listening.join(10)
+
+
 def test_status_table_and_watch(stack):
     env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=stack.redis_url)
     once = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
