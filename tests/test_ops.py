@@ -121,6 +121,33 @@ def test_task_events_are_off_until_a_monitor_turns_them_on(stack):
             listening.join(10)
 
 
+FREEZE_CHECK = """
+import gc, weakref
+from shared.heap import freeze_startup_heap
+class Node: pass
+kept = [Node() for _ in range(1000)]
+a, b = Node(), Node()
+a.other, b.other = b, a
+garbage = weakref.ref(a)
+del a, b
+frozen = freeze_startup_heap()
+print(frozen, garbage() is None, any(obj is kept[0] for obj in gc.get_objects()))
+"""
+
+
+def test_startup_objects_are_kept_out_of_full_collections(stack):
+    # shared/heap.py, in a process of its own: start-up's cyclic garbage is collected, what lives on is frozen
+    # (no collection walks it again); the stack's API and worker say how many objects they froze.
+    out = subprocess.run([sys.executable, "-c", FREEZE_CHECK], capture_output=True, text=True, timeout=60,
+                         check=True, cwd=Path(__file__).parent.parent).stdout.split()
+    assert int(out[0]) >= 1000 and out[1:] == ["True", "False"], out
+    for name in ("api", "worker"):
+        log = (Path(stack.log_dir) / f"{name}.log").read_text()
+        counts = [int(line.split(" start-up objects frozen")[0].split()[-1]) for line in log.splitlines()
+                  if " start-up objects frozen out of full garbage collections" in line]
+        assert counts and counts[0] > 20_000, (name, counts)
+
+
 def test_status_table_and_watch(stack):
     env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=stack.redis_url)
     once = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,

@@ -13,6 +13,7 @@ from celery import signals
 from PIL import Image
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
+from shared.heap import freeze_startup_heap
 from shared.jobs import JobStore, WorkerRegistry
 from shared.logs import bind_job_ids_to_celery_tasks
 from shared.protocol import IMAGE_TOKEN, GenerateRequest
@@ -58,10 +59,11 @@ def run_worker(settings: Settings) -> None:
         signals.task_received.connect(lambda request, **_: batch_slots.received(request.delivery_info), weak=False)
         signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
     tasks.install(runner)
+    frozen = freeze_startup_heap()
     log.info("worker %s: model %s, device %s, dtype %s, %d torch threads, max_num_seqs %d, max_batch_tokens %d, "
-             "max_prefill_tokens %d", name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."),
-             torch.get_num_threads(), settings.max_num_seqs, settings.max_batch_tokens,
-             engine.scheduler.max_prefill_tokens)
+             "max_prefill_tokens %d; %d start-up objects frozen out of full garbage collections", name, loaded.name,
+             loaded.device, str(loaded.dtype).removeprefix("torch."), torch.get_num_threads(), settings.max_num_seqs,
+             settings.max_batch_tokens, engine.scheduler.max_prefill_tokens, frozen)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
     stop = threading.Event()
     info = {"name": name, "model": loaded.name, "device": str(loaded.device),
