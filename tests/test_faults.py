@@ -144,6 +144,36 @@ def test_redis_stopped_and_restarted_under_load_loses_no_job(default_model_dir, 
         redis_server.stop()
 
 
+def test_sigterm_during_a_redis_outage_loses_no_job(default_model_dir, tmp_path):
+    """A worker told to stop while Redis is away cannot hand its jobs back: they run on and end once Redis is back,
+    then it exits; no worker's jobs are delivered again for the heartbeats that lapsed during the outage."""
+    redis_server = RedisServer(data_dir=tmp_path).start()
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "4",
+           "LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS": "1", "LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS": "4",
+           "LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS": "1"}
+    try:
+        with run_stack(redis_server.url, env, workers=("worker-a", "worker-b"),
+                       log_prefix="llava-queue-sigterm-outage-") as stack:
+            ids = submit_stories(stack, 4)
+            _, holder, _ = running_job(stack, ids)
+            redis_server.stop()
+            stack.processes[holder].terminate()
+            time.sleep(4)  # past the grace period: the hand-back finds Redis away
+            assert stack.processes[holder].poll() is None  # its jobs still run, waiting for Redis
+            redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path).start()
+            final = wait_all_final(stack, ids)
+            assert [job["status"] for job in final] == ["succeeded"] * 4, (final, stack.logs())
+            assert all(job["usage"]["completion_tokens"] <= 64 for job in final)
+            # No job was delivered again: a heartbeat that lapsed while Redis was away does not make a worker dead.
+            assert [job["attempts"] for job in final] == [1] * 4, final
+            stack.processes[holder].wait(60)
+            logs = {name: (stack.log_dir / f"{name}.log").read_text() for name in ("worker-a", "worker-b")}
+            assert "not handed back" in logs[holder], logs[holder][-3000:]
+            assert not any("stopped beating" in log for log in logs.values())
+    finally:
+        redis_server.stop()
+
+
 def test_a_worker_write_waits_for_redis_to_come_back(tmp_path):
     # workers/generation.py: a write that finds Redis away is tried again until Redis answers, within its wait.
     servers = [RedisServer(data_dir=tmp_path).start()]

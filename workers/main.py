@@ -11,6 +11,7 @@ import time
 import torch
 from celery import signals
 from PIL import Image
+from redis.exceptions import RedisError
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
 from shared.heap import freeze_startup_heap
@@ -195,7 +196,16 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
 
     Every worker sweeps; a short lock makes one sweep at a time. A job delivered twice is
     harmless: `JobStore.start` lets only one live worker hold it.
+
+    A heartbeat missing just after Redis was away says nothing: every worker's lapsed during the
+    outage (or vanished with a restarted Redis), and the live ones have not announced themselves
+    again yet. So no worker is judged dead until Redis has been reachable, and up, for a whole
+    heartbeat_ttl_seconds plus one interval since this sweep last failed: before, the first sweep
+    after an outage longer than the TTL delivered running jobs of live workers again, and another
+    worker could resume one that a live worker still ran (fenced off, but run twice, an attempt spent).
     """
+    wait = settings.heartbeat_ttl_seconds + settings.heartbeat_interval_seconds
+    judge_after = 0.0
     while not stop.wait(settings.heartbeat_interval_seconds):
         try:
             if not store.redis.set(f"{settings.key_prefix}:sweeping", "1", nx=True,
@@ -203,8 +213,13 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
                 continue
             for job_id in store.expire_overdue():
                 log.info("job %s expired: still queued past its deadline", job_id)
+            if time.monotonic() < judge_after or store.redis.info("server")["uptime_in_seconds"] < wait:
+                continue
             for job_id in store.claim_orphans():
                 log.warning("job %s: its worker stopped beating; delivering it again", job_id)
                 _deliver_again(store, job_id)
+        except RedisError as exc:
+            judge_after = time.monotonic() + wait
+            log.warning("the orphan sweep cannot reach Redis (%s); trying again", exc)
         except Exception:
             log.exception("the orphan sweep failed; trying again")
