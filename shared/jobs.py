@@ -59,6 +59,12 @@ _APPEND = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then
   return -1
 end
+-- A cancellation asked for (DELETE) keeps the chunk and answers -2: stop the job. The broadcast on the control
+-- channel normally stops it sooner; this catches one that came before the job was in the worker's engine.
+local function answer(seq)
+  if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return -2 end
+  return seq
+end
 -- A step written again (its first try's answer was lost with the connection) is not appended twice.
 if ARGV[5] ~= '' then
   if tonumber(redis.call('HGET', KEYS[1], 'step') or '-1') >= tonumber(ARGV[5]) then
@@ -70,13 +76,13 @@ if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3]) e
 if ARGV[1] == '' then
   -- A first token whose text is still held back (half a character, or maybe a stop string).
   redis.call('HSET', KEYS[1], 'completion_tokens', ARGV[2])
-  return tonumber(redis.call('HGET', KEYS[1], 'seq'))
+  return answer(tonumber(redis.call('HGET', KEYS[1], 'seq')))
 end
 local text = (redis.call('HGET', KEYS[1], 'text') or '') .. ARGV[1]
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'text', text, 'completion_tokens', ARGV[2])
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, delta = ARGV[1]}))
-return seq
+return answer(seq)
 """
 
 # A batch (shared/batches.py) ends with its last line: completed, expired (some lines waited past
@@ -545,8 +551,9 @@ class JobStore:
                     endings: list["Ending"], step: int | None = None) -> list[int]:
         """One engine step of `worker` in one pipelined round trip: append and publish each chunk, then end jobs.
 
-        `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each chunk's new seq,
-        or -1 where the job is no longer running on `worker` (cancelled meanwhile): stop generating it.
+        `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each chunk's new seq; -1
+        where the job is no longer running on `worker` (the chunk is dropped), -2 where its cancellation was
+        asked for (the chunk is kept): stop generating it either way.
         `step`, increasing with each call of this worker, makes writing the same step again harmless: a
         job whose record has seen that step (or a later one) keeps its text as it is.
         """

@@ -297,3 +297,31 @@ def test_worker_metrics_and_conversation_log(in_process_worker):
     assert chat["images"] == [hashlib.md5(buffer.getvalue()).hexdigest()]
     assert image not in conversation_log.read_text()
     assert lines[job_ids[1]]["prompt"] == "Once upon a time" and lines[job_ids[1]]["images"] == []
+
+
+def test_a_cancellation_before_the_job_reaches_the_engine_still_stops_it(in_process_worker):
+    # A DELETE that lands after the worker started the job but before its engine has it: the broadcast finds
+    # nothing to abort (this worker does not even listen to it here). The job's first chunk is kept, its write
+    # answers -2, and the worker stops the job: it ends cancelled instead of running to max_new_tokens.
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+
+    store, runner, _, _ = in_process_worker
+    api = JobStore(store.redis, store.prefix)
+
+    class CancelledOnTheWay(JobStore):
+        def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
+            written = super().set_prompt(job_id, prompt, prompt_tokens)
+            assert api.cancel(job_id) == "running"
+            return written
+
+    runner.store = CancelledOnTheWay(store.redis, store.prefix, store.ttl_seconds)
+    try:
+        story = [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}]
+        job_id, _ = store.create(GenerateRequest(messages=story, temperature=0, max_new_tokens=200), "interactive")
+        assert runner.run(job_id) == "cancelled"
+    finally:
+        runner.store = store
+    record = store.get(job_id)
+    assert record["status"] == "cancelled" and record["error_code"] != 0
+    assert 1 <= record["completion_tokens"] < 10 and record["text"], record
