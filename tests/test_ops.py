@@ -92,14 +92,14 @@ def test_task_events_are_off_until_a_monitor_turns_them_on(stack):
                                      daemon=True)
         listening.start()
 
+        def seen(job_id: str | None = None) -> set[str]:
+            return {event["type"] for event in list(events) if job_id is None or event.get("uuid") == job_id}
+
         def wait_for(kinds: set[str], job_id: str | None = None, timeout: float = 15) -> set[str]:
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                seen = {event["type"] for event in list(events) if job_id is None or event.get("uuid") == job_id}
-                if kinds <= seen:
-                    return seen
+            while not kinds <= seen(job_id) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            return {event["type"] for event in list(events) if job_id is None or event.get("uuid") == job_id}
+            return seen(job_id)
 
         try:
             # The worker's heartbeat shows the receiver is listening.

@@ -237,7 +237,7 @@ class JobRunner:
         `requeue(job_id)` sends the job again. The text generated so far stays in the record, so
         the worker that takes the job goes on from there. Returns the ids handed back.
 
-        With Redis away, a job that cannot be released stays in the batch (aborted, its ending would mark it
+        With Redis away, a job that cannot be released stays in the batch, not aborted (its ending would mark it
         cancelled once Redis is back): if this worker exits first, the orphan sweep of a live worker delivers it
         again once the heartbeat has expired; one released but not requeued is delivered again by that sweep too.
         """
