@@ -51,6 +51,7 @@ from bench.workload import (
     run_engine,
     warm_up_in_this_thread,
 )
+from shared.cpus import CpuSplit, keep_to, split_cpus
 from shared.redis_server import RedisServer, free_port
 from shared.settings import get_settings
 from workers.builder import load_model, serving_engine
@@ -64,9 +65,10 @@ START_TIMEOUT_S = 180
 
 # In process.
 
-def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int
+def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int, cpus: frozenset[int] | None = None
                       ) -> tuple[LLMEngine, StepRecorder, list[Prompt], list[str]]:
-    """The engine as the worker builds it, warmed up and started; with its recorder, the prompts, dtype info.
+    """The engine as the worker builds it (on `cpus`, when given), warmed up and started; with its recorder, the
+    prompts, dtype info.
 
     As in the worker, it is built and warmed up on a thread that then ends (workers/torch_threads.py).
     """
@@ -75,7 +77,7 @@ def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int
         loaded = load_model(str(model_dir), device=settings.device, dtype=settings.dtype)
         prompts = build_prompts(loaded, prompts_count)
         recorder = StepRecorder(first_text=True)
-        engine = serving_engine(loaded, settings, max_num_seqs=max_num_seqs, on_step=recorder)
+        engine = serving_engine(loaded, settings, max_num_seqs=max_num_seqs, on_step=recorder, cpus=cpus)
         warm_up_in_this_thread(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=WARMUP_TOKENS))
         return engine, recorder, prompts, machine_info(loaded.dtype)
 
@@ -87,23 +89,29 @@ def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int
 # The stack.
 
 class Stack:
-    """Redis, one worker and the API as child processes; `close` (or the `with` block's end) stops them all."""
+    """Redis, one worker and the API as child processes; `close` (or the `with` block's end) stops them all.
 
-    def __init__(self, model_dir: Path, max_num_seqs: int):
+    With `split` (dedicated engine cores), Redis and the API keep to its rest; the worker starts on all of the
+    split's CPUs and divides them itself, as LLAVA_QUEUE_ENGINE_CPUS (inherited) tells it.
+    """
+
+    def __init__(self, model_dir: Path, max_num_seqs: int, split: CpuSplit | None = None):
         self.log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-bench-"))
         self.redis = RedisServer()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
+        self.rest = split.rest if split else frozenset()
+        self.every_cpu = split.engine | split.rest if split else frozenset()
         self._env_extra = {"LLAVA_QUEUE_MODEL_PATH": str(model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": str(max_num_seqs)}
 
     def __enter__(self) -> Self:
         try:
-            self.redis.start()
+            self.redis.start(preexec_fn=lambda: keep_to(self.rest))
             env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=self.redis.url, **self._env_extra)
-            self._spawn("worker", ["worker"], env)
-            self._spawn("api", ["api", "--host", "127.0.0.1", "--port", str(self.port)], env)
+            self._spawn("worker", ["worker"], env, self.every_cpu)
+            self._spawn("api", ["api", "--host", "127.0.0.1", "--port", str(self.port)], env, self.rest)
             self._wait_ready()
         except BaseException:
             self.close()
@@ -113,11 +121,12 @@ class Stack:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _spawn(self, name: str, args: list[str], env: dict) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict, cpus: frozenset[int] = frozenset()) -> None:
         # The child keeps its own copy of the file descriptor.
         with open(self.log_dir / f"{name}.log", "w") as log:
             self.processes[name] = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env,
-                                                    stdout=log, stderr=subprocess.STDOUT)
+                                                    stdout=log, stderr=subprocess.STDOUT,
+                                                    preexec_fn=lambda: keep_to(cpus))
 
     def _wait_ready(self) -> None:
         """Until /healthz lists a worker; RuntimeError (with the logs) if a process dies or it takes too long."""
@@ -331,6 +340,9 @@ def main() -> None:
                         help="torch threads in process and in the worker (default: torch's, one per core)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of (c) and the stack in turn; each one's fastest round is reported")
+    parser.add_argument("--engine-cpus", default="",
+                        help="cores of the engine's own, as LLAVA_QUEUE_ENGINE_CPUS (e.g. 1): the in-process engine "
+                             "and the worker's compute there, everything else (API, Redis, client) on the others")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
     args = parser.parse_args()
     if args.quick:
@@ -342,15 +354,25 @@ def main() -> None:
     # Ctrl-C and SIGTERM both unwind through the `with` blocks, which stop every child process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    # Worked out before this thread moves off the engine's cores; the worker inherits the setting.
+    split = split_cpus(args.engine_cpus)
+    os.environ["LLAVA_QUEUE_ENGINE_CPUS"] = args.engine_cpus
     model_dir = in_passing_thread(ensure_default_model, get_settings().cache_dir)
     print("loading the engine in process ...", flush=True)
-    engine, recorder, prompts, info = in_process_engine(model_dir, args.num_requests, args.max_num_seqs)
+    engine, recorder, prompts, info = in_process_engine(model_dir, args.num_requests, args.max_num_seqs,
+                                                        split.engine if split else None)
+    rest = split.rest if split else frozenset()
+    keep_to(rest)  # the client, from here on
+    if split:
+        info.append(f"- dedicated engine cores: {split.describe()}: the in-process engine and the worker's, with "
+                    f"{len(split.engine)} torch thread(s); the client, the API, Redis and the worker's other threads "
+                    "on the rest")
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
     c = best = None
     rounds: list[Round] = []
     try:
         print("starting Redis, a worker and the API ...", flush=True)
-        with Stack(model_dir, args.max_num_seqs) as stack:
+        with Stack(model_dir, args.max_num_seqs, split) as stack:
             print(f"stack up (logs in {stack.log_dir}); warming up ...", flush=True)
             asyncio.run(run_over_stack(stack, prompts, WARMUP_TOKENS))
             # Rounds of (c) then the stack, each one's fastest kept: on a shared machine, a round slowed by

@@ -87,6 +87,7 @@ def warm_up_in_this_thread(engine: LLMEngine, prompts: list[Prompt], params: Sam
     Call it through `in_passing_thread`, as the worker does: the OpenMP team of the thread that
     steps it then ends before the engine thread starts (workers/torch_threads.py).
     """
+    engine.use_this_thread()
     handles = [engine.add_request(f"warm-up-{i}", p.token_ids, params) for i, p in enumerate(prompts)]
     while not all(handle.done.is_set() for handle in handles):
         engine.step()

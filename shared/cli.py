@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
 from shared.redis_server import RedisServer
@@ -25,8 +26,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, preexec_fn=_die_with_parent)
+def _child_setup(cpus: frozenset[int] = frozenset()):
+    """A child's preexec_fn: it dies with `up`, and runs on `cpus` (all of the parent's when empty)."""
+    def setup() -> None:
+        _die_with_parent()
+        keep_to(cpus)
+    return setup
+
+
+def _spawn(args: list[str], env: dict[str, str], cpus: frozenset[int] = frozenset()) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, preexec_fn=_child_setup(cpus))
 
 
 def _stop(processes: list[subprocess.Popen], timeout: float = 15.0) -> None:
@@ -64,12 +73,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Embedded Redis (unless --redis-url), one worker, the API; Ctrl-C stops them all."""
     env = dict(os.environ)
     redis_server = None
+    try:
+        split = split_cpus(get_settings().engine_cpus)
+    except ValueError as exc:
+        print(f"llava-queue: {exc}", file=sys.stderr, flush=True)
+        return 2
+    # With engine cores, Redis and the API keep off them (the worker moves its own other threads off them).
+    rest = split.rest if split else frozenset()
     if args.redis_url:
         env["LLAVA_QUEUE_REDIS_URL"] = args.redis_url
     else:
         data_dir = None if args.ephemeral_redis else (args.redis_dir or get_settings().cache_dir / "redis")
         try:
-            redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(preexec_fn=_die_with_parent)
+            redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(preexec_fn=_child_setup(rest))
         except RuntimeError as exc:
             print(f"llava-queue: cannot start the embedded Redis: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -90,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         children.append(_spawn(["worker"], env))
-        children.append(_spawn(["api", "--host", args.host, "--port", str(args.port)], env))
+        children.append(_spawn(["api", "--host", args.host, "--port", str(args.port)], env, rest))
         url = f"http://{args.host}:{args.port}"
         print("llava-queue: starting the worker (the first start fetches and converts the default model)...",
               flush=True)
@@ -132,6 +148,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.builder import ModelLoadError
     from workers.main import run_worker
 
+    try:
+        split_cpus(get_settings().engine_cpus)
+    except ValueError as exc:
+        print(f"llava-queue worker: {exc}", file=sys.stderr)
+        return 2
     try:
         run_worker(get_settings())
     except ModelLoadError as exc:

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.cpus import parse_cpu_list
+
 
 class Settings(BaseSettings):
     """Every knob of llava-queue; each field reads `LLAVA_QUEUE_<FIELD>` from the environment."""
@@ -55,6 +57,10 @@ class Settings(BaseSettings):
     # Prompt positions (rows x longest prompt) one prefill forward computes: a burst is prefilled in
     # groups, so the first ones start streaming early. Unset: 256 on a CPU, 4096 on a GPU.
     max_prefill_tokens: int | None = Field(None, ge=1)
+    # Cores of the engine's own on a CPU (a Linux cpu list: "1", "2-7"): the engine thread and its OpenMP
+    # team run there, one torch thread per core; the worker's other threads, and the API and Redis that
+    # `llava-queue up` starts, run on the other cores (shared/cpus.py). Empty: every process on every core.
+    engine_cpus: str = ""
 
     # The original worker clamps max_new_tokens to 1024.
     max_new_tokens_cap: int = 1024
@@ -121,6 +127,13 @@ class Settings(BaseSettings):
         always has at least one slot."""
         wanted = self.max_num_seqs // 8 if self.batch_reserved_slots is None else self.batch_reserved_slots
         return max(0, min(wanted, self.max_num_seqs - 1))
+
+    @field_validator("engine_cpus")
+    @classmethod
+    def _cpu_list(cls, value: str) -> str:
+        if value.strip():
+            parse_cpu_list(value)  # a malformed list fails here, with what is wrong
+        return value
 
     @field_validator("data_roots", mode="before")
     @classmethod

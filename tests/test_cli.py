@@ -10,6 +10,7 @@ import psutil
 import pytest
 import requests
 
+from shared.cpus import format_cpu_list, parse_cpu_list
 from shared.redis_server import RedisServer, free_port
 
 
@@ -54,3 +55,81 @@ def test_two_embedded_redis_servers_cannot_share_a_data_folder(tmp_path):
         assert up.returncode == 2 and "--ephemeral-redis" in up.stderr
     with RedisServer(data_dir=tmp_path):  # free again once the first one stopped
         pass
+
+
+def thread_cpus(pid: int) -> list[str]:
+    """Each thread's Cpus_allowed_list, as /proc shows it ("0", "1-3")."""
+    lists = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                lists += [line.split(":", 1)[1].strip() for line in status if line.startswith("Cpus_allowed_list:")]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return lists
+
+
+def test_up_gives_the_engine_its_own_cores_and_keeps_the_rest_off_them(default_model_dir):
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        pytest.skip("needs two CPUs: one for the engine, one for the rest")
+    engine_cpu, rest = str(available[-1]), format_cpu_list(frozenset(available[:-1]))
+    port = free_port()
+    env = dict(os.environ, LLAVA_QUEUE_MAX_NUM_SEQS="4", LLAVA_QUEUE_ENGINE_CPUS=engine_cpu)
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--model-path",
+                           str(default_model_dir), "--ephemeral-redis"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (lines and "llava-queue is up" in lines[-1]):
+            line = up.stdout.readline()
+            assert line, "llava-queue up exited:\n" + "".join(lines)
+            lines.append(line)
+        started = next(line for line in lines if "torch threads" in line)
+        assert f"1 torch threads (engine on CPU {engine_cpu}, the rest on {rest})" in started
+        job = requests.post(f"http://127.0.0.1:{port}/v1/jobs", json={"prompt": "Hello", "max_new_tokens": 8},
+                            timeout=10).json()
+        while (record := requests.get(f"http://127.0.0.1:{port}/v1/jobs/{job['id']}", timeout=10).json())[
+                "status"] in ("queued", "running"):
+            time.sleep(0.1)
+        assert record["status"] == "succeeded" and record["usage"]["completion_tokens"] > 0
+        children = {" ".join(child.cmdline()): child.pid for child in psutil.Process(up.pid).children(recursive=True)}
+        [worker] = [pid for cmdline, pid in children.items() if cmdline.endswith("worker")]
+        others = [pid for cmdline, pid in children.items() if " api " in cmdline or "-server" in cmdline]
+        assert len(others) == 2, children  # the API and the embedded Redis
+        for pid in others:
+            assert set(thread_cpus(pid)) == {rest}, pid
+        # One engine CPU: the engine thread alone computes there (a team of one thread); every other thread of
+        # the worker (Celery's consumer and task threads, the heartbeat, the cancellation follower) keeps off it.
+        worker_threads = thread_cpus(worker)
+        assert worker_threads.count(engine_cpu) == 1, worker_threads
+        assert set(worker_threads) == {engine_cpu, rest}, worker_threads
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+
+
+def test_engine_cpus_the_machine_lacks_stop_the_start_with_the_reason():
+    missing = str(max(os.sched_getaffinity(0)) + 1)
+    env = dict(os.environ, LLAVA_QUEUE_ENGINE_CPUS=missing)
+    for command in (["up", "--ephemeral-redis"], ["worker"]):
+        run = subprocess.run([sys.executable, "-m", "shared.cli", *command], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert f"LLAVA_QUEUE_ENGINE_CPUS names CPU {missing}, which this process cannot run on" in run.stderr
+    malformed = subprocess.run([sys.executable, "-m", "shared.cli", "worker"], capture_output=True, text=True,
+                               env=dict(os.environ, LLAVA_QUEUE_ENGINE_CPUS="1-"), timeout=60)
+    assert malformed.returncode != 0 and "bad CPU list '1-'" in malformed.stderr
+
+
+def test_cpu_lists_read_and_write_as_linux_writes_them():
+    assert parse_cpu_list("1") == {1}
+    assert parse_cpu_list("0,2,4-6") == {0, 2, 4, 5, 6}
+    assert format_cpu_list(frozenset({0, 1, 2, 3, 6, 8, 9})) == "0-3,6,8-9"
+    for bad in ("", "a", "1-", "3-1", "1,,2", "-1"):
+        with pytest.raises(ValueError, match="bad CPU list"):
+            parse_cpu_list(bad)

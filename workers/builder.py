@@ -64,13 +64,14 @@ class LoadedModel:
 
 
 def serving_engine(loaded: LoadedModel, settings: Settings, *, max_num_seqs: int | None = None,
-                   on_step=None) -> LLMEngine:
+                   on_step=None, cpus: frozenset[int] | None = None) -> LLMEngine:
     """The engine a worker serves `loaded` with: the budgets from `settings` (the prefill budget's default by
-    device), the model's context length; `max_num_seqs` overrides the setting. Not started."""
+    device), the model's context length; `max_num_seqs` overrides the setting; `cpus`: its own cores (the
+    engine part of `split_cpus(settings.engine_cpus)`, worked out before the caller moved off them). Not started."""
     return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs or settings.max_num_seqs,
                      max_batch_tokens=settings.max_batch_tokens,
                      max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
-                     max_model_len=loaded.context_len, on_step=on_step)
+                     max_model_len=loaded.context_len, on_step=on_step, cpus=cpus)
 
 
 @dataclass(frozen=True)

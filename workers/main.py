@@ -14,6 +14,7 @@ from PIL import Image
 from redis.exceptions import RedisError
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
+from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import JobStore, WorkerRegistry
 from shared.logs import bind_job_ids_to_celery_tasks
@@ -34,6 +35,10 @@ log = logging.getLogger("llava_queue.worker")
 def run_worker(settings: Settings) -> None:
     """Serve jobs from Redis until the process is told to stop."""
     bind_job_ids_to_celery_tasks()
+    # Dedicated engine cores: every thread but the engine's keeps to the others (the engine thread moves itself).
+    split = split_cpus(settings.engine_cpus)
+    if split:
+        keep_process_to(split.rest)
     if settings.worker_metrics_port:
         # Up before the model loads: /readyz says 503 until the warm-up is done.
         exporter = serve(METRICS, settings.worker_metrics_host, settings.worker_metrics_port)
@@ -45,7 +50,8 @@ def run_worker(settings: Settings) -> None:
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
-    engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish)
+    engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish,
+                               cpus=split.engine if split else None)
     runner.attach(engine)
     warmup_seconds = in_passing_thread(_warm_up, engine, loaded)
     log.info("model %s loaded in %.1f s, warmed up in %.2f s", loaded.name, load_seconds, warmup_seconds)
@@ -61,10 +67,11 @@ def run_worker(settings: Settings) -> None:
         signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
     tasks.install(runner)
     frozen = freeze_startup_heap()
-    log.info("worker %s: model %s, device %s, dtype %s, %d torch threads, max_num_seqs %d, max_batch_tokens %d, "
+    threads = len(engine.cpus) if engine.cpus else torch.get_num_threads()
+    log.info("worker %s: model %s, device %s, dtype %s, %d torch threads%s, max_num_seqs %d, max_batch_tokens %d, "
              "max_prefill_tokens %d; %d start-up objects frozen out of full garbage collections", name, loaded.name,
-             loaded.device, str(loaded.dtype).removeprefix("torch."), torch.get_num_threads(), settings.max_num_seqs,
-             settings.max_batch_tokens, engine.scheduler.max_prefill_tokens, frozen)
+             loaded.device, str(loaded.dtype).removeprefix("torch."), threads, f" ({split.describe()})" if split else "",
+             settings.max_num_seqs, settings.max_batch_tokens, engine.scheduler.max_prefill_tokens, frozen)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
     stop = threading.Event()
     info = {"name": name, "model": loaded.name, "device": str(loaded.device),
@@ -143,7 +150,9 @@ def _warm_up(engine: LLMEngine, loaded: LoadedModel) -> float:
     started = time.monotonic()
     on_step, engine.on_step = engine.on_step, None
     try:
+        # The tokenizer's first call makes its thread pool, on this thread's CPUs: the rest, not the engine's.
         ids = loaded.tokenizer("Hello", add_special_tokens=True).input_ids
+        engine.use_this_thread()  # an OpenMP team as the engine thread's will be: on the engine's cores, as many
         one_token = SamplingParams(temperature=0.0, max_new_tokens=1)
         handles = [engine.add_request("warm-up", ids, one_token)]
         if loaded.vision is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shared.cpus import keep_to
 from workers.engine.detokenizer import Detokenizer, special_token_id
 from workers.engine.model_runner import Batch, ModelRunner
 from workers.engine.sampling import sample
@@ -91,8 +92,12 @@ class LLMEngine:
         max_prefill_tokens: int | None = None,
         max_model_len: int | None = None,
         on_step: Callable[[list[SeqOutput]], None] | None = None,
+        cpus: frozenset[int] | None = None,
     ):
+        """`cpus`: the CPUs the engine thread computes on, one torch thread each (shared/cpus.py); None: wherever
+        the process runs, with torch's default thread count."""
         self.tokenizer = tokenizer
+        self.cpus = cpus
         self.runner = ModelRunner(model, max_kv_positions=max_batch_tokens)
         self.scheduler = Scheduler(max_num_seqs, max_batch_tokens, max_prefill_tokens)
         self.max_model_len = max_model_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -225,7 +230,18 @@ class LLMEngine:
                 self._fail_all_but_waiting(f"engine step failed: {type(exc).__name__}: {exc}")
         return self._publish()
 
+    def use_this_thread(self) -> None:
+        """Put the calling thread on the engine's CPUs, with one torch thread per CPU (nothing without `cpus`).
+
+        The engine thread does it as it starts; a thread that steps an engine not started (a warm-up) may too.
+        Call it before the thread's first parallel op: its OpenMP team is made then, on these CPUs.
+        """
+        if self.cpus:
+            keep_to(self.cpus)
+            torch.set_num_threads(len(self.cpus))
+
     def _loop(self) -> None:
+        self.use_this_thread()
         while True:
             with self._wakeup:
                 # Sleep until there is something to do; add_request and abort notify.
