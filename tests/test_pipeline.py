@@ -287,3 +287,34 @@ def test_messages_that_are_not_jobs_never_run_and_never_hurt_the_worker(stack):
     log = (stack.log_dir / "worker.log").read_text()
     assert "dropped a task message that is not a job id" in log
     assert "Refusing to deserialize untrusted content" in log
+
+
+def test_the_broker_channel_builds_no_redis_client_per_message(redis_server, monkeypatch):
+    # kombu built a redis.Redis for every publish, every message taken and every ack (redis-py spends ~120 µs
+    # on each, on the worker's one consumer thread and in the API's submissions); the app's channel keeps one.
+    import redis
+
+    from shared.celery_app import make_celery
+    from shared.settings import Settings
+
+    built = []
+    original = redis.Redis.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "__init__", counting)
+    app = make_celery(Settings(redis_url=redis_server.url))
+    with app.connection_for_write() as connection:
+        queue = connection.SimpleQueue("client-count-test")
+        for n in range(20):
+            queue.put({"n": n})
+        taken = []
+        for _ in range(20):
+            message = queue.get(timeout=5)
+            taken.append(message.payload["n"])
+            message.ack()
+        queue.close()
+    assert taken == list(range(20))
+    assert len(built) <= 3, built
