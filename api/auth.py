@@ -5,11 +5,13 @@ import logging
 import time
 
 from fastapi import WebSocketException
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from api.errors import ApiError
 from shared.jobs import owner_id
 from shared.protocol import ErrorCode
+from shared.settings import Settings
 
 log = logging.getLogger("llava_queue.api")
 
@@ -19,11 +21,13 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def require_api_key(conn: HTTPConnection) -> str | None:
+async def require_api_key(conn: HTTPConnection) -> str | None:
     """Check the caller's key when keys are configured; returns its digest (None when keys are off).
 
     The key comes as `Authorization: Bearer <key>`, or as `?api_key=` on a WebSocket (browsers
     cannot set headers there). A missing or unknown key → 401; past the per-minute limit → 429.
+    A coroutine, so that every request does not hop to the thread pool and back for it; only the
+    rate limit's Redis round trip runs there.
     """
     settings = conn.app.state.settings
     if not settings.api_key_hashes:
@@ -37,18 +41,22 @@ def require_api_key(conn: HTTPConnection) -> str | None:
                                type="authentication_error", code=ErrorCode.INVALID_REQUEST,
                                headers={"WWW-Authenticate": "Bearer"}))
     if settings.rate_limit_per_minute:
-        now = time.time()
-        counter = f"{settings.key_prefix}:rate:{owner_id(digest)}:{int(now // 60)}"
-        redis = conn.app.state.store.redis
-        with redis.pipeline() as pipe:
-            count, _ = pipe.incr(counter).expire(counter, 120).execute()
-        if count > settings.rate_limit_per_minute:
-            retry_after = max(1, 60 - int(now % 60))
-            _refuse(conn, ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute "
-                                        f"reached; retry in {retry_after} s", type="rate_limited",
-                                   code=ErrorCode.OVERLOADED, headers={"Retry-After": str(retry_after)}))
+        await run_in_threadpool(_count_request, conn, settings, digest)
     conn.state.api_key = digest  # what the caller owns (batches, files) is scoped by it
     return digest
+
+
+def _count_request(conn: HTTPConnection, settings: Settings, digest: str) -> None:
+    """Count the request against its key's per-minute limit; 429 past it."""
+    now = time.time()
+    counter = f"{settings.key_prefix}:rate:{owner_id(digest)}:{int(now // 60)}"
+    with conn.app.state.store.redis.pipeline() as pipe:
+        count, _ = pipe.incr(counter).expire(counter, 120).execute()
+    if count > settings.rate_limit_per_minute:
+        retry_after = max(1, 60 - int(now % 60))
+        _refuse(conn, ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute "
+                                    f"reached; retry in {retry_after} s", type="rate_limited",
+                               code=ErrorCode.OVERLOADED, headers={"Retry-After": str(retry_after)}))
 
 
 def _refuse(conn: HTTPConnection, error: ApiError) -> None:

@@ -1,4 +1,8 @@
-"""Shared dependencies, injected with `Annotated[..., Depends(...)]`."""
+"""Shared dependencies, injected with `Annotated[..., Depends(...)]`.
+
+They are coroutines: FastAPI runs a plain `def` dependency on its thread pool, a hop to another thread and
+back (anyio's machinery and a GIL handoff each way) for what is an attribute lookup.
+"""
 
 from typing import Annotated
 
@@ -13,27 +17,27 @@ from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings
 
 
-def get_store(conn: HTTPConnection) -> JobStore:
+async def get_store(conn: HTTPConnection) -> JobStore:
     return conn.app.state.store
 
 
-def get_hub(conn: HTTPConnection) -> ChannelHub:
+async def get_hub(conn: HTTPConnection) -> ChannelHub:
     return conn.app.state.hub
 
 
-def get_celery(conn: HTTPConnection) -> Celery:
+async def get_celery(conn: HTTPConnection) -> Celery:
     return conn.app.state.celery
 
 
-def get_submitter(conn: HTTPConnection) -> Submitter:
+async def get_submitter(conn: HTTPConnection) -> Submitter:
     return conn.app.state.submitter
 
 
-def get_registry(conn: HTTPConnection) -> WorkerRegistry:
+async def get_registry(conn: HTTPConnection) -> WorkerRegistry:
     return conn.app.state.registry
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
