@@ -2,6 +2,7 @@
 per-model variants: `task_queue`)."""
 
 import re
+from urllib.parse import urlsplit
 
 from celery import Celery
 from kombu import Queue
@@ -58,8 +59,11 @@ class RedisTransport(kombu_redis.Transport):
 def make_celery(settings: Settings) -> Celery:
     """A Celery app whose broker is `settings.redis_url`; tasks carry only job ids (JSON)."""
     app = Celery("llava_queue", broker=settings.redis_url)
+    if urlsplit(settings.redis_url).scheme == "redis":
+        # Plain redis:// only: a transport named outright takes the place of the URL's scheme, and kombu reads
+        # TLS (rediss://), sockets and Sentinel from the scheme; those keep kombu's own transport.
+        app.conf.broker_transport = f"{__name__}:RedisTransport"
     app.conf.update(
-        broker_transport=f"{__name__}:RedisTransport",
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
