@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -172,6 +174,44 @@ def test_sigterm_during_a_redis_outage_loses_no_job(default_model_dir, tmp_path)
             assert not any("stopped beating" in log for log in logs.values())
     finally:
         redis_server.stop()
+
+
+def test_a_worker_stopped_while_redis_is_away_exits_cleanly(default_model_dir, tmp_path):
+    """The cancellation listener logs an outage once (not a traceback a second) and its end; a worker told to
+    stop while Redis is away exits 0, saying its registry entry will expire, instead of dying on a traceback."""
+    server = RedisServer(data_dir=tmp_path).start()
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=server.url, LLAVA_QUEUE_MODEL_PATH=str(default_model_dir),
+               LLAVA_QUEUE_MAX_NUM_SEQS="2")
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    client = redis.Redis.from_url(server.url)
+
+    def wait_for(condition, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert worker.poll() is None and time.monotonic() < deadline, f"{what}\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    try:
+        wait_for(lambda: list(client.scan_iter("llq:worker:*")), "the worker never announced itself")
+        server.stop()
+        time.sleep(3.5)  # the listener tries again every second
+        assert log_path.read_text().count("cancellation listener lost Redis") == 1
+        server = RedisServer(port=server.port, data_dir=tmp_path).start()
+        wait_for(lambda: "cancellation listener: Redis is back" in log_path.read_text(), "no 'Redis is back'", 30)
+        server.stop()
+        worker.terminate()
+        assert worker.wait(30) == 0
+        text = log_path.read_text()
+        assert "not removed from the registry" in text and "expires within" in text
+        assert "Traceback" not in text, text[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        client.close()
+        server.stop()
 
 
 def test_a_worker_write_waits_for_redis_to_come_back(tmp_path):

@@ -105,7 +105,11 @@ def run_worker(settings: Settings) -> None:
                                 "--without-gossip", "--without-mingle"])
     finally:
         stop.set()
-        registry.remove(name)
+        try:
+            registry.remove(name)
+        except RedisError as exc:
+            log.warning("worker %s not removed from the registry (Redis: %s): its entry expires within %d s", name,
+                        exc, settings.heartbeat_ttl_seconds)
         engine.shutdown()
 
 
@@ -116,18 +120,45 @@ def _deliver_again(store: JobStore, job_id: str) -> None:
     celery_app.send_task(GENERATE_TASK, args=[job_id], queue=task_queue(queue or INTERACTIVE_QUEUE, model))
 
 
+class _RedisOutage:
+    """A background loop's loss of Redis, logged once when it starts and once when it ends, not at every try."""
+
+    def __init__(self, loop: str):
+        self.loop = loop
+        self.lost = False
+
+    def failed(self, exc: RedisError) -> None:
+        if not self.lost:
+            log.warning("%s lost Redis (%s); trying again until it answers", self.loop, exc)
+            self.lost = True
+
+    def reached(self) -> None:
+        if self.lost:
+            log.info("%s: Redis is back", self.loop)
+            self.lost = False
+
+
 def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Event) -> None:
-    """Abort a running job in this worker's batch when its cancellation is broadcast."""
+    """Abort a running job in this worker's batch when its cancellation is broadcast.
+
+    While Redis is away it tries again every second (a cancellation missed meanwhile is still caught at the
+    job's next chunk).
+    """
+    outage = _RedisOutage("cancellation listener")
     while not stop.is_set():
         try:
             pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(store.control_channel)
+            outage.reached()
             while not stop.is_set():
                 message = pubsub.get_message(timeout=1.0)
                 if message:
                     runner.cancel(message["data"])
+        except RedisError as exc:
+            outage.failed(exc)
+            time.sleep(1.0)
         except Exception:
-            log.exception("cancellation listener lost Redis; reconnecting")
+            log.exception("cancellation listener failed; starting it again")
             time.sleep(1.0)
 
 
@@ -187,6 +218,7 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
               stop: threading.Event) -> None:
     """Refresh this worker's heartbeat, with the engine's current load and tokens/s; silence means this worker died."""
     last_at, last_tokens = time.monotonic(), engine.stats()["generated_tokens"]
+    outage = _RedisOutage("the heartbeat")
     while not stop.is_set():
         stats, now = engine.stats(), time.monotonic()
         tokens_per_second = (stats["generated_tokens"] - last_tokens) / max(now - last_at, 1e-3)
@@ -195,6 +227,9 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
             registry.announce(info["name"], {**info, **stats, "tokens_per_second": round(tokens_per_second, 1),
                                              "heartbeat_at": time.time()},
                               ttl_seconds=settings.heartbeat_ttl_seconds)
+            outage.reached()
+        except RedisError as exc:
+            outage.failed(exc)
         except Exception:
             log.exception("could not announce the worker")
         stop.wait(settings.heartbeat_interval_seconds)
@@ -215,10 +250,13 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
     """
     wait = settings.heartbeat_ttl_seconds + settings.heartbeat_interval_seconds
     judge_after = 0.0
+    outage = _RedisOutage("the orphan sweep")
     while not stop.wait(settings.heartbeat_interval_seconds):
         try:
-            if not store.redis.set(f"{settings.key_prefix}:sweeping", "1", nx=True,
-                                   ex=max(1, int(settings.heartbeat_interval_seconds))):
+            swept = store.redis.set(f"{settings.key_prefix}:sweeping", "1", nx=True,
+                                    ex=max(1, int(settings.heartbeat_interval_seconds)))
+            outage.reached()
+            if not swept:
                 continue
             for job_id in store.expire_overdue():
                 log.info("job %s expired: still queued past its deadline", job_id)
@@ -229,6 +267,6 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
                 _deliver_again(store, job_id)
         except RedisError as exc:
             judge_after = time.monotonic() + wait
-            log.warning("the orphan sweep cannot reach Redis (%s); trying again", exc)
+            outage.failed(exc)
         except Exception:
             log.exception("the orphan sweep failed; trying again")
