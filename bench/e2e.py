@@ -91,19 +91,19 @@ def in_process_engine(model_dir: Path, prompts_count: int, max_num_seqs: int, cp
 class Stack:
     """Redis, one worker and the API as child processes; `close` (or the `with` block's end) stops them all.
 
-    With `split` (dedicated engine cores), Redis and the API keep to its rest; the worker starts on all of the
+    With a `split` that gives the engine cores, Redis and the API keep to its rest; the worker starts on all of the
     split's CPUs and divides them itself, as LLAVA_QUEUE_ENGINE_CPUS (inherited) tells it.
     """
 
-    def __init__(self, model_dir: Path, max_num_seqs: int, split: CpuSplit | None = None):
+    def __init__(self, model_dir: Path, max_num_seqs: int, split: CpuSplit):
         self.log_dir = Path(tempfile.mkdtemp(prefix="llava-queue-bench-"))
         self.redis = RedisServer()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
-        self.rest = split.rest if split else frozenset()
-        self.every_cpu = split.engine | split.rest if split else frozenset()
+        self.rest = split.rest
+        self.every_cpu = split.engine | split.rest
         self._env_extra = {"LLAVA_QUEUE_MODEL_PATH": str(model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": str(max_num_seqs)}
 
     def __enter__(self) -> Self:
@@ -360,10 +360,9 @@ def main() -> None:
     model_dir = in_passing_thread(ensure_default_model, get_settings().cache_dir)
     print("loading the engine in process ...", flush=True)
     engine, recorder, prompts, info = in_process_engine(model_dir, args.num_requests, args.max_num_seqs,
-                                                        split.engine if split else None)
-    rest = split.rest if split else frozenset()
-    keep_to(rest)  # the client, from here on
-    if split:
+                                                        split.engine or None)
+    keep_to(split.rest)  # the client, from here on
+    if split.engine:
         info.append(f"- dedicated engine cores: {split.describe()}: the in-process engine and the worker's, with "
                     f"{len(split.engine)} torch thread(s); the client, the API, Redis and the worker's other threads "
                     "on the rest")

@@ -79,7 +79,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"llava-queue: {exc}", file=sys.stderr, flush=True)
         return 2
     # With engine cores, Redis and the API keep off them (the worker moves its own other threads off them).
-    rest = split.rest if split else frozenset()
+    rest = split.rest
     if args.redis_url:
         env["LLAVA_QUEUE_REDIS_URL"] = args.redis_url
     else:

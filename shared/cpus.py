@@ -41,7 +41,11 @@ def format_cpu_list(cpus: frozenset[int]) -> str:
 
 @dataclass(frozen=True)
 class CpuSplit:
-    """The engine's CPUs, and the ones left to everything else (empty: the engine has them all, nothing is moved)."""
+    """The engine's CPUs, and the ones left to everything else.
+
+    No engine CPUs: the engine has no cores of its own (the setting is empty). No rest: it has them all. Either
+    way nothing is moved (`keep_to` and `keep_process_to` do nothing with no CPUs).
+    """
 
     engine: frozenset[int]
     rest: frozenset[int]
@@ -51,13 +55,14 @@ class CpuSplit:
         return f"engine on CPU {format_cpu_list(self.engine)}, the rest on {rest}"
 
 
-def split_cpus(engine_cpus: str) -> CpuSplit | None:
-    """The split `engine_cpus` (the setting) asks for, among the CPUs this process may use; None when it is empty.
+def split_cpus(engine_cpus: str) -> CpuSplit:
+    """The split `engine_cpus` (the setting) asks for, among the CPUs this process may use; an empty one when the
+    setting is empty.
 
     ValueError when the list is malformed or names a CPU this process cannot run on.
     """
     if not engine_cpus.strip():
-        return None
+        return CpuSplit(frozenset(), frozenset())
     engine = parse_cpu_list(engine_cpus)
     available = frozenset(os.sched_getaffinity(0))
     missing = engine - available

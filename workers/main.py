@@ -37,8 +37,7 @@ def run_worker(settings: Settings) -> None:
     bind_job_ids_to_celery_tasks()
     # Dedicated engine cores: every thread but the engine's keeps to the others (the engine thread moves itself).
     split = split_cpus(settings.engine_cpus)
-    if split:
-        keep_process_to(split.rest)
+    keep_process_to(split.rest)
     if settings.worker_metrics_port:
         # Up before the model loads: /readyz says 503 until the warm-up is done.
         exporter = serve(METRICS, settings.worker_metrics_host, settings.worker_metrics_port)
@@ -51,7 +50,7 @@ def run_worker(settings: Settings) -> None:
     name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
     engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish,
-                               cpus=split.engine if split else None)
+                               cpus=split.engine or None)
     runner.attach(engine)
     warmup_seconds = in_passing_thread(_warm_up, engine, loaded)
     log.info("model %s loaded in %.1f s, warmed up in %.2f s", loaded.name, load_seconds, warmup_seconds)
@@ -68,9 +67,10 @@ def run_worker(settings: Settings) -> None:
     tasks.install(runner)
     frozen = freeze_startup_heap()
     threads = len(engine.cpus) if engine.cpus else torch.get_num_threads()
+    where = f" ({split.describe()})" if split.engine else ""
     log.info("worker %s: model %s, device %s, dtype %s, %d torch threads%s, max_num_seqs %d, max_batch_tokens %d, "
              "max_prefill_tokens %d; %d start-up objects frozen out of full garbage collections", name, loaded.name,
-             loaded.device, str(loaded.dtype).removeprefix("torch."), threads, f" ({split.describe()})" if split else "",
+             loaded.device, str(loaded.dtype).removeprefix("torch."), threads, where,
              settings.max_num_seqs, settings.max_batch_tokens, engine.scheduler.max_prefill_tokens, frozen)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
     stop = threading.Event()
