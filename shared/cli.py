@@ -35,18 +35,22 @@ def _child_setup(cpus: frozenset[int] = frozenset()):
 
 
 def _spawn(args: list[str], env: dict[str, str], cpus: frozenset[int] = frozenset()) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, preexec_fn=_child_setup(cpus))
+    # A session of its own: Ctrl-C in a terminal signals the foreground process group, and `up` alone must get it,
+    # to stop its children in order (the worker hands its jobs back while Redis is still there).
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, preexec_fn=_child_setup(cpus),
+                            start_new_session=True)
 
 
-def _stop(processes: list[subprocess.Popen], timeout: float = 15.0) -> None:
+def _stop(processes: list[subprocess.Popen], timeout: float, hurry=lambda: False) -> None:
+    """SIGTERM each process and wait for all of them until `timeout`, or until `hurry()`; then SIGKILL the rest."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
     deadline = time.monotonic() + timeout
+    while any(process.poll() is None for process in processes) and time.monotonic() < deadline and not hurry():
+        time.sleep(0.1)
     for process in processes:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if process.poll() is None:
             process.kill()
             process.wait()
 
@@ -85,7 +89,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         data_dir = None if args.ephemeral_redis else (args.redis_dir or get_settings().cache_dir / "redis")
         try:
-            redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(preexec_fn=_child_setup(rest))
+            redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(
+                preexec_fn=_child_setup(rest), start_new_session=True)
         except RuntimeError as exc:
             print(f"llava-queue: cannot start the embedded Redis: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -96,14 +101,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.model_path:
         env["LLAVA_QUEUE_MODEL_PATH"] = args.model_path
     children: list[subprocess.Popen] = []
-    stopping = False
+    stopping = hurry = False
 
     def on_signal(signum, _frame):
-        nonlocal stopping
+        # The first signal stops the stack in order; a second one while it stops kills what is left.
+        nonlocal stopping, hurry
+        hurry = stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         children.append(_spawn(["worker"], env))
         children.append(_spawn(["api", "--host", args.host, "--port", str(args.port)], env, rest))
@@ -120,8 +127,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         return 0 if stopping else 1
     finally:
-        print("llava-queue: stopping", flush=True)
-        _stop(children)
+        # The API and the worker first: the worker finishes its running jobs within the grace period and hands
+        # back the rest, which needs Redis; Redis last.
+        grace = get_settings().shutdown_grace_seconds
+        print(f"llava-queue: stopping (the worker finishes or hands back its jobs within {grace:g} s; "
+              "Ctrl-C again stops now)", flush=True)
+        _stop(children, timeout=grace + 15, hurry=lambda: hurry)
         if redis_server:
             redis_server.stop()
 

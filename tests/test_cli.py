@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+import redis
 import requests
 
 from shared.cpus import format_cpu_list, parse_cpu_list
@@ -15,11 +16,14 @@ from shared.redis_server import RedisServer, free_port
 
 
 def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: `up` alone must act on it, stopping the
+    worker (which hands its running job back) while Redis is still there, then Redis."""
     port = free_port()
-    env = dict(os.environ, LLAVA_QUEUE_MAX_NUM_SEQS="4")
+    env = dict(os.environ, LLAVA_QUEUE_MAX_NUM_SEQS="4", LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS="1")
     up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--model-path",
                            str(default_model_dir), "--redis-dir", str(tmp_path / "redis")], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
     try:
         lines = []
         deadline = time.monotonic() + 180
@@ -29,21 +33,35 @@ def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir, tmp_path):
             lines.append(line)
             if "llava-queue is up" in line:
                 break
-        assert f"http://127.0.0.1:{port}" in lines[-1]
+        assert base in lines[-1]
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(child.cmdline()) for child in children)
         assert "worker" in names and "api" in names and ("valkey-server" in names or "redis-server" in names)
-        job = requests.post(f"http://127.0.0.1:{port}/v1/jobs", json={"prompt": "Hello", "max_new_tokens": 4},
-                            timeout=10)
+        story = {"messages": [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}],
+                 "temperature": 0, "max_new_tokens": 512}
+        job = requests.post(f"{base}/v1/jobs", json=story, timeout=10)
         assert job.status_code == 202
-        up.send_signal(signal.SIGINT)
-        assert up.wait(30) == 0
+        job_id = job.json()["id"]
+        while True:
+            record = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
+            if record["status"] == "running" and record["usage"]["completion_tokens"] > 3:
+                break
+            assert record["status"] == "queued" or record["status"] == "running", record
+            assert time.monotonic() < deadline, record
+            time.sleep(0.1)
+        os.killpg(up.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        output, _ = up.communicate(timeout=40)
+        assert up.returncode == 0, output
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, [child.cmdline() for child in alive]
+        assert "handed 1 running jobs back" in output, output[-3000:]
         assert (tmp_path / "redis" / "appendonlydir").is_dir()  # the jobs outlive the stack
+        with RedisServer(data_dir=tmp_path / "redis") as server:  # and the running one was handed back
+            held_by = redis.Redis.from_url(server.url).hget(f"llq:job:{job_id}", "worker").decode()
+            assert held_by.startswith("requeued@"), held_by
     finally:
         if up.poll() is None:
-            up.kill()
+            os.killpg(up.pid, signal.SIGKILL)
 
 
 def test_two_embedded_redis_servers_cannot_share_a_data_folder(tmp_path):
