@@ -27,7 +27,7 @@ from shared.celery_app import BATCH_QUEUE, task_queue
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
 from shared.jobs import JobStore
-from shared.protocol import GenerateRequest, check_images, describe_validation_error
+from shared.protocol import ErrorCode, GenerateRequest, check_images, describe_validation_error
 from shared.settings import Settings
 from shared.vqa import EvalParams, Question, question_job
 
@@ -42,9 +42,10 @@ _IMAGE_CACHE_SIZE = 64
 class LineRefused(Exception):
     """A line that cannot run: why, and for OpenAI lines the HTTP status and error the call would have had."""
 
-    def __init__(self, message: str, status_code: int = 400, param: str | None = None):
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None,
+                 code: int = ErrorCode.INVALID_REQUEST):
         super().__init__(message)
-        self.message, self.status_code, self.param = message, status_code, param
+        self.message, self.status_code, self.param, self.code = message, status_code, param, int(code)
 
 
 def count_lines(stream: IO[bytes]) -> int:
@@ -79,18 +80,18 @@ class Intake:
         """Read every line, enqueue the jobs of the good ones in chunks, record every line in order."""
         entries: list[dict[str, Any]] = []
         jobs: list[tuple[int, GenerateRequest]] = []
-        for raw in stream:
+        for line_number, raw in enumerate(stream, 1):
             if not raw.strip():
                 continue
             number = self.total
             self.total += 1
-            entry, request = self._line(number, raw)
+            entry, request = self._line(number, line_number, raw)
             entries.append(entry)
             if request is None:
                 self.invalid += 1
                 if len(self.errors) < MAX_LISTED_ERRORS:
                     self.errors.append({"code": "invalid_line", "message": entry["error"]["message"],
-                                        "param": entry["error"].get("param"), "line": number + 1})
+                                        "param": entry["error"].get("param"), "line": line_number})
             else:
                 jobs.append((len(entries) - 1, request))
             if len(entries) >= CHUNK_LINES:
@@ -113,23 +114,25 @@ class Intake:
         except Exception as exc:
             raise unsent(self.store, ids, exc) from exc  # their lines fail (counted by the batch); 503
 
-    def _line(self, number: int, raw: bytes) -> tuple[dict[str, Any], GenerateRequest | None]:
-        """The line's entry (what its output line needs) and its job request, or the entry with `error`."""
-        entry: dict[str, Any] = {"line": number + 1}
+    def _line(self, number: int, line_number: int, raw: bytes) -> tuple[dict[str, Any], GenerateRequest | None]:
+        """The entry of the `number`th non-blank line (`line_number` in the file, blank lines counted): what its
+        output line needs, and its job request; or the entry with `error`."""
+        entry: dict[str, Any] = {"line": line_number}
         try:
             try:
                 line = json.loads(raw)
-            except ValueError as exc:
-                raise LineRefused(f"line {number + 1} is not valid JSON: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
+                raise LineRefused(f"line {line_number} is not valid JSON: {exc}") from None
             if not isinstance(line, dict):
-                raise LineRefused(f"line {number + 1} is not a JSON object")
+                raise LineRefused(f"line {line_number} is not a JSON object")
             if self.format is None:
                 self.format = "openai" if "custom_id" in line else "llava"
             if self.format == "openai":
                 return entry, self._openai_line(line, entry)
             return entry, self._question_line(line, entry)
         except LineRefused as refused:
-            entry["error"] = {"message": refused.message, "param": refused.param, "status_code": refused.status_code}
+            entry["error"] = {"message": refused.message, "param": refused.param, "status_code": refused.status_code,
+                              "code": refused.code}
             return entry, None
 
     def _question_line(self, line: dict[str, Any], entry: dict[str, Any]) -> GenerateRequest:
@@ -204,9 +207,9 @@ class Intake:
         try:
             chat, request = parse_chat_request(body)
         except ApiError as exc:
-            raise LineRefused(exc.message, status_code=exc.status, param=exc.param) from None
+            raise LineRefused(exc.message, status_code=exc.status, param=exc.param, code=exc.code) from None
         if chat.model not in self.served:
             raise LineRefused(f"the model {chat.model!r} is not served here (live workers serve: "
-                              f"{self.served or 'none'})", status_code=404, param="model")
+                              f"{self.served or 'none'})", status_code=404, param="model", code=ErrorCode.NO_WORKER)
         entry["model"] = chat.model
         return request

@@ -49,8 +49,8 @@ def resolve_data_path(path: str, roots: list[Path], what: str = "path") -> Path:
             candidates = [root / parts for root in real_roots]
             candidates = [candidate for candidate in candidates if candidate.exists()] or candidates[:1]
         resolved = candidates[0].resolve()
-    except OSError as exc:
-        raise PathRefused(f"{what}: {path!r} cannot be used as a path ({exc.strerror})") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: pathlib's "Symlink loop from ..." (Python 3.11)
+        raise PathRefused(f"{what}: {path!r} cannot be used as a path ({_why(exc)})") from None
     if not _under(resolved, real_roots):
         raise PathRefused(f"{what}: {path!r} is outside the data roots"
                           + (" (it leads there through a symbolic link)" if not parts.is_absolute()
@@ -68,8 +68,12 @@ def resolve_in_folder(folder: Path, name: str, roots: list[Path], what: str = "i
         raise PathRefused(f"{what}: {name!r} is an absolute path; name a file relative to the image folder")
     try:
         resolved = (folder / parts).resolve()
-    except OSError as exc:
-        raise PathRefused(f"{what}: {name!r} cannot be used as a path ({exc.strerror})") from None
+    except (OSError, RuntimeError) as exc:
+        raise PathRefused(f"{what}: {name!r} cannot be used as a path ({_why(exc)})") from None
     if not _under(resolved, resolved_roots(roots)):
         raise PathRefused(f"{what}: {name!r} leads outside the data roots (through a symbolic link)")
     return resolved
+
+
+def _why(exc: OSError | RuntimeError) -> str:
+    return "a loop of symbolic links" if isinstance(exc, RuntimeError) else exc.strerror

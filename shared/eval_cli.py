@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from shared.protocol import CONTEXT_OVERFLOW_MSG, check_images, describe_validation_error
+from shared.protocol import check_images, context_overflowed, describe_validation_error
 from shared.vqa import (DEFAULT_CONV_MODE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EvalParams, Question,
                         answer_line, answer_record, get_chunk, model_name_from_path, parse_question_line,
                         question_job, read_image_b64)
@@ -592,7 +592,7 @@ class EvalRun:
         del self.flights[flight.job_id]
         item = flight.item
         if job is not None and job["status"] == "succeeded":
-            if job["usage"]["completion_tokens"] == 0 and job["text"] == CONTEXT_OVERFLOW_MSG:
+            if context_overflowed(job["text"], job["usage"]["completion_tokens"]):
                 self._fail(item, f"the question does not fit the model's context "
                                  f"({job['usage']['prompt_tokens']} prompt tokens)", flight.job_id)
             else:

@@ -22,7 +22,7 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-from shared.protocol import ErrorCode, GenerateRequest
+from shared.protocol import CONTEXT_OVERFLOW_MSG, ErrorCode, GenerateRequest
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
@@ -106,7 +106,7 @@ local function end_batch_if_done(bkey, now)
 end
 """
 
-_FINISH = BATCH_END_LUA + """
+_FINISH = BATCH_END_LUA + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n" + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
@@ -138,7 +138,11 @@ if batch and redis.call('EXISTS', ARGV[11] .. batch) == 1 then
              started_at = tonumber(f[5]), first_token_at = tonumber(f[6]), finished_at = tonumber(ARGV[5])}))
   local ttl = redis.call('TTL', bkey)
   if ttl > 0 then redis.call('EXPIRE', bkey .. ':results', ttl) end
-  redis.call('HINCRBY', bkey, ({succeeded = 'completed'})[ARGV[1]] or ARGV[1], 1)
+  local counted = ({succeeded = 'completed'})[ARGV[1]] or ARGV[1]
+  if counted == 'completed' and (tonumber(f[3]) or 0) == 0 and f[1] == CONTEXT_OVERFLOW then
+    counted = 'failed'  -- the context guard's answer (shared.protocol.context_overflowed): the line fails
+  end
+  redis.call('HINCRBY', bkey, counted, 1)
   redis.call('HINCRBY', bkey, 'completion_tokens', tonumber(f[3]) or 0)
   redis.call('HSET', bkey, 'last_finished_at', ARGV[5])
   redis.call('HINCRBY', bkey, 'ended', 1)

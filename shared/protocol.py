@@ -30,6 +30,13 @@ MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE 
 CONTEXT_OVERFLOW_MSG = "Exceeds max token length. Please start a new conversation, thanks."
 
 
+def context_overflowed(text: str, completion_tokens: int) -> bool:
+    """Whether a job that succeeded is the original's context guard answering: its prompt left no room, so its
+    whole text is CONTEXT_OVERFLOW_MSG and nothing was generated (the batch counts, OpenAI's errors and
+    `llava-queue eval` take it as a failure)."""
+    return completion_tokens == 0 and text == CONTEXT_OVERFLOW_MSG
+
+
 class ErrorCode(IntEnum):
     """The `error_code` of a chunk: 0-3 are the original stack's, the rest are llava-queue's."""
 

@@ -284,6 +284,11 @@ def test_the_data_root_rules(tmp_path):
             resolve_in_folder(root / "sub", name, [root])
     with pytest.raises(PathRefused, match="no LLAVA_QUEUE_DATA_ROOTS"):
         resolve_data_path("sub/a.jsonl", [])
+    os.symlink("loop", root / "sub" / "loop")  # pathlib raises RuntimeError on a loop, not OSError
+    with pytest.raises(PathRefused, match="a loop of symbolic links"):
+        resolve_data_path("sub/loop", [root])
+    with pytest.raises(PathRefused, match="a loop of symbolic links"):
+        resolve_in_folder(root / "sub", "loop", [root])
 
 
 def test_interactive_jobs_start_before_a_queued_batch_backlog(tiny_llava_stack):
@@ -363,3 +368,92 @@ def test_a_batch_whose_reader_died_fails(tiny_llava_stack):
     batches.redis.delete(batches.reader_key(batch_id))
     batch = requests.get(f"{tiny_llava_stack.base_url}/v1/batches/{batch_id}", timeout=10).json()
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "abandoned", batch
+
+
+def test_a_line_nested_too_deep_fails_alone(tiny_llava_stack):
+    deep = '{"question_id": 1, "text": "Where?", "category": ' + "[" * 5000 + "]" * 5000 + "}"
+    batch = upload_batch(tiny_llava_stack, jsonl([questions(1, image=False)[0], deep]), temperature=0,
+                         max_new_tokens=2)
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["status"] == "completed" and done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    [error] = download(tiny_llava_stack, batch["id"], "errors")
+    assert error["line"] == 2 and "not valid JSON" in error["error"], error
+
+
+def test_errors_name_the_file_line_blank_lines_included(tiny_llava_stack):
+    good = questions(2, image=False)
+    content = b"\n" + jsonl([good[0]]) + b"\n\n" + jsonl(['{"question_id": 7, "text": ', good[1], "[1]"])
+    batch = upload_batch(tiny_llava_stack, content, temperature=0, max_new_tokens=2)
+    assert [error["line"] for error in batch["errors"]["data"]] == [5, 7]
+    assert "line 5 is not valid JSON" in batch["errors"]["data"][0]["message"]
+    wait_for_batch(tiny_llava_stack, batch["id"])
+    assert [error["line"] for error in download(tiny_llava_stack, batch["id"], "errors")] == [5, 7]
+    lines = requests.get(f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/lines", timeout=10).json()["data"]
+    assert [line["line"] for line in lines] == [2, 5, 6, 7]
+
+    openai_line = {"custom_id": "ok", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "llava-v1.5-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}}
+    batch = upload_batch(tiny_llava_stack, jsonl([openai_line]) + b"\n" + jsonl(["{"]))
+    wait_for_batch(tiny_llava_stack, batch["id"])
+    [error] = download(tiny_llava_stack, batch["id"], "errors")
+    assert error["error"]["code"] == "invalid_line" and error["error"]["line"] == 3, error
+
+
+def test_a_refused_openai_line_has_the_error_body_of_the_call(tiny_llava_stack):
+    body = {"model": "llava-v1.5-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    refused = [{**body, "model": "gpt-4o"}, {**body, "n": 2}]
+    lines = [{"custom_id": f"line-{index}", "method": "POST", "url": "/v1/chat/completions", "body": line_body}
+             for index, line_body in enumerate([body, *refused])]
+    batch = upload_batch(tiny_llava_stack, jsonl(lines))
+    wait_for_batch(tiny_llava_stack, batch["id"])
+    errors = download(tiny_llava_stack, batch["id"], "errors")
+    assert [error["custom_id"] for error in errors] == ["line-1", "line-2"]
+    for error, line_body in zip(errors, refused):
+        direct = requests.post(f"{tiny_llava_stack.base_url}/v1/chat/completions", json=line_body, timeout=30)
+        assert error["response"]["status_code"] == direct.status_code
+        assert error["response"]["body"] == direct.json()
+
+
+def test_a_symbolic_link_loop_is_refused_not_a_crash(tiny_llava_stack, data_root):
+    loops = data_root / "loops"
+    loops.mkdir(exist_ok=True)
+    for name in ("loop.png", "loop.jsonl"):
+        if not (loops / name).is_symlink():
+            (loops / name).symlink_to(name)
+    response = requests.post(f"{tiny_llava_stack.base_url}/v1/batches", timeout=10,
+                             json={"input_path": "loops/loop.jsonl"})
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["message"].startswith("input_path: 'loops/loop.jsonl' cannot be used as a path (a "
+                                                          "loop of symbolic links)"), response.text
+    lines = [{"question_id": 0, "text": "Where?", "image": "loop.png"}, *questions(1, start=1, image=False)]
+    batch = upload_batch(tiny_llava_stack, jsonl(lines), image_folder="loops", temperature=0, max_new_tokens=2)
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}, done
+    [error] = download(tiny_llava_stack, batch["id"], "errors")
+    assert error["question_id"] == 0 and "'loop.png' cannot be used as a path (a loop" in error["error"], error
+
+
+def test_a_line_too_long_for_the_context_counts_as_failed(tiny_llava_stack):
+    # The worker ends such a job `succeeded` with the original's overflow text (what /worker_generate_stream sends);
+    # in a batch it is a failed line, in the errors file, as `llava-queue eval` and the chat call take it.
+    body = {"model": "llava-v1.5-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    too_long = {**body, "messages": [{"role": "user", "content": "hello " * 1000}]}
+    direct = requests.post(f"{tiny_llava_stack.base_url}/v1/chat/completions", json=too_long, timeout=60)
+    assert direct.status_code == 400, direct.text
+    lines = [{"custom_id": name, "method": "POST", "url": "/v1/chat/completions", "body": line_body}
+             for name, line_body in (("short", body), ("long", too_long))]
+    batch = upload_batch(tiny_llava_stack, jsonl(lines))
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    errors = download(tiny_llava_stack, batch["id"], "errors")
+    assert [error["custom_id"] for error in errors] == ["long"]
+    assert [line["custom_id"] for line in download(tiny_llava_stack, batch["id"], "output")] == ["short"]
+    assert done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}, done
+    assert done["error_file_id"] is not None
+    # A question file's line too: an error line, not the overflow text as an answer.
+    batch = upload_batch(tiny_llava_stack, jsonl([{"question_id": 0, "text": "Where?"},
+                                                 {"question_id": 1, "text": "hello " * 1000}]))
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert [answer["question_id"] for answer in download(tiny_llava_stack, batch["id"], "output")] == [0]
+    [error] = download(tiny_llava_stack, batch["id"], "errors")
+    assert error["question_id"] == 1 and error["status"] == "failed" and "context" in error["error"], error
+    assert done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}, done

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API driven by the official `openai` package, as any OpenAI client would."""
 
 import base64
+import concurrent.futures
 import io
 import json
 import time
@@ -204,3 +205,37 @@ def test_a_job_cancelled_meanwhile_ends_its_stream_with_an_error(stack, client):
         for _ in chunks:
             pass
     assert caught.value.type == "cancelled" and "cancelled" in caught.value.message
+
+
+def jobs_holding(stack, marker: str) -> list[str]:
+    store = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    return [key.rsplit(":", 1)[1] for key in store.scan_iter(f"{Settings().key_prefix}:job:*", count=1000)
+            if marker in (store.hget(key, "request") or "")]
+
+
+def test_a_cancelled_plain_request_is_not_sent_again_by_the_openai_package(stack):
+    # The package retries 409 and 5xx by default: a cancellation must not come back as a new job that runs.
+    marker = uuid.uuid4().hex[:8]
+    default_retries = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(default_retries.chat.completions.create, model=MODEL, max_tokens=300, temperature=0,
+                           messages=[{"role": "user", "content": f"Write a long story about a dragon named {marker}."}])
+        deadline = time.monotonic() + 30
+        while not (found := jobs_holding(stack, marker)) or job_of(stack, "chatcmpl-" + found[0])["status"] != "running":
+            assert time.monotonic() < deadline and not call.done()
+            time.sleep(0.05)
+        assert requests.delete(f"{stack.base_url}/v1/jobs/{found[0]}", timeout=10).status_code == 202
+        with pytest.raises(openai.APIStatusError) as caught:
+            call.result(timeout=60)
+    assert caught.value.status_code == 409 and caught.value.type == "cancelled"
+    assert jobs_holding(stack, marker) == found
+
+
+def test_a_negative_seed_is_accepted_as_openai_and_vllm_accept_it(client):
+    # OpenAI's and vLLM's seed is any 64-bit signed integer; some clients send -1.
+    sampled = [client.chat.completions.create(model=MODEL, messages=STORY, temperature=1.0, max_tokens=8,
+                                              seed=-1).choices[0].message.content for _ in range(2)]
+    assert sampled[0] and sampled[0] == sampled[1]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=8, seed=-2**63 - 1)
+    assert caught.value.param == "seed"

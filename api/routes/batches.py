@@ -29,7 +29,7 @@ from api.submission import admit
 from shared.batches import FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
 from shared.dataroot import PathRefused, resolve_data_path
 from shared.jobs import JobStore
-from shared.protocol import ErrorCode, InvalidRequest, parse_request
+from shared.protocol import ErrorCode, InvalidRequest, context_overflowed, parse_request
 from shared.settings import Settings
 from shared.vqa import EvalParams, answer_line, answer_record
 
@@ -310,7 +310,7 @@ def batch_lines(batch_id: str, request: Request, store: Store, offset: int = Que
                 else {"status": "unknown"}
         elif result is None:
             result = {"status": "invalid", "error": entry["error"]["message"]}
-        data.append({"line": number + 1, "job_id": entry.get("job"), "status": result.get("status"),
+        data.append({"line": entry["line"], "job_id": entry.get("job"), "status": result.get("status"),
                      "started_at": result.get("started_at"), "finished_at": result.get("finished_at"),
                      "error": result.get("error") or None})
     return {"object": "list", "data": data}
@@ -319,18 +319,21 @@ def batch_lines(batch_id: str, request: Request, store: Store, offset: int = Que
 # Output files, assembled from the batch's lines and results in file order.
 def _llava_line(number: int, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
     if "error" in entry:
-        return None, _error_line(number, entry, entry["error"]["message"], ErrorCode.INVALID_REQUEST, "invalid")
+        return None, _error_line(entry, entry["error"]["message"], ErrorCode.INVALID_REQUEST, "invalid")
     if result is None:
         return None, None
+    if result["status"] == "succeeded" and context_overflowed(result["text"], result["completion_tokens"]):
+        return None, _error_line(entry, f"the question does not fit the model's context ({result['prompt_tokens']} "
+                                        "prompt tokens)", ErrorCode.INVALID_REQUEST, "failed")
     if result["status"] == "succeeded":
         record = answer_record(entry["question_id"], entry["prompt"], result["text"], result["model"],
                                answer_id_of(entry["job"]))
         return answer_line(record), None
-    return None, _error_line(number, entry, result["error"], result["error_code"], result["status"])
+    return None, _error_line(entry, result["error"], result["error_code"], result["status"])
 
 
-def _error_line(number: int, entry: dict, error: str, error_code: int, status: str) -> str:
-    return json.dumps({"line": number + 1, "question_id": entry.get("question_id"), "status": status,
+def _error_line(entry: dict, error: str, error_code: int, status: str) -> str:
+    return json.dumps({"line": entry["line"], "question_id": entry.get("question_id"), "status": status,
                        "error": error, "error_code": error_code}) + "\n"
 
 
@@ -340,15 +343,16 @@ _UNRUN = {"cancelled": ("batch_cancelled", "This request was cancelled with its 
 
 def _openai_line(number: int, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
     job_id = entry.get("job")
-    line = {"id": f"batch_req_{job_id or number + 1}", "custom_id": entry.get("custom_id")}
+    line = {"id": f"batch_req_{job_id or entry['line']}", "custom_id": entry.get("custom_id")}
     if "error" in entry:
         error = entry["error"]
         if error["param"] in ("custom_id", "method", "url", "body") or entry.get("custom_id") is None:
-            line.update(response=None, error={"code": "invalid_line", "message": error["message"], "line": number + 1})
+            line.update(response=None,
+                        error={"code": "invalid_line", "message": error["message"], "line": entry["line"]})
         else:
             line.update(response={"status_code": error["status_code"], "request_id": None,
                                   "body": error_body(error["message"], "invalid_request_error", error["param"],
-                                                     ErrorCode.INVALID_REQUEST)}, error=None)
+                                                     error.get("code", ErrorCode.INVALID_REQUEST))}, error=None)
         return None, json.dumps(line) + "\n"
     if result is None:
         return None, None

@@ -29,7 +29,7 @@ from api.routes.models import served_models
 from api.stream import JobNotFound, follow_job
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest, InvalidRequest,
-                             check_images, describe_validation_error, parse_request)
+                             check_images, context_overflowed, describe_validation_error, parse_request)
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
 
@@ -40,6 +40,9 @@ _JOB_ERRORS = {
     ErrorCode.EXPIRED: (504, "expired"),
     ErrorCode.OVERLOADED: (503, "overloaded"),
 }
+# The openai package retries a 409 (and any 5xx) by sending the request again, which would run a job that was
+# cancelled on purpose once more: this header (which the package obeys) says not to.
+_NOT_RETRIED = {ErrorCode.CANCELLED: {"x-should-retry": "false"}}
 
 
 class OpenAIRoute(APIRoute):
@@ -106,7 +109,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # OpenAI's (and vLLM's) range: any signed 64-bit integer; the engine's seeds are non-negative.
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -217,7 +221,7 @@ def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
         # Without a limit OpenAI generates until the end: here, up to the worker's cap.
         "max_new_tokens": body.max_completion_tokens or body.max_tokens or MAX_NEW_TOKENS_CAP,
         "stop": body.stop,
-        "seed": body.seed,
+        "seed": None if body.seed is None else body.seed % 2**63,
     }
     if body.temperature is not None:
         fields["temperature"] = body.temperature
@@ -248,13 +252,14 @@ def job_error(record: dict | None) -> ApiError | None:
         return ApiError(500, "the job's record expired before it could be read", type="server_error",
                         code=ErrorCode.SERVER_ERROR)
     if record["status"] == "succeeded":
-        if record["completion_tokens"] == 0 and record["text"] == CONTEXT_OVERFLOW_MSG:
+        if context_overflowed(record["text"], record["completion_tokens"]):
             return ApiError(400, f"the messages fill the model's context ({record['prompt_tokens']} prompt tokens)",
                             param="messages", code=ErrorCode.INVALID_REQUEST)
         return None
     code = record["error_code"] or ErrorCode.SERVER_ERROR
     status, kind = _JOB_ERRORS.get(code, (500, "server_error"))
-    return ApiError(status, record["error"] or f"the job ended {record['status']}", type=kind, code=code)
+    return ApiError(status, record["error"] or f"the job ended {record['status']}", type=kind, code=code,
+                    headers=_NOT_RETRIED.get(code))
 
 
 def completion_of(record: dict, completion_id: str, model: str, created: int) -> ChatCompletion:
