@@ -25,6 +25,15 @@ RECONNECT_DELAY_SECONDS = 0.5
 MAX_RECONNECT_DELAY_SECONDS = 4.0
 
 
+class ServerStopping(Exception):
+    """The API is shutting down: a follower's stream ends there, and its job goes on (clients follow it again, or poll
+    it, on the API that takes over)."""
+
+
+# What a follower's queue gets when the API shuts down (see ChannelHub.stop_followers).
+STOPPING = object()
+
+
 class _Channel:
     """The followers' queues of one channel, and whether Redis has acknowledged its SUBSCRIBE."""
 
@@ -45,6 +54,7 @@ class ChannelHub:
         # Two coroutines connecting the PubSub at once would each open a connection.
         self._connecting = asyncio.Lock()
         self._reader: asyncio.Task | None = None
+        self.stopping = False
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read(), name="channel-hub-reader")
@@ -55,14 +65,24 @@ class ChannelHub:
             await self._reader
         await self._pubsub.aclose()
 
+    def stop_followers(self) -> None:
+        """At shutdown: every follower's queue gets STOPPING, and new subscriptions raise ServerStopping. A stream
+        would otherwise hold the API up until its job ended (the server waits for its responses to finish)."""
+        self.stopping = True
+        for followers in self._channels.values():
+            _put(followers, STOPPING)
+
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue]:
-        """A queue of `channel`'s message payloads, for the `with` block; None in it means some may have been lost.
+        """A queue of `channel`'s message payloads, for the `with` block; None in it means some may have been lost,
+        STOPPING that the API is shutting down.
 
         Entered once Redis acknowledged the subscription (or after SUBSCRIBE_TIMEOUT_SECONDS), so
         whatever is published after entering is in the queue. Raises redis' ConnectionError when
-        Redis cannot be reached.
+        Redis cannot be reached, ServerStopping when the API is shutting down.
         """
+        if self.stopping:
+            raise ServerStopping
         queue = asyncio.Queue()
         followers = self._channels.setdefault(channel, _Channel())
         followers.queues.add(queue)
@@ -132,6 +152,6 @@ class ChannelHub:
             _put(followers, None)
 
 
-def _put(followers: _Channel, payload: str | None) -> None:
+def _put(followers: _Channel, payload: str | object | None) -> None:
     for queue in followers.queues:
         queue.put_nowait(payload)

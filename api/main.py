@@ -1,10 +1,11 @@
 """The FastAPI application: routes, the gateway, and the connections they share."""
 
+import asyncio
+import logging
 from contextlib import asynccontextmanager
 
-import logging
-
 import redis.asyncio as aioredis
+import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -20,6 +21,23 @@ from shared.settings import Settings, get_settings
 
 
 log = logging.getLogger("llava_queue.api")
+
+# At shutdown, how long the streams get to send their last word before uvicorn closes the connections, and then
+# how long it waits for requests still answering before it cancels them.
+STREAMS_STOP_SECONDS = 0.2
+GRACEFUL_SHUTDOWN_SECONDS = 10.0
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, which ends the API's streams before it waits for every response to finish: a stream would
+    finish only with its job. The jobs go on; their clients follow them again on the API that takes over."""
+
+    async def shutdown(self, sockets=None) -> None:
+        hub = getattr(self.config.app.state, "hub", None)
+        if hub is not None:
+            hub.stop_followers()
+            await asyncio.sleep(STREAMS_STOP_SECONDS)
+        await super().shutdown(sockets)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from api.channel_hub import ChannelHub
+from api.channel_hub import STOPPING, ChannelHub, ServerStopping
 from shared.jobs import FINAL_STATES, JobStore, Snapshot
 
 # With no message for this long the follower re-reads the record, in case a message was missed
@@ -54,7 +54,7 @@ def _final(progress: _Progress, snap: Snapshot | dict) -> StreamEvent:
 async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIterator[StreamEvent]:
     """Yield an event for the current text (if any), one per new chunk, and a last one with `done`.
 
-    Raises JobNotFound if the job does not exist.
+    Raises JobNotFound if the job does not exist, ServerStopping when the API shuts down (the job goes on).
     """
     async with hub.subscribe(store.channel(job_id)) as messages:
         snap = await asyncio.to_thread(store.snapshot, job_id)
@@ -96,9 +96,13 @@ async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIter
 
 
 async def _next_message(messages: asyncio.Queue) -> str | None:
-    """The next payload; None when the hub says messages were lost, or after RESYNC_AFTER_SECONDS without one."""
+    """The next payload; None when the hub says messages were lost, or after RESYNC_AFTER_SECONDS without one.
+    Raises ServerStopping when the API shuts down."""
     try:
         async with asyncio.timeout(RESYNC_AFTER_SECONDS):
-            return await messages.get()
+            payload = await messages.get()
     except TimeoutError:
         return None
+    if payload is STOPPING:
+        raise ServerStopping
+    return payload

@@ -141,16 +141,18 @@ def cmd_api(args: argparse.Namespace) -> int:
     """The API alone, against LLAVA_QUEUE_REDIS_URL."""
     import uvicorn
 
-    from api.main import app
+    from api.main import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, app
     from shared.heap import freeze_startup_heap
 
     settings = get_settings()
     # The app is built (FastAPI, pydantic, every route): keep all of that out of full collections.
     logging.getLogger("llava_queue.api").info("%d start-up objects frozen out of full garbage collections",
                                               freeze_startup_heap())
-    uvicorn.run(app, host=args.host or settings.host, port=args.port or settings.port,
-                log_level="info", log_config=None, ws_ping_interval=20,
-                ws_per_message_deflate=settings.ws_compression)
+    config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
+                            log_level="info", log_config=None, ws_ping_interval=20,
+                            ws_per_message_deflate=settings.ws_compression,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    ApiServer(config).run()
     return 0
 
 

@@ -15,10 +15,10 @@ import redis
 import requests
 import websockets
 
-from conftest import run_stack
+from conftest import run_stack, start_service, wait_for_stack
 from shared.redis_server import RedisServer
 from shared.jobs import Ending, JobStore
-from shared.protocol import GenerateRequest
+from shared.protocol import SERVER_ERROR_MSG, GenerateRequest
 from workers.generation import JobRunner, when_redis_answers
 
 
@@ -319,3 +319,101 @@ def test_hand_back_with_redis_away_leaves_the_job_running_and_raises_nothing(cap
         assert requeued == [] and job_id not in runner._handed_back
         assert any(f"job {job_id} not handed back" in record.getMessage() for record in caplog.records)
         store.redis.close()
+
+
+def test_an_api_stopped_mid_stream_ends_its_streams_at_once_and_every_job_goes_on(default_model_dir):
+    """SIGTERM on the API: its WebSocket streams close with 1012 (Service Restart) and a reason that names the job,
+    the original's NUL stream ends with the original's server error frame, an OpenAI stream with an error event,
+    within seconds (uvicorn would wait for every stream's job to end), and no job is cancelled: each goes on,
+    and the next API streams it to its end."""
+    story = [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}]
+    rendered = "<|im_start|>user\nTell me a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+    with RedisServer() as redis_server:
+        env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "5"}
+        with run_stack(redis_server.url, env, log_prefix="llava-queue-api-stop-") as stack:
+            ws_url = stack.base_url.replace("http://", "ws://")
+            ids, closes, frames = {}, {}, {}
+
+            async def follow(name: str, url: str, first: dict | None = None) -> None:
+                async with websockets.connect(url) as ws:
+                    if first:
+                        await ws.send(json.dumps(first))
+                    with pytest.raises(websockets.ConnectionClosedError):  # not a normal closure
+                        async for raw in ws:
+                            ids[name] = json.loads(raw)["id"]
+                    closes[name] = (ws.close_code, ws.close_reason)
+
+            def plain(name: str, body: dict) -> None:
+                response = requests.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=120)
+                ids[name] = response.headers["X-Job-Id"]
+                frames[name] = response
+
+            def stream(name: str, path: str, body: dict) -> None:
+                with requests.post(stack.base_url + path, json=body, stream=True, timeout=120) as response:
+                    ids[name] = response.headers["X-Job-Id"]
+                    frames[name] = [part for part in response.iter_lines(delimiter=b"\0" if "worker" in path
+                                                                          else b"\n\n") if part]
+
+            posted = requests.post(f"{stack.base_url}/v1/jobs", json={"messages": story, "temperature": 0,
+                                                                      "max_new_tokens": 400}, timeout=10).json()["id"]
+            generate = {"prompt": rendered, "temperature": 0, "max_new_tokens": 400}
+            chat = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": story[0]["text"]}],
+                    "temperature": 0, "max_tokens": 400, "stream": True}
+            threads = [threading.Thread(target=stream, args=("llava", "/worker_generate_stream", generate)),
+                       threading.Thread(target=stream, args=("openai", "/v1/chat/completions", chat)),
+                       threading.Thread(target=plain, args=("openai-plain", {**chat, "stream": False}))]
+            for thread in threads:
+                thread.start()
+
+            async def scenario() -> None:
+                followers = [asyncio.create_task(follow("ws", f"{ws_url}/v1/ws", {"messages": story, "temperature": 0,
+                                                                                   "max_new_tokens": 400})),
+                             asyncio.create_task(follow("job-ws", f"{ws_url}/v1/jobs/{posted}/ws"))]
+                deadline = time.monotonic() + 60
+                # Every stream has its job id, and the plain request's job runs too.
+                while len(ids) < 4 or requests.get(f"{stack.base_url}/healthz", timeout=10).json()["workers"][0][
+                        "num_running"] < 5 or requests.get(f"{stack.base_url}/v1/jobs/{posted}", timeout=10).json()[
+                        "usage"]["completion_tokens"] < 3:
+                    assert time.monotonic() < deadline, (ids, stack.logs())
+                    await asyncio.sleep(0.2)
+                stopped_at = time.monotonic()
+                stack.processes["api"].terminate()
+                await asyncio.wait_for(asyncio.gather(*followers), 10)
+                stack.processes["api"].wait(10)  # uvicorn ends by the signal it was stopped with
+                assert time.monotonic() - stopped_at < 5, time.monotonic() - stopped_at
+
+            asyncio.run(scenario())
+            for thread in threads:
+                thread.join(10)
+            for name in ("ws", "job-ws"):
+                code, reason = closes[name]
+                assert code == 1012 and ids[name] in reason, closes
+            assert json.loads(frames["llava"][-1]) == {"text": SERVER_ERROR_MSG, "error_code": 1}, frames["llava"][-2:]
+            assert frames["openai"][-1] == b"data: [DONE]"
+            last = json.loads(frames["openai"][-2].removeprefix(b"data: "))
+            assert last["error"]["type"] == "server_error" and ids["openai"] in last["error"]["message"], last
+            plain_answer = frames["openai-plain"]  # a 503 the openai package retries, after Retry-After
+            assert plain_answer.status_code == 503 and plain_answer.headers["Retry-After"] == "1", plain_answer.text
+            assert ids["openai-plain"] in plain_answer.json()["error"]["message"], plain_answer.text
+            store = JobStore(redis.Redis.from_url(redis_server.url, decode_responses=True))
+            assert {name: store.get(job_id)["status"] for name, job_id in ids.items()} == dict.fromkeys(ids, "running")
+
+            # The next API streams each of them to its end.
+            port = stack.base_url.rsplit(":", 1)[1]
+            api_env = dict(os.environ, **env, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_PORT=port)
+            stack.processes["api"] = start_service("api-2", ["api", "--host", "127.0.0.1", "--port", port], api_env,
+                                                   stack.log_dir)
+            wait_for_stack(stack)
+
+            async def follow_to_the_end(job_id: str) -> dict:
+                async with websockets.connect(f"{ws_url}/v1/jobs/{job_id}/ws") as ws:
+                    async for raw in ws:
+                        message = json.loads(raw)
+                        if message.get("done"):
+                            return message
+
+            async def all_to_the_end() -> list[dict]:
+                return await asyncio.gather(*(follow_to_the_end(job_id) for job_id in ids.values()))
+
+            ends = asyncio.run(all_to_the_end())
+            assert [end["status"] for end in ends] == ["succeeded"] * 5, ends

@@ -9,7 +9,7 @@ from fastapi.responses import Response, StreamingResponse
 from api.deps import Hub, Registry, Store, Submissions
 from api.errors import ApiError
 from api.routes.models import served_models
-from api.stream import JobNotFound, StreamEvent, follow_job
+from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
 from shared.jobs import JobStore
 from shared.protocol import SERVER_ERROR_MSG, ErrorCode, GenerateRequest, InvalidRequest, encode_chunk, parse_request
 
@@ -86,6 +86,10 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
                     # (its web server fails on a stream with none).
                     yield encode_chunk(event.text)
         except JobNotFound:
+            ended = True
+            yield encode_chunk(SERVER_ERROR_MSG, ErrorCode.SERVER_ERROR)
+        except ServerStopping:
+            # The API shuts down, the job goes on (X-Job-Id): the original's frame for a worker that went away.
             ended = True
             yield encode_chunk(SERVER_ERROR_MSG, ErrorCode.SERVER_ERROR)
         finally:

@@ -26,7 +26,7 @@ from api.deps import ApiKey, Hub, Registry, Store, Submissions
 from api.errors import ApiError, error_body
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
-from api.stream import JobNotFound, follow_job
+from api.stream import JobNotFound, ServerStopping, follow_job
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest, InvalidRequest,
                              check_images, context_overflowed, describe_validation_error, parse_request)
@@ -307,6 +307,8 @@ class Completion:
                 await cancel_unless_ended(self.store, self.job_id)
             raise ApiError(499, "the client closed the request", type="client_closed_request",
                            code=ErrorCode.CANCELLED)
+        if isinstance(finished.exception(), ServerStopping):
+            raise self._server_stopping()
         finished.result()
         record = await read_record(self.store, self.job_id)
         error = job_error(record)
@@ -361,9 +363,20 @@ class Completion:
             yield _sse(error_body(f"job {self.job_id} is gone (its record expired)", "server_error", None,
                                   ErrorCode.NOT_FOUND))
             yield "data: [DONE]\n\n"
+        except ServerStopping:
+            ended = True
+            error = self._server_stopping()
+            yield _sse(error_body(error.message, error.type, error.param, error.code))
+            yield "data: [DONE]\n\n"
         finally:
             if not ended and not self.keep_on_disconnect:
                 await cancel_unless_ended(self.store, self.job_id)
+
+    def _server_stopping(self) -> ApiError:
+        """The API shuts down before the job ends: the job goes on, and is polled at GET /v1/jobs/{id}."""
+        return ApiError(503, f"the API is restarting; job {self.job_id} goes on: poll GET /v1/jobs/{self.job_id}",
+                        type="server_error", code=ErrorCode.SERVER_ERROR,
+                        headers={"Retry-After": "1", JOB_ID_HEADER: self.job_id})
 
     def _base(self) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

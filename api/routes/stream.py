@@ -5,12 +5,13 @@
 """
 
 import asyncio
+from typing import Literal
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.deps import ApiKey, Hub, Store, Submissions
 from api.errors import ApiError
-from api.stream import JobNotFound, StreamEvent, follow_job
+from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
 from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
 
 router = APIRouter(tags=["stream"])
@@ -29,8 +30,9 @@ def ws_message(job_id: str, event: StreamEvent) -> dict:
     return message
 
 
-async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> bool:
-    """Send the job's events until it ends; returns True when the job ended, False if the client left."""
+async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> Literal["ended", "left", "stopping"]:
+    """Send the job's events until it ends ("ended"), the client leaves ("left") or the API shuts down ("stopping":
+    the socket is closed with 1012, Service Restart, and a reason that names the job, which goes on)."""
     try:
         async for event in follow_job(store, hub, job_id):
             await websocket.send_json(ws_message(job_id, event))
@@ -39,25 +41,29 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> b
             await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
                                        "status": "unknown", "error": f"unknown job id {job_id!r}"})
         except CLIENT_GONE:  # asked for an unknown job and left before the answer
-            return False
+            return "left"
     except CLIENT_GONE:
-        return False
-    return True
+        return "left"
+    except ServerStopping:
+        # A close reason holds at most 123 bytes.
+        await _close(websocket, 1012, f"the API is restarting; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123])
+        return "stopping"
+    return "ended"
 
 
 @router.websocket("/v1/jobs/{job_id}/ws")
 async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub) -> None:
     """Stream an existing job: its current text first, then every chunk, then how it ended."""
     await websocket.accept()
-    if await _relay(websocket, store, hub, job_id):
+    if await _relay(websocket, store, hub, job_id) == "ended":
         await _close(websocket)
 
 
-async def _close(websocket: WebSocket, code: int = 1000) -> None:
+async def _close(websocket: WebSocket, code: int = 1000, reason: str | None = None) -> None:
     """Close the socket from this side, unless the client has already: a client may leave as soon as it has the
     last message, and that is not an error (uvicorn would log one, with its traceback, for every such stream)."""
     try:
-        await websocket.close(code=code)
+        await websocket.close(code=code, reason=reason)
     except CLIENT_GONE:
         pass
 
@@ -65,7 +71,8 @@ async def _close(websocket: WebSocket, code: int = 1000) -> None:
 @router.websocket("/v1/ws")
 async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submitter: Submissions,
                             api_key: ApiKey) -> None:
-    """Take a job request as the first message, then stream that job. Leaving the socket cancels the job."""
+    """Take a job request as the first message, then stream that job. Leaving the socket cancels the job; the API
+    shutting down does not (the close reason names the job)."""
     await websocket.accept()
     try:
         raw = await websocket.receive_text()
@@ -80,9 +87,10 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
     except ApiError as exc:  # the queue or this key's quota is full (429), or the broker is away (503)
         await _reject(websocket, exc.message, exc.code, exc.headers)
         return
-    if await _relay(websocket, store, hub, job_id):
+    ended = await _relay(websocket, store, hub, job_id)
+    if ended == "ended":
         await _close(websocket)
-    else:
+    elif ended == "left":
         await asyncio.to_thread(store.cancel, job_id)
 
 
