@@ -29,7 +29,8 @@ from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
 _TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                "cancelling_at", "cancelled_at", "expires_at", "last_finished_at")
-_COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "invalid", "completion_tokens")
+_COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "invalid", "prompt_tokens",
+             "completion_tokens")
 
 # Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch.
 _ACTIVATE = BATCH_END_LUA + """
@@ -111,7 +112,7 @@ class BatchStore:
         now = time.time()
         record = {"id": batch_id, "owner": self.owner, "status": "validating", "created_at": repr(now), "ended": 0,
                   "completed": 0,
-                  "failed": 0, "cancelled": 0, "expired": 0, "completion_tokens": 0,
+                  "failed": 0, "cancelled": 0, "expired": 0, "prompt_tokens": 0, "completion_tokens": 0,
                   **{name: value if isinstance(value, str) else json.dumps(value) for name, value in fields.items()}}
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key(batch_id), mapping=record)

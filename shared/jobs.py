@@ -143,6 +143,7 @@ if batch and redis.call('EXISTS', ARGV[11] .. batch) == 1 then
     counted = 'failed'  -- the context guard's answer (shared.protocol.context_overflowed): the line fails
   end
   redis.call('HINCRBY', bkey, counted, 1)
+  redis.call('HINCRBY', bkey, 'prompt_tokens', tonumber(f[2]) or 0)
   redis.call('HINCRBY', bkey, 'completion_tokens', tonumber(f[3]) or 0)
   redis.call('HSET', bkey, 'last_finished_at', ARGV[5])
   redis.call('HINCRBY', bkey, 'ended', 1)

@@ -137,6 +137,9 @@ class GenerateRequest(BaseModel):
                 raise ValueError("'messages' must hold at least one turn")
             if self.images:
                 raise ValueError("with 'messages', put images in the turns, not in 'images'")
+            total = sum(len(message.images) for message in self.messages)
+            if total > MAX_IMAGES:  # each turn's own list is checked too, but the limit is the request's
+                raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
         return self
 
     def all_images(self) -> list[str]:

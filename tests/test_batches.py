@@ -184,6 +184,11 @@ def test_an_openai_batch_through_the_openai_package(tiny_llava_stack, images):
         completion = line["response"]["body"]
         assert completion["object"] == "chat.completion" and completion["model"] == "llava-v1.5-tiny"
         assert completion["usage"]["completion_tokens"] <= 4 + index
+    # The batch's usage in OpenAI's shape, as the package reads it: the lines' tokens summed.
+    usages = [line["response"]["body"]["usage"] for line in output]
+    assert batch.usage.input_tokens == sum(usage["prompt_tokens"] for usage in usages) > 0, batch.usage
+    assert batch.usage.output_tokens == sum(usage["completion_tokens"] for usage in usages) > 0, batch.usage
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
     # A line runs exactly as the same chat completion does.
     direct = client.chat.completions.create(**lines[0]["body"])
     assert output[0]["response"]["body"]["choices"][0]["message"]["content"] == direct.choices[0].message.content
@@ -218,6 +223,8 @@ def test_lines_past_the_completion_window_expire(tiny_llava_stack, images):
     time.sleep(1.2)
     done = wait_for_batch(tiny_llava_stack, batch["id"])
     assert done["status"] == "expired" and done["expired_at"] is not None
+    listed = requests.get(f"{tiny_llava_stack.base_url}/v1/batches?limit=100", timeout=10).json()["data"]
+    assert [batch["status"] for batch in listed if batch["id"] == done["id"]] == ["expired"]
     errors = download(tiny_llava_stack, batch["id"], "errors")
     assert errors and {error["status"] for error in errors} == {"expired"}
     assert len(errors) + len(download(tiny_llava_stack, batch["id"], "output")) == 200
@@ -366,6 +373,10 @@ def test_a_batch_whose_reader_died_fails(tiny_llava_stack):
     # As an API process that died two minutes ago in the middle of the file leaves it: no lease renewed.
     batches.redis.hset(batches.key(batch_id), "created_at", repr(time.time() - 120))
     batches.redis.delete(batches.reader_key(batch_id))
+    # The list shows it as GET /v1/batches/{id} does (it showed `validating` for ever).
+    listed = requests.get(f"{tiny_llava_stack.base_url}/v1/batches?limit=100", timeout=10).json()["data"]
+    [batch] = [batch for batch in listed if batch["id"] == batch_id]
+    assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "abandoned", batch
     batch = requests.get(f"{tiny_llava_stack.base_url}/v1/batches/{batch_id}", timeout=10).json()
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "abandoned", batch
 

@@ -50,6 +50,16 @@ def test_bad_images_are_refused_at_submission_with_a_clear_message(data, message
         decode_image(data)
 
 
+def test_the_image_limit_is_per_request_not_per_turn():
+    image = b64(png_bytes(8, 8))
+    turns = [{"role": "user", "text": "<image>" * 8, "images": [image] * 8} for _ in range(2)]
+    GenerateRequest(messages=turns)  # 16 in all: the limit
+    with pytest.raises(ValueError, match="17 images in the turns; the limit is 16 per request"):
+        GenerateRequest(messages=[*turns, {"role": "user", "text": "<image>", "images": [image]}])
+    with pytest.raises(ValueError, match="17 images; the limit is 16 per request"):
+        GenerateRequest(prompt="<image>" * 17, images=[image] * 17)
+
+
 def test_the_pixel_limit_is_read_from_the_header_before_decoding():
     bomb = b64(png_claiming_size(5000, 5000))  # a few hundred bytes that claim 25 million pixels
     assert len(bomb) < 1000

@@ -93,28 +93,39 @@ def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
         "metadata": record["metadata"],
         "format": record.get("format") or None, "input_path": record.get("input_path") or None,
         "params": record["params"], "started_at": record["in_progress_at"], "ended_at": ended_at,
-        "usage": {"completion_tokens": record["completion_tokens"]},
+        # OpenAI's batch usage (its Responses-style names), plus llava-queue's earlier completion_tokens.
+        "usage": {"input_tokens": record["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": record["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": record["prompt_tokens"] + record["completion_tokens"],
+                  "completion_tokens": record["completion_tokens"]},
         **batches.progress(record),
     }
 
 
 def read_batch(batches: BatchStore, batch_id: str) -> dict[str, Any]:
-    """The batch record; lines still queued past the completion window expire first."""
+    """The batch record, brought up to date (`settled`)."""
     record = batches.get(batch_id)
     if record is None:
         raise batch_not_found(batch_id)
+    return settled(batches, record)
+
+
+def settled(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
+    """The record after what a read settles: lines still queued past the completion window expire, and a batch
+    whose reader died fails; read again if either happened (the record as it was if it expired meanwhile)."""
+    batch_id = record["id"]
     if record["status"] in ("in_progress", "cancelling") and record["expires_at"] and \
             record["expires_at"] < time.time():
         batches.store.expire_overdue()
-        record = batches.get(batch_id)
     elif batches.abandoned(record):
         # The API process reading the file died: the lines it queued do not make a whole batch.
         batches.fail(batch_id, {"code": "abandoned", "message": "the API process reading the file stopped "
                                 "before the end; submit the file again", "param": None, "line": None})
         for job_id in batches.job_ids(batch_id):
             batches.store.cancel(job_id)
-        record = batches.get(batch_id)
-    return record
+    else:
+        return record
+    return batches.get(batch_id) or record
 
 
 def _open_input(body: BatchCreate, upload: IO[bytes] | None, batches: BatchStore,
@@ -263,7 +274,7 @@ def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
     """Batches, newest first (OpenAI's list shape: `data`, `first_id`, `last_id`, `has_more`)."""
     batches = batch_store(request)
     records, more = batches.list(limit, after)
-    data = [batch_view(batches, record) for record in records]
+    data = [batch_view(batches, settled(batches, record)) for record in records]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": more}
 
