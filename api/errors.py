@@ -46,15 +46,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
         return JSONResponse(error_body(exc.message, "invalid_request_error", exc.param, ErrorCode.INVALID_REQUEST),
-                            status_code=422)
+                            status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        malformed = any(error.get("type") == "json_invalid" for error in errors)
-        invalid = describe_validation_error(errors)
+        invalid = describe_validation_error(list(exc.errors()))
         return JSONResponse(error_body(invalid.message, "invalid_request_error", invalid.param,
-                                       ErrorCode.INVALID_REQUEST), status_code=400 if malformed else 422)
+                                       ErrorCode.INVALID_REQUEST), status_code=invalid.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -234,12 +234,14 @@ _LINE_BREAKS = str.maketrans("", "", "\r\n")
 
 
 class InvalidRequest(ValueError):
-    """A request that failed validation; `message` names the field, `param` is its path."""
+    """A request that failed validation; `message` names the field, `param` is its path; `status` is the HTTP
+    status it answers with (400 for malformed JSON, 422 for a bad field)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 422):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status = status
 
 
 def describe_validation_error(exc: ValidationError | list[dict]) -> InvalidRequest:
@@ -249,7 +251,7 @@ def describe_validation_error(exc: ValidationError | list[dict]) -> InvalidReque
     for error in errors:
         loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
         if error.get("type") == "json_invalid":
-            return InvalidRequest(f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None)
+            return InvalidRequest(f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None, 400)
         field = ".".join(loc)
         message = error.get("msg", "invalid").removeprefix("Value error, ")
         if error.get("type") == "missing":

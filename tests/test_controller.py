@@ -124,6 +124,8 @@ def test_controller_endpoints_answer_like_the_original(stack):
     assert post(stack, "/list_models").json() == {"models": [MODEL]}
     missing = requests.post(f"{stack.base_url}/get_worker_address", json={}, timeout=10)
     assert missing.status_code == 422 and missing.json()["error"]["param"] == "model"
+    malformed = requests.post(f"{stack.base_url}/get_worker_address", data=b'{"model": ', timeout=10)
+    assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]["message"], malformed.text
 
 
 def test_a_worker_that_stops_beating_drops_out(stack):

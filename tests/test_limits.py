@@ -153,6 +153,16 @@ def test_queued_job_quota_per_key(api_with_quotas):
     assert limited.status_code == 429 and "rate limit" in limited.json()["error"]["message"]
 
 
+def test_the_original_worker_endpoint_counts_against_the_key_quota(api_with_quotas):
+    # Behind keys, /worker_generate_stream submits as the caller's key, as every other endpoint does.
+    stack = api_with_quotas
+    assert [post(stack, {"prompt": "hi"}).status_code for _ in range(2)] == [202, 202]
+    over = requests.post(f"{stack.base_url}/worker_generate_stream", json={"prompt": "hi"}, timeout=10,
+                         headers={"Authorization": f"Bearer {KEY}"})
+    assert over.status_code == 429, over.content
+    assert json.loads(over.content.rstrip(b"\0"))["error_code"] == 7 and "quota is 2" in over.text
+
+
 @pytest.fixture
 def api_two_keys():
     """An API with two keys and no other limit, on a Redis of its own, with no worker."""

@@ -63,7 +63,9 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
         # No media type: the original answers with no Content-Type header.
         return Response(encode_chunk(SERVER_ERROR_MSG, ErrorCode.NO_WORKER), media_type=None)
     try:
-        job_id = await asyncio.to_thread(submitter.submit_one, body, "interactive")
+        # Behind API keys (the default), the job is the key's, and counts against its queued-job quota.
+        owner = getattr(request.state, "api_key", None)
+        job_id = await asyncio.to_thread(submitter.submit_one, body, "interactive", owner)
     except ApiError as exc:
         # Refused (queue full, broker away): one frame that says why, so original clients show it.
         return Response(encode_chunk(exc.message, exc.code), status_code=exc.status, headers=exc.headers,
