@@ -32,6 +32,13 @@ _TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", 
 _COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "invalid", "prompt_tokens",
              "completion_tokens")
 
+# A batch fails only while it is read (validating): a reader that was thought dead may have activated it meanwhile.
+_FAIL = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[1], 'errors', ARGV[2])
+return 1
+"""
+
 # Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch.
 _ACTIVATE = BATCH_END_LUA + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return redis.call('HGET', KEYS[1], 'status') end
@@ -92,6 +99,7 @@ class BatchStore:
         self.ttl_seconds = ttl_seconds
         self._activate = self.redis.register_script(_ACTIVATE)
         self._cancel = self.redis.register_script(_CANCEL)
+        self._fail = self.redis.register_script(_FAIL)
 
     def key(self, batch_id: str) -> str:
         return f"{self.store.batch_prefix}{batch_id}"
@@ -145,10 +153,19 @@ class BatchStore:
         """Reading is over: `total` lines, `invalid` of them refused. Returns the batch's status now."""
         return self._activate(keys=[self.key(batch_id)], args=[total, invalid, repr(time.time())])
 
-    def fail(self, batch_id: str, error: dict[str, Any]) -> None:
-        """The batch could not be read at all: `failed`, with the reason in its errors."""
-        self.redis.hset(self.key(batch_id), mapping={"status": "failed", "failed_at": repr(time.time()),
-                                                     "errors": json.dumps([error])})
+    def fail(self, batch_id: str, error: dict[str, Any]) -> bool:
+        """The batch could not be read to its end: `failed`, with the reason in its errors, and the jobs of the lines
+        read so far cancelled (they do not make the batch, and its caller submits the file again). Only a batch
+        still `validating` fails; returns whether this one did."""
+        if not self._fail(keys=[self.key(batch_id)], args=[repr(time.time()), json.dumps([error])]):
+            return False
+        self.cancel_jobs(batch_id)
+        return True
+
+    def cancel_jobs(self, batch_id: str) -> None:
+        """Cancel the jobs of every line of the batch (those that ended already stay as they are)."""
+        for job_id in self.job_ids(batch_id):
+            self.store.cancel(job_id)
 
     def request_cancel(self, batch_id: str) -> str:
         """Move an in-progress batch to `cancelling` (or at once to `cancelled` if every line has ended).

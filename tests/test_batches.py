@@ -381,6 +381,33 @@ def test_a_batch_whose_reader_died_fails(tiny_llava_stack):
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "abandoned", batch
 
 
+def test_a_batch_fails_only_while_it_is_read_and_then_its_queued_lines_are_cancelled(tiny_llava_stack):
+    # A reader that fails part-way (the queue away) or is thought dead leaves jobs queued for lines read so far: they
+    # do not make the batch (its caller submits the file again), so they go. A batch a slow reader has activated
+    # meanwhile is not failed (its jobs were cancelled under it).
+    from shared.batches import BatchStore, new_batch_id
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+
+    store = JobStore.from_url(tiny_llava_stack.redis_url)
+    batches = BatchStore(store, 3600)
+    error = {"code": "unavailable", "message": "test", "param": None, "line": 3}
+    for activate_first in (False, True):
+        batch_id = new_batch_id()
+        batches.create(batch_id, {"params": {}})
+        # Records only, never sent to a worker: they stay queued until cancelled.
+        ids = store.create_many([GenerateRequest(prompt="hi")] * 2, "batch",
+                                extra=[{"batch": batch_id, "batch_line": line} for line in range(2)])
+        batches.add_lines(batch_id, [{"line": line + 1, "job": job_id} for line, job_id in enumerate(ids)])
+        if activate_first:
+            batches.activate(batch_id, 2, 0)
+        assert batches.fail(batch_id, error) is not activate_first
+        assert batches.get(batch_id)["status"] == ("in_progress" if activate_first else "failed")
+        assert [store.get(job_id)["status"] for job_id in ids] == ["queued" if activate_first else "cancelled"] * 2
+        for job_id in ids:
+            store.cancel(job_id)
+
+
 def test_a_line_nested_too_deep_fails_alone(tiny_llava_stack):
     deep = '{"question_id": 1, "text": "Where?", "category": ' + "[" * 5000 + "]" * 5000 + "}"
     batch = upload_batch(tiny_llava_stack, jsonl([questions(1, image=False)[0], deep]), temperature=0,

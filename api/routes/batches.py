@@ -121,8 +121,6 @@ def settled(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
         # The API process reading the file died: the lines it queued do not make a whole batch.
         batches.fail(batch_id, {"code": "abandoned", "message": "the API process reading the file stopped "
                                 "before the end; submit the file again", "param": None, "line": None})
-        for job_id in batches.job_ids(batch_id):
-            batches.store.cancel(job_id)
     else:
         return record
     return batches.get(batch_id) or record
@@ -215,7 +213,9 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
     if errors:
         fields["errors"] = json.dumps(errors)
     batches.redis.hset(batches.key(batch_id), mapping=fields)
-    batches.activate(batch_id, intake.total, intake.invalid)
+    if batches.activate(batch_id, intake.total, intake.invalid) == "failed" and intake.total > intake.invalid:
+        # Failed as abandoned while this slow reader went on (its lease lapsed): the lines it queued since go too.
+        batches.cancel_jobs(batch_id)
     return batch_view(batches, batches.get(batch_id))
 
 
