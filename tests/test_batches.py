@@ -408,6 +408,13 @@ def test_a_batch_fails_only_while_it_is_read_and_then_its_queued_lines_are_cance
             store.cancel(job_id)
 
 
+def test_metadata_is_held_to_openais_limits(tiny_llava_stack):
+    for metadata in ({str(key): "v" for key in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
+        response = requests.post(f"{tiny_llava_stack.base_url}/v1/batches", timeout=10,
+                                 json={"input_file_id": "file-none", "metadata": metadata})
+        assert response.status_code == 422 and response.json()["error"]["param"].startswith("metadata"), response.text
+
+
 def test_a_line_nested_too_deep_fails_alone(tiny_llava_stack):
     deep = '{"question_id": 1, "text": "Where?", "category": ' + "[" * 5000 + "]" * 5000 + "}"
     batch = upload_batch(tiny_llava_stack, jsonl([questions(1, image=False)[0], deep]), temperature=0,

@@ -156,6 +156,14 @@ def test_errors_in_openai_shape(client, change, status, param, words):
     assert error.param == param and words in error.message
 
 
+def test_a_model_is_retrieved_as_the_package_asks(stack, client):
+    listed = requests.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"][0]
+    assert client.models.retrieve(listed["id"]).model_dump(exclude_none=True) == listed
+    with pytest.raises(openai.NotFoundError) as missing:  # a hub-style name, slash and all
+        client.models.retrieve("org/gpt-4o")
+    assert missing.value.body["message"] == "the model 'org/gpt-4o' is not served here", missing.value.body
+
+
 def test_malformed_json_is_a_400(stack):
     response = requests.post(f"{stack.base_url}/v1/chat/completions", data=b'{"model": ', timeout=10,
                              headers={"Content-Type": "application/json"})

@@ -14,11 +14,11 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Annotated, Any, IO, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StringConstraints
 
 from api.batch_intake import CHAT_COMPLETIONS, Intake, count_lines
 from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
@@ -52,7 +52,9 @@ class BatchCreate(EvalParams):
     endpoint: Literal["/v1/chat/completions"] | None = Field(None, description="OpenAI's; OpenAI lines' url")
     completion_window: str = Field("24h", max_length=16, pattern=r"^[0-9]{1,7}[smhd]$",
                                    description="lines not started by then expire")
-    metadata: dict[str, str] | None = None
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)],
+                   Annotated[str, StringConstraints(max_length=512)]] | None = Field(None, max_length=16)
     image_folder: str | None = Field(None, max_length=4096, description="question files: where `image` files "
                                                                          "are, under the data roots")
 

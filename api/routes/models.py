@@ -5,6 +5,8 @@ import asyncio
 from fastapi import APIRouter
 
 from api.deps import Registry
+from api.errors import ApiError
+from shared.protocol import ErrorCode
 
 router = APIRouter(tags=["models"])
 
@@ -17,12 +19,28 @@ def served_models(workers: list[dict]) -> list[str]:
     return sorted({worker["model"] for worker in workers if worker.get("ready", True)})
 
 
-@router.get("/v1/models")
-async def list_models(registry: Registry) -> dict:
-    """`{"object": "list", "data": [{"id", "object": "model", "owned_by", "created"}]}` for every served model."""
+async def _model_objects(registry) -> list[dict]:
+    """OpenAI's model object `{"id", "object": "model", "owned_by", "created"}` of every served model."""
     workers = await asyncio.to_thread(registry.workers)
     started = {}
     for worker in workers:
         started[worker["model"]] = min(started.get(worker["model"], worker["started_at"]), worker["started_at"])
-    return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "llava-queue",
-                                        "created": int(started[name])} for name in served_models(workers)]}
+    return [{"id": name, "object": "model", "owned_by": "llava-queue", "created": int(started[name])}
+            for name in served_models(workers)]
+
+
+@router.get("/v1/models")
+async def list_models(registry: Registry) -> dict:
+    """`{"object": "list", "data": [<model object>, ...]}` for every served model."""
+    return {"object": "list", "data": await _model_objects(registry)}
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, registry: Registry) -> dict:
+    """One served model's object (the openai package's `models.retrieve`); 404 when no live worker serves it.
+    The name may hold slashes, as hub ids do."""
+    for found in await _model_objects(registry):
+        if found["id"] == model:
+            return found
+    raise ApiError(404, f"the model {model!r} is not served here", type="not_found", param="model",
+                   code=ErrorCode.NO_WORKER)
