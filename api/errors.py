@@ -29,6 +29,16 @@ def job_not_found(job_id: str) -> ApiError:
                     type="not_found", param="id", code=ErrorCode.NOT_FOUND)
 
 
+def body_not_json(request: Request, errors: list[dict]) -> ApiError | None:
+    """The 400 for a body refused whole because it did not say it is JSON: FastAPI reads a body as JSON only then
+    (curl -d sends a form type), and pydantic's own message ("a valid dictionary") does not say why."""
+    content_type = request.headers.get("content-type", "")
+    if "json" in content_type or not any(tuple(error.get("loc", ())) == ("body",) for error in errors):
+        return None
+    return ApiError(400, "send the body as JSON, with 'Content-Type: application/json' (it came as "
+                         f"{content_type or 'no type'!r})")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer validation failures with 400 (malformed JSON) or 422 (a bad field), naming the field."""
 
@@ -49,8 +59,12 @@ def install_error_handlers(app: FastAPI) -> None:
                             status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        invalid = describe_validation_error(list(exc.errors()))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        untyped = body_not_json(request, errors)
+        if untyped:
+            return JSONResponse(error_body(untyped.message, untyped.type, None, untyped.code), status_code=400)
+        invalid = describe_validation_error(errors)
         return JSONResponse(error_body(invalid.message, "invalid_request_error", invalid.param,
                                        ErrorCode.INVALID_REQUEST), status_code=invalid.status)
 

@@ -256,6 +256,8 @@ def describe_validation_error(exc: ValidationError | list[dict]) -> InvalidReque
         message = error.get("msg", "invalid").removeprefix("Value error, ")
         if error.get("type") == "missing":
             message = "field required"
+        elif not field and error.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+            message = "the body must be a JSON object"
         parts.append(f"{field}: {message}" if field else message)
         first_param = first_param or field or None
     return InvalidRequest("; ".join(parts) or "invalid request", first_param)

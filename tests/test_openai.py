@@ -169,6 +169,17 @@ def test_malformed_json_is_a_400(stack):
                              headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("malformed JSON")
+    # A body that is JSON but not an object, or that does not say it is JSON (curl -d sends a form type), is told so;
+    # the same on the job endpoints.
+    for path in ("/v1/chat/completions", "/v1/jobs"):
+        not_object = requests.post(f"{stack.base_url}{path}", json=[1], timeout=10)
+        assert not_object.status_code in (400, 422) and not_object.json()["error"]["message"] == \
+            "the body must be a JSON object", not_object.text
+        untyped = requests.post(f"{stack.base_url}{path}", data=b'{"prompt": "hi"}', timeout=10,
+                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert untyped.status_code == 400 and untyped.json()["error"]["message"] == \
+            "send the body as JSON, with 'Content-Type: application/json' (it came as " \
+            "'application/x-www-form-urlencoded')", untyped.text
 
 
 def test_closing_a_stream_cancels_its_job(stack, client):

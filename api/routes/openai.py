@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, Registry, Store, Submissions
-from api.errors import ApiError, error_body
+from api.errors import ApiError, body_not_json, error_body
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
@@ -55,6 +55,9 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
+                untyped = body_not_json(request, list(exc.errors()))
+                if untyped:
+                    raise untyped from None
                 errors = [{**error, "loc": _openai_path(error.get("loc", ()))} for error in exc.errors()]
                 invalid = describe_validation_error(errors)
                 raise ApiError(400, invalid.message, param=invalid.param) from None
