@@ -7,7 +7,10 @@ encoder for its wire format.
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from dataclasses import dataclass
+
+import anyio
 
 from api.channel_hub import STOPPING, ChannelHub, ServerStopping
 from shared.jobs import FINAL_STATES, JobStore, Snapshot
@@ -93,6 +96,29 @@ async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIter
             elif data.get("done"):
                 yield _final(progress, data)
                 return
+
+
+async def with_keepalives(events: AsyncIterator[StreamEvent], every: float) -> AsyncIterator[StreamEvent | None]:
+    """`events`, with a None whenever `every` seconds pass without one (for a wire format's keepalive)."""
+    iterator = aiter(events)
+    pending = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(anext(iterator))
+    finally:
+        # Cancelling the step in flight closes `events` (its subscription) now, not when it is collected.
+        pending.cancel()
+        with anyio.CancelScope(shield=True), suppress(asyncio.CancelledError, Exception):
+            await pending
 
 
 async def _next_message(messages: asyncio.Queue) -> str | None:

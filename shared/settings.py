@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     # compressing each one costs the API, and every client decompressing it, CPU for each token
     # (bench/README.md); turn it on for clients on slow links.
     ws_compression: bool = False
+    # /worker_generate_stream sends a lone NUL byte after this many seconds without a frame (a job waiting in the
+    # queue): the original web server reads with a 10 s timeout and skips empty frames.
+    llava_keepalive_seconds: float = Field(5.0, gt=0)
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).
     public_url: str | None = None

@@ -24,6 +24,7 @@ import pytest
 import redis
 import requests
 
+from conftest import run_stack
 from shared.jobs import WorkerRegistry
 from shared.protocol import SERVER_ERROR_MSG
 from shared.settings import Settings
@@ -213,3 +214,25 @@ def test_a_failed_job_streams_the_original_server_error(stack):
     assert response.content == b'{"text": "' + SERVER_ERROR_MSG.encode() + b'", "error_code": 1}\0'
     job = requests.get(f"{stack.base_url}/v1/jobs/{response.headers['X-Job-Id']}", timeout=10).json()
     assert job["status"] == "failed" and job["error"]  # the reason is in the record
+
+
+def test_a_job_waiting_in_the_queue_keeps_the_original_clients_read_timeout_at_bay(redis_server):
+    # The original web server reads the stream with a 10 s timeout: a job that waits longer in the queue (the very
+    # load llava-queue takes instead of dropping) would end in its "NETWORK ERROR" and a cancelled job. An empty
+    # frame every LLAVA_KEEPALIVE_SECONDS keeps it reading; its loop (and test_message.py's) skips empty frames.
+    env = {"LLAVA_QUEUE_LLAVA_KEEPALIVE_SECONDS": "0.5"}
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"  # a database of its own: no worker takes the job
+    with run_stack(url, env, workers=(), log_prefix="llava-queue-keepalive-") as api:
+        with requests.post(f"{api.base_url}/worker_generate_stream", stream=True, timeout=2,  # the original's 10
+                           json={"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 4}) as response:
+            job_id = response.headers["X-Job-Id"]
+            started, frames = time.monotonic(), []
+            for chunk in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
+                frames.append(chunk)
+                if time.monotonic() - started > 4:
+                    break
+        assert len(frames) >= 5 and not any(frames), frames  # only empty frames while it waits
+        deadline = time.monotonic() + 10
+        while requests.get(f"{api.base_url}/v1/jobs/{job_id}", timeout=10).json()["status"] != "cancelled":
+            assert time.monotonic() < deadline, "leaving the stream did not cancel the job"
+            time.sleep(0.2)

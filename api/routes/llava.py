@@ -9,7 +9,7 @@ from fastapi.responses import Response, StreamingResponse
 from api.deps import Hub, Registry, Store, Submissions
 from api.errors import ApiError
 from api.routes.models import served_models
-from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
+from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job, with_keepalives
 from shared.jobs import JobStore
 from shared.protocol import SERVER_ERROR_MSG, ErrorCode, GenerateRequest, InvalidRequest, encode_chunk, parse_request
 
@@ -73,8 +73,14 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
 
     async def frames():
         ended = sent = False
+        keepalive = request.app.state.settings.llava_keepalive_seconds
         try:
-            async for event in follow_job(store, hub, job_id):
+            async for event in with_keepalives(follow_job(store, hub, job_id), keepalive):
+                if event is None:
+                    # Waiting (in the queue, say): an empty frame, which the original clients skip, keeps their
+                    # 10-second read timeout from ending the stream (and so the job) while it waits.
+                    yield b"\0"
+                    continue
                 if not event.done:
                     sent = True
                     yield encode_chunk(event.text)
