@@ -33,16 +33,25 @@ _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'cancel' end
-if status == 'queued' then
-  local deadline = redis.call('HGET', KEYS[1], 'deadline')
-  if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[2]) then return 'expired' end
-else
+if status == 'running' then
   -- A second delivery of a job that a live worker holds (or that this worker holds) is a duplicate.
   local holder = redis.call('HGET', KEYS[1], 'worker') or ''
   if holder == ARGV[1] or redis.call('EXISTS', ARGV[5] .. holder) == 1 then return 'duplicate' end
 end
-if redis.call('HINCRBY', KEYS[1], 'attempts', 1) > tonumber(ARGV[6]) then return 'exhausted' end
+local ended
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  ended = 'cancel'
+elseif status == 'queued' then
+  local deadline = redis.call('HGET', KEYS[1], 'deadline')
+  if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[2]) then ended = 'expired' end
+end
+if not ended and redis.call('HINCRBY', KEYS[1], 'attempts', 1) > tonumber(ARGV[6]) then ended = 'exhausted' end
+if ended then
+  -- The caller ends the job. One its earlier worker held (dead, or handing it back) becomes the caller's, whose
+  -- ending would be fenced off otherwise, leaving the job running for ever.
+  if status == 'running' then redis.call('HSET', KEYS[1], 'worker', ARGV[1]) end
+  return ended
+end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
@@ -493,7 +502,8 @@ class JobStore:
         Returns "running"; "resumed" (its earlier worker died: go on from the text it has);
         "duplicate" (a live worker already runs it: skip this delivery); "cancel" or "expired"
         (cancelled, or past its deadline, before it started: the caller ends it so);
-        "exhausted" (started more than `max_attempts` times: the caller fails it); "missing";
+        "exhausted" (started more than `max_attempts` times: the caller fails it); with these three a job
+        its dead worker held is the caller's, to end; "missing";
         or the final status it already has (skip).
         """
         return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys(), self.running_key],

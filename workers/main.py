@@ -4,6 +4,7 @@ import base64
 import io
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -47,7 +48,9 @@ def run_worker(settings: Settings) -> None:
     loaded = in_passing_thread(_load, settings)
     load_seconds = time.monotonic() - load_started
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
-    name = f"{loaded.name}@{socket.gethostname()}:{os.getpid()}"
+    # A name of this process alone: a container restarted after a crash has the same host name and, as pid 1, the
+    # same pid, and a restarted worker taken for the dead one left its jobs running for ever (JobStore.start).
+    name = f"{loaded.name}@{socket.gethostname()}/{secrets.token_hex(3)}:{os.getpid()}"
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
     engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish,
                                cpus=split.engine or None)
