@@ -173,6 +173,7 @@ return status
 
 _SET_PROMPT = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return -1 end  -- another worker holds it now
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('HSET', KEYS[1], 'prompt', ARGV[1], 'prompt_tokens', ARGV[2])
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, prompt = ARGV[1]}))
@@ -547,9 +548,10 @@ class JobStore:
         self.redis.hset(self.key(job_id), "worker", f"{_REQUEUED}{worker}")
         return True
 
-    def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
-        """Record (and publish) the rendered prompt and its token count; False if the job ended meanwhile."""
-        seq = self._set_prompt(keys=[self.key(job_id), self.channel(job_id)], args=[prompt, prompt_tokens])
+    def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int, worker: str) -> bool:
+        """Record (and publish) the rendered prompt and its token count; False if the job ended meanwhile or another
+        worker holds it now (`worker` was thought dead and its job resumed elsewhere)."""
+        seq = self._set_prompt(keys=[self.key(job_id), self.channel(job_id)], args=[prompt, prompt_tokens, worker])
         return int(seq) >= 0
 
     def finish(self, job_id: str, status: str, *, error: str = "", error_code: int = 0,

@@ -143,3 +143,18 @@ def test_a_worker_restarted_under_the_same_pid_and_host_loses_no_job(default_mod
             time.sleep(0.3)
         assert (job["status"], job["attempts"], job["worker"]) == ("succeeded", 2, second_name), job
         client.close()
+
+
+def test_a_worker_thought_dead_cannot_write_the_prompt_of_a_job_resumed_elsewhere(redis_server):
+    # Every write of a worker is fenced by the job's holder, the prompt too: a worker whose heartbeat lapsed (a long
+    # pause) but that goes on must not rewrite a job another worker resumed (nor publish a prompt message on it).
+    store = JobStore.from_url(redis_server.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+    assert store.start(job_id, "paused-worker") == "running"
+    assert store.claim_orphans() == [job_id]  # its heartbeat lapsed
+    assert store.start(job_id, "w2") == "resumed"
+    assert store.set_prompt(job_id, "Once upon a time", 5, "w2")
+    seq = store.get(job_id)["seq"]
+    assert not store.set_prompt(job_id, "Once upon a time", 5, "paused-worker")
+    assert store.get(job_id)["seq"] == seq
+    store.redis.close()

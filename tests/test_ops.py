@@ -310,8 +310,8 @@ def test_a_cancellation_before_the_job_reaches_the_engine_still_stops_it(in_proc
     api = JobStore(store.redis, store.prefix)
 
     class CancelledOnTheWay(JobStore):
-        def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int) -> bool:
-            written = super().set_prompt(job_id, prompt, prompt_tokens)
+        def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int, worker: str) -> bool:
+            written = super().set_prompt(job_id, prompt, prompt_tokens, worker)
             assert api.cancel(job_id) == "running"
             return written
 

@@ -189,7 +189,7 @@ class JobRunner:
             self.store.finish(job_id, "failed", error=str(exc), error_code=ErrorCode.INVALID_REQUEST,
                               finish_reason="error", worker=self.worker_name)
             return "failed"
-        if not self.store.set_prompt(job_id, prepared.prompt, len(prepared.token_ids)):
+        if not self.store.set_prompt(job_id, prepared.prompt, len(prepared.token_ids), self.worker_name):
             return "ended"
         if prepared.params.max_new_tokens < 1:
             # The original answers with this text and error_code 0 when the prompt fills the context.
