@@ -455,7 +455,12 @@ class EvalRun:
             except ValueError as exc:
                 self._fail(item, f"image {name!r} {str(exc).removeprefix('image 0 ')}")
                 return None
-        return question_job(item.question, self.params, image).model_dump(mode="json", exclude_none=True)
+        try:
+            job = question_job(item.question, self.params, image)
+        except ValidationError as exc:  # e.g. a question that fits its own limit but not, templated, a job's
+            self._fail(item, f"bad question: {describe_validation_error(exc).message}")
+            return None
+        return job.model_dump(mode="json", exclude_none=True)
 
     def _next_group(self) -> tuple[Group, list[dict]] | None:
         """The next questions to post and their jobs: a group of an earlier run first, else new ones that fit."""
@@ -496,6 +501,12 @@ class EvalRun:
                 backoff = min(10.0, backoff * 2)
                 continue
             if status == 429 or status in (502, 503, 504):
+                if status == 429:
+                    lost_since = None
+                else:  # the API (or what is behind it) is away: as long as an unreachable one
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > PATIENCE_SECONDS:
+                        raise Fatal(f"POST {path} answered {status}: {error_message(data)}")
                 delay = retry_after(headers, backoff)
                 self.progress.note = f"{error_message(data)}; retrying in {delay:.0f} s"
                 self.progress.update(force=True)
@@ -569,7 +580,7 @@ class EvalRun:
         lost = None
         for flight, result in zip(due, pool.map(self._get, [flight.job_id for flight in due])):
             if isinstance(result, Unreachable):
-                lost = result
+                lost = str(result)
                 flight.next_poll = now + 2.0
                 continue
             status, headers, data = result
@@ -583,10 +594,14 @@ class EvalRun:
                 self._ended(flight, None)
             elif status in (429, 502, 503, 504):
                 flight.next_poll = now + retry_after(headers, 2.0)
+                if status == 429:
+                    self.last_contact = time.monotonic()
+                else:
+                    lost = f"GET /v1/jobs/{flight.job_id} answered {status}: {error_message(data)}"
             else:
                 raise Fatal(f"GET /v1/jobs/{flight.job_id} answered {status}: {error_message(data)}")
         if lost is not None and time.monotonic() - self.last_contact > PATIENCE_SECONDS:
-            raise Fatal(str(lost))
+            raise Fatal(lost)
 
     def _ended(self, flight: Flight, job: dict | None) -> None:
         del self.flights[flight.job_id]
@@ -613,7 +628,10 @@ class EvalRun:
     # The run.
 
     def _on_signal(self, signum, _frame) -> None:
-        self.stop.set()
+        # Not self.stop.set() here: the handler runs on the main thread, which may be inside stop.wait() holding
+        # the event's lock, and set() would wait for that lock for ever. A thread of its own takes it once the main
+        # thread's wait lets go of it.
+        threading.Thread(target=self.stop.set, name="eval-stop").start()
         # A second Ctrl-C stops at once.
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -745,6 +763,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EvalRun(args, api, params, items).run()
     except Fatal as exc:
         return refuse(str(exc))
+    except OSError as exc:  # the answers, errors or jobs file cannot be written (a wrong path, a full disk)
+        return refuse(f"cannot go on: {exc}")
     except KeyboardInterrupt:
         print("llava-queue eval: stopped at once; run the same command again to go on", file=sys.stderr)
         return 130

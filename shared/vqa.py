@@ -43,7 +43,7 @@ class Question(BaseModel):
     question_id: Any = Field(...)
     text: str = Field(max_length=MAX_PROMPT_CHARS)
     image: str | None = None
-    category: str | None = None
+    category: Any = None  # never read, as in the original: any value
 
     @field_validator("question_id")
     @classmethod

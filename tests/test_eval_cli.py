@@ -301,3 +301,106 @@ def test_beam_search_and_an_unreachable_api_are_refused_clearly(tmp_path, capsys
     err = capsys.readouterr().err
     assert "cannot reach llava-queue at http://127.0.0.1:" in err and "Connection refused" in err
     assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_a_question_too_long_for_a_job_fails_alone(tiny_llava_stack, tmp_path):
+    # Within the question's own limit, but the template around it makes the prompt longer than a job may be.
+    from shared.protocol import MAX_PROMPT_CHARS
+
+    (tmp_path / "cat.png").write_bytes(png_bytes(40, 30, seed=1))
+    lines = [{"question_id": 1, "image": "cat.png", "text": "Question 1?"},
+             {"question_id": 2, "image": "cat.png", "text": "x" * MAX_PROMPT_CHARS},
+             {"question_id": 3, "image": "cat.png", "text": "Question 3?"}]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = tmp_path / "answers.jsonl"
+    assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", tmp_path, answers)) == 1
+    assert [line["question_id"] for line in read_lines(answers)] == [1, 3]
+    [error] = read_lines(tmp_path / "answers.jsonl.errors")
+    assert error["question_id"] == 2 and error["line"] == 2 and "characters long" in error["error"]
+
+
+def stop_redis_when(redis_server: RedisServer, ready, give_up_after: float = 90.0):
+    """In a thread: stop `redis_server` once `ready()` is true (the API then answers 503 to everything); if the
+    run in this (main) thread has not ended `give_up_after` seconds later, Ctrl-C it. Clear the returned event
+    when the run has ended."""
+    import threading
+
+    def watch():
+        deadline = time.monotonic() + give_up_after
+        while not ready():
+            if not watching.is_set() or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        redis_server.stop()
+        while time.monotonic() < deadline:
+            if not watching.is_set():
+                return
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watching = threading.Event()
+    watching.set()
+    threading.Thread(target=watch, daemon=True).start()
+    return watching
+
+
+@pytest.mark.parametrize("where", ["polling", "posting"])
+def test_a_job_store_that_stays_away_stops_the_run(images, tmp_path, monkeypatch, capsys, where):
+    """Redis goes away for good: the API answers 503 to every poll (or to the post a full queue had put off);
+    the run must stop after its patience, with status 2, not retry forever."""
+    import shared.eval_cli
+
+    monkeypatch.setattr(shared.eval_cli, "PATIENCE_SECONDS", 3.0)
+    write_questions(tmp_path / "questions.jsonl", list(range(6)))
+    answers = tmp_path / "answers.jsonl"
+    state = tmp_path / "answers.jsonl.jobs"
+    env = {"LLAVA_QUEUE_MAX_QUEUED_JOBS": "2"} if where == "posting" else {}
+
+    def ready() -> bool:
+        try:
+            records = read_lines(state) if state.exists() else []
+        except ValueError:  # a line being written
+            return False
+        if where == "polling":  # the first jobs are in the queue
+            return any(record.get("job_ids") for record in records)
+        return len(records) >= 3  # a group in the queue, the next being posted (refused: the queue is full)
+
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
+                                                   log_prefix="llava-queue-eval-lost-") as stack:
+        watching = stop_redis_when(redis_server, ready)
+        started = time.monotonic()
+        try:
+            status = eval_in_process(eval_args(stack, tmp_path / "questions.jsonl", images, answers,
+                                               "--max-in-flight", "2" if where == "polling" else "4"))
+        finally:
+            watching.clear()
+        err = capsys.readouterr().err
+    assert status == 2, err
+    assert "stopped:" in err and "unavailable" in err and time.monotonic() - started < 80
+    # What was in the queue is kept for the next run.
+    assert read_lines(state)
+
+
+def test_an_answers_file_that_cannot_be_written_is_refused(tiny_llava_stack, images, tmp_path, capsys):
+    # A typo: the answers "folder" is a file. The run cannot start: status 2 and why, not a traceback (nor 1,
+    # "some questions failed").
+    write_questions(tmp_path / "questions.jsonl", [1, 2])
+    (tmp_path / "answers").write_text("not a folder\n")
+    for answers, extra in ((tmp_path / "answers" / "a.jsonl", ()),
+                           (tmp_path / "a.jsonl", ("--errors-file", str(tmp_path / "answers" / "a.errors")))):
+        status = eval_in_process(eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", images, answers, *extra))
+        err = capsys.readouterr().err
+        assert status == 2, err
+        assert "llava-queue eval: " in err and str(tmp_path / "answers") in err
+
+
+def test_a_category_of_any_kind_is_ignored_as_the_original_ignores_it(tiny_llava_stack, tmp_path):
+    # model_vqa.py never reads `category`: a question file whose categories are numbers or lists is answered.
+    (tmp_path / "cat.png").write_bytes(png_bytes(40, 30, seed=1))
+    lines = [{"question_id": 1, "image": "cat.png", "text": "Question 1?", "category": 3},
+             {"question_id": 2, "image": "cat.png", "text": "Question 2?", "category": ["conv", "detail"]},
+             {"question_id": 3, "image": "cat.png", "text": "Question 3?", "category": "conv"}]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = tmp_path / "answers.jsonl"
+    assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", tmp_path, answers)) == 0
+    assert [line["question_id"] for line in read_lines(answers)] == [1, 2, 3]
