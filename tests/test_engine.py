@@ -278,6 +278,32 @@ def test_stop_string_spanning_tokens_ends_and_is_removed(tiny_model, tokenizer):
     assert len(output.token_ids) <= 11
 
 
+def test_stop_completed_by_a_last_token_that_ends_mid_character(tiny_model, tokenizer):
+    # Token 459 is " " and the first two bytes of a three-byte character: its text is held back (half a
+    # character) until the next token. When it is the last token, the text released at the end must still be
+    # searched for the stop string its space completes.
+    partial = 459
+    assert tokenizer.decode([partial]) == " \ufffd"
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight[partial] *= 3
+    prompt = random_prompt(6, seed=903)
+    reference_ids = generate_alone(model, prompt, 40)
+    last = reference_ids.index(partial)
+    before = tokenizer.decode(reference_ids[:last], skip_special_tokens=True)
+    stop = before.split()[-1] + " "
+    assert last >= 2 and stop not in before
+
+    engine, stream = make_engine(model, tokenizer)
+    handle = engine.add_request("partial", prompt, SamplingParams(temperature=0, max_new_tokens=last + 1, stop=stop))
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert output.token_ids == reference_ids[: last + 1]
+    assert output.text == before[: before.rfind(stop.strip())]
+    assert output.finish_reason == "stop"
+    assert stream.joined_deltas("partial") == output.text
+
+
 def test_stop_that_is_a_special_token_acts_as_a_token_id(tiny_model, tokenizer):
     special = "<file_sep>"
     special_id = special_token_id(tokenizer, special)
@@ -554,6 +580,44 @@ def test_a_bad_request_fails_alone(tiny_model, tokenizer):
     assert "max_new_tokens" in zero.wait(0).error
     run_until_done(engine, [good])
     assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 10)
+
+
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(tiny_model, tokenizer):
+    # With prompt_embeds the ids are only the detokenizer's context, unchecked by the model: a negative one (an
+    # image placeholder left in) makes decoding raise. That request fails; the engine goes on with the others.
+    engine, _ = make_engine(tiny_model, tokenizer)
+    with torch.inference_mode():
+        embeds = tiny_model.get_input_embeddings()(torch.tensor([17, 18, 19]))
+    good_prompt = random_prompt(5, seed=1002)
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=8))
+    bad = engine.add_request("bad", [-200, 17], SamplingParams(temperature=0, max_new_tokens=8), prompt_embeds=embeds)
+    run_until_done(engine, [good, bad])
+    assert bad.wait(0).finish_reason == "error" and "detokenization failed" in bad.wait(0).error
+    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 8)
+    assert engine.stats()["num_running"] == 0
+
+
+def test_a_row_gone_non_finite_leaves_nothing_for_the_next_in_its_place(tiny_model, tokenizer):
+    # A request whose activations overflow (here: an input embedding made infinite) writes inf/NaN keys and values
+    # in its row of the cache. Once it has left, a request merged into that row must not read them: they sit in
+    # columns masked for it, but a masked NaN still turns its attention into NaN.
+    poison = 12345
+
+    def overflow_on_poison(module, args, output):
+        return output.masked_fill((args[0] == poison).unsqueeze(-1), float("inf"))
+
+    model = copy.deepcopy(tiny_model)
+    model.get_input_embeddings().register_forward_hook(overflow_on_poison)
+    engine, _ = make_engine(model, tokenizer)
+    keep_prompt, good_prompt = random_prompt(20, seed=1000), random_prompt(5, seed=1001)
+    keep = engine.add_request("keep", keep_prompt, SamplingParams(temperature=0, max_new_tokens=30))
+    bad = engine.add_request("bad", [17, poison, 18], SamplingParams(temperature=0, max_new_tokens=3))
+    engine.step()  # prefilled together: "bad" is row 1, 20 columns wide
+    run_until_done(engine, [bad])
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=8))  # takes row 1
+    run_until_done(engine, [good, keep])
+    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 8)
+    assert keep.wait(0).token_ids == generate_alone(tiny_model, keep_prompt, 30)
 
 
 def test_context_cap_and_shutdown(tiny_model, tokenizer):

@@ -70,20 +70,29 @@ class Detokenizer:
         new_text = self._decode_new(allow_partial=False)
         if not new_text:
             return ""
+        if self._extend(new_text):
+            return self._release(len(self._text))
+        return self._release(len(self._text) - self._stop_prefix_len())
+
+    def finish(self) -> str:
+        """The sequence is over: return the text still held back (partial characters, a stop prefix).
+
+        Text held back as a partial character may complete a stop string too (" " + half a character after
+        "Q:" with the stop "Q: "): it is cut there, and `stopped` turns True.
+        """
+        if not self.stopped:
+            self._extend(self._decode_new(allow_partial=True))
+        return self._release(len(self._text))
+
+    def _extend(self, new_text: str) -> bool:
+        """Append new text; if it completes a stop string, cut the text before it. Returns whether it stopped."""
         old_len = len(self._text)
         self._text += new_text
         stop_at = self._earliest_stop(old_len)
         if stop_at is not None:
             self._text = self._text[:stop_at]
             self.stopped = True
-            return self._release(len(self._text))
-        return self._release(len(self._text) - self._stop_prefix_len())
-
-    def finish(self) -> str:
-        """The sequence is over: return the text still held back (partial characters, a stop prefix)."""
-        if not self.stopped:
-            self._text += self._decode_new(allow_partial=True)
-        return self._release(len(self._text))
+        return self.stopped
 
     def _decode_new(self, allow_partial: bool) -> str:
         """Text added by the tokens after the read offset, decoded with the window before it as context."""

@@ -96,14 +96,19 @@ class BatchKVCache(Cache):
         if rows > self.row_capacity or other.width > self.end:
             self._relayout(rows, max(self.row_capacity, _round_rows(rows)), width, 0)
         first = self.end - other.width
+        start = min(self.start, first)
         new_rows = slice(self.rows, rows)
         for layer, incoming in zip(self.layers, other.layers):
-            layer.keys[new_rows, :, first : self.end] = incoming.live_keys()
-            layer.values[new_rows, :, first : self.end] = incoming.live_values()
+            for buffer, live in ((layer.keys, incoming.live_keys()), (layer.values, incoming.live_values())):
+                # Window columns a row does not use may hold what a row that left wrote there: masked, but an inf or
+                # NaN its overflow left behind still makes the attention NaN (a masked score is score - inf): zero them.
+                buffer[new_rows, :, start:first] = 0
+                buffer[: self.rows, :, first : self.start] = 0
+                buffer[new_rows, :, first : self.end] = live
         self.mask[new_rows] = False
         self.mask[new_rows, first : self.end] = other.window_mask()
         self.rows = rows
-        self.start = min(self.start, first)
+        self.start = start
 
     def _trim_start(self) -> None:
         """Move `start` to the first column a live row still uses."""

@@ -396,7 +396,15 @@ class LLMEngine:
         """End a sequence for `reason`, free its budget, and release the text it still held back."""
         if seq.is_finished:
             return
-        held = seq.detokenizer.finish() if seq.detokenizer is not None else ""
+        held = ""
+        if seq.detokenizer is not None:
+            try:
+                held = seq.detokenizer.finish()
+            except Exception:
+                # Raising here would leave the sequence running, and it is called from the handlers of failures.
+                log.exception("request %s: releasing its held-back text failed", seq.request_id)
+        if reason == "length" and seq.detokenizer is not None and seq.detokenizer.stopped:
+            reason = "stop"  # the text held back to the end completed a stop string
         self.scheduler.finish(seq, reason, error)
         self._emit(seq, held)
 
