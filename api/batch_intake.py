@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from api.errors import ApiError
 from api.routes.openai import parse_chat_request
-from api.submission import send_many, unsent
+from api.submission import check_unicode, send_many, unsent
 from shared.celery_app import BATCH_QUEUE, task_queue
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
@@ -127,9 +127,12 @@ class Intake:
                 raise LineRefused(f"line {line_number} is not a JSON object")
             if self.format is None:
                 self.format = "openai" if "custom_id" in line else "llava"
-            if self.format == "openai":
-                return entry, self._openai_line(line, entry)
-            return entry, self._question_line(line, entry)
+            request = self._openai_line(line, entry) if self.format == "openai" else self._question_line(line, entry)
+            try:
+                check_unicode(request)  # JSON's "\ud800" escape: no job can hold it
+            except ApiError as exc:
+                raise LineRefused(exc.message, param=exc.param) from None
+            return entry, request
         except LineRefused as refused:
             entry["error"] = {"message": refused.message, "param": refused.param, "status_code": refused.status_code,
                               "code": refused.code}

@@ -12,10 +12,11 @@ import threading
 from dataclasses import dataclass
 
 from celery import Celery
+from pydantic import BaseModel
 
 from api.errors import ApiError
 from shared.celery_app import GENERATE_TASK, task_queue
-from shared.jobs import JobStore, NewJob
+from shared.jobs import JobStore, NewJob, owner_id
 from shared.protocol import ErrorCode, GenerateRequest
 
 
@@ -55,6 +56,8 @@ class Submitter:
     def submit(self, requests: list[tuple[GenerateRequest, str]], *, idempotency_key: str | None = None,
                owner: str | None = None) -> list[str]:
         """Record each (request, queue) as a queued job and send its task; returns the job ids in order."""
+        for index, (request, _) in enumerate(requests):
+            check_unicode(request, f"jobs.{index}." if len(requests) > 1 else "")
         submission = _Submission(requests, idempotency_key, owner)
         with self._changed:
             self._waiting.append(submission)
@@ -103,15 +106,19 @@ class Submitter:
                     created += [(job_id, task_queue(queue, request.model))
                                 for job_id, (request, queue) in zip(submission.ids, submission.requests)]
                 else:
-                    submission.ids, new = self._create_keyed(submission)
-                    created += new
+                    submission.ids = self._create_keyed(submission, created)
             send_many(self.celery, created)
         except Exception as exc:
             # Recorded jobs whose tasks will not be sent end failed (if Redis lets us say so); every
-            # submission of the group gets the error (`submit`).
+            # submission of the group gets the error (`submit`). Their idempotency keys are let go, so
+            # that retrying after the 503 submits the jobs again instead of finding the failed ones.
             if not created:
                 raise
-            raise unsent(self.store, [job_id for job_id, _ in created], exc) from exc
+            failed = [job_id for job_id, _ in created]
+            error = unsent(self.store, failed, exc)
+            self._forget_keys([submission for submission in admitted if submission.idempotency_key is not None],
+                              set(failed))
+            raise error from exc
         for submission in admitted:
             submission.settle(submission.ids)
 
@@ -127,19 +134,29 @@ class Submitter:
     @staticmethod
     def _keys(submission: _Submission) -> list[str]:
         key, count = submission.idempotency_key, len(submission.requests)
+        if submission.owner:  # each API key has its own idempotency keys: another's retry must not get its jobs
+            key = f"{owner_id(submission.owner)}:{key}"
         return [key] if count == 1 else [f"{key}:{i}" for i in range(count)]
 
-    def _create_keyed(self, submission: _Submission) -> tuple[list[str], list[tuple[str, str]]]:
+    def _create_keyed(self, submission: _Submission, created: list[tuple[str, str]]) -> list[str]:
         """Record the jobs of a submission with an idempotency key, one by one (a key already taken gives its job);
-        returns their ids and the (id, Celery queue) of those newly created."""
-        ids, created = [], []
+        returns their ids, and adds the (id, Celery queue) of each newly created one to `created` as it goes."""
+        ids = []
         for key, (request, queue) in zip(self._keys(submission), submission.requests):
             job_id, new = self.store.create(request, queue, deadline_seconds=getattr(request, "deadline_seconds", None),
                                             idempotency_key=key, owner=submission.owner)
             ids.append(job_id)
             if new:
                 created.append((job_id, task_queue(queue, request.model)))
-        return ids, created
+        return ids
+
+    def _forget_keys(self, keyed: list[_Submission], job_ids: set[str]) -> None:
+        """Let go of the idempotency keys of `keyed` submissions that name one of `job_ids` (jobs that failed)."""
+        names = [self.store.idempotency_key(key) for submission in keyed for key in self._keys(submission)]
+        if names:
+            stale = [name for name, job_id in zip(names, self.store.redis.mget(names)) if job_id in job_ids]
+            if stale:
+                self.store.redis.delete(*stale)
 
     def _admit(self, group: list[_Submission]) -> list[_Submission]:
         """The submissions of `group` that fit the queue limit and their owner's quota, in order; the others are
@@ -167,6 +184,30 @@ class Submitter:
                 owned[owner] += count
             admitted.append(submission)
         return admitted
+
+
+def check_unicode(request: BaseModel, prefix: str = "") -> None:
+    """422 for text that is not valid Unicode: JSON's "\\ud800" escape parses into a lone surrogate, which can be
+    neither written to Redis nor serialized (it was a 500, for every submission committed with it)."""
+    def bad(value) -> bool:
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return True
+            return False
+        if isinstance(value, (list, tuple)):
+            return any(bad(item) for item in value)
+        if isinstance(value, dict):
+            return any(bad(key) or bad(item) for key, item in value.items())
+        if isinstance(value, BaseModel):
+            return any(bad(item) for _, item in value)
+        return False
+
+    for name, value in request:
+        if bad(value):
+            raise ApiError(422, f"{prefix}{name}: holds text that is not valid Unicode (a lone surrogate such as "
+                                "\\ud800)", param=f"{prefix}{name}")
 
 
 def unsent(store: JobStore, job_ids: list[str], exc: Exception) -> ApiError:

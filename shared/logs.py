@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("llava_queue_job_id", default=None)
 _JOB_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
 TEXT_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
+# An API key sent in a query string (`?api_key=`, as browsers do on a WebSocket): uvicorn logs the path with it.
+_KEY_IN_QUERY = re.compile(r"([?&]api_key=)[^&#\s\"']*", re.IGNORECASE)
 
 
 def job_id_of(record: logging.LogRecord) -> str | None:
@@ -47,6 +49,20 @@ def job_context(job_id: str) -> Iterator[None]:
         yield
     finally:
         _job_id.reset(token)
+
+
+class RedactSecrets(logging.Filter):
+    """Masks API keys sent in query strings (uvicorn's lines about `/v1/ws?api_key=...`) in every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format: the handler reports it as logging does
+            return True
+        masked = _KEY_IN_QUERY.sub(r"\1***", message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -92,6 +108,7 @@ def setup_logging(log_format: str = "text", level: str | int = "INFO") -> None:
         raise ValueError(f"log_format must be 'text' or 'json', got {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(RedactSecrets())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -15,6 +15,7 @@
 `--watch [SECONDS]` redraws it every SECONDS (2 by default) until Ctrl-C.
 """
 
+import re
 import sys
 import time
 from collections import Counter
@@ -110,7 +111,9 @@ def _short(number: int) -> str:
 
 
 def _without_password(url: str) -> str:
-    """The Redis URL with any password masked, fit to print."""
+    """The Redis URL with any password masked, fit to print: in its user part, or in its query (`?password=`,
+    which redis-py reads too, the documented form for a unix socket)."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     scheme, sep, rest = url.partition("://")
     if "@" not in rest:
         return url

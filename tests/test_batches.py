@@ -408,6 +408,18 @@ def test_a_batch_fails_only_while_it_is_read_and_then_its_queued_lines_are_cance
             store.cancel(job_id)
 
 
+def test_a_line_whose_text_is_not_unicode_fails_alone(tiny_llava_stack):
+    # JSON's "\ud800" escape parses into a lone surrogate, which no job record can hold (it was a 500 for the file).
+    body = {"model": "llava-v1.5-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    good = json.dumps({"custom_id": "good", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    bad = good.replace('"good"', '"bad"').replace('"max_tokens"', '"stop": "\\ud800", "max_tokens"')
+    batch = upload_batch(tiny_llava_stack, f"{good}\n{bad}\n".encode())
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}, done
+    [error] = download(tiny_llava_stack, batch["id"], "errors")
+    assert error["custom_id"] == "bad" and "not valid Unicode" in error["response"]["body"]["error"]["message"], error
+
+
 def test_metadata_is_held_to_openais_limits(tiny_llava_stack):
     for metadata in ({str(key): "v" for key in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
         response = requests.post(f"{tiny_llava_stack.base_url}/v1/batches", timeout=10,

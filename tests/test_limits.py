@@ -201,3 +201,63 @@ def test_batches_and_files_belong_to_the_key_that_made_them(api_two_keys):
     cancelled = requests.post(f"{base}/v1/batches/{batch_id}/cancel", headers=mine, timeout=10)
     assert cancelled.status_code == 200 and cancelled.json()["status"] in ("cancelling", "cancelled")
     assert requests.delete(f"{base}/v1/files/{file_id}", headers=mine, timeout=10).status_code == 200
+
+
+def test_an_idempotency_key_belongs_to_the_api_key_that_used_it(api_two_keys):
+    # Two clients that happen to pick the same Idempotency-Key (a counter, a request number) each get their own
+    # job: the second must not be handed the first's job id (and through it, the first's prompt and answer).
+    mine = post(api_two_keys, {"prompt": "mine"}, headers={"Idempotency-Key": "request-1"})
+    theirs = post(api_two_keys, {"prompt": "theirs"}, key=OTHER_KEY, headers={"Idempotency-Key": "request-1"})
+    assert mine.status_code == theirs.status_code == 202
+    assert mine.json()["id"] != theirs.json()["id"]
+    job = requests.get(f"{api_two_keys.base_url}/v1/jobs/{theirs.json()['id']}",
+                       headers={"Authorization": f"Bearer {OTHER_KEY}"}, timeout=10).json()
+    assert job["prompt"] == "theirs"
+    # Each key's retry still finds its own first job, alone and in a bulk.
+    assert post(api_two_keys, {"prompt": "mine"}, headers={"Idempotency-Key": "request-1"}).json() == mine.json()
+    bulk = {"jobs": [{"prompt": "a"}, {"prompt": "b"}]}
+    ids = [requests.post(f"{api_two_keys.base_url}/v1/jobs/bulk", json=bulk, timeout=10,
+                         headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "bulk-1"}).json()["ids"]
+           for key in (KEY, OTHER_KEY, KEY)]
+    assert ids[0] == ids[2] and not set(ids[0]) & set(ids[1])
+
+
+def test_api_keys_sent_on_a_websocket_stay_out_of_the_logs(api_two_keys):
+    # Browsers send the key as ?api_key= on a WebSocket; uvicorn logs every WebSocket's path with its query.
+    stack = api_two_keys
+    job_id = post(stack, {"prompt": "hi"}).json()["id"]
+
+    async def connect(key):
+        try:
+            async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws?api_key={key}&x=1"):
+                pass
+        except websockets.InvalidStatus:
+            pass
+
+    asyncio.run(connect(KEY))
+    asyncio.run(connect("mistyped-secret-789"))
+    time.sleep(0.5)
+    log = (stack.log_dir / "api.log").read_text()
+    assert f"/v1/jobs/{job_id}/ws?" in log  # the connections were logged ...
+    assert KEY not in log and "mistyped-secret-789" not in log  # ... without the keys
+
+
+def test_a_lone_surrogate_in_the_json_is_a_422_not_a_500(api_two_keys):
+    # "\ud800" is valid JSON but not Unicode: the prompt cannot be written to Redis.
+    base, headers = api_two_keys.base_url, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    one = requests.post(f"{base}/v1/jobs", data=b'{"prompt": "hi \\ud800"}', headers=headers, timeout=10)
+    assert one.status_code == 422 and one.json()["error"]["param"] == "prompt", one.text
+    bulk = requests.post(f"{base}/v1/jobs/bulk", data=b'{"jobs": [{"prompt": "a"}, {"prompt": "b", "stop": "\\udfff"}]}',
+                         headers=headers, timeout=10)
+    assert bulk.status_code == 422 and bulk.json()["error"]["param"] == "jobs.1.stop", bulk.text
+
+
+def test_a_chat_completion_id_is_cancelled_as_it_is_polled(api_two_keys):
+    # GET /v1/jobs/chatcmpl-<id> polls the job; DELETE on the same path answered "unknown job id" (404).
+    base, headers = api_two_keys.base_url, {"Authorization": f"Bearer {KEY}"}
+    job_id = post(api_two_keys, {"prompt": "hi"}).json()["id"]
+    assert requests.get(f"{base}/v1/jobs/chatcmpl-{job_id}", headers=headers, timeout=10).json()["id"] == job_id
+    cancelled = requests.delete(f"{base}/v1/jobs/chatcmpl-{job_id}", headers=headers, timeout=10)
+    assert cancelled.status_code == 202 and cancelled.json() == {"id": job_id, "status": "cancelled"}, cancelled.text
+    again = requests.delete(f"{base}/v1/jobs/chatcmpl-{job_id}", headers=headers, timeout=10)
+    assert again.status_code == 409

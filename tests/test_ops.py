@@ -170,6 +170,19 @@ def test_status_table_and_watch(stack):
     assert out.count("\033[H\033[2J") >= 2 and out.count("SmolLM2-135M-Instruct@") >= 2
 
 
+def test_status_never_prints_the_redis_password():
+    # redis-py takes the password from the URL's user part or from its query (`?password=`, the documented form
+    # for a unix socket); `llava-queue status` prints the URL (here in its error: nothing listens on the port).
+    port = free_port()
+    for url in (f"redis://:hunter2@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0?password=hunter2&db=0",
+                f"unix:///tmp/no-such-redis-{port}.sock?db=0&password=hunter2"):
+        env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=url)
+        done = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert done.returncode == 1 and "does not answer" in done.stderr, done.stderr
+        assert "hunter2" not in done.stdout + done.stderr, done.stderr
+
+
 def test_json_logs_carry_the_job_id(stack):
     """An API replica with JSON logs: its lines about a job (uvicorn's access lines too) name the job."""
     port = free_port()

@@ -157,3 +157,42 @@ def test_when_the_broker_is_away_every_job_of_the_group_fails_with_503(redis_url
     failed = [key for key in store.redis.scan_iter("sub:job:*")]
     assert len(failed) == 3
     assert {store.redis.hget(key, "status") for key in failed} == {"failed"}
+
+
+def test_a_retry_after_the_broker_was_away_gets_a_job_that_runs(redis_url):
+    # A 503 says "retry": a client that does, with the same Idempotency-Key, must get a job that is sent to the
+    # workers, not the one that failed because it could not be sent.
+    with RedisServer() as broker:
+        broker_url = broker.url
+    away, store = make_submitter(redis_url, broker_url=broker_url)
+    store.release.set()  # no holding here
+    request = [(GenerateRequest(prompt="once"), "interactive")]
+    for key, requests_ in (("single", request), ("bulk", request * 2)):
+        with pytest.raises(ApiError) as refused:
+            away.submit(requests_, idempotency_key=key, owner="key-a")
+        assert refused.value.status == 503
+
+        back, back_store = make_submitter(redis_url)
+        back_store.release.set()
+        ids = back.submit(requests_, idempotency_key=key, owner="key-a")
+        assert [store.get(job_id)["status"] for job_id in ids] == ["queued"] * len(requests_)
+        assert back.submit(requests_, idempotency_key=key, owner="key-a") == ids  # and that job from now on
+    assert len(queued_messages(store)) == 3
+
+
+def test_text_that_is_not_unicode_is_refused_alone(redis_url):
+    # JSON's "\ud800" escape parses into a lone surrogate, which can be neither serialized nor written to Redis: it
+    # was a 500, for the request and for every submission committed in the same group. Now a 422 names the field,
+    # before the submission joins a group.
+    submitter, store = make_submitter(redis_url)
+    store.release.set()  # no holding here
+    fine = (GenerateRequest(prompt="fine"), "interactive")
+    for requests_, param in (([fine, (GenerateRequest(prompt="bad \ud800"), "batch")], "jobs.1.prompt"),
+                             ([(GenerateRequest(prompt="hi", stop=["\udfff"]), "interactive")], "stop"),
+                             ([(GenerateRequest(prompt="hi", model="m\ud800"), "interactive")], "model")):
+        with pytest.raises(ApiError) as refused:
+            submitter.submit(requests_)
+        assert (refused.value.status, refused.value.param) == (422, param)
+        assert "not valid Unicode" in refused.value.message
+    assert len(submitter.submit([fine, fine])) == 2
+    assert len(queued_messages(store)) == 2 and len(list(store.redis.scan_iter("sub:job:*"))) == 2

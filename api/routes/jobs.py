@@ -110,11 +110,15 @@ def get_job(job_id: str, store: Store) -> JobView:
 
 @router.delete("/{job_id}", status_code=202, response_model=JobCreated)
 def cancel_job(job_id: str, store: Store) -> JobCreated:
-    """Cancel a job: a queued job ends at once, a running one leaves its batch at the next step."""
-    previous = store.cancel(job_id)
+    """Cancel a job: a queued job ends at once, a running one leaves its batch at the next step.
+
+    The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too, as by `GET`.
+    """
+    job = job_id.removeprefix("chatcmpl-")
+    previous = store.cancel(job)
     if previous is None:
         raise job_not_found(job_id)
     if previous in FINAL_STATES:
-        raise ApiError(409, f"job {job_id} already ended ({previous})", type="conflict", param="id",
+        raise ApiError(409, f"job {job} already ended ({previous})", type="conflict", param="id",
                        code=ErrorCode.INVALID_REQUEST)
-    return JobCreated(id=job_id, status="cancelled" if previous == "queued" else "cancelling")
+    return JobCreated(id=job, status="cancelled" if previous == "queued" else "cancelling")
