@@ -675,3 +675,29 @@ def test_torch_work_in_a_passing_thread_leaves_no_thread_behind():
     assert live_threads() == before
     with pytest.raises(ZeroDivisionError):
         in_passing_thread(lambda: 1 / 0)
+
+
+def test_a_failure_outside_a_forward_fails_the_batch_and_the_engine_goes_on(tiny_model, tokenizer):
+    # step() fails the batch when a forward fails; anything else escaping it used to end the engine thread silently,
+    # leaving every request, running or to come, waiting for ever. Here the step's publishing fails once.
+    class FailsOnce(LLMEngine):
+        failed = False
+
+        def _publish(self):
+            if not FailsOnce.failed and self.scheduler.running:
+                FailsOnce.failed = True
+                raise RuntimeError("publishing failed")
+            return super()._publish()
+
+    engine = FailsOnce(tiny_model, tokenizer, max_num_seqs=4)
+    engine.start()
+    try:
+        first = engine.add_request("first", random_prompt(5, seed=1), SamplingParams(temperature=0.0,
+                                                                                     max_new_tokens=8))
+        output = first.wait(WAIT_S)
+        assert output.finish_reason == "error" and "publishing failed" in output.error, output
+        later = engine.add_request("later", random_prompt(5, seed=2), SamplingParams(temperature=0.0,
+                                                                                     max_new_tokens=4))
+        assert later.wait(WAIT_S).finish_reason in ("length", "stop")
+    finally:
+        engine.shutdown()

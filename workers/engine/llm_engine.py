@@ -249,7 +249,17 @@ class LLMEngine:
                     self._wakeup.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:
+                # step() fails the batch itself when a forward fails; whatever else escapes it must not end this
+                # thread, on which every request waits: fail what runs (its state is suspect), answer it, go on.
+                log.exception("engine step failed")
+                try:
+                    self._fail_all_but_waiting(f"engine step failed: {type(exc).__name__}: {exc}")
+                    self._publish()
+                except Exception:
+                    log.exception("the engine could not fail its running requests")
 
     def _register(self, seq: Sequence, handle: RequestHandle) -> None:
         self._handles[seq] = handle
