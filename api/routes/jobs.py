@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from api.deps import ApiKey, Store, Submissions
 from api.errors import ApiError, job_not_found
+from api.routes.openai import COMPLETION_ID_PREFIX
 from shared.jobs import FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
@@ -96,13 +97,18 @@ def create_jobs(body: BulkJobRequest, submitter: Submissions, api_key: ApiKey,
                                            idempotency_key=idempotency_key, owner=api_key))
 
 
+def _plain_id(job_id: str) -> str:
+    """The job id of a job id or of an OpenAI chat completion's id (`chatcmpl-<job id>`)."""
+    return job_id.removeprefix(COMPLETION_ID_PREFIX)
+
+
 @router.get("/{job_id}", response_model=JobView)
 def get_job(job_id: str, store: Store) -> JobView:
     """The job's state, text so far, timings, token usage, and queue position while queued.
 
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too.
     """
-    record = store.get(job_id.removeprefix("chatcmpl-"))
+    record = store.get(_plain_id(job_id))
     if record is None:
         raise job_not_found(job_id)
     return job_view(record)
@@ -114,7 +120,7 @@ def cancel_job(job_id: str, store: Store) -> JobCreated:
 
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too, as by `GET`.
     """
-    job = job_id.removeprefix("chatcmpl-")
+    job = _plain_id(job_id)
     previous = store.cancel(job)
     if previous is None:
         raise job_not_found(job_id)
