@@ -46,6 +46,15 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
     return digest
 
 
+def owns(record_owner: str | None, api_key: str | None) -> bool:
+    """Whether a caller (its key's digest; None with keys off) may read or cancel a job recorded with `record_owner`.
+
+    With keys on, a job submitted under a key is that key's alone: another key gets "unknown job id", as for
+    batches and files. A job submitted without a key (keys off then, or the open LLaVA protocol) is anyone's.
+    """
+    return api_key is None or not record_owner or record_owner == owner_id(api_key)
+
+
 def _count_request(conn: HTTPConnection, settings: Settings, digest: str) -> None:
     """Count the request against its key's per-minute limit; 429 past it."""
     now = time.time()

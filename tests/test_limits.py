@@ -220,6 +220,9 @@ def test_an_idempotency_key_belongs_to_the_api_key_that_used_it(api_two_keys):
                          headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "bulk-1"}).json()["ids"]
            for key in (KEY, OTHER_KEY, KEY)]
     assert ids[0] == ids[2] and not set(ids[0]) & set(ids[1])
+    # A blank key would be one key for every client that sends the header empty: refused, naming the header.
+    blank = post(api_two_keys, {"prompt": "x"}, headers={"Idempotency-Key": ""})
+    assert blank.status_code == 422 and "idempotency" in blank.text.lower(), blank.text
 
 
 def test_api_keys_sent_on_a_websocket_stay_out_of_the_logs(api_two_keys):
@@ -261,3 +264,23 @@ def test_a_chat_completion_id_is_cancelled_as_it_is_polled(api_two_keys):
     assert cancelled.status_code == 202 and cancelled.json() == {"id": job_id, "status": "cancelled"}, cancelled.text
     again = requests.delete(f"{base}/v1/jobs/chatcmpl-{job_id}", headers=headers, timeout=10)
     assert again.status_code == 409
+
+
+def test_a_job_belongs_to_the_api_key_that_submitted_it(api_two_keys):
+    # Another key polling, following or cancelling a job by its id gets "unknown job id", as for batches and files;
+    # the job is untouched.
+    base, mine, theirs = api_two_keys.base_url, {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {OTHER_KEY}"}
+    job_id = post(api_two_keys, {"prompt": "my secret question"}).json()["id"]
+    for path in (job_id, f"chatcmpl-{job_id}"):
+        assert requests.get(f"{base}/v1/jobs/{path}", headers=theirs, timeout=10).status_code == 404
+        assert requests.delete(f"{base}/v1/jobs/{path}", headers=theirs, timeout=10).status_code == 404
+
+    async def follow(key):
+        async with websockets.connect(f"{api_two_keys.ws_url}/v1/jobs/{job_id}/ws?api_key={key}") as ws:
+            return json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+    refused = asyncio.run(follow(OTHER_KEY))
+    assert refused["error_code"] != 0 and refused["done"] and "my secret" not in json.dumps(refused), refused
+    job = requests.get(f"{base}/v1/jobs/{job_id}", headers=mine, timeout=10)
+    assert job.status_code == 200 and job.json()["status"] == "queued" and job.json()["prompt"] == "my secret question"
+    assert requests.delete(f"{base}/v1/jobs/{job_id}", headers=mine, timeout=10).json()["status"] == "cancelled"

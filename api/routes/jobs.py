@@ -5,6 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from pydantic import BaseModel
 
+from api.auth import owns
 from api.deps import ApiKey, Store, Submissions
 from api.errors import ApiError, job_not_found
 from api.routes.openai import COMPLETION_ID_PREFIX
@@ -77,7 +78,8 @@ def job_view(record: dict[str, Any]) -> JobView:
         worker=record.get("worker") or None)
 
 
-IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
+# An empty key is refused: it would be one key shared by every client that sends the header blank.
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, description=(
     "Retrying a submission with the same key returns the first submission's job(s) instead of new ones."))]
 
 
@@ -103,24 +105,26 @@ def _plain_id(job_id: str) -> str:
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: str, store: Store) -> JobView:
+def get_job(job_id: str, store: Store, api_key: ApiKey) -> JobView:
     """The job's state, text so far, timings, token usage, and queue position while queued.
 
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too.
     """
     record = store.get(_plain_id(job_id))
-    if record is None:
+    if record is None or not owns(record.get("owner"), api_key):
         raise job_not_found(job_id)
     return job_view(record)
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobCreated)
-def cancel_job(job_id: str, store: Store) -> JobCreated:
+def cancel_job(job_id: str, store: Store, api_key: ApiKey) -> JobCreated:
     """Cancel a job: a queued job ends at once, a running one leaves its batch at the next step.
 
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too, as by `GET`.
     """
     job = _plain_id(job_id)
+    if not owns(store.redis.hget(store.key(job), "owner"), api_key):
+        raise job_not_found(job_id)
     previous = store.cancel(job)
     if previous is None:
         raise job_not_found(job_id)

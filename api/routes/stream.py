@@ -9,6 +9,7 @@ from typing import Literal
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from api.auth import owns
 from api.deps import ApiKey, Hub, Store, Submissions
 from api.errors import ApiError
 from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
@@ -37,10 +38,7 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> L
         async for event in follow_job(store, hub, job_id):
             await websocket.send_json(ws_message(job_id, event))
     except JobNotFound:
-        try:
-            await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
-                                       "status": "unknown", "error": f"unknown job id {job_id!r}"})
-        except CLIENT_GONE:  # asked for an unknown job and left before the answer
+        if not await _send_not_found(websocket, job_id):
             return "left"
     except CLIENT_GONE:
         return "left"
@@ -51,10 +49,25 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> L
     return "ended"
 
 
+async def _send_not_found(websocket: WebSocket, job_id: str) -> bool:
+    """The final message for an unknown job id; False when the client left before it (that is not an error)."""
+    try:
+        await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
+                                   "status": "unknown", "error": f"unknown job id {job_id!r}"})
+    except CLIENT_GONE:
+        return False
+    return True
+
+
 @router.websocket("/v1/jobs/{job_id}/ws")
-async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub) -> None:
+async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub, api_key: ApiKey) -> None:
     """Stream an existing job: its current text first, then every chunk, then how it ended."""
     await websocket.accept()
+    if api_key is not None and not owns(await asyncio.to_thread(store.redis.hget, store.key(job_id), "owner"),
+                                        api_key):
+        await _send_not_found(websocket, job_id)
+        await _close(websocket)
+        return
     if await _relay(websocket, store, hub, job_id) == "ended":
         await _close(websocket)
 
