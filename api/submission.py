@@ -230,17 +230,27 @@ def admit(store: JobStore, count: int, owner: str | None = None) -> None:
 
 
 def check_room(store: JobStore, queued: int, count: int, owner: str | None, owned: int) -> None:
-    """429 unless `count` more jobs fit: `queued` in the queues now, `owned` of them the caller's (`owner`)."""
+    """429 unless `count` more jobs fit: `queued` in the queues now, `owned` of them the caller's (`owner`); 400
+    when `count` is over the limit itself, since no wait would let the request in."""
     if store.max_queued:
+        _never_fits(count, store.max_queued, "the queues hold at most {limit} queued jobs (MAX_QUEUED_JOBS)")
         excess = queued + count - store.max_queued
         if excess > 0:
             _refuse(store, excess, f"the queue is full ({queued} jobs queued, limit {store.max_queued})")
     if owner and store.max_queued_per_owner:
         limit = store.max_queued_per_owner
+        _never_fits(count, limit, "an API key may have at most {limit} queued jobs (MAX_QUEUED_JOBS_PER_KEY)")
         excess = owned + count - limit
         if excess > 0:
             _refuse(store, excess, f"this API key has {owned} jobs queued; its quota is {limit}"
                                    + (f" and this request holds {count}" if count > 1 else ""))
+
+
+def _never_fits(count: int, limit: int, rule: str) -> None:
+    """400 (not 429: a Retry-After would be a promise never kept) for a request of more jobs than `limit` allows."""
+    if count > limit:
+        raise ApiError(400, f"this request holds {count} jobs and {rule.format(limit=limit)}: split it",
+                       code=ErrorCode.INVALID_REQUEST)
 
 
 def _refuse(store: JobStore, excess: int, reason: str) -> None:

@@ -524,8 +524,9 @@ class EvalRun:
         status, data = self._post("/v1/jobs/bulk", {"jobs": jobs}, group.key)
         if status == 202:
             job_ids = data["ids"]
-        elif status == 422:
-            # Something only the server refuses (its limits may differ from ours): post one by one to find it.
+        elif status in (400, 422):
+            # Something only the server refuses (its limits may differ from ours): post one by one to find it. A 400
+            # is a group larger than the server's queue limit or the key's quota: one by one, each job fits.
             job_ids = []
             for index, (item, job) in enumerate(zip(group.items, jobs)):
                 status, data = self._post("/v1/jobs", job, f"{group.key}.{index}")

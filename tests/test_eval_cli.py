@@ -291,6 +291,30 @@ def test_a_full_queue_is_waited_out_and_the_key_is_sent(images, tmp_path):
         assert len(state[0]["job_ids"]) == 2 and "job_ids" not in state[1]
 
 
+def test_a_group_larger_than_the_queue_limit_is_posted_one_by_one(images, tmp_path):
+    """Room for 2 queued jobs, groups of 4 (--max-in-flight 8), no worker: the bulk can never fit (400), so the
+    group's jobs go one by one, the first two taken and the third waiting for room, instead of the run failing."""
+    env = {"LLAVA_QUEUE_MAX_QUEUED_JOBS": "2"}
+    write_questions(tmp_path / "questions.jsonl", list(range(6)))
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
+                                                   log_prefix="llava-queue-eval-split-") as stack:
+        argv = [sys.executable, "-m", "shared.cli", *eval_args(stack, tmp_path / "questions.jsonl", images,
+                                                               tmp_path / "answers.jsonl", "--max-in-flight", "8")]
+        run = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        seen = []
+        for line in run.stderr:
+            seen.append(line)
+            if "retrying in" in line:
+                break
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=30)
+        text = "".join(seen) + err
+        assert run.returncode == 130, text
+        assert "the queue is full (2 jobs queued, limit 2)" in text and "split it" not in text, text
+        queued = requests.get(f"{stack.base_url}/metrics", timeout=10).text
+        assert 'llava_queue_jobs{state="queued"} 2.0' in queued, queued
+
+
 def test_beam_search_and_an_unreachable_api_are_refused_clearly(tmp_path, capsys):
     write_questions(tmp_path / "questions.jsonl", [1])
     argv = ["eval", "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(tmp_path),

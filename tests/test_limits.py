@@ -127,13 +127,17 @@ def test_queued_job_quota_per_key(api_with_quotas):
     assert over.status_code == 429 and int(over.headers["Retry-After"]) >= 1
     assert "quota is 2" in over.json()["error"]["message"]
 
-    # The other key has its own quota: a bulk of 3 does not fit it, a bulk of 2 does.
+    # The other key has its own quota: a bulk of 3 never fits it (a 400, not a 429 whose Retry-After would be a
+    # promise never kept), a bulk of 2 does, and then waits (429) for room.
     bulk = {"jobs": [{"prompt": "hi"}] * 3}
     other = {"Authorization": f"Bearer {OTHER_KEY}"}
     too_many = requests.post(f"{stack.base_url}/v1/jobs/bulk", json=bulk, headers=other, timeout=10)
-    assert too_many.status_code == 429 and "this request holds 3" in too_many.json()["error"]["message"]
+    assert too_many.status_code == 400 and "Retry-After" not in too_many.headers, too_many.text
+    assert "this request holds 3 jobs and an API key may have at most 2" in too_many.json()["error"]["message"]
     bulk["jobs"] = bulk["jobs"][:2]
     assert requests.post(f"{stack.base_url}/v1/jobs/bulk", json=bulk, headers=other, timeout=10).status_code == 202
+    later = requests.post(f"{stack.base_url}/v1/jobs/bulk", json=bulk, headers=other, timeout=10)
+    assert later.status_code == 429 and "this request holds 2" in later.json()["error"]["message"], later.text
 
     async def submit_on_socket():
         async with websockets.connect(f"{stack.ws_url}/v1/ws?api_key={KEY}") as socket:
@@ -284,3 +288,16 @@ def test_a_job_belongs_to_the_api_key_that_submitted_it(api_two_keys):
     job = requests.get(f"{base}/v1/jobs/{job_id}", headers=mine, timeout=10)
     assert job.status_code == 200 and job.json()["status"] == "queued" and job.json()["prompt"] == "my secret question"
     assert requests.delete(f"{base}/v1/jobs/{job_id}", headers=mine, timeout=10).json()["status"] == "cancelled"
+
+
+def test_a_batch_larger_than_the_queue_limit_is_told_to_split(api_only):
+    # MAX_QUEUED_JOBS is 3: a 4-line batch could never be queued, however long its client waited.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    questions = "".join(json.dumps({"question_id": i, "text": f"Question {i}?"}) + "\n" for i in range(4))
+    uploaded = requests.post(f"{api_only.base_url}/v1/files", files={"file": ("q.jsonl", questions)},
+                             data={"purpose": "batch"}, headers=headers, timeout=10)
+    assert uploaded.status_code == 200, uploaded.text
+    refused = requests.post(f"{api_only.base_url}/v1/batches", json={"input_file_id": uploaded.json()["id"]},
+                            headers=headers, timeout=10)
+    assert refused.status_code == 400 and "Retry-After" not in refused.headers, refused.text
+    assert "this request holds 4 jobs and the queues hold at most 3" in refused.json()["error"]["message"]
