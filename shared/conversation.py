@@ -210,6 +210,8 @@ _FEW_SHOT = [
 _HUMAN_ROLES = ("Human", "Assistant")
 _USER_ROLES = ("USER", "ASSISTANT")
 _CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+# The ChatML templates keep their system turn's header inside `system`.
+_CHATML_SYSTEM = "<|im_start|>system\n"
 
 
 def _two(system: str, version: str) -> Conversation:
@@ -222,7 +224,7 @@ def _llama_2(system: str, sep: str) -> Conversation:
 
 def _chatml(system: str) -> Conversation:
     return Conversation(
-        "<|im_start|>system\n" + system, _CHATML_ROLES, [], 0, SeparatorStyle.MPT, "<|im_end|>", None, "mpt"
+        _CHATML_SYSTEM + system, _CHATML_ROLES, [], 0, SeparatorStyle.MPT, "<|im_end|>", None, "mpt"
     )
 
 
@@ -311,11 +313,11 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
 
     `messages` are dicts {"role": "system" | "user" | "assistant", "text": str,
     "images": int}. An optional first "system" message replaces the template's
-    system prompt; then user and assistant alternate, starting and ending with
-    the user. The prompt ends with the open assistant turn. A user turn with
-    images and no "<image>" in its text gets "\\n<image>" appended, as the web
-    server does. Raises ValueError for malformed messages, TemplateError for an
-    unknown template.
+    system prompt (the text after a ChatML template's "<|im_start|>system\\n");
+    then user and assistant alternate, starting and ending with the user. The
+    prompt ends with the open assistant turn. A user turn with images and no
+    "<image>" in its text gets "\\n<image>" appended, as the web server does. Raises
+    ValueError for malformed messages, TemplateError for an unknown template.
     """
     conv = get_template(template_name)
     if not messages:
@@ -325,6 +327,9 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
         system, images = _text_and_images(0, messages[0])
         if images:
             raise ValueError("message 0: a system message cannot carry images")
+        if conv.system.startswith(_CHATML_SYSTEM):
+            # A ChatML system prompt holds its turn's header: the message replaces the text after it.
+            system = _CHATML_SYSTEM + system
         conv = dataclasses.replace(conv, system=system)
         start = 1
     if start == len(messages):

@@ -195,3 +195,14 @@ def test_render_messages_rejects_bad_input(messages, match):
 def test_unknown_template_lists_known_names():
     with pytest.raises(TemplateError, match="llava_v1"):
         render_messages("nope", [{"role": "user", "text": "Hi", "images": 0}])
+
+
+@pytest.mark.parametrize("template", ["chatml_direct", "mistral_direct", "mpt"])
+def test_system_message_in_chatml_templates_keeps_the_system_header(template):
+    # The ChatML templates' system prompt carries its own "<|im_start|>system\n" header: a system message
+    # replaces the text after it, not the header (else the prompt starts with a bare "Be brief.<|im_end|>").
+    prompt, stop = render_messages(
+        template, [{"role": "system", "text": "Be brief.", "images": 0}, {"role": "user", "text": "Hi", "images": 0}]
+    )
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\nHi<|im_end|><|im_start|>assistant\n"
+    assert stop == "<|im_end|>"
