@@ -123,7 +123,9 @@ async function send() {
   const image = state.pendingImage;
   let text = ui.prompt.value;
   if (!text.trim() && !image) return; // the original skips an empty message
-  text = text.slice(0, image ? MAX_TEXT_WITH_IMAGE : MAX_TEXT);
+  // Cut in characters (code points), as the original counts them: a cut in UTF-16 units could split an emoji
+  // in two, and the API refuses half of one.
+  text = Array.from(text).slice(0, image ? MAX_TEXT_WITH_IMAGE : MAX_TEXT).join("");
   if (image && state.turns.some((turn) => turn.image)) {
     // One image per conversation, as the original: a new image starts a new conversation.
     state.turns = [];
@@ -141,7 +143,10 @@ async function messagesToSend() {
   const messages = [];
   for (const turn of state.turns.slice(0, -1)) {
     if (turn.role === "assistant") {
-      messages.push({ role: "assistant", text: turn.text.trim() });
+      // An empty answer would be rendered as the open assistant turn ("ASSISTANT:USER: ..."): as the original, an
+      // answer that ended without text stays in the conversation as what the page shows for it, its error.
+      const text = turn.text.trim() || (turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "");
+      messages.push({ role: "assistant", text });
       continue;
     }
     const message = { role: "user", text: turn.text, images: [] };
@@ -254,8 +259,11 @@ async function stopCurrent() {
   try {
     await cancelJob(turn.jobId);
   } catch (error) {
-    // 409: it ended meanwhile; its last message says how.
-    if (error.code !== 4) notice(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
+    // 409: it ended meanwhile; its last message says how (a 401 or 422 has error_code 4 too: not the status).
+    if (error.status !== 409) {
+      notice(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
+      if (state.current === turn) ui.stop.disabled = false; // it goes on: Stop can be tried again
+    }
   }
 }
 

@@ -80,15 +80,17 @@ export function renderMarkdown(source) {
 }
 
 /** One line of text with its inline markup. Code spans and links are set aside first, so
- * emphasis never reaches inside them; what they hold is escaped on its own. */
+ * emphasis never reaches inside them; what they hold is escaped on its own. A link's label may
+ * hold code spans set aside before it, so what is put back is itself put back in turn (its URL
+ * may not: a code span there leaves the link as text). */
 function inline(text) {
   const held = [];
   const hold = (html) => `\0${held.push(html) - 1}\0`;
+  const restore = (html) => html.replace(/\0(\d+)\0/g, (_, n) => restore(held[Number(n)]));
   let s = text.replace(/`([^`]+)`/g, (_, code) => hold(`<code>${escapeHtml(code)}</code>`));
-  s = s.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()]+)\)/g, (_, label, url) =>
+  s = s.replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()\0]+)\)/g, (_, label, url) =>
     hold(`<a href="${escapeHtml(url)}" target="_blank" rel="noopener noreferrer nofollow">${emphasis(escapeHtml(label))}</a>`));
-  s = emphasis(escapeHtml(s));
-  return s.replace(/\0(\d+)\0/g, (_, n) => held[Number(n)]);
+  return restore(emphasis(escapeHtml(s)));
 }
 
 function emphasis(s) {

@@ -226,6 +226,58 @@ def test_stop_cancels_the_job_and_text_is_never_html(page, stack):
     assert "<pre><code class=\"language-html\">&lt;b&gt;code&lt;/b&gt;</code></pre>" in rendered
 
 
+def test_a_link_whose_label_is_code_renders_the_code(page):
+    # Models often write [`name`](url): the code span inside the label showed as placeholder characters.
+    rendered, code_in_url = page.evaluate("""async () => {
+      const { renderMarkdown } = await import("./static/markdown.js");
+      return [renderMarkdown("See [`numpy.array`](https://numpy.org/doc/) and [**the** `x` docs](https://x.example/)."),
+              renderMarkdown("[a](https://x.example/`y`)")];
+    }""")
+    assert "\0" not in rendered and "\ufffd" not in rendered, rendered
+    assert ('<a href="https://numpy.org/doc/" target="_blank" rel="noopener noreferrer nofollow">'
+            "<code>numpy.array</code></a>") in rendered, rendered
+    assert ">the</strong> <code>x</code> docs</a>" in rendered, rendered
+    # A code span inside a URL leaves the link as text: markup never goes into an href.
+    assert code_in_url == "<p>[a](https://x.example/<code>y</code>)</p>", code_in_url
+
+
+def test_a_long_message_is_cut_at_a_character_not_inside_an_emoji(page, stack):
+    # The original cuts a message to 1536 characters; an emoji straddling the cut was split into half a UTF-16
+    # pair, which the API refused as invalid JSON.
+    quick_answers(page)
+    page.get_by_label("Max output tokens").fill("0")
+    ask(page, "a" * 1535 + "\U0001F600" + " and more text")
+    assert wait_for_end(page) == "succeeded", last_answer(page).locator(".error").inner_text()
+    record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+    assert "a" * 1535 + "\U0001F600" in record["prompt"] and "and more text" not in record["prompt"]
+
+
+def test_a_stop_that_did_not_reach_the_api_can_be_pressed_again(page, stack):
+    # The first DELETE fails on the way (the API restarting, the network): Stop stayed disabled, so the answer
+    # could not be stopped any more.
+    failed = []
+
+    def fail_first_delete(route):
+        if route.request.method == "DELETE" and not failed:
+            failed.append(route.request.url)
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/v1/jobs/[^/]+$"), fail_first_delete)
+    page.get_by_label("Temperature").fill("0")
+    ask(page, "Write a long story about a lighthouse keeper.")
+    page.wait_for_function("window.seen.some(state => state.status === 'running' && state.text.length > 3)",
+                           timeout=ANSWER_TIMEOUT_MS)
+    stop = page.get_by_role("button", name="Stop")
+    stop.click()
+    page.get_by_text("Could not stop the job").wait_for()
+    assert failed and stop.is_enabled()
+    stop.click()
+    assert wait_for_end(page) == "cancelled"
+    assert job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))["status"] == "cancelled"
+
+
 def test_dropped_websocket_reconnects_and_resumes(page, stack):
     dropped, sockets = [], []
 
@@ -301,6 +353,33 @@ def test_image_question_to_a_tiny_llava_model(browser, tiny_llava_stack):
     record = job_record(llava.base_url, last_answer(page).get_attribute("data-job-id"))
     assert record["status"] == "succeeded" and record["usage"]["completion_tokens"] > 0
     assert record["prompt"].count("<image>") == 1, record["prompt"]
+    page.close()
+
+
+def test_an_answer_that_failed_without_text_leaves_no_open_turn_in_the_next_prompt(browser, tiny_llava_stack):
+    # An answer that ended with no text went back as an empty assistant message, which the LLaVA templates render
+    # as the open assistant turn: the next prompt read "USER: q1 ASSISTANT:USER: q2 ASSISTANT:".
+    llava = tiny_llava_stack
+    page = open_page(browser, llava.base_url)
+    quick_answers(page)
+    refused = []
+
+    def network_failure_once(route):
+        if route.request.method == "POST" and not refused:
+            refused.append(route.request.url)
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/v1/jobs$"), network_failure_once)
+    ask(page, "What is in the picture?")
+    assert wait_for_end(page) == "failed" and refused
+    ask(page, "Describe it again.")
+    assert wait_for_end(page) == "succeeded"
+    prompt = job_record(llava.base_url, last_answer(page).get_attribute("data-job-id"))["prompt"]
+    assert "ASSISTANT:USER:" not in prompt, prompt
+    assert re.search(r"USER: What is in the picture\? ASSISTANT: \S.*</s>USER: Describe it again\. ASSISTANT:$",
+                     prompt, re.S), prompt
     page.close()
 
 
