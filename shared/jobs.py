@@ -34,9 +34,18 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
 if status == 'running' then
-  -- A second delivery of a job that a live worker holds (or that this worker holds) is a duplicate.
   local holder = redis.call('HGET', KEYS[1], 'worker') or ''
-  if holder == ARGV[1] or redis.call('EXISTS', ARGV[5] .. holder) == 1 then return 'duplicate' end
+  -- This very start sent again (its answer was lost with the connection, after it ran): the answer it had.
+  if holder == ARGV[1] and ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'start_token') == ARGV[7] then
+    return redis.call('HGET', KEYS[1], 'start_outcome')
+  end
+  -- A second delivery of a job that a live worker holds (or that this worker holds) is a duplicate.
+  if holder == ARGV[1] or redis.call('EXISTS', ARGV[5] .. holder) == 1 then
+    -- Claimed by the sweep while its holder's heartbeat lapsed: the job is the holder's again, so the sweep, which
+    -- claims a job left claimed once a minute, does not deliver it again for as long as it runs.
+    redis.call('HSET', KEYS[5], ARGV[3], holder)
+    return 'duplicate'
+  end
 end
 local ended
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
@@ -49,18 +58,21 @@ if not ended and redis.call('HINCRBY', KEYS[1], 'attempts', 1) > tonumber(ARGV[6
 if ended then
   -- The caller ends the job. One its earlier worker held (dead, or handing it back) becomes the caller's, whose
   -- ending would be fenced off otherwise, leaving the job running for ever.
-  if status == 'running' then redis.call('HSET', KEYS[1], 'worker', ARGV[1]) end
+  if status == 'running' then
+    redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'start_token', ARGV[7], 'start_outcome', ended)
+  end
   return ended
 end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
 if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KEYS[1], 'model', ARGV[4]) end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+local outcome = 'running'
+if status == 'running' then outcome = 'resumed' end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'start_token', ARGV[7], 'start_outcome', outcome)
 redis.call('HDEL', KEYS[1], 'step')  -- the steps of the worker that held it before count no more
-if status == 'running' then return 'resumed' end
-redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
-return 'running'
+if status == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+return outcome
 """
 
 _APPEND = """
@@ -497,7 +509,7 @@ class JobStore:
         status, prompt, text, seq, error, error_code, finish_reason = values
         return Snapshot(status, prompt or "", text or "", int(seq or 0), error or "", int(error_code or 0), finish_reason or "")
 
-    def start(self, job_id: str, worker: str, model: str = "", max_attempts: int = 3) -> str:
+    def start(self, job_id: str, worker: str, model: str = "", max_attempts: int = 3, token: str = "") -> str:
         """Mark a job running on `worker`; a job submitted without a model name gets `model`.
 
         Returns "running"; "resumed" (its earlier worker died: go on from the text it has);
@@ -506,10 +518,14 @@ class JobStore:
         "exhausted" (started more than `max_attempts` times: the caller fails it); with these three a job
         its dead worker held is the caller's, to end; "missing";
         or the final status it already has (skip).
+
+        A `token` of this delivery's own makes the start safe to send again: one whose answer was lost (the
+        connection cut after it ran) gets the same answer the second time, not "duplicate" (its job held by this
+        worker, run by nobody, stayed "running" for good).
         """
         return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys(), self.running_key],
                            args=[worker, repr(time.time()), job_id, model, f"{self.prefix}:worker:",
-                                 max_attempts])
+                                 max_attempts, token])
 
     @property
     def running_key(self) -> str:

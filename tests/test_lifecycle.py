@@ -158,3 +158,266 @@ def test_a_worker_thought_dead_cannot_write_the_prompt_of_a_job_resumed_elsewher
     assert not store.set_prompt(job_id, "Once upon a time", 5, "paused-worker")
     assert store.get(job_id)["seq"] == seq
     store.redis.close()
+
+
+def test_a_handed_back_job_claimed_again_by_the_sweep_runs_once(worker):
+    # A stopping worker hands a job back (its task sent again); with every worker busy it waits in the Celery queue
+    # past the sweep's requeue_after (60 s), and the sweep claims it and sends it a second time: two deliveries of
+    # one job. Only one of them may run it: one start, one attempt more, its text generated once.
+    import threading
+
+    from shared.jobs import WorkerRegistry
+
+    store, make = worker
+    registry = WorkerRegistry(store.redis, store.prefix)
+    for name in ("stopping", "w2", "w3"):
+        registry.announce(name, {"name": name}, ttl_seconds=120)
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=48),
+                             "interactive")
+    assert store.start(job_id, "stopping") == "running"
+    assert store.record_step("stopping", [(job_id, " there", 1, True)], [], step=1) == [1]
+    assert store.release(job_id, "stopping")  # handed back: delivery 1 goes to the queue
+    assert store.claim_orphans() == []  # just handed back: not claimed
+    assert store.claim_orphans(requeue_after=0) == [job_id]  # a minute later, still queued: delivery 2
+    w2, w3 = make("w2"), make("w3")
+    outcomes = {}
+    first = threading.Thread(target=lambda: outcomes.__setitem__("w2", w2.run(job_id)))
+    first.start()
+    while store.redis.hget(store.key(job_id), "worker") != "w2" and first.is_alive():
+        pass
+    outcomes["w3"] = w3.run(job_id)
+    first.join(120)
+    assert outcomes["w2"] == "succeeded" and outcomes["w3"] in ("duplicate", "succeeded"), outcomes
+    record = store.get(job_id)
+    assert (record["status"], record["attempts"], record["worker"]) == ("succeeded", 2, "w2"), record
+    assert record["text"].startswith(" there") and record["completion_tokens"] <= 48, record
+    assert store.totals()["running"] == 0 and store.claim_orphans(requeue_after=0) == []
+
+
+def test_a_takeover_whose_ending_waits_out_a_redis_outage_still_ends_the_job(loaded, tmp_path):
+    # A job whose worker died is cancelled; the worker it is delivered to again takes it over to end it, and Redis
+    # goes away right then, for longer than a write waits for it. The ending must still be written once Redis is
+    # back. It was not: the write gave up, the task failed (acknowledged), and the record, naming the live worker
+    # as holder, stayed "running" for good (every redelivery by the sweep skipped as a duplicate of that worker).
+    import time
+
+    import redis
+
+    from shared.redis_server import RedisServer
+    from workers.generation import JobRunner
+
+    servers = [RedisServer(data_dir=tmp_path).start()]
+    port = servers[0].port
+
+    class StoreThatLosesRedisAfterStart(JobStore):
+        def start(self, *args, **kwargs):
+            try:
+                return super().start(*args, **kwargs)
+            finally:
+                servers[0].stop()  # the server writes its append-only file and exits
+
+    store = StoreThatLosesRedisAfterStart.from_url(servers[0].url, prefix="takeover")
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+        assert JobStore.start(store, job_id, "dead-worker") == "running"
+        assert store.claim_orphans() == [job_id]
+        assert store.cancel(job_id) == "running"
+        runner = JobRunner(store, loaded, "w2")
+        runner.redis_wait_seconds = 1.0
+        try:
+            outcome = runner.run(job_id)
+        except redis.ConnectionError as exc:
+            outcome = f"raised {exc!r}"
+        time.sleep(1.5)
+        servers.append(RedisServer(port=port, data_dir=tmp_path).start())
+        deadline = time.monotonic() + 20
+        while store.redis.hget(store.key(job_id), "status") == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        record = store.get(job_id)
+        assert (record["status"], record["error_code"]) == ("cancelled", ErrorCode.CANCELLED), (outcome, record)
+        assert outcome == "cancel"
+        assert store.totals()["running"] == 0
+    finally:
+        store.redis.close()
+        for server in servers:
+            server.stop()
+
+
+def test_a_job_whose_last_write_waits_out_a_redis_outage_still_ends(loaded, tmp_path):
+    # The same for a job that ran here: Redis goes away as it ends, for longer than a write waits. Its ending, given
+    # up by the engine's step and again by the task, is written once Redis is back. It was lost: the job, held by a
+    # live worker, stayed "running" for good.
+    import time
+
+    import redis
+
+    from shared.redis_server import RedisServer
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+
+    servers = [RedisServer(data_dir=tmp_path).start()]
+    port = servers[0].port
+
+    class StoreThatLosesRedisAtTheEnd(JobStore):
+        def record_step(self, worker, chunks, endings, step=None):
+            if endings and servers[0].process.poll() is None:
+                servers[0].stop()
+            return super().record_step(worker, chunks, endings, step)
+
+    store = StoreThatLosesRedisAtTheEnd.from_url(servers[0].url, prefix="last-write")
+    runner = JobRunner(store, loaded, "w1")
+    runner.redis_wait_seconds = 1.0
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
+                       on_step=runner.publish)
+    runner.attach(engine)
+    engine.start()
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
+                                 "interactive")
+        try:
+            outcome = runner.run(job_id)
+        except redis.ConnectionError as exc:
+            outcome = f"raised {exc!r}"
+        servers.append(RedisServer(port=port, data_dir=tmp_path).start())
+        deadline = time.monotonic() + 20
+        while store.redis.hget(store.key(job_id), "status") == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        record = store.get(job_id)
+        assert (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
+        assert outcome == "succeeded" and store.totals()["running"] == 0
+    finally:
+        engine.shutdown()
+        store.redis.close()
+        for server in servers:
+            server.stop()
+
+
+class AnswerCuttingProxy:
+    """A TCP proxy before a real Redis server that, once armed with some bytes, forwards the next command holding them,
+    then closes that connection when the server's answer comes, without passing it on: the command ran, and its
+    answer was lost with the connection (a connection cut, a proxy or a server restarting at the wrong moment)."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        import threading
+
+        from shared.redis_server import free_port
+
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.armed: bytes | None = None
+        self.cuts = 0
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._threading = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            state = {"cut": False}
+            self._threading.Thread(target=self._pump, args=(client, upstream, state, True), daemon=True).start()
+            self._threading.Thread(target=self._pump, args=(upstream, client, state, False), daemon=True).start()
+
+    def _pump(self, source, target, state: dict, to_server: bool) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                if to_server and self.armed is not None and self.armed in data:
+                    self.armed, state["cut"] = None, True
+                elif not to_server and state["cut"]:
+                    self.cuts += 1
+                    break  # the answer goes nowhere
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the other pump, and the client sees the connection end
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_start_whose_answer_was_lost_runs_the_job(loaded):
+    # Redis ran the start of a job (running, held by this worker, one attempt) but its answer was lost with the
+    # connection; the start is sent again (redis-py's own retry, then when_redis_answers). The second start found the
+    # job held by this very worker and answered "duplicate": the task skipped it, and the job, held by a live worker
+    # that did not run it, stayed "running" for good. The same for a start that took a job over to end it.
+
+    from shared.redis_server import RedisServer
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+
+    with RedisServer() as server:
+        proxy = AnswerCuttingProxy(server.port)
+        store = JobStore.from_url(proxy.url, prefix="lost-answer")
+        runner = JobRunner(store, loaded, "w1")
+        engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
+                           on_step=runner.publish)
+        runner.attach(engine)
+        engine.start()
+        try:
+            store.redis.script_load(store._start.script)  # so the start's first EVALSHA runs (no NOSCRIPT first)
+            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
+                                     "interactive")
+            proxy.armed = store._start.sha.encode()
+            outcome = runner.run(job_id)
+            assert proxy.cuts == 1
+            record = store.get(job_id)
+            assert (outcome, record["status"], record["attempts"], record["completion_tokens"]) == (
+                "succeeded", "succeeded", 1, 4), (outcome, record)
+            assert store.totals()["running"] == 0
+
+            # A takeover: the job's worker died and it was cancelled; the start that makes this worker its ender
+            # loses its answer, and its second try must still end the job.
+            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
+            assert store.start(job_id, "dead-worker") == "running"
+            assert store.claim_orphans() == [job_id]
+            assert store.cancel(job_id) == "running"
+            proxy.armed = store._start.sha.encode()
+            outcome = runner.run(job_id)
+            assert proxy.cuts == 2
+            record = store.get(job_id)
+            assert (outcome, record["status"]) == ("cancel", "cancelled"), (outcome, record)
+            assert store.totals()["running"] == 0
+        finally:
+            engine.shutdown()
+            store.redis.close()
+            proxy.close()
+
+
+def test_a_job_claimed_while_its_live_worker_lapsed_is_not_delivered_again_every_minute(redis_server):
+    # A live worker's heartbeat lapses (a long pause, an outage) and the sweep claims its job and delivers it again;
+    # the delivery finds the worker beating again and is skipped as a duplicate. The job is that worker's again: the
+    # sweep must leave it alone. It was still marked claimed, so the sweep delivered it again every minute for as long
+    # as it ran, each delivery one more chance for another worker to resume it in the next lapse (run twice).
+    from shared.jobs import WorkerRegistry
+
+    store = JobStore.from_url(redis_server.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
+    registry = WorkerRegistry(store.redis, store.prefix)
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+    assert store.start(job_id, "w1") == "running"
+    assert store.claim_orphans() == [job_id]  # w1 has not announced itself: its heartbeat lapsed
+    registry.announce("w1", {"name": "w1"}, ttl_seconds=60)  # and it beats again
+    registry.announce("w2", {"name": "w2"}, ttl_seconds=60)
+    assert store.start(job_id, "w2") == "duplicate"
+    assert store.claim_orphans(requeue_after=0) == []
+    assert store.record_step("w1", [(job_id, " there", 1, True)], [], step=1) == [1]  # w1 goes on with it
+    registry.remove("w1")  # and then dies for real: the sweep delivers its job again
+    assert store.claim_orphans() == [job_id]
+    assert store.start(job_id, "w2") == "resumed"
+    store.redis.close()

@@ -7,13 +7,16 @@ states and publishes every engine step's chunks in one pipelined round trip.
 
 import itertools
 import logging
+import threading
 import time
+import uuid
 from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, Ending, JobStore
@@ -150,6 +153,14 @@ class JobRunner:
         self._handed_back: set[str] = set()
         # Numbers this worker's writes of chunks, so that one tried again is not appended twice.
         self._steps = itertools.count(1)
+        # How long a write waits for Redis to come back before it gives up (`when_redis_answers`).
+        self.redis_wait_seconds = REDIS_WAIT_SECONDS
+        # Endings whose write gave up (Redis away longer than that): written again in the background until Redis
+        # answers. The job's record names this worker as its holder, so no other worker would end it while this one
+        # lives: an ending dropped left the job "running" for good.
+        self._unwritten: dict[str, Ending] = {}
+        self._unwritten_lock = threading.Lock()
+        self._unwritten_writer: threading.Thread | None = None
 
     def attach(self, engine: LLMEngine) -> None:
         """Use `engine` (built with `on_step=self.publish`)."""
@@ -157,10 +168,14 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run one job to its end; returns how it ended (its final status, or why it was skipped)."""
+        # A token of this delivery: a start tried again after its answer was lost (redis-py's own retry, or ours)
+        # gets the same answer, not "duplicate" of itself.
+        token = uuid.uuid4().hex
         status = when_redis_answers(lambda: self.store.start(job_id, self.worker_name, self.loaded.name,
-                                                             self.max_attempts), f"starting job {job_id}")
+                                                             self.max_attempts, token), f"starting job {job_id}",
+                                    self.redis_wait_seconds)
         if status in _ENDED_BEFORE_START:
-            self._record_step([], [_ENDED_BEFORE_START[status](job_id)], f"ending job {job_id}")
+            self._end(_ENDED_BEFORE_START[status](job_id), f"ending job {job_id}")
             return status
         if status not in ("running", "resumed"):
             log.info("job %s skipped: %s", job_id, status)
@@ -172,9 +187,7 @@ class JobRunner:
             # Whatever went wrong, the job says so in its record instead of staying "running".
             log.exception("job %s failed", job_id)
             error = f"{type(exc).__name__}: {exc}"
-            when_redis_answers(lambda: self.store.finish(
-                job_id, "failed", error=error, error_code=ErrorCode.SERVER_ERROR, finish_reason="error",
-                worker=self.worker_name), f"failing job {job_id}")
+            self._end(Ending(job_id, "failed", error, ErrorCode.SERVER_ERROR, "error"), f"failing job {job_id}")
             return "failed"
         finally:
             self._done_before.pop(job_id, None)
@@ -268,13 +281,54 @@ class JobRunner:
     def _finish(self, out: SeqOutput) -> None:
         if out.request_id not in self._handed_back:
             ending = ending_of(out, self._done_before.get(out.request_id, 0))
-            self._record_step([], [ending], f"ending job {out.request_id}")
+            self._end(ending, f"ending job {out.request_id}")
+
+    def _end(self, ending: Ending, what: str) -> None:
+        """Write a job's ending, waiting for Redis while it is away; one that gives up is kept and written again in
+        the background (`_write_unwritten`) instead of lost, which left the job "running" for good."""
+        try:
+            self._record_step([], [ending], what)
+        except RedisConnectionError as exc:
+            log.warning("job %s: its ending (%s) not written (%s); written once Redis answers", ending.job_id,
+                        ending.status, exc)
+            with self._unwritten_lock:
+                self._unwritten[ending.job_id] = ending
+                if self._unwritten_writer is None or not self._unwritten_writer.is_alive():
+                    self._unwritten_writer = threading.Thread(target=self._write_unwritten, daemon=True,
+                                                              name="unwritten-endings")
+                    self._unwritten_writer.start()
+
+    def _write_unwritten(self, interval: float = 1.0) -> None:
+        """Write the kept endings, every `interval` seconds, until none is left. An ending fenced off meanwhile (this
+        worker was thought dead and the job went elsewhere) or of a job that had ended is dropped by Redis itself.
+        If this worker exits first, the sweep of a live worker delivers the job again, whose start ends it."""
+        while True:
+            time.sleep(interval)
+            with self._unwritten_lock:
+                pending = list(self._unwritten.values())
+                if not pending:
+                    self._unwritten_writer = None
+                    return
+            try:
+                self.store.record_step(self.worker_name, [], pending)
+                log.info("Redis is back: %d endings written", len(pending))
+            except (RedisConnectionError, RedisTimeoutError):
+                continue
+            except Exception:
+                # Not an outage: trying again would fail again (and hold back the others). The job goes as a job whose
+                # ending failed went before: its holder's heartbeat ends with this worker, then the sweep takes it.
+                log.exception("writing the endings of jobs %s failed; dropped", [ending.job_id for ending in pending])
+            with self._unwritten_lock:
+                for ending in pending:
+                    if self._unwritten.get(ending.job_id) is ending:
+                        del self._unwritten[ending.job_id]
 
     def _record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], what: str) -> list[int]:
         """`JobStore.record_step` for this worker, waiting for Redis while it is away (`when_redis_answers`); a try
         again carries the same step number, so chunks the lost try had written are not written twice."""
         step = next(self._steps)
-        return when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings, step), what)
+        return when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings, step), what,
+                                  self.redis_wait_seconds)
 
 
 def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = REDIS_WAIT_SECONDS) -> T:
