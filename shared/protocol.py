@@ -28,6 +28,9 @@ MAX_IMAGES = 16
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
 MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
 CONTEXT_OVERFLOW_MSG = "Exceeds max token length. Please start a new conversation, thanks."
+# The error of a job failed for having been started MAX_ATTEMPTS times (its workers died running it): sent again, it
+# would most likely take more workers down with it.
+EXHAUSTED_ERROR = "the job was started too many times: its workers died"
 
 
 def context_overflowed(text: str, completion_tokens: int) -> bool:

@@ -4,16 +4,22 @@ No worker runs here, so submitted jobs stay queued: exactly the state these limi
 """
 
 import asyncio
+import concurrent.futures
 import json
 import time
 
+import openai
 import pytest
+import redis
 import requests
 import websockets
 
 from api.auth import key_digest
 from conftest import run_stack
+from shared.jobs import Ending, JobStore, WorkerRegistry
+from shared.protocol import EXHAUSTED_ERROR, ErrorCode
 from shared.redis_server import RedisServer
+from shared.settings import Settings
 
 KEY = "test-key-123"
 
@@ -301,3 +307,34 @@ def test_a_batch_larger_than_the_queue_limit_is_told_to_split(api_only):
                             headers=headers, timeout=10)
     assert refused.status_code == 400 and "Retry-After" not in refused.headers, refused.text
     assert "this request holds 4 jobs and the queues hold at most 3" in refused.json()["error"]["message"]
+
+
+def test_a_job_whose_workers_died_is_not_sent_again_by_the_openai_package(api_two_keys):
+    # The package resends a 5xx (twice by default): a job failed for having been started MAX_ATTEMPTS times, its
+    # workers dying each time, would go to three more workers each time. This API has no worker process: the store
+    # plays the worker's part, as a worker's start and ending do (the start answers "exhausted").
+    client = redis.Redis.from_url(api_two_keys.redis_url, decode_responses=True)
+    prefix = Settings().key_prefix
+    WorkerRegistry(client, prefix).announce("poisoned@test/000000:1", {"model": "m", "ready": True}, ttl_seconds=60)
+    store = JobStore(client, prefix)
+    package = openai.OpenAI(base_url=f"{api_two_keys.base_url}/v1", api_key=KEY, timeout=60)  # default retries
+
+    def fail_every_job(seen: set[str], until: float) -> None:
+        while time.monotonic() < until:
+            for key in client.scan_iter(f"{prefix}:job:*", count=1000):
+                job_id = key.rsplit(":", 1)[1]
+                if job_id not in seen and client.type(key) == "hash" and client.hget(key, "status") == "queued":
+                    seen.add(job_id)
+                    assert store.start(job_id, "poisoned@test/000000:1", "m", max_attempts=0) == "exhausted"
+                    store.record_step("poisoned@test/000000:1", [], [Ending(job_id, "failed", EXHAUSTED_ERROR,
+                                                                            ErrorCode.SERVER_ERROR, "error")])
+            time.sleep(0.05)
+
+    seen: set[str] = set()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(fail_every_job, seen, time.monotonic() + 6)
+        with pytest.raises(openai.InternalServerError) as caught:
+            package.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        worker.result()
+    assert EXHAUSTED_ERROR in caught.value.message
+    assert len(seen) == 1, f"the package sent the request {len(seen)} times"

@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, Ending, JobStore
-from shared.protocol import CONTEXT_OVERFLOW_MSG, ErrorCode, GenerateRequest
+from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
 from workers.llava import embed_prompt, extend_prompt_embeds
@@ -41,8 +41,7 @@ _ENDED_BEFORE_START = {
     "cancel": lambda job_id: Ending(job_id, "cancelled", CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled"),
     "expired": lambda job_id: Ending(job_id, "expired", "the job waited in the queue past its deadline",
                                      ErrorCode.EXPIRED, "expired"),
-    "exhausted": lambda job_id: Ending(job_id, "failed", "the job was started too many times: its workers died",
-                                       ErrorCode.SERVER_ERROR, "error"),
+    "exhausted": lambda job_id: Ending(job_id, "failed", EXHAUSTED_ERROR, ErrorCode.SERVER_ERROR, "error"),
 }
 
 

@@ -28,8 +28,9 @@ from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
 from shared.jobs import JobStore, WorkerRegistry
-from shared.protocol import (CONTEXT_OVERFLOW_MSG, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest, InvalidRequest,
-                             check_images, context_overflowed, describe_validation_error, parse_request)
+from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
+                             InvalidRequest, check_images, context_overflowed, describe_validation_error,
+                             parse_request)
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
 
@@ -41,8 +42,9 @@ _JOB_ERRORS = {
     ErrorCode.OVERLOADED: (503, "overloaded"),
 }
 # The openai package retries a 409 (and any 5xx) by sending the request again, which would run a job that was
-# cancelled on purpose once more: this header (which the package obeys) says not to.
-_NOT_RETRIED = {ErrorCode.CANCELLED: {"x-should-retry": "false"}}
+# cancelled on purpose once more, or one whose workers died running it (EXHAUSTED_ERROR) on more workers: this
+# header (which the package obeys) says not to.
+_NOT_RETRIED = {"x-should-retry": "false"}
 
 
 class OpenAIRoute(APIRoute):
@@ -261,8 +263,9 @@ def job_error(record: dict | None) -> ApiError | None:
         return None
     code = record["error_code"] or ErrorCode.SERVER_ERROR
     status, kind = _JOB_ERRORS.get(code, (500, "server_error"))
+    final = code == ErrorCode.CANCELLED or record["error"] == EXHAUSTED_ERROR
     return ApiError(status, record["error"] or f"the job ended {record['status']}", type=kind, code=code,
-                    headers=_NOT_RETRIED.get(code))
+                    headers=_NOT_RETRIED if final else None)
 
 
 def completion_of(record: dict, completion_id: str, model: str, created: int) -> ChatCompletion:
