@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessor, LlavaImageProcessor
 
 from llava_fixtures import b64, png_bytes, png_claiming_size, png_with_corrupt_pixels
 from shared.protocol import GenerateRequest, check_images, open_image
@@ -144,3 +144,39 @@ def test_a_bad_image_among_good_ones_is_named(processor):
     good = b64(png_bytes(20, 20))
     with pytest.raises(ValueError, match="image 1 could not be decoded"):
         load_pixel_values([good, b64(png_with_corrupt_pixels()), good], processor, "pad")
+
+
+@pytest.fixture
+def small_pixel_limit(monkeypatch):
+    """A request pixel limit of 1,000,000 (so prepared images may reach 4,000,000 pixels)."""
+    from shared.settings import get_settings
+
+    monkeypatch.setenv("LLAVA_QUEUE_MAX_IMAGE_PIXELS", "1000000")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_a_long_thin_image_fails_its_job_instead_of_growing_to_gigabytes(processor, small_pixel_limit):
+    """A few-hundred-byte PNG within the pixel limit must not become a huge image on its way to the crop: the
+    processor's resize of the shorter side (8000x5 → 89600x56) or the "pad" square (3000x100 → 3000x3000) would.
+    With the default limits the same happens to a 50000x1 image at 336 px (336x16800000: the worker is killed)."""
+    thin = encoded(Image.new("RGB", (8000, 5), (200, 10, 10)))
+    with pytest.raises(ValueError, match=r"image 1 is too long and thin to prepare: 8000x5 is resized by the image "
+                                         r"processor to 89600x56 = 5017600 pixels; the limit is 4000000"):
+        load_pixel_values([b64(png_bytes(20, 20)), thin], processor, None)
+    tall = encoded(Image.new("RGB", (5, 8000)))
+    with pytest.raises(ValueError, match="image 0 .* 5x8000 is resized by the image processor to 56x89600"):
+        load_pixel_values([tall], processor, None)
+    banner = encoded(Image.new("RGB", (3000, 100)))
+    with pytest.raises(ValueError, match="image 0 .* 3000x100 padded to a square is 3000x3000 = 9000000 pixels"):
+        load_pixel_values([banner], processor, "pad")
+    with pytest.raises(ValueError, match="image 0 .* 3000x100 padded to a square is 3000x3000"):
+        load_pixel_values([banner], processor, None, "Pad")
+    llava_hf = LlavaImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, do_pad=True)
+    with pytest.raises(ValueError, match="image 0 .* 3000x100 padded to a square is 3000x3000"):
+        load_pixel_values([banner], llava_hf, None)
+    # Within the limit, as before: padded, the banner is one 3000x3000 image no longer; "Default" shrinks it first.
+    assert load_pixel_values([banner], processor, None).shape == (1, 3, 56, 56)
+    assert load_pixel_values([banner], processor, "pad", "Default").shape == (1, 3, 56, 56)
+    assert load_pixel_values([encoded(Image.new("RGB", (1200, 800)))], processor, "pad").shape == (1, 3, 56, 56)

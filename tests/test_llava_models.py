@@ -290,3 +290,27 @@ def test_the_worker_warms_up_the_image_path_of_a_vision_model(original, default_
     assert stats["num_running"] == stats["num_waiting"] == 0
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert not warnings  # neither request failed, and the two were prefilled together
+
+
+def test_a_missing_local_folder_or_an_unknown_dtype_is_a_clear_start_up_error(family, tmp_path):
+    # A typo in a local path is named as such (not "Repo id must be in the form 'repo_name' ..." from the hub client).
+    for path in (tmp_path / "llava-v1.5-7b", tmp_path / "vicuna-7b", "./models/llava-v1.5-7b"):
+        with pytest.raises(ModelLoadError, match=r"the model path \(LLAVA_QUEUE_MODEL_PATH\) .* does not exist on "
+                                                 r"this machine"):
+            load(path)
+    with pytest.raises(ModelLoadError, match=r"the model base \(LLAVA_QUEUE_MODEL_BASE\) .*base-typo.* does not "
+                                             r"exist on this machine"):
+        load(family.lora, tmp_path / "base-typo")
+    with pytest.raises(ModelLoadError, match=r"unknown dtype 'half' \(LLAVA_QUEUE_DTYPE\): use auto, float32, fp32, "
+                                             r"float16, fp16, bfloat16, bf16"):
+        load_model(str(family.original), device="cpu", dtype="half")
+
+
+def test_a_lora_or_projector_only_checkpoint_without_its_base_says_it_needs_one(family):
+    # Without the base these folders hold no language model: not "Couldn't instantiate the backend tokenizer".
+    with pytest.raises(ModelLoadError, match=r"llava-v1.5-tiny-lora: .* is a LoRA checkpoint \(adapter_config.json, "
+                                             r"no language model weights\): give .* \(LLAVA_QUEUE_MODEL_BASE\)"):
+        load(family.lora)
+    with pytest.raises(ModelLoadError, match=r"llava-v1.5-tiny-pretrain: .* is a projector-only checkpoint "
+                                             r"\(mm_projector.bin, no language model weights\)"):
+        load(family.pretrain)

@@ -31,7 +31,7 @@ from workers.engine import LLMEngine
 from workers.engine.dtype import pick_dtype
 from workers.engine.scheduler import prefill_budget
 from workers.llava import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, LlavaVision, VisionEncoder, build_projector
-from workers.weights import checkpoint_file, read_file, read_tensors
+from workers.weights import WEIGHT_FILES, WEIGHT_INDEXES, checkpoint_file, read_file, read_tensors
 
 log = logging.getLogger("llava_queue.worker")
 
@@ -104,8 +104,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` means the fastest dtype where the model runs (fp16 on CUDA, bf16 on a CPU that has it, else fp32)."""
     if dtype == "auto":
         return pick_dtype(device.type)
-    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (LLAVA_QUEUE_DTYPE): use auto, {', '.join(dtypes)}")
+    return dtypes[dtype]
+
+
+def _check_local_path(path: str | None, what: str) -> str | None:
+    """`path` with `~` expanded when it names a local file or folder; ModelLoadError when such a path is missing.
+
+    A path that is not on this machine would otherwise reach transformers as a hub id and fail with
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    """
+    if not path:
+        return path
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    if path.startswith(("/", ".", "~")) or len(Path(path).parts) > 2:
+        raise ModelLoadError(f"the {what} {path!r} does not exist on this machine (no such file or folder); "
+                             "point it at a local checkpoint folder or give a hub id (namespace/name)")
+    return path
 
 
 def load_model(model_path: str, model_base: str | None = None, model_name: str | None = None, *,
@@ -119,6 +139,8 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     (None: load the tower by the name in its config). Raises ModelLoadError for what cannot be served.
     """
     name = model_name or model_name_from_path(model_path)
+    model_path = _check_local_path(model_path, "model path (LLAVA_QUEUE_MODEL_PATH)")
+    model_base = _check_local_path(model_base, "model base (LLAVA_QUEUE_MODEL_BASE)")
     is_multimodal = "llava" in name.lower()
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":
@@ -270,6 +292,7 @@ def _load_llava_original(model_path: str, model_base: str | None, name: str, con
         extras = read_file(projector_file)
         _load_language_extras(lm, extras)
     else:
+        _check_not_partial(model_path, name)
         if "lora" in lower:
             log.warning("%s: 'lora' in the name but no model_base; loading it as a full checkpoint", name)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -302,6 +325,19 @@ def _load_llava_original(model_path: str, model_base: str | None, name: str, con
     vision = LlavaVision(encoder, image_processor, config.get("image_aspect_ratio"),
                          bool(config.get("mm_use_im_start_end", False)))
     return lm, tokenizer, vision
+
+
+def _check_not_partial(model_path: str, name: str) -> None:
+    """ModelLoadError when a local folder given without a model_base is a LoRA or projector-only checkpoint (no
+    language model weights of its own), instead of transformers failing on the tokenizer or weights it lacks."""
+    folder = Path(model_path)
+    if not folder.is_dir() or any((folder / file).is_file() for file in (*WEIGHT_INDEXES, *WEIGHT_FILES)):
+        return
+    for marker, kind in (("adapter_config.json", "a LoRA checkpoint"),
+                         ("mm_projector.bin", "a projector-only checkpoint")):
+        if (folder / marker).is_file():
+            raise ModelLoadError(f"{name}: {model_path} is {kind} ({marker}, no language model weights): give the "
+                                 "language model it was trained on as the model base (LLAVA_QUEUE_MODEL_BASE)")
 
 
 def _non_lora_trainables(model_path: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from shared.protocol import open_image
+from shared.settings import get_settings
 
 PROCESS_MODES = ("Crop", "Resize", "Pad", "Default")
 # The original page pads with this colour (CLIP's mean, rounded as it rounds it) and sizes.
@@ -21,6 +22,10 @@ PAGE_PAD_COLOUR = (122, 116, 104)
 PAGE_RESIZE = (336, 336)
 PAGE_MAX_LEN = 1344
 PAGE_MIN_LEN = 672
+# An image on its way to the processor's crop may grow (a square canvas for "pad", the processor's resize of the
+# shorter side) to at most this many times the request pixel limit: a long, thin image of a few hundred bytes would
+# otherwise ask for gigabytes (a 50000x1 PNG resized to 336 high: 336x16800000) and bring the worker down.
+PREPARED_PIXELS_FACTOR = 4
 
 
 def decode_image(data: str, index: int = 0) -> Image.Image:
@@ -76,13 +81,51 @@ def mean_colour(image_processor) -> tuple[int, int, int]:
     return tuple(int(x * 255) for x in image_processor.image_mean)
 
 
+def _processor_resize(size: tuple[int, int], image_processor) -> tuple[int, int] | None:
+    """The size the processor resizes an image of `size` to before cropping, when it resizes its shorter side."""
+    target = getattr(image_processor, "size", None)
+    if not getattr(image_processor, "do_resize", True) or target is None:
+        return None
+    edge = target.get("shortest_edge") if isinstance(target, dict) else getattr(target, "shortest_edge", None)
+    if not edge:
+        return None
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    long = int(edge * long / short)  # transformers' get_resize_output_image_size
+    return (edge, long) if width <= height else (long, edge)
+
+
+def _check_growth(index: int, size: tuple[int, int], grown: tuple[int, int] | None, how: str) -> None:
+    """ValueError naming the image when preparing it would make an image over the prepared-pixel limit."""
+    if grown is None:
+        return
+    limit = PREPARED_PIXELS_FACTOR * get_settings().max_image_pixels
+    pixels = grown[0] * grown[1]
+    if pixels > limit:
+        raise ValueError(f"image {index} is too long and thin to prepare: {size[0]}x{size[1]} {how} "
+                         f"{grown[0]}x{grown[1]} = {pixels} pixels; the limit is {limit}")
+
+
+def _square(size: tuple[int, int]) -> tuple[int, int]:
+    return (max(size), max(size))
+
+
 def prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str | None,
-                  process_mode: str | None = None) -> torch.Tensor:
-    """One decoded image → pixel values [3, S, S] for the vision tower."""
+                  process_mode: str | None = None, index: int = 0) -> torch.Tensor:
+    """One decoded image → pixel values [3, S, S] for the vision tower; ValueError (naming image `index`) when
+    preparing it would need an image over the prepared-pixel limit (PREPARED_PIXELS_FACTOR)."""
+    if process_mode == "Pad":
+        _check_growth(index, image.size, _square(image.size), "padded to a square is")
     if process_mode is not None:
         image = apply_process_mode(image, process_mode)
     if image_aspect_ratio == "pad":
+        _check_growth(index, image.size, _square(image.size), "padded to a square is")
         image = expand_to_square(image, mean_colour(image_processor))
+    if getattr(image_processor, "do_pad", False) and hasattr(image_processor, "pad_to_square"):
+        # llava-hf's LlavaImageProcessor with do_pad: the same square, made by the processor.
+        _check_growth(index, image.size, _square(image.size), "padded to a square is")
+    _check_growth(index, image.size, _processor_resize(image.size, image_processor),
+                  "is resized by the image processor to")
     return image_processor(image, return_tensors="pt")["pixel_values"][0]
 
 
@@ -93,5 +136,6 @@ def load_pixel_values(images: list[str], image_processor, image_aspect_ratio: st
     One image at a time, so only one full-size decoded image is held at once. Raises ValueError
     naming the first image that cannot be used.
     """
-    return torch.stack([prepare_image(decode_image(data, index), image_processor, image_aspect_ratio, process_mode)
+    return torch.stack([prepare_image(decode_image(data, index), image_processor, image_aspect_ratio, process_mode,
+                                      index)
                         for index, data in enumerate(images)])
