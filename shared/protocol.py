@@ -220,8 +220,10 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
     except UnidentifiedImageError:
         raise ValueError(f"image {index} is not an image file (no image format recognised in its "
                          f"{len(raw)} bytes)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"image {index} is not a readable image file: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise what they like on crafted files
+        # (OSError, SyntaxError, ValueError, and NotImplementedError for a DDS of an unknown pixel format): every
+        # one is a file that cannot be read, a 422 for the API and a failed job for the worker, never a 500.
+        raise ValueError(f"image {index} is not a readable image file: {type(exc).__name__}: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()

@@ -1,6 +1,7 @@
 """Images from request to pixels: decoding with limits, the original's process modes and pad-to-square."""
 
 import io
+import struct
 
 import pytest
 import torch
@@ -41,6 +42,10 @@ def test_plain_base64_a_data_url_and_wrapped_lines_decode_alike():
     (b64(png_claiming_size(9000, 9000)), "image 0 is too large: 9000x9000 = 81000000 pixels; the limit is 50000000"),
     (b64(png_claiming_size(100_000, 100_000)), "image 0 is too large"),
     ("data:image/png,rawbytes", "not base64"),
+    # PIL raises NotImplementedError for a DDS file of a pixel format it does not know: a 500 at the API before.
+    (b64(b"DDS " + struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44)
+         + struct.pack("<2I4s5I", 32, 4, b"ABCD", 0, 0, 0, 0, 0) + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + bytes(64)),
+     "image 0 is not a readable image file: NotImplementedError: Unimplemented pixel format"),
     ("", "image 0 is empty"),
 ])
 def test_bad_images_are_refused_at_submission_with_a_clear_message(data, message):
