@@ -3,14 +3,20 @@
 
 import argparse
 import ctypes
+import errno
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
@@ -55,13 +61,14 @@ def _stop(processes: list[subprocess.Popen], timeout: float, hurry=lambda: False
             process.wait()
 
 
-def _wait_ready(url: str, children: list[subprocess.Popen], timeout: float) -> bool:
-    """Wait until the API answers and a worker has announced itself; False if a child died."""
+def _wait_ready(url: str, children: list[subprocess.Popen], timeout: float, stopped=lambda: False) -> bool:
+    """Wait until the API answers and a worker has announced itself; False if a child died, `timeout` passed, or
+    `stopped()` (Ctrl-C while starting)."""
     import json
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(child.poll() is not None for child in children):
+        if stopped() or any(child.poll() is not None for child in children):
             return False
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
@@ -71,6 +78,40 @@ def _wait_ready(url: str, children: list[subprocess.Popen], timeout: float) -> b
             pass
         time.sleep(0.5)
     return False
+
+
+def _port_problem(host: str, port: int, option: str = "--port") -> str | None:
+    """Why the API could not listen on host:port, or None. Checked before starting: uvicorn that cannot bind
+    logs the error, but the API process then never exits (and `up` would have started Redis and a worker)."""
+    # The socket uvicorn binds: IPv6 when the host has a ':', else IPv4, with SO_REUSEADDR.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is in use by another process; choose another port ({option})"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def _redis_problem(url: str) -> str | None:
+    """Why the Redis at `url` cannot be used now, or None (the password masked)."""
+    import redis
+
+    from shared.status import _without_password
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    except ValueError as exc:
+        return f"--redis-url {_without_password(url)}: {exc}"
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"Redis at {_without_password(url)} does not answer: {exc}"
+    finally:
+        client.close()
+    return None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -84,14 +125,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     # With engine cores, Redis and the API keep off them (the worker moves its own other threads off them).
     rest = split.rest
+    problem = _port_problem(args.host, args.port)
+    if problem:
+        print(f"llava-queue: {problem}", file=sys.stderr, flush=True)
+        return 2
     if args.redis_url:
+        problem = _redis_problem(args.redis_url)
+        if problem:
+            print(f"llava-queue: {problem}", file=sys.stderr, flush=True)
+            return 2
         env["LLAVA_QUEUE_REDIS_URL"] = args.redis_url
     else:
         data_dir = None if args.ephemeral_redis else (args.redis_dir or get_settings().cache_dir / "redis")
         try:
             redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(
                 preexec_fn=_child_setup(rest), start_new_session=True)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:  # OSError: a data folder it cannot create or write
             print(f"llava-queue: cannot start the embedded Redis: {exc}", file=sys.stderr, flush=True)
             return 2
         env["LLAVA_QUEUE_REDIS_URL"] = redis_server.url
@@ -117,11 +166,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         url = f"http://{args.host}:{args.port}"
         print("llava-queue: starting the worker (the first start fetches and converts the default model)...",
               flush=True)
-        if _wait_ready(url, children, timeout=args.start_timeout):
+        if _wait_ready(url, children, timeout=args.start_timeout, stopped=lambda: stopping):
             print(f"llava-queue is up: API {url}  (docs {url}/docs, health {url}/healthz). Ctrl-C stops it.",
                   flush=True)
         elif not stopping:
-            print("llava-queue: a process failed to start; stopping", file=sys.stderr, flush=True)
+            if any(child.poll() is not None for child in children):
+                print("llava-queue: a process failed to start; stopping", file=sys.stderr, flush=True)
+            else:
+                print(f"llava-queue: not up after {args.start_timeout:g} s (--start-timeout); stopping",
+                      file=sys.stderr, flush=True)
             return 1
         while not stopping and all(child.poll() is None for child in children):
             time.sleep(0.2)
@@ -145,10 +198,15 @@ def cmd_api(args: argparse.Namespace) -> int:
     from shared.heap import freeze_startup_heap
 
     settings = get_settings()
+    host, port = args.host or settings.host, args.port or settings.port
+    problem = _port_problem(host, port, "--port or LLAVA_QUEUE_PORT")
+    if problem:
+        print(f"llava-queue api: {problem}", file=sys.stderr, flush=True)
+        return 2
     # The app is built (FastAPI, pydantic, every route): keep all of that out of full collections.
     logging.getLogger("llava_queue.api").info("%d start-up objects frozen out of full garbage collections",
                                               freeze_startup_heap())
-    config = uvicorn.Config(app, host=args.host or settings.host, port=args.port or settings.port,
+    config = uvicorn.Config(app, host=host, port=port,
                             log_level="info", log_config=None, ws_ping_interval=20,
                             ws_per_message_deflate=settings.ws_compression,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
@@ -158,7 +216,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker alone, against LLAVA_QUEUE_REDIS_URL."""
-    from workers.builder import ModelLoadError
+    from workers.builder import ModelLoadError, resolve_device
     from workers.main import run_worker
 
     try:
@@ -167,9 +225,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"llava-queue worker: {exc}", file=sys.stderr)
         return 2
     try:
+        resolve_device(get_settings().device)
+    except (RuntimeError, ValueError) as exc:
+        print(f"llava-queue worker: LLAVA_QUEUE_DEVICE={get_settings().device!r} is not a device "
+              f"(auto, cpu, cuda, cuda:N): {exc}", file=sys.stderr)
+        return 2
+    from workers.metrics import ExporterError
+
+    try:
         run_worker(get_settings())
     except ModelLoadError as exc:
         print(f"llava-queue worker: cannot serve the model: {exc}", file=sys.stderr)
+        return 2
+    except ExporterError as exc:
+        print(f"llava-queue worker: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -211,10 +280,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_error(exc: Exception) -> str:
+    """What is wrong with the LLAVA_QUEUE_* variables, one line per variable (a Redis password masked)."""
+    from shared.status import _without_password
+
+    if isinstance(exc, ValidationError):
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            value = error.get("input")
+            if field == "redis_url" and isinstance(value, str):
+                value = _without_password(value)
+            message = error["msg"].removeprefix("Value error, ")
+            # A check across fields (no field of its own) names its variables in its message.
+            lines.append(f"LLAVA_QUEUE_{field.upper()}={value!r}: {message}" if field else message)
+        return "bad setting: " + "; ".join(lines)
+    found = re.search(r'field "(\w+)"', str(exc))
+    if found:
+        return (f"bad setting: LLAVA_QUEUE_{found.group(1).upper()} cannot be read ({exc.__cause__ or exc}); "
+                "lists are JSON, e.g. '[\"a\", \"b\"]'")
+    return f"bad setting: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = get_settings()
-    setup_logging(settings.log_format, settings.log_level)
     args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except (ValidationError, SettingsError) as exc:
+        print(f"llava-queue: {settings_error(exc)}", file=sys.stderr, flush=True)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
     return args.func(args)
 
 

@@ -51,7 +51,15 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0, **popen_kwargs) -> "RedisServer":
-        """Start the server and wait until it answers PING; raises RuntimeError if it does not."""
+        """Start the server and wait until it answers PING; raises RuntimeError if it does not, or if the port is
+        in use (another server there would answer the PING while this one exits)."""
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as exc:
+                raise RuntimeError(f"port {self.port} on 127.0.0.1 is in use ({exc.strerror}); choose another "
+                                   "--redis-port, or pass --redis-url to use the server there") from None
         if self.data_dir:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._lock_data_dir()
@@ -68,6 +76,10 @@ class RedisServer:
                 raise RuntimeError(f"{self.binary} exited with code {self.process.returncode}")
             try:
                 if client.ping():
+                    # This server, not one that took the port between the check above and its start.
+                    if int(client.info("server").get("process_id", self.process.pid)) != self.process.pid:
+                        self.stop()
+                        raise RuntimeError(f"port {self.port} on 127.0.0.1 is in use by another server")
                     return self
             except redis.ConnectionError:
                 time.sleep(0.05)

@@ -1,13 +1,15 @@
 """One typed settings object, read once from `LLAVA_QUEUE_*` environment variables."""
 
 import json
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from redis.connection import parse_url
 
 from shared.cpus import parse_cpu_list
 
@@ -15,7 +17,9 @@ from shared.cpus import parse_cpu_list
 class Settings(BaseSettings):
     """Every knob of llava-queue; each field reads `LLAVA_QUEUE_<FIELD>` from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="LLAVA_QUEUE_", extra="ignore")
+    # A variable set but empty (`LLAVA_QUEUE_DEFAULT_MODEL=`, or compose's `${VAR}` of an unset VAR) means unset:
+    # the field's default, not an empty model name, URL or list.
+    model_config = SettingsConfigDict(env_prefix="LLAVA_QUEUE_", extra="ignore", env_ignore_empty=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "llq"
@@ -73,8 +77,8 @@ class Settings(BaseSettings):
     visibility_timeout: int = 4 * 3600
     # A worker refreshes its heartbeat this often; one silent for heartbeat_ttl_seconds is dead, and
     # the jobs it held are delivered again (at most max_attempts starts per job).
-    heartbeat_interval_seconds: float = 3.0
-    heartbeat_ttl_seconds: int = 10
+    heartbeat_interval_seconds: float = Field(3.0, gt=0)
+    heartbeat_ttl_seconds: int = Field(10, ge=1)
     max_attempts: int = 3
     # On SIGTERM a worker stops taking jobs and lets running ones finish for this long, then hands
     # the rest back to the queue (another worker resumes them) and exits.
@@ -130,6 +134,30 @@ class Settings(BaseSettings):
         always has at least one slot."""
         wanted = self.max_num_seqs // 8 if self.batch_reserved_slots is None else self.batch_reserved_slots
         return max(0, min(wanted, self.max_num_seqs - 1))
+
+    @model_validator(mode="after")
+    def _heartbeat_outlives_its_interval(self) -> "Settings":
+        # A heartbeat that expires before its next refresh makes a live worker look dead for part of every
+        # interval: /readyz flaps, and the orphan sweep delivers the jobs it is running again.
+        if self.heartbeat_ttl_seconds <= self.heartbeat_interval_seconds:
+            raise ValueError(f"LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS ({self.heartbeat_ttl_seconds}) must exceed "
+                             f"LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS ({self.heartbeat_interval_seconds:g}), "
+                             "by a few intervals")
+        return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        parse_url(value)  # a URL redis-py cannot use fails here (its message does not repeat the URL)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
     @field_validator("engine_cpus")
     @classmethod

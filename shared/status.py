@@ -115,6 +115,8 @@ def _without_password(url: str) -> str:
     which redis-py reads too, the documented form for a unix socket)."""
     url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     scheme, sep, rest = url.partition("://")
+    if not sep:  # a malformed URL (no "://"): its user part is still masked
+        scheme, rest = "", url
     if "@" not in rest:
         return url
     credentials, _, host = rest.rpartition("@")

@@ -4,6 +4,7 @@ Every `llava-queue` command parses with the CLI's own parser, every LLAVA_QUEUE_
 settings field with a value the settings object accepts, and the health checks probe real routes.
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -97,3 +98,37 @@ def test_health_checks_probe_the_readiness_endpoints():
     port = environment(SERVICES["worker"])["LLAVA_QUEUE_WORKER_METRICS_PORT"]
     assert f"http://127.0.0.1:{port}/readyz" in worker_check
     assert port in SERVICES["worker"]["expose"]
+
+
+def interpolated(service: dict, shell: dict[str, str]) -> dict[str, str]:
+    """A service's environment as compose writes it with `shell` (the shell or .env): ${VAR:-default} is VAR's
+    value when set and not empty, else the default."""
+    env = service.get("environment") or {}
+    return {name: re.sub(r"\$\{([A-Z0-9_]+):-([^}]*)\}", lambda m: shell.get(m.group(1)) or m.group(2), str(value))
+            for name, value in env.items()}
+
+
+@pytest.mark.parametrize("shell", [{}, {"LLAVA_QUEUE_MODEL_PATH": "/models/llava-v1.5-13b"}])
+def test_the_api_is_ready_for_the_model_the_worker_serves(shell, monkeypatch):
+    """README: set LLAVA_QUEUE_MODEL_PATH in the shell or .env to serve another model. The API's /readyz (its
+    health check) must then still turn ready once that worker is up, not wait for the default model for ever."""
+    from shared.vqa import model_name_from_path
+
+    worker = Settings.model_validate({name.removeprefix("LLAVA_QUEUE_").lower(): value for name, value in
+                                      interpolated(SERVICES["worker"], shell).items()})
+    served = worker.model_name or model_name_from_path(worker.model_path)
+    for name in [name for name in os.environ if name.startswith("LLAVA_QUEUE_")]:
+        monkeypatch.delenv(name)
+    for name, value in interpolated(SERVICES["api"], shell).items():
+        monkeypatch.setenv(name, value)
+    assert Settings().default_model in (None, served)
+
+
+def test_an_empty_variable_means_unset(monkeypatch):
+    # `LLAVA_QUEUE_DEFAULT_MODEL=` in a .env file, or compose's ${VAR} of an unset VAR: the default, not a model
+    # named "" (which no worker serves: /readyz would never be ready), nor a list that is not JSON.
+    for name in ("DEFAULT_MODEL", "MODEL_PATH", "PUBLIC_URL", "API_KEY_HASHES", "CORS_ORIGINS", "WORKER_METRICS_PORT"):
+        monkeypatch.setenv(f"LLAVA_QUEUE_{name}", "")
+    settings = Settings()
+    assert settings.default_model is None and settings.model_path is None and settings.public_url is None
+    assert settings.api_key_hashes == [] and settings.cors_origins == [] and settings.worker_metrics_port == 0

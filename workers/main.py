@@ -104,7 +104,7 @@ def run_worker(settings: Settings) -> None:
     try:
         # One task thread per engine slot: Celery never reserves more jobs than the engine can batch.
         celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.max_num_seqs}",
-                                "-Q", ",".join(worker_queues(loaded.name)), "-n", name, "--loglevel=INFO",
+                                "-Q", ",".join(worker_queues(loaded.name)), "-n", name, f"--loglevel={settings.log_level}",
                                 "--without-gossip", "--without-mingle"])
     finally:
         stop.set()

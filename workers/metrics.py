@@ -15,6 +15,7 @@ wait in the queue, as a user sees it; hosts should keep their clocks in sync (NT
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import logging
@@ -270,10 +271,15 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+class ExporterError(RuntimeError):
+    """The worker's exporter cannot listen where the settings say."""
+
+
 def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
     """Serve `GET /metrics` (Prometheus text) and `GET /readyz` (200 once ready, else 503) in a daemon thread.
 
-    Port 0 picks a free port (`server.server_port`). Stop it with `server.shutdown()`.
+    Port 0 picks a free port (`server.server_port`). Stop it with `server.shutdown()`. Raises ExporterError when
+    it cannot listen there (the port in use).
     """
     metrics_app = make_wsgi_app(metrics.registry)
 
@@ -286,7 +292,12 @@ def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
             return [body]
         return metrics_app(environ, start_response)
 
-    server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        reason = "is in use by another process" if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc.strerror}"
+        raise ExporterError(f"LLAVA_QUEUE_WORKER_METRICS_PORT {port} on {host} (LLAVA_QUEUE_WORKER_METRICS_HOST) "
+                            f"{reason}; give each worker on this host a port of its own") from exc
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics-exporter").start()
     return server
 
