@@ -148,7 +148,12 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        parse_url(value)  # a URL redis-py cannot use fails here (its message does not repeat the URL)
+        scheme, sep, _ = value.partition("://")
+        if not sep:
+            raise ValueError("not a URL: use redis://[:password@]host:port/db (or rediss://, unix://, sentinel://)")
+        if scheme in ("redis", "rediss", "unix"):
+            parse_url(value)  # one redis-py cannot use fails here (its message does not repeat the URL)
+        # Other schemes (redis+socket://, sentinel://) are kombu's; Celery checks them when it connects.
         return value
 
     @field_validator("log_level")

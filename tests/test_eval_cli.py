@@ -258,6 +258,20 @@ def test_chunks_are_the_originals_and_the_model_is_checked(tiny_llava_stack, ima
         capsys.readouterr().err
 
 
+def interrupted_at_its_first_wait(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run the eval CLI until it prints that it waits to retry (its progress line), then Ctrl-C it; its exit code and
+    everything it printed on stderr."""
+    run = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen = []
+    for line in run.stderr:
+        seen.append(line)
+        if "retrying in" in line:
+            break
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=30)
+    return run.returncode, "".join(seen) + err
+
+
 def test_a_full_queue_is_waited_out_and_the_key_is_sent(images, tmp_path):
     """An API with keys and room for 2 queued jobs, and no worker: the jobs stay queued."""
     key = "eval-key-1"
@@ -271,17 +285,8 @@ def test_a_full_queue_is_waited_out_and_the_key_is_sent(images, tmp_path):
         no_key = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert no_key.returncode == 2 and "wants an API key: give --api-key or LLAVA_QUEUE_API_KEY" in no_key.stderr
 
-        run = subprocess.Popen(argv, env={**os.environ, "LLAVA_QUEUE_API_KEY": key}, stderr=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
-        seen = []
-        for line in run.stderr:  # the progress line is printed when a wait starts
-            seen.append(line)
-            if "retrying in" in line:
-                break
-        run.send_signal(signal.SIGINT)
-        out, err = run.communicate(timeout=30)
-        text = "".join(seen) + err
-        assert run.returncode == 130, text
+        returncode, text = interrupted_at_its_first_wait(argv, {**os.environ, "LLAVA_QUEUE_API_KEY": key})
+        assert returncode == 130, text
         assert "no worker serves a model" in text
         assert "the queue is full (2 jobs queued, limit 2)" in text
         assert "0 of 6 answered" in text and "2 jobs still in the queue and 2 being posted" in text
@@ -300,16 +305,8 @@ def test_a_group_larger_than_the_queue_limit_is_posted_one_by_one(images, tmp_pa
                                                    log_prefix="llava-queue-eval-split-") as stack:
         argv = [sys.executable, "-m", "shared.cli", *eval_args(stack, tmp_path / "questions.jsonl", images,
                                                                tmp_path / "answers.jsonl", "--max-in-flight", "8")]
-        run = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        seen = []
-        for line in run.stderr:
-            seen.append(line)
-            if "retrying in" in line:
-                break
-        run.send_signal(signal.SIGINT)
-        out, err = run.communicate(timeout=30)
-        text = "".join(seen) + err
-        assert run.returncode == 130, text
+        returncode, text = interrupted_at_its_first_wait(argv)
+        assert returncode == 130, text
         assert "the queue is full (2 jobs queued, limit 2)" in text and "split it" not in text, text
         queued = requests.get(f"{stack.base_url}/metrics", timeout=10).text
         assert 'llava_queue_jobs{state="queued"} 2.0' in queued, queued

@@ -252,19 +252,26 @@ def test_a_long_message_is_cut_at_a_character_not_inside_an_emoji(page, stack):
     assert "a" * 1535 + "\U0001F600" in record["prompt"] and "and more text" not in record["prompt"]
 
 
-def test_a_stop_that_did_not_reach_the_api_can_be_pressed_again(page, stack):
-    # The first DELETE fails on the way (the API restarting, the network): Stop stayed disabled, so the answer
-    # could not be stopped any more.
-    failed = []
+def abort_the_first(page, method: str, url_pattern: str) -> list[str]:
+    """Make the page's first `method` request to a URL matching `url_pattern` fail on the way, as a network failure
+    would (the one faked part: what the API does is real); the list gets the URL of the request aborted."""
+    aborted = []
 
-    def fail_first_delete(route):
-        if route.request.method == "DELETE" and not failed:
-            failed.append(route.request.url)
+    def route_it(route):
+        if route.request.method == method and not aborted:
+            aborted.append(route.request.url)
             route.abort()
         else:
             route.continue_()
 
-    page.route(re.compile(r"/v1/jobs/[^/]+$"), fail_first_delete)
+    page.route(re.compile(url_pattern), route_it)
+    return aborted
+
+
+def test_a_stop_that_did_not_reach_the_api_can_be_pressed_again(page, stack):
+    # The first DELETE fails on the way (the API restarting, the network): Stop stayed disabled, so the answer
+    # could not be stopped any more.
+    failed = abort_the_first(page, "DELETE", r"/v1/jobs/[^/]+$")
     page.get_by_label("Temperature").fill("0")
     ask(page, "Write a long story about a lighthouse keeper.")
     page.wait_for_function("window.seen.some(state => state.status === 'running' && state.text.length > 3)",
@@ -362,16 +369,7 @@ def test_an_answer_that_failed_without_text_leaves_no_open_turn_in_the_next_prom
     llava = tiny_llava_stack
     page = open_page(browser, llava.base_url)
     quick_answers(page)
-    refused = []
-
-    def network_failure_once(route):
-        if route.request.method == "POST" and not refused:
-            refused.append(route.request.url)
-            route.abort()
-        else:
-            route.continue_()
-
-    page.route(re.compile(r"/v1/jobs$"), network_failure_once)
+    refused = abort_the_first(page, "POST", r"/v1/jobs$")
     ask(page, "What is in the picture?")
     assert wait_for_end(page) == "failed" and refused
     ask(page, "Describe it again.")
