@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pydantic_settings import SettingsError
 from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
-from shared.redis_server import RedisServer
+from shared.redis_server import RedisServer, bind_error
 from shared.settings import get_settings
 
 log = logging.getLogger("llava_queue")
@@ -83,32 +82,28 @@ def _wait_ready(url: str, children: list[subprocess.Popen], timeout: float, stop
 def _port_problem(host: str, port: int, option: str = "--port") -> str | None:
     """Why the API could not listen on host:port, or None. Checked before starting: uvicorn that cannot bind
     logs the error, but the API process then never exits (and `up` would have started Redis and a worker)."""
-    # The socket uvicorn binds: IPv6 when the host has a ':', else IPv4, with SO_REUSEADDR.
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return f"{host}:{port} is in use by another process; choose another port ({option})"
-            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    return None
+    error = bind_error(host, port)  # as uvicorn binds
+    if error is None:
+        return None
+    if error.errno == errno.EADDRINUSE:
+        return f"{host}:{port} is in use by another process; choose another port ({option})"
+    return f"cannot listen on {host}:{port}: {error.strerror or error}"
 
 
 def _redis_problem(url: str) -> str | None:
     """Why the Redis at `url` cannot be used now, or None (the password masked)."""
     import redis
 
-    from shared.status import _without_password
+    from shared.status import without_password
 
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     except ValueError as exc:
-        return f"--redis-url {_without_password(url)}: {exc}"
+        return f"--redis-url {without_password(url)}: {exc}"
     try:
         client.ping()
     except redis.RedisError as exc:
-        return f"Redis at {_without_password(url)} does not answer: {exc}"
+        return f"Redis at {without_password(url)} does not answer: {exc}"
     finally:
         client.close()
     return None
@@ -282,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_error(exc: Exception) -> str:
     """What is wrong with the LLAVA_QUEUE_* variables, one line per variable (a Redis password masked)."""
-    from shared.status import _without_password
+    from shared.status import without_password
 
     if isinstance(exc, ValidationError):
         lines = []
@@ -290,7 +285,7 @@ def settings_error(exc: Exception) -> str:
             field = str(error["loc"][0]) if error["loc"] else ""
             value = error.get("input")
             if field == "redis_url" and isinstance(value, str):
-                value = _without_password(value)
+                value = without_password(value)
             message = error["msg"].removeprefix("Value error, ")
             # A check across fields (no field of its own) names its variables in its message.
             lines.append(f"LLAVA_QUEUE_{field.upper()}={value!r}: {message}" if field else message)

@@ -32,6 +32,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port right now (binding as servers do: IPv6 for a host with a ':',
+    SO_REUSEADDR), or None when it could."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
 class RedisServer:
     """A Redis server process on 127.0.0.1 that lives as long as this object (or its `with` block)."""
 
@@ -53,13 +65,10 @@ class RedisServer:
     def start(self, timeout: float = 10.0, **popen_kwargs) -> "RedisServer":
         """Start the server and wait until it answers PING; raises RuntimeError if it does not, or if the port is
         in use (another server there would answer the PING while this one exits)."""
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds
-            try:
-                probe.bind(("127.0.0.1", self.port))
-            except OSError as exc:
-                raise RuntimeError(f"port {self.port} on 127.0.0.1 is in use ({exc.strerror}); choose another "
-                                   "--redis-port, or pass --redis-url to use the server there") from None
+        error = bind_error("127.0.0.1", self.port)
+        if error:
+            raise RuntimeError(f"port {self.port} on 127.0.0.1 is in use ({error.strerror}); choose another "
+                               "--redis-port, or pass --redis-url to use the server there")
         if self.data_dir:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._lock_data_dir()

@@ -34,7 +34,7 @@ def render_status(store: JobStore, registry: WorkerRegistry, redis_url: str = ""
     totals = store.totals()
     workers = registry.workers()
     jobs_per_second = store.finished_per_second()
-    lines = [f"llava-queue status  {_without_password(redis_url)}  {time.strftime('%Y-%m-%d %H:%M:%S')}".rstrip()]
+    lines = [f"llava-queue status  {without_password(redis_url)}  {time.strftime('%Y-%m-%d %H:%M:%S')}".rstrip()]
     lines += _table(["QUEUE", "QUEUED"], [[queue, totals["queued"].get(queue, 0)] for queue in QUEUES],
                     right={1})
     by_status = Counter()
@@ -77,7 +77,7 @@ def run_status(settings: Settings, watch: float | None = None) -> int:
         try:
             print(render_status(store, registry, settings.redis_url))
         except redis.RedisError as exc:
-            print(f"llava-queue status: Redis at {_without_password(settings.redis_url)} does not answer: {exc}",
+            print(f"llava-queue status: Redis at {without_password(settings.redis_url)} does not answer: {exc}",
                   file=sys.stderr)
             return 1
         return 0
@@ -86,7 +86,7 @@ def run_status(settings: Settings, watch: float | None = None) -> int:
             try:
                 text = render_status(store, registry, settings.redis_url)
             except redis.RedisError as exc:
-                text = f"Redis at {_without_password(settings.redis_url)} does not answer: {exc}"
+                text = f"Redis at {without_password(settings.redis_url)} does not answer: {exc}"
             print(_CLEAR + text, flush=True)
             time.sleep(max(0.2, watch))
     except KeyboardInterrupt:
@@ -110,7 +110,7 @@ def _short(number: int) -> str:
     return f"{number / 1000:.1f}k".replace(".0k", "k") if number >= 1000 else str(number)
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     """The Redis URL with any password masked, fit to print: in its user part, or in its query (`?password=`,
     which redis-py reads too, the documented form for a unix socket)."""
     url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
