@@ -12,6 +12,7 @@ parser) runs as is, with a stand-in for the three gradio names that path touches
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,9 +25,11 @@ import pytest
 import redis
 import requests
 
+from api.auth import key_digest
 from conftest import run_stack
 from shared.jobs import WorkerRegistry
 from shared.protocol import SERVER_ERROR_MSG
+from shared.redis_server import RedisServer
 from shared.settings import Settings
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -236,3 +239,79 @@ def test_a_job_waiting_in_the_queue_keeps_the_original_clients_read_timeout_at_b
         while requests.get(f"{api.base_url}/v1/jobs/{job_id}", timeout=10).json()["status"] != "cancelled":
             assert time.monotonic() < deadline, "leaving the stream did not cancel the job"
             time.sleep(0.2)
+
+
+def frames_of(content: bytes) -> list[dict]:
+    """The original clients' parse of a NUL stream: every non-empty piece is one JSON frame."""
+    return [json.loads(piece) for piece in content.split(b"\0") if piece]
+
+
+def test_a_bad_field_on_the_worker_stream_is_a_422_frame_and_malformed_json_a_400(stack):
+    # The README's rule for every endpoint (422 for a bad field, 400 for malformed JSON); the body stays one
+    # frame, which is all the original clients read (they never look at the status).
+    bad = requests.post(f"{stack.base_url}/worker_generate_stream", data=b'{"prompt": "hi", "temperature": -1}',
+                        timeout=10)
+    assert bad.status_code == 422 and "content-type" not in bad.headers
+    assert bad.content == b'{"text": "temperature: Input should be greater than or equal to 0", "error_code": 4}\0'
+    malformed = requests.post(f"{stack.base_url}/worker_generate_stream", data=b'{"prompt": ', timeout=10)
+    assert malformed.status_code == 400
+    [frame] = frames_of(malformed.content)
+    assert frame["error_code"] == 4 and frame["text"].startswith("malformed JSON"), frame
+
+
+def test_the_worker_stream_answers_a_frame_while_redis_is_away():
+    # A JSON error body here made the original clients fail on data["error_code"] / data["text"] (KeyError).
+    with RedisServer() as server, run_stack(server.url, {}, workers=(), log_prefix="llava-queue-redis-away-") as api:
+        server.stop()
+        for body in ({"prompt": "USER: hi ASSISTANT:"}, {"model": MODEL, "prompt": "USER: hi ASSISTANT:"}):
+            response = requests.post(f"{api.base_url}/worker_generate_stream", json=body, timeout=30)
+            assert response.status_code == 503 and "content-type" not in response.headers, response.content
+            [frame] = frames_of(response.content)
+            assert frame["error_code"] == 1 and "unavailable" in frame["text"], frame
+
+
+def test_redis_going_away_mid_stream_ends_it_with_the_original_error_frame():
+    # It ended with an unhandled exception in the API and a stream cut short (ChunkedEncodingError).
+    env = {"LLAVA_QUEUE_LLAVA_KEEPALIVE_SECONDS": "0.5"}
+    with RedisServer() as server, run_stack(server.url, env, workers=(), log_prefix="llava-queue-redis-gone-") as api:
+        with requests.post(f"{api.base_url}/worker_generate_stream", stream=True, timeout=20,
+                           json={"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 4}) as response:
+            pieces = response.iter_lines(decode_unicode=False, delimiter=b"\0")
+            assert next(pieces) == b""  # a keepalive: the job waits (no worker)
+            server.stop()
+            rest = [piece for piece in pieces if piece]
+        assert [json.loads(piece) for piece in rest] == [{"text": SERVER_ERROR_MSG, "error_code": 1}], rest
+
+
+def test_the_worker_stream_refuses_with_a_frame_behind_api_keys():
+    # With keys on, a missing key (401) and the key's rate limit (429) were JSON error bodies, unreadable as frames.
+    key = "controller-test-key"
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": json.dumps([key_digest(key)]), "LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE": "1"}
+    body = {"model": "llava-v1.5-13b", "prompt": "USER: hi ASSISTANT:"}
+    with RedisServer() as server, run_stack(server.url, env, workers=(), log_prefix="llava-queue-keys-") as api:
+        url, headers = f"{api.base_url}/worker_generate_stream", {"Authorization": f"Bearer {key}"}
+        no_key = requests.post(url, json=body, timeout=10)
+        assert no_key.status_code == 401 and no_key.headers["WWW-Authenticate"] == "Bearer", no_key.content
+        [frame] = frames_of(no_key.content)
+        assert frame["error_code"] == 4 and "API key" in frame["text"], frame
+        # A limit of 1 a minute: of three requests in a row, only the first of each minute gets through.
+        answers = [requests.post(url, json=body, headers=headers, timeout=10) for _ in range(3)]
+        assert frames_of(answers[0].content) == [{"text": SERVER_ERROR_MSG, "error_code": 2}]
+        limited = next((answer for answer in answers[1:] if answer.status_code == 429), answers[-1])
+        assert limited.status_code == 429 and "content-type" not in limited.headers, limited.content
+        [frame] = frames_of(limited.content)
+        assert frame["error_code"] == 7 and "rate limit" in frame["text"], frame
+
+
+@pytest.mark.parametrize("path", ["/worker_generate_stream", "/get_worker_address"])
+def test_a_client_that_leaves_mid_body_is_no_unhandled_exception(stack, path):
+    # Both read the body themselves (as the originals do, whatever the Content-Type); a client gone before its
+    # body came raised ClientDisconnect out of the endpoint ("Exception in ASGI application").
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\n"
+                       '{"model": '.encode())
+        time.sleep(0.3)  # the endpoint is waiting for the rest of the body
+    time.sleep(0.5)
+    stack.check_api_log()
+    assert post(stack, "/list_models").json() == {"models": [MODEL]}

@@ -150,7 +150,7 @@ def test_worker_generate_stream_frames_are_byte_exact(stack):
     first = frames[0]
     assert first.startswith(b'{"text": "H\\u00e9llo, ') and first.endswith(b'", "error_code": 0}')
     bad = requests.post(f"{stack.base_url}/worker_generate_stream", data=b'{"temperature": 0}', timeout=10)
-    assert bad.status_code == 400
+    assert bad.status_code == 422
     frame = json.loads(bad.content.rstrip(b"\0"))
     assert frame["error_code"] != 0 and "prompt" in frame["text"]
 

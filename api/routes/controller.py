@@ -12,10 +12,11 @@ import asyncio
 import logging
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from api.deps import AppSettings, Registry, Store
 from api.routes.models import served_models
-from shared.protocol import parse_request
+from shared.protocol import InvalidRequest, parse_request
 
 log = logging.getLogger("llava_queue.api")
 
@@ -44,6 +45,18 @@ class HeartBeatAnswer(BaseModel):
     exist: bool
 
 
+async def read_body(request: Request) -> bytes:
+    """The raw body, read whatever its Content-Type, as the originals read it (`await request.json()`).
+
+    A client gone before its body came is an InvalidRequest (answered to nobody), not an exception out of the
+    endpoint, which the server would log as unhandled.
+    """
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise InvalidRequest("the client left before its request body came", status=400) from None
+
+
 def public_address(request: Request, public_url: str | None) -> str:
     """Where clients reach this API: the configured public URL, else the address this request came to."""
     return (public_url or str(request.base_url)).rstrip("/")
@@ -68,7 +81,7 @@ async def get_worker_address(request: Request, registry: Registry, settings: App
 
     The body is read as JSON whatever its Content-Type, as the original controller reads it.
     """
-    body = parse_request(await request.body(), WorkerAddressRequest)
+    body = parse_request(await read_body(request), WorkerAddressRequest)
     served = served_models(await asyncio.to_thread(registry.workers))
     return WorkerAddress(address=public_address(request, settings.public_url) if body.model in served else "")
 

@@ -1,19 +1,46 @@
 """The original LLaVA worker endpoint, byte-compatible: NUL-delimited JSON frames of cumulative text."""
 
 import asyncio
+import logging
 
 import anyio
+import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 
 from api.deps import Hub, Registry, Store, Submissions
 from api.errors import ApiError
+from api.routes.controller import read_body
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job, with_keepalives
 from shared.jobs import JobStore
 from shared.protocol import SERVER_ERROR_MSG, ErrorCode, GenerateRequest, InvalidRequest, encode_chunk, parse_request
 
-router = APIRouter(tags=["llava"])
+log = logging.getLogger("llava_queue.api")
+
+
+class FrameRefusals(APIRoute):
+    """A route whose refusals go out as one frame that says why, with the refusal's status, never as the app's JSON
+    error body, which clients of the original protocol cannot read (they take every body as frames:
+    `data["text"]`, `data["error_code"]`). Covers those of its dependencies too (no API key: 401, over the key's
+    rate limit: 429), and Redis away (503)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return refusal(exc)
+            except redis.RedisError as exc:
+                return refusal(store_unavailable(exc))
+
+        return answer
+
+
+router = APIRouter(tags=["llava"], route_class=FrameRefusals)
 
 # The header that names the job behind a stream, so it can be polled at GET /v1/jobs/{id}.
 JOB_ID_HEADER = "X-Job-Id"
@@ -38,10 +65,29 @@ def ending_frame(event: StreamEvent) -> bytes | None:
     return encode_chunk(event.error or f"the job ended {event.status}", event.error_code)
 
 
+def store_unavailable(exc: redis.RedisError) -> ApiError:
+    """The app's 503 for Redis away, as an ApiError, so that it goes out as a frame here like any other refusal."""
+    return ApiError(503, f"the job store is unavailable, try again shortly: {exc}", type="unavailable",
+                    code=ErrorCode.SERVER_ERROR, headers={"Retry-After": "5"})
+
+
+def refusal(exc: ApiError) -> Response:
+    """A refused request as one frame that says why (original clients read frames, never a JSON error body)."""
+    # No media type: the original answers with no Content-Type header.
+    return Response(encode_chunk(exc.message, exc.code), status_code=exc.status, headers=exc.headers,
+                    media_type=None)
+
+
 async def cancel_unless_ended(store: JobStore, job_id: str) -> None:
-    """Cancel a job whose client left; shielded, because the client leaving cancels the caller."""
+    """Cancel a job whose client left; shielded, because the client leaving cancels the caller.
+
+    With Redis away the job cannot be cancelled: it goes on (its record names it), and the stream ends quietly.
+    """
     with anyio.CancelScope(shield=True):
-        await asyncio.to_thread(store.cancel, job_id)
+        try:
+            await asyncio.to_thread(store.cancel, job_id)
+        except redis.RedisError as exc:
+            log.warning("could not cancel job %s, whose client left, with Redis away: %s", job_id, exc)
 
 
 @router.post("/worker_generate_stream", response_class=StreamingResponse)
@@ -49,27 +95,26 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
                                  registry: Registry):
     """Generate like the original worker: frames `{"text": prompt + output, "error_code": 0}` each followed by NUL.
 
-    A bad request is answered 400 with one error frame (so original clients show the message). A
-    `model` that no live worker serves gets the original controller's `{"text": <server error>,
-    "error_code": 2}` frame. A failed job ends with `{"text": <server error>, "error_code": 1}`.
+    Every answer is frames, since the original clients parse nothing else. A bad request is answered
+    with one error frame (code 4) and the status every endpoint gives it: 400 for malformed JSON, 422
+    for a bad field. A `model` that no live worker serves gets the original controller's `{"text":
+    <server error>, "error_code": 2}` frame. A refused job (queue full, Redis away) is one frame that
+    says why, with the refusal's status. A failed job ends with `{"text": <server error>, "error_code":
+    1}`, as the original worker's does whatever the cause, and so does a stream that loses Redis.
     A client that disconnects cancels the job, unless the request says `"keep_on_disconnect": true`.
     The `X-Job-Id` response header names the job.
     """
     try:
-        body = parse_request(await request.body(), StreamRequest)
+        body = parse_request(await read_body(request), StreamRequest)
     except InvalidRequest as exc:
-        return Response(encode_chunk(exc.message, ErrorCode.INVALID_REQUEST), status_code=400)
+        raise ApiError(exc.status, exc.message, param=exc.param) from None
     if body.model and body.model not in served_models(await asyncio.to_thread(registry.workers)):
         # No media type: the original answers with no Content-Type header.
         return Response(encode_chunk(SERVER_ERROR_MSG, ErrorCode.NO_WORKER), media_type=None)
-    try:
-        # Behind API keys (the default), the job is the key's, and counts against its queued-job quota.
-        owner = getattr(request.state, "api_key", None)
-        job_id = await asyncio.to_thread(submitter.submit_one, body, "interactive", owner)
-    except ApiError as exc:
-        # Refused (queue full, broker away): one frame that says why, so original clients show it.
-        return Response(encode_chunk(exc.message, exc.code), status_code=exc.status, headers=exc.headers,
-                        media_type=None)
+    # With API keys on, the job is the key's, and counts against its queued-job quota. A refusal (the
+    # queue or the key's quota full, the broker or Redis away) goes out as a frame (FrameRefusals).
+    owner = getattr(request.state, "api_key", None)
+    job_id = await asyncio.to_thread(submitter.submit_one, body, "interactive", owner)
 
     async def frames():
         ended = sent = False
@@ -98,6 +143,11 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
             yield encode_chunk(SERVER_ERROR_MSG, ErrorCode.SERVER_ERROR)
         except ServerStopping:
             # The API shuts down, the job goes on (X-Job-Id): the original's frame for a worker that went away.
+            ended = True
+            yield encode_chunk(SERVER_ERROR_MSG, ErrorCode.SERVER_ERROR)
+        except redis.RedisError as exc:
+            # Redis went away: the same frame, not a stream cut short. The job cannot be cancelled now; it goes on.
+            log.warning("the stream of job %s lost Redis: %s", job_id, exc)
             ended = True
             yield encode_chunk(SERVER_ERROR_MSG, ErrorCode.SERVER_ERROR)
         finally:
