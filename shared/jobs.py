@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import redis
 from redis.commands.core import Script
@@ -54,7 +54,11 @@ elseif status == 'queued' then
   local deadline = redis.call('HGET', KEYS[1], 'deadline')
   if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[2]) then ended = 'expired' end
 end
-if not ended and redis.call('HINCRBY', KEYS[1], 'attempts', 1) > tonumber(ARGV[6]) then ended = 'exhausted' end
+-- Starts that followed a hand-back (a worker told to stop) are no failed attempts: only the others count.
+local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0')
+if not ended and redis.call('HINCRBY', KEYS[1], 'attempts', 1) - handed_back > tonumber(ARGV[6]) then
+  ended = 'exhausted'
+end
 if ended then
   -- The caller ends the job. One its earlier worker held (dead, or handing it back) becomes the caller's, whose
   -- ending would be fenced off otherwise, leaving the job running for ever.
@@ -70,7 +74,8 @@ if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KE
 local outcome = 'running'
 if status == 'running' then outcome = 'resumed' end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'start_token', ARGV[7], 'start_outcome', outcome)
-redis.call('HDEL', KEYS[1], 'step')  -- the steps of the worker that held it before count no more
+-- The steps of the worker that held it before count no more, nor its prompt (set_prompt writes it again).
+redis.call('HDEL', KEYS[1], 'step', 'prompt_by')
 if status == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
 return outcome
 """
@@ -186,23 +191,63 @@ return status
 _SET_PROMPT = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return -1 end  -- another worker holds it now
+-- This very write sent again (its answer was lost with the connection, after it ran): the prompt of this holder's
+-- start is written and published once (_START forgets `prompt_by` when the job changes hands).
+if redis.call('HGET', KEYS[1], 'prompt_by') == ARGV[3] then return tonumber(redis.call('HGET', KEYS[1], 'seq')) end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HSET', KEYS[1], 'prompt', ARGV[1], 'prompt_tokens', ARGV[2])
+redis.call('HSET', KEYS[1], 'prompt', ARGV[1], 'prompt_tokens', ARGV[2], 'prompt_by', ARGV[3])
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, prompt = ARGV[1]}))
 return seq
 """
 
+# The sweep's claim of a job (KEYS[1] the running hash, KEYS[2] its record) whose holder was ARGV[2]: marked ARGV[3].
 _CLAIM = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-  return 1
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+-- This very claim sent again (its answer was lost with the connection, after it ran): claimed.
+if holder == ARGV[3] then return 1 end
+if holder ~= ARGV[2] then return 0 end
+-- A job whose record is gone (deleted, evicted) has nothing to run: forgotten, not delivered again every minute.
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
 end
-return 0
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
 """
 _REQUEUED = "requeued@"
 
+# A worker's hand-back of job ARGV[1] (KEYS as _CLAIM's): the running hash marks it ARGV[4], and the record's holder
+# becomes ARGV[3] (requeued@<worker>), so the worker's late writes are fenced off.
+_RELEASE = """
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+local worker = redis.call('HGET', KEYS[2], 'worker')
+local running = redis.call('HGET', KEYS[2], 'status') == 'running'
+-- This very hand-back sent again (its answer was lost with the connection, after it ran), and nobody has started the
+-- job since: handed back (a "not held" made the worker keep a job whose writes were fenced off).
+if running and worker == ARGV[3] and holder and string.sub(holder, 1, #ARGV[5]) == ARGV[5] then return 1 end
+-- Not this worker's (or its record is gone: a new one of one field would outlive it).
+if not running or holder ~= ARGV[2] or worker ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[2], 'worker', ARGV[3])
+-- A hand-back is no failed attempt: the job's next start is not counted against its limit (_START).
+redis.call('HINCRBY', KEYS[2], 'handed_back', 1)
+return 1
+"""
+
+T = TypeVar("T")
+
 _INT_FIELDS = ("seq", "error_code", "prompt_tokens", "completion_tokens", "attempts")
 _FLOAT_FIELDS = ("created_at", "started_at", "first_token_at", "finished_at")
+
+
+def _sent_again_if_lost(write: Callable[[], T]) -> T:
+    """write(), sent once more if its connection broke or timed out before the answer came (the store's client does
+    not retry): it may have run, and the scripts sent so answer their own second try as they answered the first.
+    A second failure is raised: Redis is away, not just one answer."""
+    try:
+        return write()
+    except (redis.ConnectionError, redis.TimeoutError):
+        return write()
 
 
 def owner_id(api_key_digest: str) -> str:
@@ -270,6 +315,7 @@ class JobStore:
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._set_prompt = client.register_script(_SET_PROMPT)
         self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
@@ -515,8 +561,8 @@ class JobStore:
         Returns "running"; "resumed" (its earlier worker died: go on from the text it has);
         "duplicate" (a live worker already runs it: skip this delivery); "cancel" or "expired"
         (cancelled, or past its deadline, before it started: the caller ends it so);
-        "exhausted" (started more than `max_attempts` times: the caller fails it); with these three a job
-        its dead worker held is the caller's, to end; "missing";
+        "exhausted" (started more than `max_attempts` times, the starts after a hand-back (`release`) not counted:
+        the caller fails it); with these three a job its dead worker held is the caller's, to end; "missing";
         or the final status it already has (skip).
 
         A `token` of this delivery's own makes the start safe to send again: one whose answer was lost (the
@@ -536,7 +582,9 @@ class JobStore:
         """Running jobs whose worker stopped announcing itself (it died), claimed for a new delivery.
 
         A claimed job is marked in the running hash, so it is handed out once, not at every sweep;
-        if no worker has started it `requeue_after` seconds later, it is claimed again.
+        if no worker has started it `requeue_after` seconds later, it is claimed again. A claim whose answer was lost
+        is sent once more and answers as it did (it was left claimed but undelivered for `requeue_after`). A job whose
+        record is gone (deleted, evicted) leaves the running hash instead (it was delivered again every minute).
         """
         held = self.redis.hgetall(self.running_key)
         if not held:
@@ -552,21 +600,28 @@ class JobStore:
                     continue
             elif alive.get(holder) is not None:
                 continue
-            if self._claim(keys=[self.running_key], args=[job_id, holder, f"{_REQUEUED}{now!r}"]):
+            if _sent_again_if_lost(lambda: self._claim(keys=[self.running_key, self.key(job_id)],
+                                                       args=[job_id, holder, f"{_REQUEUED}{now!r}"])):
                 claimed.append(job_id)
         return claimed
 
     def release(self, job_id: str, worker: str) -> bool:
-        """Give a running job of `worker` back for a new delivery (a graceful shutdown); False if not held."""
-        if not self._claim(keys=[self.running_key], args=[job_id, worker, f"{_REQUEUED}{time.time()!r}"]):
-            return False
-        # The record's holder changes too, so this worker's late writes are fenced off.
-        self.redis.hset(self.key(job_id), "worker", f"{_REQUEUED}{worker}")
-        return True
+        """Give a running job of `worker` back for a new delivery (a graceful shutdown); False if not held.
+
+        Safe to send again: a release whose answer was lost (after it ran) answers True again as long as nobody has
+        started the job since, and counts one hand-back. A hand-back is not counted against the job's attempts.
+        """
+        keys = [self.running_key, self.key(job_id)]
+        args = [job_id, worker, f"{_REQUEUED}{worker}", f"{_REQUEUED}{time.time()!r}", _REQUEUED]
+        return bool(_sent_again_if_lost(lambda: self._release(keys=keys, args=args)))
 
     def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int, worker: str) -> bool:
         """Record (and publish) the rendered prompt and its token count; False if the job ended meanwhile or another
-        worker holds it now (`worker` was thought dead and its job resumed elsewhere)."""
+        worker holds it now (`worker` was thought dead and its job resumed elsewhere).
+
+        Safe to send again: once per start of the job, a write sent again after its answer was lost is written and
+        published once (it was published twice, with a seq of its own).
+        """
         seq = self._set_prompt(keys=[self.key(job_id), self.channel(job_id)], args=[prompt, prompt_tokens, worker])
         return int(seq) >= 0
 

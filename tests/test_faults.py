@@ -417,3 +417,41 @@ def test_an_api_stopped_mid_stream_ends_its_streams_at_once_and_every_job_goes_o
 
             ends = asyncio.run(all_to_the_end())
             assert [end["status"] for end in ends] == ["succeeded"] * 5, ends
+
+
+def test_a_worker_write_waits_out_redis_timeouts_as_it_waits_out_an_outage(tmp_path):
+    # A Redis that stops answering (paused, swapping, a network that drops packets) gives a client with a socket
+    # timeout a TimeoutError, not a ConnectionError: when_redis_answers gave up at the first one, so the engine's step
+    # raised (its chunks lost) and an ending was dropped, where a Redis away would have been waited for. The writer of
+    # unwritten endings already retried both. Here redis-py's own retries are off, so each timeout reaches the runner.
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True, socket_timeout=0.2,
+                                      retry=Retry(NoBackoff(), 0))
+        store = JobStore(client, "timeouts")
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(job_id, "w1") == "running"
+        client.set("kept", "1")
+        runner = JobRunner(store, loaded=None, worker_name="w1")
+        runner.redis_wait_seconds = 0.5
+        resumes = [threading.Timer(1.5, lambda: os.kill(server.process.pid, signal.SIGCONT)) for _ in range(2)]
+        try:
+            os.kill(server.process.pid, signal.SIGSTOP)
+            resumes[0].start()
+            assert when_redis_answers(lambda: client.get("kept"), "a read", wait_seconds=30) == "1"
+            os.kill(server.process.pid, signal.SIGSTOP)
+            resumes[1].start()
+            # Past its 0.5 s wait, the ending is kept and written in the background once Redis answers.
+            runner._end(Ending(job_id, "succeeded", finish_reason="stop"), f"ending job {job_id}")
+            resumes[1].join()
+            deadline = time.monotonic() + 20
+            while client.hget(store.key(job_id), "status") == "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.hget(store.key(job_id), "status") == "succeeded"
+        finally:
+            for resume in resumes:
+                resume.cancel()
+            os.kill(server.process.pid, signal.SIGCONT)
+            client.close()

@@ -421,3 +421,223 @@ def test_a_job_claimed_while_its_live_worker_lapsed_is_not_delivered_again_every
     assert store.claim_orphans() == [job_id]
     assert store.start(job_id, "w2") == "resumed"
     store.redis.close()
+
+
+def _load_scripts(store: JobStore) -> None:
+    """Load every script of `store`, so its first EVALSHA runs (a NOSCRIPT answer cut would prove nothing)."""
+    from redis.commands.core import Script
+
+    for script in vars(store).values():
+        if isinstance(script, Script):
+            store.redis.script_load(script.script)
+
+
+def test_a_hand_back_whose_answer_was_lost_still_hands_the_job_back(loaded):
+    # A stopping worker releases its running job (marked handed back in Redis, the worker's later writes fenced off),
+    # aborts it and sends it again. Redis ran the release but its answer was lost with the connection: the release
+    # raised (the store's client does not send a command again), and a release sent again found the job marked handed
+    # back, no longer this worker's: "not held". Either way the worker neither aborted nor requeued the job: it was not
+    # handed back, the shutdown waited for it past its grace period (a stop timeout killed it there), and the sweep,
+    # finding it marked handed back, delivered it again a minute later.
+    import threading
+
+    from shared.redis_server import RedisServer
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+
+    with RedisServer() as server:
+        proxy = AnswerCuttingProxy(server.port)
+        store = JobStore.from_url(proxy.url, prefix="lost-release")
+        runner = JobRunner(store, loaded, "w1")
+        engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
+                           on_step=runner.publish)
+        runner.attach(engine)
+        engine.start()
+        try:
+            _load_scripts(store)
+            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=400),
+                                     "interactive")
+            outcome = []
+            running = threading.Thread(target=lambda: outcome.append(runner.run(job_id)))
+            running.start()
+            while int(store.redis.hget(store.key(job_id), "completion_tokens") or 0) < 2:
+                assert running.is_alive(), outcome
+            proxy.armed = b"requeued@"
+            requeued = []
+            assert runner.hand_back(requeued.append) == [job_id]
+            assert proxy.cuts == 1 and requeued == [job_id]
+            running.join(60)
+            record = store.get(job_id)
+            assert (record["status"], record["worker"]) == ("running", "requeued@w1"), record
+            assert record["completion_tokens"] < 400
+        finally:
+            engine.shutdown()
+            store.redis.close()
+            proxy.close()
+
+
+def test_a_sweep_claim_whose_answer_was_lost_still_delivers_the_job(redis_server):
+    # The sweep claims a dead worker's job (marked claimed, then delivered again). Redis ran the claim but its answer
+    # was lost: the sweep failed, and a claim sent again found the job marked claimed already: not claimed, so not
+    # delivered. The job waited, held by nobody, for the next claim a minute later.
+    proxy = AnswerCuttingProxy(redis_server.port)
+    store = JobStore.from_url(proxy.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
+    try:
+        _load_scripts(store)
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+        assert store.start(job_id, "dead-worker") == "running"
+        proxy.armed = b"requeued@"
+        assert store.claim_orphans() == [job_id]
+        assert proxy.cuts == 1
+        assert store.claim_orphans() == []  # claimed once: not again at the next sweep
+    finally:
+        store.redis.close()
+        proxy.close()
+
+
+def test_a_prompt_whose_answer_was_lost_is_published_once(redis_server):
+    # The worker records the job's rendered prompt (and publishes it on the job's channel). Redis wrote it but the
+    # answer was lost: the job failed (the write raised), and a write sent again was written and published a second
+    # time, with a seq of its own (listeners got the prompt twice).
+    from workers.generation import when_redis_answers
+
+    proxy = AnswerCuttingProxy(redis_server.port)
+    store = JobStore.from_url(proxy.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
+    try:
+        _load_scripts(store)
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+        assert store.start(job_id, "w1") == "running"
+        proxy.armed = b"a prompt whose answer is lost"
+        # Sent again as the runner sends it (JobRunner._generate).
+        assert when_redis_answers(lambda: store.set_prompt(job_id, "a prompt whose answer is lost", 5, "w1"),
+                                  "writing the prompt", 10)
+        assert proxy.cuts == 1
+        assert store.get(job_id)["seq"] == 1
+    finally:
+        store.redis.close()
+        proxy.close()
+
+
+def test_a_start_waits_for_redis_as_long_as_it_takes(loaded, tmp_path):
+    # A worker took a job's task while Redis was away, for longer than a write waits (5 minutes; 1 s here). Its start
+    # gave up: the task failed and was acknowledged, and the job stayed "queued" with no task to run it (or, when the
+    # start had run and only its answer was lost, "running" under a live worker that did not run it), for good.
+    import threading
+    import time
+
+    import redis
+
+    from shared.redis_server import RedisServer
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+
+    servers = [RedisServer(data_dir=tmp_path).start()]
+    port = servers[0].port
+    store = JobStore.from_url(servers[0].url, prefix="start-waits")
+    runner = JobRunner(store, loaded, "w1")
+    runner.redis_wait_seconds = 1.0
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
+                       on_step=runner.publish)
+    runner.attach(engine)
+    engine.start()
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
+                                 "interactive")
+        servers[0].stop()
+        outcome = []
+
+        def run():
+            try:
+                outcome.append(runner.run(job_id))
+            except redis.RedisError as exc:
+                outcome.append(f"raised {exc!r}")
+
+        task = threading.Thread(target=run)
+        task.start()
+        time.sleep(3)
+        servers.append(RedisServer(port=port, data_dir=tmp_path).start())
+        task.join(60)
+        record = store.get(job_id)
+        assert (outcome, record["status"], record["attempts"]) == (["succeeded"], "succeeded", 1), record
+    finally:
+        engine.shutdown()
+        store.redis.close()
+        for server in servers:
+            server.stop()
+
+
+def test_a_hand_back_is_not_counted_against_the_jobs_attempts(redis_server):
+    # MAX_ATTEMPTS stops a job that kills its workers ("started too many times: its workers died"). A job handed back
+    # by a worker told to stop (a deploy, a scale-down) had not killed anybody, but its next start counted: a long
+    # job handed back through a few rolling restarts failed with that error. A crash still counts.
+    store = JobStore.from_url(redis_server.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+    assert store.start(job_id, "stopping-1", max_attempts=1) == "running"
+    assert store.release(job_id, "stopping-1")
+    assert store.start(job_id, "stopping-2", max_attempts=1) == "resumed"
+    assert store.release(job_id, "stopping-2")
+    assert store.release(job_id, "stopping-2")  # the same release sent again: counted once
+    assert store.start(job_id, "dies", max_attempts=1) == "resumed"
+    assert store.get(job_id)["attempts"] == 3
+    assert store.claim_orphans() == [job_id]  # "dies" died: that start counts
+    assert store.start(job_id, "w4", max_attempts=1) == "exhausted"
+    store.redis.close()
+
+
+def test_a_job_whose_record_vanished_is_not_delivered_again_nor_brought_back(redis_server):
+    # A running job's record deleted (by hand, or evicted by a Redis out of memory) while the running hash still
+    # names it. The sweep claimed it and delivered it again every minute, for ever (each start answered "missing"),
+    # and a worker handing it back wrote its holder into a new record: a job of one field, no status, no TTL.
+    store = JobStore.from_url(redis_server.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
+    for holder in ("dead-worker", "stopping"):
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+        assert store.start(job_id, holder) == "running"
+        store.redis.delete(store.key(job_id))
+        if holder == "stopping":
+            assert not store.release(job_id, holder)
+            assert not store.redis.exists(store.key(job_id))
+        assert store.claim_orphans(requeue_after=0) == []
+        assert store.totals()["running"] == 0
+    store.redis.close()
+
+
+def test_a_job_started_just_before_a_redis_outage_runs_once_redis_is_back(loaded, tmp_path):
+    # Redis goes away right after a job's start, for a few seconds. The reads and the prompt's write that follow the
+    # start did not wait for Redis as the other writes do: the first raised, and the job failed for an outage of a few
+    # seconds ("ConnectionError: ...", written once Redis was back).
+    import threading
+
+    from shared.redis_server import RedisServer
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+
+    servers = [RedisServer(data_dir=tmp_path).start()]
+    port = servers[0].port
+
+    class StoreThatLosesRedisAfterStart(JobStore):
+        def start(self, *args, **kwargs):
+            try:
+                return super().start(*args, **kwargs)
+            finally:
+                servers[0].stop()
+                threading.Timer(1.5, lambda: servers.append(RedisServer(port=port, data_dir=tmp_path).start())).start()
+
+    store = StoreThatLosesRedisAfterStart.from_url(servers[0].url, prefix="after-start")
+    runner = JobRunner(store, loaded, "w1")
+    runner.redis_wait_seconds = 30
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
+                       on_step=runner.publish)
+    runner.attach(engine)
+    engine.start()
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
+                                 "interactive")
+        outcome = runner.run(job_id)
+        record = store.get(job_id)
+        assert (outcome, record["status"], record["completion_tokens"], record["error"]) == (
+            "succeeded", "succeeded", 4, ""), record
+    finally:
+        engine.shutdown()
+        store.redis.close()
+        for server in servers:
+            server.stop()

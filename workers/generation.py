@@ -7,6 +7,7 @@ states and publishes every engine step's chunks in one pipelined round trip.
 
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -33,6 +34,9 @@ T = TypeVar("T")
 
 # How long a write of the worker waits for Redis to come back before it gives up (see `when_redis_answers`).
 REDIS_WAIT_SECONDS = 300.0
+
+# What a Redis away (or not answering in time) raises: a write that met one is tried again (`when_redis_answers`).
+REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
 _FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
 
@@ -167,12 +171,15 @@ class JobRunner:
 
     def run(self, job_id: str) -> str:
         """Run one job to its end; returns how it ended (its final status, or why it was skipped)."""
-        # A token of this delivery: a start tried again after its answer was lost (redis-py's own retry, or ours)
-        # gets the same answer, not "duplicate" of itself.
+        # A token of this delivery: a start tried again after its answer was lost (by when_redis_answers: the store's
+        # client does not send a command again) gets the same answer, not "duplicate" of itself. The start waits for
+        # Redis as long as it takes: one that gave up failed its task (acknowledged, so never delivered again) and left
+        # the job queued with no task to run it, or, when it had run and only its answer was lost, running under this
+        # live worker, which did not run it.
         token = uuid.uuid4().hex
         status = when_redis_answers(lambda: self.store.start(job_id, self.worker_name, self.loaded.name,
                                                              self.max_attempts, token), f"starting job {job_id}",
-                                    self.redis_wait_seconds)
+                                    math.inf)
         if status in _ENDED_BEFORE_START:
             self._end(_ENDED_BEFORE_START[status](job_id), f"ending job {job_id}")
             return status
@@ -194,14 +201,17 @@ class JobRunner:
             self._handed_back.discard(job_id)
 
     def _generate(self, job_id: str, resumed: bool) -> str:
+        # Its reads and writes wait for Redis too: one that raised failed the job for an outage of a few seconds.
         try:
-            request = self.store.request_of(job_id)
+            request = self._when_redis_answers(lambda: self.store.request_of(job_id), f"reading job {job_id}")
             prepared = prepare(request, self.loaded, self.max_new_tokens_cap)
         except ValueError as exc:
-            self.store.finish(job_id, "failed", error=str(exc), error_code=ErrorCode.INVALID_REQUEST,
-                              finish_reason="error", worker=self.worker_name)
+            self._end(Ending(job_id, "failed", str(exc), ErrorCode.INVALID_REQUEST, "error"), f"failing job {job_id}")
             return "failed"
-        if not self.store.set_prompt(job_id, prepared.prompt, len(prepared.token_ids), self.worker_name):
+        # Sent again after its answer was lost, the prompt is written and published once (JobStore.set_prompt).
+        if not self._when_redis_answers(lambda: self.store.set_prompt(job_id, prepared.prompt, len(prepared.token_ids),
+                                                                      self.worker_name),
+                                        f"writing the prompt of job {job_id}"):
             return "ended"
         if prepared.params.max_new_tokens < 1:
             # The original answers with this text and error_code 0 when the prompt fills the context.
@@ -210,14 +220,14 @@ class JobRunner:
             return "succeeded"
         if resumed:
             # The worker that ran this job died: go on after the text its clients already have.
-            record = self.store.get(job_id)
+            record = self._when_redis_answers(lambda: self.store.get(job_id), f"reading job {job_id}")
             done_text, done_tokens = record["text"], record["completion_tokens"]
             if done_text:
                 prepared.token_ids += self.loaded.tokenizer(done_text, add_special_tokens=False).input_ids
             prepared.params = replace(prepared.params, max_new_tokens=prepared.params.max_new_tokens - done_tokens)
             self._done_before[job_id] = done_tokens
             if prepared.params.max_new_tokens < 1:
-                self.store.finish(job_id, "succeeded", finish_reason="length", worker=self.worker_name)
+                self._end(Ending(job_id, "succeeded", finish_reason="length"), f"ending job {job_id}")
                 return "succeeded"
         handle = self.engine.add_request(job_id, prepared.text_token_ids, prepared.params,
                                          prompt_embeds=prepared.engine_prompt_embeds())
@@ -287,7 +297,7 @@ class JobRunner:
         the background (`_write_unwritten`) instead of lost, which left the job "running" for good."""
         try:
             self._record_step([], [ending], what)
-        except RedisConnectionError as exc:
+        except REDIS_UNREACHABLE as exc:
             log.warning("job %s: its ending (%s) not written (%s); written once Redis answers", ending.job_id,
                         ending.status, exc)
             with self._unwritten_lock:
@@ -311,7 +321,7 @@ class JobRunner:
             try:
                 self.store.record_step(self.worker_name, [], pending)
                 log.info("Redis is back: %d endings written", len(pending))
-            except (RedisConnectionError, RedisTimeoutError):
+            except REDIS_UNREACHABLE:
                 continue
             except Exception:
                 # Not an outage: trying again would fail again (and hold back the others). The job goes as a job whose
@@ -326,27 +336,33 @@ class JobRunner:
         """`JobStore.record_step` for this worker, waiting for Redis while it is away (`when_redis_answers`); a try
         again carries the same step number, so chunks the lost try had written are not written twice."""
         step = next(self._steps)
-        return when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings, step), what,
-                                  self.redis_wait_seconds)
+        return self._when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings, step), what)
+
+    def _when_redis_answers(self, call: Callable[[], T], what: str) -> T:
+        """`when_redis_answers` within this runner's wait."""
+        return when_redis_answers(call, what, self.redis_wait_seconds)
 
 
 def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = REDIS_WAIT_SECONDS) -> T:
     """write(), tried again while Redis cannot be reached (0.1 s apart, doubling to 2 s), for up to `wait_seconds`.
 
     A job that ended while Redis was restarting used to lose its final write, and with it the job (its
-    task failed, and was acknowledged). Only connection errors are retried. A connection cut while
-    Redis was answering may have run part of a pipelined step: the runner's writes carry a step
-    number for that (`JobRunner._record_step`), and its endings end a job once.
+    task failed, and was acknowledged). Connection errors and timeouts are retried (a timeout, from a Redis
+    paused or a network dropping packets, was not: the step raised at once, where the writer of unwritten
+    endings retried both). A connection cut, or a timeout, while Redis was answering may have run the write, or
+    part of a pipelined step: the runner's writes carry a step number for that (`JobRunner._record_step`), its
+    endings end a job once, a start carries a token of its delivery, and a prompt is written once per start.
     """
     deadline, delay, warned = time.monotonic() + wait_seconds, 0.1, False
     while True:
         try:
             result = write()
-        except RedisConnectionError as exc:
+        except REDIS_UNREACHABLE as exc:
             if time.monotonic() + delay > deadline:
                 raise
             if not warned:
-                log.warning("Redis cannot be reached (%s): %s waits for it, up to %.0f s", exc, what, wait_seconds)
+                log.warning("Redis cannot be reached (%s): %s waits for it%s", exc, what,
+                            f", up to {wait_seconds:.0f} s" if math.isfinite(wait_seconds) else "")
                 warned = True
             time.sleep(delay)
             delay = min(2 * delay, 2.0)
