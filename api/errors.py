@@ -29,6 +29,12 @@ def job_not_found(job_id: str) -> ApiError:
                     type="not_found", param="id", code=ErrorCode.NOT_FOUND)
 
 
+def store_unavailable(exc: redis.RedisError) -> ApiError:
+    """Redis away (restarting, network): say so; the API recovers by itself when it is back."""
+    return ApiError(503, f"the job store is unavailable, try again shortly: {exc}", type="unavailable",
+                    code=ErrorCode.SERVER_ERROR, headers={"Retry-After": "5"})
+
+
 def body_not_json(request: Request, errors: list[dict]) -> ApiError | None:
     """The 400 for a body refused whole because it did not say it is JSON: FastAPI reads a body as JSON only then
     (curl -d sends a form type), and pydantic's own message ("a valid dictionary") does not say why."""
@@ -48,10 +54,8 @@ def install_error_handlers(app: FastAPI) -> None:
                             headers=exc.headers)
 
     @app.exception_handler(redis.RedisError)
-    async def _redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
-        # Redis away (restarting, network): say so, and recover by itself when it is back.
-        return JSONResponse(error_body(f"the job store is unavailable, try again shortly: {exc}", "unavailable",
-                                       None, ErrorCode.SERVER_ERROR), status_code=503, headers={"Retry-After": "5"})
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        return await _api_error(request, store_unavailable(exc))
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:

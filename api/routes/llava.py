@@ -10,7 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from api.deps import Hub, Registry, Store, Submissions
-from api.errors import ApiError
+from api.errors import ApiError, store_unavailable
 from api.routes.controller import read_body
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job, with_keepalives
@@ -63,12 +63,6 @@ def ending_frame(event: StreamEvent) -> bytes | None:
     if event.status == "failed":
         return encode_chunk(SERVER_ERROR_MSG, ErrorCode.SERVER_ERROR)
     return encode_chunk(event.error or f"the job ended {event.status}", event.error_code)
-
-
-def store_unavailable(exc: redis.RedisError) -> ApiError:
-    """The app's 503 for Redis away, as an ApiError, so that it goes out as a frame here like any other refusal."""
-    return ApiError(503, f"the job store is unavailable, try again shortly: {exc}", type="unavailable",
-                    code=ErrorCode.SERVER_ERROR, headers={"Retry-After": "5"})
 
 
 def refusal(exc: ApiError) -> Response:
