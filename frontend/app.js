@@ -4,7 +4,7 @@
 
 import { renderMarkdown } from "./markdown.js";
 import { processImage, readImage } from "./images.js";
-import { cancelJob, followJob, listModels, sendFeedback, setApiKey, submitJob } from "./jobs.js";
+import { FINAL_STATES, cancelJob, followJob, listModels, sendFeedback, setApiKey, submitJob } from "./jobs.js";
 
 // The original web server cuts a message to 1536 characters, 1200 when it carries an image.
 const MAX_TEXT = 1536;
@@ -28,6 +28,8 @@ const state = {
   // {role: "assistant", text, jobId, status, error, errorCode, meta, voted}
   turns: [],
   pendingImage: null, // {source, name}
+  imageReading: null, // while an image is being read: the promise of its reading (it never rejects)
+  sendOnceRead: false, // Send was pressed while it was
   current: null, // the assistant turn being generated
   follower: null,
 };
@@ -120,6 +122,17 @@ function processMode() {
 
 async function send() {
   if (state.current || !ui.model.value) return;
+  if (state.imageReading) {
+    // A large image takes a moment to read: the message waits for it (sent once, however often Enter is pressed),
+    // and stays in the box if the image could not be read (the notice says why).
+    if (state.sendOnceRead) return;
+    state.sendOnceRead = true;
+    notice("Reading the image…");
+    await state.imageReading;
+    state.sendOnceRead = false;
+    if (state.pendingImage) send();
+    return;
+  }
   const image = state.pendingImage;
   let text = ui.prompt.value;
   if (!text.trim() && !image) return; // the original skips an empty message
@@ -182,24 +195,31 @@ async function generate() {
     top_p: Number(ui.topP.value),
     max_new_tokens: Number(ui.maxTokens.value),
   };
-  try {
-    turn.jobId = await submitJob(request);
-  } catch (error) {
-    if (error.status === 401) askForKey();
-    finish(turn, null, { status: "failed", error: error.message, error_code: error.code });
-    return;
-  }
+  turn.jobId = await submitWhenTaken(turn, request);
+  if (!turn.jobId) return;
   turn.status = "queued";
   turn.meta = "waiting for a worker…";
   updateAssistant(turn);
   if (turn.stopRequested) stopCurrent();
   state.follower = followJob(turn.jobId, {
     onConnected() {
-      if (turn.meta.startsWith("connection lost")) turn.meta = turn.text ? "generating…" : "waiting for a worker…";
+      if (turn.meta.startsWith("connection lost")) {
+        turn.meta = turn.status === "running" ? "generating…" : "waiting for a worker…";
+      }
       updateAssistant(turn);
     },
     onQueued(position) {
-      turn.meta = position === 0 ? "in the queue: next" : `in the queue: ${position} ahead`;
+      // No place while a worker is taking it (it has left the queue's order, not yet started).
+      turn.meta = position === null ? "waiting for a worker…"
+        : position === 0 ? "in the queue: next" : `in the queue: ${position} ahead`;
+      updateAssistant(turn);
+    },
+    onStarted() {
+      // Its place is gone once a worker has it, whenever its first text comes (a long prompt or an image takes a
+      // while).
+      if (turn.status !== "queued") return;
+      turn.status = "running";
+      turn.meta = "generating…";
       updateAssistant(turn);
     },
     onText(text) {
@@ -218,9 +238,64 @@ async function generate() {
   });
 }
 
+/**
+ * Submit `request`. A 429 (rate limited, queue full) or a 503 (broker away) that says when to come back is sent again
+ * then, by itself, the wait counted down on the answer: no job was made, so a user would only send it again. Stop
+ * gives up. Returns the job id, or null once the answer has ended.
+ */
+async function submitWhenTaken(turn, request) {
+  for (;;) {
+    try {
+      return await submitJob(request);
+    } catch (error) {
+      if (error.retryAfter && (error.status === 429 || error.status === 503) && !turn.stopRequested) {
+        if (await waitToSendAgain(turn, error)) continue;
+      }
+      if (turn.stopRequested) {
+        finish(turn, null, { status: "cancelled", error: "cancelled by the client", error_code: 5 });
+        return null;
+      }
+      if (error.status === 401) askForKey();
+      finish(turn, null, { status: "failed", error: error.message, error_code: error.code });
+      return null;
+    }
+  }
+}
+
+/** Count the refusal's Retry-After down on the answer; resolves true when it is time to send again, false on Stop. */
+function waitToSendAgain(turn, error) {
+  turn.status = "waiting";
+  return new Promise((resolve) => {
+    let left = error.retryAfter;
+    let timer = null;
+    const tick = () => {
+      if (left <= 0) {
+        turn.wakeUp = null;
+        turn.status = "submitting";
+        turn.meta = "sending…";
+        updateAssistant(turn);
+        resolve(true);
+        return;
+      }
+      turn.meta = `the server is busy (${error.message}; error_code: ${error.code}); sending it again in ${left} s…`;
+      updateAssistant(turn);
+      left -= 1;
+      timer = setTimeout(tick, 1000);
+    };
+    turn.wakeUp = () => {
+      clearTimeout(timer);
+      turn.wakeUp = null;
+      resolve(false);
+    };
+    tick();
+  });
+}
+
 /** The answer's end: its final text from the job record, and its timings or its error. */
 function finish(turn, job, ending) {
   turn.status = job ? job.status : ending.status;
+  // The socket's own end for a job it could not find ("unknown"), or a refusal: a failure as far as the user goes.
+  if (!FINAL_STATES.includes(turn.status)) turn.status = "failed";
   if (job) turn.text = job.text;
   if (turn.status !== "succeeded") {
     turn.error = (job && job.error) || ending.error || "the job did not finish";
@@ -252,7 +327,8 @@ async function stopCurrent() {
   const turn = state.current;
   if (!turn) return;
   if (!turn.jobId) {
-    turn.stopRequested = true; // cancelled as soon as the job exists
+    turn.stopRequested = true; // cancelled as soon as the job exists; not sent again if it was refused
+    turn.wakeUp?.();
     return;
   }
   ui.stop.disabled = true;
@@ -328,12 +404,17 @@ async function showPreview() {
 
 async function takeImageFile(file) {
   if (!file) return;
-  try {
-    await setPendingImage({ source: await readImage(file), name: file.name || "pasted image" });
-    notice("");
-  } catch (error) {
-    notice(error.message);
-  }
+  const reading = (async () => {
+    try {
+      await setPendingImage({ source: await readImage(file), name: file.name || "pasted image" });
+      notice("");
+    } catch (error) {
+      notice(error.message);
+    }
+  })();
+  state.imageReading = reading;
+  await reading;
+  if (state.imageReading === reading) state.imageReading = null;
 }
 
 async function useExample(button) {
@@ -350,9 +431,11 @@ async function useExample(button) {
 
 async function loadModels() {
   let models = [];
+  let retryMs = MODEL_RETRY_MS;
   try {
     models = await listModels();
   } catch (error) {
+    if (error.retryAfter) retryMs = Math.max(retryMs, error.retryAfter * 1000); // a 429: not before it says
     if (error.status === 401) {
       askForKey();
       ui.model.replaceChildren(new Option("enter the API key first", ""));
@@ -366,7 +449,7 @@ async function loadModels() {
     ui.model.replaceChildren(new Option("no model is served right now", ""));
     ui.model.disabled = true;
     updateButtons();
-    setTimeout(loadModels, MODEL_RETRY_MS);
+    setTimeout(loadModels, retryMs);
     return;
   }
   // As the original: the first model by default; ?model= picks one that is served.
@@ -422,7 +505,14 @@ ui.dropzone.addEventListener("dragover", (event) => {
   ui.dropzone.classList.add("dragging");
 });
 ui.dropzone.addEventListener("dragleave", () => ui.dropzone.classList.remove("dragging"));
-ui.dropzone.addEventListener("drop", (event) => {
+// A file dropped anywhere on the page is taken as the drop zone takes it: left to the browser, it would open the file
+// in place of the page, and the conversation would be gone. Text dragged into the message box goes in as usual.
+const carriesFiles = (event) => Boolean(event.dataTransfer) && [...event.dataTransfer.types].includes("Files");
+window.addEventListener("dragover", (event) => {
+  if (carriesFiles(event)) event.preventDefault();
+});
+window.addEventListener("drop", (event) => {
+  if (!carriesFiles(event)) return;
   event.preventDefault();
   ui.dropzone.classList.remove("dragging");
   takeImageFile(event.dataTransfer.files[0]);

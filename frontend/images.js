@@ -5,6 +5,9 @@ export const PAD_COLOR = [122, 116, 104];
 const RESIZE_SIDE = 336;
 const MAX_LONGEST = 1344;
 const MAX_SHORTEST = 672;
+// The most pixels an image may have. Decoded, it takes 4 bytes a pixel (50 megapixels: 200 MB); the API's own limit
+// (LLAVA_QUEUE_MAX_IMAGE_PIXELS) is the same by default.
+export const MAX_PIXELS = 50_000_000;
 
 /** The size an image of `width`×`height` is sent at: unchanged unless its longest side exceeds
  * 1344, else the shortest side becomes int(min(1344 / aspect, 672, shortest)) and the longest
@@ -30,31 +33,32 @@ function canvasOf(width, height) {
 }
 
 /** Draw `source` (an ImageBitmap or a loaded <img>) as the original would send it with `mode`.
- * Returns a canvas. */
+ * Returns a canvas. The longest-side limit is applied as the image is drawn: a full-size canvas of a large image
+ * (padded to a square, at that) could be past what the browser draws at all. */
 export function processedCanvas(source, mode) {
-  let width = source.naturalWidth || source.width;
-  let height = source.naturalHeight || source.height;
+  const width = source.naturalWidth || source.width;
+  const height = source.naturalHeight || source.height;
   let canvas;
   let context;
   if (mode === "Pad") {
     const side = Math.max(width, height);
-    [canvas, context] = canvasOf(side, side);
+    const [limited] = limitSize(side, side);
+    const scale = limited / side;
+    [canvas, context] = canvasOf(limited, limited);
     context.fillStyle = `rgb(${PAD_COLOR.join(", ")})`;
-    context.fillRect(0, 0, side, side);
-    context.drawImage(source, Math.trunc((side - width) / 2), Math.trunc((side - height) / 2));
+    context.fillRect(0, 0, limited, limited);
+    context.drawImage(source, Math.trunc((side - width) / 2) * scale, Math.trunc((side - height) / 2) * scale,
+                      width * scale, height * scale);
   } else if (mode === "Resize") {
     [canvas, context] = canvasOf(RESIZE_SIDE, RESIZE_SIDE);
     context.drawImage(source, 0, 0, RESIZE_SIDE, RESIZE_SIDE);
   } else {
     // Crop and Default send the image unchanged; any crop happens in the worker's image processor.
-    [canvas, context] = canvasOf(width, height);
-    context.drawImage(source, 0, 0);
+    const [limitedWidth, limitedHeight] = limitSize(width, height);
+    [canvas, context] = canvasOf(limitedWidth, limitedHeight);
+    context.drawImage(source, 0, 0, limitedWidth, limitedHeight);
   }
-  const [limitedWidth, limitedHeight] = limitSize(canvas.width, canvas.height);
-  if (limitedWidth === canvas.width && limitedHeight === canvas.height) return canvas;
-  const [smaller, smallerContext] = canvasOf(limitedWidth, limitedHeight);
-  smallerContext.drawImage(canvas, 0, 0, limitedWidth, limitedHeight);
-  return smaller;
+  return canvas;
 }
 
 /** The image as the worker receives it: `{base64, dataUrl, width, height}` of a PNG. */
@@ -64,11 +68,35 @@ export async function processImage(source, mode) {
   return { base64: dataUrl.slice(dataUrl.indexOf(",") + 1), dataUrl, width: canvas.width, height: canvas.height };
 }
 
-/** Decode an image file (or blob); rejects with a readable message when it is not an image. */
+/** The width and height of an image file, from its header: an <img> decodes its pixels only once it is drawn. */
+async function imageSize(file) {
+  const url = URL.createObjectURL(file);
+  try {
+    const img = new Image();
+    await new Promise((resolve, reject) => {
+      img.onload = resolve;
+      img.onerror = reject;
+      img.src = url;
+    });
+    return [img.naturalWidth, img.naturalHeight];
+  } finally {
+    URL.revokeObjectURL(url);
+  }
+}
+
+/** Decode an image file (or blob); rejects with a readable message when it is not an image, or one with more pixels
+ * than MAX_PIXELS (decoding it could freeze the tab or run it out of memory). */
 export async function readImage(file) {
+  const name = file.name || "this file";
+  const unreadable = new Error(`${name} is not an image the browser can read`);
+  const [width, height] = await imageSize(file).catch(() => { throw unreadable; });
+  if (width * height > MAX_PIXELS) {
+    throw new Error(`${name} is ${width}×${height} pixels (${Math.round(width * height / 1e6)} megapixels): the page `
+                    + `takes images of up to ${MAX_PIXELS / 1e6} megapixels. Make it smaller and try again.`);
+  }
   try {
     return await createImageBitmap(file);
   } catch {
-    throw new Error(`${file.name || "this file"} is not an image the browser can read`);
+    throw unreadable;
   }
 }

@@ -6,6 +6,8 @@
 // The original web server's message when the request itself failed.
 export const SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**";
 export const FINAL_STATES = ["succeeded", "failed", "cancelled", "expired"];
+// How often a queued job's place is read: each read counts against a key's per-minute rate limit.
+const QUEUE_POLL_MS = 2000;
 
 const KEY_STORAGE = "llava-queue-api-key";
 let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
@@ -16,13 +18,25 @@ export function setApiKey(key) {
   sessionStorage.setItem(KEY_STORAGE, apiKey);
 }
 
-/** An error the API answered (HTTP `status`; 0 for a network failure) with its llava-queue error code. */
+/** An error the API answered (HTTP `status`; 0 for a network failure) with its llava-queue error code, and the
+ * seconds its Retry-After asks to wait (429 rate limited or queue full, 503 broker away; else null). */
 export class ApiError extends Error {
-  constructor(message, code, status = 0) {
+  constructor(message, code, status = 0, retryAfter = null) {
     super(message);
     this.code = code;
     this.status = status;
+    this.retryAfter = retryAfter;
   }
+}
+
+const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+
+/** Seconds from a Retry-After header (seconds or an HTTP date); null without one. */
+function retryAfterSeconds(response) {
+  const value = response.headers.get("Retry-After");
+  if (!value) return null;
+  const seconds = /^\d+$/.test(value.trim()) ? Number(value) : (Date.parse(value) - Date.now()) / 1000;
+  return Number.isFinite(seconds) ? Math.max(1, Math.ceil(seconds)) : null;
 }
 
 export function apiUrl(path) {
@@ -55,7 +69,8 @@ export async function callApi(method, path, body, options = {}) {
   const payload = await response.json().catch(() => null);
   if (!response.ok) {
     const detail = payload && payload.error;
-    throw new ApiError(detail ? detail.message : `HTTP ${response.status}`, detail ? detail.code : 1, response.status);
+    throw new ApiError(detail ? detail.message : `HTTP ${response.status}`, detail ? detail.code : 1, response.status,
+                       retryAfterSeconds(response));
   }
   return payload;
 }
@@ -69,7 +84,8 @@ export const sendFeedback = (type, jobId) => callApi("POST", "v1/feedback", { ty
 /**
  * Follow job `id` until it ends. Handlers (all optional):
  *   onConnected()            the socket is open (again)
- *   onQueued(position)       while it waits: how many jobs are ahead of it
+ *   onQueued(position)       while it waits: how many jobs are ahead of it (null: being handed to a worker)
+ *   onStarted()              it left the queue (a worker took it), before its first text
  *   onText(text)             the answer so far (without the prompt), after every chunk
  *   onReconnecting(attempt)  the socket dropped; it is opened again after a short wait
  *   onDone(job, ending)      the job's final record (or null if unreadable) and the last message
@@ -95,25 +111,50 @@ export function followJob(id, handlers) {
   };
   const learnPrompt = () => {
     promptRequest ??= getJob(id).then((job) => { prompt = job.prompt; emitText(); })
-      .catch(() => { promptRequest = null; });
+      .catch((error) => {
+        // Asked again with the next message; after a 429 only once its Retry-After has passed (a message comes with
+        // every token: each would be one more refused request), message or not.
+        promptRequest = error.retryAfter ? sleep(error.retryAfter).then(() => {
+          promptRequest = null;
+          if (!closed && prompt === null) learnPrompt();
+        }) : null;
+      });
   };
 
   const pollQueue = async () => {
     if (closed || latest !== null) return;
+    let wait = QUEUE_POLL_MS;
     try {
       const job = await getJob(id);
-      if (!closed && latest === null && job.status === "queued") handlers.onQueued?.(job.queue_position);
-      if (job.status !== "queued") return;
-    } catch {
-      // The socket reports what matters; polling only adds the queue position.
+      if (closed || latest !== null) return;
+      if (job.status !== "queued") {
+        handlers.onStarted?.(); // no place to show any more, though its first text may take a while
+        return;
+      }
+      handlers.onQueued?.(job.queue_position);
+    } catch (error) {
+      // The socket reports what matters; polling only adds the queue place. A 429 says when to ask again.
+      if (error.retryAfter) wait = Math.max(wait, error.retryAfter * 1000);
     }
-    if (!closed) pollTimer = setTimeout(pollQueue, 700);
+    if (!closed) pollTimer = setTimeout(pollQueue, wait);
   };
 
   const finish = async (ending, job = undefined) => {
     if (closed) return;
     stop();
-    handlers.onDone?.(job === undefined ? await getJob(id).catch(() => null) : job, ending);
+    handlers.onDone?.(job === undefined ? await finalRecord() : job, ending);
+  };
+
+  // The ended job's record (null if unreadable). A 429 is waited out once when the answer has no text without it
+  // (its prompt never came); otherwise the answer ends with what it streamed, and without its timings.
+  const finalRecord = async () => {
+    try {
+      return await getJob(id);
+    } catch (error) {
+      if (!error.retryAfter || prompt !== null) return null;
+      await sleep(error.retryAfter);
+      return getJob(id).catch(() => null);
+    }
   };
 
   // Before opening the socket again: the job may have ended meanwhile, or the server may refuse us
@@ -143,6 +184,9 @@ export function followJob(id, handlers) {
       attempt = 0;
       const message = JSON.parse(event.data);
       if (message.done) {
+        // Its text too: the job record read next may be refused (a 429), and the answer would lose its end.
+        if (message.text) latest = message.text;
+        emitText();
         finish(message);
         return;
       }

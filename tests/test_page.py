@@ -2,7 +2,9 @@
 
 Nothing of the API is mocked. A second, small stack (API keys required, one sequence at a time,
 a 256-token KV budget) gives a job that really waits in the queue and one that really fails. A
-dropped WebSocket is a proxy that closes the page's socket mid-answer.
+dropped WebSocket is a proxy that closes the page's socket mid-answer (or holds its messages back).
+A 429 is the API's own refusal (status, Retry-After, error body) answered by Playwright in the API's
+place for one request: a real one takes a minute's worth of requests or a full queue.
 """
 
 import hashlib
@@ -440,3 +442,295 @@ def test_with_an_api_key_a_job_waits_in_the_queue_then_fails_with_its_error_and_
     keyless.close()
     vote = requests.post(f"{small_stack.base_url}/v1/feedback", json={"type": "flag", "job_id": blocker}, timeout=10)
     assert vote.status_code == 401
+
+
+def overloaded(retry_after: int) -> dict:
+    """The API's own 429 answer (Retry-After and error body, as api/submission.py refuses a full queue), for
+    Playwright's route.fulfill."""
+    message = f"10000 jobs are queued, the limit; retry in about {retry_after} s"
+    return {"status": 429, "headers": {"Retry-After": str(retry_after)}, "content_type": "application/json",
+            "body": json.dumps({"error": {"message": message, "type": "overloaded", "param": None, "code": 7}})}
+
+
+def refuse_the_first(page, method: str, url_pattern: str, retry_after: int, count: int = 1) -> list[float]:
+    """Answer the page's first `count` `method` requests to URLs matching `url_pattern` with a 429 and `retry_after`
+    (the one faked part: everything after goes to the real API); the list gets the time of every such request."""
+    times = []
+
+    def route_it(route):
+        if route.request.method != method:
+            route.continue_()
+            return
+        times.append(time.monotonic())
+        if len(times) <= count:
+            route.fulfill(**overloaded(retry_after))
+        else:
+            route.continue_()
+
+    page.route(re.compile(url_pattern), route_it)
+    return times
+
+
+def test_a_submission_refused_with_429_is_sent_again_after_its_retry_after(page, stack):
+    # A 429 (queue full, rate limit) ended the answer as failed: the user had to notice the "retry in" and come back.
+    posts = refuse_the_first(page, "POST", r"/v1/jobs$", retry_after=2)
+    quick_answers(page)
+    ask(page, "What is the capital of France?")
+    page.wait_for_function("window.seen.some(state => state.status === 'waiting' "
+                           "&& /server is busy.*sending it again in 2 s/.test(state.meta))", timeout=10_000)
+    assert page.get_by_role("button", name="Stop").is_enabled()
+    assert wait_for_end(page) == "succeeded"
+    assert len(posts) == 2 and posts[1] - posts[0] >= 1.9, posts
+    assert "Paris" in last_answer(page).locator(".markdown").inner_text()
+    assert last_answer(page).locator(".error").is_hidden()
+
+
+def test_stop_while_waiting_to_send_again_gives_up_at_once(page, stack):
+    posts = refuse_the_first(page, "POST", r"/v1/jobs$", retry_after=30)
+    ask(page, "What is the capital of France?")
+    page.wait_for_function("document.querySelector('#conversation > .turn.assistant:last-child')?.dataset.status "
+                           "=== 'waiting'", timeout=10_000)
+    page.get_by_role("button", name="Stop").click()
+    assert wait_for_end(page) == "cancelled"
+    assert last_answer(page).locator(".error").inner_text() == "cancelled by the client (error_code: 5)"
+    assert page.get_by_role("button", name="Regenerate").is_enabled()
+    page.wait_for_timeout(500)
+    assert len(posts) == 1, "the page sent the message again after Stop"
+
+
+def hugely_many_pixels_png(path: Path, width: int, height: int) -> Path:
+    """A white 1-bit PNG of `width`×`height`: a few kilobytes on disk, width × height × 4 bytes once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" + b"\xff" * ((width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row * 500) for _ in range(height // 500)) + compressor.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_with_too_many_pixels_is_refused_with_its_size(page, tmp_path):
+    # A 20000×20000 image (a few KB as a PNG) froze the tab, or ended with a canvas error nobody could act on.
+    huge = hugely_many_pixels_png(tmp_path / "poster.png", 20_000, 20_000)
+    page.get_by_label("Choose an image").set_input_files(huge)
+    page.get_by_text(re.compile(r"poster\.png is 20000×20000 pixels")).wait_for(timeout=10_000)
+    assert "megapixels" in page.locator("#notice").inner_text()
+    assert page.locator("#attachment").is_hidden()
+    # The tab still works: a normal image is taken afterwards.
+    page.get_by_label("Choose an image").set_input_files(Path(__file__).parents[1] / "frontend/examples/shapes.png")
+    page.locator("#attachment").wait_for(timeout=10_000)
+    assert page.locator("#notice").inner_text() == ""
+
+
+def test_a_file_dropped_anywhere_on_the_page_is_taken_not_opened(page, stack):
+    # Only the drop zone took a drop: a file dropped on the conversation made the browser open it, and the
+    # conversation was gone. (A dispatched drop has no default action; whether the page prevents it is what counts.)
+    dispatched = page.evaluate("""async () => {
+      const blob = await (await fetch("static/examples/shapes.png")).blob();
+      const transfer = new DataTransfer();
+      transfer.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+      const target = document.getElementById("conversation");
+      const fire = (type) => target.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true,
+                                                                       cancelable: true}));
+      return {dragover: fire("dragover"), drop: fire("drop")};
+    }""")
+    assert dispatched == {"dragover": False, "drop": False}, "the browser would have opened the dropped file"
+    page.locator("#attachment").wait_for(timeout=10_000)
+    assert page.locator("#attachment-name").inner_text() == "dropped.png"
+    # Text dragged into the message box is not a file: the browser handles it as usual.
+    text_drop = page.evaluate("""() => {
+      const transfer = new DataTransfer();
+      transfer.setData("text/plain", "hello");
+      return document.getElementById("prompt").dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer,
+                                                                           bubbles: true, cancelable: true}));
+    }""")
+    assert text_drop is True
+
+
+def blocked_small_stack_page(browser, small_stack):
+    """The small stack's page (key entered) while another user's job holds its only slot; returns (page, blocker)."""
+    wait_for_stack(small_stack)
+    page = open_page(browser, small_stack.base_url, api_key=SMALL_STACK_KEY)
+    blocker = requests.post(f"{small_stack.base_url}/v1/jobs", headers=SMALL_STACK_AUTH, timeout=10, json={
+        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"]
+    deadline = time.monotonic() + 60
+    while job_record(small_stack.base_url, blocker, SMALL_STACK_AUTH)["status"] != "running":
+        assert time.monotonic() < deadline, "the blocking job never started"
+        time.sleep(0.2)
+    return page, blocker
+
+
+def test_status_polling_waits_out_a_429_and_stays_under_a_rate_limit(browser, small_stack):
+    # The page read the job every 0.7 s while it waited (86 requests a minute: past a usual per-key rate limit by
+    # itself), and went on at that pace through 429s.
+    page, blocker = blocked_small_stack_page(browser, small_stack)
+    polls = refuse_the_first(page, "GET", r"/v1/jobs/[0-9a-f]+$", retry_after=3)
+    try:
+        ask(page, "What is the capital of France?")
+        page.wait_for_function("window.seen.some(state => state.meta === 'in the queue: next')", timeout=30_000)
+        page.wait_for_timeout(3000)
+        assert len(polls) >= 2, polls
+        assert polls[1] - polls[0] >= 2.9, f"polled again {polls[1] - polls[0]:.2f} s after a Retry-After of 3 s"
+        gaps = [later - earlier for earlier, later in zip(polls[1:], polls[2:])]
+        assert all(gap >= 1.5 for gap in gaps), gaps
+    finally:
+        requests.delete(f"{small_stack.base_url}/v1/jobs/{blocker}", headers=SMALL_STACK_AUTH, timeout=10)
+    assert wait_for_end(page) == "failed"  # the default 512 output tokens do not fit the 256-token budget
+    page.close()
+
+
+def test_the_queue_place_goes_once_the_job_started(browser, small_stack):
+    # The place stayed on screen ("in the queue: next") after the job had started, until its first text came; here the
+    # socket's messages are held back, so the job is running (the record says so) and no text has come.
+    held, sockets = [], []
+
+    def hold_messages(socket):
+        server = socket.connect_to_server()
+        sockets.append(socket)
+        server.on_message(lambda message: held.append(message) if held is not None else socket.send(message))
+        server.on_close(lambda code, reason: None)  # the page's socket stays open
+
+    page, blocker = blocked_small_stack_page(browser, small_stack)
+    page.route_web_socket(re.compile(r"/v1/jobs/[^/]+/ws(\?api_key=[^&]*)?$"), hold_messages)
+    quick_answers(page)
+    page.get_by_label("Max output tokens").fill("128")
+    ask(page, "What is the capital of France?")
+    page.wait_for_function("window.seen.some(state => state.meta === 'in the queue: next')", timeout=30_000)
+    job_id = last_answer(page).get_attribute("data-job-id")
+    requests.delete(f"{small_stack.base_url}/v1/jobs/{blocker}", headers=SMALL_STACK_AUTH, timeout=10)
+    deadline = time.monotonic() + 30
+    while job_record(small_stack.base_url, job_id, SMALL_STACK_AUTH)["status"] == "queued":
+        assert time.monotonic() < deadline, "the page's job never started"
+        time.sleep(0.1)
+    assert sockets, "the page's socket was not held back"
+    page.wait_for_function("(() => { const last = document.querySelector('#conversation > .turn.assistant:last-child');"
+                           " return last.dataset.status !== 'queued' && !/queue/.test(last.querySelector('.meta')"
+                           ".textContent); })()", timeout=8_000)
+    held_back, held = held, None
+    for message in held_back:
+        sockets[-1].send(message)
+    assert wait_for_end(page) == "succeeded"
+    assert "Paris" in last_answer(page).locator(".markdown").inner_text()
+    page.close()
+
+
+def test_an_answer_whose_job_is_unknown_ends_failed_with_its_error(page, stack):
+    # The socket's last message for a job the API does not know (its record expired, the Redis was emptied) has
+    # status "unknown" and error_code 8: the answer kept that status, never one that ends, as if still going on.
+    # The one faked part: the submission answers the id of a job that does not exist.
+    missing = "0" * 32
+    page.route(re.compile(r"/v1/jobs$"), lambda route: route.fulfill(
+        status=201, content_type="application/json", body=json.dumps({"id": missing, "status": "queued"}))
+        if route.request.method == "POST" else route.continue_())
+    ask(page, "What is the capital of France?")
+    assert wait_for_end(page) == "failed"
+    assert last_answer(page).locator(".error").inner_text() == f"unknown job id '{missing}' (error_code: 8)"
+    assert page.get_by_role("button", name="Regenerate").is_enabled()
+    assert page.get_by_role("button", name="Upvote").is_disabled()
+
+
+def test_enter_while_the_image_is_still_being_read_sends_it_with_the_image(page, stack):
+    # An image takes a moment to read (a large photo, a while): Enter pressed meanwhile sent the message without it,
+    # and the image then sat in the composer for the next message.
+    posts = []
+    page.on("request", lambda request: posts.append(request.post_data_json)
+            if request.method == "POST" and request.url.endswith("/v1/jobs") else None)
+    quick_answers(page)
+    page.evaluate("""async () => {
+      const blob = await (await fetch("static/examples/shapes.png")).blob();
+      const transfer = new DataTransfer();
+      transfer.items.add(new File([blob], "shapes.png", {type: "image/png"}));
+      const input = document.getElementById("image");
+      input.files = transfer.files;
+      input.dispatchEvent(new Event("change"));
+      document.getElementById("prompt").value = "What is in this picture?";
+      document.getElementById("composer").requestSubmit(); // at once: the image is being read
+    }""")
+    page.wait_for_function("document.querySelector('#conversation > .turn.assistant:last-child')?.dataset.jobId",
+                           timeout=30_000)
+    page.get_by_role("button", name="Stop").click()  # the answer itself does not matter here
+    wait_for_end(page)
+    assert len(posts) == 1, posts
+    assert len(posts[0]["messages"][-1]["images"]) == 1, "the message went without its image"
+    assert page.get_by_alt_text("user upload image").count() == 1
+    assert page.locator("#attachment").is_hidden()
+
+
+def test_a_model_list_refused_with_429_is_read_again_after_its_retry_after(browser, stack):
+    # The page read the list again every 3 s whatever the 429 said, each read counting against the same limit.
+    page = browser.new_page()
+    reads = refuse_the_first(page, "GET", r"/v1/models$", retry_after=5)
+    page.goto(f"{stack.base_url}/")
+    page.get_by_text(re.compile(r"Could not read the model list: .*retry in about 5 s")).wait_for(timeout=10_000)
+    page.wait_for_function("document.getElementById('model').value !== ''", timeout=15_000)
+    assert len(reads) == 2 and reads[1] - reads[0] >= 4.9, reads
+    assert page.locator("#notice").inner_text() == ""
+    page.close()
+
+
+def test_stop_while_the_job_waits_in_the_queue_cancels_it_at_once(browser, small_stack):
+    page, blocker = blocked_small_stack_page(browser, small_stack)
+    try:
+        ask(page, "What is the capital of France?")
+        page.wait_for_function("window.seen.some(state => state.meta === 'in the queue: next')", timeout=30_000)
+        page.get_by_role("button", name="Stop").click()
+        page.wait_for_function("document.querySelector('#conversation > .turn.assistant:last-child')"
+                               ".dataset.status === 'cancelled'", timeout=10_000)
+        job_id = last_answer(page).get_attribute("data-job-id")
+        assert job_record(small_stack.base_url, job_id, SMALL_STACK_AUTH)["status"] == "cancelled"
+        assert last_answer(page).locator(".meta").inner_text() == ""
+        assert last_answer(page).locator(".error").inner_text() == "cancelled by the client (error_code: 5)"
+        assert page.get_by_role("button", name="Regenerate").is_enabled()
+    finally:
+        requests.delete(f"{small_stack.base_url}/v1/jobs/{blocker}", headers=SMALL_STACK_AUTH, timeout=10)
+    page.close()
+
+
+def test_a_very_wide_image_is_padded_and_limited_as_it_is_drawn(page):
+    # Pad drew the image on a full-size square first: 20000×1000 made a 20000×20000 canvas, past what Chromium
+    # draws (268 megapixels), and the image went out blank.
+    drawn = page.evaluate("""async () => {
+      const { processedCanvas } = await import("./static/images.js");
+      const source = document.createElement("canvas");
+      source.width = 20000; source.height = 1000;
+      const context = source.getContext("2d");
+      context.fillStyle = "rgb(255, 0, 0)"; context.fillRect(0, 0, 20000, 1000);
+      const pixel = (canvas, x, y) => [...canvas.getContext("2d").getImageData(x, y, 1, 1).data.slice(0, 3)];
+      const pad = processedCanvas(source, "Pad");
+      const plain = processedCanvas(source, "Default");
+      return {pad: [pad.width, pad.height], corner: pixel(pad, 0, 0), centre: pixel(pad, 336, 336),
+              plain: [plain.width, plain.height], plainCentre: pixel(plain, 670, 33)};
+    }""")
+    assert drawn == {"pad": [672, 672], "corner": [122, 116, 104], "centre": [255, 0, 0],
+                     "plain": [1340, 67], "plainCentre": [255, 0, 0]}, drawn
+
+
+def test_an_answer_streams_and_ends_whole_through_429s_on_its_job_record(page, stack):
+    # The page reads the job record once for its prompt: refused (a rate limit), it asked again with every chunk (a
+    # request per token, each counted against the limit), and an answer that ended meanwhile was shown empty.
+    reads, refused = [], []
+
+    def refuse_for_two_seconds(route):
+        if route.request.method != "GET":
+            route.continue_()
+            return
+        reads.append(time.monotonic())
+        if reads[-1] - reads[0] < 2:
+            refused.append(reads[-1])
+            route.fulfill(**overloaded(2))
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/v1/jobs/[0-9a-f]+$"), refuse_for_two_seconds)
+    quick_answers(page)
+    ask(page, "What is the capital of France?")
+    assert wait_for_end(page) == "succeeded"
+    assert len(refused) <= 3, f"{len(refused)} reads of the job record in the 2 s it was refused"
+    record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+    assert last_answer(page).locator(".markdown").inner_text() == record["text"].strip() != ""
+    assert re.match(r"first token after", last_answer(page).locator(".meta").inner_text())
