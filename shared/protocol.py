@@ -184,6 +184,13 @@ def check_images(images: list[str]) -> list[str]:
     return images
 
 
+def _allow_pixels(max_pixels: int) -> None:
+    """PIL refuses an image over 2 x Image.MAX_IMAGE_PIXELS (about 179 million pixels) while opening it, before our
+    check: a MAX_IMAGE_PIXELS above that was refused with a wrong message. Raise PIL's limit to ours."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
                max_pixels: int | None = None) -> Image.Image:
     """Open one image of a request: base64 of an image file, plain or as a `data:` URL.
@@ -213,6 +220,7 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
     except (binascii.Error, ValueError):
         raise ValueError(f"image {index} is not valid base64 (send the image file's bytes base64-encoded, "
                          "or a data:image/...;base64, URL)") from None
+    _allow_pixels(max_pixels)
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:

@@ -1,5 +1,6 @@
 """Images from request to pixels: decoding with limits, the original's process modes and pad-to-square."""
 
+import base64
 import io
 import struct
 
@@ -185,3 +186,70 @@ def test_a_long_thin_image_fails_its_job_instead_of_growing_to_gigabytes(process
     assert load_pixel_values([banner], processor, None).shape == (1, 3, 56, 56)
     assert load_pixel_values([banner], processor, "pad", "Default").shape == (1, 3, 56, 56)
     assert load_pixel_values([encoded(Image.new("RGB", (1200, 800)))], processor, "pad").shape == (1, 3, 56, 56)
+
+
+def test_a_pixel_limit_above_pils_own_is_honoured():
+    """LLAVA_QUEUE_MAX_IMAGE_PIXELS=200000000 must take a 180-million-pixel image (PIL alone refuses it, saying it
+    is over 200 million) and refuse one over 200 million with the real size."""
+    limit = 200_000_000
+    with open_image(b64(png_claiming_size(15_000, 12_000)), max_pixels=limit) as image:
+        assert image.size == (15_000, 12_000)
+    with pytest.raises(ValueError, match="image 0 is too large: 20000x12000 = 240000000 pixels; the limit is 2000"):
+        open_image(b64(png_claiming_size(20_000, 12_000)), max_pixels=limit)
+
+
+@pytest.mark.parametrize("mode", ["Default", "Crop"])
+def test_an_image_the_pages_size_limit_would_shrink_to_nothing_fails_with_its_name(processor, mode):
+    """Past an aspect of 1344:1 the page's limit shrinks the short side to 0 pixels (the original page failed there
+    too): the job's error names the image, not PIL's bare "height and width must be > 0"."""
+    needle = encoded(Image.new("RGB", (3, 5000)))
+    with pytest.raises(ValueError, match=r"image 1 is too long and thin for the page's 1344-pixel limit: 3x5000 "
+                                         r"would shrink to 0x0"):
+        load_pixel_values([b64(png_bytes(20, 20)), needle], processor, "pad", mode)
+    # "Pad" squares it first, and a process mode of None leaves it to the processor: both still work.
+    assert load_pixel_values([needle], processor, "pad", "Pad").shape == (1, 3, 56, 56)
+
+
+def test_sixteen_bit_grey_is_read_as_the_original_reads_it(processor):
+    """PIL's convert("RGB") saturates 16-bit grey at 255 (1000 and 65535 both become white): the original's CLIP
+    processor converted so, and transformers' does, so it is kept; only the original's "pad" differed, failing on
+    any one-band image (expand2square's Image.new takes no RGB colour for it), where ours pads the RGB image."""
+    grey = Image.frombytes("I;16", (4, 2), struct.pack("<8H", 0, 100, 255, 256, 1000, 30000, 65535, 7))
+    data = encoded(grey)
+    original = processor(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), return_tensors="pt")
+    assert torch.equal(load_pixel_values([data], processor, None), original["pixel_values"])
+    assert decode_image(data).getpixel((0, 1)) == (255, 255, 255)  # 1000
+    with pytest.raises(TypeError):  # the original's expand2square on it
+        Image.new(grey.mode, (4, 4), PAGE_PAD_COLOUR)
+    padded = processor(expand_to_square(decode_image(data), (122, 116, 104)), return_tensors="pt")["pixel_values"]
+    assert torch.equal(load_pixel_values([data], processor, "pad"), padded)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK"])
+def test_pad_reads_any_mode_as_its_rgb_image(processor, mode):
+    """The original's expand2square works in the image's own mode: it failed on L and LA, and filled P and CMYK
+    canvases with the wrong colour (a fresh palette; CMYK ink). Ours pads the RGB image, so every mode pads alike."""
+    rgb = Image.new("RGB", (30, 12), (10, 200, 30))
+    image = rgb.convert(mode)
+    data = encoded(image, "JPEG" if mode == "CMYK" else "PNG")
+    expected = load_pixel_values([encoded(decode_image(data))], processor, "pad", "Pad")
+    assert torch.equal(load_pixel_values([data], processor, "pad", "Pad"), expected)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_an_animation_is_read_at_its_first_frame_as_the_original_reads_it(fmt):
+    frames = [Image.new("RGB", (30, 20), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    red, green, blue = decode_image(b64(buffer.getvalue())).getpixel((5, 5))
+    assert red > 200 and blue < 50
+
+
+def test_exif_orientation_is_not_applied_as_the_original_does_not():
+    """The original worker read the pixels as stored (Image.open, then the processor): a camera's rotated JPEG
+    reaches the model unrotated there, and so here, for the same answers."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (0, 120, 0)).save(buffer, format="JPEG", exif=exif.tobytes())
+    assert decode_image(b64(buffer.getvalue())).size == (40, 20)

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
@@ -314,3 +315,98 @@ def test_a_lora_or_projector_only_checkpoint_without_its_base_says_it_needs_one(
     with pytest.raises(ModelLoadError, match=r"llava-v1.5-tiny-pretrain: .* is a projector-only checkpoint "
                                              r"\(mm_projector.bin, no language model weights\)"):
         load(family.pretrain)
+
+
+def build_siglip_llava_hf(folder, strategy: str):
+    """A tiny llava-hf checkpoint with a SigLIP tower (as llava-interleave has): SigLIP has no CLS position."""
+    from llava_fixtures import IMAGE_SIZE, PATCH_SIZE, build_tokenizer, text_config
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipImageProcessor, SiglipVisionConfig
+
+    tokenizer = build_tokenizer()
+    image_token = len(tokenizer)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    text = text_config(len(tokenizer))
+    text.pad_token_id = tokenizer.pad_token_id
+    tower = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    torch.manual_seed(8)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=tower, text_config=text, image_token_index=image_token, vision_feature_layer=-1,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu")).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("strategy", ["full", "default"])
+def test_a_llava_hf_siglip_model_gets_as_many_image_positions_as_it_has_features(tmp_path, wide_image, strategy):
+    """transformers' llava: "full" keeps every tower position, "default" drops the first; a SigLIP tower has no CLS,
+    so an image is 16 positions ("full") or 15 ("default") here, not CLIP's 17 / 16. One position too many shifted
+    the prompt and read its last text token twice."""
+    from transformers import SiglipImageProcessor
+
+    from workers.images import decode_image
+
+    folder = tmp_path / f"llava-siglip-tiny-{strategy}-hf"
+    reference = build_siglip_llava_hf(folder, strategy)
+    loaded = load(folder)
+    pixels = SiglipImageProcessor.from_pretrained(folder)(decode_image(wide_image), return_tensors="pt")
+    with torch.inference_mode():
+        features = reference.get_image_features(pixel_values=pixels["pixel_values"]).pooler_output[0]
+    assert features.shape[0] == TOKENS_PER_IMAGE - (strategy == "default")
+    assert loaded.vision.tokens_per_image == features.shape[0]
+    prepared = prepare(GenerateRequest(prompt=PROMPT, images=[wide_image], temperature=0), loaded, 1024)
+    assert len(prepared.token_ids) == prepared.prompt_embeds.shape[0]
+    # transformers' own forward: the <image> token repeated once per feature, the processor's pixels.
+    ids = [position for token in tokenize_with_images(PROMPT, loaded.tokenizer)
+           for position in ([reference.config.image_token_index] * features.shape[0]
+                            if token == IMAGE_TOKEN_INDEX else [token])]
+    with torch.inference_mode():
+        expected = reference(input_ids=torch.tensor([ids]), pixel_values=pixels["pixel_values"]).logits[0]
+    torch.testing.assert_close(prompt_logits(loaded, images=[wide_image]), expected, rtol=0, atol=1e-5)
+
+
+def transparent_png() -> tuple[bytes, str]:
+    """A PNG that is transparent black but for an opaque red square."""
+    import io
+
+    image = Image.new("RGBA", (70, 40), (0, 0, 0, 0))
+    image.paste((200, 0, 0, 255), (10, 10, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), b64(buffer.getvalue())
+
+
+def test_transparency_is_read_as_each_layouts_reference_reads_it(family, original):
+    """llava-hf: as transformers' processor for the model does (it composites transparency onto white); the original
+    layout: as the original did (its transformers, 4.37, converted to RGB, dropping alpha), then padded."""
+    import io
+
+    from workers.images import expand_to_square
+
+    raw, data = transparent_png()
+    hf = load(family.hf)
+    expected = hf.vision.image_processor(Image.open(io.BytesIO(raw)), return_tensors="pt")["pixel_values"]
+    assert torch.equal(hf.vision.pixel_values([data]), expected)
+    dropped = expand_to_square(Image.open(io.BytesIO(raw)).convert("RGB"), (122, 116, 104))
+    expected = original.vision.image_processor(dropped, return_tensors="pt")["pixel_values"]
+    assert torch.equal(original.vision.pixel_values([data]), expected)
+
+
+def test_a_llava_hf_model_is_padded_or_cropped_as_its_own_processor_says(family, tmp_path, wide_image):
+    """llava-hf/llava-1.5-7b-hf ships CLIP's processor (resize and center-crop, no pad); transformers' llava reads no
+    `image_aspect_ratio`, so one left in config.json (from the original's) must not pad the image first."""
+    from workers.images import decode_image
+
+    folder = tmp_path / "llava-1.5-tiny-crop-hf"
+    shutil.copytree(family.hf, folder)
+    (folder / "preprocessor_config.json").unlink()
+    CLIPImageProcessor.from_pretrained(family.clip_tower).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_aspect_ratio": "pad"}))
+    loaded = load(folder)
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    expected = processor(decode_image(wide_image), return_tensors="pt")["pixel_values"]
+    assert torch.equal(loaded.vision.pixel_values([wide_image]), expected)

@@ -27,19 +27,26 @@ PAGE_MIN_LEN = 672
 PREPARED_PIXELS_FACTOR = 4
 
 
-def decode_image(data: str, index: int = 0) -> Image.Image:
+def decode_image(data: str, index: int = 0, keep_alpha: bool = False) -> Image.Image:
     """Decode one image of a request to an RGB PIL image; ValueError (naming the image) when it cannot be.
 
     The byte and pixel limits are checked before any pixel is decoded (`shared.protocol.open_image`,
-    the same check the API makes at submission).
+    the same check the API makes at submission). With `keep_alpha`, an image with transparency is RGBA
+    instead, for an image processor that reads transparency itself (transformers' composites it onto white).
     """
     with open_image(data, index) as image:
         try:
             image.load()
-            # The first frame of an animation; RGB as CLIP reads it (alpha dropped, palettes expanded).
-            return image.convert("RGB")
+            # The first frame of an animation; RGB as the original's CLIP processor read it (alpha dropped,
+            # palettes expanded; 16-bit grey saturates at 255, as there).
+            return image.convert("RGBA" if keep_alpha and has_alpha(image) else "RGB")
         except Exception as exc:  # noqa: BLE001 - as in open_image: whatever a decoder raises on a crafted file
             raise ValueError(f"image {index} could not be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether `image` has transparency: an alpha band, or a transparent colour (palette or tRNS)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -53,12 +60,13 @@ def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.I
     return canvas
 
 
-def apply_process_mode(image: Image.Image, mode: str) -> Image.Image:
+def apply_process_mode(image: Image.Image, mode: str, index: int = 0) -> Image.Image:
     """What the original web page does to an image before sending it, for process mode `mode`.
 
     Pad: expand to a square (background (122, 116, 104)); Resize: 336x336; Crop and Default:
     unchanged (the model's processor crops). Then, when the longer side exceeds 1344, shrink so
-    the shorter side is min(1344 / aspect, 672, shorter side), keeping the aspect ratio.
+    the shorter side is min(1344 / aspect, 672, shorter side), keeping the aspect ratio. ValueError naming
+    image `index` when that leaves no pixel (an aspect over 1344: the original page failed on it too).
     """
     if mode == "Pad":
         image = expand_to_square(image, PAGE_PAD_COLOUR)
@@ -71,7 +79,11 @@ def apply_process_mode(image: Image.Image, mode: str) -> Image.Image:
         aspect = max(width, height) / min(width, height)
         short = int(min(PAGE_MAX_LEN / aspect, PAGE_MIN_LEN, min(width, height)))
         long = int(short * aspect)
-        image = image.resize((short, long) if height > width else (long, short))
+        size = (short, long) if height > width else (long, short)
+        if short < 1:
+            raise ValueError(f"image {index} is too long and thin for the page's {PAGE_MAX_LEN}-pixel limit: "
+                             f"{width}x{height} would shrink to {size[0]}x{size[1]}")
+        image = image.resize(size)
     return image
 
 
@@ -116,7 +128,7 @@ def prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str |
     if process_mode == "Pad":
         _check_growth(index, image.size, _square(image.size), "padded to a square is")
     if process_mode is not None:
-        image = apply_process_mode(image, process_mode)
+        image = apply_process_mode(image, process_mode, index)
     if image_aspect_ratio == "pad":
         _check_growth(index, image.size, _square(image.size), "padded to a square is")
         image = expand_to_square(image, mean_colour(image_processor))
@@ -129,12 +141,12 @@ def prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str |
 
 
 def load_pixel_values(images: list[str], image_processor, image_aspect_ratio: str | None,
-                      process_mode: str | None = None) -> torch.Tensor:
+                      process_mode: str | None = None, keep_alpha: bool = False) -> torch.Tensor:
     """Decode and prepare every image of a request → pixel values [N, 3, S, S].
 
     One image at a time, so only one full-size decoded image is held at once. Raises ValueError
-    naming the first image that cannot be used.
+    naming the first image that cannot be used. `keep_alpha`: see `decode_image`.
     """
-    return torch.stack([prepare_image(decode_image(data, index), image_processor, image_aspect_ratio, process_mode,
-                                      index)
+    return torch.stack([prepare_image(decode_image(data, index, keep_alpha), image_processor, image_aspect_ratio,
+                                      process_mode, index)
                         for index, data in enumerate(images)])

@@ -62,10 +62,18 @@ class VisionEncoder(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        """Positions one image takes in the prompt: (image_size / patch_size)², plus CLS for cls_patch."""
-        config = self.tower.config
-        patches = (config.image_size // config.patch_size) ** 2
-        return patches + (1 if self.select_feature == "cls_patch" else 0)
+        """Positions one image takes in the prompt: the tower's output positions, less the first for "patch".
+
+        As `forward` (and transformers' llava) computes them: a CLIP tower outputs CLS and
+        (image_size / patch_size)² patches (576 for CLIP-L/336), a SigLIP tower (llava-interleave) patches alone,
+        so SigLIP gives one position fewer; counting CLIP's CLS for it shifted the prompt by one position.
+        """
+        tower = getattr(self.tower, "vision_model", self.tower)  # CLIPVisionModel may wrap its transformer
+        positions = getattr(getattr(tower, "embeddings", None), "num_positions", None)
+        if positions is None:  # a tower of another kind: CLIP's layout
+            config = self.tower.config
+            positions = (config.image_size // config.patch_size) ** 2 + 1
+        return positions - (1 if self.select_feature == "patch" else 0)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         parameter = next(self.tower.parameters())
@@ -84,15 +92,28 @@ class LlavaVision:
 
     `image_aspect_ratio` is the checkpoint's ("pad", or None for the processor alone); with
     `use_im_start_end` every `<image>` is wrapped in `<im_start>` / `<im_end>` before tokenizing.
+    `follows_transformers` (llava-hf; None: when the projector is transformers' own) makes transformers' llava the
+    reference instead of the original: its image processor alone prepares an image (its `do_pad` says pad or crop;
+    transformers reads no `image_aspect_ratio`, so one left in the config is dropped), and transparency goes to
+    it as it is (it composites it onto white; the original's transformers, 4.37, dropped alpha).
     """
 
     encoder: VisionEncoder
     image_processor: object
     image_aspect_ratio: str | None = None
     use_im_start_end: bool = False
+    follows_transformers: bool | None = None
     # One vision forward at a time: it bounds the activation memory of many concurrent requests and
     # keeps task threads from oversubscribing the CPU; decoding and preprocessing stay parallel.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        if self.follows_transformers is None:
+            from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+            self.follows_transformers = isinstance(getattr(self.encoder, "projector", None), LlavaMultiModalProjector)
+        if self.follows_transformers:
+            self.image_aspect_ratio = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -107,7 +128,8 @@ class LlavaVision:
 
     def pixel_values(self, images: list[str], process_mode: str | None = None) -> torch.Tensor:
         """Decode and prepare a request's base64 images → [N, 3, S, S]; ValueError naming a bad image."""
-        return load_pixel_values(images, self.image_processor, self.image_aspect_ratio, process_mode)
+        return load_pixel_values(images, self.image_processor, self.image_aspect_ratio, process_mode,
+                                 keep_alpha=self.follows_transformers)
 
     def tokenize(self, prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """Ids of the prompt as the model reads it, one IMAGE_TOKEN_INDEX per image (the original's tokenization)."""
