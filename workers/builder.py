@@ -445,5 +445,6 @@ def _load_llava_hf(model_path: str, placement: _Placement):
         raise ModelLoadError(f"unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
     encoder = VisionEncoder(llava.model.vision_tower, llava.model.multi_modal_projector,
                             config.vision_feature_layer, select_feature).eval()
-    vision = LlavaVision(encoder, image_processor, getattr(config, "image_aspect_ratio", None), False)
+    # Prepared as transformers prepares it: its image processor alone (an `image_aspect_ratio` in the config is unread).
+    vision = LlavaVision(encoder, image_processor, None, False, follows_transformers=True)
     return lm, tokenizer, vision

@@ -92,7 +92,7 @@ class LlavaVision:
 
     `image_aspect_ratio` is the checkpoint's ("pad", or None for the processor alone); with
     `use_im_start_end` every `<image>` is wrapped in `<im_start>` / `<im_end>` before tokenizing.
-    `follows_transformers` (llava-hf; None: when the projector is transformers' own) makes transformers' llava the
+    `follows_transformers` (llava-hf) makes transformers' llava the
     reference instead of the original: its image processor alone prepares an image (its `do_pad` says pad or crop;
     transformers reads no `image_aspect_ratio`, so one left in the config is dropped), and transparency goes to
     it as it is (it composites it onto white; the original's transformers, 4.37, dropped alpha).
@@ -102,18 +102,10 @@ class LlavaVision:
     image_processor: object
     image_aspect_ratio: str | None = None
     use_im_start_end: bool = False
-    follows_transformers: bool | None = None
+    follows_transformers: bool = False
     # One vision forward at a time: it bounds the activation memory of many concurrent requests and
     # keeps task threads from oversubscribing the CPU; decoding and preprocessing stay parallel.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def __post_init__(self):
-        if self.follows_transformers is None:
-            from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-            self.follows_transformers = isinstance(getattr(self.encoder, "projector", None), LlavaMultiModalProjector)
-        if self.follows_transformers:
-            self.image_aspect_ratio = None
 
     @property
     def tokens_per_image(self) -> int:
