@@ -26,6 +26,8 @@ log = logging.getLogger("llava_queue.api")
 # how long it waits for requests still answering before it cancels them.
 STREAMS_STOP_SECONDS = 0.2
 GRACEFUL_SHUTDOWN_SECONDS = 10.0
+# How long the lifespan's end waits for the pub/sub reader to stop (see _stop_hub).
+HUB_STOP_SECONDS = 2.0
 
 
 class ApiServer(uvicorn.Server):
@@ -38,6 +40,17 @@ class ApiServer(uvicorn.Server):
             hub.stop_followers()
             await asyncio.sleep(STREAMS_STOP_SECONDS)
         await super().shutdown(sockets)
+
+
+async def _stop_hub(hub: ChannelHub) -> None:
+    """Stop the pub/sub reader, waiting HUB_STOP_SECONDS at most. A reader cancelled just after the lifespan started
+    (uvicorn failing to bind its port there) was seen to lose that cancellation and block on its next read for ever:
+    the lifespan never ended, and the API process hung, deaf to SIGTERM, instead of exiting. Past the wait
+    asyncio.wait_for cancels it again, and the process goes on ending."""
+    try:
+        await asyncio.wait_for(hub.aclose(), HUB_STOP_SECONDS)
+    except TimeoutError:
+        log.warning("the pub/sub reader did not stop within %s s; leaving it", HUB_STOP_SECONDS)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.celery = make_celery(settings)
         app.state.submitter = Submitter(app.state.store, app.state.celery)
         yield
-        await app.state.hub.aclose()
+        await _stop_hub(app.state.hub)
         await app.state.aredis.aclose()
         app.state.store.redis.close()
 

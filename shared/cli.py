@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,15 +80,62 @@ def _wait_ready(url: str, children: list[subprocess.Popen], timeout: float, stop
     return False
 
 
+def _ended(processes: dict[str, subprocess.Popen]) -> str | None:
+    """The first of `processes` (by name) that has exited, and how, or None while all run."""
+    for name, process in processes.items():
+        if process.poll() is not None:
+            return f"{name} exited (status {process.returncode})"
+    return None
+
+
 def _port_problem(host: str, port: int, option: str = "--port") -> str | None:
-    """Why the API could not listen on host:port, or None. Checked before starting: uvicorn that cannot bind
-    logs the error, but the API process then never exits (and `up` would have started Redis and a worker)."""
-    error = bind_error(host, port)  # as uvicorn binds
-    if error is None:
-        return None
+    """Why the API could not listen on host:port, or None: `up` checks it before it starts Redis and a worker (the
+    API it starts then binds the port itself, see _listen)."""
+    error = bind_error(host, port)  # as the API binds
+    return None if error is None else _listen_problem(host, port, error, option)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound (as uvicorn binds: IPv6 for a host with a ':', SO_REUSEADDR) before the app
+    starts. uvicorn binding it itself did so after the app's lifespan had started: a port taken in between (another
+    API starting on it) failed there, and the process hung in the lifespan's end instead of exiting."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog; listening now claims the port (a bound socket alone does not)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _url_host(host: str) -> str:
+    """The host as a URL writes it: an IPv6 address in brackets (`up --host ::1` printed http://::1:8000, which no
+    browser opens)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _listen_problem(host: str, port: int, error: OSError, option: str = "--port") -> str:
+    """What a failed bind of host:port means for the operator."""
     if error.errno == errno.EADDRINUSE:
         return f"{host}:{port} is in use by another process; choose another port ({option})"
     return f"cannot listen on {host}:{port}: {error.strerror or error}"
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why redis-py cannot use `url` at all, or None. The settings take kombu's other schemes (sentinel://,
+    redis+socket://) as Celery does, but the job records are read through redis-py, which cannot: every command
+    failed with a traceback (the API's after it had started)."""
+    import redis
+
+    from shared.status import without_password
+
+    try:
+        redis.Redis.from_url(url).close()
+    except ValueError as exc:
+        return f"LLAVA_QUEUE_REDIS_URL={without_password(url)!r}: {exc}"
+    return None
 
 
 def _redis_problem(url: str) -> str | None:
@@ -158,22 +206,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         children.append(_spawn(["worker"], env))
         children.append(_spawn(["api", "--host", args.host, "--port", str(args.port)], env, rest))
-        url = f"http://{args.host}:{args.port}"
+        url = f"http://{_url_host(args.host)}:{args.port}"
         print("llava-queue: starting the worker (the first start fetches and converts the default model)...",
               flush=True)
         if _wait_ready(url, children, timeout=args.start_timeout, stopped=lambda: stopping):
             print(f"llava-queue is up: API {url}  (docs {url}/docs, health {url}/healthz). Ctrl-C stops it.",
                   flush=True)
         elif not stopping:
-            if any(child.poll() is not None for child in children):
-                print("llava-queue: a process failed to start; stopping", file=sys.stderr, flush=True)
+            ended = _ended({"the worker": children[0], "the API": children[1]})
+            if ended:
+                print(f"llava-queue: a process failed to start ({ended}); stopping", file=sys.stderr, flush=True)
             else:
                 print(f"llava-queue: not up after {args.start_timeout:g} s (--start-timeout); stopping",
                       file=sys.stderr, flush=True)
             return 1
-        while not stopping and all(child.poll() is None for child in children):
+        # The embedded Redis is watched too: without it the API and the worker run on, and fail every request.
+        watched = {"the worker": children[0], "the API": children[1]}
+        if redis_server:
+            watched["the embedded Redis"] = redis_server.process
+        while not stopping and not (ended := _ended(watched)):
             time.sleep(0.2)
-        return 0 if stopping else 1
+        if stopping:
+            return 0
+        print(f"llava-queue: {ended}; stopping", file=sys.stderr, flush=True)
+        return 1
     finally:
         # The API and the worker first: the worker finishes its running jobs within the grace period and hands
         # back the rest, which needs Redis; Redis last.
@@ -193,19 +249,37 @@ def cmd_api(args: argparse.Namespace) -> int:
     from shared.heap import freeze_startup_heap
 
     settings = get_settings()
-    host, port = args.host or settings.host, args.port or settings.port
-    problem = _port_problem(host, port, "--port or LLAVA_QUEUE_PORT")
+    # `--port 0` is a port too (a free one, which the log names): not "unset".
+    host, port = args.host or settings.host, settings.port if args.port is None else args.port
+    problem = _redis_url_problem(settings.redis_url)
     if problem:
         print(f"llava-queue api: {problem}", file=sys.stderr, flush=True)
         return 2
+    try:
+        sock = _listen(host, port)
+    except OSError as exc:
+        print(f"llava-queue api: {_listen_problem(host, port, exc, '--port or LLAVA_QUEUE_PORT')}", file=sys.stderr,
+              flush=True)
+        return 2
+    api_log = logging.getLogger("llava_queue.api")
+    api_log.info("listening on http://%s:%d", _url_host(host), sock.getsockname()[1])
     # The app is built (FastAPI, pydantic, every route): keep all of that out of full collections.
-    logging.getLogger("llava_queue.api").info("%d start-up objects frozen out of full garbage collections",
-                                              freeze_startup_heap())
+    api_log.info("%d start-up objects frozen out of full garbage collections", freeze_startup_heap())
     config = uvicorn.Config(app, host=host, port=port,
                             log_level="info", log_config=None, ws_ping_interval=20,
                             ws_per_message_deflate=settings.ws_compression,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    ApiServer(config).run()
+    with sock:
+        try:
+            ApiServer(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has stopped the API, then raised the SIGINT it held back
+            return 0
+        except SystemExit as exc:  # uvicorn's way out when the app (its lifespan) or the server fails to start
+            if not exc.code:
+                raise
+            print("llava-queue api: the API failed to start (the error is logged above)", file=sys.stderr,
+                  flush=True)
+            return 1
     return 0
 
 
@@ -218,6 +292,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         split_cpus(get_settings().engine_cpus)
     except ValueError as exc:
         print(f"llava-queue worker: {exc}", file=sys.stderr)
+        return 2
+    problem = _redis_url_problem(get_settings().redis_url)  # before the model loads, not after
+    if problem:
+        print(f"llava-queue worker: {problem}", file=sys.stderr)
         return 2
     try:
         resolve_device(get_settings().device)
@@ -242,7 +320,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     """The queues and workers as a table, read from Redis; again every --watch seconds."""
     from shared.status import run_status
 
+    problem = _redis_url_problem(get_settings().redis_url)
+    if problem:
+        print(f"llava-queue status: {problem}", file=sys.stderr)
+        return 2
     return run_status(get_settings(), watch=args.watch)
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse, 0 (a free one) to 65535: a bad one is a usage error, not an OverflowError from bind."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
+    return port
+
+
+def _up_port(text: str) -> int:
+    """`up`'s API port: not 0, since `up` waits for the API at its address and prints it, so it must know it."""
+    port = _port(text)
+    if port == 0:
+        raise argparse.ArgumentTypeError("0: `up` waits for the API at its port and prints its address, so it needs "
+                                         "a fixed one (1 to 65535); `llava-queue api --port 0` takes a free one")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds for argparse (a zero or negative timeout or interval makes no sense)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 seconds")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,24 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run Redis (embedded), a worker and the API")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--port", type=_up_port, default=8000)
     up.add_argument("--model-path", help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
     up.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
-    up.add_argument("--redis-port", type=int, default=None, help="port of the embedded Redis (default: a free one)")
+    up.add_argument("--redis-port", type=_port, default=None, help="port of the embedded Redis (default: a free one)")
     up.add_argument("--redis-dir", type=Path, default=None,
                     help="folder of the embedded Redis's append-only file: queued and finished jobs survive a "
                          "restart (default: <cache dir>/redis)")
     up.add_argument("--ephemeral-redis", action="store_true", help="keep nothing after the embedded Redis stops")
-    up.add_argument("--start-timeout", type=float, default=600.0)
+    up.add_argument("--start-timeout", type=_seconds, default=600.0)
     up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="run the API against LLAVA_QUEUE_REDIS_URL")
     api.add_argument("--host")
-    api.add_argument("--port", type=int)
+    api.add_argument("--port", type=_port, help="0: a free port, which the log names (default: LLAVA_QUEUE_PORT)")
     api.set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run one worker against LLAVA_QUEUE_REDIS_URL")
     worker.set_defaults(func=cmd_worker)
     status = sub.add_parser("status", help="show queues, workers and throughput (from LLAVA_QUEUE_REDIS_URL)")
-    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+    status.add_argument("--watch", nargs="?", type=_seconds, const=2.0, default=None, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(func=cmd_status)
     add_eval_parser(sub)

@@ -15,7 +15,10 @@ from shared.cpus import parse_cpu_list
 
 
 class Settings(BaseSettings):
-    """Every knob of llava-queue; each field reads `LLAVA_QUEUE_<FIELD>` from the environment."""
+    """Every knob of llava-queue; each field reads `LLAVA_QUEUE_<FIELD>` from the environment.
+
+    Every count, size, time and port has its range: a value out of it (MAX_NUM_SEQS=0, a negative TTL, a port past
+    65535) is refused when the settings are read, with the variable named, instead of failing later in odd ways."""
 
     # A variable set but empty (`LLAVA_QUEUE_DEFAULT_MODEL=`, or compose's `${VAR}` of an unset VAR) means unset:
     # the field's default, not an empty model name, URL or list.
@@ -26,7 +29,8 @@ class Settings(BaseSettings):
 
     # The API.
     host: str = "127.0.0.1"
-    port: int = 8000
+    # 0: a free port the system picks, which the API logs (`llava-queue api`; `up` needs one it can wait on).
+    port: int = Field(8000, ge=0, le=65535)
     # WebSocket permessage-deflate. Off: every chunk repeats the whole text so far (LLaVA's format), and
     # compressing each one costs the API, and every client decompressing it, CPU for each token
     # (bench/README.md); turn it on for clients on slow links.
@@ -53,14 +57,14 @@ class Settings(BaseSettings):
     vision_tower: str | None = None
     # Limits on one image of a request, checked by the API and the worker alike: the base64 text's
     # length, and width x height read from the file's header before decoding (decompression bombs).
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "llava-queue")
 
     # The engine's budgets: sequences in one batch, and the positions their (left-padded) KV cache may
     # hold: rows x the longest prompt + max new tokens among them.
-    max_num_seqs: int = 32
-    max_batch_tokens: int = 16384
+    max_num_seqs: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(16384, ge=1)
     # Prompt positions (rows x longest prompt) one prefill forward computes: a burst is prefilled in
     # groups, so the first ones start streaming early. Unset: 256 on a CPU, 4096 on a GPU.
     max_prefill_tokens: int | None = Field(None, ge=1)
@@ -70,32 +74,32 @@ class Settings(BaseSettings):
     engine_cpus: str = ""
 
     # The original worker clamps max_new_tokens to 1024.
-    max_new_tokens_cap: int = 1024
+    max_new_tokens_cap: int = Field(1024, ge=1)
     # How long a finished job's record stays readable.
-    job_ttl_seconds: int = 24 * 3600
+    job_ttl_seconds: int = Field(24 * 3600, ge=1)
     # Celery/Redis redelivers an unacked job after this long; it must exceed the longest job.
-    visibility_timeout: int = 4 * 3600
+    visibility_timeout: int = Field(4 * 3600, ge=1)
     # A worker refreshes its heartbeat this often; one silent for heartbeat_ttl_seconds is dead, and
     # the jobs it held are delivered again (at most max_attempts starts per job).
     heartbeat_interval_seconds: float = Field(3.0, gt=0)
     heartbeat_ttl_seconds: int = Field(10, ge=1)
-    max_attempts: int = 3
+    max_attempts: int = Field(3, ge=1)
     # On SIGTERM a worker stops taking jobs and lets running ones finish for this long, then hands
     # the rest back to the queue (another worker resumes them) and exits.
-    shutdown_grace_seconds: float = 20.0
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
 
-    # Admission and abuse limits. Past max_queued_jobs, submissions get 429 with Retry-After.
-    max_queued_jobs: int = 10_000
+    # Admission and abuse limits. Past max_queued_jobs, submissions get 429 with Retry-After (0: no limit).
+    max_queued_jobs: int = Field(10_000, ge=0)
     # The same limit for the jobs of one API key (0: none), so one client cannot fill the queue.
-    max_queued_jobs_per_key: int = 0
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_queued_jobs_per_key: int = Field(0, ge=0)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
     # SHA-256 hex digests of the accepted API keys (Bearer tokens); empty means no keys are required.
     api_key_hashes: list[str] = Field(default_factory=list)
     # Requests per minute per API key (0: no limit).
-    rate_limit_per_minute: int = 0
+    rate_limit_per_minute: int = Field(0, ge=0)
     # Origins allowed to call the API from a browser (CORS); none by default.
     cors_origins: list[str] = Field(default_factory=list)
-    idempotency_ttl_seconds: int = 24 * 3600
+    idempotency_ttl_seconds: int = Field(24 * 3600, ge=1)
     # With API keys on, also leave the original LLaVA protocol (controller endpoints and
     # /worker_generate_stream) open, for the original clients, which cannot send a key.
     public_llava_protocol: bool = False
@@ -105,7 +109,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     # A worker serves Prometheus metrics (and /readyz) on this port; 0: no exporter.
-    worker_metrics_port: int = 0
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
     worker_metrics_host: str = "0.0.0.0"
     # Celery task events (task-received, -started, -succeeded: three more messages per job through the
     # worker's one consumer thread, which also takes every job from the queue). Off by default; Flower
@@ -122,8 +126,8 @@ class Settings(BaseSettings):
     # paths are refused, uploads still work.
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # Lines in one batch file, and how long a batch, its results and uploaded files stay readable.
-    batch_max_lines: int = 50_000
-    batch_ttl_seconds: int = 30 * 24 * 3600
+    batch_max_lines: int = Field(50_000, ge=1)
+    batch_ttl_seconds: int = Field(30 * 24 * 3600, ge=1)
     # Engine slots a worker keeps for interactive jobs: it runs at most max_num_seqs minus this many
     # batch-queue jobs at once (0: batch jobs may fill every slot). Unset: an eighth of max_num_seqs.
     batch_reserved_slots: int | None = Field(None, ge=0)

@@ -1,9 +1,11 @@
 """`llava-queue up`: the whole stack from one command, and Ctrl-C leaves no process behind."""
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -13,6 +15,7 @@ import requests
 
 from shared.cpus import format_cpu_list, parse_cpu_list
 from shared.redis_server import RedisServer, free_port
+from shared.settings import Settings
 
 
 def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir, tmp_path):
@@ -284,3 +287,198 @@ def test_up_that_is_not_ready_within_its_start_timeout_says_so(default_model_dir
                "--start-timeout", "1"])
     assert run.returncode == 1, run.stdout + run.stderr[-2000:]
     assert "not up after 1 s (--start-timeout)" in run.stderr and "failed to start" not in run.stderr, run.stderr
+
+
+# A zero or negative count, size or time that makes no sense, and ports past 65535, per variable: each was accepted and
+# failed later, away from its cause (LLAVA_QUEUE_PORT=65536: an OverflowError traceback from the port check).
+OUT_OF_RANGE = (("LLAVA_QUEUE_PORT", "-1"), ("LLAVA_QUEUE_PORT", "65536"), ("LLAVA_QUEUE_WORKER_METRICS_PORT", "70000"),
+                ("LLAVA_QUEUE_MAX_NUM_SEQS", "0"), ("LLAVA_QUEUE_MAX_BATCH_TOKENS", "-5"),
+                ("LLAVA_QUEUE_MAX_NEW_TOKENS_CAP", "0"), ("LLAVA_QUEUE_MAX_IMAGE_BYTES", "0"),
+                ("LLAVA_QUEUE_MAX_IMAGE_PIXELS", "-1"), ("LLAVA_QUEUE_JOB_TTL_SECONDS", "0"),
+                ("LLAVA_QUEUE_VISIBILITY_TIMEOUT", "0"), ("LLAVA_QUEUE_MAX_ATTEMPTS", "0"),
+                ("LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS", "-1"), ("LLAVA_QUEUE_MAX_QUEUED_JOBS", "-1"),
+                ("LLAVA_QUEUE_MAX_QUEUED_JOBS_PER_KEY", "-1"), ("LLAVA_QUEUE_MAX_BODY_BYTES", "0"),
+                ("LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE", "-1"), ("LLAVA_QUEUE_IDEMPOTENCY_TTL_SECONDS", "0"),
+                ("LLAVA_QUEUE_BATCH_MAX_LINES", "0"), ("LLAVA_QUEUE_BATCH_TTL_SECONDS", "-1"),
+                ("LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS", "0"), ("LLAVA_QUEUE_MAX_PREFILL_TOKENS", "0"))
+
+
+def test_a_number_setting_out_of_its_range_is_refused_at_start_up(monkeypatch, capsys):
+    from shared.cli import main
+    from shared.settings import get_settings
+
+    try:
+        for variable, value in OUT_OF_RANGE:
+            with monkeypatch.context() as env:
+                env.setenv(variable, value)
+                get_settings.cache_clear()
+                assert main(["status"]) == 2, (variable, value)
+                err = capsys.readouterr().err
+                assert err.startswith(f"llava-queue: bad setting: {variable}={value!r}: "), err
+                assert err.count("\n") == 1 and "Traceback" not in err, err
+    finally:
+        get_settings.cache_clear()
+    # The limits that mean "none" at 0 still take it, and so does the API's port (a free one).
+    for variable in ("LLAVA_QUEUE_PORT", "LLAVA_QUEUE_WORKER_METRICS_PORT", "LLAVA_QUEUE_MAX_QUEUED_JOBS",
+                     "LLAVA_QUEUE_MAX_QUEUED_JOBS_PER_KEY", "LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE",
+                     "LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS"):
+        monkeypatch.setenv(variable, "0")
+    Settings()
+    # And a real process exits 2 on one, before it needs Redis or a model.
+    run = cli(["worker"], LLAVA_QUEUE_REDIS_URL="redis://127.0.0.1:1/0", LLAVA_QUEUE_MAX_NUM_SEQS="0")
+    assert run.returncode == 2 and "LLAVA_QUEUE_MAX_NUM_SEQS='0'" in run.stderr, run.stderr[-2000:]
+
+
+def test_a_bad_port_or_timeout_option_is_a_usage_error(capsys):
+    from shared.cli import main
+
+    for argv, told in ((["api", "--port", "70000"], "70000 is not a port (0 to 65535)"),
+                       (["up", "--redis-port", "-1"], "-1 is not a port"),
+                       (["up", "--port", "0"], "needs a fixed one"),
+                       (["up", "--start-timeout", "0"], "must be more than 0 seconds"),
+                       (["status", "--watch", "-2"], "must be more than 0 seconds")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and told in err and "Traceback" not in err, (argv, err)
+
+
+class Output:
+    """A process's output lines, read by a thread of their own: a process that goes on without printing what a test
+    waits for fails the test instead of blocking it."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.lines, self.seen = process, queue.Queue(), []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def until(self, text: str, timeout: float = 30) -> list[str]:
+        """The lines up to the first one containing `text`; AssertionError with them if none did in `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not (self.seen and self.seen[-1] is not None and text in self.seen[-1]):
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError(f"no {text!r} in {timeout:g} s:\n" + "".join(self.seen)) from None
+            self.seen.append(line)
+        return self.seen
+
+    def rest(self, timeout: float) -> str:
+        """All the output, once the process has exited (TimeoutExpired if it has not in `timeout` s)."""
+        self.process.wait(timeout)
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+
+def test_api_on_port_0_listens_on_a_free_port_and_logs_it(redis_server):
+    # `--port 0` was taken as "unset" (LLAVA_QUEUE_PORT, 8000 by default); LLAVA_QUEUE_PORT=0 listened on a port no
+    # line named. The address logged is a URL (an IPv6 host in brackets).
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url)
+    for args, extra, host in ((["--port", "0"], {}, "127.0.0.1"), ([], {"LLAVA_QUEUE_PORT": "0"}, "127.0.0.1"),
+                              (["--host", "::1", "--port", "0"], {}, "[::1]")):
+        api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", *args], env=dict(env, **extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            port = int(Output(api).until(f"listening on http://{host}:")[-1].rsplit(":", 1)[1])
+            assert port not in (0, 8000)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert requests.get(f"http://{host}:{port}/healthz", timeout=5).json()["redis"] is True
+                    break
+                except requests.ConnectionError:
+                    assert time.monotonic() < deadline and api.poll() is None
+                    time.sleep(0.2)
+        finally:
+            api.terminate()
+            api.wait(15)
+
+
+def test_an_api_holds_its_port_before_it_starts_the_app(redis_server):
+    """uvicorn bound the port after the app's lifespan had started, behind a check that only probed it: a port taken
+    in between (another API starting on it) failed there, and the process hung in the lifespan's end, deaf to
+    SIGTERM. Here the port is taken right after the API's start-up log line, as a rival would."""
+    import socket
+
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", str(port)],
+                           env=dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    rival = socket.socket()
+    try:
+        lines = Output(api).until("start-up objects frozen")
+        rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError, match="in use"):
+            rival.bind(("127.0.0.1", port))
+            rival.listen()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and api.poll() is None, "".join(lines)
+                time.sleep(0.2)
+        api.terminate()
+        api.wait(15)
+    finally:
+        rival.close()
+        if api.poll() is None:
+            api.kill()
+            api.wait()
+
+
+def test_a_redis_url_only_celery_reads_is_refused_by_every_command():
+    # The settings take kombu's sentinel:// and redis+socket:// (Celery reads them), but the job records go through
+    # redis-py, which cannot: `status` and the worker (after loading its model) died with a traceback, the API's
+    # lifespan failed after it had started.
+    for command in (["status"], ["api", "--port", str(free_port())], ["worker"]):
+        run = cli(command, timeout=60, LLAVA_QUEUE_REDIS_URL="sentinel://:hunter2@127.0.0.1:26379/0")
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (command, run.stderr[-2000:])
+        assert "LLAVA_QUEUE_REDIS_URL='sentinel://***@127.0.0.1:26379/0'" in run.stderr, run.stderr[-2000:]
+        assert "hunter2" not in run.stderr
+
+
+def test_up_whose_embedded_redis_dies_says_so_and_stops(default_model_dir):
+    # `up` watched the API and the worker only: with its Redis gone it ran on, silent, both failing every request.
+    # And a child that died was not named.
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(free_port()), "--model-path",
+                           str(default_model_dir), "--ephemeral-redis"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = Output(up)
+        out.until("llava-queue is up", timeout=180)
+        [server] = [child for child in psutil.Process(up.pid).children() if "-server" in " ".join(child.cmdline())]
+        server.kill()
+        output = out.rest(timeout=60)
+        assert up.returncode == 1, output[-3000:]
+        assert "llava-queue: the embedded Redis exited (status -9); stopping" in output, output[-3000:]
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_the_api_without_a_traceback(redis_server):
+    # uvicorn stops the API on Ctrl-C, then raises the SIGINT it held back: a KeyboardInterrupt traceback, after a
+    # clean shutdown, and death by SIGINT instead of exit 0 (as `up` and `status --watch` exit on Ctrl-C).
+    api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", "0"],
+                           env=dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        out = Output(api)
+        out.until("Application startup complete")
+        api.send_signal(signal.SIGINT)
+        output = out.rest(timeout=30)
+        assert api.returncode == 0 and "Traceback" not in output, output[-3000:]
+        assert "Finished server process" in output, output[-3000:]
+    finally:
+        if api.poll() is None:
+            api.kill()
+            api.wait()

@@ -338,3 +338,19 @@ def test_a_cancellation_before_the_job_reaches_the_engine_still_stops_it(in_proc
     record = store.get(job_id)
     assert record["status"] == "cancelled" and record["error_code"] != 0
     assert 1 <= record["completion_tokens"] < 10 and record["text"], record
+
+
+def test_the_app_under_plain_uvicorn_on_a_port_in_use_exits(redis_server):
+    """`uvicorn api.main:app` (the app run without `llava-queue api`) binds its port after the app's lifespan has
+    started. On a port in use, the lifespan's end waited for ever for the pub/sub reader, which had lost its
+    cancellation: the process hung, deaf to SIGTERM, instead of exiting with uvicorn's error."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(port)],
+                             env=dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url), capture_output=True,
+                             text=True, timeout=30, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 3 and "address already in use" in run.stderr, run.stderr[-2000:]
