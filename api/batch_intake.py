@@ -1,6 +1,6 @@
 """Reading a batch file into jobs: line by line, a few hundred lines per bulk enqueue.
 
-Two formats, told apart by the first line that is a JSON object:
+Two formats, told apart by the first line that is a JSON object (`custom_id` or `body`: OpenAI's):
 
 * the original question file (`llava/eval/model_vqa.py`): `{"question_id", "image", "text"}`,
   run with the batch's parameters (shared/vqa.py makes the prompt and the job);
@@ -13,6 +13,7 @@ or outside the data roots) is recorded with the reason and becomes no job; the o
 
 import base64
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +38,11 @@ CHUNK_LINES = 500
 # Line errors kept in the batch record's `errors` (all of them are in the errors file).
 MAX_LISTED_ERRORS = 100
 _IMAGE_CACHE_SIZE = 64
+# How much of a line too long to run is read at a time, to skip it.
+_SKIP_BYTES = 1 << 20
+# Keys that make a line an OpenAI one: not `custom_id` alone, so that a first line without it (a typo) does not make
+# the whole file a question file. No question file has a request `body`.
+_OPENAI_KEYS = {"custom_id", "body"}
 
 
 class LineRefused(Exception):
@@ -48,9 +54,21 @@ class LineRefused(Exception):
         self.message, self.status_code, self.param, self.code = message, status_code, param, int(code)
 
 
-def count_lines(stream: IO[bytes]) -> int:
-    """Non-blank lines of a seekable binary file; the file is left at its start."""
-    count = sum(1 for line in stream if line.strip())
+def file_lines(stream: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary file; None for a line longer than `limit` bytes, which is read no further than that
+    (a server file may hold a line of gigabytes, such as a training set's JSON array, that no job could take)."""
+    while line := stream.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := stream.readline(_SKIP_BYTES)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def count_lines(stream: IO[bytes], limit: int) -> int:
+    """Non-blank lines of a seekable binary file (see `file_lines`); the file is left at its start."""
+    count = sum(1 for line in file_lines(stream, limit) if line is None or line.strip())
     stream.seek(0)
     return count
 
@@ -77,11 +95,13 @@ class Intake:
     _images: dict[Path, str | LineRefused] = field(default_factory=dict)
 
     def read(self, stream: IO[bytes]) -> None:
-        """Read every line, enqueue the jobs of the good ones in chunks, record every line in order."""
+        """Read every line, enqueue the jobs of the good ones in chunks, record every line in order. Stops after a
+        chunk that finds the batch no longer `validating` (cancelled, or failed as abandoned): the rest of a file
+        its user gave up on is not queued only to be cancelled."""
         entries: list[dict[str, Any]] = []
         jobs: list[tuple[int, GenerateRequest]] = []
-        for line_number, raw in enumerate(stream, 1):
-            if not raw.strip():
+        for line_number, raw in enumerate(file_lines(stream, self.settings.max_body_bytes), 1):
+            if raw is not None and not raw.strip():
                 continue
             number = self.total
             self.total += 1
@@ -95,30 +115,37 @@ class Intake:
             else:
                 jobs.append((len(entries) - 1, request))
             if len(entries) >= CHUNK_LINES:
-                self._enqueue(entries, jobs)
+                if self._enqueue(entries, jobs) != "validating":
+                    return
                 entries, jobs = [], []
         if entries:
             self._enqueue(entries, jobs)
 
-    def _enqueue(self, entries: list[dict[str, Any]], jobs: list[tuple[int, GenerateRequest]]) -> None:
+    def _enqueue(self, entries: list[dict[str, Any]], jobs: list[tuple[int, GenerateRequest]]) -> str:
+        """Record the lines and queue their jobs; returns the batch's status (see `BatchStore.add_lines`)."""
         first_line = self.total - len(entries)
         ids = self.store.create_many(
             [request for _, request in jobs], "batch", deadline_seconds=self.deadline_seconds, owner=self.owner,
             extra=[{"batch": self.batch_id, "batch_line": first_line + index} for index, _ in jobs]) if jobs else []
         for (index, _), job_id in zip(jobs, ids):
             entries[index]["job"] = job_id
-        self.batches.add_lines(self.batch_id, entries)
+        status = self.batches.add_lines(self.batch_id, entries)
         try:
             send_many(self.celery, [(job_id, task_queue(BATCH_QUEUE, request.model))
                                     for job_id, (_, request) in zip(ids, jobs)])
         except Exception as exc:
             raise unsent(self.store, ids, exc) from exc  # their lines fail (counted by the batch); 503
+        return status
 
-    def _line(self, number: int, line_number: int, raw: bytes) -> tuple[dict[str, Any], GenerateRequest | None]:
-        """The entry of the `number`th non-blank line (`line_number` in the file, blank lines counted): what its
-        output line needs, and its job request; or the entry with `error`."""
+    def _line(self, number: int, line_number: int,
+              raw: bytes | None) -> tuple[dict[str, Any], GenerateRequest | None]:
+        """The entry of the `number`th non-blank line (`line_number` in the file, blank lines counted; None if it is
+        too long to read): what its output line needs, and its job request; or the entry with `error`."""
         entry: dict[str, Any] = {"line": line_number}
         try:
+            if raw is None:
+                raise LineRefused(f"line {line_number} is longer than {self.settings.max_body_bytes} bytes, more than "
+                                  "a request may hold (MAX_BODY_BYTES); it is not read")
             try:
                 line = json.loads(raw)
             except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
@@ -126,7 +153,7 @@ class Intake:
             if not isinstance(line, dict):
                 raise LineRefused(f"line {line_number} is not a JSON object")
             if self.format is None:
-                self.format = "openai" if "custom_id" in line else "llava"
+                self.format = "openai" if _OPENAI_KEYS & line.keys() else "llava"
             request = self._openai_line(line, entry) if self.format == "openai" else self._question_line(line, entry)
             try:
                 check_unicode(request)  # JSON's "\ud800" escape: no job can hold it

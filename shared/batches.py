@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import BATCH_END_LUA, JobStore, owner_id
+from shared.jobs import BATCH_END_LUA, QUEUES, JobStore, owner_id
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -33,17 +33,27 @@ _COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "i
              "completion_tokens")
 
 # A batch fails only while it is read (validating): a reader that was thought dead may have activated it meanwhile.
+# One cancelled while it was read, and never activated, ends cancelled instead (no reader will count its lines).
 _FAIL = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1], 'errors', ARGV[2])
+  return 1
+end
+if status ~= 'validating' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[1], 'errors', ARGV[2])
 return 1
 """
 
-# Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch.
+# Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch. A batch
+# cancelled while it was read gets its count too, so that it ends `cancelled` with its last line.
 _ACTIVATE = BATCH_END_LUA + """
-if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return redis.call('HGET', KEYS[1], 'status') end
+local status = redis.call('HGET', KEYS[1], 'status')
+local cancelled = status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0
+if status ~= 'validating' and not cancelled then return status end
 redis.call('HSET', KEYS[1], 'total', ARGV[1], 'invalid', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'ended', tonumber(ARGV[2]))
+if cancelled then return end_batch_if_done(KEYS[1], ARGV[3]) end
 if tonumber(ARGV[1]) == tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[3])
   return 'failed'
@@ -52,12 +62,37 @@ redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[3])
 return end_batch_if_done(KEYS[1], ARGV[3])
 """
 
+# As OpenAI's: a batch still read (validating) can be cancelled too; its reader stops at its next chunk of lines.
 _CANCEL = BATCH_END_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'cancelling' then return status end
-if status ~= 'in_progress' then return 'not:' .. (status or 'missing') end
+if status ~= 'in_progress' and status ~= 'validating' then return 'not:' .. (status or 'missing') end
 redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
 return end_batch_if_done(KEYS[1], ARGV[1])
+"""
+
+# Places in the queues held for the batches being read (KEYS[1]: batch id -> "<its non-blank lines> <owner>"), counted
+# with the jobs queued (KEYS[2..]) and taken for batch ARGV[1] (ARGV[2] lines, owner ARGV[5]) in one step. A batch holds
+# what its reader has not recorded yet (its lines list); a reader without a lease (it died) holds nothing, and its
+# entry goes. Returns {places taken, of them held by the owner's other batches}.
+_RESERVE = """
+local taken, owned = 0, 0
+for i = 2, #KEYS do taken = taken + redis.call('ZCARD', KEYS[i]) end
+local held = redis.call('HGETALL', KEYS[1])
+for i = 1, #held, 2 do
+  local batch = ARGV[3] .. held[i]
+  if redis.call('EXISTS', batch .. ':reader') == 1 then
+    local lines, owner = string.match(held[i + 1], '^(%d+) ?(.*)$')
+    local left = math.max(0, tonumber(lines) - redis.call('LLEN', batch .. ':lines'))
+    taken = taken + left
+    if ARGV[5] ~= '' and owner == ARGV[5] then owned = owned + left end
+  else
+    redis.call('HDEL', KEYS[1], held[i])
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[5])
+redis.call('SET', ARGV[3] .. ARGV[1] .. ':reader', '1', 'EX', ARGV[4])
+return {taken, owned}
 """
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -100,6 +135,7 @@ class BatchStore:
         self._activate = self.redis.register_script(_ACTIVATE)
         self._cancel = self.redis.register_script(_CANCEL)
         self._fail = self.redis.register_script(_FAIL)
+        self._reserve = self.redis.register_script(_RESERVE)
 
     def key(self, batch_id: str) -> str:
         return f"{self.store.batch_prefix}{batch_id}"
@@ -115,6 +151,25 @@ class BatchStore:
         """Sorted set of the owner's batch ids by creation time (GET /v1/batches)."""
         return f"{self.prefix}:batches" + (f":{self.owner}" if self.owner else "")
 
+    @property
+    def reservations_key(self) -> str:
+        """Hash of the batches being read (every owner's) -> the places in the queues each holds (see `reserve`)."""
+        return f"{self.prefix}:batch_reservations"
+
+    def reserve(self, batch_id: str, lines: int) -> tuple[int, int]:
+        """Hold `lines` places in the queues for a batch about to be read; returns how many were taken already (jobs
+        queued, plus the places other batches being read still hold) and how many of those places the owner's other
+        batches hold. Counted and held in one step, so two batches read at once cannot both be admitted to the last
+        places, of the queues or of a key's quota (each was checked against a queue the other had not filled yet).
+        `release` once the file is read."""
+        taken, owned = self._reserve(keys=[self.reservations_key, *[self.store.queue_key(queue) for queue in QUEUES]],
+                                     args=[batch_id, lines, self.store.batch_prefix, READER_LEASE_SECONDS, self.owner])
+        return int(taken), int(owned)
+
+    def release(self, batch_id: str) -> None:
+        """The batch's file is read (or refused): its lines are queued, or will not be; it holds no more places."""
+        self.redis.hdel(self.reservations_key, batch_id)
+
     def create(self, batch_id: str, fields: dict[str, Any]) -> None:
         """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL."""
         now = time.time()
@@ -129,8 +184,10 @@ class BatchStore:
             pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
             pipe.execute()
 
-    def add_lines(self, batch_id: str, entries: list[dict[str, Any]]) -> None:
+    def add_lines(self, batch_id: str, entries: list[dict[str, Any]]) -> str:
         """Append lines (file order) to the batch: each entry names its job, or says why the line was refused.
+        Returns the batch's status: anything but `validating` (cancelled, or failed as abandoned) tells the
+        reader to stop.
 
         Also renews the reader's lease: a batch left `validating` without one was abandoned by an API
         process that died while reading it (see `abandoned`).
@@ -139,14 +196,17 @@ class BatchStore:
             pipe.rpush(self.lines_key(batch_id), *[json.dumps(entry) for entry in entries])
             pipe.expire(self.lines_key(batch_id), self.ttl_seconds)
             pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
-            pipe.execute()
+            pipe.hget(self.key(batch_id), "status")
+            return pipe.execute()[-1] or "missing"
 
     def reader_key(self, batch_id: str) -> str:
         return f"{self.key(batch_id)}:reader"
 
     def abandoned(self, record: dict[str, Any]) -> bool:
-        """Whether a `validating` batch lost the API process reading it (no lease renewed for a while)."""
-        return (record["status"] == "validating" and time.time() - record["created_at"] > READER_LEASE_SECONDS
+        """Whether a batch still being read (`validating`, or `cancelling` before its lines were counted) lost the
+        API process reading it (no lease renewed for a while)."""
+        unread = record["status"] == "validating" or (record["status"] == "cancelling" and not record["total"])
+        return (unread and time.time() - record["created_at"] > READER_LEASE_SECONDS
                 and not self.redis.exists(self.reader_key(record["id"])))
 
     def activate(self, batch_id: str, total: int, invalid: int) -> str:
@@ -156,7 +216,7 @@ class BatchStore:
     def fail(self, batch_id: str, error: dict[str, Any]) -> bool:
         """The batch could not be read to its end: `failed`, with the reason in its errors, and the jobs of the lines
         read so far cancelled (they do not make the batch, and its caller submits the file again). Only a batch
-        still `validating` fails; returns whether this one did."""
+        still `validating` fails (one cancelled while it was read ends `cancelled`); returns whether this one did."""
         if not self._fail(keys=[self.key(batch_id)], args=[repr(time.time()), json.dumps([error])]):
             return False
         self.cancel_jobs(batch_id)
@@ -168,7 +228,8 @@ class BatchStore:
             self.store.cancel(job_id)
 
     def request_cancel(self, batch_id: str) -> str:
-        """Move an in-progress batch to `cancelling` (or at once to `cancelled` if every line has ended).
+        """Move a batch in progress, or still being read, to `cancelling` (or at once to `cancelled` if every line
+        has ended).
 
         Returns the status it has now; "not:<status>" for a batch in another status ("not:missing").
         """

@@ -183,10 +183,13 @@ class Tally:
 
 
 def read_questions(path: Path) -> list[Item]:
-    """Every non-blank line of the question file, parsed; a bad line is an Item with an error."""
+    """Every non-blank line of the question file, parsed; a bad line is an Item with an error. A UTF-8 byte order
+    mark (Windows editors write one) is skipped, as `POST /v1/batches` skips it."""
     items = []
     with open(path, "rb") as file:
         for number, raw in enumerate(file, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             if not raw.strip():
                 continue
             item = Item(number)
@@ -330,12 +333,21 @@ class EvalRun:
             for path in (self.answers_path, self.errors_path, self.state_path):
                 path.unlink(missing_ok=True)
         by_key, dropped = read_answers(self.answers_path)
-        keys = {item.key for item in self.items if item.question is not None}
-        self.answers = {key: line for key, line in by_key.items() if key in keys}
-        self.extra_answers = [line for key, line in by_key.items() if key not in keys]
+        questions: dict[str, Question] = {}
+        for item in self.items:
+            if item.question is not None:
+                questions.setdefault(item.key, item.question)
+        self.answers = {key: line for key, line in by_key.items()
+                        if key in questions and self._answers(questions[key], line)}
+        self.extra_answers = [line for key, line in by_key.items() if key not in questions]
         if dropped:
             self.progress.message(f"eval: {self.answers_path}: dropped an unfinished last line (from a crash); "
                                   "its question is asked again")
+        stale = sum(1 for key in by_key if key in questions and key not in self.answers)
+        if stale:
+            self.progress.message(f"eval: {stale} answers in {self.answers_path} have this file's question ids but "
+                                  "another question's text or another model_id (an earlier run of another file or "
+                                  "model); those questions are asked again and their lines replaced")
         if self.answers_path.exists():
             self._rewrite_answers()  # clean, in order, ending in a newline before lines are appended
         if self.extra_answers:
@@ -344,6 +356,12 @@ class EvalRun:
         self.answers_file = open(self.answers_path, "a")
         self.errors_file = open(self.errors_path, "w")
         self.state_file = None
+
+    def _answers(self, question: Question, line: str) -> bool:
+        """Whether an answers-file line of an earlier run answers this run's question: the same question text (other
+        question files number their questions the same way) and, when the run names its model, that model's answer."""
+        record = json.loads(line)
+        return record.get("prompt") == question.text and self.params.model in (None, record.get("model_id"))
 
     def _rewrite_answers(self) -> None:
         """The answers in question-file order, then any others; replaces the file at once."""
@@ -731,6 +749,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"llava-queue eval: {message}", file=sys.stderr)
         return 2
 
+    # As model_vqa.py: "~" in the question and answers files' paths is the home folder (a quoted path keeps it).
+    args.question_file, args.answers_file = map(os.path.expanduser, (args.question_file, args.answers_file))
     model = args.model or (model_name_from_path(args.model_path) if args.model_path else None)
     try:
         params = EvalParams(model=model, conv_mode=args.conv_mode, temperature=args.temperature, top_p=args.top_p,

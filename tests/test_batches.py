@@ -7,6 +7,7 @@ server-side paths are read only under the data roots; batch jobs give way to int
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -217,6 +218,128 @@ def test_cancel_a_batch(tiny_llava_stack, images):
     assert again.status_code == 409, again.text
 
 
+def test_two_batches_of_one_key_read_at_once_keep_within_its_quota():
+    # The same race for an API key's quota (MAX_QUEUED_JOBS_PER_KEY): 4000 places, two 3000-line batches of the key.
+    from api.auth import key_digest
+    from conftest import run_stack
+    from shared.redis_server import RedisServer
+
+    key = "batch-key-1"
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": json.dumps([key_digest(key)]), "LLAVA_QUEUE_MAX_QUEUED_JOBS": "0",
+           "LLAVA_QUEUE_MAX_QUEUED_JOBS_PER_KEY": "4000"}
+    content = jsonl(questions(3000, image=False))
+    with RedisServer() as server, run_stack(server.url, env, workers=(), log_prefix="llava-queue-batch-quota-") as stack:
+        responses = []
+        posts = [threading.Thread(target=lambda: responses.append(requests.post(
+            f"{stack.base_url}/v1/batches", files={"file": ("q.jsonl", content)},
+            headers={"Authorization": f"Bearer {key}"}, timeout=120))) for _ in range(2)]
+        for post in posts:
+            post.start()
+        for post in posts:
+            post.join(120)
+        assert sorted(response.status_code for response in responses) == [200, 429], [r.text for r in responses]
+        refused = next(r for r in responses if r.status_code == 429).json()["error"]["message"]
+        assert "its quota is 4000" in refused, refused
+
+
+def validating_batch(stack, since: float, timeout: float = 60) -> dict:
+    """The first batch created after `since` seen while its file is still being read (`validating`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for batch in requests.get(f"{stack.base_url}/v1/batches?limit=10", timeout=10).json()["data"]:
+            if batch["status"] == "validating" and batch["created_at"] >= int(since):
+                return batch
+        time.sleep(0.01)
+    raise AssertionError(f"no batch was seen validating\n{stack.logs()}")
+
+
+def test_a_batch_can_be_cancelled_while_its_file_is_read(tiny_llava_stack):
+    # As OpenAI's Batch API does: a batch still `validating` can be cancelled (it was a 409 until the whole file
+    # was queued). Reading stops at the next chunk; the lines read so far end cancelled (or answered).
+    since = time.time()
+    created = {}
+    upload = threading.Thread(target=lambda: created.update(response=requests.post(
+        f"{tiny_llava_stack.base_url}/v1/batches", files={"file": ("q.jsonl", jsonl(questions(4000, image=False)))},
+        data={"temperature": "0", "max_new_tokens": "2"}, timeout=120)))
+    upload.start()
+    try:
+        batch = validating_batch(tiny_llava_stack, since)
+        cancel = requests.post(f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/cancel", timeout=30)
+    finally:
+        upload.join(120)
+    assert cancel.status_code == 200, cancel.text
+    assert cancel.json()["status"] == "cancelling", cancel.text
+    assert created["response"].status_code == 200, created["response"].text
+    assert created["response"].json()["status"] in ("cancelling", "cancelled")
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["status"] == "cancelled" and done["cancelled_at"] is not None, done
+    counts = done["request_counts"]
+    assert 0 < counts["total"] < 4000 and counts["completed"] + counts["failed"] == counts["total"], counts
+    lines = requests.get(f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}/lines?limit=1000",
+                         timeout=10).json()["data"]
+    assert not [line for line in lines if line["status"] in ("queued", "running")]
+    errors = download(tiny_llava_stack, batch["id"], "errors")
+    assert len(errors) == counts["failed"] and {error["status"] for error in errors} == {"cancelled"}
+
+
+def test_two_batches_read_at_once_keep_within_the_queue_limit():
+    # Room for 4000 queued jobs and no worker: two 3000-line batches posted together must not both be admitted (each
+    # was checked against the queue before the other had queued its lines: 6000 jobs queued).
+    from conftest import run_stack
+    from shared.redis_server import RedisServer
+
+    content = jsonl(questions(3000, image=False))
+    with RedisServer() as server, run_stack(server.url, {"LLAVA_QUEUE_MAX_QUEUED_JOBS": "4000"}, workers=(),
+                                            log_prefix="llava-queue-batch-limit-") as stack:
+        responses = []
+        posts = [threading.Thread(target=lambda: responses.append(requests.post(
+            f"{stack.base_url}/v1/batches", files={"file": ("q.jsonl", content)}, timeout=120))) for _ in range(2)]
+        for post in posts:
+            post.start()
+        for post in posts:
+            post.join(120)
+        assert sorted(response.status_code for response in responses) == [200, 429], [r.text for r in responses]
+        assert "the queue is full" in next(r for r in responses if r.status_code == 429).json()["error"]["message"]
+        queued = requests.get(f"{stack.base_url}/metrics", timeout=10).text
+        assert 'llava_queue_jobs{state="queued"} 3000.0' in queued, queued
+        # Once the first batch's lines are gone, the second one fits.
+        [accepted] = [response.json() for response in responses if response.status_code == 200]
+        requests.post(f"{stack.base_url}/v1/batches/{accepted['id']}/cancel", timeout=60)
+        assert wait_for_batch(stack, accepted["id"])["status"] == "cancelled"
+        again = requests.post(f"{stack.base_url}/v1/batches", files={"file": ("q.jsonl", content)}, timeout=120)
+        assert again.status_code == 200, again.text
+
+
+def peak_memory_kib(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+def test_a_line_longer_than_a_request_fails_alone_without_being_read_whole(tmp_path):
+    # A server file can hold a line no request could (LLaVA's training set is one JSON array on one line, beside the
+    # images under a data root): it was read into the API's memory whole, twice (counted, then parsed). A line
+    # longer than MAX_BODY_BYTES fails alone, read no further than that.
+    from conftest import run_stack
+    from shared.redis_server import RedisServer
+
+    good = questions(2, image=False)
+    huge = json.dumps({"question_id": 1, "text": "x" * (48 << 20)})
+    (tmp_path / "huge.jsonl").write_text(json.dumps(good[0]) + "\n" + huge + "\n" + json.dumps(good[1]) + "\n")
+    env = {"LLAVA_QUEUE_MAX_BODY_BYTES": str(1 << 20), "LLAVA_QUEUE_DATA_ROOTS": str(tmp_path)}
+    with RedisServer() as server, run_stack(server.url, env, workers=(), log_prefix="llava-queue-batch-huge-") as stack:
+        before = peak_memory_kib(stack.processes["api"].pid)
+        response = requests.post(f"{stack.base_url}/v1/batches", json={"input_path": "huge.jsonl"}, timeout=120)
+        grown_mib = (peak_memory_kib(stack.processes["api"].pid) - before) / 1024
+        assert response.status_code == 200, response.text
+        assert grown_mib < 24, grown_mib
+        batch = response.json()
+        assert batch["request_counts"]["total"] == 3, batch
+        [error] = batch["errors"]["data"]
+        assert error["line"] == 2 and "longer than 1048576 bytes" in error["message"], error
+        requests.post(f"{stack.base_url}/v1/batches/{batch['id']}/cancel", timeout=30)
+
+
 def test_lines_past_the_completion_window_expire(tiny_llava_stack, images):
     batch = upload_batch(tiny_llava_stack, jsonl(questions(200, image=False)), temperature=0, max_new_tokens=64,
                          completion_window="1s")
@@ -420,6 +543,16 @@ def test_a_line_whose_text_is_not_unicode_fails_alone(tiny_llava_stack):
     assert error["custom_id"] == "bad" and "not valid Unicode" in error["response"]["body"]["error"]["message"], error
 
 
+def test_a_completion_window_longer_than_a_batch_is_kept_is_refused(tiny_llava_stack):
+    # A batch is kept BATCH_TTL_SECONDS (30 days here): with a longer window it would vanish while its lines wait.
+    response = requests.post(f"{tiny_llava_stack.base_url}/v1/batches", timeout=30,
+                             data={"completion_window": "31d", "max_new_tokens": "2"},
+                             files={"file": ("q.jsonl", jsonl(questions(1, image=False)))})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "completion_window"
+    assert "BATCH_TTL_SECONDS" in response.json()["error"]["message"]
+
+
 def test_metadata_is_held_to_openais_limits(tiny_llava_stack):
     for metadata in ({str(key): "v" for key in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
         response = requests.post(f"{tiny_llava_stack.base_url}/v1/batches", timeout=10,
@@ -454,6 +587,22 @@ def test_errors_name_the_file_line_blank_lines_included(tiny_llava_stack):
     wait_for_batch(tiny_llava_stack, batch["id"])
     [error] = download(tiny_llava_stack, batch["id"], "errors")
     assert error["error"]["code"] == "invalid_line" and error["error"]["line"] == 3, error
+
+
+def test_an_openai_file_whose_first_line_lacks_its_custom_id_is_still_read_as_openai(tiny_llava_stack):
+    # The format was told by `custom_id` in the first line alone: a first line missing it (a typo) made the whole
+    # OpenAI file a question file, every line failing with "question_id: field required".
+    body = {"model": "llava-v1.5-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    lines = [{"customid": "first", "method": "POST", "url": "/v1/chat/completions", "body": body},
+             {"custom_id": "second", "method": "POST", "url": "/v1/chat/completions", "body": body}]
+    batch = upload_batch(tiny_llava_stack, jsonl(lines), endpoint="/v1/chat/completions")
+    assert batch["format"] == "openai", batch
+    done = wait_for_batch(tiny_llava_stack, batch["id"])
+    assert done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}, done
+    assert [line["custom_id"] for line in download(tiny_llava_stack, batch["id"], "output")] == ["second"]
+    [error] = download(tiny_llava_stack, batch["id"], "errors")
+    assert error["custom_id"] is None and error["error"]["code"] == "invalid_line", error
+    assert "custom_id" in error["error"]["message"], error
 
 
 def test_a_refused_openai_line_has_the_error_body_of_the_call(tiny_llava_stack):

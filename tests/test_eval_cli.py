@@ -425,3 +425,52 @@ def test_a_category_of_any_kind_is_ignored_as_the_original_ignores_it(tiny_llava
     answers = tmp_path / "answers.jsonl"
     assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", tmp_path, answers)) == 0
     assert [line["question_id"] for line in read_lines(answers)] == [1, 2, 3]
+
+
+def test_answers_of_another_question_file_or_model_are_not_taken_as_done(tiny_llava_stack, images, tmp_path, capsys):
+    # Resuming skips the questions already answered; an answers file left by another question file with the same
+    # ids (benchmarks number their questions from 0), or by another model, was taken as this run's answers.
+    answers = tmp_path / "answers.jsonl"
+    write_questions(tmp_path / "first.jsonl", [0, 1, 2], " (first benchmark)")
+    assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "first.jsonl", images, answers)) == 0
+    second = write_questions(tmp_path / "second.jsonl", [0, 1, 2], " (second benchmark)")
+    capsys.readouterr()
+    assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "second.jsonl", images, answers)) == 0
+    captured = capsys.readouterr()
+    assert "3 answered (0 before this run)" in captured.out, captured.out + captured.err
+    assert "3 answers in" in captured.err and "asked again" in captured.err
+    assert [line["prompt"] for line in read_lines(answers)] == [question["text"] for question in second]
+    # The same questions for a model named on the command line: an answer by another model is not its answer.
+    with open(answers, "r+") as file:
+        lines = read_lines(answers)
+        lines[1]["model_id"] = "llava-v1.5-13b"
+        file.write("".join(json.dumps(line) + "\n" for line in lines))
+    capsys.readouterr()
+    assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "second.jsonl", images, answers,
+                                     "--model", MODEL)) == 0
+    assert "3 answered (2 before this run)" in capsys.readouterr().out
+    assert [line["model_id"] for line in read_lines(answers)] == [MODEL] * 3
+
+
+def test_a_question_file_that_starts_with_a_byte_order_mark_is_read_whole(tmp_path):
+    # Editors on Windows start a UTF-8 file with a BOM: POST /v1/batches reads such a file (json.loads skips it),
+    # the CLI failed its first question as "malformed JSON".
+    from shared.eval_cli import read_questions
+
+    path = tmp_path / "questions.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps({"question_id": n, "text": "Why?"}).encode() + b"\n"
+                                                for n in (1, 2)))
+    items = read_questions(path)
+    assert [(item.line, item.error, item.question.question_id) for item in items] == [(1, None, 1), (2, None, 2)]
+
+
+def test_a_home_relative_path_is_read_as_model_vqa_reads_it(tmp_path, monkeypatch, capsys):
+    # model_vqa.py expands "~" in --question-file and --answers-file (a quoted path in a script keeps it); the CLI
+    # refused such a question file as unreadable.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_questions(tmp_path / "questions.jsonl", [1])
+    argv = ["eval", "--question-file", "~/questions.jsonl", "--image-folder", str(tmp_path),
+            "--answers-file", "~/answers/a.jsonl", "--api-url", f"http://127.0.0.1:{free_port()}"]
+    assert eval_in_process(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach llava-queue" in err and "cannot read the question file" not in err, err

@@ -25,7 +25,7 @@ from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
 from api.routes.models import served_models
 from api.routes.openai import completion_of, job_error
-from api.submission import admit
+from api.submission import check_room
 from shared.batches import FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
 from shared.dataroot import PathRefused, resolve_data_path
 from shared.jobs import JobStore
@@ -176,6 +176,31 @@ def _server_path(value: str, param: str, settings: Settings, *, folder: bool) ->
                    code=ErrorCode.NOT_FOUND)
 
 
+def admit_batch(store: JobStore, batches: BatchStore, batch_id: str, lines: int, owner: str | None) -> None:
+    """`admit` for a batch's `lines`, with the places other batches being read have yet to fill counted as taken
+    (in the queues, and in the key's quota for the key's batches), and this batch's held until its file is read
+    (`BatchStore.reserve`); 429 (400) when they do not fit."""
+    quota = bool(owner and store.max_queued_per_owner)
+    queued, owned = batches.reserve(batch_id, lines) if store.max_queued or quota else (0, 0)
+    if quota:
+        owned += store.owner_queued(owner, at_least=store.max_queued_per_owner - lines - owned + 1)
+    try:
+        check_room(store, queued, lines, owner, owned)
+    except ApiError:
+        batches.release(batch_id)
+        raise
+
+
+def read_file(intake: Intake, stream: IO[bytes]) -> None:
+    """Read the batch's file into jobs; a queue that goes away part-way fails the batch (its lines are cancelled)."""
+    try:
+        intake.read(stream)
+    except ApiError:
+        intake.batches.fail(intake.batch_id, {"code": "unavailable", "message": "the queue was unavailable while "
+                                              "reading", "param": None, "line": intake.total})
+        raise
+
+
 def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches: BatchStore, celery,
            registry, settings: Settings, owner: str | None) -> dict[str, Any]:
     """Check the request, read the file into jobs (the batch is `validating` meanwhile), start the batch."""
@@ -183,6 +208,10 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
         window = window_seconds(body.completion_window)
     except ValueError as exc:
         raise ApiError(422, str(exc), param="completion_window") from None
+    if window > settings.batch_ttl_seconds:
+        # The batch and its results would expire while its lines still wait for the window.
+        raise ApiError(422, f"completion_window {body.completion_window!r} is longer than a batch is kept "
+                            f"({settings.batch_ttl_seconds} s, BATCH_TTL_SECONDS)", param="completion_window")
     image_folder = _image_folder(body, settings)
     served = served_models(registry.workers())
     if body.model is not None and body.model not in served:
@@ -190,33 +219,33 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
                        param="model", code=ErrorCode.NO_WORKER)
     stream, source = _open_input(body, upload, batches, settings)
     with stream:
-        lines = count_lines(stream)
+        lines = count_lines(stream, settings.max_body_bytes)
         if lines > settings.batch_max_lines:
             raise ApiError(400, f"the file has {lines} lines; a batch holds at most {settings.batch_max_lines}",
                            param="file")
-        admit(store, lines, owner)
-        params = EvalParams.model_validate(body.model_dump(include=set(EvalParams.model_fields)))
         batch_id = new_batch_id()
-        now = time.time()
-        batches.create(batch_id, {**source, "endpoint": body.endpoint or CHAT_COMPLETIONS,
-                                  "completion_window": body.completion_window, "expires_at": repr(now + window),
-                                  "metadata": body.metadata, "params": params.model_dump(),
-                                  "image_folder": body.image_folder or ""})
-        intake = Intake(store, batches, celery, settings, batch_id, params, image_folder, served, window, owner)
+        admit_batch(store, batches, batch_id, lines, owner)
         try:
-            intake.read(stream)
-        except ApiError:
-            batches.fail(batch_id, {"code": "unavailable", "message": "the queue was unavailable while reading",
-                                    "param": None, "line": intake.total})
-            raise
+            params = EvalParams.model_validate(body.model_dump(include=set(EvalParams.model_fields)))
+            now = time.time()
+            batches.create(batch_id, {**source, "endpoint": body.endpoint or CHAT_COMPLETIONS,
+                                      "completion_window": body.completion_window, "expires_at": repr(now + window),
+                                      "metadata": body.metadata, "params": params.model_dump(),
+                                      "image_folder": body.image_folder or ""})
+            intake = Intake(store, batches, celery, settings, batch_id, params, image_folder, served, window, owner)
+            read_file(intake, stream)
+        finally:
+            batches.release(batch_id)
     fields = {"format": intake.format or "llava"}
     errors = intake.errors or ([] if intake.total else [{"code": "empty_file", "message": "the file has no lines",
                                                          "param": "file", "line": None}])
     if errors:
         fields["errors"] = json.dumps(errors)
     batches.redis.hset(batches.key(batch_id), mapping=fields)
-    if batches.activate(batch_id, intake.total, intake.invalid) == "failed" and intake.total > intake.invalid:
-        # Failed as abandoned while this slow reader went on (its lease lapsed): the lines it queued since go too.
+    if batches.activate(batch_id, intake.total, intake.invalid) in ("failed", "cancelling") and \
+            intake.total > intake.invalid:
+        # Cancelled while it was read, or failed as abandoned while this slow reader went on (its lease lapsed): the
+        # jobs of the lines read since the cancel (or of every line) go too.
         batches.cancel_jobs(batch_id)
     return batch_view(batches, batches.get(batch_id))
 
@@ -290,14 +319,16 @@ def get_batch(batch_id: str, request: Request) -> dict:
 
 @router.post("/{batch_id}/cancel")
 def cancel_batch(batch_id: str, request: Request, store: Store) -> dict:
-    """Cancel a batch: queued lines end `cancelled`, running ones leave their engine batch at the next step."""
+    """Cancel a batch: queued lines end `cancelled`, running ones leave their engine batch at the next step. As
+    OpenAI's, a batch still `validating` can be cancelled: its file is read no further."""
     batches = batch_store(request)
     read_batch(batches, batch_id)  # another key's batch is unknown to this one
     status = batches.request_cancel(batch_id)
     if status == "not:missing":
         raise batch_not_found(batch_id)
     if status.startswith("not:"):
-        raise ApiError(409, f"batch {batch_id} is {status[4:]}; only a batch in progress can be cancelled",
+        raise ApiError(409, f"batch {batch_id} is {status[4:]}; only a batch being read or in progress can be "
+                            "cancelled",
                        type="conflict", param="batch_id")
     if status == "cancelling":
         for job_id in batches.job_ids(batch_id):
