@@ -409,8 +409,7 @@ def test_detokenizer_streams_multibyte_characters_whole(tokenizer):
     text = "Hi 😀 你好世界 🎉! Ünïcödé ✓"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert any(tokenizer.decode([i]).endswith("\ufffd") for i in ids), "the text should split characters across tokens"
-    prompt = tokenizer.encode("Say it:", add_special_tokens=False)
-    detokenizer = Detokenizer(tokenizer, prompt)
+    detokenizer = Detokenizer(tokenizer)
     deltas = [detokenizer.add(token) for token in ids] + [detokenizer.finish()]
     assert all("\ufffd" not in delta for delta in deltas)
     assert "".join(deltas) == text == detokenizer.text
@@ -419,7 +418,7 @@ def test_detokenizer_streams_multibyte_characters_whole(tokenizer):
 def test_detokenizer_holds_back_a_possible_stop_and_removes_it(tokenizer):
     stop = "世界END"
     ids = tokenizer.encode("a 世 b 世界EN c 世界END tail", add_special_tokens=False)
-    detokenizer = Detokenizer(tokenizer, [], stop=stop)
+    detokenizer = Detokenizer(tokenizer, stop=stop)
     deltas = []
     for token in ids:
         deltas.append(detokenizer.add(token))
@@ -438,7 +437,7 @@ def test_detokenizer_stops_at_the_earliest_of_several(tokenizer):
     ids = tokenizer.encode("one two three four five", add_special_tokens=False)
 
     def run(stop):
-        detokenizer = Detokenizer(tokenizer, [], stop=stop)
+        detokenizer = Detokenizer(tokenizer, stop=stop)
         deltas = []
         for token in ids:
             deltas.append(detokenizer.add(token))
@@ -457,7 +456,7 @@ def test_detokenizer_stops_at_the_earliest_of_several(tokenizer):
 
 
 def test_detokenizer_holds_back_the_longest_prefix_of_any_stop(tokenizer):
-    detokenizer = Detokenizer(tokenizer, [], stop=["xyz", "ab cd"])
+    detokenizer = Detokenizer(tokenizer, stop=["xyz", "ab cd"])
     streamed = ""
     for token in tokenizer.encode("hello ab c", add_special_tokens=False):
         streamed += detokenizer.add(token)
@@ -582,19 +581,18 @@ def test_a_bad_request_fails_alone(tiny_model, tokenizer):
     assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 10)
 
 
-def test_a_request_whose_text_cannot_be_decoded_fails_alone(tiny_model, tokenizer):
-    # With prompt_embeds the ids are only the detokenizer's context, unchecked by the model: a negative one (an
-    # image placeholder left in) makes decoding raise. That request fails; the engine goes on with the others.
+def test_the_ids_beside_prompt_embeds_are_not_decoded(tiny_model, tokenizer):
+    # With prompt_embeds the ids are not read: one the tokenizer cannot decode (an image placeholder left in) used
+    # to fail the request when it served as the detokenizer's context; the text is the generated ids' alone.
     engine, _ = make_engine(tiny_model, tokenizer)
     with torch.inference_mode():
         embeds = tiny_model.get_input_embeddings()(torch.tensor([17, 18, 19]))
-    good_prompt = random_prompt(5, seed=1002)
-    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=8))
-    bad = engine.add_request("bad", [-200, 17], SamplingParams(temperature=0, max_new_tokens=8), prompt_embeds=embeds)
-    run_until_done(engine, [good, bad])
-    assert bad.wait(0).finish_reason == "error" and "detokenization failed" in bad.wait(0).error
-    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 8)
-    assert engine.stats()["num_running"] == 0
+    placeholder = engine.add_request("placeholder", [-200, 17], SamplingParams(temperature=0, max_new_tokens=8),
+                                     prompt_embeds=embeds)
+    run_until_done(engine, [placeholder])
+    output = placeholder.wait(0)
+    assert output.token_ids == generate_alone(tiny_model, [17, 18, 19], 8)
+    assert output.text == tokenizer.decode(output.token_ids, skip_special_tokens=True)
 
 
 def test_a_row_gone_non_finite_leaves_nothing_for_the_next_in_its_place(tiny_model, tokenizer):
@@ -701,3 +699,118 @@ def test_a_failure_outside_a_forward_fails_the_batch_and_the_engine_goes_on(tiny
         assert later.wait(WAIT_S).finish_reason in ("length", "stop")
     finally:
         engine.shutdown()
+
+
+def test_malformed_prompt_embeds_fail_alone(tiny_model, tokenizer):
+    # prompt_embeds that are not even a sequence of positions (a 0-dim tensor, a list): the request is refused, and
+    # reporting it (its prompt_tokens) must not break the step's publishing, which every other request waits on.
+    engine, stream = make_engine(tiny_model, tokenizer)
+    good_prompt = random_prompt(6, seed=1100)
+    scalar = engine.add_request("scalar", [17], GREEDY, prompt_embeds=torch.tensor(1.0))
+    listed = engine.add_request("list", [17], GREEDY, prompt_embeds=[[0.0] * 64])
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    run_until_done(engine, [scalar, listed, good], max_steps=20)
+    for handle in (scalar, listed):
+        assert handle.wait(0).finish_reason == "error" and "prompt_embeds" in handle.wait(0).error
+    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)
+
+
+def test_special_token_stop_spelled_out_by_ordinary_tokens_still_stops(tiny_model, tokenizer):
+    # The original stops when the stop string's ids end the output *or* its text shows in the decoded output
+    # (KeywordsStoppingCriteria). A stop that is a special token ("</s>") can also be spelled out by ordinary
+    # tokens ("</", "s", ">"): that text must end generation and be removed too. Here a copy of the tokenizer makes
+    # a piece of the model's greedy text a special token, which the model itself never emits as one id.
+    prompt = random_prompt(5, seed=300)
+    reference_ids = generate_alone(tiny_model, prompt, 30)
+    reference_text = tokenizer.decode(reference_ids, skip_special_tokens=True)
+    stop = tokenizer.decode(reference_ids[8:11], skip_special_tokens=True)
+    special = copy.deepcopy(tokenizer)
+    special.add_special_tokens({"additional_special_tokens": [stop]})
+    assert special_token_id(special, stop) is not None
+
+    engine, stream = make_engine(tiny_model, special)
+    handle = engine.add_request("spelled", prompt, SamplingParams(temperature=0, max_new_tokens=30, stop=stop))
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert output.finish_reason == "stop"
+    assert output.text == reference_text[: reference_text.find(stop)]
+    assert stream.joined_deltas("spelled") == output.text
+    assert len(output.token_ids) <= 11
+
+
+def sentencepiece_tokenizer():
+    """A small Llama-style tokenizer: "▁" for spaces, byte fallback, and a decoder that strips the text's leading
+    space, as LLaVA's Llama/Vicuna tokenizers (so "▁The" decodes to "The" at the start of a text)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    trained.train_from_iterator(["The cat sat on the mat. Hello there, the world! What is in the image?"] * 10, trainer)
+    model = json.loads(trained.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizer
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_text_is_the_decode_of_the_generated_ids_with_a_sentencepiece_tokenizer():
+    # The original streams decode(generated ids) (TextIteratorStreamer, skip_prompt): with a Llama tokenizer the
+    # first generated "▁The" reads "The", not " The" as it would inside a decode of prompt + answer.
+    tokenizer = sentencepiece_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    model = LlamaForCausalLM(config).eval()
+    prompt = tokenizer.encode("What is in the image? 😀", add_special_tokens=False)
+    with torch.no_grad():  # make the model answer with a token that opens with a space
+        first = generate_alone(model, prompt, 1)[0]
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("▁the")] = 2 * model.lm_head.weight[first]
+    engine, stream = make_engine(model, tokenizer)
+    handle = engine.add_request("sp", prompt, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert tokenizer.convert_ids_to_tokens(output.token_ids[0]).startswith("▁"), "the answer should open with a space"
+    assert output.text == tokenizer.decode(output.token_ids, skip_special_tokens=True)
+    assert stream.joined_deltas("sp") == output.text
+    # A resumed job's text goes on from the text it had: there the same first token keeps its space.
+    context = tokenizer.encode("Look at", add_special_tokens=False)
+    resumed = engine.add_request("resumed", prompt, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True),
+                                 text_context=context)
+    run_until_done(engine, [resumed])
+    going_on = resumed.wait(0)
+    assert going_on.token_ids == output.token_ids
+    assert going_on.text.startswith(" ") and going_on.text == " " + output.text
+    assert "Look at" + going_on.text == tokenizer.decode(context + going_on.token_ids, skip_special_tokens=True)
+    assert stream.joined_deltas("resumed") == going_on.text
+
+
+def test_a_request_id_cancelled_then_submitted_again_runs(tiny_model, tokenizer):
+    # A client cancels a request and submits one with the same id before the engine's next step: the abort came
+    # first, so the new request is not a duplicate of the cancelled one, and the abort must not cancel it.
+    engine, _ = make_engine(tiny_model, tokenizer)
+    prompt = random_prompt(6, seed=1200)
+    first = engine.add_request("x", prompt, SamplingParams(temperature=0, max_new_tokens=20))
+    engine.step()
+    engine.abort("x")
+    again = engine.add_request("x", prompt, SamplingParams(temperature=0, max_new_tokens=8))
+    engine.abort("new")  # an id no request has yet: the request added after it runs
+    new = engine.add_request("new", prompt, SamplingParams(temperature=0, max_new_tokens=8))
+    added_then_aborted = engine.add_request("gone", prompt, GREEDY)
+    engine.abort("gone")
+    run_until_done(engine, [first, again, new, added_then_aborted])
+    assert first.wait(0).finish_reason == "cancelled"
+    for handle in (again, new):
+        assert handle.wait(0).error is None and handle.wait(0).token_ids == generate_alone(tiny_model, prompt, 8)
+    assert added_then_aborted.wait(0).finish_reason == "cancelled"

@@ -66,7 +66,7 @@ class Prepared:
 
     @property
     def text_token_ids(self) -> list[int]:
-        """The prompt's text ids, image positions left out: the engine's detokenizer context."""
+        """The prompt's text ids, image positions left out (not read by the engine when it gets prompt_embeds)."""
         return [token for token in self.token_ids if token >= 0]
 
     def engine_prompt_embeds(self) -> torch.Tensor | None:
@@ -218,19 +218,24 @@ class JobRunner:
             self._record_step([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)],
                               [Ending(job_id, "succeeded", finish_reason="length")], f"ending job {job_id}")
             return "succeeded"
+        text_context = None
         if resumed:
             # The worker that ran this job died: go on after the text its clients already have.
             record = self._when_redis_answers(lambda: self.store.get(job_id), f"reading job {job_id}")
             done_text, done_tokens = record["text"], record["completion_tokens"]
             if done_text:
-                prepared.token_ids += self.loaded.tokenizer(done_text, add_special_tokens=False).input_ids
+                done_ids = self.loaded.tokenizer(done_text, add_special_tokens=False).input_ids
+                prepared.token_ids += done_ids
+                # The text goes on from it: "▁world" after "Hello" keeps its space (SentencePiece drops it at the
+                # start of a decode).
+                text_context = done_ids
             prepared.params = replace(prepared.params, max_new_tokens=prepared.params.max_new_tokens - done_tokens)
             self._done_before[job_id] = done_tokens
             if prepared.params.max_new_tokens < 1:
                 self._end(Ending(job_id, "succeeded", finish_reason="length"), f"ending job {job_id}")
                 return "succeeded"
         handle = self.engine.add_request(job_id, prepared.text_token_ids, prepared.params,
-                                         prompt_embeds=prepared.engine_prompt_embeds())
+                                         prompt_embeds=prepared.engine_prompt_embeds(), text_context=text_context)
         output = handle.wait()
         # publish() has normally finished the record already; this covers an engine that ended the
         # request without an output step (for example at shutdown). It is a no-op otherwise.

@@ -2,10 +2,15 @@
 
 Two rules make the deltas safe to send as they come: text is decoded over a
 small window of previous tokens (vLLM/TGI's prefix/read offsets) so merges and
-leading spaces come out as in a full decode, and text that is a broken UTF-8
-character or could be the start of a stop string is held back until it is
-settled. The deltas therefore never have to be taken back, and joined they
-equal the final text.
+leading spaces come out as in a full decode of the generated ids, and text that
+is a broken UTF-8 character or could be the start of a stop string is held back
+until it is settled. The deltas therefore never have to be taken back, and
+joined they equal the final text.
+
+The text is that of the generated ids alone, as the original streams it
+(TextIteratorStreamer with skip_prompt): no prompt tokens are decoded with the
+first ones, or a SentencePiece tokenizer (Llama, Vicuna) would start the answer
+with the space of its first token ("▁The" reads "The" at the start of a text).
 """
 
 from __future__ import annotations
@@ -14,10 +19,9 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-# How many prompt tokens to decode with the first generated ones, so the first
-# piece of text comes out as it would inside a full decode (same as vLLM).
-PROMPT_CONTEXT_TOKENS = 5
 REPLACEMENT_CHAR = "\ufffd"
+# How many ids of a context to decode with the first generated ones (as vLLM's prefix window).
+CONTEXT_TOKENS = 5
 
 
 def special_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
@@ -43,16 +47,18 @@ class Detokenizer:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        prompt_token_ids: list[int],
         stop: str | Sequence[str] | None = None,
+        context_ids: Sequence[int] = (),
     ):
+        """`context_ids`: text the generated ids go on from (a job resumed after its worker died goes on after the
+        text it had): its last few ids are decoded with the first generated ones, so a SentencePiece token's
+        space ("▁world" after "Hello") stays, as in a decode of the whole; none of its text is emitted."""
         self._tokenizer = tokenizer
         stops = (stop,) if isinstance(stop, str) else (stop or ())
         self._stops = tuple(dict.fromkeys(s for s in stops if s))
-        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
-        self._ids = context
+        self._ids = list(context_ids[-CONTEXT_TOKENS:]) if context_ids else []
         self._prefix_offset = 0
-        self._read_offset = len(context)
+        self._read_offset = len(self._ids)
         self._text = ""
         self._emitted = 0
         self.stopped = False

@@ -107,7 +107,8 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox: list[tuple[Sequence, RequestHandle]] = []
-        self._aborts: list[str] = []
+        # (request id, how many of the inbox's requests were added before the abort): taken in call order.
+        self._aborts: list[tuple[str, int]] = []
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -161,17 +162,21 @@ class LLMEngine:
         params: SamplingParams | None = None,
         *,
         prompt_embeds: torch.Tensor | None = None,
+        text_context: list[int] | None = None,
     ) -> RequestHandle:
         """Queue a request; returns its handle at once (thread-safe).
 
         prompt_embeds [T, H], when given, is what the model reads instead of
-        the ids (the vision path); the ids then only serve as detokenizer
-        context and may be empty. Bad input finishes the request with an error,
-        it never raises here.
+        the ids (the vision path); the ids are then not read (the text is that
+        of the generated ids alone) and may be empty. text_context: ids of
+        text the output goes on from (a resumed job's), decoded with its first
+        tokens so their leading space is as in a whole decode. Bad input
+        finishes the request with an error, it never raises here.
         """
         params = params or SamplingParams()
         prompt_token_ids = [] if prompt_token_ids is None else list(prompt_token_ids)
-        seq = Sequence(request_id, prompt_token_ids, params, params.max_new_tokens, prompt_embeds=prompt_embeds)
+        seq = Sequence(request_id, prompt_token_ids, params, params.max_new_tokens, prompt_embeds=prompt_embeds,
+                       text_context=list(text_context or ()))
         handle = RequestHandle(request_id)
         with self._wakeup:
             if not self._closed:
@@ -185,7 +190,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe): it leaves the batch at the next step with finish_reason "cancelled"."""
         with self._wakeup:
-            self._aborts.append(request_id)
+            self._aborts.append((request_id, len(self._inbox)))
             self._wakeup.notify()
 
     def stats(self) -> dict:
@@ -214,10 +219,7 @@ class LLMEngine:
             self._register(seq, handle)
         with torch.inference_mode():
             try:
-                for seq, _ in inbox:
-                    self._intake(seq)
-                for request_id in aborts:
-                    self._abort(request_id)
+                self._take_inbox([seq for seq, _ in inbox], aborts)
                 self._drop_finished_rows()
                 admitted = self.scheduler.admit()
                 if admitted:
@@ -263,12 +265,26 @@ class LLMEngine:
 
     def _register(self, seq: Sequence, handle: RequestHandle) -> None:
         self._handles[seq] = handle
-        if seq.request_id not in self._live:
-            self._live[seq.request_id] = seq
+
+    def _take_inbox(self, seqs: list[Sequence], aborts: list[tuple[str, int]]) -> None:
+        """Take the new sequences and the aborts in the order they were called: an abort then a new request with
+        the same id cancels the old one and runs the new one; a new request then its abort cancels the new one."""
+        taken = 0
+        for request_id, added_before in aborts:
+            for seq in seqs[taken:added_before]:
+                self._intake(seq)
+            taken = max(taken, added_before)
+            self._abort(request_id)
+        for seq in seqs[taken:]:
+            self._intake(seq)
 
     def _intake(self, seq: Sequence) -> None:
         """Prepare a new (registered) sequence and queue it, or finish it at once with the reason it cannot run."""
-        duplicate = self._live[seq.request_id] is not seq
+        holder = self._live.get(seq.request_id)
+        # A holder that ended (cancelled just before, in this step) no longer owns the id.
+        duplicate = holder is not None and not holder.is_finished
+        if not duplicate:
+            self._live[seq.request_id] = seq
         try:
             error = "duplicate request id: a request with this id is still running" if duplicate else self._prepare(seq)
         except Exception as exc:
@@ -296,24 +312,19 @@ class LLMEngine:
         stop_ids, text_stops = self._split_stops(seq.params.stop_strings)
         eos_ids = frozenset() if seq.params.ignore_eos else self.eos_token_ids
         seq.stop_token_ids = eos_ids | stop_ids
-        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt_token_ids, text_stops)
+        seq.detokenizer = Detokenizer(self.tokenizer, text_stops, seq.text_context)
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(seq.params.seed)
         return None
 
     def _split_stops(self, stops: tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
-        """Split stop strings into the ids of those that are one special token, and the text stops.
+        """The ids of the stops that are one special token, and the stops to look for in the text (all of them).
 
-        A special-token stop never shows up in the (special-free) text: its id alone ends generation.
+        A special token never shows up in the (special-free) text, so its id ends generation; ordinary tokens can
+        still spell its text out ("</", "s", ">"), which ends it too, as the original's keyword check does.
         """
-        ids, texts = set(), []
-        for stop in stops:
-            token_id = special_token_id(self.tokenizer, stop)
-            if token_id is None:
-                texts.append(stop)
-            else:
-                ids.add(token_id)
-        return frozenset(ids), tuple(texts)
+        ids = {special_token_id(self.tokenizer, stop) for stop in stops}
+        return frozenset(ids - {None}), stops
 
     def _abort(self, request_id: str) -> None:
         seq = self._live.get(request_id)

@@ -56,9 +56,9 @@ class Sequence:
     """One request as the engine sees it.
 
     The prompt is `prompt_token_ids`, or `prompt_embeds` [T, H] when the caller
-    has already embedded it (the vision path); then the ids only give the
-    detokenizer its context. `max_new_tokens` is the effective cap, already
-    bounded by the model's context length.
+    has already embedded it (the vision path); then the ids are not read.
+    `max_new_tokens` is the effective cap, already bounded by the model's
+    context length.
     """
 
     request_id: str
@@ -66,6 +66,8 @@ class Sequence:
     params: SamplingParams
     max_new_tokens: int
     prompt_embeds: torch.Tensor | None = None
+    # Ids of text the output goes on from (a resumed job's text so far): the detokenizer's context, not the prompt.
+    text_context: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()
@@ -77,9 +79,14 @@ class Sequence:
 
     @property
     def prompt_len(self) -> int:
-        """Number of positions the prompt occupies in the KV cache."""
+        """Number of positions the prompt occupies in the KV cache.
+
+        Embeddings with no positions axis (a 0-dim tensor, not a tensor) count 0: the engine refuses them, and
+        reporting the refused request must not raise in the step that publishes every request's output.
+        """
         if self.prompt_embeds is not None:
-            return int(self.prompt_embeds.shape[0])
+            shape = getattr(self.prompt_embeds, "shape", ())
+            return int(shape[0]) if len(shape) else 0
         return len(self.prompt_token_ids)
 
     @property
