@@ -33,6 +33,7 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
     if not settings.api_key_hashes:
         return None
     scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+    token = token.strip(" ")  # credentials follow the scheme after 1*SP (RFC 9110): "Bearer  <key>" is the key
     if scheme.lower() != "bearer" or not token:
         token = conn.query_params.get("api_key", "") if conn.scope["type"] == "websocket" else ""
     digest = key_digest(token) if token else ""

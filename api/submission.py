@@ -7,6 +7,8 @@ single-job POSTs cost the API ~3.4 ms of CPU each, one after another, when every
 own six round trips (two counts, the order, the record, the message, Celery's task-sent event).
 """
 
+import hashlib
+import json
 import math
 import threading
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ class _Submission:
     ids: list[str] | None = None
     error: BaseException | None = None
     done: bool = False
+    claimed: bool = False  # this submission recorded its body's fingerprint under its idempotency key
 
     def settle(self, ids: list[str] | None = None, error: BaseException | None = None) -> None:
         if not self.done:
@@ -41,7 +44,8 @@ class Submitter:
 
     Only the job id crosses the queue; the worker reads the request from the record. Past the
     queue limit a submission gets 429 with a Retry-After from the measured drain rate. With an
-    `idempotency_key` seen before, the first submission's ids come back and nothing is enqueued.
+    `idempotency_key` seen before, the first submission's ids come back and nothing is enqueued (a 422 when
+    the request differs from the first).
     If the broker cannot take the tasks, their jobs are marked failed and the call gets 503. An
     `owner` (the caller's API key digest) is held to its own queued-job quota too.
     """
@@ -90,10 +94,11 @@ class Submitter:
         """Settle every submission of `group`: admission, one write of all their records, one send of all tasks."""
         fresh = []
         for submission in group:
-            if submission.idempotency_key is not None and self._known(submission):
+            if submission.idempotency_key is not None and (not self._same_body(submission) or self._known(submission)):
                 continue
             fresh.append(submission)
         admitted = self._admit(fresh)
+        self._unclaim([submission for submission in fresh if submission.error is not None])
         created: list[tuple[str, str]] = []
         try:
             jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner)
@@ -118,9 +123,39 @@ class Submitter:
             error = unsent(self.store, failed, exc)
             self._forget_keys([submission for submission in admitted if submission.idempotency_key is not None],
                               set(failed))
+            self._unclaim(admitted)
             raise error from exc
         for submission in admitted:
             submission.settle(submission.ids)
+
+    def _same_body(self, submission: _Submission) -> bool:
+        """Whether `submission` repeats the request its idempotency key was first used with; if not, it is settled
+        with a 422 (Stripe's and the IETF Idempotency-Key draft's answer). It was a 202 with the first request's
+        jobs: the new request was dropped without a word. The first use of a key records its body's fingerprint."""
+        name = self._fingerprint_key(submission)
+        fingerprint = _fingerprint(submission.requests)
+        if self.store.redis.set(name, fingerprint, nx=True, ex=self.store.ttl_seconds):
+            submission.claimed = True
+            return True
+        first = self.store.redis.get(name)
+        if first is None or first == fingerprint:  # (None: it expired or was let go just now)
+            return True
+        submission.settle(error=ApiError(
+            422, "this Idempotency-Key was already used with a different request (another body, queue or number "
+                 "of jobs): send a new key for a new request", param="header.idempotency-key",
+            code=ErrorCode.INVALID_REQUEST))
+        return False
+
+    def _fingerprint_key(self, submission: _Submission) -> str:
+        """Where the fingerprint of the body first sent with the submission's idempotency key is kept."""
+        return f"{self.store.prefix}:idempotency-body:{self._scoped_key(submission)}"
+
+    def _unclaim(self, submissions: list[_Submission]) -> None:
+        """Let go of the fingerprints `submissions` recorded: they created nothing (429, 503), so their key is free
+        for any request, as it would have been had they never come."""
+        names = [self._fingerprint_key(submission) for submission in submissions if submission.claimed]
+        if names:
+            self.store.redis.delete(*names)
 
     def _known(self, submission: _Submission) -> bool:
         """Settle a retried submission (every idempotency key already used) with its first jobs; True if it was one."""
@@ -132,10 +167,14 @@ class Submitter:
         return False
 
     @staticmethod
-    def _keys(submission: _Submission) -> list[str]:
-        key, count = submission.idempotency_key, len(submission.requests)
-        if submission.owner:  # each API key has its own idempotency keys: another's retry must not get its jobs
-            key = f"{owner_id(submission.owner)}:{key}"
+    def _scoped_key(submission: _Submission) -> str:
+        """The idempotency key within its owner's: another API key's retry must not get this one's jobs."""
+        key = submission.idempotency_key
+        return f"{owner_id(submission.owner)}:{key}" if submission.owner else key
+
+    @classmethod
+    def _keys(cls, submission: _Submission) -> list[str]:
+        key, count = cls._scoped_key(submission), len(submission.requests)
         return [key] if count == 1 else [f"{key}:{i}" for i in range(count)]
 
     def _create_keyed(self, submission: _Submission, created: list[tuple[str, str]]) -> list[str]:
@@ -162,6 +201,8 @@ class Submitter:
         """The submissions of `group` that fit the queue limit and their owner's quota, in order; the others are
         settled with a 429. Counts are read once for the group, and each admitted submission adds its jobs."""
         store = self.store
+        if group:
+            expire_overdue(store)
         queued = sum(store.queue_lengths().values()) if store.max_queued and group else 0
         owned: dict[str, int] = {}
         if store.max_queued_per_owner:
@@ -184,6 +225,12 @@ class Submitter:
                 owned[owner] += count
             admitted.append(submission)
         return admitted
+
+
+def _fingerprint(requests: list[tuple[GenerateRequest, str]]) -> str:
+    """A digest of a submission's requests as recorded (fields set, defaults applied) and their queues, in order."""
+    body = json.dumps([[request.model_dump_json(exclude_none=True), queue] for request, queue in requests])
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def check_unicode(request: BaseModel, prefix: str = "") -> None:
@@ -219,14 +266,12 @@ def unsent(store: JobStore, job_ids: list[str], exc: Exception) -> ApiError:
                     headers={"Retry-After": "5"})
 
 
-def admit(store: JobStore, count: int, owner: str | None = None) -> None:
-    """Refuse `count` more jobs with 429 when they would take the queues past their limit, or the
-    caller (`owner`, an API key digest) past its own quota."""
-    queued = sum(store.queue_lengths().values()) if store.max_queued else 0
-    owned = 0
-    if owner and store.max_queued_per_owner:
-        owned = store.owner_queued(owner, at_least=store.max_queued_per_owner - count + 1)
-    check_room(store, queued, count, owner, owned)
+def expire_overdue(store: JobStore) -> None:
+    """Before jobs are counted against a limit, end those queued past their deadline: they are over, "whether or
+    not a worker is up", but only a worker's sweep or a poll of the very job ended them, so with no worker up for
+    their model they held the queue and their key's quota full (429) for jobs that had ended."""
+    if store.max_queued or store.max_queued_per_owner:
+        store.expire_overdue()
 
 
 def check_room(store: JobStore, queued: int, count: int, owner: str | None, owned: int) -> None:

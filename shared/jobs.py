@@ -416,7 +416,8 @@ class JobStore:
         pipe.hincrby(self.submitted_key, queue, 1)
         if deadline_seconds is not None:
             pipe.zadd(self.deadlines_key, {job_id: now + deadline_seconds})
-        if owner:
+        if owner and self.max_queued_per_owner:
+            # Only a quota reads (and prunes) the set: without one it grew by every job of the key, for ever.
             pipe.zadd(self.owner_key(owner), {job_id: now})
 
     def idempotency_key(self, idempotency_key: str) -> str:

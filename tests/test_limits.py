@@ -338,3 +338,50 @@ def test_a_job_whose_workers_died_is_not_sent_again_by_the_openai_package(api_tw
         worker.result()
     assert EXHAUSTED_ERROR in caught.value.message
     assert len(seen) == 1, f"the package sent the request {len(seen)} times"
+
+
+def test_an_authorization_header_with_extra_spaces_is_read_as_its_key(api_two_keys):
+    # RFC 9110 §11.4: credentials = auth-scheme [ 1*SP token68 ], and the scheme is case-insensitive. A client that
+    # formats "Bearer  %s" (or a key pasted with a space around it) got 401 for a valid key.
+    for header in (f"Bearer  {KEY}", f"bearer {KEY}", f"BEARER   {KEY}"):
+        answer = post(api_two_keys, {"prompt": "hi"}, key=None, headers={"Authorization": header})
+        assert answer.status_code == 202, (header, answer.text)
+    for header in ("Bearer", "Bearer   ", f"Basic {KEY}", f"Bearer {KEY}x"):
+        assert post(api_two_keys, {"prompt": "hi"}, key=None, headers={"Authorization": header}).status_code == 401
+
+
+def test_jobs_past_their_deadline_free_the_key_quota_with_no_worker_up(api_with_quotas):
+    # A job still queued past its deadline is expired, "whether or not a worker is up": with none up (or none for its
+    # model), only a poll of that very job expired it, so a key whose jobs were left unpolled stayed at 429 ("2 jobs
+    # queued") for jobs that had ended, until a worker came.
+    stack = api_with_quotas
+    ids = [post(stack, {"prompt": "hi", "deadline_seconds": 0.3}).json()["id"] for _ in range(2)]
+    assert post(stack, {"prompt": "hi"}).status_code == 429
+    time.sleep(0.5)
+    again = post(stack, {"prompt": "hi"})
+    assert again.status_code == 202, again.text
+    for job_id in ids:
+        job = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"},
+                           timeout=10).json()
+        assert (job["status"], job["error_code"]) == ("expired", ErrorCode.EXPIRED)
+
+
+def test_an_idempotency_key_sent_again_with_another_request_is_refused(api_two_keys):
+    first = post(api_two_keys, {"prompt": "first"}, headers={"Idempotency-Key": "request-7"})
+    assert first.status_code == 202
+    other = post(api_two_keys, {"prompt": "second"}, headers={"Idempotency-Key": "request-7"})
+    assert other.status_code == 422, other.text  # it was 202 with the first prompt's job
+    assert other.json()["error"]["param"] == "header.idempotency-key" and "different request" in other.text
+    # The same key with the same request is still a retry; another API key's same key is its own.
+    assert post(api_two_keys, {"prompt": "first"}, headers={"Idempotency-Key": "request-7"}).json() == first.json()
+    theirs = post(api_two_keys, {"prompt": "second"}, key=OTHER_KEY, headers={"Idempotency-Key": "request-7"})
+    assert theirs.status_code == 202
+
+
+def test_without_a_quota_no_key_keeps_a_set_of_its_jobs(api_two_keys):
+    # Only the per-key quota reads a key's set of queued jobs (and prunes it): without a quota every job of the key
+    # was added to it, and nothing ever took one out; a Redis key with no expiry that grew for ever.
+    for _ in range(3):
+        assert post(api_two_keys, {"prompt": "hi"}).status_code == 202
+    client = redis.Redis.from_url(api_two_keys.redis_url, decode_responses=True)
+    assert not list(client.scan_iter(match="*:owner:*"))

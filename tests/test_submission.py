@@ -11,7 +11,7 @@ from api.errors import ApiError
 from api.submission import Submitter
 from shared.celery_app import make_celery
 from shared.jobs import JobStore
-from shared.protocol import GenerateRequest
+from shared.protocol import GenerateRequest, JobRequest
 from shared.redis_server import RedisServer
 from shared.settings import Settings
 
@@ -196,3 +196,63 @@ def test_text_that_is_not_unicode_is_refused_alone(redis_url):
         assert "not valid Unicode" in refused.value.message
     assert len(submitter.submit([fine, fine])) == 2
     assert len(queued_messages(store)) == 2 and len(list(store.redis.scan_iter("sub:job:*"))) == 2
+
+
+def test_an_idempotency_key_reused_with_another_body_is_a_422(redis_url):
+    # A key sent again with a different request is a client bug (a key generator that repeats, a key reused for the
+    # next prompt): it was answered 202 with the first request's job, so the second prompt was silently dropped and
+    # its caller polled someone else's answer. As Stripe and the IETF Idempotency-Key draft: 422, nothing created.
+    submitter, store = make_submitter(redis_url)
+    store.release.set()  # no holding here
+    first = [(GenerateRequest(prompt="first"), "interactive")]
+    ids = submitter.submit(first, idempotency_key="k", owner="key-a")
+    for other in ([(GenerateRequest(prompt="second"), "interactive")],  # another prompt
+                  [(GenerateRequest(prompt="first"), "batch")],  # another queue
+                  [(GenerateRequest(prompt="first", max_new_tokens=5), "interactive")]):  # another parameter
+        with pytest.raises(ApiError) as refused:
+            submitter.submit(other, idempotency_key="k", owner="key-a")
+        assert (refused.value.status, refused.value.param) == (422, "header.idempotency-key"), refused.value.message
+    assert submitter.submit(first, idempotency_key="k", owner="key-a") == ids  # the same request: its job
+    bulk = [(GenerateRequest(prompt=f"b{index}"), "interactive") for index in range(2)]
+    bulk_ids = submitter.submit(bulk, idempotency_key="bulk", owner="key-a")
+    with pytest.raises(ApiError) as longer:  # one more job under the key of a bulk of two
+        submitter.submit(bulk + first, idempotency_key="bulk", owner="key-a")
+    assert longer.value.status == 422
+    assert submitter.submit(bulk, idempotency_key="bulk", owner="key-a") == bulk_ids
+    assert len(queued_messages(store)) == 3
+
+
+def test_an_idempotency_key_reused_with_another_body_in_one_group_is_a_422(redis_url):
+    submitter, store = make_submitter(redis_url)
+    keyed = lambda prompt: ([[(GenerateRequest(prompt=prompt), "interactive")]], {"idempotency_key": "same"})
+    answers = submit_held(submitter, store, [one("first"), keyed("a"), keyed("b"), keyed("a")])
+
+    assert answers[1] == answers[3] and isinstance(answers[2], ApiError) and answers[2].status == 422
+    assert store.get(answers[1][0])["prompt"] == "a"
+    assert len(queued_messages(store)) == 2
+
+
+def test_a_key_refused_for_a_full_queue_may_carry_another_body_next_time(redis_url):
+    # Nothing was created under a key whose submission was refused (429): the key stays free for any request.
+    submitter, store = make_submitter(redis_url, max_queued=1)
+    store.release.set()  # no holding here
+    submitter.submit([(GenerateRequest(prompt="fills the queue"), "interactive")])
+    with pytest.raises(ApiError) as full:
+        submitter.submit([(GenerateRequest(prompt="a"), "interactive")], idempotency_key="k")
+    assert full.value.status == 429
+    store.redis.delete(store.queue_key("interactive"))  # the queue drained
+    [job_id] = submitter.submit([(GenerateRequest(prompt="b"), "interactive")], idempotency_key="k")
+    assert store.get(job_id)["prompt"] == "b"
+
+
+def test_jobs_past_their_deadline_leave_room_in_the_queue_with_no_worker_up(redis_url):
+    # With no worker sweeping, overdue jobs were expired only when polled: unpolled, they held the queue full (429).
+    submitter, store = make_submitter(redis_url, max_queued=2)
+    store.release.set()  # no holding here
+    submitter.submit([(JobRequest(prompt="soon gone", deadline_seconds=0.2), "interactive")] * 2)
+    with pytest.raises(ApiError) as full:
+        submitter.submit([(JobRequest(prompt="waits"), "interactive")])
+    assert full.value.status == 429
+    time.sleep(0.3)
+    [job_id] = submitter.submit([(JobRequest(prompt="fits now"), "interactive")])
+    assert store.queue_lengths()["interactive"] == 1 and store.get(job_id)["status"] == "queued"
