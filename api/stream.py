@@ -57,7 +57,10 @@ def _final(progress: _Progress, snap: Snapshot | dict) -> StreamEvent:
 async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIterator[StreamEvent]:
     """Yield an event for the current text (if any), one per new chunk, and a last one with `done`.
 
-    Raises JobNotFound if the job does not exist, ServerStopping when the API shuts down (the job goes on).
+    Raises JobNotFound if the job does not exist, ServerStopping when the API shuts down (the job goes on), and
+    redis' RedisError when a read of the record finds Redis away (the job goes on too, at its worker): an outage
+    over before the next read (at most RESYNC_AFTER_SECONDS after the last message) passes unseen; each endpoint
+    ends its stream on the error in its own format.
     """
     async with hub.subscribe(store.channel(job_id)) as messages:
         snap = await asyncio.to_thread(store.snapshot, job_id)

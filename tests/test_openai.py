@@ -14,6 +14,7 @@ import requests
 from PIL import Image
 
 from shared.settings import Settings
+from test_stream_followers import assert_recovered, assert_went_on, outage_stack, restart_redis  # noqa: F401
 from workers.engine.sequence import SamplingParams
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -258,3 +259,30 @@ def test_a_negative_seed_is_accepted_as_openai_and_vllm_accept_it(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=8, seed=-2**63 - 1)
     assert caught.value.param == "seed"
+
+
+def test_redis_going_away_mid_stream_ends_it_with_an_error_event(outage_stack):
+    """A stream that loses Redis ends with an error event in OpenAI's shape, naming the job, then [DONE]; the job
+    goes on at the worker (it is not cancelled), and streams work again once Redis is back. Before, the stream was cut short (the openai
+    package raised APIConnectionError, "incomplete chunked read") and the API logged an unhandled exception.
+    Asking for a stream while Redis is away is a 503 with Retry-After."""
+    stack = outage_stack
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=200, stream=True)
+    job_id = stream.response.headers["x-job-id"]
+    chunks = iter(stream)
+    assert next(chunks).choices[0].delta.role == "assistant" and next(chunks).choices[0].delta.content
+    stack.redis_server.stop()
+    try:
+        with pytest.raises(openai.APIError) as ended:
+            for _ in chunks:
+                pass
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, stream=True)
+    finally:
+        restart_redis(stack)
+    assert type(ended.value) is openai.APIError, repr(ended.value)  # an error event, not a connection cut
+    assert ended.value.type == "unavailable" and job_id in ended.value.message, ended.value.body
+    assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "5"
+    assert_went_on(stack, job_id)
+    assert_recovered(stack)

@@ -11,10 +11,12 @@ llava-queue error code; a bad request is a 400, as OpenAI answers.
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
@@ -24,13 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, Registry, Store, Submissions
 from api.errors import ApiError, body_not_json, error_body
-from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
+from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended, store_unavailable
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
                              InvalidRequest, check_images, context_overflowed, describe_validation_error,
                              parse_request)
+
+log = logging.getLogger("llava_queue.api")
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
 
@@ -374,6 +378,13 @@ class Completion:
             error = self._server_stopping()
             yield _sse(error_body(error.message, error.type, error.param, error.code))
             yield "data: [DONE]\n\n"
+        except redis.RedisError as exc:
+            # Not a stream cut short (and a traceback): the job can be neither followed nor cancelled, and goes on.
+            log.warning("the stream of job %s lost Redis: %s", self.job_id, exc)
+            ended = True
+            error = self._store_unavailable(exc)
+            yield _sse(error_body(error.message, error.type, error.param, error.code))
+            yield "data: [DONE]\n\n"
         finally:
             if not ended and not self.keep_on_disconnect:
                 await cancel_unless_ended(self.store, self.job_id)
@@ -383,6 +394,12 @@ class Completion:
         return ApiError(503, f"the API is restarting; job {self.job_id} goes on: poll GET /v1/jobs/{self.job_id}",
                         type="server_error", code=ErrorCode.SERVER_ERROR,
                         headers={"Retry-After": "1", JOB_ID_HEADER: self.job_id})
+
+    def _store_unavailable(self, exc: redis.RedisError) -> ApiError:
+        """Redis went away before the job ended: the job goes on at its worker, to be polled once Redis is back."""
+        error = store_unavailable(exc)
+        return ApiError(503, f"{error.message}; job {self.job_id} goes on: poll GET /v1/jobs/{self.job_id}",
+                        type=error.type, code=error.code, headers=error.headers)
 
     def _base(self) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

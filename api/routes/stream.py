@@ -5,15 +5,20 @@
 """
 
 import asyncio
+import logging
 from typing import Literal
 
+import redis
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.auth import owns
 from api.deps import ApiKey, Hub, Store, Submissions
 from api.errors import ApiError
+from api.routes.llava import cancel_unless_ended, store_unavailable
 from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
 from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
+
+log = logging.getLogger("llava_queue.api")
 
 router = APIRouter(tags=["stream"])
 
@@ -31,9 +36,11 @@ def ws_message(job_id: str, event: StreamEvent) -> dict:
     return message
 
 
-async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> Literal["ended", "left", "stopping"]:
-    """Send the job's events until it ends ("ended"), the client leaves ("left") or the API shuts down ("stopping":
-    the socket is closed with 1012, Service Restart, and a reason that names the job, which goes on)."""
+async def _relay(websocket: WebSocket, store: Store, hub: Hub,
+                 job_id: str) -> Literal["ended", "left", "stopping", "unavailable"]:
+    """Send the job's events until it ends ("ended"), the client leaves ("left"), the API shuts down ("stopping":
+    the socket is closed with 1012, Service Restart, and a reason that names the job, which goes on) or Redis goes
+    away ("unavailable", see _send_unavailable)."""
     try:
         async for event in follow_job(store, hub, job_id):
             await websocket.send_json(ws_message(job_id, event))
@@ -46,7 +53,26 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> L
         # A close reason holds at most 123 bytes.
         await _close(websocket, 1012, f"the API is restarting; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123])
         return "stopping"
+    except redis.RedisError as exc:
+        log.warning("the stream of job %s lost Redis: %s", job_id, exc)
+        return await _send_unavailable(websocket, job_id, exc)
     return "ended"
+
+
+async def _send_unavailable(websocket: WebSocket, job_id: str,
+                            exc: redis.RedisError) -> Literal["left", "unavailable"]:
+    """Redis is away, so the job can be neither followed nor cancelled: a final chunk that says so, then 1013 (Try
+    Again Later) and a reason that names the job, which goes on at its worker. Without it the error left the
+    endpoint (a WebSocket has no exception handler to answer the app's 503): a traceback, and a stream cut short.
+    "left" when the client left before it (the caller cancels the job, if Redis lets it)."""
+    message = store_unavailable(exc).message
+    try:
+        await websocket.send_json({"text": message, "error_code": ErrorCode.SERVER_ERROR, "id": job_id, "done": True,
+                                   "status": "unavailable", "error": message})
+    except CLIENT_GONE:
+        return "left"
+    await _close(websocket, 1013, f"the job store is unavailable; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123])
+    return "unavailable"
 
 
 async def _send_not_found(websocket: WebSocket, job_id: str) -> bool:
@@ -63,8 +89,13 @@ async def _send_not_found(websocket: WebSocket, job_id: str) -> bool:
 async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub, api_key: ApiKey) -> None:
     """Stream an existing job: its current text first, then every chunk, then how it ended."""
     await websocket.accept()
-    if api_key is not None and not owns(await asyncio.to_thread(store.redis.hget, store.key(job_id), "owner"),
-                                        api_key):
+    try:
+        foreign = api_key is not None and not owns(
+            await asyncio.to_thread(store.redis.hget, store.key(job_id), "owner"), api_key)
+    except redis.RedisError as exc:
+        await _send_unavailable(websocket, job_id, exc)
+        return
+    if foreign:
         await _send_not_found(websocket, job_id)
         await _close(websocket)
         return
@@ -100,11 +131,16 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
     except ApiError as exc:  # the queue or this key's quota is full (429), or the broker is away (503)
         await _reject(websocket, exc.message, exc.code, exc.headers)
         return
+    except redis.RedisError as exc:  # the app's 503 for Redis away, as a refusal on the socket
+        refused = store_unavailable(exc)
+        await _reject(websocket, refused.message, refused.code, refused.headers)
+        return
     ended = await _relay(websocket, store, hub, job_id)
     if ended == "ended":
         await _close(websocket)
     elif ended == "left":
-        await asyncio.to_thread(store.cancel, job_id)
+        # With Redis away it cannot be cancelled: it goes on (a warning names it).
+        await cancel_unless_ended(store, job_id)
 
 
 async def _reject(websocket: WebSocket, message: str, error_code: int, headers: dict[str, str] | None = None) -> None:
