@@ -4,6 +4,7 @@ per-model variants: `task_queue`)."""
 import re
 from urllib.parse import urlsplit
 
+import redis
 from celery import Celery
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
@@ -45,8 +46,16 @@ class _Channel(kombu_redis.Channel):
         if asynchronous:
             return super()._create_client(asynchronous=True)
         client = self._sync_client
-        if client is None or client.connection_pool is not self.pool:  # kombu makes a new pool after a reconnect
-            client = self._sync_client = super()._create_client()
+        # The channel's pool is None once the channel closed (or after a fork) until asked for again; a client's
+        # pool, disconnected, connects again when used.
+        if client is not None and (self._pool is None or client.connection_pool is self._pool):
+            return client
+        if self._pool is None and getattr(self.connection, "client", None) is None:
+            # Closed with its connection (Redis went away): kombu's own client would need a pool built from the
+            # connection's address, gone, and raised AttributeError, which Celery takes for an unrecoverable error:
+            # the worker's consumer died, and the worker took no job again. A connection error it recovers from.
+            raise redis.ConnectionError("the broker connection is closed")
+        client = self._sync_client = super()._create_client()  # a new pool after a reconnect: a client of it
         return client
 
 

@@ -268,7 +268,8 @@ def test_a_batch_can_be_cancelled_while_its_file_is_read(tiny_llava_stack):
     finally:
         upload.join(120)
     assert cancel.status_code == 200, cancel.text
-    assert cancel.json()["status"] == "cancelling", cancel.text
+    # "cancelled" already when every line read by then ended within the cancel itself.
+    assert cancel.json()["status"] in ("cancelling", "cancelled"), cancel.text
     assert created["response"].status_code == 200, created["response"].text
     assert created["response"].json()["status"] in ("cancelling", "cancelled")
     done = wait_for_batch(tiny_llava_stack, batch["id"])

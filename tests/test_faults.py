@@ -146,6 +146,36 @@ def test_redis_stopped_and_restarted_under_load_loses_no_job(default_model_dir, 
         redis_server.stop()
 
 
+def test_a_worker_with_free_slots_takes_jobs_again_after_a_redis_outage(default_model_dir, tmp_path):
+    """With a slot free, the worker's Celery consumer is reading the queues when Redis goes: kombu's channel, closed
+    for the reconnect, tried to give the running jobs' messages back through a client it could no longer build
+    (AttributeError 'hostname', "Unrecoverable error"), and the consumer died: the running jobs ended, but the worker
+    never took another job."""
+    redis_server = RedisServer(data_dir=tmp_path).start()
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "4"}
+    try:
+        with run_stack(redis_server.url, env, log_prefix="llava-queue-consumer-outage-") as stack:
+            ids = submit_stories(stack, 2)
+            deadline = time.monotonic() + 120
+            while not any(job["status"] == "running" and job["usage"]["completion_tokens"] > 3
+                          for job in get_jobs(stack, ids)):
+                assert time.monotonic() < deadline, stack.logs()
+                time.sleep(0.1)
+            redis_server.stop()
+            time.sleep(3)
+            redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path).start()
+            assert [job["status"] for job in wait_all_final(stack, ids)] == ["succeeded"] * 2, stack.logs()
+            again = submit_stories(stack, 1)
+            deadline = time.monotonic() + 120
+            while get_jobs(stack, again)[0]["status"] in ("queued", "running"):
+                assert time.monotonic() < deadline, f"the worker took no job after the outage\n{stack.logs()}"
+                time.sleep(0.5)
+            assert get_jobs(stack, again)[0]["status"] == "succeeded"
+            assert "Unrecoverable error" not in (stack.log_dir / "worker.log").read_text()
+    finally:
+        redis_server.stop()
+
+
 def test_sigterm_during_a_redis_outage_loses_no_job(default_model_dir, tmp_path):
     """A worker told to stop while Redis is away cannot hand its jobs back: they run on and end once Redis is back,
     then it exits; no worker's jobs are delivered again for the heartbeats that lapsed during the outage."""
