@@ -261,7 +261,7 @@ def test_a_negative_seed_is_accepted_as_openai_and_vllm_accept_it(client):
     assert caught.value.param == "seed"
 
 
-def test_redis_going_away_mid_stream_ends_it_with_an_error_event(outage_stack):
+def test_redis_going_away_mid_stream_ends_it_with_an_error_event(outage_stack):  # noqa: F811 (the fixture, imported)
     """A stream that loses Redis ends with an error event in OpenAI's shape, naming the job, then [DONE]; the job
     goes on at the worker (it is not cancelled), and streams work again once Redis is back. Before, the stream was cut short (the openai
     package raised APIConnectionError, "incomplete chunked read") and the API logged an unhandled exception.

@@ -225,8 +225,7 @@ def outage_stack(default_model_dir, tmp_path_factory):
     try:
         with run_stack(server.url, env, log_prefix="llava-queue-stream-outage-") as running:
             running.redis_server = server
-            # A job that ended before any outage: joining its stream afterwards shows the API recovered, whether
-            # or not the worker did (its Celery consumer may die of the outage, see the report in the tests below).
+            # A job that ended before any outage: joining its stream afterwards shows the API recovered.
             running.ended_job = submit(running, messages=STORY, temperature=0, max_new_tokens=4)
             assert wait_until(running, running.ended_job)["status"] == "succeeded"
             yield running
