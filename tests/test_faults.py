@@ -64,6 +64,14 @@ def running_job(stack, ids: list[str]) -> tuple[dict, str, str]:
         time.sleep(0.1)
 
 
+def until_one_runs_with_text(stack, ids: list[str]) -> None:
+    """Wait until one of the jobs runs and has produced a few tokens."""
+    deadline = time.monotonic() + 120
+    while not any(job["status"] == "running" and job["usage"]["completion_tokens"] > 3 for job in get_jobs(stack, ids)):
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.1)
+
+
 def wait_all_final(stack, ids: list[str]) -> list[dict]:
     deadline = time.monotonic() + 400
     while any(job["status"] in ("queued", "running") for job in get_jobs(stack, ids)):
@@ -128,11 +136,7 @@ def test_redis_stopped_and_restarted_under_load_loses_no_job(default_model_dir, 
     try:
         with run_stack(redis_server.url, env, log_prefix="llava-queue-redis-outage-") as stack:
             ids = submit_stories(stack, 6)
-            deadline = time.monotonic() + 120
-            while not any(job["status"] == "running" and job["usage"]["completion_tokens"] > 3
-                          for job in get_jobs(stack, ids)):
-                assert time.monotonic() < deadline, stack.logs()
-                time.sleep(0.1)
+            until_one_runs_with_text(stack, ids)
             redis_server.stop()  # SIGTERM: the server writes its file and exits
             down = requests.get(f"{stack.base_url}/v1/jobs/{ids[0]}", timeout=10)
             assert down.status_code == 503 and "unavailable" in down.json()["error"]["message"]
@@ -156,11 +160,7 @@ def test_a_worker_with_free_slots_takes_jobs_again_after_a_redis_outage(default_
     try:
         with run_stack(redis_server.url, env, log_prefix="llava-queue-consumer-outage-") as stack:
             ids = submit_stories(stack, 2)
-            deadline = time.monotonic() + 120
-            while not any(job["status"] == "running" and job["usage"]["completion_tokens"] > 3
-                          for job in get_jobs(stack, ids)):
-                assert time.monotonic() < deadline, stack.logs()
-                time.sleep(0.1)
+            until_one_runs_with_text(stack, ids)
             redis_server.stop()
             time.sleep(3)
             redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path).start()

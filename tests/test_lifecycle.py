@@ -3,6 +3,7 @@ the default model and the test Redis (each test a key prefix of its own), driven
 Workers that "died" are names that never announce themselves, as a killed worker's heartbeat lapses."""
 
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -194,6 +195,21 @@ def test_a_handed_back_job_claimed_again_by_the_sweep_runs_once(worker):
     assert store.totals()["running"] == 0 and store.claim_orphans(requeue_after=0) == []
 
 
+def store_that_loses_redis_after_start(servers: list, prefix: str, then=lambda: None) -> JobStore:
+    """A store on servers[0] whose every start stops that server just after it ran (it writes its append-only file
+    and exits), then calls `then`."""
+
+    class StoreThatLosesRedisAfterStart(JobStore):
+        def start(self, *args, **kwargs):
+            try:
+                return super().start(*args, **kwargs)
+            finally:
+                servers[0].stop()
+                then()
+
+    return StoreThatLosesRedisAfterStart.from_url(servers[0].url, prefix=prefix)
+
+
 def test_a_takeover_whose_ending_waits_out_a_redis_outage_still_ends_the_job(loaded, tmp_path):
     # A job whose worker died is cancelled; the worker it is delivered to again takes it over to end it, and Redis
     # goes away right then, for longer than a write waits for it. The ending must still be written once Redis is
@@ -208,15 +224,7 @@ def test_a_takeover_whose_ending_waits_out_a_redis_outage_still_ends_the_job(loa
 
     servers = [RedisServer(data_dir=tmp_path).start()]
     port = servers[0].port
-
-    class StoreThatLosesRedisAfterStart(JobStore):
-        def start(self, *args, **kwargs):
-            try:
-                return super().start(*args, **kwargs)
-            finally:
-                servers[0].stop()  # the server writes its append-only file and exits
-
-    store = StoreThatLosesRedisAfterStart.from_url(servers[0].url, prefix="takeover")
+    store = store_that_loses_redis_after_start(servers, "takeover")
     try:
         job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
         assert JobStore.start(store, job_id, "dead-worker") == "running"
@@ -352,52 +360,59 @@ class AnswerCuttingProxy:
         self._listener.close()
 
 
-def test_a_start_whose_answer_was_lost_runs_the_job(loaded):
-    # Redis ran the start of a job (running, held by this worker, one attempt) but its answer was lost with the
-    # connection; the start is sent again (redis-py's own retry, then when_redis_answers). The second start found the
-    # job held by this very worker and answered "duplicate": the task skipped it, and the job, held by a live worker
-    # that did not run it, stayed "running" for good. The same for a start that took a job over to end it.
-
+@contextmanager
+def runner_behind_a_proxy(loaded, prefix: str):
+    """A job runner on an engine of `loaded`, whose store reaches a Redis of its own through an AnswerCuttingProxy:
+    yields (proxy, store, runner)."""
     from shared.redis_server import RedisServer
     from workers.engine import LLMEngine
     from workers.generation import JobRunner
 
     with RedisServer() as server:
         proxy = AnswerCuttingProxy(server.port)
-        store = JobStore.from_url(proxy.url, prefix="lost-answer")
+        store = JobStore.from_url(proxy.url, prefix=prefix)
         runner = JobRunner(store, loaded, "w1")
         engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
                            on_step=runner.publish)
         runner.attach(engine)
         engine.start()
         try:
-            store.redis.script_load(store._start.script)  # so the start's first EVALSHA runs (no NOSCRIPT first)
-            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
-                                     "interactive")
-            proxy.armed = store._start.sha.encode()
-            outcome = runner.run(job_id)
-            assert proxy.cuts == 1
-            record = store.get(job_id)
-            assert (outcome, record["status"], record["attempts"], record["completion_tokens"]) == (
-                "succeeded", "succeeded", 1, 4), (outcome, record)
-            assert store.totals()["running"] == 0
-
-            # A takeover: the job's worker died and it was cancelled; the start that makes this worker its ender
-            # loses its answer, and its second try must still end the job.
-            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
-            assert store.start(job_id, "dead-worker") == "running"
-            assert store.claim_orphans() == [job_id]
-            assert store.cancel(job_id) == "running"
-            proxy.armed = store._start.sha.encode()
-            outcome = runner.run(job_id)
-            assert proxy.cuts == 2
-            record = store.get(job_id)
-            assert (outcome, record["status"]) == ("cancel", "cancelled"), (outcome, record)
-            assert store.totals()["running"] == 0
+            yield proxy, store, runner
         finally:
             engine.shutdown()
             store.redis.close()
             proxy.close()
+
+
+def test_a_start_whose_answer_was_lost_runs_the_job(loaded):
+    # Redis ran the start of a job (running, held by this worker, one attempt) but its answer was lost with the
+    # connection; the start is sent again (redis-py's own retry, then when_redis_answers). The second start found the
+    # job held by this very worker and answered "duplicate": the task skipped it, and the job, held by a live worker
+    # that did not run it, stayed "running" for good. The same for a start that took a job over to end it.
+    with runner_behind_a_proxy(loaded, "lost-answer") as (proxy, store, runner):
+        store.redis.script_load(store._start.script)  # so the start's first EVALSHA runs (no NOSCRIPT first)
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
+                                 "interactive")
+        proxy.armed = store._start.sha.encode()
+        outcome = runner.run(job_id)
+        assert proxy.cuts == 1
+        record = store.get(job_id)
+        assert (outcome, record["status"], record["attempts"], record["completion_tokens"]) == (
+            "succeeded", "succeeded", 1, 4), (outcome, record)
+        assert store.totals()["running"] == 0
+
+        # A takeover: the job's worker died and it was cancelled; the start that makes this worker its ender
+        # loses its answer, and its second try must still end the job.
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
+        assert store.start(job_id, "dead-worker") == "running"
+        assert store.claim_orphans() == [job_id]
+        assert store.cancel(job_id) == "running"
+        proxy.armed = store._start.sha.encode()
+        outcome = runner.run(job_id)
+        assert proxy.cuts == 2
+        record = store.get(job_id)
+        assert (outcome, record["status"]) == ("cancel", "cancelled"), (outcome, record)
+        assert store.totals()["running"] == 0
 
 
 def test_a_job_claimed_while_its_live_worker_lapsed_is_not_delivered_again_every_minute(redis_server):
@@ -441,39 +456,23 @@ def test_a_hand_back_whose_answer_was_lost_still_hands_the_job_back(loaded):
     # finding it marked handed back, delivered it again a minute later.
     import threading
 
-    from shared.redis_server import RedisServer
-    from workers.engine import LLMEngine
-    from workers.generation import JobRunner
-
-    with RedisServer() as server:
-        proxy = AnswerCuttingProxy(server.port)
-        store = JobStore.from_url(proxy.url, prefix="lost-release")
-        runner = JobRunner(store, loaded, "w1")
-        engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
-                           on_step=runner.publish)
-        runner.attach(engine)
-        engine.start()
-        try:
-            _load_scripts(store)
-            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=400),
-                                     "interactive")
-            outcome = []
-            running = threading.Thread(target=lambda: outcome.append(runner.run(job_id)))
-            running.start()
-            while int(store.redis.hget(store.key(job_id), "completion_tokens") or 0) < 2:
-                assert running.is_alive(), outcome
-            proxy.armed = b"requeued@"
-            requeued = []
-            assert runner.hand_back(requeued.append) == [job_id]
-            assert proxy.cuts == 1 and requeued == [job_id]
-            running.join(60)
-            record = store.get(job_id)
-            assert (record["status"], record["worker"]) == ("running", "requeued@w1"), record
-            assert record["completion_tokens"] < 400
-        finally:
-            engine.shutdown()
-            store.redis.close()
-            proxy.close()
+    with runner_behind_a_proxy(loaded, "lost-release") as (proxy, store, runner):
+        _load_scripts(store)
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=400),
+                                 "interactive")
+        outcome = []
+        running = threading.Thread(target=lambda: outcome.append(runner.run(job_id)))
+        running.start()
+        while int(store.redis.hget(store.key(job_id), "completion_tokens") or 0) < 2:
+            assert running.is_alive(), outcome
+        proxy.armed = b"requeued@"
+        requeued = []
+        assert runner.hand_back(requeued.append) == [job_id]
+        assert proxy.cuts == 1 and requeued == [job_id]
+        running.join(60)
+        record = store.get(job_id)
+        assert (record["status"], record["worker"]) == ("running", "requeued@w1"), record
+        assert record["completion_tokens"] < 400
 
 
 def test_a_sweep_claim_whose_answer_was_lost_still_delivers_the_job(redis_server):
@@ -613,16 +612,8 @@ def test_a_job_started_just_before_a_redis_outage_runs_once_redis_is_back(loaded
 
     servers = [RedisServer(data_dir=tmp_path).start()]
     port = servers[0].port
-
-    class StoreThatLosesRedisAfterStart(JobStore):
-        def start(self, *args, **kwargs):
-            try:
-                return super().start(*args, **kwargs)
-            finally:
-                servers[0].stop()
-                threading.Timer(1.5, lambda: servers.append(RedisServer(port=port, data_dir=tmp_path).start())).start()
-
-    store = StoreThatLosesRedisAfterStart.from_url(servers[0].url, prefix="after-start")
+    restart = lambda: servers.append(RedisServer(port=port, data_dir=tmp_path).start())  # noqa: E731
+    store = store_that_loses_redis_after_start(servers, "after-start", lambda: threading.Timer(1.5, restart).start())
     runner = JobRunner(store, loaded, "w1")
     runner.redis_wait_seconds = 30
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,

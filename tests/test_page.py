@@ -408,15 +408,8 @@ def small_stack(redis_server, default_model_dir, tmp_path_factory):
 
 
 def test_with_an_api_key_a_job_waits_in_the_queue_then_fails_with_its_error_and_code(browser, small_stack):
-    wait_for_stack(small_stack)
-    page = open_page(browser, small_stack.base_url, api_key=SMALL_STACK_KEY)
     # Another user's job holds the only slot.
-    blocker = requests.post(f"{small_stack.base_url}/v1/jobs", headers=SMALL_STACK_AUTH, timeout=10, json={
-        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"]
-    deadline = time.monotonic() + 60
-    while job_record(small_stack.base_url, blocker, SMALL_STACK_AUTH)["status"] != "running":
-        assert time.monotonic() < deadline, "the blocking job never started"
-        time.sleep(0.2)
+    page, blocker = blocked_small_stack_page(browser, small_stack)
 
     # The default 512 output tokens do not fit this worker's 256-token budget: a real failure.
     ask(page, "What is the capital of France?")
