@@ -475,23 +475,31 @@ def test_a_hand_back_whose_answer_was_lost_still_hands_the_job_back(loaded):
         assert record["completion_tokens"] < 400
 
 
-def test_a_sweep_claim_whose_answer_was_lost_still_delivers_the_job(redis_server):
-    # The sweep claims a dead worker's job (marked claimed, then delivered again). Redis ran the claim but its answer
-    # was lost: the sweep failed, and a claim sent again found the job marked claimed already: not claimed, so not
-    # delivered. The job waited, held by nobody, for the next claim a minute later.
+@contextmanager
+def started_behind_a_proxy(redis_server, worker: str):
+    """A store reaching the test Redis through an AnswerCuttingProxy, and a job started by `worker`: yields
+    (proxy, store, job id)."""
     proxy = AnswerCuttingProxy(redis_server.port)
     store = JobStore.from_url(proxy.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
     try:
         _load_scripts(store)
         job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
-        assert store.start(job_id, "dead-worker") == "running"
+        assert store.start(job_id, worker) == "running"
+        yield proxy, store, job_id
+    finally:
+        store.redis.close()
+        proxy.close()
+
+
+def test_a_sweep_claim_whose_answer_was_lost_still_delivers_the_job(redis_server):
+    # The sweep claims a dead worker's job (marked claimed, then delivered again). Redis ran the claim but its answer
+    # was lost: the sweep failed, and a claim sent again found the job marked claimed already: not claimed, so not
+    # delivered. The job waited, held by nobody, for the next claim a minute later.
+    with started_behind_a_proxy(redis_server, "dead-worker") as (proxy, store, job_id):
         proxy.armed = b"requeued@"
         assert store.claim_orphans() == [job_id]
         assert proxy.cuts == 1
         assert store.claim_orphans() == []  # claimed once: not again at the next sweep
-    finally:
-        store.redis.close()
-        proxy.close()
 
 
 def test_a_prompt_whose_answer_was_lost_is_published_once(redis_server):
@@ -500,21 +508,13 @@ def test_a_prompt_whose_answer_was_lost_is_published_once(redis_server):
     # time, with a seq of its own (listeners got the prompt twice).
     from workers.generation import when_redis_answers
 
-    proxy = AnswerCuttingProxy(redis_server.port)
-    store = JobStore.from_url(proxy.url, prefix=f"llq-lifecycle-{uuid.uuid4().hex[:8]}")
-    try:
-        _load_scripts(store)
-        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
-        assert store.start(job_id, "w1") == "running"
+    with started_behind_a_proxy(redis_server, "w1") as (proxy, store, job_id):
         proxy.armed = b"a prompt whose answer is lost"
         # Sent again as the runner sends it (JobRunner._generate).
         assert when_redis_answers(lambda: store.set_prompt(job_id, "a prompt whose answer is lost", 5, "w1"),
                                   "writing the prompt", 10)
         assert proxy.cuts == 1
         assert store.get(job_id)["seq"] == 1
-    finally:
-        store.redis.close()
-        proxy.close()
 
 
 def test_a_start_waits_for_redis_as_long_as_it_takes(loaded, tmp_path):
