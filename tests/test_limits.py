@@ -116,6 +116,16 @@ def test_redis_outage_answers_503_and_recovers(api_only):
     down = requests.get(f"{stack.base_url}/v1/jobs/x", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert down.status_code == 503 and "unavailable" in down.json()["error"]["message"]
     assert requests.get(f"{stack.base_url}/healthz", timeout=10).status_code == 503
+    # A WebSocket's key is counted against the rate limit in Redis too: its handshake is refused (503), with no
+    # unhandled exception in the API's log.
+
+    async def stream_while_down():
+        async with websockets.connect(f"{stack.ws_url}/v1/jobs/x/ws?api_key={KEY}", open_timeout=10):
+            pass
+
+    with pytest.raises(websockets.InvalidStatus):
+        asyncio.run(stream_while_down())
+    stack.check_api_log()
     stack.redis_server = RedisServer(port=port).start()
     deadline = time.monotonic() + 20
     while requests.get(f"{stack.base_url}/healthz", timeout=10).status_code != 200:
