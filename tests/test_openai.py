@@ -4,6 +4,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import threading
 import time
 import uuid
 
@@ -286,3 +287,26 @@ def test_redis_going_away_mid_stream_ends_it_with_an_error_event(outage_stack): 
     assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "5"
     assert_went_on(stack, job_id)
     assert_recovered(stack)
+
+
+def test_a_plain_completion_that_loses_redis_names_its_job(outage_stack):  # noqa: F811 (the fixture, imported)
+    """A plain (not streamed) completion whose wait loses Redis answers 503 with the job's id (X-Job-Id, and in the
+    message), as one cut short by the API's restart does: the job goes on at its worker. It was the app's bare 503,
+    and the client could not know which job to poll."""
+    stack = outage_stack
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(requests.post(
+        f"{stack.base_url}/v1/chat/completions", timeout=120,
+        json={"model": MODEL, "messages": STORY, "temperature": 0, "max_tokens": 300})))
+    asking.start()
+    time.sleep(2)  # the job runs by then
+    stack.redis_server.stop()
+    try:
+        asking.join(60)
+    finally:
+        restart_redis(stack)
+    answer = answers[0]
+    assert answer.status_code == 503, answer.text
+    job_id = answer.headers.get("x-job-id")
+    assert job_id and job_id in answer.json()["error"]["message"], (answer.headers, answer.text)
+    assert_went_on(stack, job_id)

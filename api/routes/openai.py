@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, Registry, Store, Submissions
-from api.errors import ApiError, body_not_json, error_body
-from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended, store_unavailable
+from api.errors import ApiError, body_not_json, error_body, store_unavailable
+from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
 from shared.jobs import JobStore, WorkerRegistry
@@ -319,8 +319,11 @@ class Completion:
                            code=ErrorCode.CANCELLED)
         if isinstance(finished.exception(), ServerStopping):
             raise self._server_stopping()
-        finished.result()
-        record = await read_record(self.store, self.job_id)
+        try:
+            finished.result()
+            record = await read_record(self.store, self.job_id)
+        except redis.RedisError as exc:
+            raise self._store_unavailable(exc) from None
         error = job_error(record)
         if error:
             raise error
@@ -399,7 +402,7 @@ class Completion:
         """Redis went away before the job ended: the job goes on at its worker, to be polled once Redis is back."""
         error = store_unavailable(exc)
         return ApiError(503, f"{error.message}; job {self.job_id} goes on: poll GET /v1/jobs/{self.job_id}",
-                        type=error.type, code=error.code, headers=error.headers)
+                        type=error.type, code=error.code, headers={**error.headers, JOB_ID_HEADER: self.job_id})
 
     def _base(self) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
