@@ -715,6 +715,26 @@ def test_malformed_prompt_embeds_fail_alone(tiny_model, tokenizer):
     assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)
 
 
+def test_sampling_parameters_that_are_not_numbers_fail_alone_and_say_so(tiny_model, tokenizer):
+    # A temperature or top_p that is not a finite number (None from a caller, a string, NaN) reached the batch's
+    # sampling: the whole prefill group failed and was retried one by one, and the request failed with a misleading
+    # "model forward failed: TypeError". It is refused at intake, naming the parameter; its batch-mates run.
+    engine, _ = make_engine(tiny_model, tokenizer)
+    good_prompt = random_prompt(6, seed=1150)
+    bad = {
+        "none": SamplingParams(temperature=None, max_new_tokens=4),
+        "text": SamplingParams(top_p="0.9", max_new_tokens=4),
+        "nan": SamplingParams(temperature=float("nan"), max_new_tokens=4),
+    }
+    handles = {rid: engine.add_request(rid, [17, 18], params) for rid, params in bad.items()}
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    run_until_done(engine, [*handles.values(), good], max_steps=20)
+    for rid, name in (("none", "temperature"), ("text", "top_p"), ("nan", "temperature")):
+        output = handles[rid].wait(0)
+        assert output.finish_reason == "error" and output.error.startswith(f"{name} must be a finite number"), output
+    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)
+
+
 def test_special_token_stop_spelled_out_by_ordinary_tokens_still_stops(tiny_model, tokenizer):
     # The original stops when the stop string's ids end the output *or* its text shows in the decoded output
     # (KeywordsStoppingCriteria). A stop that is a special token ("</s>") can also be spelled out by ordinary

@@ -8,6 +8,7 @@ tokenizer) belongs to the engine thread alone.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import threading
 from collections.abc import Callable
@@ -299,6 +300,11 @@ class LLMEngine:
         """Fill in what the engine derives from a request; returns why it cannot run, or None."""
         if seq.params.max_new_tokens < 1:
             return f"max_new_tokens must be at least 1, got {seq.params.max_new_tokens}"
+        for name in ("temperature", "top_p"):
+            value = getattr(seq.params, name)
+            # Not a number, the batch's sampling fails for every row, and the request with "model forward failed".
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"{name} must be a finite number, got {value!r}"
         seq.prompt_token_ids = [operator.index(token) for token in seq.prompt_token_ids]
         error = self.runner.check_prompt(seq)
         if error is not None:
