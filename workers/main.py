@@ -87,6 +87,8 @@ def run_worker(settings: Settings) -> None:
                      name="announce").start()
     threading.Thread(target=_sweep_orphans, args=(store, settings, stop), daemon=True, name="sweeper").start()
 
+    hand_backs: list[threading.Thread] = []
+
     def on_shutdown(**_):
         # Not ready any more (the next heartbeat says so); Celery stops taking jobs and waits for the
         # running ones; past the grace period, hand them back.
@@ -96,7 +98,9 @@ def run_worker(settings: Settings) -> None:
             if not engine_idle.wait(settings.shutdown_grace_seconds):
                 handed = runner.hand_back(lambda job_id: _deliver_again(store, job_id))
                 log.warning("shutting down: handed %d running jobs back to the queue", len(handed))
-        threading.Thread(target=hand_back_later, daemon=True, name="hand-back").start()
+        thread = threading.Thread(target=hand_back_later, daemon=True, name="hand-back")
+        hand_backs.append(thread)
+        thread.start()
 
     engine_idle = threading.Event()
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
@@ -108,12 +112,21 @@ def run_worker(settings: Settings) -> None:
                                 "--without-gossip", "--without-mingle"])
     finally:
         stop.set()
+        for thread in hand_backs:
+            # The hand-back aborts a job before it sends it again and logs it: the abort ends the job's task, and
+            # with the last task Celery returns here. Exiting then (the thread is a daemon) could drop the job's new
+            # delivery (the orphan sweep sent it a minute later) and the log line.
+            thread.join(HAND_BACK_JOIN_SECONDS)
         try:
             registry.remove(name)
         except RedisError as exc:
             log.warning("worker %s not removed from the registry (Redis: %s): its entry expires within %d s", name,
                         exc, settings.heartbeat_ttl_seconds)
         engine.shutdown()
+
+
+# How long an exiting worker waits for its hand-back to send the jobs again (each a Redis write, tried twice).
+HAND_BACK_JOIN_SECONDS = 15.0
 
 
 def _deliver_again(store: JobStore, job_id: str) -> None:

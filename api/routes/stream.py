@@ -13,8 +13,8 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from api.auth import owns
 from api.deps import ApiKey, Hub, Store, Submissions
-from api.errors import ApiError
-from api.routes.llava import cancel_unless_ended, store_unavailable
+from api.errors import ApiError, store_unavailable
+from api.routes.llava import cancel_unless_ended
 from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
 from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
 
