@@ -260,8 +260,6 @@ def test_a_job_whose_last_write_waits_out_a_redis_outage_still_ends(loaded, tmp_
     import redis
 
     from shared.redis_server import RedisServer
-    from workers.engine import LLMEngine
-    from workers.generation import JobRunner
 
     servers = [RedisServer(data_dir=tmp_path).start()]
     port = servers[0].port
@@ -273,12 +271,7 @@ def test_a_job_whose_last_write_waits_out_a_redis_outage_still_ends(loaded, tmp_
             return super().record_step(worker, chunks, endings, step)
 
     store = StoreThatLosesRedisAtTheEnd.from_url(servers[0].url, prefix="last-write")
-    runner = JobRunner(store, loaded, "w1")
-    runner.redis_wait_seconds = 1.0
-    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
-                       on_step=runner.publish)
-    runner.attach(engine)
-    engine.start()
+    runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
     try:
         job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
                                  "interactive")
@@ -360,22 +353,32 @@ class AnswerCuttingProxy:
         self._listener.close()
 
 
+def started_runner(store: JobStore, loaded, redis_wait_seconds: float | None = None):
+    """A job runner "w1" on `store`, with a started engine of `loaded` (two slots) publishing through it: returns
+    (runner, engine); the caller shuts the engine down."""
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+
+    runner = JobRunner(store, loaded, "w1")
+    if redis_wait_seconds is not None:
+        runner.redis_wait_seconds = redis_wait_seconds
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
+                       on_step=runner.publish)
+    runner.attach(engine)
+    engine.start()
+    return runner, engine
+
+
 @contextmanager
 def runner_behind_a_proxy(loaded, prefix: str):
     """A job runner on an engine of `loaded`, whose store reaches a Redis of its own through an AnswerCuttingProxy:
     yields (proxy, store, runner)."""
     from shared.redis_server import RedisServer
-    from workers.engine import LLMEngine
-    from workers.generation import JobRunner
 
     with RedisServer() as server:
         proxy = AnswerCuttingProxy(server.port)
         store = JobStore.from_url(proxy.url, prefix=prefix)
-        runner = JobRunner(store, loaded, "w1")
-        engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
-                           on_step=runner.publish)
-        runner.attach(engine)
-        engine.start()
+        runner, engine = started_runner(store, loaded)
         try:
             yield proxy, store, runner
         finally:
@@ -527,18 +530,11 @@ def test_a_start_waits_for_redis_as_long_as_it_takes(loaded, tmp_path):
     import redis
 
     from shared.redis_server import RedisServer
-    from workers.engine import LLMEngine
-    from workers.generation import JobRunner
 
     servers = [RedisServer(data_dir=tmp_path).start()]
     port = servers[0].port
     store = JobStore.from_url(servers[0].url, prefix="start-waits")
-    runner = JobRunner(store, loaded, "w1")
-    runner.redis_wait_seconds = 1.0
-    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
-                       on_step=runner.publish)
-    runner.attach(engine)
-    engine.start()
+    runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
     try:
         job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
                                  "interactive")
@@ -607,19 +603,12 @@ def test_a_job_started_just_before_a_redis_outage_runs_once_redis_is_back(loaded
     import threading
 
     from shared.redis_server import RedisServer
-    from workers.engine import LLMEngine
-    from workers.generation import JobRunner
 
     servers = [RedisServer(data_dir=tmp_path).start()]
     port = servers[0].port
     restart = lambda: servers.append(RedisServer(port=port, data_dir=tmp_path).start())  # noqa: E731
     store = store_that_loses_redis_after_start(servers, "after-start", lambda: threading.Timer(1.5, restart).start())
-    runner = JobRunner(store, loaded, "w1")
-    runner.redis_wait_seconds = 30
-    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=2, max_model_len=loaded.context_len,
-                       on_step=runner.publish)
-    runner.attach(engine)
-    engine.start()
+    runner, engine = started_runner(store, loaded, redis_wait_seconds=30)
     try:
         job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
                                  "interactive")
