@@ -21,7 +21,7 @@ from pydantic_settings import SettingsError
 from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
-from shared.redis_server import RedisServer, bind_error
+from shared.redis_server import RedisServer, bind_error, bound_socket
 from shared.settings import get_settings
 
 log = logging.getLogger("llava_queue")
@@ -99,10 +99,8 @@ def _listen(host: str, port: int) -> socket.socket:
     """The API's listening socket, bound (as uvicorn binds: IPv6 for a host with a ':', SO_REUSEADDR) before the app
     starts. uvicorn binding it itself did so after the app's lifespan had started: a port taken in between (another
     API starting on it) failed there, and the process hung in the lifespan's end instead of exiting."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock = bound_socket(host, port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
         sock.listen(2048)  # uvicorn's backlog; listening now claims the port (a bound socket alone does not)
     except OSError:
         sock.close()

@@ -32,15 +32,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bind_error(host: str, port: int) -> OSError | None:
-    """Why a server could not listen on host:port right now (binding as servers do: IPv6 for a host with a ':',
-    SO_REUSEADDR), or None when it could."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port as servers bind (IPv6 for a host with a ':', SO_REUSEADDR); OSError if it
+    cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port right now, or None when it could (`bound_socket`)."""
+    try:
+        bound_socket(host, port).close()
+    except OSError as exc:
+        return exc
     return None
 
 
