@@ -177,9 +177,9 @@ def _server_path(value: str, param: str, settings: Settings, *, folder: bool) ->
 
 
 def admit_batch(store: JobStore, batches: BatchStore, batch_id: str, lines: int, owner: str | None) -> None:
-    """`admit` for a batch's `lines`, with the places other batches being read have yet to fill counted as taken
-    (in the queues, and in the key's quota for the key's batches), and this batch's held until its file is read
-    (`BatchStore.reserve`); 429 (400) when they do not fit."""
+    """The queue limit and the key's quota (`check_room`) for a batch's `lines`, with the places other batches being
+    read have yet to fill counted as taken (in the queues, and in the key's quota for the key's batches), and this
+    batch's held until its file is read (`BatchStore.reserve`); 429 (400) when they do not fit."""
     quota = bool(owner and store.max_queued_per_owner)
     queued, owned = batches.reserve(batch_id, lines) if store.max_queued or quota else (0, 0)
     if quota:
