@@ -3,6 +3,12 @@
     python -m bench.e2e                 # 32 requests x up to 128 new tokens
     python -m bench.e2e --quick         # 8 x 16, a smoke run
 
+After the full rounds come short paired ones, for the TTFT difference alone: `--ttft-rounds` bursts of the
+same prompts with `--ttft-tokens` new tokens, (c) and the stack in alternating order, reported as the median
+difference with a bootstrap 95 % interval (a full round gives one TTFT p50 a side, and on a shared 2-core
+machine one round's difference moves by hundreds of ms); then `--lone` single requests, one at a time on each
+side: the latency the stack adds to a request's first token when nothing else runs.
+
 The API cannot ignore EOS, so both paths run the same prompts greedily, tokenized by the
 worker's own `prepare`, and stop at EOS or max_new_tokens: they do the same work, and
 tokens/s counts the completion tokens each really generated (the job record's usage for
@@ -28,11 +34,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
 import httpx
+import numpy as np
 import psutil
 import requests
 import torch
@@ -275,6 +282,63 @@ def run_engine_as_delivered(engine: LLMEngine, recorder: StepRecorder, prompts: 
     return result
 
 
+# Short paired rounds: the TTFT difference with an interval, and the latency the stack adds to a lone request.
+
+@dataclass
+class Paired:
+    """Per pair, the stack's TTFT minus (c)'s, in ms: p50 (for a lone request, its TTFT) and mean; and each side's
+    TTFT p50."""
+
+    differences: list[float] = field(default_factory=list)
+    mean_differences: list[float] = field(default_factory=list)
+    c_ms: list[float] = field(default_factory=list)
+    stack_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        low, high = median_interval(self.differences)
+        faster = sum(d < 0 for d in self.differences)
+        text = (f"median {statistics.median(self.differences):+.0f} ms (95 % interval {low:+.0f} to {high:+.0f} ms), "
+                f"the stack earlier in {faster} of {len(self.differences)}; (c) {statistics.median(self.c_ms):.0f} "
+                f"ms, the stack {statistics.median(self.stack_ms):.0f} ms (medians)")
+        if self.mean_differences != self.differences:  # one request a pair: its mean is its p50
+            mean_low, mean_high = median_interval(self.mean_differences)
+            text += (f"; the mean TTFTs' difference, median {statistics.median(self.mean_differences):+.0f} ms "
+                     f"({mean_low:+.0f} to {mean_high:+.0f} ms)")
+        return text
+
+
+def median_interval(values: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap 95 % interval of the median of `values` (percentile method, seeded: the same values print the
+    same interval)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(np.asarray(values), size=(resamples, len(values)), replace=True)
+    low, high = np.percentile(np.median(draws, axis=1), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_rounds(engine: LLMEngine, recorder: StepRecorder, stack: Stack, bursts: list[list[Prompt]],
+                  params: SamplingParams) -> Paired:
+    """Each list of prompts submitted at once to (c) and to the stack, in turn, the order alternating pair to
+    pair (so that a machine slowing down or speeding up over the run does not favour one side)."""
+    paired = Paired()
+    for index, prompts in enumerate(bursts):
+        def in_process() -> RunResult:
+            return run_engine(engine, recorder, prompts, params, tag=f"p{index}_")
+
+        def over_stack() -> RunResult:
+            return asyncio.run(run_over_stack(stack, prompts, params.max_new_tokens)).result
+
+        if index % 2:
+            theirs, ours = over_stack(), in_process()
+        else:
+            ours, theirs = in_process(), over_stack()
+        paired.differences.append(theirs.ttft_ms(50) - ours.ttft_ms(50))
+        paired.mean_differences.append(theirs.ttft_mean_ms() - ours.ttft_mean_ms())
+        paired.c_ms.append(ours.ttft_ms(50))
+        paired.stack_ms.append(theirs.ttft_ms(50))
+    return paired
+
+
 # Output.
 
 @dataclass
@@ -286,7 +350,8 @@ class Round:
     as_delivered: RunResult
 
 
-def print_report(args, c: RunResult, best: StackRound, info: list[str], same_text: int, rounds: list[Round]) -> None:
+def print_report(args, c: RunResult, best: StackRound, info: list[str], same_text: int, rounds: list[Round],
+                 bursts: Paired | None, lone: Paired | None) -> None:
     n, new = args.num_requests, args.max_new_tokens
     e2e = best.result
     print(f"\n## End-to-end benchmark: {n} requests x up to {new} new tokens, greedy, EOS honoured\n")
@@ -329,6 +394,13 @@ def print_report(args, c: RunResult, best: StackRound, info: list[str], same_tex
                       for name, seconds in best.cpu.items()) + ".")
     print(f"\nSame work: {c.tokens} completion tokens in process, {e2e.tokens} over the stack; "
           f"{same_text} of {n} texts identical.")
+    if bursts:
+        print(f"\n**TTFT p50, stack − (c), over {len(bursts.differences)} paired bursts** ({n} requests × "
+              f"{args.ttft_tokens} new tokens, the order alternating): {bursts.summary()}. Pair by pair: "
+              + ", ".join(f"{d:+.0f}" for d in bursts.differences) + " ms.")
+    if lone:
+        print(f"\n**One request alone, stack − (c), over {len(lone.differences)} pairs** (TTFT, {args.ttft_tokens} "
+              f"new tokens): {lone.summary()}.")
 
 
 def main() -> None:
@@ -343,10 +415,15 @@ def main() -> None:
     parser.add_argument("--engine-cpus", default="",
                         help="cores of the engine's own, as LLAVA_QUEUE_ENGINE_CPUS (e.g. 1): the in-process engine "
                              "and the worker's compute there, everything else (API, Redis, client) on the others")
+    parser.add_argument("--ttft-rounds", type=int, default=16,
+                        help="short paired bursts after the full rounds, for the TTFT difference with an interval")
+    parser.add_argument("--ttft-tokens", type=int, default=8, help="new tokens in the short rounds")
+    parser.add_argument("--lone", type=int, default=16,
+                        help="single requests, one at a time on each side: what the stack adds to one first token")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
     args = parser.parse_args()
     if args.quick:
-        args.num_requests, args.max_new_tokens = 8, 16
+        args.num_requests, args.max_new_tokens, args.ttft_rounds, args.lone = 8, 16, 2, 2
     if args.threads:
         # torch reads OMP_NUM_THREADS at start-up: the worker process inherits it.
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -388,10 +465,19 @@ def main() -> None:
                 as_delivered = run_engine_as_delivered(engine, recorder, prompts, params, over_stack.start_delays,
                                                        tag=f"d{round_}_")
                 rounds.append(Round(round_c, over_stack, as_delivered))
+            short = SamplingParams(temperature=0.0, max_new_tokens=args.ttft_tokens)
+            bursts = lone = None
+            if args.ttft_rounds:
+                print(f"{args.ttft_rounds} paired bursts of {args.num_requests} x {args.ttft_tokens} ...", flush=True)
+                bursts = paired_rounds(engine, recorder, stack, [prompts] * args.ttft_rounds, short)
+            if args.lone:
+                print(f"{args.lone} lone requests on each side ...", flush=True)
+                lone = paired_rounds(engine, recorder, stack, [[prompts[i % len(prompts)]] for i in range(args.lone)],
+                                     short)
     finally:
         engine.shutdown()
     same_text = sum(a.text == b.text for a, b in zip(c.timings, best.result.timings))
-    print_report(args, c, best, info, same_text, rounds)
+    print_report(args, c, best, info, same_text, rounds, bursts, lone)
 
 
 if __name__ == "__main__":
