@@ -17,8 +17,19 @@ log = logging.getLogger("llava_queue.api")
 
 
 def key_digest(key: str) -> str:
-    """The SHA-256 hex digest under which an API key is configured (`LLAVA_QUEUE_API_KEY_HASHES`)."""
+    """The SHA-256 hex digest under which an API key is configured (`LLAVA_QUEUE_API_KEY_HASHES`): of its UTF-8."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def header_text(value: str) -> str:
+    """The text a header value carries, from the Latin-1 reading Starlette gives of its bytes: UTF-8 (curl, httpx)
+    when they are valid UTF-8, else Latin-1 (`requests` and browsers' fetch write non-ASCII that way). Without this, a
+    key beyond ASCII sent as UTF-8 was hashed as the mojibake its bytes spell in Latin-1, and matched no key."""
+    raw = value.encode("latin-1")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return value
 
 
 async def require_api_key(conn: HTTPConnection) -> str | None:
@@ -33,8 +44,9 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
     if not settings.api_key_hashes:
         return None
     scheme, _, token = conn.headers.get("authorization", "").partition(" ")
-    token = token.strip(" ")  # credentials follow the scheme after 1*SP (RFC 9110): "Bearer  <key>" is the key
+    token = header_text(token.strip(" "))  # credentials follow the scheme after 1*SP (RFC 9110): "Bearer  <key>"
     if scheme.lower() != "bearer" or not token:
+        # Percent-decoded as UTF-8 already (a byte that is not is U+FFFD, and matches no key).
         token = conn.query_params.get("api_key", "") if conn.scope["type"] == "websocket" else ""
     digest = key_digest(token) if token else ""
     if digest not in settings.api_key_hashes:

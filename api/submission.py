@@ -17,9 +17,15 @@ from celery import Celery
 from pydantic import BaseModel
 
 from api.errors import ApiError
+from shared.batches import BatchStore
 from shared.celery_app import GENERATE_TASK, task_queue
-from shared.jobs import JobStore, NewJob, owner_id
+from shared.jobs import QUEUES, JobStore, NewJob, owner_id
 from shared.protocol import ErrorCode, GenerateRequest
+
+
+# Joins a bulk submission's Idempotency-Key and the index of each of its jobs. An HTTP header is read as Latin-1
+# (RFC 9110's obs-text), so a key sent in one never holds this character, beyond U+00FF.
+BULK_ITEM_MARK = "\u2192"
 
 
 @dataclass
@@ -53,6 +59,8 @@ class Submitter:
     def __init__(self, store: JobStore, celery: Celery):
         self.store = store
         self.celery = celery
+        self._reservations_key = BatchStore(store, store.ttl_seconds).reservations_key
+        self._count_taken = store.redis.register_script(_TAKEN)
         self._changed = threading.Condition()
         self._waiting: list[_Submission] = []
         self._committing = False
@@ -60,6 +68,9 @@ class Submitter:
     def submit(self, requests: list[tuple[GenerateRequest, str]], *, idempotency_key: str | None = None,
                owner: str | None = None) -> list[str]:
         """Record each (request, queue) as a queued job and send its task; returns the job ids in order."""
+        if idempotency_key is not None and BULK_ITEM_MARK in idempotency_key:
+            raise ApiError(422, f"the Idempotency-Key holds {BULK_ITEM_MARK!r}, which joins a bulk submission's key "
+                                "and each job's index", param="header.idempotency-key")
         for index, (request, _) in enumerate(requests):
             check_unicode(request, f"jobs.{index}." if len(requests) > 1 else "")
         submission = _Submission(requests, idempotency_key, owner)
@@ -174,8 +185,11 @@ class Submitter:
 
     @classmethod
     def _keys(cls, submission: _Submission) -> list[str]:
+        """The key each job of the submission is remembered under: its own for one job; for the n-th of many, the key
+        and n joined by `BULK_ITEM_MARK`, which no key a client sends holds (with ":", the bulk key "x" and the single
+        key "x:0" named one job, and each got the other's)."""
         key, count = cls._scoped_key(submission), len(submission.requests)
-        return [key] if count == 1 else [f"{key}:{i}" for i in range(count)]
+        return [key] if count == 1 else [f"{key}{BULK_ITEM_MARK}{i}" for i in range(count)]
 
     def _create_keyed(self, submission: _Submission, created: list[tuple[str, str]]) -> list[str]:
         """Record the jobs of a submission with an idempotency key, one by one (a key already taken gives its job);
@@ -197,21 +211,33 @@ class Submitter:
             if stale:
                 self.store.redis.delete(*stale)
 
+    def _taken(self) -> tuple[int, dict[str, int]]:
+        """The places in the queues taken now, jobs queued and places held by batches being read, and of the held
+        places those of each owner's (`owner_id`) batches: what `POST /v1/batches` counts (`BatchStore.reserve`)."""
+        taken, *held = self._count_taken(keys=[self._reservations_key,
+                                               *[self.store.queue_key(queue) for queue in QUEUES]],
+                                         args=[self.store.batch_prefix])
+        return int(taken), {owner: int(places) for owner, places in zip(held[::2], held[1::2])}
+
     def _admit(self, group: list[_Submission]) -> list[_Submission]:
         """The submissions of `group` that fit the queue limit and their owner's quota, in order; the others are
-        settled with a 429. Counts are read once for the group, and each admitted submission adds its jobs."""
+        settled with a 429. Counts are read once for the group, and each admitted submission adds its jobs. Places
+        that batches being read hold count as taken, in the queues and in their owner's quota, as for a batch."""
         store = self.store
-        if group:
-            expire_overdue(store)
-        queued = sum(store.queue_lengths().values()) if store.max_queued and group else 0
+        if not group or not (store.max_queued or store.max_queued_per_owner):
+            return group
+        expire_overdue(store)
+        queued, held = self._taken()
         owned: dict[str, int] = {}
         if store.max_queued_per_owner:
             wanted: dict[str, int] = {}
             for submission in group:
                 if submission.owner:
                     wanted[submission.owner] = wanted.get(submission.owner, 0) + len(submission.requests)
-            owned = {owner: store.owner_queued(owner, at_least=store.max_queued_per_owner - count + 1)
-                     for owner, count in wanted.items()}
+            for owner, count in wanted.items():
+                batches = held.get(owner_id(owner), 0)
+                owned[owner] = batches + store.owner_queued(
+                    owner, at_least=store.max_queued_per_owner - count - batches + 1)
         admitted = []
         for submission in group:
             count, owner = len(submission.requests), submission.owner
@@ -225,6 +251,31 @@ class Submitter:
                 owned[owner] += count
             admitted.append(submission)
         return admitted
+
+
+# The places in the queues taken: jobs queued (KEYS[2..]) and the places batches being read still hold (KEYS[1]: batch
+# id -> "<its non-blank lines> <owner>"), counted as shared/batches.py's reservation counts them, without taking any.
+# ARGV[1]: the batch key prefix. Returns {places taken, then each owner and the places its batches hold}.
+_TAKEN = """
+local taken, owned = 0, {}
+for i = 2, #KEYS do taken = taken + redis.call('ZCARD', KEYS[i]) end
+local held = redis.call('HGETALL', KEYS[1])
+for i = 1, #held, 2 do
+  local batch = ARGV[1] .. held[i]
+  if redis.call('EXISTS', batch .. ':reader') == 1 then
+    local lines, owner = string.match(held[i + 1], '^(%d+) ?(.*)$')
+    local left = math.max(0, tonumber(lines) - redis.call('LLEN', batch .. ':lines'))
+    taken = taken + left
+    if owner ~= '' then owned[owner] = (owned[owner] or 0) + left end
+  end
+end
+local answer = {taken}
+for owner, left in pairs(owned) do
+  answer[#answer + 1] = owner
+  answer[#answer + 1] = left
+end
+return answer
+"""
 
 
 def _fingerprint(requests: list[tuple[GenerateRequest, str]]) -> str:

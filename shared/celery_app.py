@@ -14,14 +14,22 @@ from shared.settings import Settings, get_settings
 GENERATE_TASK = "llava_queue.generate"
 INTERACTIVE_QUEUE = "interactive"
 BATCH_QUEUE = "batch"
-_UNSAFE = re.compile(r"[\s,]")
+# Characters a queue name does not hold as they are: commas (the worker's -Q option splits on them), whitespace
+# (a name in logs, Flower and redis-cli that reads as two), and "%", the escape itself.
+_ESCAPED = re.compile(r"[\s,%]")
+
+
+def _escape(match: re.Match) -> str:
+    """A character of `_ESCAPED` as URLs write it: "%XX" for each of its UTF-8 bytes."""
+    return "".join(f"%{byte:02X}" for byte in match[0].encode())
 
 
 def task_queue(queue: str, model: str | None = None) -> str:
     """The Celery queue of a job's task: `queue` ("interactive" or "batch") for a job that names no model,
-    `queue.<model>` for one that does, which only workers serving that model read (commas and spaces in the
-    name become "_": the worker's -Q option splits on them)."""
-    return f"{queue}.{_UNSAFE.sub('_', model)}" if model else queue
+    `queue.<model>` for one that does, which only workers serving that model read. Whitespace, commas and "%" in
+    the name are percent-encoded, so two models never share a queue (with "_" for each, "a b" and "a_b" did, and
+    a worker of one ran the other's jobs); other names are as they were."""
+    return f"{queue}.{_ESCAPED.sub(_escape, model)}" if model else queue
 
 
 def worker_queues(model: str) -> list[str]:

@@ -57,4 +57,4 @@ def test_a_job_that_names_a_model_runs_on_a_worker_of_that_model(two_models):
 def test_task_queue_names():
     assert task_queue("interactive") == task_queue("interactive", "") == "interactive"
     assert task_queue("batch", "llava-v1.5-13b") == "batch.llava-v1.5-13b"
-    assert task_queue("interactive", "a, b") == "interactive.a__b"  # the worker's -Q splits on commas
+    assert task_queue("interactive", "a, b") == "interactive.a%2C%20b"  # commas and spaces percent-encoded
