@@ -1,4 +1,5 @@
-"""Reading a batch file into jobs: line by line, a few hundred lines per bulk enqueue.
+"""Reading a batch file into jobs: line by line, a few hundred lines per bulk write of job records; the jobs are
+sent to the workers once the whole file is read, so that a batch that cannot be read to its end runs none of its lines.
 
 Two formats, told apart by the first line that is a JSON object (`custom_id` or `body`: OpenAI's):
 
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from api.errors import ApiError
 from api.routes.openai import parse_chat_request
-from api.submission import check_unicode, send_many, unsent
+from api.submission import check_unicode, queue_unavailable, send_many
 from shared.celery_app import BATCH_QUEUE, task_queue
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
@@ -33,7 +34,7 @@ from shared.settings import Settings
 from shared.vqa import EvalParams, Question, question_job
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
-# Lines per bulk enqueue: one pipelined write of their job records, one of their Celery messages.
+# Lines per bulk write: one pipelined write of their job records and entries.
 CHUNK_LINES = 500
 # Line errors kept in the batch record's `errors` (all of them are in the errors file).
 MAX_LISTED_ERRORS = 100
@@ -91,13 +92,17 @@ class Intake:
     total: int = 0
     invalid: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # The batch's status as the last chunk written found it (see `BatchStore.add_lines`).
+    status: str = "validating"
+    # (job id, Celery queue) of every job recorded, sent by `send` once the file is read.
+    _unsent: list[tuple[str, str]] = field(default_factory=list)
     _custom_ids: set[str] = field(default_factory=set)
     _images: dict[Path, str | LineRefused] = field(default_factory=dict)
 
     def read(self, stream: IO[bytes]) -> None:
-        """Read every line, enqueue the jobs of the good ones in chunks, record every line in order. Stops after a
-        chunk that finds the batch no longer `validating` (cancelled, or failed as abandoned): the rest of a file
-        its user gave up on is not queued only to be cancelled."""
+        """Read every line, record the jobs of the good ones in chunks, record every line in order (`send` sends the
+        jobs). Stops after a chunk that finds the batch no longer `validating` (cancelled, or failed as abandoned): the
+        rest of a file its user gave up on is not queued only to be cancelled."""
         entries: list[dict[str, Any]] = []
         jobs: list[tuple[int, GenerateRequest]] = []
         for line_number, raw in enumerate(file_lines(stream, self.settings.max_body_bytes), 1):
@@ -122,20 +127,25 @@ class Intake:
             self._enqueue(entries, jobs)
 
     def _enqueue(self, entries: list[dict[str, Any]], jobs: list[tuple[int, GenerateRequest]]) -> str:
-        """Record the lines and queue their jobs; returns the batch's status (see `BatchStore.add_lines`)."""
+        """Record the lines and their queued jobs; returns the batch's status (see `BatchStore.add_lines`)."""
         first_line = self.total - len(entries)
         ids = self.store.create_many(
             [request for _, request in jobs], "batch", deadline_seconds=self.deadline_seconds, owner=self.owner,
             extra=[{"batch": self.batch_id, "batch_line": first_line + index} for index, _ in jobs]) if jobs else []
         for (index, _), job_id in zip(jobs, ids):
             entries[index]["job"] = job_id
-        status = self.batches.add_lines(self.batch_id, entries)
+        self.status = self.batches.add_lines(self.batch_id, entries)
+        self._unsent += [(job_id, task_queue(BATCH_QUEUE, request.model)) for job_id, (_, request) in zip(ids, jobs)]
+        return self.status
+
+    def send(self) -> None:
+        """Send the jobs recorded to the workers (pipelined, a few hundred a round trip); a 503 if the broker
+        refuses, part-way or not (the caller fails the batch, which cancels the jobs sent)."""
         try:
-            send_many(self.celery, [(job_id, task_queue(BATCH_QUEUE, request.model))
-                                    for job_id, (_, request) in zip(ids, jobs)])
+            send_many(self.celery, self._unsent)
         except Exception as exc:
-            raise unsent(self.store, ids, exc) from exc  # their lines fail (counted by the batch); 503
-        return status
+            raise queue_unavailable(exc) from exc
+        self._unsent = []
 
     def _line(self, number: int, line_number: int,
               raw: bytes | None) -> tuple[dict[str, Any], GenerateRequest | None]:

@@ -313,6 +313,11 @@ def unsent(store: JobStore, job_ids: list[str], exc: Exception) -> ApiError:
     for job_id in job_ids:
         store.finish(job_id, "failed", error=f"could not enqueue the job: {exc}", error_code=ErrorCode.SERVER_ERROR,
                      finish_reason="error")
+    return queue_unavailable(exc)
+
+
+def queue_unavailable(exc: Exception) -> ApiError:
+    """The 503 of a submission the broker refused."""
     return ApiError(503, f"the queue is unavailable: {exc}", type="unavailable", code=ErrorCode.SERVER_ERROR,
                     headers={"Retry-After": "5"})
 

@@ -10,20 +10,22 @@ needs no process watching it, results outlive job records, and any API replica c
 
 Statuses (OpenAI's): validating → in_progress → finalizing → completed; failed (no line could
 be read); cancelling → cancelled; expired (lines still queued when the completion window passed).
-Output files are assembled from the lines and results when they are read.
+Output files are assembled from the lines and results when they are read; deleting one (DELETE /v1/files/{id})
+drops the results it shows and marks it deleted (`output_deleted_at`, `errors_deleted_at`).
 """
 
 import json
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import BATCH_END_LUA, QUEUES, JobStore, owner_id
+from shared.jobs import BATCH_END_LUA, CANCELLED_ERROR, QUEUES, Ending, JobStore, owner_id
+from shared.protocol import ErrorCode
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -95,9 +97,19 @@ redis.call('SET', ARGV[3] .. ARGV[1] .. ':reader', '1', 'EX', ARGV[4])
 return {taken, owned}
 """
 
+# A batch's output or errors file (KEYS[1] the batch) marked deleted (field ARGV[1]) once; 0 if the batch is gone (an
+# HSETNX would make a new hash that never expires) or the file was deleted already.
+_DELETE_OUTPUT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The API process reading a batch file renews this lease with every chunk of lines it queues.
 READER_LEASE_SECONDS = 60
+# Lines per chunk of a batch-wide write (cancel its jobs: one read of their entries, one pipeline of cancel requests, one
+# of endings; drop a deleted file's results): a few round trips per thousand lines, not one or two per line.
+BULK_LINES = 1000
 
 
 def new_batch_id() -> str:
@@ -136,6 +148,7 @@ class BatchStore:
         self._cancel = self.redis.register_script(_CANCEL)
         self._fail = self.redis.register_script(_FAIL)
         self._reserve = self.redis.register_script(_RESERVE)
+        self._delete_output = self.redis.register_script(_DELETE_OUTPUT)
 
     def key(self, batch_id: str) -> str:
         return f"{self.store.batch_prefix}{batch_id}"
@@ -223,9 +236,27 @@ class BatchStore:
         return True
 
     def cancel_jobs(self, batch_id: str) -> None:
-        """Cancel the jobs of every line of the batch (those that ended already stay as they are)."""
+        """Cancel the jobs of every line of the batch, as `JobStore.cancel` does each (queued ones end `cancelled`,
+        running ones leave their engine batch at the next step, ended ones stay as they are), in a few round trips
+        per thousand lines: one or two per line took seconds for a batch of 50,000."""
+        chunk: list[str] = []
         for job_id in self.job_ids(batch_id):
-            self.store.cancel(job_id)
+            chunk.append(job_id)
+            if len(chunk) == BULK_LINES:
+                self._cancel_chunk(chunk)
+                chunk = []
+        self._cancel_chunk(chunk)
+
+    def _cancel_chunk(self, job_ids: Sequence[str]) -> None:
+        # JobStore.cancel's two scripts, each pipelined over the chunk: ask every job to stop (a running one hears it
+        # on the control channel), then end the ones that were queued.
+        store = self.store
+        statuses = store._run_scripts([(store._request_cancel, [store.key(job_id), store.control_channel], [job_id])
+                                       for job_id in job_ids])
+        endings = [store._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED),
+                                             "cancelled"), False, "")
+                   for job_id, status in zip(job_ids, statuses) if status == "queued"]
+        store._run_scripts([(store._finish, call["keys"], call["args"]) for call in endings])
 
     def request_cancel(self, batch_id: str) -> str:
         """Move a batch in progress, or still being read, to `cancelling` (or at once to `cancelled` if every line
@@ -299,18 +330,53 @@ class BatchStore:
         return {"tokens_per_second": round(record["completion_tokens"] / elapsed, 2),
                 "estimated_seconds_left": None if estimate is None else math.ceil(estimate)}
 
+    def delete_output(self, batch_id: str, kind: str, numbers: Sequence[int]) -> bool:
+        """Delete the batch's `kind` file ("output" or "errors"): mark it deleted (field `<kind>_deleted_at`) and drop
+        the results of its lines, by line number (`numbers`); False if it was deleted already (or the batch is gone).
+        The record keeps its counts."""
+        if not self._delete_output(keys=[self.key(batch_id)], args=[f"{kind}_deleted_at", repr(time.time())]):
+            return False
+        with self.redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(numbers), BULK_LINES):
+                pipe.hdel(self.results_key(batch_id), *numbers[start:start + BULK_LINES])
+            pipe.execute()
+        return True
+
+    def batch_index(self) -> Sequence[tuple[str, float]]:
+        """The owner's batch ids, with their creation times, oldest first."""
+        return self.redis.zrange(self.index_key, 0, -1, withscores=True)
+
     # Uploaded files (POST /v1/files): their bytes and a description, kept as long as batches.
     def file_key(self, file_id: str) -> str:
         return f"{self.prefix}:file:{file_id}"
 
+    @property
+    def files_index_key(self) -> str:
+        """Sorted set of the owner's uploaded file ids by upload time (GET /v1/files)."""
+        return f"{self.prefix}:files" + (f":{self.owner}" if self.owner else "")
+
+    def uploaded_files(self) -> Sequence[tuple[str, float]]:
+        """The owner's uploaded file ids, with their upload times, oldest first (some may have expired since)."""
+        return self.redis.zrange(self.files_index_key, 0, -1, withscores=True)
+
+    def forget_files(self, file_ids: Sequence[str]) -> None:
+        """Take expired files out of the owner's index."""
+        if file_ids:
+            self.redis.zrem(self.files_index_key, *file_ids)
+
     def save_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
         """Store an uploaded file; returns its description (`id`, `bytes`, `created_at`, `filename`, `purpose`)."""
-        meta = {"id": f"file-{uuid.uuid4().hex}", "bytes": len(content), "created_at": int(time.time()),
+        now = time.time()
+        meta = {"id": f"file-{uuid.uuid4().hex}", "bytes": len(content), "created_at": int(now),
                 "filename": filename, "purpose": purpose}
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.file_key(meta["id"]), mapping={"meta": json.dumps(meta), "content": content,
                                                           "owner": self.owner})
             pipe.expire(self.file_key(meta["id"]), self.ttl_seconds)
+            # The index keeps no file past the TTL either (files expire with their keys, unseen by it).
+            pipe.zadd(self.files_index_key, {meta["id"]: now})
+            pipe.zremrangebyscore(self.files_index_key, "-inf", now - self.ttl_seconds)
+            pipe.expire(self.files_index_key, self.ttl_seconds)
             pipe.execute()
         return meta
 
@@ -330,4 +396,9 @@ class BatchStore:
 
     def delete_file(self, file_id: str) -> bool:
         """Delete an uploaded file of the owner's; False if unknown (or another key's)."""
-        return self.file_meta(file_id) is not None and bool(self.redis.delete(self.file_key(file_id)))
+        if self.file_meta(file_id) is None:
+            return False
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.file_key(file_id))
+            pipe.zrem(self.files_index_key, file_id)
+            return bool(pipe.execute()[0])

@@ -664,3 +664,148 @@ def test_a_line_too_long_for_the_context_counts_as_failed(tiny_llava_stack):
     [error] = download(tiny_llava_stack, batch["id"], "errors")
     assert error["question_id"] == 1 and error["status"] == "failed" and "context" in error["error"], error
     assert done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}, done
+
+
+def test_files_are_listed_as_openai_lists_them_each_key_its_own():
+    # GET /v1/files: OpenAI's list (`data`, `first_id`, `last_id`, `has_more`), newest first unless order=asc, paged
+    # with limit/after, filtered by purpose; the openai package's files.list pages through it.
+    from api.auth import key_digest
+    from conftest import run_stack
+    from shared.redis_server import RedisServer
+
+    keys = ["files-key-1", "files-key-2"]
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": json.dumps([key_digest(key) for key in keys])}
+    with RedisServer() as server, run_stack(server.url, env, workers=(), log_prefix="llava-queue-files-") as stack:
+        client, other = (OpenAI(base_url=f"{stack.base_url}/v1", api_key=key) for key in keys)
+        uploaded = []
+        for index in range(3):
+            uploaded.append(client.files.create(file=(f"f{index}.jsonl", jsonl(questions(1))), purpose="batch").id)
+            time.sleep(0.01)
+        theirs = other.files.create(file=("theirs.jsonl", jsonl(questions(1))), purpose="batch").id
+        page = requests.get(f"{stack.base_url}/v1/files?limit=2", headers={"Authorization": f"Bearer {keys[0]}"},
+                            timeout=10).json()
+        assert page["object"] == "list" and page["has_more"] is True, page
+        assert [file["id"] for file in page["data"]] == uploaded[::-1][:2] and page["last_id"] == uploaded[1]
+        assert page["data"][0]["purpose"] == "batch" and page["data"][0]["filename"] == "f2.jsonl"
+        assert [file.id for file in client.files.list(limit=1)] == uploaded[::-1]  # every page, one file each
+        assert [file.id for file in client.files.list(order="asc", after=uploaded[0])] == uploaded[1:]
+        assert [file.id for file in client.files.list(purpose="batch_output")] == []
+        assert [file.id for file in other.files.list()] == [theirs]
+        client.files.delete(uploaded[1])
+        assert [file.id for file in client.files.list()] == [uploaded[2], uploaded[0]]
+        bad = requests.get(f"{stack.base_url}/v1/files?order=sideways", headers={"Authorization": f"Bearer {keys[0]}"},
+                           timeout=10)
+        assert bad.status_code == 422, bad.text
+
+
+def test_a_batchs_output_and_error_files_can_be_listed_and_deleted(tiny_llava_stack, images):
+    # As OpenAI's: a finished batch's files are listed (purpose "batch_output") and can be deleted; the batch still
+    # names them, and they are gone (404), their answers with them.
+    client = OpenAI(base_url=f"{tiny_llava_stack.base_url}/v1", api_key="unused")
+    batch = wait_for_batch(tiny_llava_stack, upload_batch(tiny_llava_stack, jsonl(questions(2) + ["not json"]),
+                                                          image_folder="images", temperature=0,
+                                                          max_new_tokens=2)["id"])
+    output_id, error_id = batch["output_file_id"], batch["error_file_id"]
+    assert output_id and error_id, batch
+    listed = {file.id: file for file in client.files.list(purpose="batch_output")}
+    assert {output_id, error_id} <= listed.keys()
+    assert listed[output_id].bytes == len(client.files.content(output_id).content) > 0
+    deleted = client.files.delete(output_id)
+    assert deleted.deleted is True and deleted.id == output_id
+    for path in (f"files/{output_id}", f"files/{output_id}/content", f"batches/{batch['id']}/output"):
+        response = requests.get(f"{tiny_llava_stack.base_url}/v1/{path}", timeout=10)
+        assert response.status_code == 404, (path, response.text)
+    assert requests.delete(f"{tiny_llava_stack.base_url}/v1/files/{output_id}", timeout=10).status_code == 404
+    after = requests.get(f"{tiny_llava_stack.base_url}/v1/batches/{batch['id']}", timeout=10).json()
+    assert after["output_file_id"] == output_id and after["request_counts"] == batch["request_counts"]
+    assert len(client.files.content(error_id).text.splitlines()) == 1  # the other file is untouched
+    client.files.delete(error_id)
+    assert requests.get(f"{tiny_llava_stack.base_url}/v1/files/{error_id}/content", timeout=10).status_code == 404
+    assert not {output_id, error_id} & {file.id for file in client.files.list(purpose="batch_output")}
+
+
+def test_cancelling_a_batch_takes_a_bounded_number_of_round_trips():
+    # Cancelling a batch of thousands of lines took one or two round trips per line (seconds for 50,000); in chunks
+    # it takes a few per thousand lines, with the same outcome: queued lines cancelled, running ones asked to stop.
+    import redis as redis_lib
+
+    from shared.batches import BatchStore, new_batch_id
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+    from shared.redis_server import RedisServer
+
+    class Counting(redis_lib.Connection):
+        """Counts the requests the client sends (a pipeline is one): Redis round trips."""
+
+        sent = 0
+
+        def send_packed_command(self, *args, **kwargs):
+            Counting.sent += 1
+            return super().send_packed_command(*args, **kwargs)
+
+    lines = 3000
+    with RedisServer() as server:
+        pool = redis_lib.ConnectionPool.from_url(server.url, decode_responses=True, connection_class=Counting)
+        store = JobStore(redis_lib.Redis(connection_pool=pool))
+        batches = BatchStore(store, 3600)
+        batch_id = new_batch_id()
+        batches.create(batch_id, {"params": {}})
+        ids = store.create_many([GenerateRequest(prompt="hi")] * lines, "batch",
+                                extra=[{"batch": batch_id, "batch_line": line} for line in range(lines)])
+        batches.add_lines(batch_id, [{"line": line + 1, "job": job_id} for line, job_id in enumerate(ids)])
+        batches.activate(batch_id, lines, 0)
+        assert store.start(ids[0], "worker-1") == "running"
+        assert batches.request_cancel(batch_id) == "cancelling"
+        before = Counting.sent
+        batches.cancel_jobs(batch_id)
+        round_trips = Counting.sent - before
+        assert round_trips <= 4 * (lines // 1000 + 1), round_trips
+        running = store.get(ids[0])
+        assert running["status"] == "running" and running["cancel_requested"] == "1", running
+        assert {store.get(job_id)["status"] for job_id in ids[1:]} == {"cancelled"}
+        record = batches.get(batch_id)
+        assert (record["status"], record["cancelled"], record["ended"]) == ("cancelling", lines - 1, lines - 1)
+        store.finish(ids[0], "cancelled", error="cancelled", finish_reason="cancelled")
+        assert batches.get(batch_id)["status"] == "cancelled"
+
+
+def test_lines_queued_before_redis_went_away_while_the_file_was_read_do_not_run(tiny_llava_dir, tmp_path):
+    # Redis away in the middle of POST /v1/batches: the batch cannot be read to its end (503), and the lines read
+    # before are not a batch the user has; they used to be sent to the workers at once, and ran once Redis was back.
+    import redis as redis_lib
+
+    from conftest import run_stack
+    from shared.redis_server import RedisServer
+
+    servers = [RedisServer(data_dir=tmp_path).start()]
+    port = servers[0].port
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(tiny_llava_dir), "LLAVA_QUEUE_DEVICE": "cpu", "LLAVA_QUEUE_DTYPE": "float32",
+           "LLAVA_QUEUE_MAX_NUM_SEQS": "8", "LLAVA_QUEUE_BATCH_RESERVED_SLOTS": "0", "LLAVA_QUEUE_MAX_QUEUED_JOBS": "0"}
+    try:
+        with run_stack(servers[0].url, env, log_prefix="llava-queue-batch-outage-") as stack:
+            client = redis_lib.Redis.from_url(stack.redis_url, decode_responses=True)
+            created = {}
+            post = threading.Thread(target=lambda: created.update(response=requests.post(
+                f"{stack.base_url}/v1/batches", files={"file": ("q.jsonl", jsonl(questions(50_000, image=False)))},
+                data={"temperature": "0", "max_new_tokens": "1"}, timeout=120)))
+            post.start()
+            deadline = time.monotonic() + 60
+            lines_key = None
+            while lines_key is None and time.monotonic() < deadline:
+                lines_key = next((key for key in client.scan_iter("llq:batch:*:lines") if client.llen(key)), None)
+                time.sleep(0.005)
+            assert lines_key, (created.get("response") is not None and created["response"].text, stack.logs())
+            client.close()
+            servers[0].stop()
+            post.join(120)
+            assert created["response"].status_code == 503, created["response"].text
+            servers.append(RedisServer(port=port, data_dir=tmp_path).start())
+            client = redis_lib.Redis.from_url(stack.redis_url, decode_responses=True)
+            time.sleep(10)  # time for the worker to be back and run what it was sent
+            jobs = [json.loads(entry).get("job") for entry in client.lrange(lines_key, 0, -1)]
+            statuses = {client.hget(f"llq:job:{job_id}", "status") for job_id in jobs if job_id}
+            assert jobs and not statuses & {"running", "succeeded"}, statuses
+            client.close()
+    finally:
+        for server in servers:
+            server.stop()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, IO, Literal
 
+import redis
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field, StringConstraints
@@ -192,12 +193,18 @@ def admit_batch(store: JobStore, batches: BatchStore, batch_id: str, lines: int,
 
 
 def read_file(intake: Intake, stream: IO[bytes]) -> None:
-    """Read the batch's file into jobs; a queue that goes away part-way fails the batch (its lines are cancelled)."""
+    """Read the batch's file into jobs, and send them to the workers once it is all read: a queue (or Redis) that goes
+    away part-way fails the batch (its lines are cancelled), and none of its lines ran meanwhile."""
     try:
         intake.read(stream)
-    except ApiError:
-        intake.batches.fail(intake.batch_id, {"code": "unavailable", "message": "the queue was unavailable while "
-                                              "reading", "param": None, "line": intake.total})
+        if intake.status == "validating":
+            intake.send()
+    except (ApiError, redis.RedisError):
+        try:
+            intake.batches.fail(intake.batch_id, {"code": "unavailable", "message": "the queue was unavailable "
+                                                  "while reading", "param": None, "line": intake.total})
+        except redis.RedisError:
+            pass  # Still away: a read fails the batch as abandoned once its reader's lease lapses (`settled`).
         raise
 
 
@@ -318,7 +325,7 @@ def get_batch(batch_id: str, request: Request) -> dict:
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: str, request: Request, store: Store) -> dict:
+def cancel_batch(batch_id: str, request: Request) -> dict:
     """Cancel a batch: queued lines end `cancelled`, running ones leave their engine batch at the next step. As
     OpenAI's, a batch still `validating` can be cancelled: its file is read no further."""
     batches = batch_store(request)
@@ -331,8 +338,7 @@ def cancel_batch(batch_id: str, request: Request, store: Store) -> dict:
                             "cancelled",
                        type="conflict", param="batch_id")
     if status == "cancelling":
-        for job_id in batches.job_ids(batch_id):
-            store.cancel(job_id)
+        batches.cancel_jobs(batch_id)
     return batch_view(batches, read_batch(batches, batch_id))
 
 
@@ -414,17 +420,41 @@ def _openai_line(number: int, entry: dict, result: dict | None) -> tuple[str | N
     return None, json.dumps(line) + "\n"
 
 
-def output_lines(batches: BatchStore, record: dict[str, Any], errors: bool) -> Iterator[str]:
-    """The batch's output file (answers, or OpenAI's output) or its errors file, line by line in input order."""
+def _file_lines(batches: BatchStore, record: dict[str, Any],
+                errors: bool) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, result, its line in the file) for each line of the output (or errors) file, in input order."""
     convert = _openai_line if record.get("format") == "openai" else _llava_line
     for number, entry, result in batches.lines(record["id"]):
         line = convert(number, entry, result)[1 if errors else 0]
         if line is not None:
-            yield line
+            yield number, result, line
+
+
+def output_lines(batches: BatchStore, record: dict[str, Any], errors: bool) -> Iterator[str]:
+    """The batch's output file (answers, or OpenAI's output) or its errors file, line by line in input order."""
+    return (line for _, _, line in _file_lines(batches, record, errors))
+
+
+def delete_output(batches: BatchStore, record: dict[str, Any], errors: bool) -> bool:
+    """Delete the batch's output (or errors) file: the lines' results it shows go (a line refused when the file was
+    read keeps its reason, which the batch's `errors` lists too); False if it was deleted already."""
+    numbers = [number for number, result, _ in _file_lines(batches, record, errors) if result is not None]
+    return batches.delete_output(record["id"], file_kind(errors), numbers)
+
+
+def file_kind(errors: bool) -> str:
+    """The name of a batch's output file kind: "errors" or "output" (its field `<kind>_deleted_at` once deleted)."""
+    return "errors" if errors else "output"
+
+
+def file_deleted(file_id: str) -> ApiError:
+    return ApiError(404, f"file {file_id!r} was deleted", type="not_found", param="file_id", code=ErrorCode.NOT_FOUND)
 
 
 def output_response(batches: BatchStore, batch_id: str, errors: bool) -> StreamingResponse:
     record = read_batch(batches, batch_id)
+    if record.get(f"{file_kind(errors)}_deleted_at"):
+        raise file_deleted((ERROR_FILE if errors else OUTPUT_FILE).format(batch_id))
     return StreamingResponse(output_lines(batches, record, errors), media_type=JSONL)
 
 

@@ -1,20 +1,24 @@
-"""OpenAI's files, as far as batches need them: upload a batch file, read a batch's output and errors.
+"""OpenAI's files, as far as batches need them: upload a batch file, list, read and delete files.
 
 `POST /v1/files` (multipart `file`, `purpose` "batch") keeps the file in Redis for the batch TTL;
 a batch names it as `input_file_id`. A batch's `output_file_id` and `error_file_id` name files
-assembled from the batch when read. So the `openai` package's `files.create`, `batches.create`
-and `files.content` work against llava-queue as they do against OpenAI.
+assembled from the batch when read (purpose "batch_output"). So the `openai` package's
+`files.create`, `files.list`, `files.content`, `files.delete` and `batches.create` work against
+llava-queue as they do against OpenAI.
 """
 
 import asyncio
 import re
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
 from api.errors import ApiError
-from api.routes.batches import ERROR_FILE, JSONL, OUTPUT_FILE, batch_store, output_lines, read_batch
+from api.routes.batches import (ERROR_FILE, JSONL, OUTPUT_FILE, batch_store, batch_view, delete_output, file_deleted,
+                                file_kind, output_lines, read_batch, settled)
+from shared.batches import FINAL_STATUSES, BatchStore
 from shared.protocol import ErrorCode
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -38,16 +42,80 @@ def file_not_found(file_id: str) -> ApiError:
                     param="file_id", code=ErrorCode.NOT_FOUND)
 
 
-def _batch_file(request: Request, file_id: str) -> tuple[str, bytes] | None:
-    """(file name, content) of a batch's output or errors file; None if `file_id` names no batch file."""
+def _batch_file(batches: BatchStore, file_id: str) -> tuple[dict[str, Any], bool] | None:
+    """(the batch record, whether it is the errors file) of a batch's output or errors file; None if `file_id`
+    names no batch file; 404 for a file deleted."""
     match = _BATCH_FILE.fullmatch(file_id)
     if not match:
         return None
     batch_id, kind = match.groups()
-    batches = batch_store(request)
     record = read_batch(batches, batch_id)
-    name = (OUTPUT_FILE if kind == "output" else ERROR_FILE).format(batch_id)
-    return f"{name}.jsonl", "".join(output_lines(batches, record, errors=kind == "errors")).encode()
+    if record.get(f"{kind}_deleted_at"):
+        raise file_deleted(file_id)
+    return record, kind == "errors"
+
+
+def _batch_file_object(batches: BatchStore, record: dict[str, Any], errors: bool) -> FileObject:
+    """A batch file's description. A finished batch's file no longer changes: its size is counted once, and kept."""
+    size_field = f"{file_kind(errors)}_bytes"
+    size = record.get(size_field)
+    if size is None:
+        size = sum(len(line.encode()) for line in output_lines(batches, record, errors))
+        if record["status"] in FINAL_STATUSES:
+            batches.redis.hset(batches.key(record["id"]), size_field, size)
+    name = (ERROR_FILE if errors else OUTPUT_FILE).format(record["id"])
+    return FileObject(id=name, bytes=int(size), created_at=int(record["created_at"]), filename=f"{name}.jsonl",
+                      purpose="batch_output")
+
+
+def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) -> FileObject | None:
+    """The description of a file the index names, if it is still there: an upload not expired, or a finished batch's
+    file (one its batch object names) not deleted. `records` keeps the batches read, for their second file."""
+    match = _BATCH_FILE.fullmatch(file_id)
+    if not match:
+        meta = batches.file_meta(file_id)
+        return FileObject(**meta) if meta else None
+    batch_id, kind = match.groups()
+    if batch_id not in records:
+        record = batches.get(batch_id)
+        records[batch_id] = settled(batches, record) if record else None
+    record = records[batch_id]
+    if record is None or record.get(f"{kind}_deleted_at"):
+        return None
+    if batch_view(batches, record)["error_file_id" if kind == "errors" else "output_file_id"] != file_id:
+        return None  # not finished, or nothing in that file
+    return _batch_file_object(batches, record, kind == "errors")
+
+
+@router.get("")
+def list_files(request: Request, purpose: str | None = Query(None, max_length=64),
+               limit: int = Query(10_000, ge=1, le=10_000), after: str | None = Query(None, max_length=200),
+               order: Literal["asc", "desc"] = "desc") -> dict:
+    """The caller's files, OpenAI's list (`data`, `first_id`, `last_id`, `has_more`): uploads (`purpose` "batch")
+    and finished batches' output and errors files ("batch_output"), newest first (`order=asc`: oldest first),
+    `limit` of them after the file id `after`."""
+    batches = batch_store(request)
+    uploads = batches.uploaded_files() if purpose in (None, "batch") else []
+    indexed = [(at, file_id) for file_id, at in uploads]
+    if purpose in (None, "batch_output"):
+        indexed += [(at, name.format(batch_id)) for batch_id, at in batches.batch_index()
+                    for name in (OUTPUT_FILE, ERROR_FILE)]
+    indexed.sort(reverse=order == "desc")
+    ids = [file_id for _, file_id in indexed]
+    start = ids.index(after) + 1 if after in ids else 0
+    data, gone, records = [], [], {}
+    for file_id in ids[start:]:
+        if len(data) > limit:
+            break
+        file = _listed(batches, file_id, records)
+        if file is not None:
+            data.append(file.model_dump())
+        elif not _BATCH_FILE.fullmatch(file_id):
+            gone.append(file_id)
+    batches.forget_files(gone)
+    more, data = len(data) > limit, data[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}
 
 
 @router.post("", response_model=FileObject)
@@ -70,12 +138,11 @@ async def upload_file(request: Request) -> FileObject:
 @router.get("/{file_id}", response_model=FileObject)
 def get_file(file_id: str, request: Request) -> FileObject:
     """An uploaded file's description, or a batch output file's."""
-    batch_file = _batch_file(request, file_id)
+    batches = batch_store(request)
+    batch_file = _batch_file(batches, file_id)
     if batch_file is not None:
-        batch = read_batch(batch_store(request), _BATCH_FILE.fullmatch(file_id).group(1))
-        return FileObject(id=file_id, bytes=len(batch_file[1]), created_at=int(batch["created_at"]),
-                          filename=batch_file[0], purpose="batch_output")
-    meta = batch_store(request).file_meta(file_id)
+        return _batch_file_object(batches, *batch_file)
+    meta = batches.file_meta(file_id)
     if meta is None:
         raise file_not_found(file_id)
     return FileObject(**meta)
@@ -85,10 +152,11 @@ def get_file(file_id: str, request: Request) -> FileObject:
             responses={200: {"content": {JSONL: {}}, "description": "The file's bytes"}})
 def file_content(file_id: str, request: Request) -> Response:
     """A file's content: an uploaded file, or a batch's output or errors (JSONL, input order)."""
-    batch_file = _batch_file(request, file_id)
+    batches = batch_store(request)
+    batch_file = _batch_file(batches, file_id)
     if batch_file is not None:
-        return Response(batch_file[1], media_type=JSONL)
-    content = batch_store(request).file_content(file_id)
+        return Response("".join(output_lines(batches, *batch_file)).encode(), media_type=JSONL)
+    content = batches.file_content(file_id)
     if content is None:
         raise file_not_found(file_id)
     return Response(content, media_type=JSONL)
@@ -96,7 +164,15 @@ def file_content(file_id: str, request: Request) -> Response:
 
 @router.delete("/{file_id}")
 def delete_file(file_id: str, request: Request) -> dict:
-    """Delete an uploaded file (a batch that read it keeps its lines)."""
-    if not batch_store(request).delete_file(file_id):
+    """Delete an uploaded file (a batch that read it keeps its lines), or a finished batch's output or errors file:
+    as on OpenAI, the batch still names it, and the file and its answers are gone (404)."""
+    batches = batch_store(request)
+    batch_file = _batch_file(batches, file_id)
+    if batch_file is not None:
+        record, errors = batch_file
+        named = batch_view(batches, record)["error_file_id" if errors else "output_file_id"] == file_id
+        if not named or not delete_output(batches, record, errors):
+            raise file_not_found(file_id)
+    elif not batches.delete_file(file_id):
         raise file_not_found(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
