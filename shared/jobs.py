@@ -29,6 +29,13 @@ FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
 QUEUES = ("interactive", "batch")
 CANCELLED_ERROR = "cancelled by the client"
 
+# How many times a job may be handed back by workers told to stop (rolling restarts, scale-downs) before its next start
+# fails it. Hand-backs do not count against max_attempts (a restart must not fail a job), but without a bound of their
+# own a job whose worker is stopped at every start (an eviction or a liveness probe it sets off) cycled for ever.
+MAX_HAND_BACKS = 10
+HANDED_BACK_ERROR = (f"the job was handed back more than {MAX_HAND_BACKS} times by workers told to stop (restarted or "
+                     "scaled down while it ran)")
+
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -54,8 +61,10 @@ elseif status == 'queued' then
   local deadline = redis.call('HGET', KEYS[1], 'deadline')
   if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[2]) then ended = 'expired' end
 end
--- Starts that followed a hand-back (a worker told to stop) are no failed attempts: only the others count.
+-- Starts that followed a hand-back (a worker told to stop) are no failed attempts: only the others count. Hand-backs
+-- have a bound of their own (MAX_HAND_BACKS): past it the job ends.
 local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0')
+if not ended and handed_back > tonumber(ARGV[8]) then ended = 'handed_back' end
 if not ended and redis.call('HINCRBY', KEYS[1], 'attempts', 1) - handed_back > tonumber(ARGV[6]) then
   ended = 'exhausted'
 end
@@ -203,7 +212,7 @@ return seq
 # The sweep's claim of a job (KEYS[1] the running hash, KEYS[2] its record) whose holder was ARGV[2]: marked ARGV[3].
 _CLAIM = """
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
--- This very claim sent again (its answer was lost with the connection, after it ran): claimed.
+-- This very claim made again (its answer was lost with the connection, or the delivery after it failed): claimed.
 if holder == ARGV[3] then return 1 end
 if holder ~= ARGV[2] then return 0 end
 -- A job whose record is gone (deleted, evicted) has nothing to run: forgotten, not delivered again every minute.
@@ -236,7 +245,7 @@ return 1
 
 T = TypeVar("T")
 
-_INT_FIELDS = ("seq", "error_code", "prompt_tokens", "completion_tokens", "attempts")
+_INT_FIELDS = ("seq", "error_code", "prompt_tokens", "completion_tokens", "attempts", "handed_back")
 _FLOAT_FIELDS = ("created_at", "started_at", "first_token_at", "finished_at")
 
 
@@ -271,6 +280,22 @@ class Ending:
     finish_reason: str = ""
     # The job's final count of generated tokens, when the ender knows it (the last step may add none).
     completion_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The sweep's claim of a running job for a new delivery: the job, who held it (a dead worker, or an earlier claim
+    or hand-back that lapsed), and when the claim was made. Made again with the same values, it answers as it did
+    (`JobStore.claim`)."""
+
+    job_id: str
+    holder: str
+    at: float
+
+    @property
+    def mark(self) -> str:
+        """What the running hash holds for the job once claimed."""
+        return f"{_REQUEUED}{self.at!r}"
 
 
 @dataclass(frozen=True)
@@ -563,7 +588,8 @@ class JobStore:
         "duplicate" (a live worker already runs it: skip this delivery); "cancel" or "expired"
         (cancelled, or past its deadline, before it started: the caller ends it so);
         "exhausted" (started more than `max_attempts` times, the starts after a hand-back (`release`) not counted:
-        the caller fails it); with these three a job its dead worker held is the caller's, to end; "missing";
+        the caller fails it); "handed_back" (handed back more than MAX_HAND_BACKS times: the caller fails it);
+        with these four a job its dead (or stopping) worker held is the caller's, to end; "missing";
         or the final status it already has (skip).
 
         A `token` of this delivery's own makes the start safe to send again: one whose answer was lost (the
@@ -572,21 +598,16 @@ class JobStore:
         """
         return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys(), self.running_key],
                            args=[worker, repr(time.time()), job_id, model, f"{self.prefix}:worker:",
-                                 max_attempts, token])
+                                 max_attempts, token, MAX_HAND_BACKS])
 
     @property
     def running_key(self) -> str:
         """Hash of running job id → the worker that holds it."""
         return f"{self.prefix}:running"
 
-    def claim_orphans(self, requeue_after: float = 60.0) -> list[str]:
-        """Running jobs whose worker stopped announcing itself (it died), claimed for a new delivery.
-
-        A claimed job is marked in the running hash, so it is handed out once, not at every sweep;
-        if no worker has started it `requeue_after` seconds later, it is claimed again. A claim whose answer was lost
-        is sent once more and answers as it did (it was left claimed but undelivered for `requeue_after`). A job whose
-        record is gone (deleted, evicted) leaves the running hash instead (it was delivered again every minute).
-        """
+    def orphans(self, requeue_after: float = 60.0) -> list[Claim]:
+        """Claims to make (`claim`): running jobs whose worker stopped announcing itself (it died), and jobs claimed
+        or handed back `requeue_after` seconds ago that no worker has started since."""
         held = self.redis.hgetall(self.running_key)
         if not held:
             return []
@@ -594,17 +615,31 @@ class JobStore:
         alive = dict(zip(workers, self.redis.mget([f"{self.prefix}:worker:{name}" for name in workers]))) \
             if workers else {}
         now = time.time()
-        claimed = []
+        claims = []
         for job_id, holder in held.items():
             if holder.startswith(_REQUEUED):
                 if now - float(holder.removeprefix(_REQUEUED)) < requeue_after:
                     continue
             elif alive.get(holder) is not None:
                 continue
-            if _sent_again_if_lost(lambda: self._claim(keys=[self.running_key, self.key(job_id)],
-                                                       args=[job_id, holder, f"{_REQUEUED}{now!r}"])):
-                claimed.append(job_id)
-        return claimed
+            claims.append(Claim(job_id, holder, now))
+        return claims
+
+    def claim(self, claim: Claim) -> bool:
+        """Mark a job claimed for a new delivery; False if someone else started or claimed it since `orphans` saw it.
+
+        A claimed job is handed out once, not at every sweep; if no worker has started it `requeue_after` seconds
+        later, `orphans` lists it again. The same claim made again (its answer lost, or the delivery that followed
+        it failed) answers True as long as the job is still marked by it: the caller delivers the job then, and
+        nobody else does. A job whose record is gone (deleted, evicted) leaves the running hash instead (it was
+        delivered again every minute).
+        """
+        return bool(_sent_again_if_lost(lambda: self._claim(keys=[self.running_key, self.key(claim.job_id)],
+                                                            args=[claim.job_id, claim.holder, claim.mark])))
+
+    def claim_orphans(self, requeue_after: float = 60.0) -> list[str]:
+        """Claim every job `orphans` lists; returns the ids claimed."""
+        return [claim.job_id for claim in self.orphans(requeue_after) if self.claim(claim)]
 
     def release(self, job_id: str, worker: str) -> bool:
         """Give a running job of `worker` back for a new delivery (a graceful shutdown); False if not held.

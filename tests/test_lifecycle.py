@@ -307,6 +307,8 @@ class AnswerCuttingProxy:
         self.upstream_port = upstream_port
         self.port = free_port()
         self.armed: bytes | None = None
+        # How many commands holding `armed` have their answers cut before it disarms itself.
+        self.times = 1
         self.cuts = 0
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._threading = threading
@@ -335,7 +337,10 @@ class AnswerCuttingProxy:
         try:
             while data := source.recv(65536):
                 if to_server and self.armed is not None and self.armed in data:
-                    self.armed, state["cut"] = None, True
+                    self.times -= 1
+                    if self.times <= 0:
+                        self.armed, self.times = None, 1
+                    state["cut"] = True
                 elif not to_server and state["cut"]:
                     self.cuts += 1
                     break  # the answer goes nowhere
@@ -621,3 +626,168 @@ def test_a_job_started_just_before_a_redis_outage_runs_once_redis_is_back(loaded
         store.redis.close()
         for server in servers:
             server.stop()
+
+
+@contextmanager
+def celery_on(url: str):
+    """The worker's Celery app (shared.celery_app.celery_app, which the sweep and the hand-back send with) publishing
+    to the Redis at `url` for the time of the block."""
+    from shared.celery_app import celery_app
+
+    def fresh_pools() -> None:
+        celery_app._pool = None
+        celery_app.amqp._producer_pool = None
+
+    before = celery_app.conf.broker_url
+    celery_app.conf.broker_url = url
+    fresh_pools()
+    try:
+        yield celery_app
+    finally:
+        celery_app.conf.broker_url = before
+        fresh_pools()
+
+
+def test_a_sweep_claim_or_delivery_that_fails_is_delivered_again_soon_and_once(caplog):
+    # The sweep claims a dead worker's job, then sends its task. A claim whose answer was lost twice (it ran: the job
+    # marked claimed) or a delivery that failed (Redis away) raised, and the job stayed claimed, delivered by nobody,
+    # until the claim lapsed a minute later. It must be delivered once Redis answers again, once.
+    import threading
+    import time
+
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+    from workers.main import _sweep_orphans
+
+    settings = Settings(heartbeat_interval_seconds=0.2, heartbeat_ttl_seconds=1, key_prefix="sweep")
+    with RedisServer() as server, celery_on(server.url):
+        proxy = AnswerCuttingProxy(server.port)
+        store = JobStore.from_url(proxy.url, prefix="sweep")
+        direct = JobStore.from_url(server.url, prefix="sweep")
+        stop = threading.Event()
+        sweep = threading.Thread(target=_sweep_orphans, args=(store, settings, stop), daemon=True)
+        try:
+            _load_scripts(store)
+            for cut in (b"requeued@", b"HMGET"):  # the claim's answers, then the delivery's first read
+                caplog.clear()
+                job_id, _ = direct.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+                assert direct.start(job_id, "dead-worker") == "running"
+                proxy.times, proxy.armed = 1000, cut
+                if not sweep.is_alive():
+                    sweep.start()
+                deadline = time.monotonic() + 60
+                while "the orphan sweep lost Redis" not in caplog.text:  # the claim, or the delivery, raised
+                    assert time.monotonic() < deadline, (cut, caplog.text)
+                    time.sleep(0.05)
+                proxy.armed = None  # Redis answers again
+                assert direct.redis.hget(direct.running_key, job_id).startswith("requeued@"), cut  # claimed
+                deadline = time.monotonic() + 10
+                while direct.redis.llen("interactive") == 0:
+                    assert time.monotonic() < deadline, (cut, "not delivered", caplog.text)
+                    time.sleep(0.1)
+                time.sleep(2)  # ten more sweeps
+                assert direct.redis.llen("interactive") == 1, cut  # delivered once
+                direct.redis.delete("interactive")
+                direct.finish(job_id, "cancelled")
+        finally:
+            stop.set()
+            sweep.join(10)
+            store.redis.close()
+            direct.redis.close()
+            proxy.close()
+
+
+def test_a_job_handed_back_too_often_fails_with_a_reason(worker):
+    # Hand-backs (a worker told to stop) do not count against max_attempts, so that rolling restarts do not fail a
+    # long job. They had no bound at all: a job whose worker was stopped at every start (an eviction, a liveness
+    # probe it set off) was handed back and started again for ever. Past a bound of their own, the start fails it.
+    from shared.jobs import HANDED_BACK_ERROR, MAX_HAND_BACKS
+
+    store, make = worker
+
+    def handed_back(times: int) -> str:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+        for n in range(times):
+            assert store.start(job_id, f"stopping-{n}") in ("running", "resumed")
+            assert store.release(job_id, f"stopping-{n}")
+        return job_id
+
+    job_id = handed_back(MAX_HAND_BACKS + 1)
+    assert make("w-last").run(job_id) == "handed_back"
+    record = store.get(job_id)
+    assert (record["status"], record["error_code"], record["error"]) == (
+        "failed", ErrorCode.SERVER_ERROR, HANDED_BACK_ERROR), record
+    assert "handed back more than 10 times" in record["error"]
+    assert record["attempts"] == record["handed_back"] == MAX_HAND_BACKS + 1, record
+    assert store.totals()["running"] == 0 and store.claim_orphans(requeue_after=0) == []
+
+    # Up to the bound, the job goes on: handed back MAX_HAND_BACKS times, it runs to its end.
+    assert make("w-ok").run(handed_back(MAX_HAND_BACKS)) == "succeeded"
+
+
+def test_a_hand_back_whose_requeue_fails_is_requeued_once_redis_answers(loaded):
+    # A stopping worker releases its job, then sends its task again. A send that failed (Redis away for a moment)
+    # was given up at once: the job, released, waited held by nobody until the sweep claimed it a minute later.
+    import threading
+
+    from shared.celery_app import task_queue
+    from workers.main import _deliver_again
+
+    with runner_behind_a_proxy(loaded, "requeue") as (proxy, store, runner), celery_on(
+            f"redis://127.0.0.1:{proxy.upstream_port}/0"):
+        _load_scripts(store)
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=400),
+                                 "interactive")
+        running = threading.Thread(target=runner.run, args=(job_id,))
+        running.start()
+        while int(store.redis.hget(store.key(job_id), "completion_tokens") or 0) < 2:
+            assert running.is_alive()
+        proxy.times, proxy.armed = 1000, b"HMGET"  # the requeue's first read
+        threading.Timer(1.0, lambda: setattr(proxy, "armed", None)).start()
+        assert runner.hand_back(lambda job_id: _deliver_again(store, job_id)) == [job_id]
+        running.join(60)
+        assert proxy.cuts >= 1
+        assert store.redis.llen(task_queue("interactive", loaded.name)) == 1  # sent again, to its model's queue
+
+
+def test_a_job_whose_ending_meets_a_redis_out_of_memory_still_ends(loaded):
+    # Redis refuses writes while out of memory (maxmemory with the noeviction policy) and takes them again once memory
+    # is freed (records expire, an operator raises the limit). A job that ended meanwhile: its step and its ending
+    # raised OutOfMemoryError, which no write waited out (only a Redis away or silent), so the task failed and the
+    # job, held by this live worker, stayed "running" for good. It must end, with its text whole, once Redis takes
+    # writes again.
+    import threading
+
+    from shared.redis_server import RedisServer
+
+    with RedisServer() as server:
+
+        class StoreThatFillsRedisAtTheEnd(JobStore):
+            def record_step(self, worker, chunks, endings, step=None):
+                if endings and self.redis.config_get("maxmemory")["maxmemory"] == "0" and not filled:
+                    filled.append(True)
+                    self.redis.config_set("maxmemory", 1)
+                    threading.Timer(3.0, lambda: self.redis.config_set("maxmemory", 0)).start()
+                return super().record_step(worker, chunks, endings, step)
+
+        filled = []
+        store = StoreThatFillsRedisAtTheEnd.from_url(server.url, prefix="oom")
+        runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
+        try:
+            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
+                                     "interactive")
+            try:
+                outcome = runner.run(job_id)
+            except Exception as exc:
+                outcome = f"raised {exc!r}"
+            import time
+
+            deadline = time.monotonic() + 20
+            while store.redis.hget(store.key(job_id), "status") == "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            record = store.get(job_id)
+            assert filled and (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
+            assert outcome == "succeeded" and store.totals()["running"] == 0
+        finally:
+            engine.shutdown()
+            store.redis.close()

@@ -16,11 +16,12 @@ from typing import Callable, TypeVar
 
 import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import CANCELLED_ERROR, Ending, JobStore
+from shared.jobs import CANCELLED_ERROR, HANDED_BACK_ERROR, Ending, JobStore
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -35,8 +36,14 @@ T = TypeVar("T")
 # How long a write of the worker waits for Redis to come back before it gives up (see `when_redis_answers`).
 REDIS_WAIT_SECONDS = 300.0
 
-# What a Redis away (or not answering in time) raises: a write that met one is tried again (`when_redis_answers`).
-REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+# How long a hand-back tries to send its jobs again (a stopping worker waits for it: workers/main.py).
+HAND_BACK_REQUEUE_SECONDS = 10.0
+
+# What a Redis away, not answering in time, or out of memory raises: a write that met one is tried again
+# (`when_redis_answers`). Out of memory (maxmemory with noeviction), Redis refuses every write until memory is freed
+# (records expire, the limit is raised), and a script stops at its first write, having written nothing: a job that
+# ended then lost its ending (the task failed) and stayed "running" under its live worker for good.
+REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError)
 
 _FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
 
@@ -46,6 +53,7 @@ _ENDED_BEFORE_START = {
     "expired": lambda job_id: Ending(job_id, "expired", "the job waited in the queue past its deadline",
                                      ErrorCode.EXPIRED, "expired"),
     "exhausted": lambda job_id: Ending(job_id, "failed", EXHAUSTED_ERROR, ErrorCode.SERVER_ERROR, "error"),
+    "handed_back": lambda job_id: Ending(job_id, "failed", HANDED_BACK_ERROR, ErrorCode.SERVER_ERROR, "error"),
 }
 
 
@@ -258,7 +266,7 @@ class JobRunner:
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
 
-    def hand_back(self, requeue) -> list[str]:
+    def hand_back(self, requeue, requeue_wait: float = HAND_BACK_REQUEUE_SECONDS) -> list[str]:
         """Stop every job this worker runs and give it back to the queue, to be resumed elsewhere.
 
         `requeue(job_id)` sends the job again. The text generated so far stays in the record, so
@@ -266,8 +274,11 @@ class JobRunner:
 
         With Redis away, a job that cannot be released stays in the batch, not aborted (its ending would mark it
         cancelled once Redis is back): if this worker exits first, the orphan sweep of a live worker delivers it
-        again once the heartbeat has expired; one released but not requeued is delivered again by that sweep too.
+        again once the heartbeat has expired. A requeue that fails is tried again for up to `requeue_wait` seconds
+        (all jobs together): a job released but not requeued waited, held by nobody, until the sweep's claim of it a
+        minute later; one still not requeued then is left to that sweep.
         """
+        deadline = time.monotonic() + requeue_wait
         handed = []
         for job_id in list(self._active):
             try:
@@ -280,11 +291,7 @@ class JobRunner:
                 self._handed_back.add(job_id)
                 self.engine.abort(job_id)
                 handed.append(job_id)
-                try:
-                    requeue(job_id)
-                except Exception as exc:
-                    log.warning("job %s handed back but not requeued (%s): the orphan sweep delivers it again",
-                                job_id, exc)
+                _requeue(requeue, job_id, deadline)
         return handed
 
     def cancel(self, job_id: str) -> None:
@@ -348,8 +355,25 @@ class JobRunner:
         return when_redis_answers(call, what, self.redis_wait_seconds)
 
 
+def _requeue(requeue: Callable[[str], None], job_id: str, deadline: float) -> None:
+    """requeue(job_id), tried again (0.1 s apart, doubling to 1 s) until it works or `deadline` (monotonic) passes."""
+    delay = 0.1
+    while True:
+        try:
+            requeue(job_id)
+            return
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                log.warning("job %s handed back but not requeued (%s): the orphan sweep delivers it again", job_id,
+                            exc)
+                return
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+
+
 def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = REDIS_WAIT_SECONDS) -> T:
-    """write(), tried again while Redis cannot be reached (0.1 s apart, doubling to 2 s), for up to `wait_seconds`.
+    """write(), tried again while Redis cannot be reached or is out of memory (0.1 s apart, doubling to 2 s), for up
+    to `wait_seconds`.
 
     A job that ended while Redis was restarting used to lose its final write, and with it the job (its
     task failed, and was acknowledged). Connection errors and timeouts are retried (a timeout, from a Redis
@@ -366,7 +390,7 @@ def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = 
             if time.monotonic() + delay > deadline:
                 raise
             if not warned:
-                log.warning("Redis cannot be reached (%s): %s waits for it%s", exc, what,
+                log.warning("Redis cannot be reached or takes no writes (%s): %s waits for it%s", exc, what,
                             f", up to {wait_seconds:.0f} s" if math.isfinite(wait_seconds) else "")
                 warned = True
             time.sleep(delay)

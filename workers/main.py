@@ -11,13 +11,14 @@ import time
 
 import torch
 from celery import signals
+from kombu.exceptions import OperationalError
 from PIL import Image
 from redis.exceptions import RedisError
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
-from shared.jobs import JobStore, WorkerRegistry
+from shared.jobs import Claim, JobStore, WorkerRegistry
 from shared.logs import bind_job_ids_to_celery_tasks
 from shared.protocol import IMAGE_TOKEN, GenerateRequest
 from shared.settings import Settings
@@ -26,7 +27,7 @@ from workers.batch_slots import BatchSlots
 from workers.builder import LoadedModel, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
-from workers.generation import JobRunner, prepare
+from workers.generation import HAND_BACK_REQUEUE_SECONDS, JobRunner, prepare
 from workers.metrics import METRICS, serve
 from workers.torch_threads import in_passing_thread
 
@@ -125,8 +126,9 @@ def run_worker(settings: Settings) -> None:
         engine.shutdown()
 
 
-# How long an exiting worker waits for its hand-back to send the jobs again (each a Redis write, tried twice).
-HAND_BACK_JOIN_SECONDS = 15.0
+# How long an exiting worker waits for its hand-back to send the jobs again (each release a Redis write, tried twice;
+# their requeues tried for up to HAND_BACK_REQUEUE_SECONDS in all).
+HAND_BACK_JOIN_SECONDS = HAND_BACK_REQUEUE_SECONDS + 5.0
 
 
 def _deliver_again(store: JobStore, job_id: str) -> None:
@@ -143,7 +145,7 @@ class _RedisOutage:
         self.loop = loop
         self.lost = False
 
-    def failed(self, exc: RedisError) -> None:
+    def failed(self, exc: Exception) -> None:
         if not self.lost:
             log.warning("%s lost Redis (%s); trying again until it answers", self.loop, exc)
             self.lost = True
@@ -251,7 +253,7 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
         stop.wait(settings.heartbeat_interval_seconds)
 
 
-def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -> None:
+def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, requeue_after: float = 60.0) -> None:
     """Deliver again the jobs of workers that died, so none stays `running` forever.
 
     Every worker sweeps; a short lock makes one sweep at a time. A job delivered twice is
@@ -263,12 +265,19 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
     heartbeat_ttl_seconds plus one interval since this sweep last failed: before, the first sweep
     after an outage longer than the TTL delivered running jobs of live workers again, and another
     worker could resume one that a live worker still ran (fenced off, but run twice, an attempt spent).
+
+    A claim this sweep made but did not deliver (the claim's answer lost twice, or the delivery failed) is made
+    again and delivered at its next rounds, once Redis answers: the job stayed claimed, delivered by nobody, until
+    its claim lapsed (`requeue_after`, a minute). Only the same claim is made again, which answers True only while
+    the job is still marked by it, so no other sweep delivers the job meanwhile and a job started since is left alone.
     """
     wait = settings.heartbeat_ttl_seconds + settings.heartbeat_interval_seconds
     judge_after = 0.0
     outage = _RedisOutage("the orphan sweep")
+    undelivered: dict[str, Claim] = {}
     while not stop.wait(settings.heartbeat_interval_seconds):
         try:
+            _deliver_claimed(store, undelivered, requeue_after)
             swept = store.redis.set(f"{settings.key_prefix}:sweeping", "1", nx=True,
                                     ex=max(1, int(settings.heartbeat_interval_seconds)))
             outage.reached()
@@ -278,11 +287,27 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event) -
                 log.info("job %s expired: still queued past its deadline", job_id)
             if time.monotonic() < judge_after or store.redis.info("server")["uptime_in_seconds"] < wait:
                 continue
-            for job_id in store.claim_orphans():
-                log.warning("job %s: its worker stopped beating; delivering it again", job_id)
-                _deliver_again(store, job_id)
-        except RedisError as exc:
+            for claim in store.orphans(requeue_after):
+                undelivered.setdefault(claim.job_id, claim)
+            _deliver_claimed(store, undelivered, requeue_after)
+        except (RedisError, OperationalError) as exc:  # kombu's OperationalError: a delivery that found no broker
             judge_after = time.monotonic() + wait
             outage.failed(exc)
         except Exception:
             log.exception("the orphan sweep failed; trying again")
+
+
+def _deliver_claimed(store: JobStore, claims: dict[str, Claim], requeue_after: float) -> None:
+    """Make each claim (again) and deliver its job; a claim leaves `claims` once delivered, or found not (or no
+    longer) this sweep's to deliver. One that raises stays, with those after it, for the next round.
+
+    A claim older than half `requeue_after` is dropped undelivered: other sweeps may claim its job soon (it has
+    lapsed at `requeue_after`), and this one must not deliver it with them; `orphans` lists the job again."""
+    for job_id, claim in list(claims.items()):
+        if time.time() - claim.at > requeue_after / 2:
+            del claims[job_id]
+            continue
+        if store.claim(claim):
+            log.warning("job %s: its worker stopped beating; delivering it again", job_id)
+            _deliver_again(store, job_id)
+        del claims[job_id]
