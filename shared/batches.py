@@ -24,8 +24,7 @@ from typing import Any
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import BATCH_END_LUA, CANCELLED_ERROR, QUEUES, Ending, JobStore, owner_id
-from shared.protocol import ErrorCode
+from shared.jobs import BATCH_END_LUA, QUEUES, JobStore, owner_id
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -243,20 +242,9 @@ class BatchStore:
         for job_id in self.job_ids(batch_id):
             chunk.append(job_id)
             if len(chunk) == BULK_LINES:
-                self._cancel_chunk(chunk)
+                self.store.cancel_many(chunk)
                 chunk = []
-        self._cancel_chunk(chunk)
-
-    def _cancel_chunk(self, job_ids: Sequence[str]) -> None:
-        # JobStore.cancel's two scripts, each pipelined over the chunk: ask every job to stop (a running one hears it
-        # on the control channel), then end the ones that were queued.
-        store = self.store
-        statuses = store._run_scripts([(store._request_cancel, [store.key(job_id), store.control_channel], [job_id])
-                                       for job_id in job_ids])
-        endings = [store._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED),
-                                             "cancelled"), False, "")
-                   for job_id, status in zip(job_ids, statuses) if status == "queued"]
-        store._run_scripts([(store._finish, call["keys"], call["args"]) for call in endings])
+        self.store.cancel_many(chunk)
 
     def request_cancel(self, batch_id: str) -> str:
         """Move a batch in progress, or still being read, to `cancelling` (or at once to `cancelled` if every line

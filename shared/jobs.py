@@ -15,6 +15,7 @@ Chunk messages on the channel (JSON):
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -739,14 +740,21 @@ class JobStore:
 
         Returns the status the job had ("queued", "running", or a final state), or None if unknown.
         """
-        status = self._request_cancel(keys=[self.key(job_id), self.control_channel], args=[job_id])
-        if status == "missing":
-            return None
-        if status == "queued":
-            # If a worker took it meanwhile, its next chunk finds the job ended and drops it.
-            self.finish(job_id, "cancelled", error=CANCELLED_ERROR,
-                        error_code=ErrorCode.CANCELLED, finish_reason="cancelled")
-        return status
+        status = self.cancel_many([job_id])[0]
+        return None if status == "missing" else status
+
+    def cancel_many(self, job_ids: Sequence[str]) -> list[str]:
+        """Cancel each job as `cancel` does, in two pipelined round trips for them all: ask every one to stop (a
+        running one hears it on the control channel), then end those that were queued. Returns each job's status
+        before ("missing" for an unknown one)."""
+        statuses = self._run_scripts([(self._request_cancel, [self.key(job_id), self.control_channel], [job_id])
+                                      for job_id in job_ids])
+        # If a worker took a queued one meanwhile, its next chunk finds the job ended and drops it.
+        endings = [self._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED),
+                                            "cancelled"), False, "")
+                   for job_id, status in zip(job_ids, statuses) if status == "queued"]
+        self._run_scripts([(self._finish, call["keys"], call["args"]) for call in endings])
+        return statuses
 
 
 class WorkerRegistry:
