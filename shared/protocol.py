@@ -10,11 +10,12 @@ import binascii
 import io
 import json
 import math
+from contextvars import ContextVar
 from enum import IntEnum
 from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 # The original worker clamps max_new_tokens to this; larger values are accepted and clamped.
 MAX_NEW_TOKENS_CAP = 1024
@@ -24,6 +25,11 @@ IMAGE_TOKEN = "<image>"
 # Bounds on one request, far above any real LLaVA context, that keep a hostile request cheap to refuse.
 MAX_PROMPT_CHARS = 400_000
 MAX_IMAGES = 16
+# The longest `model` taken: two 255-byte path components joined by "_" (`<parent>_checkpoint-N`), the longest
+# name the original derives from a model path.
+MAX_MODEL_CHARS = 512
+# The original samples only above this temperature (`do_sample = temperature > 0.001`); at or below it, greedy.
+GREEDY_TEMPERATURE = 0.001
 
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
 MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
@@ -57,6 +63,18 @@ class ErrorCode(IntEnum):
 QueueName = Literal["interactive", "batch"]
 
 
+def reads_images(model: str | None) -> bool:
+    """Whether a job for `model` has its images read: the original's rule, a model whose name holds "llava"
+    (any case) is multimodal and every other model ignores `images`. A job that names no model may go to any
+    worker, so its images are read."""
+    return model is None or "llava" in model.lower()
+
+
+# Whether the request being validated reads its images (`reads_images` of its model): set by GenerateRequest around
+# its own validation, so that its turns, which do not know the request's model, check their images the same way.
+_images_read: ContextVar[bool] = ContextVar("images_read", default=True)
+
+
 class Message(BaseModel):
     """One turn of a chat-style job; a user turn may carry images (base64 files)."""
 
@@ -69,14 +87,16 @@ class Message(BaseModel):
     @field_validator("images")
     @classmethod
     def _images_are_files(cls, images: list[str]) -> list[str]:
-        return check_images(images)
+        return _check_images_if_read(images)
 
 
 class GenerateRequest(BaseModel):
     """The original `/worker_generate_stream` payload, plus `messages` and `seed`.
 
     Exactly one of `prompt` (already rendered, may hold `<image>`) or `messages` is given.
-    Unknown fields are ignored, as the original worker ignores them.
+    Unknown fields are ignored, as the original worker ignores them. Values the original serves are
+    served: a temperature at or below 0.001 (negative too) is greedy, a top_p over 1 is 1, and images
+    are read only for a model that reads them (`reads_images`; the original's text-only worker ignores them).
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -84,8 +104,8 @@ class GenerateRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    temperature: float = 1.0
+    top_p: float = 1.0
     max_new_tokens: int = Field(256, ge=0)
     stop: str | list[str] | None = None
     images: list[str] | None = None
@@ -94,12 +114,31 @@ class GenerateRequest(BaseModel):
     # page's modes ("Default" and "Crop" leave it as sent). None: as sent, as the original worker.
     image_process_mode: Literal["Crop", "Resize", "Pad", "Default"] | None = None
 
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str | None) -> str | None:
+        if model is not None and len(model) > MAX_MODEL_CHARS:
+            raise ValueError(f"is {len(model)} characters long; the limit is {MAX_MODEL_CHARS}")
+        return model
+
     @field_validator("temperature", "top_p")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_as_the_original(cls, top_p: float, info: ValidationInfo) -> float:
+        """Over 1 keeps the whole distribution (transformers adds no top-p step then): 1. Below 0 the original
+        fails when it samples (transformers' TopPLogitsWarper raises, an error frame after its 15 s streamer
+        timeout): refused at once; greedy, it never reads top_p."""
+        temperature = info.data.get("temperature")
+        if top_p < 0 and temperature is not None and temperature > GREEDY_TEMPERATURE:
+            raise ValueError(f"must be between 0 and 1 when sampling (temperature > {GREEDY_TEMPERATURE}), "
+                             f"got {top_p}")
+        return min(top_p, 1.0)
 
     @field_validator("prompt")
     @classmethod
@@ -129,7 +168,18 @@ class GenerateRequest(BaseModel):
     @field_validator("images")
     @classmethod
     def _images_are_files(cls, images: list[str] | None) -> list[str] | None:
-        return None if images is None else check_images(images)
+        return None if images is None else _check_images_if_read(images)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _images_read_for_the_model(cls, data, handler):
+        """Validate with `_images_read` set from the request's model, for its images and its turns' images."""
+        model = data.get("model") if isinstance(data, dict) else None
+        token = _images_read.set(reads_images(model if isinstance(model, str) else None))
+        try:
+            return handler(data)
+        finally:
+            _images_read.reset(token)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "GenerateRequest":
@@ -166,6 +216,16 @@ class BulkJobRequest(BaseModel):
     """`POST /v1/jobs/bulk`: many jobs in one call."""
 
     jobs: list[JobRequest] = Field(min_length=1, max_length=10_000)
+
+
+def _check_images_if_read(images: list[str]) -> list[str]:
+    """`check_images` for a request whose model reads images; for one whose model ignores them (the original's
+    text-only worker never decodes them), only their number is bounded."""
+    if _images_read.get():
+        return check_images(images)
+    if len(images) > MAX_IMAGES:
+        raise ValueError(f"{len(images)} images; the limit is {MAX_IMAGES} per request")
+    return images
 
 
 def check_images(images: list[str]) -> list[str]:
@@ -215,8 +275,9 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
     if len(data) > max_bytes:
         raise ValueError(f"image {index} is {len(data)} bytes of base64; the limit is {max_bytes}")
     try:
-        # Line breaks are allowed (some encoders wrap base64 at 76 columns); anything else must be base64.
-        raw = base64.b64decode(data.translate(_LINE_BREAKS), validate=True)
+        # As the original (`b64decode(s)`): characters outside the base64 alphabet (line breaks, spaces) are
+        # skipped; a file that is then not an image is refused below.
+        raw = base64.b64decode(data)
     except (binascii.Error, ValueError):
         raise ValueError(f"image {index} is not valid base64 (send the image file's bytes base64-encoded, "
                          "or a data:image/...;base64, URL)") from None
@@ -241,9 +302,6 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
         image.close()
         raise ValueError(f"image {index} is empty ({width}x{height} pixels)")
     return image
-
-
-_LINE_BREAKS = str.maketrans("", "", "\r\n")
 
 
 class InvalidRequest(ValueError):

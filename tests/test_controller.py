@@ -249,10 +249,11 @@ def frames_of(content: bytes) -> list[dict]:
 def test_a_bad_field_on_the_worker_stream_is_a_422_frame_and_malformed_json_a_400(stack):
     # The README's rule for every endpoint (422 for a bad field, 400 for malformed JSON); the body stays one
     # frame, which is all the original clients read (they never look at the status).
-    bad = requests.post(f"{stack.base_url}/worker_generate_stream", data=b'{"prompt": "hi", "temperature": -1}',
+    bad = requests.post(f"{stack.base_url}/worker_generate_stream", data=b'{"prompt": "hi", "top_p": -1}',
                         timeout=10)
     assert bad.status_code == 422 and "content-type" not in bad.headers
-    assert bad.content == b'{"text": "temperature: Input should be greater than or equal to 0", "error_code": 4}\0'
+    assert bad.content == (b'{"text": "top_p: must be between 0 and 1 when sampling (temperature > 0.001), got -1.0", '
+                           b'"error_code": 4}\0')
     malformed = requests.post(f"{stack.base_url}/worker_generate_stream", data=b'{"prompt": ', timeout=10)
     assert malformed.status_code == 400
     [frame] = frames_of(malformed.content)

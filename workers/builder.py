@@ -25,6 +25,7 @@ import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from shared.protocol import reads_images
 from shared.settings import Settings
 from shared.vqa import model_name_from_path
 from workers.engine import LLMEngine
@@ -141,7 +142,7 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     name = model_name or model_name_from_path(model_path)
     model_path = _check_local_path(model_path, "model path (LLAVA_QUEUE_MODEL_PATH)")
     model_base = _check_local_path(model_base, "model base (LLAVA_QUEUE_MODEL_BASE)")
-    is_multimodal = "llava" in name.lower()
+    is_multimodal = reads_images(name)
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":
         # PyTorch's cuDNN attention builds an execution plan for each new attention shape, and a serving batch

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# Same threshold as the original LLaVA worker: do_sample = temperature > 0.001.
-GREEDY_TEMPERATURE = 0.001
+from shared.protocol import GREEDY_TEMPERATURE  # the original's: do_sample = temperature > 0.001
 # argmax looks for the block holding the maximum first; vocabularies are multiples of 64 (else plain argmax).
 ARGMAX_BLOCK = 64
 
