@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from api.errors import ApiError
 from shared.batches import BatchStore
 from shared.celery_app import GENERATE_TASK, task_queue
-from shared.jobs import QUEUES, JobStore, NewJob, owner_id
+from shared.jobs import JobStore, NewJob, owner_id
 from shared.protocol import ErrorCode, GenerateRequest
 
 
@@ -59,8 +59,7 @@ class Submitter:
     def __init__(self, store: JobStore, celery: Celery):
         self.store = store
         self.celery = celery
-        self._reservations_key = BatchStore(store, store.ttl_seconds).reservations_key
-        self._count_taken = store.redis.register_script(_TAKEN)
+        self._batches = BatchStore(store, store.ttl_seconds)
         self._changed = threading.Condition()
         self._waiting: list[_Submission] = []
         self._committing = False
@@ -211,14 +210,6 @@ class Submitter:
             if stale:
                 self.store.redis.delete(*stale)
 
-    def _taken(self) -> tuple[int, dict[str, int]]:
-        """The places in the queues taken now, jobs queued and places held by batches being read, and of the held
-        places those of each owner's (`owner_id`) batches: what `POST /v1/batches` counts (`BatchStore.reserve`)."""
-        taken, *held = self._count_taken(keys=[self._reservations_key,
-                                               *[self.store.queue_key(queue) for queue in QUEUES]],
-                                         args=[self.store.batch_prefix])
-        return int(taken), {owner: int(places) for owner, places in zip(held[::2], held[1::2])}
-
     def _admit(self, group: list[_Submission]) -> list[_Submission]:
         """The submissions of `group` that fit the queue limit and their owner's quota, in order; the others are
         settled with a 429. Counts are read once for the group, and each admitted submission adds its jobs. Places
@@ -227,7 +218,7 @@ class Submitter:
         if not group or not (store.max_queued or store.max_queued_per_owner):
             return group
         expire_overdue(store)
-        queued, held = self._taken()
+        queued, held = self._batches.places_taken()
         owned: dict[str, int] = {}
         if store.max_queued_per_owner:
             wanted: dict[str, int] = {}
@@ -251,31 +242,6 @@ class Submitter:
                 owned[owner] += count
             admitted.append(submission)
         return admitted
-
-
-# The places in the queues taken: jobs queued (KEYS[2..]) and the places batches being read still hold (KEYS[1]: batch
-# id -> "<its non-blank lines> <owner>"), counted as shared/batches.py's reservation counts them, without taking any.
-# ARGV[1]: the batch key prefix. Returns {places taken, then each owner and the places its batches hold}.
-_TAKEN = """
-local taken, owned = 0, {}
-for i = 2, #KEYS do taken = taken + redis.call('ZCARD', KEYS[i]) end
-local held = redis.call('HGETALL', KEYS[1])
-for i = 1, #held, 2 do
-  local batch = ARGV[1] .. held[i]
-  if redis.call('EXISTS', batch .. ':reader') == 1 then
-    local lines, owner = string.match(held[i + 1], '^(%d+) ?(.*)$')
-    local left = math.max(0, tonumber(lines) - redis.call('LLEN', batch .. ':lines'))
-    taken = taken + left
-    if owner ~= '' then owned[owner] = (owned[owner] or 0) + left end
-  end
-end
-local answer = {taken}
-for owner, left in pairs(owned) do
-  answer[#answer + 1] = owner
-  answer[#answer + 1] = left
-end
-return answer
-"""
 
 
 def _fingerprint(requests: list[tuple[GenerateRequest, str]]) -> str:

@@ -72,28 +72,49 @@ redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
 return end_batch_if_done(KEYS[1], ARGV[1])
 """
 
-# Places in the queues held for the batches being read (KEYS[1]: batch id -> "<its non-blank lines> <owner>"), counted
-# with the jobs queued (KEYS[2..]) and taken for batch ARGV[1] (ARGV[2] lines, owner ARGV[5]) in one step. A batch holds
-# what its reader has not recorded yet (its lines list); a reader without a lease (it died) holds nothing, and its
-# entry goes. Returns {places taken, of them held by the owner's other batches}.
-_RESERVE = """
-local taken, owned = 0, 0
-for i = 2, #KEYS do taken = taken + redis.call('ZCARD', KEYS[i]) end
-local held = redis.call('HGETALL', KEYS[1])
-for i = 1, #held, 2 do
-  local batch = ARGV[3] .. held[i]
-  if redis.call('EXISTS', batch .. ':reader') == 1 then
-    local lines, owner = string.match(held[i + 1], '^(%d+) ?(.*)$')
-    local left = math.max(0, tonumber(lines) - redis.call('LLEN', batch .. ':lines'))
-    taken = taken + left
-    if ARGV[5] ~= '' and owner == ARGV[5] then owned = owned + left end
-  else
-    redis.call('HDEL', KEYS[1], held[i])
+# Places in the queues taken: the jobs queued (KEYS[2..]) and the places batches being read still hold (KEYS[1]: batch
+# id -> "<its non-blank lines> <owner>"; batch keys start with `prefix`). A batch holds what its reader has not recorded
+# yet (its lines list); a reader without a lease (it died) holds nothing, and with `prune` its entry goes. Returns the
+# places taken, and the places each owner's batches hold. A Lua fragment, shared by the scripts that count them.
+_PLACES_TAKEN = """
+local function places_taken(prefix, prune)
+  local taken, owned = 0, {}
+  for i = 2, #KEYS do taken = taken + redis.call('ZCARD', KEYS[i]) end
+  local held = redis.call('HGETALL', KEYS[1])
+  for i = 1, #held, 2 do
+    local batch = prefix .. held[i]
+    if redis.call('EXISTS', batch .. ':reader') == 1 then
+      local lines, owner = string.match(held[i + 1], '^(%d+) ?(.*)$')
+      local left = math.max(0, tonumber(lines) - redis.call('LLEN', batch .. ':lines'))
+      taken = taken + left
+      if owner ~= '' then owned[owner] = (owned[owner] or 0) + left end
+    elseif prune then
+      redis.call('HDEL', KEYS[1], held[i])
+    end
   end
+  return taken, owned
 end
+"""
+
+# Places taken (see _PLACES_TAKEN), counted and taken for batch ARGV[1] (ARGV[2] lines, owner ARGV[5]) in one step.
+# Returns {places taken, of them held by the owner's other batches}.
+_RESERVE = _PLACES_TAKEN + """
+local taken, owned = places_taken(ARGV[3], true)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[5])
 redis.call('SET', ARGV[3] .. ARGV[1] .. ':reader', '1', 'EX', ARGV[4])
-return {taken, owned}
+return {taken, ARGV[5] ~= '' and owned[ARGV[5]] or 0}
+"""
+
+# Places taken (see _PLACES_TAKEN), taking none (ARGV[1]: the batch key prefix). Returns {places taken, then each owner
+# and the places its batches hold}.
+_TAKEN = _PLACES_TAKEN + """
+local taken, owned = places_taken(ARGV[1], false)
+local answer = {taken}
+for owner, left in pairs(owned) do
+  answer[#answer + 1] = owner
+  answer[#answer + 1] = left
+end
+return answer
 """
 
 # A batch's output or errors file (KEYS[1] the batch) marked deleted (field ARGV[1]) once; 0 if the batch is gone (an
@@ -147,6 +168,7 @@ class BatchStore:
         self._cancel = self.redis.register_script(_CANCEL)
         self._fail = self.redis.register_script(_FAIL)
         self._reserve = self.redis.register_script(_RESERVE)
+        self._taken = self.redis.register_script(_TAKEN)
         self._delete_output = self.redis.register_script(_DELETE_OUTPUT)
 
     def key(self, batch_id: str) -> str:
@@ -177,6 +199,13 @@ class BatchStore:
         taken, owned = self._reserve(keys=[self.reservations_key, *[self.store.queue_key(queue) for queue in QUEUES]],
                                      args=[batch_id, lines, self.store.batch_prefix, READER_LEASE_SECONDS, self.owner])
         return int(taken), int(owned)
+
+    def places_taken(self) -> tuple[int, dict[str, int]]:
+        """The places in the queues taken now, counted as `reserve` counts them but taking none: jobs queued and places
+        batches being read hold; and of those held places, each owner's (`owner_id`)."""
+        taken, *held = self._taken(keys=[self.reservations_key, *[self.store.queue_key(queue) for queue in QUEUES]],
+                                   args=[self.store.batch_prefix])
+        return int(taken), {owner: int(places) for owner, places in zip(held[::2], held[1::2])}
 
     def release(self, batch_id: str) -> None:
         """The batch's file is read (or refused): its lines are queued, or will not be; it holds no more places."""
