@@ -255,10 +255,6 @@ def test_a_job_whose_last_write_waits_out_a_redis_outage_still_ends(loaded, tmp_
     # The same for a job that ran here: Redis goes away as it ends, for longer than a write waits. Its ending, given
     # up by the engine's step and again by the task, is written once Redis is back. It was lost: the job, held by a
     # live worker, stayed "running" for good.
-    import time
-
-    import redis
-
     from shared.redis_server import RedisServer
 
     servers = [RedisServer(data_dir=tmp_path).start()]
@@ -273,17 +269,9 @@ def test_a_job_whose_last_write_waits_out_a_redis_outage_still_ends(loaded, tmp_
     store = StoreThatLosesRedisAtTheEnd.from_url(servers[0].url, prefix="last-write")
     runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
     try:
-        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
-                                 "interactive")
-        try:
-            outcome = runner.run(job_id)
-        except redis.ConnectionError as exc:
-            outcome = f"raised {exc!r}"
+        job_id, outcome = run_four_tokens(store, runner)
         servers.append(RedisServer(port=port, data_dir=tmp_path).start())
-        deadline = time.monotonic() + 20
-        while store.redis.hget(store.key(job_id), "status") == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        record = store.get(job_id)
+        record = record_once_ended(store, job_id)
         assert (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
         assert outcome == "succeeded" and store.totals()["running"] == 0
     finally:
@@ -291,6 +279,26 @@ def test_a_job_whose_last_write_waits_out_a_redis_outage_still_ends(loaded, tmp_
         store.redis.close()
         for server in servers:
             server.stop()
+
+
+def run_four_tokens(store: JobStore, runner) -> tuple[str, str]:
+    """A 4-token greedy job, created and run as its task runs it: its id, and how the run ended (or what it raised)."""
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4), "interactive")
+    try:
+        outcome = runner.run(job_id)
+    except Exception as exc:
+        outcome = f"raised {exc!r}"
+    return job_id, outcome
+
+
+def record_once_ended(store: JobStore, job_id: str, timeout: float = 20.0) -> dict:
+    """The job's record once it is no longer running (or after `timeout` seconds)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while store.redis.hget(store.key(job_id), "status") == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return store.get(job_id)
 
 
 class AnswerCuttingProxy:
@@ -774,18 +782,8 @@ def test_a_job_whose_ending_meets_a_redis_out_of_memory_still_ends(loaded):
         store = StoreThatFillsRedisAtTheEnd.from_url(server.url, prefix="oom")
         runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
         try:
-            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
-                                     "interactive")
-            try:
-                outcome = runner.run(job_id)
-            except Exception as exc:
-                outcome = f"raised {exc!r}"
-            import time
-
-            deadline = time.monotonic() + 20
-            while store.redis.hget(store.key(job_id), "status") == "running" and time.monotonic() < deadline:
-                time.sleep(0.2)
-            record = store.get(job_id)
+            job_id, outcome = run_four_tokens(store, runner)
+            record = record_once_ended(store, job_id)
             assert filled and (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
             assert outcome == "succeeded" and store.totals()["running"] == 0
         finally:
