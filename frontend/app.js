@@ -4,13 +4,19 @@
 
 import { renderMarkdown } from "./markdown.js";
 import { processImage, readImage } from "./images.js";
-import { FINAL_STATES, cancelJob, followJob, listModels, sendFeedback, setApiKey, submitJob } from "./jobs.js";
+import {
+  FINAL_STATES, cancelJob, followJob, getPageConfig, isBusy, listModels, sendFeedback, setApiKey, submitJob,
+} from "./jobs.js";
 
 // The original web server cuts a message to 1536 characters, 1200 when it carries an image.
 const MAX_TEXT = 1536;
 const MAX_TEXT_WITH_IMAGE = 1200;
 const CURSOR = "▌";
 const MODEL_RETRY_MS = 3000;
+// The most pixels an image may have is the API's (LLAVA_QUEUE_MAX_IMAGE_PIXELS), read from the server; its default
+// when it cannot be read (an image past a smaller limit is then refused by the API, with its own message).
+const DEFAULT_MAX_IMAGE_PIXELS = 50_000_000;
+const pageConfig = getPageConfig().catch(() => ({ max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS }));
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -222,6 +228,11 @@ async function generate() {
       turn.meta = "generating…";
       updateAssistant(turn);
     },
+    onError(text, code) {
+      turn.error = text;
+      turn.errorCode = code;
+      updateAssistant(turn);
+    },
     onText(text) {
       turn.status = "running";
       turn.text = text;
@@ -248,7 +259,7 @@ async function submitWhenTaken(turn, request) {
     try {
       return await submitJob(request);
     } catch (error) {
-      if (error.retryAfter && (error.status === 429 || error.status === 503) && !turn.stopRequested) {
+      if (isBusy(error) && !turn.stopRequested) {
         if (await waitToSendAgain(turn, error)) continue;
       }
       if (turn.stopRequested) {
@@ -262,33 +273,43 @@ async function submitWhenTaken(turn, request) {
   }
 }
 
+/** Wait `seconds`, calling `show(left)` each second from `seconds` down to 1. Returns `{done, stop()}`: `done`
+ * resolves true once the time has passed, false when `stop()` ended the wait first. */
+function countDown(seconds, show) {
+  let timer = null;
+  let resolveWait;
+  const done = new Promise((resolve) => { resolveWait = resolve; });
+  const tick = (left) => {
+    if (left <= 0) {
+      resolveWait(true);
+      return;
+    }
+    show(left);
+    timer = setTimeout(tick, 1000, left - 1);
+  };
+  tick(seconds);
+  return { done, stop() { clearTimeout(timer); resolveWait(false); } };
+}
+
+/** What a refusal that says when to come back shows while it is waited out. */
+const busyText = (error) => `the server is busy (${error.message}; error_code: ${error.code})`;
+
 /** Count the refusal's Retry-After down on the answer; resolves true when it is time to send again, false on Stop. */
-function waitToSendAgain(turn, error) {
+async function waitToSendAgain(turn, error) {
   turn.status = "waiting";
-  return new Promise((resolve) => {
-    let left = error.retryAfter;
-    let timer = null;
-    const tick = () => {
-      if (left <= 0) {
-        turn.wakeUp = null;
-        turn.status = "submitting";
-        turn.meta = "sending…";
-        updateAssistant(turn);
-        resolve(true);
-        return;
-      }
-      turn.meta = `the server is busy (${error.message}; error_code: ${error.code}); sending it again in ${left} s…`;
-      updateAssistant(turn);
-      left -= 1;
-      timer = setTimeout(tick, 1000);
-    };
-    turn.wakeUp = () => {
-      clearTimeout(timer);
-      turn.wakeUp = null;
-      resolve(false);
-    };
-    tick();
+  const wait = countDown(error.retryAfter, (left) => {
+    turn.meta = `${busyText(error)}; sending it again in ${left} s…`;
+    updateAssistant(turn);
   });
+  turn.wakeUp = wait.stop;
+  const due = await wait.done;
+  turn.wakeUp = null;
+  if (due) {
+    turn.status = "submitting";
+    turn.meta = "sending…";
+    updateAssistant(turn);
+  }
+  return due;
 }
 
 /** The answer's end: its final text from the job record, and its timings or its error. */
@@ -335,10 +356,42 @@ async function stopCurrent() {
   try {
     await cancelJob(turn.jobId);
   } catch (error) {
+    if (isBusy(error)) {
+      // The answer stops here at once; the job is told to stop once the server takes the request.
+      if (state.current !== turn) return; // it ended meanwhile
+      state.follower.close();
+      finish(turn, null, { status: "cancelled", error: "cancelled by the client", error_code: 5 });
+      cancelWhenTaken(turn, error);
+      return;
+    }
     // 409: it ended meanwhile; its last message says how (a 401 or 422 has error_code 4 too: not the status).
     if (error.status !== 409) {
       notice(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
       if (state.current === turn) ui.stop.disabled = false; // it goes on: Stop can be tried again
+    }
+  }
+}
+
+/** Send the cancel of `turn`'s job again after each busy refusal's Retry-After, counted down on the answer. */
+async function cancelWhenTaken(turn, refusal) {
+  for (;;) {
+    await countDown(refusal.retryAfter, (left) => {
+      turn.meta = `stopping the job: ${busyText(refusal)}; asking again in ${left} s…`;
+      updateAssistant(turn);
+    }).done;
+    turn.meta = "";
+    updateAssistant(turn);
+    try {
+      await cancelJob(turn.jobId);
+      return;
+    } catch (error) {
+      if (error.status === 409) return; // it ended meanwhile
+      if (!isBusy(error)) {
+        turn.meta = `could not stop the job: ${error.message} (error_code: ${error.code})`;
+        updateAssistant(turn);
+        return;
+      }
+      refusal = error;
     }
   }
 }
@@ -367,14 +420,24 @@ async function vote(type) {
   if (!answer || !answer.jobId) return;
   answer.voted = true;
   updateButtons();
-  try {
-    await sendFeedback(type, answer.jobId);
-    notice(type === "flag" ? "Thank you: the answer is flagged." : `Thank you: your ${type} is recorded.`);
-  } catch (error) {
-    if (error.status === 401) askForKey();
-    answer.voted = false;
-    updateButtons();
-    notice(`Could not record the ${type}: ${error.message} (error_code: ${error.code})`);
+  for (;;) {
+    try {
+      await sendFeedback(type, answer.jobId);
+      notice(type === "flag" ? "Thank you: the answer is flagged." : `Thank you: your ${type} is recorded.`);
+      return;
+    } catch (error) {
+      if (isBusy(error)) {
+        // Sent again by itself, as a submission is; the buttons stay disabled meanwhile.
+        const show = (left) => notice(`${busyText(error)}; the ${type} is sent again in ${left} s…`);
+        await countDown(error.retryAfter, show).done;
+        continue;
+      }
+      if (error.status === 401) askForKey();
+      answer.voted = false;
+      updateButtons();
+      notice(`Could not record the ${type}: ${error.message} (error_code: ${error.code})`);
+      return;
+    }
   }
 }
 
@@ -406,7 +469,8 @@ async function takeImageFile(file) {
   if (!file) return;
   const reading = (async () => {
     try {
-      await setPendingImage({ source: await readImage(file), name: file.name || "pasted image" });
+      const { max_image_pixels: maxPixels } = await pageConfig;
+      await setPendingImage({ source: await readImage(file, maxPixels), name: file.name || "pasted image" });
       notice("");
     } catch (error) {
       notice(error.message);

@@ -5,9 +5,9 @@ export const PAD_COLOR = [122, 116, 104];
 const RESIZE_SIDE = 336;
 const MAX_LONGEST = 1344;
 const MAX_SHORTEST = 672;
-// The most pixels an image may have. Decoded, it takes 4 bytes a pixel (50 megapixels: 200 MB); the API's own limit
-// (LLAVA_QUEUE_MAX_IMAGE_PIXELS) is the same by default.
-export const MAX_PIXELS = 50_000_000;
+
+/** "1.5" for 1_500_000 pixels. */
+const megapixels = (pixels) => (pixels / 1e6).toLocaleString("en", { maximumFractionDigits: 1 });
 
 /** The size an image of `width`×`height` is sent at: unchanged unless its longest side exceeds
  * 1344, else the shortest side becomes int(min(1344 / aspect, 672, shortest)) and the longest
@@ -85,14 +85,14 @@ async function imageSize(file) {
 }
 
 /** Decode an image file (or blob); rejects with a readable message when it is not an image, or one with more pixels
- * than MAX_PIXELS (decoding it could freeze the tab or run it out of memory). */
-export async function readImage(file) {
+ * than `maxPixels`, the API's limit (decoding it could freeze the tab or run it out of memory: 4 bytes a pixel). */
+export async function readImage(file, maxPixels) {
   const name = file.name || "this file";
   const unreadable = new Error(`${name} is not an image the browser can read`);
   const [width, height] = await imageSize(file).catch(() => { throw unreadable; });
-  if (width * height > MAX_PIXELS) {
-    throw new Error(`${name} is ${width}×${height} pixels (${Math.round(width * height / 1e6)} megapixels): the page `
-                    + `takes images of up to ${MAX_PIXELS / 1e6} megapixels. Make it smaller and try again.`);
+  if (width * height > maxPixels) {
+    throw new Error(`${name} is ${width}×${height} pixels (${megapixels(width * height)} megapixels): the page `
+                    + `takes images of up to ${megapixels(maxPixels)} megapixels. Make it smaller and try again.`);
   }
   try {
     return await createImageBitmap(file);

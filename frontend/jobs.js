@@ -8,6 +8,9 @@ export const SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REG
 export const FINAL_STATES = ["succeeded", "failed", "cancelled", "expired"];
 // How often a queued job's place is read: each read counts against a key's per-minute rate limit.
 const QUEUE_POLL_MS = 2000;
+// A connection that dies without closing (a network drop) tells the socket nothing: with no message for this long
+// while the job runs, the job is read over HTTP to tell a quiet job (a long prefill) from a dead socket.
+const SILENCE_CHECK_MS = 8000;
 
 const KEY_STORAGE = "llava-queue-api-key";
 let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
@@ -28,6 +31,10 @@ export class ApiError extends Error {
     this.retryAfter = retryAfter;
   }
 }
+
+/** Whether `error` is a refusal that says when to come back (429 rate limited or queue full, 503 broker away): the
+ * request, sent again then, is likely taken. */
+export const isBusy = (error) => Boolean(error.retryAfter) && (error.status === 429 || error.status === 503);
 
 const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
 
@@ -77,6 +84,7 @@ export async function callApi(method, path, body, options = {}) {
 
 export const listModels = async () => (await callApi("GET", "v1/models")).data.map((model) => model.id);
 export const submitJob = async (request) => (await callApi("POST", "v1/jobs", request)).id;
+export const getPageConfig = () => callApi("GET", "page/config");
 export const getJob = (id) => callApi("GET", `v1/jobs/${encodeURIComponent(id)}`);
 export const cancelJob = (id, options) => callApi("DELETE", `v1/jobs/${encodeURIComponent(id)}`, undefined, options);
 export const sendFeedback = (type, jobId) => callApi("POST", "v1/feedback", { type, job_id: jobId });
@@ -87,13 +95,17 @@ export const sendFeedback = (type, jobId) => callApi("POST", "v1/feedback", { ty
  *   onQueued(position)       while it waits: how many jobs are ahead of it (null: being handed to a worker)
  *   onStarted()              it left the queue (a worker took it), before its first text
  *   onText(text)             the answer so far (without the prompt), after every chunk
+ *   onError(text, code)      an error chunk before the end (error_code != 0): its text (without the prompt); the
+ *                            job is still followed to its end
  *   onReconnecting(attempt)  the socket dropped; it is opened again after a short wait
  *   onDone(job, ending)      the job's final record (or null if unreadable) and the last message
  * Returns `{close()}` to stop following (the job itself goes on).
  *
  * Each socket message carries the prompt followed by everything generated so far, and a socket
  * opened again first sends the current text, so a reconnect loses nothing. The prompt (rendered
- * by the worker) is read once from the job record.
+ * by the worker) is read once from the job record. A socket that has said nothing for SILENCE_CHECK_MS while the job
+ * runs is checked against the job record: a job that ended is finished from it, and a socket that missed text (or a
+ * network that is down) is given up and opened again, as one that closed.
  */
 export function followJob(id, handlers) {
   let socket = null;
@@ -104,6 +116,9 @@ export function followJob(id, handlers) {
   let latest = null;
   let pollTimer = null;
   let retryTimer = null;
+  let silenceTimer = null;
+  let running = false; // the job has left the queue: from then on, a silent socket is checked
+  let heard = 0; // messages the socket has had
 
   const emitText = () => {
     if (latest === null || prompt === null || closed) return;
@@ -129,6 +144,8 @@ export function followJob(id, handlers) {
       if (closed || latest !== null) return;
       if (job.status !== "queued") {
         handlers.onStarted?.(); // no place to show any more, though its first text may take a while
+        running = true;
+        armSilenceCheck();
         return;
       }
       handlers.onQueued?.(job.queue_position);
@@ -176,18 +193,79 @@ export function followJob(id, handlers) {
     connect();
   };
 
+  const armSilenceCheck = () => {
+    clearTimeout(silenceTimer);
+    if (!closed && running) silenceTimer = setTimeout(checkSilence, SILENCE_CHECK_MS);
+  };
+
+  // The socket has been silent for SILENCE_CHECK_MS while the job runs: the record says whether it missed anything.
+  const checkSilence = async () => {
+    const [watched, before] = [socket, heard];
+    let job;
+    try {
+      job = await getJob(id);
+    } catch (error) {
+      // A message came meanwhile (the socket is alive), or the socket closed by itself (it is being opened again).
+      if (closed || heard !== before || socket !== watched || socket.readyState !== WebSocket.OPEN) return;
+      // The network is down, or the job is gone (the reconnection says why): as for a socket that closed. A busy
+      // server (429, 5xx) is asked again later.
+      if (error.status === 0 || (error.status >= 400 && error.status < 500 && error.status !== 429)) {
+        dropSocket();
+      } else {
+        silenceTimer = setTimeout(checkSilence, Math.max(SILENCE_CHECK_MS, (error.retryAfter || 0) * 1000));
+      }
+      return;
+    }
+    if (closed || heard !== before || socket !== watched || socket.readyState !== WebSocket.OPEN) return;
+    if (FINAL_STATES.includes(job.status)) {
+      finish({ done: true, status: job.status, error: job.error, error_code: job.error_code }, job);
+    } else if (job.prompt + job.text !== (latest ?? job.prompt)) {
+      dropSocket(); // the job went on without the socket saying so
+    } else {
+      armSilenceCheck(); // only quiet (a long prompt or image being read)
+    }
+  };
+
+  const socketClosed = () => {
+    if (closed) return;
+    clearTimeout(silenceTimer);
+    attempt += 1;
+    handlers.onReconnecting?.(attempt);
+    retryTimer = setTimeout(reconnect, Math.min(250 * 2 ** attempt, 5000));
+  };
+
+  // Give the socket up without waiting for its close: that of a dead connection may never come.
+  const dropSocket = () => {
+    socket.onopen = socket.onmessage = socket.onclose = null;
+    socket.close();
+    socketClosed();
+  };
+
   const connect = () => {
     if (closed) return;
     socket = new WebSocket(wsUrl(`v1/jobs/${encodeURIComponent(id)}/ws`));
-    socket.onopen = () => handlers.onConnected?.();
+    socket.onopen = () => {
+      handlers.onConnected?.();
+      armSilenceCheck();
+    };
     socket.onmessage = (event) => {
       attempt = 0;
+      heard += 1;
       const message = JSON.parse(event.data);
       if (message.done) {
         // Its text too: the job record read next may be refused (a 429), and the answer would lose its end.
         if (message.text) latest = message.text;
         emitText();
         finish(message);
+        return;
+      }
+      running = true;
+      armSilenceCheck();
+      if (message.error_code) {
+        // The original worker's way to say it failed: the chunk's text is the error, not the answer.
+        const text = prompt !== null && message.text.startsWith(prompt) ? message.text.slice(prompt.length)
+          : message.text;
+        handlers.onError?.(text.trim() || "the server reported an error", message.error_code);
         return;
       }
       latest = message.text;
@@ -198,18 +276,14 @@ export function followJob(id, handlers) {
       if (prompt === null) learnPrompt();
       emitText();
     };
-    socket.onclose = () => {
-      if (closed) return;
-      attempt += 1;
-      handlers.onReconnecting?.(attempt);
-      retryTimer = setTimeout(reconnect, Math.min(250 * 2 ** attempt, 5000));
-    };
+    socket.onclose = socketClosed;
   };
 
   const stop = () => {
     closed = true;
     clearTimeout(pollTimer);
     clearTimeout(retryTimer);
+    clearTimeout(silenceTimer);
     if (socket && socket.readyState <= WebSocket.OPEN) socket.close();
   };
 

@@ -40,7 +40,8 @@ RECORD_ANSWERS = """() => {
     const last = document.querySelector("#conversation > .turn.assistant:last-child");
     if (!last) return;
     window.seen.push({text: last.querySelector(".markdown").textContent, meta: last.querySelector(".meta").textContent,
-                      status: last.dataset.status, job: last.dataset.jobId || null});
+                      error: last.querySelector(".error").textContent, status: last.dataset.status,
+                      job: last.dataset.jobId || null});
   }).observe(document.getElementById("conversation"), {subtree: true, childList: true, characterData: true,
                                                       attributes: true});
 }"""
@@ -92,11 +93,11 @@ def last_answer(page):
     return page.locator("#conversation > .turn.assistant:last-child")
 
 
-def wait_for_end(page) -> str:
+def wait_for_end(page, timeout_ms: int = ANSWER_TIMEOUT_MS) -> str:
     """Wait until the last answer has ended; returns its status."""
     page.wait_for_function(
         f"{list(FINAL)}.includes(document.querySelector('#conversation > .turn.assistant:last-child')?.dataset.status)",
-        timeout=ANSWER_TIMEOUT_MS)
+        timeout=timeout_ms)
     return last_answer(page).get_attribute("data-status")
 
 
@@ -385,17 +386,18 @@ def test_an_answer_that_failed_without_text_leaves_no_open_turn_in_the_next_prom
 
 SMALL_STACK_KEY = "page-test-key"
 SMALL_STACK_AUTH = {"Authorization": f"Bearer {SMALL_STACK_KEY}"}
+SMALL_STACK_MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="module", autouse=True)
 def small_stack(redis_server, default_model_dir, tmp_path_factory):
     """A worker that runs one sequence at a time with a 256-token KV budget, and its API, which
-    requires an API key, on database 1 of the test Redis. Started when this module starts, so it
-    comes up while the other tests run."""
+    requires an API key and takes images of up to 1 megapixel, on database 1 of the test Redis.
+    Started when this module starts, so it comes up while the other tests run."""
     port = free_port()
     env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/1",
                LLAVA_QUEUE_MODEL_PATH=str(default_model_dir), LLAVA_QUEUE_MAX_NUM_SEQS="1",
-               LLAVA_QUEUE_MAX_BATCH_TOKENS="256",
+               LLAVA_QUEUE_MAX_BATCH_TOKENS="256", LLAVA_QUEUE_MAX_IMAGE_PIXELS=str(SMALL_STACK_MAX_PIXELS),
                LLAVA_QUEUE_API_KEY_HASHES=json.dumps([hashlib.sha256(SMALL_STACK_KEY.encode()).hexdigest()]))
     log_dir = tmp_path_factory.mktemp("small-stack-logs")
     processes = {"worker": start_service("worker", ["worker"], env, log_dir),
@@ -744,3 +746,121 @@ def test_an_answer_streams_and_ends_whole_through_429s_on_its_job_record(page, s
     record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
     assert last_answer(page).locator(".markdown").inner_text() == record["text"].strip() != ""
     assert re.match(r"first token after", last_answer(page).locator(".meta").inner_text())
+
+
+def test_a_stop_refused_with_429_stops_the_answer_at_once_and_cancels_after_its_retry_after(page, stack):
+    # A 429 on Stop's DELETE left the answer streaming on ("Could not stop the job"), the job running on.
+    deletes = refuse_the_first(page, "DELETE", r"/v1/jobs/[0-9a-f]+$", retry_after=2)
+    page.get_by_label("Temperature").fill("0")
+    ask(page, "Write a long story about a lighthouse keeper.")
+    page.wait_for_function("window.seen.some(state => state.status === 'running' && state.text.length > 3)",
+                           timeout=ANSWER_TIMEOUT_MS)
+    page.get_by_role("button", name="Stop").click()
+    assert wait_for_end(page, timeout_ms=1500) == "cancelled"
+    assert len(deletes) == 1, "the answer waited for the DELETE sent again"
+    assert last_answer(page).locator(".error").inner_text() == "cancelled by the client (error_code: 5)"
+    assert page.get_by_role("button", name="Regenerate").is_enabled()
+    job_id = last_answer(page).get_attribute("data-job-id")
+    deadline = time.monotonic() + 20
+    while job_record(stack.base_url, job_id)["status"] != "cancelled":
+        assert time.monotonic() < deadline, f"the job was not cancelled; DELETEs: {len(deletes)}"
+        page.wait_for_timeout(200)  # not time.sleep: the page's routed requests are answered while Playwright waits
+    sent = sent_at(page, r"/v1/jobs/[0-9a-f]+$", 2)
+    assert len(deletes) == 2 and sent[-1] - sent[-2] >= 1.9, sent
+
+
+def test_a_vote_refused_with_429_is_sent_again_after_its_retry_after(page, stack):
+    # A 429 on a vote ended with "Could not record the upvote": the user had to wait and press it again.
+    posts = refuse_the_first(page, "POST", r"/v1/feedback$", retry_after=2)
+    quick_answers(page)
+    page.get_by_label("Max output tokens").fill("0")
+    ask(page, "What is the capital of France?")
+    assert wait_for_end(page) == "succeeded"
+    job_id = last_answer(page).get_attribute("data-job-id")
+    page.get_by_role("button", name="Upvote").click()
+    page.get_by_text(re.compile(r"server is busy.*the upvote is sent again in \d s")).wait_for(timeout=5_000)
+    assert page.get_by_role("button", name="Upvote").is_disabled()
+    page.get_by_text("Thank you: your upvote is recorded.").wait_for(timeout=10_000)
+    assert len(posts) == 2, posts
+    sent = sent_at(page, r"/v1/feedback$", 2)
+    assert sent[1] - sent[0] >= 1.9, sent
+    votes = [json.loads(line) for line in redis.Redis.from_url(stack.redis_url).lrange("llq:feedback", 0, -1)]
+    assert [vote["type"] for vote in votes if vote["job_id"] == job_id] == ["upvote"]
+
+
+def test_the_image_limit_is_the_servers(browser, small_stack, tmp_path):
+    # The page refused images over 50 megapixels whatever the API's LLAVA_QUEUE_MAX_IMAGE_PIXELS said.
+    page = browser.new_page()
+    page.goto(f"{small_stack.base_url}/")
+    config = requests.get(f"{small_stack.base_url}/page/config", timeout=10)
+    assert config.status_code == 200 and config.json()["max_image_pixels"] == SMALL_STACK_MAX_PIXELS, config.text
+    wide = hugely_many_pixels_png(tmp_path / "wide.png", 1500, 1000)
+    page.get_by_label("Choose an image").set_input_files(wide)
+    page.get_by_text(re.compile(r"wide\.png is 1500×1000 pixels \(1\.5 megapixels\): the page takes images of "
+                                r"up to 1 megapixels")).wait_for(timeout=10_000)
+    assert page.locator("#attachment").is_hidden()
+    page.get_by_label("Choose an image").set_input_files(hugely_many_pixels_png(tmp_path / "small.png", 1000, 500))
+    page.locator("#attachment").wait_for(timeout=10_000)
+    assert page.locator("#notice").inner_text() == ""
+    page.close()
+
+
+def test_a_websocket_that_goes_silent_without_closing_is_noticed(page, stack):
+    # A connection that dies without a close (a network drop) left the answer waiting forever: no message, no close.
+    # Here the page's first socket passes one message, then nothing either way, and is never closed.
+    sockets = []
+
+    def go_silent_after_one(socket):
+        server = socket.connect_to_server()
+        sockets.append(socket)
+        if len(sockets) > 1:
+            return  # later sockets pass straight through
+        passed = []
+
+        def one_then_nothing(message):
+            if not passed:
+                passed.append(message)
+                socket.send(message)
+
+        server.on_message(one_then_nothing)
+        server.on_close(lambda code, reason: None)
+
+    page.route_web_socket(re.compile(r"/v1/jobs/[^/]+/ws$"), go_silent_after_one)
+    quick_answers(page)
+    ask(page, "What is the capital of France?")  # a short answer: a loaded machine makes a token a second
+    page.wait_for_function("window.seen.some(state => state.status === 'running')", timeout=ANSWER_TIMEOUT_MS)
+    assert wait_for_end(page) == "succeeded"
+    # Ended from the job record, or streamed to its end on a socket opened again.
+    reconnected = any(state["meta"].startswith("connection lost") for state in page.evaluate("window.seen"))
+    assert len(sockets) == 1 or reconnected, len(sockets)
+    record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+    answer = last_answer(page).locator(".markdown").inner_text()
+    assert answer == record["text"].strip() and "Paris" in answer
+    assert re.match(r"first token after", last_answer(page).locator(".meta").inner_text())
+
+
+def test_an_error_chunk_in_the_stream_is_shown(page, stack):
+    # A chunk with error_code != 0 before the end (the original worker's way to say it failed) was taken for the
+    # answer's text, which did not start with the prompt, so nothing showed.
+    injected = []
+
+    def inject_an_error(socket):
+        server = socket.connect_to_server()
+
+        def after_the_first(message):
+            socket.send(message)
+            if not injected and '"done"' not in message:
+                error = {"text": "the worker ran out of memory", "error_code": 1, "id": json.loads(message)["id"]}
+                injected.append(error)
+                socket.send(json.dumps(error))
+
+        server.on_message(after_the_first)
+
+    page.route_web_socket(re.compile(r"/v1/jobs/[^/]+/ws$"), inject_an_error)
+    quick_answers(page)
+    ask(page, "Write a short paragraph about the sea.")
+    page.wait_for_function("window.seen.some(state => state.status === 'running' && "
+                           "state.error === 'the worker ran out of memory (error_code: 1)')", timeout=ANSWER_TIMEOUT_MS)
+    wait_for_end(page)
+    assert injected
+    assert last_answer(page).locator(".error").inner_text() == "the worker ran out of memory (error_code: 1)"

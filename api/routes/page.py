@@ -46,6 +46,20 @@ def index(settings: AppSettings) -> FileResponse:
     return _page_file(settings, "index.html")
 
 
+class PageConfig(BaseModel):
+    """What the page needs to know of this server's settings."""
+
+    max_image_pixels: int = Field(description="the most pixels an image may have (LLAVA_QUEUE_MAX_IMAGE_PIXELS); "
+                                              "the page refuses a larger one before reading it")
+
+
+# Public, as the page is: it is read before an API key is entered.
+@router.get("/page/config", response_model=PageConfig)
+def page_config(settings: AppSettings) -> PageConfig:
+    """The settings the chat page follows (its image limit is the API's)."""
+    return PageConfig(max_image_pixels=settings.max_image_pixels)
+
+
 @router.get("/static/{path:path}", include_in_schema=False)
 def static_file(path: str, settings: AppSettings) -> FileResponse:
     """The page's scripts, style sheet and example images."""
