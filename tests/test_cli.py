@@ -482,3 +482,78 @@ def test_ctrl_c_stops_the_api_without_a_traceback(redis_server):
         if api.poll() is None:
             api.kill()
             api.wait()
+
+
+# The CLI, with `localhost` naming ::1 and 127.0.0.1 as /etc/hosts has it on most systems (Debian, Fedora, macOS);
+# this machine's own may name 127.0.0.1 alone. Nothing else changes: the real API runs.
+DUAL_STACK_LOCALHOST = """
+import runpy, socket, sys
+resolve = socket.getaddrinfo
+def getaddrinfo(host, port, *args, **kwargs):
+    if host != "localhost":
+        return resolve(host, port, *args, **kwargs)
+    found = []
+    for address in ("::1", "127.0.0.1"):
+        try:
+            found += resolve(address, port, *args, **kwargs)
+        except socket.gaierror:  # a family the caller did not ask for
+            pass
+    return found
+socket.getaddrinfo = getaddrinfo
+runpy.run_module("shared.cli", run_name="__main__")
+"""
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can listen on ::1 (a kernel or a container without IPv6 cannot)."""
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_api_on_localhost_listens_on_every_address_it_names(redis_server):
+    # `--host localhost` bound the first address the name resolves to alone: a client that tries ::1 first (curl,
+    # a browser) got "connection refused". Every address, on the one port `--port 0` chose, and the log names them.
+    api = subprocess.Popen([sys.executable, "-c", DUAL_STACK_LOCALHOST, "api", "--host", "localhost", "--port", "0"],
+                           env=dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        line = Output(api).until("listening on http://localhost:")[-1]
+        port = int(line.split("http://localhost:")[1].split()[0])
+        for host in ("[::1]", "127.0.0.1"):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert requests.get(f"http://{host}:{port}/healthz", timeout=5).json()["redis"] is True
+                    break
+                except requests.ConnectionError:
+                    assert time.monotonic() < deadline and api.poll() is None, host
+                    time.sleep(0.2)
+        assert port != 0 and "(::1 and 127.0.0.1)" in line, line
+    finally:
+        api.terminate()
+        api.wait(15)
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_api_on_localhost_whose_port_is_taken_on_one_address_says_which():
+    # The port taken on ::1 alone went unnoticed: the API listened on 127.0.0.1 and ran on (its Redis here is down).
+    import socket
+
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        api = subprocess.run([sys.executable, "-c", DUAL_STACK_LOCALHOST, "api", "--host", "localhost", "--port",
+                              str(port)], env=dict(os.environ, LLAVA_QUEUE_REDIS_URL="redis://127.0.0.1:1/0"),
+                             capture_output=True, text=True, timeout=60)
+        assert api.returncode == 2, api.stderr[-2000:]
+        assert f"localhost:{port} (::1) is in use by another process" in api.stderr, api.stderr[-2000:]
