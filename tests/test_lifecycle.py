@@ -789,3 +789,148 @@ def test_a_job_whose_ending_meets_a_redis_out_of_memory_still_ends(loaded):
         finally:
             engine.shutdown()
             store.redis.close()
+
+
+@contextmanager
+def redis_refusing(client, refusal: str, seconds: float):
+    """Make the Redis server of `client` refuse commands as it does for a while in production, and take them again
+    `seconds` later (on a timer): "READONLY" (a replica: a failover demoted it, its new master not reachable),
+    "MASTERDOWN" (a replica cut off from its master, with replica-serve-stale-data off: reads refused too),
+    "NOREPLICAS" (fewer replicas than min-replicas-to-write), "BUSY" (a script running past busy-reply-threshold).
+    Yields once Redis refuses; the block ends after Redis takes commands again."""
+    import threading
+    import time
+
+    import redis
+
+    from shared.redis_server import free_port
+
+    if refusal in ("READONLY", "MASTERDOWN"):
+        client.config_set("replica-serve-stale-data", "yes" if refusal == "READONLY" else "no")
+        client.replicaof("127.0.0.1", free_port())  # a master that never answers: the replica keeps its data
+        undo = lambda: client.replicaof("NO", "ONE")  # noqa: E731
+    elif refusal == "NOREPLICAS":
+        client.config_set("min-replicas-to-write", 1)
+        undo = lambda: client.config_set("min-replicas-to-write", 0)  # noqa: E731
+    elif refusal == "BUSY":
+        client.config_set("busy-reply-threshold", 100)
+        where = client.connection_pool.connection_kwargs
+        busy = redis.Redis(host=where["host"], port=where["port"])
+        script = "local s = redis.call('TIME') while (redis.call('TIME')[1] - s[1]) * 1000000 " \
+                 f"+ redis.call('TIME')[2] - s[2] < {int(seconds * 1e6)} do end"
+        runner = threading.Thread(target=busy.eval, args=(script, 0))
+        runner.start()
+        time.sleep(0.3)
+        undo = runner.join
+    else:
+        raise ValueError(refusal)
+    timer = threading.Timer(seconds, undo) if refusal != "BUSY" else None
+    if timer:
+        timer.start()
+    try:
+        yield
+    finally:
+        (timer or runner).join()
+        if refusal == "BUSY":
+            busy.close()
+        client.config_set("replica-serve-stale-data", "yes")
+
+
+def test_a_worker_write_waits_out_redis_refusing_writes_as_it_waits_out_an_outage():
+    # A failover makes the node a worker writes to a read-only replica for a few seconds (READONLY, or MASTERDOWN
+    # while it has no master), a Redis with min-replicas-to-write refuses writes while its replicas catch up
+    # (NOREPLICAS), a slow script holds Redis (BUSY): each passes, as an outage does. A worker's write raised at the
+    # first of them: the step's text was lost, or the job's ending, and the job stayed "running". An error that
+    # would come again (a wrong key type) is raised at once.
+    import time
+
+    import pytest
+    import redis
+
+    from shared.redis_server import RedisServer
+    from workers.generation import when_redis_answers
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            for refusal in ("READONLY", "MASTERDOWN", "NOREPLICAS", "BUSY"):
+                with redis_refusing(client, refusal, 1.0):
+                    started = time.monotonic()
+                    assert when_redis_answers(lambda: client.set("written", refusal), refusal, wait_seconds=30)
+                assert client.get("written") == refusal
+                assert time.monotonic() - started > 0.5, refusal
+            started = time.monotonic()
+            with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+                when_redis_answers(lambda: client.hset("written", "field", "1"), "a wrong write", wait_seconds=30)
+            assert time.monotonic() - started < 1
+        finally:
+            client.close()
+
+
+def test_a_job_whose_ending_meets_a_failover_still_ends(loaded):
+    # A failover as a job ends: its Redis is a read-only replica for longer than a write waits (READONLY). Its step
+    # and its ending raised ReadOnlyError, which no write waited out: the task failed and the job, held by this live
+    # worker, stayed "running" for good; and an ending kept for the background writer (Redis away, then back as a
+    # replica) was dropped at the first READONLY. It must end, with its text whole, once Redis takes writes again.
+    from shared.redis_server import RedisServer
+
+    with RedisServer() as server:
+        refusals = []
+
+        class StoreThatFailsOverAtTheEnd(JobStore):
+            def record_step(self, worker, chunks, endings, step=None):
+                if endings and not refusals:
+                    refusals.append(redis_refusing(self.redis, "READONLY", 5.0))
+                    refusals[0].__enter__()
+                return super().record_step(worker, chunks, endings, step)
+
+        store = StoreThatFailsOverAtTheEnd.from_url(server.url, prefix="failover")
+        runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
+        try:
+            job_id, outcome = run_four_tokens(store, runner)
+            record = record_once_ended(store, job_id)
+            assert refusals and (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
+            assert outcome == "succeeded" and store.totals()["running"] == 0
+        finally:
+            if refusals:
+                refusals[0].__exit__(None, None, None)
+            engine.shutdown()
+            store.redis.close()
+
+
+def test_a_start_that_meets_a_redis_error_leaves_no_job_queued(loaded):
+    # A start refused by Redis for a while (a failover: READONLY) failed its task, acknowledged, and left the job
+    # "queued" with no task to run it, for good; it must wait, as for an outage, and run the job. A start refused for
+    # good (here the job's record holds a deadline the start cannot read) must end the job failed, saying why.
+    from shared.redis_server import RedisServer
+
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, prefix="start-refused")
+        runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
+        try:
+            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=4),
+                                     "interactive")
+            with redis_refusing(store.redis, "READONLY", 2.0):
+                try:
+                    outcome = runner.run(job_id)
+                except Exception as exc:
+                    outcome = f"raised {exc!r}"
+            record = store.get(job_id)
+            assert (outcome, record["status"], record["attempts"], record["completion_tokens"]) == (
+                "succeeded", "succeeded", 1, 4), (outcome, record)
+
+            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
+            store.redis.hset(store.key(job_id), "deadline", "soon")
+            try:
+                outcome = runner.run(job_id)
+            except Exception as exc:
+                outcome = f"raised {exc!r}"
+            record = store.get(job_id)
+            assert (outcome, record["status"], record["error_code"]) == ("failed", "failed", ErrorCode.SERVER_ERROR), (
+                outcome, record)
+            assert record["error"].startswith("the worker could not start the job: ResponseError"), record
+            assert store.totals()["queued"] == {queue: 0 for queue in store.totals()["queued"]}
+            assert store.totals()["running"] == 0
+        finally:
+            engine.shutdown()
+            store.redis.close()

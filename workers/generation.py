@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import torch
+from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import TryAgainError
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, HANDED_BACK_ERROR, Ending, JobStore
@@ -39,11 +40,30 @@ REDIS_WAIT_SECONDS = 300.0
 # How long a hand-back tries to send its jobs again (a stopping worker waits for it: workers/main.py).
 HAND_BACK_REQUEUE_SECONDS = 10.0
 
-# What a Redis away, not answering in time, or out of memory raises: a write that met one is tried again
-# (`when_redis_answers`). Out of memory (maxmemory with noeviction), Redis refuses every write until memory is freed
-# (records expire, the limit is raised), and a script stops at its first write, having written nothing: a job that
-# ended then lost its ending (the task failed) and stayed "running" under its live worker for good.
-REDIS_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError)
+# What a Redis away, not answering in time, or refusing commands for a while raises: a write that met one is tried
+# again (`when_redis_answers`), as each passes without the worker doing anything. Away or silent: a connection error
+# (LOADING, a Redis reading its data back after a restart, is one: BusyLoadingError), a timeout. Refusing: out of
+# memory (maxmemory with noeviction, until records expire or the limit is raised), a read-only replica (READONLY: a
+# failover demoted the node, or its promotion is not done), a replica cut off from its master (MASTERDOWN, a
+# ClusterDownError, as CLUSTERDOWN), a cluster moving slots (TRYAGAIN). A script refused stops at its first write,
+# having written nothing. A write that met one of the refusals but out of memory raised at once: a job's ending
+# was lost (the task failed), and the job stayed "running" under its live worker for good.
+_ANSWERS_LATER = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
+                  TryAgainError)
+
+# The same for refusals that redis-py raises as a plain ResponseError, told by the code their message starts with: a
+# script running past busy-reply-threshold (BUSY), fewer replicas than min-replicas-to-write (NOREPLICAS), a failed
+# snapshot with stop-writes-on-bgsave-error (MISCONF).
+_ANSWERS_LATER_CODES = frozenset({"BUSY", "NOREPLICAS", "MISCONF"})
+
+
+def redis_answers_later(exc: BaseException) -> bool:
+    """Whether `exc` says Redis is away or refuses commands for a while (a write is tried again), not that this
+    command would fail again (a bug, a record a script cannot read, a permission: raised at once)."""
+    if isinstance(exc, _ANSWERS_LATER):
+        return True
+    return type(exc) is ResponseError and str(exc).split(" ", 1)[0] in _ANSWERS_LATER_CODES
+
 
 _FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
 
@@ -183,11 +203,19 @@ class JobRunner:
         # client does not send a command again) gets the same answer, not "duplicate" of itself. The start waits for
         # Redis as long as it takes: one that gave up failed its task (acknowledged, so never delivered again) and left
         # the job queued with no task to run it, or, when it had run and only its answer was lost, running under this
-        # live worker, which did not run it.
+        # live worker, which did not run it. A start that Redis refuses for good (a record its script cannot read, a
+        # permission) ends the job failed, saying why: it failed the task as well, and the job stayed "queued". A job
+        # another worker holds is fenced off from that ending.
         token = uuid.uuid4().hex
-        status = when_redis_answers(lambda: self.store.start(job_id, self.worker_name, self.loaded.name,
-                                                             self.max_attempts, token), f"starting job {job_id}",
-                                    math.inf)
+        try:
+            status = when_redis_answers(lambda: self.store.start(job_id, self.worker_name, self.loaded.name,
+                                                                 self.max_attempts, token), f"starting job {job_id}",
+                                        math.inf)
+        except RedisError as exc:
+            log.exception("job %s could not be started", job_id)
+            self._end(Ending(job_id, "failed", f"the worker could not start the job: {type(exc).__name__}: {exc}",
+                             ErrorCode.SERVER_ERROR, "error"), f"failing job {job_id}")
+            return "failed"
         if status in _ENDED_BEFORE_START:
             self._end(_ENDED_BEFORE_START[status](job_id), f"ending job {job_id}")
             return status
@@ -309,7 +337,9 @@ class JobRunner:
         the background (`_write_unwritten`) instead of lost, which left the job "running" for good."""
         try:
             self._record_step([], [ending], what)
-        except REDIS_UNREACHABLE as exc:
+        except RedisError as exc:
+            if not redis_answers_later(exc):
+                raise
             log.warning("job %s: its ending (%s) not written (%s); written once Redis answers", ending.job_id,
                         ending.status, exc)
             with self._unwritten_lock:
@@ -333,11 +363,12 @@ class JobRunner:
             try:
                 self.store.record_step(self.worker_name, [], pending)
                 log.info("Redis is back: %d endings written", len(pending))
-            except REDIS_UNREACHABLE:
-                continue
-            except Exception:
-                # Not an outage: trying again would fail again (and hold back the others). The job goes as a job whose
-                # ending failed went before: its holder's heartbeat ends with this worker, then the sweep takes it.
+            except Exception as exc:
+                if redis_answers_later(exc):
+                    continue
+                # Not an outage nor a passing refusal: trying again would fail again (and hold back the others). The
+                # job goes as a job whose ending failed went before: its holder's heartbeat ends with this worker, then
+                # the sweep takes it.
                 log.exception("writing the endings of jobs %s failed; dropped", [ending.job_id for ending in pending])
             with self._unwritten_lock:
                 for ending in pending:
@@ -372,8 +403,9 @@ def _requeue(requeue: Callable[[str], None], job_id: str, deadline: float) -> No
 
 
 def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = REDIS_WAIT_SECONDS) -> T:
-    """write(), tried again while Redis cannot be reached or is out of memory (0.1 s apart, doubling to 2 s), for up
-    to `wait_seconds`.
+    """write(), tried again while Redis cannot be reached or refuses commands for a while (`redis_answers_later`: out
+    of memory, a read-only replica in a failover...), 0.1 s apart, doubling to 2 s, for up to `wait_seconds`; any
+    other error is raised at once.
 
     A job that ended while Redis was restarting used to lose its final write, and with it the job (its
     task failed, and was acknowledged). Connection errors and timeouts are retried (a timeout, from a Redis
@@ -386,8 +418,8 @@ def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = 
     while True:
         try:
             result = write()
-        except REDIS_UNREACHABLE as exc:
-            if time.monotonic() + delay > deadline:
+        except RedisError as exc:
+            if not redis_answers_later(exc) or time.monotonic() + delay > deadline:
                 raise
             if not warned:
                 log.warning("Redis cannot be reached or takes no writes (%s): %s waits for it%s", exc, what,
