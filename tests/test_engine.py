@@ -470,8 +470,8 @@ def test_sample_function_greedy_top_p_and_seeds():
     logits = torch.randn(4, 50)
     logits[3] = -10.0
     logits[3, 7], logits[3, 9] = 5.0, 4.9  # ~52% and ~48%: top_p=0.5 keeps token 7 alone
-    temperature = torch.tensor([0.0, 1.0, 0.0005, 1.0])
-    top_p = torch.tensor([1.0, 1.0, 1.0, 0.5])
+    temperature = [0.0, 1.0, 0.0005, 1.0]
+    top_p = [1.0, 1.0, 1.0, 0.5]
     for _ in range(20):
         tokens = sample(logits, temperature, top_p)
         assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
@@ -480,8 +480,7 @@ def test_sample_function_greedy_top_p_and_seeds():
     def seeded_draws(other_rows_seed: int) -> list[int]:
         torch.manual_seed(other_rows_seed)
         generators = [None, torch.Generator().manual_seed(42), None, None]
-        hot = torch.ones(4)
-        return [int(sample(logits, hot, torch.ones(4), generators)[1]) for _ in range(10)]
+        return [int(sample(logits, [1.0] * 4, [1.0] * 4, generators)[1]) for _ in range(10)]
 
     assert seeded_draws(1) == seeded_draws(2)
     assert len(set(seeded_draws(1))) > 1
@@ -534,6 +533,28 @@ def test_per_request_params_in_one_batch(tiny_model, tokenizer):
     assert handles["greedy"].wait(0).token_ids == generate_alone(tiny_model, greedy_prompt, 20)
     assert handles["short"].wait(0).completion_tokens == 3
     assert all(h.wait(0).finish_reason in ("length", "stop") for h in handles.values())
+
+
+def test_a_temperature_just_above_the_greedy_threshold_samples(tiny_model, tokenizer):
+    # The original samples when temperature > 0.001 in Python floats. In float32 0.0010000001 rounds onto 0.001, and
+    # the engine compared there, so it took the argmax. Here two tokens' logits differ by 1e-4: sampled at about
+    # 0.001 they come out about evenly; greedy takes the first every time.
+    prompt = random_prompt(6, seed=521)  # the third most likely token is 0.5 behind: never drawn at 0.001
+    first = generate_alone(tiny_model, prompt, 1)[0]
+    runner_up = 17 if first != 17 else 18
+    assert runner_up not in prompt  # its row is also its input embedding (tied)
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        first_logit = model(torch.tensor([prompt])).logits[0, -1, first]
+        model.lm_head.weight[runner_up] = model.lm_head.weight[first] * (1 - 1e-4 / first_logit)
+    engine, _ = make_engine(model, tokenizer)
+    just_above = [engine.add_request(f"above{i}", prompt, SamplingParams(temperature=0.0010000001, max_new_tokens=1,
+                                                                          seed=i)) for i in range(24)]
+    at_threshold = [engine.add_request(f"at{i}", prompt, SamplingParams(temperature=0.001, max_new_tokens=1, seed=i))
+                    for i in range(8)]
+    run_until_done(engine, just_above + at_threshold)
+    assert {handle.wait(0).token_ids[0] for handle in just_above} == {first, runner_up}
+    assert {handle.wait(0).token_ids[0] for handle in at_threshold} == {first}
 
 
 def test_prompt_embeds_match_token_ids(tiny_model, tokenizer):
@@ -725,6 +746,9 @@ def test_sampling_parameters_that_are_not_numbers_fail_alone_and_say_so(tiny_mod
         "none": SamplingParams(temperature=None, max_new_tokens=4),
         "text": SamplingParams(top_p="0.9", max_new_tokens=4),
         "nan": SamplingParams(temperature=float("nan"), max_new_tokens=4),
+        # A NaN passed the `< 1` check and ran past the KV budget and the context.
+        "nan-limit": SamplingParams(temperature=0, max_new_tokens=float("nan")),
+        "float-limit": SamplingParams(temperature=0, max_new_tokens=4.0),
     }
     handles = {rid: engine.add_request(rid, [17, 18], params) for rid, params in bad.items()}
     good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=6))
@@ -732,6 +756,10 @@ def test_sampling_parameters_that_are_not_numbers_fail_alone_and_say_so(tiny_mod
     for rid, name in (("none", "temperature"), ("text", "top_p"), ("nan", "temperature")):
         output = handles[rid].wait(0)
         assert output.finish_reason == "error" and output.error.startswith(f"{name} must be a finite number"), output
+    for rid in ("nan-limit", "float-limit"):
+        output = handles[rid].wait(0)
+        assert output.finish_reason == "error" and output.error.startswith("max_new_tokens must be a whole number"), \
+            output
     assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)
 
 
@@ -834,3 +862,56 @@ def test_a_request_id_cancelled_then_submitted_again_runs(tiny_model, tokenizer)
     for handle in (again, new):
         assert handle.wait(0).error is None and handle.wait(0).token_ids == generate_alone(tiny_model, prompt, 8)
     assert added_then_aborted.wait(0).finish_reason == "cancelled"
+
+
+def test_a_request_id_that_is_not_a_string_fails_alone(tiny_model, tokenizer):
+    # The engine keys its requests by id. An unhashable one (a list out of a JSON body) raised in the step's intake,
+    # which failed every running request with "engine step failed", then again as the step published, which left
+    # its own handle and those published after it (a good batch-mate's) waiting for ever. It is refused as it is
+    # added, with an error its handle reads.
+    engine, stream = make_engine(tiny_model, tokenizer)
+    running_prompt, mate_prompt = random_prompt(7, seed=1300), random_prompt(5, seed=1301)
+    running = engine.add_request("running", running_prompt, SamplingParams(temperature=0, max_new_tokens=10))
+    engine.step()
+    listed = engine.add_request(["listed"], [17, 18], GREEDY)
+    numbered = engine.add_request(7, [17, 18], GREEDY)
+    mate = engine.add_request("mate", mate_prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    run_until_done(engine, [running, listed, numbered, mate])
+    for handle in (listed, numbered):
+        output = handle.wait(0)
+        assert output.finish_reason == "error" and output.error.startswith("request_id must be a string"), output
+    assert running.wait(0).token_ids == generate_alone(tiny_model, running_prompt, 10)
+    assert mate.wait(0).token_ids == generate_alone(tiny_model, mate_prompt, 6)
+    assert stream.joined_deltas("mate") == mate.wait(0).text
+
+
+def test_an_abort_with_an_id_that_is_not_a_string_is_refused_to_its_caller(tiny_model, tokenizer):
+    # An unhashable id in abort() raised in the engine's next step, failing every running request.
+    engine, _ = make_engine(tiny_model, tokenizer)
+    prompt = random_prompt(6, seed=1310)
+    running = engine.add_request("running", prompt, SamplingParams(temperature=0, max_new_tokens=8))
+    engine.step()
+    with pytest.raises(TypeError, match="request_id must be a string"):
+        engine.abort(["running"])
+    run_until_done(engine, [running])
+    assert running.wait(0).token_ids == generate_alone(tiny_model, prompt, 8)
+
+
+def test_an_undecodable_id_and_a_failing_on_step_fail_nothing_else(tiny_model, tokenizer):
+    # A request whose detokenizer meets an id the tokenizer cannot decode (here in its text_context) fails alone, and
+    # an on_step that raises on every step neither stops the engine thread nor keeps the handles from resolving.
+    def broken_on_step(outputs):
+        raise ValueError("publisher is down")
+
+    engine = LLMEngine(tiny_model, tokenizer, on_step=broken_on_step)
+    engine.start()
+    try:
+        prompt = random_prompt(6, seed=1320)
+        undecodable = engine.add_request("undecodable", prompt, GREEDY, text_context=[-1])
+        good = engine.add_request("good", prompt, SamplingParams(temperature=0, max_new_tokens=6))
+        assert undecodable.wait(WAIT_S).error.startswith("detokenization failed: OverflowError")
+        assert good.wait(WAIT_S).token_ids == generate_alone(tiny_model, prompt, 6)
+        later = engine.add_request("later", prompt, SamplingParams(temperature=0, max_new_tokens=3))
+        assert later.wait(WAIT_S).token_ids == generate_alone(tiny_model, prompt, 3)
+    finally:
+        engine.shutdown()

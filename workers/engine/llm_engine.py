@@ -179,17 +179,29 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_token_ids, params, params.max_new_tokens, prompt_embeds=prompt_embeds,
                        text_context=list(text_context or ()))
         handle = RequestHandle(request_id)
-        with self._wakeup:
-            if not self._closed:
-                self._inbox.append((seq, handle))
-                self._wakeup.notify()
-                return handle
-        seq.finish("error", SHUTDOWN_ERROR)
+        # An id that is not a string never enters the engine: it keys its requests by id, and in its step an
+        # unhashable one would fail every running request.
+        error = _request_id_error(request_id)
+        if error is None:
+            with self._wakeup:
+                if not self._closed:
+                    self._inbox.append((seq, handle))
+                    self._wakeup.notify()
+                    return handle
+            error = SHUTDOWN_ERROR
+        seq.finish("error", error)
         handle._resolve(_output(seq, "", first_token=False))
         return handle
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request (thread-safe): it leaves the batch at the next step with finish_reason "cancelled"."""
+        """Cancel a request (thread-safe): it leaves the batch at the next step with finish_reason "cancelled".
+
+        TypeError when request_id is not a string (no request has such an id; in the engine's step it would fail
+        every running request).
+        """
+        error = _request_id_error(request_id)
+        if error is not None:
+            raise TypeError(error)
         with self._wakeup:
             self._aborts.append((request_id, len(self._inbox)))
             self._wakeup.notify()
@@ -298,8 +310,10 @@ class LLMEngine:
 
     def _prepare(self, seq: Sequence) -> str | None:
         """Fill in what the engine derives from a request; returns why it cannot run, or None."""
-        if seq.params.max_new_tokens < 1:
-            return f"max_new_tokens must be at least 1, got {seq.params.max_new_tokens}"
+        limit = seq.params.max_new_tokens
+        # A float NaN passed `< 1` and `min()` alike: the request ran past its budgets and the context.
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            return f"max_new_tokens must be a whole number of at least 1, got {limit!r}"
         for name in ("temperature", "top_p"):
             value = getattr(seq.params, name)
             # Not a number, the batch's sampling fails for every row, and the request with "model forward failed".
@@ -385,12 +399,11 @@ class LLMEngine:
         return self.runner.filter(batch, [row for row, seq in enumerate(batch.seqs) if not seq.is_finished])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        device = logits.device
-        temperature = torch.tensor([seq.params.temperature for seq in seqs], dtype=torch.float32, device=device)
-        top_p = torch.tensor([seq.params.top_p for seq in seqs], dtype=torch.float32, device=device)
         generators = [seq.generator for seq in seqs]
         if all(generator is None for generator in generators):
             generators = None
+        temperature = [seq.params.temperature for seq in seqs]
+        top_p = [seq.params.top_p for seq in seqs]
         return sample(logits, temperature, top_p, generators).tolist()
 
     def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
@@ -483,6 +496,13 @@ class LLMEngine:
                 reserved_tokens=self.scheduler.reserved_tokens,
                 batch_len=0 if self._batch is None else self._batch.kv_len,
             )
+
+
+def _request_id_error(request_id: object) -> str | None:
+    """Why `request_id` cannot name a request, or None when it can."""
+    if isinstance(request_id, str):
+        return None
+    return f"request_id must be a string, got {type(request_id).__name__}"
 
 
 def _output(seq: Sequence, delta: str, first_token: bool) -> SeqOutput:

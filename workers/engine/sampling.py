@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from shared.protocol import GREEDY_TEMPERATURE  # the original's: do_sample = temperature > 0.001
@@ -11,26 +13,30 @@ ARGMAX_BLOCK = 64
 
 def sample(
     logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
+    temperature: Sequence[float],
+    top_p: Sequence[float],
     generators: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Pick the next token of every row.
 
-    logits [B, V] (any float dtype), temperature [B] and top_p [B] on the
-    logits' device, generators a per-row list (None entries draw from the
-    global RNG) or None. Rows with temperature <= 0.001 take the argmax.
-    Returns token ids [B] (int64). A row with its own generator draws only
-    from it, so its tokens do not depend on its batch-mates.
+    logits [B, V] (any float dtype); temperature and top_p one number per
+    row, as the requests give them; generators a per-row list (None entries
+    draw from the global RNG) or None. Rows with temperature <= 0.001 take
+    the argmax. Returns token ids [B] (int64). A row with its own generator
+    draws only from it, so its tokens do not depend on its batch-mates.
     """
     logits = logits.float()
     greedy_tokens = argmax(logits)
-    greedy = temperature <= GREEDY_TEMPERATURE
-    if bool(greedy.all()):
+    # Decided on the Python floats, as the original: in float32 a temperature just above 0.001 rounds onto it.
+    is_greedy = [t <= GREEDY_TEMPERATURE for t in temperature]
+    if all(is_greedy):
         return greedy_tokens
-    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
-    if bool((top_p < 1.0).any()):
-        scaled = _top_p_filter(scaled, top_p)
+    device = logits.device
+    greedy = torch.tensor(is_greedy, device=device)
+    divisors = [1.0 if row_greedy else t for row_greedy, t in zip(is_greedy, temperature)]
+    scaled = logits / torch.tensor(divisors, dtype=torch.float32, device=device).unsqueeze(-1)
+    if any(p < 1.0 for p in top_p):
+        scaled = _top_p_filter(scaled, torch.tensor(top_p, dtype=torch.float32, device=device))
     probs = torch.softmax(scaled, dim=-1)
     # argmax(p / q) with q ~ Exp(1) is a draw from p (the gpt-fast trick), and
     # it lets each row take its noise from its own generator.
