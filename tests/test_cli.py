@@ -18,6 +18,18 @@ from shared.redis_server import RedisServer, free_port
 from shared.settings import Settings
 
 
+def wait_healthy(api: subprocess.Popen, base_url: str, timeout: float = 30.0) -> None:
+    """Until the API process `api` answers /healthz at `base_url` with Redis reachable (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            assert requests.get(f"{base_url}/healthz", timeout=5).json()["redis"] is True
+            return
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline and api.poll() is None, base_url
+            time.sleep(0.2)
+
+
 def test_up_serves_and_ctrl_c_stops_every_child(default_model_dir, tmp_path):
     """Ctrl-C in a terminal signals the whole foreground process group: `up` alone must act on it, stopping the
     worker (which hands its running job back) while Redis is still there, then Redis."""
@@ -388,14 +400,7 @@ def test_api_on_port_0_listens_on_a_free_port_and_logs_it(redis_server):
         try:
             port = int(Output(api).until(f"listening on http://{host}:")[-1].rsplit(":", 1)[1])
             assert port not in (0, 8000)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    assert requests.get(f"http://{host}:{port}/healthz", timeout=5).json()["redis"] is True
-                    break
-                except requests.ConnectionError:
-                    assert time.monotonic() < deadline and api.poll() is None
-                    time.sleep(0.2)
+            wait_healthy(api, f"http://{host}:{port}")
         finally:
             api.terminate()
             api.wait(15)
@@ -529,14 +534,7 @@ def test_api_on_localhost_listens_on_every_address_it_names(redis_server):
         line = Output(api).until("listening on http://localhost:")[-1]
         port = int(line.split("http://localhost:")[1].split()[0])
         for host in ("[::1]", "127.0.0.1"):
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    assert requests.get(f"http://{host}:{port}/healthz", timeout=5).json()["redis"] is True
-                    break
-                except requests.ConnectionError:
-                    assert time.monotonic() < deadline and api.poll() is None, host
-                    time.sleep(0.2)
+            wait_healthy(api, f"http://{host}:{port}")
         assert port != 0 and "(::1 and 127.0.0.1)" in line, line
     finally:
         api.terminate()
