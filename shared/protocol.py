@@ -221,11 +221,7 @@ class BulkJobRequest(BaseModel):
 def _check_images_if_read(images: list[str]) -> list[str]:
     """`check_images` for a request whose model reads images; for one whose model ignores them (the original's
     text-only worker never decodes them), only their number is bounded."""
-    if _images_read.get():
-        return check_images(images)
-    if len(images) > MAX_IMAGES:
-        raise ValueError(f"{len(images)} images; the limit is {MAX_IMAGES} per request")
-    return images
+    return check_images(images) if _images_read.get() else _check_count(images)
 
 
 def check_images(images: list[str]) -> list[str]:
@@ -233,14 +229,19 @@ def check_images(images: list[str]) -> list[str]:
 
     Only the file's structure is checked here (cheap, at submission); the worker decodes the pixels.
     """
-    if len(images) > MAX_IMAGES:
-        raise ValueError(f"{len(images)} images; the limit is {MAX_IMAGES} per request")
-    for index, data in enumerate(images):
+    for index, data in enumerate(_check_count(images)):
         with open_image(data, index) as image:
             try:
                 image.verify()
             except (OSError, SyntaxError, ValueError) as exc:
                 raise ValueError(f"image {index} is not a readable image file: {exc}") from None
+    return images
+
+
+def _check_count(images: list[str]) -> list[str]:
+    """At most MAX_IMAGES images; the list unchanged."""
+    if len(images) > MAX_IMAGES:
+        raise ValueError(f"{len(images)} images; the limit is {MAX_IMAGES} per request")
     return images
 
 
