@@ -75,10 +75,26 @@ def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _failed(record: dict[str, Any]) -> int:
+    """The batch's lines that did not succeed (OpenAI's `request_counts.failed`: the lines of its errors file)."""
+    return record["failed"] + record["cancelled"] + record["expired"] + record["invalid"]
+
+
+def batch_file_name(batch_id: str, errors: bool) -> str:
+    """The id of a batch's errors (or output) file."""
+    return (ERROR_FILE if errors else OUTPUT_FILE).format(batch_id)
+
+
+def batch_file_id(record: dict[str, Any], errors: bool) -> str | None:
+    """The errors (or output) file id the batch object names: none until the batch has ended, nor for a file that
+    would hold no line."""
+    lines = _failed(record) if errors else record["completed"]
+    return batch_file_name(record["id"], errors) if record["status"] in FINAL_STATUSES and lines else None
+
+
 def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
     """The batch object: OpenAI's fields, then llava-queue's (format, timings, tokens/s, time left)."""
-    failed = record["failed"] + record["cancelled"] + record["expired"] + record["invalid"]
-    ended = record["status"] in FINAL_STATUSES
+    failed = _failed(record)
     errors = record["errors"]
     ended_at = next((record[f"{status}_at"] for status in FINAL_STATUSES if record[f"{status}_at"]), None)
     return {
@@ -87,8 +103,8 @@ def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
         "errors": {"object": "list", "data": errors} if errors else None,
         "input_file_id": record.get("input_file_id") or None,
         "completion_window": record.get("completion_window", "24h"), "status": record["status"],
-        "output_file_id": OUTPUT_FILE.format(record["id"]) if ended and record["completed"] else None,
-        "error_file_id": ERROR_FILE.format(record["id"]) if ended and failed else None,
+        "output_file_id": batch_file_id(record, errors=False),
+        "error_file_id": batch_file_id(record, errors=True),
         **{name: _int(record[name]) for name in ("created_at", "in_progress_at", "expires_at", "finalizing_at",
                                                  "completed_at", "failed_at", "expired_at", "cancelling_at",
                                                  "cancelled_at")},
@@ -454,7 +470,7 @@ def file_deleted(file_id: str) -> ApiError:
 def output_response(batches: BatchStore, batch_id: str, errors: bool) -> StreamingResponse:
     record = read_batch(batches, batch_id)
     if record.get(f"{file_kind(errors)}_deleted_at"):
-        raise file_deleted((ERROR_FILE if errors else OUTPUT_FILE).format(batch_id))
+        raise file_deleted(batch_file_name(batch_id, errors))
     return StreamingResponse(output_lines(batches, record, errors), media_type=JSONL)
 
 

@@ -16,8 +16,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from api.errors import ApiError
-from api.routes.batches import (ERROR_FILE, JSONL, OUTPUT_FILE, batch_store, batch_view, delete_output, file_deleted,
-                                file_kind, output_lines, read_batch, settled)
+from api.routes.batches import (ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name, batch_store,
+                                delete_output, file_deleted, file_kind, output_lines, read_batch, settled)
 from shared.batches import FINAL_STATUSES, BatchStore
 from shared.protocol import ErrorCode
 
@@ -63,7 +63,7 @@ def _batch_file_object(batches: BatchStore, record: dict[str, Any], errors: bool
         size = sum(len(line.encode()) for line in output_lines(batches, record, errors))
         if record["status"] in FINAL_STATUSES:
             batches.redis.hset(batches.key(record["id"]), size_field, size)
-    name = (ERROR_FILE if errors else OUTPUT_FILE).format(record["id"])
+    name = batch_file_name(record["id"], errors)
     return FileObject(id=name, bytes=int(size), created_at=int(record["created_at"]), filename=f"{name}.jsonl",
                       purpose="batch_output")
 
@@ -82,7 +82,7 @@ def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) 
     record = records[batch_id]
     if record is None or record.get(f"{kind}_deleted_at"):
         return None
-    if batch_view(batches, record)["error_file_id" if kind == "errors" else "output_file_id"] != file_id:
+    if batch_file_id(record, kind == "errors") != file_id:
         return None  # not finished, or nothing in that file
     return _batch_file_object(batches, record, kind == "errors")
 
@@ -170,7 +170,7 @@ def delete_file(file_id: str, request: Request) -> dict:
     batch_file = _batch_file(batches, file_id)
     if batch_file is not None:
         record, errors = batch_file
-        named = batch_view(batches, record)["error_file_id" if errors else "output_file_id"] == file_id
+        named = batch_file_id(record, errors) == file_id
         if not named or not delete_output(batches, record, errors):
             raise file_not_found(file_id)
     elif not batches.delete_file(file_id):
