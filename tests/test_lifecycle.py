@@ -301,6 +301,17 @@ def record_once_ended(store: JobStore, job_id: str, timeout: float = 20.0) -> di
     return store.get(job_id)
 
 
+def run_to_its_end(store: JobStore, loaded) -> tuple[str, dict]:
+    """A 4-token job run on a runner of its own whose writes wait 1 s for Redis: how the run ended (or what it
+    raised), and the job's record once it is no longer running."""
+    runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
+    try:
+        job_id, outcome = run_four_tokens(store, runner)
+        return outcome, record_once_ended(store, job_id)
+    finally:
+        engine.shutdown()
+
+
 class AnswerCuttingProxy:
     """A TCP proxy before a real Redis server that, once armed with some bytes, forwards the next command holding them,
     then closes that connection when the server's answer comes, without passing it on: the command ran, and its
@@ -780,14 +791,11 @@ def test_a_job_whose_ending_meets_a_redis_out_of_memory_still_ends(loaded):
 
         filled = []
         store = StoreThatFillsRedisAtTheEnd.from_url(server.url, prefix="oom")
-        runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
         try:
-            job_id, outcome = run_four_tokens(store, runner)
-            record = record_once_ended(store, job_id)
+            outcome, record = run_to_its_end(store, loaded)
             assert filled and (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
             assert outcome == "succeeded" and store.totals()["running"] == 0
         finally:
-            engine.shutdown()
             store.redis.close()
 
 
@@ -885,16 +893,13 @@ def test_a_job_whose_ending_meets_a_failover_still_ends(loaded):
                 return super().record_step(worker, chunks, endings, step)
 
         store = StoreThatFailsOverAtTheEnd.from_url(server.url, prefix="failover")
-        runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
         try:
-            job_id, outcome = run_four_tokens(store, runner)
-            record = record_once_ended(store, job_id)
+            outcome, record = run_to_its_end(store, loaded)
             assert refusals and (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
             assert outcome == "succeeded" and store.totals()["running"] == 0
         finally:
             if refusals:
                 refusals[0].__exit__(None, None, None)
-            engine.shutdown()
             store.redis.close()
 
 
