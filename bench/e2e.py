@@ -415,6 +415,8 @@ def main() -> None:
     parser.add_argument("--engine-cpus", default="",
                         help="cores of the engine's own, as LLAVA_QUEUE_ENGINE_CPUS (e.g. 1): the in-process engine "
                              "and the worker's compute there, everything else (API, Redis, client) on the others")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the worker's LLAVA_QUEUE_STREAM_INTERVAL: a job's text is sent every this many tokens")
     parser.add_argument("--ttft-rounds", type=int, default=16,
                         help="short paired bursts after the full rounds, for the TTFT difference with an interval")
     parser.add_argument("--ttft-tokens", type=int, default=8, help="new tokens in the short rounds")
@@ -434,6 +436,7 @@ def main() -> None:
     # Worked out before this thread moves off the engine's cores; the worker inherits the setting.
     split = split_cpus(args.engine_cpus)
     os.environ["LLAVA_QUEUE_ENGINE_CPUS"] = args.engine_cpus
+    os.environ["LLAVA_QUEUE_STREAM_INTERVAL"] = str(args.stream_interval)
     model_dir = in_passing_thread(ensure_default_model, get_settings().cache_dir)
     print("loading the engine in process ...", flush=True)
     engine, recorder, prompts, info = in_process_engine(model_dir, args.num_requests, args.max_num_seqs,
@@ -443,6 +446,9 @@ def main() -> None:
         info.append(f"- dedicated engine cores: {split.describe()}: the in-process engine and the worker's, with "
                     f"{len(split.engine)} torch thread(s); the client, the API, Redis and the worker's other threads "
                     "on the rest")
+    if args.stream_interval != 1:
+        info.append(f"- the worker streams every {args.stream_interval} tokens (LLAVA_QUEUE_STREAM_INTERVAL); a "
+                    "job's first token and its end at once")
     params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
     c = best = None
     rounds: list[Round] = []

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
 
     # The original worker clamps max_new_tokens to 1024.
     max_new_tokens_cap: int = Field(1024, ge=1)
+    # A running job's text is written and streamed every this many tokens (the original worker's
+    # --stream-interval): 1 sends every token; more sends fewer, longer chunks, each still the whole text so far,
+    # for less work per token in Redis, the API and the clients. A job's first token and its end go out at once.
+    stream_interval: int = Field(1, ge=1)
     # How long a finished job's record stays readable.
     job_ttl_seconds: int = Field(24 * 3600, ge=1)
     # Celery/Redis redelivers an unacked job after this long; it must exceed the longest job.

@@ -333,6 +333,43 @@ def test_a_step_is_one_round_trip_and_survives_a_flushed_script_cache():
         store.redis.close()
 
 
+def test_a_stream_interval_writes_every_nth_token_and_the_first_and_last_at_once():
+    # Settings.stream_interval (the original worker's --stream-interval): a job's text goes out every 3 tokens here,
+    # its first token and its end at once, and the record's text always matches its token count (a job resumed
+    # elsewhere goes on from both).
+    from workers.engine import SeqOutput
+
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, "interval")
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(job_id, "w1") == "running"
+        runner = JobRunner(store, loaded=None, worker_name="w1", stream_interval=3)
+        channel = store.redis.pubsub()
+        channel.subscribe(store.channel(job_id))
+        channel.get_message(timeout=1)  # the subscription's own message
+        # One token a step; the third step's token is half a character (no text yet), the eighth ends the job.
+        deltas = ["A", "b", "", "cd", "e", "f", "g", "h"]
+        seen = []
+        for count, delta in enumerate(deltas, start=1):
+            finished = count == len(deltas)
+            runner.publish([SeqOutput(job_id, delta, "", 1, count, finished=finished,
+                                      finish_reason="length" if finished else None, first_token=count == 1)])
+            record = store.get(job_id)
+            seen.append((record["text"], record["completion_tokens"]))
+        assert seen == [("A", 1), ("A", 1), ("A", 1), ("Abcd", 4), ("Abcd", 4), ("Abcd", 4), ("Abcdefg", 7),
+                        ("Abcdefgh", 8)]
+        published = []
+        while (message := channel.get_message(timeout=1)) is not None:
+            published.append(json.loads(message["data"]))
+        assert [message.get("delta") for message in published] == ["A", "bcd", "efg", "h", None]
+        assert published[-1]["done"] and store.get(job_id)["status"] == "succeeded"
+        assert runner._held == {}
+        with pytest.raises(ValueError, match="stream_interval"):
+            JobRunner(store, loaded=None, worker_name="w1", stream_interval=0)
+        channel.close()
+        store.redis.close()
+
+
 def test_hand_back_with_redis_away_leaves_the_job_running_and_raises_nothing(caplog):
     # workers/generation.py: at shutdown a job that cannot be released stays as it is (not aborted, not requeued):
     # the orphan sweep of a live worker delivers it again once this worker's heartbeat has expired.

@@ -346,3 +346,34 @@ def test_redis_away_when_a_stream_is_asked_for_ends_it_with_an_error_chunk(outag
         assert answer.json()["error"]["type"] == "unavailable", answer.text
     assert_recovered(stack)
     assert requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).status_code == 200
+
+
+def test_a_worker_with_a_stream_interval_sends_the_same_text_in_fewer_chunks(stack, redis_server, default_model_dir):
+    # LLAVA_QUEUE_STREAM_INTERVAL=4: the first token at once, then a chunk every 4 tokens, and the same text as a
+    # worker that sends every token (greedy, the same model), in the record, the chunks and the WebSocket's frames.
+    request = {"messages": STORY, "temperature": 0, "max_new_tokens": 30}
+    every_token = wait_until(stack, submit(stack, **request))
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of its own: only this stack's worker runs its jobs
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_STREAM_INTERVAL": "4"}
+    with run_stack(url, env, log_prefix="llava-queue-interval-") as spaced:
+        async def follow():
+            admin = aioredis.Redis.from_url(url, decode_responses=True)
+            chunks = admin.pubsub()
+            await chunks.psubscribe("*:chunks:*")
+            job_id = submit(spaced, **request)
+            frames = asyncio.create_task(ws_messages(f"{spaced.ws_url}/v1/jobs/{job_id}/ws"))
+            deltas = await published_deltas(chunks, job_id)
+            await chunks.aclose()
+            await admin.aclose()
+            return job_id, deltas, await frames
+
+        job_id, deltas, frames = asyncio.run(follow())
+        job = wait_until(spaced, job_id)
+    tokens = job["usage"]["completion_tokens"]
+    assert job["status"] == every_token["status"] == "succeeded"
+    assert (job["text"], tokens) == (every_token["text"], every_token["usage"]["completion_tokens"])
+    assert tokens > 9, job
+    assert "".join(deltas) == job["text"]
+    assert len(deltas) <= 1 + -(-(tokens - 1) // 4), (tokens, deltas)  # the first token, then one chunk per 4 tokens
+    assert frames[-1]["done"] and frames[-1]["text"] == job["prompt"] + job["text"]
+    assert all(frame["text"].startswith(job["prompt"]) for frame in frames)

@@ -170,12 +170,20 @@ class JobRunner:
     """Runs jobs on one engine and keeps their records and channels current."""
 
     def __init__(self, store: JobStore, loaded: LoadedModel, worker_name: str, max_new_tokens_cap: int = 1024,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
         self.store = store
         self.loaded = loaded
         self.worker_name = worker_name
         self.max_new_tokens_cap = max_new_tokens_cap
         self.max_attempts = max_attempts
+        # Every how many tokens a job's text is written and published (Settings.stream_interval). The text of the
+        # tokens since is held here, on the engine thread: `_held[job]` = (that text, the job's token count when its
+        # text was last written). A worker that dies loses only text no client has seen; the record's text and
+        # count always agree, so the job goes on from there elsewhere.
+        self.stream_interval = stream_interval
+        self._held: dict[str, tuple[str, int]] = {}
         self.engine: LLMEngine | None = None
         # Tokens a resumed job had generated before its earlier worker died.
         self._done_before: dict[str, int] = {}
@@ -233,6 +241,7 @@ class JobRunner:
             return "failed"
         finally:
             self._done_before.pop(job_id, None)
+            self._held.pop(job_id, None)
             self._active.discard(job_id)
             self._handed_back.discard(job_id)
 
@@ -280,8 +289,7 @@ class JobRunner:
 
     def publish(self, outputs: list[SeqOutput]) -> None:
         """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
-        chunks = [(out.request_id, out.delta, out.completion_tokens + self._done_before.get(out.request_id, 0),
-                   out.first_token) for out in outputs if out.delta or out.first_token]
+        chunks = [chunk for chunk in map(self._chunk_of, outputs) if chunk is not None]
         endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
                    if out.finished and out.request_id not in self._handed_back]
         if chunks or endings:
@@ -293,6 +301,23 @@ class JobRunner:
                     self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
+
+    def _chunk_of(self, out: SeqOutput) -> tuple[str, str, int, bool] | None:
+        """The chunk to write for `out`: (job, text, its token count, first token?), or None while its text is held.
+
+        A job's first token and its last step are written at once; between them its text goes out once
+        `stream_interval` tokens have come since the last write (every step when it is 1). The text held meanwhile
+        comes first in the next chunk."""
+        held, written = self._held.pop(out.request_id, ("", 0))
+        text = held + out.delta
+        if not (text or out.first_token):
+            return None
+        if not (out.first_token or out.finished or out.completion_tokens - written >= self.stream_interval):
+            self._held[out.request_id] = (text, written)
+            return None
+        if not out.finished:
+            self._held[out.request_id] = ("", out.completion_tokens)
+        return out.request_id, text, out.completion_tokens + self._done_before.get(out.request_id, 0), out.first_token
 
     def hand_back(self, requeue, requeue_wait: float = HAND_BACK_REQUEUE_SECONDS) -> list[str]:
         """Stop every job this worker runs and give it back to the queue, to be resumed elsewhere.
@@ -328,9 +353,18 @@ class JobRunner:
             self.engine.abort(job_id)
 
     def _finish(self, out: SeqOutput) -> None:
+        held, _ = self._held.pop(out.request_id, ("", 0))
         if out.request_id not in self._handed_back:
-            ending = ending_of(out, self._done_before.get(out.request_id, 0))
-            self._end(ending, f"ending job {out.request_id}")
+            done_before = self._done_before.get(out.request_id, 0)
+            if held:
+                # Text held for the next chunk of a job the engine ended without a step (at shutdown): its ending
+                # counts those tokens, so the record's text gets them first.
+                try:
+                    self._record_step([(out.request_id, held, out.completion_tokens + done_before, False)], [],
+                                      f"writing the last text of job {out.request_id}")
+                except RedisError:
+                    log.exception("job %s: its last text not written", out.request_id)
+            self._end(ending_of(out, done_before), f"ending job {out.request_id}")
 
     def _end(self, ending: Ending, what: str) -> None:
         """Write a job's ending, waiting for Redis while it is away; one that gives up is kept and written again in

@@ -52,7 +52,8 @@ def run_worker(settings: Settings) -> None:
     # A name of this process alone: a container restarted after a crash has the same host name and, as pid 1, the
     # same pid, and a restarted worker taken for the dead one left its jobs running for ever (JobStore.start).
     name = f"{loaded.name}@{socket.gethostname()}/{secrets.token_hex(3)}:{os.getpid()}"
-    runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts)
+    runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts,
+                       settings.stream_interval)
     engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish,
                                cpus=split.engine or None)
     runner.attach(engine)
@@ -73,9 +74,10 @@ def run_worker(settings: Settings) -> None:
     threads = len(engine.cpus) if engine.cpus else torch.get_num_threads()
     where = f" ({split.describe()})" if split.engine else ""
     log.info("worker %s: model %s, device %s, dtype %s, %d torch threads%s, max_num_seqs %d, max_batch_tokens %d, "
-             "max_prefill_tokens %d; %d start-up objects frozen out of full garbage collections", name, loaded.name,
-             loaded.device, str(loaded.dtype).removeprefix("torch."), threads, where,
-             settings.max_num_seqs, settings.max_batch_tokens, engine.scheduler.max_prefill_tokens, frozen)
+             "max_prefill_tokens %d, stream_interval %d; %d start-up objects frozen out of full garbage collections",
+             name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), threads, where,
+             settings.max_num_seqs, settings.max_batch_tokens, engine.scheduler.max_prefill_tokens,
+             settings.stream_interval, frozen)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
     stop = threading.Event()
     info = {"name": name, "model": loaded.name, "device": str(loaded.device),
