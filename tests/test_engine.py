@@ -915,3 +915,78 @@ def test_an_undecodable_id_and_a_failing_on_step_fail_nothing_else(tiny_model, t
         assert later.wait(WAIT_S).token_ids == generate_alone(tiny_model, prompt, 3)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("stop", [SystemExit, KeyboardInterrupt])
+def test_an_on_step_that_raises_a_base_exception_stops_the_engine_and_no_waiter_hangs(tiny_model, tokenizer, stop):
+    # An on_step raising what is not an Exception (sys.exit() in it) ended the engine thread in the middle of its
+    # publishing: the request that had just finished, the one still running and every one added later waited for ever.
+    # The engine stops, as asked, and every request it had or is given ends, saying why.
+    def stopping_on_step(outputs):
+        if outputs:
+            raise stop("publisher asked to stop")
+
+    engine = LLMEngine(tiny_model, tokenizer, on_step=stopping_on_step)
+    prompt = random_prompt(5, seed=1400)
+    done = engine.add_request("done", prompt, SamplingParams(temperature=0, max_new_tokens=1))
+    running = engine.add_request("running", prompt, SamplingParams(temperature=0, max_new_tokens=50))
+    engine.start()  # one prefill of both: "done" ends there, "running" has its first token
+    try:
+        assert done.wait(WAIT_S).token_ids == generate_alone(tiny_model, prompt, 1)
+        assert running.wait(WAIT_S).error == f"engine stopped: {stop.__name__}: publisher asked to stop"
+        later = engine.add_request("later", prompt, GREEDY)
+        assert later.wait(WAIT_S).error == f"engine stopped: {stop.__name__}: publisher asked to stop"
+    finally:
+        engine.shutdown()
+
+
+def test_a_base_exception_from_on_step_in_a_step_called_directly_reaches_its_caller_and_the_step_still_resolves(
+        tiny_model, tokenizer):
+    # step() called by the caller's own thread (a warm-up) hands the exception to that caller, who decides; the
+    # handles the step finished are resolved all the same: before, nothing (not even shutdown()) ever resolved them.
+    def exiting_on_step(outputs):
+        raise GeneratorExit
+
+    engine = LLMEngine(tiny_model, tokenizer, on_step=exiting_on_step)
+    prompt = random_prompt(5, seed=1410)
+    done = engine.add_request("done", prompt, SamplingParams(temperature=0, max_new_tokens=1))
+    with pytest.raises(GeneratorExit):
+        engine.step()
+    assert done.wait(0).token_ids == generate_alone(tiny_model, prompt, 1)
+
+
+def test_a_prompt_or_context_that_is_not_token_ids_fails_alone_and_says_so(tiny_model, tokenizer):
+    # add_request took list() of whatever came: an int raised in the caller's thread (add_request never raises), a
+    # string, a float or a nested list failed in the step with an unclear TypeError, and a bool ran as token 1. A
+    # text_context in a tensor raised there too (its truth value is ambiguous), though its ids are good.
+    engine, stream = make_engine(tiny_model, tokenizer)
+    good_prompt = random_prompt(6, seed=1500)
+    bad_prompts = {"int": 17, "string": "hello", "bytes": b"hi", "str-in-list": [17, "18"], "float": [17, 18.0],
+                   "nested": [[17, 18]], "bool": [True, 17]}
+    handles = {rid: engine.add_request(rid, prompt, GREEDY) for rid, prompt in bad_prompts.items()}
+    context = {rid: engine.add_request(rid, [17, 18], GREEDY, text_context=bad)
+               for rid, bad in (("context-int", 5), ("context-str", ["a"]))}
+    not_params = engine.add_request("not-params", [17, 18], {"temperature": 0})
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    tensors = engine.add_request("tensors", torch.tensor(good_prompt), SamplingParams(temperature=0, max_new_tokens=6),
+                                 text_context=torch.tensor([17, 18]))
+    run_until_done(engine, [*handles.values(), *context.values(), not_params, good, tensors], max_steps=20)
+    for name, group in (("prompt_token_ids", handles), ("text_context", context)):
+        for handle in group.values():
+            output = handle.wait(0)
+            assert output.finish_reason == "error" and output.error.startswith(f"{name} must be"), output
+    assert not_params.wait(0).error == "params must be a SamplingParams, got dict"
+    assert good.wait(0).token_ids == tensors.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)
+    assert stream.joined_deltas("good") == good.wait(0).text
+
+
+def test_prompt_embeds_that_are_a_class_not_a_tensor_fail_alone(tiny_model, tokenizer):
+    # torch.Tensor itself (a call forgotten) has a `shape` that is no shape: reporting its request raised in the step's
+    # publishing, and in every step after, so that every request, running or to come, waited for ever.
+    engine, _ = make_engine(tiny_model, tokenizer)
+    good_prompt = random_prompt(6, seed=1600)
+    bad = engine.add_request("class", [17], GREEDY, prompt_embeds=torch.Tensor)
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=6))
+    run_until_done(engine, [bad, good], max_steps=20)
+    assert bad.wait(0).error.startswith("prompt_embeds must be a torch.Tensor"), bad.wait(0)
+    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)

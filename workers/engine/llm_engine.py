@@ -80,7 +80,10 @@ class LLMEngine:
     prompt + new tokens (default: the model's max_position_embeddings).
     on_step(outputs) is called once after every step, from the engine thread,
     with one SeqOutput per request that has new text, its first token, or
-    finished in that step (possibly an empty list).
+    finished in that step (possibly an empty list). An Exception it raises is
+    logged and the engine goes on; anything else (sys.exit(), KeyboardInterrupt)
+    ends the engine thread, and every request it had or is given then ends with
+    an "engine stopped: ..." error.
     """
 
     def __init__(
@@ -112,6 +115,8 @@ class LLMEngine:
         self._aborts: list[tuple[str, int]] = []
         self._stopping = False
         self._closed = False
+        # What a request added once the engine is closed ends with.
+        self._close_error = SHUTDOWN_ERROR
         self._thread: threading.Thread | None = None
 
         # Engine-thread state.
@@ -131,7 +136,7 @@ class LLMEngine:
     def start(self) -> None:
         """Start the engine thread (once)."""
         with self._lock:
-            if self._thread is not None or self._closed:
+            if self._thread is not None or self._stopping or self._closed:
                 return
             self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
             self._thread.start()
@@ -139,22 +144,13 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the engine thread; every request not finished yet ends with an "engine shut down" error."""
         with self._wakeup:
-            if self._closed:
+            if self._stopping:
                 return
-            self._closed = True
             self._stopping = True
             self._wakeup.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        with self._lock:
-            inbox, self._inbox, self._aborts = self._inbox, [], []
-        self._batch = None
-        for seq, handle in inbox:
-            self._register(seq, handle)
-            self._finish(seq, "error", SHUTDOWN_ERROR)
-        for seq in list(self._live.values()):
-            self._finish(seq, "error", SHUTDOWN_ERROR)
-        self._publish()
+        self._close(SHUTDOWN_ERROR)
 
     def add_request(
         self,
@@ -174,21 +170,15 @@ class LLMEngine:
         tokens so their leading space is as in a whole decode. Bad input
         finishes the request with an error, it never raises here.
         """
-        params = params or SamplingParams()
-        prompt_token_ids = [] if prompt_token_ids is None else list(prompt_token_ids)
-        seq = Sequence(request_id, prompt_token_ids, params, params.max_new_tokens, prompt_embeds=prompt_embeds,
-                       text_context=list(text_context or ()))
+        seq, error = _new_sequence(request_id, prompt_token_ids, params, prompt_embeds, text_context)
         handle = RequestHandle(request_id)
-        # An id that is not a string never enters the engine: it keys its requests by id, and in its step an
-        # unhashable one would fail every running request.
-        error = _request_id_error(request_id)
         if error is None:
             with self._wakeup:
                 if not self._closed:
                     self._inbox.append((seq, handle))
                     self._wakeup.notify()
                     return handle
-            error = SHUTDOWN_ERROR
+                error = self._close_error
         seq.finish("error", error)
         handle._resolve(_output(seq, "", first_token=False))
         return handle
@@ -257,6 +247,20 @@ class LLMEngine:
 
     def _loop(self) -> None:
         self.use_this_thread()
+        try:
+            self._serve()
+        except BaseException as exc:
+            # What is not an Exception (sys.exit() or KeyboardInterrupt in on_step) asks this thread to end. It ends,
+            # but first ends every request, now and to come, with the reason: each has a waiter, and no one else steps.
+            log.critical("engine thread stopped by %s", type(exc).__name__, exc_info=True)
+            try:
+                self._close(f"engine stopped: {type(exc).__name__}: {exc}")
+            except BaseException:
+                # on_step raised again as the requests were failed; _publish resolved their handles all the same.
+                log.exception("on_step failed again as the engine stopped")
+
+    def _serve(self) -> None:
+        """Step while there is work, sleep while there is none, until shutdown()."""
         while True:
             with self._wakeup:
                 # Sleep until there is something to do; add_request and abort notify.
@@ -278,6 +282,20 @@ class LLMEngine:
 
     def _register(self, seq: Sequence, handle: RequestHandle) -> None:
         self._handles[seq] = handle
+
+    def _close(self, error: str) -> None:
+        """Refuse new requests and end every one not finished yet with `error`. Only once the engine thread has
+        stopped (or from it)."""
+        with self._lock:
+            if not self._closed:
+                self._closed, self._close_error = True, error
+            inbox, self._inbox, self._aborts = self._inbox, [], []
+        self._batch = None
+        for seq, handle in inbox:
+            self._register(seq, handle)
+        for seq in list(self._handles):
+            self._finish(seq, "error", error)
+        self._publish()
 
     def _take_inbox(self, seqs: list[Sequence], aborts: list[tuple[str, int]]) -> None:
         """Take the new sequences and the aborts in the order they were called: an abort then a new request with
@@ -319,7 +337,6 @@ class LLMEngine:
             # Not a number, the batch's sampling fails for every row, and the request with "model forward failed".
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 return f"{name} must be a finite number, got {value!r}"
-        seq.prompt_token_ids = [operator.index(token) for token in seq.prompt_token_ids]
         error = self.runner.check_prompt(seq)
         if error is not None:
             return error
@@ -472,18 +489,21 @@ class LLMEngine:
                 finished.append((seq, output))
         self._step_deltas = {}
         self._update_stats(len(finished))
-        if self.on_step is not None:
-            try:
-                self.on_step(outputs)
-            except Exception:
-                log.exception("on_step callback failed")
-        # Resolve after on_step, so a caller waiting on a handle finds the final chunk already published.
-        for seq, output in finished:
-            handle = self._handles.pop(seq, None)
-            if self._live.get(seq.request_id) is seq:
-                del self._live[seq.request_id]
-            if handle is not None:
-                handle._resolve(output)
+        try:
+            if self.on_step is not None:
+                try:
+                    self.on_step(outputs)
+                except Exception:
+                    log.exception("on_step callback failed")
+        finally:
+            # Resolve after on_step, so a caller waiting on a handle finds the final chunk already published; and
+            # when on_step raises what is not an Exception too: nothing would publish these requests again.
+            for seq, output in finished:
+                handle = self._handles.pop(seq, None)
+                if self._live.get(seq.request_id) is seq:
+                    del self._live[seq.request_id]
+                if handle is not None:
+                    handle._resolve(output)
         return outputs
 
     def _update_stats(self, num_finished: int) -> None:
@@ -503,6 +523,54 @@ def _request_id_error(request_id: object) -> str | None:
     if isinstance(request_id, str):
         return None
     return f"request_id must be a string, got {type(request_id).__name__}"
+
+
+def _new_sequence(
+    request_id: object,
+    prompt_token_ids: object,
+    params: object,
+    prompt_embeds: object,
+    text_context: object,
+) -> tuple[Sequence, str | None]:
+    """add_request's arguments as a new Sequence, and why their form keeps it out of the engine (None: it may enter;
+    the engine checks the values as it takes it). What is refused is left out of the sequence, so that reporting the
+    request cannot fail: that is done in the step that publishes every request's output."""
+    # The ids are copied here, so that the caller may reuse its lists.
+    prompt_ids, prompt_error = _token_ids(prompt_token_ids, "prompt_token_ids")
+    context_ids, context_error = _token_ids(text_context, "text_context")
+    params = SamplingParams() if params is None else params
+    params_error = None
+    if not isinstance(params, SamplingParams):
+        params_error, params = f"params must be a SamplingParams, got {type(params).__name__}", SamplingParams()
+    embeds_error = None
+    # Anything else (torch.Tensor itself, a call forgotten) may have a `shape` that is no shape.
+    if prompt_embeds is not None and not isinstance(prompt_embeds, torch.Tensor):
+        embeds_error = f"prompt_embeds must be a torch.Tensor, got {type(prompt_embeds).__name__}"
+        prompt_embeds = None
+    seq = Sequence(request_id, prompt_ids, params, params.max_new_tokens, prompt_embeds=prompt_embeds,
+                   text_context=context_ids)
+    # An id that is not a string never enters the engine: it keys its requests by id, and in its step an unhashable
+    # one would fail every running request.
+    error = _request_id_error(request_id) or params_error or prompt_error or embeds_error or context_error
+    return seq, error
+
+
+def _token_ids(value: object, name: str) -> tuple[list[int], str | None]:
+    """`value`, an iterable of whole numbers or None, as a new list of ints; else ([], why, naming it `name`)."""
+    if value is None:
+        return [], None
+    refused = f"{name} must be a list of token ids (whole numbers)"
+    # A string iterates as characters and bytes as small ints.
+    if isinstance(value, (str, bytes, bytearray)):
+        return [], f"{refused}, got {type(value).__name__}"
+    try:
+        items = list(value)
+        # A bool is an int to Python, never a token id.
+        if any(isinstance(item, bool) for item in items):
+            raise TypeError("a bool is not a token id")
+        return [operator.index(item) for item in items], None
+    except Exception as exc:
+        return [], f"{refused}: {type(exc).__name__}: {exc}"
 
 
 def _output(seq: Sequence, delta: str, first_token: bool) -> SeqOutput:

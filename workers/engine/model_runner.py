@@ -77,8 +77,6 @@ class ModelRunner:
         """Why this sequence's prompt cannot go through the model, or None when it can."""
         if seq.prompt_embeds is not None:
             embeds = seq.prompt_embeds
-            if not isinstance(embeds, torch.Tensor):
-                return f"prompt_embeds must be a torch.Tensor, got {type(embeds).__name__}"
             if embeds.dim() != 2 or embeds.shape[0] == 0 or embeds.shape[1] != self.hidden_size:
                 return f"prompt_embeds must have shape [T>0, {self.hidden_size}], got {list(embeds.shape)}"
             if not embeds.is_floating_point():

@@ -81,11 +81,11 @@ class Sequence:
     def prompt_len(self) -> int:
         """Number of positions the prompt occupies in the KV cache.
 
-        Embeddings with no positions axis (a 0-dim tensor, not a tensor) count 0: the engine refuses them, and
-        reporting the refused request must not raise in the step that publishes every request's output.
+        Embeddings with no positions axis (a 0-dim tensor) count 0: the engine refuses them, and reporting the
+        refused request must not raise in the step that publishes every request's output.
         """
         if self.prompt_embeds is not None:
-            shape = getattr(self.prompt_embeds, "shape", ())
+            shape = self.prompt_embeds.shape
             return int(shape[0]) if len(shape) else 0
         return len(self.prompt_token_ids)
 
