@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from api.errors import ApiError
 from shared.batches import BatchStore
 from shared.celery_app import GENERATE_TASK, task_queue
-from shared.jobs import JobStore, NewJob, owner_id
+from shared.jobs import JobStore, NewJob, new_job_id, owner_id
 from shared.protocol import ErrorCode, GenerateRequest
 
 
@@ -104,16 +104,19 @@ class Submitter:
         """Settle every submission of `group`: admission, one write of all their records, one send of all tasks."""
         fresh = []
         for submission in group:
-            if submission.idempotency_key is not None and (not self._same_body(submission) or self._known(submission)):
+            if submission.idempotency_key is not None and self._settled_by_key(submission):
                 continue
             fresh.append(submission)
         admitted = self._admit(fresh)
         self._unclaim([submission for submission in fresh if submission.error is not None])
         created: list[tuple[str, str]] = []
+        written: list[str] = []  # every job whose record may be written: its write's answer may be lost
         try:
-            jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner)
+            jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner,
+                           job_id=new_job_id())
                     for submission in admitted if submission.idempotency_key is None
                     for request, queue in submission.requests]
+            written += [job.job_id for job in jobs]
             ids = iter(self.store.create_jobs(jobs))
             for submission in admitted:
                 if submission.idempotency_key is None:
@@ -121,39 +124,44 @@ class Submitter:
                     created += [(job_id, task_queue(queue, request.model))
                                 for job_id, (request, queue) in zip(submission.ids, submission.requests)]
                 else:
-                    submission.ids = self._create_keyed(submission, created)
+                    submission.ids = self._create_keyed(submission, created, written)
             send_many(self.celery, created)
         except Exception as exc:
-            # Recorded jobs whose tasks will not be sent end failed (if Redis lets us say so); every
-            # submission of the group gets the error (`submit`). Their idempotency keys are let go, so
-            # that retrying after the 503 submits the jobs again instead of finding the failed ones.
-            if not created:
+            # Recorded jobs whose tasks will not be sent end failed (if Redis lets us say so), those whose write's
+            # answer was lost too (they waited queued for good with no task); every submission of the group gets the
+            # error (`submit`). Their idempotency keys are let go, so that retrying after the 503 submits the jobs
+            # again instead of finding the failed ones.
+            if not written:
                 raise
-            failed = [job_id for job_id, _ in created]
-            error = unsent(self.store, failed, exc)
+            error = unsent(self.store, written, exc)
             self._forget_keys([submission for submission in admitted if submission.idempotency_key is not None],
-                              set(failed))
+                              set(written))
             self._unclaim(admitted)
             raise error from exc
         for submission in admitted:
             submission.settle(submission.ids)
 
-    def _same_body(self, submission: _Submission) -> bool:
-        """Whether `submission` repeats the request its idempotency key was first used with; if not, it is settled
-        with a 422 (Stripe's and the IETF Idempotency-Key draft's answer). It was a 202 with the first request's
-        jobs: the new request was dropped without a word. The first use of a key records its body's fingerprint."""
-        name = self._fingerprint_key(submission)
+    def _settled_by_key(self, submission: _Submission) -> bool:
+        """Settle a submission whose idempotency key was used before, in one round trip; True if it was settled.
+
+        A key first used with another request gets a 422 (Stripe's and the IETF Idempotency-Key draft's answer; it
+        was a 202 with the first request's jobs, the new request dropped without a word). A retry of a submission
+        that went through gets its jobs, even when the queue is full now. The first use of a key records its body's
+        fingerprint, and the submission goes on to be committed.
+        """
         fingerprint = _fingerprint(submission.requests)
-        if self.store.redis.set(name, fingerprint, nx=True, ex=self.store.ttl_seconds):
-            submission.claimed = True
+        recorded, first, known = self.store.check_idempotency(self._fingerprint_key(submission), fingerprint,
+                                                              self._keys(submission))
+        submission.claimed = recorded
+        if first is not None and first != fingerprint:  # (None: it expired or was let go just now)
+            submission.settle(error=ApiError(
+                422, "this Idempotency-Key was already used with a different request (another body, queue or number "
+                     "of jobs): send a new key for a new request", param="header.idempotency-key",
+                code=ErrorCode.INVALID_REQUEST))
             return True
-        first = self.store.redis.get(name)
-        if first is None or first == fingerprint:  # (None: it expired or was let go just now)
+        if all(known):
+            submission.settle(known)
             return True
-        submission.settle(error=ApiError(
-            422, "this Idempotency-Key was already used with a different request (another body, queue or number "
-                 "of jobs): send a new key for a new request", param="header.idempotency-key",
-            code=ErrorCode.INVALID_REQUEST))
         return False
 
     def _fingerprint_key(self, submission: _Submission) -> str:
@@ -166,15 +174,6 @@ class Submitter:
         names = [self._fingerprint_key(submission) for submission in submissions if submission.claimed]
         if names:
             self.store.redis.delete(*names)
-
-    def _known(self, submission: _Submission) -> bool:
-        """Settle a retried submission (every idempotency key already used) with its first jobs; True if it was one."""
-        keys = self._keys(submission)
-        known = self.store.idempotent_jobs(keys)
-        if all(known):  # a retry of a submission that went through: its jobs, even when the queue is full now
-            submission.settle(known)
-            return True
-        return False
 
     @staticmethod
     def _scoped_key(submission: _Submission) -> str:
@@ -190,16 +189,21 @@ class Submitter:
         key, count = cls._scoped_key(submission), len(submission.requests)
         return [key] if count == 1 else [f"{key}{BULK_ITEM_MARK}{i}" for i in range(count)]
 
-    def _create_keyed(self, submission: _Submission, created: list[tuple[str, str]]) -> list[str]:
+    def _create_keyed(self, submission: _Submission, created: list[tuple[str, str]], written: list[str]) -> list[str]:
         """Record the jobs of a submission with an idempotency key, one by one (a key already taken gives its job);
-        returns their ids, and adds the (id, Celery queue) of each newly created one to `created` as it goes."""
+        returns their ids, and adds the (id, Celery queue) of each newly created one to `created` as it goes, and
+        the id of each it tries to create to `written` before it does (a write whose answer is lost may be done)."""
         ids = []
         for key, (request, queue) in zip(self._keys(submission), submission.requests):
-            job_id, new = self.store.create(request, queue, deadline_seconds=getattr(request, "deadline_seconds", None),
+            written.append(new_job_id())
+            job_id, new = self.store.create(request, queue, written[-1],
+                                            deadline_seconds=getattr(request, "deadline_seconds", None),
                                             idempotency_key=key, owner=submission.owner)
             ids.append(job_id)
             if new:
                 created.append((job_id, task_queue(queue, request.model)))
+            else:
+                written.pop()  # the key's job, created and sent by an earlier submission
         return ids
 
     def _forget_keys(self, keyed: list[_Submission], job_ids: set[str]) -> None:

@@ -13,6 +13,7 @@ Chunk messages on the channel (JSON):
 """
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from shared.protocol import CONTEXT_OVERFLOW_MSG, ErrorCode, GenerateRequest
+
+log = logging.getLogger("llava_queue.jobs")
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
@@ -59,15 +62,19 @@ local ended
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   ended = 'cancel'
 elseif status == 'queued' then
-  local deadline = redis.call('HGET', KEYS[1], 'deadline')
-  if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[2]) then ended = 'expired' end
+  -- A deadline (or count below) that is no number (a record of another version, or edited by hand) counts as
+  -- absent, as JobStore.get reads it: comparing its nil raised, and the job failed at every start.
+  local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
+  if deadline and deadline < tonumber(ARGV[2]) then ended = 'expired' end
 end
 -- Starts that followed a hand-back (a worker told to stop) are no failed attempts: only the others count. Hand-backs
 -- have a bound of their own (MAX_HAND_BACKS): past it the job ends.
-local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back') or '0')
+local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back')) or 0
 if not ended and handed_back > tonumber(ARGV[8]) then ended = 'handed_back' end
-if not ended and redis.call('HINCRBY', KEYS[1], 'attempts', 1) - handed_back > tonumber(ARGV[6]) then
-  ended = 'exhausted'
+if not ended then
+  local attempts = (tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0) + 1
+  redis.call('HSET', KEYS[1], 'attempts', attempts)
+  if attempts - handed_back > tonumber(ARGV[6]) then ended = 'exhausted' end
 end
 if ended then
   -- The caller ends the job. One its earlier worker held (dead, or handing it back) becomes the caller's, whose
@@ -90,7 +97,19 @@ if status == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) en
 return outcome
 """
 
-_APPEND = """
+# The seq of a job's record (KEYS[1]) as the scripts read and count it. One that is no number (a record of another
+# version, or edited by hand) counts as 0: HINCRBY raised on it, and a script's error failed every call sent in the
+# same round trip (a step of every job a worker runs, the sweep of every overdue job before each admission).
+_SEQ_LUA = """
+local function seq_of(key) return tonumber(redis.call('HGET', key, 'seq')) or 0 end
+local function next_seq(key)
+  local seq = seq_of(key) + 1
+  redis.call('HSET', key, 'seq', seq)
+  return seq
+end
+"""
+
+_APPEND = _SEQ_LUA + """
 -- Only the worker that holds the job may write to it (a fence against a worker thought dead).
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then
   return -1
@@ -103,8 +122,8 @@ local function answer(seq)
 end
 -- A step written again (its first try's answer was lost with the connection) is not appended twice.
 if ARGV[5] ~= '' then
-  if tonumber(redis.call('HGET', KEYS[1], 'step') or '-1') >= tonumber(ARGV[5]) then
-    return tonumber(redis.call('HGET', KEYS[1], 'seq'))
+  if (tonumber(redis.call('HGET', KEYS[1], 'step')) or -1) >= tonumber(ARGV[5]) then
+    return seq_of(KEYS[1])
   end
   redis.call('HSET', KEYS[1], 'step', ARGV[5])
 end
@@ -112,10 +131,10 @@ if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3]) e
 if ARGV[1] == '' then
   -- A first token whose text is still held back (half a character, or maybe a stop string).
   redis.call('HSET', KEYS[1], 'completion_tokens', ARGV[2])
-  return answer(tonumber(redis.call('HGET', KEYS[1], 'seq')))
+  return answer(seq_of(KEYS[1]))
 end
 local text = (redis.call('HGET', KEYS[1], 'text') or '') .. ARGV[1]
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local seq = next_seq(KEYS[1])
 redis.call('HSET', KEYS[1], 'text', text, 'completion_tokens', ARGV[2])
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, delta = ARGV[1]}))
 return answer(seq)
@@ -142,13 +161,13 @@ local function end_batch_if_done(bkey, now)
 end
 """
 
-_FINISH = BATCH_END_LUA + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n" + """
+_FINISH = BATCH_END_LUA + _SEQ_LUA + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n" + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
 if ARGV[6] ~= '' and status ~= ARGV[6] then return status end
 if ARGV[9] ~= '' and status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 'fenced' end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local seq = next_seq(KEYS[1])
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
            'finish_reason', ARGV[4], 'finished_at', ARGV[5])
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'completion_tokens', ARGV[10]) end
@@ -198,13 +217,13 @@ end
 return status
 """
 
-_SET_PROMPT = """
+_SET_PROMPT = _SEQ_LUA + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3] then return -1 end  -- another worker holds it now
 -- This very write sent again (its answer was lost with the connection, after it ran): the prompt of this holder's
 -- start is written and published once (_START forgets `prompt_by` when the job changes hands).
-if redis.call('HGET', KEYS[1], 'prompt_by') == ARGV[3] then return tonumber(redis.call('HGET', KEYS[1], 'seq')) end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+if redis.call('HGET', KEYS[1], 'prompt_by') == ARGV[3] then return seq_of(KEYS[1]) end
+local seq = next_seq(KEYS[1])
 redis.call('HSET', KEYS[1], 'prompt', ARGV[1], 'prompt_tokens', ARGV[2], 'prompt_by', ARGV[3])
 redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, prompt = ARGV[1]}))
 return seq
@@ -244,10 +263,38 @@ redis.call('HINCRBY', KEYS[2], 'handed_back', 1)
 return 1
 """
 
+# A submission's Idempotency-Key checked in one round trip (api/submission.py): record the fingerprint ARGV[1] of its
+# body under KEYS[1] unless the key was used before (then answer the first body's), and the job each of KEYS[2..]
+# names. Answers {1 if recorded here, the first body's fingerprint or false, {job or false, ...}}.
+_CHECK_IDEMPOTENCY = """
+local first = false
+local recorded = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+if not recorded then first = redis.call('GET', KEYS[1]) end
+-- One GET a key: MGET with unpack(KEYS, 2) is a Lua error past 8,000 keys, and a bulk may hold 10,000 jobs.
+local jobs = {}
+for i = 2, #KEYS do jobs[i - 1] = redis.call('GET', KEYS[i]) end
+return {recorded and 1 or 0, first, jobs}
+"""
+
+
 T = TypeVar("T")
 
 _INT_FIELDS = ("seq", "error_code", "prompt_tokens", "completion_tokens", "attempts", "handed_back")
 _FLOAT_FIELDS = ("created_at", "started_at", "first_token_at", "finished_at")
+
+
+def _number(raw: dict[str, str], name: str, kind: type[int] | type[float], job_id: str) -> int | float | None:
+    """Field `name` of a job's raw record as a `kind`, or None where it is absent or no number (a record written by
+    another version, or by hand: it raised, and reading the job answered 500); such a field is logged."""
+    value = raw.get(name)
+    if not value:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        log.warning("job %s: field %s holds %r, which is no %s: read as absent", job_id, name, value[:100],
+                    kind.__name__)
+        return None
 
 
 def _sent_again_if_lost(write: Callable[[], T]) -> T:
@@ -315,13 +362,15 @@ class Snapshot:
 @dataclass(frozen=True)
 class NewJob:
     """A job to record as `queued` (`JobStore.create_jobs`): its request, queue, and optional deadline, owner
-    (an API key digest) and extra record fields."""
+    (an API key digest), extra record fields and id (a new one if None: one the caller chose lets it end the job
+    when the write's answer is lost)."""
 
     request: GenerateRequest
     queue: str
     deadline_seconds: float | None = None
     owner: str | None = None
     extra: dict[str, str | int] | None = None
+    job_id: str | None = None
 
 
 class JobStore:
@@ -342,6 +391,7 @@ class JobStore:
         self._set_prompt = client.register_script(_SET_PROMPT)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
+        self._check_idempotency = client.register_script(_CHECK_IDEMPOTENCY)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
@@ -376,17 +426,30 @@ class JobStore:
         `owner` (the submitting API key's digest) has the job counted against its queued-job quota.
         """
         job_id = job_id or new_job_id()
-        if idempotency_key is not None:
-            key = self.idempotency_key(idempotency_key)
-            if not self.redis.set(key, job_id, nx=True, ex=self.ttl_seconds):
-                existing = self.redis.get(key)
-                if existing:
-                    return existing, False
-        order = self.redis.incr(f"{self.prefix}:enqueue_order")
+        if idempotency_key is None:
+            order = self.redis.incr(f"{self.prefix}:enqueue_order")
+            with self.redis.pipeline(transaction=True) as pipe:
+                self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
+                pipe.execute()
+            return job_id, True
+        # The key is set in the transaction that writes the record: set a round trip before it (SET NX), a connection
+        # cut between the two left the key naming a job that did not exist, which every retry was given (then 404).
+        key = self.idempotency_key(idempotency_key)
         with self.redis.pipeline(transaction=True) as pipe:
-            self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
-            pipe.execute()
-        return job_id, True
+            while True:
+                try:
+                    pipe.watch(key)
+                    existing = pipe.get(key)
+                    if existing:
+                        return existing, False
+                    order = pipe.incr(f"{self.prefix}:enqueue_order")
+                    pipe.multi()
+                    pipe.set(key, job_id, ex=self.ttl_seconds)
+                    self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
+                    pipe.execute()
+                    return job_id, True
+                except redis.WatchError:
+                    continue  # another submission took the key meanwhile: its job is the one
 
     def create_many(self, requests: list[GenerateRequest], queue: str, *, deadline_seconds: float | None = None,
                     owner: str | None = None, extra: list[dict[str, str | int]] | None = None) -> list[str]:
@@ -403,7 +466,7 @@ class JobStore:
         if not jobs:
             return []
         last = self.redis.incrby(f"{self.prefix}:enqueue_order", len(jobs))
-        ids = [new_job_id() for _ in jobs]
+        ids = [job.job_id or new_job_id() for job in jobs]
         with self.redis.pipeline(transaction=transaction) as pipe:
             for index, (job_id, job) in enumerate(zip(ids, jobs)):
                 self._write_queued(pipe, job_id, job.request, job.queue, last - len(jobs) + 1 + index,
@@ -450,9 +513,14 @@ class JobStore:
         """Where the job created under an Idempotency-Key is remembered."""
         return f"{self.prefix}:idempotency:{idempotency_key}"
 
-    def idempotent_jobs(self, idempotency_keys: list[str]) -> list[str | None]:
-        """The job created under each idempotency key, or None where the key is unused."""
-        return self.redis.mget([self.idempotency_key(key) for key in idempotency_keys])
+    def check_idempotency(self, fingerprint_key: str, fingerprint: str,
+                          idempotency_keys: list[str]) -> tuple[bool, str | None, list[str | None]]:
+        """In one round trip: record `fingerprint` (a submission's body) under `fingerprint_key` unless it holds one
+        already, and read the job created under each idempotency key (None where it is unused). Returns (recorded
+        here, the fingerprint recorded before or None, the jobs)."""
+        keys = [fingerprint_key, *(self.idempotency_key(key) for key in idempotency_keys)]
+        recorded, first, jobs = self._check_idempotency(keys=keys, args=[fingerprint, self.ttl_seconds])
+        return bool(recorded), first, jobs
 
     def owner_key(self, owner: str) -> str:
         """Sorted set of an API key's jobs that may still be queued (pruned lazily by `owner_queued`)."""
@@ -537,16 +605,18 @@ class JobStore:
         raw = self.redis.hgetall(self.key(job_id))
         if not raw:
             return None
-        if raw.get("status") == "queued" and raw.get("deadline") and float(raw["deadline"]) < time.time():
+        deadline = _number(raw, "deadline", float, job_id)
+        if raw.get("status") == "queued" and deadline is not None and deadline < time.time():
             # Expire on read too, so a deadline holds even while no worker is sweeping.
             self.expire_overdue()
             raw = self.redis.hgetall(self.key(job_id))
         record: dict[str, Any] = dict(raw)
         for name in _INT_FIELDS:
-            record[name] = int(record.get(name) or 0)
+            record[name] = _number(raw, name, int, job_id) or 0
         for name in _FLOAT_FIELDS:
-            record[name] = float(record[name]) if record.get(name) else None
-        record["queue_position"] = self.queue_position(job_id, record["queue"]) if record["status"] == "queued" else None
+            record[name] = _number(raw, name, float, job_id)
+        queued = record.get("status") == "queued"
+        record["queue_position"] = self.queue_position(job_id, record.get("queue", "")) if queued else None
         return record
 
     def request_of(self, job_id: str) -> GenerateRequest | None:
@@ -579,8 +649,9 @@ class JobStore:
         values = self.redis.hmget(self.key(job_id), fields)
         if values[0] is None:
             return None
-        status, prompt, text, seq, error, error_code, finish_reason = values
-        return Snapshot(status, prompt or "", text or "", int(seq or 0), error or "", int(error_code or 0), finish_reason or "")
+        raw = dict(zip(fields, values))
+        return Snapshot(raw["status"], raw["prompt"] or "", raw["text"] or "", _number(raw, "seq", int, job_id) or 0,
+                        raw["error"] or "", _number(raw, "error_code", int, job_id) or 0, raw["finish_reason"] or "")
 
     def start(self, job_id: str, worker: str, model: str = "", max_attempts: int = 3, token: str = "") -> str:
         """Mark a job running on `worker`; a job submitted without a model name gets `model`.

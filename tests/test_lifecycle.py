@@ -906,7 +906,8 @@ def test_a_job_whose_ending_meets_a_failover_still_ends(loaded):
 def test_a_start_that_meets_a_redis_error_leaves_no_job_queued(loaded):
     # A start refused by Redis for a while (a failover: READONLY) failed its task, acknowledged, and left the job
     # "queued" with no task to run it, for good; it must wait, as for an outage, and run the job. A start refused for
-    # good (here the job's record holds a deadline the start cannot read) must end the job failed, saying why.
+    # good (here the start's script answers an error every time, as for a permission it lacks) must end the job
+    # failed, saying why.
     from shared.redis_server import RedisServer
 
     with RedisServer() as server:
@@ -925,7 +926,7 @@ def test_a_start_that_meets_a_redis_error_leaves_no_job_queued(loaded):
                 "succeeded", "succeeded", 1, 4), (outcome, record)
 
             job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
-            store.redis.hset(store.key(job_id), "deadline", "soon")
+            store._start = store.redis.register_script("return redis.error_reply('ERR the start is refused for good')")
             try:
                 outcome = runner.run(job_id)
             except Exception as exc:

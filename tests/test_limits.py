@@ -6,6 +6,7 @@ No worker runs here, so submitted jobs stay queued: exactly the state these limi
 import asyncio
 import concurrent.futures
 import json
+import logging
 import time
 
 import openai
@@ -17,7 +18,7 @@ import websockets
 from api.auth import key_digest
 from conftest import run_stack
 from shared.jobs import Ending, JobStore, WorkerRegistry
-from shared.protocol import EXHAUSTED_ERROR, ErrorCode
+from shared.protocol import EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from shared.redis_server import RedisServer
 from shared.settings import Settings
 
@@ -395,3 +396,41 @@ def test_without_a_quota_no_key_keeps_a_set_of_its_jobs(api_two_keys):
         assert post(api_two_keys, {"prompt": "hi"}).status_code == 202
     client = redis.Redis.from_url(api_two_keys.redis_url, decode_responses=True)
     assert not list(client.scan_iter(match="*:owner:*"))
+
+
+def test_a_record_with_a_field_that_is_no_number_is_read_and_run_as_without_it(caplog):
+    # A job record written by another version, or by hand, with a deadline, a time or a count that is no number:
+    # JobStore.get raised ValueError (GET /v1/jobs/{id} answered 500, a resumed job failed), and the worker's start
+    # was a Lua error ("attempt to compare nil with number") that failed the job. The field now counts as absent,
+    # and the read logs which field of which job it was.
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, "odd")
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        store.redis.hset(store.key(job_id), mapping={"deadline": "tomorrow", "started_at": "soon", "attempts": "x",
+                                                     "handed_back": "", "prompt_tokens": "1.5", "error_code": "none"})
+        with caplog.at_level(logging.WARNING, logger="llava_queue"):
+            record = store.get(job_id)
+        assert (record["status"], record["started_at"], record["attempts"], record["prompt_tokens"]) == (
+            "queued", None, 0, 0)
+        assert record["queue_position"] == 0 and isinstance(record["created_at"], float)
+        logged = " ".join(entry.getMessage() for entry in caplog.records)
+        assert all(name in logged for name in ("deadline", "started_at", "attempts", "prompt_tokens")), logged
+        assert job_id in logged
+        followed = store.snapshot(job_id)  # what a WebSocket follower reads first
+        assert (followed.status, followed.error_code) == ("queued", 0)
+        assert store.start(job_id, "w1") == "running"
+        assert store.get(job_id)["attempts"] == 1
+        store.redis.close()
+
+
+def test_polling_a_record_with_a_field_that_is_no_number_answers_it(api_two_keys):
+    # GET /v1/jobs/{id} of a record whose deadline or created_at is no number (another version's, or edited by
+    # hand) answered 500; now the job as it is, the bad field absent.
+    job_id = post(api_two_keys, {"prompt": "hi", "deadline_seconds": 60}).json()["id"]
+    client = redis.Redis.from_url(api_two_keys.redis_url, decode_responses=True)
+    key = next(iter(client.scan_iter(match=f"*:job:{job_id}")))
+    client.hset(key, mapping={"deadline": "in a minute", "created_at": "now"})
+    job = requests.get(f"{api_two_keys.base_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=10)
+    assert job.status_code == 200, job.text
+    assert (job.json()["status"], job.json()["created_at"], job.json()["prompt"]) == ("queued", None, "hi")

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from api.errors import ApiError
 from api.submission import Submitter
@@ -256,3 +257,146 @@ def test_jobs_past_their_deadline_leave_room_in_the_queue_with_no_worker_up(redi
     time.sleep(0.3)
     [job_id] = submitter.submit([(JobRequest(prompt="fits now"), "interactive")])
     assert store.queue_lengths()["interactive"] == 1 and store.get(job_id)["status"] == "queued"
+
+
+def test_an_idempotency_key_is_checked_in_one_round_trip(redis_url):
+    # A submission with an Idempotency-Key asked Redis whether the key was used with another body (SET NX, then GET
+    # when it was), then whether its jobs exist (MGET): up to three round trips, one after another, before its group
+    # was committed. Now one script answers all of it; what each submission gets is unchanged.
+    class Counting(redis.Connection):
+        """Counts the requests the client sends (a pipeline is one): Redis round trips."""
+
+        sent = 0
+
+        def send_packed_command(self, *args, **kwargs):
+            Counting.sent += 1
+            return super().send_packed_command(*args, **kwargs)
+
+    class FirstWrite(HeldStore):
+        """Notes how many round trips had been sent when the first job of a submission was written."""
+
+        at_write: int | None = None
+
+        def create(self, *args, **kwargs):
+            if self.at_write is None:
+                self.at_write = Counting.sent
+            return super().create(*args, **kwargs)
+
+    pool = redis.ConnectionPool.from_url(redis_url, decode_responses=True, connection_class=Counting)
+    store = FirstWrite(redis.Redis(connection_pool=pool), "sub")
+    store.release.set()  # no holding here
+    submitter = Submitter(store, make_celery(Settings(redis_url=redis_url)))
+    request = [(GenerateRequest(prompt="once"), "interactive")]
+    submitter.submit(request, idempotency_key="warm-up")  # loads the script
+
+    def round_trips(requests_, key) -> tuple[int, object]:
+        store.at_write, before = None, Counting.sent
+        try:
+            answer = submitter.submit(requests_, idempotency_key=key)
+        except ApiError as refused:
+            answer = refused
+        return (store.at_write if store.at_write is not None else Counting.sent) - before, answer
+
+    sent, ids = round_trips(request, "k")  # a first use: one round trip before its job is written
+    assert sent == 1 and len(ids) == 1
+    assert round_trips(request, "k") == (1, ids)  # a retry: its job, in one round trip
+    sent, refused = round_trips([(GenerateRequest(prompt="other"), "interactive")], "k")  # another body: 422
+    assert sent == 1 and isinstance(refused, ApiError) and refused.status == 422
+    bulk = request * 2
+    sent, bulk_ids = round_trips(bulk, "bulk")
+    assert sent == 1 and len(bulk_ids) == 2
+    assert round_trips(bulk, "bulk") == (1, bulk_ids)
+    assert len(queued_messages(store)) == 4
+
+
+class CutOff(HeldStore):
+    """A HeldStore whose connection to Redis breaks while it writes the jobs numbered in `cut` (counted from 0 over
+    every job it writes): what a Redis restart or a network cut between two round trips does."""
+
+    cut: set[int] = set()
+    written = 0
+
+    def _write_queued(self, pipe, *args, **kwargs):
+        self.written += 1
+        if self.written - 1 in self.cut:
+            raise redis.ConnectionError("Connection reset by peer (cut by the test)")
+        return super()._write_queued(pipe, *args, **kwargs)
+
+
+def test_a_keyed_submission_cut_off_by_redis_leaves_no_key_naming_a_job_that_does_not_exist(redis_url):
+    # The job created under an Idempotency-Key was claimed (SET NX) a round trip before its record was written: a
+    # connection cut between them left the key naming a job that does not exist. The client's retry got that id (202)
+    # and then 404 for it, for good: the job was lost. Now the key is set in the transaction that writes the record.
+    store = CutOff.from_url(redis_url, "sub")
+    store.cut = {0, 2}  # the single job's write; the second job of the bulk
+    store.release.set()  # no holding here
+    submitter = Submitter(store, make_celery(Settings(redis_url=redis_url)))
+    single = [(GenerateRequest(prompt="once"), "interactive")]
+    bulk = [(GenerateRequest(prompt=f"b{index}"), "interactive") for index in range(2)]
+    for requests_, key in ((single, "single"), (bulk, "bulk")):
+        with pytest.raises((redis.ConnectionError, ApiError)):
+            submitter.submit(requests_, idempotency_key=key)
+        ids = submitter.submit(requests_, idempotency_key=key)  # the client's retry
+        records = [store.get(job_id) for job_id in ids]
+        assert [record and record["status"] for record in records] == ["queued"] * len(requests_), ids
+        assert submitter.submit(requests_, idempotency_key=key) == ids
+    assert len(queued_messages(store)) == 3
+
+
+def test_an_old_record_that_a_script_cannot_count_on_leaves_the_other_overdue_jobs_to_expire(redis_url):
+    # A queued job past its deadline whose record holds a seq that is no number (written by another version, or by
+    # hand) made the ending script raise ("hash value is not an integer"). The sweep before every admission stopped
+    # there: every submission under a queue limit was refused with that error (a 500), the job stayed in the
+    # deadline set to break the next one, and the other overdue jobs were never expired. Its seq now counts as 0.
+    submitter, store = make_submitter(redis_url, max_queued=2)
+    store.release.set()  # no holding here
+    ids = submitter.submit([(JobRequest(prompt="soon gone", deadline_seconds=0.2), "interactive")] * 2)
+    store.redis.hset(store.key(ids[0]), "seq", "x")
+    time.sleep(0.3)
+    [job_id] = submitter.submit([(JobRequest(prompt="fits now"), "interactive")])
+    assert [store.get(expired)["status"] for expired in ids] == ["expired", "expired"]
+    assert store.get(ids[0])["seq"] == 1 and store.get(job_id)["status"] == "queued"
+
+
+class AnswerLost(HeldStore):
+    """A HeldStore whose first write of jobs (`create_jobs`, or `create` under an idempotency key) reaches Redis and
+    then loses its answer with the connection: the records are written, and the caller hears an error."""
+
+    lost = False
+
+    def _lose_the_answer(self):
+        if not self.lost:
+            self.lost = True
+            raise redis.ConnectionError("Connection reset by peer (after the write, cut by the test)")
+
+    def create_jobs(self, jobs, transaction=True):
+        ids = super().create_jobs(jobs, transaction)
+        if jobs:
+            self._lose_the_answer()
+        return ids
+
+    def create(self, *args, **kwargs):
+        created = super().create(*args, **kwargs)
+        self._lose_the_answer()
+        return created
+
+
+def test_jobs_written_before_their_answer_was_lost_do_not_wait_for_ever_unsent(redis_url):
+    # A write of jobs whose answer was lost (Redis wrote them, then the connection broke) raised before their tasks
+    # were sent, and nothing ended them: they stayed queued for good with no task to run them, holding places in the
+    # queue and their key's quota. Under an Idempotency-Key it was worse: the client's retry was given that job,
+    # which never ran. Now they end failed, as jobs whose tasks could not be sent, and the key is let go.
+    for keyed in (False, True):
+        store = AnswerLost.from_url(redis_url, f"lost-{keyed}")
+        store.release.set()  # no holding here
+        submitter = Submitter(store, make_celery(Settings(redis_url=redis_url)))
+        key = {"idempotency_key": "k"} if keyed else {}
+        request = [(GenerateRequest(prompt="once"), "interactive")]
+        with pytest.raises((redis.ConnectionError, ApiError)):
+            submitter.submit(request, owner="key-a", **key)
+        assert store.queue_lengths() == {"interactive": 0, "batch": 0}, keyed  # none waits without a task
+        [ended] = [store.get(name.rpartition(":")[2]) for name in store.redis.scan_iter(f"lost-{keyed}:job:*")]
+        assert ended["status"] == "failed" and "could not enqueue the job" in ended["error"]
+        if keyed:
+            [job_id] = submitter.submit(request, owner="key-a", **key)  # the client's retry: a job that runs
+            assert store.get(job_id)["status"] == "queued" and job_id in queued_messages(store)

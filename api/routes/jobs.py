@@ -53,7 +53,7 @@ class JobView(BaseModel):
     finish_reason: str | None
     usage: Usage
     params: Params
-    created_at: float
+    created_at: float | None  # None only for a record whose created_at is no number (JobStore.get)
     started_at: float | None
     first_token_at: float | None
     finished_at: float | None
