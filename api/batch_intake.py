@@ -134,7 +134,7 @@ class Intake:
             extra=[{"batch": self.batch_id, "batch_line": first_line + index} for index, _ in jobs]) if jobs else []
         for (index, _), job_id in zip(jobs, ids):
             entries[index]["job"] = job_id
-        self.status = self.batches.add_lines(self.batch_id, entries)
+        self.status = self.batches.add_lines(self.batch_id, entries, self.format)
         self._unsent += [(job_id, task_queue(BATCH_QUEUE, request.model)) for job_id, (_, request) in zip(ids, jobs)]
         return self.status
 

@@ -11,9 +11,10 @@ needs no process watching it, results outlive job records, and any API replica c
 Statuses (OpenAI's): validating → in_progress → finalizing → completed; failed (no line could
 be read); cancelling → cancelled; expired (lines still queued when the completion window passed).
 Output files are assembled from the lines and results when they are read; deleting one (DELETE /v1/files/{id})
-drops the results it shows and marks it deleted (`output_deleted_at`, `errors_deleted_at`).
+drops the results it shows and its lines' job records, and marks it deleted (`output_deleted_at`, `errors_deleted_at`).
 """
 
+import itertools
 import json
 import math
 import time
@@ -47,10 +48,11 @@ return 1
 """
 
 # Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch. A batch
-# cancelled while it was read gets its count too, so that it ends `cancelled` with its last line.
+# cancelled while it was read gets its count too, so that it ends `cancelled` with its last line; so does one that
+# ended `cancelled` already (failed as abandoned after the cancel, while this reader went on: see _FAIL).
 _ACTIVATE = BATCH_END_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
-local cancelled = status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0
+local cancelled = (status == 'cancelling' or status == 'cancelled') and redis.call('HEXISTS', KEYS[1], 'total') == 0
 if status ~= 'validating' and not cancelled then return status end
 redis.call('HSET', KEYS[1], 'total', ARGV[1], 'invalid', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'ended', tonumber(ARGV[2]))
@@ -128,8 +130,11 @@ _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The API process reading a batch file renews this lease with every chunk of lines it queues.
 READER_LEASE_SECONDS = 60
 # Lines per chunk of a batch-wide write (cancel its jobs: one read of their entries, one pipeline of cancel requests, one
-# of endings; drop a deleted file's results): a few round trips per thousand lines, not one or two per line.
+# of endings; drop a deleted file's results and job records; the keys of a files scan): a few round trips per thousand
+# lines, not one or two per line.
 BULK_LINES = 1000
+# Uploads missing from the files index are looked for at most this often (see `BatchStore.index_files`).
+FILES_SCAN_SECONDS = 3600
 
 
 def new_batch_id() -> str:
@@ -225,15 +230,18 @@ class BatchStore:
             pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
             pipe.execute()
 
-    def add_lines(self, batch_id: str, entries: list[dict[str, Any]]) -> str:
-        """Append lines (file order) to the batch: each entry names its job, or says why the line was refused.
-        Returns the batch's status: anything but `validating` (cancelled, or failed as abandoned) tells the
-        reader to stop.
+    def add_lines(self, batch_id: str, entries: list[dict[str, Any]], file_format: str | None = None) -> str:
+        """Append lines (file order) to the batch: each entry names its job, or says why the line was refused; and
+        record the file's format once known ("llava" or "openai"), which the output files are written in even if the
+        file is never read to its end. Returns the batch's status: anything but `validating` (cancelled, or failed
+        as abandoned) tells the reader to stop.
 
         Also renews the reader's lease: a batch left `validating` without one was abandoned by an API
         process that died while reading it (see `abandoned`).
         """
         with self.redis.pipeline(transaction=False) as pipe:
+            if file_format:
+                pipe.hset(self.key(batch_id), "format", file_format)
             pipe.rpush(self.lines_key(batch_id), *[json.dumps(entry) for entry in entries])
             pipe.expire(self.lines_key(batch_id), self.ttl_seconds)
             pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
@@ -302,7 +310,10 @@ class BatchStore:
         start = 0
         if after:
             rank = self.redis.zrevrank(self.index_key, after)
-            start = 0 if rank is None else rank + 1
+            if rank is None:
+                # It left the index as it expired (past the TTL), as every batch older than it did: none follows.
+                return [], False
+            start = rank + 1
         ids = self.redis.zrevrange(self.index_key, start, start + limit)
         batches, gone = [], []
         for batch_id in ids[:limit]:
@@ -347,17 +358,19 @@ class BatchStore:
         return {"tokens_per_second": round(record["completion_tokens"] / elapsed, 2),
                 "estimated_seconds_left": None if estimate is None else math.ceil(estimate)}
 
-    def delete_output(self, batch_id: str, kind: str, numbers: Sequence[int]) -> bool:
-        """Delete the batch's `kind` file ("output" or "errors"): mark it deleted (field `<kind>_deleted_at`) and drop
-        the results of its lines, by line number (`numbers`); False if it was deleted already (or the batch is gone).
-        The record keeps its counts."""
-        if not self._delete_output(keys=[self.key(batch_id)], args=[f"{kind}_deleted_at", repr(time.time())]):
-            return False
+    def delete_output(self, batch_id: str, kind: str, numbers: Sequence[int], job_ids: Sequence[str]) -> bool:
+        """Delete the batch's `kind` file ("output" or "errors"): drop the results of its lines, by line number
+        (`numbers`), delete the records of their jobs (`job_ids`, ended ones), which hold the same answers
+        (GET /v1/jobs/{id}), and mark it deleted (field `<kind>_deleted_at`); False if it was deleted already (or the
+        batch is gone). The mark comes last, and the job records before the results that name them: a deletion cut
+        short (Redis away) is made again in full, not refused as done. The record keeps its counts."""
         with self.redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(job_ids), BULK_LINES):
+                pipe.delete(*[self.store.key(job_id) for job_id in job_ids[start:start + BULK_LINES]])
             for start in range(0, len(numbers), BULK_LINES):
                 pipe.hdel(self.results_key(batch_id), *numbers[start:start + BULK_LINES])
             pipe.execute()
-        return True
+        return bool(self._delete_output(keys=[self.key(batch_id)], args=[f"{kind}_deleted_at", repr(time.time())]))
 
     def batch_index(self) -> Sequence[tuple[str, float]]:
         """The owner's batch ids, with their creation times, oldest first."""
@@ -367,19 +380,54 @@ class BatchStore:
     def file_key(self, file_id: str) -> str:
         return f"{self.prefix}:file:{file_id}"
 
+    def _files_index(self, owner: str) -> str:
+        return f"{self.prefix}:files" + (f":{owner}" if owner else "")
+
     @property
     def files_index_key(self) -> str:
         """Sorted set of the owner's uploaded file ids by upload time (GET /v1/files)."""
-        return f"{self.prefix}:files" + (f":{self.owner}" if self.owner else "")
+        return self._files_index(self.owner)
+
+    @property
+    def files_scanned_key(self) -> str:
+        """Set while the last scan for uploads missing from the files indexes is recent (see `index_files`)."""
+        return f"{self.prefix}:files_scanned"
 
     def uploaded_files(self) -> Sequence[tuple[str, float]]:
-        """The owner's uploaded file ids, with their upload times, oldest first (some may have expired since)."""
-        return self.redis.zrange(self.files_index_key, 0, -1, withscores=True)
+        """The owner's uploaded file ids, with their upload times, oldest first. Files deleted or expired since stay
+        until they are older than the TTL (the list skips them): a list's `after` may name one, and goes on from its
+        place."""
+        if not self.redis.exists(self.files_scanned_key):
+            self.index_files()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self.files_index_key, "-inf", time.time() - self.ttl_seconds)
+            pipe.zrange(self.files_index_key, 0, -1, withscores=True)
+            return pipe.execute()[-1]
 
-    def forget_files(self, file_ids: Sequence[str]) -> None:
-        """Take expired files out of the owner's index."""
-        if file_ids:
-            self.redis.zrem(self.files_index_key, *file_ids)
+    def index_files(self) -> None:
+        """Add every upload kept in Redis (every owner's) to its owner's index where it is missing: uploads kept by a
+        version without the index (before GET /v1/files, or by an API replica not yet upgraded) were never listed.
+        A scan of the keys, in chunks; once done, none again for FILES_SCAN_SECONDS (one list call pays for it, not
+        every one, and a replica of the old version still running adds none for long)."""
+        keys = self.redis.scan_iter(match=f"{self.prefix}:file:*", count=BULK_LINES)
+        while chunk := list(itertools.islice(keys, BULK_LINES)):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.hmget(key, ["meta", "owner"])
+                    pipe.pttl(key)
+                found = pipe.execute()
+            now = time.time()
+            with self.redis.pipeline(transaction=False) as pipe:
+                for (raw, owner), left_ms in zip(found[::2], found[1::2]):
+                    if raw:  # not expired meanwhile
+                        meta, index = json.loads(raw), self._files_index(owner or "")
+                        # Its upload time as its TTL tells it (`created_at` has whole seconds only), so that it leaves
+                        # the index as its key expires.
+                        uploaded = now + left_ms / 1000 - self.ttl_seconds if left_ms >= 0 else meta["created_at"]
+                        pipe.zadd(index, {meta["id"]: uploaded}, nx=True)
+                        pipe.expire(index, self.ttl_seconds)
+                pipe.execute()
+        self.redis.set(self.files_scanned_key, "1", ex=FILES_SCAN_SECONDS)
 
     def save_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
         """Store an uploaded file; returns its description (`id`, `bytes`, `created_at`, `filename`, `purpose`)."""
@@ -412,10 +460,8 @@ class BatchStore:
         return content if (owner or "") == self.owner else None
 
     def delete_file(self, file_id: str) -> bool:
-        """Delete an uploaded file of the owner's; False if unknown (or another key's)."""
+        """Delete an uploaded file of the owner's; False if unknown (or another key's). Its entry in the index stays
+        (see `uploaded_files`)."""
         if self.file_meta(file_id) is None:
             return False
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.file_key(file_id))
-            pipe.zrem(self.files_index_key, file_id)
-            return bool(pipe.execute()[0])
+        return bool(self.redis.delete(self.file_key(file_id)))

@@ -809,3 +809,232 @@ def test_lines_queued_before_redis_went_away_while_the_file_was_read_do_not_run(
     finally:
         for server in servers:
             server.stop()
+
+
+def upload_file(client, name: str, headers: dict | None = None) -> str:
+    response = client.post("/v1/files", files={"file": (name, jsonl(questions(1)))}, data={"purpose": "batch"},
+                           headers=headers or {})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def listed_files(client, query: str = "", headers: dict | None = None) -> list[str]:
+    response = client.get(f"/v1/files?{query}", headers=headers or {})
+    assert response.status_code == 200, response.text
+    return [file["id"] for file in response.json()["data"]]
+
+
+def test_files_uploaded_before_the_file_list_existed_are_listed():
+    # Uploads kept by a version without GET /v1/files have no entry in the index the list reads: none was listed.
+    import redis as redis_lib
+
+    from api.auth import key_digest
+    from api.main import create_app
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+
+    keys = ["old-files-key-1", "old-files-key-2"]
+    mine, theirs = ({"Authorization": f"Bearer {key}"} for key in keys)
+    with RedisServer() as server, TestClient(create_app(Settings(
+            redis_url=server.url, api_key_hashes=[key_digest(key) for key in keys]))) as client:
+        ids = [upload_file(client, f"f{index}.jsonl", mine) for index in range(2)]
+        other = upload_file(client, "theirs.jsonl", theirs)
+        raw = redis_lib.Redis.from_url(server.url)
+        raw.delete(*raw.keys("llq:files*"))  # as the earlier version left its uploads: in no index
+        assert listed_files(client, headers=mine) == ids[::-1]
+        assert listed_files(client, headers=theirs) == [other]
+
+
+def test_the_file_list_goes_on_after_a_file_deleted_or_expired_since_it_was_listed():
+    # A page's `after` naming a file that has gone since started the list again from its first file: a client paging
+    # through saw files twice (and could loop).
+    import redis as redis_lib
+
+    from api.main import create_app
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+
+    with RedisServer() as server, TestClient(create_app(Settings(redis_url=server.url,
+                                                                 batch_ttl_seconds=5))) as client:
+        ids = [upload_file(client, f"f{index}.jsonl") for index in range(4)]
+        assert listed_files(client, "limit=2") == [ids[3], ids[2]]
+        assert client.delete(f"/v1/files/{ids[2]}").status_code == 200
+        assert listed_files(client, f"after={ids[2]}") == [ids[1], ids[0]]
+        redis_lib.Redis.from_url(server.url).delete(f"llq:file:{ids[1]}")  # as its TTL makes it
+        assert listed_files(client, f"after={ids[1]}") == [ids[0]]
+        assert listed_files(client, f"order=asc&after={ids[1]}") == [ids[3]]
+        # Past the TTL the files have left the index as well: one it no longer holds is older than every file listed.
+        time.sleep(5.2)
+        new = upload_file(client, "new.jsonl")
+        assert listed_files(client, f"after={ids[3]}") == []
+        assert listed_files(client, f"order=asc&after={ids[3]}") == [new]
+
+
+def test_deleting_a_batch_file_deletes_its_lines_job_records(tiny_llava_stack):
+    # The answers of a deleted output file stayed readable at GET /v1/jobs/{id} of the batch's jobs (for
+    # JOB_TTL_SECONDS); as on OpenAI, deleting the file deletes its content. The same for the errors file.
+    base = tiny_llava_stack.base_url
+    content = jsonl([*questions(1, image=False), {"question_id": 1, "text": "hello " * 1000}])
+    batch = wait_for_batch(tiny_llava_stack, upload_batch(tiny_llava_stack, content, temperature=0,
+                                                          max_new_tokens=2)["id"])
+    answered, overflowed = [line["job_id"] for line in
+                            requests.get(f"{base}/v1/batches/{batch['id']}/lines", timeout=10).json()["data"]]
+    assert requests.get(f"{base}/v1/jobs/{answered}", timeout=10).json()["text"]
+    assert requests.delete(f"{base}/v1/files/{batch['output_file_id']}", timeout=10).status_code == 200
+    assert requests.get(f"{base}/v1/jobs/{answered}", timeout=10).status_code == 404
+    assert requests.get(f"{base}/v1/jobs/{overflowed}", timeout=10).status_code == 200
+    assert requests.delete(f"{base}/v1/files/{batch['error_file_id']}", timeout=10).status_code == 200
+    assert requests.get(f"{base}/v1/jobs/{overflowed}", timeout=10).status_code == 404
+
+
+def test_the_batch_list_goes_on_after_a_batch_expired_since_it_was_listed():
+    # A page's `after` naming a batch that had expired since (and left the index) started the list again from the
+    # newest batch: a client paging through saw batches twice.
+    import redis as redis_lib
+
+    from api.main import create_app
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+
+    with RedisServer() as server, TestClient(create_app(Settings(redis_url=server.url))) as client:
+        ids = [client.post("/v1/batches", files={"file": ("q.jsonl", jsonl(questions(1, image=False)))}).json()["id"]
+               for _ in range(3)]
+        page = client.get("/v1/batches?limit=2").json()
+        assert [batch["id"] for batch in page["data"]] == [ids[2], ids[1]] and page["has_more"], page
+        redis_lib.Redis.from_url(server.url).delete(*[f"llq:batch:{batch_id}" for batch_id in ids[:2]])  # their TTL
+        assert [batch["id"] for batch in client.get("/v1/batches").json()["data"]] == [ids[2]]
+        rest = client.get(f"/v1/batches?after={ids[1]}").json()
+        assert rest["data"] == [] and rest["has_more"] is False, rest
+
+
+def test_a_batch_cancelled_and_then_failed_as_abandoned_while_read_leaves_no_job_queued():
+    # Cancelled while its file was read, then failed as abandoned (its reader's lease had lapsed) while the reader went
+    # on: the batch ended `cancelled` at once, and the jobs of the chunk its reader was writing stayed queued for good
+    # (never sent to a worker, never ended: places in the queue and in the key's quota taken for ever).
+    import io
+
+    from api.routes.batches import BatchCreate, create, settled
+    from shared.batches import BatchStore
+    from shared.jobs import JobStore
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+
+    class NoWorkers:
+        def workers(self) -> list:
+            return []
+
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url)
+        batches = BatchStore(store, 3600)
+
+        class ReadSlowly(io.BytesIO):
+            """A file whose reading is overtaken, at its 600th line (the first 500 are queued), by a cancel and then
+            by a read of the batch that finds its reader's lease lapsed."""
+
+            counted, read = False, 0
+
+            def seek(self, *args):
+                self.counted = True  # count_lines is done: the batch reads it now
+                return super().seek(*args)
+
+            def readline(self, *args):
+                self.read += self.counted
+                if self.read == 600:
+                    [batch_id] = batches.redis.zrange(batches.index_key, 0, -1)
+                    assert batches.request_cancel(batch_id) == "cancelling"
+                    batches.cancel_jobs(batch_id)
+                    batches.redis.delete(batches.reader_key(batch_id))
+                    batches.redis.hset(batches.key(batch_id), "created_at", repr(time.time() - 120))
+                    assert settled(batches, batches.get(batch_id))["status"] == "cancelled"
+                return super().readline(*args)
+
+        batch = create(BatchCreate(temperature=0, max_new_tokens=2), ReadSlowly(jsonl(questions(2000, image=False))),
+                       store, batches, None, NoWorkers(), Settings(redis_url=server.url), None)
+        assert batch["status"] == "cancelled", batch
+        assert batches.get(batch["id"])["total"] == 1000
+        statuses = [store.get(job_id)["status"] for job_id in batches.job_ids(batch["id"])]
+        assert len(statuses) == 1000 and "queued" not in statuses, {status: statuses.count(status)
+                                                                     for status in set(statuses)}
+
+
+def test_an_openai_batch_whose_reader_died_keeps_openai_error_lines():
+    # The batch's format was written once its whole file was read: an OpenAI batch whose reader died part-way had none,
+    # and its errors file (the lines read, cancelled) came in the question file's shape, without their custom_id.
+    import io
+
+    from api.routes.batches import BatchCreate, create, output_lines, settled
+    from shared.batches import BatchStore
+    from shared.jobs import JobStore
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+
+    class OneWorker:
+        def workers(self) -> list:
+            return [{"model": "llava-v1.5-tiny"}]
+
+    class ReaderDies(io.BytesIO):
+        """A file whose reader stops at its 600th line (the first 500 are recorded), as when its API process dies."""
+
+        counted, read = False, 0
+
+        def seek(self, *args):
+            self.counted = True
+            return super().seek(*args)
+
+        def readline(self, *args):
+            self.read += self.counted
+            if self.read == 600:
+                raise SystemExit("the API process stops")
+            return super().readline(*args)
+
+    body = {"model": "llava-v1.5-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    lines = [{"custom_id": f"request-{index}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+             for index in range(1000)]
+    with RedisServer() as server:
+        batches = BatchStore(JobStore.from_url(server.url), 3600)
+        with pytest.raises(SystemExit):
+            create(BatchCreate(), ReaderDies(jsonl(lines)), batches.store, batches, None, OneWorker(),
+                   Settings(redis_url=server.url), None)
+        [batch_id] = batches.redis.zrange(batches.index_key, 0, -1)
+        batches.redis.delete(batches.reader_key(batch_id))
+        batches.redis.hset(batches.key(batch_id), "created_at", repr(time.time() - 120))
+        record = settled(batches, batches.get(batch_id))
+        assert record["status"] == "failed", record
+        errors = [json.loads(line) for line in output_lines(batches, record, errors=True)]
+        assert [error["custom_id"] for error in errors] == [f"request-{index}" for index in range(500)]
+        assert {error["error"]["code"] for error in errors} == {"batch_cancelled"}, errors[0]
+
+
+def test_a_batch_file_deletion_cut_short_by_redis_can_be_made_again():
+    # The file was marked deleted before its answers were: a DELETE cut short in between (Redis away) left the answers
+    # in the results and job records, and the DELETE made again was a 404 ("was deleted").
+    import redis as redis_lib
+
+    from api.routes.batches import delete_output
+    from shared.batches import BatchStore, new_batch_id
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+    from shared.redis_server import RedisServer
+
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url)
+        batches = BatchStore(store, 3600)
+        batch_id = new_batch_id()
+        batches.create(batch_id, {"params": {}})
+        [job_id] = store.create_many([GenerateRequest(prompt="hi")], "batch",
+                                     extra=[{"batch": batch_id, "batch_line": 0}])
+        batches.add_lines(batch_id, [{"line": 1, "job": job_id, "question_id": 0, "prompt": "hi"}])
+        batches.activate(batch_id, 1, 0)
+        store.finish(job_id, "succeeded")
+        record = batches.get(batch_id)
+        assert record["status"] == "completed", record
+
+        def redis_away(*args, **kwargs):
+            raise redis_lib.ConnectionError("Redis went away")
+
+        batches.redis.pipeline = redis_away
+        with pytest.raises(redis_lib.ConnectionError):
+            delete_output(batches, record, errors=False)
+        del batches.redis.pipeline
+        assert delete_output(batches, batches.get(batch_id), errors=False) is True
+        assert store.get(job_id) is None and not batches.redis.exists(batches.results_key(batch_id))

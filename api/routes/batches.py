@@ -265,10 +265,10 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
     if errors:
         fields["errors"] = json.dumps(errors)
     batches.redis.hset(batches.key(batch_id), mapping=fields)
-    if batches.activate(batch_id, intake.total, intake.invalid) in ("failed", "cancelling") and \
+    if batches.activate(batch_id, intake.total, intake.invalid) in ("failed", "cancelling", "cancelled") and \
             intake.total > intake.invalid:
-        # Cancelled while it was read, or failed as abandoned while this slow reader went on (its lease lapsed): the
-        # jobs of the lines read since the cancel (or of every line) go too.
+        # Cancelled while it was read, or failed as abandoned while this slow reader went on (its lease lapsed; after a
+        # cancel, that ended it `cancelled`): the jobs of the lines read since (or of every line) go too.
         batches.cancel_jobs(batch_id)
     return batch_view(batches, batches.get(batch_id))
 
@@ -437,25 +437,29 @@ def _openai_line(number: int, entry: dict, result: dict | None) -> tuple[str | N
 
 
 def _file_lines(batches: BatchStore, record: dict[str, Any],
-                errors: bool) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line number, result, its line in the file) for each line of the output (or errors) file, in input order."""
+                errors: bool) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None, str]]:
+    """(line number, line entry, result, its line in the file) for each line of the output (or errors) file, in input
+    order."""
     convert = _openai_line if record.get("format") == "openai" else _llava_line
     for number, entry, result in batches.lines(record["id"]):
         line = convert(number, entry, result)[1 if errors else 0]
         if line is not None:
-            yield number, result, line
+            yield number, entry, result, line
 
 
 def output_lines(batches: BatchStore, record: dict[str, Any], errors: bool) -> Iterator[str]:
     """The batch's output file (answers, or OpenAI's output) or its errors file, line by line in input order."""
-    return (line for _, _, line in _file_lines(batches, record, errors))
+    return (line for *_, line in _file_lines(batches, record, errors))
 
 
 def delete_output(batches: BatchStore, record: dict[str, Any], errors: bool) -> bool:
-    """Delete the batch's output (or errors) file: the lines' results it shows go (a line refused when the file was
-    read keeps its reason, which the batch's `errors` lists too); False if it was deleted already."""
-    numbers = [number for number, result, _ in _file_lines(batches, record, errors) if result is not None]
-    return batches.delete_output(record["id"], file_kind(errors), numbers)
+    """Delete the batch's output (or errors) file: the lines' results it shows go, and their jobs' records (a line
+    refused when the file was read keeps its reason, which the batch's `errors` lists too); False if it was deleted
+    already."""
+    ended = [(number, entry["job"]) for number, entry, result, _ in _file_lines(batches, record, errors)
+             if result is not None]
+    return batches.delete_output(record["id"], file_kind(errors), [number for number, _ in ended],
+                                 [job_id for _, job_id in ended])
 
 
 def file_kind(errors: bool) -> str:

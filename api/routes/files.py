@@ -95,24 +95,28 @@ def list_files(request: Request, purpose: str | None = Query(None, max_length=64
     and finished batches' output and errors files ("batch_output"), newest first (`order=asc`: oldest first),
     `limit` of them after the file id `after`."""
     batches = batch_store(request)
-    uploads = batches.uploaded_files() if purpose in (None, "batch") else []
-    indexed = [(at, file_id) for file_id, at in uploads]
-    if purpose in (None, "batch_output"):
-        indexed += [(at, name.format(batch_id)) for batch_id, at in batches.batch_index()
-                    for name in (OUTPUT_FILE, ERROR_FILE)]
+    indexed = [(at, file_id) for file_id, at in batches.uploaded_files()]
+    indexed += [(at, name.format(batch_id)) for batch_id, at in batches.batch_index()
+                for name in (OUTPUT_FILE, ERROR_FILE)]
     indexed.sort(reverse=order == "desc")
     ids = [file_id for _, file_id in indexed]
-    start = ids.index(after) + 1 if after in ids else 0
-    data, gone, records = [], [], {}
+    if after in ids:
+        start = ids.index(after) + 1
+    elif after:
+        # The indexes keep a file deleted or expired until it is older than the TTL, and drop it then: a file they no
+        # longer hold is older than every file they do (none follows it newest first, all of them oldest first).
+        start = len(ids) if order == "desc" else 0
+    else:
+        start = 0
+    data, records = [], {}
     for file_id in ids[start:]:
         if len(data) > limit:
             break
+        if purpose not in (None, "batch_output" if _BATCH_FILE.fullmatch(file_id) else "batch"):
+            continue
         file = _listed(batches, file_id, records)
         if file is not None:
             data.append(file.model_dump())
-        elif not _BATCH_FILE.fullmatch(file_id):
-            gone.append(file_id)
-    batches.forget_files(gone)
     more, data = len(data) > limit, data[:limit]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": more}
