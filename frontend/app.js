@@ -372,8 +372,20 @@ async function stopCurrent() {
   }
 }
 
+/** Jobs whose cancel the API refused as busy and that wait to send it again: sent at once when the page goes. */
+const pendingCancels = new Set();
+
 /** Send the cancel of `turn`'s job again after each busy refusal's Retry-After, counted down on the answer. */
 async function cancelWhenTaken(turn, refusal) {
+  pendingCancels.add(turn.jobId);
+  try {
+    await sendCancelWhenTaken(turn, refusal);
+  } finally {
+    pendingCancels.delete(turn.jobId);
+  }
+}
+
+async function sendCancelWhenTaken(turn, refusal) {
   for (;;) {
     await countDown(refusal.retryAfter, (left) => {
       turn.meta = `stopping the job: ${busyText(refusal)}; asking again in ${left} s…`;
@@ -493,12 +505,20 @@ async function useExample(button) {
 
 // ---- the model list --------------------------------------------------------------------------
 
+// The one timer that reads the list again, and the latest reading: a key entered reads it at once, and an earlier
+// reading (or its timer) would otherwise go on beside it, each with its own loop.
+let modelTimer = null;
+let modelReading = 0;
+
 async function loadModels() {
+  clearTimeout(modelTimer);
+  const reading = ++modelReading;
   let models = [];
   let retryMs = MODEL_RETRY_MS;
   try {
     models = await listModels();
   } catch (error) {
+    if (reading !== modelReading) return; // a later reading answers
     if (error.retryAfter) retryMs = Math.max(retryMs, error.retryAfter * 1000); // a 429: not before it says
     if (error.status === 401) {
       askForKey();
@@ -509,11 +529,12 @@ async function loadModels() {
     }
     notice(`Could not read the model list: ${error.message}`);
   }
+  if (reading !== modelReading) return;
   if (!models.length) {
     ui.model.replaceChildren(new Option("no model is served right now", ""));
     ui.model.disabled = true;
     updateButtons();
-    setTimeout(loadModels, retryMs);
+    modelTimer = setTimeout(loadModels, retryMs);
     return;
   }
   // As the original: the first model by default; ?model= picks one that is served.
@@ -593,8 +614,11 @@ ui.apiKey.addEventListener("change", () => {
   loadModels();
 });
 
-// Nobody will read an answer whose page is gone: free its slot.
+// Nobody will read an answer whose page is gone: free its slot, and that of every job whose Stop waits out a busy
+// refusal (its countdown dies with the page).
 window.addEventListener("pagehide", () => {
-  if (state.current && state.current.jobId) cancelJob(state.current.jobId, { keepalive: true }).catch(() => {});
+  const jobs = new Set(pendingCancels);
+  if (state.current && state.current.jobId) jobs.add(state.current.jobId);
+  for (const id of jobs) cancelJob(id, { keepalive: true }).catch(() => {});
 });
 loadModels();

@@ -127,12 +127,14 @@ export function followJob(id, handlers) {
   const learnPrompt = () => {
     promptRequest ??= getJob(id).then((job) => { prompt = job.prompt; emitText(); })
       .catch((error) => {
-        // Asked again with the next message; after a 429 only once its Retry-After has passed (a message comes with
-        // every token: each would be one more refused request), message or not.
-        promptRequest = error.retryAfter ? sleep(error.retryAfter).then(() => {
+        // Asked again once its Retry-After has passed (a 429), or QUEUE_POLL_MS after any other failure (a 5xx, the
+        // network), message or not: never with the next message (a message comes with every token: each would be one
+        // more refused request).
+        const wait = error.retryAfter || QUEUE_POLL_MS / 1000;
+        promptRequest = sleep(wait).then(() => {
           promptRequest = null;
           if (!closed && prompt === null) learnPrompt();
-        }) : null;
+        });
       });
   };
 
@@ -142,6 +144,12 @@ export function followJob(id, handlers) {
     try {
       const job = await getJob(id);
       if (closed || latest !== null) return;
+      if (FINAL_STATES.includes(job.status)) {
+        // It ended without leaving the queue (cancelled, expired, failed as it was taken) and the socket has not
+        // said so (it may be silent for good): not a job that started.
+        finish({ done: true, status: job.status, error: job.error, error_code: job.error_code }, job);
+        return;
+      }
       if (job.status !== "queued") {
         handlers.onStarted?.(); // no place to show any more, though its first text may take a while
         running = true;
@@ -162,14 +170,16 @@ export function followJob(id, handlers) {
     handlers.onDone?.(job === undefined ? await finalRecord() : job, ending);
   };
 
-  // The ended job's record (null if unreadable). A 429 is waited out once when the answer has no text without it
-  // (its prompt never came); otherwise the answer ends with what it streamed, and without its timings.
+  // The ended job's record (null if unreadable). When the answer has no text without it (its prompt never came), it
+  // is asked for once more: after a 429's Retry-After, or QUEUE_POLL_MS after a failure that may pass (a 5xx, the
+  // network). Otherwise the answer ends with what it streamed, and without its timings.
   const finalRecord = async () => {
     try {
       return await getJob(id);
     } catch (error) {
-      if (!error.retryAfter || prompt !== null) return null;
-      await sleep(error.retryAfter);
+      const refused = error.status >= 400 && error.status < 500 && error.status !== 429; // asked again, the same
+      if (prompt !== null || refused) return null;
+      await sleep(error.retryAfter || QUEUE_POLL_MS / 1000);
       return getJob(id).catch(() => null);
     }
   };
