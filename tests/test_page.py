@@ -448,6 +448,11 @@ def overloaded(retry_after: int) -> dict:
             "body": json.dumps({"error": {"message": message, "type": "overloaded", "param": None, "code": 7}})}
 
 
+# An API's 500 answer (error body as api/errors.py writes one), for Playwright's route.fulfill.
+SERVER_ERROR = {"status": 500, "content_type": "application/json", "body": json.dumps(
+    {"error": {"message": "internal error", "type": "server_error", "param": None, "code": 1}})}
+
+
 def refuse_the_first(page, method: str, url_pattern: str, retry_after: int, count: int = 1) -> list[float]:
     """Answer the page's first `count` `method` requests to URLs matching `url_pattern` with a 429 and `retry_after`
     (the one faked part: everything after goes to the real API); the list gets the time of every such request."""
@@ -1001,8 +1006,7 @@ def test_an_unreadable_job_record_is_not_asked_for_with_every_chunk(page, stack)
         if route.request.method != "GET":
             route.continue_()
             return
-        route.fulfill(status=500, content_type="application/json", body=json.dumps(
-            {"error": {"message": "internal error", "type": "server_error", "param": None, "code": 1}}))
+        route.fulfill(**SERVER_ERROR)
 
     page.route_web_socket(re.compile(r"/v1/jobs/[^/]+/ws$"), count_messages)
     page.route(re.compile(r"/v1/jobs/[0-9a-f]+$"), server_error)
@@ -1063,8 +1067,7 @@ def test_an_answer_whose_prompt_could_not_be_read_ends_with_its_text(page, stack
             return
         if done:
             failed_after_done.append(route.request.url)
-        route.fulfill(status=500, content_type="application/json", body=json.dumps(
-            {"error": {"message": "internal error", "type": "server_error", "param": None, "code": 1}}))
+        route.fulfill(**SERVER_ERROR)
 
     page.route_web_socket(re.compile(r"/v1/jobs/[^/]+/ws$"), note_the_end)
     page.route(re.compile(r"/v1/jobs/[0-9a-f]+$"), fail_until_after_the_end)
