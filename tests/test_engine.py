@@ -990,3 +990,64 @@ def test_prompt_embeds_that_are_a_class_not_a_tensor_fail_alone(tiny_model, toke
     run_until_done(engine, [bad, good], max_steps=20)
     assert bad.wait(0).error.startswith("prompt_embeds must be a torch.Tensor"), bad.wait(0)
     assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)
+
+
+def test_a_stop_that_is_not_text_fails_at_add_request_and_says_so(tiny_model, tokenizer):
+    # A stop that is not a string (an int, a list holding one) ran into the detokenizer: the request failed with
+    # "invalid request: TypeError" or, once it had generated, "detokenization failed: TypeError", which names neither
+    # the parameter nor the fix. It is refused as it is added, as the other arguments of the wrong form are.
+    engine, _ = make_engine(tiny_model, tokenizer)
+    good_prompt = random_prompt(6, seed=1700)
+    bad = {"int": 5, "int-in-list": ["a", 5], "bytes": b"x", "none-in-list": [None], "nested": [["a"]]}
+    handles = {rid: engine.add_request(rid, [17, 18], SamplingParams(temperature=0, max_new_tokens=4, stop=stop))
+               for rid, stop in bad.items()}
+    for rid, handle in handles.items():
+        assert handle.done.is_set(), rid  # at add_request, before any step
+        output = handle.wait(0)
+        assert output.finish_reason == "error" and output.error.startswith("stop must be a string or a list of "
+                                                                           "strings"), output
+    good = engine.add_request("good", good_prompt, SamplingParams(temperature=0, max_new_tokens=6, stop=["zzz"]))
+    run_until_done(engine, [good], max_steps=20)
+    assert good.wait(0).token_ids == generate_alone(tiny_model, good_prompt, 6)
+
+
+def test_aborts_after_the_engine_closed_are_not_kept(tiny_model, tokenizer):
+    # abort() queued its request id for the engine thread's next step even once the engine had closed (shut down, or
+    # stopped by on_step): no step takes them any more, so a cancellation listener that goes on calling it grew the
+    # queue for as long as the process lived. After close an abort has nothing to cancel: it is dropped.
+    engine, _ = make_engine(tiny_model, tokenizer)
+    engine.start()
+    engine.shutdown()
+    for number in range(1000):
+        engine.abort(f"job-{number}")
+    assert engine._aborts == []
+    with pytest.raises(TypeError, match="request_id must be a string"):
+        engine.abort(["listed"])  # still refused to its caller
+
+
+def test_on_stop_hears_that_the_engine_stopped_before_any_request_is_failed(tiny_model, tokenizer):
+    # An engine that stopped itself fails every request from then on, and its owner (the worker) could not tell: it
+    # stayed "ready" and took jobs only to fail them. on_stop is told the error first, while every request it had is
+    # still unresolved (the worker hands their jobs back before they are failed); a raising on_stop changes nothing.
+    heard = []
+
+    def stopping_on_step(outputs):
+        if outputs:
+            raise SystemExit("publisher asked to stop")
+
+    def on_stop(error):
+        heard.append((error, running.done.is_set()))
+        raise RuntimeError("the owner's hook failed")
+
+    engine = LLMEngine(tiny_model, tokenizer, on_step=stopping_on_step, on_stop=on_stop)
+    running = engine.add_request("running", random_prompt(5, seed=1800), SamplingParams(temperature=0,
+                                                                                          max_new_tokens=50))
+    engine.start()
+    try:
+        error = "engine stopped: SystemExit: publisher asked to stop"
+        assert running.wait(WAIT_S).error == error
+        assert heard == [(error, False)]
+        assert engine.add_request("later", [17, 18], GREEDY).wait(0).error == error
+    finally:
+        engine.shutdown()
+    assert len(heard) == 1  # shutdown() is no stop of the engine's own

@@ -12,7 +12,7 @@ import math
 import operator
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -83,7 +83,10 @@ class LLMEngine:
     finished in that step (possibly an empty list). An Exception it raises is
     logged and the engine goes on; anything else (sys.exit(), KeyboardInterrupt)
     ends the engine thread, and every request it had or is given then ends with
-    an "engine stopped: ..." error.
+    an "engine stopped: ..." error. on_stop(error), if set, is called first
+    with that error, from the engine thread: its owner learns that this engine
+    will serve nothing more before any request is failed (the worker hands its
+    jobs back and exits, workers/main.py).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class LLMEngine:
         max_prefill_tokens: int | None = None,
         max_model_len: int | None = None,
         on_step: Callable[[list[SeqOutput]], None] | None = None,
+        on_stop: Callable[[str], None] | None = None,
         cpus: frozenset[int] | None = None,
     ):
         """`cpus`: the CPUs the engine thread computes on, one torch thread each (shared/cpus.py); None: wherever
@@ -107,6 +111,7 @@ class LLMEngine:
         self.max_model_len = max_model_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.on_step = on_step
+        self.on_stop = on_stop
 
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -185,6 +190,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe): it leaves the batch at the next step with finish_reason "cancelled".
+        Once the engine has closed (shut down, or stopped) it does nothing: no request is left to cancel.
 
         TypeError when request_id is not a string (no request has such an id; in the engine's step it would fail
         every running request).
@@ -193,6 +199,9 @@ class LLMEngine:
         if error is not None:
             raise TypeError(error)
         with self._wakeup:
+            # Once closed, no step takes aborts any more (and no request runs): kept, they grew for ever.
+            if self._closed:
+                return
             self._aborts.append((request_id, len(self._inbox)))
             self._wakeup.notify()
 
@@ -253,8 +262,10 @@ class LLMEngine:
             # What is not an Exception (sys.exit() or KeyboardInterrupt in on_step) asks this thread to end. It ends,
             # but first ends every request, now and to come, with the reason: each has a waiter, and no one else steps.
             log.critical("engine thread stopped by %s", type(exc).__name__, exc_info=True)
+            error = f"engine stopped: {type(exc).__name__}: {exc}"
+            self._report_stop(error)
             try:
-                self._close(f"engine stopped: {type(exc).__name__}: {exc}")
+                self._close(error)
             except BaseException:
                 # on_step raised again as the requests were failed; _publish resolved their handles all the same.
                 log.exception("on_step failed again as the engine stopped")
@@ -279,6 +290,15 @@ class LLMEngine:
                     self._publish()
                 except Exception:
                     log.exception("the engine could not fail its running requests")
+
+    def _report_stop(self, error: str) -> None:
+        """Tell on_stop that this engine stopped itself; whatever it raises, the requests are still ended after."""
+        if self.on_stop is None:
+            return
+        try:
+            self.on_stop(error)
+        except BaseException:
+            log.exception("on_stop failed")
 
     def _register(self, seq: Sequence, handle: RequestHandle) -> None:
         self._handles[seq] = handle
@@ -542,6 +562,8 @@ def _new_sequence(
     params_error = None
     if not isinstance(params, SamplingParams):
         params_error, params = f"params must be a SamplingParams, got {type(params).__name__}", SamplingParams()
+    elif (params_error := _stop_error(params.stop)) is not None:
+        params = replace(params, stop=None)
     embeds_error = None
     # Anything else (torch.Tensor itself, a call forgotten) may have a `shape` that is no shape.
     if prompt_embeds is not None and not isinstance(prompt_embeds, torch.Tensor):
@@ -553,6 +575,20 @@ def _new_sequence(
     # one would fail every running request.
     error = _request_id_error(request_id) or params_error or prompt_error or embeds_error or context_error
     return seq, error
+
+
+def _stop_error(stop: object) -> str | None:
+    """Why `stop` (SamplingParams.stop, a list already made a tuple) is no stop, or None when it is one.
+
+    Anything else reached the detokenizer, and the request failed with an unclear "detokenization failed: TypeError"
+    (or, an int, "invalid request: TypeError"); a None in a list was dropped without a word."""
+    if stop is None or isinstance(stop, str):
+        return None
+    refused = "stop must be a string or a list of strings"
+    if not isinstance(stop, tuple):
+        return f"{refused}, got {type(stop).__name__}"
+    wrong = [type(item).__name__ for item in stop if not isinstance(item, str)]
+    return f"{refused}, got {wrong[0]} in the list" if wrong else None
 
 
 def _token_ids(value: object, name: str) -> tuple[list[int], str | None]:
