@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.settings = settings
         app.state.store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds,
-                                            settings.max_queued_jobs, settings.max_queued_jobs_per_key)
+                                            settings.max_queued_jobs, settings.max_queued_jobs_per_key,
+                                            idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
         app.state.registry = WorkerRegistry(app.state.store.redis, settings.key_prefix)
         # Named, so that CLIENT LIST shows which connection is the API's stream subscriber.
         app.state.aredis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,

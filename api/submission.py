@@ -9,18 +9,22 @@ own six round trips (two counts, the order, the record, the message, Celery's ta
 
 import hashlib
 import json
+import logging
 import math
 import threading
 from dataclasses import dataclass
 
+import redis
 from celery import Celery
 from pydantic import BaseModel
 
 from api.errors import ApiError
 from shared.batches import BatchStore
 from shared.celery_app import GENERATE_TASK, task_queue
-from shared.jobs import JobStore, NewJob, new_job_id, owner_id
+from shared.jobs import Ending, JobStore, NewJob, answers_later, new_job_id, owner_id
 from shared.protocol import ErrorCode, GenerateRequest
+
+log = logging.getLogger("llava_queue.api")
 
 
 # Joins a bulk submission's Idempotency-Key and the index of each of its jobs. An HTTP header is read as Latin-1
@@ -43,6 +47,12 @@ class _Submission:
     def settle(self, ids: list[str] | None = None, error: BaseException | None = None) -> None:
         if not self.done:
             self.ids, self.error, self.done = ids, error, True
+
+
+def scoped_idempotency_key(idempotency_key: str, owner: str | None) -> str:
+    """The idempotency key within its owner's: another API key's retry must not get this one's jobs (nor its cancel,
+    see POST /v1/jobs/cancel, cancel them)."""
+    return f"{owner_id(owner)}:{idempotency_key}" if owner else idempotency_key
 
 
 class Submitter:
@@ -118,13 +128,18 @@ class Submitter:
                     for request, queue in submission.requests]
             written += [job.job_id for job in jobs]
             ids = iter(self.store.create_jobs(jobs))
+            keyed = iter(self._create_keyed([submission for submission in admitted
+                                             if submission.idempotency_key is not None], written))
             for submission in admitted:
                 if submission.idempotency_key is None:
                     submission.ids = [next(ids) for _ in submission.requests]
-                    created += [(job_id, task_queue(queue, request.model))
-                                for job_id, (request, queue) in zip(submission.ids, submission.requests)]
+                    new = [True] * len(submission.requests)
                 else:
-                    submission.ids = self._create_keyed(submission, created, written)
+                    answers = [next(keyed) for _ in submission.requests]
+                    submission.ids, new = [job_id for job_id, _ in answers], [is_new for _, is_new in answers]
+                created += [(job_id, task_queue(queue, request.model))
+                            for job_id, is_new, (request, queue) in zip(submission.ids, new, submission.requests)
+                            if is_new]
             send_many(self.celery, created)
         except Exception as exc:
             # Recorded jobs whose tasks will not be sent end failed (if Redis lets us say so), those whose write's
@@ -134,9 +149,15 @@ class Submitter:
             if not written:
                 raise
             error = unsent(self.store, written, exc)
-            self._forget_keys([submission for submission in admitted if submission.idempotency_key is not None],
-                              set(written))
-            self._unclaim(admitted)
+            try:
+                self._forget_keys([submission for submission in admitted if submission.idempotency_key is not None],
+                                  set(written))
+                self._unclaim(admitted)
+            except redis.RedisError as cleanup:
+                # The submissions get their 503 all the same (a Redis error here made it a 500); a key kept names a
+                # failed job, which a retry under it gets.
+                log.error("the idempotency keys of jobs that could not be enqueued were not let go (%s: %s)",
+                          type(cleanup).__name__, cleanup)
             raise error from exc
         for submission in admitted:
             submission.settle(submission.ids)
@@ -177,9 +198,7 @@ class Submitter:
 
     @staticmethod
     def _scoped_key(submission: _Submission) -> str:
-        """The idempotency key within its owner's: another API key's retry must not get this one's jobs."""
-        key = submission.idempotency_key
-        return f"{owner_id(submission.owner)}:{key}" if submission.owner else key
+        return scoped_idempotency_key(submission.idempotency_key, submission.owner)
 
     @classmethod
     def _keys(cls, submission: _Submission) -> list[str]:
@@ -189,22 +208,21 @@ class Submitter:
         key, count = cls._scoped_key(submission), len(submission.requests)
         return [key] if count == 1 else [f"{key}{BULK_ITEM_MARK}{i}" for i in range(count)]
 
-    def _create_keyed(self, submission: _Submission, created: list[tuple[str, str]], written: list[str]) -> list[str]:
-        """Record the jobs of a submission with an idempotency key, one by one (a key already taken gives its job);
-        returns their ids, and adds the (id, Celery queue) of each newly created one to `created` as it goes, and
-        the id of each it tries to create to `written` before it does (a write whose answer is lost may be done)."""
-        ids = []
-        for key, (request, queue) in zip(self._keys(submission), submission.requests):
-            written.append(new_job_id())
-            job_id, new = self.store.create(request, queue, written[-1],
-                                            deadline_seconds=getattr(request, "deadline_seconds", None),
-                                            idempotency_key=key, owner=submission.owner)
-            ids.append(job_id)
-            if new:
-                created.append((job_id, task_queue(queue, request.model)))
-            else:
-                written.pop()  # the key's job, created and sent by an earlier submission
-        return ids
+    def _create_keyed(self, keyed: list[_Submission], written: list[str]) -> list[tuple[str, bool]]:
+        """Record the jobs of the submissions with an idempotency key, in one round trip for them all (a key already
+        taken gives its job, a key twice in the group the first one's); returns each job's (id, created), in order.
+        The id of each job it tries to create is added to `written` before (a write whose answer is lost may be done),
+        and taken out again where the key named a job already (created and sent by an earlier submission)."""
+        jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner,
+                       job_id=new_job_id())
+                for submission in keyed for request, queue in submission.requests]
+        if not jobs:
+            return []
+        written += [job.job_id for job in jobs]
+        answers = self.store.create_keyed(jobs, [key for submission in keyed for key in self._keys(submission)])
+        unused = {job.job_id for job, (_, new) in zip(jobs, answers) if not new}
+        written[:] = [job_id for job_id in written if job_id not in unused]
+        return answers
 
     def _forget_keys(self, keyed: list[_Submission], job_ids: set[str]) -> None:
         """Let go of the idempotency keys of `keyed` submissions that name one of `job_ids` (jobs that failed)."""
@@ -279,10 +297,27 @@ def check_unicode(request: BaseModel, prefix: str = "") -> None:
 
 
 def unsent(store: JobStore, job_ids: list[str], exc: Exception) -> ApiError:
-    """Jobs recorded but not enqueued (the broker refused): they end failed; the 503 the caller answers."""
-    for job_id in job_ids:
-        store.finish(job_id, "failed", error=f"could not enqueue the job: {exc}", error_code=ErrorCode.SERVER_ERROR,
-                     finish_reason="error")
+    """Jobs recorded but not enqueued (the broker refused): they end failed, in one round trip; the 503 the caller
+    answers.
+
+    An ending Redis refuses is logged, never raised: the caller answers its 503 and lets go of the jobs' keys all the
+    same (a Redis error raised here made it a 500, left the group's other jobs queued with no task, and kept their
+    keys naming them). A refusal that would come again (a permission an ACL denies, a record of another type:
+    `answers_later` says no) is not tried again; that job stays as it is (queued with no task, or not written)."""
+    endings = [Ending(job_id, "failed", f"could not enqueue the job: {exc}", ErrorCode.SERVER_ERROR, "error")
+               for job_id in job_ids]
+    try:
+        answers = store.finish_many(endings)
+    except redis.RedisError as lost:
+        answers = [lost] * len(job_ids)
+    refused = [(job_id, answer) for job_id, answer in zip(job_ids, answers) if isinstance(answer, Exception)]
+    for later in (False, True):
+        group = [(job_id, answer) for job_id, answer in refused if answers_later(answer) == later]
+        if group:
+            log.error("%d jobs recorded but not enqueued could not be marked failed (%s: %s)%s: %s", len(group),
+                      type(group[0][1]).__name__, group[0][1],
+                      ": Redis is away or refuses writes for now" if later else ": not tried again",
+                      [job_id for job_id, _ in group])
     return queue_unavailable(exc)
 
 

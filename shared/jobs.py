@@ -14,6 +14,7 @@ Chunk messages on the channel (JSON):
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ from typing import Any, Callable, TypeVar
 
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import (ClusterDownError, NoScriptError, OutOfMemoryError, ReadOnlyError, ResponseError,
+                              TryAgainError)
 
 from shared.protocol import CONTEXT_OVERFLOW_MSG, ErrorCode, GenerateRequest
 
@@ -34,11 +36,20 @@ QUEUES = ("interactive", "batch")
 CANCELLED_ERROR = "cancelled by the client"
 
 # How many times a job may be handed back by workers told to stop (rolling restarts, scale-downs) before its next start
-# fails it. Hand-backs do not count against max_attempts (a restart must not fail a job), but without a bound of their
-# own a job whose worker is stopped at every start (an eviction or a liveness probe it sets off) cycled for ever.
+# fails it, by default (Settings.max_hand_backs, LLAVA_QUEUE_MAX_HAND_BACKS; JobStore's `max_hand_backs`). Hand-backs
+# do not count against max_attempts (a restart must not fail a job), but without a bound of their own a job whose
+# worker is stopped at every start (an eviction or a liveness probe it sets off) cycled for ever.
 MAX_HAND_BACKS = 10
-HANDED_BACK_ERROR = (f"the job was handed back more than {MAX_HAND_BACKS} times by workers told to stop (restarted or "
-                     "scaled down while it ran)")
+
+
+def handed_back_error(max_hand_backs: int) -> str:
+    """The error of a job failed for having been handed back more than `max_hand_backs` times."""
+    return (f"the job was handed back more than {max_hand_backs} times by workers told to stop (restarted or scaled "
+            "down while it ran)")
+
+
+# The error under the default bound (a store with another `max_hand_backs` has its own: JobStore.handed_back_error).
+HANDED_BACK_ERROR = handed_back_error(MAX_HAND_BACKS)
 
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -68,7 +79,7 @@ elseif status == 'queued' then
   if deadline and deadline < tonumber(ARGV[2]) then ended = 'expired' end
 end
 -- Starts that followed a hand-back (a worker told to stop) are no failed attempts: only the others count. Hand-backs
--- have a bound of their own (MAX_HAND_BACKS): past it the job ends.
+-- have a bound of their own (ARGV[8], the store's max_hand_backs): past it the job ends.
 local handed_back = tonumber(redis.call('HGET', KEYS[1], 'handed_back')) or 0
 if not ended and handed_back > tonumber(ARGV[8]) then ended = 'handed_back' end
 if not ended then
@@ -243,7 +254,21 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
+# A hand-back's or a claim's mark in the running hash: "requeued@<time.time()!r>". Only a rest that reads as a number
+# makes a mark (`_mark_time`; _RELEASE's tonumber): a worker serving a model named "requeued" is named
+# "requeued@<host>/<token>:<pid>" (workers/main.py), which the sweep took for a mark and failed on, at every round.
 _REQUEUED = "requeued@"
+
+
+def _mark_time(holder: str) -> float | None:
+    """When the mark `holder` was made, or None if `holder` is no mark (a worker's name)."""
+    if not holder.startswith(_REQUEUED):
+        return None
+    try:
+        at = float(holder.removeprefix(_REQUEUED))
+    except ValueError:
+        return None
+    return at if math.isfinite(at) else None
 
 # A worker's hand-back of job ARGV[1] (KEYS as _CLAIM's): the running hash marks it ARGV[4], and the record's holder
 # becomes ARGV[3] (requeued@<worker>), so the worker's late writes are fenced off.
@@ -253,7 +278,8 @@ local worker = redis.call('HGET', KEYS[2], 'worker')
 local running = redis.call('HGET', KEYS[2], 'status') == 'running'
 -- This very hand-back sent again (its answer was lost with the connection, after it ran), and nobody has started the
 -- job since: handed back (a "not held" made the worker keep a job whose writes were fenced off).
-if running and worker == ARGV[3] and holder and string.sub(holder, 1, #ARGV[5]) == ARGV[5] then return 1 end
+if running and worker == ARGV[3] and holder and string.sub(holder, 1, #ARGV[5]) == ARGV[5]
+   and tonumber(string.sub(holder, #ARGV[5] + 1)) then return 1 end
 -- Not this worker's (or its record is gone: a new one of one field would outlive it).
 if not running or holder ~= ARGV[2] or worker ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
@@ -275,6 +301,42 @@ local jobs = {}
 for i = 2, #KEYS do jobs[i - 1] = redis.call('GET', KEYS[i]) end
 return {recorded and 1 or 0, first, jobs}
 """
+
+# A job created under an Idempotency-Key, in one script (one round trip; a bulk submission's jobs pipelined in one):
+# unless the key (KEYS[1]) names a job already, take the next enqueue order (KEYS[2]) and write the record (KEYS[3],
+# fields ARGV[6..]), its queue entry (KEYS[4], member ARGV[1]), the submitted count (KEYS[5], field ARGV[3]), its
+# deadline (KEYS[6], ARGV[4] unless empty) and its owner's entry (KEYS[7] if given, scored ARGV[5]), then the key (TTL
+# ARGV[2]). A script is atomic: two submissions of one key create one job. The key is written last: a script stopped
+# by an error keeps what it wrote before it, and the key must never name a job whose record was not written. Answers
+# {the key's job, 1 if created here}. (It was WATCH, GET, INCR, then MULTI/EXEC: four round trips a job.)
+_CREATE_KEYED = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {existing, 0} end
+local order = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[3], unpack(ARGV, 6))
+redis.call('ZADD', KEYS[4], order, ARGV[1])
+redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end
+if KEYS[7] then redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1]) end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {ARGV[1], 1}
+"""
+
+# What a Redis away, not answering in time, or refusing writes for a while raises: a write that met one may work if
+# sent again later. Any other error (a permission an ACL denies, NOPERM; a key of another type, WRONGTYPE; a script
+# error) is permanent: the same write would fail again. The worker's `redis_answers_later` (workers/generation.py)
+# tells them apart the same way.
+_ANSWERS_LATER = (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
+                  TryAgainError)
+_ANSWERS_LATER_CODES = frozenset({"BUSY", "NOREPLICAS", "MISCONF"})
+
+
+def answers_later(exc: BaseException) -> bool:
+    """Whether `exc` says Redis is away or refuses writes for a while (the write may be tried again), not that this
+    write would fail again (a permission, a key of another type, a script error: permanent)."""
+    if isinstance(exc, _ANSWERS_LATER):
+        return True
+    return type(exc) is ResponseError and str(exc).split(" ", 1)[0] in _ANSWERS_LATER_CODES
 
 
 T = TypeVar("T")
@@ -377,13 +439,21 @@ class JobStore:
     """Reads and writes job records in Redis. Thread-safe (one redis-py connection pool)."""
 
     def __init__(self, client: redis.Redis, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
-                 max_queued_per_owner: int = 0):
+                 max_queued_per_owner: int = 0, max_hand_backs: int = MAX_HAND_BACKS,
+                 idempotency_ttl_seconds: int | None = None):
         self.redis = client
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
+        # How long an Idempotency-Key (and the body it came with) is remembered (Settings.idempotency_ttl_seconds;
+        # None: as long as a job record). It was always the records' TTL: the setting was read and never used.
+        self.idempotency_ttl_seconds = idempotency_ttl_seconds or ttl_seconds
         # Admission limits on queued jobs across both queues, in all and per API key (0: none).
         self.max_queued = max_queued
         self.max_queued_per_owner = max_queued_per_owner
+        # Hand-backs a job may have before its next start fails it (`start`; Settings.max_hand_backs).
+        if isinstance(max_hand_backs, bool) or not isinstance(max_hand_backs, int) or max_hand_backs < 0:
+            raise ValueError(f"max_hand_backs must be a whole number of at least 0, not {max_hand_backs!r}")
+        self.max_hand_backs = max_hand_backs
         self._start = client.register_script(_START)
         self._append = client.register_script(_APPEND)
         self._finish = client.register_script(_FINISH)
@@ -392,13 +462,20 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._check_idempotency = client.register_script(_CHECK_IDEMPOTENCY)
+        self._create_keyed = client.register_script(_CREATE_KEYED)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
-                 max_queued_per_owner: int = 0) -> "JobStore":
+                 max_queued_per_owner: int = 0, max_hand_backs: int = MAX_HAND_BACKS,
+                 idempotency_ttl_seconds: int | None = None) -> "JobStore":
         """A store on a new connection pool to the Redis at `url`."""
         return cls(redis.Redis.from_url(url, decode_responses=True), prefix, ttl_seconds, max_queued,
-                   max_queued_per_owner)
+                   max_queued_per_owner, max_hand_backs, idempotency_ttl_seconds)
+
+    @property
+    def handed_back_error(self) -> str:
+        """The error of a job this store's `start` found handed back more than `max_hand_backs` times."""
+        return handed_back_error(self.max_hand_backs)
 
     # Key names: one place, so api/ and workers/ agree.
     def key(self, job_id: str) -> str:
@@ -432,24 +509,39 @@ class JobStore:
                 self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
                 pipe.execute()
             return job_id, True
-        # The key is set in the transaction that writes the record: set a round trip before it (SET NX), a connection
-        # cut between the two left the key naming a job that did not exist, which every retry was given (then 404).
-        key = self.idempotency_key(idempotency_key)
-        with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    existing = pipe.get(key)
-                    if existing:
-                        return existing, False
-                    order = pipe.incr(f"{self.prefix}:enqueue_order")
-                    pipe.multi()
-                    pipe.set(key, job_id, ex=self.ttl_seconds)
-                    self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
-                    pipe.execute()
-                    return job_id, True
-                except redis.WatchError:
-                    continue  # another submission took the key meanwhile: its job is the one
+        # The key is set by the script that writes the record (`create_keyed`): set a round trip before it (SET NX), a
+        # connection cut between the two left the key naming a job that did not exist, which every retry was given.
+        return self.create_keyed([NewJob(request, queue, deadline_seconds, owner, job_id=job_id)], [idempotency_key])[0]
+
+    def create_keyed(self, jobs: list["NewJob"], idempotency_keys: list[str]) -> list[tuple[str, bool]]:
+        """Write a `queued` record for each job under its idempotency key (`idempotency_keys[i]` for `jobs[i]`), in one
+        pipelined round trip for them all; returns each key's (job id, created).
+
+        A key that names a job already gives that job (created=False) and nothing is written for it; the same key
+        twice in `jobs` gives the first one's job twice. Each job is one script (`_CREATE_KEYED`): its key is never
+        set without its record, and two submissions of one key, from any processes, create one job. A job without a
+        `job_id` gets a new one; a caller that must end the job should its write's answer be lost chooses it.
+        """
+        if len(jobs) != len(idempotency_keys):
+            raise ValueError(f"{len(jobs)} jobs and {len(idempotency_keys)} idempotency keys")
+        calls = []
+        for job, key in zip(jobs, idempotency_keys):
+            job_id = job.job_id or new_job_id()
+            record, now = self._queued_record(job_id, job.request, job.queue, job.deadline_seconds, job.owner,
+                                              job.extra)
+            keys = [self.idempotency_key(key), self.order_key, self.key(job_id), self.queue_key(job.queue),
+                    self.submitted_key, self.deadlines_key]
+            if job.owner and self.max_queued_per_owner:
+                keys.append(self.owner_key(job.owner))
+            fields = [item for pair in record.items() for item in pair]
+            calls.append((self._create_keyed, keys,
+                          [job_id, self.idempotency_ttl_seconds, job.queue, record.get("deadline", ""), repr(now), *fields]))
+        return [(job_id, bool(created)) for job_id, created in self._run_scripts(calls)]
+
+    @property
+    def order_key(self) -> str:
+        """The counter that orders queued jobs (their score in their queue)."""
+        return f"{self.prefix}:enqueue_order"
 
     def create_many(self, requests: list[GenerateRequest], queue: str, *, deadline_seconds: float | None = None,
                     owner: str | None = None, extra: list[dict[str, str | int]] | None = None) -> list[str]:
@@ -476,7 +568,21 @@ class JobStore:
 
     def _write_queued(self, pipe, job_id: str, request: GenerateRequest, queue: str, order: int,
                       deadline_seconds: float | None, owner: str | None, extra: dict | None = None) -> None:
-        """Queue, on `pipe`, the writes that make a new `queued` job: its record, queue entry and counters."""
+        """Queue, on `pipe`, the writes that make a new `queued` job: its record, queue entry and counters (the same
+        writes as `_CREATE_KEYED`'s)."""
+        record, now = self._queued_record(job_id, request, queue, deadline_seconds, owner, extra)
+        pipe.hset(self.key(job_id), mapping=record)
+        pipe.zadd(self.queue_key(queue), {job_id: order})
+        pipe.hincrby(self.submitted_key, queue, 1)
+        if deadline_seconds is not None:
+            pipe.zadd(self.deadlines_key, {job_id: record["deadline"]})
+        if owner and self.max_queued_per_owner:
+            # Only a quota reads (and prunes) the set: without one it grew by every job of the key, for ever.
+            pipe.zadd(self.owner_key(owner), {job_id: now})
+
+    def _queued_record(self, job_id: str, request: GenerateRequest, queue: str, deadline_seconds: float | None,
+                       owner: str | None, extra: dict | None = None) -> tuple[dict[str, str | int], float]:
+        """The record of a new `queued` job, and the time it was made."""
         now = time.time()
         record = {
             "id": job_id,
@@ -500,14 +606,7 @@ class JobStore:
             record["deadline"] = repr(now + deadline_seconds)
         if owner:
             record["owner"] = owner_id(owner)
-        pipe.hset(self.key(job_id), mapping=record)
-        pipe.zadd(self.queue_key(queue), {job_id: order})
-        pipe.hincrby(self.submitted_key, queue, 1)
-        if deadline_seconds is not None:
-            pipe.zadd(self.deadlines_key, {job_id: now + deadline_seconds})
-        if owner and self.max_queued_per_owner:
-            # Only a quota reads (and prunes) the set: without one it grew by every job of the key, for ever.
-            pipe.zadd(self.owner_key(owner), {job_id: now})
+        return record, now
 
     def idempotency_key(self, idempotency_key: str) -> str:
         """Where the job created under an Idempotency-Key is remembered."""
@@ -519,7 +618,7 @@ class JobStore:
         already, and read the job created under each idempotency key (None where it is unused). Returns (recorded
         here, the fingerprint recorded before or None, the jobs)."""
         keys = [fingerprint_key, *(self.idempotency_key(key) for key in idempotency_keys)]
-        recorded, first, jobs = self._check_idempotency(keys=keys, args=[fingerprint, self.ttl_seconds])
+        recorded, first, jobs = self._check_idempotency(keys=keys, args=[fingerprint, self.idempotency_ttl_seconds])
         return bool(recorded), first, jobs
 
     def owner_key(self, owner: str) -> str:
@@ -565,8 +664,16 @@ class JobStore:
         for job_id in overdue:
             ending = Ending(job_id, "expired", "the job waited in the queue past its deadline", ErrorCode.EXPIRED,
                             "expired")
-            if self._finish(**self._finish_call(ending, False, "", only_if_queued=True)) == "ok":
-                expired.append(job_id)
+            try:
+                if self._finish(**self._finish_call(ending, False, "", only_if_queued=True)) == "ok":
+                    expired.append(job_id)
+            except redis.RedisError as exc:
+                if answers_later(exc):
+                    raise  # Redis away or refusing writes for now: the next sweep tries again
+                # Permanent (a key of another type, a permission denied): it would fail at every sweep, and the sweep
+                # runs before every admission under a queue limit, so every such submission failed with it, for good.
+                log.error("job %s: its expiry could not be written (%s: %s); it leaves the deadline set unexpired",
+                          job_id, type(exc).__name__, exc)
             self.redis.zrem(self.deadlines_key, job_id)
         return expired
 
@@ -653,14 +760,16 @@ class JobStore:
         return Snapshot(raw["status"], raw["prompt"] or "", raw["text"] or "", _number(raw, "seq", int, job_id) or 0,
                         raw["error"] or "", _number(raw, "error_code", int, job_id) or 0, raw["finish_reason"] or "")
 
-    def start(self, job_id: str, worker: str, model: str = "", max_attempts: int = 3, token: str = "") -> str:
+    def start(self, job_id: str, worker: str, model: str = "", max_attempts: int = 3, token: str = "",
+              max_hand_backs: int | None = None) -> str:
         """Mark a job running on `worker`; a job submitted without a model name gets `model`.
 
         Returns "running"; "resumed" (its earlier worker died: go on from the text it has);
         "duplicate" (a live worker already runs it: skip this delivery); "cancel" or "expired"
         (cancelled, or past its deadline, before it started: the caller ends it so);
         "exhausted" (started more than `max_attempts` times, the starts after a hand-back (`release`) not counted:
-        the caller fails it); "handed_back" (handed back more than MAX_HAND_BACKS times: the caller fails it);
+        the caller fails it); "handed_back" (handed back more than `max_hand_backs` times, the store's own unless
+        given: the caller fails it, with `handed_back_error`);
         with these four a job its dead (or stopping) worker held is the caller's, to end; "missing";
         or the final status it already has (skip).
 
@@ -670,7 +779,8 @@ class JobStore:
         """
         return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys(), self.running_key],
                            args=[worker, repr(time.time()), job_id, model, f"{self.prefix}:worker:",
-                                 max_attempts, token, MAX_HAND_BACKS])
+                                 max_attempts, token,
+                                 self.max_hand_backs if max_hand_backs is None else max_hand_backs])
 
     @property
     def running_key(self) -> str:
@@ -683,14 +793,15 @@ class JobStore:
         held = self.redis.hgetall(self.running_key)
         if not held:
             return []
-        workers = sorted({holder for holder in held.values() if not holder.startswith(_REQUEUED)})
+        workers = sorted({holder for holder in held.values() if _mark_time(holder) is None})
         alive = dict(zip(workers, self.redis.mget([f"{self.prefix}:worker:{name}" for name in workers]))) \
             if workers else {}
         now = time.time()
         claims = []
         for job_id, holder in held.items():
-            if holder.startswith(_REQUEUED):
-                if now - float(holder.removeprefix(_REQUEUED)) < requeue_after:
+            marked_at = _mark_time(holder)
+            if marked_at is not None:
+                if now - marked_at < requeue_after:
                     continue
             elif alive.get(holder) is not None:
                 continue
@@ -743,6 +854,19 @@ class JobStore:
         ending = Ending(job_id, status, error, int(error_code), finish_reason)
         return self._finish(**self._finish_call(ending, only_if_running, worker)) == "ok"
 
+    def finish_many(self, endings: Sequence["Ending"]) -> list["str | redis.RedisError"]:
+        """End each job as `finish` does (no fence: for jobs nobody runs), in one pipelined round trip; returns each
+        one's answer: "ok", the final status it had, "missing", or the error Redis answered for that job alone.
+
+        A job's error is not raised, so one job Redis refuses (a permission an ACL denies, a record of another type:
+        errors that would come again, see `answers_later`) does not leave the others unended; the caller logs them
+        and does not try them again. A connection lost (or timed out) is tried once more, as `finish` would be: an
+        ending ends a job once. A second loss is raised.
+        """
+        calls = [(self._finish, call["keys"], call["args"])
+                 for call in (self._finish_call(ending, False, "") for ending in endings)]
+        return _sent_again_if_lost(lambda: self._run_scripts(calls, raise_on_error=False))
+
     def record_step(self, worker: str, chunks: list[tuple[str, str, int, bool]],
                     endings: list["Ending"], step: int | None = None) -> list[int]:
         """One engine step of `worker` in one pipelined round trip: append and publish each chunk, then end jobs.
@@ -762,8 +886,9 @@ class JobStore:
         results = self._run_scripts(calls)
         return [int(seq) for seq in results[:len(chunks)]]
 
-    def _run_scripts(self, calls: list[tuple[Script, list, list]]) -> list:
-        """EVALSHA every (script, keys, args) in order, in one pipelined round trip; their results.
+    def _run_scripts(self, calls: list[tuple[Script, list, list]], raise_on_error: bool = True) -> list:
+        """EVALSHA every (script, keys, args) in order, in one pipelined round trip; their results (a call's error in
+        its place with `raise_on_error` False; else the first error is raised, the calls after it having run too).
 
         A redis-py pipeline that runs scripts first asks Redis whether they are loaded (SCRIPT EXISTS, a round
         trip of its own, before every execute: one more per engine step). This sends EVALSHA at once and only
@@ -779,7 +904,7 @@ class JobStore:
                     pipe.evalsha(script.sha, len(keys), *keys, *args)
                 answers = pipe.execute(raise_on_error=False)
             failed = next((i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)), len(answers))
-            for answer in answers[:failed]:
+            for answer in answers[:failed] if raise_on_error else ():
                 if isinstance(answer, Exception):
                     raise answer
             results += answers[:failed]

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from redis.connection import parse_url
 
 from shared.cpus import parse_cpu_list
+from shared.protocol import MAX_MODEL_CHARS
 
 
 class Settings(BaseSettings):
@@ -88,6 +89,11 @@ class Settings(BaseSettings):
     heartbeat_interval_seconds: float = Field(3.0, gt=0)
     heartbeat_ttl_seconds: int = Field(10, ge=1)
     max_attempts: int = Field(3, ge=1)
+    # Hand-backs (a worker told to stop gives its running jobs back: rolling restarts, scale-downs) a job may have;
+    # its next start past them fails it. They do not count against max_attempts, but without a bound of their own a
+    # job whose worker is stopped at every start (an eviction or a liveness probe it sets off) went round for ever.
+    # 0: a job handed back once fails at its next start.
+    max_hand_backs: int = Field(10, ge=0)
     # On SIGTERM a worker stops taking jobs and lets running ones finish for this long, then hands
     # the rest back to the queue (another worker resumes them) and exits.
     shutdown_grace_seconds: float = Field(20.0, ge=0)
@@ -162,6 +168,16 @@ class Settings(BaseSettings):
         if scheme in ("redis", "rediss", "unix"):
             parse_url(value)  # one redis-py cannot use fails here (its message does not repeat the URL)
         # Other schemes (redis+socket://, sentinel://) are kombu's; Celery checks them when it connects.
+        return value
+
+    @field_validator("model_name", "default_model")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        # No request may name a model longer than this (a 422): a worker serving one could be sent no job by its name,
+        # only jobs that name no model, and they recorded a model no request can ask for again.
+        if value is not None and len(value) > MAX_MODEL_CHARS:
+            raise ValueError(f"is {len(value)} characters long; a request may name a model of at most "
+                             f"{MAX_MODEL_CHARS}, so a longer one could never be asked for")
         return value
 
     @field_validator("log_level")

@@ -277,10 +277,10 @@ def test_an_idempotency_key_is_checked_in_one_round_trip(redis_url):
 
         at_write: int | None = None
 
-        def create(self, *args, **kwargs):
+        def create_keyed(self, *args, **kwargs):
             if self.at_write is None:
                 self.at_write = Counting.sent
-            return super().create(*args, **kwargs)
+            return super().create_keyed(*args, **kwargs)
 
     pool = redis.ConnectionPool.from_url(redis_url, decode_responses=True, connection_class=Counting)
     store = FirstWrite(redis.Redis(connection_pool=pool), "sub")
@@ -316,11 +316,11 @@ class CutOff(HeldStore):
     cut: set[int] = set()
     written = 0
 
-    def _write_queued(self, pipe, *args, **kwargs):
+    def _queued_record(self, *args, **kwargs):
         self.written += 1
         if self.written - 1 in self.cut:
             raise redis.ConnectionError("Connection reset by peer (cut by the test)")
-        return super()._write_queued(pipe, *args, **kwargs)
+        return super()._queued_record(*args, **kwargs)
 
 
 def test_a_keyed_submission_cut_off_by_redis_leaves_no_key_naming_a_job_that_does_not_exist(redis_url):
@@ -328,7 +328,7 @@ def test_a_keyed_submission_cut_off_by_redis_leaves_no_key_naming_a_job_that_doe
     # connection cut between them left the key naming a job that does not exist. The client's retry got that id (202)
     # and then 404 for it, for good: the job was lost. Now the key is set in the transaction that writes the record.
     store = CutOff.from_url(redis_url, "sub")
-    store.cut = {0, 2}  # the single job's write; the second job of the bulk
+    store.cut = {0, 3}  # the single job's write; the second job of the bulk (its first try)
     store.release.set()  # no holding here
     submitter = Submitter(store, make_celery(Settings(redis_url=redis_url)))
     single = [(GenerateRequest(prompt="once"), "interactive")]
@@ -359,8 +359,8 @@ def test_an_old_record_that_a_script_cannot_count_on_leaves_the_other_overdue_jo
 
 
 class AnswerLost(HeldStore):
-    """A HeldStore whose first write of jobs (`create_jobs`, or `create` under an idempotency key) reaches Redis and
-    then loses its answer with the connection: the records are written, and the caller hears an error."""
+    """A HeldStore whose first write of jobs (`create_jobs`, or `create_keyed` under an idempotency key) reaches Redis
+    and then loses its answer with the connection: the records are written, and the caller hears an error."""
 
     lost = False
 
@@ -375,8 +375,8 @@ class AnswerLost(HeldStore):
             self._lose_the_answer()
         return ids
 
-    def create(self, *args, **kwargs):
-        created = super().create(*args, **kwargs)
+    def create_keyed(self, *args, **kwargs):
+        created = super().create_keyed(*args, **kwargs)
         self._lose_the_answer()
         return created
 
