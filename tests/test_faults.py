@@ -370,6 +370,33 @@ def test_a_stream_interval_writes_every_nth_token_and_the_first_and_last_at_once
         store.redis.close()
 
 
+def test_a_job_ended_without_a_step_gets_its_held_text_and_its_ending_in_one_round_trip():
+    # JobRunner._finish, for a job the engine ended without publishing it (at shutdown): the text held back by the
+    # stream interval and the ending were two writes, and a worker that died between them left the text written and
+    # the job "running", to be run again elsewhere. They go in one round trip now, the text before the ending.
+    from workers.engine import SeqOutput
+
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url, "lastwrite")
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(job_id, "w1") == "running"
+        runner = JobRunner(store, loaded=None, worker_name="w1", stream_interval=3)
+        runner.publish([SeqOutput(job_id, "A", "", 1, 1, first_token=True)])
+        runner.publish([SeqOutput(job_id, "b", "", 1, 2)])  # held for the next chunk
+        assert store.get(job_id)["text"] == "A"
+        writes = []
+        record_step = store.record_step
+        store.record_step = lambda *args, **kwargs: writes.append(args) or record_step(*args, **kwargs)
+        runner._finish(SeqOutput(job_id, "", "Ab", 1, 2, finished=True, finish_reason="error",
+                                 error="engine shut down"))
+        assert len(writes) == 1, writes
+        assert writes[0][1] == [(job_id, "b", 2, False)] and [ending.job_id for ending in writes[0][2]] == [job_id]
+        record = store.get(job_id)
+        assert (record["status"], record["text"], record["completion_tokens"]) == ("failed", "Ab", 2), record
+        assert runner._held == {}
+        store.redis.close()
+
+
 def test_hand_back_with_redis_away_leaves_the_job_running_and_raises_nothing(caplog):
     # workers/generation.py: at shutdown a job that cannot be released stays as it is (not aborted, not requeued):
     # the orphan sweep of a live worker delivers it again once this worker's heartbeat has expired.

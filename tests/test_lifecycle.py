@@ -940,3 +940,64 @@ def test_a_start_that_meets_a_redis_error_leaves_no_job_queued(loaded):
         finally:
             engine.shutdown()
             store.redis.close()
+
+
+def test_the_hand_back_bound_of_the_store_fails_a_job_with_its_own_number(redis_server, loaded):
+    # The bound is a setting (LLAVA_QUEUE_MAX_HAND_BACKS, the store's max_hand_backs); the runner failed a job past it
+    # with the default bound's message ("more than 10 times") whatever the bound was.
+    from shared.jobs import handed_back_error
+
+    store = JobStore.from_url(redis_server.url, prefix=f"llq-bound-{uuid.uuid4().hex[:8]}", max_hand_backs=1)
+    runner, engine = started_runner(store, loaded)
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
+        for n in range(2):
+            assert store.start(job_id, f"stopping-{n}") in ("running", "resumed")
+            assert store.release(job_id, f"stopping-{n}")
+        assert runner.run(job_id) == "handed_back"  # its second hand-back's start: past the bound of 1
+        record = store.get(job_id)
+        assert (record["status"], record["error_code"], record["error"]) == (
+            "failed", ErrorCode.SERVER_ERROR, handed_back_error(1)), record
+        assert "more than 1 times" in record["error"]
+    finally:
+        engine.shutdown()
+        store.redis.close()
+
+
+def test_an_ending_redis_refuses_for_good_is_logged_not_raised_out_of_the_task(redis_server, loaded, caplog):
+    # An ending that Redis refuses for good (not an outage nor a passing refusal: here the job's record turned into a
+    # key of another type, WRONGTYPE; an ACL's NOPERM alike) was raised out of run(): the Celery task failed with it,
+    # acknowledged. It is logged now, saying the ending cannot be written, and run() returns.
+    import logging
+
+    import redis
+
+    class StoreThatBreaksTheRecordAtTheEnd(JobStore):
+        def record_step(self, worker, chunks, endings, step=None):
+            if endings:
+                self.redis.delete(self.key(endings[0].job_id))
+                self.redis.set(self.key(endings[0].job_id), "a record of another type")
+            return super().record_step(worker, chunks, endings, step)
+
+    store = StoreThatBreaksTheRecordAtTheEnd.from_url(redis_server.url, prefix=f"llq-refused-{uuid.uuid4().hex[:8]}")
+    runner, engine = started_runner(store, loaded, redis_wait_seconds=1.0)
+    try:
+        with caplog.at_level(logging.ERROR, logger="llava_queue.worker"):
+            job_id, outcome = run_four_tokens(store, runner)
+        assert not outcome.startswith("raised"), outcome
+        assert job_id in caplog.text and "WRONGTYPE" in caplog.text and "cannot be written" in caplog.text
+
+        # A start Redis refuses for good: the failed ending the runner writes then is refused too.
+        broken, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
+        store.redis.delete(store.key(broken))
+        store.redis.set(store.key(broken), "a record of another type")
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="llava_queue.worker"):
+            try:
+                outcome = runner.run(broken)
+            except redis.RedisError as exc:
+                outcome = f"raised {exc!r}"
+        assert outcome == "failed" and broken in caplog.text and "cannot be written" in caplog.text
+    finally:
+        engine.shutdown()
+        store.redis.close()

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import TryAgainError
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import CANCELLED_ERROR, HANDED_BACK_ERROR, Ending, JobStore
+from shared.jobs import CANCELLED_ERROR, Ending, JobStore
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -67,13 +67,15 @@ def redis_answers_later(exc: BaseException) -> bool:
 
 _FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
 
-# How a job ends when `JobStore.start` finds it should not run.
+# How a job ends when `JobStore.start` (of `store`) finds it should not run. A job handed back too often names the
+# store's own bound (Settings.max_hand_backs), not the default one.
 _ENDED_BEFORE_START = {
-    "cancel": lambda job_id: Ending(job_id, "cancelled", CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled"),
-    "expired": lambda job_id: Ending(job_id, "expired", "the job waited in the queue past its deadline",
-                                     ErrorCode.EXPIRED, "expired"),
-    "exhausted": lambda job_id: Ending(job_id, "failed", EXHAUSTED_ERROR, ErrorCode.SERVER_ERROR, "error"),
-    "handed_back": lambda job_id: Ending(job_id, "failed", HANDED_BACK_ERROR, ErrorCode.SERVER_ERROR, "error"),
+    "cancel": lambda store, job_id: Ending(job_id, "cancelled", CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled"),
+    "expired": lambda store, job_id: Ending(job_id, "expired", "the job waited in the queue past its deadline",
+                                            ErrorCode.EXPIRED, "expired"),
+    "exhausted": lambda store, job_id: Ending(job_id, "failed", EXHAUSTED_ERROR, ErrorCode.SERVER_ERROR, "error"),
+    "handed_back": lambda store, job_id: Ending(job_id, "failed", store.handed_back_error, ErrorCode.SERVER_ERROR,
+                                                "error"),
 }
 
 
@@ -200,13 +202,31 @@ class JobRunner:
         self._unwritten: dict[str, Ending] = {}
         self._unwritten_lock = threading.Lock()
         self._unwritten_writer: threading.Thread | None = None
+        # The error every request ends with once the engine stopped itself (`engine_stopped`), and how a job is sent
+        # again then.
+        self._engine_stop: str | None = None
+        self._requeue: Callable[[str], None] | None = None
 
     def attach(self, engine: LLMEngine) -> None:
         """Use `engine` (built with `on_step=self.publish`)."""
         self.engine = engine
 
+    def engine_stopped(self, error: str, requeue: Callable[[str], None]) -> None:
+        """The engine's on_stop hook: it stopped itself and ends every request, held or to come, with `error`.
+
+        Those jobs are handed back as at shutdown (`requeue(job_id)` sends one again) instead of failed: the engine,
+        not the job, broke, and another worker (or this one restarted) goes on with them. A job delivered from now on
+        is sent again without being started. Call it before the engine fails its requests."""
+        self._requeue = requeue
+        self._engine_stop = error
+
     def run(self, job_id: str) -> str:
         """Run one job to its end; returns how it ended (its final status, or why it was skipped)."""
+        if self._engine_stop is not None:
+            # The engine stopped and this worker is exiting: the job goes to another worker, its record untouched.
+            log.info("job %s sent again: this worker's engine stopped", job_id)
+            _requeue(self._requeue, job_id, time.monotonic() + HAND_BACK_REQUEUE_SECONDS)
+            return "engine_stopped"
         # A token of this delivery: a start tried again after its answer was lost (by when_redis_answers: the store's
         # client does not send a command again) gets the same answer, not "duplicate" of itself. The start waits for
         # Redis as long as it takes: one that gave up failed its task (acknowledged, so never delivered again) and left
@@ -225,7 +245,7 @@ class JobRunner:
                              ErrorCode.SERVER_ERROR, "error"), f"failing job {job_id}")
             return "failed"
         if status in _ENDED_BEFORE_START:
-            self._end(_ENDED_BEFORE_START[status](job_id), f"ending job {job_id}")
+            self._end(_ENDED_BEFORE_START[status](self.store, job_id), f"ending job {job_id}")
             return status
         if status not in ("running", "resumed"):
             log.info("job %s skipped: %s", job_id, status)
@@ -289,6 +309,8 @@ class JobRunner:
 
     def publish(self, outputs: list[SeqOutput]) -> None:
         """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
+        for out in outputs:
+            self._hand_back_if_engine_stopped(out)
         chunks = [chunk for chunk in map(self._chunk_of, outputs) if chunk is not None]
         endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
                    if out.finished and out.request_id not in self._handed_back]
@@ -333,7 +355,8 @@ class JobRunner:
         """
         deadline = time.monotonic() + requeue_wait
         handed = []
-        for job_id in list(self._active):
+        # A job handed back already (its engine stopped) is not released twice, nor sent again twice.
+        for job_id in list(self._active - self._handed_back):
             try:
                 released = self.store.release(job_id, self.worker_name)
             except RedisError as exc:
@@ -347,6 +370,26 @@ class JobRunner:
                 _requeue(requeue, job_id, deadline)
         return handed
 
+    def _hand_back_if_engine_stopped(self, out: SeqOutput) -> None:
+        """Hand back the job of an output that ended because the engine stopped itself (`engine_stopped`), instead
+        of writing it failed; it is then in `_handed_back`, and no ending of this worker is written for it.
+
+        With Redis away it is not released and stays "running" under this worker, failed neither: once this worker
+        has exited (its engine stopped, it does), the orphan sweep of a live worker delivers it again."""
+        job_id = out.request_id
+        if self._engine_stop is None or out.error != self._engine_stop or job_id in self._handed_back:
+            return
+        self._handed_back.add(job_id)
+        try:
+            released = self.store.release(job_id, self.worker_name)
+        except RedisError as exc:
+            log.warning("job %s not handed back (%s): the orphan sweep delivers it again once this worker has exited",
+                        job_id, exc)
+            return
+        if released:
+            log.warning("job %s handed back to the queue: this worker's engine stopped", job_id)
+            _requeue(self._requeue, job_id, time.monotonic() + HAND_BACK_REQUEUE_SECONDS)
+
     def cancel(self, job_id: str) -> None:
         """A cancellation broadcast: drop the job from the batch if this worker holds it."""
         if self.engine is not None:
@@ -354,26 +397,31 @@ class JobRunner:
 
     def _finish(self, out: SeqOutput) -> None:
         held, _ = self._held.pop(out.request_id, ("", 0))
+        self._hand_back_if_engine_stopped(out)  # a request added once the engine had stopped: never published
         if out.request_id not in self._handed_back:
             done_before = self._done_before.get(out.request_id, 0)
-            if held:
-                # Text held for the next chunk of a job the engine ended without a step (at shutdown): its ending
-                # counts those tokens, so the record's text gets them first.
-                try:
-                    self._record_step([(out.request_id, held, out.completion_tokens + done_before, False)], [],
-                                      f"writing the last text of job {out.request_id}")
-                except RedisError:
-                    log.exception("job %s: its last text not written", out.request_id)
-            self._end(ending_of(out, done_before), f"ending job {out.request_id}")
+            # Text held for the next chunk of a job the engine ended without a step (at shutdown): its ending counts
+            # those tokens, so the record's text gets them first, in the same round trip: written apart, a worker
+            # that died between the two left the text written and the job "running", to be run again elsewhere.
+            chunks = [(out.request_id, held, out.completion_tokens + done_before, False)] if held else []
+            self._end(ending_of(out, done_before), f"ending job {out.request_id}", chunks)
 
-    def _end(self, ending: Ending, what: str) -> None:
-        """Write a job's ending, waiting for Redis while it is away; one that gives up is kept and written again in
-        the background (`_write_unwritten`) instead of lost, which left the job "running" for good."""
+    def _end(self, ending: Ending, what: str, chunks: list[tuple[str, str, int, bool]] | None = None) -> None:
+        """Write a job's ending, after its `chunks` (`record_step`'s) in the same round trip, waiting for Redis while
+        it is away; an ending that gives up is kept and written again in the background (`_write_unwritten`) instead
+        of lost, which left the job "running" for good (its chunks are not: a client has not seen their text).
+
+        An ending Redis refuses for good (a permission an ACL denies, NOPERM; a record of another type, WRONGTYPE: the
+        same write would fail again) is logged, not raised: raised, it escaped `run` and failed the Celery task
+        (acknowledged, so never delivered again), and nothing more could be done for the job either way."""
         try:
-            self._record_step([], [ending], what)
+            self._record_step(chunks or [], [ending], what)
         except RedisError as exc:
             if not redis_answers_later(exc):
-                raise
+                log.exception("job %s: its ending (%s) cannot be written: Redis refuses it for good (%s: %s); the job "
+                              "keeps the state Redis has for it", ending.job_id, ending.status, type(exc).__name__,
+                              exc)
+                return
             log.warning("job %s: its ending (%s) not written (%s); written once Redis answers", ending.job_id,
                         ending.status, exc)
             with self._unwritten_lock:

@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -48,7 +49,9 @@ def run_worker(settings: Settings) -> None:
     # Torch runs here only on threads that end (workers/torch_threads.py): the engine thread's team stays the only one.
     loaded = in_passing_thread(_load, settings)
     load_seconds = time.monotonic() - load_started
-    store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds)
+    # The hand-back bound is the settings' (LLAVA_QUEUE_MAX_HAND_BACKS): the worker's start is where it is applied.
+    store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.job_ttl_seconds,
+                              max_hand_backs=settings.max_hand_backs)
     # A name of this process alone: a container restarted after a crash has the same host name and, as pid 1, the
     # same pid, and a restarted worker taken for the dead one left its jobs running for ever (JobStore.start).
     name = f"{loaded.name}@{socket.gethostname()}/{secrets.token_hex(3)}:{os.getpid()}"
@@ -62,6 +65,11 @@ def run_worker(settings: Settings) -> None:
     METRICS.observe_load(loaded.name, load_seconds, warmup_seconds)
     METRICS.bind(loaded.name, engine)
     METRICS.start_observer(store, name, settings.conversation_log)
+    info = {"name": name, "model": loaded.name, "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."), "max_num_seqs": settings.max_num_seqs,
+            "started_at": time.time(), "load_seconds": round(load_seconds, 2), "ready": True}
+    engine_stopped = threading.Event()
+    engine.on_stop = lambda error: _stop_worker(error, runner, store, info, engine_stopped)
     engine.start()
     if settings.reserved_slots > 0:
         batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots,
@@ -80,9 +88,6 @@ def run_worker(settings: Settings) -> None:
              settings.stream_interval, frozen)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
     stop = threading.Event()
-    info = {"name": name, "model": loaded.name, "device": str(loaded.device),
-            "dtype": str(loaded.dtype).removeprefix("torch."), "max_num_seqs": settings.max_num_seqs,
-            "started_at": time.time(), "load_seconds": round(load_seconds, 2), "ready": True}
     METRICS.set_ready(True)
     threading.Thread(target=_follow_cancellations, args=(store, runner, stop), daemon=True,
                      name="cancellations").start()
@@ -111,7 +116,8 @@ def run_worker(settings: Settings) -> None:
     try:
         # One task thread per engine slot: Celery never reserves more jobs than the engine can batch.
         celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.max_num_seqs}",
-                                "-Q", ",".join(worker_queues(loaded.name)), "-n", name, f"--loglevel={settings.log_level}",
+                                "-Q", ",".join(worker_queues(loaded.name)), "-n", celery_node_name(name),
+                                f"--loglevel={settings.log_level}",
                                 "--without-gossip", "--without-mingle"])
     finally:
         stop.set()
@@ -126,6 +132,35 @@ def run_worker(settings: Settings) -> None:
             log.warning("worker %s not removed from the registry (Redis: %s): its entry expires within %d s", name,
                         exc, settings.heartbeat_ttl_seconds)
         engine.shutdown()
+    if engine_stopped.is_set():
+        # Not a stop that was asked for: the supervisor (Compose's restart policy, systemd) starts a new worker.
+        raise SystemExit(ENGINE_STOPPED_EXIT_STATUS)
+
+
+def celery_node_name(name: str) -> str:
+    """The `-n` option that makes Celery's node name `name` as it is: Celery expands `%` codes in it (%h, %n, %i...),
+    so a model name holding a `%` (`a%b`) stopped the worker at start with "ValueError: Unknown format %b", and one
+    holding a known code (`a%h`) gave a node name other than the worker's. `%%` is Celery's `%`."""
+    return name.replace("%", "%%")
+
+
+# The exit status of a worker whose engine stopped itself (EX_SOFTWARE).
+ENGINE_STOPPED_EXIT_STATUS = 70
+
+
+def _stop_worker(error: str, runner: JobRunner, store: JobStore, info: dict, engine_stopped: threading.Event,
+                 terminate=lambda: os.kill(os.getpid(), signal.SIGTERM)) -> None:
+    """The engine's on_stop hook: the engine stopped itself and will fail every job it holds or is given.
+
+    It stayed "ready" and went on taking jobs only to fail them. Now its jobs are handed back instead (the runner),
+    the worker says it is not ready (the next heartbeat, /readyz), and it stops as on SIGTERM (Celery takes no more
+    jobs and lets the running tasks end, the hand-back as at shutdown), then exits with a status that says it failed."""
+    log.critical("worker %s: %s; handing its jobs back and exiting", info["name"], error)
+    runner.engine_stopped(error, lambda job_id: _deliver_again(store, job_id))
+    info["ready"] = False
+    METRICS.set_ready(False)
+    engine_stopped.set()
+    terminate()
 
 
 # How long an exiting worker waits for its hand-back to send the jobs again (each release a Redis write, tried twice;
