@@ -32,7 +32,7 @@ FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
 _TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                "cancelling_at", "cancelled_at", "expires_at", "last_finished_at")
 _COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "invalid", "prompt_tokens",
-             "completion_tokens")
+             "completion_tokens", "read", "read_invalid")
 
 # A batch fails only while it is read (validating): a reader that was thought dead may have activated it meanwhile.
 # One cancelled while it was read, and never activated, ends cancelled instead (no reader will count its lines).
@@ -63,6 +63,23 @@ if tonumber(ARGV[1]) == tonumber(ARGV[2]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[3])
 return end_batch_if_done(KEYS[1], ARGV[3])
+"""
+
+# Lines read (KEYS[1] the batch, KEYS[2] its lines list, KEYS[3] its reader's lease): append their entries (ARGV[5..]),
+# renew the list's TTL (ARGV[1]) and the lease (ARGV[2] s), record the file's format (ARGV[3], if given), and count the
+# lines recorded (`read`, `read_invalid`: ARGV[4] of them refused), which a batch ended before its reader counted them
+# (`total`, see _ACTIVATE) shows as its request counts. Returns the batch's status; a batch gone (expired) is not made
+# again (a hash without a TTL).
+_ADD_LINES = """
+for i = 5, #ARGV, 1000 do redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'format', ARGV[3]) end
+redis.call('HINCRBY', KEYS[1], 'read', #ARGV - 4)
+redis.call('HINCRBY', KEYS[1], 'read_invalid', tonumber(ARGV[4]))
+return status
 """
 
 # As OpenAI's: a batch still read (validating) can be cancelled too; its reader stops at its next chunk of lines.
@@ -119,6 +136,17 @@ end
 return answer
 """
 
+# A field (ARGV[1] = ARGV[2]) of a batch (KEYS[1]) that is still kept: HSET on one gone would make a new hash.
+_KEEP_SIZE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
+
+# A lease (KEYS[1]) given back by its holder (ARGV[1]) only.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # A batch's output or errors file (KEYS[1] the batch) marked deleted (field ARGV[1]) once; 0 if the batch is gone (an
 # HSETNX would make a new hash that never expires) or the file was deleted already.
 _DELETE_OUTPUT = """
@@ -133,8 +161,11 @@ READER_LEASE_SECONDS = 60
 # of endings; drop a deleted file's results and job records; the keys of a files scan): a few round trips per thousand
 # lines, not one or two per line.
 BULK_LINES = 1000
-# Uploads missing from the files index are looked for at most this often (see `BatchStore.index_files`).
-FILES_SCAN_SECONDS = 3600
+# Uploads missing from the files index are looked for once per database, in steps (see `BatchStore.index_files`): a
+# list call takes at most this many (SCAN of BULK_LINES keys each) ...
+FILES_SCAN_STEPS = 8
+# ... and the scan's holder (one at a time) keeps its lease this long past its last step.
+FILES_SCAN_LEASE_SECONDS = 60
 
 
 def new_batch_id() -> str:
@@ -170,11 +201,14 @@ class BatchStore:
         self.prefix = store.prefix
         self.ttl_seconds = ttl_seconds
         self._activate = self.redis.register_script(_ACTIVATE)
+        self._add_lines = self.redis.register_script(_ADD_LINES)
         self._cancel = self.redis.register_script(_CANCEL)
         self._fail = self.redis.register_script(_FAIL)
         self._reserve = self.redis.register_script(_RESERVE)
         self._taken = self.redis.register_script(_TAKEN)
         self._delete_output = self.redis.register_script(_DELETE_OUTPUT)
+        self._release = self.redis.register_script(_RELEASE)
+        self._keep_size = self.redis.register_script(_KEEP_SIZE)
 
     def key(self, batch_id: str) -> str:
         return f"{self.store.batch_prefix}{batch_id}"
@@ -217,7 +251,9 @@ class BatchStore:
         self.redis.hdel(self.reservations_key, batch_id)
 
     def create(self, batch_id: str, fields: dict[str, Any]) -> None:
-        """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL."""
+        """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL. The index
+        drops the batches past the TTL (their records expired) and expires with its newest: it kept every batch
+        ever created (only a batch list that paged as far as one dropped it), and GET /v1/files read each it named."""
         now = time.time()
         record = {"id": batch_id, "owner": self.owner, "status": "validating", "created_at": repr(now), "ended": 0,
                   "completed": 0,
@@ -227,6 +263,8 @@ class BatchStore:
             pipe.hset(self.key(batch_id), mapping=record)
             pipe.expire(self.key(batch_id), self.ttl_seconds)
             pipe.zadd(self.index_key, {batch_id: now})
+            pipe.zremrangebyscore(self.index_key, "-inf", now - self.ttl_seconds)
+            pipe.expire(self.index_key, self.ttl_seconds)
             pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
             pipe.execute()
 
@@ -237,16 +275,15 @@ class BatchStore:
         as abandoned) tells the reader to stop.
 
         Also renews the reader's lease: a batch left `validating` without one was abandoned by an API
-        process that died while reading it (see `abandoned`).
+        process that died while reading it (see `abandoned`). And counts the lines recorded, refused ones apart: a batch
+        that ends before its reader counts its lines (failed as abandoned, or cancelled then) shows these (see `get`).
         """
-        with self.redis.pipeline(transaction=False) as pipe:
-            if file_format:
-                pipe.hset(self.key(batch_id), "format", file_format)
-            pipe.rpush(self.lines_key(batch_id), *[json.dumps(entry) for entry in entries])
-            pipe.expire(self.lines_key(batch_id), self.ttl_seconds)
-            pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
-            pipe.hget(self.key(batch_id), "status")
-            return pipe.execute()[-1] or "missing"
+        if not entries:
+            return self.redis.hget(self.key(batch_id), "status") or "missing"
+        refused = sum("error" in entry for entry in entries)
+        return self._add_lines(keys=[self.key(batch_id), self.lines_key(batch_id), self.reader_key(batch_id)],
+                               args=[self.ttl_seconds, READER_LEASE_SECONDS, file_format or "", refused,
+                                     *[json.dumps(entry) for entry in entries]])
 
     def reader_key(self, batch_id: str) -> str:
         return f"{self.key(batch_id)}:reader"
@@ -254,7 +291,7 @@ class BatchStore:
     def abandoned(self, record: dict[str, Any]) -> bool:
         """Whether a batch still being read (`validating`, or `cancelling` before its lines were counted) lost the
         API process reading it (no lease renewed for a while)."""
-        unread = record["status"] == "validating" or (record["status"] == "cancelling" and not record["total"])
+        unread = record["status"] == "validating" or (record["status"] == "cancelling" and not record["counted"])
         return (unread and time.time() - record["created_at"] > READER_LEASE_SECONDS
                 and not self.redis.exists(self.reader_key(record["id"])))
 
@@ -292,7 +329,12 @@ class BatchStore:
         return self._cancel(keys=[self.key(batch_id)], args=[repr(time.time())])
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
-        """The batch record with typed fields, or None if unknown (or expired)."""
+        """The batch record with typed fields, or None if unknown (or expired).
+
+        `counted`: whether its reader counted its lines (`total`, `invalid`: see _ACTIVATE). Until then (being read,
+        or ended before its reader was done: failed as abandoned, cancelled while read), `total` and `invalid` are the
+        lines recorded so far, so that its request counts add up (total = completed + failed + the lines still to end):
+        they showed a total of 0 beside its cancelled lines counted as failed."""
         raw = self.redis.hgetall(self.key(batch_id))
         if not raw or raw.get("owner", "") != self.owner:
             return None
@@ -303,6 +345,9 @@ class BatchStore:
             record[name] = int(raw[name]) if raw.get(name) else 0
         for name in ("metadata", "params", "errors"):
             record[name] = json.loads(raw[name]) if raw.get(name) else None
+        record["counted"] = "total" in raw
+        if not record["counted"]:
+            record["total"], record["invalid"] = record["read"], record["read_invalid"]
         return record
 
     def list(self, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
@@ -372,9 +417,17 @@ class BatchStore:
             pipe.execute()
         return bool(self._delete_output(keys=[self.key(batch_id)], args=[f"{kind}_deleted_at", repr(time.time())]))
 
+    def keep_file_size(self, batch_id: str, kind: str, size: int) -> None:
+        """Keep the size of a finished batch's `kind` file ("output" or "errors"; field `<kind>_bytes`), counted once;
+        not if the batch is gone (expired meanwhile: an HSET would make a new hash, without owner or TTL)."""
+        self._keep_size(keys=[self.key(batch_id)], args=[f"{kind}_bytes", size])
+
     def batch_index(self) -> Sequence[tuple[str, float]]:
-        """The owner's batch ids, with their creation times, oldest first."""
-        return self.redis.zrange(self.index_key, 0, -1, withscores=True)
+        """The owner's batch ids, with their creation times, oldest first; none past the TTL (see `create`)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(self.index_key, "-inf", time.time() - self.ttl_seconds)
+            pipe.zrange(self.index_key, 0, -1, withscores=True)
+            return pipe.execute()[-1]
 
     # Uploaded files (POST /v1/files): their bytes and a description, kept as long as batches.
     def file_key(self, file_id: str) -> str:
@@ -390,44 +443,89 @@ class BatchStore:
 
     @property
     def files_scanned_key(self) -> str:
-        """Set while the last scan for uploads missing from the files indexes is recent (see `index_files`)."""
+        """Set, for good, once a scan for uploads missing from the files indexes went through every key (see
+        `index_files`). (An earlier version set it for an hour after each scan.)"""
         return f"{self.prefix}:files_scanned"
 
-    def uploaded_files(self) -> Sequence[tuple[str, float]]:
+    @property
+    def files_scan_cursor_key(self) -> str:
+        """The SCAN cursor a scan for uploads missing from the files indexes goes on from."""
+        return f"{self.prefix}:files_scan_cursor"
+
+    @property
+    def files_scan_lease_key(self) -> str:
+        """Held by the one process taking steps of that scan."""
+        return f"{self.prefix}:files_scan_lease"
+
+    def uploaded_files(self, scan_steps: int = FILES_SCAN_STEPS) -> Sequence[tuple[str, float]]:
         """The owner's uploaded file ids, with their upload times, oldest first. Files deleted or expired since stay
         until they are older than the TTL (the list skips them): a list's `after` may name one, and goes on from its
-        place."""
-        if not self.redis.exists(self.files_scanned_key):
-            self.index_files()
+        place. Until the database's uploads kept before the index are all indexed, first takes at most `scan_steps`
+        steps of that scan (`index_files`)."""
+        if scan_steps:
+            self.index_files(scan_steps)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zremrangebyscore(self.files_index_key, "-inf", time.time() - self.ttl_seconds)
             pipe.zrange(self.files_index_key, 0, -1, withscores=True)
             return pipe.execute()[-1]
 
-    def index_files(self) -> None:
+    def index_files(self, steps: int | None = None) -> bool:
         """Add every upload kept in Redis (every owner's) to its owner's index where it is missing: uploads kept by a
-        version without the index (before GET /v1/files, or by an API replica not yet upgraded) were never listed.
-        A scan of the keys, in chunks; once done, none again for FILES_SCAN_SECONDS (one list call pays for it, not
-        every one, and a replica of the old version still running adds none for long)."""
-        keys = self.redis.scan_iter(match=f"{self.prefix}:file:*", count=BULK_LINES)
-        while chunk := list(itertools.islice(keys, BULK_LINES)):
-            with self.redis.pipeline(transaction=False) as pipe:
-                for key in chunk:
-                    pipe.hmget(key, ["meta", "owner"])
-                    pipe.pttl(key)
-                found = pipe.execute()
-            now = time.time()
-            with self.redis.pipeline(transaction=False) as pipe:
-                for (raw, owner), left_ms in zip(found[::2], found[1::2]):
-                    if raw:  # not expired meanwhile
-                        meta, index = json.loads(raw), self._files_index(owner or "")
-                        # Its upload time as its TTL tells it (`created_at` has whole seconds only), so that it leaves
-                        # the index as its key expires.
-                        uploaded = now + left_ms / 1000 - self.ttl_seconds if left_ms >= 0 else meta["created_at"]
-                        pipe.zadd(index, {meta["id"]: uploaded}, nx=True)
-                        pipe.expire(index, self.ttl_seconds)
-                pipe.execute()
-        self.redis.set(self.files_scanned_key, "1", ex=FILES_SCAN_SECONDS)
+        version without the index (before GET /v1/files) were never listed. Returns whether that is done.
+
+        Such uploads can only predate the index, so the keys (jobs and batches too: millions of them) are scanned
+        once per database: a mark set once the scan has gone through them all (`files_scanned_key`) ends it for good.
+        The scan goes in steps of a SCAN of BULK_LINES keys, `steps` of them at most (None: to its end), from the
+        cursor the last step left (`files_scan_cursor_key`), by one process at a time (`files_scan_lease_key`; another
+        returns at once): a list call that finds it unfinished waits for a few steps, not for the whole keyspace, and
+        a process that dies part-way leaves the rest to the next. (It was made whole by the list call that found the
+        last one an hour old, every hour.)"""
+        if self.redis.exists(self.files_scanned_key):
+            return True
+        holder = uuid.uuid4().hex
+        if not self.redis.set(self.files_scan_lease_key, holder, nx=True, ex=FILES_SCAN_LEASE_SECONDS):
+            return False  # another process takes the steps now
+        try:
+            if self.redis.exists(self.files_scanned_key):
+                return True  # done by the holder before
+            cursor = int(self.redis.get(self.files_scan_cursor_key) or 0)
+            for _ in range(steps) if steps is not None else itertools.count():
+                cursor, keys = self.redis.scan(cursor, match=f"{self.prefix}:file:*", count=BULK_LINES)
+                self._index_uploads(keys)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    if int(cursor) == 0:
+                        pipe.set(self.files_scanned_key, "1")  # no TTL (one an earlier version set goes)
+                        pipe.delete(self.files_scan_cursor_key)
+                    else:
+                        pipe.set(self.files_scan_cursor_key, cursor)
+                        pipe.expire(self.files_scan_lease_key, FILES_SCAN_LEASE_SECONDS)
+                    pipe.execute()
+                if int(cursor) == 0:
+                    return True
+            return False
+        finally:
+            self._release(keys=[self.files_scan_lease_key], args=[holder])
+
+    def _index_uploads(self, keys: Sequence[str]) -> None:
+        """Add the uploads of these file keys to their owners' indexes where they are missing."""
+        if not keys:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, ["meta", "owner"])
+                pipe.pttl(key)
+            found = pipe.execute()
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for (raw, owner), left_ms in zip(found[::2], found[1::2]):
+                if raw:  # not expired meanwhile
+                    meta, index = json.loads(raw), self._files_index(owner or "")
+                    # Its upload time as its TTL tells it (`created_at` has whole seconds only), so that it leaves
+                    # the index as its key expires.
+                    uploaded = now + left_ms / 1000 - self.ttl_seconds if left_ms >= 0 else meta["created_at"]
+                    pipe.zadd(index, {meta["id"]: uploaded}, nx=True)
+                    pipe.expire(index, self.ttl_seconds)
+            pipe.execute()
 
     def save_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
         """Store an uploaded file; returns its description (`id`, `bytes`, `created_at`, `filename`, `purpose`)."""

@@ -1011,20 +1011,10 @@ def test_a_batch_file_deletion_cut_short_by_redis_can_be_made_again():
     import redis as redis_lib
 
     from api.routes.batches import delete_output
-    from shared.batches import BatchStore, new_batch_id
-    from shared.jobs import JobStore
-    from shared.protocol import GenerateRequest
     from shared.redis_server import RedisServer
 
     with RedisServer() as server:
-        store = JobStore.from_url(server.url)
-        batches = BatchStore(store, 3600)
-        batch_id = new_batch_id()
-        batches.create(batch_id, {"params": {}})
-        [job_id] = store.create_many([GenerateRequest(prompt="hi")], "batch",
-                                     extra=[{"batch": batch_id, "batch_line": 0}])
-        batches.add_lines(batch_id, [{"line": 1, "job": job_id, "question_id": 0, "prompt": "hi"}])
-        batches.activate(batch_id, 1, 0)
+        store, batches, batch_id, job_id = one_line_batch(server.url)
         store.finish(job_id, "succeeded")
         record = batches.get(batch_id)
         assert record["status"] == "completed", record
@@ -1038,3 +1028,169 @@ def test_a_batch_file_deletion_cut_short_by_redis_can_be_made_again():
         del batches.redis.pipeline
         assert delete_output(batches, batches.get(batch_id), errors=False) is True
         assert store.get(job_id) is None and not batches.redis.exists(batches.results_key(batch_id))
+
+
+def test_a_batch_failed_or_cancelled_as_abandoned_counts_every_line_it_read():
+    # A batch failed as abandoned (its reader died) never had its lines counted: its request_counts showed total 0
+    # while `failed` counted the lines read so far and cancelled (and the lines refused as read were in neither, though
+    # the errors file holds them). As OpenAI's, total = completed + failed + the lines still to end.
+    from api.routes.batches import batch_view, output_lines, settled
+    from shared.batches import BatchStore, new_batch_id
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+    from shared.redis_server import RedisServer
+
+    refused = {"line": 3, "question_id": 2, "error": {"message": "line 3 is not valid JSON", "param": None,
+                                                      "status_code": 400, "code": 400}}
+    with RedisServer() as server:
+        store = JobStore.from_url(server.url)
+        batches = BatchStore(store, 3600)
+        for cancelled_first in (False, True):
+            batch_id = new_batch_id()
+            batches.create(batch_id, {"params": {}})
+            ids = store.create_many([GenerateRequest(prompt="hi")] * 2, "batch",
+                                    extra=[{"batch": batch_id, "batch_line": line} for line in range(2)])
+            batches.add_lines(batch_id, [*[{"line": line + 1, "job": job_id, "question_id": line, "prompt": "hi"}
+                                           for line, job_id in enumerate(ids)], refused])
+            if cancelled_first:  # cancelled while it was read, then its reader died
+                assert batches.request_cancel(batch_id) == "cancelling"
+                batches.cancel_jobs(batch_id)
+                assert batch_view(batches, batches.get(batch_id))["request_counts"]["total"] == 3
+            batches.redis.delete(batches.reader_key(batch_id))
+            batches.redis.hset(batches.key(batch_id), "created_at", repr(time.time() - 120))
+            record = settled(batches, batches.get(batch_id))
+            view = batch_view(batches, record)
+            assert view["status"] == ("cancelled" if cancelled_first else "failed"), view
+            assert view["request_counts"] == {"total": 3, "completed": 0, "failed": 3}, view
+            assert len(list(output_lines(batches, record, errors=True))) == 3
+
+
+def test_a_batch_file_is_not_described_before_the_batch_names_it():
+    # GET /v1/files/{id} described (and /content served) a batch's output and errors files while the batch object
+    # named neither (output_file_id, error_file_id null): the files list and DELETE did not know them yet either. As on
+    # OpenAI, a batch file exists once its batch names it; the answers so far are at GET /v1/batches/{id}/output.
+    from api.main import create_app
+    from shared.jobs import JobStore
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+
+    with RedisServer() as server, TestClient(create_app(Settings(redis_url=server.url))) as client:
+        batch = client.post("/v1/batches", files={"file": ("q.jsonl", jsonl(questions(2, image=False)))}).json()
+        batch_id = batch["id"]
+        output_id, error_id = f"file-{batch_id}-output", f"file-{batch_id}-errors"
+        store = JobStore.from_url(server.url)
+        first = client.get(f"/v1/batches/{batch_id}/lines").json()["data"][0]["job_id"]
+        store.finish(first, "succeeded")
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        assert batch["status"] == "in_progress" and batch["output_file_id"] is None, batch
+        assert client.get(f"/v1/batches/{batch_id}/output").status_code == 200  # the answers so far
+        for file_id in (output_id, error_id):
+            for path in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"):
+                assert client.get(path).status_code == 404, (path, client.get(path).text)
+        batch = client.post(f"/v1/batches/{batch_id}/cancel").json()
+        assert batch["status"] == "cancelled" and (batch["output_file_id"], batch["error_file_id"]) == (output_id,
+                                                                                                       error_id)
+        for file_id in (output_id, error_id):
+            described = client.get(f"/v1/files/{file_id}")
+            assert described.status_code == 200 and described.json()["bytes"] == len(
+                client.get(f"/v1/files/{file_id}/content").content) > 0, described.text
+
+
+def test_uploads_kept_before_the_files_index_are_looked_for_in_bounded_steps_once():
+    # The keys were scanned for uploads missing from the files index by the list call that found the last scan over an
+    # hour old, in one go: with millions of keys (jobs, batches), that call waited for the whole keyspace, every hour.
+    # Such uploads can only predate the index: the scan is done once per database, a bounded step per list call.
+    import redis as redis_lib
+
+    from shared.batches import BatchStore
+    from shared.jobs import JobStore
+    from shared.redis_server import RedisServer
+
+    class Counting(redis_lib.Connection):
+        """Counts the SCAN commands the client sends."""
+
+        scans = 0
+
+        def send_command(self, *args, **kwargs):
+            Counting.scans += str(args[0]).upper() == "SCAN"
+            return super().send_command(*args, **kwargs)
+
+    with RedisServer() as server:
+        raw = redis_lib.Redis.from_url(server.url)
+        for start in range(0, 30_000, 1000):  # other keys: jobs
+            raw.mset({f"llq:job:{index}": "x" for index in range(start, start + 1000)})
+        pool = redis_lib.ConnectionPool.from_url(server.url, decode_responses=True, connection_class=Counting)
+        batches = BatchStore(JobStore(redis_lib.Redis(connection_pool=pool)), 3600)
+        legacy = batches.save_file(b"{}\n", "old.jsonl", "batch")["id"]
+        raw.delete(*raw.keys("llq:files*"))  # as an earlier version left its uploads: in no index
+        calls, scans = 0, None
+        while scans != 0 and calls < 100:  # list calls until one scans no more
+            calls += 1
+            before = Counting.scans
+            listed = [file_id for file_id, _ in batches.uploaded_files()]
+            scans = Counting.scans - before
+            assert scans <= 10, scans  # a bounded step, not the 30,000 keys
+        assert listed == [legacy] and 2 < calls < 100, (listed, calls)
+        # Done once for the database: no list call scans again, however long after (no key of it expires).
+        assert all(raw.ttl(key) == -1 for key in raw.keys("llq:files_*")), {key: raw.ttl(key)
+                                                                             for key in raw.keys("llq:files_*")}
+
+
+def test_the_batch_index_drops_batches_past_the_ttl():
+    # The index of a key's batches (GET /v1/batches, and the output files GET /v1/files lists) kept every batch ever
+    # created: only a batch list that paged as far as an expired batch dropped it. It grew for good, and every
+    # GET /v1/files read each batch it named (a round trip each, for batches long gone). As the files index does, it
+    # drops batches past the TTL, and expires with its newest.
+    from shared.batches import BatchStore, new_batch_id
+    from shared.jobs import JobStore
+    from shared.redis_server import RedisServer
+
+    with RedisServer() as server:
+        batches = BatchStore(JobStore.from_url(server.url), 3600)
+        old = new_batch_id()
+        batches.create(old, {"params": {}})
+        # As a batch created two hours ago leaves the index: its record expired (past the TTL), its entry kept.
+        batches.redis.zadd(batches.index_key, {old: time.time() - 7200})
+        batches.redis.delete(batches.key(old))
+        assert [batch_id for batch_id, _ in batches.batch_index()] == []
+        new = new_batch_id()
+        batches.create(new, {"params": {}})
+        batches.redis.zadd(batches.index_key, {old: time.time() - 7200})  # an index left by an earlier version
+        assert [batch_id for batch_id, _ in batches.batch_index()] == [new]
+        batches.create(new_batch_id(), {"params": {}})
+        assert old not in batches.redis.zrange(batches.index_key, 0, -1)
+        assert 0 < batches.redis.ttl(batches.index_key) <= 3600
+
+
+def test_a_batch_file_described_as_its_batch_expires_leaves_no_record_behind():
+    # A finished batch's file size is counted once and kept in its record: an HSET on a batch that expired between its
+    # read and that write made a new record (no owner, no status, no TTL): kept for good, and a 500 for its id.
+    from api.routes.files import _batch_file_object
+    from shared.redis_server import RedisServer
+
+    with RedisServer() as server:
+        store, batches, batch_id, job_id = one_line_batch(server.url)
+        store.finish(job_id, "failed", error="out of memory")
+        record = batches.get(batch_id)
+        assert record["status"] == "completed", record  # as OpenAI's: its one line failed
+        assert _batch_file_object(batches, record, errors=True).bytes > 0
+        assert batches.redis.hget(batches.key(batch_id), "errors_bytes")
+        batches.redis.delete(batches.key(batch_id))  # as its TTL makes it, just after the read
+        assert _batch_file_object(batches, record, errors=True).bytes > 0
+        assert not batches.redis.exists(batches.key(batch_id))
+
+
+def one_line_batch(redis_url: str):
+    """(job store, batch store, batch id, job id) of an active batch of one line, its job still queued."""
+    from shared.batches import BatchStore, new_batch_id
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+
+    store = JobStore.from_url(redis_url)
+    batches = BatchStore(store, 3600)
+    batch_id = new_batch_id()
+    batches.create(batch_id, {"params": {}})
+    [job_id] = store.create_many([GenerateRequest(prompt="hi")], "batch", extra=[{"batch": batch_id, "batch_line": 0}])
+    batches.add_lines(batch_id, [{"line": 1, "job": job_id, "question_id": 0, "prompt": "hi"}])
+    batches.activate(batch_id, 1, 0)
+    return store, batches, batch_id, job_id

@@ -5,7 +5,7 @@ The file comes as an upload (multipart `file`), as an uploaded file's id (`input
 can run becomes a job on the `batch` queue, which workers take only when no interactive job
 waits. Results come back in the input's order: `GET /v1/batches/{id}/output` (the original's
 answers file, or OpenAI's batch output) and `/errors` (the lines that failed, with why), also
-as OpenAI's `output_file_id` / `error_file_id` at `GET /v1/files/{id}/content`.
+as OpenAI's `output_file_id` / `error_file_id` at `GET /v1/files/{id}/content` once the batch has ended.
 """
 
 import asyncio

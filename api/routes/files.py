@@ -11,14 +11,14 @@ import asyncio
 import re
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
 from api.errors import ApiError
 from api.routes.batches import (ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name, batch_store,
                                 delete_output, file_deleted, file_kind, output_lines, read_batch, settled)
-from shared.batches import FINAL_STATUSES, BatchStore
+from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore
 from shared.protocol import ErrorCode
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -44,7 +44,12 @@ def file_not_found(file_id: str) -> ApiError:
 
 def _batch_file(batches: BatchStore, file_id: str) -> tuple[dict[str, Any], bool] | None:
     """(the batch record, whether it is the errors file) of a batch's output or errors file; None if `file_id`
-    names no batch file; 404 for a file deleted."""
+    names no batch file; 404 for a file deleted, or one its batch object does not name (yet).
+
+    As on OpenAI, a batch's file exists once the batch names it (`output_file_id`, `error_file_id`: it has ended, and
+    the file holds a line): GET /v1/files/{id} and its content, the files list and DELETE agree with the batch object. A
+    client that polls a batch until it names its output file, or that reads the file a list shows, never gets a
+    partial one that changes under it; the answers so far are at GET /v1/batches/{id}/output."""
     match = _BATCH_FILE.fullmatch(file_id)
     if not match:
         return None
@@ -52,6 +57,8 @@ def _batch_file(batches: BatchStore, file_id: str) -> tuple[dict[str, Any], bool
     record = read_batch(batches, batch_id)
     if record.get(f"{kind}_deleted_at"):
         raise file_deleted(file_id)
+    if batch_file_id(record, kind == "errors") != file_id:
+        raise file_not_found(file_id)
     return record, kind == "errors"
 
 
@@ -62,7 +69,7 @@ def _batch_file_object(batches: BatchStore, record: dict[str, Any], errors: bool
     if size is None:
         size = sum(len(line.encode()) for line in output_lines(batches, record, errors))
         if record["status"] in FINAL_STATUSES:
-            batches.redis.hset(batches.key(record["id"]), size_field, size)
+            batches.keep_file_size(record["id"], file_kind(errors), size)
     name = batch_file_name(record["id"], errors)
     return FileObject(id=name, bytes=int(size), created_at=int(record["created_at"]), filename=f"{name}.jsonl",
                       purpose="batch_output")
@@ -88,14 +95,18 @@ def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) 
 
 
 @router.get("")
-def list_files(request: Request, purpose: str | None = Query(None, max_length=64),
+def list_files(request: Request, background: BackgroundTasks, purpose: str | None = Query(None, max_length=64),
                limit: int = Query(10_000, ge=1, le=10_000), after: str | None = Query(None, max_length=200),
                order: Literal["asc", "desc"] = "desc") -> dict:
     """The caller's files, OpenAI's list (`data`, `first_id`, `last_id`, `has_more`): uploads (`purpose` "batch")
     and finished batches' output and errors files ("batch_output"), newest first (`order=asc`: oldest first),
     `limit` of them after the file id `after`."""
     batches = batch_store(request)
-    indexed = [(at, file_id) for file_id, at in batches.uploaded_files()]
+    # Uploads kept before the files index: a few steps of the database's one scan for them now, and the rest of it
+    # after the answer (see `BatchStore.index_files`), not the whole keyspace before it.
+    if not batches.index_files(FILES_SCAN_STEPS):
+        background.add_task(batches.index_files)
+    indexed = [(at, file_id) for file_id, at in batches.uploaded_files(scan_steps=0)]
     indexed += [(at, name.format(batch_id)) for batch_id, at in batches.batch_index()
                 for name in (OUTPUT_FILE, ERROR_FILE)]
     indexed.sort(reverse=order == "desc")
@@ -173,9 +184,7 @@ def delete_file(file_id: str, request: Request) -> dict:
     batches = batch_store(request)
     batch_file = _batch_file(batches, file_id)
     if batch_file is not None:
-        record, errors = batch_file
-        named = batch_file_id(record, errors) == file_id
-        if not named or not delete_output(batches, record, errors):
+        if not delete_output(batches, *batch_file):
             raise file_not_found(file_id)
     elif not batches.delete_file(file_id):
         raise file_not_found(file_id)
