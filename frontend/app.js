@@ -5,7 +5,8 @@
 import { renderMarkdown } from "./markdown.js";
 import { processImage, readImage } from "./images.js";
 import {
-  FINAL_STATES, cancelJob, followJob, getPageConfig, isBusy, listModels, sendFeedback, setApiKey, submitJob,
+  FINAL_STATES, cancelJob, cancelSubmission, followJob, getPageConfig, isBusy, listModels, newSubmissionKey,
+  sendFeedback, setApiKey, submitJob,
 } from "./jobs.js";
 
 // The original web server cuts a message to 1536 characters, 1200 when it carries an image.
@@ -255,9 +256,11 @@ async function generate() {
  * gives up. Returns the job id, or null once the answer has ended.
  */
 async function submitWhenTaken(turn, request) {
+  // One key for the turn: a refused submission (429, 503) made no job, and its key stays free for the next try.
+  const key = newSubmissionKey();
   for (;;) {
     try {
-      return await submitJob(request);
+      return await submitUnanswered(request, key);
     } catch (error) {
       if (isBusy(error) && !turn.stopRequested) {
         if (await waitToSendAgain(turn, error)) continue;
@@ -270,6 +273,20 @@ async function submitWhenTaken(turn, request) {
       finish(turn, null, { status: "failed", error: error.message, error_code: error.code });
       return null;
     }
+  }
+}
+
+/** The Idempotency-Keys of submissions sent and not answered yet: their jobs may exist, with ids the page does not
+ * know. Cancelled by key when the page goes. */
+const unansweredSubmissions = new Set();
+
+/** submitJob, its key in unansweredSubmissions until the answer comes. */
+async function submitUnanswered(request, key) {
+  unansweredSubmissions.add(key);
+  try {
+    return await submitJob(request, key);
+  } finally {
+    unansweredSubmissions.delete(key);
   }
 }
 
@@ -614,11 +631,13 @@ ui.apiKey.addEventListener("change", () => {
   loadModels();
 });
 
-// Nobody will read an answer whose page is gone: free its slot, and that of every job whose Stop waits out a busy
-// refusal (its countdown dies with the page).
+// Nobody will read an answer whose page is gone: free its slot, that of every job whose Stop waits out a busy
+// refusal (its countdown dies with the page), and that of a job whose submission is still unanswered (named by its
+// Idempotency-Key: the API may not even have it yet, and then makes none).
 window.addEventListener("pagehide", () => {
   const jobs = new Set(pendingCancels);
   if (state.current && state.current.jobId) jobs.add(state.current.jobId);
   for (const id of jobs) cancelJob(id, { keepalive: true }).catch(() => {});
+  for (const key of unansweredSubmissions) cancelSubmission(key, { keepalive: true }).catch(() => {});
 });
 loadModels();

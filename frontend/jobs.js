@@ -57,14 +57,17 @@ function wsUrl(path) {
   return url.href;
 }
 
-/** Call the API; returns the JSON body, throws ApiError with the body's message and code. */
+/** Call the API; returns the JSON body, throws ApiError with the body's message and code. `options` go to fetch;
+ * its `headers` are sent with the page's own. */
 export async function callApi(method, path, body, options = {}) {
+  const { headers = {}, ...rest } = options;
   let response;
   try {
     response = await fetch(apiUrl(path), {
-      ...options,
+      ...rest,
       method,
       headers: {
+        ...headers,
         ...(body === undefined ? {} : { "Content-Type": "application/json" }),
         ...(apiKey ? { Authorization: `Bearer ${apiKey}` } : {}),
       },
@@ -83,7 +86,20 @@ export async function callApi(method, path, body, options = {}) {
 }
 
 export const listModels = async () => (await callApi("GET", "v1/models")).data.map((model) => model.id);
-export const submitJob = async (request) => (await callApi("POST", "v1/jobs", request)).id;
+/** A fresh Idempotency-Key for one submission: 128 random bits in hex (crypto.randomUUID is only there on https or
+ * localhost; getRandomValues is everywhere). */
+export function newSubmissionKey() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+/** Submit a job with Idempotency-Key `key` (see cancelSubmission); returns its id. */
+export const submitJob = async (request, key) =>
+  (await callApi("POST", "v1/jobs", request, { headers: { "Idempotency-Key": key } })).id;
+/** Cancel the job submitted (or still to be submitted) with Idempotency-Key `key`: for a submission whose answer,
+ * and so whose job id, has not come. The API takes the key if no job has it yet, so a submission that reaches it
+ * after this cancel makes no job. */
+export const cancelSubmission = (key, options = {}) =>
+  callApi("POST", "v1/jobs/cancel", undefined, { ...options, headers: { "Idempotency-Key": key } });
 export const getPageConfig = () => callApi("GET", "page/config");
 export const getJob = (id) => callApi("GET", `v1/jobs/${encodeURIComponent(id)}`);
 export const cancelJob = (id, options) => callApi("DELETE", `v1/jobs/${encodeURIComponent(id)}`, undefined, options);

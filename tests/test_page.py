@@ -918,6 +918,51 @@ def test_a_stop_refused_with_429_is_still_sent_when_the_page_goes(browser, small
         page.close()
 
 
+def job_status_once_out_of_the_queue(base_url: str, job_id: str, headers: dict, timeout: float = 15) -> str:
+    """The job's status once it no longer waits in the queue (or "queued" after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while (status := job_record(base_url, job_id, headers)["status"]) == "queued" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return status
+
+
+def test_a_page_that_goes_before_its_submission_is_answered_cancels_the_job(browser, small_stack):
+    # The page cancels the jobs it knows of as it goes; a job whose POST the API had taken but not yet answered was
+    # none of them (the page had no id to name), and it ran for nobody. Here the API takes the job and its answer is
+    # held back from the page; the page's job waits in the queue behind two others, so it cannot end by itself while
+    # the test looks.
+    page, blocker = blocked_small_stack_page(browser, small_stack)
+    ahead = requests.post(f"{small_stack.base_url}/v1/jobs", headers=SMALL_STACK_AUTH, timeout=10, json={
+        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"]
+    created = []
+
+    def hold_the_answer(route):
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        created.append(route.fetch().json()["id"])  # the API has the job; the page never hears of it
+
+    page.route(re.compile(r"/v1/jobs$"), hold_the_answer)
+    job_id = None
+    try:
+        ask(page, "What is the capital of France?")
+        deadline = time.monotonic() + 15
+        while not created:
+            assert time.monotonic() < deadline, "the page sent no job"
+            page.wait_for_timeout(100)
+        job_id = created[0]
+        assert last_answer(page).get_attribute("data-status") == "submitting"
+        page.close(run_before_unload=True)  # as a user closes the tab: the page hears it go
+        status = job_status_once_out_of_the_queue(small_stack.base_url, job_id, SMALL_STACK_AUTH, timeout=10)
+        assert status == "cancelled", f"the job is {status}: it went on for a page that is gone"
+    finally:
+        for other in (job_id, ahead, blocker):
+            if other:
+                requests.delete(f"{small_stack.base_url}/v1/jobs/{other}", headers=SMALL_STACK_AUTH, timeout=10)
+        if not page.is_closed():
+            page.close()
+
+
 def test_a_silent_websocket_while_the_network_is_down_is_opened_again(page, stack):
     # The socket goes silent (a dropped connection that never closes) and the job record cannot be read either (the
     # network is down: the request fails on the way). The page must give the socket up and open it again, not wait on

@@ -9,6 +9,7 @@ from api.auth import owns
 from api.deps import ApiKey, Store, Submissions
 from api.errors import ApiError, job_not_found
 from api.routes.openai import COMPLETION_ID_PREFIX
+from api.submission import BULK_ITEM_MARK, scoped_idempotency_key
 from shared.jobs import FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
@@ -97,6 +98,38 @@ def create_jobs(body: BulkJobRequest, submitter: Submissions, api_key: ApiKey,
     """Enqueue many jobs in one call; the ids come back in the order of `jobs`."""
     return BulkCreated(ids=submitter.submit([(job, job.queue) for job in body.jobs],
                                            idempotency_key=idempotency_key, owner=api_key))
+
+
+# What a cancel by Idempotency-Key records when no job holds the key yet: a job that ends cancelled at once, so that
+# the submission arriving after it gets this job (its key is taken) and creates none.
+_CANCELLED_BEFORE_SUBMITTED = GenerateRequest(prompt="", max_new_tokens=0)
+
+
+@router.post("/cancel", status_code=202, response_model=JobCreated)
+def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key: Annotated[str, Header(
+        min_length=1, max_length=200, description="The Idempotency-Key the job was (or will be) submitted with.")]
+                                  ) -> JobCreated:
+    """Cancel the job submitted with this `Idempotency-Key` (by this API key), as `DELETE /v1/jobs/{id}` does.
+
+    For a client that has no job id to name: one whose `POST /v1/jobs` is still unanswered (a page that is closed
+    meanwhile). The cancel may reach the API before the submission does: then the key is taken by a job that ends
+    cancelled at once, and the submission that comes with that key afterwards gets this job instead of creating one.
+    Only a single job's key is taken; a bulk submission's jobs are cancelled by their ids.
+    """
+    if BULK_ITEM_MARK in idempotency_key:
+        raise ApiError(422, f"the Idempotency-Key holds {BULK_ITEM_MARK!r}, which no submission's key holds",
+                       param="header.idempotency-key")
+    # One transaction (WATCH) takes the key for a new job unless a submission took it first: then that is the job.
+    job, _ = store.create(_CANCELLED_BEFORE_SUBMITTED, "interactive",
+                          idempotency_key=scoped_idempotency_key(idempotency_key, api_key), owner=api_key)
+    previous = store.cancel(job)
+    if previous is None:  # (the record expired while its key lived on)
+        raise ApiError(404, "no job was submitted with this Idempotency-Key", type="not_found",
+                       param="header.idempotency-key", code=ErrorCode.NOT_FOUND)
+    if previous in FINAL_STATES:
+        raise ApiError(409, f"job {job} already ended ({previous})", type="conflict",
+                       param="header.idempotency-key", code=ErrorCode.INVALID_REQUEST)
+    return JobCreated(id=job, status="cancelled" if previous == "queued" else "cancelling")
 
 
 def _plain_id(job_id: str) -> str:

@@ -1,0 +1,100 @@
+"""`POST /v1/jobs/cancel`: cancelling the job of a submission by its Idempotency-Key, before or after the submission
+reaches the API, on a real API process with two API keys and no worker (submitted jobs stay queued).
+
+The web page sends it as it goes (pagehide) for a submission still unanswered: it has no job id to name then, and the
+job it may have made would run for nobody. Its page test is in test_page.py.
+"""
+
+import uuid
+
+import pytest
+import requests
+
+from api.auth import key_digest
+from conftest import run_stack
+from shared.redis_server import RedisServer
+
+KEY = "cancel-key-123"
+OTHER_KEY = "cancel-key-456"
+
+
+@pytest.fixture(scope="module")
+def api():
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(KEY)}", "{key_digest(OTHER_KEY)}"]'}
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
+                                                   log_prefix="llava-queue-cancel-by-key-") as stack:
+        yield stack
+
+
+def headers(key: str | None = KEY, idempotency_key: str | None = None) -> dict:
+    return {**({"Authorization": f"Bearer {key}"} if key else {}),
+            **({"Idempotency-Key": idempotency_key} if idempotency_key is not None else {})}
+
+
+def submit(api, idempotency_key: str, key: str = KEY, prompt: str = "hi") -> requests.Response:
+    return requests.post(f"{api.base_url}/v1/jobs", json={"prompt": prompt}, headers=headers(key, idempotency_key),
+                         timeout=10)
+
+
+def cancel(api, idempotency_key: str | None, key: str | None = KEY) -> requests.Response:
+    return requests.post(f"{api.base_url}/v1/jobs/cancel", headers=headers(key, idempotency_key), timeout=10)
+
+
+def status(api, job_id: str, key: str = KEY) -> str:
+    response = requests.get(f"{api.base_url}/v1/jobs/{job_id}", headers=headers(key), timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["status"]
+
+
+def fresh_key() -> str:
+    return uuid.uuid4().hex
+
+
+def test_a_submitted_job_is_cancelled_by_its_idempotency_key(api):
+    key = fresh_key()
+    job = submit(api, key).json()["id"]
+    assert status(api, job) == "queued"
+    cancelled = cancel(api, key)
+    assert cancelled.status_code == 202, cancelled.text
+    assert cancelled.json() == {"id": job, "status": "cancelled"}
+    assert status(api, job) == "cancelled"
+    again = cancel(api, key)  # as DELETE /v1/jobs/{id} for a job that ended
+    assert again.status_code == 409 and again.json()["error"]["param"] == "header.idempotency-key", again.text
+    # The submission sent again with its key still gets its (cancelled) job: no new one.
+    assert submit(api, key).json()["id"] == job
+
+
+def test_a_cancel_that_comes_before_its_submission_leaves_the_submission_no_job(api):
+    # The page's cancel (a keepalive request of its own) can reach the API before the submission it names does.
+    key = fresh_key()
+    cancelled = cancel(api, key)
+    assert cancelled.status_code == 202, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    placeholder = cancelled.json()["id"]
+    assert status(api, placeholder) == "cancelled"
+    submitted = submit(api, key)
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["id"] == placeholder, "the submission made a job after its cancel"
+    assert status(api, placeholder) == "cancelled"
+
+
+def test_another_api_key_cannot_cancel_a_job_by_the_same_idempotency_key(api):
+    key = fresh_key()
+    mine = submit(api, key).json()["id"]
+    theirs = cancel(api, key, key=OTHER_KEY)
+    assert theirs.status_code == 202 and theirs.json()["id"] != mine, theirs.text
+    assert status(api, mine) == "queued"
+    # Nor take a key ahead of this API key's submission: that still makes its job.
+    later = fresh_key()
+    assert cancel(api, later, key=OTHER_KEY).status_code == 202
+    fresh = submit(api, later).json()["id"]
+    assert status(api, fresh) == "queued"
+    for job in (mine, fresh):
+        requests.delete(f"{api.base_url}/v1/jobs/{job}", headers=headers(), timeout=10)
+
+
+def test_a_cancel_by_key_names_its_key_and_its_api_key(api):
+    missing = cancel(api, None)
+    assert missing.status_code == 422, missing.text
+    assert cancel(api, "").status_code == 422
+    assert cancel(api, fresh_key(), key=None).status_code == 401
