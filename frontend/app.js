@@ -270,6 +270,8 @@ async function submitWhenTaken(turn, request) {
         return null;
       }
       if (error.status === 401) askForKey();
+      // No answer at all (the network failed): the API may have taken the job, which nobody would read now.
+      if (!error.status) cancelLostSubmission(key);
       finish(turn, null, { status: "failed", error: error.message, error_code: error.code });
       return null;
     }
@@ -279,6 +281,18 @@ async function submitWhenTaken(turn, request) {
 /** The Idempotency-Keys of submissions sent and not answered yet: their jobs may exist, with ids the page does not
  * know. Cancelled by key when the page goes. */
 const unansweredSubmissions = new Set();
+
+/** The Idempotency-Keys of submissions whose answer was lost on the network and whose cancel has not been answered
+ * either: cancelled again when the page goes. */
+const lostSubmissions = new Set();
+
+/** Cancel by its key the job a submission whose answer was lost may have made (the answer shows failed). */
+function cancelLostSubmission(key) {
+  lostSubmissions.add(key);
+  cancelSubmission(key).then(() => lostSubmissions.delete(key), (error) => {
+    if (error.status) lostSubmissions.delete(key);  // answered (an ended job: 409): nothing left to cancel
+  });
+}
 
 /** submitJob, its key in unansweredSubmissions until the answer comes. */
 async function submitUnanswered(request, key) {
@@ -638,6 +652,8 @@ window.addEventListener("pagehide", () => {
   const jobs = new Set(pendingCancels);
   if (state.current && state.current.jobId) jobs.add(state.current.jobId);
   for (const id of jobs) cancelJob(id, { keepalive: true }).catch(() => {});
-  for (const key of unansweredSubmissions) cancelSubmission(key, { keepalive: true }).catch(() => {});
+  for (const key of new Set([...unansweredSubmissions, ...lostSubmissions])) {
+    cancelSubmission(key, { keepalive: true }).catch(() => {});
+  }
 });
 loadModels();
