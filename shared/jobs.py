@@ -323,11 +323,18 @@ return {ARGV[1], 1}
 """
 
 # What a Redis away, not answering in time, or refusing writes for a while raises: a write that met one may work if
-# sent again later. Any other error (a permission an ACL denies, NOPERM; a key of another type, WRONGTYPE; a script
-# error) is permanent: the same write would fail again. The worker's `redis_answers_later` (workers/generation.py)
-# tells them apart the same way.
+# sent again later (the worker's writes are tried again, `when_redis_answers` in workers/generation.py). Away or
+# silent: a connection error (LOADING, a Redis reading its data back after a restart, is one: BusyLoadingError), a
+# timeout. Refusing: out of memory (maxmemory with noeviction, until records expire or the limit is raised), a
+# read-only replica (READONLY: a failover demoted the node, or its promotion is not done), a replica cut off from its
+# master (MASTERDOWN, a ClusterDownError, as CLUSTERDOWN), a cluster moving slots (TRYAGAIN). A script refused stops
+# at its first write, having written nothing. Any other error (a permission an ACL denies, NOPERM; a key of another
+# type, WRONGTYPE; a script error) is permanent: the same write would fail again.
 _ANSWERS_LATER = (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
                   TryAgainError)
+# The same for refusals that redis-py raises as a plain ResponseError, told by the code their message starts with: a
+# script running past busy-reply-threshold (BUSY), fewer replicas than min-replicas-to-write (NOREPLICAS), a failed
+# snapshot with stop-writes-on-bgsave-error (MISCONF).
 _ANSWERS_LATER_CODES = frozenset({"BUSY", "NOREPLICAS", "MISCONF"})
 
 

@@ -15,14 +15,10 @@ from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import torch
-from redis.exceptions import ClusterDownError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import TryAgainError
+from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import CANCELLED_ERROR, Ending, JobStore
+from shared.jobs import CANCELLED_ERROR, Ending, JobStore, answers_later
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -40,30 +36,10 @@ REDIS_WAIT_SECONDS = 300.0
 # How long a hand-back tries to send its jobs again (a stopping worker waits for it: workers/main.py).
 HAND_BACK_REQUEUE_SECONDS = 10.0
 
-# What a Redis away, not answering in time, or refusing commands for a while raises: a write that met one is tried
-# again (`when_redis_answers`), as each passes without the worker doing anything. Away or silent: a connection error
-# (LOADING, a Redis reading its data back after a restart, is one: BusyLoadingError), a timeout. Refusing: out of
-# memory (maxmemory with noeviction, until records expire or the limit is raised), a read-only replica (READONLY: a
-# failover demoted the node, or its promotion is not done), a replica cut off from its master (MASTERDOWN, a
-# ClusterDownError, as CLUSTERDOWN), a cluster moving slots (TRYAGAIN). A script refused stops at its first write,
-# having written nothing. A write that met one of the refusals but out of memory raised at once: a job's ending
-# was lost (the task failed), and the job stayed "running" under its live worker for good.
-_ANSWERS_LATER = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
-                  TryAgainError)
-
-# The same for refusals that redis-py raises as a plain ResponseError, told by the code their message starts with: a
-# script running past busy-reply-threshold (BUSY), fewer replicas than min-replicas-to-write (NOREPLICAS), a failed
-# snapshot with stop-writes-on-bgsave-error (MISCONF).
-_ANSWERS_LATER_CODES = frozenset({"BUSY", "NOREPLICAS", "MISCONF"})
-
-
-def redis_answers_later(exc: BaseException) -> bool:
-    """Whether `exc` says Redis is away or refuses commands for a while (a write is tried again), not that this
-    command would fail again (a bug, a record a script cannot read, a permission: raised at once)."""
-    if isinstance(exc, _ANSWERS_LATER):
-        return True
-    return type(exc) is ResponseError and str(exc).split(" ", 1)[0] in _ANSWERS_LATER_CODES
-
+# What a Redis away, not answering in time, or refusing commands for a while raises (a write that met one is tried
+# again, `when_redis_answers`) is told from a permanent refusal by the job store's `answers_later`, which the API's
+# writes use too.
+redis_answers_later = answers_later
 
 _FINAL_STATUS = {"stop": "succeeded", "length": "succeeded", "cancelled": "cancelled", "error": "failed"}
 
