@@ -295,6 +295,13 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
             print(f"| {rows_} | {step * 1000:.1f} | {bound} | {decode_only:.0f} | {full:.0f} | "
                   f"{name} {result.tokens_per_s:.1f} | {result.tokens_per_s / decode_only:.0%} / "
                   f"{result.tokens_per_s / full:.0%} |")
+    if a is not None:
+        # What the machine lets (c)/(a) be: how sequential generate serves is measured, (c) can at most reach
+        # the roofline, so on a CPU whose products are slow against its memory even a perfect engine falls short.
+        ceiling = roofline_tokens_per_s(cost, machine, dtype, batch, mean_prompt, new, with_prefill=True)
+        print(f"\n(c)/(a) if (c) ran at the batch-{batch} roofline (with prefill): {ceiling / a.tokens_per_s:.1f}x; "
+              f"a ratio of 15 needs (c) at {15 * a.tokens_per_s / ceiling:.0%} of that roofline, where it is at "
+              f"{c.tokens_per_s / ceiling:.0%}.")
 
 
 def main() -> None:
