@@ -322,6 +322,22 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {ARGV[1], 1}
 """
 
+# A cancel by Idempotency-Key that comes before its submission (POST /v1/jobs/cancel), in one script: unless the key
+# (KEYS[1]) names a job already, write a record that is cancelled from the start (KEYS[2], fields ARGV[5..], TTL
+# ARGV[3]), count it among the jobs that ended (KEYS[3], field ARGV[4]), then take the key for it (TTL ARGV[2]). It
+# never enters a queue, the deadline set, an owner's quota or the submitted count: it was never waiting, and an API
+# that died half-way (it was a queued job, then a cancel) left a queued job with no task. The key is written last, as
+# in _CREATE_KEYED. Answers {the key's job, 1 if created here (or by this very call sent again, ARGV[1])}.
+_CREATE_CANCELLED = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {existing, existing == ARGV[1] and 1 or 0} end
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {ARGV[1], 1}
+"""
+
 # What a Redis away, not answering in time, or refusing writes for a while raises: a write that met one may work if
 # sent again later (the worker's writes are tried again, `when_redis_answers` in workers/generation.py). Away or
 # silent: a connection error (LOADING, a Redis reading its data back after a restart, is one: BusyLoadingError), a
@@ -470,6 +486,7 @@ class JobStore:
         self._release = client.register_script(_RELEASE)
         self._check_idempotency = client.register_script(_CHECK_IDEMPOTENCY)
         self._create_keyed = client.register_script(_CREATE_KEYED)
+        self._create_cancelled = client.register_script(_CREATE_CANCELLED)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
@@ -544,6 +561,29 @@ class JobStore:
             calls.append((self._create_keyed, keys,
                           [job_id, self.idempotency_ttl_seconds, job.queue, record.get("deadline", ""), repr(now), *fields]))
         return [(job_id, bool(created)) for job_id, created in self._run_scripts(calls)]
+
+    def create_cancelled(self, request: GenerateRequest, queue: str, idempotency_key: str,
+                         owner: str | None = None) -> tuple[str, bool]:
+        """Take `idempotency_key` for a job that is cancelled from the start, unless it names a job already; returns
+        (the key's job id, created).
+
+        The record is the one a queued job has once `cancel` ended it (error, error code, finished_at, owner), but it
+        is written in one script and never queued: it is counted among the jobs that ended cancelled, not among
+        those submitted, nor in the drain rate that a 429's Retry-After is measured from. Safe to send again: a call
+        whose answer was lost after it ran answers created=True the second time too.
+        """
+        job_id = new_job_id()
+        record, now = self._queued_record(job_id, request, queue, None, owner)
+        # seq 1, as for a job `cancel` ended while queued: its end is its one message (none is published: nobody
+        # can follow a job whose id was never given out).
+        record.update(status="cancelled", seq=1, error=CANCELLED_ERROR, error_code=int(ErrorCode.CANCELLED),
+                      finish_reason="cancelled", cancel_requested="1", finished_at=repr(now))
+        fields = [item for pair in record.items() for item in pair]
+        keys = [self.idempotency_key(idempotency_key), self.key(job_id), self.finished_key]
+        args = [job_id, self.idempotency_ttl_seconds, self.ttl_seconds, f"cancelled:{int(ErrorCode.CANCELLED)}",
+                *fields]
+        job, created = _sent_again_if_lost(lambda: self._create_cancelled(keys=keys, args=args))
+        return job, bool(created)
 
     @property
     def order_key(self) -> str:

@@ -5,22 +5,29 @@ The web page sends it as it goes (pagehide) for a submission still unanswered: i
 job it may have made would run for nobody. Its page test is in test_page.py.
 """
 
+import time
 import uuid
 
 import pytest
+import redis
 import requests
 
 from api.auth import key_digest
 from conftest import run_stack
+from shared.jobs import CANCELLED_ERROR, JobStore, owner_id
+from shared.protocol import ErrorCode, GenerateRequest
 from shared.redis_server import RedisServer
 
 KEY = "cancel-key-123"
 OTHER_KEY = "cancel-key-456"
+# Shorter than a record's TTL (a day), so that a test tells which of the two a key was given.
+IDEMPOTENCY_TTL = 3600
 
 
 @pytest.fixture(scope="module")
 def api():
-    env = {"LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(KEY)}", "{key_digest(OTHER_KEY)}"]'}
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(KEY)}", "{key_digest(OTHER_KEY)}"]',
+           "LLAVA_QUEUE_IDEMPOTENCY_TTL_SECONDS": str(IDEMPOTENCY_TTL)}
     with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
                                                    log_prefix="llava-queue-cancel-by-key-") as stack:
         yield stack
@@ -50,6 +57,23 @@ def fresh_key() -> str:
     return uuid.uuid4().hex
 
 
+@pytest.fixture
+def store(api):
+    """The store the API writes to, read straight from its Redis."""
+    return JobStore.from_url(api.redis_url)
+
+
+def tallies(store: JobStore) -> dict:
+    """What a job entering a queue moves: queue lengths, the enqueue order, the deadline set, the submitted count,
+    and the finished count of this minute and the next that a 429's Retry-After is measured from."""
+    totals = store.totals()
+    minute = int(time.time() // 60)
+    drained = store.redis.mget([f"{store.prefix}:finished:{m}" for m in (minute, minute + 1)])
+    return {"queued": totals["queued"], "submitted": totals["submitted"], "order": store.redis.get(store.order_key),
+            "deadlines": store.redis.zcard(store.deadlines_key), "drained": [int(n or 0) for n in drained],
+            "cancelled": totals["finished"].get(("cancelled", ErrorCode.CANCELLED), 0)}
+
+
 def test_a_submitted_job_is_cancelled_by_its_idempotency_key(api):
     key = fresh_key()
     job = submit(api, key).json()["id"]
@@ -76,6 +100,54 @@ def test_a_cancel_that_comes_before_its_submission_leaves_the_submission_no_job(
     assert submitted.status_code == 202, submitted.text
     assert submitted.json()["id"] == placeholder, "the submission made a job after its cancel"
     assert status(api, placeholder) == "cancelled"
+
+
+def test_a_cancel_that_comes_first_never_queues_a_job(api, store):
+    # It was a queued job, then a cancel: counted as submitted, given a queue position, and left queued with no task
+    # for good by an API that died between the two.
+    before = tallies(store)
+    cancelled = cancel(api, fresh_key())
+    assert cancelled.status_code == 202, cancelled.text
+    after = tallies(store)
+    moved = {name: (before[name], after[name]) for name in before
+             if name != "cancelled" and before[name] != after[name]}
+    assert not moved, f"a cancel that came first moved what a queued job moves (before, after): {moved}"
+    assert after["cancelled"] == before["cancelled"] + 1  # it is a job that ended cancelled all the same
+
+
+def test_a_cancel_that_comes_first_records_what_a_cancelled_queued_job_records(api, store):
+    key = fresh_key()
+    early = cancel(api, key).json()["id"]
+    late_key = fresh_key()
+    queued = submit(api, late_key).json()["id"]
+    assert cancel(api, late_key).json() == {"id": queued, "status": "cancelled"}
+    first, then = store.redis.hgetall(store.key(early)), store.redis.hgetall(store.key(queued))
+    assert first.keys() == then.keys()
+    for field in ("status", "queue", "seq", "error", "error_code", "finish_reason", "cancel_requested", "owner"):
+        assert first[field] == then[field], field
+    record = store.get(early)
+    assert (record["status"], record["error"], record["error_code"]) == ("cancelled", CANCELLED_ERROR,
+                                                                         ErrorCode.CANCELLED)
+    assert record["owner"] == owner_id(key_digest(KEY)) and record["queue_position"] is None
+    assert record["created_at"] <= record["finished_at"]
+    assert IDEMPOTENCY_TTL < store.redis.ttl(store.key(early)) <= store.ttl_seconds
+    assert 0 < store.redis.ttl(store.idempotency_key(f"{owner_id(key_digest(KEY))}:{key}")) <= IDEMPOTENCY_TTL
+
+
+def test_a_cancel_first_whose_answer_was_lost_still_answers_that_it_cancelled(store):
+    # Sent again after its connection was cut (it ran): "already ended" would make the route answer 409.
+    script, cut = store._create_cancelled, []
+
+    def cut_once(**call):
+        answer = script(**call)
+        if not cut:
+            cut.append(answer)
+            raise redis.ConnectionError("the connection was cut after the script ran")
+        return answer
+
+    store._create_cancelled = cut_once
+    job, created = store.create_cancelled(GenerateRequest(prompt="", max_new_tokens=0), "interactive", fresh_key())
+    assert created and job == cut[0][0] and store.get(job)["status"] == "cancelled"
 
 
 def test_another_api_key_cannot_cancel_a_job_by_the_same_idempotency_key(api):

@@ -100,8 +100,9 @@ def create_jobs(body: BulkJobRequest, submitter: Submissions, api_key: ApiKey,
                                            idempotency_key=idempotency_key, owner=api_key))
 
 
-# What a cancel by Idempotency-Key records when no job holds the key yet: a job that ends cancelled at once, so that
-# the submission arriving after it gets this job (its key is taken) and creates none.
+# The request of the job a cancel by Idempotency-Key records when no job holds the key yet (a job cancelled from the
+# start, `JobStore.create_cancelled`): the submission arriving after it gets this job (its key is taken) and creates
+# none.
 _CANCELLED_BEFORE_SUBMITTED = GenerateRequest(prompt="", max_new_tokens=0)
 
 
@@ -112,17 +113,19 @@ def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key
     """Cancel the job submitted with this `Idempotency-Key` (by this API key), as `DELETE /v1/jobs/{id}` does.
 
     For a client that has no job id to name: one whose `POST /v1/jobs` is still unanswered (a page that is closed
-    meanwhile). The cancel may reach the API before the submission does: then the key is taken by a job that ends
-    cancelled at once, and the submission that comes with that key afterwards gets this job instead of creating one.
+    meanwhile). The cancel may reach the API before the submission does: then the key is taken by a job that is
+    cancelled from the start (never queued), and the submission that comes with that key afterwards gets this job
+    instead of creating one.
     Only a single job's key is taken; a bulk submission's jobs are cancelled by their ids.
     """
     if BULK_ITEM_MARK in idempotency_key:
         raise ApiError(422, f"the Idempotency-Key holds {BULK_ITEM_MARK!r}, which no submission's key holds",
                        param="header.idempotency-key")
-    # One transaction (WATCH) takes the key for a new job unless a submission took it first: then that is the job.
-    job, _ = store.create(_CANCELLED_BEFORE_SUBMITTED, "interactive",
-                          idempotency_key=scoped_idempotency_key(idempotency_key, api_key), owner=api_key)
-    previous = store.cancel(job)
+    job, created = store.create_cancelled(_CANCELLED_BEFORE_SUBMITTED, "interactive",
+                                          scoped_idempotency_key(idempotency_key, api_key), owner=api_key)
+    if created:
+        return JobCreated(id=job, status="cancelled")
+    previous = store.cancel(job)  # a submission took the key first: its job is the one to cancel
     if previous is None:  # (the record expired while its key lived on)
         raise ApiError(404, "no job was submitted with this Idempotency-Key", type="not_found",
                        param="header.idempotency-key", code=ErrorCode.NOT_FOUND)
