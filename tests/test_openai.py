@@ -147,6 +147,14 @@ def test_several_stop_strings(client):
      400, "messages[0].content[0].image_url.url", "image file"),
     ({"messages": [user_parts({"type": "input_audio", "input_audio": {}})]},
      400, "messages[0].content[0]", "unsupported content part"),
+    # A value of the wrong type is named as sent (not as each member of the field's union: stop.str, stop.list[str]).
+    ({"stop": ["Paris", None]}, 400, "stop", "stop: must be a string or a list of up to 4 strings"),
+    ({"messages": [{"role": "user", "content": ["Hi"]}]}, 400, "messages[0].content", "a list of content parts"),
+    # Limits checked on the job a message becomes name the message's content, not the job's fields (text, images).
+    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x" * 400_001}]},
+     400, "messages[1].content", "messages[1].content: String should have at most 400000 characters"),
+    ({"messages": [user_parts(*[{"type": "image_url", "image_url": {"url": png_data_url()}}] * 17)]},
+     400, "messages[0].content", "messages[0].content: 17 images; the limit is 16"),
 ])
 def test_errors_in_openai_shape(client, change, status, param, words):
     request = {"model": MODEL, "messages": FRANCE, "max_tokens": 4, **change}
@@ -156,6 +164,32 @@ def test_errors_in_openai_shape(client, change, status, param, words):
     assert error.status_code == status
     assert set(error.body) == {"message", "type", "param", "code"}
     assert error.param == param and words in error.message
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"top_k": 20}, "top_k"),
+    ({"min_p": 0.05}, "min_p"),
+    ({"repetition_penalty": 1.1}, "repetition_penalty"),
+    ({"ignore_eos": True}, "ignore_eos"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+])
+def test_vllm_sampling_extras_are_refused_not_ignored(client, extra, param):
+    # A client moving from vLLM sends these with extra_body; ignored, they would change the answer without a word.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, extra_body=extra)
+    assert caught.value.param == param and "not supported" in caught.value.message
+
+
+def test_vllm_sampling_extras_at_their_neutral_values_are_accepted(client):
+    completion = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16, extra_body={
+        "top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "ignore_eos": False, "guided_json": None})
+    assert "Paris" in completion.choices[0].message.content
+
+
+def test_a_null_stream_is_a_plain_completion(client):
+    # OpenAI's `stream` is nullable; the openai package sends null for stream=None (say, stream=options.get("stream")).
+    completion = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16, stream=None)
+    assert completion.object == "chat.completion" and "Paris" in completion.choices[0].message.content
 
 
 def test_a_model_is_retrieved_as_the_package_asks(stack, client):

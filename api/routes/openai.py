@@ -12,6 +12,7 @@ llava-queue error code; a bad request is a 400, as OpenAI answers.
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -30,9 +31,9 @@ from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
 from shared.jobs import JobStore, WorkerRegistry
-from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
-                             InvalidRequest, check_images, context_overflowed, describe_validation_error,
-                             parse_request)
+from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, MAX_STOP_STRINGS, ErrorCode,
+                             GenerateRequest, InvalidRequest, check_images, context_overflowed,
+                             describe_validation_error, parse_request)
 
 log = logging.getLogger("llava_queue.api")
 
@@ -96,8 +97,11 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _string_or_parts(cls, content: Any) -> Any:
-        if content is not None and not isinstance(content, str | list):
-            raise ValueError("content must be a string or a list of content parts")
+        """One error naming `content` (pydantic's would name each member of the union: `content.str`, ...)."""
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+            raise ValueError('must be a string or a list of content parts ({"type": "text", "text": ...})')
         return content
 
 
@@ -106,8 +110,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions`. Fields OpenAI has that are not listed here are ignored, except
-    those that would change the answer and are not supported (refused with a 400 that names them)."""
+    """`POST /v1/chat/completions`. Other fields (OpenAI's, or vLLM's sampling extras) are ignored, except
+    those that would change the answer and are not supported (`_UNSUPPORTED`: refused with a 400 that names them)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -121,9 +125,18 @@ class ChatCompletionRequest(BaseModel):
     # OpenAI's (and vLLM's) range: any signed 64-bit integer; the engine's seeds are non-negative.
     seed: int | None = Field(None, ge=-2**63, lt=2**63)
     n: int | None = None
-    stream: bool = False
+    # Nullable as in OpenAI's API: null is false (the openai package sends null for `stream=None`).
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     keep_on_disconnect: bool = Field(False, description="llava-queue: let the job finish if the client leaves")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _string_or_strings(cls, stop: Any) -> Any:
+        """One error naming `stop` (pydantic's would name each member of the union: `stop.str`, `stop.list[str]`)."""
+        if stop is None or isinstance(stop, str) or isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            return stop
+        raise ValueError(f"must be a string or a list of up to {MAX_STOP_STRINGS} strings")
 
 
 class ChatCompletionMessage(BaseModel):
@@ -168,6 +181,20 @@ _UNSUPPORTED = {
                         "only the text response format is supported"),
     "modalities": (lambda value: value not in (None, [], ["text"]), "only text output is supported"),
     "audio": (lambda value: value is not None, "audio output is not supported"),
+    "web_search_options": (lambda value: value is not None, "web search is not supported"),
+    # vLLM's and SGLang's sampling extras (`extra_body` with the openai package): the engine samples with
+    # temperature, top_p and seed only, so any other setting would be dropped without a word.
+    "top_k": (lambda value: value not in (None, 0, -1), "top_k is not supported (send -1 or leave it out)"),
+    "min_p": (lambda value: bool(value), "min_p is not supported (send 0 or leave it out)"),
+    "repetition_penalty": (lambda value: value not in (None, 1),
+                           "penalties are not supported (send 1 or leave it out)"),
+    "min_tokens": (lambda value: bool(value), "min_tokens is not supported"),
+    "ignore_eos": (lambda value: bool(value), "ignore_eos is not supported"),
+    "stop_token_ids": (lambda value: bool(value), "stop_token_ids are not supported (use stop strings)"),
+    "best_of": (lambda value: value not in (None, 1), "best_of is not supported"),
+    "use_beam_search": (lambda value: bool(value), "beam search is not supported"),
+    **{name: (lambda value: value is not None, "structured output is not supported")
+       for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")},
 }
 
 
@@ -239,7 +266,16 @@ def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
     try:
         return parse_request(fields, GenerateRequest)
     except InvalidRequest as exc:
-        raise ApiError(400, exc.message, param=exc.param) from None
+        param = _openai_param(exc.param)
+        message = exc.message.replace(exc.param, param, 1) if exc.param else exc.message
+        raise ApiError(400, message, param=param) from None
+
+
+def _openai_param(param: str | None) -> str | None:
+    """The OpenAI name of a field of the job request: a turn's `text` or `images` (`messages.0.text`) is the
+    content of the message it came from (`messages[0].content`); other names are the same."""
+    match = re.fullmatch(r"messages\.(\d+)\.(text|images)(\..*)?", param or "")
+    return f"messages[{match[1]}].content" if match else param
 
 
 async def require_served(registry: WorkerRegistry, model: str) -> None:
