@@ -8,13 +8,16 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import require_api_key
 from api.channel_hub import ChannelHub
-from api.errors import install_error_handlers
+from api.errors import ApiError, error_body, install_error_handlers
 from api.submission import Submitter
 from api.routes import (batches, controller, files, health, jobs, llava, metrics, models, openai, page,
                         stream)
+from api.routes.llava import FrameRefusals, refusal
 from shared.celery_app import make_celery
 from shared.jobs import JobStore, WorkerRegistry
 from shared.settings import Settings, get_settings
@@ -53,6 +56,50 @@ async def _stop_hub(hub: ChannelHub) -> None:
         log.warning("the pub/sub reader did not stop within %s s; leaving it", HUB_STOP_SECONDS)
 
 
+class BodyLimitAnswers:
+    """The body limit's 413 in this API's own formats: one frame on a route that answers in frames, the JSON error
+    elsewhere.
+
+    FastAPI's `max_body_size` (Starlette's limit) answers a body over MAX_BODY_BYTES from outside every route and
+    error handler, with a plain-text "Content Too Large" when the Content-Length says so. The original LLaVA web
+    server parses every answer of /worker_generate_stream as frames: it failed on that one and its page stayed
+    stuck. This wraps the whole app and answers any 413 instead (the limit is the only thing here that answers one).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, frame_paths: frozenset[str]):
+        self.app, self.frame_paths = app, frame_paths
+        self.error = ApiError(413, f"the request body is larger than {max_body_bytes} bytes, the most a request may "
+                                   "hold (MAX_BODY_BYTES)", param="body")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        answered = False
+
+        async def send_in_format(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                answered = True
+                error = self.error
+                response = refusal(error) if scope["path"] in self.frame_paths else JSONResponse(
+                    error_body(error.message, error.type, error.param, error.code), status_code=error.status)
+                await response(scope, receive, send)
+            elif not answered:  # (what the limit sent after its own start goes nowhere)
+                await send(message)
+
+        await self.app(scope, receive, send_in_format)
+
+
+class _Api(FastAPI):
+    """FastAPI, with the body limit's refusals in the API's formats (BodyLimitAnswers, outside everything else)."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # (The router's own routes: the app holds included routers, not their routes. It has no prefix.)
+        frame_paths = frozenset(route.path for route in llava.router.routes if isinstance(route, FrameRefusals))
+        return BodyLimitAnswers(super().build_middleware_stack(), self.max_body_size, frame_paths)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment)."""
     settings = settings or get_settings()
@@ -76,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.aredis.aclose()
         app.state.store.redis.close()
 
-    app = FastAPI(title="llava-queue", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes,
+    app = _Api(title="llava-queue", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes,
                   description="An async job queue serving LLaVA-style models with continuous batching.")
     install_error_handlers(app)
     if settings.cors_origins:

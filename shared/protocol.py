@@ -12,7 +12,7 @@ import json
 import math
 from contextvars import ContextVar
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -146,6 +146,18 @@ class GenerateRequest(BaseModel):
         if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
         return prompt
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _max_new_tokens_as_the_original(cls, value: Any) -> Any:
+        """The original reads it with `int()`, and a request left with fewer than one new token gets its
+        "Exceeds max token length" message: a fractional number is cut to its integer part (100.5: 100), a negative
+        one is 0 (that message). Both were a 422 here."""
+        if isinstance(value, float) and math.isfinite(value):
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            return 0
+        return value
 
     @field_validator("max_new_tokens")
     @classmethod

@@ -316,3 +316,19 @@ def test_a_client_that_leaves_mid_body_is_no_unhandled_exception(stack, path):
     time.sleep(0.5)
     stack.check_api_log()
     assert post(stack, "/list_models").json() == {"models": [MODEL]}
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_job(stack):
+    # The job leaves its batch instead of writing up to 1024 tokens for nobody.
+    prompt = ("<|im_start|>user\nWrite a long story about a lighthouse keeper, in many chapters.<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    with requests.post(f"{stack.base_url}/worker_generate_stream", stream=True, timeout=60,
+                       json={"model": MODEL, "prompt": prompt, "temperature": 0.7, "max_new_tokens": 1024}) as response:
+        job_id = response.headers["X-Job-Id"]
+        first = next(piece for piece in response.iter_lines(delimiter=b"\0") if piece)
+        assert json.loads(first)["error_code"] == 0
+    deadline = time.monotonic() + 10
+    while (job := requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json())["status"] != "cancelled":
+        assert time.monotonic() < deadline, f"leaving the stream did not cancel the job: {job}"
+        time.sleep(0.1)
+    assert job["finish_reason"] == "cancelled" and job["usage"]["completion_tokens"] < 1024, job

@@ -96,6 +96,32 @@ def test_keys_limits_deadlines_idempotency(api_only):
     assert '"expired"' in asyncio.run(ws_without_key())[-1]
 
 
+def test_a_body_over_the_limit_is_refused_in_the_endpoints_own_format(api_only):
+    # The limit answered a plain-text "Content Too Large": no JSON error, and on the original worker endpoint no
+    # frame, so the original web server failed to parse it and its page stayed stuck. Both ways a body comes: with
+    # a Content-Length (what the original clients send) and chunked.
+    too_big = json.dumps({"prompt": "x" * 30000}).encode()
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def sent(path, chunked):
+        body = iter([too_big[:1000], too_big[1000:]]) if chunked else too_big
+        return requests.post(f"{api_only.base_url}{path}", data=body, headers=auth, timeout=10)
+
+    for chunked in (False, True):
+        answer = sent("/v1/jobs", chunked)
+        assert answer.status_code == 413, answer.text
+        error = answer.json()["error"]
+        assert "20000 bytes" in error["message"] and error["code"] == ErrorCode.INVALID_REQUEST, error
+
+        answer = sent("/worker_generate_stream", chunked)
+        assert answer.status_code == 413 and "content-type" not in answer.headers, answer.headers
+        frames = answer.content.split(b"\0")
+        assert frames[1:] == [b""], answer.content
+        frame = json.loads(frames[0])
+        assert "20000 bytes" in frame["text"] and frame["error_code"] == ErrorCode.INVALID_REQUEST, frame
+    assert post(api_only, {"prompt": "hi"}).status_code == 202  # a body within the limit goes through
+
+
 def wait_for_a_fresh_minute(seconds_needed: float = 15) -> None:
     """The rate limit counts per clock minute: start where the run cannot straddle a minute's end."""
     if time.time() % 60 > 60 - seconds_needed:

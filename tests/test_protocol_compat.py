@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from llava_fixtures import b64, png_bytes
-from shared.protocol import GenerateRequest, InvalidRequest, check_images, parse_request
+from shared.protocol import CONTEXT_OVERFLOW_MSG, GenerateRequest, InvalidRequest, check_images, parse_request
 from workers.images import decode_image
 
 TEXT_MODEL = "SmolLM2-135M-Instruct"
@@ -100,6 +100,21 @@ def test_a_llava_worker_answers_an_image_with_spaces_as_the_same_image_without(t
         assert status == 200 and frames and frames[-1]["error_code"] == 0, frames
         answers.append(frames[-1]["text"])
     assert answers[0].startswith(prompt) and answers[1] == answers[0]
+
+
+def test_max_new_tokens_is_read_as_the_original_reads_it():
+    # The original: `min(int(params.get("max_new_tokens", 256)), 1024)`, then a request left with fewer than one
+    # new token gets its "Exceeds max token length" message. Both were a 422 here.
+    assert parse_request({"prompt": "hi", "max_new_tokens": 100.5}).max_new_tokens == 100
+    assert parse_request({"prompt": "hi", "max_new_tokens": -5}).max_new_tokens == 0
+    assert parse_request({"prompt": "hi", "max_new_tokens": "7"}).max_new_tokens == 7
+    with pytest.raises(InvalidRequest, match="max_new_tokens"):  # int("abc") fails in the original too
+        parse_request({"prompt": "hi", "max_new_tokens": "abc"})
+
+
+def test_a_negative_max_new_tokens_gets_the_originals_context_message(stack):
+    status, frames = stream(stack, {"model": TEXT_MODEL, "prompt": "hi", "max_new_tokens": -5})
+    assert status == 200 and frames == [{"text": "hi" + CONTEXT_OVERFLOW_MSG, "error_code": 0}], frames
 
 
 # 3. A text-only model ignores images, as the original's text-only worker does.
