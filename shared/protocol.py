@@ -75,6 +75,14 @@ def reads_images(model: str | None) -> bool:
 _images_read: ContextVar[bool] = ContextVar("images_read", default=True)
 
 
+def stop_of_strings(stop: Any) -> Any:
+    """`stop` as sent when it is a string, a list of strings or None; else one error that names `stop` (a field
+    typed `str | list[str]` has pydantic name each member of the union: `stop.str: ...; stop.list[str].1: ...`)."""
+    if stop is None or isinstance(stop, str) or isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise ValueError(f"must be a string or a list of up to {MAX_STOP_STRINGS} strings")
+
+
 class Message(BaseModel):
     """One turn of a chat-style job; a user turn may carry images (base64 files)."""
 
@@ -163,6 +171,11 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _clamp_max_new_tokens(cls, value: int) -> int:
         return min(value, MAX_NEW_TOKENS_CAP)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _string_or_strings(cls, stop: Any) -> Any:
+        return stop_of_strings(stop)
 
     @field_validator("stop")
     @classmethod

@@ -238,6 +238,16 @@ def test_bad_input_gets_a_4xx_that_names_the_field(stack, body, status, field):
     assert error["code"] != 0
 
 
+def test_a_stop_that_is_not_strings_gets_one_error_naming_stop(stack):
+    # The field is a string or a list of strings: pydantic named each member of that union ("stop.str: ...;
+    # stop.list[str].1: ..."), param "stop.str".
+    for stop in (["Paris", None], 5, {"a": 1}):
+        response = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "hi", "stop": stop}, timeout=10)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == "stop" and error["message"] == "stop: must be a string or a list of up to 4 strings"
+
+
 def test_a_valid_image_is_accepted(stack):
     response = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "<image>\nhi", "images": [png_base64()],
                                                                "max_new_tokens": 1}, timeout=10)

@@ -31,9 +31,9 @@ from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
 from shared.jobs import JobStore, WorkerRegistry
-from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, MAX_STOP_STRINGS, ErrorCode,
-                             GenerateRequest, InvalidRequest, check_images, context_overflowed,
-                             describe_validation_error, parse_request)
+from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
+                             InvalidRequest, check_images, context_overflowed, describe_validation_error,
+                             parse_request, stop_of_strings)
 
 log = logging.getLogger("llava_queue.api")
 
@@ -133,10 +133,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _string_or_strings(cls, stop: Any) -> Any:
-        """One error naming `stop` (pydantic's would name each member of the union: `stop.str`, `stop.list[str]`)."""
-        if stop is None or isinstance(stop, str) or isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-            return stop
-        raise ValueError(f"must be a string or a list of up to {MAX_STOP_STRINGS} strings")
+        return stop_of_strings(stop)
 
 
 class ChatCompletionMessage(BaseModel):
