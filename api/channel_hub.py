@@ -23,6 +23,9 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 # The pause before the reader tries again after losing its connection, doubled while Redis stays away.
 RECONNECT_DELAY_SECONDS = 0.5
 MAX_RECONNECT_DELAY_SECONDS = 4.0
+# The most messages a follower's queue holds. A follower that falls this far behind (its client reads slowly) has
+# them replaced by one None: it reads the job record instead, which holds the latest text.
+MAX_BACKLOG = 256
 
 
 class ServerStopping(Exception):
@@ -74,8 +77,8 @@ class ChannelHub:
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue]:
-        """A queue of `channel`'s message payloads, for the `with` block; None in it means some may have been lost,
-        STOPPING that the API is shutting down.
+        """A queue of `channel`'s message payloads, for the `with` block; None in it means some may have been lost
+        (or dropped: it holds MAX_BACKLOG at most), STOPPING that the API is shutting down.
 
         Entered once Redis acknowledged the subscription (or after SUBSCRIBE_TIMEOUT_SECONDS), so
         whatever is published after entering is in the queue. Raises redis' ConnectionError when
@@ -154,4 +157,12 @@ class ChannelHub:
 
 def _put(followers: _Channel, payload: str | object | None) -> None:
     for queue in followers.queues:
+        if queue.qsize() >= MAX_BACKLOG and payload is not STOPPING:
+            _drop_backlog(queue)
         queue.put_nowait(payload)
+
+
+def _drop_backlog(queue: asyncio.Queue) -> None:
+    """Replace what `queue` holds by None (some messages were lost), or by STOPPING when that is among them."""
+    backlog = [queue.get_nowait() for _ in range(queue.qsize())]
+    queue.put_nowait(STOPPING if any(payload is STOPPING for payload in backlog) else None)

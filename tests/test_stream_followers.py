@@ -3,6 +3,7 @@ jobs streamed at once, that connection killed mid-stream, and Redis itself going
 
 import asyncio
 import json
+import socket
 import time
 from contextlib import suppress
 
@@ -377,3 +378,128 @@ def test_a_worker_with_a_stream_interval_sends_the_same_text_in_fewer_chunks(sta
     assert len(deltas) <= 1 + -(-(tokens - 1) // 4), (tokens, deltas)  # the first token, then one chunk per 4 tokens
     assert frames[-1]["done"] and frames[-1]["text"] == job["prompt"] + job["text"]
     assert all(frame["text"].startswith(job["prompt"]) for frame in frames)
+
+
+# A model no worker of the test stack serves: a job that names it waits queued until it is cancelled.
+UNSERVED_MODEL = "llava-served-by-no-worker"
+
+
+async def until_subscribed(admin: aioredis.Redis, present: bool, job_id: str = "", timeout: float = 10) -> list[str]:
+    """Wait until the API holds a subscription to a job's channel (`job_id`'s, or any job's when it is "") or, with
+    `present` False, no longer holds it; the channels then subscribed. AssertionError when it does not in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        channels = [channel for channel in await job_channels(admin) if channel.endswith(job_id)]
+        if bool(channels) == present:
+            return channels
+        assert time.monotonic() < deadline, f"still {'un' if present else ''}subscribed after {timeout} s: {channels}"
+        await asyncio.sleep(0.05)
+
+
+def test_a_client_that_leaves_a_queued_job_is_let_go_at_once(stack):
+    """Nothing is sent while a job waits queued, so the API learned that its client had left only at the job's first
+    chunk: a follower of a queued job kept its subscription, and a job submitted on /v1/ws was not cancelled, for as
+    long as it waited (here, for ever: no worker serves its model)."""
+    queued = submit(stack, messages=STORY, model=UNSERVED_MODEL, max_new_tokens=4)
+
+    async def join_and_leave():
+        admin = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+        async with websockets.connect(f"{stack.ws_url}/v1/jobs/{queued}/ws", open_timeout=10):
+            await until_subscribed(admin, True, queued)
+        await until_subscribed(admin, False, queued, timeout=3)
+        async with websockets.connect(f"{stack.ws_url}/v1/ws", open_timeout=10) as submitting:
+            await submitting.send(json.dumps({"messages": STORY, "model": UNSERVED_MODEL, "max_new_tokens": 4}))
+            [channel] = await until_subscribed(admin, True)
+        await until_subscribed(admin, False, timeout=3)
+        await admin.aclose()
+        return channel.rsplit(":", 1)[1]
+
+    try:
+        submitted = asyncio.run(join_and_leave())
+        assert poll(stack, queued)["status"] == "queued"  # following it and leaving did not cancel it
+        assert wait_until(stack, submitted, states=("cancelled",), timeout=5)["error_code"] == 5
+    finally:
+        requests.delete(f"{stack.base_url}/v1/jobs/{queued}", timeout=10)
+
+
+def test_a_binary_first_message_on_v1_ws_is_read_as_the_request(stack):
+    """A binary frame is read as the request's JSON (as a POST body is): bad, it is refused with an error chunk and
+    1008; good, its job streams. Before, the first message was taken as text: a binary one raised KeyError in the
+    endpoint ("Exception in ASGI application"), and the client saw the connection drop with no message (1006)."""
+    refused, code, _ = asyncio.run(connect_until_closed(f"{stack.ws_url}/v1/ws", b"\xff not json"))
+    assert len(refused) == 1 and refused[0]["error_code"] == 4 and refused[0]["done"], refused
+    assert refused[0]["status"] == "rejected" and code == 1008, (refused, code)
+    request = json.dumps({"messages": STORY, "temperature": 0, "max_new_tokens": 2}).encode()
+    messages, code, _ = asyncio.run(connect_until_closed(f"{stack.ws_url}/v1/ws", request))
+    assert messages[-1]["done"] and messages[-1]["status"] == "succeeded" and code == 1000, (messages, code)
+
+
+def test_a_follower_that_falls_behind_holds_a_bounded_backlog_then_reads_the_record(redis_server):
+    """A follower whose client reads slowly falls behind its job's chunks. Its queue keeps MAX_BACKLOG messages at
+    most: past that they are replaced by None, which has the follower read the job record, the latest text, instead
+    of every chunk it missed. Before, the queue grew by every chunk for as long as the client was behind."""
+    from api.channel_hub import MAX_BACKLOG, ChannelHub
+
+    async def publish_to_one_that_reads_nothing():
+        aredis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        hub = ChannelHub(aredis)
+        hub.start()
+        async with hub.subscribe("behind") as behind, hub.subscribe("marker") as marker:
+            for seq in range(1, 4 * MAX_BACKLOG + 1):
+                await aredis.publish("behind", json.dumps({"seq": seq, "delta": "x"}))
+            await aredis.publish("marker", "after")  # one connection: once it is here, so is everything before it
+            assert await asyncio.wait_for(marker.get(), 10) == "after"
+            held = [behind.get_nowait() for _ in range(behind.qsize())]
+            await aredis.publish("behind", json.dumps({"seq": 4 * MAX_BACKLOG + 1, "delta": "x"}))
+            after = await asyncio.wait_for(behind.get(), 10)
+        await hub.aclose()
+        await aredis.aclose()
+        return held, after
+
+    held, after = asyncio.run(publish_to_one_that_reads_nothing())
+    assert len(held) <= MAX_BACKLOG, len(held)
+    assert held[0] is None, held[:2]
+    assert [json.loads(payload)["seq"] for payload in held[1:]] == list(range(4 * MAX_BACKLOG - len(held) + 2,
+                                                                              4 * MAX_BACKLOG + 1))
+    assert json.loads(after)["seq"] == 4 * MAX_BACKLOG + 1  # a follower that reads again gets every message again
+
+
+def wait_until_streaming(stack, job_id: str, timeout: float = 120) -> None:
+    """Wait until the job has produced some text."""
+    deadline = time.monotonic() + timeout
+    while not poll(stack, job_id)["text"]:
+        assert time.monotonic() < deadline, f"job {job_id} produced no text in {timeout} s"
+        time.sleep(0.2)
+
+
+def test_a_client_that_stops_reading_is_let_go(stack):
+    """A client that keeps its connection but reads nothing: once a message has waited SEND_TIMEOUT_SECONDS to be
+    sent, the stream ends and its subscription goes. Before, the follower waited on that send for as long as the
+    client held the connection, still subscribed, its queue taking every chunk, long after the job had ended:
+    uvicorn's keepalive timeout (40 s) closes such a connection only once its unread data are sent."""
+    from api.routes.stream import SEND_TIMEOUT_SECONDS
+
+    # Every message repeats the prompt, 200 kB in about 3,000 tokens: 15 of them are more than the socket buffers of
+    # a connection on this host hold (about 3 MB). The client joins once the job streams (its prompt is read), so
+    # they come well before uvicorn's keepalive timeout, on a slow CPU too.
+    job_id = submit(stack, prompt="=" * 200_000, temperature=0, max_new_tokens=60)
+    wait_until_streaming(stack, job_id)
+
+    async def stop_reading():
+        admin = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
+        host, port = stack.base_url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, so the server's sends stall
+        sock.connect((host, int(port)))
+        async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws", sock=sock, max_queue=1,
+                                      ping_interval=None, open_timeout=10) as unread:
+            await until_subscribed(admin, True, job_id)
+            job = await asyncio.to_thread(wait_until, stack, job_id)
+            await until_subscribed(admin, False, job_id, timeout=SEND_TIMEOUT_SECONDS + 10)
+            unread.transport.abort()
+        await admin.aclose()
+        return job
+
+    job = asyncio.run(stop_reading())
+    assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] >= 40, job
+    assert f"the client of job {job_id} read nothing for" in api_log(stack), api_log(stack)[-3000:]

@@ -6,6 +6,7 @@
 
 import asyncio
 import logging
+from contextlib import aclosing
 from typing import Literal
 
 import redis
@@ -25,6 +26,9 @@ router = APIRouter(tags=["stream"])
 # What sending on a socket whose client has left raises: WebSocketDisconnect, or Starlette's RuntimeError once it
 # has seen the socket closed.
 CLIENT_GONE = (WebSocketDisconnect, RuntimeError)
+# How long one message may wait to be sent (uvicorn holds it back while the client's unread data fill the socket)
+# before the client counts as gone: a client that keeps its connection but reads nothing is let go.
+SEND_TIMEOUT_SECONDS = 20.0
 
 
 def ws_message(job_id: str, event: StreamEvent) -> dict:
@@ -38,16 +42,30 @@ def ws_message(job_id: str, event: StreamEvent) -> dict:
 
 async def _relay(websocket: WebSocket, store: Store, hub: Hub,
                  job_id: str) -> Literal["ended", "left", "stopping", "unavailable"]:
-    """Send the job's events until it ends ("ended"), the client leaves ("left"), the API shuts down ("stopping":
-    the socket is closed with 1012, Service Restart, and a reason that names the job, which goes on) or Redis goes
-    away ("unavailable", see _send_unavailable)."""
+    """Send the job's events until it ends ("ended"), the client leaves or stops reading ("left"), the API shuts down
+    ("stopping": the socket is closed with 1012, Service Restart, and a reason that names the job, which goes on) or
+    Redis goes away ("unavailable", see _send_unavailable)."""
+    sending = asyncio.create_task(_send_events(websocket, store, hub, job_id))
+    leaving = asyncio.create_task(_client_left(websocket))
     try:
-        async for event in follow_job(store, hub, job_id):
-            await websocket.send_json(ws_message(job_id, event))
+        await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not sending.done():
+            sending.cancel()
+            await asyncio.wait({sending})
+    if sending.cancelled():
+        leaving.result()  # the client left (an error in reading the socket goes on up)
+        return "left"
+    try:
+        sending.result()
     except JobNotFound:
         if not await _send_not_found(websocket, job_id):
             return "left"
     except CLIENT_GONE:
+        return "left"
+    except TimeoutError:
+        log.warning("the client of job %s read nothing for %s s; leaving it", job_id, SEND_TIMEOUT_SECONDS)
         return "left"
     except ServerStopping:
         # A close reason holds at most 123 bytes.
@@ -57,6 +75,24 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
         log.warning("the stream of job %s lost Redis: %s", job_id, exc)
         return await _send_unavailable(websocket, job_id, exc)
     return "ended"
+
+
+async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> None:
+    """Send the job's events until it ends. Raises what follow_job raises, CLIENT_GONE, and TimeoutError when a
+    message waited SEND_TIMEOUT_SECONDS to be sent: the client reads nothing, and its follower would wait for
+    ever (uvicorn's own close of such a connection waits for its unread data to be sent)."""
+    async with aclosing(follow_job(store, hub, job_id)) as events:
+        async for event in events:
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                await websocket.send_json(ws_message(job_id, event))
+
+
+async def _client_left(websocket: WebSocket) -> None:
+    """Return once the client has closed the socket or the connection is lost. Nothing is sent while a job waits
+    queued, so without this a follower learned that its client had left only at the job's first chunk. What the
+    client sends is read and dropped: unread, it stops uvicorn reading the socket, the client's close included."""
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
 
 
 async def _send_unavailable(websocket: WebSocket, job_id: str,
@@ -118,12 +154,12 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
     """Take a job request as the first message, then stream that job. Leaving the socket cancels the job; the API
     shutting down does not (the close reason names the job)."""
     await websocket.accept()
-    try:
-        raw = await websocket.receive_text()
-    except WebSocketDisconnect:
+    first = await websocket.receive()
+    if first["type"] == "websocket.disconnect":
         return
     try:
-        request = parse_request(raw, JobRequest)
+        # A binary frame holds the request's JSON too, as a POST body does.
+        request = parse_request(first["text"] if first.get("text") is not None else first["bytes"], JobRequest)
         job_id = await asyncio.to_thread(submitter.submit_one, request, request.queue, api_key)
     except InvalidRequest as exc:
         await _reject(websocket, exc.message, ErrorCode.INVALID_REQUEST)
