@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import BATCH_END_LUA, QUEUES, JobStore, owner_id
+from shared.jobs import BATCH_END_LUA, QUEUES, JobStore, glob_escaped, owner_id
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -490,7 +490,7 @@ class BatchStore:
                 return True  # done by the holder before
             cursor = int(self.redis.get(self.files_scan_cursor_key) or 0)
             for _ in range(steps) if steps is not None else itertools.count():
-                cursor, keys = self.redis.scan(cursor, match=f"{self.prefix}:file:*", count=BULK_LINES)
+                cursor, keys = self.redis.scan(cursor, match=f"{glob_escaped(self.prefix)}:file:*", count=BULK_LINES)
                 self._index_uploads(keys)
                 with self.redis.pipeline(transaction=False) as pipe:
                     if int(cursor) == 0:

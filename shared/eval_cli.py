@@ -138,16 +138,32 @@ def retry_after(headers: dict[str, str], default: float) -> float:
 
 @dataclass
 class Item:
-    """One non-blank line of the question file (of this chunk)."""
+    """One non-blank line of the question file (of this chunk).
+
+    `repeat` counts the earlier lines of the chunk with the same question_id and text: the original answers every
+    line, a line repeated as it is too.
+    """
 
     line: int
     question: Question | None = None
     error: str | None = None
+    repeat: int = 0
 
     @property
-    def key(self) -> str:
-        # question_id is any JSON scalar: 1 and "1" are different questions.
-        return json.dumps(self.question.question_id)
+    def key(self) -> tuple[str, str, int]:
+        """What an answer is matched by: question_id, text and repeat. A question_id is not unique: MME's file asks
+        two questions of each image under the image's path. It is any JSON scalar: 1 and "1" are different ids."""
+        return json.dumps(self.question.question_id), self.question.text, self.repeat
+
+
+def number_repeats(items: list[Item]) -> None:
+    """Set each question's `repeat`: how many earlier items have its question_id and text."""
+    seen: dict[tuple[str, str], int] = {}
+    for item in items:
+        if item.question is not None:
+            question = (json.dumps(item.question.question_id), item.question.text)
+            item.repeat = seen.get(question, 0)
+            seen[question] = item.repeat + 1
 
 
 @dataclass
@@ -201,8 +217,9 @@ def read_questions(path: Path) -> list[Item]:
     return items
 
 
-def read_answers(path: Path) -> tuple[dict[str, str], bool]:
-    """The answers file's lines by question key, in file order, and whether an unfinished last line was dropped.
+def read_answers(path: Path) -> tuple[dict[tuple[str, str | None, int], str], bool]:
+    """The answers file's lines by question key (`Item.key`, the prompt standing for the text), in file order, and
+    whether an unfinished last line was dropped.
 
     A crash can leave the last line unfinished: it is dropped (its question is asked again).
     Any other line that is not an answer stops the run: the file is not ours to guess at.
@@ -211,24 +228,30 @@ def read_answers(path: Path) -> tuple[dict[str, str], bool]:
         return {}, False
     lines = path.read_bytes().split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
-    by_key: dict[str, str] = {}
+    by_key: dict[tuple[str, str | None, int], str] = {}
+    seen: dict[tuple[str, str | None], int] = {}
+
+    def add(record: Any, raw: bytes) -> None:
+        prompt = record.get("prompt")
+        question = (json.dumps(record["question_id"]), prompt if isinstance(prompt, str) else None)
+        repeat = seen.get(question, 0)
+        seen[question] = repeat + 1
+        by_key[(*question, repeat)] = raw.decode() + "\n"
+
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw)
-            key = json.dumps(record["question_id"])
-        except (ValueError, KeyError, TypeError):
+            add(json.loads(raw), raw)
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise Fatal(f"{path} line {number} is not an answer line; fix or remove it "
                         "(or pass --overwrite to start over)") from None
-        by_key.setdefault(key, raw.decode() + "\n")
     dropped = bool(tail.strip())
     if dropped:
         try:
-            record = json.loads(tail)
-            by_key.setdefault(json.dumps(record["question_id"]), tail.decode() + "\n")
+            add(json.loads(tail), tail)
             dropped = False
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
     return by_key, dropped
 
@@ -311,6 +334,7 @@ class EvalRun:
         self.group_size = max(1, min(GROUP_SIZE, self.max_in_flight // 2))
         self.fingerprint = {**params.model_dump(), "question_file": str(Path(args.question_file).resolve()),
                             "image_folder": str(self.image_folder.resolve())}
+        number_repeats(items)  # within the chunk: its answers file holds only the chunk's answers
         self.tally = Tally(total=len(items))
         self.progress = Progress(self.tally)
         self.stop = threading.Event()
@@ -318,9 +342,9 @@ class EvalRun:
         self.resend: list[Group] = []
         self.flights: dict[str, Flight] = {}
         self.pending: dict[str, Group] = {}  # posted, ids not yet known (only while posting)
-        self.answers: dict[str, str] = {}
+        self.answers: dict[tuple[str, str, int], str] = {}
         self.extra_answers: list[str] = []
-        self.resubmitted: set[str] = set()
+        self.resubmitted: set[tuple[str, str, int]] = set()
         self.errors: list[dict] = []
         self.last_contact = time.monotonic()
         self.started_wall = time.time()
@@ -333,17 +357,14 @@ class EvalRun:
             for path in (self.answers_path, self.errors_path, self.state_path):
                 path.unlink(missing_ok=True)
         by_key, dropped = read_answers(self.answers_path)
-        questions: dict[str, Question] = {}
-        for item in self.items:
-            if item.question is not None:
-                questions.setdefault(item.key, item.question)
-        self.answers = {key: line for key, line in by_key.items()
-                        if key in questions and self._answers(questions[key], line)}
-        self.extra_answers = [line for key, line in by_key.items() if key not in questions]
+        questions = {item.key for item in self.items if item.question is not None}
+        question_ids = {question_id for question_id, _, _ in questions}
+        self.answers = {key: line for key, line in by_key.items() if key in questions and self._by_model(line)}
+        self.extra_answers = [line for key, line in by_key.items() if key[0] not in question_ids]
         if dropped:
             self.progress.message(f"eval: {self.answers_path}: dropped an unfinished last line (from a crash); "
                                   "its question is asked again")
-        stale = sum(1 for key in by_key if key in questions and key not in self.answers)
+        stale = len(by_key) - len(self.answers) - len(self.extra_answers)
         if stale:
             self.progress.message(f"eval: {stale} answers in {self.answers_path} have this file's question ids but "
                                   "another question's text or another model_id (an earlier run of another file or "
@@ -357,18 +378,16 @@ class EvalRun:
         self.errors_file = open(self.errors_path, "w")
         self.state_file = None
 
-    def _answers(self, question: Question, line: str) -> bool:
-        """Whether an answers-file line of an earlier run answers this run's question: the same question text (other
-        question files number their questions the same way) and, when the run names its model, that model's answer."""
-        record = json.loads(line)
-        return record.get("prompt") == question.text and self.params.model in (None, record.get("model_id"))
+    def _by_model(self, line: str) -> bool:
+        """Whether an answers-file line of an earlier run is by this run's model: any, unless the run names its model.
+        (That it answers this run's question, not another file's with the same question_id, its key says.)"""
+        return self.params.model in (None, json.loads(line).get("model_id"))
 
     def _rewrite_answers(self) -> None:
         """The answers in question-file order, then any others; replaces the file at once."""
         ordered = [self.answers[item.key] for item in self.items if item.question is not None
                    and item.key in self.answers]
-        unique = list(dict.fromkeys(ordered))
-        write_atomically(self.answers_path, unique + self.extra_answers)
+        write_atomically(self.answers_path, ordered + self.extra_answers)
 
     def _state_append(self, record: dict) -> None:
         """One line of the jobs file, on disk before the run goes on (it is what makes a rerun safe)."""
@@ -378,10 +397,26 @@ class EvalRun:
         self.state_file.flush()
         os.fsync(self.state_file.fileno())
 
-    def _load_state(self, todo: dict[str, Item]) -> None:
+    def _load_state(self, todo: dict[tuple[str, str, int], Item]) -> None:
         """Take over the jobs of an earlier run: collect those still known, post again groups never confirmed."""
         if not self.state_path.exists():
             return
+        by_line = {item.line: item for item in todo.values()}
+        by_id: dict[str, Item] = {}
+        for item in todo.values():
+            by_id.setdefault(item.key[0], item)
+
+        def recorded(record: dict) -> list[Item | None]:
+            """The questions a record names: by line, that line's question if it has the recorded question_id (a
+            record without lines, by question_id)."""
+            ids = [json.dumps(question_id) for question_id in record.get("question_ids", [])]
+            if "lines" in record:
+                found = [by_line.get(line) for line in record["lines"]]
+            else:
+                found = [by_id.get(question_id) for question_id in ids]
+            return [item if item is not None and item.key[0] == question_id else None
+                    for item, question_id in zip(found, ids)]
+
         groups: dict[str, dict] = {}
         foreign = 0
         for raw in self.state_path.read_text().splitlines():
@@ -401,16 +436,16 @@ class EvalRun:
                                   "they are not collected")
         now = time.monotonic()
         for key, record in groups.items():
-            question_keys = [json.dumps(qid) for qid in record.get("question_ids", [])]
+            items = recorded(record)
             job_ids = record.get("job_ids")
             if job_ids is None:
-                if question_keys and all(qk in todo for qk in question_keys):
-                    self.resend.append(Group(key, [todo.pop(qk) for qk in question_keys]))
+                keys = [item.key for item in items if item is not None]
+                if keys and len(keys) == len(set(keys)) == len(items) and all(k in todo for k in keys):
+                    self.resend.append(Group(key, [todo.pop(k) for k in keys]))
                 continue
-            for qk, job_id in zip(question_keys, job_ids):
-                if job_id and qk in todo:
-                    item = todo.pop(qk)
-                    self.flights[job_id] = Flight(item, job_id, now, collected=True)
+            for item, job_id in zip(items, job_ids):
+                if job_id and item is not None and item.key in todo:
+                    self.flights[job_id] = Flight(todo.pop(item.key), job_id, now, collected=True)
         self._save_state()
 
     def _save_state(self) -> None:
@@ -422,15 +457,19 @@ class EvalRun:
         if self.flights:
             flights = list(self.flights.values())
             records.append({"key": uuid.uuid4().hex, "params": self.fingerprint,
-                            "question_ids": [f.item.question.question_id for f in flights],
+                            **self._questions_of([flight.item for flight in flights]),
                             "job_ids": [f.job_id for f in flights]})
         for group in [*self.resend, *self.pending.values()]:
-            records.append({"key": group.key, "params": self.fingerprint,
-                            "question_ids": [item.question.question_id for item in group.items]})
+            records.append({"key": group.key, "params": self.fingerprint, **self._questions_of(group.items)})
         if records:
             write_atomically(self.state_path, [json.dumps(record) + "\n" for record in records])
         else:
             self.state_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _questions_of(items: list[Item]) -> dict[str, list]:
+        """How a jobs-file record names its questions: question_ids, and lines (a question_id may repeat)."""
+        return {"question_ids": [item.question.question_id for item in items], "lines": [item.line for item in items]}
 
     def _fail(self, item: Item, error: str, job_id: str | None = None) -> None:
         record = {"question_id": item.question.question_id if item.question else None, "line": item.line,
@@ -537,20 +576,20 @@ class EvalRun:
     def _submit(self, group: Group, jobs: list[dict]) -> None:
         """Post a group's jobs under its Idempotency-Key, recorded in the jobs file before and after."""
         self.pending[group.key] = group
-        self._state_append({"key": group.key, "params": self.fingerprint,
-                            "question_ids": [item.question.question_id for item in group.items]})
+        self._state_append({"key": group.key, "params": self.fingerprint, **self._questions_of(group.items)})
         status, data = self._post("/v1/jobs/bulk", {"jobs": jobs}, group.key)
         if status == 202:
             job_ids = data["ids"]
-        elif status in (400, 422):
+        elif status in (400, 413, 422):
             # Something only the server refuses (its limits may differ from ours): post one by one to find it. A 400
-            # is a group larger than the server's queue limit or the key's quota: one by one, each job fits.
+            # is a group larger than the server's queue limit or the key's quota, a 413 one larger than the bodies
+            # it (or a proxy in front of it) takes: one by one, each job fits, or fails alone.
             job_ids = []
             for index, (item, job) in enumerate(zip(group.items, jobs)):
                 status, data = self._post("/v1/jobs", job, f"{group.key}.{index}")
                 if status == 202:
                     job_ids.append(data["id"])
-                elif status in (400, 422):
+                elif status in (400, 413, 422):
                     job_ids.append(None)
                     self._fail(item, f"refused by the API: {error_message(data)}")
                 else:
@@ -656,20 +695,14 @@ class EvalRun:
 
     def run(self) -> int:
         self._prepare_files()
-        todo: dict[str, Item] = {}
-        seen: dict[str, int] = {}
+        todo: dict[tuple[str, str, int], Item] = {}
         for item in self.items:
             if item.question is None:
                 self._fail(item, item.error)
-            elif item.key in seen:
-                self._fail(item, f"question_id {item.question.question_id!r} repeats line {seen[item.key]}'s; "
-                                 "answered once")
+            elif item.key in self.answers:
+                self.tally.answered_before += 1
             else:
-                seen[item.key] = item.line
-                if item.key in self.answers:
-                    self.tally.answered_before += 1
-                else:
-                    todo[item.key] = item
+                todo[item.key] = item
         self._load_state(todo)
         self.todo = deque(todo.values())
         main_thread = threading.current_thread() is threading.main_thread()
@@ -729,12 +762,26 @@ class EvalRun:
 
 
 def served_models(api: Api) -> list[str]:
-    """The models live workers serve (`GET /v1/models`); raises Fatal when the API cannot be used."""
-    try:
-        status, _, data = api.request("GET", "/v1/models")
-    except Unreachable as exc:
-        raise Fatal(f"{exc} (is it running? start it with `llava-queue up`, or give --api-url or "
-                    "LLAVA_QUEUE_API_URL)") from None
+    """The models live workers serve (`GET /v1/models`); raises Fatal when the API cannot be used.
+
+    As every later call: a 429 (the key's requests per minute, used up by a run just stopped) is waited out for its
+    Retry-After, and 502-504 (the API's Redis away) for up to PATIENCE_SECONDS.
+    """
+    asked_since = time.monotonic()
+    while True:
+        try:
+            status, headers, data = api.request("GET", "/v1/models")
+        except Unreachable as exc:
+            raise Fatal(f"{exc} (is it running? start it with `llava-queue up`, or give --api-url or "
+                        "LLAVA_QUEUE_API_URL)") from None
+        if status != 429 and (status not in (502, 503, 504) or time.monotonic() - asked_since > PATIENCE_SECONDS):
+            break
+        delay = retry_after(headers, 2.0)
+        print(f"llava-queue eval: GET /v1/models answered {status}: {error_message(data)}; retrying in {delay:.0f} s",
+              file=sys.stderr)
+        time.sleep(delay)
+    if status in (502, 503, 504):
+        raise Fatal(f"{api.url} answered {status} for {PATIENCE_SECONDS:.0f} s: {error_message(data)}")
     if status == 401:
         raise Fatal(f"{api.url} wants an API key: give --api-key or LLAVA_QUEUE_API_KEY ({error_message(data)})")
     if status != 200 or not isinstance(data, dict):
@@ -775,6 +822,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         served = served_models(api)
     except (ValueError, Fatal) as exc:
         return refuse(str(exc))
+    except KeyboardInterrupt:
+        print("llava-queue eval: interrupted before any question was sent", file=sys.stderr)
+        return 130
     if model is not None and served and model not in served:
         return refuse(f"model {model!r} is not served at {api.url} (served: {', '.join(served)})")
     if not served:

@@ -1000,6 +1000,12 @@ class JobStore:
         return statuses
 
 
+def glob_escaped(text: str) -> str:
+    """`text` matched literally in a Redis MATCH pattern (a KEY_PREFIX such as `llq[staging]` matched no key: the
+    brackets were a character class, and every worker was hidden; a `*` could match another deployment's keys)."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
+
 class WorkerRegistry:
     """Workers announce themselves with a short-lived key that they refresh; a dead worker fades out."""
 
@@ -1017,6 +1023,8 @@ class WorkerRegistry:
 
     def workers(self) -> list[dict[str, Any]]:
         """Every live worker's description."""
-        keys = sorted(self.redis.scan_iter(match=f"{self.prefix}:worker:*", count=100))
+        # 1,000 keys a round trip: the scan walks the whole keyspace (job records included), and /healthz, /readyz,
+        # /metrics and `status` wait on it (300,000 records took 0.4-0.8 s at 100 a trip on localhost, 0.15 s here).
+        keys = sorted(self.redis.scan_iter(match=f"{glob_escaped(self.prefix)}:worker:*", count=1000))
         values = self.redis.mget(keys) if keys else []
         return [json.loads(value) for value in values if value]

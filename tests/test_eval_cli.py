@@ -128,19 +128,20 @@ def test_bad_lines_fail_alone_with_their_reason(tiny_llava_stack, images, tmp_pa
 
     status = eval_in_process(eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", tmp_path, answers))
     assert status == 1
-    assert [line["question_id"] for line in read_lines(answers)] == [1, 2, 3]
+    # Another question under a question_id already used is a question of its own, as the original answers it.
+    assert [(line["question_id"], line["prompt"]) for line in read_lines(answers)] == \
+        [(1, "Question 1?"), (2, "Question 2?"), (2, "Question 2 again?"), (3, "Question 3?")]
     errors = {error["line"]: error for error in read_lines(tmp_path / "answers.jsonl.errors")}
-    assert sorted(errors) == [2, 3, 6, 7, 8, 9]
+    assert sorted(errors) == [2, 3, 6, 7, 9]
     assert errors[2]["question_id"] is None and "malformed JSON" in errors[2]["error"]
     assert errors[3]["question_id"] == 11 and "cannot read image 'missing.png'" in errors[3]["error"]
     assert "No such file" in errors[3]["error"]
     assert errors[6]["question_id"] == 12 and "image 'notes.png' is not an image file" in errors[6]["error"]
     assert errors[7]["question_id"] is None and "text: field required" in errors[7]["error"]
-    assert errors[8]["question_id"] == 2 and "repeats line 5's" in errors[8]["error"]
     assert errors[9]["question_id"] == 14 and "Number of images does not match" in errors[9]["error"]
     assert errors[9]["job_id"]
     out = capsys.readouterr().out
-    assert "3 answered (0 before this run), 6 failed (see " in out
+    assert "4 answered (0 before this run), 5 failed (see " in out
 
 
 def test_a_question_only_the_api_refuses_fails_alone(tiny_llava_stack, tmp_path):
@@ -474,3 +475,125 @@ def test_a_home_relative_path_is_read_as_model_vqa_reads_it(tmp_path, monkeypatc
     assert eval_in_process(argv) == 2
     err = capsys.readouterr().err
     assert "cannot reach llava-queue" in err and "cannot read the question file" not in err, err
+
+
+def test_questions_that_share_a_question_id_are_each_answered(tiny_llava_stack, images, tmp_path, capsys):
+    # MME's question file (llava_mme.jsonl, which the original's mme.sh runs) asks two questions of every image, both
+    # under the image's path as question_id, and its scorer matches answers by question_id and prompt: the original
+    # answers every line. The CLI answered the first of each pair and failed the second as a repeat.
+    questions = [{"question_id": f"count/{n}.png", "image": f"img_{n}.png",
+                  "text": f"Are there {k} objects?\nAnswer the question using a single word or phrase.",
+                  "category": "count"} for n in (0, 1) for k in (2, 3)]
+    questions.append(questions[0])  # a line repeated as it is: the original answers it twice too
+    question_file = tmp_path / "llava_mme.jsonl"
+    question_file.write_text("".join(json.dumps(question) + "\n" for question in questions))
+    answers = tmp_path / "answers.jsonl"
+    argv = eval_args(tiny_llava_stack, question_file, images, answers)
+    assert eval_in_process(argv) == 0
+    asked = [(question["question_id"], question["text"]) for question in questions]
+    assert [(line["question_id"], line["prompt"]) for line in read_lines(answers)] == asked
+    assert not (tmp_path / "answers.jsonl.errors").exists()
+
+    # Resuming matches answers by question_id and question: the one answer lost is the one asked again.
+    lines = answers.read_text().splitlines(keepends=True)
+    answers.write_text("".join(lines[:2] + lines[3:]))
+    capsys.readouterr()
+    assert eval_in_process(argv) == 0
+    assert "5 answered (4 before this run), 0 failed; this run: 1 jobs submitted" in capsys.readouterr().out
+    again = answers.read_text().splitlines(keepends=True)
+    assert [(line["question_id"], line["prompt"]) for line in read_lines(answers)] == asked
+    assert again[:2] + again[3:] == lines[:2] + lines[3:]
+
+
+def test_an_interrupted_run_of_questions_that_share_ids_asks_each_once(tiny_llava_stack, images, tmp_path):
+    # Two questions per question_id, as MME's: the jobs left in the queue at Ctrl-C are collected for their own
+    # questions, and the rest asked, each question once.
+    marker = f" [{uuid.uuid4().hex[:8]}]"
+    questions = [{"question_id": f"img_{n // 2}.png", "image": f"img_{n // 2}.png",
+                  "text": f"Is there a {('cat', 'dog')[n % 2]}?{marker}"} for n in range(16)]
+    question_file = tmp_path / "questions.jsonl"
+    question_file.write_text("".join(json.dumps(question) + "\n" for question in questions))
+    answers = tmp_path / "answers.jsonl"
+    argv = eval_args(tiny_llava_stack, question_file, images, answers, "--max-in-flight", "4")
+    argv[argv.index("--max_new_tokens") + 1] = "32"
+    first = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not answers.exists() or len(answers.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 130, out + err
+
+    second = subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [(line["question_id"], line["prompt"]) for line in read_lines(answers)] == \
+        [(question["question_id"], question["text"]) for question in questions]
+    assert job_records_with(tiny_llava_stack, marker) == 16
+    assert not (tmp_path / "answers.jsonl.jobs").exists()
+
+
+def test_a_group_over_the_apis_body_limit_is_posted_one_by_one(tiny_llava_dir, tmp_path):
+    """An API that takes smaller bodies than a group (MAX_BODY_BYTES, or a proxy's limit in front of it) answers the
+    bulk post 413: the group's jobs go one by one, and only the question whose job alone is too large fails."""
+    (tmp_path / "cat.png").write_bytes(png_bytes(40, 30, seed=1))
+    (tmp_path / "big.png").write_bytes(png_bytes(80, 80, seed=2))
+    lines = [{"question_id": n, "image": "big.png" if n == 2 else "cat.png", "text": f"Question {n}?"}
+             for n in (1, 2, 3)]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = tmp_path / "answers.jsonl"
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(tiny_llava_dir), "LLAVA_QUEUE_DEVICE": "cpu",
+           "LLAVA_QUEUE_DTYPE": "float32", "LLAVA_QUEUE_MAX_BODY_BYTES": "12000"}
+    # As the tiny LLaVA stack: its tower is local, no setting of the caller's may point elsewhere.
+    for name in ("LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_MODEL_NAME", "LLAVA_QUEUE_VISION_TOWER"):
+        os.environ.pop(name, None)
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, log_prefix="llava-queue-eval-413-") as stack:
+        done = subprocess.run([sys.executable, "-m", "shared.cli",
+                               *eval_args(stack, tmp_path / "questions.jsonl", tmp_path, answers)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [line["question_id"] for line in read_lines(answers)] == [1, 3]
+    [error] = read_lines(tmp_path / "answers.jsonl.errors")
+    assert error["question_id"] == 2 and "refused by the API: the request body is larger than 12000 bytes" in \
+        error["error"]
+
+
+def test_a_rate_limit_met_at_the_start_is_waited_out(images, tmp_path):
+    """A key's requests per minute used up (by a run just stopped, say): the first call, GET /v1/models, gets a 429.
+    The run must wait it out as it waits out every other 429, not stop with status 2 as if the API were not
+    llava-queue."""
+    key = "eval-key-2"
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": json.dumps([key_digest(key)]), "LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE": "1"}
+    write_questions(tmp_path / "questions.jsonl", list(range(2)))
+    with RedisServer() as redis_server, run_stack(redis_server.url, env, workers=(),
+                                                   log_prefix="llava-queue-eval-rate-") as stack:
+        if time.time() % 60 > 50:  # the limit counts per clock minute: use it up well within one
+            time.sleep(61 - time.time() % 60)
+        for _ in range(2):
+            requests.get(f"{stack.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        argv = [sys.executable, "-m", "shared.cli",
+                *eval_args(stack, tmp_path / "questions.jsonl", images, tmp_path / "answers.jsonl")]
+        returncode, text = interrupted_at_its_first_wait(argv, {**os.environ, "LLAVA_QUEUE_API_KEY": key})
+    assert returncode == 130, text
+    assert "rate limit of 1 requests per minute reached" in text and "retrying in" in text
+    assert "does not look like llava-queue" not in text
+
+
+def test_a_job_store_away_at_the_start_is_waited_for(images, tmp_path, monkeypatch, capsys):
+    """Redis away when the run starts: the API answers 503, which the run waits out (for its patience) as it does
+    later, and then stops with why, not with "does not look like llava-queue" at once."""
+    import shared.eval_cli
+
+    monkeypatch.setattr(shared.eval_cli, "PATIENCE_SECONDS", 3.0)
+    write_questions(tmp_path / "questions.jsonl", list(range(2)))
+    with RedisServer() as redis_server, run_stack(redis_server.url, {}, workers=(),
+                                                   log_prefix="llava-queue-eval-away-") as stack:
+        redis_server.stop()
+        started = time.monotonic()
+        status = eval_in_process(eval_args(stack, tmp_path / "questions.jsonl", images, tmp_path / "answers.jsonl"))
+        waited = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert status == 2 and waited >= 3.0, err
+    assert "GET /v1/models answered 503" in err and "retrying in" in err and "answered 503 for 3 s" in err
+    assert "does not look like llava-queue" not in err

@@ -343,3 +343,16 @@ def test_an_idempotency_key_is_remembered_for_the_idempotency_ttl_setting(redis_
     assert len(bodies) == 1
     assert 0 < key_ttl <= 120 and 0 < store.ttl(bodies[0]) <= 120, (key_ttl, store.ttl(bodies[0]))
     assert store.ttl(f"{settings.key_prefix}:job:{job_id}") > 120  # the record keeps its own TTL
+
+
+def test_a_key_prefix_with_pattern_characters_lists_its_own_workers_only(redis_url):
+    # The prefix went into SCAN's MATCH pattern as it is: `llq[staging]` made a character class that matched no
+    # worker key (/readyz 503 for ever, no workers in /metrics or `status`), and a `*` matched other prefixes' keys.
+    from shared.jobs import WorkerRegistry
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    for prefix in ("llq[staging]", "a*", "q?\\"):
+        WorkerRegistry(client, prefix).announce("w@host", {"name": f"{prefix} worker"})
+    WorkerRegistry(client, "abc").announce("w@host", {"name": "abc worker"})  # matched by `a*` as a pattern
+    for prefix in ("llq[staging]", "a*", "q?\\"):
+        assert WorkerRegistry(client, prefix).workers() == [{"name": f"{prefix} worker"}]

@@ -79,6 +79,55 @@ def test_readyz_needs_redis_and_a_ready_worker_for_the_default_model(stack):
         assert metrics[("llava_queue_redis_up", ())] == 0
 
 
+def test_api_finished_counters_are_there_at_zero_before_the_first_ending(redis_server):
+    """A counter series that appears with its first event hides that event from rate() and increase(): Prometheus
+    has no sample before it. The README's failure query, `rate(llava_queue_jobs_finished_total{status="failed"}[5m])`,
+    missed the first failed job of a deployment (and of each error code). Every way a job ends is counted from 0."""
+    from api.main import create_app
+
+    with TestClient(create_app(Settings(redis_url=redis_server.url, key_prefix="llq-fresh-metrics"))) as client:
+        metrics = scrape(client.get("/metrics").text)
+    finished = {labels: value for (name, labels), value in metrics.items()
+                if name == "llava_queue_jobs_finished_total"}
+    assert finished == {(("error_code", code), ("status", status)): 0 for status, code in (
+        ("succeeded", "0"), ("failed", "1"), ("failed", "4"), ("cancelled", "5"), ("expired", "6"))}
+    submitted = {labels: value for (name, labels), value in metrics.items()
+                 if name == "llava_queue_jobs_submitted_total"}
+    assert submitted == {(("queue", "interactive"),): 0, (("queue", "batch"),): 0}
+
+
+def test_jobs_past_their_deadline_are_not_counted_as_queued(redis_server):
+    """With no worker up to sweep them, jobs queued past their deadline stayed in the queue depth of `/metrics` and
+    of `llava-queue status` (what an autoscaler or an operator reads) until someone submitted or polled, while the
+    API's admission ended them first and did not count them. Both now end them before they count."""
+    from api.main import create_app
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+
+    prefix = "llq-overdue-ops"
+    store = JobStore.from_url(redis_server.url, prefix)
+    for _ in range(2):
+        store.create(GenerateRequest(prompt="Hi", max_new_tokens=2), "interactive", deadline_seconds=0.2)
+    store.create(GenerateRequest(prompt="Hi", max_new_tokens=2), "batch")  # no deadline: it waits
+    time.sleep(0.5)
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_KEY_PREFIX=prefix)
+    status = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[2].split() == ["interactive", "0"] and lines[3].split() == ["batch", "1"], status.stdout
+    assert "finished 2 (expired 2)" in lines[4], status.stdout
+
+    store.create(GenerateRequest(prompt="Hi", max_new_tokens=2), "interactive", deadline_seconds=0.2)
+    time.sleep(0.5)
+    with TestClient(create_app(Settings(redis_url=redis_server.url, key_prefix=prefix))) as client:
+        metrics = scrape(client.get("/metrics").text)
+    assert metrics[("llava_queue_queue_depth", (("queue", "interactive"),))] == 0
+    assert metrics[("llava_queue_queue_depth", (("queue", "batch"),))] == 1
+    assert metrics[("llava_queue_jobs", (("state", "queued"),))] == 1
+    assert metrics[("llava_queue_jobs_finished_total", (("error_code", "6"), ("status", "expired")))] == 3
+
+
 def test_task_events_are_off_until_a_monitor_turns_them_on(stack):
     """By default a worker sends worker events but no task events (those would go out through the consumer
     thread that takes every job); Flower's `enable_events` command turns them on, and they name the job."""
@@ -310,6 +359,48 @@ def test_worker_metrics_and_conversation_log(in_process_worker):
     assert chat["images"] == [hashlib.md5(buffer.getvalue()).hexdigest()]
     assert image not in conversation_log.read_text()
     assert lines[job_ids[1]]["prompt"] == "Once upon a time" and lines[job_ids[1]]["images"] == []
+
+
+def test_the_worker_exporter_listens_on_an_ipv6_address():
+    """LLAVA_QUEUE_WORKER_METRICS_HOST=:: (every address, IPv6 and IPv4) or ::1: the exporter's server was always
+    IPv4, so the worker refused to start ("Address family for hostname not supported; give each worker on this host
+    a port of its own", a hint about ports for what was no port problem)."""
+    import socket
+
+    from workers.metrics import WorkerMetrics, serve
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    for host, reached_at in (("::1", "[::1]"), ("::", "[::1]"), ("::", "127.0.0.1")):
+        server = serve(WorkerMetrics(), host, 0)
+        try:
+            url = f"http://{reached_at}:{server.server_port}"
+            assert requests.get(f"{url}/readyz", timeout=5).json() == {"ready": False, "model": None}
+            metrics = scrape(requests.get(f"{url}/metrics", timeout=5).text)
+            assert metrics[("llava_queue_worker_ready", ())] == 0
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_worker_series_are_there_at_zero_from_the_start(in_process_worker):
+    """After a worker (re)starts, its first failed job created the series `llava_queue_worker_jobs_total{status=
+    "failed"}` at 1, and `increase(...[5m])` saw no increase (no sample before it): an alert on it missed the first
+    failure after every restart. Every status's counter and every latency histogram is there at 0 from the start."""
+    _, _, url, _ = in_process_worker
+    metrics = scrape(requests.get(f"{url}/metrics", timeout=5).text)
+    model = (("model", "SmolLM2-135M-Instruct"),)
+    for status in ("succeeded", "failed", "cancelled", "expired"):
+        assert ("llava_queue_worker_jobs_total", model + (("status", status),)) in metrics, status
+    assert metrics[("llava_queue_worker_jobs_total", model + (("status", "failed"),))] == 0
+    assert metrics[("llava_queue_worker_jobs_total", model + (("status", "expired"),))] == 0
+    assert ("llava_queue_prompt_tokens_total", model) in metrics
+    for name in ("batch_size", "time_in_queue_seconds", "time_to_first_token_seconds",
+                 "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert (f"llava_queue_{name}_count", model) in metrics, name
+        assert (f"llava_queue_{name}_bucket", (("le", "+Inf"),) + model) in metrics, name
 
 
 def test_a_cancellation_before_the_job_reaches_the_engine_still_stops_it(in_process_worker):

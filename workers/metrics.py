@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from pathlib import Path
@@ -90,6 +91,12 @@ class WorkerMetrics:
         stats = engine.stats()
         self._baseline = {"generated_tokens": stats["generated_tokens"], "steps": stats["steps"]}
         self.model, self.engine = model, engine
+        # Every series of the model at 0 from the start: one that appeared with its first event (the first failed
+        # job after a restart) hid that event from rate() and increase(), which had no sample before it.
+        for status in FINAL_STATES:
+            self.jobs.labels(model, status)
+        for metric in (self.batch_size, self.queue_time, self.ttft, self.tpot, self.e2e, self.prompt_tokens):
+            metric.labels(model)
 
     def observe_load(self, model: str, load_seconds: float, warmup_seconds: float) -> None:
         self.load_seconds.labels(model).set(load_seconds)
@@ -271,6 +278,18 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+class _ThreadingServerIPv6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+def _server_class(host: str, port: int) -> type[_ThreadingServer]:
+    """IPv4 for a host that has an IPv4 address (0.0.0.0, localhost, a name), as the exporter always listened; IPv6
+    for an IPv6 address (`::`, which takes IPv4 clients too on Linux, or `::1`) or a name with IPv6 addresses alone.
+    Raises socket.gaierror for a name that resolves to nothing."""
+    found = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    return _ThreadingServer if socket.AF_INET in {family for family, *_ in found} else _ThreadingServerIPv6
+
+
 class ExporterError(RuntimeError):
     """The worker's exporter cannot listen where the settings say."""
 
@@ -278,8 +297,9 @@ class ExporterError(RuntimeError):
 def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
     """Serve `GET /metrics` (Prometheus text) and `GET /readyz` (200 once ready, else 503) in a daemon thread.
 
-    Port 0 picks a free port (`server.server_port`). Stop it with `server.shutdown()`. Raises ExporterError when
-    it cannot listen there (the port in use).
+    `host` may be an IPv4 or IPv6 address or a name. Port 0 picks a free port (`server.server_port`). Stop it with
+    `server.shutdown()`. Raises ExporterError when it cannot listen there (the port in use, a name that resolves
+    to nothing).
     """
     metrics_app = make_wsgi_app(metrics.registry)
 
@@ -293,11 +313,13 @@ def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
         return metrics_app(environ, start_response)
 
     try:
-        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+        server = make_server(host, port, app, _server_class(host, port), handler_class=_QuietHandler)
     except OSError as exc:
-        reason = "is in use by another process" if exc.errno == errno.EADDRINUSE else f"cannot be used: {exc.strerror}"
+        in_use = exc.errno == errno.EADDRINUSE
+        reason = ("is in use by another process; give each worker on this host a port of its own" if in_use
+                  else f"cannot be used: {exc.strerror or exc}")
         raise ExporterError(f"LLAVA_QUEUE_WORKER_METRICS_PORT {port} on {host} (LLAVA_QUEUE_WORKER_METRICS_HOST) "
-                            f"{reason}; give each worker on this host a port of its own") from exc
+                            f"{reason}") from exc
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics-exporter").start()
     return server
 

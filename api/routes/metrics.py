@@ -18,12 +18,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from api.deps import AppSettings, Registry, Store
 from shared.jobs import QUEUES, JobStore, WorkerRegistry
+from shared.protocol import ErrorCode
 
 router = APIRouter(tags=["health"])
 
+# The ways a job ends, (status, error code), each counted from 0: a series that appeared with its first job hid that
+# job from rate() and increase(), which had no sample before it (the first failure of a deployment went unseen).
+ENDINGS = (("succeeded", ErrorCode.OK), ("failed", ErrorCode.SERVER_ERROR), ("failed", ErrorCode.INVALID_REQUEST),
+           ("cancelled", ErrorCode.CANCELLED), ("expired", ErrorCode.EXPIRED))
+
 
 class RedisCollector:
-    """The deployment's state from Redis, collected at scrape time (one pipelined read and one scan)."""
+    """The deployment's state from Redis, collected at scrape time (the jobs past their deadline ended, then one
+    pipelined read and one scan)."""
 
     def __init__(self, store: JobStore, registry: WorkerRegistry):
         self.store = store
@@ -32,6 +39,9 @@ class RedisCollector:
     def collect(self):
         up = GaugeMetricFamily("llava_queue_redis_up", "1 if the API reached Redis for this scrape, else 0.")
         try:
+            # Jobs past their deadline end first, as before an admission counts the queues: with no worker up to
+            # sweep them, they were counted as waiting (an autoscaler reading the depth started workers for them).
+            self.store.expire_overdue()
             totals = self.store.totals()
             workers = self.registry.workers()
         except redis.RedisError:
@@ -55,7 +65,8 @@ class RedisCollector:
         yield submitted
         finished = CounterMetricFamily("llava_queue_jobs_finished", "Jobs that ended, per final status and error "
                                        "code.", labels=["status", "error_code"])
-        for (status, error_code), count in sorted(totals["finished"].items()):
+        counts = {(status, int(code)): 0 for status, code in ENDINGS} | totals["finished"]
+        for (status, error_code), count in sorted(counts.items()):
             finished.add_metric([status, str(error_code)], count)
         yield finished
         yield from _worker_families(workers)
