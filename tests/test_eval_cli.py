@@ -170,20 +170,27 @@ def job_records_with(stack, marker: str) -> int:
     return sum(marker in (client.hget(key, "prompt") or "") for key in client.scan_iter("llq:job:*", count=1000))
 
 
-def test_an_interrupted_run_is_finished_by_running_it_again(tiny_llava_stack, images, tmp_path):
-    marker = f" [{uuid.uuid4().hex[:8]}]"
-    questions = write_questions(tmp_path / "questions.jsonl", list(range(40)), marker)
-    answers = tmp_path / "answers.jsonl"
-    argv = eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", images, answers, "--max-in-flight", "4")
+def run_until_interrupted(stack, question_file, images, answers, answered: int) -> tuple[list[str], str]:
+    """Run an eval of `question_file` (4 jobs in flight, 32 new tokens) and Ctrl-C it once `answered` answers are
+    written (or after 60 s); it must exit 130. Returns its arguments, to run it again, and what it printed on stderr."""
+    argv = eval_args(stack, question_file, images, answers, "--max-in-flight", "4")
     argv[argv.index("--max_new_tokens") + 1] = "32"
     first = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not answers.exists() or len(answers.read_text().splitlines()) < 8):
+    while time.monotonic() < deadline and (not answers.exists() or len(answers.read_text().splitlines()) < answered):
         time.sleep(0.05)
     first.send_signal(signal.SIGINT)  # Ctrl-C
     out, err = first.communicate(timeout=30)
     assert first.returncode == 130, out + err
+    return argv, err
+
+
+def test_an_interrupted_run_is_finished_by_running_it_again(tiny_llava_stack, images, tmp_path):
+    marker = f" [{uuid.uuid4().hex[:8]}]"
+    questions = write_questions(tmp_path / "questions.jsonl", list(range(40)), marker)
+    answers = tmp_path / "answers.jsonl"
+    argv, err = run_until_interrupted(tiny_llava_stack, tmp_path / "questions.jsonl", images, answers, answered=8)
     assert "interrupted" in err and "Run the same command again" in err
     answered_first = [line["question_id"] for line in read_lines(answers)]
     assert 8 <= len(answered_first) < 40
@@ -514,16 +521,7 @@ def test_an_interrupted_run_of_questions_that_share_ids_asks_each_once(tiny_llav
     question_file = tmp_path / "questions.jsonl"
     question_file.write_text("".join(json.dumps(question) + "\n" for question in questions))
     answers = tmp_path / "answers.jsonl"
-    argv = eval_args(tiny_llava_stack, question_file, images, answers, "--max-in-flight", "4")
-    argv[argv.index("--max_new_tokens") + 1] = "32"
-    first = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not answers.exists() or len(answers.read_text().splitlines()) < 4):
-        time.sleep(0.05)
-    first.send_signal(signal.SIGINT)
-    out, err = first.communicate(timeout=30)
-    assert first.returncode == 130, out + err
+    argv, _ = run_until_interrupted(tiny_llava_stack, question_file, images, answers, answered=4)
 
     second = subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True,
                             timeout=120)
