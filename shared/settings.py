@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     # (bench/README.md); turn it on for clients on slow links.
     ws_compression: bool = False
     # /worker_generate_stream sends a lone NUL byte after this many seconds without a frame (a job waiting in the
-    # queue): the original web server reads with a 10 s timeout and skips empty frames.
-    llava_keepalive_seconds: float = Field(5.0, gt=0)
+    # queue): the original web server reads with a 10 s timeout, the original controller's proxy (a hierarchical
+    # setup, llava-queue registered with it as a worker) with 5 s, and both skip empty frames. At 5 s the keepalive
+    # raced the proxy's timeout (a busy API loses it, and the proxy's client gets its error frame, code 3).
+    llava_keepalive_seconds: float = Field(2.5, gt=0)
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).
     public_url: str | None = None

@@ -29,7 +29,7 @@ from api.auth import key_digest
 from conftest import run_stack
 from shared.jobs import WorkerRegistry
 from shared.protocol import SERVER_ERROR_MSG
-from shared.redis_server import RedisServer
+from shared.redis_server import RedisServer, free_port
 from shared.settings import Settings
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -244,6 +244,51 @@ def test_a_job_waiting_in_the_queue_keeps_the_original_clients_read_timeout_at_b
 def frames_of(content: bytes) -> list[dict]:
     """The original clients' parse of a NUL stream: every non-empty piece is one JSON frame."""
     return [json.loads(piece) for piece in content.split(b"\0") if piece]
+
+
+def test_a_job_waiting_behind_the_original_controllers_proxy_is_kept_alive(stack, llava_dir, tmp_path):
+    # A hierarchical setup: llava-queue registered as a worker with the original controller, whose
+    # /worker_generate_stream proxies to it reading with a 5 s timeout, and sends on non-empty frames only. At the
+    # former 5 s keepalive its timeout came first: a job waiting in the queue ended in its error frame, code 3.
+    port = free_port()
+    controller = subprocess.Popen(
+        [sys.executable, "-c", RUN_SCRIPT, str(llava_dir), str(llava_dir / "serve" / "controller.py"),
+         "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,  # (its logs go to the working folder)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    controller_url = f"http://127.0.0.1:{port}"
+    registry = WorkerRegistry(redis.Redis.from_url(stack.redis_url, decode_responses=True), KEY_PREFIX)
+    # A live worker of a model whose queue no real worker reads: the job waits there while the test reads.
+    registry.announce("busy@test", {"name": "busy@test", "model": "busy-7b", "started_at": time.time(),
+                                    "num_running": 1, "num_waiting": 0}, ttl_seconds=60)
+    marker = uuid.uuid4().hex[:8]
+    frames = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.post(f"{controller_url}/list_models", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "the original controller did not start"
+                time.sleep(0.2)
+        requests.post(f"{controller_url}/register_worker", timeout=10, json={
+            "worker_name": stack.base_url, "check_heart_beat": False,
+            "worker_status": {"model_names": ["busy-7b"], "speed": 1, "queue_length": 0}})
+        try:
+            # Nothing for 12 s (the read timeout) is what a waiting job should get through the proxy.
+            with requests.post(f"{controller_url}/worker_generate_stream", stream=True, timeout=12, json={
+                    "model": "busy-7b", "prompt": f"USER: {marker} ASSISTANT:", "max_new_tokens": 4}) as response:
+                frames = [json.loads(chunk) for chunk in response.iter_lines(delimiter=b"\0") if chunk]
+        except requests.ConnectionError:  # (a read timeout while streaming)
+            pass
+        assert frames == [], f"the proxy ended the waiting job's stream: {frames}"
+        job = find_job(stack, marker)
+        assert job["status"] == "queued", job
+        requests.delete(f"{stack.base_url}/v1/jobs/{job['id']}", timeout=10)
+    finally:
+        controller.kill()
+        controller.wait()
+        registry.remove("busy@test")
 
 
 def test_a_bad_field_on_the_worker_stream_is_a_422_frame_and_malformed_json_a_400(stack):
