@@ -3,6 +3,7 @@ default model, and the API process, started once per session on free ports."""
 
 import os
 import subprocess
+from collections.abc import Callable
 from contextlib import contextmanager
 import sys
 import tempfile
@@ -80,6 +81,19 @@ def check_api_logs():
 def start_service(name: str, args: list[str], env: dict, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def first_answer(process: subprocess.Popen, method: str, url: str, timeout: float = 30.0,
+                 logs: Callable[[], str] = lambda: "") -> requests.Response:
+    """The first answer (any status) of `method url` from the server `process` starts, asked every 0.2 s; an
+    AssertionError with `logs()` if `timeout` seconds pass or the process exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return requests.request(method, url, timeout=5)
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline and process.poll() is None, logs() or url
+            time.sleep(0.2)
 
 
 def wait_for_stack(stack: Stack, workers: int = 1, timeout: float = 180) -> None:

@@ -13,6 +13,7 @@ import pytest
 import redis
 import requests
 
+from conftest import first_answer
 from shared.cpus import format_cpu_list, parse_cpu_list
 from shared.redis_server import RedisServer, free_port
 from shared.settings import Settings
@@ -423,14 +424,8 @@ def test_an_api_holds_its_port_before_it_starts_the_app(redis_server):
         with pytest.raises(OSError, match="in use"):
             rival.bind(("127.0.0.1", port))
             rival.listen()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline and api.poll() is None, "".join(lines)
-                time.sleep(0.2)
+        assert first_answer(api, "GET", f"http://127.0.0.1:{port}/healthz", logs=lambda: "".join(lines)
+                            ).status_code == 200
         api.terminate()
         api.wait(15)
     finally:

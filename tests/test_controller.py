@@ -26,7 +26,7 @@ import redis
 import requests
 
 from api.auth import key_digest
-from conftest import run_stack
+from conftest import first_answer, run_stack
 from shared.jobs import WorkerRegistry
 from shared.protocol import SERVER_ERROR_MSG
 from shared.redis_server import RedisServer, free_port
@@ -263,14 +263,8 @@ def test_a_job_waiting_behind_the_original_controllers_proxy_is_kept_alive(stack
     marker = uuid.uuid4().hex[:8]
     frames = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.post(f"{controller_url}/list_models", timeout=5)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "the original controller did not start"
-                time.sleep(0.2)
+        first_answer(controller, "POST", f"{controller_url}/list_models", timeout=60,
+                     logs=lambda: "the original controller did not start")
         requests.post(f"{controller_url}/register_worker", timeout=10, json={
             "worker_name": stack.base_url, "check_heart_beat": False,
             "worker_status": {"model_names": ["busy-7b"], "speed": 1, "queue_length": 0}})

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import job_final, start_service
+from conftest import first_answer, job_final, start_service
 from shared.redis_server import free_port
 from shared.settings import Settings
 
@@ -240,14 +240,7 @@ def test_json_logs_carry_the_job_id(stack):
     api = start_service("api-json", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(f"{url}/healthz", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline and api.poll() is None, (log_dir / "api-json.log").read_text()
-                time.sleep(0.2)
+        first_answer(api, "GET", f"{url}/healthz", logs=(log_dir / "api-json.log").read_text)
         job_id = requests.post(f"{url}/v1/jobs", json={"prompt": "Hi", "max_new_tokens": 2}, timeout=10).json()["id"]
         requests.get(f"{url}/v1/jobs/{job_id}", timeout=10)
     finally:
