@@ -24,6 +24,12 @@ def error_body(message: str, type: str, param: str | None, code: int) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def error_response(exc: ApiError) -> JSONResponse:
+    """An ApiError as the response every endpoint answering JSON gives it."""
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
+
+
 def job_not_found(job_id: str) -> ApiError:
     return ApiError(404, f"unknown job id {job_id!r} (it never existed, or its record expired)",
                     type="not_found", param="id", code=ErrorCode.NOT_FOUND)
@@ -50,8 +56,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
-                            headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:

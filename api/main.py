@@ -8,12 +8,11 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import require_api_key
 from api.channel_hub import ChannelHub
-from api.errors import ApiError, error_body, install_error_handlers
+from api.errors import ApiError, error_response, install_error_handlers
 from api.submission import Submitter
 from api.routes import (batches, controller, files, health, jobs, llava, metrics, models, openai, page,
                         stream)
@@ -81,9 +80,8 @@ class BodyLimitAnswers:
             nonlocal answered
             if message["type"] == "http.response.start" and message["status"] == 413:
                 answered = True
-                error = self.error
-                response = refusal(error) if scope["path"] in self.frame_paths else JSONResponse(
-                    error_body(error.message, error.type, error.param, error.code), status_code=error.status)
+                in_frames = scope["path"] in self.frame_paths
+                response = refusal(self.error) if in_frames else error_response(self.error)
                 await response(scope, receive, send)
             elif not answered:  # (what the limit sent after its own start goes nowhere)
                 await send(message)
