@@ -4,6 +4,7 @@ names."""
 
 import logging
 import threading
+import time
 
 import pytest
 import redis
@@ -356,3 +357,30 @@ def test_a_key_prefix_with_pattern_characters_lists_its_own_workers_only(redis_u
     WorkerRegistry(client, "abc").announce("w@host", {"name": "abc worker"})  # matched by `a*` as a pattern
     for prefix in ("llq[staging]", "a*", "q?\\"):
         assert WorkerRegistry(client, prefix).workers() == [{"name": f"{prefix} worker"}]
+
+
+def test_listing_the_workers_reads_their_set_not_the_keyspace(redis_url):
+    # /healthz, /readyz, /metrics and `status` list the workers on every call; a SCAN for their keys walked every job
+    # record too. Redis's own command counters show which commands the listing ran.
+    from shared.jobs import WorkerRegistry
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    registry = WorkerRegistry(client, "js-set")
+    client.mset({f"js-set:job:{index}": "x" for index in range(2_000)})
+    registry.announce("b@host", {"name": "b"})
+    registry.announce("a@host", {"name": "a"})
+    registry.announce("gone@host", {"name": "gone"}, ttl_seconds=1)
+    registry.announce("left@host", {"name": "left"})
+    registry.remove("left@host")
+
+    def calls(command: str) -> int:
+        return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+    scans = calls("scan")
+    assert registry.workers() == [{"name": "a"}, {"name": "b"}, {"name": "gone"}]
+    deadline = time.monotonic() + 5
+    while registry.workers() != [{"name": "a"}, {"name": "b"}]:  # its key lapsed: no longer listed
+        assert time.monotonic() < deadline, registry.workers()
+        time.sleep(0.1)
+    assert calls("scan") == scans
+    assert sorted(client.zrange(registry.names_key, 0, -1)) == ["a@host", "b@host", "gone@host"]  # until an hour lapsed

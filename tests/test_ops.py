@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import first_answer, job_final, start_service
-from shared.redis_server import free_port
+from shared.redis_server import RedisServer, free_port
 from shared.settings import Settings
 
 FRANCE = [{"role": "user", "text": "What is the capital of France?"}]
@@ -438,3 +439,28 @@ def test_the_app_under_plain_uvicorn_on_a_port_in_use_exits(redis_server):
                              env=dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url), capture_output=True,
                              text=True, timeout=30, cwd=Path(__file__).parent.parent)
     assert run.returncode == 3 and "address already in use" in run.stderr, run.stderr[-2000:]
+
+
+def test_status_reads_a_read_only_replica():
+    # `status` ends overdue jobs before it counts the queues, a write: against a replica (read-only, as an operator
+    # points a dashboard at one) it said "does not answer" and exited 1 as soon as one job was past its deadline.
+    from shared.jobs import JobStore, WorkerRegistry
+    from shared.protocol import GenerateRequest
+
+    with RedisServer() as primary, RedisServer() as replica:
+        replica_client = redis.Redis.from_url(replica.url, decode_responses=True)
+        replica_client.replicaof("127.0.0.1", primary.port)
+        store = JobStore.from_url(primary.url)
+        WorkerRegistry(store.redis).announce("m@host", {"name": "m@host", "model": "m", "heartbeat_at": time.time()})
+        store.create(GenerateRequest(prompt="hi"), "interactive", deadline_seconds=0.01)
+        deadline = time.monotonic() + 10
+        while replica_client.zcard("llq:workers") == 0 or replica_client.zcard("llq:deadlines") == 0:
+            assert time.monotonic() < deadline, "the replica never caught up"
+            time.sleep(0.1)
+        time.sleep(0.05)  # the job is past its deadline
+        env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=replica.url)
+        done = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[2].split() == ["interactive", "1"] and any(line.startswith("m@host") for line in lines), lines
