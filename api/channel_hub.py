@@ -2,8 +2,8 @@
 
 A subscription per follower would cost a Redis connection and a reader loop per streaming client.
 Here one reader task reads every subscribed channel and hands each message to the queues of that
-channel's followers. A channel's followers share one SUBSCRIBE: sent for the first, withdrawn after
-the last.
+channel's followers. A channel's followers share one SUBSCRIBE: sent for the first (for the next, if
+that fails), withdrawn after the last.
 """
 
 import asyncio
@@ -38,10 +38,13 @@ STOPPING = object()
 
 
 class _Channel:
-    """The followers' queues of one channel, and whether Redis has acknowledged its SUBSCRIBE."""
+    """The followers' queues of one channel, whether its SUBSCRIBE was sent, and whether Redis has acknowledged it."""
 
     def __init__(self) -> None:
         self.queues: set[asyncio.Queue] = set()
+        # Held by the follower sending the SUBSCRIBE: the others wait for it, then send it themselves if it failed.
+        self.subscribing = asyncio.Lock()
+        self.subscribed = False
         self.acknowledged = asyncio.get_running_loop().create_future()
 
 
@@ -90,9 +93,14 @@ class ChannelHub:
         followers = self._channels.setdefault(channel, _Channel())
         followers.queues.add(queue)
         try:
-            if len(followers.queues) == 1:
-                await self._connect()
-                await self._pubsub.subscribe(channel)
+            async with followers.subscribing:
+                # Sent once for all the channel's followers. One whose sending failed has left with the error: the
+                # next sends it, else the channel's followers would follow it unsubscribed, each reading the record
+                # every RESYNC_AFTER_SECONDS instead of getting its chunks.
+                if not followers.subscribed:
+                    await self._connect()
+                    await self._pubsub.subscribe(channel)
+                    followers.subscribed = True
             _, waiting = await asyncio.wait([followers.acknowledged], timeout=SUBSCRIBE_TIMEOUT_SECONDS)
             if waiting:
                 log.warning("Redis did not acknowledge the subscription to %s in %s s", channel,

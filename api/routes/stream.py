@@ -69,7 +69,8 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
         return "left"
     except ServerStopping:
         # A close reason holds at most 123 bytes.
-        await _close(websocket, 1012, f"the API is restarting; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123])
+        await _close(websocket, 1012, f"the API is restarting; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123],
+                     job_id)
         return "stopping"
     except redis.RedisError as exc:
         log.warning("the stream of job %s lost Redis: %s", job_id, exc)
@@ -107,7 +108,8 @@ async def _send_unavailable(websocket: WebSocket, job_id: str,
                                    "status": "unavailable", "error": message})
     except CLIENT_GONE:
         return "left"
-    await _close(websocket, 1013, f"the job store is unavailable; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123])
+    await _close(websocket, 1013, f"the job store is unavailable; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123],
+                 job_id)
     return "unavailable"
 
 
@@ -133,19 +135,27 @@ async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub, 
         return
     if foreign:
         await _send_not_found(websocket, job_id)
-        await _close(websocket)
+        await _close(websocket, job_id=job_id)
         return
     if await _relay(websocket, store, hub, job_id) == "ended":
-        await _close(websocket)
+        await _close(websocket, job_id=job_id)
 
 
-async def _close(websocket: WebSocket, code: int = 1000, reason: str | None = None) -> None:
+async def _close(websocket: WebSocket, code: int = 1000, reason: str | None = None, job_id: str = "") -> None:
     """Close the socket from this side, unless the client has already: a client may leave as soon as it has the
-    last message, and that is not an error (uvicorn would log one, with its traceback, for every such stream)."""
+    last message, and that is not an error (uvicorn would log one, with its traceback, for every such stream).
+
+    The close waits, as a message does, while the client's unread data fill the socket: a client that reads nothing
+    is let go after SEND_TIMEOUT_SECONDS (before, the endpoint waited for it for as long as it kept the connection).
+    """
     try:
-        await websocket.close(code=code, reason=reason)
+        async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+            await websocket.close(code=code, reason=reason)
     except CLIENT_GONE:
         pass
+    except TimeoutError:
+        log.warning("the client of %s read nothing for %s s; leaving it", f"job {job_id}" if job_id else "a stream",
+                    SEND_TIMEOUT_SECONDS)
 
 
 @router.websocket("/v1/ws")
@@ -173,7 +183,7 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
         return
     ended = await _relay(websocket, store, hub, job_id)
     if ended == "ended":
-        await _close(websocket)
+        await _close(websocket, job_id=job_id)
     elif ended == "left":
         # With Redis away it cannot be cancelled: it goes on (a warning names it).
         await cancel_unless_ended(store, job_id)
