@@ -155,6 +155,15 @@ def test_several_stop_strings(client):
      400, "messages[1].content", "messages[1].content: String should have at most 400000 characters"),
     ({"messages": [user_parts(*[{"type": "image_url", "image_url": {"url": png_data_url()}}] * 17)]},
      400, "messages[0].content", "messages[0].content: 17 images; the limit is 16"),
+    # More new tokens than a completion may have is refused, as vLLM refuses more than the model's context (it was
+    # cut to 1024 without a word, and ended "length").
+    ({"max_tokens": 1025}, 400, "max_tokens", "max_tokens: Input should be less than or equal to 1024"),
+    ({"max_completion_tokens": 4096}, 400, "max_completion_tokens", "less than or equal to 1024"),
+    # Stream options without a stream: OpenAI's and vLLM's 400 (they were ignored).
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options", "only be defined when `stream=True`"),
+    # A null content is refused except in an assistant message, as OpenAI and vLLM refuse it (it was empty text).
+    ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content", "must not be null in a user"),
+    ({"messages": [{"role": "system", "content": None}, *FRANCE]}, 400, "messages[0].content", "in a system message"),
 ])
 def test_errors_in_openai_shape(client, change, status, param, words):
     request = {"model": MODEL, "messages": FRANCE, "max_tokens": 4, **change}
@@ -172,6 +181,13 @@ def test_errors_in_openai_shape(client, change, status, param, words):
     ({"repetition_penalty": 1.1}, "repetition_penalty"),
     ({"ignore_eos": True}, "ignore_eos"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
+    # vLLM's chat extras that change the prompt or the text returned (a prefill, the stop string kept, the prompt).
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"add_generation_prompt": False}, "add_generation_prompt"),
+    ({"chat_template": "{{ messages[0]['content'] }}"}, "chat_template"),
+    ({"echo": True}, "echo"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
 ])
 def test_vllm_sampling_extras_are_refused_not_ignored(client, extra, param):
     # A client moving from vLLM sends these with extra_body; ignored, they would change the answer without a word.
@@ -182,8 +198,26 @@ def test_vllm_sampling_extras_are_refused_not_ignored(client, extra, param):
 
 def test_vllm_sampling_extras_at_their_neutral_values_are_accepted(client):
     completion = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16, extra_body={
-        "top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "ignore_eos": False, "guided_json": None})
+        "top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "ignore_eos": False, "guided_json": None,
+        "add_generation_prompt": True, "continue_final_message": False, "chat_template": None, "echo": False,
+        "include_stop_str_in_output": False, "prompt_logprobs": None})
     assert "Paris" in completion.choices[0].message.content
+
+
+def test_contents_vllm_takes_as_empty_text_are_accepted(stack, client):
+    # vLLM takes a message without content, and an assistant message with null content, as empty text; so do we.
+    completion = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=1, messages=[
+        {"role": "system"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, {"role": "user"}])
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert job_of(stack, completion.id)["prompt"].count("<|im_start|>user\n") == 2
+
+
+def test_empty_stream_options_are_accepted_without_a_stream(client):
+    # vLLM refuses stream options without a stream only when they hold something: `{}` and null are taken.
+    for options in ({}, None):
+        completion = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=1,
+                                                    extra_body={"stream_options": options})
+        assert completion.object == "chat.completion"
 
 
 def test_a_null_stream_is_a_plain_completion(client):

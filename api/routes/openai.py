@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, Registry, Store, Submissions
@@ -96,9 +96,15 @@ class ChatMessage(BaseModel):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _string_or_parts(cls, content: Any) -> Any:
-        """One error naming `content` (pydantic's would name each member of the union: `content.str`, ...)."""
-        if content is None or isinstance(content, str):
+    def _string_or_parts(cls, content: Any, info: ValidationInfo) -> Any:
+        """One error naming `content` (pydantic's would name each member of the union: `content.str`, ...).
+        Left out, it is empty text; null only in an assistant message, as OpenAI and vLLM take it."""
+        if content is None:
+            role = info.data.get("role")
+            if role is not None and role != "assistant":
+                raise ValueError(f"must not be null in a {role} message: give a string or a list of content parts")
+            return content
+        if isinstance(content, str):
             return content
         if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
             raise ValueError('must be a string or a list of content parts ({"type": "text", "text": ...})')
@@ -119,8 +125,9 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    # More than the worker generates is refused (as vLLM refuses more than the model's context), not cut short.
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
     stop: str | list[str] | None = None
     # OpenAI's (and vLLM's) range: any signed 64-bit integer; the engine's seeds are non-negative.
     seed: int | None = Field(None, ge=-2**63, lt=2**63)
@@ -134,6 +141,14 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _string_or_strings(cls, stop: Any) -> Any:
         return stop_of_strings(stop)
+
+    @field_validator("stream_options", mode="before")
+    @classmethod
+    def _only_with_stream(cls, options: Any, info: ValidationInfo) -> Any:
+        """Stream options in a request that does not stream are refused, as OpenAI and vLLM refuse them."""
+        if options and not info.data.get("stream"):
+            raise ValueError("stream options can only be defined when `stream=True`")
+        return options
 
 
 class ChatCompletionMessage(BaseModel):
@@ -192,6 +207,15 @@ _UNSUPPORTED = {
     "use_beam_search": (lambda value: bool(value), "beam search is not supported"),
     **{name: (lambda value: value is not None, "structured output is not supported")
        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")},
+    # vLLM's chat extras that change the prompt or the text returned: the worker renders the messages with the
+    # model's own template and a generation prompt, and answers the generated text alone, without the stop string.
+    "add_generation_prompt": (lambda value: value is False,
+                              "add_generation_prompt is not supported (the generation prompt is always added)"),
+    "continue_final_message": (lambda value: bool(value), "continue_final_message is not supported"),
+    "chat_template": (lambda value: value is not None, "chat_template is not supported (the model's own is used)"),
+    "echo": (lambda value: bool(value), "echo is not supported"),
+    "include_stop_str_in_output": (lambda value: bool(value), "include_stop_str_in_output is not supported"),
+    "prompt_logprobs": (lambda value: value is not None, "logprobs are not supported"),
 }
 
 
