@@ -2,7 +2,7 @@
 
 Renders prompts byte-for-byte as `llava/conversation.py` of llava-torch 1.2.2.post1
 does, and picks the template for a model name as its web server does. Images are
-represented only by a flag on the user turn: rendering never needs the pixels.
+represented only by a count on the user turn: rendering never needs the pixels.
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ class TemplateError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """One turn: `text` is None for the open assistant turn the model is to fill."""
+    """One turn: `text` is None for the open assistant turn the model is to fill; `images` counts its images."""
 
     role: str
     text: str | None
-    image: bool = False
+    images: int = 0
+
+    @property
+    def image(self) -> bool:
+        """Whether the turn carries an image (a tuple message in the original)."""
+        return self.images > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +64,11 @@ class Conversation:
         """Return a conversation with the same settings and its own message list."""
         return dataclasses.replace(self, messages=list(self.messages))
 
-    def append_message(self, role: str, text: str | None, image: bool = False) -> None:
-        """Append a turn; `image=True` marks a user turn that carries an image."""
-        if image and text is None:
+    def append_message(self, role: str, text: str | None, images: int = 0) -> None:
+        """Append a turn; `images` counts the images a user turn carries."""
+        if images and text is None:
             raise ValueError("a message that carries an image needs a text (it may be empty)")
-        self.messages.append(Message(role, text, image))
+        self.messages.append(Message(role, text, int(images)))
 
     @property
     def stop(self) -> str | None:
@@ -94,8 +99,10 @@ class Conversation:
         """
         turns = [(m.role, m.text if m.image or m.text else None) for m in self.messages]
         # Only the very first message is rewritten, so for the few-shot templates
-        # (offset 2) an image turn keeps its text as typed.
-        if self.messages and self.messages[0].image:
+        # (offset 2) an image turn keeps its text as typed. The original's rewrite
+        # (every <image> out, one in front) is for its one image: a first turn with
+        # several keeps its text as typed too, where each image has its <image>.
+        if self.messages and self.messages[0].images == 1:
             role = self.messages[0].role
             text = self.messages[0].text.replace(IMAGE_TOKEN, "").strip()
             if "mmtag" in self.version:
@@ -354,7 +361,7 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
             raise ValueError(f"message {i}: a user message needs a text or an image")
         if images and IMAGE_TOKEN not in text:
             text += "\n" + IMAGE_TOKEN
-        conv.append_message(conv.roles[0], text, image=images > 0)
+        conv.append_message(conv.roles[0], text, images)
     if role != "user":
         raise ValueError(
             "the last message must come from the user: the prompt ends with the assistant's turn"

@@ -48,7 +48,7 @@ def test_conversation_renders_golden_prompt(entry):
     assert len(preset) == conv.offset
     assert golden[: conv.offset] == preset
     for role, text, image in golden[conv.offset :]:
-        conv.append_message(role, text, image=image)
+        conv.append_message(role, text, int(image))
     if entry["prompt"] is None:
         with pytest.raises(TemplateError):
             conv.get_prompt()
@@ -155,6 +155,16 @@ def test_image_after_few_shot_keeps_web_server_text():
 def test_mmtag_image_exchange():
     prompt, _ = render_messages("v1_mmtag", [{"role": "user", "text": "What is this?", "images": 1}])
     assert prompt.endswith(" USER: <Image><image></Image> ASSISTANT: Received.</s>USER: What is this? ASSISTANT:")
+
+
+def test_a_first_turn_with_several_images_keeps_its_text_as_typed():
+    # The original's rewrite of the first turn (every <image> out, one in front) is for its one image: applied to a
+    # turn with two images and two <image>s, it left one <image> for two images, and the job always failed.
+    text = "Left: <image> Right: <image> Which is brighter?"
+    prompt, _ = render_messages("llava_v1", [{"role": "user", "text": text, "images": 2}])
+    assert prompt.endswith(f" USER: {text} ASSISTANT:") and prompt.count("<image>") == 2
+    prompt, _ = render_messages("v1_mmtag", [{"role": "user", "text": text, "images": 2}])
+    assert prompt.endswith(f" USER: {text} ASSISTANT:") and prompt.count("<image>") == 2
 
 
 def test_later_image_turn_keeps_its_text():

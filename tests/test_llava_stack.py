@@ -69,6 +69,17 @@ def test_a_job_with_two_images_succeeds(tiny_llava_stack):
     assert two["usage"]["prompt_tokens"] >= 2 * TOKENS_PER_IMAGE
 
 
+def test_a_first_turn_with_two_images_where_its_text_places_them_succeeds(tiny_llava_stack):
+    # The first turn's text placed both images; rendering kept one <image> of two, and the job always failed
+    # ("2 images, 1 <image>"), while the same turn later in a chat, or the same prompt sent rendered, answered.
+    text = "Left: <image> Right: <image> Which is brighter?"
+    chat = run_alone(tiny_llava_stack, ask(text, CAT, DOG))
+    assert chat["prompt"].endswith(f"USER: {text} ASSISTANT:")
+    rendered = run_alone(tiny_llava_stack, {"prompt": chat["prompt"], "images": [CAT, DOG], "temperature": 0,
+                                            "max_new_tokens": 12, "stop": "</s>"})
+    assert chat["text"] == rendered["text"]
+
+
 def test_a_data_url_image_is_the_same_image(tiny_llava_stack):
     plain = run_alone(tiny_llava_stack, ask("Describe it.", SKY))
     data_url = run_alone(tiny_llava_stack, ask("Describe it.", f"data:image/png;base64,{SKY}"))

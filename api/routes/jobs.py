@@ -36,8 +36,8 @@ class Params(BaseModel):
     temperature: float
     top_p: float
     max_new_tokens: int
-    stop: str | list[str] | None
-    seed: int | None
+    stop: str | list[str] | None = None
+    seed: int | None = None
 
 
 class JobView(BaseModel):
@@ -65,9 +65,9 @@ class JobView(BaseModel):
 
 def job_view(record: dict[str, Any]) -> JobView:
     """The public view of a job record."""
-    request = GenerateRequest.model_validate_json(record["request"])
-    params = Params(temperature=request.temperature, top_p=request.top_p, max_new_tokens=request.max_new_tokens,
-                    stop=request.stop, seed=request.seed)
+    # Read from the request as recorded (validated when it was taken, defaults and clamp applied), not validated
+    # again: that decoded every image at each poll, and an image over limits lowered since was a 500.
+    params = Params.model_validate_json(record["request"])
     return JobView(
         id=record["id"], status=record["status"], queue=record["queue"], model=record["model"],
         prompt=record["prompt"], text=record["text"], error=record["error"] or None,

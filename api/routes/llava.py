@@ -99,7 +99,9 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
     The `X-Job-Id` response header names the job.
     """
     try:
-        body = parse_request(await read_body(request), StreamRequest)
+        # On a thread: checking the images (base64 decoded, opened by PIL) takes a while, seconds for a crafted file,
+        # during which the event loop would serve no other request or stream.
+        body = await asyncio.to_thread(parse_request, await read_body(request), StreamRequest)
     except InvalidRequest as exc:
         raise ApiError(exc.status, exc.message, param=exc.param) from None
     if body.model and body.model not in served_models(await asyncio.to_thread(registry.workers)):

@@ -1,0 +1,75 @@
+"""Requests against the real API, as clients send them: a job is read back as it was taken, whatever the API's limits
+have become since, and checking a request's images does not hold up the API's other clients."""
+
+import base64
+import io
+import threading
+import time
+
+import requests
+from PIL import Image
+
+from conftest import run_stack
+from llava_fixtures import png_b64
+from shared.redis_server import RedisServer
+
+
+def jpeg_with_markers(count: int) -> str:
+    """Base64 of a 2x2 JPEG carrying `count` empty APP5 segments: a valid image that PIL takes seconds to open (it
+    reads JPEG markers one by one in Python), the kind of file a hostile client sends."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    return base64.b64encode(jpeg[:2] + b"\xff\xe5\x00\x02" * count + jpeg[2:]).decode()
+
+
+def test_a_job_recorded_under_larger_image_limits_stays_readable():
+    # An operator lowers LLAVA_QUEUE_MAX_IMAGE_BYTES and restarts the API: a job taken before, whose image is over
+    # the new limit, was a 500 at every GET /v1/jobs/{id} (its whole request, images included, was validated again
+    # at each poll, which also decoded every image each time).
+    image = png_b64(64, 64, seed=3)
+    with RedisServer() as server:
+        with run_stack(server.url, {}, workers=(), log_prefix="llava-queue-limits-before-") as api:
+            response = requests.post(f"{api.base_url}/v1/jobs", timeout=10, json={
+                "prompt": "USER: <image>\nWhat is it? ASSISTANT:", "images": [image], "temperature": 0.2,
+                "top_p": 0.7, "max_new_tokens": 2000, "stop": ["</s>"]})
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+        smaller = {"LLAVA_QUEUE_MAX_IMAGE_BYTES": str(len(image) // 2)}
+        with run_stack(server.url, smaller, workers=(), log_prefix="llava-queue-limits-after-") as api:
+            response = requests.get(f"{api.base_url}/v1/jobs/{job_id}", timeout=10)
+            assert response.status_code == 200, response.text
+            job = response.json()
+            assert job["status"] == "queued"
+            assert job["params"] == {"temperature": 0.2, "top_p": 0.7, "max_new_tokens": 1024, "stop": "</s>",
+                                     "seed": None}
+            # The new limit holds for new jobs.
+            refused = requests.post(f"{api.base_url}/v1/jobs", timeout=10, json={
+                "prompt": "USER: <image>\nWhat is it? ASSISTANT:", "images": [image]})
+            assert refused.status_code == 422 and "the limit is" in refused.json()["error"]["message"]
+
+
+def test_checking_a_slow_image_on_the_worker_stream_does_not_stop_the_api():
+    # The images of a /worker_generate_stream request were checked (base64 decoded, opened and verified by PIL) on the
+    # API's event loop: while a file that takes seconds to open was checked, every other request and stream of that
+    # API process waited, the original web server's included.
+    slow = jpeg_with_markers(400_000)
+    with RedisServer() as server, run_stack(server.url, {}, workers=(), log_prefix="llava-queue-slow-image-") as api:
+        answered = {}
+
+        def submit():
+            # The second image is no image: the request ends in a 422 once the first is checked (no job is made).
+            answered["stream"] = requests.post(f"{api.base_url}/worker_generate_stream", timeout=120, json={
+                "prompt": "USER: <image> <image> hi ASSISTANT:", "images": [slow, "bm90IGFuIGltYWdl"]})
+            answered["stream_at"] = time.monotonic()
+
+        sender = threading.Thread(target=submit)
+        sender.start()
+        time.sleep(0.5)  # the body is in, its first image being checked
+        models = requests.post(f"{api.base_url}/list_models", timeout=120)
+        models_at = time.monotonic()
+        sender.join(120)
+        assert models.status_code == 200 and models.json() == {"models": []}
+        assert answered["stream"].status_code == 422 and b"image 1" in answered["stream"].content
+        # The other request was answered while the image was still being checked, not once it was done.
+        assert models_at < answered["stream_at"] - 0.5, (answered["stream_at"] - models_at)
