@@ -206,7 +206,9 @@ class Intake:
             if len(self._images) > _IMAGE_CACHE_SIZE:
                 self._images.pop(next(iter(self._images)))
         if isinstance(cached, LineRefused):
-            raise cached
+            # A new one for each line: the cached one raised again took every such line's frames into its traceback,
+            # and with them every line read (tens of thousands behind one missing image) until the file was read.
+            raise LineRefused(cached.message, cached.status_code, cached.param, cached.code)
         return cached
 
     def _read_image(self, name: str, path: Path) -> str | LineRefused:

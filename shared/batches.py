@@ -374,10 +374,10 @@ class BatchStore:
             if entry.get("job"):
                 yield entry["job"]
 
-    def lines(self, batch_id: str, with_results: bool = True,
-              chunk: int = 1000) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None]]:
-        """(line number from 0, line entry, result or None while it runs) for every line, in file order."""
-        start = 0
+    def lines(self, batch_id: str, with_results: bool = True, chunk: int = 1000,
+              start: int = 0) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None]]:
+        """(line number from 0, line entry, result or None while it runs) for every line from line `start`, in file
+        order."""
         while True:
             raw = self.redis.lrange(self.lines_key(batch_id), start, start + chunk - 1)
             if not raw:

@@ -12,7 +12,7 @@ import re
 from typing import Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from api.errors import ApiError
@@ -170,7 +170,8 @@ def file_content(file_id: str, request: Request) -> Response:
     batches = batch_store(request)
     batch_file = _batch_file(batches, file_id)
     if batch_file is not None:
-        return Response("".join(output_lines(batches, *batch_file)).encode(), media_type=JSONL)
+        # Sent as it is read, as GET /v1/batches/{id}/output sends it: a batch of 50,000 answers is hundreds of MB.
+        return StreamingResponse(output_lines(batches, *batch_file), media_type=JSONL)
     content = batches.file_content(file_id)
     if content is None:
         raise file_not_found(file_id)
