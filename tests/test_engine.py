@@ -1051,3 +1051,23 @@ def test_on_stop_hears_that_the_engine_stopped_before_any_request_is_failed(tiny
     finally:
         engine.shutdown()
     assert len(heard) == 1  # shutdown() is no stop of the engine's own
+
+
+def test_requests_that_end_at_their_first_token_do_not_starve_the_running_batch(tiny_model, tokenizer):
+    # Admitted requests are prefilled ahead of the running batch's decode. Requests that end at their first token
+    # (max_new_tokens 1, as a classification batch sends; an EOS at once) leave as fast as they come, so a stream of
+    # them admitted a group every step and the running batch never decoded: here a request had 1 token of 20 after 60
+    # steps, and an interactive request beside a batch of such jobs waited until the whole batch had drained.
+    engine, stream = make_engine(tiny_model, tokenizer)
+    prompt = random_prompt(6, seed=1900)
+    running = engine.add_request("running", prompt, SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True))
+    engine.step()
+    one_token = []
+    for i in range(60):
+        one_token.append(engine.add_request(f"one{i}", random_prompt(4, seed=1901 + i),
+                                            SamplingParams(temperature=0, max_new_tokens=1)))
+        engine.step()
+    assert running.done.is_set(), f"{stream.outputs['running'][-1].completion_tokens} of 20 tokens after 60 steps"
+    assert running.wait(0).token_ids == generate_alone(tiny_model, prompt, 20)
+    run_until_done(engine, one_token)
+    assert all(handle.wait(0).completion_tokens == 1 for handle in one_token)

@@ -129,6 +129,8 @@ class LLMEngine:
         self._live: dict[str, Sequence] = {}
         self._handles: dict[Sequence, RequestHandle] = {}
         self._step_deltas: dict[Sequence, str] = {}
+        # Set by a prefill that left the running batch no larger: the batch decodes before the next prefill.
+        self._decode_owed = False
         self._stats = {
             "num_running": 0, "num_waiting": 0, "reserved_tokens": 0, "batch_len": 0,
             "steps": 0, "num_finished": 0, "generated_tokens": 0,
@@ -220,7 +222,9 @@ class LLMEngine:
 
         A step is one forward: admitted sequences are prefilled first (their first
         token is published at the end of this step, not after a decode of the
-        others too), and the running batch decodes in the steps without admissions.
+        others too), and the running batch decodes in the steps without admissions,
+        and in the step after a prefill that left it no larger (all it admitted
+        ended at their first token), so that such requests cannot starve it.
         Returns the outputs it also passed to on_step. The engine thread calls
         this in a loop; call it yourself only on an engine not start()ed.
         """
@@ -233,11 +237,18 @@ class LLMEngine:
             try:
                 self._take_inbox([seq for seq, _ in inbox], aborts)
                 self._drop_finished_rows()
-                admitted = self.scheduler.admit()
+                owed = self._decode_owed and self._batch is not None
+                admitted = [] if owed else self.scheduler.admit()
                 if admitted:
+                    rows_before = len(self.scheduler.running) - len(admitted)
                     self._prefill(admitted)
+                    # Prefilling ahead of the batch's decode pays while it fills the batch. Requests that end at
+                    # their first token (max_new_tokens 1) leave as fast as they come: a stream of them would keep
+                    # the running batch from ever decoding.
+                    self._decode_owed = len(self.scheduler.running) <= rows_before
                 elif self._batch is not None:
                     self._decode()
+                    self._decode_owed = False
             except Exception as exc:
                 # A bug or a failure outside one forward: the batch state is suspect, so fail what runs on it.
                 log.exception("engine step failed")
