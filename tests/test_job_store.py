@@ -384,3 +384,22 @@ def test_listing_the_workers_reads_their_set_not_the_keyspace(redis_url):
         time.sleep(0.1)
     assert calls("scan") == scans
     assert sorted(client.zrange(registry.names_key, 0, -1)) == ["a@host", "b@host", "gone@host"]  # until an hour lapsed
+
+
+def test_overdue_jobs_are_expired_in_pipelined_rounds(redis_url):
+    # One script call a job, each its own round trip: 10,000 overdue jobs (a batch whose window passed) took 10 s, and
+    # every admission under a queue limit, /metrics scrape and batch read waited on that sweep. Redis counts the read
+    # events it served: a round trip a job is at least one read a job; a pipelined round is a read per 16 KB of it.
+    store = JobStore.from_url(redis_url, "js-overdue")
+    [running] = store.create_many([request("started")], "batch", deadline_seconds=1.0)
+    assert store.start(running, "w@host") == "running"  # no longer queued: not expired, and off the deadline set
+    job_ids = [running] + store.create_many([request(f"late {index}") for index in range(2_500)], "batch",
+                                            deadline_seconds=0.01)
+    time.sleep(1.05)
+    reads = store.redis.info("stats")["total_reads_processed"]
+    expired = store.expire_overdue()
+    assert store.redis.info("stats")["total_reads_processed"] - reads < len(job_ids) / 5
+    assert sorted(expired) == sorted(job_ids[1:])
+    assert [store.get(job_id)["status"] for job_id in (running, job_ids[1], job_ids[-1])] == \
+        ["running", "expired", "expired"]
+    assert store.redis.zcard(store.deadlines_key) == 0 and store.queue_lengths()["batch"] == 0
