@@ -97,6 +97,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout,
                                   "queue_order_strategy": "priority"},
         broker_connection_retry_on_startup=True,
+        # A worker reconnects to Redis for as long as Redis is away, as its other loops wait for it: after Celery's
+        # default 100 tries (about 46 minutes) the worker exited, with status 0, and took no job again.
+        broker_connection_max_retries=None,
         task_queues=(Queue(INTERACTIVE_QUEUE), Queue(BATCH_QUEUE)),
         task_default_queue=INTERACTIVE_QUEUE,
         worker_hijack_root_logger=False,

@@ -176,6 +176,90 @@ def test_a_worker_with_free_slots_takes_jobs_again_after_a_redis_outage(default_
         redis_server.stop()
 
 
+def test_slots_kept_for_interactive_jobs_stay_kept_after_a_redis_outage(default_model_dir, tmp_path):
+    """With BATCH_RESERVED_SLOTS, a worker running its share of batch jobs stops reading the batch queue. Celery
+    rebuilds its queue consumer when it reconnects after a Redis outage, reading every queue again: the worker
+    took batch jobs into the slots kept for interactive ones, and with a batch backlog never gave them back."""
+    redis_server = RedisServer(data_dir=tmp_path).start()
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "2",
+           "LLAVA_QUEUE_BATCH_RESERVED_SLOTS": "1"}
+    try:
+        with run_stack(redis_server.url, env, log_prefix="llava-queue-reserved-outage-") as stack:
+            ids = [requests.post(f"{stack.base_url}/v1/jobs", json={"messages": STORY, "temperature": 0,
+                                                                    "max_new_tokens": 256, "queue": "batch"},
+                                 timeout=10).json()["id"] for _ in range(4)]
+            until_one_runs_with_text(stack, ids)
+            redis_server.stop()
+            time.sleep(3)
+            redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path).start()
+            peak, deadline = 0, time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    jobs = get_jobs(stack, ids)
+                except (requests.RequestException, KeyError):
+                    continue  # the API still reconnecting
+                peak = max(peak, sum(job.get("status") == "running" for job in jobs))
+                time.sleep(0.1)
+            assert peak == 1, (get_jobs(stack, ids), stack.logs())
+            for job_id in ids:
+                requests.delete(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10)
+    finally:
+        redis_server.stop()
+
+
+# Runs `llava-queue worker` with kombu's waits between reconnection tries cut to 10 ms (2, 4, ... 30 s): only the
+# clock is sped up, the number of tries is the worker's own.
+FAST_RECONNECTS = """
+import runpy, sys
+import kombu.connection
+
+ensure_connection = kombu.connection.Connection._ensure_connection
+
+
+def fast(self, *args, **kwargs):
+    kwargs.update(interval_start=0.01, interval_step=0, interval_max=0.01)
+    return ensure_connection(self, *args, **kwargs)
+
+
+kombu.connection.Connection._ensure_connection = fast
+sys.argv = ["llava-queue", "worker"]
+runpy.run_module("shared.cli", run_name="__main__")
+"""
+
+
+def test_a_worker_outlasts_a_redis_outage_longer_than_celerys_reconnection_tries(default_model_dir, tmp_path):
+    """Celery gives up reconnecting to the broker after broker_connection_max_retries tries (100 by default: about 46
+    minutes of its waits) and the worker exited, with status 0 (so a supervisor restarting on failure left it down),
+    and never took a job again; its other loops, and the API, wait for Redis as long as it takes."""
+    redis_server = RedisServer(data_dir=tmp_path).start()
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "2"}
+
+    def one_job_succeeds(stack, worker) -> None:
+        job = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "Hello", "max_new_tokens": 2}, timeout=10)
+        deadline = time.monotonic() + 120
+        while get_jobs(stack, [job.json()["id"]])[0]["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline and worker.poll() is None, stack.logs()
+            time.sleep(0.5)
+        assert get_jobs(stack, [job.json()["id"]])[0]["status"] == "succeeded"
+
+    try:
+        with run_stack(redis_server.url, env, workers=(), log_prefix="llava-queue-long-outage-") as stack:
+            with open(stack.log_dir / "worker.log", "w") as log:
+                worker = subprocess.Popen([sys.executable, "-c", FAST_RECONNECTS], stdout=log, stderr=subprocess.STDOUT,
+                                          env=dict(os.environ, **env, LLAVA_QUEUE_REDIS_URL=redis_server.url))
+            stack.processes["worker"] = worker
+            wait_for_stack(stack, workers=1)
+            one_job_succeeds(stack, worker)  # its Celery consumer reads the queues
+            redis_server.stop()
+            time.sleep(5)  # past 100 tries at 10 ms
+            redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path).start()
+            assert worker.poll() is None, f"the worker exited ({worker.returncode})\n{stack.logs()}"
+            wait_for_stack(stack, workers=1)  # the API answers again, and the worker has announced itself
+            one_job_succeeds(stack, worker)
+    finally:
+        redis_server.stop()
+
+
 def test_sigterm_during_a_redis_outage_loses_no_job(default_model_dir, tmp_path):
     """A worker told to stop while Redis is away cannot hand its jobs back: they run on and end once Redis is back,
     then it exits; no worker's jobs are delivered again for the heartbeats that lapsed during the outage."""

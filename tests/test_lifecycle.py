@@ -716,6 +716,46 @@ def test_a_sweep_claim_or_delivery_that_fails_is_delivered_again_soon_and_once(c
             proxy.close()
 
 
+def test_the_orphan_sweep_delivers_a_dead_workers_job_when_redis_refuses_info(caplog):
+    # Redis users are often made with "+@all -@dangerous", and INFO is in @dangerous. The sweep read Redis's uptime
+    # with INFO at every round: refused (NOPERM), it took that for an outage, and no dead worker's job was ever
+    # delivered again: it stayed "running" for good.
+    import threading
+    import time
+
+    import redis
+
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+    from workers.main import _sweep_orphans
+
+    settings = Settings(heartbeat_interval_seconds=0.2, heartbeat_ttl_seconds=1, key_prefix="sweep-acl")
+    with RedisServer() as server, celery_on(server.url):
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser("app", enabled=True, passwords=["+secret"], keys=["~*"], channels=["&*"],
+                          commands=["+@all", "-@dangerous"])
+        store = JobStore.from_url(f"redis://app:secret@127.0.0.1:{server.port}/0", prefix="sweep-acl")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            store.redis.info("server")
+        stop = threading.Event()
+        sweep = threading.Thread(target=_sweep_orphans, args=(store, settings, stop), daemon=True)
+        try:
+            job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+            assert store.start(job_id, "dead-worker") == "running"
+            sweep.start()
+            deadline = time.monotonic() + 20
+            while admin.llen("interactive") == 0:
+                assert time.monotonic() < deadline, ("not delivered", caplog.text)
+                time.sleep(0.1)
+            assert store.redis.hget(store.running_key, job_id).startswith("requeued@")
+            assert "the orphan sweep lost Redis" not in caplog.text
+        finally:
+            stop.set()
+            sweep.join(10)
+            store.redis.close()
+            admin.close()
+
+
 def test_a_job_handed_back_too_often_fails_with_a_reason(worker):
     # Hand-backs (a worker told to stop) do not count against max_attempts, so that rolling restarts do not fail a
     # long job. They had no bound at all: a job whose worker was stopped at every start (an eviction, a liveness

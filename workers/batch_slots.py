@@ -11,6 +11,8 @@ throughput when no interactive job comes.
 import logging
 import threading
 
+from celery import bootsteps
+
 log = logging.getLogger("llava_queue.worker")
 
 
@@ -31,8 +33,15 @@ class BatchSlots:
         self._consumer = None
 
     def attach(self, consumer) -> None:
-        """Use the worker's Celery consumer (the `worker_ready` signal's sender)."""
+        """Use the worker's Celery consumer, each time it starts (`consumer_step`).
+
+        Celery builds a new queue consumer, reading every queue, when it reconnects to the broker (after a Redis
+        outage): a pause in force is applied to it at once. Attached once (at `worker_ready`), the worker read the
+        batch queue again while at its limit, filled the slots kept for interactive jobs with batch jobs, and kept
+        refilling them while a batch backlog lasted (the count never fell below the limit to resume and pause again).
+        """
         self._consumer = consumer
+        self._apply()
 
     def received(self, delivery_info: dict | None) -> None:
         """A job arrived (`task_received`, in the consumer's thread): count it if it is a batch job."""
@@ -71,7 +80,8 @@ class BatchSlots:
         task_consumer = self._consumer.task_consumer
         with self._lock:
             paused = self.paused
-        consuming = task_consumer.consuming_from(self.queues[0])
+        # The queues it reads, or will read once it starts consuming (one built anew at a reconnect has not yet).
+        consuming = any(queue.name == self.queues[0] for queue in task_consumer.queues)
         if paused and consuming:
             for queue in self.queues:
                 task_consumer.cancel_by_queue(queue)
@@ -81,3 +91,17 @@ class BatchSlots:
             for queue in self.queues:
                 task_consumer.add_queue(self._consumer.app.amqp.queues[queue])
             task_consumer.consume()
+
+
+def consumer_step(slots: BatchSlots) -> type[bootsteps.StartStopStep]:
+    """A Celery consumer bootstep that attaches `slots` to the consumer each time its queue consumer is built (at
+    start-up and after every reconnect to the broker), before it takes a message. Add it to
+    `app.steps["consumer"]` before the worker starts."""
+
+    class BatchSlotsStep(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def start(self, consumer):
+            slots.attach(consumer)
+
+    return BatchSlotsStep

@@ -165,6 +165,8 @@ class JobRunner:
         self.engine: LLMEngine | None = None
         # Tokens a resumed job had generated before its earlier worker died.
         self._done_before: dict[str, int] = {}
+        # Jobs whose ending `publish` wrote and counted in the metrics (`_finish` writes it again, as a no-op).
+        self._observed: set[str] = set()
         # Jobs this worker runs now, and those it is handing back to the queue as it shuts down.
         self._active: set[str] = set()
         self._handed_back: set[str] = set()
@@ -237,6 +239,7 @@ class JobRunner:
             return "failed"
         finally:
             self._done_before.pop(job_id, None)
+            self._observed.discard(job_id)
             self._held.pop(job_id, None)
             self._active.discard(job_id)
             self._handed_back.discard(job_id)
@@ -256,8 +259,9 @@ class JobRunner:
             return "ended"
         if prepared.params.max_new_tokens < 1:
             # The original answers with this text and error_code 0 when the prompt fills the context.
-            self._record_step([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)],
-                              [Ending(job_id, "succeeded", finish_reason="length")], f"ending job {job_id}")
+            ending = Ending(job_id, "succeeded", finish_reason="length")
+            self._record_step([(job_id, CONTEXT_OVERFLOW_MSG, 0, True)], [ending], f"ending job {job_id}")
+            METRICS.observe_endings([ending])
             return "succeeded"
         text_context = None
         if resumed:
@@ -299,6 +303,7 @@ class JobRunner:
                     self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
+        self._observed.update(ending.job_id for ending in endings)
 
     def _chunk_of(self, out: SeqOutput) -> tuple[str, str, int, bool] | None:
         """The chunk to write for `out`: (job, text, its token count, first token?), or None while its text is held.
@@ -380,18 +385,23 @@ class JobRunner:
             # those tokens, so the record's text gets them first, in the same round trip: written apart, a worker
             # that died between the two left the text written and the job "running", to be run again elsewhere.
             chunks = [(out.request_id, held, out.completion_tokens + done_before, False)] if held else []
-            self._end(ending_of(out, done_before), f"ending job {out.request_id}", chunks)
+            self._end(ending_of(out, done_before), f"ending job {out.request_id}", chunks,
+                      observe=out.request_id not in self._observed)
 
-    def _end(self, ending: Ending, what: str, chunks: list[tuple[str, str, int, bool]] | None = None) -> None:
+    def _end(self, ending: Ending, what: str, chunks: list[tuple[str, str, int, bool]] | None = None,
+             observe: bool = True) -> None:
         """Write a job's ending, after its `chunks` (`record_step`'s) in the same round trip, waiting for Redis while
         it is away; an ending that gives up is kept and written again in the background (`_write_unwritten`) instead
         of lost, which left the job "running" for good (its chunks are not: a client has not seen their text).
+        With `observe`, a written ending is counted in the worker's metrics (a job failed by a bad image was not).
 
         An ending Redis refuses for good (a permission an ACL denies, NOPERM; a record of another type, WRONGTYPE: the
         same write would fail again) is logged, not raised: raised, it escaped `run` and failed the Celery task
         (acknowledged, so never delivered again), and nothing more could be done for the job either way."""
         try:
             self._record_step(chunks or [], [ending], what)
+            if observe:
+                METRICS.observe_endings([ending])
         except RedisError as exc:
             if not redis_answers_later(exc):
                 log.exception("job %s: its ending (%s) cannot be written: Redis refuses it for good (%s: %s); the job "

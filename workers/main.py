@@ -3,6 +3,7 @@
 import base64
 import io
 import logging
+import math
 import os
 import secrets
 import signal
@@ -14,17 +15,17 @@ import torch
 from celery import signals
 from kombu.exceptions import OperationalError
 from PIL import Image
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
-from shared.jobs import Claim, JobStore, WorkerRegistry
+from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
 from shared.logs import bind_job_ids_to_celery_tasks
 from shared.protocol import IMAGE_TOKEN, GenerateRequest
 from shared.settings import Settings
 from workers import tasks
-from workers.batch_slots import BatchSlots
+from workers.batch_slots import BatchSlots, consumer_step
 from workers.builder import LoadedModel, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
@@ -74,7 +75,7 @@ def run_worker(settings: Settings) -> None:
     if settings.reserved_slots > 0:
         batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots,
                                  (task_queue(BATCH_QUEUE, loaded.name), BATCH_QUEUE))
-        signals.worker_ready.connect(lambda sender, **_: batch_slots.attach(sender), weak=False)
+        celery_app.steps["consumer"].add(consumer_step(batch_slots))
         signals.task_received.connect(lambda request, **_: batch_slots.received(request.delivery_info), weak=False)
         signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
     tasks.install(runner)
@@ -311,6 +312,7 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
     wait = settings.heartbeat_ttl_seconds + settings.heartbeat_interval_seconds
     judge_after = 0.0
     outage = _RedisOutage("the orphan sweep")
+    refusals: set[str] = set()
     undelivered: dict[str, Claim] = {}
     while not stop.wait(settings.heartbeat_interval_seconds):
         try:
@@ -322,7 +324,7 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
                 continue
             for job_id in store.expire_overdue():
                 log.info("job %s expired: still queued past its deadline", job_id)
-            if time.monotonic() < judge_after or store.redis.info("server")["uptime_in_seconds"] < wait:
+            if time.monotonic() < judge_after or _redis_uptime(store, refusals) < wait:
                 continue
             for claim in store.orphans(requeue_after):
                 undelivered.setdefault(claim.job_id, claim)
@@ -332,6 +334,23 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
             outage.failed(exc)
         except Exception:
             log.exception("the orphan sweep failed; trying again")
+
+
+def _redis_uptime(store: JobStore, refusals: set[str]) -> float:
+    """Seconds since Redis started (INFO); infinite when Redis refuses INFO for good (an ACL user without @dangerous,
+    the category INFO is in, or a server without the command), logged once per reason in `refusals`: the sweep then
+    judges only by the outages it saw itself. The refusal raised at every round, taken for an outage, and the jobs of
+    a dead worker stayed `running` for good."""
+    try:
+        return store.redis.info("server")["uptime_in_seconds"]
+    except ResponseError as exc:
+        if answers_later(exc):
+            raise
+        if str(exc) not in refusals:
+            refusals.add(str(exc))
+            log.warning("the orphan sweep cannot read Redis's uptime (%s: %s): a Redis restarted since its last sweep "
+                        "is not waited out", type(exc).__name__, exc)
+        return math.inf
 
 
 def _deliver_claimed(store: JobStore, claims: dict[str, Claim], requeue_after: float) -> None:

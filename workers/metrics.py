@@ -116,6 +116,14 @@ class WorkerMetrics:
         size = self.engine.stats()["num_running"] + sum(1 for out in outputs if out.finished)
         if size:
             self.batch_size.labels(self.model).observe(size)
+        self.observe_endings(endings)
+
+    def observe_endings(self, endings: list) -> None:
+        """Count the jobs this worker ended, by final status, and queue them for the observer thread (latencies,
+        conversation log): those that left the engine (`observe_step`) and those ended before they reached it (a bad
+        image, a prompt that fills the context, a job cancelled or expired while queued)."""
+        if self.engine is None:
+            return
         for ending in endings:
             self.jobs.labels(self.model, ending.status).inc()
             self._ended.put(ending.job_id)
