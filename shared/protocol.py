@@ -99,7 +99,7 @@ class Message(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """The original `/worker_generate_stream` payload, plus `messages` and `seed`.
+    """The original `/worker_generate_stream` payload, plus `messages`, `seed` and `top_k`.
 
     Exactly one of `prompt` (already rendered, may hold `<image>`) or `messages` is given.
     Unknown fields are ignored, as the original worker ignores them. Values the original serves are
@@ -118,6 +118,9 @@ class GenerateRequest(BaseModel):
     stop: str | list[str] | None = None
     images: list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
+    # When sampling, keep the k most likely tokens (0: every token). None: as the original worker's `generate` does,
+    # which does not pass it, so the checkpoint's generation config decides (transformers' 50 when it says nothing).
+    top_k: int | None = Field(None, ge=0)
     # How the worker prepares each image before the model's own processing: the original web
     # page's modes ("Default" and "Crop" leave it as sent). None: as sent, as the original worker.
     image_process_mode: Literal["Crop", "Resize", "Pad", "Default"] | None = None

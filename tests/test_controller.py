@@ -163,7 +163,8 @@ def test_the_original_test_message_script_streams_an_answer(stack, llava_dir):
     job = find_job(stack, marker)
     # Its exact request: no top_p, no images, temperature 0.7, stop = the template's separator " ".
     assert job["status"] == "succeeded", job
-    assert job["params"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 12, "stop": " ", "seed": None}
+    assert job["params"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 12, "stop": " ", "seed": None,
+                             "top_k": None}
     assert job["prompt"].endswith(f"USER: Say hello to {marker}. ")
     # That stop ends the answer at its first space, as in the original: a word at most (sampled).
     assert " " not in job["text"]
@@ -195,7 +196,8 @@ def test_the_original_web_server_chats_with_an_image(stack, llava_dir, tmp_path)
     assert served["prompt"] == job["prompt"] + " " + answer + "</s>"
     assert answer == job["text"].strip()
     # The web server's own request: its sliders' values and the template's stop.
-    assert job["params"] == {"temperature": 0.2, "top_p": 0.7, "max_new_tokens": 16, "stop": "</s>", "seed": None}
+    assert job["params"] == {"temperature": 0.2, "top_p": 0.7, "max_new_tokens": 16, "stop": "</s>", "seed": None,
+                             "top_k": None}
     # A model no worker serves: the original's "no worker" answer, with no request sent.
     assert missing["shown"] == [SERVER_ERROR_MSG]
     log = [json.loads(line) for line in next(tmp_path.glob("*-conv.json")).read_text().splitlines()]

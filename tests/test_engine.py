@@ -491,6 +491,33 @@ def test_sample_function_greedy_top_p_and_seeds():
         assert torch.equal(argmax(x), x.argmax(dim=-1))
 
 
+def test_top_k_keeps_each_rows_k_most_likely_tokens_as_transformers_does():
+    # The original worker samples with `generate`'s top-k (the checkpoint's, else 50); the engine sampled from every
+    # token. Each row's mask is transformers' TopKLogitsWarper's, ties with the k-th logit kept.
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from workers.engine.sampling import _top_k_filter
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300).round(decimals=1)  # rounded: ties at the k-th logit
+    for ks in ([3, 0, 1, 50], [5, 5, 5, 5], [300, 400, 2, 7]):
+        filtered = _top_k_filter(logits, ks)
+        for row, k in enumerate(ks):
+            expected = logits[row:row + 1] if k == 0 else TopKLogitsWarper(k)(None, logits[row:row + 1].clone())
+            assert torch.equal(filtered[row:row + 1], expected), (ks, row)
+    hot = [100.0] * 4  # nearly uniform: only the top-k limits what is drawn
+    drawn = [sample(logits, hot, [1.0] * 4, None, [3, 0, 1, 50]).tolist() for _ in range(300)]
+
+    def kept(row: int, k: int) -> set[int]:
+        return set(torch.nonzero(logits[row] >= logits[row].topk(k).values[-1]).flatten().tolist())
+
+    assert {tokens[0] for tokens in drawn} == kept(0, 3)
+    assert len({tokens[1] for tokens in drawn}) > 50
+    assert {tokens[2] for tokens in drawn} == kept(2, 1)
+    assert {tokens[3] for tokens in drawn} <= kept(3, 50)
+    assert torch.equal(sample(logits, [0.0] * 4, [1.0] * 4, None, [3, 0, 1, 50]), argmax(logits))  # greedy rows
+
+
 def test_seeded_sampling_is_reproducible_across_batch_mates(tiny_model, tokenizer):
     prompt = random_prompt(9, seed=400)
     seeded = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=1234)

@@ -130,6 +130,21 @@ def test_tokenization_is_the_originals_chunked_one(original):
     assert tokenize_with_images("A<image>B", plain) == plain("A").input_ids + [IMAGE_TOKEN_INDEX] + plain("B").input_ids
 
 
+def test_sampling_takes_the_checkpoints_top_k_unless_the_request_gives_one(original):
+    # The original worker calls `generate` without top_k, so it samples from the checkpoint's generation config's top
+    # k, or transformers' 50; the engine sampled from every token. A request's own top_k (OpenAI's: 0) decides.
+    config = original.model.generation_config
+    assert config.top_k is None  # the tiny checkpoint says nothing: transformers' default
+    sampled = GenerateRequest(prompt="USER: Hi. ASSISTANT:", temperature=0.9)
+    assert prepare(sampled, original, 1024).params.top_k == 50
+    try:
+        config.top_k = 7
+        assert prepare(sampled, original, 1024).params.top_k == 7
+        assert prepare(sampled.model_copy(update={"top_k": 0}), original, 1024).params.top_k == 0
+    finally:
+        config.top_k = None
+
+
 def test_prompt_positions_and_embeddings(original, wide_image):
     request = GenerateRequest(prompt="USER: <image><image> Compare. ASSISTANT:", images=[wide_image, png_b64(30, 30)],
                               temperature=0)

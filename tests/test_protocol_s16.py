@@ -42,7 +42,7 @@ def test_a_job_recorded_under_larger_image_limits_stays_readable():
             job = response.json()
             assert job["status"] == "queued"
             assert job["params"] == {"temperature": 0.2, "top_p": 0.7, "max_new_tokens": 1024, "stop": "</s>",
-                                     "seed": None}
+                                     "seed": None, "top_k": None}
             # The new limit holds for new jobs.
             refused = requests.post(f"{api.base_url}/v1/jobs", timeout=10, json={
                 "prompt": "USER: <image>\nWhat is it? ASSISTANT:", "images": [image]})

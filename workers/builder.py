@@ -63,6 +63,13 @@ class LoadedModel:
     dtype: torch.dtype
     vision: LlavaVision | None = None
 
+    @property
+    def default_top_k(self) -> int:
+        """The top-k the original worker samples with, not passing one to `generate`: the checkpoint's generation
+        config's, else transformers' default, 50 (0: none)."""
+        top_k = getattr(getattr(self.model, "generation_config", None), "top_k", None)
+        return 50 if top_k is None else int(top_k)
+
 
 def serving_engine(loaded: LoadedModel, settings: Settings, *, max_num_seqs: int | None = None,
                    on_step=None, cpus: frozenset[int] | None = None) -> LLMEngine:

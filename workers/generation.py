@@ -140,6 +140,7 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
         embed_tokens = loaded.model.get_input_embeddings()
         prompt_embeds = in_passing_thread(lambda: embed_prompt(ids, vision.encode(pixel_values), embed_tokens))
     params = SamplingParams(temperature=request.temperature, top_p=request.top_p,
+                            top_k=loaded.default_top_k if request.top_k is None else request.top_k,
                             max_new_tokens=max_new_tokens, stop=stop or None, seed=request.seed)
     return Prepared(prompt, token_ids, params, prompt_embeds, embed_tokens)
 

@@ -38,6 +38,7 @@ class Params(BaseModel):
     max_new_tokens: int
     stop: str | list[str] | None = None
     seed: int | None = None
+    top_k: int | None = None
 
 
 class JobView(BaseModel):

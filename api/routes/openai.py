@@ -279,6 +279,8 @@ def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
         "max_new_tokens": body.max_completion_tokens or body.max_tokens or MAX_NEW_TOKENS_CAP,
         "stop": body.stop,
         "seed": None if body.seed is None else body.seed % 2**63,
+        # OpenAI has no top-k, and vLLM applies none unless asked: not the checkpoint's default the LLaVA payload gets.
+        "top_k": 0,
     }
     if body.temperature is not None:
         fields["temperature"] = body.temperature

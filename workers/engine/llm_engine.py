@@ -452,7 +452,8 @@ class LLMEngine:
             generators = None
         temperature = [seq.params.temperature for seq in seqs]
         top_p = [seq.params.top_p for seq in seqs]
-        return sample(logits, temperature, top_p, generators).tolist()
+        top_k = [seq.params.top_k for seq in seqs]
+        return sample(logits, temperature, top_p, generators, top_k).tolist()
 
     def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
         for seq, token in zip(seqs, tokens):

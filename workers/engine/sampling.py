@@ -16,14 +16,17 @@ def sample(
     temperature: Sequence[float],
     top_p: Sequence[float],
     generators: list[torch.Generator | None] | None = None,
+    top_k: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Pick the next token of every row.
 
-    logits [B, V] (any float dtype); temperature and top_p one number per
-    row, as the requests give them; generators a per-row list (None entries
-    draw from the global RNG) or None. Rows with temperature <= 0.001 take
-    the argmax. Returns token ids [B] (int64). A row with its own generator
-    draws only from it, so its tokens do not depend on its batch-mates.
+    logits [B, V] (any float dtype); temperature, top_p and top_k one number
+    per row, as the requests give them (top_k 0, or None for every row, keeps
+    every token); generators a per-row list (None entries draw from the global
+    RNG) or None. Rows with temperature <= 0.001 take the argmax. Sampled rows
+    are filtered as transformers' `generate` filters them: temperature, then
+    top-k, then top-p. Returns token ids [B] (int64). A row with its own
+    generator draws only from it, so its tokens do not depend on its batch-mates.
     """
     logits = logits.float()
     greedy_tokens = argmax(logits)
@@ -35,6 +38,8 @@ def sample(
     greedy = torch.tensor(is_greedy, device=device)
     divisors = [1.0 if row_greedy else t for row_greedy, t in zip(is_greedy, temperature)]
     scaled = logits / torch.tensor(divisors, dtype=torch.float32, device=device).unsqueeze(-1)
+    if top_k is not None and any(k > 0 for k in top_k):
+        scaled = _top_k_filter(scaled, top_k)
     if any(p < 1.0 for p in top_p):
         scaled = _top_p_filter(scaled, torch.tensor(top_p, dtype=torch.float32, device=device))
     probs = torch.softmax(scaled, dim=-1)
@@ -57,6 +62,16 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     blocks = x.view(rows, width // ARGMAX_BLOCK, ARGMAX_BLOCK)
     block = blocks.amax(dim=-1).argmax(dim=-1)
     return block * ARGMAX_BLOCK + blocks[torch.arange(rows, device=x.device), block].argmax(dim=-1)
+
+
+def _top_k_filter(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
+    """Mask to -inf every token below each row's k-th largest logit (HF TopKLogitsWarper: ties with it stay);
+    a row whose k is 0 keeps every token."""
+    width = logits.shape[-1]
+    ks = [min(k, width) if k > 0 else width for k in top_k]
+    kth = torch.topk(logits, max(ks), dim=-1).values
+    threshold = kth.gather(1, torch.tensor(ks, device=logits.device).unsqueeze(-1) - 1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
