@@ -3,6 +3,7 @@ have become since, and checking a request's images does not hold up the API's ot
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -73,3 +74,46 @@ def test_checking_a_slow_image_on_the_worker_stream_does_not_stop_the_api():
         assert answered["stream"].status_code == 422 and b"image 1" in answered["stream"].content
         # The other request was answered while the image was still being checked, not once it was done.
         assert models_at < answered["stream_at"] - 0.5, (answered["stream_at"] - models_at)
+
+
+def test_checking_a_slow_image_of_a_chat_completion_or_a_websocket_job_does_not_stop_the_api():
+    # The same for `POST /v1/chat/completions` (its images are checked as it becomes a job request) and for the first
+    # message of `WS /v1/ws`: both were checked on the event loop.
+    import asyncio
+
+    import websockets
+
+    slow = jpeg_with_markers(400_000)
+    with RedisServer() as server, run_stack(server.url, {}, workers=(), log_prefix="llava-queue-slow-image-") as api:
+        async def over_websocket() -> str:
+            async with websockets.connect(f"{api.ws_url}/v1/ws", max_size=None) as socket:
+                await socket.send(json.dumps({"prompt": "USER: <image> <image> hi ASSISTANT:",
+                                              "images": [slow, "bm90IGFuIGltYWdl"]}))
+                return await socket.recv()
+
+        submissions = {  # each answered with the second image's error, once the first is checked
+            "chat": lambda: requests.post(f"{api.base_url}/v1/chat/completions", timeout=120, json={
+                "model": "m", "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{slow}"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
+                    {"type": "text", "text": "hi"}]}]}),
+            "websocket": lambda: asyncio.run(over_websocket())}
+        for name, submit in submissions.items():
+            answered = {}
+
+            def send():
+                answered["answer"] = submit()
+                answered["at"] = time.monotonic()
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            time.sleep(0.5)  # the request is in, its first image being checked
+            models = requests.post(f"{api.base_url}/list_models", timeout=120)
+            models_at = time.monotonic()
+            sender.join(120)
+            assert models.status_code == 200, name
+            answer = answered["answer"]
+            text = answer if isinstance(answer, str) else answer.text
+            refused = "content[1]" in text and answer.status_code == 400 if name == "chat" else "image 1" in text
+            assert refused, (name, text)
+            assert models_at < answered["at"] - 0.5, (name, answered["at"] - models_at)

@@ -495,7 +495,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                                  hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey):
     """OpenAI's chat completion, as a job: `id` is `chatcmpl-<job id>` (poll `GET /v1/jobs/<job id>`)."""
     check_supported(body)
-    job_request = to_generate_request(body)
+    # On a thread: checking the images (base64 decoded, opened by PIL) takes a while, seconds for a crafted file,
+    # during which the event loop would serve no other request or stream.
+    job_request = await asyncio.to_thread(to_generate_request, body)
     await require_served(registry, body.model)
     job_id = await asyncio.to_thread(submitter.submit_one, job_request, "interactive", api_key)
     completion = Completion(store, hub, job_id, body.model, body.keep_on_disconnect)

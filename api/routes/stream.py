@@ -168,8 +168,10 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
     if first["type"] == "websocket.disconnect":
         return
     try:
-        # A binary frame holds the request's JSON too, as a POST body does.
-        request = parse_request(first["text"] if first.get("text") is not None else first["bytes"], JobRequest)
+        # A binary frame holds the request's JSON too, as a POST body does. Checked on a thread: its images take a
+        # while (seconds for a crafted file), during which the event loop would serve no other request or stream.
+        request = await asyncio.to_thread(parse_request, first["text"] if first.get("text") is not None
+                                          else first["bytes"], JobRequest)
         job_id = await asyncio.to_thread(submitter.submit_one, request, request.queue, api_key)
     except InvalidRequest as exc:
         await _reject(websocket, exc.message, ErrorCode.INVALID_REQUEST)
