@@ -795,6 +795,10 @@ class JobStore:
         raw = self.redis.hget(self.key(job_id), "request")
         return None if raw is None else GenerateRequest.model_validate_json(raw)
 
+    def queue_of(self, job_id: str) -> str | None:
+        """The queue a job was submitted to (None for an unknown job)."""
+        return self.redis.hget(self.key(job_id), "queue")
+
     def queue_position(self, job_id: str, queue: str) -> int | None:
         """How many queued jobs will be taken before this one (0: it is next).
 

@@ -518,6 +518,28 @@ def test_top_k_keeps_each_rows_k_most_likely_tokens_as_transformers_does():
     assert torch.equal(sample(logits, [0.0] * 4, [1.0] * 4, None, [3, 0, 1, 50]), argmax(logits))  # greedy rows
 
 
+def test_waiting_requests_are_admitted_by_priority_then_arrival(tiny_model, tokenizer):
+    # The worker gives interactive jobs priority 0 and batch jobs 1: an interactive job that reaches an engine where
+    # batch jobs wait (its budgets full) goes before them; within one priority, first come, first served.
+    engine, _ = make_engine(tiny_model, tokenizer, max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+    first = engine.add_request("first", random_prompt(5, seed=1950), params, priority=1)
+    engine.step()
+    order = ["b1", "b2", "i1", "b3", "i2"]
+    handles = {name: engine.add_request(name, random_prompt(4, seed=1951 + index), params,
+                                        priority=0 if name.startswith("i") else 1)
+               for index, name in enumerate(order)}
+    ended = []
+    for _ in range(100):
+        engine.step()
+        ended += [name for name, handle in handles.items() if handle.done.is_set() and name not in ended]
+        if len(ended) == len(order):
+            break
+    assert first.done.is_set() and ended == ["i1", "i2", "b1", "b2", "b3"]
+    refused = engine.add_request("odd", random_prompt(4, seed=1960), params, priority="high")
+    assert refused.done.is_set() and "priority must be an int" in refused.wait(0).error
+
+
 def test_seeded_sampling_is_reproducible_across_batch_mates(tiny_model, tokenizer):
     prompt = random_prompt(9, seed=400)
     seeded = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=1234)

@@ -66,3 +66,61 @@ def test_jobs_a_worker_fails_before_they_reach_the_engine_are_in_its_metrics_and
     finally:
         engine.shutdown()
         store.redis.close()
+
+
+def test_an_interactive_job_waiting_in_the_engine_goes_before_the_batch_jobs_there(redis_server, tiny_llava):
+    # A worker takes a job for each free engine slot (MAX_NUM_SEQS task threads), but its engine admits only what its
+    # budgets hold: the rest wait in the engine. They waited first come, first served, so an interactive job taken
+    # then came after every batch job already waiting there. Here the engine holds one job at a time, and its step
+    # hook is held while two batch jobs and then an interactive one reach it.
+    import threading
+
+    from workers.engine import LLMEngine
+    from workers.generation import JobRunner
+
+    store = JobStore.from_url(redis_server.url, prefix=f"llq-s16-{uuid.uuid4().hex[:8]}")
+    runner = JobRunner(store, tiny_llava, "w1")
+    gate = threading.Event()
+    gate.set()
+
+    def publish(outputs):
+        gate.wait(60)
+        runner.publish(outputs)
+
+    engine = LLMEngine(tiny_llava.model, tiny_llava.tokenizer, max_num_seqs=1, max_model_len=tiny_llava.context_len,
+                       on_step=publish)
+    runner.attach(engine)
+    engine.start()
+    threads = []
+
+    def run(queue: str, tokens: int) -> str:
+        job_id, _ = store.create(GenerateRequest(prompt="USER: Count. ASSISTANT:", temperature=0,
+                                                 max_new_tokens=tokens), queue)
+        threads.append(threading.Thread(target=runner.run, args=(job_id,)))
+        threads[-1].start()
+        return job_id
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    try:
+        running = run("batch", 64)
+        until(lambda: store.get(running)["completion_tokens"] >= 1, "the first batch job never ran")
+        gate.clear()
+        later = [run("batch", 2), run("batch", 2), run("interactive", 2)]
+        until(lambda: all(store.get(job_id)["prompt"] for job_id in later), "the jobs never reached the engine")
+        time.sleep(0.3)  # from its prompt written to the engine's inbox
+        assert store.get(running)["status"] == "running"
+        gate.set()
+        for thread in threads:
+            thread.join(120)
+        finished = {job_id: store.get(job_id)["finished_at"] for job_id in (running, *later)}
+        assert all(store.get(job_id)["status"] == "succeeded" for job_id in finished)
+        interactive = later[-1]
+        assert finished[interactive] < min(finished[job_id] for job_id in later[:2]), finished
+    finally:
+        gate.set()
+        engine.shutdown()

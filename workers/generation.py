@@ -18,7 +18,7 @@ import torch
 from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import CANCELLED_ERROR, Ending, JobStore, answers_later
+from shared.jobs import CANCELLED_ERROR, QUEUES, Ending, JobStore, answers_later
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -248,7 +248,8 @@ class JobRunner:
     def _generate(self, job_id: str, resumed: bool) -> str:
         # Its reads and writes wait for Redis too: one that raised failed the job for an outage of a few seconds.
         try:
-            request = self._when_redis_answers(lambda: self.store.request_of(job_id), f"reading job {job_id}")
+            request, queue = self._when_redis_answers(lambda: (self.store.request_of(job_id),
+                                                               self.store.queue_of(job_id)), f"reading job {job_id}")
             prepared = prepare(request, self.loaded, self.max_new_tokens_cap)
         except ValueError as exc:
             self._end(Ending(job_id, "failed", str(exc), ErrorCode.INVALID_REQUEST, "error"), f"failing job {job_id}")
@@ -280,8 +281,11 @@ class JobRunner:
             if prepared.params.max_new_tokens < 1:
                 self._end(Ending(job_id, "succeeded", finish_reason="length"), f"ending job {job_id}")
                 return "succeeded"
+        # Interactive jobs first, in the engine too: those it holds beyond what its budgets admit wait there.
+        priority = QUEUES.index(queue) if queue in QUEUES else 0
         handle = self.engine.add_request(job_id, prepared.text_token_ids, prepared.params,
-                                         prompt_embeds=prepared.engine_prompt_embeds(), text_context=text_context)
+                                         prompt_embeds=prepared.engine_prompt_embeds(), text_context=text_context,
+                                         priority=priority)
         output = handle.wait()
         # publish() has normally finished the record already; this covers an engine that ended the
         # request without an output step (for example at shutdown). It is a no-op otherwise.

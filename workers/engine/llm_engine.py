@@ -167,6 +167,7 @@ class LLMEngine:
         *,
         prompt_embeds: torch.Tensor | None = None,
         text_context: list[int] | None = None,
+        priority: int = 0,
     ) -> RequestHandle:
         """Queue a request; returns its handle at once (thread-safe).
 
@@ -174,10 +175,12 @@ class LLMEngine:
         the ids (the vision path); the ids are then not read (the text is that
         of the generated ids alone) and may be empty. text_context: ids of
         text the output goes on from (a resumed job's), decoded with its first
-        tokens so their leading space is as in a whole decode. Bad input
-        finishes the request with an error, it never raises here.
+        tokens so their leading space is as in a whole decode. priority: waiting
+        requests are admitted lowest first, in arrival order within one (the
+        worker gives interactive jobs 0, batch jobs 1). Bad input finishes the
+        request with an error, it never raises here.
         """
-        seq, error = _new_sequence(request_id, prompt_token_ids, params, prompt_embeds, text_context)
+        seq, error = _new_sequence(request_id, prompt_token_ids, params, prompt_embeds, text_context, priority)
         handle = RequestHandle(request_id)
         if error is None:
             with self._wakeup:
@@ -563,6 +566,7 @@ def _new_sequence(
     params: object,
     prompt_embeds: object,
     text_context: object,
+    priority: object = 0,
 ) -> tuple[Sequence, str | None]:
     """add_request's arguments as a new Sequence, and why their form keeps it out of the engine (None: it may enter;
     the engine checks the values as it takes it). What is refused is left out of the sequence, so that reporting the
@@ -581,11 +585,15 @@ def _new_sequence(
     if prompt_embeds is not None and not isinstance(prompt_embeds, torch.Tensor):
         embeds_error = f"prompt_embeds must be a torch.Tensor, got {type(prompt_embeds).__name__}"
         prompt_embeds = None
+    priority_error = None
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        priority_error, priority = f"priority must be an int, got {type(priority).__name__}", 0
     seq = Sequence(request_id, prompt_ids, params, params.max_new_tokens, prompt_embeds=prompt_embeds,
-                   text_context=context_ids)
+                   text_context=context_ids, priority=priority)
     # An id that is not a string never enters the engine: it keys its requests by id, and in its step an unhashable
     # one would fail every running request.
-    error = _request_id_error(request_id) or params_error or prompt_error or embeds_error or context_error
+    error = (_request_id_error(request_id) or params_error or prompt_error or embeds_error or context_error
+             or priority_error)
     return seq, error
 
 

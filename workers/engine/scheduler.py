@@ -1,4 +1,5 @@
-"""Who runs next: admit waiting sequences first come, first served, while the batch budgets allow."""
+"""Who runs next: admit waiting sequences by priority, first come, first served within one, while the batch budgets
+allow."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> bool:
         """Queue a new sequence. One that could never fit the token budget is finished with an error instead.
 
-        Returns True when queued, False when finished at once.
+        Returns True when queued, False when finished at once. It waits behind every sequence of its priority or a
+        lower one, ahead of those of a higher one: an interactive job that a worker takes while batch jobs wait in
+        its engine (more taken than its token budget admits) was admitted after all of them.
         """
         if seq.max_kv_tokens > self.max_batch_tokens:
             seq.finish(
@@ -62,11 +65,13 @@ class Scheduler:
                 "shorten the prompt or lower max_new_tokens",
             )
             return False
-        self.waiting.append(seq)
+        ahead = next((index for index, waiting in enumerate(self.waiting) if waiting.priority > seq.priority),
+                     len(self.waiting))
+        self.waiting.insert(ahead, seq)
         return True
 
     def admit(self) -> list[Sequence]:
-        """Move waiting sequences to running, in arrival order, while the budgets allow. Returns the admitted
+        """Move waiting sequences to running, in their order (`add`), while the budgets allow. Returns the admitted
         (one prefill group)."""
         admitted = []
         width = 0

@@ -69,6 +69,8 @@ class Sequence:
     prompt_embeds: torch.Tensor | None = None
     # Ids of text the output goes on from (a resumed job's text so far): the detokenizer's context, not the prompt.
     text_context: list[int] = field(default_factory=list)
+    # Waiting sequences are admitted lowest first (the scheduler's order), in arrival order within one.
+    priority: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()
