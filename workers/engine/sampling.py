@@ -67,10 +67,13 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 def _top_k_filter(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     """Mask to -inf every token below each row's k-th largest logit (HF TopKLogitsWarper: ties with it stay);
     a row whose k is 0 keeps every token."""
-    width = logits.shape[-1]
-    ks = [min(k, width) if k > 0 else width for k in top_k]
+    # One topk as wide as the largest k asked for: a row with k 0 takes no part (counted as the whole vocabulary, it
+    # sorted every row's whole vocabulary at every step of a batch where one request has no top-k).
+    ks = [min(k, logits.shape[-1]) for k in top_k]
     kth = torch.topk(logits, max(ks), dim=-1).values
-    threshold = kth.gather(1, torch.tensor(ks, device=logits.device).unsqueeze(-1) - 1)
+    rows = torch.tensor([max(k, 1) for k in ks], device=logits.device).unsqueeze(-1)
+    threshold = kth.gather(1, rows - 1).masked_fill(torch.tensor(ks, device=logits.device).unsqueeze(-1) == 0,
+                                                     float("-inf"))
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
