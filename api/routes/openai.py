@@ -86,8 +86,9 @@ router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
 class ChatMessage(BaseModel):
-    """One message. `content` is a string or a list of parts: `{"type": "text", "text"}` and
-    `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (user messages only)."""
+    """One message. `content` is a string or a list of parts: `{"type": "text", "text"}`,
+    `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (user messages only) and
+    `{"type": "refusal", "refusal"}` (assistant messages only)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -185,7 +186,9 @@ _UNSUPPORTED = {
     "tools": (lambda value: bool(value), "function calling is not supported"),
     "functions": (lambda value: bool(value), "function calling is not supported"),
     "logprobs": (lambda value: bool(value), "logprobs are not supported"),
-    "top_logprobs": (lambda value: value is not None, "logprobs are not supported"),
+    # 0, OpenAI's least (and vLLM's, with or without logprobs), asks for none; any other value asks for some.
+    "top_logprobs": (lambda value: value is not None and (isinstance(value, bool) or value != 0),
+                     "logprobs are not supported"),
     "logit_bias": (lambda value: bool(value), "logit_bias is not supported"),
     "frequency_penalty": (lambda value: bool(value), "penalties are not supported (send 0 or leave it out)"),
     "presence_penalty": (lambda value: bool(value), "penalties are not supported (send 0 or leave it out)"),
@@ -228,6 +231,29 @@ def check_supported(body: ChatCompletionRequest) -> None:
         refused = _UNSUPPORTED.get(name)
         if refused and refused[0](value):
             raise ApiError(400, f"{name}: {refused[1]}", param=name)
+    check_tool_choice(body.model_extra or {})
+
+
+# The values each field choosing a tool takes (OpenAI's tool_choice, and its older function_call) besides a named
+# function, and the field of the tools it chooses among.
+_TOOL_CHOICES = {"tool_choice": ("tools", ("none", "auto", "required")),
+                 "function_call": ("functions", ("none", "auto"))}
+
+
+def check_tool_choice(extra: dict[str, Any]) -> None:
+    """Refuse (400, as OpenAI) a tool choice that asks for a tool call ("required", a named function) with no
+    tools: ignored, it would answer text to a client that waits for a call. "none" and "auto" call no tool
+    without tools (with tools, the request is refused before), so they leave the answer as it is."""
+    for name, (tools, choices) in _TOOL_CHOICES.items():
+        value = extra.get(name)
+        if value is None or value in ("none", "auto"):
+            continue
+        if not isinstance(value, dict) and value not in choices:
+            named = ", ".join(repr(choice) for choice in choices)
+            raise ApiError(400, f"{name}: must be {named} or a named function, got {value!r}", param=name)
+        if not extra.get(tools):
+            raise ApiError(400, f"{name}: {name} is only allowed when {tools} are specified "
+                                "(and function calling is not supported)", param=name)
 
 
 def image_from_url(url: str, param: str) -> str:
@@ -256,6 +282,13 @@ def to_turn(index: int, message: ChatMessage) -> dict:
         kind = part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "refusal":
+            # OpenAI's assistant content may hold the refusals the model answered: the turn says them as text.
+            if role != "assistant":
+                raise ApiError(400, f"{param}: refusal parts are only accepted in assistant messages", param=param)
+            if not isinstance(part.get("refusal"), str):
+                raise ApiError(400, f"{param}: a refusal part needs a string 'refusal'", param=param)
+            texts.append(part["refusal"])
         elif kind == "image_url":
             if role != "user":
                 raise ApiError(400, f"{param}: images are only accepted in user messages", param=param)
