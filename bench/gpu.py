@@ -76,6 +76,8 @@ from workers.generation import Prepared, prepare
 log = logging.getLogger("bench.gpu")
 
 WARMUP_TOKENS = 8
+# The engine's forward in every run here, as the worker's setting names it (auto: the engine's own on a GPU).
+ENGINE_FORWARD = os.environ.get("LLAVA_QUEUE_ENGINE_FORWARD", "auto")
 SMOL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "chat_template.jinja", "special_tokens_map.json")
 
@@ -91,7 +93,8 @@ def device_info(device: torch.device) -> list[str]:
     import transformers
 
     lines = [f"- torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPU cores"]
+             f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPU cores; engine forward {ENGINE_FORWARD} "
+             "(LLAVA_QUEUE_ENGINE_FORWARD)"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         lines.insert(0, f"- device {props.name}, {props.total_memory / 2**30:.1f} GiB, "
@@ -186,7 +189,7 @@ def greedy_parity(loaded: LoadedModel, prompts: list[Prompt], new_tokens: int, l
     """Token-for-token comparison; where they part, the reference's top-1 minus top-2 logit at that step."""
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=len(prompts),
                        max_batch_tokens=len(prompts) * max(len(p.token_ids) + new_tokens for p in prompts),
-                       max_model_len=loaded.context_len)
+                       max_model_len=loaded.context_len, forward=ENGINE_FORWARD)
     handles = [engine.add_request(f"p{i}", p.token_ids, greedy(new_tokens)) for i, p in enumerate(prompts)]
     while not all(h.done.is_set() for h in handles):
         engine.step()
@@ -508,7 +511,7 @@ def llava_engine_run(loaded: LoadedModel, prepared: list[Prepared], batch: int, 
     budget = len(prepared) * max(len(p.token_ids) + new for p in prepared)  # the left-padded batch's KV positions
     recorder = StepRecorder()
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=batch, max_batch_tokens=max(budget, CONTEXT),
-                       max_model_len=loaded.context_len, on_step=recorder)
+                       max_model_len=loaded.context_len, on_step=recorder, forward=ENGINE_FORWARD)
     warnings = PrefillFallbacks()
     logging.getLogger("llava_queue.engine").addHandler(warnings)
     try:
@@ -642,11 +645,12 @@ def run_llava(args) -> None:
 def run_stack(paths: LlavaPaths, args) -> None:
     """Redis, a worker process and the API on the checkpoint; N image jobs over POST /v1/jobs + WebSocket."""
     from bench.e2e import Stack
+    from shared.cpus import split_cpus
 
     os.environ["LLAVA_QUEUE_VISION_TOWER"] = str(paths.clip)
     os.environ.setdefault("LLAVA_QUEUE_DEVICE", args.device)
     started = time.monotonic()
-    with Stack(paths.checkpoint, max_num_seqs=max(args.stack_jobs, 1)) as stack:
+    with Stack(paths.checkpoint, max_num_seqs=max(args.stack_jobs, 1), split=split_cpus("")) as stack:
         up_seconds = time.monotonic() - started
         print(f"\nstack up in {up_seconds:.0f} s (logs in {stack.log_dir}); {args.stack_jobs} image jobs ...",
               flush=True)
@@ -728,7 +732,7 @@ def run_profile(args) -> None:
                 torch.cuda.empty_cache()
             before = allocated()
             engine = LLMEngine(model, tokenizer, max_num_seqs=batch, max_batch_tokens=batch * (length + args.steps + 1),
-                               max_model_len=CONTEXT)
+                               max_model_len=CONTEXT, forward=ENGINE_FORWARD)
             for round_ in ("first", "repeat"):
                 handles = [engine.add_request(f"{round_}{i}", prompts[i], greedy(args.steps + 1))
                            for i in range(batch)]

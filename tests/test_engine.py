@@ -136,14 +136,33 @@ def tiny_model_bf16(tiny_model):
     return copy.deepcopy(tiny_model).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("forward", ["packed", "packed-bf16", "transformers"])
+@pytest.fixture
+def tiny_model_to_fuse(tiny_model):
+    # Its own copy: fusing rewrites the model's q/k/v and gate/up weights as views into fused ones.
+    return copy.deepcopy(tiny_model)
+
+
+@pytest.fixture
+def tiny_model_fp16_to_fuse(tiny_model):
+    return copy.deepcopy(tiny_model).half()
+
+
+@pytest.mark.parametrize("forward", ["packed", "packed-bf16", "fused", "fused-fp16", "transformers"])
 def test_greedy_mixed_batch_matches_generate_alone(forward, request, tokenizer):
-    # The engine runs fp32 and bf16 Llama models on its own forward over prepacked weights, others (here fp64) on
-    # the model's forward; each is compared with model.generate in the same dtype.
-    fixture = {"packed": "tiny_model", "packed-bf16": "tiny_model_bf16", "transformers": "tiny_model_fp64"}[forward]
+    # The engine runs fp32 and bf16 Llama models on its own forward over prepacked weights on a CPU, and on its own
+    # forward over fused weights on a GPU (here forced on the CPU, in fp32 and in fp16, the GPU's dtype); others
+    # (here fp64) on the model's forward. Each is compared with model.generate in the same dtype, run after the
+    # fusing: the model's own modules keep computing the same on views of the fused weights.
+    fixture = {"packed": "tiny_model", "packed-bf16": "tiny_model_bf16", "fused": "tiny_model_to_fuse",
+               "fused-fp16": "tiny_model_fp16_to_fuse", "transformers": "tiny_model_fp64"}[forward]
     tiny_model = request.getfixturevalue(fixture)
-    engine, stream = make_engine(tiny_model, tokenizer, max_num_seqs=4)
-    assert (engine.runner.packed is not None) == forward.startswith("packed")
+    engine, stream = make_engine(tiny_model, tokenizer, max_num_seqs=4,
+                                 forward="fused" if forward.startswith("fused") else "auto")
+    assert (engine.runner.packed is not None) == (forward != "transformers")
+    assert engine.runner.packed is None or engine.runner.packed.packed == forward.startswith("packed")
+    if forward.startswith("fused"):  # no weight held twice: the model's q_proj is a view into the fused q/k/v
+        q_proj = tiny_model.model.layers[0].self_attn.q_proj.weight
+        assert q_proj.untyped_storage().data_ptr() == engine.runner.packed.layers[0].qkv.weight.data_ptr()
     plan = {  # request id: (prompt length, max_new_tokens)
         "a": (1, 12), "b": (7, 20), "c": (23, 6),
         "d": (4, 15), "e": (40, 9), "f": (11, 25),
@@ -181,6 +200,14 @@ def test_greedy_mixed_batch_matches_generate_alone(forward, request, tokenizer):
     # Once the 40-token prompt left, the padding columns nobody needed were cut off the cache.
     lens = stream.batch_len_per_step
     assert any(0 < later < earlier for earlier, later in zip(lens, lens[1:]))
+
+
+def test_an_unknown_forward_is_refused_and_model_runs_the_models_own(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="forward must be one of auto, fused, model"):
+        LLMEngine(tiny_model, tokenizer, forward="fast")
+    assert LLMEngine(tiny_model, tokenizer, forward="model").runner.packed is None
+    # A model the engine's forward does not compute (fp64 here) runs on its own even when fused is asked for.
+    assert LLMEngine(copy.deepcopy(tiny_model).double(), tokenizer, forward="fused").runner.packed is None
 
 
 def test_never_more_than_max_num_seqs_running(tiny_model, tokenizer):

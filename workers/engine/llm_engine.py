@@ -101,12 +101,13 @@ class LLMEngine:
         on_step: Callable[[list[SeqOutput]], None] | None = None,
         on_stop: Callable[[str], None] | None = None,
         cpus: frozenset[int] | None = None,
+        forward: str = "auto",
     ):
         """`cpus`: the CPUs the engine thread computes on, one torch thread each (shared/cpus.py); None: wherever
-        the process runs, with torch's default thread count."""
+        the process runs, with torch's default thread count. `forward`: model_runner.FORWARDS."""
         self.tokenizer = tokenizer
         self.cpus = cpus
-        self.runner = ModelRunner(model, max_kv_positions=max_batch_tokens)
+        self.runner = ModelRunner(model, max_kv_positions=max_batch_tokens, forward=forward)
         self.scheduler = Scheduler(max_num_seqs, max_batch_tokens, max_prefill_tokens)
         self.max_model_len = max_model_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)

@@ -23,6 +23,10 @@ from workers.engine.sequence import Sequence
 
 log = logging.getLogger("llava_queue.engine")
 
+# auto: the engine's own forward where it is the faster one (PackedLlama.of); fused: the engine's own on plain
+# products wherever the model allows; model: the model's own forward always.
+FORWARDS = ("auto", "fused", "model")
+
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`:
 # no logit scaling or soft-capping, so the runner may apply the head itself.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -52,8 +56,11 @@ class Batch:
 class ModelRunner:
     """Runs the forward passes of one Hugging Face causal LM (Llama, Mistral, Qwen2, ... and LLaVA's language side)."""
 
-    def __init__(self, model: PreTrainedModel, max_kv_positions: int | None = None):
-        """`max_kv_positions`: the engine's KV budget, which no batch's cache buffers outgrow (None: no limit)."""
+    def __init__(self, model: PreTrainedModel, max_kv_positions: int | None = None, forward: str = "auto"):
+        """`max_kv_positions`: the engine's KV budget, which no batch's cache buffers outgrow (None: no limit).
+        `forward`: one of FORWARDS, which forward the steps run."""
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
         self.model = model
         self.max_kv_positions = max_kv_positions
         self.device = model.device
@@ -69,9 +76,16 @@ class ModelRunner:
         # transformers 5.x renames past_key_values to cache; accept either spelling.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self._can_keep_last_logits = "logits_to_keep" in parameters
-        # Llama-family fp32 and bf16 models on a CPU run on the engine's own forward over prepacked weights.
-        self.packed = PackedLlama.of(model)
-        log.info("engine forward: %s", "prepacked oneDNN weights" if self.packed else "the model's own")
+        # Llama-family models run on the engine's own forward: over prepacked weights on a CPU (fp32, bf16), over
+        # fused ones on a GPU.
+        self.packed = {"auto": PackedLlama.of, "fused": PackedLlama.fused, "model": lambda _: None}[forward](model)
+        if self.packed is None:
+            described = "the model's own"
+        else:
+            described = "prepacked oneDNN weights" if self.packed.packed else "the engine's own, q/k/v and gate/up fused"
+        if forward == "fused" and self.packed is None:
+            log.warning("engine forward: fused asked for, but %s is not a model it runs", model.config.model_type)
+        log.info("engine forward: %s", described)
 
     def check_prompt(self, seq: Sequence) -> str | None:
         """Why this sequence's prompt cannot go through the model, or None when it can."""

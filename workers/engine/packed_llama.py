@@ -11,12 +11,19 @@ The forward is the model's own, operation for operation (RMSNorm, rotary embeddi
 the model's rotary module, attention over the engine's BatchKVCache, SiLU MLP), minus
 the framework around it; in bf16, RMSNorm rounds where transformers' does. The packed weights are a copy: the model's weight memory
 doubles, which is why `of` only packs a model of at most MAX_PACKED_BYTES.
+
+On a GPU the same forward runs on plain products (`fused`): no copy, the model's own
+q/k/v and gate/up weights become views into one fused weight each. A decode step there is
+bound by launching kernels from Python (bench/README.md), and this forward launches about
+half as many per layer as transformers' (fused products, q and k rotated together, no
+per-layer mask or dispatch).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel
 
 from workers.engine.kv_cache import BatchKVCache
@@ -30,12 +37,15 @@ MAX_PACKED_BYTES = 4 << 30
 
 
 class PackedLlama:
-    """Logits of the last position of every row, from ids or embeddings, on prepacked weights.
+    """Logits of the last position of every row, from ids or embeddings, on prepacked (or fused) weights.
 
-    Build it with `of(model)`, which says None when the model is not one it can run.
+    Build it with `of(model)`, which says None when the model is not one it can run, or `fused(model)`.
     """
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, packed: bool = True):
+        """packed: weights copied into oneDNN's layout (a CPU); else plain products over the model's weights,
+        q/k/v and gate/up fused in place (the model's modules keep working, on views of the fused weights)."""
+        self.packed = packed
         config = model.config.get_text_config()
         base = model.base_model
         self.hidden_size = config.hidden_size
@@ -44,34 +54,36 @@ class PackedLlama:
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
         self.embed = base.embed_tokens
-        self.layers = [_Layer(layer) for layer in base.layers]
+        self.layers = [_Layer(layer, packed) for layer in base.layers]
         self.norm_weight, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
-        self.head = _Linear(model.get_output_embeddings().weight, None)
+        self.head = (_Linear if packed else _PlainLinear)(model.get_output_embeddings().weight, None)
         self.rotary = base.rotary_emb
         self._rotary_table(config.max_position_embeddings)
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> PackedLlama | None:
-        """A PackedLlama for `model` when it is a Llama-family fp32 or bf16 model on a CPU with oneDNN, else None."""
-        config = model.config
-        head = model.get_output_embeddings()
+        """The engine's forward for `model` where it is the faster one, else None (the model's own runs).
+
+        Prepacked on a CPU with oneDNN (fp32, or bf16 where oneDNN has it); fused on a CUDA GPU.
+        """
+        if not runs_on_its_own(model):
+            return None
+        if model.device.type == "cuda":
+            return cls.fused(model)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        runnable = (
-            config.model_type in PACKED_MODEL_TYPES
-            and model.device.type == "cpu"
+        packable = (
+            model.device.type == "cpu"
             and torch.backends.mkldnn.is_available()
             and (model.dtype == torch.float32
                  or (model.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
             and weight_bytes <= MAX_PACKED_BYTES
-            and getattr(config, "hidden_act", None) == "silu"
-            and not getattr(config, "mlp_bias", False)
-            and getattr(config, "pretraining_tp", 1) == 1
-            and not _sliding_window(config)
-            and _rope_type(config) in STATIC_ROPE_TYPES
-            and isinstance(head, torch.nn.Linear)
-            and head.bias is None
         )
-        return cls(model) if runnable else None
+        return cls(model) if packable else None
+
+    @classmethod
+    def fused(cls, model: PreTrainedModel) -> PackedLlama | None:
+        """The forward on plain products, on any device, for a model `runs_on_its_own` accepts; else None."""
+        return cls(model, packed=False) if runs_on_its_own(model) else None
 
     def __call__(
         self,
@@ -106,6 +118,40 @@ class PackedLlama:
         self.cos, self.sin = cos[0], sin[0]
 
 
+def runs_on_its_own(model: PreTrainedModel) -> bool:
+    """Whether the engine's forward computes what `model`'s does: a Llama-family decoder of plain float
+    nn.Linear layers (no quantized ones), on one device, with a bias-free head and static rotary positions."""
+    config = model.config
+    head = model.get_output_embeddings()
+    base = model.base_model
+    layers = getattr(base, "layers", None)
+    if config.model_type not in PACKED_MODEL_TYPES or not layers or not isinstance(head, nn.Linear):
+        return False
+    linears = [head] + [module for layer in layers for module in layer.modules() if isinstance(module, nn.Linear)]
+    return (
+        all(type(module) is nn.Linear and module.weight.dtype == model.dtype for module in linears)
+        and model.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and len({p.device for p in model.parameters()}) == 1
+        and getattr(config, "hidden_act", None) == "silu"
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "pretraining_tp", 1) == 1
+        and not _sliding_window(config)
+        and _rope_type(config) in STATIC_ROPE_TYPES
+        and head.bias is None
+    )
+
+
+class _PlainLinear:
+    """y = x W^T + b, the weight as it is."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class _Linear:
     """y = x W^T + b with W reordered once into oneDNN's blocked layout."""
 
@@ -121,14 +167,16 @@ class _Linear:
 class _Layer:
     """One decoder layer: q/k/v as one product, gate/up as one product."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, packed: bool = True):
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        bias = None if attn.q_proj.bias is None else torch.cat([p.bias for p in projections])
-        self.qkv = _Linear(torch.cat([p.weight for p in projections]), bias)
-        self.o = _Linear(attn.o_proj.weight, attn.o_proj.bias)
-        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None)
-        self.down = _Linear(mlp.down_proj.weight, None)
+        linear = _Linear if packed else _PlainLinear
+        fuse = _concatenated if packed else _fused_in_place
+        bias = None if attn.q_proj.bias is None else fuse([p.bias for p in projections])
+        self.qkv = linear(fuse([p.weight for p in projections]), bias)
+        self.o = linear(attn.o_proj.weight, attn.o_proj.bias)
+        self.gate_up = linear(fuse([mlp.gate_proj.weight, mlp.up_proj.weight]), None)
+        self.down = linear(mlp.down_proj.weight, None)
         self.intermediate = mlp.gate_proj.weight.shape[0]
         self.input_norm = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.post_norm = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
@@ -145,6 +193,22 @@ class _Layer:
         x = _rms_norm(hidden, *self.post_norm)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return hidden + self.down(F.silu(gate).mul_(up))
+
+
+def _concatenated(parameters: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach() for p in parameters])
+
+
+@torch.no_grad()
+def _fused_in_place(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """One tensor holding `parameters` one after another along dim 0; each parameter becomes a view into it,
+    so the model's own modules compute as before and no weight is held twice."""
+    fused = torch.cat([p.detach() for p in parameters])
+    start = 0
+    for p in parameters:
+        p.data = fused[start : start + p.shape[0]]
+        start += p.shape[0]
+    return fused
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
