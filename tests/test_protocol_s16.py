@@ -67,6 +67,7 @@ def test_checking_a_slow_image_does_not_stop_the_api():
                                               "images": [slow, "bm90IGFuIGltYWdl"]}))
                 return await socket.recv()
 
+        job = {"prompt": "USER: <image> <image> hi ASSISTANT:", "images": [slow, "bm90IGFuIGltYWdl"]}
         # Each is refused for its second image, no image, once the first is checked: no job is made.
         submissions = {
             "worker stream": lambda: requests.post(f"{api.base_url}/worker_generate_stream", timeout=120, json={
@@ -76,8 +77,16 @@ def test_checking_a_slow_image_does_not_stop_the_api():
                     {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{slow}"}},
                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
                     {"type": "text", "text": "hi"}]}]}),
-            "websocket": lambda: asyncio.run(over_websocket())}
-        refusals = {"worker stream": (422, "image 1"), "chat": (400, "content[1]"), "websocket": (None, "image 1")}
+            "websocket": lambda: asyncio.run(over_websocket()),
+            # Since the seventeenth session: jobs and bulk submissions (their endpoints validate the body).
+            "job": lambda: requests.post(f"{api.base_url}/v1/jobs", timeout=120, json=job),
+            "job with an Idempotency-Key": lambda: requests.post(f"{api.base_url}/v1/jobs", timeout=120, json=job,
+                                                                 headers={"Idempotency-Key": "k"}),
+            "bulk": lambda: requests.post(f"{api.base_url}/v1/jobs/bulk", timeout=120,
+                                          json={"jobs": [{"prompt": "hi"}, job]})}
+        refusals = {"worker stream": (422, "image 1"), "chat": (400, "content[1]"), "websocket": (None, "image 1"),
+                    "job": (422, '"param":"images"'), "job with an Idempotency-Key": (422, '"param":"images"'),
+                    "bulk": (422, '"param":"jobs.1.images"')}
         for name, submit in submissions.items():
             answered = {}
 

@@ -1,9 +1,13 @@
 """Jobs: submit one or many, poll, cancel."""
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Header
-from pydantic import BaseModel
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError, WrapValidator
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import owns
 from api.deps import ApiKey, Store, Submissions
@@ -85,20 +89,84 @@ IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, desc
     "Retrying a submission with the same key returns the first submission's job(s) instead of new ones."))]
 
 
-@router.post("", status_code=202, response_model=JobCreated)
-def create_job(body: JobRequest, submitter: Submissions, api_key: ApiKey,
+# A submission's body is checked by its endpoint, not by FastAPI: FastAPI validates a body on the event loop (even for
+# a plain `def` endpoint), and checking its images (base64 decoded, opened and verified by PIL) takes a while, seconds
+# for a crafted file, during which the API served no other request or stream. Declared with `_AS_SENT` (a validator
+# that returns its input untouched), the body comes to the endpoint as FastAPI read it (the parsed JSON, or the bytes
+# of a body not sent as JSON), and its schema in /openapi.json is the model's all the same (pydantic's SkipValidation
+# would inline it there, "Body", instead of naming the model); the endpoint, which runs on a thread, validates it and
+# answers what FastAPI answered (`_checked`, `_BodyCheckedOnAThread`).
+_AS_SENT = WrapValidator(lambda body, _: body)
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+def _checked(model: type[_Body], body: Any) -> _Body:
+    """`body` validated as `model`, or the RequestValidationError FastAPI raised for it (answered by the API's handler
+    as before: a 422 naming the fields, a 400 for malformed JSON or a body not sent as JSON)."""
+    try:
+        return model.model_validate(body, from_attributes=True)  # (what FastAPI's validation of a body calls)
+    except ValidationError as exc:
+        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])}
+                                      for error in exc.errors(include_url=False)], body=body) from None
+
+
+def _body_errors(model: type[BaseModel], body: Any) -> list[dict[str, Any]]:
+    """The errors FastAPI's validation of `body` as `model` gives (locations under "body"); none for a valid body."""
+    try:
+        _checked(model, body)
+    except RequestValidationError as exc:
+        return list(exc.errors())
+    return []
+
+
+class _BodyCheckedOnAThread(APIRoute):
+    """A route whose body (`_AS_SENT`) its endpoint validates: when FastAPI refuses the request for another
+    parameter (an Idempotency-Key header too long), the body's errors are added to the answer, on a thread, as
+    FastAPI's own validation listed them after the header's."""
+
+    body_model: type[BaseModel]
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+        model = self.body_model
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                errors = list(exc.errors())
+                if any(tuple(error.get("loc", ()))[:1] == ("body",) for error in errors):
+                    raise  # the body's own errors are in (the endpoint's, malformed JSON, no body)
+                errors += await run_in_threadpool(_body_errors, model, exc.body)
+                raise RequestValidationError(errors, body=exc.body) from None
+
+        return route
+
+
+def _route_class(model: type[BaseModel]) -> type[APIRoute]:
+    return type(f"{model.__name__}Route", (_BodyCheckedOnAThread,), {"body_model": model})
+
+
+def create_job(body: Annotated[JobRequest, _AS_SENT], submitter: Submissions, api_key: ApiKey,
                idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Enqueue one generation job; poll it at `GET /v1/jobs/{id}` or stream it at `WS /v1/jobs/{id}/ws`."""
+    body = _checked(JobRequest, body)  # (on the endpoint's thread: see _AS_SENT)
     [job_id] = submitter.submit([(body, body.queue)], idempotency_key=idempotency_key, owner=api_key)
     return JobCreated(id=job_id, status="queued")
 
 
-@router.post("/bulk", status_code=202, response_model=BulkCreated)
-def create_jobs(body: BulkJobRequest, submitter: Submissions, api_key: ApiKey,
+def create_jobs(body: Annotated[BulkJobRequest, _AS_SENT], submitter: Submissions, api_key: ApiKey,
                 idempotency_key: IdempotencyKey = None) -> BulkCreated:
     """Enqueue many jobs in one call; the ids come back in the order of `jobs`."""
+    body = _checked(BulkJobRequest, body)
     return BulkCreated(ids=submitter.submit([(job, job.queue) for job in body.jobs],
                                            idempotency_key=idempotency_key, owner=api_key))
+
+
+router.add_api_route("", create_job, methods=["POST"], status_code=202, response_model=JobCreated,
+                     route_class_override=_route_class(JobRequest))
+router.add_api_route("/bulk", create_jobs, methods=["POST"], status_code=202, response_model=BulkCreated,
+                     route_class_override=_route_class(BulkJobRequest))
 
 
 # The request of the job a cancel by Idempotency-Key records when no job holds the key yet (a job cancelled from the
