@@ -185,6 +185,14 @@ class Parity:
                 f"{statistics.median(self.prefix):.0f} | {margins} |")
 
 
+def graphs_note(engine: LLMEngine) -> str:
+    """How many CUDA graphs of decode steps the engine recorded (workers/engine/decode_graphs.py), and in how long."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return "decode steps not from CUDA graphs"
+    return f"decode steps from CUDA graphs: {graphs.captured} recorded in {graphs.capture_seconds:.2f} s"
+
+
 def greedy_parity(loaded: LoadedModel, prompts: list[Prompt], new_tokens: int, label: str) -> Parity:
     """Token-for-token comparison; where they part, the reference's top-1 minus top-2 logit at that step."""
     engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=len(prompts),
@@ -246,6 +254,7 @@ def run_smol(args) -> None:
         d = check_work("(d)", run_engine(engine, recorder, prompts, greedy(new), arrivals, tag="d"), new)
     finally:
         engine.shutdown()
+    graphs = graphs_note(engine)
     del engine
     print("greedy parity ...", flush=True)
     parities = [greedy_parity(loaded, prompts[: args.parity_prompts], args.parity_tokens,
@@ -261,7 +270,8 @@ def run_smol(args) -> None:
           "new tokens (EOS ignored, greedy)\n")
     print("\n".join(device_info(device)))
     print(f"- (a), (b), (c): the fastest of {args.repeats} rounds; (a) on {len(subset)} requests; "
-          f"peak memory allocated {memory_note(device) or '—'}\n")
+          f"peak memory allocated {memory_note(device) or '—'}")
+    print(f"- {graphs}\n")
     print("| run | output tok/s | vs (a) | vs (b) | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | all rounds tok/s |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for label, result, key in (("(a) `model.generate`, one request at a time", a, "a"),
@@ -537,6 +547,7 @@ def llava_engine_run(loaded: LoadedModel, prepared: list[Prepared], batch: int, 
         if errors:
             raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
         result = check_work(f"engine batch {batch}", from_timings(list(recorder.timings.values())), new)
+        print(f"engine batch {batch}: {graphs_note(engine)}", flush=True)
         return result, [o.token_ids for o in outputs], warnings.messages
     finally:
         logging.getLogger("llava_queue.engine").removeHandler(warnings)

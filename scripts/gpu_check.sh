@@ -5,8 +5,9 @@
 #                                              # the versions of this venv), SmolLM2's config and tokenizer
 #                                              # into .gpu/smollm2; both folders git-ignored
 #   scripts/gpu_check.sh run OUT [PART ...]    # there, from the repository root, with .whl/ and .gpu/ copied
-#                                              # over: PART of smol e2e llava stack profile (default: smol e2e
-#                                              # llava profile; llava ends with 8 image jobs over the stack)
+#                                              # over: PART of smol e2e llava stack profile graphs (default: smol
+#                                              # e2e llava profile; llava ends with 8 image jobs over the stack;
+#                                              # graphs: llava and smol with and without CUDA graphs)
 #
 # Every model gets random weights there (bench/gpu.py); `run` writes one log per part under OUT.
 set -euo pipefail
@@ -41,11 +42,12 @@ print(" ".join(f"{name}=={version(name)}" for name in sys.argv[1:]))' $PACKAGES)
 }
 
 run() {
-    local out=${1:?usage: scripts/gpu_check.sh run OUT [smol e2e llava stack profile]}
+    local out=${1:?usage: scripts/gpu_check.sh run OUT [smol e2e llava stack profile graphs]}
     shift
     local parts=${*:-smol e2e llava profile}
     mkdir -p "$out"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.installed; }
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True HF_HUB_OFFLINE=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
     # Fail in seconds, not after a model build, when something that travelled does not import there.
@@ -59,6 +61,18 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
             stack) python3 -m bench.gpu llava --root /tmp/llava13b --batches 1 --sequential-requests 1 \
                        --max-new-tokens 16 --stack-jobs 8 --stack-new-tokens 64 ;;
             profile) python3 -m bench.gpu profile --shape 13b --batches 1,32 ;;
+            # The 13B shape at batch 1 and 32 and SmolLM2's (a)-(d), with decode steps from CUDA graphs and without
+            # (the 13B with graphs then sends its 8 image jobs over the stack, whose worker runs auto: graphs).
+            graphs) for forward in graphs fused; do
+                        jobs=$([ $forward = graphs ] && echo 8 || echo 0)
+                        LLAVA_QUEUE_ENGINE_FORWARD=$forward timeout 200 python3 -m bench.gpu llava --root /tmp/llava13b \
+                            --batches 1,32 --sequential-requests 2 --stack-jobs "$jobs" --stack-new-tokens 64 \
+                            || echo "llava $forward failed"
+                    done
+                    for forward in graphs fused; do
+                        LLAVA_QUEUE_ENGINE_FORWARD=$forward timeout 150 python3 -m bench.gpu smol --source .gpu/smollm2 \
+                            --cache-dir /tmp/gpucache || echo "smol $forward failed"
+                    done ;;
             *) echo "unknown part $part" >&2; exit 2 ;;
         esac 2>&1 | tee "$out/$part.log" || echo "part $part failed: see $out/$part.log"  # the other parts still run
     done

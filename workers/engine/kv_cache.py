@@ -15,6 +15,7 @@ values and returns views of the live window.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -24,6 +25,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 MIN_GROWTH_COLUMNS = 64
 # Rows are allocated in multiples of this, so admitting one row at a time does not reallocate each time.
 ROW_QUANTUM = 8
+
+# Numbers the layouts of every cache's buffers, never reused (see BatchKVCache.layout).
+_LAYOUTS = itertools.count()
 
 
 class BatchKVCache(Cache):
@@ -44,6 +48,9 @@ class BatchKVCache(Cache):
         self.row_capacity = _round_rows(rows)
         self.column_capacity = 0
         self.mask = torch.zeros(self.row_capacity, 0, dtype=torch.bool, device=device)
+        # Changes whenever the buffers (mask included) are reallocated: what was recorded against their addresses
+        # (decode_graphs.py) holds for one layout only.
+        self.layout = next(_LAYOUTS)
 
     @property
     def width(self) -> int:
@@ -130,6 +137,7 @@ class BatchKVCache(Cache):
         mask = torch.zeros(row_capacity, column_capacity, dtype=torch.bool, device=self.mask.device)
         mask[: self.rows, offset : offset + live] = self.window_mask()
         self.mask = mask
+        self.layout = next(_LAYOUTS)
         self.row_capacity, self.column_capacity = row_capacity, column_capacity
         self.start, self.end = offset, width
 
@@ -179,6 +187,14 @@ class _Layer(CacheLayerMixin):
         self.values[: cache.rows, :, cache.end : cache.end + new] = value_states
         return (self.keys[: cache.rows, :, cache.start : cache.end + new],
                 self.values[: cache.rows, :, cache.start : cache.end + new])
+
+    def write_column(self, end: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, rows: int):
+        """Write one position of the first `rows` rows at column `end` (a 1-element tensor, so that a CUDA graph
+        replays the write at each step's column); return their keys and values over every column of the buffers."""
+        keys, values = self.keys[:rows], self.values[:rows]
+        keys.index_copy_(2, end, key_states)
+        values.index_copy_(2, end, value_states)
+        return keys, values
 
     def live_keys(self) -> torch.Tensor:
         return self.keys[: self.cache.rows, :, self.cache.start : self.cache.end]

@@ -17,15 +17,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from workers.engine.decode_graphs import DecodeGraphs
 from workers.engine.kv_cache import BatchKVCache
 from workers.engine.packed_llama import PackedLlama
 from workers.engine.sequence import Sequence
 
 log = logging.getLogger("llava_queue.engine")
 
-# auto: the engine's own forward where it is the faster one (PackedLlama.of); fused: the engine's own on plain
-# products wherever the model allows; model: the model's own forward always.
-FORWARDS = ("auto", "fused", "model")
+# auto: the engine's own forward where it is the faster one (PackedLlama.of), its decode steps from CUDA graphs on a
+# GPU; graphs: the engine's own on plain products with decode steps of fixed shapes, recorded into CUDA graphs on a
+# GPU (run as they are elsewhere); fused: the engine's own on plain products, no graphs; model: the model's own.
+FORWARDS = ("auto", "graphs", "fused", "model")
 
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`:
 # no logit scaling or soft-capping, so the runner may apply the head itself.
@@ -78,13 +80,19 @@ class ModelRunner:
         self._can_keep_last_logits = "logits_to_keep" in parameters
         # Llama-family models run on the engine's own forward: over prepacked weights on a CPU (fp32, bf16), over
         # fused ones on a GPU.
-        self.packed = {"auto": PackedLlama.of, "fused": PackedLlama.fused, "model": lambda _: None}[forward](model)
+        self.packed = {"auto": PackedLlama.of, "graphs": PackedLlama.fused, "fused": PackedLlama.fused,
+                       "model": lambda _: None}[forward](model)
+        on_cuda = self.device.type == "cuda"
+        graphs = self.packed is not None and (forward == "graphs" or (forward == "auto" and on_cuda))
+        self.graphs = DecodeGraphs(self.packed, capture=on_cuda) if graphs else None
         if self.packed is None:
             described = "the model's own"
         else:
             described = "prepacked oneDNN weights" if self.packed.packed else "the engine's own, q/k/v and gate/up fused"
-        if forward == "fused" and self.packed is None:
-            log.warning("engine forward: fused asked for, but %s is not a model it runs", model.config.model_type)
+        if self.graphs is not None:
+            described += ", decode steps " + ("from CUDA graphs" if on_cuda else "of fixed shapes")
+        if forward in ("fused", "graphs") and self.packed is None:
+            log.warning("engine forward: %s asked for, but %s is not a model it runs", forward, model.config.model_type)
         log.info("engine forward: %s", described)
 
     def check_prompt(self, seq: Sequence) -> str | None:
@@ -131,8 +139,11 @@ class ModelRunner:
         cache = batch.cache
         cache.reserve(1)
         cache.mask[: len(batch), cache.end] = True
-        inputs = {"input_ids": input_ids.to(self.device).unsqueeze(1)}
-        logits = self._forward(inputs, cache.window_mask(1), batch.positions.unsqueeze(1), cache)
+        if self.graphs is not None:
+            logits = self.graphs(cache, input_ids.to(self.device), batch.positions)
+        else:
+            inputs = {"input_ids": input_ids.to(self.device).unsqueeze(1)}
+            logits = self._forward(inputs, cache.window_mask(1), batch.positions.unsqueeze(1), cache)
         cache.advance(1)
         batch.positions = batch.positions + 1
         return logits

@@ -21,6 +21,8 @@ per-layer mask or dispatch).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,16 +101,43 @@ class PackedLlama:
         if hidden is None:
             hidden = self.embed(inputs["input_ids"])
         new = hidden.shape[1]
-        if int(position_ids.max()) >= len(self.cos):  # a context longer than max_position_embeddings
-            self._rotary_table(2 * int(position_ids.max()))
+        self.cover_positions(int(position_ids.max()) + 1)
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, T, head_dim], broadcast over heads
         sin = self.sin[position_ids].unsqueeze(1)
         mask = _attention_mask(attention_mask, new, hidden.dtype)
         for index, layer in enumerate(self.layers):
-            hidden = layer(self, hidden, cos, sin, mask, cache.layers[index])
+            hidden = layer(self, hidden, cos, sin, mask, cache.layers[index].update)
         last = _rms_norm(hidden[:, -1], self.norm_weight, self.norm_eps)
         return self.head(last)
 
+    def decode_over_capacity(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, end: torch.Tensor, cache: BatchKVCache, rows: int
+    ) -> torch.Tensor:
+        """One decode step whose shapes and addresses depend on the cache's buffers and `rows` alone, not on the
+        live window, so that a CUDA graph can replay it (decode_graphs.py).
+
+        input_ids, positions [rows]: the batch's rows first, then padding rows; end [1]: the column this step
+        writes (the caller has set the mask there for the batch's rows). Attention runs over every column of the
+        buffers, the mask hiding those that are not live. Returns the logits [rows, V].
+        """
+        hidden = self.embed(input_ids)[:, None]
+        cos = self.cos[positions][:, None, None]  # [rows, 1, 1, head_dim]
+        sin = self.sin[positions][:, None, None]
+        mask = cache.mask[:rows]
+        additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        # A padding row sees only the column it writes: its output stays finite, and so does what it leaves in the
+        # buffers' spare rows, which a row admitted later has masked (a masked score is score - inf: NaN from inf).
+        additive = additive.index_fill_(1, end, 0)[:, None, None]
+        for index, layer in enumerate(self.layers):
+            write = partial(cache.layers[index].write_column, end, rows=rows)
+            hidden = layer(self, hidden, cos, sin, additive, write)
+        return self.head(_rms_norm(hidden[:, -1], self.norm_weight, self.norm_eps))
+
+
+    def cover_positions(self, count: int) -> None:
+        """Make the rotary table hold positions 0..count-1 (a context longer than max_position_embeddings)."""
+        if count > len(self.cos):
+            self._rotary_table(2 * count)
 
     def _rotary_table(self, positions: int) -> None:
         """cos and sin [positions, head_dim] of every position from 0, from the model's own rotary module."""
@@ -181,14 +210,15 @@ class _Layer:
         self.input_norm = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.post_norm = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
 
-    def __call__(self, model: PackedLlama, hidden, cos, sin, mask, cache_layer) -> torch.Tensor:
+    def __call__(self, model: PackedLlama, hidden, cos, sin, mask, write) -> torch.Tensor:
+        """write(keys, values) stores the new positions in the layer's cache and returns what they attend over."""
         rows, new, _ = hidden.shape
         heads, kv_heads, head_dim = model.num_heads, model.num_kv_heads, model.head_dim
         x = _rms_norm(hidden, *self.input_norm)
         qkv = self.qkv(x).view(rows, new, heads + 2 * kv_heads, head_dim).transpose(1, 2)
         # q and k are rotated as one tensor: their heads are adjacent, and the rotation is the same for each.
         q, k = _rotate(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
-        keys, values = cache_layer.update(k, qkv[:, heads + kv_heads :])
+        keys, values = write(k, qkv[:, heads + kv_heads :])
         hidden = hidden + self.o(_attention(q, keys, values, mask, model.scale).reshape(rows, new, heads * head_dim))
         x = _rms_norm(hidden, *self.post_norm)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
