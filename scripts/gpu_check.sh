@@ -62,7 +62,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
                        --max-new-tokens 16 --stack-jobs 8 --stack-new-tokens 64 ;;
             profile) python3 -m bench.gpu profile --shape 13b --batches 1,32 ;;
             # The 13B shape at batch 1 and 32 and SmolLM2's (a)-(d), with decode steps from CUDA graphs and without
-            # (the 13B with graphs then sends its 8 image jobs over the stack, whose worker runs auto: graphs).
+            # (the 13B with graphs then sends its 8 image jobs over the stack: the worker inherits the setting).
             graphs) for forward in graphs fused; do
                         jobs=$([ $forward = graphs ] && echo 8 || echo 0)
                         LLAVA_QUEUE_ENGINE_FORWARD=$forward timeout 200 python3 -m bench.gpu llava --root /tmp/llava13b \

@@ -72,8 +72,9 @@ class Settings(BaseSettings):
     # groups, so the first ones start streaming early. Unset: 256 on a CPU, 4096 on a GPU.
     max_prefill_tokens: int | None = Field(None, ge=1)
     # Which forward the engine's steps run (workers/engine/model_runner.py FORWARDS): auto is the engine's own
-    # for Llama-family models (prepacked weights on a CPU; fused ones on a GPU, decode steps replayed from CUDA
-    # graphs), graphs and fused force the engine's own on fused weights with and without graphs, model is the model's.
+    # for Llama-family models (prepacked weights on a CPU, fused ones on a GPU); graphs is the fused one with decode
+    # steps replayed from CUDA graphs (not yet measured on a GPU); fused forces the engine's own on fused weights;
+    # model is the model's own.
     engine_forward: Literal["auto", "graphs", "fused", "model"] = "auto"
     # Cores of the engine's own on a CPU (a Linux cpu list: "1", "2-7"): the engine thread and its OpenMP
     # team run there, one torch thread per core; the worker's other threads, and the API and Redis that

@@ -24,9 +24,9 @@ from workers.engine.sequence import Sequence
 
 log = logging.getLogger("llava_queue.engine")
 
-# auto: the engine's own forward where it is the faster one (PackedLlama.of), its decode steps from CUDA graphs on a
-# GPU; graphs: the engine's own on plain products with decode steps of fixed shapes, recorded into CUDA graphs on a
-# GPU (run as they are elsewhere); fused: the engine's own on plain products, no graphs; model: the model's own.
+# auto: the engine's own forward where it is the faster one (PackedLlama.of); graphs: the engine's own on plain
+# products with decode steps of fixed shapes, recorded into CUDA graphs on a GPU (run as they are elsewhere; not yet
+# measured on a GPU, so auto does not pick it); fused: the engine's own on plain products; model: the model's own.
 FORWARDS = ("auto", "graphs", "fused", "model")
 
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`:
@@ -83,8 +83,7 @@ class ModelRunner:
         self.packed = {"auto": PackedLlama.of, "graphs": PackedLlama.fused, "fused": PackedLlama.fused,
                        "model": lambda _: None}[forward](model)
         on_cuda = self.device.type == "cuda"
-        graphs = self.packed is not None and (forward == "graphs" or (forward == "auto" and on_cuda))
-        self.graphs = DecodeGraphs(self.packed, capture=on_cuda) if graphs else None
+        self.graphs = DecodeGraphs(self.packed, capture=on_cuda) if forward == "graphs" and self.packed is not None else None
         if self.packed is None:
             described = "the model's own"
         else:
