@@ -17,6 +17,8 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from shared.conversation import choose_template, render_messages
+
 # The original worker clamps max_new_tokens to this; larger values are accepted and clamped.
 MAX_NEW_TOKENS_CAP = 1024
 # At most this many stop strings in a list (OpenAI's limit); the original sends one string.
@@ -221,6 +223,12 @@ class GenerateRequest(BaseModel):
             total = sum(len(message.images) for message in self.messages)
             if total > MAX_IMAGES:  # each turn's own list is checked too, but the limit is the request's
                 raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
+            if self.model is not None and "llava" in self.model.lower():
+                # A LLaVA worker renders the turns with the original's template for this name: what it would refuse
+                # after the job was accepted (images on an assistant or system turn, turns out of order, a last turn
+                # not the user's) is refused here, with its words.
+                turns = [{"role": m.role, "text": m.text, "images": len(m.images)} for m in self.messages]
+                render_messages(choose_template(self.model), turns)
         return self
 
     def all_images(self) -> list[str]:
