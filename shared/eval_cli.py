@@ -13,6 +13,9 @@ Beside the answers file `a.jsonl`:
 
 * `a.jsonl.errors`: one JSON line per question that got no answer (bad line, unreadable image,
   failed job), with the reason; removed when there is none.
+* `a.jsonl.params`: the sampling parameters the answers were made with (conv_mode, temperature,
+  top_p, max_new_tokens, seed). A run with other ones stops before asking anything, rather than
+  add answers of other parameters to those (`--overwrite` starts over).
 * `a.jsonl.jobs`: the jobs in the queue. A group is recorded there before it is posted (with its
   Idempotency-Key) and again with its job ids, so a run stopped at any point (Ctrl-C, a crash, a
   lost connection) is resumed by running the same command again: questions already in the
@@ -329,6 +332,7 @@ class EvalRun:
         self.answers_path = Path(args.answers_file)
         self.errors_path = Path(args.errors_file or f"{args.answers_file}.errors")
         self.state_path = Path(f"{args.answers_file}.jobs")
+        self.params_path = Path(f"{args.answers_file}.params")
         self.image_folder = Path(args.image_folder)
         self.max_in_flight = args.max_in_flight
         self.group_size = max(1, min(GROUP_SIZE, self.max_in_flight // 2))
@@ -354,9 +358,10 @@ class EvalRun:
     def _prepare_files(self) -> None:
         self.answers_path.parent.mkdir(parents=True, exist_ok=True)
         if self.args.overwrite:
-            for path in (self.answers_path, self.errors_path, self.state_path):
+            for path in (self.answers_path, self.errors_path, self.state_path, self.params_path):
                 path.unlink(missing_ok=True)
         by_key, dropped = read_answers(self.answers_path)
+        self._check_params(bool(by_key))
         questions = {item.key for item in self.items if item.question is not None}
         question_ids = {question_id for question_id, _, _ in questions}
         self.answers = {key: line for key, line in by_key.items() if key in questions and self._by_model(line)}
@@ -377,6 +382,24 @@ class EvalRun:
         self.answers_file = open(self.answers_path, "a")
         self.errors_file = open(self.errors_path, "w")
         self.state_file = None
+
+    def _check_params(self, answered: bool) -> None:
+        """Stop (Fatal) when the answers file holds answers made with other sampling parameters than this run's (its
+        `.params` file says which); else record this run's. The answer lines are the original's, which name no
+        parameters: without this, a rerun at another temperature kept the earlier answers as its own."""
+        params = self.params.model_dump(exclude={"model"})
+        if answered and self.params_path.exists():
+            try:
+                earlier = json.loads(self.params_path.read_text())
+            except ValueError:
+                earlier = None
+            if earlier != params:
+                differ = ", ".join(f"{name} {earlier.get(name)!r} there, {value!r} here" for name, value in params.items()
+                                   if earlier.get(name) != value) if isinstance(earlier, dict) else "unreadable"
+                raise Fatal(f"the answers in {self.answers_path} were made with other parameters ({differ}; see "
+                            f"{self.params_path}): pass --overwrite to start over, or write to another answers file")
+        if not (answered and self.params_path.exists()):
+            write_atomically(self.params_path, [json.dumps(params) + "\n"])
 
     def _by_model(self, line: str) -> bool:
         """Whether an answers-file line of an earlier run is by this run's model: any, unless the run names its model.

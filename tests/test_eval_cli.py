@@ -98,8 +98,8 @@ def test_a_question_file_becomes_the_originals_answers_file(tiny_llava_stack, im
         assert line["prompt"] == question["text"] and line["model_id"] == MODEL and line["metadata"] == {}
         assert line["text"] == line["text"].strip()
     assert len({line["answer_id"] for line in lines}) == 50 and all(len(line["answer_id"]) == 22 for line in lines)
-    # Nothing is left beside the answers when everything was answered.
-    assert sorted(path.name for path in answers.parent.iterdir()) == ["model.jsonl"]
+    # Nothing is left beside the answers when everything was answered, but the parameters they were made with.
+    assert sorted(path.name for path in answers.parent.iterdir()) == ["model.jsonl", "model.jsonl.params"]
 
     for index in (0, 17, 49):
         image = (images / f"img_{index}.png").read_bytes()
