@@ -6,6 +6,7 @@
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from contextlib import aclosing
 from typing import Literal
 
@@ -103,10 +104,9 @@ async def _send_unavailable(websocket: WebSocket, job_id: str,
     endpoint (a WebSocket has no exception handler to answer the app's 503): a traceback, and a stream cut short.
     "left" when the client left before it (the caller cancels the job, if Redis lets it)."""
     message = store_unavailable(exc).message
-    try:
-        await websocket.send_json({"text": message, "error_code": ErrorCode.SERVER_ERROR, "id": job_id, "done": True,
-                                   "status": "unavailable", "error": message})
-    except CLIENT_GONE:
+    if not await _within_send_timeout(websocket.send_json(
+            {"text": message, "error_code": ErrorCode.SERVER_ERROR, "id": job_id, "done": True,
+             "status": "unavailable", "error": message}), job_id):
         return "left"
     await _close(websocket, 1013, f"the job store is unavailable; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123],
                  job_id)
@@ -114,13 +114,11 @@ async def _send_unavailable(websocket: WebSocket, job_id: str,
 
 
 async def _send_not_found(websocket: WebSocket, job_id: str) -> bool:
-    """The final message for an unknown job id; False when the client left before it (that is not an error)."""
-    try:
-        await websocket.send_json({"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True,
-                                   "status": "unknown", "error": f"unknown job id {job_id!r}"})
-    except CLIENT_GONE:
-        return False
-    return True
+    """The final message for an unknown job id; False when the client left before it (that is not an error) or read
+    nothing for SEND_TIMEOUT_SECONDS."""
+    return await _within_send_timeout(websocket.send_json(
+        {"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True, "status": "unknown",
+         "error": f"unknown job id {job_id!r}"}), job_id)
 
 
 @router.websocket("/v1/jobs/{job_id}/ws")
@@ -134,8 +132,8 @@ async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub, 
         await _send_unavailable(websocket, job_id, exc)
         return
     if foreign:
-        await _send_not_found(websocket, job_id)
-        await _close(websocket, job_id=job_id)
+        if await _send_not_found(websocket, job_id):
+            await _close(websocket, job_id=job_id)
         return
     if await _relay(websocket, store, hub, job_id) == "ended":
         await _close(websocket, job_id=job_id)
@@ -148,14 +146,23 @@ async def _close(websocket: WebSocket, code: int = 1000, reason: str | None = No
     The close waits, as a message does, while the client's unread data fill the socket: a client that reads nothing
     is let go after SEND_TIMEOUT_SECONDS (before, the endpoint waited for it for as long as it kept the connection).
     """
+    await _within_send_timeout(websocket.close(code=code, reason=reason), job_id)
+
+
+async def _within_send_timeout(sending: Awaitable[None], job_id: str = "") -> bool:
+    """Await `sending` (a send or the close on the socket) for at most SEND_TIMEOUT_SECONDS. False when the client
+    has left, or has read nothing for that long (logged: it is let go, where it held the endpoint for as long as it
+    kept the connection)."""
     try:
         async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-            await websocket.close(code=code, reason=reason)
+            await sending
     except CLIENT_GONE:
-        pass
+        return False
     except TimeoutError:
         log.warning("the client of %s read nothing for %s s; leaving it", f"job {job_id}" if job_id else "a stream",
                     SEND_TIMEOUT_SECONDS)
+        return False
+    return True
 
 
 @router.websocket("/v1/ws")
@@ -196,8 +203,6 @@ async def _reject(websocket: WebSocket, message: str, error_code: int, headers: 
     reply = {"text": message, "error_code": error_code, "done": True, "status": "rejected", "error": message}
     if headers and "Retry-After" in headers:
         reply["retry_after"] = int(headers["Retry-After"])
-    try:
-        await websocket.send_json(reply)
-    except CLIENT_GONE:
+    if not await _within_send_timeout(websocket.send_json(reply)):
         return
     await _close(websocket, 1008 if error_code == ErrorCode.INVALID_REQUEST else 1013)

@@ -1,0 +1,84 @@
+"""Small defects: a stream's last message to a client that reads nothing, the dtype a quantized worker names at
+start-up, and the Redis round trips of a job's start."""
+
+import select
+import socket
+import time
+
+import pytest
+import redis
+
+from conftest import run_stack
+from shared.jobs import JobStore
+from shared.protocol import GenerateRequest
+from shared.redis_server import RedisServer
+from test_gateway_s16 import open_raw_websocket
+from test_stream_followers import api_log
+
+
+@pytest.fixture()
+def api_alone():
+    """An API, no worker, on a Redis of its own (the test stops it, or plays the worker on it)."""
+    server = RedisServer().start()
+    try:
+        with run_stack(server.url, {}, workers=(), log_prefix="llava-queue-s18-") as running:
+            running.redis_server = server
+            yield running
+    finally:
+        server.stop()
+
+
+def running_job_with_big_text(stack) -> str:
+    """A job recorded as running (this test is its worker) whose text is 1.5 M control characters: its first message
+    is 9 MB of JSON (each written as 6 bytes), more than the socket buffers of a connection on this host hold (about
+    3 MB), so that every message after it waits for the client to read."""
+    store = JobStore(redis.Redis.from_url(stack.redis_url, decode_responses=True))
+    job_id, _ = store.create(GenerateRequest(prompt="hi", max_new_tokens=4), "interactive")
+    store.redis.hset(store.key(job_id), mapping={"status": "running", "text": "\x01" * 1_500_000, "seq": 1})
+    return job_id
+
+
+def join_and_read_nothing(stack, job_id: str) -> socket.socket:
+    """A client that joins the job's stream and reads nothing; returned once the stream's first bytes have reached
+    it (the API has read the record and sent its first message)."""
+    unread = open_raw_websocket(stack.base_url, f"/v1/jobs/{job_id}/ws")
+    readable, _, _ = select.select([unread], [], [], 30)
+    assert readable, f"the stream of job {job_id} sent nothing in 30 s\n{api_log(stack)[-3000:]}"
+    return unread
+
+
+def until_let_go(stack, job_id: str, unread: socket.socket) -> None:
+    """Wait until the API logs that it let the client of `job_id` go; AssertionError if it has not after the
+    follower's resync (5 s), SEND_TIMEOUT_SECONDS and some slack."""
+    from api.routes.stream import SEND_TIMEOUT_SECONDS
+
+    try:
+        deadline = time.monotonic() + 5 + SEND_TIMEOUT_SECONDS + 15
+        while f"the client of job {job_id} read nothing for" not in api_log(stack):
+            assert time.monotonic() < deadline, f"the stream of job {job_id} still waits on its last message"
+            time.sleep(0.5)
+    finally:
+        unread.close()
+
+
+def test_a_client_that_reads_nothing_is_let_go_when_its_job_is_gone(api_alone):
+    """The job's record goes (it expired) while its client reads nothing: the follower's next read of the record
+    finds no job, and the stream's last message ("unknown job id") waits behind the unread first one. Before, it
+    waited for as long as the client held the connection; now SEND_TIMEOUT_SECONDS, as any other message."""
+    job_id = running_job_with_big_text(api_alone)
+    unread = join_and_read_nothing(api_alone, job_id)
+    store = JobStore(redis.Redis.from_url(api_alone.redis_url))
+    store.redis.delete(store.key(job_id))
+    until_let_go(api_alone, job_id, unread)
+
+
+def test_a_client_that_reads_nothing_is_let_go_when_redis_goes_away(api_alone):
+    """Redis goes away while the client reads nothing: the stream's last message ("the job store is unavailable")
+    waits behind the unread first one. Before, for as long as the client held the connection; now
+    SEND_TIMEOUT_SECONDS."""
+    job_id = running_job_with_big_text(api_alone)
+    unread = join_and_read_nothing(api_alone, job_id)
+    api_alone.redis_server.stop()
+    until_let_go(api_alone, job_id, unread)
+    assert f"the stream of job {job_id} lost Redis" in api_log(api_alone)
+
