@@ -82,3 +82,22 @@ def test_a_client_that_reads_nothing_is_let_go_when_redis_goes_away(api_alone):
     until_let_go(api_alone, job_id, unread)
     assert f"the stream of job {job_id} lost Redis" in api_log(api_alone)
 
+
+@pytest.mark.parametrize(("settings", "precision"), [
+    ({"dtype": "auto", "load_8bit": True}, "int8 weights (bitsandbytes), float16 compute"),
+    ({"dtype": "auto", "load_4bit": True}, "nf4 4-bit weights (bitsandbytes), float16 compute"),
+    ({"dtype": "bfloat16", "load_4bit": True},
+     "nf4 4-bit weights (bitsandbytes), float16 compute, other layers bfloat16"),
+    ({"dtype": "auto"}, "float16"),
+])
+def test_the_start_up_log_of_a_quantized_worker_names_what_runs(settings, precision):
+    """A worker with LLAVA_QUEUE_LOAD_8BIT / LOAD_4BIT on a GPU logged `dtype float16` at start-up, as an unquantized
+    one: the dtype its other layers load in. Its log names the int8 / nf4 weights and the compute dtype now. (The
+    description is a function of the load settings: 8/4-bit loading needs a CUDA GPU and bitsandbytes.)"""
+    import torch
+
+    from workers.builder import describe_precision, resolve_dtype
+
+    dtype = resolve_dtype(settings["dtype"], torch.device("cuda"))
+    assert describe_precision(dtype, settings.get("load_8bit", False), settings.get("load_4bit", False)) == precision
+

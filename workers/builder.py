@@ -51,7 +51,8 @@ class LoadedModel:
     """A model ready to serve, with what the protocol needs to know about it.
 
     `model` is a causal LM (for a LLaVA model, its language model); `vision` is set for LLaVA
-    models and turns their images into prompt embeddings.
+    models and turns their images into prompt embeddings. `dtype` is the unquantized layers' dtype; `precision`
+    says what runs, for logs (see describe_precision).
     """
 
     model: PreTrainedModel
@@ -61,6 +62,7 @@ class LoadedModel:
     context_len: int
     device: torch.device
     dtype: torch.dtype
+    precision: str
     vision: LlavaVision | None = None
 
     @property
@@ -119,6 +121,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return dtypes[dtype]
 
 
+def describe_precision(dtype: torch.dtype, load_8bit: bool = False, load_4bit: bool = False) -> str:
+    """What a model loaded with these settings runs in, for logs: its `dtype` ("float16") or, for bitsandbytes'
+    8/4-bit loading, the weights' format and the compute dtype ("int8 weights (bitsandbytes), float16 compute")."""
+    name = str(dtype).removeprefix("torch.")
+    if load_8bit:
+        return f"int8 weights (bitsandbytes), {name} compute"
+    if load_4bit:
+        # _quantization's config computes the 4-bit layers in float16; the other layers are in `dtype`.
+        others = "" if dtype == torch.float16 else f", other layers {name}"
+        return f"nf4 4-bit weights (bitsandbytes), float16 compute{others}"
+    return name
+
+
 def _check_local_path(path: str | None, what: str) -> str | None:
     """`path` with `~` expanded when it names a local file or folder; ModelLoadError when such a path is missing.
 
@@ -168,10 +183,11 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     else:
         model, tokenizer = _load_causal_lm(model_path, placement, name)
     context_len = getattr(model.config, "max_position_embeddings", None) or 2048
-    log.info("loaded %s from %s on %s in %s (context %d tokens%s)", name, model_path, torch_device,
-             str(placement.dtype).removeprefix("torch."), context_len,
-             f", {vision.tokens_per_image} tokens per image" if vision else "")
-    return LoadedModel(model, tokenizer, name, is_multimodal, context_len, torch_device, placement.dtype, vision)
+    precision = describe_precision(placement.dtype, load_8bit, load_4bit)
+    log.info("loaded %s from %s on %s in %s (context %d tokens%s)", name, model_path, torch_device, precision,
+             context_len, f", {vision.tokens_per_image} tokens per image" if vision else "")
+    return LoadedModel(model, tokenizer, name, is_multimodal, context_len, torch_device, placement.dtype, precision,
+                       vision)
 
 
 def _quantization(load_8bit: bool, load_4bit: bool, device: torch.device):
