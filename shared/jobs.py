@@ -792,8 +792,13 @@ class JobStore:
 
     def request_of(self, job_id: str) -> GenerateRequest | None:
         """The validated request a job was submitted with."""
-        raw = self.redis.hget(self.key(job_id), "request")
-        return None if raw is None else GenerateRequest.model_validate_json(raw)
+        return self.request_and_queue(job_id)[0]
+
+    def request_and_queue(self, job_id: str) -> tuple[GenerateRequest | None, str | None]:
+        """The validated request a job was submitted with and the queue it was submitted to, read in one round trip
+        (a worker reads both to start every job); (None, None) for an unknown job."""
+        raw, queue = self.redis.hmget(self.key(job_id), ("request", "queue"))
+        return (None if raw is None else GenerateRequest.model_validate_json(raw)), queue
 
     def queue_of(self, job_id: str) -> str | None:
         """The queue a job was submitted to (None for an unknown job)."""

@@ -1,9 +1,11 @@
 """Small defects: a stream's last message to a client that reads nothing, the dtype a quantized worker names at
 start-up, and the Redis round trips of a job's start."""
 
+import re
 import select
 import socket
 import time
+import uuid
 
 import pytest
 import redis
@@ -101,3 +103,41 @@ def test_the_start_up_log_of_a_quantized_worker_names_what_runs(settings, precis
     dtype = resolve_dtype(settings["dtype"], torch.device("cuda"))
     assert describe_precision(dtype, settings.get("load_8bit", False), settings.get("load_4bit", False)) == precision
 
+
+class Recording(redis.Connection):
+    """Keeps the first words (command, key) of every request the client sends: a pipeline is one request, one
+    round trip, whose first command is kept."""
+
+    sent: list[list[str]] = []
+
+    def send_packed_command(self, command, check_health=True):
+        first = command if isinstance(command, (bytes, str)) else command[0]
+        first = first.encode() if isinstance(first, str) else first
+        Recording.sent.append([word.decode() for word in re.findall(rb"\$\d+\r\n([^\r]*)\r\n", first)[:2]])
+        return super().send_packed_command(command, check_health)
+
+
+def test_a_job_start_reads_its_request_and_queue_in_one_round_trip(redis_server, default_model_dir):
+    """A worker starting a job reads the request and the queue from its record: two HGETs, two round trips for every
+    job, before. One HMGET now."""
+    from test_worker_exit import make_runner
+    from workers.builder import load_model
+
+    loaded = load_model(str(default_model_dir), device="cpu", dtype="float32")
+    pool = redis.ConnectionPool.from_url(redis_server.url, decode_responses=True, connection_class=Recording)
+    store = JobStore(redis.Redis(connection_pool=pool), prefix=f"llq-s18-{uuid.uuid4().hex[:8]}")
+    runner, engine = make_runner(store, loaded, "w1")
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=1),
+                                 "interactive")
+        Recording.sent.clear()
+        assert runner.run(job_id) == "succeeded"
+    finally:
+        engine.shutdown()
+    reads = [request for request in Recording.sent
+             if request[0] in ("HGET", "HMGET", "HGETALL") and request[1] == store.key(job_id)]
+    assert reads == [["HMGET", store.key(job_id)]], Recording.sent
+    assert store.request_and_queue(job_id) == (GenerateRequest(prompt="Once upon a time", temperature=0,
+                                                               max_new_tokens=1), "interactive")
+    assert (store.request_of(job_id).prompt, store.queue_of(job_id)) == ("Once upon a time", "interactive")
+    assert store.request_and_queue("no-such-job") == (None, None)

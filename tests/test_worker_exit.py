@@ -88,15 +88,15 @@ def test_jobs_of_an_engine_that_stopped_itself_are_handed_back_not_failed(redis_
         racing, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=8),
                                  "interactive")
         stopped, runner._engine_stop = runner._engine_stop, None
-        request_of = store.request_of
+        request_and_queue = store.request_and_queue
 
         def stop_seen_after_start(job_id):
             runner._engine_stop = stopped
-            return request_of(job_id)
+            return request_and_queue(job_id)
 
-        store.request_of = stop_seen_after_start
+        store.request_and_queue = stop_seen_after_start
         runner.run(racing)
-        store.request_of = request_of
+        store.request_and_queue = request_and_queue
         assert requeued == [running, later, racing]
         assert (store.get(racing)["status"], store.get(racing)["error"]) == ("running", "")
         assert engine._aborts == []

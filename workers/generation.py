@@ -248,8 +248,8 @@ class JobRunner:
     def _generate(self, job_id: str, resumed: bool) -> str:
         # Its reads and writes wait for Redis too: one that raised failed the job for an outage of a few seconds.
         try:
-            request, queue = self._when_redis_answers(lambda: (self.store.request_of(job_id),
-                                                               self.store.queue_of(job_id)), f"reading job {job_id}")
+            request, queue = self._when_redis_answers(lambda: self.store.request_and_queue(job_id),
+                                                      f"reading job {job_id}")
             prepared = prepare(request, self.loaded, self.max_new_tokens_cap)
         except ValueError as exc:
             self._end(Ending(job_id, "failed", str(exc), ErrorCode.INVALID_REQUEST, "error"), f"failing job {job_id}")
