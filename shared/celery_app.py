@@ -2,12 +2,16 @@
 per-model variants: `task_queue`)."""
 
 import re
+import time
 from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps
 
 from shared.settings import Settings, get_settings
 
@@ -38,6 +42,58 @@ def worker_queues(model: str) -> list[str]:
     return [task_queue(INTERACTIVE_QUEUE, model), INTERACTIVE_QUEUE, task_queue(BATCH_QUEUE, model), BATCH_QUEUE]
 
 
+# Hash of delivery tag → the registry key of the worker that took the message (`message_holder`); kombu keeps the
+# message itself in its "unacked" hash until the ack. A worker SIGKILLed between taking a message and starting its job
+# left the job "queued" and the message there until kombu restored it past the visibility timeout (4 h): the orphan
+# sweep restores the messages of workers gone at once (`restore_messages_of_gone_workers`).
+MESSAGE_HOLDERS_KEY = "unacked_holders"
+
+
+class _QoS(kombu_redis.QoS):
+    """kombu's Redis QoS that records which worker holds each message it takes, in the transaction that records the
+    message among the unacked, and forgets it with that record (ack, reject, restore)."""
+
+    def append(self, message, delivery_tag):
+        holder = self.channel.message_holder
+        if not holder:
+            return super().append(message, delivery_tag)
+        # kombu's append, with the holder in its transaction.
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}) \
+                .hset(self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"],
+                                                             delivery["routing_key"]])) \
+                .hset(MESSAGE_HOLDERS_KEY, delivery_tag, holder) \
+                .execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(MESSAGE_HOLDERS_KEY, delivery_tag)
+
+
+def restore_messages_of_gone_workers(app: Celery) -> list[str]:
+    """Put each message that a worker took and has not acknowledged back at the head of its queue when that worker's
+    registry key is gone (it died, or left without giving it back); returns their delivery tags.
+
+    Each is kombu's own restore, one transaction (WATCH on the unacked hash): the message leaves it and enters its
+    queue together, so a sweep that dies midway loses none, and two sweeps never put one back twice. A job whose
+    message comes back twice (its holder was alive after all, or had started it) still runs once: `JobStore.start`
+    skips the second start as a duplicate.
+    """
+    with app.connection_or_acquire() as connection:  # one of the app's pool: no new connection every sweep
+        connection.ensure_connection(max_retries=1)
+        channel = connection.default_channel
+        held = channel.client.hgetall(MESSAGE_HOLDERS_KEY)
+        if not held:
+            return []
+        holders = sorted(set(held.values()))
+        gone = {holder for holder, info in zip(holders, channel.client.mget(holders)) if info is None}
+        tags = [bytes_to_str(tag) for tag, holder in held.items() if holder in gone]
+        for tag in tags:
+            channel.qos.restore_by_tag(tag)
+        return tags
+
+
 class _Channel(kombu_redis.Channel):
     """kombu's Redis channel with one client for its commands outside the event loop, instead of one per command.
 
@@ -46,8 +102,15 @@ class _Channel(kombu_redis.Channel):
     120 µs building one (its table of response callbacks), on the worker's consumer thread, the one
     thread that takes every job, and on every submission in the API. A client holds no connection
     of its own (each command takes one from the pool), so one per pool serves them all.
+
+    On a worker's consumer it also records which worker holds each message it takes (`_QoS`).
     """
 
+    QoS = _QoS
+    # The registry key of the worker whose consumer this channel is (the `message_holder` transport option), recorded
+    # with each message it takes; None elsewhere (the API, a producer).
+    message_holder = None
+    from_transport_options = kombu_redis.Channel.from_transport_options + ("message_holder",)
     _sync_client = None
 
     def _create_client(self, asynchronous=False):

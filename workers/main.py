@@ -17,7 +17,8 @@ from kombu.exceptions import OperationalError
 from PIL import Image
 from redis.exceptions import RedisError, ResponseError
 
-from shared.celery_app import BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app, task_queue, worker_queues
+from shared.celery_app import (BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app,
+                               restore_messages_of_gone_workers, task_queue, worker_queues)
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
@@ -84,10 +85,14 @@ def run_worker(settings: Settings) -> None:
     where = f" ({split.describe()})" if split.engine else ""
     log.info("worker %s: model %s, device %s, dtype %s, %d torch threads%s, max_num_seqs %d, max_batch_tokens %d, "
              "max_prefill_tokens %d, stream_interval %d; %d start-up objects frozen out of full garbage collections",
-             name, loaded.name, loaded.device, loaded.precision, threads, where,
+             name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), threads, where,
              settings.max_num_seqs, settings.max_batch_tokens, engine.scheduler.max_prefill_tokens,
              settings.stream_interval, frozen)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
+    # Each message this worker takes is recorded as held by its registry key: once the key has lapsed (the worker
+    # died), the orphan sweep puts back the messages whose jobs it had not started, not kombu 4 hours later.
+    celery_app.conf.broker_transport_options = {**celery_app.conf.broker_transport_options,
+                                                "message_holder": f"{settings.key_prefix}:worker:{name}"}
     stop = threading.Event()
     METRICS.set_ready(True)
     threading.Thread(target=_follow_cancellations, args=(store, runner, stop), daemon=True,
@@ -292,7 +297,9 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
 
 
 def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, requeue_after: float = 60.0) -> None:
-    """Deliver again the jobs of workers that died, so none stays `running` forever.
+    """Deliver again the jobs of workers that died, so none stays `running` forever, and put back on their queues the
+    messages they had taken and not acknowledged, so a job taken but not started does not wait out the visibility
+    timeout (4 h) `queued`.
 
     Every worker sweeps; a short lock makes one sweep at a time. A job delivered twice is
     harmless: `JobStore.start` lets only one live worker hold it.
@@ -329,6 +336,9 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
             for claim in store.orphans(requeue_after):
                 undelivered.setdefault(claim.job_id, claim)
             _deliver_claimed(store, undelivered, requeue_after)
+            for tag in restore_messages_of_gone_workers(celery_app):
+                log.warning("message %s: the worker that took it stopped beating before acknowledging it; back on its "
+                            "queue", tag)
         except (RedisError, OperationalError) as exc:  # kombu's OperationalError: a delivery that found no broker
             judge_after = time.monotonic() + wait
             outage.failed(exc)
