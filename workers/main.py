@@ -85,7 +85,7 @@ def run_worker(settings: Settings) -> None:
     where = f" ({split.describe()})" if split.engine else ""
     log.info("worker %s: model %s, device %s, dtype %s, %d torch threads%s, max_num_seqs %d, max_batch_tokens %d, "
              "max_prefill_tokens %d, stream_interval %d; %d start-up objects frozen out of full garbage collections",
-             name, loaded.name, loaded.device, str(loaded.dtype).removeprefix("torch."), threads, where,
+             name, loaded.name, loaded.device, loaded.precision, threads, where,
              settings.max_num_seqs, settings.max_batch_tokens, engine.scheduler.max_prefill_tokens,
              settings.stream_interval, frozen)
     registry = WorkerRegistry(store.redis, settings.key_prefix)
