@@ -6,7 +6,7 @@ import json
 from test_eval_cli import eval_args, eval_in_process, images, read_lines, write_questions  # noqa: F401 (fixture)
 
 
-def test_a_rerun_with_other_parameters_stops_instead_of_keeping_earlier_answers(tiny_llava_stack, images, tmp_path,
+def test_a_rerun_with_other_parameters_stops_instead_of_keeping_earlier_answers(tiny_llava_stack, images, tmp_path,  # noqa: F811
                                                                                 capsys):
     questions, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     write_questions(questions, [0, 1, 2])
