@@ -23,6 +23,7 @@ import queue
 import socket
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -47,6 +48,8 @@ TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0
 _RECORD_FIELDS = ("status", "worker", "model", "created_at", "started_at", "first_token_at", "finished_at",
                   "prompt_tokens", "completion_tokens", "error_code", "finish_reason")
 _CONVERSATION_FIELDS = ("request", "prompt", "text")
+# Jobs whose image hashes are kept for the conversation log until their end is observed (older ones are dropped).
+MAX_NOTED_JOBS = 10_000
 
 
 class WorkerMetrics:
@@ -85,6 +88,11 @@ class WorkerMetrics:
         self.registry.register(_EngineCollector(self))
         self._ended: queue.Queue[str] = queue.Queue()
         self.is_ready = False
+        # The conversation log's image hashes of the jobs this worker started, taken from their requests as they start:
+        # a job's record loses its images when it ends (JobStore's finish), before the observer reads it.
+        self._conversation_log = ""
+        self._image_md5s: OrderedDict[str, list[str]] = OrderedDict()
+        self._image_md5s_lock = threading.Lock()
 
     def bind(self, model: str, engine) -> None:
         """Label every metric with `model` and read the engine's gauges from `engine.stats()` from now on."""
@@ -146,8 +154,23 @@ class WorkerMetrics:
         if first is not None and finished is not None and completion_tokens >= 2:
             self.tpot.labels(model).observe(max(0.0, finished - first) / (completion_tokens - 1))
 
+    def note_images(self, job_id: str, images: list[str]) -> None:
+        """A job this worker starts carries `images` (base64): their hashes, for its conversation log line."""
+        if not self._conversation_log:
+            return
+        hashes = [image_md5(image) for image in images]
+        with self._image_md5s_lock:
+            self._image_md5s[job_id] = hashes
+            while len(self._image_md5s) > MAX_NOTED_JOBS:  # a job whose end this worker never observes
+                self._image_md5s.popitem(last=False)
+
+    def _noted_images(self, job_id: str) -> list[str] | None:
+        with self._image_md5s_lock:
+            return self._image_md5s.pop(job_id, None)
+
     def start_observer(self, store: JobStore, worker_name: str, conversation_log: str = "") -> threading.Thread:
         """Start the thread that turns finished jobs into latency observations (and conversation log lines)."""
+        self._conversation_log = conversation_log
         thread = threading.Thread(target=self._observe_finished, args=(store, worker_name, conversation_log),
                                   daemon=True, name="job-metrics")
         thread.start()
@@ -173,12 +196,13 @@ class WorkerMetrics:
             lines = []
             for job_id, values in zip(job_ids, rows):
                 record = dict(zip(fields, values))
+                noted = self._noted_images(job_id) if conversation_log else None
                 # Only jobs this worker ended (a job handed back or fenced off was ended elsewhere).
                 if record["status"] not in FINAL_STATES or record["worker"] != worker_name:
                     continue
                 self.observe_record(record)
                 if conversation_log:
-                    lines.append(json.dumps(conversation_line(job_id, record), ensure_ascii=False))
+                    lines.append(json.dumps(conversation_line(job_id, record, noted), ensure_ascii=False))
             if lines:
                 try:
                     _append_lines(conversation_log, lines)
@@ -223,12 +247,15 @@ class _EngineCollector:
             yield family
 
 
-def conversation_line(job_id: str, record: dict[str, Any]) -> dict[str, Any]:
-    """The original's conversation log record for one finished job; images as MD5 hashes of their bytes."""
+def conversation_line(job_id: str, record: dict[str, Any], image_md5s: list[str] | None = None) -> dict[str, Any]:
+    """The original's conversation log record for one finished job; images as MD5 hashes of their bytes
+    (`image_md5s`, noted as the job started; else those of the images its record still holds)."""
     request = json.loads(record.get("request") or "{}")
     messages = request.get("messages")
-    images = [image for message in messages for image in message.get("images", [])] if messages \
-        else request.get("images") or []
+    if image_md5s is None:
+        images = [image for message in messages for image in message.get("images", [])] if messages \
+            else request.get("images") or []
+        image_md5s = [image_md5(image) for image in images]
     finished = _float(record.get("finished_at")) or time.time()
     line: dict[str, Any] = {
         "tstamp": round(finished, 4),
@@ -247,7 +274,7 @@ def conversation_line(job_id: str, record: dict[str, Any]) -> dict[str, Any]:
         line["messages"] = [{"role": message.get("role"), "text": message.get("text", "")} for message in messages]
     line["prompt"] = record.get("prompt") or ""
     line["text"] = record.get("text") or ""
-    line["images"] = [image_md5(image) for image in images]
+    line["images"] = image_md5s
     line["prompt_tokens"] = int(record.get("prompt_tokens") or 0)
     line["completion_tokens"] = int(record.get("completion_tokens") or 0)
     return line
