@@ -65,7 +65,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", tr
             # (the 13B with graphs then sends its 8 image jobs over the stack: the worker inherits the setting).
             graphs) for forward in graphs fused; do
                         jobs=$([ $forward = graphs ] && echo 8 || echo 0)
-                        LLAVA_QUEUE_ENGINE_FORWARD=$forward timeout 200 python3 -m bench.gpu llava --root /tmp/llava13b \
+                        LLAVA_QUEUE_ENGINE_FORWARD=$forward timeout 260 python3 -m bench.gpu llava --root /tmp/llava13b \
                             --batches 1,32 --sequential-requests 2 --stack-jobs "$jobs" --stack-new-tokens 64 \
                             || echo "llava $forward failed"
                     done

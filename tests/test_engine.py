@@ -209,6 +209,35 @@ def test_greedy_mixed_batch_matches_generate_alone(forward, request, tokenizer):
     assert any(0 < later < earlier for earlier, later in zip(lens, lens[1:]))
 
 
+def test_a_row_admitted_where_an_overflow_was_left_decodes_as_alone_with_graphs(tiny_model_to_fuse, tokenizer):
+    # A decode step of fixed shapes (CUDA graphs) attends over every column of the buffers, the mask hiding those
+    # not live; a masked inf still makes the attention NaN. A row admitted into a spare row slot had only its window's
+    # columns cleared: an inf that a row which left there had written left of the window (here written by hand, as an
+    # fp16 overflow would) turned its tokens to garbage.
+    engine, _ = make_engine(tiny_model_to_fuse, tokenizer, max_num_seqs=4, forward="graphs")
+    prompts = {"long": random_prompt(30, seed=1), "b": random_prompt(3, seed=2), "c": random_prompt(4, seed=3),
+               "late": random_prompt(2, seed=4)}
+    limits = {"long": 2, "b": 12, "c": 12, "late": 8}
+
+    def add(rid):
+        return engine.add_request(rid, prompts[rid], SamplingParams(temperature=0.0, max_new_tokens=limits[rid]))
+
+    handles = {rid: add(rid) for rid in ("long", "b", "c")}
+    while not handles["long"].done.is_set():
+        engine.step()
+    engine.step()
+    cache = engine._batch.cache
+    assert cache.start > 0  # the long prompt's columns were cut off the window
+    with torch.inference_mode():
+        for layer in cache.layers:
+            layer.keys[cache.rows :, :, : cache.end] = float("inf")
+            layer.values[cache.rows :, :, : cache.end] = float("inf")
+    handles["late"] = add("late")
+    run_until_done(engine, handles.values())
+    for rid in ("b", "c", "late"):
+        assert handles[rid].wait(0).token_ids == generate_alone(tiny_model_to_fuse, prompts[rid], limits[rid]), rid
+
+
 def test_an_unknown_forward_is_refused_and_model_runs_the_models_own(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="forward must be one of auto, graphs, fused, model"):
         LLMEngine(tiny_model, tokenizer, forward="fast")

@@ -52,6 +52,7 @@ class DecodeGraphs:
         self._layout: tuple[int, torch.Tensor] | None = None
         self._graphs: dict[int, _Graph] = {}
         self._pool = None
+        self._stream: torch.cuda.Stream | None = None  # the side stream steps are recorded on
 
     def __call__(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The next-token logits [B, V] of the cache's B live rows, whose last tokens are `input_ids` [B] and whose
@@ -102,10 +103,20 @@ class _Graph:
         if self.graph is None:
             started = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
+            if owner._stream is None:
+                owner._stream = torch.cuda.Stream()
+            owner._stream.wait_stream(torch.cuda.current_stream())
             try:
-                # thread_local: the worker's other threads (the vision tower's forward) may use the GPU meanwhile.
-                with torch.cuda.graph(graph, pool=owner._pool, capture_error_mode="thread_local"):
-                    self.logits = step()
+                # As torch.cuda.graph records, without its synchronize() (it would wait for the other threads' work,
+                # the vision tower's) and empty_cache() (it would unmap every cached block), and with the caller's
+                # stream current again whatever capture_end raises (torch.cuda.graph's exit leaves its side stream
+                # current then). thread_local: the worker's other threads may use the GPU meanwhile.
+                with torch.cuda.stream(owner._stream):
+                    graph.capture_begin(pool=owner._pool, capture_error_mode="thread_local")
+                    try:
+                        self.logits = step()
+                    finally:
+                        graph.capture_end()
             except Exception:
                 # Recording runs nothing: the step has not happened yet. Run it, and every later one, as it is.
                 log.exception("recording a decode step into a CUDA graph failed: decode steps run without graphs")

@@ -108,8 +108,9 @@ class BatchKVCache(Cache):
         for layer, incoming in zip(self.layers, other.layers):
             for buffer, live in ((layer.keys, incoming.live_keys()), (layer.values, incoming.live_values())):
                 # Window columns a row does not use may hold what a row that left wrote there: masked, but an inf or
-                # NaN its overflow left behind still makes the attention NaN (a masked score is score - inf): zero them.
-                buffer[new_rows, :, start:first] = 0
+                # NaN its overflow left behind still makes the attention NaN (a masked score is score - inf): zero them,
+                # and those left of the window too (a decode step from a CUDA graph attends over every column).
+                buffer[new_rows, :, :first] = 0
                 buffer[: self.rows, :, first : self.start] = 0
                 buffer[new_rows, :, first : self.end] = live
         self.mask[new_rows] = False
