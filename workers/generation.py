@@ -22,6 +22,7 @@ from shared.jobs import CANCELLED_ERROR, QUEUES, Ending, JobStore, answers_later
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
+from workers.engine.decode_graphs import OTHER_CUDA_WORK
 from workers.llava import embed_prompt, extend_prompt_embeds
 from workers.metrics import METRICS
 from workers.torch_threads import in_passing_thread
@@ -79,7 +80,8 @@ class Prepared:
         """What the engine reads: `prompt_embeds` then any ids appended to `token_ids` since; None for text."""
         if self.prompt_embeds is None:
             return None
-        return extend_prompt_embeds(self.prompt_embeds, self.token_ids[len(self.prompt_embeds):], self.embed_tokens)
+        with OTHER_CUDA_WORK:
+            return extend_prompt_embeds(self.prompt_embeds, self.token_ids[len(self.prompt_embeds):], self.embed_tokens)
 
 
 def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, str | tuple[str, ...] | None]:
@@ -138,7 +140,8 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
     if pixel_values is not None and max_new_tokens >= 1:
 
         embed_tokens = loaded.model.get_input_embeddings()
-        prompt_embeds = in_passing_thread(lambda: embed_prompt(ids, vision.encode(pixel_values), embed_tokens))
+        with OTHER_CUDA_WORK:
+            prompt_embeds = in_passing_thread(lambda: embed_prompt(ids, vision.encode(pixel_values), embed_tokens))
     params = SamplingParams(temperature=request.temperature, top_p=request.top_p,
                             top_k=loaded.default_top_k if request.top_k is None else request.top_k,
                             max_new_tokens=max_new_tokens, stop=stop or None, seed=request.seed)

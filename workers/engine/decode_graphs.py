@@ -24,6 +24,7 @@ sequence for many positions, where the host's time matters little.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -32,6 +33,10 @@ from workers.engine.kv_cache import BatchKVCache
 from workers.engine.packed_llama import PackedLlama
 
 log = logging.getLogger("llava_queue.engine")
+
+# PyTorch asks that no other CUDA work run in the process while a graph is recorded: the worker's task threads hold
+# this around theirs (the vision tower's forward, the prompt embeddings), the engine around a recording.
+OTHER_CUDA_WORK = threading.Lock()
 
 # Row counts a step is padded up to below ROW_STEP; above, multiples of ROW_STEP.
 SMALL_BUCKETS = (1, 2, 4)
@@ -111,7 +116,7 @@ class _Graph:
                 # the vision tower's) and empty_cache() (it would unmap every cached block), and with the caller's
                 # stream current again whatever capture_end raises (torch.cuda.graph's exit leaves its side stream
                 # current then). thread_local: the worker's other threads may use the GPU meanwhile.
-                with torch.cuda.stream(owner._stream):
+                with OTHER_CUDA_WORK, torch.cuda.stream(owner._stream):
                     graph.capture_begin(pool=owner._pool, capture_error_mode="thread_local")
                     try:
                         self.logits = step()
