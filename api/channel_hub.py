@@ -98,8 +98,13 @@ class ChannelHub:
                 # next sends it, else the channel's followers would follow it unsubscribed, each reading the record
                 # every RESYNC_AFTER_SECONDS instead of getting its chunks.
                 if not followers.subscribed:
-                    await self._connect()
-                    await self._pubsub.subscribe(channel)
+                    try:
+                        await self._connect()
+                        await self._pubsub.subscribe(channel)
+                    except AttributeError as exc:
+                        # redis-py's PubSub, its connection dropped by the reader's failed read while this wrote on
+                        # it: "'NoneType' object has no attribute 'writelines'". The connection is lost, as said.
+                        raise RedisConnectionError(f"the pub/sub connection closed while subscribing: {exc}") from exc
                     followers.subscribed = True
             _, waiting = await asyncio.wait([followers.acknowledged], timeout=SUBSCRIBE_TIMEOUT_SECONDS)
             if waiting:
