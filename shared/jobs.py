@@ -1071,14 +1071,15 @@ class WorkerRegistry:
         """Sorted set of worker names, scored by when each one's announcement lapses."""
         return f"{self.prefix}:workers"
 
-    def _key(self, name: str) -> str:
+    def key(self, name: str) -> str:
+        """A worker's key: its description, alive while it beats."""
         return f"{self.prefix}:worker:{name}"
 
     def announce(self, name: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
         """Publish (or refresh) a worker's description for `ttl_seconds`; names long lapsed leave the set."""
         now = time.time()
         with self.redis.pipeline() as pipe:
-            pipe.set(self._key(name), json.dumps(info), ex=ttl_seconds)
+            pipe.set(self.key(name), json.dumps(info), ex=ttl_seconds)
             pipe.zadd(self.names_key, {name: now + ttl_seconds})
             pipe.zremrangebyscore(self.names_key, "-inf", now - 3600)
             pipe.execute()
@@ -1086,7 +1087,7 @@ class WorkerRegistry:
     def remove(self, name: str) -> None:
         """Forget a worker at once (on a clean shutdown)."""
         with self.redis.pipeline() as pipe:
-            pipe.delete(self._key(name))
+            pipe.delete(self.key(name))
             pipe.zrem(self.names_key, name)
             pipe.execute()
 
@@ -1096,5 +1097,5 @@ class WorkerRegistry:
         # or not (a clock step between two hosts must not hide a live worker), and the set stays small, since
         # every announcement drops the names that lapsed an hour ago.
         names = sorted(self.redis.zrange(self.names_key, 0, -1))
-        values = self.redis.mget([self._key(name) for name in names]) if names else []
+        values = self.redis.mget([self.key(name) for name in names]) if names else []
         return [json.loads(value) for value in values if value]

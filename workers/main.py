@@ -92,7 +92,7 @@ def run_worker(settings: Settings) -> None:
     # Each message this worker takes is recorded as held by its registry key: once the key has lapsed (the worker
     # died), the orphan sweep puts back the messages whose jobs it had not started, not kombu 4 hours later.
     celery_app.conf.broker_transport_options = {**celery_app.conf.broker_transport_options,
-                                                "message_holder": f"{settings.key_prefix}:worker:{name}"}
+                                                "message_holder": registry.key(name)}
     stop = threading.Event()
     METRICS.set_ready(True)
     threading.Thread(target=_follow_cancellations, args=(store, runner, stop), daemon=True,

@@ -202,7 +202,7 @@ class WorkerMetrics:
                     continue
                 self.observe_record(record)
                 if conversation_log:
-                    lines.append(json.dumps(conversation_line(job_id, record, noted), ensure_ascii=False))
+                    lines.append(json.dumps(conversation_line(job_id, record, noted or []), ensure_ascii=False))
             if lines:
                 try:
                     _append_lines(conversation_log, lines)
@@ -247,15 +247,11 @@ class _EngineCollector:
             yield family
 
 
-def conversation_line(job_id: str, record: dict[str, Any], image_md5s: list[str] | None = None) -> dict[str, Any]:
-    """The original's conversation log record for one finished job; images as MD5 hashes of their bytes
-    (`image_md5s`, noted as the job started; else those of the images its record still holds)."""
+def conversation_line(job_id: str, record: dict[str, Any], image_md5s: list[str]) -> dict[str, Any]:
+    """The original's conversation log record for one finished job; images as the MD5 hashes of their bytes noted as
+    the job started (`note_images`: an ended job's record holds no images)."""
     request = json.loads(record.get("request") or "{}")
     messages = request.get("messages")
-    if image_md5s is None:
-        images = [image for message in messages for image in message.get("images", [])] if messages \
-            else request.get("images") or []
-        image_md5s = [image_md5(image) for image in images]
     finished = _float(record.get("finished_at")) or time.time()
     line: dict[str, Any] = {
         "tstamp": round(finished, 4),

@@ -83,7 +83,8 @@ class ModelRunner:
         self.packed = {"auto": PackedLlama.of, "graphs": PackedLlama.fused, "fused": PackedLlama.fused,
                        "model": lambda _: None}[forward](model)
         on_cuda = self.device.type == "cuda"
-        self.graphs = DecodeGraphs(self.packed, capture=on_cuda) if forward == "graphs" and self.packed is not None else None
+        graphs = forward == "graphs" and self.packed is not None
+        self.graphs = DecodeGraphs(self.packed, capture=on_cuda) if graphs else None
         if self.packed is None:
             described = "the model's own"
         else:
