@@ -2,16 +2,24 @@
 
 A subscription per follower would cost a Redis connection and a reader loop per streaming client.
 Here one reader task reads every subscribed channel and hands each message to the queues of that
-channel's followers. A channel's followers share one SUBSCRIBE: sent for the first (for the next, if
-that fails), withdrawn after the last.
+channel's followers. A channel's followers share one SUBSCRIBE: sent by the first, withdrawn after the last.
+
+The reader alone opens connections: a new one each time, on which it subscribes every channel followed at that
+moment. A follower only writes its SUBSCRIBE on the reader's connection while that is up; while it is not, the
+reader's next connection subscribes the follower's channel, and the follower waits for that attempt (its stream
+ends "unavailable" when it fails). redis-py's PubSub reconnected inside any of its calls, the reader's read and
+a follower's SUBSCRIBE each: two at once opened two sockets on one connection object, the SUBSCRIBE went out on
+one while the reader read the other, and the channel's followers got no message (an eighteenth-session defect).
 """
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -20,7 +28,8 @@ log = logging.getLogger("llava_queue.api")
 # How long a new follower waits for Redis to acknowledge its SUBSCRIBE. Past it, the follower goes on
 # without: it re-reads the job record when a chunk is missing or the channel stays quiet.
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
-# The pause before the reader tries again after losing its connection, doubled while Redis stays away.
+# The pause before the reader tries again after losing its connection, doubled while Redis stays away. A new
+# follower cuts it short: it wants to know now whether Redis can be reached.
 RECONNECT_DELAY_SECONDS = 0.5
 MAX_RECONNECT_DELAY_SECONDS = 4.0
 # The most messages a follower's queue holds. A follower that falls this far behind (its client reads slowly) has
@@ -38,13 +47,10 @@ STOPPING = object()
 
 
 class _Channel:
-    """The followers' queues of one channel, whether its SUBSCRIBE was sent, and whether Redis has acknowledged it."""
+    """The followers' queues of one channel, and whether Redis has acknowledged its subscription."""
 
     def __init__(self) -> None:
         self.queues: set[asyncio.Queue] = set()
-        # Held by the follower sending the SUBSCRIBE: the others wait for it, then send it themselves if it failed.
-        self.subscribing = asyncio.Lock()
-        self.subscribed = False
         self.acknowledged = asyncio.get_running_loop().create_future()
 
 
@@ -55,10 +61,15 @@ class ChannelHub:
     """
 
     def __init__(self, aredis: aioredis.Redis):
-        self._pubsub = aredis.pubsub()
+        self._pool = aredis.connection_pool
         self._channels: dict[str, _Channel] = {}
-        # Two coroutines connecting the PubSub at once would each open a connection.
-        self._connecting = asyncio.Lock()
+        # The reader's connection while it is up; None while the reader connects or waits to.
+        self._connection: AbstractConnection | None = None
+        # Done once the reader's connection is lost (a follower waiting for an acknowledgement then waits on the next).
+        self._lost = asyncio.get_running_loop().create_future()
+        # The outcome of the reader's next (or current) attempt to connect: None, or the error it failed with.
+        self._attempt = asyncio.get_running_loop().create_future()
+        self._hurry = asyncio.Event()  # set by a follower that waits on the next attempt
         self._reader: asyncio.Task | None = None
         self.stopping = False
 
@@ -69,7 +80,6 @@ class ChannelHub:
         self._reader.cancel()
         with suppress(asyncio.CancelledError):
             await self._reader
-        await self._pubsub.aclose()
 
     def stop_followers(self) -> None:
         """At shutdown: every follower's queue gets STOPPING, and new subscriptions raise ServerStopping. A stream
@@ -90,75 +100,139 @@ class ChannelHub:
         if self.stopping:
             raise ServerStopping
         queue = asyncio.Queue()
-        followers = self._channels.setdefault(channel, _Channel())
+        followers = self._channels.get(channel)
+        first = followers is None
+        if first:
+            followers = self._channels[channel] = _Channel()
         followers.queues.add(queue)
         try:
-            async with followers.subscribing:
-                # Sent once for all the channel's followers. One whose sending failed has left with the error: the
-                # next sends it, else the channel's followers would follow it unsubscribed, each reading the record
-                # every RESYNC_AFTER_SECONDS instead of getting its chunks.
-                if not followers.subscribed:
-                    try:
-                        await self._connect()
-                        await self._pubsub.subscribe(channel)
-                    except AttributeError as exc:
-                        # redis-py's PubSub, its connection dropped by the reader's failed read while this wrote on
-                        # it: "'NoneType' object has no attribute 'writelines'". The connection is lost, as said.
-                        raise RedisConnectionError(f"the pub/sub connection closed while subscribing: {exc}") from exc
-                    followers.subscribed = True
-            _, waiting = await asyncio.wait([followers.acknowledged], timeout=SUBSCRIBE_TIMEOUT_SECONDS)
-            if waiting:
-                log.warning("Redis did not acknowledge the subscription to %s in %s s", channel,
-                            SUBSCRIBE_TIMEOUT_SECONDS)
+            if first and self._connection is not None:
+                # Unsent, or failing (the connection is then closed), it is sent by the reader's next connection,
+                # which subscribes every channel followed then.
+                await self._send("SUBSCRIBE", channel)
+            await self._until_acknowledged(channel, followers)
             yield queue
         finally:
             followers.queues.discard(queue)
             if not followers.queues and self._channels.get(channel) is followers:
                 del self._channels[channel]
-                with suppress(RedisConnectionError, RedisTimeoutError):
-                    # Unsent for want of a connection, it is resent by the reader (see _dispatch).
-                    await self._pubsub.unsubscribe(channel)
+                # Unsent for want of a connection, it is not needed: the next connection subscribes the channels
+                # followed then.
+                await self._send("UNSUBSCRIBE", channel)
 
-    async def _connect(self) -> None:
-        async with self._connecting:
-            await self._pubsub.connect()
+    async def _until_acknowledged(self, channel: str, followers: _Channel) -> None:
+        """Wait, SUBSCRIBE_TIMEOUT_SECONDS at most, for Redis to acknowledge `channel`'s subscription, on the reader's
+        connection or, when that is lost meanwhile, on its next. Raises redis' ConnectionError when the reader's
+        attempt to connect fails (or does not end in time): Redis cannot be reached."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUBSCRIBE_TIMEOUT_SECONDS
+        while not followers.acknowledged.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("Redis did not acknowledge the subscription to %s in %s s", channel,
+                            SUBSCRIBE_TIMEOUT_SECONDS)
+                return
+            if self._connection is None:
+                await self._connected(remaining)
+            else:
+                await asyncio.wait([followers.acknowledged, self._lost], timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+
+    async def _connected(self, timeout: float) -> None:
+        """Return once the reader has connected; raise redis' ConnectionError if its next attempt fails."""
+        attempt = self._attempt
+        self._hurry.set()
+        try:
+            error = await asyncio.wait_for(asyncio.shield(attempt), timeout)
+        except TimeoutError:
+            raise RedisConnectionError(f"Redis did not take the pub/sub connection in {SUBSCRIBE_TIMEOUT_SECONDS} s")
+        if error is not None:
+            raise RedisConnectionError(f"the pub/sub connection could not be made: {error}") from error
+
+    async def _send(self, *command: str) -> None:
+        """Write `command` on the reader's connection if it is up; else (or if writing fails) drop it."""
+        connection = self._connection
+        # Checked right before the write, with no await between: redis-py connects a closed connection again
+        # itself when asked to write on it, and only the reader may open one.
+        if connection is None or not connection.is_connected:
+            return
+        with suppress(RedisConnectionError, RedisTimeoutError):
+            await connection.send_command(*command, check_health=False)
 
     async def _read(self) -> None:
-        """Dispatch every message for as long as the hub runs, reconnecting whenever the connection fails.
+        """Dispatch every message for as long as the hub runs, on a new connection whenever the last one fails.
 
-        A reconnection (redis-py's own, or this loop's) subscribes every live channel again, and
-        Redis acknowledges each again: _dispatch takes that as the sign that messages were lost.
+        Each connection subscribes every channel followed at the time, and Redis acknowledges each: _dispatch takes
+        an acknowledgement after the first as the sign that messages were lost.
         """
         delay = RECONNECT_DELAY_SECONDS
         while True:
+            connection = self._pool.make_connection()
             try:
-                await self._connect()
-                delay = RECONNECT_DELAY_SECONDS
+                await connection.connect()
+            except asyncio.CancelledError:
+                await connection.disconnect(nowait=True)
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("could not connect to Redis for pub/sub (%s); trying again in %s s", exc, delay)
+                self._settle_attempt(exc)
+                await connection.disconnect(nowait=True)
+                await self._pause(delay)
+                delay = min(2 * delay, MAX_RECONNECT_DELAY_SECONDS)
+                continue
+            delay = RECONNECT_DELAY_SECONDS
+            # With no await from here to the SUBSCRIBE's write, every channel is either in it or subscribed by its
+            # own first follower on this connection.
+            self._connection, self._lost = connection, asyncio.get_running_loop().create_future()
+            channels = list(self._channels)
+            self._settle_attempt(None)
+            try:
+                if channels:
+                    await connection.send_command("SUBSCRIBE", *channels, check_health=False)
                 while True:
-                    await self._dispatch(await self._pubsub.get_message(timeout=None))
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("lost the pub/sub connection to Redis (%s); reconnecting in %s s", exc, delay)
-            except Exception:
-                log.exception("the pub/sub reader failed; restarting it in %s s", delay)
-                # It may have dropped a message on its way out.
-                self._tell_all_missed()
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, MAX_RECONNECT_DELAY_SECONDS)
+                    await self._dispatch(connection, await connection.read_response(timeout=math.inf,
+                                                                                    push_request=True))
+            except Exception as exc:
+                if isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or not connection.is_connected:
+                    # Closed under the reader by a follower's failed write, redis-py's read fails with whatever
+                    # it finds missing (AttributeError): the connection was lost all the same.
+                    log.warning("lost the pub/sub connection to Redis (%r); reconnecting in %s s", exc, delay)
+                else:
+                    log.exception("the pub/sub reader failed; restarting it in %s s", delay)
+                    self._tell_all_missed()  # it may have dropped a message on its way out
+            finally:
+                self._connection = None
+                self._lost.set_result(None)
+                await connection.disconnect(nowait=True)
+            await self._pause(delay)
 
-    async def _dispatch(self, message: dict | None) -> None:
+    def _settle_attempt(self, error: Exception | None) -> None:
+        """Tell the followers waiting on this attempt how it went; the next ones wait on the next."""
+        self._attempt.set_result(error)
+        self._attempt = asyncio.get_running_loop().create_future()
+
+    async def _pause(self, delay: float) -> None:
+        """Wait `delay` seconds, or less if a follower asks for a connection meanwhile."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), delay)
+        self._hurry.clear()
+
+    async def _dispatch(self, connection: AbstractConnection, message: list) -> None:
         """Hand a message to its channel's followers; note an acknowledged SUBSCRIBE."""
-        if message is None or message["type"] not in ("message", "subscribe"):
+        if not isinstance(message, list) or len(message) < 3:
             return
-        channel = message["channel"]
+        kind, channel = _text(message[0]), _text(message[1])
         followers = self._channels.get(channel)
-        if message["type"] == "message":
+        if kind == "message":
             if followers:
-                _put(followers, message["data"])
+                _put(followers, _text(message[2]))
+        elif kind != "subscribe":
+            return
         elif followers is None:
-            # Subscribed again on reconnecting, though its last follower left (its UNSUBSCRIBE was lost).
-            await self._pubsub.unsubscribe(channel)
+            # Its last follower left after this connection's SUBSCRIBE went out.
+            await connection.send_command("UNSUBSCRIBE", channel, check_health=False)
         elif followers.acknowledged.done():
-            # Subscribed again on reconnecting: what was published while disconnected is lost.
+            # Subscribed again on a new connection: what was published while there was none is lost.
             _put(followers, None)
         else:
             followers.acknowledged.set_result(None)
@@ -166,6 +240,10 @@ class ChannelHub:
     def _tell_all_missed(self) -> None:
         for followers in self._channels.values():
             _put(followers, None)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _put(followers: _Channel, payload: str | object | None) -> None:
