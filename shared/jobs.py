@@ -1,4 +1,5 @@
-"""The job store: one Redis hash per job, its queue position, and the pub/sub channel of its chunks.
+"""The job store: one Redis hash per job, its queue position, and the pub/sub channel of its chunks; one hash per
+distinct image of the active jobs (`JobStore.image_key`).
 
 State machine: queued → running → succeeded | failed | cancelled | expired. Every transition
 and every appended chunk is one Lua script, so a reader never sees a record half-written and
@@ -12,6 +13,7 @@ Chunk messages on the channel (JSON):
   {"seq": n, "done": true, "status": ..., ...}     the job ended (status, error, error_code, finish_reason)
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -202,6 +204,14 @@ if request and string.find(request, '"images":[', 1, true) then
   parts[#parts + 1] = string.sub(request, from)
   redis.call('HSET', KEYS[1], 'request', table.concat(parts))
 end
+-- And so does its hold on the stored images (see JobStore.image_key): the last job to let one go deletes it.
+local held = redis.call('HGET', KEYS[1], 'image_keys')
+if held then
+  for key in string.gmatch(held, '%S+') do
+    if redis.call('HINCRBY', key, 'refs', -1) <= 0 then redis.call('DEL', key) end
+  end
+  redis.call('HDEL', KEYS[1], 'image_keys')
+end
 redis.call('ZREM', KEYS[3], ARGV[8])
 redis.call('ZREM', KEYS[4], ARGV[8])
 redis.call('HDEL', KEYS[5], ARGV[8])
@@ -332,8 +342,13 @@ return {recorded and 1 or 0, first, jobs}
 _CREATE_KEYED = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {existing, 0} end
+local images = tonumber(ARGV[6])
+for i = 7, 6 + 2 * images, 2 do
+  redis.call('HSETNX', ARGV[i], 'data', ARGV[i + 1])
+  redis.call('HINCRBY', ARGV[i], 'refs', 1)
+end
 local order = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[3], unpack(ARGV, 6))
+redis.call('HSET', KEYS[3], unpack(ARGV, 7 + 2 * images))
 redis.call('ZADD', KEYS[4], order, ARGV[1])
 redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end
@@ -574,15 +589,16 @@ class JobStore:
         calls = []
         for job, key in zip(jobs, idempotency_keys):
             job_id = job.job_id or new_job_id()
-            record, now = self._queued_record(job_id, job.request, job.queue, job.deadline_seconds, job.owner,
-                                              job.extra)
+            record, now, images = self._queued_record(job_id, job.request, job.queue, job.deadline_seconds,
+                                                      job.owner, job.extra)
             keys = [self.idempotency_key(key), self.order_key, self.key(job_id), self.queue_key(job.queue),
                     self.submitted_key, self.deadlines_key]
             if job.owner and self.max_queued_per_owner:
                 keys.append(self.owner_key(job.owner))
             fields = [item for pair in record.items() for item in pair]
             calls.append((self._create_keyed, keys,
-                          [job_id, self.idempotency_ttl_seconds, job.queue, record.get("deadline", ""), repr(now), *fields]))
+                          [job_id, self.idempotency_ttl_seconds, job.queue, record.get("deadline", ""), repr(now),
+                           len(images), *[item for pair in images.items() for item in pair], *fields]))
         return [(job_id, bool(created)) for job_id, created in self._run_scripts(calls)]
 
     def create_cancelled(self, request: GenerateRequest, queue: str, idempotency_key: str,
@@ -596,7 +612,8 @@ class JobStore:
         whose answer was lost after it ran answers created=True the second time too.
         """
         job_id = new_job_id()
-        record, now = self._queued_record(job_id, request, queue, None, owner)
+        record, now, _ = self._queued_record(job_id, request, queue, None, owner)
+        record.pop("image_keys", None)  # its images are never stored: a cancelled job holds none
         # seq 1, as for a job `cancel` ended while queued: its end is its one message (none is published: nobody
         # can follow a job whose id was never given out).
         record.update(status="cancelled", seq=1, error=CANCELLED_ERROR, error_code=int(ErrorCode.CANCELLED),
@@ -641,7 +658,10 @@ class JobStore:
                       deadline_seconds: float | None, owner: str | None, extra: dict | None = None) -> None:
         """Queue, on `pipe`, the writes that make a new `queued` job: its record, queue entry and counters (the same
         writes as `_CREATE_KEYED`'s)."""
-        record, now = self._queued_record(job_id, request, queue, deadline_seconds, owner, extra)
+        record, now, images = self._queued_record(job_id, request, queue, deadline_seconds, owner, extra)
+        for key, image in images.items():  # before the record: a record is never without its images
+            pipe.hsetnx(key, "data", image)
+            pipe.hincrby(key, "refs", 1)
         pipe.hset(self.key(job_id), mapping=record)
         pipe.zadd(self.queue_key(queue), {job_id: order})
         pipe.hincrby(self.submitted_key, queue, 1)
@@ -652,16 +672,19 @@ class JobStore:
             pipe.zadd(self.owner_key(owner), {job_id: now})
 
     def _queued_record(self, job_id: str, request: GenerateRequest, queue: str, deadline_seconds: float | None,
-                       owner: str | None, extra: dict | None = None) -> tuple[dict[str, str | int], float]:
-        """The record of a new `queued` job, and the time it was made."""
+                       owner: str | None, extra: dict | None = None
+                       ) -> tuple[dict[str, str | int], float, dict[str, str]]:
+        """The record of a new `queued` job, the time it was made, and the images it holds ({image key: image}, to be
+        stored with it: `image_key`)."""
         now = time.time()
+        recorded, images = self._recorded_request(request)
         record = {
             "id": job_id,
             "status": "queued",
             "queue": queue,
             "model": request.model or "",
             "prompt": request.prompt or "",
-            "request": request.model_dump_json(exclude_none=True),
+            "request": recorded,
             "text": "",
             "seq": 0,
             "error": "",
@@ -677,7 +700,40 @@ class JobStore:
             record["deadline"] = repr(now + deadline_seconds)
         if owner:
             record["owner"] = owner_id(owner)
-        return record, now
+        if images:
+            record["image_keys"] = " ".join(images)
+        return record, now, images
+
+    def image_key(self, digest: str) -> str:
+        """Where an image is stored, by the SHA-256 (hex) of its text: once, however many active jobs hold it.
+
+        A hash: the image (`data`) and how many queued or running jobs hold it (`refs`). A job's record holds the
+        digest in the image's place, and the keys of its images (`image_keys`); a job that ends lets go of them
+        (_FINISH), and the last one deletes the image. An evaluation asks several questions of each image (GQA about
+        30, POPE 3, MME 2), and the same image sent with each was kept once per queued job."""
+        return f"{self.prefix}:image:{digest}"
+
+    def image_key_of(self, image: str) -> str:
+        """The key `image` is stored under."""
+        return self.image_key(image_digest(image))
+
+    def _recorded_request(self, request: GenerateRequest) -> tuple[str, dict[str, str]]:
+        """The request's JSON as recorded, each image replaced by its digest, and {image key: image} for its images."""
+        if not request.all_images():
+            return request.model_dump_json(exclude_none=True), {}
+        data = request.model_dump(mode="json", exclude_none=True)
+        images: dict[str, str] = {}
+
+        def stored(image: str) -> str:
+            digest = image_digest(image)
+            images[self.image_key(digest)] = image
+            return digest
+
+        for holder in [data, *data.get("messages", ())]:
+            if holder.get("images"):
+                holder["images"] = [stored(image) for image in holder["images"]]
+        # Compact, as pydantic writes it: _FINISH and _IMAGES_RE find the images lists as `"images":[`.
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")), images
 
     def idempotency_key(self, idempotency_key: str) -> str:
         """Where the job created under an Idempotency-Key is remembered."""
@@ -818,8 +874,29 @@ class JobStore:
     def request_and_queue(self, job_id: str) -> tuple[GenerateRequest | None, str | None]:
         """The validated request a job was submitted with and the queue it was submitted to, read in one round trip
         (a worker reads both to start every job); (None, None) for an unknown job."""
-        raw, queue = self.redis.hmget(self.key(job_id), ("request", "queue"))
-        return (None if raw is None else GenerateRequest.model_validate_json(raw)), queue
+        raw, queue, image_keys = self.redis.hmget(self.key(job_id), ("request", "queue", "image_keys"))
+        if raw is None:
+            return None, queue
+        if not image_keys:
+            return GenerateRequest.model_validate_json(raw), queue
+        # Its images in the place of their digests (`image_key`): one more round trip, for a job with images.
+        keys = image_keys.split()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(key, "data")
+            found = dict(zip(keys, pipe.execute()))
+        data = json.loads(raw)
+
+        def image(digest: str) -> str:
+            stored = found.get(self.image_key(digest))
+            if stored is None:
+                raise LookupError(f"job {job_id}: its image {digest[:12]}... is no longer stored")
+            return stored
+
+        for holder in [data, *data.get("messages", ())]:
+            if holder.get("images"):
+                holder["images"] = [image(digest) for digest in holder["images"]]
+        return GenerateRequest.model_validate_json(json.dumps(data, ensure_ascii=False)), queue
 
     def queue_of(self, job_id: str) -> str | None:
         """The queue a job was submitted to (None for an unknown job)."""
@@ -1045,6 +1122,11 @@ class JobStore:
                    for job_id, status in zip(job_ids, statuses) if status == "queued"]
         self._run_scripts([(self._finish, call["keys"], call["args"]) for call in endings])
         return statuses
+
+
+def image_digest(image: str) -> str:
+    """The SHA-256 (hex) of an image's text: its name in the store (JobStore.image_key)."""
+    return hashlib.sha256(image.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def glob_escaped(text: str) -> str:

@@ -32,8 +32,9 @@ def test_a_job_that_ends_keeps_its_parameters_but_not_its_images(redis_server):
     }
     job_ids = {name: store.create(request, "batch")[0] for name, request in requests_.items()}
     cancelled_at_once, _ = store.create_cancelled(requests_["prompt"], "interactive", "key-1")
-    record = store.redis.hget(store.key(job_ids["prompt"]), "request")
-    assert images[0] in record  # a queued job holds its images: its worker reads them
+    # A queued job holds its images (stored once each, JobStore.image_key): its worker reads them.
+    assert store.request_of(job_ids["prompt"]).images == images[:2]
+    assert [image for turn in store.request_of(job_ids["messages"]).messages for image in turn.images] == images[2:]
 
     # Ended by the API (cancelled while queued) and by a worker's ending alike: every ending goes through one script.
     store.cancel(job_ids["prompt"])
