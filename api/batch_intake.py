@@ -24,8 +24,8 @@ from pydantic import ValidationError
 
 from api.errors import ApiError
 from api.routes.openai import parse_chat_request
-from api.submission import check_unicode, queue_unavailable, send_many
-from shared.celery_app import BATCH_QUEUE, task_queue
+from api.submission import check_unicode, queue_unavailable
+from shared.celery_app import BATCH_QUEUE, send_many, task_queue
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
 from shared.jobs import JobStore

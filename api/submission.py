@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from api.errors import ApiError
 from shared.batches import BatchStore
-from shared.celery_app import GENERATE_TASK, task_queue
+from shared.celery_app import send_many, task_queue
 from shared.jobs import Ending, JobStore, NewJob, answers_later, new_job_id, owner_id
 from shared.protocol import ErrorCode, GenerateRequest
 
@@ -365,21 +365,3 @@ def _refuse(store: JobStore, excess: int, reason: str) -> None:
     retry_after = min(3600, max(1, math.ceil(excess / rate))) if rate > 0 else 30
     raise ApiError(429, f"{reason}; retry in about {retry_after} s", type="overloaded", code=ErrorCode.OVERLOADED,
                    headers={"Retry-After": str(retry_after)})
-
-
-def send_many(celery: Celery, jobs: list[tuple[str, str]]) -> None:
-    """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one
-    Redis round trip per few hundred jobs.
-
-    The message is the one `send_task` builds (JSON, the job id as its only argument and as the
-    task id), published without the per-message queue declaration and task-sent event that make
-    `send_task` cost a millisecond each (Flower lists a job's task once a worker receives it).
-    """
-    if not jobs:
-        return
-    with celery.producer_or_acquire() as producer, producer.batch(max_size=500):
-        for job_id, queue in jobs:
-            headers, properties, body, _ = celery.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
-                                                                  argsrepr=f"['{job_id}']", kwargsrepr="{}")
-            producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
-                             declare=[], retry=False, delivery_mode=2, **properties)

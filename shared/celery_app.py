@@ -1,6 +1,7 @@
 """The Celery app on Redis: JSON only, late acks, redelivery of jobs whose worker died, two queues (and their
 per-model variants: `task_queue`)."""
 
+import json
 import re
 import time
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
+from shared.jobs import QUEUES, JobStore
 from shared.settings import Settings, get_settings
 
 GENERATE_TASK = "llava_queue.generate"
@@ -92,6 +94,74 @@ def restore_messages_of_gone_workers(app: Celery) -> list[str]:
         for tag in tags:
             channel.qos.restore_by_tag(tag)
         return tags
+
+
+def send_many(app: Celery, jobs: list[tuple[str, str]]) -> None:
+    """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one
+    Redis round trip per few hundred jobs.
+
+    The message is the one `send_task` builds (JSON, the job id as its only argument and as the
+    task id), published without the per-message queue declaration and task-sent event that make
+    `send_task` cost a millisecond each (Flower lists a job's task once a worker receives it).
+    """
+    if not jobs:
+        return
+    with app.producer_or_acquire() as producer, producer.batch(max_size=500):
+        for job_id, queue in jobs:
+            headers, properties, body, _ = app.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
+                                                               argsrepr=f"['{job_id}']", kwargsrepr="{}")
+            producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
+                             declare=[], retry=False, delivery_mode=2, **properties)
+
+
+def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: int = 200) -> list[str]:
+    """Send again the task of each job queued for `older_than` seconds or more whose message is nowhere: its Celery
+    queue holds no message and no worker holds one for it (kombu's unacked hash); returns their ids.
+
+    A job's message is lost where an API died between writing the job's record and sending its task, where Redis
+    refused the write that would have failed the job after a failed send, and where a worker died between taking the
+    message (BRPOP) and recording it among the unacked (kombu's own window): the job stayed `queued` for good. Among
+    the `limit` oldest jobs of each queue. One whose queue still holds messages is left for later: its message may be
+    among them, and the queue is read only by its length. A message sent twice (one was being taken as this looked)
+    runs its job once: `JobStore.start` skips the second start.
+    """
+    now = time.time()
+    candidates: list[tuple[str, str]] = []
+    for queue in QUEUES:
+        job_ids = store.redis.zrange(store.queue_key(queue), 0, limit - 1)
+        with store.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(store.key(job_id), ("status", "created_at", "model"))
+            records = pipe.execute()
+        for job_id, (status, created_at, model) in zip(job_ids, records):
+            if status == "queued" and created_at and now - float(created_at) >= older_than:
+                candidates.append((job_id, task_queue(queue, model or None)))
+    if not candidates:
+        return []
+    with app.connection_or_acquire() as connection:
+        connection.ensure_connection(max_retries=1)
+        channel = connection.default_channel
+        names = sorted({celery_queue for _, celery_queue in candidates})
+        with channel.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                for priority in channel.priority_steps:
+                    pipe.llen(channel._q_for_pri(name, priority))
+            lengths = pipe.execute()
+        steps = len(channel.priority_steps)
+        waiting = {name for index, name in enumerate(names) if any(lengths[index * steps:(index + 1) * steps])}
+        taken = {_task_id(raw) for raw in channel.client.hvals(channel.unacked_key)}
+    lost = [(job_id, celery_queue) for job_id, celery_queue in candidates
+            if celery_queue not in waiting and job_id not in taken]
+    send_many(app, lost)
+    return [job_id for job_id, _ in lost]
+
+
+def _task_id(unacked: bytes | str) -> str | None:
+    """The task id (a job's id) of a message in kombu's unacked hash: [message, exchange, routing key]."""
+    try:
+        return json.loads(unacked)[0]["headers"]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 class _Channel(kombu_redis.Channel):

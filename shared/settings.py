@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # the jobs it held are delivered again (at most max_attempts starts per job).
     heartbeat_interval_seconds: float = Field(3.0, gt=0)
     heartbeat_ttl_seconds: int = Field(10, ge=1)
+    # A job queued this long whose task message is nowhere (not in its queue, held by no worker) has it sent again by
+    # the workers' sweep (shared.celery_app.resend_lost_tasks).
+    resend_after_seconds: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     # Hand-backs (a worker told to stop gives its running jobs back: rolling restarts, scale-downs) a job may have;
     # its next start past them fails it. They do not count against max_attempts, but without a bound of their own a

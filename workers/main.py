@@ -18,7 +18,8 @@ from PIL import Image
 from redis.exceptions import RedisError, ResponseError
 
 from shared.celery_app import (BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app,
-                               restore_messages_of_gone_workers, task_queue, worker_queues)
+                               resend_lost_tasks, restore_messages_of_gone_workers, task_queue,
+                               worker_queues)
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
@@ -299,7 +300,7 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
 def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, requeue_after: float = 60.0) -> None:
     """Deliver again the jobs of workers that died, so none stays `running` forever, and put back on their queues the
     messages they had taken and not acknowledged, so a job taken but not started does not wait out the visibility
-    timeout (4 h) `queued`.
+    timeout (4 h) `queued`; and send again the tasks of jobs queued with their message nowhere (`resend_lost_tasks`).
 
     Every worker sweeps; a short lock makes one sweep at a time. A job delivered twice is
     harmless: `JobStore.start` lets only one live worker hold it.
@@ -339,6 +340,9 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
             for tag in restore_messages_of_gone_workers(celery_app):
                 log.warning("message %s: the worker that took it stopped beating before acknowledging it; back on its "
                             "queue", tag)
+            for job_id in resend_lost_tasks(celery_app, store, settings.resend_after_seconds):
+                log.warning("job %s: queued %g s or more with its task message nowhere; sent again", job_id,
+                            settings.resend_after_seconds)
         except (RedisError, OperationalError) as exc:  # kombu's OperationalError: a delivery that found no broker
             judge_after = time.monotonic() + wait
             outage.failed(exc)

@@ -1,0 +1,80 @@
+"""A queued job whose task message is nowhere (an API that died between recording the job and sending its task, a
+worker SIGKILLed between taking the message and recording it among the unacked) has its task sent again by the
+workers' sweep. Before, the job stayed `queued` for good."""
+
+import json
+import time
+import uuid
+
+import redis
+import requests
+
+from conftest import job_final, run_stack
+from shared.celery_app import make_celery, resend_lost_tasks, send_many, task_queue
+from shared.jobs import JobStore
+from shared.protocol import GenerateRequest
+from shared.redis_server import RedisServer
+from shared.settings import Settings
+
+
+def queued_task_ids(client: redis.Redis, name: str) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in client.lrange(name, 0, -1)]
+
+
+def test_only_jobs_whose_message_is_nowhere_are_sent_again(redis_server):
+    prefix = f"llq-lost-{uuid.uuid4().hex[:8]}"
+    store = JobStore.from_url(redis_server.url, prefix=prefix)
+    app = make_celery(Settings(redis_url=redis_server.url))
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    model = f"model-{prefix}"
+    interactive, batch = task_queue("interactive", model), task_queue("batch", model)
+    request = GenerateRequest(model=model, prompt="Hello", max_new_tokens=4)
+    lost, lost_batch = store.create(request, "interactive")[0], store.create(request, "batch")[0]
+    taken, _ = store.create(request, "interactive")
+    ended, _ = store.create(request, "interactive")
+    store.cancel(ended)
+    # The taken job's message is held by a worker (kombu's unacked hash), not started yet.
+    send_many(app, [(taken, interactive)])
+    connection = app.connection_for_write(transport_options={"message_holder": f"{prefix}:worker:w"})
+    try:
+        held = connection.SimpleQueue(interactive).get(timeout=5)
+        assert held.headers["id"] == taken and client.llen(interactive) == 0
+
+        assert resend_lost_tasks(app, store, older_than=60) == []  # too young to say
+        assert sorted(resend_lost_tasks(app, store, older_than=0)) == sorted([lost, lost_batch])
+        assert queued_task_ids(client, interactive) == [lost] and queued_task_ids(client, batch) == [lost_batch]
+        # Its queue holds a message now: nothing is sent twice, however many sweeps look.
+        assert resend_lost_tasks(app, store, older_than=0) == []
+        assert queued_task_ids(client, interactive) == [lost]
+        # A job recorded while its queue holds other messages waits for them to go before it is judged.
+        late, _ = store.create(request, "interactive")
+        assert resend_lost_tasks(app, store, older_than=0) == []
+        client.delete(interactive)
+        assert sorted(resend_lost_tasks(app, store, older_than=0)) == sorted([lost, late])
+    finally:
+        connection.release()
+        client.delete(interactive, batch)
+        client.close()
+
+
+def test_a_job_recorded_without_its_task_runs(default_model_dir):
+    """The whole way: a job recorded as the API records it, its task never sent (the API killed in between), is run
+    by the worker once it has waited RESEND_AFTER_SECONDS."""
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "2",
+           "LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS": "1", "LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS": "3",
+           "LLAVA_QUEUE_RESEND_AFTER_SECONDS": "2"}
+    with RedisServer() as server, run_stack(server.url, env, log_prefix="llava-queue-lost-") as stack:
+        store = JobStore.from_url(server.url)
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=6),
+                                 "interactive")
+        recorded = time.monotonic()
+        job = job_final(stack, job_id, timeout=60)
+        assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] == 6, (job, stack.logs())
+        assert time.monotonic() - recorded >= 2
+        worker_log = (stack.log_dir / "worker.log").read_text()
+        assert f"job {job_id}: queued 2 s or more with its task message nowhere; sent again" in worker_log
+        # A job submitted as usual is not sent twice.
+        again = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "Hi", "max_new_tokens": 2},
+                              timeout=10).json()["id"]
+        assert job_final(stack, again, timeout=60)["status"] == "succeeded"
+        assert f"job {again}: queued" not in (stack.log_dir / "worker.log").read_text()
