@@ -67,7 +67,9 @@ class ChannelHub:
         self._connection: AbstractConnection | None = None
         # Done once the reader's connection is lost (a follower waiting for an acknowledgement then waits on the next).
         self._lost = asyncio.get_running_loop().create_future()
-        # The outcome of the reader's next (or current) attempt to connect: None, or the error it failed with.
+        # The outcome of the reader's next attempt to connect, one that starts after now: None, or the error it failed
+        # with. A follower that came while an attempt was under way waits on the next: the one under way may have
+        # started before Redis took connections again.
         self._attempt = asyncio.get_running_loop().create_future()
         self._hurry = asyncio.Event()  # set by a follower that waits on the next attempt
         self._reader: asyncio.Task | None = None
@@ -168,6 +170,7 @@ class ChannelHub:
         delay = RECONNECT_DELAY_SECONDS
         while True:
             connection = self._pool.make_connection()
+            attempt, self._attempt = self._attempt, asyncio.get_running_loop().create_future()
             try:
                 await connection.connect()
             except asyncio.CancelledError:
@@ -175,7 +178,7 @@ class ChannelHub:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("could not connect to Redis for pub/sub (%s); trying again in %s s", exc, delay)
-                self._settle_attempt(exc)
+                attempt.set_result(exc)
                 await connection.disconnect(nowait=True)
                 await self._pause(delay)
                 delay = min(2 * delay, MAX_RECONNECT_DELAY_SECONDS)
@@ -185,7 +188,10 @@ class ChannelHub:
             # own first follower on this connection.
             self._connection, self._lost = connection, asyncio.get_running_loop().create_future()
             channels = list(self._channels)
-            self._settle_attempt(None)
+            # Those that came while it connected are in `channels` too.
+            for waiting in (attempt, self._attempt):
+                waiting.set_result(None)
+            self._attempt = asyncio.get_running_loop().create_future()
             try:
                 if channels:
                     await connection.send_command("SUBSCRIBE", *channels, check_health=False)
@@ -205,11 +211,6 @@ class ChannelHub:
                 self._lost.set_result(None)
                 await connection.disconnect(nowait=True)
             await self._pause(delay)
-
-    def _settle_attempt(self, error: Exception | None) -> None:
-        """Tell the followers waiting on this attempt how it went; the next ones wait on the next."""
-        self._attempt.set_result(error)
-        self._attempt = asyncio.get_running_loop().create_future()
 
     async def _pause(self, delay: float) -> None:
         """Wait `delay` seconds, or less if a follower asks for a connection meanwhile."""

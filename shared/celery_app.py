@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
-from kombu import Queue
+from kombu import Queue, serialization
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -112,6 +112,25 @@ def send_many(app: Celery, jobs: list[tuple[str, str]]) -> None:
                                                                argsrepr=f"['{job_id}']", kwargsrepr="{}")
             producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
                              declare=[], retry=False, delivery_mode=2, **properties)
+
+
+def send_first(app: Celery, job_id: str, queue: str) -> None:
+    """Send a job's task (the message `send_many` sends) to the head of its Celery queue, where the next worker to
+    read the queue takes it: for a job that had started and was handed back (a worker told to stop, an engine that
+    stopped) or whose worker died. Its clients are mid-stream; at the tail it waited behind every job queued since.
+    kombu pushes a message at the tail (LPUSH) and workers take from the head (BRPOP); its own restore of an unacked
+    message pushes at the head (RPUSH), as this does."""
+    headers, properties, body, _ = app.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
+                                                       argsrepr=f"['{job_id}']", kwargsrepr="{}")
+    content_type, content_encoding, data = serialization.dumps(body, serializer="json")
+    with app.connection_or_acquire() as connection:
+        connection.ensure_connection(max_retries=1)
+        channel = connection.default_channel
+        # What Producer.publish builds for the anonymous exchange, then kombu's _put, at the other end of the list.
+        message = channel.prepare_message(data, 0, content_type, content_encoding, headers,
+                                          dict(properties, delivery_mode=2))
+        channel._inplace_augment_message(message, "", queue)
+        channel.client.rpush(channel._q_for_pri(queue, 0), dumps(message))
 
 
 def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: int = 200) -> list[str]:

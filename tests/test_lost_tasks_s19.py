@@ -80,3 +80,23 @@ def test_a_job_recorded_without_its_task_runs(default_model_dir):
                               timeout=10).json()["id"]
         assert job_final(stack, again, timeout=60)["status"] == "succeeded"
         assert f"job {again}: queued" not in (stack.log_dir / "worker.log").read_text()
+
+
+def test_a_started_job_sent_again_goes_to_the_head_of_its_queue(redis_server):
+    """A job handed back (a worker told to stop) or whose worker died goes on before the jobs queued since: its
+    clients are mid-stream. Sent again with send_task, it went to the tail, behind every job queued meanwhile."""
+    from shared.celery_app import send_first
+
+    app = make_celery(Settings(redis_url=redis_server.url))
+    queue = f"llq-first-{uuid.uuid4().hex[:8]}"
+    send_many(app, [("queued-1", queue), ("queued-2", queue)])
+    send_first(app, "handed-back", queue)
+    send_many(app, [("queued-3", queue)])
+    with app.connection_for_write() as connection:
+        taken = connection.SimpleQueue(queue)
+        messages = [taken.get(timeout=5) for _ in range(4)]
+        # Each a Celery task message for the job, as send_many sends it (the worker runs it as any other).
+        assert [(m.headers["id"], m.headers["task"], m.decode()[0]) for m in messages] == [
+            (job, "llava_queue.generate", [job]) for job in ("handed-back", "queued-1", "queued-2", "queued-3")]
+        for message in messages:
+            message.ack()

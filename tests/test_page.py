@@ -589,10 +589,11 @@ def test_status_polling_waits_out_a_429_and_stays_under_a_rate_limit(browser, sm
     # The page read the job every 0.7 s while it waited (86 requests a minute: past a usual per-key rate limit by
     # itself), and went on at that pace through 429s.
     page, blocker = blocked_small_stack_page(browser, small_stack)
-    # A second job waits ahead of the page's, so that it stays in the queue while the polls are counted (the blocker
-    # alone can end within them: the page then reads its ended job, which is no poll).
-    ahead = requests.post(f"{small_stack.base_url}/v1/jobs", headers=SMALL_STACK_AUTH, timeout=10, json={
-        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"]
+    # Two more jobs wait ahead of the page's, so that it stays in the queue while the polls are counted (the blocker
+    # alone can end within them: the page then reads its ended job, which is no poll; with one job ahead, the two ended
+    # after 2 polls on a faster CPU).
+    ahead = [requests.post(f"{small_stack.base_url}/v1/jobs", headers=SMALL_STACK_AUTH, timeout=10, json={
+        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"] for _ in range(2)]
     polls = refuse_the_first(page, "GET", r"/v1/jobs/[0-9a-f]+$", retry_after=3)
     try:
         ask(page, "What is the capital of France?")
@@ -609,7 +610,7 @@ def test_status_polling_waits_out_a_429_and_stays_under_a_rate_limit(browser, sm
         gaps = [later - earlier for earlier, later in zip(sent[1:], sent[2:])]
         assert all(gap >= 1.5 for gap in gaps), gaps
     finally:
-        for job_id in (ahead, blocker):
+        for job_id in (*ahead, blocker):
             requests.delete(f"{small_stack.base_url}/v1/jobs/{job_id}", headers=SMALL_STACK_AUTH, timeout=10)
     assert wait_for_end(page) == "failed"  # the default 512 output tokens do not fit the 256-token budget
     page.close()
@@ -1064,7 +1065,7 @@ def test_a_job_that_ends_in_the_queue_while_its_socket_is_silent_is_never_shown_
         assert last_answer(page).locator(".error").inner_text() == "cancelled by the client (error_code: 5)"
         assert page.get_by_role("button", name="Regenerate").is_enabled()
     finally:
-        for job_id in (ahead, blocker):
+        for job_id in (*ahead, blocker):
             requests.delete(f"{small_stack.base_url}/v1/jobs/{job_id}", headers=SMALL_STACK_AUTH, timeout=10)
         page.close()
 

@@ -17,9 +17,9 @@ from kombu.exceptions import OperationalError
 from PIL import Image
 from redis.exceptions import RedisError, ResponseError
 
-from shared.celery_app import (BATCH_QUEUE, GENERATE_TASK, INTERACTIVE_QUEUE, celery_app,
-                               resend_lost_tasks, restore_messages_of_gone_workers, task_queue,
-                               worker_queues)
+from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app,
+                               resend_lost_tasks, restore_messages_of_gone_workers, send_first,
+                               task_queue, worker_queues)
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
@@ -176,10 +176,11 @@ HAND_BACK_JOIN_SECONDS = HAND_BACK_REQUEUE_SECONDS + 5.0
 
 
 def _deliver_again(store: JobStore, job_id: str) -> None:
-    """Send a started job's task again, to its queue for the model it started on (the text it has came from that
-    model, so a worker serving another one must not go on with it)."""
+    """Send a started job's task again, to the head of its queue for the model it started on (the text it has came
+    from that model, so a worker serving another one must not go on with it): it goes on before the jobs queued
+    since it started (`send_first`)."""
     queue, model = store.redis.hmget(store.key(job_id), ["queue", "model"])
-    celery_app.send_task(GENERATE_TASK, args=[job_id], queue=task_queue(queue or INTERACTIVE_QUEUE, model))
+    send_first(celery_app, job_id, task_queue(queue or INTERACTIVE_QUEUE, model))
 
 
 class _RedisOutage:
