@@ -589,11 +589,11 @@ def test_status_polling_waits_out_a_429_and_stays_under_a_rate_limit(browser, sm
     # The page read the job every 0.7 s while it waited (86 requests a minute: past a usual per-key rate limit by
     # itself), and went on at that pace through 429s.
     page, blocker = blocked_small_stack_page(browser, small_stack)
-    # Two more jobs wait ahead of the page's, so that it stays in the queue while the polls are counted (the blocker
-    # alone can end within them: the page then reads its ended job, which is no poll; with one job ahead, the two ended
-    # after 2 polls on a faster CPU).
+    # More jobs wait ahead of the page's, so that it stays in the queue while the polls are counted (the blocker
+    # alone can end within them: the page then reads its ended job, which is no poll). A CPU that runs this model at
+    # 100 tokens/s one request at a time ends one or two such jobs before the third poll; they are cancelled after.
     ahead = [requests.post(f"{small_stack.base_url}/v1/jobs", headers=SMALL_STACK_AUTH, timeout=10, json={
-        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"] for _ in range(2)]
+        "prompt": "Count from 1 to 1000:", "temperature": 0, "max_new_tokens": 200}).json()["id"] for _ in range(6)]
     polls = refuse_the_first(page, "GET", r"/v1/jobs/[0-9a-f]+$", retry_after=3)
     try:
         ask(page, "What is the capital of France?")
