@@ -4,6 +4,8 @@ per-model variants: `task_queue`)."""
 import json
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import redis
@@ -73,6 +75,15 @@ class _QoS(kombu_redis.QoS):
         return super()._remove_from_indices(delivery_tag, pipe).hdel(MESSAGE_HOLDERS_KEY, delivery_tag)
 
 
+@contextmanager
+def _broker_channel(app: Celery) -> Iterator["_Channel"]:
+    """The default channel of one of the app's pooled broker connections (no new connection at every sweep or
+    send), connected (kombu's OperationalError when Redis cannot be reached)."""
+    with app.connection_or_acquire() as connection:
+        connection.ensure_connection(max_retries=1)
+        yield connection.default_channel
+
+
 def restore_messages_of_gone_workers(app: Celery) -> list[str]:
     """Put each message that a worker took and has not acknowledged back at the head of its queue when that worker's
     registry key is gone (it died, or left without giving it back); returns their delivery tags.
@@ -82,9 +93,7 @@ def restore_messages_of_gone_workers(app: Celery) -> list[str]:
     message comes back twice (its holder was alive after all, or had started it) still runs once: `JobStore.start`
     skips the second start as a duplicate.
     """
-    with app.connection_or_acquire() as connection:  # one of the app's pool: no new connection every sweep
-        connection.ensure_connection(max_retries=1)
-        channel = connection.default_channel
+    with _broker_channel(app) as channel:
         held = channel.client.hgetall(MESSAGE_HOLDERS_KEY)
         if not held:
             return []
@@ -108,10 +117,17 @@ def send_many(app: Celery, jobs: list[tuple[str, str]]) -> None:
         return
     with app.producer_or_acquire() as producer, producer.batch(max_size=500):
         for job_id, queue in jobs:
-            headers, properties, body, _ = app.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
-                                                               argsrepr=f"['{job_id}']", kwargsrepr="{}")
+            headers, properties, body = _task_message(app, job_id)
             producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
                              declare=[], retry=False, delivery_mode=2, **properties)
+
+
+def _task_message(app: Celery, job_id: str) -> tuple[dict, dict, tuple]:
+    """The headers, properties and body of a job's task message, as `send_task` builds them (the job id as its only
+    argument and as the task id)."""
+    headers, properties, body, _ = app.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
+                                                       argsrepr=f"['{job_id}']", kwargsrepr="{}")
+    return headers, properties, body
 
 
 def send_first(app: Celery, job_id: str, queue: str) -> None:
@@ -120,12 +136,9 @@ def send_first(app: Celery, job_id: str, queue: str) -> None:
     stopped) or whose worker died. Its clients are mid-stream; at the tail it waited behind every job queued since.
     kombu pushes a message at the tail (LPUSH) and workers take from the head (BRPOP); its own restore of an unacked
     message pushes at the head (RPUSH), as this does."""
-    headers, properties, body, _ = app.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
-                                                       argsrepr=f"['{job_id}']", kwargsrepr="{}")
+    headers, properties, body = _task_message(app, job_id)
     content_type, content_encoding, data = serialization.dumps(body, serializer="json")
-    with app.connection_or_acquire() as connection:
-        connection.ensure_connection(max_retries=1)
-        channel = connection.default_channel
+    with _broker_channel(app) as channel:
         # What Producer.publish builds for the anonymous exchange, then kombu's _put, at the other end of the list.
         message = channel.prepare_message(data, 0, content_type, content_encoding, headers,
                                           dict(properties, delivery_mode=2))
@@ -157,9 +170,7 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
                 candidates.append((job_id, task_queue(queue, model or None)))
     if not candidates:
         return []
-    with app.connection_or_acquire() as connection:
-        connection.ensure_connection(max_retries=1)
-        channel = connection.default_channel
+    with _broker_channel(app) as channel:
         names = sorted({celery_queue for _, celery_queue in candidates})
         with channel.client.pipeline(transaction=False) as pipe:
             for name in names:

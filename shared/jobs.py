@@ -729,9 +729,7 @@ class JobStore:
             images[self.image_key(digest)] = image
             return digest
 
-        for holder in [data, *data.get("messages", ())]:
-            if holder.get("images"):
-                holder["images"] = [stored(image) for image in holder["images"]]
+        _replace_images(data, stored)
         # Compact, as pydantic writes it: _FINISH and _IMAGES_RE find the images lists as `"images":[`.
         return json.dumps(data, ensure_ascii=False, separators=(",", ":")), images
 
@@ -893,9 +891,7 @@ class JobStore:
                 raise LookupError(f"job {job_id}: its image {digest[:12]}... is no longer stored")
             return stored
 
-        for holder in [data, *data.get("messages", ())]:
-            if holder.get("images"):
-                holder["images"] = [image(digest) for digest in holder["images"]]
+        _replace_images(data, image)
         return GenerateRequest.model_validate_json(json.dumps(data, ensure_ascii=False)), queue
 
     def queue_of(self, job_id: str) -> str | None:
@@ -1122,6 +1118,13 @@ class JobStore:
                    for job_id, status in zip(job_ids, statuses) if status == "queued"]
         self._run_scripts([(self._finish, call["keys"], call["args"]) for call in endings])
         return statuses
+
+
+def _replace_images(request: dict[str, Any], replace: Callable[[str], str]) -> None:
+    """Replace, in place, each image of a request as JSON data (its `images`, or its turns' images) by replace(it)."""
+    for holder in [request, *request.get("messages", ())]:
+        if holder.get("images"):
+            holder["images"] = [replace(image) for image in holder["images"]]
 
 
 def image_digest(image: str) -> str:
