@@ -332,30 +332,43 @@ for i = 2, #KEYS do jobs[i - 1] = redis.call('GET', KEYS[i]) end
 return {recorded and 1 or 0, first, jobs}
 """
 
-# A job created under an Idempotency-Key, in one script (one round trip; a bulk submission's jobs pipelined in one):
-# unless the key (KEYS[1]) names a job already, take the next enqueue order (KEYS[2]) and write the record (KEYS[3],
-# fields ARGV[6..]), its queue entry (KEYS[4], member ARGV[1]), the submitted count (KEYS[5], field ARGV[3]), its
-# deadline (KEYS[6], ARGV[4] unless empty) and its owner's entry (KEYS[7] if given, scored ARGV[5]), then the key (TTL
-# ARGV[2]). A script is atomic: two submissions of one key create one job. The key is written last: a script stopped
-# by an error keeps what it wrote before it, and the key must never name a job whose record was not written. Answers
-# {the key's job, 1 if created here}. (It was WATCH, GET, INCR, then MULTI/EXEC: four round trips a job.)
-_CREATE_KEYED = """
-local existing = redis.call('GET', KEYS[1])
-if existing then return {existing, 0} end
+# The writes that make a new `queued` job, in a script (K is KEYS past the script's own): take the next enqueue order
+# (K[1]), hold each image (ARGV[6] of them, key and data pairs from ARGV[7]; written before the record: a record is
+# never without its images), write the record (K[2], the fields after the images), its queue entry (K[3], member
+# ARGV[1]), the submitted count (K[4], field ARGV[3]), its deadline (K[5], ARGV[4] unless empty) and its owner's entry
+# (K[6] if given, scored ARGV[5]). The same writes as `JobStore._write_queued`, which queues them on a MULTI.
+_QUEUED_WRITES = """
+local order = redis.call('INCR', K[1])
 local images = tonumber(ARGV[6])
 for i = 7, 6 + 2 * images, 2 do
   redis.call('HSETNX', ARGV[i], 'data', ARGV[i + 1])
   redis.call('HINCRBY', ARGV[i], 'refs', 1)
 end
-local order = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[3], unpack(ARGV, 7 + 2 * images))
-redis.call('ZADD', KEYS[4], order, ARGV[1])
-redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end
-if KEYS[7] then redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1]) end
+redis.call('HSET', K[2], unpack(ARGV, 7 + 2 * images))
+redis.call('ZADD', K[3], order, ARGV[1])
+redis.call('HINCRBY', K[4], ARGV[3], 1)
+if ARGV[4] ~= '' then redis.call('ZADD', K[5], ARGV[4], ARGV[1]) end
+if K[6] then redis.call('ZADD', K[6], ARGV[5], ARGV[1]) end
+"""
+
+# A job created under an Idempotency-Key, in one script (one round trip; a bulk submission's jobs pipelined in one):
+# unless the key (KEYS[1]) names a job already, the _QUEUED_WRITES (K = KEYS[2..]), then the key (TTL ARGV[2]). A
+# script is atomic: two submissions of one key create one job. The key is written last: a script stopped by an error
+# keeps what it wrote before it, and the key must never name a job whose record was not written. Answers {the key's
+# job, 1 if created here}. (It was WATCH, GET, INCR, then MULTI/EXEC: four round trips a job.)
+_CREATE_KEYED = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {existing, 0} end
+local K = {unpack(KEYS, 2)}
+""" + _QUEUED_WRITES + """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {ARGV[1], 1}
 """
+
+# A job of a batch's many, in one script (K = KEYS; ARGV[2] unused): each job's writes are whole, while the batch's
+# hundreds of jobs, pipelined, do not hold Redis as one MULTI would. (They were plain commands on a pipeline: an API
+# cut off mid-way left an image's hold counted for a record never written, and the image stored for good.)
+_CREATE = "local K = KEYS\n" + _QUEUED_WRITES + "return 1\n"
 
 # A cancel by Idempotency-Key that comes before its submission (POST /v1/jobs/cancel), in one script: unless the key
 # (KEYS[1]) names a job already, write a record that is cancelled from the start (KEYS[2], fields ARGV[5..], TTL
@@ -524,6 +537,7 @@ class JobStore:
         self._release = client.register_script(_RELEASE)
         self._check_idempotency = client.register_script(_CHECK_IDEMPOTENCY)
         self._create_keyed = client.register_script(_CREATE_KEYED)
+        self._create = client.register_script(_CREATE)
         self._create_cancelled = client.register_script(_CREATE_CANCELLED)
 
     @classmethod
@@ -586,20 +600,25 @@ class JobStore:
         """
         if len(jobs) != len(idempotency_keys):
             raise ValueError(f"{len(jobs)} jobs and {len(idempotency_keys)} idempotency keys")
-        calls = []
-        for job, key in zip(jobs, idempotency_keys):
-            job_id = job.job_id or new_job_id()
-            record, now, images = self._queued_record(job_id, job.request, job.queue, job.deadline_seconds,
-                                                      job.owner, job.extra)
-            keys = [self.idempotency_key(key), self.order_key, self.key(job_id), self.queue_key(job.queue),
-                    self.submitted_key, self.deadlines_key]
-            if job.owner and self.max_queued_per_owner:
-                keys.append(self.owner_key(job.owner))
-            fields = [item for pair in record.items() for item in pair]
-            calls.append((self._create_keyed, keys,
-                          [job_id, self.idempotency_ttl_seconds, job.queue, record.get("deadline", ""), repr(now),
-                           len(images), *[item for pair in images.items() for item in pair], *fields]))
+        calls = [self._create_call(job, job.job_id or new_job_id(), self.idempotency_key(key))
+                 for job, key in zip(jobs, idempotency_keys)]
         return [(job_id, bool(created)) for job_id, created in self._run_scripts(calls)]
+
+    def _create_call(self, job: "NewJob", job_id: str, idempotency_key: str | None = None
+                     ) -> tuple[Script, list, list]:
+        """The script call (script, keys, args) that records `job` as `queued` under `job_id`: `_CREATE_KEYED` under
+        an idempotency key (its Redis key), else `_CREATE`."""
+        record, now, images = self._queued_record(job_id, job.request, job.queue, job.deadline_seconds, job.owner,
+                                                  job.extra)
+        keys = [self.order_key, self.key(job_id), self.queue_key(job.queue), self.submitted_key, self.deadlines_key]
+        if job.owner and self.max_queued_per_owner:
+            keys.append(self.owner_key(job.owner))
+        args = [job_id, self.idempotency_ttl_seconds if idempotency_key else "", job.queue,
+                record.get("deadline", ""), repr(now), len(images), *[item for pair in images.items() for item in pair],
+                *[item for pair in record.items() for item in pair]]
+        if idempotency_key is None:
+            return self._create, keys, args
+        return self._create_keyed, [idempotency_key, *keys], args
 
     def create_cancelled(self, request: GenerateRequest, queue: str, idempotency_key: str,
                          owner: str | None = None) -> tuple[str, bool]:
@@ -642,12 +661,16 @@ class JobStore:
 
     def create_jobs(self, jobs: list["NewJob"], transaction: bool = True) -> list[str]:
         """Write a `queued` record for each job, in order, in one round trip (one MULTI unless `transaction` is
-        False: then a batch's hundreds of lines do not hold Redis for the whole write); returns their new ids."""
+        False: then each job is a script of its own, `_CREATE`, whole, and a batch's hundreds of lines do not hold
+        Redis for the whole write); returns their new ids."""
         if not jobs:
             return []
-        last = self.redis.incrby(f"{self.prefix}:enqueue_order", len(jobs))
         ids = [job.job_id or new_job_id() for job in jobs]
-        with self.redis.pipeline(transaction=transaction) as pipe:
+        if not transaction:
+            self._run_scripts([self._create_call(job, job_id) for job_id, job in zip(ids, jobs)])
+            return ids
+        last = self.redis.incrby(f"{self.prefix}:enqueue_order", len(jobs))
+        with self.redis.pipeline(transaction=True) as pipe:
             for index, (job_id, job) in enumerate(zip(ids, jobs)):
                 self._write_queued(pipe, job_id, job.request, job.queue, last - len(jobs) + 1 + index,
                                    job.deadline_seconds, job.owner, job.extra)
@@ -657,7 +680,7 @@ class JobStore:
     def _write_queued(self, pipe, job_id: str, request: GenerateRequest, queue: str, order: int,
                       deadline_seconds: float | None, owner: str | None, extra: dict | None = None) -> None:
         """Queue, on `pipe`, the writes that make a new `queued` job: its record, queue entry and counters (the same
-        writes as `_CREATE_KEYED`'s)."""
+        writes as `_QUEUED_WRITES`)."""
         record, now, images = self._queued_record(job_id, request, queue, deadline_seconds, owner, extra)
         for key, image in images.items():  # before the record: a record is never without its images
             pipe.hsetnx(key, "data", image)

@@ -2,11 +2,13 @@
 the default model and the test Redis (each test a key prefix of its own), driven the way the Celery task drives it.
 Workers that "died" are names that never announce themselves, as a killed worker's heartbeat lapses."""
 
+import threading
 import uuid
 from contextlib import contextmanager
 
 import pytest
 
+from redis_proxies import CuttingProxy
 from shared.jobs import JobStore
 from shared.protocol import ErrorCode, GenerateRequest
 
@@ -312,47 +314,24 @@ def run_to_its_end(store: JobStore, loaded) -> tuple[str, dict]:
         engine.shutdown()
 
 
-class AnswerCuttingProxy:
+class AnswerCuttingProxy(CuttingProxy):
     """A TCP proxy before a real Redis server that, once armed with some bytes, forwards the next command holding them,
     then closes that connection when the server's answer comes, without passing it on: the command ran, and its
     answer was lost with the connection (a connection cut, a proxy or a server restarting at the wrong moment)."""
 
     def __init__(self, upstream_port: int):
-        import socket
-        import threading
-
-        from shared.redis_server import free_port
-
-        self.upstream_port = upstream_port
-        self.port = free_port()
         self.armed: bytes | None = None
         # How many commands holding `armed` have their answers cut before it disarms itself.
         self.times = 1
         self.cuts = 0
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._threading = threading
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def _connected(self, client, upstream) -> None:
+        state = {"cut": False}
+        threading.Thread(target=self._pump, args=(client, upstream, True, state), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, False, state), daemon=True).start()
 
-    def _accept(self) -> None:
-        import socket
-
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            state = {"cut": False}
-            self._threading.Thread(target=self._pump, args=(client, upstream, state, True), daemon=True).start()
-            self._threading.Thread(target=self._pump, args=(upstream, client, state, False), daemon=True).start()
-
-    def _pump(self, source, target, state: dict, to_server: bool) -> None:
-        import socket
-
+    def _pump(self, source, target, to_server: bool, state: dict | None = None) -> None:
         try:
             while data := source.recv(65536):
                 if to_server and self.armed is not None and self.armed in data:
@@ -366,15 +345,7 @@ class AnswerCuttingProxy:
                 target.sendall(data)
         except OSError:
             pass
-        for sock in (source, target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the other pump, and the client sees the connection end
-            except OSError:
-                pass
-            sock.close()
-
-    def close(self) -> None:
-        self._listener.close()
+        self._close_both(source, target)
 
 
 def started_runner(store: JobStore, loaded, redis_wait_seconds: float | None = None):
