@@ -105,9 +105,15 @@ def restore_messages_of_gone_workers(app: Celery) -> list[str]:
         return tags
 
 
-def send_many(app: Celery, jobs: list[tuple[str, str]]) -> None:
+# A task message's header: when its job joined the queue (seconds since the epoch; 0 for a job handed back, which goes
+# before all). A worker takes, of its queues of one kind (interactive, batch), from the one whose next message is the
+# oldest (`_Channel._brpop_start`).
+ENQUEUED_AT_HEADER = "enqueued_at"
+
+
+def send_many(app: Celery, jobs: list[tuple[str, str]], enqueued_at: list[float] | None = None) -> None:
     """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one
-    Redis round trip per few hundred jobs.
+    Redis round trip per few hundred jobs. `enqueued_at[i]`: when job i joined its queue (now if not given).
 
     The message is the one `send_task` builds (JSON, the job id as its only argument and as the
     task id), published without the per-message queue declaration and task-sent event that make
@@ -115,18 +121,20 @@ def send_many(app: Celery, jobs: list[tuple[str, str]]) -> None:
     """
     if not jobs:
         return
+    now = time.time()
     with app.producer_or_acquire() as producer, producer.batch(max_size=500):
-        for job_id, queue in jobs:
-            headers, properties, body = _task_message(app, job_id)
+        for index, (job_id, queue) in enumerate(jobs):
+            headers, properties, body = _task_message(app, job_id, enqueued_at[index] if enqueued_at else now)
             producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
                              declare=[], retry=False, delivery_mode=2, **properties)
 
 
-def _task_message(app: Celery, job_id: str) -> tuple[dict, dict, tuple]:
+def _task_message(app: Celery, job_id: str, enqueued_at: float) -> tuple[dict, dict, tuple]:
     """The headers, properties and body of a job's task message, as `send_task` builds them (the job id as its only
-    argument and as the task id)."""
+    argument and as the task id), with ENQUEUED_AT_HEADER."""
     headers, properties, body, _ = app.amqp.as_task_v2(job_id, GENERATE_TASK, args=[job_id],
                                                        argsrepr=f"['{job_id}']", kwargsrepr="{}")
+    headers[ENQUEUED_AT_HEADER] = enqueued_at
     return headers, properties, body
 
 
@@ -135,8 +143,9 @@ def send_first(app: Celery, job_id: str, queue: str) -> None:
     read the queue takes it: for a job that had started and was handed back (a worker told to stop, an engine that
     stopped) or whose worker died. Its clients are mid-stream; at the tail it waited behind every job queued since.
     kombu pushes a message at the tail (LPUSH) and workers take from the head (BRPOP); its own restore of an unacked
-    message pushes at the head (RPUSH), as this does."""
-    headers, properties, body = _task_message(app, job_id)
+    message pushes at the head (RPUSH), as this does; its ENQUEUED_AT_HEADER, 0, puts its queue before the worker's
+    others of its kind."""
+    headers, properties, body = _task_message(app, job_id, 0.0)
     content_type, content_encoding, data = serialization.dumps(body, serializer="json")
     with _broker_channel(app) as channel:
         # What Producer.publish builds for the anonymous exchange, then kombu's _put, at the other end of the list.
@@ -158,7 +167,7 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
     runs its job once: `JobStore.start` skips the second start.
     """
     now = time.time()
-    candidates: list[tuple[str, str]] = []
+    candidates: list[tuple[str, str, float]] = []
     for queue in QUEUES:
         job_ids = store.redis.zrange(store.queue_key(queue), 0, limit - 1)
         with store.redis.pipeline(transaction=False) as pipe:
@@ -167,11 +176,11 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
             records = pipe.execute()
         for job_id, (status, created_at, model) in zip(job_ids, records):
             if status == "queued" and created_at and now - float(created_at) >= older_than:
-                candidates.append((job_id, task_queue(queue, model or None)))
+                candidates.append((job_id, task_queue(queue, model or None), float(created_at)))
     if not candidates:
         return []
     with _broker_channel(app) as channel:
-        names = sorted({celery_queue for _, celery_queue in candidates})
+        names = sorted({celery_queue for _, celery_queue, _ in candidates})
         with channel.client.pipeline(transaction=False) as pipe:
             for name in names:
                 for priority in channel.priority_steps:
@@ -180,10 +189,9 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         steps = len(channel.priority_steps)
         waiting = {name for index, name in enumerate(names) if any(lengths[index * steps:(index + 1) * steps])}
         taken = {_task_id(raw) for raw in channel.client.hvals(channel.unacked_key)}
-    lost = [(job_id, celery_queue) for job_id, celery_queue in candidates
-            if celery_queue not in waiting and job_id not in taken]
-    send_many(app, lost)
-    return [job_id for job_id, _ in lost]
+    lost = [job for job in candidates if job[1] not in waiting and job[0] not in taken]
+    send_many(app, [(job_id, celery_queue) for job_id, celery_queue, _ in lost], [at for _, _, at in lost])
+    return [job_id for job_id, _, _ in lost]
 
 
 def _task_id(unacked: bytes | str) -> str | None:
@@ -192,6 +200,31 @@ def _task_id(unacked: bytes | str) -> str | None:
         return json.loads(unacked)[0]["headers"]["id"]
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+# Takes, without waiting, the next message of one of a worker's queue lists (KEYS, in the order kombu's BRPOP names
+# them; ARGV[i]: the rank of KEYS[i], the lowest first): of those of the lowest rank, the one whose next message (the
+# list's last element) joined its queue first (ENQUEUED_AT_HEADER; 0 where absent). Answers {list, message} as BRPOP
+# does, or nil when every list is empty.
+_TAKE_OLDEST = """
+local best, best_rank, best_at
+for i, key in ipairs(KEYS) do
+  local head = redis.call('LINDEX', key, -1)
+  if head then
+    local rank = tonumber(ARGV[i])
+    local ok, message = pcall(cjson.decode, head)
+    local at = 0
+    if ok and type(message) == 'table' and type(message['headers']) == 'table' then
+      at = tonumber(message['headers']['enqueued_at']) or 0
+    end
+    if best == nil or rank < best_rank or (rank == best_rank and at < best_at) then
+      best, best_rank, best_at = i, rank, at
+    end
+  end
+end
+if best == nil then return nil end
+return {KEYS[best], redis.call('RPOP', KEYS[best])}
+"""
 
 
 class _Channel(kombu_redis.Channel):
@@ -212,6 +245,40 @@ class _Channel(kombu_redis.Channel):
     message_holder = None
     from_transport_options = kombu_redis.Channel.from_transport_options + ("message_holder",)
     _sync_client = None
+    # Whether the last poll of the worker's queues took a message: the next one then takes the oldest (_TAKE_OLDEST).
+    _took = False
+
+    def _brpop_start(self, timeout=None):
+        """Poll the worker's queues: interactive before batch (kombu's "priority" order, as `worker_queues` declares
+        them), and of the queues of one kind, the one whose next message joined its queue first.
+
+        With BRPOP alone a worker took every queued job naming its model before any job naming none (POST /v1/jobs
+        need not name one), while each job's queue position (`JobStore.queue_position`, by the order jobs joined the
+        queue) counted those ahead of it. Once a poll has taken a message, the next takes the oldest in one script, in
+        the round trip BRPOP took; a poll that finds every queue empty goes back to BRPOP, which waits (a script
+        cannot), and takes the first message to come, from whichever queue.
+        """
+        if not self._took or self.global_keyprefix:
+            return super()._brpop_start(timeout)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        kinds = (INTERACTIVE_QUEUE, BATCH_QUEUE)
+        keys, ranks = [], []
+        for step, priority in enumerate(self.priority_steps):
+            for queue in queues:
+                kind = queue.split(".", 1)[0]
+                keys.append(self._q_for_pri(queue, priority))
+                ranks.append(step * (len(kinds) + 1) + (kinds.index(kind) if kind in kinds else len(kinds)))
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command("EVAL", _TAKE_OLDEST, len(keys), *keys, *ranks)
+
+    def _brpop_read(self, **options):
+        self._took = False
+        took = super()._brpop_read(**options)  # reads the script's answer as a BRPOP's; Empty if it had none
+        self._took = bool(took)
+        return took
 
     def _create_client(self, asynchronous=False):
         if asynchronous:
