@@ -111,9 +111,9 @@ def restore_messages_of_gone_workers(app: Celery) -> list[str]:
 ENQUEUED_AT_HEADER = "enqueued_at"
 
 
-def send_many(app: Celery, jobs: list[tuple[str, str]], enqueued_at: list[float] | None = None) -> None:
+def send_many(app: Celery, jobs: list[tuple[str, str]]) -> None:
     """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one
-    Redis round trip per few hundred jobs. `enqueued_at[i]`: when job i joined its queue (now if not given).
+    Redis round trip per few hundred jobs.
 
     The message is the one `send_task` builds (JSON, the job id as its only argument and as the
     task id), published without the per-message queue declaration and task-sent event that make
@@ -123,8 +123,8 @@ def send_many(app: Celery, jobs: list[tuple[str, str]], enqueued_at: list[float]
         return
     now = time.time()
     with app.producer_or_acquire() as producer, producer.batch(max_size=500):
-        for index, (job_id, queue) in enumerate(jobs):
-            headers, properties, body = _task_message(app, job_id, enqueued_at[index] if enqueued_at else now)
+        for job_id, queue in jobs:
+            headers, properties, body = _task_message(app, job_id, now)
             producer.publish(body, exchange="", routing_key=queue, serializer="json", headers=headers,
                              declare=[], retry=False, delivery_mode=2, **properties)
 
@@ -141,7 +141,8 @@ def _task_message(app: Celery, job_id: str, enqueued_at: float) -> tuple[dict, d
 def send_first(app: Celery, job_id: str, queue: str) -> None:
     """Send a job's task (the message `send_many` sends) to the head of its Celery queue, where the next worker to
     read the queue takes it: for a job that had started and was handed back (a worker told to stop, an engine that
-    stopped) or whose worker died. Its clients are mid-stream; at the tail it waited behind every job queued since.
+    stopped) or whose worker died (its clients are mid-stream; at the tail it waited behind every job queued since),
+    and for one whose message was lost (`resend_lost_tasks`: it has waited its turn).
     kombu pushes a message at the tail (LPUSH) and workers take from the head (BRPOP); its own restore of an unacked
     message pushes at the head (RPUSH), as this does; its ENQUEUED_AT_HEADER, 0, puts its queue before the worker's
     others of its kind."""
@@ -156,15 +157,19 @@ def send_first(app: Celery, job_id: str, queue: str) -> None:
 
 
 def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: int = 200) -> list[str]:
-    """Send again the task of each job queued for `older_than` seconds or more whose message is nowhere: its Celery
-    queue holds no message and no worker holds one for it (kombu's unacked hash); returns their ids.
+    """Send again the task of each job queued for `older_than` seconds or more whose message is nowhere: not in its
+    Celery queue and held by no worker (kombu's unacked hash); returns their ids.
 
     A job's message is lost where an API died between writing the job's record and sending its task, where Redis
     refused the write that would have failed the job after a failed send, and where a worker died between taking the
     message (BRPOP) and recording it among the unacked (kombu's own window): the job stayed `queued` for good. Among
-    the `limit` oldest jobs of each queue. One whose queue still holds messages is left for later: its message may be
-    among them, and the queue is read only by its length. A message sent twice (one was being taken as this looked)
-    runs its job once: `JobStore.start` skips the second start.
+    the `limit` oldest jobs of each queue. A queue is read by its next messages only (one per priority list): a job's
+    message is not in it when the oldest of them joined the queue (ENQUEUED_AT_HEADER) more than `older_than` seconds
+    after the job was recorded, since a queue's messages go in the order they came; otherwise (a message without the
+    header, a hand-back's 0) the job is left for a later sweep. (It was judged only once its queue was empty: a lost
+    message in a deep queue was sent again once every job queued after it had been taken.) A lost job's message goes
+    to the head of its queue (`send_first`: it has waited its turn). A message sent twice (one was being taken as this
+    looked, one was sent over `older_than` seconds late) runs its job once: `JobStore.start` skips the second start.
     """
     now = time.time()
     candidates: list[tuple[str, str, float]] = []
@@ -184,14 +189,27 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         with channel.client.pipeline(transaction=False) as pipe:
             for name in names:
                 for priority in channel.priority_steps:
-                    pipe.llen(channel._q_for_pri(name, priority))
-            lengths = pipe.execute()
+                    pipe.lindex(channel._q_for_pri(name, priority), -1)  # the next message a worker takes
+            heads = pipe.execute()
         steps = len(channel.priority_steps)
-        waiting = {name for index, name in enumerate(names) if any(lengths[index * steps:(index + 1) * steps])}
+        # When the oldest message of each queue joined it (None: the queue is empty).
+        oldest = {name: min((_enqueued_at(head) for head in heads[index * steps:(index + 1) * steps]
+                             if head is not None), default=None) for index, name in enumerate(names)}
         taken = {_task_id(raw) for raw in channel.client.hvals(channel.unacked_key)}
-    lost = [job for job in candidates if job[1] not in waiting and job[0] not in taken]
-    send_many(app, [(job_id, celery_queue) for job_id, celery_queue, _ in lost], [at for _, _, at in lost])
+    lost = [(job_id, name, created_at) for job_id, name, created_at in candidates
+            if job_id not in taken and (oldest[name] is None or oldest[name] > created_at + older_than)]
+    # At the head of their queues, as hand-backs: they have waited their turn; the oldest is taken first.
+    for job_id, name, _ in sorted(lost, key=lambda job: job[2], reverse=True):
+        send_first(app, job_id, name)
     return [job_id for job_id, _, _ in lost]
+
+
+def _enqueued_at(message: bytes | str) -> float:
+    """The ENQUEUED_AT_HEADER of a message as kombu keeps it in a queue; 0 where it has none (or is unreadable)."""
+    try:
+        return float(json.loads(message)["headers"].get(ENQUEUED_AT_HEADER) or 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0.0
 
 
 def _task_id(unacked: bytes | str) -> str | None:

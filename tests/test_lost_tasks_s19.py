@@ -46,11 +46,26 @@ def test_only_jobs_whose_message_is_nowhere_are_sent_again(redis_server):
         # Its queue holds a message now: nothing is sent twice, however many sweeps look.
         assert resend_lost_tasks(app, store, older_than=0) == []
         assert queued_task_ids(client, interactive) == [lost]
-        # A job recorded while its queue holds other messages waits for them to go before it is judged.
+        # A job recorded after the oldest message of its queue came is not judged while that message is there.
         late, _ = store.create(request, "interactive")
         assert resend_lost_tasks(app, store, older_than=0) == []
         client.delete(interactive)
         assert sorted(resend_lost_tasks(app, store, older_than=0)) == sorted([lost, late])
+        # One recorded long before the oldest message of its queue came (`older_than` before) has no message there:
+        # it is sent again at once, not after every job queued since (it was judged only once its queue was empty).
+        client.delete(interactive)
+        deep, _ = store.create(request, "interactive")
+        time.sleep(0.6)
+        send_many(app, [(f"later-{index}", interactive) for index in range(3)])
+        assert resend_lost_tasks(app, store, older_than=2) == []  # too young to say
+        assert sorted(resend_lost_tasks(app, store, older_than=0.5)) == sorted([lost, late, deep])
+        # At the head of the queue (the end workers take from), the oldest job first; nothing sent twice after.
+        assert queued_task_ids(client, interactive) == ["later-2", "later-1", "later-0", deep, late, lost]
+        assert resend_lost_tasks(app, store, older_than=0.5) == []
+        # A message without the header (another sender) says nothing of when it came: the queue is not judged.
+        client.delete(interactive)
+        app.send_task("llava_queue.generate", args=["other"], task_id="other", queue=interactive)
+        assert resend_lost_tasks(app, store, older_than=0.5) == []
     finally:
         connection.release()
         client.delete(interactive, batch)
