@@ -146,14 +146,19 @@ def send_first(app: Celery, job_id: str, queue: str) -> None:
     kombu pushes a message at the tail (LPUSH) and workers take from the head (BRPOP); its own restore of an unacked
     message pushes at the head (RPUSH), as this does; its ENQUEUED_AT_HEADER, 0, puts its queue before the worker's
     others of its kind."""
+    with _broker_channel(app) as channel:
+        _push_first(app, channel, job_id, queue)
+
+
+def _push_first(app: Celery, channel: "_Channel", job_id: str, queue: str) -> None:
+    """`send_first` on a broker channel already taken."""
     headers, properties, body = _task_message(app, job_id, 0.0)
     content_type, content_encoding, data = serialization.dumps(body, serializer="json")
-    with _broker_channel(app) as channel:
-        # What Producer.publish builds for the anonymous exchange, then kombu's _put, at the other end of the list.
-        message = channel.prepare_message(data, 0, content_type, content_encoding, headers,
-                                          dict(properties, delivery_mode=2))
-        channel._inplace_augment_message(message, "", queue)
-        channel.client.rpush(channel._q_for_pri(queue, 0), dumps(message))
+    # What Producer.publish builds for the anonymous exchange, then kombu's _put, at the other end of the list.
+    message = channel.prepare_message(data, 0, content_type, content_encoding, headers,
+                                      dict(properties, delivery_mode=2))
+    channel._inplace_augment_message(message, "", queue)
+    channel.client.rpush(channel._q_for_pri(queue, 0), dumps(message))
 
 
 def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: int = 200) -> list[str]:
@@ -196,11 +201,11 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         oldest = {name: min((_enqueued_at(head) for head in heads[index * steps:(index + 1) * steps]
                              if head is not None), default=None) for index, name in enumerate(names)}
         taken = {_task_id(raw) for raw in channel.client.hvals(channel.unacked_key)}
-    lost = [(job_id, name, created_at) for job_id, name, created_at in candidates
-            if job_id not in taken and (oldest[name] is None or oldest[name] > created_at + older_than)]
-    # At the head of their queues, as hand-backs: they have waited their turn; the oldest is taken first.
-    for job_id, name, _ in sorted(lost, key=lambda job: job[2], reverse=True):
-        send_first(app, job_id, name)
+        lost = [(job_id, name, created_at) for job_id, name, created_at in candidates
+                if job_id not in taken and (oldest[name] is None or oldest[name] > created_at + older_than)]
+        # At the head of their queues, as hand-backs: they have waited their turn; the oldest is taken first.
+        for job_id, name, _ in sorted(lost, key=lambda job: job[2], reverse=True):
+            _push_first(app, channel, job_id, name)
     return [job_id for job_id, _, _ in lost]
 
 
