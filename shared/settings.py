@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # steps replayed from CUDA graphs (not yet measured on a GPU); fused forces the engine's own on fused weights;
     # model is the model's own.
     engine_forward: Literal["auto", "graphs", "fused", "model"] = "auto"
+    # Decode attention of the engine's own forward in bf16 on a CPU: auto runs the engine's kernel
+    # (workers/engine/decode_attention.cpp, built with g++ into CACHE_DIR on first use; torch's flash kernel when
+    # it cannot be built), torch runs torch's flash kernel.
+    decode_attention: Literal["auto", "torch"] = "auto"
     # Cores of the engine's own on a CPU (a Linux cpu list: "1", "2-7"): the engine thread and its OpenMP
     # team run there, one torch thread per core; the worker's other threads, and the API and Redis that
     # `llava-queue up` starts, run on the other cores (shared/cpus.py). Empty: every process on every core.

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from workers.engine import decode_attention
+from workers.engine.decode_attention import DecodeAttention
 from workers.engine.kv_cache import BatchKVCache
 
 # Same computation, layer for layer, as transformers' LlamaForCausalLM.
@@ -61,6 +63,13 @@ class PackedLlama:
         self.head = (_Linear if packed else _PlainLinear)(model.get_output_embeddings().weight, None)
         self.rotary = base.rotary_emb
         self._rotary_table(config.max_position_embeddings)
+        # Prepacked means a CPU: decode attention in bf16 in the engine's own kernel where it can be built and
+        # applies. (In fp32 it measured no faster than the flash kernel, which then stays.)
+        self.decode_attention = None
+        if packed and model.dtype == torch.bfloat16:
+            kernel = decode_attention.load()
+            if kernel is not None and kernel.supports(model.dtype, self.num_heads // self.num_kv_heads, self.head_dim):
+                self.decode_attention = kernel
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> PackedLlama | None:
@@ -219,7 +228,8 @@ class _Layer:
         # q and k are rotated as one tensor: their heads are adjacent, and the rotation is the same for each.
         q, k = _rotate(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
         keys, values = write(k, qkv[:, heads + kv_heads :])
-        hidden = hidden + self.o(_attention(q, keys, values, mask, model.scale).reshape(rows, new, heads * head_dim))
+        attention = _attention(q, keys, values, mask, model.scale, model.decode_attention)
+        hidden = hidden + self.o(attention.reshape(rows, new, heads * head_dim))
         x = _rms_norm(hidden, *self.post_norm)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return hidden + self.down(F.silu(gate).mul_(up))
@@ -247,14 +257,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _attention(q, keys, values, mask, scale) -> torch.Tensor:
-    """Attention of q [B, heads, T, d] over the cache's keys/values [B, kv_heads, W, d]; returns [B, T, heads, d]."""
+def _attention(q, keys, values, mask, scale, kernel: DecodeAttention | None = None) -> torch.Tensor:
+    """Attention of q [B, heads, T, d] over the cache's keys/values [B, kv_heads, W, d]; returns [B, T, heads, d].
+
+    kernel: the engine's own decode attention (decode_attention.py), for a step of one position per row."""
     rows, heads, new, head_dim = q.shape
     groups = heads // keys.shape[1]
     if new == 1:
         # One query position: the heads that share a KV head become its query positions (no KV copy).
         q = q.reshape(rows, keys.shape[1], groups, head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        out = None if kernel is None else kernel(q, keys, values, mask, scale)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         return out.reshape(rows, heads, 1, head_dim).transpose(1, 2)
     if groups > 1:
         keys = keys.repeat_interleave(groups, dim=1)

@@ -1,0 +1,169 @@
+// Decode attention on a CPU: one query position per row, the heads that share a KV head together.
+//
+// Built at run time by decode_attention.py (g++ -O3 -march=native -fopenmp) and called through ctypes with
+// the tensors' pointers and strides. torch's CPU flash kernel makes each (row, KV head) pair a task with a
+// few query rows and costs ~400 us a layer at 32 rows and 100 columns, where reading the keys and values
+// takes ~40 us; here each pair reads its keys and values once, in fp32 arithmetic throughout, and rounds
+// the output once. The OpenMP team is the calling thread's, the one torch's ops run on (torch loads the
+// same libgomp.so.1, which the dynamic linker shares by its name).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxGroups = 16;
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline void store(float* out, float x) { *out = x; }
+
+// Round to nearest, ties to even, as torch converts fp32 to bf16; a NaN stays a NaN.
+inline void store(uint16_t* out, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *out = static_cast<uint16_t>((bits >> 16) | 0x40u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *out = static_cast<uint16_t>(bits >> 16);
+}
+
+// e^x for x <= 0 (a score minus its row's largest), in a form the compiler vectorizes (std::exp is a call per
+// element: a third of the kernel's time). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6
+// polynomial, within 2 ulp of e^x; below -87 (e^x under 2^-125, nothing beside the largest weight's 1) it
+// gives e^-87.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  std::memcpy(&power, &bits, sizeof power);
+  return y * power;
+}
+
+// kHeadDim: the head size, known when compiling (the loops over it then unroll: 64 made the kernel 1.3x
+// faster), or 0 for any.
+template <typename T, int kHeadDim>
+void attend(const T* q, int64_t q_row, int64_t q_head, const T* k, int64_t k_row, int64_t k_head,
+            const T* v, int64_t v_row, int64_t v_head, const T* mask, int64_t mask_row, T* out, int64_t rows,
+            int64_t kv_heads, int64_t groups, int64_t width, int64_t any_head_dim, float scale, int threads) {
+  const int64_t head_dim = kHeadDim ? kHeadDim : any_head_dim;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores(static_cast<size_t>(groups * width));
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < rows * kv_heads; ++task) {
+      const int64_t row = task / kv_heads, head = task % kv_heads;
+      const T* qs = q + row * q_row + head * q_head;  // [groups, head_dim], contiguous
+      const T* ks = k + row * k_row + head * k_head;  // [width, head_dim], contiguous
+      const T* vs = v + row * v_row + head * v_head;
+      const T* ms = mask + row * mask_row;
+      float query[kMaxGroups][kMaxHeadDim];
+      float acc[kMaxGroups][kMaxHeadDim];
+      float top[kMaxGroups], total[kMaxGroups];
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t d = 0; d < head_dim; ++d) query[g][d] = to_float(qs[g * head_dim + d]);
+        top[g] = neg_inf;
+      }
+      // Scores: (q . k) * scale + mask, as scaled_dot_product_attention with an additive mask.
+      for (int64_t col = 0; col < width; ++col) {
+        const float bias = to_float(ms[col]);
+        if (bias == neg_inf) {
+          for (int64_t g = 0; g < groups; ++g) scores[g * width + col] = neg_inf;
+          continue;
+        }
+        float key[kMaxHeadDim];
+        for (int64_t d = 0; d < head_dim; ++d) key[d] = to_float(ks[col * head_dim + d]);
+        for (int64_t g = 0; g < groups; ++g) {
+          float dot = 0.0f;
+          for (int64_t d = 0; d < head_dim; ++d) dot += query[g][d] * key[d];
+          const float score = dot * scale + bias;
+          scores[g * width + col] = score;
+          if (score > top[g]) top[g] = score;
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        total[g] = 0.0f;
+        for (int64_t d = 0; d < head_dim; ++d) acc[g][d] = 0.0f;
+        for (int64_t col = 0; col < width; ++col) {
+          float& s = scores[g * width + col];
+          s = s == neg_inf ? 0.0f : exp_nonpositive(s - top[g]);
+          total[g] += s;
+        }
+      }
+      for (int64_t col = 0; col < width; ++col) {
+        if (to_float(ms[col]) == neg_inf) continue;
+        float value[kMaxHeadDim];
+        for (int64_t d = 0; d < head_dim; ++d) value[d] = to_float(vs[col * head_dim + d]);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float p = scores[g * width + col];
+          for (int64_t d = 0; d < head_dim; ++d) acc[g][d] += p * value[d];
+        }
+      }
+      T* os = out + (row * kv_heads + head) * groups * head_dim;
+      for (int64_t g = 0; g < groups; ++g) {
+        // Every column masked (no row is, in the engine): NaN, as the flash kernel gives.
+        const float inverse = total[g] > 0.0f ? 1.0f / total[g] : std::numeric_limits<float>::quiet_NaN();
+        for (int64_t d = 0; d < head_dim; ++d) store(os + g * head_dim + d, acc[g][d] * inverse);
+      }
+    }
+  }
+}
+
+template <typename T>
+void dispatch(const T* q, int64_t q_row, int64_t q_head, const T* k, int64_t k_row, int64_t k_head, const T* v,
+              int64_t v_row, int64_t v_head, const T* mask, int64_t mask_row, T* out, int64_t rows, int64_t kv_heads,
+              int64_t groups, int64_t width, int64_t head_dim, float scale, int threads) {
+  auto* kernel = head_dim == 64 ? attend<T, 64> : head_dim == 128 ? attend<T, 128> : attend<T, 0>;
+  kernel(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, mask, mask_row, out, rows, kv_heads, groups, width,
+         head_dim, scale, threads);
+}
+
+}  // namespace
+
+extern "C" {
+
+int llava_queue_max_head_dim() { return kMaxHeadDim; }
+int llava_queue_max_groups() { return kMaxGroups; }
+
+// dtype 0: fp32, 1: bf16. Strides in elements; within a head, q is [groups, head_dim] and k, v are
+// [width, head_dim], each contiguous; the mask is [rows, width] with a row stride, contiguous in a row;
+// out is [rows, kv_heads, groups, head_dim], contiguous. threads: the OpenMP team's size (torch's own).
+void llava_queue_decode_attention(int dtype, const void* q, int64_t q_row, int64_t q_head, const void* k,
+                                  int64_t k_row, int64_t k_head, const void* v, int64_t v_row, int64_t v_head,
+                                  const void* mask, int64_t mask_row, void* out, int64_t rows, int64_t kv_heads,
+                                  int64_t groups, int64_t width, int64_t head_dim, float scale, int threads) {
+  if (dtype == 1) {
+    dispatch(static_cast<const uint16_t*>(q), q_row, q_head, static_cast<const uint16_t*>(k), k_row, k_head,
+             static_cast<const uint16_t*>(v), v_row, v_head, static_cast<const uint16_t*>(mask), mask_row,
+             static_cast<uint16_t*>(out), rows, kv_heads, groups, width, head_dim, scale, threads);
+  } else {
+    dispatch(static_cast<const float*>(q), q_row, q_head, static_cast<const float*>(k), k_row, k_head,
+             static_cast<const float*>(v), v_row, v_head, static_cast<const float*>(mask), mask_row,
+             static_cast<float*>(out), rows, kv_heads, groups, width, head_dim, scale, threads);
+  }
+}
+
+}  // extern "C"
