@@ -1,11 +1,10 @@
 """A bare WebSocket client (RFC 6455) over asyncio streams, for the benchmarks' own followers.
 
 The benchmark's client runs on the same cores as the stack it measures, so what it costs is taken from
-the engine: the `websockets` library cost it about 4 ms of CPU a job (its handshake and its frame
-machinery), more than the API's POST and WebSocket together (bench/README.md). This one does only what a
-follower of a job needs: the opening handshake, unmasked text frames from the server (fragmented or not),
-pings answered, and a close. No extensions are offered, as the API compresses nothing unless told to
-(`LLAVA_QUEUE_WS_COMPRESSION`).
+the engine: following a 64-token job cost it 3.1 ms of CPU with the `websockets` library, 2.3 with this
+client and 2.0 with this client on uvloop (bench/README.md). It does only what a follower of a job needs:
+the opening handshake, unmasked text frames from the server (fragmented or not), pings answered, and a
+close. No extensions are offered, as the API compresses nothing unless told to (`LLAVA_QUEUE_WS_COMPRESSION`).
 """
 
 from __future__ import annotations
