@@ -29,7 +29,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from workers.engine import decode_attention
-from workers.engine.decode_attention import DecodeAttention
 from workers.engine.kv_cache import BatchKVCache
 
 # Same computation, layer for layer, as transformers' LlamaForCausalLM.
@@ -257,7 +256,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _attention(q, keys, values, mask, scale, kernel: DecodeAttention | None = None) -> torch.Tensor:
+def _attention(q, keys, values, mask, scale, kernel: decode_attention.DecodeAttention | None = None) -> torch.Tensor:
     """Attention of q [B, heads, T, d] over the cache's keys/values [B, kv_heads, W, d]; returns [B, T, heads, d].
 
     kernel: the engine's own decode attention (decode_attention.py), for a step of one position per row."""
