@@ -13,5 +13,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet ${LLAVA_QUEUE_TORCH:-torch==2.13.0}
 fi
 .venv/bin/pip install --quiet -e ".[worker,test]"
-# The engine builds its CPU decode-attention kernel with g++ on first use (workers/engine/decode_attention.py).
+# The engine builds its CPU kernels (decode attention, layer operations) with g++ on first use
+# (workers/engine/cpu_kernels.py).
 command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++)

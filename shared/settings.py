@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # (workers/engine/decode_attention.cpp, built with g++ into CACHE_DIR on first use; torch's flash kernel when
     # it cannot be built), torch runs torch's flash kernel.
     decode_attention: Literal["auto", "torch"] = "auto"
+    # The operations between a layer's products (RMSNorm, rotary embedding, SiLU, residual sums) in bf16 decode
+    # steps of the engine's own forward on a CPU: auto runs the engine's (workers/engine/layer_ops.cpp, built with
+    # decode attention's kernel; torch's when it cannot be built), torch runs torch's.
+    layer_ops: Literal["auto", "torch"] = "auto"
     # Cores of the engine's own on a CPU (a Linux cpu list: "1", "2-7"): the engine thread and its OpenMP
     # team run there, one torch thread per core; the worker's other threads, and the API and Redis that
     # `llava-queue up` starts, run on the other cores (shared/cpus.py). Empty: every process on every core.

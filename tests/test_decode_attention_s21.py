@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from shared.settings import get_settings
-from workers.engine import decode_attention
+from workers.engine import cpu_kernels, decode_attention
 from workers.engine.packed_llama import _attention
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    return decode_attention.DecodeAttention(decode_attention.build(tmp_path_factory.mktemp("kernel-cache")))
+    return decode_attention.DecodeAttention(cpu_kernels.build(tmp_path_factory.mktemp("kernel-cache")))
 
 
 def _case(dtype, rows, kv_heads, groups, head_dim, width, capacity, seed):
@@ -83,27 +83,27 @@ def test_layouts_it_does_not_read_go_to_sdpa(kernel):
 
 
 def test_built_once_per_source_and_compiler(tmp_path):
-    first = decode_attention.build(tmp_path)
+    first = cpu_kernels.build(tmp_path)
     built_at = first.stat().st_mtime_ns
-    assert decode_attention.build(tmp_path) == first and first.stat().st_mtime_ns == built_at
+    assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == built_at
     # Another compiler (here the same one behind a wrapper that says another version) builds its own.
     wrapper = tmp_path / "other-g++"
     wrapper.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "other 1.0"; exit 0; }\nexec g++ "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    second = decode_attention.build(tmp_path, compiler=str(wrapper))
+    second = cpu_kernels.build(tmp_path, compiler=str(wrapper))
     assert second != first and second.exists()
     assert sorted(path.name for path in (tmp_path / "kernels").iterdir()) == sorted([first.name, second.name])
 
 
 def test_without_a_compiler_it_says_why(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="does not run"):
-        decode_attention.build(tmp_path, compiler=str(tmp_path / "no-such-compiler"))
+        cpu_kernels.build(tmp_path, compiler=str(tmp_path / "no-such-compiler"))
     failing = tmp_path / "failing-g++"
     failing.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "failing 1.0"; exit 0; }\n'
                        'echo "error: no room" >&2; exit 1\n')
     failing.chmod(failing.stat().st_mode | stat.S_IXUSR)
     with pytest.raises(RuntimeError, match="no room"):
-        decode_attention.build(tmp_path, compiler=str(failing))
+        cpu_kernels.build(tmp_path, compiler=str(failing))
     assert not list((tmp_path / "kernels").iterdir())  # nothing half-written left behind
     # The engine then keeps torch's kernel, and so it does when told to.
     def load_with(**env):

@@ -166,10 +166,11 @@ def test_greedy_mixed_batch_matches_generate_alone(forward, request, tokenizer):
                                  forward=kind if kind in ("fused", "graphs") else "auto")
     assert (engine.runner.packed is not None) == (forward != "transformers")
     assert engine.runner.packed is None or engine.runner.packed.packed == (kind == "packed")
-    # In bf16 on a CPU, decode attention runs in the engine's own kernel (decode_attention.cpp; the install
-    # provides the compiler), elsewhere in sdpa.
-    uses_kernel = engine.runner.packed is not None and engine.runner.packed.decode_attention is not None
-    assert uses_kernel == (forward == "packed-bf16")
+    # In bf16 on a CPU, decode attention and the operations between the products run in the engine's own kernels
+    # (decode_attention.cpp, layer_ops.cpp; the install provides the compiler), elsewhere in sdpa and torch's ops.
+    packed = engine.runner.packed
+    assert (packed is not None and packed.decode_attention is not None) == (forward == "packed-bf16")
+    assert (packed is not None and packed.layer_ops is not None) == (forward == "packed-bf16")
     assert (engine.runner.graphs is not None) == (kind == "graphs")
     if kind in ("fused", "graphs"):  # no weight held twice: the model's q_proj is a view into the fused q/k/v
         q_proj = tiny_model.model.layers[0].self_attn.q_proj.weight

@@ -13,6 +13,8 @@
 #include <limits>
 #include <vector>
 
+#include "bf16_math.h"
+
 namespace {
 
 constexpr int kMaxHeadDim = 256;
@@ -20,47 +22,14 @@ constexpr int kMaxGroups = 16;
 
 inline float to_float(float x) { return x; }
 
-inline float to_float(uint16_t bf16) {
-  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
+inline float to_float(uint16_t bf16) { return llava_queue::bf16_to_float(bf16); }
 
 inline void store(float* out, float x) { *out = x; }
 
-// Round to nearest, ties to even, as torch converts fp32 to bf16; a NaN stays a NaN.
-inline void store(uint16_t* out, float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    *out = static_cast<uint16_t>((bits >> 16) | 0x40u);
-    return;
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  *out = static_cast<uint16_t>(bits >> 16);
-}
+inline void store(uint16_t* out, float x) { *out = llava_queue::float_to_bf16(x); }
 
-// e^x for x <= 0 (a score minus its row's largest), in a form the compiler vectorizes (std::exp is a call per
-// element: a third of the kernel's time). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6
-// polynomial, within 2 ulp of e^x; below -87 (e^x under 2^-125, nothing beside the largest weight's 1) it
-// gives e^-87.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float power;
-  std::memcpy(&power, &bits, sizeof power);
-  return y * power;
-}
+// e^x for x <= 0 (a score minus its row's largest; below -87, nothing beside the largest weight's 1).
+inline float exp_nonpositive(float x) { return llava_queue::exp_approx(x); }
 
 // kHeadDim: the head size, known when compiling (the loops over it then unroll: 64 made the kernel 1.3x
 // faster), or 0 for any.

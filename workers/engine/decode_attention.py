@@ -8,87 +8,27 @@ weights to bf16 before multiplying them with the values), so it is at least as c
 the flash kernel's 301 at that shape, measured alone. The engine runs it in bf16 only (packed_llama.py); in fp32
 it was no faster over a whole run.
 
-It is compiled with the machine's C++ compiler (`g++`, or `$CXX`) for this CPU (`-march=native`) into the cache
-directory, under a name that hashes the source, the flags, the compiler and the CPU's flags, so a cache shared by
-different machines never hands one another's build; a build is written under a temporary name and renamed, so
-processes starting together do not read a half-written one. Without a compiler, or when the build fails, the
-engine logs why once and keeps the flash kernel (`LLAVA_QUEUE_DECODE_ATTENTION=torch` chooses it outright).
+It is compiled with the engine's other CPU kernels (cpu_kernels.py) for this CPU on first use. Without a compiler,
+or when the build fails, the engine logs why once and keeps the flash kernel (`LLAVA_QUEUE_DECODE_ATTENTION=torch`
+chooses it outright).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from shared.settings import get_settings
+from workers.engine import cpu_kernels
 
 log = logging.getLogger("llava_queue.worker")
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
-# -fassociative-math (with what it needs) lets the compiler vectorize the dot products' sums; infinities stay
-# (no -ffinite-math-only): masked columns are -inf.
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-BUILD_TIMEOUT_SECONDS = 120
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
-    """The kernel's shared library, compiled now unless a build for this source, compiler and CPU is there.
-
-    Raises RuntimeError (with the compiler's message) when it cannot be built.
-    """
-    compiler = compiler or _compiler()
-    if not compiler:
-        raise RuntimeError("no C++ compiler (g++, or $CXX) on this machine")
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"the C++ compiler {compiler!r} does not run: {exc}") from exc
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:20]
-    directory = (cache_dir or get_settings().cache_dir) / "kernels"
-    library = directory / f"decode_attention-{key}.so"
-    if library.exists():
-        return library
-    directory.mkdir(parents=True, exist_ok=True)
-    descriptor, partial = tempfile.mkstemp(dir=directory, prefix=library.stem, suffix=".so.part")
-    os.close(descriptor)
-    try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                                timeout=BUILD_TIMEOUT_SECONDS)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {(result.stderr or result.stdout).strip()[-2000:]}")
-        os.replace(partial, library)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"{compiler} took more than {BUILD_TIMEOUT_SECONDS} s") from exc
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return library
 
 
 class DecodeAttention:
@@ -134,7 +74,7 @@ def load() -> DecodeAttention | None:
     if get_settings().decode_attention == "torch":
         return None
     try:
-        return DecodeAttention(build())
+        return DecodeAttention(cpu_kernels.build())
     except (RuntimeError, OSError) as exc:
         log.warning("decode attention: torch's flash kernel, as the engine's own could not be built (%s)", exc)
         return None

@@ -91,6 +91,8 @@ class ModelRunner:
             described = "prepacked oneDNN weights" if self.packed.packed else "the engine's own, q/k/v and gate/up fused"
             if self.packed.decode_attention is not None:
                 described += ", decode attention in the engine's kernel (decode_attention.cpp)"
+            if self.packed.layer_ops is not None:
+                described += ", the operations between products in the engine's (layer_ops.cpp)"
         if self.graphs is not None:
             described += ", decode steps " + ("from CUDA graphs" if on_cuda else "of fixed shapes")
         if forward in ("fused", "graphs") and self.packed is None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from workers.engine import decode_attention
+from workers.engine import decode_attention, layer_ops
 from workers.engine.kv_cache import BatchKVCache
 
 # Same computation, layer for layer, as transformers' LlamaForCausalLM.
@@ -64,11 +64,13 @@ class PackedLlama:
         self._rotary_table(config.max_position_embeddings)
         # Prepacked means a CPU: decode attention in bf16 in the engine's own kernel where it can be built and
         # applies. (In fp32 it measured no faster than the flash kernel, which then stays.)
-        self.decode_attention = None
+        # And the operations between the products, in bf16 decode steps, in the engine's own too.
+        self.decode_attention = self.layer_ops = None
         if packed and model.dtype == torch.bfloat16:
             kernel = decode_attention.load()
             if kernel is not None and kernel.supports(model.dtype, self.num_heads // self.num_kv_heads, self.head_dim):
                 self.decode_attention = kernel
+            self.layer_ops = layer_ops.load()
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> PackedLlama | None:
@@ -113,10 +115,25 @@ class PackedLlama:
         cos = self.cos[position_ids].unsqueeze(1)  # [B, 1, T, head_dim], broadcast over heads
         sin = self.sin[position_ids].unsqueeze(1)
         mask = _attention_mask(attention_mask, new, hidden.dtype)
+        if new == 1 and self.layer_ops is not None and self.layer_ops.supports(hidden):
+            return self._decode_on_layer_ops(hidden, cos, sin, mask, cache)
         for index, layer in enumerate(self.layers):
             hidden = layer(self, hidden, cos, sin, mask, cache.layers[index].update)
         last = _rms_norm(hidden[:, -1], self.norm_weight, self.norm_eps)
         return self.head(last)
+
+    def _decode_on_layer_ops(self, hidden, cos, sin, mask, cache: BatchKVCache) -> torch.Tensor:
+        """A decode step (hidden [B, 1, H]) on the engine's layer operations: each layer adds its output to the
+        residual stream when the next normalizes it, in the one call."""
+        rows = hidden.shape[0]
+        hidden = hidden.reshape(rows, self.hidden_size).clone()  # added to in place: not the caller's embeddings
+        normed = torch.empty_like(hidden)
+        cos, sin = cos.reshape(rows, self.head_dim), sin.reshape(rows, self.head_dim)
+        delta = None
+        for index, layer in enumerate(self.layers):
+            delta = layer.decode_step(self, hidden, delta, normed, cos, sin, mask, cache.layers[index].update)
+        self.layer_ops.add_rms_norm(hidden, delta, self.norm_weight, self.norm_eps, normed)
+        return self.head(normed)
 
     def decode_over_capacity(
         self, input_ids: torch.Tensor, positions: torch.Tensor, end: torch.Tensor, cache: BatchKVCache, rows: int
@@ -232,6 +249,21 @@ class _Layer:
         x = _rms_norm(hidden, *self.post_norm)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return hidden + self.down(F.silu(gate).mul_(up))
+
+    def decode_step(self, model: PackedLlama, hidden, delta, normed, cos, sin, mask, write) -> torch.Tensor:
+        """The same layer in a decode step, on model.layer_ops: hidden [B, H] is the residual stream before the
+        previous layer's output `delta` [B, H] (None for the first) is added, in place; normed [B, H] is scratch;
+        cos, sin [B, head_dim]. Returns this layer's output, for the next to add."""
+        ops = model.layer_ops
+        rows = hidden.shape[0]
+        heads, kv_heads, head_dim = model.num_heads, model.num_kv_heads, model.head_dim
+        ops.add_rms_norm(hidden, delta, *self.input_norm, normed)
+        qkv = self.qkv(normed)
+        q, k = ops.rotate(qkv, cos, sin, heads + kv_heads, head_dim).split([heads, kv_heads], dim=1)
+        keys, values = write(k, qkv.view(rows, heads + 2 * kv_heads, 1, head_dim)[:, heads + kv_heads :])
+        attention = _attention(q, keys, values, mask, model.scale, model.decode_attention)
+        ops.add_rms_norm(hidden, self.o(attention.reshape(rows, heads * head_dim)), *self.post_norm, normed)
+        return self.down(ops.silu_mul(self.gate_up(normed)))
 
 
 def _concatenated(parameters: list[torch.Tensor]) -> torch.Tensor:
