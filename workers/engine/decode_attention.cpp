@@ -1,17 +1,24 @@
 // Decode attention on a CPU: one query position per row, the heads that share a KV head together.
 //
-// Built at run time by decode_attention.py (g++ -O3 -march=native -fopenmp) and called through ctypes with
-// the tensors' pointers and strides. torch's CPU flash kernel makes each (row, KV head) pair a task with a
-// few query rows and costs ~400 us a layer at 32 rows and 100 columns, where reading the keys and values
-// takes ~40 us; here each pair reads its keys and values once, in fp32 arithmetic throughout, and rounds
-// the output once. The OpenMP team is the calling thread's, the one torch's ops run on (torch loads the
+// Built at run time by cpu_kernels.py (g++ -O3 -march=native -fopenmp) and called through ctypes by
+// decode_attention.py with the tensors' pointers and strides. torch's CPU flash kernel makes each (row, KV head)
+// pair a task with a few query rows and costs ~400 us a layer at 32 rows and 100 columns, where reading the keys
+// and values takes ~40 us; here each pair reads its keys and values once, in fp32 arithmetic throughout (bf16
+// scores with AVX512-BF16's dot product, whose products are exact), and rounds the output once; while a pair is
+// scored, the next pair's keys and values are fetched (in a decode step they come from memory: a third of the
+// kernel's time in the engine, measured). The OpenMP team is the calling thread's, the one torch's ops run on (torch loads the
 // same libgomp.so.1, which the dynamic linker shares by its name).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "bf16_math.h"
 
@@ -30,6 +37,18 @@ inline void store(uint16_t* out, float x) { *out = llava_queue::float_to_bf16(x)
 
 // e^x for x <= 0 (a score minus its row's largest; below -87, nothing beside the largest weight's 1).
 inline float exp_nonpositive(float x) { return llava_queue::exp_approx(x); }
+
+#if defined(__AVX512BF16__)
+// q . k of bf16 vectors of kHeadDim elements (a multiple of 32) with AVX512-BF16's dot product: each pair's
+// products exact, summed in fp32 as fused multiply-adds are, with no conversion of the keys to fp32 first.
+template <int kHeadDim>
+inline float dot_bf16(const __m512bh* query, const uint16_t* key) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int i = 0; i < kHeadDim / 32; ++i)
+    sum = _mm512_dpbf16_ps(sum, query[i], reinterpret_cast<__m512bh>(_mm512_loadu_si512(key + 32 * i)));
+  return _mm512_reduce_add_ps(sum);
+}
+#endif
 
 // kHeadDim: the head size, known when compiling (the loops over it then unroll: 64 made the kernel 1.3x
 // faster), or 0 for any.
@@ -57,6 +76,31 @@ void attend(const T* q, int64_t q_row, int64_t q_head, const T* k, int64_t k_row
         top[g] = neg_inf;
       }
       // Scores: (q . k) * scale + mask, as scaled_dot_product_attention with an additive mask.
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, uint16_t> && kHeadDim % 32 == 0 && kHeadDim != 0) {
+        __m512bh query_bf16[kMaxGroups][kHeadDim / 32];
+        for (int64_t g = 0; g < groups; ++g)
+          for (int i = 0; i < kHeadDim / 32; ++i)
+            query_bf16[g][i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qs + g * head_dim + 32 * i));
+        // The next task's keys and values, fetched into L2 while this one's are scored (they come from memory).
+        const int64_t next = task + 1 < rows * kv_heads ? task + 1 : task;
+        const T* next_k = k + (next / kv_heads) * k_row + (next % kv_heads) * k_head;
+        const T* next_v = v + (next / kv_heads) * v_row + (next % kv_heads) * v_head;
+        for (int64_t col = 0; col < width; ++col) {
+          for (int64_t line = 0; line < kHeadDim; line += 32) {
+            __builtin_prefetch(next_k + col * kHeadDim + line, 0, 2);
+            __builtin_prefetch(next_v + col * kHeadDim + line, 0, 2);
+          }
+          const float bias = to_float(ms[col]);
+          for (int64_t g = 0; g < groups; ++g) {
+            const float score = bias == neg_inf ? neg_inf
+                                                : dot_bf16<kHeadDim>(query_bf16[g], ks + col * head_dim) * scale + bias;
+            scores[g * width + col] = score;
+            if (score > top[g]) top[g] = score;
+          }
+        }
+      } else
+#endif
       for (int64_t col = 0; col < width; ++col) {
         const float bias = to_float(ms[col]);
         if (bias == neg_inf) {
