@@ -32,6 +32,11 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 # follower cuts it short: it wants to know now whether Redis can be reached.
 RECONNECT_DELAY_SECONDS = 0.5
 MAX_RECONNECT_DELAY_SECONDS = 4.0
+# Every this many seconds, the followers of a channel that had no message since the last tick get a None (2.5 to
+# 5 s of quiet): they re-read the job record, in case a message was missed that the hub could not report (Redis
+# away, a subscription never acknowledged). One timer for the hub, where a timeout around each follower's wait
+# cost a timer per message relayed.
+QUIET_TICK_SECONDS = 2.5
 # The most messages a follower's queue holds. A follower that falls this far behind (its client reads slowly) has
 # them replaced by one None: it reads the job record instead, which holds the latest text.
 MAX_BACKLOG = 256
@@ -52,6 +57,8 @@ class _Channel:
     def __init__(self) -> None:
         self.queues: set[asyncio.Queue] = set()
         self.acknowledged = asyncio.get_running_loop().create_future()
+        # A message came since the hub's last quiet tick (a new channel counts as heard: its first tick passes).
+        self.heard = True
 
 
 class ChannelHub:
@@ -73,15 +80,18 @@ class ChannelHub:
         self._attempt = asyncio.get_running_loop().create_future()
         self._hurry = asyncio.Event()  # set by a follower that waits on the next attempt
         self._reader: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
         self.stopping = False
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read(), name="channel-hub-reader")
+        self._ticker = asyncio.create_task(self._tick(), name="channel-hub-ticker")
 
     async def aclose(self) -> None:
-        self._reader.cancel()
-        with suppress(asyncio.CancelledError):
-            await self._reader
+        for task in (self._reader, self._ticker):
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
 
     def stop_followers(self) -> None:
         """At shutdown: every follower's queue gets STOPPING, and new subscriptions raise ServerStopping. A stream
@@ -93,7 +103,8 @@ class ChannelHub:
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue]:
         """A queue of `channel`'s message payloads, for the `with` block; None in it means some may have been lost
-        (or dropped: it holds MAX_BACKLOG at most), STOPPING that the API is shutting down.
+        (or dropped: it holds MAX_BACKLOG at most), or that the channel has been quiet for QUIET_TICK_SECONDS or
+        up to twice that (the record is to be read either way), STOPPING that the API is shutting down.
 
         Entered once Redis acknowledged the subscription (or after SUBSCRIBE_TIMEOUT_SECONDS), so
         whatever is published after entering is in the queue. Raises redis' ConnectionError when
@@ -212,6 +223,15 @@ class ChannelHub:
                 await connection.disconnect(nowait=True)
             await self._pause(delay)
 
+    async def _tick(self) -> None:
+        """Every QUIET_TICK_SECONDS, a None to the followers of each channel that had no message since the last."""
+        while True:
+            await asyncio.sleep(QUIET_TICK_SECONDS)
+            for followers in list(self._channels.values()):
+                if not followers.heard:
+                    _put(followers, None)
+                followers.heard = False
+
     async def _pause(self, delay: float) -> None:
         """Wait `delay` seconds, or less if a follower asks for a connection meanwhile."""
         with suppress(TimeoutError):
@@ -226,6 +246,7 @@ class ChannelHub:
         followers = self._channels.get(channel)
         if kind == "message":
             if followers:
+                followers.heard = True
                 _put(followers, _text(message[2]))
         elif kind != "subscribe":
             return

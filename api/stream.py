@@ -15,10 +15,6 @@ import anyio
 from api.channel_hub import STOPPING, ChannelHub, ServerStopping
 from shared.jobs import FINAL_STATES, JobStore, Snapshot
 
-# With no message for this long the follower re-reads the record, in case a message was missed
-# that the hub could not report (Redis away, a subscription never acknowledged).
-RESYNC_AFTER_SECONDS = 5.0
-
 
 class JobNotFound(LookupError):
     """The job id is unknown (never existed, or its record expired)."""
@@ -59,8 +55,8 @@ async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIter
 
     Raises JobNotFound if the job does not exist, ServerStopping when the API shuts down (the job goes on), and
     redis' RedisError when a read of the record finds Redis away (the job goes on too, at its worker): an outage
-    over before the next read (at most RESYNC_AFTER_SECONDS after the last message) passes unseen; each endpoint
-    ends its stream on the error in its own format.
+    over before the next read (at most twice channel_hub.QUIET_TICK_SECONDS after the last message) passes unseen;
+    each endpoint ends its stream on the error in its own format.
     """
     async with hub.subscribe(store.channel(job_id)) as messages:
         snap = await asyncio.to_thread(store.snapshot, job_id)
@@ -125,13 +121,9 @@ async def with_keepalives(events: AsyncIterator[StreamEvent], every: float) -> A
 
 
 async def _next_message(messages: asyncio.Queue) -> str | None:
-    """The next payload; None when the hub says messages were lost, or after RESYNC_AFTER_SECONDS without one.
-    Raises ServerStopping when the API shuts down."""
-    try:
-        async with asyncio.timeout(RESYNC_AFTER_SECONDS):
-            payload = await messages.get()
-    except TimeoutError:
-        return None
+    """The next payload; None when the hub says messages may have been lost, or that the channel has been quiet a
+    while. Raises ServerStopping when the API shuts down."""
+    payload = await messages.get()
     if payload is STOPPING:
         raise ServerStopping
     return payload

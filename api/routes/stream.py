@@ -46,16 +46,22 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
     """Send the job's events until it ends ("ended"), the client leaves or stops reading ("left"), the API shuts down
     ("stopping": the socket is closed with 1012, Service Restart, and a reason that names the job, which goes on) or
     Redis goes away ("unavailable", see _send_unavailable)."""
-    sending = asyncio.create_task(_send_events(websocket, store, hub, job_id))
+    clock = _SendClock()
+    sending = asyncio.create_task(_send_events(websocket, store, hub, job_id, clock))
     leaving = asyncio.create_task(_client_left(websocket))
+    stalled = asyncio.create_task(_stalled(clock))
     try:
-        await asyncio.wait({sending, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({sending, leaving, stalled}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         leaving.cancel()
+        stalled.cancel()
         if not sending.done():
             sending.cancel()
             await asyncio.wait({sending})
     if sending.cancelled():
+        if stalled.done() and not stalled.cancelled():
+            log.warning("the client of job %s read nothing for %s s; leaving it", job_id, SEND_TIMEOUT_SECONDS)
+            return "left"
         leaving.result()  # the client left (an error in reading the socket goes on up)
         return "left"
     try:
@@ -64,9 +70,6 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
         if not await _send_not_found(websocket, job_id):
             return "left"
     except CLIENT_GONE:
-        return "left"
-    except TimeoutError:
-        log.warning("the client of job %s read nothing for %s s; leaving it", job_id, SEND_TIMEOUT_SECONDS)
         return "left"
     except ServerStopping:
         # A close reason holds at most 123 bytes.
@@ -79,14 +82,33 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
     return "ended"
 
 
-async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str) -> None:
-    """Send the job's events until it ends. Raises what follow_job raises, CLIENT_GONE, and TimeoutError when a
-    message waited SEND_TIMEOUT_SECONDS to be sent: the client reads nothing, and its follower would wait for
-    ever (uvicorn's own close of such a connection waits for its unread data to be sent)."""
+class _SendClock:
+    """When the message being sent began to wait (the loop's time), None between messages."""
+
+    since: float | None = None
+
+
+async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str, clock: _SendClock) -> None:
+    """Send the job's events until it ends, each one's start on `clock`. Raises what follow_job raises, and
+    CLIENT_GONE."""
+    loop = asyncio.get_running_loop()
     async with aclosing(follow_job(store, hub, job_id)) as events:
         async for event in events:
-            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-                await websocket.send_json(ws_message(job_id, event))
+            clock.since = loop.time()
+            await websocket.send_json(ws_message(job_id, event))
+            clock.since = None
+
+
+async def _stalled(clock: _SendClock) -> None:
+    """Return once a message has waited SEND_TIMEOUT_SECONDS to be sent (seen within a quarter of that more): the
+    client reads nothing, and its follower would wait for ever (uvicorn's own close of such a connection waits
+    for its unread data to be sent). A watch a stream, where a timeout around every message cost a timer each: a
+    fifth of the API's CPU per message relayed (bench/README.md)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SEND_TIMEOUT_SECONDS / 4)
+        if clock.since is not None and loop.time() - clock.since >= SEND_TIMEOUT_SECONDS:
+            return
 
 
 async def _client_left(websocket: WebSocket) -> None:
