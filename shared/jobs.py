@@ -123,35 +123,49 @@ local function next_seq(key)
 end
 """
 
-_APPEND = _SEQ_LUA + """
--- Only the worker that holds the job may write to it (a fence against a worker thought dead).
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then
-  return -1
-end
--- A cancellation asked for (DELETE) keeps the chunk and answers -2: stop the job. The broadcast on the control
--- channel normally stops it sooner; this catches one that came before the job was in the worker's engine.
-local function answer(seq)
-  if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return -2 end
+# One engine step's chunks in one call: KEYS holds each chunk's record and channel in turn; ARGV the worker and the
+# step, then each chunk's text, completion tokens and first token's time (or ''). Answers each chunk's new seq in
+# turn: -1 where the job is not running on this worker, -2 where its cancellation was asked for. (A call a chunk,
+# before: the round trip carried 32 calls a step of 32 jobs, 0.7 ms of the engine's step.)
+_APPEND = """
+local function append(key, channel, delta, tokens, first_at, worker, step)
+  -- Read in one call (a chunk is a dozen of Redis' calls otherwise): what the checks below need.
+  local status, holder, last_step, seq, text, cancel = unpack(redis.call('HMGET', key, 'status', 'worker', 'step',
+                                                                         'seq', 'text', 'cancel_requested'))
+  -- Only the worker that holds the job may write to it (a fence against a worker thought dead).
+  if status ~= 'running' or holder ~= worker then
+    return -1
+  end
+  seq = tonumber(seq) or 0
+  -- A step written again (its first try's answer was lost with the connection) is not appended twice.
+  if step ~= '' and (tonumber(last_step) or -1) >= tonumber(step) then
+    return seq
+  end
+  if first_at ~= '' then redis.call('HSETNX', key, 'first_token_at', first_at) end
+  local fields = {'completion_tokens', tokens}
+  if step ~= '' then
+    fields[#fields + 1], fields[#fields + 2] = 'step', step
+  end
+  -- An empty text is a first token whose text is still held back (half a character, or maybe a stop string).
+  if delta ~= '' then
+    seq = seq + 1
+    fields[#fields + 1], fields[#fields + 2] = 'seq', seq
+    fields[#fields + 1], fields[#fields + 2] = 'text', (text or '') .. delta
+  end
+  redis.call('HSET', key, unpack(fields))
+  if delta ~= '' then redis.call('PUBLISH', channel, cjson.encode({seq = seq, delta = delta})) end
+  -- A cancellation asked for (DELETE) keeps the chunk and answers -2: stop the job. The broadcast on the control
+  -- channel normally stops it sooner; this catches one that came before the job was in the worker's engine.
+  if cancel == '1' then return -2 end
   return seq
 end
--- A step written again (its first try's answer was lost with the connection) is not appended twice.
-if ARGV[5] ~= '' then
-  if (tonumber(redis.call('HGET', KEYS[1], 'step')) or -1) >= tonumber(ARGV[5]) then
-    return seq_of(KEYS[1])
-  end
-  redis.call('HSET', KEYS[1], 'step', ARGV[5])
+local seqs = {}
+for chunk = 1, #KEYS / 2 do
+  local at = 2 + 3 * (chunk - 1)
+  seqs[chunk] = append(KEYS[2 * chunk - 1], KEYS[2 * chunk], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[1],
+                       ARGV[2])
 end
-if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'first_token_at', ARGV[3]) end
-if ARGV[1] == '' then
-  -- A first token whose text is still held back (half a character, or maybe a stop string).
-  redis.call('HSET', KEYS[1], 'completion_tokens', ARGV[2])
-  return answer(seq_of(KEYS[1]))
-end
-local text = (redis.call('HGET', KEYS[1], 'text') or '') .. ARGV[1]
-local seq = next_seq(KEYS[1])
-redis.call('HSET', KEYS[1], 'text', text, 'completion_tokens', ARGV[2])
-redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, delta = ARGV[1]}))
-return answer(seq)
+return seqs
 """
 
 # A batch (shared/batches.py) ends with its last line: completed, expired (some lines waited past
@@ -1068,13 +1082,15 @@ class JobStore:
         job whose record has seen that step (or a later one) keeps its text as it is.
         """
         now = repr(time.time())
-        calls = [(self._append, [self.key(job_id), self.channel(job_id)],
-                  [delta, completion_tokens, now if first_token else "", worker, "" if step is None else step])
-                 for job_id, delta, completion_tokens, first_token in chunks]
+        keys, args = [], [worker, "" if step is None else step]
+        for job_id, delta, completion_tokens, first_token in chunks:
+            keys += [self.key(job_id), self.channel(job_id)]
+            args += [delta, completion_tokens, now if first_token else ""]
+        calls = [(self._append, keys, args)] if chunks else []
         calls += [(self._finish, call["keys"], call["args"])
                   for call in (self._finish_call(ending, False, worker) for ending in endings)]
         results = self._run_scripts(calls)
-        return [int(seq) for seq in results[:len(chunks)]]
+        return [int(seq) for seq in results[0]] if chunks else []
 
     def _run_scripts(self, calls: list[tuple[Script, list, list]], raise_on_error: bool = True) -> list:
         """EVALSHA every (script, keys, args) in order, in one pipelined round trip; their results (a call's error in
