@@ -41,3 +41,48 @@ def test_followers_of_a_quiet_channel_are_told_to_read_the_record_and_others_are
     assert first is None and QUIET_TICK_SECONDS * 0.9 <= waited <= 2 * QUIET_TICK_SECONDS + 1, waited
     assert second is None and abs(between - QUIET_TICK_SECONDS) < 1, between
     assert len(busy_payloads) >= 10 and set(busy_payloads) == {"chunk"}  # a channel with messages gets no None
+
+
+def test_a_step_of_several_jobs_is_one_script_call_with_each_jobs_answer(redis_server):
+    # JobStore.record_step: every chunk of a step in one call of the append script. Each job keeps its own answer:
+    # its new seq, -1 for a job another worker holds, -2 for one whose cancellation was asked for (its chunk kept);
+    # a chunk with no text yet (a first token held back) counts its tokens and publishes nothing.
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+
+    store = JobStore.from_url(redis_server.url, "steps-s22")
+    jobs = []
+    for holder in ("w1", "w1", "w2", "w1"):
+        job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(job_id, holder) == "running"
+        jobs.append(job_id)
+    mine, cancelled, elsewhere, held_back = jobs
+    assert store.cancel(cancelled) == "running"
+
+    def evalsha_calls() -> int:
+        return int(store.redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    pubsub = store.redis.pubsub()
+    pubsub.subscribe(*(store.channel(job_id) for job_id in jobs))
+    for _ in jobs:
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    store._append.sha = store.redis.script_load(store._append.script)  # else the first call loads it, and runs again
+    before = evalsha_calls()
+    seqs = store.record_step("w1", [(mine, "Hel", 1, True), (cancelled, "x", 1, True), (elsewhere, "y", 1, True),
+                                    (held_back, "", 1, True)], [], step=1)
+    assert evalsha_calls() == before + 1
+    assert seqs == [1, -2, -1, 0]
+    assert store.record_step("w1", [(mine, "lo", 2, False), (held_back, "Hi", 2, False)], [], step=2) == [2, 1]
+    # The same step again (its answer lost with a connection) appends nothing twice.
+    assert store.record_step("w1", [(mine, "lo", 2, False)], [], step=2) == [2]
+    records = {job_id: store.get(job_id) for job_id in jobs}
+    assert (records[mine]["text"], records[mine]["completion_tokens"], records[mine]["seq"]) == ("Hello", 2, 2)
+    assert records[cancelled]["text"] == "x" and records[elsewhere]["text"] == ""
+    assert (records[held_back]["text"], records[held_back]["completion_tokens"]) == ("Hi", 2)
+    assert records[mine]["first_token_at"] and records[held_back]["first_token_at"]
+    published = []
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
+        published.append((message["channel"].rsplit(":", 1)[-1], message["data"]))
+    pubsub.close()
+    assert sorted(published) == sorted([(mine, '{"seq":1,"delta":"Hel"}'), (cancelled, '{"seq":1,"delta":"x"}'),
+                                        (mine, '{"seq":2,"delta":"lo"}'), (held_back, '{"seq":1,"delta":"Hi"}')])
