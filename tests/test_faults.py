@@ -37,9 +37,9 @@ def two_workers(default_model_dir):
 STORY = [{"role": "user", "text": "Tell me a long story about a lighthouse keeper."}]
 
 
-def submit_stories(stack, count: int) -> list[str]:
+def submit_stories(stack, count: int, max_new_tokens: int = 64) -> list[str]:
     return [requests.post(f"{stack.base_url}/v1/jobs", json={"messages": STORY, "temperature": 0,
-                                                            "max_new_tokens": 64}, timeout=10).json()["id"]
+                                                            "max_new_tokens": max_new_tokens}, timeout=10).json()["id"]
             for _ in range(count)]
 
 
@@ -82,7 +82,9 @@ def wait_all_final(stack, ids: list[str]) -> list[dict]:
 
 def test_sigterm_hands_running_jobs_back_and_exits(two_workers):
     stack = two_workers
-    ids = submit_stories(stack, 4)
+    # Long enough that a job running at SIGTERM cannot finish within the shutdown grace (1 s): with 64 tokens it
+    # could, once the engine's decode steps got faster (2026-12-05), and then it was never handed back.
+    ids = submit_stories(stack, 4, max_new_tokens=400)
     victim, holder, other = running_job(stack, ids)
     started = time.monotonic()
     stack.processes[holder].terminate()

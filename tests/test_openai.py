@@ -15,6 +15,7 @@ import requests
 from PIL import Image
 
 from shared.settings import Settings
+from test_pipeline import submit, wait_until
 from test_stream_followers import assert_recovered, assert_went_on, outage_stack, restart_redis  # noqa: F401
 from workers.engine.sequence import SamplingParams
 
@@ -363,6 +364,10 @@ def test_a_plain_completion_that_loses_redis_names_its_job(outage_stack):  # noq
     message), as one cut short by the API's restart does: the job goes on at its worker. It was the app's bare 503,
     and the client could not know which job to poll."""
     stack = outage_stack
+    # The worker's broker connection may still be coming back from the outage of the test before (Celery waits longer
+    # between each try): the job would then still be queued 2 s below, and stays so once Redis is stopped. Failed so
+    # once the stream before ended sooner (a quiet tick in place of a 5 s timeout). A short job done shows it is back.
+    assert wait_until(stack, submit(stack, prompt="Hello", temperature=0, max_new_tokens=2))["status"] == "succeeded"
     answers = []
     asking = threading.Thread(target=lambda: answers.append(requests.post(
         f"{stack.base_url}/v1/chat/completions", timeout=120,
