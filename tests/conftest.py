@@ -201,3 +201,27 @@ def tiny_llava_stack(tiny_llava_dir, data_root):
                "LLAVA_QUEUE_BATCH_RESERVED_SLOTS": "0", "LLAVA_QUEUE_DATA_ROOTS": str(data_root)}
         with run_stack(server.url, env, log_prefix="llava-queue-tiny-llava-logs-") as running:
             yield running
+
+
+@pytest.fixture
+def load_anew(monkeypatch):
+    """load_anew(loader, **env): call a cached loader (a functools.cache function, such as a CPU kernel's `load`)
+    afresh, with `env` set and the settings read again; the loaders' caches and the settings' are cleared again
+    after the test, so the rest of the session loads as it would have."""
+    from shared.settings import get_settings
+
+    called = []
+
+    def load(loader, **env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        loader.cache_clear()
+        get_settings.cache_clear()
+        called.append(loader)
+        return loader()
+
+    yield load
+    monkeypatch.undo()
+    for loader in called:
+        loader.cache_clear()
+    get_settings.cache_clear()

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.settings import get_settings
 from workers.engine import cpu_kernels, decode_attention
 from workers.engine.packed_llama import _attention
 
@@ -95,7 +94,7 @@ def test_built_once_per_source_and_compiler(tmp_path):
     assert sorted(path.name for path in (tmp_path / "kernels").iterdir()) == sorted([first.name, second.name])
 
 
-def test_without_a_compiler_it_says_why(tmp_path, monkeypatch):
+def test_without_a_compiler_it_says_why(tmp_path, monkeypatch, load_anew):
     with pytest.raises(RuntimeError, match="does not run"):
         cpu_kernels.build(tmp_path, compiler=str(tmp_path / "no-such-compiler"))
     failing = tmp_path / "failing-g++"
@@ -106,20 +105,8 @@ def test_without_a_compiler_it_says_why(tmp_path, monkeypatch):
         cpu_kernels.build(tmp_path, compiler=str(failing))
     assert not list((tmp_path / "kernels").iterdir())  # nothing half-written left behind
     # The engine then keeps torch's kernel, and so it does when told to.
-    def load_with(**env):
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        decode_attention.load.cache_clear()
-        get_settings.cache_clear()
-        return decode_attention.load()
-
-    try:
-        assert load_with(CXX=str(failing), LLAVA_QUEUE_CACHE_DIR=str(tmp_path)) is None
-        monkeypatch.delenv("CXX")
-        assert load_with(LLAVA_QUEUE_DECODE_ATTENTION="torch") is None
-        assert load_with(LLAVA_QUEUE_DECODE_ATTENTION="auto") is not None
-        assert [path.suffix for path in (tmp_path / "kernels").iterdir()] == [".so"]  # built into CACHE_DIR
-    finally:
-        monkeypatch.undo()
-        decode_attention.load.cache_clear()
-        get_settings.cache_clear()
+    assert load_anew(decode_attention.load, CXX=str(failing), LLAVA_QUEUE_CACHE_DIR=str(tmp_path)) is None
+    monkeypatch.delenv("CXX")
+    assert load_anew(decode_attention.load, LLAVA_QUEUE_DECODE_ATTENTION="torch") is None
+    assert load_anew(decode_attention.load, LLAVA_QUEUE_DECODE_ATTENTION="auto") is not None
+    assert [path.suffix for path in (tmp_path / "kernels").iterdir()] == [".so"]  # built into CACHE_DIR

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.settings import get_settings
 from workers.engine import cpu_kernels, layer_ops
 from workers.engine.packed_llama import _rms_norm, _rotate
 
@@ -98,23 +97,12 @@ def test_silu_mul_has_torchs_bits(ops, rows, width):
     assert torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=0)
 
 
-def test_load_honours_the_setting_and_a_missing_compiler(tmp_path, monkeypatch):
-    def load_with(**env):
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        layer_ops.load.cache_clear()
-        get_settings.cache_clear()
-        return layer_ops.load()
-
-    try:
-        assert load_with(CXX=str(tmp_path / "no-such-compiler"), LLAVA_QUEUE_CACHE_DIR=str(tmp_path)) is None
-        monkeypatch.delenv("CXX")
-        assert load_with(LLAVA_QUEUE_LAYER_OPS="torch") is None
-        assert isinstance(load_with(LLAVA_QUEUE_LAYER_OPS="auto"), layer_ops.LayerOps)
-    finally:
-        monkeypatch.undo()
-        layer_ops.load.cache_clear()
-        get_settings.cache_clear()
+def test_load_honours_the_setting_and_a_missing_compiler(tmp_path, monkeypatch, load_anew):
+    missing = str(tmp_path / "no-such-compiler")
+    assert load_anew(layer_ops.load, CXX=missing, LLAVA_QUEUE_CACHE_DIR=str(tmp_path)) is None
+    monkeypatch.delenv("CXX")
+    assert load_anew(layer_ops.load, LLAVA_QUEUE_LAYER_OPS="torch") is None
+    assert isinstance(load_anew(layer_ops.load, LLAVA_QUEUE_LAYER_OPS="auto"), layer_ops.LayerOps)
 
 
 @pytest.fixture(scope="module")

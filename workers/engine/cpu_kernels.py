@@ -5,19 +5,26 @@ They are compiled with the machine's C++ compiler (`g++`, or `$CXX`) for this CP
 directory, under a name that hashes the sources, the flags, the compiler and the CPU's flags, so a cache shared by
 different machines never hands one another's build; a build is written under a temporary name and renamed, so
 processes starting together do not read a half-written one. Each kernel's module (decode_attention.py,
-layer_ops.py) loads the library through `build` and, when it cannot be had, logs why once and keeps torch's ops.
+layer_ops.py) loads the library through `loaded` and, when it cannot be had, logs why once and keeps torch's ops.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from shared.settings import get_settings
+
+log = logging.getLogger("llava_queue.worker")
+T = TypeVar("T")
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cpp", "layer_ops.cpp"))
 HEADERS = (Path(__file__).with_name("bf16_math.h"),)
@@ -40,6 +47,15 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+@functools.cache
+def _version(compiler: str) -> str:
+    """What `compiler --version` says, asked once a process (each kernel's module builds, on the same compiler)."""
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"the C++ compiler {compiler!r} does not run: {exc}") from exc
+
+
 def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
     """The kernels' shared library, compiled now unless a build for these sources, compiler and CPU is there.
 
@@ -48,10 +64,7 @@ def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
     compiler = compiler or _compiler()
     if not compiler:
         raise RuntimeError("no C++ compiler (g++, or $CXX) on this machine")
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"the C++ compiler {compiler!r} does not run: {exc}") from exc
+    version = _version(compiler)
     texts = [path.read_bytes() for path in SOURCES + HEADERS]
     key = hashlib.sha256(b"\0".join([*texts, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:20]
@@ -74,3 +87,13 @@ def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return library
+
+
+def loaded(make: Callable[[Path], T], instead: str) -> T | None:
+    """make(the library), built if needed into the settings' CACHE_DIR; None, the reason logged, when it cannot be
+    built or loaded: `instead` says what the engine runs then."""
+    try:
+        return make(build())
+    except (RuntimeError, OSError) as exc:
+        log.warning("%s, as the engine's own could not be built (%s)", instead, exc)
+        return None

@@ -6,8 +6,8 @@
 // and values takes ~40 us; here each pair reads its keys and values once, in fp32 arithmetic throughout (bf16
 // scores with AVX512-BF16's dot product, whose products are exact), and rounds the output once; while a pair is
 // scored, the next pair's keys and values are fetched (in a decode step they come from memory: a third of the
-// kernel's time in the engine, measured). The OpenMP team is the calling thread's, the one torch's ops run on (torch loads the
-// same libgomp.so.1, which the dynamic linker shares by its name).
+// kernel's time in the engine, measured). The OpenMP team is the calling thread's, the one torch's ops run on
+// (torch loads the same libgomp.so.1, which the dynamic linker shares by its name).
 
 #include <cmath>
 #include <cstdint>
@@ -93,8 +93,8 @@ void attend(const T* q, int64_t q_row, int64_t q_head, const T* k, int64_t k_row
           }
           const float bias = to_float(ms[col]);
           for (int64_t g = 0; g < groups; ++g) {
-            const float score = bias == neg_inf ? neg_inf
-                                                : dot_bf16<kHeadDim>(query_bf16[g], ks + col * head_dim) * scale + bias;
+            const float score =
+                bias == neg_inf ? neg_inf : dot_bf16<kHeadDim>(query_bf16[g], ks + col * head_dim) * scale + bias;
             scores[g * width + col] = score;
             if (score > top[g]) top[g] = score;
           }

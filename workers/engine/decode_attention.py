@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
 from shared.settings import get_settings
 from workers.engine import cpu_kernels
-
-log = logging.getLogger("llava_queue.worker")
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -73,8 +70,4 @@ def load() -> DecodeAttention | None:
     when it cannot be had or the settings' DECODE_ATTENTION is `torch`."""
     if get_settings().decode_attention == "torch":
         return None
-    try:
-        return DecodeAttention(cpu_kernels.build())
-    except (RuntimeError, OSError) as exc:
-        log.warning("decode attention: torch's flash kernel, as the engine's own could not be built (%s)", exc)
-        return None
+    return cpu_kernels.loaded(DecodeAttention, "decode attention: torch's flash kernel")

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
 from shared.settings import get_settings
 from workers.engine import cpu_kernels
-
-log = logging.getLogger("llava_queue.worker")
 
 _INT, _PTR, _THREADS = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 # The vector widths (floats) of torch's CPU sums that RMSNorm's sum here can follow, the likeliest first.
@@ -97,8 +94,4 @@ def load() -> LayerOps | None:
     once) when they cannot be had or the settings' LAYER_OPS is `torch`."""
     if get_settings().layer_ops == "torch":
         return None
-    try:
-        return LayerOps(cpu_kernels.build())
-    except (RuntimeError, OSError) as exc:
-        log.warning("layer operations: torch's, as the engine's own could not be built (%s)", exc)
-        return None
+    return cpu_kernels.loaded(LayerOps, "layer operations: torch's")
