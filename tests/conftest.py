@@ -170,7 +170,8 @@ def stack(redis_server, default_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_llava_family(tmp_path_factory):
-    """Tiny random-weight LLaVA checkpoints in every layout the loader reads (see tests/llava_fixtures.py), built once."""
+    """Tiny random-weight LLaVA checkpoints in every layout the loader reads (see tests/llava_fixtures.py), built
+    once."""
     from llava_fixtures import build_family
 
     return build_family(tmp_path_factory.mktemp("tiny-llava"))

@@ -221,7 +221,8 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
 
 
 async def _reject(websocket: WebSocket, message: str, error_code: int, headers: dict[str, str] | None = None) -> None:
-    """Refuse a submission on the socket: one final error chunk (with `retry_after` when the queue is full), then close."""
+    """Refuse a submission on the socket: one final error chunk (with `retry_after` when the queue is full), then
+    close."""
     reply = {"text": message, "error_code": error_code, "done": True, "status": "rejected", "error": message}
     if headers and "Retry-After" in headers:
         reply["retry_after"] = int(headers["Retry-After"])

@@ -204,14 +204,16 @@ class _Layer(CacheLayerMixin):
         return self.values[: self.cache.rows, :, self.cache.start : self.cache.end]
 
     def reallocate(self, row_capacity: int, column_capacity: int, offset: int) -> None:
-        """New zeroed buffers (masked columns must hold finite numbers: 0 x NaN is NaN); live window copied to `offset`."""
+        """New zeroed buffers (masked columns must hold finite numbers: 0 x NaN is NaN); the live window copied to
+        `offset`."""
         if not self.is_initialized:
             return
         live = self.cache.width
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = old.new_zeros(row_capacity, old.shape[1], column_capacity, old.shape[3])
-            new[: self.cache.rows, :, offset : offset + live] = old[: self.cache.rows, :, self.cache.start : self.cache.end]
+            rows = self.cache.rows
+            new[:rows, :, offset : offset + live] = old[:rows, :, self.cache.start : self.cache.end]
             setattr(self, name, new)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

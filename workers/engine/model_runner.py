@@ -88,7 +88,8 @@ class ModelRunner:
         if self.packed is None:
             described = "the model's own"
         else:
-            described = "prepacked oneDNN weights" if self.packed.packed else "the engine's own, q/k/v and gate/up fused"
+            described = ("prepacked oneDNN weights" if self.packed.packed
+                         else "the engine's own, q/k/v and gate/up fused")
             if self.packed.decode_attention is not None:
                 described += ", decode attention in the engine's kernel (decode_attention.cpp)"
             if self.packed.layer_ops is not None:

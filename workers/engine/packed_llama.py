@@ -9,8 +9,8 @@ faster in bf16 on a 2-core AVX512-BF16 CPU (bench/README.md).
 
 The forward is the model's own, operation for operation (RMSNorm, rotary embeddings from
 the model's rotary module, attention over the engine's BatchKVCache, SiLU MLP), minus
-the framework around it; in bf16, RMSNorm rounds where transformers' does. The packed weights are a copy: the model's weight memory
-doubles, which is why `of` only packs a model of at most MAX_PACKED_BYTES.
+the framework around it; in bf16, RMSNorm rounds where transformers' does. The packed weights are a
+copy: the model's weight memory doubles, which is why `of` only packs a model of at most MAX_PACKED_BYTES.
 
 On a GPU the same forward runs on plain products (`fused`): no copy, the model's own
 q/k/v and gate/up weights become views into one fused weight each. A decode step there is
