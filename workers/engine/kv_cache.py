@@ -208,11 +208,10 @@ class _Layer(CacheLayerMixin):
         `offset`."""
         if not self.is_initialized:
             return
-        live = self.cache.width
+        rows, live = self.cache.rows, self.cache.width
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = old.new_zeros(row_capacity, old.shape[1], column_capacity, old.shape[3])
-            rows = self.cache.rows
             new[:rows, :, offset : offset + live] = old[:rows, :, self.cache.start : self.cache.end]
             setattr(self, name, new)
 
