@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,6 +206,42 @@ def test_slots_kept_for_interactive_jobs_stay_kept_after_a_redis_outage(default_
             assert peak == 1, (get_jobs(stack, ids), stack.logs())
             for job_id in ids:
                 requests.delete(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10)
+    finally:
+        redis_server.stop()
+
+
+def test_a_worker_takes_jobs_within_seconds_of_redis_coming_back_after_a_long_outage(default_model_dir, tmp_path):
+    """kombu waits 2, 4, 6 ... up to 30 s between a consumer's tries to reach the broker: after an outage of 13 s
+    the worker's next try came 7 s after Redis was back (after a minute's, up to 30 s), while the API took
+    submissions at once. Its consumer tries every second now, as the worker's other loops do."""
+    redis_server = RedisServer(data_dir=tmp_path).start()
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "2"}
+
+    def submit() -> str:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "Hello", "max_new_tokens": 2},
+                                       timeout=10)
+                if answer.status_code == 202:
+                    return answer.json()["id"]
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, stack.logs()  # the API answers 503 while Redis is away
+            time.sleep(0.2)
+
+    try:
+        with run_stack(redis_server.url, env, log_prefix="llava-queue-reconnect-") as stack:
+            assert wait_all_final(stack, [submit()])[0]["status"] == "succeeded"
+            redis_server.stop()
+            time.sleep(13)
+            redis_server = RedisServer(port=redis_server.port, data_dir=tmp_path).start()
+            back = time.time()
+            job = wait_all_final(stack, [submit()])[0]
+            assert job["status"] == "succeeded", stack.logs()
+            assert job["started_at"] - back < 5, f"started {job['started_at'] - back:.1f} s after Redis came back"
+            waits = re.findall(r"Trying again in ([0-9.]+) seconds?", (stack.log_dir / "worker.log").read_text())
+            assert waits and max(map(float, waits)) <= 1.0, waits
     finally:
         redis_server.stop()
 

@@ -94,6 +94,7 @@ def run_worker(settings: Settings) -> None:
     # died), the orphan sweep puts back the messages whose jobs it had not started, not kombu 4 hours later.
     celery_app.conf.broker_transport_options = {**celery_app.conf.broker_transport_options,
                                                 "message_holder": registry.key(name)}
+    celery_app.conf.worker_consumer = "workers.consumer:Consumer"
     stop = threading.Event()
     METRICS.set_ready(True)
     threading.Thread(target=_follow_cancellations, args=(store, runner, stop), daemon=True,
