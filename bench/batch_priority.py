@@ -39,7 +39,8 @@ from workers.default_model import ensure_default_model
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello.",
              "Name an animal.", "What is water made of?", "Name a planet.", "What day comes after Monday?"]
 # A 1x1 PNG: the image of every line of the image variant (read once per batch, cached).
-PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+                         "AAAABJRU5ErkJggg==")
 
 
 def question_file(count: int, image: bool = False) -> bytes:
@@ -91,7 +92,8 @@ def interactive_ttft(stack: Stack, count: int) -> list[dict]:
 
 
 def busy_slots(stack: Stack) -> int:
-    return sum(worker["num_running"] for worker in requests.get(f"{stack.base_url}/healthz", timeout=10).json()["workers"])
+    workers = requests.get(f"{stack.base_url}/healthz", timeout=10).json()["workers"]
+    return sum(worker["num_running"] for worker in workers)
 
 
 def main() -> None:

@@ -157,9 +157,9 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The API process reading a batch file renews this lease with every chunk of lines it queues.
 READER_LEASE_SECONDS = 60
-# Lines per chunk of a batch-wide write (cancel its jobs: one read of their entries, one pipeline of cancel requests, one
-# of endings; drop a deleted file's results and job records; the keys of a files scan): a few round trips per thousand
-# lines, not one or two per line.
+# Lines per chunk of a batch-wide write (cancel its jobs: one read of their entries, one pipeline of cancel requests,
+# one of endings; drop a deleted file's results and job records; the keys of a files scan): a few round trips per
+# thousand lines, not one or two per line.
 BULK_LINES = 1000
 # Uploads missing from the files index are looked for once per database, in steps (see `BatchStore.index_files`): a
 # list call takes at most this many (SCAN of BULK_LINES keys each) ...

@@ -394,7 +394,8 @@ class EvalRun:
             except ValueError:
                 earlier = None
             if earlier != params:
-                differ = ", ".join(f"{name} {earlier.get(name)!r} there, {value!r} here" for name, value in params.items()
+                differ = ", ".join(f"{name} {earlier.get(name)!r} there, {value!r} here"
+                                   for name, value in params.items()
                                    if earlier.get(name) != value) if isinstance(earlier, dict) else "unreadable"
                 raise Fatal(f"the answers in {self.answers_path} were made with other parameters ({differ}; see "
                             f"{self.params_path}): pass --overwrite to start over, or write to another answers file")

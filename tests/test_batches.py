@@ -228,7 +228,8 @@ def test_two_batches_of_one_key_read_at_once_keep_within_its_quota():
     env = {"LLAVA_QUEUE_API_KEY_HASHES": json.dumps([key_digest(key)]), "LLAVA_QUEUE_MAX_QUEUED_JOBS": "0",
            "LLAVA_QUEUE_MAX_QUEUED_JOBS_PER_KEY": "4000"}
     content = jsonl(questions(3000, image=False))
-    with RedisServer() as server, run_stack(server.url, env, workers=(), log_prefix="llava-queue-batch-quota-") as stack:
+    with (RedisServer() as server,
+          run_stack(server.url, env, workers=(), log_prefix="llava-queue-batch-quota-") as stack):
         responses = []
         posts = [threading.Thread(target=lambda: responses.append(requests.post(
             f"{stack.base_url}/v1/batches", files={"file": ("q.jsonl", content)},

@@ -184,7 +184,8 @@ def test_later_image_turn_keeps_its_text():
         ([{"role": "system", "text": "S", "images": 0}], "only a system message"),
         ([{"role": "bot", "text": "Hi", "images": 0}], "role 'bot'"),
         ([{"role": "assistant", "text": "Hi", "images": 0}], "expected a 'user' message"),
-        ([{"role": "user", "text": "a", "images": 0}, {"role": "user", "text": "b", "images": 0}], "expected a 'assistant'"),
+        ([{"role": "user", "text": "a", "images": 0}, {"role": "user", "text": "b", "images": 0}],
+         "expected a 'assistant'"),
         (
             [{"role": "user", "text": "a", "images": 0}, {"role": "system", "text": "b", "images": 0}],
             "only allowed first",
@@ -193,7 +194,8 @@ def test_later_image_turn_keeps_its_text():
         ([{"role": "user", "text": "", "images": 0}], "needs a text or an image"),
         ([{"role": "user", "text": None, "images": 0}], "'text' must be a string"),
         ([{"role": "user", "text": "a", "images": -1}], "non-negative"),
-        ([{"role": "user", "text": "a", "images": 0}, {"role": "assistant", "text": "b", "images": 1}], "cannot carry images"),
+        ([{"role": "user", "text": "a", "images": 0}, {"role": "assistant", "text": "b", "images": 1}],
+         "cannot carry images"),
         (["hello"], "expected a dict"),
     ],
 )

@@ -316,7 +316,8 @@ def test_kv_budget_counts_the_longest_request_on_every_row(tiny_model, tokenizer
     # The cache is left-padded: beside a 10 + 90 token request, every row is up to 100 columns wide.
     engine, stream = make_engine(tiny_model, tokenizer, max_batch_tokens=200)
     long = engine.add_request("long", random_prompt(10, seed=400), SamplingParams(temperature=0, max_new_tokens=90))
-    short = [engine.add_request(f"s{i}", random_prompt(6, seed=401 + i), SamplingParams(temperature=0, max_new_tokens=4))
+    short = [engine.add_request(f"s{i}", random_prompt(6, seed=401 + i),
+                                SamplingParams(temperature=0, max_new_tokens=4))
              for i in range(5)]
     run_until_done(engine, [long, *short])
     assert all(h.wait(0).finish_reason == "length" for h in [long, *short])

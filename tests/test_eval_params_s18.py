@@ -6,8 +6,8 @@ import json
 from test_eval_cli import eval_args, eval_in_process, images, read_lines, write_questions  # noqa: F401 (fixture)
 
 
-def test_a_rerun_with_other_parameters_stops_instead_of_keeping_earlier_answers(tiny_llava_stack, images, tmp_path,  # noqa: F811
-                                                                                capsys):
+def test_a_rerun_with_other_parameters_stops_instead_of_keeping_earlier_answers(
+        tiny_llava_stack, images, tmp_path, capsys):  # noqa: F811
     questions, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     write_questions(questions, [0, 1, 2])
     assert eval_in_process(eval_args(tiny_llava_stack, questions, images, answers)) == 0

@@ -297,8 +297,8 @@ def test_a_lone_surrogate_in_the_json_is_a_422_not_a_500(api_two_keys):
     base, headers = api_two_keys.base_url, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     one = requests.post(f"{base}/v1/jobs", data=b'{"prompt": "hi \\ud800"}', headers=headers, timeout=10)
     assert one.status_code == 422 and one.json()["error"]["param"] == "prompt", one.text
-    bulk = requests.post(f"{base}/v1/jobs/bulk", data=b'{"jobs": [{"prompt": "a"}, {"prompt": "b", "stop": "\\udfff"}]}',
-                         headers=headers, timeout=10)
+    bulk = requests.post(f"{base}/v1/jobs/bulk", headers=headers, timeout=10,
+                         data=b'{"jobs": [{"prompt": "a"}, {"prompt": "b", "stop": "\\udfff"}]}')
     assert bulk.status_code == 422 and bulk.json()["error"]["param"] == "jobs.1.stop", bulk.text
 
 
@@ -316,7 +316,8 @@ def test_a_chat_completion_id_is_cancelled_as_it_is_polled(api_two_keys):
 def test_a_job_belongs_to_the_api_key_that_submitted_it(api_two_keys):
     # Another key polling, following or cancelling a job by its id gets "unknown job id", as for batches and files;
     # the job is untouched.
-    base, mine, theirs = api_two_keys.base_url, {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {OTHER_KEY}"}
+    base = api_two_keys.base_url
+    mine, theirs = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {OTHER_KEY}"}
     job_id = post(api_two_keys, {"prompt": "my secret question"}).json()["id"]
     for path in (job_id, f"chatcmpl-{job_id}"):
         assert requests.get(f"{base}/v1/jobs/{path}", headers=theirs, timeout=10).status_code == 404

@@ -118,7 +118,8 @@ def test_stop_strings_and_seed(stack, client):
     assert completion.choices[0].message.content == "1, 2, 3, 4, "
     assert completion.choices[0].finish_reason == "stop"
     # OpenAI has no top-k, nor does vLLM apply one: not the checkpoint's default that the LLaVA payload samples with.
-    assert job_of(stack, completion.id)["params"]["stop"] == "5" and job_of(stack, completion.id)["params"]["top_k"] == 0
+    params = job_of(stack, completion.id)["params"]
+    assert params["stop"] == "5" and params["top_k"] == 0
     sampled = [client.chat.completions.create(model=MODEL, messages=STORY, temperature=1.0, max_tokens=8,
                                               seed=1234).choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]
@@ -209,7 +210,8 @@ def test_vllm_sampling_extras_at_their_neutral_values_are_accepted(client):
 def test_contents_vllm_takes_as_empty_text_are_accepted(stack, client):
     # vLLM takes a message without content, and an assistant message with null content, as empty text; so do we.
     completion = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=1, messages=[
-        {"role": "system"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, {"role": "user"}])
+        {"role": "system"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+        {"role": "user"}])
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert job_of(stack, completion.id)["prompt"].count("<|im_start|>user\n") == 2
 
@@ -312,7 +314,8 @@ def test_a_cancelled_plain_request_is_not_sent_again_by_the_openai_package(stack
         call = pool.submit(default_retries.chat.completions.create, model=MODEL, max_tokens=300, temperature=0,
                            messages=[{"role": "user", "content": f"Write a long story about a dragon named {marker}."}])
         deadline = time.monotonic() + 30
-        while not (found := jobs_holding(stack, marker)) or job_of(stack, "chatcmpl-" + found[0])["status"] != "running":
+        while (not (found := jobs_holding(stack, marker))
+               or job_of(stack, "chatcmpl-" + found[0])["status"] != "running"):
             assert time.monotonic() < deadline and not call.done()
             time.sleep(0.05)
         assert requests.delete(f"{stack.base_url}/v1/jobs/{found[0]}", timeout=10).status_code == 202
@@ -334,8 +337,9 @@ def test_a_negative_seed_is_accepted_as_openai_and_vllm_accept_it(client):
 
 def test_redis_going_away_mid_stream_ends_it_with_an_error_event(outage_stack):  # noqa: F811 (the fixture, imported)
     """A stream that loses Redis ends with an error event in OpenAI's shape, naming the job, then [DONE]; the job
-    goes on at the worker (it is not cancelled), and streams work again once Redis is back. Before, the stream was cut short (the openai
-    package raised APIConnectionError, "incomplete chunked read") and the API logged an unhandled exception.
+    goes on at the worker (it is not cancelled), and streams work again once Redis is back. Before, the stream was
+    cut short (the openai package raised APIConnectionError, "incomplete chunked read") and the API logged an
+    unhandled exception.
     Asking for a stream while Redis is away is a 503 with Retry-After."""
     stack = outage_stack
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=60)

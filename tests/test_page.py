@@ -113,7 +113,8 @@ def assert_streamed(page, final_text: str) -> None:
     seen = page.evaluate("window.seen")
     streaming = [state["text"] for state in seen if state["text"].endswith("▌")]
     assert streaming, seen
-    assert any(len(text) > 1 and final_text.startswith(text[:-1].strip()) for text in streaming), (streaming, final_text)
+    assert any(len(text) > 1 and final_text.startswith(text[:-1].strip()) for text in streaming), \
+        (streaming, final_text)
     assert "▌" not in last_answer(page).locator(".markdown").inner_text()
 
 

@@ -20,7 +20,8 @@ def two_models(default_model_dir):
     with RedisServer() as server, run_stack(server.url, {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
                                                          "LLAVA_QUEUE_MAX_NUM_SEQS": "4"},
                                             workers=(), log_prefix="llava-queue-routing-") as stack:
-        env = {**os.environ, "LLAVA_QUEUE_REDIS_URL": stack.redis_url, "LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "4"}
+        env = {**os.environ, "LLAVA_QUEUE_REDIS_URL": stack.redis_url, "LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
+               "LLAVA_QUEUE_MAX_NUM_SEQS": "4"}
         workers = {model: start_service(f"worker-{model}", ["worker"], {**env, "LLAVA_QUEUE_MODEL_NAME": model},
                                         stack.log_dir) for model in MODELS}
         stack.processes.update(workers)

@@ -290,9 +290,10 @@ def assert_ends_unavailable(messages: list[dict], code: int, reason: str, job_id
 def test_redis_going_away_mid_stream_ends_websocket_streams_with_an_error_chunk(outage_stack):
     """Both WebSockets end with an error chunk and a 1013 close naming the job; their jobs go on at the worker (not
     cancelled; whether they end depends on the worker's Celery consumer surviving the outage, which it did not in
-    this test's runs: "Unrecoverable error: AttributeError ... 'hostname'" in the worker log). Before, the follower's read of the job record raised out of the endpoint: "Exception in
-    ASGI application" in the API log, the socket closed with 1011 and no last chunk. A client that left during the
-    outage was cancelled with Redis away: a second unhandled exception (now: a warning, and its job goes on)."""
+    this test's runs: "Unrecoverable error: AttributeError ... 'hostname'" in the worker log). Before, the
+    follower's read of the job record raised out of the endpoint: "Exception in ASGI application" in the API log,
+    the socket closed with 1011 and no last chunk. A client that left during the outage was cancelled with Redis
+    away: a second unhandled exception (now: a warning, and its job goes on)."""
     stack = outage_stack
     joined_id = submit(stack, messages=STORY, temperature=0, max_new_tokens=200)
 

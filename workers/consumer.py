@@ -5,14 +5,21 @@ tries, 2, 4, 6 ... up to 30 seconds, and no setting changes them. After an outag
 try came 7 s after Redis was back, after one of a minute up to 30 s, while the API took submissions
 at once and the worker's own loops (heartbeat, cancellations, sweep), which try every second, were
 back too: the jobs waited in the queue for the consumer. This one tries every second, as they do;
-a try is one connection to Redis.
+a try is one connection to Redis. Celery logs an error at each failed try: at one a second, one in
+`LOG_EVERY_SECONDS` is kept, about as often as it logged them before.
 """
 
 import functools
+import logging
+import math
+import time
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.consumer import CONNECTION_ERROR
+from celery.worker.consumer.consumer import logger as celery_consumer_log
 
 RECONNECT_WAITS = {"interval_start": 0.5, "interval_step": 0.5, "interval_max": 1.0}
+LOG_EVERY_SECONDS = 30.0
 
 
 class Consumer(CeleryConsumer):
@@ -24,3 +31,25 @@ class Consumer(CeleryConsumer):
             return super().ensure_connected(conn)
         finally:
             del conn.ensure_connection  # the instance's own, shadowing the method
+
+
+class OnceInAWhile(logging.Filter):
+    """Keeps the consumer's "Cannot connect" errors one in `seconds`: the first of an outage, then one in each
+    `seconds` while it lasts. Every other record passes."""
+
+    def __init__(self, seconds: float = LOG_EVERY_SECONDS):
+        super().__init__()
+        self.seconds = seconds
+        self._last = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != CONNECTION_ERROR:
+            return True
+        now = time.monotonic()
+        if now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True
+
+
+celery_consumer_log.addFilter(OnceInAWhile())
