@@ -6,8 +6,9 @@
 After the full rounds come short paired ones, for the TTFT difference alone: `--ttft-rounds` bursts of the
 same prompts with `--ttft-tokens` new tokens, (c) and the stack in alternating order, reported as the median
 difference with a bootstrap 95 % interval (a full round gives one TTFT p50 a side, and on a shared 2-core
-machine one round's difference moves by hundreds of ms); then `--lone` single requests, one at a time on each
-side: the latency the stack adds to a request's first token when nothing else runs.
+machine one round's difference moves by hundreds of ms); then `--ws-rounds` such bursts with each of the stack's
+jobs submitted as the first message of `WS /v1/ws` (one connection a job, no HTTP request); then `--lone` single
+requests, one at a time on each side: the latency the stack adds to a request's first token when nothing else runs.
 
 The API cannot ignore EOS, so both paths run the same prompts greedily, tokenized by the
 worker's own `prepare`, and stop at EOS or max_new_tokens: they do the same work, and
@@ -209,9 +210,10 @@ async def post_json(base_url: str, path: str, body: dict) -> tuple[int, dict]:
         writer.close()
 
 
-async def follow_one(base_url: str, ws_url: str, prompt: Prompt, max_new_tokens: int
+async def follow_one(base_url: str, ws_url: str, prompt: Prompt, max_new_tokens: int, over_ws: bool = False
                      ) -> tuple[str, RequestTiming, float, float]:
-    """Submit one job over HTTP and follow it over WebSocket to its end.
+    """Submit one job and follow it over WebSocket to its end: submitted over HTTP (`POST /v1/jobs`, then
+    `WS /v1/jobs/{id}/ws`), or with `over_ws` as the first message of `WS /v1/ws` (one connection, no HTTP).
 
     Returns its id, its timing, and the wall-clock (time.time) moments of the submit and of the
     first visible text, to set against the timestamps in the job record.
@@ -219,15 +221,22 @@ async def follow_one(base_url: str, ws_url: str, prompt: Prompt, max_new_tokens:
     body = {"prompt": prompt.text, "temperature": 0, "max_new_tokens": max_new_tokens}
     wall_submit, wall_first = time.time(), None
     timing = RequestTiming(time.perf_counter())
-    status, answer = await post_json(base_url, "/v1/jobs", body)
-    if status != 202:
-        raise RuntimeError(f"POST /v1/jobs answered {status}: {answer}")
-    job_id = answer["id"]
     url = httpx.URL(ws_url)
-    async with await BareWebSocket.connect(url.host, url.port, f"/v1/jobs/{job_id}/ws") as ws:
+    if over_ws:
+        job_id, path = None, "/v1/ws"
+    else:
+        status, answer = await post_json(base_url, "/v1/jobs", body)
+        if status != 202:
+            raise RuntimeError(f"POST /v1/jobs answered {status}: {answer}")
+        job_id = answer["id"]
+        path = f"/v1/jobs/{job_id}/ws"
+    async with await BareWebSocket.connect(url.host, url.port, path) as ws:
+        if over_ws:
+            await ws.send_text(json.dumps(body))
         async for raw in ws:
             message = json.loads(raw)
             now = time.perf_counter()
+            job_id = job_id or message.get("id")
             if timing.first_token is None and len(message["text"]) > len(prompt.text):
                 timing.first_token, wall_first = now, time.time()
             if message.get("done"):
@@ -257,14 +266,17 @@ class StackRound:
     start_delays: list[float]
 
 
-async def run_over_stack(stack: Stack, prompts: list[Prompt], max_new_tokens: int) -> StackRound:
-    """Every prompt submitted at once over HTTP and followed over WebSocket; usage read back from the job records."""
+async def run_over_stack(stack: Stack, prompts: list[Prompt], max_new_tokens: int, over_ws: bool = False
+                         ) -> StackRound:
+    """Every prompt submitted at once over HTTP (or, `over_ws`, on `WS /v1/ws`) and followed over WebSocket; usage
+    read back from the job records."""
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     segments: dict[str, list[float]] = {name: [] for name in TTFT_SEGMENTS}
     start_delays = []
     cpu_before = stack.cpu_seconds()
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=600, limits=limits) as client:
-        done = await asyncio.gather(*(follow_one(stack.base_url, stack.ws_url, p, max_new_tokens) for p in prompts))
+        done = await asyncio.gather(*(follow_one(stack.base_url, stack.ws_url, p, max_new_tokens, over_ws)
+                                      for p in prompts))
         first_submit = min(wall_submit for _, _, wall_submit, _ in done)
         for job_id, timing, wall_submit, wall_first in done:
             record = (await client.get(f"/v1/jobs/{job_id}")).json()
@@ -329,16 +341,17 @@ def median_interval(values: list[float], resamples: int = 10_000, seed: int = 0)
 
 
 def paired_rounds(engine: LLMEngine, recorder: StepRecorder, stack: Stack, bursts: list[list[Prompt]],
-                  params: SamplingParams) -> Paired:
-    """Each list of prompts submitted at once to (c) and to the stack, in turn, the order alternating pair to
-    pair (so that a machine slowing down or speeding up over the run does not favour one side)."""
+                  params: SamplingParams, over_ws: bool = False) -> Paired:
+    """Each list of prompts submitted at once to (c) and to the stack (over HTTP, or `over_ws` on `WS /v1/ws`), in
+    turn, the order alternating pair to pair (so that a machine slowing down or speeding up over the run does not
+    favour one side)."""
     paired = Paired()
     for index, prompts in enumerate(bursts):
         def in_process() -> RunResult:
             return run_engine(engine, recorder, prompts, params, tag=f"p{index}_")
 
         def over_stack() -> RunResult:
-            return run_client(run_over_stack(stack, prompts, params.max_new_tokens)).result
+            return run_client(run_over_stack(stack, prompts, params.max_new_tokens, over_ws)).result
 
         if index % 2:
             theirs, ours = over_stack(), in_process()
@@ -363,7 +376,7 @@ class Round:
 
 
 def print_report(args, c: RunResult, best: StackRound, info: list[str], same_text: int, rounds: list[Round],
-                 bursts: Paired | None, lone: Paired | None) -> None:
+                 bursts: Paired | None, ws_bursts: Paired | None, lone: Paired | None) -> None:
     n, new = args.num_requests, args.max_new_tokens
     e2e = best.result
     print(f"\n## End-to-end benchmark: {n} requests x up to {new} new tokens, greedy, EOS honoured\n")
@@ -410,6 +423,10 @@ def print_report(args, c: RunResult, best: StackRound, info: list[str], same_tex
         print(f"\n**TTFT p50, stack − (c), over {len(bursts.differences)} paired bursts** ({n} requests × "
               f"{args.ttft_tokens} new tokens, the order alternating): {bursts.summary()}. Pair by pair: "
               + ", ".join(f"{d:+.0f}" for d in bursts.differences) + " ms.")
+    if ws_bursts:
+        print(f"\n**The same, each job submitted on `WS /v1/ws`** (its request the socket's first message: no HTTP "
+              f"request, one connection a job), {len(ws_bursts.differences)} paired bursts: {ws_bursts.summary()}. "
+              "Pair by pair: " + ", ".join(f"{d:+.0f}" for d in ws_bursts.differences) + " ms.")
     if lone:
         print(f"\n**One request alone, stack − (c), over {len(lone.differences)} pairs** (TTFT, {args.ttft_tokens} "
               f"new tokens): {lone.summary()}.")
@@ -432,12 +449,14 @@ def main() -> None:
     parser.add_argument("--ttft-rounds", type=int, default=16,
                         help="short paired bursts after the full rounds, for the TTFT difference with an interval")
     parser.add_argument("--ttft-tokens", type=int, default=8, help="new tokens in the short rounds")
+    parser.add_argument("--ws-rounds", type=int, default=8,
+                        help="paired bursts as --ttft-rounds, the stack's jobs submitted on WS /v1/ws (no HTTP)")
     parser.add_argument("--lone", type=int, default=16,
                         help="single requests, one at a time on each side: what the stack adds to one first token")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 requests x 16 new tokens")
     args = parser.parse_args()
     if args.quick:
-        args.num_requests, args.max_new_tokens, args.ttft_rounds, args.lone = 8, 16, 2, 2
+        args.num_requests, args.max_new_tokens, args.ttft_rounds, args.ws_rounds, args.lone = 8, 16, 2, 2, 2
     if args.threads:
         # torch reads OMP_NUM_THREADS at start-up: the worker process inherits it.
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -484,10 +503,13 @@ def main() -> None:
                                                        tag=f"d{round_}_")
                 rounds.append(Round(round_c, over_stack, as_delivered))
             short = SamplingParams(temperature=0.0, max_new_tokens=args.ttft_tokens)
-            bursts = lone = None
+            bursts = ws_bursts = lone = None
             if args.ttft_rounds:
                 print(f"{args.ttft_rounds} paired bursts of {args.num_requests} x {args.ttft_tokens} ...", flush=True)
                 bursts = paired_rounds(engine, recorder, stack, [prompts] * args.ttft_rounds, short)
+            if args.ws_rounds:
+                print(f"{args.ws_rounds} paired bursts submitted on WS /v1/ws ...", flush=True)
+                ws_bursts = paired_rounds(engine, recorder, stack, [prompts] * args.ws_rounds, short, over_ws=True)
             if args.lone:
                 print(f"{args.lone} lone requests on each side ...", flush=True)
                 lone = paired_rounds(engine, recorder, stack, [[prompts[i % len(prompts)]] for i in range(args.lone)],
@@ -495,7 +517,7 @@ def main() -> None:
     finally:
         engine.shutdown()
     same_text = sum(a.text == b.text for a, b in zip(c.timings, best.result.timings))
-    print_report(args, c, best, info, same_text, rounds, bursts, lone)
+    print_report(args, c, best, info, same_text, rounds, bursts, ws_bursts, lone)
 
 
 if __name__ == "__main__":
