@@ -245,6 +245,8 @@ async def follow_one(base_url: str, ws_url: str, prompt: Prompt, max_new_tokens:
                 if message.get("status") != "succeeded":
                     raise RuntimeError(f"job {job_id} ended {message.get('status')}: {message.get('error')}")
                 break
+    if timing.finished is None:
+        raise RuntimeError(f"the stream of job {job_id} closed before the job's end")
     if timing.first_token is None:
         timing.first_token, wall_first = timing.finished, time.time()
     return job_id, timing, wall_submit, wall_first

@@ -4,7 +4,8 @@ The benchmark's client runs on the same cores as the stack it measures, so what 
 the engine: following a 64-token job cost it 3.1 ms of CPU with the `websockets` library, 2.3 with this
 client and 2.0 with this client on uvloop (bench/README.md). It does only what a follower of a job needs:
 the opening handshake, a text message sent (a job request to `/v1/ws`), unmasked text frames from the
-server (fragmented or not), pings answered, and a close. No extensions are offered, as the API compresses nothing unless told to (`LLAVA_QUEUE_WS_COMPRESSION`).
+server (fragmented or not), pings answered, and a close. No extensions are offered, as the API compresses
+nothing unless told to (`LLAVA_QUEUE_WS_COMPRESSION`).
 """
 
 from __future__ import annotations

@@ -109,3 +109,61 @@ def test_bare_client_follows_rfc_6455():
     messages = asyncio.run(run())
     assert messages == ["first" + "x" * 300 + "last", "again"]
     assert received == [(0xA, b"ping"), (0x8, struct.pack("!H", 1001))]
+
+
+def test_bare_client_sends_text_messages_a_full_server_takes():
+    """Its text messages (a job request to /v1/ws) of every length form: 7-bit, 16-bit and 64-bit, masked, as the
+    websockets library's server reads them."""
+    texts = ["hello", "é" * 150 + "x" * 200, "y" * 70_000]
+
+    async def run() -> tuple[list[str], list[str]]:
+        got: list[str] = []
+
+        async def echo_length(ws) -> None:
+            async for message in ws:
+                got.append(message)
+                await ws.send(str(len(message)))
+
+        async with websockets.serve(echo_length, "127.0.0.1", 0, max_size=None) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with await BareWebSocket.connect("127.0.0.1", port, "/") as ws:
+                for text in texts:
+                    await ws.send_text(text)
+                answers = []
+                async for answer in ws:
+                    answers.append(answer)
+                    if len(answers) == len(texts):
+                        break
+        return got, answers
+
+    got, answers = asyncio.run(run())
+    assert got == texts
+    assert answers == [str(len(text)) for text in texts]
+
+
+def test_bare_client_submits_on_v1_ws_as_the_websockets_library_does(stack):
+    """bench.e2e --ws-rounds: the job request as the first message of /v1/ws, the job's stream back on the socket."""
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    request = json.dumps({"prompt": "USER: Count from one to ten. ASSISTANT:", "temperature": 0,
+                          "max_new_tokens": 12})
+
+    async def until_done(send, stream) -> list[dict]:
+        await send(request)
+        messages = []
+        async for text in stream:
+            messages.append(json.loads(text))
+            if messages[-1].get("done"):
+                break
+        return messages
+
+    async def bare() -> list[dict]:
+        async with await BareWebSocket.connect("127.0.0.1", port, "/v1/ws") as ws:
+            return await until_done(ws.send_text, ws)
+
+    async def library() -> list[dict]:
+        async with websockets.connect(stack.base_url.replace("http://", "ws://") + "/v1/ws", max_size=None) as ws:
+            return await until_done(ws.send, ws)
+
+    ours, theirs = asyncio.run(bare()), asyncio.run(library())
+    assert ours[-1]["status"] == theirs[-1]["status"] == "succeeded", (ours[-1], theirs[-1])
+    assert ours[-1]["text"] == theirs[-1]["text"] and ours[-1]["id"] != theirs[-1]["id"]
