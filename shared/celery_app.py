@@ -353,6 +353,10 @@ def make_celery(settings: Settings) -> Celery:
         # A worker reconnects to Redis for as long as Redis is away, as its other loops wait for it: after Celery's
         # default 100 tries (about 46 minutes) the worker exited, with status 0, and took no job again.
         broker_connection_max_retries=None,
+        # A running job goes on through a broker outage (its text and ending go to Redis once it is back, and it is
+        # acked then). Celery 6 is to make the default True: every running job cancelled and delivered again at each
+        # lost connection. Said here, so that no upgrade changes it unseen.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_queues=(Queue(INTERACTIVE_QUEUE), Queue(BATCH_QUEUE)),
         task_default_queue=INTERACTIVE_QUEUE,
         worker_hijack_root_logger=False,

@@ -243,7 +243,11 @@ def test_a_worker_takes_jobs_within_seconds_of_redis_coming_back_after_a_long_ou
             assert job["status"] == "succeeded", stack.logs()
             assert job["started_at"] - back < 5, f"started {job['started_at'] - back:.1f} s after Redis came back"
             # 13 to 26 failed tries, one "Cannot connect" logged.
-            assert (stack.log_dir / "worker.log").read_text().count("consumer: Cannot connect to") == 1, stack.logs()
+            log = (stack.log_dir / "worker.log").read_text()
+            assert log.count("consumer: Cannot connect to") == 1, stack.logs()
+            # The running jobs go on through an outage, said outright: Celery's six-line warning that version 6
+            # will cancel them is not shown at each lost connection.
+            assert "In Celery 5.1 we introduced" not in log, log
     finally:
         redis_server.stop()
 

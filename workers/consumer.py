@@ -6,14 +6,18 @@ try came 7 s after Redis was back, after one of a minute up to 30 s, while the A
 at once and the worker's own loops (heartbeat, cancellations, sweep), which try every second, were
 back too: the jobs waited in the queue for the consumer. This one tries every second, as they do;
 a try is one connection to Redis. Celery logs an error at each failed try: at one a second, one in
-`LOG_EVERY_SECONDS` is kept, about as often as it logged them before.
+`LOG_EVERY_SECONDS` is kept, about as often as it logged them before. And at each lost connection it
+warned, in six lines, that Celery 6 will cancel the running jobs by default: the app says False outright
+(`shared/celery_app.py`), so that warning is not shown.
 """
 
 import functools
 import logging
 import math
 import time
+import warnings
 
+from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR
 from celery.worker.consumer.consumer import logger as celery_consumer_log
@@ -53,3 +57,5 @@ class OnceInAWhile(logging.Filter):
 
 
 celery_consumer_log.addFilter(OnceInAWhile())
+warnings.filterwarnings("ignore", r"\s*In Celery 5\.1 we introduced an optional breaking change",
+                        CPendingDeprecationWarning)
