@@ -68,10 +68,15 @@ def owns(record_owner: str | None, api_key: str | None) -> bool:
     return api_key is None or not record_owner or record_owner == owner_id(api_key)
 
 
+def rate_counter(key_prefix: str, digest: str, now: float) -> str:
+    """The Redis key that counts a key's requests in the clock minute of `now` (seconds since the epoch)."""
+    return f"{key_prefix}:rate:{owner_id(digest)}:{int(now // 60)}"
+
+
 def _count_request(conn: HTTPConnection, settings: Settings, digest: str) -> None:
     """Count the request against its key's per-minute limit; 429 past it."""
     now = time.time()
-    counter = f"{settings.key_prefix}:rate:{owner_id(digest)}:{int(now // 60)}"
+    counter = rate_counter(settings.key_prefix, digest, now)
     with conn.app.state.store.redis.pipeline() as pipe:
         count, _ = pipe.incr(counter).expire(counter, 120).execute()
     if count > settings.rate_limit_per_minute:

@@ -73,6 +73,14 @@ class Stopped(Exception):
     """Ctrl-C (or SIGTERM) arrived while waiting."""
 
 
+class PutOff(Exception):
+    """A post the API put off (429: the queue is full, or the key's quota used up) for `delay` seconds."""
+
+    def __init__(self, delay: float):
+        super().__init__(delay)
+        self.delay = delay
+
+
 class Api:
     """A small JSON client for the llava-queue API (stdlib only), one keep-alive connection per thread."""
 
@@ -185,6 +193,10 @@ class Group:
 
     key: str
     items: list[Item]
+    # Not to be posted before this time.monotonic(): the API put its post off (429).
+    not_before: float = 0.0
+    # Its "before" line is in the jobs file.
+    recorded: bool = False
 
 
 @dataclass
@@ -465,7 +477,7 @@ class EvalRun:
             if job_ids is None:
                 keys = [item.key for item in items if item is not None]
                 if keys and len(keys) == len(set(keys)) == len(items) and all(k in todo for k in keys):
-                    self.resend.append(Group(key, [todo.pop(k) for k in keys]))
+                    self.resend.append(Group(key, [todo.pop(k) for k in keys], recorded=True))
                 continue
             for item, job_id in zip(items, job_ids):
                 if job_id and item is not None and item.key in todo:
@@ -546,6 +558,8 @@ class EvalRun:
     def _next_group(self) -> tuple[Group, list[dict]] | None:
         """The next questions to post and their jobs: a group of an earlier run first, else new ones that fit."""
         if self.resend:
+            if self.resend[0].not_before > time.monotonic():
+                return None  # the queue was full: nothing new is posted before it either
             group = self.resend.pop(0)
             built = [(item, job) for item in group.items if (job := self._job_of(item)) is not None]
             if len(built) != len(group.items):
@@ -565,8 +579,10 @@ class EvalRun:
                 size += sum(map(len, job.get("images", [])))
         return Group(uuid.uuid4().hex, items), jobs
 
-    def _post(self, path: str, body: dict, key: str) -> tuple[int, Any]:
-        """POST with the Idempotency-Key, waiting out 429 (Retry-After) and a lost API (up to PATIENCE_SECONDS)."""
+    def _post(self, path: str, body: dict, key: str, put_off: bool = False) -> tuple[int, Any]:
+        """POST with the Idempotency-Key, waiting out 429 (Retry-After) and a lost API (up to PATIENCE_SECONDS).
+        With `put_off`, a 429 raises PutOff instead, so that the run follows its jobs meanwhile (a Retry-After may
+        be an hour)."""
         lost_since = None
         backoff = 1.0
         while True:
@@ -584,6 +600,7 @@ class EvalRun:
             if status == 429 or status in (502, 503, 504):
                 if status == 429:
                     lost_since = None
+                    self.last_contact = time.monotonic()
                 else:  # the API (or what is behind it) is away: as long as an unreachable one
                     lost_since = lost_since or time.monotonic()
                     if time.monotonic() - lost_since > PATIENCE_SECONDS:
@@ -591,6 +608,8 @@ class EvalRun:
                 delay = retry_after(headers, backoff)
                 self.progress.note = f"{error_message(data)}; retrying in {delay:.0f} s"
                 self.progress.update(force=True)
+                if status == 429 and put_off:
+                    raise PutOff(delay)
                 self._wait(delay)
                 backoff = min(10.0, backoff * 2)
                 continue
@@ -600,8 +619,17 @@ class EvalRun:
     def _submit(self, group: Group, jobs: list[dict]) -> None:
         """Post a group's jobs under its Idempotency-Key, recorded in the jobs file before and after."""
         self.pending[group.key] = group
-        self._state_append({"key": group.key, "params": self.fingerprint, **self._questions_of(group.items)})
-        status, data = self._post("/v1/jobs/bulk", {"jobs": jobs}, group.key)
+        if not group.recorded:
+            self._state_append({"key": group.key, "params": self.fingerprint, **self._questions_of(group.items)})
+            group.recorded = True
+        try:
+            status, data = self._post("/v1/jobs/bulk", {"jobs": jobs}, group.key, put_off=True)
+        except PutOff as exc:
+            # Posted again under its key once the delay has passed; its jobs are followed meanwhile.
+            del self.pending[group.key]
+            group.not_before = time.monotonic() + exc.delay
+            self.resend.insert(0, group)
+            return
         if status == 202:
             job_ids = data["ids"]
         elif status in (400, 413, 422):
@@ -740,7 +768,9 @@ class EvalRun:
                     self._fill()
                     self._poll(pool)
                     self.progress.update()
-                    upcoming = min((f.next_poll for f in self.flights.values()), default=time.monotonic() + 0.05)
+                    upcoming = min([f.next_poll for f in self.flights.values()]
+                                   + [group.not_before for group in self.resend[:1]],
+                                   default=time.monotonic() + 0.05)
                     self.stop.wait(min(0.5, max(0.02, upcoming - time.monotonic())))
         except Stopped:
             pass

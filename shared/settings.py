@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # setup, llava-queue registered with it as a worker) with 5 s, and both skip empty frames. At 5 s the keepalive
     # raced the proxy's timeout (a busy API loses it, and the proxy's client gets its error frame, code 3).
     llava_keepalive_seconds: float = Field(2.5, gt=0)
+    # How long one WebSocket message may wait to be sent (uvicorn holds it back while the client's unread data fill
+    # the socket) before the client counts as gone and its stream ends: a client that keeps its connection but
+    # reads nothing is let go. Its job goes on.
+    stream_send_timeout_seconds: float = Field(20.0, gt=0)
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).
     public_url: str | None = None

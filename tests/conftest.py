@@ -35,6 +35,13 @@ def redis_server():
 
 # What uvicorn logs when a request or WebSocket handler raises instead of answering (or closing).
 UNHANDLED = "Exception in ASGI application"
+# The stacks' WebSocket send timeout (LLAVA_QUEUE_STREAM_SEND_TIMEOUT_SECONDS; 20 s by default): a client that reads
+# nothing is let go after it. Short, for the tests that wait for that; a test that waits for less than the default
+# shows the setting is read.
+SEND_TIMEOUT_SECONDS = 6.0
+# How long after the send timeout a test waits for the client to be let go (the API's watch looks every quarter
+# of the timeout).
+LET_GO_SLACK_SECONDS = 8.0
 
 
 class Stack:
@@ -164,7 +171,8 @@ def run_stack(redis_url: str, env: dict[str, str], *, workers: tuple[str, ...] =
 def stack(redis_server, default_model_dir):
     """Worker and API processes against the test Redis, serving the default model."""
     with run_stack(redis_server.url, {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
-                                      "LLAVA_QUEUE_MAX_NUM_SEQS": "16"}) as running:
+                                      "LLAVA_QUEUE_MAX_NUM_SEQS": "16",
+                                      "LLAVA_QUEUE_STREAM_SEND_TIMEOUT_SECONDS": str(SEND_TIMEOUT_SECONDS)}) as running:
         yield running
 
 

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.channel_hub import SUBSCRIBE_TIMEOUT_SECONDS, ChannelHub
+from conftest import LET_GO_SLACK_SECONDS, SEND_TIMEOUT_SECONDS
 from shared.redis_server import RedisServer
 from test_pipeline import submit, wait_until
 from test_stream_followers import API_CLIENT_NAME, api_log
@@ -38,9 +39,7 @@ def test_a_client_that_reads_nothing_after_the_last_message_is_let_go(stack):
     """The endpoint's close after the last message waits, as a message does, while the client's unread data fill the
     socket. A client that joins an ended job and reads nothing gets both its messages written (the first into the
     socket buffers, the last mostly into uvicorn's), then the close waits: before, for as long as the client held
-    the connection (the endpoint never ended); now SEND_TIMEOUT_SECONDS, as for a message."""
-    from api.routes.stream import SEND_TIMEOUT_SECONDS
-
+    the connection (the endpoint never ended); now the send timeout, as for a message."""
     # A prompt too long for the context ends at once (the original's "Exceeds max token length" answer), and each
     # of the two messages of joining it is 2.4 MB of JSON (a control character is written as 6 bytes): the first
     # fits the socket buffers of a connection on this host (about 3 MB), the second does not.
@@ -48,7 +47,7 @@ def test_a_client_that_reads_nothing_after_the_last_message_is_let_go(stack):
     assert wait_until(stack, job_id)["status"] == "succeeded"
     unread = open_raw_websocket(stack.base_url, f"/v1/jobs/{job_id}/ws")
     try:
-        deadline = time.monotonic() + SEND_TIMEOUT_SECONDS + 15
+        deadline = time.monotonic() + SEND_TIMEOUT_SECONDS + LET_GO_SLACK_SECONDS
         while f"the client of job {job_id} read nothing for" not in api_log(stack):
             assert time.monotonic() < deadline, f"the stream of job {job_id} still waits on its close"
             time.sleep(0.5)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import requests
 import websockets
 
-from conftest import run_stack
+from conftest import LET_GO_SLACK_SECONDS, SEND_TIMEOUT_SECONDS, run_stack
 from shared.redis_server import RedisServer
 from test_pipeline import poll, submit, wait_until, ws_messages
 
@@ -480,12 +480,10 @@ def wait_until_streaming(stack, job_id: str, timeout: float = 120) -> None:
 
 
 def test_a_client_that_stops_reading_is_let_go(stack):
-    """A client that keeps its connection but reads nothing: once a message has waited SEND_TIMEOUT_SECONDS to be
+    """A client that keeps its connection but reads nothing: once a message has waited the send timeout to be
     sent, the stream ends and its subscription goes. Before, the follower waited on that send for as long as the
     client held the connection, still subscribed, its queue taking every chunk, long after the job had ended:
     uvicorn's keepalive timeout (40 s) closes such a connection only once its unread data are sent."""
-    from api.routes.stream import SEND_TIMEOUT_SECONDS
-
     # Every message repeats the prompt, 200 kB in about 3,000 tokens: 15 of them are more than the socket buffers of
     # a connection on this host hold (about 3 MB). The client joins once the job streams (its prompt is read), so
     # they come well before uvicorn's keepalive timeout, on a slow CPU too.
@@ -502,7 +500,7 @@ def test_a_client_that_stops_reading_is_let_go(stack):
                                       ping_interval=None, open_timeout=10) as unread:
             await until_subscribed(admin, True, job_id)
             job = await asyncio.to_thread(wait_until, stack, job_id)
-            await until_subscribed(admin, False, job_id, timeout=SEND_TIMEOUT_SECONDS + 10)
+            await until_subscribed(admin, False, job_id, timeout=SEND_TIMEOUT_SECONDS + LET_GO_SLACK_SECONDS)
             unread.transport.abort()
         await admin.aclose()
         return job

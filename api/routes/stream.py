@@ -27,9 +27,12 @@ router = APIRouter(tags=["stream"])
 # What sending on a socket whose client has left raises: WebSocketDisconnect, or Starlette's RuntimeError once it
 # has seen the socket closed.
 CLIENT_GONE = (WebSocketDisconnect, RuntimeError)
-# How long one message may wait to be sent (uvicorn holds it back while the client's unread data fill the socket)
-# before the client counts as gone: a client that keeps its connection but reads nothing is let go.
-SEND_TIMEOUT_SECONDS = 20.0
+
+
+def send_timeout(websocket: WebSocket) -> float:
+    """How long one message may wait to be sent before its client counts as gone (Settings.stream_send_timeout_seconds,
+    "the send timeout" below)."""
+    return websocket.app.state.settings.stream_send_timeout_seconds
 
 
 def ws_message(job_id: str, event: StreamEvent) -> dict:
@@ -49,7 +52,8 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
     clock = _SendClock()
     sending = asyncio.create_task(_send_events(websocket, store, hub, job_id, clock))
     leaving = asyncio.create_task(_client_left(websocket))
-    stalled = asyncio.create_task(_stalled(clock))
+    timeout = send_timeout(websocket)
+    stalled = asyncio.create_task(_stalled(clock, timeout))
     try:
         await asyncio.wait({sending, leaving, stalled}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -60,7 +64,7 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
             await asyncio.wait({sending})
     if sending.cancelled():
         if stalled.done() and not stalled.cancelled():
-            log.warning("the client of job %s read nothing for %s s; leaving it", job_id, SEND_TIMEOUT_SECONDS)
+            log.warning("the client of job %s read nothing for %s s; leaving it", job_id, timeout)
             return "left"
         leaving.result()  # the client left (an error in reading the socket goes on up)
         return "left"
@@ -99,15 +103,15 @@ async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str
             clock.since = None
 
 
-async def _stalled(clock: _SendClock) -> None:
-    """Return once a message has waited SEND_TIMEOUT_SECONDS to be sent (seen within a quarter of that more): the
+async def _stalled(clock: _SendClock, timeout: float) -> None:
+    """Return once a message has waited `timeout` seconds to be sent (seen within a quarter of that more): the
     client reads nothing, and its follower would wait for ever (uvicorn's own close of such a connection waits
     for its unread data to be sent). A watch a stream, where a timeout around every message cost a timer each: a
     fifth of the API's CPU per message relayed (bench/README.md)."""
     loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(SEND_TIMEOUT_SECONDS / 4)
-        if clock.since is not None and loop.time() - clock.since >= SEND_TIMEOUT_SECONDS:
+        await asyncio.sleep(timeout / 4)
+        if clock.since is not None and loop.time() - clock.since >= timeout:
             return
 
 
@@ -126,7 +130,7 @@ async def _send_unavailable(websocket: WebSocket, job_id: str,
     endpoint (a WebSocket has no exception handler to answer the app's 503): a traceback, and a stream cut short.
     "left" when the client left before it (the caller cancels the job, if Redis lets it)."""
     message = store_unavailable(exc).message
-    if not await _within_send_timeout(websocket.send_json(
+    if not await _within_send_timeout(websocket, websocket.send_json(
             {"text": message, "error_code": ErrorCode.SERVER_ERROR, "id": job_id, "done": True,
              "status": "unavailable", "error": message}), job_id):
         return "left"
@@ -137,8 +141,8 @@ async def _send_unavailable(websocket: WebSocket, job_id: str,
 
 async def _send_not_found(websocket: WebSocket, job_id: str) -> bool:
     """The final message for an unknown job id; False when the client left before it (that is not an error) or read
-    nothing for SEND_TIMEOUT_SECONDS."""
-    return await _within_send_timeout(websocket.send_json(
+    nothing for the send timeout."""
+    return await _within_send_timeout(websocket, websocket.send_json(
         {"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True, "status": "unknown",
          "error": f"unknown job id {job_id!r}"}), job_id)
 
@@ -166,23 +170,24 @@ async def _close(websocket: WebSocket, code: int = 1000, reason: str | None = No
     last message, and that is not an error (uvicorn would log one, with its traceback, for every such stream).
 
     The close waits, as a message does, while the client's unread data fill the socket: a client that reads nothing
-    is let go after SEND_TIMEOUT_SECONDS (before, the endpoint waited for it for as long as it kept the connection).
+    is let go after the send timeout (before, the endpoint waited for it for as long as it kept the connection).
     """
-    await _within_send_timeout(websocket.close(code=code, reason=reason), job_id)
+    await _within_send_timeout(websocket, websocket.close(code=code, reason=reason), job_id)
 
 
-async def _within_send_timeout(sending: Awaitable[None], job_id: str = "") -> bool:
-    """Await `sending` (a send or the close on the socket) for at most SEND_TIMEOUT_SECONDS. False when the client
+async def _within_send_timeout(websocket: WebSocket, sending: Awaitable[None], job_id: str = "") -> bool:
+    """Await `sending` (a send or the close on `websocket`) for at most the send timeout. False when the client
     has left, or has read nothing for that long (logged: it is let go, where it held the endpoint for as long as it
     kept the connection)."""
+    timeout = send_timeout(websocket)
     try:
-        async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+        async with asyncio.timeout(timeout):
             await sending
     except CLIENT_GONE:
         return False
     except TimeoutError:
         log.warning("the client of %s read nothing for %s s; leaving it", f"job {job_id}" if job_id else "a stream",
-                    SEND_TIMEOUT_SECONDS)
+                    timeout)
         return False
     return True
 
@@ -226,6 +231,6 @@ async def _reject(websocket: WebSocket, message: str, error_code: int, headers: 
     reply = {"text": message, "error_code": error_code, "done": True, "status": "rejected", "error": message}
     if headers and "Retry-After" in headers:
         reply["retry_after"] = int(headers["Retry-After"])
-    if not await _within_send_timeout(websocket.send_json(reply)):
+    if not await _within_send_timeout(websocket, websocket.send_json(reply)):
         return
     await _close(websocket, 1008 if error_code == ErrorCode.INVALID_REQUEST else 1013)
