@@ -17,6 +17,7 @@ drops the results it shows and its lines' job records, and marks it deleted (`ou
 import itertools
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -170,6 +171,10 @@ FILES_SCAN_LEASE_SECONDS = 60
 
 def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
+
+
+# What every batch id looks like (`new_batch_id`).
+BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 
 
 def answer_id_of(job_id: str) -> str:
@@ -335,6 +340,8 @@ class BatchStore:
         or ended before its reader was done: failed as abandoned, cancelled while read), `total` and `invalid` are the
         lines recorded so far, so that its request counts add up (total = completed + failed + the lines still to end):
         they showed a total of 0 beside its cancelled lines counted as failed."""
+        if not BATCH_ID.fullmatch(batch_id):
+            return None  # not a batch's id: it might name another key of it (its lines, a list)
         raw = self.redis.hgetall(self.key(batch_id))
         if not raw or raw.get("owner", "") != self.owner:
             return None

@@ -274,6 +274,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     api_log.info("%d start-up objects frozen out of full garbage collections", freeze_startup_heap())
     config = uvicorn.Config(app, host=host, port=port,
                             log_level="info", log_config=None, ws_ping_interval=20,
+                            # A request on `WS /v1/ws` may be as large as a POST's body (uvicorn's own limit, 16 MiB,
+                            # refused a job a POST takes); a larger message closes the socket with 1009.
+                            ws_max_size=settings.max_body_bytes,
                             ws_per_message_deflate=settings.ws_compression,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     try:

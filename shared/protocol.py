@@ -220,6 +220,10 @@ class GenerateRequest(BaseModel):
                 raise ValueError("'messages' must hold at least one turn")
             if self.images:
                 raise ValueError("with 'messages', put images in the turns, not in 'images'")
+            chars = sum(len(message.text) for message in self.messages)
+            if chars > MAX_PROMPT_CHARS:  # each turn's is bounded too, but the prompt they make is the request's
+                raise ValueError(f"the turns hold {chars} characters of text; the limit is {MAX_PROMPT_CHARS} per "
+                                 "request")
             total = sum(len(message.images) for message in self.messages)
             if total > MAX_IMAGES:  # each turn's own list is checked too, but the limit is the request's
                 raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
@@ -245,7 +249,7 @@ class JobRequest(GenerateRequest):
     """
 
     queue: QueueName = "interactive"
-    deadline_seconds: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+    deadline_seconds: float | None = Field(None, gt=0, le=30 * 24 * 3600, allow_inf_nan=False)
 
 
 class BulkJobRequest(BaseModel):

@@ -52,6 +52,9 @@ class Question(BaseModel):
             raise ValueError("must not be null")
         if isinstance(value, (dict, list)):
             raise ValueError("must be a string or a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            # Python's json reads NaN and Infinity, which are no JSON: echoed, they made the answers line invalid.
+            raise ValueError(f"must be a JSON number, not {value}")
         return value
 
 

@@ -40,6 +40,9 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 JSONL = "application/jsonl"
 # Output files of a batch are named after it: file-<batch id>-output / -errors.
 OUTPUT_FILE = "file-{}-output"
+# The largest `offset` of a batch's lines page: past any batch (Redis' list indexes are 64-bit; an offset near
+# that end answered 503 as if Redis were away).
+MAX_LINE_OFFSET = 2**31
 ERROR_FILE = "file-{}-errors"
 
 
@@ -287,7 +290,7 @@ async def _parse_create(request: Request) -> tuple[BatchCreate, Any]:
             if isinstance(fields.get("metadata"), str):
                 try:
                     fields["metadata"] = json.loads(fields["metadata"])
-                except ValueError:
+                except (ValueError, RecursionError):  # too deep a nesting raises the latter
                     raise InvalidRequest("metadata: give a JSON object of strings", "metadata") from None
             if upload is not None and isinstance(upload, str):
                 raise InvalidRequest("file: send the batch file as a file part", "file")
@@ -362,7 +365,7 @@ def cancel_batch(batch_id: str, request: Request) -> dict:
 
 
 @router.get("/{batch_id}/lines")
-def batch_lines(batch_id: str, request: Request, store: Store, offset: int = Query(0, ge=0),
+def batch_lines(batch_id: str, request: Request, store: Store, offset: int = Query(0, ge=0, le=MAX_LINE_OFFSET),
                 limit: int = Query(100, ge=1, le=1000)) -> dict:
     """Each line's job and state: `{line, job_id, status, started_at, finished_at, error}` in file order."""
     batches = batch_store(request)

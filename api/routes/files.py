@@ -141,7 +141,8 @@ async def upload_file(request: Request) -> FileObject:
     form = await request.form()
     upload, purpose = form.get("file"), form.get("purpose")
     if purpose != "batch":
-        raise ApiError(400, f"purpose: only 'batch' is supported, not {purpose!r}", param="purpose")
+        shown = purpose if not isinstance(purpose, str) or len(purpose) <= 64 else f"{purpose[:64]}..."
+        raise ApiError(400, f"purpose: only 'batch' is supported, not {shown!r}", param="purpose")
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "file: a file part is required", param="file")
     content = await upload.read()

@@ -147,12 +147,17 @@ def _route_class(model: type[BaseModel]) -> type[APIRoute]:
     return type(f"{model.__name__}Route", (_BodyCheckedOnAThread,), {"body_model": model})
 
 
-def create_job(body: Annotated[JobRequest, _AS_SENT], submitter: Submissions, api_key: ApiKey,
+def create_job(body: Annotated[JobRequest, _AS_SENT], submitter: Submissions, store: Store, api_key: ApiKey,
                idempotency_key: IdempotencyKey = None) -> JobCreated:
     """Enqueue one generation job; poll it at `GET /v1/jobs/{id}` or stream it at `WS /v1/jobs/{id}/ws`."""
     body = _checked(JobRequest, body)  # (on the endpoint's thread: see _AS_SENT)
     [job_id] = submitter.submit([(body, body.queue)], idempotency_key=idempotency_key, owner=api_key)
-    return JobCreated(id=job_id, status="queued")
+    status = "queued"
+    if idempotency_key is not None:
+        # A retry gets the job its key was first sent with, which may have run, ended, or been cancelled by the key
+        # (`POST /v1/jobs/cancel`): its status, not "queued" (None: its record has expired since).
+        status = store.redis.hget(store.key(job_id), "status") or status
+    return JobCreated(id=job_id, status=status)
 
 
 def create_jobs(body: Annotated[BulkJobRequest, _AS_SENT], submitter: Submissions, api_key: ApiKey,

@@ -192,8 +192,10 @@ _UNSUPPORTED = {
     "logit_bias": (lambda value: bool(value), "logit_bias is not supported"),
     "frequency_penalty": (lambda value: bool(value), "penalties are not supported (send 0 or leave it out)"),
     "presence_penalty": (lambda value: bool(value), "penalties are not supported (send 0 or leave it out)"),
-    "response_format": (lambda value: isinstance(value, dict) and value.get("type", "text") != "text",
-                        "only the text response format is supported"),
+    # An object ({"type": "text"}); anything else (OpenAI refuses a string such as "json") was taken as text.
+    "response_format": (lambda value: value is not None and not (isinstance(value, dict)
+                                                                 and value.get("type", "text") == "text"),
+                        "only the text response format is supported ({\"type\": \"text\"})"),
     "modalities": (lambda value: value not in (None, [], ["text"]), "only text output is supported"),
     "audio": (lambda value: value is not None, "audio output is not supported"),
     "web_search_options": (lambda value: value is not None, "web search is not supported"),

@@ -33,8 +33,12 @@ def frontend_dir(settings: Settings) -> Path:
 
 def _page_file(settings: Settings, relative: str) -> FileResponse:
     root = frontend_dir(settings).resolve()
-    path = (root / relative).resolve()
-    if not path.is_file() or root not in path.parents:
+    try:
+        path = (root / relative).resolve()
+        found = path.is_file() and root in path.parents
+    except (ValueError, OSError):  # a NUL in the name, a name too long for the file system
+        found = False
+    if not found:
         raise ApiError(404, f"no such page file: {relative!r} (the page is served from {root})",
                        type="not_found", param="path", code=ErrorCode.NOT_FOUND)
     return FileResponse(path, headers=_NO_CACHE)
