@@ -2,10 +2,12 @@
 per-model variants: `task_queue`)."""
 
 import json
+import logging
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from queue import Empty
 from urllib.parse import urlsplit
 
 import redis
@@ -14,7 +16,7 @@ from kombu import Queue, serialization
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
 
 from shared.jobs import QUEUES, JobStore
 from shared.settings import Settings, get_settings
@@ -250,6 +252,13 @@ return {KEYS[best], redis.call('RPOP', KEYS[best])}
 """
 
 
+# Where a worker keeps the messages on its queues that neither kombu nor Celery can read (`_Channel._set_aside`), the
+# newest first, this many at most.
+DEAD_LETTERS_KEY = "llava_queue.dead_letters"
+DEAD_LETTERS_KEPT = 1000
+log = logging.getLogger("llava_queue.worker")
+
+
 class _Channel(kombu_redis.Channel):
     """kombu's Redis channel with one client for its commands outside the event loop, instead of one per command.
 
@@ -298,10 +307,53 @@ class _Channel(kombu_redis.Channel):
         self.client.connection.send_command("EVAL", _TAKE_OLDEST, len(keys), *keys, *ranks)
 
     def _brpop_read(self, **options):
+        """kombu's read of a poll's answer (BRPOP's, or the script's, which answers as BRPOP does), and the delivery of
+        the message it took, except that a message kombu or Celery cannot read is set aside (`_set_aside`): one entry
+        that was no task message ("garbage" pushed on a queue, a body that is not base64, Celery's arguments in two
+        parts instead of three) raised out of the consumer, which Celery takes for an unrecoverable error: the worker
+        exited, with status 0, and took no job again."""
         self._took = False
-        took = super()._brpop_read(**options)  # reads the script's answer as a BRPOP's; Empty if it had none
-        self._took = bool(took)
-        return took
+        try:
+            try:
+                answer = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next poll connects again
+                raise
+            if not answer:
+                raise Empty()
+            dest, item = answer
+            queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            self._took = True
+            raw = bytes_to_str(item)
+            message = None
+            try:
+                message = loads(raw)
+                self.connection._deliver(message, queue)
+            except Exception as exc:
+                # kombu counts KeyError among its connection errors; here it is a field the message lacks.
+                if isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError):
+                    raise
+                self._set_aside(raw, message, queue, exc)
+            return True
+        finally:
+            self._in_poll = None
+            flush = getattr(self, "_flush_brpop_reauth", None)  # (kombu 5.5's, after each read)
+            if flush is not None:
+                flush()
+
+    def _set_aside(self, raw: str, message: object, queue: str, error: Exception) -> None:
+        """Keep a message that could not be delivered in DEAD_LETTERS_KEY (the newest DEAD_LETTERS_KEPT), out of the
+        unacked hash if it got there, and log why: no job is lost (every job's record is the API's, and a job whose
+        message is lost is sent again by the sweep, `resend_lost_tasks`), and the worker goes on."""
+        log.error("a message on queue %r that is no task llava-queue sent was set aside in %s (%s: %s): %.300s",
+                  queue, DEAD_LETTERS_KEY, type(error).__name__, error, raw)
+        properties = message.get("properties") if isinstance(message, dict) else None
+        tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        if isinstance(tag, str) and tag in self.qos._delivered:
+            self.qos.ack(tag)  # recorded among the unacked, then refused: not to be restored in 4 hours
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.lpush(DEAD_LETTERS_KEY, raw).ltrim(DEAD_LETTERS_KEY, 0, DEAD_LETTERS_KEPT - 1).execute()
 
     def _create_client(self, asynchronous=False):
         if asynchronous:

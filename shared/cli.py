@@ -5,6 +5,7 @@ import argparse
 import ctypes
 import errno
 import logging
+import math
 import os
 import re
 import signal
@@ -311,8 +312,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         resolve_device(get_settings().device)
     except (RuntimeError, ValueError) as exc:
-        print(f"llava-queue worker: LLAVA_QUEUE_DEVICE={get_settings().device!r} is not a device "
-              f"(auto, cpu, cuda, cuda:N): {exc}", file=sys.stderr)
+        print(f"llava-queue worker: LLAVA_QUEUE_DEVICE={get_settings().device!r} cannot be used: {exc} "
+              "(use auto, cpu, cuda or cuda:N)", file=sys.stderr)
         return 2
     from workers.metrics import ExporterError
 
@@ -364,8 +365,8 @@ def _seconds(text: str) -> float:
         seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not seconds > 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 seconds")
+    if not 0 < seconds < math.inf:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 seconds, and finite")
     return seconds
 
 

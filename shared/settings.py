@@ -5,6 +5,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -13,6 +14,11 @@ from redis.connection import parse_url
 
 from shared.cpus import parse_cpu_list
 from shared.protocol import MAX_MODEL_CHARS
+
+
+# The longest time to live a setting may give a key: ten years. Redis takes an expiry up to 2**63 - 1 ms, and one
+# past that ("invalid expire time") failed every job's ending after its status was written.
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 
 class Settings(BaseSettings):
@@ -100,13 +106,13 @@ class Settings(BaseSettings):
     # for less work per token in Redis, the API and the clients. A job's first token and its end go out at once.
     stream_interval: int = Field(1, ge=1)
     # How long a finished job's record stays readable.
-    job_ttl_seconds: int = Field(24 * 3600, ge=1)
+    job_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_TTL_SECONDS)
     # Celery/Redis redelivers an unacked job after this long; it must exceed the longest job.
     visibility_timeout: int = Field(4 * 3600, ge=1)
     # A worker refreshes its heartbeat this often; one silent for heartbeat_ttl_seconds is dead, and
     # the jobs it held are delivered again (at most max_attempts starts per job).
     heartbeat_interval_seconds: float = Field(3.0, gt=0)
-    heartbeat_ttl_seconds: int = Field(10, ge=1)
+    heartbeat_ttl_seconds: int = Field(10, ge=1, le=MAX_TTL_SECONDS)
     # A job queued this long whose task message is nowhere (not in its queue, held by no worker) has it sent again by
     # the workers' sweep (shared.celery_app.resend_lost_tasks).
     resend_after_seconds: float = Field(60.0, gt=0)
@@ -131,7 +137,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(0, ge=0)
     # Origins allowed to call the API from a browser (CORS); none by default.
     cors_origins: list[str] = Field(default_factory=list)
-    idempotency_ttl_seconds: int = Field(24 * 3600, ge=1)
+    idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_TTL_SECONDS)
     # With API keys on, also leave the original LLaVA protocol (controller endpoints and
     # /worker_generate_stream) open, for the original clients, which cannot send a key.
     public_llava_protocol: bool = False
@@ -159,7 +165,7 @@ class Settings(BaseSettings):
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # Lines in one batch file, and how long a batch, its results and uploaded files stay readable.
     batch_max_lines: int = Field(50_000, ge=1)
-    batch_ttl_seconds: int = Field(30 * 24 * 3600, ge=1)
+    batch_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, le=MAX_TTL_SECONDS)
     # Engine slots a worker keeps for interactive jobs: it runs at most max_num_seqs minus this many
     # batch-queue jobs at once (0: batch jobs may fill every slot). Unset: an eighth of max_num_seqs.
     batch_reserved_slots: int | None = Field(None, ge=0)
@@ -189,6 +195,10 @@ class Settings(BaseSettings):
             raise ValueError("not a URL: use redis://[:password@]host:port/db (or rediss://, unix://, sentinel://)")
         if scheme in ("redis", "rediss", "unix"):
             parse_url(value)  # one redis-py cannot use fails here (its message does not repeat the URL)
+            database = urlsplit(value).path.strip("/") if scheme != "unix" else ""
+            if database and not database.isdigit():
+                # redis-py leaves it out (database 0), Celery's kombu refuses it: the API and the worker used two.
+                raise ValueError(f"the database {database!r} is not a number: use redis://host:port/0")
         # Other schemes (redis+socket://, sentinel://) are kombu's; Celery checks them when it connects.
         return value
 

@@ -65,7 +65,7 @@ class EvalParams(BaseModel):
 
     model: str | None = None
     conv_mode: str = DEFAULT_CONV_MODE
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     num_beams: int = 1
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)

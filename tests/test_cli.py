@@ -189,10 +189,23 @@ def test_a_bad_setting_stops_every_command_with_the_variable_named_not_a_traceba
     assert cli(["--help"], timeout=60, LLAVA_QUEUE_PORT="abc").returncode == 0
 
 
-def test_a_worker_with_a_bad_model_setting_says_which_and_exits_2():
-    # Nothing listens on port 1: each of these must stop the worker before it needs Redis.
-    for variable, value in (("LLAVA_QUEUE_MODEL_PATH", "/nonexistent/llava-v1.5-13b"), ("LLAVA_QUEUE_DTYPE", "half"),
-                            ("LLAVA_QUEUE_DEVICE", "gpu")):
+def test_a_worker_with_a_bad_model_setting_says_which_and_exits_2(tmp_path):
+    # Nothing listens on port 1: each of these must stop the worker before it needs Redis. A model path that is a
+    # file, a checkpoint whose config.json is no JSON, a device the machine lacks and a cache folder that is a file
+    # ended in a traceback and status 1.
+    import torch
+
+    (tmp_path / "model.bin").write_bytes(b"not a checkpoint folder")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    cases = [("LLAVA_QUEUE_MODEL_PATH", "/nonexistent/llava-v1.5-13b"), ("LLAVA_QUEUE_DTYPE", "half"),
+             ("LLAVA_QUEUE_DEVICE", "gpu"), ("LLAVA_QUEUE_DEVICE", "meta"),
+             ("LLAVA_QUEUE_MODEL_PATH", str(tmp_path / "model.bin")),
+             ("LLAVA_QUEUE_MODEL_PATH", str(tmp_path / "broken")),
+             ("LLAVA_QUEUE_CACHE_DIR", str(tmp_path / "model.bin"))]
+    if not torch.cuda.is_available():
+        cases.append(("LLAVA_QUEUE_DEVICE", "cuda"))
+    for variable, value in cases:
         run = cli(["worker"], LLAVA_QUEUE_REDIS_URL="redis://127.0.0.1:1/0", **{variable: value})
         assert run.returncode == 2, (variable, run.stderr[-2000:])
         assert "Traceback" not in run.stderr and variable in run.stderr, run.stderr[-2000:]

@@ -4,6 +4,7 @@
 import asyncio
 import json
 import math
+import time
 
 import pytest
 import requests
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 from shared.protocol import MAX_PROMPT_CHARS, JobRequest
 from shared.vqa import Question
 from test_batches import jsonl, questions, upload_batch, wait_for_batch
-from test_pipeline import submit, ws_messages
+from test_pipeline import submit, wait_until, ws_messages
 
 
 def test_batch_metadata_nested_too_deep_is_a_422(tiny_llava_stack):
@@ -124,3 +125,88 @@ def test_the_text_of_all_turns_is_held_to_the_prompt_limit():
     with pytest.raises(ValidationError, match=f"the limit is {MAX_PROMPT_CHARS} per request"):
         JobRequest(messages=[turn, {"role": "assistant", "text": "b"}, turn])
     JobRequest(messages=[{"role": "user", "text": "a" * (MAX_PROMPT_CHARS - 1)}, {"role": "assistant", "text": "b"}])
+
+
+def test_entries_on_a_queue_that_are_no_task_message_are_set_aside_and_the_worker_goes_on(stack):
+    # Each of these, pushed on a queue the worker reads, raised out of its consumer: Celery took it for an
+    # unrecoverable error, and the worker exited (status 0) and took no job again.
+    import base64
+
+    import redis
+
+    from shared.celery_app import DEAD_LETTERS_KEY, make_celery, send_many
+    from shared.settings import Settings
+
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    client.delete(DEAD_LETTERS_KEY)
+    send_many(make_celery(Settings(redis_url=stack.redis_url)), [("0" * 32, "s25-template")])
+    template = json.loads(client.rpop("s25-template"))  # a task message as the API sends one
+
+    def changed(**parts) -> str:
+        message = json.loads(json.dumps(template))
+        for path, value in parts.items():
+            *outer, name = path.split("__")
+            holder = message
+            for key in outer:
+                holder = holder[key]
+            if value is None and name == "content_type":
+                del holder["content-type"]
+            else:
+                holder[name] = value
+        return json.dumps(message)
+
+    two_parts = base64.b64encode(json.dumps([["0" * 32], {}]).encode()).decode()
+    entries = ["garbage", "null", "[1, 2, 3]", '"hello"', "{}", changed(headers="x"), changed(body="!!not base64!!"),
+               changed(body=two_parts), changed(headers__timelimit="x"), changed(properties__delivery_tag=None),
+               changed(content_type=None)]
+    for entry in entries:
+        client.lpush("interactive", entry)
+    deadline = time.monotonic() + 60
+    while client.llen(DEAD_LETTERS_KEY) < len(entries):
+        assert time.monotonic() < deadline and stack.processes["worker"].poll() is None, (
+            client.lrange(DEAD_LETTERS_KEY, 0, -1), stack.logs())
+        time.sleep(0.2)
+    assert sorted(client.lrange(DEAD_LETTERS_KEY, 0, -1)) == sorted(entries)
+    assert wait_until(stack, submit(stack, prompt="Once upon a time", max_new_tokens=4))["status"] == "succeeded"
+    assert stack.processes["worker"].poll() is None
+    assert "set aside in llava_queue.dead_letters" in (stack.log_dir / "worker.log").read_text()
+    assert not client.hgetall("unacked")  # none of them left among the unacked, to be restored in 4 hours
+    client.delete(DEAD_LETTERS_KEY)
+
+
+def test_settings_and_flags_that_could_not_work_are_refused_at_once():
+    # A database that is no number: redis-py left it out (database 0) where kombu refused it, so the worker loaded its
+    # model and exited 0 while the API answered 503. A time to live past what Redis takes failed every job's ending.
+    import argparse
+
+    from shared.cli import _seconds
+    from shared.settings import MAX_TTL_SECONDS, Settings
+    from shared.vqa import EvalParams
+
+    with pytest.raises(ValidationError, match="'abc' is not a number"):
+        Settings(redis_url="redis://127.0.0.1:6379/abc")
+    assert Settings(redis_url="redis://127.0.0.1:6379/3").redis_url.endswith("/3")
+    with pytest.raises(ValidationError, match="job_ttl_seconds"):
+        Settings(job_ttl_seconds=9223372036854775)
+    assert Settings(job_ttl_seconds=MAX_TTL_SECONDS).job_ttl_seconds == MAX_TTL_SECONDS
+    for text in ("inf", "nan", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _seconds(text)  # `status --watch inf` ended in an OverflowError's traceback
+    with pytest.raises(ValidationError, match="temperature"):
+        EvalParams(temperature=math.inf)  # accepted, then every question failed
+
+
+def test_an_eval_question_whose_image_name_holds_a_nul_fails_alone(tiny_llava_stack, tmp_path):
+    # Reading it raised ValueError, which stopped the whole run with a traceback.
+    from llava_fixtures import png_bytes
+    from test_eval_cli import eval_args, eval_in_process, read_lines
+
+    (tmp_path / "cat.png").write_bytes(png_bytes(40, 30, seed=1))
+    lines = [{"question_id": 1, "image": "cat\x00.png", "text": "Question 1?"},
+             {"question_id": 2, "image": "cat.png", "text": "Question 2?"}]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = tmp_path / "answers.jsonl"
+    assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "questions.jsonl", tmp_path, answers)) == 1
+    assert [line["question_id"] for line in read_lines(answers)] == [2]
+    [error] = read_lines(tmp_path / "answers.jsonl.errors")
+    assert error["question_id"] == 1 and "cannot read image" in error["error"], error

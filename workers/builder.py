@@ -107,7 +107,12 @@ def resolve_device(device: str) -> torch.device:
     """`auto` means the first CUDA GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"a {resolved.type!r} device is not served")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("this machine (or this torch build) has no CUDA GPU")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -143,6 +148,8 @@ def _check_local_path(path: str | None, what: str) -> str | None:
     if not path:
         return path
     local = Path(path).expanduser()
+    if local.is_file() and local.suffix != ".gguf":
+        raise ModelLoadError(f"the {what} {path!r} is a file: give a checkpoint folder (or a .gguf file)")
     if local.exists():
         return str(local)
     if path.startswith(("/", ".", "~")) or len(Path(path).parts) > 2:
@@ -173,15 +180,20 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     placement = _Placement(torch_device, resolve_dtype(dtype, torch_device),
                            _quantization(load_8bit, load_4bit, torch_device))
     vision = None
-    if is_multimodal:
-        model, tokenizer, vision = _load_llava(model_path, model_base, name, placement, vision_tower)
-    elif model_base:
-        log.info("%s: merging the LoRA weights of %s onto %s", name, model_path, model_base)
-        tokenizer = AutoTokenizer.from_pretrained(model_base)
-        model = _merge_lora(AutoModelForCausalLM.from_pretrained(model_base, **placement.kwargs()), model_path)
-        model = placement.place(model)
-    else:
-        model, tokenizer = _load_causal_lm(model_path, placement, name)
+    try:
+        if is_multimodal:
+            model, tokenizer, vision = _load_llava(model_path, model_base, name, placement, vision_tower)
+        elif model_base:
+            log.info("%s: merging the LoRA weights of %s onto %s", name, model_path, model_base)
+            tokenizer = AutoTokenizer.from_pretrained(model_base)
+            model = _merge_lora(AutoModelForCausalLM.from_pretrained(model_base, **placement.kwargs()), model_path)
+            model = placement.place(model)
+        else:
+            model, tokenizer = _load_causal_lm(model_path, placement, name)
+    except (OSError, ValueError) as exc:  # a file missing or unreadable, a config.json that is no JSON, ...
+        base = f" with the base {model_base} (LLAVA_QUEUE_MODEL_BASE)" if model_base else ""
+        raise ModelLoadError(f"{name}: cannot load {model_path} (LLAVA_QUEUE_MODEL_PATH){base}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     context_len = getattr(model.config, "max_position_embeddings", None) or 2048
     precision = describe_precision(placement.dtype, load_8bit, load_4bit)
     log.info("loaded %s from %s on %s in %s (context %d tokens%s)", name, model_path, torch_device, precision,

@@ -28,7 +28,7 @@ from shared.protocol import IMAGE_TOKEN, GenerateRequest
 from shared.settings import Settings
 from workers import tasks
 from workers.batch_slots import BatchSlots, consumer_step
-from workers.builder import LoadedModel, load_model, serving_engine
+from workers.builder import LoadedModel, ModelLoadError, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
 from workers.generation import HAND_BACK_REQUEUE_SECONDS, JobRunner, prepare
@@ -228,7 +228,11 @@ def _follow_cancellations(store: JobStore, runner: JobRunner, stop: threading.Ev
 
 def _load(settings: Settings) -> LoadedModel:
     """The model the settings name (the default model, fetched and converted on first use, when none is named)."""
-    model_path = settings.model_path or str(ensure_default_model(settings.cache_dir))
+    try:
+        model_path = settings.model_path or str(ensure_default_model(settings.cache_dir))
+    except OSError as exc:  # a cache folder that is a file, or that cannot be written
+        raise ModelLoadError(f"cannot build the default model in LLAVA_QUEUE_CACHE_DIR={str(settings.cache_dir)!r}: "
+                             f"{exc}") from exc
     return load_model(model_path, settings.model_base, settings.model_name, device=settings.device,
                       dtype=settings.dtype, load_8bit=settings.load_8bit, load_4bit=settings.load_4bit,
                       vision_tower=settings.vision_tower)
