@@ -193,6 +193,8 @@ def test_a_worker_with_a_bad_model_setting_says_which_and_exits_2(tmp_path):
     # Nothing listens on port 1: each of these must stop the worker before it needs Redis. A model path that is a
     # file, a checkpoint whose config.json is no JSON, a device the machine lacks and a cache folder that is a file
     # ended in a traceback and status 1.
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     (tmp_path / "model.bin").write_bytes(b"not a checkpoint folder")
@@ -205,8 +207,13 @@ def test_a_worker_with_a_bad_model_setting_says_which_and_exits_2(tmp_path):
              ("LLAVA_QUEUE_CACHE_DIR", str(tmp_path / "model.bin"))]
     if not torch.cuda.is_available():
         cases.append(("LLAVA_QUEUE_DEVICE", "cuda"))
-    for variable, value in cases:
-        run = cli(["worker"], LLAVA_QUEUE_REDIS_URL="redis://127.0.0.1:1/0", **{variable: value})
+
+    def worker(variable: str, value: str) -> subprocess.CompletedProcess:
+        return cli(["worker"], LLAVA_QUEUE_REDIS_URL="redis://127.0.0.1:1/0", **{variable: value})
+
+    with ThreadPoolExecutor(4) as pool:  # each start imports torch: seconds of CPU, waiting on the disk too
+        runs = list(pool.map(worker, *zip(*cases)))
+    for (variable, _), run in zip(cases, runs):
         assert run.returncode == 2, (variable, run.stderr[-2000:])
         assert "Traceback" not in run.stderr and variable in run.stderr, run.stderr[-2000:]
 
