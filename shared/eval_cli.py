@@ -539,12 +539,9 @@ class EvalRun:
         if name is not None:
             try:
                 image = read_image_b64(self.image_folder, name)
-            except ValueError as exc:  # a NUL in the name
-                self._fail(item, f"cannot read image {name!r} in {self.image_folder}: {exc}")
-                return None
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
                 self._fail(item, f"cannot read image {name!r} in {self.image_folder}: "
-                                 f"{exc.strerror or exc}")
+                                 f"{getattr(exc, 'strerror', None) or exc}")
                 return None
             try:
                 check_images([image])

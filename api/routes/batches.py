@@ -40,10 +40,10 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 JSONL = "application/jsonl"
 # Output files of a batch are named after it: file-<batch id>-output / -errors.
 OUTPUT_FILE = "file-{}-output"
+ERROR_FILE = "file-{}-errors"
 # The largest `offset` of a batch's lines page: past any batch (Redis' list indexes are 64-bit; an offset near
 # that end answered 503 as if Redis were away).
 MAX_LINE_OFFSET = 2**31
-ERROR_FILE = "file-{}-errors"
 
 
 class BatchCreate(EvalParams):

@@ -18,12 +18,12 @@ from pydantic import BaseModel
 from api.errors import ApiError
 from api.routes.batches import (ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name, batch_store,
                                 delete_output, file_deleted, file_kind, output_lines, read_batch, settled)
-from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore
+from shared.batches import BATCH_ID, FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore
 from shared.protocol import ErrorCode
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-_BATCH_FILE = re.compile(r"file-(batch_[0-9a-f]{32})-(output|errors)")
+_BATCH_FILE = re.compile(rf"file-({BATCH_ID.pattern})-(output|errors)")
 
 
 class FileObject(BaseModel):
