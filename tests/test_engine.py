@@ -270,28 +270,138 @@ def test_never_more_than_max_num_seqs_running(tiny_model, tokenizer):
 
 def test_prefill_budget_splits_a_burst_into_groups(tiny_model, tokenizer):
     engine, stream = make_engine(tiny_model, tokenizer, max_prefill_tokens=40)
-    groups = []
-    prefill = engine.runner.prefill
-
+    forwards = []  # ("group", prompt lengths) per prefill, ("chunk", end) per chunk of a long prompt
     first_group_outputs = []
+    prefill, prefill_chunk = engine.runner.prefill, engine.runner.prefill_chunk
 
     def recording_prefill(seqs):
-        groups.append([seq.prompt_len for seq in seqs])
+        forwards.append(("group", [seq.prompt_len for seq in seqs]))
         first_group_outputs.append(len(stream.outputs.get("b0", [])))
         return prefill(seqs)
 
-    engine.runner.prefill = recording_prefill
+    def recording_chunk(seq, batch, end):
+        forwards.append(("chunk", end))
+        return prefill_chunk(seq, batch, end)
+
+    engine.runner.prefill, engine.runner.prefill_chunk = recording_prefill, recording_chunk
     prompts = [random_prompt(length, seed=300 + i) for i, length in enumerate([8, 8, 14, 5, 9, 50, 7])]
     handles = [engine.add_request(f"b{i}", prompt, SamplingParams(temperature=0.0, max_new_tokens=5))
                for i, prompt in enumerate(prompts)]
     run_until_done(engine, handles)
-    # Arrival order is kept; each group computes at most 40 padded positions, except the 50-token prompt alone.
-    assert groups == [[8, 8], [14, 5], [9], [50], [7]]
-    assert all(len(group) * max(group) <= 40 or len(group) == 1 for group in groups)
+    # Arrival order is kept; each group computes at most 40 padded positions. The 50-token prompt is prefilled alone
+    # in chunks of 40, and the 7-token one behind it is admitted between its two chunks.
+    assert forwards == [("group", [8, 8]), ("group", [14, 5]), ("group", [9]), ("chunk", 40), ("group", [7]),
+                        ("chunk", 50)]
     for prompt, handle in zip(prompts, handles):
         assert handle.wait(0).token_ids == generate_alone(tiny_model, prompt, 5)
     # The first group's first token was out before the second group's prefill (prefills come first: no more yet).
-    assert first_group_outputs == [0, 1, 1, 1, 1]
+    assert first_group_outputs == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("forward", ["packed", "packed-bf16", "fused", "transformers"])
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(forward, request, tokenizer):
+    # A prompt longer than the prefill budget went through in one forward, and every running stream waited for it
+    # (38.8 s for an 8,000-token prompt on a 2-core CPU). Now it goes a chunk of the budget a step, every other step,
+    # on top of the keys and values of the chunks before: the streams go on meanwhile, a short request that comes in
+    # is admitted between two chunks, a second long prompt waits its turn, and every token is still generate's.
+    fixture = {"packed": "tiny_model", "packed-bf16": "tiny_model_bf16", "fused": "tiny_model_to_fuse",
+               "transformers": "tiny_model_fp64"}[forward]
+    model = request.getfixturevalue(fixture)
+    engine, stream = make_engine(model, tokenizer, max_prefill_tokens=16,
+                                 forward="fused" if forward == "fused" else "auto")
+    assert (engine.runner.packed is None) == (forward == "transformers")
+    chunks = []
+    prefill_chunk = engine.runner.prefill_chunk
+
+    def recording_chunk(seq, batch, end):
+        chunks.append((seq.request_id, end))
+        return prefill_chunk(seq, batch, end)
+
+    engine.runner.prefill_chunk = recording_chunk
+    plan = {"running": (5, 40), "long": (100, 8), "short": (6, 10), "long2": (37, 6)}
+    prompts = {rid: random_prompt(length, seed=2600 + i) for i, (rid, (length, _)) in enumerate(plan.items())}
+
+    def add(rid):
+        return engine.add_request(rid, prompts[rid], SamplingParams(temperature=0, max_new_tokens=plan[rid][1],
+                                                                    ignore_eos=True))
+
+    handles = {"running": add("running")}
+    engine.step()
+    handles["long"] = add("long")
+    engine.step()  # its first chunk
+    before = stream.outputs["running"][-1].completion_tokens
+    handles["long2"] = add("long2")
+    handles["short"] = add("short")
+    while not stream.outputs.get("long"):
+        engine.step()
+    during = stream.outputs["running"][-1].completion_tokens - before
+    run_until_done(engine, handles.values())
+
+    assert chunks == [("long", end) for end in (16, 32, 48, 64, 80, 96, 100)] + [("long2", 16), ("long2", 32),
+                                                                                 ("long2", 37)]
+    # The running stream had a token between every two of the long prompt's seven chunks but one (the short
+    # request's prefill took one turn).
+    assert during >= 5, during
+    assert stream.outputs["short"][0].first_token and stream.outputs["short"][0].request_id == "short"
+    # In bf16, the short request's 6-token row in a batch the long prompt made 100 columns wide parts from generate
+    # at its fifth token with chunks or without (bf16 rounds a row's products and attention apart with its batch
+    # mates, README "Performance"): there the chunked prompts and the row running before them are compared.
+    exact = [rid for rid in plan if forward != "packed-bf16" or rid != "short"]
+    for rid in exact:
+        output = handles[rid].wait(0)
+        limit = plan[rid][1]
+        assert output.token_ids == generate_alone(model, prompts[rid], limit), rid
+        assert output.prompt_tokens == plan[rid][0]
+        assert stream.joined_deltas(rid) == output.text
+    assert engine._chunked is None and engine.stats()["num_running"] == 0
+
+
+def test_a_long_prompt_cancelled_between_chunks_or_failing_leaves_the_others_whole(tiny_model, tokenizer):
+    engine, stream = make_engine(tiny_model, tokenizer, max_prefill_tokens=16)
+    prompts = {rid: random_prompt(length, seed=2700 + i)
+               for i, (rid, length) in enumerate({"running": 4, "cancelled": 70, "fails": 50, "after": 40}.items())}
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    handles = {"running": engine.add_request("running", prompts["running"], params)}
+    engine.step()
+    handles["cancelled"] = engine.add_request("cancelled", prompts["cancelled"], params)
+    for _ in range(3):
+        engine.step()
+    assert engine._chunked is not None and engine._chunked[0].request_id == "cancelled"
+    engine.abort("cancelled")
+    handles["fails"] = engine.add_request("fails", prompts["fails"], params)
+    engine.step()
+    assert handles["cancelled"].done.is_set() and handles["cancelled"].wait(0).finish_reason == "cancelled"
+    # The next long prompt's second chunk fails (an out-of-memory, say): that request fails alone.
+    prefill_chunk, calls = engine.runner.prefill_chunk, []
+
+    def failing_second_chunk(seq, batch, end):
+        calls.append(seq.request_id)
+        if seq.request_id == "fails" and calls.count("fails") == 2:
+            raise RuntimeError("out of memory")
+        return prefill_chunk(seq, batch, end)
+
+    engine.runner.prefill_chunk = failing_second_chunk
+    handles["after"] = engine.add_request("after", prompts["after"], params)
+    run_until_done(engine, handles.values())
+    failed = handles["fails"].wait(0)
+    assert failed.finish_reason == "error" and failed.error == "model forward failed: RuntimeError: out of memory"
+    assert calls.count("after") == 3
+    for rid in ("running", "after"):
+        assert handles[rid].wait(0).token_ids == generate_alone(tiny_model, prompts[rid], 12), rid
+    assert engine._chunked is None and engine.stats()["num_running"] == 0
+
+
+def test_long_prompt_embeds_are_prefilled_in_chunks_as_their_ids_would_be(tiny_model, tokenizer):
+    # The vision path: an image's prompt comes as embeddings (576 image positions and more for LLaVA-1.5, past a
+    # CPU's 256-position budget), chunked as ids are.
+    prompt = random_prompt(45, seed=2800)
+    with torch.inference_mode():
+        embeds = tiny_model.get_input_embeddings()(torch.tensor(prompt))
+    engine, _ = make_engine(tiny_model, tokenizer, max_prefill_tokens=16)
+    handle = engine.add_request("embeds", [], SamplingParams(temperature=0, max_new_tokens=12), prompt_embeds=embeds)
+    run_until_done(engine, [handle])
+    assert handle.wait(0).prompt_tokens == 45
+    assert handle.wait(0).token_ids == generate_alone(tiny_model, prompt, 12)
 
 
 def test_request_that_can_never_fit_fails_at_once(tiny_model, tokenizer):

@@ -132,6 +132,11 @@ class LLMEngine:
         self._step_deltas: dict[Sequence, str] = {}
         # Set by a prefill that left the running batch no larger: the batch decodes before the next prefill.
         self._decode_owed = False
+        # A prompt longer than the prefill budget, prefilled a chunk a step (scheduler.is_long): its sequence and
+        # the one-row batch of the chunks so far (None before the first); it joins the running batch after the last.
+        self._chunked: tuple[Sequence, Batch | None] | None = None
+        # Whether the next step is the chunk's: a step of the running batch (or an admission) goes between two.
+        self._chunk_turn = False
         self._stats = {
             "num_running": 0, "num_waiting": 0, "reserved_tokens": 0, "batch_len": 0,
             "steps": 0, "num_finished": 0, "generated_tokens": 0,
@@ -229,6 +234,10 @@ class LLMEngine:
         others too), and the running batch decodes in the steps without admissions,
         and in the step after a prefill that left it no larger (all it admitted
         ended at their first token), so that such requests cannot starve it.
+        A prompt longer than the prefill budget is prefilled a chunk of the budget
+        a step, every other step, so the running batch goes on decoding meanwhile
+        (vLLM's and TGI's chunked prefill; one step of a whole 8,000-token prompt
+        held every stream for tens of seconds on a CPU).
         Returns the outputs it also passed to on_step. The engine thread calls
         this in a loop; call it yourself only on an engine not start()ed.
         """
@@ -241,18 +250,12 @@ class LLMEngine:
             try:
                 self._take_inbox([seq for seq, _ in inbox], aborts)
                 self._drop_finished_rows()
-                owed = self._decode_owed and self._batch is not None
-                admitted = [] if owed else self.scheduler.admit()
-                if admitted:
-                    rows_before = len(self.scheduler.running) - len(admitted)
-                    self._prefill(admitted)
-                    # Prefilling ahead of the batch's decode pays while it fills the batch. Requests that end at
-                    # their first token (max_new_tokens 1) leave as fast as they come: a stream of them would keep
-                    # the running batch from ever decoding.
-                    self._decode_owed = len(self.scheduler.running) <= rows_before
-                elif self._batch is not None:
-                    self._decode()
-                    self._decode_owed = False
+                stepped = (self._chunked is None or not self._chunk_turn) and self._prefill_or_decode()
+                if stepped or self._chunked is None:
+                    self._chunk_turn = True
+                else:
+                    self._prefill_chunk()
+                    self._chunk_turn = False
             except Exception as exc:
                 # A bug or a failure outside one forward: the batch state is suspect, so fail what runs on it.
                 log.exception("engine step failed")
@@ -284,6 +287,28 @@ class LLMEngine:
             except BaseException:
                 # on_step raised again as the requests were failed; _publish resolved their handles all the same.
                 log.exception("on_step failed again as the engine stopped")
+
+    def _prefill_or_decode(self) -> bool:
+        """Prefill what the scheduler admits, else decode the running batch. Returns whether a forward ran (a long
+        prompt admitted is only set to be prefilled in chunks)."""
+        owed = self._decode_owed and self._batch is not None
+        admitted = [] if owed else self.scheduler.admit(long_prompts=self._chunked is None)
+        if len(admitted) == 1 and self.scheduler.is_long(admitted[0]):
+            self._chunked = (admitted[0], None)
+            return False
+        if admitted:
+            rows_before = len(self.scheduler.running) - len(admitted)
+            self._prefill(admitted)
+            # Prefilling ahead of the batch's decode pays while it fills the batch. Requests that end at their first
+            # token (max_new_tokens 1) leave as fast as they come: a stream of them would keep the running batch
+            # from ever decoding.
+            self._decode_owed = len(self.scheduler.running) <= rows_before
+            return True
+        if self._batch is not None:
+            self._decode()
+            self._decode_owed = False
+            return True
+        return False
 
     def _serve(self) -> None:
         """Step while there is work, sleep while there is none, until shutdown()."""
@@ -325,7 +350,7 @@ class LLMEngine:
             if not self._closed:
                 self._closed, self._close_error = True, error
             inbox, self._inbox, self._aborts = self._inbox, [], []
-        self._batch = None
+        self._batch = self._chunked = None
         for seq, handle in inbox:
             self._register(seq, handle)
         for seq in list(self._handles):
@@ -405,6 +430,8 @@ class LLMEngine:
             self._finish(seq, "cancelled")
 
     def _drop_finished_rows(self) -> None:
+        if self._chunked is not None and self._chunked[0].is_finished:
+            self._chunked = None  # cancelled between two chunks: its cache goes with it
         if self._batch is not None:
             keep = [row for row, seq in enumerate(self._batch.seqs) if not seq.is_finished]
             self._batch = self.runner.filter(self._batch, keep)
@@ -428,10 +455,33 @@ class LLMEngine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefill admitted sequences (their first token) and merge them into the running batch."""
         log.debug("prefill %d rows, longest prompt %d", len(seqs), max(seq.prompt_len for seq in seqs))
-        new_batch = self._prefill_group(seqs)
+        self._join(self._prefill_group(seqs))
+
+    def _join(self, new_batch: Batch | None) -> None:
+        """Merge prefilled rows into the running batch."""
         if new_batch is not None:
             batches = [b for b in (self._batch, new_batch) if b is not None]
             self._batch = self.runner.concatenate(batches)
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the long prompt; after its last, sample its first token and merge it in."""
+        seq, batch = self._chunked
+        done = 0 if batch is None else batch.cache.width
+        end = min(seq.prompt_len, done + self.scheduler.max_prefill_tokens)
+        log.debug("prefill chunk %d:%d of request %s's %d-token prompt", done, end, seq.request_id, seq.prompt_len)
+        try:
+            batch, logits = self.runner.prefill_chunk(seq, batch, end)
+            self._chunked = (seq, batch) if end < seq.prompt_len else None
+            if self._chunked is not None:
+                return
+            tokens = self._sample([seq], logits)
+        except Exception as exc:
+            log.exception("prefill of request %s failed", seq.request_id)
+            self._chunked = None
+            self._finish(seq, "error", f"model forward failed: {type(exc).__name__}: {exc}")
+            return
+        self._append_tokens([seq], tokens)
+        self._join(self.runner.filter(batch, [] if seq.is_finished else [0]))
 
     def _prefill_group(self, seqs: list[Sequence]) -> Batch | None:
         """Prefill `seqs` together; if that fails, one by one, so only a sequence that fails alone is failed."""
@@ -503,7 +553,7 @@ class LLMEngine:
 
     def _fail_all_but_waiting(self, error: str) -> None:
         """Fail the running sequences and any not queued yet; the queued ones never touched the broken state."""
-        self._batch = None
+        self._batch = self._chunked = None
         for seq in list(self._handles):
             if not seq.is_finished and seq not in self.scheduler.waiting:
                 self._finish(seq, "error", error)

@@ -139,6 +139,31 @@ class ModelRunner:
         return Batch(list(seqs), cache, positions), logits
 
     @torch.inference_mode()
+    def prefill_chunk(self, seq: Sequence, batch: Batch | None, end: int) -> tuple[Batch, torch.Tensor]:
+        """Prefill one sequence's prompt positions from what its own one-row `batch` holds (None: nothing yet) up to
+        `end`, on top of the keys and values already there: a long prompt goes through in chunks, a step each.
+
+        Returns the batch (its cache holds the prompt up to `end`) and the logits [1, V] of position end - 1, the
+        first token's once `end` is the prompt's length.
+        """
+        if batch is None:
+            cache = BatchKVCache(self.num_layers, 1, self.device, self.max_kv_positions)
+            cache.reserve(seq.prompt_len)  # every chunk's columns at once: the buffers are not copied as they fill
+            batch = Batch([seq], cache, torch.zeros(1, dtype=torch.long, device=self.device))
+        cache = batch.cache
+        start = cache.width
+        new = end - start
+        if not 0 < new <= seq.prompt_len - start:
+            raise ValueError(f"a chunk must end past {start} and at most at the prompt's {seq.prompt_len}, got {end}")
+        cache.reserve(new)
+        cache.mask[0, cache.end : cache.end + new] = True
+        position_ids = torch.arange(start, end, device=self.device)[None]
+        logits = self._forward(self._prompt_slice(seq, start, end), cache.window_mask(new), position_ids, cache)
+        cache.advance(new)
+        batch.positions = torch.tensor([end], dtype=torch.long, device=self.device)
+        return batch, logits
+
+    @torch.inference_mode()
     def decode(self, batch: Batch, input_ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([B] ids, the last sampled ones); returns the next-token logits [B, V]."""
         cache = batch.cache
@@ -195,6 +220,13 @@ class ModelRunner:
                 prompt = embed(torch.tensor(seq.prompt_token_ids, device=self.device))
             inputs_embeds[row, width - seq.prompt_len :] = prompt
         return {"inputs_embeds": inputs_embeds}
+
+    def _prompt_slice(self, seq: Sequence, start: int, end: int) -> dict[str, torch.Tensor]:
+        """input_ids [1, end - start] or inputs_embeds [1, end - start, H] of prompt positions start..end-1."""
+        if seq.prompt_embeds is None:
+            return {"input_ids": torch.tensor([seq.prompt_token_ids[start:end]], device=self.device)}
+        embeds = seq.prompt_embeds[start:end].to(device=self.device, dtype=self.embed_dtype)
+        return {"inputs_embeds": embeds[None]}
 
     def _forward(
         self,

@@ -38,7 +38,8 @@ class Scheduler:
     and TGI's max_batch_prefill_tokens do: a burst is prefilled in groups, one per
     step, so the first group has its first tokens out while the next is computed
     instead of every request waiting for the whole burst's prefill. A prompt longer
-    than the budget is prefilled alone.
+    than the budget is admitted alone, and the engine prefills it in chunks of the
+    budget, a step each, with the running batch's steps between them (`is_long`).
     """
 
     def __init__(self, max_num_seqs: int, max_batch_tokens: int, max_prefill_tokens: int | None = None):
@@ -70,14 +71,17 @@ class Scheduler:
         self.waiting.insert(ahead, seq)
         return True
 
-    def admit(self) -> list[Sequence]:
+    def admit(self, long_prompts: bool = True) -> list[Sequence]:
         """Move waiting sequences to running, in their order (`add`), while the budgets allow. Returns the admitted
-        (one prefill group)."""
+        (one prefill group). With `long_prompts` False (while one is prefilled in chunks), admission stops at the
+        first sequence that `is_long`: it keeps its place, and one long prompt is prefilled at a time."""
         admitted = []
         width = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self._reservation(self.running + [seq]) > self.max_batch_tokens:
+                break
+            if not long_prompts and self.is_long(seq):
                 break
             width = max(width, seq.prompt_len)
             over_prefill = self.max_prefill_tokens is not None and (len(admitted) + 1) * width > self.max_prefill_tokens
@@ -93,6 +97,10 @@ class Scheduler:
                 len(admitted), len(self.running), len(self.waiting), self.reserved_tokens, self.max_batch_tokens,
             )
         return admitted
+
+    def is_long(self, seq: Sequence) -> bool:
+        """Whether the prompt of `seq` is longer than one prefill forward may compute (prefilled in chunks)."""
+        return self.max_prefill_tokens is not None and seq.prompt_len > self.max_prefill_tokens
 
     def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         """Finish a sequence (waiting, running, or never queued) and give its slot and tokens back at once."""
