@@ -165,6 +165,31 @@ def test_another_api_key_cannot_cancel_a_job_by_the_same_idempotency_key(api):
         requests.delete(f"{api.base_url}/v1/jobs/{job}", headers=headers(), timeout=10)
 
 
+def test_a_cancel_by_the_key_of_a_bulk_submission_is_refused_and_cancels_nothing(api, store):
+    # A bulk submission's jobs are kept under the key and each one's index: the key alone named none of them, so a
+    # cancel made a job cancelled from the start under it and answered 202 "cancelled" while the jobs stayed queued.
+    key = fresh_key()
+    bulk = requests.post(f"{api.base_url}/v1/jobs/bulk", json={"jobs": [{"prompt": "a"}, {"prompt": "b"}]},
+                         headers=headers(KEY, key), timeout=10)
+    assert bulk.status_code == 202, bulk.text
+    ids = bulk.json()["ids"]
+    before = tallies(store)
+    refused = cancel(api, key)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "header.idempotency-key" and ids[0] in error["message"], error
+    assert "by their ids" in error["message"]
+    assert tallies(store) == before, "the refused cancel made a job"
+    assert [status(api, job) for job in ids] == ["queued", "queued"]
+    # Another API key's cancel by the same key is its own: it cancels (makes) a job of its own, as before.
+    assert cancel(api, key, key=OTHER_KEY).status_code == 202
+    again = requests.post(f"{api.base_url}/v1/jobs/bulk", json={"jobs": [{"prompt": "a"}, {"prompt": "b"}]},
+                          headers=headers(KEY, key), timeout=10)
+    assert again.json()["ids"] == ids
+    for job in ids:
+        requests.delete(f"{api.base_url}/v1/jobs/{job}", headers=headers(), timeout=10)
+
+
 def test_a_cancel_by_key_names_its_key_and_its_api_key(api):
     missing = cancel(api, None)
     assert missing.status_code == 422, missing.text

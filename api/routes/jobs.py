@@ -195,8 +195,15 @@ def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key
     if BULK_ITEM_MARK in idempotency_key:
         raise ApiError(422, f"the Idempotency-Key holds {BULK_ITEM_MARK!r}, which no submission's key holds",
                        param="header.idempotency-key")
-    job, created = store.create_cancelled(_CANCELLED_BEFORE_SUBMITTED, "interactive",
-                                          scoped_idempotency_key(idempotency_key, api_key), owner=api_key)
+    scoped = scoped_idempotency_key(idempotency_key, api_key)
+    # A bulk submission keeps its jobs under the key and each job's index: this key would name none of them, and a job
+    # cancelled from the start made under it would answer 202 for jobs that go on running.
+    bulk_first = store.redis.get(store.idempotency_key(f"{scoped}{BULK_ITEM_MARK}0"))
+    if bulk_first is not None:
+        raise ApiError(409, f"this Idempotency-Key was sent with a bulk submission (its first job {bulk_first}): "
+                            "cancel its jobs by their ids (DELETE /v1/jobs/{id})", type="conflict",
+                       param="header.idempotency-key", code=ErrorCode.INVALID_REQUEST)
+    job, created = store.create_cancelled(_CANCELLED_BEFORE_SUBMITTED, "interactive", scoped, owner=api_key)
     if created:
         return JobCreated(id=job, status="cancelled")
     previous = store.cancel(job)  # a submission took the key first: its job is the one to cancel
