@@ -18,7 +18,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from shared.jobs import QUEUES, JobStore
+from shared.jobs import QUEUES, JobStore, answers_later
 from shared.settings import Settings, get_settings
 
 GENERATE_TASK = "llava_queue.generate"
@@ -185,10 +185,13 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         with store.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(store.key(job_id), ("status", "created_at", "model"))
-            records = pipe.execute()
-        for job_id, (status, created_at, model) in zip(job_ids, records):
-            if status == "queued" and created_at and now - float(created_at) >= older_than:
-                candidates.append((job_id, task_queue(queue, model or None), float(created_at)))
+            # A record that is no hash (written by hand) answers WRONGTYPE: raised, it failed every sweep (logged as
+            # an outage), and no lost job of any queue was sent again.
+            records = pipe.execute(raise_on_error=False)
+        for job_id, record in zip(job_ids, records):
+            created_at = _queued_since(job_id, record)
+            if created_at is not None and now - created_at >= older_than:
+                candidates.append((job_id, task_queue(queue, record[2] or None), created_at))
     if not candidates:
         return []
     with _broker_channel(app) as channel:
@@ -209,6 +212,22 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         for job_id, name, _ in sorted(lost, key=lambda job: job[2], reverse=True):
             _push_first(app, channel, job_id, name)
     return [job_id for job_id, _, _ in lost]
+
+
+def _queued_since(job_id: str, record: list | Exception) -> float | None:
+    """When a job whose record read (status, created_at, model) says it is queued was recorded; None for a job not
+    queued, and for a record that is unreadable (logged: it is no job's as the store writes them)."""
+    try:
+        if isinstance(record, Exception):
+            raise record
+        status, created_at, _ = record
+        return float(created_at) if status == "queued" else None
+    except (redis.RedisError, TypeError, ValueError) as exc:
+        if isinstance(exc, redis.RedisError) and answers_later(exc):
+            raise  # Redis loading or busy: an outage, as before, for the sweep to wait out
+        log.warning("job %s: its record is unreadable (%s: %s); left out of the lost-task sweep", job_id,
+                    type(exc).__name__, exc)
+        return None
 
 
 def _enqueued_at(message: bytes | str) -> float:

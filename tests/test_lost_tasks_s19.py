@@ -119,3 +119,28 @@ def test_a_started_job_sent_again_goes_to_the_head_of_its_queue(redis_server):
             (job, "llava_queue.generate", [job]) for job in ("handed-back", "queued-1", "queued-2", "queued-3")]
         for message in messages:
             message.ack()
+
+
+def test_a_job_record_of_another_type_does_not_stop_the_sweep_for_the_others(redis_server, caplog):
+    # A key of the job's name that is no hash (written by hand) answered WRONGTYPE inside the sweep's pipeline: the
+    # whole sweep failed, logged as an outage, every round, and no lost job of any queue was sent again.
+    prefix = f"llq-lost-{uuid.uuid4().hex[:8]}"
+    store = JobStore.from_url(redis_server.url, prefix=prefix)
+    app = make_celery(Settings(redis_url=redis_server.url))
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    model = f"model-{prefix}"
+    request = GenerateRequest(model=model, prompt="Hello", max_new_tokens=4)
+    lost = store.create(request, "interactive")[0]
+    broken = [store.create(request, "interactive")[0] for _ in range(3)]
+    client.delete(*(store.key(job) for job in broken))
+    client.set(store.key(broken[0]), "not a hash")
+    client.rpush(store.key(broken[1]), "not", "a", "hash")
+    client.hset(store.key(broken[2]), mapping={"status": "queued", "created_at": "yesterday"})
+    try:
+        assert resend_lost_tasks(app, store, older_than=0) == [lost]
+        assert queued_task_ids(client, task_queue("interactive", model)) == [lost]
+        unreadable = [record.getMessage() for record in caplog.records if "unreadable" in record.getMessage()]
+        assert [job for job in broken if any(job in message for message in unreadable)] == broken, unreadable
+    finally:
+        client.delete(task_queue("interactive", model), *(store.key(job) for job in broken))
+        client.close()
