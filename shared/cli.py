@@ -137,9 +137,21 @@ def _redis_url_problem(url: str) -> str | None:
     from shared.status import without_password
 
     try:
-        redis.Redis.from_url(url).close()
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     except ValueError as exc:
         return f"LLAVA_QUEUE_REDIS_URL={without_password(url)!r}: {exc}"
+    # A database this Redis does not have is refused on every connection: the API answered 503 to everything and
+    # the worker tried again for ever, as if Redis were away. A Redis that does not answer (yet) is waited for.
+    try:
+        client.ping()
+    except redis.ResponseError as exc:
+        if "DB index" in str(exc):
+            return (f"LLAVA_QUEUE_REDIS_URL={without_password(url)!r}: the Redis there refuses its database ({exc}); "
+                    "its `databases` setting says how many it has, 16 by default (0 to 15)")
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
     return None
 
 
@@ -350,6 +362,14 @@ def _port(text: str) -> int:
     return port
 
 
+def _host(text: str) -> str:
+    """An address or host name to listen on, for argparse. An empty one listened where `up` did not look: `up --host
+    ''` waited out its start timeout for an API that `api` had put on LLAVA_QUEUE_HOST (its default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name an address (127.0.0.1, 0.0.0.0 for every one, ::) or a host name")
+    return text
+
+
 def _up_port(text: str) -> int:
     """`up`'s API port: not 0, since `up` waits for the API at its address and prints it, so it must know it."""
     port = _port(text)
@@ -375,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-queue", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run Redis (embedded), a worker and the API")
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", type=_host, default="127.0.0.1")
     up.add_argument("--port", type=_up_port, default=8000)
     up.add_argument("--model-path", help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
     up.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
@@ -387,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--start-timeout", type=_seconds, default=600.0)
     up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="run the API against LLAVA_QUEUE_REDIS_URL")
-    api.add_argument("--host")
+    api.add_argument("--host", type=_host)
     api.add_argument("--port", type=_port, help="0: a free port, which the log names (default: LLAVA_QUEUE_PORT)")
     api.set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="run one worker against LLAVA_QUEUE_REDIS_URL")

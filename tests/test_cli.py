@@ -274,6 +274,18 @@ def test_up_against_a_redis_that_is_down_says_so_at_once():
     assert time.monotonic() - started < 20
 
 
+def test_a_redis_database_the_server_does_not_have_stops_every_command_at_once(redis_server):
+    # redis://host:port/99 on a Redis with the default 16 databases: the API started and answered 503 to everything,
+    # the worker's Celery and its sweep tried again for ever, and `status` said Redis "does not answer".
+    url = redis_server.url.rsplit("/", 1)[0] + "/99"
+    for command in (["worker"], ["api", "--port", "0"], ["status"]):
+        started = time.monotonic()
+        run = cli(command, timeout=60, LLAVA_QUEUE_REDIS_URL=url)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (command, run.stderr[-2000:])
+        assert "refuses its database" in run.stderr and "/99" in run.stderr, (command, run.stderr[-2000:])
+        assert time.monotonic() - started < 20, command
+
+
 def test_a_worker_whose_metrics_port_is_in_use_says_so():
     # Two workers on one host with the same LLAVA_QUEUE_WORKER_METRICS_PORT: the second one died with a traceback.
     import socket
@@ -369,7 +381,10 @@ def test_a_bad_port_or_timeout_option_is_a_usage_error(capsys):
                        (["up", "--redis-port", "-1"], "-1 is not a port"),
                        (["up", "--port", "0"], "needs a fixed one"),
                        (["up", "--start-timeout", "0"], "must be more than 0 seconds"),
-                       (["status", "--watch", "-2"], "must be more than 0 seconds")):
+                       (["status", "--watch", "-2"], "must be more than 0 seconds"),
+                       # `up` waited out its start timeout for an API that put itself on LLAVA_QUEUE_HOST instead.
+                       (["up", "--host", ""], "empty: name an address"),
+                       (["api", "--host", " "], "empty: name an address")):
         with pytest.raises(SystemExit) as stopped:
             main(argv)
         err = capsys.readouterr().err
