@@ -873,10 +873,12 @@ class JobStore:
             pipe.hgetall(self.submitted_key)
             pipe.hgetall(self.finished_key)
             *queued, running, submitted, finished = pipe.execute()
+        # A field that is no count (written by hand) is left out: raised, it failed /metrics and `status` for good.
         return {"queued": dict(zip(QUEUES, queued)), "running": running,
-                "submitted": {queue: int(count) for queue, count in submitted.items()},
+                "submitted": {queue: int(count) for queue, count in submitted.items() if _is_count(count)},
                 "finished": {(name.rpartition(":")[0], int(name.rpartition(":")[2])): int(count)
-                             for name, count in finished.items()}}
+                             for name, count in finished.items()
+                             if _is_count(count) and _is_count(name.rpartition(":")[2])}}
 
     def finished_per_second(self) -> float:
         """Jobs that ended per second over the last full minute (0.0 when none did)."""
@@ -1177,6 +1179,34 @@ def glob_escaped(text: str) -> str:
     return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
+def _is_count(text: str) -> bool:
+    """Whether a counter's field reads as a whole number (HINCRBY's)."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
+
+
+# What the API and `status` read of a worker's description as numbers (workers/main.py writes them).
+_WORKER_NUMBERS = ("started_at", "heartbeat_at", "num_running", "num_waiting", "max_num_seqs", "reserved_tokens",
+                   "max_batch_tokens", "tokens_per_second")
+
+
+def _worker_description(value: str) -> dict[str, Any] | None:
+    """A worker's description as a worker writes it (an object naming its model, started_at a number, and the load
+    figures numbers where present), or None. Anything else (written by hand) made /healthz, /metrics, /v1/models and
+    `status` fail with a 500 or a traceback for as long as it stayed."""
+    try:
+        description = json.loads(value)
+    except ValueError:
+        return None
+    if not (isinstance(description, dict) and isinstance(description.get("model"), str)
+            and "started_at" in description):
+        return None
+    numbers = [description[name] for name in _WORKER_NUMBERS if name in description]
+    if not all(isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+               for number in numbers):
+        return None
+    return description
+
+
 class WorkerRegistry:
     """Workers announce themselves with a short-lived key that they refresh; a dead worker fades out.
 
@@ -1222,4 +1252,8 @@ class WorkerRegistry:
         # every announcement drops the names that lapsed an hour ago.
         names = sorted(self.redis.zrange(self.names_key, 0, -1))
         values = self.redis.mget([self.key(name) for name in names]) if names else []
-        return [json.loads(value) for value in values if value]
+        described = [(name, _worker_description(value)) for name, value in zip(names, values) if value]
+        for name, description in described:
+            if description is None:
+                log.warning("worker %s: its description in Redis is not one a worker writes; left out", name)
+        return [description for _, description in described if description is not None]
