@@ -298,17 +298,18 @@ def test_prefill_budget_splits_a_burst_into_groups(tiny_model, tokenizer):
     assert first_group_outputs == [0, 1, 1, 1]
 
 
-@pytest.mark.parametrize("forward", ["packed", "packed-bf16", "fused", "transformers"])
+@pytest.mark.parametrize("forward", ["packed", "packed-bf16", "fused", "graphs", "transformers"])
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(forward, request, tokenizer):
     # A prompt longer than the prefill budget went through in one forward, and every running stream waited for it
     # (38.8 s for an 8,000-token prompt on a 2-core CPU). Now it goes a chunk of the budget a step, every other step,
     # on top of the keys and values of the chunks before: the streams go on meanwhile, a short request that comes in
     # is admitted between two chunks, a second long prompt waits its turn, and every token is still generate's.
     fixture = {"packed": "tiny_model", "packed-bf16": "tiny_model_bf16", "fused": "tiny_model_to_fuse",
-               "transformers": "tiny_model_fp64"}[forward]
+               "graphs": "tiny_model_to_fuse", "transformers": "tiny_model_fp64"}[forward]
     model = request.getfixturevalue(fixture)
     engine, stream = make_engine(model, tokenizer, max_prefill_tokens=16,
-                                 forward="fused" if forward == "fused" else "auto")
+                                 forward=forward if forward in ("fused", "graphs") else "auto")
+    assert (engine.runner.graphs is not None) == (forward == "graphs")
     assert (engine.runner.packed is None) == (forward == "transformers")
     chunks = []
     prefill_chunk = engine.runner.prefill_chunk
