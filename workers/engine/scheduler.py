@@ -73,21 +73,24 @@ class Scheduler:
 
     def admit(self, long_prompts: bool = True) -> list[Sequence]:
         """Move waiting sequences to running, in their order (`add`), while the budgets allow. Returns the admitted
-        (one prefill group). With `long_prompts` False (while one is prefilled in chunks), admission stops at the
-        first sequence that `is_long`: it keeps its place, and one long prompt is prefilled at a time."""
+        (one prefill group). With `long_prompts` False (while one is prefilled in chunks), the sequences that
+        `is_long` are passed over: they keep their places, one long prompt is prefilled at a time, and the short
+        ones behind them are admitted between its chunks (stopping at a long one, a short request waited for the
+        whole prefill of the one before it)."""
         admitted = []
         width = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if self._reservation(self.running + [seq]) > self.max_batch_tokens:
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs:
                 break
             if not long_prompts and self.is_long(seq):
+                continue
+            if self._reservation(self.running + [seq]) > self.max_batch_tokens:
                 break
             width = max(width, seq.prompt_len)
             over_prefill = self.max_prefill_tokens is not None and (len(admitted) + 1) * width > self.max_prefill_tokens
             if admitted and over_prefill:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
