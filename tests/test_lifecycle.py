@@ -126,8 +126,9 @@ def test_a_worker_restarted_under_the_same_pid_and_host_loses_no_job(default_mod
 
         first, first_name = start_worker(1)
         assert first_name.endswith(":1")  # pid 1, as in a container
+        # Long enough to be mid-job when killed after its third token (it then ends "succeeded" at attempt 2).
         job_id = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "Once upon a time", "temperature": 0,
-                                                                  "max_new_tokens": 200}, timeout=10).json()["id"]
+                                                                  "max_new_tokens": 80}, timeout=10).json()["id"]
         deadline = time.monotonic() + 120
         while (job := requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json())["usage"][
                 "completion_tokens"] < 3:
