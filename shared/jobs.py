@@ -1190,15 +1190,14 @@ _WORKER_NUMBERS = ("started_at", "heartbeat_at", "num_running", "num_waiting", "
 
 
 def _worker_description(value: str) -> dict[str, Any] | None:
-    """A worker's description as a worker writes it (an object naming its model, started_at a number, and the load
-    figures numbers where present), or None. Anything else (written by hand) made /healthz, /metrics, /v1/models and
+    """A worker's description as a worker writes it (an object, its model a string and its times and load figures
+    numbers where present), or None. Anything else (written by hand) made /healthz, /metrics, /v1/models and
     `status` fail with a 500 or a traceback for as long as it stayed."""
     try:
         description = json.loads(value)
     except ValueError:
         return None
-    if not (isinstance(description, dict) and isinstance(description.get("model"), str)
-            and "started_at" in description):
+    if not isinstance(description, dict) or not isinstance(description.get("model", ""), str):
         return None
     numbers = [description[name] for name in _WORKER_NUMBERS if name in description]
     if not all(isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)

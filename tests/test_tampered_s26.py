@@ -34,18 +34,19 @@ def test_worker_descriptions_and_counters_no_worker_wrote_are_left_out(api):
     registry.announce("good", {"name": "good", "model": "the-model", "started_at": now, "heartbeat_at": now,
                                "num_running": 1, "num_waiting": 0, "max_num_seqs": 8, "reserved_tokens": 10,
                                "max_batch_tokens": 100, "tokens_per_second": 2.5, "ready": True})
-    odd = {"not-json": "{oops", "a-list": "[1, 2]", "no-model": json.dumps({"name": "x", "started_at": now}),
+    odd = {"not-json": "{oops", "a-list": "[1, 2]", "model-null": json.dumps({"name": "x", "model": None}),
            "model-a-number": json.dumps({"model": 7, "started_at": now}),
-           "no-start": json.dumps({"model": "m"}),
+           "start-a-list": json.dumps({"model": "m", "started_at": [1]}),
            "load-a-string": json.dumps({"model": "m", "started_at": now, "num_running": "many"}),
            "start-a-string": json.dumps({"model": "m", "started_at": "noon"})}
+    registry.announce("modelless", {"name": "modelless", "ready": True})  # kept, and serves no model
     for name, value in odd.items():
         registry.announce(name, {})
         client.set(registry.key(name), value, ex=60)
     client.hset(store.submitted_key, mapping={"interactive": "3", "weird": "lots"})
     client.hset(store.finished_key, mapping={"succeeded:0": "2", "cancelled:x": "1", "failed:3": "some"})
     try:
-        assert [worker["name"] for worker in registry.workers()] == ["good"]
+        assert [worker["name"] for worker in registry.workers()] == ["good", "modelless"]
         totals = store.totals()
         assert totals["submitted"] == {"interactive": 3}
         assert totals["finished"] == {("succeeded", 0): 2}
@@ -53,7 +54,7 @@ def test_worker_descriptions_and_counters_no_worker_wrote_are_left_out(api):
             response = requests.get(f"{api.base_url}{path}", timeout=10)
             assert response.status_code == 200, (path, response.status_code, response.text[:500])
         assert [worker["name"] for worker in requests.get(f"{api.base_url}/healthz", timeout=10).json()["workers"]] \
-            == ["good"]
+            == ["good", "modelless"]
         assert [model["id"] for model in requests.get(f"{api.base_url}/v1/models", timeout=10).json()["data"]] \
             == ["the-model"]
         status = requests.post(f"{api.base_url}/worker_get_status", timeout=10)
@@ -63,9 +64,9 @@ def test_worker_descriptions_and_counters_no_worker_wrote_are_left_out(api):
         run = subprocess.run([sys.executable, "-m", "shared.cli", "status"], capture_output=True, text=True,
                              timeout=60, env=dict(os.environ, LLAVA_QUEUE_REDIS_URL=api.redis_url))
         assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
-        assert "good" in run.stdout and "no-model" not in run.stdout, run.stdout
+        assert "good" in run.stdout and "model-null" not in run.stdout, run.stdout
     finally:
         client.delete(store.submitted_key, store.finished_key)
-        for name in ["good", *odd]:
+        for name in ["good", "modelless", *odd]:
             registry.remove(name)
         client.close()

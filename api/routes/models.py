@@ -16,7 +16,7 @@ def served_models(workers: list[dict]) -> list[str]:
 
     A worker that is draining (its heartbeat says `"ready": false`) takes no new work: it does not count.
     """
-    return sorted({worker["model"] for worker in workers if worker.get("ready", True)})
+    return sorted({worker["model"] for worker in workers if worker.get("ready", True) and "model" in worker})
 
 
 async def _model_objects(registry) -> list[dict]:
@@ -24,7 +24,9 @@ async def _model_objects(registry) -> list[dict]:
     workers = await asyncio.to_thread(registry.workers)
     started = {}
     for worker in workers:
-        started[worker["model"]] = min(started.get(worker["model"], worker["started_at"]), worker["started_at"])
+        if "model" in worker:  # (every worker names its model; a description written by hand may not)
+            at = worker.get("started_at", 0)
+            started[worker["model"]] = min(started.get(worker["model"], at), at)
     return [{"id": name, "object": "model", "owned_by": "llava-queue", "created": int(started[name])}
             for name in served_models(workers)]
 
