@@ -49,6 +49,11 @@ class _Submission:
             self.ids, self.error, self.done = ids, error, True
 
 
+def bulk_item_key(key: str, index: int) -> str:
+    """The key the `index`-th job of a bulk submission of several jobs is remembered under (`Submissions._keys`)."""
+    return f"{key}{BULK_ITEM_MARK}{index}"
+
+
 def scoped_idempotency_key(idempotency_key: str, owner: str | None) -> str:
     """The idempotency key within its owner's: another API key's retry must not get this one's jobs (nor its cancel,
     see POST /v1/jobs/cancel, cancel them)."""
@@ -206,7 +211,7 @@ class Submitter:
         and n joined by `BULK_ITEM_MARK`, which no key a client sends holds (with ":", the bulk key "x" and the single
         key "x:0" named one job, and each got the other's)."""
         key, count = cls._scoped_key(submission), len(submission.requests)
-        return [key] if count == 1 else [f"{key}{BULK_ITEM_MARK}{i}" for i in range(count)]
+        return [key] if count == 1 else [bulk_item_key(key, i) for i in range(count)]
 
     def _create_keyed(self, keyed: list[_Submission], written: list[str]) -> list[tuple[str, bool]]:
         """Record the jobs of the submissions with an idempotency key, in one round trip for them all (a key already

@@ -23,9 +23,9 @@ import torch
 
 from bench.workload import build_prompts, machine_info
 from shared.settings import get_settings
-from workers.builder import LoadedModel, load_model
+from workers.builder import LoadedModel, load_model, serving_engine
 from workers.default_model import ensure_default_model
-from workers.engine import LLMEngine, SamplingParams, SeqOutput
+from workers.engine import SamplingParams, SeqOutput
 from workers.engine.scheduler import prefill_budget
 from workers.torch_threads import in_passing_thread
 
@@ -64,11 +64,10 @@ def long_prompt_ids(loaded: LoadedModel, count: int) -> list[int]:
 
 def run_round(loaded: LoadedModel, budget: int, streams: list[list[int]], long_ids: list[int],
               stream_tokens: int, lead_tokens: int) -> Round:
-    settings = get_settings()
     marks = Marks()
-    engine = in_passing_thread(lambda: LLMEngine(
-        loaded.model, loaded.tokenizer, max_num_seqs=settings.max_num_seqs, max_batch_tokens=settings.max_batch_tokens,
-        max_prefill_tokens=budget, max_model_len=loaded.context_len, on_step=marks))
+    # The worker's engine (budgets, forward), its prefill budget set to this way's.
+    settings = get_settings().model_copy(update={"max_prefill_tokens": budget})
+    engine = in_passing_thread(serving_engine, loaded, settings, on_step=marks)
     engine.start()
     try:
         params = SamplingParams(temperature=0.0, max_new_tokens=stream_tokens, ignore_eos=True)

@@ -13,7 +13,7 @@ from api.auth import owns
 from api.deps import ApiKey, Store, Submissions
 from api.errors import ApiError, job_not_found
 from api.routes.openai import COMPLETION_ID_PREFIX
-from api.submission import BULK_ITEM_MARK, scoped_idempotency_key
+from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
 from shared.jobs import FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
@@ -198,7 +198,7 @@ def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key
     scoped = scoped_idempotency_key(idempotency_key, api_key)
     # A bulk submission keeps its jobs under the key and each job's index: this key would name none of them, and a job
     # cancelled from the start made under it would answer 202 for jobs that go on running.
-    bulk_first = store.redis.get(store.idempotency_key(f"{scoped}{BULK_ITEM_MARK}0"))
+    bulk_first = store.redis.get(store.idempotency_key(bulk_item_key(scoped, 0)))
     if bulk_first is not None:
         raise ApiError(409, f"this Idempotency-Key was sent with a bulk submission (its first job {bulk_first}): "
                             "cancel its jobs by their ids (DELETE /v1/jobs/{id})", type="conflict",

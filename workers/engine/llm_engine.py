@@ -447,7 +447,7 @@ class LLMEngine:
             log.exception("decode forward of %d rows failed", len(batch))
             self._batch = None
             for seq in list(batch.seqs):
-                self._finish(seq, "error", f"model forward failed: {type(exc).__name__}: {exc}")
+                self._finish(seq, "error", _forward_failed(exc))
             return
         self._append_tokens(batch.seqs, tokens)
         self._drop_finished_rows()
@@ -478,7 +478,7 @@ class LLMEngine:
         except Exception as exc:
             log.exception("prefill of request %s failed", seq.request_id)
             self._chunked = None
-            self._finish(seq, "error", f"model forward failed: {type(exc).__name__}: {exc}")
+            self._finish(seq, "error", _forward_failed(exc))
             return
         self._append_tokens([seq], tokens)
         self._join(self.runner.filter(batch, [] if seq.is_finished else [0]))
@@ -495,7 +495,7 @@ class LLMEngine:
                 parts = [part for part in (self._prefill_group([seq]) for seq in seqs) if part is not None]
                 return self.runner.concatenate(parts) if parts else None
             log.exception("prefill of request %s failed", seqs[0].request_id)
-            self._finish(seqs[0], "error", f"model forward failed: {type(exc).__name__}: {exc}")
+            self._finish(seqs[0], "error", _forward_failed(exc))
             return None
         self._append_tokens(seqs, tokens)
         return self.runner.filter(batch, [row for row, seq in enumerate(batch.seqs) if not seq.is_finished])
@@ -602,6 +602,11 @@ class LLMEngine:
                 reserved_tokens=self.scheduler.reserved_tokens,
                 batch_len=0 if self._batch is None else self._batch.kv_len,
             )
+
+
+def _forward_failed(exc: Exception) -> str:
+    """The error a request ends with when a forward it was in failed."""
+    return f"model forward failed: {type(exc).__name__}: {exc}"
 
 
 def _request_id_error(request_id: object) -> str | None:
