@@ -253,8 +253,10 @@ class JobRunner:
         try:
             request, queue = self._when_redis_answers(lambda: self.store.request_and_queue(job_id),
                                                       f"reading job {job_id}")
-            if request is not None:
-                METRICS.note_images(job_id, request.all_images())  # its record loses them when it ends
+            if request is None:
+                # A record without its request (not one llava-queue wrote, or one that expired as it was taken).
+                raise ValueError(f"job {job_id}: its record holds no request")
+            METRICS.note_images(job_id, request.all_images())  # its record loses them when it ends
             prepared = prepare(request, self.loaded, self.max_new_tokens_cap)
         except ValueError as exc:
             self._end(Ending(job_id, "failed", str(exc), ErrorCode.INVALID_REQUEST, "error"), f"failing job {job_id}")

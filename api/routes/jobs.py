@@ -1,5 +1,6 @@
 """Jobs: submit one or many, poll, cancel."""
 
+import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -17,6 +18,7 @@ from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
 from shared.jobs import FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
@@ -68,11 +70,26 @@ class JobView(BaseModel):
     worker: str | None
 
 
+# The fields every job record has from its creation (JobStore._queued_record), which the view reads as text.
+_TEXT_FIELDS = ("id", "status", "queue", "model", "prompt", "request", "text", "error", "finish_reason")
+
+
 def job_view(record: dict[str, Any]) -> JobView:
-    """The public view of a job record."""
-    # Read from the request as recorded (validated when it was taken, defaults and clamp applied), not validated
-    # again: that decoded every image at each poll, and an image over limits lowered since was a 500.
-    params = Params.model_validate_json(record["request"])
+    """The public view of a job record; an ApiError 500 naming what is wrong for a record llava-queue did not write
+    (fields missing, a request that is not one), instead of a traceback."""
+    missing = [name for name in _TEXT_FIELDS if not isinstance(record.get(name), str)]
+    params = None
+    if "request" not in missing:
+        # Read from the request as recorded (validated when it was taken, defaults and clamp applied), not validated
+        # again: that decoded every image at each poll, and an image over limits lowered since was a 500.
+        try:
+            params = Params.model_validate_json(record["request"])
+        except ValidationError:
+            missing.append("request")
+    if missing:
+        log.warning("job record %r is damaged (no valid %s): not written by llava-queue?", record.get("id"), missing)
+        raise ApiError(500, f"the record of job {record.get('id')!r} is damaged: it has no valid "
+                            f"{', '.join(missing)}", type="server_error", code=ErrorCode.SERVER_ERROR)
     return JobView(
         id=record["id"], status=record["status"], queue=record["queue"], model=record["model"],
         prompt=record["prompt"], text=record["text"], error=record["error"] or None,
