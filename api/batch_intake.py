@@ -67,11 +67,28 @@ def file_lines(stream: IO[bytes], limit: int) -> Iterator[bytes | None]:
         yield None
 
 
-def count_lines(stream: IO[bytes], limit: int) -> int:
-    """Non-blank lines of a seekable binary file (see `file_lines`); the file is left at its start."""
-    count = sum(1 for line in file_lines(stream, limit) if line is None or line.strip())
+def survey(stream: IO[bytes], limit: int) -> tuple[int, str | None]:
+    """The non-blank lines of a seekable binary file (see `file_lines`), and its format as its reading will tell it
+    (`line_format` of its first line that is a JSON object; None without one); the file is left at its start."""
+    count, file_format = 0, None
+    for line in file_lines(stream, limit):
+        if line is None or line.strip():
+            count += 1
+            if file_format is None and line is not None:
+                file_format = line_format(line)
     stream.seek(0)
-    return count
+    return count, file_format
+
+
+def line_format(raw: bytes) -> str | None:
+    """"openai" for a line that is a JSON object with OpenAI's keys, "llava" for another object, None otherwise."""
+    try:
+        line = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(line, dict):
+        return None
+    return "openai" if _OPENAI_KEYS & line.keys() else "llava"
 
 
 @dataclass
@@ -163,7 +180,7 @@ class Intake:
             if not isinstance(line, dict):
                 raise LineRefused(f"line {line_number} is not a JSON object")
             if self.format is None:
-                self.format = "openai" if _OPENAI_KEYS & line.keys() else "llava"
+                self.format = line_format(raw)
             request = self._openai_line(line, entry) if self.format == "openai" else self._question_line(line, entry)
             try:
                 check_unicode(request)  # JSON's "\ud800" escape: no job can hold it

@@ -185,14 +185,13 @@ class GenerateRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        """A string is kept as sent (the original's); a list (OpenAI's form) of one string becomes that string."""
+        """A string is kept as sent (the original's); a list (OpenAI's form) of one string becomes that string. An
+        empty string stops nothing, alone ("", as the original reads it) or in a list (it was refused there)."""
         if not isinstance(stop, list):
             return stop
         if len(stop) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if not all(stop):
-            raise ValueError("a stop string must not be empty")
-        stop = list(dict.fromkeys(stop))
+        stop = list(dict.fromkeys(string for string in stop if string))
         return None if not stop else stop[0] if len(stop) == 1 else stop
 
     @field_validator("images")
@@ -292,6 +291,15 @@ def _allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+def data_url_parts(text: str) -> tuple[str, str] | None:
+    """The media type with its parameters (in lower case) and the data of a `data:` URL, or None for text that is
+    not one. The scheme and `;base64` are read in any case, as browsers read them (RFC 2397, RFC 3986)."""
+    if text[:5].lower() != "data:":
+        return None
+    header, _, data = text.partition(",")
+    return header[5:].lower(), data
+
+
 def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
                max_pixels: int | None = None) -> Image.Image:
     """Open one image of a request: base64 of an image file, plain or as a `data:` URL.
@@ -309,8 +317,9 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
         max_pixels = settings.max_image_pixels if max_pixels is None else max_pixels
     if not isinstance(data, str) or not data:
         raise ValueError(f"image {index} is empty")
-    if data.startswith("data:"):
-        header, _, data = data.partition(",")
+    parts = data_url_parts(data)
+    if parts is not None:
+        header, data = parts
         if not header.endswith(";base64"):
             raise ValueError(f"image {index} is a data: URL that is not base64 (send data:image/png;base64,...)")
     if len(data) > max_bytes:

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     llava_keepalive_seconds: float = Field(2.5, gt=0)
     # How long one WebSocket message may wait to be sent (uvicorn holds it back while the client's unread data fill
     # the socket) before the client counts as gone and its stream ends: a client that keeps its connection but
-    # reads nothing is let go. Its job goes on.
+    # reads nothing is let go. Its job goes on. WS /v1/ws waits as long for its first message, the job's request.
     stream_send_timeout_seconds: float = Field(20.0, gt=0)
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).

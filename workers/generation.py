@@ -135,6 +135,10 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
         # A chat template may already start with BOS; do not add a second one.
         add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
         token_ids = tokenizer(prompt, add_special_tokens=add_special).input_ids
+        if not token_ids:
+            # The engine's refusal was a server error (code 1, the original's "NETWORK ERROR" on its stream), which
+            # tells a client to try again.
+            raise ValueError("the prompt is empty: it makes no token, and generation starts from at least one")
         room = loaded.context_len - len(token_ids)
     max_new_tokens = min(request.max_new_tokens, max_new_tokens_cap, room)
     if pixel_values is not None and max_new_tokens >= 1:

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from shared.jobs import FINAL_STATES, JobStore
+from shared.protocol import data_url_parts
 
 log = logging.getLogger("llava_queue.worker")
 # No `_created` series beside every counter and histogram: they double what a scrape carries, and
@@ -278,7 +279,8 @@ def conversation_line(job_id: str, record: dict[str, Any], image_md5s: list[str]
 
 def image_md5(image: str) -> str:
     """MD5 of an image's file bytes (base64, plain or as a data: URL); of the text itself if it is not base64."""
-    data = image.partition(",")[2] if image.startswith("data:") else image
+    parts = data_url_parts(image)
+    data = image if parts is None else parts[1]
     try:
         raw = base64.b64decode(data.replace("\n", "").replace("\r", ""), validate=True)
     except (binascii.Error, ValueError):

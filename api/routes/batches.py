@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field, StringConstraints
 
-from api.batch_intake import CHAT_COMPLETIONS, Intake, count_lines
+from api.batch_intake import CHAT_COMPLETIONS, Intake, survey
 from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
 from api.routes.models import served_models
@@ -44,6 +44,10 @@ ERROR_FILE = "file-{}-errors"
 # The largest `offset` of a batch's lines page: past any batch (Redis' list indexes are 64-bit; an offset near
 # that end answered 503 as if Redis were away).
 MAX_LINE_OFFSET = 2**31
+
+
+# What only a question file's lines run with (`EvalParams`, and where their images are).
+_QUESTION_FILE_SETTINGS = frozenset(EvalParams.model_fields) | {"image_folder"}
 
 
 class BatchCreate(EvalParams):
@@ -248,10 +252,15 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
                        param="model", code=ErrorCode.NO_WORKER)
     stream, source = _open_input(body, upload, batches, settings)
     with stream:
-        lines = count_lines(stream, settings.max_body_bytes)
+        lines, file_format = survey(stream, settings.max_body_bytes)
         if lines > settings.batch_max_lines:
             raise ApiError(400, f"the file has {lines} lines; a batch holds at most {settings.batch_max_lines}",
                            param="file")
+        question_settings = sorted(body.model_fields_set & _QUESTION_FILE_SETTINGS)
+        if file_format == "openai" and question_settings:
+            # They were recorded as the batch's params, and each line ran with its own body's.
+            raise ApiError(422, f"{', '.join(question_settings)}: these apply to question files; the lines of an "
+                                "OpenAI batch file carry their own (in each line's body)", param=question_settings[0])
         batch_id = new_batch_id()
         admit_batch(store, batches, batch_id, lines, owner)
         try:
@@ -259,7 +268,8 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
             now = time.time()
             batches.create(batch_id, {**source, "endpoint": body.endpoint or CHAT_COMPLETIONS,
                                       "completion_window": body.completion_window, "expires_at": repr(now + window),
-                                      "metadata": body.metadata, "params": params.model_dump(),
+                                      "metadata": body.metadata,
+                                      "params": None if file_format == "openai" else params.model_dump(),
                                       "image_folder": body.image_folder or ""})
             intake = Intake(store, batches, celery, settings, batch_id, params, image_folder, served, window, owner)
             read_file(intake, stream)

@@ -32,8 +32,8 @@ from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
-                             InvalidRequest, check_images, context_overflowed, describe_validation_error,
-                             parse_request, stop_of_strings)
+                             InvalidRequest, check_images, context_overflowed, data_url_parts,
+                             describe_validation_error, parse_request, stop_of_strings)
 
 log = logging.getLogger("llava_queue.api")
 
@@ -260,10 +260,11 @@ def check_tool_choice(extra: dict[str, Any]) -> None:
 
 def image_from_url(url: str, param: str) -> str:
     """The base64 file of a `data:<type>;base64,<data>` URL; other URLs are refused (the API fetches nothing)."""
-    if not url.startswith("data:"):
+    parts = data_url_parts(url)
+    if parts is None:
         raise ApiError(400, f"{param}: only data: URLs are supported (data:image/png;base64,...); "
                             "llava-queue does not fetch remote images", param=param)
-    header, _, data = url.partition(",")
+    header, data = parts
     if not header.endswith(";base64") or not data:
         raise ApiError(400, f"{param}: a data: URL must be base64-encoded (data:image/png;base64,...)", param=param)
     try:

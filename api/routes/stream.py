@@ -198,7 +198,15 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
     """Take a job request as the first message, then stream that job. Leaving the socket cancels the job; the API
     shutting down does not (the close reason names the job)."""
     await websocket.accept()
-    first = await websocket.receive()
+    timeout = send_timeout(websocket)
+    try:
+        # A client that sends nothing is let go, as one that reads nothing is: it held the socket for ever.
+        async with asyncio.timeout(timeout):
+            first = await websocket.receive()
+    except TimeoutError:
+        await _reject(websocket, f"no job request came in the {timeout:g} s after the connection opened; send it as "
+                                 "the first message", ErrorCode.INVALID_REQUEST)
+        return
     if first["type"] == "websocket.disconnect":
         return
     try:
