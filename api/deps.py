@@ -7,7 +7,7 @@ back (anyio's machinery and a GIL handoff each way) for what is an attribute loo
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from starlette.requests import HTTPConnection
 
 from api.auth import require_api_key
@@ -50,3 +50,8 @@ AppSettings = Annotated[Settings, Depends(get_app_settings)]
 # The caller's API key digest (None with keys off): the same dependency the protected routers run,
 # so FastAPI evaluates it once per request (the rate limit counts the request once).
 ApiKey = Annotated[str | None, Depends(require_api_key)]
+
+
+# An empty key is refused: it would be one key shared by every client that sends the header blank.
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, description=(
+    "Retrying a submission with the same key returns the first submission's job(s) instead of new ones."))]

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import time
+import uuid
 
 import pytest
 import requests
@@ -100,3 +101,47 @@ def test_an_empty_stop_string_stops_nothing_alone_or_in_a_list(stack, stop):
     mixed = wait_until(stack, submit(stack, prompt="Once upon a time", temperature=0, max_new_tokens=6,
                                      stop=["", "zzz-never"]))
     assert mixed["params"]["stop"] == "zzz-never", mixed
+
+
+def sse_events(response: requests.Response):
+    """The JSON of each `data:` line of a server-sent event stream, until `[DONE]`."""
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data: "):
+            if line == "data: [DONE]":
+                return
+            yield json.loads(line.removeprefix("data: "))
+
+
+def test_a_chat_completion_with_an_idempotency_key_is_that_keys_job(stack):
+    # The key was ignored: each retry made a job of its own, and a cancel by the key made a job cancelled from the
+    # start while the completion ran on to its end.
+    url = f"{stack.base_url}/v1/chat/completions"
+    body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Tell me a story."}],
+            "temperature": 0, "max_tokens": 8}
+    key = {"Idempotency-Key": f"chat-{uuid.uuid4().hex}"}
+    first, again = (requests.post(url, json=body, headers=key, timeout=60) for _ in range(2))
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.headers["X-Job-Id"] == again.headers["X-Job-Id"] and first.json()["id"] == again.json()["id"]
+    assert first.json()["choices"] == again.json()["choices"]
+    other = requests.post(url, json={**body, "max_tokens": 9}, headers=key, timeout=60)
+    assert other.status_code == 422 and "already used with a different request" in other.json()["error"]["message"]
+
+    # Streamed, left after its first words: the job goes on for the retry, which gets the text so far first.
+    key = {"Idempotency-Key": f"chat-{uuid.uuid4().hex}"}
+    story = {**body, "max_tokens": 400, "stream": True}
+    with requests.post(url, json=story, headers=key, stream=True, timeout=60) as left:
+        job_id = left.headers["X-Job-Id"]
+        heard = next(event for event in sse_events(left) if event["choices"][0]["delta"].get("content"))
+    time.sleep(1)
+    job = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).json()
+    assert job["status"] == "running" and job["usage"]["completion_tokens"] > 1, job
+    with requests.post(url, json=story, headers=key, stream=True, timeout=60) as retry:
+        assert retry.headers["X-Job-Id"] == job_id
+        events = sse_events(retry)
+        first_text = next(event for event in events if event["choices"][0]["delta"].get("content"))
+        assert first_text["choices"][0]["delta"]["content"].startswith(heard["choices"][0]["delta"]["content"])
+        cancel = requests.post(f"{stack.base_url}/v1/jobs/cancel", headers=key, timeout=10)
+        assert cancel.status_code == 202 and cancel.json() == {"id": job_id, "status": "cancelling"}, cancel.text
+        last = list(events)[-1]
+    assert last["error"]["code"] == 5, last
+    assert wait_until(stack, job_id)["status"] == "cancelled"

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError, WrapValidator
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import owns
-from api.deps import ApiKey, Store, Submissions
+from api.deps import ApiKey, IdempotencyKey, Store, Submissions
 from api.errors import ApiError, job_not_found
 from api.routes.openai import COMPLETION_ID_PREFIX
 from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
@@ -99,11 +99,6 @@ def job_view(record: dict[str, Any]) -> JobView:
         created_at=record["created_at"], started_at=record["started_at"], first_token_at=record["first_token_at"],
         finished_at=record["finished_at"], queue_position=record["queue_position"], attempts=record["attempts"],
         worker=record.get("worker") or None)
-
-
-# An empty key is refused: it would be one key shared by every client that sends the header blank.
-IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, description=(
-    "Retrying a submission with the same key returns the first submission's job(s) instead of new ones."))]
 
 
 # A submission's body is checked by its endpoint, not by FastAPI: FastAPI validates a body on the event loop (even for

@@ -25,7 +25,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from api.channel_hub import ChannelHub
-from api.deps import ApiKey, Hub, Registry, Store, Submissions
+from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
 from api.errors import ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
@@ -528,15 +528,22 @@ async def _disconnected(request: Request) -> None:
                         400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
                         404: {"description": "No live worker serves the model"}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response, store: Store,
-                                 hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey):
-    """OpenAI's chat completion, as a job: `id` is `chatcmpl-<job id>` (poll `GET /v1/jobs/<job id>`)."""
+                                 hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey,
+                                 idempotency_key: IdempotencyKey = None):
+    """OpenAI's chat completion, as a job: `id` is `chatcmpl-<job id>` (poll `GET /v1/jobs/<job id>`).
+
+    With an `Idempotency-Key`, a retry of the same request follows the first one's job (its text so far, then the
+    rest), a client that leaves does not cancel it (its retry may come), and `POST /v1/jobs/cancel` with the key
+    cancels it.
+    """
     check_supported(body)
     # On a thread: checking the images (base64 decoded, opened by PIL) takes a while, seconds for a crafted file,
     # during which the event loop would serve no other request or stream.
     job_request = await asyncio.to_thread(to_generate_request, body)
     await require_served(registry, body.model)
-    job_id = await asyncio.to_thread(submitter.submit_one, job_request, "interactive", api_key)
-    completion = Completion(store, hub, job_id, body.model, body.keep_on_disconnect)
+    [job_id] = await asyncio.to_thread(submitter.submit, [(job_request, "interactive")],
+                                       idempotency_key=idempotency_key, owner=api_key)
+    completion = Completion(store, hub, job_id, body.model, body.keep_on_disconnect or idempotency_key is not None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(completion.stream(include_usage), media_type="text/event-stream",
