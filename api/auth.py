@@ -4,7 +4,6 @@ import hashlib
 import logging
 import time
 
-from fastapi import WebSocketException
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
@@ -50,9 +49,10 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
         token = conn.query_params.get("api_key", "") if conn.scope["type"] == "websocket" else ""
     digest = key_digest(token) if token else ""
     if digest not in settings.api_key_hashes:
-        _refuse(conn, ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-                               type="authentication_error", code=ErrorCode.INVALID_REQUEST,
-                               headers={"WWW-Authenticate": "Bearer"}))
+        # On a WebSocket too: its handshake is answered 401 with this body (api/errors.py), not accepted.
+        raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                       type="authentication_error", code=ErrorCode.INVALID_REQUEST,
+                       headers={"WWW-Authenticate": "Bearer"})
     if settings.rate_limit_per_minute:
         await run_in_threadpool(_count_request, conn, settings, digest)
     conn.state.api_key = digest  # what the caller owns (batches, files) is scoped by it
@@ -81,13 +81,6 @@ def _count_request(conn: HTTPConnection, settings: Settings, digest: str) -> Non
         count, _ = pipe.incr(counter).expire(counter, 120).execute()
     if count > settings.rate_limit_per_minute:
         retry_after = max(1, 60 - int(now % 60))
-        _refuse(conn, ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute "
-                                    f"reached; retry in {retry_after} s", type="rate_limited",
-                               code=ErrorCode.OVERLOADED, headers={"Retry-After": str(retry_after)}))
-
-
-def _refuse(conn: HTTPConnection, error: ApiError) -> None:
-    # A WebSocket cannot carry an HTTP error body: close it with policy violation and the reason.
-    if conn.scope["type"] == "websocket":
-        raise WebSocketException(code=1008, reason=error.message[:120])
-    raise error
+        raise ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute reached; retry in "
+                            f"{retry_after} s", type="rate_limited", code=ErrorCode.OVERLOADED,
+                       headers={"Retry-After": str(retry_after)})

@@ -4,7 +4,9 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocket, WebSocketState
 
 from shared.protocol import ErrorCode, InvalidRequest, describe_validation_error
 
@@ -55,7 +57,12 @@ def install_error_handlers(app: FastAPI) -> None:
     """Answer validation failures with 400 (malformed JSON) or 422 (a bad field), naming the field."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(conn: HTTPConnection, exc: ApiError) -> JSONResponse | None:
+        if isinstance(conn, WebSocket) and conn.client_state != WebSocketState.CONNECTING:
+            await conn.close(1008, exc.message[:120])  # accepted already: the close says why
+            return None
+        # On a WebSocket not accepted yet (a refused API key, the rate limit), the answer goes out in the place of the
+        # upgrade (ASGI's denial response): its status, headers and JSON body, as on HTTP.
         return error_response(exc)
 
     @app.exception_handler(redis.RedisError)

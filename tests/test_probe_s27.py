@@ -145,3 +145,15 @@ def test_a_chat_completion_with_an_idempotency_key_is_that_keys_job(stack):
         last = list(events)[-1]
     assert last["error"]["code"] == 5, last
     assert wait_until(stack, job_id)["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_a_chat_completions_sampling_value_that_is_no_finite_number_is_named_so(stack, field):
+    # It was "Input should be less than or equal to 2" for NaN; /v1/jobs says "finite number" too.
+    for raw in ("NaN", "Infinity", "1e309"):
+        body = ('{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], '
+                f'"{field}": {raw}}}')
+        response = requests.post(f"{stack.base_url}/v1/chat/completions", data=body, timeout=10,
+                                 headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"] == f"{field}: Input should be a finite number"

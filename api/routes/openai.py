@@ -124,8 +124,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     # More than the worker generates is refused (as vLLM refuses more than the model's context), not cut short.
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import require_api_key
-from api.deps import AppSettings, Store
+from api.auth import owns
+from api.deps import ApiKey, AppSettings, Store
 from api.errors import ApiError, job_not_found
 from shared.protocol import ErrorCode
 from shared.settings import Settings
@@ -97,15 +97,16 @@ def feedback_key(settings: Settings) -> str:
 
 
 # The page and its files are public; feedback needs an API key when keys are configured, as jobs do.
-@router.post("/v1/feedback", status_code=201, response_model=FeedbackRecord, tags=["feedback"],
-             dependencies=[Depends(require_api_key)])
-def record_feedback(body: Feedback, request: Request, store: Store, settings: AppSettings) -> FeedbackRecord:
-    """Record an upvote, downvote or flag on a job's answer.
+@router.post("/v1/feedback", status_code=201, response_model=FeedbackRecord, tags=["feedback"])
+def record_feedback(body: Feedback, request: Request, store: Store, settings: AppSettings,
+                    api_key: ApiKey) -> FeedbackRecord:
+    """Record an upvote, downvote or flag on a job's answer: a job of the caller's API key (with keys on).
 
     The model, prompt and answer are copied from the job record, so the log line outlives the job.
     """
     job = store.get(body.job_id)
-    if job is None:
+    # Another key's job is unknown here as at GET /v1/jobs/{id}: the answer holds its prompt and text.
+    if job is None or not owns(job.get("owner"), api_key):
         raise job_not_found(body.job_id)
     record = FeedbackRecord(tstamp=round(time.time(), 4), type=body.type, job_id=body.job_id, model=job["model"],
                             prompt=job["prompt"], text=job["text"],
