@@ -360,7 +360,9 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
         if not text and not images:
             raise ValueError(f"message {i}: a user message needs a text or an image")
         if images and IMAGE_TOKEN not in text:
-            text += "\n" + IMAGE_TOKEN
+            # One per image (it was one for them all: "2 images, 1 <image>" for any turn of several, an OpenAI
+            # message with two image_url parts among them).
+            text += ("\n" + IMAGE_TOKEN) * images
         conv.append_message(conv.roles[0], text, images)
     if role != "user":
         raise ValueError(

@@ -871,6 +871,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return refuse(str(exc))
     if any(item.question and item.question.image for item in items) and not Path(args.image_folder).is_dir():
         return refuse(f"the image folder {args.image_folder} is not a folder")
+    for what, path in (("answers", args.answers_file), ("errors", args.errors_file or f"{args.answers_file}.errors")):
+        # The answers file is read back to go on after a stop: /dev/full read for ever (17 GB of "answers" before the
+        # kernel killed the run), a pipe such as /dev/stdout hung.
+        if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path) or
+                                         os.path.samefile(path, os.devnull)):
+            return refuse(f"the {what} file {path} is not a regular file (it is read back to go on after a stop)")
     try:
         api = Api(args.api_url, args.api_key)
         served = served_models(api)

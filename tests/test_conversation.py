@@ -167,6 +167,17 @@ def test_a_first_turn_with_several_images_keeps_its_text_as_typed():
     assert prompt.endswith(f" USER: {text} ASSISTANT:") and prompt.count("<image>") == 2
 
 
+def test_a_turn_of_several_images_without_image_tokens_gets_one_for_each():
+    # One "\n<image>" was appended for them all, so such a turn (an OpenAI message with two image_url parts) always
+    # failed with "2 images, 1 <image>".
+    prompt, _ = render_messages("llava_v1", [{"role": "user", "text": "Which is brighter?", "images": 2}])
+    assert prompt.endswith(" USER: Which is brighter?\n<image>\n<image> ASSISTANT:"), prompt
+    messages = [{"role": "user", "text": "Hello", "images": 0}, {"role": "assistant", "text": "Hi.", "images": 0},
+                {"role": "user", "text": "And these?", "images": 3}]
+    prompt, _ = render_messages("llava_v1", messages)
+    assert prompt.endswith("</s>USER: And these?\n<image>\n<image>\n<image> ASSISTANT:"), prompt
+
+
 def test_later_image_turn_keeps_its_text():
     messages = [
         {"role": "user", "text": "Hello", "images": 0},

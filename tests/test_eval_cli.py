@@ -601,3 +601,19 @@ def test_a_job_store_away_at_the_start_is_waited_for(images, tmp_path, monkeypat
     assert status == 2 and waited >= 3.0, err
     assert "GET /v1/models answered 503" in err and "retrying in" in err and "answered 503 for 3 s" in err
     assert "does not look like llava-queue" not in err
+
+
+def test_an_answers_or_errors_file_that_is_no_regular_file_is_refused_at_once(tmp_path, capsys):
+    # It is read back to go on after a stop: /dev/full read for ever (17 GB of "answers" before the kernel killed
+    # the run), a pipe hung. /dev/null reads as empty, and is taken. Refused before any question is sent.
+    write_questions(tmp_path / "questions.jsonl", [1])
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    base = ["eval", "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(tmp_path),
+            "--api-url", "http://127.0.0.1:1"]
+    for what, flags in [("answers", ["--answers-file", "/dev/full"]), ("answers", ["--answers-file", str(pipe)]),
+                        ("errors", ["--answers-file", str(tmp_path / "a.jsonl"), "--errors-file", str(pipe)])]:
+        assert eval_in_process([*base, *flags]) == 2
+        assert f"the {what} file {flags[-1]} is not a regular file" in capsys.readouterr().err
+    eval_in_process([*base, "--answers-file", str(tmp_path / "a.jsonl"), "--errors-file", "/dev/null"])
+    assert "not a regular file" not in capsys.readouterr().err  # (it goes on, to find no API on port 1)

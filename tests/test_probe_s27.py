@@ -157,3 +157,16 @@ def test_a_chat_completions_sampling_value_that_is_no_finite_number_is_named_so(
                                  headers={"Content-Type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["message"] == f"{field}: Input should be a finite number"
+
+
+def test_an_openai_message_with_two_images_and_no_image_token_is_served(tiny_llava_stack):
+    # Each image part gets its <image> (one was appended for them all: "2 images, 1 <image>", a 400).
+    content = [{"type": "text", "text": "Which is brighter?"},
+               {"type": "image_url", "image_url": {"url": png_data("data")}},
+               {"type": "image_url", "image_url": {"url": png_data("data")}}]
+    response = requests.post(f"{tiny_llava_stack.base_url}/v1/chat/completions", timeout=120, json={
+        "model": "llava-v1.5-tiny", "max_tokens": 2, "temperature": 0,
+        "messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 200, response.text
+    job = requests.get(f"{tiny_llava_stack.base_url}/v1/jobs/{response.headers['X-Job-Id']}", timeout=10).json()
+    assert job["prompt"].count("<image>") == 2, job["prompt"]

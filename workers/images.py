@@ -8,6 +8,9 @@ then the model's own image processor (resize, center-crop, normalize).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
@@ -121,10 +124,59 @@ def _square(size: tuple[int, int]) -> tuple[int, int]:
     return (max(size), max(size))
 
 
+class PixelBudget:
+    """The pixels that the images being prepared on the worker's task threads may take at once.
+
+    Within its limit each image is prepared as before; past it, an image waits for the others to be done. A long,
+    thin image of a hundred bytes padded to a square takes up to the prepared-pixel limit (200 M pixels by default,
+    about 3.6 GB on its way through the processor); several at once, one a job in a batch of jobs, took the worker's
+    memory with them.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.held = 0
+
+    @contextmanager
+    def hold(self, pixels: int, limit: int) -> Iterator[None]:
+        pixels = min(pixels, limit)  # one over the limit alone is refused before it grows (_check_growth)
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + pixels <= limit)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= pixels
+                self._changed.notify_all()
+
+
+PREPARING = PixelBudget()
+
+
+def _peak_pixels(size: tuple[int, int], image_processor, image_aspect_ratio: str | None,
+                 process_mode: str | None) -> int:
+    """The most pixels an image of `size` takes while it is prepared: itself, its square when it is padded to one,
+    the processor's resize of either."""
+    shapes = [size]
+    if process_mode == "Pad" or image_aspect_ratio == "pad" or getattr(image_processor, "do_pad", False):
+        shapes.append(_square(size))
+    shapes += [resized for resized in (_processor_resize(shape, image_processor) for shape in shapes) if resized]
+    return max(width * height for width, height in shapes)
+
+
 def prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str | None,
                   process_mode: str | None = None, index: int = 0) -> torch.Tensor:
     """One decoded image → pixel values [3, S, S] for the vision tower; ValueError (naming image `index`) when
-    preparing it would need an image over the prepared-pixel limit (PREPARED_PIXELS_FACTOR)."""
+    preparing it would need an image over the prepared-pixel limit (PREPARED_PIXELS_FACTOR). Within the worker's
+    `PREPARING` budget: a large one waits while others hold it."""
+    limit = PREPARED_PIXELS_FACTOR * get_settings().max_image_pixels
+    with PREPARING.hold(_peak_pixels(image.size, image_processor, image_aspect_ratio, process_mode), limit):
+        return _prepare_image(image, image_processor, image_aspect_ratio, process_mode, index)
+
+
+def _prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str | None, process_mode: str | None,
+                   index: int) -> torch.Tensor:
     if process_mode == "Pad":
         _check_growth(index, image.size, _square(image.size), "padded to a square is")
     if process_mode is not None:
