@@ -95,14 +95,16 @@ def test_batched_image_jobs_answer_as_alone_and_bad_ones_fail_alone(tiny_llava_s
         {"prompt": "USER: <image> or <image>? ASSISTANT:", "images": [DOG, SKY], "temperature": 0,
          "max_new_tokens": 16},
         ask("What is in this picture?", CAT, image_process_mode="Pad"),
+        # A turn of two images and no <image> gets one for each (it got one for both, and failed).
+        ask("Compare these.", CAT, DOG),
     ]
     bad = {
         "more images than <image>": ({"prompt": "USER: <image> hi ASSISTANT:", "images": [CAT, DOG],
                                       "temperature": 0}, MISMATCH),
         "fewer images than <image>": ({"prompt": "USER: <image> <image> hi ASSISTANT:", "images": [CAT],
                                        "temperature": 0}, MISMATCH),
-        # One user turn renders one <image>: two images in it do not fit the template.
-        "two images in one turn": (ask("Compare these.", CAT, DOG), MISMATCH),
+        # A turn's text names one image of its two.
+        "two images in a turn that names one": (ask("Compare <image> with the other.", CAT, DOG), MISMATCH),
         "pixel data that does not decode": (ask("What is this?", CORRUPT), "image 0 could not be decoded"),
     }
     alone = [run_alone(tiny_llava_stack, job)["text"] for job in good]
