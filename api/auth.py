@@ -3,12 +3,13 @@
 import hashlib
 import logging
 import time
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from api.errors import ApiError
-from shared.jobs import owner_id
+from shared.jobs import JobStore, owner_id
 from shared.protocol import ErrorCode
 from shared.settings import Settings
 
@@ -66,6 +67,13 @@ def owns(record_owner: str | None, api_key: str | None) -> bool:
     batches and files. A job submitted without a key (keys off then, or the open LLaVA protocol) is anyone's.
     """
     return api_key is None or not record_owner or record_owner == owner_id(api_key)
+
+
+def owned_job(store: JobStore, job_id: str, api_key: str | None) -> dict[str, Any] | None:
+    """The record of a job the caller may read (`owns`); None for an unknown job and for another key's alike, which
+    the caller answers as unknown."""
+    record = store.get(job_id)
+    return record if record is not None and owns(record.get("owner"), api_key) else None
 
 
 def rate_counter(key_prefix: str, digest: str, now: float) -> str:

@@ -86,8 +86,11 @@ def line_format(raw: bytes) -> str | None:
         line = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(line, dict):
-        return None
+    return object_format(line) if isinstance(line, dict) else None
+
+
+def object_format(line: dict[str, Any]) -> str:
+    """"openai" for a line with OpenAI's keys (`custom_id` or `body`), else "llava" (a question)."""
     return "openai" if _OPENAI_KEYS & line.keys() else "llava"
 
 
@@ -180,7 +183,7 @@ class Intake:
             if not isinstance(line, dict):
                 raise LineRefused(f"line {line_number} is not a JSON object")
             if self.format is None:
-                self.format = line_format(raw)
+                self.format = object_format(line)
             request = self._openai_line(line, entry) if self.format == "openai" else self._question_line(line, entry)
             try:
                 check_unicode(request)  # JSON's "\ud800" escape: no job can hold it

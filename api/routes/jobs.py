@@ -10,7 +10,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError, WrapValidator
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import owns
+from api.auth import owned_job, owns
 from api.deps import ApiKey, IdempotencyKey, Store, Submissions
 from api.errors import ApiError, job_not_found
 from api.routes.openai import COMPLETION_ID_PREFIX
@@ -239,8 +239,8 @@ def get_job(job_id: str, store: Store, api_key: ApiKey) -> JobView:
 
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too.
     """
-    record = store.get(_plain_id(job_id))
-    if record is None or not owns(record.get("owner"), api_key):
+    record = owned_job(store, _plain_id(job_id), api_key)
+    if record is None:
         raise job_not_found(job_id)
     return job_view(record)
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import owns
+from api.auth import owned_job
 from api.deps import ApiKey, AppSettings, Store
 from api.errors import ApiError, job_not_found
 from shared.protocol import ErrorCode
@@ -104,9 +104,9 @@ def record_feedback(body: Feedback, request: Request, store: Store, settings: Ap
 
     The model, prompt and answer are copied from the job record, so the log line outlives the job.
     """
-    job = store.get(body.job_id)
     # Another key's job is unknown here as at GET /v1/jobs/{id}: the answer holds its prompt and text.
-    if job is None or not owns(job.get("owner"), api_key):
+    job = owned_job(store, body.job_id, api_key)
+    if job is None:
         raise job_not_found(body.job_id)
     record = FeedbackRecord(tstamp=round(time.time(), 4), type=body.type, job_id=body.job_id, model=job["model"],
                             prompt=job["prompt"], text=job["text"],
