@@ -111,6 +111,7 @@ function lastAnswer() {
 }
 
 function updateButtons() {
+  const focused = document.activeElement;
   const busy = state.current !== null;
   const answer = lastAnswer();
   ui.send.disabled = busy || !ui.model.value;
@@ -119,6 +120,11 @@ function updateButtons() {
   ui.clear.disabled = busy || state.turns.length === 0;
   const canVote = !busy && answer && answer.status === "succeeded" && !answer.voted;
   for (const button of [ui.upvote, ui.downvote, ui.flag]) button.disabled = !canVote;
+  // A button that disabled itself as it was used (Send, Regenerate, a vote) dropped the keyboard focus to the page's
+  // start: it goes to Stop while an answer runs, else to the message box.
+  if (focused instanceof HTMLButtonElement && focused.disabled) {
+    (busy && !ui.stop.disabled ? ui.stop : ui.prompt).focus();
+  }
 }
 
 // ---- sending and streaming ---------------------------------------------------------------------
@@ -145,14 +151,19 @@ async function send() {
   if (!text.trim() && !image) return; // the original skips an empty message
   // Cut in characters (code points), as the original counts them: a cut in UTF-16 units could split an emoji
   // in two, and the API refuses half of one.
-  text = Array.from(text).slice(0, image ? MAX_TEXT_WITH_IMAGE : MAX_TEXT).join("");
+  const limit = image ? MAX_TEXT_WITH_IMAGE : MAX_TEXT;
+  const characters = Array.from(text);
+  const notes = [];
+  if (characters.length > limit) {
+    text = characters.slice(0, limit).join("");
+    notes.push(`The message was cut to its first ${limit} characters, as the original's page cuts it.`);
+  }
   if (image && state.turns.some((turn) => turn.image)) {
     // One image per conversation, as the original: a new image starts a new conversation.
     state.turns = [];
-    notice("A new image starts a new conversation.");
-  } else {
-    notice("");
+    notes.push("A new image starts a new conversation.");
   }
+  notice(notes.join(" "));
   state.turns.push({ role: "user", text, image: image ? { source: image.source, mode: processMode() } : null });
   ui.prompt.value = "";
   setPendingImage(null);
@@ -383,6 +394,7 @@ async function stopCurrent() {
     turn.wakeUp?.();
     return;
   }
+  if (document.activeElement === ui.stop) ui.prompt.focus(); // not dropped to the page's start as Stop disables
   ui.stop.disabled = true;
   try {
     await cancelJob(turn.jobId);
@@ -496,7 +508,7 @@ async function setPendingImage(image) {
     ui.attachmentThumb.removeAttribute("src");
     return;
   }
-  ui.attachmentName.textContent = image.name;
+  ui.attachmentName.textContent = ui.attachmentName.title = image.name;
   await showPreview();
 }
 

@@ -11,14 +11,16 @@ const megapixels = (pixels) => (pixels / 1e6).toLocaleString("en", { maximumFrac
 
 /** The size an image of `width`×`height` is sent at: unchanged unless its longest side exceeds
  * 1344, else the shortest side becomes int(min(1344 / aspect, 672, shortest)) and the longest
- * int(shortest × aspect), keeping the orientation (4000×3000 → 896×672). */
+ * int(shortest × aspect), keeping the orientation (4000×3000 → 896×672). A side the original would make 0
+ * (an image over 1344 times as long as it is wide) is 1, 3000×2 → 1344×1: an empty image was sent, which a
+ * LLaVA model refuses. */
 export function limitSize(width, height) {
   const longest = Math.max(width, height);
   const shortest = Math.min(width, height);
   if (longest <= MAX_LONGEST) return [width, height];
   const aspect = longest / shortest;
-  const short = Math.trunc(Math.min(MAX_LONGEST / aspect, MAX_SHORTEST, shortest));
-  const long = Math.trunc(short * aspect);
+  const short = Math.max(1, Math.trunc(Math.min(MAX_LONGEST / aspect, MAX_SHORTEST, shortest)));
+  const long = Math.min(MAX_LONGEST, Math.trunc(short * aspect));
   return height > width ? [short, long] : [long, short];
 }
 

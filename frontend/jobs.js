@@ -275,9 +275,14 @@ export function followJob(id, handlers) {
       armSilenceCheck();
     };
     socket.onmessage = (event) => {
-      attempt = 0;
       heard += 1;
       const message = JSON.parse(event.data);
+      if (message.done && message.status === "unavailable") {
+        // The API lost Redis: the job goes on at its worker. Follow it again (the record first) once Redis is back.
+        dropSocket();
+        return;
+      }
+      attempt = 0;
       if (message.done) {
         // Its text too: the job record read next may be refused (a 429), and the answer would lose its end.
         if (message.text) latest = message.text;

