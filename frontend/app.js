@@ -399,8 +399,9 @@ async function stopCurrent() {
   try {
     await cancelJob(turn.jobId);
   } catch (error) {
-    if (isBusy(error)) {
-      // The answer stops here at once; the job is told to stop once the server takes the request.
+    if (cancelWaits(error)) {
+      // The answer stops here at once; the job is told to stop once the server takes the request (or can be
+      // reached: with the API away, Stop failed and every other button waited for it to come back).
       if (state.current !== turn) return; // it ended meanwhile
       state.follower.close();
       finish(turn, null, { status: "cancelled", error: "cancelled by the client", error_code: 5 });
@@ -415,10 +416,18 @@ async function stopCurrent() {
   }
 }
 
-/** Jobs whose cancel the API refused as busy and that wait to send it again: sent at once when the page goes. */
+/** Jobs whose cancel the API refused as busy, or that could not reach it, and that wait to send it again: sent at
+ * once when the page goes. */
 const pendingCancels = new Set();
 
-/** Send the cancel of `turn`'s job again after each busy refusal's Retry-After, counted down on the answer. */
+// A cancel that did not reach the API (status 0: the network, the API restarting) is sent again after this long.
+const CANCEL_RETRY_SECONDS = 3;
+const cancelWaits = (error) => isBusy(error) || error.status === 0;
+const cancelWaitText = (error) => (error.status === 0 ? `the server cannot be reached (${error.message})`
+  : busyText(error));
+
+/** Send the cancel of `turn`'s job again after each busy refusal's Retry-After (or CANCEL_RETRY_SECONDS after a
+ * failure to reach the server), counted down on the answer. */
 async function cancelWhenTaken(turn, refusal) {
   pendingCancels.add(turn.jobId);
   try {
@@ -430,8 +439,8 @@ async function cancelWhenTaken(turn, refusal) {
 
 async function sendCancelWhenTaken(turn, refusal) {
   for (;;) {
-    await countDown(refusal.retryAfter, (left) => {
-      turn.meta = `stopping the job: ${busyText(refusal)}; asking again in ${left} s…`;
+    await countDown(refusal.retryAfter || CANCEL_RETRY_SECONDS, (left) => {
+      turn.meta = `stopping the job: ${cancelWaitText(refusal)}; asking again in ${left} s…`;
       updateAssistant(turn);
     }).done;
     turn.meta = "";
@@ -441,7 +450,7 @@ async function sendCancelWhenTaken(turn, refusal) {
       return;
     } catch (error) {
       if (error.status === 409) return; // it ended meanwhile
-      if (!isBusy(error)) {
+      if (!cancelWaits(error)) {
         turn.meta = `could not stop the job: ${error.message} (error_code: ${error.code})`;
         updateAssistant(turn);
         return;
