@@ -159,6 +159,16 @@ def test_feedback_endpoint_names_what_is_wrong(stack):
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "type"
 
 
+def test_the_page_answers_head_as_get_without_a_body(stack):
+    # Uptime checks and link checkers ask with HEAD: it was 405.
+    for path in ("/", "/static/app.js"):
+        got = requests.get(f"{stack.base_url}{path}", timeout=10)
+        head = requests.head(f"{stack.base_url}{path}", timeout=10)
+        assert head.status_code == got.status_code == 200 and head.content == b"", (path, head.status_code)
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+
+
 def test_chat_streams_regenerates_records_votes_and_clears(page, stack, tmp_path):
     quick_answers(page)
     ask(page, "What is the capital of France?")

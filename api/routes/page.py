@@ -44,7 +44,7 @@ def _page_file(settings: Settings, relative: str) -> FileResponse:
     return FileResponse(path, headers=_NO_CACHE)
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 def index(settings: AppSettings) -> FileResponse:
     """The chat page."""
     return _page_file(settings, "index.html")
@@ -64,7 +64,7 @@ def page_config(settings: AppSettings) -> PageConfig:
     return PageConfig(max_image_pixels=settings.max_image_pixels)
 
 
-@router.get("/static/{path:path}", include_in_schema=False)
+@router.api_route("/static/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
 def static_file(path: str, settings: AppSettings) -> FileResponse:
     """The page's scripts, style sheet and example images."""
     return _page_file(settings, path)
