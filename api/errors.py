@@ -53,6 +53,10 @@ def body_not_json(request: Request, errors: list[dict]) -> ApiError | None:
                          f"{content_type or 'no type'!r})")
 
 
+# What FastAPI raises (an HTTPException 400) for a body it cannot read, a JSON body not in UTF-8 among them.
+_FASTAPI_UNPARSED_BODY = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer validation failures with 400 (malformed JSON) or 422 (a bad field), naming the field."""
 
@@ -86,5 +90,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.detail == _FASTAPI_UNPARSED_BODY and isinstance(exc.__cause__, UnicodeDecodeError):
+            # A body FastAPI could not decode as JSON text at all: malformed JSON, as every other.
+            return JSONResponse(error_body(f"malformed JSON: the body is not UTF-8 text ({exc.__cause__})",
+                                           "invalid_request_error", None, ErrorCode.INVALID_REQUEST), status_code=400)
         return JSONResponse(error_body(str(exc.detail), "http_error", None, ErrorCode.INVALID_REQUEST),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))

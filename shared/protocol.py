@@ -7,6 +7,7 @@ by the worker with the model's template), `seed`, and the queue a job goes to.
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import math
@@ -165,7 +166,10 @@ class GenerateRequest(BaseModel):
     def _max_new_tokens_as_the_original(cls, value: Any) -> Any:
         """The original reads it with `int()`, and a request left with fewer than one new token gets its
         "Exceeds max token length" message: a fractional number is cut to its integer part (100.5: 100), a negative
-        one is 0 (that message). Both were a 422 here."""
+        one is 0 (that message). Both were a 422 here. A string is read as `int()` reads it ("-3" too)."""
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value)
         if isinstance(value, float) and math.isfinite(value):
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:

@@ -108,6 +108,8 @@ def test_max_new_tokens_is_read_as_the_original_reads_it():
     assert parse_request({"prompt": "hi", "max_new_tokens": 100.5}).max_new_tokens == 100
     assert parse_request({"prompt": "hi", "max_new_tokens": -5}).max_new_tokens == 0
     assert parse_request({"prompt": "hi", "max_new_tokens": "7"}).max_new_tokens == 7
+    assert parse_request({"prompt": "hi", "max_new_tokens": " -3 "}).max_new_tokens == 0  # int(" -3 ") is -3: a 422
+    assert parse_request({"prompt": "hi", "max_new_tokens": "2000"}).max_new_tokens == 1024
     with pytest.raises(InvalidRequest, match="max_new_tokens"):  # int("abc") fails in the original too
         parse_request({"prompt": "hi", "max_new_tokens": "abc"})
 

@@ -30,6 +30,7 @@ from api.errors import ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
 from api.stream import JobNotFound, ServerStopping, follow_job
+from api.submission import check_unicode
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
                              InvalidRequest, check_images, context_overflowed, data_url_parts,
@@ -142,6 +143,14 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _string_or_strings(cls, stop: Any) -> Any:
         return stop_of_strings(stop)
+
+    @field_validator("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", mode="before")
+    @classmethod
+    def _no_boolean(cls, value: Any) -> Any:
+        """A number, not true or false, as OpenAI has it (pydantic took true for 1)."""
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {str(value).lower()}")
+        return value
 
     @field_validator("stream_options", mode="before")
     @classmethod
@@ -323,8 +332,10 @@ def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
     if body.top_p is not None:
         fields["top_p"] = body.top_p
     try:
-        return parse_request(fields, GenerateRequest)
-    except InvalidRequest as exc:
+        request = parse_request(fields, GenerateRequest)
+        check_unicode(request)  # here, to be a 400 as OpenAI's (the submission's own check is a 422)
+        return request
+    except (InvalidRequest, ApiError) as exc:
         param = _openai_param(exc.param)
         message = exc.message.replace(exc.param, param, 1) if exc.param else exc.message
         raise ApiError(400, message, param=param) from None
