@@ -262,14 +262,24 @@ end
 return 'ok'
 """
 
+# A cancel asked for (KEYS[3] the running hash, ARGV[2] _REQUEUED): the job's status, and for a running job that no
+# worker runs now (handed back, or claimed from a dead worker: its holder is a mark, and its task message waits in a
+# queue, for a worker of its model that may never come) '1' and the holder its record names, to end it at once as a
+# queued one: {status, '1' or '', holder or ''}.
 _REQUEST_CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
+if not status then return {'missing', '', ''} end
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
   redis.call('PUBLISH', KEYS[2], ARGV[1])
 end
-return status
+if status == 'running' then
+  local holder = redis.call('HGET', KEYS[3], ARGV[1])
+  if holder and string.sub(holder, 1, #ARGV[2]) == ARGV[2] and tonumber(string.sub(holder, #ARGV[2] + 1)) then
+    return {status, '1', redis.call('HGET', KEYS[1], 'worker') or ''}
+  end
+end
+return {status, '', ''}
 """
 
 _SET_PROMPT = _SEQ_LUA + """
@@ -1149,16 +1159,24 @@ class JobStore:
 
     def cancel_many(self, job_ids: Sequence[str]) -> list[str]:
         """Cancel each job as `cancel` does, in two pipelined round trips for them all: ask every one to stop (a
-        running one hears it on the control channel), then end those that were queued. Returns each job's status
-        before ("missing" for an unknown one)."""
-        statuses = self._run_scripts([(self._request_cancel, [self.key(job_id), self.control_channel], [job_id])
-                                      for job_id in job_ids])
-        # If a worker took a queued one meanwhile, its next chunk finds the job ended and drops it.
-        endings = [self._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED),
-                                            "cancelled"), False, "")
-                   for job_id, status in zip(job_ids, statuses) if status == "queued"]
-        self._run_scripts([(self._finish, call["keys"], call["args"]) for call in endings])
-        return statuses
+        running one hears it on the control channel), then end those that were queued, and those "running" that no
+        worker runs (handed back or claimed from a dead worker, back in a queue: they stayed "running", the cancel
+        unheard, until a worker of their model came, if ever). Returns each job's status before ("missing" for an
+        unknown one; "queued" for one of those, which ended as a queued one does)."""
+        answers = self._run_scripts([(self._request_cancel, [self.key(job_id), self.control_channel,
+                                                             self.running_key], [job_id, _REQUEUED])
+                                     for job_id in job_ids])
+        statuses = [status for status, _, _ in answers]
+        # If a worker took a queued one meanwhile, its next chunk finds the job ended and drops it. One that no worker
+        # ran is ended only while its record still names the holder read: a worker that started it meanwhile aborts
+        # it on the cancel's message.
+        endings = {job_id: (False, "") if status == "queued" else (True, holder)
+                   for job_id, (status, unheld, holder) in zip(job_ids, answers) if status == "queued" or unheld}
+        calls = [self._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED), "cancelled"),
+                                   only_if_running, holder) for job_id, (only_if_running, holder) in endings.items()]
+        ended = self._run_scripts([(self._finish, call["keys"], call["args"]) for call in calls])
+        unheld_ended = {job_id for job_id, answer in zip(endings, ended) if endings[job_id][0] and answer == "ok"}
+        return ["queued" if job_id in unheld_ended else status for job_id, status in zip(job_ids, statuses)]
 
 
 def _replace_images(request: dict[str, Any], replace: Callable[[str], str]) -> None:

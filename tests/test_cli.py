@@ -189,10 +189,11 @@ def test_a_bad_setting_stops_every_command_with_the_variable_named_not_a_traceba
     assert cli(["--help"], timeout=60, LLAVA_QUEUE_PORT="abc").returncode == 0
 
 
-def test_a_worker_with_a_bad_model_setting_says_which_and_exits_2(tmp_path):
+def test_a_worker_with_a_bad_model_setting_says_which_and_exits_2(tmp_path, default_model_dir):
     # Nothing listens on port 1: each of these must stop the worker before it needs Redis. A model path that is a
-    # file, a checkpoint whose config.json is no JSON, a device the machine lacks and a cache folder that is a file
-    # ended in a traceback and status 1.
+    # file, a checkpoint whose config.json is no JSON, a device the machine lacks, a cache folder that is a file and
+    # a checkpoint whose weights file was cut short (a copy interrupted) ended in a traceback and status 1.
+    import shutil
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -200,10 +201,14 @@ def test_a_worker_with_a_bad_model_setting_says_which_and_exits_2(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"not a checkpoint folder")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
+    shutil.copytree(default_model_dir, tmp_path / "truncated", ignore=shutil.ignore_patterns("*.safetensors"))
+    with open(default_model_dir / "model.safetensors", "rb") as weights:
+        (tmp_path / "truncated" / "model.safetensors").write_bytes(weights.read(1_000_000))
     cases = [("LLAVA_QUEUE_MODEL_PATH", "/nonexistent/llava-v1.5-13b"), ("LLAVA_QUEUE_DTYPE", "half"),
              ("LLAVA_QUEUE_DEVICE", "gpu"), ("LLAVA_QUEUE_DEVICE", "meta"),
              ("LLAVA_QUEUE_MODEL_PATH", str(tmp_path / "model.bin")),
              ("LLAVA_QUEUE_MODEL_PATH", str(tmp_path / "broken")),
+             ("LLAVA_QUEUE_MODEL_PATH", str(tmp_path / "truncated")),
              ("LLAVA_QUEUE_CACHE_DIR", str(tmp_path / "model.bin"))]
     if not torch.cuda.is_available():
         cases.append(("LLAVA_QUEUE_DEVICE", "cuda"))

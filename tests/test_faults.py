@@ -99,6 +99,25 @@ def test_sigterm_hands_running_jobs_back_and_exits(two_workers):
     assert resumed["worker"].endswith(f":{stack.processes[other].pid}")
 
 
+def test_a_cold_shutdown_hands_running_jobs_back(two_workers):
+    # Ctrl-C twice (Celery's cold shutdown): Celery's thread pool cannot kill a task (NotImplementedError, a CRITICAL
+    # traceback), and the engine's shutdown could end every job still in it failed ("engine shut down").
+    stack = two_workers
+    ids = submit_stories(stack, 4, max_new_tokens=400)
+    victim, holder, other = running_job(stack, ids)
+    stack.processes[holder].send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    stack.processes[holder].send_signal(signal.SIGINT)
+    stack.processes[holder].wait(30)
+    final = wait_all_final(stack, ids)
+    assert [job["status"] for job in final] == ["succeeded"] * 4, final
+    resumed = next(job for job in final if job["id"] == victim["id"])
+    assert resumed["text"].startswith(victim["text"]) and resumed["attempts"] >= 2
+    assert resumed["worker"].endswith(f":{stack.processes[other].pid}")
+    log = (stack.log_dir / f"{holder}.log").read_text()
+    assert "shutting down at once: handed" in log and "Traceback" not in log, log[-3000:]
+
+
 def test_a_worker_killed_mid_batch_loses_no_job(two_workers):
     stack = two_workers
     ids = submit_stories(stack, 6)

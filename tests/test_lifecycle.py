@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from redis_proxies import CuttingProxy
-from shared.jobs import JobStore
+from shared.jobs import CANCELLED_ERROR, Ending, JobStore
 from shared.protocol import ErrorCode, GenerateRequest
 
 
@@ -63,23 +63,57 @@ def test_a_job_whose_workers_died_too_often_fails_and_leaves_running(worker):
 
 
 def test_a_job_cancelled_while_its_worker_was_dead_ends_cancelled(worker):
-    # DELETE on a running job whose worker had just died (or was handing it back at shutdown): nobody aborts it,
-    # so the worker the sweep delivers it to must end it cancelled. It was fenced off (the record named the dead
-    # worker): the job stayed "running" for ever, delivered again every minute.
+    # DELETE on a running job whose worker had just died, before the sweep claimed it: nobody aborts it, so the worker
+    # the sweep delivers it to must end it cancelled. It was fenced off (the record named the dead worker): the job
+    # stayed "running" for ever, delivered again every minute.
     store, make = worker
-    for previous in ("dead-worker", "handing-back"):
-        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
-        assert store.start(job_id, previous) == "running"
-        if previous == "handing-back":
-            assert store.release(job_id, previous)
-        else:
-            assert store.claim_orphans() == [job_id]
-        assert store.cancel(job_id) == "running"
-        assert make(f"after-{previous}").run(job_id) == "cancel"
-        record = store.get(job_id)
-        assert (record["status"], record["error_code"]) == ("cancelled", ErrorCode.CANCELLED), (previous, record)
-        assert store.totals()["running"] == 0
-        assert store.claim_orphans(requeue_after=0) == []
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+    assert store.start(job_id, "dead-worker") == "running"
+    assert store.cancel(job_id) == "running"
+    assert store.claim_orphans() == [job_id]
+    assert make("after-dead-worker").run(job_id) == "cancel"
+    record = store.get(job_id)
+    assert (record["status"], record["error_code"]) == ("cancelled", ErrorCode.CANCELLED), record
+    assert store.totals()["running"] == 0
+    assert store.claim_orphans(requeue_after=0) == []
+
+
+@pytest.mark.parametrize("previous", ["dead-worker", "handing-back"])
+def test_a_cancel_ends_at_once_a_job_no_worker_runs(worker, previous):
+    # A job claimed from a dead worker, or handed back, waits in a queue for a worker of its model, still "running":
+    # a DELETE then was only a request nobody heard, and the job stayed "running" (its followers told nothing) until
+    # a worker of its model came, if ever. It ends at once, as a queued job does; the delivery that comes later
+    # finds it ended.
+    store, make = worker
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+    assert store.start(job_id, previous) == "running"
+    if previous == "handing-back":
+        assert store.release(job_id, previous)
+    else:
+        assert store.claim_orphans() == [job_id]
+    assert store.cancel(job_id) == "queued"  # ended at once: the API answers "cancelled"
+    record = store.get(job_id)
+    assert (record["status"], record["error_code"]) == ("cancelled", ErrorCode.CANCELLED), record
+    assert store.totals()["running"] == 0
+    assert store.claim_orphans(requeue_after=0) == []
+    assert make(f"after-{previous}").run(job_id) not in ("running", "resumed", "cancel")
+    assert store.get(job_id)["status"] == "cancelled"
+
+
+def test_a_cancel_of_a_job_a_worker_took_back_meanwhile_is_left_to_that_worker(worker):
+    # The cancel reads the job's holder as a mark, then a worker starts it before the cancel's ending: the ending is
+    # fenced off (it names the holder read), and the worker hears the cancel.
+    store, make = worker
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
+    assert store.start(job_id, "handing-back") == "running"
+    assert store.release(job_id, "handing-back")
+    holder = store.get(job_id)["worker"]
+    assert store.start(job_id, "taker") == "resumed"
+    # The ending cancel_many sends for a job it read as no worker's:
+    call = store._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED), "cancelled"),
+                              True, holder)
+    assert store._finish(keys=call["keys"], args=call["args"]) == "fenced"
+    assert store.get(job_id)["status"] == "running"
 
 
 def test_a_worker_restarted_under_the_same_pid_and_host_loses_no_job(default_model_dir):
@@ -231,8 +265,8 @@ def test_a_takeover_whose_ending_waits_out_a_redis_outage_still_ends_the_job(loa
     try:
         job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=8), "interactive")
         assert JobStore.start(store, job_id, "dead-worker") == "running"
+        assert store.cancel(job_id) == "running"  # before the sweep's claim (after it, the cancel ends it at once)
         assert store.claim_orphans() == [job_id]
-        assert store.cancel(job_id) == "running"
         runner = JobRunner(store, loaded, "w2")
         runner.redis_wait_seconds = 1.0
         try:
@@ -404,8 +438,8 @@ def test_a_start_whose_answer_was_lost_runs_the_job(loaded):
         # loses its answer, and its second try must still end the job.
         job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", max_new_tokens=4), "interactive")
         assert store.start(job_id, "dead-worker") == "running"
+        assert store.cancel(job_id) == "running"  # before the sweep's claim (after it, the cancel ends it at once)
         assert store.claim_orphans() == [job_id]
-        assert store.cancel(job_id) == "running"
         proxy.armed = store._start.sha.encode()
         outcome = runner.run(job_id)
         assert proxy.cuts == 2

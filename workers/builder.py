@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
@@ -190,7 +192,9 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
             model = placement.place(model)
         else:
             model, tokenizer = _load_causal_lm(model_path, placement, name)
-    except (OSError, ValueError) as exc:  # a file missing or unreadable, a config.json that is no JSON, ...
+    except (OSError, ValueError, SafetensorError, EOFError, pickle.UnpicklingError) as exc:
+        # A file missing or unreadable, a config.json that is no JSON, weights cut short (safetensors' own error;
+        # a .bin's EOFError or UnpicklingError), ...
         base = f" with the base {model_base} (LLAVA_QUEUE_MODEL_BASE)" if model_base else ""
         raise ModelLoadError(f"{name}: cannot load {model_path} (LLAVA_QUEUE_MODEL_PATH){base}: "
                              f"{type(exc).__name__}: {exc}") from exc

@@ -33,6 +33,7 @@ from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
 from workers.generation import HAND_BACK_REQUEUE_SECONDS, JobRunner, prepare
 from workers.metrics import METRICS, serve
+from workers.pool import HandingBackPool
 from workers.torch_threads import in_passing_thread
 
 log = logging.getLogger("llava_queue.worker")
@@ -113,17 +114,26 @@ def run_worker(settings: Settings) -> None:
         def hand_back_later():
             if not engine_idle.wait(settings.shutdown_grace_seconds):
                 handed = runner.hand_back(lambda job_id: _deliver_again(store, job_id))
-                log.warning("shutting down: handed %d running jobs back to the queue", len(handed))
+                if handed:
+                    log.warning("shutting down: handed %d running jobs back to the queue", len(handed))
         thread = threading.Thread(target=hand_back_later, daemon=True, name="hand-back")
         hand_backs.append(thread)
         thread.start()
 
+    def hand_back_at_once():
+        handed = runner.hand_back(lambda job_id: _deliver_again(store, job_id))
+        if handed:
+            log.warning("shutting down at once: handed %d running jobs back to the queue", len(handed))
+
+    HandingBackPool.hand_back_all = hand_back_at_once  # a cold shutdown's (a second Ctrl-C, SIGQUIT)
     engine_idle = threading.Event()
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
     signals.worker_shutdown.connect(lambda **_: engine_idle.set(), weak=False)
     try:
-        # One task thread per engine slot: Celery never reserves more jobs than the engine can batch.
-        celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.max_num_seqs}",
+        # One task thread per engine slot: Celery never reserves more jobs than the engine can batch. (Celery's
+        # command line takes a pool's alias only; its setting takes the class, read when the pool is the default.)
+        celery_app.conf.worker_pool = f"{HandingBackPool.__module__}:{HandingBackPool.__name__}"
+        celery_app.worker_main(["worker", f"--concurrency={settings.max_num_seqs}",
                                 "-Q", ",".join(worker_queues(loaded.name)), "-n", celery_node_name(name),
                                 f"--loglevel={settings.log_level}",
                                 "--without-gossip", "--without-mingle"])
@@ -134,6 +144,9 @@ def run_worker(settings: Settings) -> None:
             # with the last task Celery returns here. Exiting then (the thread is a daemon) could drop the job's new
             # delivery (the orphan sweep sent it a minute later) and the log line.
             thread.join(HAND_BACK_JOIN_SECONDS)
+        # Celery may return with jobs still in the engine (a cold shutdown its pool did not see through): they are
+        # handed back, not ended failed ("engine shut down") by the engine's shutdown below.
+        hand_back_at_once()
         try:
             registry.remove(name)
         except RedisError as exc:
