@@ -450,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llava-queue: {settings_error(exc)}", file=sys.stderr, flush=True)
         return 2
     setup_logging(settings.log_format, settings.log_level)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # Its reader left (`llava-queue status | head`): no traceback; what is still buffered goes nowhere at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -218,6 +218,15 @@ def test_status_table_and_watch(stack):
     out, err = watch.communicate(timeout=10)
     assert watch.returncode == 0, err
     assert out.count("\033[H\033[2J") >= 2 and out.count("SmolLM2-135M-Instruct@") >= 2
+    # A reader that leaves (`llava-queue status | head`): no BrokenPipeError traceback.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        gone = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=30, check=False)
+    finally:
+        os.close(write)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr
 
 
 def test_status_never_prints_the_redis_password():
@@ -296,6 +305,8 @@ def in_process_worker(redis_server, default_model_dir, tmp_path_factory):
     METRICS.start_observer(store, runner.worker_name, str(conversation_log))
     engine.start()
     METRICS.set_ready(True)
+    assert requests.get(f"{url}/readyz", timeout=5).status_code == 503  # no heartbeat has reached Redis yet
+    METRICS.set_reaching_redis(True)  # as the worker's first heartbeat does
     try:
         yield store, runner, url, conversation_log
     finally:

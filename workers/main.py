@@ -309,8 +309,10 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
                                              "heartbeat_at": time.time()},
                               ttl_seconds=settings.heartbeat_ttl_seconds)
             outage.reached()
+            METRICS.set_reaching_redis(True)
         except RedisError as exc:
             outage.failed(exc)
+            METRICS.set_reaching_redis(False)
         except Exception:
             log.exception("could not announce the worker")
         stop.wait(settings.heartbeat_interval_seconds)

@@ -85,10 +85,11 @@ class WorkerMetrics:
         self.warmup_seconds = Gauge("llava_queue_model_warmup_seconds",
                                     "How long the warm-up request took after loading.", ["model"], registry=r)
         self.ready = Gauge("llava_queue_worker_ready",
-                           "1 once the model is loaded and warmed up; 0 while starting or shutting down.", registry=r)
+                           "1 once the model is loaded and warmed up and while the heartbeat reaches Redis; 0 while "
+                           "starting or shutting down, or with Redis out of reach.", registry=r)
         self.registry.register(_EngineCollector(self))
         self._ended: queue.Queue[str] = queue.Queue()
-        self.is_ready = False
+        self.is_ready = self.reaching_redis = False
         # The conversation log's image hashes of the jobs this worker started, taken from their requests as they start:
         # a job's record loses its images when it ends (JobStore's finish), before the observer reads it.
         self._conversation_log = ""
@@ -112,9 +113,20 @@ class WorkerMetrics:
         self.warmup_seconds.labels(model).set(warmup_seconds)
 
     def set_ready(self, ready: bool) -> None:
-        """Say whether this worker takes jobs (its /readyz and `llava_queue_worker_ready`)."""
+        """Say whether this worker takes jobs (its /readyz and `llava_queue_worker_ready`), as far as its start and
+        its shutdown go; it is ready only while its heartbeat reaches Redis too (`set_reaching_redis`)."""
         self.is_ready = ready
-        self.ready.set(1 if ready else 0)
+        self.ready.set(1 if self.takes_jobs else 0)
+
+    def set_reaching_redis(self, reaching: bool) -> None:
+        """Whether this worker's last heartbeat reached Redis: one that never has (started before Redis was up) or
+        has lost it takes no job, and its /readyz said ready all the same."""
+        self.reaching_redis = reaching
+        self.ready.set(1 if self.takes_jobs else 0)
+
+    @property
+    def takes_jobs(self) -> bool:
+        return self.is_ready and self.reaching_redis
 
     def observe_step(self, outputs: list, endings: list) -> None:
         """After every engine step (from `JobRunner.publish`, on the engine thread): the batch size, and the
@@ -338,7 +350,7 @@ def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
 
     def app(environ, start_response):
         if environ.get("PATH_INFO") == "/readyz":
-            ready = metrics.is_ready
+            ready = metrics.takes_jobs
             body = json.dumps({"ready": ready, "model": metrics.model or None}).encode()
             start_response("200 OK" if ready else "503 Service Unavailable",
                            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
