@@ -37,6 +37,8 @@ ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
 QUEUES = ("interactive", "batch")
 CANCELLED_ERROR = "cancelled by the client"
+# What a step's write answers for a job whose record is gone (JobStore.record_step).
+RECORD_GONE = -3
 
 # How many times a job may be handed back by workers told to stop (rolling restarts, scale-downs) before its next start
 # fails it, by default (Settings.max_hand_backs, LLAVA_QUEUE_MAX_HAND_BACKS; JobStore's `max_hand_backs`). Hand-backs
@@ -125,13 +127,16 @@ end
 
 # One engine step's chunks in one call: KEYS holds each chunk's record and channel in turn; ARGV the worker and the
 # step, then each chunk's text, completion tokens and first token's time (or ''). Answers each chunk's new seq in
-# turn: -1 where the job is not running on this worker, -2 where its cancellation was asked for. (A call a chunk,
+# turn: -1 where the job is not running on this worker, -2 where its cancellation was asked for, -3 where its record
+# is gone. (A call a chunk,
 # before: the round trip carried 32 calls a step of 32 jobs, 0.7 ms of the engine's step.)
 _APPEND = """
 local function append(key, channel, delta, tokens, first_at, worker, step)
   -- Read in one call (a chunk is a dozen of Redis' calls otherwise): what the checks below need.
   local status, holder, last_step, seq, text, cancel = unpack(redis.call('HMGET', key, 'status', 'worker', 'step',
                                                                          'seq', 'text', 'cancel_requested'))
+  -- A record that is gone (Redis restarted without its data, the key deleted): said apart, for the worker's log.
+  if not status then return -3 end
   -- Only the worker that holds the job may write to it (a fence against a worker thought dead).
   if status ~= 'running' or holder ~= worker then
     return -1
@@ -1089,7 +1094,7 @@ class JobStore:
 
         `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each chunk's new seq; -1
         where the job is no longer running on `worker` (the chunk is dropped), -2 where its cancellation was
-        asked for (the chunk is kept): stop generating it either way.
+        asked for (the chunk is kept), -3 where its record is gone: stop generating it in every case.
         `step`, increasing with each call of this worker, makes writing the same step again harmless: a
         job whose record has seen that step (or a later one) keeps its text as it is.
         """

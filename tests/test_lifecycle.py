@@ -78,6 +78,32 @@ def test_a_job_cancelled_while_its_worker_was_dead_ends_cancelled(worker):
     assert store.claim_orphans(requeue_after=0) == []
 
 
+def test_a_job_whose_record_is_gone_is_dropped_with_a_warning(worker, caplog):
+    # Redis restarted without its data (or the key was deleted) under a running job: the worker dropped it with no
+    # word but Celery's "succeeded: 'cancelled'".
+    import logging
+    import time
+
+    store, make = worker
+    runner = make("w1")
+    job_id, _ = store.create(GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=200),
+                             "interactive")
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(job_id)))
+    with caplog.at_level(logging.WARNING, logger="llava_queue.worker"):
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not store.redis.hget(store.key(job_id), "text"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        store.redis.delete(store.key(job_id))
+        thread.join(60)
+    assert not thread.is_alive() and outcome
+    assert any(f"job {job_id}: its record is gone" in record.getMessage() for record in caplog.records), \
+        [record.getMessage() for record in caplog.records]
+    assert not store.redis.exists(store.key(job_id))  # nothing written back: no record of one field
+
+
 @pytest.mark.parametrize("previous", ["dead-worker", "handing-back"])
 def test_a_cancel_ends_at_once_a_job_no_worker_runs(worker, previous):
     # A job claimed from a dead worker, or handed back, waits in a queue for a worker of its model, still "running":

@@ -18,7 +18,7 @@ import torch
 from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import CANCELLED_ERROR, QUEUES, Ending, JobStore, answers_later
+from shared.jobs import CANCELLED_ERROR, QUEUES, RECORD_GONE, Ending, JobStore, answers_later
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -315,8 +315,11 @@ class JobRunner:
             # would leave a hole in a job's text.
             seqs = self._record_step(chunks, endings, f"publishing a step of {len(outputs)} jobs")
             for (job_id, *_), seq in zip(chunks, seqs):
+                if seq == RECORD_GONE:
+                    log.warning("job %s: its record is gone (Redis lost its data, or the key was deleted); the job "
+                                "is dropped", job_id)
                 if seq < 0 and self.engine is not None:
-                    self.engine.abort(job_id)  # the job was cancelled or ended elsewhere
+                    self.engine.abort(job_id)  # the job was cancelled or ended elsewhere, or its record is gone
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
         self._observed.update(ending.job_id for ending in endings)
