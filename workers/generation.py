@@ -301,6 +301,8 @@ class JobRunner:
         # publish() has normally finished the record already; this covers an engine that ended the
         # request without an output step (for example at shutdown). It is a no-op otherwise.
         self._finish(output)
+        if job_id in self._handed_back:
+            return "handed_back"  # what Celery logs as the task's result (it read "cancelled")
         return _FINAL_STATUS.get(output.finish_reason, "failed")
 
     def publish(self, outputs: list[SeqOutput]) -> None:
