@@ -879,17 +879,19 @@ class JobStore:
         return f"{self.prefix}:stats:finished"
 
     def totals(self) -> dict[str, Any]:
-        """Job counts in one round trip: queued (per queue), running, submitted (per queue), finished
-        (per (status, error_code))."""
+        """Job counts in one round trip: queued (per queue), running, requeued (those of the running that no worker
+        runs now: handed back, or claimed from a dead worker, their tasks back in a queue), submitted (per queue),
+        finished (per (status, error_code))."""
         with self.redis.pipeline(transaction=False) as pipe:
             for queue in QUEUES:
                 pipe.zcard(self.queue_key(queue))
-            pipe.hlen(self.running_key)
+            pipe.hvals(self.running_key)
             pipe.hgetall(self.submitted_key)
             pipe.hgetall(self.finished_key)
-            *queued, running, submitted, finished = pipe.execute()
+            *queued, holders, submitted, finished = pipe.execute()
         # A field that is no count (written by hand) is left out: raised, it failed /metrics and `status` for good.
-        return {"queued": dict(zip(QUEUES, queued)), "running": running,
+        return {"queued": dict(zip(QUEUES, queued)), "running": len(holders),
+                "requeued": sum(_mark_time(holder) is not None for holder in holders),
                 "submitted": {queue: int(count) for queue, count in submitted.items() if _is_count(count)},
                 "finished": {(name.rpartition(":")[0], int(name.rpartition(":")[2])): int(count)
                              for name, count in finished.items()

@@ -48,7 +48,8 @@ def render_status(store: JobStore, registry: WorkerRegistry, redis_url: str = ""
         by_status[status] += count
     finished = sum(by_status.values())
     detail = ", ".join(f"{status} {count}" for status, count in by_status.most_common())
-    lines.append(f"running {totals['running']} · submitted {sum(totals['submitted'].values())} · "
+    requeued = f" ({totals['requeued']} back in a queue, no worker running them)" if totals["requeued"] else ""
+    lines.append(f"running {totals['running']}{requeued} · submitted {sum(totals['submitted'].values())} · "
                  f"finished {finished}" + (f" ({detail})" if detail else ""))
     lines.append("")
     rows = []

@@ -117,6 +117,8 @@ def test_a_cancel_ends_at_once_a_job_no_worker_runs(worker, previous):
         assert store.release(job_id, previous)
     else:
         assert store.claim_orphans() == [job_id]
+    # Counted apart from the running ones a worker runs (`status`, /metrics: an autoscaler sees it waits).
+    assert (store.totals()["running"], store.totals()["requeued"]) == (1, 1)
     assert store.cancel(job_id) == "queued"  # ended at once: the API answers "cancelled"
     record = store.get(job_id)
     assert (record["status"], record["error_code"]) == ("cancelled", ErrorCode.CANCELLED), record

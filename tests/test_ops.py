@@ -129,6 +129,32 @@ def test_jobs_past_their_deadline_are_not_counted_as_queued(redis_server):
     assert metrics[("llava_queue_jobs_finished_total", (("error_code", "6"), ("status", "expired")))] == 3
 
 
+def test_running_jobs_no_worker_runs_are_counted_apart(redis_server):
+    """A job handed back, or claimed from a dead worker, is "running" with its task back in a queue: `/metrics` and
+    `status` counted it as running and not in the queue depth, so an autoscaler saw no work for its model."""
+    from api.main import create_app
+    from shared.jobs import JobStore, WorkerRegistry
+    from shared.protocol import GenerateRequest
+
+    prefix = "llq-requeued-ops"
+    store = JobStore.from_url(redis_server.url, prefix)
+    for holder in ("dead-worker", "handing-back", "live-worker"):
+        job_id, _ = store.create(GenerateRequest(prompt="Hi", max_new_tokens=2), "interactive")
+        assert store.start(job_id, holder) == "running"
+        if holder == "handing-back":
+            assert store.release(job_id, holder)
+    WorkerRegistry(store.redis, prefix).announce("live-worker", {"name": "live-worker"}, ttl_seconds=60)
+    assert len(store.claim_orphans()) == 1  # dead-worker's
+    env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=redis_server.url, LLAVA_QUEUE_KEY_PREFIX=prefix)
+    status = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert "running 3 (2 back in a queue, no worker running them)" in status.stdout, status.stdout
+    with TestClient(create_app(Settings(redis_url=redis_server.url, key_prefix=prefix))) as client:
+        metrics = scrape(client.get("/metrics").text)
+    assert metrics[("llava_queue_jobs", (("state", "running"),))] == 3
+    assert metrics[("llava_queue_requeued_jobs", ())] == 2
+
+
 def test_task_events_are_off_until_a_monitor_turns_them_on(stack):
     """By default a worker sends worker events but no task events (those would go out through the consumer
     thread that takes every job); Flower's `enable_events` command turns them on, and they name the job."""

@@ -59,6 +59,9 @@ class RedisCollector:
         jobs.add_metric(["queued"], sum(totals["queued"].values()))
         jobs.add_metric(["running"], totals["running"])
         yield jobs
+        yield GaugeMetricFamily("llava_queue_requeued_jobs", "Running jobs that no worker runs now (handed back, or "
+                                "claimed from a dead worker): their tasks wait in a queue for a worker of their model, "
+                                "not counted in llava_queue_queue_depth.", value=totals["requeued"])
         submitted = CounterMetricFamily("llava_queue_jobs_submitted", "Jobs accepted, per queue.", labels=["queue"])
         for queue in sorted(set(QUEUES) | set(totals["submitted"])):
             submitted.add_metric([queue], totals["submitted"].get(queue, 0))
