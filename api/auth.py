@@ -60,6 +60,14 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
     return digest
 
 
+async def api_key_if_sent(conn: HTTPConnection) -> str | None:
+    """`require_api_key` for a request that carries a key, on the open LLaVA protocol (`PUBLIC_LLAVA_PROTOCOL`): a
+    job sent with a valid key is that key's (its quota, its rate limit; it was anyone's, readable by every other key),
+    one with a wrong key is a 401; one with none stays open, as the original clients send none."""
+    sent = conn.headers.get("authorization") or (conn.scope["type"] == "websocket" and "api_key" in conn.query_params)
+    return await require_api_key(conn) if sent else None
+
+
 def owns(record_owner: str | None, api_key: str | None) -> bool:
     """Whether a caller (its key's digest; None with keys off) may read or cancel a job recorded with `record_owner`.
 

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import require_api_key
+from api.auth import api_key_if_sent, require_api_key
 from api.channel_hub import ChannelHub
 from api.errors import ApiError, error_response, install_error_handlers
 from api.submission import Submitter
@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [jobs, stream, openai, models, batches, files]
     if settings.public_llava_protocol:
         for module in (llava, controller):
-            app.include_router(module.router)
+            app.include_router(module.router, dependencies=[Depends(api_key_if_sent)])
     else:
         protected += [llava, controller]
     for module in protected:

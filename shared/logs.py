@@ -21,12 +21,21 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from urllib.parse import unquote_plus
 
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("llava_queue_job_id", default=None)
 _JOB_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
 TEXT_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
-# An API key sent in a query string (`?api_key=`, as browsers do on a WebSocket): uvicorn logs the path with it.
-_KEY_IN_QUERY = re.compile(r"([?&]api_key=)[^&#\s\"']*", re.IGNORECASE)
+# A query parameter in a logged path: its name, and its value up to the next parameter, a space, or the quote that
+# closes the path in uvicorn's access lines (a quote inside the value is masked with it).
+_QUERY_PARAMETER = re.compile(r"([?&])([^=&#\s\"]+)=([^&#\s]*?)(?=\"?(?:[&#\s]|$))")
+
+
+def _mask_api_key(match: re.Match) -> str:
+    """An API key sent in a query string (`?api_key=`, as browsers do on a WebSocket; uvicorn logs the path with
+    it), masked under any spelling the API reads as that name: `api%5Fkey=` was taken, and logged in clear."""
+    separator, name, _ = match.groups()
+    return f"{separator}{name}=***" if unquote_plus(name).lower() == "api_key" else match.group(0)
 
 
 def job_id_of(record: logging.LogRecord) -> str | None:
@@ -59,7 +68,7 @@ class RedactSecrets(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format: the handler reports it as logging does
             return True
-        masked = _KEY_IN_QUERY.sub(r"\1***", message)
+        masked = _QUERY_PARAMETER.sub(_mask_api_key, message)
         if masked != message:
             record.msg, record.args = masked, ()
         return True

@@ -277,19 +277,23 @@ def test_api_keys_sent_on_a_websocket_stay_out_of_the_logs(api_two_keys):
     stack = api_two_keys
     job_id = post(stack, {"prompt": "hi"}).json()["id"]
 
-    async def connect(key):
+    async def connect(key, name="api_key"):
         try:
-            async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws?api_key={key}&x=1"):
+            async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws?{name}={key}&x=1"):
                 pass
         except websockets.InvalidStatus:
             pass
 
     asyncio.run(connect(KEY))
     asyncio.run(connect("mistyped-secret-789"))
+    # The name percent-encoded, which the API reads as api_key too: the key was taken, and logged in clear.
+    asyncio.run(connect(OTHER_KEY, "api%5Fkey"))
+    asyncio.run(connect("mistyped-secret-790", "%61pi_key"))
     time.sleep(0.5)
     log = (stack.log_dir / "api.log").read_text()
-    assert f"/v1/jobs/{job_id}/ws?" in log  # the connections were logged ...
-    assert KEY not in log and "mistyped-secret-789" not in log  # ... without the keys
+    assert f"/v1/jobs/{job_id}/ws?" in log and "api%5Fkey=***" in log  # the connections were logged ...
+    for secret in (KEY, OTHER_KEY, "mistyped-secret-789", "mistyped-secret-790"):
+        assert secret not in log, secret  # ... without the keys
 
 
 def test_a_lone_surrogate_in_the_json_is_a_422_not_a_500(api_two_keys):

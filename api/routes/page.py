@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,13 +96,20 @@ def feedback_key(settings: Settings) -> str:
     return f"{settings.key_prefix}:feedback"
 
 
+# The feedback log keeps its newest this many lines (each holds a job's prompt and answer).
+MAX_FEEDBACK_LINES = 100_000
+
+
 # The page and its files are public; feedback needs an API key when keys are configured, as jobs do.
 @router.post("/v1/feedback", status_code=201, response_model=FeedbackRecord, tags=["feedback"])
-def record_feedback(body: Feedback, request: Request, store: Store, settings: AppSettings,
+def record_feedback(body: Feedback, request: Request, response: Response, store: Store, settings: AppSettings,
                     api_key: ApiKey) -> FeedbackRecord:
     """Record an upvote, downvote or flag on a job's answer: a job of the caller's API key (with keys on).
 
-    The model, prompt and answer are copied from the job record, so the log line outlives the job.
+    The model, prompt and answer are copied from the job record, so the log line outlives the job. A job's vote or
+    flag is recorded once: the same again answers the line recorded first, 200 (each repeat copied the prompt and
+    answer again, 400 KB a request for a long prompt, into a list never trimmed). The log keeps its newest
+    MAX_FEEDBACK_LINES lines.
     """
     # Another key's job is unknown here as at GET /v1/jobs/{id}: the answer holds its prompt and text.
     job = owned_job(store, body.job_id, api_key)
@@ -111,5 +118,13 @@ def record_feedback(body: Feedback, request: Request, store: Store, settings: Ap
     record = FeedbackRecord(tstamp=round(time.time(), 4), type=body.type, job_id=body.job_id, model=job["model"],
                             prompt=job["prompt"], text=job["text"],
                             ip=request.client.host if request.client else None)
-    store.redis.rpush(feedback_key(settings), json.dumps(record.model_dump()))
+    line = json.dumps(record.model_dump())
+    once = f"{feedback_key(settings)}:{body.job_id}:{body.type}"
+    if not store.redis.set(once, line, nx=True, ex=settings.job_ttl_seconds):
+        first = store.redis.get(once)
+        if first is not None:
+            response.status_code = 200
+            return FeedbackRecord.model_validate_json(first)
+    with store.redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(feedback_key(settings), line).ltrim(feedback_key(settings), -MAX_FEEDBACK_LINES, -1).execute()
     return record
