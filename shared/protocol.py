@@ -133,6 +133,10 @@ class GenerateRequest(BaseModel):
     def _model_name(cls, model: str | None) -> str | None:
         if model is not None and len(model) > MAX_MODEL_CHARS:
             raise ValueError(f"is {len(model)} characters long; the limit is {MAX_MODEL_CHARS}")
+        if model is not None and any(ord(char) < 0x20 or ord(char) == 0x7F for char in model):
+            # kombu names a queue's priority lists "<queue>\x06\x16<n>": a model "M\x06\x163" reached the queue
+            # of model M, and ran there under a name no worker serves.
+            raise ValueError("holds a control character")
         return model
 
     @field_validator("temperature", "top_p")

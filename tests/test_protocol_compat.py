@@ -110,6 +110,14 @@ def test_max_new_tokens_is_read_as_the_original_reads_it():
     assert parse_request({"prompt": "hi", "max_new_tokens": "7"}).max_new_tokens == 7
     assert parse_request({"prompt": "hi", "max_new_tokens": " -3 "}).max_new_tokens == 0  # int(" -3 ") is -3: a 422
     assert parse_request({"prompt": "hi", "max_new_tokens": "2000"}).max_new_tokens == 1024
+
+
+def test_a_model_name_with_a_control_character_is_refused():
+    # kombu's priority lists are "<queue>\x06\x16<n>": a job for "M\x06\x163" ran on a worker of model M.
+    for model in ("SmolLM2-135M-Instruct\x06\x163", "a\nb", "a\x7fb"):
+        with pytest.raises(InvalidRequest, match="model: holds a control character"):
+            parse_request({"prompt": "hi", "model": model})
+    assert parse_request({"prompt": "hi", "model": "llava-v1.5-13b (café)"}).model == "llava-v1.5-13b (café)"
     with pytest.raises(InvalidRequest, match="max_new_tokens"):  # int("abc") fails in the original too
         parse_request({"prompt": "hi", "max_new_tokens": "abc"})
 
