@@ -178,6 +178,8 @@ class JobRunner:
         # Jobs this worker runs now, and those it is handing back to the queue as it shuts down.
         self._active: set[str] = set()
         self._handed_back: set[str] = set()
+        # Jobs whose release is on its way: a step fenced off by it can end the job's task before it is handed back.
+        self._releasing: set[str] = set()
         # Numbers this worker's writes of chunks, so that one tried again is not appended twice.
         self._steps = itertools.count(1)
         # How long a write waits for Redis to come back before it gives up (`when_redis_answers`).
@@ -301,7 +303,7 @@ class JobRunner:
         # publish() has normally finished the record already; this covers an engine that ended the
         # request without an output step (for example at shutdown). It is a no-op otherwise.
         self._finish(output)
-        if job_id in self._handed_back:
+        if job_id in self._handed_back or job_id in self._releasing:
             return "handed_back"  # what Celery logs as the task's result (it read "cancelled")
         return _FINAL_STATUS.get(output.finish_reason, "failed")
 
@@ -359,14 +361,17 @@ class JobRunner:
         handed = []
         # A job handed back already (its engine stopped) is not released twice, nor sent again twice.
         for job_id in list(self._active - self._handed_back):
+            self._releasing.add(job_id)
             try:
                 released = self.store.release(job_id, self.worker_name)
             except RedisError as exc:
                 log.warning("job %s not handed back (%s): it runs on; if this worker exits, the orphan sweep "
                             "delivers it again", job_id, exc)
-                continue
+                released = False
             if released:
-                self._handed_back.add(job_id)
+                self._handed_back.add(job_id)  # before it leaves _releasing: its task reads one or the other
+            self._releasing.discard(job_id)
+            if released:
                 self.engine.abort(job_id)
                 handed.append(job_id)
                 _requeue(requeue, job_id, deadline)
