@@ -267,11 +267,19 @@ end
 return 'ok'
 """
 
+# Whether a holder in the running hash is a hand-back's or a claim's mark ("requeued@<time>", `prefix` the
+# "requeued@"), not a worker's name: only a rest that reads as a number makes one (_mark_time, in Python).
+_MARK_LUA = """
+local function is_mark(holder, prefix)
+  return holder and string.sub(holder, 1, #prefix) == prefix and tonumber(string.sub(holder, #prefix + 1)) ~= nil
+end
+"""
+
 # A cancel asked for (KEYS[3] the running hash, ARGV[2] _REQUEUED): the job's status, and for a running job that no
 # worker runs now (handed back, or claimed from a dead worker: its holder is a mark, and its task message waits in a
 # queue, for a worker of its model that may never come) '1' and the holder its record names, to end it at once as a
 # queued one: {status, '1' or '', holder or ''}.
-_REQUEST_CANCEL = """
+_REQUEST_CANCEL = _MARK_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', '', ''} end
 if status == 'queued' or status == 'running' then
@@ -280,7 +288,7 @@ if status == 'queued' or status == 'running' then
 end
 if status == 'running' then
   local holder = redis.call('HGET', KEYS[3], ARGV[1])
-  if holder and string.sub(holder, 1, #ARGV[2]) == ARGV[2] and tonumber(string.sub(holder, #ARGV[2] + 1)) then
+  if is_mark(holder, ARGV[2]) then
     return {status, '1', redis.call('HGET', KEYS[1], 'worker') or ''}
   end
 end
@@ -331,14 +339,13 @@ def _mark_time(holder: str) -> float | None:
 
 # A worker's hand-back of job ARGV[1] (KEYS as _CLAIM's): the running hash marks it ARGV[4], and the record's holder
 # becomes ARGV[3] (requeued@<worker>), so the worker's late writes are fenced off.
-_RELEASE = """
+_RELEASE = _MARK_LUA + """
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
 local worker = redis.call('HGET', KEYS[2], 'worker')
 local running = redis.call('HGET', KEYS[2], 'status') == 'running'
 -- This very hand-back sent again (its answer was lost with the connection, after it ran), and nobody has started the
 -- job since: handed back (a "not held" made the worker keep a job whose writes were fenced off).
-if running and worker == ARGV[3] and holder and string.sub(holder, 1, #ARGV[5]) == ARGV[5]
-   and tonumber(string.sub(holder, #ARGV[5] + 1)) then return 1 end
+if running and worker == ARGV[3] and is_mark(holder, ARGV[5]) then return 1 end
 -- Not this worker's (or its record is gone: a new one of one field would outlive it).
 if not running or holder ~= ARGV[2] or worker ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])

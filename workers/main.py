@@ -113,17 +113,18 @@ def run_worker(settings: Settings) -> None:
         METRICS.set_ready(False)
         def hand_back_later():
             if not engine_idle.wait(settings.shutdown_grace_seconds):
-                handed = runner.hand_back(lambda job_id: _deliver_again(store, job_id))
-                if handed:
-                    log.warning("shutting down: handed %d running jobs back to the queue", len(handed))
+                hand_back_running("shutting down")
         thread = threading.Thread(target=hand_back_later, daemon=True, name="hand-back")
         hand_backs.append(thread)
         thread.start()
 
-    def hand_back_at_once():
+    def hand_back_running(when: str) -> None:
         handed = runner.hand_back(lambda job_id: _deliver_again(store, job_id))
         if handed:
-            log.warning("shutting down at once: handed %d running jobs back to the queue", len(handed))
+            log.warning("%s: handed %d running jobs back to the queue", when, len(handed))
+
+    def hand_back_at_once():
+        hand_back_running("shutting down at once")
 
     HandingBackPool.hand_back_all = hand_back_at_once  # a cold shutdown's (a second Ctrl-C, SIGQUIT)
     engine_idle = threading.Event()
