@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import owned_job, owns
 from api.deps import ApiKey, IdempotencyKey, Store, Submissions
 from api.errors import ApiError, job_not_found
-from api.routes.openai import COMPLETION_ID_PREFIX
+from api.routes.openai import job_id_of
 from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
 from shared.jobs import FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
@@ -228,18 +228,13 @@ def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key
     return JobCreated(id=job, status="cancelled" if previous == "queued" else "cancelling")
 
 
-def _plain_id(job_id: str) -> str:
-    """The job id of a job id or of an OpenAI chat completion's id (`chatcmpl-<job id>`)."""
-    return job_id.removeprefix(COMPLETION_ID_PREFIX)
-
-
 @router.get("/{job_id}", response_model=JobView)
 def get_job(job_id: str, store: Store, api_key: ApiKey) -> JobView:
     """The job's state, text so far, timings, token usage, and queue position while queued.
 
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too.
     """
-    record = owned_job(store, _plain_id(job_id), api_key)
+    record = owned_job(store, job_id_of(job_id), api_key)
     if record is None:
         raise job_not_found(job_id)
     return job_view(record)
@@ -251,7 +246,7 @@ def cancel_job(job_id: str, store: Store, api_key: ApiKey) -> JobCreated:
 
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too, as by `GET`.
     """
-    job = _plain_id(job_id)
+    job = job_id_of(job_id)
     if api_key is not None and not owns(store.redis.hget(store.key(job), "owner"), api_key):
         raise job_not_found(job_id)
     previous = store.cancel(job)

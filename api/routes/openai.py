@@ -40,6 +40,12 @@ log = logging.getLogger("llava_queue.api")
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
 
+
+def job_id_of(job_or_completion_id: str) -> str:
+    """The job id of a job id or of a chat completion's id (`chatcmpl-<job id>`): every route that takes a job id
+    takes either."""
+    return job_or_completion_id.removeprefix(COMPLETION_ID_PREFIX)
+
 # How a job that did not succeed is answered: HTTP status and error type, by llava-queue error code.
 _JOB_ERRORS = {
     ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
@@ -113,8 +119,27 @@ class ChatMessage(BaseModel):
         return content
 
 
+def not_boolean(value: Any) -> str | None:
+    """Why `value` is not a boolean field's value (true, false, or null where the field takes it), or None when it
+    is: OpenAI refuses any other ("yes", 1), which pydantic took for true."""
+    if value is None or isinstance(value, bool):
+        return None
+    kinds = {str: "a string", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return f"must be a boolean (true or false), got {kinds.get(type(value), type(value).__name__)}"
+
+
+def _boolean(value: Any) -> Any:
+    """A boolean field's validator (mode="before"): refuses what `not_boolean` refuses."""
+    refused = not_boolean(value)
+    if refused:
+        raise ValueError(refused)
+    return value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+    _booleans = field_validator("include_usage", mode="before")(_boolean)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -144,7 +169,9 @@ class ChatCompletionRequest(BaseModel):
     def _string_or_strings(cls, stop: Any) -> Any:
         return stop_of_strings(stop)
 
-    @field_validator("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", mode="before")
+    _booleans = field_validator("stream", "keep_on_disconnect", mode="before")(_boolean)
+
+    @field_validator("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "n", mode="before")
     @classmethod
     def _no_boolean(cls, value: Any) -> Any:
         """A number, not true or false, as OpenAI has it (pydantic took true for 1)."""
@@ -189,6 +216,10 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
 
+
+# OpenAI's boolean fields that are not declared above (the first is refused when true, the others are ignored): their
+# type is checked all the same, as OpenAI checks it.
+_BOOLEAN_EXTRAS = ("logprobs", "parallel_tool_calls", "store")
 
 # Fields OpenAI accepts that llava-queue cannot honour: refused when set to anything but "off".
 _UNSUPPORTED = {
@@ -238,6 +269,10 @@ def check_supported(body: ChatCompletionRequest) -> None:
     if body.n is not None and body.n != 1:
         raise ApiError(400, f"n: only n=1 is supported (one choice per request), got n={body.n}; "
                             "send n requests instead", param="n")
+    for name in _BOOLEAN_EXTRAS:
+        refused = not_boolean((body.model_extra or {}).get(name))
+        if refused:
+            raise ApiError(400, f"{name}: {refused}", param=name)
     for name, value in (body.model_extra or {}).items():
         refused = _UNSUPPORTED.get(name)
         if refused and refused[0](value):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.auth import owned_job
 from api.deps import ApiKey, AppSettings, Store
 from api.errors import ApiError, job_not_found
+from api.routes.openai import job_id_of
 from shared.protocol import ErrorCode
 from shared.settings import Settings
 
@@ -32,6 +33,7 @@ def frontend_dir(settings: Settings) -> Path:
 
 
 def _page_file(settings: Settings, relative: str) -> FileResponse:
+    """The page's file at `relative`, or a 404 that names only that path (not the server's folder)."""
     root = frontend_dir(settings).resolve()
     try:
         path = (root / relative).resolve()
@@ -39,7 +41,7 @@ def _page_file(settings: Settings, relative: str) -> FileResponse:
     except (ValueError, OSError):  # a NUL in the name, a name too long for the file system
         found = False
     if not found:
-        raise ApiError(404, f"no such page file: {relative!r} (the page is served from {root})",
+        raise ApiError(404, f"no such page file: {relative!r}",
                        type="not_found", param="path", code=ErrorCode.NOT_FOUND)
     return FileResponse(path, headers=_NO_CACHE)
 
@@ -71,7 +73,7 @@ def static_file(path: str, settings: AppSettings) -> FileResponse:
 
 
 class Feedback(BaseModel):
-    """A vote or a flag on one answer, named by the job that produced it."""
+    """A vote or a flag on one answer, named by the job that produced it (its id, or its chat completion's id)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -111,6 +113,9 @@ def record_feedback(body: Feedback, request: Request, response: Response, store:
     answer again, 400 KB a request for a long prompt, into a list never trimmed). The log keeps its newest
     MAX_FEEDBACK_LINES lines.
     """
+    # A chat completion's id names its job, as at GET /v1/jobs/{id}; the log line names the job id, so that a vote
+    # by either id is the same vote.
+    body.job_id = job_id_of(body.job_id)
     # Another key's job is unknown here as at GET /v1/jobs/{id}: the answer holds its prompt and text.
     job = owned_job(store, body.job_id, api_key)
     if job is None:

@@ -16,9 +16,11 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from api.auth import owns
 from api.deps import ApiKey, Hub, Store, Submissions
 from api.errors import ApiError, store_unavailable
+from api.routes.controller import parse_original_body
 from api.routes.llava import cancel_unless_ended
+from api.routes.openai import job_id_of
 from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
-from shared.protocol import ErrorCode, InvalidRequest, JobRequest, parse_request
+from shared.protocol import ErrorCode, InvalidRequest, JobRequest
 
 log = logging.getLogger("llava_queue.api")
 
@@ -149,7 +151,9 @@ async def _send_not_found(websocket: WebSocket, job_id: str) -> bool:
 
 @router.websocket("/v1/jobs/{job_id}/ws")
 async def job_stream(websocket: WebSocket, job_id: str, store: Store, hub: Hub, api_key: ApiKey) -> None:
-    """Stream an existing job: its current text first, then every chunk, then how it ended."""
+    """Stream an existing job: its current text first, then every chunk, then how it ended. A chat completion's id
+    (`chatcmpl-<job id>`) names its job here too, as at `GET /v1/jobs/{id}`; the messages name the job id."""
+    job_id = job_id_of(job_id)
     await websocket.accept()
     try:
         foreign = api_key is not None and not owns(
@@ -210,9 +214,10 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
     if first["type"] == "websocket.disconnect":
         return
     try:
-        # A binary frame holds the request's JSON too, as a POST body does. Checked on a thread: its images take a
-        # while (seconds for a crafted file), during which the event loop would serve no other request or stream.
-        request = await asyncio.to_thread(parse_request, first["text"] if first.get("text") is not None
+        # A binary frame holds the request's JSON too, read as a POST body of the original is. Checked on a thread:
+        # its images take a while (seconds for a crafted file), during which the event loop would serve no other
+        # request or stream.
+        request = await asyncio.to_thread(parse_original_body, first["text"] if first.get("text") is not None
                                           else first["bytes"], JobRequest)
         job_id = await asyncio.to_thread(submitter.submit_one, request, request.queue, api_key)
     except InvalidRequest as exc:
