@@ -6,8 +6,9 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv || { apt-get update -qq && apt-get install -y -qq python3-venv && "$PYTHON" -m venv .venv; }
 fi
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build. On a GPU machine set
-# LLAVA_QUEUE_TORCH to the CUDA build you want (for example "torch==2.13.0 --index-url ...").
+# torch first, pinned: an unpinned torch would pull the newest multi-GB CUDA build. The pin takes whichever
+# 2.13.0 build pip's index has (the CPU one on the machines this project is built on; PyPI's own Linux wheel is
+# the CUDA one): LLAVA_QUEUE_TORCH names another, e.g. "torch==2.13.0 --index-url .../whl/cpu" or a CUDA build.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
   .venv/bin/pip install --quiet ${LLAVA_QUEUE_TORCH:-torch==2.13.0}
