@@ -20,6 +20,7 @@ import math
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -82,6 +83,11 @@ elseif status == 'queued' then
   -- absent, as JobStore.get reads it: comparing its nil raised, and the job failed at every start.
   local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
   if deadline and deadline < tonumber(ARGV[2]) then ended = 'expired' end
+else
+  -- Back in a queue (handed back, or claimed from a dead worker) past the end of its new wait
+  -- (_REQUEUE_DEADLINE_LUA): it expires as a queued one does, with the text it has.
+  local deadline = tonumber(redis.call('HGET', KEYS[1], 'requeue_deadline'))
+  if deadline and deadline < tonumber(ARGV[2]) then ended = 'expired' end
 end
 -- Starts that followed a hand-back (a worker told to stop) are no failed attempts: only the others count. Hand-backs
 -- have a bound of their own (ARGV[8], the store's max_hand_backs): past it the job ends.
@@ -107,8 +113,9 @@ if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KE
 local outcome = 'running'
 if status == 'running' then outcome = 'resumed' end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'start_token', ARGV[7], 'start_outcome', outcome)
--- The steps of the worker that held it before count no more, nor its prompt (set_prompt writes it again).
-redis.call('HDEL', KEYS[1], 'step', 'prompt_by')
+-- The steps of the worker that held it before count no more, nor its prompt (set_prompt writes it again), nor the
+-- end of its wait in a queue.
+redis.call('HDEL', KEYS[1], 'step', 'prompt_by', 'requeue_deadline')
 if status == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
 return outcome
 """
@@ -194,15 +201,57 @@ local function end_batch_if_done(bkey, now)
 end
 """
 
+# A hand-back's or a claim's mark in the running hash: "requeued@<time.time()!r>". Only a rest that reads as a number
+# makes a mark (`_mark_time`; _RELEASE's tonumber): a worker serving a model named "requeued" is named
+# "requeued@<host>/<token>:<pid>" (workers/main.py), which the sweep took for a mark and failed on, at every round.
+_REQUEUED = "requeued@"
+
+# Whether a holder in the running hash is a hand-back's or a claim's mark ("requeued@<time>", `prefix` the
+# "requeued@"), not a worker's name: only a rest that reads as a number makes one (_mark_time, in Python).
+_MARK_LUA = """
+local function is_mark(holder, prefix)
+  return holder and string.sub(holder, 1, #prefix) == prefix and tonumber(string.sub(holder, #prefix + 1)) ~= nil
+end
+"""
+
+# A job with a deadline that goes back to a queue (handed back, or claimed from a dead worker; `key` its record,
+# `deadlines` the deadline set, `now` a time as text) may wait there again as long as it could at first
+# (`deadline_seconds`), from now, and then expires as a queued job does (`JobStore.expire_overdue`, _START): it waited
+# for good where no worker of its model came. Not from its submission: a job started in time and handed back past its
+# deadline (a rolling restart) would expire at once, its answer cut, instead of going on.
+_REQUEUE_DEADLINE_LUA = """
+local function requeue_deadline(key, deadlines, job_id, now)
+  local deadline, created = unpack(redis.call('HMGET', key, 'deadline', 'created_at'))
+  deadline, created = tonumber(deadline), tonumber(created)
+  if not deadline or not created then return end
+  local at = tostring(tonumber(now) + math.max(deadline - created, 0))
+  redis.call('HSET', key, 'requeue_deadline', at)
+  redis.call('ZADD', deadlines, at, job_id)
+end
+"""
+
 # The images lists of a request as recorded (pydantic's compact JSON: `"images":[...]`; a base64 image or data: URL
 # holds no "]", and a text no unescaped quote, so only an images list matches). _FINISH empties them the same way.
 _IMAGES_RE = re.compile(r'"images":\[[^\]]*\]')
 
-_FINISH = BATCH_END_LUA + _SEQ_LUA + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n" + """
+_FINISH = (BATCH_END_LUA + _SEQ_LUA + _MARK_LUA + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n"
+           + f"local REQUEUED = {json.dumps(_REQUEUED)}\n" + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
-if ARGV[6] ~= '' and status ~= ARGV[6] then return status end
+-- ARGV[6]: the status the job must have ('' any), or 'waiting': queued, or running with no worker running it (a mark
+-- holds it: handed back, or claimed from a dead worker) past the end of its new wait (_REQUEUE_DEADLINE_LUA).
+if ARGV[6] == 'waiting' then
+  if status == 'running' then
+    local waits_until = tonumber(redis.call('HGET', KEYS[1], 'requeue_deadline'))
+    if not (waits_until and waits_until <= tonumber(ARGV[5]) and is_mark(redis.call('HGET', KEYS[5], ARGV[8]),
+                                                                          REQUEUED)) then
+      return status
+    end
+  end
+elseif ARGV[6] ~= '' and status ~= ARGV[6] then
+  return status
+end
 if ARGV[9] ~= '' and status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 'fenced' end
 local seq = next_seq(KEYS[1])
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
@@ -265,15 +314,7 @@ if batch and redis.call('EXISTS', ARGV[11] .. batch) == 1 then
   end_batch_if_done(bkey, ARGV[5])
 end
 return 'ok'
-"""
-
-# Whether a holder in the running hash is a hand-back's or a claim's mark ("requeued@<time>", `prefix` the
-# "requeued@"), not a worker's name: only a rest that reads as a number makes one (_mark_time, in Python).
-_MARK_LUA = """
-local function is_mark(holder, prefix)
-  return holder and string.sub(holder, 1, #prefix) == prefix and tonumber(string.sub(holder, #prefix + 1)) ~= nil
-end
-"""
+""")
 
 # A cancel asked for (KEYS[3] the running hash, ARGV[2] _REQUEUED): the job's status, and for a running job that no
 # worker runs now (handed back, or claimed from a dead worker: its holder is a mark, and its task message waits in a
@@ -307,8 +348,11 @@ redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, prompt = ARGV[1]}))
 return seq
 """
 
-# The sweep's claim of a job (KEYS[1] the running hash, KEYS[2] its record) whose holder was ARGV[2]: marked ARGV[3].
-_CLAIM = """
+# The sweep's claim of a job (KEYS[1] the running hash, KEYS[2] its record, KEYS[3] the deadline set) whose holder
+# was ARGV[2]: marked ARGV[3] (made at ARGV[5]; ARGV[4] _REQUEUED). A job taken from a dead worker starts a new wait
+# in a queue (_REQUEUE_DEADLINE_LUA); one claimed again (its holder a mark: no worker started it since) goes on
+# with the wait it had.
+_CLAIM = _MARK_LUA + _REQUEUE_DEADLINE_LUA + """
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
 -- This very claim made again (its answer was lost with the connection, or the delivery after it failed): claimed.
 if holder == ARGV[3] then return 1 end
@@ -319,12 +363,9 @@ if redis.call('HGET', KEYS[2], 'status') ~= 'running' then
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if not is_mark(ARGV[2], ARGV[4]) then requeue_deadline(KEYS[2], KEYS[3], ARGV[1], ARGV[5]) end
 return 1
 """
-# A hand-back's or a claim's mark in the running hash: "requeued@<time.time()!r>". Only a rest that reads as a number
-# makes a mark (`_mark_time`; _RELEASE's tonumber): a worker serving a model named "requeued" is named
-# "requeued@<host>/<token>:<pid>" (workers/main.py), which the sweep took for a mark and failed on, at every round.
-_REQUEUED = "requeued@"
 
 
 def _mark_time(holder: str) -> float | None:
@@ -337,9 +378,10 @@ def _mark_time(holder: str) -> float | None:
         return None
     return at if math.isfinite(at) else None
 
-# A worker's hand-back of job ARGV[1] (KEYS as _CLAIM's): the running hash marks it ARGV[4], and the record's holder
-# becomes ARGV[3] (requeued@<worker>), so the worker's late writes are fenced off.
-_RELEASE = _MARK_LUA + """
+# A worker's hand-back of job ARGV[1] (KEYS as _CLAIM's): the running hash marks it ARGV[4] (made at ARGV[6]), and the
+# record's holder becomes ARGV[3] (requeued@<worker>), so the worker's late writes are fenced off. The job starts a new
+# wait in a queue (_REQUEUE_DEADLINE_LUA).
+_RELEASE = _MARK_LUA + _REQUEUE_DEADLINE_LUA + """
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
 local worker = redis.call('HGET', KEYS[2], 'worker')
 local running = redis.call('HGET', KEYS[2], 'status') == 'running'
@@ -352,6 +394,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], 'worker', ARGV[3])
 -- A hand-back is no failed attempt: the job's next start is not counted against its limit (_START).
 redis.call('HINCRBY', KEYS[2], 'handed_back', 1)
+requeue_deadline(KEYS[2], KEYS[3], ARGV[1], ARGV[6])
 return 1
 """
 
@@ -424,6 +467,17 @@ return {ARGV[1], 1}
 
 # How many overdue jobs `expire_overdue` ends in one pipelined round trip.
 EXPIRE_ROUND = 1000
+
+# Drop from the deadline set (KEYS[1]) each job of ARGV[2..] whose deadline there is still at most ARGV[1] (those
+# `expire_overdue` read as overdue and found not waiting): one handed back since has a new deadline, which stays.
+_FORGET_DEADLINES = """
+local dropped = 0
+for i = 2, #ARGV do
+  local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]))
+  if score and score <= tonumber(ARGV[1]) then dropped = dropped + redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return dropped
+"""
 
 # What a Redis away, not answering in time, or refusing writes for a while raises: a write that met one may work if
 # sent again later (the worker's writes are tried again, `when_redis_answers` in workers/generation.py). Away or
@@ -575,6 +629,7 @@ class JobStore:
         self._create_keyed = client.register_script(_CREATE_KEYED)
         self._create = client.register_script(_CREATE)
         self._create_cancelled = client.register_script(_CREATE_CANCELLED)
+        self._forget_deadlines = client.register_script(_FORGET_DEADLINES)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
@@ -837,21 +892,25 @@ class JobStore:
 
     @property
     def deadlines_key(self) -> str:
-        """Sorted set of queued jobs that carry a deadline, scored by it."""
+        """Sorted set of the waiting jobs that carry a deadline, scored by it: queued ones, and running ones back in a
+        queue (handed back, or claimed from a dead worker), scored by the end of their new wait."""
         return f"{self.prefix}:deadlines"
 
     def expire_overdue(self) -> list[str]:
-        """End `expired` every job still queued past its deadline; returns their ids.
+        """End `expired` every job still queued past its deadline, and every running job back in a queue (handed back,
+        or claimed from a dead worker: no worker runs it) past the end of its new wait, which lasts its
+        `deadline_seconds` again from when it went back (it keeps the text it has); returns their ids.
 
         The endings go in pipelined rounds of EXPIRE_ROUND (one script call a job, one round trip a round: a round
         trip a job took 10 s for 10,000 overdue jobs, the lines of a batch whose window passed, and every
         admission under a queue limit, every /metrics scrape and every batch read waited on it)."""
-        overdue = self.redis.zrangebyscore(self.deadlines_key, "-inf", time.time())
+        cutoff = time.time()
+        overdue = self.redis.zrangebyscore(self.deadlines_key, "-inf", cutoff)
         expired = []
         for start in range(0, len(overdue), EXPIRE_ROUND):
             job_ids = overdue[start:start + EXPIRE_ROUND]
             calls = [self._finish_call(Ending(job_id, "expired", "the job waited in the queue past its deadline",
-                                              ErrorCode.EXPIRED, "expired"), False, "", only_if_queued=True)
+                                              ErrorCode.EXPIRED, "expired"), False, "", only_if_waiting=True)
                      for job_id in job_ids]
             answers = self._run_scripts([(self._finish, call["keys"], call["args"]) for call in calls],
                                         raise_on_error=False)
@@ -868,9 +927,9 @@ class JobStore:
                               "unexpired", job_id, type(answer).__name__, answer)
                 elif answer == "ok":
                     expired.append(job_id)
-                settled.append(job_id)  # ended, or no longer queued (started, cancelled, gone): no deadline to keep
+                settled.append(job_id)  # ended, or no longer waiting (started, cancelled, gone): no deadline to keep
             if settled:
-                self.redis.zrem(self.deadlines_key, *settled)
+                self._forget_deadlines(keys=[self.deadlines_key], args=[repr(cutoff), *settled])
             if later is not None:
                 raise later
         return expired
@@ -886,23 +945,36 @@ class JobStore:
         return f"{self.prefix}:stats:finished"
 
     def totals(self) -> dict[str, Any]:
-        """Job counts in one round trip: queued (per queue), running, requeued (those of the running that no worker
-        runs now: handed back, or claimed from a dead worker, their tasks back in a queue), submitted (per queue),
-        finished (per (status, error_code))."""
+        """Job counts in one round trip (two when some are requeued): queued (per queue), running, requeued (those of
+        the running that no worker runs now: handed back, or claimed from a dead worker, their tasks back in a queue)
+        in all and per model ({model: count}, `requeued_per_model`), submitted (per queue), finished (per (status,
+        error_code))."""
         with self.redis.pipeline(transaction=False) as pipe:
             for queue in QUEUES:
                 pipe.zcard(self.queue_key(queue))
-            pipe.hvals(self.running_key)
+            pipe.hgetall(self.running_key)
             pipe.hgetall(self.submitted_key)
             pipe.hgetall(self.finished_key)
-            *queued, holders, submitted, finished = pipe.execute()
+            *queued, held, submitted, finished = pipe.execute()
+        requeued = [job_id for job_id, holder in held.items() if _mark_time(holder) is not None]
+        # A record gone meanwhile (ended and expired) is left out.
+        models = self._models_of(requeued)
         # A field that is no count (written by hand) is left out: raised, it failed /metrics and `status` for good.
-        return {"queued": dict(zip(QUEUES, queued)), "running": len(holders),
-                "requeued": sum(_mark_time(holder) is not None for holder in holders),
+        return {"queued": dict(zip(QUEUES, queued)), "running": len(held), "requeued": len(requeued),
+                "requeued_per_model": dict(Counter(model for model in models if model is not None)),
                 "submitted": {queue: int(count) for queue, count in submitted.items() if _is_count(count)},
                 "finished": {(name.rpartition(":")[0], int(name.rpartition(":")[2])): int(count)
                              for name, count in finished.items()
                              if _is_count(count) and _is_count(name.rpartition(":")[2])}}
+
+    def _models_of(self, job_ids: list[str]) -> list[str | None]:
+        """The model each job's record names ('' for none yet; None where the record is gone), in one round trip."""
+        if not job_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.key(job_id), "model")
+            return pipe.execute()
 
     def finished_per_second(self) -> float:
         """Jobs that ended per second over the last full minute (0.0 when none did)."""
@@ -914,8 +986,9 @@ class JobStore:
         raw = self.redis.hgetall(self.key(job_id))
         if not raw:
             return None
-        deadline = _number(raw, "deadline", float, job_id)
-        if raw.get("status") == "queued" and deadline is not None and deadline < time.time():
+        # A queued job's deadline, or the end of a running job's new wait back in a queue (there only while it is).
+        deadline = _number(raw, "deadline" if raw.get("status") == "queued" else "requeue_deadline", float, job_id)
+        if raw.get("status") in ACTIVE_STATES and deadline is not None and deadline < time.time():
             # Expire on read too, so a deadline holds even while no worker is sweeping.
             self.expire_overdue()
             raw = self.redis.hgetall(self.key(job_id))
@@ -1019,7 +1092,10 @@ class JobStore:
 
     def orphans(self, requeue_after: float = 60.0) -> list[Claim]:
         """Claims to make (`claim`): running jobs whose worker stopped announcing itself (it died), and jobs claimed
-        or handed back `requeue_after` seconds ago that no worker has started since."""
+        or handed back `requeue_after` seconds ago that no worker has started since, if a live worker serves their
+        model: else the task sent with the hand-back or claim still waits in their queue (or is lost, and the claim
+        made once a worker of their model is up sends it), and a delivery every minute only piled up messages there
+        (1,440 a day for each such job, which the worker that came at last took one by one, each a skipped task)."""
         held = self.redis.hgetall(self.running_key)
         if not held:
             return []
@@ -1036,6 +1112,13 @@ class JobStore:
             elif alive.get(holder) is not None:
                 continue
             claims.append(Claim(job_id, holder, now))
+        again = [claim for claim in claims if _mark_time(claim.holder) is not None]
+        if again:
+            served = {worker.get("model", "") for worker in WorkerRegistry(self.redis, self.prefix).workers()}
+            # A job that names no model yet goes to the queues every worker reads.
+            unserved = {claim.job_id for claim, model in zip(again, self._models_of([c.job_id for c in again]))
+                        if not served or (model and model not in served)}
+            claims = [claim for claim in claims if claim.job_id not in unserved]
         return claims
 
     def claim(self, claim: Claim) -> bool:
@@ -1047,8 +1130,9 @@ class JobStore:
         nobody else does. A job whose record is gone (deleted, evicted) leaves the running hash instead (it was
         delivered again every minute).
         """
-        return bool(_sent_again_if_lost(lambda: self._claim(keys=[self.running_key, self.key(claim.job_id)],
-                                                            args=[claim.job_id, claim.holder, claim.mark])))
+        keys = [self.running_key, self.key(claim.job_id), self.deadlines_key]
+        args = [claim.job_id, claim.holder, claim.mark, _REQUEUED, repr(claim.at)]
+        return bool(_sent_again_if_lost(lambda: self._claim(keys=keys, args=args)))
 
     def claim_orphans(self, requeue_after: float = 60.0) -> list[str]:
         """Claim every job `orphans` lists; returns the ids claimed."""
@@ -1060,8 +1144,9 @@ class JobStore:
         Safe to send again: a release whose answer was lost (after it ran) answers True again as long as nobody has
         started the job since, and counts one hand-back. A hand-back is not counted against the job's attempts.
         """
-        keys = [self.running_key, self.key(job_id)]
-        args = [job_id, worker, f"{_REQUEUED}{worker}", f"{_REQUEUED}{time.time()!r}", _REQUEUED]
+        now = time.time()
+        keys = [self.running_key, self.key(job_id), self.deadlines_key]
+        args = [job_id, worker, f"{_REQUEUED}{worker}", f"{_REQUEUED}{now!r}", _REQUEUED, repr(now)]
         return bool(_sent_again_if_lost(lambda: self._release(keys=keys, args=args)))
 
     def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int, worker: str) -> bool:
@@ -1152,10 +1237,11 @@ class JobStore:
     def _queue_keys(self) -> list[str]:
         return [self.queue_key(queue) for queue in QUEUES]
 
-    def _finish_call(self, ending: "Ending", only_if_running: bool, worker: str, only_if_queued: bool = False) -> dict:
+    def _finish_call(self, ending: "Ending", only_if_running: bool, worker: str, only_if_waiting: bool = False) -> dict:
         assert ending.status in FINAL_STATES, ending.status
         now = time.time()
-        required = "running" if only_if_running else "queued" if only_if_queued else ""
+        # "waiting": queued, or back in a queue past the end of its new wait (see _FINISH).
+        required = "running" if only_if_running else "waiting" if only_if_waiting else ""
         finished_counter = f"{self.prefix}:finished:{int(now // 60)}"
         return {"keys": [self.key(ending.job_id), self.channel(ending.job_id), *self._queue_keys(), self.running_key,
                          self.deadlines_key, finished_counter, self.finished_key],

@@ -252,7 +252,8 @@ class GenerateRequest(BaseModel):
 class JobRequest(GenerateRequest):
     """A job submitted to `POST /v1/jobs`: a generate request, the queue it waits in, and how long it may wait.
 
-    A job still queued `deadline_seconds` after its submission ends `expired` instead of running.
+    A job still queued `deadline_seconds` after its submission ends `expired` instead of running; one that started
+    and went back to a queue (handed back, or claimed from a dead worker) may wait there as long again, from then.
     """
 
     queue: QueueName = "interactive"

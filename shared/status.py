@@ -51,6 +51,11 @@ def render_status(store: JobStore, registry: WorkerRegistry, redis_url: str = ""
     requeued = f" ({totals['requeued']} back in a queue, no worker running them)" if totals["requeued"] else ""
     lines.append(f"running {totals['running']}{requeued} · submitted {sum(totals['submitted'].values())} · "
                  f"finished {finished}" + (f" ({detail})" if detail else ""))
+    if totals["requeued"]:
+        # Per model: the one whose workers are gone (or never came) is the one to start a worker for.
+        per_model = sorted(totals["requeued_per_model"].items(), key=lambda item: (-item[1], item[0]))
+        lines.append("back in a queue: " + " · ".join(f"{model or '(no model yet)'} {count}"
+                                                      for model, count in per_model))
     lines.append("")
     rows = []
     for worker in sorted(workers, key=lambda w: (w.get("model", ""), w.get("name", ""))):

@@ -353,7 +353,7 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
             if not swept:
                 continue
             for job_id in store.expire_overdue():
-                log.info("job %s expired: still queued past its deadline", job_id)
+                log.info("job %s expired: waiting in a queue past its deadline", job_id)
             if time.monotonic() < judge_after or _redis_uptime(store, refusals) < wait:
                 continue
             for claim in store.orphans(requeue_after):

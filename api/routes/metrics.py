@@ -62,6 +62,7 @@ class RedisCollector:
         yield GaugeMetricFamily("llava_queue_requeued_jobs", "Running jobs that no worker runs now (handed back, or "
                                 "claimed from a dead worker): their tasks wait in a queue for a worker of their model, "
                                 "not counted in llava_queue_queue_depth.", value=totals["requeued"])
+        yield _requeued_per_model(totals["requeued_per_model"], workers)
         submitted = CounterMetricFamily("llava_queue_jobs_submitted", "Jobs accepted, per queue.", labels=["queue"])
         for queue in sorted(set(QUEUES) | set(totals["submitted"])):
             submitted.add_metric([queue], totals["submitted"].get(queue, 0))
@@ -73,6 +74,19 @@ class RedisCollector:
             finished.add_metric([status, str(error_code)], count)
         yield finished
         yield from _worker_families(workers)
+
+
+def _requeued_per_model(per_model: dict[str, int], workers: list[dict]) -> GaugeMetricFamily:
+    """llava_queue_requeued_jobs per model: for each model that has such jobs, and 0 for each model a live worker
+    serves (a series there from 0, as the workers' own gauges are). The total alone did not say which model's workers
+    had gone; a model no worker serves is the one whose jobs wait for good."""
+    family = GaugeMetricFamily("llava_queue_requeued_jobs_by_model", "Running jobs that no worker runs now (handed "
+                               "back, or claimed from a dead worker), per model: their tasks wait in that model's "
+                               "queue.", labels=["model"])
+    counts = {worker.get("model", ""): 0 for worker in workers} | per_model
+    for model, count in sorted(counts.items()):
+        family.add_metric([model], count)
+    return family
 
 
 def _worker_families(workers: list[dict]):
