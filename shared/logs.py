@@ -16,6 +16,7 @@ job's whole story across the API and the workers.
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -127,6 +128,28 @@ def setup_logging(log_format: str = "text", level: str | int = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+    # Python warnings (Celery's "running the worker with superuser privileges", torch's) are log lines too: in JSON
+    # they were several lines of plain text on stderr among the JSON ones.
+    logging.captureWarnings(True)
+    if log_format == "json":
+        # The model loader's progress bars ("Loading weights: 36%|...") are not lines a log collector can read;
+        # read by huggingface_hub when it is first imported, after this, here or in a process started from here.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def celery_worker_arguments(log_format: str) -> list[str]:
+    """What the worker passes Celery, before its `worker` command, for `log_format`. Celery prints its banner (the queues, the concurrency, 20
+    lines of ASCII art) and its shutdown notices ("worker: Warm shutdown (MainProcess)") on stdout, not through
+    logging: in JSON the banner is left out (the worker logs what it says in its own start-up line) and the
+    notices become log lines."""
+    if log_format != "json":
+        return []
+    from celery.apps import worker
+
+    say = logging.getLogger("celery.apps.worker")
+    # Celery says these in its signal handlers: logging there is safe, its handler's lock being re-entrant.
+    worker.safe_say = lambda message, file=None: say.info("%s", message.strip())
+    return ["--quiet"]
 
 
 def bind_job_ids_to_celery_tasks() -> None:

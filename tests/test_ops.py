@@ -305,6 +305,35 @@ def test_job_context_tags_every_line_of_a_celery_task():
     assert "job_id" not in json.loads(JsonFormatter().format(record("idle")))
 
 
+def test_a_worker_with_json_logs_writes_nothing_else(default_model_dir, tmp_path):
+    """With JSON logs every line a worker writes is a JSON object a log collector can read: Celery's banner (20 lines
+    of ASCII art on stdout), its "worker: Warm shutdown" notice, Python warnings (Celery's superuser warning, several
+    lines) and the model loader's progress bars were plain text among them."""
+    with RedisServer() as server:
+        env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=server.url, LLAVA_QUEUE_LOG_FORMAT="json",
+                   LLAVA_QUEUE_MODEL_PATH=str(default_model_dir))
+        env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        worker = start_service("worker-json", ["worker"], env, tmp_path)
+        log = tmp_path / "worker-json.log"
+        try:
+            deadline = time.monotonic() + 180
+            while " ready." not in log.read_text():
+                assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0, log.read_text()[-3000:]
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+    text = log.read_text()
+    not_json = [line for line in text.splitlines() if not line.startswith("{")]
+    assert not not_json, not_json
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert any(line["message"] == "worker: Warm shutdown (MainProcess)" for line in lines), text
+    if os.geteuid() == 0:  # Celery warns a worker run as root
+        assert any(line["logger"] == "py.warnings" and "superuser" in line["message"] for line in lines), text
+
+
 @pytest.fixture(scope="module")
 def in_process_worker(redis_server, default_model_dir, tmp_path_factory):
     """A JobRunner and engine in this process, on the default model and the test Redis (a key prefix of its own)."""

@@ -23,7 +23,7 @@ from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app,
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
-from shared.logs import bind_job_ids_to_celery_tasks
+from shared.logs import bind_job_ids_to_celery_tasks, celery_worker_arguments
 from shared.protocol import IMAGE_TOKEN, GenerateRequest
 from shared.settings import Settings
 from workers import tasks
@@ -134,7 +134,8 @@ def run_worker(settings: Settings) -> None:
         # One task thread per engine slot: Celery never reserves more jobs than the engine can batch. (Celery's
         # command line takes a pool's alias only; its setting takes the class, read when the pool is the default.)
         celery_app.conf.worker_pool = f"{HandingBackPool.__module__}:{HandingBackPool.__name__}"
-        celery_app.worker_main(["worker", f"--concurrency={settings.max_num_seqs}",
+        celery_app.worker_main([*celery_worker_arguments(settings.log_format),
+                                "worker", f"--concurrency={settings.max_num_seqs}",
                                 "-Q", ",".join(worker_queues(loaded.name)), "-n", celery_node_name(name),
                                 f"--loglevel={settings.log_level}",
                                 "--without-gossip", "--without-mingle"])
