@@ -138,10 +138,10 @@ def setup_logging(log_format: str = "text", level: str | int = "INFO") -> None:
 
 
 def celery_worker_arguments(log_format: str) -> list[str]:
-    """What the worker passes Celery, before its `worker` command, for `log_format`. Celery prints its banner (the queues, the concurrency, 20
-    lines of ASCII art) and its shutdown notices ("worker: Warm shutdown (MainProcess)") on stdout, not through
-    logging: in JSON the banner is left out (the worker logs what it says in its own start-up line) and the
-    notices become log lines."""
+    """What the worker passes Celery, before its `worker` command, for `log_format`. Celery prints its banner (the
+    queues, the concurrency, 20 lines of ASCII art) and its shutdown notices ("worker: Warm shutdown (MainProcess)")
+    on stdout, not through logging: in JSON the banner is left out (the worker logs what it says in its own start-up
+    line) and the notices become log lines."""
     if log_format != "json":
         return []
     from celery.apps import worker
