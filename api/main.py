@@ -7,12 +7,12 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import Depends, FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import api_key_if_sent, require_api_key
 from api.channel_hub import ChannelHub
 from api.errors import ApiError, error_response, install_error_handlers
+from api.origin import AllowedOrigins, Cors, OriginCheck
 from api.submission import Submitter
 from api.routes import (batches, controller, files, health, jobs, llava, metrics, models, openai, page,
                         stream)
@@ -124,9 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = _Api(title="llava-queue", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes,
                   description="An async job queue serving LLaVA-style models with continuous batching.")
     install_error_handlers(app)
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"])
+    # The Origin check runs first (the last added is outermost): a page not allowed is refused before CORS or a
+    # route sees it. CORS is there even with no origin configured, so that a refused preflight says what to set.
+    allowed = AllowedOrigins(settings.cors_origins, settings.public_url)
+    app.add_middleware(Cors, allowed=allowed)
+    app.add_middleware(OriginCheck, allowed=allowed)
     for module in (health, metrics, page):
         app.include_router(module.router)
     # Everything else needs an API key when keys are configured. The original LLaVA clients cannot
