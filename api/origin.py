@@ -7,9 +7,14 @@ which reads any Content-Type as the original did). CORS only keeps the page from
 So a WebSocket handshake, and every request that may change something (a method other than GET, HEAD, OPTIONS),
 that carries an `Origin` other than an allowed one is refused before any route sees it. Clients that are not
 browsers (curl, requests, the original LLaVA server, `websockets`) send no Origin and are not concerned.
+
+A page can also point a name of its own at 127.0.0.1 once loaded (DNS rebinding) and use the API as its own origin:
+a request that came over loopback is served only under the names this machine goes by (`rebound_name`).
 """
 
+import ipaddress
 import logging
+import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -78,6 +83,12 @@ class AllowedOrigins:
         # PUBLIC_URL is a URL: its path (a prefix behind a proxy) is not part of its origin.
         public = urlsplit(public_url.strip()) if public_url else None
         self.public = canonical_origin(public.scheme, public.netloc) if public and public.scheme else None
+        # The names this API may be reached by over loopback (`rebound_name`): besides localhost and IP addresses,
+        # this machine's own name (Debian's /etc/hosts gives it 127.0.1.1), and those of PUBLIC_URL and CORS_ORIGINS
+        # (a proxy on this machine that passes the Host header on).
+        named = [self.public, *self.listed]
+        self.names = frozenset(filter(None, (urlsplit(origin).hostname for origin in named if origin))) | {
+            socket.gethostname().lower()}  # (not getfqdn: a DNS lookup, seconds where none answers)
 
     def listed_origin(self, origin: str) -> bool:
         """Whether CORS_ORIGINS lets pages of `origin` in (they may also read the answers)."""
@@ -91,6 +102,46 @@ class AllowedOrigins:
         return canonical is not None and canonical in (own_origin(scope), self.public)
 
 
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:  # a unix socket's path
+        return False
+
+
+def rebound_name(scope: Scope, allowed: AllowedOrigins) -> str | None:
+    """The name in the Host header of a request that came over loopback under a name not this machine's own, or
+    None. A page can make a name of its own point to 127.0.0.1 once it is loaded (DNS rebinding): its requests then
+    go to this API as to the page's own origin (no Origin check, no CORS, its answers readable). The browser still
+    writes the page's name in Host: a loopback connection is served under localhost (and *.localhost, which
+    browsers keep on this machine), an IP address, this machine's name, and the names of PUBLIC_URL and
+    CORS_ORIGINS only ("*" there: any)."""
+    server = scope.get("server")
+    host = Headers(scope=scope).get("host")
+    if allowed.any or not server or not server[0] or not host or not _is_loopback(server[0]):
+        return None
+    try:
+        name = urlsplit(f"//{host}").hostname
+    except ValueError:  # not a host[:port]: the routes' own parsing answers it
+        return None
+    if not name or name == "localhost" or name.endswith(".localhost") or name in allowed.names:
+        return None
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        return name
+
+
+def name_refused(name: str) -> ApiError:
+    """The 403 for a request that reached this API over loopback under a name not its own (`rebound_name`)."""
+    shown = name if len(name) <= _SHOWN_ORIGIN_CHARS else name[:_SHOWN_ORIGIN_CHARS] + "..."
+    return ApiError(403, f"this API was reached on this machine under the name {shown!r}, which is not its own "
+                         "(a web page can point a name of its own at 127.0.0.1); to serve it under that name, set "
+                         f"LLAVA_QUEUE_PUBLIC_URL to that address or list its origin in {ORIGINS_SETTING}",
+                    type="permission_denied", param="header.host")
+
+
 def origin_refused(origin: str) -> ApiError:
     """The 403 for a page whose origin is not allowed: it names the origin and the setting that would allow it."""
     shown = origin if len(origin) <= _SHOWN_ORIGIN_CHARS else origin[:_SHOWN_ORIGIN_CHARS] + "..."
@@ -100,7 +151,8 @@ def origin_refused(origin: str) -> ApiError:
 
 
 class OriginCheck:
-    """Refuse a WebSocket handshake, or a request of any method but GET/HEAD/OPTIONS, whose `Origin` is not
+    """Refuse a request that came over loopback under a name not this machine's (`rebound_name`, any method), and a
+    WebSocket handshake, or a request of any method but GET/HEAD/OPTIONS, whose `Origin` is not
     allowed (`Origin: null`, a sandboxed or file page, included), with the JSON 403 of `origin_refused`; a
     WebSocket gets it in the place of the upgrade, as a refused API key does (a close, code 1008, on a server without
     ASGI's denial response). Pure ASGI: the streams it lets through pass unbuffered."""
@@ -109,14 +161,23 @@ class OriginCheck:
         self.app, self.allowed = app, allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        checked = scope["type"] == "websocket" or (scope["type"] == "http" and scope["method"] not in SAFE_METHODS)
-        origin = Headers(scope=scope).get("origin") if checked else None
-        if origin is None or self.allowed.allows(origin, scope):
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        refused = origin_refused(origin)
-        log.warning("refused %s %s from a page of %r: not an allowed origin (%s)", scope.get("method", "WebSocket"),
-                    scope["path"], origin[:_SHOWN_ORIGIN_CHARS], ORIGINS_SETTING)
+        checked = scope["type"] == "websocket" or scope["method"] not in SAFE_METHODS
+        origin = Headers(scope=scope).get("origin") if checked else None
+        name = rebound_name(scope, self.allowed)
+        if name is not None:
+            refused = name_refused(name)
+            log.warning("refused %s %s: reached over loopback under the name %r, not this machine's own",
+                        scope.get("method", "WebSocket"), scope["path"], name[:_SHOWN_ORIGIN_CHARS])
+        elif origin is None or self.allowed.allows(origin, scope):
+            await self.app(scope, receive, send)
+            return
+        else:
+            refused = origin_refused(origin)
+            log.warning("refused %s %s from a page of %r: not an allowed origin (%s)", scope.get("method", "WebSocket"),
+                        scope["path"], origin[:_SHOWN_ORIGIN_CHARS], ORIGINS_SETTING)
         if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
             reason = refused.message.encode()[:120].decode(errors="ignore")  # (a close reason: 123 bytes at most)
             await send({"type": "websocket.close", "code": 1008, "reason": reason})

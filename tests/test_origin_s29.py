@@ -5,7 +5,10 @@ POST that needs no preflight: a text/plain body to /worker_generate_stream ran a
 own page, the origins of CORS_ORIGINS and clients that send no Origin are not."""
 
 import asyncio
+import base64
 import json
+import os
+import socket
 
 import pytest
 import requests
@@ -137,3 +140,42 @@ def test_a_refused_preflight_answers_the_json_error(stack, app_origin_api):
             "Access-Control-Request-Headers": "content-type"})
         assert_refused(preflight)
         assert "access-control-allow-origin" not in preflight.headers
+
+
+def raw_handshake(base_url: str, path: str, host_header: str) -> bytes:
+    """The status line and headers a WebSocket handshake to `path` sent with `host_header` as its Host gets."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+    return head
+
+
+def test_a_page_that_points_its_name_at_this_machine_is_refused(stack, app_origin_api):
+    """DNS rebinding: a page of evil.example, once loaded, points evil.example at 127.0.0.1; its requests then go to
+    the API as to the page's own origin (same origin: no Origin check, no CORS, the answers readable; a GET of
+    /v1/batches or /v1/files lists what others sent). The browser still writes the page's name in Host: a
+    connection over loopback is served under localhost, an IP address, this machine's name, and the names of
+    PUBLIC_URL and CORS_ORIGINS only."""
+    port = stack.base_url.rsplit(":", 1)[1]
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    for method, path in (("GET", "/v1/batches"), ("GET", "/v1/files"), ("POST", "/v1/jobs")):
+        answer = requests.request(method, f"{stack.base_url}{path}", headers=rebound, json={"prompt": "hi"},
+                                  timeout=10)
+        assert answer.status_code == 403 and answer.json()["error"]["param"] == "header.host", (path, answer.text)
+        assert "under the name 'evil.example'" in answer.json()["error"]["message"], answer.text
+    assert raw_handshake(stack.base_url, "/v1/ws", f"evil.example:{port}").startswith(b"HTTP/1.1 403"), "handshake"
+    # The names a browser on this machine reaches it by.
+    for name in ("localhost", "chat.localhost", "127.0.0.1", "[::1]", socket.gethostname()):
+        answer = requests.get(f"{stack.base_url}/v1/batches", headers={"Host": f"{name}:{port}"}, timeout=10)
+        assert answer.status_code == 200, (name, answer.text)
+    assert raw_handshake(stack.base_url, "/v1/ws", f"localhost:{port}").startswith(b"HTTP/1.1 101"), "localhost"
+    # A name CORS_ORIGINS lists (a proxy on this machine that passes Host on) is served.
+    app_port = app_origin_api.base_url.rsplit(":", 1)[1]
+    answer = requests.get(f"{app_origin_api.base_url}/v1/batches", headers={"Host": f"app.example:{app_port}"},
+                          timeout=10)
+    assert answer.status_code == 200, answer.text

@@ -46,6 +46,7 @@ def job_id_of(job_or_completion_id: str) -> str:
     takes either."""
     return job_or_completion_id.removeprefix(COMPLETION_ID_PREFIX)
 
+
 # How a job that did not succeed is answered: HTTP status and error type, by llava-queue error code.
 _JOB_ERRORS = {
     ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
