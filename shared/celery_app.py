@@ -296,8 +296,10 @@ class _Channel(kombu_redis.Channel):
     message_holder = None
     from_transport_options = kombu_redis.Channel.from_transport_options + ("message_holder",)
     _sync_client = None
-    # Whether the last poll of the worker's queues took a message: the next one then takes the oldest (_TAKE_OLDEST).
-    _took = False
+    # The queues the last poll read if it was the script (_TAKE_OLDEST), else None; and those of them it found all empty
+    # (None: it took a message, or was BRPOP). Only a poll of those same queues after such a script waits in BRPOP.
+    _scripted: frozenset | None = None
+    _found_none: frozenset | None = None
 
     def _brpop_start(self, timeout=None):
         """Poll the worker's queues: interactive before batch (kombu's "priority" order, as `worker_queues` declares
@@ -305,11 +307,15 @@ class _Channel(kombu_redis.Channel):
 
         With BRPOP alone a worker took every queued job naming its model before any job naming none (POST /v1/jobs
         need not name one), while each job's queue position (`JobStore.queue_position`, by the order jobs joined the
-        queue) counted those ahead of it. Once a poll has taken a message, the next takes the oldest in one script, in
-        the round trip BRPOP took; a poll that finds every queue empty goes back to BRPOP, which waits (a script
-        cannot), and takes the first message to come, from whichever queue.
+        queue) counted those ahead of it. A poll takes the oldest in one script, in the round trip BRPOP took; only
+        after a script found every queue empty does the next poll, of the same queues, go to BRPOP, which waits (a
+        script cannot), and takes the first message to come, from whichever queue. Any other poll is the script:
+        after a BRPOP (that timed out, or took a message), and after the worker's queues changed (its batch queues,
+        paused while it runs its share of batch jobs, read again: a BRPOP then took a job naming the model before an
+        older one naming none).
         """
-        if not self._took or self.global_keyprefix:
+        if self._found_none == frozenset(self.active_queues) or self.global_keyprefix:
+            self._scripted = None
             return super()._brpop_start(timeout)
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
@@ -324,6 +330,7 @@ class _Channel(kombu_redis.Channel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
         self.client.connection.send_command("EVAL", _TAKE_OLDEST, len(keys), *keys, *ranks)
+        self._scripted = frozenset(self.active_queues)
 
     def _brpop_read(self, **options):
         """kombu's read of a poll's answer (BRPOP's, or the script's, which answers as BRPOP does), and the delivery of
@@ -331,7 +338,7 @@ class _Channel(kombu_redis.Channel):
         that was no task message ("garbage" pushed on a queue, a body that is not base64, Celery's arguments in two
         parts instead of three) raised out of the consumer, which Celery takes for an unrecoverable error: the worker
         exited, with status 0, and took no job again."""
-        self._took = False
+        scripted, self._found_none = self._scripted, None
         try:
             try:
                 answer = self.client.parse_response(self.client.connection, "BRPOP", **options)
@@ -339,11 +346,11 @@ class _Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()  # the next poll connects again
                 raise
             if not answer:
+                self._found_none = scripted
                 raise Empty()
             dest, item = answer
             queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
-            self._took = True
             raw = bytes_to_str(item)
             message = None
             try:
