@@ -397,6 +397,13 @@ class LLMEngine:
             # Not a number, the batch's sampling fails for every row, and the request with "model forward failed".
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 return f"{name} must be a finite number, got {value!r}"
+        # Not a whole number, top_k failed the sampling of every row of its batch, and the request with "model forward
+        # failed"; a seed out of the generator's 64 bits with an unclear "invalid request: ValueError: Overflow ...".
+        top_k, seed = seq.params.top_k, seq.params.seed
+        if _whole_number(top_k) is None:
+            return f"top_k must be a whole number (0 or less keeps every token), got {top_k!r}"
+        if seed is not None and not -2**63 <= _whole_number(seed, default=2**64) < 2**64:
+            return f"seed must be a whole number in [-2^63, 2^64), got {seed!r}"
         error = self.runner.check_prompt(seq)
         if error is not None:
             return error
@@ -411,7 +418,7 @@ class LLMEngine:
         seq.stop_token_ids = eos_ids | stop_ids
         seq.detokenizer = Detokenizer(self.tokenizer, text_stops, seq.text_context)
         if seq.params.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(seq.params.seed)
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(_whole_number(seq.params.seed))
         return None
 
     def _split_stops(self, stops: tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
@@ -651,6 +658,16 @@ def _new_sequence(
     error = (_request_id_error(request_id) or params_error or prompt_error or embeds_error or context_error
              or priority_error)
     return seq, error
+
+
+def _whole_number(value: object, default: int | None = None) -> int | None:
+    """`value` as an int when it is a whole number (an int, a numpy integer; never a bool), else `default`."""
+    if isinstance(value, bool):
+        return default
+    try:
+        return operator.index(value)
+    except TypeError:
+        return default
 
 
 def _stop_error(stop: object) -> str | None:

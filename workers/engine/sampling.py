@@ -21,8 +21,8 @@ def sample(
     """Pick the next token of every row.
 
     logits [B, V] (any float dtype); temperature, top_p and top_k one number
-    per row, as the requests give them (top_k 0, or None for every row, keeps
-    every token); generators a per-row list (None entries draw from the global
+    per row, as the requests give them (top_k 0 or less, or None for every row,
+    keeps every token); generators a per-row list (None entries draw from the global
     RNG) or None. Rows with temperature <= 0.001 take the argmax. Sampled rows
     are filtered as transformers' `generate` filters them: temperature, then
     top-k, then top-p. Returns token ids [B] (int64). A row with its own
@@ -66,13 +66,14 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 
 def _top_k_filter(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     """Mask to -inf every token below each row's k-th largest logit (HF TopKLogitsWarper: ties with it stay);
-    a row whose k is 0 keeps every token."""
+    a row whose k is 0 or less (vLLM's -1) keeps every token, as it does alone (a negative k kept the row's argmax
+    alone, its draw then depending on whether a batch-mate asked for a top-k)."""
     # One topk as wide as the largest k asked for: a row with k 0 takes no part (counted as the whole vocabulary, it
     # sorted every row's whole vocabulary at every step of a batch where one request has no top-k).
     ks = [min(k, logits.shape[-1]) for k in top_k]
     kth = torch.topk(logits, max(ks), dim=-1).values
     rows = torch.tensor([max(k, 1) for k in ks], device=logits.device).unsqueeze(-1)
-    threshold = kth.gather(1, rows - 1).masked_fill(torch.tensor(ks, device=logits.device).unsqueeze(-1) == 0,
+    threshold = kth.gather(1, rows - 1).masked_fill(torch.tensor(ks, device=logits.device).unsqueeze(-1) <= 0,
                                                      float("-inf"))
     return logits.masked_fill(logits < threshold, float("-inf"))
 

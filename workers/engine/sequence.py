@@ -19,7 +19,7 @@ class SamplingParams:
     """How one request samples and when it stops.
 
     temperature <= 0.001 means greedy decoding (as the original LLaVA worker);
-    top_p = 1.0 and top_k = 0 keep the whole distribution; stop is a string, or several
+    top_p = 1.0 and top_k = 0 (or less) keep the whole distribution; stop is a string, or several
     (OpenAI allows up to 4), that ends generation at its first occurrence and
     is removed from the text; seed makes the draws reproducible; ignore_eos
     runs to max_new_tokens whatever EOS the model emits (benchmarks need every
