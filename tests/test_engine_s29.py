@@ -6,35 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from test_engine import run_until_done, tiny_model, tokenizer  # noqa: F401 (fixtures)
 from workers.engine import LLMEngine, SamplingParams
 from workers.engine.sampling import sample
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return AutoTokenizer.from_pretrained(default_model_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tokenizer):
-    # A tiny random Llama with the real tokenizer's vocabulary (as tests/test_engine.py's): fast, its argmax far from
-    # ties.
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         initializer_range=0.2)
-    return LlamaForCausalLM(config).eval()
-
-
-def run_until_done(engine: LLMEngine, handles, max_steps: int = 200) -> None:
-    for _ in range(max_steps):
-        if all(handle.done.is_set() for handle in handles):
-            return
-        engine.step()
-    raise AssertionError("engine did not finish the requests")
 
 
 def test_a_negative_top_k_keeps_every_token_whatever_its_batch_mates_ask():
@@ -59,7 +34,8 @@ def test_a_negative_top_k_keeps_every_token_whatever_its_batch_mates_ask():
     (SamplingParams(seed=2**64, max_new_tokens=4), "seed must be a whole number in [-2^63, 2^64)"),
     (SamplingParams(seed=1.5, max_new_tokens=4), "seed must be a whole number in [-2^63, 2^64)"),
 ])
-def test_a_top_k_or_seed_the_sampler_cannot_use_fails_alone_and_says_so(tiny_model, tokenizer, params, error):
+def test_a_top_k_or_seed_the_sampler_cannot_use_fails_alone_and_says_so(tiny_model, tokenizer, params,  # noqa: F811
+                                                                         error):
     # A top_k that is no whole number failed the sampling of its whole prefill group, then the request with "model
     # forward failed: TypeError"; a seed out of 64 bits with "invalid request: ValueError: Overflow when unpacking".
     engine = LLMEngine(tiny_model, tokenizer, max_num_seqs=4)
