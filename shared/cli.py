@@ -23,7 +23,7 @@ from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
 from shared.redis_server import BindError, RedisServer, bind_error, bound_sockets
-from shared.settings import get_settings
+from shared.settings import get_settings, unknown_variables
 
 log = logging.getLogger("llava_queue")
 
@@ -155,6 +155,34 @@ def _redis_url_problem(url: str) -> str | None:
     return None
 
 
+def _frontend_problem(folder: Path | None) -> str | None:
+    """Why the API cannot serve the page from LLAVA_QUEUE_FRONTEND_DIR, or None (unset: the page beside the code). A
+    folder that is not there, or has no index.html, started an API whose page answered 404, unsaid."""
+    if folder is not None and not (folder.expanduser() / "index.html").is_file():
+        what = "has no index.html" if folder.expanduser().is_dir() else "is not a folder"
+        return (f"LLAVA_QUEUE_FRONTEND_DIR={str(folder)!r} {what}: name the page's folder (the project's frontend/), "
+                "or leave it unset")
+    return None
+
+
+def _conversation_log_problem(path: str) -> str | None:
+    """Why the worker cannot append to LLAVA_QUEUE_CONVERSATION_LOG, or None (empty: off). The file is created now,
+    as the first finished job would: one that cannot be (a folder not writable, a parent that is a file) failed
+    every job's line later, each with a traceback in the log."""
+    if not path.strip():
+        return None
+    file = Path(path).expanduser()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(file, "a", encoding="utf-8"):
+            pass
+    except FileExistsError as exc:  # mkdir's, where a folder of the path is a file
+        return f"LLAVA_QUEUE_CONVERSATION_LOG={path!r} cannot be written: {exc.filename} is a file, not a folder"
+    except OSError as exc:
+        return f"LLAVA_QUEUE_CONVERSATION_LOG={path!r} cannot be written: {exc.strerror or exc}"
+    return None
+
+
 def _redis_problem(url: str) -> str | None:
     """Why the Redis at `url` cannot be used now, or None (the password masked)."""
     import redis
@@ -176,7 +204,8 @@ def _redis_problem(url: str) -> str | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Embedded Redis (unless --redis-url), one worker, the API; Ctrl-C stops them all."""
-    env = dict(os.environ)
+    # A variable that is no setting has been named once (main); the children, which ignore it too, do not repeat it.
+    env = {name: value for name, value in os.environ.items() if not unknown_variables({name: value})}
     redis_server = None
     try:
         split = split_cpus(get_settings().engine_cpus)
@@ -268,7 +297,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     settings = get_settings()
     # `--port 0` is a port too (a free one, which the log names): not "unset".
     host, port = args.host or settings.host, settings.port if args.port is None else args.port
-    problem = _redis_url_problem(settings.redis_url)
+    problem = _frontend_problem(settings.frontend_dir) or _redis_url_problem(settings.redis_url)
     if problem:
         print(f"llava-queue api: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -317,7 +346,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"llava-queue worker: {exc}", file=sys.stderr)
         return 2
-    problem = _redis_url_problem(get_settings().redis_url)  # before the model loads, not after
+    # Before the model loads, not after.
+    problem = _conversation_log_problem(get_settings().conversation_log) or _redis_url_problem(get_settings().redis_url)
     if problem:
         print(f"llava-queue worker: {problem}", file=sys.stderr)
         return 2
@@ -432,6 +462,10 @@ def settings_error(exc: Exception) -> str:
             if field == "redis_url" and isinstance(value, str):
                 value = without_password(value)
             message = error["msg"].removeprefix("Value error, ")
+            if field == "api_key_hashes":
+                # An entry that is no digest may be a key itself: its message says which entry, not its text.
+                lines.append(f"LLAVA_QUEUE_{field.upper()}: {message}")
+                continue
             # A check across fields (no field of its own) names its variables in its message.
             lines.append(f"LLAVA_QUEUE_{field.upper()}={value!r}: {message}" if field else message)
         return "bad setting: " + "; ".join(lines)
@@ -450,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llava-queue: {settings_error(exc)}", file=sys.stderr, flush=True)
         return 2
     setup_logging(settings.log_format, settings.log_level)
+    for line in unknown_variables(os.environ):
+        print(f"llava-queue: {line}", file=sys.stderr, flush=True)
     try:
         return args.func(args)
     except BrokenPipeError:

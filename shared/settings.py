@@ -1,8 +1,11 @@
 """One typed settings object, read once from `LLAVA_QUEUE_*` environment variables."""
 
+import difflib
 import json
 import logging
 import os
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,9 +19,17 @@ from shared.cpus import parse_cpu_list
 from shared.protocol import MAX_MODEL_CHARS
 
 
-# The longest time to live a setting may give a key: ten years. Redis takes an expiry up to 2**63 - 1 ms, and one
-# past that ("invalid expire time") failed every job's ending after its status was written.
+# The longest time to live a setting may give a key, and the longest time any setting may name: ten years. Redis
+# takes an expiry up to 2**63 - 1 ms, and one past that ("invalid expire time") failed every job's ending after its
+# status was written; a thread's wait takes at most threading.TIMEOUT_MAX (about 292 years).
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+# The dtypes LLAVA_QUEUE_DTYPE may name (workers/builder.py resolve_dtype maps them to torch's): checked when the
+# settings are read, so `api` and `up` refuse a typo at once, not only a worker after its model's download.
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+# LLAVA_QUEUE_* variables that are not settings but are read elsewhere: the install script's torch wheel, the eval
+# client's API address and key, the page tests' screenshots and browser. Any other one is a typo, said at start-up.
+OTHER_VARIABLES = frozenset({"LLAVA_QUEUE_TORCH", "LLAVA_QUEUE_API_URL", "LLAVA_QUEUE_API_KEY",
+                             "LLAVA_QUEUE_SCREENSHOTS", "LLAVA_QUEUE_CHROMIUM"})
 
 
 class Settings(BaseSettings):
@@ -46,11 +57,11 @@ class Settings(BaseSettings):
     # queue): the original web server reads with a 10 s timeout, the original controller's proxy (a hierarchical
     # setup, llava-queue registered with it as a worker) with 5 s, and both skip empty frames. At 5 s the keepalive
     # raced the proxy's timeout (a busy API loses it, and the proxy's client gets its error frame, code 3).
-    llava_keepalive_seconds: float = Field(2.5, gt=0)
+    llava_keepalive_seconds: float = Field(2.5, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
     # How long one WebSocket message may wait to be sent (uvicorn holds it back while the client's unread data fill
     # the socket) before the client counts as gone and its stream ends: a client that keeps its connection but
     # reads nothing is let go. Its job goes on. WS /v1/ws waits as long for its first message, the job's request.
-    stream_send_timeout_seconds: float = Field(20.0, gt=0)
+    stream_send_timeout_seconds: float = Field(20.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).
     public_url: str | None = None
@@ -108,14 +119,14 @@ class Settings(BaseSettings):
     # How long a finished job's record stays readable.
     job_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_TTL_SECONDS)
     # Celery/Redis redelivers an unacked job after this long; it must exceed the longest job.
-    visibility_timeout: int = Field(4 * 3600, ge=1)
+    visibility_timeout: int = Field(4 * 3600, ge=1, le=MAX_TTL_SECONDS)
     # A worker refreshes its heartbeat this often; one silent for heartbeat_ttl_seconds is dead, and
     # the jobs it held are delivered again (at most max_attempts starts per job).
-    heartbeat_interval_seconds: float = Field(3.0, gt=0)
+    heartbeat_interval_seconds: float = Field(3.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
     heartbeat_ttl_seconds: int = Field(10, ge=1, le=MAX_TTL_SECONDS)
     # A job queued this long whose task message is nowhere (not in its queue, held by no worker) has it sent again by
     # the workers' sweep (shared.celery_app.resend_lost_tasks).
-    resend_after_seconds: float = Field(60.0, gt=0)
+    resend_after_seconds: float = Field(60.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
     max_attempts: int = Field(3, ge=1)
     # Hand-backs (a worker told to stop gives its running jobs back: rolling restarts, scale-downs) a job may have;
     # its next start past them fails it. They do not count against max_attempts, but without a bound of their own a
@@ -123,8 +134,10 @@ class Settings(BaseSettings):
     # 0: a job handed back once fails at its next start.
     max_hand_backs: int = Field(10, ge=0)
     # On SIGTERM a worker stops taking jobs and lets running ones finish for this long, then hands
-    # the rest back to the queue (another worker resumes them) and exits.
-    shutdown_grace_seconds: float = Field(20.0, ge=0)
+    # the rest back to the queue (another worker resumes them) and exits. Like every time here, at most ten years:
+    # `inf` (or 1e30) was taken, and the worker's wait for its jobs failed with an OverflowError on SIGTERM, handing
+    # nothing back.
+    shutdown_grace_seconds: float = Field(20.0, ge=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
 
     # Admission and abuse limits. Past max_queued_jobs, submissions get 429 with Retry-After (0: no limit).
     max_queued_jobs: int = Field(10_000, ge=0)
@@ -202,6 +215,71 @@ class Settings(BaseSettings):
         # Other schemes (redis+socket://, sentinel://) are kombu's; Celery checks them when it connects.
         return value
 
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        dtype = value.strip().lower()
+        if dtype not in DTYPES:
+            raise ValueError(f"use {', '.join(DTYPES)}")
+        return dtype
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _key_hashes(cls, value: list[str]) -> list[str]:
+        # A key itself, or a digest cut short, matched no request: every request was refused with 401, unsaid.
+        # Upper-case hex is a digest too (the API compares hashlib's lower-case one). Which entry, not its text:
+        # it may be a key.
+        digests = []
+        for index, digest in enumerate(value):
+            digest = digest.strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"entry {index} is not a SHA-256 hex digest (64 hex digits): list the digests of "
+                                 "the keys, not the keys (python -c \"import hashlib; "
+                                 "print(hashlib.sha256(b'KEY').hexdigest())\")")
+            digests.append(digest)
+        return digests
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        # One that is not an origin (no scheme, a path) matched no page, which got 403 while the setting named it.
+        for origin in value:
+            if origin.strip() == "*":
+                continue
+            parts = urlsplit(origin.strip().rstrip("/"))
+            try:
+                parts.port  # a port that is no number, or out of range, raises
+            except ValueError:
+                parts = parts._replace(netloc="")
+            if not (parts.scheme and parts.hostname) or parts.path or parts.query or parts.fragment:
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port] "
+                                 "(https://app.example), or \"*\" for any")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        # /get_worker_address hands it to the original controller's clients, which post to it: one that is no
+        # http(s) URL (a bare host name) was answered as it was, and every one of their requests failed there.
+        if value is not None:
+            parts = urlsplit(value.strip())
+            try:
+                parts.port
+            except ValueError:
+                parts = parts._replace(netloc="")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("not an http(s) URL: write http(s)://host[:port][/path], the API's address as "
+                                 "clients reach it")
+        return value
+
+    @field_validator("conversation_log")
+    @classmethod
+    def _conversation_log(cls, value: str) -> str:
+        # A folder was taken, and every finished job's line failed to be written, each with a traceback in the log.
+        if value.strip() and Path(value).expanduser().is_dir():
+            raise ValueError("is a folder: name a file the worker appends to (e.g. /var/log/llava-queue/conv.jsonl)")
+        return value
+
     @field_validator("model_name", "default_model")
     @classmethod
     def _model_name(cls, value: str | None) -> str | None:
@@ -236,6 +314,19 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [part for part in value.split(os.pathsep) if part.strip()]
         return value
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line for each `LLAVA_QUEUE_*` variable in `environ` that is no setting (a typo: MAX_NUM_SEQ for
+    MAX_NUM_SEQS), with the setting it may have meant; pydantic-settings ignores them, and the default ran unsaid."""
+    known = {f"LLAVA_QUEUE_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for name in sorted(environ):
+        if name.upper().startswith("LLAVA_QUEUE_") and name.upper() not in known:
+            near = difflib.get_close_matches(name.upper(), sorted(known - OTHER_VARIABLES), n=1, cutoff=0.75)
+            meant = f" (did you mean {near[0]}?)" if near else ""
+            lines.append(f"{name} is not a setting, ignored{meant}")
+    return lines
 
 
 @lru_cache
