@@ -397,9 +397,11 @@ def test_jobs_past_their_deadline_free_the_key_quota_with_no_worker_up(api_with_
     # model), only a poll of that very job expired it, so a key whose jobs were left unpolled stayed at 429 ("2 jobs
     # queued") for jobs that had ended, until a worker came.
     stack = api_with_quotas
-    ids = [post(stack, {"prompt": "hi", "deadline_seconds": 0.3}).json()["id"] for _ in range(2)]
+    # (A deadline long enough for the third submission to come while both wait, on a loaded machine too: at 0.3 s
+    # the first had expired before it, once in a suite run.)
+    ids = [post(stack, {"prompt": "hi", "deadline_seconds": 1.5}).json()["id"] for _ in range(2)]
     assert post(stack, {"prompt": "hi"}).status_code == 429
-    time.sleep(0.5)
+    time.sleep(1.7)
     again = post(stack, {"prompt": "hi"})
     assert again.status_code == 202, again.text
     for job_id in ids:
