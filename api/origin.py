@@ -133,9 +133,14 @@ def rebound_name(scope: Scope, allowed: AllowedOrigins) -> str | None:
         return name
 
 
+def _shown(text: str) -> str:
+    """A client's origin or host name as a refusal quotes it: cut at _SHOWN_ORIGIN_CHARS."""
+    return text if len(text) <= _SHOWN_ORIGIN_CHARS else text[:_SHOWN_ORIGIN_CHARS] + "..."
+
+
 def name_refused(name: str) -> ApiError:
     """The 403 for a request that reached this API over loopback under a name not its own (`rebound_name`)."""
-    shown = name if len(name) <= _SHOWN_ORIGIN_CHARS else name[:_SHOWN_ORIGIN_CHARS] + "..."
+    shown = _shown(name)
     return ApiError(403, f"this API was reached on this machine under the name {shown!r}, which is not its own "
                          "(a web page can point a name of its own at 127.0.0.1); to serve it under that name, set "
                          f"LLAVA_QUEUE_PUBLIC_URL to that address or list its origin in {ORIGINS_SETTING}",
@@ -144,7 +149,7 @@ def name_refused(name: str) -> ApiError:
 
 def origin_refused(origin: str) -> ApiError:
     """The 403 for a page whose origin is not allowed: it names the origin and the setting that would allow it."""
-    shown = origin if len(origin) <= _SHOWN_ORIGIN_CHARS else origin[:_SHOWN_ORIGIN_CHARS] + "..."
+    shown = _shown(origin)
     return ApiError(403, f"requests from web pages of {shown!r} are refused: that origin is not this API's own; "
                          f"list it in {ORIGINS_SETTING} to let its pages use the API",
                     type="permission_denied", param="header.origin")
