@@ -95,10 +95,22 @@ def last_answer(page):
 
 
 def wait_for_end(page, timeout_ms: int = ANSWER_TIMEOUT_MS) -> str:
-    """Wait until the last answer has ended; returns its status."""
-    page.wait_for_function(
-        f"{list(FINAL)}.includes(document.querySelector('#conversation > .turn.assistant:last-child')?.dataset.status)",
-        timeout=timeout_ms)
+    """Wait until the last answer has ended; returns its status. A timeout says what the answer showed last and the
+    job's record, so that a failure tells a job that never ended from a page that missed its end."""
+    try:
+        page.wait_for_function(
+            f"{list(FINAL)}.includes(document.querySelector('#conversation > .turn.assistant:last-child')"
+            "?.dataset.status)", timeout=timeout_ms)
+    except playwright_api.TimeoutError:
+        seen = page.evaluate("window.seen || []")
+        job_id = seen[-1]["job"] if seen else None
+        record = None
+        if job_id:
+            base = page.url.split("?")[0].rstrip("/")
+            reply = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10)
+            record = reply.json() if reply.ok else reply.text
+        raise AssertionError(f"the answer did not end in {timeout_ms} ms; last seen {seen[-3:]}; job record "
+                             f"{record}") from None
     return last_answer(page).get_attribute("data-status")
 
 
