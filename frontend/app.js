@@ -148,7 +148,7 @@ async function send() {
   }
   const image = state.pendingImage;
   let text = ui.prompt.value;
-  if (!text.trim() && !image) return; // the original skips an empty message
+  if (!text.trim() && !image) return; // the original skips an empty message (and sends a blank one: not here)
   // Cut in characters (code points), as the original counts them: a cut in UTF-16 units could split an emoji
   // in two, and the API refuses half of one.
   const limit = image ? MAX_TEXT_WITH_IMAGE : MAX_TEXT;
@@ -170,13 +170,20 @@ async function send() {
   await generate();
 }
 
+// Python's whitespace, which the original's str.strip() takes off an answer before it goes back into the
+// conversation: JavaScript's trim() also takes U+FEFF, and leaves U+001C-U+001F and U+0085 (a byte of the next
+// prompt would differ).
+const PY_SPACE = "[\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
+const PY_STRIP = new RegExp(`^${PY_SPACE}+|${PY_SPACE}+$`, "gu");
+const pyStrip = (text) => text.replace(PY_STRIP, "");
+
 async function messagesToSend() {
   const messages = [];
   for (const turn of state.turns.slice(0, -1)) {
     if (turn.role === "assistant") {
       // An empty answer would be rendered as the open assistant turn ("ASSISTANT:USER: ..."): as the original, an
       // answer that ended without text stays in the conversation as what the page shows for it, its error.
-      const text = turn.text.trim() || (turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "");
+      const text = pyStrip(turn.text) || (turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "");
       messages.push({ role: "assistant", text });
       continue;
     }

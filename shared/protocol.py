@@ -49,6 +49,15 @@ def context_overflowed(text: str, completion_tokens: int) -> bool:
     return completion_tokens == 0 and text == CONTEXT_OVERFLOW_MSG
 
 
+def check_image_count(prompt: str, num_images: int) -> None:
+    """The original LLaVA worker's rule: one image per `<image>` of the prompt; ValueError with its message (and
+    the two counts) otherwise."""
+    tags = prompt.count(IMAGE_TOKEN)
+    if tags != num_images:
+        raise ValueError(f"Number of images does not match number of <image> tokens in prompt "
+                         f"({num_images} image{'s' if num_images != 1 else ''}, {tags} <image>)")
+
+
 class ErrorCode(IntEnum):
     """The `error_code` of a chunk: 0-3 are the original stack's, the rest are llava-queue's."""
 
@@ -239,7 +248,10 @@ class GenerateRequest(BaseModel):
                 # after the job was accepted (images on an assistant or system turn, turns out of order, a last turn
                 # not the user's) is refused here, with its words.
                 turns = [{"role": m.role, "text": m.text, "images": len(m.images)} for m in self.messages]
-                render_messages(choose_template(self.model), turns)
+                prompt, _ = render_messages(choose_template(self.model), turns)
+                # A turn whose text names more or fewer images than it carries (two `<image>` for one image, a
+                # literal `<image>` in a text-only turn) was accepted, then failed at the worker.
+                check_image_count(prompt, total)
         return self
 
     def all_images(self) -> list[str]:

@@ -1262,3 +1262,32 @@ def test_an_answer_whose_prompt_could_not_be_read_ends_with_its_text(page, stack
     record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
     answer = last_answer(page).locator(".markdown").inner_text()
     assert answer == record["text"].strip() and "Paris" in answer, answer
+
+
+def test_an_answer_goes_back_into_the_conversation_stripped_as_the_original_strips_it(page, stack):
+    # The original's page keeps an answer as `output.strip()` (Python's whitespace); the page trimmed with
+    # JavaScript's, which also takes U+FEFF and leaves U+001C-U+001F and U+0085: the next prompt differed by a byte.
+    # Here the ended job's record reads with such characters at both ends of its text.
+    doctored = []
+
+    def doctor(route):
+        if route.request.method != "GET":
+            route.continue_()
+            return
+        response = route.fetch()
+        record = response.json()
+        if record.get("status") in FINAL and not doctored:
+            record["text"] = "\ufeff\x1c " + record["text"] + " \x1d\x85\n"
+            doctored.append(record["text"])
+        route.fulfill(response=response, json=record)
+
+    page.route(re.compile(r"/v1/jobs/[0-9a-f]+$"), doctor)
+    quick_answers(page)
+    ask(page, "Say hello.")
+    assert wait_for_end(page) == "succeeded"
+    sent = []
+    page.route(re.compile(r"/v1/jobs$"), lambda route: (sent.append(route.request.post_data_json), route.continue_()))
+    ask(page, "Again, please.")
+    wait_for_end(page)
+    assert doctored and doctored[0].strip().startswith("\ufeff\x1c")
+    assert sent[0]["messages"][1] == {"role": "assistant", "text": doctored[0].strip()}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from shared.protocol import IMAGE_TOKEN
+from shared.protocol import IMAGE_TOKEN, check_image_count
 from workers.images import load_pixel_values
 
 IMAGE_TOKEN_INDEX = -200
@@ -112,11 +112,9 @@ class LlavaVision:
         return self.encoder.tokens_per_image
 
     def check_image_count(self, prompt: str, num_images: int) -> None:
-        """The original's rule: one image per `<image>` of the prompt; ValueError (its message) otherwise."""
-        tags = prompt.count(IMAGE_TOKEN)
-        if tags != num_images:
-            raise ValueError(f"Number of images does not match number of <image> tokens in prompt "
-                             f"({num_images} image{'s' if num_images != 1 else ''}, {tags} <image>)")
+        """The original's rule: one image per `<image>` of the prompt; ValueError (its message) otherwise. The API
+        checks rendered chat turns by the same rule when they are submitted."""
+        check_image_count(prompt, num_images)
 
     def pixel_values(self, images: list[str], process_mode: str | None = None) -> torch.Tensor:
         """Decode and prepare a request's base64 images → [N, 3, S, S]; ValueError naming a bad image."""
