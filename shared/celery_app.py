@@ -93,7 +93,8 @@ def restore_messages_of_gone_workers(app: Celery) -> list[str]:
     Each is kombu's own restore, one transaction (WATCH on the unacked hash): the message leaves it and enters its
     queue together, so a sweep that dies midway loses none, and two sweeps never put one back twice. A job whose
     message comes back twice (its holder was alive after all, or had started it) still runs once: `JobStore.start`
-    skips the second start as a duplicate.
+    skips the second start as a duplicate; a worker of another model than the one that started it skips it too (the
+    sweep's claim sent it to its model's queue).
     """
     with _broker_channel(app) as channel:
         held = channel.client.hgetall(MESSAGE_HOLDERS_KEY)

@@ -74,6 +74,11 @@ if status == 'running' then
     redis.call('HSET', KEYS[5], ARGV[3], holder)
     return 'duplicate'
   end
+  -- Back in a queue after its worker died or handed it back: the text it has came from the model it started on, so
+  -- only a worker of that model goes on with it. A message of it put back in the queue of jobs naming no model (its
+  -- dead worker's, restored) is skipped by a worker of another model: the claim sent it to its model's queue too.
+  local model = redis.call('HGET', KEYS[1], 'model') or ''
+  if model ~= '' and ARGV[4] ~= '' and model ~= ARGV[4] then return 'other_model' end
 end
 local ended
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
@@ -1068,7 +1073,9 @@ class JobStore:
         """Mark a job running on `worker`; a job submitted without a model name gets `model`.
 
         Returns "running"; "resumed" (its earlier worker died: go on from the text it has);
-        "duplicate" (a live worker already runs it: skip this delivery); "cancel" or "expired"
+        "duplicate" (a live worker already runs it: skip this delivery); "other_model" (started by a worker of
+        another model, now gone: its text is that model's, so skip this delivery, which its model's queue has too);
+        "cancel" or "expired"
         (cancelled, or past its deadline, before it started: the caller ends it so);
         "exhausted" (started more than `max_attempts` times, the starts after a hand-back (`release`) not counted:
         the caller fails it); "handed_back" (handed back more than `max_hand_backs` times, the store's own unless

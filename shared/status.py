@@ -18,6 +18,7 @@
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter
 
 import redis
@@ -106,10 +107,23 @@ def run_status(settings: Settings, watch: float | None = None) -> int:
 
 
 def _table(header: list[str], rows: list[list], right: set[int] = frozenset()) -> list[str]:
+    """The rows under the header in aligned columns, padded by the width each cell takes on a terminal: a model
+    named in CJK characters (two columns each) pushed every column after it out of line, padded by len()."""
     cells = [header] + [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    return ["  ".join(cell.rjust(width) if column in right else cell.ljust(width)
+    widths = [max(_columns(row[column]) for row in cells) for column in range(len(header))]
+    return ["  ".join(_pad(cell, width, column in right)
                       for column, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in cells]
+
+
+def _columns(text: str) -> int:
+    """Terminal columns `text` takes: two for an East Asian wide or fullwidth character, none for a combining mark."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+               for char in text)
+
+
+def _pad(cell: str, width: int, right: bool) -> str:
+    padding = " " * (width - _columns(cell))
+    return padding + cell if right else cell + padding
 
 
 def _budget(used: int, total: int) -> str:

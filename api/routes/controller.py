@@ -119,12 +119,15 @@ async def worker_get_status(registry: Registry, store: Store) -> WorkerStatus:
     """The original worker's status: the served models, speed 1, and queue_length = requests taken and not done.
 
     queue_length counts, over every live worker, the sequences running and waiting in its engine,
-    plus the jobs still queued in Redis (the original's requests waiting on its semaphore).
+    plus the jobs still queued in Redis (the original's requests waiting on its semaphore) and the started jobs back
+    in a queue (handed back, or claimed from a dead worker), which are in neither: the jobs of a SIGKILLed worker
+    dropped out of the count once its heartbeat lapsed, until a worker of their model resumed them, if one ever came.
     """
     workers = await asyncio.to_thread(registry.workers)
-    queued = await asyncio.to_thread(store.queue_lengths)
+    totals = await asyncio.to_thread(store.totals)
     in_engines = sum(int(worker.get("num_running", 0)) + int(worker.get("num_waiting", 0)) for worker in workers)
-    return WorkerStatus(model_names=served_models(workers), speed=1, queue_length=in_engines + sum(queued.values()))
+    waiting = sum(totals["queued"].values()) + totals["requeued"]
+    return WorkerStatus(model_names=served_models(workers), speed=1, queue_length=in_engines + waiting)
 
 
 @router.post("/register_worker")
