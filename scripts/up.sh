@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what is needed, then run the whole stack: embedded Redis, one worker, the API on 127.0.0.1:8000.
+# It stays in the caller's folder: a relative path in its options (--model-path ./my-model, --redis-dir data)
+# is the caller's, as it is for `llava-queue up` itself (it was read from the checkout's root).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/install.sh
-exec .venv/bin/llava-queue up "$@"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bash "$root/scripts/install.sh"
+exec "$root/.venv/bin/llava-queue" up "$@"

@@ -33,10 +33,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _child_setup(cpus: frozenset[int] = frozenset()):
-    """A child's preexec_fn: it dies with `up`, and runs on `cpus` (all of the parent's when empty)."""
+def _child_setup(cpus: frozenset[int] = frozenset(), die_with_parent: bool = True):
+    """A child's preexec_fn: it dies with `up` (unless not `die_with_parent`), and runs on `cpus` (all of the
+    parent's when empty)."""
     def setup() -> None:
-        _die_with_parent()
+        if die_with_parent:
+            _die_with_parent()
         keep_to(cpus)
     return setup
 
@@ -227,8 +229,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         data_dir = None if args.ephemeral_redis else (args.redis_dir or get_settings().cache_dir / "redis")
         try:
+            # Not stopped with the others if `up` dies (SIGKILL): its keeper stops it once the worker has handed
+            # its running jobs back through it (with it gone at once, the worker waited for it, left behind).
             redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(
-                preexec_fn=_child_setup(rest), start_new_session=True)
+                keep_for=get_settings().shutdown_grace_seconds + 15,
+                preexec_fn=_child_setup(rest, die_with_parent=False), start_new_session=True)
         except (RuntimeError, OSError) as exc:  # OSError: a data folder it cannot create or write
             print(f"llava-queue: cannot start the embedded Redis: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -252,6 +257,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         children.append(_spawn(["worker"], env))
         children.append(_spawn(["api", "--host", args.host, "--port", str(args.port)], env, rest))
+        if redis_server:
+            for child in children:
+                redis_server.outlived_by(child.pid)
         url = f"http://{_url_host(args.host)}:{args.port}"
         print("llava-queue: starting the worker (the first start fetches and converts the default model)...",
               flush=True)

@@ -2,9 +2,14 @@
 
 import errno
 import fcntl
+import os
+import re
+import select
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,32 +131,60 @@ class RedisServer:
         self.data_dir = data_dir
         self._dir = None if data_dir else tempfile.TemporaryDirectory(prefix="llava-queue-redis-")
         self._lock = None
+        self._keeper: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0, **popen_kwargs) -> "RedisServer":
+    def start(self, timeout: float = 10.0, keep_for: float | None = None, **popen_kwargs) -> "RedisServer":
         """Start the server and wait until it answers PING; raises RuntimeError if it does not, or if the port is
-        in use (another server there would answer the PING while this one exits)."""
+        in use (another server there would answer the PING while this one exits). With `keep_for`, a keeper process
+        stops the server if this process dies without stopping it (SIGKILL), once the processes named to
+        `outlived_by` have exited, or `keep_for` seconds after that death."""
         error = bind_error("127.0.0.1", self.port)
         if error:
             raise RuntimeError(f"port {self.port} on 127.0.0.1 is in use ({error.strerror}); choose another "
                                "--redis-port, or pass --redis-url to use the server there")
         if self.data_dir:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # it said "[Errno 17] File exists", of a path that is no folder
+                raise RuntimeError(f"{self.data_dir} is a file, not a folder; name a folder for the append-only "
+                                   "file (--redis-dir)") from None
             self._lock_data_dir()
             persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir)]
         else:
             persistence = ["--appendonly", "no", "--dir", self._dir.name]
+        # Its log beside its data: why it stopped (a damaged append-only file) was written to /dev/null, and `up`
+        # said only "exited with code 1".
+        log_file = Path(self.data_dir or self._dir.name) / "redis.log"
+        log_start = log_file.stat().st_size if log_file.exists() else 0
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-                "--loglevel", "warning"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, **popen_kwargs)
+                "--loglevel", "warning", "--logfile", str(log_file)]
+        if keep_for is not None:
+            # Started first, so the server is never without one; its own session, so a Ctrl-C does not reach it.
+            self._keeper = subprocess.Popen([sys.executable, "-m", "shared.redis_server", "keep", str(keep_for)],
+                                            stdin=subprocess.PIPE, start_new_session=True)
+        try:
+            # The server holds the data folder's lock too, as long as it runs: it may outlive this process (the
+            # keeper), and a second server on the folder meanwhile would write the same append-only file.
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                            pass_fds=(self._lock.fileno(),) if self._lock else (), **popen_kwargs)
+        except OSError:
+            self.stop()
+            raise
+        self.outlived_by(self.process.pid)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.binary} exited with code {self.process.returncode}")
+                said = _last_line(log_file, log_start)  # before stop(), which removes a temporary folder
+                if said and self.data_dir:  # a temporary folder's log is gone with it
+                    said += f" (its log: {log_file})"
+                self.stop()
+                raise RuntimeError(f"{self.binary} exited with code {self.process.returncode}"
+                                   + (f": {said}" if said else ""))
             try:
                 if client.ping():
                     # This server, not one that took the port between the check above and its start.
@@ -175,8 +208,18 @@ class RedisServer:
             raise RuntimeError(f"{self.data_dir} is in use by another embedded Redis; give this one another "
                                "folder (--redis-dir) or none (--ephemeral-redis)") from None
 
+    def outlived_by(self, pid: int) -> None:
+        """Have the keeper (`start(keep_for=...)`) stop the server only after process `pid` has exited: a worker
+        hands its running jobs back to the queue when its parent dies, which needs the server."""
+        if self._keeper and self._keeper.poll() is None:
+            try:
+                self._keeper.stdin.write(f"{pid}\n".encode())
+                self._keeper.stdin.flush()
+            except BrokenPipeError:  # the keeper is gone (killed by hand): nothing to tell
+                pass
+
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 5 s)."""
+        """Stop the server (SIGTERM, then SIGKILL after 5 s), and its keeper."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -184,6 +227,11 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._keeper:
+            self._keeper.kill()  # nothing left for it to do
+            self._keeper.wait()
+            self._keeper.stdin.close()
+            self._keeper = None
         if self._dir:
             self._dir.cleanup()
         if self._lock:
@@ -195,3 +243,80 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _last_line(log_file: Path, start: int) -> str:
+    """The last line the server logged past byte `start` of `log_file`, without its pid and time ("" if none)."""
+    try:
+        with open(log_file, "rb") as log:
+            log.seek(start)
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    # "6905:M 06 Dec 2026 04:02:48.715 # Bad file format reading the append only file ..."
+    return re.sub(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [#*.-] ", "", lines[-1]).strip() if lines else ""
+
+
+def keep(seconds: float) -> None:
+    """The keeper of an embedded Redis (`RedisServer.start(keep_for=...)`): reads the server's pid, then the pids it
+    must outlive, one a line, from stdin. The end of stdin is the death of the process that started the server
+    (closing a pipe needs no signal, so even a SIGKILL closes it): it waits until those processes have exited, or
+    `seconds`, then stops the server (SIGTERM, SIGKILL after 5 s). Without it, the children of a `llava-queue up`
+    killed by SIGKILL got their SIGTERM together: Redis stopped at once, and the worker, which hands its running
+    jobs back through Redis, waited for it for minutes, left behind."""
+    watched = [_Watched(int(line)) for line in sys.stdin if line.strip()]  # each line as it comes
+    if not watched:
+        return
+    server, outlived = watched[0], watched[1:]
+    deadline = time.monotonic() + seconds
+    for process in outlived:
+        process.wait(deadline - time.monotonic())
+    for signum, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+        if server.wait(0) or not server.signal(signum) or server.wait(wait):
+            return
+
+
+class _Watched:
+    """A process the keeper waits for, through a pidfd (a pid used again is not mistaken for it), or by its pid
+    where the kernel has no pidfds (before Linux 5.3: RHEL 8, Ubuntu 18.04)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.pidfd, self.gone = pid, None, False
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # exited and reaped already
+            self.gone = True
+        except OSError:  # ENOSYS
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """True once the process has exited, waiting up to `timeout` seconds for it."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self.gone:
+            if self.pidfd is not None:  # readable once it has exited
+                self.gone = bool(select.select([self.pidfd], [], [], max(0.0, deadline - time.monotonic()))[0])
+                break
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                self.gone = True
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        return self.gone
+
+    def signal(self, signum: int) -> bool:
+        """Send `signum`; False if the process is gone."""
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            self.gone = True
+        return not self.gone
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["keep"]:
+    keep(float(sys.argv[2]))
