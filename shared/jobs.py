@@ -1042,7 +1042,9 @@ class JobStore:
     def queue_position(self, job_id: str, queue: str) -> int | None:
         """How many queued jobs will be taken before this one (0: it is next).
 
-        Interactive jobs are served first, so every queued interactive job is ahead of a batch job.
+        Interactive jobs are served first, so every queued interactive job is ahead of a batch job. Jobs of every
+        model count (the queued set is one per kind): with several models on one Redis it is an upper bound, where
+        counting only its model's and the model-less ones would read each job ahead of it at every poll.
         """
         rank = self.redis.zrank(self.queue_key(queue), job_id)
         if rank is None:
