@@ -2,12 +2,15 @@
 
 import asyncio
 import logging
+import resource
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from api.auth import api_key_if_sent, require_api_key
 from api.channel_hub import ChannelHub
@@ -30,11 +33,88 @@ STREAMS_STOP_SECONDS = 0.2
 GRACEFUL_SHUTDOWN_SECONDS = 10.0
 # How long the lifespan's end waits for the pub/sub reader to stop (see _stop_hub).
 HUB_STOP_SECONDS = 2.0
+# How long a connection may take to send a request's head (request line and headers), from its opening or from the
+# first byte after a response. uvicorn has no such limit: a client that connected and sent nothing, or a header a
+# line at a time (slowloris), held its connection and a file descriptor for as long as it liked.
+REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
+# The most file descriptors the API asks for when the hard limit is unlimited (Linux refuses more than nr_open).
+MAX_OPEN_FILES = 1 << 20
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, as nginx and other servers do; return the
+    soft limit now. Every client holds a socket: at a distribution's usual soft limit, 1,024, the 1,025th client
+    was dropped unanswered at accept, and every stream's read of Redis failed "Too many open files"."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open files limit from %d to %d (%s)", soft, wanted, exc)
+            return soft
+        log.info("open files limit raised from %d to %d", soft, wanted)
+        soft = wanted
+    return soft
+
+
+def with_head_timeout(protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """`protocol_class` (one of uvicorn's HTTP protocols), closing a connection that has not sent a whole request
+    head within REQUEST_HEAD_TIMEOUT_SECONDS of its opening, or of its first byte after a response (the idle time
+    between requests is uvicorn's keep-alive timeout)."""
+
+    class HeadTimeout(protocol_class):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle or self.transport.get_protocol() is not self:
+                # A request's head came (a new request cycle), or the connection became a WebSocket.
+                self._cancel_head_timer()
+            elif (self.cycle is None or self.cycle.response_complete) and self._head_timer is None:
+                # The first bytes of a request after a response: uvicorn has just cancelled its keep-alive timer.
+                self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_SECONDS, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    HeadTimeout.__name__ = HeadTimeout.__qualname__ = f"HeadTimeout{protocol_class.__name__}"
+    return HeadTimeout
 
 
 class ApiServer(uvicorn.Server):
     """uvicorn's server, which ends the API's streams before it waits for every response to finish: a stream would
-    finish only with its job. The jobs go on; their clients follow them again on the API that takes over."""
+    finish only with its job. The jobs go on; their clients follow them again on the API that takes over.
+
+    It also raises the open files limit (raise_open_files_limit) and closes connections slow to send a request's
+    head (with_head_timeout)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        raise_open_files_limit()
+        if not config.loaded and not getattr(config, "http2", False):
+            http = config.http
+            config.http = with_head_timeout(import_from_string(HTTP_PROTOCOLS.get(http, http))
+                                            if isinstance(http, str) else http)
+        super().__init__(config)
 
     async def shutdown(self, sockets=None) -> None:
         hub = getattr(self.config.app.state, "hub", None)
