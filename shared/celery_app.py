@@ -405,6 +405,102 @@ class RedisTransport(kombu_redis.Transport):
     Channel = _Channel
 
 
+# The keys outside the job store's prefix that kombu reads and writes: a queue, its unacked hashes and a binding. An
+# ACL user held to the prefix (`~llq:*`) could write job records, and every task message was refused.
+_KOMBU_KEYS = (INTERACTIVE_QUEUE, "unacked", "unacked_index", MESSAGE_HOLDERS_KEY,
+               f"_kombu.binding.{INTERACTIVE_QUEUE}")
+
+
+def redis_refusal(url: str, prefix: str, *, names_connections: bool = False, writes: bool = False) -> str | None:
+    """Why the Redis at `url` refuses llava-queue for good, in one line, or None: it refuses the URL's credentials
+    (or wants some), or its ACL denies the user a command the stack runs (scripts, PUBLISH, SUBSCRIBE and PSUBSCRIBE,
+    CLIENT SETNAME with `names_connections`: the API names its stream subscriber) or the keys it uses; with `writes`,
+    also a read-only replica (a worker's Celery consumer cannot start on one). Each such Redis
+    was taken for one away: the worker loaded its model and tried again for ever, the API's /healthz said "ok" while
+    every submission got a 503 "try again shortly" or no stream got a token. Writes nothing (PUBLISH to a channel of
+    the prefix nobody hears, PERSIST, a no-op on keys without a TTL). Raises redis.ConnectionError or TimeoutError when
+    Redis does not answer (to be waited for)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        try:
+            client.ping()
+        except (redis.AuthenticationError, redis.ResponseError) as exc:  # (redis-py's AuthenticationError is neither)
+            if answers_later(exc) and not isinstance(exc, redis.AuthenticationError):
+                raise redis.ConnectionError(str(exc)) from exc
+            if "authenticated" in str(exc) or str(exc).startswith(("NOAUTH", "Authentication required")):
+                # NOAUTH, in HELLO's words too
+                return ("it wants a password (requirepass, or an ACL user's) and the URL has none; use "
+                        "redis://:PASSWORD@host:port/db or redis://USER:PASSWORD@host:port/db")
+            if isinstance(exc, redis.AuthenticationError):  # WRONGPASS
+                return f"it refuses the credentials in the URL ({exc})"
+            return f"it refuses the connection: {exc}"  # DENIED (protected mode), a DB index it lacks
+        probes = [("EVAL", "return 1", 0), ("SCRIPT", "LOAD", "return 1"),
+                  ("EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", 0),
+                  ("PUBLISH", f"{prefix}:probe", "")]
+        probes += [("PERSIST", key) for key in (f"{prefix}:probe", *_KOMBU_KEYS)]
+        if names_connections:
+            probes.append(("CLIENT", "SETNAME", "llava-queue-probe"))
+        for probe in probes:
+            try:
+                client.execute_command(*probe)
+            except redis.exceptions.NoPermissionError as exc:
+                if probe[0] == "PERSIST":
+                    return (f"its ACL denies the user the key {probe[1]!r}, which llava-queue writes ({exc}): grant "
+                            f"~* (Celery's keys are outside {prefix}:*)")
+                return f"its ACL denies the user what llava-queue needs: {exc} (grant +@all, or at least {probe[0]})"
+            except redis.ResponseError as exc:
+                if isinstance(exc, redis.ReadOnlyError) and writes:
+                    return (f"it is a read-only replica ({exc}); point LLAVA_QUEUE_REDIS_URL at its primary")
+                if probe[0] == "PERSIST" and answers_later(exc):
+                    continue  # a read-only replica: said by redis_warnings
+                if "unknown command" in str(exc).lower():  # rename-command
+                    return f"it has no {probe[0]} command ({exc}); llava-queue runs it"
+                raise
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(f"{prefix}:probe")
+            pubsub.psubscribe(f"{prefix}:probe:*")  # Celery's fanout (remote control) subscribes to patterns
+            for _ in range(2):
+                pubsub.get_message(timeout=5)
+        except redis.exceptions.NoPermissionError as exc:
+            return f"its ACL denies the user what llava-queue needs: {exc} (grant +@pubsub and &* channels)"
+        finally:
+            pubsub.close()
+        return None
+    finally:
+        client.close()
+
+
+def redis_warnings(client: redis.Redis) -> list[str]:
+    """What about the Redis behind `client` loses or refuses the stack's data while it is up, one line each: a
+    `maxmemory` with a policy that evicts keys (job records, queue messages and the workers list vanish unsaid,
+    and the jobs with them), a Redis full under noeviction or a read-only replica (every write refused). Read from
+    INFO; none where the ACL denies INFO (the operator who denied it can read them)."""
+    try:
+        info = client.info("memory") | client.info("replication")
+    except redis.exceptions.NoPermissionError:
+        return []
+    except redis.ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            return []
+        raise
+    warnings = []
+    policy = info.get("maxmemory_policy", "noeviction")
+    if int(info.get("maxmemory") or 0) and policy != "noeviction":
+        warnings.append(f"maxmemory-policy is {policy}: once Redis holds maxmemory bytes it evicts keys, job records "
+                        "and task messages among them, and their jobs are lost unsaid; set maxmemory-policy "
+                        "noeviction (a full Redis then refuses writes, which llava-queue waits out)")
+    elif int(info.get("maxmemory") or 0) and int(info.get("used_memory") or 0) >= int(info["maxmemory"]):
+        warnings.append(f"it is full ({info.get('used_memory_human')} of maxmemory "
+                        f"{info.get('maxmemory_human')}): it refuses writes, and every submission gets a 503, until "
+                        "records expire or maxmemory is raised")
+    if info.get("role") in ("slave", "replica"):
+        master = f"{info.get('master_host', '?')}:{info.get('master_port', '?')}"
+        warnings.append(f"it is a replica of {master}: it refuses every write (READONLY) until it is promoted; point "
+                        "LLAVA_QUEUE_REDIS_URL at the primary")
+    return warnings
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app whose broker is `settings.redis_url`; tasks carry only job ids (JSON)."""
     app = Celery("llava_queue", broker=settings.redis_url)

@@ -157,6 +157,22 @@ def _redis_url_problem(url: str) -> str | None:
     return None
 
 
+def _redis_refusal_problem(settings) -> str | None:
+    """Why the API's Redis refuses it for good (its credentials, protected mode, an ACL without what the API runs:
+    `redis_refusal`), or None; a Redis that does not answer (yet) is waited for. Such an API started, and tried its
+    pub/sub connection again for ever while /healthz said what Redis refused."""
+    import redis
+
+    from shared.celery_app import redis_refusal
+    from shared.status import without_password
+
+    try:
+        refusal = redis_refusal(settings.redis_url, settings.key_prefix, names_connections=True)
+    except redis.RedisError:
+        return None
+    return f"Redis at {without_password(settings.redis_url)}: {refusal}" if refusal else None
+
+
 def _frontend_problem(folder: Path | None) -> str | None:
     """Why the API cannot serve the page from LLAVA_QUEUE_FRONTEND_DIR, or None (unset: the page beside the code). A
     folder that is not there, or has no index.html, started an API whose page answered 404, unsaid."""
@@ -305,7 +321,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     settings = get_settings()
     # `--port 0` is a port too (a free one, which the log names): not "unset".
     host, port = args.host or settings.host, settings.port if args.port is None else args.port
-    problem = _frontend_problem(settings.frontend_dir) or _redis_url_problem(settings.redis_url)
+    problem = (_frontend_problem(settings.frontend_dir) or _redis_url_problem(settings.redis_url)
+               or _redis_refusal_problem(settings))
     if problem:
         print(f"llava-queue api: {problem}", file=sys.stderr, flush=True)
         return 2

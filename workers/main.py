@@ -8,16 +8,18 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 
+import redis
 import torch
 from celery import signals
 from kombu.exceptions import OperationalError
 from PIL import Image
 from redis.exceptions import RedisError, ResponseError
 
-from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app,
+from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app, redis_refusal, redis_warnings,
                                resend_lost_tasks, restore_messages_of_gone_workers, send_first,
                                task_queue, worker_queues)
 from shared.cpus import keep_process_to, split_cpus
@@ -26,6 +28,7 @@ from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
 from shared.logs import bind_job_ids_to_celery_tasks, celery_worker_arguments
 from shared.protocol import IMAGE_TOKEN, GenerateRequest
 from shared.settings import Settings
+from shared.status import without_password
 from workers import tasks
 from workers.batch_slots import BatchSlots, consumer_step
 from workers.builder import LoadedModel, ModelLoadError, load_model, serving_engine
@@ -42,6 +45,7 @@ log = logging.getLogger("llava_queue.worker")
 def run_worker(settings: Settings) -> None:
     """Serve jobs from Redis until the process is told to stop."""
     bind_job_ids_to_celery_tasks()
+    _check_redis(settings)
     # Dedicated engine cores: every thread but the engine's keeps to the others (the engine thread moves itself).
     split = split_cpus(settings.engine_cpus)
     keep_process_to(split.rest)
@@ -158,6 +162,27 @@ def run_worker(settings: Settings) -> None:
     if engine_stopped.is_set():
         # Not a stop that was asked for: the supervisor (Compose's restart policy, systemd) starts a new worker.
         raise SystemExit(ENGINE_STOPPED_EXIT_STATUS)
+
+
+def _check_redis(settings: Settings) -> None:
+    """Exit (status 2, one line) when Redis refuses this worker for good (`redis_refusal`: its credentials, its ACL,
+    a read-only replica, on which Celery's consumer stopped at its start and the worker exited 0), before the model
+    loads; log what would lose or refuse jobs (`redis_warnings`). A Redis that does not answer yet
+    is waited for, as before."""
+    try:
+        refusal = redis_refusal(settings.redis_url, settings.key_prefix, writes=True)
+        with redis.Redis.from_url(settings.redis_url, socket_timeout=5) as client:
+            warnings = [] if refusal else redis_warnings(client)
+    except RedisError as exc:
+        log.warning("Redis at %s does not answer yet (%s); the worker waits for it",
+                    without_password(settings.redis_url), exc)
+        return
+    if refusal:
+        print(f"llava-queue worker: Redis at {without_password(settings.redis_url)}: {refusal}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(2)
+    for warning in warnings:
+        log.warning("Redis at %s: %s", without_password(settings.redis_url), warning)
 
 
 def celery_node_name(name: str) -> str:

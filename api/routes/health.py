@@ -6,17 +6,26 @@ import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.deps import Registry, Store
+from api.deps import Checks, Registry, Store
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz(store: Store, registry: Registry) -> JSONResponse:
-    """200 with the live workers and queue lengths while Redis answers; 503 otherwise."""
+async def healthz(store: Store, registry: Registry, checks: Checks) -> JSONResponse:
+    """200 with the live workers and queue lengths while Redis answers, and `redis_warnings` when something about
+    it loses or refuses jobs (keys evicted, a read-only replica); 503 when it does not answer, or refuses the API
+    for good (its credentials, its ACL: `redis_refusal`), which no waiting mends."""
     try:
+        refusal, warnings = await checks.read()
+        if refusal:
+            return JSONResponse({"status": "refused", "redis": False, "error": f"Redis {refusal}"},
+                                status_code=503)
         workers = await asyncio.to_thread(registry.workers)
         queues = await asyncio.to_thread(store.queue_lengths)
     except redis.RedisError as exc:
         return JSONResponse({"status": "unavailable", "redis": False, "error": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ok", "redis": True, "workers": workers, "queued": queues})
+    body = {"status": "ok", "redis": True, "workers": workers, "queued": queues}
+    if warnings:
+        body["redis_warnings"] = warnings
+    return JSONResponse(body)
