@@ -16,6 +16,8 @@ Beside the answers file `a.jsonl`:
 * `a.jsonl.params`: the sampling parameters the answers were made with (conv_mode, temperature,
   top_p, max_new_tokens, seed). A run with other ones stops before asking anything, rather than
   add answers of other parameters to those (`--overwrite` starts over).
+* `a.jsonl.lock`: held (flock) while a run writes these files, so a second run of the same command stops at once
+  instead of asking every question again beside the first; removed at the end.
 * `a.jsonl.jobs`: the jobs in the queue. A group is recorded there before it is posted (with its
   Idempotency-Key) and again with its job ids, so a run stopped at any point (Ctrl-C, a crash, a
   lost connection) is resumed by running the same command again: questions already in the
@@ -29,6 +31,7 @@ No torch here: the command runs on client machines with the base install.
 """
 
 import argparse
+import fcntl
 import http.client
 import json
 import os
@@ -271,7 +274,25 @@ def read_answers(path: Path) -> tuple[dict[tuple[str, str | None, int], str], bo
     return by_key, dropped
 
 
+def discards(path: Path) -> bool:
+    """Whether `path` is the null device (`/dev/null`, or a link to it): written to, never replaced nor removed. A
+    rename onto it, or an unlink, replaced or removed the system's /dev/null when the run had the rights (root)."""
+    try:
+        return os.path.samefile(path, os.devnull)
+    except OSError:
+        return False
+
+
+def remove(path: Path) -> None:
+    """Remove a file of the run, unless it is the null device."""
+    if not discards(path):
+        path.unlink(missing_ok=True)
+
+
 def write_atomically(path: Path, lines: list[str]) -> None:
+    """Replace `path` with `lines` at once (written aside, then renamed); nothing for the null device."""
+    if discards(path):
+        return
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "w") as file:
         file.writelines(lines)
@@ -345,6 +366,7 @@ class EvalRun:
         self.errors_path = Path(args.errors_file or f"{args.answers_file}.errors")
         self.state_path = Path(f"{args.answers_file}.jobs")
         self.params_path = Path(f"{args.answers_file}.params")
+        self.lock_path = Path(f"{args.answers_file}.lock")
         self.image_folder = Path(args.image_folder)
         self.max_in_flight = args.max_in_flight
         self.group_size = max(1, min(GROUP_SIZE, self.max_in_flight // 2))
@@ -371,7 +393,7 @@ class EvalRun:
         self.answers_path.parent.mkdir(parents=True, exist_ok=True)
         if self.args.overwrite:
             for path in (self.answers_path, self.errors_path, self.state_path, self.params_path):
-                path.unlink(missing_ok=True)
+                remove(path)
         by_key, dropped = read_answers(self.answers_path)
         self._check_params(bool(by_key))
         questions = {item.key for item in self.items if item.question is not None}
@@ -394,6 +416,32 @@ class EvalRun:
         self.answers_file = open(self.answers_path, "a")
         self.errors_file = open(self.errors_path, "w")
         self.state_file = None
+
+    def _lock(self) -> Any:
+        """Take the answers file's lock (`a.jsonl.lock`, holding the run's pid) and return it open; Fatal when another
+        run holds it. Two runs of one command asked every question twice, and each rewrote the jobs file under the
+        other. The kernel lets go of the lock of a run killed (kill -9), so a leftover file stops no one."""
+        self.answers_path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            file = open(self.lock_path, "a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "?"
+                file.close()
+                raise Fatal(f"another llava-queue eval (pid {holder}) is writing {self.answers_path}: wait for it "
+                            "to end, or stop it and run this command again") from None
+            try:
+                if os.path.samestat(os.fstat(file.fileno()), os.stat(self.lock_path)):
+                    break
+            except FileNotFoundError:
+                pass
+            file.close()  # a run that ended meanwhile removed the file this one locked: lock the file there now
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        return file
 
     def _check_params(self, answered: bool) -> None:
         """Stop (Fatal) when the answers file holds answers made with other sampling parameters than this run's (its
@@ -500,7 +548,7 @@ class EvalRun:
         if records:
             write_atomically(self.state_path, [json.dumps(record) + "\n" for record in records])
         else:
-            self.state_path.unlink(missing_ok=True)
+            remove(self.state_path)
 
     @staticmethod
     def _questions_of(items: list[Item]) -> dict[str, list]:
@@ -724,13 +772,15 @@ class EvalRun:
                 self._answer(item, job)
                 self.tally.collected += flight.collected
             return
-        if flight.collected and item.key not in self.resubmitted:
-            # A job of an earlier run that did not answer (or whose record expired): ask again, once.
+        if (flight.collected or job is None) and item.key not in self.resubmitted:
+            # A job of an earlier run that did not answer (or whose record expired), or one whose record is gone (a
+            # Redis restarted without its data): ask again, once. Those of a lost Redis all failed, "expired?".
             self.resubmitted.add(item.key)
             self.todo.appendleft(item)
             return
         if job is None:
-            self._fail(item, f"job {flight.job_id} is unknown to the API (its record expired?)", flight.job_id)
+            self._fail(item, f"job {flight.job_id} is unknown to the API (its record expired, or its Redis lost "
+                             "it), and so was the question's job before it", flight.job_id)
         else:
             reason = job.get("error") or f"the job ended {job['status']}"
             self._fail(item, f"job {job['status']}: {reason} (error_code {job['error_code']})", flight.job_id)
@@ -746,6 +796,15 @@ class EvalRun:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def run(self) -> int:
+        """Answer the questions not answered yet; the exit status. The answers file's lock is held throughout."""
+        lock = self._lock()
+        try:
+            return self._run()
+        finally:
+            remove(self.lock_path)
+            lock.close()
+
+    def _run(self) -> int:
         self._prepare_files()
         todo: dict[tuple[str, str, int], Item] = {}
         for item in self.items:
@@ -790,7 +849,7 @@ class EvalRun:
                 self.errors.sort(key=lambda record: record["line"])
                 write_atomically(self.errors_path, [json.dumps(record) + "\n" for record in self.errors])
             else:
-                self.errors_path.unlink(missing_ok=True)
+                remove(self.errors_path)
         return self._report(fatal)
 
     def _report(self, fatal: str | None) -> int:
