@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # setup, llava-queue registered with it as a worker) with 5 s, and both skip empty frames. At 5 s the keepalive
     # raced the proxy's timeout (a busy API loses it, and the proxy's client gets its error frame, code 3).
     llava_keepalive_seconds: float = Field(2.5, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
+    # A streamed chat completion sends an SSE comment (": keepalive") after this many seconds without an event (a job
+    # waiting in a deep queue): nothing went out after its first chunk, and a proxy's read timeout (nginx's 60 s) or
+    # a client's cut it. OpenAI's clients and EventSource skip comments.
+    sse_keepalive_seconds: float = Field(15.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
     # How long one WebSocket message may wait to be sent (uvicorn holds it back while the client's unread data fill
     # the socket) before the client counts as gone and its stream ends: a client that keeps its connection but
     # reads nothing is let go. Its job goes on. WS /v1/ws waits as long for its first message, the job's request.

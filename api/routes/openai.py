@@ -29,7 +29,7 @@ from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
 from api.errors import ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import served_models
-from api.stream import JobNotFound, ServerStopping, follow_job
+from api.stream import JobNotFound, ServerStopping, follow_job, with_keepalives
 from api.submission import check_unicode
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
@@ -479,16 +479,20 @@ class Completion:
         except JobNotFound:
             return  # read_record finds nothing and says so
 
-    async def stream(self, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, include_usage: bool, keepalive: float) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk shape, then `data: [DONE]`; a client that leaves cancels the job.
 
         Deltas are the generated text as it grows. The end is read from the job record: any text not
-        yet sent, then the chunk with finish_reason, then (with include_usage) the usage chunk.
+        yet sent, then the chunk with finish_reason, then (with include_usage) the usage chunk. An SSE comment goes
+        out after `keepalive` seconds without an event (a job waiting in the queue).
         """
         ended, sent = False, ""
         try:
             yield self._chunk({"role": "assistant", "content": ""}, None, include_usage)
-            async for event in follow_job(self.store, self.hub, self.job_id):
+            async for event in with_keepalives(follow_job(self.store, self.hub, self.job_id), keepalive):
+                if event is None:
+                    yield ": keepalive\n\n"
+                    continue
                 if event.done:
                     break
                 generated = event.text[len(event.prompt):]
@@ -593,7 +597,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     completion = Completion(store, hub, job_id, body.model, body.keep_on_disconnect or idempotency_key is not None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(completion.stream(include_usage), media_type="text/event-stream",
+        keepalive = request.app.state.settings.sse_keepalive_seconds
+        return StreamingResponse(completion.stream(include_usage, keepalive), media_type="text/event-stream",
                                  headers={JOB_ID_HEADER: job_id, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
     response.headers[JOB_ID_HEADER] = job_id
