@@ -34,7 +34,7 @@ from workers.engine import LLMEngine
 from workers.engine.dtype import pick_dtype
 from workers.engine.scheduler import prefill_budget
 from workers.llava import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, LlavaVision, VisionEncoder, build_projector
-from workers.weights import WEIGHT_FILES, WEIGHT_INDEXES, checkpoint_file, read_file, read_tensors
+from workers.weights import WEIGHT_FILES, WEIGHT_INDEXES, check_weights, checkpoint_file, read_file, read_tensors
 
 log = logging.getLogger("llava_queue.worker")
 
@@ -183,12 +183,15 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
                            _quantization(load_8bit, load_4bit, torch_device))
     vision = None
     try:
+        for folder in (model_path, model_base):
+            if folder:
+                check_weights(folder)
         if is_multimodal:
             model, tokenizer, vision = _load_llava(model_path, model_base, name, placement, vision_tower)
         elif model_base:
             log.info("%s: merging the LoRA weights of %s onto %s", name, model_path, model_base)
-            tokenizer = AutoTokenizer.from_pretrained(model_base)
-            model = _merge_lora(AutoModelForCausalLM.from_pretrained(model_base, **placement.kwargs()), model_path)
+            tokenizer = _load_tokenizer(model_base, name)
+            model = _merge_lora(_load_whole_lm(model_base, name, **placement.kwargs()), model_path)
             model = placement.place(model)
         else:
             model, tokenizer = _load_causal_lm(model_path, placement, name)
@@ -196,8 +199,9 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
         # A file missing or unreadable, a config.json that is no JSON, weights cut short (safetensors' own error;
         # a .bin's EOFError or UnpicklingError), ...
         base = f" with the base {model_base} (LLAVA_QUEUE_MODEL_BASE)" if model_base else ""
+        # One line: transformers' and torch's messages run over several (torch.load's weights_only advice).
         raise ModelLoadError(f"{name}: cannot load {model_path} (LLAVA_QUEUE_MODEL_PATH){base}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+                             f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
     context_len = getattr(model.config, "max_position_embeddings", None) or 2048
     precision = describe_precision(placement.dtype, load_8bit, load_4bit)
     log.info("loaded %s from %s on %s in %s (context %d tokens%s)", name, model_path, torch_device, precision,
@@ -240,9 +244,42 @@ def _load_causal_lm(model_path: str, placement: _Placement,
         if "vision_config" in config or "mm_vision_tower" in config:
             raise ModelLoadError(f"{name}: {model_path} is a LLaVA checkpoint, but only names with 'llava' are served "
                                  "as LLaVA (the original's rule); set LLAVA_QUEUE_MODEL_NAME to such a name")
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # A GGUF file holds its tokenizer: what fails there is the file, which the caller's message names.
+    tokenizer = (AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"]) if "gguf_file" in kwargs
+                 else _load_tokenizer(path, name))
+    model = _load_whole_lm(path, name, **kwargs)
     return placement.place(model), tokenizer
+
+
+def _load_tokenizer(path: str | Path, name: str, **kwargs) -> PreTrainedTokenizerBase:
+    """The tokenizer of the checkpoint at `path`; ModelLoadError in one line when it has none that loads.
+
+    transformers' own message for a folder without tokenizer files runs over five lines about sentencepiece.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except PermissionError:
+        raise  # the caller's message names the file; the tokenizer files may well be there
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{name}: no tokenizer loads from {path} (it needs tokenizer.json, or tokenizer.model "
+                             f"with sentencepiece installed): {' '.join(str(exc).split())}") from exc
+
+
+def _load_whole_lm(path: str | Path, name: str, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, or ModelLoadError when the checkpoint lacks weights
+    the model has: transformers fills those with random values and only logs a table, so a folder of another kind
+    (a llava-hf or CLIP folder given as a LoRA's base) was served as random garbage."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    _require_all_weights(model, info, path, name)
+    return model
+
+
+def _require_all_weights(model: PreTrainedModel, info: dict, path: str | Path, name: str) -> None:
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelLoadError(f"{name}: {path} lacks {len(missing)} of the {len(model.state_dict())} weights of a "
+                             f"{type(model).__name__} ({', '.join(missing[:3])}, ...): not a checkpoint of that "
+                             "model (or one whose weights are incomplete)")
 
 
 def _merge_lora(model: PreTrainedModel, adapter_path: str) -> PreTrainedModel:
@@ -278,20 +315,29 @@ def _read_config(model_path: str) -> dict:
     file = checkpoint_file(model_path, "config.json")
     if file is None:
         raise ModelLoadError(f"{model_path} has no config.json: not a Hugging Face checkpoint folder or hub id")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as exc:  # no JSON, or not UTF-8
+        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file} is not a model config (a JSON object): it holds a {type(config).__name__}")
+    return config
 
 
 def _load_llava(model_path: str, model_base: str | None, name: str, placement: _Placement,
                 vision_tower: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LlavaVision]:
     config = _read_config(model_path)
     if "vision_config" in config:
+        if "model_type" not in config:
+            raise ModelLoadError(f"{name}: {model_path}/config.json has a vision_config but no model_type "
+                                 "(llava-hf checkpoints have model_type 'llava')")
         if config.get("model_type") != "llava":
             raise ModelLoadError(f"{name}: a {config.get('model_type')!r} checkpoint; llava-queue serves LLaVA "
                                  "(the original layout, or llava-hf's 'llava' type), not LLaVA-NeXT or others")
         if model_base:
             raise ModelLoadError(f"{name}: model_base is for original LoRA and projector-only checkpoints; "
                                  f"{model_path} is a complete llava-hf checkpoint, serve it without a base")
-        return _load_llava_hf(model_path, placement)
+        return _load_llava_hf(model_path, placement, name)
     if "mm_vision_tower" not in config and "mm_projector_type" not in config:
         raise ModelLoadError(f"{name}: the name says LLaVA, but {model_path}/config.json has neither the original "
                              "LLaVA keys (mm_vision_tower, ...) nor a llava-hf vision_config. A plain language model "
@@ -316,15 +362,15 @@ def _load_llava_original(model_path: str, model_base: str | None, name: str, con
         # The original: the base's weights with the LoRA checkpoint's config, its non-LoRA trainables
         # (the projector, maybe embeddings), then the LoRA merged in.
         log.info("%s: loading the base %s, then merging the LoRA weights of %s", name, model_base, model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_base)
-        lm = AutoModelForCausalLM.from_pretrained(model_base, config=text_config, **placement.kwargs())
+        tokenizer = _load_tokenizer(model_base, name)
+        lm = _load_whole_lm(model_base, name, config=text_config, **placement.kwargs())
         extras = _non_lora_trainables(model_path)
         _load_language_extras(lm, extras)
         lm = _merge_lora(lm, model_path)
     elif model_base:
         log.info("%s: loading the base %s with the projector of %s", name, model_base, model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_base)
-        lm = AutoModelForCausalLM.from_pretrained(model_base, config=text_config, **placement.kwargs())
+        tokenizer = _load_tokenizer(model_base, name)
+        lm = _load_whole_lm(model_base, name, config=text_config, **placement.kwargs())
         projector_file = checkpoint_file(model_path, "mm_projector.bin")
         if projector_file is None:
             raise ModelLoadError(f"{name}: with a model_base and no 'lora' in the name, {model_path} must hold "
@@ -335,10 +381,10 @@ def _load_llava_original(model_path: str, model_base: str | None, name: str, con
         _check_not_partial(model_path, name)
         if "lora" in lower:
             log.warning("%s: 'lora' in the name but no model_base; loading it as a full checkpoint", name)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = _load_tokenizer(model_path, name)
         # Its projector (and any tower) weights are not the language model's: loaded below.
         with _extra_weights_expected("the language model leaves the checkpoint's projector weights to the projector"):
-            lm = AutoModelForCausalLM.from_pretrained(model_path, config=text_config, **placement.kwargs())
+            lm = _load_whole_lm(model_path, name, config=text_config, **placement.kwargs())
         with_tower = bool(config.get("unfreeze_mm_vision_tower"))
         extras = read_tensors(model_path, lambda key: key.startswith(_PROJECTOR_PREFIX)
                               or (with_tower and key.startswith(_TOWER_PREFIX)))
@@ -464,13 +510,15 @@ def _compute_dtype(placement: _Placement) -> torch.dtype:
     return torch.float16 if placement.quantization is not None else placement.dtype
 
 
-def _load_llava_hf(model_path: str, placement: _Placement):
+def _load_llava_hf(model_path: str, placement: _Placement, name: str):
     """A llava-hf checkpoint (`LlavaForConditionalGeneration`), split into its language model and vision side."""
     from transformers import LlavaForConditionalGeneration
 
-    llava = LlavaForConditionalGeneration.from_pretrained(model_path, **placement.kwargs())
+    llava, info = LlavaForConditionalGeneration.from_pretrained(model_path, output_loading_info=True,
+                                                                **placement.kwargs())
+    _require_all_weights(llava, info, model_path, name)
     llava = placement.place(llava)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = _load_tokenizer(model_path, name)
     image_processor = AutoImageProcessor.from_pretrained(model_path)
     config = llava.config
     # The language model and head as a causal LM of their own, sharing (not copying) the weights.

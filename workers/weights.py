@@ -7,6 +7,8 @@ checkpoint only the shards that hold a wanted key are read.
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,68 @@ import torch
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The other weight files of LLaVA's LoRA and projector-only checkpoints (PEFT's adapter, the original's extras).
+EXTRA_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "non_lora_trainables.bin", "mm_projector.bin")
+
+
+class WeightsError(ValueError):
+    """A weight file of a checkpoint is missing, unreadable or cut short; the message names the file."""
+
+
+def check_weights(folder: str | Path) -> None:
+    """WeightsError naming the file when a local checkpoint folder's weights cannot all be read: a shard its index
+    names that is missing, an index that is no JSON weight map, a `.safetensors` or `.bin` file cut short.
+
+    Reads only indexes and headers (a `.bin`'s zip directory), so a checkpoint of many GB is checked in moments;
+    without it a copy cut short failed deep in loading with "[Errno 22] Invalid argument" or "incomplete metadata",
+    naming no file, and an index without a weight map with a bare KeyError.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return  # a hub id or a .gguf file: transformers checks those
+    files = [folder / name for name in (*WEIGHT_FILES, *EXTRA_WEIGHT_FILES) if (folder / name).is_file()]
+    for index_name in WEIGHT_INDEXES:
+        index_file = folder / index_name
+        if index_file.is_file():
+            files += [_required(folder, shard) for shard in sorted(set(_weight_map(index_file).values()))]
+    for file in files:
+        _check_file(file)
+
+
+def _weight_map(index_file: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_file.read_text()).get("weight_map")
+    except (ValueError, AttributeError) as exc:  # no JSON, or JSON that is no object
+        raise WeightsError(f"{index_file} is not a JSON weight index ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise WeightsError(f"{index_file} has no weight_map (tensor name -> shard file)")
+    return weight_map
+
+
+def _check_file(file: Path) -> None:
+    size = file.stat().st_size
+    with open(file, "rb") as stream:  # an unreadable file fails here, with its name
+        head = stream.read(8)
+        if file.suffix == ".safetensors":
+            if len(head) < 8:
+                raise WeightsError(f"{file} is cut short ({size} bytes): not a whole safetensors file")
+            (header_size,) = struct.unpack("<Q", head)
+            if 8 + header_size > size:
+                raise WeightsError(f"{file} is cut short ({size} bytes, its header alone takes {8 + header_size})")
+            try:
+                header = json.loads(stream.read(header_size))
+                end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                          default=0)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise WeightsError(f"{file} has no valid safetensors header ({exc})") from None
+            if 8 + header_size + end > size:
+                raise WeightsError(f"{file} is cut short ({size} bytes of {8 + header_size + end})")
+        elif head.startswith(b"PK") and not zipfile.is_zipfile(file):
+            # torch.save's zip format keeps its directory at the end: a copy cut short has none.
+            raise WeightsError(f"{file} is cut short or damaged ({size} bytes): its zip directory is missing")
+        elif file.suffix == ".bin" and not head.startswith((b"PK", b"\x80")):
+            # Neither torch.save's zip format nor its older pickle one (an empty or overwritten file).
+            raise WeightsError(f"{file} is not a PyTorch weight file ({size} bytes)")
 
 
 def checkpoint_file(path_or_id: str | Path, filename: str) -> Path | None:
