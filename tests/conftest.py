@@ -147,6 +147,23 @@ def stop_processes(processes) -> None:
 
 
 @contextmanager
+def model_workers(stack: Stack, env: dict[str, str], models):
+    """A worker per model name in `models` on `stack`'s Redis, with `env` (the whole environment), announced before
+    it yields them (name -> process); stopped, and taken out of the stack's processes, after."""
+    workers = {model: start_service(f"worker-{model.replace('/', '_')}", ["worker"],
+                                    {**env, "LLAVA_QUEUE_REDIS_URL": stack.redis_url, "LLAVA_QUEUE_MODEL_NAME": model},
+                                    stack.log_dir) for model in models}
+    stack.processes.update(workers)
+    try:
+        wait_for_stack(stack, workers=len(workers))
+        yield workers
+    finally:
+        stop_processes(workers.values())
+        for name in workers:
+            stack.processes.pop(name)
+
+
+@contextmanager
 def run_stack(redis_url: str, env: dict[str, str], *, workers: tuple[str, ...] = ("worker",),
               log_prefix: str = "llava-queue-test-logs-"):
     """Worker processes (one per name) and an API process against `redis_url`, with `env` on top of

@@ -6,7 +6,7 @@ import os
 import pytest
 import requests
 
-from conftest import job_final, run_stack, start_service, stop_processes, wait_for_stack
+from conftest import job_final, model_workers, run_stack
 from shared.celery_app import task_queue
 from shared.redis_server import RedisServer
 
@@ -20,18 +20,9 @@ def two_models(default_model_dir):
     with RedisServer() as server, run_stack(server.url, {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
                                                          "LLAVA_QUEUE_MAX_NUM_SEQS": "4"},
                                             workers=(), log_prefix="llava-queue-routing-") as stack:
-        env = {**os.environ, "LLAVA_QUEUE_REDIS_URL": stack.redis_url, "LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
-               "LLAVA_QUEUE_MAX_NUM_SEQS": "4"}
-        workers = {model: start_service(f"worker-{model}", ["worker"], {**env, "LLAVA_QUEUE_MODEL_NAME": model},
-                                        stack.log_dir) for model in MODELS}
-        stack.processes.update(workers)
-        try:
-            wait_for_stack(stack, workers=2)
+        env = {**os.environ, "LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "4"}
+        with model_workers(stack, env, MODELS):
             yield stack
-        finally:
-            stop_processes(workers.values())
-            for name in workers:
-                stack.processes.pop(name)
 
 
 def test_a_job_that_names_a_model_runs_on_a_worker_of_that_model(two_models):

@@ -13,7 +13,7 @@ import unicodedata
 import pytest
 import requests
 
-from conftest import run_stack, start_service, stop_processes, wait_for_stack
+from conftest import model_workers, run_stack
 from shared.redis_server import RedisServer
 
 KILLED = "alpha"
@@ -28,19 +28,9 @@ def two_models(default_model_dir):
                 "LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS": "1", "LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS": "4"}
     with RedisServer() as server, run_stack(server.url, settings, workers=(),
                                             log_prefix="llava-queue-routing-s30-") as stack:
-        env = {**os.environ, **settings, "LLAVA_QUEUE_REDIS_URL": stack.redis_url}
-        workers = {model: start_service(f"worker-{model.replace('/', '_')}", ["worker"],
-                                        {**env, "LLAVA_QUEUE_MODEL_NAME": model}, stack.log_dir)
-                   for model in (KILLED, HUB)}
-        stack.processes.update(workers)
-        stack.workers = workers
-        try:
-            wait_for_stack(stack, workers=2)
+        with model_workers(stack, {**os.environ, **settings}, (KILLED, HUB)) as workers:
+            stack.workers = workers
             yield stack
-        finally:
-            stop_processes(workers.values())
-            for name in workers:
-                stack.processes.pop(name)
 
 
 def status_table(stack) -> list[str]:

@@ -318,9 +318,10 @@ def _read_config(model_path: str) -> dict:
     try:
         config = json.loads(file.read_text())
     except ValueError as exc:  # no JSON, or not UTF-8
-        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from None
+        raise ModelLoadError(f"{file} (LLAVA_QUEUE_MODEL_PATH) is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{file} is not a model config (a JSON object): it holds a {type(config).__name__}")
+        raise ModelLoadError(f"{file} (LLAVA_QUEUE_MODEL_PATH) is not a model config (a JSON object): it holds a "
+                             f"{type(config).__name__}")
     return config
 
 
