@@ -72,10 +72,12 @@ def test_a_config_that_is_no_json_object_or_lacks_model_type_is_named(tiny_llava
     listed = copy(family.base, tmp_path / "vicuna-listed")
     (listed / "config.json").write_text("[1, 2]")
     # Was a TypeError traceback ("argument after ** must be a mapping, not list").
-    assert load_error(listed) == f"{listed}/config.json is not a model config (a JSON object): it holds a list"
+    assert load_error(listed) == (f"{listed}/config.json (LLAVA_QUEUE_MODEL_PATH) is not a model config (a JSON "
+                                  "object): it holds a list")
     broken = copy(family.original, tmp_path / "llava-v1.5-broken-config")
     (broken / "config.json").write_text("{not json")
-    assert load_error(broken).startswith(f"{broken}/config.json is not valid JSON: Expecting property name")
+    assert load_error(broken).startswith(f"{broken}/config.json (LLAVA_QUEUE_MODEL_PATH) is not valid JSON: "
+                                        "Expecting property name")
     untyped = copy(family.hf, tmp_path / "llava-1.5-untyped-hf")
     config = json.loads((untyped / "config.json").read_text())
     del config["model_type"]
