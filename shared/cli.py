@@ -157,17 +157,17 @@ def _redis_url_problem(url: str) -> str | None:
     return None
 
 
-def _redis_refusal_problem(settings) -> str | None:
-    """Why the API's Redis refuses it for good (its credentials, protected mode, an ACL without what the API runs:
-    `redis_refusal`), or None; a Redis that does not answer (yet) is waited for. Such an API started, and tried its
-    pub/sub connection again for ever while /healthz said what Redis refused."""
+def _redis_refusal_problem(settings, **checks) -> str | None:
+    """Why Redis refuses this command for good (its credentials, protected mode, an ACL without what it runs, with
+    `checks` those of `redis_refusal`), or None; a Redis that does not answer (yet) is waited for. Such an API
+    started and tried its pub/sub connection again for ever; such a worker loaded its model, then did."""
     import redis
 
     from shared.celery_app import redis_refusal
     from shared.status import without_password
 
     try:
-        refusal = redis_refusal(settings.redis_url, settings.key_prefix, names_connections=True)
+        refusal = redis_refusal(settings.redis_url, settings.key_prefix, **checks)
     except redis.RedisError:
         return None
     return f"Redis at {without_password(settings.redis_url)}: {refusal}" if refusal else None
@@ -322,7 +322,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     # `--port 0` is a port too (a free one, which the log names): not "unset".
     host, port = args.host or settings.host, settings.port if args.port is None else args.port
     problem = (_frontend_problem(settings.frontend_dir) or _redis_url_problem(settings.redis_url)
-               or _redis_refusal_problem(settings))
+               or _redis_refusal_problem(settings, names_connections=True))
     if problem:
         print(f"llava-queue api: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -372,7 +372,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"llava-queue worker: {exc}", file=sys.stderr)
         return 2
     # Before the model loads, not after.
-    problem = _conversation_log_problem(get_settings().conversation_log) or _redis_url_problem(get_settings().redis_url)
+    # The Redis refusal before the model loads: a read-only replica too, where Celery's consumer cannot start.
+    settings = get_settings()
+    problem = (_conversation_log_problem(settings.conversation_log) or _redis_url_problem(settings.redis_url)
+               or _redis_refusal_problem(settings, writes=True))
     if problem:
         print(f"llava-queue worker: {problem}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -19,7 +18,7 @@ from kombu.exceptions import OperationalError
 from PIL import Image
 from redis.exceptions import RedisError, ResponseError
 
-from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app, redis_refusal, redis_warnings,
+from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app, redis_warnings,
                                resend_lost_tasks, restore_messages_of_gone_workers, send_first,
                                task_queue, worker_queues)
 from shared.cpus import keep_process_to, split_cpus
@@ -165,22 +164,15 @@ def run_worker(settings: Settings) -> None:
 
 
 def _check_redis(settings: Settings) -> None:
-    """Exit (status 2, one line) when Redis refuses this worker for good (`redis_refusal`: its credentials, its ACL,
-    a read-only replica, on which Celery's consumer stopped at its start and the worker exited 0), before the model
-    loads; log what would lose or refuse jobs (`redis_warnings`). A Redis that does not answer yet
-    is waited for, as before."""
+    """Log what about Redis would lose or refuse jobs (`redis_warnings`); what refuses the worker for good is
+    checked by `llava-queue worker` before it gets here (shared/cli.py)."""
     try:
-        refusal = redis_refusal(settings.redis_url, settings.key_prefix, writes=True)
         with redis.Redis.from_url(settings.redis_url, socket_timeout=5) as client:
-            warnings = [] if refusal else redis_warnings(client)
+            warnings = redis_warnings(client)
     except RedisError as exc:
         log.warning("Redis at %s does not answer yet (%s); the worker waits for it",
                     without_password(settings.redis_url), exc)
         return
-    if refusal:
-        print(f"llava-queue worker: Redis at {without_password(settings.redis_url)}: {refusal}", file=sys.stderr,
-              flush=True)
-        raise SystemExit(2)
     for warning in warnings:
         log.warning("Redis at %s: %s", without_password(settings.redis_url), warning)
 
