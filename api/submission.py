@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -30,6 +32,11 @@ log = logging.getLogger("llava_queue.api")
 # Joins a bulk submission's Idempotency-Key and the index of each of its jobs. An HTTP header is read as Latin-1
 # (RFC 9110's obs-text), so a key sent in one never holds this character, beyond U+00FF.
 BULK_ITEM_MARK = "\u2192"
+# How long the admission lock is held at most (its holder may die): past it, another admission goes ahead.
+ADMISSION_LEASE_SECONDS = 10.0
+# How long an admission waits for the lock before its submission gets the 503 of Redis away (LockError): longer than
+# a lease, so a holder that died costs a wait, not a refusal.
+ADMISSION_WAIT_SECONDS = ADMISSION_LEASE_SECONDS + 5.0
 
 
 @dataclass
@@ -47,6 +54,23 @@ class _Submission:
     def settle(self, ids: list[str] | None = None, error: BaseException | None = None) -> None:
         if not self.done:
             self.ids, self.error, self.done = ids, error, True
+
+
+@contextmanager
+def admission_lock(store: JobStore) -> Iterator[None]:
+    """Hold the deployment's admission lock (in Redis) for the `with` block, when the queues or keys have limits.
+
+    Admission counts the jobs queued, then records the jobs it admits. API replicas behind a load balancer did that
+    at once, each counting the queues without the jobs the other was recording: both were admitted past
+    `MAX_QUEUED_JOBS` or a key's quota (5 jobs for a quota of 4). One process's commits never overlap (`Submitter`);
+    the lock makes every process's commits, and batches' admissions, take their turn.
+    """
+    if not (store.max_queued or store.max_queued_per_owner):
+        yield
+        return
+    with store.redis.lock(f"{store.prefix}:admission-lock", timeout=ADMISSION_LEASE_SECONDS, sleep=0.002,
+                          blocking_timeout=ADMISSION_WAIT_SECONDS, raise_on_release_error=False):
+        yield
 
 
 def bulk_item_key(key: str, index: int) -> str:
@@ -116,35 +140,21 @@ class Submitter:
         return self.submit([(request, queue)], owner=owner)[0]
 
     def _commit(self, group: list[_Submission]) -> None:
-        """Settle every submission of `group`: admission, one write of all their records, one send of all tasks."""
-        fresh = []
-        for submission in group:
-            if submission.idempotency_key is not None and self._settled_by_key(submission):
-                continue
-            fresh.append(submission)
-        admitted = self._admit(fresh)
-        self._unclaim([submission for submission in fresh if submission.error is not None])
+        """Settle every submission of `group`: admission, one write of all their records, one send of all tasks.
+
+        The idempotency keys are read, and the jobs admitted and recorded, under the admission lock: a submission
+        whose key another API process was recording at that moment got a 429 from a quota its twin had just filled,
+        where it is the twin's job."""
         created: list[tuple[str, str]] = []
         written: list[str] = []  # every job whose record may be written: its write's answer may be lost
+        admitted: list[_Submission] = []
         try:
-            jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner,
-                           job_id=new_job_id())
-                    for submission in admitted if submission.idempotency_key is None
-                    for request, queue in submission.requests]
-            written += [job.job_id for job in jobs]
-            ids = iter(self.store.create_jobs(jobs))
-            keyed = iter(self._create_keyed([submission for submission in admitted
-                                             if submission.idempotency_key is not None], written))
-            for submission in admitted:
-                if submission.idempotency_key is None:
-                    submission.ids = [next(ids) for _ in submission.requests]
-                    new = [True] * len(submission.requests)
-                else:
-                    answers = [next(keyed) for _ in submission.requests]
-                    submission.ids, new = [job_id for job_id, _ in answers], [is_new for _, is_new in answers]
-                created += [(job_id, task_queue(queue, request.model))
-                            for job_id, is_new, (request, queue) in zip(submission.ids, new, submission.requests)
-                            if is_new]
+            with admission_lock(self.store):
+                fresh = [submission for submission in group
+                         if submission.idempotency_key is None or not self._settled_by_key(submission)]
+                admitted = self._admit(fresh)
+                self._unclaim([submission for submission in fresh if submission.error is not None])
+                created = self._record(admitted, written)
             send_many(self.celery, created)
         except Exception as exc:
             # Recorded jobs whose tasks will not be sent end failed (if Redis lets us say so), those whose write's
@@ -166,6 +176,30 @@ class Submitter:
             raise error from exc
         for submission in admitted:
             submission.settle(submission.ids)
+
+    def _record(self, admitted: list[_Submission], written: list[str]) -> list[tuple[str, str]]:
+        """Write the records of the `admitted` submissions' jobs (each id added to `written` first) and set each one's
+        ids; returns the (job id, Celery queue) of every job created, whose task is to be sent."""
+        jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner,
+                       job_id=new_job_id())
+                for submission in admitted if submission.idempotency_key is None
+                for request, queue in submission.requests]
+        written += [job.job_id for job in jobs]
+        ids = iter(self.store.create_jobs(jobs))
+        keyed = iter(self._create_keyed([submission for submission in admitted
+                                         if submission.idempotency_key is not None], written))
+        created = []
+        for submission in admitted:
+            if submission.idempotency_key is None:
+                submission.ids = [next(ids) for _ in submission.requests]
+                new = [True] * len(submission.requests)
+            else:
+                answers = [next(keyed) for _ in submission.requests]
+                submission.ids, new = [job_id for job_id, _ in answers], [is_new for _, is_new in answers]
+            created += [(job_id, task_queue(queue, request.model))
+                        for job_id, is_new, (request, queue) in zip(submission.ids, new, submission.requests)
+                        if is_new]
+        return created
 
     def _settled_by_key(self, submission: _Submission) -> bool:
         """Settle a submission whose idempotency key was used before, in one round trip; True if it was settled.

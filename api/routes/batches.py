@@ -27,7 +27,7 @@ from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
 from api.routes.models import served_models
 from api.routes.openai import completion_of, job_error
-from api.submission import check_room
+from api.submission import admission_lock, check_room
 from shared.batches import FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
 from shared.dataroot import PathRefused, resolve_data_path
 from shared.jobs import JobStore
@@ -208,14 +208,17 @@ def admit_batch(store: JobStore, batches: BatchStore, batch_id: str, lines: int,
     read have yet to fill counted as taken (in the queues, and in the key's quota for the key's batches), and this
     batch's held until its file is read (`BatchStore.reserve`); 429 (400) when they do not fit."""
     quota = bool(owner and store.max_queued_per_owner)
-    queued, owned = batches.reserve(batch_id, lines) if store.max_queued or quota else (0, 0)
-    if quota:
-        owned += store.owner_queued(owner, at_least=store.max_queued_per_owner - lines - owned + 1)
-    try:
-        check_room(store, queued, lines, owner, owned)
-    except ApiError:
-        batches.release(batch_id)
-        raise
+    # Under the lock submissions take (on any API process): a submission counting the queues while recording its jobs
+    # would not see this batch's places, nor this batch its jobs.
+    with admission_lock(store):
+        queued, owned = batches.reserve(batch_id, lines) if store.max_queued or quota else (0, 0)
+        if quota:
+            owned += store.owner_queued(owner, at_least=store.max_queued_per_owner - lines - owned + 1)
+        try:
+            check_room(store, queued, lines, owner, owned)
+        except ApiError:
+            batches.release(batch_id)
+            raise
 
 
 def read_file(intake: Intake, stream: IO[bytes]) -> None:
