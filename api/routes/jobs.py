@@ -1,5 +1,6 @@
 """Jobs: submit one or many, poll, cancel."""
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -228,16 +229,39 @@ def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key
     return JobCreated(id=job, status="cancelled" if previous == "queued" else "cancelling")
 
 
-@router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: str, store: Store, api_key: ApiKey) -> JobView:
+# A poll's answer changes while the job runs: a cache between client and API (a proxy, a CDN, the browser) may keep
+# it only to revalidate it (`no-cache`), and only for the one client that asked (`private`: it is that key's job).
+POLL_CACHE_CONTROL = "private, no-cache"
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names `etag` (or is `*`), compared weakly as RFC 9110 says for it."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.get("/{job_id}", response_model=JobView, responses={
+    304: {"description": "The job is as it was when its answer carried the ETag sent in `If-None-Match`."}})
+def get_job(job_id: str, store: Store, api_key: ApiKey, if_none_match: Annotated[str | None, Header(
+        description="The ETag of an earlier answer: 304 with no body while the job has not changed since.")] = None
+            ) -> Response:
     """The job's state, text so far, timings, token usage, and queue position while queued.
 
-    The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too.
+    The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too. The answer carries an `ETag` and
+    `Cache-Control: private, no-cache`; a poll that sends the ETag back in `If-None-Match` gets 304 until the job
+    changes.
     """
     record = owned_job(store, job_id_of(job_id), api_key)
     if record is None:
         raise job_not_found(job_id)
-    return job_view(record)
+    # Serialized here, once: the ETag is the body's digest, and FastAPI would validate the view again to send it.
+    body = job_view(record).model_dump_json().encode()
+    headers = {"ETag": f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"', "Cache-Control": POLL_CACHE_CONTROL}
+    if etag_matches(if_none_match, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobCreated)
