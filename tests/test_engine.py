@@ -274,10 +274,10 @@ def test_prefill_budget_splits_a_burst_into_groups(tiny_model, tokenizer):
     first_group_outputs = []
     prefill, prefill_chunk = engine.runner.prefill, engine.runner.prefill_chunk
 
-    def recording_prefill(seqs):
+    def recording_prefill(seqs, *args, **kwargs):
         forwards.append(("group", [seq.prompt_len for seq in seqs]))
         first_group_outputs.append(len(stream.outputs.get("b0", [])))
-        return prefill(seqs)
+        return prefill(seqs, *args, **kwargs)
 
     def recording_chunk(seq, batch, end):
         forwards.append(("chunk", end))

@@ -493,7 +493,7 @@ class LLMEngine:
     def _prefill_group(self, seqs: list[Sequence]) -> Batch | None:
         """Prefill `seqs` together; if that fails, one by one, so only a sequence that fails alone is failed."""
         try:
-            batch, logits = self.runner.prefill(seqs)
+            batch, logits = self.runner.prefill(seqs, spare=self._batch is None)
             tokens = self._sample(seqs, logits)
         except Exception as exc:
             if len(seqs) > 1:

@@ -118,15 +118,19 @@ class ModelRunner:
         return None
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
+    def prefill(self, seqs: list[Sequence], spare: bool = True) -> tuple[Batch, torch.Tensor]:
         """Run the prompts of `seqs` as one left-padded batch.
 
         Returns the new batch (its cache holds the prompts, rows in the order of `seqs`)
-        and the logits [B, V] of each prompt's last position.
+        and the logits [B, V] of each prompt's last position. Its buffers get spare rows and
+        columns within the engine's budget only with `spare` (the batch is to run on as it is);
+        a group merged into a running batch at once has buffers of its prompts' size: spare ones
+        took up to the whole budget again, for a moment, beside the running batch's.
         """
         lengths = [seq.prompt_len for seq in seqs]
         width = max(lengths)
-        cache = BatchKVCache(self.num_layers, len(seqs), self.device, self.max_kv_positions)
+        cache = BatchKVCache(self.num_layers, len(seqs), self.device,
+                             self.max_kv_positions if spare else len(seqs) * width)
         cache.reserve(width)
         mask = cache.window_mask(width)
         for row, length in enumerate(lengths):
@@ -147,8 +151,10 @@ class ModelRunner:
         first token's once `end` is the prompt's length.
         """
         if batch is None:
-            cache = BatchKVCache(self.num_layers, 1, self.device, self.max_kv_positions)
-            cache.reserve(seq.prompt_len)  # every chunk's columns at once: the buffers are not copied as they fill
+            # Every chunk's columns at once (the buffers are not copied as they fill), and no spare rows or columns:
+            # held beside the running batch's buffers for steps on end, spare ones took up to the whole KV budget.
+            cache = BatchKVCache(self.num_layers, 1, self.device, max_positions=seq.prompt_len)
+            cache.reserve(seq.prompt_len)
             batch = Batch([seq], cache, torch.zeros(1, dtype=torch.long, device=self.device))
         cache = batch.cache
         start = cache.width
@@ -161,6 +167,9 @@ class ModelRunner:
         logits = self._forward(self._prompt_slice(seq, start, end), cache.window_mask(new), position_ids, cache)
         cache.advance(new)
         batch.positions = torch.tensor([end], dtype=torch.long, device=self.device)
+        if end == seq.prompt_len:
+            # Prefilled: it joins the running batch, or becomes it, whose buffers grow within the engine's budget.
+            cache.max_positions = self.max_kv_positions
         return batch, logits
 
     @torch.inference_mode()

@@ -32,7 +32,8 @@ class Scheduler:
     request among short ones costs its length on every row. Within it an admitted
     sequence can always run to its end, and the cache's buffers, spare rows and
     columns included, stay within it too (kv_cache.py; while a prefilled group is
-    merged into the running batch, both exist for a moment).
+    merged into the running batch, both exist for a moment, and a long prompt
+    prefilled in chunks holds its own prompt's positions beside it, no spare ones).
     max_prefill_tokens bounds one prefill forward (rows x longest prompt, the
     positions a left-padded prefill computes), as vLLM's max_num_batched_tokens
     and TGI's max_batch_prefill_tokens do: a burst is prefilled in groups, one per
