@@ -4,7 +4,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -72,6 +72,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         return await _api_error(request, store_unavailable(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Answered to nobody: an endpoint reading its body when the client left (or its body stalled, see
+        # api.main.with_request_timeouts) raised this, which the server logged as an unhandled exception.
+        return JSONResponse(error_body("the client left before its request body came", "invalid_request_error", None,
+                                       ErrorCode.INVALID_REQUEST), status_code=400)
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:

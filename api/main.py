@@ -37,6 +37,14 @@ HUB_STOP_SECONDS = 2.0
 # first byte after a response. uvicorn has no such limit: a client that connected and sent nothing, or a header a
 # line at a time (slowloris), held its connection and a file descriptor for as long as it liked.
 REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
+# How long a request's body may go without a byte while the API waits for it (nginx's client_body_timeout). A client
+# that sent a head announcing a body, then stalled, held its connection until the API shut down, where its request
+# was cancelled and logged as an unhandled exception.
+REQUEST_BODY_IDLE_SECONDS = 20.0
+# How long a connection may stay idle between requests (uvicorn's keep-alive timeout; its default, 5 s, is shorter
+# than a load balancer's or a client pool's idle timeout, typically 60 s: the API closed connections they were about
+# to reuse, and the request sent on one failed, a 502 behind a balancer). nginx's keepalive_timeout.
+KEEP_ALIVE_SECONDS = 75
 # The most file descriptors the API asks for when the hard limit is unlimited (Linux refuses more than nr_open).
 MAX_OPEN_FILES = 1 << 20
 
@@ -58,13 +66,15 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def with_head_timeout(protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+def with_request_timeouts(protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
     """`protocol_class` (one of uvicorn's HTTP protocols), closing a connection that has not sent a whole request
     head within REQUEST_HEAD_TIMEOUT_SECONDS of its opening, or of its first byte after a response (the idle time
-    between requests is uvicorn's keep-alive timeout)."""
+    between requests is uvicorn's keep-alive timeout), and one whose request body stalls: no byte of it for
+    REQUEST_BODY_IDLE_SECONDS while the API waits for it (the request's handler then sees the client gone)."""
 
-    class HeadTimeout(protocol_class):
+    class RequestTimeouts(protocol_class):
         _head_timer: asyncio.TimerHandle | None = None
+        _body_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -73,32 +83,59 @@ def with_head_timeout(protocol_class: type[asyncio.Protocol]) -> type[asyncio.Pr
         def data_received(self, data: bytes) -> None:
             cycle = self.cycle
             super().data_received(data)
-            if self.cycle is not cycle or self.transport.get_protocol() is not self:
-                # A request's head came (a new request cycle), or the connection became a WebSocket.
-                self._cancel_head_timer()
+            self._cancel("_body_timer")
+            if self.transport.get_protocol() is not self:  # the connection became a WebSocket
+                self._cancel("_head_timer")
+                return
+            if self.cycle is not cycle:  # a request's head came (a new request cycle)
+                self._cancel("_head_timer")
             elif (self.cycle is None or self.cycle.response_complete) and self._head_timer is None:
                 # The first bytes of a request after a response: uvicorn has just cancelled its keep-alive timer.
                 self._await_head()
+            if self._awaits_body():
+                self._body_timer = self.loop.call_later(REQUEST_BODY_IDLE_SECONDS, self._body_stalled)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_head_timer()
+            self._cancel("_head_timer")
+            self._cancel("_body_timer")
             super().connection_lost(exc)
 
         def _await_head(self) -> None:
             self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_SECONDS, self._head_timed_out)
 
-        def _cancel_head_timer(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+        def _awaits_body(self) -> bool:
+            cycle = self.cycle
+            return cycle is not None and cycle.more_body and not cycle.response_complete and not cycle.disconnected
+
+        def _cancel(self, name: str) -> None:
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
+            self._close()
+
+        def _body_stalled(self) -> None:
+            self._body_timer = None
+            if not self._awaits_body():
+                return
+            if self.flow.read_paused or self.cycle.waiting_for_100_continue:
+                # Not the client's stall: the handler has not read what came yet, or not asked for the body (a client
+                # that sent "Expect: 100-continue" waits for that).
+                self._body_timer = self.loop.call_later(REQUEST_BODY_IDLE_SECONDS, self._body_stalled)
+                return
+            log.info("closed a connection whose request body stalled (no byte for %.0f s): %s %s",
+                     REQUEST_BODY_IDLE_SECONDS, self.cycle.scope["method"], self.cycle.scope["path"])
+            self._close()
+
+        def _close(self) -> None:
             if not self.transport.is_closing():
                 self.transport.close()
 
-    HeadTimeout.__name__ = HeadTimeout.__qualname__ = f"HeadTimeout{protocol_class.__name__}"
-    return HeadTimeout
+    RequestTimeouts.__name__ = RequestTimeouts.__qualname__ = f"RequestTimeouts{protocol_class.__name__}"
+    return RequestTimeouts
 
 
 class ApiServer(uvicorn.Server):
@@ -106,13 +143,13 @@ class ApiServer(uvicorn.Server):
     finish only with its job. The jobs go on; their clients follow them again on the API that takes over.
 
     It also raises the open files limit (raise_open_files_limit) and closes connections slow to send a request's
-    head (with_head_timeout)."""
+    head, or stalled in its body (with_request_timeouts)."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         raise_open_files_limit()
         if not config.loaded and not getattr(config, "http2", False):
             http = config.http
-            config.http = with_head_timeout(import_from_string(HTTP_PROTOCOLS.get(http, http))
+            config.http = with_request_timeouts(import_from_string(HTTP_PROTOCOLS.get(http, http))
                                             if isinstance(http, str) else http)
         super().__init__(config)
 

@@ -661,7 +661,9 @@ window.addEventListener("drop", (event) => {
   ui.dropzone.classList.remove("dragging");
   takeImageFile(event.dataTransfer.files[0]);
 });
-for (const radio of document.querySelectorAll('input[name="process-mode"]')) radio.addEventListener("change", showPreview);
+for (const radio of document.querySelectorAll('input[name="process-mode"]')) {
+  radio.addEventListener("change", showPreview);
+}
 for (const button of document.querySelectorAll(".example")) button.addEventListener("click", () => useExample(button));
 for (const slider of [ui.temperature, ui.topP, ui.maxTokens]) {
   slider.addEventListener("input", () => showSliderValue(slider));

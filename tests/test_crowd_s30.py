@@ -2,6 +2,7 @@
 streams, and connections that never send a whole request do not hold a file descriptor for ever."""
 
 import asyncio
+import http.client
 import json
 import os
 import resource
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import websockets
 
-from api.main import REQUEST_HEAD_TIMEOUT_SECONDS
+from api.main import KEEP_ALIVE_SECONDS, REQUEST_BODY_IDLE_SECONDS, REQUEST_HEAD_TIMEOUT_SECONDS
 from conftest import first_answer, stop_processes
 from shared.redis_server import free_port
 from test_pipeline import submit, wait_until
@@ -134,3 +135,68 @@ def test_connections_that_send_no_whole_request_head_are_closed(stack):
     for connection in [*silent, *slow, second]:
         connection.close()
     assert _open_fds(api_pid) <= before + 2, (before, _open_fds(api_pid))
+
+
+def test_a_request_whose_body_stalls_is_closed_and_a_slow_one_is_answered(stack):
+    """A submission whose head announces a body that then stops coming (to /v1/jobs, and to /v1/batches, which reads
+    its body itself) is closed REQUEST_BODY_IDLE_SECONDS after its last byte, with no unhandled exception in the API's
+    log, while a body that trickles in, a few bytes every few seconds for longer than that in all, is answered (before,
+    a stalled body held its connection until the API shut down, where the request was logged as an unhandled
+    exception; the stalled batch was logged as one as soon as its client left)."""
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    api_pid = stack.processes["api"].pid
+    submit(stack, messages=[{"role": "user", "text": "Hi"}], max_new_tokens=1)  # the API's Redis pool as in use
+    before = _open_fds(api_pid)
+
+    def head(path: str, length: int) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {length}\r\n\r\n").encode()
+
+    stalled = []
+    for path in ("/v1/jobs", "/v1/batches"):
+        connection = _raw_connection(port)
+        connection.sendall(head(path, 1000) + b'{"messages": [')
+        stalled.append(connection)
+    body = json.dumps({"messages": [{"role": "user", "text": "Hi"}], "max_new_tokens": 1, "temperature": 0}).encode()
+    slow = _raw_connection(port)
+    slow.sendall(head("/v1/jobs", len(body)))
+    pieces = [body[i:i + 4] for i in range(0, len(body), 4)]
+    pause = (REQUEST_BODY_IDLE_SECONDS + 6) / len(pieces)
+    assert pause < REQUEST_BODY_IDLE_SECONDS / 2
+    started = time.monotonic()
+    for piece in pieces:
+        time.sleep(pause)
+        slow.sendall(piece)
+    slow.settimeout(30)
+    answer = slow.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+    assert time.monotonic() - started > REQUEST_BODY_IDLE_SECONDS
+    # The trickle lasted longer than the stalled bodies' timeout: they are closed by now, or about to be.
+    deadline = time.monotonic() + CLOSE_SLACK_SECONDS
+    still_open = [index for index, connection in enumerate(stalled) if not _closed_by_server(connection, deadline)]
+    assert not still_open, f"stalled bodies still open: {still_open}"
+    for connection in [*stalled, slow]:
+        connection.close()
+    deadline = time.monotonic() + CLOSE_SLACK_SECONDS
+    while _open_fds(api_pid) > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _open_fds(api_pid) <= before + 2, (before, _open_fds(api_pid))
+    stack.check_api_log()
+
+
+def test_an_idle_connection_is_kept_for_its_next_request_as_a_client_pool_keeps_it(stack):
+    """A connection idle for longer than uvicorn's default keep-alive (5 s) still serves its next request (a client
+    pool or a load balancer reuses it within its own idle timeout, typically 60 s; the API closed it at 5 s, and the
+    request sent on it as it closed failed)."""
+    assert KEEP_ALIVE_SECONDS >= 60
+    host, port = stack.base_url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", "/healthz")
+    assert connection.getresponse().read() and connection.sock is not None
+    socket_used = connection.sock
+    time.sleep(7)
+    connection.request("GET", "/healthz")  # on the same socket: http.client opens none while it has one
+    response = connection.getresponse()  # RemoteDisconnected, had the API closed it
+    assert response.status == 200 and response.read()
+    assert connection.sock is socket_used
+    connection.close()

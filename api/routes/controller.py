@@ -14,7 +14,6 @@ import logging
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
-from starlette.requests import ClientDisconnect
 
 from api.deps import AppSettings, Registry, Store
 from api.routes.models import served_models
@@ -46,18 +45,6 @@ class WorkerStatus(BaseModel):
 
 class HeartBeatAnswer(BaseModel):
     exist: bool
-
-
-async def read_body(request: Request) -> bytes:
-    """The raw body, read whatever its Content-Type, as the originals read it (`await request.json()`).
-
-    A client gone before its body came is an InvalidRequest (answered to nobody), not an exception out of the
-    endpoint, which the server would log as unhandled.
-    """
-    try:
-        return await request.body()
-    except ClientDisconnect:
-        raise InvalidRequest("the client left before its request body came", status=400) from None
 
 
 def parse_original_body(raw: bytes | str, model: type[BaseModel]) -> BaseModel:
@@ -109,7 +96,7 @@ async def get_worker_address(request: Request, registry: Registry, settings: App
 
     The body is read as JSON whatever its Content-Type, as the original controller reads it.
     """
-    body = parse_original_body(await read_body(request), WorkerAddressRequest)
+    body = parse_original_body(await request.body(), WorkerAddressRequest)
     served = served_models(await asyncio.to_thread(registry.workers))
     return WorkerAddress(address=public_address(request, settings.public_url) if body.model in served else "")
 
