@@ -232,7 +232,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     # With engine cores, Redis and the API keep off them (the worker moves its own other threads off them).
     rest = split.rest
-    problem = _port_problem(args.host, args.port)
+    # LLAVA_QUEUE_HOST and _PORT as `api` reads them: `up` passed its own defaults to the API, so with the variable
+    # set (`LLAVA_QUEUE_PORT=9000 bash scripts/up.sh`) the stack came up on 8000, unsaid.
+    host = args.host or get_settings().host
+    port = get_settings().port if args.port is None else args.port
+    if port == 0:
+        print("llava-queue: LLAVA_QUEUE_PORT=0: `up` waits for the API at its port and prints its address, so it "
+              "needs a fixed one (1 to 65535, or --port)", file=sys.stderr, flush=True)
+        return 2
+    problem = _port_problem(host, port)
     if problem:
         print(f"llava-queue: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -272,11 +280,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(signum, on_signal)
     try:
         children.append(_spawn(["worker"], env))
-        children.append(_spawn(["api", "--host", args.host, "--port", str(args.port)], env, rest))
+        children.append(_spawn(["api", "--host", host, "--port", str(port)], env, rest))
         if redis_server:
             for child in children:
                 redis_server.outlived_by(child.pid)
-        url = f"http://{_url_host(args.host)}:{args.port}"
+        url = f"http://{_url_host(host)}:{port}"
         print("llava-queue: starting the worker (the first start fetches and converts the default model)...",
               flush=True)
         if _wait_ready(url, children, timeout=args.start_timeout, stopped=lambda: stopping):
@@ -315,7 +323,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     """The API alone, against LLAVA_QUEUE_REDIS_URL."""
     import uvicorn
 
-    from api.main import GRACEFUL_SHUTDOWN_SECONDS, ApiServer, app
+    from api.main import GRACEFUL_SHUTDOWN_SECONDS, KEEP_ALIVE_SECONDS, ApiServer, app
     from shared.heap import freeze_startup_heap
 
     settings = get_settings()
@@ -345,7 +353,7 @@ def cmd_api(args: argparse.Namespace) -> int:
                             # refused a job a POST takes); a larger message closes the socket with 1009.
                             ws_max_size=settings.max_body_bytes,
                             ws_per_message_deflate=settings.ws_compression,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, timeout_keep_alive=KEEP_ALIVE_SECONDS)
     try:
         ApiServer(config).run(sockets=sockets)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has stopped the API, then raised the SIGINT it held back
@@ -453,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-queue", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run Redis (embedded), a worker and the API")
-    up.add_argument("--host", type=_host, default="127.0.0.1")
-    up.add_argument("--port", type=_up_port, default=8000)
+    up.add_argument("--host", type=_host, help="where the API listens (default: LLAVA_QUEUE_HOST, 127.0.0.1)")
+    up.add_argument("--port", type=_up_port, help="the API's port, 1 to 65535 (default: LLAVA_QUEUE_PORT, 8000)")
     up.add_argument("--model-path", help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
     up.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
     up.add_argument("--redis-port", type=_port, default=None, help="port of the embedded Redis (default: a free one)")
@@ -462,13 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of the embedded Redis's append-only file: queued and finished jobs survive a "
                          "restart (default: <cache dir>/redis)")
     up.add_argument("--ephemeral-redis", action="store_true", help="keep nothing after the embedded Redis stops")
-    up.add_argument("--start-timeout", type=_seconds, default=600.0)
+    up.add_argument("--start-timeout", type=_seconds, default=600.0,
+                    help="seconds to wait for the API and a ready worker before giving up (default: 600)")
     up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="run the API against LLAVA_QUEUE_REDIS_URL")
-    api.add_argument("--host", type=_host)
+    api.add_argument("--host", type=_host, help="an address or host name (default: LLAVA_QUEUE_HOST)")
     api.add_argument("--port", type=_port, help="0: a free port, which the log names (default: LLAVA_QUEUE_PORT)")
     api.set_defaults(func=cmd_api)
-    worker = sub.add_parser("worker", help="run one worker against LLAVA_QUEUE_REDIS_URL")
+    worker = sub.add_parser("worker", help="run one worker against LLAVA_QUEUE_REDIS_URL",
+                            description="One worker: it serves LLAVA_QUEUE_MODEL_PATH (default: the embedded "
+                                        "SmolLM2-135M-Instruct) from LLAVA_QUEUE_REDIS_URL; it takes no options, "
+                                        "every setting is an LLAVA_QUEUE_* variable (README, Settings).")
     worker.set_defaults(func=cmd_worker)
     status = sub.add_parser("status", help="show queues, workers and throughput (from LLAVA_QUEUE_REDIS_URL)")
     status.add_argument("--watch", nargs="?", type=_seconds, const=2.0, default=None, metavar="SECONDS",

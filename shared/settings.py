@@ -45,9 +45,10 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "llq"
 
-    # The API.
+    # The API: where `llava-queue api` and `llava-queue up` listen (their --host and --port win).
     host: str = "127.0.0.1"
-    # 0: a free port the system picks, which the API logs (`llava-queue api`; `up` needs one it can wait on).
+    # 0: a free port the system picks, which the API logs (`llava-queue api`; `up` needs one it can wait on and
+    # refuses it).
     port: int = Field(8000, ge=0, le=65535)
     # WebSocket permessage-deflate. Off: every chunk repeats the whole text so far (LLaVA's format), and
     # compressing each one costs the API, and every client decompressing it, CPU for each token
