@@ -472,8 +472,6 @@ def _add_image_tokens(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
 
 def _load_tower(config: dict, override: str | None, placement: _Placement, name: str):
     """The CLIP vision tower and image processor named by `mm_vision_tower` (or the local `override`)."""
-    from transformers import CLIPVisionModel
-
     source = override or config.get("mm_vision_tower") or config.get("vision_tower")
     if not source:
         raise ModelLoadError(f"{name}: config.json names no vision tower (mm_vision_tower); "
@@ -483,16 +481,44 @@ def _load_tower(config: dict, override: str | None, placement: _Placement, name:
     if looks_local and not Path(source).expanduser().is_dir():
         raise ModelLoadError(f"{name}: the vision tower {source!r} ({where}) is not a folder on this machine; "
                              "point LLAVA_QUEUE_VISION_TOWER at a local copy of it")
-    source = str(Path(source).expanduser()) if looks_local else source
     try:
-        image_processor = AutoImageProcessor.from_pretrained(source)
-        with _extra_weights_expected("the vision tower skips the CLIP text model of its checkpoint"):
-            tower = CLIPVisionModel.from_pretrained(source, dtype=_compute_dtype(placement))
+        if looks_local:
+            tower, image_processor = _tower_from(str(Path(source).expanduser()), placement)
+        else:
+            what = f"{name}: the vision tower {source!r} ({where})"
+            tower, image_processor = _tower_from_hub(source, placement, what)
     except OSError as exc:
         raise ModelLoadError(f"{name}: cannot load the vision tower {source!r} ({where}): {exc}. Offline, point "
                              "LLAVA_QUEUE_VISION_TOWER at a local copy (e.g. of openai/clip-vit-large-patch14-336)") \
             from None
     return tower.to(placement.device).eval(), image_processor
+
+
+def _tower_from(source: str, placement: _Placement, **hub) -> tuple[PreTrainedModel, object]:
+    """The CLIP vision tower and image processor of `source`, a folder or a hub id (`hub`: from_pretrained options)."""
+    from transformers import CLIPVisionModel
+
+    image_processor = AutoImageProcessor.from_pretrained(source, **hub)
+    with _extra_weights_expected("the vision tower skips the CLIP text model of its checkpoint"):
+        tower = CLIPVisionModel.from_pretrained(source, dtype=_compute_dtype(placement), **hub)
+    return tower, image_processor
+
+
+def _tower_from_hub(source: str, placement: _Placement, what: str) -> tuple[PreTrainedModel, object]:
+    """A tower named by its hub id: from the Hugging Face cache without asking the hub when the cache holds it, else
+    downloaded, said first. Asked first, an unreachable hub (a machine offline) had every file retried for about
+    100 s, with nothing logged, before the cached copy was used or the worker gave up."""
+    from huggingface_hub import constants
+
+    try:
+        return _tower_from(source, placement, local_files_only=True)
+    except OSError:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    log.warning("%s is not in the Hugging Face cache: downloading it (offline, this fails after the hub's retries, "
+                "about 100 s: point LLAVA_QUEUE_VISION_TOWER at a local copy, or set HF_HUB_OFFLINE=1 to fail at once)",
+                what)
+    return _tower_from(source, placement)
 
 
 def _load_tower_weights(tower: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
