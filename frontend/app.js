@@ -25,7 +25,7 @@ const ui = {
   prompt: $("prompt"), send: $("send"), stop: $("stop"), upvote: $("upvote"), downvote: $("downvote"),
   flag: $("flag"), regenerate: $("regenerate"), clear: $("clear"), notice: $("notice"), image: $("image"),
   preview: $("preview"), dropzone: $("dropzone"), attachment: $("attachment"), attachmentThumb: $("attachment-thumb"),
-  attachmentName: $("attachment-name"), removeImage: $("remove-image"),
+  attachmentName: $("attachment-name"), removeImage: $("remove-image"), attach: $("attach"),
   temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"), keyField: $("key-field"),
   apiKey: $("api-key"),
 };
@@ -44,11 +44,21 @@ const state = {
 // ---- the conversation on screen -------------------------------------------------------------
 
 function renderConversation() {
-  ui.conversation.replaceChildren(...(state.turns.length ? [] : [ui.emptyNote]));
+  // A turn already on screen keeps its element: one put back would be read out again by a screen reader (the whole
+  // conversation at every message, an earlier answer's error as a new alert).
+  const elements = state.turns.map((turn) => turn.el);
+  for (const child of [...ui.conversation.children]) {
+    if (!elements.includes(child)) child.remove();
+  }
+  if (!state.turns.length) ui.conversation.append(ui.emptyNote);
   for (const turn of state.turns) {
-    turn.el = turn.role === "user" ? userElement(turn) : assistantElement();
-    ui.conversation.append(turn.el);
-    if (turn.role === "assistant") updateAssistant(turn);
+    if (!turn.el) {
+      turn.el = turn.role === "user" ? userElement(turn) : assistantElement();
+      ui.conversation.append(turn.el);
+      if (turn.role === "assistant") updateAssistant(turn);
+    } else if (turn.image && turn.image.sent) {
+      showSentImage(turn.el, turn.image); // Regenerate sends the image again in the current process mode
+    }
   }
   ui.conversation.scrollTop = ui.conversation.scrollHeight;
 }
@@ -62,7 +72,6 @@ function userElement(turn) {
     const img = document.createElement("img");
     img.className = "upload";
     img.alt = "user upload image";
-    img.src = turn.image.sent ? turn.image.sent.dataUrl : "";
     bubble.append(img);
   }
   const text = document.createElement("div");
@@ -70,7 +79,14 @@ function userElement(turn) {
   text.innerHTML = renderMarkdown(turn.text.replaceAll("<image>", "").trim());
   bubble.append(text);
   el.append(bubble);
+  if (turn.image && turn.image.sent) showSentImage(el, turn.image);
   return el;
+}
+
+/** The user turn `el` shows `image` as it was sent (its src set only when it differs: no needless change). */
+function showSentImage(el, image) {
+  const img = el.querySelector("img.upload");
+  if (img.getAttribute("src") !== image.sent.dataUrl) img.src = image.sent.dataUrl;
 }
 
 function assistantElement() {
@@ -90,7 +106,11 @@ function updateAssistant(turn) {
   if (turn.jobId) el.dataset.jobId = turn.jobId;
   // As the original: the answer is shown stripped, with the cursor while it streams.
   const text = turn.text.trim();
-  el.querySelector(".markdown").innerHTML = renderMarkdown(streaming ? text + CURSOR : text);
+  // The cursor is drawn, not read out ("left half block"); the text ends with it, so it is the last one in the HTML.
+  const html = renderMarkdown(streaming ? text + CURSOR : text);
+  const cut = html.lastIndexOf(CURSOR);
+  el.querySelector(".markdown").innerHTML = streaming && cut >= 0
+    ? `${html.slice(0, cut)}<span class="cursor" aria-hidden="true">${CURSOR}</span>${html.slice(cut + 1)}` : html;
   const error = el.querySelector(".error");
   error.hidden = !turn.error;
   error.classList.toggle("cancelled", turn.status === "cancelled");
@@ -203,6 +223,9 @@ async function generate() {
   const turn = { role: "assistant", text: "", status: "submitting", jobId: null, error: "", meta: "sending…" };
   state.turns.push(turn);
   state.current = turn;
+  // The log is busy while the answer streams: a screen reader would read it out again, whole, at every chunk (and
+  // every second of a countdown). It reads the answer once, as it ends (finish).
+  ui.conversation.setAttribute("aria-busy", "true");
   let messages;
   try {
     messages = await messagesToSend();
@@ -375,6 +398,7 @@ function finish(turn, job, ending) {
   if (state.current === turn) {
     state.current = null;
     state.follower = null;
+    ui.conversation.setAttribute("aria-busy", "false"); // before the final text goes in: that is what is read out
   }
   updateAssistant(turn);
   updateButtons();
@@ -644,6 +668,7 @@ ui.downvote.addEventListener("click", () => vote("downvote"));
 ui.flag.addEventListener("click", () => vote("flag"));
 ui.image.addEventListener("change", () => takeImageFile(ui.image.files[0]));
 ui.removeImage.addEventListener("click", () => setPendingImage(null));
+ui.attach.addEventListener("click", () => ui.image.click());
 ui.dropzone.addEventListener("dragover", (event) => {
   event.preventDefault();
   ui.dropzone.classList.add("dragging");
