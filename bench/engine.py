@@ -22,9 +22,11 @@ import dataclasses
 import gc
 import os
 import random
+import statistics
 import time
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench.workload import (
     Prompt,
@@ -98,8 +100,41 @@ def run_sequential(loaded: LoadedModel, prompts: list[Prompt], max_new_tokens: i
     return RunResult(time.perf_counter() - start, tokens, len(prompts))
 
 
+class GeneratedCounter(LogitsProcessor):
+    """Counts the tokens each row of a greedy `generate` really generated.
+
+    The output is as wide for every row: a row that stopped (at EOS) is filled with the pad id from then on, so
+    its width says nothing. A filled step shows as a pad id where the row's scores chose another token; the
+    check costs a comparison of one id a row per step (an argmax only for a row whose last id is the pad id).
+    """
+
+    def __init__(self, rows: int, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.steps = 0
+        self.stopped_after: list[int | None] = [None] * rows
+        self._scores: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._check(input_ids[:, -1])
+        self._scores, self.steps = scores, self.steps + 1
+        return scores
+
+    def _check(self, appended: torch.Tensor) -> None:
+        """Rows whose id appended at the last step is the pad id their scores did not choose stopped before it."""
+        if self._scores is None:
+            return
+        for row in (appended == self.pad_token_id).nonzero().flatten().tolist():
+            if self.stopped_after[row] is None and int(self._scores[row].argmax()) != self.pad_token_id:
+                self.stopped_after[row] = self.steps - 1
+
+    def counts(self, output_ids: torch.Tensor) -> list[int]:
+        """Each row's generated tokens, given generate's output (whose last step no call saw)."""
+        self._check(output_ids[:, -1])
+        return [self.steps if stopped is None else stopped for stopped in self.stopped_after]
+
+
 def run_static_batch(loaded: LoadedModel, prompts: list[Prompt], max_new_tokens: int) -> RunResult:
-    """(b) model.generate on every prompt as one left-padded batch."""
+    """(b) model.generate on every prompt as one left-padded batch; the tokens each row really generated counted."""
     model, tokenizer = loaded.model, loaded.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -107,11 +142,14 @@ def run_static_batch(loaded: LoadedModel, prompts: list[Prompt], max_new_tokens:
     finally:
         tokenizer.padding_side = side
     input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    pad = model.generation_config.pad_token_id
+    counter = GeneratedCounter(len(prompts), tokenizer.pad_token_id if pad is None else pad)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens)
+        out = model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             logits_processor=LogitsProcessorList([counter]))
     seconds = time.perf_counter() - start
-    return RunResult(seconds, out.shape[0] * (out.shape[1] - input_ids.shape[1]), len(prompts))
+    return RunResult(seconds, sum(counter.counts(out)), len(prompts))
 
 
 def poisson_arrivals(count: int, rate: float, seed: int) -> list[float]:
@@ -217,11 +255,20 @@ class ModelCost:
         return max(self.weight_bytes / machine.read_bandwidth, flops / machine.flops[dtype])
 
 
+def mean_prompt_tokens(prompts: list[Prompt]) -> float:
+    """The mean prompt length, in tokens, of `prompts`: a roofline row must use the prompts its run had."""
+    return sum(len(p.token_ids) for p in prompts) / len(prompts)
+
+
 def roofline_tokens_per_s(cost: ModelCost, machine: Machine, dtype: torch.dtype, batch: int,
                           mean_prompt: float, max_new_tokens: int, with_prefill: bool) -> float:
-    """Output tokens/s the roofline allows for `batch` rows generating max_new_tokens each."""
-    decode = sum(cost.decode_step_seconds(machine, dtype, batch, mean_prompt + step)
-                 for step in range(max_new_tokens))
+    """Output tokens/s the roofline allows for `batch` rows generating max_new_tokens each.
+
+    With the prefill, the prefill itself yields each row's first token, so max_new_tokens - 1 decode steps follow
+    (as in (a), (b), (c)); decode only, the rate of max_new_tokens decode steps.
+    """
+    steps = range(1, max_new_tokens) if with_prefill else range(max_new_tokens)
+    decode = sum(cost.decode_step_seconds(machine, dtype, batch, mean_prompt + step) for step in steps)
     prefill = cost.prefill_seconds(machine, dtype, round(mean_prompt * batch), batch) if with_prefill else 0.0
     return batch * max_new_tokens / (decode + prefill)
 
@@ -234,7 +281,8 @@ def gb(value: float) -> str:
 
 def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult | None]], a: RunResult | None,
                  b: RunResult | None, c: RunResult, machine: Machine, cost: ModelCost, prompts: list[Prompt],
-                 info: list[str]) -> None:
+                 info: list[str], per_round: list[tuple[RunResult | None, RunResult | None, RunResult]] = ()) -> None:
+    """The markdown report; `per_round` holds each round's (a), (b), (c), whose ratios come from one round each."""
     dtype = loaded.dtype
     n, new = args.num_requests, args.max_new_tokens
     print(f"\n## Engine benchmark: {loaded.name}, {n} requests x {new} new tokens (EOS ignored, greedy)\n")
@@ -258,6 +306,13 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
               f"{vs_b} | {latency_cells(result)} | {result.load:.1f} |")
     if args.repeats > 1:
         print(f"\n(a), (b), (c): the fastest of {args.repeats} rounds run in turn; (d) and fp32 references: one run.")
+    if len(per_round) > 1:
+        # The fastest of each path may come from different rounds: the ratios within each round are printed too.
+        for name, index in (("(a)", 0), ("(b)", 1)):
+            within = [r[2].tokens_per_s / r[index].tokens_per_s for r in per_round if r[index] is not None]
+            if within:
+                print(f"\n(c)/{name} within each round: " + ", ".join(f"{x:.2f}x" for x in within)
+                      + f" (median {statistics.median(within):.2f}x)")
     if a is not None and a.requests < n:
         print(f"\n(a) ran {a.requests} of the {n} requests one after another: its per-request cost does not depend "
               "on the others, so its tokens/s stands for all of them.")
@@ -266,7 +321,9 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
     if ratios:
         print(f"\n**{', '.join(ratios)}**")
 
-    mean_prompt = sum(len(p.token_ids) for p in prompts) / len(prompts)
+    mean_prompt = mean_prompt_tokens(prompts)
+    # (a) may have run a subset: its batch-1 row uses that subset's prompts.
+    sequential_prompt = mean_prompt_tokens(prompts[: args.sequential_requests or len(prompts)])
     batch = len(prompts)
     print(f"\n### Roofline ({str(dtype).removeprefix('torch.')})\n")
     print("- matmul (2048^3): " + ", ".join(f"{str(d).removeprefix('torch.')} {f / 1e9:.0f} GFLOP/s"
@@ -276,19 +333,21 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
           f"copy (read + write) {gb(machine.copy_bandwidth)} GB/s; the roofline uses the read bandwidth")
     print(f"- model: {cost.params / 1e6:.1f} M parameters (tied embedding counted once), "
           f"{cost.weight_bytes / 1e6:.0f} MB of weights, KV cache {cost.kv_bytes_per_token / 1024:.1f} KiB per "
-          f"token of context; mean prompt {mean_prompt:.0f} tokens")
+          f"token of context; mean prompt {mean_prompt:.1f} tokens ((a)'s: {sequential_prompt:.1f})")
     print("- decode step time = max((weights + batch x context x KV bytes) / bandwidth, 2 x params x batch / FLOP/s),"
-          " summed over the steps (context grows by one each step); attention FLOPs left out (< 3 %)\n")
+          " summed over the steps (context grows by one each step); with prefill, the prefill gives each row its first"
+          " token and max_new_tokens - 1 decode steps follow; attention FLOPs left out (< 3 %)\n")
     print("| batch | decode step (ms) at mean context | bound by | roofline tok/s (decode only) | "
           "roofline tok/s (with prefill) | measured tok/s | fraction of roofline (decode only / with prefill) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
-    context = mean_prompt + new / 2
-    for rows_, measured in ((1, [("(a)", a)]), (batch, [("(b)", b), ("(c)", c)])):
+    for rows_, prompt_, measured in ((1, sequential_prompt, [("(a)", a)]),
+                                     (batch, mean_prompt, [("(b)", b), ("(c)", c)])):
+        context = prompt_ + new / 2
         step = cost.decode_step_seconds(machine, dtype, rows_, context)
         memory = (cost.weight_bytes + rows_ * context * cost.kv_bytes_per_token) / machine.read_bandwidth
         bound = "memory" if memory >= step else "compute"
-        decode_only = roofline_tokens_per_s(cost, machine, dtype, rows_, mean_prompt, new, with_prefill=False)
-        full = roofline_tokens_per_s(cost, machine, dtype, rows_, mean_prompt, new, with_prefill=True)
+        decode_only = roofline_tokens_per_s(cost, machine, dtype, rows_, prompt_, new, with_prefill=False)
+        full = roofline_tokens_per_s(cost, machine, dtype, rows_, prompt_, new, with_prefill=True)
         for name, result in measured:
             if result is None:
                 continue
@@ -356,16 +415,21 @@ def main() -> None:
     if not args.skip_static:
         in_passing_thread(run_static_batch, loaded, prompts, WARMUP_TOKENS)
     a = b = c = d = None
+    per_round = []
     for round_ in range(1, args.repeats + 1):
+        a_round = b_round = None
         if not args.skip_sequential:
             print(f"round {round_}: (a) sequential generate, {len(subset)} requests ...", flush=True)
-            a = fastest(a, check_work("(a)", in_passing_thread(run_sequential, loaded, subset, new), new))
+            a_round = check_work("(a)", in_passing_thread(run_sequential, loaded, subset, new), new)
+            a = fastest(a, a_round)
         if not args.skip_static:
             print(f"round {round_}: (b) static batch generate, batch {len(prompts)} ...", flush=True)
-            b = fastest(b, check_work("(b)", in_passing_thread(run_static_batch, loaded, prompts, new), new))
+            b_round = check_work("(b)", in_passing_thread(run_static_batch, loaded, prompts, new), new)
+            b = fastest(b, b_round)
         print(f"round {round_}: (c) engine, {len(prompts)} at once ...", flush=True)
         c_round = run_on_fresh_engine(loaded, max_num_seqs, recorder, prompts, greedy(new), tag=f"c{round_}_")
         c = fastest(c, check_work("(c)", c_round, new))
+        per_round.append((a_round, b_round, c_round))
     rate = args.rate or c.requests / c.seconds
     if not args.skip_poisson:
         print(f"(d) engine, Poisson arrivals at {rate:.2f} requests/s (seed {args.seed}) ...", flush=True)
@@ -389,7 +453,7 @@ def main() -> None:
         if not args.skip_static:
             in_passing_thread(run_static_batch, fp32, prompts, WARMUP_TOKENS)
             rows.append(("(b) fp32 reference", "float32", in_passing_thread(run_static_batch, fp32, prompts, new)))
-    print_report(args, loaded, rows, a, b, c, machine, cost, prompts, info)
+    print_report(args, loaded, rows, a, b, c, machine, cost, prompts, info, per_round)
 
 
 if __name__ == "__main__":

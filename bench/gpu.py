@@ -50,6 +50,7 @@ from bench.engine import (
     check_work,
     greedy,
     ignore_eos,
+    mean_prompt_tokens,
     poisson_arrivals,
     roofline_tokens_per_s,
     run_sequential,
@@ -281,12 +282,14 @@ def run_smol(args) -> None:
         rounds = ", ".join(f"{r.tokens_per_s:.0f}" for r in rows[key]) if key else "—"
         print(f"| {label} | {result.tokens_per_s:.1f} | {result.tokens_per_s / a.tokens_per_s:.2f}x | "
               f"{result.tokens_per_s / b.tokens_per_s:.2f}x | {latency_cells(result)} | {rounds} |")
-    mean_prompt = sum(len(p.token_ids) for p in prompts) / len(prompts)
+    mean_prompt = mean_prompt_tokens(prompts)
     print(f"\nRoofline: {dtype} matmul {machine.flops[loaded.dtype] / 1e12:.0f} TFLOP/s, read "
           f"{machine.read_bandwidth / 1e9:.0f} GB/s, copy {machine.copy_bandwidth / 1e9:.0f} GB/s; "
           f"{cost.weight_bytes / 1e6:.0f} MB of weights, mean prompt {mean_prompt:.0f} tokens")
-    for batch, results in ((1, [("(a)", a)]), (len(prompts), [("(b)", b), ("(c)", c)])):
-        bound = roofline_tokens_per_s(cost, machine, loaded.dtype, batch, mean_prompt, new, with_prefill=True)
+    # (a) ran `subset`: its batch-1 row uses those prompts.
+    for batch, prompt_, results in ((1, mean_prompt_tokens(subset), [("(a)", a)]),
+                                    (len(prompts), mean_prompt, [("(b)", b), ("(c)", c)])):
+        bound = roofline_tokens_per_s(cost, machine, loaded.dtype, batch, prompt_, new, with_prefill=True)
         parts = ", ".join(f"{name} {r.tokens_per_s / bound:.1%}" for name, r in results)
         print(f"- batch {batch}: roofline {bound:,.0f} tok/s (with prefill); reached: {parts}")
     print(f"\nGreedy parity: the engine ({args.parity_prompts} prompts in one batch) against `model.generate` on "
