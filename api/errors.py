@@ -58,7 +58,8 @@ _FASTAPI_UNPARSED_BODY = "There was an error parsing the body"
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer validation failures with 400 (malformed JSON) or 422 (a bad field), naming the field."""
+    """Answer every error in the `error_body` shape: an ApiError as it says, Redis away as a 503, a client gone
+    mid-body and malformed JSON as a 400, a bad field as a 422 that names it, and Starlette's own HTTP errors."""
 
     @app.exception_handler(ApiError)
     async def _api_error(conn: HTTPConnection, exc: ApiError) -> JSONResponse | None:

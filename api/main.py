@@ -239,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store.redis.close()
 
     app = _Api(title="llava-queue", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes,
-                  description="An async job queue serving LLaVA-style models with continuous batching.")
+               description="An async job queue serving LLaVA-style models with continuous batching.")
     install_error_handlers(app)
     # The Origin check runs first (the last added is outermost): a page not allowed is refused before CORS or a
     # route sees it. CORS is there even with no origin configured, so that a refused preflight says what to set.

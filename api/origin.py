@@ -76,7 +76,7 @@ class AllowedOrigins:
     """The origins whose pages may use the API: the API's own (the Host a request came to, and LLAVA_QUEUE_PUBLIC_URL),
     and those of CORS_ORIGINS ("*": any)."""
 
-    def __init__(self, cors_origins: Iterable[str], public_url: str | None = None):
+    def __init__(self, cors_origins: Iterable[str], public_url: str | None):
         configured = list(cors_origins)
         self.any = "*" in configured
         self.listed = frozenset(filter(None, (parse_origin(origin) for origin in configured if origin != "*")))

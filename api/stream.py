@@ -1,7 +1,7 @@
 """Following a job's output: subscribe to its pub/sub channel, then read the record, so nothing is lost.
 
-Every stream endpoint (WebSocket, the LLaVA NUL-delimited stream) is this one follower plus an
-encoder for its wire format.
+Every stream endpoint (WebSocket, the LLaVA NUL-delimited stream, OpenAI's server-sent events) is this
+one follower plus an encoder for its wire format.
 """
 
 import asyncio

@@ -56,6 +56,12 @@ class _Submission:
             self.ids, self.error, self.done = ids, error, True
 
 
+def _new_jobs(submissions: list[_Submission]) -> list[NewJob]:
+    """A job with a new id for each request of `submissions`, in order."""
+    return [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner, job_id=new_job_id())
+            for submission in submissions for request, queue in submission.requests]
+
+
 @contextmanager
 def admission_lock(store: JobStore) -> Iterator[None]:
     """Hold the deployment's admission lock (in Redis) for the `with` block, when the queues or keys have limits.
@@ -74,7 +80,7 @@ def admission_lock(store: JobStore) -> Iterator[None]:
 
 
 def bulk_item_key(key: str, index: int) -> str:
-    """The key the `index`-th job of a bulk submission of several jobs is remembered under (`Submissions._keys`)."""
+    """The key the `index`-th job of a bulk submission of several jobs is remembered under (`Submitter._keys`)."""
     return f"{key}{BULK_ITEM_MARK}{index}"
 
 
@@ -180,10 +186,7 @@ class Submitter:
     def _record(self, admitted: list[_Submission], written: list[str]) -> list[tuple[str, str]]:
         """Write the records of the `admitted` submissions' jobs (each id added to `written` first) and set each one's
         ids; returns the (job id, Celery queue) of every job created, whose task is to be sent."""
-        jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner,
-                       job_id=new_job_id())
-                for submission in admitted if submission.idempotency_key is None
-                for request, queue in submission.requests]
+        jobs = _new_jobs([submission for submission in admitted if submission.idempotency_key is None])
         written += [job.job_id for job in jobs]
         ids = iter(self.store.create_jobs(jobs))
         keyed = iter(self._create_keyed([submission for submission in admitted
@@ -252,9 +255,7 @@ class Submitter:
         taken gives its job, a key twice in the group the first one's); returns each job's (id, created), in order.
         The id of each job it tries to create is added to `written` before (a write whose answer is lost may be done),
         and taken out again where the key named a job already (created and sent by an earlier submission)."""
-        jobs = [NewJob(request, queue, getattr(request, "deadline_seconds", None), submission.owner,
-                       job_id=new_job_id())
-                for submission in keyed for request, queue in submission.requests]
+        jobs = _new_jobs(keyed)
         if not jobs:
             return []
         written += [job.job_id for job in jobs]

@@ -395,9 +395,9 @@ class BatchStore:
                 yield start + offset, json.loads(entry), json.loads(result) if result else None
             start += len(raw)
 
-    def progress(self, record: dict[str, Any], now: float | None = None) -> dict[str, float | None]:
+    def progress(self, record: dict[str, Any]) -> dict[str, float | None]:
         """Tokens/s generated since the batch started, and an estimate of the seconds left (None when unknown)."""
-        now = now or time.time()
+        now = time.time()
         started = record["in_progress_at"]
         if not started:
             return {"tokens_per_second": None, "estimated_seconds_left": None}

@@ -91,11 +91,11 @@ def _ended(processes: dict[str, subprocess.Popen]) -> str | None:
     return None
 
 
-def _port_problem(host: str, port: int, option: str = "--port") -> str | None:
+def _port_problem(host: str, port: int) -> str | None:
     """Why the API could not listen on host:port, or None: `up` checks it before it starts Redis and a worker (the
     API it starts then binds the port itself, see _listen)."""
     error = bind_error(host, port)  # as the API binds
-    return None if error is None else _listen_problem(host, port, error, option)
+    return None if error is None else _listen_problem(host, port, error)
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

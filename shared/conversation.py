@@ -330,7 +330,7 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
     if not messages:
         raise ValueError("messages is empty: at least one user message is needed")
     start = 0
-    if _get(0, messages[0], "role") == "system":
+    if _role(0, messages[0]) == "system":
         system, images = _text_and_images(0, messages[0])
         if images:
             raise ValueError("message 0: a system message cannot carry images")
@@ -344,7 +344,7 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
 
     for i in range(start, len(messages)):
         message = messages[i]
-        role = _get(i, message, "role")
+        role = _role(i, message)
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if role not in ("user", "assistant"):
             where = "only allowed first" if role == "system" else "not one of system, user, assistant"
@@ -372,10 +372,10 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
     return conv.get_prompt(), conv.stop
 
 
-def _get(index: int, message, key: str):
+def _role(index: int, message):
     if not isinstance(message, Mapping):
         raise ValueError(f"message {index}: expected a dict, got {type(message).__name__}")
-    return message.get(key)
+    return message.get("role")
 
 
 def _text_and_images(index: int, message: Mapping) -> tuple[str, int]:

@@ -1169,14 +1169,14 @@ class JobStore:
         return int(seq) >= 0
 
     def finish(self, job_id: str, status: str, *, error: str = "", error_code: int = 0,
-               finish_reason: str = "", only_if_running: bool = False, worker: str = "") -> bool:
+               finish_reason: str = "", worker: str = "") -> bool:
         """Move an active job to a final state, publish its last message, and let the record expire.
 
         A `worker` may only end a job it holds. Returns False if the job had already ended (its
         final state is kept) or another worker holds it.
         """
         ending = Ending(job_id, status, error, int(error_code), finish_reason)
-        return self._finish(**self._finish_call(ending, only_if_running, worker)) == "ok"
+        return self._finish(**self._finish_call(ending, False, worker)) == "ok"
 
     def finish_many(self, endings: Sequence["Ending"]) -> list["str | redis.RedisError"]:
         """End each job as `finish` does (no fence: for jobs nobody runs), in one pipelined round trip; returns each

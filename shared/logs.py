@@ -6,10 +6,10 @@
     {"time": "2026-11-24T10:00:00.123Z", "level": "INFO", "logger": "llava_queue.worker",
      "message": "job 3f2a... failed", "job_id": "3f2a...", "process": 4242, "thread": "..."}
 
-A line is about a job when the job id is bound to the thread that logs it (`job_context`, set
-for the duration of each Celery task), when the record carries `extra={"job_id": ...}`, or when
-its message names a job id (32 hex digits: the engine thread serves many jobs at once and names
-the one it logs about). Every such line gets the `job_id` field, so one `grep`/`jq` finds a
+A line is about a job when the job id is bound to the thread that logs it (for the duration of
+each Celery task, `bind_job_ids_to_celery_tasks`), when the record carries `extra={"job_id": ...}`,
+or when its message names a job id (32 hex digits: the engine thread serves many jobs at once and
+names the one it logs about). Every such line gets the `job_id` field, so one `grep`/`jq` finds a
 job's whole story across the API and the workers.
 """
 
@@ -19,8 +19,6 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from urllib.parse import unquote_plus
 
@@ -49,16 +47,6 @@ def job_id_of(record: logging.LogRecord) -> str | None:
         return bound
     found = _JOB_ID.search(record.getMessage())
     return found.group(0) if found else None
-
-
-@contextmanager
-def job_context(job_id: str) -> Iterator[None]:
-    """Tag every line this thread logs inside the block with `job_id`."""
-    token = _job_id.set(job_id)
-    try:
-        yield
-    finally:
-        _job_id.reset(token)
 
 
 class RedactSecrets(logging.Filter):

@@ -35,7 +35,6 @@ MAX_MODEL_CHARS = 512
 GREEDY_TEMPERATURE = 0.001
 
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
-MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
 CONTEXT_OVERFLOW_MSG = "Exceeds max token length. Please start a new conversation, thanks."
 # The error of a job failed for having been started MAX_ATTEMPTS times (its workers died running it): sent again, it
 # would most likely take more workers down with it.

@@ -121,12 +121,12 @@ def bind_error(host: str, port: int) -> OSError | None:
 class RedisServer:
     """A Redis server process on 127.0.0.1 that lives as long as this object (or its `with` block)."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None, data_dir: Path | None = None):
+    def __init__(self, port: int | None = None, data_dir: Path | None = None):
         """With a `data_dir`, the server keeps an append-only file there (fsync every second): what it
         held survives a stop or a crash, less at most the last second, and a server started again on the
         same folder reads it back. Without one, it runs in a temporary folder and keeps nothing."""
         self.port = port or free_port()
-        self.binary = binary or find_server_binary()
+        self.binary = find_server_binary()
         self.process: subprocess.Popen | None = None
         self.data_dir = data_dir
         self._dir = None if data_dir else tempfile.TemporaryDirectory(prefix="llava-queue-redis-")

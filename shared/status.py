@@ -29,11 +29,11 @@ from shared.settings import Settings
 _CLEAR = "\033[H\033[2J"
 
 
-def render_status(store: JobStore, registry: WorkerRegistry, redis_url: str = "", now: float | None = None) -> str:
+def render_status(store: JobStore, registry: WorkerRegistry, redis_url: str) -> str:
     """The status table as text (raises redis.RedisError when Redis does not answer). Jobs past their deadline are
     ended first, as the API does before it counts the queues, so they are not shown waiting; on a read-only replica,
     which cannot end them (the primary's API does), they are counted as they are."""
-    now = time.time() if now is None else now
+    now = time.time()
     try:
         store.expire_overdue()
     except redis.ReadOnlyError:

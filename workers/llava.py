@@ -151,14 +151,6 @@ def tokenize_with_images(prompt: str, tokenizer: PreTrainedTokenizerBase) -> lis
     return ids
 
 
-def expand_image_positions(ids: list[int], tokens_per_image: int) -> list[int]:
-    """`ids` with each placeholder repeated once per image feature: one entry per prompt position."""
-    expanded = []
-    for token in ids:
-        expanded.extend([token] * tokens_per_image if token == IMAGE_TOKEN_INDEX else [token])
-    return expanded
-
-
 @torch.inference_mode()
 def embed_prompt(ids: list[int], image_features: torch.Tensor, embed_tokens: nn.Module) -> torch.Tensor:
     """Prompt embeddings [T, hidden]: text ids embedded, each IMAGE_TOKEN_INDEX replaced by the next image's features.

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
 import redis
@@ -73,9 +73,7 @@ class OpenAIRoute(APIRoute):
                 untyped = body_not_json(request, list(exc.errors()))
                 if untyped:
                     raise untyped from None
-                errors = [{**error, "loc": _openai_path(error.get("loc", ()))} for error in exc.errors()]
-                invalid = describe_validation_error(errors)
-                raise ApiError(400, invalid.message, param=invalid.param) from None
+                raise _invalid_request(exc.errors()) from None
 
         return route
 
@@ -88,6 +86,12 @@ def _openai_path(loc: tuple) -> tuple:
             continue
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return (path,) if path else ()
+
+
+def _invalid_request(errors: Sequence[dict]) -> ApiError:
+    """The 400 OpenAI answers for pydantic's validation `errors` of a request, naming the field as OpenAI does."""
+    invalid = describe_validation_error([{**error, "loc": _openai_path(error.get("loc", ()))} for error in errors])
+    return ApiError(400, invalid.message, param=invalid.param)
 
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
@@ -426,9 +430,7 @@ def parse_chat_request(raw: Any) -> tuple[ChatCompletionRequest, GenerateRequest
     try:
         body = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
-        errors = [{**error, "loc": _openai_path(error.get("loc", ()))} for error in exc.errors()]
-        invalid = describe_validation_error(errors)
-        raise ApiError(400, invalid.message, param=invalid.param) from None
+        raise _invalid_request(exc.errors()) from None
     check_supported(body)
     return body, to_generate_request(body)
 

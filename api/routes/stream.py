@@ -108,8 +108,8 @@ async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str
 async def _stalled(clock: _SendClock, timeout: float) -> None:
     """Return once a message has waited `timeout` seconds to be sent (seen within a quarter of that more): the
     client reads nothing, and its follower would wait for ever (uvicorn's own close of such a connection waits
-    for its unread data to be sent). A watch a stream, where a timeout around every message cost a timer each: a
-    fifth of the API's CPU per message relayed (bench/README.md)."""
+    for its unread data to be sent). One watch per stream, where a timeout around every message cost a timer each:
+    a fifth of the API's CPU per message relayed (bench/README.md)."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(timeout / 4)
