@@ -34,7 +34,8 @@ from workers.engine import LLMEngine
 from workers.engine.dtype import pick_dtype
 from workers.engine.scheduler import prefill_budget
 from workers.llava import IM_END_TOKEN, IM_PATCH_TOKEN, IM_START_TOKEN, LlavaVision, VisionEncoder, build_projector
-from workers.weights import WEIGHT_FILES, WEIGHT_INDEXES, check_weights, checkpoint_file, read_file, read_tensors
+from workers.weights import (EXTRA_WEIGHT_FILES, WEIGHT_FILES, WEIGHT_INDEXES, check_weights, checkpoint_file,
+                             read_file, read_tensors)
 
 log = logging.getLogger("llava_queue.worker")
 
@@ -160,6 +161,58 @@ def _check_local_path(path: str | None, what: str) -> str | None:
     return path
 
 
+def _from_hub_cache(path: str | None, what: str, variable: str, *, with_tokenizer: bool) -> str | None:
+    """For a hub id, its snapshot folder in the Hugging Face cache when that holds what loading reads, so the hub is
+    not asked; else `path` unchanged, a hub id not cached said to be downloaded first (with HF_HUB_OFFLINE set: a
+    ModelLoadError saying so). Asked first, an unreachable hub (a machine offline) had every file retried for about
+    100 s, logged by nobody, before the cache."""
+    if not path or Path(path).exists() or Path(path).suffix == ".gguf":
+        return path
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(path, local_files_only=True))
+    except OSError:  # LocalEntryNotFoundError: nothing of it cached
+        folder = None
+    except ValueError:  # no valid hub id: transformers says so, as before
+        return path
+    if folder is not None and _holds_checkpoint(folder, with_tokenizer):
+        log.info("the %s %r (%s): loading the Hugging Face cache's copy %s", what, path, variable, folder)
+        return str(folder)
+    cached = "only partly" if folder is not None else "not"
+    if constants.HF_HUB_OFFLINE and folder is None:
+        # transformers' own message for it ("has no config.json", "not a hub id") hid that the cache was the matter.
+        raise ModelLoadError(f"the {what} {path!r} ({variable}) is not in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download it there first, or "
+                             f"point {variable} at a local folder")
+    if not constants.HF_HUB_OFFLINE:
+        log.warning("the %s %r (%s) is %s in the Hugging Face cache: downloading it (offline, this fails after the "
+                    "hub's retries, about 100 s per file: point %s at a local folder, or set HF_HUB_OFFLINE=1 to fail "
+                    "at once)", what, path, variable, cached, variable)
+    return path
+
+
+def _holds_checkpoint(folder: Path, with_tokenizer: bool) -> bool:
+    """Whether a cached snapshot `folder` holds a checkpoint whole: a config, weights that check_weights reads, and
+    (`with_tokenizer`) a tokenizer; a download cut short leaves only some of its files."""
+    def has(*names: str) -> bool:
+        return any((folder / name).is_file() for name in names)
+
+    if has("adapter_config.json"):
+        whole = has("adapter_model.safetensors", "adapter_model.bin")
+    else:
+        whole = has("config.json") and has(*WEIGHT_INDEXES, *WEIGHT_FILES, *EXTRA_WEIGHT_FILES)
+    if with_tokenizer:
+        whole = whole and has("tokenizer.json", "tokenizer.model", "vocab.json")
+    try:
+        if whole and has("config.json") and "vision_config" in json.loads((folder / "config.json").read_text()):
+            whole = has("preprocessor_config.json")  # a llava-hf checkpoint's image processor
+        check_weights(folder)
+    except (OSError, ValueError, AttributeError, TypeError):  # WeightsError is a ValueError
+        return False
+    return whole
+
+
 def load_model(model_path: str, model_base: str | None = None, model_name: str | None = None, *,
                device: str = "auto", dtype: str = "auto", load_8bit: bool = False,
                load_4bit: bool = False, vision_tower: str | None = None) -> LoadedModel:
@@ -173,6 +226,9 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     name = model_name or model_name_from_path(model_path)
     model_path = _check_local_path(model_path, "model path (LLAVA_QUEUE_MODEL_PATH)")
     model_base = _check_local_path(model_base, "model base (LLAVA_QUEUE_MODEL_BASE)")
+    # The path gives the tokenizer unless a base does; a base always gives it.
+    model_path = _from_hub_cache(model_path, "model path", "LLAVA_QUEUE_MODEL_PATH", with_tokenizer=not model_base)
+    model_base = _from_hub_cache(model_base, "model base", "LLAVA_QUEUE_MODEL_BASE", with_tokenizer=True)
     is_multimodal = reads_images(name)
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":
