@@ -5,31 +5,14 @@ Asking the hub first cost every file about 100 s of retries, logged by nobody, b
 hub here is a closed local port, as an offline machine sees it (see tests/test_tower_s31.py for the vision tower).
 """
 
-import shutil
 import subprocess
 import sys
 import time
 
-from test_tower_s31 import hub_env
+from test_tower_s31 import cache_holding, hub_env
 
 LOAD = ("from workers.builder import load_model; import sys; "
         "m = load_model(sys.argv[1], sys.argv[2] or None, device='cpu', dtype='float32'); print('loaded', m.name)")
-
-
-def cache_holding(cache, hub_id: str, folder, only: tuple[str, ...] = ()) -> None:
-    """Put the checkpoint `folder` into the Hugging Face cache layout at `cache` as `hub_id` (only the files `only`
-    when given, as a download cut short leaves it)."""
-    repo = cache / ("models--" + hub_id.replace("/", "--"))
-    commit = "1" * 40
-    snapshot = repo / "snapshots" / commit
-    if only:
-        snapshot.mkdir(parents=True)
-        for name in only:
-            shutil.copy(folder / name, snapshot / name)
-    else:
-        shutil.copytree(folder, snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
 
 
 def load(cache, model_path: str, model_base: str = "") -> tuple[subprocess.CompletedProcess, float]:

@@ -27,6 +27,22 @@ def checkpoint_naming_the_tower_by_hub_id(family, tmp_path):
     return checkpoint
 
 
+def cache_holding(cache, hub_id: str, folder, only: tuple[str, ...] = ()) -> None:
+    """Put the checkpoint `folder` into the Hugging Face cache layout at `cache` as `hub_id` (only the files `only`
+    when given, as a download cut short leaves it)."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    commit = "1" * 40
+    snapshot = repo / "snapshots" / commit
+    if only:
+        snapshot.mkdir(parents=True)
+        for name in only:
+            shutil.copy(folder / name, snapshot / name)
+    else:
+        shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
 def hub_env(cache) -> dict:
     env = {name: value for name, value in os.environ.items() if name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     return dict(env, HF_HUB_CACHE=str(cache), HF_ENDPOINT=UNREACHABLE_HUB, HF_HUB_DISABLE_TELEMETRY="1")
@@ -35,11 +51,7 @@ def hub_env(cache) -> dict:
 def test_a_tower_in_the_hugging_face_cache_loads_without_asking_the_hub(tiny_llava_family, tmp_path):
     checkpoint = checkpoint_naming_the_tower_by_hub_id(tiny_llava_family, tmp_path)
     cache = tmp_path / "hub"
-    repo = cache / ("models--" + HUB_ID.replace("/", "--"))
-    commit = "0" * 40
-    shutil.copytree(tiny_llava_family.clip_tower, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    cache_holding(cache, HUB_ID, tiny_llava_family.clip_tower)
     started = time.monotonic()
     loaded = subprocess.run([sys.executable, "-c", LOAD, str(checkpoint)], env=hub_env(cache), capture_output=True,
                             text=True, timeout=120)

@@ -161,11 +161,12 @@ def _check_local_path(path: str | None, what: str) -> str | None:
     return path
 
 
-def _from_hub_cache(path: str | None, what: str, variable: str, *, with_tokenizer: bool) -> str | None:
+def _from_hub_cache(path: str | None, what: str, where: str, setting: str, *, with_tokenizer: bool) -> str | None:
     """For a hub id, its snapshot folder in the Hugging Face cache when that holds what loading reads, so the hub is
     not asked; else `path` unchanged, a hub id not cached said to be downloaded first (with HF_HUB_OFFLINE set: a
-    ModelLoadError saying so). Asked first, an unreachable hub (a machine offline) had every file retried for about
-    100 s, logged by nobody, before the cache."""
+    ModelLoadError saying so). `where` says where the id came from, `setting` what to point at a local folder
+    instead. Asked first, an unreachable hub (a machine offline) had every file retried for about 100 s, logged by
+    nobody, before the cache."""
     if not path or Path(path).exists() or Path(path).suffix == ".gguf":
         return path
     from huggingface_hub import constants, snapshot_download
@@ -177,18 +178,18 @@ def _from_hub_cache(path: str | None, what: str, variable: str, *, with_tokenize
     except ValueError:  # no valid hub id: transformers says so, as before
         return path
     if folder is not None and _holds_checkpoint(folder, with_tokenizer):
-        log.info("the %s %r (%s): loading the Hugging Face cache's copy %s", what, path, variable, folder)
+        log.info("the %s %r (%s): loading the Hugging Face cache's copy %s", what, path, where, folder)
         return str(folder)
     cached = "only partly" if folder is not None else "not"
     if constants.HF_HUB_OFFLINE and folder is None:
         # transformers' own message for it ("has no config.json", "not a hub id") hid that the cache was the matter.
-        raise ModelLoadError(f"the {what} {path!r} ({variable}) is not in the Hugging Face cache "
+        raise ModelLoadError(f"the {what} {path!r} ({where}) is not in the Hugging Face cache "
                              f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download it there first, or "
-                             f"point {variable} at a local folder")
+                             f"point {setting} at a local folder")
     if not constants.HF_HUB_OFFLINE:
         log.warning("the %s %r (%s) is %s in the Hugging Face cache: downloading it (offline, this fails after the "
                     "hub's retries, about 100 s per file: point %s at a local folder, or set HF_HUB_OFFLINE=1 to fail "
-                    "at once)", what, path, variable, cached, variable)
+                    "at once)", what, path, where, cached, setting)
     return path
 
 
@@ -227,8 +228,10 @@ def load_model(model_path: str, model_base: str | None = None, model_name: str |
     model_path = _check_local_path(model_path, "model path (LLAVA_QUEUE_MODEL_PATH)")
     model_base = _check_local_path(model_base, "model base (LLAVA_QUEUE_MODEL_BASE)")
     # The path gives the tokenizer unless a base does; a base always gives it.
-    model_path = _from_hub_cache(model_path, "model path", "LLAVA_QUEUE_MODEL_PATH", with_tokenizer=not model_base)
-    model_base = _from_hub_cache(model_base, "model base", "LLAVA_QUEUE_MODEL_BASE", with_tokenizer=True)
+    model_path = _from_hub_cache(model_path, "model path", "LLAVA_QUEUE_MODEL_PATH", "LLAVA_QUEUE_MODEL_PATH",
+                                 with_tokenizer=not model_base)
+    model_base = _from_hub_cache(model_base, "model base", "LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_MODEL_BASE",
+                                 with_tokenizer=True)
     is_multimodal = reads_images(name)
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":
@@ -528,6 +531,8 @@ def _add_image_tokens(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
 
 def _load_tower(config: dict, override: str | None, placement: _Placement, name: str):
     """The CLIP vision tower and image processor named by `mm_vision_tower` (or the local `override`)."""
+    from transformers import CLIPVisionModel
+
     source = override or config.get("mm_vision_tower") or config.get("vision_tower")
     if not source:
         raise ModelLoadError(f"{name}: config.json names no vision tower (mm_vision_tower); "
@@ -537,44 +542,17 @@ def _load_tower(config: dict, override: str | None, placement: _Placement, name:
     if looks_local and not Path(source).expanduser().is_dir():
         raise ModelLoadError(f"{name}: the vision tower {source!r} ({where}) is not a folder on this machine; "
                              "point LLAVA_QUEUE_VISION_TOWER at a local copy of it")
+    folder = (str(Path(source).expanduser()) if looks_local
+              else _from_hub_cache(source, "vision tower", where, "LLAVA_QUEUE_VISION_TOWER", with_tokenizer=False))
     try:
-        if looks_local:
-            tower, image_processor = _tower_from(str(Path(source).expanduser()), placement)
-        else:
-            what = f"{name}: the vision tower {source!r} ({where})"
-            tower, image_processor = _tower_from_hub(source, placement, what)
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        with _extra_weights_expected("the vision tower skips the CLIP text model of its checkpoint"):
+            tower = CLIPVisionModel.from_pretrained(folder, dtype=_compute_dtype(placement))
     except OSError as exc:
         raise ModelLoadError(f"{name}: cannot load the vision tower {source!r} ({where}): {exc}. Offline, point "
                              "LLAVA_QUEUE_VISION_TOWER at a local copy (e.g. of openai/clip-vit-large-patch14-336)") \
             from None
     return tower.to(placement.device).eval(), image_processor
-
-
-def _tower_from(source: str, placement: _Placement, **hub) -> tuple[PreTrainedModel, object]:
-    """The CLIP vision tower and image processor of `source`, a folder or a hub id (`hub`: from_pretrained options)."""
-    from transformers import CLIPVisionModel
-
-    image_processor = AutoImageProcessor.from_pretrained(source, **hub)
-    with _extra_weights_expected("the vision tower skips the CLIP text model of its checkpoint"):
-        tower = CLIPVisionModel.from_pretrained(source, dtype=_compute_dtype(placement), **hub)
-    return tower, image_processor
-
-
-def _tower_from_hub(source: str, placement: _Placement, what: str) -> tuple[PreTrainedModel, object]:
-    """A tower named by its hub id: from the Hugging Face cache without asking the hub when the cache holds it, else
-    downloaded, said first. Asked first, an unreachable hub (a machine offline) had every file retried for about
-    100 s, with nothing logged, before the cached copy was used or the worker gave up."""
-    from huggingface_hub import constants
-
-    try:
-        return _tower_from(source, placement, local_files_only=True)
-    except OSError:
-        if constants.HF_HUB_OFFLINE:
-            raise
-    log.warning("%s is not in the Hugging Face cache: downloading it (offline, this fails after the hub's retries, "
-                "about 100 s: point LLAVA_QUEUE_VISION_TOWER at a local copy, or set HF_HUB_OFFLINE=1 to fail at once)",
-                what)
-    return _tower_from(source, placement)
 
 
 def _load_tower_weights(tower: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
