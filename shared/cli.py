@@ -91,6 +91,13 @@ def _ended(processes: dict[str, subprocess.Popen]) -> str | None:
     return None
 
 
+def _address(args: argparse.Namespace) -> tuple[str, int]:
+    """Where the API listens: --host and --port, else LLAVA_QUEUE_HOST and _PORT (`api` and `up` alike). `--port 0` is
+    a port too (a free one, which the log names): not "unset"."""
+    settings = get_settings()
+    return args.host or settings.host, settings.port if args.port is None else args.port
+
+
 def _port_problem(host: str, port: int) -> str | None:
     """Why the API could not listen on host:port, or None: `up` checks it before it starts Redis and a worker (the
     API it starts then binds the port itself, see _listen)."""
@@ -234,8 +241,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     rest = split.rest
     # LLAVA_QUEUE_HOST and _PORT as `api` reads them: `up` passed its own defaults to the API, so with the variable
     # set (`LLAVA_QUEUE_PORT=9000 bash scripts/up.sh`) the stack came up on 8000, unsaid.
-    host = args.host or get_settings().host
-    port = get_settings().port if args.port is None else args.port
+    host, port = _address(args)
     if port == 0:
         print("llava-queue: LLAVA_QUEUE_PORT=0: `up` waits for the API at its port and prints its address, so it "
               "needs a fixed one (1 to 65535, or --port)", file=sys.stderr, flush=True)
@@ -327,8 +333,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from shared.heap import freeze_startup_heap
 
     settings = get_settings()
-    # `--port 0` is a port too (a free one, which the log names): not "unset".
-    host, port = args.host or settings.host, settings.port if args.port is None else args.port
+    host, port = _address(args)
     problem = (_frontend_problem(settings.frontend_dir) or _redis_url_problem(settings.redis_url)
                or _redis_refusal_problem(settings, names_connections=True))
     if problem:
