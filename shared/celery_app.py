@@ -509,9 +509,13 @@ def make_celery(settings: Settings) -> Celery:
         # TLS (rediss://), sockets and Sentinel from the scheme; those keep kombu's own transport.
         app.conf.broker_transport = f"{__name__}:RedisTransport"
     app.conf.update(
+        # Only JSON crosses the queue: every serializer Celery has, and what it accepts, named (the defaults of the
+        # last two are JSON already; said here so that no upgrade or other setting changes them unseen).
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
+        result_accept_content=["json"],
+        event_serializer="json",
         task_ignore_result=True,  # results live in the job record, not in Celery's backend
         # Ack after the job ends, and put it back if the worker dies while holding it.
         task_acks_late=True,

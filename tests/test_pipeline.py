@@ -298,6 +298,16 @@ def test_messages_that_are_not_jobs_never_run_and_never_hurt_the_worker(stack):
     assert "Refusing to deserialize untrusted content" in log
 
 
+def test_every_celery_serializer_is_json():
+    """Only JSON crosses the queue: tasks, results and events are written as JSON, and only JSON is read back."""
+    from shared.celery_app import make_celery
+    from shared.settings import Settings
+
+    conf = make_celery(Settings(redis_url="redis://127.0.0.1:6379/0")).conf
+    assert conf.task_serializer == conf.result_serializer == conf.event_serializer == "json"
+    assert conf.accept_content == conf.result_accept_content == ["json"]
+
+
 def test_the_broker_channel_builds_no_redis_client_per_message(redis_server, monkeypatch):
     # kombu built a redis.Redis for every publish, every message taken and every ack (redis-py spends ~120 µs
     # on each, on the worker's one consumer thread and in the API's submissions); the app's channel keeps one.
