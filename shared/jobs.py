@@ -997,13 +997,17 @@ class JobStore:
             # Expire on read too, so a deadline holds even while no worker is sweeping.
             self.expire_overdue()
             raw = self.redis.hgetall(self.key(job_id))
+        position = self.queue_position(job_id, raw.get("queue", "")) if raw.get("status") == "queued" else None
+        if raw.get("status") == "queued" and position is None:
+            # Taken between the two reads (a start moves the job out of its queue and sets its status in one
+            # script): read the record again rather than answer `queued` with no place in a queue.
+            raw = self.redis.hgetall(self.key(job_id)) or raw
         record: dict[str, Any] = dict(raw)
         for name in _INT_FIELDS:
             record[name] = _number(raw, name, int, job_id) or 0
         for name in _FLOAT_FIELDS:
             record[name] = _number(raw, name, float, job_id)
-        queued = record.get("status") == "queued"
-        record["queue_position"] = self.queue_position(job_id, record.get("queue", "")) if queued else None
+        record["queue_position"] = position if record.get("status") == "queued" else None
         return record
 
     def request_of(self, job_id: str) -> GenerateRequest | None:
