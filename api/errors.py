@@ -1,5 +1,10 @@
 """Errors as values the client can read: one JSON body for every 4xx/5xx."""
 
+import logging
+import math
+import threading
+import time
+
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -9,6 +14,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocket, WebSocketState
 
 from shared.protocol import ErrorCode, InvalidRequest, describe_validation_error
+
+log = logging.getLogger("llava_queue.api")
+# While Redis refuses, every request gets its 503: one line at most this often, counting the others, so the outage is
+# in the log without burying it.
+UNAVAILABLE_LOG_INTERVAL_SECONDS = 10.0
 
 
 class ApiError(Exception):
@@ -37,8 +47,35 @@ def job_not_found(job_id: str) -> ApiError:
                     type="not_found", param="id", code=ErrorCode.NOT_FOUND)
 
 
+class _UnavailableLog:
+    """The operator's line for 503s answered because Redis (the job store or the broker) is away or refuses. Those
+    were answered and logged nowhere but in INFO access lines: a Redis out of memory or read-only failed every
+    submission while the API's log said nothing about why."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._logged_at = -math.inf
+        self._unlogged = 0
+
+    def note(self, what: str, exc: Exception) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._logged_at < UNAVAILABLE_LOG_INTERVAL_SECONDS:
+                self._unlogged += 1
+                return
+            more, self._unlogged, self._logged_at = self._unlogged, 0, now
+        since = f" ({more} more 503s since the last such line)" if more else ""
+        log.error("%s is unavailable (%s: %s): requests are answered 503%s; check the Redis at LLAVA_QUEUE_REDIS_URL "
+                  "(`llava-queue status`, its log, its memory)", what, type(exc).__name__, exc, since)
+
+
+log_unavailable = _UnavailableLog().note
+
+
 def store_unavailable(exc: redis.RedisError) -> ApiError:
-    """Redis away (restarting, network): say so; the API recovers by itself when it is back."""
+    """Redis away (restarting, network) or refusing (out of memory, read-only): say so, and log it (see
+    _UnavailableLog); the API recovers by itself when it is back."""
+    log_unavailable("the job store (Redis)", exc)
     return ApiError(503, f"the job store is unavailable, try again shortly: {exc}", type="unavailable",
                     code=ErrorCode.SERVER_ERROR, headers={"Retry-After": "5"})
 

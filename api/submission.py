@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 from pydantic import BaseModel
 
-from api.errors import ApiError
+from api.errors import ApiError, log_unavailable
 from shared.batches import BatchStore
 from shared.celery_app import send_many, task_queue
 from shared.jobs import Ending, JobStore, NewJob, answers_later, new_job_id, owner_id
@@ -362,7 +362,8 @@ def unsent(store: JobStore, job_ids: list[str], exc: Exception) -> ApiError:
 
 
 def queue_unavailable(exc: Exception) -> ApiError:
-    """The 503 of a submission the broker refused."""
+    """The 503 of a submission the broker refused, logged (see api.errors._UnavailableLog)."""
+    log_unavailable("the queue (Celery's broker, Redis)", exc)
     return ApiError(503, f"the queue is unavailable: {exc}", type="unavailable", code=ErrorCode.SERVER_ERROR,
                     headers={"Retry-After": "5"})
 

@@ -352,8 +352,10 @@ def cmd_api(args: argparse.Namespace) -> int:
                  "" if addresses == host else f" ({addresses})")
     # The app is built (FastAPI, pydantic, every route): keep all of that out of full collections.
     api_log.info("%d start-up objects frozen out of full garbage collections", freeze_startup_heap())
+    # log_level None: uvicorn's loggers follow LLAVA_QUEUE_LOG_LEVEL (the root's, setup_logging); "info" set them to
+    # INFO whatever it said, so its access lines stayed at WARNING and its debug lines never came at DEBUG.
     config = uvicorn.Config(app, host=host, port=port,
-                            log_level="info", log_config=None, ws_ping_interval=20,
+                            log_level=None, log_config=None, ws_ping_interval=20,
                             # A request on `WS /v1/ws` may be as large as a POST's body (uvicorn's own limit, 16 MiB,
                             # refused a job a POST takes); a larger message closes the socket with 1009.
                             ws_max_size=settings.max_body_bytes,
