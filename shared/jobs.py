@@ -1359,6 +1359,12 @@ class WorkerRegistry:
         """A worker's key: its description, alive while it beats."""
         return f"{self.prefix}:worker:{name}"
 
+    @property
+    def models_key(self) -> str:
+        """Hash of model name -> when a worker of it last announced itself; kept when the workers go, so that a
+        model whose workers restart is told from one never served."""
+        return f"{self.prefix}:models-seen"
+
     def announce(self, name: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
         """Publish (or refresh) a worker's description for `ttl_seconds`; names long lapsed leave the set."""
         now = time.time()
@@ -1366,6 +1372,8 @@ class WorkerRegistry:
             pipe.set(self.key(name), json.dumps(info), ex=ttl_seconds)
             pipe.zadd(self.names_key, {name: now + ttl_seconds})
             pipe.zremrangebyscore(self.names_key, "-inf", now - 3600)
+            if isinstance(info.get("model"), str):
+                pipe.hset(self.models_key, info["model"], now)
             pipe.execute()
 
     def remove(self, name: str) -> None:
@@ -1374,6 +1382,17 @@ class WorkerRegistry:
             pipe.delete(self.key(name))
             pipe.zrem(self.names_key, name)
             pipe.execute()
+
+    def models_seen(self) -> dict[str, float]:
+        """When a worker of each model last announced itself (epoch seconds), live or not; a value not a number
+        is left out."""
+        seen = {}
+        for model, at in self.redis.hgetall(self.models_key).items():
+            try:
+                seen[model] = float(at)
+            except ValueError:
+                continue
+        return seen
 
     def workers(self) -> list[dict[str, Any]]:
         """Every live worker's description, by name. Reads only: a read-only replica answers it."""

@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, StringConstraints
 from api.batch_intake import CHAT_COMPLETIONS, Intake, survey
 from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
-from api.routes.models import served_models
+from api.routes.models import returning_models, served_models
 from api.routes.openai import completion_of, job_error
 from api.submission import admission_lock, check_room
 from shared.batches import FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
@@ -249,9 +249,11 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
         raise ApiError(422, f"completion_window {body.completion_window!r} is longer than a batch is kept "
                             f"({settings.batch_ttl_seconds} s, BATCH_TTL_SECONDS)", param="completion_window")
     image_folder = _image_folder(body, settings)
-    served = served_models(registry.workers())
+    live = served_models(registry.workers())
+    # Lines for a model whose workers are away for now are queued for them, as lines wait for busy workers.
+    served = live + sorted(returning_models(registry, live))
     if body.model is not None and body.model not in served:
-        raise ApiError(404, f"the model {body.model!r} is not served here (live workers serve: {served or 'none'})",
+        raise ApiError(404, f"the model {body.model!r} is not served here (live workers serve: {live or 'none'})",
                        param="model", code=ErrorCode.NO_WORKER)
     stream, source = _open_input(body, upload, batches, settings)
     with stream:

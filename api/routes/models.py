@@ -1,6 +1,7 @@
 """The models live workers serve, in the OpenAI list shape."""
 
 import asyncio
+import time
 
 from fastapi import APIRouter
 
@@ -9,6 +10,10 @@ from api.errors import ApiError
 from shared.protocol import ErrorCode
 
 router = APIRouter(tags=["models"])
+# A model that a worker served this recently, with no live worker now (one restarting, a rolling deploy, a crash), is
+# one coming back: a chat completion for it is answered 503 with Retry-After (OpenAI's clients retry that), where a
+# 404 said the model does not exist; a batch's lines for it are queued for its workers.
+RETURNING_SECONDS = 600.0
 
 
 def served_models(workers: list[dict]) -> list[str]:
@@ -17,6 +22,21 @@ def served_models(workers: list[dict]) -> list[str]:
     A worker that is draining (its heartbeat says `"ready": false`) takes no new work: it does not count.
     """
     return sorted({worker["model"] for worker in workers if worker.get("ready", True) and "model" in worker})
+
+
+def returning_models(registry, served: list[str]) -> dict[str, float]:
+    """Models no live worker serves (not in `served`) that one served within RETURNING_SECONDS: seconds since, by
+    name."""
+    now = time.time()
+    return {model: max(now - at, 0.0) for model, at in registry.models_seen().items()
+            if model not in served and now - at < RETURNING_SECONDS}
+
+
+def model_away(model: str, seconds: float) -> ApiError:
+    """The 503 of a request for a model whose workers are all away for now (see RETURNING_SECONDS)."""
+    return ApiError(503, f"no worker of the model {model!r} is up at the moment (the last one was seen "
+                         f"{seconds:.0f} s ago): try again shortly", type="unavailable", param="model",
+                    code=ErrorCode.NO_WORKER, headers={"Retry-After": "5"})
 
 
 async def _model_objects(registry) -> list[dict]:

@@ -28,7 +28,7 @@ from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
 from api.errors import ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
-from api.routes.models import served_models
+from api.routes.models import model_away, returning_models, served_models
 from api.stream import JobNotFound, ServerStopping, follow_job, with_keepalives
 from api.submission import check_unicode
 from shared.jobs import JobStore, WorkerRegistry
@@ -389,9 +389,13 @@ def _openai_param(param: str | None) -> str | None:
 
 
 async def require_served(registry: WorkerRegistry, model: str) -> None:
-    """404 (OpenAI's answer for an unknown model) when no live worker serves `model`."""
+    """404 (OpenAI's answer for an unknown model) when no live worker serves `model`; 503 with Retry-After when its
+    workers are away for now (one served it within RETURNING_SECONDS)."""
     served = served_models(await asyncio.to_thread(registry.workers))
     if model not in served:
+        away = (await asyncio.to_thread(returning_models, registry, served)).get(model)
+        if away is not None:
+            raise model_away(model, away)
         raise ApiError(404, f"the model {model!r} is not served here (live workers serve: {served or 'none'})",
                        param="model", code=ErrorCode.NO_WORKER)
 
@@ -579,7 +583,8 @@ async def _disconnected(request: Request) -> None:
                               "description": "A chat.completion, or with `stream` server-sent chat.completion.chunk "
                                              "events ending with `data: [DONE]`"},
                         400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
-                        404: {"description": "No live worker serves the model"}})
+                        404: {"description": "No live worker serves the model"},
+                        503: {"description": "The model's workers are all away for now (a restart): retry"}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response, store: Store,
                                  hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey,
                                  idempotency_key: IdempotencyKey = None):
