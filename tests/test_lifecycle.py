@@ -791,7 +791,7 @@ def test_the_orphan_sweep_delivers_a_dead_workers_job_when_redis_refuses_info(ca
             admin.close()
 
 
-def test_a_job_handed_back_too_often_fails_with_a_reason(worker):
+def test_a_job_handed_back_too_often_fails_with_a_reason(worker, caplog):
     # Hand-backs (a worker told to stop) do not count against max_attempts, so that rolling restarts do not fail a
     # long job. They had no bound at all: a job whose worker was stopped at every start (an eviction, a liveness
     # probe it set off) was handed back and started again for ever. Past a bound of their own, the start fails it.
@@ -812,6 +812,8 @@ def test_a_job_handed_back_too_often_fails_with_a_reason(worker):
     assert (record["status"], record["error_code"], record["error"]) == (
         "failed", ErrorCode.SERVER_ERROR, HANDED_BACK_ERROR), record
     assert "handed back more than 10 times" in record["error"]
+    # The worker's log says so (Celery's own line read "succeeded ...: 'handed_back'").
+    assert f"job {job_id} failed: {HANDED_BACK_ERROR}" in caplog.text
     assert record["attempts"] == record["handed_back"] == MAX_HAND_BACKS + 1, record
     assert store.totals()["running"] == 0 and store.claim_orphans(requeue_after=0) == []
 

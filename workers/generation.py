@@ -233,7 +233,11 @@ class JobRunner:
                              ErrorCode.SERVER_ERROR, "error"), f"failing job {job_id}")
             return "failed"
         if status in _ENDED_BEFORE_START:
-            self._end(_ENDED_BEFORE_START[status](self.store, job_id), f"ending job {job_id}")
+            ending = _ENDED_BEFORE_START[status](self.store, job_id)
+            if ending.status == "failed":
+                # Said nowhere else: Celery's own line reads "succeeded ...: 'exhausted'".
+                log.warning("job %s failed: %s", job_id, ending.error)
+            self._end(ending, f"ending job {job_id}")
             return status
         if status not in ("running", "resumed"):
             log.info("job %s skipped: %s", job_id, status)
