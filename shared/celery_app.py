@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
-from kombu import Queue, serialization
+from kombu import Exchange, Queue, serialization
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -536,7 +536,11 @@ def make_celery(settings: Settings) -> Celery:
         # acked then). Celery 6 is to make the default True: every running job cancelled and delivered again at each
         # lost connection. Said here, so that no upgrade changes it unseen.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_queues=(Queue(INTERACTIVE_QUEUE), Queue(BATCH_QUEUE)),
+        # Each queue on an exchange and routing key of its own name: left out, Celery gave both the default queue's
+        # (the worker's banner read "batch exchange=interactive key=interactive", and Redis bound both queues to
+        # that one key). Jobs are sent to a queue by name (send_many), so this is what the names say.
+        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)
+                          for name in (INTERACTIVE_QUEUE, BATCH_QUEUE)),
         task_default_queue=INTERACTIVE_QUEUE,
         worker_hijack_root_logger=False,
         # Task events only when asked (settings.task_events): Flower asks for them itself. Worker events
