@@ -916,13 +916,9 @@ def test_a_batch_cancelled_and_then_failed_as_abandoned_while_read_leaves_no_job
 
     from api.routes.batches import BatchCreate, create, settled
     from shared.batches import BatchStore
-    from shared.jobs import JobStore
+    from shared.jobs import JobStore, WorkerRegistry
     from shared.redis_server import RedisServer
     from shared.settings import Settings
-
-    class NoWorkers:
-        def workers(self) -> list:
-            return []
 
     with RedisServer() as server:
         store = JobStore.from_url(server.url)
@@ -950,7 +946,8 @@ def test_a_batch_cancelled_and_then_failed_as_abandoned_while_read_leaves_no_job
                 return super().readline(*args)
 
         batch = create(BatchCreate(temperature=0, max_new_tokens=2), ReadSlowly(jsonl(questions(2000, image=False))),
-                       store, batches, None, NoWorkers(), Settings(redis_url=server.url), None)
+                       store, batches, None, WorkerRegistry(store.redis, store.prefix), Settings(redis_url=server.url),
+                       None)
         assert batch["status"] == "cancelled", batch
         assert batches.get(batch["id"])["total"] == 1000
         statuses = [store.get(job_id)["status"] for job_id in batches.job_ids(batch["id"])]
@@ -965,13 +962,9 @@ def test_an_openai_batch_whose_reader_died_keeps_openai_error_lines():
 
     from api.routes.batches import BatchCreate, create, output_lines, settled
     from shared.batches import BatchStore
-    from shared.jobs import JobStore
+    from shared.jobs import JobStore, WorkerRegistry
     from shared.redis_server import RedisServer
     from shared.settings import Settings
-
-    class OneWorker:
-        def workers(self) -> list:
-            return [{"model": "llava-v1.5-tiny"}]
 
     class ReaderDies(io.BytesIO):
         """A file whose reader stops at its 600th line (the first 500 are recorded), as when its API process dies."""
@@ -993,8 +986,10 @@ def test_an_openai_batch_whose_reader_died_keeps_openai_error_lines():
              for index in range(1000)]
     with RedisServer() as server:
         batches = BatchStore(JobStore.from_url(server.url), 3600)
+        registry = WorkerRegistry(batches.store.redis, batches.store.prefix)
+        registry.announce("worker-1", {"model": "llava-v1.5-tiny"})
         with pytest.raises(SystemExit):
-            create(BatchCreate(), ReaderDies(jsonl(lines)), batches.store, batches, None, OneWorker(),
+            create(BatchCreate(), ReaderDies(jsonl(lines)), batches.store, batches, None, registry,
                    Settings(redis_url=server.url), None)
         [batch_id] = batches.redis.zrange(batches.index_key, 0, -1)
         batches.redis.delete(batches.reader_key(batch_id))
