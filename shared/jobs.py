@@ -416,23 +416,37 @@ for i = 2, #KEYS do jobs[i - 1] = redis.call('GET', KEYS[i]) end
 return {recorded and 1 or 0, first, jobs}
 """
 
+# list_job(key, job, at, ttl): the entry of a new job, created at `at`, in its owner's list (`key`, `JobStore.list_key`)
+# unless `ttl` (the records' TTL) is empty (a batch line, listed by its batch); the entries older than that TTL go, and
+# the list of an owner who submits no more goes with them. On a MULTI: `JobStore._write_queued`, `_write_listed`.
+_LISTED_WRITE = """
+local function list_job(key, job, at, ttl)
+  if ttl == '' then return end
+  redis.call('ZADD', key, at, job)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', tonumber(at) - tonumber(ttl))
+  redis.call('EXPIRE', key, ttl)
+end
+"""
+
 # The writes that make a new `queued` job, in a script (K is KEYS past the script's own): take the next enqueue order
-# (K[1]), hold each image (ARGV[6] of them, key and data pairs from ARGV[7]; written before the record: a record is
+# (K[1]), hold each image (ARGV[7] of them, key and data pairs from ARGV[8]; written before the record: a record is
 # never without its images), write the record (K[2], the fields after the images), its queue entry (K[3], member
-# ARGV[1]), the submitted count (K[4], field ARGV[3]), its deadline (K[5], ARGV[4] unless empty) and its owner's entry
-# (K[6] if given, scored ARGV[5]). The same writes as `JobStore._write_queued`, which queues them on a MULTI.
-_QUEUED_WRITES = """
+# ARGV[1]), the submitted count (K[4], field ARGV[3]), its deadline (K[5], ARGV[4] unless empty), its entry in its
+# owner's list (K[6], unless ARGV[6], the records' TTL, is empty: _LISTED_WRITE) and in its owner's quota (K[7] if
+# given, scored ARGV[5]). The same writes as `JobStore._write_queued`, which queues them on a MULTI.
+_QUEUED_WRITES = _LISTED_WRITE + """
 local order = redis.call('INCR', K[1])
-local images = tonumber(ARGV[6])
-for i = 7, 6 + 2 * images, 2 do
+local images = tonumber(ARGV[7])
+for i = 8, 7 + 2 * images, 2 do
   redis.call('HSETNX', ARGV[i], 'data', ARGV[i + 1])
   redis.call('HINCRBY', ARGV[i], 'refs', 1)
 end
-redis.call('HSET', K[2], unpack(ARGV, 7 + 2 * images))
+redis.call('HSET', K[2], unpack(ARGV, 8 + 2 * images))
 redis.call('ZADD', K[3], order, ARGV[1])
 redis.call('HINCRBY', K[4], ARGV[3], 1)
 if ARGV[4] ~= '' then redis.call('ZADD', K[5], ARGV[4], ARGV[1]) end
-if K[6] then redis.call('ZADD', K[6], ARGV[5], ARGV[1]) end
+list_job(K[6], ARGV[1], ARGV[5], ARGV[6])
+if K[7] then redis.call('ZADD', K[7], ARGV[5], ARGV[1]) end
 """
 
 # A job created under an Idempotency-Key, in one script (one round trip; a bulk submission's jobs pipelined in one):
@@ -455,19 +469,46 @@ return {ARGV[1], 1}
 _CREATE = "local K = KEYS\n" + _QUEUED_WRITES + "return 1\n"
 
 # A cancel by Idempotency-Key that comes before its submission (POST /v1/jobs/cancel), in one script: unless the key
-# (KEYS[1]) names a job already, write a record that is cancelled from the start (KEYS[2], fields ARGV[5..], TTL
+# (KEYS[1]) names a job already, write a record that is cancelled from the start (KEYS[2], fields ARGV[6..], TTL
 # ARGV[3]), count it among the jobs that ended (KEYS[3], field ARGV[4]), then take the key for it (TTL ARGV[2]). It
 # never enters a queue, the deadline set, an owner's quota or the submitted count: it was never waiting, and an API
-# that died half-way (it was a queued job, then a cancel) left a queued job with no task. The key is written last, as
-# in _CREATE_KEYED. Answers {the key's job, 1 if created here (or by this very call sent again, ARGV[1])}.
-_CREATE_CANCELLED = """
+# that died half-way (it was a queued job, then a cancel) left a queued job with no task. It is listed (KEYS[4], created
+# at ARGV[5]), as GET /v1/jobs/{id} answers it. The key is written last, as in _CREATE_KEYED. Answers {the key's job,
+# 1 if created here (or by this very call sent again, ARGV[1])}.
+_CREATE_CANCELLED = _LISTED_WRITE + """
 local existing = redis.call('GET', KEYS[1])
 if existing then return {existing, existing == ARGV[1] and 1 or 0} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+list_job(KEYS[4], ARGV[1], ARGV[5], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {ARGV[1], 1}
+"""
+
+# How many jobs of the index `JobStore.list_jobs` reads at most for a page, per job the page may hold: a status that
+# few jobs have does not make one request read an owner's whole index (LIST_SCAN_FACTOR x limit entries at most).
+LIST_SCAN_FACTOR = 10
+
+# A chunk of an owner's list (KEYS[1]), newest first: up to ARGV[2] ids after id ARGV[1] (from the newest if empty),
+# with each one's status ('' for a job whose record is gone: dropped from the list here). Answers {ids, statuses}, or
+# false when ARGV[1] is no longer in the list. One script, so that the rank of ARGV[1] and the range read after it
+# agree while other requests add jobs or drop gone ones.
+_LIST_CHUNK = """
+local start = 0
+if ARGV[1] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+  if not rank then return false end
+  start = rank + 1
+end
+local ids = redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
+local statuses, gone = {}, {}
+for i, id in ipairs(ids) do
+  statuses[i] = redis.call('HGET', ARGV[3] .. id, 'status') or ''
+  if statuses[i] == '' then gone[#gone + 1] = id end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return {ids, statuses}
 """
 
 # How many overdue jobs `expire_overdue` ends in one pipelined round trip.
@@ -536,6 +577,12 @@ def _sent_again_if_lost(write: Callable[[], T]) -> T:
         return write()
     except (redis.ConnectionError, redis.TimeoutError):
         return write()
+
+
+def _listed(extra: dict | None) -> bool:
+    """Whether a new job enters its owner's list (GET /v1/jobs): not a batch's line (its record names the batch),
+    which its batch lists (GET /v1/batches/{id}/lines); a batch of 50,000 lines would bury the owner's other jobs."""
+    return not (extra and "batch" in extra)
 
 
 def owner_id(api_key_digest: str) -> str:
@@ -635,6 +682,7 @@ class JobStore:
         self._create = client.register_script(_CREATE)
         self._create_cancelled = client.register_script(_CREATE_CANCELLED)
         self._forget_deadlines = client.register_script(_FORGET_DEADLINES)
+        self._list_chunk = client.register_script(_LIST_CHUNK)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llq", ttl_seconds: int = 86400, max_queued: int = 0,
@@ -678,7 +726,8 @@ class JobStore:
         if idempotency_key is None:
             order = self.redis.incr(f"{self.prefix}:enqueue_order")
             with self.redis.pipeline(transaction=True) as pipe:
-                self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
+                listed = self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
+                self._write_listed(pipe, {listed} - {None}, time.time())
                 pipe.execute()
             return job_id, True
         # The key is set by the script that writes the record (`create_keyed`): set a round trip before it (SET NX), a
@@ -706,11 +755,13 @@ class JobStore:
         an idempotency key (its Redis key), else `_CREATE`."""
         record, now, images = self._queued_record(job_id, job.request, job.queue, job.deadline_seconds, job.owner,
                                                   job.extra)
-        keys = [self.order_key, self.key(job_id), self.queue_key(job.queue), self.submitted_key, self.deadlines_key]
+        keys = [self.order_key, self.key(job_id), self.queue_key(job.queue), self.submitted_key, self.deadlines_key,
+                self.list_key(job.owner)]
         if job.owner and self.max_queued_per_owner:
             keys.append(self.owner_key(job.owner))
         args = [job_id, self.idempotency_ttl_seconds if idempotency_key else "", job.queue,
-                record.get("deadline", ""), repr(now), len(images), *[item for pair in images.items() for item in pair],
+                record.get("deadline", ""), repr(now), self.ttl_seconds if _listed(job.extra) else "", len(images),
+                *[item for pair in images.items() for item in pair],
                 *[item for pair in record.items() for item in pair]]
         if idempotency_key is None:
             return self._create, keys, args
@@ -735,9 +786,9 @@ class JobStore:
                       finish_reason="cancelled", cancel_requested="1", finished_at=repr(now),
                       request=_IMAGES_RE.sub('"images":[]', record["request"]))  # as _FINISH leaves an ended job's
         fields = [item for pair in record.items() for item in pair]
-        keys = [self.idempotency_key(idempotency_key), self.key(job_id), self.finished_key]
+        keys = [self.idempotency_key(idempotency_key), self.key(job_id), self.finished_key, self.list_key(owner)]
         args = [job_id, self.idempotency_ttl_seconds, self.ttl_seconds, f"cancelled:{int(ErrorCode.CANCELLED)}",
-                *fields]
+                repr(now), *fields]
         job, created = _sent_again_if_lost(lambda: self._create_cancelled(keys=keys, args=args))
         return job, bool(created)
 
@@ -767,16 +818,18 @@ class JobStore:
             return ids
         last = self.redis.incrby(f"{self.prefix}:enqueue_order", len(jobs))
         with self.redis.pipeline(transaction=True) as pipe:
-            for index, (job_id, job) in enumerate(zip(ids, jobs)):
-                self._write_queued(pipe, job_id, job.request, job.queue, last - len(jobs) + 1 + index,
-                                   job.deadline_seconds, job.owner, job.extra)
+            listed = {self._write_queued(pipe, job_id, job.request, job.queue, last - len(jobs) + 1 + index,
+                                         job.deadline_seconds, job.owner, job.extra)
+                      for index, (job_id, job) in enumerate(zip(ids, jobs))}
+            self._write_listed(pipe, listed - {None}, time.time())
             pipe.execute()
         return ids
 
     def _write_queued(self, pipe, job_id: str, request: GenerateRequest, queue: str, order: int,
-                      deadline_seconds: float | None, owner: str | None, extra: dict | None = None) -> None:
-        """Queue, on `pipe`, the writes that make a new `queued` job: its record, queue entry and counters (the same
-        writes as `_QUEUED_WRITES`)."""
+                      deadline_seconds: float | None, owner: str | None, extra: dict | None = None) -> str | None:
+        """Queue, on `pipe`, the writes that make a new `queued` job: its record, queue entry, counters and entry in
+        its owner's list (the same writes as `_QUEUED_WRITES`, but the list's pruning: `_write_listed`, once for
+        many jobs); returns that list's key (None for a batch line, not listed)."""
         record, now, images = self._queued_record(job_id, request, queue, deadline_seconds, owner, extra)
         for key, image in images.items():  # before the record: a record is never without its images
             pipe.hsetnx(key, "data", image)
@@ -789,6 +842,16 @@ class JobStore:
         if owner and self.max_queued_per_owner:
             # Only a quota reads (and prunes) the set: without one it grew by every job of the key, for ever.
             pipe.zadd(self.owner_key(owner), {job_id: now})
+        if not _listed(extra):
+            return None
+        pipe.zadd(self.list_key(owner), {job_id: now})
+        return self.list_key(owner)
+
+    def _write_listed(self, pipe, list_keys: set[str], now: float) -> None:
+        """Queue, on `pipe`, the pruning of each owner's list that jobs were just added to (as _LISTED_WRITE)."""
+        for key in list_keys:
+            pipe.zremrangebyscore(key, "-inf", now - self.ttl_seconds)
+            pipe.expire(key, self.ttl_seconds)
 
     def _queued_record(self, job_id: str, request: GenerateRequest, queue: str, deadline_seconds: float | None,
                        owner: str | None, extra: dict | None = None
@@ -868,6 +931,51 @@ class JobStore:
     def owner_key(self, owner: str) -> str:
         """Sorted set of an API key's jobs that may still be queued (pruned lazily by `owner_queued`)."""
         return f"{self.prefix}:owner:{owner_id(owner)}:queued"
+
+    def list_key(self, owner: str | None) -> str:
+        """Sorted set of the jobs an API key (its digest; None: jobs sent without one) submitted, by creation time
+        (GET /v1/jobs); batch lines are not in it. Entries older than the records' TTL are dropped as jobs are added,
+        and those whose record is gone as the list is read (`list_jobs`)."""
+        return f"{self.prefix}:jobs" + (f":{owner_id(owner)}" if owner else "")
+
+    def list_jobs(self, owner: str | None, limit: int, after: str | None = None,
+                  status: str | None = None) -> tuple[list[dict[str, Any]], bool, str | None]:
+        """The jobs of `owner` (its API key digest; None: those sent without a key), newest first: up to `limit`
+        records (as `get` reads them) of the jobs created before job `after` (from the newest if None), only those
+        in `status` if given. Returns (records, whether more may follow, the id to pass as `after` for the next
+        page).
+
+        At most LIST_SCAN_FACTOR x `limit` jobs of the list are read for one page: past that, a page filtered by
+        `status` ends short with more to follow, its cursor the last job read (which may not be in the page). Jobs
+        whose record is gone (expired) are skipped and dropped from the list. A cursor no longer in the list (its job
+        expired meanwhile) ends the listing, as for batches.
+        """
+        key, prefix = self.list_key(owner), self.key("")
+        budget, read = LIST_SCAN_FACTOR * limit, 0
+        records: list[dict[str, Any]] = []
+        cursor = after
+        while True:
+            # One more than the page needs tells whether more follow.
+            wanted = min(limit - len(records) if status is None else limit * LIST_SCAN_FACTOR, budget - read)
+            chunk = self._list_chunk(keys=[key], args=[cursor or "", wanted + 1, prefix])
+            if not chunk:
+                return records, False, cursor  # the cursor's job left the list: none after it can be found
+            ids, statuses = chunk
+            for job_id, job_status in zip(ids, statuses):
+                if len(records) == limit or read == budget:
+                    return records, True, cursor
+                read += 1
+                if not job_status:
+                    continue  # its record is gone (the chunk's script dropped it from the list)
+                cursor = job_id
+                if status is not None and job_status != status:
+                    continue
+                record = self.get(job_id)
+                # (Its record may have expired, or its status changed, since the chunk was read.)
+                if record is not None and (status is None or record["status"] == status):
+                    records.append(record)
+            if len(ids) <= wanted:
+                return records, False, cursor
 
     def owner_queued(self, owner: str, at_least: int = 0) -> int:
         """How many of `owner`'s jobs are queued.

@@ -3,9 +3,9 @@
 import hashlib
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError, WrapValidator
@@ -16,7 +16,7 @@ from api.deps import ApiKey, IdempotencyKey, Store, Submissions
 from api.errors import ApiError, job_not_found
 from api.routes.openai import job_id_of
 from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
-from shared.jobs import FINAL_STATES
+from shared.jobs import ACTIVE_STATES, FINAL_STATES
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,16 @@ def job_view(record: dict[str, Any]) -> JobView:
         created_at=record["created_at"], started_at=record["started_at"], first_token_at=record["first_token_at"],
         finished_at=record["finished_at"], queue_position=record["queue_position"], attempts=record["attempts"],
         worker=record.get("worker") or None)
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first (OpenAI's list shape). `last_id` is the `after` of the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[JobView]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 # A submission's body is checked by its endpoint, not by FastAPI: FastAPI validates a body on the event loop (even for
@@ -240,6 +250,25 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
         return False
     tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
     return "*" in tags or etag in tags
+
+
+@router.get("", response_model=JobList)
+def list_jobs(store: Store, api_key: ApiKey, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=200, description=(
+                  "A job id (a `last_id`): the jobs created before it."))] = None,
+              status: Annotated[Literal[ACTIVE_STATES + FINAL_STATES] | None, Query(
+                  description="Only the jobs in this state.")] = None) -> JobList:
+    """The caller's jobs, newest first, each as `GET /v1/jobs/{id}` answers it: with API keys on, the key's own
+    jobs; with keys off, all. Batch lines are listed by their batch (`GET /v1/batches/{id}/lines`), not here.
+
+    A page reads at most 10 x `limit` jobs (LIST_SCAN_FACTOR): filtered by a `status` few jobs have, it may hold
+    fewer than `limit` with `has_more` true; go on from its `last_id`, which may then name a job not in `data`.
+    """
+    after = job_id_of(after) if after else None
+    records, more, cursor = store.list_jobs(api_key, limit, after, status)
+    data = [job_view(record) for record in records]
+    last = cursor if more else (data[-1].id if data else None)
+    return JobList(data=data, first_id=data[0].id if data else None, last_id=last, has_more=more)
 
 
 @router.get("/{job_id}", response_model=JobView, responses={
