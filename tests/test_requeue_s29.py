@@ -69,9 +69,14 @@ def test_a_job_back_in_a_queue_expires_once_it_waited_its_deadline_again(stack):
     # model: it goes on, as a restart promises, instead of expiring with half an answer.
     late = handed_back(stack, store, model, deadline_seconds=0.5, ran_for=0.8)
     assert poll(stack, late)["status"] == "running"
-    assert store.start(late, f"{model}@host/123456:2", model) == "resumed"
+    # Announced, as a live worker is: else the stack's orphan sweep, passing meanwhile, took its job for a dead
+    # worker's and sent it back to the queue, where its deadline, long past, expired it (once in a clean-clone run).
+    registry, next_worker = WorkerRegistry(store.redis, store.prefix), f"{model}@host/123456:2"
+    registry.announce(next_worker, {"name": next_worker, "model": model}, ttl_seconds=30)
+    assert store.start(late, next_worker, model) == "resumed"
     time.sleep(0.7)  # past its new wait too: it runs, no deadline holds it any more
     assert poll(stack, late)["status"] == "running"
+    registry.remove(next_worker)
     store.cancel(late)
     store.redis.delete(task_queue("interactive", model))  # the tasks of the jobs that ended (see the last test)
 
