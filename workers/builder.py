@@ -205,8 +205,10 @@ def _holds_checkpoint(folder: Path, with_tokenizer: bool) -> bool:
         whole = has("config.json") and has(*WEIGHT_INDEXES, *WEIGHT_FILES, *EXTRA_WEIGHT_FILES)
     if with_tokenizer:
         whole = whole and has("tokenizer.json", "tokenizer.model", "vocab.json")
+    if not whole:
+        return False  # no file read: the names already say it is not whole
     try:
-        if whole and has("config.json") and "vision_config" in json.loads((folder / "config.json").read_text()):
+        if has("config.json") and "vision_config" in json.loads((folder / "config.json").read_text()):
             whole = has("preprocessor_config.json")  # a llava-hf checkpoint's image processor
         check_weights(folder)
     except (OSError, ValueError, AttributeError, TypeError):  # WeightsError is a ValueError
