@@ -1,9 +1,6 @@
 """Errors as values the client can read: one JSON body for every 4xx/5xx."""
 
 import logging
-import math
-import threading
-import time
 
 import redis
 from fastapi import FastAPI, Request
@@ -13,6 +10,7 @@ from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocket, WebSocketState
 
+from shared.logs import Throttle
 from shared.protocol import ErrorCode, InvalidRequest, describe_validation_error
 
 log = logging.getLogger("llava_queue.api")
@@ -47,34 +45,26 @@ def job_not_found(job_id: str) -> ApiError:
                     type="not_found", param="id", code=ErrorCode.NOT_FOUND)
 
 
-class _UnavailableLog:
-    """The operator's line for 503s answered because Redis (the job store or the broker) is away or refuses. Those
-    were answered and logged nowhere but in INFO access lines: a Redis out of memory or read-only failed every
-    submission while the API's log said nothing about why."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._logged_at = -math.inf
-        self._unlogged = 0
-
-    def note(self, what: str, exc: Exception) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._logged_at < UNAVAILABLE_LOG_INTERVAL_SECONDS:
-                self._unlogged += 1
-                return
-            more, self._unlogged, self._logged_at = self._unlogged, 0, now
-        since = f" ({more} more 503s since the last such line)" if more else ""
-        log.error("%s is unavailable (%s: %s): requests are answered 503%s; check the Redis at LLAVA_QUEUE_REDIS_URL "
-                  "(`llava-queue status`, its log, its memory)", what, type(exc).__name__, exc, since)
+# The operator's line for 503s answered because Redis (the job store or the broker) is away or refuses. Those were
+# answered and logged nowhere but in INFO access lines: a Redis out of memory or read-only failed every submission while
+# the API's log said nothing about why.
+_unavailable_lines = Throttle(UNAVAILABLE_LOG_INTERVAL_SECONDS)
 
 
-log_unavailable = _UnavailableLog().note
+def log_unavailable(what: str, exc: Exception) -> None:
+    """Log that `what` (the job store, the queue) answered `exc`: one ERROR line in each interval, counting the 503s
+    answered in between."""
+    more = _unavailable_lines.due()
+    if more is None:
+        return
+    since = f" ({more} more 503s since the last such line)" if more else ""
+    log.error("%s is unavailable (%s: %s): requests are answered 503%s; check the Redis at LLAVA_QUEUE_REDIS_URL "
+              "(`llava-queue status`, its log, its memory)", what, type(exc).__name__, exc, since)
 
 
 def store_unavailable(exc: redis.RedisError) -> ApiError:
     """Redis away (restarting, network) or refusing (out of memory, read-only): say so, and log it (see
-    _UnavailableLog); the API recovers by itself when it is back."""
+    log_unavailable); the API recovers by itself when it is back."""
     log_unavailable("the job store (Redis)", exc)
     return ApiError(503, f"the job store is unavailable, try again shortly: {exc}", type="unavailable",
                     code=ErrorCode.SERVER_ERROR, headers={"Retry-After": "5"})

@@ -362,7 +362,7 @@ def unsent(store: JobStore, job_ids: list[str], exc: Exception) -> ApiError:
 
 
 def queue_unavailable(exc: Exception) -> ApiError:
-    """The 503 of a submission the broker refused, logged (see api.errors._UnavailableLog)."""
+    """The 503 of a submission the broker refused, logged (see api.errors.log_unavailable)."""
     log_unavailable("the queue (Celery's broker, Redis)", exc)
     return ApiError(503, f"the queue is unavailable: {exc}", type="unavailable", code=ErrorCode.SERVER_ERROR,
                     headers={"Retry-After": "5"})

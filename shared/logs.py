@@ -16,9 +16,12 @@ job's whole story across the API and the workers.
 import contextvars
 import json
 import logging
+import math
 import os
 import re
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from urllib.parse import unquote_plus
 
@@ -47,6 +50,26 @@ def job_id_of(record: logging.LogRecord) -> str | None:
         return bound
     found = _JOB_ID.search(record.getMessage())
     return found.group(0) if found else None
+
+
+class Throttle:
+    """For a line repeated through an outage: `due()` is the number of calls it turned down since the last one it
+    let through (0 for the first) once `seconds` have passed since then, else None. Safe from any thread."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._turned_down = 0
+
+    def due(self) -> int | None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.seconds:
+                self._turned_down += 1
+                return None
+            turned_down, self._turned_down, self._last = self._turned_down, 0, now
+            return turned_down
 
 
 class RedactSecrets(logging.Filter):

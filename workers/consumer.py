@@ -13,14 +13,14 @@ warned, in six lines, that Celery 6 will cancel the running jobs by default: the
 
 import functools
 import logging
-import math
-import time
 import warnings
 
 from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR
 from celery.worker.consumer.consumer import logger as celery_consumer_log
+
+from shared.logs import Throttle
 
 RECONNECT_WAITS = {"interval_start": 0.5, "interval_step": 0.5, "interval_max": 1.0}
 LOG_EVERY_SECONDS = 30.0
@@ -43,17 +43,10 @@ class OnceInAWhile(logging.Filter):
 
     def __init__(self, seconds: float = LOG_EVERY_SECONDS):
         super().__init__()
-        self.seconds = seconds
-        self._last = -math.inf
+        self._throttle = Throttle(seconds)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != CONNECTION_ERROR:
-            return True
-        now = time.monotonic()
-        if now - self._last < self.seconds:
-            return False
-        self._last = now
-        return True
+        return record.msg != CONNECTION_ERROR or self._throttle.due() is not None
 
 
 celery_consumer_log.addFilter(OnceInAWhile())
