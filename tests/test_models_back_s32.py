@@ -35,6 +35,10 @@ def test_a_model_whose_workers_restart_is_retried_not_unknown(default_model_dir)
         error = away.json()["error"]
         assert error["param"] == "model" and f"no worker of the model {MODEL!r} is up at the moment" in error["message"]
         assert chat(stack, "never-served").status_code == 404
+        # Asked by name (the openai package's models.retrieve), it is coming back too, not unknown.
+        retrieved = requests.get(f"{stack.base_url}/v1/models/{MODEL}", timeout=10)
+        assert retrieved.status_code == 503 and retrieved.headers["Retry-After"] == "5", retrieved.text
+        assert requests.get(f"{stack.base_url}/v1/models/never-served", timeout=10).status_code == 404
 
         line = {"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}}
@@ -50,6 +54,7 @@ def test_a_model_whose_workers_restart_is_retried_not_unknown(default_model_dir)
                 assert time.monotonic() < deadline, found
                 time.sleep(0.2)
             assert found.request_counts.completed == 1
+            assert client.models.retrieve(MODEL).id == MODEL
             answer = client.chat.completions.create(model=MODEL, max_tokens=3,
                                                     messages=[{"role": "user", "content": "Hi"}])
             assert answer.choices[0].message.content

@@ -39,9 +39,10 @@ def model_away(model: str, seconds: float) -> ApiError:
                     code=ErrorCode.NO_WORKER, headers={"Retry-After": "5"})
 
 
-async def _model_objects(registry) -> list[dict]:
+async def _model_objects(registry, workers: list[dict] | None = None) -> list[dict]:
     """OpenAI's model object `{"id", "object": "model", "owned_by", "created"}` of every served model."""
-    workers = await asyncio.to_thread(registry.workers)
+    if workers is None:
+        workers = await asyncio.to_thread(registry.workers)
     started = {}
     for worker in workers:
         if "model" in worker:  # (every worker names its model; a description written by hand may not)
@@ -59,10 +60,14 @@ async def list_models(registry: Registry) -> dict:
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, registry: Registry) -> dict:
-    """One served model's object (the openai package's `models.retrieve`); 404 when no live worker serves it.
-    The name may hold slashes, as hub ids do."""
-    for found in await _model_objects(registry):
+    """One served model's object (the openai package's `models.retrieve`); 503 with Retry-After while its workers
+    are away (see RETURNING_SECONDS), 404 when none served it lately. The name may hold slashes, as hub ids do."""
+    workers = await asyncio.to_thread(registry.workers)
+    for found in await _model_objects(registry, workers):
         if found["id"] == model:
             return found
+    away = (await asyncio.to_thread(returning_models, registry, served_models(workers))).get(model)
+    if away is not None:
+        raise model_away(model, away)
     raise ApiError(404, f"the model {model!r} is not served here", type="not_found", param="model",
                    code=ErrorCode.NO_WORKER)
