@@ -27,9 +27,10 @@ MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 # settings are read, so `api` and `up` refuse a typo at once, not only a worker after its model's download.
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 # LLAVA_QUEUE_* variables that are not settings but are read elsewhere: the install script's torch wheel, the eval
-# client's API address and key, the page tests' screenshots and browser. Any other one is a typo, said at start-up.
+# client's API address and key, the page tests' screenshots and browser, the test script's processes. Any other one
+# is a typo, said at start-up.
 OTHER_VARIABLES = frozenset({"LLAVA_QUEUE_TORCH", "LLAVA_QUEUE_API_URL", "LLAVA_QUEUE_API_KEY",
-                             "LLAVA_QUEUE_SCREENSHOTS", "LLAVA_QUEUE_CHROMIUM"})
+                             "LLAVA_QUEUE_SCREENSHOTS", "LLAVA_QUEUE_CHROMIUM", "LLAVA_QUEUE_TEST_PROCESSES"})
 
 
 class Settings(BaseSettings):
