@@ -516,7 +516,7 @@ class EvalRun:
             elif record.get("key") in groups:
                 groups[record["key"]]["job_ids"] = record.get("job_ids")
         if foreign:
-            self.progress.message(f"eval: {foreign} jobs in {self.state_path} were submitted with other parameters; "
+            self.progress.message(f"eval: {jobs(foreign)} in {self.state_path} were submitted with other parameters; "
                                   "they are not collected")
         now = time.monotonic()
         for key, record in groups.items():
@@ -858,7 +858,7 @@ class EvalRun:
         posting = sum(len(group.items) for group in [*self.resend, *self.pending.values()])
         if fatal or self.flights or posting or self.todo:
             why = f"stopped: {fatal}" if fatal else "interrupted"
-            kept = [f"{len(self.flights)} jobs still in the queue"] if self.flights else []
+            kept = [f"{jobs(len(self.flights))} still in the queue"] if self.flights else []
             kept += [f"{posting} being posted"] if posting else []
             print(f"eval: {why}. {answered} of {t.total} answered in {self.answers_path}"
                   + (f", {' and '.join(kept)} (recorded in {self.state_path})" if kept else "")
@@ -868,10 +868,15 @@ class EvalRun:
         elapsed = time.monotonic() - t.started
         failed = f"{t.failed} failed (see {self.errors_path})" if t.failed else "0 failed"
         print(f"eval: {t.total} questions: {answered} answered ({t.answered_before} before this run), {failed}; "
-              f"this run: {t.submitted} jobs submitted, {t.collected} collected from an earlier run, "
+              f"this run: {jobs(t.submitted)} submitted, {t.collected} collected from an earlier run, "
               f"{t.tokens} tokens in {elapsed:.1f} s ({t.tokens / max(elapsed, 1e-6):.1f} tokens/s); "
               f"answers in {self.answers_path}")
         return 1 if t.failed else 0
+
+
+def jobs(count: int) -> str:
+    """A count of jobs as a summary line says it: "1 job", "2 jobs"."""
+    return f"{count} job{'' if count == 1 else 's'}"
 
 
 def served_models(api: Api) -> list[str]:

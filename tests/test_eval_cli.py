@@ -8,6 +8,7 @@ question asked twice.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,7 +209,7 @@ def test_an_interrupted_run_is_finished_by_running_it_again(tiny_llava_stack, im
     assert [line["prompt"] for line in lines] == [question["text"] for question in questions]
     summary = second.stdout
     assert f"40 answered ({len(answered_first)} before this run)" in summary
-    submitted = int(summary.split(" jobs submitted")[0].rsplit(" ", 1)[1])
+    submitted = int(re.search(r"(\d+) jobs? submitted", summary).group(1))
     collected = int(summary.split(" collected from an earlier run")[0].rsplit(" ", 1)[1])
     # The jobs still in the queue at Ctrl-C were collected, not asked again: one job per question in all.
     assert submitted + collected == 40 - len(answered_first)
@@ -509,7 +510,7 @@ def test_questions_that_share_a_question_id_are_each_answered(tiny_llava_stack, 
     answers.write_text("".join(lines[:2] + lines[3:]))
     capsys.readouterr()
     assert eval_in_process(argv) == 0
-    assert "5 answered (4 before this run), 0 failed; this run: 1 jobs submitted" in capsys.readouterr().out
+    assert "5 answered (4 before this run), 0 failed; this run: 1 job submitted" in capsys.readouterr().out
     again = answers.read_text().splitlines(keepends=True)
     assert [(line["question_id"], line["prompt"]) for line in read_lines(answers)] == asked
     assert again[:2] + again[3:] == lines[:2] + lines[3:]
