@@ -162,7 +162,7 @@ class Intake:
         """Send the jobs recorded to the workers (pipelined, a few hundred a round trip); a 503 if the broker
         refuses, part-way or not (the caller fails the batch, which cancels the jobs sent)."""
         try:
-            send_many(self.celery, self._unsent)
+            send_many(self.celery, self._unsent, self.store.clock)
         except Exception as exc:
             raise queue_unavailable(exc) from exc
         self._unsent = []

@@ -161,7 +161,7 @@ class Submitter:
                 admitted = self._admit(fresh)
                 self._unclaim([submission for submission in fresh if submission.error is not None])
                 created = self._record(admitted, written)
-            send_many(self.celery, created)
+            send_many(self.celery, created, self.store.clock)
         except Exception as exc:
             # Recorded jobs whose tasks will not be sent end failed (if Redis lets us say so), those whose write's
             # answer was lost too (they waited queued for good with no task); every submission of the group gets the

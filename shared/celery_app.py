@@ -5,7 +5,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from queue import Empty
 from urllib.parse import urlsplit
@@ -114,17 +114,19 @@ def restore_messages_of_gone_workers(app: Celery) -> list[str]:
 ENQUEUED_AT_HEADER = "enqueued_at"
 
 
-def send_many(app: Celery, jobs: list[tuple[str, str]]) -> None:
+def send_many(app: Celery, jobs: list[tuple[str, str]], clock: Callable[[], float] = time.time) -> None:
     """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one
     Redis round trip per few hundred jobs.
 
     The message is the one `send_task` builds (JSON, the job id as its only argument and as the
     task id), published without the per-message queue declaration and task-sent event that make
-    `send_task` cost a millisecond each (Flower lists a job's task once a worker receives it).
+    `send_task` cost a millisecond each (Flower lists a job's task once a worker receives it). `clock` times the
+    messages (the `enqueued_at` header): the job store's, on which the records' `created_at` are, that the lost-task
+    sweep compares the header with (an API's own clock minutes ahead made every job queued a minute look lost).
     """
     if not jobs:
         return
-    now = time.time()
+    now = clock()
     with app.producer_or_acquire() as producer, producer.batch(max_size=500):
         for job_id, queue in jobs:
             headers, properties, body = _task_message(app, job_id, now)
@@ -179,7 +181,7 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
     to the head of its queue (`send_first`: it has waited its turn). A message sent twice (one was being taken as this
     looked, one was sent over `older_than` seconds late) runs its job once: `JobStore.start` skips the second start.
     """
-    now = time.time()
+    now = store.clock()  # the records' created_at are on it (a worker's own clock could be minutes off)
     candidates: list[tuple[str, str, float]] = []
     for queue in QUEUES:
         job_ids = store.redis.zrange(store.queue_key(queue), 0, limit - 1)

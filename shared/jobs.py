@@ -57,7 +57,16 @@ def handed_back_error(max_hand_backs: int) -> str:
 # The error under the default bound (a store with another `max_hand_backs` has its own: JobStore.handed_back_error).
 HANDED_BACK_ERROR = handed_back_error(MAX_HAND_BACKS)
 
-_START = """
+# A job leaves its API key's set of queued jobs (JobStore.owner_key; `prefix` its key up to the owner id) when it
+# starts or ends: the set was pruned only near the key's quota, and kept every job the key sent, expired ones too.
+_FORGET_OWNED_LUA = """
+local function forget_owned(job_key, prefix, job_id)
+  local owner = redis.call('HGET', job_key, 'owner')
+  if owner and owner ~= '' then redis.call('ZREM', prefix .. owner .. ':queued', job_id) end
+end
+"""
+
+_START = _FORGET_OWNED_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
@@ -113,6 +122,7 @@ if ended then
 end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
+forget_owned(KEYS[1], ARGV[9], ARGV[3])
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
 if (redis.call('HGET', KEYS[1], 'model') or '') == '' then redis.call('HSET', KEYS[1], 'model', ARGV[4]) end
 local outcome = 'running'
@@ -206,8 +216,8 @@ local function end_batch_if_done(bkey, now)
 end
 """
 
-# A hand-back's or a claim's mark in the running hash: "requeued@<time.time()!r>". Only a rest that reads as a number
-# makes a mark (`_mark_time`; _RELEASE's tonumber): a worker serving a model named "requeued" is named
+# A hand-back's or a claim's mark in the running hash: "requeued@<JobStore.clock()!r>". Only a rest that reads as a
+# number makes a mark (`_mark_time`; _RELEASE's tonumber): a worker serving a model named "requeued" is named
 # "requeued@<host>/<token>:<pid>" (workers/main.py), which the sweep took for a mark and failed on, at every round.
 _REQUEUED = "requeued@"
 
@@ -239,7 +249,8 @@ end
 # holds no "]", and a text no unescaped quote, so only an images list matches). _FINISH empties them the same way.
 _IMAGES_RE = re.compile(r'"images":\[[^\]]*\]')
 
-_FINISH = (BATCH_END_LUA + _SEQ_LUA + _MARK_LUA + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n"
+_FINISH = (BATCH_END_LUA + _SEQ_LUA + _MARK_LUA + _FORGET_OWNED_LUA
+           + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n"
            + f"local REQUEUED = {json.dumps(_REQUEUED)}\n" + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -289,6 +300,7 @@ redis.call('ZREM', KEYS[3], ARGV[8])
 redis.call('ZREM', KEYS[4], ARGV[8])
 redis.call('HDEL', KEYS[5], ARGV[8])
 redis.call('ZREM', KEYS[6], ARGV[8])
+forget_owned(KEYS[1], ARGV[12], ARGV[8])
 redis.call('INCR', KEYS[7])
 redis.call('EXPIRE', KEYS[7], 180)
 redis.call('HINCRBY', KEYS[8], ARGV[1] .. ':' .. ARGV[3], 1)
@@ -651,6 +663,34 @@ class NewJob:
     job_id: str | None = None
 
 
+class RedisClock:
+    """Redis's clock, read from this host's: time.time() plus the offset of Redis's TIME from it, measured again every
+    REFRESH_SECONDS (one round trip). The times the API, the workers and `status` write to a job's record and compare
+    (deadlines, the claims' and hand-backs' marks, started and finished times) are on this one clock: each host's own
+    clock made a job with a 60 s deadline expire before it started where the worker's clock ran 5 minutes ahead of
+    the API's (or the API's behind), as an NTP-less VM drifts. Where Redis does not answer, the last offset stays (0
+    before any), and the caller's own command meets the outage."""
+
+    REFRESH_SECONDS = 30.0
+
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self.offset = 0.0
+        self._measured_at: float | None = None
+
+    def __call__(self) -> float:
+        if self._measured_at is None or time.monotonic() - self._measured_at > self.REFRESH_SECONDS:
+            try:
+                before = time.time()
+                seconds, microseconds = self.redis.time()
+                self.offset = seconds + microseconds / 1e6 - (before + time.time()) / 2
+                self._measured_at = time.monotonic()
+            except redis.RedisError:
+                # Asked again in a second, not at every call: an outage is not waited out twice a command.
+                self._measured_at = time.monotonic() - self.REFRESH_SECONDS + 1
+        return time.time() + self.offset
+
+
 class JobStore:
     """Reads and writes job records in Redis. Thread-safe (one redis-py connection pool)."""
 
@@ -660,6 +700,8 @@ class JobStore:
         self.redis = client
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
+        # The clock of every time a record holds or is compared with (see RedisClock).
+        self.clock = RedisClock(client)
         # How long an Idempotency-Key (and the body it came with) is remembered (Settings.idempotency_ttl_seconds;
         # None: as long as a job record). It was always the records' TTL: the setting was read and never used.
         self.idempotency_ttl_seconds = idempotency_ttl_seconds or ttl_seconds
@@ -727,7 +769,7 @@ class JobStore:
             order = self.redis.incr(f"{self.prefix}:enqueue_order")
             with self.redis.pipeline(transaction=True) as pipe:
                 listed = self._write_queued(pipe, job_id, request, queue, order, deadline_seconds, owner)
-                self._write_listed(pipe, {listed} - {None}, time.time())
+                self._write_listed(pipe, {listed} - {None}, self.clock())
                 pipe.execute()
             return job_id, True
         # The key is set by the script that writes the record (`create_keyed`): set a round trip before it (SET NX), a
@@ -821,7 +863,7 @@ class JobStore:
             listed = {self._write_queued(pipe, job_id, job.request, job.queue, last - len(jobs) + 1 + index,
                                          job.deadline_seconds, job.owner, job.extra)
                       for index, (job_id, job) in enumerate(zip(ids, jobs))}
-            self._write_listed(pipe, listed - {None}, time.time())
+            self._write_listed(pipe, listed - {None}, self.clock())
             pipe.execute()
         return ids
 
@@ -858,7 +900,7 @@ class JobStore:
                        ) -> tuple[dict[str, str | int], float, dict[str, str]]:
         """The record of a new `queued` job, the time it was made, and the images it holds ({image key: image}, to be
         stored with it: `image_key`)."""
-        now = time.time()
+        now = self.clock()
         recorded, images = self._recorded_request(request)
         record = {
             "id": job_id,
@@ -929,8 +971,15 @@ class JobStore:
         return bool(recorded), first, jobs
 
     def owner_key(self, owner: str) -> str:
-        """Sorted set of an API key's jobs that may still be queued (pruned lazily by `owner_queued`)."""
-        return f"{self.prefix}:owner:{owner_id(owner)}:queued"
+        """Sorted set of an API key's queued jobs, written with a quota only: a job leaves it as it starts or ends
+        (the start and finish scripts), and one left there anyway (a record deleted by hand) is pruned by
+        `owner_queued`."""
+        return f"{self.owner_key_prefix}{owner_id(owner)}:queued"
+
+    @property
+    def owner_key_prefix(self) -> str:
+        """`owner_key` up to the owner id (the start and finish scripts name the set from the record's owner)."""
+        return f"{self.prefix}:owner:"
 
     def list_key(self, owner: str | None) -> str:
         """Sorted set of the jobs an API key (its digest; None: jobs sent without one) submitted, by creation time
@@ -1017,7 +1066,7 @@ class JobStore:
         The endings go in pipelined rounds of EXPIRE_ROUND (one script call a job, one round trip a round: a round
         trip a job took 10 s for 10,000 overdue jobs, the lines of a batch whose window passed, and every
         admission under a queue limit, every /metrics scrape and every batch read waited on it)."""
-        cutoff = time.time()
+        cutoff = self.clock()
         overdue = self.redis.zrangebyscore(self.deadlines_key, "-inf", cutoff)
         expired = []
         for start in range(0, len(overdue), EXPIRE_ROUND):
@@ -1091,7 +1140,7 @@ class JobStore:
 
     def finished_per_second(self) -> float:
         """Jobs that ended per second over the last full minute (0.0 when none did)."""
-        minute = int(time.time() // 60) - 1
+        minute = int(self.clock() // 60) - 1
         return int(self.redis.get(f"{self.prefix}:finished:{minute}") or 0) / 60.0
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -1101,7 +1150,7 @@ class JobStore:
             return None
         # A queued job's deadline, or the end of a running job's new wait back in a queue (there only while it is).
         deadline = _number(raw, "deadline" if raw.get("status") == "queued" else "requeue_deadline", float, job_id)
-        if raw.get("status") in ACTIVE_STATES and deadline is not None and deadline < time.time():
+        if raw.get("status") in ACTIVE_STATES and deadline is not None and deadline < self.clock():
             # Expire on read too, so a deadline holds even while no worker is sweeping.
             self.expire_overdue()
             raw = self.redis.hgetall(self.key(job_id))
@@ -1202,9 +1251,10 @@ class JobStore:
         worker, run by nobody, stayed "running" for good).
         """
         return self._start(keys=[self.key(job_id), self.channel(job_id), *self._queue_keys(), self.running_key],
-                           args=[worker, repr(time.time()), job_id, model, f"{self.prefix}:worker:",
+                           args=[worker, repr(self.clock()), job_id, model, f"{self.prefix}:worker:",
                                  max_attempts, token,
-                                 self.max_hand_backs if max_hand_backs is None else max_hand_backs])
+                                 self.max_hand_backs if max_hand_backs is None else max_hand_backs,
+                                 self.owner_key_prefix])
 
     @property
     def running_key(self) -> str:
@@ -1223,7 +1273,7 @@ class JobStore:
         workers = sorted({holder for holder in held.values() if _mark_time(holder) is None})
         alive = dict(zip(workers, self.redis.mget([f"{self.prefix}:worker:{name}" for name in workers]))) \
             if workers else {}
-        now = time.time()
+        now = self.clock()
         claims = []
         for job_id, holder in held.items():
             marked_at = _mark_time(holder)
@@ -1265,7 +1315,7 @@ class JobStore:
         Safe to send again: a release whose answer was lost (after it ran) answers True again as long as nobody has
         started the job since, and counts one hand-back. A hand-back is not counted against the job's attempts.
         """
-        now = time.time()
+        now = self.clock()
         keys = [self.running_key, self.key(job_id), self.deadlines_key]
         args = [job_id, worker, f"{_REQUEUED}{worker}", f"{_REQUEUED}{now!r}", _REQUEUED, repr(now)]
         return bool(_sent_again_if_lost(lambda: self._release(keys=keys, args=args)))
@@ -1313,7 +1363,7 @@ class JobStore:
         `step`, increasing with each call of this worker, makes writing the same step again harmless: a
         job whose record has seen that step (or a later one) keeps its text as it is.
         """
-        now = repr(time.time())
+        now = repr(self.clock())
         keys, args = [], [worker, "" if step is None else step]
         for job_id, delta, completion_tokens, first_token in chunks:
             keys += [self.key(job_id), self.channel(job_id)]
@@ -1360,7 +1410,7 @@ class JobStore:
 
     def _finish_call(self, ending: "Ending", only_if_running: bool, worker: str, only_if_waiting: bool = False) -> dict:
         assert ending.status in FINAL_STATES, ending.status
-        now = time.time()
+        now = self.clock()
         # "waiting": queued, or back in a queue past the end of its new wait (see _FINISH).
         required = "running" if only_if_running else "waiting" if only_if_waiting else ""
         finished_counter = f"{self.prefix}:finished:{int(now // 60)}"
@@ -1368,7 +1418,8 @@ class JobStore:
                          self.deadlines_key, finished_counter, self.finished_key],
                 "args": [ending.status, ending.error, int(ending.error_code), ending.finish_reason, repr(now),
                          required, self.ttl_seconds, ending.job_id, worker,
-                         "" if ending.completion_tokens is None else ending.completion_tokens, self.batch_prefix]}
+                         "" if ending.completion_tokens is None else ending.completion_tokens, self.batch_prefix,
+                         self.owner_key_prefix]}
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.
@@ -1457,6 +1508,8 @@ class WorkerRegistry:
     def __init__(self, client: redis.Redis, prefix: str = "llq"):
         self.redis = client
         self.prefix = prefix
+        # The models-seen times are written by each worker and read by each API: on Redis's clock, not theirs.
+        self.clock = RedisClock(client)
 
     @property
     def names_key(self) -> str:
@@ -1475,7 +1528,7 @@ class WorkerRegistry:
 
     def announce(self, name: str, info: dict[str, Any], ttl_seconds: int = 15) -> None:
         """Publish (or refresh) a worker's description for `ttl_seconds`; names long lapsed leave the set."""
-        now = time.time()
+        now = self.clock()
         with self.redis.pipeline() as pipe:
             pipe.set(self.key(name), json.dumps(info), ex=ttl_seconds)
             pipe.zadd(self.names_key, {name: now + ttl_seconds})
@@ -1492,8 +1545,8 @@ class WorkerRegistry:
             pipe.execute()
 
     def models_seen(self) -> dict[str, float]:
-        """When a worker of each model last announced itself (epoch seconds), live or not; a value not a number
-        is left out."""
+        """When a worker of each model last announced itself (epoch seconds on `clock`), live or not; a value not a
+        number is left out."""
         seen = {}
         for model, at in self.redis.hgetall(self.models_key).items():
             try:

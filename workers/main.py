@@ -414,7 +414,7 @@ def _deliver_claimed(store: JobStore, claims: dict[str, Claim], requeue_after: f
     A claim older than half `requeue_after` is dropped undelivered: other sweeps may claim its job soon (it has
     lapsed at `requeue_after`), and this one must not deliver it with them; `orphans` lists the job again."""
     for job_id, claim in list(claims.items()):
-        if time.time() - claim.at > requeue_after / 2:
+        if store.clock() - claim.at > requeue_after / 2:  # a claim's time is on the store's clock
             del claims[job_id]
             continue
         if store.claim(claim):

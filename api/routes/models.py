@@ -1,7 +1,6 @@
 """The models live workers serve, in the OpenAI list shape."""
 
 import asyncio
-import time
 
 from fastapi import APIRouter
 
@@ -27,7 +26,7 @@ def served_models(workers: list[dict]) -> list[str]:
 def returning_models(registry, served: list[str]) -> dict[str, float]:
     """Models no live worker serves (not in `served`) that one served within RETURNING_SECONDS: seconds since, by
     name."""
-    now = time.time()
+    now = registry.clock()  # (the workers wrote the times on it)
     return {model: max(now - at, 0.0) for model, at in registry.models_seen().items()
             if model not in served and now - at < RETURNING_SECONDS}
 
