@@ -114,15 +114,16 @@ def restore_messages_of_gone_workers(app: Celery) -> list[str]:
 ENQUEUED_AT_HEADER = "enqueued_at"
 
 
-def send_many(app: Celery, jobs: list[tuple[str, str]], clock: Callable[[], float] = time.time) -> None:
+def send_many(app: Celery, jobs: list[tuple[str, str]], clock: Callable[[], float]) -> None:
     """Send the Celery task of each (already recorded) (job id, Celery queue: `task_queue`), pipelined: one
     Redis round trip per few hundred jobs.
 
     The message is the one `send_task` builds (JSON, the job id as its only argument and as the
     task id), published without the per-message queue declaration and task-sent event that make
     `send_task` cost a millisecond each (Flower lists a job's task once a worker receives it). `clock` times the
-    messages (the `enqueued_at` header): the job store's, on which the records' `created_at` are, that the lost-task
-    sweep compares the header with (an API's own clock minutes ahead made every job queued a minute look lost).
+    messages (the `enqueued_at` header): the job store's (`JobStore.clock`), on which the records' `created_at` are,
+    that the lost-task sweep compares the header with (an API's own clock minutes ahead made every job queued a minute
+    look lost); no default, so that no sender stamps its own host's time by leaving it out.
     """
     if not jobs:
         return

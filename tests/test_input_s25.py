@@ -139,7 +139,7 @@ def test_entries_on_a_queue_that_are_no_task_message_are_set_aside_and_the_worke
 
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     client.delete(DEAD_LETTERS_KEY)
-    send_many(make_celery(Settings(redis_url=stack.redis_url)), [("0" * 32, "s25-template")])
+    send_many(make_celery(Settings(redis_url=stack.redis_url)), [("0" * 32, "s25-template")], time.time)
     template = json.loads(client.rpop("s25-template"))  # a task message as the API sends one
 
     def changed(**parts) -> str:

@@ -38,7 +38,7 @@ def test_only_jobs_whose_message_is_nowhere_are_sent_again(redis_server):
     # workers), and the queue's oldest message is then the taken job's (a failure of one run in the whole suite).
     holder = f"{prefix}:worker:w"
     client.set(holder, "{}")
-    send_many(app, [(taken, interactive)])
+    send_many(app, [(taken, interactive)], store.clock)
     connection = app.connection_for_write(transport_options={"message_holder": holder})
     try:
         held = connection.SimpleQueue(interactive).get(timeout=5)
@@ -60,7 +60,7 @@ def test_only_jobs_whose_message_is_nowhere_are_sent_again(redis_server):
         client.delete(interactive)
         deep, _ = store.create(request, "interactive")
         time.sleep(0.6)
-        send_many(app, [(f"later-{index}", interactive) for index in range(3)])
+        send_many(app, [(f"later-{index}", interactive) for index in range(3)], store.clock)
         assert resend_lost_tasks(app, store, older_than=2) == []  # too young to say
         assert sorted(resend_lost_tasks(app, store, older_than=0.5)) == sorted([lost, late, deep])
         # At the head of the queue (the end workers take from), the oldest job first; nothing sent twice after.
@@ -108,9 +108,9 @@ def test_a_started_job_sent_again_goes_to_the_head_of_its_queue(redis_server):
 
     app = make_celery(Settings(redis_url=redis_server.url))
     queue = f"llq-first-{uuid.uuid4().hex[:8]}"
-    send_many(app, [("queued-1", queue), ("queued-2", queue)])
+    send_many(app, [("queued-1", queue), ("queued-2", queue)], time.time)
     send_first(app, "handed-back", queue)
-    send_many(app, [("queued-3", queue)])
+    send_many(app, [("queued-3", queue)], time.time)
     with app.connection_for_write() as connection:
         taken = connection.SimpleQueue(queue)
         messages = [taken.get(timeout=5) for _ in range(4)]

@@ -24,7 +24,7 @@ def test_a_job_whose_record_lost_its_request_fails_with_a_message_and_the_worker
     before = requests.get(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10)
     assert before.status_code == 500, before.text
     assert before.json()["error"]["message"] == f"the record of job {job_id!r} is damaged: it has no valid request"
-    send_many(make_celery(Settings(redis_url=stack.redis_url)), [(job_id, "interactive")])
+    send_many(make_celery(Settings(redis_url=stack.redis_url)), [(job_id, "interactive")], store.clock)
     deadline = time.monotonic() + 60
     while client.hget(store.key(job_id), "status") in ("queued", "running"):
         assert time.monotonic() < deadline, stack.logs()
