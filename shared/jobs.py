@@ -683,7 +683,12 @@ class RedisClock:
             try:
                 before = time.time()
                 seconds, microseconds = self.redis.time()
-                self.offset = seconds + microseconds / 1e6 - (before + time.time()) / 2
+                redis_time, after = seconds + microseconds / 1e6, time.time()
+                # Redis read its clock between `before` and `after`: every offset in that window fits, and the one
+                # nearest 0 is taken (0 where Redis shares this host's clock, as a worker on the API's host does). The
+                # window's middle put up to half a round trip of noise on each process's times: a job's started_at
+                # (the worker's) came out before its created_at (the API's) on one host. TIME's microseconds widen it.
+                self.offset = min(max(0.0, redis_time - after - 1e-6), redis_time - before + 1e-6)
                 self._measured_at = time.monotonic()
             except redis.RedisError:
                 # Asked again in a second, not at every call: an outage is not waited out twice a command.

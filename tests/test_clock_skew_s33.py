@@ -62,6 +62,15 @@ def test_the_store_clock_is_redis_clock_whatever_the_host_clock(redis_server, mo
     assert abs(RedisClock(store.redis)() - (seconds + microseconds / 1e6)) < 2
 
 
+
+def test_a_clock_on_redis_host_is_the_host_clock_exactly(redis_server):
+    # Redis here shares this host's clock: the offset is 0, not the middle of the round trip's window, whose noise
+    # put a job's started_at (the worker's clock) before its created_at (the API's) on one host, by a millisecond.
+    clocks = [RedisClock(JobStore.from_url(redis_server.url).redis) for _ in range(20)]
+    for clock in clocks:
+        clock()
+    assert [clock.offset for clock in clocks] == [0.0] * 20
+
 def test_a_model_seen_by_a_worker_minutes_ahead_is_timed_by_redis(redis_server, monkeypatch):
     # The API answers 503 "coming back" for a model a worker announced in the last 10 minutes (RETURNING_SECONDS),
     # comparing the worker's announcement with its own clock: a worker 5 minutes behind shortened that window to 5.
