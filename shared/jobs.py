@@ -1015,19 +1015,23 @@ class JobStore:
             if not chunk:
                 return records, False, cursor  # the cursor's job left the list: none after it can be found
             ids, statuses = chunk
+            # The jobs of the chunk to show, read in one round trip once the page's end is found.
+            shown, full = [], False
             for job_id, job_status in zip(ids, statuses):
-                if len(records) == limit or read == budget:
-                    return records, True, cursor
+                if len(records) + len(shown) == limit or read == budget:
+                    full = True
+                    break
                 read += 1
                 if not job_status:
                     continue  # its record is gone (the chunk's script dropped it from the list)
                 cursor = job_id
-                if status is not None and job_status != status:
-                    continue
-                record = self.get(job_id)
-                # (Its record may have expired, or its status changed, since the chunk was read.)
-                if record is not None and (status is None or record["status"] == status):
-                    records.append(record)
+                if status is None or job_status == status:
+                    shown.append(job_id)
+            # (A record may have expired, or its status changed, since the chunk was read.)
+            records += [record for record in self.get_many(shown)
+                        if record is not None and (status is None or record["status"] == status)]
+            if full:
+                return records, True, cursor
             if len(ids) <= wanted:
                 return records, False, cursor
 
@@ -1150,7 +1154,19 @@ class JobStore:
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record as typed fields (plus `queue_position` while queued), or None if unknown."""
-        raw = self.redis.hgetall(self.key(job_id))
+        return self._typed(job_id, self.redis.hgetall(self.key(job_id)))
+
+    def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """`get` of each job, their records read in one round trip (a page of `list_jobs` took one a job); a queued
+        job's place in its queue, or a deadline passed, takes more."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.key(job_id))
+            raws = pipe.execute()
+        return [self._typed(job_id, raw) for job_id, raw in zip(job_ids, raws)]
+
+    def _typed(self, job_id: str, raw: dict[str, str]) -> dict[str, Any] | None:
+        """`get`'s answer from the record's fields as read (`raw`; empty if the record is gone)."""
         if not raw:
             return None
         # A queued job's deadline, or the end of a running job's new wait back in a queue (there only while it is).

@@ -403,3 +403,24 @@ def test_overdue_jobs_are_expired_in_pipelined_rounds(redis_url):
     assert [store.get(job_id)["status"] for job_id in (running, job_ids[1], job_ids[-1])] == \
         ["running", "expired", "expired"]
     assert store.redis.zcard(store.deadlines_key) == 0 and store.queue_lengths()["batch"] == 0
+
+
+def test_a_page_of_jobs_is_read_in_a_round_trip_not_one_a_job(redis_url):
+    # GET /v1/jobs: list_jobs read each job of a page with its own `get`, 100 round trips for a full page (100 ms on a
+    # Redis 1 ms away). The records of a page are read in one pipelined round trip now, each as `get` reads it.
+    store = counting_store(redis_url)
+    ids = [store.create(request(f"job {n}"), "interactive", owner="key-a")[0] for n in range(30)]
+    for job_id in ids[::2]:
+        assert store.start(job_id, "w1") == "running"
+        assert store.finish(job_id, "succeeded", worker="w1")
+    store.clock()  # its TIME, every 30 s, is not the listing's
+    store.list_jobs("key-a", limit=1)  # the first call of the list's script loads it
+    page = []
+    trips = round_trips(lambda: page.extend(store.list_jobs("key-a", limit=20)[0]))
+    assert [record["id"] for record in page] == ids[::-1][:20]
+    assert page == [store.get(job_id) for job_id in ids[::-1][:20]]
+    # One for the list, one for the records, one a queued job for its place in the queue (10 of the 20 here).
+    assert trips == 2 + 10, trips
+    succeeded = []
+    trips = round_trips(lambda: succeeded.extend(store.list_jobs("key-a", limit=10, status="succeeded")[0]))
+    assert [record["id"] for record in succeeded] == ids[-2::-2][:10] and trips == 2, trips
