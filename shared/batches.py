@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import re
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -259,7 +258,7 @@ class BatchStore:
         """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL. The index
         drops the batches past the TTL (their records expired) and expires with its newest: it kept every batch
         ever created (only a batch list that paged as far as one dropped it), and GET /v1/files read each it named."""
-        now = time.time()
+        now = self.store.clock()
         record = {"id": batch_id, "owner": self.owner, "status": "validating", "created_at": repr(now), "ended": 0,
                   "completed": 0,
                   "failed": 0, "cancelled": 0, "expired": 0, "prompt_tokens": 0, "completion_tokens": 0,
@@ -297,18 +296,18 @@ class BatchStore:
         """Whether a batch still being read (`validating`, or `cancelling` before its lines were counted) lost the
         API process reading it (no lease renewed for a while)."""
         unread = record["status"] == "validating" or (record["status"] == "cancelling" and not record["counted"])
-        return (unread and time.time() - record["created_at"] > READER_LEASE_SECONDS
+        return (unread and self.store.clock() - record["created_at"] > READER_LEASE_SECONDS
                 and not self.redis.exists(self.reader_key(record["id"])))
 
     def activate(self, batch_id: str, total: int, invalid: int) -> str:
         """Reading is over: `total` lines, `invalid` of them refused. Returns the batch's status now."""
-        return self._activate(keys=[self.key(batch_id)], args=[total, invalid, repr(time.time())])
+        return self._activate(keys=[self.key(batch_id)], args=[total, invalid, repr(self.store.clock())])
 
     def fail(self, batch_id: str, error: dict[str, Any]) -> bool:
         """The batch could not be read to its end: `failed`, with the reason in its errors, and the jobs of the lines
         read so far cancelled (they do not make the batch, and its caller submits the file again). Only a batch
         still `validating` fails (one cancelled while it was read ends `cancelled`); returns whether this one did."""
-        if not self._fail(keys=[self.key(batch_id)], args=[repr(time.time()), json.dumps([error])]):
+        if not self._fail(keys=[self.key(batch_id)], args=[repr(self.store.clock()), json.dumps([error])]):
             return False
         self.cancel_jobs(batch_id)
         return True
@@ -331,7 +330,7 @@ class BatchStore:
 
         Returns the status it has now; "not:<status>" for a batch in another status ("not:missing").
         """
-        return self._cancel(keys=[self.key(batch_id)], args=[repr(time.time())])
+        return self._cancel(keys=[self.key(batch_id)], args=[repr(self.store.clock())])
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
         """The batch record with typed fields, or None if unknown (or expired).
@@ -397,7 +396,7 @@ class BatchStore:
 
     def progress(self, record: dict[str, Any]) -> dict[str, float | None]:
         """Tokens/s generated since the batch started, and an estimate of the seconds left (None when unknown)."""
-        now = time.time()
+        now = self.store.clock()
         started = record["in_progress_at"]
         if not started:
             return {"tokens_per_second": None, "estimated_seconds_left": None}
@@ -422,7 +421,8 @@ class BatchStore:
             for start in range(0, len(numbers), BULK_LINES):
                 pipe.hdel(self.results_key(batch_id), *numbers[start:start + BULK_LINES])
             pipe.execute()
-        return bool(self._delete_output(keys=[self.key(batch_id)], args=[f"{kind}_deleted_at", repr(time.time())]))
+        return bool(self._delete_output(keys=[self.key(batch_id)],
+                                        args=[f"{kind}_deleted_at", repr(self.store.clock())]))
 
     def keep_file_size(self, batch_id: str, kind: str, size: int) -> None:
         """Keep the size of a finished batch's `kind` file ("output" or "errors"; field `<kind>_bytes`), counted once;
@@ -432,7 +432,7 @@ class BatchStore:
     def batch_index(self) -> Sequence[tuple[str, float]]:
         """The owner's batch ids, with their creation times, oldest first; none past the TTL (see `create`)."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(self.index_key, "-inf", time.time() - self.ttl_seconds)
+            pipe.zremrangebyscore(self.index_key, "-inf", self.store.clock() - self.ttl_seconds)
             pipe.zrange(self.index_key, 0, -1, withscores=True)
             return pipe.execute()[-1]
 
@@ -472,7 +472,7 @@ class BatchStore:
         if scan_steps:
             self.index_files(scan_steps)
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(self.files_index_key, "-inf", time.time() - self.ttl_seconds)
+            pipe.zremrangebyscore(self.files_index_key, "-inf", self.store.clock() - self.ttl_seconds)
             pipe.zrange(self.files_index_key, 0, -1, withscores=True)
             return pipe.execute()[-1]
 
@@ -522,7 +522,7 @@ class BatchStore:
                 pipe.hmget(key, ["meta", "owner"])
                 pipe.pttl(key)
             found = pipe.execute()
-        now = time.time()
+        now = self.store.clock()
         with self.redis.pipeline(transaction=False) as pipe:
             for (raw, owner), left_ms in zip(found[::2], found[1::2]):
                 if raw:  # not expired meanwhile
@@ -536,7 +536,7 @@ class BatchStore:
 
     def save_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
         """Store an uploaded file; returns its description (`id`, `bytes`, `created_at`, `filename`, `purpose`)."""
-        now = time.time()
+        now = self.store.clock()
         meta = {"id": f"file-{uuid.uuid4().hex}", "bytes": len(content), "created_at": int(now),
                 "filename": filename, "purpose": purpose}
         with self.redis.pipeline(transaction=True) as pipe:

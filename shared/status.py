@@ -32,8 +32,9 @@ _CLEAR = "\033[H\033[2J"
 def render_status(store: JobStore, registry: WorkerRegistry, redis_url: str) -> str:
     """The status table as text (raises redis.RedisError when Redis does not answer). Jobs past their deadline are
     ended first, as the API does before it counts the queues, so they are not shown waiting; on a read-only replica,
-    which cannot end them (the primary's API does), they are counted as they are."""
-    now = time.time()
+    which cannot end them (the primary's API does), they are counted as they are. Heartbeats' ages are read on
+    Redis's clock, on which the workers write them."""
+    now = registry.clock()
     try:
         store.expire_overdue()
     except redis.ReadOnlyError:

@@ -114,3 +114,28 @@ def test_a_job_sent_by_an_api_minutes_ahead_is_not_taken_for_lost(redis_server, 
         assert api_store.redis.llen(queue) == 1
     finally:
         api_store.redis.delete(queue)
+
+
+def test_an_api_minutes_behind_counts_rate_limit_minutes_and_stamps_files_on_redis_clock(tmp_path):
+    # The rate limit counted each API host's own minute: APIs minutes apart each counted a key's requests in a
+    # minute of their own, and files and batches carried their API host's times, beside the workers' (Redis's) times
+    # in the same batch record (its duration and `estimated_seconds_left` off by the skew).
+    from api.auth import key_digest, rate_counter
+
+    key = "skew-key-1"
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(key)}"]', "LLAVA_QUEUE_RATE_LIMIT_PER_MINUTE": "50"}
+    with RedisServer() as server, run_stack(server.url, skewed(env, tmp_path, -300), workers=(),
+                                            log_prefix="llava-queue-skew-") as stack:
+        client = JobStore.from_url(server.url).redis
+        headers = {"Authorization": f"Bearer {key}"}
+        uploaded = requests.post(f"{stack.base_url}/v1/files", headers=headers, timeout=10,
+                                 files={"file": ("q.jsonl", b'{"question_id": 1, "text": "hi"}\n')},
+                                 data={"purpose": "batch"})
+        assert uploaded.status_code == 200, uploaded.text
+        seconds, _ = client.time()
+        assert abs(uploaded.json()["created_at"] - seconds) < 5, (uploaded.json(), seconds)
+        # This minute's counter holds the upload (a request at the turn of a minute may be in the one before).
+        minutes = {int(seconds // 60), int(seconds // 60) - 1}
+        counted = sum(int(client.get(rate_counter("llq", key_digest(key), minute * 60)) or 0) for minute in minutes)
+        assert counted == 1, client.keys("llq:rate:*")
+        client.close()

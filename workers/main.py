@@ -74,7 +74,7 @@ def run_worker(settings: Settings) -> None:
     METRICS.start_observer(store, name, settings.conversation_log)
     info = {"name": name, "model": loaded.name, "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."), "max_num_seqs": settings.max_num_seqs,
-            "started_at": time.time(), "load_seconds": round(load_seconds, 2), "ready": True}
+            "started_at": store.clock(), "load_seconds": round(load_seconds, 2), "ready": True}
     engine_stopped = threading.Event()
     engine.on_stop = lambda error: _stop_worker(error, runner, store, info, engine_stopped)
     engine.start()
@@ -325,7 +325,7 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
         last_at, last_tokens = now, stats["generated_tokens"]
         try:
             registry.announce(info["name"], {**info, **stats, "tokens_per_second": round(tokens_per_second, 1),
-                                             "heartbeat_at": time.time()},
+                                             "heartbeat_at": registry.clock()},
                               ttl_seconds=settings.heartbeat_ttl_seconds)
             outage.reached()
             METRICS.set_reaching_redis(True)

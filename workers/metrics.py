@@ -10,7 +10,7 @@ to it.
 
 Latencies are measured from the job's `created_at` (stamped by the API that took it) to the
 times the worker stamped (`started_at`, `first_token_at`, `finished_at`), so they include the
-wait in the queue, as a user sees it; hosts should keep their clocks in sync (NTP).
+wait in the queue, as a user sees it. All are on Redis's clock (`JobStore.clock`), whatever the hosts' say.
 """
 
 import base64

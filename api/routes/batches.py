@@ -12,7 +12,6 @@ import asyncio
 import io
 import itertools
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, IO, Literal
@@ -148,7 +147,7 @@ def settled(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
         batches.fail(batch_id, {"code": "abandoned", "message": "the API process reading the file stopped "
                                 "before the end; submit the file again", "param": None, "line": None})
     elif record["status"] in ("in_progress", "cancelling") and record["expires_at"] and \
-            record["expires_at"] < time.time():
+            record["expires_at"] < batches.store.clock():
         batches.store.expire_overdue()
     else:
         return record
@@ -270,7 +269,7 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
         admit_batch(store, batches, batch_id, lines, owner)
         try:
             params = EvalParams.model_validate(body.model_dump(include=set(EvalParams.model_fields)))
-            now = time.time()
+            now = store.clock()
             batches.create(batch_id, {**source, "endpoint": body.endpoint or CHAT_COMPLETIONS,
                                       "completion_window": body.completion_window, "expires_at": repr(now + window),
                                       "metadata": body.metadata,
