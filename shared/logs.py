@@ -167,14 +167,17 @@ def bind_job_ids_to_celery_tasks() -> None:
     """Tag every line a Celery task thread logs with the job id the task carries (its first argument)."""
     from celery import signals
 
-    tokens: dict[str, contextvars.Token] = {}
+    # By task and thread: a job handed back as its worker stops can be delivered to the same worker again, its task
+    # id the job id, while its first task is still ending on another thread (whose token, overwritten, was then reset
+    # in the wrong context: ValueError).
+    tokens: dict[tuple[str, int], contextvars.Token] = {}
 
     def on_prerun(task_id=None, args=None, **_):
         if args and isinstance(args[0], str) and _JOB_ID.fullmatch(args[0]):
-            tokens[task_id] = _job_id.set(args[0])
+            tokens[task_id, threading.get_ident()] = _job_id.set(args[0])
 
     def on_postrun(task_id=None, **_):
-        token = tokens.pop(task_id, None)
+        token = tokens.pop((task_id, threading.get_ident()), None)
         if token is not None:
             _job_id.reset(token)
 

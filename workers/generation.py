@@ -5,6 +5,7 @@ template, the stop string, the original's context guard). `JobRunner` moves a jo
 states and publishes every engine step's chunks in one pipelined round trip.
 """
 
+import functools
 import itertools
 import logging
 import math
@@ -25,6 +26,7 @@ from workers.engine import LLMEngine, SamplingParams, SeqOutput
 from workers.engine.decode_graphs import OTHER_CUDA_WORK
 from workers.llava import embed_prompt, extend_prompt_embeds
 from workers.metrics import METRICS
+from workers.step_writer import StepWriter
 from workers.torch_threads import in_passing_thread
 
 log = logging.getLogger("llava_queue.worker")
@@ -180,8 +182,12 @@ class JobRunner:
         self._handed_back: set[str] = set()
         # Jobs whose release is on its way: a step fenced off by it can end the job's task before it is handed back.
         self._releasing: set[str] = set()
+        # Told when a job's task here leaves `run` (see the wait in `run`).
+        self._runs_changed = threading.Condition()
         # Numbers this worker's writes of chunks, so that one tried again is not appended twice.
         self._steps = itertools.count(1)
+        # Writes the steps that end no job, while the engine goes on (workers/step_writer.py).
+        self._writer = StepWriter()
         # How long a write waits for Redis to come back before it gives up (`when_redis_answers`).
         self.redis_wait_seconds = REDIS_WAIT_SECONDS
         # Endings whose write gave up (Redis away longer than that): written again in the background until Redis
@@ -215,6 +221,12 @@ class JobRunner:
             log.info("job %s sent again: this worker's engine stopped", job_id)
             _requeue(self._requeue, job_id, time.monotonic() + HAND_BACK_REQUEUE_SECONDS)
             return "engine_stopped"
+        # A job this worker handed back as it stops can be delivered to it again before its consumer stops: the task
+        # of its first attempt here ends first (its request leaves the engine and its steps are written), or its
+        # `finally` cleared this run's state (`_done_before`: the job ended counting only the new tokens).
+        with self._runs_changed:
+            while job_id in self._handed_back:
+                self._runs_changed.wait()
         # A token of this delivery: a start tried again after its answer was lost (by when_redis_answers: the store's
         # client does not send a command again) gets the same answer, not "duplicate" of itself. The start waits for
         # Redis as long as it takes: one that gave up failed its task (acknowledged, so never delivered again) and left
@@ -256,7 +268,9 @@ class JobRunner:
             self._observed.discard(job_id)
             self._held.pop(job_id, None)
             self._active.discard(job_id)
-            self._handed_back.discard(job_id)
+            with self._runs_changed:
+                self._handed_back.discard(job_id)
+                self._runs_changed.notify_all()
 
     def _generate(self, job_id: str, resumed: bool) -> str:
         # Its reads and writes wait for Redis too: one that raised failed the job for an outage of a few seconds.
@@ -318,19 +332,33 @@ class JobRunner:
         chunks = [chunk for chunk in map(self._chunk_of, outputs) if chunk is not None]
         endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
                    if out.finished and out.request_id not in self._handed_back]
-        if chunks or endings:
-            # While Redis is away the engine waits here: its text would have nowhere to go, and a step dropped
-            # would leave a hole in a job's text.
-            seqs = self._record_step(chunks, endings, f"publishing a step of {len(outputs)} jobs")
-            for (job_id, *_), seq in zip(chunks, seqs):
-                if seq == RECORD_GONE:
-                    log.warning("job %s: its record is gone (Redis lost its data, or the key was deleted); the job "
-                                "is dropped", job_id)
-                if seq < 0 and self.engine is not None:
-                    self.engine.abort(job_id)  # the job was cancelled or ended elsewhere, or its record is gone
+        if endings:
+            # Written before this returns, after the step in flight: the engine resolves a finished job's handle
+            # then, and its task writes the ending again (a no-op only once this one is written).
+            self._writer.wait()
+            self._write_step(chunks, endings, len(outputs))
+        elif chunks:
+            # Written while the engine computes its next step (workers/step_writer.py).
+            self._writer.submit(functools.partial(self._write_step, chunks, endings, len(outputs)))
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
         self._observed.update(ending.job_id for ending in endings)
+
+    def flush(self) -> None:
+        """Return once every step handed to `publish` is written."""
+        self._writer.wait()
+
+    def _write_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], jobs: int) -> None:
+        """Append and publish a step's chunks and write its endings; a job whose record refused its chunk leaves the
+        engine. While Redis is away this waits (and the engine with it, at its next step): its text would have
+        nowhere to go, and a step dropped would leave a hole in a job's text."""
+        seqs = self._record_step(chunks, endings, f"publishing a step of {jobs} jobs")
+        for (job_id, *_), seq in zip(chunks, seqs):
+            if seq == RECORD_GONE:
+                log.warning("job %s: its record is gone (Redis lost its data, or the key was deleted); the job "
+                            "is dropped", job_id)
+            if seq < 0 and self.engine is not None:
+                self.engine.abort(job_id)  # the job was cancelled or ended elsewhere, or its record is gone
 
     def _chunk_of(self, out: SeqOutput) -> tuple[str, str, int, bool] | None:
         """The chunk to write for `out`: (job, text, its token count, first token?), or None while its text is held.
@@ -407,6 +435,7 @@ class JobRunner:
             self.engine.abort(job_id)
 
     def _finish(self, out: SeqOutput) -> None:
+        self.flush()  # its held text goes after the job's chunk in flight, if any
         held, _ = self._held.pop(out.request_id, ("", 0))
         self._hand_back_if_engine_stopped(out)  # a request added once the engine had stopped: never published
         if out.request_id not in self._handed_back:
