@@ -75,13 +75,22 @@ def until_every_job_has(client: redis.Redis, job_ids: list[str], tokens: int, ti
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("stream_interval", ["1", "3"])
+def behind_env() -> dict[str, str]:
+    """A worker that writes its steps behind its engine (`writes_behind`): a CPU engine on a core of its own."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: one for the engine, one for the rest")
+    return {"LLAVA_QUEUE_ENGINE_CPUS": str(cpus[-1])}
+
+
+@pytest.mark.parametrize("stream_interval, behind", [("1", True), ("3", True), ("3", False)],
+                         ids=["behind-1", "behind-3", "inline-3"])
 def test_jobs_streamed_together_some_cancelled_and_redis_paused_keep_every_chunk(default_model_dir,
-                                                                               stream_interval):
+                                                                               stream_interval, behind):
     # 24 greedy jobs in one batch; a third of them cancelled mid-stream (the writer may be writing their step as the
     # engine drops them), then Redis paused for 2 s (the engine waits one step later, with a write in flight).
     env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "32",
-           "LLAVA_QUEUE_STREAM_INTERVAL": stream_interval}
+           "LLAVA_QUEUE_STREAM_INTERVAL": stream_interval, **(behind_env() if behind else {})}
     with RedisServer() as server, run_stack(server.url, env, log_prefix="llava-queue-step-writer-") as stack:
         client = redis.Redis.from_url(server.url, decode_responses=True)
         chunks = Chunks(server.url)
@@ -112,7 +121,7 @@ def test_jobs_handed_back_at_shutdown_keep_their_text_and_token_count(default_mo
     # held text, and its place in `_active`), and the job ended "succeeded" with 98 of its 120 tokens counted.
     env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MAX_NUM_SEQS": "32",
            "LLAVA_QUEUE_STREAM_INTERVAL": "3", "LLAVA_QUEUE_SHUTDOWN_GRACE_SECONDS": "0",
-           "LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS": "1", "LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS": "4"}
+           "LLAVA_QUEUE_HEARTBEAT_INTERVAL_SECONDS": "1", "LLAVA_QUEUE_HEARTBEAT_TTL_SECONDS": "4", **behind_env()}
     with RedisServer() as server, run_stack(server.url, env, workers=("first",),
                                             log_prefix="llava-queue-step-writer-") as stack:
         client = redis.Redis.from_url(server.url, decode_responses=True)

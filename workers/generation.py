@@ -154,11 +154,20 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
     return Prepared(prompt, token_ids, params, prompt_embeds, embed_tokens)
 
 
+def writes_behind(device: torch.device, engine_cpus: frozenset[int], other_cpus: frozenset[int]) -> bool:
+    """Whether a worker writes its engine's steps on a thread of its own (`JobRunner`'s `write_behind`): where the
+    engine leaves CPUs to the rest of the process (a GPU; a CPU engine on cores of its own, `ENGINE_CPUS`). A CPU
+    engine computing on every core gains nothing by it: the wait for Redis's answer is when Redis and the API do the
+    step's work, on those same cores, and overlapped with the next step it costs the engine as much (bench/README.md,
+    "A step's write behind the engine")."""
+    return device.type != "cpu" or bool(engine_cpus and other_cpus)
+
+
 class JobRunner:
     """Runs jobs on one engine and keeps their records and channels current."""
 
     def __init__(self, store: JobStore, loaded: LoadedModel, worker_name: str, max_new_tokens_cap: int = 1024,
-                 max_attempts: int = 3, stream_interval: int = 1):
+                 max_attempts: int = 3, stream_interval: int = 1, write_behind: bool = True):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
         self.store = store
@@ -186,8 +195,9 @@ class JobRunner:
         self._runs_changed = threading.Condition()
         # Numbers this worker's writes of chunks, so that one tried again is not appended twice.
         self._steps = itertools.count(1)
-        # Writes the steps that end no job, while the engine goes on (workers/step_writer.py).
-        self._writer = StepWriter()
+        # Writes the steps that end no job while the engine goes on (workers/step_writer.py), with `write_behind`
+        # (`writes_behind`); without, every step is written before the engine goes on.
+        self._writer = StepWriter() if write_behind else None
         # How long a write waits for Redis to come back before it gives up (`when_redis_answers`).
         self.redis_wait_seconds = REDIS_WAIT_SECONDS
         # Endings whose write gave up (Redis away longer than that): written again in the background until Redis
@@ -332,21 +342,22 @@ class JobRunner:
         chunks = [chunk for chunk in map(self._chunk_of, outputs) if chunk is not None]
         endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
                    if out.finished and out.request_id not in self._handed_back]
-        if endings:
-            # Written before this returns, after the step in flight: the engine resolves a finished job's handle
-            # then, and its task writes the ending again (a no-op only once this one is written).
-            self._writer.wait()
-            self._write_step(chunks, endings, len(outputs))
-        elif chunks:
+        if chunks and not endings and self._writer is not None:
             # Written while the engine computes its next step (workers/step_writer.py).
             self._writer.submit(functools.partial(self._write_step, chunks, endings, len(outputs)))
+        elif chunks or endings:
+            # Written before this returns, after the step in flight: the engine resolves a finished job's handle
+            # then, and its task writes the ending again (a no-op only once this one is written).
+            self.flush()
+            self._write_step(chunks, endings, len(outputs))
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
         self._observed.update(ending.job_id for ending in endings)
 
     def flush(self) -> None:
         """Return once every step handed to `publish` is written."""
-        self._writer.wait()
+        if self._writer is not None:
+            self._writer.wait()
 
     def _write_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], jobs: int) -> None:
         """Append and publish a step's chunks and write its endings; a job whose record refused its chunk leaves the

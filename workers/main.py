@@ -33,7 +33,7 @@ from workers.batch_slots import BatchSlots, consumer_step
 from workers.builder import LoadedModel, ModelLoadError, load_model, serving_engine
 from workers.default_model import ensure_default_model
 from workers.engine import LLMEngine, SamplingParams
-from workers.generation import HAND_BACK_REQUEUE_SECONDS, JobRunner, prepare
+from workers.generation import HAND_BACK_REQUEUE_SECONDS, JobRunner, prepare, writes_behind
 from workers.metrics import METRICS, serve
 from workers.pool import HandingBackPool
 from workers.torch_threads import in_passing_thread
@@ -62,8 +62,11 @@ def run_worker(settings: Settings) -> None:
     # A name of this process alone: a container restarted after a crash has the same host name and, as pid 1, the
     # same pid, and a restarted worker taken for the dead one left its jobs running for ever (JobStore.start).
     name = f"{loaded.name}@{socket.gethostname()}/{secrets.token_hex(3)}:{os.getpid()}"
+    behind = writes_behind(loaded.device, split.engine, split.rest)
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts,
-                       settings.stream_interval)
+                       settings.stream_interval, behind)
+    log.info("engine steps written to Redis %s", "on a thread of their own, while the engine goes on" if behind
+             else "by the engine thread (a CPU engine on every core)")
     engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish,
                                cpus=split.engine or None)
     runner.attach(engine)
