@@ -5,6 +5,7 @@ job's published chunks are its record's text, in order, each once, and its token
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -148,3 +149,43 @@ def test_jobs_handed_back_at_shutdown_keep_their_text_and_token_count(default_mo
     assert wrong == {}, stack.logs()
     # The job id tagging the two tasks' log lines (shared/logs.py) was reset in the wrong context as the first ended.
     assert "was created in a different Context" not in stack.logs()
+
+
+def test_the_writer_keeps_order_goes_on_after_any_error_and_waits_only_for_writes_before():
+    # In order, one at a time; a write that raises even what is not an Exception leaves the thread going (the
+    # engine's next step would wait on a dead one for good); `wait` returns once the writes submitted before it are
+    # done, while an engine goes on submitting.
+    from workers.step_writer import StepWriter
+
+    writer, order = StepWriter(), []
+    for n in range(50):
+        writer.submit(lambda n=n: (time.sleep(0.0005), order.append(n)))
+    writer.submit(lambda: sys.exit("a write that asks the process to exit"))
+    waiting = threading.Thread(target=writer.wait, daemon=True)
+    waiting.start()
+    waiting.join(10)
+    assert not waiting.is_alive(), "the writer's thread died with its write"
+    assert order == list(range(50))
+    stop, steps = threading.Event(), []
+
+    def engine():
+        while not stop.is_set():
+            writer.submit(lambda: (time.sleep(0.01), steps.append(1)))
+
+    thread = threading.Thread(target=engine, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not steps:
+            assert time.monotonic() < deadline, "no write ran after the one that raised"
+            time.sleep(0.005)
+        before = len(steps)
+        started = time.monotonic()
+        writer.wait()
+        assert time.monotonic() - started < 1.0 and len(steps) >= before
+    finally:
+        stop.set()
+        thread.join(5)
+    writer.submit(lambda: order.append("after"))
+    writer.wait()
+    assert order[-1] == "after"

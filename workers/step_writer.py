@@ -23,7 +23,9 @@ class StepWriter:
     def __init__(self, name: str = "step-writer"):
         self._changed = threading.Condition()
         self._next: Callable[[], None] | None = None
-        self._writing = False
+        # Writes submitted, and finished: `wait` waits for those submitted before it, not for a moment with none in
+        # flight, which an engine submitting a step after each could keep from coming.
+        self._submitted = self._finished = 0
         # Started here, not by the engine thread's first write: a thread keeps the CPUs of the one that started it,
         # and with ENGINE_CPUS the writer belongs off the engine's (workers/main.py makes the worker's runner before
         # its engine thread moves there).
@@ -34,17 +36,18 @@ class StepWriter:
         """Run write() on the writer's thread, once the write before it has finished. What it raises is logged there
         (as an engine logs what its on_step raised), not raised to a caller that has moved on."""
         with self._changed:
-            self._idle()
+            self._until(self._submitted)
             self._next = write
+            self._submitted += 1
             self._changed.notify_all()
 
     def wait(self) -> None:
-        """Return once every write submitted has finished."""
+        """Return once every write submitted before this call has finished."""
         with self._changed:
-            self._idle()
+            self._until(self._submitted)
 
-    def _idle(self) -> None:
-        while self._next is not None or self._writing:
+    def _until(self, finished: int) -> None:
+        while self._finished < finished:
             self._changed.wait()
 
     def _run(self) -> None:
@@ -52,7 +55,7 @@ class StepWriter:
             with self._changed:
                 while self._next is None:
                     self._changed.wait()
-                write, self._next, self._writing = self._next, None, True
+                write, self._next = self._next, None
             try:
                 write()
             except BaseException:
@@ -62,5 +65,5 @@ class StepWriter:
                 log.exception("writing an engine step failed")
             finally:
                 with self._changed:
-                    self._writing = False
+                    self._finished += 1
                     self._changed.notify_all()
