@@ -1027,12 +1027,13 @@ class JobStore:
                 cursor = job_id
                 if status is None or job_status == status:
                     shown.append(job_id)
-            # (A record may have expired, or its status changed, since the chunk was read.)
+            # (A record may have expired, or its status changed, since the chunk was read: the page then goes on
+            # from the cursor, as it did when each job was read on its own.)
             records += [record for record in self.get_many(shown)
                         if record is not None and (status is None or record["status"] == status)]
-            if full:
+            if full and (len(records) == limit or read == budget):
                 return records, True, cursor
-            if len(ids) <= wanted:
+            if not full and len(ids) <= wanted:
                 return records, False, cursor
 
     def owner_queued(self, owner: str, at_least: int = 0) -> int:

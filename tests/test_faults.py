@@ -537,17 +537,18 @@ def test_a_stream_interval_writes_every_nth_token_and_the_first_and_last_at_once
 
 def test_a_step_is_written_while_the_engine_goes_on_one_step_in_flight_and_an_ending_before_it_returns():
     # workers/step_writer.py: the engine waited for Redis's answer to each step's write (about 1.2 ms of a 50 ms
-    # step on 2 cores, its cores idle). A step that ends no job is now written while the engine computes the next:
-    # with Redis paused, `publish` of one returns at once, the next waits for it (one step in flight, so a Redis
-    # away still stops the engine, a step later), and a step that ends a job is written, after the others, before
-    # `publish` returns (its task then writes the ending again, a no-op only once this one is in).
+    # step on 2 cores). Where the engine leaves CPUs to the rest (`writes_behind`), a step that ends no job is now
+    # written while the engine computes the next: with Redis paused, `publish` of one returns at once, the next waits
+    # for it (one step in flight, so a Redis away still stops the engine, a step later), and a step that ends a job
+    # is written, after the others, before `publish` returns (its task then writes the ending again, a no-op only
+    # once this one is in).
     from workers.engine import SeqOutput
 
     with RedisServer() as server:
         store = JobStore.from_url(server.url, "inflight")
         job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
         assert store.start(job_id, "w1") == "running"
-        runner = JobRunner(store, loaded=None, worker_name="w1")
+        runner = JobRunner(store, loaded=None, worker_name="w1", write_behind=True)
         resume = threading.Timer(1.0, lambda: os.kill(server.process.pid, signal.SIGCONT))
         try:
             os.kill(server.process.pid, signal.SIGSTOP)
@@ -558,7 +559,6 @@ def test_a_step_is_written_while_the_engine_goes_on_one_step_in_flight_and_an_en
             runner.publish([SeqOutput(job_id, "b", "", 1, 2)])
             second = time.monotonic() - started
             runner.publish([SeqOutput(job_id, "c", "", 1, 3, finished=True, finish_reason="stop")])
-            ended = time.monotonic() - started
         finally:
             resume.cancel()
             os.kill(server.process.pid, signal.SIGCONT)
@@ -566,7 +566,6 @@ def test_a_step_is_written_while_the_engine_goes_on_one_step_in_flight_and_an_en
         # Nothing left in flight: the ending's write waited for the step before it.
         record = store.get(job_id)
         assert (record["status"], record["text"], record["completion_tokens"]) == ("succeeded", "Abc", 3), record
-        assert ended >= second
         store.redis.close()
 
 

@@ -424,3 +424,21 @@ def test_a_page_of_jobs_is_read_in_a_round_trip_not_one_a_job(redis_url):
     succeeded = []
     trips = round_trips(lambda: succeeded.extend(store.list_jobs("key-a", limit=10, status="succeeded")[0]))
     assert [record["id"] for record in succeeded] == ids[-2::-2][:10] and trips == 2, trips
+
+
+def test_a_page_whose_job_changes_as_it_is_read_is_filled_from_the_jobs_after_it(redis_url, monkeypatch):
+    # A job listed as queued that a worker starts between the listing's read and its records' read leaves the page
+    # (status=queued); the page goes on with the jobs after it, as it did when each job was read on its own, instead
+    # of ending one short.
+    store = counting_store(redis_url)
+    ids = [store.create(request(f"job {n}"), "interactive", owner="key-b")[0] for n in range(6)]
+    get_many = store.get_many
+
+    def started_meanwhile(job_ids):
+        if ids[-1] in job_ids and store.get(ids[-1])["status"] == "queued":
+            assert store.start(ids[-1], "w1") == "running"
+        return get_many(job_ids)
+
+    monkeypatch.setattr(store, "get_many", started_meanwhile)
+    page, more, cursor = store.list_jobs("key-b", limit=3, status="queued")
+    assert [record["id"] for record in page] == ids[-2:-5:-1] and more and cursor == ids[-4]

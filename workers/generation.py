@@ -167,7 +167,7 @@ class JobRunner:
     """Runs jobs on one engine and keeps their records and channels current."""
 
     def __init__(self, store: JobStore, loaded: LoadedModel, worker_name: str, max_new_tokens_cap: int = 1024,
-                 max_attempts: int = 3, stream_interval: int = 1, write_behind: bool = True):
+                 max_attempts: int = 3, stream_interval: int = 1, write_behind: bool = False):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
         self.store = store
@@ -233,10 +233,13 @@ class JobRunner:
             return "engine_stopped"
         # A job this worker handed back as it stops can be delivered to it again before its consumer stops: the task
         # of its first attempt here ends first (its request leaves the engine and its steps are written), or its
-        # `finally` cleared this run's state (`_done_before`: the job ended counting only the new tokens).
+        # `finally` cleared this run's state (`_done_before`: the job ended counting only the new tokens). A mark
+        # left by a hand-back whose answer came after that task had ended (no run to clear it) is cleared here: it
+        # kept this run from ever writing its ending.
         with self._runs_changed:
-            while job_id in self._handed_back:
+            while job_id in self._handed_back and job_id in self._active:
                 self._runs_changed.wait()
+            self._handed_back.discard(job_id)
         # A token of this delivery: a start tried again after its answer was lost (by when_redis_answers: the store's
         # client does not send a command again) gets the same answer, not "duplicate" of itself. The start waits for
         # Redis as long as it takes: one that gave up failed its task (acknowledged, so never delivered again) and left
@@ -277,8 +280,8 @@ class JobRunner:
             self._done_before.pop(job_id, None)
             self._observed.discard(job_id)
             self._held.pop(job_id, None)
-            self._active.discard(job_id)
             with self._runs_changed:
+                self._active.discard(job_id)
                 self._handed_back.discard(job_id)
                 self._runs_changed.notify_all()
 

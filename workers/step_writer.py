@@ -1,8 +1,8 @@
 """Writes an engine step's chunks to Redis on a thread of its own, while the engine computes its next step.
 
-A step's round trip (32 jobs' chunks appended and published) took about 1.8 ms of the engine thread, 1.2 ms of it
-waiting for Redis's answer (bench/README.md, "A step's write behind the engine"). Here the engine hands the write
-over and goes on; it waits only when the step before is still being written, so at most one step is ever in
+A step's round trip (8 or more jobs' chunks appended and published) took about 1.8 ms of the engine thread, 1.2 ms
+of it waiting for Redis's answer (bench/README.md, "A step's write behind the engine"). Here the engine hands the
+write over and goes on; it waits only when the step before is still being written, so at most one step is ever in
 flight, the writes keep their order, and while Redis is away the engine waits one step later than it did, not
 never. A worker uses it where its engine leaves CPUs to the rest (`workers.generation.writes_behind`): with a CPU
 engine on every core, the wait it hides is Redis's and the API's work on those same cores, and nothing was gained.
