@@ -76,7 +76,9 @@ def test_checking_a_slow_image_does_not_stop_the_api():
 
     import websockets
 
-    slow = slow_image()
+    # 2.5 s here: checked while this process shared the machine with another test process, the image came out of
+    # `slow_image` faster to check in the API than it was timed, and the answer came 0.498 s after the other one.
+    slow = slow_image(2.5)
     with RedisServer() as server, run_stack(server.url, {}, workers=(), log_prefix="llava-queue-slow-image-") as api:
         async def over_websocket() -> str:
             async with websockets.connect(f"{api.ws_url}/v1/ws", max_size=None) as socket:
@@ -122,5 +124,6 @@ def test_checking_a_slow_image_does_not_stop_the_api():
             status, words = refusals[name]
             text = answer if isinstance(answer, str) else answer.text
             assert words in text and (status is None or answer.status_code == status), (name, text)
-            # The other request was answered while the image was still being checked, not once it was done.
-            assert models_at < answered["at"] - 0.5, (name, answered["at"] - models_at)
+            # The other request was answered while the image was still being checked, not once it was done (then
+            # both are answered within a few milliseconds).
+            assert models_at < answered["at"] - 0.25, (name, answered["at"] - models_at)
