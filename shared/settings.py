@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     # steps of the engine's own forward on a CPU: auto runs the engine's (workers/engine/layer_ops.cpp, built with
     # decode attention's kernel; torch's when it cannot be built), torch runs torch's.
     layer_ops: Literal["auto", "torch"] = "auto"
+    # On a CPU, the engine's own forward multiplies a request decoded alone as it multiplies the rows of a batch
+    # (oneDNN multiplies a single row in another order), so that a greedy answer never depends on what else ran:
+    # a lone decode step costs about 15 % more. Prompts prefilled together are computed as alone either way.
+    batch_invariant: bool = False
     # Cores of the engine's own on a CPU (a Linux cpu list: "1", "2-7"): the engine thread and its OpenMP
     # team run there, one torch thread per core; the worker's other threads, and the API and Redis that
     # `llava-queue up` starts, run on the other cores (shared/cpus.py). Empty: every process on every core.

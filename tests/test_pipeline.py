@@ -158,11 +158,9 @@ def test_worker_generate_stream_frames_are_byte_exact(stack):
 def test_cancel_a_running_job_leaves_its_batch_mates_alone(stack):
     story = [{"role": "user", "text": "Write a long story about a dragon who learns to cook."}]
     long_id = submit(stack, messages=story, temperature=0, max_new_tokens=400)
-    # Not FRANCE: prefilled in one group with the longer story, its rows left-padded, "What is the capital of France?"
-    # starts "L'Étoile" in bf16 (the default model's first two tokens lie 0.09 apart in fp32; padding changes bf16's
-    # rounding, in plain transformers too). This question keeps a margin of 0.5 with up to 47 columns of padding.
-    question = [{"role": "user", "text": "Name the capital city of France."}]
-    mates = [submit(stack, messages=question, temperature=0, max_new_tokens=32) for _ in range(3)]
+    # Prefilled in one group with the longer story, their rows left-padded, the mates answered "L'Étoile, la
+    # Marseillaise, ..." in bf16 (a clean-clone run): tests/test_batch_invariance_s35.py.
+    mates = [submit(stack, messages=FRANCE, temperature=0, max_new_tokens=32) for _ in range(3)]
     wait_until(stack, long_id, states=("running",), timeout=60)
     while poll(stack, long_id)["usage"]["completion_tokens"] < 5:
         time.sleep(0.05)

@@ -84,7 +84,8 @@ def serving_engine(loaded: LoadedModel, settings: Settings, *, max_num_seqs: int
     return LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=max_num_seqs or settings.max_num_seqs,
                      max_batch_tokens=settings.max_batch_tokens,
                      max_prefill_tokens=prefill_budget(settings.max_prefill_tokens, loaded.device.type),
-                     max_model_len=loaded.context_len, on_step=on_step, cpus=cpus, forward=settings.engine_forward)
+                     max_model_len=loaded.context_len, on_step=on_step, cpus=cpus, forward=settings.engine_forward,
+                     batch_invariant=settings.batch_invariant)
 
 
 @dataclass(frozen=True)

@@ -102,12 +102,15 @@ class LLMEngine:
         on_stop: Callable[[str], None] | None = None,
         cpus: frozenset[int] | None = None,
         forward: str = "auto",
+        batch_invariant: bool = False,
     ):
         """`cpus`: the CPUs the engine thread computes on, one torch thread each (shared/cpus.py); None: wherever
-        the process runs, with torch's default thread count. `forward`: model_runner.FORWARDS."""
+        the process runs, with torch's default thread count. `forward`: model_runner.FORWARDS. `batch_invariant`:
+        see ModelRunner."""
         self.tokenizer = tokenizer
         self.cpus = cpus
-        self.runner = ModelRunner(model, max_kv_positions=max_batch_tokens, forward=forward)
+        self.runner = ModelRunner(model, max_kv_positions=max_batch_tokens, forward=forward,
+                                  batch_invariant=batch_invariant)
         self.scheduler = Scheduler(max_num_seqs, max_batch_tokens, max_prefill_tokens)
         self.max_model_len = max_model_len or getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)

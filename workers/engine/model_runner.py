@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -58,9 +59,11 @@ class Batch:
 class ModelRunner:
     """Runs the forward passes of one Hugging Face causal LM (Llama, Mistral, Qwen2, ... and LLaVA's language side)."""
 
-    def __init__(self, model: PreTrainedModel, max_kv_positions: int | None = None, forward: str = "auto"):
+    def __init__(self, model: PreTrainedModel, max_kv_positions: int | None = None, forward: str = "auto",
+                 batch_invariant: bool = False):
         """`max_kv_positions`: the engine's KV budget, which no batch's cache buffers outgrow (None: no limit).
-        `forward`: one of FORWARDS, which forward the steps run."""
+        `forward`: one of FORWARDS, which forward the steps run. `batch_invariant`: the prepacked forward (`auto`
+        on a CPU) multiplies a lone row as a batch's rows (PackedLlama), so a greedy answer never depends on load."""
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
         self.model = model
@@ -80,7 +83,8 @@ class ModelRunner:
         self._can_keep_last_logits = "logits_to_keep" in parameters
         # Llama-family models run on the engine's own forward: over prepacked weights on a CPU (fp32, bf16), over
         # fused ones on a GPU.
-        self.packed = {"auto": PackedLlama.of, "graphs": PackedLlama.fused, "fused": PackedLlama.fused,
+        self.packed = {"auto": partial(PackedLlama.of, batch_invariant=batch_invariant),
+                       "graphs": PackedLlama.fused, "fused": PackedLlama.fused,
                        "model": lambda _: None}[forward](model)
         on_cuda = self.device.type == "cuda"
         graphs = forward == "graphs" and self.packed is not None
@@ -94,6 +98,8 @@ class ModelRunner:
                 described += ", decode attention in the engine's kernel (decode_attention.cpp)"
             if self.packed.layer_ops is not None:
                 described += ", the operations between products in the engine's (layer_ops.cpp)"
+            if self.packed.batch_invariant:
+                described += ", a lone row multiplied as a batch's (BATCH_INVARIANT)"
         if self.graphs is not None:
             described += ", decode steps " + ("from CUDA graphs" if on_cuda else "of fixed shapes")
         if forward in ("fused", "graphs") and self.packed is None:

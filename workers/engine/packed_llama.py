@@ -45,10 +45,12 @@ class PackedLlama:
     Build it with `of(model)`, which says None when the model is not one it can run, or `fused(model)`.
     """
 
-    def __init__(self, model: PreTrainedModel, packed: bool = True):
+    def __init__(self, model: PreTrainedModel, packed: bool = True, batch_invariant: bool = False):
         """packed: weights copied into oneDNN's layout (a CPU); else plain products over the model's weights,
-        q/k/v and gate/up fused in place (the model's modules keep working, on views of the fused weights)."""
+        q/k/v and gate/up fused in place (the model's modules keep working, on views of the fused weights).
+        batch_invariant (packed only): a single row is multiplied as the rows of a batch are (`_Linear`)."""
         self.packed = packed
+        self.batch_invariant = packed and batch_invariant
         config = model.config.get_text_config()
         base = model.base_model
         self.hidden_size = config.hidden_size
@@ -57,9 +59,10 @@ class PackedLlama:
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
         self.embed = base.embed_tokens
-        self.layers = [_Layer(layer, packed) for layer in base.layers]
+        self.layers = [_Layer(layer, packed, self.batch_invariant) for layer in base.layers]
         self.norm_weight, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
-        self.head = (_Linear if packed else _PlainLinear)(model.get_output_embeddings().weight, None)
+        self.head = (partial(_Linear, pair_single_rows=self.batch_invariant) if packed
+                     else _PlainLinear)(model.get_output_embeddings().weight, None)
         self.rotary = base.rotary_emb
         self._rotary_table(config.max_position_embeddings)
         # Prepacked means a CPU: decode attention in bf16 in the engine's own kernel where it can be built and
@@ -73,7 +76,7 @@ class PackedLlama:
             self.layer_ops = layer_ops.load()
 
     @classmethod
-    def of(cls, model: PreTrainedModel) -> PackedLlama | None:
+    def of(cls, model: PreTrainedModel, batch_invariant: bool = False) -> PackedLlama | None:
         """The engine's forward for `model` where it is the faster one, else None (the model's own runs).
 
         Prepacked on a CPU with oneDNN (fp32, or bf16 where oneDNN has it); fused on a CUDA GPU.
@@ -90,7 +93,7 @@ class PackedLlama:
                  or (model.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
             and weight_bytes <= MAX_PACKED_BYTES
         )
-        return cls(model) if packable else None
+        return cls(model, batch_invariant=batch_invariant) if packable else None
 
     @classmethod
     def fused(cls, model: PreTrainedModel) -> PackedLlama | None:
@@ -117,8 +120,9 @@ class PackedLlama:
         mask = _attention_mask(attention_mask, new, hidden.dtype)
         if new == 1 and self.layer_ops is not None and self.layer_ops.supports(hidden):
             return self._decode_on_layer_ops(hidden, cos, sin, mask, cache)
+        spans = _padded_rows(attention_mask, new, hidden.dtype) if self.packed else None
         for index, layer in enumerate(self.layers):
-            hidden = layer(self, hidden, cos, sin, mask, cache.layers[index].update)
+            hidden = layer(self, hidden, cos, sin, mask, cache.layers[index].update, spans)
         last = _rms_norm(hidden[:, -1], self.norm_weight, self.norm_eps)
         return self.head(last)
 
@@ -207,24 +211,36 @@ class _PlainLinear:
 
 
 class _Linear:
-    """y = x W^T + b with W reordered once into oneDNN's blocked layout."""
+    """y = x W^T + b with W reordered once into oneDNN's blocked layout.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    A row's result does not depend on how many rows are multiplied with it, as long as there are two or more:
+    oneDNN multiplies a single row in another order (a decode step of SmolLM2 in bf16: 18 of 847 products came
+    out an ulp apart from the same row among 2 to 256), so a request alone can answer otherwise, at a near-tie,
+    than in a batch. With `pair_single_rows` a single row is multiplied beside a copy of itself, as in a batch:
+    a lone decode step of SmolLM2 took 19.6 ms instead of 17.0 (each call of oneDNN's batched product costs
+    about 20 us more than its one-row product)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pair_single_rows: bool = False):
         with torch.inference_mode():
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
         self.bias = None if bias is None else bias.detach()
+        self.pair_single_rows = pair_single_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pair_single_rows and x.numel() == x.shape[-1]:
+            pair = x.reshape(1, -1).expand(2, -1).contiguous()
+            out = torch.ops.mkldnn._linear_pointwise(pair, self.weight, self.bias, "none", [], "")
+            return out[:1].reshape(*x.shape[:-1], out.shape[-1])
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 class _Layer:
     """One decoder layer: q/k/v as one product, gate/up as one product."""
 
-    def __init__(self, layer: torch.nn.Module, packed: bool = True):
+    def __init__(self, layer: torch.nn.Module, packed: bool = True, batch_invariant: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        linear = _Linear if packed else _PlainLinear
+        linear = partial(_Linear, pair_single_rows=batch_invariant) if packed else _PlainLinear
         fuse = _concatenated if packed else _fused_in_place
         bias = None if attn.q_proj.bias is None else fuse([p.bias for p in projections])
         self.qkv = linear(fuse([p.weight for p in projections]), bias)
@@ -235,8 +251,9 @@ class _Layer:
         self.input_norm = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.post_norm = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
 
-    def __call__(self, model: PackedLlama, hidden, cos, sin, mask, write) -> torch.Tensor:
-        """write(keys, values) stores the new positions in the layer's cache and returns what they attend over."""
+    def __call__(self, model: PackedLlama, hidden, cos, sin, mask, write, spans=None) -> torch.Tensor:
+        """write(keys, values) stores the new positions in the layer's cache and returns what they attend over;
+        spans: the rows of a padded prefill grouped by length (`_padded_rows`), or None."""
         rows, new, _ = hidden.shape
         heads, kv_heads, head_dim = model.num_heads, model.num_kv_heads, model.head_dim
         x = _rms_norm(hidden, *self.input_norm)
@@ -244,7 +261,10 @@ class _Layer:
         # q and k are rotated as one tensor: their heads are adjacent, and the rotation is the same for each.
         q, k = _rotate(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
         keys, values = write(k, qkv[:, heads + kv_heads :])
-        attention = _attention(q, keys, values, mask, model.scale, model.decode_attention)
+        if spans is None:
+            attention = _attention(q, keys, values, mask, model.scale, model.decode_attention)
+        else:
+            attention = _attention_by_length(q, keys, values, spans, model.scale)
         hidden = hidden + self.o(attention.reshape(rows, new, heads * head_dim))
         x = _rms_norm(hidden, *self.post_norm)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
@@ -305,6 +325,46 @@ def _attention(q, keys, values, mask, scale, kernel: decode_attention.DecodeAtte
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def _padded_rows(attention_mask: torch.Tensor, new: int,
+                 dtype: torch.dtype) -> list[tuple[slice | torch.Tensor, int, torch.Tensor]] | None:
+    """The rows of a prefill of left-padded prompts (the window is the new columns alone), grouped by length, for
+    `_attention_by_length`: each group's rows (a slice for one row: a view, no copy), its length, and the mask the
+    same prompt gets alone (`_attention_mask` of an unpadded row, in `dtype`: causal). None when no row is padded,
+    or for a decode step or a chunk (one attention call then computes every row as it would alone)."""
+    rows, width = attention_mask.shape
+    if rows == 1 or new == 1 or new != width:
+        return None
+    lengths = attention_mask.sum(-1).tolist()
+    if min(lengths) == width:
+        return None
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        groups.setdefault(length, []).append(row)
+    device = attention_mask.device
+    return [(slice(group[0], group[0] + 1) if len(group) == 1 else torch.tensor(group, device=device), length,
+             _attention_mask(torch.ones(1, length, dtype=torch.bool, device=device), length, dtype))
+            for length, group in groups.items()]
+
+
+def _attention_by_length(q, keys, values, spans, scale: float) -> torch.Tensor:
+    """Prefill attention of left-padded rows, each over its own positions alone, as if it were prefilled alone:
+    one call per length. Over the padded window, sdpa sums a row in blocks that start where the padding puts
+    them, and rounds otherwise than for the row alone: in bf16, "What is the capital of France?" prefilled beside
+    a longer prompt answered "L'Étoile ..." instead of "The capital of France is Paris." (its first two logits
+    0.09 apart in fp32). Padding positions get zeros: their keys and values are masked for good. Returns
+    [B, T, heads, d] as `_attention`."""
+    out = torch.zeros_like(q)
+    for rows, length, causal in spans:
+        if isinstance(rows, slice):
+            part = _attention(q[rows, :, -length:], keys[rows, :, -length:], values[rows, :, -length:], causal, scale)
+            out[rows, :, -length:] = part.transpose(1, 2)
+        else:
+            part = _attention(q.index_select(0, rows)[:, :, -length:], keys.index_select(0, rows)[:, :, -length:],
+                              values.index_select(0, rows)[:, :, -length:], causal, scale)
+            out[:, :, -length:].index_copy_(0, rows, part.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
