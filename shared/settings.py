@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     # decode attention's kernel; torch's when it cannot be built), torch runs torch's.
     layer_ops: Literal["auto", "torch"] = "auto"
     # On a CPU, the engine's own forward multiplies a request decoded alone as it multiplies the rows of a batch
-    # (oneDNN multiplies a single row in another order), so that a greedy answer never depends on what else ran:
-    # a lone decode step costs about 15 % more. Prompts prefilled together are computed as alone either way.
+    # (oneDNN multiplies a single row in another order) and attends in its decode kernel in fp32 too, so that a
+    # greedy answer does not depend on what else ran: a lone decode step costs about 15 % more. Prompts prefilled
+    # together are computed as alone either way.
     batch_invariant: bool = False
     # Cores of the engine's own on a CPU (a Linux cpu list: "1", "2-7"): the engine thread and its OpenMP
     # team run there, one torch thread per core; the worker's other threads, and the API and Redis that

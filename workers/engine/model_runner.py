@@ -63,7 +63,8 @@ class ModelRunner:
                  batch_invariant: bool = False):
         """`max_kv_positions`: the engine's KV budget, which no batch's cache buffers outgrow (None: no limit).
         `forward`: one of FORWARDS, which forward the steps run. `batch_invariant`: the prepacked forward (`auto`
-        on a CPU) multiplies a lone row as a batch's rows (PackedLlama), so a greedy answer never depends on load."""
+        on a CPU) multiplies a lone row as a batch's rows and attends in the engine's decode kernel (PackedLlama), so
+        that a greedy answer does not depend on load (where the kernel can be built: a warning says otherwise)."""
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
         self.model = model
@@ -100,6 +101,10 @@ class ModelRunner:
                 described += ", the operations between products in the engine's (layer_ops.cpp)"
             if self.packed.batch_invariant:
                 described += ", a lone row multiplied as a batch's (BATCH_INVARIANT)"
+                if self.packed.decode_attention is None:
+                    log.warning("BATCH_INVARIANT: decode attention runs in torch's flash kernel (the engine's could "
+                                "not be had or DECODE_ATTENTION is torch), whose sums depend on the batch's window: "
+                                "decode steps are not batch-invariant")
         if self.graphs is not None:
             described += ", decode steps " + ("from CUDA graphs" if on_cuda else "of fixed shapes")
         if forward in ("fused", "graphs") and self.packed is None:

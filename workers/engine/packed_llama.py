@@ -48,7 +48,9 @@ class PackedLlama:
     def __init__(self, model: PreTrainedModel, packed: bool = True, batch_invariant: bool = False):
         """packed: weights copied into oneDNN's layout (a CPU); else plain products over the model's weights,
         q/k/v and gate/up fused in place (the model's modules keep working, on views of the fused weights).
-        batch_invariant (packed only): a single row is multiplied as the rows of a batch are (`_Linear`)."""
+        batch_invariant (packed only): a single row is multiplied as the rows of a batch are (`_Linear`), and decode
+        attention runs in the engine's kernel in fp32 too (torch's flash kernel sums a row in blocks that start where
+        a longer batch-mate's window puts them)."""
         self.packed = packed
         self.batch_invariant = packed and batch_invariant
         config = model.config.get_text_config()
@@ -61,18 +63,22 @@ class PackedLlama:
         self.embed = base.embed_tokens
         self.layers = [_Layer(layer, packed, self.batch_invariant) for layer in base.layers]
         self.norm_weight, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
-        self.head = (partial(_Linear, pair_single_rows=self.batch_invariant) if packed
+        # The head always pairs a lone row: a prompt prefilled alone ends in a one-row head product (a random model
+        # of hidden size 2048: 5 of 6 prompts got other first logits alone than prefilled together, in bf16), and it
+        # is one product a step.
+        self.head = (partial(_Linear, pair_single_rows=True) if packed
                      else _PlainLinear)(model.get_output_embeddings().weight, None)
         self.rotary = base.rotary_emb
         self._rotary_table(config.max_position_embeddings)
         # Prepacked means a CPU: decode attention in bf16 in the engine's own kernel where it can be built and
-        # applies. (In fp32 it measured no faster than the flash kernel, which then stays.)
+        # applies. (In fp32 it measured no faster than the flash kernel, which then stays, unless batch_invariant.)
         # And the operations between the products, in bf16 decode steps, in the engine's own too.
         self.decode_attention = self.layer_ops = None
-        if packed and model.dtype == torch.bfloat16:
+        if packed and (model.dtype == torch.bfloat16 or self.batch_invariant):
             kernel = decode_attention.load()
             if kernel is not None and kernel.supports(model.dtype, self.num_heads // self.num_kv_heads, self.head_dim):
                 self.decode_attention = kernel
+        if packed and model.dtype == torch.bfloat16:
             self.layer_ops = layer_ops.load()
 
     @classmethod
@@ -332,7 +338,8 @@ def _padded_rows(attention_mask: torch.Tensor, new: int,
     """The rows of a prefill of left-padded prompts (the window is the new columns alone), grouped by length, for
     `_attention_by_length`: each group's rows (a slice for one row: a view, no copy), its length, and the mask the
     same prompt gets alone (`_attention_mask` of an unpadded row, in `dtype`: causal). None when no row is padded,
-    or for a decode step or a chunk (one attention call then computes every row as it would alone)."""
+    or for a decode step or a chunk (one row: a chunk; a decode step's attention is the engine's kernel's, which
+    skips masked columns, or torch's flash kernel, which does not: PackedLlama's batch_invariant)."""
     rows, width = attention_mask.shape
     if rows == 1 or new == 1 or new != width:
         return None
