@@ -234,9 +234,11 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.pair_single_rows and x.numel() == x.shape[-1]:
-            pair = x.reshape(1, -1).expand(2, -1).contiguous()
-            out = torch.ops.mkldnn._linear_pointwise(pair, self.weight, self.bias, "none", [], "")
+            out = self._product(x.reshape(1, -1).expand(2, -1).contiguous())
             return out[:1].reshape(*x.shape[:-1], out.shape[-1])
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
@@ -364,13 +366,8 @@ def _attention_by_length(q, keys, values, spans, scale: float) -> torch.Tensor:
     [B, T, heads, d] as `_attention`."""
     out = torch.zeros_like(q)
     for rows, length, causal in spans:
-        if isinstance(rows, slice):
-            part = _attention(q[rows, :, -length:], keys[rows, :, -length:], values[rows, :, -length:], causal, scale)
-            out[rows, :, -length:] = part.transpose(1, 2)
-        else:
-            part = _attention(q.index_select(0, rows)[:, :, -length:], keys.index_select(0, rows)[:, :, -length:],
-                              values.index_select(0, rows)[:, :, -length:], causal, scale)
-            out[:, :, -length:].index_copy_(0, rows, part.transpose(1, 2))
+        part = _attention(q[rows, :, -length:], keys[rows, :, -length:], values[rows, :, -length:], causal, scale)
+        out[rows, :, -length:] = part.transpose(1, 2)
     return out.transpose(1, 2)
 
 
