@@ -133,6 +133,23 @@ def run_worker(settings: Settings) -> None:
         hand_back_running("shutting down at once")
 
     HandingBackPool.hand_back_all = hand_back_at_once  # a cold shutdown's (a second Ctrl-C, SIGQUIT)
+
+    def on_revoked(request=None, terminated=False, **_):
+        # A job's task id is its job id. Revoked with terminate, a running job is cancelled here (workers.pool.
+        # JobRequest); revoked before it ran, its message is discarded, and its record, left queued, would have its
+        # message sent again by the sweep and discarded, for as long as the worker remembers the revoke (3 hours).
+        job_id = getattr(request, "id", None)
+        if not isinstance(job_id, str):
+            return
+        try:
+            status = store.cancel(job_id)
+        except RedisError as exc:
+            log.warning("job %s revoked through Celery, but not cancelled (Redis: %s)", job_id, exc)
+            return
+        log.info("job %s revoked through Celery (%s): cancelled (it was %s)", job_id,
+                 "terminated" if terminated else "its message discarded", status)
+
+    signals.task_revoked.connect(on_revoked, weak=False)
     engine_idle = threading.Event()
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
     signals.worker_shutdown.connect(lambda **_: engine_idle.set(), weak=False)

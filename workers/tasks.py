@@ -18,7 +18,7 @@ def install(runner: JobRunner) -> None:
     _runner = runner
 
 
-@celery_app.task(name=GENERATE_TASK)
+@celery_app.task(name=GENERATE_TASK, Request="workers.pool:JobRequest")
 def generate(job_id: str) -> str:
     """Run the job `job_id` to its end; its result lives in the job record.
 
