@@ -22,6 +22,7 @@ from api.routes import (batches, controller, files, health, jobs, llava, metrics
 from api.routes.llava import FrameRefusals, refusal
 from shared.celery_app import make_celery
 from shared.jobs import JobStore, WorkerRegistry
+from shared.protocol import set_max_new_tokens_cap
 from shared.settings import Settings, get_settings
 
 
@@ -218,6 +219,7 @@ class _Api(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment)."""
     settings = settings or get_settings()
+    set_max_new_tokens_cap(settings.max_new_tokens_cap)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -20,8 +20,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from shared.conversation import choose_template, render_messages
 
-# The original worker clamps max_new_tokens to this; larger values are accepted and clamped.
+# The original worker clamps max_new_tokens to this; larger values are accepted and clamped. The default of
+# LLAVA_QUEUE_MAX_NEW_TOKENS_CAP, which the API and the worker apply as they start (set_max_new_tokens_cap).
 MAX_NEW_TOKENS_CAP = 1024
+_max_new_tokens_cap = MAX_NEW_TOKENS_CAP
+
+
+def set_max_new_tokens_cap(cap: int) -> None:
+    """Clamp `max_new_tokens` to `cap` in this process (Settings.max_new_tokens_cap): requests validated from now on,
+    and the largest `max_tokens` of OpenAI's route. The API clamped to 1024 whatever the setting said, so raising
+    it changed nothing, and lowering it left jobs showing the value sent while they ran fewer tokens."""
+    global _max_new_tokens_cap
+    _max_new_tokens_cap = cap
+
+
+def max_new_tokens_cap() -> int:
+    """What `max_new_tokens` is clamped to in this process (`set_max_new_tokens_cap`)."""
+    return _max_new_tokens_cap
+
 # At most this many stop strings in a list (OpenAI's limit); the original sends one string.
 MAX_STOP_STRINGS = 4
 IMAGE_TOKEN = "<image>"
@@ -191,7 +207,7 @@ class GenerateRequest(BaseModel):
     @field_validator("max_new_tokens")
     @classmethod
     def _clamp_max_new_tokens(cls, value: int) -> int:
-        return min(value, MAX_NEW_TOKENS_CAP)
+        return min(value, _max_new_tokens_cap)
 
     @field_validator("stop", mode="before")
     @classmethod

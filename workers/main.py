@@ -25,7 +25,7 @@ from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
 from shared.logs import bind_job_ids_to_celery_tasks, celery_worker_arguments
-from shared.protocol import IMAGE_TOKEN, GenerateRequest
+from shared.protocol import IMAGE_TOKEN, GenerateRequest, set_max_new_tokens_cap
 from shared.settings import Settings
 from shared.status import without_password
 from workers import tasks
@@ -44,6 +44,7 @@ log = logging.getLogger("llava_queue.worker")
 def run_worker(settings: Settings) -> None:
     """Serve jobs from Redis until the process is told to stop."""
     bind_job_ids_to_celery_tasks()
+    set_max_new_tokens_cap(settings.max_new_tokens_cap)
     _check_redis(settings)
     # Dedicated engine cores: every thread but the engine's keeps to the others (the engine thread moves itself).
     split = split_cpus(settings.engine_cpus)

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
@@ -32,9 +33,9 @@ from api.routes.models import model_away, returning_models, served_models
 from api.stream import JobNotFound, ServerStopping, follow_job, with_keepalives
 from api.submission import check_unicode
 from shared.jobs import JobStore, WorkerRegistry
-from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_NEW_TOKENS_CAP, ErrorCode, GenerateRequest,
-                             InvalidRequest, check_images, context_overflowed, data_url_parts,
-                             describe_validation_error, parse_request, stop_of_strings)
+from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest, InvalidRequest,
+                             check_images, context_overflowed, data_url_parts, describe_validation_error,
+                             max_new_tokens_cap, parse_request, stop_of_strings)
 
 log = logging.getLogger("llava_queue.api")
 
@@ -157,9 +158,10 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    # More than the worker generates is refused (as vLLM refuses more than the model's context), not cut short.
-    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_CAP)
+    # More than the worker generates (MAX_NEW_TOKENS_CAP, `_within_cap`) is refused, as vLLM refuses more than the
+    # model's context, not cut short.
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     # OpenAI's (and vLLM's) range: any signed 64-bit integer; the engine's seeds are non-negative.
     seed: int | None = Field(None, ge=-2**63, lt=2**63)
@@ -182,6 +184,14 @@ class ChatCompletionRequest(BaseModel):
         """A number, not true or false, as OpenAI has it (pydantic took true for 1)."""
         if isinstance(value, bool):
             raise ValueError(f"must be a number, got {str(value).lower()}")
+        return value
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _within_cap(cls, value: int | None) -> int | None:
+        cap = max_new_tokens_cap()
+        if value is not None and value > cap:
+            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": cap})
         return value
 
     @field_validator("stream_options", mode="before")
@@ -361,7 +371,7 @@ def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
         "model": body.model,
         "messages": [to_turn(index, message) for index, message in enumerate(body.messages)],
         # Without a limit OpenAI generates until the end: here, up to the worker's cap.
-        "max_new_tokens": body.max_completion_tokens or body.max_tokens or MAX_NEW_TOKENS_CAP,
+        "max_new_tokens": body.max_completion_tokens or body.max_tokens or max_new_tokens_cap(),
         "stop": body.stop,
         "seed": None if body.seed is None else body.seed % 2**63,
         # OpenAI has no top-k, and vLLM applies none unless asked: not the checkpoint's default the LLaVA payload gets.
