@@ -6,14 +6,19 @@ one follower plus an encoder for its wire format.
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
 
 import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from api.channel_hub import STOPPING, ChannelHub, ServerStopping
 from shared.jobs import FINAL_STATES, JobStore, Snapshot
+
+log = logging.getLogger("llava_queue.api")
 
 
 class JobNotFound(LookupError):
@@ -114,10 +119,15 @@ async def with_keepalives(events: AsyncIterator[StreamEvent], every: float) -> A
             yield event
             pending = asyncio.ensure_future(anext(iterator))
     finally:
-        # Cancelling the step in flight closes `events` (its subscription) now, not when it is collected.
+        # Cancelling the step in flight closes `events` (its subscription) now, not when it is collected; with no step
+        # in flight, `events` waits at a yield, and is closed here. Left to the collector, its close could come while
+        # a step it had not seen cancelled still ran it ("aclose(): asynchronous generator is already running", logged
+        # as an asyncio error, its subscription held meanwhile).
         pending.cancel()
         with anyio.CancelScope(shield=True), suppress(asyncio.CancelledError, Exception):
             await pending
+        with anyio.CancelScope(shield=True), suppress(Exception):
+            await events.aclose()
 
 
 async def _next_message(messages: asyncio.Queue) -> str | None:
@@ -127,3 +137,64 @@ async def _next_message(messages: asyncio.Queue) -> str | None:
     if payload is STOPPING:
         raise ServerStopping
     return payload
+
+
+class SendClock:
+    """When the message being sent began to wait (the loop's time), None between messages."""
+
+    since: float | None = None
+
+
+async def stalled(clock: SendClock, timeout: float) -> None:
+    """Return once a message has waited `timeout` seconds to be sent (seen within a quarter of that more): the
+    client reads nothing, and its follower would wait for ever (uvicorn's own close of such a connection waits
+    for its unread data to be sent). One watch per stream, where a timeout around every message cost a timer each:
+    a fifth of the API's CPU per message relayed (bench/README.md)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(timeout / 4)
+        if clock.since is not None and loop.time() - clock.since >= timeout:
+            return
+
+
+class FollowingResponse(StreamingResponse):
+    """A job's stream over HTTP (LLaVA's NUL-delimited frames, OpenAI's server-sent events) that lets go of a client
+    that reads nothing, as the WebSocket routes let theirs go: once a message has waited `send_timeout` seconds to
+    be sent, the response ends there (uvicorn closes the connection, and logs that the response was not completed),
+    and `content` is closed, so its `finally` runs (the job is cancelled unless it is kept). Starlette's waited on
+    that send for as long as the client kept its connection, still subscribed to the job's chunks.
+
+    `content` is closed whatever ends the response, a client that left included: Starlette leaves that to the
+    collector.
+    """
+
+    def __init__(self, content: AsyncIterator, *, job_id: str, send_timeout: float, **kwargs):
+        super().__init__(content, **kwargs)
+        self.job_id = job_id
+        self.send_timeout = send_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        clock = SendClock()
+        loop = asyncio.get_running_loop()
+
+        async def send_on_the_clock(message: Message) -> None:
+            clock.since = loop.time()
+            await send(message)
+            clock.since = None
+
+        streaming = asyncio.ensure_future(super().__call__(scope, receive, send_on_the_clock))
+        watch = asyncio.ensure_future(stalled(clock, self.send_timeout))
+        try:
+            await asyncio.wait({streaming, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            with anyio.CancelScope(shield=True):
+                if not streaming.done():
+                    streaming.cancel()
+                    await asyncio.wait({streaming})
+                with suppress(Exception):
+                    await self.body_iterator.aclose()
+        if streaming.cancelled():
+            log.warning("the client of job %s read nothing for %s s; leaving it", self.job_id, self.send_timeout)
+            return
+        streaming.result()

@@ -64,9 +64,10 @@ class Settings(BaseSettings):
     # waiting in a deep queue): nothing went out after its first chunk, and a proxy's read timeout (nginx's 60 s) or
     # a client's cut it. OpenAI's clients and EventSource skip comments.
     sse_keepalive_seconds: float = Field(15.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
-    # How long one WebSocket message may wait to be sent (uvicorn holds it back while the client's unread data fill
-    # the socket) before the client counts as gone and its stream ends: a client that keeps its connection but
-    # reads nothing is let go. Its job goes on. WS /v1/ws waits as long for its first message, the job's request.
+    # How long one message of a stream (WebSocket, LLaVA's HTTP stream, server-sent events) may wait to be sent
+    # (uvicorn holds it back while the client's unread data fill the socket) before the client counts as gone and its
+    # stream ends: a client that keeps its connection but reads nothing is let go, as one that left (its job goes on
+    # at /v1/jobs/{id}/ws; elsewhere it is cancelled unless kept). WS /v1/ws waits as long for its first message.
     stream_send_timeout_seconds: float = Field(20.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).

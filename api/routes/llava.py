@@ -13,7 +13,7 @@ from api.deps import Hub, Registry, Store, Submissions
 from api.errors import ApiError, store_unavailable
 from api.routes.controller import parse_original_body
 from api.routes.models import served_models
-from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job, with_keepalives
+from api.stream import FollowingResponse, JobNotFound, ServerStopping, StreamEvent, follow_job, with_keepalives
 from shared.jobs import JobStore
 from shared.protocol import SERVER_ERROR_MSG, ErrorCode, GenerateRequest, InvalidRequest, encode_chunk
 
@@ -115,8 +115,9 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
     async def frames():
         ended = sent = False
         keepalive = request.app.state.settings.llava_keepalive_seconds
+        events = with_keepalives(follow_job(store, hub, job_id), keepalive)
         try:
-            async for event in with_keepalives(follow_job(store, hub, job_id), keepalive):
+            async for event in events:
                 if event is None:
                     # Waiting (in the queue, say): an empty frame, which the original clients skip, keeps their
                     # 10-second read timeout from ending the stream (and so the job) while it waits.
@@ -147,7 +148,11 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
             ended = True
             yield encode_chunk(SERVER_ERROR_MSG, ErrorCode.SERVER_ERROR)
         finally:
+            # Closed now, its subscription with it: a bare `async for` leaves that to the collector.
+            await events.aclose()
             if not ended and not body.keep_on_disconnect:
                 await cancel_unless_ended(store, job_id)
 
-    return StreamingResponse(frames(), media_type=None, headers={JOB_ID_HEADER: job_id})
+    return FollowingResponse(frames(), job_id=job_id,
+                             send_timeout=request.app.state.settings.stream_send_timeout_seconds,
+                             media_type=None, headers={JOB_ID_HEADER: job_id})

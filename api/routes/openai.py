@@ -20,7 +20,6 @@ from typing import Any, Literal
 import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -30,7 +29,7 @@ from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
 from api.errors import ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import model_away, returning_models, served_models
-from api.stream import JobNotFound, ServerStopping, follow_job, with_keepalives
+from api.stream import FollowingResponse, JobNotFound, ServerStopping, follow_job, with_keepalives
 from api.submission import check_unicode
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest, InvalidRequest,
@@ -503,9 +502,10 @@ class Completion:
         out after `keepalive` seconds without an event (a job waiting in the queue).
         """
         ended, sent = False, ""
+        events = with_keepalives(follow_job(self.store, self.hub, self.job_id), keepalive)
         try:
             yield self._chunk({"role": "assistant", "content": ""}, None, include_usage)
-            async for event in with_keepalives(follow_job(self.store, self.hub, self.job_id), keepalive):
+            async for event in events:
                 if event is None:
                     yield ": keepalive\n\n"
                     continue
@@ -551,6 +551,8 @@ class Completion:
             yield _sse(error_body(error.message, error.type, error.param, error.code))
             yield "data: [DONE]\n\n"
         finally:
+            # Closed now, its subscription with it: a bare `async for` leaves that to the collector.
+            await events.aclose()
             if not ended and not self.keep_on_disconnect:
                 await cancel_unless_ended(self.store, self.job_id)
 
@@ -615,7 +617,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         keepalive = request.app.state.settings.sse_keepalive_seconds
-        return StreamingResponse(completion.stream(include_usage, keepalive), media_type="text/event-stream",
+        return FollowingResponse(completion.stream(include_usage, keepalive), job_id=job_id,
+                                 send_timeout=request.app.state.settings.stream_send_timeout_seconds,
+                                 media_type="text/event-stream",
                                  headers={JOB_ID_HEADER: job_id, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
     response.headers[JOB_ID_HEADER] = job_id

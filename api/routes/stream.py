@@ -19,7 +19,7 @@ from api.errors import ApiError, store_unavailable
 from api.routes.controller import parse_original_body
 from api.routes.llava import cancel_unless_ended
 from api.routes.openai import job_id_of
-from api.stream import JobNotFound, ServerStopping, StreamEvent, follow_job
+from api.stream import JobNotFound, SendClock, ServerStopping, StreamEvent, follow_job, stalled
 from shared.protocol import ErrorCode, InvalidRequest, JobRequest
 
 log = logging.getLogger("llava_queue.api")
@@ -51,21 +51,21 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
     """Send the job's events until it ends ("ended"), the client leaves or stops reading ("left"), the API shuts down
     ("stopping": the socket is closed with 1012, Service Restart, and a reason that names the job, which goes on) or
     Redis goes away ("unavailable", see _send_unavailable)."""
-    clock = _SendClock()
+    clock = SendClock()
     sending = asyncio.create_task(_send_events(websocket, store, hub, job_id, clock))
     leaving = asyncio.create_task(_client_left(websocket))
     timeout = send_timeout(websocket)
-    stalled = asyncio.create_task(_stalled(clock, timeout))
+    watch = asyncio.create_task(stalled(clock, timeout))
     try:
-        await asyncio.wait({sending, leaving, stalled}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({sending, leaving, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         leaving.cancel()
-        stalled.cancel()
+        watch.cancel()
         if not sending.done():
             sending.cancel()
             await asyncio.wait({sending})
     if sending.cancelled():
-        if stalled.done() and not stalled.cancelled():
+        if watch.done() and not watch.cancelled():
             log.warning("the client of job %s read nothing for %s s; leaving it", job_id, timeout)
             return "left"
         leaving.result()  # the client left (an error in reading the socket goes on up)
@@ -88,13 +88,7 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
     return "ended"
 
 
-class _SendClock:
-    """When the message being sent began to wait (the loop's time), None between messages."""
-
-    since: float | None = None
-
-
-async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str, clock: _SendClock) -> None:
+async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str, clock: SendClock) -> None:
     """Send the job's events until it ends, each one's start on `clock`. Raises what follow_job raises, and
     CLIENT_GONE."""
     loop = asyncio.get_running_loop()
@@ -103,18 +97,6 @@ async def _send_events(websocket: WebSocket, store: Store, hub: Hub, job_id: str
             clock.since = loop.time()
             await websocket.send_json(ws_message(job_id, event))
             clock.since = None
-
-
-async def _stalled(clock: _SendClock, timeout: float) -> None:
-    """Return once a message has waited `timeout` seconds to be sent (seen within a quarter of that more): the
-    client reads nothing, and its follower would wait for ever (uvicorn's own close of such a connection waits
-    for its unread data to be sent). One watch per stream, where a timeout around every message cost a timer each:
-    a fifth of the API's CPU per message relayed (bench/README.md)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(timeout / 4)
-        if clock.since is not None and loop.time() - clock.since >= timeout:
-            return
 
 
 async def _client_left(websocket: WebSocket) -> None:
