@@ -292,8 +292,16 @@ class Submitter:
                 owned[owner] = batches + store.owner_queued(
                     owner, at_least=store.max_queued_per_owner - count - batches + 1)
         admitted = []
+        # The keys of the submissions admitted: a twin (the same key and body, sent again before the first was
+        # committed) gets the first one's jobs (`_create_keyed`), so it takes no place of its own. Counted, it was
+        # refused for the place its own job took, or made a request after it refused with a count one too high.
+        keys: set[str] = set()
         for submission in group:
             count, owner = len(submission.requests), submission.owner
+            key = None if submission.idempotency_key is None else self._scoped_key(submission)
+            if key in keys:
+                admitted.append(submission)
+                continue
             try:
                 check_room(store, queued, count, owner, owned.get(owner, 0))
             except ApiError as refusal:
@@ -302,6 +310,8 @@ class Submitter:
             queued += count
             if owner in owned:
                 owned[owner] += count
+            if key is not None:
+                keys.add(key)
             admitted.append(submission)
         return admitted
 

@@ -400,3 +400,21 @@ def test_jobs_written_before_their_answer_was_lost_do_not_wait_for_ever_unsent(r
         if keyed:
             [job_id] = submitter.submit(request, owner="key-a", **key)  # the client's retry: a job that runs
             assert store.get(job_id)["status"] == "queued" and job_id in queued_messages(store)
+
+
+def test_twins_in_one_group_take_one_place(redis_url):
+    # The same Idempotency-Key and body twice in one commit (a client's retry while the first was being committed)
+    # make one job: the twin took a place of its own all the same, so it was refused (429) for the place its own job
+    # took, or a request after it was refused with a count one too high.
+    keyed = ([[(GenerateRequest(prompt="keyed"), "interactive")]], {"idempotency_key": "same"})
+    submitter, store = make_submitter(redis_url, max_queued=2)
+    answers = submit_held(submitter, store, [one("first"), keyed, keyed])
+    assert not any(isinstance(answer, ApiError) for answer in answers), answers
+    assert answers[1] == answers[2] and len(queued_messages(store)) == 2
+
+    # Two jobs queued already: with five places, three more jobs fit, the twins' one job among them.
+    again = ([[(GenerateRequest(prompt="keyed"), "interactive")]], {"idempotency_key": "again"})
+    submitter, store = make_submitter(redis_url, max_queued=5)
+    answers = submit_held(submitter, store, [one("first"), again, again, one("after")])
+    assert not any(isinstance(answer, ApiError) for answer in answers), answers
+    assert len(set(job for answer in answers for job in answer)) == 3 and len(queued_messages(store)) == 5
