@@ -189,6 +189,9 @@ class JobRunner:
         # Jobs this worker runs now, and those it is handing back to the queue as it shuts down.
         self._active: set[str] = set()
         self._handed_back: set[str] = set()
+        # Jobs of `_active` whose cancellation was broadcast: one heard before its request reached the engine (while
+        # its prompt and images were prepared) is applied as it gets there.
+        self._cancelled: set[str] = set()
         # Jobs whose release is on its way: a step fenced off by it can end the job's task before it is handed back.
         self._releasing: set[str] = set()
         # Told when a job's task here leaves `run` (see the wait in `run`).
@@ -280,6 +283,7 @@ class JobRunner:
             self._done_before.pop(job_id, None)
             self._observed.discard(job_id)
             self._held.pop(job_id, None)
+            self._cancelled.discard(job_id)
             with self._runs_changed:
                 self._active.discard(job_id)
                 self._handed_back.discard(job_id)
@@ -330,6 +334,10 @@ class JobRunner:
         handle = self.engine.add_request(job_id, prepared.text_token_ids, prepared.params,
                                          prompt_embeds=prepared.engine_prompt_embeds(), text_context=text_context,
                                          priority=priority)
+        if job_id in self._cancelled:
+            # Cancelled before the engine had it, its abort was dropped: the job was prefilled (a long prompt's chunks
+            # for seconds) and ran until its first chunk found the record cancelled.
+            self.engine.abort(job_id)
         output = handle.wait()
         # publish() has normally finished the record already; this covers an engine that ended the
         # request without an output step (for example at shutdown). It is a no-op otherwise.
@@ -444,7 +452,10 @@ class JobRunner:
             _requeue(self._requeue, job_id, time.monotonic() + HAND_BACK_REQUEUE_SECONDS)
 
     def cancel(self, job_id: str) -> None:
-        """A cancellation broadcast: drop the job from the batch if this worker holds it."""
+        """A cancellation broadcast: drop the job from the batch if this worker holds it (as its request reaches
+        the engine, if it has not yet)."""
+        if job_id in self._active:
+            self._cancelled.add(job_id)
         if self.engine is not None:
             self.engine.abort(job_id)
 
