@@ -192,6 +192,9 @@ class JobRunner:
         # Jobs of `_active` whose cancellation was broadcast: one heard before its request reached the engine (while
         # its prompt and images were prepared) is applied as it gets there.
         self._cancelled: set[str] = set()
+        # Jobs a step's chunk of which could not be written (Redis away past the wait, or refusing the write), with
+        # the error they fail with: each stops there, its record's text and count as last written (`_write_step`).
+        self._unwritten: dict[str, str] = {}
         # Jobs whose release is on its way: a step fenced off by it can end the job's task before it is handed back.
         self._releasing: set[str] = set()
         # Told when a job's task here leaves `run` (see the wait in `run`).
@@ -284,6 +287,7 @@ class JobRunner:
             self._observed.discard(job_id)
             self._held.pop(job_id, None)
             self._cancelled.discard(job_id)
+            self._unwritten.pop(job_id, None)
             with self._runs_changed:
                 self._active.discard(job_id)
                 self._handed_back.discard(job_id)
@@ -344,15 +348,20 @@ class JobRunner:
         self._finish(output)
         if job_id in self._handed_back or job_id in self._releasing:
             return "handed_back"  # what Celery logs as the task's result (it read "cancelled")
+        if job_id in self._unwritten:
+            return "failed"
         return _FINAL_STATUS.get(output.finish_reason, "failed")
 
     def publish(self, outputs: list[SeqOutput]) -> None:
         """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
         for out in outputs:
             self._hand_back_if_engine_stopped(out)
-        chunks = [chunk for chunk in map(self._chunk_of, outputs) if chunk is not None]
+        # A job whose text could not be written goes no further: its ending is `_finish`'s.
+        chunks = [chunk for chunk in map(self._chunk_of, outputs)
+                  if chunk is not None and chunk[0] not in self._unwritten]
         endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
-                   if out.finished and out.request_id not in self._handed_back]
+                   if out.finished and out.request_id not in self._handed_back
+                   and out.request_id not in self._unwritten]
         if chunks and not endings and self._writer is not None:
             # Written while the engine computes its next step (workers/step_writer.py).
             self._writer.submit(functools.partial(self._write_step, chunks, endings, len(outputs)))
@@ -373,8 +382,23 @@ class JobRunner:
     def _write_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], jobs: int) -> None:
         """Append and publish a step's chunks and write its endings; a job whose record refused its chunk leaves the
         engine. While Redis is away this waits (and the engine with it, at its next step): its text would have
-        nowhere to go, and a step dropped would leave a hole in a job's text."""
-        seqs = self._record_step(chunks, endings, f"publishing a step of {jobs} jobs")
+        nowhere to go, and a step dropped would leave a hole in a job's text.
+
+        A step that cannot be written (Redis away past the runner's wait, or refusing the write) stops its jobs there,
+        failed (`_finish`), their records' text and count as last written: the engine went on, and their next
+        chunks were appended after the lost one's place, a hole in the text that nothing told of."""
+        try:
+            seqs = self._record_step(chunks, endings, f"publishing a step of {jobs} jobs")
+        except Exception as exc:
+            error = (f"the worker could not write the job's text to Redis ({type(exc).__name__}: {exc}); the job "
+                     "stopped there")
+            log.error("a step of %d jobs could not be written (%s: %s): they stop there, failed", len(chunks),
+                      type(exc).__name__, exc)
+            for job_id, *_ in chunks:
+                self._unwritten.setdefault(job_id, error)
+                if self.engine is not None:
+                    self.engine.abort(job_id)
+            return
         for (job_id, *_), seq in zip(chunks, seqs):
             if seq == RECORD_GONE:
                 log.warning("job %s: its record is gone (Redis lost its data, or the key was deleted); the job "
@@ -462,6 +486,12 @@ class JobRunner:
     def _finish(self, out: SeqOutput) -> None:
         self.flush()  # its held text goes after the job's chunk in flight, if any
         held, _ = self._held.pop(out.request_id, ("", 0))
+        if out.request_id in self._unwritten:
+            # Its text stops at the last chunk written: nothing after it (held text included) is, and the record's
+            # token count stays the one written with that text.
+            self._end(Ending(out.request_id, "failed", self._unwritten[out.request_id], ErrorCode.SERVER_ERROR,
+                             "error"), f"failing job {out.request_id}")
+            return
         self._hand_back_if_engine_stopped(out)  # a request added once the engine had stopped: never published
         if out.request_id not in self._handed_back:
             done_before = self._done_before.get(out.request_id, 0)

@@ -1,0 +1,50 @@
+"""A step that cannot be written (Redis refusing the write, or away past the runner's wait) stops its jobs there,
+failed with an error that says so, their records' text and token count as last written. The engine went on and the
+jobs' next chunks were appended after the lost one's place: a hole in the text that nothing told of."""
+
+import redis
+
+
+def test_a_step_that_cannot_be_written_fails_its_job_with_its_text_whole(redis_server, default_model_dir):
+    from shared.jobs import JobStore
+    from shared.protocol import ErrorCode, GenerateRequest
+    from shared.settings import Settings
+    from workers.builder import load_model, serving_engine
+    from workers.generation import JobRunner
+
+    store = JobStore.from_url(redis_server.url, prefix="unwritten")
+    loaded = load_model(str(default_model_dir), device="cpu", dtype="float32")
+    runner = JobRunner(store, loaded, "w1")
+    engine = serving_engine(loaded, Settings(), on_step=runner.publish)
+    runner.attach(engine)
+    engine.start()
+    written: list[str] = []
+    calls = [0]
+    record_step = store.record_step
+
+    def refuse_the_fifth_step(worker, chunks, endings, step=None):
+        calls[0] += 1
+        if calls[0] == 5:
+            # Not a wait for Redis (a permission taken away): the write fails at once, as after the wait's end.
+            raise redis.ResponseError("NOPERM this user has no permissions to run the 'evalsha' command")
+        seqs = record_step(worker, chunks, endings, step)
+        written.extend(delta for (_, delta, _, _), seq in zip(chunks, seqs) if seq > 0)
+        return seqs
+
+    store.record_step = refuse_the_fifth_step
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time, in a land far away,", temperature=0, max_new_tokens=40),
+                                 "interactive")
+        result = runner.run(job_id)
+        record = store.get(job_id)
+        assert result == "failed", (calls, written, record)
+        assert record["status"] == "failed" and record["error_code"] == ErrorCode.SERVER_ERROR, record
+        assert "could not write the job's text to Redis" in record["error"] and "NOPERM" in record["error"]
+        # The text is the chunks written before the lost one, no more: 4 steps, one token each.
+        assert len(written) == 4 and record["text"] == "".join(written), (written, record["text"])
+        assert record["completion_tokens"] == 4
+        # The runner goes on: the next job runs as ever.
+        job_id, _ = store.create(GenerateRequest(prompt="Hi", temperature=0, max_new_tokens=4), "interactive")
+        assert runner.run(job_id) == "succeeded" and store.get(job_id)["completion_tokens"] >= 1
+    finally:
+        engine.shutdown()
