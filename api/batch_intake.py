@@ -14,6 +14,7 @@ or outside the data roots) is recorded with the reason and becomes no job; the o
 
 import base64
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,10 @@ class Intake:
 
     def _question_line(self, line: dict[str, Any], entry: dict[str, Any]) -> GenerateRequest:
         question_id = line.get("question_id")
-        entry["question_id"] = question_id if isinstance(question_id, str | int | float) else None
+        # Not a float JSON cannot hold (1e400 reads as inf): written back as Infinity, it made the errors file JSON
+        # that no strict parser reads.
+        finite = not isinstance(question_id, float) or math.isfinite(question_id)
+        entry["question_id"] = question_id if isinstance(question_id, str | int | float) and finite else None
         try:
             question = Question.model_validate(line)
         except ValidationError as exc:
