@@ -181,6 +181,9 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
     message in a deep queue was sent again once every job queued after it had been taken.) A lost job's message goes
     to the head of its queue (`send_first`: it has waited its turn). A message sent twice (one was being taken as this
     looked, one was sent over `older_than` seconds late) runs its job once: `JobStore.start` skips the second start.
+    The line of a batch whose file is still being read is left out: its task is sent once the whole file has been read
+    (api/batch_intake.py), and a batch whose file cannot be read to the end runs none of its lines. (A file read over
+    `older_than` had its first lines sent here and run while the rest was read, and run in full if the API died.)
     """
     now = store.clock()  # the records' created_at are on it (a worker's own clock could be minutes off)
     candidates: list[tuple[str, str, float]] = []
@@ -188,18 +191,26 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         job_ids = store.redis.zrange(store.queue_key(queue), 0, limit - 1)
         with store.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(store.key(job_id), ("status", "created_at", "model"))
+                pipe.hmget(store.key(job_id), ("status", "created_at", "model", "batch"))
             # A record that is no hash (written by hand) answers WRONGTYPE: raised, it failed every sweep (logged as
             # an outage), and no lost job of any queue was sent again.
             records = pipe.execute(raise_on_error=False)
         for job_id, record in zip(job_ids, records):
             created_at = _queued_since(job_id, record)
             if created_at is not None and now - created_at >= older_than:
-                candidates.append((job_id, task_queue(queue, record[2] or None), created_at))
+                candidates.append((job_id, task_queue(queue, record[2] or None), created_at, record[3]))
+    batches = sorted({batch for *_, batch in candidates if batch})
+    if batches:
+        with store.redis.pipeline(transaction=False) as pipe:
+            for batch in batches:
+                pipe.hget(f"{store.batch_prefix}{batch}", "status")
+            reading = {batch for batch, status in zip(batches, pipe.execute(raise_on_error=False))
+                       if status == "validating"}
+        candidates = [candidate for candidate in candidates if candidate[3] not in reading]
     if not candidates:
         return []
     with _broker_channel(app) as channel:
-        names = sorted({celery_queue for _, celery_queue, _ in candidates})
+        names = sorted({celery_queue for _, celery_queue, _, _ in candidates})
         with channel.client.pipeline(transaction=False) as pipe:
             for name in names:
                 for priority in channel.priority_steps:
@@ -210,7 +221,7 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         oldest = {name: min((_enqueued_at(head) for head in heads[index * steps:(index + 1) * steps]
                              if head is not None), default=None) for index, name in enumerate(names)}
         taken = {_task_id(raw) for raw in channel.client.hvals(channel.unacked_key)}
-        lost = [(job_id, name, created_at) for job_id, name, created_at in candidates
+        lost = [(job_id, name, created_at) for job_id, name, created_at, _ in candidates
                 if job_id not in taken and (oldest[name] is None or oldest[name] > created_at + older_than)]
         # At the head of their queues, as hand-backs: they have waited their turn; the oldest is taken first.
         for job_id, name, _ in sorted(lost, key=lambda job: job[2], reverse=True):
@@ -219,12 +230,12 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
 
 
 def _queued_since(job_id: str, record: list | Exception) -> float | None:
-    """When a job whose record read (status, created_at, model) says it is queued was recorded; None for a job not
+    """When a job whose record read (status, created_at, ...) says it is queued was recorded; None for a job not
     queued, and for a record that is unreadable (logged: it is no job's as the store writes them)."""
     try:
         if isinstance(record, Exception):
             raise record
-        status, created_at, _ = record
+        status, created_at = record[:2]
         return float(created_at) if status == "queued" else None
     except (redis.RedisError, TypeError, ValueError) as exc:
         if isinstance(exc, redis.RedisError) and answers_later(exc):

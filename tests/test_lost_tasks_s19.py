@@ -144,3 +144,31 @@ def test_a_job_record_of_another_type_does_not_stop_the_sweep_for_the_others(red
     finally:
         client.delete(task_queue("interactive", model), *(store.key(job) for job in broken))
         client.close()
+
+
+def test_the_lines_of_a_batch_being_read_are_not_sent_before_its_file_is_read(redis_server):
+    # api/batch_intake.py records a batch's lines as it reads its file and sends their tasks once the whole file is
+    # read: a file that cannot be read to its end runs none of them. The sweep took the lines of a file read for
+    # longer than its wait for lost messages for lost, sent them, and they ran while the rest was read.
+    from shared.batches import BatchStore, new_batch_id
+
+    prefix = f"llq-reading-{uuid.uuid4().hex[:8]}"
+    store = JobStore.from_url(redis_server.url, prefix=prefix)
+    app = make_celery(Settings(redis_url=redis_server.url))
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    model = f"model-{prefix}"
+    batches = BatchStore(store, 3600)
+    batch_id = new_batch_id()
+    batches.create(batch_id, {"params": None})
+    request = GenerateRequest(model=model, prompt="Hello", max_new_tokens=4)
+    lines = store.create_many([request] * 2, "batch", extra=[{"batch": batch_id, "batch_line": i} for i in range(2)])
+    lost = store.create(request, "batch")[0]  # no batch's: its message is lost
+    try:
+        assert resend_lost_tasks(app, store, older_than=0) == [lost]
+        # Read to its end, the batch is under way: a line whose message is nowhere now is lost. (The queue emptied:
+        # the lost job's new message, with no time of its own, would leave the queue unjudged this time.)
+        client.delete(task_queue("batch", model))
+        client.hset(batches.key(batch_id), "status", "in_progress")
+        assert sorted(resend_lost_tasks(app, store, older_than=0)) == sorted([*lines, lost])
+    finally:
+        client.delete(task_queue("batch", model))
