@@ -439,6 +439,14 @@ def _deliver_claimed(store: JobStore, claims: dict[str, Claim], requeue_after: f
             del claims[job_id]
             continue
         if store.claim(claim):
-            log.warning("job %s: its worker stopped beating; delivering it again", job_id)
-            _deliver_again(store, job_id)
+            if store.redis.hget(store.key(job_id), "cancel_requested") == "1":
+                # Cancelled while its worker was dead (or dying): the cancel left it to that worker, and delivered
+                # again it waited for a worker of its model to start it, and end it; where none came, for its whole
+                # wait again (a batch's line: the batch's window, its batch "cancelling" for as long). Claimed, no
+                # worker holds it: the cancel ends it now.
+                store.cancel(job_id)
+                log.info("job %s: its worker stopped beating, and it was cancelled: ended", job_id)
+            else:
+                log.warning("job %s: its worker stopped beating; delivering it again", job_id)
+                _deliver_again(store, job_id)
         del claims[job_id]
