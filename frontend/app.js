@@ -538,7 +538,13 @@ async function vote(type) {
 
 // ---- the image ---------------------------------------------------------------------------------
 
+// Numbers each image picked: a reading still under way when another image is picked, or the image is removed, sent
+// or cleared, attaches nothing when it ends (a large image's reading ended after a small one picked after it, and the
+// large one was attached, then sent with the next message).
+let imagePick = 0;
+
 async function setPendingImage(image) {
+  if (!image) imagePick += 1;
   state.pendingImage = image;
   ui.image.value = "";
   ui.preview.hidden = !image;
@@ -562,13 +568,16 @@ async function showPreview() {
 
 async function takeImageFile(file) {
   if (!file) return;
+  const pick = ++imagePick;
   const reading = (async () => {
     try {
       const { max_image_pixels: maxPixels } = await pageConfig;
-      await setPendingImage({ source: await readImage(file, maxPixels), name: file.name || "pasted image" });
+      const source = await readImage(file, maxPixels);
+      if (pick !== imagePick) return;
+      await setPendingImage({ source, name: file.name || "pasted image" });
       notice("");
     } catch (error) {
-      notice(error.message);
+      if (pick === imagePick) notice(error.message);
     }
   })();
   state.imageReading = reading;

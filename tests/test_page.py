@@ -641,6 +641,31 @@ def test_an_image_with_too_many_pixels_is_refused_with_its_size(page, tmp_path):
     assert page.locator("#notice").inner_text() == ""
 
 
+def test_the_image_picked_last_is_the_one_attached(page, tmp_path):
+    # Each pick started a reading that attached its image when it ended: a large image's ended after a small one
+    # picked after it, and the large one was attached (and sent with the next message); one removed while it was
+    # being read came back.
+    large = hugely_many_pixels_png(tmp_path / "large.png", 7000, 7000)  # 49 megapixels to decode, under the limit
+    chooser = page.get_by_label("Choose an image")
+    started = time.monotonic()
+    chooser.set_input_files(large)
+    page.locator("#attachment-name").get_by_text("large.png").wait_for(timeout=30_000)
+    read_seconds = time.monotonic() - started
+    page.get_by_role("button", name="Remove image").click()
+
+    chooser.set_input_files(large)
+    chooser.set_input_files(Path(__file__).parents[1] / "frontend/examples/shapes.png")
+    page.locator("#attachment-name").get_by_text("shapes.png").wait_for(timeout=10_000)
+    page.wait_for_timeout(int(3 * read_seconds * 1000) + 500)  # the large one's reading has ended by now
+    assert page.locator("#attachment-name").inner_text() == "shapes.png"
+    assert page.locator("#notice").inner_text() == ""
+
+    chooser.set_input_files(large)
+    page.get_by_role("button", name="Remove image").click()
+    page.wait_for_timeout(int(3 * read_seconds * 1000) + 500)
+    assert page.locator("#attachment").is_hidden()
+
+
 def test_a_file_dropped_anywhere_on_the_page_is_taken_not_opened(page, stack):
     # Only the drop zone took a drop: a file dropped on the conversation made the browser open it, and the
     # conversation was gone. (A dispatched drop has no default action; whether the page prevents it is what counts.)
