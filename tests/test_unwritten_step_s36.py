@@ -48,3 +48,40 @@ def test_a_step_that_cannot_be_written_fails_its_job_with_its_text_whole(redis_s
         assert runner.run(job_id) == "succeeded" and store.get(job_id)["completion_tokens"] >= 1
     finally:
         engine.shutdown()
+
+
+def test_a_job_whose_last_step_cannot_be_written_ends_with_its_last_chunk(redis_server, default_model_dir):
+    # The step that ends a job is lost: the job is not failed (it ran to its end), and its last chunk is written with
+    # its ending, under that step's number (a try of the step that had reached Redis is not appended twice).
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+    from shared.settings import Settings
+    from workers.builder import load_model, serving_engine
+    from workers.generation import JobRunner
+
+    store = JobStore.from_url(redis_server.url, prefix="unwritten-last")
+    loaded = load_model(str(default_model_dir), device="cpu", dtype="float32")
+    runner = JobRunner(store, loaded, "w1")
+    engine = serving_engine(loaded, Settings(), on_step=runner.publish)
+    runner.attach(engine)
+    engine.start()
+    refused = []
+    record_step = store.record_step
+
+    def refuse_the_first_ending(worker, chunks, endings, step=None):
+        if endings and chunks and not refused:
+            refused.append(step)
+            raise redis.ResponseError("NOPERM this user has no permissions to run the 'evalsha' command")
+        return record_step(worker, chunks, endings, step)
+
+    store.record_step = refuse_the_first_ending
+    try:
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time, in a land far away,", temperature=0,
+                                                 max_new_tokens=6), "interactive")
+        assert runner.run(job_id) == "succeeded" and refused
+        record = store.get(job_id)
+        assert (record["status"], record["completion_tokens"]) == ("succeeded", 6), record
+        tokens = loaded.tokenizer(record["text"], add_special_tokens=False).input_ids
+        assert len(tokens) == 6, record["text"]  # every token's text, the last chunk's too
+    finally:
+        engine.shutdown()

@@ -194,7 +194,10 @@ class JobRunner:
         self._cancelled: set[str] = set()
         # Jobs a step's chunk of which could not be written (Redis away past the wait, or refusing the write), with
         # the error they fail with: each stops there, its record's text and count as last written (`_write_step`).
-        self._unwritten: dict[str, str] = {}
+        self._text_lost: dict[str, str] = {}
+        # The unwritten last chunk of a job that ended in that step, and the step's number: written with its ending
+        # (`_finish`), under the same number, so that a try of the step that did reach Redis is not appended twice.
+        self._last_chunk: dict[str, tuple[tuple[str, str, int, bool], int]] = {}
         # Jobs whose release is on its way: a step fenced off by it can end the job's task before it is handed back.
         self._releasing: set[str] = set()
         # Told when a job's task here leaves `run` (see the wait in `run`).
@@ -287,7 +290,8 @@ class JobRunner:
             self._observed.discard(job_id)
             self._held.pop(job_id, None)
             self._cancelled.discard(job_id)
-            self._unwritten.pop(job_id, None)
+            self._text_lost.pop(job_id, None)
+            self._last_chunk.pop(job_id, None)
             with self._runs_changed:
                 self._active.discard(job_id)
                 self._handed_back.discard(job_id)
@@ -348,7 +352,7 @@ class JobRunner:
         self._finish(output)
         if job_id in self._handed_back or job_id in self._releasing:
             return "handed_back"  # what Celery logs as the task's result (it read "cancelled")
-        if job_id in self._unwritten:
+        if job_id in self._text_lost:
             return "failed"
         return _FINAL_STATUS.get(output.finish_reason, "failed")
 
@@ -358,10 +362,10 @@ class JobRunner:
             self._hand_back_if_engine_stopped(out)
         # A job whose text could not be written goes no further: its ending is `_finish`'s.
         chunks = [chunk for chunk in map(self._chunk_of, outputs)
-                  if chunk is not None and chunk[0] not in self._unwritten]
+                  if chunk is not None and chunk[0] not in self._text_lost]
         endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
                    if out.finished and out.request_id not in self._handed_back
-                   and out.request_id not in self._unwritten]
+                   and out.request_id not in self._text_lost]
         if chunks and not endings and self._writer is not None:
             # Written while the engine computes its next step (workers/step_writer.py).
             self._writer.submit(functools.partial(self._write_step, chunks, endings, len(outputs)))
@@ -384,20 +388,28 @@ class JobRunner:
         engine. While Redis is away this waits (and the engine with it, at its next step): its text would have
         nowhere to go, and a step dropped would leave a hole in a job's text.
 
-        A step that cannot be written (Redis away past the runner's wait, or refusing the write) stops its jobs there,
-        failed (`_finish`), their records' text and count as last written: the engine went on, and their next
-        chunks were appended after the lost one's place, a hole in the text that nothing told of."""
+        A step that cannot be written (Redis away past the runner's wait, or refusing the write) stops its running
+        jobs there, failed (`_finish`), their records' text and count as last written: the engine went on, and their
+        next chunks were appended after the lost one's place, a hole in the text that nothing told of. A job that
+        ended in that step has its last chunk written with its ending (`_finish`)."""
+        step = next(self._steps)
         try:
-            seqs = self._record_step(chunks, endings, f"publishing a step of {jobs} jobs")
+            seqs = self._record_step(chunks, endings, f"publishing a step of {jobs} jobs", step)
         except Exception as exc:
             error = (f"the worker could not write the job's text to Redis ({type(exc).__name__}: {exc}); the job "
                      "stopped there")
-            log.error("a step of %d jobs could not be written (%s: %s): they stop there, failed", len(chunks),
-                      type(exc).__name__, exc)
-            for job_id, *_ in chunks:
-                self._unwritten.setdefault(job_id, error)
+            ended = {ending.job_id for ending in endings}
+            running = [chunk for chunk in chunks if chunk[0] not in ended]
+            if running:
+                log.error("a step of %d jobs could not be written (%s: %s): those still running stop there, failed",
+                          len(chunks), type(exc).__name__, exc)
+            for chunk in chunks:
+                if chunk[0] in ended:
+                    self._last_chunk[chunk[0]] = (chunk, step)
+                    continue
+                self._text_lost.setdefault(chunk[0], error)
                 if self.engine is not None:
-                    self.engine.abort(job_id)
+                    self.engine.abort(chunk[0])
             return
         for (job_id, *_), seq in zip(chunks, seqs):
             if seq == RECORD_GONE:
@@ -486,10 +498,10 @@ class JobRunner:
     def _finish(self, out: SeqOutput) -> None:
         self.flush()  # its held text goes after the job's chunk in flight, if any
         held, _ = self._held.pop(out.request_id, ("", 0))
-        if out.request_id in self._unwritten:
+        if out.request_id in self._text_lost:
             # Its text stops at the last chunk written: nothing after it (held text included) is, and the record's
             # token count stays the one written with that text.
-            self._end(Ending(out.request_id, "failed", self._unwritten[out.request_id], ErrorCode.SERVER_ERROR,
+            self._end(Ending(out.request_id, "failed", self._text_lost[out.request_id], ErrorCode.SERVER_ERROR,
                              "error"), f"failing job {out.request_id}")
             return
         self._hand_back_if_engine_stopped(out)  # a request added once the engine had stopped: never published
@@ -499,11 +511,15 @@ class JobRunner:
             # those tokens, so the record's text gets them first, in the same round trip: written apart, a worker
             # that died between the two left the text written and the job "running", to be run again elsewhere.
             chunks = [(out.request_id, held, out.completion_tokens + done_before, False)] if held else []
+            last, step = self._last_chunk.pop(out.request_id, (None, None))
+            if last is not None:
+                # Its last step was not written: its chunk goes with the ending, under that step's number.
+                chunks = [last]
             self._end(ending_of(out, done_before), f"ending job {out.request_id}", chunks,
-                      observe=out.request_id not in self._observed)
+                      observe=out.request_id not in self._observed, step=step)
 
     def _end(self, ending: Ending, what: str, chunks: list[tuple[str, str, int, bool]] | None = None,
-             observe: bool = True) -> None:
+             observe: bool = True, step: int | None = None) -> None:
         """Write a job's ending, after its `chunks` (`record_step`'s) in the same round trip, waiting for Redis while
         it is away; an ending that gives up is kept and written again in the background (`_write_unwritten`) instead
         of lost, which left the job "running" for good (its chunks are not: a client has not seen their text).
@@ -513,7 +529,7 @@ class JobRunner:
         same write would fail again) is logged, not raised: raised, it escaped `run` and failed the Celery task
         (acknowledged, so never delivered again), and nothing more could be done for the job either way."""
         try:
-            self._record_step(chunks or [], [ending], what)
+            self._record_step(chunks or [], [ending], what, step)
             if observe:
                 METRICS.observe_endings([ending])
         except RedisError as exc:
@@ -557,10 +573,12 @@ class JobRunner:
                     if self._unwritten.get(ending.job_id) is ending:
                         del self._unwritten[ending.job_id]
 
-    def _record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], what: str) -> list[int]:
+    def _record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], what: str,
+                     step: int | None = None) -> list[int]:
         """`JobStore.record_step` for this worker, waiting for Redis while it is away (`when_redis_answers`); a try
-        again carries the same step number, so chunks the lost try had written are not written twice."""
-        step = next(self._steps)
+        again carries the same step number (`step`, else the next), so chunks the lost try had written are not
+        written twice."""
+        step = next(self._steps) if step is None else step
         return self._when_redis_answers(lambda: self.store.record_step(self.worker_name, chunks, endings, step), what)
 
     def _when_redis_answers(self, call: Callable[[], T], what: str) -> T:
