@@ -163,7 +163,8 @@ async function send() {
     notice("Reading the image…");
     await state.imageReading;
     state.sendOnceRead = false;
-    if (state.pendingImage) send();
+    // Another image picked meanwhile: the reading awaited attached nothing, and the message waits for the new one.
+    if (state.pendingImage || state.imageReading) send();
     return;
   }
   const image = state.pendingImage;

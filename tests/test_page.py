@@ -666,6 +666,23 @@ def test_the_image_picked_last_is_the_one_attached(page, tmp_path):
     assert page.locator("#attachment").is_hidden()
 
 
+def test_a_message_sent_while_an_image_is_read_waits_for_the_image_picked_last(page, stack, tmp_path):
+    # Enter pressed while an image is read waits for it; another picked meanwhile makes the awaited reading attach
+    # nothing, and the message then stayed in the box, unsent.
+    quick_answers(page)
+    first = hugely_many_pixels_png(tmp_path / "first.png", 7000, 7000)
+    second = hugely_many_pixels_png(tmp_path / "second.png", 7000, 6999)
+    message = page.get_by_label("Message")
+    message.fill("What is in the picture?")
+    chooser = page.get_by_label("Choose an image")
+    chooser.set_input_files(first)
+    message.press("Enter")  # while the first image is read (0.4 s here)
+    chooser.set_input_files(second)
+    page.locator(".turn.user").first.wait_for(timeout=60_000)
+    assert page.locator(".turn.user").count() == 1 and message.input_value() == ""
+    wait_for_end(page)
+
+
 def test_a_file_dropped_anywhere_on_the_page_is_taken_not_opened(page, stack):
     # Only the drop zone took a drop: a file dropped on the conversation made the browser open it, and the
     # conversation was gone. (A dispatched drop has no default action; whether the page prevents it is what counts.)

@@ -2,19 +2,26 @@
 failed with an error that says so, their records' text and token count as last written. The engine went on and the
 jobs' next chunks were appended after the lost one's place: a hole in the text that nothing told of."""
 
+import time
+
+import pytest
 import redis
 
 
-def test_a_step_that_cannot_be_written_fails_its_job_with_its_text_whole(redis_server, default_model_dir):
+# Written behind the engine too (a GPU's, or ENGINE_CPUS'), where the engine computes and hands over its next step
+# while the failing write waits: that step, built before the failure was known, held the job's next chunk.
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_a_step_that_cannot_be_written_fails_its_job_with_its_text_whole(redis_server, default_model_dir,
+                                                                        write_behind):
     from shared.jobs import JobStore
     from shared.protocol import ErrorCode, GenerateRequest
     from shared.settings import Settings
     from workers.builder import load_model, serving_engine
     from workers.generation import JobRunner
 
-    store = JobStore.from_url(redis_server.url, prefix="unwritten")
+    store = JobStore.from_url(redis_server.url, prefix=f"unwritten-{write_behind}")
     loaded = load_model(str(default_model_dir), device="cpu", dtype="float32")
-    runner = JobRunner(store, loaded, "w1")
+    runner = JobRunner(store, loaded, "w1", write_behind=write_behind)
     engine = serving_engine(loaded, Settings(), on_step=runner.publish)
     runner.attach(engine)
     engine.start()
@@ -25,7 +32,9 @@ def test_a_step_that_cannot_be_written_fails_its_job_with_its_text_whole(redis_s
     def refuse_the_fifth_step(worker, chunks, endings, step=None):
         calls[0] += 1
         if calls[0] == 5:
-            # Not a wait for Redis (a permission taken away): the write fails at once, as after the wait's end.
+            # Not a wait for Redis (a permission taken away): the write fails at once, as after the wait's end, here
+            # once the engine has computed its next step.
+            time.sleep(0.5)
             raise redis.ResponseError("NOPERM this user has no permissions to run the 'evalsha' command")
         seqs = record_step(worker, chunks, endings, step)
         written.extend(delta for (_, delta, _, _), seq in zip(chunks, seqs) if seq > 0)

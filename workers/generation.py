@@ -373,6 +373,9 @@ class JobRunner:
             # Written before this returns, after the step in flight: the engine resolves a finished job's handle
             # then, and its task writes the ending again (a no-op only once this one is written).
             self.flush()
+            # The step in flight may have lost a job's text: that job goes no further (its ending is `_finish`'s).
+            chunks = [chunk for chunk in chunks if chunk[0] not in self._text_lost]
+            endings = [ending for ending in endings if ending.job_id not in self._text_lost]
             self._write_step(chunks, endings, len(outputs))
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
@@ -392,6 +395,11 @@ class JobRunner:
         jobs there, failed (`_finish`), their records' text and count as last written: the engine went on, and their
         next chunks were appended after the lost one's place, a hole in the text that nothing told of. A job that
         ended in that step has its last chunk written with its ending (`_finish`)."""
+        # Again here: a step handed to the writer before the one before it had failed still holds that one's jobs.
+        chunks = [chunk for chunk in chunks if chunk[0] not in self._text_lost]
+        endings = [ending for ending in endings if ending.job_id not in self._text_lost]
+        if not (chunks or endings):
+            return
         step = next(self._steps)
         try:
             seqs = self._record_step(chunks, endings, f"publishing a step of {jobs} jobs", step)
