@@ -42,8 +42,8 @@ def test_a_step_that_cannot_be_written_fails_its_job_with_its_text_whole(redis_s
 
     store.record_step = refuse_the_fifth_step
     try:
-        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time, in a land far away,", temperature=0, max_new_tokens=40),
-                                 "interactive")
+        job_id, _ = store.create(GenerateRequest(prompt="Once upon a time, in a land far away,", temperature=0,
+                                                 max_new_tokens=40), "interactive")
         result = runner.run(job_id)
         record = store.get(job_id)
         assert result == "failed", (calls, written, record)
