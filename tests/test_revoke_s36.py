@@ -38,6 +38,20 @@ def wait_running(stack, job_ids: list[str], tokens: int = 3, timeout: float = 60
     raise AssertionError(f"not all running after {timeout} s: {[poll(stack, job_id) for job_id in job_ids]}")
 
 
+def wait_slots_held(stack, blockers: list[str], timeout: float = 120) -> None:
+    """Until the blockers that run have each generated a token, and the others wait queued (behind jobs of other tests
+    that hold slots on the session's worker): every slot is held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = [poll(stack, job_id) for job_id in blockers]
+        assert all(job["status"] in ("queued", "running") for job in jobs), jobs
+        running = [job for job in jobs if job["status"] == "running"]
+        if running and all(job["usage"]["completion_tokens"] >= 1 for job in running):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the slots were not held after {timeout} s")
+
+
 def test_revoke_with_terminate_cancels_that_job_and_leaves_its_batch_mates_running(stack):
     app = make_celery(Settings(redis_url=stack.redis_url))
     jobs = [submit(stack, messages=STORY, temperature=0, max_new_tokens=1024) for _ in range(3)]
@@ -69,7 +83,7 @@ def test_a_job_revoked_while_queued_ends_cancelled_when_its_message_is_discarded
     app = make_celery(Settings(redis_url=stack.redis_url))
     blockers = [submit(stack, messages=STORY, temperature=0, max_new_tokens=600) for _ in range(SLOTS)]
     try:
-        wait_running(stack, blockers, tokens=1, timeout=120)
+        wait_slots_held(stack, blockers)
         queued = submit(stack, messages=FRANCE, temperature=0, max_new_tokens=8)
         assert app.control.revoke(queued, reply=True, timeout=10), "no worker answered the revoke"
         assert poll(stack, queued)["status"] == "queued"
