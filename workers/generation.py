@@ -360,12 +360,10 @@ class JobRunner:
         """The engine's per-step hook: every job's new text, and the jobs that ended, in one round trip."""
         for out in outputs:
             self._hand_back_if_engine_stopped(out)
-        # A job whose text could not be written goes no further: its ending is `_finish`'s.
-        chunks = [chunk for chunk in map(self._chunk_of, outputs)
-                  if chunk is not None and chunk[0] not in self._text_lost]
-        endings = [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
-                   if out.finished and out.request_id not in self._handed_back
-                   and out.request_id not in self._text_lost]
+        chunks, endings = self._still_written(
+            [chunk for chunk in map(self._chunk_of, outputs) if chunk is not None],
+            [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
+             if out.finished and out.request_id not in self._handed_back])
         if chunks and not endings and self._writer is not None:
             # Written while the engine computes its next step (workers/step_writer.py).
             self._writer.submit(functools.partial(self._write_step, chunks, endings, len(outputs)))
@@ -373,9 +371,8 @@ class JobRunner:
             # Written before this returns, after the step in flight: the engine resolves a finished job's handle
             # then, and its task writes the ending again (a no-op only once this one is written).
             self.flush()
-            # The step in flight may have lost a job's text: that job goes no further (its ending is `_finish`'s).
-            chunks = [chunk for chunk in chunks if chunk[0] not in self._text_lost]
-            endings = [ending for ending in endings if ending.job_id not in self._text_lost]
+            # The step in flight may have lost a job's text (and the metrics below count what is written).
+            chunks, endings = self._still_written(chunks, endings)
             self._write_step(chunks, endings, len(outputs))
         # The batch size, and the jobs that ended: a background thread reads their latencies, not this one.
         METRICS.observe_step(outputs, endings)
@@ -396,8 +393,7 @@ class JobRunner:
         next chunks were appended after the lost one's place, a hole in the text that nothing told of. A job that
         ended in that step has its last chunk written with its ending (`_finish`)."""
         # Again here: a step handed to the writer before the one before it had failed still holds that one's jobs.
-        chunks = [chunk for chunk in chunks if chunk[0] not in self._text_lost]
-        endings = [ending for ending in endings if ending.job_id not in self._text_lost]
+        chunks, endings = self._still_written(chunks, endings)
         if not (chunks or endings):
             return
         step = next(self._steps)
@@ -407,8 +403,7 @@ class JobRunner:
             error = (f"the worker could not write the job's text to Redis ({type(exc).__name__}: {exc}); the job "
                      "stopped there")
             ended = {ending.job_id for ending in endings}
-            running = [chunk for chunk in chunks if chunk[0] not in ended]
-            if running:
+            if any(chunk[0] not in ended for chunk in chunks):
                 log.error("a step of %d jobs could not be written (%s: %s): those still running stop there, failed",
                           len(chunks), type(exc).__name__, exc)
             for chunk in chunks:
@@ -425,6 +420,13 @@ class JobRunner:
                             "is dropped", job_id)
             if seq < 0 and self.engine is not None:
                 self.engine.abort(job_id)  # the job was cancelled or ended elsewhere, or its record is gone
+
+    def _still_written(self, chunks: list[tuple[str, str, int, bool]],
+                       endings: list[Ending]) -> tuple[list[tuple[str, str, int, bool]], list[Ending]]:
+        """`chunks` and `endings` without those of jobs whose text could not be written (`_text_lost`): such a job goes
+        no further, and its ending is `_finish`'s."""
+        return ([chunk for chunk in chunks if chunk[0] not in self._text_lost],
+                [ending for ending in endings if ending.job_id not in self._text_lost])
 
     def _chunk_of(self, out: SeqOutput) -> tuple[str, str, int, bool] | None:
         """The chunk to write for `out`: (job, text, its token count, first token?), or None while its text is held.
