@@ -8,6 +8,7 @@ import uuid
 
 import redis
 import requests
+from celery import Celery
 
 from conftest import job_final, run_stack
 from shared.celery_app import make_celery, resend_lost_tasks, send_many, task_queue
@@ -21,12 +22,16 @@ def queued_task_ids(client: redis.Redis, name: str) -> list[str]:
     return [json.loads(raw)["headers"]["id"] for raw in client.lrange(name, 0, -1)]
 
 
+def sweep_parts(redis_url: str, name: str) -> tuple[JobStore, Celery, redis.Redis, str]:
+    """A job store under a prefix of its own, the Celery app, a Redis client, and a model named after the prefix (so
+    that its queues are this test's alone)."""
+    prefix = f"llq-{name}-{uuid.uuid4().hex[:8]}"
+    return (JobStore.from_url(redis_url, prefix=prefix), make_celery(Settings(redis_url=redis_url)),
+            redis.Redis.from_url(redis_url, decode_responses=True), f"model-{prefix}")
+
+
 def test_only_jobs_whose_message_is_nowhere_are_sent_again(redis_server):
-    prefix = f"llq-lost-{uuid.uuid4().hex[:8]}"
-    store = JobStore.from_url(redis_server.url, prefix=prefix)
-    app = make_celery(Settings(redis_url=redis_server.url))
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    model = f"model-{prefix}"
+    store, app, client, model = sweep_parts(redis_server.url, "lost")
     interactive, batch = task_queue("interactive", model), task_queue("batch", model)
     request = GenerateRequest(model=model, prompt="Hello", max_new_tokens=4)
     lost, lost_batch = store.create(request, "interactive")[0], store.create(request, "batch")[0]
@@ -36,7 +41,7 @@ def test_only_jobs_whose_message_is_nowhere_are_sent_again(redis_server):
     # The taken job's message is held by a worker (kombu's unacked hash), not started yet. The holder's registry key
     # says it lives: else a worker of another test on this Redis puts the message back (restore_messages_of_gone_
     # workers), and the queue's oldest message is then the taken job's (a failure of one run in the whole suite).
-    holder = f"{prefix}:worker:w"
+    holder = f"{store.prefix}:worker:w"
     client.set(holder, "{}")
     send_many(app, [(taken, interactive)], store.clock)
     connection = app.connection_for_write(transport_options={"message_holder": holder})
@@ -124,11 +129,7 @@ def test_a_started_job_sent_again_goes_to_the_head_of_its_queue(redis_server):
 def test_a_job_record_of_another_type_does_not_stop_the_sweep_for_the_others(redis_server, caplog):
     # A key of the job's name that is no hash (written by hand) answered WRONGTYPE inside the sweep's pipeline: the
     # whole sweep failed, logged as an outage, every round, and no lost job of any queue was sent again.
-    prefix = f"llq-lost-{uuid.uuid4().hex[:8]}"
-    store = JobStore.from_url(redis_server.url, prefix=prefix)
-    app = make_celery(Settings(redis_url=redis_server.url))
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    model = f"model-{prefix}"
+    store, app, client, model = sweep_parts(redis_server.url, "lost")
     request = GenerateRequest(model=model, prompt="Hello", max_new_tokens=4)
     lost = store.create(request, "interactive")[0]
     broken = [store.create(request, "interactive")[0] for _ in range(3)]
@@ -152,11 +153,7 @@ def test_the_lines_of_a_batch_being_read_are_not_sent_before_its_file_is_read(re
     # longer than its wait for lost messages for lost, sent them, and they ran while the rest was read.
     from shared.batches import BatchStore, new_batch_id
 
-    prefix = f"llq-reading-{uuid.uuid4().hex[:8]}"
-    store = JobStore.from_url(redis_server.url, prefix=prefix)
-    app = make_celery(Settings(redis_url=redis_server.url))
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    model = f"model-{prefix}"
+    store, app, client, model = sweep_parts(redis_server.url, "reading")
     batches = BatchStore(store, 3600)
     batch_id = new_batch_id()
     batches.create(batch_id, {"params": None})
