@@ -339,6 +339,9 @@ def test_a_job_whose_last_write_waits_out_a_redis_outage_still_ends(loaded, tmp_
         record = record_once_ended(store, job_id)
         assert (record["status"], record["completion_tokens"]) == ("succeeded", 4), (outcome, record)
         assert outcome == "succeeded" and store.totals()["running"] == 0
+        # Its last chunk, lost with the step that ended it, is written with its ending: the text holds every token's.
+        # It was kept without it, and the text stopped a token short of the count.
+        assert len(loaded.tokenizer(record["text"], add_special_tokens=False).input_ids) == 4, record["text"]
     finally:
         engine.shutdown()
         store.redis.close()

@@ -209,10 +209,11 @@ class JobRunner:
         self._writer = StepWriter() if write_behind else None
         # How long a write waits for Redis to come back before it gives up (`when_redis_answers`).
         self.redis_wait_seconds = REDIS_WAIT_SECONDS
-        # Endings whose write gave up (Redis away longer than that): written again in the background until Redis
-        # answers. The job's record names this worker as its holder, so no other worker would end it while this one
-        # lives: an ending dropped left the job "running" for good.
-        self._unwritten: dict[str, Ending] = {}
+        # Endings whose write gave up (Redis away longer than that), each with the chunks written with it and their
+        # step's number: written again in the background until Redis answers. The job's record names this worker as
+        # its holder, so no other worker would end it while this one lives: an ending dropped left the job "running"
+        # for good, and one kept without its chunks lost the job's last text while its token count held it.
+        self._unwritten: dict[str, tuple[Ending, list[tuple[str, str, int, bool]], int]] = {}
         self._unwritten_lock = threading.Lock()
         self._unwritten_writer: threading.Thread | None = None
         # The error every request ends with once the engine stopped itself (`engine_stopped`), and how a job is sent
@@ -538,6 +539,7 @@ class JobRunner:
         An ending Redis refuses for good (a permission an ACL denies, NOPERM; a record of another type, WRONGTYPE: the
         same write would fail again) is logged, not raised: raised, it escaped `run` and failed the Celery task
         (acknowledged, so never delivered again), and nothing more could be done for the job either way."""
+        step = next(self._steps) if step is None else step
         try:
             self._record_step(chunks or [], [ending], what, step)
             if observe:
@@ -551,16 +553,17 @@ class JobRunner:
             log.warning("job %s: its ending (%s) not written (%s); written once Redis answers", ending.job_id,
                         ending.status, exc)
             with self._unwritten_lock:
-                self._unwritten[ending.job_id] = ending
+                self._unwritten[ending.job_id] = (ending, chunks or [], step)
                 if self._unwritten_writer is None or not self._unwritten_writer.is_alive():
                     self._unwritten_writer = threading.Thread(target=self._write_unwritten, daemon=True,
                                                               name="unwritten-endings")
                     self._unwritten_writer.start()
 
     def _write_unwritten(self, interval: float = 1.0) -> None:
-        """Write the kept endings, every `interval` seconds, until none is left. An ending fenced off meanwhile (this
-        worker was thought dead and the job went elsewhere) or of a job that had ended is dropped by Redis itself.
-        If this worker exits first, the sweep of a live worker delivers the job again, whose start ends it."""
+        """Write the kept endings, with their chunks under their steps' numbers (a try that had reached Redis is not
+        appended twice), every `interval` seconds, until none is left. An ending fenced off meanwhile (this worker was
+        thought dead and the job went elsewhere) or of a job that had ended is dropped by Redis itself. If this worker
+        exits first, the sweep of a live worker delivers the job again, whose start ends it."""
         while True:
             time.sleep(interval)
             with self._unwritten_lock:
@@ -568,20 +571,23 @@ class JobRunner:
                 if not pending:
                     self._unwritten_writer = None
                     return
-            try:
-                self.store.record_step(self.worker_name, [], pending)
-                log.info("Redis is back: %d endings written", len(pending))
-            except Exception as exc:
-                if redis_answers_later(exc):
-                    continue
-                # Not an outage nor a passing refusal: trying again would fail again (and hold back the others). The
-                # job goes as a job whose ending failed went before: its holder's heartbeat ends with this worker, then
-                # the sweep takes it.
-                log.exception("writing the endings of jobs %s failed; dropped", [ending.job_id for ending in pending])
-            with self._unwritten_lock:
-                for ending in pending:
-                    if self._unwritten.get(ending.job_id) is ending:
+            written = 0
+            for entry in pending:
+                ending, chunks, step = entry
+                try:
+                    self.store.record_step(self.worker_name, chunks, [ending], step)
+                    written += 1
+                except Exception as exc:
+                    if redis_answers_later(exc):
+                        break  # still away: this one and those after it next time
+                    # Not an outage nor a passing refusal: trying again would fail again. The job goes as a job whose
+                    # ending failed went before: its holder's heartbeat ends with this worker, then the sweep takes it.
+                    log.exception("writing the ending of job %s failed; dropped", ending.job_id)
+                with self._unwritten_lock:
+                    if self._unwritten.get(ending.job_id) is entry:
                         del self._unwritten[ending.job_id]
+            if written:
+                log.info("Redis is back: %d endings written", written)
 
     def _record_step(self, chunks: list[tuple[str, str, int, bool]], endings: list[Ending], what: str,
                      step: int | None = None) -> list[int]:
