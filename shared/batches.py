@@ -365,14 +365,22 @@ class BatchStore:
                 # It left the index as it expired (past the TTL), as every batch older than it did: none follows.
                 return [], False
             start = rank + 1
-        ids = self.redis.zrevrange(self.index_key, start, start + limit)
+        # Read on past the batches that expired (past the TTL, still in the index) until `limit` and one more are
+        # found: a page of them came short while live batches followed, or said more followed when none did.
         batches, gone = [], []
-        for batch_id in ids[:limit]:
-            record = self.get(batch_id)
-            (batches.append(record) if record else gone.append(batch_id))
+        while len(batches) <= limit:
+            ids = self.redis.zrevrange(self.index_key, start, start + limit)
+            for batch_id in ids:
+                record = self.get(batch_id)
+                (batches.append(record) if record else gone.append(batch_id))
+                if len(batches) > limit:
+                    break
+            if len(ids) <= limit:
+                break
+            start += len(ids)
         if gone:
             self.redis.zrem(self.index_key, *gone)
-        return batches, len(ids) > limit
+        return batches[:limit], len(batches) > limit
 
     def job_ids(self, batch_id: str) -> Iterator[str]:
         """The job ids of the batch's lines that became jobs, in file order."""

@@ -908,6 +908,28 @@ def test_the_batch_list_goes_on_after_a_batch_expired_since_it_was_listed():
         assert rest["data"] == [] and rest["has_more"] is False, rest
 
 
+def test_a_batch_list_page_reads_on_past_expired_batches():
+    # Batches past their TTL stay in the index until a listing finds them gone: a page came short while live batches
+    # followed, and said more followed when only expired ones did.
+    import redis as redis_lib
+
+    from api.main import create_app
+    from shared.redis_server import RedisServer
+    from shared.settings import Settings
+
+    with RedisServer() as server, TestClient(create_app(Settings(redis_url=server.url))) as client:
+        ids = [client.post("/v1/batches", files={"file": ("q.jsonl", jsonl(questions(1, image=False)))}).json()["id"]
+               for _ in range(5)]
+        redis = redis_lib.Redis.from_url(server.url)
+        redis.delete(f"llq:batch:{ids[3]}", f"llq:batch:{ids[1]}", f"llq:batch:{ids[0]}")  # their TTL
+        page = client.get("/v1/batches?limit=2").json()
+        assert [batch["id"] for batch in page["data"]] == [ids[4], ids[2]] and page["has_more"] is False, page
+        assert page["last_id"] == ids[2]
+        redis.delete(f"llq:batch:{ids[2]}")
+        page = client.get("/v1/batches?limit=1").json()
+        assert [batch["id"] for batch in page["data"]] == [ids[4]] and page["has_more"] is False, page
+
+
 def test_a_batch_cancelled_and_then_failed_as_abandoned_while_read_leaves_no_job_queued():
     # Cancelled while its file was read, then failed as abandoned (its reader's lease had lapsed) while the reader went
     # on: the batch ended `cancelled` at once, and the jobs of the chunk its reader was writing stayed queued for good
