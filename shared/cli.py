@@ -232,6 +232,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     # A variable that is no setting has been named once (main); the children, which ignore it too, do not repeat it.
     env = {name: value for name, value in os.environ.items() if not unknown_variables({name: value})}
     redis_server = None
+    stopping = hurry = False
+
+    def on_signal(signum, _frame):
+        # The first signal stops the stack in order; a second one while it stops kills what is left. Set before the
+        # embedded Redis starts: a Ctrl-C as it started raised in its start, and could leave it running.
+        nonlocal stopping, hurry
+        hurry = stopping
+        stopping = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         split = split_cpus(get_settings().engine_cpus)
     except ValueError as exc:
@@ -274,16 +285,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.model_path:
         env["LLAVA_QUEUE_MODEL_PATH"] = args.model_path
     children: list[subprocess.Popen] = []
-    stopping = hurry = False
-
-    def on_signal(signum, _frame):
-        # The first signal stops the stack in order; a second one while it stops kills what is left.
-        nonlocal stopping, hurry
-        hurry = stopping
-        stopping = True
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    if stopping:
+        # Told to stop while the embedded Redis started: nothing else was started.
+        if redis_server:
+            redis_server.stop()
+        return 130
     try:
         children.append(_spawn(["worker"], env))
         children.append(_spawn(["api", "--host", host, "--port", str(port)], env, rest))

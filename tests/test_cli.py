@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -590,3 +591,27 @@ def test_api_on_localhost_whose_port_is_taken_on_one_address_says_which():
                              capture_output=True, text=True, timeout=60)
         assert api.returncode == 2, api.stderr[-2000:]
         assert f"localhost:{port} (::1) is in use by another process" in api.stderr, api.stderr[-2000:]
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.6])
+def test_ctrl_c_as_up_starts_ends_it_quietly(tmp_path, delay):
+    # The installed command, signalled as a terminal's Ctrl-C signals it, while it loads (shared.cli takes about a
+    # second to import) or starts its Redis: it printed a KeyboardInterrupt traceback.
+    command = Path(sys.executable).parent / "llava-queue"
+    up = subprocess.Popen([str(command), "up", "--port", str(free_port()), "--redis-dir", str(tmp_path / "redis")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                          cwd=tmp_path)
+    time.sleep(delay)
+    os.killpg(up.pid, signal.SIGINT)
+    try:
+        output, _ = up.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        raise
+    assert "Traceback" not in output, output
+    assert up.returncode in (0, 130), (up.returncode, output)
+    deadline = time.monotonic() + 10
+    while (left := [process for process in psutil.process_iter(["cmdline"])
+                    if str(tmp_path) in " ".join(process.info["cmdline"] or [])]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left  # its Redis, if it had started one
