@@ -487,6 +487,44 @@ def test_stop_completed_by_a_last_token_that_ends_mid_character(tiny_model, toke
     assert stream.joined_deltas("partial") == output.text
 
 
+def test_stop_completed_by_a_token_that_ends_mid_character_ends_the_sequence_there(tiny_model, tokenizer):
+    # The same token, not the last one allowed: the stop its space completes ends the sequence at that token. Its
+    # text was held back whole until the character's last bytes came, tokens later, and the sequence ran on to them
+    # (its token count and ids past the stop).
+    partial = 459
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight[partial] *= 3
+    prompt = random_prompt(6, seed=903)
+    reference_ids = generate_alone(model, prompt, 40)
+    last = reference_ids.index(partial)
+    before = tokenizer.decode(reference_ids[:last], skip_special_tokens=True)
+    stop = before.split()[-1] + " "
+
+    engine, stream = make_engine(model, tokenizer)
+    handle = engine.add_request("partial", prompt, SamplingParams(temperature=0, max_new_tokens=40, stop=stop))
+    run_until_done(engine, [handle])
+    output = handle.wait(0)
+    assert output.token_ids == reference_ids[: last + 1], (output.token_ids, reference_ids)
+    assert output.text == before[: before.rfind(stop.strip())]
+    assert output.finish_reason == "stop"
+    assert stream.joined_deltas("partial") == output.text
+
+
+@pytest.mark.parametrize("text, stop", [("Paris 好的", " "), ("Paris. 好", ". "), ("Hi 😀 there", "Hi ")])
+def test_detokenizer_finds_a_stop_before_a_broken_character(tokenizer, text, stop):
+    # Token by token: the stop is found at the token that completes it, though that token also starts a multi-byte
+    # character (" " + its first byte), and the text before the character goes out with it.
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    detokenizer = Detokenizer(tokenizer, stop=stop)
+    deltas = []
+    for count, token_id in enumerate(ids, 1):
+        deltas.append(detokenizer.add(token_id))
+        if tokenizer.decode(ids[:count]).find(stop) >= 0:
+            break
+    assert detokenizer.stopped, (ids, deltas)
+    assert "".join(deltas) == text[: text.find(stop)] == detokenizer.text
+
 def test_stop_that_is_a_special_token_acts_as_a_token_id(tiny_model, tokenizer):
     special = "<file_sep>"
     special_id = special_token_id(tokenizer, special)

@@ -73,7 +73,11 @@ class Detokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        new_text = self._decode_new(allow_partial=False)
+        new_text, partial = self._decode_new(allow_partial=False)
+        if partial:
+            # Held back as half a character: the text before it may complete a stop string already (" " + the first
+            # byte of a CJK character, with the stop " "), where the sequence must end, not tokens later.
+            return self._release(len(self._text)) if self._stop_before(new_text.rstrip(REPLACEMENT_CHAR)) else ""
         if not new_text:
             return ""
         if self._extend(new_text):
@@ -87,7 +91,7 @@ class Detokenizer:
         "Q:" with the stop "Q: "): it is cut there, and `stopped` turns True.
         """
         if not self.stopped:
-            self._extend(self._decode_new(allow_partial=True))
+            self._extend(self._decode_new(allow_partial=True)[0])
         return self._release(len(self._text))
 
     def _extend(self, new_text: str) -> bool:
@@ -102,8 +106,23 @@ class Detokenizer:
             self.stopped = True
         return self.stopped
 
-    def _decode_new(self, allow_partial: bool) -> str:
-        """Text added by the tokens after the read offset, decoded with the window before it as context."""
+    def _stop_before(self, settled: str) -> bool:
+        """Whether `settled`, the text of tokens held back before a broken character, completes a stop string: if
+        so the text is cut before it and `stopped` turns True; if not, nothing changes (the text comes again, whole,
+        once the character does)."""
+        if not (settled and self._stops):
+            return False
+        matched = [matcher.matched for matcher in self._stops]
+        if self._extend(settled):
+            return True
+        self._text = self._text[: len(self._text) - len(settled)]
+        for matcher, length in zip(self._stops, matched):
+            matcher.matched = length
+        return False
+
+    def _decode_new(self, allow_partial: bool) -> tuple[str, bool]:
+        """Text added by the tokens after the read offset, decoded with the window before it as context, and whether
+        it ends in a broken character, held back (the offsets stay) unless `allow_partial`."""
         decode = self._tokenizer.decode
         prefix = decode(
             self._ids[self._prefix_offset : self._read_offset],
@@ -112,14 +131,14 @@ class Detokenizer:
         )
         full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if len(full) <= len(prefix):
-            return ""
+            return "", False
         # A trailing U+FFFD is a multi-byte character whose last bytes are in
         # tokens not generated yet: wait for them.
         if full.endswith(REPLACEMENT_CHAR) and not allow_partial:
-            return ""
+            return full[len(prefix) :], True
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return full[len(prefix) :]
+        return full[len(prefix) :], False
 
     def _stop_prefix_len(self) -> int:
         """Length of the longest end of the text that could be the start of a stop string."""
