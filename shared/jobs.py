@@ -419,12 +419,26 @@ return 1
 # body under KEYS[1] unless the key was used before (then answer the first body's), and the job each of KEYS[2..]
 # names. Answers {1 if recorded here, the first body's fingerprint or false, {job or false, ...}}.
 _CHECK_IDEMPOTENCY = """
+-- One GET a key: MGET with unpack(KEYS, 2) is a Lua error past 8,000 keys, and a bulk may hold 10,000 jobs. A key
+-- whose job's record is gone (expired: JOB_TTL_SECONDS may be shorter than IDEMPOTENCY_TTL_SECONDS, or deleted) goes
+-- with it, as though it had expired too: a retry got the id of a job that no longer existed (a 202 "queued" for a 404,
+-- a chat completion's 500). When every job the key named is gone, so is the body it was first sent with.
+local jobs, named, gone = {}, 0, 0
+for i = 2, #KEYS do
+  local job = redis.call('GET', KEYS[i])
+  if job then
+    named = named + 1
+    if redis.call('EXISTS', ARGV[3] .. job) == 0 then
+      redis.call('DEL', KEYS[i])
+      job, gone = false, gone + 1
+    end
+  end
+  jobs[i - 1] = job
+end
+if named > 0 and gone == named then redis.call('DEL', KEYS[1]) end
 local first = false
 local recorded = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if not recorded then first = redis.call('GET', KEYS[1]) end
--- One GET a key: MGET with unpack(KEYS, 2) is a Lua error past 8,000 keys, and a bulk may hold 10,000 jobs.
-local jobs = {}
-for i = 2, #KEYS do jobs[i - 1] = redis.call('GET', KEYS[i]) end
 return {recorded and 1 or 0, first, jobs}
 """
 
@@ -969,10 +983,12 @@ class JobStore:
     def check_idempotency(self, fingerprint_key: str, fingerprint: str,
                           idempotency_keys: list[str]) -> tuple[bool, str | None, list[str | None]]:
         """In one round trip: record `fingerprint` (a submission's body) under `fingerprint_key` unless it holds one
-        already, and read the job created under each idempotency key (None where it is unused). Returns (recorded
-        here, the fingerprint recorded before or None, the jobs)."""
+        already, and read the job created under each idempotency key (None where it is unused, or names a job whose
+        record is gone: the key is let go). Returns (recorded here, the fingerprint recorded before or None, the
+        jobs)."""
         keys = [fingerprint_key, *(self.idempotency_key(key) for key in idempotency_keys)]
-        recorded, first, jobs = self._check_idempotency(keys=keys, args=[fingerprint, self.idempotency_ttl_seconds])
+        recorded, first, jobs = self._check_idempotency(keys=keys, args=[fingerprint, self.idempotency_ttl_seconds,
+                                                                        self.key("")])
         return bool(recorded), first, jobs
 
     def owner_key(self, owner: str) -> str:

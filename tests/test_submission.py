@@ -246,6 +246,36 @@ def test_a_key_refused_for_a_full_queue_may_carry_another_body_next_time(redis_u
     assert store.get(job_id)["prompt"] == "b"
 
 
+def test_a_key_whose_jobs_expired_submits_anew(redis_url):
+    # JOB_TTL_SECONDS shorter than IDEMPOTENCY_TTL_SECONDS: the job's record expires while its key is remembered. A
+    # retry was given the id of that job, which no longer existed (POST /v1/jobs: 202 "queued" for a 404; a chat
+    # completion: a 500). The key goes with its job, as though it had expired too, and the retry is a new submission.
+    submitter, store = make_submitter(redis_url)
+    store.release.set()  # no holding here
+    first = [(GenerateRequest(prompt="first"), "interactive")]
+    [gone] = submitter.submit(first, idempotency_key="k", owner="key-a")
+    store.redis.delete(store.key(gone))  # its TTL
+    [again] = submitter.submit(first, idempotency_key="k", owner="key-a")
+    assert again != gone and store.get(again)["status"] == "queued"
+    assert submitter.submit(first, idempotency_key="k", owner="key-a") == [again]  # a retry of the retry: its job
+    store.redis.delete(store.key(again))
+    # With its jobs gone, the key may carry another body, as an expired one may.
+    [other] = submitter.submit([(GenerateRequest(prompt="second"), "interactive")], idempotency_key="k",
+                               owner="key-a")
+    assert store.get(other)["prompt"] == "second"
+    # A bulk one of whose jobs is gone gets a new job in its place, and the others it had.
+    bulk = [(GenerateRequest(prompt=f"b{index}"), "interactive") for index in range(3)]
+    bulk_ids = submitter.submit(bulk, idempotency_key="bulk", owner="key-a")
+    store.redis.delete(store.key(bulk_ids[1]))
+    retried = submitter.submit(bulk, idempotency_key="bulk", owner="key-a")
+    assert retried[0] == bulk_ids[0] and retried[2] == bulk_ids[2] and retried[1] != bulk_ids[1], (retried, bulk_ids)
+    assert store.get(retried[1])["prompt"] == "b1"
+    with pytest.raises(ApiError) as refused:  # the key still holds its body, some of its jobs being there
+        submitter.submit(bulk[:2], idempotency_key="bulk", owner="key-a")
+    assert refused.value.status == 422
+    assert len(queued_messages(store)) == 1 + 1 + 1 + 3 + 1
+
+
 def test_jobs_past_their_deadline_leave_room_in_the_queue_with_no_worker_up(redis_url):
     # With no worker sweeping, overdue jobs were expired only when polled: unpolled, they held the queue full (429).
     submitter, store = make_submitter(redis_url, max_queued=2)
