@@ -56,6 +56,25 @@ def test_bad_images_are_refused_at_submission_with_a_clear_message(data, message
         decode_image(data)
 
 
+def png_variants() -> dict[str, bytes]:
+    """A whole PNG, and the same without its end chunk (IEND) or with its data chunk's (IDAT) checksum wrong."""
+    good = png_bytes(40, 30, seed=7)
+    at = good.index(b"IDAT")
+    crc_at = at + 4 + int.from_bytes(good[at - 4:at], "big")
+    return {"no IEND": good[:-12],
+            "bad IDAT checksum": good[:crc_at] + bytes(b ^ 0xFF for b in good[crc_at:crc_at + 4]) + good[crc_at + 4:]}
+
+
+@pytest.mark.parametrize("name", ["no IEND", "bad IDAT checksum"])
+def test_a_file_pils_decoder_reads_is_taken_though_its_structure_is_off(name):
+    # The original decodes these (Image.open, then RGB): the API's structure check (verify) refused them with a 422.
+    data = png_variants()[name]
+    original = Image.open(io.BytesIO(data)).convert("RGB")
+    check_images([b64(data)])
+    decoded = decode_image(b64(data))
+    assert decoded.size == (40, 30) and decoded.tobytes() == original.tobytes()
+
+
 def test_the_image_limit_is_per_request_not_per_turn():
     image = b64(png_bytes(8, 8))
     turns = [{"role": "user", "text": "<image>" * 8, "images": [image] * 8} for _ in range(2)]
