@@ -142,7 +142,7 @@ def _boolean(value: Any) -> Any:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = False  # null as false, as vLLM takes it (it was a 400)
 
     _booleans = field_validator("include_usage", mode="before")(_boolean)
 
