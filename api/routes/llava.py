@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 
 import anyio
 import redis
@@ -14,7 +15,7 @@ from api.errors import ApiError, store_unavailable
 from api.routes.controller import parse_original_body
 from api.routes.models import served_models
 from api.stream import FollowingResponse, JobNotFound, ServerStopping, StreamEvent, follow_job, with_keepalives
-from shared.jobs import JobStore
+from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import SERVER_ERROR_MSG, ErrorCode, GenerateRequest, InvalidRequest, encode_chunk
 
 log = logging.getLogger("llava_queue.api")
@@ -73,7 +74,8 @@ def refusal(exc: ApiError) -> Response:
 
 
 async def cancel_unless_ended(store: JobStore, job_id: str) -> None:
-    """Cancel a job whose client left; shielded, because the client leaving cancels the caller.
+    """Cancel a job whose stream ends before it (its client left, its model's workers died); shielded, because the
+    client leaving cancels the caller.
 
     With Redis away the job cannot be cancelled: it goes on (its record names it), and the stream ends quietly.
     """
@@ -81,7 +83,35 @@ async def cancel_unless_ended(store: JobStore, job_id: str) -> None:
         try:
             await asyncio.to_thread(store.cancel, job_id)
         except redis.RedisError as exc:
-            log.warning("could not cancel job %s, whose client left, with Redis away: %s", job_id, exc)
+            log.warning("could not cancel job %s, whose stream ended, with Redis away: %s", job_id, exc)
+
+
+class WorkerWatch:
+    """Whether a stream's model has had no live worker for `grace` seconds on end, read once per call (the stream
+    calls it at its keepalive ticks, never per chunk: two Redis round trips each).
+
+    Live is what /list_models reads (`WorkerRegistry.workers`: the heartbeat key is there), draining workers included:
+    one draining still runs the jobs it holds, this one's maybe.
+    """
+
+    def __init__(self, registry: WorkerRegistry, model: str, grace: float):
+        self.registry, self.model, self.grace = registry, model, grace
+        self.unserved_since: float | None = None
+
+    def heard(self) -> None:
+        """The job streamed a chunk: a worker runs it, whatever the registry says of its heartbeat."""
+        self.unserved_since = None
+
+    async def gone(self) -> bool:
+        """Whether no live worker of the model was seen since `grace` seconds ago; raises redis' RedisError."""
+        workers = await asyncio.to_thread(self.registry.workers)
+        now = time.monotonic()
+        if any(worker.get("model") == self.model for worker in workers):
+            self.unserved_since = None
+            return False
+        if self.unserved_since is None:
+            self.unserved_since = now
+        return now - self.unserved_since >= self.grace
 
 
 @router.post("/worker_generate_stream", response_class=StreamingResponse)
@@ -96,6 +126,8 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
     says why, with the refusal's status. A failed job ends with `{"text": <server error>, "error_code":
     1}`, as the original worker's does whatever the cause, and so does a stream that loses Redis.
     A client that disconnects cancels the job, unless the request says `"keep_on_disconnect": true`.
+    A job whose `model` has had no live worker for a heartbeat TTL while it waits (its only worker died) is ended
+    as a disconnect ends it, and its stream with the original proxy's `{"text": <server error>, "error_code": 3}`.
     The `X-Job-Id` response header names the job.
     """
     try:
@@ -114,15 +146,31 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
 
     async def frames():
         ended = sent = False
-        keepalive = request.app.state.settings.llava_keepalive_seconds
-        events = with_keepalives(follow_job(store, hub, job_id), keepalive)
+        settings = request.app.state.settings
+        events = with_keepalives(follow_job(store, hub, job_id), settings.llava_keepalive_seconds)
+        # The keepalives below keep the original client reading for as long as the job waits; with its model's only
+        # worker dead, that is for ever (the original's client met a refused connection at once). So a job whose
+        # model has had no live worker for one heartbeat TTL ends: a worker is dropped from the registry a TTL after
+        # its last heartbeat, and a TTL more lets one whose heartbeat came late (a slow host, a Redis blip), or one
+        # restarted that is back as fast, announce itself again. A job naming no model waits for any worker, as it
+        # is accepted with none up.
+        watch = WorkerWatch(registry, body.model, settings.heartbeat_ttl_seconds) if body.model else None
         try:
             async for event in events:
                 if event is None:
+                    if watch is not None and await watch.gone():
+                        ended = True
+                        if not body.keep_on_disconnect:
+                            await cancel_unless_ended(store, job_id)
+                        # The frame of the original controller's proxy for a worker request that failed.
+                        yield encode_chunk(SERVER_ERROR_MSG, ErrorCode.WORKER_FAILED)
+                        return
                     # Waiting (in the queue, say): an empty frame, which the original clients skip, keeps their
                     # 10-second read timeout from ending the stream (and so the job) while it waits.
                     yield b"\0"
                     continue
+                if watch is not None:
+                    watch.heard()
                 if not event.done:
                     sent = True
                     yield encode_chunk(event.text)
