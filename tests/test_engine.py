@@ -461,10 +461,13 @@ def test_stop_string_spanning_tokens_ends_and_is_removed(tiny_model, tokenizer):
     assert len(output.token_ids) <= 11
 
 
-def test_stop_completed_by_a_last_token_that_ends_mid_character(tiny_model, tokenizer):
+@pytest.mark.parametrize("last_allowed", [True, False])
+def test_stop_completed_by_a_token_that_ends_mid_character(tiny_model, tokenizer, last_allowed):
     # Token 459 is " " and the first two bytes of a three-byte character: its text is held back (half a
     # character) until the next token. When it is the last token, the text released at the end must still be
-    # searched for the stop string its space completes.
+    # searched for the stop string its space completes. When it is not, the stop ends the sequence at that token:
+    # its text was held back whole until the character's last bytes came, tokens later, and the sequence ran on to
+    # them (its token count and ids past the stop).
     partial = 459
     assert tokenizer.decode([partial]) == " \ufffd"
     model = copy.deepcopy(tiny_model)
@@ -478,31 +481,9 @@ def test_stop_completed_by_a_last_token_that_ends_mid_character(tiny_model, toke
     assert last >= 2 and stop not in before
 
     engine, stream = make_engine(model, tokenizer)
-    handle = engine.add_request("partial", prompt, SamplingParams(temperature=0, max_new_tokens=last + 1, stop=stop))
-    run_until_done(engine, [handle])
-    output = handle.wait(0)
-    assert output.token_ids == reference_ids[: last + 1]
-    assert output.text == before[: before.rfind(stop.strip())]
-    assert output.finish_reason == "stop"
-    assert stream.joined_deltas("partial") == output.text
-
-
-def test_stop_completed_by_a_token_that_ends_mid_character_ends_the_sequence_there(tiny_model, tokenizer):
-    # The same token, not the last one allowed: the stop its space completes ends the sequence at that token. Its
-    # text was held back whole until the character's last bytes came, tokens later, and the sequence ran on to them
-    # (its token count and ids past the stop).
-    partial = 459
-    model = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        model.lm_head.weight[partial] *= 3
-    prompt = random_prompt(6, seed=903)
-    reference_ids = generate_alone(model, prompt, 40)
-    last = reference_ids.index(partial)
-    before = tokenizer.decode(reference_ids[:last], skip_special_tokens=True)
-    stop = before.split()[-1] + " "
-
-    engine, stream = make_engine(model, tokenizer)
-    handle = engine.add_request("partial", prompt, SamplingParams(temperature=0, max_new_tokens=40, stop=stop))
+    max_new_tokens = last + 1 if last_allowed else 40
+    handle = engine.add_request("partial", prompt, SamplingParams(temperature=0, max_new_tokens=max_new_tokens,
+                                                                  stop=stop))
     run_until_done(engine, [handle])
     output = handle.wait(0)
     assert output.token_ids == reference_ids[: last + 1], (output.token_ids, reference_ids)
