@@ -14,6 +14,7 @@ or outside the data roots) is recorded with the reason and becomes no job; the o
 
 import base64
 import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from shared.jobs import JobStore
 from shared.protocol import ErrorCode, GenerateRequest, check_images, describe_validation_error
 from shared.settings import Settings
 from shared.vqa import EvalParams, Question, question_job
+
+log = logging.getLogger("llava_queue.api")
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 # Lines per bulk write: one pipelined write of their job records and entries.
@@ -54,6 +57,14 @@ class LineRefused(Exception):
                  code: int = ErrorCode.INVALID_REQUEST):
         super().__init__(message)
         self.message, self.status_code, self.param, self.code = message, status_code, param, int(code)
+
+
+def _unexpected(line_number: int, exc: Exception) -> LineRefused:
+    """A line the reader failed on in a way no check foresaw: it fails alone (a 500, logged with its traceback); the
+    batch's other lines run."""
+    log.error("batch line %d could not be read", line_number, exc_info=exc)
+    return LineRefused(f"line {line_number} could not be read ({type(exc).__name__}: {exc})", 500,
+                       code=ErrorCode.SERVER_ERROR)
 
 
 def file_lines(stream: IO[bytes], limit: int) -> Iterator[bytes | None]:
@@ -191,7 +202,8 @@ class Intake:
             except ApiError as exc:
                 raise LineRefused(exc.message, param=exc.param) from None
             return entry, request
-        except LineRefused as refused:
+        except Exception as exc:  # noqa: BLE001 - one line that breaks the reader fails alone, not the batch
+            refused = exc if isinstance(exc, LineRefused) else _unexpected(line_number, exc)
             entry["error"] = {"message": refused.message, "param": refused.param, "status_code": refused.status_code,
                               "code": refused.code}
             return entry, None

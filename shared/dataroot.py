@@ -6,6 +6,7 @@ resolves outside every root through a symbolic link. With no roots configured, e
 server-side path is refused: clients upload their files instead.
 """
 
+import os
 from pathlib import Path, PurePosixPath
 
 
@@ -21,6 +22,12 @@ def resolved_roots(roots: list[Path]) -> list[Path]:
 def _check_parts(path: str, what: str) -> PurePosixPath:
     if not path or "\0" in path:
         raise PathRefused(f"{what}: an empty path or one with a NUL byte is not a file name")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        # JSON's "\ud800": no file name holds a lone surrogate (those of undecodable bytes, \udc80 to \udcff, encode
+        # back to them). It raised out of `resolve`, and a batch naming such an image failed as a whole with a 500.
+        raise PathRefused(f"{what}: {path!r} is not a file name (it holds a lone surrogate)") from None
     parts = PurePosixPath(path)
     if ".." in parts.parts:
         raise PathRefused(f"{what}: {path!r} has a '..' part; name a path under a data root without one")

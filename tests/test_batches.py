@@ -124,6 +124,8 @@ def test_bad_lines_fail_alone_with_their_reasons(tiny_llava_stack, images, data_
         {"question_id": 7, "text": "Where?", "image": "not-an-image.png"},
         "[1, 2, 3]",
         {"question_id": 9, "text": "Where?", "image": "x" * 300 + ".png"},
+        # JSON's "\ud800": it raised out of the path's resolve, and the whole batch failed with a 500.
+        {"question_id": 10, "text": "Where?", "image": "\ud800.png"},
         good[1],
     ]
     (data_root / "bad-lines.jsonl").write_bytes(jsonl(lines))
@@ -134,11 +136,11 @@ def test_bad_lines_fail_alone_with_their_reasons(tiny_llava_stack, images, data_
     assert batch["errors"]["data"][0]["line"] == 2
     done = wait_for_batch(tiny_llava_stack, batch["id"])
     assert done["status"] == "completed"
-    assert done["request_counts"] == {"total": 11, "completed": 2, "failed": 9}
+    assert done["request_counts"] == {"total": 12, "completed": 2, "failed": 10}
     assert [answer["question_id"] for answer in download(tiny_llava_stack, batch["id"], "output")] == [100, 101]
     errors = download(tiny_llava_stack, batch["id"], "errors")
     reasons = {error["line"]: error["error"] for error in errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     assert "not valid JSON" in reasons[2]
     assert "text: field required" in reasons[3]
     assert "no such file" in reasons[4]
@@ -148,6 +150,7 @@ def test_bad_lines_fail_alone_with_their_reasons(tiny_llava_stack, images, data_
     assert "not an image file" in reasons[8]
     assert "not a JSON object" in reasons[9]
     assert "cannot be read (File name too long)" in reasons[10]
+    assert "lone surrogate" in reasons[11]
     assert [error["question_id"] for error in errors[1:7]] == [2, 3, 4, 5, 6, 7]
 
 
