@@ -141,6 +141,33 @@ _KEEP_SIZE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 """
 
+# A page of an owner's batches (KEYS[1], its index), newest first, in one script, so that the cursor's rank and the
+# ranges read after it agree while other requests add batches or drop expired ones (read in several calls, a page
+# repeated or skipped batches): up to ARGV[2] + 1 ids after batch ARGV[1] (from the newest if empty) whose record
+# (ARGV[3] .. id) is there. The expired ones read on the way (past the TTL, still in the index) leave it. Returns
+# false when the cursor is not in the index (it expired, as every batch older than it did), else the ids.
+_LIST_PAGE = """
+local start = 0
+if ARGV[1] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+  if not rank then return false end
+  start = rank + 1
+end
+local want = tonumber(ARGV[2]) + 1
+local live, gone = {}, {}
+while #live < want do
+  local ids = redis.call('ZREVRANGE', KEYS[1], start, start + want - 1)
+  for _, id in ipairs(ids) do
+    if #live == want then break end
+    if redis.call('EXISTS', ARGV[3] .. id) == 1 then live[#live + 1] = id else gone[#gone + 1] = id end
+  end
+  if #ids < want then break end
+  start = start + #ids
+end
+for i = 1, #gone, 1000 do redis.call('ZREM', KEYS[1], unpack(gone, i, math.min(i + 999, #gone))) end
+return live
+"""
+
 # A lease (KEYS[1]) given back by its holder (ARGV[1]) only.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -213,6 +240,7 @@ class BatchStore:
         self._delete_output = self.redis.register_script(_DELETE_OUTPUT)
         self._release = self.redis.register_script(_RELEASE)
         self._keep_size = self.redis.register_script(_KEEP_SIZE)
+        self._list_page = self.redis.register_script(_LIST_PAGE)
 
     def key(self, batch_id: str) -> str:
         return f"{self.store.batch_prefix}{batch_id}"
@@ -357,30 +385,15 @@ class BatchStore:
         return record
 
     def list(self, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-        """Batches newest first, `limit` of them after the batch id `after`; and whether more follow."""
-        start = 0
-        if after:
-            rank = self.redis.zrevrank(self.index_key, after)
-            if rank is None:
-                # It left the index as it expired (past the TTL), as every batch older than it did: none follows.
-                return [], False
-            start = rank + 1
-        # Read on past the batches that expired (past the TTL, still in the index) until `limit` and one more are
-        # found: a page of them came short while live batches followed, or said more followed when none did.
-        batches, gone = [], []
-        while len(batches) <= limit:
-            ids = self.redis.zrevrange(self.index_key, start, start + limit)
-            for batch_id in ids:
-                record = self.get(batch_id)
-                (batches.append(record) if record else gone.append(batch_id))
-                if len(batches) > limit:
-                    break
-            if len(ids) <= limit:
-                break
-            start += len(ids)
-        if gone:
-            self.redis.zrem(self.index_key, *gone)
-        return batches[:limit], len(batches) > limit
+        """Batches newest first, `limit` of them after the batch id `after`; and whether more follow. Those expired
+        (past the TTL, still in the index) are passed over, and leave the index (`_LIST_PAGE`): a page of them came
+        short while live batches followed, or said more followed when none did."""
+        ids = self._list_page(keys=[self.index_key], args=[after or "", limit, self.key("")])
+        if not ids:
+            # None: `after` left the index as it expired (past the TTL), as every batch older than it did.
+            return [], False
+        records = [record for record in map(self.get, ids[:limit]) if record]
+        return records, len(ids) > limit
 
     def job_ids(self, batch_id: str) -> Iterator[str]:
         """The job ids of the batch's lines that became jobs, in file order."""
