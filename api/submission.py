@@ -229,7 +229,7 @@ class Submitter:
 
     def _fingerprint_key(self, submission: _Submission) -> str:
         """Where the fingerprint of the body first sent with the submission's idempotency key is kept."""
-        return f"{self.store.prefix}:idempotency-body:{self._scoped_key(submission)}"
+        return self.store.idempotency_body_key(self._scoped_key(submission))
 
     def _unclaim(self, submissions: list[_Submission]) -> None:
         """Let go of the fingerprints `submissions` recorded: they created nothing (429, 503), so their key is free

@@ -495,16 +495,23 @@ return {ARGV[1], 1}
 _CREATE = "local K = KEYS\n" + _QUEUED_WRITES + "return 1\n"
 
 # A cancel by Idempotency-Key that comes before its submission (POST /v1/jobs/cancel), in one script: unless the key
-# (KEYS[1]) names a job already, write a record that is cancelled from the start (KEYS[2], fields ARGV[6..], TTL
-# ARGV[3]), count it among the jobs that ended (KEYS[3], field ARGV[4]), then take the key for it (TTL ARGV[2]). It
-# never enters a queue, the deadline set, an owner's quota or the submitted count: it was never waiting, and an API
-# that died half-way (it was a queued job, then a cancel) left a queued job with no task. It is listed (KEYS[4], created
-# at ARGV[5]), as GET /v1/jobs/{id} answers it. The key is written last, as in _CREATE_KEYED. Answers {the key's job,
-# 1 if created here (or by this very call sent again, ARGV[1])}.
+# (KEYS[1]) names a job whose record (ARGV[6] .. id) is there, write a record cancelled from the start (KEYS[2],
+# fields ARGV[7..], TTL ARGV[3]), count it among the jobs that ended (KEYS[3], field ARGV[4]), then take the key for it
+# (TTL ARGV[2]; the body fingerprint of a key whose job is gone, KEYS[5], goes). It never enters a queue, the deadline
+# set, an owner's quota or the submitted count: it was never waiting, and an API that died half-way (it was a queued
+# job, then a cancel) left a queued job with no task. It is listed (KEYS[4], created at ARGV[5]), as GET /v1/jobs/{id}
+# answers it. The key is written last, as in _CREATE_KEYED. Answers {the key's job, 1 if created here (or by this very
+# call sent again, ARGV[1])}.
 _CREATE_CANCELLED = _LISTED_WRITE + """
 local existing = redis.call('GET', KEYS[1])
+if existing and existing ~= ARGV[1] and redis.call('EXISTS', ARGV[6] .. existing) == 0 then
+  -- Its job's record is gone (expired before its key): the key is free, and so is the body it was sent with, as
+  -- _CHECK_IDEMPOTENCY has it. Counted as taken, the cancel answered 404 and the submission after it ran its job.
+  redis.call('DEL', KEYS[5])
+  existing = false
+end
 if existing then return {existing, existing == ARGV[1] and 1 or 0} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 list_job(KEYS[4], ARGV[1], ARGV[5], ARGV[3])
@@ -847,9 +854,10 @@ class JobStore:
                       finish_reason="cancelled", cancel_requested="1", finished_at=repr(now),
                       request=_IMAGES_RE.sub('"images":[]', record["request"]))  # as _FINISH leaves an ended job's
         fields = [item for pair in record.items() for item in pair]
-        keys = [self.idempotency_key(idempotency_key), self.key(job_id), self.finished_key, self.list_key(owner)]
+        keys = [self.idempotency_key(idempotency_key), self.key(job_id), self.finished_key, self.list_key(owner),
+                self.idempotency_body_key(idempotency_key)]
         args = [job_id, self.idempotency_ttl_seconds, self.ttl_seconds, f"cancelled:{int(ErrorCode.CANCELLED)}",
-                repr(now), *fields]
+                repr(now), self.key(""), *fields]
         job, created = _sent_again_if_lost(lambda: self._create_cancelled(keys=keys, args=args))
         return job, bool(created)
 
@@ -979,6 +987,10 @@ class JobStore:
     def idempotency_key(self, idempotency_key: str) -> str:
         """Where the job created under an Idempotency-Key is remembered."""
         return f"{self.prefix}:idempotency:{idempotency_key}"
+
+    def idempotency_body_key(self, idempotency_key: str) -> str:
+        """Where the fingerprint of the body first sent with an Idempotency-Key is kept (api.submission)."""
+        return f"{self.prefix}:idempotency-body:{idempotency_key}"
 
     def check_idempotency(self, fingerprint_key: str, fingerprint: str,
                           idempotency_keys: list[str]) -> tuple[bool, str | None, list[str | None]]:

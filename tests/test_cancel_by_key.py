@@ -102,6 +102,23 @@ def test_a_cancel_that_comes_before_its_submission_leaves_the_submission_no_job(
     assert status(api, placeholder) == "cancelled"
 
 
+def test_a_cancel_by_a_key_whose_job_is_gone_leaves_its_next_submission_no_job(api, store):
+    # The job's record expired before its key (JOB_TTL_SECONDS shorter than IDEMPOTENCY_TTL_SECONDS): a submission
+    # with the key is a new one (the key went with its job), so the cancel that comes first must take the key as if
+    # it were unused. It answered 404 and left the key, and the submission after it ran its job.
+    key = fresh_key()
+    gone = submit(api, key, prompt="first").json()["id"]
+    store.redis.delete(store.key(gone))  # its TTL
+    cancelled = cancel(api, key)
+    assert cancelled.status_code == 202, cancelled.text
+    placeholder = cancelled.json()["id"]
+    assert placeholder != gone and cancelled.json()["status"] == "cancelled"
+    submitted = submit(api, key, prompt="another body, as the key's old one went with its job")
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["id"] == placeholder, "the submission made a job after its cancel"
+    assert status(api, placeholder) == "cancelled"
+
+
 def test_a_cancel_that_comes_first_never_queues_a_job(api, store):
     # It was a queued job, then a cancel: counted as submitted, given a queue position, and left queued with no task
     # for good by an API that died between the two.

@@ -230,7 +230,7 @@ def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key
     if created:
         return JobCreated(id=job, status="cancelled")
     previous = store.cancel(job)  # a submission took the key first: its job is the one to cancel
-    if previous is None:  # (the record expired while its key lived on)
+    if previous is None:  # (the record expired since the key was read)
         raise ApiError(404, "no job was submitted with this Idempotency-Key", type="not_found",
                        param="header.idempotency-key", code=ErrorCode.NOT_FOUND)
     if previous in FINAL_STATES:
