@@ -235,14 +235,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     stopping = hurry = False
 
     def on_signal(signum, _frame):
-        # The first signal stops the stack in order; a second one while it stops kills what is left. Set before the
-        # embedded Redis starts: a Ctrl-C as it started raised in its start, and could leave it running.
+        # The first signal stops the stack in order; a second one while it stops kills what is left.
         nonlocal stopping, hurry
         hurry = stopping
         stopping = True
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_signal)
     try:
         split = split_cpus(get_settings().engine_cpus)
     except ValueError as exc:
@@ -267,7 +264,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"llava-queue: {problem}", file=sys.stderr, flush=True)
             return 2
         env["LLAVA_QUEUE_REDIS_URL"] = args.redis_url
-    else:
+    # From here on what starts is stopped in order, so a signal only says to stop. Before, nothing has started: a
+    # Ctrl-C (KeyboardInterrupt) ends the command at once, quietly (shared/entry.py), even in a check that waits for
+    # a Redis that does not answer. Set after the embedded Redis had started, a Ctrl-C as it started raised in its
+    # start and could leave it running.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    if not args.redis_url:
         data_dir = None if args.ephemeral_redis else (args.redis_dir or get_settings().cache_dir / "redis")
         try:
             # Not stopped with the others if `up` dies (SIGKILL): its keeper stops it once the worker has handed
@@ -286,7 +289,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env["LLAVA_QUEUE_MODEL_PATH"] = args.model_path
     children: list[subprocess.Popen] = []
     if stopping:
-        # Told to stop while the embedded Redis started: nothing else was started.
+        # Told to stop while the embedded Redis started, or just after the checks: nothing else was started.
         if redis_server:
             redis_server.stop()
         return 130

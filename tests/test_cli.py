@@ -615,3 +615,29 @@ def test_ctrl_c_as_up_starts_ends_it_quietly(tmp_path, delay):
                     if str(tmp_path) in " ".join(process.info["cmdline"] or [])]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left  # its Redis, if it had started one
+
+
+def test_ctrl_c_while_up_checks_a_redis_that_does_not_answer_ends_it_at_once(tmp_path):
+    # Its check waits seconds for an answer: the Ctrl-C was held until the check ended, and `up` exited 2 with the
+    # check's message instead (SIGTERM and a second Ctrl-C did nothing either). Nothing has started yet.
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # takes connections, never answers
+    silent.settimeout(60)
+    command = Path(sys.executable).parent / "llava-queue"
+    up = subprocess.Popen([str(command), "up", "--port", str(free_port()), "--redis-url",
+                           f"redis://127.0.0.1:{silent.getsockname()[1]}"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp_path)
+    try:
+        connection, _ = silent.accept()  # `up` is in its check now
+        os.killpg(up.pid, signal.SIGINT)
+        output, _ = up.communicate(timeout=3)
+    except (subprocess.TimeoutExpired, OSError):
+        os.killpg(up.pid, signal.SIGKILL)
+        raise
+    finally:
+        silent.close()
+    connection.close()
+    assert up.returncode == 130 and "Traceback" not in output, (up.returncode, output)
