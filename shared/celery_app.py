@@ -425,11 +425,13 @@ _KOMBU_KEYS = (INTERACTIVE_QUEUE, "unacked", "unacked_index", MESSAGE_HOLDERS_KE
                f"_kombu.binding.{INTERACTIVE_QUEUE}")
 
 
-def redis_refusal(url: str, prefix: str, *, names_connections: bool = False, writes: bool = False) -> str | None:
+def redis_refusal(url: str, prefix: str, *, names_connections: bool = False, writes: bool = False,
+                  commands: bool = True) -> str | None:
     """Why the Redis at `url` refuses llava-queue for good, in one line, or None: it refuses the URL's credentials
     (or wants some), or its ACL denies the user a command the stack runs (scripts, PUBLISH, SUBSCRIBE and PSUBSCRIBE,
     CLIENT SETNAME with `names_connections`: the API names its stream subscriber) or the keys it uses; with `writes`,
-    also a read-only replica (a worker's Celery consumer cannot start on one). Each such Redis
+    also a read-only replica (a worker's Celery consumer cannot start on one); without `commands`, the credentials
+    alone (`llava-queue status`, which a monitoring user with fewer rights may run). Each such Redis
     was taken for one away: the worker loaded its model and tried again for ever, the API's /healthz said "ok" while
     every submission got a 503 "try again shortly" or no stream got a token. Writes nothing (PUBLISH to a channel of
     the prefix nobody hears, PERSIST, a no-op on keys without a TTL). Raises redis.ConnectionError or TimeoutError when
@@ -448,6 +450,8 @@ def redis_refusal(url: str, prefix: str, *, names_connections: bool = False, wri
             if isinstance(exc, redis.AuthenticationError):  # WRONGPASS
                 return f"it refuses the credentials in the URL ({exc})"
             return f"it refuses the connection: {exc}"  # DENIED (protected mode), a DB index it lacks
+        if not commands:
+            return None
         probes = [("EVAL", "return 1", 0), ("SCRIPT", "LOAD", "return 1"),
                   ("EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", 0),
                   ("PUBLISH", f"{prefix}:probe", "")]

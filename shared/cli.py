@@ -426,7 +426,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     """The queues and workers as a table, read from Redis; again every --watch seconds."""
     from shared.status import run_status
 
-    problem = _redis_url_problem(get_settings().redis_url)
+    # A Redis that refuses the credentials (or wants some) is said so, exit 2, as `api` and `worker` say it: it was
+    # "does not answer" (exit 1), with the server's words ("HELLO must be called with the client already
+    # authenticated").
+    problem = (_redis_url_problem(get_settings().redis_url)
+               or _redis_refusal_problem(get_settings(), commands=False))
     if problem:
         print(f"llava-queue status: {problem}", file=sys.stderr)
         return 2
@@ -541,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_format, settings.log_level)
     for line in unknown_variables(os.environ):
-        print(f"llava-queue: {line}", file=sys.stderr, flush=True)
+        if settings.log_format == "json":
+            # A line a log collector reads, as every other line then (it was plain text among them).
+            logging.getLogger("llava_queue").warning(line)
+        else:
+            print(f"llava-queue: {line}", file=sys.stderr, flush=True)
     try:
         return args.func(args)
     except BrokenPipeError:

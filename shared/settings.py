@@ -2,7 +2,6 @@
 
 import difflib
 import json
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from redis.connection import parse_url
+from redis.connection import ConnectionPool, parse_url
 
 from shared.cpus import parse_cpu_list
 from shared.protocol import MAX_MODEL_CHARS
@@ -220,6 +219,15 @@ class Settings(BaseSettings):
             raise ValueError("not a URL: use redis://[:password@]host:port/db (or rediss://, unix://, sentinel://)")
         if scheme in ("redis", "rediss", "unix"):
             parse_url(value)  # one redis-py cannot use fails here (its message does not repeat the URL)
+            pool = ConnectionPool.from_url(value)
+            try:
+                # Built, not connected: an option of the query the connection does not take (?foo=1, or rediss://'s
+                # ssl_cert_reqs on a redis:// URL) fails here. parse_url took it, and every command failed later
+                # with a traceback.
+                pool.connection_class(**pool.connection_kwargs)
+            except TypeError as exc:
+                option = str(exc).rpartition(" argument ")[2] or str(exc)
+                raise ValueError(f"its query has an option a {scheme}:// URL does not take: {option}") from None
             database = urlsplit(value).path.strip("/") if scheme != "unix" else ""
             if database and not database.isdigit():
                 # redis-py leaves it out (database 0), Celery's kombu refuses it: the API and the worker used two.
@@ -306,7 +314,11 @@ class Settings(BaseSettings):
     @classmethod
     def _log_level(cls, value: str) -> str:
         level = value.strip().upper()
-        if level not in logging.getLevelNamesMapping():
+        # Python's aliases as their names: the worker hands the level to Celery, which takes these five (and
+        # FATAL) only; WARN and NOTSET were taken here, and the worker exited with a traceback once its model
+        # had loaded.
+        level = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(level, level)
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
 
@@ -325,6 +337,15 @@ class Settings(BaseSettings):
             if value.startswith("["):
                 return json.loads(value)
             return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    @field_validator("data_roots", "frontend_dir", "cache_dir")
+    @classmethod
+    def _no_nul(cls, value):
+        # JSON's "\u0000" gets one into a path, which no file name holds: taken, it failed later, in a request (a
+        # batch read from the data roots answered 500).
+        if any("\0" in str(path) for path in (value if isinstance(value, list) else [value] if value else [])):
+            raise ValueError("a path with a NUL character names no file")
         return value
 
 

@@ -176,12 +176,16 @@ def cli(args: list[str], timeout: float = 120, **env) -> subprocess.CompletedPro
 
 
 def test_a_bad_setting_stops_every_command_with_the_variable_named_not_a_traceback():
-    # What an operator mistypes: a port that is no number, a list that is no JSON, a log level logging lacks, a
-    # Redis URL without its scheme (whose password must not be printed back).
+    # What an operator mistypes: a port that is no number, a list that is no JSON, a log level logging lacks (or
+    # Celery: NOTSET, taken, stopped a worker once its model had loaded), a Redis URL without its scheme (whose
+    # password must not be printed back) or with a query option redis-py does not take (rediss://'s on a redis://
+    # URL: taken, every command failed with a traceback), a data root holding NUL (a batch read there was a 500).
     for variable, value in (("LLAVA_QUEUE_PORT", "abc"), ("LLAVA_QUEUE_API_KEY_HASHES", "abc123"),
-                            ("LLAVA_QUEUE_LOG_LEVEL", "verbose"),
+                            ("LLAVA_QUEUE_LOG_LEVEL", "verbose"), ("LLAVA_QUEUE_LOG_LEVEL", "NOTSET"),
                             ("LLAVA_QUEUE_REDIS_URL", "localhost:6379"),
-                            ("LLAVA_QUEUE_REDIS_URL", "redis//:hunter2@localhost:6379/0")):
+                            ("LLAVA_QUEUE_REDIS_URL", "redis//:hunter2@localhost:6379/0"),
+                            ("LLAVA_QUEUE_REDIS_URL", "redis://:hunter2@localhost:6379/0?ssl_cert_reqs=none"),
+                            ("LLAVA_QUEUE_DATA_ROOTS", '["/tmp/a\\u0000b"]')):
         run = cli(["status"], timeout=60, **{variable: value})
         assert run.returncode == 2, (variable, value, run.stderr)
         assert "Traceback" not in run.stderr and variable in run.stderr, run.stderr

@@ -57,7 +57,8 @@ def test_api_metrics_count_jobs_from_redis(stack):
     assert ("llava_queue_queue_depth", (("queue", "batch"),)) in after
     assert ("llava_queue_jobs", (("state", "running"),)) in after
     workers = {labels: value for (name, labels), value in after.items() if name == "llava_queue_workers"}
-    assert workers == {(("model", "SmolLM2-135M-Instruct"), ("ready", "true")): 1}
+    assert workers == {(("model", "SmolLM2-135M-Instruct"), ("ready", "true")): 1,
+                       (("model", "SmolLM2-135M-Instruct"), ("ready", "false")): 0}
     assert after[("llava_queue_worker_slots", (("model", "SmolLM2-135M-Instruct"),))] == 16
 
 
@@ -72,6 +73,12 @@ def test_readyz_needs_redis_and_a_ready_worker_for_the_default_model(stack):
         assert response.status_code == 503
         assert "no live, ready worker serves model 'llava-v1.5-13b'" in response.json()["reasons"][0]
         assert "SmolLM2-135M-Instruct" in response.json()["reasons"][0]
+        # Its worker series are there at 0: an alert on `llava_queue_workers{ready="true"} == 0` found no series
+        # for a model no worker serves, and never fired.
+        metrics = scrape(client.get("/metrics").text)
+        model = (("model", "llava-v1.5-13b"),)
+        assert metrics[("llava_queue_workers", (*model, ("ready", "true")))] == 0
+        assert metrics[("llava_queue_worker_slots", model)] == 0
     with TestClient(create_app(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))) as client:
         response = client.get("/readyz")
         assert response.status_code == 503 and response.json()["redis"] is False
@@ -308,10 +315,11 @@ def test_job_context_tags_every_line_of_a_celery_task():
 def test_a_worker_with_json_logs_writes_nothing_else(default_model_dir, tmp_path):
     """With JSON logs every line a worker writes is a JSON object a log collector can read: Celery's banner (20 lines
     of ASCII art on stdout), its "worker: Warm shutdown" notice, Python warnings (Celery's superuser warning, several
-    lines) and the model loader's progress bars were plain text among them."""
+    lines) and the model loader's progress bars were plain text among them; so was the line that names a variable
+    that is no setting (MAX_NUM_SEQ)."""
     with RedisServer() as server:
         env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=server.url, LLAVA_QUEUE_LOG_FORMAT="json",
-                   LLAVA_QUEUE_MODEL_PATH=str(default_model_dir))
+                   LLAVA_QUEUE_MODEL_PATH=str(default_model_dir), LLAVA_QUEUE_MAX_NUM_SEQ="2")
         env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
         worker = start_service("worker-json", ["worker"], env, tmp_path)
         log = tmp_path / "worker-json.log"
@@ -330,6 +338,7 @@ def test_a_worker_with_json_logs_writes_nothing_else(default_model_dir, tmp_path
     assert not not_json, not_json
     lines = [json.loads(line) for line in text.splitlines()]
     assert any(line["message"] == "worker: Warm shutdown (MainProcess)" for line in lines), text
+    assert any("LLAVA_QUEUE_MAX_NUM_SEQ is not a setting" in line["message"] for line in lines), text
     if os.geteuid() == 0:  # Celery warns a worker run as root
         assert any(line["logger"] == "py.warnings" and "superuser" in line["message"] for line in lines), text
 
@@ -532,3 +541,11 @@ def test_status_reads_a_read_only_replica():
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         assert lines[2].split() == ["interactive", "1"] and any(line.startswith("m@host") for line in lines), lines
+        # So does /metrics: it said `llava_queue_redis_up 0`, and nothing else.
+        from api.main import create_app
+
+        with TestClient(create_app(Settings(redis_url=replica.url))) as client:
+            metrics = scrape(client.get("/metrics").text)
+        assert metrics[("llava_queue_redis_up", ())] == 1
+        assert metrics[("llava_queue_queue_depth", (("queue", "interactive"),))] == 1
+        assert metrics[("llava_queue_workers", (("model", "m"), ("ready", "true")))] == 1

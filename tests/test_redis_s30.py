@@ -147,3 +147,23 @@ def test_an_api_refused_by_redis_says_why_and_healthz_says_what_it_cannot_do(tmp
             assert answer.json()["status"] == "refused" and "client|setname" in answer.json()["error"], answer.text
         finally:
             stop(process)
+
+
+def test_status_refused_by_redis_says_why(tmp_path):
+    """`llava-queue status` against a Redis that wants a password, or refuses the URL's: it said "does not answer"
+    with the server's words and exited 1, as for a Redis that is away. Now one line as `api` and `worker` say it,
+    exit 2; a user without scripts still reads the table (a monitoring user may have fewer rights)."""
+    with redis_process(tmp_path) as port:
+        for url, said in ((f"redis://127.0.0.1:{port}/0", "wants a password"),
+                          (f"redis://queue:wrong-{PASSWORD}@127.0.0.1:{port}/0", "refuses the credentials")):
+            env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=url)
+            status = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True,
+                                    text=True, timeout=60)
+            line = status.stderr.strip().splitlines()[-1]
+            assert status.returncode == 2 and line.startswith("llava-queue status: Redis at") and said in line, (
+                status.returncode, status.stderr)
+            assert PASSWORD not in status.stderr + status.stdout
+        env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=f"redis://noeval:{PASSWORD}@127.0.0.1:{port}/0")
+        status = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert "refuses" not in status.stderr and "wants a password" not in status.stderr, status.stderr

@@ -125,3 +125,10 @@ def test_an_api_whose_frontend_dir_has_no_page_stops_at_start_up(tmp_path):
         run = cli(["api", "--port", str(free_port())], LLAVA_QUEUE_FRONTEND_DIR=str(folder))
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
         assert f"llava-queue api: LLAVA_QUEUE_FRONTEND_DIR='{folder}' {what}" in run.stderr, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, level", [("warn", "WARNING"), ("Fatal", "CRITICAL"), ("debug", "DEBUG")])
+def test_logging_aliases_of_a_level_are_its_name(value, level):
+    # The worker hands its level to Celery, which takes DEBUG, INFO, WARNING, ERROR, CRITICAL (and FATAL) only: WARN
+    # was taken here, and the worker exited with a traceback once its model had loaded.
+    assert Settings(log_level=value).log_level == level

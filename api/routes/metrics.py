@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from api.deps import AppSettings, Registry, Store
+from api.routes.models import RETURNING_SECONDS
 from shared.jobs import QUEUES, JobStore, WorkerRegistry
 from shared.protocol import ErrorCode
 
@@ -32,18 +33,25 @@ class RedisCollector:
     """The deployment's state from Redis, collected at scrape time (the jobs past their deadline ended, then one
     pipelined read and one scan)."""
 
-    def __init__(self, store: JobStore, registry: WorkerRegistry):
+    def __init__(self, store: JobStore, registry: WorkerRegistry, default_model: str | None = None):
         self.store = store
         self.registry = registry
+        self.default_model = default_model
 
     def collect(self):
         up = GaugeMetricFamily("llava_queue_redis_up", "1 if the API reached Redis for this scrape, else 0.")
         try:
             # Jobs past their deadline end first, as before an admission counts the queues: with no worker up to
             # sweep them, they were counted as waiting (an autoscaler reading the depth started workers for them).
-            self.store.expire_overdue()
+            # A read-only replica cannot end them: it is read as it is, as `llava-queue status` reads it (the
+            # scrape said Redis was not reached, and nothing else).
+            try:
+                self.store.expire_overdue()
+            except redis.ReadOnlyError:
+                pass
             totals = self.store.totals()
             workers = self.registry.workers()
+            known = self._known_models(totals)
         except redis.RedisError:
             up.add_metric([], 0)
             yield up
@@ -73,7 +81,16 @@ class RedisCollector:
         for (status, error_code), count in sorted(counts.items()):
             finished.add_metric([status, str(error_code)], count)
         yield finished
-        yield from _worker_families(workers)
+        yield from _worker_families(workers, known)
+
+    def _known_models(self, totals: dict) -> set[str]:
+        """The models whose worker series are there, 0 when no worker is live: the default model, those a worker
+        served within RETURNING_SECONDS, those whose jobs wait for a worker. Without, a model whose last worker died
+        had no series, and an alert on `llava_queue_workers == 0` found an empty vector and never fired."""
+        now = self.registry.clock()
+        known = {model for model, at in self.registry.models_seen().items() if now - at < RETURNING_SECONDS}
+        known |= set(totals["requeued_per_model"])
+        return known | ({self.default_model} if self.default_model else set())
 
 
 def _requeued_per_model(per_model: dict[str, int], workers: list[dict]) -> GaugeMetricFamily:
@@ -89,8 +106,9 @@ def _requeued_per_model(per_model: dict[str, int], workers: list[dict]) -> Gauge
     return family
 
 
-def _worker_families(workers: list[dict]):
-    """Live workers and their load, summed per model, from their heartbeats (a few seconds old at most)."""
+def _worker_families(workers: list[dict], known: set[str] = frozenset()):
+    """Live workers and their load, summed per model, from their heartbeats (a few seconds old at most); 0 for the
+    `known` models no live worker serves, and for either readiness a model's workers are not in."""
     count = GaugeMetricFamily("llava_queue_workers", "Live workers, per model and readiness.",
                               labels=["model", "ready"])
     slots = GaugeMetricFamily("llava_queue_worker_slots", "Sequence slots (max_num_seqs) of the live workers.",
@@ -105,6 +123,9 @@ def _worker_families(workers: list[dict]):
                               "workers (over their last heartbeat interval).", labels=["model"])
     per_model: dict[tuple[str, str], int] = defaultdict(int)
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for model in known | {worker.get("model", "") for worker in workers}:
+        per_model[(model, "true")] = per_model[(model, "false")] = 0
+        sums[model]["max_num_seqs"] = 0
     for worker in workers:
         model = worker.get("model", "")
         per_model[(model, "true" if worker.get("ready", True) else "false")] += 1
@@ -125,7 +146,7 @@ def _registry_of(request: Request) -> CollectorRegistry:
     state = request.app.state
     if getattr(state, "metrics_registry", None) is None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(RedisCollector(state.store, state.registry))
+        registry.register(RedisCollector(state.store, state.registry, state.settings.default_model))
         state.metrics_registry = registry
     return state.metrics_registry
 
