@@ -388,12 +388,18 @@ class BatchStore:
         """Batches newest first, `limit` of them after the batch id `after`; and whether more follow. Those expired
         (past the TTL, still in the index) are passed over, and leave the index (`_LIST_PAGE`): a page of them came
         short while live batches followed, or said more followed when none did."""
-        ids = self._list_page(keys=[self.index_key], args=[after or "", limit, self.key("")])
-        if not ids:
-            # None: `after` left the index as it expired (past the TTL), as every batch older than it did.
-            return [], False
-        records = [record for record in map(self.get, ids[:limit]) if record]
-        return records, len(ids) > limit
+        while True:
+            ids = self._list_page(keys=[self.index_key], args=[after or "", limit, self.key("")])
+            if not ids:
+                # None: `after` left the index as it expired (past the TTL), as every batch older than it did.
+                return [], False
+            records = [self.get(batch_id) for batch_id in ids[:limit]]
+            unread = [batch_id for batch_id, record in zip(ids, records) if record is None]
+            if not unread:
+                return records, len(ids) > limit
+            # Expired since the script read the index, or an entry that is no batch of this owner's (`get`): out of the
+            # index, and the page read again (a page of one such came empty, saying more followed, with no last id).
+            self.redis.zrem(self.index_key, *unread)
 
     def job_ids(self, batch_id: str) -> Iterator[str]:
         """The job ids of the batch's lines that became jobs, in file order."""

@@ -441,6 +441,8 @@ def redis_refusal(url: str, prefix: str, *, names_connections: bool = False, wri
         try:
             client.ping()
         except (redis.AuthenticationError, redis.ResponseError) as exc:  # (redis-py's AuthenticationError is neither)
+            if not commands and isinstance(exc, redis.exceptions.NoPermissionError):
+                return None  # the credentials were taken: a user without PING (a monitoring user's ACL, +@read)
             if answers_later(exc) and not isinstance(exc, redis.AuthenticationError):
                 raise redis.ConnectionError(str(exc)) from exc
             if "authenticated" in str(exc) or str(exc).startswith(("NOAUTH", "Authentication required")):

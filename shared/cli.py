@@ -23,7 +23,7 @@ from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
 from shared.redis_server import BindError, RedisServer, bind_error, bound_sockets
-from shared.settings import get_settings, unknown_variables
+from shared.settings import get_settings, redis_url_options_problem, unknown_variables
 
 log = logging.getLogger("llava_queue")
 
@@ -214,6 +214,11 @@ def _redis_problem(url: str) -> str | None:
 
     from shared.status import without_password
 
+    # The settings' own check of a URL: `up --redis-url` does not go through them (an option of the query redis-py
+    # does not take ended `up` with a traceback).
+    problem = redis_url_options_problem(url) if url.partition("://")[0] in ("redis", "rediss", "unix") else None
+    if problem:
+        return f"--redis-url {without_password(url)}: {problem}"
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     except ValueError as exc:
@@ -546,8 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level)
     for line in unknown_variables(os.environ):
         if settings.log_format == "json":
-            # A line a log collector reads, as every other line then (it was plain text among them).
-            logging.getLogger("llava_queue").warning(line)
+            # A line a log collector reads, as every other line then (it was plain text among them); at WARNING, or
+            # at the level set if that is higher, as printed it was always there.
+            logger = logging.getLogger("llava_queue")
+            logger.log(max(logging.WARNING, logger.getEffectiveLevel()), line)
         else:
             print(f"llava-queue: {line}", file=sys.stderr, flush=True)
     try:

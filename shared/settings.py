@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from redis.connection import ConnectionPool, parse_url
+from redis.connection import ConnectionPool
+from redis.exceptions import RedisError
 
 from shared.cpus import parse_cpu_list
 from shared.protocol import MAX_MODEL_CHARS
@@ -218,16 +219,9 @@ class Settings(BaseSettings):
         if not sep:
             raise ValueError("not a URL: use redis://[:password@]host:port/db (or rediss://, unix://, sentinel://)")
         if scheme in ("redis", "rediss", "unix"):
-            parse_url(value)  # one redis-py cannot use fails here (its message does not repeat the URL)
-            pool = ConnectionPool.from_url(value)
-            try:
-                # Built, not connected: an option of the query the connection does not take (?foo=1, or rediss://'s
-                # ssl_cert_reqs on a redis:// URL) fails here. parse_url took it, and every command failed later
-                # with a traceback.
-                pool.connection_class(**pool.connection_kwargs)
-            except TypeError as exc:
-                option = str(exc).rpartition(" argument ")[2] or str(exc)
-                raise ValueError(f"its query has an option a {scheme}:// URL does not take: {option}") from None
+            problem = redis_url_options_problem(value)
+            if problem:
+                raise ValueError(problem)
             database = urlsplit(value).path.strip("/") if scheme != "unix" else ""
             if database and not database.isdigit():
                 # redis-py leaves it out (database 0), Celery's kombu refuses it: the API and the worker used two.
@@ -347,6 +341,23 @@ class Settings(BaseSettings):
         if any("\0" in str(path) for path in (value if isinstance(value, list) else [value] if value else [])):
             raise ValueError("a path with a NUL character names no file")
         return value
+
+
+def redis_url_options_problem(url: str) -> str | None:
+    """Why redis-py cannot use the redis://, rediss:// or unix:// URL `url` (its message does not repeat the URL, which
+    may hold a password), or None. Its connection is built, not connected: an option of the query it does not take
+    (?foo=1, or rediss://'s ssl_cert_reqs on a redis:// URL) or cannot read (ssl_cert_reqs=CERT_REQUIRED, protocol=4)
+    fails here. parse_url took them, and every command failed later, with a traceback."""
+    scheme = url.partition("://")[0]
+    try:
+        pool = ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        option = str(exc).rpartition(" argument ")[2] or str(exc)
+        return f"its query has an option a {scheme}:// URL does not take: {option}"
+    except (ValueError, RedisError) as exc:
+        return str(exc)
+    return None
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

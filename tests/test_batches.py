@@ -931,6 +931,14 @@ def test_a_batch_list_page_reads_on_past_expired_batches():
         redis.delete(f"llq:batch:{ids[2]}")
         page = client.get("/v1/batches?limit=1").json()
         assert [batch["id"] for batch in page["data"]] == [ids[4]] and page["has_more"] is False, page
+        # An entry whose record is there but no batch of this owner's (or one that expired between the index's read
+        # and the record's): a page of one came empty, saying more followed, with no last id to page on.
+        stray = "batch_" + "0" * 32
+        redis.hset(f"llq:batch:{stray}", "owner", "someone else")
+        redis.zadd("llq:batches", {stray: redis.zscore("llq:batches", ids[4]) + 1})
+        page = client.get("/v1/batches?limit=1").json()
+        assert [batch["id"] for batch in page["data"]] == [ids[4]] and page["has_more"] is False, page
+        assert redis.zscore("llq:batches", stray) is None  # out of the index
 
 
 def test_a_batch_cancelled_and_then_failed_as_abandoned_while_read_leaves_no_job_queued():

@@ -185,6 +185,7 @@ def test_a_bad_setting_stops_every_command_with_the_variable_named_not_a_traceba
                             ("LLAVA_QUEUE_REDIS_URL", "localhost:6379"),
                             ("LLAVA_QUEUE_REDIS_URL", "redis//:hunter2@localhost:6379/0"),
                             ("LLAVA_QUEUE_REDIS_URL", "redis://:hunter2@localhost:6379/0?ssl_cert_reqs=none"),
+                            ("LLAVA_QUEUE_REDIS_URL", "redis://:hunter2@localhost:6379/0?protocol=4"),
                             ("LLAVA_QUEUE_DATA_ROOTS", '["/tmp/a\\u0000b"]')):
         run = cli(["status"], timeout=60, **{variable: value})
         assert run.returncode == 2, (variable, value, run.stderr)
@@ -645,3 +646,13 @@ def test_ctrl_c_while_up_checks_a_redis_that_does_not_answer_ends_it_at_once(tmp
         silent.close()
     connection.close()
     assert up.returncode == 130 and "Traceback" not in output, (up.returncode, output)
+
+
+def test_up_with_a_redis_url_redis_py_cannot_use_says_why(tmp_path):
+    # `--redis-url` does not go through the settings: a query option redis-py does not take ended `up` with a
+    # traceback. Refused as the setting is, before anything starts.
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--port", str(free_port()), "--redis-url",
+                          "redis://:hunter2@127.0.0.1:1/0?foo=1"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "does not take: 'foo'" in run.stderr and "hunter2" not in run.stderr, run.stderr

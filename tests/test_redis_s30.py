@@ -167,3 +167,12 @@ def test_status_refused_by_redis_says_why(tmp_path):
         status = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert "refuses" not in status.stderr and "wants a password" not in status.stderr, status.stderr
+        # A monitoring user with reads only, PING not among them: its credentials are taken, the table is read.
+        admin = redis.Redis(port=port, password=PASSWORD)
+        admin.acl_setuser("monitor", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"],
+                          commands=["+@read", "+time", "+client|setinfo"])
+        admin.close()
+        env = dict(os.environ, LLAVA_QUEUE_REDIS_URL=f"redis://monitor:{PASSWORD}@127.0.0.1:{port}/0")
+        status = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0 and "QUEUE" in status.stdout, (status.returncode, status.stderr)

@@ -104,6 +104,11 @@ def test_a_variable_that_is_no_setting_is_named_with_the_one_it_may_mean():
             in err.splitlines()), err
     assert "API_URL" not in err, err
     assert unknown_variables({"LLAVA_QUEUE_TORCH": "torch", "LLAVA_QUEUE_PORT": "1", "PATH": "/bin"}) == []
+    # With JSON logs it is a JSON line, there at a level above WARNING too.
+    run = cli(["status"], LLAVA_QUEUE_MAX_NUM_SEQ="4", LLAVA_QUEUE_REDIS_URL=REDIS_URL_ONLY_CELERY_READS,
+              LLAVA_QUEUE_LOG_FORMAT="json", LLAVA_QUEUE_LOG_LEVEL="ERROR")
+    lines = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert any("LLAVA_QUEUE_MAX_NUM_SEQ is not a setting" in line["message"] for line in lines), run.stderr
 
 
 def test_a_conversation_log_the_worker_cannot_write_stops_it_before_its_model_loads(tmp_path, clean_env, capsys):
