@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import BATCH_END_LUA, QUEUES, JobStore, glob_escaped, owner_id
+from shared.jobs import AFTER_CURSOR_LUA, BATCH_END_LUA, QUEUES, JobStore, glob_escaped, owner_id
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -146,13 +146,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 
 # repeated or skipped batches): up to ARGV[2] + 1 ids after batch ARGV[1] (from the newest if empty) whose record
 # (ARGV[3] .. id) is there. The expired ones read on the way (past the TTL, still in the index) leave it. Returns
 # false when the cursor is not in the index (it expired, as every batch older than it did), else the ids.
-_LIST_PAGE = """
-local start = 0
-if ARGV[1] ~= '' then
-  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
-  if not rank then return false end
-  start = rank + 1
-end
+_LIST_PAGE = AFTER_CURSOR_LUA + """
 local want = tonumber(ARGV[2]) + 1
 local live, gone = {}, {}
 while #live < want do

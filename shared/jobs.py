@@ -519,6 +519,18 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {ARGV[1], 1}
 """
 
+# The rank in a sorted set read newest first (KEYS[1]) just after a cursor, an id of it (ARGV[1]; '' reads from the
+# newest), as `start`; the script answers false when the cursor is no longer in the set (it expired, as every entry
+# older than it did). A list's page (`_LIST_CHUNK`; shared.batches' `_LIST_PAGE`).
+AFTER_CURSOR_LUA = """
+local start = 0
+if ARGV[1] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+  if not rank then return false end
+  start = rank + 1
+end
+"""
+
 # How many jobs of the index `JobStore.list_jobs` reads at most for a page, per job the page may hold: a status that
 # few jobs have does not make one request read an owner's whole index (LIST_SCAN_FACTOR x limit entries at most).
 LIST_SCAN_FACTOR = 10
@@ -527,13 +539,7 @@ LIST_SCAN_FACTOR = 10
 # with each one's status ('' for a job whose record is gone: dropped from the list here). Answers {ids, statuses}, or
 # false when ARGV[1] is no longer in the list. One script, so that the rank of ARGV[1] and the range read after it
 # agree while other requests add jobs or drop gone ones.
-_LIST_CHUNK = """
-local start = 0
-if ARGV[1] ~= '' then
-  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
-  if not rank then return false end
-  start = rank + 1
-end
+_LIST_CHUNK = AFTER_CURSOR_LUA + """
 local ids = redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
 local statuses, gone = {}, {}
 for i, id in ipairs(ids) do
