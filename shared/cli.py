@@ -216,7 +216,7 @@ def _redis_problem(url: str) -> str | None:
 
     # The settings' own check of a URL: `up --redis-url` does not go through them (an option of the query redis-py
     # does not take ended `up` with a traceback).
-    problem = redis_url_options_problem(url) if url.partition("://")[0] in ("redis", "rediss", "unix") else None
+    problem = redis_url_options_problem(url)
     if problem:
         return f"--redis-url {without_password(url)}: {problem}"
     try:

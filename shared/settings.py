@@ -218,11 +218,11 @@ class Settings(BaseSettings):
         scheme, sep, _ = value.partition("://")
         if not sep:
             raise ValueError("not a URL: use redis://[:password@]host:port/db (or rediss://, unix://, sentinel://)")
-        if scheme in ("redis", "rediss", "unix"):
-            problem = redis_url_options_problem(value)
-            if problem:
-                raise ValueError(problem)
-            database = urlsplit(value).path.strip("/") if scheme != "unix" else ""
+        problem = redis_url_options_problem(value)
+        if problem:
+            raise ValueError(problem)
+        if scheme in ("redis", "rediss"):
+            database = urlsplit(value).path.strip("/")
             if database and not database.isdigit():
                 # redis-py leaves it out (database 0), Celery's kombu refuses it: the API and the worker used two.
                 raise ValueError(f"the database {database!r} is not a number: use redis://host:port/0")
@@ -345,10 +345,13 @@ class Settings(BaseSettings):
 
 def redis_url_options_problem(url: str) -> str | None:
     """Why redis-py cannot use the redis://, rediss:// or unix:// URL `url` (its message does not repeat the URL, which
-    may hold a password), or None. Its connection is built, not connected: an option of the query it does not take
-    (?foo=1, or rediss://'s ssl_cert_reqs on a redis:// URL) or cannot read (ssl_cert_reqs=CERT_REQUIRED, protocol=4)
-    fails here. parse_url took them, and every command failed later, with a traceback."""
+    may hold a password), or None; None for another scheme (kombu's: sentinel://, redis+socket://), which Celery checks
+    when it connects. Its connection is built, not connected: an option of the query it does not take (?foo=1, or
+    rediss://'s ssl_cert_reqs on a redis:// URL) or cannot read (ssl_cert_reqs=CERT_REQUIRED, protocol=4) fails here.
+    parse_url took them, and every command failed later, with a traceback."""
     scheme = url.partition("://")[0]
+    if scheme not in ("redis", "rediss", "unix"):
+        return None
     try:
         pool = ConnectionPool.from_url(url)
         pool.connection_class(**pool.connection_kwargs)

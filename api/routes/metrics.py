@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from api.deps import AppSettings, Registry, Store
-from api.routes.models import RETURNING_SECONDS
+from api.routes.models import returning_models
 from shared.jobs import QUEUES, JobStore, WorkerRegistry
 from shared.protocol import ErrorCode
 
@@ -87,9 +87,7 @@ class RedisCollector:
         """The models whose worker series are there, 0 when no worker is live: the default model, those a worker
         served within RETURNING_SECONDS, those whose jobs wait for a worker. Without, a model whose last worker died
         had no series, and an alert on `llava_queue_workers == 0` found an empty vector and never fired."""
-        now = self.registry.clock()
-        known = {model for model, at in self.registry.models_seen().items() if now - at < RETURNING_SECONDS}
-        known |= set(totals["requeued_per_model"])
+        known = set(returning_models(self.registry, served=[])) | set(totals["requeued_per_model"])
         return known | ({self.default_model} if self.default_model else set())
 
 
