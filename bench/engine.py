@@ -299,8 +299,10 @@ def print_report(args, loaded: LoadedModel, rows: list[tuple[str, str, RunResult
     for label, dtype_name, result in rows:
         if result is None:
             continue
-        vs_a = f"{result.tokens_per_s / a.tokens_per_s:.2f}x" if a else "—"
-        vs_b = f"{result.tokens_per_s / b.tokens_per_s:.2f}x" if b else "—"
+        # (d)'s tokens/s is the arrival rate's, not what the engine can do: no ratio for it.
+        arrivals = label.startswith("(d)")
+        vs_a = f"{result.tokens_per_s / a.tokens_per_s:.2f}x" if a and not arrivals else "—"
+        vs_b = f"{result.tokens_per_s / b.tokens_per_s:.2f}x" if b and not arrivals else "—"
         requests = f"{result.requests} x {new}"
         print(f"| {label} | {requests} | {dtype_name} | {result.seconds:.1f} | {result.tokens_per_s:.1f} | {vs_a} | "
               f"{vs_b} | {latency_cells(result)} | {result.load:.1f} |")

@@ -38,14 +38,18 @@ def test_ttft_tpot_and_their_percentiles_on_known_requests():
     assert run.tpot_ms(99) == pytest.approx(494)
 
 
-def test_bootstrap_interval_of_the_median():
-    assert median_interval([7.0] * 5) == (7.0, 7.0)
+def test_interval_of_the_median_is_its_order_statistics_and_says_what_it_covers():
+    assert median_interval([7.0] * 5) == (7.0, 7.0, pytest.approx(1 - 2 / 32))
+    # 4 values: only their range, which holds the median 87.5 % of the time (a bootstrap called it 95 %).
+    assert median_interval([40.0, 10.0, 30.0, 20.0]) == (10.0, 40.0, 0.875)
+    # 6 values: the range, now 1 - 2/64 = 96.9 %; 16 values: x(4) and x(13), 97.9 % (x(5)..x(12) is 92.3 %).
+    assert median_interval([float(v) for v in range(6)]) == (0.0, 5.0, pytest.approx(1 - 2 / 64))
+    low, high, covers = median_interval([float(v) for v in range(16, 0, -1)])
+    assert (low, high) == (4.0, 13.0) and covers == pytest.approx(0.97873, abs=1e-5)
     values = [float(v) for v in range(-10, 31)]
-    low, high = median_interval(values)
-    assert low < statistics.median(values) < high
-    assert min(values) <= low and high <= max(values)
-    # Seeded: the same values print the same interval.
-    assert median_interval(values) == (low, high)
+    low, high, covers = median_interval(values)
+    assert low < statistics.median(values) < high and covers >= 0.95
+    assert min(values) < low and high < max(values)
 
 
 def test_poisson_arrivals_start_at_zero_and_keep_the_rate():
@@ -89,9 +93,13 @@ def test_report_rates_sequential_against_the_roofline_of_the_prompts_it_ran(caps
     args = argparse.Namespace(num_requests=4, max_new_tokens=4, sequential_requests=2, repeats=1)
     a = RunResult(1.0, 8, 2)
     b = c = RunResult(1.0, 16, 4)
-    rows = [("(a)", "float32", a), ("(b)", "float32", b), ("(c)", "float32", c)]
+    d = RunResult(2.0, 16, 4)  # (d) as fast as its Poisson arrivals came: a rate, not a capacity
+    rows = [("(a)", "float32", a), ("(b)", "float32", b), ("(c)", "float32", c), ("(d) Poisson", "float32", d)]
     print_report(args, _Loaded(), rows, a, b, c, MACHINE, cost, prompts, [])
-    batch_one = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |"))
+    out = capsys.readouterr().out.splitlines()
+    batch_one = next(line for line in out if line.startswith("| 1 |"))
+    assert next(line for line in out if line.startswith("| (c) |")).split(" | ")[5:7] == ["2.00x", "1.00x"]
+    assert next(line for line in out if line.startswith("| (d) Poisson |")).split(" | ")[5:7] == ["—", "—"]
     expected = roofline_tokens_per_s(cost, MACHINE, torch.float32, 1, 10, 4, with_prefill=True)
     assert batch_one.split(" | ")[4] == f"{expected:.0f}"
 

@@ -180,7 +180,7 @@ def test_the_hand_back_bound_is_a_setting(redis_url, monkeypatch):
 def restricted_store(redis_url: str, *rules: str) -> JobStore:
     """A store on a client logged in as an ACL user with `rules` (on top of every key, channel and command)."""
     admin = redis.Redis.from_url(redis_url)
-    admin.acl_setuser("limited", enabled=True, nopass=True, keys=["~*"], channels=["&*"], commands=["+@all", *rules],
+    admin.acl_setuser("limited", enabled=True, nopass=True, keys=["~*"], channels=["*"], commands=["+@all", *rules],
                       reset=True)
     return JobStore(redis.Redis.from_url(redis_url, decode_responses=True, username="limited", password="x"), "js")
 

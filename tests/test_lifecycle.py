@@ -770,7 +770,7 @@ def test_the_orphan_sweep_delivers_a_dead_workers_job_when_redis_refuses_info(ca
     settings = Settings(heartbeat_interval_seconds=0.2, heartbeat_ttl_seconds=1, key_prefix="sweep-acl")
     with RedisServer() as server, celery_on(server.url):
         admin = redis.Redis.from_url(server.url)
-        admin.acl_setuser("app", enabled=True, passwords=["+secret"], keys=["~*"], channels=["&*"],
+        admin.acl_setuser("app", enabled=True, passwords=["+secret"], keys=["~*"], channels=["*"],
                           commands=["+@all", "-@dangerous"])
         store = JobStore.from_url(f"redis://app:secret@127.0.0.1:{server.port}/0", prefix="sweep-acl")
         with pytest.raises(redis.exceptions.NoPermissionError):

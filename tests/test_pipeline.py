@@ -179,12 +179,11 @@ def test_cancel_a_running_job_leaves_its_batch_mates_alone(stack):
 def test_cancel_a_queued_job(stack):
     blockers = [submit(stack, messages=FRANCE, temperature=0, max_new_tokens=64) for _ in range(20)]
     queued = submit(stack, messages=FRANCE, temperature=0, max_new_tokens=64)
-    job = poll(stack, queued)
-    if job["status"] == "queued":
-        assert isinstance(job["queue_position"], int) and job["queue_position"] >= 0
+    job = poll(stack, queued)  # 20 jobs of 64 tokens ahead of it on 16 slots: it has not started
+    assert job["status"] == "queued" and isinstance(job["queue_position"], int) and job["queue_position"] >= 0
     response = requests.delete(f"{stack.base_url}/v1/jobs/{queued}", timeout=10)
-    assert response.status_code == 202
-    assert wait_until(stack, queued)["status"] == "cancelled"
+    assert response.status_code == 202 and response.json()["status"] == "cancelled", response.text
+    assert poll(stack, queued)["status"] == "cancelled"  # ended at once, not when a worker would have reached it
     for blocker in blockers:
         requests.delete(f"{stack.base_url}/v1/jobs/{blocker}", timeout=10)
 
@@ -298,6 +297,20 @@ def test_messages_that_are_not_jobs_never_run_and_never_hurt_the_worker(stack):
     log = (stack.log_dir / "worker.log").read_text()
     assert "dropped a task message that is not a job id" in log
     assert "Refusing to deserialize untrusted content" in log
+
+
+def test_the_worker_start_up_log_names_the_dtype_it_runs_in(stack):
+    """The worker's start-up line says what the model runs in: the dtype `auto` picks here (bf16 on a CPU that has
+    it, else fp32), written as a name ("bfloat16"), as the registry and /metrics write it."""
+    import re
+
+    import torch
+
+    from workers.builder import resolve_dtype
+
+    expected = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    log = (stack.log_dir / "worker.log").read_text()
+    assert re.search(rf"worker \S+: model \S+, device cpu, dtype {expected}, \d+ torch threads", log), log[-2000:]
 
 
 def test_every_celery_serializer_is_json():

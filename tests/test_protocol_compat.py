@@ -36,8 +36,16 @@ def spaced(data: str) -> str:
 # 1. temperature and top_p, read as the original reads them.
 
 def test_a_negative_temperature_is_greedy_as_in_the_original():
+    import torch
+
+    from workers.engine.sampling import sample
+
     request = parse_request({"prompt": "hi", "temperature": -1})
-    assert request.temperature == -1  # the engine samples only above 0.001, as the original's do_sample
+    assert request.temperature == -1  # kept: the engine samples only above 0.001, as the original's do_sample
+    # Logits nearly flat, the highest last: a sampled row (at -1, the order reversed) would seldom pick the top.
+    logits = torch.linspace(0.0, 0.5, 64).repeat(16, 1)
+    generators = [torch.Generator().manual_seed(seed) for seed in range(16)]
+    assert sample(logits, [request.temperature] * 16, [1.0] * 16, generators).tolist() == [63] * 16
 
 
 def test_top_p_over_one_keeps_the_whole_distribution_as_in_the_original():

@@ -91,10 +91,11 @@ def test_a_client_that_reads_nothing_is_let_go_when_redis_goes_away(api_alone):
      "nf4 4-bit weights (bitsandbytes), float16 compute, other layers bfloat16"),
     ({"dtype": "auto"}, "float16"),
 ])
-def test_the_start_up_log_of_a_quantized_worker_names_what_runs(settings, precision):
+def test_describe_precision_names_a_quantized_models_weights_and_compute_dtype(settings, precision):
     """A worker with LLAVA_QUEUE_LOAD_8BIT / LOAD_4BIT on a GPU logged `dtype float16` at start-up, as an unquantized
-    one: the dtype its other layers load in. Its log names the int8 / nf4 weights and the compute dtype now. (The
-    description is a function of the load settings: 8/4-bit loading needs a CUDA GPU and bitsandbytes.)"""
+    one: the dtype its other layers load in. describe_precision, which that line writes, names the int8 / nf4 weights
+    and the compute dtype now. (A unit test of the description: 8/4-bit loading needs a CUDA GPU and bitsandbytes;
+    test_pipeline checks the line a real worker writes.)"""
     import torch
 
     from workers.builder import describe_precision, resolve_dtype
