@@ -6,8 +6,9 @@
 After the full rounds come short paired ones, for the TTFT difference alone: `--ttft-rounds` bursts of the
 same prompts with `--ttft-tokens` new tokens, (c) and the stack in alternating order, reported as the median
 difference with an interval of it that covers 95 % (under 6 pairs, their range and what it covers) (a full round
-gives one TTFT p50 a side, and on a shared 2-core machine one round's difference moves by hundreds of ms); then `--ws-rounds` such bursts with each of the stack's
-jobs submitted as the first message of `WS /v1/ws` (one connection a job, no HTTP request); then `--lone` single
+gives one TTFT p50 a side, and on a shared 2-core machine one round's difference moves by hundreds of ms); then
+`--ws-rounds` such bursts with each of the stack's jobs submitted as the first message of `WS /v1/ws` (one
+connection a job, no HTTP request); then `--lone` single
 requests, one at a time on each side: the latency the stack adds to a request's first token when nothing else runs.
 
 The API cannot ignore EOS, so both paths run the same prompts greedily, tokenized by the
