@@ -259,6 +259,70 @@ def build_family(root: Path) -> TinyLlava:
                      vocab)
 
 
+# Original LLaVA and Vicuna checkpoints ship the slow Llama tokenizer alone: a sentencepiece tokenizer.model,
+# tokenizer_config.json and special_tokens_map.json, no tokenizer.json.
+
+SENTENCEPIECE_VOCAB = 700
+# Besides the chat text, runs of spaces (Llama has pieces of whitespace alone), accents and CJK; one line each, as
+# Llama's training text was read, so a newline is left to the byte pieces (<0x0A>) as in Llama.
+SENTENCEPIECE_CORPUS = [line for text in VOCAB_CORPUS for line in text.splitlines()] + [
+    "def main():", "    print('hello')", "        return  1234", "  indented   text  here",
+    "Café crème, naïve façade; 東京 中文 ok.",
+]
+
+
+def build_sentencepiece_model(path: Path) -> Path:
+    """A small tokenizer.model trained as Llama's was: BPE, byte fallback, digits split, a dummy prefix, whitespace
+    kept as it is (in milliseconds)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCEPIECE_CORPUS * 40), model_writer=model, model_type="bpe",
+        vocab_size=SENTENCEPIECE_VOCAB, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def _added_token(content: str, normalized: bool) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": normalized, "rstrip": False,
+            "single_word": False}
+
+
+def build_sentencepiece_llava(root: Path, family: TinyLlava, legacy: bool | None) -> Path:
+    """An original LLaVA-1.5 checkpoint (the family's tower, an mlp2x_gelu projector, sharded .bin) whose tokenizer
+    is the slow Llama tokenizer's files alone.
+
+    `legacy` is tokenizer_config.json's: false as llava-v1.5 and vicuna-v1.5 save it; None leaves the key out, as
+    checkpoints saved before transformers 4.31 (LLaVA v1, the Llama-2 previews) do, which the slow tokenizer reads
+    as true.
+    """
+    from transformers import LlamaForCausalLM
+
+    folder = root / f"llava-v1.5-tiny-sentencepiece-legacy-{str(legacy).lower()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    build_sentencepiece_model(folder / "tokenizer.model")
+    torch.manual_seed(9)
+    lm = LlamaForCausalLM(text_config(SENTENCEPIECE_VOCAB)).eval()
+    save_sharded_bin({**{key: value.detach() for key, value in lm.state_dict().items()},
+                      **random_projector("mlp2x_gelu", seed=10)}, folder)
+    write_json(folder / "config.json", original_config(SENTENCEPIECE_VOCAB, family.clip_tower, "mlp2x_gelu",
+                                                       image_aspect_ratio="pad"))
+    normalized = legacy is None  # as the older checkpoints saved their special tokens
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": _added_token("<s>", normalized),
+              "clean_up_tokenization_spaces": False, "eos_token": _added_token("</s>", normalized),
+              "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+              "tokenizer_class": "LlamaTokenizer", "unk_token": _added_token("<unk>", normalized)}
+    if legacy is not None:
+        config["legacy"] = legacy
+    write_json(folder / "tokenizer_config.json", config)
+    write_json(folder / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>",
+                                                    "unk_token": "<unk>"})
+    return folder
+
+
 # Images as clients send them.
 
 def png_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:

@@ -316,15 +316,88 @@ def _load_causal_lm(model_path: str, placement: _Placement,
 def _load_tokenizer(path: str | Path, name: str, **kwargs) -> PreTrainedTokenizerBase:
     """The tokenizer of the checkpoint at `path`; ModelLoadError in one line when it has none that loads.
 
-    transformers' own message for a folder without tokenizer files runs over five lines about sentencepiece.
+    transformers' own message for a folder without tokenizer files runs over five lines about sentencepiece. A Llama
+    tokenizer.model without a tokenizer.json (original LLaVA and Vicuna checkpoints) tokenizes as the original's slow
+    sentencepiece tokenizer did (`_follow_sentencepiece`).
     """
+    slow_only = checkpoint_file(path, "tokenizer.json") is None and checkpoint_file(path, "tokenizer.model") is not None
+    if slow_only:
+        _require_sentencepiece_readers(path, name)
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except PermissionError:
         raise  # the caller's message names the file; the tokenizer files may well be there
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{name}: no tokenizer loads from {path} (it needs tokenizer.json, or tokenizer.model "
-                             f"with sentencepiece installed): {' '.join(str(exc).split())}") from exc
+                             f"with sentencepiece and protobuf installed): {' '.join(str(exc).split())}") from exc
+    if slow_only:
+        _follow_sentencepiece(tokenizer, path)
+    return tokenizer
+
+
+def _require_sentencepiece_readers(path: str | Path, name: str) -> None:
+    """transformers converts a tokenizer.model with sentencepiece and protobuf; without either it reads the file as
+    tiktoken's and fails with a message about tiktoken."""
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    missing = [package for package, available in (("sentencepiece", is_sentencepiece_available()),
+                                                  ("protobuf", is_protobuf_available())) if not available]
+    if missing:
+        raise ModelLoadError(f"{name}: the tokenizer of {path} is a tokenizer.model (no tokenizer.json), which "
+                             f"transformers reads with sentencepiece and protobuf; not installed: {', '.join(missing)} "
+                             "(pip install 'llava-queue[worker]')")
+
+
+def _follow_sentencepiece(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Make a Llama tokenizer that transformers converted from tokenizer.model split text as sentencepiece does, as the
+    original's slow LlamaTokenizer (transformers 4.37) did.
+
+    transformers 5's conversion ends in a Metaspace pre-tokenizer, which adds no "▁" to a text that starts with a
+    space, where sentencepiece always adds its dummy prefix: " What" after an `<image>` lost a token. Here spaces
+    become "▁" as in sentencepiece; with `legacy` (also what a tokenizer_config.json without it meant) each text
+    between special tokens gets the dummy prefix, without it only the start of the text does (`_DummyPrefixAtStart`).
+    """
+    from tokenizers import normalizers
+
+    config_file = checkpoint_file(path, "tokenizer_config.json")
+    config = json.loads(config_file.read_text()) if config_file else {}
+    # The class the original loaded: transformers 5 loads a model_type "llava" checkpoint's as a TokenizersBackend.
+    llama = config.get("tokenizer_class", type(tokenizer).__name__) in ("LlamaTokenizer", "LlamaTokenizerFast")
+    if not (llama and tokenizer.is_fast):
+        return
+    legacy = config.get("legacy") is None or bool(config["legacy"])
+    tokenizer.legacy = legacy
+    # The slow tokenizer's defaults: transformers 5 adds no BOS where tokenizer_config.json does not ask for one.
+    tokenizer.add_bos_token = bool(config.get("add_bos_token", True))
+    tokenizer.add_eos_token = bool(config.get("add_eos_token", False))
+    backend = tokenizer.backend_tokenizer
+    prefix = [normalizers.Prepend("▁")] if legacy else []
+    backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    if not legacy:
+        tokenizer.__class__ = type(type(tokenizer).__name__, (_DummyPrefixAtStart, type(tokenizer)), {})
+
+
+class _DummyPrefixAtStart:
+    """The slow LlamaTokenizer's `legacy=False` tokenization: "▁" + text, unless the text starts with a special token.
+
+    A tokenizers normalizer or pre-tokenizer cannot add it: one sees each text between special tokens alone, the
+    other adds no "▁" to a text that starts with one.
+    """
+
+    def _encode_plus(self, text, text_pair=None, *args, is_split_into_words=False, **kwargs):
+        if not is_split_into_words:
+            text, text_pair = _dummy_prefixed(self, text), _dummy_prefixed(self, text_pair)
+        return super()._encode_plus(text, text_pair, *args, is_split_into_words=is_split_into_words, **kwargs)
+
+
+def _dummy_prefixed(tokenizer: PreTrainedTokenizerBase, text):
+    if isinstance(text, (list, tuple)):  # a batch, or a pair
+        return type(text)(_dummy_prefixed(tokenizer, item) for item in text)
+    if not isinstance(text, str) or not text:
+        return text
+    specials = tuple(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return text if text.startswith(specials) else "▁" + text
 
 
 def _load_whole_lm(path: str | Path, name: str, **kwargs) -> PreTrainedModel:
@@ -414,6 +487,10 @@ def _load_llava_original(model_path: str, model_base: str | None, name: str, con
     if config.get("image_aspect_ratio") == "anyres" or "spatial" in config.get("mm_patch_merge_type", "flat"):
         raise ModelLoadError(f"{name}: LLaVA-1.6 (anyres images, spatial_unpad features) is not supported; "
                              "LLaVA v1 and 1.5 checkpoints are")
+    if config.get("s2"):
+        raise ModelLoadError(f"{name}: S2 vision towers (\"s2\": true in config.json, the tower's features at the "
+                             f"image scales {config.get('s2_scales', '336,672,1008')} side by side) are not supported; "
+                             "checkpoints with one plain CLIP tower are")
     model_type = config.get("model_type", "llava")
     if model_type not in _ORIGINAL_TEXT_TYPES:
         raise ModelLoadError(f"{name}: original LLaVA checkpoints of model_type {model_type!r} are not supported "
@@ -460,7 +537,7 @@ def _load_llava_original(model_path: str, model_base: str | None, name: str, con
     if tower_weights and config.get("unfreeze_mm_vision_tower"):
         _load_tower_weights(tower, tower_weights)
     projector = build_projector(config.get("mm_projector_type", "linear"),
-                                config.get("mm_hidden_size", tower.config.hidden_size), text_config.hidden_size)
+                                _feature_width(config, tower, vision_tower, name), text_config.hidden_size)
     projector_weights = {key.removeprefix(_PROJECTOR_PREFIX): value for key, value in extras.items()
                          if key.startswith(_PROJECTOR_PREFIX)}
     missing = sorted(set(projector.state_dict()) - set(projector_weights))
@@ -556,6 +633,27 @@ def _load_tower(config: dict, override: str | None, placement: _Placement, name:
                              "LLAVA_QUEUE_VISION_TOWER at a local copy (e.g. of openai/clip-vit-large-patch14-336)") \
             from None
     return tower.to(placement.device).eval(), image_processor
+
+
+def _feature_width(config: dict, tower: PreTrainedModel, override: str | None, name: str) -> int:
+    """The width of the features `tower` gives the projector: its hidden size, once per selected layer.
+
+    ModelLoadError when config.json's mm_hidden_size says otherwise (a tower other than the one the checkpoint was
+    trained with): the worker started, and every image job failed with "mat1 and mat2 shapes cannot be multiplied".
+    """
+    layers = config.get("mm_vision_select_layer", -2)
+    count = len(layers) if isinstance(layers, list) else 1
+    width = tower.config.hidden_size * count
+    expected = config.get("mm_hidden_size", width)
+    if expected != width:
+        source = override or config.get("mm_vision_tower") or config.get("vision_tower")
+        where = "LLAVA_QUEUE_VISION_TOWER" if override else "mm_vision_tower in config.json"
+        layers_said = f" x {count} selected layers" if count > 1 else ""
+        raise ModelLoadError(f"{name}: config.json's mm_hidden_size is {expected}, but the vision tower {source!r} "
+                             f"({where}) gives features {width} wide (hidden_size {tower.config.hidden_size}"
+                             f"{layers_said}): not the tower the checkpoint was trained with; point "
+                             "LLAVA_QUEUE_VISION_TOWER at that one")
+    return width
 
 
 def _load_tower_weights(tower: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:

@@ -28,6 +28,8 @@ PAGE_MIN_LEN = 672
 # shorter side) to at most this many times the request pixel limit: a long, thin image of a few hundred bytes would
 # otherwise ask for gigabytes (a 50000x1 PNG resized to 336 high: 336x16800000) and bring the worker down.
 PREPARED_PIXELS_FACTOR = 4
+# Decoding an image holds its pixels twice: as the file decodes to, and their RGB copy.
+DECODED_COPIES = 2
 
 
 def decode_image(data: str, index: int = 0, keep_alpha: bool = False) -> Image.Image:
@@ -38,13 +40,18 @@ def decode_image(data: str, index: int = 0, keep_alpha: bool = False) -> Image.I
     instead, for an image processor that reads transparency itself (transformers' composites it onto white).
     """
     with open_image(data, index) as image:
-        try:
-            image.load()
-            # The first frame of an animation; RGB as the original's CLIP processor read it (alpha dropped,
-            # palettes expanded; 16-bit grey saturates at 255, as there).
-            return image.convert("RGBA" if keep_alpha and has_alpha(image) else "RGB")
-        except Exception as exc:  # noqa: BLE001 - as in open_image: whatever a decoder raises on a crafted file
-            raise ValueError(f"image {index} could not be decoded: {type(exc).__name__}: {exc}") from None
+        return _decoded(image, index, keep_alpha)
+
+
+def _decoded(image: Image.Image, index: int, keep_alpha: bool) -> Image.Image:
+    """The pixels of `image`, opened by `open_image`, as `decode_image` returns them."""
+    try:
+        image.load()
+        # The first frame of an animation; RGB as the original's CLIP processor read it (alpha dropped,
+        # palettes expanded; 16-bit grey saturates at 255, as there).
+        return image.convert("RGBA" if keep_alpha and has_alpha(image) else "RGB")
+    except Exception as exc:  # noqa: BLE001 - as in open_image: whatever a decoder raises on a crafted file
+        raise ValueError(f"image {index} could not be decoded: {type(exc).__name__}: {exc}") from None
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -199,6 +206,22 @@ def load_pixel_values(images: list[str], image_processor, image_aspect_ratio: st
     One image at a time, so only one full-size decoded image is held at once. Raises ValueError
     naming the first image that cannot be used. `keep_alpha`: see `decode_image`.
     """
-    return torch.stack([prepare_image(decode_image(data, index, keep_alpha), image_processor, image_aspect_ratio,
-                                      process_mode, index)
+    return torch.stack([_load_image(data, index, image_processor, image_aspect_ratio, process_mode, keep_alpha)
                         for index, data in enumerate(images)])
+
+
+def _load_image(data: str, index: int, image_processor, image_aspect_ratio: str | None, process_mode: str | None,
+                keep_alpha: bool) -> torch.Tensor:
+    """One image of a request decoded and prepared within the `PREPARING` budget, its hold sized from the file's
+    header. Decoded before the hold, a 277 KB PNG of 7000x7000 held 0.5 GB while it waited, and a dozen such jobs
+    at once took 5 GB past the budget."""
+    limit = PREPARED_PIXELS_FACTOR * get_settings().max_image_pixels
+    opened = open_image(data, index)  # its header only: no pixel is decoded yet
+    peak = max(DECODED_COPIES * opened.width * opened.height,
+               _peak_pixels(opened.size, image_processor, image_aspect_ratio, process_mode))
+    with PREPARING.hold(peak, limit):
+        try:
+            image = _decoded(opened, index, keep_alpha)
+        finally:
+            opened.close()  # its pixels as decoded, before the RGB copy is prepared (leaving `with` keeps them)
+        return _prepare_image(image, image_processor, image_aspect_ratio, process_mode, index)
