@@ -104,8 +104,9 @@ def tokenizer_image_token(prompt: str, tokenizer: OriginalTokenizer) -> list[int
 
 def random_prompts(count: int, seed: int) -> list[str]:
     """Prompts of pieces whose chunks start (and end) with whatever a user may type."""
-    pieces = ["<image>", "<image>", " ", "  ", "\n", "\n\n", "\t", "▁", "What", " is", "this?", "USER:", " ASSISTANT:",
-              "</s>", "<s>", "<unk>", " </s>", "</s> ", "é", "東京", "😀", "1234", "    ", "'", ".", "\u3000", "\r"]
+    pieces = ["<image>", "<image>", " ", "  ", "\n", "\n\n", "\t", "▁", "What", " is", "this?", "USER:",
+              " ASSISTANT:", "</s>", "<s>", "<unk>", " </s>", "</s> ", "é", "東京", "😀", "1234", "    ", "'", ".",
+              "\u3000", "\r"]
     generator = random.Random(seed)
     return ["".join(generator.choice(pieces) for _ in range(generator.randint(0, 12))) for _ in range(count)]
 
