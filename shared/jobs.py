@@ -1427,10 +1427,12 @@ class JobStore:
         calls = [(self._append, keys, args)] if chunks else []
         calls += [(self._finish, call["keys"], call["args"])
                   for call in (self._finish_call(ending, False, worker) for ending in endings)]
-        results = self._run_scripts(calls)
+        # The chunks go before the endings whatever Redis's script cache holds (see _run_scripts' `first_whole`).
+        results = self._run_scripts(calls, first_whole=bool(chunks and endings))
         return [int(seq) for seq in results[0]] if chunks else []
 
-    def _run_scripts(self, calls: list[tuple[Script, list, list]], raise_on_error: bool = True) -> list:
+    def _run_scripts(self, calls: list[tuple[Script, list, list]], raise_on_error: bool = True,
+                     first_whole: bool = False) -> list:
         """EVALSHA every (script, keys, args) in order, in one pipelined round trip; their results (a call's error in
         its place with `raise_on_error` False; else the first error is raised, the calls after it having run too).
 
@@ -1438,15 +1440,23 @@ class JobStore:
         trip of its own, before every execute: one more per engine step). This sends EVALSHA at once and only
         after a NOSCRIPT (Redis restarted, or its script cache was flushed) loads the scripts and runs the calls
         again from the first that failed: those before it ran; those after it ran too only if their script was
-        loaded, and then a second run changes nothing (a chunk carries its step number, an ending ends a job once).
+        loaded, and then a second run changes nothing (a chunk carries its step number, an ending ends a job once)
+        unless they depend on the failed one. `first_whole` sends the first call with its script's text (EVAL,
+        which never answers NOSCRIPT) where the calls after it must not run before it: a step's endings after its
+        chunks. By EVALSHA, a job's last chunk met NOSCRIPT while its ending's script, loaded meanwhile by another
+        client (the API cancelling a job), ran: the job ended, and the chunk, run again, was dropped.
         """
         results: list = []
         loaded = False
         while calls:
             with self.redis.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                for index, (script, keys, args) in enumerate(calls):
+                    if first_whole and index == 0:
+                        pipe.eval(script.script, len(keys), *keys, *args)
+                    else:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
                 answers = pipe.execute(raise_on_error=False)
+            first_whole = False
             failed = next((i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)), len(answers))
             for answer in answers[:failed] if raise_on_error else ():
                 if isinstance(answer, Exception):

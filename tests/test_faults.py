@@ -494,6 +494,24 @@ def test_a_step_is_one_round_trip_and_survives_a_flushed_script_cache():
                                                                           completion_tokens=1)]) == [1]
         record = store.get(second)
         assert (record["status"], record["text"]) == ("succeeded", "Hi")
+        # Only the ending's script loaded (the API cancelling a job ran it first): the chunk still goes before the
+        # ending. It met NOSCRIPT, the ending ran, and the chunk, run again, found its job ended: dropped.
+        third, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+        assert store.start(third, "w1") == "running"
+        pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(store.channel(third))
+        store.redis.script_flush()
+        store._finish.sha = store.redis.script_load(store._finish.script)
+        assert store.record_step("w1", [(third, "Bye", 1, True)], [Ending(third, "succeeded", finish_reason="stop",
+                                                                          completion_tokens=1)]) == [1]
+        record = store.get(third)
+        assert (record["status"], record["text"]) == ("succeeded", "Bye")
+        published, deadline = [], time.monotonic() + 5
+        while len(published) < 2 and time.monotonic() < deadline:
+            if (message := pubsub.get_message(timeout=0.5)) is not None:
+                published.append(json.loads(message["data"]))
+        assert [(m["seq"], m.get("delta"), m.get("done")) for m in published] == [(1, "Bye", None), (2, None, True)]
+        pubsub.close()
         store.redis.close()
 
 
