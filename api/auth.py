@@ -2,10 +2,13 @@
 
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
 
 from api.errors import ApiError
 from shared.jobs import JobStore, owner_id
@@ -42,6 +45,8 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
     settings = conn.app.state.settings
     if not settings.api_key_hashes:
         return None
+    if hasattr(conn.state, "api_key"):  # checked already, before the body was read (KeyBeforeBody): counted once
+        return conn.state.api_key
     scheme, _, token = conn.headers.get("authorization", "").partition(" ")
     token = header_text(token.strip(" "))  # credentials follow the scheme after 1*SP (RFC 9110): "Bearer  <key>"
     if scheme.lower() != "bearer" or not token:
@@ -65,6 +70,25 @@ async def api_key_if_sent(conn: HTTPConnection) -> str | None:
     one with a wrong key is a 401; one with none stays open, as the original clients send none."""
     sent = conn.headers.get("authorization") or (conn.scope["type"] == "websocket" and "api_key" in conn.query_params)
     return await require_api_key(conn) if sent else None
+
+
+class KeyBeforeBody(APIRoute):
+    """A route whose endpoint takes a body and the caller's key (`api.deps.ApiKey`): it checks the key, and counts the
+    request against the key's rate limit, before FastAPI reads the body. FastAPI reads and parses a body before any
+    dependency runs: a request with no key, a wrong one, or one past its limit, had its body read and parsed (23 MB of
+    JSON: seconds of the event loop and 600 MB of memory) before its 401 or 429."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+        checks_key = any(dependency.call is require_api_key for dependency in self.dependant.dependencies)
+        if self.body_field is None or not checks_key:
+            return handler
+
+        async def route(request: Request) -> Response:
+            await require_api_key(request)
+            return await handler(request)
+
+        return route
 
 
 def owns(record_owner: str | None, api_key: str | None) -> bool:

@@ -32,6 +32,11 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 # follower cuts it short: it wants to know now whether Redis can be reached.
 RECONNECT_DELAY_SECONDS = 0.5
 MAX_RECONNECT_DELAY_SECONDS = 4.0
+# After this long without a word from Redis, the reader sends a PING (answered even while subscribed), and takes the
+# connection as lost when as long again passes without one: a half-open connection (a partition, a NAT or firewall
+# dropping the flow, a host gone without a reset) held every stream to the quiet tick's reads of its record for a
+# quarter of an hour, or for ever. Found 2 to 3 s after its last word; no PING while messages flow.
+PING_INTERVAL_SECONDS = 1.0
 # Every this many seconds, the followers of a channel that had no message since the last tick get a None (2.5 to
 # 5 s of quiet): they re-read the job record, in case a message was missed that the hub could not report (Redis
 # away, a subscription never acknowledged). One timer for the hub, where a timeout around each follower's wait
@@ -80,6 +85,9 @@ class ChannelHub:
         self._attempt = asyncio.get_running_loop().create_future()
         self._hurry = asyncio.Event()  # set by a follower that waits on the next attempt
         self._reader: asyncio.Task | None = None
+        # The task that reads the reader's connection (see _read_all), and how many answers it has read in all.
+        self._reading: asyncio.Task | None = None
+        self._reads = 0
         self._ticker: asyncio.Task | None = None
         self.stopping = False
 
@@ -136,14 +144,20 @@ class ChannelHub:
     async def _until_acknowledged(self, channel: str, followers: _Channel) -> None:
         """Wait, SUBSCRIBE_TIMEOUT_SECONDS at most, for Redis to acknowledge `channel`'s subscription, on the reader's
         connection or, when that is lost meanwhile, on its next. Raises redis' ConnectionError when the reader's
-        attempt to connect fails (or does not end in time): Redis cannot be reached."""
+        attempt to connect fails (or does not end in time): Redis cannot be reached. A connection that was up all
+        along and left it unacknowledged is taken as lost: the reader connects again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SUBSCRIBE_TIMEOUT_SECONDS
+        connection = self._connection
         while not followers.acknowledged.done():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 log.warning("Redis did not acknowledge the subscription to %s in %s s", channel,
                             SUBSCRIBE_TIMEOUT_SECONDS)
+                if connection is not None and connection is self._connection:
+                    # Up all along, it is lost, maybe one way only: messages for other channels still come, so the
+                    # reader hears no silence. Cancelling its reads has the reader connect again.
+                    self._reading.cancel()
                 return
             if self._connection is None:
                 await self._connected(remaining)
@@ -195,33 +209,62 @@ class ChannelHub:
                 delay = min(2 * delay, MAX_RECONNECT_DELAY_SECONDS)
                 continue
             delay = RECONNECT_DELAY_SECONDS
-            # With no await from here to the SUBSCRIBE's write, every channel is either in it or subscribed by its
-            # own first follower on this connection.
+            # With no await from here to the reads' start, every channel is either in their first write, a SUBSCRIBE,
+            # or subscribed by its own first follower on this connection.
             self._connection, self._lost = connection, asyncio.get_running_loop().create_future()
-            channels = list(self._channels)
-            # Those that came while it connected are in `channels` too.
+            self._reading = reading = asyncio.create_task(self._read_all(connection, list(self._channels)),
+                                                          name="channel-hub-reads")
+            # Those that came while it connected are in that SUBSCRIBE too.
             for waiting in (attempt, self._attempt):
                 waiting.set_result(None)
             self._attempt = asyncio.get_running_loop().create_future()
             try:
-                if channels:
-                    await connection.send_command("SUBSCRIBE", *channels, check_health=False)
-                while True:
-                    await self._dispatch(connection, await connection.read_response(timeout=math.inf,
-                                                                                    push_request=True))
+                await self._watch(reading)
             except Exception as exc:
                 if isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or not connection.is_connected:
-                    # Closed under the reader by a follower's failed write, redis-py's read fails with whatever
-                    # it finds missing (AttributeError): the connection was lost all the same.
-                    log.warning("lost the pub/sub connection to Redis (%r); reconnecting in %s s", exc, delay)
+                    # Closed under the reads by a follower's failed write, redis-py's read fails with whatever
+                    # it finds missing (AttributeError): the connection was lost all the same. The error's name and
+                    # message, since redis-py's repr of its errors leaves the message out.
+                    log.warning("lost the pub/sub connection to Redis (%s: %s); reconnecting in %s s",
+                                type(exc).__name__, exc, delay)
                 else:
                     log.exception("the pub/sub reader failed; restarting it in %s s", delay)
                     self._tell_all_missed()  # it may have dropped a message on its way out
             finally:
+                reading.cancel()
                 self._connection = None
                 self._lost.set_result(None)
                 await connection.disconnect(nowait=True)
             await self._pause(delay)
+
+    async def _read_all(self, connection: AbstractConnection, channels: list[str]) -> None:
+        """Subscribe `channels` on `connection`, then dispatch whatever it reads until it fails."""
+        if channels:
+            await connection.send_command("SUBSCRIBE", *channels, check_health=False)
+        while True:
+            message = await connection.read_response(timeout=math.inf, push_request=True)
+            self._reads += 1
+            await self._dispatch(connection, message)
+
+    async def _watch(self, reading: asyncio.Task) -> None:
+        """Wait while `reading` (a _read_all) reads its connection. Raises what it failed with, or redis' TimeoutError
+        when the connection went silent or a follower cancelled the reads (its subscription went unacknowledged).
+
+        Looked at every PING_INTERVAL_SECONDS from here: a timeout around each read cost a timer per message relayed.
+        """
+        pinged, reads = False, self._reads
+        while not reading.done():
+            await asyncio.wait([reading], timeout=PING_INTERVAL_SECONDS)
+            if self._reads != reads or reading.done():
+                pinged, reads = False, self._reads
+            elif pinged:
+                raise RedisTimeoutError(f"no answer to a PING in {PING_INTERVAL_SECONDS} s")
+            else:
+                pinged = True
+                await self._send("PING")  # its answer may come while it is written: counted from before
+        if reading.cancelled():
+            raise RedisTimeoutError(f"a subscription was not acknowledged in {SUBSCRIBE_TIMEOUT_SECONDS} s")
+        reading.result()
 
     async def _tick(self) -> None:
         """Every QUIET_TICK_SECONDS, a None to the followers of each channel that had no message since the last."""
@@ -241,7 +284,7 @@ class ChannelHub:
     async def _dispatch(self, connection: AbstractConnection, message: list) -> None:
         """Hand a message to its channel's followers; note an acknowledged SUBSCRIBE."""
         if not isinstance(message, list) or len(message) < 3:
-            return
+            return  # a PING's answer ("PONG", or ["pong", ""] when subscribed on RESP2), among others
         kind, channel = _text(message[0]), _text(message[1])
         followers = self._channels.get(channel)
         if kind == "message":

@@ -16,6 +16,7 @@ from api.auth import api_key_if_sent, require_api_key
 from api.channel_hub import ChannelHub
 from api.errors import ApiError, error_response, install_error_handlers
 from api.origin import AllowedOrigins, Cors, OriginCheck
+from api.stream import SendDeadline
 from api.submission import Submitter
 from api.routes import (batches, controller, files, health, jobs, llava, metrics, models, openai, page,
                         stream)
@@ -208,12 +209,16 @@ class BodyLimitAnswers:
 
 
 class _Api(FastAPI):
-    """FastAPI, with the body limit's refusals in the API's formats (BodyLimitAnswers, outside everything else)."""
+    """FastAPI, with the body limit's refusals in the API's formats (BodyLimitAnswers, outside everything but
+    SendDeadline, which lets go of a client that reads nothing of a response)."""
+
+    send_timeout: float = 20.0
 
     def build_middleware_stack(self) -> ASGIApp:
         # (The router's own routes: the app holds included routers, not their routes. It has no prefix.)
         frame_paths = frozenset(route.path for route in llava.router.routes if isinstance(route, FrameRefusals))
-        return BodyLimitAnswers(super().build_middleware_stack(), self.max_body_size, frame_paths)
+        return SendDeadline(BodyLimitAnswers(super().build_middleware_stack(), self.max_body_size, frame_paths),
+                            self.send_timeout)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -242,6 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = _Api(title="llava-queue", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes,
                description="An async job queue serving LLaVA-style models with continuous batching.")
+    app.send_timeout = settings.stream_send_timeout_seconds  # SendDeadline's, as the streams'
     install_error_handlers(app)
     # The Origin check runs first (the last added is outermost): a page not allowed is refused before CORS or a
     # route sees it. CORS is there even with no origin configured, so that a refused preflight says what to set.

@@ -44,6 +44,15 @@ IMAGE_TOKEN = "<image>"
 # Bounds on one request, far above any real LLaVA context, that keep a hostile request cheap to refuse.
 MAX_PROMPT_CHARS = 400_000
 MAX_IMAGES = 16
+# At most this many turns in `messages`, as OpenAI's chat API takes: 200,000 empty turns (5.7 MiB) held no text, and the
+# worker spent 32 s rendering and tokenizing their prompt of a million tokens.
+MAX_MESSAGES = 2048
+# The template text the worker adds to each turn (its role's name and separators: 28 characters for ChatML, 52 for
+# Llama 3's template), counted with the turns' text so that the prompt they make is bounded, not only their text.
+TURN_CHARS = 64
+# The longest prompt the worker renders from turns: MAX_PROMPT_CHARS of text and the template's own (its system prompt,
+# the v0 template's few-shot turns: 1,900 characters).
+MAX_RENDERED_CHARS = MAX_PROMPT_CHARS + 16_384
 # The longest `model` taken: two 255-byte path components joined by "_" (`<parent>_checkpoint-N`), the longest
 # name the original derives from a model path.
 MAX_MODEL_CHARS = 512
@@ -138,7 +147,7 @@ class GenerateRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[Message] | None = None
+    messages: list[Message] | None = Field(None, max_length=MAX_MESSAGES)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = Field(256, ge=0)
@@ -242,6 +251,19 @@ class GenerateRequest(BaseModel):
         finally:
             _images_read.reset(token)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _images_counted_first(cls, data: Any) -> Any:
+        """The turns' images counted before any is read: each turn's were decoded, a tenth of a second or more each
+        for a crafted file, before the request's total was checked (160 images: 21 s of the API's CPU for a 422)."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list):
+            total = sum(len(message["images"]) for message in messages
+                        if isinstance(message, dict) and isinstance(message.get("images"), list))
+            if total > MAX_IMAGES:
+                raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
+        return data
+
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "GenerateRequest":
         if (self.prompt is None) == (self.messages is None):
@@ -255,9 +277,12 @@ class GenerateRequest(BaseModel):
             if chars > MAX_PROMPT_CHARS:  # each turn's is bounded too, but the prompt they make is the request's
                 raise ValueError(f"the turns hold {chars} characters of text; the limit is {MAX_PROMPT_CHARS} per "
                                  "request")
-            total = sum(len(message.images) for message in self.messages)
-            if total > MAX_IMAGES:  # each turn's own list is checked too, but the limit is the request's
-                raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
+            rendered = chars + TURN_CHARS * len(self.messages)
+            if rendered > MAX_RENDERED_CHARS:
+                raise ValueError(f"the turns make a prompt of {rendered} characters ({chars} of text and {TURN_CHARS} "
+                                 f"of template for each of the {len(self.messages)} turns); the limit is "
+                                 f"{MAX_RENDERED_CHARS} per request")
+            total = len(self.all_images())
             if self.model is not None and "llava" in self.model.lower():
                 # A LLaVA worker renders the turns with the original's template for this name: what it would refuse
                 # after the job was accepted (images on an assistant or system turn, turns out of order, a last turn

@@ -156,6 +156,8 @@ class Settings(BaseSettings):
     # The same limit for the jobs of one API key (0: none), so one client cannot fill the queue.
     max_queued_jobs_per_key: int = Field(0, ge=0)
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # The feedback log (POST /v1/feedback, a Redis list kept for good) keeps its newest lines within this many bytes.
+    feedback_log_bytes: int = Field(64 * 1024 * 1024, ge=1)
     # SHA-256 hex digests of the accepted API keys (Bearer tokens); empty means no keys are required.
     api_key_hashes: list[str] = Field(default_factory=list)
     # Requests per minute per API key (0: no limit).

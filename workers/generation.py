@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import CANCELLED_ERROR, QUEUES, RECORD_GONE, Ending, JobStore, answers_later
-from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest
+from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_RENDERED_CHARS, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
 from workers.engine.decode_graphs import OTHER_CUDA_WORK
@@ -120,6 +120,11 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
     those positions against its context and batch budgets. A bad image fails only its own job.
     """
     prompt, stop = render_prompt(request, loaded)
+    if len(prompt) > MAX_RENDERED_CHARS:
+        # Refused before it is tokenized (a million tokens took 32 s of the worker): the API counts TURN_CHARS of
+        # template for each turn, and a template may add more.
+        raise ValueError(f"the prompt rendered from the turns is {len(prompt)} characters long; the limit is "
+                         f"{MAX_RENDERED_CHARS}")
     tokenizer = loaded.tokenizer
     vision = loaded.vision
     pixel_values = prompt_embeds = embed_tokens = None

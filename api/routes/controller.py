@@ -96,7 +96,7 @@ async def get_worker_address(request: Request, registry: Registry, settings: App
 
     The body is read as JSON whatever its Content-Type, as the original controller reads it.
     """
-    body = parse_original_body(await request.body(), WorkerAddressRequest)
+    body = await asyncio.to_thread(parse_original_body, await request.body(), WorkerAddressRequest)
     served = served_models(await asyncio.to_thread(registry.workers))
     return WorkerAddress(address=public_address(request, settings.public_url) if body.model in served else "")
 

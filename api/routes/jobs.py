@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError, WrapValidator
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import owned_job, owns
+from api.auth import KeyBeforeBody, owned_job, owns
 from api.deps import ApiKey, IdempotencyKey, Store, Submissions
 from api.errors import ApiError, job_not_found
 from api.routes.openai import job_id_of
@@ -142,7 +142,7 @@ def _body_errors(model: type[BaseModel], body: Any) -> list[dict[str, Any]]:
     return []
 
 
-class _BodyCheckedOnAThread(APIRoute):
+class _BodyCheckedOnAThread(KeyBeforeBody):
     """A route whose body (`_AS_SENT`) its endpoint validates: when FastAPI refuses the request for another
     parameter (an Idempotency-Key header too long), the body's errors are added to the answer, on a thread, as
     FastAPI's own validation listed them after the header's."""

@@ -20,10 +20,10 @@ from typing import Any, Literal
 import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from api.auth import KeyBeforeBody
 from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
 from api.errors import ApiError, body_not_json, error_body, store_unavailable
@@ -32,9 +32,9 @@ from api.routes.models import model_away, returning_models, served_models
 from api.stream import FollowingResponse, JobNotFound, ServerStopping, follow_job, with_keepalives
 from api.submission import check_unicode
 from shared.jobs import JobStore, WorkerRegistry
-from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, ErrorCode, GenerateRequest, InvalidRequest,
-                             check_images, context_overflowed, data_url_parts, describe_validation_error,
-                             max_new_tokens_cap, parse_request, stop_of_strings)
+from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_IMAGES, MAX_MESSAGES, ErrorCode,
+                             GenerateRequest, InvalidRequest, check_images, context_overflowed, data_url_parts,
+                             describe_validation_error, max_new_tokens_cap, parse_request, stop_of_strings)
 
 log = logging.getLogger("llava_queue.api")
 
@@ -60,7 +60,7 @@ _JOB_ERRORS = {
 _NOT_RETRIED = {"x-should-retry": "false"}
 
 
-class OpenAIRoute(APIRoute):
+class OpenAIRoute(KeyBeforeBody):
     """A route whose invalid requests are answered 400, as OpenAI does (the rest of the API uses 422)."""
 
     def get_route_handler(self) -> Callable:
@@ -154,7 +154,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     # More than the worker generates (MAX_NEW_TOKENS_CAP, `_within_cap`) is refused, as vLLM refuses more than the
@@ -332,6 +332,21 @@ def image_from_url(url: str, param: str) -> str:
     return data
 
 
+def count_images(messages: list[ChatMessage]) -> None:
+    """Refuse (400) more than MAX_IMAGES image parts, in one message or in all, before any is decoded: each was
+    decoded first, a tenth of a second or more for a crafted file (160 images: 20 s of the API's CPU for a 400)."""
+    total = 0
+    for index, message in enumerate(messages):
+        parts = message.content if isinstance(message.content, list) else []
+        count = sum(part.get("type") == "image_url" for part in parts)
+        if count > MAX_IMAGES:
+            param = f"messages[{index}].content"
+            raise ApiError(400, f"{param}: {count} images; the limit is {MAX_IMAGES} per request", param=param)
+        total += count
+    if total > MAX_IMAGES:
+        raise ApiError(400, f"{total} images in the turns; the limit is {MAX_IMAGES} per request", param="messages")
+
+
 def to_turn(index: int, message: ChatMessage) -> dict:
     """One OpenAI message as a llava-queue chat turn `{role, text, images}` (text parts joined by newlines)."""
     role = "system" if message.role == "developer" else message.role
@@ -366,6 +381,7 @@ def to_turn(index: int, message: ChatMessage) -> dict:
 
 def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
     """The job request of a chat completion; raises ApiError (400) naming the OpenAI field."""
+    count_images(body.messages)
     fields: dict[str, Any] = {
         "model": body.model,
         "messages": [to_turn(index, message) for index, message in enumerate(body.messages)],

@@ -14,14 +14,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import owned_job
+from api.auth import KeyBeforeBody, owned_job
 from api.deps import ApiKey, AppSettings, Store
 from api.errors import ApiError, job_not_found
 from api.routes.openai import job_id_of
 from shared.protocol import ErrorCode
 from shared.settings import Settings
 
-router = APIRouter(tags=["page"])
+router = APIRouter(tags=["page"], route_class=KeyBeforeBody)
 
 # Revalidate on every load (ETag), so an upgraded page is never mixed with stale scripts.
 _NO_CACHE = {"Cache-Control": "no-cache"}
@@ -98,8 +98,23 @@ def feedback_key(settings: Settings) -> str:
     return f"{settings.key_prefix}:feedback"
 
 
-# The feedback log keeps its newest this many lines (each holds a job's prompt and answer).
+# The feedback log keeps its newest this many lines (each holds a job's prompt and answer), within
+# Settings.feedback_log_bytes.
 MAX_FEEDBACK_LINES = 100_000
+
+# Append a line to the log (KEYS[1]) and count its bytes (KEYS[2]), then drop the oldest lines while there are more
+# than ARGV[2] or more than ARGV[3] bytes (the newest line stays, whatever its size). A line count alone let 100,000
+# lines of 2.4 MB each (a 400,000-character prompt, its answer) stay in Redis for good.
+_APPEND_FEEDBACK = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local bytes = redis.call('INCRBY', KEYS[2], #ARGV[1])
+local lines = redis.call('LLEN', KEYS[1])
+while lines > 1 and (lines > tonumber(ARGV[2]) or bytes > tonumber(ARGV[3])) do
+  bytes = redis.call('DECRBY', KEYS[2], #redis.call('LPOP', KEYS[1]))
+  lines = lines - 1
+end
+return lines
+"""
 
 
 # The page and its files are public; feedback needs an API key when keys are configured, as jobs do.
@@ -123,13 +138,13 @@ def record_feedback(body: Feedback, request: Request, response: Response, store:
     record = FeedbackRecord(tstamp=round(time.time(), 4), type=body.type, job_id=body.job_id, model=job["model"],
                             prompt=job["prompt"], text=job["text"],
                             ip=request.client.host if request.client else None)
-    line = json.dumps(record.model_dump())
+    line = json.dumps(record.model_dump(), ensure_ascii=False)  # UTF-8: an escaped "é" took 6 bytes
     once = f"{feedback_key(settings)}:{body.job_id}:{body.type}"
     if not store.redis.set(once, line, nx=True, ex=settings.job_ttl_seconds):
         first = store.redis.get(once)
         if first is not None:
             response.status_code = 200
             return FeedbackRecord.model_validate_json(first)
-    with store.redis.pipeline(transaction=False) as pipe:
-        pipe.rpush(feedback_key(settings), line).ltrim(feedback_key(settings), -MAX_FEEDBACK_LINES, -1).execute()
+    store.redis.eval(_APPEND_FEEDBACK, 2, feedback_key(settings), f"{feedback_key(settings)}:bytes", line,
+                     MAX_FEEDBACK_LINES, settings.feedback_log_bytes)
     return record
