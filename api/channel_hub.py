@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger("llava_queue.api")
 
@@ -33,10 +34,12 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 RECONNECT_DELAY_SECONDS = 0.5
 MAX_RECONNECT_DELAY_SECONDS = 4.0
 # After this long without a word from Redis, the reader sends a PING (answered even while subscribed), and takes the
-# connection as lost when as long again passes without one: a half-open connection (a partition, a NAT or firewall
+# connection as lost when PING_ANSWER_INTERVALS more pass without one: a half-open connection (a partition, a NAT or firewall
 # dropping the flow, a host gone without a reset) held every stream to the quiet tick's reads of its record for a
-# quarter of an hour, or for ever. Found 2 to 3 s after its last word; no PING while messages flow.
+# quarter of an hour, or for ever. Found 3 to 4 s after its last word (a Redis stalled 2 s, by a fork or a large
+# DEL, is not taken for gone; one running a long script answers BUSY); no PING while messages flow.
 PING_INTERVAL_SECONDS = 1.0
+PING_ANSWER_INTERVALS = 2
 # Every this many seconds, the followers of a channel that had no message since the last tick get a None (2.5 to
 # 5 s of quiet): they re-read the job record, in case a message was missed that the hub could not report (Redis
 # away, a subscription never acknowledged). One timer for the hub, where a timeout around each follower's wait
@@ -201,7 +204,9 @@ class ChannelHub:
             except asyncio.CancelledError:
                 await connection.disconnect(nowait=True)
                 raise
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisError, OSError) as exc:
+                # Not only a connection refused: a Redis running a long script answers the connection's CLIENT SETNAME
+                # with BUSY (a ResponseError), which ended the reader for good.
                 log.warning("could not connect to Redis for pub/sub (%s); trying again in %s s", exc, delay)
                 attempt.set_result(exc)
                 await connection.disconnect(nowait=True)
@@ -242,7 +247,11 @@ class ChannelHub:
         if channels:
             await connection.send_command("SUBSCRIBE", *channels, check_health=False)
         while True:
-            message = await connection.read_response(timeout=math.inf, push_request=True)
+            try:
+                message = await connection.read_response(timeout=math.inf, push_request=True)
+            except ResponseError:  # an error reply (a PING answered BUSY while a script runs): Redis is there
+                self._reads += 1
+                continue
             self._reads += 1
             await self._dispatch(connection, message)
 
@@ -252,16 +261,21 @@ class ChannelHub:
 
         Looked at every PING_INTERVAL_SECONDS from here: a timeout around each read cost a timer per message relayed.
         """
-        pinged, reads = False, self._reads
+        silent, reads = 0, self._reads  # intervals with nothing read
+        answer_seconds = PING_ANSWER_INTERVALS * PING_INTERVAL_SECONDS
         while not reading.done():
             await asyncio.wait([reading], timeout=PING_INTERVAL_SECONDS)
             if self._reads != reads or reading.done():
-                pinged, reads = False, self._reads
-            elif pinged:
-                raise RedisTimeoutError(f"no answer to a PING in {PING_INTERVAL_SECONDS} s")
-            else:
-                pinged = True
-                await self._send("PING")  # its answer may come while it is written: counted from before
+                silent, reads = 0, self._reads
+                continue
+            silent += 1
+            if silent > 1 + PING_ANSWER_INTERVALS:
+                raise RedisTimeoutError(f"no answer to a PING in {answer_seconds} s")
+            if silent == 1:
+                try:  # its answer may come while it is written: counted from before
+                    await asyncio.wait_for(self._send("PING"), answer_seconds)
+                except TimeoutError:  # the socket's buffer full: nothing goes out, nothing comes back
+                    raise RedisTimeoutError(f"a PING could not be written in {answer_seconds} s") from None
         if reading.cancelled():
             raise RedisTimeoutError(f"a subscription was not acknowledged in {SUBSCRIBE_TIMEOUT_SECONDS} s")
         reading.result()

@@ -160,18 +160,24 @@ async def stalled(clock: SendClock, timeout: float) -> None:
 # In an HTTP request's scope: its response watches its own sends (FollowingResponse), which SendDeadline leaves alone.
 SEND_WATCHED = "llava_queue.send_watched"
 # SendDeadline sends a larger body in pieces of this many bytes: uvicorn waits for a paused transport before a send,
-# never after, so a body sent whole sits in the transport's buffer, however slowly the client reads.
-BODY_PIECE_BYTES = 256 * 1024
+# never after, so a body sent whole sits in the transport's buffer, however slowly the client reads. (The buffer's
+# high-water mark: a client reading 3.2 KB/s or more is never cut off by the 20 s timeout; 256 KB pieces asked 10.)
+BODY_PIECE_BYTES = 64 * 1024
+
+
+class _NotRead(Exception):
+    """A piece of a response waited its send timeout."""
 
 
 class SendDeadline:
     """ASGI middleware: an HTTP response one of whose sends has waited `timeout` seconds (a client that reads
-    nothing) is let go: its request is cancelled and uvicorn closes the connection, as FollowingResponse lets a
-    stream's go. A plain response (a file's content, a batch's results) was held for as long as its client kept the
+    nothing) is let go: the send fails, the request ends, and uvicorn closes the connection, as FollowingResponse lets
+    a stream's go. A plain response (a file's content, a batch's results) was held for as long as its client kept the
     connection: 10 clients that never read a 32 MiB file held 650 MB of the API for good.
 
-    One timer per send, and only for responses: a job's stream watches its sends itself (`SEND_WATCHED`, one watch
-    a stream; a timer a message cost a fifth of the API's CPU per message relayed).
+    Only a send still waiting is given up (a timer that cancelled the request's task could land as a send was done,
+    and cut a response that was going out). A job's stream watches its sends itself (`SEND_WATCHED`, one watch a
+    stream, where a timeout a message cost a fifth of the API's CPU per message relayed).
     """
 
     def __init__(self, app, timeout: float):
@@ -182,15 +188,10 @@ class SendDeadline:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        task, loop = asyncio.current_task(), asyncio.get_running_loop()
         expired = False
 
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
-
         async def send_by_deadline(message: Message) -> None:
+            nonlocal expired
             if scope.get(SEND_WATCHED):
                 await send(message)
                 return
@@ -200,18 +201,19 @@ class SendDeadline:
             if pieces:
                 pieces[-1]["more_body"] = message.get("more_body", False)
             for piece in pieces or [message]:
-                timer = loop.call_later(self.timeout, expire)
                 try:
-                    await send(piece)
-                finally:
-                    timer.cancel()
+                    await asyncio.wait_for(send(piece), self.timeout)
+                except TimeoutError:
+                    expired = True
+                    raise _NotRead from None
 
         try:
             await self.app(scope, receive, send_by_deadline)
-        except asyncio.CancelledError:
+        except Exception:
+            # Past the expiry whatever the app made of it (Starlette's exception middleware re-raises it wrapped in a
+            # RuntimeError, the response having started).
             if not expired:
                 raise
-            task.uncancel()
             log.warning("the client of %s %s read nothing for %s s; leaving it", scope.get("method"),
                         scope.get("path"), self.timeout)
 

@@ -47,12 +47,13 @@ MAX_IMAGES = 16
 # At most this many turns in `messages`, as OpenAI's chat API takes: 200,000 empty turns (5.7 MiB) held no text, and the
 # worker spent 32 s rendering and tokenizing their prompt of a million tokens.
 MAX_MESSAGES = 2048
-# The template text the worker adds to each turn (its role's name and separators: 28 characters for ChatML, 52 for
-# Llama 3's template), counted with the turns' text so that the prompt they make is bounded, not only their text.
+# The template text the worker may add to each turn (its role's name and separators: 28 characters for ChatML, 52
+# for Llama 3's template).
 TURN_CHARS = 64
-# The longest prompt the worker renders from turns: MAX_PROMPT_CHARS of text and the template's own (its system prompt,
-# the v0 template's few-shot turns: 1,900 characters).
-MAX_RENDERED_CHARS = MAX_PROMPT_CHARS + 16_384
+# The longest prompt the worker renders from turns (refused before it is tokenized): MAX_PROMPT_CHARS of text,
+# TURN_CHARS of template for each of MAX_MESSAGES turns, and the template's own (its system prompt, the v0 template's
+# few-shot turns: 1,900 characters). What the API takes always fits; a template that adds more to a turn may not.
+MAX_RENDERED_CHARS = MAX_PROMPT_CHARS + TURN_CHARS * MAX_MESSAGES + 16_384
 # The longest `model` taken: two 255-byte path components joined by "_" (`<parent>_checkpoint-N`), the longest
 # name the original derives from a model path.
 MAX_MODEL_CHARS = 512
@@ -277,12 +278,9 @@ class GenerateRequest(BaseModel):
             if chars > MAX_PROMPT_CHARS:  # each turn's is bounded too, but the prompt they make is the request's
                 raise ValueError(f"the turns hold {chars} characters of text; the limit is {MAX_PROMPT_CHARS} per "
                                  "request")
-            rendered = chars + TURN_CHARS * len(self.messages)
-            if rendered > MAX_RENDERED_CHARS:
-                raise ValueError(f"the turns make a prompt of {rendered} characters ({chars} of text and {TURN_CHARS} "
-                                 f"of template for each of the {len(self.messages)} turns); the limit is "
-                                 f"{MAX_RENDERED_CHARS} per request")
             total = len(self.all_images())
+            if total > MAX_IMAGES:  # counted before the turns were read too (_images_counted_first), from JSON
+                raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
             if self.model is not None and "llava" in self.model.lower():
                 # A LLaVA worker renders the turns with the original's template for this name: what it would refuse
                 # after the job was accepted (images on an assistant or system turn, turns out of order, a last turn

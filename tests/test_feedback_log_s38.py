@@ -33,3 +33,25 @@ def test_the_feedback_log_keeps_its_newest_lines_within_its_bytes():
         assert [(line["job_id"], line["type"]) for line in lines] == voted[-len(lines):]
         assert len(lines) == 3 and size <= LOG_BYTES and int(client.get("llq:feedback:bytes")) == size
         assert lines[-1]["prompt"].endswith("é" * 40_000)
+
+
+def test_the_logs_byte_count_is_made_again_where_it_cannot_be_right():
+    from api.routes.page import _APPEND_FEEDBACK
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+
+        def append(line: bytes, max_bytes: int = 1000) -> int:
+            return client.eval(_APPEND_FEEDBACK, 2, "log", "log:bytes", line, 100, max_bytes)
+
+        # A log written before its bytes were counted: the count was short by its lines, and went below zero as
+        # they were dropped (their bytes taken from a count that never had them): the log held them past the limit.
+        client.rpush("log", *[b"x" * 100] * 9)
+        assert append(b"y" * 100) == 10 and int(client.get("log:bytes")) == 1000
+        assert append(b"z" * 300) == 8 and int(client.get("log:bytes")) == 1000
+        # The list deleted (an operator clearing it), its count left: the log kept one line for good.
+        client.delete("log")
+        assert [append(b"a" * 100) for _ in range(3)] == [1, 2, 3] and int(client.get("log:bytes")) == 300
+        # A count gone wrong below zero is made again too.
+        client.set("log:bytes", -5000)
+        assert append(b"b" * 100) == 4 and int(client.get("log:bytes")) == 400

@@ -375,7 +375,16 @@ def _follow_sentencepiece(tokenizer: PreTrainedTokenizerBase, path: str | Path) 
     backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
     if not legacy:
-        tokenizer.__class__ = type(type(tokenizer).__name__, (_DummyPrefixAtStart, type(tokenizer)), {})
+        tokenizer.__class__ = _dummy_prefixed_class(type(tokenizer))
+
+
+def _dummy_prefixed_class(base: type) -> type:
+    """`base` with _DummyPrefixAtStart, made once and kept in this module, where pickle finds it by its name."""
+    name = f"{base.__name__}WithDummyPrefix"
+    made = globals().get(name)
+    if made is None:
+        made = globals()[name] = type(name, (_DummyPrefixAtStart, base), {"__module__": __name__, "__qualname__": name})
+    return made
 
 
 class _DummyPrefixAtStart:

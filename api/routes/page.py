@@ -104,11 +104,19 @@ MAX_FEEDBACK_LINES = 100_000
 
 # Append a line to the log (KEYS[1]) and count its bytes (KEYS[2]), then drop the oldest lines while there are more
 # than ARGV[2] or more than ARGV[3] bytes (the newest line stays, whatever its size). A line count alone let 100,000
-# lines of 2.4 MB each (a 400,000-character prompt, its answer) stay in Redis for good.
+# lines of 2.4 MB each (a 400,000-character prompt, its answer) stay in Redis for good. The count is made again from
+# the lines where it cannot be right: missing (a log written before it was kept), below zero, or with the log new (the
+# list deleted, the count left).
 _APPEND_FEEDBACK = """
-redis.call('RPUSH', KEYS[1], ARGV[1])
-local bytes = redis.call('INCRBY', KEYS[2], #ARGV[1])
-local lines = redis.call('LLEN', KEYS[1])
+local lines = redis.call('RPUSH', KEYS[1], ARGV[1])
+local bytes = tonumber(redis.call('GET', KEYS[2]) or '-1') + #ARGV[1]
+if bytes < #ARGV[1] or lines == 1 then
+  bytes = 0
+  for start = 0, lines - 1, 100 do
+    for _, line in ipairs(redis.call('LRANGE', KEYS[1], start, start + 99)) do bytes = bytes + #line end
+  end
+end
+redis.call('SET', KEYS[2], bytes)
 while lines > 1 and (lines > tonumber(ARGV[2]) or bytes > tonumber(ARGV[3])) do
   bytes = redis.call('DECRBY', KEYS[2], #redis.call('LPOP', KEYS[1]))
   lines = lines - 1
