@@ -34,9 +34,9 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 RECONNECT_DELAY_SECONDS = 0.5
 MAX_RECONNECT_DELAY_SECONDS = 4.0
 # After this long without a word from Redis, the reader sends a PING (answered even while subscribed), and takes the
-# connection as lost when PING_ANSWER_INTERVALS more pass without one: a half-open connection (a partition, a NAT or firewall
-# dropping the flow, a host gone without a reset) held every stream to the quiet tick's reads of its record for a
-# quarter of an hour, or for ever. Found 3 to 4 s after its last word (a Redis stalled 2 s, by a fork or a large
+# connection as lost when PING_ANSWER_INTERVALS more pass without one: a half-open connection (a partition, a NAT or
+# firewall dropping the flow, a host gone without a reset) held every stream to the quiet tick's reads of its record
+# for a quarter of an hour, or for ever. Found 3 to 4 s after its last word (a Redis stalled 2 s, by a fork or a large
 # DEL, is not taken for gone; one running a long script answers BUSY); no PING while messages flow.
 PING_INTERVAL_SECONDS = 1.0
 PING_ANSWER_INTERVALS = 2
