@@ -200,14 +200,17 @@ class ChannelHub:
             connection = self._pool.make_connection()
             attempt, self._attempt = self._attempt, asyncio.get_running_loop().create_future()
             try:
-                await connection.connect()
+                # Bounded: a Redis that takes the connection and never answers (a stopped process) held the reader
+                # here for good.
+                await asyncio.wait_for(connection.connect(), SUBSCRIBE_TIMEOUT_SECONDS)
             except asyncio.CancelledError:
                 await connection.disconnect(nowait=True)
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError) as exc:  # TimeoutError among them
                 # Not only a connection refused: a Redis running a long script answers the connection's CLIENT SETNAME
                 # with BUSY (a ResponseError), which ended the reader for good.
-                log.warning("could not connect to Redis for pub/sub (%s); trying again in %s s", exc, delay)
+                log.warning("could not connect to Redis for pub/sub (%s); trying again in %s s",
+                            exc if str(exc) else f"no answer in {SUBSCRIBE_TIMEOUT_SECONDS} s", delay)
                 attempt.set_result(exc)
                 await connection.disconnect(nowait=True)
                 await self._pause(delay)

@@ -56,3 +56,32 @@ def test_the_hub_goes_on_after_a_script_that_kept_redis_busy():
     with RedisServer() as server:
         got = asyncio.run(follow_through_a_busy_script(server.url))
     assert "after" in got, got
+
+
+async def connect_to_a_listener_that_never_answers(port: int, seconds: float) -> bool:
+    client = aioredis.Redis(host="127.0.0.1", port=port, decode_responses=True, client_name="llava-queue-api")
+    hub = ChannelHub(client)
+    hub.start()
+    await asyncio.sleep(seconds)
+    alive = not hub._reader.done()
+    await hub.aclose()
+    await client.aclose()
+    return alive
+
+
+def test_a_connection_that_is_taken_and_never_answered_is_given_up_and_tried_again(caplog):
+    # A Redis that takes the connection and says nothing (a stopped process, SIGSTOP): the reader waited in connect()
+    # for good, and no attempt of it was ever said.
+    import logging
+    import socket
+
+    from api.channel_hub import SUBSCRIBE_TIMEOUT_SECONDS
+
+    with socket.socket() as listener, caplog.at_level(logging.WARNING, logger="llava_queue.api"):
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # connections are taken by the kernel, and never read
+        alive = asyncio.run(connect_to_a_listener_that_never_answers(listener.getsockname()[1],
+                                                                     SUBSCRIBE_TIMEOUT_SECONDS + 1.5))
+    assert alive
+    assert f"could not connect to Redis for pub/sub (no answer in {SUBSCRIBE_TIMEOUT_SECONDS} s)" in caplog.text, \
+        caplog.text
