@@ -165,19 +165,17 @@ SEND_WATCHED = "llava_queue.send_watched"
 BODY_PIECE_BYTES = 64 * 1024
 
 
-class _NotRead(Exception):
-    """A piece of a response waited its send timeout."""
-
-
 class SendDeadline:
     """ASGI middleware: an HTTP response one of whose sends has waited `timeout` seconds (a client that reads
-    nothing) is let go: the send fails, the request ends, and uvicorn closes the connection, as FollowingResponse lets
-    a stream's go. A plain response (a file's content, a batch's results) was held for as long as its client kept the
+    nothing) is let go: its request is cancelled and uvicorn closes the connection, as FollowingResponse lets a
+    stream's go. A plain response (a file's content, a batch's results) was held for as long as its client kept the
     connection: 10 clients that never read a 32 MiB file held 650 MB of the API for good.
 
-    Only a send still waiting is given up (a timer that cancelled the request's task could land as a send was done,
-    and cut a response that was going out). A job's stream watches its sends itself (`SEND_WATCHED`, one watch a
-    stream, where a timeout a message cost a fifth of the API's CPU per message relayed).
+    A timer a send, which gives up the send only if it still waits two passes of the event loop later: a send whose
+    wait ended as the timer came (the loop busy past both) goes on. (A task a send, with its timeout, put a pass of the
+    loop between a response's head and its body, where the next request's first bytes could come and find the
+    response not complete.) A job's stream watches its sends itself (`SEND_WATCHED`, one watch a stream, where a
+    timeout a message cost a fifth of the API's CPU per message relayed).
     """
 
     def __init__(self, app, timeout: float):
@@ -188,10 +186,17 @@ class SendDeadline:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        expired = False
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        sent, expired = 0, False
+
+        def give_up(number: int) -> None:
+            nonlocal expired
+            if sent == number and not expired:  # that send still waits
+                expired = True
+                task.cancel()
 
         async def send_by_deadline(message: Message) -> None:
-            nonlocal expired
+            nonlocal sent
             if scope.get(SEND_WATCHED):
                 await send(message)
                 return
@@ -201,19 +206,19 @@ class SendDeadline:
             if pieces:
                 pieces[-1]["more_body"] = message.get("more_body", False)
             for piece in pieces or [message]:
+                timer = loop.call_later(self.timeout, loop.call_soon, loop.call_soon, give_up, sent)
                 try:
-                    await asyncio.wait_for(send(piece), self.timeout)
-                except TimeoutError:
-                    expired = True
-                    raise _NotRead from None
+                    await send(piece)
+                finally:
+                    timer.cancel()
+                    sent += 1
 
         try:
             await self.app(scope, receive, send_by_deadline)
-        except Exception:
-            # Past the expiry whatever the app made of it (Starlette's exception middleware re-raises it wrapped in a
-            # RuntimeError, the response having started).
+        except asyncio.CancelledError:
             if not expired:
                 raise
+            task.uncancel()
             log.warning("the client of %s %s read nothing for %s s; leaving it", scope.get("method"),
                         scope.get("path"), self.timeout)
 
