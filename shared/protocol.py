@@ -259,8 +259,10 @@ class GenerateRequest(BaseModel):
         for a crafted file, before the request's total was checked (160 images: 21 s of the API's CPU for a 422)."""
         messages = data.get("messages") if isinstance(data, dict) else None
         if isinstance(messages, list):
-            total = sum(len(message["images"]) for message in messages
-                        if isinstance(message, dict) and isinstance(message.get("images"), list))
+            # Turns as JSON gives them, or as Message objects (a request built in Python).
+            images = [message.get("images") if isinstance(message, dict) else getattr(message, "images", None)
+                      for message in messages]
+            total = sum(len(turn) for turn in images if isinstance(turn, list))
             if total > MAX_IMAGES:
                 raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
         return data
@@ -278,9 +280,7 @@ class GenerateRequest(BaseModel):
             if chars > MAX_PROMPT_CHARS:  # each turn's is bounded too, but the prompt they make is the request's
                 raise ValueError(f"the turns hold {chars} characters of text; the limit is {MAX_PROMPT_CHARS} per "
                                  "request")
-            total = len(self.all_images())
-            if total > MAX_IMAGES:  # counted before the turns were read too (_images_counted_first), from JSON
-                raise ValueError(f"{total} images in the turns; the limit is {MAX_IMAGES} per request")
+            total = len(self.all_images())  # at most MAX_IMAGES: _images_counted_first
             if self.model is not None and "llava" in self.model.lower():
                 # A LLaVA worker renders the turns with the original's template for this name: what it would refuse
                 # after the job was accepted (images on an assistant or system turn, turns out of order, a last turn
