@@ -172,16 +172,6 @@ def _peak_pixels(size: tuple[int, int], image_processor, image_aspect_ratio: str
     return max(width * height for width, height in shapes)
 
 
-def prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str | None,
-                  process_mode: str | None = None, index: int = 0) -> torch.Tensor:
-    """One decoded image → pixel values [3, S, S] for the vision tower; ValueError (naming image `index`) when
-    preparing it would need an image over the prepared-pixel limit (PREPARED_PIXELS_FACTOR). Within the worker's
-    `PREPARING` budget: a large one waits while others hold it."""
-    limit = PREPARED_PIXELS_FACTOR * get_settings().max_image_pixels
-    with PREPARING.hold(_peak_pixels(image.size, image_processor, image_aspect_ratio, process_mode), limit):
-        return _prepare_image(image, image_processor, image_aspect_ratio, process_mode, index)
-
-
 def _prepare_image(image: Image.Image, image_processor, image_aspect_ratio: str | None, process_mode: str | None,
                    index: int) -> torch.Tensor:
     if process_mode == "Pad":
