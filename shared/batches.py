@@ -175,6 +175,44 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 """
 
+# An upload (KEYS[1] its key) kept, and listed, within its owner's storage limit. The owner's stored bytes (KEYS[4])
+# count the files in KEYS[3] (file id -> bytes) whose expiry times are in KEYS[2]; the ones expired by now (ARGV[1])
+# are taken off first, so the count needs no process watching keys expire. ARGV: now, TTL, file id, its description, its content,
+# the owner, the limit in bytes (0: none), its size. Returns {1, bytes kept after} or {0, bytes kept now}.
+_SAVE_FILE = """
+local now, ttl, size, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[8]), tonumber(ARGV[7])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, id in ipairs(expired) do
+  redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], id) or 0))
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+local kept = tonumber(redis.call('GET', KEYS[4]) or 0)
+if kept < 0 then kept = 0 end
+if limit > 0 and kept + size > limit then return {0, kept} end
+redis.call('HSET', KEYS[1], 'meta', ARGV[4], 'content', ARGV[5], 'owner', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], size)
+redis.call('SET', KEYS[4], kept + size)
+-- The owner's files index (KEYS[5], GET /v1/files), which keeps no file past the TTL either.
+redis.call('ZADD', KEYS[5], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
+for i = 2, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+return {1, kept + size}
+"""
+
+# An upload (KEYS[1]) deleted, and its bytes (ARGV[1] its id) taken off its owner's count (KEYS[2..4] as in _SAVE_FILE).
+_DELETE_FILE = """
+local size = redis.call('HGET', KEYS[3], ARGV[1])
+if size then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if tonumber(redis.call('DECRBY', KEYS[4], size)) < 0 then redis.call('SET', KEYS[4], 0) end
+end
+return redis.call('DEL', KEYS[1])
+"""
+
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The API process reading a batch file renews this lease with every chunk of lines it queues.
 READER_LEASE_SECONDS = 60
@@ -187,6 +225,15 @@ BULK_LINES = 1000
 FILES_SCAN_STEPS = 8
 # ... and the scan's holder (one at a time) keeps its lease this long past its last step.
 FILES_SCAN_LEASE_SECONDS = 60
+
+
+class FilesFull(Exception):
+    """An upload over its owner's storage limit (`BatchStore.max_file_bytes`)."""
+
+    def __init__(self, size: int, kept: int, limit: int):
+        super().__init__(f"this file ({size} bytes) and the files kept ({kept} bytes) would be over the limit of "
+                         f"{limit} bytes of uploaded files")
+        self.size, self.kept, self.limit = size, kept, limit
 
 
 def new_batch_id() -> str:
@@ -217,14 +264,18 @@ def window_seconds(window: str) -> int:
 class BatchStore:
     """Batch records, their lines and results, and uploaded files, in the job store's Redis."""
 
-    def __init__(self, store: JobStore, ttl_seconds: int, owner: str | None = None):
+    def __init__(self, store: JobStore, ttl_seconds: int, owner: str | None = None, max_file_bytes: int = 0):
         """`owner`, the caller's API key digest (None with keys off), scopes every read and write: a key
-        sees, lists and cancels only the batches and files it created."""
+        sees, lists and cancels only the batches and files it created. `max_file_bytes`: the most bytes of uploaded
+        files the owner may keep at once (0: no limit)."""
         self.store = store
         self.owner = owner_id(owner) if owner else ""
         self.redis: redis.Redis = store.redis
         self.prefix = store.prefix
         self.ttl_seconds = ttl_seconds
+        self.max_file_bytes = max_file_bytes
+        self._save_file = self.redis.register_script(_SAVE_FILE)
+        self._delete_file = self.redis.register_script(_DELETE_FILE)
         self._activate = self.redis.register_script(_ACTIVATE)
         self._add_lines = self.redis.register_script(_ADD_LINES)
         self._cancel = self.redis.register_script(_CANCEL)
@@ -556,20 +607,25 @@ class BatchStore:
             pipe.execute()
 
     def save_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
-        """Store an uploaded file; returns its description (`id`, `bytes`, `created_at`, `filename`, `purpose`)."""
+        """Store an uploaded file; returns its description (`id`, `bytes`, `created_at`, `filename`, `purpose`).
+        FilesFull when the owner's files kept and this one would be over `max_file_bytes`: uploads were kept for the
+        batch TTL with no bound, and one client's took all of Redis's memory."""
         now = self.store.clock()
         meta = {"id": f"file-{uuid.uuid4().hex}", "bytes": len(content), "created_at": int(now),
                 "filename": filename, "purpose": purpose}
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.file_key(meta["id"]), mapping={"meta": json.dumps(meta), "content": content,
-                                                          "owner": self.owner})
-            pipe.expire(self.file_key(meta["id"]), self.ttl_seconds)
-            # The index keeps no file past the TTL either (files expire with their keys, unseen by it).
-            pipe.zadd(self.files_index_key, {meta["id"]: now})
-            pipe.zremrangebyscore(self.files_index_key, "-inf", now - self.ttl_seconds)
-            pipe.expire(self.files_index_key, self.ttl_seconds)
-            pipe.execute()
+        saved, kept = self._save_file(
+            keys=[self.file_key(meta["id"]), *self._files_kept_keys, self.files_index_key],
+            args=[now, self.ttl_seconds, meta["id"], json.dumps(meta), content, self.owner, self.max_file_bytes,
+                  len(content)])
+        if not saved:
+            raise FilesFull(len(content), int(kept), self.max_file_bytes)
         return meta
+
+    @property
+    def _files_kept_keys(self) -> tuple[str, str, str]:
+        """The owner's uploads' expiry times, sizes and stored bytes (`_SAVE_FILE`)."""
+        base = f"{self.prefix}:files_kept" + (f":{self.owner}" if self.owner else "")
+        return f"{base}:expiry", f"{base}:sizes", f"{base}:bytes"
 
     def file_meta(self, file_id: str) -> dict[str, Any] | None:
         """An uploaded file's description, or None if unknown (or another key's)."""
@@ -590,4 +646,4 @@ class BatchStore:
         (see `uploaded_files`)."""
         if self.file_meta(file_id) is None:
             return False
-        return bool(self.redis.delete(self.file_key(file_id)))
+        return bool(self._delete_file(keys=[self.file_key(file_id), *self._files_kept_keys], args=[file_id]))

@@ -193,6 +193,9 @@ class Settings(BaseSettings):
     # Lines in one batch file, and how long a batch, its results and uploaded files stay readable.
     batch_max_lines: int = Field(50_000, ge=1)
     batch_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, le=MAX_TTL_SECONDS)
+    # Bytes of uploaded files (POST /v1/files) one API key (with keys off, everyone together) may keep in Redis at
+    # once; an upload past it gets a 400 (0: no limit).
+    max_file_bytes_per_key: int = Field(4 * 1024 ** 3, ge=0)
     # Engine slots a worker keeps for interactive jobs: it runs at most max_num_seqs minus this many
     # batch-queue jobs at once (0: batch jobs may fill every slot). Unset: an eighth of max_num_seqs.
     batch_reserved_slots: int | None = Field(None, ge=0)

@@ -70,7 +70,8 @@ class BatchCreate(EvalParams):
 def batch_store(request: Request | Any) -> BatchStore:
     """The batches and files of the caller's API key (with keys off, everyone's)."""
     settings: Settings = request.app.state.settings
-    return BatchStore(request.app.state.store, settings.batch_ttl_seconds, getattr(request.state, "api_key", None))
+    return BatchStore(request.app.state.store, settings.batch_ttl_seconds, getattr(request.state, "api_key", None),
+                      settings.max_file_bytes_per_key)
 
 
 def batch_not_found(batch_id: str) -> ApiError:

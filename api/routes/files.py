@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from api.errors import ApiError
 from api.routes.batches import (ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name, batch_store,
                                 delete_output, file_deleted, file_kind, output_lines, read_batch, settled)
-from shared.batches import BATCH_ID, FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore
+from shared.batches import BATCH_ID, FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, FilesFull
 from shared.protocol import ErrorCode
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -146,8 +146,13 @@ async def upload_file(request: Request) -> FileObject:
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "file: a file part is required", param="file")
     content = await upload.read()
-    meta = await asyncio.to_thread(batch_store(request).save_file, content, upload.filename or "batch.jsonl",
-                                   purpose)
+    try:
+        meta = await asyncio.to_thread(batch_store(request).save_file, content, upload.filename or "batch.jsonl",
+                                       purpose)
+    except FilesFull as full:
+        raise ApiError(400, f"file: {full}; delete files (DELETE /v1/files/{{file_id}}) or wait for them to expire "
+                            "(LLAVA_QUEUE_BATCH_TTL_SECONDS; the limit is LLAVA_QUEUE_MAX_FILE_BYTES_PER_KEY)",
+                       param="file", code=ErrorCode.INVALID_REQUEST) from None
     return FileObject(**meta)
 
 
