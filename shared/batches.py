@@ -177,8 +177,8 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 
 # An upload (KEYS[1] its key) kept, and listed, within its owner's storage limit. The owner's stored bytes (KEYS[4])
 # count the files in KEYS[3] (file id -> bytes) whose expiry times are in KEYS[2]; the ones expired by now (ARGV[1])
-# are taken off first, so the count needs no process watching keys expire. ARGV: now, TTL, file id, its description, its content,
-# the owner, the limit in bytes (0: none), its size. Returns {1, bytes kept after} or {0, bytes kept now}.
+# are taken off first, so the count needs no process watching keys expire. ARGV: now, TTL, file id, its description,
+# its content, the owner, the limit in bytes (0: none), its size. Returns {1, bytes kept after} or {0, bytes kept now}.
 _SAVE_FILE = """
 local now, ttl, size, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[8]), tonumber(ARGV[7])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
