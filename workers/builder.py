@@ -317,8 +317,7 @@ def _load_tokenizer(path: str | Path, name: str, **kwargs) -> PreTrainedTokenize
     """The tokenizer of the checkpoint at `path`; ModelLoadError in one line when it has none that loads.
 
     transformers' own message for a folder without tokenizer files runs over five lines about sentencepiece. A Llama
-    tokenizer.model without a tokenizer.json (original LLaVA and Vicuna checkpoints) tokenizes as the original's slow
-    sentencepiece tokenizer did (`_follow_sentencepiece`).
+    tokenizer tokenizes as the original's did (`_follow_original`).
     """
     slow_only = checkpoint_file(path, "tokenizer.json") is None and checkpoint_file(path, "tokenizer.model") is not None
     if slow_only:
@@ -330,8 +329,7 @@ def _load_tokenizer(path: str | Path, name: str, **kwargs) -> PreTrainedTokenize
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{name}: no tokenizer loads from {path} (it needs tokenizer.json, or tokenizer.model "
                              f"with sentencepiece and protobuf installed): {' '.join(str(exc).split())}") from exc
-    if slow_only:
-        _follow_sentencepiece(tokenizer, path)
+    _follow_original(tokenizer, path)
     return tokenizer
 
 
@@ -348,34 +346,64 @@ def _require_sentencepiece_readers(path: str | Path, name: str) -> None:
                              "(pip install 'llava-queue[worker]')")
 
 
-def _follow_sentencepiece(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """Make a Llama tokenizer that transformers converted from tokenizer.model split text as sentencepiece does, as the
-    original's slow LlamaTokenizer (transformers 4.37) did.
+def _follow_original(tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Make a Llama tokenizer that transformers 5 loaded tokenize as the original's did: transformers 4.37's
+    `AutoTokenizer.from_pretrained(path, use_fast=False)`.
 
-    transformers 5's conversion ends in a Metaspace pre-tokenizer, which adds no "▁" to a text that starts with a
+    That gave the slow LlamaTokenizer, sentencepiece on tokenizer.model (`_follow_sentencepiece`), whether or not a
+    tokenizer.json was there. Where tokenizer_config.json names LlamaTokenizerFast, it gave that class, which read
+    tokenizer.json as written (`_follow_tokenizer_json`); so did llava-hf's own processor, and transformers 4.x for a
+    checkpoint without tokenizer.model. transformers 5 reads a Llama tokenizer.json's vocabulary and merges only, and
+    splits text with a Metaspace pre-tokenizer of its own (a model_type "llava" checkpoint's file it reads as written).
+    """
+    config_file = checkpoint_file(path, "tokenizer_config.json")
+    config = json.loads(config_file.read_text()) if config_file else {}
+    # The class the original loaded: transformers 5 loads a model_type "llava" checkpoint's as a TokenizersBackend.
+    tokenizer_class = config.get("tokenizer_class", type(tokenizer).__name__)
+    if tokenizer_class not in ("LlamaTokenizer", "LlamaTokenizerFast") or not tokenizer.is_fast:
+        return
+    # Both Llama classes' defaults: transformers 5 adds no BOS where tokenizer_config.json does not ask for one.
+    tokenizer.add_bos_token = bool(config.get("add_bos_token", True))
+    tokenizer.add_eos_token = bool(config.get("add_eos_token", False))
+    written = checkpoint_file(path, "tokenizer.json")
+    model_config = checkpoint_file(path, "config.json")
+    llava_hf = model_config is not None and "vision_config" in json.loads(model_config.read_text())
+    slow = tokenizer_class == "LlamaTokenizer" and checkpoint_file(path, "tokenizer.model") is not None
+    if written is None or (slow and not llava_hf):
+        _follow_sentencepiece(tokenizer, legacy=config.get("legacy") is None or bool(config["legacy"]))
+    else:
+        _follow_tokenizer_json(tokenizer, written)
+
+
+def _follow_sentencepiece(tokenizer: PreTrainedTokenizerBase, legacy: bool) -> None:
+    """Make a Llama tokenizer split text as sentencepiece does, as the original's slow LlamaTokenizer did.
+
+    transformers 5 ends a Llama tokenizer in a Metaspace pre-tokenizer, which adds no "▁" to a text that starts with a
     space, where sentencepiece always adds its dummy prefix: " What" after an `<image>` lost a token. Here spaces
     become "▁" as in sentencepiece; with `legacy` (also what a tokenizer_config.json without it meant) each text
     between special tokens gets the dummy prefix, without it only the start of the text does (`_DummyPrefixAtStart`).
     """
     from tokenizers import normalizers
 
-    config_file = checkpoint_file(path, "tokenizer_config.json")
-    config = json.loads(config_file.read_text()) if config_file else {}
-    # The class the original loaded: transformers 5 loads a model_type "llava" checkpoint's as a TokenizersBackend.
-    llama = config.get("tokenizer_class", type(tokenizer).__name__) in ("LlamaTokenizer", "LlamaTokenizerFast")
-    if not (llama and tokenizer.is_fast):
-        return
-    legacy = config.get("legacy") is None or bool(config["legacy"])
     tokenizer.legacy = legacy
-    # The slow tokenizer's defaults: transformers 5 adds no BOS where tokenizer_config.json does not ask for one.
-    tokenizer.add_bos_token = bool(config.get("add_bos_token", True))
-    tokenizer.add_eos_token = bool(config.get("add_eos_token", False))
     backend = tokenizer.backend_tokenizer
     prefix = [normalizers.Prepend("▁")] if legacy else []
     backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
     if not legacy:
         tokenizer.__class__ = _dummy_prefixed_class(type(tokenizer))
+
+
+def _follow_tokenizer_json(tokenizer: PreTrainedTokenizerBase, written: Path) -> None:
+    """Make a Llama tokenizer split and join text as its tokenizer.json says, as transformers 4.x's LlamaTokenizerFast
+    did (one saved by 4.x: the dummy prefix and spaces as "▁" in its normalizer, no pre-tokenizer)."""
+    from tokenizers import Tokenizer
+
+    as_written = Tokenizer.from_file(str(written))
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = as_written.normalizer
+    backend.pre_tokenizer = as_written.pre_tokenizer
+    backend.decoder = as_written.decoder
 
 
 def _dummy_prefixed_class(base: type) -> type:
