@@ -5,8 +5,10 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from queue import Empty
 from urllib.parse import urlsplit
 
@@ -18,7 +20,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from shared.jobs import QUEUES, JobStore, answers_later
+from shared.jobs import FINAL_STATES, QUEUES, JobStore, WorkerRegistry, answers_later, glob_escaped
 from shared.settings import Settings, get_settings
 
 GENERATE_TASK = "llava_queue.generate"
@@ -259,6 +261,97 @@ def _task_id(unacked: bytes | str) -> str | None:
         return json.loads(unacked)[0]["headers"]["id"]
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+# The queues of jobs that name a model, "interactive.<model>" and "batch.<model>" (`task_queue`), in one SCAN pattern
+# (glob has no "or"); the few other names it fits are dropped by their prefix.
+_MODEL_QUEUE_PATTERN = "[ib][na]t[ec][rh]*"
+_MODEL_QUEUE_PREFIXES = (f"{INTERACTIVE_QUEUE}.", f"{BATCH_QUEUE}.")
+# Keys a stale-message sweep looks at per SCAN step, and messages it reads of one queue list at a time.
+STALE_SCAN_COUNT = 5000
+STALE_CHUNK = 100
+
+
+@dataclass
+class QueueScan:
+    """How far `remove_stale_messages` has got, from one sweep to the next: the keyspace's SCAN cursor, and the queue
+    lists the last step found and not yet read to the end, each with how many messages it kept at their head."""
+
+    cursor: int = 0
+    lists: dict[str, int] = field(default_factory=dict)
+
+
+def remove_stale_messages(app: Celery, store: JobStore, scan: QueueScan, limit: int = 1000) -> list[str]:
+    """Remove the task messages of jobs that have ended from the queues of models that no live worker serves;
+    returns their job ids. Reads `limit` messages at most, and takes up where the last call left off (`scan`).
+
+    A worker takes and drops the message of an ended job itself, but a queue no worker reads kept every one for
+    good: a client sending jobs for a misspelt model, with a deadline or cancelling them, grew Redis without bound.
+    A message goes when its job's record says it ended, or is gone and the message joined its queue (its
+    ENQUEUED_AT_HEADER) more than the records' TTL ago: a queued job's record has no TTL, and one gone sooner may be
+    the job of another key prefix on the same database. Only a message read here is removed (LREM of its bytes, one
+    of a kind: kombu's delivery tag), so one taken meanwhile (a worker of the model came, another sweep removed it)
+    is not; a job that ended stays ended, so what was read is still true when it goes.
+
+    The queue lists come from SCAN, one step of STALE_SCAN_COUNT keys in a call that has no list left to read; a list
+    is read from its head (where the oldest wait), STALE_CHUNK messages at a time, past those it keeps."""
+    with _broker_channel(app) as channel:
+        # kombu's client leaves SCAN, LRANGE and LREM unprefixed: the names here are whole, its global_keyprefix too.
+        client, prefix = channel.client, channel.global_keyprefix or ""
+        if not scan.lists:
+            scan.cursor, keys = client.scan(scan.cursor, match=glob_escaped(prefix) + _MODEL_QUEUE_PATTERN,
+                                            count=STALE_SCAN_COUNT)
+            names = sorted({bytes_to_str(key) for key in keys})
+            scan.lists = {name: 0 for name in names if name[len(prefix):].startswith(_MODEL_QUEUE_PREFIXES)}
+        if not scan.lists:
+            return []
+        served = {queue for worker in WorkerRegistry(store.redis, store.prefix).workers()
+                  if isinstance(worker.get("model"), str) for queue in worker_queues(worker["model"])}
+        served_lists = {prefix + channel._q_for_pri(queue, priority)
+                        for queue in served for priority in channel.priority_steps}
+        for name in [name for name in scan.lists if name in served_lists]:
+            del scan.lists[name]  # its workers take and drop them
+        chunk = max(1, min(STALE_CHUNK, limit))
+        names = list(scan.lists)[:max(1, limit // chunk)]
+        with client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.lrange(name, -(scan.lists[name] + chunk), -(scan.lists[name] + 1))
+            windows = pipe.execute(raise_on_error=False)  # a key that is no list (another program's) answers an error
+        windows = [[] if isinstance(window, Exception) else window for window in windows]
+        read = [(name, raw, *_queued_task(raw)) for name, window in zip(names, windows) for raw in window]
+        read = [message for message in read if message[2] is not None]
+        with store.redis.pipeline(transaction=False) as pipe:
+            for _, _, job_id, _ in read:
+                pipe.hget(store.key(job_id), "status")
+            statuses = pipe.execute(raise_on_error=False)
+        for status in statuses:
+            if isinstance(status, redis.RedisError) and answers_later(status):
+                raise status  # Redis loading or busy: an outage, for the sweep to wait out
+        now = store.clock()
+        stale = [(name, raw, job_id) for (name, raw, job_id, enqueued_at), status in zip(read, statuses)
+                 if status in FINAL_STATES or (status is None and 0 < enqueued_at < now - store.ttl_seconds)]
+        with client.pipeline(transaction=False) as pipe:
+            for name, raw, _ in stale:
+                pipe.lrem(name, -1, raw)  # looked for from the head, where it was read (a deep list is not walked)
+            removed = pipe.execute()
+        going = Counter(name for name, _, _ in stale)
+        for name, window in zip(names, windows):
+            if len(window) < chunk:
+                del scan.lists[name]  # read to its end: the next SCAN pass finds it again
+            else:
+                scan.lists[name] += len(window) - going[name]
+    return [job_id for (_, _, job_id), count in zip(stale, removed) if count]
+
+
+def _queued_task(message: bytes | str) -> tuple[str | None, float]:
+    """The job id and ENQUEUED_AT_HEADER (0 where it has none) of a task message as kombu keeps it in a queue; no id
+    for a message that is no llava-queue task (left alone)."""
+    try:
+        headers = json.loads(message)["headers"]
+        job_id = headers["id"] if headers.get("task") == GENERATE_TASK else None
+        return (job_id if isinstance(job_id, str) else None), float(headers.get(ENQUEUED_AT_HEADER) or 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, 0.0
 
 
 # Takes, without waiting, the next message of one of a worker's queue lists (KEYS, in the order kombu's BRPOP names

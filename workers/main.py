@@ -18,9 +18,9 @@ from kombu.exceptions import OperationalError
 from PIL import Image
 from redis.exceptions import RedisError, ResponseError
 
-from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, celery_app, redis_warnings,
-                               resend_lost_tasks, restore_messages_of_gone_workers, send_first,
-                               task_queue, worker_queues)
+from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, QueueScan, celery_app, redis_warnings,
+                               remove_stale_messages, resend_lost_tasks, restore_messages_of_gone_workers,
+                               send_first, task_queue, worker_queues)
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
@@ -361,7 +361,8 @@ def _announce(registry: WorkerRegistry, info: dict, engine: LLMEngine, settings:
 def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, requeue_after: float = 60.0) -> None:
     """Deliver again the jobs of workers that died, so none stays `running` forever, and put back on their queues the
     messages they had taken and not acknowledged, so a job taken but not started does not wait out the visibility
-    timeout (4 h) `queued`; and send again the tasks of jobs queued with their message nowhere (`resend_lost_tasks`).
+    timeout (4 h) `queued`; send again the tasks of jobs queued with their message nowhere (`resend_lost_tasks`); and
+    remove the task messages of ended jobs from the queues no live worker reads (`remove_stale_messages`).
 
     Every worker sweeps; a short lock makes one sweep at a time. A job delivered twice is
     harmless: `JobStore.start` lets only one live worker hold it.
@@ -383,6 +384,7 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
     outage = _RedisOutage("the orphan sweep")
     refusals: set[str] = set()
     undelivered: dict[str, Claim] = {}
+    queue_scan = QueueScan()
     while not stop.wait(settings.heartbeat_interval_seconds):
         try:
             _deliver_claimed(store, undelivered, requeue_after)
@@ -404,6 +406,9 @@ def _sweep_orphans(store: JobStore, settings: Settings, stop: threading.Event, r
             for job_id in resend_lost_tasks(celery_app, store, settings.resend_after_seconds):
                 log.warning("job %s: queued %g s or more with its task message nowhere; sent again", job_id,
                             settings.resend_after_seconds)
+            removed = remove_stale_messages(celery_app, store, queue_scan)
+            if removed:
+                log.info("task messages of jobs that ended removed from queues no worker reads: %d", len(removed))
         except (RedisError, OperationalError) as exc:  # kombu's OperationalError: a delivery that found no broker
             judge_after = time.monotonic() + wait
             outage.failed(exc)
