@@ -31,7 +31,7 @@ from shared.celery_app import BATCH_QUEUE, send_many, task_queue
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
 from shared.jobs import JobStore
-from shared.protocol import ErrorCode, GenerateRequest, check_images, describe_validation_error
+from shared.protocol import ErrorCode, GenerateRequest, check_images, describe_validation_error, one_submission
 from shared.settings import Settings
 from shared.vqa import EvalParams, Question, question_job
 
@@ -135,6 +135,10 @@ class Intake:
         """Read every line, record the jobs of the good ones in chunks, record every line in order (`send` sends the
         jobs). Stops after a chunk that finds the batch no longer `validating` (cancelled, or failed as abandoned): the
         rest of a file its user gave up on is not queued only to be cancelled."""
+        with one_submission():  # the file's images share one budget of decoding (`check_images`)
+            self._read(stream)
+
+    def _read(self, stream: IO[bytes]) -> None:
         entries: list[dict[str, Any]] = []
         jobs: list[tuple[int, GenerateRequest]] = []
         for line_number, raw in enumerate(file_lines(stream, self.settings.max_body_bytes), 1):

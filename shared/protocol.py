@@ -112,6 +112,28 @@ def reads_images(model: str | None) -> bool:
 _images_read: ContextVar[bool] = ContextVar("images_read", default=True)
 
 
+# Pixels the API decodes, in all, for one submission (a request, a bulk of jobs, a batch file) to check the images that
+# fail PIL's structural check (`check_images`): a crafted PNG of 190 KB whose check fails decodes 49 M pixels in half a
+# second, so a 64 MiB body of them held an API core for three minutes. Past it such an image is left to the worker,
+# which decodes every image anyway and fails the job, naming the image, when it cannot.
+CHECK_DECODE_PIXELS = 100_000_000
+# What is left of the budget of the submission being validated (`one_submission`); None outside one.
+_check_decodes: ContextVar[list[int] | None] = ContextVar("check_decodes", default=None)
+
+
+@contextlib.contextmanager
+def one_submission():
+    """The images checked inside share one CHECK_DECODE_PIXELS: an enclosing submission's, where there is one."""
+    if _check_decodes.get() is not None:
+        yield
+        return
+    token = _check_decodes.set([CHECK_DECODE_PIXELS])
+    try:
+        yield
+    finally:
+        _check_decodes.reset(token)
+
+
 def stop_of_strings(stop: Any) -> Any:
     """`stop` as sent when it is a string, a list of strings or None; else one error that names `stop` (a field
     typed `str | list[str]` has pydantic name each member of the union: `stop.str: ...; stop.list[str].1: ...`)."""
@@ -248,7 +270,8 @@ class GenerateRequest(BaseModel):
         model = data.get("model") if isinstance(data, dict) else None
         token = _images_read.set(reads_images(model if isinstance(model, str) else None))
         try:
-            return handler(data)
+            with one_submission():
+                return handler(data)
         finally:
             _images_read.reset(token)
 
@@ -315,6 +338,13 @@ class BulkJobRequest(BaseModel):
 
     jobs: list[JobRequest] = Field(min_length=1, max_length=10_000)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_submission(cls, data, handler):
+        """The jobs' images share one submission's decoding (`one_submission`), not one each."""
+        with one_submission():
+            return handler(data)
+
 
 def _check_images_if_read(images: list[str]) -> list[str]:
     """`check_images` for a request whose model reads images; for one whose model ignores them (the original's
@@ -328,7 +358,8 @@ def check_images(images: list[str]) -> list[str]:
     Only the file's structure is checked here (cheap, at submission); the worker decodes the pixels. A file that
     fails that check is refused only if its pixels do not decode either: the original decodes what PIL's decoder
     reads (`Image.open` then RGB), and the check is stricter (a PNG whose data chunk's checksum is wrong, or whose end
-    chunk is missing, was refused with a 422 where the original answered).
+    chunk is missing, was refused with a 422 where the original answered). Such decoding takes its pixels from the
+    submission's CHECK_DECODE_PIXELS; an image past it is left to the worker.
     """
     for index, data in enumerate(_check_count(images)):
         with open_image(data, index) as image:
@@ -337,6 +368,11 @@ def check_images(images: list[str]) -> list[str]:
                 continue
             except (OSError, SyntaxError, ValueError) as exc:
                 problem = exc
+            pixels = image.width * image.height
+        budget = _check_decodes.get() or [CHECK_DECODE_PIXELS]
+        if pixels > budget[0]:
+            continue
+        budget[0] -= pixels
         with open_image(data, index) as image:  # verify() leaves the image unusable: opened again
             try:
                 image.load()

@@ -1,0 +1,65 @@
+"""The API decodes an image at submission only when PIL's structural check fails on it (to refuse a file the worker
+could not decode either), and such decoding was unbounded: a crafted PNG of 190 KB (7000x7000 black, its end chunk
+cut off) decodes 49 M pixels in half a second, so a bulk of 64 MiB of them held an API core for three minutes. A
+submission's images share CHECK_DECODE_PIXELS now; past it an image is left to the worker."""
+
+import base64
+import io
+import time
+
+import pytest
+import requests
+from PIL import Image
+from pydantic import ValidationError
+
+from shared.protocol import CHECK_DECODE_PIXELS, BulkJobRequest, GenerateRequest
+
+SIDE = 7000  # 49 M pixels: two fit in the budget, a third does not
+assert 2 * SIDE * SIDE <= CHECK_DECODE_PIXELS < 3 * SIDE * SIDE
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIDE, SIDE)).save(buffer, format="PNG")
+    whole = buffer.getvalue()
+    # Its end chunk cut off: the structural check fails, the pixels decode (the original accepts it).
+    no_end = whole[:whole.rindex(b"IEND") - 4]
+    # Cut in its data: neither the check nor decoding goes through.
+    truncated = whole[:len(whole) // 2]
+    return {name: base64.b64encode(data).decode() for name, data in
+            (("no_end", no_end), ("truncated", truncated))}
+
+
+def job(image: str) -> dict:
+    return {"prompt": "<image>\nWhat is this?", "images": [image], "max_new_tokens": 1}
+
+
+def test_a_request_whose_image_decodes_nowhere_is_refused_at_submission(images):
+    with pytest.raises(ValidationError, match="image 0 is not a readable image file"):
+        GenerateRequest.model_validate(job(images["truncated"]))
+    GenerateRequest.model_validate(job(images["no_end"]))
+    # Each request has a budget of its own: the one before spent none of this one's.
+    with pytest.raises(ValidationError, match="image 0 is not a readable image file"):
+        GenerateRequest.model_validate(job(images["truncated"]))
+
+
+def test_a_bulks_jobs_share_one_budget_of_decoding(images):
+    started = time.process_time()
+    bulk = BulkJobRequest.model_validate({"jobs": [job(images["no_end"]), job(images["no_end"]),
+                                                   job(images["truncated"])]})
+    # The third is past the budget: not decoded here, left to the worker (which fails its job, naming the image).
+    assert len(bulk.jobs) == 3
+    # Two images decoded, not twenty: the CPU of a bulk of them is bounded (generously, for a loaded machine).
+    assert time.process_time() - started < 10
+    # A bulk whose first image decodes nowhere is still refused: it is within the budget.
+    with pytest.raises(ValidationError, match="image 0 is not a readable image file"):
+        BulkJobRequest.model_validate({"jobs": [job(images["truncated"]), job(images["no_end"])]})
+
+
+def test_a_bulk_of_crafted_images_is_not_decoded_past_the_budget(stack, images):
+    answer = requests.post(f"{stack.base_url}/v1/jobs/bulk", timeout=120,
+                           json={"jobs": [job(images["no_end"])] * 2 + [job(images["truncated"])] * 30})
+    assert answer.status_code == 202, answer.text[:300]
+    for job_id in answer.json()["ids"]:
+        requests.delete(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10)
