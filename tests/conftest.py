@@ -98,7 +98,7 @@ def first_answer(process: subprocess.Popen, method: str, url: str, timeout: floa
     while True:
         try:
             return requests.request(method, url, timeout=5)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow to answer on a loaded machine
             assert time.monotonic() < deadline and process.poll() is None, logs() or url
             time.sleep(0.2)
 
@@ -114,8 +114,8 @@ def wait_for_stack(stack: Stack, workers: int = 1, timeout: float = 180) -> None
             health = requests.get(f"{stack.base_url}/healthz", timeout=2).json()
             if len(health.get("workers", [])) >= workers:
                 return
-        except requests.ConnectionError:
-            pass
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not up yet: refused, or slow to answer while the processes start on a loaded machine
         if time.monotonic() > deadline:
             raise RuntimeError(f"the stack did not come up in time\n{stack.logs()}")
         time.sleep(0.3)

@@ -471,24 +471,17 @@ def test_a_follower_that_falls_behind_holds_a_bounded_backlog_then_reads_the_rec
     assert json.loads(after)["seq"] == 4 * MAX_BACKLOG + 1  # a follower that reads again gets every message again
 
 
-def wait_until_streaming(stack, job_id: str, timeout: float = 120) -> None:
-    """Wait until the job has produced some text."""
-    deadline = time.monotonic() + timeout
-    while not poll(stack, job_id)["text"]:
-        assert time.monotonic() < deadline, f"job {job_id} produced no text in {timeout} s"
-        time.sleep(0.2)
-
-
 def test_a_client_that_stops_reading_is_let_go(stack):
     """A client that keeps its connection but reads nothing: once a message has waited the send timeout to be
     sent, the stream ends and its subscription goes. Before, the follower waited on that send for as long as the
     client held the connection, still subscribed, its queue taking every chunk, long after the job had ended:
     uvicorn's keepalive timeout (40 s) closes such a connection only once its unread data are sent."""
     # Every message repeats the prompt, 200 kB in about 3,000 tokens: 15 of them are more than the socket buffers of
-    # a connection on this host hold (about 3 MB). The client joins once the job streams (its prompt is read), so
-    # they come well before uvicorn's keepalive timeout, on a slow CPU too.
+    # a connection on this host hold (about 3 MB). The client joins while the job has no text (nothing is sent to it
+    # until the first token, so it answers uvicorn's pings meanwhile): it is sent every one of the 60 tokens' messages,
+    # however slowly or fast the job runs. Joined once the job streamed, it was sent what was left, too little to fill
+    # the buffers where the test was late to join (a loaded machine): the stream ended with the job, not let go.
     job_id = submit(stack, prompt="=" * 200_000, temperature=0, max_new_tokens=60)
-    wait_until_streaming(stack, job_id)
 
     async def stop_reading():
         admin = aioredis.Redis.from_url(stack.redis_url, decode_responses=True)
@@ -499,12 +492,21 @@ def test_a_client_that_stops_reading_is_let_go(stack):
         async with websockets.connect(f"{stack.ws_url}/v1/jobs/{job_id}/ws", sock=sock, max_queue=1,
                                       ping_interval=None, open_timeout=10) as unread:
             await until_subscribed(admin, True, job_id)
-            job = await asyncio.to_thread(wait_until, stack, job_id)
+            # Subscribed before the first token: every chunk of the job reaches this follower.
+            joined = await asyncio.to_thread(poll, stack, job_id)
+            assert not joined["text"], f"the job streamed before its client joined: {joined['usage']}"
+            # Its prompt read (seconds, minutes on a loaded machine), then its 60 tokens.
+            job = await asyncio.to_thread(wait_until, stack, job_id, timeout=240)
             await until_subscribed(admin, False, job_id, timeout=SEND_TIMEOUT_SECONDS + LET_GO_SLACK_SECONDS)
+            # The API logs why it let the client go just after it unsubscribes; the client stays until then (gone
+            # sooner, it would have left, not been let go).
+            deadline = time.monotonic() + LET_GO_SLACK_SECONDS
+            while f"the client of job {job_id} read nothing for" not in api_log(stack):
+                assert time.monotonic() < deadline, api_log(stack)[-3000:]
+                await asyncio.sleep(0.2)
             unread.transport.abort()
         await admin.aclose()
         return job
 
     job = asyncio.run(stop_reading())
     assert job["status"] == "succeeded" and job["usage"]["completion_tokens"] >= 40, job
-    assert f"the client of job {job_id} read nothing for" in api_log(stack), api_log(stack)[-3000:]
