@@ -5,12 +5,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from fastapi import params
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from api.errors import ApiError
+from api.json_bodies import REQUEST_VALUES, with_parsed_body
 from shared.jobs import JobStore, owner_id
 from shared.protocol import ErrorCode
 from shared.settings import Settings
@@ -73,20 +75,26 @@ async def api_key_if_sent(conn: HTTPConnection) -> str | None:
 
 
 class KeyBeforeBody(APIRoute):
-    """A route whose endpoint takes a body and the caller's key (`api.deps.ApiKey`): it checks the key, and counts the
-    request against the key's rate limit, before FastAPI reads the body. FastAPI reads and parses a body before any
+    """A route whose endpoint takes a JSON body and the caller's key (`api.deps.ApiKey`): it checks the key, and counts
+    the request against the key's rate limit, before FastAPI reads the body. FastAPI reads and parses a body before any
     dependency runs: a request with no key, a wrong one, or one past its limit, had its body read and parsed (23 MB of
-    JSON: seconds of the event loop and 600 MB of memory) before its 401 or 429."""
+    JSON: seconds of the event loop and 600 MB of memory) before its 401 or 429.
+
+    Then it reads the body, and has a heavy one parsed in a parser process (api.json_bodies): refused there when it
+    holds more than `max_body_values` values, for the route to see only a value that is quick to validate."""
+
+    max_body_values: int = REQUEST_VALUES
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
-        checks_key = any(dependency.call is require_api_key for dependency in self.dependant.dependencies)
-        if self.body_field is None or not checks_key:
+        if self.body_field is None or isinstance(self.body_field.field_info, params.Form):
             return handler
+        checks_key = any(dependency.call is require_api_key for dependency in self.dependant.dependencies)
 
         async def route(request: Request) -> Response:
-            await require_api_key(request)
-            return await handler(request)
+            if checks_key:
+                await require_api_key(request)
+            return await handler(await with_parsed_body(request, self.max_body_values))
 
         return route
 

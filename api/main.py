@@ -15,6 +15,7 @@ from uvicorn.importer import import_from_string
 from api.auth import api_key_if_sent, require_api_key
 from api.channel_hub import ChannelHub
 from api.errors import ApiError, error_response, install_error_handlers
+from api.json_bodies import JsonParsers
 from api.origin import AllowedOrigins, Cors, OriginCheck
 from api.stream import SendDeadline
 from api.submission import Submitter
@@ -240,7 +241,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub.start()
         app.state.celery = make_celery(settings)
         app.state.submitter = Submitter(app.state.store, app.state.celery)
+        app.state.json_parsers = JsonParsers()  # heavy request bodies are parsed there (api.json_bodies)
+        await app.state.json_parsers.start()
         yield
+        app.state.json_parsers.close()
         await _stop_hub(app.state.hub)
         await app.state.aredis.aclose()
         app.state.store.redis.close()

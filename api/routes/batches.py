@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, StringConstraints
 from api.batch_intake import CHAT_COMPLETIONS, Intake, survey
 from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
+from api.json_bodies import REQUEST_VALUES, is_heavy
 from api.routes.models import returning_models, served_models
 from api.routes.openai import completion_of, job_error
 from api.submission import admission_lock, check_room
@@ -310,7 +311,12 @@ async def _parse_create(request: Request) -> tuple[BatchCreate, Any]:
             if upload is not None and isinstance(upload, str):
                 raise InvalidRequest("file: send the batch file as a file part", "file")
             return parse_request(fields, BatchCreate), upload
-        return parse_request(await request.body(), BatchCreate), None
+        raw = await request.body()
+        if is_heavy(raw, REQUEST_VALUES):  # (a light body pydantic parses, as before)
+            raw = await request.app.state.json_parsers.parse(raw, REQUEST_VALUES)
+            if not isinstance(raw, dict):
+                raise InvalidRequest("the body must be a JSON object")
+        return parse_request(raw, BatchCreate), None
     except InvalidRequest as exc:
         raise ApiError(422 if exc.param else 400, exc.message, param=exc.param) from None
 

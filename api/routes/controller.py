@@ -9,13 +9,14 @@ stops beating drops out within its heartbeat TTL. HTTP workers of the original s
 """
 
 import asyncio
-import json
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from api.deps import AppSettings, Registry, Store
+from api.json_bodies import JsonParsers, parse_json
 from api.routes.models import served_models
 from api.submission import check_unicode
 from shared.protocol import InvalidRequest, parse_request
@@ -47,24 +48,19 @@ class HeartBeatAnswer(BaseModel):
     exist: bool
 
 
-def parse_original_body(raw: bytes | str, model: type[BaseModel]) -> BaseModel:
-    """A request body read as the original reads it (`await request.json()`, Python's `json.loads`), then validated
-    into `model`; raises InvalidRequest (400 for a body that is not JSON, 422 for a bad field) or, for text that is
-    not valid Unicode, the 422 ApiError every job submission gives it.
+async def read_original_body(parsers: JsonParsers, raw: bytes | str, model: type[BaseModel]) -> BaseModel:
+    """A request body read as the original reads it (`await request.json()`, Python's `json.loads`: a heavy body in a
+    parser process, api.json_bodies), then validated into `model` on a thread (checking images takes a while); raises
+    InvalidRequest (400 for a body that is not JSON, 422 for a bad field) or, for text that is not valid Unicode, the
+    422 ApiError every job submission gives it.
 
     `json.loads` reads bytes in UTF-8 (with or without a byte order mark), UTF-16 or UTF-32, as the original
     does (pydantic's JSON parser took UTF-8 without a mark only), and parses a "\\ud800" escape into a lone
     surrogate, refused here by name (pydantic called it "malformed JSON")."""
-    try:
-        data = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"malformed JSON: the body is not UTF-8 text ({exc})", status=400) from None
-    except RecursionError:
-        raise InvalidRequest("malformed JSON: nested too deeply", status=400) from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"malformed JSON: {exc}", status=400) from None
-    except ValueError:  # what else json.loads raises: an integer of more digits than Python converts (4,300)
-        raise InvalidRequest("malformed JSON: a number has too many digits", status=400) from None
+    return await asyncio.to_thread(_original_request, await parse_json(parsers, raw), model)
+
+
+def _original_request(data: Any, model: type[BaseModel]) -> BaseModel:
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     request = parse_request(data, model)
@@ -96,7 +92,7 @@ async def get_worker_address(request: Request, registry: Registry, settings: App
 
     The body is read as JSON whatever its Content-Type, as the original controller reads it.
     """
-    body = await asyncio.to_thread(parse_original_body, await request.body(), WorkerAddressRequest)
+    body = await read_original_body(request.app.state.json_parsers, await request.body(), WorkerAddressRequest)
     served = served_models(await asyncio.to_thread(registry.workers))
     return WorkerAddress(address=public_address(request, settings.public_url) if body.model in served else "")
 

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import KeyBeforeBody, owned_job, owns
 from api.deps import ApiKey, IdempotencyKey, Store, Submissions
 from api.errors import ApiError, job_not_found
+from api.json_bodies import BULK_VALUES, REQUEST_VALUES
 from api.routes.openai import job_id_of
 from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
 from shared.jobs import ACTIVE_STATES, FINAL_STATES
@@ -166,8 +167,9 @@ class _BodyCheckedOnAThread(KeyBeforeBody):
         return route
 
 
-def _route_class(model: type[BaseModel]) -> type[APIRoute]:
-    return type(f"{model.__name__}Route", (_BodyCheckedOnAThread,), {"body_model": model})
+def _route_class(model: type[BaseModel], max_body_values: int = REQUEST_VALUES) -> type[APIRoute]:
+    return type(f"{model.__name__}Route", (_BodyCheckedOnAThread,),
+                {"body_model": model, "max_body_values": max_body_values})
 
 
 def create_job(body: Annotated[JobRequest, _AS_SENT], submitter: Submissions, store: Store, api_key: ApiKey,
@@ -194,7 +196,7 @@ def create_jobs(body: Annotated[BulkJobRequest, _AS_SENT], submitter: Submission
 router.add_api_route("", create_job, methods=["POST"], status_code=202, response_model=JobCreated,
                      route_class_override=_route_class(JobRequest))
 router.add_api_route("/bulk", create_jobs, methods=["POST"], status_code=202, response_model=BulkCreated,
-                     route_class_override=_route_class(BulkJobRequest))
+                     route_class_override=_route_class(BulkJobRequest, BULK_VALUES))
 
 
 # The request of the job a cancel by Idempotency-Key records when no job holds the key yet (a job cancelled from the

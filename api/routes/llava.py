@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 
 from api.deps import Hub, Registry, Store, Submissions
 from api.errors import ApiError, store_unavailable
-from api.routes.controller import parse_original_body
+from api.routes.controller import read_original_body
 from api.routes.models import served_models
 from api.stream import FollowingResponse, JobNotFound, ServerStopping, StreamEvent, follow_job, with_keepalives
 from shared.jobs import JobStore, WorkerRegistry
@@ -131,9 +131,7 @@ async def worker_generate_stream(request: Request, store: Store, hub: Hub, submi
     The `X-Job-Id` response header names the job.
     """
     try:
-        # On a thread: checking the images (base64 decoded, opened by PIL) takes a while, seconds for a crafted file,
-        # during which the event loop would serve no other request or stream.
-        body = await asyncio.to_thread(parse_original_body, await request.body(), StreamRequest)
+        body = await read_original_body(request.app.state.json_parsers, await request.body(), StreamRequest)
     except InvalidRequest as exc:
         raise ApiError(exc.status, exc.message, param=exc.param) from None
     if body.model and body.model not in served_models(await asyncio.to_thread(registry.workers)):

@@ -16,7 +16,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from api.auth import owns
 from api.deps import ApiKey, Hub, Store, Submissions
 from api.errors import ApiError, store_unavailable
-from api.routes.controller import parse_original_body
+from api.routes.controller import read_original_body
 from api.routes.llava import cancel_unless_ended
 from api.routes.openai import job_id_of
 from api.stream import JobNotFound, SendClock, ServerStopping, StreamEvent, follow_job, stalled
@@ -196,11 +196,9 @@ async def submit_and_stream(websocket: WebSocket, store: Store, hub: Hub, submit
     if first["type"] == "websocket.disconnect":
         return
     try:
-        # A binary frame holds the request's JSON too, read as a POST body of the original is. Checked on a thread:
-        # its images take a while (seconds for a crafted file), during which the event loop would serve no other
-        # request or stream.
-        request = await asyncio.to_thread(parse_original_body, first["text"] if first.get("text") is not None
-                                          else first["bytes"], JobRequest)
+        # A binary frame holds the request's JSON too, read as a POST body of the original is.
+        request = await read_original_body(websocket.app.state.json_parsers, first["text"]
+                                           if first.get("text") is not None else first["bytes"], JobRequest)
         job_id = await asyncio.to_thread(submitter.submit_one, request, request.queue, api_key)
     except InvalidRequest as exc:
         await _reject(websocket, exc.message, ErrorCode.INVALID_REQUEST)
