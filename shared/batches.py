@@ -188,17 +188,24 @@ for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[2], id)
 end
 local kept = tonumber(redis.call('GET', KEYS[4]) or 0)
-if kept < 0 then kept = 0 end
+if kept < 0 then
+  redis.call('INCRBY', KEYS[4], -kept)
+  kept = 0
+end
 if limit > 0 and kept + size > limit then return {0, kept} end
 redis.call('HSET', KEYS[1], 'meta', ARGV[4], 'content', ARGV[5], 'owner', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], size)
-redis.call('SET', KEYS[4], kept + size)
+redis.call('INCRBY', KEYS[4], size)  -- (SET would drop the key's TTL)
 -- The owner's files index (KEYS[5], GET /v1/files), which keeps no file past the TTL either.
 redis.call('ZADD', KEYS[5], now, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
-for i = 2, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+-- Lengthened, never shortened: files kept under a longer TTL (a setting lowered since, or another API's) keep their
+-- count and their place in the index until they expire.
+for i = 2, 5 do
+  if redis.call('TTL', KEYS[i]) < ttl then redis.call('EXPIRE', KEYS[i], ttl) end
+end
 return {1, kept + size}
 """
 
@@ -208,7 +215,8 @@ local size = redis.call('HGET', KEYS[3], ARGV[1])
 if size then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
-  if tonumber(redis.call('DECRBY', KEYS[4], size)) < 0 then redis.call('SET', KEYS[4], 0) end
+  local kept = tonumber(redis.call('DECRBY', KEYS[4], size))
+  if kept < 0 then redis.call('INCRBY', KEYS[4], -kept) end
 end
 return redis.call('DEL', KEYS[1])
 """

@@ -5,7 +5,6 @@ import json
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -330,17 +329,37 @@ def remove_stale_messages(app: Celery, store: JobStore, scan: QueueScan, limit: 
         now = store.clock()
         stale = [(name, raw, job_id) for (name, raw, job_id, enqueued_at), status in zip(read, statuses)
                  if status in FINAL_STATES or (status is None and 0 < enqueued_at < now - store.ttl_seconds)]
+        going: dict[str, list[tuple[bytes | str, str]]] = {}
+        for name, raw, job_id in stale:
+            going.setdefault(name, []).append((raw, job_id))
         with client.pipeline(transaction=False) as pipe:
-            for name, raw, _ in stale:
-                pipe.lrem(name, -1, raw)  # looked for from the head, where it was read (a deep list is not walked)
-            removed = pipe.execute()
-        going = Counter(name for name, _, _ in stale)
+            for name, messages in going.items():
+                # Looked for among the messages at the head, as far as it was read (and STALE_CHUNK more, for any put
+                # back at the head since): LREM walked the whole list for a message taken meanwhile.
+                pipe.execute_command("EVAL", _REMOVE_READ, 1, name, scan.lists[name] + 2 * chunk,
+                                     *[raw for raw, _ in messages])
+            answers = pipe.execute()
         for name, window in zip(names, windows):
             if len(window) < chunk:
                 del scan.lists[name]  # read to its end: the next SCAN pass finds it again
             else:
-                scan.lists[name] += len(window) - going[name]
-    return [job_id for (_, _, job_id), count in zip(stale, removed) if count]
+                scan.lists[name] += len(window) - len(going.get(name, ()))
+    return [job_id for messages, counts in zip(going.values(), answers)
+            for (_, job_id), count in zip(messages, counts) if count]
+
+
+# Remove from a queue list (KEYS[1]) each message of ARGV[2..] found among its ARGV[1] messages at the head (its tail
+# in Redis's terms, where BRPOP takes); answers a count a message, 0 for one not found. (EVAL, not EVALSHA: kombu's
+# client prefixes EVALSHA's key, and the name here is whole.)
+_REMOVE_READ = """
+local present = {}
+for _, message in ipairs(redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)) do present[message] = true end
+local removed = {}
+for i = 2, #ARGV do
+  removed[i - 1] = present[ARGV[i]] and redis.call('LREM', KEYS[1], -1, ARGV[i]) or 0
+end
+return removed
+"""
 
 
 def _queued_task(message: bytes | str) -> tuple[str | None, float]:

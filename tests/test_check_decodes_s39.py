@@ -63,3 +63,16 @@ def test_a_bulk_of_crafted_images_is_not_decoded_past_the_budget(stack, images):
     assert answer.status_code == 202, answer.text[:300]
     for job_id in answer.json()["ids"]:
         requests.delete(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10)
+
+
+def test_a_chat_completions_images_share_one_budget_of_decoding(images):
+    from api.routes.openai import parse_chat_request
+
+    def image(name: str) -> dict:
+        return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{images[name]}"}}
+
+    # Each image part was checked with a budget of its own (and again as the job request was): 16 crafted images, 16
+    # decodes, 6 s of the API's CPU for one request. The third here is past the budget: left to the worker.
+    parts = [{"type": "text", "text": "What are these?"}, image("no_end"), image("no_end"), image("truncated")]
+    _, request = parse_chat_request({"model": "some-llava-model", "messages": [{"role": "user", "content": parts}]})
+    assert len(request.all_images()) == 3

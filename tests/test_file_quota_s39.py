@@ -77,3 +77,19 @@ def test_expired_uploads_give_their_bytes_back():
         time.sleep(0.1)  # (the count's expiry time is the key's, read on Redis's clock in whole seconds)
         kept = files.save_file(b"b" * 1500, "b.jsonl", "batch")
         assert files.file_meta(kept["id"])["bytes"] == 1500
+
+
+def test_a_lower_ttl_does_not_drop_the_count_of_files_kept_longer():
+    """The count's keys took the TTL of the last upload: after BATCH_TTL_SECONDS was lowered (or with an API of
+    another), they expired while files kept under the longer one remained, and the owner could keep twice its limit."""
+    with RedisServer() as server:
+        store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
+        BatchStore(store, ttl_seconds=3600, owner="someone", max_file_bytes=LIMIT).save_file(b"a" * 2900, "a", "batch")
+        shorter = BatchStore(store, ttl_seconds=1, owner="someone", max_file_bytes=LIMIT)
+        shorter.save_file(b"b" * 50, "b.jsonl", "batch")
+        time.sleep(1.5)  # past the shorter TTL
+        try:
+            shorter.save_file(b"c" * 2000, "c.jsonl", "batch")
+            raise AssertionError("the 2,900 bytes kept for an hour were no longer counted")
+        except FilesFull as full:
+            assert full.kept == 2900, full.kept

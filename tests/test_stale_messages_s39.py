@@ -46,7 +46,8 @@ def test_a_worker_removes_the_messages_of_ended_jobs_from_a_queue_no_worker_read
 
         waiting = [submit(), submit()]
         cancelled = [submit() for _ in range(3)]
-        expiring = [submit(deadline_seconds=1) for _ in range(2)]
+        # (A deadline of some seconds: the sweep, every second, must not find them expired before the check below.)
+        expiring = [submit(deadline_seconds=4) for _ in range(2)]
         assert queued_task_ids(client, queue) == waiting + cancelled + expiring
         for job_id in cancelled:
             assert requests.delete(f"{stack.base_url}/v1/jobs/{job_id}", timeout=10).status_code == 202
@@ -162,3 +163,18 @@ def test_a_deep_queue_is_swept_a_bounded_part_at_a_time(own_redis):
     assert max(len(call) for call in removed) <= 10 and sorted(sum(removed, [])) == sorted(cancelled)
     assert queued_task_ids(client, queue) == waiting
     client.delete(queue)
+
+
+def test_a_message_is_looked_for_only_where_it_was_read(own_redis):
+    """The sweep removes a message it read by looking among the messages at the head of its list, as far as it read:
+    LREM of a message gone meanwhile (taken by a worker of the model that came, removed by another sweep) walked the
+    whole list, 13 ms for 200,000 messages, up to a thousand times a round."""
+    from shared.celery_app import _REMOVE_READ
+
+    client = redis.Redis.from_url(own_redis.url)
+    name = f"interactive.deep-{uuid.uuid4().hex[:8]}"
+    client.lpush(name, *[f"message {i}" for i in range(50_000)])  # "message 0" at the head: the next to be taken
+    near, far = b"message 5", b"message 40000"
+    assert client.eval(_REMOVE_READ, 1, name, 100, near, b"gone", far) == [1, 0, 0]
+    assert client.llen(name) == 49_999 and far in client.lrange(name, 0, -1)
+    client.delete(name)

@@ -34,7 +34,8 @@ from api.submission import check_unicode
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_IMAGES, MAX_MESSAGES, ErrorCode,
                              GenerateRequest, InvalidRequest, check_images, context_overflowed, data_url_parts,
-                             describe_validation_error, max_new_tokens_cap, parse_request, stop_of_strings)
+                             describe_validation_error, max_new_tokens_cap, one_submission, parse_request,
+                             stop_of_strings)
 
 log = logging.getLogger("llava_queue.api")
 
@@ -380,7 +381,13 @@ def to_turn(index: int, message: ChatMessage) -> dict:
 
 
 def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
-    """The job request of a chat completion; raises ApiError (400) naming the OpenAI field."""
+    """The job request of a chat completion; raises ApiError (400) naming the OpenAI field. Its images, checked as
+    its parts are read and again as the job request is, share one submission's decoding (`one_submission`)."""
+    with one_submission():
+        return _to_generate_request(body)
+
+
+def _to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
     count_images(body.messages)
     fields: dict[str, Any] = {
         "model": body.model,
