@@ -13,7 +13,6 @@ or outside the data roots) is recorded with the reason and becomes no job; the o
 """
 
 import base64
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -25,13 +24,15 @@ from celery import Celery
 from pydantic import ValidationError
 
 from api.errors import ApiError
+from api.json_bodies import JsonParsers
 from api.routes.openai import parse_chat_request
 from api.submission import check_unicode, queue_unavailable
 from shared.celery_app import BATCH_QUEUE, send_many, task_queue
 from shared.batches import BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
 from shared.jobs import JobStore
-from shared.protocol import ErrorCode, GenerateRequest, check_images, describe_validation_error, one_submission
+from shared.protocol import (ErrorCode, GenerateRequest, InvalidRequest, check_images, describe_validation_error,
+                             one_submission)
 from shared.settings import Settings
 from shared.vqa import EvalParams, Question, question_job
 
@@ -79,7 +80,11 @@ def file_lines(stream: IO[bytes], limit: int) -> Iterator[bytes | None]:
         yield None
 
 
-def survey(stream: IO[bytes], limit: int) -> tuple[int, str | None]:
+# Parsers of none: a caller that gives none (a test, a tool) parses every line here.
+_NO_PARSERS = JsonParsers()
+
+
+def survey(stream: IO[bytes], limit: int, parsers: JsonParsers | None = None) -> tuple[int, str | None]:
     """The non-blank lines of a seekable binary file (see `file_lines`), and its format as its reading will tell it
     (`line_format` of its first line that is a JSON object; None without one); the file is left at its start."""
     count, file_format = 0, None
@@ -87,16 +92,23 @@ def survey(stream: IO[bytes], limit: int) -> tuple[int, str | None]:
         if line is None or line.strip():
             count += 1
             if file_format is None and line is not None:
-                file_format = line_format(line)
+                file_format = line_format(line, parsers)
     stream.seek(0)
     return count, file_format
 
 
-def line_format(raw: bytes) -> str | None:
+def parse_line(raw: bytes, parsers: JsonParsers | None) -> Any:
+    """A line's JSON value: a heavy one parsed by one of the API's `parsers` (api.json_bodies), as a heavy request
+    body is (64 MiB of `[[]]` in a line held the API for 11 s, twice: once to tell the file's format, once to read it);
+    InvalidRequest (400) for a line that is malformed, or holds more values than a request may."""
+    return (parsers or _NO_PARSERS).parse_blocking(raw)
+
+
+def line_format(raw: bytes, parsers: JsonParsers | None = None) -> str | None:
     """"openai" for a line that is a JSON object with OpenAI's keys, "llava" for another object, None otherwise."""
     try:
-        line = json.loads(raw)
-    except (ValueError, RecursionError):
+        line = parse_line(raw, parsers)
+    except (InvalidRequest, ApiError):
         return None
     return object_format(line) if isinstance(line, dict) else None
 
@@ -130,6 +142,8 @@ class Intake:
     _unsent: list[tuple[str, str]] = field(default_factory=list)
     _custom_ids: set[str] = field(default_factory=set)
     _images: dict[Path, str | LineRefused] = field(default_factory=dict)
+    # Where a heavy line is parsed (`parse_line`); none: here.
+    parsers: JsonParsers | None = None
 
     def read(self, stream: IO[bytes]) -> None:
         """Read every line, record the jobs of the good ones in chunks, record every line in order (`send` sends the
@@ -193,9 +207,11 @@ class Intake:
                 raise LineRefused(f"line {line_number} is longer than {self.settings.max_body_bytes} bytes, more than "
                                   "a request may hold (MAX_BODY_BYTES); it is not read")
             try:
-                line = json.loads(raw)
-            except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
-                raise LineRefused(f"line {line_number} is not valid JSON: {exc}") from None
+                line = parse_line(raw, self.parsers)
+            except InvalidRequest as exc:
+                malformed = exc.message.removeprefix("malformed JSON: ")
+                raise LineRefused(f"line {line_number} is not valid JSON: {malformed}" if malformed != exc.message
+                                  else f"line {line_number}: {exc.message.replace('the body', 'the line')}") from None
             if not isinstance(line, dict):
                 raise LineRefused(f"line {line_number} is not a JSON object")
             if self.format is None:

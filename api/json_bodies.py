@@ -9,7 +9,6 @@ unpickles a bounded value (or a few long strings, images), which is fast. A ligh
 """
 
 import asyncio
-import contextlib
 import ctypes
 import gc
 import json
@@ -17,6 +16,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -48,11 +49,12 @@ JOB_VALUES = 1 + 2 * len(JobRequest.model_fields) + MAX_STOP_STRINGS + MAX_IMAGE
 # one request (a job, a chat completion with its 40-odd options, a batch, a vote): a job, 128 values of options,
 # MAX_MESSAGES turns, all doubled for fields a client adds that the API ignores (69,982);
 REQUEST_VALUES = 2 * (JOB_VALUES + 128 + MAX_MESSAGES * TURN_VALUES)
-# and `POST /v1/jobs/bulk`: as many jobs as it takes (10,000), each with every field, and one request's worth more
-# (539,982). More than a route's limit is refused: no valid request holds as many.
+# and `POST /v1/jobs/bulk`: as many jobs as it takes (10,000), each with every field and 8 chat turns, and one
+# request's worth more (1,900,000 or so). More than a route's limit is refused, saying so: a request of more values
+# (a bulk of long chats, a chat of thousands of content parts) is sent as several.
 MAX_BULK_JOBS = next(rule.max_length for rule in BulkJobRequest.model_fields["jobs"].metadata
                      if getattr(rule, "max_length", None) is not None)
-BULK_VALUES = MAX_BULK_JOBS * JOB_VALUES + REQUEST_VALUES
+BULK_VALUES = MAX_BULK_JOBS * (JOB_VALUES + 8 * TURN_VALUES) + REQUEST_VALUES
 
 
 def malformed(exc: ValueError) -> str:
@@ -82,9 +84,10 @@ def values_bound(raw: bytes | str) -> int:
     return 1 + sum(raw.count(mark) for mark in marks)
 
 
-def is_heavy(raw: bytes | str, max_values: int) -> bool:
-    """Whether `raw` goes to a parser process: larger than LIGHT_BODY_BYTES, or maybe more than `max_values`."""
-    return len(raw) > LIGHT_BODY_BYTES or values_bound(raw) > max_values
+def is_heavy(raw: bytes | str, max_values: int = REQUEST_VALUES) -> bool:
+    """Whether `raw` goes to a parser process: larger than LIGHT_BODY_BYTES, or maybe more values than one request's
+    (`max_values` where it is fewer): a bulk's limit would leave 0.1 s of parsing on the event loop."""
+    return len(raw) > LIGHT_BODY_BYTES or values_bound(raw) > min(max_values, REQUEST_VALUES)
 
 
 def shape_refusal(value: Any, max_values: int) -> str | None:
@@ -100,26 +103,32 @@ def shape_refusal(value: Any, max_values: int) -> str | None:
             members = container.values() if isinstance(container, dict) else container
             count += 2 * len(container) if isinstance(container, dict) else len(container)
             if count > max_values:
-                return (f"the body holds more than {max_values} JSON values (objects, arrays, keys, strings, numbers); "
-                        "no valid request holds as many")
+                return (f"the body holds more than {max_values} JSON values (objects, arrays, keys, strings, numbers), "
+                        "the most a request may hold here; send such a request as several")
             inner.extend(member for member in members if isinstance(member, (dict, list)))
         level = inner
     return None
 
 
-def parse_in_pool(raw: bytes | str, max_values: int) -> tuple[Any, str | None]:
-    """(In a parser process.) The value of the JSON text `raw` and None, or None and why it is refused."""
-    # Without the cyclic collector, which a parse makes no garbage for: it ran again and again over the millions of
-    # arrays and objects being made (64 MiB of `[[]]`: 7 s with it, 1.7 s without).
-    gc.disable()
+def parse_here(raw: bytes | str, max_values: int) -> tuple[Any, str | None]:
+    """The value of the JSON text `raw` and None, or None and why it is refused (malformed, or `shape_refusal`)."""
     try:
         value = loads(raw)
     except InvalidRequest as exc:
         return None, exc.message
-    finally:
-        gc.enable()
     refusal = shape_refusal(value, max_values) if isinstance(value, (dict, list)) else None
     return (None, refusal) if refusal else (value, None)
+
+
+def parse_in_pool(raw: bytes | str, max_values: int) -> tuple[Any, str | None]:
+    """(In a parser process.) `parse_here`, without the cyclic collector, which a parse makes no garbage for: it ran
+    again and again over the millions of arrays and objects being made (64 MiB of `[[]]`: 7 s with it, 1.7 s
+    without)."""
+    gc.disable()
+    try:
+        return parse_here(raw, max_values)
+    finally:
+        gc.enable()
 
 
 # prctl's option that sends the calling process a signal when its parent dies (linux/prctl.h).
@@ -127,23 +136,43 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _start_parser(api_pid: int) -> None:
-    """(In a parser process, as it starts.) Ctrl-C reaches the whole process group: the API stops its parsers itself,
-    as it stops. And the parser dies with the API however the API ends (SIGKILL too): with forkserver's processes in
-    between, parsers outlived every API killed, each holding the API's standard output open."""
+    """(In a parser process, as it starts.) Ctrl-C and a stop sent to the whole process group (systemd's) reach it
+    too: the API stops its parsers itself, as it stops. And the parser dies with the API however the API ends (SIGKILL
+    too): with forkserver's processes in between, parsers outlived every API killed, each holding the API's standard
+    output open. Where the kernel refuses that (a sandbox), the parser exits once it finds the API gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parser exits as its call queue closes
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        dies_with_the_api = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+    except (OSError, AttributeError):  # no prctl: not Linux
+        dies_with_the_api = False
+    if not dies_with_the_api:
+        threading.Thread(target=_exit_without, args=(api_pid,), daemon=True).start()
     if os.getppid() != api_pid:  # the API died before that was set
         os._exit(0)
 
 
+def _exit_without(api_pid: int) -> None:
+    while os.getppid() == api_pid:
+        time.sleep(1)
+    os._exit(0)
+
+
+def _outcome(outcome: tuple[Any, str | None]) -> Any:
+    value, refusal = outcome
+    if refusal:
+        raise InvalidRequest(refusal, status=400)
+    return value
+
+
 class JsonParsers:
     """The parser processes, started with the API: spawned (not a fork of the API's threads and sockets), each the
-    API's own child, which dies with it (`_start_parser`)."""
+    API's own child, which dies with it (`_start_parser`). Where they cannot start, heavy bodies are parsed in the
+    API's own process, on a thread (as before they were), and the API says so as it starts."""
 
     def __init__(self, processes: int = PARSER_PROCESSES):
         self.processes = processes
-        self.pool = self._new_pool()
+        self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
@@ -152,28 +181,49 @@ class JsonParsers:
     async def start(self) -> None:
         """Start every process now, not with the first heavy body (each imports the API's models: a second)."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.pool, parse_in_pool, b"{}", 1)
-                               for _ in range(self.processes)))
+        try:
+            self.pool = self._new_pool()
+            await asyncio.gather(*(loop.run_in_executor(self.pool, parse_in_pool, b"{}", 1)
+                                   for _ in range(self.processes)))
+        except (OSError, ImportError, BrokenProcessPool) as exc:  # no /dev/shm for the pool's locks, no spawn
+            log.warning("no JSON parser processes (%s: %s): heavy request bodies are parsed in this process, which "
+                        "serves nothing else meanwhile", type(exc).__name__, exc)
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
 
     async def parse(self, raw: bytes | str, max_values: int) -> Any:
         """The value of the JSON text `raw`, parsed in a parser process; InvalidRequest (400) for a body that is
         malformed or refused for its shape (`shape_refusal`), ApiError 503 when the process died parsing it."""
         pool = self.pool
+        if pool is None:
+            return _outcome(await asyncio.to_thread(parse_here, raw, max_values))
         try:
-            value, refusal = await asyncio.get_running_loop().run_in_executor(pool, parse_in_pool, raw, max_values)
+            return _outcome(await asyncio.wrap_future(pool.submit(parse_in_pool, raw, max_values)))
         except BrokenProcessPool:
-            if self.pool is pool:
-                log.error("a JSON parser process died (out of memory?) parsing a body of %d bytes; starting anew",
-                          len(raw))
-                self.pool = self._new_pool()
-            raise ApiError(503, "the request body could not be parsed: its parser process died; try again",
-                           type="unavailable", code=ErrorCode.SERVER_ERROR) from None
-        if refusal:
-            raise InvalidRequest(refusal, status=400)
-        return value
+            raise self._broken(pool, len(raw)) from None
+
+    def parse_blocking(self, raw: bytes | str, max_values: int = REQUEST_VALUES) -> Any:
+        """`parse` for code on a worker thread (a batch file's lines): a heavy body in a parser process, waited for,
+        a light one here."""
+        pool = self.pool
+        if pool is None or not is_heavy(raw, max_values):
+            return _outcome(parse_here(raw, max_values))
+        try:
+            return _outcome(pool.submit(parse_in_pool, raw, max_values).result())
+        except BrokenProcessPool:
+            raise self._broken(pool, len(raw)) from None
+
+    def _broken(self, pool: ProcessPoolExecutor, size: int) -> ApiError:
+        if self.pool is pool:
+            log.error("a JSON parser process died (out of memory?) parsing a body of %d bytes; starting anew", size)
+            self.pool = self._new_pool()
+        return ApiError(503, "the request body could not be parsed: its parser process died; try again",
+                        type="unavailable", code=ErrorCode.SERVER_ERROR)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def parse_json(parsers: JsonParsers, raw: bytes | str, max_values: int = REQUEST_VALUES) -> Any:

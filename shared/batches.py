@@ -201,8 +201,8 @@ redis.call('INCRBY', KEYS[4], size)  -- (SET would drop the key's TTL)
 -- The owner's files index (KEYS[5], GET /v1/files), which keeps no file past the TTL either.
 redis.call('ZADD', KEYS[5], now, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
--- Lengthened, never shortened: files kept under a longer TTL (a setting lowered since, or another API's) keep their
--- count and their place in the index until they expire.
+-- Lengthened, never shortened: files kept under a longer TTL (a setting lowered since, or another API's) stay counted
+-- until they expire (the index, trimmed by upload time, lists a file for the current TTL only).
 for i = 2, 5 do
   if redis.call('TTL', KEYS[i]) < ttl then redis.call('EXPIRE', KEYS[i], ttl) end
 end

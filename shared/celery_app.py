@@ -334,10 +334,10 @@ def remove_stale_messages(app: Celery, store: JobStore, scan: QueueScan, limit: 
             going.setdefault(name, []).append((raw, job_id))
         with client.pipeline(transaction=False) as pipe:
             for name, messages in going.items():
-                # Looked for among the messages at the head, as far as it was read (and STALE_CHUNK more, for any put
-                # back at the head since): LREM walked the whole list for a message taken meanwhile.
+                # Looked for where it was read, give or take a chunk (messages taken from the head, or put back there,
+                # since): LREM walked the whole list for a message taken meanwhile.
                 pipe.execute_command("EVAL", _REMOVE_READ, 1, name, scan.lists[name] + 2 * chunk,
-                                     *[raw for raw, _ in messages])
+                                     max(1, scan.lists[name] + 1 - chunk), *[raw for raw, _ in messages])
             answers = pipe.execute()
         for name, window in zip(names, windows):
             if len(window) < chunk:
@@ -348,15 +348,18 @@ def remove_stale_messages(app: Celery, store: JobStore, scan: QueueScan, limit: 
             for (_, job_id), count in zip(messages, counts) if count]
 
 
-# Remove from a queue list (KEYS[1]) each message of ARGV[2..] found among its ARGV[1] messages at the head (its tail
-# in Redis's terms, where BRPOP takes); answers a count a message, 0 for one not found. (EVAL, not EVALSHA: kombu's
+# Remove from a queue list (KEYS[1]) each message of ARGV[3..] found among the part of it that was read: from the
+# ARGV[1]th to the ARGV[2]th message from its head (its tail in Redis's terms, where BRPOP takes); answers a count a
+# message, 0 for one not found. Only that part is copied, whatever was read before it. (EVAL, not EVALSHA: kombu's
 # client prefixes EVALSHA's key, and the name here is whole.)
 _REMOVE_READ = """
 local present = {}
-for _, message in ipairs(redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)) do present[message] = true end
+for _, message in ipairs(redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -tonumber(ARGV[2]))) do
+  present[message] = true
+end
 local removed = {}
-for i = 2, #ARGV do
-  removed[i - 1] = present[ARGV[i]] and redis.call('LREM', KEYS[1], -1, ARGV[i]) or 0
+for i = 3, #ARGV do
+  removed[i - 2] = present[ARGV[i]] and redis.call('LREM', KEYS[1], -1, ARGV[i]) or 0
 end
 return removed
 """

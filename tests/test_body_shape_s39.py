@@ -6,6 +6,7 @@ in a parser process (api.json_bodies), which refuses one holding more values tha
 requests at the limits (2,048 turns, a bulk of 10,000 jobs with every field, a 64 MiB image) still pass."""
 
 import asyncio
+import re
 import json
 import threading
 import time
@@ -23,7 +24,7 @@ MAX_BODY_BYTES = 64 << 20
 # A model no worker serves: the jobs taken wait, and are cancelled or left to the stack's end. Its name holds no
 # "llava", so its images are counted, not decoded (the original's text-only worker ignores them).
 UNSERVED = "text-only-served-by-none-s39"
-TOO_MANY = "JSON values (objects, arrays, keys, strings, numbers); no valid request holds as many"
+TOO_MANY = "JSON values (objects, arrays, keys, strings, numbers), the most a request may hold here"
 # How long /healthz may take to answer while a crafted body is parsed: up to 7 s before, 0.2 s at most since, on a
 # 2-core machine.
 HEALTHZ_BOUND_SECONDS = 1.0
@@ -50,13 +51,13 @@ def post(stack, path: str, body: bytes, timeout: float = 120) -> requests.Respon
 
 
 def test_a_body_with_more_values_than_any_request_is_refused_at_every_entry_point(api):
-    body = crafted(4 << 20)
+    body = crafted(8 << 20)  # 2.8 M values: over the bulk's limit too
     for path in ("/v1/jobs", "/v1/jobs/bulk", "/v1/chat/completions", "/v1/feedback", "/v1/batches",
                  "/get_worker_address"):
         refused = post(api, path, body)
         limit = BULK_VALUES if path == "/v1/jobs/bulk" else REQUEST_VALUES
         assert refused.status_code == 400, (path, refused.text[:300])
-        assert refused.json()["error"]["message"] == f"the body holds more than {limit} {TOO_MANY}", path
+        assert refused.json()["error"]["message"].startswith(f"the body holds more than {limit} {TOO_MANY}"), path
     stream = post(api, "/worker_generate_stream", body)
     frame = json.loads(stream.content.rstrip(b"\0"))
     assert stream.status_code == 400 and frame["error_code"] == 4 and TOO_MANY in frame["text"], stream.text[:300]
@@ -118,6 +119,13 @@ def test_requests_at_the_limits_are_taken(api):
                    "images": ["AAAA"] * MAX_IMAGES}
     bulk = requests.post(f"{api.base_url}/v1/jobs/bulk", json={"jobs": [every_field] * MAX_BULK_JOBS}, timeout=300)
     assert bulk.status_code == 202 and len(bulk.json()["ids"]) == MAX_BULK_JOBS, bulk.text[:300]
+    # 10,000 jobs of 8 chat turns each (a limit of every field alone refused bulks of chats).
+    chat = [{"role": "user" if index % 2 == 0 else "assistant", "text": "hi"} for index in range(7)] + [
+        {"role": "user", "text": "and?"}]
+    chats = requests.post(f"{api.base_url}/v1/jobs/bulk", timeout=300,
+                          json={"jobs": [{**every_field, "prompt": None, "images": [], "messages": chat}]
+                                * MAX_BULK_JOBS})
+    assert chats.status_code == 202 and len(chats.json()["ids"]) == MAX_BULK_JOBS, chats.text[:300]
     # An image as large as a body may be.
     head, tail = b'{"model": "' + UNSERVED.encode() + b'", "prompt": "<image>", "images": ["', b'"]}'
     image = post(api, "/v1/jobs", head + b"A" * ((MAX_BODY_BYTES - len(head) - len(tail)) // 4 * 4) + tail)
@@ -150,3 +158,35 @@ def test_the_parser_processes_die_with_the_api():
         while alive() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not alive(), alive()
+
+
+def test_a_batch_files_heavy_line_is_parsed_off_the_event_loop(api):
+    """A batch file's lines were parsed on a thread of the API (twice: to tell the file's format, then to read it),
+    holding it for as long: a line of 64 MiB of `[[]]` 11 s each. A heavy line goes to a parser process as a heavy
+    body does, and one of more values than a request may hold fails alone."""
+    line = json.dumps({"custom_id": "fine", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": UNSERVED, "messages": [{"role": "user", "content": "hi"}]}}).encode()
+    heavy = b'{"custom_id": "crafted", "method": "POST", "url": "/v1/chat/completions", "body": {"pad": [' + \
+        b",".join([b"[]"] * (4 << 20)) + b"]}}"
+    answer = requests.post(f"{api.base_url}/v1/batches", files={"file": ("b.jsonl", heavy + b"\n" + line + b"\n")},
+                           data={"endpoint": "/v1/chat/completions", "completion_window": "24h"}, timeout=120)
+    assert answer.status_code == 200, answer.text[:300]
+    # (The good line fails too, as a model no worker serves: it was read.)
+    errors = {error["line"]: error["message"] for error in answer.json()["errors"]["data"]}
+    assert sorted(errors) == [1, 2] and "is not served here" in errors[2], errors
+    assert errors[1].startswith("line 1: the line holds more than") and TOO_MANY in errors[1], errors
+    requests.post(f"{api.base_url}/v1/batches/{answer.json()['id']}/cancel", timeout=10)
+
+
+def test_without_parser_processes_bodies_are_parsed_and_refused_here():
+    """Where the parser processes cannot start (no /dev/shm for their locks), the API parses heavy bodies itself, with
+    the same refusals: it started no more (ProcessPoolExecutor raised in the lifespan)."""
+    from api.json_bodies import JsonParsers
+    from shared.protocol import InvalidRequest
+
+    unstarted = JsonParsers()
+    assert asyncio.run(unstarted.parse(b'{"prompt": "hi"}', REQUEST_VALUES)) == {"prompt": "hi"}
+    with pytest.raises(InvalidRequest, match=re.escape(TOO_MANY)):
+        asyncio.run(unstarted.parse(crafted(1 << 20), REQUEST_VALUES))
+    with pytest.raises(InvalidRequest, match="malformed JSON"):
+        unstarted.parse_blocking(crafted(2 << 20)[:-1])

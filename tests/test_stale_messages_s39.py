@@ -175,6 +175,8 @@ def test_a_message_is_looked_for_only_where_it_was_read(own_redis):
     name = f"interactive.deep-{uuid.uuid4().hex[:8]}"
     client.lpush(name, *[f"message {i}" for i in range(50_000)])  # "message 0" at the head: the next to be taken
     near, far = b"message 5", b"message 40000"
-    assert client.eval(_REMOVE_READ, 1, name, 100, near, b"gone", far) == [1, 0, 0]
-    assert client.llen(name) == 49_999 and far in client.lrange(name, 0, -1)
+    assert client.eval(_REMOVE_READ, 1, name, 100, 1, near, b"gone", far) == [1, 0, 0]
+    # Read from the 1,000th message on: what is nearer the head is not looked among (nor copied) either.
+    assert client.eval(_REMOVE_READ, 1, name, 1100, 1000, b"message 6", b"message 1050") == [0, 1]
+    assert client.llen(name) == 49_998 and far in client.lrange(name, 0, -1)
     client.delete(name)

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, StringConstraints
 from api.batch_intake import CHAT_COMPLETIONS, Intake, survey
 from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
-from api.json_bodies import REQUEST_VALUES, is_heavy
+from api.json_bodies import REQUEST_VALUES, JsonParsers, is_heavy
 from api.routes.models import returning_models, served_models
 from api.routes.openai import completion_of, job_error
 from api.submission import admission_lock, check_room
@@ -239,8 +239,9 @@ def read_file(intake: Intake, stream: IO[bytes]) -> None:
 
 
 def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches: BatchStore, celery,
-           registry, settings: Settings, owner: str | None) -> dict[str, Any]:
-    """Check the request, read the file into jobs (the batch is `validating` meanwhile), start the batch."""
+           registry, settings: Settings, owner: str | None, parsers: JsonParsers | None = None) -> dict[str, Any]:
+    """Check the request, read the file into jobs (the batch is `validating` meanwhile), start the batch. A heavy
+    line is parsed by one of the API's `parsers`, as a heavy request body is."""
     try:
         window = window_seconds(body.completion_window)
     except ValueError as exc:
@@ -258,7 +259,7 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
                        param="model", code=ErrorCode.NO_WORKER)
     stream, source = _open_input(body, upload, batches, settings)
     with stream:
-        lines, file_format = survey(stream, settings.max_body_bytes)
+        lines, file_format = survey(stream, settings.max_body_bytes, parsers)
         if lines > settings.batch_max_lines:
             raise ApiError(400, f"the file has {lines} lines; a batch holds at most {settings.batch_max_lines}",
                            param="file")
@@ -277,7 +278,8 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
                                       "metadata": body.metadata,
                                       "params": None if file_format == "openai" else params.model_dump(),
                                       "image_folder": body.image_folder or ""})
-            intake = Intake(store, batches, celery, settings, batch_id, params, image_folder, served, window, owner)
+            intake = Intake(store, batches, celery, settings, batch_id, params, image_folder, served, window, owner,
+                            parsers=parsers)
             read_file(intake, stream)
         finally:
             batches.release(batch_id)
@@ -343,7 +345,7 @@ async def create_batch(request: Request, store: Store, celery: CeleryApp, regist
     batches = batch_store(request)
     try:
         return await asyncio.to_thread(create, body, upload.file if upload is not None else None, store, batches,
-                                       celery, registry, settings, api_key)
+                                       celery, registry, settings, api_key, request.app.state.json_parsers)
     finally:
         if upload is not None:
             await upload.close()
