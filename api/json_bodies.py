@@ -221,9 +221,12 @@ class JsonParsers:
         return ApiError(503, "the request body could not be parsed: its parser process died; try again",
                         type="unavailable", code=ErrorCode.SERVER_ERROR)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the parser processes, waiting for them (a parse under way: seconds at most). Not waited for, the
+        interpreter's exit woke the pool's manager thread through a pipe closed already, printing a traceback
+        ("Bad file descriptor") as Ctrl-C stopped the API."""
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
 
 
 async def parse_json(parsers: JsonParsers, raw: bytes | str, max_values: int = REQUEST_VALUES) -> Any:

@@ -244,7 +244,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.json_parsers = JsonParsers()  # heavy request bodies are parsed there (api.json_bodies)
         await app.state.json_parsers.start()
         yield
-        app.state.json_parsers.close()
+        await app.state.json_parsers.close()
         await _stop_hub(app.state.hub)
         await app.state.aredis.aclose()
         app.state.store.redis.close()
