@@ -4,15 +4,14 @@ cut off) decodes 49 M pixels in half a second, so a bulk of 64 MiB of them held 
 submission's images share CHECK_DECODE_PIXELS now; past it an image is left to the worker."""
 
 import base64
-import io
 import time
 
 import pytest
 import requests
-from PIL import Image
 from pydantic import ValidationError
 
 from shared.protocol import CHECK_DECODE_PIXELS, BulkJobRequest, GenerateRequest
+from test_request_bounds_s38 import png_without_end
 
 SIDE = 7000  # 49 M pixels: two fit in the budget, a third does not
 assert 2 * SIDE * SIDE <= CHECK_DECODE_PIXELS < 3 * SIDE * SIDE
@@ -20,15 +19,12 @@ assert 2 * SIDE * SIDE <= CHECK_DECODE_PIXELS < 3 * SIDE * SIDE
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
-    buffer = io.BytesIO()
-    Image.new("RGB", (SIDE, SIDE)).save(buffer, format="PNG")
-    whole = buffer.getvalue()
     # Its end chunk cut off: the structural check fails, the pixels decode (the original accepts it).
-    no_end = whole[:whole.rindex(b"IEND") - 4]
-    # Cut in its data: neither the check nor decoding goes through.
-    truncated = whole[:len(whole) // 2]
-    return {name: base64.b64encode(data).decode() for name, data in
-            (("no_end", no_end), ("truncated", truncated))}
+    no_end = png_without_end(SIDE, SIDE)
+    # Cut in its data as well: neither the check nor decoding goes through.
+    raw = base64.b64decode(no_end)
+    truncated = base64.b64encode(raw[:len(raw) // 2]).decode()
+    return {"no_end": no_end, "truncated": truncated}
 
 
 def job(image: str) -> dict:
