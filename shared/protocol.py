@@ -40,6 +40,8 @@ def max_new_tokens_cap() -> int:
 
 # At most this many stop strings in a list (OpenAI's limit); the original sends one string.
 MAX_STOP_STRINGS = 4
+# A refusal names this many of a request's errors, then counts the rest: 65,536 bad images made a 3 MB message.
+MAX_LISTED_ERRORS = 10
 IMAGE_TOKEN = "<image>"
 # Bounds on one request, far above any real LLaVA context, that keep a hostile request cheap to refuse.
 MAX_PROMPT_CHARS = 400_000
@@ -470,13 +472,16 @@ class InvalidRequest(ValueError):
 
 
 def describe_validation_error(exc: ValidationError | list[dict]) -> InvalidRequest:
-    """Turn pydantic's errors into one readable message that names each bad field."""
-    errors = exc.errors() if isinstance(exc, ValidationError) else exc
+    """Turn pydantic's errors into one readable message that names the first bad fields (MAX_LISTED_ERRORS) and
+    counts the rest."""
+    errors = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc
     parts, first_param = [], None
     for error in errors:
-        loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
         if error.get("type") == "json_invalid":
             return InvalidRequest(f"malformed JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None, 400)
+        if len(parts) == MAX_LISTED_ERRORS:
+            continue
+        loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
         field = ".".join(loc)
         message = error.get("msg", "invalid").removeprefix("Value error, ")
         if error.get("type") == "missing":
@@ -485,7 +490,11 @@ def describe_validation_error(exc: ValidationError | list[dict]) -> InvalidReque
             message = "the body must be a JSON object"
         parts.append(f"{field}: {message}" if field else message)
         first_param = first_param or field or None
-    return InvalidRequest("; ".join(parts) or "invalid request", first_param)
+    message = "; ".join(parts) or "invalid request"
+    if len(errors) > len(parts) and parts:
+        more = len(errors) - len(parts)
+        message += f"; and {more:,} more error{'s' if more > 1 else ''}"
+    return InvalidRequest(message, first_param)
 
 
 def parse_request(raw: bytes | str | dict, model: type[BaseModel] = GenerateRequest) -> BaseModel:
