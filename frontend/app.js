@@ -105,18 +105,41 @@ function updateAssistant(turn) {
   el.dataset.status = turn.status;
   if (turn.jobId) el.dataset.jobId = turn.jobId;
   // As the original: the answer is shown stripped, with the cursor while it streams.
-  const text = turn.text.trim();
-  // The cursor is drawn, not read out ("left half block"); the text ends with it, so it is the last one in the HTML.
-  const html = renderMarkdown(streaming ? text + CURSOR : text);
-  const cut = html.lastIndexOf(CURSOR);
-  el.querySelector(".markdown").innerHTML = streaming && cut >= 0
-    ? `${html.slice(0, cut)}<span class="cursor" aria-hidden="true">${CURSOR}</span>${html.slice(cut + 1)}` : html;
+  const markdown = el.querySelector(".markdown");
+  markdown.innerHTML = renderMarkdown(turn.text.trim());
+  if (streaming) lastBlock(markdown).append(cursorElement());
   const error = el.querySelector(".error");
   error.hidden = !turn.error;
   error.classList.toggle("cancelled", turn.status === "cancelled");
   error.textContent = turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "";
   el.querySelector(".meta").textContent = turn.meta || "";
   if (stick) ui.conversation.scrollTop = ui.conversation.scrollHeight;
+}
+
+// The blocks of rendered markdown the cursor may go into; inside the others (a link, bold text, inline code) it would
+// take their look.
+const CURSOR_HOSTS = new Set(["P", "UL", "OL", "LI", "BLOCKQUOTE", "PRE", "H3", "H4", "H5", "H6"]);
+
+/** The innermost block that rendered markdown `box` ends with (`box` itself when it ends with none, or with a rule):
+ * the cursor goes at its end. It is put in after the text is rendered: written into the text, it made a fence line
+ * ("```python▌") no fence, and the answer showed its backticks until the next line came. */
+function lastBlock(box) {
+  let host = box;
+  for (let last = host.lastElementChild; last; last = host.lastElementChild) {
+    const block = CURSOR_HOSTS.has(last.tagName) || (last.tagName === "CODE" && host.tagName === "PRE");
+    if (!block) break;
+    host = last;
+  }
+  return host;
+}
+
+/** The cursor, drawn and not read out (a screen reader would say "left half block"). */
+function cursorElement() {
+  const cursor = document.createElement("span");
+  cursor.className = "cursor";
+  cursor.setAttribute("aria-hidden", "true");
+  cursor.textContent = CURSOR;
+  return cursor;
 }
 
 function notice(text) {
@@ -547,7 +570,6 @@ let imagePick = 0;
 async function setPendingImage(image) {
   if (!image) imagePick += 1;
   state.pendingImage = image;
-  ui.image.value = "";
   ui.preview.hidden = !image;
   ui.attachment.hidden = !image;
   if (!image) {
@@ -676,7 +698,12 @@ ui.clear.addEventListener("click", clearConversation);
 ui.upvote.addEventListener("click", () => vote("upvote"));
 ui.downvote.addEventListener("click", () => vote("downvote"));
 ui.flag.addEventListener("click", () => vote("flag"));
-ui.image.addEventListener("change", () => takeImageFile(ui.image.files[0]));
+ui.image.addEventListener("change", () => {
+  takeImageFile(ui.image.files[0]);
+  // Emptied at once, taken or refused: the same file picked again (made smaller, as a refusal asks) fired no change,
+  // and nothing happened.
+  ui.image.value = "";
+});
 ui.removeImage.addEventListener("click", () => setPendingImage(null));
 ui.attach.addEventListener("click", () => ui.image.click());
 ui.dropzone.addEventListener("dragover", (event) => {

@@ -8,7 +8,10 @@ export function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
 }
 
-const FENCE = /^\s*(```|~~~)\s*([\w+#.-]*)\s*$/;
+// A fence's info string is its language and whatever follows it ("```js title=app.js"; no backtick or tilde, as in
+// "```code```"): a line with more than the language was no fence, and the fence closing its block opened one that
+// took the rest of the answer for code.
+const FENCE = /^\s*(```|~~~)\s*([\w+#.-]*)[^`~]*$/;
 
 /**
  * Render `source` as HTML: paragraphs and line breaks, headings, bullet and numbered lists,
@@ -50,7 +53,8 @@ export function renderMarkdown(source) {
       continue;
     }
     if (!line.trim()) { flushAll(); continue; }
-    const heading = line.match(/^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/);
+    // Closing #s count only after a space: "## Using C#" lost its last character.
+    const heading = line.match(/^\s{0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$/);
     if (heading) {
       flushAll();
       const level = Math.min(heading[1].length + 2, 6); // inside a chat bubble, # is a small heading
