@@ -20,13 +20,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shared.cpus import keep_to
 from workers.engine.detokenizer import Detokenizer, special_token_id
 from workers.engine.model_runner import Batch, ModelRunner
-from workers.engine.sampling import sample
+from workers.engine.sampling import NOT_FINITE, sample
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger("llava_queue.engine")
 
 SHUTDOWN_ERROR = "engine shut down"
+# What a request ends with when the model's logits for it are not numbers (sampling.NOT_FINITE).
+NOT_FINITE_ERROR = "model output not finite: NaN or infinite logits (the model's activations overflowed in its dtype)"
 
 
 @dataclass
@@ -493,16 +495,27 @@ class LLMEngine:
         self._append_tokens([seq], tokens)
         self._join(self.runner.filter(batch, [] if seq.is_finished else [0]))
 
-    def _prefill_group(self, seqs: list[Sequence]) -> Batch | None:
-        """Prefill `seqs` together; if that fails, one by one, so only a sequence that fails alone is failed."""
+    def _prefill_group(self, seqs: list[Sequence], spare: bool | None = None) -> Batch | None:
+        """Prefill `seqs` together; if that fails, one by one, so only a sequence that fails alone is failed.
+
+        `spare`: whether the cache gets spare rows and columns (ModelRunner.prefill); None: when it is to become the
+        running batch (there is none)."""
+        spare = self._batch is None if spare is None else spare
         try:
-            batch, logits = self.runner.prefill(seqs, spare=self._batch is None)
+            batch, logits = self.runner.prefill(seqs, spare=spare)
             tokens = self._sample(seqs, logits)
         except Exception as exc:
             if len(seqs) > 1:
                 log.warning("prefill of %d rows failed (%s: %s), retrying one by one", len(seqs),
                             type(exc).__name__, exc)
-                parts = [part for part in (self._prefill_group([seq]) for seq in seqs) if part is not None]
+                # Only the part the others merge into takes spare room: each took up to the whole KV budget, all
+                # held at once (3.7 budgets for 4 short prompts), and a group that failed for want of memory failed
+                # again one by one.
+                parts = []
+                for seq in seqs:
+                    part = self._prefill_group([seq], spare=spare and not parts)
+                    if part is not None:
+                        parts.append(part)
                 return self.runner.concatenate(parts) if parts else None
             log.exception("prefill of request %s failed", seqs[0].request_id)
             self._finish(seqs[0], "error", _forward_failed(exc))
@@ -528,7 +541,13 @@ class LLMEngine:
                 self._finish(seq, "error", f"detokenization failed: {type(exc).__name__}: {exc}")
 
     def _append_token(self, seq: Sequence, token: int) -> None:
-        """Record one generated token, stream its text, and finish the sequence on EOS, stop or length."""
+        """Record one generated token, stream its text, and finish the sequence on EOS, stop or length (or with an
+        error when its logits were not finite: no token)."""
+        if token == NOT_FINITE:
+            log.warning("request %s: the model's logits are not finite after %d new tokens", seq.request_id,
+                        len(seq.output_token_ids))
+            self._finish(seq, "error", NOT_FINITE_ERROR)
+            return
         seq.output_token_ids.append(token)
         self._stats["generated_tokens"] += 1
         reason = None

@@ -9,6 +9,8 @@ import torch
 from shared.protocol import GREEDY_TEMPERATURE  # the original's: do_sample = temperature > 0.001
 # argmax looks for the block holding the maximum first; vocabularies are multiples of 64 (else plain argmax).
 ARGMAX_BLOCK = 64
+# What `sample` gives a row whose logits are not all numbers: no token can be drawn from them.
+NOT_FINITE = -1
 
 
 def sample(
@@ -25,15 +27,20 @@ def sample(
     keeps every token); generators a per-row list (None entries draw from the global
     RNG) or None. Rows with temperature <= 0.001 take the argmax. Sampled rows
     are filtered as transformers' `generate` filters them: temperature, then
-    top-k, then top-p. Returns token ids [B] (int64). A row with its own
+    top-k, then top-p. Returns token ids [B] (int64), NOT_FINITE for a row
+    whose logits hold a NaN or +inf or are all -inf. A row with its own
     generator draws only from it, so its tokens do not depend on its batch-mates.
     """
     logits = logits.float()
     greedy_tokens = argmax(logits)
+    # argmax takes a NaN for the largest value, so the value it picks is finite unless the row holds a NaN or +inf or
+    # is all -inf. Such a row (its activations overflowed: float16, an embedding gone inf) read as token 0, argmax and
+    # draw alike, and its request streamed nothing until max_new_tokens, ending "length" without an error.
+    finite = torch.isfinite(logits.gather(1, greedy_tokens.unsqueeze(-1)).squeeze(-1))
     # Decided on the Python floats, as the original: in float32 a temperature just above 0.001 rounds onto it.
     is_greedy = [t <= GREEDY_TEMPERATURE for t in temperature]
     if all(is_greedy):
-        return greedy_tokens
+        return greedy_tokens.masked_fill(~finite, NOT_FINITE)
     device = logits.device
     greedy = torch.tensor(is_greedy, device=device)
     divisors = [1.0 if row_greedy else t for row_greedy, t in zip(is_greedy, temperature)]
@@ -46,7 +53,7 @@ def sample(
     # argmax(p / q) with q ~ Exp(1) is a draw from p (the gpt-fast trick), and
     # it lets each row take its noise from its own generator.
     sampled_tokens = argmax(probs / _exponential_noise(probs, generators))
-    return torch.where(greedy, greedy_tokens, sampled_tokens)
+    return torch.where(greedy, greedy_tokens, sampled_tokens).masked_fill(~finite, NOT_FINITE)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
