@@ -1,4 +1,5 @@
-"""OpenAI-compatible chat completions. Each request is a job like any other: queued, batched, pollable.
+"""OpenAI-compatible chat completions, and legacy completions of a rendered prompt (`POST /v1/completions`, as vLLM
+serves them). Each request is a job like any other: queued, batched, pollable.
 
 The completion id is `chatcmpl-<job id>`, and the `X-Job-Id` header names the job, so a
 completion can be polled at `GET /v1/jobs/{job id}` or cancelled at `DELETE /v1/jobs/{job id}`.
@@ -30,7 +31,7 @@ from api.errors import ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import model_away, returning_models, served_models
 from api.stream import FollowingResponse, JobNotFound, ServerStopping, follow_job, with_keepalives
-from api.submission import check_unicode
+from api.submission import Submitter, check_unicode
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_IMAGES, MAX_MESSAGES, ErrorCode,
                              GenerateRequest, InvalidRequest, check_images, context_overflowed, data_url_parts,
@@ -40,12 +41,13 @@ from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_IMAGES, 
 log = logging.getLogger("llava_queue.api")
 
 COMPLETION_ID_PREFIX = "chatcmpl-"
+TEXT_COMPLETION_ID_PREFIX = "cmpl-"  # a legacy completion's (`POST /v1/completions`), as OpenAI's and vLLM's
 
 
 def job_id_of(job_or_completion_id: str) -> str:
-    """The job id of a job id or of a chat completion's id (`chatcmpl-<job id>`): every route that takes a job id
-    takes either."""
-    return job_or_completion_id.removeprefix(COMPLETION_ID_PREFIX)
+    """The job id of a job id or of a completion's id (`chatcmpl-<job id>`, `cmpl-<job id>`): every route that takes
+    a job id takes either."""
+    return job_or_completion_id.removeprefix(COMPLETION_ID_PREFIX).removeprefix(TEXT_COMPLETION_ID_PREFIX)
 
 
 # How a job that did not succeed is answered: HTTP status and error type, by llava-queue error code.
@@ -142,6 +144,31 @@ def _boolean(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> Any:
+    """A number field's validator (mode="before"): a number, not true or false, as OpenAI has it (pydantic took true
+    for 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {str(value).lower()}")
+    return value
+
+
+def _within_cap(value: int | None) -> int | None:
+    """A token count's validator: more than the worker generates (MAX_NEW_TOKENS_CAP) is refused, as vLLM refuses
+    more than the model's context, not cut short."""
+    cap = max_new_tokens_cap()
+    if value is not None and value > cap:
+        raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": cap})
+    return value
+
+
+def _only_with_stream(options: Any, info: ValidationInfo) -> Any:
+    """`stream_options`' validator (mode="before"): options in a request that does not stream are refused, as OpenAI
+    and vLLM refuse them."""
+    if options and not info.data.get("stream"):
+        raise ValueError("stream options can only be defined when `stream=True`")
+    return options
+
+
 class StreamOptions(BaseModel):
     include_usage: bool | None = False  # null as false, as vLLM takes it (it was a 400)
 
@@ -158,9 +185,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    # More than the worker generates (MAX_NEW_TOKENS_CAP, `_within_cap`) is refused, as vLLM refuses more than the
-    # model's context, not cut short.
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # at most MAX_NEW_TOKENS_CAP (`_within_cap`)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     # OpenAI's (and vLLM's) range: any signed 64-bit integer; the engine's seeds are non-negative.
@@ -171,36 +196,12 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     keep_on_disconnect: bool = Field(False, description="llava-queue: let the job finish if the client leaves")
 
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _string_or_strings(cls, stop: Any) -> Any:
-        return stop_of_strings(stop)
-
+    _stop = field_validator("stop", mode="before")(stop_of_strings)
     _booleans = field_validator("stream", "keep_on_disconnect", mode="before")(_boolean)
-
-    @field_validator("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "n", mode="before")
-    @classmethod
-    def _no_boolean(cls, value: Any) -> Any:
-        """A number, not true or false, as OpenAI has it (pydantic took true for 1)."""
-        if isinstance(value, bool):
-            raise ValueError(f"must be a number, got {str(value).lower()}")
-        return value
-
-    @field_validator("max_tokens", "max_completion_tokens")
-    @classmethod
-    def _within_cap(cls, value: int | None) -> int | None:
-        cap = max_new_tokens_cap()
-        if value is not None and value > cap:
-            raise PydanticCustomError("less_than_equal", "Input should be less than or equal to {le}", {"le": cap})
-        return value
-
-    @field_validator("stream_options", mode="before")
-    @classmethod
-    def _only_with_stream(cls, options: Any, info: ValidationInfo) -> Any:
-        """Stream options in a request that does not stream are refused, as OpenAI and vLLM refuse them."""
-        if options and not info.data.get("stream"):
-            raise ValueError("stream options can only be defined when `stream=True`")
-        return options
+    _numbers = field_validator("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "n",
+                               mode="before")(_number)
+    _caps = field_validator("max_tokens", "max_completion_tokens")(_within_cap)
+    _stream_options = field_validator("stream_options", mode="before")(_only_with_stream)
 
 
 class ChatCompletionMessage(BaseModel):
@@ -229,6 +230,66 @@ class ChatCompletion(BaseModel):
     model: str
     system_fingerprint: None = None
     choices: list[Choice]
+    usage: Usage
+
+
+class TextCompletionRequest(BaseModel):
+    """`POST /v1/completions`, OpenAI's legacy completions, as vLLM serves them (`vllm bench serve` and evaluation
+    harnesses ask them): one prompt the client rendered, sampled as a chat completion is. Other fields are taken as
+    in `ChatCompletionRequest`; those of the legacy API that would change the answer are refused (`logprobs`,
+    `suffix`, `echo`, `best_of`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    prompt: str | list[str]  # one prompt: a list holds one string
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default (and vLLM's); null: up to MAX_NEW_TOKENS_CAP
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)
+    n: int | None = None
+    # Here a number (how many log probabilities per token), where a chat completion's is a boolean.
+    logprobs: int | None = None
+    suffix: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    keep_on_disconnect: bool = Field(False, description="llava-queue: let the job finish if the client leaves")
+
+    _stop = field_validator("stop", mode="before")(stop_of_strings)
+    _booleans = field_validator("stream", "keep_on_disconnect", mode="before")(_boolean)
+    _numbers = field_validator("temperature", "top_p", "max_tokens", "seed", "n", "logprobs", mode="before")(_number)
+    _caps = field_validator("max_tokens")(_within_cap)
+    _stream_options = field_validator("stream_options", mode="before")(_only_with_stream)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        """One string, or a list of one (what the openai package sends for a batch of one). Several prompts, or token
+        ids, were pydantic's errors on each member of the union (`prompt.str`, `prompt.list[str].0`)."""
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(one, str) for one in prompt):
+            raise ValueError(f"one prompt per request, got {len(prompt)}: send a request for each")
+        raise ValueError("must be a string (token ids are not supported)")
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[TextChoice]
     usage: Usage
 
 
@@ -279,7 +340,7 @@ _UNSUPPORTED = {
 }
 
 
-def check_supported(body: ChatCompletionRequest) -> None:
+def check_supported(body: ChatCompletionRequest | TextCompletionRequest) -> None:
     """Refuse (400) what would silently change the answer: n != 1, and the features in `_UNSUPPORTED`."""
     if body.n is not None and body.n != 1:
         raise ApiError(400, f"n: only n=1 is supported (one choice per request), got n={body.n}; "
@@ -413,6 +474,33 @@ def _to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
         raise ApiError(400, message, param=param) from None
 
 
+def text_generate_request(body: TextCompletionRequest) -> GenerateRequest:
+    """The job request of a legacy completion: its prompt as rendered by the client; raises ApiError (400) naming
+    the OpenAI field."""
+    if body.logprobs is not None:
+        raise ApiError(400, "logprobs: logprobs are not supported", param="logprobs")
+    if body.suffix:
+        raise ApiError(400, "suffix: suffix is not supported (a prompt is completed at its end only)", param="suffix")
+    fields: dict[str, Any] = {
+        "model": body.model,
+        "prompt": body.prompt,
+        "max_new_tokens": body.max_tokens or max_new_tokens_cap(),
+        "stop": body.stop,
+        "seed": None if body.seed is None else body.seed % 2**63,
+        "top_k": 0,  # as a chat completion's: OpenAI and vLLM apply none
+    }
+    if body.temperature is not None:
+        fields["temperature"] = body.temperature
+    if body.top_p is not None:
+        fields["top_p"] = body.top_p
+    try:
+        request = parse_request(fields, GenerateRequest)
+        check_unicode(request)
+        return request
+    except (InvalidRequest, ApiError) as exc:
+        raise ApiError(400, exc.message, param=exc.param) from None
+
+
 def _openai_param(param: str | None) -> str | None:
     """The OpenAI name of a field of the job request: a turn's `text` or `images` (`messages.0.text`) is the
     content of the message it came from (`messages[0].content`); other names are the same."""
@@ -437,15 +525,16 @@ def usage_of(record: dict) -> Usage:
                  total_tokens=record["prompt_tokens"] + record["completion_tokens"])
 
 
-def job_error(record: dict | None) -> ApiError | None:
-    """The error a finished job answers with, or None when it succeeded with an answer."""
+def job_error(record: dict | None, prompt_field: str = "messages") -> ApiError | None:
+    """The error a finished job answers with, or None when it succeeded with an answer; `prompt_field` is the
+    request's field that a prompt filling the model's context is blamed on."""
     if record is None:
         return ApiError(500, "the job's record expired before it could be read", type="server_error",
                         code=ErrorCode.SERVER_ERROR)
     if record["status"] == "succeeded":
         if context_overflowed(record["text"], record["completion_tokens"]):
-            return ApiError(400, f"the messages fill the model's context ({record['prompt_tokens']} prompt tokens)",
-                            param="messages", code=ErrorCode.INVALID_REQUEST)
+            return ApiError(400, f"{prompt_field}: the prompt fills the model's context ({record['prompt_tokens']} "
+                                 "prompt tokens)", param=prompt_field, code=ErrorCode.INVALID_REQUEST)
         return None
     code = record["error_code"] or ErrorCode.SERVER_ERROR
     status, kind = _JOB_ERRORS.get(code, (500, "server_error"))
@@ -478,14 +567,18 @@ async def read_record(store: JobStore, job_id: str) -> dict | None:
 class Completion:
     """One chat completion in flight: its job, and the pieces every response of it shares."""
 
+    ID_PREFIX = COMPLETION_ID_PREFIX
+    CHUNK_OBJECT = "chat.completion.chunk"
+    PROMPT_FIELD = "messages"  # the request's field that a prompt too long for the model's context is blamed on
+
     def __init__(self, store: JobStore, hub: ChannelHub, job_id: str, model: str, keep_on_disconnect: bool):
         self.store, self.hub, self.job_id = store, hub, job_id
-        self.id = COMPLETION_ID_PREFIX + job_id
+        self.id = self.ID_PREFIX + job_id
         self.model = model
         self.created = int(time.time())
         self.keep_on_disconnect = keep_on_disconnect
 
-    async def wait(self, request: Request) -> ChatCompletion:
+    async def wait(self, request: Request) -> ChatCompletion | TextCompletion:
         """Wait for the job's end and answer the whole completion; a client that leaves cancels the job."""
         finished = asyncio.ensure_future(self._until_done())
         left = asyncio.ensure_future(_disconnected(request))
@@ -504,10 +597,10 @@ class Completion:
             record = await read_record(self.store, self.job_id)
         except redis.RedisError as exc:
             raise self._store_unavailable(exc) from None
-        error = job_error(record)
+        error = job_error(record, self.PROMPT_FIELD)
         if error:
             raise error
-        return completion_of(record, self.id, self.model, self.created)
+        return self._answer(record)
 
     async def _until_done(self) -> None:
         try:
@@ -527,7 +620,9 @@ class Completion:
         ended, sent = False, ""
         events = with_keepalives(follow_job(self.store, self.hub, self.job_id), keepalive)
         try:
-            yield self._chunk({"role": "assistant", "content": ""}, None, include_usage)
+            opening = self._opening(include_usage)
+            if opening:
+                yield opening
             async for event in events:
                 if event is None:
                     yield ": keepalive\n\n"
@@ -538,11 +633,11 @@ class Completion:
                 # Hold back what cannot be streamed yet: the context-overflow answer (an error, see
                 # job_error) and the text of a job that restarted after its worker died.
                 if len(generated) > len(sent) and generated.startswith(sent) and generated != CONTEXT_OVERFLOW_MSG:
-                    yield self._chunk({"content": generated[len(sent):]}, None, include_usage)
+                    yield self._text(generated[len(sent):], include_usage)
                     sent = generated
             ended = True
             record = await read_record(self.store, self.job_id)
-            error = job_error(record)
+            error = job_error(record, self.PROMPT_FIELD)
             if error is None and not record["text"].startswith(sent):
                 error = ApiError(500, "the job restarted after a worker failure and its new text differs from "
                                       f"what was streamed; poll GET /v1/jobs/{self.job_id} for it",
@@ -551,8 +646,8 @@ class Completion:
                 yield _sse(error_body(error.message, error.type, error.param, error.code))
             else:
                 if len(record["text"]) > len(sent):
-                    yield self._chunk({"content": record["text"][len(sent):]}, None, include_usage)
-                yield self._chunk({}, record["finish_reason"], include_usage)
+                    yield self._text(record["text"][len(sent):], include_usage)
+                yield self._finish(record["finish_reason"], include_usage)
                 if include_usage:
                     yield _sse({**self._base(), "choices": [], "usage": usage_of(record).model_dump()})
             yield "data: [DONE]\n\n"
@@ -592,15 +687,52 @@ class Completion:
                         type=error.type, code=error.code, headers={**error.headers, JOB_ID_HEADER: self.job_id})
 
     def _base(self) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+        return {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def _chunk(self, delta: dict, finish_reason: str | None, include_usage: bool) -> str:
-        chunk = {**self._base(), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+    def _chunk(self, content: dict, finish_reason: str | None, include_usage: bool) -> str:
+        """One chunk of the one choice: `content` is its `delta` (or a legacy completion's `text`)."""
+        chunk = {**self._base(), "choices": [{"index": 0, **content, "logprobs": None,
                                               "finish_reason": finish_reason}]}
         if include_usage:
             chunk["usage"] = None  # as OpenAI: every chunk has usage null, the last one carries it
         return _sse(chunk)
+
+    def _answer(self, record: dict) -> ChatCompletion:
+        return completion_of(record, self.id, self.model, self.created)
+
+    def _opening(self, include_usage: bool) -> str | None:
+        """The chunk a stream starts with, before the job has generated anything: the assistant's role."""
+        return self._chunk({"delta": {"role": "assistant", "content": ""}}, None, include_usage)
+
+    def _text(self, text: str, include_usage: bool) -> str:
+        return self._chunk({"delta": {"content": text}}, None, include_usage)
+
+    def _finish(self, finish_reason: str, include_usage: bool) -> str:
+        return self._chunk({"delta": {}}, finish_reason, include_usage)
+
+
+class LegacyCompletion(Completion):
+    """One legacy completion (`POST /v1/completions`) in flight: a chat completion's job and stream, in the
+    text_completion shape (`choices[].text`, no role chunk), as OpenAI and vLLM answer it."""
+
+    ID_PREFIX = TEXT_COMPLETION_ID_PREFIX
+    CHUNK_OBJECT = "text_completion"
+    PROMPT_FIELD = "prompt"
+
+    def _answer(self, record: dict) -> TextCompletion:
+        choice = TextChoice(text=record["text"], finish_reason=record["finish_reason"])
+        return TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
+                              usage=usage_of(record))
+
+    def _opening(self, include_usage: bool) -> None:
+        return None
+
+    def _text(self, text: str, include_usage: bool) -> str:
+        return self._chunk({"text": text}, None, include_usage)
+
+    def _finish(self, finish_reason: str, include_usage: bool) -> str:
+        return self._chunk({"text": ""}, finish_reason, include_usage)
 
 
 def _sse(data: dict) -> str:
@@ -633,10 +765,37 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     # On a thread: checking the images (base64 decoded, opened by PIL) takes a while, seconds for a crafted file,
     # during which the event loop would serve no other request or stream.
     job_request = await asyncio.to_thread(to_generate_request, body)
+    return await _run(Completion, body, job_request, request, response, store, hub, submitter, registry, api_key,
+                      idempotency_key)
+
+
+@router.post("/v1/completions", response_model=TextCompletion,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "A text_completion, or with `stream` server-sent text_completion "
+                                             "chunks ending with `data: [DONE]`"},
+                        400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
+                        404: {"description": "No live worker serves the model"},
+                        503: {"description": "The model's workers are all away for now (a restart): retry"}})
+async def create_completion(body: TextCompletionRequest, request: Request, response: Response, store: Store,
+                            hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey,
+                            idempotency_key: IdempotencyKey = None):
+    """OpenAI's legacy completion of a prompt the client rendered, as a job: `id` is `cmpl-<job id>` (poll
+    `GET /v1/jobs/<job id>`). Otherwise as `POST /v1/chat/completions`, `Idempotency-Key` included."""
+    check_supported(body)
+    job_request = await asyncio.to_thread(text_generate_request, body)
+    return await _run(LegacyCompletion, body, job_request, request, response, store, hub, submitter, registry,
+                      api_key, idempotency_key)
+
+
+async def _run(kind: type[Completion], body: ChatCompletionRequest | TextCompletionRequest,
+               job_request: GenerateRequest, request: Request, response: Response, store: JobStore,
+               hub: ChannelHub, submitter: Submitter, registry: WorkerRegistry, api_key: str | None,
+               idempotency_key: str | None):
+    """Submit the job of a completion request (`kind` of Completion) and answer it: streamed, or whole at its end."""
     await require_served(registry, body.model)
     [job_id] = await asyncio.to_thread(submitter.submit, [(job_request, "interactive")],
                                        idempotency_key=idempotency_key, owner=api_key)
-    completion = Completion(store, hub, job_id, body.model, body.keep_on_disconnect or idempotency_key is not None)
+    completion = kind(store, hub, job_id, body.model, body.keep_on_disconnect or idempotency_key is not None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         keepalive = request.app.state.settings.sse_keepalive_seconds
