@@ -319,9 +319,10 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
     """Render chat messages with a template; return (prompt, stop).
 
     `messages` are dicts {"role": "system" | "user" | "assistant", "text": str,
-    "images": int}. An optional first "system" message replaces the template's
-    system prompt (the text after a ChatML template's "<|im_start|>system\\n");
-    then user and assistant alternate, starting and ending with the user. The
+    "images": int}. Optional first "system" messages (joined by newlines) replace the
+    template's system prompt (the text after a ChatML template's "<|im_start|>system\\n");
+    then user and assistant turns, starting and ending with the user; two of one role
+    in a row are joined into one turn (by a newline). The
     prompt ends with the open assistant turn. A user turn with images and no
     "<image>" in its text gets "\\n<image>" appended, as the web server does. Raises
     ValueError for malformed messages, TemplateError for an unknown template.
@@ -329,41 +330,50 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
     conv = get_template(template_name)
     if not messages:
         raise ValueError("messages is empty: at least one user message is needed")
-    start = 0
-    if _role(0, messages[0]) == "system":
-        system, images = _text_and_images(0, messages[0])
+    start, systems = 0, []
+    while start < len(messages) and _role(start, messages[start]) == "system":
+        # Several system messages in a row, as OpenAI's and vLLM's chat templates take them, are one system prompt.
+        system, images = _text_and_images(start, messages[start])
         if images:
-            raise ValueError("message 0: a system message cannot carry images")
+            raise ValueError(f"message {start}: a system message cannot carry images")
+        systems.append(system)
+        start += 1
+    if systems:
+        system = "\n".join(systems)
         if conv.system.startswith(_CHATML_SYSTEM):
             # A ChatML system prompt holds its turn's header: the message replaces the text after it.
             system = _CHATML_SYSTEM + system
         conv = dataclasses.replace(conv, system=system)
-        start = 1
     if start == len(messages):
         raise ValueError("messages hold only a system message: at least one user message is needed")
 
+    role = None
     for i in range(start, len(messages)):
         message = messages[i]
-        role = _role(i, message)
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        role, previous = _role(i, message), role
         if role not in ("user", "assistant"):
             where = "only allowed first" if role == "system" else "not one of system, user, assistant"
             raise ValueError(f"message {i}: role {role!r} is {where}")
-        if role != expected:
-            raise ValueError(f"message {i}: expected a {expected!r} message (user and assistant alternate)")
+        if previous is None and role != "user":
+            raise ValueError(f"message {i}: expected a 'user' message (the turns start with the user's)")
         text, images = _text_and_images(i, message)
         if role == "assistant":
             if images:
                 raise ValueError(f"message {i}: an assistant message cannot carry images")
-            conv.append_message(conv.roles[1], text)
-            continue
-        if not text and not images:
+        elif not text and not images:
             raise ValueError(f"message {i}: a user message needs a text or an image")
-        if images and IMAGE_TOKEN not in text:
+        elif images and IMAGE_TOKEN not in text:
             # One per image (it was one for them all: "2 images, 1 <image>" for any turn of several, an OpenAI
             # message with two image_url parts among them).
             text += ("\n" + IMAGE_TOKEN) * images
-        conv.append_message(conv.roles[0], text, images)
+        if role == previous:
+            # Two turns of one role in a row are one turn, as OpenAI and vLLM's chat templates take them (a chat client
+            # sends two user messages when the answer between them failed): the template's separators go by turns.
+            last = conv.messages[-1]
+            conv.messages[-1] = dataclasses.replace(last, text="\n".join(part for part in (last.text, text) if part),
+                                                    images=last.images + images)
+            continue
+        conv.append_message(conv.roles[0 if role == "user" else 1], text, images)
     if role != "user":
         raise ValueError(
             "the last message must come from the user: the prompt ends with the assistant's turn"

@@ -194,8 +194,6 @@ def test_later_image_turn_keeps_its_text():
         ([{"role": "system", "text": "S", "images": 0}], "only a system message"),
         ([{"role": "bot", "text": "Hi", "images": 0}], "role 'bot'"),
         ([{"role": "assistant", "text": "Hi", "images": 0}], "expected a 'user' message"),
-        ([{"role": "user", "text": "a", "images": 0}, {"role": "user", "text": "b", "images": 0}],
-         "expected a 'assistant'"),
         (
             [{"role": "user", "text": "a", "images": 0}, {"role": "system", "text": "b", "images": 0}],
             "only allowed first",
