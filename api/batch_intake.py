@@ -14,7 +14,6 @@ or outside the data roots) is recorded with the reason and becomes no job; the o
 
 import base64
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +33,23 @@ from shared.jobs import JobStore
 from shared.protocol import (ErrorCode, GenerateRequest, InvalidRequest, check_images, describe_validation_error,
                              one_submission)
 from shared.settings import Settings
-from shared.vqa import EvalParams, Question, question_job
+from shared.vqa import EvalParams, Question, question_job, stated_question_id
 
 log = logging.getLogger("llava_queue.api")
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
-# Lines per bulk write: one pipelined write of their job records and entries.
+# Lines per bulk write: one pipelined write of their job records and entries ...
 CHUNK_LINES = 500
+# ... or fewer, once their jobs hold this many bytes of images and prompts: a chunk's jobs, and the pipeline that
+# writes them, are in the API's memory at once, twice over (150 lines of 2 MB images took 0.9 to 1.2 GB; 500 lines of
+# 20 MB ones would take 20 GB).
+CHUNK_BYTES = 16 * 1024 * 1024
 # Line errors kept in the batch record's `errors` (all of them are in the errors file).
 MAX_LISTED_ERRORS = 100
+# Images read for earlier lines, kept for the lines that name them again (an evaluation asks several questions of each
+# image): this many at most, of at most this many bytes together.
 _IMAGE_CACHE_SIZE = 64
+_IMAGE_CACHE_BYTES = 16 * 1024 * 1024
 # How much of a line too long to run is read at a time, to skip it.
 _SKIP_BYTES = 1 << 20
 # Keys that make a line an OpenAI one: not `custom_id` alone, so that a first line without it (a typo) does not make
@@ -113,6 +119,11 @@ def line_format(raw: bytes, parsers: JsonParsers | None = None) -> str | None:
     return object_format(line) if isinstance(line, dict) else None
 
 
+def request_bytes(request: GenerateRequest) -> int:
+    """About what a line's job holds in memory: its images (base64 or data: URLs) and its prompt."""
+    return len(request.prompt or "") + sum(map(len, request.all_images()))
+
+
 def object_format(line: dict[str, Any]) -> str:
     """"openai" for a line with OpenAI's keys (`custom_id` or `body`), else "llava" (a question)."""
     return "openai" if _OPENAI_KEYS & line.keys() else "llava"
@@ -142,6 +153,7 @@ class Intake:
     _unsent: list[tuple[str, str]] = field(default_factory=list)
     _custom_ids: set[str] = field(default_factory=set)
     _images: dict[Path, str | LineRefused] = field(default_factory=dict)
+    _images_bytes: int = 0
     # Where a heavy line is parsed (`parse_line`); none: here.
     parsers: JsonParsers | None = None
 
@@ -155,6 +167,7 @@ class Intake:
     def _read(self, stream: IO[bytes]) -> None:
         entries: list[dict[str, Any]] = []
         jobs: list[tuple[int, GenerateRequest]] = []
+        size = 0  # the bytes of the chunk's jobs (`request_bytes`)
         for line_number, raw in enumerate(file_lines(stream, self.settings.max_body_bytes), 1):
             if raw is not None and not raw.strip():
                 continue
@@ -169,10 +182,11 @@ class Intake:
                                         "param": entry["error"].get("param"), "line": line_number})
             else:
                 jobs.append((len(entries) - 1, request))
-            if len(entries) >= CHUNK_LINES:
+                size += request_bytes(request)
+            if len(entries) >= CHUNK_LINES or size >= CHUNK_BYTES:
                 if self._enqueue(entries, jobs) != "validating":
                     return
-                entries, jobs = [], []
+                entries, jobs, size = [], [], 0
         if entries:
             self._enqueue(entries, jobs)
 
@@ -207,7 +221,8 @@ class Intake:
                 raise LineRefused(f"line {line_number} is longer than {self.settings.max_body_bytes} bytes, more than "
                                   "a request may hold (MAX_BODY_BYTES); it is not read")
             try:
-                line = parse_line(raw, self.parsers)
+                # Without its line break: a line cut short was "not valid JSON: ... line 2 column 1" (of one line).
+                line = parse_line(raw.rstrip(b"\r\n"), self.parsers)
             except InvalidRequest as exc:
                 malformed = exc.message.removeprefix("malformed JSON: ")
                 raise LineRefused(f"line {line_number} is not valid JSON: {malformed}" if malformed != exc.message
@@ -229,11 +244,9 @@ class Intake:
             return entry, None
 
     def _question_line(self, line: dict[str, Any], entry: dict[str, Any]) -> GenerateRequest:
-        question_id = line.get("question_id")
         # Not a float JSON cannot hold (1e400 reads as inf): written back as Infinity, it made the errors file JSON
         # that no strict parser reads.
-        finite = not isinstance(question_id, float) or math.isfinite(question_id)
-        entry["question_id"] = question_id if isinstance(question_id, str | int | float) and finite else None
+        entry["question_id"] = stated_question_id(line)
         try:
             question = Question.model_validate(line)
         except ValidationError as exc:
@@ -259,8 +272,10 @@ class Intake:
         cached = self._images.get(path)
         if cached is None:
             cached = self._images[path] = self._read_image(name, path)
-            if len(self._images) > _IMAGE_CACHE_SIZE:
-                self._images.pop(next(iter(self._images)))
+            self._images_bytes += len(cached) if isinstance(cached, str) else 0
+            while len(self._images) > _IMAGE_CACHE_SIZE or self._images_bytes > _IMAGE_CACHE_BYTES:
+                oldest = self._images.pop(next(iter(self._images)))  # (this line's own, if alone over the bytes)
+                self._images_bytes -= len(oldest) if isinstance(oldest, str) else 0
         if isinstance(cached, LineRefused):
             # A new one for each line: the cached one raised again took every such line's frames into its traceback,
             # and with them every line read (tens of thousands behind one missing image) until the file was read.

@@ -52,7 +52,7 @@ from pydantic import ValidationError
 from shared.protocol import check_images, context_overflowed, describe_validation_error
 from shared.vqa import (DEFAULT_CONV_MODE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EvalParams, Question,
                         answer_line, answer_record, get_chunk, model_name_from_path, parse_question_line,
-                        question_job, read_image_b64)
+                        question_job, read_image_b64, stated_question_id)
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 # Jobs per bulk POST, and base64 bytes per POST (the API's body limit is 64 MiB by default).
@@ -162,6 +162,8 @@ class Item:
     question: Question | None = None
     error: str | None = None
     repeat: int = 0
+    # A bad line's own question_id, if it states one (`stated_question_id`), for its errors record.
+    question_id: Any = None
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -231,8 +233,17 @@ def read_questions(path: Path) -> list[Item]:
                 item.question = parse_question_line(raw.strip())
             except ValidationError as exc:
                 item.error = f"bad question line: {describe_validation_error(exc).message}"
+                item.question_id = stated_question_id(json_or_none(raw))
             items.append(item)
     return items
+
+
+def json_or_none(raw: bytes) -> Any:
+    """The JSON value of a line, or None if it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # too deep a nesting raises the latter
+        return None
 
 
 def read_answers(path: Path) -> tuple[dict[tuple[str, str | None, int], str], bool]:
@@ -556,7 +567,7 @@ class EvalRun:
         return {"question_ids": [item.question.question_id for item in items], "lines": [item.line for item in items]}
 
     def _fail(self, item: Item, error: str, job_id: str | None = None) -> None:
-        record = {"question_id": item.question.question_id if item.question else None, "line": item.line,
+        record = {"question_id": item.question.question_id if item.question else item.question_id, "line": item.line,
                   "error": error}
         if job_id:
             record["job_id"] = job_id

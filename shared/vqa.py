@@ -165,6 +165,15 @@ def model_name_from_path(model_path: str) -> str:
     return parts[-1]
 
 
+def stated_question_id(line: Any) -> str | int | float | None:
+    """The `question_id` a line (decoded JSON) states, for its errors record even when the line is no valid question
+    (one without `text`, say): a string or a finite number, else None (an errors file holds no list, and JSON no
+    Infinity)."""
+    question_id = line.get("question_id") if isinstance(line, dict) else None
+    finite = not isinstance(question_id, float) or math.isfinite(question_id)
+    return question_id if isinstance(question_id, str | int | float) and finite else None
+
+
 def parse_question_line(line: str | bytes) -> Question:
     """A question from one JSONL line; ValueError (pydantic's ValidationError) says what is wrong."""
     return Question.model_validate_json(line)

@@ -139,7 +139,7 @@ def test_bad_lines_fail_alone_with_their_reason(tiny_llava_stack, images, tmp_pa
     assert errors[3]["question_id"] == 11 and "cannot read image 'missing.png'" in errors[3]["error"]
     assert "No such file" in errors[3]["error"]
     assert errors[6]["question_id"] == 12 and "image 'notes.png' is not an image file" in errors[6]["error"]
-    assert errors[7]["question_id"] is None and "text: field required" in errors[7]["error"]
+    assert errors[7]["question_id"] == 13 and "text: field required" in errors[7]["error"]
     assert errors[9]["question_id"] == 14 and "Number of images does not match" in errors[9]["error"]
     assert errors[9]["job_id"]
     out = capsys.readouterr().out
