@@ -238,6 +238,8 @@ def test_a_model_is_retrieved_as_the_package_asks(stack, client):
     with pytest.raises(openai.NotFoundError) as missing:  # a hub-style name, slash and all
         client.models.retrieve("org/gpt-4o")
     assert missing.value.body["message"] == "the model 'org/gpt-4o' is not served here", missing.value.body
+    # OpenAI's type for an unknown model, as a chat completion naming one answers (it was "not_found").
+    assert missing.value.body["type"] == "invalid_request_error", missing.value.body
 
 
 def test_malformed_json_is_a_400(stack):

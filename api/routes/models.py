@@ -68,5 +68,5 @@ async def retrieve_model(model: str, registry: Registry) -> dict:
     away = (await asyncio.to_thread(returning_models, registry, served_models(workers))).get(model)
     if away is not None:
         raise model_away(model, away)
-    raise ApiError(404, f"the model {model!r} is not served here", type="not_found", param="model",
+    raise ApiError(404, f"the model {model!r} is not served here", param="model",
                    code=ErrorCode.NO_WORKER)
