@@ -9,6 +9,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -189,6 +190,8 @@ class JobRunner:
         self.engine: LLMEngine | None = None
         # Tokens a resumed job had generated before its earlier worker died.
         self._done_before: dict[str, int] = {}
+        # The end of a resumed job's text that its first new token makes again (`resume_ids`): not written twice.
+        self._owed: dict[str, str] = {}
         # Jobs whose ending `publish` wrote and counted in the metrics (`_finish` writes it again, as a no-op).
         self._observed: set[str] = set()
         # Jobs this worker runs now, and those it is handing back to the queue as it shuts down.
@@ -293,6 +296,7 @@ class JobRunner:
             return "failed"
         finally:
             self._done_before.pop(job_id, None)
+            self._owed.pop(job_id, None)
             self._observed.discard(job_id)
             self._held.pop(job_id, None)
             self._cancelled.discard(job_id)
@@ -332,17 +336,27 @@ class JobRunner:
             # The worker that ran this job died: go on after the text its clients already have.
             record = self._when_redis_answers(lambda: self.store.get(job_id), f"reading job {job_id}")
             done_text, done_tokens = record["text"], record["completion_tokens"]
-            if done_text:
-                done_ids = self.loaded.tokenizer(done_text, add_special_tokens=False).input_ids
-                prepared.token_ids += done_ids
-                # The text goes on from it: "▁world" after "Hello" keeps its space (SentencePiece drops it at the
-                # start of a decode).
-                text_context = done_ids
-            prepared.params = replace(prepared.params, max_new_tokens=prepared.params.max_new_tokens - done_tokens)
-            self._done_before[job_id] = done_tokens
-            if prepared.params.max_new_tokens < 1:
+            if prepared.params.max_new_tokens - done_tokens < 1:
                 self._end(Ending(job_id, "succeeded", finish_reason="length"), f"ending job {job_id}")
                 return "succeeded"
+            done_ids, owed = resume_ids(done_text, self.loaded.tokenizer)
+            prepared.token_ids += done_ids
+            # The text goes on from it: "▁world" after "Hello" keeps its space (SentencePiece drops it at the
+            # start of a decode).
+            text_context = done_ids or None
+            if owed:
+                # The token that ended with `owed` is made again: counted once, its text not written twice.
+                self._owed[job_id] = owed
+                done_tokens = max(done_tokens - 1, 0)
+            self._done_before[job_id] = done_tokens
+            # Its text tokenized anew may take more positions than it was generated in (a replacement character
+            # of an invalid byte is three): past the context, the engine failed the job.
+            room = self.loaded.context_len - len(prepared.token_ids)
+            max_new_tokens = min(prepared.params.max_new_tokens - done_tokens, room)
+            if max_new_tokens < 1:
+                self._end(Ending(job_id, "succeeded", finish_reason="length"), f"ending job {job_id}")
+                return "succeeded"
+            prepared.params = replace(prepared.params, max_new_tokens=max_new_tokens)
         # Interactive jobs first, in the engine too: those it holds beyond what its budgets admit wait there.
         priority = QUEUES.index(queue) if queue in QUEUES else 0
         handle = self.engine.add_request(job_id, prepared.text_token_ids, prepared.params,
@@ -441,7 +455,7 @@ class JobRunner:
         `stream_interval` tokens have come since the last write (every step when it is 1). The text held meanwhile
         comes first in the next chunk."""
         held, written = self._held.pop(out.request_id, ("", 0))
-        text = held + out.delta
+        text = held + self._past_owed(out.request_id, out.delta)
         if not (text or out.first_token):
             return None
         if not (out.first_token or out.finished or out.completion_tokens - written >= self.stream_interval):
@@ -450,6 +464,19 @@ class JobRunner:
         if not out.finished:
             self._held[out.request_id] = ("", out.completion_tokens)
         return out.request_id, text, out.completion_tokens + self._done_before.get(out.request_id, 0), out.first_token
+
+    def _past_owed(self, job_id: str, delta: str) -> str:
+        """`delta` less the text of the job's record that it makes again (`_owed`). Where the new text goes another
+        way (a sampled token), it follows the record's text from where the two part."""
+        owed = self._owed.get(job_id)
+        if not owed:
+            return delta
+        same = len(os.path.commonprefix([owed, delta]))
+        if same == len(delta) < len(owed):
+            self._owed[job_id] = owed[same:]
+            return ""
+        del self._owed[job_id]
+        return delta[same:]
 
     def hand_back(self, requeue, requeue_wait: float = HAND_BACK_REQUEUE_SECONDS) -> list[str]:
         """Stop every job this worker runs and give it back to the queue, to be resumed elsewhere.
@@ -652,6 +679,25 @@ def when_redis_answers(write: Callable[[], T], what: str, wait_seconds: float = 
         if warned:
             log.info("Redis is back: %s done", what)
         return result
+
+
+def resume_ids(text: str, tokenizer) -> tuple[list[int], str]:
+    """The ids a resumed job's prompt goes on with for the `text` it has, and the end of that text its first new
+    token is to make again ("" when none).
+
+    Text that ends in white space may end inside a token: a token's text held back as the start of a stop string
+    (" <" with the stop "</s>", " l" with "lies") leaves its space in the record. Tokenized anew, the prompt ended in
+    a lone space token, which models seldom make, and the model went on from it with other text than it would have
+    ("A gentle ire" for "A gentle lapping"). That last token is left out and made again instead (greedy decoding
+    makes the same text; the job's count takes the token once)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
+    if not ids or not text[-1].isspace():
+        return ids, ""
+    kept = tokenizer.decode(ids[:-1], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    owed = text[len(kept):]
+    if not text.startswith(kept) or owed.strip():
+        return ids, ""
+    return ids[:-1], owed
 
 
 def ending_of(out: SeqOutput, done_before: int = 0) -> Ending:
