@@ -39,6 +39,10 @@ from workers.weights import (EXTRA_WEIGHT_FILES, WEIGHT_FILES, WEIGHT_INDEXES, c
 
 log = logging.getLogger("llava_queue.worker")
 
+# The image processors' backend: PIL's, the original's (CLIPImageProcessor). transformers picks torchvision's where
+# torchvision is installed (as it often is beside a CUDA torch), whose bicubic resize gives other pixel values.
+IMAGE_BACKEND = "pil"
+
 # The language model inside each original LLaVA model type.
 _ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
 _PROJECTOR_PREFIX = "model.mm_projector."
@@ -662,7 +666,7 @@ def _load_tower(config: dict, override: str | None, placement: _Placement, name:
     folder = (str(Path(source).expanduser()) if looks_local
               else _from_hub_cache(source, "vision tower", where, "LLAVA_QUEUE_VISION_TOWER", with_tokenizer=False))
     try:
-        image_processor = AutoImageProcessor.from_pretrained(folder)
+        image_processor = AutoImageProcessor.from_pretrained(folder, backend=IMAGE_BACKEND)
         with _extra_weights_expected("the vision tower skips the CLIP text model of its checkpoint"):
             tower = CLIPVisionModel.from_pretrained(folder, dtype=_compute_dtype(placement))
     except OSError as exc:
@@ -718,7 +722,7 @@ def _load_llava_hf(model_path: str, placement: _Placement, name: str):
     _require_all_weights(llava, info, model_path, name)
     llava = placement.place(llava)
     tokenizer = _load_tokenizer(model_path, name)
-    image_processor = AutoImageProcessor.from_pretrained(model_path)
+    image_processor = AutoImageProcessor.from_pretrained(model_path, backend=IMAGE_BACKEND)
     config = llava.config
     # The language model and head as a causal LM of their own, sharing (not copying) the weights.
     with torch.device("meta"):
