@@ -5,7 +5,8 @@
 The images are on this machine: each question's image is read from `--image-folder`, sent as
 base64 in a job built by `shared/vqa.py` (the same prompt as the original and as `POST
 /v1/batches`), and the jobs go to `POST /v1/jobs/bulk` on the `batch` queue, a group at a time,
-never more than `--max-in-flight` waiting at once. Each job is polled until it ends; its answer
+never more than `--max-in-flight` waiting at once. Each job is polled until it ends (up to 100 in one
+`GET /v1/jobs?ids=`, a round of polls at most twice a second); its answer
 line is appended to the answers file and flushed, as the original does. At the end the file is
 rewritten in question-file order.
 
@@ -60,6 +61,12 @@ GROUP_SIZE = 128
 GROUP_BYTES = 16 * 1024 * 1024
 # How long a lost API (connection refused, 502-504) is waited for before the run stops.
 PATIENCE_SECONDS = 300.0
+# Jobs are polled in rounds, at most one every POLL_ROUND_SECONDS (the time between two polls of a running job): a
+# round reads every job due in requests of up to POLL_PAGE jobs (`GET /v1/jobs?ids=`, the most it takes), POLL_THREADS
+# at once. A request a job, 8 threads, was hundreds of requests a second, and used up a key's requests per minute
+# (`RATE_LIMIT_PER_MINUTE`) within seconds.
+POLL_ROUND_SECONDS = 0.5
+POLL_PAGE = 100
 POLL_THREADS = 8
 FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
 
@@ -397,6 +404,8 @@ class EvalRun:
         self.errors: list[dict] = []
         self.last_contact = time.monotonic()
         self.started_wall = time.time()
+        self.next_round = 0.0  # no round of polls before this time.monotonic()
+        self.one_by_one = False  # the API has no `GET /v1/jobs?ids=` (an older one): a request a job
 
     # Files.
 
@@ -727,11 +736,29 @@ class EvalRun:
 
     # Following.
 
-    def _get(self, job_id: str) -> tuple[int, dict[str, str], Any] | Unreachable:
+    def _read(self, flights: list[Flight]) -> tuple[int, dict[str, str], Any] | Unreachable:
+        """The jobs of `flights` in one request (`GET /v1/jobs?ids=`): (status, headers, the list, whose `data` leaves
+        out the jobs unknown to the API), or Unreachable. From an API older than `ids`, one job by its own GET."""
         try:
-            return self.api.request("GET", f"/v1/jobs/{job_id}")
+            if not self.one_by_one:
+                return self.api.request("GET", f"/v1/jobs?ids={','.join(f.job_id for f in flights)}")
+            [flight] = flights
+            status, headers, data = self.api.request("GET", f"/v1/jobs/{flight.job_id}")
+            if status in (200, 404):
+                return 200, headers, {"data": [data] if status == 200 else [], "has_more": False}
+            return status, headers, data
         except Unreachable as exc:
             return exc
+
+    def _older_api(self, status: int, data: Any, flights: list[Flight]) -> bool:
+        """Whether an answer to `GET /v1/jobs?ids=` is an older API's, which has no `ids`: 405 (no list at all), or
+        a page of its newest jobs (`ids` ignored), which would leave out jobs that are there."""
+        if status == 405:
+            return True
+        if status != 200 or self.one_by_one:
+            return False
+        asked = {flight.job_id for flight in flights}
+        return bool(data.get("has_more")) or any(job.get("id") not in asked for job in data.get("data", []))
 
     def _next_poll(self, job: dict) -> float:
         """When to look at a job again: soon while it runs, later the further back in the queue it waits."""
@@ -744,31 +771,47 @@ class EvalRun:
         return now + min(10.0, max(0.5, ahead / rate))
 
     def _poll(self, pool: ThreadPoolExecutor) -> None:
+        """A round of polls: every job due, unless the last round was less than POLL_ROUND_SECONDS ago."""
         now = time.monotonic()
         due = [flight for flight in self.flights.values() if flight.next_poll <= now]
+        if not due or now < self.next_round:
+            return
+        self.next_round = now + POLL_ROUND_SECONDS
+        page_size = 1 if self.one_by_one else POLL_PAGE
+        pages = [due[start:start + page_size] for start in range(0, len(due), page_size)]
         lost = None
-        for flight, result in zip(due, pool.map(self._get, [flight.job_id for flight in due])):
+        for page, result in zip(pages, pool.map(self._read, pages)):
             if isinstance(result, Unreachable):
                 lost = str(result)
-                flight.next_poll = now + 2.0
+                for flight in page:
+                    flight.next_poll = now + 2.0
                 continue
             status, headers, data = result
-            if status == 200:
+            if self._older_api(status, data, page):
+                self.one_by_one = True  # its jobs are polled again at the next round, each on its own
+                self.progress.message(f"eval: {self.api.url} has no GET /v1/jobs?ids= (an older llava-queue): "
+                                      "each job is polled on its own")
+            elif status == 200:
                 self.last_contact = time.monotonic()
-                if data["status"] in FINAL_STATES:
-                    self._ended(flight, data)
-                else:
-                    flight.next_poll = self._next_poll(data)
-            elif status == 404:
-                self._ended(flight, None)
+                found = {job["id"]: job for job in data["data"]}
+                for flight in page:
+                    job = found.get(flight.job_id)
+                    if job is None or job["status"] in FINAL_STATES:
+                        self._ended(flight, job)  # (None: unknown to the API, a 404 of its own GET)
+                    else:
+                        flight.next_poll = self._next_poll(job)
             elif status in (429, 502, 503, 504):
-                flight.next_poll = now + retry_after(headers, 2.0)
+                delay = retry_after(headers, 2.0)
+                for flight in page:
+                    flight.next_poll = now + delay
                 if status == 429:
+                    # No poll before then: each would be refused, and count against the limit all the same.
+                    self.next_round = max(self.next_round, now + delay)
                     self.last_contact = time.monotonic()
                 else:
-                    lost = f"GET /v1/jobs/{flight.job_id} answered {status}: {error_message(data)}"
+                    lost = f"GET /v1/jobs answered {status}: {error_message(data)}"
             else:
-                raise Fatal(f"GET /v1/jobs/{flight.job_id} answered {status}: {error_message(data)}")
+                raise Fatal(f"GET /v1/jobs answered {status}: {error_message(data)}")
         if lost is not None and time.monotonic() - self.last_contact > PATIENCE_SECONDS:
             raise Fatal(lost)
 
@@ -838,9 +881,10 @@ class EvalRun:
                     self._fill()
                     self._poll(pool)
                     self.progress.update()
-                    upcoming = min([f.next_poll for f in self.flights.values()]
-                                   + [group.not_before for group in self.resend[:1]],
-                                   default=time.monotonic() + 0.05)
+                    waits = [group.not_before for group in self.resend[:1]]
+                    if self.flights:  # the next round of polls: when a job is due, and not before `next_round`
+                        waits.append(max(self.next_round, min(f.next_poll for f in self.flights.values())))
+                    upcoming = min(waits, default=time.monotonic() + 0.05)
                     self.stop.wait(min(0.5, max(0.02, upcoming - time.monotonic())))
         except Stopped:
             pass

@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import string
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -17,7 +18,7 @@ from api.errors import ApiError, job_not_found
 from api.json_bodies import BULK_VALUES, REQUEST_VALUES
 from api.routes.openai import job_id_of
 from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
-from shared.jobs import ACTIVE_STATES, FINAL_STATES
+from shared.jobs import ACTIVE_STATES, FINAL_STATES, JobStore
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
 log = logging.getLogger(__name__)
@@ -254,23 +255,67 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
+# `GET /v1/jobs?ids=`: how many jobs one request may read, and what an id may hold (a job id, a completion id).
+MAX_IDS = 100
+_ID_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_")
+_MAX_ID_CHARS = 200
+
+
+def _asked_ids(ids: str) -> list[str]:
+    """The job ids of an `ids` parameter (comma-separated job or completion ids), in the order asked, each once; an
+    ApiError 422 naming `ids` for none, more than MAX_IDS, an empty one, or one with other characters than an id's."""
+    asked = ids.split(",")
+    if len(asked) > MAX_IDS:
+        raise ApiError(422, f"ids: at most {MAX_IDS} job ids at once, not {len(asked)}", param="query.ids")
+    for job_id in asked:
+        if not job_id:
+            raise ApiError(422, "ids: an empty job id (ids are separated by single commas)", param="query.ids")
+        if len(job_id) > _MAX_ID_CHARS or not _ID_CHARACTERS.issuperset(job_id):
+            raise ApiError(422, f"ids: {job_id[:_MAX_ID_CHARS]!r} is not a job id (letters, digits, '-' and '_', "
+                                f"at most {_MAX_ID_CHARS})", param="query.ids")
+    return list(dict.fromkeys(job_id_of(job_id) for job_id in asked))
+
+
 @router.get("", response_model=JobList)
-def list_jobs(store: Store, api_key: ApiKey, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_jobs(request: Request, store: Store, api_key: ApiKey, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=200, description=(
                   "A job id (a `last_id`): the jobs created before it."))] = None,
               status: Annotated[Literal[ACTIVE_STATES + FINAL_STATES] | None, Query(
-                  description="Only the jobs in this state.")] = None) -> JobList:
+                  description="Only the jobs in this state.")] = None,
+              ids: Annotated[str | None, Query(description=(
+                  f"Comma-separated job ids (at most {MAX_IDS}): just those jobs, in this order, those unknown "
+                  "left out; not with `limit`, `after` or `status`."))] = None) -> JobList:
     """The caller's jobs, newest first, each as `GET /v1/jobs/{id}` answers it: with API keys on, the key's own
     jobs; with keys off, all. Batch lines are listed by their batch (`GET /v1/batches/{id}/lines`), not here.
 
     A page reads at most 10 x `limit` jobs (LIST_SCAN_FACTOR): filtered by a `status` few jobs have, it may hold
     fewer than `limit` with `has_more` true; go on from its `last_id`, which may then name a job not in `data`.
+
+    With `ids`, the jobs named, in the order named (a client following many jobs polls them all in one request);
+    one unknown, expired or another key's is left out, as `GET /v1/jobs/{id}` answers 404 for it.
     """
+    if ids is not None:
+        return _jobs_named(store, api_key, ids, [name for name in ("limit", "after", "status")
+                                                 if name in request.query_params])
     after = job_id_of(after) if after else None
     records, more, cursor = store.list_jobs(api_key, limit, after, status)
     data = [job_view(record) for record in records]
     last = cursor if more else (data[-1].id if data else None)
     return JobList(data=data, first_id=data[0].id if data else None, last_id=last, has_more=more)
+
+
+def _jobs_named(store: JobStore, api_key: str | None, ids: str, paging: list[str]) -> JobList:
+    """`GET /v1/jobs?ids=`: the jobs of `ids` the caller may read, their records read in one round trip. `paging`
+    (the list's other parameters sent) is refused: a filter would leave a job out that exists, which the caller
+    could no longer tell from one that is gone."""
+    if paging:
+        raise ApiError(422, f"{paging[0]}: not with ids (which names every job to answer)",
+                       param=f"query.{paging[0]}")
+    asked = _asked_ids(ids)
+    data = [job_view(record) for record in store.get_many(asked)
+            if record is not None and owns(record.get("owner"), api_key)]
+    return JobList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                   has_more=False)
 
 
 @router.get("/{job_id}", response_model=JobView, responses={
