@@ -220,6 +220,8 @@ end
 # number makes a mark (`_mark_time`; _RELEASE's tonumber): a worker serving a model named "requeued" is named
 # "requeued@<host>/<token>:<pid>" (workers/main.py), which the sweep took for a mark and failed on, at every round.
 _REQUEUED = "requeued@"
+# A queued job's place in its queue not read yet (JobStore._typed).
+_UNREAD = object()
 
 # Whether a holder in the running hash is a hand-back's or a claim's mark ("requeued@<time>", `prefix` the
 # "requeued@"), not a worker's name: only a rest that reads as a number makes one (_mark_time, in Python).
@@ -1198,10 +1200,22 @@ class JobStore:
             for job_id in job_ids:
                 pipe.hgetall(self.key(job_id))
             raws = pipe.execute()
-        return [self._typed(job_id, raw) for job_id, raw in zip(job_ids, raws)]
+        # The queued jobs' places in their queues, in one more round trip (one a job: 100 for a page of queued ones).
+        queued = [(job_id, raw.get("queue", "")) for job_id, raw in zip(job_ids, raws) if raw.get("status") == "queued"]
+        positions: dict[str, int | None] = {}
+        if queued:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(self.queue_key("interactive"))
+                for job_id, queue in queued:
+                    pipe.zrank(self.queue_key(queue), job_id)
+                interactive, *ranks = pipe.execute()
+            positions = {job_id: None if rank is None else rank + (interactive if queue == "batch" else 0)
+                         for (job_id, queue), rank in zip(queued, ranks)}
+        return [self._typed(job_id, raw, positions.get(job_id, _UNREAD)) for job_id, raw in zip(job_ids, raws)]
 
-    def _typed(self, job_id: str, raw: dict[str, str]) -> dict[str, Any] | None:
-        """`get`'s answer from the record's fields as read (`raw`; empty if the record is gone)."""
+    def _typed(self, job_id: str, raw: dict[str, str], position: Any = _UNREAD) -> dict[str, Any] | None:
+        """`get`'s answer from the record's fields as read (`raw`; empty if the record is gone); `position`, a queued
+        job's place in its queue if it was read with the record (else _UNREAD: read here)."""
         if not raw:
             return None
         # A queued job's deadline, or the end of a running job's new wait back in a queue (there only while it is).
@@ -1210,7 +1224,11 @@ class JobStore:
             # Expire on read too, so a deadline holds even while no worker is sweeping.
             self.expire_overdue()
             raw = self.redis.hgetall(self.key(job_id))
-        position = self.queue_position(job_id, raw.get("queue", "")) if raw.get("status") == "queued" else None
+            position = _UNREAD
+        if raw.get("status") != "queued":
+            position = None
+        elif position is _UNREAD:
+            position = self.queue_position(job_id, raw.get("queue", ""))
         if raw.get("status") == "queued" and position is None:
             # Taken between the two reads (a start moves the job out of its queue and sets its status in one
             # script): read the record again rather than answer `queued` with no place in a queue.
