@@ -175,18 +175,16 @@ class StreamOptions(BaseModel):
     _booleans = field_validator("include_usage", mode="before")(_boolean)
 
 
-class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions`. Other fields (OpenAI's, or vLLM's sampling extras) are ignored, except
-    those that would change the answer and are not supported (`_UNSUPPORTED`: refused with a 400 that names them)."""
+class CompletionFields(BaseModel):
+    """The fields a chat completion and a legacy completion share, checked alike. Other fields (OpenAI's, or vLLM's
+    sampling extras) are ignored, except those that would change the answer and are not supported (`_UNSUPPORTED`:
+    refused with a 400 that names them)."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    max_tokens: int | None = Field(None, ge=1)  # at most MAX_NEW_TOKENS_CAP (`_within_cap`)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     # OpenAI's (and vLLM's) range: any signed 64-bit integer; the engine's seeds are non-negative.
     seed: int | None = Field(None, ge=-2**63, lt=2**63)
@@ -198,10 +196,19 @@ class ChatCompletionRequest(BaseModel):
 
     _stop = field_validator("stop", mode="before")(stop_of_strings)
     _booleans = field_validator("stream", "keep_on_disconnect", mode="before")(_boolean)
-    _numbers = field_validator("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "n",
-                               mode="before")(_number)
-    _caps = field_validator("max_tokens", "max_completion_tokens")(_within_cap)
+    _numbers = field_validator("temperature", "top_p", "seed", "n", mode="before")(_number)
     _stream_options = field_validator("stream_options", mode="before")(_only_with_stream)
+
+
+class ChatCompletionRequest(CompletionFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1)  # at most MAX_NEW_TOKENS_CAP (`_within_cap`)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    _token_numbers = field_validator("max_tokens", "max_completion_tokens", mode="before")(_number)
+    _caps = field_validator("max_tokens", "max_completion_tokens")(_within_cap)
 
 
 class ChatCompletionMessage(BaseModel):
@@ -233,34 +240,19 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class TextCompletionRequest(BaseModel):
+class TextCompletionRequest(CompletionFields):
     """`POST /v1/completions`, OpenAI's legacy completions, as vLLM serves them (`vllm bench serve` and evaluation
-    harnesses ask them): one prompt the client rendered, sampled as a chat completion is. Other fields are taken as
-    in `ChatCompletionRequest`; those of the legacy API that would change the answer are refused (`logprobs`,
-    `suffix`, `echo`, `best_of`)."""
+    harnesses ask them): one prompt the client rendered, sampled as a chat completion is. Those fields of the legacy
+    API that would change the answer are refused (`logprobs`, `suffix`, `echo`, `best_of`)."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str
     prompt: str | list[str]  # one prompt: a list holds one string
-    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default (and vLLM's); null: up to MAX_NEW_TOKENS_CAP
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-2**63, lt=2**63)
-    n: int | None = None
     # Here a number (how many log probabilities per token), where a chat completion's is a boolean.
     logprobs: int | None = None
     suffix: str | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    keep_on_disconnect: bool = Field(False, description="llava-queue: let the job finish if the client leaves")
 
-    _stop = field_validator("stop", mode="before")(stop_of_strings)
-    _booleans = field_validator("stream", "keep_on_disconnect", mode="before")(_boolean)
-    _numbers = field_validator("temperature", "top_p", "max_tokens", "seed", "n", "logprobs", mode="before")(_number)
+    _token_numbers = field_validator("max_tokens", "logprobs", mode="before")(_number)
     _caps = field_validator("max_tokens")(_within_cap)
-    _stream_options = field_validator("stream_options", mode="before")(_only_with_stream)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -745,13 +737,16 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "A chat.completion, or with `stream` server-sent chat.completion.chunk "
-                                             "events ending with `data: [DONE]`"},
-                        400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
-                        404: {"description": "No live worker serves the model"},
-                        503: {"description": "The model's workers are all away for now (a restart): retry"}})
+def _responses(answer: str) -> dict:
+    """The OpenAPI description of a completion route's answers; `answer` is its 200's."""
+    return {200: {"content": {"text/event-stream": {}}, "description": answer},
+            400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
+            404: {"description": "No live worker serves the model"},
+            503: {"description": "The model's workers are all away for now (a restart): retry"}}
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_responses(
+    "A chat.completion, or with `stream` server-sent chat.completion.chunk events ending with `data: [DONE]`"))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response, store: Store,
                                  hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey,
                                  idempotency_key: IdempotencyKey = None):
@@ -769,13 +764,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                       idempotency_key)
 
 
-@router.post("/v1/completions", response_model=TextCompletion,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "A text_completion, or with `stream` server-sent text_completion "
-                                             "chunks ending with `data: [DONE]`"},
-                        400: {"description": "An invalid or unsupported request, in OpenAI's error shape"},
-                        404: {"description": "No live worker serves the model"},
-                        503: {"description": "The model's workers are all away for now (a restart): retry"}})
+@router.post("/v1/completions", response_model=TextCompletion, responses=_responses(
+    "A text_completion, or with `stream` server-sent text_completion chunks ending with `data: [DONE]`"))
 async def create_completion(body: TextCompletionRequest, request: Request, response: Response, store: Store,
                             hub: Hub, submitter: Submissions, registry: Registry, api_key: ApiKey,
                             idempotency_key: IdempotencyKey = None):
