@@ -11,6 +11,9 @@ to it.
 Latencies are measured from the job's `created_at` (stamped by the API that took it) to the
 times the worker stamped (`started_at`, `first_token_at`, `finished_at`), so they include the
 wait in the queue, as a user sees it. All are on Redis's clock (`JobStore.clock`), whatever the hosts' say.
+
+The engine's series are also served under vLLM's names, `vllm:` as `llava_queue:`, labelled `model_name` as vLLM's
+are (`_VllmCollector`, `VLLM_NAMES`): a vLLM Grafana dashboard or alert works here with its prefix replaced.
 """
 
 import base64
@@ -30,7 +33,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from shared.jobs import FINAL_STATES, JobStore
 from shared.protocol import data_url_parts
@@ -49,6 +52,22 @@ TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0
 _RECORD_FIELDS = ("status", "worker", "model", "created_at", "started_at", "first_token_at", "finished_at",
                   "prompt_tokens", "completion_tokens", "error_code", "finish_reason")
 _CONVERSATION_FIELDS = ("request", "prompt", "text")
+# Prompt and generated tokens of one job, as vLLM's 1-2-5 buckets.
+TOKEN_BUCKETS = tuple(base * 10 ** power for power in range(6) for base in (1, 2, 5))
+# The `llava_queue_` series served again under vLLM's name (`vllm:` as `llava_queue:`), where they measure what vLLM's
+# do; the series vLLM has and these lack (`request_success_total`, the per-job token counts, the engine's gauges) are
+# their own. vLLM's `inter_token_latency_seconds` (every gap between two tokens) is not measured here: a job's mean
+# gap is `request_time_per_output_token_seconds`, as vLLM's of that name.
+VLLM_NAMES = {"llava_queue_time_to_first_token_seconds": "llava_queue:time_to_first_token_seconds",
+              "llava_queue_e2e_request_latency_seconds": "llava_queue:e2e_request_latency_seconds",
+              "llava_queue_time_in_queue_seconds": "llava_queue:request_queue_time_seconds",
+              "llava_queue_time_per_output_token_seconds": "llava_queue:request_time_per_output_token_seconds",
+              "llava_queue_prompt_tokens": "llava_queue:prompt_tokens",
+              "llava_queue_generated_tokens": "llava_queue:generation_tokens",
+              "llava_queue_running_sequences": "llava_queue:num_requests_running",
+              "llava_queue_waiting_sequences": "llava_queue:num_requests_waiting"}
+# vLLM's finish reasons (`request_success_total{finished_reason}`) of the jobs ended otherwise than `succeeded`.
+VLLM_FINISHED_REASONS = {"cancelled": "abort", "expired": "abort", "failed": "error"}
 # Jobs whose image hashes are kept for the conversation log until their end is observed (older ones are dropped).
 MAX_NOTED_JOBS = 10_000
 
@@ -87,7 +106,19 @@ class WorkerMetrics:
         self.ready = Gauge("llava_queue_worker_ready",
                            "1 once the model is loaded and warmed up and while the heartbeat reaches Redis; 0 while "
                            "starting or shutting down, or with Redis out of reach.", registry=r)
-        self.registry.register(_EngineCollector(self))
+        # vLLM's own series, with no `llava_queue_` twin.
+        self.request_success = Counter("llava_queue:request_success", "Jobs this worker ended, by vLLM's finish "
+                                       "reason: stop, length, abort (cancelled or expired), error (failed).",
+                                       ["model_name", "finished_reason"], registry=r)
+        self.request_prompt_tokens = Histogram("llava_queue:request_prompt_tokens", "Prompt tokens of each job this "
+                                               "worker ended.", ["model_name"], buckets=TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("llava_queue:request_generation_tokens", "Generated tokens of "
+                                                   "each job this worker ended.", ["model_name"],
+                                                   buckets=TOKEN_BUCKETS, registry=r)
+        engine_collector = _EngineCollector(self)
+        self.registry.register(engine_collector)
+        self.registry.register(_VllmCollector((self.ttft, self.e2e, self.queue_time, self.tpot, self.prompt_tokens,
+                                               engine_collector)))
         self._ended: queue.Queue[str] = queue.Queue()
         self.is_ready = self.reaching_redis = False
         # The conversation log's image hashes of the jobs this worker started, taken from their requests as they start:
@@ -105,8 +136,11 @@ class WorkerMetrics:
         # job after a restart) hid that event from rate() and increase(), which had no sample before it.
         for status in FINAL_STATES:
             self.jobs.labels(model, status)
-        for metric in (self.batch_size, self.queue_time, self.ttft, self.tpot, self.e2e, self.prompt_tokens):
+        for metric in (self.batch_size, self.queue_time, self.ttft, self.tpot, self.e2e, self.prompt_tokens,
+                       self.request_prompt_tokens, self.request_generation_tokens):
             metric.labels(model)
+        for reason in ("stop", "length", "abort", "error"):
+            self.request_success.labels(model, reason)
 
     def observe_load(self, model: str, load_seconds: float, warmup_seconds: float) -> None:
         self.load_seconds.labels(model).set(load_seconds)
@@ -159,8 +193,14 @@ class WorkerMetrics:
             self.queue_time.labels(model).observe(max(0.0, started - created))
         if created is not None and first is not None:
             self.ttft.labels(model).observe(max(0.0, first - created))
-        self.prompt_tokens.labels(model).inc(int(record.get("prompt_tokens") or 0))
-        if record.get("status") != "succeeded":
+        prompt_tokens = int(record.get("prompt_tokens") or 0)
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.request_prompt_tokens.labels(model).observe(prompt_tokens)
+        self.request_generation_tokens.labels(model).observe(completion_tokens)
+        status = record.get("status")
+        reason = record.get("finish_reason") if status == "succeeded" else VLLM_FINISHED_REASONS.get(status, "error")
+        self.request_success.labels(model, reason if reason in ("stop", "length", "abort", "error") else "stop").inc()
+        if status != "succeeded":
             return
         if created is not None and finished is not None:
             self.e2e.labels(model).observe(max(0.0, finished - created))
@@ -260,6 +300,39 @@ class _EngineCollector:
             yield family
 
 
+class _VllmCollector:
+    """The series of VLLM_NAMES again under vLLM's names, `model` as `model_name`, read from `metrics` (metrics or
+    collectors) at scrape time: one observation, two names. vLLM's `kv_cache_usage_perc` (0 to 1) is the share of the
+    KV budget the running batch may come to hold."""
+
+    def __init__(self, metrics: tuple):
+        self.metrics = metrics
+
+    def collect(self):
+        budget: dict[str, dict[str, float]] = {}  # model -> the KV budget's two gauges
+        for metric in self.metrics:
+            for family in metric.collect():
+                if family.name in ("llava_queue_kv_budget_used_tokens", "llava_queue_kv_budget_tokens"):
+                    for sample in family.samples:
+                        budget.setdefault(sample.labels["model"], {})[family.name] = sample.value
+                if family.name not in VLLM_NAMES:
+                    continue
+                name = VLLM_NAMES[family.name]
+                renamed = Metric(name, family.documentation, family.type)
+                for sample in family.samples:
+                    labels = {"model_name" if label == "model" else label: value
+                              for label, value in sample.labels.items()}
+                    renamed.add_sample(name + sample.name.removeprefix(family.name), labels, sample.value)
+                yield renamed
+        if budget:
+            usage = GaugeMetricFamily("llava_queue:kv_cache_usage_perc", "Share of the KV budget the running batch "
+                                      "may come to hold (1 is all of it).", labels=["model_name"])
+            for model, values in sorted(budget.items()):
+                total = values.get("llava_queue_kv_budget_tokens") or 0
+                usage.add_metric([model], values.get("llava_queue_kv_budget_used_tokens", 0) / total if total else 0)
+            yield usage
+
+
 def conversation_line(job_id: str, record: dict[str, Any], image_md5s: list[str]) -> dict[str, Any]:
     """The original's conversation log record for one finished job; images as the MD5 hashes of their bytes noted as
     the job started (`note_images`: an ended job's record holds no images)."""
@@ -355,7 +428,10 @@ def serve(metrics: WorkerMetrics, host: str, port: int) -> WSGIServer:
             start_response("200 OK" if ready else "503 Service Unavailable",
                            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
-        return metrics_app(environ, start_response)
+        # The classic text format whatever the scraper asks (Prometheus asks OpenMetrics first): prometheus_client's
+        # OpenMetrics writes the samples of a `llava_queue:` family with `_` for `:`, names of families it never
+        # announced (a strict parser refuses the scrape).
+        return metrics_app({**environ, "HTTP_ACCEPT": "text/plain"}, start_response)
 
     try:
         server = make_server(host, port, app, _server_class(host, port), handler_class=_QuietHandler)
