@@ -116,9 +116,10 @@ function updateAssistant(turn) {
   if (stick) ui.conversation.scrollTop = ui.conversation.scrollHeight;
 }
 
-// The blocks of rendered markdown the cursor may go into; inside the others (a link, bold text, inline code) it would
-// take their look.
-const CURSOR_HOSTS = new Set(["P", "UL", "OL", "LI", "BLOCKQUOTE", "PRE", "H3", "H4", "H5", "H6"]);
+// The blocks of rendered markdown the cursor may go into (a table's: its last cell); inside the others (a link, bold
+// text, inline code) it would take their look.
+const CURSOR_HOSTS = new Set(["P", "UL", "OL", "LI", "BLOCKQUOTE", "PRE", "H3", "H4", "H5", "H6", "TABLE", "THEAD",
+  "TBODY", "TR", "TH", "TD"]);
 
 /** The innermost block that rendered markdown `box` ends with (`box` itself when it ends with none, or with a rule):
  * the cursor goes at its end. It is put in after the text is rendered: written into the text, it made a fence line
