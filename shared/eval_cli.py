@@ -15,8 +15,8 @@ Beside the answers file `a.jsonl`:
 * `a.jsonl.errors`: one JSON line per question that got no answer (bad line, unreadable image,
   failed job), with the reason; removed when there is none.
 * `a.jsonl.params`: the sampling parameters the answers were made with (conv_mode, temperature,
-  top_p, max_new_tokens, seed). A run with other ones stops before asking anything, rather than
-  add answers of other parameters to those (`--overwrite` starts over).
+  top_p, max_new_tokens, seed). A run with other ones (compared as the jobs are made: `answers_made_by`) stops
+  before asking anything, rather than add answers of other parameters to those (`--overwrite` starts over).
 * `a.jsonl.lock`: held (flock) while a run writes these files, so a second run of the same command stops at once
   instead of asking every question again beside the first; removed at the end.
 * `a.jsonl.jobs`: the jobs in the queue. A group is recorded there before it is posted (with its
@@ -50,10 +50,11 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from shared.protocol import check_images, context_overflowed, describe_validation_error
+from shared.conversation import TemplateError
+from shared.protocol import GREEDY_TEMPERATURE, check_images, context_overflowed, describe_validation_error
 from shared.vqa import (DEFAULT_CONV_MODE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EvalParams, Question,
                         answer_line, answer_record, get_chunk, model_name_from_path, parse_question_line,
-                        question_job, read_image_b64, stated_question_id)
+                        question_job, question_prompt, read_image_b64, stated_question_id)
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 # Jobs per bulk POST, and base64 bytes per POST (the API's body limit is 64 MiB by default).
@@ -221,8 +222,29 @@ class Tally:
     failed: int = 0
     submitted: int = 0
     collected: int = 0
+    # Questions whose job ended (answered or failed): the time left is reckoned from these, not from bad lines that
+    # fail at once (with them, the first line said "0:00:00 left").
+    ended_jobs: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.monotonic)
+
+
+def answers_made_by(params: dict) -> dict:
+    """What of `params` (an `EvalParams` dump, as the `.params` and jobs files hold it) decides the answers, each in
+    one form, so that two runs that would make the same jobs compare equal: no top_p is 1.0 (what the job gets);
+    greedy (temperature at most GREEDY_TEMPERATURE) is temperature 0 with neither top_p nor seed, which it never
+    reads; a conversation template is the prompt it makes of a question (`v1` and `vicuna_v1` are one template)."""
+    made = dict(params)
+    if made.get("top_p") is None:
+        made["top_p"] = 1.0
+    temperature = made.get("temperature")
+    if isinstance(temperature, (int, float)) and temperature <= GREEDY_TEMPERATURE:
+        made.update(temperature=0.0, top_p=None, seed=None)
+    try:
+        made["conv_mode"] = question_prompt("?", made.get("conv_mode"))
+    except (TemplateError, TypeError):  # a file of another version naming a template this one does not know
+        pass
+    return made
 
 
 def read_questions(path: Path) -> list[Item]:
@@ -338,12 +360,11 @@ class Progress:
         width = 24
         filled = int(fraction * width)
         bar = "█" * filled + "░" * (width - filled)
-        finished_now = t.answered + t.failed
         left = "?"
         if done >= t.total:
             left = "0:00:00"
-        elif finished_now:
-            seconds = int((t.total - done) * elapsed / finished_now)
+        elif t.ended_jobs:
+            seconds = int((t.total - done) * elapsed / t.ended_jobs)
             left = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
         text = (f"eval {done}/{t.total} |{bar}| {fraction:4.0%}  failed {t.failed}  "
                 f"{t.tokens / elapsed:.1f} tok/s  {left} left")
@@ -473,10 +494,14 @@ class EvalRun:
                 earlier = json.loads(self.params_path.read_text())
             except ValueError:
                 earlier = None
-            if earlier != params:
-                differ = ", ".join(f"{name} {earlier.get(name)!r} there, {value!r} here"
-                                   for name, value in params.items()
-                                   if earlier.get(name) != value) if isinstance(earlier, dict) else "unreadable"
+            # Compared as the jobs are made: `--top_p 1.0` and no top_p were a mismatch, though they sample alike.
+            made = answers_made_by(params)
+            made_earlier = answers_made_by(earlier) if isinstance(earlier, dict) else None
+            if made_earlier != made:
+                differ = "unreadable" if made_earlier is None else \
+                    ", ".join(f"{name} {earlier.get(name)!r} there, {params.get(name)!r} here"
+                              for name in {**made_earlier, **made}
+                              if made_earlier.get(name) != made.get(name) and earlier.get(name) != params.get(name))
                 raise Fatal(f"the answers in {self.answers_path} were made with other parameters ({differ}; see "
                             f"{self.params_path}): pass --overwrite to start over, or write to another answers file")
         if not (answered and self.params_path.exists()):
@@ -529,7 +554,8 @@ class EvalRun:
             except ValueError:
                 continue  # a line cut short by a crash: its group is still in the "before" line
             if "params" in record:
-                if record["params"] != self.fingerprint:
+                if not isinstance(record["params"], dict) or \
+                        answers_made_by(record["params"]) != answers_made_by(self.fingerprint):
                     foreign += len(record.get("question_ids", []))
                     continue
                 groups[record.get("key") or uuid.uuid4().hex] = record
@@ -580,6 +606,7 @@ class EvalRun:
                   "error": error}
         if job_id:
             record["job_id"] = job_id
+            self.tally.ended_jobs += 1
         self.errors_file.write(json.dumps(record) + "\n")
         self.errors_file.flush()
         self.errors.append(record)
@@ -591,6 +618,7 @@ class EvalRun:
         self.answers_file.flush()
         self.answers[item.key] = line
         self.tally.answered += 1
+        self.tally.ended_jobs += 1
         if (job.get("finished_at") or 0) >= self.started_wall:
             self.tally.tokens += job["usage"]["completion_tokens"]
 
@@ -704,16 +732,7 @@ class EvalRun:
             # Something only the server refuses (its limits may differ from ours): post one by one to find it. A 400
             # is a group larger than the server's queue limit or the key's quota, a 413 one larger than the bodies
             # it (or a proxy in front of it) takes: one by one, each job fits, or fails alone.
-            job_ids = []
-            for index, (item, job) in enumerate(zip(group.items, jobs)):
-                status, data = self._post("/v1/jobs", job, f"{group.key}.{index}")
-                if status == 202:
-                    job_ids.append(data["id"])
-                elif status in (400, 413, 422):
-                    job_ids.append(None)
-                    self._fail(item, f"refused by the API: {error_message(data)}")
-                else:
-                    raise Fatal(f"POST /v1/jobs answered {status}: {error_message(data)}")
+            job_ids = self._post_one_by_one(group, jobs)
         else:
             raise Fatal(f"POST /v1/jobs/bulk answered {status}: {error_message(data)}")
         self._state_append({"key": group.key, "job_ids": job_ids})
@@ -724,6 +743,28 @@ class EvalRun:
                 self.flights[job_id] = Flight(item, job_id, now + 0.3)
                 self.tally.submitted += 1
         self.last_contact = time.monotonic()
+
+    def _post_one_by_one(self, group: Group, jobs: list[dict]) -> list[str | None]:
+        """Post a group's jobs each on its own (key: the group's and the index); the ids of those posted, in order
+        (None: refused). When the API puts one off (429), the rest of the group waits out the delay as a group of its
+        own, with a new key, while the run follows its jobs: the post waited out a Retry-After of up to an hour, and
+        saw neither the jobs in the queue end nor the API go away meanwhile."""
+        job_ids: list[str | None] = []
+        for index, (item, job) in enumerate(zip(group.items, jobs)):
+            try:
+                status, data = self._post("/v1/jobs", job, f"{group.key}.{index}", put_off=True)
+            except PutOff as exc:
+                rest = Group(uuid.uuid4().hex, group.items[index:], not_before=time.monotonic() + exc.delay)
+                self.resend.insert(0, rest)
+                break
+            if status == 202:
+                job_ids.append(data["id"])
+            elif status in (400, 413, 422):
+                job_ids.append(None)
+                self._fail(item, f"refused by the API: {error_message(data)}")
+            else:
+                raise Fatal(f"POST /v1/jobs answered {status}: {error_message(data)}")
+        return job_ids
 
     def _fill(self) -> None:
         while not self.stop.is_set():
@@ -765,7 +806,7 @@ class EvalRun:
         now = time.monotonic()
         if job["status"] != "queued":
             return now + 0.5
-        finished = self.tally.answered + self.tally.failed
+        finished = self.tally.ended_jobs
         rate = finished / max(1e-6, now - self.tally.started) if finished else 1.0
         ahead = job.get("queue_position") or 0
         return now + min(10.0, max(0.5, ahead / rate))
