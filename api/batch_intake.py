@@ -120,8 +120,10 @@ def line_format(raw: bytes, parsers: JsonParsers | None = None) -> str | None:
 
 
 def request_bytes(request: GenerateRequest) -> int:
-    """About what a line's job holds in memory: its images (base64 or data: URLs) and its prompt."""
-    return len(request.prompt or "") + sum(map(len, request.all_images()))
+    """About what a line's job holds in memory: its images (base64 or data: URLs) and its prompt, or its turns' text
+    (an OpenAI line's: up to MAX_PROMPT_CHARS each, uncounted, 500 of them made a chunk of 200 MB)."""
+    texts = [request.prompt or ""] + [message.text for message in request.messages or ()]
+    return sum(map(len, texts)) + sum(map(len, request.all_images()))
 
 
 def object_format(line: dict[str, Any]) -> str:
