@@ -102,3 +102,28 @@ def test_a_resumed_job_whose_text_takes_more_positions_anew_ends_at_the_context(
         assert record["text"] == text and record["completion_tokens"] == 12
     finally:
         engine.shutdown()
+
+
+def test_a_resumed_job_that_ends_before_its_first_new_token_keeps_its_count(store, default_model_dir):
+    # A resumed job whose text ends in white space counts one token fewer before, for its first new token makes the
+    # last one again. Ended before it made one (here the model's output is not finite at once; a cancel does the
+    # same), its count was one fewer than its record's text holds.
+    import torch
+
+    from workers.builder import load_model
+
+    loaded = load_model(str(default_model_dir), device="cpu", dtype="float32")
+    runner, engine = serve(loaded, store)
+    try:
+        request = GenerateRequest(prompt="Once upon a time", temperature=0, max_new_tokens=24)
+        job_id = died_after(store, request, " there was a ", 4)
+        embeddings = loaded.model.get_input_embeddings().weight
+        [there] = loaded.tokenizer(" there", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            embeddings[there] = float("inf")  # every later position of the prompt's forward is NaN
+        assert runner.run(job_id) == "failed"
+        record = store.get(job_id)
+        assert "not finite" in record["error"], record["error"]
+        assert (record["text"], record["completion_tokens"]) == (" there was a ", 4)
+    finally:
+        engine.shutdown()

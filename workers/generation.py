@@ -192,6 +192,8 @@ class JobRunner:
         self._done_before: dict[str, int] = {}
         # The end of a resumed job's text that its first new token makes again (`resume_ids`): not written twice.
         self._owed: dict[str, str] = {}
+        # Resumed jobs whose count before (`_done_before`) left out that token (`_tokens_before`).
+        self._remade: set[str] = set()
         # Jobs whose ending `publish` wrote and counted in the metrics (`_finish` writes it again, as a no-op).
         self._observed: set[str] = set()
         # Jobs this worker runs now, and those it is handing back to the queue as it shuts down.
@@ -297,6 +299,7 @@ class JobRunner:
         finally:
             self._done_before.pop(job_id, None)
             self._owed.pop(job_id, None)
+            self._remade.discard(job_id)
             self._observed.discard(job_id)
             self._held.pop(job_id, None)
             self._cancelled.discard(job_id)
@@ -347,7 +350,9 @@ class JobRunner:
             if owed:
                 # The token that ended with `owed` is made again: counted once, its text not written twice.
                 self._owed[job_id] = owed
-                done_tokens = max(done_tokens - 1, 0)
+                if done_tokens > 0:
+                    done_tokens -= 1
+                    self._remade.add(job_id)
             self._done_before[job_id] = done_tokens
             # Its text tokenized anew may take more positions than it was generated in (a replacement character
             # of an invalid byte is three): past the context, the engine failed the job.
@@ -382,7 +387,7 @@ class JobRunner:
             self._hand_back_if_engine_stopped(out)
         chunks, endings = self._still_written(
             [chunk for chunk in map(self._chunk_of, outputs) if chunk is not None],
-            [ending_of(out, self._done_before.get(out.request_id, 0)) for out in outputs
+            [ending_of(out, self._tokens_before(out)) for out in outputs
              if out.finished and out.request_id not in self._handed_back])
         if chunks and not endings and self._writer is not None:
             # Written while the engine computes its next step (workers/step_writer.py).
@@ -463,7 +468,14 @@ class JobRunner:
             return None
         if not out.finished:
             self._held[out.request_id] = ("", out.completion_tokens)
-        return out.request_id, text, out.completion_tokens + self._done_before.get(out.request_id, 0), out.first_token
+        return out.request_id, text, out.completion_tokens + self._tokens_before(out), out.first_token
+
+    def _tokens_before(self, out: SeqOutput) -> int:
+        """The tokens of the job's earlier attempts that `out`'s count goes on from: less the one its first new token
+        makes again (`_owed`) once it has made one (ended before it, cancelled or failed, the job counted one fewer
+        token than its record's text holds)."""
+        before = self._done_before.get(out.request_id, 0)
+        return before + 1 if out.completion_tokens == 0 and out.request_id in self._remade else before
 
     def _past_owed(self, job_id: str, delta: str) -> str:
         """`delta` less the text of the job's record that it makes again (`_owed`). Where the new text goes another
@@ -549,7 +561,7 @@ class JobRunner:
             return
         self._hand_back_if_engine_stopped(out)  # a request added once the engine had stopped: never published
         if out.request_id not in self._handed_back:
-            done_before = self._done_before.get(out.request_id, 0)
+            done_before = self._tokens_before(out)
             # Text held for the next chunk of a job the engine ended without a step (at shutdown): its ending counts
             # those tokens, so the record's text gets them first, in the same round trip: written apart, a worker
             # that died between the two left the text written and the job "running", to be run again elsewhere.
