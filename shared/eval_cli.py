@@ -777,11 +777,12 @@ class EvalRun:
 
     # Following.
 
-    def _read(self, flights: list[Flight]) -> tuple[int, dict[str, str], Any] | Unreachable:
+    def _read(self, flights: list[Flight], one_by_one: bool) -> tuple[int, dict[str, str], Any] | Unreachable:
         """The jobs of `flights` in one request (`GET /v1/jobs?ids=`): (status, headers, the list, whose `data` leaves
-        out the jobs unknown to the API), or Unreachable. From an API older than `ids`, one job by its own GET."""
+        out the jobs unknown to the API), or Unreachable. `one_by_one` (an API older than `ids`): the one job of
+        `flights` by its own GET."""
         try:
-            if not self.one_by_one:
+            if not one_by_one:
                 return self.api.request("GET", f"/v1/jobs?ids={','.join(f.job_id for f in flights)}")
             [flight] = flights
             status, headers, data = self.api.request("GET", f"/v1/jobs/{flight.job_id}")
@@ -791,12 +792,13 @@ class EvalRun:
         except Unreachable as exc:
             return exc
 
-    def _older_api(self, status: int, data: Any, flights: list[Flight]) -> bool:
+    @staticmethod
+    def _older_api(status: int, data: Any, flights: list[Flight]) -> bool:
         """Whether an answer to `GET /v1/jobs?ids=` is an older API's, which has no `ids`: 405 (no list at all), or
         a page of its newest jobs (`ids` ignored), which would leave out jobs that are there."""
         if status == 405:
             return True
-        if status != 200 or self.one_by_one:
+        if status != 200:
             return False
         asked = {flight.job_id for flight in flights}
         return bool(data.get("has_more")) or any(job.get("id") not in asked for job in data.get("data", []))
@@ -818,20 +820,24 @@ class EvalRun:
         if not due or now < self.next_round:
             return
         self.next_round = now + POLL_ROUND_SECONDS
-        page_size = 1 if self.one_by_one else POLL_PAGE
+        # Every page of the round is read, and its answer judged, as the round began: a page asked with `ids` and
+        # answered after the first showed an older API was taken for the ids answer, its jobs left out for gone.
+        one_by_one = self.one_by_one
+        page_size = 1 if one_by_one else POLL_PAGE
         pages = [due[start:start + page_size] for start in range(0, len(due), page_size)]
         lost = None
-        for page, result in zip(pages, pool.map(self._read, pages)):
+        for page, result in zip(pages, pool.map(self._read, pages, [one_by_one] * len(pages))):
             if isinstance(result, Unreachable):
                 lost = str(result)
                 for flight in page:
                     flight.next_poll = now + 2.0
                 continue
             status, headers, data = result
-            if self._older_api(status, data, page):
+            if not one_by_one and self._older_api(status, data, page):
+                if not self.one_by_one:
+                    self.progress.message(f"eval: {self.api.url} has no GET /v1/jobs?ids= (an older llava-queue): "
+                                          "each job is polled on its own")
                 self.one_by_one = True  # its jobs are polled again at the next round, each on its own
-                self.progress.message(f"eval: {self.api.url} has no GET /v1/jobs?ids= (an older llava-queue): "
-                                      "each job is polled on its own")
             elif status == 200:
                 self.last_contact = time.monotonic()
                 found = {job["id"]: job for job in data["data"]}
