@@ -636,6 +636,13 @@ def redis_warnings(client: redis.Redis) -> list[str]:
     return warnings
 
 
+# How long the broker's client waits for a connection to Redis, and for Redis's answer on one. A connection that died
+# without closing (a NAT or firewall that forgot it while it was idle, a failover) answers nothing: with kombu's
+# default (no timeout) a send on one waited for ever, and with it every later submission of that API (they commit
+# one group at a time). Past it the command fails as on a lost connection, and the next one connects anew.
+BROKER_SOCKET_TIMEOUT_SECONDS = 10.0
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app whose broker is `settings.redis_url`; tasks carry only job ids (JSON)."""
     app = Celery("llava_queue", broker=settings.redis_url)
@@ -662,7 +669,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout,
-                                  "queue_order_strategy": "priority"},
+                                  "queue_order_strategy": "priority",
+                                  "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+                                  "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_SECONDS},
         broker_connection_retry_on_startup=True,
         # A worker reconnects to Redis for as long as Redis is away, as its other loops wait for it: after Celery's
         # default 100 tries (about 46 minutes) the worker exited, with status 0, and took no job again.
