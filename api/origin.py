@@ -103,10 +103,14 @@ class AllowedOrigins:
 
 
 def _is_loopback(address: str) -> bool:
+    """Whether a socket address is this machine's loopback: 127.0.0.0/8, ::1, or 127.x as an API listening on `::`
+    sees it (`::ffff:127.0.0.1`, which Python before 3.13 does not call loopback: such an API served a rebound
+    name over 127.0.0.1)."""
     try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+        address = ipaddress.ip_address(address.split("%")[0])
     except ValueError:  # a unix socket's path
         return False
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def rebound_name(scope: Scope, allowed: AllowedOrigins) -> str | None:

@@ -58,10 +58,15 @@ def browser():
         chromium.close()
 
 
+# The page's Content-Security-Policy runs no string as code, and Playwright's wait_for_function evaluates its
+# expression so: the tests' pages bypass the policy (tests/test_security_s40.py checks the page under it).
+NO_CSP = {"bypass_csp": True}
+
+
 def open_page(browser, base_url: str, query: str = "", api_key: str | None = None):
     """The chat page, loaded (the API key entered when given), with its model list read; it records
     its last answer's states."""
-    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page = browser.new_page(viewport={"width": 1280, "height": 860}, **NO_CSP)
     page.goto(f"{base_url}/{query}")
     if api_key:
         page.get_by_label("API key").fill(api_key)
@@ -522,7 +527,7 @@ def test_with_an_api_key_a_job_waits_in_the_queue_then_fails_with_its_error_and_
     page.close()
 
     # Without the key, the page asks for it; so does the feedback endpoint.
-    keyless = browser.new_page()
+    keyless = browser.new_page(**NO_CSP)
     keyless.goto(f"{small_stack.base_url}/")
     keyless.get_by_text("This server requires an API key").wait_for()
     assert keyless.get_by_label("API key").is_visible() and keyless.get_by_role("button", name="Send").is_disabled()
@@ -843,7 +848,7 @@ def test_enter_while_the_image_is_still_being_read_sends_it_with_the_image(page,
 
 def test_a_model_list_refused_with_429_is_read_again_after_its_retry_after(browser, stack):
     # The page read the list again every 3 s whatever the 429 said, each read counting against the same limit.
-    page = browser.new_page()
+    page = browser.new_page(**NO_CSP)
     reads = refuse_the_first(page, "GET", r"/v1/models$", retry_after=5)
     page.goto(f"{stack.base_url}/")
     page.get_by_text(re.compile(r"Could not read the model list: .*retry in about 5 s")).wait_for(timeout=10_000)
@@ -960,7 +965,7 @@ def test_a_vote_refused_with_429_is_sent_again_after_its_retry_after(page, stack
 
 def test_the_image_limit_is_the_servers(browser, small_stack, tmp_path):
     # The page refused images over 50 megapixels whatever the API's LLAVA_QUEUE_MAX_IMAGE_PIXELS said.
-    page = browser.new_page()
+    page = browser.new_page(**NO_CSP)
     page.goto(f"{small_stack.base_url}/")
     config = requests.get(f"{small_stack.base_url}/page/config", timeout=10)
     assert config.status_code == 200 and config.json()["max_image_pixels"] == SMALL_STACK_MAX_PIXELS, config.text
@@ -1250,7 +1255,7 @@ def test_an_unreadable_job_record_is_not_asked_for_with_every_chunk(page, stack)
 def test_the_model_list_is_read_again_by_one_timer_however_often_the_key_changes(browser, stack):
     # While no model is served, the page reads the list again every 3 s. Each key entered (the key field's change)
     # read it at once and started one more such loop beside the one already going: the reads multiplied.
-    page = browser.new_page()
+    page = browser.new_page(**NO_CSP)
     page.route(re.compile(r"/v1/models$"), lambda route: route.fulfill(
         status=200, content_type="application/json", body=json.dumps({"object": "list", "data": []})))
     page.goto(f"{stack.base_url}/")

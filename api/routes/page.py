@@ -23,8 +23,12 @@ from shared.settings import Settings
 
 router = APIRouter(tags=["page"], route_class=KeyBeforeBody)
 
-# Revalidate on every load (ETag), so an upgraded page is never mixed with stale scripts.
-_NO_CACHE = {"Cache-Control": "no-cache"}
+# Revalidate on every load (ETag), so an upgraded page is never mixed with stale scripts. No script runs but the
+# page's own files: markup that got into a model answer (written into the DOM as HTML) ran its event handlers, which
+# could read the page's API key; no other site may frame the page. Styles stay open: table cells are aligned with them.
+PAGE_POLICY = "script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+_PAGE_HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_POLICY,
+                 "X-Content-Type-Options": "nosniff"}
 
 
 def frontend_dir(settings: Settings) -> Path:
@@ -43,7 +47,7 @@ def _page_file(settings: Settings, relative: str) -> FileResponse:
     if not found:
         raise ApiError(404, f"no such page file: {relative!r}",
                        type="not_found", param="path", code=ErrorCode.NOT_FOUND)
-    return FileResponse(path, headers=_NO_CACHE)
+    return FileResponse(path, headers=_PAGE_HEADERS)
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
