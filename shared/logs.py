@@ -31,6 +31,9 @@ TEXT_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 # A query parameter in a logged path: its name, and its value up to the next parameter, a space, or the quote that
 # closes the path in uvicorn's access lines (a quote inside the value is masked with it).
 _QUERY_PARAMETER = re.compile(r"([?&])([^=&#\s\"]+)=([^&#\s]*?)(?=\"?(?:[&#\s]|$))")
+# An Authorization header as a line of the handshake the `websockets` library logs at DEBUG ("< authorization: Bearer
+# <key>"): the key was logged in clear.
+_AUTHORIZATION = re.compile(r"(?i)\b((?:proxy-)?authorization:\s*(?:[\w-]+\s+)?)\S+")
 
 
 def _mask_api_key(match: re.Match) -> str:
@@ -73,14 +76,15 @@ class Throttle:
 
 
 class RedactSecrets(logging.Filter):
-    """Masks API keys sent in query strings (uvicorn's lines about `/v1/ws?api_key=...`) in every record."""
+    """Masks API keys sent in query strings (uvicorn's lines about `/v1/ws?api_key=...`) and in Authorization headers
+    (the `websockets` library's handshake lines at DEBUG) in every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a bad format: the handler reports it as logging does
             return True
-        masked = _QUERY_PARAMETER.sub(_mask_api_key, message)
+        masked = _AUTHORIZATION.sub(r"\1***", _QUERY_PARAMETER.sub(_mask_api_key, message))
         if masked != message:
             record.msg, record.args = masked, ()
         return True
