@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
@@ -175,28 +176,38 @@ class WithoutIds(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_an_api_without_ids_is_polled_a_job_at_a_time(tiny_llava_dir, tmp_path):
-    # Its answer to `?ids=` is a page of the newest 20 jobs: taken for the jobs asked, each of the run's 24 left out
-    # of it was unknown to the API, and asked again. (Keys off, no rate limit: polled on its own, each job is a
-    # request again.)
-    env = {"LLAVA_QUEUE_MODEL_PATH": str(tiny_llava_dir), "LLAVA_QUEUE_DEVICE": "cpu",
-           "LLAVA_QUEUE_DTYPE": "float32", "LLAVA_QUEUE_MAX_NUM_SEQS": "8", "LLAVA_QUEUE_BATCH_RESERVED_SLOTS": "0"}
-    questions = [{"question_id": index, "text": f"Say something about {index}."} for index in range(24)]
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps(question) + "\n" for question in questions))
+def eval_behind_an_older_api(model_dir, tmp_path, questions: int, max_num_seqs: int, max_new_tokens: int,
+                             max_in_flight: int, timeout: float) -> tuple[subprocess.CompletedProcess, Path]:
+    """`llava-queue eval` of `questions` short questions, run against a stack of `model_dir` behind WithoutIds (keys
+    off, no rate limit); the finished run and its answers file."""
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(model_dir), "LLAVA_QUEUE_DEVICE": "cpu", "LLAVA_QUEUE_DTYPE": "float32",
+           "LLAVA_QUEUE_MAX_NUM_SEQS": str(max_num_seqs), "LLAVA_QUEUE_BATCH_RESERVED_SLOTS": "0"}
+    lines = [json.dumps({"question_id": index, "text": f"Say something about {index}."}) + "\n"
+             for index in range(questions)]
+    (tmp_path / "q.jsonl").write_text("".join(lines))
     answers = tmp_path / "a.jsonl"
     with RedisServer() as redis_server, run_stack(redis_server.url, env, log_prefix="llava-queue-older-api-") as stack:
         handler = type("Handler", (WithoutIds,), {"api_url": stack.base_url})
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         argv = ["eval", "--question-file", str(tmp_path / "q.jsonl"), "--answers-file", str(answers), "--api-url",
-                f"http://127.0.0.1:{server.server_address[1]}", "--temperature", "0", "--max_new_tokens", "8",
-                "--max-in-flight", "24"]
+                f"http://127.0.0.1:{server.server_address[1]}", "--temperature", "0", "--max_new_tokens",
+                str(max_new_tokens), "--max-in-flight", str(max_in_flight)]
         try:
             done = subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True,
-                                  timeout=60)
+                                  timeout=timeout)
         finally:
             server.shutdown()
             server.server_close()
+    return done, answers
+
+
+def test_an_api_without_ids_is_polled_a_job_at_a_time(tiny_llava_dir, tmp_path):
+    # Its answer to `?ids=` is a page of the newest 20 jobs: taken for the jobs asked, each of the run's 24 left out
+    # of it was unknown to the API, and asked again. (Keys off, no rate limit: polled on its own, each job is a
+    # request again.)
+    done, answers = eval_behind_an_older_api(tiny_llava_dir, tmp_path, 24, max_num_seqs=8, max_new_tokens=8,
+                                             max_in_flight=24, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "has no GET /v1/jobs?ids= (an older llava-queue): each job is polled on its own" in done.stderr
     assert "24 answered (0 before this run), 0 failed; this run: 24 jobs submitted" in done.stdout, done.stdout

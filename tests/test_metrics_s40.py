@@ -1,7 +1,6 @@
 """A worker's exporter under vLLM's metric names: `vllm:` as `llava_queue:`, labelled `model_name`, so that a vLLM
 Grafana dashboard or alert works with its prefix replaced; and a scrape as Prometheus asks for it (OpenMetrics first)
-that its parsers read. A real stack: a worker of the default model with its exporter on, under a key prefix of its
-own on the test Redis."""
+that its parsers read. A real stack: a worker of the default model with its exporter on, on a Redis of its own."""
 
 import time
 
@@ -11,7 +10,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import job_final, run_stack
-from shared.redis_server import free_port
+from shared.redis_server import RedisServer, free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 # The series vLLM's own Grafana dashboard and the usual alerts read (vLLM's `examples/online_serving/
@@ -29,11 +28,13 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0;q=0.5,applicati
 
 
 @pytest.fixture(scope="module")
-def exporter_stack(redis_server, default_model_dir):
+def exporter_stack(default_model_dir):
+    # A Redis of its own: the queues are not under the key prefix, so on the suite's Redis the session stack's worker
+    # took these jobs' tasks, found no record under its own prefix, and dropped them (the jobs never ended).
     port = free_port()
-    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_KEY_PREFIX": "llq-metrics-s40",
+    env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
            "LLAVA_QUEUE_WORKER_METRICS_PORT": str(port), "LLAVA_QUEUE_WORKER_METRICS_HOST": "127.0.0.1"}
-    with run_stack(redis_server.url, env, log_prefix="llava-queue-metrics-s40-logs-") as stack:
+    with RedisServer() as server, run_stack(server.url, env, log_prefix="llava-queue-metrics-s40-logs-") as stack:
         yield stack, f"http://127.0.0.1:{port}/metrics"
 
 
