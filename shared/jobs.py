@@ -1202,15 +1202,7 @@ class JobStore:
             raws = pipe.execute()
         # The queued jobs' places in their queues, in one more round trip (one a job: 100 for a page of queued ones).
         queued = [(job_id, raw.get("queue", "")) for job_id, raw in zip(job_ids, raws) if raw.get("status") == "queued"]
-        positions: dict[str, int | None] = {}
-        if queued:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(self.queue_key("interactive"))
-                for job_id, queue in queued:
-                    pipe.zrank(self.queue_key(queue), job_id)
-                interactive, *ranks = pipe.execute()
-            positions = {job_id: None if rank is None else rank + (interactive if queue == "batch" else 0)
-                         for (job_id, queue), rank in zip(queued, ranks)}
+        positions = dict(zip((job_id for job_id, _ in queued), self.queue_positions(queued)))
         return [self._typed(job_id, raw, positions.get(job_id, _UNREAD)) for job_id, raw in zip(job_ids, raws)]
 
     def _typed(self, job_id: str, raw: dict[str, str], position: Any = _UNREAD) -> dict[str, Any] | None:
@@ -1228,7 +1220,7 @@ class JobStore:
         if raw.get("status") != "queued":
             position = None
         elif position is _UNREAD:
-            position = self.queue_position(job_id, raw.get("queue", ""))
+            [position] = self.queue_positions([(job_id, raw.get("queue", ""))])
         if raw.get("status") == "queued" and position is None:
             # Taken between the two reads (a start moves the job out of its queue and sets its status in one
             # script): read the record again rather than answer `queued` with no place in a queue.
@@ -1274,19 +1266,26 @@ class JobStore:
         """The queue a job was submitted to (None for an unknown job)."""
         return self.redis.hget(self.key(job_id), "queue")
 
-    def queue_position(self, job_id: str, queue: str) -> int | None:
-        """How many queued jobs will be taken before this one (0: it is next).
+    def queue_positions(self, jobs: list[tuple[str, str]]) -> list[int | None]:
+        """For each (job id, queue) of `jobs`, how many queued jobs will be taken before it (0: it is next; None: it
+        is in no queue now), all read in one round trip (a poll of a queued batch job took three, with the record's).
 
         Interactive jobs are served first, so every queued interactive job is ahead of a batch job. Jobs of every
         model count (the queued set is one per kind): with several models on one Redis it is an upper bound, where
         counting only its model's and the model-less ones would read each job ahead of it at every poll.
         """
-        if queue != "batch":
-            return self.redis.zrank(self.queue_key(queue), job_id)
-        # Both in one round trip (a poll of a queued batch job took three, with the record's), read together.
+        if not jobs:
+            return []
+        batch = any(queue == "batch" for _, queue in jobs)
         with self.redis.pipeline(transaction=False) as pipe:
-            rank, interactive = pipe.zrank(self.queue_key(queue), job_id).zcard(self.queue_key("interactive")).execute()
-        return None if rank is None else rank + interactive
+            for job_id, queue in jobs:
+                pipe.zrank(self.queue_key(queue), job_id)
+            if batch:
+                pipe.zcard(self.queue_key("interactive"))
+            read = pipe.execute()
+        interactive = read.pop() if batch else 0
+        return [None if rank is None else rank + (interactive if queue == "batch" else 0)
+                for (_, queue), rank in zip(jobs, read)]
 
     def queue_lengths(self) -> dict[str, int]:
         """Number of queued jobs per queue."""
