@@ -442,11 +442,19 @@ def to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
 
 def _to_generate_request(body: ChatCompletionRequest) -> GenerateRequest:
     count_images(body.messages)
-    fields: dict[str, Any] = {
-        "model": body.model,
+    return _job_request(body, {
         "messages": [to_turn(index, message) for index, message in enumerate(body.messages)],
         # Without a limit OpenAI generates until the end: here, up to the worker's cap.
         "max_new_tokens": body.max_completion_tokens or body.max_tokens or max_new_tokens_cap(),
+    })
+
+
+def _job_request(body: CompletionFields, fields: dict[str, Any]) -> GenerateRequest:
+    """The job request of a completion: `fields` (its prompt or turns, its token limit) and the sampling fields every
+    completion has; raises ApiError (400) naming the OpenAI field."""
+    fields = {
+        "model": body.model,
+        **fields,
         "stop": body.stop,
         "seed": None if body.seed is None else body.seed % 2**63,
         # OpenAI has no top-k, and vLLM applies none unless asked: not the checkpoint's default the LLaVA payload gets.
@@ -473,24 +481,7 @@ def text_generate_request(body: TextCompletionRequest) -> GenerateRequest:
         raise ApiError(400, "logprobs: logprobs are not supported", param="logprobs")
     if body.suffix:
         raise ApiError(400, "suffix: suffix is not supported (a prompt is completed at its end only)", param="suffix")
-    fields: dict[str, Any] = {
-        "model": body.model,
-        "prompt": body.prompt,
-        "max_new_tokens": body.max_tokens or max_new_tokens_cap(),
-        "stop": body.stop,
-        "seed": None if body.seed is None else body.seed % 2**63,
-        "top_k": 0,  # as a chat completion's: OpenAI and vLLM apply none
-    }
-    if body.temperature is not None:
-        fields["temperature"] = body.temperature
-    if body.top_p is not None:
-        fields["top_p"] = body.top_p
-    try:
-        request = parse_request(fields, GenerateRequest)
-        check_unicode(request)
-        return request
-    except (InvalidRequest, ApiError) as exc:
-        raise ApiError(400, exc.message, param=exc.param) from None
+    return _job_request(body, {"prompt": body.prompt, "max_new_tokens": body.max_tokens or max_new_tokens_cap()})
 
 
 def _openai_param(param: str | None) -> str | None:
