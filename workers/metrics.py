@@ -68,6 +68,8 @@ VLLM_NAMES = {"llava_queue_time_to_first_token_seconds": "llava_queue:time_to_fi
               "llava_queue_waiting_sequences": "llava_queue:num_requests_waiting"}
 # vLLM's finish reasons (`request_success_total{finished_reason}`) of the jobs ended otherwise than `succeeded`.
 VLLM_FINISHED_REASONS = {"cancelled": "abort", "expired": "abort", "failed": "error"}
+# Every finish reason `request_success_total` counts (a succeeded job's own: stop or length).
+VLLM_REASONS = ("stop", "length", "abort", "error")
 # Jobs whose image hashes are kept for the conversation log until their end is observed (older ones are dropped).
 MAX_NOTED_JOBS = 10_000
 
@@ -139,7 +141,7 @@ class WorkerMetrics:
         for metric in (self.batch_size, self.queue_time, self.ttft, self.tpot, self.e2e, self.prompt_tokens,
                        self.request_prompt_tokens, self.request_generation_tokens):
             metric.labels(model)
-        for reason in ("stop", "length", "abort", "error"):
+        for reason in VLLM_REASONS:
             self.request_success.labels(model, reason)
 
     def observe_load(self, model: str, load_seconds: float, warmup_seconds: float) -> None:
@@ -199,7 +201,7 @@ class WorkerMetrics:
         self.request_generation_tokens.labels(model).observe(completion_tokens)
         status = record.get("status")
         reason = record.get("finish_reason") if status == "succeeded" else VLLM_FINISHED_REASONS.get(status, "error")
-        self.request_success.labels(model, reason if reason in ("stop", "length", "abort", "error") else "stop").inc()
+        self.request_success.labels(model, reason if reason in VLLM_REASONS else "stop").inc()
         if status != "succeeded":
             return
         if created is not None and finished is not None:
