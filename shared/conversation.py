@@ -35,6 +35,9 @@ class Message:
     role: str
     text: str | None
     images: int = 0
+    # An empty text rendered as a turn of its own: the chat path's empty user turn. The original skips an empty
+    # message (it renders `USER:` glued to the next role), which its page and scripts never send.
+    empty_turn: bool = False
 
     @property
     def image(self) -> bool:
@@ -97,7 +100,7 @@ class Conversation:
         The original tests a message for truth: an empty string counts as absent,
         but an image turn (a tuple there) is always present, even with empty text.
         """
-        turns = [(m.role, m.text if m.image or m.text else None) for m in self.messages]
+        turns = [(m.role, m.text if m.image or m.text or m.empty_turn else None) for m in self.messages]
         # Only the very first message is rewritten, so for the few-shot templates
         # (offset 2) an image turn keeps its text as typed. The original's rewrite
         # (every <image> out, one in front) is for its one image: a first turn with
@@ -319,65 +322,65 @@ def render_messages(template_name: str, messages: list[dict]) -> tuple[str, str 
     """Render chat messages with a template; return (prompt, stop).
 
     `messages` are dicts {"role": "system" | "user" | "assistant", "text": str,
-    "images": int}. Optional first "system" messages (joined by newlines) replace the
-    template's system prompt (the text after a ChatML template's "<|im_start|>system\\n");
-    then user and assistant turns, starting and ending with the user; two of one role
-    in a row are joined into one turn (by a newline). The
-    prompt ends with the open assistant turn. A user turn with images and no
-    "<image>" in its text gets "\\n<image>" appended, as the web server does. Raises
-    ValueError for malformed messages, TemplateError for an unknown template.
+    "images": int}, taken in any order, as OpenAI's chat API and vLLM take them (LLaVA's
+    llava-hf chat templates render any order), as long as the last turn is the user's:
+    the prompt ends with the open assistant turn.
+    System messages, wherever they come (joined by newlines), replace the template's system
+    prompt (the text after a ChatML template's "<|im_start|>system\\n"): the templates have no
+    system turn but that one. Two turns of one role in a row are joined into one (by a newline).
+    A conversation that opens with the assistant's turn (a greeting) gets an empty user turn in
+    front of it, since the templates go user, assistant, user (Llama 2's puts the system prompt
+    in that first user turn). An empty user turn is rendered as one, with no text.
+    A user turn with images and no "<image>" in its text gets "\\n<image>" appended, as the web
+    server does. Raises ValueError for malformed messages, TemplateError for an unknown template.
     """
     conv = get_template(template_name)
     if not messages:
         raise ValueError("messages is empty: at least one user message is needed")
-    start, systems = 0, []
-    while start < len(messages) and _role(start, messages[start]) == "system":
-        # Several system messages in a row, as OpenAI's and vLLM's chat templates take them, are one system prompt.
-        system, images = _text_and_images(start, messages[start])
-        if images:
-            raise ValueError(f"message {start}: a system message cannot carry images")
-        systems.append(system)
-        start += 1
-    if systems:
-        system = "\n".join(systems)
-        if conv.system.startswith(_CHATML_SYSTEM):
-            # A ChatML system prompt holds its turn's header: the message replaces the text after it.
-            system = _CHATML_SYSTEM + system
-        conv = dataclasses.replace(conv, system=system)
-    if start == len(messages):
-        raise ValueError("messages hold only a system message: at least one user message is needed")
-
+    systems = []
     role = None
-    for i in range(start, len(messages)):
-        message = messages[i]
-        role, previous = _role(i, message), role
-        if role not in ("user", "assistant"):
-            where = "only allowed first" if role == "system" else "not one of system, user, assistant"
-            raise ValueError(f"message {i}: role {role!r} is {where}")
-        if previous is None and role != "user":
-            raise ValueError(f"message {i}: expected a 'user' message (the turns start with the user's)")
+    for i, message in enumerate(messages):
+        kind = _role(i, message)
+        if kind not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: role {kind!r} is not one of system, user, assistant")
         text, images = _text_and_images(i, message)
+        if kind == "system":
+            if images:
+                raise ValueError(f"message {i}: a system message cannot carry images")
+            systems.append(text)
+            continue
+        role, previous = kind, role
         if role == "assistant":
             if images:
                 raise ValueError(f"message {i}: an assistant message cannot carry images")
-        elif not text and not images:
-            raise ValueError(f"message {i}: a user message needs a text or an image")
+            if previous is None:
+                conv.messages.append(Message(conv.roles[0], "", empty_turn=True))
         elif images and IMAGE_TOKEN not in text:
             # One per image (it was one for them all: "2 images, 1 <image>" for any turn of several, an OpenAI
             # message with two image_url parts among them).
             text += ("\n" + IMAGE_TOKEN) * images
         if role == previous:
             # Two turns of one role in a row are one turn, as OpenAI and vLLM's chat templates take them (a chat client
-            # sends two user messages when the answer between them failed): the template's separators go by turns.
+            # sends two user messages when the answer between them failed, or one each side of a system message): the
+            # template's separators go by turns.
             last = conv.messages[-1]
             conv.messages[-1] = dataclasses.replace(last, text="\n".join(part for part in (last.text, text) if part),
                                                     images=last.images + images)
             continue
-        conv.append_message(conv.roles[0 if role == "user" else 1], text, images)
+        conv.messages.append(Message(conv.roles[0 if role == "user" else 1], text, images,
+                                     empty_turn=role == "user" and not text))
+    if role is None:
+        raise ValueError("messages hold only a system message: at least one user message is needed")
     if role != "user":
         raise ValueError(
             "the last message must come from the user: the prompt ends with the assistant's turn"
         )
+    if systems:
+        system = "\n".join(systems)
+        if conv.system.startswith(_CHATML_SYSTEM):
+            # A ChatML system prompt holds its turn's header: the message replaces the text after it.
+            system = _CHATML_SYSTEM + system
+        conv = dataclasses.replace(conv, system=system)
     conv.append_message(conv.roles[1], None)
     return conv.get_prompt(), conv.stop
 

@@ -104,9 +104,9 @@ QueueName = Literal["interactive", "batch"]
 
 def reads_images(model: str | None) -> bool:
     """Whether a job for `model` has its images read: the original's rule, a model whose name holds "llava"
-    (any case) is multimodal and every other model ignores `images`. A job that names no model may go to any
-    worker, so its images are read."""
-    return model is None or "llava" in model.lower()
+    (any case) is multimodal and every other model ignores `images`. A job that names no model, or the empty name,
+    may go to any worker (task_queue), so its images are read."""
+    return not model or "llava" in model.lower()
 
 
 # Whether the request being validated reads its images (`reads_images` of its model): set by GenerateRequest around
@@ -308,8 +308,8 @@ class GenerateRequest(BaseModel):
             total = len(self.all_images())  # at most MAX_IMAGES: _images_counted_first
             if self.model is not None and "llava" in self.model.lower():
                 # A LLaVA worker renders the turns with the original's template for this name: what it would refuse
-                # after the job was accepted (images on an assistant or system turn, turns out of order, a last turn
-                # not the user's) is refused here, with its words.
+                # after the job was accepted (images on an assistant or system turn, a last turn not the user's) is
+                # refused here, with its words.
                 turns = [{"role": m.role, "text": m.text, "images": len(m.images)} for m in self.messages]
                 prompt, _ = render_messages(choose_template(self.model), turns)
                 # A turn whose text names more or fewer images than it carries (two `<image>` for one image, a

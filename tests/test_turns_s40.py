@@ -49,10 +49,6 @@ def test_an_image_of_a_joined_turn_keeps_its_place():
 
 
 def test_what_the_template_cannot_take_is_still_refused():
-    with pytest.raises(ValueError, match="the turns start with the user's"):
-        render_messages("llava_v1", [turn("assistant", "Hi."), turn("user", "a")])
-    with pytest.raises(ValueError, match="only allowed first"):
-        render_messages("llava_v1", [turn("user", "a"), turn("system", "b"), turn("user", "c")])
     with pytest.raises(ValueError, match="last message"):
         render_messages("llava_v1", [turn("user", "a"), turn("assistant", "b"), turn("assistant", "c")])
 
