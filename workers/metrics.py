@@ -1,19 +1,21 @@
 """A worker's Prometheus metrics, its HTTP exporter (`/metrics`, `/readyz`), and the conversation log.
 
-The engine thread pays almost nothing: per step one histogram observation (the batch size); per
-finished job a counter and a put on a queue. Engine gauges (running and waiting sequences, the
-KV budget in use, generated tokens) are read from `engine.stats()` when Prometheus scrapes. A
-background thread reads each finished job's timestamps from its record, several jobs per
-pipelined round trip, and observes the latency histograms (time in queue, time to first token,
-time per output token, end to end) and, when `conversation_log` is set, appends the job's line
-to it.
+The engine thread pays little: per step one histogram observation (the batch size) and one inter-token latency
+per job that got a token (about a microsecond each); per finished job a counter and a put on a queue. Engine gauges
+(running and waiting sequences, the KV budget in use, generated tokens) are read from `engine.stats()` when
+Prometheus scrapes, once per scrape. A background thread reads each finished job's timestamps from its record,
+several jobs per pipelined round trip, and observes the latency histograms (time in queue, time to first token,
+time per output token, end to end) of every job this worker ended, whatever its status, and, when
+`conversation_log` is set, appends the job's line to it.
 
 Latencies are measured from the job's `created_at` (stamped by the API that took it) to the
 times the worker stamped (`started_at`, `first_token_at`, `finished_at`), so they include the
-wait in the queue, as a user sees it. All are on Redis's clock (`JobStore.clock`), whatever the hosts' say.
+wait in the queue, as a user sees it, and as vLLM's do (from the request's arrival at its server, its wait for the
+scheduler included). All are on Redis's clock (`JobStore.clock`), whatever the hosts' say. The inter-token latencies
+are the gaps between a job's outputs on the engine thread (`time.monotonic`).
 
 The engine's series are also served under vLLM's names, `vllm:` as `llava_queue:`, labelled `model_name` as vLLM's
-are (`_VllmCollector`, `VLLM_NAMES`): a vLLM Grafana dashboard or alert works here with its prefix replaced.
+are (`_ScrapeCollector`, `VLLM_NAMES`): a vLLM Grafana dashboard or alert works here with its prefix replaced.
 """
 
 import base64
@@ -56,12 +58,13 @@ _CONVERSATION_FIELDS = ("request", "prompt", "text")
 TOKEN_BUCKETS = tuple(base * 10 ** power for power in range(6) for base in (1, 2, 5))
 # The `llava_queue_` series served again under vLLM's name (`vllm:` as `llava_queue:`), where they measure what vLLM's
 # do; the series vLLM has and these lack (`request_success_total`, the per-job token counts, the engine's gauges) are
-# their own. vLLM's `inter_token_latency_seconds` (every gap between two tokens) is not measured here: a job's mean
-# gap is `request_time_per_output_token_seconds`, as vLLM's of that name.
+# their own. `inter_token_latency_seconds` is every gap between two tokens of a job; a job's mean gap is
+# `request_time_per_output_token_seconds`, as vLLM's of those names.
 VLLM_NAMES = {"llava_queue_time_to_first_token_seconds": "llava_queue:time_to_first_token_seconds",
               "llava_queue_e2e_request_latency_seconds": "llava_queue:e2e_request_latency_seconds",
               "llava_queue_time_in_queue_seconds": "llava_queue:request_queue_time_seconds",
               "llava_queue_time_per_output_token_seconds": "llava_queue:request_time_per_output_token_seconds",
+              "llava_queue_inter_token_latency_seconds": "llava_queue:inter_token_latency_seconds",
               "llava_queue_prompt_tokens": "llava_queue:prompt_tokens",
               "llava_queue_generated_tokens": "llava_queue:generation_tokens",
               "llava_queue_running_sequences": "llava_queue:num_requests_running",
@@ -82,25 +85,33 @@ class WorkerMetrics:
         self.model = ""
         self.engine = None
         self._baseline = {"generated_tokens": 0, "steps": 0}
+        # Each running job's last output on the engine thread: (time.monotonic(), its generated tokens then).
+        self._last_output: dict[str, tuple[float, int]] = {}
         r = self.registry
         self.batch_size = Histogram("llava_queue_batch_size", "Sequences in the engine's batch at each step.",
                                     ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+        # Served under two names by _ScrapeCollector, which collects them once a scrape: not in the registry
+        # themselves.
         self.queue_time = Histogram("llava_queue_time_in_queue_seconds",
                                     "From a job's submission to its start on a worker.", ["model"],
-                                    buckets=LATENCY_BUCKETS, registry=r)
+                                    buckets=LATENCY_BUCKETS, registry=None)
         self.ttft = Histogram("llava_queue_time_to_first_token_seconds",
-                              "From a job's submission to its first generated token.", ["model"],
-                              buckets=LATENCY_BUCKETS, registry=r)
+                              "From a job's submission to its first generated token (its wait in the queue "
+                              "included, as vLLM's from the request's arrival).", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=None)
         self.tpot = Histogram("llava_queue_time_per_output_token_seconds",
-                              "Per succeeded job: (end - first token) / (generated tokens - 1).", ["model"],
-                              buckets=TPOT_BUCKETS, registry=r)
+                              "Per ended job with 2 tokens or more: (end - first token) / (generated tokens - 1).",
+                              ["model"], buckets=TPOT_BUCKETS, registry=None)
+        self.itl = Histogram("llava_queue_inter_token_latency_seconds",
+                             "Each gap between two generated tokens of a job.", ["model"], buckets=TPOT_BUCKETS,
+                             registry=None)
         self.e2e = Histogram("llava_queue_e2e_request_latency_seconds",
-                             "Per succeeded job: from its submission to its end.", ["model"],
-                             buckets=LATENCY_BUCKETS, registry=r)
+                             "Per ended job, whatever its status: from its submission to its end.", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=None)
         self.jobs = Counter("llava_queue_worker_jobs", "Jobs this worker ran to an end, by final status.",
                             ["model", "status"], registry=r)
         self.prompt_tokens = Counter("llava_queue_prompt_tokens", "Prompt tokens of the jobs this worker ended.",
-                                     ["model"], registry=r)
+                                     ["model"], registry=None)
         self.load_seconds = Gauge("llava_queue_model_load_seconds", "How long loading the model took.", ["model"],
                                   registry=r)
         self.warmup_seconds = Gauge("llava_queue_model_warmup_seconds",
@@ -117,10 +128,8 @@ class WorkerMetrics:
         self.request_generation_tokens = Histogram("llava_queue:request_generation_tokens", "Generated tokens of "
                                                    "each job this worker ended.", ["model_name"],
                                                    buckets=TOKEN_BUCKETS, registry=r)
-        engine_collector = _EngineCollector(self)
-        self.registry.register(engine_collector)
-        self.registry.register(_VllmCollector((self.ttft, self.e2e, self.queue_time, self.tpot, self.prompt_tokens,
-                                               engine_collector)))
+        self.registry.register(_ScrapeCollector(self, (self.ttft, self.e2e, self.queue_time, self.tpot, self.itl,
+                                                       self.prompt_tokens)))
         self._ended: queue.Queue[str] = queue.Queue()
         self.is_ready = self.reaching_redis = False
         # The conversation log's image hashes of the jobs this worker started, taken from their requests as they start:
@@ -138,8 +147,8 @@ class WorkerMetrics:
         # job after a restart) hid that event from rate() and increase(), which had no sample before it.
         for status in FINAL_STATES:
             self.jobs.labels(model, status)
-        for metric in (self.batch_size, self.queue_time, self.ttft, self.tpot, self.e2e, self.prompt_tokens,
-                       self.request_prompt_tokens, self.request_generation_tokens):
+        for metric in (self.batch_size, self.queue_time, self.ttft, self.tpot, self.itl, self.e2e,
+                       self.prompt_tokens, self.request_prompt_tokens, self.request_generation_tokens):
             metric.labels(model)
         for reason in VLLM_REASONS:
             self.request_success.labels(model, reason)
@@ -165,15 +174,33 @@ class WorkerMetrics:
         return self.is_ready and self.reaching_redis
 
     def observe_step(self, outputs: list, endings: list) -> None:
-        """After every engine step (from `JobRunner.publish`, on the engine thread): the batch size, and the
-        jobs that ended, whose latencies the observer thread reads."""
+        """After every engine step (from `JobRunner.publish`, on the engine thread): the batch size, the gaps
+        between the jobs' tokens, and the jobs that ended, whose latencies the observer thread reads."""
         if self.engine is None:
             return
         # The rows running after the step, plus those that finished in it (they were in the batch too).
         size = self.engine.stats()["num_running"] + sum(1 for out in outputs if out.finished)
         if size:
             self.batch_size.labels(self.model).observe(size)
+        self._observe_token_gaps(outputs, time.monotonic())
         self.observe_endings(endings)
+
+    def _observe_token_gaps(self, outputs: list, now: float) -> None:
+        """vLLM's inter-token latency: for each job's output after its first, the time since its last output, once
+        per token it brought. A token whose text the engine held back (part of a character, a stop string's start)
+        comes out with the next one: they share the gap between the two outputs."""
+        itl = self.itl.labels(self.model)
+        last = self._last_output
+        for out in outputs:
+            previous = last.pop(out.request_id, None)
+            if not out.finished:
+                last[out.request_id] = (now, out.completion_tokens)
+            if previous is None or out.first_token:
+                continue
+            at, tokens = previous
+            new_tokens = out.completion_tokens - tokens
+            for _ in range(new_tokens):
+                itl.observe((now - at) / new_tokens)
 
     def observe_endings(self, endings: list) -> None:
         """Count the jobs this worker ended, by final status, and queue them for the observer thread (latencies,
@@ -202,8 +229,8 @@ class WorkerMetrics:
         status = record.get("status")
         reason = record.get("finish_reason") if status == "succeeded" else VLLM_FINISHED_REASONS.get(status, "error")
         self.request_success.labels(model, reason if reason in VLLM_REASONS else "stop").inc()
-        if status != "succeeded":
-            return
+        # Every ended job, as vLLM's observe every request `request_success_total` counts: a failed or cancelled job
+        # took its time too (left out, a worker failing fast looked fast).
         if created is not None and finished is not None:
             self.e2e.labels(model).observe(max(0.0, finished - created))
         if first is not None and finished is not None and completion_tokens >= 2:
@@ -265,74 +292,73 @@ class WorkerMetrics:
                     log.exception("could not write the conversation log %s", conversation_log)
 
 
-class _EngineCollector:
-    """The engine's gauges and counters, read from `engine.stats()` at scrape time."""
+class _ScrapeCollector:
+    """What a scrape reads once: the engine's stats (one `engine.stats()`) and `shared`, the metrics served under
+    both names. Each family comes out as it is and, for VLLM_NAMES, again under vLLM's name, `model` as
+    `model_name`: one reading, two names (read twice, the engine was asked twice a scrape and the two names of one
+    series could differ). vLLM's `kv_cache_usage_perc` (0 to 1) is the share of the KV budget the running batch may
+    come to hold."""
 
-    def __init__(self, metrics: WorkerMetrics):
+    def __init__(self, metrics: WorkerMetrics, shared: tuple):
         self.metrics = metrics
+        self.shared = shared
 
     def collect(self):
+        families = [family for metric in self.shared for family in metric.collect()]
         engine, model = self.metrics.engine, self.metrics.model
-        if engine is None:
-            return
-        stats = engine.stats()
-        baseline = self.metrics._baseline
-        for name, help_text, value in (
-                ("llava_queue_generated_tokens", "Tokens generated by this worker.",
-                 stats["generated_tokens"] - baseline["generated_tokens"]),
-                ("llava_queue_engine_steps", "Engine steps (one decode for the batch, plus any prefill).",
-                 stats["steps"] - baseline["steps"])):
-            family = CounterMetricFamily(name, help_text, labels=["model"])
-            family.add_metric([model], value)
+        stats = engine.stats() if engine is not None else None
+        if stats is not None:
+            families += _engine_families(model, stats, self.metrics._baseline)
+        for family in families:
             yield family
-        for name, help_text, value in (
-                ("llava_queue_running_sequences", "Sequences in the engine's batch.", stats["num_running"]),
-                ("llava_queue_waiting_sequences", "Sequences handed to the engine, waiting for room in its batch.",
-                 stats["num_waiting"]),
-                ("llava_queue_kv_budget_used_tokens",
-                 "KV cache positions the running batch may come to hold (rows x longest prompt + max new), "
-                 "of the KV budget.",
-                 stats["reserved_tokens"]),
-                ("llava_queue_kv_budget_tokens", "The engine's KV budget (LLAVA_QUEUE_MAX_BATCH_TOKENS).",
-                 stats["max_batch_tokens"]),
-                ("llava_queue_max_num_seqs", "The engine's sequence budget (LLAVA_QUEUE_MAX_NUM_SEQS).",
-                 stats["max_num_seqs"])):
-            family = GaugeMetricFamily(name, help_text, labels=["model"])
-            family.add_metric([model], value)
-            yield family
-
-
-class _VllmCollector:
-    """The series of VLLM_NAMES again under vLLM's names, `model` as `model_name`, read from `metrics` (metrics or
-    collectors) at scrape time: one observation, two names. vLLM's `kv_cache_usage_perc` (0 to 1) is the share of the
-    KV budget the running batch may come to hold."""
-
-    def __init__(self, metrics: tuple):
-        self.metrics = metrics
-
-    def collect(self):
-        budget: dict[str, dict[str, float]] = {}  # model -> the KV budget's two gauges
-        for metric in self.metrics:
-            for family in metric.collect():
-                if family.name in ("llava_queue_kv_budget_used_tokens", "llava_queue_kv_budget_tokens"):
-                    for sample in family.samples:
-                        budget.setdefault(sample.labels["model"], {})[family.name] = sample.value
-                if family.name not in VLLM_NAMES:
-                    continue
-                name = VLLM_NAMES[family.name]
-                renamed = Metric(name, family.documentation, family.type)
-                for sample in family.samples:
-                    labels = {"model_name" if label == "model" else label: value
-                              for label, value in sample.labels.items()}
-                    renamed.add_sample(name + sample.name.removeprefix(family.name), labels, sample.value)
-                yield renamed
-        if budget:
+            if family.name in VLLM_NAMES:
+                yield _under_vllm_name(family)
+        if stats is not None:
             usage = GaugeMetricFamily("llava_queue:kv_cache_usage_perc", "Share of the KV budget the running batch "
                                       "may come to hold (1 is all of it).", labels=["model_name"])
-            for model, values in sorted(budget.items()):
-                total = values.get("llava_queue_kv_budget_tokens") or 0
-                usage.add_metric([model], values.get("llava_queue_kv_budget_used_tokens", 0) / total if total else 0)
+            budget = stats["max_batch_tokens"]
+            usage.add_metric([model], stats["reserved_tokens"] / budget if budget else 0)
             yield usage
+
+
+def _engine_families(model: str, stats: dict, baseline: dict) -> list[Metric]:
+    """The engine's counters and gauges from one `engine.stats()`; the counters from `baseline` (its stats at bind:
+    the warm-up's tokens and steps are not the worker's)."""
+    families: list[Metric] = []
+    for name, help_text, value in (
+            ("llava_queue_generated_tokens", "Tokens generated by this worker.",
+             stats["generated_tokens"] - baseline["generated_tokens"]),
+            ("llava_queue_engine_steps", "Engine steps (one decode for the batch, plus any prefill).",
+             stats["steps"] - baseline["steps"])):
+        family = CounterMetricFamily(name, help_text, labels=["model"])
+        family.add_metric([model], value)
+        families.append(family)
+    for name, help_text, value in (
+            ("llava_queue_running_sequences", "Sequences in the engine's batch.", stats["num_running"]),
+            ("llava_queue_waiting_sequences", "Sequences handed to the engine, waiting for room in its batch.",
+             stats["num_waiting"]),
+            ("llava_queue_kv_budget_used_tokens",
+             "KV cache positions the running batch may come to hold (rows x longest prompt + max new), "
+             "of the KV budget.",
+             stats["reserved_tokens"]),
+            ("llava_queue_kv_budget_tokens", "The engine's KV budget (LLAVA_QUEUE_MAX_BATCH_TOKENS).",
+             stats["max_batch_tokens"]),
+            ("llava_queue_max_num_seqs", "The engine's sequence budget (LLAVA_QUEUE_MAX_NUM_SEQS).",
+             stats["max_num_seqs"])):
+        family = GaugeMetricFamily(name, help_text, labels=["model"])
+        family.add_metric([model], value)
+        families.append(family)
+    return families
+
+
+def _under_vllm_name(family: Metric) -> Metric:
+    """`family` again under its name in VLLM_NAMES, its `model` label as `model_name`."""
+    name = VLLM_NAMES[family.name]
+    renamed = Metric(name, family.documentation, family.type)
+    for sample in family.samples:
+        labels = {"model_name" if label == "model" else label: value for label, value in sample.labels.items()}
+        renamed.add_sample(name + sample.name.removeprefix(family.name), labels, sample.value)
+    return renamed
 
 
 def conversation_line(job_id: str, record: dict[str, Any], image_md5s: list[str]) -> dict[str, Any]:

@@ -106,29 +106,35 @@ def _requeued_per_model(per_model: dict[str, int], workers: list[dict]) -> Gauge
 
 def _worker_families(workers: list[dict], known: set[str] = frozenset()):
     """Live workers and their load, summed per model, from their heartbeats (a few seconds old at most); 0 for the
-    `known` models no live worker serves, and for either readiness a model's workers are not in."""
+    `known` models no live worker serves, and for either readiness a model's workers are not in.
+
+    The slots and the KV budget, and their use, are the ready workers' only: a draining worker (shutting down, or
+    its engine stopped) takes no new job, and counted, its slots were room for new jobs (`slots - used`) that the
+    model did not have. The tokens per second are every live worker's: a draining one's are generated all the same."""
     count = GaugeMetricFamily("llava_queue_workers", "Live workers, per model and readiness.",
                               labels=["model", "ready"])
-    slots = GaugeMetricFamily("llava_queue_worker_slots", "Sequence slots (max_num_seqs) of the live workers.",
-                              labels=["model"])
-    used = GaugeMetricFamily("llava_queue_worker_slots_used", "Sequences running on the live workers.",
+    slots = GaugeMetricFamily("llava_queue_worker_slots", "Sequence slots (max_num_seqs) of the live, ready workers "
+                              "(a draining worker takes no new job).", labels=["model"])
+    used = GaugeMetricFamily("llava_queue_worker_slots_used", "Sequences running on the live, ready workers.",
                              labels=["model"])
     kv_used = GaugeMetricFamily("llava_queue_worker_kv_budget_used_tokens", "KV budget tokens reserved on the "
-                                "live workers.", labels=["model"])
-    kv_total = GaugeMetricFamily("llava_queue_worker_kv_budget_tokens", "KV budget tokens of the live workers.",
-                                 labels=["model"])
+                                "live, ready workers.", labels=["model"])
+    kv_total = GaugeMetricFamily("llava_queue_worker_kv_budget_tokens", "KV budget tokens of the live, ready "
+                                 "workers.", labels=["model"])
     speed = GaugeMetricFamily("llava_queue_worker_tokens_per_second", "Tokens generated per second by the live "
-                              "workers (over their last heartbeat interval).", labels=["model"])
+                              "workers, draining ones too (over their last heartbeat interval).", labels=["model"])
     per_model: dict[tuple[str, str], int] = defaultdict(int)
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for model in known | {worker.get("model", "") for worker in workers}:
         per_model[(model, "true")] = per_model[(model, "false")] = 0
         sums[model]["max_num_seqs"] = 0
     for worker in workers:
-        model = worker.get("model", "")
-        per_model[(model, "true" if worker.get("ready", True) else "false")] += 1
-        for name in ("max_num_seqs", "num_running", "reserved_tokens", "max_batch_tokens", "tokens_per_second"):
-            sums[model][name] += worker.get(name) or 0
+        model, ready = worker.get("model", ""), worker.get("ready", True)
+        per_model[(model, "true" if ready else "false")] += 1
+        sums[model]["tokens_per_second"] += worker.get("tokens_per_second") or 0
+        if ready:
+            for name in ("max_num_seqs", "num_running", "reserved_tokens", "max_batch_tokens"):
+                sums[model][name] += worker.get(name) or 0
     for (model, ready), n in sorted(per_model.items()):
         count.add_metric([model, ready], n)
     for model, values in sorted(sums.items()):
