@@ -105,15 +105,51 @@ function updateAssistant(turn) {
   el.dataset.status = turn.status;
   if (turn.jobId) el.dataset.jobId = turn.jobId;
   // As the original: the answer is shown stripped, with the cursor while it streams.
-  const markdown = el.querySelector(".markdown");
-  markdown.innerHTML = renderMarkdown(turn.text.trim());
-  if (streaming) lastBlock(markdown).append(cursorElement());
+  const rendered = document.createElement("template");
+  rendered.innerHTML = renderMarkdown(turn.text.trim());
+  if (streaming) lastBlock(rendered.content).append(cursorElement());
+  patchChildren(el.querySelector(".markdown"), rendered.content);
   const error = el.querySelector(".error");
   error.hidden = !turn.error;
   error.classList.toggle("cancelled", turn.status === "cancelled");
-  error.textContent = turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "";
-  el.querySelector(".meta").textContent = turn.meta || "";
+  setText(error, turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "");
+  setText(el.querySelector(".meta"), turn.meta || "");
   if (stick) ui.conversation.scrollTop = ui.conversation.scrollHeight;
+}
+
+/** Make `box`'s children those of `fresh` (a fragment, emptied), keeping each node that is already right and the
+ * start of a text that grew: a node replaced drops the user's selection in it, and every chunk of a streaming answer
+ * cleared what the user had selected in it to copy. */
+function patchChildren(box, fresh) {
+  const wanted = [...fresh.childNodes];
+  for (const [index, node] of wanted.entries()) {
+    const old = box.childNodes[index];
+    if (old && old.isEqualNode(node)) continue;
+    if (!old) {
+      box.append(node);
+    } else if (old.nodeType === Node.TEXT_NODE && node.nodeType === Node.TEXT_NODE) {
+      if (node.data.startsWith(old.data)) old.appendData(node.data.slice(old.data.length));
+      else old.data = node.data;
+    } else if (sameTag(old, node)) {
+      patchChildren(old, node);
+    } else {
+      old.replaceWith(node);
+    }
+  }
+  while (box.childNodes.length > wanted.length) box.lastChild.remove();
+}
+
+/** Whether elements `a` and `b` differ at most in their children. */
+function sameTag(a, b) {
+  if (a.nodeType !== Node.ELEMENT_NODE || b.nodeType !== Node.ELEMENT_NODE || a.tagName !== b.tagName) return false;
+  const names = a.getAttributeNames();
+  return names.length === b.getAttributeNames().length
+    && names.every((name) => a.getAttribute(name) === b.getAttribute(name));
+}
+
+/** Set `el`'s text only when it changes: the same text set again is a new node, and a selection in it is lost. */
+function setText(el, text) {
+  if (el.textContent !== text) el.textContent = text;
 }
 
 // The blocks of rendered markdown the cursor may go into (a table's: its last cell); inside the others (a link, bold
@@ -301,6 +337,8 @@ async function generate() {
       updateAssistant(turn);
     },
     onText(text) {
+      // The job went on past an error chunk: the error no longer says how the answer goes.
+      if (turn.error && text !== turn.text) turn.error = "";
       turn.status = "running";
       turn.text = text;
       turn.meta = "generating…";
@@ -331,13 +369,14 @@ async function submitWhenTaken(turn, request) {
       if (isBusy(error) && !turn.stopRequested) {
         if (await waitToSendAgain(turn, error)) continue;
       }
+      // No answer at all (the network failed): the API may have taken the job, which nobody would read now (a Stop
+      // pressed meanwhile too: that job ran on, for nobody).
+      if (!error.status) cancelLostSubmission(key);
       if (turn.stopRequested) {
         finish(turn, null, { status: "cancelled", error: "cancelled by the client", error_code: 5 });
         return null;
       }
       if (error.status === 401) askForKey();
-      // No answer at all (the network failed): the API may have taken the job, which nobody would read now.
-      if (!error.status) cancelLostSubmission(key);
       finish(turn, null, { status: "failed", error: error.message, error_code: error.code });
       return null;
     }
@@ -415,7 +454,9 @@ function finish(turn, job, ending) {
   // The socket's own end for a job it could not find ("unknown"), or a refusal: a failure as far as the user goes.
   if (!FINAL_STATES.includes(turn.status)) turn.status = "failed";
   if (job) turn.text = job.text;
-  if (turn.status !== "succeeded") {
+  if (turn.status === "succeeded") {
+    turn.error = ""; // an error chunk shown on the way is no error of an answer that succeeded
+  } else {
     turn.error = (job && job.error) || ending.error || "the job did not finish";
     turn.errorCode = job ? job.error_code : ending.error_code;
   }
