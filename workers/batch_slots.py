@@ -1,4 +1,4 @@
-"""Engine slots kept for interactive jobs: a cap on the batch-queue jobs one worker runs at once.
+"""When a worker reads its batch queues: not while it runs its share of batch jobs, nor while its engine is full.
 
 A worker takes a job only when a task thread (an engine slot) is free, and then takes an
 interactive job before a batch job. With every slot held by a batch job, an interactive job
@@ -6,12 +6,19 @@ still waits for one of them to end. With `LLAVA_QUEUE_BATCH_RESERVED_SLOTS` = R,
 stops reading the batch queue while it runs MAX_NUM_SEQS − R batch jobs, and reads it again
 when one ends: R slots stay free for interactive jobs, at the cost of R slots of batch
 throughput when no interactive job comes.
+
+A free slot is not room in the engine: it runs what its KV budget (MAX_BATCH_TOKENS) holds, and the jobs beyond wait
+in it. A batch job taken then waited there, behind jobs of minutes, while another worker (a second replica, one back
+from a restart) idled. So while jobs wait in its engine for room the worker does not read its batch queues either:
+the one job waiting is admitted as soon as room comes, and the batch jobs after it are left to whichever worker has
+room first. Interactive jobs are still taken: they go before the waiting batch jobs in the engine.
 """
 
 import logging
 import threading
 
 from celery import bootsteps
+from celery.worker import state
 
 log = logging.getLogger("llava_queue.worker")
 
@@ -26,19 +33,28 @@ PAUSED_POLL_SECONDS = 0.05
 
 class BatchSlots:
     """Counts this worker's batch jobs from their receipt to their end, and pauses its batch-queue consumers
-    (`queues`: the batch queue for its model, and for any) at `limit`.
+    (`queues`: the batch queue for its model, and for any) at `limit`, and while requests wait in the engine for
+    room (`engine_waits`).
 
     Counting starts at receipt (in the consumer's own thread, before it fetches the next message),
     so a worker with free threads does not take more batch jobs in the moment before they start.
+    A job counted is one of Celery's requests; it ends when its task has run (`ended`), or when Celery lets it go
+    without running it (`dropped`).
     """
 
     def __init__(self, limit: int, queues: tuple[str, ...]):
         self.limit = max(1, limit)
         self.queues = queues
-        self.running = 0
         self.paused = False
+        # Whether requests wait in the engine for room, as of its last step (`engine_waits`).
+        self.engine_full = False
+        self._jobs: set = set()  # the batch requests counted (Celery's Request objects)
         self._lock = threading.Lock()
         self._consumer = None
+
+    @property
+    def running(self) -> int:
+        return len(self._jobs)
 
     def attach(self, consumer) -> None:
         """Use the worker's Celery consumer, each time it starts (`consumer_step`).
@@ -47,33 +63,68 @@ class BatchSlots:
         outage): a pause in force is applied to it at once. Attached once (at `worker_ready`), the worker read the
         batch queue again while at its limit, filled the slots kept for interactive jobs with batch jobs, and kept
         refilling them while a batch backlog lasted (the count never fell below the limit to resume and pause again).
+        Requests waiting for their countdown are dropped by Celery as it reconnects: they are no longer counted.
         """
         self._consumer = consumer
+        with self._lock:
+            self._forget_dropped()
+            self._update()
         self._apply()
 
-    def received(self, delivery_info: dict | None) -> None:
+    def received(self, request) -> None:
         """A job arrived (`task_received`, in the consumer's thread): count it if it is a batch job."""
-        if (delivery_info or {}).get("routing_key") not in self.queues:
-            return
         with self._lock:
-            self.running += 1
+            self._forget_dropped()
+            if (request.delivery_info or {}).get("routing_key") in self.queues:
+                self._jobs.add(request)
             changed = self._update()
         if changed:
             self._apply()
 
-    def ended(self, delivery_info: dict | None) -> None:
-        """A job ended (`task_postrun`, in its task thread): below the limit again, the batch queues are read."""
-        if (delivery_info or {}).get("routing_key") not in self.queues:
-            return
+    def ended(self, task_id: str) -> None:
+        """A job's task ended (`task_postrun`, in its task thread): below the limit again, the batch queues are
+        read."""
         with self._lock:
-            self.running -= 1
+            # Started: a message of the same job received since (delivered again) is still to run.
+            ran = next((request for request in self._jobs if request.id == task_id and request.time_start), None)
+            self._jobs.discard(ran)
             changed = self._update()
         if changed:
             # The consumer belongs to the worker's event loop: change it there.
             self._consumer.call_soon(self._apply)
 
+    def dropped(self, task_id: str) -> None:
+        """Celery revoked a task (`task_revoked`): a batch job of that id that it discarded before it ran (revoked or
+        expired while it waited for its countdown) will end no task, and is no longer counted. Counted, it held its
+        slot for good: at its limit the worker never read the batch queue again. A task revoked as it runs
+        (terminated) is still counted: it ends when its task does."""
+        with self._lock:
+            self._forget_dropped(task_id)
+            changed = self._update()
+        if changed:
+            self._consumer.call_soon(self._apply)
+
+    def _forget_dropped(self, task_id: str | None = None) -> None:
+        """Stop counting the requests (of `task_id`, or all) that never started and that Celery no longer holds,
+        neither reserved for the pool nor waiting for their countdown: they will never run. All of them only in the
+        consumer's thread, where a request received is reserved before anything else runs there."""
+        self._jobs -= {request for request in self._jobs
+                       if (task_id is None or request.id == task_id) and not request.time_start
+                       and request not in state.reserved_requests and request not in state.scheduled_requests}
+
+    def engine_waits(self, waiting: bool) -> None:
+        """After each step of the engine (in its thread): whether requests wait in it for room. While some do, the
+        batch queues are not read."""
+        if waiting == self.engine_full:
+            return
+        with self._lock:
+            self.engine_full = waiting
+            changed = self._update()
+        if changed:
+            self._consumer.call_soon(self._apply)
+
     def _update(self) -> bool:
-        full = self.running >= self.limit
+        full = len(self._jobs) >= self.limit or self.engine_full
         if full == self.paused or self._consumer is None:
             return False
         self.paused = full
@@ -93,7 +144,8 @@ class BatchSlots:
         if paused and consuming:
             for queue in self.queues:
                 task_consumer.cancel_by_queue(queue)
-            log.debug("batch queues paused: %d batch jobs running", self.running)
+            log.debug("batch queues paused: %d batch jobs running, %s", self.running,
+                      "jobs waiting in the engine" if self.engine_full else "none waiting in the engine")
         elif not paused and not consuming:
             # Added after the interactive queues, in order, so they are still polled interactive first.
             for queue in self.queues:

@@ -68,8 +68,16 @@ def run_worker(settings: Settings) -> None:
                        settings.stream_interval, behind)
     log.info("engine steps written to Redis %s", "on a thread of their own, while the engine goes on" if behind
              else "by the engine thread (a CPU engine on every core)")
-    engine = in_passing_thread(serving_engine, loaded, settings, on_step=runner.publish,
-                               cpus=split.engine or None)
+    # R = 0 slots kept included: the batch queues are paused while a job waits in the engine for room, as well as at
+    # MAX_NUM_SEQS - R batch jobs.
+    batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots,
+                             (task_queue(BATCH_QUEUE, loaded.name), BATCH_QUEUE))
+
+    def on_step(outputs):
+        runner.publish(outputs)
+        batch_slots.engine_waits(_waits_for_room(engine.scheduler))
+
+    engine = in_passing_thread(serving_engine, loaded, settings, on_step=on_step, cpus=split.engine or None)
     runner.attach(engine)
     warmup_seconds = in_passing_thread(_warm_up, engine, loaded)
     log.info("model %s loaded in %.1f s, warmed up in %.2f s", loaded.name, load_seconds, warmup_seconds)
@@ -82,12 +90,10 @@ def run_worker(settings: Settings) -> None:
     engine_stopped = threading.Event()
     engine.on_stop = lambda error: _stop_worker(error, runner, store, info, engine_stopped)
     engine.start()
-    if settings.reserved_slots > 0:
-        batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots,
-                                 (task_queue(BATCH_QUEUE, loaded.name), BATCH_QUEUE))
-        celery_app.steps["consumer"].add(consumer_step(batch_slots))
-        signals.task_received.connect(lambda request, **_: batch_slots.received(request.delivery_info), weak=False)
-        signals.task_postrun.connect(lambda task, **_: batch_slots.ended(task.request.delivery_info), weak=False)
+    celery_app.steps["consumer"].add(consumer_step(batch_slots))
+    signals.task_received.connect(lambda request, **_: batch_slots.received(request), weak=False)
+    signals.task_postrun.connect(lambda task_id, **_: batch_slots.ended(task_id), weak=False)
+    signals.task_revoked.connect(lambda request, **_: batch_slots.dropped(request.id), weak=False)
     tasks.install(runner)
     frozen = freeze_startup_heap()
     threads = len(engine.cpus) if engine.cpus else torch.get_num_threads()
@@ -182,6 +188,17 @@ def run_worker(settings: Settings) -> None:
     if engine_stopped.is_set():
         # Not a stop that was asked for: the supervisor (Compose's restart policy, systemd) starts a new worker.
         raise SystemExit(ENGINE_STOPPED_EXIT_STATUS)
+
+
+def _waits_for_room(scheduler) -> bool:
+    """Whether the engine's next waiting request has no room beside those running (its KV budget, or its sequences,
+    are full); read on the engine's thread. A request that came during a decode step waits for the next one, room or
+    not: counted, the batch queues were paused and read again at every step of a burst."""
+    if not scheduler.waiting:
+        return False
+    running = scheduler.running
+    return (len(running) >= scheduler.max_num_seqs
+            or scheduler._reservation([*running, scheduler.waiting[0]]) > scheduler.max_batch_tokens)
 
 
 def _check_redis(settings: Settings) -> None:
