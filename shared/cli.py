@@ -23,7 +23,7 @@ from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
 from shared.redis_server import BindError, RedisServer, bind_error, bound_sockets
-from shared.settings import get_settings, redis_url_options_problem, unknown_variables
+from shared.settings import get_settings, redis_url_problem, unknown_variables
 
 log = logging.getLogger("llava_queue")
 
@@ -208,28 +208,46 @@ def _conversation_log_problem(path: str) -> str | None:
     return None
 
 
+def _broker_problem(app, what: str) -> str | None:
+    """Why Celery `app` cannot send or take jobs through its broker URL (`what` names where the URL came from), or
+    None; connects to nothing. redis-py reads unix:// and Celery's kombu does not (it reads redis+socket://, which
+    redis-py does not): such an API started and answered every submission 503 ("No such transport: unix"), and such
+    a worker loaded its model, then failed with kombu's traceback."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.transport  # the URL's transport, resolved and built
+    except (KeyError, ImportError, ValueError) as exc:
+        said = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        return (f"{what}: Celery, which carries the jobs, cannot use it ({said}); use redis://host:port/db "
+                "(rediss:// for TLS)")
+    return None
+
+
 def _redis_problem(url: str) -> str | None:
-    """Why the Redis at `url` cannot be used now, or None (the password masked)."""
+    """Why the Redis at `url` (`up --redis-url`) cannot be used now, or None (the password masked): the checks that
+    `api` and `worker` make of LLAVA_QUEUE_REDIS_URL, made before anything starts. Missed here (a database that is
+    no number, a unix:// URL, an ACL without scripts), `up` started a worker and an API that each refused it."""
     import redis
 
+    from shared.celery_app import make_celery, redis_refusal
     from shared.status import without_password
 
     # The settings' own check of a URL: `up --redis-url` does not go through them (an option of the query redis-py
     # does not take ended `up` with a traceback).
-    problem = redis_url_options_problem(url)
+    problem = redis_url_problem(url)
     if problem:
         return f"--redis-url {without_password(url)}: {problem}"
+    settings = get_settings().model_copy(update={"redis_url": url})
+    problem = _broker_problem(make_celery(settings), f"--redis-url {without_password(url)}")
+    if problem:
+        return problem
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
-    except ValueError as exc:
+        refusal = redis_refusal(url, settings.key_prefix, names_connections=True, writes=True)
+    except ValueError as exc:  # a scheme redis-py does not read (sentinel://)
         return f"--redis-url {without_password(url)}: {exc}"
-    try:
-        client.ping()
     except redis.RedisError as exc:
         return f"Redis at {without_password(url)} does not answer: {exc}"
-    finally:
-        client.close()
-    return None
+    return f"Redis at {without_password(url)}: {refusal}" if refusal else None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -344,11 +362,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.main import GRACEFUL_SHUTDOWN_SECONDS, KEEP_ALIVE_SECONDS, ApiServer, app
+    from shared.celery_app import celery_app
     from shared.heap import freeze_startup_heap
+    from shared.status import without_password
 
     settings = get_settings()
     host, port = _address(args)
     problem = (_frontend_problem(settings.frontend_dir) or _redis_url_problem(settings.redis_url)
+               or _broker_problem(celery_app, f"LLAVA_QUEUE_REDIS_URL={without_password(settings.redis_url)!r}")
                or _redis_refusal_problem(settings, names_connections=True))
     if problem:
         print(f"llava-queue api: {problem}", file=sys.stderr, flush=True)
@@ -392,6 +413,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker alone, against LLAVA_QUEUE_REDIS_URL."""
+    from shared.celery_app import celery_app
+    from shared.status import without_password
     from workers.builder import ModelLoadError, resolve_device
     from workers.main import run_worker
 
@@ -404,6 +427,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # The Redis refusal before the model loads: a read-only replica too, where Celery's consumer cannot start.
     settings = get_settings()
     problem = (_conversation_log_problem(settings.conversation_log) or _redis_url_problem(settings.redis_url)
+               or _broker_problem(celery_app, f"LLAVA_QUEUE_REDIS_URL={without_password(settings.redis_url)!r}")
                or _redis_refusal_problem(settings, writes=True))
     if problem:
         print(f"llava-queue worker: {problem}", file=sys.stderr)
@@ -461,6 +485,20 @@ def _host(text: str) -> str:
     return text
 
 
+def _given(text: str) -> str:
+    """A model path, Redis URL or folder for argparse: not empty. `up --model-path ''` served the default model,
+    `--redis-url ''` started the embedded Redis, and `--redis-dir ''` kept its data in the current folder, each as if
+    the option had not been given (a `$VAR` that was not set, unsaid)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: leave the option out for its default")
+    return text
+
+
+def _folder(text: str) -> Path:
+    """A folder for argparse: not empty (`_given`)."""
+    return Path(_given(text))
+
+
 def _up_port(text: str) -> int:
     """`up`'s API port: not 0, since `up` waits for the API at its address and prints it, so it must know it."""
     port = _port(text)
@@ -488,10 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run Redis (embedded), a worker and the API")
     up.add_argument("--host", type=_host, help="where the API listens (default: LLAVA_QUEUE_HOST, 127.0.0.1)")
     up.add_argument("--port", type=_up_port, help="the API's port, 1 to 65535 (default: LLAVA_QUEUE_PORT, 8000)")
-    up.add_argument("--model-path", help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
-    up.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
+    up.add_argument("--model-path", type=_given, help="model to serve (default: the embedded SmolLM2-135M-Instruct)")
+    up.add_argument("--redis-url", type=_given, help="use this Redis instead of starting an embedded one")
     up.add_argument("--redis-port", type=_port, default=None, help="port of the embedded Redis (default: a free one)")
-    up.add_argument("--redis-dir", type=Path, default=None,
+    up.add_argument("--redis-dir", type=_folder, default=None,
                     help="folder of the embedded Redis's append-only file: queued and finished jobs survive a "
                          "restart (default: <cache dir>/redis)")
     up.add_argument("--ephemeral-redis", action="store_true", help="keep nothing after the embedded Redis stops")

@@ -11,19 +11,31 @@ threads, the API and the embedded Redis that `llava-queue up` starts run on the 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+
+
+# Past any machine's CPU numbers (Linux's NR_CPUS is at most 8192): a range is a set of this many at most. Unbounded,
+# a typo such as "0-99999999999" filled memory while the settings were read, in every command.
+MAX_CPU = 65535
+# One part of a cpu list: a number or a range, blanks around them only. Blanks were removed first, and "1 2" read
+# as CPU 12.
+_CPU_LIST_PART = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
     """CPU numbers from a Linux cpu list such as "1", "2-7" or "0,2,4-5"; ValueError saying what is wrong."""
     cpus: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        first, dash, last = part.partition("-")
-        if not (first.isdigit() and (not dash or last.isdigit())):
+    for part in text.split(","):
+        found = _CPU_LIST_PART.fullmatch(part)
+        if not found:
             raise ValueError(f"bad CPU list {text!r}: expected numbers and ranges such as '1', '2-7' or '0,2,4-5'")
-        low, high = int(first), int(last) if dash else int(first)
+        low = int(found[1])
+        high = low if found[2] is None else int(found[2])
         if high < low:
-            raise ValueError(f"bad CPU list {text!r}: the range {part} runs backwards")
+            raise ValueError(f"bad CPU list {text!r}: the range {part.strip()} runs backwards")
+        if high > MAX_CPU:
+            raise ValueError(f"bad CPU list {text!r}: CPU {high} is past any machine's (at most {MAX_CPU})")
         cpus.update(range(low, high + 1))
     return frozenset(cpus)
 

@@ -220,18 +220,18 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        scheme, sep, _ = value.partition("://")
-        if not sep:
-            raise ValueError("not a URL: use redis://[:password@]host:port/db (or rediss://, unix://, sentinel://)")
-        problem = redis_url_options_problem(value)
+        problem = redis_url_problem(value)
         if problem:
             raise ValueError(problem)
-        if scheme in ("redis", "rediss"):
-            database = urlsplit(value).path.strip("/")
-            if database and not database.isdigit():
-                # redis-py leaves it out (database 0), Celery's kombu refuses it: the API and the worker used two.
-                raise ValueError(f"the database {database!r} is not a number: use redis://host:port/0")
-        # Other schemes (redis+socket://, sentinel://) are kombu's; Celery checks them when it connects.
+        return value
+
+    @field_validator("host", "worker_metrics_host")
+    @classmethod
+    def _listen_host(cls, value: str) -> str:
+        # Blank (a set variable is only ignored when empty): it reached the resolver, and `api` said "cannot listen
+        # on  :8000", naming no setting. `--host ''` is refused alike.
+        if not value.strip():
+            raise ValueError("blank: name an address (127.0.0.1, 0.0.0.0 for every one, ::) or a host name")
         return value
 
     @field_validator("dtype")
@@ -346,6 +346,25 @@ class Settings(BaseSettings):
         if any("\0" in str(path) for path in (value if isinstance(value, list) else [value] if value else [])):
             raise ValueError("a path with a NUL character names no file")
         return value
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why `url` cannot be LLAVA_QUEUE_REDIS_URL, read without connecting (its message does not repeat the URL, which
+    may hold a password), or None: the settings' check, and `up --redis-url`'s, which does not go through them (it
+    took a database that is no number, and started a worker and an API that each refused it)."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        return "not a URL: use redis://[:password@]host:port/db (rediss:// for TLS)"
+    problem = redis_url_options_problem(url)
+    if problem:
+        return problem
+    if scheme in ("redis", "rediss"):
+        database = urlsplit(url).path.strip("/")
+        if database and not database.isdigit():
+            # redis-py leaves it out (database 0), Celery's kombu refuses it: the API and the worker used two.
+            return f"the database {database!r} is not a number: use redis://host:port/0"
+    # Other schemes (redis+socket://, sentinel://) are kombu's; Celery checks them when it connects.
+    return None
 
 
 def redis_url_options_problem(url: str) -> str | None:
