@@ -75,7 +75,9 @@ def run_worker(settings: Settings) -> None:
 
     def on_step(outputs):
         runner.publish(outputs)
-        batch_slots.engine_waits(_waits_for_room(engine.scheduler))
+        # Read on the engine's thread. A request that came during a decode step waits for the next one, room or not:
+        # counted, the batch queues were paused and read again at every step of a burst.
+        batch_slots.engine_waits(engine.scheduler.next_waits_for_room())
 
     engine = in_passing_thread(serving_engine, loaded, settings, on_step=on_step, cpus=split.engine or None)
     runner.attach(engine)
@@ -188,17 +190,6 @@ def run_worker(settings: Settings) -> None:
     if engine_stopped.is_set():
         # Not a stop that was asked for: the supervisor (Compose's restart policy, systemd) starts a new worker.
         raise SystemExit(ENGINE_STOPPED_EXIT_STATUS)
-
-
-def _waits_for_room(scheduler) -> bool:
-    """Whether the engine's next waiting request has no room beside those running (its KV budget, or its sequences,
-    are full); read on the engine's thread. A request that came during a decode step waits for the next one, room or
-    not: counted, the batch queues were paused and read again at every step of a burst."""
-    if not scheduler.waiting:
-        return False
-    running = scheduler.running
-    return (len(running) >= scheduler.max_num_seqs
-            or scheduler._reservation([*running, scheduler.waiting[0]]) > scheduler.max_batch_tokens)
 
 
 def _check_redis(settings: Settings) -> None:

@@ -81,11 +81,9 @@ class Scheduler:
         admitted = []
         width = 0
         for seq in list(self.waiting):
-            if len(self.running) >= self.max_num_seqs:
-                break
             if not long_prompts and self.is_long(seq):
                 continue
-            if self._reservation(self.running + [seq]) > self.max_batch_tokens:
+            if not self.has_room(seq):
                 break
             width = max(width, seq.prompt_len)
             over_prefill = self.max_prefill_tokens is not None and (len(admitted) + 1) * width > self.max_prefill_tokens
@@ -101,6 +99,15 @@ class Scheduler:
                 len(admitted), len(self.running), len(self.waiting), self.reserved_tokens, self.max_batch_tokens,
             )
         return admitted
+
+    def has_room(self, seq: Sequence) -> bool:
+        """Whether `seq` fits beside the running batch: a free sequence slot, and its KV positions in the budget."""
+        return (len(self.running) < self.max_num_seqs
+                and self._reservation(self.running + [seq]) <= self.max_batch_tokens)
+
+    def next_waits_for_room(self) -> bool:
+        """Whether the first waiting sequence has no room beside the running batch (`has_room`)."""
+        return bool(self.waiting) and not self.has_room(self.waiting[0])
 
     def is_long(self, seq: Sequence) -> bool:
         """Whether the prompt of `seq` is longer than one prefill forward may compute (prefilled in chunks)."""
