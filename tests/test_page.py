@@ -1036,7 +1036,7 @@ def test_an_error_chunk_in_the_stream_is_shown(page, stack):
     ask(page, "Write a short paragraph about the sea.")
     page.wait_for_function("window.seen.some(state => state.status === 'running' && "
                            "state.error === 'the worker ran out of memory (error_code: 1)')", timeout=ANSWER_TIMEOUT_MS)
-    wait_for_end(page)
+    assert wait_for_end(page) == "succeeded"
     assert injected
     # The job went on and succeeded: the error is gone with it (tests/test_page_s41.py).
     assert last_answer(page).locator(".error").is_hidden()
