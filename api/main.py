@@ -270,9 +270,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         protected += [llava, controller]
     for module in protected:
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
-    if not settings.api_key_hashes:
-        log.warning("no API keys configured (LLAVA_QUEUE_API_KEY_HASHES): anyone who can reach the API can "
-                    "submit jobs; it listens on %s by default", settings.host)
+    # With no API keys, `llava-queue api` warns once it listens, naming where (its --host, not only LLAVA_QUEUE_HOST).
     return app
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from queue import Empty
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import redis
 from celery import Celery
@@ -643,9 +643,23 @@ def redis_warnings(client: redis.Redis) -> list[str]:
 BROKER_SOCKET_TIMEOUT_SECONDS = 10.0
 
 
+def broker_url(redis_url: str) -> str:
+    """The URL Celery's kombu reads for the Redis at `redis_url` (LLAVA_QUEUE_REDIS_URL): the URL itself, but for a
+    unix:// socket. redis-py reads unix:///path?db=N and kombu does not ("No such transport: unix"), kombu reads
+    redis+socket:///path?virtual_host=N and redis-py does not: one URL serves both, this one is kombu's. The
+    credentials go along (in the URL's user part, which kombu's logs mask, from the query too); the other options of
+    the query are redis-py's (the broker has its own timeouts, make_celery)."""
+    if urlsplit(redis_url).scheme != "unix":
+        return redis_url
+    options = redis.connection.parse_url(redis_url)
+    user, password = options.get("username") or "", options.get("password") or ""
+    credentials = f"{quote(user, safe='')}:{quote(password, safe='')}@" if user or password else ""
+    return f"redis+socket://{credentials}{quote(options['path'])}?virtual_host={options.get('db', 0)}"
+
+
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app whose broker is `settings.redis_url`; tasks carry only job ids (JSON)."""
-    app = Celery("llava_queue", broker=settings.redis_url)
+    """A Celery app whose broker is `settings.redis_url` (`broker_url`); tasks carry only job ids (JSON)."""
+    app = Celery("llava_queue", broker=broker_url(settings.redis_url))
     if urlsplit(settings.redis_url).scheme == "redis":
         # Plain redis:// only: a transport named outright takes the place of the URL's scheme, and kombu reads
         # TLS (rediss://), sockets and Sentinel from the scheme; those keep kombu's own transport.

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -22,7 +23,7 @@ from pydantic_settings import SettingsError
 from shared.cpus import keep_to, split_cpus
 from shared.eval_cli import add_eval_parser
 from shared.logs import setup_logging
-from shared.redis_server import BindError, RedisServer, bind_error, bound_sockets
+from shared.redis_server import BindError, DataDirError, RedisServer, bind_error, bound_sockets
 from shared.settings import get_settings, redis_url_problem, unknown_variables
 
 log = logging.getLogger("llava_queue")
@@ -157,11 +158,35 @@ def _redis_url_problem(url: str) -> str | None:
         if "DB index" in str(exc):
             return (f"LLAVA_QUEUE_REDIS_URL={without_password(url)!r}: the Redis there refuses its database ({exc}); "
                     "its `databases` setting says how many it has, 16 by default (0 to 15)")
+    except (redis.ConnectionError, redis.TimeoutError):
+        problem = _tls_problem(url)
+        if problem:
+            return f"LLAVA_QUEUE_REDIS_URL={without_password(url)!r}: {problem}"
     except redis.RedisError:
         pass
     finally:
         client.close()
     return None
+
+
+def _tls_problem(url: str) -> str | None:
+    """Why the rediss:// `url` can never connect, or None: the Redis at its address speaks no TLS (a PING in plain
+    text gets a RESP reply, +PONG or an error such as NOAUTH; a TLS server answers it with an alert, or not at
+    all). Such a Redis reads the client's TLS hello as the start of a command and waits for the rest: the handshake
+    timed out, and `api` and `worker` waited for it as for a Redis not up yet, for ever."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    try:
+        address = (parts.hostname or "localhost", parts.port or 6379)
+        with socket.create_connection(address, timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(1) not in (b"+", b"-"):
+                return None
+    except (OSError, ValueError):  # no answer; ValueError: a port out of range
+        return None
+    return (f"the Redis at {_url_host(address[0])}:{address[1]} speaks no TLS (the TLS handshake got no answer, a "
+            "plain PING did): use redis:// for it, or the port where it takes TLS (its tls-port)")
 
 
 def _redis_refusal_problem(settings, **checks) -> str | None:
@@ -190,6 +215,18 @@ def _frontend_problem(folder: Path | None) -> str | None:
     return None
 
 
+def _data_roots_problem(roots: list[Path]) -> str | None:
+    """Why the API cannot read server-side files under LLAVA_QUEUE_DATA_ROOTS, or None: a root that is no folder (a
+    typo, a volume not mounted). It was taken, and every batch naming a file there was answered "not found", naming
+    neither the setting nor the root."""
+    for root in roots:
+        if not root.expanduser().is_dir():
+            what = "is not a folder" if root.expanduser().exists() else "does not exist"
+            return (f"LLAVA_QUEUE_DATA_ROOTS: {str(root)!r} {what}: name the folders batch files and image folders are "
+                    "read from, or leave it empty (uploads only)")
+    return None
+
+
 def _conversation_log_problem(path: str) -> str | None:
     """Why the worker cannot append to LLAVA_QUEUE_CONVERSATION_LOG, or None (empty: off). The file is created now,
     as the first finished job would: one that cannot be (a folder not writable, a parent that is a file) failed
@@ -210,9 +247,9 @@ def _conversation_log_problem(path: str) -> str | None:
 
 def _broker_problem(app, what: str) -> str | None:
     """Why Celery `app` cannot send or take jobs through its broker URL (`what` names where the URL came from), or
-    None; connects to nothing. redis-py reads unix:// and Celery's kombu does not (it reads redis+socket://, which
-    redis-py does not): such an API started and answered every submission 503 ("No such transport: unix"), and such
-    a worker loaded its model, then failed with kombu's traceback."""
+    None; connects to nothing. A URL redis-py reads and Celery's kombu does not started an API that answered every
+    submission 503 ("No such transport: ..."), and a worker that loaded its model, then failed with kombu's traceback
+    (unix:// did, before make_celery gave kombu its redis+socket:// form: `broker_url`)."""
     try:
         with app.connection_for_write() as connection:
             connection.transport  # the URL's transport, resolved and built
@@ -226,7 +263,7 @@ def _broker_problem(app, what: str) -> str | None:
 def _redis_problem(url: str) -> str | None:
     """Why the Redis at `url` (`up --redis-url`) cannot be used now, or None (the password masked): the checks that
     `api` and `worker` make of LLAVA_QUEUE_REDIS_URL, made before anything starts. Missed here (a database that is
-    no number, a unix:// URL, an ACL without scripts), `up` started a worker and an API that each refused it."""
+    no number, an ACL without scripts), `up` started a worker and an API that each refused it."""
     import redis
 
     from shared.celery_app import make_celery, redis_refusal
@@ -246,6 +283,9 @@ def _redis_problem(url: str) -> str | None:
     except ValueError as exc:  # a scheme redis-py does not read (sentinel://)
         return f"--redis-url {without_password(url)}: {exc}"
     except redis.RedisError as exc:
+        problem = _tls_problem(url)
+        if problem:
+            return f"Redis at {without_password(url)}: {problem}"
         return f"Redis at {without_password(url)} does not answer: {exc}"
     return f"Redis at {without_password(url)}: {refusal}" if refusal else None
 
@@ -277,7 +317,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("llava-queue: LLAVA_QUEUE_PORT=0: `up` waits for the API at its port and prints its address, so it "
               "needs a fixed one (1 to 65535, or --port)", file=sys.stderr, flush=True)
         return 2
-    problem = _port_problem(host, port)
+    problem = _port_problem(host, port) or _data_roots_problem(get_settings().data_roots)
     if problem:
         print(f"llava-queue: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -301,7 +341,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis_server = RedisServer(port=args.redis_port, data_dir=data_dir).start(
                 keep_for=get_settings().shutdown_grace_seconds + 15,
                 preexec_fn=_child_setup(rest, die_with_parent=False), start_new_session=True)
-        except (RuntimeError, OSError) as exc:  # OSError: a data folder it cannot create or write
+        except DataDirError as exc:
+            # What names the folder: the default one is under CACHE_DIR, which the operator may not know `up` writes.
+            if args.redis_dir:
+                where, other = "--redis-dir", "name another folder (--redis-dir)"
+            else:
+                where = f"the default --redis-dir, redis/ under LLAVA_QUEUE_CACHE_DIR={str(get_settings().cache_dir)!r}"
+                other = "name another folder (--redis-dir, or LLAVA_QUEUE_CACHE_DIR)"
+            print(f"llava-queue: cannot start the embedded Redis: {exc} ({where}); {other}, or none "
+                  "(--ephemeral-redis)", file=sys.stderr, flush=True)
+            return 2
+        except (RuntimeError, OSError) as exc:  # OSError: a server binary it cannot run
             print(f"llava-queue: cannot start the embedded Redis: {exc}", file=sys.stderr, flush=True)
             return 2
         env["LLAVA_QUEUE_REDIS_URL"] = redis_server.url
@@ -368,7 +418,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     host, port = _address(args)
-    problem = (_frontend_problem(settings.frontend_dir) or _redis_url_problem(settings.redis_url)
+    problem = (_frontend_problem(settings.frontend_dir) or _data_roots_problem(settings.data_roots)
+               or _redis_url_problem(settings.redis_url)
                or _broker_problem(celery_app, f"LLAVA_QUEUE_REDIS_URL={without_password(settings.redis_url)!r}")
                or _redis_refusal_problem(settings, names_connections=True))
     if problem:
@@ -385,6 +436,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     addresses = " and ".join(sock.getsockname()[0] for sock in sockets)
     api_log.info("listening on http://%s:%d%s", _url_host(host), sockets[0].getsockname()[1],
                  "" if addresses == host else f" ({addresses})")
+    if not settings.api_key_hashes:
+        # Said here, where the address is known (--host, else LLAVA_QUEUE_HOST): the app named LLAVA_QUEUE_HOST's.
+        api_log.warning("no API keys configured (LLAVA_QUEUE_API_KEY_HASHES): anyone who can reach the API can "
+                        "submit jobs; it listens on %s, port %d", addresses, sockets[0].getsockname()[1])
     # The app is built (FastAPI, pydantic, every route): keep all of that out of full collections.
     api_log.info("%d start-up objects frozen out of full garbage collections", freeze_startup_heap())
     # log_level None: uvicorn's loggers follow LLAVA_QUEUE_LOG_LEVEL (the root's, setup_logging); "info" set them to

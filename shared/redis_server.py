@@ -38,6 +38,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class DataDirError(RuntimeError):
+    """The data folder of an embedded Redis cannot be used: a file, a folder it cannot create or write (a read-only
+    file system), or one another embedded Redis holds. The message names the folder; where it came from (an
+    option, a setting) is the caller's to say."""
+
+
 class BindError(OSError):
     """A bind that failed on `address`, one of those its host names (`bound_sockets`)."""
 
@@ -149,10 +155,12 @@ class RedisServer:
         if self.data_dir:
             try:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
+                self._lock_data_dir()
             except FileExistsError:  # it said "[Errno 17] File exists", of a path that is no folder
-                raise RuntimeError(f"{self.data_dir} is a file, not a folder; name a folder for the append-only "
-                                   "file (--redis-dir)") from None
-            self._lock_data_dir()
+                raise DataDirError(f"{self.data_dir} is a file, not a folder") from None
+            except OSError as exc:  # it said "[Errno 30] Read-only file system: '.../redis'", naming no folder's use
+                raise DataDirError(f"its append-only file cannot be kept in {self.data_dir}: "
+                                   f"{exc.strerror or exc}") from None
             persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir)]
         else:
             persistence = ["--appendonly", "no", "--dir", self._dir.name]
@@ -205,8 +213,7 @@ class RedisServer:
         except BlockingIOError:
             self._lock.close()
             self._lock = None
-            raise RuntimeError(f"{self.data_dir} is in use by another embedded Redis; give this one another "
-                               "folder (--redis-dir) or none (--ephemeral-redis)") from None
+            raise DataDirError(f"{self.data_dir} is in use by another embedded Redis") from None
 
     def outlived_by(self, pid: int) -> None:
         """Have the keeper (`start(keep_for=...)`) stop the server only after process `pid` has exited: a worker

@@ -26,6 +26,10 @@ MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 # The dtypes LLAVA_QUEUE_DTYPE may name (workers/builder.py resolve_dtype maps them to torch's): checked when the
 # settings are read, so `api` and `up` refuse a typo at once, not only a worker after its model's download.
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+# The most sequences one batch may hold (LLAVA_QUEUE_MAX_NUM_SEQS). A worker runs a Celery task thread per slot and
+# asks Redis for as many messages: past 65535 kombu turned its QoS off ("prefetch_count exceeds 65535") and the
+# worker started that many threads; no batch this wide pays off on one GPU.
+MAX_NUM_SEQS_LIMIT = 4096
 # LLAVA_QUEUE_* variables that are not settings but are read elsewhere: the install script's torch wheel, the eval
 # client's API address and key, the page tests' screenshots and browser, the test script's processes. Any other one
 # is a typo, said at start-up.
@@ -94,7 +98,7 @@ class Settings(BaseSettings):
 
     # The engine's budgets: sequences in one batch, and the positions their (left-padded) KV cache may
     # hold: rows x the longest prompt + max new tokens among them.
-    max_num_seqs: int = Field(32, ge=1)
+    max_num_seqs: int = Field(32, ge=1, le=MAX_NUM_SEQS_LIMIT)
     max_batch_tokens: int = Field(16384, ge=1)
     # Prompt positions (rows x longest prompt) one prefill forward computes: a burst is prefilled in
     # groups, so the first ones start streaming early. Unset: 256 on a CPU, 4096 on a GPU.
@@ -234,6 +238,12 @@ class Settings(BaseSettings):
             raise ValueError("blank: name an address (127.0.0.1, 0.0.0.0 for every one, ::) or a host name")
         return value
 
+    @field_validator("log_format", "engine_forward", "decode_attention", "layer_ops", mode="before")
+    @classmethod
+    def _choice(cls, value):
+        # In any case, as DTYPE and LOG_LEVEL are read: LOG_FORMAT=JSON was refused while LOG_LEVEL=debug was taken.
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str) -> str:
@@ -358,6 +368,8 @@ def redis_url_problem(url: str) -> str | None:
     problem = redis_url_options_problem(url)
     if problem:
         return problem
+    if scheme == "unix" and not urlsplit(url).path:
+        return "names no socket: use unix:///path/to/redis.sock?db=0"
     if scheme in ("redis", "rediss"):
         database = urlsplit(url).path.strip("/")
         if database and not database.isdigit():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import redis
-import requests
 from pydantic import ValidationError
 
 from shared.cli import build_parser
@@ -78,53 +77,6 @@ def test_engine_cpus_past_any_machine_stop_every_command_at_once():
     assert "bad setting: LLAVA_QUEUE_ENGINE_CPUS='0-99999999999'" in run.stderr, run.stderr
     assert "CPU 99999999999 is past any machine's" in run.stderr, run.stderr
     assert time.monotonic() - started < 30
-
-
-def test_a_unix_socket_redis_url_is_refused_before_the_api_or_a_worker_starts(tmp_path, default_model_dir):
-    # redis-py reads unix://, Celery's kombu does not ("No such transport: unix"): the API started, said "ok" at
-    # /healthz, and answered every submission 503; the worker loaded its model, then died with kombu's traceback;
-    # `up --redis-url` started both.
-    socket_path = tmp_path / "redis.sock"
-    with redis_process(tmp_path / "redis", "--unixsocket", str(socket_path)) as server:
-        wait_answers(redis.Redis(unix_socket_path=str(socket_path)), server)
-        url = f"unix://{socket_path}?db=0"
-        expected = f"LLAVA_QUEUE_REDIS_URL='{url}': Celery, which carries the jobs, cannot use it"
-
-        port = free_port()
-        api = subprocess.Popen([sys.executable, "-m", "shared.cli", "api", "--port", str(port)], cwd=ROOT,
-                               env=dict(os.environ, LLAVA_QUEUE_REDIS_URL=url), stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 60
-            while api.poll() is None:
-                try:
-                    answer = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-                    raise AssertionError(f"the API started on a unix:// URL: /healthz said {answer.text}")
-                except requests.ConnectionError:
-                    assert time.monotonic() < deadline, "the API neither started nor exited"
-                    time.sleep(0.2)
-            stderr = api.stderr.read()
-        finally:
-            if api.poll() is None:
-                api.kill()
-                api.wait()
-        assert api.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
-        assert f"llava-queue api: {expected}" in stderr, stderr[-2000:]
-
-        started = time.monotonic()
-        worker = cli(["worker"], timeout=180, LLAVA_QUEUE_REDIS_URL=url)
-        assert worker.returncode == 2 and "Traceback" not in worker.stderr, worker.stderr[-2000:]
-        assert f"llava-queue worker: {expected}" in worker.stderr, worker.stderr[-2000:]
-        assert "loaded" not in worker.stderr and time.monotonic() - started < 30, worker.stderr[-2000:]
-
-        up = cli(["up", "--port", str(free_port()), "--redis-url", url], timeout=180)
-        assert up.returncode == 2 and "Traceback" not in up.stderr, up.stdout + up.stderr[-2000:]
-        assert f"llava-queue: --redis-url {url}: Celery, which carries the jobs, cannot use it" in up.stderr, \
-            up.stderr[-2000:]
-        assert "starting the worker" not in up.stdout, up.stdout
-
-        # `status` reads Redis alone, through redis-py: a unix socket serves it.
-        status = cli(["status"], timeout=60, LLAVA_QUEUE_REDIS_URL=url)
-        assert status.returncode == 0, status.stderr[-2000:]
 
 
 def test_up_checks_its_redis_url_as_api_and_worker_do_before_starting_anything(tmp_path):
