@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import redis
+from pydantic import ValidationError
 from redis.commands.core import Script
 from redis.exceptions import (ClusterDownError, NoScriptError, OutOfMemoryError, ReadOnlyError, ResponseError,
                               TryAgainError)
@@ -40,6 +41,9 @@ QUEUES = ("interactive", "batch")
 CANCELLED_ERROR = "cancelled by the client"
 # What a step's write answers for a job whose record is gone (JobStore.record_step).
 RECORD_GONE = -3
+# The error of a job whose record had no status of the store's when a worker took it (`JobStore.start`).
+DAMAGED_STATUS_ERROR = ("the job's record is damaged: it has no status llava-queue writes (changed by hand, or by "
+                        "another program on the key prefix)")
 
 # How many times a job may be handed back by workers told to stop (rolling restarts, scale-downs) before its next start
 # fails it, by default (Settings.max_hand_backs, LLAVA_QUEUE_MAX_HAND_BACKS; JobStore's `max_hand_backs`). Hand-backs
@@ -66,9 +70,17 @@ local function forget_owned(job_key, prefix, job_id)
 end
 """
 
-_START = _FORGET_OWNED_LUA + """
+_START = _FORGET_OWNED_LUA + f"local FINAL = {{{', '.join(f'{state} = true' for state in FINAL_STATES)}}}\n" + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
+if status ~= 'queued' and status ~= 'running' and not FINAL[status] then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+  -- A record with no status of the store's (damaged by hand, or by another program on the prefix) is the caller's,
+  -- to fail: skipped, it stayed in its queue for good, counted against MAX_QUEUED_JOBS, and never ended or expired.
+  redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'start_token', ARGV[7],
+             'start_outcome', 'damaged')
+  return 'damaged'
+end
 if status ~= 'queued' and status ~= 'running' then return status end
 if status == 'running' then
   local holder = redis.call('HGET', KEYS[1], 'worker') or ''
@@ -1244,14 +1256,19 @@ class JobStore:
         if raw is None:
             return None, queue
         if not image_keys:
-            return GenerateRequest.model_validate_json(raw), queue
+            return _validated_request(job_id, raw), queue
         # Its images in the place of their digests (`image_key`): one more round trip, for a job with images.
         keys = image_keys.split()
         with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hget(key, "data")
             found = dict(zip(keys, pipe.execute()))
-        data = json.loads(raw)
+        damaged = ValueError(f"job {job_id}: the request its record holds is not one llava-queue writes (the "
+                             "record is damaged: changed by hand, or by another program on the key prefix)")
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise damaged from None
 
         def image(digest: str) -> str:
             stored = found.get(self.image_key(digest))
@@ -1259,8 +1276,13 @@ class JobStore:
                 raise LookupError(f"job {job_id}: its image {digest[:12]}... is no longer stored")
             return stored
 
-        _replace_images(data, image)
-        return GenerateRequest.model_validate_json(json.dumps(data, ensure_ascii=False)), queue
+        try:
+            _replace_images(data, image)
+        except (AttributeError, TypeError):
+            # No object, or turns or images that are no lists of them: it failed the job with "AttributeError: 'list'
+            # object has no attribute 'get'", and a traceback in the worker's log.
+            raise damaged from None
+        return _validated_request(job_id, json.dumps(data, ensure_ascii=False)), queue
 
     def queue_of(self, job_id: str) -> str | None:
         """The queue a job was submitted to (None for an unknown job)."""
@@ -1316,8 +1338,9 @@ class JobStore:
         "exhausted" (started more than `max_attempts` times, the starts after a hand-back (`release`) not counted:
         the caller fails it); "handed_back" (handed back more than `max_hand_backs` times, the store's own unless
         given: the caller fails it, with `handed_back_error`);
-        with these four a job its dead (or stopping) worker held is the caller's, to end; "missing";
-        or the final status it already has (skip).
+        with these four a job its dead (or stopping) worker held is the caller's, to end; "damaged" (its record
+        has no status of the store's: it is now running on `worker`, which fails it with DAMAGED_STATUS_ERROR);
+        "missing"; or the final status it already has (skip).
 
         A `token` of this delivery's own makes the start safe to send again: one whose answer was lost (the
         connection cut after it ran) gets the same answer the second time, not "duplicate" (its job held by this
@@ -1539,6 +1562,18 @@ def _replace_images(request: dict[str, Any], replace: Callable[[str], str]) -> N
     for holder in [request, *request.get("messages", ())]:
         if holder.get("images"):
             holder["images"] = [replace(image) for image in holder["images"]]
+
+
+def _validated_request(job_id: str, raw: str) -> GenerateRequest:
+    """The request a job's record holds (`raw`, its JSON), validated; a ValueError that names the job and each field
+    that is wrong (at most three) where it is not one. pydantic's own message (a dump of every error, with an address
+    to look each one up at) was the job's error, and the record's id was nowhere in it."""
+    try:
+        return GenerateRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        wrong = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'the request'}: {error['msg']}"
+                          for error in exc.errors(include_url=False)[:3])
+        raise ValueError(f"job {job_id}: the request its record holds is not valid here ({wrong})") from None
 
 
 def image_digest(image: str) -> str:

@@ -20,7 +20,8 @@ import torch
 from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import CANCELLED_ERROR, QUEUES, RECORD_GONE, Ending, JobStore, answers_later
+from shared.jobs import (CANCELLED_ERROR, DAMAGED_STATUS_ERROR, QUEUES, RECORD_GONE, Ending, JobStore,
+                         answers_later)
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_RENDERED_CHARS, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -56,6 +57,7 @@ _ENDED_BEFORE_START = {
     "exhausted": lambda store, job_id: Ending(job_id, "failed", EXHAUSTED_ERROR, ErrorCode.SERVER_ERROR, "error"),
     "handed_back": lambda store, job_id: Ending(job_id, "failed", store.handed_back_error, ErrorCode.SERVER_ERROR,
                                                 "error"),
+    "damaged": lambda store, job_id: Ending(job_id, "failed", DAMAGED_STATUS_ERROR, ErrorCode.SERVER_ERROR, "error"),
 }
 
 
