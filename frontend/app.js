@@ -14,6 +14,14 @@ const MAX_TEXT = 1536;
 const MAX_TEXT_WITH_IMAGE = 1200;
 const CURSOR = "▌";
 const MODEL_RETRY_MS = 3000;
+// The served models change (a worker stops for good, another model comes): the list is read again this often, and
+// at most every MODEL_CHECK_WHILE_WAITING_MS while an answer has waited that long for a worker.
+const MODEL_REFRESH_MS = 30_000;
+const MODEL_CHECK_WHILE_WAITING_MS = 5000;
+const STOPPING = "stopping…";
+// One answer at a time, as the original: Enter while one is generated keeps the message in the box, and says why.
+const BUSY_NOTICE = "An answer is still being generated: your message stays in the box. Send it once the answer "
+  + "has ended, or press Stop.";
 // The most pixels an image may have is the API's (LLAVA_QUEUE_MAX_IMAGE_PIXELS), read from the server; its default
 // when it cannot be read (an image past a smaller limit is then refused by the API, with its own message).
 const DEFAULT_MAX_IMAGE_PIXELS = 50_000_000;
@@ -25,15 +33,18 @@ const ui = {
   prompt: $("prompt"), send: $("send"), stop: $("stop"), upvote: $("upvote"), downvote: $("downvote"),
   flag: $("flag"), regenerate: $("regenerate"), clear: $("clear"), notice: $("notice"), image: $("image"),
   preview: $("preview"), dropzone: $("dropzone"), attachment: $("attachment"), attachmentThumb: $("attachment-thumb"),
-  attachmentName: $("attachment-name"), removeImage: $("remove-image"), attach: $("attach"),
+  attachmentName: $("attachment-name"), attachmentWarning: $("attachment-warning"), removeImage: $("remove-image"),
+  attach: $("attach"),
   temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"), keyField: $("key-field"),
   apiKey: $("api-key"),
 };
 
 const state = {
-  // {role: "user", text, image: {source, mode, sent: {mode, base64, dataUrl}} | null}
-  // {role: "assistant", text, jobId, status, error, errorCode, meta, voted}
+  // {role: "user", text, image: {source, mode, sent: {mode, base64, dataUrl}, unreadBy} | null}
+  // {role: "assistant", text, jobId, model, status, error, errorCode, meta, voted, stopRequested, position,
+  //  modelGone}
   turns: [],
+  models: new Map(), // the served models by name, as GET /v1/models lists them: {id, reads_images}
   pendingImage: null, // {source, name}
   imageReading: null, // while an image is being read: the promise of its reading (it never rejects)
   sendOnceRead: false, // Send was pressed while it was
@@ -57,7 +68,7 @@ function renderConversation() {
       ui.conversation.append(turn.el);
       if (turn.role === "assistant") updateAssistant(turn);
     } else if (turn.image && turn.image.sent) {
-      showSentImage(turn.el, turn.image); // Regenerate sends the image again in the current process mode
+      showSentImage(turn.el, turn.image); // Regenerate sends the image again in the current process mode (and model)
     }
   }
   ui.conversation.scrollTop = ui.conversation.scrollHeight;
@@ -72,7 +83,9 @@ function userElement(turn) {
     const img = document.createElement("img");
     img.className = "upload";
     img.alt = "user upload image";
-    bubble.append(img);
+    const note = document.createElement("p");
+    note.className = "image-note";
+    bubble.append(img, note);
   }
   const text = document.createElement("div");
   text.className = "markdown";
@@ -83,10 +96,14 @@ function userElement(turn) {
   return el;
 }
 
-/** The user turn `el` shows `image` as it was sent (its src set only when it differs: no needless change). */
+/** The user turn `el` shows `image` as it was sent (its src set only when it differs: no needless change), and
+ * says so under it when the model it went to reads no images: its worker ignores the image, and the answer would
+ * otherwise pass for one about it. */
 function showSentImage(el, image) {
   const img = el.querySelector("img.upload");
   if (img.getAttribute("src") !== image.sent.dataUrl) img.src = image.sent.dataUrl;
+  setText(el.querySelector(".image-note"), image.unreadBy
+    ? `${image.unreadBy} does not read images: it answers the text alone, without seeing this image.` : "");
 }
 
 function assistantElement() {
@@ -113,7 +130,8 @@ function updateAssistant(turn) {
   error.hidden = !turn.error;
   error.classList.toggle("cancelled", turn.status === "cancelled");
   setText(error, turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "");
-  setText(el.querySelector(".meta"), turn.meta || "");
+  // A Stop is shown at once, whatever the answer was showing (a submission still unanswered: "sending…").
+  setText(el.querySelector(".meta"), streaming && turn.stopRequested ? STOPPING : turn.meta || "");
   if (stick) ui.conversation.scrollTop = ui.conversation.scrollHeight;
 }
 
@@ -195,7 +213,8 @@ function updateButtons() {
   const busy = state.current !== null;
   const answer = lastAnswer();
   ui.send.disabled = busy || !ui.model.value;
-  ui.stop.disabled = !busy;
+  ui.send.title = busy ? "An answer is being generated: wait for it to end, or press Stop" : "";
+  ui.stop.disabled = !busy || Boolean(state.current.stopRequested); // a Stop heard is not asked for again
   ui.regenerate.disabled = busy || !answer || !ui.model.value;
   ui.clear.disabled = busy || state.turns.length === 0;
   const canVote = !busy && answer && answer.status === "succeeded" && !answer.voted;
@@ -214,7 +233,11 @@ function processMode() {
 }
 
 async function send() {
-  if (state.current || !ui.model.value) return;
+  if (state.current) {
+    notice(BUSY_NOTICE);
+    return;
+  }
+  if (!ui.model.value) return;
   if (state.imageReading) {
     // A large image takes a moment to read: the message waits for it (sent once, however often Enter is pressed),
     // and stays in the box if the image could not be read (the notice says why).
@@ -281,7 +304,10 @@ async function messagesToSend() {
 }
 
 async function generate() {
-  const turn = { role: "assistant", text: "", status: "submitting", jobId: null, error: "", meta: "sending…" };
+  const model = ui.model.value;
+  const question = state.turns.at(-1);
+  if (question.image) question.image.unreadBy = readsImages(model) ? null : model;
+  const turn = { role: "assistant", text: "", model, status: "submitting", jobId: null, error: "", meta: "sending…" };
   state.turns.push(turn);
   state.current = turn;
   // The log is busy while the answer streams: a screen reader would read it out again, whole, at every chunk (and
@@ -298,7 +324,7 @@ async function generate() {
   renderConversation();
   updateButtons();
   const request = {
-    model: ui.model.value,
+    model,
     messages,
     temperature: Number(ui.temperature.value),
     top_p: Number(ui.topP.value),
@@ -307,21 +333,27 @@ async function generate() {
   turn.jobId = await submitWhenTaken(turn, request);
   if (!turn.jobId) return;
   turn.status = "queued";
-  turn.meta = "waiting for a worker…";
+  turn.queuedAt = Date.now();
+  turn.position = null;
+  turn.meta = waitingText(turn);
   updateAssistant(turn);
   if (turn.stopRequested) stopCurrent();
   state.follower = followJob(turn.jobId, {
     onConnected() {
       if (turn.meta.startsWith("connection lost")) {
-        turn.meta = turn.status === "running" ? "generating…" : "waiting for a worker…";
+        turn.meta = turn.status === "running" ? "generating…" : waitingText(turn);
       }
       updateAssistant(turn);
     },
     onQueued(position) {
-      // No place while a worker is taking it (it has left the queue's order, not yet started).
-      turn.meta = position === null ? "waiting for a worker…"
-        : position === 0 ? "in the queue: next" : `in the queue: ${position} ahead`;
+      turn.position = position;
+      turn.meta = waitingText(turn);
       updateAssistant(turn);
+      // A job that waits long may be for a model no worker serves any more: the model list says so (showModels).
+      const now = Date.now();
+      if (now - turn.queuedAt >= MODEL_CHECK_WHILE_WAITING_MS && now - modelsAskedAt >= MODEL_CHECK_WHILE_WAITING_MS) {
+        loadModels();
+      }
     },
     onStarted() {
       // Its place is gone once a worker has it, whenever its first text comes (a long prompt or an image takes a
@@ -352,6 +384,18 @@ async function generate() {
       finish(turn, job, ending);
     },
   });
+}
+
+/** What a queued answer shows: its place in the queue, or that no worker serves its model now. */
+function waitingText(turn) {
+  if (turn.modelGone) {
+    return `no worker serves ${turn.model} now: the job waits until one comes back (Stop gives up; another model `
+      + "can be chosen at the top)";
+  }
+  // No place while a worker is taking it (it has left the queue's order, not yet started).
+  const position = turn.position;
+  return position === null ? "waiting for a worker…"
+    : position === 0 ? "in the queue: next" : `in the queue: ${position} ahead`;
 }
 
 /**
@@ -465,6 +509,7 @@ function finish(turn, job, ending) {
     state.current = null;
     state.follower = null;
     ui.conversation.setAttribute("aria-busy", "false"); // before the final text goes in: that is what is read out
+    if (ui.notice.textContent === BUSY_NOTICE) notice(""); // the message in the box can be sent now
   }
   updateAssistant(turn);
   updateButtons();
@@ -486,13 +531,15 @@ function timings(job) {
 async function stopCurrent() {
   const turn = state.current;
   if (!turn) return;
+  // Shown at once ("stopping…", Stop disabled), though the job's id may not have come yet: its submission still
+  // unanswered, the answer kept saying "sending…" and Stop seemed not to be heard.
+  turn.stopRequested = true;
+  updateAssistant(turn);
+  updateButtons(); // (the focus goes to the message box, not to the page's start, as Stop disables)
   if (!turn.jobId) {
-    turn.stopRequested = true; // cancelled as soon as the job exists; not sent again if it was refused
-    turn.wakeUp?.();
+    turn.wakeUp?.(); // cancelled as soon as the job exists; not sent again if it was refused
     return;
   }
-  if (document.activeElement === ui.stop) ui.prompt.focus(); // not dropped to the page's start as Stop disables
-  ui.stop.disabled = true;
   try {
     await cancelJob(turn.jobId);
   } catch (error) {
@@ -508,7 +555,11 @@ async function stopCurrent() {
     // 409: it ended meanwhile; its last message says how (a 401 or 422 has error_code 4 too: not the status).
     if (error.status !== 409) {
       notice(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
-      if (state.current === turn) ui.stop.disabled = false; // it goes on: Stop can be tried again
+      if (state.current === turn) {
+        turn.stopRequested = false; // it goes on: Stop can be tried again
+        updateAssistant(turn);
+        updateButtons();
+      }
     }
   }
 }
@@ -614,6 +665,7 @@ async function setPendingImage(image) {
   state.pendingImage = image;
   ui.preview.hidden = !image;
   ui.attachment.hidden = !image;
+  showImageWarning();
   if (!image) {
     ui.preview.removeAttribute("src");
     ui.attachmentThumb.removeAttribute("src");
@@ -621,6 +673,19 @@ async function setPendingImage(image) {
   }
   ui.attachmentName.textContent = ui.attachmentName.title = image.name;
   await showPreview();
+}
+
+/** Whether the model named `model` has its images read: as GET /v1/models says (shared/protocol.py's rule); a model
+ * the list does not name (an older API's list says nothing of it) is taken to read them, as the page always did. */
+function readsImages(model) {
+  return state.models.get(model)?.reads_images !== false;
+}
+
+/** The attached image says, beside its name, when the chosen model will not see it (its worker ignores images). */
+function showImageWarning() {
+  const model = ui.model.value;
+  setText(ui.attachmentWarning, state.pendingImage && model && !readsImages(model)
+    ? `${model} does not read images: choose a model that does (a LLaVA one) to ask about this image` : "");
 }
 
 async function showPreview() {
@@ -660,54 +725,91 @@ async function useExample(button) {
   ui.prompt.focus();
 }
 
-// ---- the model list --------------------------------------------------------------------------
+// ---- the model list ---------------------------------------------------------------------------
 
 // The one timer that reads the list again, and the latest reading: a key entered reads it at once, and an earlier
 // reading (or its timer) would otherwise go on beside it, each with its own loop.
 let modelTimer = null;
 let modelReading = 0;
+let modelsAskedAt = 0; // (Date.now()) when the list was last asked for
+// The notice that the model list put up (an error reading it, a key asked for): taken down once it is read.
+let modelNotice = "";
+
+function showModelNotice(text) {
+  modelNotice = text;
+  notice(text);
+}
 
 async function loadModels() {
   clearTimeout(modelTimer);
   const reading = ++modelReading;
-  let models = [];
-  let retryMs = MODEL_RETRY_MS;
+  modelsAskedAt = Date.now();
+  let models;
   try {
     models = await listModels();
   } catch (error) {
     if (reading !== modelReading) return; // a later reading answers
-    if (error.retryAfter) retryMs = Math.max(retryMs, error.retryAfter * 1000); // a 429: not before it says
     if (error.status === 401) {
       askForKey();
+      state.models = new Map();
       ui.model.replaceChildren(new Option("enter the API key first", ""));
       ui.model.disabled = true;
       updateButtons();
       return; // the list is read again once a key is entered
     }
-    notice(`Could not read the model list: ${error.message}`);
-  }
-  if (reading !== modelReading) return;
-  if (!models.length) {
-    ui.model.replaceChildren(new Option("no model is served right now", ""));
-    ui.model.disabled = true;
-    updateButtons();
-    modelTimer = setTimeout(loadModels, retryMs);
+    // A list already shown stays as it is: a reading that failed says nothing of the models.
+    if (!state.models.size) {
+      showModelNotice(`Could not read the model list: ${error.message}`);
+      showModels([]);
+    }
+    // A 429: not before it says.
+    modelTimer = setTimeout(loadModels, Math.max(MODEL_RETRY_MS, (error.retryAfter || 0) * 1000));
     return;
   }
-  // As the original: the first model by default; ?model= picks one that is served.
-  const wanted = new URLSearchParams(location.search).get("model");
+  if (reading !== modelReading) return;
+  if (ui.notice.textContent === modelNotice) notice("");
+  showModels(models);
+  modelTimer = setTimeout(loadModels, models.length ? MODEL_REFRESH_MS : MODEL_RETRY_MS);
+}
+
+/** Show `models` (GET /v1/models' list) in the model field, the one chosen kept while it is served. One no longer
+ * served is replaced by the first (or ?model=) and the notice says so; an answer waiting for it says so too. */
+function showModels(models) {
+  const names = models.map((model) => model.id);
   const previous = ui.model.value;
-  ui.model.replaceChildren(...models.map((name) => new Option(name, name)));
-  ui.model.value = models.includes(previous) ? previous : models.includes(wanted) ? wanted : models[0];
-  ui.model.disabled = false;
-  notice("");
+  state.models = new Map(models.map((model) => [model.id, model]));
+  const shown = [...ui.model.options].map((option) => option.value);
+  // Replaced only when it changed: the field's options, replaced every refresh, closed its open list under the user.
+  if (JSON.stringify(shown) !== JSON.stringify(names)) {
+    if (!names.length) {
+      ui.model.replaceChildren(new Option("no model is served right now", ""));
+      ui.model.disabled = true;
+    } else {
+      // As the original: the first model by default; ?model= picks one that is served.
+      const wanted = new URLSearchParams(location.search).get("model");
+      ui.model.replaceChildren(...names.map((name) => new Option(name, name)));
+      ui.model.value = names.includes(previous) ? previous : names.includes(wanted) ? wanted : names[0];
+      ui.model.disabled = false;
+    }
+  }
+  if (previous && !names.includes(previous)) {
+    notice(names.length ? `${previous} is no longer served: ${ui.model.value} is chosen now.`
+      : `${previous} is no longer served, and no other model is right now.`);
+  }
+  const turn = state.current;
+  if (turn && turn.model && Boolean(turn.modelGone) === state.models.has(turn.model)) {
+    turn.modelGone = !state.models.has(turn.model);
+    if (turn.status === "queued") turn.meta = waitingText(turn);
+    updateAssistant(turn);
+  }
+  showImageWarning();
   updateButtons();
 }
 
 /** This server requires API keys: show the key field (its value is used once entered). */
 function askForKey() {
   ui.keyField.hidden = false;
-  notice("This server requires an API key: enter it at the top of the page.");
+  showModelNotice("This server requires an API key: enter it at the top of the page.");
   ui.apiKey.focus();
 }
 
@@ -773,7 +875,10 @@ for (const slider of [ui.temperature, ui.topP, ui.maxTokens]) {
   slider.addEventListener("input", () => showSliderValue(slider));
   showSliderValue(slider);
 }
-ui.model.addEventListener("change", updateButtons);
+ui.model.addEventListener("change", () => {
+  showImageWarning();
+  updateButtons();
+});
 ui.apiKey.addEventListener("change", () => {
   setApiKey(ui.apiKey.value);
   loadModels();

@@ -85,7 +85,8 @@ export async function callApi(method, path, body, options = {}) {
   return payload;
 }
 
-export const listModels = async () => (await callApi("GET", "v1/models")).data.map((model) => model.id);
+/** The served models: `[{id, reads_images, ...}]` (a model that reads no images has its worker ignore them). */
+export const listModels = async () => (await callApi("GET", "v1/models")).data;
 /** A fresh Idempotency-Key for one submission: 128 random bits in hex (crypto.randomUUID is only there on https or
  * localhost; getRandomValues is everywhere). */
 export function newSubmissionKey() {

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import Registry
 from api.errors import ApiError
-from shared.protocol import ErrorCode
+from shared.protocol import ErrorCode, reads_images
 
 router = APIRouter(tags=["models"])
 # A model that a worker served this recently, with no live worker now (one restarting, a rolling deploy, a crash), is
@@ -39,7 +39,9 @@ def model_away(model: str, seconds: float) -> ApiError:
 
 
 async def _model_objects(registry, workers: list[dict] | None = None) -> list[dict]:
-    """OpenAI's model object `{"id", "object": "model", "owned_by", "created"}` of every served model."""
+    """OpenAI's model object `{"id", "object": "model", "owned_by", "created"}` of every served model, with
+    `reads_images`: whether its jobs have their images read (`shared.protocol.reads_images`; a text-only model's
+    worker ignores them), so that a client (the chat page) need not repeat the rule."""
     if workers is None:
         workers = await asyncio.to_thread(registry.workers)
     started = {}
@@ -47,8 +49,8 @@ async def _model_objects(registry, workers: list[dict] | None = None) -> list[di
         if "model" in worker:  # (every worker names its model; a description written by hand may not)
             at = worker.get("started_at", 0)
             started[worker["model"]] = min(started.get(worker["model"], at), at)
-    return [{"id": name, "object": "model", "owned_by": "llava-queue", "created": int(started[name])}
-            for name in served_models(workers)]
+    return [{"id": name, "object": "model", "owned_by": "llava-queue", "created": int(started[name]),
+             "reads_images": reads_images(name)} for name in served_models(workers)]
 
 
 @router.get("/v1/models")
