@@ -74,10 +74,13 @@ def run_worker(settings: Settings) -> None:
                              (task_queue(BATCH_QUEUE, loaded.name), BATCH_QUEUE))
 
     def on_step(outputs):
-        runner.publish(outputs)
-        # Read on the engine's thread. A request that came during a decode step waits for the next one, room or not:
-        # counted, the batch queues were paused and read again at every step of a burst.
-        batch_slots.engine_waits(engine.scheduler.next_waits_for_room())
+        try:
+            runner.publish(outputs)
+        finally:
+            # After a write that failed too (the engine logs it). Read on the engine's thread. A request that came
+            # during a decode step waits for the next one, room or not: counted, the batch queues were paused and
+            # read again at every step of a burst.
+            batch_slots.engine_waits(engine.scheduler.next_waits_for_room())
 
     engine = in_passing_thread(serving_engine, loaded, settings, on_step=on_step, cpus=split.engine or None)
     runner.attach(engine)
