@@ -4,6 +4,7 @@ per-model variants: `task_queue`)."""
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -529,9 +530,17 @@ class _Channel(kombu_redis.Channel):
 
 
 class RedisTransport(kombu_redis.Transport):
-    """kombu's Redis transport, on `_Channel`."""
+    """kombu's Redis transport, on `_Channel`: the broker's for redis:// and rediss:// (`make_celery`)."""
 
     Channel = _Channel
+
+
+class RedisSocketTransport(RedisTransport):
+    """`RedisTransport` for a Redis on a unix socket, whose URL is `broker_url`'s socket://. Saying it parses its URLs,
+    it has kombu's Connection keep the URL whole, and kombu's channel reads the socket's path, database and credentials
+    from it (`_connparams`), as for kombu's redis+socket://, whose "redis+" names kombu's own transport instead."""
+
+    can_parse_url = True
 
 
 # The keys outside the job store's prefix that kombu reads and writes: a queue, its unacked hashes and a binding. An
@@ -645,25 +654,38 @@ BROKER_SOCKET_TIMEOUT_SECONDS = 10.0
 
 def broker_url(redis_url: str) -> str:
     """The URL Celery's kombu reads for the Redis at `redis_url` (LLAVA_QUEUE_REDIS_URL): the URL itself, but for a
-    unix:// socket. redis-py reads unix:///path?db=N and kombu does not ("No such transport: unix"), kombu reads
-    redis+socket:///path?virtual_host=N and redis-py does not: one URL serves both, this one is kombu's. The
-    credentials go along (in the URL's user part, which kombu's logs mask, from the query too); the other options of
-    the query are redis-py's (the broker has its own timeouts, make_celery)."""
+    unix:// socket. redis-py reads unix:///path?db=N and kombu does not ("No such transport: unix"); kombu's channel
+    reads socket:///path?virtual_host=N (`RedisSocketTransport`; kombu's own redis+socket://, less its transport) and
+    redis-py does not: one URL serves both, this one is kombu's. The credentials go along (in the URL's user part,
+    which kombu's logs mask, from the query too); the other options of the query are redis-py's (the broker has its
+    own timeouts, make_celery)."""
     if urlsplit(redis_url).scheme != "unix":
         return redis_url
     options = redis.connection.parse_url(redis_url)
     user, password = options.get("username") or "", options.get("password") or ""
     credentials = f"{quote(user, safe='')}:{quote(password, safe='')}@" if user or password else ""
-    return f"redis+socket://{credentials}{quote(options['path'])}?virtual_host={options.get('db', 0)}"
+    return f"socket://{credentials}{quote(options['path'])}?virtual_host={options.get('db', 0)}"
+
+
+# The broker's transport for each scheme redis-py reads (the job store's): the project's, with its channel. A transport
+# named outright takes the place of the URL's scheme: a socket's URL is one the transport reads (`broker_url`). Other
+# schemes (sentinel://, kombu's redis+socket://) keep kombu's own; `api` and `worker` refuse them (redis-py cannot).
+_TRANSPORTS = {"redis": RedisTransport, "rediss": RedisTransport, "unix": RedisSocketTransport}
 
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app whose broker is `settings.redis_url` (`broker_url`); tasks carry only job ids (JSON)."""
     app = Celery("llava_queue", broker=broker_url(settings.redis_url))
-    if urlsplit(settings.redis_url).scheme == "redis":
-        # Plain redis:// only: a transport named outright takes the place of the URL's scheme, and kombu reads
-        # TLS (rediss://), sockets and Sentinel from the scheme; those keep kombu's own transport.
-        app.conf.broker_transport = f"{__name__}:RedisTransport"
+    scheme = urlsplit(settings.redis_url).scheme
+    if scheme in _TRANSPORTS:
+        app.conf.broker_transport = f"{__name__}:{_TRANSPORTS[scheme].__name__}"
+    if scheme == "rediss":
+        # kombu reads TLS options from the URL's query as for its own rediss:// (ssl_cert_reqs=required|optional|none,
+        # ssl_ca_certs, ssl_certfile, ssl_keyfile...), these where the query names none (a query naming others but no
+        # ssl_cert_reqs gets redis-py's default, required). The certificate is verified, as redis-py verifies it for
+        # the job store: kombu's own default is CERT_NONE ("defaulting to insecure SSL behaviour"), a broker anyone on
+        # the path could read and change while the job store refused them. ?ssl_cert_reqs=none is off for both.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     app.conf.update(
         # Only JSON crosses the queue: every serializer Celery has, and what it accepts, named (the defaults of the
         # last two are JSON already; said here so that no upgrade or other setting changes them unseen).

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -158,8 +159,8 @@ def _redis_url_problem(url: str) -> str | None:
         if "DB index" in str(exc):
             return (f"LLAVA_QUEUE_REDIS_URL={without_password(url)!r}: the Redis there refuses its database ({exc}); "
                     "its `databases` setting says how many it has, 16 by default (0 to 15)")
-    except (redis.ConnectionError, redis.TimeoutError):
-        problem = _tls_problem(url)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        problem = _tls_problem(url, exc)
         if problem:
             return f"LLAVA_QUEUE_REDIS_URL={without_password(url)!r}: {problem}"
     except redis.RedisError:
@@ -169,14 +170,18 @@ def _redis_url_problem(url: str) -> str | None:
     return None
 
 
-def _tls_problem(url: str) -> str | None:
-    """Why the rediss:// `url` can never connect, or None: the Redis at its address speaks no TLS (a PING in plain
-    text gets a RESP reply, +PONG or an error such as NOAUTH; a TLS server answers it with an alert, or not at
-    all). Such a Redis reads the client's TLS hello as the start of a command and waits for the rest: the handshake
-    timed out, and `api` and `worker` waited for it as for a Redis not up yet, for ever."""
+def _tls_problem(url: str, error: Exception) -> str | None:
+    """Why the rediss:// `url` can never connect, given the `error` of a try, or None: its certificate is not trusted
+    (redis-py's error is caused by the handshake's), or the Redis at its address speaks no TLS (a PING in plain text
+    gets a RESP reply, +PONG or an error such as NOAUTH; a TLS server answers it with an alert, or not at all): such
+    a Redis reads the client's TLS hello as the start of a command and waits for the rest. `api` and `worker` took
+    either for a Redis not up yet, and waited for it for ever."""
     parts = urlsplit(url)
     if parts.scheme != "rediss":
         return None
+    if isinstance(error.__cause__, ssl.SSLCertVerificationError):
+        return (f"its TLS certificate is not trusted ({error.__cause__.verify_message}): name the CA that signed it "
+                "(?ssl_ca_certs=/path/to/ca.pem), or turn verification off (?ssl_cert_reqs=none)")
     try:
         address = (parts.hostname or "localhost", parts.port or 6379)
         with socket.create_connection(address, timeout=2) as sock:
@@ -283,7 +288,7 @@ def _redis_problem(url: str) -> str | None:
     except ValueError as exc:  # a scheme redis-py does not read (sentinel://)
         return f"--redis-url {without_password(url)}: {exc}"
     except redis.RedisError as exc:
-        problem = _tls_problem(url)
+        problem = _tls_problem(url, exc)
         if problem:
             return f"Redis at {without_password(url)}: {problem}"
         return f"Redis at {without_password(url)} does not answer: {exc}"

@@ -352,7 +352,9 @@ def test_the_broker_channel_builds_no_redis_client_per_message(redis_server, mon
         queue.close()
     assert taken == list(range(20))
     assert len(built) <= 3, built
-    # Other schemes carry what kombu reads from them (TLS, a socket, Sentinel): they keep kombu's transport.
-    for url in ("rediss://127.0.0.1:6380/0", "redis+socket:///tmp/redis.sock", "sentinel://127.0.0.1:26379"):
-        transport = make_celery(Settings(redis_url=url)).connection_for_write().transport_cls
-        assert transport != "shared.celery_app:RedisTransport", url
+    # TLS and a socket, which the job store reads too, run on the project's transport (tests/test_transport_s41.py);
+    # the schemes only kombu reads (kombu's redis+socket://, Sentinel), which `api` and `worker` refuse, keep kombu's.
+    for url, transport in (("rediss://127.0.0.1:6380/0", "shared.celery_app:RedisTransport"),
+                           ("unix:///tmp/redis.sock?db=1", "shared.celery_app:RedisSocketTransport"),
+                           ("redis+socket:///tmp/redis.sock", "redis"), ("sentinel://127.0.0.1:26379", "sentinel")):
+        assert make_celery(Settings(redis_url=url)).connection_for_write().transport_cls == transport, url
