@@ -740,6 +740,19 @@ function showModelNotice(text) {
   notice(text);
 }
 
+// The model chosen (by the user, or by default) that stopped being served and was replaced in the field: chosen again
+// once it is served again (a worker restarting, a rolling deploy), unless the user chooses another meanwhile. Kept
+// replaced, the user's next messages went for good to a model they had not chosen.
+let replacedModel = null;
+// The notice that the field's model changed by itself: replaced by the next one, not left saying a model that is
+// back is no longer served.
+let modelChangeNotice = "";
+
+function showModelChange(text) {
+  modelChangeNotice = text;
+  notice(text);
+}
+
 async function loadModels() {
   clearTimeout(modelTimer);
   const reading = ++modelReading;
@@ -773,7 +786,8 @@ async function loadModels() {
 }
 
 /** Show `models` (GET /v1/models' list) in the model field, the one chosen kept while it is served. One no longer
- * served is replaced by the first (or ?model=) and the notice says so; an answer waiting for it says so too. */
+ * served is replaced by the first (or ?model=) and the notice says so, and chosen again once it is served again;
+ * an answer waiting for it says so too. */
 function showModels(models) {
   const names = models.map((model) => model.id);
   const previous = ui.model.value;
@@ -792,9 +806,19 @@ function showModels(models) {
       ui.model.disabled = false;
     }
   }
-  if (previous && !names.includes(previous)) {
-    notice(names.length ? `${previous} is no longer served: ${ui.model.value} is chosen now.`
+  if (replacedModel && names.includes(replacedModel)) {
+    ui.model.value = replacedModel;
+    // (said where the notice line said it was gone, or says nothing: not over a notice of something else)
+    const said = ui.notice.textContent;
+    if (!said || said === modelChangeNotice) showModelChange(`${replacedModel} is served again: it is chosen again.`);
+    replacedModel = null;
+  } else if (previous && !names.includes(previous)) {
+    replacedModel ??= previous; // the one chosen, not a replacement that went too
+    showModelChange(names.length ? `${previous} is no longer served: ${ui.model.value} is chosen now.`
       : `${previous} is no longer served, and no other model is right now.`);
+  } else if (replacedModel && !previous && names.length) {
+    // No model was served: one is now, not the one chosen.
+    showModelChange(`${replacedModel} is no longer served: ${ui.model.value} is chosen now.`);
   }
   const turn = state.current;
   if (turn && turn.model && Boolean(turn.modelGone) === state.models.has(turn.model)) {
@@ -876,6 +900,7 @@ for (const slider of [ui.temperature, ui.topP, ui.maxTokens]) {
   showSliderValue(slider);
 }
 ui.model.addEventListener("change", () => {
+  replacedModel = null; // the user's own choice: a model that comes back does not take its place
   showImageWarning();
   updateButtons();
 });

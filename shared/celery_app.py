@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from queue import Empty
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 from celery import Celery
@@ -653,13 +653,23 @@ BROKER_SOCKET_TIMEOUT_SECONDS = 10.0
 
 
 def broker_url(redis_url: str) -> str:
-    """The URL Celery's kombu reads for the Redis at `redis_url` (LLAVA_QUEUE_REDIS_URL): the URL itself, but for a
-    unix:// socket. redis-py reads unix:///path?db=N and kombu does not ("No such transport: unix"); kombu's channel
-    reads socket:///path?virtual_host=N (`RedisSocketTransport`; kombu's own redis+socket://, less its transport) and
-    redis-py does not: one URL serves both, this one is kombu's. The credentials go along (in the URL's user part,
-    which kombu's logs mask, from the query too); the other options of the query are redis-py's (the broker has its
-    own timeouts, make_celery)."""
-    if urlsplit(redis_url).scheme != "unix":
+    """The URL Celery's kombu reads for the Redis at `redis_url` (LLAVA_QUEUE_REDIS_URL): the URL itself (its query
+    cut, below), but for a unix:// socket. redis-py reads unix:///path?db=N and kombu does not ("No such transport:
+    unix"); kombu's channel reads socket:///path?virtual_host=N (`RedisSocketTransport`; kombu's own redis+socket://,
+    less its transport) and redis-py does not: one URL serves both, this one is kombu's. The credentials go along (in
+    the URL's user part, which kombu's logs mask, from the query too); the other options of the query are redis-py's
+    (the broker has its own timeouts, make_celery).
+
+    A redis:// or rediss:// URL keeps only the query's TLS options (ssl_*, which kombu reads as redis-py does), and
+    its database is redis-py's (?db=N, over the path's): kombu took every other option of the query (?db=,
+    ?socket_timeout=...) for an argument of its own, and `api` and `worker` ended at start with a TypeError."""
+    parts = urlsplit(redis_url)
+    if parts.scheme in ("redis", "rediss"):
+        db = redis.connection.parse_url(redis_url).get("db")
+        tls = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
+               if name.startswith("ssl_")]
+        return urlunsplit(parts._replace(path=parts.path if db is None else f"/{db}", query=urlencode(tls)))
+    if parts.scheme != "unix":
         return redis_url
     options = redis.connection.parse_url(redis_url)
     user, password = options.get("username") or "", options.get("password") or ""

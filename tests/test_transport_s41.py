@@ -136,7 +136,7 @@ def runs_on_the_projects_channel(stack, client: redis.Redis) -> None:
         time.sleep(0.1)
 
     submitted = requests.post(f"{stack.base_url}/v1/jobs", timeout=30,
-                              json={"messages": STORY, "temperature": 0, "max_new_tokens": 200})
+                              json={"messages": STORY, "temperature": 0, "max_new_tokens": 96})
     assert submitted.status_code in (200, 201, 202), (submitted.text, stack.logs())
     job_id = submitted.json()["id"]
     holders = {}
@@ -147,7 +147,7 @@ def runs_on_the_projects_channel(stack, client: redis.Redis) -> None:
         assert holders or (status in ("queued", "running") and time.monotonic() < deadline), (
             f"the job is {status} and no worker was recorded holding its message", stack.logs())
     assert all(client.exists(holder) for holder in holders.values()), holders  # the worker's registry key
-    job = job_final(stack, job_id, timeout=120)
+    job = job_final(stack, job_id, timeout=240)
     assert job["status"] == "succeeded" and job["text"], (job, stack.logs())
     assert stack.processes["worker"].poll() is None
     assert "set aside in llava_queue.dead_letters" in (stack.log_dir / "worker.log").read_text()
