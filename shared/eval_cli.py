@@ -151,6 +151,11 @@ def error_message(data: Any) -> str:
     return str(data)[:500]
 
 
+def error_param(data: Any) -> str | None:
+    """The `param` an API error body names (`{"error": {"param"}}`), if any."""
+    return data["error"].get("param") if isinstance(data, dict) and isinstance(data.get("error"), dict) else None
+
+
 def retry_after(headers: dict[str, str], default: float) -> float:
     try:
         return max(0.0, float(headers.get("retry-after", "")))
@@ -210,6 +215,9 @@ class Group:
     not_before: float = 0.0
     # Its "before" line is in the jobs file.
     recorded: bool = False
+    # The questions it was recorded (and maybe posted) with, when some of them can no longer be built (an image gone):
+    # its key stays theirs (`_next_group`).
+    first_items: list[Item] | None = None
 
 
 @dataclass
@@ -229,12 +237,15 @@ class Tally:
     started: float = field(default_factory=time.monotonic)
 
 
-def answers_made_by(params: dict) -> dict:
+def answers_made_by(params: dict, model: bool = True) -> dict:
     """What of `params` (an `EvalParams` dump, as the `.params` and jobs files hold it) decides the answers, each in
     one form, so that two runs that would make the same jobs compare equal: no top_p is 1.0 (what the job gets);
     greedy (temperature at most GREEDY_TEMPERATURE) is temperature 0 with neither top_p nor seed, which it never
-    reads; a conversation template is the prompt it makes of a question (`v1` and `vicuna_v1` are one template)."""
+    reads; a conversation template is the prompt it makes of a question (`v1` and `vicuna_v1` are one template).
+    Without `model`, the model is left out: no model is whichever serves the job, which only its answer names."""
     made = dict(params)
+    if not model:
+        made.pop("model", None)
     if made.get("top_p") is None:
         made["top_p"] = 1.0
     temperature = made.get("temperature")
@@ -267,7 +278,7 @@ def read_questions(path: Path) -> list[Item]:
     return items
 
 
-def json_or_none(raw: bytes) -> Any:
+def json_or_none(raw: bytes | str) -> Any:
     """The JSON value of a line, or None if it is not JSON."""
     try:
         return json.loads(raw)
@@ -419,6 +430,7 @@ class EvalRun:
         self.resend: list[Group] = []
         self.flights: dict[str, Flight] = {}
         self.pending: dict[str, Group] = {}  # posted, ids not yet known (only while posting)
+        self.held: list[Group] = []  # groups of an earlier run that can be collected only once their images are back
         self.answers: dict[tuple[str, str, int], str] = {}
         self.extra_answers: list[str] = []
         self.resubmitted: set[tuple[str, str, int]] = set()
@@ -437,6 +449,7 @@ class EvalRun:
                 remove(path)
         by_key, dropped = read_answers(self.answers_path)
         self._check_params(bool(by_key))
+        self._check_jobs_model()
         questions = {item.key for item in self.items if item.question is not None}
         question_ids = {question_id for question_id, _, _ in questions}
         self.answers = {key: line for key, line in by_key.items() if key in questions and self._by_model(line)}
@@ -554,13 +567,16 @@ class EvalRun:
             except ValueError:
                 continue  # a line cut short by a crash: its group is still in the "before" line
             if "params" in record:
-                if not isinstance(record["params"], dict) or \
-                        answers_made_by(record["params"]) != answers_made_by(self.fingerprint):
+                made = answers_made_by(record["params"], model=False) if isinstance(record["params"], dict) else None
+                if made != answers_made_by(self.fingerprint, model=False):
                     foreign += len(record.get("question_ids", []))
                     continue
                 groups[record.get("key") or uuid.uuid4().hex] = record
             elif record.get("key") in groups:
-                groups[record["key"]]["job_ids"] = record.get("job_ids")
+                # The "after" line: the job ids, and the questions they are for when the group was posted with fewer
+                # than it first held (`_next_group`).
+                groups[record["key"]].update({name: record[name] for name in ("job_ids", "question_ids", "lines")
+                                              if name in record})
         if foreign:
             self.progress.message(f"eval: {jobs(foreign)} in {self.state_path} were submitted with other parameters; "
                                   "they are not collected")
@@ -578,6 +594,23 @@ class EvalRun:
                     self.flights[job_id] = Flight(todo.pop(item.key), job_id, now, collected=True)
         self._save_state()
 
+    def _check_jobs_model(self) -> None:
+        """Stop (Fatal) when the jobs file holds jobs submitted for another model than this run names. A run that
+        names none takes any model's jobs, and a job submitted for none is this run's once it is answered by this
+        run's model (`_ended`): compared as a parameter, `--model X` added or dropped on a rerun asked every question
+        in the queue again."""
+        if self.params.model is None or not self.state_path.exists():
+            return
+        for raw in self.state_path.read_text().splitlines():
+            record = json_or_none(raw)
+            params = record.get("params") if isinstance(record, dict) else None
+            model = params.get("model") if isinstance(params, dict) else None
+            if model is not None and model != self.params.model and \
+                    answers_made_by(params, model=False) == answers_made_by(self.fingerprint, model=False):
+                raise Fatal(f"the jobs in {self.state_path} were submitted for model {model!r}, not "
+                            f"{self.params.model!r}: run with --model {model} to collect them, or pass --overwrite "
+                            "to start over (or write to another answers file)")
+
     def _save_state(self) -> None:
         """Replace the jobs file with what is outstanding now (or remove it when nothing is)."""
         if self.state_file is not None:
@@ -589,8 +622,9 @@ class EvalRun:
             records.append({"key": uuid.uuid4().hex, "params": self.fingerprint,
                             **self._questions_of([flight.item for flight in flights]),
                             "job_ids": [f.job_id for f in flights]})
-        for group in [*self.resend, *self.pending.values()]:
-            records.append({"key": group.key, "params": self.fingerprint, **self._questions_of(group.items)})
+        for group in [*self.resend, *self.pending.values(), *self.held]:
+            records.append({"key": group.key, "params": self.fingerprint,
+                            **self._questions_of(group.first_items or group.items)})
         if records:
             write_atomically(self.state_path, [json.dumps(record) + "\n" for record in records])
         else:
@@ -659,8 +693,13 @@ class EvalRun:
             group = self.resend.pop(0)
             built = [(item, job) for item in group.items if (job := self._job_of(item)) is not None]
             if len(built) != len(group.items):
-                # The group is not what was posted before: its key cannot be used again.
-                group = Group(uuid.uuid4().hex, [item for item, _ in built])
+                # A question of the group cannot be built now (its image is gone). The rest go under the group's key
+                # all the same: if the group was posted before, the API refuses (422) the key with another body, and
+                # makes no jobs again (under a new key, it asked those questions twice); if not, it takes them.
+                first_items = group.first_items or group.items
+                group = Group(group.key, [item for item, _ in built], recorded=True, first_items=first_items)
+                if not built:
+                    self.held.append(Group(group.key, first_items, recorded=True))
             return group, [job for _, job in built]
         room = self.max_in_flight - len(self.flights)
         if not self.todo or room < min(self.group_size, len(self.todo)):
@@ -728,6 +767,9 @@ class EvalRun:
             return
         if status == 202:
             job_ids = data["ids"]
+        elif status == 422 and group.first_items is not None and error_param(data) == "header.idempotency-key":
+            self._hold(group)
+            return
         elif status in (400, 413, 422):
             # Something only the server refuses (its limits may differ from ours): post one by one to find it. A 400
             # is a group larger than the server's queue limit or the key's quota, a 413 one larger than the bodies
@@ -735,7 +777,9 @@ class EvalRun:
             job_ids = self._post_one_by_one(group, jobs)
         else:
             raise Fatal(f"POST /v1/jobs/bulk answered {status}: {error_message(data)}")
-        self._state_append({"key": group.key, "job_ids": job_ids})
+        # A group posted with fewer questions than recorded names those its ids are for.
+        self._state_append({"key": group.key, "job_ids": job_ids,
+                            **(self._questions_of(group.items) if group.first_items is not None else {})})
         del self.pending[group.key]
         now = time.monotonic()
         for item, job_id in zip(group.items, job_ids):
@@ -744,15 +788,28 @@ class EvalRun:
                 self.tally.submitted += 1
         self.last_contact = time.monotonic()
 
+    def _hold(self, group: Group) -> None:
+        """Keep a group that an earlier run posted and whose ids it lost, now that a question of it cannot be built:
+        its questions fail, saying so, and the jobs file keeps the group, collected once its images are back."""
+        del self.pending[group.key]
+        self.held.append(Group(group.key, group.first_items, recorded=True))
+        gone = ", ".join(str(item.line) for item in group.first_items if item not in group.items)
+        for item in group.items:
+            self._fail(item, f"asked by an earlier run that stopped before it wrote the job ids down; the answer is "
+                             f"collected by posting its group again as it was, and the image of its line(s) {gone} "
+                             "cannot be read now: put it back and run the same command again")
+
     def _post_one_by_one(self, group: Group, jobs: list[dict]) -> list[str | None]:
         """Post a group's jobs each on its own (key: the group's and the index); the ids of those posted, in order
         (None: refused). When the API puts one off (429), the rest of the group waits out the delay as a group of its
         own, with a new key, while the run follows its jobs: the post waited out a Retry-After of up to an hour, and
         saw neither the jobs in the queue end nor the API go away meanwhile."""
         job_ids: list[str | None] = []
+        # Each job's key is its place in the group as first recorded: the same whatever questions fail locally since.
+        places = {id(item): place for place, item in enumerate(group.first_items or group.items)}
         for index, (item, job) in enumerate(zip(group.items, jobs)):
             try:
-                status, data = self._post("/v1/jobs", job, f"{group.key}.{index}", put_off=True)
+                status, data = self._post("/v1/jobs", job, f"{group.key}.{places[id(item)]}", put_off=True)
             except PutOff as exc:
                 rest = Group(uuid.uuid4().hex, group.items[index:], not_before=time.monotonic() + exc.delay)
                 self.resend.insert(0, rest)
@@ -865,6 +922,12 @@ class EvalRun:
     def _ended(self, flight: Flight, job: dict | None) -> None:
         del self.flights[flight.job_id]
         item = flight.item
+        if job is not None and job["status"] == "succeeded" and self.params.model not in (None, job["model"]):
+            # A job an earlier run submitted for no model, answered by another than this run names: not its answer.
+            self.progress.message(f"eval: job {flight.job_id} of an earlier run was answered by {job['model']!r}, "
+                                  f"not {self.params.model!r}: its question is asked again")
+            self.todo.appendleft(item)
+            return
         if job is not None and job["status"] == "succeeded":
             if context_overflowed(job["text"], job["usage"]["completion_tokens"]):
                 self._fail(item, f"the question does not fit the model's context "
@@ -938,20 +1001,24 @@ class EvalRun:
         except Fatal as exc:
             fatal = str(exc)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            self.progress.close()
-            self.answers_file.close()
-            self._rewrite_answers()
-            self._save_state()
-            if self.state_file is not None:
-                self.state_file.close()
-            self.errors_file.close()
-            if self.errors:
-                self.errors.sort(key=lambda record: record["line"])
-                write_atomically(self.errors_path, [json.dumps(record) + "\n" for record in self.errors])
-            else:
-                remove(self.errors_path)
+            try:
+                self.progress.close()
+                self.answers_file.close()
+                self._rewrite_answers()
+                self._save_state()
+                if self.state_file is not None:
+                    self.state_file.close()
+                self.errors_file.close()
+                if self.errors:
+                    self.errors.sort(key=lambda record: record["line"])
+                    write_atomically(self.errors_path, [json.dumps(record) + "\n" for record in self.errors])
+                else:
+                    remove(self.errors_path)
+            finally:
+                # Only once the files are written: a SIGTERM meanwhile, with its default handler back, killed the run
+                # there (status 143, the answers left in the order they came, the jobs file not brought up to date).
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
         return self._report(fatal)
 
     def _report(self, fatal: str | None) -> int:
