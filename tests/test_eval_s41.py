@@ -10,11 +10,10 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
 import requests
 
 from llava_fixtures import b64, png_bytes
-from shared.cli import build_parser
+from test_eval_s30 import eval_argv, eval_in_process, jobs_with
 from shared.vqa import EvalParams, Question, question_job
 
 
@@ -24,22 +23,6 @@ def write_questions(path: Path, count: int, marker: str, image: bool = False) ->
                   **({"image": f"img_{index}.png"} if image else {})} for index in range(count)]
     path.write_text("".join(json.dumps(question) + "\n" for question in questions))
     return questions
-
-
-def eval_argv(stack, questions: Path, answers: Path, *extra: str, tokens: int = 4) -> list[str]:
-    return ["eval", "--question-file", str(questions), "--answers-file", str(answers), "--api-url", stack.base_url,
-            "--temperature", "0", "--max_new_tokens", str(tokens), *extra]
-
-
-def eval_in_process(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-def jobs_with(stack, marker: str) -> int:
-    """How many job records the queue holds whose prompt holds `marker`."""
-    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
-    return sum(marker in (client.hget(key, "prompt") or "") for key in client.scan_iter("llq:job:*", count=1000))
 
 
 def read_lines(path: Path) -> list[dict]:
