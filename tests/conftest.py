@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 from shared.redis_server import RedisServer, free_port
@@ -119,6 +120,18 @@ def wait_for_stack(stack: Stack, workers: int = 1, timeout: float = 180) -> None
         if time.monotonic() > deadline:
             raise RuntimeError(f"the stack did not come up in time\n{stack.logs()}")
         time.sleep(0.3)
+
+
+def wait_answers(client, process: subprocess.Popen) -> None:
+    """Wait (10 s at most) until the Redis server `process` started answers `client` (a redis.Redis) its PING."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and process.poll() is None, "the Redis server did not start"
+            time.sleep(0.05)
 
 
 def job_final(stack: Stack, job_id: str, timeout: float = 60) -> dict:

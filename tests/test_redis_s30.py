@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 import requests
 
+from conftest import wait_answers
 from shared.redis_server import find_server_binary, free_port
 
 PASSWORD = "S3cret-pw-s30"
@@ -29,14 +30,7 @@ def redis_process(tmp_path: Path, *options: str):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         admin = redis.Redis(port=port, password=PASSWORD)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                admin.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline and process.poll() is None, "the Redis server did not start"
-                time.sleep(0.05)
+        wait_answers(admin, process)
         # An operator's users: one with every permission, one without scripts, one without CLIENT.
         for user, denied in (("queue", []), ("noeval", ["-eval", "-evalsha", "-script"]), ("noclient", ["-client"])):
             admin.acl_setuser(user, enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], channels=["*"],

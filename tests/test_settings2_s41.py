@@ -19,7 +19,7 @@ import pytest
 import redis
 import requests
 import websockets
-from conftest import run_stack
+from conftest import run_stack, wait_answers
 from pydantic import ValidationError
 
 from shared.redis_server import find_server_binary, free_port
@@ -52,14 +52,7 @@ def test_the_whole_stack_runs_on_a_redis_that_listens_on_a_unix_socket_only(tmp_
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     admin = redis.Redis(unix_socket_path=str(socket_path), password=PASSWORD, db=3)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                admin.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline and server.poll() is None, "the Redis server did not start"
-                time.sleep(0.05)
+        wait_answers(admin, server)
         url = f"unix://{socket_path}?db=3&password={PASSWORD}"
 
         with run_stack(url, {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),

@@ -15,6 +15,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
+from conftest import wait_answers
 from shared.cli import build_parser
 from shared.cpus import parse_cpu_list
 from shared.redis_server import find_server_binary, free_port
@@ -42,17 +43,6 @@ def redis_process(tmp_path: Path, *options: str):
     finally:
         process.terminate()
         process.wait(10)
-
-
-def wait_answers(client: redis.Redis, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline and process.poll() is None, "the Redis server did not start"
-            time.sleep(0.05)
 
 
 def test_engine_cpus_with_a_blank_inside_a_number_is_refused():

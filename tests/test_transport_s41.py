@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import job_final, run_stack
+from conftest import job_final, run_stack, wait_answers
 
 from shared.celery_app import DEAD_LETTERS_KEY, MESSAGE_HOLDERS_KEY, RedisTransport, make_celery
 from shared.redis_server import RedisServer, find_server_binary, free_port
@@ -162,14 +162,7 @@ def test_a_stack_on_a_unix_socket_runs_on_the_projects_channel(tmp_path, default
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(unix_socket_path=str(socket_path), db=2)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline and server.poll() is None, "the Redis server did not start"
-                time.sleep(0.05)
+        wait_answers(client, server)
         with run_stack(f"unix://{socket_path}?db=2", {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir),
                                                       "LLAVA_QUEUE_MAX_NUM_SEQS": "4"}) as stack:
             runs_on_the_projects_channel(stack, client)
