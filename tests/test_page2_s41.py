@@ -16,6 +16,7 @@ from conftest import model_workers
 from playwright.sync_api import expect
 from test_page import ANSWER_TIMEOUT_MS, ask, browser, job_record, last_answer, open_page, page, quick_answers, \
     wait_for_end
+from test_page_s41 import HOLD_SUBMISSION_ANSWER
 
 from api.routes.models import _model_objects
 
@@ -64,19 +65,6 @@ def test_an_image_for_a_model_that_reads_none_is_marked_as_not_seen(page, stack)
 
 # The page's next submission reaches the API, which makes its job; its answer is held back until
 # window.answerHeldSubmission() lets it through (the job id goes to window.heldJobs as the API answers).
-HOLD_SUBMISSION_ANSWER = """() => {
-  window.heldJobs = [];
-  let release = null;
-  window.answerHeldSubmission = () => release();
-  const fetchAnswered = window.fetch.bind(window);
-  window.fetch = (url, options = {}) => {
-    const response = fetchAnswered(url, options);
-    if (release || options.method !== "POST" || !/\\/v1\\/jobs$/.test(String(url))) return response;
-    response.then((answer) => answer.clone().json()).then((job) => window.heldJobs.push(job.id));
-    return new Promise((resolve) => { release = () => resolve(response); });
-  };
-}"""
-
 BUSY = "An answer is still being generated: your message stays in the box. Send it once the answer has ended, or " \
        "press Stop."
 

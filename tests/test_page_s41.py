@@ -81,16 +81,21 @@ def test_text_selected_while_an_answer_streams_stays_selected_and_copies_without
     assert page.evaluate("getSelection().toString()") == selected
 
 
-LOSE_SUBMISSION_ANSWERS = """() => {
+# The page's first POST /v1/jobs: the API answers it, and the page is given that answer only when the test says, as
+# made (`answerHeldSubmission`) or lost on the network (`loseHeldAnswer`); the job's id meanwhile in window.heldJobs.
+HOLD_SUBMISSION_ANSWER = """() => {
   window.heldJobs = [];
-  let lose = null;
-  window.loseHeldAnswer = () => lose();
+  let settle = null;
+  window.answerHeldSubmission = () => settle(true);
+  window.loseHeldAnswer = () => settle(false);
   const fetchAnswered = window.fetch.bind(window);
   window.fetch = (url, options = {}) => {
     const response = fetchAnswered(url, options);
-    if (options.method !== "POST" || !/\\/v1\\/jobs$/.test(String(url))) return response;
-    response.then((answer) => answer.json()).then((job) => window.heldJobs.push(job.id));
-    return new Promise((resolve, reject) => { lose = () => reject(new TypeError("Failed to fetch")); });
+    if (settle || options.method !== "POST" || !/\\/v1\\/jobs$/.test(String(url))) return response;
+    response.then((answer) => answer.clone().json()).then((job) => window.heldJobs.push(job.id));
+    return new Promise((resolve, reject) => {
+      settle = (answered) => answered ? resolve(response) : reject(new TypeError("Failed to fetch"));
+    });
   };
 }"""
 
@@ -101,7 +106,7 @@ def test_stop_while_the_submission_is_unanswered_cancels_the_job_whose_answer_is
     # Idempotency-Key, as it is without a Stop, and generated its whole answer for nobody.
     page.get_by_label("Temperature").fill("0")
     page.get_by_label("Max output tokens").fill("1024")
-    page.evaluate(LOSE_SUBMISSION_ANSWERS)
+    page.evaluate(HOLD_SUBMISSION_ANSWER)
     ask(page, "Write a long story about a lighthouse keeper.")
     page.wait_for_function("window.heldJobs.length > 0", timeout=15_000)
     job_id = page.evaluate("window.heldJobs[0]")
