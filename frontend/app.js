@@ -40,7 +40,7 @@ const ui = {
 };
 
 const state = {
-  // {role: "user", text, image: {source, mode, sent: {mode, base64, dataUrl}, unreadBy} | null}
+  // {role: "user", text, image: {source, mode, sent: {mode, base64, dataUrl}} | null}
   // {role: "assistant", text, jobId, model, status, error, errorCode, meta, voted, stopRequested, position,
   //  modelGone}
   turns: [],
@@ -68,9 +68,10 @@ function renderConversation() {
       ui.conversation.append(turn.el);
       if (turn.role === "assistant") updateAssistant(turn);
     } else if (turn.image && turn.image.sent) {
-      showSentImage(turn.el, turn.image); // Regenerate sends the image again in the current process mode (and model)
+      showSentImage(turn.el, turn.image); // Regenerate sends the image again in the current process mode
     }
   }
+  showImageWarnings();
   ui.conversation.scrollTop = ui.conversation.scrollHeight;
 }
 
@@ -96,14 +97,10 @@ function userElement(turn) {
   return el;
 }
 
-/** The user turn `el` shows `image` as it was sent (its src set only when it differs: no needless change), and
- * says so under it when the model it went to reads no images: its worker ignores the image, and the answer would
- * otherwise pass for one about it. */
+/** The user turn `el` shows `image` as it was sent (its src set only when it differs: no needless change). */
 function showSentImage(el, image) {
   const img = el.querySelector("img.upload");
   if (img.getAttribute("src") !== image.sent.dataUrl) img.src = image.sent.dataUrl;
-  setText(el.querySelector(".image-note"), image.unreadBy
-    ? `${image.unreadBy} does not read images: it answers the text alone, without seeing this image.` : "");
 }
 
 function assistantElement() {
@@ -305,8 +302,6 @@ async function messagesToSend() {
 
 async function generate() {
   const model = ui.model.value;
-  const question = state.turns.at(-1);
-  if (question.image) question.image.unreadBy = readsImages(model) ? null : model;
   const turn = { role: "assistant", text: "", model, status: "submitting", jobId: null, error: "", meta: "sending…" };
   state.turns.push(turn);
   state.current = turn;
@@ -665,7 +660,7 @@ async function setPendingImage(image) {
   state.pendingImage = image;
   ui.preview.hidden = !image;
   ui.attachment.hidden = !image;
-  showImageWarning();
+  showImageWarnings();
   if (!image) {
     ui.preview.removeAttribute("src");
     ui.attachmentThumb.removeAttribute("src");
@@ -681,11 +676,20 @@ function readsImages(model) {
   return state.models.get(model)?.reads_images !== false;
 }
 
-/** The attached image says, beside its name, when the chosen model will not see it (its worker ignores images). */
-function showImageWarning() {
+/** The attached image says, beside its name, when the chosen model will not see it (its worker ignores images), and
+ * so does every image of the conversation, under it: each goes again with every message, to the model chosen now,
+ * and an answer would otherwise pass for one about it. A note kept from the model an image was first sent to said
+ * the wrong model's way once another was chosen. */
+function showImageWarnings() {
   const model = ui.model.value;
-  setText(ui.attachmentWarning, state.pendingImage && model && !readsImages(model)
+  const unread = Boolean(model) && !readsImages(model);
+  setText(ui.attachmentWarning, state.pendingImage && unread
     ? `${model} does not read images: choose a model that does (a LLaVA one) to ask about this image` : "");
+  for (const turn of state.turns) {
+    if (!turn.image || !turn.image.sent || !turn.el) continue;
+    setText(turn.el.querySelector(".image-note"), unread
+      ? `${model} does not read images: it answers the text alone, without seeing this image.` : "");
+  }
 }
 
 async function showPreview() {
@@ -826,7 +830,7 @@ function showModels(models) {
     if (turn.status === "queued") turn.meta = waitingText(turn);
     updateAssistant(turn);
   }
-  showImageWarning();
+  showImageWarnings();
   updateButtons();
 }
 
@@ -853,7 +857,9 @@ ui.prompt.addEventListener("keydown", (event) => {
     send();
   }
 });
-ui.prompt.addEventListener("paste", (event) => {
+// An image pasted anywhere on the page is attached, as the image panel says ("or paste one"): only the message box
+// took one, and a paste after a click on the panel, or anywhere else, did nothing. Pasted text goes in as usual.
+document.addEventListener("paste", (event) => {
   const file = [...event.clipboardData.files].find((item) => item.type.startsWith("image/"));
   if (file) {
     event.preventDefault();
@@ -901,7 +907,7 @@ for (const slider of [ui.temperature, ui.topP, ui.maxTokens]) {
 }
 ui.model.addEventListener("change", () => {
   replacedModel = null; // the user's own choice: a model that comes back does not take its place
-  showImageWarning();
+  showImageWarnings();
   updateButtons();
 });
 ui.apiKey.addEventListener("change", () => {
