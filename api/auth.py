@@ -1,7 +1,10 @@
-"""Optional API keys (Bearer tokens, configured as SHA-256 hashes) and a per-key rate limit."""
+"""Optional API keys (Bearer tokens, configured as SHA-256 hashes), a per-key rate limit, and a limit on the wrong keys
+one client address may try."""
 
 import hashlib
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,19 +39,67 @@ def header_text(value: str) -> str:
         return value
 
 
+# Wrong keys (401s) one client address may send in a clock minute. Past them its requests are refused (429, with
+# Retry-After, as past a key's rate limit) until the minute ends, before their key is checked (a 401 or not would tell
+# which key is right): a client could try keys without end. A page left open with a stale key polls well within it.
+AUTH_FAILURES_PER_MINUTE = 30
+
+
+class FailedKeys:
+    """The client addresses refused for their wrong keys in this minute (AUTH_FAILURES_PER_MINUTE), by one API
+    process. The failures are counted in Redis, for every API process; each remembers the addresses it found over the
+    limit, so that a request from one not refused costs no round trip (another process refuses an address at its
+    next failure there)."""
+
+    def __init__(self):
+        self._refused: set[str] = set()
+        self._until = -math.inf  # (time.monotonic) when the minute of those refusals ends
+
+    def refusal(self, address: str) -> ApiError | None:
+        """The 429 of a request from `address` while it is refused; None when it is not."""
+        left = self._until - time.monotonic()
+        if left <= 0 or address not in self._refused:
+            return None
+        return _failures_refusal(math.ceil(left))
+
+    def refuse(self, address: str, seconds: int) -> None:
+        """Refuse `address` for the `seconds` left of the minute."""
+        until = time.monotonic() + seconds
+        if until > self._until + 1:  # a new minute: the last one's addresses are free again
+            self._refused, self._until = set(), until
+        self._refused.add(address)
+
+
 async def require_api_key(conn: HTTPConnection) -> str | None:
     """Check the caller's key when keys are configured; returns its digest (None when keys are off).
 
     The key comes as `Authorization: Bearer <key>`, or as `?api_key=` on a WebSocket (browsers
-    cannot set headers there). A missing or unknown key → 401; past the per-minute limit → 429.
+    cannot set headers there). A missing or unknown key → 401 (429 past AUTH_FAILURES_PER_MINUTE wrong ones from the
+    caller's address); past the key's per-minute limit → 429.
     A coroutine, so that every request does not hop to the thread pool and back for it; only the
     rate limit's Redis round trip runs there.
     """
+    return await _checked_key(conn, reads=False)
+
+
+async def require_api_key_for_reads(conn: HTTPConnection) -> str | None:
+    """`require_api_key` for cheap reads (GET /v1/models), counted against a rate limit of their own, as many a minute
+    as the key's other requests: the chat page reads the model list every 30 s (every 5 s while an answer waits), and
+    a page left open used its user's requests up."""
+    return await _checked_key(conn, reads=True)
+
+
+async def _checked_key(conn: HTTPConnection, reads: bool) -> str | None:
     settings = conn.app.state.settings
     if not settings.api_key_hashes:
         return None
     if hasattr(conn.state, "api_key"):  # checked already, before the body was read (KeyBeforeBody): counted once
         return conn.state.api_key
+    address = conn.client.host if conn.client else ""
+    failed_keys: FailedKeys = conn.app.state.failed_keys
+    refused = failed_keys.refusal(address)
+    if refused:
+        raise refused
     scheme, _, token = conn.headers.get("authorization", "").partition(" ")
     token = header_text(token.strip(" "))  # credentials follow the scheme after 1*SP (RFC 9110): "Bearer  <key>"
     if scheme.lower() != "bearer" or not token:
@@ -56,12 +107,14 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
         token = conn.query_params.get("api_key", "") if conn.scope["type"] == "websocket" else ""
     digest = key_digest(token) if token else ""
     if digest not in settings.api_key_hashes:
+        if token:  # a wrong key (a request without one tries none)
+            await _count_failure(conn, settings, address)
         # On a WebSocket too: its handshake is answered 401 with this body (api/errors.py), not accepted.
         raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                        type="authentication_error", code=ErrorCode.INVALID_REQUEST,
                        headers={"WWW-Authenticate": "Bearer"})
     if settings.rate_limit_per_minute:
-        await run_in_threadpool(_count_request, conn, settings, digest)
+        await run_in_threadpool(_count_request, conn, settings, digest, reads)
     conn.state.api_key = digest  # what the caller owns (batches, files) is scoped by it
     return digest
 
@@ -115,19 +168,49 @@ def owned_job(store: JobStore, job_id: str, api_key: str | None) -> dict[str, An
     return record if record is not None and owns(record.get("owner"), api_key) else None
 
 
-def rate_counter(key_prefix: str, digest: str, now: float) -> str:
-    """The Redis key that counts a key's requests in the clock minute of `now` (seconds since the epoch)."""
-    return f"{key_prefix}:rate:{owner_id(digest)}:{int(now // 60)}"
+def rate_counter(key_prefix: str, digest: str, now: float, reads: bool = False) -> str:
+    """The Redis key that counts a key's requests in the clock minute of `now` (seconds since the epoch); `reads`:
+    its cheap reads (`require_api_key_for_reads`), counted apart."""
+    return f"{key_prefix}:{'rate-reads' if reads else 'rate'}:{owner_id(digest)}:{int(now // 60)}"
 
 
-def _count_request(conn: HTTPConnection, settings: Settings, digest: str) -> None:
-    """Count the request against its key's per-minute limit; 429 past it."""
+def _counted(conn: HTTPConnection, counter: Callable[[float], str]) -> tuple[int, int]:
+    """Add one to the Redis count `counter(now)` names (a count of the clock minute of `now`, kept two minutes);
+    returns (the count now, the seconds left of the minute)."""
     now = conn.app.state.store.clock()  # one minute for every API process, whatever its host's clock says
-    counter = rate_counter(settings.key_prefix, digest, now)
+    name = counter(now)
     with conn.app.state.store.redis.pipeline() as pipe:
-        count, _ = pipe.incr(counter).expire(counter, 120).execute()
+        count, _ = pipe.incr(name).expire(name, 120).execute()
+    return count, max(1, 60 - int(now % 60))
+
+
+def _rate_limited(message: str, retry_after: int) -> ApiError:
+    return ApiError(429, f"{message}; retry in {retry_after} s", type="rate_limited", code=ErrorCode.OVERLOADED,
+                    headers={"Retry-After": str(retry_after)})
+
+
+def _failures_refusal(retry_after: int) -> ApiError:
+    return _rate_limited(f"more than {AUTH_FAILURES_PER_MINUTE} requests with a wrong API key from this address in a "
+                         "minute", retry_after)
+
+
+def _count_request(conn: HTTPConnection, settings: Settings, digest: str, reads: bool) -> None:
+    """Count the request against its key's per-minute limit (its reads' with `reads`); 429 past it."""
+    count, retry_after = _counted(conn, lambda now: rate_counter(settings.key_prefix, digest, now, reads))
     if count > settings.rate_limit_per_minute:
-        retry_after = max(1, 60 - int(now % 60))
-        raise ApiError(429, f"rate limit of {settings.rate_limit_per_minute} requests per minute reached; retry in "
-                            f"{retry_after} s", type="rate_limited", code=ErrorCode.OVERLOADED,
-                       headers={"Retry-After": str(retry_after)})
+        raise _rate_limited(f"rate limit of {settings.rate_limit_per_minute} requests per minute reached"
+                            + (" for reads of the model list, counted apart from the key's other requests" if reads
+                               else ""), retry_after)
+
+
+async def _count_failure(conn: HTTPConnection, settings: Settings, address: str) -> None:
+    """Count a wrong key against its client address; past AUTH_FAILURES_PER_MINUTE, 429, and the address is refused
+    until the minute ends (FailedKeys)."""
+    count, retry_after = await run_in_threadpool(
+        _counted, conn, lambda now: f"{settings.key_prefix}:key-failures:{address}:{int(now // 60)}")
+    if count > AUTH_FAILURES_PER_MINUTE:
+        if count == AUTH_FAILURES_PER_MINUTE + 1:
+            log.warning("%s sent a wrong API key %d times this minute: its requests are refused for %d s",
+                        address or "a client", AUTH_FAILURES_PER_MINUTE, retry_after)
+        conn.app.state.failed_keys.refuse(address, retry_after)
+        raise _failures_refusal(retry_after)

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
-from api.auth import api_key_if_sent, require_api_key
+from api.auth import FailedKeys, api_key_if_sent, require_api_key, require_api_key_for_reads
 from api.channel_hub import ChannelHub
 from api.errors import ApiError, error_response, install_error_handlers
 from api.json_bodies import JsonParsers
@@ -44,6 +44,9 @@ REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
 # that sent a head announcing a body, then stalled, held its connection until the API shut down, where its request
 # was cancelled and logged as an unhandled exception.
 REQUEST_BODY_IDLE_SECONDS = 20.0
+# Past its first REQUEST_BODY_TIMEOUT_SECONDS, a request's body must come at this many bytes a second at least
+# (Apache's mod_reqtimeout MinRate): see BodyDeadline.
+REQUEST_BODY_MIN_RATE = 500
 # How long a connection may stay idle between requests (uvicorn's keep-alive timeout; its default, 5 s, is shorter
 # than a load balancer's or a client pool's idle timeout, typically 60 s: the API closed connections they were about
 # to reuse, and the request sent on one failed, a 502 behind a balancer). nginx's keepalive_timeout.
@@ -209,17 +212,65 @@ class BodyLimitAnswers:
         await self.app(scope, receive, send_in_format)
 
 
+class BodyDeadline:
+    """ASGI middleware: a request's body must come within `seconds` of waiting for it, plus a second for every
+    REQUEST_BODY_MIN_RATE bytes of it that came (Apache's `RequestReadTimeout body=20,MinRate=500`); past that the
+    request is answered 408, in the route's format, and its connection closed. The idle limit closed a body with no
+    byte for REQUEST_BODY_IDLE_SECONDS, but one sent a byte just before each held its connection, and a request
+    handler, for ever.
+
+    Only the time the route waits for the body counts: not the time it takes with what came (the API reads no more
+    meanwhile), nor the time before it asks for the body (a client that sent "Expect: 100-continue" waits for that)."""
+
+    def __init__(self, app: ASGIApp, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        waited, received, more = 0.0, 0, True
+
+        async def receive_by_deadline() -> Message:
+            nonlocal waited, received, more
+            if not more:  # the body is in: what comes now is the client leaving, waited for as long as the answer
+                return await receive()
+            started = loop.time()
+            try:
+                async with asyncio.timeout(self.seconds + received / REQUEST_BODY_MIN_RATE - waited):
+                    message = await receive()
+            except TimeoutError:
+                raise self._too_slow(scope, received, loop.time() - started + waited) from None
+            waited += loop.time() - started
+            received += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            return message
+
+        await self.app(scope, receive_by_deadline, send)
+
+    def _too_slow(self, scope: Scope, received: int, waited: float) -> ApiError:
+        log.info("answered 408 to a request whose body came too slowly (%d bytes in %.0f s): %s %s", received, waited,
+                 scope["method"], scope["path"])
+        return ApiError(408, f"the request body came too slowly: {received} bytes in {waited:.0f} s, where a body may "
+                             f"take {self.seconds:g} s (REQUEST_BODY_TIMEOUT_SECONDS) and a second more for every "
+                             f"{REQUEST_BODY_MIN_RATE} bytes", type="timeout", param="body",
+                        headers={"Connection": "close"})
+
+
 class _Api(FastAPI):
     """FastAPI, with the body limit's refusals in the API's formats (BodyLimitAnswers, outside everything but
-    SendDeadline, which lets go of a client that reads nothing of a response)."""
+    SendDeadline, which lets go of a client that reads nothing of a response), and a deadline on request bodies
+    (BodyDeadline)."""
 
     send_timeout: float = 20.0
+    body_timeout: float = 60.0
 
     def build_middleware_stack(self) -> ASGIApp:
         # (The router's own routes: the app holds included routers, not their routes. It has no prefix.)
         frame_paths = frozenset(route.path for route in llava.router.routes if isinstance(route, FrameRefusals))
-        return SendDeadline(BodyLimitAnswers(super().build_middleware_stack(), self.max_body_size, frame_paths),
-                            self.send_timeout)
+        app = BodyDeadline(super().build_middleware_stack(), self.body_timeout)
+        return SendDeadline(BodyLimitAnswers(app, self.max_body_size, frame_paths), self.send_timeout)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -241,6 +292,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub.start()
         app.state.celery = make_celery(settings)
         app.state.submitter = Submitter(app.state.store, app.state.celery)
+        app.state.failed_keys = FailedKeys()  # the client addresses refused for their wrong API keys
         app.state.json_parsers = JsonParsers()  # heavy request bodies are parsed there (api.json_bodies)
         await app.state.json_parsers.start()
         yield
@@ -252,6 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = _Api(title="llava-queue", version="0.1.0", lifespan=lifespan, max_body_size=settings.max_body_bytes,
                description="An async job queue serving LLaVA-style models with continuous batching.")
     app.send_timeout = settings.stream_send_timeout_seconds  # SendDeadline's, as the streams'
+    app.body_timeout = settings.request_body_timeout_seconds
     install_error_handlers(app)
     # The Origin check runs first (the last added is outermost): a page not allowed is refused before CORS or a
     # route sees it. CORS is there even with no origin configured, so that a refused preflight says what to set.
@@ -269,7 +322,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     else:
         protected += [llava, controller]
     for module in protected:
-        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+        # The model list is read often (the chat page polls it): counted apart from the key's other requests.
+        check = require_api_key_for_reads if module is models else require_api_key
+        app.include_router(module.router, dependencies=[Depends(check)])
     # With no API keys, `llava-queue api` warns once it listens, naming where (its --host, not only LLAVA_QUEUE_HOST).
     return app
 

@@ -166,19 +166,24 @@ class Submitter:
             # Recorded jobs whose tasks will not be sent end failed (if Redis lets us say so), those whose write's
             # answer was lost too (they waited queued for good with no task); every submission of the group gets the
             # error (`submit`). Their idempotency keys are let go, so that retrying after the 503 submits the jobs
-            # again instead of finding the failed ones.
-            if not written:
-                raise
-            error = unsent(self.store, written, exc)
+            # again instead of finding the failed ones; and so are the bodies recorded under the keys of every
+            # submission that gets the error, whatever failed: a Redis error partway (one submission's key of
+            # another type) left those of the submissions checked before it, and each key stayed bound to a body
+            # that created nothing (a retry with the body corrected was a 422).
+            error = unsent(self.store, written, exc) if written else exc
             try:
-                self._forget_keys([submission for submission in admitted if submission.idempotency_key is not None],
-                                  set(written))
-                self._unclaim(admitted)
+                if written:
+                    self._forget_keys([submission for submission in admitted
+                                       if submission.idempotency_key is not None], set(written))
+                self._unclaim([submission for submission in group if submission.error is not None
+                               or not submission.done])
             except redis.RedisError as cleanup:
                 # The submissions get their 503 all the same (a Redis error here made it a 500); a key kept names a
                 # failed job, which a retry under it gets.
                 log.error("the idempotency keys of jobs that could not be enqueued were not let go (%s: %s)",
                           type(cleanup).__name__, cleanup)
+            if error is exc:
+                raise
             raise error from exc
         for submission in admitted:
             submission.settle(submission.ids)
@@ -234,9 +239,11 @@ class Submitter:
     def _unclaim(self, submissions: list[_Submission]) -> None:
         """Let go of the fingerprints `submissions` recorded: they created nothing (429, 503), so their key is free
         for any request, as it would have been had they never come."""
-        names = [self._fingerprint_key(submission) for submission in submissions if submission.claimed]
-        if names:
-            self.store.redis.delete(*names)
+        claimed = [submission for submission in submissions if submission.claimed]
+        if claimed:
+            self.store.redis.delete(*(self._fingerprint_key(submission) for submission in claimed))
+            for submission in claimed:
+                submission.claimed = False  # let go: the key may be another request's by now
 
     @staticmethod
     def _scoped_key(submission: _Submission) -> str:

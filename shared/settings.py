@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # stream ends: a client that keeps its connection but reads nothing is let go, as one that left (its job goes on
     # at /v1/jobs/{id}/ws; elsewhere it is cancelled unless kept). WS /v1/ws waits as long for its first message.
     stream_send_timeout_seconds: float = Field(20.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
+    # How long the API waits for a request's body, plus a second for every 500 bytes of it that came (Apache's
+    # RequestReadTimeout body=..,MinRate=500): a body slower than that is answered 408 (api.main.BodyDeadline). A
+    # client that sent a byte every 19 s, within the 20 s idle limit, held its connection and a handler for ever.
+    request_body_timeout_seconds: float = Field(60.0, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False)
     # The API's address as clients reach it, answered by the controller endpoint /get_worker_address.
     # Unset: the address the asking client used (the scheme and Host of its request).
     public_url: str | None = None
