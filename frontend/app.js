@@ -22,6 +22,8 @@ const STOPPING = "stopping…";
 // One answer at a time, as the original: Enter while one is generated keeps the message in the box, and says why.
 const BUSY_NOTICE = "An answer is still being generated: your message stays in the box. Send it once the answer "
   + "has ended, or press Stop.";
+// Enter with no model to send to keeps the message too, and says why (the model field's text, after it).
+const NO_MODEL_NOTICE = "Your message stays in the box: there is no model to send it to";
 // The most pixels an image may have is the API's (LLAVA_QUEUE_MAX_IMAGE_PIXELS), read from the server; its default
 // when it cannot be read (an image past a smaller limit is then refused by the API, with its own message).
 const DEFAULT_MAX_IMAGE_PIXELS = 50_000_000;
@@ -34,7 +36,7 @@ const ui = {
   flag: $("flag"), regenerate: $("regenerate"), clear: $("clear"), notice: $("notice"), image: $("image"),
   preview: $("preview"), dropzone: $("dropzone"), attachment: $("attachment"), attachmentThumb: $("attachment-thumb"),
   attachmentName: $("attachment-name"), attachmentWarning: $("attachment-warning"), removeImage: $("remove-image"),
-  attach: $("attach"),
+  attach: $("attach"), examples: document.querySelectorAll(".example"),
   temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"), keyField: $("key-field"),
   apiKey: $("api-key"),
 };
@@ -106,7 +108,7 @@ function showSentImage(el, image) {
 function assistantElement() {
   const el = document.createElement("div");
   el.className = "turn assistant";
-  el.innerHTML = '<div class="bubble"><div class="markdown"></div><p class="error" role="alert" hidden></p></div>'
+  el.innerHTML = '<div class="bubble"><div class="markdown"></div><div class="error" role="alert" hidden></div></div>'
     + '<p class="meta"></p>';
   return el;
 }
@@ -126,7 +128,11 @@ function updateAssistant(turn) {
   const error = el.querySelector(".error");
   error.hidden = !turn.error;
   error.classList.toggle("cancelled", turn.status === "cancelled");
-  setText(error, turn.error ? `${turn.error} (error_code: ${turn.errorCode})` : "");
+  // Markdown, as the original's chat shows an error (its network error is bold: its asterisks were shown), and as
+  // safe as an answer.
+  const shown = document.createElement("template");
+  if (turn.error) shown.innerHTML = renderMarkdown(`${turn.error} (error_code: ${turn.errorCode})`);
+  patchChildren(error, shown.content);
   // A Stop is shown at once, whatever the answer was showing (a submission still unanswered: "sending…").
   setText(el.querySelector(".meta"), streaming && turn.stopRequested ? STOPPING : turn.meta || "");
   if (stick) ui.conversation.scrollTop = ui.conversation.scrollHeight;
@@ -198,6 +204,12 @@ function notice(text) {
   ui.notice.textContent = text;
 }
 
+/** A notice that carries an API error's message: markdown, as an answer's error is shown (the network error's is
+ * bold). */
+function noticeMarkdown(text) {
+  ui.notice.innerHTML = renderMarkdown(text);
+}
+
 // ---- buttons, as the original enables them ---------------------------------------------------
 
 function lastAnswer() {
@@ -215,6 +227,9 @@ function updateButtons() {
   ui.regenerate.disabled = busy || !answer || !ui.model.value;
   ui.clear.disabled = busy || state.turns.length === 0;
   const canVote = !busy && answer && answer.status === "succeeded" && !answer.voted;
+  // An example replaces the message box's text: not while an answer streams, when the next message is written (as
+  // the original disables its buttons then).
+  for (const button of ui.examples) button.disabled = busy;
   for (const button of [ui.upvote, ui.downvote, ui.flag]) button.disabled = !canVote;
   // A button that disabled itself as it was used (Send, Regenerate, a vote) dropped the keyboard focus to the page's
   // start: it goes to Stop while an answer runs, else to the message box.
@@ -234,7 +249,11 @@ async function send() {
     notice(BUSY_NOTICE);
     return;
   }
-  if (!ui.model.value) return;
+  if (!ui.model.value) {
+    // The model field says why there is none to choose: not served, the list not read yet, an API key needed.
+    notice(`${NO_MODEL_NOTICE} (${ui.model.selectedOptions[0].text}).`);
+    return;
+  }
   if (state.imageReading) {
     // A large image takes a moment to read: the message waits for it (sent once, however often Enter is pressed),
     // and stays in the box if the image could not be read (the notice says why).
@@ -549,7 +568,7 @@ async function stopCurrent() {
     }
     // 409: it ended meanwhile; its last message says how (a 401 or 422 has error_code 4 too: not the status).
     if (error.status !== 409) {
-      notice(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
+      noticeMarkdown(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
       if (state.current === turn) {
         turn.stopRequested = false; // it goes on: Stop can be tried again
         updateAssistant(turn);
@@ -642,7 +661,7 @@ async function vote(type) {
       if (error.status === 401) askForKey();
       answer.voted = false;
       updateButtons();
-      notice(`Could not record the ${type}: ${error.message} (error_code: ${error.code})`);
+      noticeMarkdown(`Could not record the ${type}: ${error.message} (error_code: ${error.code})`);
       return;
     }
   }
@@ -719,14 +738,36 @@ async function takeImageFile(file) {
   if (state.imageReading === reading) state.imageReading = null;
 }
 
+// Numbers each example picked: an example whose image is still downloading when another is picked is not used.
+let examplePick = 0;
+
+/** Use the example `button` holds: its text in the message box and its image attached, as the original's examples
+ * set both; a text-only example removes an image attached (its question went with that image, and an image already
+ * in the conversation started a new one). An image that cannot be downloaded leaves everything as it was, and the
+ * notice says why. */
 async function useExample(button) {
-  ui.prompt.value = button.dataset.text;
-  if (button.dataset.image) {
-    const response = await fetch(button.dataset.image);
-    const blob = await response.blob();
-    await takeImageFile(new File([blob], button.dataset.image.split("/").pop(), { type: blob.type }));
+  const pick = ++examplePick;
+  const { text, image } = button.dataset;
+  let file = null;
+  if (image) {
+    const name = image.split("/").pop();
+    try {
+      const response = await fetch(image);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const blob = await response.blob();
+      file = new File([blob], name, { type: blob.type });
+    } catch (error) {
+      if (pick === examplePick) {
+        notice(`Could not download the example's image (${name}: ${error.message}): the example is not used.`);
+      }
+      return;
+    }
   }
+  if (pick !== examplePick) return;
+  ui.prompt.value = text;
   ui.prompt.focus();
+  if (file) await takeImageFile(file);
+  else setPendingImage(null);
 }
 
 // ---- the model list ---------------------------------------------------------------------------
@@ -740,8 +781,8 @@ let modelsAskedAt = 0; // (Date.now()) when the list was last asked for
 let modelNotice = "";
 
 function showModelNotice(text) {
-  modelNotice = text;
-  notice(text);
+  noticeMarkdown(text);
+  modelNotice = ui.notice.textContent; // (as shown: the markdown's marks are not)
 }
 
 // The model chosen (by the user, or by default) that stopped being served and was replaced in the field: chosen again
@@ -797,6 +838,7 @@ function showModels(models) {
   const previous = ui.model.value;
   state.models = new Map(models.map((model) => [model.id, model]));
   const shown = [...ui.model.options].map((option) => option.value);
+  if (names.length && ui.notice.textContent.startsWith(NO_MODEL_NOTICE)) notice(""); // it can be sent now
   // Replaced only when it changed: the field's options, replaced every refresh, closed its open list under the user.
   if (JSON.stringify(shown) !== JSON.stringify(names)) {
     if (!names.length) {
@@ -900,7 +942,7 @@ window.addEventListener("drop", (event) => {
 for (const radio of document.querySelectorAll('input[name="process-mode"]')) {
   radio.addEventListener("change", showPreview);
 }
-for (const button of document.querySelectorAll(".example")) button.addEventListener("click", () => useExample(button));
+for (const button of ui.examples) button.addEventListener("click", () => useExample(button));
 for (const slider of [ui.temperature, ui.topP, ui.maxTokens]) {
   slider.addEventListener("input", () => showSliderValue(slider));
   showSliderValue(slider);

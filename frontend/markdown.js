@@ -8,10 +8,19 @@ export function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
 }
 
-// A fence's info string is its language and whatever follows it ("```js title=app.js"; no backtick or tilde, as in
-// "```code```"): a line with more than the language was no fence, and the fence closing its block opened one that
-// took the rest of the answer for code.
-const FENCE = /^\s*(```|~~~)\s*([\w+#.-]*)[^`~]*$/;
+// A fence is three or more backticks or tildes (CommonMark): one of four, which holds a block that shows a fence of
+// three, was no fence. Its info string is its language and whatever follows it ("```js title=app.js"; no backtick
+// after backticks, as in "```code```"): a line with more than the language was no fence, and the fence closing its
+// block opened one that took the rest of the answer for code.
+const FENCE = /^\s*(?:(`{3,})\s*([\w+#.-]*)[^`]*|(~{3,})\s*([\w+#.-]*).*)$/;
+// A block is closed by a fence of its character at least as long, with nothing after it.
+const CLOSING_FENCE = /^\s*(`{3,}|~{3,})\s*$/;
+
+/** Whether `line` closes the code block that fence `opening` ("````") opened. */
+function closesFence(line, opening) {
+  const closing = line.match(CLOSING_FENCE);
+  return Boolean(closing) && closing[1][0] === opening[0] && closing[1].length >= opening.length;
+}
 
 /**
  * Render `source` as HTML: paragraphs and line breaks, headings, bullet and numbered lists (nested by indentation),
@@ -68,9 +77,10 @@ export function renderMarkdown(source) {
     const fence = line.match(FENCE);
     if (fence) {
       flushAll();
+      const [marks, language] = fence[1] ? [fence[1], fence[2]] : [fence[3], fence[4]];
       const code = [];
-      for (i++; i < lines.length && lines[i].trim() !== fence[1]; i++) code.push(lines[i]);
-      const lang = fence[2] ? ` class="language-${escapeHtml(fence[2])}"` : "";
+      for (i++; i < lines.length && !closesFence(lines[i], marks); i++) code.push(lines[i]);
+      const lang = language ? ` class="language-${escapeHtml(language)}"` : "";
       out.push(`<pre><code${lang}>${escapeHtml(code.join("\n"))}</code></pre>`);
       continue;
     }
