@@ -16,7 +16,8 @@ Beside the answers file `a.jsonl`:
   failed job), with the reason; removed when there is none.
 * `a.jsonl.params`: the sampling parameters the answers were made with (conv_mode, temperature,
   top_p, max_new_tokens, seed). A run with other ones (compared as the jobs are made: `answers_made_by`) stops
-  before asking anything, rather than add answers of other parameters to those (`--overwrite` starts over).
+  before asking anything, rather than add answers of other parameters to those (`--overwrite` starts over). So do
+  answers, or jobs in the queue, of another model than `--model` names (a run that names none takes any model's).
 * `a.jsonl.lock`: held (flock) while a run writes these files, so a second run of the same command stops at once
   instead of asking every question again beside the first; removed at the end.
 * `a.jsonl.jobs`: the jobs in the queue. A group is recorded there before it is posted (with its
@@ -202,6 +203,9 @@ class Flight:
     item: Item
     job_id: str
     next_poll: float
+    # The model it was submitted for (None: whichever serves it), which the jobs file says of it: a job an earlier run
+    # submitted for none, collected by a run naming one, was recorded as that model's.
+    model: str | None
     collected: bool = False  # submitted by an earlier run
 
 
@@ -211,6 +215,8 @@ class Group:
 
     key: str
     items: list[Item]
+    # The model its jobs are for: an earlier run's group is posted again for its model, the same body under its key.
+    model: str | None
     # Not to be posted before this time.monotonic(): the API put its post off (429).
     not_before: float = 0.0
     # Its "before" line is in the jobs file.
@@ -218,6 +224,8 @@ class Group:
     # The questions it was recorded (and maybe posted) with, when some of them can no longer be built (an image gone):
     # its key stays theirs (`_next_group`).
     first_items: list[Item] | None = None
+    # Kept for later because a question of it could not be built (`_hold`); recorded so in the jobs file.
+    held: bool = False
 
 
 @dataclass
@@ -448,11 +456,12 @@ class EvalRun:
             for path in (self.answers_path, self.errors_path, self.state_path, self.params_path):
                 remove(path)
         by_key, dropped = read_answers(self.answers_path)
+        questions = {item.key for item in self.items if item.question is not None}
+        self._check_answers_model([line for key, line in by_key.items() if key in questions])
         self._check_params(bool(by_key))
         self._check_jobs_model()
-        questions = {item.key for item in self.items if item.question is not None}
         question_ids = {question_id for question_id, _, _ in questions}
-        self.answers = {key: line for key, line in by_key.items() if key in questions and self._by_model(line)}
+        self.answers = {key: line for key, line in by_key.items() if key in questions}
         self.extra_answers = [line for key, line in by_key.items() if key[0] not in question_ids]
         if dropped:
             self.progress.message(f"eval: {self.answers_path}: dropped an unfinished last line (from a crash); "
@@ -460,8 +469,8 @@ class EvalRun:
         stale = len(by_key) - len(self.answers) - len(self.extra_answers)
         if stale:
             self.progress.message(f"eval: {stale} answers in {self.answers_path} have this file's question ids but "
-                                  "another question's text or another model_id (an earlier run of another file or "
-                                  "model); those questions are asked again and their lines replaced")
+                                  "another question's text (an earlier run of another file); those questions are "
+                                  "asked again and their lines replaced")
         if self.answers_path.exists():
             self._rewrite_answers()  # clean, in order, ending in a newline before lines are appended
         if self.extra_answers:
@@ -520,10 +529,21 @@ class EvalRun:
         if not (answered and self.params_path.exists()):
             write_atomically(self.params_path, [json.dumps(params) + "\n"])
 
-    def _by_model(self, line: str) -> bool:
-        """Whether an answers-file line of an earlier run is by this run's model: any, unless the run names its model.
-        (That it answers this run's question, not another file's with the same question_id, its key says.)"""
-        return self.params.model in (None, json.loads(line).get("model_id"))
+    def _check_answers_model(self, lines: list[str]) -> None:
+        """Stop (Fatal) when answer lines of this run's questions (`lines`) are by another model than the run names, as
+        jobs of another model stop it (`_check_jobs_model`) and answers of other parameters (`_check_params`). They
+        were asked again and their lines replaced: a `--model` mistyped, or the answers file of another model's run,
+        threw away that model's answers. A run that names no model takes any model's answers."""
+        if self.params.model is None:
+            return
+        others = [model for line in lines if (model := json.loads(line).get("model_id")) != self.params.model]
+        if others:
+            names = sorted({repr(model) for model in others})
+            go_on = f"run with --model {others[0]} to go on with them, or " if len(names) == 1 and \
+                isinstance(others[0], str) else ""
+            raise Fatal(f"{len(others)} answers in {self.answers_path} were made by model {', '.join(names)}, not "
+                        f"{self.params.model!r}: {go_on}pass --overwrite to start over (or write to another answers "
+                        "file)")
 
     def _rewrite_answers(self) -> None:
         """The answers in question-file order, then any others; replaces the file at once."""
@@ -584,14 +604,16 @@ class EvalRun:
         for key, record in groups.items():
             items = recorded(record)
             job_ids = record.get("job_ids")
+            model = record["params"].get("model")
             if job_ids is None:
                 keys = [item.key for item in items if item is not None]
                 if keys and len(keys) == len(set(keys)) == len(items) and all(k in todo for k in keys):
-                    self.resend.append(Group(key, [todo.pop(k) for k in keys], recorded=True))
+                    self.resend.append(Group(key, [todo.pop(k) for k in keys], model, recorded=True,
+                                             held=record.get("held") is True))
                 continue
             for item, job_id in zip(items, job_ids):
                 if job_id and item is not None and item.key in todo:
-                    self.flights[job_id] = Flight(todo.pop(item.key), job_id, now, collected=True)
+                    self.flights[job_id] = Flight(todo.pop(item.key), job_id, now, model, collected=True)
         self._save_state()
 
     def _check_jobs_model(self) -> None:
@@ -617,18 +639,23 @@ class EvalRun:
             self.state_file.close()
             self.state_file = None
         records = []
-        if self.flights:
-            flights = list(self.flights.values())
-            records.append({"key": uuid.uuid4().hex, "params": self.fingerprint,
+        for model in dict.fromkeys(flight.model for flight in self.flights.values()):
+            flights = [flight for flight in self.flights.values() if flight.model == model]
+            records.append({"key": uuid.uuid4().hex, "params": self._params_for(model),
                             **self._questions_of([flight.item for flight in flights]),
                             "job_ids": [f.job_id for f in flights]})
         for group in [*self.resend, *self.pending.values(), *self.held]:
-            records.append({"key": group.key, "params": self.fingerprint,
-                            **self._questions_of(group.first_items or group.items)})
+            records.append({"key": group.key, "params": self._params_for(group.model),
+                            **self._questions_of(group.first_items or group.items),
+                            **({"held": True} if group.held else {})})
         if records:
             write_atomically(self.state_path, [json.dumps(record) + "\n" for record in records])
         else:
             remove(self.state_path)
+
+    def _params_for(self, model: str | None) -> dict:
+        """The jobs file's `params` of jobs submitted for `model`: this run's, but for the model."""
+        return {**self.fingerprint, "model": model}
 
     @staticmethod
     def _questions_of(items: list[Item]) -> dict[str, list]:
@@ -662,8 +689,8 @@ class EvalRun:
         if self.stop.wait(seconds):
             raise Stopped
 
-    def _job_of(self, item: Item) -> dict | None:
-        """The JSON job for a question; None (and an error line) when it cannot be built."""
+    def _job_of(self, item: Item, model: str | None) -> dict | None:
+        """The JSON job for a question, for `model`; None (and an error line) when it cannot be built."""
         image = None
         name = item.question.image
         if name is not None:
@@ -679,7 +706,7 @@ class EvalRun:
                 self._fail(item, f"image {name!r} {str(exc).removeprefix('image 0 ')}")
                 return None
         try:
-            job = question_job(item.question, self.params, image)
+            job = question_job(item.question, self.params.model_copy(update={"model": model}), image)
         except ValidationError as exc:  # e.g. a question that fits its own limit but not, templated, a job's
             self._fail(item, f"bad question: {describe_validation_error(exc).message}")
             return None
@@ -691,15 +718,25 @@ class EvalRun:
             if self.resend[0].not_before > time.monotonic():
                 return None  # the queue was full: nothing new is posted before it either
             group = self.resend.pop(0)
-            built = [(item, job) for item in group.items if (job := self._job_of(item)) is not None]
+            built = [(item, job) for item in group.items if (job := self._job_of(item, group.model)) is not None]
             if len(built) != len(group.items):
+                first_items = group.first_items or group.items
+                asked = [item for item, _ in built]
+                if group.held:
+                    # Kept by the last run for an image that is still gone: gone for good, as far as a run can tell.
+                    # Kept again, its questions failed on every rerun until --overwrite; they are asked anew instead,
+                    # under a new key (its jobs cannot be collected without the image).
+                    gone = ", ".join(str(item.line) for item in first_items if item not in asked)
+                    again = f", line(s) {', '.join(str(item.line) for item in asked)} asked again" if asked else ""
+                    self.progress.message(f"eval: the image of line(s) {gone} is still missing: the jobs an earlier "
+                                          f"run posted with it (and lost the ids of) are given up{again}")
+                    return Group(uuid.uuid4().hex, asked, group.model), [job for _, job in built]
                 # A question of the group cannot be built now (its image is gone). The rest go under the group's key
                 # all the same: if the group was posted before, the API refuses (422) the key with another body, and
                 # makes no jobs again (under a new key, it asked those questions twice); if not, it takes them.
-                first_items = group.first_items or group.items
-                group = Group(group.key, [item for item, _ in built], recorded=True, first_items=first_items)
+                group = Group(group.key, asked, group.model, recorded=True, first_items=first_items)
                 if not built:
-                    self.held.append(Group(group.key, first_items, recorded=True))
+                    self.held.append(Group(group.key, first_items, group.model, recorded=True, held=True))
             return group, [job for _, job in built]
         room = self.max_in_flight - len(self.flights)
         if not self.todo or room < min(self.group_size, len(self.todo)):
@@ -707,12 +744,12 @@ class EvalRun:
         items, jobs, size = [], [], 0
         while self.todo and len(jobs) < min(self.group_size, room) and size < GROUP_BYTES:
             item = self.todo.popleft()
-            job = self._job_of(item)
+            job = self._job_of(item, self.params.model)
             if job is not None:
                 items.append(item)
                 jobs.append(job)
                 size += sum(map(len, job.get("images", [])))
-        return Group(uuid.uuid4().hex, items), jobs
+        return Group(uuid.uuid4().hex, items, self.params.model), jobs
 
     def _post(self, path: str, body: dict, key: str, put_off: bool = False) -> tuple[int, Any]:
         """POST with the Idempotency-Key, waiting out 429 (Retry-After) and a lost API (up to PATIENCE_SECONDS).
@@ -755,7 +792,8 @@ class EvalRun:
         """Post a group's jobs under its Idempotency-Key, recorded in the jobs file before and after."""
         self.pending[group.key] = group
         if not group.recorded:
-            self._state_append({"key": group.key, "params": self.fingerprint, **self._questions_of(group.items)})
+            self._state_append({"key": group.key, "params": self._params_for(group.model),
+                                **self._questions_of(group.items)})
             group.recorded = True
         try:
             status, data = self._post("/v1/jobs/bulk", {"jobs": jobs}, group.key, put_off=True)
@@ -784,7 +822,7 @@ class EvalRun:
         now = time.monotonic()
         for item, job_id in zip(group.items, job_ids):
             if job_id is not None:
-                self.flights[job_id] = Flight(item, job_id, now + 0.3)
+                self.flights[job_id] = Flight(item, job_id, now + 0.3, group.model)
                 self.tally.submitted += 1
         self.last_contact = time.monotonic()
 
@@ -792,12 +830,13 @@ class EvalRun:
         """Keep a group that an earlier run posted and whose ids it lost, now that a question of it cannot be built:
         its questions fail, saying so, and the jobs file keeps the group, collected once its images are back."""
         del self.pending[group.key]
-        self.held.append(Group(group.key, group.first_items, recorded=True))
+        self.held.append(Group(group.key, group.first_items, group.model, recorded=True, held=True))
         gone = ", ".join(str(item.line) for item in group.first_items if item not in group.items)
         for item in group.items:
             self._fail(item, f"asked by an earlier run that stopped before it wrote the job ids down; the answer is "
                              f"collected by posting its group again as it was, and the image of its line(s) {gone} "
-                             "cannot be read now: put it back and run the same command again")
+                             "cannot be read now: put it back and run the same command again (run again without "
+                             "it, the question is asked anew)")
 
     def _post_one_by_one(self, group: Group, jobs: list[dict]) -> list[str | None]:
         """Post a group's jobs each on its own (key: the group's and the index); the ids of those posted, in order
@@ -811,7 +850,8 @@ class EvalRun:
             try:
                 status, data = self._post("/v1/jobs", job, f"{group.key}.{places[id(item)]}", put_off=True)
             except PutOff as exc:
-                rest = Group(uuid.uuid4().hex, group.items[index:], not_before=time.monotonic() + exc.delay)
+                rest = Group(uuid.uuid4().hex, group.items[index:], group.model,
+                             not_before=time.monotonic() + exc.delay)
                 self.resend.insert(0, rest)
                 break
             if status == 202:

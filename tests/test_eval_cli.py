@@ -452,16 +452,18 @@ def test_answers_of_another_question_file_or_model_are_not_taken_as_done(tiny_ll
     assert "3 answered (0 before this run)" in captured.out, captured.out + captured.err
     assert "3 answers in" in captured.err and "asked again" in captured.err
     assert [line["prompt"] for line in read_lines(answers)] == [question["text"] for question in second]
-    # The same questions for a model named on the command line: an answer by another model is not its answer.
+    # The same questions for a model named on the command line: an answer by another model is not its answer, and
+    # stops the run (it was asked again, and that model's answer thrown away: see test_eval_s42).
     with open(answers, "r+") as file:
         lines = read_lines(answers)
         lines[1]["model_id"] = "llava-v1.5-13b"
         file.write("".join(json.dumps(line) + "\n" for line in lines))
+    written = answers.read_text()
     capsys.readouterr()
     assert eval_in_process(eval_args(tiny_llava_stack, tmp_path / "second.jsonl", images, answers,
-                                     "--model", MODEL)) == 0
-    assert "3 answered (2 before this run)" in capsys.readouterr().out
-    assert [line["model_id"] for line in read_lines(answers)] == [MODEL] * 3
+                                     "--model", MODEL)) == 2
+    assert "were made by model 'llava-v1.5-13b'" in capsys.readouterr().err
+    assert answers.read_text() == written
 
 
 def test_a_question_file_that_starts_with_a_byte_order_mark_is_read_whole(tmp_path):
