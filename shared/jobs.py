@@ -41,9 +41,10 @@ QUEUES = ("interactive", "batch")
 CANCELLED_ERROR = "cancelled by the client"
 # What a step's write answers for a job whose record is gone (JobStore.record_step).
 RECORD_GONE = -3
+# The error of a job whose record (or what it holds: its images, its batch) llava-queue finds damaged, `{}` saying how.
+DAMAGED_ERROR = "the job's record is damaged: {} (changed by hand, or by another program on the key prefix)"
 # The error of a job whose record had no status of the store's when a worker took it (`JobStore.start`).
-DAMAGED_STATUS_ERROR = ("the job's record is damaged: it has no status llava-queue writes (changed by hand, or by "
-                        "another program on the key prefix)")
+DAMAGED_STATUS_ERROR = DAMAGED_ERROR.format("it has no status llava-queue writes")
 
 # How many times a job may be handed back by workers told to stop (rolling restarts, scale-downs) before its next start
 # fails it, by default (Settings.max_hand_backs, LLAVA_QUEUE_MAX_HAND_BACKS; JobStore's `max_hand_backs`). Hand-backs
@@ -64,9 +65,13 @@ HANDED_BACK_ERROR = handed_back_error(MAX_HAND_BACKS)
 # A job leaves its API key's set of queued jobs (JobStore.owner_key; `prefix` its key up to the owner id) when it
 # starts or ends: the set was pruned only near the key's quota, and kept every job the key sent, expired ones too.
 _FORGET_OWNED_LUA = """
-local function forget_owned(job_key, prefix, job_id)
+local function owned_key(job_key, prefix)
   local owner = redis.call('HGET', job_key, 'owner')
-  if owner and owner ~= '' then redis.call('ZREM', prefix .. owner .. ':queued', job_id) end
+  if owner and owner ~= '' then return prefix .. owner .. ':queued' end
+end
+local function forget_owned(job_key, prefix, job_id)
+  local key = owned_key(job_key, prefix)
+  if key then redis.call('ZREM', key, job_id) end
 end
 """
 
@@ -263,9 +268,48 @@ end
 # holds no "]", and a text no unescaped quote, so only an images list matches). _FINISH empties them the same way.
 _IMAGES_RE = re.compile(r'"images":\[[^\]]*\]')
 
-_FINISH = (BATCH_END_LUA + _SEQ_LUA + _MARK_LUA + _FORGET_OWNED_LUA
+# What a script checks before it writes: Redis keeps what a script wrote before an error stopped it, and undoes nothing.
+# `kind_of` a key's type; `misfit` the first of {key, type} pairs whose key holds another type than its own (or none),
+# in words (nil if none does); `is_count` whether a field (nil or false: none) is one that HINCRBY or INCR can count
+# on: a whole number as Redis writes it, of few enough digits that a step of one stays in its 64 bits.
+_CHECKS_LUA = """
+local function kind_of(key) return redis.call('TYPE', key)['ok'] end
+local function misfit(expected)
+  for _, pair in ipairs(expected) do
+    local kind = kind_of(pair[1])
+    if kind ~= 'none' and kind ~= pair[2] then return pair[1] .. ' holds a ' .. kind .. ', not a ' .. pair[2] end
+  end
+end
+local function is_count(value)
+  return not value or value == '0' or (#value <= 18 and string.match(value, '^-?[1-9]%d*$') ~= nil)
+end
+"""
+
+# A job's ending. Everything it writes is checked before the first write: it stopped at the first key it could not
+# write (an image key of another type, a count that is no number) with the job ended in its record, and still in the
+# running hash, its ending unpublished, its other images held and its record kept for good. What is the job's own and
+# damaged (an image key, its batch) is left as it is, and the job fails, saying what is damaged (DAMAGED_ERROR); a
+# key of the store's of another type (a queue, the running hash, the deadline set, an owner's quota) ends nothing,
+# answering a WRONGTYPE error that names it; a metrics count that is no number is not counted (`totals` reads it as
+# absent). A record of another type (a key SET by hand) leaves the queues, the running hash and the deadline set,
+# and is left as it is: no job can run or end in it, and it stayed in its queue for good, counted as queued.
+_FINISH = (BATCH_END_LUA + _SEQ_LUA + _MARK_LUA + _FORGET_OWNED_LUA + _CHECKS_LUA
            + f"local CONTEXT_OVERFLOW = {json.dumps(CONTEXT_OVERFLOW_MSG)}\n"
-           + f"local REQUEUED = {json.dumps(_REQUEUED)}\n" + """
+           + f"local REQUEUED = {json.dumps(_REQUEUED)}\n"
+           + f"local DAMAGED = {json.dumps(DAMAGED_ERROR.replace('{}', '%s'))}\n"
+           + f"local SERVER_ERROR = '{int(ErrorCode.SERVER_ERROR)}'\n" + """
+local function refused(what) return redis.error_reply('WRONGTYPE job ' .. ARGV[8] .. ': ' .. what) end
+local record = kind_of(KEYS[1])
+if record == 'none' then return 'missing' end
+local listed = {{KEYS[3], 'zset'}, {KEYS[4], 'zset'}, {KEYS[5], 'hash'}, {KEYS[6], 'zset'}}
+if record ~= 'hash' then
+  local wrong = misfit(listed)
+  if wrong then return refused('it stays where it is listed: ' .. wrong) end
+  for _, key in ipairs({KEYS[3], KEYS[4], KEYS[6]}) do redis.call('ZREM', key, ARGV[8]) end
+  redis.call('HDEL', KEYS[5], ARGV[8])
+  return refused(string.format(DAMAGED, 'its key holds a ' .. record .. ', not a hash') ..
+                 '; it leaves its queue, and its key is left as it is')
+end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
@@ -283,9 +327,62 @@ elseif ARGV[6] ~= '' and status ~= ARGV[6] then
   return status
 end
 if ARGV[9] ~= '' and status == 'running' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then return 'fenced' end
+local owned = owned_key(KEYS[1], ARGV[12])
+if owned then listed[#listed + 1] = {owned, 'zset'} end
+local wrong = misfit(listed)
+if wrong then return refused('its ending was not written: ' .. wrong) end
+local final, err, code, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local damage
+local function damaged(what)
+  damage = damage or what
+  final, err, code, reason = 'failed', string.format(DAMAGED, damage), SERVER_ERROR, 'error'
+end
+-- Its hold on the stored images (see JobStore.image_key), let go of below.
+local held = redis.call('HGET', KEYS[1], 'image_keys')
+local images = {}
+for key in string.gmatch(held or '', '%S+') do
+  local kind = kind_of(key)
+  if kind ~= 'none' and kind ~= 'hash' then
+    damaged('its image key ' .. key .. ' holds a ' .. kind .. ', not a hash')
+  elseif not is_count(redis.call('HGET', key, 'refs')) then
+    damaged('the count of holders of its image key ' .. key .. ' is no number')
+  else
+    images[#images + 1] = key
+  end
+end
+-- A line of a batch: its result is copied into the batch, which outlives the job record, and counted.
+local batch, line = unpack(redis.call('HMGET', KEYS[1], 'batch', 'batch_line'))
+local bkey = batch and ARGV[11] .. batch
+if bkey and redis.call('EXISTS', bkey) == 0 then bkey = nil end
+local f = redis.call('HMGET', KEYS[1], 'text', 'prompt_tokens', 'completion_tokens', 'model', 'started_at',
+                     'first_token_at')
+if ARGV[10] ~= '' then f[3] = ARGV[10] end
+local function counted_as()
+  local counted = ({succeeded = 'completed'})[final] or final
+  if counted == 'completed' and (tonumber(f[3]) or 0) == 0 and f[1] == CONTEXT_OVERFLOW then
+    counted = 'failed'  -- the context guard's answer (shared.protocol.context_overflowed): the line fails
+  end
+  return counted
+end
+if bkey then
+  local wrong_batch = misfit({{bkey, 'hash'}, {bkey .. ':results', 'hash'}})
+  if not wrong_batch then
+    for _, count in ipairs(redis.call('HMGET', bkey, counted_as(), 'prompt_tokens', 'completion_tokens', 'ended')) do
+      if not is_count(count) then wrong_batch = 'a count of ' .. bkey .. ' is no number' end
+    end
+  end
+  if wrong_batch then
+    damaged('its batch is: ' .. wrong_batch)
+    bkey = nil
+  end
+end
+local finished_field = final .. ':' .. code
+local counts_minute = misfit({{KEYS[7], 'string'}}) == nil and is_count(redis.call('GET', KEYS[7]))
+local counts_total = misfit({{KEYS[8], 'hash'}}) == nil and is_count(redis.call('HGET', KEYS[8], finished_field))
+-- Checked: from here on every write is one Redis takes.
 local seq = next_seq(KEYS[1])
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'error', ARGV[2], 'error_code', ARGV[3],
-           'finish_reason', ARGV[4], 'finished_at', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', final, 'error', err, 'error_code', code, 'finish_reason', reason,
+           'finished_at', ARGV[5])
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'completion_tokens', ARGV[10]) end
 -- Its images go (a poll shows its parameters, never its images, and they were most of a record kept for its TTL).
 -- Plain finds (memchr-fast; a pattern's gsub took ~2 ms of Redis's one thread for a 150 KB image).
@@ -302,48 +399,40 @@ if request and string.find(request, '"images":[', 1, true) then
   parts[#parts + 1] = string.sub(request, from)
   redis.call('HSET', KEYS[1], 'request', table.concat(parts))
 end
--- And so does its hold on the stored images (see JobStore.image_key): the last job to let one go deletes it.
-local held = redis.call('HGET', KEYS[1], 'image_keys')
-if held then
-  for key in string.gmatch(held, '%S+') do
-    if redis.call('HINCRBY', key, 'refs', -1) <= 0 then redis.call('DEL', key) end
-  end
-  redis.call('HDEL', KEYS[1], 'image_keys')
+-- And so does its hold on the stored images: the last job to let one go deletes it. A damaged one is left as it is.
+for _, key in ipairs(images) do
+  if redis.call('HINCRBY', key, 'refs', -1) <= 0 then redis.call('DEL', key) end
 end
+if held then redis.call('HDEL', KEYS[1], 'image_keys') end
 redis.call('ZREM', KEYS[3], ARGV[8])
 redis.call('ZREM', KEYS[4], ARGV[8])
 redis.call('HDEL', KEYS[5], ARGV[8])
 redis.call('ZREM', KEYS[6], ARGV[8])
 forget_owned(KEYS[1], ARGV[12], ARGV[8])
-redis.call('INCR', KEYS[7])
-redis.call('EXPIRE', KEYS[7], 180)
-redis.call('HINCRBY', KEYS[8], ARGV[1] .. ':' .. ARGV[3], 1)
+if counts_minute then
+  redis.call('INCR', KEYS[7])
+  redis.call('EXPIRE', KEYS[7], 180)
+end
+if counts_total then redis.call('HINCRBY', KEYS[8], finished_field, 1) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = ARGV[1], error = ARGV[2],
-           error_code = tonumber(ARGV[3]), finish_reason = ARGV[4]}))
--- A line of a batch: copy its result into the batch, which outlives the job record, and count it.
-local batch, line = unpack(redis.call('HMGET', KEYS[1], 'batch', 'batch_line'))
-if batch and redis.call('EXISTS', ARGV[11] .. batch) == 1 then
-  local bkey = ARGV[11] .. batch
-  local f = redis.call('HMGET', KEYS[1], 'text', 'prompt_tokens', 'completion_tokens', 'model', 'started_at',
-                       'first_token_at')
-  redis.call('HSET', bkey .. ':results', line, cjson.encode({status = ARGV[1], error = ARGV[2],
-             error_code = tonumber(ARGV[3]), finish_reason = ARGV[4], text = f[1] or '',
+redis.call('PUBLISH', KEYS[2], cjson.encode({seq = seq, done = true, status = final, error = err,
+           error_code = tonumber(code), finish_reason = reason}))
+if bkey then
+  redis.call('HSET', bkey .. ':results', line, cjson.encode({status = final, error = err,
+             error_code = tonumber(code), finish_reason = reason, text = f[1] or '',
              prompt_tokens = tonumber(f[2]) or 0, completion_tokens = tonumber(f[3]) or 0, model = f[4] or '',
              started_at = tonumber(f[5]), first_token_at = tonumber(f[6]), finished_at = tonumber(ARGV[5])}))
   local ttl = redis.call('TTL', bkey)
   if ttl > 0 then redis.call('EXPIRE', bkey .. ':results', ttl) end
-  local counted = ({succeeded = 'completed'})[ARGV[1]] or ARGV[1]
-  if counted == 'completed' and (tonumber(f[3]) or 0) == 0 and f[1] == CONTEXT_OVERFLOW then
-    counted = 'failed'  -- the context guard's answer (shared.protocol.context_overflowed): the line fails
-  end
-  redis.call('HINCRBY', bkey, counted, 1)
-  redis.call('HINCRBY', bkey, 'prompt_tokens', tonumber(f[2]) or 0)
-  redis.call('HINCRBY', bkey, 'completion_tokens', tonumber(f[3]) or 0)
+  redis.call('HINCRBY', bkey, counted_as(), 1)
+  -- A token count of the record's that is no count (1.5, edited by hand) adds none: HINCRBY took only a whole one.
+  redis.call('HINCRBY', bkey, 'prompt_tokens', is_count(f[2]) and f[2] or 0)
+  redis.call('HINCRBY', bkey, 'completion_tokens', is_count(f[3]) and f[3] or 0)
   redis.call('HSET', bkey, 'last_finished_at', ARGV[5])
   redis.call('HINCRBY', bkey, 'ended', 1)
   end_batch_if_done(bkey, ARGV[5])
 end
+if damage then return 'damaged' end
 return 'ok'
 """)
 
@@ -1099,7 +1188,12 @@ class JobStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in members:
                 pipe.hget(self.key(job_id), "status")
-            statuses = pipe.execute()
+            # A record of another type (a key SET by hand) answers WRONGTYPE: raised, it failed every submission of
+            # the key near its quota, for good. No job is queued in it: it leaves the set.
+            statuses = pipe.execute(raise_on_error=False)
+        for status in statuses:
+            if isinstance(status, redis.RedisError) and not str(status).startswith("WRONGTYPE"):
+                raise status
         gone = [job_id for job_id, status in zip(members, statuses) if status != "queued"]
         if gone:
             self.redis.zrem(key, *gone)
@@ -1431,14 +1525,15 @@ class JobStore:
         """Move an active job to a final state, publish its last message, and let the record expire.
 
         A `worker` may only end a job it holds. Returns False if the job had already ended (its
-        final state is kept) or another worker holds it.
+        final state is kept) or another worker holds it, or if it ended failed instead, its record damaged (_FINISH).
         """
         ending = Ending(job_id, status, error, int(error_code), finish_reason)
         return self._finish(**self._finish_call(ending, False, worker)) == "ok"
 
     def finish_many(self, endings: Sequence["Ending"]) -> list["str | redis.RedisError"]:
         """End each job as `finish` does (no fence: for jobs nobody runs), in one pipelined round trip; returns each
-        one's answer: "ok", the final status it had, "missing", or the error Redis answered for that job alone.
+        one's answer: "ok", the final status it had, "missing", "damaged" (failed instead, see _FINISH), or the error
+        Redis answered for that job alone.
 
         A job's error is not raised, so one job Redis refuses (a permission an ACL denies, a record of another type:
         errors that would come again, see `answers_later`) does not leave the others unended; the caller logs them

@@ -39,7 +39,7 @@ class BatchSlots:
     Counting starts at receipt (in the consumer's own thread, before it fetches the next message),
     so a worker with free threads does not take more batch jobs in the moment before they start.
     A job counted is one of Celery's requests; it ends when its task has run (`ended`), or when Celery lets it go
-    without running it (`dropped`).
+    without running it (`dropped`; or, where Celery says nothing, once it has handled the message: `received`).
     """
 
     def __init__(self, limit: int, queues: tuple[str, ...]):
@@ -72,11 +72,26 @@ class BatchSlots:
         self._apply()
 
     def received(self, request) -> None:
-        """A job arrived (`task_received`, in the consumer's thread): count it if it is a batch job."""
+        """A job arrived (`task_received`, in the consumer's thread): count it if it is a batch job.
+
+        Celery may still let its message go once this returns, with no signal of its own: an ETA that parses but
+        does not convert to a timestamp (a foreign client's) is logged and rejected. Counted until the next message
+        received, at its limit the worker read no batch queue until an interactive job came. So once Celery has
+        handled the message, in the consumer's next turn, the requests it let go are no longer counted."""
         with self._lock:
             self._forget_dropped()
-            if (request.delivery_info or {}).get("routing_key") in self.queues:
+            batch = (request.delivery_info or {}).get("routing_key") in self.queues
+            if batch:
                 self._jobs.add(request)
+            changed = self._update()
+        if changed:
+            self._apply()
+        if batch:
+            self._consumer.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            self._forget_dropped()
             changed = self._update()
         if changed:
             self._apply()
