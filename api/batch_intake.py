@@ -145,6 +145,7 @@ class Intake:
     served: list[str]
     deadline_seconds: float
     owner: str | None = None
+    # "llava" or "openai": as the caller tells it (`survey`), or its first JSON object line (`object_format`).
     format: str | None = None
     total: int = 0
     invalid: int = 0

@@ -12,6 +12,7 @@ import asyncio
 import io
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, IO, Literal
@@ -28,7 +29,7 @@ from api.json_bodies import REQUEST_VALUES, JsonParsers, is_heavy
 from api.routes.models import returning_models, served_models
 from api.routes.openai import completion_of, job_error
 from api.submission import admission_lock, check_room
-from shared.batches import FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
+from shared.batches import BATCH_ID, FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
 from shared.dataroot import PathRefused, resolve_data_path
 from shared.jobs import JobStore
 from shared.protocol import ErrorCode, InvalidRequest, context_overflowed, parse_request
@@ -41,6 +42,8 @@ JSONL = "application/jsonl"
 # Output files of a batch are named after it: file-<batch id>-output / -errors.
 OUTPUT_FILE = "file-{}-output"
 ERROR_FILE = "file-{}-errors"
+# Either of them: (the batch id, "output" | "errors").
+BATCH_FILE = re.compile(rf"file-({BATCH_ID.pattern})-(output|errors)")
 # The largest `offset` of a batch's lines page: past any batch (Redis' list indexes are 64-bit; an offset near
 # that end answered 503 as if Redis were away).
 MAX_LINE_OFFSET = 2**31
@@ -168,6 +171,10 @@ def _open_input(body: BatchCreate, upload: IO[bytes] | None, batches: BatchStore
     if upload is not None:
         return upload, {}
     if body.input_file_id:
+        if BATCH_FILE.fullmatch(body.input_file_id):
+            # As on OpenAI, a file of another purpose is refused as such (it was "unknown", yet GET /v1/files has it).
+            raise ApiError(400, f"input_file_id: {body.input_file_id!r} is a batch's output (purpose 'batch_output'); "
+                                "a batch reads a file uploaded with purpose 'batch'", param="input_file_id")
         content = batches.file_content(body.input_file_id)
         if content is None:
             raise ApiError(404, f"unknown file id {body.input_file_id!r}", type="not_found",
@@ -260,6 +267,9 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
     stream, source = _open_input(body, upload, batches, settings)
     with stream:
         lines, file_format = survey(stream, settings.max_body_bytes, parsers)
+        # A file without a JSON object line (a pretty-printed JSON file) tells no format: OpenAI's `endpoint` does, so
+        # that its errors file has the OpenAI error lines its caller reads (they were a question file's, endpoint null).
+        file_format = file_format or ("openai" if body.endpoint else None)
         if lines > settings.batch_max_lines:
             raise ApiError(400, f"the file has {lines} lines; a batch holds at most {settings.batch_max_lines}",
                            param="file")
@@ -279,7 +289,7 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
                                       "params": None if file_format == "openai" else params.model_dump(),
                                       "image_folder": body.image_folder or ""})
             intake = Intake(store, batches, celery, settings, batch_id, params, image_folder, served, window, owner,
-                            parsers=parsers)
+                            format=file_format, parsers=parsers)
             read_file(intake, stream)
         finally:
             batches.release(batch_id)

@@ -8,7 +8,6 @@ llava-queue as they do against OpenAI.
 """
 
 import asyncio
-import re
 from typing import Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
@@ -16,14 +15,12 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from api.errors import ApiError
-from api.routes.batches import (ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name, batch_store,
-                                delete_output, file_deleted, file_kind, output_lines, read_batch, settled)
-from shared.batches import BATCH_ID, FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, FilesFull
+from api.routes.batches import (BATCH_FILE, ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name,
+                                batch_store, delete_output, file_deleted, file_kind, output_lines, read_batch, settled)
+from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, FilesFull
 from shared.protocol import ErrorCode
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-
-_BATCH_FILE = re.compile(rf"file-({BATCH_ID.pattern})-(output|errors)")
 
 
 class FileObject(BaseModel):
@@ -35,11 +32,19 @@ class FileObject(BaseModel):
     purpose: str
     status: str = "processed"
     status_details: None = None
+    # When it goes: with its batch (an output file), or BATCH_TTL_SECONDS after its upload, as Redis expires either;
+    # it was null, which is OpenAI's "never expires".
+    expires_at: int | None = None
 
 
 def file_not_found(file_id: str) -> ApiError:
     return ApiError(404, f"unknown file id {file_id!r} (it never existed, or it expired)", type="not_found",
                     param="file_id", code=ErrorCode.NOT_FOUND)
+
+
+def upload_object(batches: BatchStore, meta: dict[str, Any]) -> FileObject:
+    """An upload's description (`BatchStore.save_file`'s), with when it expires."""
+    return FileObject(**meta, expires_at=meta["created_at"] + batches.ttl_seconds)
 
 
 def _batch_file(batches: BatchStore, file_id: str) -> tuple[dict[str, Any], bool] | None:
@@ -50,7 +55,7 @@ def _batch_file(batches: BatchStore, file_id: str) -> tuple[dict[str, Any], bool
     the file holds a line): GET /v1/files/{id} and its content, the files list and DELETE agree with the batch object. A
     client that polls a batch until it names its output file, or that reads the file a list shows, never gets a
     partial one that changes under it; the answers so far are at GET /v1/batches/{id}/output."""
-    match = _BATCH_FILE.fullmatch(file_id)
+    match = BATCH_FILE.fullmatch(file_id)
     if not match:
         return None
     batch_id, kind = match.groups()
@@ -72,16 +77,16 @@ def _batch_file_object(batches: BatchStore, record: dict[str, Any], errors: bool
             batches.keep_file_size(record["id"], file_kind(errors), size)
     name = batch_file_name(record["id"], errors)
     return FileObject(id=name, bytes=int(size), created_at=int(record["created_at"]), filename=f"{name}.jsonl",
-                      purpose="batch_output")
+                      purpose="batch_output", expires_at=int(record["created_at"]) + batches.ttl_seconds)
 
 
 def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) -> FileObject | None:
     """The description of a file the index names, if it is still there: an upload not expired, or a finished batch's
     file (one its batch object names) not deleted. `records` keeps the batches read, for their second file."""
-    match = _BATCH_FILE.fullmatch(file_id)
+    match = BATCH_FILE.fullmatch(file_id)
     if not match:
         meta = batches.file_meta(file_id)
-        return FileObject(**meta) if meta else None
+        return upload_object(batches, meta) if meta else None
     batch_id, kind = match.groups()
     if batch_id not in records:
         record = batches.get(batch_id)
@@ -123,7 +128,7 @@ def list_files(request: Request, background: BackgroundTasks, purpose: str | Non
     for file_id in ids[start:]:
         if len(data) > limit:
             break
-        if purpose not in (None, "batch_output" if _BATCH_FILE.fullmatch(file_id) else "batch"):
+        if purpose not in (None, "batch_output" if BATCH_FILE.fullmatch(file_id) else "batch"):
             continue
         file = _listed(batches, file_id, records)
         if file is not None:
@@ -145,15 +150,14 @@ async def upload_file(request: Request) -> FileObject:
         raise ApiError(400, f"purpose: only 'batch' is supported, not {shown!r}", param="purpose")
     if upload is None or isinstance(upload, str):
         raise ApiError(400, "file: a file part is required", param="file")
-    content = await upload.read()
+    content, batches = await upload.read(), batch_store(request)
     try:
-        meta = await asyncio.to_thread(batch_store(request).save_file, content, upload.filename or "batch.jsonl",
-                                       purpose)
+        meta = await asyncio.to_thread(batches.save_file, content, upload.filename or "batch.jsonl", purpose)
     except FilesFull as full:
         raise ApiError(400, f"file: {full}; delete files (DELETE /v1/files/{{file_id}}) or wait for them to expire "
                             "(LLAVA_QUEUE_BATCH_TTL_SECONDS; the limit is LLAVA_QUEUE_MAX_FILE_BYTES_PER_KEY)",
                        param="file", code=ErrorCode.INVALID_REQUEST) from None
-    return FileObject(**meta)
+    return upload_object(batches, meta)
 
 
 @router.get("/{file_id}", response_model=FileObject)
@@ -166,7 +170,7 @@ def get_file(file_id: str, request: Request) -> FileObject:
     meta = batches.file_meta(file_id)
     if meta is None:
         raise file_not_found(file_id)
-    return FileObject(**meta)
+    return upload_object(batches, meta)
 
 
 @router.get("/{file_id}/content", response_class=Response,
