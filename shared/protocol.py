@@ -15,7 +15,8 @@ from contextvars import ContextVar
 from enum import IntEnum
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import (BmpImagePlugin, IcnsImagePlugin, IcoImagePlugin, Image, Jpeg2KImagePlugin, PngImagePlugin,
+                 UnidentifiedImageError)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from shared.conversation import choose_template, render_messages
@@ -406,6 +407,45 @@ def data_url_parts(text: str) -> tuple[str, str] | None:
     return header[5:].lower(), data
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG2000_SIGNATURES = (b"\xff\x4f\xff\x51", b"\x0d\x0a\x87\x0a", b"\x00\x00\x00\x0cjP  \x0d\x0a\x87\x0a")
+
+
+def _icon_image_size(raw: bytes) -> tuple[int, int] | None:
+    """The size of the image PIL decodes from an icon file (ICO, ICNS), read from that image's own header; None for
+    another file, or for an icon whose image PIL cannot read that far (opening it fails the same way, undecoded).
+
+    An icon holds its images as files of their own (PNG, BMP, JPEG 2000), which PIL decodes at their own size, not
+    at the size the icon's directory gives: a 657 KB ICO of "16x16" held a 13000x13000 PNG, which PIL decodes while
+    it opens the ICO (676 MB, 2 s, for each request that sent it), before the pixel limit could be checked; an ICNS
+    passed the API's check and was decoded by the worker, outside its pixel budget."""
+    buffer = io.BytesIO(raw)
+    try:
+        if raw[:4] == b"\0\0\1\0":
+            # PIL reads the first entry of its sorted directory.
+            buffer.seek(IcoImagePlugin.IcoFile(buffer).entry[0].offset)
+            png = buffer.read(8) == _PNG_SIGNATURE
+            buffer.seek(-8, io.SEEK_CUR)
+            width, height = (PngImagePlugin.PngImageFile if png else BmpImagePlugin.DibImageFile)(buffer).size
+            return (width, height) if png else (width, height // 2)  # a BMP frame's height counts its mask too
+        if raw[:4] == b"icns":
+            icns = IcnsImagePlugin.IcnsFile(buffer)
+            sizes = []
+            # PIL reads every image of the largest size the directory names; those not PNG nor JPEG 2000 are of that
+            # size.
+            for code, _ in icns.SIZES[icns.bestsize()]:
+                start, length = icns.dct.get(code, (0, 0))
+                frame = raw[start:start + length]
+                if frame.startswith(_PNG_SIGNATURE):
+                    sizes.append(PngImagePlugin.PngImageFile(io.BytesIO(frame)).size)
+                elif frame[:12].startswith(_JPEG2000_SIGNATURES):
+                    sizes.append(Jpeg2KImagePlugin.Jpeg2KImageFile(io.BytesIO(frame)).size)
+            return max(sizes, key=lambda size: size[0] * size[1], default=None)
+    except Exception:  # noqa: BLE001 - PIL reads the same headers first, and fails as these parsers do
+        return None
+    return None
+
+
 def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
                max_pixels: int | None = None) -> Image.Image:
     """Open one image of a request: base64 of an image file, plain or as a `data:` URL.
@@ -438,6 +478,10 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
         raise ValueError(f"image {index} is not valid base64 (send the image file's bytes base64-encoded, "
                          "or a data:image/...;base64, URL)") from None
     _allow_pixels(max_pixels)
+    inner = _icon_image_size(raw)
+    if inner is not None and inner[0] * inner[1] > max_pixels:
+        raise ValueError(f"image {index} is too large: an icon holding a {inner[0]}x{inner[1]} image = "
+                         f"{inner[0] * inner[1]} pixels; the limit is {max_pixels}")
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:

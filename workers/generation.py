@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import torch
+from jinja2 import TemplateError, TemplateSyntaxError
 from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
@@ -105,7 +106,14 @@ def render_prompt(request: GenerateRequest, loaded: LoadedModel) -> tuple[str, s
         prompt, stop = render_messages(choose_template(loaded.name), turns)
     else:
         chat = [{"role": m.role, "content": m.text} for m in request.messages]
-        prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        try:
+            prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:
+            if isinstance(exc, TemplateSyntaxError):  # the model's template is broken, whatever the turns
+                raise
+            # The template refuses these turns (`raise_exception`: roles that do not alternate, a system turn it has
+            # no place for). It failed the job as a server error (code 1, a 500 that OpenAI's client sends again).
+            raise ValueError(f"the model's chat template refuses these messages: {exc}") from None
         stop = tokenizer.eos_token
     own = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     stops = tuple(dict.fromkeys(own + ((stop,) if stop else ())))
@@ -145,11 +153,11 @@ def prepare(request: GenerateRequest, loaded: LoadedModel, max_new_tokens_cap: i
         # A chat template may already start with BOS; do not add a second one.
         add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
         token_ids = tokenizer(prompt, add_special_tokens=add_special).input_ids
-        if not token_ids:
-            # The engine's refusal was a server error (code 1, the original's "NETWORK ERROR" on its stream), which
-            # tells a client to try again.
-            raise ValueError("the prompt is empty: it makes no token, and generation starts from at least one")
         room = loaded.context_len - len(token_ids)
+    if not token_ids:
+        # The engine's refusal was a server error (code 1, the original's "NETWORK ERROR" on its stream), which tells
+        # a client to try again; a LLaVA model whose tokenizer adds no BOS (Qwen2's, llava-interleave's) made it too.
+        raise ValueError("the prompt is empty: it makes no token, and generation starts from at least one")
     max_new_tokens = min(request.max_new_tokens, max_new_tokens_cap, room)
     if pixel_values is not None and max_new_tokens >= 1:
 
