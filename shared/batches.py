@@ -25,7 +25,8 @@ from typing import Any
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import AFTER_CURSOR_LUA, BATCH_END_LUA, QUEUES, JobStore, glob_escaped, owner_id
+from shared.jobs import AFTER_CURSOR_LUA, BATCH_END_LUA, CANCELLED_ERROR, QUEUES, JobStore, glob_escaped, owner_id
+from shared.protocol import ErrorCode
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -36,22 +37,55 @@ _COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "i
 
 # A batch fails only while it is read (validating): a reader that was thought dead may have activated it meanwhile.
 # One cancelled while it was read, and never activated, ends cancelled instead (no reader will count its lines).
+# Either is final at once (OpenAI's `failed` has no line to wait for), so its lines (KEYS[2]) not ended yet end with
+# it, cancelled (their results in KEYS[3], as _FINISH writes a cancelled job's), and their jobs (ARGV[3] .. job id)
+# no longer name the batch: one a worker still ran wrote its result into the batch when it ended, after the batch had
+# ended (its files' sizes kept, its request counts shown). ARGV[4], ARGV[5]: a cancelled job's error and error code.
 _FAIL = """
-local status = redis.call('HGET', KEYS[1], 'status')
+local status, final = redis.call('HGET', KEYS[1], 'status'), 'failed'
 if status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0 then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1], 'errors', ARGV[2])
-  return 1
+  final = 'cancelled'
+elseif status ~= 'validating' then
+  return 0
 end
-if status ~= 'validating' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[1], 'errors', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', final, final .. '_at', ARGV[1], 'errors', ARGV[2])
+local cancelled = 0
+for number, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  -- (the key as json.dumps writes it: a string value holds no unescaped quote)
+  local job = string.match(entry, '"job": "([^"]+)"')
+  if job and redis.call('HEXISTS', KEYS[3], number - 1) == 0 then
+    local f = redis.call('HMGET', ARGV[3] .. job, 'model', 'started_at', 'first_token_at')
+    redis.call('HDEL', ARGV[3] .. job, 'batch')
+    redis.call('HSET', KEYS[3], number - 1, cjson.encode({status = 'cancelled', error = ARGV[4],
+               error_code = tonumber(ARGV[5]), finish_reason = 'cancelled', text = '', prompt_tokens = 0,
+               completion_tokens = 0, model = f[1] or '', started_at = tonumber(f[2]), first_token_at = tonumber(f[3]),
+               finished_at = tonumber(ARGV[1])}))
+    cancelled = cancelled + 1
+  end
+end
+if cancelled > 0 then
+  redis.call('HINCRBY', KEYS[1], 'cancelled', cancelled)
+  redis.call('HINCRBY', KEYS[1], 'ended', cancelled)
+  redis.call('EXPIRE', KEYS[3], math.max(redis.call('TTL', KEYS[1]), 1))
+end
 return 1
 """
 
 # Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch. A batch
 # cancelled while it was read gets its count too, so that it ends `cancelled` with its last line; so does one that
-# ended `cancelled` already (failed as abandoned after the cancel, while this reader went on: see _FAIL).
+# ended `cancelled` already (failed as abandoned after the cancel, while this reader went on: see _FAIL). The errors
+# found while reading (ARGV[4], a JSON list; '' if none) follow the ones the batch has: written apart, they replaced
+# the reason a batch failed as abandoned meanwhile had, which said why it failed.
 _ACTIVATE = BATCH_END_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
+if status and ARGV[4] ~= '' then
+  local before = redis.call('HGET', KEYS[1], 'errors')
+  if before and before ~= '' and before ~= '[]' then
+    redis.call('HSET', KEYS[1], 'errors', string.sub(before, 1, -2) .. ', ' .. string.sub(ARGV[4], 2))
+  else
+    redis.call('HSET', KEYS[1], 'errors', ARGV[4])
+  end
+end
 local cancelled = (status == 'cancelling' or status == 'cancelled') and redis.call('HEXISTS', KEYS[1], 'total') == 0
 if status ~= 'validating' and not cancelled then return status end
 redis.call('HSET', KEYS[1], 'total', ARGV[1], 'invalid', ARGV[2])
@@ -380,15 +414,19 @@ class BatchStore:
         return (unread and self.store.clock() - record["created_at"] > READER_LEASE_SECONDS
                 and not self.redis.exists(self.reader_key(record["id"])))
 
-    def activate(self, batch_id: str, total: int, invalid: int) -> str:
-        """Reading is over: `total` lines, `invalid` of them refused. Returns the batch's status now."""
-        return self._activate(keys=[self.key(batch_id)], args=[total, invalid, repr(self.store.clock())])
+    def activate(self, batch_id: str, total: int, invalid: int, errors: Sequence[dict[str, Any]] = ()) -> str:
+        """Reading is over: `total` lines, `invalid` of them refused, and the `errors` found reading the file, added to
+        the batch's (the reason it failed while it was read comes first). Returns the batch's status now."""
+        return self._activate(keys=[self.key(batch_id)], args=[total, invalid, repr(self.store.clock()),
+                                                                json.dumps(list(errors)) if errors else ""])
 
     def fail(self, batch_id: str, error: dict[str, Any]) -> bool:
         """The batch could not be read to its end: `failed`, with the reason in its errors, and the jobs of the lines
         read so far cancelled (they do not make the batch, and its caller submits the file again). Only a batch
         still `validating` fails (one cancelled while it was read ends `cancelled`); returns whether this one did."""
-        if not self._fail(keys=[self.key(batch_id)], args=[repr(self.store.clock()), json.dumps([error])]):
+        if not self._fail(keys=[self.key(batch_id), self.lines_key(batch_id), self.results_key(batch_id)],
+                          args=[repr(self.store.clock()), json.dumps([error]), self.store.key(""), CANCELLED_ERROR,
+                                int(ErrorCode.CANCELLED)]):
             return False
         self.cancel_jobs(batch_id)
         return True

@@ -293,13 +293,10 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
             read_file(intake, stream)
         finally:
             batches.release(batch_id)
-    fields = {"format": intake.format or "llava"}
+    batches.redis.hset(batches.key(batch_id), "format", intake.format or "llava")
     errors = intake.errors or ([] if intake.total else [{"code": "empty_file", "message": "the file has no lines",
                                                          "param": "file", "line": None}])
-    if errors:
-        fields["errors"] = json.dumps(errors)
-    batches.redis.hset(batches.key(batch_id), mapping=fields)
-    if batches.activate(batch_id, intake.total, intake.invalid) in ("failed", "cancelling", "cancelled") and \
+    if batches.activate(batch_id, intake.total, intake.invalid, errors) in ("failed", "cancelling", "cancelled") and \
             intake.total > intake.invalid:
         # Cancelled while it was read, or failed as abandoned while this slow reader went on (its lease lapsed; after a
         # cancel, that ended it `cancelled`): the jobs of the lines read since (or of every line) go too.
