@@ -89,7 +89,16 @@ async def require_api_key_for_reads(conn: HTTPConnection) -> str | None:
     return await _checked_key(conn, reads=True)
 
 
+def counted_as_reads(endpoint: Callable) -> Callable:
+    """Mark a route's endpoint as a read of the model list: the key check of its router (`require_api_key`, or
+    `api_key_if_sent` on the open LLaVA protocol) counts it against the key's reads, as `require_api_key_for_reads`
+    does. For the original controller's model list, which the original web server reads at every page load."""
+    endpoint.counted_as_reads = True
+    return endpoint
+
+
 async def _checked_key(conn: HTTPConnection, reads: bool) -> str | None:
+    reads = reads or getattr(conn.scope.get("endpoint"), "counted_as_reads", False)
     settings = conn.app.state.settings
     if not settings.api_key_hashes:
         return None

@@ -10,6 +10,7 @@ from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocket, WebSocketState
 
+from shared.jobs import DamagedRecord
 from shared.logs import Throttle
 from shared.protocol import ErrorCode, InvalidRequest, describe_validation_error
 
@@ -100,6 +101,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         return await _api_error(request, store_unavailable(exc))
+
+    @app.exception_handler(DamagedRecord)
+    async def _damaged(request: Request, exc: DamagedRecord) -> JSONResponse:
+        # A job whose record key holds another type than a hash (a key SET by hand): 500 saying so, as one whose hash
+        # lacks its fields is (`job_view`). Its WRONGTYPE, a Redis error, was answered 503 "the job store is
+        # unavailable, try again shortly" and logged as an outage: a client polling the job, or cancelling it, was
+        # told to retry for ever. (Not 404: the key is there, and no job can be made under it.)
+        log.warning("%s", exc)
+        return await _api_error(request, ApiError(500, exc.message, type="server_error", code=ErrorCode.SERVER_ERROR))
 
     @app.exception_handler(ClientDisconnect)
     async def _client_left(_: Request, exc: ClientDisconnect) -> JSONResponse:

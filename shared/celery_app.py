@@ -20,7 +20,9 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from shared.jobs import FINAL_STATES, QUEUES, JobStore, WorkerRegistry, answers_later, glob_escaped
+from shared.jobs import (DAMAGED_ERROR, FINAL_STATES, QUEUES, Ending, JobStore, WorkerRegistry, answers_later,
+                         glob_escaped)
+from shared.protocol import ErrorCode
 from shared.settings import Settings, get_settings
 
 GENERATE_TASK = "llava_queue.generate"
@@ -189,6 +191,7 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
     """
     now = store.clock()  # the records' created_at are on it (a worker's own clock could be minutes off)
     candidates: list[tuple[str, str, float]] = []
+    damaged: list[str] = []
     for queue in QUEUES:
         job_ids = store.redis.zrange(store.queue_key(queue), 0, limit - 1)
         with store.redis.pipeline(transaction=False) as pipe:
@@ -198,6 +201,9 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
             # an outage), and no lost job of any queue was sent again.
             records = pipe.execute(raise_on_error=False)
         for job_id, record in zip(job_ids, records):
+            if isinstance(record, redis.ResponseError) and str(record).startswith("WRONGTYPE"):
+                damaged.append(job_id)
+                continue
             created_at = _queued_since(job_id, record)
             if created_at is not None and now - created_at >= older_than:
                 candidates.append((job_id, task_queue(queue, record[2] or None), created_at, record[3]))
@@ -209,6 +215,8 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
             reading = {batch for batch, status in zip(batches, pipe.execute(raise_on_error=False))
                        if status == "validating"}
         candidates = [candidate for candidate in candidates if candidate[3] not in reading]
+    if damaged:
+        _end_damaged(store, damaged)
     if not candidates:
         return []
     with _broker_channel(app) as channel:
@@ -229,6 +237,22 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         for job_id, name, _ in sorted(lost, key=lambda job: job[2], reverse=True):
             _push_first(app, channel, job_id, name)
     return [job_id for job_id, _, _ in lost]
+
+
+def _end_damaged(store: JobStore, job_ids: list[str]) -> None:
+    """End the queued jobs whose record key holds another type than a hash (a key SET by hand), each logged once.
+
+    No worker can start one, so its message, lost or not, ends nothing; one whose message was lost stayed in its
+    queue for good, counted as queued, and was logged as unreadable at every sweep. Its ending (_FINISH) takes it out
+    of its queue, the running hash and the deadline set, leaves the key as it is, and answers the error that says so:
+    the line logged. It is ended at once, whatever its age: nothing can run in it."""
+    endings = [Ending(job_id, "failed", DAMAGED_ERROR.format("its key holds no hash"), ErrorCode.SERVER_ERROR, "error")
+               for job_id in job_ids]
+    for job_id, answer in zip(job_ids, store.finish_many(endings)):
+        if isinstance(answer, redis.RedisError) and answers_later(answer):
+            raise answer  # Redis loading or busy: an outage, for the sweep to wait out
+        log.warning("job %s: its record is unreadable, of another type than a hash; ended by the lost-task sweep "
+                    "(%s)", job_id, answer)
 
 
 def _queued_since(job_id: str, record: list | Exception) -> float | None:

@@ -737,6 +737,17 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+class DamagedRecord(ResponseError):
+    """A read of a job whose record key holds another type than a hash (a key SET by hand): the WRONGTYPE Redis
+    answered, naming the job and the damage (DAMAGED_ERROR; `message` without the code). No job can run or end in
+    such a record (_FINISH takes it out of its queue). Told apart so that the API need not answer it as a Redis that
+    is away (503, "try again shortly", logged as an outage), which a client polling the job heard for good."""
+
+    def __init__(self, job_id: str, kind: str):
+        self.message = f"job {job_id}: " + DAMAGED_ERROR.format(f"its key holds a {kind}, not a hash")
+        super().__init__(f"WRONGTYPE {self.message}")
+
+
 @dataclass(frozen=True)
 class Ending:
     """How a job ends: its final status, and for failures why."""
@@ -1296,8 +1307,29 @@ class JobStore:
         return int(self.redis.get(f"{self.prefix}:finished:{minute}") or 0) / 60.0
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        """The record as typed fields (plus `queue_position` while queued), or None if unknown."""
-        return self._typed(job_id, self.redis.hgetall(self.key(job_id)))
+        """The record as typed fields (plus `queue_position` while queued), or None if unknown; DamagedRecord for a
+        record of another type."""
+        try:
+            raw = self.redis.hgetall(self.key(job_id))
+        except ResponseError as exc:
+            raise self._damage_of(job_id, exc) from exc
+        return self._typed(job_id, raw)
+
+    def owner_of(self, job_id: str) -> str | None:
+        """The owner id a job's record names (None for a job without one, or unknown); DamagedRecord as `get`."""
+        try:
+            return self.redis.hget(self.key(job_id), "owner")
+        except ResponseError as exc:
+            raise self._damage_of(job_id, exc) from exc
+
+    def _damage_of(self, job_id: str, exc: ResponseError) -> ResponseError:
+        """`exc`, an error answered for a command on a job's record, as the DamagedRecord it is where the record holds
+        another type than a hash (read again: a script's WRONGTYPE may be another key's)."""
+        if str(exc).startswith("WRONGTYPE"):
+            kind = self.redis.type(self.key(job_id))
+            if kind not in ("hash", "none"):
+                return DamagedRecord(job_id, kind)
+        return exc
 
     def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
         """`get` of each job, their records read in one round trip (a page of `list_jobs` took one a job); a queued
@@ -1625,9 +1657,13 @@ class JobStore:
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.
 
-        Returns the status the job had ("queued", "running", or a final state), or None if unknown.
+        Returns the status the job had ("queued", "running", or a final state), or None if unknown; DamagedRecord for
+        a record of another type.
         """
-        status = self.cancel_many([job_id])[0]
+        try:
+            status = self.cancel_many([job_id])[0]
+        except ResponseError as exc:
+            raise self._damage_of(job_id, exc) from exc
         return None if status == "missing" else status
 
     def cancel_many(self, job_ids: Sequence[str]) -> list[str]:

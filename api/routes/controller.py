@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from api.auth import counted_as_reads
 from api.deps import AppSettings, Registry, Store
 from api.json_bodies import JsonParsers, parse_json
 from api.routes.models import served_models
@@ -73,12 +74,17 @@ def public_address(request: Request, public_url: str | None) -> str:
     return (public_url or str(request.base_url)).rstrip("/")
 
 
+# The original web server reads the model list at every page load and refresh (`/refresh_all_workers`, then
+# `/list_models`): counted with the key's other requests, two a page load, a user refreshing used the key's limit up,
+# and the page then failed to load (it asserts a 200). They count against the key's reads, as GET /v1/models does.
 @router.post("/refresh_all_workers")
+@counted_as_reads
 async def refresh_all_workers() -> None:
     """Answers `null` as the original; there is nothing to refresh, live workers are always current."""
 
 
 @router.post("/list_models", response_model=ModelList)
+@counted_as_reads
 async def list_models(registry: Registry) -> ModelList:
     """Every model some live worker serves, sorted."""
     return ModelList(models=served_models(await asyncio.to_thread(registry.workers)))

@@ -347,7 +347,7 @@ def cancel_job(job_id: str, store: Store, api_key: ApiKey) -> JobCreated:
     The id of an OpenAI chat completion (`chatcmpl-<job id>`) is accepted too, as by `GET`.
     """
     job = job_id_of(job_id)
-    if api_key is not None and not owns(store.redis.hget(store.key(job), "owner"), api_key):
+    if api_key is not None and not owns(store.owner_of(job), api_key):
         raise job_not_found(job_id)
     previous = store.cancel(job)
     if previous is None:
