@@ -93,15 +93,21 @@ def test_jobs_of_another_named_model_stop_the_rerun_saying_so(stack, tmp_path, c
     assert (tmp_path / "a.jsonl.jobs").exists()
 
 
+def image_folder(tmp_path: Path, count: int) -> Path:
+    """A folder of `count` small distinct PNGs, img_0.png onwards (write_questions' `image=True` names them)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(count):
+        (images / f"img_{index}.png").write_bytes(png_bytes(30 + index, 24, seed=index))
+    return images
+
+
 def test_an_image_gone_before_a_rerun_asks_no_question_twice(tiny_llava_stack, tmp_path, capsys):
     # An earlier run recorded two groups and stopped as it posted them: the first went through (its ids were never
     # written down), the second did not. Then an image of each group went missing. Each group was posted under a new
     # key without the question that failed: the first group's questions were asked again.
     marker = f" [{uuid.uuid4().hex[:8]}]"
-    images = tmp_path / "images"
-    images.mkdir()
-    for index in range(6):
-        (images / f"img_{index}.png").write_bytes(png_bytes(30 + index, 24, seed=index))
+    images = image_folder(tmp_path, 6)
     question_file, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     questions = write_questions(question_file, 6, marker, image=True)
     params = EvalParams(temperature=0, max_new_tokens=4)

@@ -13,11 +13,11 @@ import pytest
 import requests
 
 from conftest import run_stack
-from llava_fixtures import b64, png_bytes
+from llava_fixtures import b64
 from shared.redis_server import RedisServer
 from shared.vqa import EvalParams, Question, question_job
 from test_eval_s30 import eval_argv, eval_in_process, jobs_with
-from test_eval_s41 import read_lines, served_model, stop_with_jobs_in_flight, write_questions
+from test_eval_s41 import image_folder, read_lines, served_model, stop_with_jobs_in_flight, write_questions
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +110,7 @@ def test_a_group_held_for_an_image_still_gone_is_asked_anew_on_the_next_rerun(ti
     # A group an earlier run posted (its ids never written down) is held when an image of it is gone, its other lines
     # failed with "put it back and run the same command again". Never put back, it failed them on every rerun.
     marker = f" [{uuid.uuid4().hex[:8]}]"
-    images = tmp_path / "images"
-    images.mkdir()
-    for index in range(3):
-        (images / f"img_{index}.png").write_bytes(png_bytes(30 + index, 24, seed=index))
+    images = image_folder(tmp_path, 3)
     question_file, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     questions = write_questions(question_file, 3, marker, image=True)
     params = EvalParams(temperature=0, max_new_tokens=4)
