@@ -362,17 +362,22 @@ def check_images(images: list[str]) -> list[str]:
     fails that check is refused only if its pixels do not decode either: the original decodes what PIL's decoder
     reads (`Image.open` then RGB), and the check is stricter (a PNG whose data chunk's checksum is wrong, or whose end
     chunk is missing, was refused with a 422 where the original answered). Such decoding takes its pixels from the
-    submission's CHECK_DECODE_PIXELS; an image past it is left to the worker.
+    submission's CHECK_DECODE_PIXELS; an image past it is left to the worker. So is an ICO past it: PIL decodes an
+    ICO's image while it opens the file.
     """
     for index, data in enumerate(_check_count(images)):
-        with open_image(data, index) as image:
+        budget = _check_decodes.get() or [CHECK_DECODE_PIXELS]
+        try:
+            opened = open_image(data, index, decodes=budget)
+        except _PastDecodes:
+            continue
+        with opened as image:
             try:
                 image.verify()
                 continue
             except (OSError, SyntaxError, ValueError) as exc:
                 problem = exc
             pixels = image.width * image.height
-        budget = _check_decodes.get() or [CHECK_DECODE_PIXELS]
         if pixels > budget[0]:
             continue
         budget[0] -= pixels
@@ -408,6 +413,7 @@ def data_url_parts(text: str) -> tuple[str, str] | None:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ICO_SIGNATURE = b"\0\0\1\0"
 _JPEG2000_SIGNATURES = (b"\xff\x4f\xff\x51", b"\x0d\x0a\x87\x0a", b"\x00\x00\x00\x0cjP  \x0d\x0a\x87\x0a")
 
 
@@ -421,7 +427,7 @@ def _icon_image_size(raw: bytes) -> tuple[int, int] | None:
     passed the API's check and was decoded by the worker, outside its pixel budget."""
     buffer = io.BytesIO(raw)
     try:
-        if raw[:4] == b"\0\0\1\0":
+        if raw.startswith(_ICO_SIGNATURE):
             # PIL reads the first entry of its sorted directory.
             buffer.seek(IcoImagePlugin.IcoFile(buffer).entry[0].offset)
             png = buffer.read(8) == _PNG_SIGNATURE
@@ -446,14 +452,30 @@ def _icon_image_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
+# The formats PIL decodes by itself, which the worker reads: a file of another format PIL identifies passed the
+# API's check (its header opens) and failed its job. EPS needs Ghostscript, WMF a handler PIL has only on Windows,
+# BUFR, GRIB and HDF5 a handler an application registers; MPEG has no decoder; IPTC opens the file it wraps, in any
+# format, EPS too. MPO is a JPEG of several frames.
+_READ_FORMATS = frozenset({
+    "AVIF", "BLP", "BMP", "CUR", "DCX", "DDS", "DIB", "FITS", "FLI", "FTEX", "GBR", "GIF", "ICNS", "ICO", "IM", "IMT",
+    "JPEG", "JPEG2000", "MCIDAS", "MPO", "MSP", "PCD", "PCX", "PIXAR", "PNG", "PPM", "PSD", "QOI", "SGI", "SPIDER",
+    "SUN", "TGA", "TIFF", "WEBP", "XBM", "XPM", "XVThumb"})
+
+
+class _PastDecodes(Exception):
+    """An ICO whose image is past the budget of decoding `open_image` was given: PIL decodes it to open the file."""
+
+
 def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, decodes: list[int] | None = None) -> Image.Image:
     """Open one image of a request: base64 of an image file, plain or as a `data:` URL.
 
     The one place both the API and the worker read images, with the byte limit (on the base64
     text) and the pixel limit (read from the file's header, before any pixel is decoded: a
     decompression bomb is refused here) of the settings unless given. Returns the opened, not yet
-    decoded, image; raises ValueError with a message that names the image by its index.
+    decoded, image; raises ValueError with a message that names the image by its index. An ICO's
+    image is decoded as it is opened: given `decodes` (what is left of a budget of pixels, `check_images`),
+    its pixels are taken from it, and one past it raises _PastDecodes, undecoded.
     """
     if max_bytes is None or max_pixels is None:
         from shared.settings import get_settings
@@ -482,6 +504,10 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
     if inner is not None and inner[0] * inner[1] > max_pixels:
         raise ValueError(f"image {index} is too large: an icon holding a {inner[0]}x{inner[1]} image = "
                          f"{inner[0] * inner[1]} pixels; the limit is {max_pixels}")
+    if inner is not None and decodes is not None and raw.startswith(_ICO_SIGNATURE):
+        if inner[0] * inner[1] > decodes[0]:
+            raise _PastDecodes
+        decodes[0] -= inner[0] * inner[1]
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:
@@ -493,6 +519,10 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
         # (OSError, SyntaxError, ValueError, and NotImplementedError for a DDS of an unknown pixel format): every
         # one is a file that cannot be read, a 422 for the API and a failed job for the worker, never a 500.
         raise ValueError(f"image {index} is not a readable image file: {type(exc).__name__}: {exc}") from None
+    if image.format not in _READ_FORMATS:
+        image.close()
+        raise ValueError(f"image {index} is not a readable image file: its format, {image.format}, is not read "
+                         "(send PNG, JPEG, WEBP or GIF)")
     width, height = image.size
     if width * height > max_pixels:
         image.close()
