@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+from collections.abc import Callable
 from contextvars import ContextVar
 from enum import IntEnum
 from typing import Any, Literal
@@ -467,7 +468,8 @@ class _PastDecodes(Exception):
 
 
 def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
-               max_pixels: int | None = None, decodes: list[int] | None = None) -> Image.Image:
+               max_pixels: int | None = None, decodes: list[int] | None = None,
+               before_decode: Callable[[tuple[int, int]], object] | None = None) -> Image.Image:
     """Open one image of a request: base64 of an image file, plain or as a `data:` URL.
 
     The one place both the API and the worker read images, with the byte limit (on the base64
@@ -475,7 +477,8 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
     decompression bomb is refused here) of the settings unless given. Returns the opened, not yet
     decoded, image; raises ValueError with a message that names the image by its index. An ICO's
     image is decoded as it is opened: given `decodes` (what is left of a budget of pixels, `check_images`),
-    its pixels are taken from it, and one past it raises _PastDecodes, undecoded.
+    its pixels are taken from it, and one past it raises _PastDecodes, undecoded. `before_decode` is called with the
+    size of an icon's image before it is opened: the worker holds its budget for that image's pixels first.
     """
     if max_bytes is None or max_pixels is None:
         from shared.settings import get_settings
@@ -508,6 +511,8 @@ def open_image(data: str, index: int = 0, *, max_bytes: int | None = None,
         if inner[0] * inner[1] > decodes[0]:
             raise _PastDecodes
         decodes[0] -= inner[0] * inner[1]
+    if inner is not None and before_decode is not None:
+        before_decode(inner)
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:

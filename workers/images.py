@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from PIL import Image
@@ -204,13 +204,22 @@ def _load_image(data: str, index: int, image_processor, image_aspect_ratio: str 
                 keep_alpha: bool) -> torch.Tensor:
     """One image of a request decoded and prepared within the `PREPARING` budget, its hold sized from the file's
     header. Decoded before the hold, a 277 KB PNG of 7000x7000 held 0.5 GB while it waited, and a dozen such jobs
-    at once took 5 GB past the budget."""
+    at once took 5 GB past the budget. An icon's hold is sized from its image's own header and taken before the file
+    opens: PIL decodes an ICO's image as it opens it (a 50 M-pixel ICO, 200 MB, was decoded before its hold), and an
+    ICNS's at its own size, not the directory's (a "16x16" ICNS decoded its image in a hold sized for 16x16)."""
     limit = PREPARED_PIXELS_FACTOR * get_settings().max_image_pixels
-    opened = open_image(data, index)  # its header only: no pixel is decoded yet
-    peak = max(DECODED_COPIES * opened.width * opened.height,
-               _peak_pixels(opened.size, image_processor, image_aspect_ratio, process_mode))
-    with PREPARING.hold(peak, limit):
+    holds = []
+    with ExitStack() as held:
+        def hold(size: tuple[int, int]) -> None:
+            peak = max(DECODED_COPIES * size[0] * size[1],
+                       _peak_pixels(size, image_processor, image_aspect_ratio, process_mode))
+            held.enter_context(PREPARING.hold(peak, limit))
+            holds.append(peak)
+
+        opened = open_image(data, index, before_decode=hold)  # other files: their header only, no pixel decoded
         try:
+            if not holds:
+                hold(opened.size)
             image = _decoded(opened, index, keep_alpha)
         finally:
             opened.close()  # its pixels as decoded, before the RGB copy is prepared (leaving `with` keeps them)
