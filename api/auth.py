@@ -2,12 +2,14 @@
 one client address may try."""
 
 import hashlib
+import ipaddress
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from fastapi import params
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
@@ -39,14 +41,30 @@ def header_text(value: str) -> str:
         return value
 
 
-# Wrong keys (401s) one client address may send in a clock minute. Past them its requests are refused (429, with
-# Retry-After, as past a key's rate limit) until the minute ends, before their key is checked (a 401 or not would tell
-# which key is right): a client could try keys without end. A page left open with a stale key polls well within it.
-AUTH_FAILURES_PER_MINUTE = 30
+# Wrong keys (401s) one client address may send in a clock minute: Settings.auth_failures_per_minute
+# (LLAVA_QUEUE_AUTH_FAILURES_PER_MINUTE, 30; 0: no limit). Past them its requests are refused (429, with Retry-After,
+# as past a key's rate limit) until the minute ends, before their key is checked (a 401 or not would tell which key is
+# right): a client could try keys without end. A page left open with a stale key polls well within it. Clients behind
+# one address (a proxy the API does not trust to name them: uvicorn's FORWARDED_ALLOW_IPS) share its refusal.
+
+
+def client_address(conn: HTTPConnection) -> str:
+    """The address a client's wrong keys are counted under: its IP, or for IPv6 its /64 (one host is given a whole
+    /64, and counted address by address it had as many tries as addresses)."""
+    host = conn.client.host if conn.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 class FailedKeys:
-    """The client addresses refused for their wrong keys in this minute (AUTH_FAILURES_PER_MINUTE), by one API
+    """The client addresses refused for their wrong keys in this minute (Settings.auth_failures_per_minute), by one API
     process. The failures are counted in Redis, for every API process; each remembers the addresses it found over the
     limit, so that a request from one not refused costs no round trip (another process refuses an address at its
     next failure there)."""
@@ -55,12 +73,12 @@ class FailedKeys:
         self._refused: set[str] = set()
         self._until = -math.inf  # (time.monotonic) when the minute of those refusals ends
 
-    def refusal(self, address: str) -> ApiError | None:
-        """The 429 of a request from `address` while it is refused; None when it is not."""
+    def refusal(self, conn: HTTPConnection, limit: int) -> ApiError | None:
+        """The 429 of a request of `conn` while its address is refused (past `limit`); None when it is not."""
         left = self._until - time.monotonic()
-        if left <= 0 or address not in self._refused:
+        if left <= 0 or not self._refused or client_address(conn) not in self._refused:
             return None
-        return _failures_refusal(math.ceil(left))
+        return _failures_refusal(limit, math.ceil(left))
 
     def refuse(self, address: str, seconds: int) -> None:
         """Refuse `address` for the `seconds` left of the minute."""
@@ -74,8 +92,8 @@ async def require_api_key(conn: HTTPConnection) -> str | None:
     """Check the caller's key when keys are configured; returns its digest (None when keys are off).
 
     The key comes as `Authorization: Bearer <key>`, or as `?api_key=` on a WebSocket (browsers
-    cannot set headers there). A missing or unknown key → 401 (429 past AUTH_FAILURES_PER_MINUTE wrong ones from the
-    caller's address); past the key's per-minute limit → 429.
+    cannot set headers there). A missing or unknown key → 401 (429 past Settings.auth_failures_per_minute wrong ones
+    from the caller's address); past the key's per-minute limit → 429.
     A coroutine, so that every request does not hop to the thread pool and back for it; only the
     rate limit's Redis round trip runs there.
     """
@@ -104,9 +122,8 @@ async def _checked_key(conn: HTTPConnection, reads: bool) -> str | None:
         return None
     if hasattr(conn.state, "api_key"):  # checked already, before the body was read (KeyBeforeBody): counted once
         return conn.state.api_key
-    address = conn.client.host if conn.client else ""
     failed_keys: FailedKeys = conn.app.state.failed_keys
-    refused = failed_keys.refusal(address)
+    refused = failed_keys.refusal(conn, settings.auth_failures_per_minute)
     if refused:
         raise refused
     scheme, _, token = conn.headers.get("authorization", "").partition(" ")
@@ -116,8 +133,8 @@ async def _checked_key(conn: HTTPConnection, reads: bool) -> str | None:
         token = conn.query_params.get("api_key", "") if conn.scope["type"] == "websocket" else ""
     digest = key_digest(token) if token else ""
     if digest not in settings.api_key_hashes:
-        if token:  # a wrong key (a request without one tries none)
-            await _count_failure(conn, settings, address)
+        if token and settings.auth_failures_per_minute:  # a wrong key (a request without one tries none)
+            await _count_failure(conn, settings)
         # On a WebSocket too: its handshake is answered 401 with this body (api/errors.py), not accepted.
         raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                        type="authentication_error", code=ErrorCode.INVALID_REQUEST,
@@ -198,9 +215,8 @@ def _rate_limited(message: str, retry_after: int) -> ApiError:
                     headers={"Retry-After": str(retry_after)})
 
 
-def _failures_refusal(retry_after: int) -> ApiError:
-    return _rate_limited(f"more than {AUTH_FAILURES_PER_MINUTE} requests with a wrong API key from this address in a "
-                         "minute", retry_after)
+def _failures_refusal(limit: int, retry_after: int) -> ApiError:
+    return _rate_limited(f"more than {limit} requests with a wrong API key from this address in a minute", retry_after)
 
 
 def _count_request(conn: HTTPConnection, settings: Settings, digest: str, reads: bool) -> None:
@@ -212,14 +228,20 @@ def _count_request(conn: HTTPConnection, settings: Settings, digest: str, reads:
                                else ""), retry_after)
 
 
-async def _count_failure(conn: HTTPConnection, settings: Settings, address: str) -> None:
-    """Count a wrong key against its client address; past AUTH_FAILURES_PER_MINUTE, 429, and the address is refused
-    until the minute ends (FailedKeys)."""
-    count, retry_after = await run_in_threadpool(
-        _counted, conn, lambda now: f"{settings.key_prefix}:key-failures:{address}:{int(now // 60)}")
-    if count > AUTH_FAILURES_PER_MINUTE:
-        if count == AUTH_FAILURES_PER_MINUTE + 1:
+async def _count_failure(conn: HTTPConnection, settings: Settings) -> None:
+    """Count a wrong key against its client address; past Settings.auth_failures_per_minute, 429, and the address is
+    refused until the minute ends (FailedKeys). With Redis away the wrong key is a 401 as before, not a 503 telling its
+    client to come back."""
+    address, limit = client_address(conn), settings.auth_failures_per_minute
+    try:
+        count, retry_after = await run_in_threadpool(
+            _counted, conn, lambda now: f"{settings.key_prefix}:key-failures:{address}:{int(now // 60)}")
+    except redis.RedisError as exc:
+        log.debug("the wrong key of %s went uncounted: %s", address or "a client", exc)
+        return
+    if count > limit:
+        if count == limit + 1:
             log.warning("%s sent a wrong API key %d times this minute: its requests are refused for %d s",
-                        address or "a client", AUTH_FAILURES_PER_MINUTE, retry_after)
+                        address or "a client", limit, retry_after)
         conn.app.state.failed_keys.refuse(address, retry_after)
-        raise _failures_refusal(retry_after)
+        raise _failures_refusal(limit, retry_after)

@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     api_key_hashes: list[str] = Field(default_factory=list)
     # Requests per minute per API key (0: no limit).
     rate_limit_per_minute: int = Field(0, ge=0)
+    # Wrong API keys one client address (an IPv6 /64) may send in a minute before it is refused until the minute ends,
+    # its right key too (api.auth; 0: no limit).
+    auth_failures_per_minute: int = Field(30, ge=0)
     # Origins allowed to call the API from a browser (CORS); none by default.
     cors_origins: list[str] = Field(default_factory=list)
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_TTL_SECONDS)

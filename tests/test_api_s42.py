@@ -10,12 +10,14 @@ import time
 
 import redis
 import requests
+from starlette.requests import HTTPConnection
 
-from api.auth import AUTH_FAILURES_PER_MINUTE
+from api.auth import client_address, key_digest
 from api.main import REQUEST_BODY_MIN_RATE
 from conftest import run_stack
 from shared.protocol import GenerateRequest
 from shared.redis_server import RedisServer
+from shared.settings import Settings
 from test_limits import KEY, api_only, wait_for_a_fresh_minute  # noqa: F401 (fixture)
 from test_submission import make_submitter, queued_messages, redis_url  # noqa: F401 (fixture)
 
@@ -79,20 +81,23 @@ def drip(host: str, port: int, head: bytes) -> tuple[bytes, float]:
         return answer, time.monotonic() - started
 
 
+LIMIT = Settings().auth_failures_per_minute  # the default: the stack sets no other
+
+
 def get(stack, path: str, key: str | None) -> requests.Response:
     return requests.get(f"{stack.base_url}{path}", headers={"Authorization": f"Bearer {key}"} if key else {},
                         timeout=10)
 
 
 def test_wrong_api_keys_from_one_address_are_refused_past_a_limit(api_only):  # noqa: F811
-    # A client could try keys without end, each answered 401. Past AUTH_FAILURES_PER_MINUTE wrong keys in a minute,
+    # A client could try keys without end, each answered 401. Past LIMIT wrong keys in a minute,
     # its address is answered 429 with Retry-After, as past a key's rate limit, until the minute ends.
     wait_for_a_fresh_minute()
     # Requests without a key (a page before its key is entered) try none: not counted.
-    assert {get(api_only, "/v1/models", None).status_code for _ in range(AUTH_FAILURES_PER_MINUTE + 5)} == {401}
+    assert {get(api_only, "/v1/models", None).status_code for _ in range(LIMIT + 5)} == {401}
     statuses = [get(api_only, "/v1/models", f"guess-{index}").status_code
-                for index in range(AUTH_FAILURES_PER_MINUTE)]
-    assert statuses == [401] * AUTH_FAILURES_PER_MINUTE
+                for index in range(LIMIT)]
+    assert statuses == [401] * LIMIT
     refused = get(api_only, "/v1/jobs/x", "guess-next")
     assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60, refused.text
     error = refused.json()["error"]
@@ -109,7 +114,29 @@ def test_wrong_api_keys_from_one_address_are_refused_past_a_limit(api_only):  # 
         assert answer.status == status
     other.close()
     log = (api_only.log_dir / "api.log").read_text()
-    assert f"sent a wrong API key {AUTH_FAILURES_PER_MINUTE} times this minute" in log
+    assert f"sent a wrong API key {LIMIT} times this minute" in log
+
+
+def test_wrong_keys_are_not_counted_with_their_limit_off():
+    # Behind a proxy that the API does not trust to name its clients, they all share its address, and one client's
+    # wrong keys lock the others out: AUTH_FAILURES_PER_MINUTE=0 turns the limit off.
+    env = {"LLAVA_QUEUE_API_KEY_HASHES": f'["{key_digest(KEY)}"]', "LLAVA_QUEUE_AUTH_FAILURES_PER_MINUTE": "0"}
+    with RedisServer() as server, run_stack(server.url, env, workers=(), log_prefix="llava-queue-keys-off-") as stack:
+        assert {get(stack, "/v1/models", f"guess-{index}").status_code for index in range(LIMIT + 5)} == {401}
+        assert get(stack, "/v1/models", KEY).status_code == 200
+        assert not redis.Redis.from_url(server.url).keys("*key-failures*")
+
+
+def test_wrong_keys_are_counted_by_ipv4_address_and_ipv6_64():
+    # Each address of an IPv6 /64 (which one host is given) had its own tries, as many as the /64 has addresses.
+    def address(host: str) -> str:
+        return client_address(HTTPConnection({"type": "http", "client": (host, 1234)}))
+
+    assert address("2001:db8:1:2:aaaa::1") == address("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert address("2001:db8:1:3::1") != address("2001:db8:1:2::1")
+    assert address("::ffff:192.0.2.7") == address("192.0.2.7") == "192.0.2.7"
+    assert address("192.0.2.8") != address("192.0.2.7")
+    assert address("testclient") == "testclient"
 
 
 def test_reading_the_model_list_does_not_use_up_the_keys_rate_limit(api_only):  # noqa: F811
