@@ -27,7 +27,7 @@ from api.json_bodies import JsonParsers
 from api.routes.openai import parse_chat_request
 from api.submission import check_unicode, queue_unavailable
 from shared.celery_app import BATCH_QUEUE, send_many, task_queue
-from shared.batches import BatchStore
+from shared.batches import FINAL_STATUSES, BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
 from shared.jobs import JobStore
 from shared.protocol import (ErrorCode, GenerateRequest, InvalidRequest, check_images, describe_validation_error,
@@ -194,7 +194,9 @@ class Intake:
             self._enqueue(entries, jobs)
 
     def _enqueue(self, entries: list[dict[str, Any]], jobs: list[tuple[int, GenerateRequest]]) -> str:
-        """Record the lines and their queued jobs; returns the batch's status (see `BatchStore.add_lines`)."""
+        """Record the lines and their queued jobs; returns the batch's status (see `BatchStore.add_lines`). A batch
+        that became final (or went) meanwhile takes none of them: their jobs are cancelled, and their errors not
+        listed in its `errors` (its errors file does not hold them)."""
         first_line = self.total - len(entries)
         ids = self.store.create_many(
             [request for _, request in jobs], "batch", deadline_seconds=self.deadline_seconds, owner=self.owner,
@@ -202,7 +204,12 @@ class Intake:
         for (index, _), job_id in zip(jobs, ids):
             entries[index]["job"] = job_id
         self.status = self.batches.add_lines(self.batch_id, entries, self.format)
-        self._unsent += [(job_id, task_queue(BATCH_QUEUE, request.model)) for job_id, (_, request) in zip(ids, jobs)]
+        if self.status in FINAL_STATUSES or self.status == "missing":
+            self.store.cancel_many(ids)
+            self.errors = [error for error in self.errors if error["line"] < entries[0]["line"]]
+        else:
+            self._unsent += [(job_id, task_queue(BATCH_QUEUE, request.model))
+                             for job_id, (_, request) in zip(ids, jobs)]
         return self.status
 
     def send(self) -> None:

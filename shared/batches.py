@@ -72,8 +72,9 @@ return 1
 """
 
 # Reading is done: set the line count, count the lines refused while reading, and start (or fail) the batch. A batch
-# cancelled while it was read gets its count too, so that it ends `cancelled` with its last line; so does one that
-# ended `cancelled` already (failed as abandoned after the cancel, while this reader went on: see _FAIL). The errors
+# cancelled while it was read gets its count too, so that it ends `cancelled` with its last line. One that ended
+# meanwhile (failed as abandoned, or `cancelled` so after a cancel: see _FAIL) does not: it keeps the lines it had
+# when it ended (`read`, see _ADD_LINES), which its files and request counts show. The errors
 # found while reading (ARGV[4], a JSON list; '' if none) follow the ones the batch has: written apart, they replaced
 # the reason a batch failed as abandoned meanwhile had, which said why it failed.
 _ACTIVATE = BATCH_END_LUA + """
@@ -86,7 +87,7 @@ if status and ARGV[4] ~= '' then
     redis.call('HSET', KEYS[1], 'errors', ARGV[4])
   end
 end
-local cancelled = (status == 'cancelling' or status == 'cancelled') and redis.call('HEXISTS', KEYS[1], 'total') == 0
+local cancelled = status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0
 if status ~= 'validating' and not cancelled then return status end
 redis.call('HSET', KEYS[1], 'total', ARGV[1], 'invalid', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'ended', tonumber(ARGV[2]))
@@ -99,19 +100,28 @@ redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[3])
 return end_batch_if_done(KEYS[1], ARGV[3])
 """
 
-# Lines read (KEYS[1] the batch, KEYS[2] its lines list, KEYS[3] its reader's lease): append their entries (ARGV[5..]),
+# Lines read (KEYS[1] the batch, KEYS[2] its lines list, KEYS[3] its reader's lease): append their entries (ARGV[6..]),
 # renew the list's TTL (ARGV[1]) and the lease (ARGV[2] s), record the file's format (ARGV[3], if given), and count the
 # lines recorded (`read`, `read_invalid`: ARGV[4] of them refused), which a batch ended before its reader counted them
-# (`total`, see _ACTIVATE) shows as its request counts. Returns the batch's status; a batch gone (expired) is not made
-# again (a hash without a TTL).
+# (`total`, see _ACTIVATE) shows as its request counts. A batch final already (failed as abandoned, or cancelled so,
+# while its reader went on) or gone (expired) takes none: its jobs (ARGV[5] .. job id) no longer name it, for their
+# reader to cancel. Added, they grew the final batch (its total, and its errors file once their jobs were cancelled).
+# Returns the batch's status.
 _ADD_LINES = """
-for i = 5, #ARGV, 1000 do redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'completed' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+  for i = 6, #ARGV do
+    -- (the key as json.dumps writes it: a string value holds no unescaped quote)
+    local job = string.match(ARGV[i], '"job": "([^"]+)"')
+    if job then redis.call('HDEL', ARGV[5] .. job, 'batch') end
+  end
+  return status or 'missing'
+end
+for i = 6, #ARGV, 1000 do redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'format', ARGV[3]) end
-redis.call('HINCRBY', KEYS[1], 'read', #ARGV - 4)
+redis.call('HINCRBY', KEYS[1], 'read', #ARGV - 5)
 redis.call('HINCRBY', KEYS[1], 'read_invalid', tonumber(ARGV[4]))
 return status
 """
@@ -391,7 +401,8 @@ class BatchStore:
         """Append lines (file order) to the batch: each entry names its job, or says why the line was refused; and
         record the file's format once known ("llava" or "openai"), which the output files are written in even if the
         file is never read to its end. Returns the batch's status: anything but `validating` (cancelled, or failed
-        as abandoned) tells the reader to stop.
+        as abandoned) tells the reader to stop. A batch final already (or gone) takes none of these lines, and their
+        jobs no longer name it: the reader cancels them (see _ADD_LINES).
 
         Also renews the reader's lease: a batch left `validating` without one was abandoned by an API
         process that died while reading it (see `abandoned`). And counts the lines recorded, refused ones apart: a batch
@@ -402,7 +413,7 @@ class BatchStore:
         refused = sum("error" in entry for entry in entries)
         return self._add_lines(keys=[self.key(batch_id), self.lines_key(batch_id), self.reader_key(batch_id)],
                                args=[self.ttl_seconds, READER_LEASE_SECONDS, file_format or "", refused,
-                                     *[json.dumps(entry) for entry in entries]])
+                                     self.store.key(""), *[json.dumps(entry) for entry in entries]])
 
     def reader_key(self, batch_id: str) -> str:
         return f"{self.key(batch_id)}:reader"

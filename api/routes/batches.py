@@ -27,7 +27,7 @@ from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
 from api.errors import ApiError, error_body
 from api.json_bodies import REQUEST_VALUES, JsonParsers, is_heavy
 from api.routes.models import returning_models, served_models
-from api.routes.openai import completion_of, job_error
+from api.routes.openai import OpenAIRoute, completion_of, job_error
 from api.submission import admission_lock, check_room
 from shared.batches import BATCH_ID, FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
 from shared.dataroot import PathRefused, resolve_data_path
@@ -36,7 +36,8 @@ from shared.protocol import ErrorCode, InvalidRequest, context_overflowed, parse
 from shared.settings import Settings
 from shared.vqa import EvalParams, answer_line, answer_record
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+# Invalid requests are answered 400, as OpenAI does: the `openai` package raised UnprocessableEntityError for its 422.
+router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=OpenAIRoute)
 
 JSONL = "application/jsonl"
 # Output files of a batch are named after it: file-<batch id>-output / -errors.
@@ -165,7 +166,7 @@ def _open_input(body: BatchCreate, upload: IO[bytes] | None, batches: BatchStore
     sources = [name for name, given in (("file", upload is not None), ("input_file_id", body.input_file_id),
                                         ("input_path", body.input_path)) if given]
     if len(sources) != 1:
-        raise ApiError(422, "give the batch file exactly once: upload it as 'file', or name an uploaded file "
+        raise ApiError(400, "give the batch file exactly once: upload it as 'file', or name an uploaded file "
                             f"('input_file_id') or a server path ('input_path'); got {sources or 'none'}",
                        param="input_file_id")
     if upload is not None:
@@ -252,10 +253,10 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
     try:
         window = window_seconds(body.completion_window)
     except ValueError as exc:
-        raise ApiError(422, str(exc), param="completion_window") from None
+        raise ApiError(400, str(exc), param="completion_window") from None
     if window > settings.batch_ttl_seconds:
         # The batch and its results would expire while its lines still wait for the window.
-        raise ApiError(422, f"completion_window {body.completion_window!r} is longer than a batch is kept "
+        raise ApiError(400, f"completion_window {body.completion_window!r} is longer than a batch is kept "
                             f"({settings.batch_ttl_seconds} s, BATCH_TTL_SECONDS)", param="completion_window")
     image_folder = _image_folder(body, settings)
     live = served_models(registry.workers())
@@ -276,7 +277,7 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
         question_settings = sorted(body.model_fields_set & _QUESTION_FILE_SETTINGS)
         if file_format == "openai" and question_settings:
             # They were recorded as the batch's params, and each line ran with its own body's.
-            raise ApiError(422, f"{', '.join(question_settings)}: these apply to question files; the lines of an "
+            raise ApiError(400, f"{', '.join(question_settings)}: these apply to question files; the lines of an "
                                 "OpenAI batch file carry their own (in each line's body)", param=question_settings[0])
         batch_id = new_batch_id()
         admit_batch(store, batches, batch_id, lines, owner)
@@ -299,7 +300,8 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
     if batches.activate(batch_id, intake.total, intake.invalid, errors) in ("failed", "cancelling", "cancelled") and \
             intake.total > intake.invalid:
         # Cancelled while it was read, or failed as abandoned while this slow reader went on (its lease lapsed; after a
-        # cancel, that ended it `cancelled`): the jobs of the lines read since (or of every line) go too.
+        # cancel, that ended it `cancelled`): the jobs of the lines read since the cancel (or of every line it has) go
+        # too. (Lines read once it was final are not its: `Intake._enqueue` cancelled their jobs.)
         batches.cancel_jobs(batch_id)
     return batch_view(batches, batches.get(batch_id))
 
@@ -327,7 +329,7 @@ async def _parse_create(request: Request) -> tuple[BatchCreate, Any]:
                 raise InvalidRequest("the body must be a JSON object")
         return parse_request(raw, BatchCreate), None
     except InvalidRequest as exc:
-        raise ApiError(422 if exc.param else 400, exc.message, param=exc.param) from None
+        raise ApiError(400, exc.message, param=exc.param) from None
 
 
 _CREATE_DOC = {"requestBody": {"required": True, "content": {

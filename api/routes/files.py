@@ -16,11 +16,13 @@ from pydantic import BaseModel
 
 from api.errors import ApiError
 from api.routes.batches import (BATCH_FILE, ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name,
-                                batch_store, delete_output, file_deleted, file_kind, output_lines, read_batch, settled)
+                                batch_store, delete_output, file_deleted, file_kind, output_lines, settled)
+from api.routes.openai import OpenAIRoute
 from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, FilesFull
 from shared.protocol import ErrorCode
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+# Invalid requests are answered 400, as OpenAI does (see api.routes.batches).
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=OpenAIRoute)
 
 
 class FileObject(BaseModel):
@@ -49,7 +51,8 @@ def upload_object(batches: BatchStore, meta: dict[str, Any]) -> FileObject:
 
 def _batch_file(batches: BatchStore, file_id: str) -> tuple[dict[str, Any], bool] | None:
     """(the batch record, whether it is the errors file) of a batch's output or errors file; None if `file_id`
-    names no batch file; 404 for a file deleted, or one its batch object does not name (yet).
+    names no batch file; 404 for a file deleted, one its batch object does not name (yet), or one of a batch unknown
+    to the caller (expired, or another key's).
 
     As on OpenAI, a batch's file exists once the batch names it (`output_file_id`, `error_file_id`: it has ended, and
     the file holds a line): GET /v1/files/{id} and its content, the files list and DELETE agree with the batch object. A
@@ -59,7 +62,11 @@ def _batch_file(batches: BatchStore, file_id: str) -> tuple[dict[str, Any], bool
     if not match:
         return None
     batch_id, kind = match.groups()
-    record = read_batch(batches, batch_id)
+    record = batches.get(batch_id)
+    if record is None:
+        # Its batch expired, or is another key's: the file is unknown, as any other (it was "unknown batch id").
+        raise file_not_found(file_id)
+    record = settled(batches, record)
     if record.get(f"{kind}_deleted_at"):
         raise file_deleted(file_id)
     if batch_file_id(record, kind == "errors") != file_id:
