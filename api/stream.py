@@ -27,7 +27,9 @@ class JobNotFound(LookupError):
 
 @dataclass
 class StreamEvent:
-    """What a listener sees: `text` is the prompt followed by everything generated so far (`prompt` alone)."""
+    """What a listener sees: `text` is the prompt followed by everything generated so far (`prompt` alone); `tokens`
+    the job's count of generated tokens with that text, as its chunk message said (0 where the text was read from the
+    record, which has no count of that moment)."""
 
     text: str
     done: bool = False
@@ -36,6 +38,7 @@ class StreamEvent:
     error_code: int = 0
     finish_reason: str = ""
     prompt: str = ""
+    tokens: int = 0
 
 
 @dataclass
@@ -43,9 +46,10 @@ class _Progress:
     prompt: str
     text: str
     seq: int
+    tokens: int = 0
 
     def event(self) -> StreamEvent:
-        return StreamEvent(self.prompt + self.text, prompt=self.prompt)
+        return StreamEvent(self.prompt + self.text, prompt=self.prompt, tokens=self.tokens)
 
 
 def _final(progress: _Progress, snap: Snapshot | dict) -> StreamEvent:
@@ -94,6 +98,7 @@ async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIter
             progress.seq = data["seq"]
             if "delta" in data:
                 progress.text += data["delta"]
+                progress.tokens = data.get("tokens", 0)
                 yield progress.event()
             elif "prompt" in data:
                 progress.prompt = data["prompt"]

@@ -8,7 +8,7 @@ to the channel first, then reads the record (text and seq), then applies only ch
 larger seq: nothing is lost for a late or reconnecting listener.
 
 Chunk messages on the channel (JSON):
-  {"seq": n, "delta": "..."}                       text appended to the job's output
+  {"seq": n, "delta": "...", "tokens": n}          text appended to the job's output; its generated token count
   {"seq": n, "prompt": "..."}                      the worker rendered the job's messages into this prompt
   {"seq": n, "done": true, "status": ..., ...}     the job ended (status, error, error_code, finish_reason)
 """
@@ -197,7 +197,9 @@ local function append(key, channel, delta, tokens, first_at, worker, step)
     fields[#fields + 1], fields[#fields + 2] = 'text', (text or '') .. delta
   end
   redis.call('HSET', key, unpack(fields))
-  if delta ~= '' then redis.call('PUBLISH', channel, cjson.encode({seq = seq, delta = delta})) end
+  if delta ~= '' then
+    redis.call('PUBLISH', channel, cjson.encode({seq = seq, delta = delta, tokens = tonumber(tokens)}))
+  end
   -- A cancellation asked for (DELETE) keeps the chunk and answers -2: stop the job. The broadcast on the control
   -- channel normally stops it sooner; this catches one that came before the job was in the worker's engine.
   if cancel == '1' then return -2 end

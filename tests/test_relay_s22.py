@@ -3,6 +3,7 @@ and a stream whose client reads nothing is let go by a watch of its own (tests/t
 client that reads nothing)."""
 
 import asyncio
+import json
 
 import redis.asyncio as aioredis
 
@@ -82,7 +83,8 @@ def test_a_step_of_several_jobs_is_one_script_call_with_each_jobs_answer(redis_s
     assert records[mine]["first_token_at"] and records[held_back]["first_token_at"]
     published = []
     while (message := pubsub.get_message(timeout=0.5)) is not None:
-        published.append((message["channel"].rsplit(":", 1)[-1], message["data"]))
+        data = json.loads(message["data"])
+        published.append((message["channel"].rsplit(":", 1)[-1], data["seq"], data["delta"], data["tokens"]))
     pubsub.close()
-    assert sorted(published) == sorted([(mine, '{"seq":1,"delta":"Hel"}'), (cancelled, '{"seq":1,"delta":"x"}'),
-                                        (mine, '{"seq":2,"delta":"lo"}'), (held_back, '{"seq":1,"delta":"Hi"}')])
+    assert sorted(published) == sorted([(mine, 1, "Hel", 1), (cancelled, 1, "x", 1), (mine, 2, "lo", 2),
+                                        (held_back, 1, "Hi", 2)])

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from api.auth import KeyBeforeBody
@@ -171,8 +171,19 @@ def _only_with_stream(options: Any, info: ValidationInfo) -> Any:
 
 class StreamOptions(BaseModel):
     include_usage: bool | None = False  # null as false, as vLLM takes it (it was a 400)
+    # vLLM's: every chunk carries the usage so far, where it has `usage` null otherwise. It was ignored: a client of
+    # vLLM's that counts tokens as they come got none.
+    continuous_usage_stats: bool | None = False
 
-    _booleans = field_validator("include_usage", mode="before")(_boolean)
+    _booleans = field_validator("include_usage", "continuous_usage_stats", mode="before")(_boolean)
+
+    @model_validator(mode="after")
+    def _asks_for_usage(self) -> "StreamOptions":
+        """continuous_usage_stats alone asks for usage: `include_usage` left out is then true, as vLLM's default has
+        it (false, no usage is sent, continuous or not, as vLLM has it too)."""
+        if self.continuous_usage_stats and "include_usage" not in self.model_fields_set:
+            self.include_usage = True
+        return self
 
 
 class CompletionFields(BaseModel):
@@ -593,17 +604,23 @@ class Completion:
         except JobNotFound:
             return  # read_record finds nothing and says so
 
-    async def stream(self, include_usage: bool, keepalive: float) -> AsyncIterator[str]:
+    async def stream(self, include_usage: bool, keepalive: float, continuous_usage: bool = False
+                     ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk shape, then `data: [DONE]`; a client that leaves cancels the job.
 
         Deltas are the generated text as it grows. The end is read from the job record: any text not
         yet sent, then the chunk with finish_reason, then (with include_usage) the usage chunk. An SSE comment goes
         out after `keepalive` seconds without an event (a job waiting in the queue).
+
+        With `continuous_usage` (vLLM's continuous_usage_stats) every chunk carries the usage so far: the prompt's
+        count read from the job's record once, with the first text (the role chunk waits for it, as vLLM's comes
+        with the first output), the generated count from each chunk's message (no Redis read a chunk).
         """
         ended, sent = False, ""
+        counts = None  # with continuous_usage, once the stream has opened: (prompt tokens, generated tokens) sent
         events = with_keepalives(follow_job(self.store, self.hub, self.job_id), keepalive)
         try:
-            opening = self._opening(include_usage)
+            opening = None if continuous_usage else self._opening(include_usage)
             if opening:
                 yield opening
             async for event in events:
@@ -616,7 +633,15 @@ class Completion:
                 # Hold back what cannot be streamed yet: the context-overflow answer (an error, see
                 # job_error) and the text of a job that restarted after its worker died.
                 if len(generated) > len(sent) and generated.startswith(sent) and generated != CONTEXT_OVERFLOW_MSG:
-                    yield self._text(generated[len(sent):], include_usage)
+                    if continuous_usage:
+                        if counts is None:
+                            counts = await self._counts()
+                            opening = self._opening(include_usage, (counts[0], 0))
+                            if opening:
+                                yield opening
+                        # A text read from the record (a chunk missed) has no count: the last one stands.
+                        counts = (counts[0], max(counts[1], event.tokens))
+                    yield self._text(generated[len(sent):], include_usage, counts)
                     sent = generated
             ended = True
             record = await read_record(self.store, self.job_id)
@@ -628,9 +653,15 @@ class Completion:
             if error:
                 yield _sse(error_body(error.message, error.type, error.param, error.code))
             else:
+                if continuous_usage:
+                    if counts is None:
+                        opening = self._opening(include_usage, (record["prompt_tokens"], 0))
+                        if opening:
+                            yield opening
+                    counts = (record["prompt_tokens"], record["completion_tokens"])
                 if len(record["text"]) > len(sent):
-                    yield self._text(record["text"][len(sent):], include_usage)
-                yield self._finish(record["finish_reason"], include_usage)
+                    yield self._text(record["text"][len(sent):], include_usage, counts)
+                yield self._finish(record["finish_reason"], include_usage, counts)
                 if include_usage:
                     yield _sse({**self._base(), "choices": [], "usage": usage_of(record).model_dump()})
             yield "data: [DONE]\n\n"
@@ -669,30 +700,42 @@ class Completion:
         return ApiError(503, f"{error.message}; job {self.job_id} goes on: poll GET /v1/jobs/{self.job_id}",
                         type=error.type, code=error.code, headers={**error.headers, JOB_ID_HEADER: self.job_id})
 
+    async def _counts(self) -> tuple[int, int]:
+        """The job's prompt and generated token counts as its record holds them now."""
+        values = await asyncio.to_thread(self.store.redis.hmget, self.store.key(self.job_id),
+                                         ("prompt_tokens", "completion_tokens"))
+        prompt_tokens, completion_tokens = (int(value) if value and value.isdigit() else 0 for value in values)
+        return prompt_tokens, completion_tokens
+
     def _base(self) -> dict:
         return {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def _chunk(self, content: dict, finish_reason: str | None, include_usage: bool) -> str:
-        """One chunk of the one choice: `content` is its `delta` (or a legacy completion's `text`)."""
+    def _chunk(self, content: dict, finish_reason: str | None, include_usage: bool,
+               counts: tuple[int, int] | None) -> str:
+        """One chunk of the one choice: `content` is its `delta` (or a legacy completion's `text`); `counts` the
+        usage so far (prompt tokens, generated tokens), with continuous usage."""
         chunk = {**self._base(), "choices": [{"index": 0, **content, "logprobs": None,
                                               "finish_reason": finish_reason}]}
         if include_usage:
-            chunk["usage"] = None  # as OpenAI: every chunk has usage null, the last one carries it
+            # As OpenAI: every chunk has usage null, the last one carries it; with vLLM's continuous usage, each
+            # carries the counts so far.
+            chunk["usage"] = None if counts is None else {"prompt_tokens": counts[0], "completion_tokens": counts[1],
+                                                          "total_tokens": counts[0] + counts[1]}
         return _sse(chunk)
 
     def _answer(self, record: dict) -> ChatCompletion:
         return completion_of(record, self.id, self.model, self.created)
 
-    def _opening(self, include_usage: bool) -> str | None:
+    def _opening(self, include_usage: bool, counts: tuple[int, int] | None = None) -> str | None:
         """The chunk a stream starts with, before the job has generated anything: the assistant's role."""
-        return self._chunk({"delta": {"role": "assistant", "content": ""}}, None, include_usage)
+        return self._chunk({"delta": {"role": "assistant", "content": ""}}, None, include_usage, counts)
 
-    def _text(self, text: str, include_usage: bool) -> str:
-        return self._chunk({"delta": {"content": text}}, None, include_usage)
+    def _text(self, text: str, include_usage: bool, counts: tuple[int, int] | None) -> str:
+        return self._chunk({"delta": {"content": text}}, None, include_usage, counts)
 
-    def _finish(self, finish_reason: str, include_usage: bool) -> str:
-        return self._chunk({"delta": {}}, finish_reason, include_usage)
+    def _finish(self, finish_reason: str, include_usage: bool, counts: tuple[int, int] | None) -> str:
+        return self._chunk({"delta": {}}, finish_reason, include_usage, counts)
 
 
 class LegacyCompletion(Completion):
@@ -708,14 +751,14 @@ class LegacyCompletion(Completion):
         return TextCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
                               usage=usage_of(record))
 
-    def _opening(self, include_usage: bool) -> None:
+    def _opening(self, include_usage: bool, counts: tuple[int, int] | None = None) -> None:
         return None
 
-    def _text(self, text: str, include_usage: bool) -> str:
-        return self._chunk({"text": text}, None, include_usage)
+    def _text(self, text: str, include_usage: bool, counts: tuple[int, int] | None) -> str:
+        return self._chunk({"text": text}, None, include_usage, counts)
 
-    def _finish(self, finish_reason: str, include_usage: bool) -> str:
-        return self._chunk({"text": ""}, finish_reason, include_usage)
+    def _finish(self, finish_reason: str, include_usage: bool, counts: tuple[int, int] | None) -> str:
+        return self._chunk({"text": ""}, finish_reason, include_usage, counts)
 
 
 def _sse(data: dict) -> str:
@@ -778,9 +821,11 @@ async def _run(kind: type[Completion], body: ChatCompletionRequest | TextComplet
                                        idempotency_key=idempotency_key, owner=api_key)
     completion = kind(store, hub, job_id, body.model, body.keep_on_disconnect or idempotency_key is not None)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        options = body.stream_options or StreamOptions()
+        include_usage = bool(options.include_usage)
         keepalive = request.app.state.settings.sse_keepalive_seconds
-        return FollowingResponse(completion.stream(include_usage, keepalive), job_id=job_id,
+        stream = completion.stream(include_usage, keepalive, include_usage and bool(options.continuous_usage_stats))
+        return FollowingResponse(stream, job_id=job_id,
                                  send_timeout=request.app.state.settings.stream_send_timeout_seconds,
                                  media_type="text/event-stream",
                                  headers={JOB_ID_HEADER: job_id, "Cache-Control": "no-cache",
