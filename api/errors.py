@@ -50,8 +50,16 @@ def job_not_found(job_id: str) -> ApiError:
 # answered and logged nowhere but in INFO access lines: a Redis out of memory or read-only failed every submission while
 # the API's log said nothing about why.
 _unavailable_lines = Throttle(UNAVAILABLE_LOG_INTERVAL_SECONDS)
-# And a damaged record read again and again (a client polling it): one line in each interval too.
+# And a damaged record read again and again (a client polling it, or a list of jobs holding it): one line in each
+# interval too.
 _damaged_lines = Throttle(UNAVAILABLE_LOG_INTERVAL_SECONDS)
+
+
+def log_damaged(message: str) -> None:
+    """Log `message` about a damaged job record: one WARNING line in each interval, counting those turned down."""
+    more = _damaged_lines.due()
+    if more is not None:
+        log.warning("%s%s", message, f" ({more} more such lines since the last one)" if more else "")
 
 
 def log_unavailable(what: str, exc: Exception) -> None:
@@ -110,9 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # lacks its fields is (`job_view`). Its WRONGTYPE, a Redis error, was answered 503 "the job store is
         # unavailable, try again shortly" and logged as an outage: a client polling the job, or cancelling it, was
         # told to retry for ever. (Not 404: the key is there, and no job can be made under it.)
-        more = _damaged_lines.due()
-        if more is not None:
-            log.warning("%s%s", exc, f" ({more} more such answers since the last such line)" if more else "")
+        log_damaged(str(exc))
         return await _api_error(request, ApiError(500, exc.message, type="server_error", code=ErrorCode.SERVER_ERROR))
 
     @app.exception_handler(ClientDisconnect)

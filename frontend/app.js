@@ -900,8 +900,12 @@ ui.prompt.addEventListener("keydown", (event) => {
   }
 });
 // An image pasted anywhere on the page is attached, as the image panel says ("or paste one"): only the message box
-// took one, and a paste after a click on the panel, or anywhere else, did nothing. Pasted text goes in as usual.
+// took one, and a paste after a click on the panel, or anywhere else, did nothing. Pasted text goes in as usual, and
+// a paste into another field (the API key, a parameter) is that field's alone: Word, Excel and OneNote put a picture
+// of what was copied beside its text, and such a paste attached the picture and dropped the text.
 document.addEventListener("paste", (event) => {
+  // (:read-write: an input that takes text, a textarea, anything contenteditable; not a checkbox, slider or select.)
+  if (event.target !== ui.prompt && event.target instanceof Element && event.target.matches(":read-write")) return;
   const file = [...event.clipboardData.files].find((item) => item.type.startsWith("image/"));
   if (file) {
     event.preventDefault();

@@ -641,14 +641,19 @@ end
 LIST_SCAN_FACTOR = 10
 
 # A chunk of an owner's list (KEYS[1]), newest first: up to ARGV[2] ids after id ARGV[1] (from the newest if empty),
-# with each one's status ('' for a job whose record is gone: dropped from the list here). Answers {ids, statuses}, or
+# with each one's status ('' for a job whose record is gone: dropped from the list here; 'damaged' for one whose key
+# holds another type). Answers {ids, statuses}, or
 # false when ARGV[1] is no longer in the list. One script, so that the rank of ARGV[1] and the range read after it
 # agree while other requests add jobs or drop gone ones.
 _LIST_CHUNK = AFTER_CURSOR_LUA + """
 local ids = redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
 local statuses, gone = {}, {}
 for i, id in ipairs(ids) do
-  statuses[i] = redis.call('HGET', ARGV[3] .. id, 'status') or ''
+  -- A record of another type (a key SET by hand) answers WRONGTYPE, which failed the whole listing (a 503, "the job
+  -- store is unavailable"): it is listed as a job in no state of the store's, which `get_many` reports as damaged.
+  local status = redis.pcall('HGET', ARGV[3] .. id, 'status')
+  if type(status) == 'table' then status = 'damaged' end
+  statuses[i] = status or ''
   if statuses[i] == '' then gone[#gone + 1] = id end
 end
 if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
@@ -746,6 +751,7 @@ class DamagedRecord(ResponseError):
     is away (503, "try again shortly", logged as an outage), which a client polling the job heard for good."""
 
     def __init__(self, job_id: str, kind: str):
+        self.job_id = job_id
         self.message = f"job {job_id}: " + DAMAGED_ERROR.format(f"its key holds a {kind}, not a hash")
         super().__init__(f"WRONGTYPE {self.message}")
 
@@ -1145,8 +1151,9 @@ class JobStore:
     def list_jobs(self, owner: str | None, limit: int, after: str | None = None,
                   status: str | None = None) -> tuple[list[dict[str, Any]], bool, str | None]:
         """The jobs of `owner` (its API key digest; None: those sent without a key), newest first: up to `limit`
-        records (as `get` reads them) of the jobs created before job `after` (from the newest if None), only those
-        in `status` if given. Returns (records, whether more may follow, the id to pass as `after` for the next
+        records (as `get_many` reads them: a job whose record is of another type as its DamagedRecord, listed only
+        without `status`, since it has none) of the jobs created before job `after` (from the newest if None), only
+        those in `status` if given. Returns (records, whether more may follow, the id to pass as `after` for the next
         page).
 
         At most LIST_SCAN_FACTOR x `limit` jobs of the list are read for one page: past that, a page filtered by
@@ -1179,8 +1186,8 @@ class JobStore:
                     shown.append(job_id)
             # (A record may have expired, or its status changed, since the chunk was read: the page then goes on
             # from the cursor, as it did when each job was read on its own.)
-            records += [record for record in self.get_many(shown)
-                        if record is not None and (status is None or record["status"] == status)]
+            records += [record for record in self.get_many(shown) if record is not None and (
+                status is None or not isinstance(record, DamagedRecord) and record["status"] == status)]
             if full and (len(records) == limit or read == budget):
                 return records, True, cursor
             if not full and len(ids) <= wanted:
@@ -1333,17 +1340,26 @@ class JobStore:
                 return DamagedRecord(job_id, kind)
         return exc
 
-    def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+    def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | DamagedRecord | None]:
         """`get` of each job, their records read in one round trip (a page of `list_jobs` took one a job); a queued
-        job's place in its queue, or a deadline passed, takes more."""
+        job's place in its queue, or a deadline passed, takes more. A job whose record is of another type has its
+        DamagedRecord in its place, not raised: its WRONGTYPE failed the whole list, a 503 "the job store is
+        unavailable" that `llava-queue eval`, polling its jobs by the hundred, retried for 300 s before it stopped."""
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.key(job_id))
-            raws = pipe.execute()
+            raws = pipe.execute(raise_on_error=False)
+        for index, (job_id, raw) in enumerate(zip(job_ids, raws)):
+            if isinstance(raw, ResponseError):
+                raws[index] = self._damage_of(job_id, raw)
+                if not isinstance(raws[index], DamagedRecord):
+                    raise raws[index]
         # The queued jobs' places in their queues, in one more round trip (one a job: 100 for a page of queued ones).
-        queued = [(job_id, raw.get("queue", "")) for job_id, raw in zip(job_ids, raws) if raw.get("status") == "queued"]
+        queued = [(job_id, raw.get("queue", "")) for job_id, raw in zip(job_ids, raws)
+                  if isinstance(raw, dict) and raw.get("status") == "queued"]
         positions = dict(zip((job_id for job_id, _ in queued), self.queue_positions(queued)))
-        return [self._typed(job_id, raw, positions.get(job_id, _UNREAD)) for job_id, raw in zip(job_ids, raws)]
+        return [raw if isinstance(raw, DamagedRecord) else self._typed(job_id, raw, positions.get(job_id, _UNREAD))
+                for job_id, raw in zip(job_ids, raws)]
 
     def _typed(self, job_id: str, raw: dict[str, str], position: Any = _UNREAD) -> dict[str, Any] | None:
         """`get`'s answer from the record's fields as read (`raw`; empty if the record is gone); `position`, a queued

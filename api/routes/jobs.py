@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import KeyBeforeBody, owned_job, owns
 from api.deps import ApiKey, IdempotencyKey, Store, Submissions
-from api.errors import ApiError, job_not_found
+from api.errors import ApiError, job_not_found, log_damaged
 from api.json_bodies import BULK_VALUES, REQUEST_VALUES
 from api.routes.openai import job_id_of
 from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
-from shared.jobs import ACTIVE_STATES, FINAL_STATES, JobStore
+from shared.jobs import ACTIVE_STATES, FINAL_STATES, DamagedRecord, JobStore
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class JobView(BaseModel):
     error_code: int
     finish_reason: str | None
     usage: Usage
-    params: Params
+    params: Params | None  # None only for a damaged record in a list (`listed_view`)
     created_at: float | None  # None only for a record whose created_at is no number (JobStore.get)
     started_at: float | None
     first_token_at: float | None
@@ -77,9 +77,9 @@ class JobView(BaseModel):
 _TEXT_FIELDS = ("id", "status", "queue", "model", "prompt", "request", "text", "error", "finish_reason")
 
 
-def job_view(record: dict[str, Any]) -> JobView:
-    """The public view of a job record; an ApiError 500 naming what is wrong for a record llava-queue did not write
-    (fields missing, a request that is not one), instead of a traceback."""
+def _params_or_missing(record: dict[str, Any]) -> tuple[Params | None, list[str]]:
+    """A job record's sampling parameters, and the fields it lacks a valid value of (none for a record llava-queue
+    wrote)."""
     missing = [name for name in _TEXT_FIELDS if not isinstance(record.get(name), str)]
     params = None
     if "request" not in missing:
@@ -89,10 +89,25 @@ def job_view(record: dict[str, Any]) -> JobView:
             params = Params.model_validate_json(record["request"])
         except ValidationError:
             missing.append("request")
+    return params, missing
+
+
+def _damaged_message(job_id: str | None, missing: list[str]) -> str:
+    return f"the record of job {job_id!r} is damaged: it has no valid {', '.join(missing)}"
+
+
+def job_view(record: dict[str, Any]) -> JobView:
+    """The public view of a job record; an ApiError 500 naming what is wrong for a record llava-queue did not write
+    (fields missing, a request that is not one), instead of a traceback."""
+    params, missing = _params_or_missing(record)
     if missing:
         log.warning("job record %r is damaged (no valid %s): not written by llava-queue?", record.get("id"), missing)
-        raise ApiError(500, f"the record of job {record.get('id')!r} is damaged: it has no valid "
-                            f"{', '.join(missing)}", type="server_error", code=ErrorCode.SERVER_ERROR)
+        raise ApiError(500, _damaged_message(record.get("id"), missing), type="server_error",
+                       code=ErrorCode.SERVER_ERROR)
+    return _view(record, params)
+
+
+def _view(record: dict[str, Any], params: Params) -> JobView:
     return JobView(
         id=record["id"], status=record["status"], queue=record["queue"], model=record["model"],
         prompt=record["prompt"], text=record["text"], error=record["error"] or None,
@@ -102,6 +117,25 @@ def job_view(record: dict[str, Any]) -> JobView:
         created_at=record["created_at"], started_at=record["started_at"], first_token_at=record["first_token_at"],
         finished_at=record["finished_at"], queue_position=record["queue_position"], attempts=record["attempts"],
         worker=record.get("worker") or None)
+
+
+def listed_view(record: dict[str, Any] | DamagedRecord, job_id: str) -> JobView:
+    """A job as a list shows it (`GET /v1/jobs`, `?ids=`): as `job_view`, but a damaged record (a key of another type,
+    a hash that lacks fields) is that job's entry alone, `failed` with the message its own GET answers in its 500,
+    error_code 1, nothing else read from it. Its 500 (or the 503 of a WRONGTYPE) failed the whole list, every other
+    job with it; and `failed`, final, since no worker runs such a record: a client stops following it there."""
+    if isinstance(record, DamagedRecord):
+        message = record.message
+    else:
+        params, missing = _params_or_missing(record)
+        if not missing:
+            return _view(record, params)
+        message = _damaged_message(job_id, missing)
+    log_damaged(f"{message}; listed as failed")
+    return JobView(id=job_id, status="failed", queue="", model="", prompt="", text="", error=message,
+                   error_code=ErrorCode.SERVER_ERROR, finish_reason=None, usage=Usage(prompt_tokens=0,
+                   completion_tokens=0), params=None, created_at=None, started_at=None, first_token_at=None,
+                   finished_at=None, queue_position=None, attempts=0, worker=None)
 
 
 class JobList(BaseModel):
@@ -299,7 +333,8 @@ def list_jobs(request: Request, store: Store, api_key: ApiKey, limit: Annotated[
                                                  if name in request.query_params])
     after = job_id_of(after) if after else None
     records, more, cursor = store.list_jobs(api_key, limit, after, status)
-    data = [job_view(record) for record in records]
+    data = [listed_view(record, record.job_id if isinstance(record, DamagedRecord) else record.get("id") or "")
+            for record in records]
     last = cursor if more else (data[-1].id if data else None)
     return JobList(data=data, first_id=data[0].id if data else None, last_id=last, has_more=more)
 
@@ -312,8 +347,9 @@ def _jobs_named(store: JobStore, api_key: str | None, ids: str, paging: list[str
         raise ApiError(422, f"{paging[0]}: not with ids (which names every job to answer)",
                        param=f"query.{paging[0]}")
     asked = _asked_ids(ids)
-    data = [job_view(record) for record in store.get_many(asked)
-            if record is not None and owns(record.get("owner"), api_key)]
+    # A record of another type names no owner: its damage is said to any caller, as its own GET says it.
+    data = [listed_view(record, job_id) for job_id, record in zip(asked, store.get_many(asked))
+            if record is not None and (isinstance(record, DamagedRecord) or owns(record.get("owner"), api_key))]
     return JobList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                    has_more=False)
 
