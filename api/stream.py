@@ -28,8 +28,7 @@ class JobNotFound(LookupError):
 @dataclass
 class StreamEvent:
     """What a listener sees: `text` is the prompt followed by everything generated so far (`prompt` alone); `tokens`
-    the job's count of generated tokens with that text, as its chunk message said (0 where the text was read from the
-    record, which has no count of that moment)."""
+    the job's count of generated tokens with that text, as its chunk message or its record said."""
 
     text: str
     done: bool = False
@@ -71,7 +70,7 @@ async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIter
         snap = await asyncio.to_thread(store.snapshot, job_id)
         if snap is None:
             raise JobNotFound(job_id)
-        progress = _Progress(snap.prompt, snap.text, snap.seq)
+        progress = _Progress(snap.prompt, snap.text, snap.seq, snap.tokens)
         if snap.text:
             yield progress.event()
         if snap.status in FINAL_STATES:
@@ -88,7 +87,7 @@ async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIter
                 if snap is None:
                     raise JobNotFound(job_id)
                 changed = snap.text != progress.text or snap.prompt != progress.prompt
-                progress = _Progress(snap.prompt, snap.text, snap.seq)
+                progress = _Progress(snap.prompt, snap.text, snap.seq, snap.tokens)
                 if changed and progress.text:
                     yield progress.event()
                 if snap.status in FINAL_STATES:

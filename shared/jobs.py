@@ -796,6 +796,7 @@ class Snapshot:
     error: str
     error_code: int
     finish_reason: str
+    tokens: int = 0  # the generated tokens of `text` (written with it by the same script)
 
 
 @dataclass(frozen=True)
@@ -1461,14 +1462,15 @@ class JobStore:
             return dict(zip(QUEUES, pipe.execute()))
 
     def snapshot(self, job_id: str) -> Snapshot | None:
-        """Status, prompt, text and seq read in one round trip, consistent with the channel's seq."""
-        fields = ("status", "prompt", "text", "seq", "error", "error_code", "finish_reason")
+        """Status, prompt, text, its token count and seq read in one round trip, consistent with the channel's seq."""
+        fields = ("status", "prompt", "text", "seq", "error", "error_code", "finish_reason", "completion_tokens")
         values = self.redis.hmget(self.key(job_id), fields)
         if values[0] is None:
             return None
         raw = dict(zip(fields, values))
         return Snapshot(raw["status"], raw["prompt"] or "", raw["text"] or "", _number(raw, "seq", int, job_id) or 0,
-                        raw["error"] or "", _number(raw, "error_code", int, job_id) or 0, raw["finish_reason"] or "")
+                        raw["error"] or "", _number(raw, "error_code", int, job_id) or 0, raw["finish_reason"] or "",
+                        _number(raw, "completion_tokens", int, job_id) or 0)
 
     def start(self, job_id: str, worker: str, model: str = "", max_attempts: int = 3, token: str = "",
               max_hand_backs: int | None = None) -> str:

@@ -1,10 +1,12 @@
 """vLLM's `stream_options.continuous_usage_stats`: every streamed chunk carries the usage so far. It was ignored: a
 client of vLLM's counting tokens as they come got `usage: null` in every chunk but the last (or no usage at all)."""
 
+import asyncio
 import json
 
 import openai
 import pytest
+import redis.asyncio as aioredis
 import requests
 
 from test_openai import MODEL, STORY
@@ -67,3 +69,34 @@ def test_a_legacy_stream_gets_the_usage_so_far_and_other_options_are_as_they_wer
     answer = requests.post(f"{stack.base_url}/v1/chat/completions", timeout=30, json={
         "model": MODEL, "messages": STORY, "stream": True, "stream_options": {"continuous_usage_stats": "yes"}})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream_options.continuous_usage_stats"
+
+
+def test_a_follower_that_reads_the_record_has_its_token_count(redis_server):
+    # A follower that comes late, or missed messages (a lagging client's backlog dropped), reads the record: its
+    # events carried a count of 0, and a stream's usage stayed at the count of before the text it caught up with.
+    from api.channel_hub import ChannelHub
+    from api.stream import follow_job
+    from shared.jobs import JobStore
+    from shared.protocol import GenerateRequest
+
+    store = JobStore.from_url(redis_server.url, "usage-s42")
+    job_id, _ = store.create(GenerateRequest(prompt="p"), "interactive")
+    assert store.start(job_id, "w1") == "running"
+    store.record_step("w1", [(job_id, "Hello", 3, True)], [], step=1)
+    store.record_step("w1", [(job_id, " there", 5, False)], [], step=2)
+
+    async def first_event():
+        aredis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        hub = ChannelHub(aredis)
+        hub.start()
+        try:
+            events = follow_job(store, hub, job_id)
+            event = await anext(events)
+            await events.aclose()
+            return event
+        finally:
+            await hub.aclose()
+            await aredis.aclose()
+
+    event = asyncio.run(first_event())
+    assert event.text.endswith("Hello there") and event.tokens == 5
