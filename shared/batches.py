@@ -37,10 +37,9 @@ _COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "i
 
 # A batch fails only while it is read (validating): a reader that was thought dead may have activated it meanwhile.
 # One cancelled while it was read, and never activated, ends cancelled instead (no reader will count its lines).
-# Either is final at once (OpenAI's `failed` has no line to wait for), so its lines (KEYS[2]) not ended yet end with
-# it, cancelled (their results in KEYS[3], as _FINISH writes a cancelled job's), and their jobs (ARGV[3] .. job id)
-# no longer name the batch: one a worker still ran wrote its result into the batch when it ended, after the batch had
-# ended (its files' sizes kept, its request counts shown). ARGV[4], ARGV[5]: a cancelled job's error and error code.
+# Either is final at once (OpenAI's `failed` has no line to wait for): it takes no more lines (_ADD_LINES), and its
+# lines not ended yet end with it, from line `lines_to_end` on (_END_LINES). Ended here too, in the one script, they
+# held Redis for a second with 50,000 lines, every other client (workers' steps, streams, submissions) waiting.
 _FAIL = """
 local status, final = redis.call('HGET', KEYS[1], 'status'), 'failed'
 if status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0 then
@@ -48,18 +47,34 @@ if status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0 then
 elseif status ~= 'validating' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'status', final, final .. '_at', ARGV[1], 'errors', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', final, final .. '_at', ARGV[1], 'errors', ARGV[2], 'lines_to_end', 0)
+return 1
+"""
+
+# Up to ARGV[4] lines (KEYS[2]) of a batch (KEYS[1]) that _FAIL ended, from its line `lines_to_end` on, end with it:
+# the ones not ended yet are cancelled (their results in KEYS[3], as _FINISH writes a cancelled job's, at the time the
+# batch ended), and their jobs (ARGV[1] .. job id) no longer name the batch: one a worker still ran wrote its result
+# into the batch when it ended, after the batch had ended (its files' sizes kept, its request counts shown). ARGV[2],
+# ARGV[3]: a cancelled job's error and error code. Moves `lines_to_end` on past them, or drops it after the last line;
+# returns 1 while lines are left.
+_END_LINES = """
+local status, from = unpack(redis.call('HMGET', KEYS[1], 'status', 'lines_to_end'))
+if not from then return 0 end
+local ended_at, size = tonumber(redis.call('HGET', KEYS[1], status .. '_at')), tonumber(ARGV[4])
+from = tonumber(from)
+local entries = redis.call('LRANGE', KEYS[2], from, from + size - 1)
 local cancelled = 0
-for number, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+for offset, entry in ipairs(entries) do
+  local number = from + offset - 1
   -- (the key as json.dumps writes it: a string value holds no unescaped quote)
   local job = string.match(entry, '"job": "([^"]+)"')
-  if job and redis.call('HEXISTS', KEYS[3], number - 1) == 0 then
-    local f = redis.call('HMGET', ARGV[3] .. job, 'model', 'started_at', 'first_token_at')
-    redis.call('HDEL', ARGV[3] .. job, 'batch')
-    redis.call('HSET', KEYS[3], number - 1, cjson.encode({status = 'cancelled', error = ARGV[4],
-               error_code = tonumber(ARGV[5]), finish_reason = 'cancelled', text = '', prompt_tokens = 0,
+  if job and redis.call('HEXISTS', KEYS[3], number) == 0 then
+    local f = redis.call('HMGET', ARGV[1] .. job, 'model', 'started_at', 'first_token_at')
+    redis.call('HDEL', ARGV[1] .. job, 'batch')
+    redis.call('HSET', KEYS[3], number, cjson.encode({status = 'cancelled', error = ARGV[2],
+               error_code = tonumber(ARGV[3]), finish_reason = 'cancelled', text = '', prompt_tokens = 0,
                completion_tokens = 0, model = f[1] or '', started_at = tonumber(f[2]), first_token_at = tonumber(f[3]),
-               finished_at = tonumber(ARGV[1])}))
+               finished_at = ended_at}))
     cancelled = cancelled + 1
   end
 end
@@ -68,6 +83,11 @@ if cancelled > 0 then
   redis.call('HINCRBY', KEYS[1], 'ended', cancelled)
   redis.call('EXPIRE', KEYS[3], math.max(redis.call('TTL', KEYS[1]), 1))
 end
+if #entries < size then
+  redis.call('HDEL', KEYS[1], 'lines_to_end')
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lines_to_end', from + #entries)
 return 1
 """
 
@@ -269,8 +289,8 @@ _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The API process reading a batch file renews this lease with every chunk of lines it queues.
 READER_LEASE_SECONDS = 60
 # Lines per chunk of a batch-wide write (cancel its jobs: one read of their entries, one pipeline of cancel requests,
-# one of endings; drop a deleted file's results and job records; the keys of a files scan): a few round trips per
-# thousand lines, not one or two per line.
+# one of endings; end a failed batch's lines, one script each; drop a deleted file's results and job records; the keys
+# of a files scan): a few round trips per thousand lines, not one or two per line.
 BULK_LINES = 1000
 # Uploads missing from the files index are looked for once per database, in steps (see `BatchStore.index_files`): a
 # list call takes at most this many (SCAN of BULK_LINES keys each) ...
@@ -332,6 +352,7 @@ class BatchStore:
         self._add_lines = self.redis.register_script(_ADD_LINES)
         self._cancel = self.redis.register_script(_CANCEL)
         self._fail = self.redis.register_script(_FAIL)
+        self._end_lines = self.redis.register_script(_END_LINES)
         self._reserve = self.redis.register_script(_RESERVE)
         self._taken = self.redis.register_script(_TAKEN)
         self._delete_output = self.redis.register_script(_DELETE_OUTPUT)
@@ -435,12 +456,21 @@ class BatchStore:
         """The batch could not be read to its end: `failed`, with the reason in its errors, and the jobs of the lines
         read so far cancelled (they do not make the batch, and its caller submits the file again). Only a batch
         still `validating` fails (one cancelled while it was read ends `cancelled`); returns whether this one did."""
-        if not self._fail(keys=[self.key(batch_id), self.lines_key(batch_id), self.results_key(batch_id)],
-                          args=[repr(self.store.clock()), json.dumps([error]), self.store.key(""), CANCELLED_ERROR,
-                                int(ErrorCode.CANCELLED)]):
+        if not self._fail(keys=[self.key(batch_id)], args=[repr(self.store.clock()), json.dumps([error])]):
             return False
+        self.end_lines(batch_id)
         self.cancel_jobs(batch_id)
         return True
+
+    def end_lines(self, batch_id: str) -> None:
+        """End, cancelled, the lines not ended yet of a batch that failed while it was read (or ended `cancelled` so:
+        see _FAIL), BULK_LINES per script (_END_LINES), each a few milliseconds of Redis's one thread. Processes that
+        do it at once share the work (each script goes on where the last one stopped; a line ends once). One that
+        stopped part-way (it died) leaves the rest to the next read of the batch (`settled`); a line whose job ends
+        before that still writes its result into the batch (_FINISH), as one that ended before the batch did."""
+        while self._end_lines(keys=[self.key(batch_id), self.lines_key(batch_id), self.results_key(batch_id)],
+                              args=[self.store.key(""), CANCELLED_ERROR, int(ErrorCode.CANCELLED), BULK_LINES]):
+            pass
 
     def cancel_jobs(self, batch_id: str) -> None:
         """Cancel the jobs of every line of the batch, as `JobStore.cancel` does each (queued ones end `cancelled`,

@@ -144,7 +144,8 @@ def read_batch(batches: BatchStore, batch_id: str) -> dict[str, Any]:
 
 def settled(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
     """The record after what a read settles: lines still queued past the completion window expire, and a batch
-    whose reader died fails; read again if either happened (the record as it was if it expired meanwhile)."""
+    whose reader died fails, and one that failed has its lines ended (`BatchStore.end_lines`); read again if any of
+    these happened (the record as it was if it expired meanwhile)."""
     batch_id = record["id"]
     # A dead reader first: a batch cancelled while it was read (`cancelling`, its lines never counted) whose window had
     # passed was only looked at for lines to expire, and stayed `cancelling` for good.
@@ -152,6 +153,10 @@ def settled(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
         # The API process reading the file died: the lines it queued do not make a whole batch.
         batches.fail(batch_id, {"code": "abandoned", "message": "the API process reading the file stopped "
                                 "before the end; submit the file again", "param": None, "line": None})
+    elif "lines_to_end" in record:
+        # Failed while it was read, its lines still being ended (by the process that failed it, or left part-way by
+        # one that died): ended before it is shown, its counts and files as they stay.
+        batches.end_lines(batch_id)
     elif record["status"] in ("in_progress", "cancelling") and record["expires_at"] and \
             record["expires_at"] < batches.store.clock():
         batches.store.expire_overdue()
@@ -301,7 +306,9 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
             intake.total > intake.invalid:
         # Cancelled while it was read, or failed as abandoned while this slow reader went on (its lease lapsed; after a
         # cancel, that ended it `cancelled`): the jobs of the lines read since the cancel (or of every line it has) go
-        # too. (Lines read once it was final are not its: `Intake._enqueue` cancelled their jobs.)
+        # too. (Lines read once it was final are not its: `Intake._enqueue` cancelled their jobs.) Those of a batch that
+        # failed meanwhile end first, as they do in `BatchStore.fail`, if the read that failed it is not done with them.
+        batches.end_lines(batch_id)
         batches.cancel_jobs(batch_id)
     return batch_view(batches, batches.get(batch_id))
 
