@@ -21,31 +21,40 @@ def lapse_reader(batches: BatchStore, batch_id: str) -> dict:
     return settled(batches, batches.get(batch_id))
 
 
+class ReadSlowly(io.BytesIO):
+    """A batch file whose reading is overtaken at its 600th line (the first 500 are recorded) by `overtake`."""
+
+    counted, read = False, 0
+
+    def seek(self, *args):
+        self.counted = True  # the lines are counted: the batch reads it now
+        return super().seek(*args)
+
+    def readline(self, *args):
+        self.read += self.counted
+        if self.read == 600:
+            self.overtake()
+        return super().readline(*args)
+
+    def overtake(self) -> None:
+        raise NotImplementedError
+
+
 def test_a_batch_failed_as_abandoned_while_read_keeps_its_reason_beside_its_invalid_lines():
     # The slow reader wrote the errors of its file's invalid lines over the batch's `errors` once it was done: the
     # failed batch said only "line 1 is not valid JSON", not that it failed as abandoned.
-    class ReadSlowly(io.BytesIO):
-        """A file whose reading is overtaken, at its 600th line (the first 500 are recorded), by a read of the batch
-        that finds its reader's lease lapsed."""
+    class ReadAbandoned(ReadSlowly):
+        """Overtaken by a read of the batch that finds its reader's lease lapsed."""
 
-        counted, read = False, 0
-
-        def seek(self, *args):
-            self.counted = True  # the lines are counted: the batch reads it now
-            return super().seek(*args)
-
-        def readline(self, *args):
-            self.read += self.counted
-            if self.read == 600:
-                [batch_id] = batches.redis.zrange(batches.index_key, 0, -1)
-                assert lapse_reader(batches, batch_id)["status"] == "failed"
-            return super().readline(*args)
+        def overtake(self) -> None:
+            [batch_id] = batches.redis.zrange(batches.index_key, 0, -1)
+            assert lapse_reader(batches, batch_id)["status"] == "failed"
 
     with RedisServer() as server:
         store = JobStore.from_url(server.url)
         batches = BatchStore(store, 3600)
         batch = create(BatchCreate(temperature=0, max_new_tokens=2),
-                       ReadSlowly(jsonl(["{not json", *questions(1000, image=False)])), store, batches, None,
+                       ReadAbandoned(jsonl(["{not json", *questions(1000, image=False)])), store, batches, None,
                        WorkerRegistry(store.redis, store.prefix), Settings(redis_url=server.url), None)
         assert batch["status"] == "failed", batch
         codes = [error["code"] for error in batch["errors"]["data"]]

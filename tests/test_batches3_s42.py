@@ -1,8 +1,6 @@
 """A batch that became final while its reader went on takes no more lines; the batch and file routes answer a bad
 request 400, as OpenAI does; a batch file of a batch unknown to the caller is an unknown file."""
 
-import io
-
 import openai
 import pytest
 from openai import OpenAI
@@ -14,7 +12,7 @@ from shared.jobs import JobStore, WorkerRegistry
 from shared.redis_server import RedisServer
 from shared.settings import Settings
 from test_batches import jsonl, questions
-from test_batches2_s42 import lapse_reader
+from test_batches2_s42 import ReadSlowly, lapse_reader
 
 
 @pytest.mark.parametrize("cancelled", [False, True])
@@ -22,33 +20,25 @@ def test_a_chunk_read_after_its_batch_failed_as_abandoned_is_not_added_to_it(can
     # The chunk its slow reader was writing when the batch failed (or, cancelled before, ended `cancelled`) was added to
     # it all the same, and its jobs cancelled (their results written into the batch): the final batch's total, failed
     # count and errors file grew, and its `errors` listed a line of that chunk its errors file did not hold.
-    class ReadSlowly(io.BytesIO):
-        """A file whose reading is overtaken, at its 600th line (the first 500 are recorded), by a cancel if
-        `cancelled`, then by a read of the batch that finds its reader's lease lapsed."""
+    class ReadAbandoned(ReadSlowly):
+        """Overtaken by a cancel if `cancelled`, then by a read of the batch that finds its reader's lease lapsed."""
 
-        counted, read, failed = False, 0, None
+        failed = None
 
-        def seek(self, *args):
-            self.counted = True  # the lines are counted: the batch reads it now
-            return super().seek(*args)
-
-        def readline(self, *args):
-            self.read += self.counted
-            if self.read == 600:
-                [batch_id] = batches.redis.zrange(batches.index_key, 0, -1)
-                if cancelled:
-                    assert batches.request_cancel(batch_id) == "cancelling"
-                    batches.cancel_jobs(batch_id)
-                record = lapse_reader(batches, batch_id)
-                self.failed = batch_view(batches, record), list(output_lines(batches, record, errors=True))
-            return super().readline(*args)
+        def overtake(self) -> None:
+            [batch_id] = batches.redis.zrange(batches.index_key, 0, -1)
+            if cancelled:
+                assert batches.request_cancel(batch_id) == "cancelling"
+                batches.cancel_jobs(batch_id)
+            record = lapse_reader(batches, batch_id)
+            self.failed = batch_view(batches, record), list(output_lines(batches, record, errors=True))
 
     with RedisServer() as server:
         store = JobStore.from_url(server.url)
         batches = BatchStore(store, 3600)
         lines = questions(1000, image=False)
         lines[700] = "{not json"  # in the chunk read after the batch failed
-        stream = ReadSlowly(jsonl(lines))
+        stream = ReadAbandoned(jsonl(lines))
         batch = create(BatchCreate(temperature=0, max_new_tokens=2), stream, store, batches, None,
                        WorkerRegistry(store.redis, store.prefix), Settings(redis_url=server.url), None)
         view, errors = stream.failed
