@@ -154,6 +154,8 @@ class Intake:
     status: str = "validating"
     # (job id, Celery queue) of every job recorded, sent by `send` once the file is read.
     _unsent: list[tuple[str, str]] = field(default_factory=list)
+    # The ids of the jobs of every line the batch took, sent or not: cancelled if the batch's record goes meanwhile.
+    job_ids: list[str] = field(default_factory=list)
     _custom_ids: set[str] = field(default_factory=set)
     _images: dict[Path, str | LineRefused] = field(default_factory=dict)
     _images_bytes: int = 0
@@ -210,6 +212,7 @@ class Intake:
         else:
             self._unsent += [(job_id, task_queue(BATCH_QUEUE, request.model))
                              for job_id, (_, request) in zip(ids, jobs)]
+            self.job_ids += ids
         return self.status
 
     def send(self) -> None:

@@ -19,7 +19,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -96,10 +96,14 @@ return 1
 # meanwhile (failed as abandoned, or `cancelled` so after a cancel: see _FAIL) does not: it keeps the lines it had
 # when it ended (`read`, see _ADD_LINES), which its files and request counts show. The errors
 # found while reading (ARGV[4], a JSON list; '' if none) follow the ones the batch has: written apart, they replaced
-# the reason a batch failed as abandoned meanwhile had, which said why it failed.
+# the reason a batch failed as abandoned meanwhile had, which said why it failed. Its format (ARGV[5]) is recorded too.
+# A batch gone meanwhile (deleted, evicted) answers 'missing' and is not written: an HSET made a new hash, without
+# owner or TTL.
 _ACTIVATE = BATCH_END_LUA + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status and ARGV[4] ~= '' then
+if not status then return 'missing' end
+redis.call('HSET', KEYS[1], 'format', ARGV[5])
+if ARGV[4] ~= '' then
   local before = redis.call('HGET', KEYS[1], 'errors')
   if before and before ~= '' and before ~= '[]' then
     redis.call('HSET', KEYS[1], 'errors', string.sub(before, 1, -2) .. ', ' .. string.sub(ARGV[4], 2))
@@ -446,11 +450,14 @@ class BatchStore:
         return (unread and self.store.clock() - record["created_at"] > READER_LEASE_SECONDS
                 and not self.redis.exists(self.reader_key(record["id"])))
 
-    def activate(self, batch_id: str, total: int, invalid: int, errors: Sequence[dict[str, Any]] = ()) -> str:
+    def activate(self, batch_id: str, total: int, invalid: int, errors: Sequence[dict[str, Any]] = (),
+                 file_format: str = "llava") -> str:
         """Reading is over: `total` lines, `invalid` of them refused, and the `errors` found reading the file, added to
-        the batch's (the reason it failed while it was read comes first). Returns the batch's status now."""
+        the batch's (the reason it failed while it was read comes first); its `file_format`. Returns the batch's status
+        now ("missing" if it is gone)."""
         return self._activate(keys=[self.key(batch_id)], args=[total, invalid, repr(self.store.clock()),
-                                                                json.dumps(list(errors)) if errors else ""])
+                                                                json.dumps(list(errors)) if errors else "",
+                                                                file_format])
 
     def fail(self, batch_id: str, error: dict[str, Any]) -> bool:
         """The batch could not be read to its end: `failed`, with the reason in its errors, and the jobs of the lines
@@ -472,12 +479,12 @@ class BatchStore:
                               args=[self.store.key(""), CANCELLED_ERROR, int(ErrorCode.CANCELLED), BULK_LINES]):
             pass
 
-    def cancel_jobs(self, batch_id: str) -> None:
-        """Cancel the jobs of every line of the batch, as `JobStore.cancel` does each (queued ones end `cancelled`,
-        running ones leave their engine batch at the next step, ended ones stay as they are), in a few round trips
-        per thousand lines: one or two per line took seconds for a batch of 50,000."""
+    def cancel_jobs(self, batch_id: str, job_ids: Iterable[str] | None = None) -> None:
+        """Cancel the jobs of every line of the batch (or these `job_ids`), as `JobStore.cancel` does each (queued ones
+        end `cancelled`, running ones leave their engine batch at the next step, ended ones stay as they are), in a few
+        round trips per thousand lines: one or two per line took seconds for a batch of 50,000."""
         chunk: list[str] = []
-        for job_id in self.job_ids(batch_id):
+        for job_id in self.job_ids(batch_id) if job_ids is None else job_ids:
             chunk.append(job_id)
             if len(chunk) == BULK_LINES:
                 self.store.cancel_many(chunk)

@@ -20,6 +20,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from shared.batches import FINAL_STATUSES as BATCH_FINAL_STATUSES
 from shared.jobs import (DAMAGED_ERROR, FINAL_STATES, QUEUES, Ending, JobStore, WorkerRegistry, answers_later,
                          glob_escaped)
 from shared.protocol import ErrorCode
@@ -188,15 +189,18 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
     The line of a batch whose file is still being read is left out: its task is sent once the whole file has been read
     (api/batch_intake.py), and a batch whose file cannot be read to the end runs none of its lines. (A file read over
     `older_than` had its first lines sent here and run while the rest was read, and run in full if the API died.)
+    A line of a batch that ended (or went) before it did is cancelled instead, whether its message is lost or not
+    (`_cancel_lines_of_ended_batches`).
     """
     now = store.clock()  # the records' created_at are on it (a worker's own clock could be minutes off)
-    candidates: list[tuple[str, str, float]] = []
+    candidates: list[tuple[str, str, float, str | None]] = []
     damaged: list[str] = []
+    let_go: set[str] = set()
     for queue in QUEUES:
         job_ids = store.redis.zrange(store.queue_key(queue), 0, limit - 1)
         with store.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(store.key(job_id), ("status", "created_at", "model", "batch"))
+                pipe.hmget(store.key(job_id), ("status", "created_at", "model", "batch", "batch_line"))
             # A record that is no hash (written by hand) answers WRONGTYPE: raised, it failed every sweep (logged as
             # an outage), and no lost job of any queue was sent again.
             records = pipe.execute(raise_on_error=False)
@@ -207,14 +211,17 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
             created_at = _queued_since(job_id, record)
             if created_at is not None and now - created_at >= older_than:
                 candidates.append((job_id, task_queue(queue, record[2] or None), created_at, record[3]))
+                if record[3] is None and record[4] is not None:
+                    let_go.add(job_id)  # a line its batch let go of (_ADD_LINES, _END_LINES: shared/batches.py)
     batches = sorted({batch for *_, batch in candidates if batch})
+    statuses: dict[str, object] = {}
     if batches:
         with store.redis.pipeline(transaction=False) as pipe:
             for batch in batches:
                 pipe.hget(f"{store.batch_prefix}{batch}", "status")
-            reading = {batch for batch, status in zip(batches, pipe.execute(raise_on_error=False))
-                       if status == "validating"}
-        candidates = [candidate for candidate in candidates if candidate[3] not in reading]
+            statuses = dict(zip(batches, pipe.execute(raise_on_error=False)))
+    candidates = _cancel_lines_of_ended_batches(store, candidates, statuses, let_go)
+    candidates = [candidate for candidate in candidates if statuses.get(candidate[3]) != "validating"]
     if damaged:
         _end_damaged(store, damaged)
     if not candidates:
@@ -237,6 +244,34 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         for job_id, name, _ in sorted(lost, key=lambda job: job[2], reverse=True):
             _push_first(app, channel, job_id, name)
     return [job_id for job_id, _, _ in lost]
+
+
+def _cancel_lines_of_ended_batches(store: JobStore, candidates: list[tuple[str, str, float, str | None]],
+                                   statuses: dict[str, object],
+                                   let_go: set[str]) -> list[tuple[str, str, float, str | None]]:
+    """Cancel the queued jobs among `candidates` (job id, Celery queue, created at, batch) that are lines of a batch
+    that ended, is cancelling or is gone (`statuses`: batch -> its status, None when gone), or that their batch let go
+    of (`let_go`); returns the others.
+
+    The process that ends such a batch (`BatchStore.fail`, `cancel_batch`), or that has a chunk of lines refused by one
+    (_ADD_LINES, then `Intake._enqueue`), cancels their jobs right after, and it can be killed in between: their tasks,
+    never sent while the file was read, were then sent here as lost, and ran for nobody. Checked here, not at a
+    worker's pick-up: this sweep reads the batch's status already, is the only sender of a task never sent, and costs a
+    batch line nothing on its way; a line whose task was sent (a batch cancelled in progress) ends here too, once it
+    has waited `older_than` (a worker that takes its message then skips it)."""
+    ended = [candidate for candidate in candidates if candidate[0] in let_go or (
+        candidate[3] and (statuses[candidate[3]] is None or statuses[candidate[3]] in (*BATCH_FINAL_STATUSES,
+                                                                                        "cancelling")))]
+    if not ended:
+        return candidates
+    store.cancel_many([job_id for job_id, *_ in ended])
+    for batch in sorted({batch or "" for *_, batch in ended}):
+        whose = f"batch {batch} ({statuses[batch] or 'gone'})" if batch else "batches that let them go"
+        log.warning("%d queued lines of %s cancelled by the lost-task sweep (the process ending their batch stopped "
+                    "before it cancelled them, or has not got to them yet)",
+                    sum((of or "") == batch for *_, of in ended), whose)
+    cancelled = {job_id for job_id, *_ in ended}
+    return [candidate for candidate in candidates if candidate[0] not in cancelled]
 
 
 def _end_damaged(store: JobStore, job_ids: list[str]) -> None:

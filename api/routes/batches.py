@@ -12,7 +12,9 @@ import asyncio
 import io
 import itertools
 import json
+import logging
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, IO, Literal
@@ -35,6 +37,8 @@ from shared.jobs import JobStore
 from shared.protocol import ErrorCode, InvalidRequest, context_overflowed, parse_request
 from shared.settings import Settings
 from shared.vqa import EvalParams, answer_line, answer_record
+
+log = logging.getLogger("llava_queue.api")
 
 # Invalid requests are answered 400, as OpenAI does: the `openai` package raised UnprocessableEntityError for its 422.
 router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=OpenAIRoute)
@@ -105,11 +109,15 @@ def batch_file_id(record: dict[str, Any], errors: bool) -> str | None:
     return batch_file_name(record["id"], errors) if record["status"] in FINAL_STATUSES and lines else None
 
 
+def ended_at(record: dict[str, Any]) -> float | None:
+    """When the batch ended (None while it has not)."""
+    return next((record[f"{status}_at"] for status in FINAL_STATUSES if record[f"{status}_at"]), None)
+
+
 def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
     """The batch object: OpenAI's fields, then llava-queue's (format, timings, tokens/s, time left)."""
     failed = _failed(record)
     errors = record["errors"]
-    ended_at = next((record[f"{status}_at"] for status in FINAL_STATUSES if record[f"{status}_at"]), None)
     return {
         "id": record["id"], "object": "batch",
         "endpoint": (record.get("endpoint") or CHAT_COMPLETIONS) if record.get("format") == "openai" else None,
@@ -124,7 +132,7 @@ def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
         "request_counts": {"total": record["total"], "completed": record["completed"], "failed": failed},
         "metadata": record["metadata"],
         "format": record.get("format") or None, "input_path": record.get("input_path") or None,
-        "params": record["params"], "started_at": record["in_progress_at"], "ended_at": ended_at,
+        "params": record["params"], "started_at": record["in_progress_at"], "ended_at": ended_at(record),
         # OpenAI's batch usage (its Responses-style names), plus llava-queue's earlier completion_tokens.
         "usage": {"input_tokens": record["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
                   "output_tokens": record["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
@@ -299,18 +307,35 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
             read_file(intake, stream)
         finally:
             batches.release(batch_id)
-    batches.redis.hset(batches.key(batch_id), "format", intake.format or "llava")
     errors = intake.errors or ([] if intake.total else [{"code": "empty_file", "message": "the file has no lines",
                                                          "param": "file", "line": None}])
-    if batches.activate(batch_id, intake.total, intake.invalid, errors) in ("failed", "cancelling", "cancelled") and \
-            intake.total > intake.invalid:
+    status = batches.activate(batch_id, intake.total, intake.invalid, errors, intake.format or "llava")
+    if status == "missing":
+        raise batch_lost(batches, intake)
+    if status in ("failed", "cancelling", "cancelled") and intake.total > intake.invalid:
         # Cancelled while it was read, or failed as abandoned while this slow reader went on (its lease lapsed; after a
         # cancel, that ended it `cancelled`): the jobs of the lines read since the cancel (or of every line it has) go
         # too. (Lines read once it was final are not its: `Intake._enqueue` cancelled their jobs.) Those of a batch that
         # failed meanwhile end first, as they do in `BatchStore.fail`, if the read that failed it is not done with them.
         batches.end_lines(batch_id)
         batches.cancel_jobs(batch_id)
-    return batch_view(batches, batches.get(batch_id))
+    record = batches.get(batch_id)
+    if record is None:
+        raise batch_lost(batches, intake)  # gone since
+    return batch_view(batches, record)
+
+
+def batch_lost(batches: BatchStore, intake: Intake) -> ApiError:
+    """The batch's record went while its file was read (deleted, or evicted by a Redis short of memory): the jobs of
+    its lines are cancelled (none may run for a batch nobody can read), and the request fails as one the server could
+    not complete, a 500 `server_error`, as OpenAI answers a failure on its side. No 4xx: the request was good, and the
+    client (the openai package retries a 5xx) should submit it again; nothing of this batch runs or is listed."""
+    batches.cancel_jobs(intake.batch_id, intake.job_ids)
+    log.error("batch %s: its record in Redis went while its file was read (deleted, or evicted: is Redis short of "
+              "memory?); the batch is not created, its %d jobs are cancelled", intake.batch_id, len(intake.job_ids))
+    return ApiError(500, f"the batch's record ({intake.batch_id}) was lost from the job store while its file was read "
+                         "(deleted, or evicted from Redis); its lines will not run; submit the batch again",
+                    type="server_error", code=ErrorCode.SERVER_ERROR)
 
 
 async def _parse_create(request: Request) -> tuple[BatchCreate, Any]:
@@ -426,7 +451,7 @@ def batch_lines(batch_id: str, request: Request, store: Store, offset: int = Que
 
 
 # Output files, assembled from the batch's lines and results in file order.
-def _llava_line(number: int, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
+def _llava_line(batch_id: str, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
     if "error" in entry:
         return None, _error_line(entry, entry["error"]["message"], ErrorCode.INVALID_REQUEST, "invalid")
     if result is None:
@@ -450,9 +475,17 @@ _UNRUN = {"cancelled": ("batch_cancelled", "This request was cancelled with its 
           "expired": ("batch_expired", "This request could not be executed before the completion window expired.")}
 
 
-def _openai_line(number: int, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
+def _request_id(batch_id: str, entry: dict) -> str:
+    """A line's `id` in OpenAI's output and errors files: its job's id, or for a line refused when it was read (no
+    job), one made from the batch's id and the line's number, the same at every read of the file. As OpenAI's, unique
+    per request: it was `batch_req_<line number>`, the same in every batch."""
+    job_id = entry.get("job") or uuid.uuid5(uuid.NAMESPACE_URL, f"llava-queue:{batch_id}/line/{entry['line']}").hex
+    return f"batch_req_{job_id}"
+
+
+def _openai_line(batch_id: str, entry: dict, result: dict | None) -> tuple[str | None, str | None]:
     job_id = entry.get("job")
-    line = {"id": f"batch_req_{job_id or entry['line']}", "custom_id": entry.get("custom_id")}
+    line = {"id": _request_id(batch_id, entry), "custom_id": entry.get("custom_id")}
     if "error" in entry:
         error = entry["error"]
         if error["param"] in ("custom_id", "method", "url", "body") or entry.get("custom_id") is None:
@@ -485,7 +518,7 @@ def _file_lines(batches: BatchStore, record: dict[str, Any],
     order."""
     convert = _openai_line if record.get("format") == "openai" else _llava_line
     for number, entry, result in batches.lines(record["id"]):
-        line = convert(number, entry, result)[1 if errors else 0]
+        line = convert(record["id"], entry, result)[1 if errors else 0]
         if line is not None:
             yield number, entry, result, line
 

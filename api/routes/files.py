@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from api.errors import ApiError
 from api.routes.batches import (BATCH_FILE, ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name,
-                                batch_store, delete_output, file_deleted, file_kind, output_lines, settled)
+                                batch_store, delete_output, ended_at, file_deleted, file_kind, output_lines, settled)
 from api.routes.openai import OpenAIRoute
 from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, FilesFull
 from shared.protocol import ErrorCode
@@ -83,7 +83,9 @@ def _batch_file_object(batches: BatchStore, record: dict[str, Any], errors: bool
         if record["status"] in FINAL_STATUSES:
             batches.keep_file_size(record["id"], file_kind(errors), size)
     name = batch_file_name(record["id"], errors)
-    return FileObject(id=name, bytes=int(size), created_at=int(record["created_at"]), filename=f"{name}.jsonl",
+    # Made, as OpenAI's, when the batch ended (it names the file from then on); it goes with the batch.
+    return FileObject(id=name, bytes=int(size), created_at=int(ended_at(record) or record["created_at"]),
+                      filename=f"{name}.jsonl",
                       purpose="batch_output", expires_at=int(record["created_at"]) + batches.ttl_seconds)
 
 
