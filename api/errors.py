@@ -93,6 +93,11 @@ def body_not_json(request: Request, errors: list[dict]) -> ApiError | None:
 
 # What FastAPI raises (an HTTPException 400) for a body it cannot read, a JSON body not in UTF-8 among them.
 _FASTAPI_UNPARSED_BODY = "There was an error parsing the body"
+# OpenAI's answers, by status, to a URL under /v1 that it does not serve and to a method its path does not take, as
+# `{message} ({method} {path})`. Starlette's "Not Found" and "Method Not Allowed", typed http_error, were answered
+# there: an OpenAI client with a wrong base URL (`.../v1/v1`, `/v1/chat/completion`) got neither OpenAI's message nor
+# its type.
+_OPENAI_ROUTING_ERRORS = {404: "Invalid URL", 405: "Invalid method for URL"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -144,10 +149,17 @@ def install_error_handlers(app: FastAPI) -> None:
                                        ErrorCode.INVALID_REQUEST), status_code=invalid.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.detail == _FASTAPI_UNPARSED_BODY and isinstance(exc.__cause__, UnicodeDecodeError):
             # A body FastAPI could not decode as JSON text at all: malformed JSON, as every other.
             return JSONResponse(error_body(f"malformed JSON: the body is not UTF-8 text ({exc.__cause__})",
                                            "invalid_request_error", None, ErrorCode.INVALID_REQUEST), status_code=400)
-        return JSONResponse(error_body(str(exc.detail), "http_error", None, ErrorCode.INVALID_REQUEST),
+        message, error_type = str(exc.detail), "http_error"
+        path = request.url.path
+        # (Only the router answers these, and over HTTP: a route's own 404s are ApiErrors. A 405 keeps its Allow.)
+        if (exc.status_code in _OPENAI_ROUTING_ERRORS and request.scope["type"] == "http"
+                and (path == "/v1" or path.startswith("/v1/"))):
+            message = f"{_OPENAI_ROUTING_ERRORS[exc.status_code]} ({request.method} {path})"
+            error_type = "invalid_request_error"
+        return JSONResponse(error_body(message, error_type, None, ErrorCode.INVALID_REQUEST),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))

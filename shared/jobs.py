@@ -1677,8 +1677,9 @@ class JobStore:
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one ends at once, a running one leaves its batch at the next step.
 
-        Returns the status the job had ("queued", "running", or a final state), or None if unknown; DamagedRecord for
-        a record of another type.
+        Returns the status the job had ("queued", "running", or a final state; as it is, one that is not the store's),
+        or None if unknown; "damaged" for one its ending failed instead (_FINISH: a key of its own is damaged);
+        DamagedRecord for a record of another type.
         """
         try:
             status = self.cancel_many([job_id])[0]
@@ -1691,7 +1692,8 @@ class JobStore:
         running one hears it on the control channel), then end those that were queued, and those "running" that no
         worker runs (handed back or claimed from a dead worker, back in a queue: they stayed "running", the cancel
         unheard, until a worker of their model came, if ever). Returns each job's status before ("missing" for an
-        unknown one; "queued" for one of those, which ended as a queued one does)."""
+        unknown one; "queued" for one of those, which ended as a queued one does; "damaged" for one of those ended, or
+        a queued one, whose ending failed it instead: see `cancel`)."""
         answers = self._run_scripts([(self._request_cancel, [self.key(job_id), self.control_channel,
                                                              self.running_key], [job_id, _REQUEUED])
                                      for job_id in job_ids])
@@ -1703,9 +1705,11 @@ class JobStore:
                    for job_id, (status, unheld, holder) in zip(job_ids, answers) if status == "queued" or unheld}
         calls = [self._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED), "cancelled"),
                                    only_if_running, holder) for job_id, (only_if_running, holder) in endings.items()]
-        ended = self._run_scripts([(self._finish, call["keys"], call["args"]) for call in calls])
-        unheld_ended = {job_id for job_id, answer in zip(endings, ended) if endings[job_id][0] and answer == "ok"}
-        return ["queued" if job_id in unheld_ended else status for job_id, status in zip(job_ids, statuses)]
+        ended = dict(zip(endings, self._run_scripts([(self._finish, call["keys"], call["args"]) for call in calls])))
+        # A job its ending failed instead was answered "queued" (a DELETE's "cancelled"): its cancel is no such thing.
+        return ["damaged" if ended.get(job_id) == "damaged"
+                else "queued" if ended.get(job_id) == "ok" and endings[job_id][0] else status
+                for job_id, status in zip(job_ids, statuses)]
 
 
 def _replace_images(request: dict[str, Any], replace: Callable[[str], str]) -> None:

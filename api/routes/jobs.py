@@ -18,7 +18,7 @@ from api.errors import ApiError, job_not_found, log_damaged
 from api.json_bodies import BULK_VALUES, REQUEST_VALUES
 from api.routes.openai import job_id_of
 from api.submission import BULK_ITEM_MARK, bulk_item_key, scoped_idempotency_key
-from shared.jobs import ACTIVE_STATES, FINAL_STATES, DamagedRecord, JobStore
+from shared.jobs import ACTIVE_STATES, DAMAGED_ERROR, FINAL_STATES, DamagedRecord, JobStore
 from shared.protocol import BulkJobRequest, ErrorCode, GenerateRequest, JobRequest
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,22 @@ router.add_api_route("/bulk", create_jobs, methods=["POST"], status_code=202, re
                      route_class_override=_route_class(BulkJobRequest, BULK_VALUES))
 
 
+def _refuse_damaged_cancel(store: JobStore, job_id: str, previous: str) -> None:
+    """Raise the 500 of a cancel whose job's record is damaged (as a record of another type answers, DamagedRecord):
+    one its cancel failed instead, a key of its own damaged (`previous` "damaged", see JobStore.cancel), or one whose
+    status is none llava-queue writes, which no cancel ends. They were answered 202 "cancelled" and "cancelling": the
+    client took for cancelled a job that ended failed, or that went on."""
+    if previous == "damaged":
+        message = f"job {job_id}: {store.redis.hget(store.key(job_id), 'error')}; it ended failed, not cancelled"
+    elif previous not in ACTIVE_STATES + FINAL_STATES:
+        damage = DAMAGED_ERROR.format(f"its status, {previous!r}, is none llava-queue writes")
+        message = f"job {job_id}: {damage}; it is not cancelled"
+    else:
+        return
+    log_damaged(message)
+    raise ApiError(500, message, type="server_error", code=ErrorCode.SERVER_ERROR)
+
+
 # The request of the job a cancel by Idempotency-Key records when no job holds the key yet (a job cancelled from the
 # start, `JobStore.create_cancelled`): the submission arriving after it gets this job (its key is taken) and creates
 # none.
@@ -270,6 +286,7 @@ def cancel_job_by_idempotency_key(store: Store, api_key: ApiKey, idempotency_key
     if previous is None:  # (the record expired since the key was read)
         raise ApiError(404, "no job was submitted with this Idempotency-Key", type="not_found",
                        param="header.idempotency-key", code=ErrorCode.NOT_FOUND)
+    _refuse_damaged_cancel(store, job, previous)
     if previous in FINAL_STATES:
         raise ApiError(409, f"job {job} already ended ({previous})", type="conflict",
                        param="header.idempotency-key", code=ErrorCode.INVALID_REQUEST)
@@ -388,6 +405,7 @@ def cancel_job(job_id: str, store: Store, api_key: ApiKey) -> JobCreated:
     previous = store.cancel(job)
     if previous is None:
         raise job_not_found(job_id)
+    _refuse_damaged_cancel(store, job, previous)
     if previous in FINAL_STATES:
         raise ApiError(409, f"job {job} already ended ({previous})", type="conflict", param="id",
                        code=ErrorCode.INVALID_REQUEST)

@@ -635,11 +635,12 @@ class Completion:
                 if len(generated) > len(sent) and generated.startswith(sent) and generated != CONTEXT_OVERFLOW_MSG:
                     if continuous_usage:
                         if counts is None:
-                            counts = await self._counts()
-                            opening = self._opening(include_usage, (counts[0], 0))
+                            counts = (await self._prompt_tokens(), 0)
+                            opening = self._opening(include_usage, counts)
                             if opening:
                                 yield opening
-                        # A text read from the record (a chunk missed) has no count: the last one stands.
+                        # The event's count, its text's (a chunk's message, or the record read with the text); never
+                        # lower than the last one sent.
                         counts = (counts[0], max(counts[1], event.tokens))
                     yield self._text(generated[len(sent):], include_usage, counts)
                     sent = generated
@@ -700,12 +701,10 @@ class Completion:
         return ApiError(503, f"{error.message}; job {self.job_id} goes on: poll GET /v1/jobs/{self.job_id}",
                         type=error.type, code=error.code, headers={**error.headers, JOB_ID_HEADER: self.job_id})
 
-    async def _counts(self) -> tuple[int, int]:
-        """The job's prompt and generated token counts as its record holds them now."""
-        values = await asyncio.to_thread(self.store.redis.hmget, self.store.key(self.job_id),
-                                         ("prompt_tokens", "completion_tokens"))
-        prompt_tokens, completion_tokens = (int(value) if value and value.isdigit() else 0 for value in values)
-        return prompt_tokens, completion_tokens
+    async def _prompt_tokens(self) -> int:
+        """The job's prompt token count as its record holds it (written before its first text)."""
+        value = await asyncio.to_thread(self.store.redis.hget, self.store.key(self.job_id), "prompt_tokens")
+        return int(value) if value and value.isdigit() else 0
 
     def _base(self) -> dict:
         return {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created, "model": self.model,
