@@ -109,7 +109,7 @@ function assistantElement() {
   const el = document.createElement("div");
   el.className = "turn assistant";
   el.innerHTML = '<div class="bubble"><div class="markdown"></div><div class="error" role="alert" hidden></div></div>'
-    + '<p class="meta"></p>';
+    + '<div class="meta"></div>';
   return el;
 }
 
@@ -133,8 +133,11 @@ function updateAssistant(turn) {
   const shown = document.createElement("template");
   if (turn.error) shown.innerHTML = renderMarkdown(`${turn.error} (error_code: ${turn.errorCode})`);
   patchChildren(error, shown.content);
-  // A Stop is shown at once, whatever the answer was showing (a submission still unanswered: "sending…").
-  setText(el.querySelector(".meta"), streaming && turn.stopRequested ? STOPPING : turn.meta || "");
+  // A Stop is shown at once, whatever the answer was showing (a submission still unanswered: "sending…"). Markdown,
+  // as an error is: a Stop that cannot reach the server says so with the network error, whose asterisks were shown.
+  const meta = document.createElement("template");
+  meta.innerHTML = renderMarkdown(streaming && turn.stopRequested ? STOPPING : turn.meta || "");
+  patchChildren(el.querySelector(".meta"), meta.content);
   if (stick) ui.conversation.scrollTop = ui.conversation.scrollHeight;
 }
 
@@ -524,6 +527,7 @@ function finish(turn, job, ending) {
     state.follower = null;
     ui.conversation.setAttribute("aria-busy", "false"); // before the final text goes in: that is what is read out
     if (ui.notice.textContent === BUSY_NOTICE) notice(""); // the message in the box can be sent now
+    showImageWarnings(); // the next message goes to the model chosen now
   }
   updateAssistant(turn);
   updateButtons();
@@ -698,16 +702,19 @@ function readsImages(model) {
 /** The attached image says, beside its name, when the chosen model will not see it (its worker ignores images), and
  * so does every image of the conversation, under it: each goes again with every message, to the model chosen now,
  * and an answer would otherwise pass for one about it. A note kept from the model an image was first sent to said
- * the wrong model's way once another was chosen. */
+ * the wrong model's way once another was chosen. While an answer is generated, the note is that of the model
+ * generating it: another one chosen meanwhile gets the next message, and the note said the answer streaming under
+ * it saw the image when it did not (or the other way round). */
 function showImageWarnings() {
-  const model = ui.model.value;
-  const unread = Boolean(model) && !readsImages(model);
-  setText(ui.attachmentWarning, state.pendingImage && unread
-    ? `${model} does not read images: choose a model that does (a LLaVA one) to ask about this image` : "");
+  const chosen = ui.model.value;
+  const unread = (model) => Boolean(model) && !readsImages(model);
+  setText(ui.attachmentWarning, state.pendingImage && unread(chosen)
+    ? `${chosen} does not read images: choose a model that does (a LLaVA one) to ask about this image` : "");
+  const answering = state.current ? state.current.model : chosen;
   for (const turn of state.turns) {
     if (!turn.image || !turn.image.sent || !turn.el) continue;
-    setText(turn.el.querySelector(".image-note"), unread
-      ? `${model} does not read images: it answers the text alone, without seeing this image.` : "");
+    setText(turn.el.querySelector(".image-note"), unread(answering)
+      ? `${answering} does not read images: it answers the text alone, without seeing this image.` : "");
   }
 }
 

@@ -6,9 +6,11 @@ beside it, as tests/test_page.py drives them.
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from conftest import model_workers
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
 from test_page import ask, browser, job_record, last_answer, open_page, page, quick_answers, wait_for_end
 from test_page2_s41 import SHAPES, served
 
@@ -17,10 +19,10 @@ __all__ = ["browser", "page"]  # the fixtures, shared with tests/test_page.py
 LLAVA = "page-tiny-llava"
 
 
-def test_every_image_says_whether_the_model_chosen_now_reads_it(browser, stack, tiny_llava_dir):
-    # The note under a sent image was set when the image was asked about, and only then: the image goes again with
-    # every message, but after a switch to a text-only model its note still said nothing (or, the other way round,
-    # still said the image was not seen by a LLaVA model that now reads it).
+@contextmanager
+def asked_about_an_image(browser, stack, tiny_llava_dir) -> Iterator[tuple[Page, str]]:
+    """A page, beside the stack's text-only model and a tiny LLaVA worker, whose conversation has one image that the
+    LLaVA model was asked about and answered; yields it with the text-only model's name."""
     env = {name: value for name, value in os.environ.items()
            if name not in ("LLAVA_QUEUE_MODEL_BASE", "LLAVA_QUEUE_VISION_TOWER")}
     env.update(LLAVA_QUEUE_MODEL_PATH=str(tiny_llava_dir), LLAVA_QUEUE_DEVICE="cpu", LLAVA_QUEUE_DTYPE="float32")
@@ -36,23 +38,30 @@ def test_every_image_says_whether_the_model_chosen_now_reads_it(browser, stack, 
             page.get_by_label("Choose an image").set_input_files(SHAPES)
             ask(page, "What shapes are in this picture?")
             assert wait_for_end(page) == "succeeded"
-            note = page.locator(".turn.user .image-note")
-            expect(note).to_have_text("")
-
-            not_seen = f"{text_only} does not read images: it answers the text alone, without seeing this image."
-            page.get_by_label("Model").select_option(text_only)
-            expect(note).to_have_text(not_seen)
-            ask(page, "And what colour is each?")
-            assert wait_for_end(page) == "succeeded"
-            record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
-            assert record["model"] == text_only
-            expect(note).to_have_text(not_seen)
-            expect(note).to_be_visible()
-
-            page.get_by_label("Model").select_option(LLAVA)
-            expect(note).to_have_text("")
+            expect(page.locator(".turn.user .image-note")).to_have_text("")
+            yield page, text_only
         finally:
             page.close()
+
+
+def test_every_image_says_whether_the_model_chosen_now_reads_it(browser, stack, tiny_llava_dir):
+    # The note under a sent image was set when the image was asked about, and only then: the image goes again with
+    # every message, but after a switch to a text-only model its note still said nothing (or, the other way round,
+    # still said the image was not seen by a LLaVA model that now reads it).
+    with asked_about_an_image(browser, stack, tiny_llava_dir) as (page, text_only):
+        note = page.locator(".turn.user .image-note")
+        not_seen = f"{text_only} does not read images: it answers the text alone, without seeing this image."
+        page.get_by_label("Model").select_option(text_only)
+        expect(note).to_have_text(not_seen)
+        ask(page, "And what colour is each?")
+        assert wait_for_end(page) == "succeeded"
+        record = job_record(stack.base_url, last_answer(page).get_attribute("data-job-id"))
+        assert record["model"] == text_only
+        expect(note).to_have_text(not_seen)
+        expect(note).to_be_visible()
+
+        page.get_by_label("Model").select_option(LLAVA)
+        expect(note).to_have_text("")
 
 
 # Paste at `selector`'s element (the page's body when nothing has the focus) what the clipboard holds after a copy of
