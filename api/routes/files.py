@@ -8,6 +8,7 @@ llava-queue as they do against OpenAI.
 """
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
@@ -108,6 +109,20 @@ def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) 
     return _batch_file_object(batches, record, kind == "errors")
 
 
+def _files_made(batches: BatchStore, index: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The batches of the `index` (id, created at), each with when its files were made (their `created_at`, see
+    `_batch_file_object`): when it ended; when it was created if it has not (its files are not listed). Listed by
+    their batch's creation, they were out of created_at order: a batch that ended after one created later came after
+    it, newest first (a client paging until a file older than it wants stopped before it)."""
+    fields = [f"{status}_at" for status in FINAL_STATUSES]
+    with batches.redis.pipeline(transaction=False) as pipe:
+        for batch_id, _ in index:
+            pipe.hmget(batches.key(batch_id), fields)
+        ended = pipe.execute()
+    return [(batch_id, ended_at({field: float(value) if value else None for field, value in zip(fields, values)})
+             or created_at) for (batch_id, created_at), values in zip(index, ended)]
+
+
 @router.get("")
 def list_files(request: Request, background: BackgroundTasks, purpose: str | None = Query(None, max_length=64),
                limit: int = Query(10_000, ge=1, le=10_000), after: str | None = Query(None, max_length=200),
@@ -121,7 +136,7 @@ def list_files(request: Request, background: BackgroundTasks, purpose: str | Non
     if not batches.index_files(FILES_SCAN_STEPS):
         background.add_task(batches.index_files)
     indexed = [(at, file_id) for file_id, at in batches.uploaded_files(scan_steps=0)]
-    indexed += [(at, name.format(batch_id)) for batch_id, at in batches.batch_index()
+    indexed += [(at, name.format(batch_id)) for batch_id, at in _files_made(batches, batches.batch_index())
                 for name in (OUTPUT_FILE, ERROR_FILE)]
     indexed.sort(reverse=order == "desc")
     ids = [file_id for _, file_id in indexed]
