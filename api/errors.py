@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect, HTTPConnection
+from starlette.routing import Match
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -161,5 +162,15 @@ def install_error_handlers(app: FastAPI) -> None:
                 and (path == "/v1" or path.startswith("/v1/"))):
             message = f"{_OPENAI_ROUTING_ERRORS[exc.status_code]} ({request.method} {path})"
             error_type = "invalid_request_error"
+        if exc.status_code == 404 and _takes_a_websocket(request):
+            # (A plain GET of `/v1/ws` was "Invalid URL", or "Not Found": true, and no help to a client that forgot
+            # the upgrade.)
+            message += f": {path} takes a WebSocket (ws:// or wss://), not a plain HTTP request"
         return JSONResponse(error_body(message, error_type, None, ErrorCode.INVALID_REQUEST),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def _takes_a_websocket(request: Request) -> bool:
+    """Whether the request's path is one of the app's WebSocket routes (asked as the router asks, of a WebSocket)."""
+    scope = {**request.scope, "type": "websocket"}
+    return any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes)

@@ -43,6 +43,11 @@ def test_a_wrong_url_or_method_under_v1_is_answered_as_openai_answers_it():
         sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
     assert refused.value.type == "invalid_request_error" and "Invalid URL (POST /v1/v1/chat/completions)" in str(
         refused.value)
+    # A WebSocket route asked without the upgrade says what it wants.
+    for path in ("/v1/ws", f"/v1/jobs/{uuid.uuid4().hex}/ws"):
+        answer = client.get(path)
+        wanted = f"Invalid URL (GET {path}): {path} takes a WebSocket (ws:// or wss://), not a plain HTTP request"
+        assert answer.status_code == 404 and answer.json()["error"]["message"] == wanted, answer.text
     # Outside /v1 (the LLaVA protocol's paths, the page) the answer is as it was; a route's own 404 keeps its type.
     assert client.post("/worker_generate").json()["error"]["type"] == "http_error"
 
