@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import Headers
@@ -142,6 +142,12 @@ def _shown(text: str) -> str:
     return text if len(text) <= _SHOWN_ORIGIN_CHARS else text[:_SHOWN_ORIGIN_CHARS] + "..."
 
 
+def logged_path(scope: Scope) -> str:
+    """A request's path as a log line shows it: percent-encoded, as uvicorn's access lines show it. Decoded, a `%0A` a
+    client put in it ended the line and began one of the client's making (a forged entry, in the text log format)."""
+    return quote(scope["path"])
+
+
 def name_refused(name: str) -> ApiError:
     """The 403 for a request that reached this API over loopback under a name not its own (`rebound_name`)."""
     shown = _shown(name)
@@ -179,14 +185,14 @@ class OriginCheck:
         if name is not None:
             refused = name_refused(name)
             log.warning("refused %s %s: reached over loopback under the name %r, not this machine's own",
-                        scope.get("method", "WebSocket"), scope["path"], name[:_SHOWN_ORIGIN_CHARS])
+                        scope.get("method", "WebSocket"), logged_path(scope), name[:_SHOWN_ORIGIN_CHARS])
         elif origin is None or self.allowed.allows(origin, scope):
             await self.app(scope, receive, send)
             return
         else:
             refused = origin_refused(origin)
             log.warning("refused %s %s from a page of %r: not an allowed origin (%s)", scope.get("method", "WebSocket"),
-                        scope["path"], origin[:_SHOWN_ORIGIN_CHARS], ORIGINS_SETTING)
+                        logged_path(scope), origin[:_SHOWN_ORIGIN_CHARS], ORIGINS_SETTING)
         if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
             reason = refused.message.encode()[:120].decode(errors="ignore")  # (a close reason: 123 bytes at most)
             await send({"type": "websocket.close", "code": 1008, "reason": reason})

@@ -113,6 +113,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+_LINE_BREAK = re.compile(r"\r\n?|\n|[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
 class TextFormatter(logging.Formatter):
     """The plain format, with `[job ID]` added when the job is known but the message does not name it."""
 
@@ -124,7 +127,9 @@ class TextFormatter(logging.Formatter):
         job_id = job_id_of(record)
         if job_id and job_id not in record.message:
             text += f" [job {job_id}]"
-        return text
+        # A line break in the message (a client's text quoted in it: a path, a name) goes on an indented line: at the
+        # start of one, it could pass for an entry of its own, a forged one. (A traceback follows, as logging adds it.)
+        return _LINE_BREAK.sub(lambda brk: "\n    " if brk.group() == "\n" else repr(brk.group())[1:-1], text)
 
 
 def setup_logging(log_format: str = "text", level: str | int = "INFO") -> None:
