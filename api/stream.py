@@ -25,6 +25,15 @@ class JobNotFound(LookupError):
     """The job id is unknown (never existed, or its record expired)."""
 
 
+class JobGone(JobNotFound):
+    """The job's record was there when its stream began and is gone now (Redis restarted without its data, the key
+    deleted): `text` is the prompt and text the stream had of it."""
+
+    def __init__(self, job_id: str, text: str):
+        super().__init__(job_id)
+        self.text = text
+
+
 @dataclass
 class StreamEvent:
     """What a listener sees: `text` is the prompt followed by everything generated so far (`prompt` alone); `tokens`
@@ -61,10 +70,11 @@ def _final(progress: _Progress, snap: Snapshot | dict) -> StreamEvent:
 async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIterator[StreamEvent]:
     """Yield an event for the current text (if any), one per new chunk, and a last one with `done`.
 
-    Raises JobNotFound if the job does not exist, ServerStopping when the API shuts down (the job goes on), and
-    redis' RedisError when a read of the record finds Redis away (the job goes on too, at its worker): an outage
-    over before the next read (at most twice channel_hub.QUIET_TICK_SECONDS after the last message) passes unseen;
-    each endpoint ends its stream on the error in its own format.
+    Raises JobNotFound if the job does not exist (JobGone when its record goes while it is followed), ServerStopping
+    when the API shuts down (the job goes on), and redis' RedisError when a read of the record finds Redis away (the
+    job goes on too, at its worker): an outage over before the next read (at most twice
+    channel_hub.QUIET_TICK_SECONDS after the last message) passes unseen; each endpoint ends its stream on the error
+    in its own format.
     """
     async with hub.subscribe(store.channel(job_id)) as messages:
         snap = await asyncio.to_thread(store.snapshot, job_id)
@@ -85,7 +95,7 @@ async def follow_job(store: JobStore, hub: ChannelHub, job_id: str) -> AsyncIter
                 # Missed something (or quiet for long): the record is the truth.
                 snap = await asyncio.to_thread(store.snapshot, job_id)
                 if snap is None:
-                    raise JobNotFound(job_id)
+                    raise JobGone(job_id, progress.prompt + progress.text)
                 changed = snap.text != progress.text or snap.prompt != progress.prompt
                 progress = _Progress(snap.prompt, snap.text, snap.seq, snap.tokens)
                 if changed and progress.text:

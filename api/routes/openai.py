@@ -30,7 +30,7 @@ from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
 from api.errors import ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import model_away, returning_models, served_models
-from api.stream import FollowingResponse, JobNotFound, ServerStopping, follow_job, with_keepalives
+from api.stream import FollowingResponse, JobGone, JobNotFound, ServerStopping, follow_job, with_keepalives
 from api.submission import Submitter, check_unicode
 from shared.jobs import JobStore, WorkerRegistry
 from shared.protocol import (CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_IMAGES, MAX_MESSAGES, ErrorCode,
@@ -666,10 +666,12 @@ class Completion:
                 if include_usage:
                     yield _sse({**self._base(), "choices": [], "usage": usage_of(record).model_dump()})
             yield "data: [DONE]\n\n"
-        except JobNotFound:
+        except JobNotFound as exc:
             ended = True
-            yield _sse(error_body(f"job {self.job_id} is gone (its record expired)", "server_error", None,
-                                  ErrorCode.NOT_FOUND))
+            # (A record that went while followed: Redis restarted without its data, or the key deleted; "expired"
+            # named the one cause that cannot come mid-stream.)
+            why = "its record left Redis while it was streamed" if isinstance(exc, JobGone) else "its record expired"
+            yield _sse(error_body(f"job {self.job_id} is gone ({why})", "server_error", None, ErrorCode.NOT_FOUND))
             yield "data: [DONE]\n\n"
         except ServerStopping:
             ended = True

@@ -19,7 +19,7 @@ from api.errors import ApiError, store_unavailable
 from api.routes.controller import read_original_body
 from api.routes.llava import cancel_unless_ended
 from api.routes.openai import job_id_of
-from api.stream import JobNotFound, SendClock, ServerStopping, StreamEvent, follow_job, stalled
+from api.stream import JobGone, JobNotFound, SendClock, ServerStopping, StreamEvent, follow_job, stalled
 from shared.protocol import ErrorCode, InvalidRequest, JobRequest
 
 log = logging.getLogger("llava_queue.api")
@@ -72,6 +72,9 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
         return "left"
     try:
         sending.result()
+    except JobGone as exc:
+        if not await _send_gone(websocket, job_id, exc.text):
+            return "left"
     except JobNotFound:
         if not await _send_not_found(websocket, job_id):
             return "left"
@@ -129,6 +132,18 @@ async def _send_not_found(websocket: WebSocket, job_id: str) -> bool:
     return await _within_send_timeout(websocket, websocket.send_json(
         {"text": "", "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True, "status": "unknown",
          "error": f"unknown job id {job_id!r}"}), job_id)
+
+
+async def _send_gone(websocket: WebSocket, job_id: str, text: str) -> bool:
+    """The final message for a job whose record went while it was streamed (Redis restarted without its data, the key
+    deleted): the text streamed so far stays, and the error says what happened. It was the answer for an id never
+    known, "unknown job id", with an empty text, which took back every word the client had been sent. False when the
+    client left before it, or read nothing for the send timeout."""
+    error = (f"job {job_id} is gone: its record left Redis while it was streamed (Redis restarted without its data, "
+             "or the record was deleted); its text ends here")
+    return await _within_send_timeout(websocket, websocket.send_json(
+        {"text": text, "error_code": ErrorCode.NOT_FOUND, "id": job_id, "done": True, "status": "unknown",
+         "error": error}), job_id)
 
 
 @router.websocket("/v1/jobs/{job_id}/ws")
