@@ -25,15 +25,22 @@ from typing import Any
 import redis
 from redis.client import NEVER_DECODE
 
-from shared.jobs import AFTER_CURSOR_LUA, BATCH_END_LUA, CANCELLED_ERROR, QUEUES, JobStore, glob_escaped, owner_id
+from shared.jobs import (AFTER_CURSOR_LUA, BATCH_END_LUA, CANCELLED_ERROR, QUEUES, DamagedRecord, JobStore,
+                         glob_escaped, owner_id)
 from shared.protocol import ErrorCode
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
 FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
+_STATUSES = ("validating", "in_progress", "finalizing", "cancelling", *FINAL_STATUSES)
 _TIMESTAMPS = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                "cancelling_at", "cancelled_at", "expires_at", "last_finished_at")
 _COUNTERS = ("total", "ended", "completed", "failed", "cancelled", "expired", "invalid", "prompt_tokens",
              "completion_tokens", "read", "read_invalid")
+_JSON_FIELDS = ("metadata", "params", "errors")
+# Why a batch whose reader (an API process) died fails (`BatchStore.abandoned`), as a read or the lost-task sweep
+# finds it.
+ABANDONED_ERROR = {"code": "abandoned", "message": "the API process reading the file stopped before the end; submit "
+                   "the file again", "param": None, "line": None}
 
 # A batch fails only while it is read (validating): a reader that was thought dead may have activated it meanwhile.
 # One cancelled while it was read, and never activated, ends cancelled instead (no reader will count its lines).
@@ -312,6 +319,34 @@ class FilesFull(Exception):
         self.size, self.kept, self.limit = size, kept, limit
 
 
+class DamagedBatch(DamagedRecord):
+    """A read of a batch whose record is damaged: its key holds another type than a hash (a key SET by hand), or a
+    field llava-queue writes (its status, a time, a count) does not read as one. Answered as a damaged job is (a 500
+    that names the damage, api/errors.py), not as the WRONGTYPE of a Redis away (503 "try again shortly", logged as
+    an outage) nor as a bare 500 (a ValueError); a list shows it as an entry of its own (`record`)."""
+
+    def __init__(self, batch_id: str, damage: str):
+        self.batch_id = batch_id
+        self.message = (f"batch {batch_id}: the batch's record is damaged: {damage} (changed by hand, or by another "
+                        "program on the key prefix)")
+        redis.ResponseError.__init__(self, self.message)  # (DamagedRecord's own words name a job)
+
+    def record(self) -> dict[str, Any]:
+        """The batch as a list shows it: `failed` (final: a client stops following it there), its errors saying what
+        its own read answers in its 500, nothing else read from its record, as the jobs list shows a damaged job."""
+        return {"id": self.batch_id, "status": "failed", "counted": True, "metadata": None, "params": None,
+                "errors": [{"code": "damaged_record", "message": self.message, "param": None, "line": None}],
+                **dict.fromkeys(_TIMESTAMPS), **dict.fromkeys(_COUNTERS, 0)}
+
+
+def _time(value: str) -> float:
+    """A time field's value; ValueError for one that is no finite number (int() of it failed in the batch object)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is no time")
+    return number
+
+
 def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
 
@@ -450,6 +485,26 @@ class BatchStore:
         return (unread and self.store.clock() - record["created_at"] > READER_LEASE_SECONDS
                 and not self.redis.exists(self.reader_key(record["id"])))
 
+    def fail_abandoned(self, batch_ids: Sequence[str]) -> list[str]:
+        """Fail as abandoned (`fail`, ABANDONED_ERROR) those of these batches (every owner's) that lost their reader
+        (`abandoned`), as a read of each does (`settled` in api/routes/batches.py), their records read in one round
+        trip; returns their ids. For the lost-task sweep, which sends no task of a batch still read: the lines of one
+        whose reader died waited, queued, until a read of the batch failed it, or until their deadline. A record
+        damaged (or gone) since the sweep read its status is left as it is."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.hgetall(self.key(batch_id))
+            raws = pipe.execute(raise_on_error=False)
+        failed = []
+        for batch_id, raw in zip(batch_ids, raws):
+            try:
+                record = self._typed(batch_id, raw) if isinstance(raw, dict) and raw else None
+            except DamagedBatch:
+                continue
+            if record is not None and self.abandoned(record) and self.fail(batch_id, ABANDONED_ERROR):
+                failed.append(batch_id)
+        return failed
+
     def activate(self, batch_id: str, total: int, invalid: int, errors: Sequence[dict[str, Any]] = (),
                  file_format: str = "llava") -> str:
         """Reading is over: `total` lines, `invalid` of them refused, and the `errors` found reading the file, added to
@@ -500,7 +555,7 @@ class BatchStore:
         return self._cancel(keys=[self.key(batch_id)], args=[repr(self.store.clock())])
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
-        """The batch record with typed fields, or None if unknown (or expired).
+        """The batch record with typed fields, or None if unknown (or expired); DamagedBatch for a damaged record.
 
         `counted`: whether its reader counted its lines (`total`, `invalid`: see _ACTIVATE). Until then (being read,
         or ended before its reader was done: failed as abandoned, cancelled while read), `total` and `invalid` are the
@@ -508,37 +563,71 @@ class BatchStore:
         they showed a total of 0 beside its cancelled lines counted as failed."""
         if not BATCH_ID.fullmatch(batch_id):
             return None  # not a batch's id: it might name another key of it (its lines, a list)
-        raw = self.redis.hgetall(self.key(batch_id))
+        try:
+            raw = self.redis.hgetall(self.key(batch_id))
+        except redis.ResponseError as exc:
+            raise self._damage_of(batch_id, exc) from exc
         if not raw or raw.get("owner", "") != self.owner:
             return None
+        return self._typed(batch_id, raw)
+
+    def _damage_of(self, batch_id: str, exc: redis.ResponseError) -> redis.ResponseError:
+        """`exc`, answered for a read of a batch's record, as the DamagedBatch it is where the record holds another type
+        than a hash (so a record SET by hand, which names no owner, is said damaged to any caller, as a job's is)."""
+        if str(exc).startswith("WRONGTYPE"):
+            kind = self.redis.type(self.key(batch_id))
+            if kind not in ("hash", "none"):
+                return DamagedBatch(batch_id, f"its key holds a {kind}, not a hash")
+        return exc
+
+    @staticmethod
+    def _typed(batch_id: str, raw: dict[str, str]) -> dict[str, Any]:
+        """`get`'s record from the fields as read; DamagedBatch naming the fields that do not read as llava-queue
+        writes them."""
         record: dict[str, Any] = dict(raw)
-        for name in _TIMESTAMPS:
-            record[name] = float(raw[name]) if raw.get(name) else None
-        for name in _COUNTERS:
-            record[name] = int(raw[name]) if raw.get(name) else 0
-        for name in ("metadata", "params", "errors"):
-            record[name] = json.loads(raw[name]) if raw.get(name) else None
+        unreadable = [] if raw.get("status") in _STATUSES else ["status"]
+        for names, read, unset in ((_TIMESTAMPS, _time, None), (_COUNTERS, int, 0), (_JSON_FIELDS, json.loads, None)):
+            for name in names:
+                try:
+                    record[name] = read(raw[name]) if raw.get(name) else unset
+                except (ValueError, RecursionError):  # (too deep a JSON nesting raises the latter)
+                    unreadable.append(name)
+        if raw.get("id") != batch_id:
+            unreadable.append("id")
+        if record["created_at"] is None:  # (one that does not read as a time is named above)
+            unreadable.append("created_at")
+        if unreadable:
+            raise DamagedBatch(batch_id, f"it has no valid {', '.join(unreadable)}")
         record["counted"] = "total" in raw
         if not record["counted"]:
             record["total"], record["invalid"] = record["read"], record["read_invalid"]
         return record
 
-    def list(self, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    def list(self, limit: int, after: str | None = None) -> tuple[list[dict[str, Any] | DamagedBatch], bool]:
         """Batches newest first, `limit` of them after the batch id `after`; and whether more follow. Those expired
         (past the TTL, still in the index) are passed over, and leave the index (`_LIST_PAGE`): a page of them came
-        short while live batches followed, or said more followed when none did."""
+        short while live batches followed, or said more followed when none did. A batch whose record is damaged has
+        its DamagedBatch in its place, not raised: it failed the whole list (a 503 "the job store is unavailable", or
+        a bare 500), every other batch with it."""
         while True:
             ids = self._list_page(keys=[self.index_key], args=[after or "", limit, self.key("")])
             if not ids:
                 # None: `after` left the index as it expired (past the TTL), as every batch older than it did.
                 return [], False
-            records = [self.get(batch_id) for batch_id in ids[:limit]]
+            records = [self._get_or_damage(batch_id) for batch_id in ids[:limit]]
             unread = [batch_id for batch_id, record in zip(ids, records) if record is None]
             if not unread:
                 return records, len(ids) > limit
             # Expired since the script read the index, or an entry that is no batch of this owner's (`get`): out of the
             # index, and the page read again (a page of one such came empty, saying more followed, with no last id).
             self.redis.zrem(self.index_key, *unread)
+
+    def _get_or_damage(self, batch_id: str) -> dict[str, Any] | DamagedBatch | None:
+        """`get`, with a damaged record's DamagedBatch answered, not raised."""
+        try:
+            return self.get(batch_id)
+        except DamagedBatch as damaged:
+            return damaged
 
     def job_ids(self, batch_id: str) -> Iterator[str]:
         """The job ids of the batch's lines that became jobs, in file order."""

@@ -20,7 +20,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from shared.batches import FINAL_STATUSES as BATCH_FINAL_STATUSES
+from shared.batches import FINAL_STATUSES as BATCH_FINAL_STATUSES, BatchStore
 from shared.jobs import (DAMAGED_ERROR, FINAL_STATES, QUEUES, Ending, JobStore, WorkerRegistry, answers_later,
                          glob_escaped)
 from shared.protocol import ErrorCode
@@ -188,7 +188,8 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
     looked, one was sent over `older_than` seconds late) runs its job once: `JobStore.start` skips the second start.
     The line of a batch whose file is still being read is left out: its task is sent once the whole file has been read
     (api/batch_intake.py), and a batch whose file cannot be read to the end runs none of its lines. (A file read over
-    `older_than` had its first lines sent here and run while the rest was read, and run in full if the API died.)
+    `older_than` had its first lines sent here and run while the rest was read, and run in full if the API died.) One
+    whose reader died is failed as abandoned here, as a read of it would fail it, and its lines end with it.
     A line of a batch that ended (or went) before it did is cancelled instead, whether its message is lost or not
     (`_cancel_lines_of_ended_batches`).
     """
@@ -220,7 +221,15 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
             for batch in batches:
                 pipe.hget(f"{store.batch_prefix}{batch}", "status")
             statuses = dict(zip(batches, pipe.execute(raise_on_error=False)))
-    candidates = _cancel_lines_of_ended_batches(store, candidates, statuses, let_go)
+    # A batch whose reader (an API process) died, as a read of it would: failed as abandoned, its lines ended with it
+    # (`BatchStore.fail`). Left `validating` until someone read it, its lines waited here, queued, until their deadline.
+    read = [batch for batch, status in statuses.items() if status in ("validating", "cancelling")]
+    abandoned = set(BatchStore(store, store.ttl_seconds).fail_abandoned(read)) if read else set()
+    for batch in sorted(abandoned):
+        log.warning("batch %s: the API process reading its file stopped before its end (its lease lapsed); ended as "
+                    "abandoned by the lost-task sweep, its lines cancelled", batch)
+    candidates = _cancel_lines_of_ended_batches(store, [candidate for candidate in candidates
+                                                        if candidate[3] not in abandoned], statuses, let_go)
     candidates = [candidate for candidate in candidates if statuses.get(candidate[3]) != "validating"]
     if damaged:
         _end_damaged(store, damaged)

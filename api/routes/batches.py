@@ -26,12 +26,13 @@ from pydantic import ConfigDict, Field, StringConstraints
 
 from api.batch_intake import CHAT_COMPLETIONS, Intake, survey
 from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
-from api.errors import ApiError, error_body
+from api.errors import ApiError, error_body, log_damaged
 from api.json_bodies import REQUEST_VALUES, JsonParsers, is_heavy
 from api.routes.models import returning_models, served_models
 from api.routes.openai import OpenAIRoute, completion_of, job_error
 from api.submission import admission_lock, check_room
-from shared.batches import BATCH_ID, FINAL_STATUSES, BatchStore, answer_id_of, new_batch_id, window_seconds
+from shared.batches import (ABANDONED_ERROR, BATCH_ID, FINAL_STATUSES, BatchStore, DamagedBatch, answer_id_of,
+                            new_batch_id, window_seconds)
 from shared.dataroot import PathRefused, resolve_data_path
 from shared.jobs import JobStore
 from shared.protocol import ErrorCode, InvalidRequest, context_overflowed, parse_request
@@ -142,6 +143,12 @@ def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def damaged_view(batches: BatchStore, damaged: DamagedBatch) -> dict[str, Any]:
+    """A batch whose record is damaged as a list shows it (`DamagedBatch.record`): its own read answers a 500."""
+    log_damaged(f"{damaged.message}; listed as failed")
+    return batch_view(batches, damaged.record())
+
+
 def read_batch(batches: BatchStore, batch_id: str) -> dict[str, Any]:
     """The batch record, brought up to date (`settled`)."""
     record = batches.get(batch_id)
@@ -155,12 +162,12 @@ def settled(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
     whose reader died fails, and one that failed has its lines ended (`BatchStore.end_lines`); read again if any of
     these happened (the record as it was if it expired meanwhile)."""
     batch_id = record["id"]
-    # A dead reader first: a batch cancelled while it was read (`cancelling`, its lines never counted) whose window had
-    # passed was only looked at for lines to expire, and stayed `cancelling` for good.
+    # A dead reader first (the API process reading the file died: the lines it queued do not make a whole batch; the
+    # lost-task sweep fails such a batch too, `BatchStore.fail_abandoned`): a batch cancelled while it was read
+    # (`cancelling`, its lines never counted) whose window had passed was only looked at for lines to expire, and
+    # stayed `cancelling` for good.
     if batches.abandoned(record):
-        # The API process reading the file died: the lines it queued do not make a whole batch.
-        batches.fail(batch_id, {"code": "abandoned", "message": "the API process reading the file stopped "
-                                "before the end; submit the file again", "param": None, "line": None})
+        batches.fail(batch_id, ABANDONED_ERROR)
     elif "lines_to_end" in record:
         # Failed while it was read, its lines still being ended (by the process that failed it, or left part-way by
         # one that died): ended before it is shown, its counts and files as they stay.
@@ -398,7 +405,8 @@ def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
     """Batches, newest first (OpenAI's list shape: `data`, `first_id`, `last_id`, `has_more`)."""
     batches = batch_store(request)
     records, more = batches.list(limit, after)
-    data = [batch_view(batches, settled(batches, record)) for record in records]
+    data = [damaged_view(batches, record) if isinstance(record, DamagedBatch) else
+            batch_view(batches, settled(batches, record)) for record in records]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": more}
 

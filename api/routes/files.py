@@ -11,15 +11,16 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import redis
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from api.errors import ApiError
+from api.errors import ApiError, log_damaged
 from api.routes.batches import (BATCH_FILE, ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name,
                                 batch_store, delete_output, ended_at, file_deleted, file_kind, output_lines, settled)
 from api.routes.openai import OpenAIRoute
-from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, FilesFull
+from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, DamagedBatch, FilesFull
 from shared.protocol import ErrorCode
 
 # Invalid requests are answered 400, as OpenAI does (see api.routes.batches).
@@ -99,7 +100,13 @@ def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) 
         return upload_object(batches, meta) if meta else None
     batch_id, kind = match.groups()
     if batch_id not in records:
-        record = batches.get(batch_id)
+        try:
+            record = batches.get(batch_id)
+        except DamagedBatch as damaged:
+            # Its files left out, the other files listed: a damaged batch names no file (`damaged_view`), and a read
+            # of one answers the 500 that says why.
+            log_damaged(f"{damaged.message}; its files are not listed")
+            record = None
         records[batch_id] = settled(batches, record) if record else None
     record = records[batch_id]
     if record is None or record.get(f"{kind}_deleted_at"):
@@ -118,9 +125,22 @@ def _files_made(batches: BatchStore, index: Sequence[tuple[str, float]]) -> list
     with batches.redis.pipeline(transaction=False) as pipe:
         for batch_id, _ in index:
             pipe.hmget(batches.key(batch_id), fields)
-        ended = pipe.execute()
-    return [(batch_id, ended_at({field: float(value) if value else None for field, value in zip(fields, values)})
-             or created_at) for (batch_id, created_at), values in zip(index, ended)]
+        # A damaged record (of another type: WRONGTYPE) failed the whole list, a 503 "the job store is unavailable".
+        ended = pipe.execute(raise_on_error=False)
+    return [(batch_id, _ended_at(fields, values) or created_at) for (batch_id, created_at), values in zip(index, ended)]
+
+
+def _ended_at(fields: list[str], values: list[str | None] | Exception) -> float | None:
+    """When a batch ended, from its `fields` (`<status>_at`) as read; None if it has not, or if its record is damaged
+    (another type, a time that is none: a ValueError failed the whole list), which `_listed` leaves out."""
+    if isinstance(values, redis.ResponseError) and str(values).startswith("WRONGTYPE"):
+        return None
+    if isinstance(values, Exception):
+        raise values
+    try:
+        return ended_at({field: float(value) if value else None for field, value in zip(fields, values)})
+    except ValueError:
+        return None
 
 
 @router.get("")
