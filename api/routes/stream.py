@@ -81,9 +81,7 @@ async def _relay(websocket: WebSocket, store: Store, hub: Hub,
     except CLIENT_GONE:
         return "left"
     except ServerStopping:
-        # A close reason holds at most 123 bytes.
-        await _close(websocket, 1012, f"the API is restarting; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123],
-                     job_id)
+        await _close(websocket, 1012, f"the API is restarting; job {job_id} goes on at /v1/jobs/{job_id}/ws", job_id)
         return "stopping"
     except redis.RedisError as exc:
         log.warning("the stream of job %s lost Redis: %s", job_id, exc)
@@ -121,8 +119,7 @@ async def _send_unavailable(websocket: WebSocket, job_id: str,
             {"text": message, "error_code": ErrorCode.SERVER_ERROR, "id": job_id, "done": True,
              "status": "unavailable", "error": message}), job_id):
         return "left"
-    await _close(websocket, 1013, f"the job store is unavailable; job {job_id} goes on at /v1/jobs/{job_id}/ws"[:123],
-                 job_id)
+    await _close(websocket, 1013, f"the job store is unavailable; job {job_id} goes on at /v1/jobs/{job_id}/ws", job_id)
     return "unavailable"
 
 
@@ -172,7 +169,10 @@ async def _close(websocket: WebSocket, code: int = 1000, reason: str | None = No
 
     The close waits, as a message does, while the client's unread data fill the socket: a client that reads nothing
     is let go after the send timeout (before, the endpoint waited for it for as long as it kept the connection).
+    A close reason holds at most 123 bytes: a longer one is cut there, at a character's start.
     """
+    if reason is not None:
+        reason = reason.encode()[:123].decode(errors="ignore")
     await _within_send_timeout(websocket, websocket.close(code=code, reason=reason), job_id)
 
 
