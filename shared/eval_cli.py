@@ -2,6 +2,10 @@
 
     llava-queue eval --question-file q.jsonl --image-folder imgs/ --answers-file a.jsonl --model NAME
 
+`--script` takes another original script's command line, with its defaults: `model_vqa_loader` (what the official
+benchmark scripts run: max_new_tokens 128, and `_mmtag` appended to a plain model's template) or `model_vqa_science`
+(ScienceQA: its question file is a JSON list, its answers echo the prompt with `<image>\n`, `--single-pred-prompt`).
+
 The images are on this machine: each question's image is read from `--image-folder`, sent as
 base64 in a job built by `shared/vqa.py` (the same prompt as the original and as `POST
 /v1/batches`), and the jobs go to `POST /v1/jobs/bulk` on the `batch` queue, a group at a time,
@@ -53,9 +57,10 @@ from pydantic import ValidationError
 
 from shared.conversation import TemplateError
 from shared.protocol import GREEDY_TEMPERATURE, check_images, context_overflowed, describe_validation_error
-from shared.vqa import (DEFAULT_CONV_MODE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, EvalParams, Question,
-                        answer_line, answer_record, get_chunk, model_name_from_path, parse_question_line,
-                        question_job, question_prompt, read_image_b64, stated_question_id)
+from shared.vqa import (DEFAULT_CONV_MODE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, LOADER_MAX_NEW_TOKENS,
+                        SCIENCE_CONV_MODE, EvalParams, Question, answer_line, answer_record, get_chunk,
+                        loader_conv_mode, model_name_from_path, parse_question_line, question_job, question_prompt,
+                        read_image_b64, science_question, stated_question_id)
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 # Jobs per bulk POST, and base64 bytes per POST (the API's body limit is 64 MiB by default).
@@ -181,9 +186,10 @@ class Item:
 
     @property
     def key(self) -> tuple[str, str, int]:
-        """What an answer is matched by: question_id, text and repeat. A question_id is not unique: MME's file asks
-        two questions of each image under the image's path. It is any JSON scalar: 1 and "1" are different ids."""
-        return json.dumps(self.question.question_id), self.question.text, self.repeat
+        """What an answer is matched by: question_id, text (as its answer line's `prompt` echoes it) and repeat. A
+        question_id is not unique: MME's file asks two questions of each image under the image's path. It is any JSON
+        scalar: 1 and "1" are different ids."""
+        return json.dumps(self.question.question_id), self.question.echoed, self.repeat
 
 
 def number_repeats(items: list[Item]) -> None:
@@ -191,7 +197,7 @@ def number_repeats(items: list[Item]) -> None:
     seen: dict[tuple[str, str], int] = {}
     for item in items:
         if item.question is not None:
-            question = (json.dumps(item.question.question_id), item.question.text)
+            question = (json.dumps(item.question.question_id), item.question.echoed)
             item.repeat = seen.get(question, 0)
             seen[question] = item.repeat + 1
 
@@ -283,6 +289,28 @@ def read_questions(path: Path) -> list[Item]:
                 item.error = f"bad question line: {describe_validation_error(exc).message}"
                 item.question_id = stated_question_id(json_or_none(raw))
             items.append(item)
+    return items
+
+
+def read_science_questions(path: Path, single_pred_prompt: bool) -> list[Item]:
+    """The questions of `model_vqa_science.py`'s file, a JSON list (`science_question`): an entry that is no question
+    is an Item with an error, its `line` the entry's place in the list (from 1). ValueError when the file is no JSON
+    list; a UTF-8 byte order mark is skipped, as `read_questions` skips it."""
+    entries = json_or_none(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))
+    if not isinstance(entries, list):
+        raise ValueError(f"the question file {path} is no JSON list (model_vqa_science.py reads one)")
+    items = []
+    for number, entry in enumerate(entries, start=1):
+        item = Item(number)
+        try:
+            item.question = science_question(entry, single_pred_prompt)
+        except ValidationError as exc:
+            item.error = f"bad question: {describe_validation_error(exc).message}"
+        except ValueError as exc:
+            item.error = f"bad question: {exc}"
+        if item.error:
+            item.question_id = stated_question_id(entry, "id")
+        items.append(item)
     return items
 
 
@@ -430,6 +458,9 @@ class EvalRun:
         self.group_size = max(1, min(GROUP_SIZE, self.max_in_flight // 2))
         self.fingerprint = {**params.model_dump(), "question_file": str(Path(args.question_file).resolve()),
                             "image_folder": str(self.image_folder.resolve())}
+        if args.single_pred_prompt:
+            # Questions of another text: jobs of a run without it (and so of another prompt) are not collected.
+            self.fingerprint["single_pred_prompt"] = True
         number_repeats(items)  # within the chunk: its answers file holds only the chunk's answers
         self.tally = Tally(total=len(items))
         self.progress = Progress(self.tally)
@@ -674,7 +705,7 @@ class EvalRun:
         self.tally.failed += 1
 
     def _answer(self, item: Item, job: dict) -> None:
-        line = answer_line(answer_record(item.question.question_id, item.question.text, job["text"], job["model"]))
+        line = answer_line(answer_record(item.question.question_id, item.question.echoed, job["text"], job["model"]))
         self.answers_file.write(line)
         self.answers_file.flush()
         self.answers[item.key] = line
@@ -1126,15 +1157,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # As model_vqa.py: "~" in the question and answers files' paths is the home folder (a quoted path keeps it).
     args.question_file, args.answers_file = map(os.path.expanduser, (args.question_file, args.answers_file))
     model = args.model or (model_name_from_path(args.model_path) if args.model_path else None)
+    loader, science = args.script == "model_vqa_loader", args.script == "model_vqa_science"
+    if args.single_pred_prompt and not science:
+        return refuse("--single-pred-prompt is model_vqa_science.py's: give --script model_vqa_science")
+    conv_mode = (SCIENCE_CONV_MODE if science else DEFAULT_CONV_MODE) if args.conv_mode is None else args.conv_mode
+    switched = None
+    if loader and model is not None and loader_conv_mode(conv_mode, model) != conv_mode:
+        switched = f"model_vqa_loader.py appends _mmtag to --conv-mode {conv_mode} for the plain model {model!r}"
+        conv_mode = loader_conv_mode(conv_mode, model)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = LOADER_MAX_NEW_TOKENS if loader else DEFAULT_MAX_NEW_TOKENS
     try:
-        params = EvalParams(model=model, conv_mode=args.conv_mode, temperature=args.temperature, top_p=args.top_p,
-                            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        params = EvalParams(model=model, conv_mode=conv_mode, temperature=args.temperature, top_p=args.top_p,
+                            num_beams=args.num_beams, max_new_tokens=max_new_tokens, seed=args.seed)
     except ValidationError as exc:
-        return refuse(describe_validation_error(exc).message)
+        # Such as llava_v1_mmtag, which is no template: the original fails on it too (a KeyError).
+        return refuse(describe_validation_error(exc).message + (f" ({switched})" if switched else ""))
+    if switched:
+        print(f"llava-queue eval: {switched}: asking with {conv_mode}", file=sys.stderr)
     if args.max_in_flight < 1:
         return refuse("--max-in-flight must be at least 1")
     try:
-        items = read_questions(Path(args.question_file))
+        items = read_science_questions(Path(args.question_file), args.single_pred_prompt) if science \
+            else read_questions(Path(args.question_file))
         if not items:
             return refuse(f"the question file {args.question_file} holds no questions")
         items = get_chunk(items, args.num_chunks, args.chunk_idx)
@@ -1160,6 +1206,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 130
     if model is not None and served and model not in served:
         return refuse(f"model {model!r} is not served at {api.url} (served: {', '.join(served)})")
+    if loader and model is None and (plain := [name for name in served if loader_conv_mode(conv_mode, name)
+                                                != conv_mode]):
+        # Which worker takes a job decides its model, and so the template model_vqa_loader.py would give it.
+        return refuse(f"model_vqa_loader.py gives a plain model such as {plain[0]!r} (served at {api.url}) another "
+                      "--conv-mode: name the model to ask with --model-path or --model")
     if not served:
         print(f"llava-queue eval: no worker serves a model at {api.url} now; the jobs wait in the queue until one "
               "does", file=sys.stderr)
@@ -1174,6 +1225,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 130
 
 
+# The original scripts whose command line `eval` takes (`--script`), the first its default.
+SCRIPTS = ("model_vqa", "model_vqa_loader", "model_vqa_science")
+
+
+def script_name(value: str) -> str:
+    """`--script`: an original evaluation script, by the name `python -m llava.eval.NAME` runs it under (its module
+    or file path is taken too)."""
+    name = value.removeprefix("llava.eval.").removeprefix("llava/eval/").removesuffix(".py")
+    if name not in SCRIPTS:
+        raise argparse.ArgumentTypeError(f"{value!r} is none of {', '.join(SCRIPTS)}")
+    return name
+
+
 def add_eval_parser(sub) -> None:
     """Register `eval` (with the original `model_vqa.py` flags) on the `llava-queue` subparsers."""
     parser = sub.add_parser(
@@ -1181,7 +1245,14 @@ def add_eval_parser(sub) -> None:
         description="Answer a model_vqa.py question file through the llava-queue at --api-url; resumable "
                     "(run it again after a crash or Ctrl-C: answered questions are skipped, jobs still in the "
                     "queue are collected).")
-    parser.add_argument("--question-file", required=True, help="JSON lines {question_id, image, text[, category]}")
+    parser.add_argument("--script", type=script_name, default=SCRIPTS[0],
+                        help="the original script whose command line this is: `python -m llava.eval.NAME` becomes "
+                             "`llava-queue eval --script NAME`. model_vqa (the default); model_vqa_loader, which "
+                             "the official benchmark scripts run (max_new_tokens 128; a plain model's --conv-mode "
+                             "gets _mmtag); model_vqa_science (ScienceQA: a JSON list of {id, conversations[, "
+                             "image]}; --conv-mode llava_v0)")
+    parser.add_argument("--question-file", required=True,
+                        help="JSON lines {question_id, image, text[, category]} (see --script model_vqa_science)")
     parser.add_argument("--image-folder", default="", help="where the questions' image files are (on this machine)")
     parser.add_argument("--answers-file", required=True, help="JSON lines, as model_vqa.py writes them")
     parser.add_argument("--model", help="the served model to ask (default: whichever worker takes the job)")
@@ -1189,15 +1260,20 @@ def add_eval_parser(sub) -> None:
                                              "(what the worker serving it reports); --model wins")
     parser.add_argument("--model-base", help="accepted for the original command lines and ignored: the worker "
                                              "loads the base (LLAVA_QUEUE_MODEL_BASE)")
-    parser.add_argument("--conv-mode", default=DEFAULT_CONV_MODE, help="conversation template (default %(default)s)")
+    parser.add_argument("--conv-mode", help=f"conversation template (default {DEFAULT_CONV_MODE}; "
+                                             f"{SCIENCE_CONV_MODE} with --script model_vqa_science)")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                         help="0 is greedy (default %(default)s, as model_vqa.py)")
     parser.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
     parser.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1,
                         help="1 only (llava-queue decodes one beam)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
-                        default=DEFAULT_MAX_NEW_TOKENS, help="default 1024, as model_vqa.py hard-codes")
+                        help=f"default {DEFAULT_MAX_NEW_TOKENS}, as model_vqa.py hard-codes "
+                             f"({LOADER_MAX_NEW_TOKENS} with --script model_vqa_loader, its default)")
     parser.add_argument("--seed", type=int, default=None, help="every job samples with this seed")
+    parser.add_argument("--single-pred-prompt", action="store_true",
+                        help="model_vqa_science's: each question ends in \"Answer with the option's letter from the "
+                             "given choices directly.\"")
     parser.add_argument("--num-chunks", type=int, default=1, help="split the questions as model_vqa.py does...")
     parser.add_argument("--chunk-idx", type=int, default=0, help="...and answer this chunk (from 0)")
     parser.add_argument("--api-url", default=os.environ.get("LLAVA_QUEUE_API_URL", DEFAULT_API_URL),

@@ -1,4 +1,5 @@
-"""Offline evaluation as the original `llava/eval/model_vqa.py` does it.
+"""Offline evaluation as the original `llava/eval/model_vqa.py` does it (and its variants: `model_vqa_loader.py`'s
+defaults, `model_vqa_science.py`'s question file).
 
 A question line `{"question_id", "image", "text"[, "category"]}` becomes the prompt
 `"<image>\\n" + text` in the chosen conversation template (the worker wraps `<image>` in
@@ -23,9 +24,14 @@ from shared.conversation import IMAGE_TOKEN, get_template
 from shared.protocol import MAX_NEW_TOKENS_CAP, MAX_PROMPT_CHARS, JobRequest
 
 DEFAULT_CONV_MODE = "llava_v1"
+SCIENCE_CONV_MODE = "llava_v0"  # `model_vqa_science.py`'s default (the ScienceQA script passes vicuna_v1)
+# What `model_vqa_science.py --single-pred-prompt` appends to each question, on a line of its own.
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 DEFAULT_TEMPERATURE = 0.2
-# `model_vqa.py` hard-codes max_new_tokens=1024 (the loader variant defaults to 128).
+# `model_vqa.py` hard-codes max_new_tokens=1024; `model_vqa_loader.py`, which the official benchmark scripts run
+# (VQAv2, GQA, TextVQA, POPE, MME...), defaults to 128.
 DEFAULT_MAX_NEW_TOKENS = MAX_NEW_TOKENS_CAP
+LOADER_MAX_NEW_TOKENS = 128
 # shortuuid's alphabet (no 0, 1, I, O, l) and length, as the original's `answer_id`.
 _SHORTUUID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _SHORTUUID_LENGTH = 22
@@ -56,6 +62,20 @@ class Question(BaseModel):
             # Python's json reads NaN and Infinity, which are no JSON: echoed, they made the answers line invalid.
             raise ValueError(f"must be a JSON number, not {value}")
         return value
+
+    @property
+    def echoed(self) -> str:
+        """The answers line's `prompt`: the question text as given."""
+        return self.text
+
+
+class ScienceQuestion(Question):
+    """A question of `model_vqa_science.py`'s file (`science_question`), whose answers line's `prompt` starts with
+    `<image>\\n` when it has an image, as that script writes it."""
+
+    @property
+    def echoed(self) -> str:
+        return f"{IMAGE_TOKEN}\n{self.text}" if self.image is not None else self.text
 
 
 class EvalParams(BaseModel):
@@ -154,6 +174,14 @@ def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
     return chunks[chunk_idx]
 
 
+def loader_conv_mode(conv_mode: str, model_name: str) -> str:
+    """The conversation template `model_vqa_loader.py` uses: a "plain" (projector-pretrained) model's gets `_mmtag`
+    appended, unless the model is a finetune or the template has mmtag already."""
+    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
+        return f"{conv_mode}_mmtag"
+    return conv_mode
+
+
 def model_name_from_path(model_path: str) -> str:
     """The model name the original derives from a model path (`get_model_name_from_path`).
 
@@ -165,11 +193,11 @@ def model_name_from_path(model_path: str) -> str:
     return parts[-1]
 
 
-def stated_question_id(line: Any) -> str | int | float | None:
-    """The `question_id` a line (decoded JSON) states, for its errors record even when the line is no valid question
-    (one without `text`, say): a string or a finite number, else None (an errors file holds no list, and JSON no
-    Infinity)."""
-    question_id = line.get("question_id") if isinstance(line, dict) else None
+def stated_question_id(line: Any, key: str = "question_id") -> str | int | float | None:
+    """The `question_id` a line (decoded JSON) states (under `key`), for its errors record even when the line is no
+    valid question (one without `text`, say): a string or a finite number, else None (an errors file holds no list,
+    and JSON no Infinity)."""
+    question_id = line.get(key) if isinstance(line, dict) else None
     finite = not isinstance(question_id, float) or math.isfinite(question_id)
     return question_id if isinstance(question_id, str | int | float) and finite else None
 
@@ -178,3 +206,23 @@ def parse_question_line(line: str | bytes) -> Question:
     """A question from one JSONL line; ValueError (pydantic's ValidationError) says what is wrong."""
     return Question.model_validate_json(line)
 
+
+def science_question(entry: Any, single_pred_prompt: bool = False) -> ScienceQuestion:
+    """A question of `model_vqa_science.py`'s file, an entry of its JSON list (ScienceQA's `llava_test_CVPR.json`):
+    its `id`, the first turn of its `conversations` with `<image>` taken out, stripped (and then SINGLE_PRED_PROMPT on
+    a line of its own, with `single_pred_prompt`), and its `image` if it names one. ValueError (pydantic's
+    ValidationError among them) says what is wrong."""
+    if not isinstance(entry, dict):
+        raise ValueError("the entry is no JSON object")
+    if "id" not in entry:
+        raise ValueError("id: field required")
+    try:
+        value = entry["conversations"][0]["value"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("conversations[0].value (the question): field required") from None
+    if not isinstance(value, str):
+        raise ValueError("conversations[0].value: must be a string")
+    text = value.replace(IMAGE_TOKEN, "").strip()
+    if single_pred_prompt:
+        text = f"{text}\n{SINGLE_PRED_PROMPT}"
+    return ScienceQuestion(question_id=entry["id"], text=text, image=entry.get("image"))
