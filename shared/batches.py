@@ -339,8 +339,9 @@ class DamagedBatch(DamagedRecord):
                 **dict.fromkeys(_TIMESTAMPS), **dict.fromkeys(_COUNTERS, 0)}
 
 
-def _time(value: str) -> float:
-    """A time field's value; ValueError for one that is no finite number (int() of it failed in the batch object)."""
+def read_time(value: str) -> float:
+    """A time field's value; ValueError for one that is no finite number (int() of it failed in the batch object, and
+    a NaN sorted among the files put them out of order)."""
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{value!r} is no time")
@@ -586,7 +587,8 @@ class BatchStore:
         writes them."""
         record: dict[str, Any] = dict(raw)
         unreadable = [] if raw.get("status") in _STATUSES else ["status"]
-        for names, read, unset in ((_TIMESTAMPS, _time, None), (_COUNTERS, int, 0), (_JSON_FIELDS, json.loads, None)):
+        for names, read, unset in ((_TIMESTAMPS, read_time, None), (_COUNTERS, int, 0),
+                                   (_JSON_FIELDS, json.loads, None)):
             for name in names:
                 try:
                     record[name] = read(raw[name]) if raw.get(name) else unset

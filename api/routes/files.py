@@ -20,7 +20,7 @@ from api.errors import ApiError, log_damaged
 from api.routes.batches import (BATCH_FILE, ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name,
                                 batch_store, delete_output, ended_at, file_deleted, file_kind, output_lines, settled)
 from api.routes.openai import OpenAIRoute
-from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, DamagedBatch, FilesFull
+from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, DamagedBatch, FilesFull, read_time
 from shared.protocol import ErrorCode
 
 # Invalid requests are answered 400, as OpenAI does (see api.routes.batches).
@@ -132,13 +132,14 @@ def _files_made(batches: BatchStore, index: Sequence[tuple[str, float]]) -> list
 
 def _ended_at(fields: list[str], values: list[str | None] | Exception) -> float | None:
     """When a batch ended, from its `fields` (`<status>_at`) as read; None if it has not, or if its record is damaged
-    (another type, a time that is none: a ValueError failed the whole list), which `_listed` leaves out."""
+    (another type, a time that is none: a ValueError failed the whole list, a NaN put the other files out of order),
+    which `_listed` leaves out."""
     if isinstance(values, redis.ResponseError) and str(values).startswith("WRONGTYPE"):
         return None
     if isinstance(values, Exception):
         raise values
     try:
-        return ended_at({field: float(value) if value else None for field, value in zip(fields, values)})
+        return ended_at({field: read_time(value) if value else None for field, value in zip(fields, values)})
     except ValueError:
         return None
 
