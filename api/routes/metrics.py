@@ -5,10 +5,15 @@ depths, jobs queued and running, jobs ever submitted and finished (counters kept
 job store's scripts), and the live workers with their load from their heartbeats. What happens
 inside one worker (batch sizes, latencies, tokens) is on that worker's own exporter
 (`LLAVA_QUEUE_WORKER_METRICS_PORT`).
+
+These endpoints need no key: a flood of calls costs Redis a few readings a second (`SharedReading`).
 """
 
 import asyncio
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
 
 import redis
 from fastapi import APIRouter, Request
@@ -16,12 +21,59 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from api.deps import AppSettings, Registry, Store
+from api.deps import AppSettings, Registry
 from api.routes.models import returning_models
 from shared.jobs import QUEUES, JobStore, WorkerRegistry
 from shared.protocol import ErrorCode
 
 router = APIRouter(tags=["health"])
+
+# The public probes (/metrics, /readyz, /healthz) read Redis at most FRESH_READINGS times in REUSE_SECONDS each; a
+# call beyond that has the last answer, which began within those seconds. Each call read Redis anew (/metrics ended
+# the overdue jobs first), so anyone who reached the API made Redis work with every call. Prometheus scrapes every
+# 15 s and a probe every few seconds: they, and a reader who looks again after a change, are read fresh.
+REUSE_SECONDS = 1.0
+FRESH_READINGS = 5
+
+
+class SharedReading:
+    """A read of Redis (`read`, run on a thread) made for a call unless one began after the call came (the calls
+    waiting meanwhile share it) or `readings` began within the last `seconds` (the call has the last one's answer).
+    A RedisError is an answer too: with Redis away, every call of a flood waited for its own time-out in turn."""
+
+    def __init__(self, read: Callable[[], Any], seconds: float = REUSE_SECONDS, readings: int = FRESH_READINGS):
+        self.read, self.seconds = read, seconds
+        self._lock = asyncio.Lock()
+        self._began: deque[float] = deque(maxlen=readings)  # when the last readings began
+        self._answer: tuple[Any, redis.RedisError | None] = (None, None)
+
+    async def get(self) -> Any:
+        """The answer to a call now (see the class); raises its RedisError."""
+        called = time.monotonic()
+        async with self._lock:
+            now = time.monotonic()
+            spent = len(self._began) == self._began.maxlen and now - self._began[0] < self.seconds
+            if not self._began or (self._began[-1] < called and not spent):
+                self._began.append(now)
+                try:
+                    self._answer = (await asyncio.to_thread(self.read), None)
+                except redis.RedisError as exc:
+                    self._answer = (None, exc)
+            value, error = self._answer
+        if error is not None:
+            raise error.with_traceback(None)  # (raised again and again, its traceback would grow with each call)
+        return value
+
+
+def shared_reading(request: Request, name: str, read: Callable[[], Any]) -> SharedReading:
+    """The app's SharedReading `name`, made with `read` at its first call."""
+    readings = getattr(request.app.state, "shared_readings", None)
+    if readings is None:
+        readings = request.app.state.shared_readings = {}
+    if name not in readings:
+        readings[name] = SharedReading(read)
+    return readings[name]
+
 
 # The ways a job ends, (status, error code), each counted from 0: a series that appeared with its first job hid that
 # job from rate() and increase(), which had no sample before it (the first failure of a deployment went unseen).
@@ -158,19 +210,22 @@ def _registry_of(request: Request) -> CollectorRegistry:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of the whole deployment, read from Redis (every API replica answers the same)."""
-    body = await asyncio.to_thread(generate_latest, _registry_of(request))
+    """Prometheus metrics of the whole deployment, read from Redis (every API replica answers the same); under a
+    flood, at most REUSE_SECONDS old (SharedReading)."""
+    registry = _registry_of(request)
+    body = await shared_reading(request, "metrics", lambda: generate_latest(registry)).get()
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 # A probe, not part of the client API: left out of the OpenAPI schema (its 503 is an answer, not a fault).
 @router.get("/readyz", include_in_schema=False)
-async def readyz(store: Store, registry: Registry, settings: AppSettings) -> JSONResponse:
+async def readyz(request: Request, registry: Registry, settings: AppSettings) -> JSONResponse:
     """200 when Redis answers and a live, ready worker serves the default model (any model if
-    LLAVA_QUEUE_DEFAULT_MODEL is unset); 503 with the reasons otherwise."""
+    LLAVA_QUEUE_DEFAULT_MODEL is unset); 503 with the reasons otherwise. Under a flood, at most REUSE_SECONDS old
+    (SharedReading)."""
     try:
-        await asyncio.to_thread(store.redis.ping)
-        workers = await asyncio.to_thread(registry.workers)
+        # (Listing the workers reads Redis: an answer is Redis answering, without a PING of its own.)
+        workers = await shared_reading(request, "workers", registry.workers).get()
     except redis.RedisError as exc:
         return JSONResponse({"status": "not ready", "redis": False, "reasons": [f"Redis is unreachable: {exc}"]},
                             status_code=503)
