@@ -3,8 +3,9 @@
     llava-queue eval --question-file q.jsonl --image-folder imgs/ --answers-file a.jsonl --model NAME
 
 `--script` takes another original script's command line, with its defaults: `model_vqa_loader` (what the official
-benchmark scripts run: max_new_tokens 128, and `_mmtag` appended to a plain model's template) or `model_vqa_science`
-(ScienceQA: its question file is a JSON list, its answers echo the prompt with `<image>\n`, `--single-pred-prompt`).
+benchmark scripts run: max_new_tokens 128, and `_mmtag` appended to a plain model's template), `model_vqa_science`
+(ScienceQA: its question file is a JSON list, its answers echo the prompt with `<image>\n`, `--single-pred-prompt`)
+or `model_vqa_mmbench` (MMBench: a TSV with the images in it, `--all-rounds`, `--single-pred-prompt`, `--lang`).
 
 The images are on this machine: each question's image is read from `--image-folder`, sent as
 base64 in a job built by `shared/vqa.py` (the same prompt as the original and as `POST
@@ -37,7 +38,9 @@ No torch here: the command runs on client machines with the base install.
 """
 
 import argparse
+import csv
 import fcntl
+import re
 import http.client
 import json
 import os
@@ -58,9 +61,10 @@ from pydantic import ValidationError
 from shared.conversation import TemplateError
 from shared.protocol import GREEDY_TEMPERATURE, check_images, context_overflowed, describe_validation_error
 from shared.vqa import (DEFAULT_CONV_MODE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, LOADER_MAX_NEW_TOKENS,
-                        SCIENCE_CONV_MODE, EvalParams, Question, answer_line, answer_record, get_chunk,
-                        loader_conv_mode, model_name_from_path, parse_question_line, question_job, question_prompt,
-                        read_image_b64, science_question, stated_question_id)
+                        SCIENCE_CONV_MODE, SINGLE_PRED_PROMPT, SINGLE_PRED_PROMPT_CN, EvalParams, MMBenchQuestion,
+                        Question, answer_line, answer_matched, get_chunk, loader_conv_mode, mmbench_questions,
+                        model_name_from_path, parse_question_line, question_job, question_prompt, read_image_b64,
+                        science_question, stated_question_id)
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 # Jobs per bulk POST, and base64 bytes per POST (the API's body limit is 64 MiB by default).
@@ -186,10 +190,16 @@ class Item:
 
     @property
     def key(self) -> tuple[str, str, int]:
-        """What an answer is matched by: question_id, text (as its answer line's `prompt` echoes it) and repeat. A
-        question_id is not unique: MME's file asks two questions of each image under the image's path. It is any JSON
-        scalar: 1 and "1" are different ids."""
-        return json.dumps(self.question.question_id), self.question.echoed, self.repeat
+        """What an answer is matched by: question_id, text (as its answer line's `prompt` echoes it, with its round_id
+        for MMBench's: `Question.matched`) and repeat. A question_id is not unique: MME's file asks two questions of
+        each image under the image's path. It is any JSON scalar: 1 and "1" are different ids."""
+        return json.dumps(self.question.question_id), self.question.matched, self.repeat
+
+    @property
+    def place(self) -> tuple[int, int | None]:
+        """Where the question is in the question file, as the jobs file names it: its line, and its round where a
+        line is asked in rounds (`model_vqa_mmbench.py --all-rounds`)."""
+        return self.line, self.question.round_id if isinstance(self.question, MMBenchQuestion) else None
 
 
 def number_repeats(items: list[Item]) -> None:
@@ -197,7 +207,7 @@ def number_repeats(items: list[Item]) -> None:
     seen: dict[tuple[str, str], int] = {}
     for item in items:
         if item.question is not None:
-            question = (json.dumps(item.question.question_id), item.question.echoed)
+            question = (json.dumps(item.question.question_id), item.question.matched)
             item.repeat = seen.get(question, 0)
             seen[question] = item.repeat + 1
 
@@ -314,6 +324,62 @@ def read_science_questions(path: Path, single_pred_prompt: bool) -> list[Item]:
     return items
 
 
+# The columns of `model_vqa_mmbench.py`'s TSV it cannot do without (it reads `hint` and the options A-D too).
+MMBENCH_COLUMNS = ("index", "question", "image")
+
+
+def read_mmbench_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The rows of `model_vqa_mmbench.py`'s question file, a TSV with a header, read as the script reads it (pandas'
+    `read_table`, with no pandas here): fields between tabs, a field in double quotes may hold tabs and line breaks,
+    blank lines are skipped, a UTF-8 byte order mark too. Each row is the line it starts on and its fields by column
+    (a field the row lacks is left out); its `index` is a number where the whole column is numbers, as pandas reads
+    it, else the text. ValueError when the file is no such TSV."""
+    # A field is as long as its image, base64: csv's limit of 128 KiB is less than many are.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        reader = csv.reader(file, delimiter="\t")
+        try:
+            header = next((fields for fields in reader if fields), [])
+            start = reader.line_num + 1
+            for fields in reader:
+                if fields:
+                    rows.append((start, dict(zip(header, fields))))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise ValueError(f"the question file {path} line {reader.line_num}: {exc}") from None
+    missing = [name for name in MMBENCH_COLUMNS if name not in header]
+    if missing:
+        raise ValueError(f"the question file {path} has no column {', '.join(missing)}: model_vqa_mmbench.py reads a "
+                         "TSV of columns index, question, hint, A, B, C, D, image (base64)...")
+    indexes = [row["index"] for _, row in rows if "index" in row]
+    for pattern, kind in ((r"[+-]?\d+", int), (r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", float)):
+        if all(re.fullmatch(pattern, index) for index in indexes):
+            for _, row in rows:
+                if "index" in row:
+                    row["index"] = kind(row["index"])
+            break
+    return rows
+
+
+def mmbench_items(rows: list[tuple[int, dict[str, Any]]], all_rounds: bool, instruction: str | None) -> list[Item]:
+    """The questions of rows of `model_vqa_mmbench.py`'s file (`mmbench_questions`), each round an Item of the row's
+    line; a row that is no question is an Item with an error."""
+    items = []
+    for line, row in rows:
+        try:
+            questions = mmbench_questions(row, row.get("index"), all_rounds, instruction)
+        except ValidationError as exc:
+            items.append(Item(line, error=f"bad question: {describe_validation_error(exc).message}",
+                              question_id=stated_question_id(row, "index")))
+            continue
+        except ValueError as exc:
+            items.append(Item(line, error=f"bad question: {exc}", question_id=stated_question_id(row, "index")))
+            continue
+        items.extend(Item(line, question) for question in questions)
+    return items
+
+
 def json_or_none(raw: bytes | str) -> Any:
     """The JSON value of a line, or None if it is not JSON."""
     try:
@@ -337,8 +403,7 @@ def read_answers(path: Path) -> tuple[dict[tuple[str, str | None, int], str], bo
     seen: dict[tuple[str, str | None], int] = {}
 
     def add(record: Any, raw: bytes) -> None:
-        prompt = record.get("prompt")
-        question = (json.dumps(record["question_id"]), prompt if isinstance(prompt, str) else None)
+        question = (json.dumps(record["question_id"]), answer_matched(record))
         repeat = seen.get(question, 0)
         seen[question] = repeat + 1
         by_key[(*question, repeat)] = raw.decode() + "\n"
@@ -458,9 +523,13 @@ class EvalRun:
         self.group_size = max(1, min(GROUP_SIZE, self.max_in_flight // 2))
         self.fingerprint = {**params.model_dump(), "question_file": str(Path(args.question_file).resolve()),
                             "image_folder": str(self.image_folder.resolve())}
+        # What else makes the prompts: jobs of a run without it (and so of other prompts) are not collected.
+        self.prompt_options: dict[str, Any] = {}
         if args.single_pred_prompt:
-            # Questions of another text: jobs of a run without it (and so of another prompt) are not collected.
-            self.fingerprint["single_pred_prompt"] = True
+            self.prompt_options["single_pred_prompt"] = True
+            if args.script == "model_vqa_mmbench" and args.lang == "cn":
+                self.prompt_options["lang"] = "cn"
+        self.fingerprint.update(self.prompt_options)
         number_repeats(items)  # within the chunk: its answers file holds only the chunk's answers
         self.tally = Tally(total=len(items))
         self.progress = Progress(self.tally)
@@ -542,6 +611,9 @@ class EvalRun:
         `.params` file says which); else record this run's. The answer lines are the original's, which name no
         parameters: without this, a rerun at another temperature kept the earlier answers as its own."""
         params = self.params.model_dump(exclude={"model"})
+        if self.args.script == "model_vqa_mmbench":
+            # Its answer lines do not echo the instruction a question ends in: an answer of another is told by this.
+            params.update(self.prompt_options)
         if answered and self.params_path.exists():
             try:
                 earlier = json.loads(self.params_path.read_text())
@@ -594,7 +666,7 @@ class EvalRun:
         """Take over the jobs of an earlier run: collect those still known, post again groups never confirmed."""
         if not self.state_path.exists():
             return
-        by_line = {item.line: item for item in todo.values()}
+        by_place = {item.place: item for item in todo.values()}
         by_id: dict[str, Item] = {}
         for item in todo.values():
             by_id.setdefault(item.key[0], item)
@@ -604,7 +676,8 @@ class EvalRun:
             record without lines, by question_id)."""
             ids = [json.dumps(question_id) for question_id in record.get("question_ids", [])]
             if "lines" in record:
-                found = [by_line.get(line) for line in record["lines"]]
+                rounds = record.get("rounds") or [None] * len(record["lines"])
+                found = [by_place.get((line, round_id)) for line, round_id in zip(record["lines"], rounds)]
             else:
                 found = [by_id.get(question_id) for question_id in ids]
             return [item if item is not None and item.key[0] == question_id else None
@@ -690,8 +763,12 @@ class EvalRun:
 
     @staticmethod
     def _questions_of(items: list[Item]) -> dict[str, list]:
-        """How a jobs-file record names its questions: question_ids, and lines (a question_id may repeat)."""
-        return {"question_ids": [item.question.question_id for item in items], "lines": [item.line for item in items]}
+        """How a jobs-file record names its questions: question_ids, and lines (a question_id may repeat), and rounds
+        (of a line asked in several: `Item.place`)."""
+        named = {"question_ids": [item.question.question_id for item in items], "lines": [item.line for item in items]}
+        if any(item.place[1] is not None for item in items):
+            named["rounds"] = [item.place[1] for item in items]
+        return named
 
     def _fail(self, item: Item, error: str, job_id: str | None = None) -> None:
         record = {"question_id": item.question.question_id if item.question else item.question_id, "line": item.line,
@@ -705,7 +782,7 @@ class EvalRun:
         self.tally.failed += 1
 
     def _answer(self, item: Item, job: dict) -> None:
-        line = answer_line(answer_record(item.question.question_id, item.question.echoed, job["text"], job["model"]))
+        line = answer_line(item.question.answer_record(job["text"], job["model"]))
         self.answers_file.write(line)
         self.answers_file.flush()
         self.answers[item.key] = line
@@ -724,7 +801,14 @@ class EvalRun:
         """The JSON job for a question, for `model`; None (and an error line) when it cannot be built."""
         image = None
         name = item.question.image
-        if name is not None:
+        if isinstance(item.question, MMBenchQuestion):
+            image = item.question.image_b64
+            try:
+                check_images([image])
+            except ValueError as exc:
+                self._fail(item, f"the image in the question file {str(exc).removeprefix('image 0 ')}")
+                return None
+        elif name is not None:
             try:
                 image = read_image_b64(self.image_folder, name)
             except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
@@ -1158,12 +1242,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.question_file, args.answers_file = map(os.path.expanduser, (args.question_file, args.answers_file))
     model = args.model or (model_name_from_path(args.model_path) if args.model_path else None)
     loader, science = args.script == "model_vqa_loader", args.script == "model_vqa_science"
-    if args.single_pred_prompt and not science:
-        return refuse("--single-pred-prompt is model_vqa_science.py's: give --script model_vqa_science")
+    mmbench = args.script == "model_vqa_mmbench"
+    if args.single_pred_prompt and not (science or mmbench):
+        return refuse("--single-pred-prompt is model_vqa_science.py's and model_vqa_mmbench.py's: give --script "
+                      "model_vqa_science or model_vqa_mmbench")
+    for flag, given in (("--all-rounds", args.all_rounds), ("--lang", args.lang is not None)):
+        if given and not mmbench:
+            return refuse(f"{flag} is model_vqa_mmbench.py's: give --script model_vqa_mmbench")
     conv_mode = (SCIENCE_CONV_MODE if science else DEFAULT_CONV_MODE) if args.conv_mode is None else args.conv_mode
     switched = None
-    if loader and model is not None and loader_conv_mode(conv_mode, model) != conv_mode:
-        switched = f"model_vqa_loader.py appends _mmtag to --conv-mode {conv_mode} for the plain model {model!r}"
+    # Both switch a plain model's template alike.
+    switches = loader or mmbench
+    if switches and model is not None and loader_conv_mode(conv_mode, model) != conv_mode:
+        switched = f"{args.script}.py appends _mmtag to --conv-mode {conv_mode} for the plain model {model!r}"
         conv_mode = loader_conv_mode(conv_mode, model)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:
@@ -1179,11 +1270,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_in_flight < 1:
         return refuse("--max-in-flight must be at least 1")
     try:
-        items = read_science_questions(Path(args.question_file), args.single_pred_prompt) if science \
-            else read_questions(Path(args.question_file))
-        if not items:
+        if mmbench:
+            entries = read_mmbench_rows(Path(args.question_file))
+        elif science:
+            entries = read_science_questions(Path(args.question_file), args.single_pred_prompt)
+        else:
+            entries = read_questions(Path(args.question_file))
+        if not entries:
             return refuse(f"the question file {args.question_file} holds no questions")
-        items = get_chunk(items, args.num_chunks, args.chunk_idx)
+        entries = get_chunk(entries, args.num_chunks, args.chunk_idx)
+        # model_vqa_mmbench.py splits its table by rows: a row's rounds are asked in its chunk.
+        items = mmbench_items(entries, args.all_rounds, (SINGLE_PRED_PROMPT_CN if args.lang == "cn" else
+                                                         SINGLE_PRED_PROMPT) if args.single_pred_prompt else None) \
+            if mmbench else entries
     except OSError as exc:
         return refuse(f"cannot read the question file {args.question_file}: {exc.strerror or exc}")
     except ValueError as exc:
@@ -1206,10 +1305,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 130
     if model is not None and served and model not in served:
         return refuse(f"model {model!r} is not served at {api.url} (served: {', '.join(served)})")
-    if loader and model is None and (plain := [name for name in served if loader_conv_mode(conv_mode, name)
-                                                != conv_mode]):
-        # Which worker takes a job decides its model, and so the template model_vqa_loader.py would give it.
-        return refuse(f"model_vqa_loader.py gives a plain model such as {plain[0]!r} (served at {api.url}) another "
+    if switches and model is None and (plain := [name for name in served if loader_conv_mode(conv_mode, name)
+                                                  != conv_mode]):
+        # Which worker takes a job decides its model, and so the template the original would give it.
+        return refuse(f"{args.script}.py gives a plain model such as {plain[0]!r} (served at {api.url}) another "
                       "--conv-mode: name the model to ask with --model-path or --model")
     if not served:
         print(f"llava-queue eval: no worker serves a model at {api.url} now; the jobs wait in the queue until one "
@@ -1226,7 +1325,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # The original scripts whose command line `eval` takes (`--script`), the first its default.
-SCRIPTS = ("model_vqa", "model_vqa_loader", "model_vqa_science")
+SCRIPTS = ("model_vqa", "model_vqa_loader", "model_vqa_science", "model_vqa_mmbench")
 
 
 def script_name(value: str) -> str:
@@ -1250,9 +1349,11 @@ def add_eval_parser(sub) -> None:
                              "`llava-queue eval --script NAME`. model_vqa (the default); model_vqa_loader, which "
                              "the official benchmark scripts run (max_new_tokens 128; a plain model's --conv-mode "
                              "gets _mmtag); model_vqa_science (ScienceQA: a JSON list of {id, conversations[, "
-                             "image]}; --conv-mode llava_v0)")
+                             "image]}; --conv-mode llava_v0); model_vqa_mmbench (MMBench: a TSV of columns index, "
+                             "question, hint, A-D, image in base64; a plain model's --conv-mode gets _mmtag)")
     parser.add_argument("--question-file", required=True,
-                        help="JSON lines {question_id, image, text[, category]} (see --script model_vqa_science)")
+                        help="JSON lines {question_id, image, text[, category]} (see --script model_vqa_science "
+                             "and model_vqa_mmbench)")
     parser.add_argument("--image-folder", default="", help="where the questions' image files are (on this machine)")
     parser.add_argument("--answers-file", required=True, help="JSON lines, as model_vqa.py writes them")
     parser.add_argument("--model", help="the served model to ask (default: whichever worker takes the job)")
@@ -1272,8 +1373,14 @@ def add_eval_parser(sub) -> None:
                              f"({LOADER_MAX_NEW_TOKENS} with --script model_vqa_loader, its default)")
     parser.add_argument("--seed", type=int, default=None, help="every job samples with this seed")
     parser.add_argument("--single-pred-prompt", action="store_true",
-                        help="model_vqa_science's: each question ends in \"Answer with the option's letter from the "
-                             "given choices directly.\"")
+                        help="model_vqa_science's and model_vqa_mmbench's: each question ends in \"Answer with the "
+                             "option's letter from the given choices directly.\"")
+    parser.add_argument("--all-rounds", action="store_true",
+                        help="model_vqa_mmbench's: ask each question once per option, the options turned one "
+                             "further each round (answer lines' round_id)")
+    parser.add_argument("--lang", choices=("en", "cn"),
+                        help="model_vqa_mmbench's: cn ends each question (with --single-pred-prompt) in Chinese "
+                             "(MMBench-CN; default en)")
     parser.add_argument("--num-chunks", type=int, default=1, help="split the questions as model_vqa.py does...")
     parser.add_argument("--chunk-idx", type=int, default=0, help="...and answer this chunk (from 0)")
     parser.add_argument("--api-url", default=os.environ.get("LLAVA_QUEUE_API_URL", DEFAULT_API_URL),

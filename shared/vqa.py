@@ -1,5 +1,5 @@
 """Offline evaluation as the original `llava/eval/model_vqa.py` does it (and its variants: `model_vqa_loader.py`'s
-defaults, `model_vqa_science.py`'s question file).
+defaults, `model_vqa_science.py`'s question file, `model_vqa_mmbench.py`'s questions and answer lines).
 
 A question line `{"question_id", "image", "text"[, "category"]}` becomes the prompt
 `"<image>\\n" + text` in the chosen conversation template (the worker wraps `<image>` in
@@ -27,6 +27,10 @@ DEFAULT_CONV_MODE = "llava_v1"
 SCIENCE_CONV_MODE = "llava_v0"  # `model_vqa_science.py`'s default (the ScienceQA script passes vicuna_v1)
 # What `model_vqa_science.py --single-pred-prompt` appends to each question, on a line of its own.
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+# `model_vqa_mmbench.py --single-pred-prompt --lang cn`'s (MMBench-CN), in place of SINGLE_PRED_PROMPT.
+SINGLE_PRED_PROMPT_CN = "请直接回答选项字母。"
+# The option columns `model_vqa_mmbench.py` reads, in order: those after the first absent one are not.
+MMBENCH_OPTIONS = ("A", "B", "C", "D")
 DEFAULT_TEMPERATURE = 0.2
 # `model_vqa.py` hard-codes max_new_tokens=1024; `model_vqa_loader.py`, which the official benchmark scripts run
 # (VQAv2, GQA, TextVQA, POPE, MME...), defaults to 128.
@@ -68,6 +72,19 @@ class Question(BaseModel):
         """The answers line's `prompt`: the question text as given."""
         return self.text
 
+    @property
+    def matched(self) -> str:
+        """What its answer line is matched by, beside question_id (`answer_matched` of the line)."""
+        return self.echoed
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    def answer_record(self, text: str, model_id: str) -> dict[str, Any]:
+        """Its answers-file object."""
+        return answer_record(self.question_id, self.echoed, text, model_id)
+
 
 class ScienceQuestion(Question):
     """A question of `model_vqa_science.py`'s file (`science_question`), whose answers line's `prompt` starts with
@@ -76,6 +93,37 @@ class ScienceQuestion(Question):
     @property
     def echoed(self) -> str:
         return f"{IMAGE_TOKEN}\n{self.text}" if self.image is not None else self.text
+
+
+class MMBenchQuestion(Question):
+    """A question of `model_vqa_mmbench.py` (`mmbench_questions`): one round of a row of its TSV, its image in the row
+    (base64) rather than in a file. Its answer line echoes `shown` (the question without the instruction that
+    --single-pred-prompt adds to `text`) and says which round it is, with the options in that round's order."""
+
+    shown: str
+    round_id: int
+    options: list[str]
+    option_char: list[str]
+    image_b64: str
+
+    @property
+    def echoed(self) -> str:
+        return self.shown
+
+    @property
+    def matched(self) -> str:
+        # Two rounds of options alike are two questions of one text.
+        return json.dumps([self.round_id, self.shown])
+
+    @property
+    def has_image(self) -> bool:
+        return True
+
+    def answer_record(self, text: str, model_id: str) -> dict[str, Any]:
+        """The answers-file object `model_vqa_mmbench.py` writes, keys in its order."""
+        return {"question_id": self.question_id, "round_id": self.round_id, "prompt": self.shown,
+                "text": answer_text(text), "options": self.options, "option_char": self.option_char,
+                "answer_id": new_answer_id(), "model_id": model_id, "metadata": {}}
 
 
 class EvalParams(BaseModel):
@@ -116,7 +164,7 @@ def question_prompt(text: str, conv_mode: str, with_image: bool = True) -> str:
 
 def question_job(question: Question, params: EvalParams, image_b64: str | None) -> JobRequest:
     """The batch-queue job for one question; `image_b64` is the question's image file, base64."""
-    if (image_b64 is None) != (question.image is None):
+    if (image_b64 is None) == question.has_image:
         raise ValueError("an image is given exactly when the question names one")
     return JobRequest(
         model=params.model,
@@ -150,6 +198,14 @@ def answer_record(question_id: Any, prompt: str, text: str, model_id: str,
     """One answers-file object, keys in the original's order; `prompt` is the question text as given."""
     return {"question_id": question_id, "prompt": prompt, "text": answer_text(text),
             "answer_id": answer_id or new_answer_id(), "model_id": model_id, "metadata": {}}
+
+
+def answer_matched(record: dict[str, Any]) -> str | None:
+    """What an answer line is matched to its question by, beside question_id (`Question.matched`): its prompt (None
+    when it is no string), and its round_id where it has one (`model_vqa_mmbench.py`'s)."""
+    prompt = record.get("prompt")
+    prompt = prompt if isinstance(prompt, str) else None
+    return json.dumps([record["round_id"], prompt]) if "round_id" in record else prompt
 
 
 def answer_line(record: dict[str, Any]) -> str:
@@ -226,3 +282,44 @@ def science_question(entry: Any, single_pred_prompt: bool = False) -> ScienceQue
     if single_pred_prompt:
         text = f"{text}\n{SINGLE_PRED_PROMPT}"
     return ScienceQuestion(question_id=entry["id"], text=text, image=entry.get("image"))
+
+
+def is_none(value: str | None) -> bool:
+    """Whether a field of `model_vqa_mmbench.py`'s TSV is absent, as it reads the file (pandas' `read_table`): empty,
+    one of pandas' default missing-value strings, or `nan`/`none` in any case (the script's own `is_none`)."""
+    return value is None or value in PANDAS_NA or value.lower() in ("nan", "none")
+
+
+# What pandas reads as a missing value by default (`keep_default_na`).
+PANDAS_NA = frozenset(("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"))
+
+
+def mmbench_questions(row: dict[str, Any], question_id: Any, all_rounds: bool = False,
+                      instruction: str | None = None) -> list[MMBenchQuestion]:
+    """The questions `model_vqa_mmbench.py` asks of a row of its TSV (column name to field; a field the row lacks is
+    left out), whose `index` is `question_id`: the hint (if any) on a line before the question, then a line "A. ..."
+    per option, options read from A to D up to the first absent one; `instruction` (SINGLE_PRED_PROMPT or
+    SINGLE_PRED_PROMPT_CN) on a line after. One question, round 0; with `all_rounds` one per option, each round with
+    the options turned one further (the letters stay: round 1 of A/B/C shows B's option as A), none for a row without
+    options. ValueError (pydantic's ValidationError among them) says what is wrong."""
+    question, hint, image = row.get("question"), row.get("hint"), row.get("image")
+    if is_none(question):
+        raise ValueError("question: field required")
+    if is_none(image):
+        raise ValueError("image: field required (model_vqa_mmbench.py reads it from the question file, base64)")
+    options: list[str] = []
+    for char in MMBENCH_OPTIONS:
+        if is_none(row.get(char)):
+            break
+        options.append(row[char])
+    chars = list(MMBENCH_OPTIONS[:len(options)])
+    questions = []
+    for round_id in range(len(options) if all_rounds else 1):
+        shown = question if is_none(hint) else f"{hint}\n{question}"
+        shown += "".join(f"\n{char}. {option}" for char, option in zip(MMBENCH_OPTIONS, options))
+        questions.append(MMBenchQuestion(
+            question_id=question_id, text=shown if instruction is None else f"{shown}\n{instruction}", shown=shown,
+            round_id=round_id, options=options, option_char=chars, image_b64=image))
+        options, chars = options[1:] + options[:1], chars[1:] + chars[:1]
+    return questions
