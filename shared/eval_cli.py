@@ -699,8 +699,8 @@ class EvalRun:
             elif record.get("key") in groups:
                 # The "after" line: the job ids, and the questions they are for when the group was posted with fewer
                 # than it first held (`_next_group`).
-                groups[record["key"]].update({name: record[name] for name in ("job_ids", "question_ids", "lines")
-                                              if name in record})
+                groups[record["key"]].update({name: record[name] for name in ("job_ids", "question_ids", "lines",
+                                                                              "rounds") if name in record})
         if foreign:
             self.progress.message(f"eval: {jobs(foreign)} in {self.state_path} were submitted with other parameters; "
                                   "they are not collected")

@@ -54,11 +54,14 @@ class SharedReading:
             now = time.monotonic()
             spent = len(self._began) == self._began.maxlen and now - self._began[0] < self.seconds
             if not self._began or (self._began[-1] < called and not spent):
-                self._began.append(now)
                 try:
-                    self._answer = (await asyncio.to_thread(self.read), None)
+                    answer = (await asyncio.to_thread(self.read), None)
                 except redis.RedisError as exc:
-                    self._answer = (None, exc)
+                    answer = (None, exc)
+                # Counted only once answered: a reading that raised anything else (or was cancelled) answered no
+                # one, and the calls waiting for it had the answer before it, read before they came (None at first).
+                self._began.append(now)
+                self._answer = answer
             value, error = self._answer
         if error is not None:
             raise error.with_traceback(None)  # (raised again and again, its traceback would grow with each call)
