@@ -40,10 +40,10 @@ No torch here: the command runs on client machines with the base install.
 import argparse
 import csv
 import fcntl
-import re
 import http.client
 import json
 import os
+import re
 import signal
 import sys
 import threading
