@@ -2,6 +2,7 @@
 default model, and the API process, started once per session on free ports."""
 
 import os
+import signal
 import subprocess
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,6 +18,12 @@ import requests
 from shared.redis_server import RedisServer, free_port
 
 CACHE_DIR = Path(os.environ.get("LLAVA_QUEUE_CACHE_DIR", Path.home() / ".cache" / "llava-queue"))
+
+# A suite started in the background by a shell without job control (`(bash .ci/run &)`, nohup) has SIGINT ignored,
+# and every process it starts inherits that: the tests that press Ctrl-C on `llava-queue up`, `status --watch` or
+# `eval` waited out their timeouts. The processes the tests start get Ctrl-C as a terminal gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
