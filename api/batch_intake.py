@@ -22,7 +22,7 @@ from typing import IO, Any
 from celery import Celery
 from pydantic import ValidationError
 
-from api.errors import ApiError
+from api.errors import MODEL_NOT_FOUND, ApiError
 from api.json_bodies import JsonParsers
 from api.routes.openai import parse_chat_request
 from api.submission import check_unicode, queue_unavailable
@@ -61,9 +61,10 @@ class LineRefused(Exception):
     """A line that cannot run: why, and for OpenAI lines the HTTP status and error the call would have had."""
 
     def __init__(self, message: str, status_code: int = 400, param: str | None = None,
-                 code: int = ErrorCode.INVALID_REQUEST):
+                 code: int | str = ErrorCode.INVALID_REQUEST):
         super().__init__(message)
-        self.message, self.status_code, self.param, self.code = message, status_code, param, int(code)
+        self.message, self.status_code, self.param = message, status_code, param
+        self.code = code if isinstance(code, str) else int(code)
 
 
 def _unexpected(line_number: int, exc: Exception) -> LineRefused:
@@ -336,6 +337,6 @@ class Intake:
             raise LineRefused(exc.message, status_code=exc.status, param=exc.param, code=exc.code) from None
         if chat.model not in self.served:
             raise LineRefused(f"the model {chat.model!r} is not served here (live workers serve: "
-                              f"{self.served or 'none'})", status_code=404, param="model", code=ErrorCode.NO_WORKER)
+                              f"{self.served or 'none'})", status_code=404, param="model", code=MODEL_NOT_FOUND)
         entry["model"] = chat.model
         return request

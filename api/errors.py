@@ -6,6 +6,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.routing import Match
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,17 +23,25 @@ UNAVAILABLE_LOG_INTERVAL_SECONDS = 10.0
 
 
 class ApiError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status. `code` is
+    llava-queue's error code, or one of OpenAI's own string codes where its clients look for it (MODEL_NOT_FOUND)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: int = ErrorCode.INVALID_REQUEST, headers: dict[str, str] | None = None):
+                 code: int | str = ErrorCode.INVALID_REQUEST, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, int(code)
+        self.status, self.message, self.type, self.param = status, message, type, param
+        self.code = code if isinstance(code, str) else int(code)
         self.headers = headers
 
 
-def error_body(message: str, type: str, param: str | None, code: int) -> dict:
-    """The JSON body of every error response (the OpenAI error shape, with llava-queue's error code)."""
+# OpenAI's code for a model it does not serve (404), which OpenAI's clients and tools test for to tell a wrong model
+# name from a wrong URL; llava-queue's own (NO_WORKER, 2) was answered there.
+MODEL_NOT_FOUND = "model_not_found"
+
+
+def error_body(message: str, type: str, param: str | None, code: int | str) -> dict:
+    """The JSON body of every error response (the OpenAI error shape, with llava-queue's error code or OpenAI's, see
+    ApiError)."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -157,7 +166,10 @@ def install_error_handlers(app: FastAPI) -> None:
                                            "invalid_request_error", None, ErrorCode.INVALID_REQUEST), status_code=400)
         message, error_type = str(exc.detail), "http_error"
         path = request.url.path
-        # (Only the router answers these, and over HTTP: a route's own 404s are ApiErrors. A 405 keeps its Allow.)
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405 and request.scope["type"] == "http":
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+        # (Only the router answers these, and over HTTP: a route's own 404s are ApiErrors.)
         if (exc.status_code in _OPENAI_ROUTING_ERRORS and request.scope["type"] == "http"
                 and (path == "/v1" or path.startswith("/v1/"))):
             message = f"{_OPENAI_ROUTING_ERRORS[exc.status_code]} ({request.method} {path})"
@@ -167,7 +179,18 @@ def install_error_handlers(app: FastAPI) -> None:
             # the upgrade.)
             message += f": {path} takes a WebSocket (ws:// or wss://), not a plain HTTP request"
         return JSONResponse(error_body(message, error_type, None, ErrorCode.INVALID_REQUEST),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                            status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes at the request's path, sorted: a 405's Allow. The router's own
+    named the methods of the first route it matched alone: `PUT /v1/jobs/{id}` answered `Allow: GET`, though DELETE
+    is taken there too (a route for each), and `/v1/jobs/cancel` takes GET and DELETE as a job id besides its POST."""
+    methods = set()
+    for route in iter_route_contexts(request.app.router.routes):
+        if route.methods and route.matches(dict(request.scope))[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def _takes_a_websocket(request: Request) -> bool:

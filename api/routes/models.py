@@ -5,7 +5,7 @@ import asyncio
 from fastapi import APIRouter
 
 from api.deps import Registry
-from api.errors import ApiError
+from api.errors import MODEL_NOT_FOUND, ApiError
 from shared.protocol import ErrorCode, reads_images
 
 router = APIRouter(tags=["models"])
@@ -70,5 +70,4 @@ async def retrieve_model(model: str, registry: Registry) -> dict:
     away = (await asyncio.to_thread(returning_models, registry, served_models(workers))).get(model)
     if away is not None:
         raise model_away(model, away)
-    raise ApiError(404, f"the model {model!r} is not served here", param="model",
-                   code=ErrorCode.NO_WORKER)
+    raise ApiError(404, f"the model {model!r} is not served here", param="model", code=MODEL_NOT_FOUND)

@@ -27,7 +27,7 @@ from pydantic_core import PydanticCustomError
 from api.auth import KeyBeforeBody
 from api.channel_hub import ChannelHub
 from api.deps import ApiKey, Hub, IdempotencyKey, Registry, Store, Submissions
-from api.errors import ApiError, body_not_json, error_body, store_unavailable
+from api.errors import MODEL_NOT_FOUND, ApiError, body_not_json, error_body, store_unavailable
 from api.routes.llava import JOB_ID_HEADER, cancel_unless_ended
 from api.routes.models import model_away, returning_models, served_models
 from api.stream import FollowingResponse, JobGone, JobNotFound, ServerStopping, follow_job, with_keepalives
@@ -511,7 +511,7 @@ async def require_served(registry: WorkerRegistry, model: str) -> None:
         if away is not None:
             raise model_away(model, away)
         raise ApiError(404, f"the model {model!r} is not served here (live workers serve: {served or 'none'})",
-                       param="model", code=ErrorCode.NO_WORKER)
+                       param="model", code=MODEL_NOT_FOUND)
 
 
 def usage_of(record: dict) -> Usage:
