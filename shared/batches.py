@@ -179,7 +179,9 @@ local function places_taken(prefix, prune)
     local batch = prefix .. held[i]
     if redis.call('EXISTS', batch .. ':reader') == 1 then
       local lines, owner = string.match(held[i + 1], '^(%d+) ?(.*)$')
-      local left = math.max(0, tonumber(lines) - redis.call('LLEN', batch .. ':lines'))
+      -- (a lines key of another type, SET by hand, holds none: its LLEN failed every admission, of every key)
+      local recorded = redis.call('TYPE', batch .. ':lines')['ok'] == 'list' and redis.call('LLEN', batch .. ':lines')
+      local left = math.max(0, tonumber(lines) - (recorded or 0))
       taken = taken + left
       if owner ~= '' then owned[owner] = (owned[owner] or 0) + left end
     elseif prune then
@@ -214,6 +216,21 @@ return answer
 # A field (ARGV[1] = ARGV[2]) of a batch (KEYS[1]) that is still kept: HSET on one gone would make a new hash.
 _KEEP_SIZE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
+
+# A batch that ended (KEYS[1]) kept ARGV[1] s from now, with its lines and results (KEYS[2], KEYS[3]) and its owner's
+# index (KEYS[4]): its output files were made as it ended, and are kept the batch TTL from then, as an upload is from
+# its upload. They went with the batch, the TTL after its creation: a file listed (by when it was made) after an
+# upload expired before it, and a page's `after` naming it then ended the list with that upload never listed. Never
+# shortened; marked (`files_kept`) so that it is done once. Not for a batch gone (HSET would make a new hash).
+_KEEP_FILES = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
+for i = 1, 4 do
+  local left = redis.call('TTL', KEYS[i])
+  if left >= 0 and left < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+end
+redis.call('HSET', KEYS[1], 'files_kept', '1')
+return 1
 """
 
 # A page of an owner's batches (KEYS[1], its index), newest first, in one script, so that the cursor's rank and the
@@ -321,9 +338,10 @@ class FilesFull(Exception):
 
 class DamagedBatch(DamagedRecord):
     """A read of a batch whose record is damaged: its key holds another type than a hash (a key SET by hand), or a
-    field llava-queue writes (its status, a time, a count) does not read as one. Answered as a damaged job is (a 500
-    that names the damage, api/errors.py), not as the WRONGTYPE of a Redis away (503 "try again shortly", logged as
-    an outage) nor as a bare 500 (a ValueError); a list shows it as an entry of its own (`record`)."""
+    field llava-queue writes (its status, a time, a count) does not read as one; or so are its lines or their results
+    (`_KEY_TYPES`, `lines`). Answered as a damaged job is (a 500 that names the damage, api/errors.py), not as the
+    WRONGTYPE of a Redis away (503 "try again shortly", logged as an outage) nor as a bare 500 (a ValueError); a list
+    shows it as an entry of its own (`record`)."""
 
     def __init__(self, batch_id: str, damage: str):
         self.batch_id = batch_id
@@ -337,6 +355,29 @@ class DamagedBatch(DamagedRecord):
         return {"id": self.batch_id, "status": "failed", "counted": True, "metadata": None, "params": None,
                 "errors": [{"code": "damaged_record", "message": self.message, "param": None, "line": None}],
                 **dict.fromkeys(_TIMESTAMPS), **dict.fromkeys(_COUNTERS, 0)}
+
+
+class DamagedFile(DamagedRecord):
+    """A read of an uploaded file whose key is damaged: it holds another type than a hash, or its description does
+    not read as `save_file` writes it. Answered as a damaged batch is: it was a 503 "the job store is unavailable"
+    (WRONGTYPE) or a bare 500 (a ValueError, a KeyError), and failed the files list, every other file with it."""
+
+    def __init__(self, file_id: str, damage: str):
+        self.file_id = file_id
+        self.message = (f"file {file_id}: the file's record is damaged: {damage} (changed by hand, or by another "
+                        "program on the key prefix)")
+        redis.ResponseError.__init__(self, self.message)
+
+
+# A batch's keys, by the suffix of each to its record's key (its record, its lines, their results), and their types.
+_KEY_TYPES = (("", "hash"), (":lines", "list"), (":results", "hash"))
+# An upload's description (`save_file`): its fields and their types.
+_FILE_FIELDS = {"id": str, "bytes": int, "created_at": int, "filename": str, "purpose": str}
+
+
+def ended_at(record: dict[str, Any]) -> float | None:
+    """When the batch ended (None while it has not): when its output files were made."""
+    return next((record[f"{status}_at"] for status in FINAL_STATUSES if record[f"{status}_at"]), None)
 
 
 def read_time(value: str) -> float:
@@ -373,6 +414,18 @@ def window_seconds(window: str) -> int:
     return int(number) * _WINDOW_UNITS[unit]
 
 
+def _read_object(batch_id: str, where: str, number: int, raw: str) -> dict[str, Any]:
+    """A line's entry (or result) as JSON; DamagedBatch where it is no JSON object (`where` names it): a bare 500 (a
+    ValueError, or a TypeError further on) for the batch's files and lines."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise DamagedBatch(batch_id, f"its {where} {number} is no JSON object")
+    return value
+
+
 class BatchStore:
     """Batch records, their lines and results, and uploaded files, in the job store's Redis."""
 
@@ -399,6 +452,7 @@ class BatchStore:
         self._release = self.redis.register_script(_RELEASE)
         self._keep_size = self.redis.register_script(_KEEP_SIZE)
         self._list_page = self.redis.register_script(_LIST_PAGE)
+        self._keep_files = self.redis.register_script(_KEEP_FILES)
 
     def key(self, batch_id: str) -> str:
         return f"{self.store.batch_prefix}{batch_id}"
@@ -441,9 +495,10 @@ class BatchStore:
         self.redis.hdel(self.reservations_key, batch_id)
 
     def create(self, batch_id: str, fields: dict[str, Any]) -> None:
-        """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL. The index
-        drops the batches past the TTL (their records expired) and expires with its newest: it kept every batch
-        ever created (only a batch list that paged as far as one dropped it), and GET /v1/files read each it named."""
+        """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL, or, read once
+        it has ended, the TTL after its end (`get`): within twice the TTL either way. The index drops the batches past
+        that (their records expired) and expires with its newest: it kept every batch ever created (only a batch list
+        that paged as far as one dropped it), and GET /v1/files read each it named."""
         now = self.store.clock()
         record = {"id": batch_id, "owner": self.owner, "status": "validating", "created_at": repr(now), "ended": 0,
                   "completed": 0,
@@ -453,7 +508,7 @@ class BatchStore:
             pipe.hset(self.key(batch_id), mapping=record)
             pipe.expire(self.key(batch_id), self.ttl_seconds)
             pipe.zadd(self.index_key, {batch_id: now})
-            pipe.zremrangebyscore(self.index_key, "-inf", now - self.ttl_seconds)
+            pipe.zremrangebyscore(self.index_key, "-inf", now - 2 * self.ttl_seconds)
             pipe.expire(self.index_key, self.ttl_seconds)
             pipe.set(self.reader_key(batch_id), "1", ex=READER_LEASE_SECONDS)
             pipe.execute()
@@ -472,9 +527,12 @@ class BatchStore:
         if not entries:
             return self.redis.hget(self.key(batch_id), "status") or "missing"
         refused = sum("error" in entry for entry in entries)
-        return self._add_lines(keys=[self.key(batch_id), self.lines_key(batch_id), self.reader_key(batch_id)],
-                               args=[self.ttl_seconds, READER_LEASE_SECONDS, file_format or "", refused,
-                                     self.store.key(""), *[json.dumps(entry) for entry in entries]])
+        try:
+            return self._add_lines(keys=[self.key(batch_id), self.lines_key(batch_id), self.reader_key(batch_id)],
+                                   args=[self.ttl_seconds, READER_LEASE_SECONDS, file_format or "", refused,
+                                         self.store.key(""), *[json.dumps(entry) for entry in entries]])
+        except redis.ResponseError as exc:
+            raise self._damage_of(batch_id, exc) from exc
 
     def reader_key(self, batch_id: str) -> str:
         return f"{self.key(batch_id)}:reader"
@@ -486,25 +544,29 @@ class BatchStore:
         return (unread and self.store.clock() - record["created_at"] > READER_LEASE_SECONDS
                 and not self.redis.exists(self.reader_key(record["id"])))
 
-    def fail_abandoned(self, batch_ids: Sequence[str]) -> list[str]:
+    def fail_abandoned(self, batch_ids: Sequence[str]) -> tuple[list[str], list[DamagedBatch]]:
         """Fail as abandoned (`fail`, ABANDONED_ERROR) those of these batches (every owner's) that lost their reader
         (`abandoned`), as a read of each does (`settled` in api/routes/batches.py), their records read in one round
-        trip; returns their ids. For the lost-task sweep, which sends no task of a batch still read: the lines of one
-        whose reader died waited, queued, until a read of the batch failed it, or until their deadline. A record
-        damaged (or gone) since the sweep read its status is left as it is."""
+        trip; returns their ids, and the damage of those failed whose lines could not be ended (their lines or results
+        are damaged: raised, it failed the whole sweep, at every round). For the lost-task sweep, which sends no task of
+        a batch still read: the lines of one whose reader died waited, queued, until a read of the batch failed it, or
+        until their deadline. A record damaged (or gone) since the sweep read its status is left as it is."""
         with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in batch_ids:
                 pipe.hgetall(self.key(batch_id))
             raws = pipe.execute(raise_on_error=False)
-        failed = []
+        failed, damaged = [], []
         for batch_id, raw in zip(batch_ids, raws):
             try:
                 record = self._typed(batch_id, raw) if isinstance(raw, dict) and raw else None
             except DamagedBatch:
                 continue
-            if record is not None and self.abandoned(record) and self.fail(batch_id, ABANDONED_ERROR):
-                failed.append(batch_id)
-        return failed
+            try:
+                if record is not None and self.abandoned(record) and self.fail(batch_id, ABANDONED_ERROR):
+                    failed.append(batch_id)
+            except DamagedBatch as damage:
+                damaged.append(damage)
+        return failed, damaged
 
     def activate(self, batch_id: str, total: int, invalid: int, errors: Sequence[dict[str, Any]] = (),
                  file_format: str = "llava") -> str:
@@ -531,9 +593,12 @@ class BatchStore:
         do it at once share the work (each script goes on where the last one stopped; a line ends once). One that
         stopped part-way (it died) leaves the rest to the next read of the batch (`settled`); a line whose job ends
         before that still writes its result into the batch (_FINISH), as one that ended before the batch did."""
-        while self._end_lines(keys=[self.key(batch_id), self.lines_key(batch_id), self.results_key(batch_id)],
-                              args=[self.store.key(""), CANCELLED_ERROR, int(ErrorCode.CANCELLED), BULK_LINES]):
-            pass
+        try:
+            while self._end_lines(keys=[self.key(batch_id), self.lines_key(batch_id), self.results_key(batch_id)],
+                                  args=[self.store.key(""), CANCELLED_ERROR, int(ErrorCode.CANCELLED), BULK_LINES]):
+                pass
+        except redis.ResponseError as exc:
+            raise self._damage_of(batch_id, exc) from exc
 
     def cancel_jobs(self, batch_id: str, job_ids: Iterable[str] | None = None) -> None:
         """Cancel the jobs of every line of the batch (or these `job_ids`), as `JobStore.cancel` does each (queued ones
@@ -570,15 +635,52 @@ class BatchStore:
             raise self._damage_of(batch_id, exc) from exc
         if not raw or raw.get("owner", "") != self.owner:
             return None
-        return self._typed(batch_id, raw)
+        record = self._typed(batch_id, raw)
+        ended = ended_at(record)
+        if ended is not None and "files_kept" not in raw:
+            # Its output files are kept the TTL from when they were made (`_KEEP_FILES`), from their first read on:
+            # none is shown before.
+            self._keep_files(keys=[self.key(batch_id), self.lines_key(batch_id), self.results_key(batch_id),
+                                   self.index_key],
+                             args=[math.ceil(ended + self.ttl_seconds - self.store.clock())])
+        return record
+
+    def ended_times(self, batch_ids: Sequence[str]) -> dict[str, float]:
+        """When each of these batches that has ended did (`ended_at`: when its output files were made), read in one
+        round trip; not those still running, gone, or whose record is damaged (of another type, a time that is none),
+        which a read of each answers (`get`)."""
+        fields = [f"{status}_at" for status in FINAL_STATUSES]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.hmget(self.key(batch_id), fields)
+            answers = pipe.execute(raise_on_error=False)
+        ended = {}
+        for batch_id, values in zip(batch_ids, answers):
+            if isinstance(values, redis.ResponseError) and str(values).startswith("WRONGTYPE"):
+                continue
+            if isinstance(values, Exception):
+                raise values
+            try:
+                at = ended_at({field: read_time(value) if value else None for field, value in zip(fields, values)})
+            except ValueError:
+                continue
+            if at is not None:
+                ended[batch_id] = at
+        return ended
 
     def _damage_of(self, batch_id: str, exc: redis.ResponseError) -> redis.ResponseError:
-        """`exc`, answered for a read of a batch's record, as the DamagedBatch it is where the record holds another type
-        than a hash (so a record SET by hand, which names no owner, is said damaged to any caller, as a job's is)."""
+        """`exc`, answered for a read of a batch's keys, as the DamagedBatch it is where one of them holds another type
+        than its own (`_KEY_TYPES`: so a record SET by hand, which names no owner, is said damaged to any caller, as a
+        job's is)."""
         if str(exc).startswith("WRONGTYPE"):
-            kind = self.redis.type(self.key(batch_id))
-            if kind not in ("hash", "none"):
-                return DamagedBatch(batch_id, f"its key holds a {kind}, not a hash")
+            with self.redis.pipeline(transaction=False) as pipe:
+                for suffix, _ in _KEY_TYPES:
+                    pipe.type(self.key(batch_id) + suffix)
+                kinds = pipe.execute()
+            for (suffix, expected), kind in zip(_KEY_TYPES, kinds):
+                if kind not in (expected, "none"):
+                    return DamagedBatch(batch_id, f"its {suffix + ' ' if suffix else ''}key holds a {kind}, not a "
+                                                  f"{expected}")
         return exc
 
     @staticmethod
@@ -642,13 +744,17 @@ class BatchStore:
         """(line number from 0, line entry, result or None while it runs) for every line from line `start`, in file
         order."""
         while True:
-            raw = self.redis.lrange(self.lines_key(batch_id), start, start + chunk - 1)
-            if not raw:
-                return
-            numbers = [str(number) for number in range(start, start + len(raw))]
-            results = self.redis.hmget(self.results_key(batch_id), numbers) if with_results else [None] * len(raw)
-            for offset, (entry, result) in enumerate(zip(raw, results)):
-                yield start + offset, json.loads(entry), json.loads(result) if result else None
+            try:
+                raw = self.redis.lrange(self.lines_key(batch_id), start, start + chunk - 1)
+                if not raw:
+                    return
+                numbers = [str(number) for number in range(start, start + len(raw))]
+                results = self.redis.hmget(self.results_key(batch_id), numbers) if with_results else [None] * len(raw)
+            except redis.ResponseError as exc:
+                raise self._damage_of(batch_id, exc) from exc
+            for number, (entry, result) in enumerate(zip(raw, results), start):
+                yield number, _read_object(batch_id, ":lines entry", number, entry), (
+                    _read_object(batch_id, ":results field", number, result) if result else None)
             start += len(raw)
 
     def progress(self, record: dict[str, Any]) -> dict[str, float | None]:
@@ -687,9 +793,9 @@ class BatchStore:
         self._keep_size(keys=[self.key(batch_id)], args=[f"{kind}_bytes", size])
 
     def batch_index(self) -> Sequence[tuple[str, float]]:
-        """The owner's batch ids, with their creation times, oldest first; none past the TTL (see `create`)."""
+        """The owner's batch ids, with their creation times, oldest first; none past twice the TTL (see `create`)."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(self.index_key, "-inf", self.store.clock() - self.ttl_seconds)
+            pipe.zremrangebyscore(self.index_key, "-inf", self.store.clock() - 2 * self.ttl_seconds)
             pipe.zrange(self.index_key, 0, -1, withscores=True)
             return pipe.execute()[-1]
 
@@ -778,12 +884,23 @@ class BatchStore:
             for key in keys:
                 pipe.hmget(key, ["meta", "owner"])
                 pipe.pttl(key)
-            found = pipe.execute()
+            found = pipe.execute(raise_on_error=False)
         now = self.store.clock()
         with self.redis.pipeline(transaction=False) as pipe:
-            for (raw, owner), left_ms in zip(found[::2], found[1::2]):
-                if raw:  # not expired meanwhile
-                    meta, index = json.loads(raw), self._files_index(owner or "")
+            for key, read, left_ms in zip(keys, found[::2], found[1::2]):
+                # A damaged one (of another type, or a description that is none) is left out, a read of it saying why
+                # (`file_meta`): it failed the scan's step, every time, and the scan never got past it.
+                if isinstance(read, redis.ResponseError) and str(read).startswith("WRONGTYPE"):
+                    continue
+                if isinstance(read, Exception):
+                    raise read
+                raw, owner = read
+                try:
+                    meta = self._read_meta(key[len(self.file_key("")):], raw) if raw else None
+                except DamagedFile:
+                    continue
+                if meta:  # not expired meanwhile
+                    index = self._files_index(owner or "")
                     # Its upload time as its TTL tells it (`created_at` has whole seconds only), so that it leaves
                     # the index as its key expires.
                     uploaded = now + left_ms / 1000 - self.ttl_seconds if left_ms >= 0 else meta["created_at"]
@@ -813,17 +930,44 @@ class BatchStore:
         return f"{base}:expiry", f"{base}:sizes", f"{base}:bytes"
 
     def file_meta(self, file_id: str) -> dict[str, Any] | None:
-        """An uploaded file's description, or None if unknown (or another key's)."""
-        raw, owner = self.redis.hmget(self.file_key(file_id), ["meta", "owner"])
-        return json.loads(raw) if raw and (owner or "") == self.owner else None
+        """An uploaded file's description, or None if unknown (or another key's); DamagedFile for a damaged one."""
+        try:
+            raw, owner = self.redis.hmget(self.file_key(file_id), ["meta", "owner"])
+        except redis.ResponseError as exc:
+            raise self._file_damage(file_id, exc) from exc
+        return self._read_meta(file_id, raw) if raw and (owner or "") == self.owner else None
+
+    @staticmethod
+    def _read_meta(file_id: str, raw: str) -> dict[str, Any]:
+        """An upload's description as read; DamagedFile where it is not one `save_file` writes (`_FILE_FIELDS`)."""
+        try:
+            meta = json.loads(raw)
+        except (ValueError, RecursionError):
+            meta = None
+        if not (isinstance(meta, dict) and all(type(meta.get(name)) is kind for name, kind in _FILE_FIELDS.items())
+                and meta["id"] == file_id):
+            raise DamagedFile(file_id, "its description (field meta) does not read as one")
+        return meta
+
+    def _file_damage(self, file_id: str, exc: redis.ResponseError) -> redis.ResponseError:
+        """`exc`, answered for a read of an upload's key, as the DamagedFile it is where the key holds another type
+        than a hash (said damaged to any caller: it names no owner)."""
+        if str(exc).startswith("WRONGTYPE"):
+            kind = self.redis.type(self.file_key(file_id))
+            if kind not in ("hash", "none"):
+                return DamagedFile(file_id, f"its key holds a {kind}, not a hash")
+        return exc
 
     def file_content(self, file_id: str) -> bytes | None:
-        """An uploaded file's bytes, or None if unknown (or another key's)."""
+        """An uploaded file's bytes, or None if unknown (or another key's); DamagedFile for a damaged one."""
         with self.redis.pipeline(transaction=False) as pipe:
             # The store's client decodes replies as text; the file's bytes are read without decoding.
             pipe.execute_command("HGET", self.file_key(file_id), "content", **{NEVER_DECODE: []})
             pipe.hget(self.file_key(file_id), "owner")
-            content, owner = pipe.execute()
+            content, owner = answers = pipe.execute(raise_on_error=False)
+        for answer in answers:
+            if isinstance(answer, redis.ResponseError):
+                raise self._file_damage(file_id, answer)
         return content if (owner or "") == self.owner else None
 
     def delete_file(self, file_id: str) -> bool:

@@ -221,13 +221,21 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
             for batch in batches:
                 pipe.hget(f"{store.batch_prefix}{batch}", "status")
             statuses = dict(zip(batches, pipe.execute(raise_on_error=False)))
+        # A batch whose key holds another type than a hash (a key SET by hand) is a failed one to every read of it
+        # (`DamagedBatch`, a 500 that says so): its lines, sent as lost, ran for nobody (and failed as they ended).
+        statuses.update({batch: "damaged" for batch, status in statuses.items()
+                         if isinstance(status, redis.ResponseError) and str(status).startswith("WRONGTYPE")})
     # A batch whose reader (an API process) died, as a read of it would: failed as abandoned, its lines ended with it
     # (`BatchStore.fail`). Left `validating` until someone read it, its lines waited here, queued, until their deadline.
     read = [batch for batch, status in statuses.items() if status in ("validating", "cancelling")]
-    abandoned = set(BatchStore(store, store.ttl_seconds).fail_abandoned(read)) if read else set()
-    for batch in sorted(abandoned):
+    failed, damaged_lines = BatchStore(store, store.ttl_seconds).fail_abandoned(read) if read else ([], [])
+    abandoned = set(failed) | {damage.batch_id for damage in damaged_lines}
+    for batch in sorted(failed):
         log.warning("batch %s: the API process reading its file stopped before its end (its lease lapsed); ended as "
                     "abandoned by the lost-task sweep, its lines cancelled", batch)
+    for damage in damaged_lines:
+        log.warning("%s; ended as abandoned by the lost-task sweep (the API process reading its file stopped), its "
+                    "lines left to end as they are swept", damage.message)
     candidates = _cancel_lines_of_ended_batches(store, [candidate for candidate in candidates
                                                         if candidate[3] not in abandoned], statuses, let_go)
     candidates = [candidate for candidate in candidates if statuses.get(candidate[3]) != "validating"]
@@ -259,8 +267,8 @@ def _cancel_lines_of_ended_batches(store: JobStore, candidates: list[tuple[str, 
                                    statuses: dict[str, object],
                                    let_go: set[str]) -> list[tuple[str, str, float, str | None]]:
     """Cancel the queued jobs among `candidates` (job id, Celery queue, created at, batch) that are lines of a batch
-    that ended, is cancelling or is gone (`statuses`: batch -> its status, None when gone), or that their batch let go
-    of (`let_go`); returns the others.
+    that ended, is cancelling, is gone or damaged (`statuses`: batch -> its status, None when gone, "damaged" when its
+    key holds no hash), or that their batch let go of (`let_go`); returns the others.
 
     The process that ends such a batch (`BatchStore.fail`, `cancel_batch`), or that has a chunk of lines refused by one
     (_ADD_LINES, then `Intake._enqueue`), cancels their jobs right after, and it can be killed in between: their tasks,
@@ -270,15 +278,16 @@ def _cancel_lines_of_ended_batches(store: JobStore, candidates: list[tuple[str, 
     has waited `older_than` (a worker that takes its message then skips it)."""
     ended = [candidate for candidate in candidates if candidate[0] in let_go or (
         candidate[3] and (statuses[candidate[3]] is None or statuses[candidate[3]] in (*BATCH_FINAL_STATUSES,
-                                                                                        "cancelling")))]
+                                                                                        "cancelling", "damaged")))]
     if not ended:
         return candidates
     store.cancel_many([job_id for job_id, *_ in ended])
     for batch in sorted({batch or "" for *_, batch in ended}):
         whose = f"batch {batch} ({statuses[batch] or 'gone'})" if batch else "batches that let them go"
-        log.warning("%d queued lines of %s cancelled by the lost-task sweep (the process ending their batch stopped "
-                    "before it cancelled them, or has not got to them yet)",
-                    sum((of or "") == batch for *_, of in ended), whose)
+        why = ("its key holds no hash: no read of it can show them" if batch and statuses[batch] == "damaged" else
+               "the process ending their batch stopped before it cancelled them, or has not got to them yet")
+        log.warning("%d queued lines of %s cancelled by the lost-task sweep (%s)",
+                    sum((of or "") == batch for *_, of in ended), whose, why)
     cancelled = {job_id for job_id, *_ in ended}
     return [candidate for candidate in candidates if candidate[0] not in cancelled]
 

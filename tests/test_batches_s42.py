@@ -55,14 +55,15 @@ def test_a_batchs_output_given_as_a_batchs_input_is_refused_for_its_purpose(clie
 
 
 def test_files_say_when_they_expire(client):
-    # Uploads go BATCH_TTL_SECONDS after they came, a batch's output files with their batch; every file said
-    # expires_at null, which is OpenAI's "never".
+    # Uploads go BATCH_TTL_SECONDS after they came, a batch's output files that long after they were made (as their
+    # batch ended); every file said expires_at null, which is OpenAI's "never".
     uploaded = client.files.create(file=("batch.jsonl", jsonl([LINE])), purpose="batch")
     expires_at = uploaded.created_at + TTL_SECONDS
     assert uploaded.expires_at == expires_at, uploaded
     assert client.files.retrieve(uploaded.id).expires_at == expires_at
     assert {file.id: file.expires_at for file in client.files.list(purpose="batch")}[uploaded.id] == expires_at
     batch = failed_batch(client)
-    assert client.files.retrieve(batch.error_file_id).expires_at == batch.created_at + TTL_SECONDS
+    made = client.files.retrieve(batch.error_file_id)
+    assert made.expires_at == made.created_at + TTL_SECONDS
     listed = {file.id: file.expires_at for file in client.files.list(purpose="batch_output")}
-    assert listed[batch.error_file_id] == batch.created_at + TTL_SECONDS
+    assert listed[batch.error_file_id] == made.created_at + TTL_SECONDS

@@ -26,13 +26,13 @@ from pydantic import ConfigDict, Field, StringConstraints
 
 from api.batch_intake import CHAT_COMPLETIONS, Intake, survey
 from api.deps import ApiKey, AppSettings, CeleryApp, Registry, Store
-from api.errors import ApiError, error_body, log_damaged
+from api.errors import MODEL_NOT_FOUND, ApiError, error_body, log_damaged
 from api.json_bodies import REQUEST_VALUES, JsonParsers, is_heavy
 from api.routes.models import returning_models, served_models
 from api.routes.openai import OpenAIRoute, completion_of, job_error
 from api.submission import admission_lock, check_room
 from shared.batches import (ABANDONED_ERROR, BATCH_ID, FINAL_STATUSES, BatchStore, DamagedBatch, answer_id_of,
-                            new_batch_id, window_seconds)
+                            ended_at, new_batch_id, window_seconds)
 from shared.dataroot import PathRefused, resolve_data_path
 from shared.jobs import JobStore
 from shared.protocol import ErrorCode, InvalidRequest, context_overflowed, parse_request
@@ -108,11 +108,6 @@ def batch_file_id(record: dict[str, Any], errors: bool) -> str | None:
     would hold no line."""
     lines = _failed(record) if errors else record["completed"]
     return batch_file_name(record["id"], errors) if record["status"] in FINAL_STATUSES and lines else None
-
-
-def ended_at(record: dict[str, Any]) -> float | None:
-    """When the batch ended (None while it has not)."""
-    return next((record[f"{status}_at"] for status in FINAL_STATUSES if record[f"{status}_at"]), None)
 
 
 def batch_view(batches: BatchStore, record: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +279,7 @@ def create(body: BatchCreate, upload: IO[bytes] | None, store: JobStore, batches
     served = live + sorted(returning_models(registry, live))
     if body.model is not None and body.model not in served:
         raise ApiError(404, f"the model {body.model!r} is not served here (live workers serve: {live or 'none'})",
-                       param="model", code=ErrorCode.NO_WORKER)
+                       param="model", code=MODEL_NOT_FOUND)
     stream, source = _open_input(body, upload, batches, settings)
     with stream:
         lines, file_format = survey(stream, settings.max_body_bytes, parsers)
@@ -405,10 +400,20 @@ def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
     """Batches, newest first (OpenAI's list shape: `data`, `first_id`, `last_id`, `has_more`)."""
     batches = batch_store(request)
     records, more = batches.list(limit, after)
-    data = [damaged_view(batches, record) if isinstance(record, DamagedBatch) else
-            batch_view(batches, settled(batches, record)) for record in records]
+    data = [_listed_view(batches, record) for record in records]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
+def _listed_view(batches: BatchStore, record: dict[str, Any] | DamagedBatch) -> dict[str, Any]:
+    """A batch as the list shows it; a damaged one (its record, or the lines `settled` ends) as its own read answers
+    (`damaged_view`): raised, it failed the whole list."""
+    if not isinstance(record, DamagedBatch):
+        try:
+            return batch_view(batches, settled(batches, record))
+        except DamagedBatch as damaged:
+            record = damaged
+    return damaged_view(batches, record)
 
 
 @router.get("/{batch_id}")
@@ -555,11 +560,19 @@ def file_deleted(file_id: str) -> ApiError:
     return ApiError(404, f"file {file_id!r} was deleted", type="not_found", param="file_id", code=ErrorCode.NOT_FOUND)
 
 
+def streamed(lines: Iterator[str]) -> StreamingResponse:
+    """A file sent as it is read, its first line read before the answer starts: damage found there (`DamagedBatch`:
+    the batch's lines or results of another type, or an entry that is none) is the 500 that names it, not an answer
+    cut off after its 200."""
+    first = next(lines, None)
+    return StreamingResponse(itertools.chain([] if first is None else [first], lines), media_type=JSONL)
+
+
 def output_response(batches: BatchStore, batch_id: str, errors: bool) -> StreamingResponse:
     record = read_batch(batches, batch_id)
     if record.get(f"{file_kind(errors)}_deleted_at"):
         raise file_deleted(batch_file_name(batch_id, errors))
-    return StreamingResponse(output_lines(batches, record, errors), media_type=JSONL)
+    return streamed(output_lines(batches, record, errors))
 
 
 @router.get("/{batch_id}/output", response_class=StreamingResponse,

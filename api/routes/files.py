@@ -8,19 +8,18 @@ llava-queue as they do against OpenAI.
 """
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any, Literal
 
-import redis
 from fastapi import APIRouter, BackgroundTasks, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from api.errors import ApiError, log_damaged
 from api.routes.batches import (BATCH_FILE, ERROR_FILE, JSONL, OUTPUT_FILE, batch_file_id, batch_file_name,
-                                batch_store, delete_output, ended_at, file_deleted, file_kind, output_lines, settled)
+                                batch_store, delete_output, file_deleted, file_kind, output_lines, settled, streamed)
 from api.routes.openai import OpenAIRoute
-from shared.batches import FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, DamagedBatch, FilesFull, read_time
+from shared.batches import (FILES_SCAN_STEPS, FINAL_STATUSES, BatchStore, DamagedBatch, DamagedFile, FilesFull,
+                            ended_at)
 from shared.protocol import ErrorCode
 
 # Invalid requests are answered 400, as OpenAI does (see api.routes.batches).
@@ -36,8 +35,8 @@ class FileObject(BaseModel):
     purpose: str
     status: str = "processed"
     status_details: None = None
-    # When it goes: with its batch (an output file), or BATCH_TTL_SECONDS after its upload, as Redis expires either;
-    # it was null, which is OpenAI's "never expires".
+    # When it goes: BATCH_TTL_SECONDS after it was made (a batch's file as its batch ended, `BatchStore.get`) or
+    # uploaded, as Redis expires either; it was null, which is OpenAI's "never expires".
     expires_at: int | None = None
 
 
@@ -85,28 +84,36 @@ def _batch_file_object(batches: BatchStore, record: dict[str, Any], errors: bool
         if record["status"] in FINAL_STATUSES:
             batches.keep_file_size(record["id"], file_kind(errors), size)
     name = batch_file_name(record["id"], errors)
-    # Made, as OpenAI's, when the batch ended (it names the file from then on); it goes with the batch.
-    return FileObject(id=name, bytes=int(size), created_at=int(ended_at(record) or record["created_at"]),
-                      filename=f"{name}.jsonl",
-                      purpose="batch_output", expires_at=int(record["created_at"]) + batches.ttl_seconds)
+    # Made, as OpenAI's, when the batch ended (it names the file from then on), and kept the TTL from then, as an
+    # upload is from its upload (it went with the batch, the TTL after the batch's creation).
+    made = int(ended_at(record) or record["created_at"])
+    return FileObject(id=name, bytes=int(size), created_at=made, filename=f"{name}.jsonl", purpose="batch_output",
+                      expires_at=made + batches.ttl_seconds)
 
 
 def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) -> FileObject | None:
     """The description of a file the index names, if it is still there: an upload not expired, or a finished batch's
     file (one its batch object names) not deleted. `records` keeps the batches read, for their second file."""
+    # A damaged file (an upload, or a batch: its record, lines or results) is left out, the other files listed: a
+    # read of it answers the 500 that says why.
+    try:
+        return _listed_file(batches, file_id, records)
+    except (DamagedBatch, DamagedFile) as damaged:
+        if isinstance(damaged, DamagedBatch):
+            records[damaged.batch_id] = None
+        log_damaged(f"{damaged.message}; not listed")
+        return None
+
+
+def _listed_file(batches: BatchStore, file_id: str, records: dict[str, dict | None]) -> FileObject | None:
+    """`_listed`, damage raised."""
     match = BATCH_FILE.fullmatch(file_id)
     if not match:
         meta = batches.file_meta(file_id)
         return upload_object(batches, meta) if meta else None
     batch_id, kind = match.groups()
     if batch_id not in records:
-        try:
-            record = batches.get(batch_id)
-        except DamagedBatch as damaged:
-            # Its files left out, the other files listed: a damaged batch names no file (`damaged_view`), and a read
-            # of one answers the 500 that says why.
-            log_damaged(f"{damaged.message}; its files are not listed")
-            record = None
+        record = batches.get(batch_id)
         records[batch_id] = settled(batches, record) if record else None
     record = records[batch_id]
     if record is None or record.get(f"{kind}_deleted_at"):
@@ -114,34 +121,6 @@ def _listed(batches: BatchStore, file_id: str, records: dict[str, dict | None]) 
     if batch_file_id(record, kind == "errors") != file_id:
         return None  # not finished, or nothing in that file
     return _batch_file_object(batches, record, kind == "errors")
-
-
-def _files_made(batches: BatchStore, index: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
-    """The batches of the `index` (id, created at), each with when its files were made (their `created_at`, see
-    `_batch_file_object`): when it ended; when it was created if it has not (its files are not listed). Listed by
-    their batch's creation, they were out of created_at order: a batch that ended after one created later came after
-    it, newest first (a client paging until a file older than it wants stopped before it)."""
-    fields = [f"{status}_at" for status in FINAL_STATUSES]
-    with batches.redis.pipeline(transaction=False) as pipe:
-        for batch_id, _ in index:
-            pipe.hmget(batches.key(batch_id), fields)
-        # A damaged record (of another type: WRONGTYPE) failed the whole list, a 503 "the job store is unavailable".
-        ended = pipe.execute(raise_on_error=False)
-    return [(batch_id, _ended_at(fields, values) or created_at) for (batch_id, created_at), values in zip(index, ended)]
-
-
-def _ended_at(fields: list[str], values: list[str | None] | Exception) -> float | None:
-    """When a batch ended, from its `fields` (`<status>_at`) as read; None if it has not, or if its record is damaged
-    (another type, a time that is none: a ValueError failed the whole list, a NaN put the other files out of order),
-    which `_listed` leaves out."""
-    if isinstance(values, redis.ResponseError) and str(values).startswith("WRONGTYPE"):
-        return None
-    if isinstance(values, Exception):
-        raise values
-    try:
-        return ended_at({field: read_time(value) if value else None for field, value in zip(fields, values)})
-    except ValueError:
-        return None
 
 
 @router.get("")
@@ -157,8 +136,12 @@ def list_files(request: Request, background: BackgroundTasks, purpose: str | Non
     if not batches.index_files(FILES_SCAN_STEPS):
         background.add_task(batches.index_files)
     indexed = [(at, file_id) for file_id, at in batches.uploaded_files(scan_steps=0)]
-    indexed += [(at, name.format(batch_id)) for batch_id, at in _files_made(batches, batches.batch_index())
-                for name in (OUTPUT_FILE, ERROR_FILE)]
+    # A batch's files by when they were made (`created_at`, see `_batch_file_object`): when it ended. (Listed by the
+    # batch's creation, they were out of created_at order: a client paging until a file older than it wants stopped
+    # before one.) Only a batch that ended has files; one gone has none, nor one damaged, which `_listed` would leave
+    # out (and at its creation time, a page's `after` naming its file went on from there, past newer files).
+    ended = batches.ended_times([batch_id for batch_id, _ in batches.batch_index()])
+    indexed += [(at, name.format(batch_id)) for batch_id, at in ended.items() for name in (OUTPUT_FILE, ERROR_FILE)]
     indexed.sort(reverse=order == "desc")
     ids = [file_id for _, file_id in indexed]
     if after in ids:
@@ -226,7 +209,7 @@ def file_content(file_id: str, request: Request) -> Response:
     batch_file = _batch_file(batches, file_id)
     if batch_file is not None:
         # Sent as it is read, as GET /v1/batches/{id}/output sends it: a batch of 50,000 answers is hundreds of MB.
-        return StreamingResponse(output_lines(batches, *batch_file), media_type=JSONL)
+        return streamed(output_lines(batches, *batch_file))
     content = batches.file_content(file_id)
     if content is None:
         raise file_not_found(file_id)
