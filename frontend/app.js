@@ -22,6 +22,10 @@ const STOPPING = "stopping…";
 // One answer at a time, as the original: Enter while one is generated keeps the message in the box, and says why.
 const BUSY_NOTICE = "An answer is still being generated: your message stays in the box. Send it once the answer "
   + "has ended, or press Stop.";
+// Enter once Stop (or Escape) was pressed: the message goes as soon as the answer has stopped. Enter pressed right
+// after Stop comes before the server has ended the answer: the message stayed in the box, and the notice above asked
+// for the Stop just pressed.
+const SEND_ONCE_STOPPED_NOTICE = "The answer is stopping: your message is sent as soon as it has stopped.";
 // Enter with no model to send to keeps the message too, and says why (the model field's text, after it).
 const NO_MODEL_NOTICE = "Your message stays in the box: there is no model to send it to";
 // The most pixels an image may have is the API's (LLAVA_QUEUE_MAX_IMAGE_PIXELS), read from the server; its default
@@ -43,13 +47,14 @@ const ui = {
 
 const state = {
   // {role: "user", text, image: {source, mode, sent: {mode, base64, dataUrl}} | null}
-  // {role: "assistant", text, jobId, model, status, error, errorCode, meta, voted, stopRequested, position,
-  //  modelGone}
+  // {role: "assistant", text, jobId, model, imageNote, status, error, errorCode, meta, voted, stopRequested,
+  //  position, modelGone}
   turns: [],
   models: new Map(), // the served models by name, as GET /v1/models lists them: {id, reads_images}
   pendingImage: null, // {source, name}
   imageReading: null, // while an image is being read: the promise of its reading (it never rejects)
   sendOnceRead: false, // Send was pressed while it was
+  sendOnceStopped: false, // Enter was pressed while the answer was stopping
   current: null, // the assistant turn being generated
   follower: null,
 };
@@ -108,8 +113,8 @@ function showSentImage(el, image) {
 function assistantElement() {
   const el = document.createElement("div");
   el.className = "turn assistant";
-  el.innerHTML = '<div class="bubble"><div class="markdown"></div><div class="error" role="alert" hidden></div></div>'
-    + '<div class="meta"></div>';
+  el.innerHTML = '<div class="bubble"><p class="answer-note"></p><div class="markdown"></div>'
+    + '<div class="error" role="alert" hidden></div></div><div class="meta"></div>';
   return el;
 }
 
@@ -120,6 +125,7 @@ function updateAssistant(turn) {
   const streaming = turn === state.current;
   el.dataset.status = turn.status;
   if (turn.jobId) el.dataset.jobId = turn.jobId;
+  setText(el.querySelector(".answer-note"), turn.imageNote);
   // As the original: the answer is shown stripped, with the cursor while it streams.
   const rendered = document.createElement("template");
   rendered.innerHTML = renderMarkdown(turn.text.trim());
@@ -249,7 +255,8 @@ function processMode() {
 
 async function send() {
   if (state.current) {
-    notice(BUSY_NOTICE);
+    state.sendOnceStopped = Boolean(state.current.stopRequested);
+    notice(state.sendOnceStopped ? SEND_ONCE_STOPPED_NOTICE : BUSY_NOTICE);
     return;
   }
   if (!ui.model.value) {
@@ -324,7 +331,12 @@ async function messagesToSend() {
 
 async function generate() {
   const model = ui.model.value;
-  const turn = { role: "assistant", text: "", model, status: "submitting", jobId: null, error: "", meta: "sending…" };
+  // Said on the answer itself, for good: the note under the image follows the model chosen for the next message, and
+  // with a LLaVA model chosen again, an earlier answer that never saw the image passed for one that did.
+  const imageNote = state.turns.some((turn) => turn.image) && !readsImages(model)
+    ? `Answered without seeing the image: ${model} does not read images.` : "";
+  const turn = { role: "assistant", text: "", model, imageNote, status: "submitting", jobId: null, error: "",
+                 meta: "sending…" };
   state.turns.push(turn);
   state.current = turn;
   // The log is busy while the answer streams: a screen reader would read it out again, whole, at every chunk (and
@@ -526,11 +538,15 @@ function finish(turn, job, ending) {
     state.current = null;
     state.follower = null;
     ui.conversation.setAttribute("aria-busy", "false"); // before the final text goes in: that is what is read out
-    if (ui.notice.textContent === BUSY_NOTICE) notice(""); // the message in the box can be sent now
+    if ([BUSY_NOTICE, SEND_ONCE_STOPPED_NOTICE].includes(ui.notice.textContent)) notice(""); // it can be sent now
     showImageWarnings(); // the next message goes to the model chosen now
   }
   updateAssistant(turn);
   updateButtons();
+  if (state.sendOnceStopped && !state.current) {
+    state.sendOnceStopped = false;
+    send();
+  }
 }
 
 /** "first token after 0.42 s · 37 tokens · 17.1 tokens/s" (waiting in the queue counts). */
@@ -574,7 +590,8 @@ async function stopCurrent() {
     if (error.status !== 409) {
       noticeMarkdown(`Could not stop the job: ${error.message} (error_code: ${error.code})`);
       if (state.current === turn) {
-        turn.stopRequested = false; // it goes on: Stop can be tried again
+        turn.stopRequested = false; // it goes on: Stop can be tried again, and a message waiting for it stays
+        state.sendOnceStopped = false;
         updateAssistant(turn);
         updateButtons();
       }
@@ -920,6 +937,13 @@ document.addEventListener("paste", (event) => {
   }
 });
 ui.stop.addEventListener("click", stopCurrent);
+// Escape stops the answer from anywhere on the page: from the message box, Stop took the mouse or several Tabs. (An
+// open list, a file dialog or an IME's composition takes its Escape itself.)
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape" || event.isComposing || event.defaultPrevented || ui.stop.disabled) return;
+  event.preventDefault();
+  stopCurrent();
+});
 ui.regenerate.addEventListener("click", regenerate);
 ui.clear.addEventListener("click", clearConversation);
 ui.upvote.addEventListener("click", () => vote("upvote"));
