@@ -76,8 +76,14 @@ for offset, entry in ipairs(entries) do
   -- (the key as json.dumps writes it: a string value holds no unescaped quote)
   local job = string.match(entry, '"job": "([^"]+)"')
   if job and redis.call('HEXISTS', KEYS[3], number) == 0 then
-    local f = redis.call('HMGET', ARGV[1] .. job, 'model', 'started_at', 'first_token_at')
-    redis.call('HDEL', ARGV[1] .. job, 'batch')
+    -- (a job key of another type, SET by hand, is left as it is, its line cancelled all the same: its HMGET failed
+    -- the script, and every read of the batch, and its owner's batch and file lists, were a 503 "the job store is
+    -- unavailable")
+    local f = {}
+    if redis.call('TYPE', ARGV[1] .. job)['ok'] == 'hash' then
+      f = redis.call('HMGET', ARGV[1] .. job, 'model', 'started_at', 'first_token_at')
+      redis.call('HDEL', ARGV[1] .. job, 'batch')
+    end
     redis.call('HSET', KEYS[3], number, cjson.encode({status = 'cancelled', error = ARGV[2],
                error_code = tonumber(ARGV[3]), finish_reason = 'cancelled', text = '', prompt_tokens = 0,
                completion_tokens = 0, model = f[1] or '', started_at = tonumber(f[2]), first_token_at = tonumber(f[3]),
@@ -931,11 +937,17 @@ class BatchStore:
 
     def file_meta(self, file_id: str) -> dict[str, Any] | None:
         """An uploaded file's description, or None if unknown (or another key's); DamagedFile for a damaged one."""
+        raw = self._owned_meta(file_id)
+        return self._read_meta(file_id, raw) if raw else None
+
+    def _owned_meta(self, file_id: str) -> str | None:
+        """An upload's description as stored, if the upload is the owner's (None if unknown, or another key's);
+        DamagedFile for a key of another type, which names no owner."""
         try:
             raw, owner = self.redis.hmget(self.file_key(file_id), ["meta", "owner"])
         except redis.ResponseError as exc:
             raise self._file_damage(file_id, exc) from exc
-        return self._read_meta(file_id, raw) if raw and (owner or "") == self.owner else None
+        return raw if raw and (owner or "") == self.owner else None
 
     @staticmethod
     def _read_meta(file_id: str, raw: str) -> dict[str, Any]:
@@ -972,7 +984,9 @@ class BatchStore:
 
     def delete_file(self, file_id: str) -> bool:
         """Delete an uploaded file of the owner's; False if unknown (or another key's). Its entry in the index stays
-        (see `uploaded_files`)."""
-        if self.file_meta(file_id) is None:
+        (see `uploaded_files`). One whose description is damaged is deleted too, its owner read as any upload's: it
+        was a 500 that kept it, its bytes counted against the owner's limit, until it expired. (A key of another type
+        names no owner: DamagedFile.)"""
+        if self._owned_meta(file_id) is None:
             return False
         return bool(self._delete_file(keys=[self.file_key(file_id), *self._files_kept_keys], args=[file_id]))
