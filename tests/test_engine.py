@@ -419,8 +419,17 @@ def test_request_that_can_never_fit_fails_at_once(tiny_model, tokenizer):
     assert output.finish_reason == "error"
     assert "max_batch_tokens (64)" in output.error and "110" in output.error
     assert output.completion_tokens == 0
+    # The request's own error, met on every try (the worker answers it as an invalid request, not a server error);
+    # so is one whose parameters the engine refuses, whether it finds them on taking the request or in its step.
+    assert output.refused
+    odd = [engine.add_request("stop", [1, 2], SamplingParams(stop=5)),
+           engine.add_request("top_k", [1, 2], SamplingParams(top_k=2.5))]
     run_until_done(engine, small)
-    assert all(h.wait(0).finish_reason == "length" for h in small)
+    assert all(h.wait(0).finish_reason == "length" and not h.wait(0).refused for h in small)
+    assert [(h.wait(0).finish_reason, h.wait(0).refused) for h in odd] == [("error", True)] * 2, [h.wait(0) for h in odd]
+    engine.shutdown()
+    closed = engine.add_request("closed", [1, 2], params).wait(0)
+    assert (closed.finish_reason, closed.refused) == ("error", False), closed
     # Each small one reserves 6 + 20 tokens: two fit the budget of 64, the third waits.
     assert max(stream.running_per_step) == 2
     assert max(stream.reserved_per_step) <= 64

@@ -516,9 +516,9 @@ def test_with_an_api_key_a_job_waits_in_the_queue_then_fails_with_its_error_and_
     requests.delete(f"{small_stack.base_url}/v1/jobs/{blocker}", headers=SMALL_STACK_AUTH, timeout=10)
     assert wait_for_end(page) == "failed"
     record = job_record(small_stack.base_url, last_answer(page).get_attribute("data-job-id"), SMALL_STACK_AUTH)
-    assert record["status"] == "failed" and record["error_code"] == 1
+    assert record["status"] == "failed" and record["error_code"] == 4  # the request's own error, not the server's
     error = last_answer(page).locator(".error")
-    assert error.inner_text() == f"{record['error']} (error_code: 1)"
+    assert error.inner_text() == f"{record['error']} (error_code: 4)"
     assert "max_batch_tokens (256)" in error.inner_text()
     # As the original after an error: only Regenerate and Clear.
     assert page.get_by_role("button", name="Regenerate").is_enabled()

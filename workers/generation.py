@@ -729,6 +729,8 @@ def ending_of(out: SeqOutput, done_before: int = 0) -> Ending:
     if status == "cancelled":
         return Ending(out.request_id, status, CANCELLED_ERROR, ErrorCode.CANCELLED, "cancelled", tokens)
     if status == "failed":
-        return Ending(out.request_id, status, out.error or "generation failed", ErrorCode.SERVER_ERROR, "error",
-                      tokens)
+        # A request the engine can never run (out of range, past its token budget) is the client's error (a 400 to
+        # an OpenAI client); it was the server's, which the `openai` package tries again, to meet the same.
+        code = ErrorCode.INVALID_REQUEST if out.refused else ErrorCode.SERVER_ERROR
+        return Ending(out.request_id, status, out.error or "generation failed", code, "error", tokens)
     return Ending(out.request_id, status, finish_reason=out.finish_reason, completion_tokens=tokens)

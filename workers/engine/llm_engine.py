@@ -51,6 +51,8 @@ class SeqOutput:
     error: str | None = None
     first_token: bool = False
     token_ids: list[int] = field(default_factory=list)
+    # The error is the request's own (Sequence.refuse): it can never run on this engine.
+    refused: bool = False
 
 
 class RequestHandle:
@@ -193,14 +195,16 @@ class LLMEngine:
         """
         seq, error = _new_sequence(request_id, prompt_token_ids, params, prompt_embeds, text_context, priority)
         handle = RequestHandle(request_id)
-        if error is None:
+        if error is not None:
+            seq.refuse(error)
+        else:
             with self._wakeup:
                 if not self._closed:
                     self._inbox.append((seq, handle))
                     self._wakeup.notify()
                     return handle
                 error = self._close_error
-        seq.finish("error", error)
+            seq.finish("error", error)
         handle._resolve(_output(seq, "", first_token=False))
         return handle
 
@@ -386,6 +390,9 @@ class LLMEngine:
         except Exception as exc:
             log.exception("request %s rejected", seq.request_id)
             error = f"invalid request: {type(exc).__name__}: {exc}"
+        else:
+            # What `_prepare` answers is the request's own fault: every try of it meets the same.
+            seq.refused = error is not None and not duplicate
         if error is not None:
             self._finish(seq, "error", error)
         elif not self.scheduler.add(seq):
@@ -736,6 +743,7 @@ def _output(seq: Sequence, delta: str, first_token: bool) -> SeqOutput:
         error=seq.error,
         first_token=first_token,
         token_ids=list(seq.output_token_ids) if seq.is_finished else [],
+        refused=seq.refused,
     )
 
 

@@ -60,8 +60,7 @@ class Scheduler:
         its engine (more taken than its token budget admits) was admitted after all of them.
         """
         if seq.max_kv_tokens > self.max_batch_tokens:
-            seq.finish(
-                "error",
+            seq.refuse(
                 f"request needs {seq.prompt_len} prompt + {seq.max_new_tokens} new tokens = {seq.max_kv_tokens} "
                 f"tokens of KV cache, more than this engine's max_batch_tokens ({self.max_batch_tokens}); "
                 "shorten the prompt or lower max_new_tokens",

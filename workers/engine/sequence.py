@@ -78,6 +78,8 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     error: str | None = None
+    # An "error" of the request itself, which it meets on every try (`refuse`): a client's error, not the server's.
+    refused: bool = False
     first_token_reported: bool = False
 
     @property
@@ -108,3 +110,9 @@ class Sequence:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.error = error
+
+    def refuse(self, error: str) -> None:
+        """Finish the sequence as one this engine can never run (parameters out of range, more tokens than its budget):
+        a client error that a retry meets again, not a failure of the engine."""
+        self.finish("error", error)
+        self.refused = True
