@@ -41,6 +41,8 @@ QUEUES = ("interactive", "batch")
 CANCELLED_ERROR = "cancelled by the client"
 # What a step's write answers for a job whose record is gone (JobStore.record_step).
 RECORD_GONE = -3
+# And for a job whose record key holds another type than a hash (a key SET by hand): no job can run in it.
+RECORD_DAMAGED = -4
 # The error of a job whose record (or what it holds: its images, its batch) llava-queue finds damaged, `{}` saying how.
 DAMAGED_ERROR = "the job's record is damaged: {} (changed by hand, or by another program on the key prefix)"
 # The error of a job whose record had no status of the store's when a worker took it (`JobStore.start`).
@@ -167,13 +169,15 @@ end
 # One engine step's chunks in one call: KEYS holds each chunk's record and channel in turn; ARGV the worker and the
 # step, then each chunk's text, completion tokens and first token's time (or ''). Answers each chunk's new seq in
 # turn: -1 where the job is not running on this worker, -2 where its cancellation was asked for, -3 where its record
-# is gone. (A call a chunk,
+# is gone, -4 where its record is of another type (RECORD_DAMAGED). (A call a chunk,
 # before: the round trip carried 32 calls a step of 32 jobs, 0.7 ms of the engine's step.)
 _APPEND = """
 local function append(key, channel, delta, tokens, first_at, worker, step)
-  -- Read in one call (a chunk is a dozen of Redis' calls otherwise): what the checks below need.
-  local status, holder, last_step, seq, text, cancel = unpack(redis.call('HMGET', key, 'status', 'worker', 'step',
-                                                                         'seq', 'text', 'cancel_requested'))
+  -- Read in one call (a chunk is a dozen of Redis' calls otherwise): what the checks below need. A record of another
+  -- type (a key SET by hand) answers WRONGTYPE, which failed the whole step: every job the worker ran failed with it.
+  local read = redis.pcall('HMGET', key, 'status', 'worker', 'step', 'seq', 'text', 'cancel_requested')
+  if read.err then return -4 end
+  local status, holder, last_step, seq, text, cancel = unpack(read)
   -- A record that is gone (Redis restarted without its data, the key deleted): said apart, for the worker's log.
   if not status then return -3 end
   -- Only the worker that holds the job may write to it (a fence against a worker thought dead).
@@ -479,6 +483,13 @@ local holder = redis.call('HGET', KEYS[1], ARGV[1])
 -- This very claim made again (its answer was lost with the connection, or the delivery after it failed): claimed.
 if holder == ARGV[3] then return 1 end
 if holder ~= ARGV[2] then return 0 end
+-- Nor has one whose record is of another type (a key SET by hand): forgotten too, answering its type. Its WRONGTYPE
+-- failed the sweep's every round, as a Redis away, and the claims of the other jobs of dead workers with it.
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'hash' and kind ~= 'none' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return kind
+end
 -- A job whose record is gone (deleted, evicted) has nothing to run: forgotten, not delivered again every minute.
 if redis.call('HGET', KEYS[2], 'status') ~= 'running' then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -1303,13 +1314,16 @@ class JobStore:
                              if _is_count(count) and _is_count(name.rpartition(":")[2])}}
 
     def _models_of(self, job_ids: list[str]) -> list[str | None]:
-        """The model each job's record names ('' for none yet; None where the record is gone), in one round trip."""
+        """The model each job's record names ('' for none yet; None where the record is gone, or of another type), in
+        one round trip. (A record of another type, its WRONGTYPE raised, failed /metrics and `status`, and the orphan
+        sweep's every round, the claims of every other dead worker's job with it.)"""
         if not job_ids:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(self.key(job_id), "model")
-            return pipe.execute()
+            models = self._damaged_in_place(job_ids, pipe.execute(raise_on_error=False))
+        return [None if isinstance(model, DamagedRecord) else model for model in models]
 
     def finished_per_second(self) -> float:
         """Jobs that ended per second over the last full minute (0.0 when none did)."""
@@ -1332,6 +1346,13 @@ class JobStore:
         except ResponseError as exc:
             raise self._damage_of(job_id, exc) from exc
 
+    def status_of(self, job_id: str) -> str | None:
+        """The status a job's record names (None for an unknown job); DamagedRecord as `get`."""
+        try:
+            return self.redis.hget(self.key(job_id), "status")
+        except ResponseError as exc:
+            raise self._damage_of(job_id, exc) from exc
+
     def _damage_of(self, job_id: str, exc: ResponseError) -> ResponseError:
         """`exc`, an error answered for a command on a job's record, as the DamagedRecord it is where the record holds
         another type than a hash (read again: a script's WRONGTYPE may be another key's)."""
@@ -1341,6 +1362,17 @@ class JobStore:
                 return DamagedRecord(job_id, kind)
         return exc
 
+    def _damaged_in_place(self, job_ids: Sequence[str], answers: list) -> list:
+        """`answers` (one a job of `job_ids`, as a pipeline or `_run_scripts` answers them without raising) with the
+        error of each job whose record holds another type than a hash as its DamagedRecord; any other error is
+        raised: it is no one job's."""
+        for index, (job_id, answer) in enumerate(zip(job_ids, answers)):
+            if isinstance(answer, ResponseError):
+                answers[index] = answer = self._damage_of(job_id, answer)
+            if isinstance(answer, redis.RedisError) and not isinstance(answer, DamagedRecord):
+                raise answer
+        return answers
+
     def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | DamagedRecord | None]:
         """`get` of each job, their records read in one round trip (a page of `list_jobs` took one a job); a queued
         job's place in its queue, or a deadline passed, takes more. A job whose record is of another type has its
@@ -1349,12 +1381,7 @@ class JobStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.key(job_id))
-            raws = pipe.execute(raise_on_error=False)
-        for index, (job_id, raw) in enumerate(zip(job_ids, raws)):
-            if isinstance(raw, ResponseError):
-                raws[index] = self._damage_of(job_id, raw)
-                if not isinstance(raws[index], DamagedRecord):
-                    raise raws[index]
+            raws = self._damaged_in_place(job_ids, pipe.execute(raise_on_error=False))
         # The queued jobs' places in their queues, in one more round trip (one a job: 100 for a page of queued ones).
         queued = [(job_id, raw.get("queue", "")) for job_id, raw in zip(job_ids, raws)
                   if isinstance(raw, dict) and raw.get("status") == "queued"]
@@ -1545,7 +1572,12 @@ class JobStore:
         """
         keys = [self.running_key, self.key(claim.job_id), self.deadlines_key]
         args = [claim.job_id, claim.holder, claim.mark, _REQUEUED, repr(claim.at)]
-        return bool(_sent_again_if_lost(lambda: self._claim(keys=keys, args=args)))
+        claimed = _sent_again_if_lost(lambda: self._claim(keys=keys, args=args))
+        if isinstance(claimed, str):  # the type its record holds instead of a hash: it left the running hash
+            log.error("%s; it is no longer counted as running, nor delivered again",
+                      DamagedRecord(claim.job_id, claimed).message)
+            return False
+        return bool(claimed)
 
     def claim_orphans(self, requeue_after: float = 60.0) -> list[str]:
         """Claim every job `orphans` lists; returns the ids claimed."""
@@ -1602,9 +1634,13 @@ class JobStore:
 
         `chunks` holds (job_id, delta, completion_tokens, first_token). Returns each chunk's new seq; -1
         where the job is no longer running on `worker` (the chunk is dropped), -2 where its cancellation was
-        asked for (the chunk is kept), -3 where its record is gone: stop generating it in every case.
-        `step`, increasing with each call of this worker, makes writing the same step again harmless: a
-        job whose record has seen that step (or a later one) keeps its text as it is.
+        asked for (the chunk is kept), -3 where its record is gone, -4 where it is of another type (RECORD_DAMAGED):
+        stop generating it in every case. `step`, increasing with each call of this worker, makes writing the same
+        step again harmless: a job whose record has seen that step (or a later one) keeps its text as it is.
+
+        An ending refused because its job's record is of another type (see _FINISH: the job leaves the queues and
+        the running hash) is raised only where no job that goes on has a chunk in the call, else logged: raised, it
+        told the worker that the whole step was unwritten, and every job with a chunk in it failed.
         """
         now = repr(self.clock())
         keys, args = [], [worker, "" if step is None else step]
@@ -1615,7 +1651,17 @@ class JobStore:
         calls += [(self._finish, call["keys"], call["args"])
                   for call in (self._finish_call(ending, False, worker) for ending in endings)]
         # The chunks go before the endings whatever Redis's script cache holds (see _run_scripts' `first_whole`).
-        results = self._run_scripts(calls, first_whole=bool(chunks and endings))
+        results = self._run_scripts(calls, raise_on_error=False, first_whole=bool(chunks and endings))
+        if chunks and isinstance(results[0], Exception):
+            raise results[0]
+        ended = [ending.job_id for ending in endings]
+        damaged = [(ending, answer) for ending, answer in zip(endings, self._damaged_in_place(
+            ended, results[1:] if chunks else results)) if isinstance(answer, DamagedRecord)]
+        if damaged and all(job_id in ended for job_id, *_ in chunks):
+            raise damaged[0][1]
+        for ending, answer in damaged:
+            log.warning("%s; its ending (%s) is not written, and it is no longer counted as running",
+                        answer.message, ending.status)
         return [int(seq) for seq in results[0]] if chunks else []
 
     def _run_scripts(self, calls: list[tuple[Script, list, list]], raise_on_error: bool = True,
@@ -1681,22 +1727,25 @@ class JobStore:
         or None if unknown; "damaged" for one its ending failed instead (_FINISH: a key of its own is damaged);
         DamagedRecord for a record of another type.
         """
-        try:
-            status = self.cancel_many([job_id])[0]
-        except ResponseError as exc:
-            raise self._damage_of(job_id, exc) from exc
+        status = self.cancel_many([job_id])[0]
+        if isinstance(status, DamagedRecord):
+            raise status
         return None if status == "missing" else status
 
-    def cancel_many(self, job_ids: Sequence[str]) -> list[str]:
+    def cancel_many(self, job_ids: Sequence[str]) -> list[str | DamagedRecord]:
         """Cancel each job as `cancel` does, in two pipelined round trips for them all: ask every one to stop (a
         running one hears it on the control channel), then end those that were queued, and those "running" that no
         worker runs (handed back or claimed from a dead worker, back in a queue: they stayed "running", the cancel
         unheard, until a worker of their model came, if ever). Returns each job's status before ("missing" for an
         unknown one; "queued" for one of those, which ended as a queued one does; "damaged" for one of those ended, or
-        a queued one, whose ending failed it instead: see `cancel`)."""
-        answers = self._run_scripts([(self._request_cancel, [self.key(job_id), self.control_channel,
-                                                             self.running_key], [job_id, _REQUEUED])
-                                     for job_id in job_ids])
+        a queued one, whose ending failed it instead: see `cancel`). A job whose record is of another type has its
+        DamagedRecord in its place, as in `get_many`: its WRONGTYPE, raised, failed the cancel of all the others (a
+        batch's, with one line's key SET by hand), those queued left queued."""
+        answers = self._damaged_in_place(job_ids, self._run_scripts(
+            [(self._request_cancel, [self.key(job_id), self.control_channel, self.running_key], [job_id, _REQUEUED])
+             for job_id in job_ids], raise_on_error=False))
+        # (One whose record is of another type was asked nothing: its DamagedRecord stands for its status.)
+        answers = [(answer, "", "") if isinstance(answer, DamagedRecord) else answer for answer in answers]
         statuses = [status for status, _, _ in answers]
         # If a worker took a queued one meanwhile, its next chunk finds the job ended and drops it. One that no worker
         # ran is ended only while its record still names the holder read: a worker that started it meanwhile aborts
@@ -1705,9 +1754,11 @@ class JobStore:
                    for job_id, (status, unheld, holder) in zip(job_ids, answers) if status == "queued" or unheld}
         calls = [self._finish_call(Ending(job_id, "cancelled", CANCELLED_ERROR, int(ErrorCode.CANCELLED), "cancelled"),
                                    only_if_running, holder) for job_id, (only_if_running, holder) in endings.items()]
-        ended = dict(zip(endings, self._run_scripts([(self._finish, call["keys"], call["args"]) for call in calls])))
+        ended = dict(zip(endings, self._damaged_in_place(list(endings), self._run_scripts(
+            [(self._finish, call["keys"], call["args"]) for call in calls], raise_on_error=False))))
         # A job its ending failed instead was answered "queued" (a DELETE's "cancelled"): its cancel is no such thing.
-        return ["damaged" if ended.get(job_id) == "damaged"
+        return [ended[job_id] if isinstance(ended.get(job_id), DamagedRecord)
+                else "damaged" if ended.get(job_id) == "damaged"
                 else "queued" if ended.get(job_id) == "ok" and endings[job_id][0] else status
                 for job_id, status in zip(job_ids, statuses)]
 

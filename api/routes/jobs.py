@@ -215,8 +215,9 @@ def create_job(body: Annotated[JobRequest, _AS_SENT], submitter: Submissions, st
     status = "queued"
     if idempotency_key is not None:
         # A retry gets the job its key was first sent with, which may have run, ended, or been cancelled by the key
-        # (`POST /v1/jobs/cancel`): its status, not "queued" (None: its record has expired since).
-        status = store.redis.hget(store.key(job_id), "status") or status
+        # (`POST /v1/jobs/cancel`): its status, not "queued" (None: its record has expired since). A record of another
+        # type is a 500 that says so, as its GET answers (its WRONGTYPE was a 503 "the job store is unavailable").
+        status = store.status_of(job_id) or status
     return JobCreated(id=job_id, status=status)
 
 
