@@ -271,12 +271,17 @@ class WorkerMetrics:
                 with store.redis.pipeline(transaction=False) as pipe:
                     for job_id in job_ids:
                         pipe.hmget(store.key(job_id), fields)
-                    rows = pipe.execute()
+                    rows = pipe.execute(raise_on_error=False)
             except Exception:
                 log.exception("could not read %d finished jobs for the metrics", len(job_ids))
                 continue
             lines = []
             for job_id, values in zip(job_ids, rows):
+                if isinstance(values, Exception):
+                    # One job's record of another type (a key SET by hand): raised, it lost the metrics of all those
+                    # read with it, a traceback logged.
+                    log.warning("job %s left out of the metrics: its record could not be read (%s)", job_id, values)
+                    continue
                 record = dict(zip(fields, values))
                 noted = self._noted_images(job_id) if conversation_log else None
                 # Only jobs this worker ended (a job handed back or fenced off was ended elsewhere).
