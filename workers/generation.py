@@ -365,9 +365,11 @@ class JobRunner:
                     self._remade.add(job_id)
             self._done_before[job_id] = done_tokens
             # Its text tokenized anew may take more positions than it was generated in (a replacement character
-            # of an invalid byte is three): past the context, the engine failed the job.
+            # of an invalid byte is three): past the context, the engine failed the job; past the prompt and new
+            # tokens it first ran with (what its engine's MAX_BATCH_TOKENS admitted), it refused it as the client's
+            # error, a request the client never changed.
             room = self.loaded.context_len - len(prepared.token_ids)
-            max_new_tokens = min(prepared.params.max_new_tokens - done_tokens, room)
+            max_new_tokens = min(prepared.params.max_new_tokens - max(done_tokens, len(done_ids)), room)
             if max_new_tokens < 1:
                 self._end(Ending(job_id, "succeeded", finish_reason="length"), f"ending job {job_id}")
                 return "succeeded"
