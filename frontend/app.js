@@ -19,6 +19,10 @@ const MODEL_RETRY_MS = 3000;
 const MODEL_REFRESH_MS = 30_000;
 const MODEL_CHECK_WHILE_WAITING_MS = 5000;
 const STOPPING = "stopping…";
+// Stop waits this long for a submission still unanswered (its answer names the job to cancel), then gives it up: the
+// answer ends as stopped and its job is cancelled by the submission's Idempotency-Key. A network that dropped the
+// submission silently left the answer "stopping…" for good.
+const STOP_WAITS_FOR_SUBMISSION_MS = 3000;
 // One answer at a time, as the original: Enter while one is generated keeps the message in the box, and says why.
 const BUSY_NOTICE = "An answer is still being generated: your message stays in the box. Send it once the answer "
   + "has ended, or press Stop.";
@@ -28,6 +32,8 @@ const BUSY_NOTICE = "An answer is still being generated: your message stays in t
 const SEND_ONCE_STOPPED_NOTICE = "The answer is stopping: your message is sent as soon as it has stopped.";
 // Enter with no model to send to keeps the message too, and says why (the model field's text, after it).
 const NO_MODEL_NOTICE = "Your message stays in the box: there is no model to send it to";
+// Enter while an image was read that could not be taken (the image panel says why).
+const IMAGE_REFUSED_NOTICE = "Your message stays in the box: the image was not taken (the image panel says why).";
 // The most pixels an image may have is the API's (LLAVA_QUEUE_MAX_IMAGE_PIXELS), read from the server; its default
 // when it cannot be read (an image past a smaller limit is then refused by the API, with its own message).
 const DEFAULT_MAX_IMAGE_PIXELS = 50_000_000;
@@ -42,7 +48,7 @@ const ui = {
   attachmentName: $("attachment-name"), attachmentWarning: $("attachment-warning"), removeImage: $("remove-image"),
   attach: $("attach"), examples: document.querySelectorAll(".example"),
   temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"), keyField: $("key-field"),
-  apiKey: $("api-key"),
+  apiKey: $("api-key"), imageError: $("image-error"),
 };
 
 const state = {
@@ -266,7 +272,7 @@ async function send() {
   }
   if (state.imageReading) {
     // A large image takes a moment to read: the message waits for it (sent once, however often Enter is pressed),
-    // and stays in the box if the image could not be read (the notice says why).
+    // and stays in the box if the image could not be read (the image panel says why).
     if (state.sendOnceRead) return;
     state.sendOnceRead = true;
     notice("Reading the image…");
@@ -274,6 +280,7 @@ async function send() {
     state.sendOnceRead = false;
     // Another image picked meanwhile: the reading awaited attached nothing, and the message waits for the new one.
     if (state.pendingImage || state.imageReading) send();
+    else notice(ui.imageError.textContent ? IMAGE_REFUSED_NOTICE : "");
     return;
   }
   const image = state.pendingImage;
@@ -335,8 +342,9 @@ async function generate() {
   // with a LLaVA model chosen again, an earlier answer that never saw the image passed for one that did.
   const imageNote = state.turns.some((turn) => turn.image) && !readsImages(model)
     ? `Answered without seeing the image: ${model} does not read images.` : "";
+  // (submission: aborted by a Stop it leaves unanswered, stopCurrent)
   const turn = { role: "assistant", text: "", model, imageNote, status: "submitting", jobId: null, error: "",
-                 meta: "sending…" };
+                 meta: "sending…", submission: new AbortController() };
   state.turns.push(turn);
   state.current = turn;
   // The log is busy while the answer streams: a screen reader would read it out again, whole, at every chunk (and
@@ -437,7 +445,7 @@ async function submitWhenTaken(turn, request) {
   const key = newSubmissionKey();
   for (;;) {
     try {
-      return await submitUnanswered(request, key);
+      return await submitUnanswered(request, key, turn.submission.signal);
     } catch (error) {
       if (isBusy(error) && !turn.stopRequested) {
         if (await waitToSendAgain(turn, error)) continue;
@@ -472,11 +480,11 @@ function cancelLostSubmission(key) {
   });
 }
 
-/** submitJob, its key in unansweredSubmissions until the answer comes. */
-async function submitUnanswered(request, key) {
+/** submitJob, its key in unansweredSubmissions until the answer comes (or `signal` gives it up). */
+async function submitUnanswered(request, key, signal) {
   unansweredSubmissions.add(key);
   try {
-    return await submitJob(request, key);
+    return await submitJob(request, key, { signal });
   } finally {
     unansweredSubmissions.delete(key);
   }
@@ -572,6 +580,9 @@ async function stopCurrent() {
   updateButtons(); // (the focus goes to the message box, not to the page's start, as Stop disables)
   if (!turn.jobId) {
     turn.wakeUp?.(); // cancelled as soon as the job exists; not sent again if it was refused
+    // Given up unanswered, the submission fails as one whose answer was lost: its job is cancelled by its key, and
+    // the answer ends cancelled (submitWhenTaken). (Aborting a submission that was answered meanwhile does nothing.)
+    setTimeout(() => turn.submission.abort(), STOP_WAITS_FOR_SUBMISSION_MS);
     return;
   }
   try {
@@ -697,6 +708,7 @@ let imagePick = 0;
 
 async function setPendingImage(image) {
   if (!image) imagePick += 1;
+  showImageError(""); // (a refusal of an earlier pick)
   state.pendingImage = image;
   ui.preview.hidden = !image;
   ui.attachment.hidden = !image;
@@ -743,9 +755,16 @@ async function showPreview() {
   ui.preview.title = `${width}×${height}, as it will be sent`;
 }
 
+/** Say in the image panel why the image picked last was not taken ("": it was, or it was removed). */
+function showImageError(text) {
+  ui.imageError.textContent = text;
+  ui.imageError.hidden = !text;
+}
+
 async function takeImageFile(file) {
   if (!file) return;
   const pick = ++imagePick;
+  showImageError(""); // (shown again if this one is refused too: a screen reader says it again)
   const reading = (async () => {
     try {
       const { max_image_pixels: maxPixels } = await pageConfig;
@@ -754,7 +773,7 @@ async function takeImageFile(file) {
       await setPendingImage({ source, name: file.name || "pasted image" });
       notice("");
     } catch (error) {
-      if (pick === imagePick) notice(error.message);
+      if (pick === imagePick) showImageError(error.message);
     }
   })();
   state.imageReading = reading;
@@ -842,7 +861,8 @@ async function loadModels() {
     // A list already shown stays as it is: a reading that failed says nothing of the models.
     if (!state.models.size) {
       showModelNotice(`Could not read the model list: ${error.message}`);
-      showModels([]);
+      // The field says why it offers no model: the list was not read (it said no model was served).
+      showModels([], error.status ? "the model list cannot be read" : "the server cannot be reached");
     }
     // A 429: not before it says.
     modelTimer = setTimeout(loadModels, Math.max(MODEL_RETRY_MS, (error.retryAfter || 0) * 1000));
@@ -856,8 +876,8 @@ async function loadModels() {
 
 /** Show `models` (GET /v1/models' list) in the model field, the one chosen kept while it is served. One no longer
  * served is replaced by the first (or ?model=) and the notice says so, and chosen again once it is served again;
- * an answer waiting for it says so too. */
-function showModels(models) {
+ * an answer waiting for it says so too. With none, the field says `none`. */
+function showModels(models, none = "no model is served right now") {
   const names = models.map((model) => model.id);
   const previous = ui.model.value;
   state.models = new Map(models.map((model) => [model.id, model]));
@@ -866,7 +886,7 @@ function showModels(models) {
   // Replaced only when it changed: the field's options, replaced every refresh, closed its open list under the user.
   if (JSON.stringify(shown) !== JSON.stringify(names)) {
     if (!names.length) {
-      ui.model.replaceChildren(new Option("no model is served right now", ""));
+      ui.model.replaceChildren(new Option(none, ""));
       ui.model.disabled = true;
     } else {
       // As the original: the first model by default; ?model= picks one that is served.
@@ -940,7 +960,8 @@ ui.stop.addEventListener("click", stopCurrent);
 // Escape stops the answer from anywhere on the page: from the message box, Stop took the mouse or several Tabs. (An
 // open list, a file dialog or an IME's composition takes its Escape itself.)
 document.addEventListener("keydown", (event) => {
-  if (event.key !== "Escape" || event.isComposing || event.defaultPrevented || ui.stop.disabled) return;
+  // (A held key's repeats would stop the message sent once this answer has stopped, too.)
+  if (event.key !== "Escape" || event.repeat || event.isComposing || event.defaultPrevented || ui.stop.disabled) return;
   event.preventDefault();
   stopCurrent();
 });

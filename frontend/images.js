@@ -70,8 +70,9 @@ export async function processImage(source, mode) {
   return { base64: dataUrl.slice(dataUrl.indexOf(",") + 1), dataUrl, width: canvas.width, height: canvas.height };
 }
 
-/** The width and height of an image file, from its header: an <img> decodes its pixels only once it is drawn. */
-async function imageSize(file) {
+/** An image file loaded in an <img>: its width and height come from its header (its pixels are decoded only once it
+ * is drawn). */
+async function loadedImage(file) {
   const url = URL.createObjectURL(file);
   try {
     const img = new Image();
@@ -80,7 +81,7 @@ async function imageSize(file) {
       img.onerror = reject;
       img.src = url;
     });
-    return [img.naturalWidth, img.naturalHeight];
+    return img;
   } finally {
     URL.revokeObjectURL(url);
   }
@@ -91,10 +92,21 @@ async function imageSize(file) {
 export async function readImage(file, maxPixels) {
   const name = file.name || "this file";
   const unreadable = new Error(`${name} is not an image the browser can read`);
-  const [width, height] = await imageSize(file).catch(() => { throw unreadable; });
+  const img = await loadedImage(file).catch(() => { throw unreadable; });
+  const [width, height] = [img.naturalWidth, img.naturalHeight];
   if (width * height > maxPixels) {
     throw new Error(`${name} is ${width}×${height} pixels (${megapixels(width * height)} megapixels): the page `
                     + `takes images of up to ${megapixels(maxPixels)} megapixels. Make it smaller and try again.`);
+  }
+  if (file.type === "image/svg+xml") {
+    // createImageBitmap decodes no SVG file: it is drawn from its <img>, at the size it sets. One without a width
+    // and height of its own (on its <svg>) has no size to be drawn at: it was refused as no image at all.
+    try {
+      return await createImageBitmap(img);
+    } catch {
+      throw new Error(`${name} is an SVG without a width and height: the browser draws an SVG at the size it sets. `
+                      + "Give its <svg> element width and height attributes (or save it as a PNG) and try again.");
+    }
   }
   try {
     return await createImageBitmap(file);

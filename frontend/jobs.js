@@ -93,9 +93,10 @@ export function newSubmissionKey() {
   return Array.from(crypto.getRandomValues(new Uint8Array(16)), (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
-/** Submit a job with Idempotency-Key `key` (see cancelSubmission); returns its id. */
-export const submitJob = async (request, key) =>
-  (await callApi("POST", "v1/jobs", request, { headers: { "Idempotency-Key": key } })).id;
+/** Submit a job with Idempotency-Key `key` (see cancelSubmission); returns its id. `options` go to fetch (a
+ * `signal` that gives the submission up). */
+export const submitJob = async (request, key, options = {}) =>
+  (await callApi("POST", "v1/jobs", request, { ...options, headers: { "Idempotency-Key": key } })).id;
 /** Cancel the job submitted (or still to be submitted) with Idempotency-Key `key`: for a submission whose answer,
  * and so whose job id, has not come. The API takes the key if no job has it yet, so a submission that reaches it
  * after this cancel makes no job. */

@@ -638,7 +638,7 @@ def test_an_image_with_too_many_pixels_is_refused_with_its_size(page, tmp_path):
     huge = hugely_many_pixels_png(tmp_path / "poster.png", 20_000, 20_000)
     page.get_by_label("Choose an image").set_input_files(huge)
     page.get_by_text(re.compile(r"poster\.png is 20000×20000 pixels")).wait_for(timeout=10_000)
-    assert "megapixels" in page.locator("#notice").inner_text()
+    assert "megapixels" in page.locator("#image-error").inner_text()  # said where the image goes
     assert page.locator("#attachment").is_hidden()
     # The tab still works: a normal image is taken afterwards.
     page.get_by_label("Choose an image").set_input_files(Path(__file__).parents[1] / "frontend/examples/shapes.png")
