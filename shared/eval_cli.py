@@ -521,8 +521,11 @@ class EvalRun:
         self.image_folder = Path(args.image_folder)
         self.max_in_flight = args.max_in_flight
         self.group_size = max(1, min(GROUP_SIZE, self.max_in_flight // 2))
-        self.fingerprint = {**params.model_dump(), "question_file": str(Path(args.question_file).resolve()),
-                            "image_folder": str(self.image_folder.resolve())}
+        self.fingerprint = {**params.model_dump(), "question_file": str(Path(args.question_file).resolve())}
+        if args.script != "model_vqa_mmbench":
+            # Not mmbench's, whose images are in its question file: --image-folder (by default the current folder) is
+            # no part of its jobs, and a rerun from another folder asked again every question in the queue.
+            self.fingerprint["image_folder"] = str(self.image_folder.resolve())
         # What else makes the prompts: jobs of a run without it (and so of other prompts) are not collected.
         self.prompt_options: dict[str, Any] = {}
         if args.single_pred_prompt:
@@ -691,8 +694,7 @@ class EvalRun:
             except ValueError:
                 continue  # a line cut short by a crash: its group is still in the "before" line
             if "params" in record:
-                made = answers_made_by(record["params"], model=False) if isinstance(record["params"], dict) else None
-                if made != answers_made_by(self.fingerprint, model=False):
+                if not self._submitted_alike(record["params"]):
                     foreign += len(record.get("question_ids", []))
                     continue
                 groups[record.get("key") or uuid.uuid4().hex] = record
@@ -731,11 +733,19 @@ class EvalRun:
             record = json_or_none(raw)
             params = record.get("params") if isinstance(record, dict) else None
             model = params.get("model") if isinstance(params, dict) else None
-            if model is not None and model != self.params.model and \
-                    answers_made_by(params, model=False) == answers_made_by(self.fingerprint, model=False):
+            if model is not None and model != self.params.model and self._submitted_alike(params):
                 raise Fatal(f"the jobs in {self.state_path} were submitted for model {model!r}, not "
                             f"{self.params.model!r}: run with --model {model} to collect them, or pass --overwrite "
                             "to start over (or write to another answers file)")
+
+    def _submitted_alike(self, params: Any) -> bool:
+        """Whether a jobs-file record's `params` make the jobs this run makes, whichever model they were for."""
+        if not isinstance(params, dict):
+            return False
+        if "image_folder" not in self.fingerprint:
+            # The version before named it for mmbench too: its jobs are this run's wherever it was started.
+            params = {name: value for name, value in params.items() if name != "image_folder"}
+        return answers_made_by(params, model=False) == answers_made_by(self.fingerprint, model=False)
 
     def _save_state(self) -> None:
         """Replace the jobs file with what is outstanding now (or remove it when nothing is)."""
