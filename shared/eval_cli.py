@@ -1259,6 +1259,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag, given in (("--all-rounds", args.all_rounds), ("--lang", args.lang is not None)):
         if given and not mmbench:
             return refuse(f"{flag} is model_vqa_mmbench.py's: give --script model_vqa_mmbench")
+    if args.answer_prompter and not science:
+        return refuse("--answer-prompter is model_vqa_science.py's: give --script model_vqa_science")
     conv_mode = (SCIENCE_CONV_MODE if science else DEFAULT_CONV_MODE) if args.conv_mode is None else args.conv_mode
     switched = None
     # Both switch a plain model's template alike.
@@ -1385,6 +1387,8 @@ def add_eval_parser(sub) -> None:
     parser.add_argument("--single-pred-prompt", action="store_true",
                         help="model_vqa_science's and model_vqa_mmbench's: each question ends in \"Answer with the "
                              "option's letter from the given choices directly.\"")
+    parser.add_argument("--answer-prompter", action="store_true",
+                        help="model_vqa_science's, taken as it takes it: it reads it nowhere")
     parser.add_argument("--all-rounds", action="store_true",
                         help="model_vqa_mmbench's: ask each question once per option, the options turned one "
                              "further each round (answer lines' round_id)")

@@ -130,3 +130,7 @@ def test_scienceqas_question_file_is_answered_as_model_vqa_science_answers_it(ti
     assert eval_in_process(argv) == 1
     assert "2 answered (2 before this run), 1 failed" in capsys.readouterr().out
     assert read_lines(answers) == lines and len(job_requests(tiny_llava_stack, marker)) == 2
+    # --answer-prompter, which model_vqa_science.py takes and reads nowhere (it was refused): nothing changes.
+    assert eval_in_process([*argv, "--answer-prompter"]) == 1
+    assert "2 answered (2 before this run), 1 failed" in capsys.readouterr().out
+    assert len(job_requests(tiny_llava_stack, marker)) == 2
