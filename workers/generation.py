@@ -21,8 +21,8 @@ from jinja2 import TemplateError, TemplateSyntaxError
 from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
-from shared.jobs import (CANCELLED_ERROR, DAMAGED_STATUS_ERROR, QUEUES, RECORD_GONE, Ending, JobStore,
-                         answers_later)
+from shared.jobs import (CANCELLED_ERROR, DAMAGED_ERROR, DAMAGED_STATUS_ERROR, QUEUES, RECORD_DAMAGED, RECORD_GONE,
+                         DamagedRecord, Ending, JobStore, answers_later)
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_RENDERED_CHARS, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -455,6 +455,11 @@ class JobRunner:
             if seq == RECORD_GONE:
                 log.warning("job %s: its record is gone (Redis lost its data, or the key was deleted); the job "
                             "is dropped", job_id)
+            elif seq == RECORD_DAMAGED:
+                # Nothing more of it can be written: its task ends it once (`_finish`: out of the running hash), which
+                # logs why. Its ending was written in the step the engine dropped it in as well, each write logged
+                # (its task's with a traceback, as an error).
+                self._text_lost.setdefault(job_id, DAMAGED_ERROR.format("its key holds another type than a hash"))
             if seq < 0 and self.engine is not None:
                 self.engine.abort(job_id)  # the job was cancelled or ended elsewhere, or its record is gone
 
@@ -600,6 +605,9 @@ class JobRunner:
             self._record_step(chunks or [], [ending], what, step)
             if observe:
                 METRICS.observe_endings([ending])
+        except DamagedRecord as exc:
+            # Its record is of another type (a key SET by hand): its message says all there is, a traceback nothing.
+            log.warning("%s; its ending (%s) is not written, and the job is dropped", exc.message, ending.status)
         except RedisError as exc:
             if not redis_answers_later(exc):
                 log.exception("job %s: its ending (%s) cannot be written: Redis refuses it for good (%s: %s); the job "

@@ -277,13 +277,13 @@ class WorkerMetrics:
                 continue
             lines = []
             for job_id, values in zip(job_ids, rows):
+                noted = self._noted_images(job_id) if conversation_log else None
                 if isinstance(values, Exception):
                     # One job's record of another type (a key SET by hand): raised, it lost the metrics of all those
                     # read with it, a traceback logged.
                     log.warning("job %s left out of the metrics: its record could not be read (%s)", job_id, values)
                     continue
                 record = dict(zip(fields, values))
-                noted = self._noted_images(job_id) if conversation_log else None
                 # Only jobs this worker ended (a job handed back or fenced off was ended elsewhere).
                 if record["status"] not in FINAL_STATES or record["worker"] != worker_name:
                     continue
