@@ -22,7 +22,7 @@ from typing import IO, Any
 from celery import Celery
 from pydantic import ValidationError
 
-from api.errors import MODEL_NOT_FOUND, ApiError
+from api.errors import MODEL_NOT_FOUND, ApiError, answered_code
 from api.json_bodies import JsonParsers
 from api.routes.openai import parse_chat_request
 from api.submission import check_unicode, queue_unavailable
@@ -64,7 +64,7 @@ class LineRefused(Exception):
                  code: int | str = ErrorCode.INVALID_REQUEST):
         super().__init__(message)
         self.message, self.status_code, self.param = message, status_code, param
-        self.code = code if isinstance(code, str) else int(code)
+        self.code = answered_code(code)
 
 
 def _unexpected(line_number: int, exc: Exception) -> LineRefused:

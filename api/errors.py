@@ -30,8 +30,13 @@ class ApiError(Exception):
                  code: int | str = ErrorCode.INVALID_REQUEST, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
-        self.code = code if isinstance(code, str) else int(code)
+        self.code = answered_code(code)
         self.headers = headers
+
+
+def answered_code(code: int | str) -> int | str:
+    """An error's `code` as its body carries it: llava-queue's as a plain int (not an ErrorCode), OpenAI's string."""
+    return code if isinstance(code, str) else int(code)
 
 
 # OpenAI's code for a model it does not serve (404), which OpenAI's clients and tools test for to tell a wrong model

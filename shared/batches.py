@@ -26,7 +26,7 @@ import redis
 from redis.client import NEVER_DECODE
 
 from shared.jobs import (AFTER_CURSOR_LUA, BATCH_END_LUA, CANCELLED_ERROR, QUEUES, DamagedRecord, JobStore,
-                         glob_escaped, owner_id)
+                         glob_escaped, owner_id, wrong_type)
 from shared.protocol import ErrorCode
 from shared.vqa import _SHORTUUID_ALPHABET, _SHORTUUID_LENGTH
 
@@ -662,7 +662,7 @@ class BatchStore:
             answers = pipe.execute(raise_on_error=False)
         ended = {}
         for batch_id, values in zip(batch_ids, answers):
-            if isinstance(values, redis.ResponseError) and str(values).startswith("WRONGTYPE"):
+            if wrong_type(values):
                 continue
             if isinstance(values, Exception):
                 raise values
@@ -678,7 +678,7 @@ class BatchStore:
         """`exc`, answered for a read of a batch's keys, as the DamagedBatch it is where one of them holds another type
         than its own (`_KEY_TYPES`: so a record SET by hand, which names no owner, is said damaged to any caller, as a
         job's is)."""
-        if str(exc).startswith("WRONGTYPE"):
+        if wrong_type(exc):
             with self.redis.pipeline(transaction=False) as pipe:
                 for suffix, _ in _KEY_TYPES:
                     pipe.type(self.key(batch_id) + suffix)
@@ -896,7 +896,7 @@ class BatchStore:
             for key, read, left_ms in zip(keys, found[::2], found[1::2]):
                 # A damaged one (of another type, or a description that is none) is left out, a read of it saying why
                 # (`file_meta`): it failed the scan's step, every time, and the scan never got past it.
-                if isinstance(read, redis.ResponseError) and str(read).startswith("WRONGTYPE"):
+                if wrong_type(read):
                     continue
                 if isinstance(read, Exception):
                     raise read
@@ -964,7 +964,7 @@ class BatchStore:
     def _file_damage(self, file_id: str, exc: redis.ResponseError) -> redis.ResponseError:
         """`exc`, answered for a read of an upload's key, as the DamagedFile it is where the key holds another type
         than a hash (said damaged to any caller: it names no owner)."""
-        if str(exc).startswith("WRONGTYPE"):
+        if wrong_type(exc):
             kind = self.redis.type(self.file_key(file_id))
             if kind not in ("hash", "none"):
                 return DamagedFile(file_id, f"its key holds a {kind}, not a hash")

@@ -22,7 +22,7 @@ from kombu.utils.json import dumps, loads
 
 from shared.batches import FINAL_STATUSES as BATCH_FINAL_STATUSES, BatchStore
 from shared.jobs import (DAMAGED_ERROR, FINAL_STATES, QUEUES, Ending, JobStore, WorkerRegistry, answers_later,
-                         glob_escaped)
+                         glob_escaped, wrong_type)
 from shared.protocol import ErrorCode
 from shared.settings import Settings, get_settings
 
@@ -206,7 +206,7 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
             # an outage), and no lost job of any queue was sent again.
             records = pipe.execute(raise_on_error=False)
         for job_id, record in zip(job_ids, records):
-            if isinstance(record, redis.ResponseError) and str(record).startswith("WRONGTYPE"):
+            if wrong_type(record):
                 damaged.append(job_id)
                 continue
             created_at = _queued_since(job_id, record)
@@ -224,7 +224,7 @@ def resend_lost_tasks(app: Celery, store: JobStore, older_than: float, limit: in
         # A batch whose key holds another type than a hash (a key SET by hand) is a failed one to every read of it
         # (`DamagedBatch`, a 500 that says so): its lines, sent as lost, ran for nobody (and failed as they ended).
         statuses.update({batch: "damaged" for batch, status in statuses.items()
-                         if isinstance(status, redis.ResponseError) and str(status).startswith("WRONGTYPE")})
+                         if wrong_type(status)})
     # A batch whose reader (an API process) died, as a read of it would: failed as abandoned, its lines ended with it
     # (`BatchStore.fail`). Left `validating` until someone read it, its lines waited here, queued, until their deadline.
     read = [batch for batch, status in statuses.items() if status in ("validating", "cancelling")]

@@ -755,6 +755,12 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def wrong_type(answer: object) -> bool:
+    """Whether a Redis answer (an error raised, or one a pipeline or script answers in its place) is the WRONGTYPE
+    of a key that holds another type than the command's: damage to that key, not a Redis away."""
+    return isinstance(answer, ResponseError) and str(answer).startswith("WRONGTYPE")
+
+
 class DamagedRecord(ResponseError):
     """A read of a job whose record key holds another type than a hash (a key SET by hand): the WRONGTYPE Redis
     answered, naming the job and the damage (DAMAGED_ERROR; `message` without the code). No job can run or end in
@@ -1224,7 +1230,7 @@ class JobStore:
             # the key near its quota, for good. No job is queued in it: it leaves the set.
             statuses = pipe.execute(raise_on_error=False)
         for status in statuses:
-            if isinstance(status, redis.RedisError) and not str(status).startswith("WRONGTYPE"):
+            if isinstance(status, redis.RedisError) and not wrong_type(status):
                 raise status
         gone = [job_id for job_id, status in zip(members, statuses) if status != "queued"]
         if gone:
@@ -1356,7 +1362,7 @@ class JobStore:
     def _damage_of(self, job_id: str, exc: ResponseError) -> ResponseError:
         """`exc`, an error answered for a command on a job's record, as the DamagedRecord it is where the record holds
         another type than a hash (read again: a script's WRONGTYPE may be another key's)."""
-        if str(exc).startswith("WRONGTYPE"):
+        if wrong_type(exc):
             kind = self.redis.type(self.key(job_id))
             if kind not in ("hash", "none"):
                 return DamagedRecord(job_id, kind)
