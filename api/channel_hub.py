@@ -146,9 +146,10 @@ class ChannelHub:
 
     async def _until_acknowledged(self, channel: str, followers: _Channel) -> None:
         """Wait, SUBSCRIBE_TIMEOUT_SECONDS at most, for Redis to acknowledge `channel`'s subscription, on the reader's
-        connection or, when that is lost meanwhile, on its next. Raises redis' ConnectionError when the reader's
-        attempt to connect fails (or does not end in time): Redis cannot be reached. A connection that was up all
-        along and left it unacknowledged is taken as lost: the reader connects again."""
+        connection or, when that is lost meanwhile, on its next (that attempt to connect is waited for to its end).
+        Raises redis' ConnectionError when the attempt fails (or does not end in its own time): Redis cannot be
+        reached. A connection that was up all along and left it unacknowledged is taken as lost: the reader connects
+        again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SUBSCRIBE_TIMEOUT_SECONDS
         connection = self._connection
@@ -163,17 +164,24 @@ class ChannelHub:
                     self._reading.cancel()
                 return
             if self._connection is None:
-                await self._connected(remaining)
+                await self._connected()
             else:
                 await asyncio.wait([followers.acknowledged, self._lost], timeout=remaining,
                                    return_when=asyncio.FIRST_COMPLETED)
 
-    async def _connected(self, timeout: float) -> None:
-        """Return once the reader has connected; raise redis' ConnectionError if its next attempt fails."""
+    async def _connected(self) -> None:
+        """Return once the reader has connected; raise redis' ConnectionError if its next attempt fails.
+
+        The attempt is waited for to its end, not for what is left of the follower's SUBSCRIBE_TIMEOUT_SECONDS: an
+        attempt bounds itself (to as long, from its start), and one still under way is Redis slow to take a
+        connection, not Redis away. A silent connection is found lost 3 to 4 s after its last word, so a follower
+        that came just before had a second or less left for the attempt that followed; under load the attempt ran
+        past that, and the follower's stream ended "the job store is unavailable", Redis up all along.
+        """
         attempt = self._attempt
         self._hurry.set()
-        try:
-            error = await asyncio.wait_for(asyncio.shield(attempt), timeout)
+        try:  # slack for the reader's pause, cut short by the hurry, before the attempt starts
+            error = await asyncio.wait_for(asyncio.shield(attempt), SUBSCRIBE_TIMEOUT_SECONDS + 1)
         except TimeoutError:
             raise RedisConnectionError(f"Redis did not take the pub/sub connection in {SUBSCRIBE_TIMEOUT_SECONDS} s")
         if error is not None:
