@@ -1,6 +1,7 @@
 """Errors as values the client can read: one JSON body for every 4xx/5xx."""
 
 import logging
+from collections.abc import Sequence
 
 import redis
 from fastapi import FastAPI, Request
@@ -8,7 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
 from starlette.requests import ClientDisconnect, HTTPConnection
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -187,14 +189,23 @@ def install_error_handlers(app: FastAPI) -> None:
                             status_code=exc.status_code, headers=headers)
 
 
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app takes at the request's path, sorted: a 405's Allow. The router's own
-    named the methods of the first route it matched alone: `PUT /v1/jobs/{id}` answered `Allow: GET`, though DELETE
-    is taken there too (a route for each), and `/v1/jobs/cancel` takes GET and DELETE as a job id besides its POST."""
+def methods_at(routes: Sequence[BaseRoute], scope: Scope) -> set[str]:
+    """Every method some route of `routes` takes at the path of `scope` (an HTTP request's), as the routes name them."""
     methods = set()
-    for route in iter_route_contexts(request.app.router.routes):
-        if route.methods and route.matches(dict(request.scope))[0] != Match.NONE:
+    for route in iter_route_contexts(routes):
+        if route.methods and route.matches(dict(scope))[0] != Match.NONE:
             methods |= route.methods
+    return methods
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the app takes at the request's path, sorted: a 405's Allow. The router's own named the methods of
+    the first route it matched alone: `PUT /v1/jobs/{id}` answered `Allow: GET`, though DELETE is taken there too (a
+    route for each), and `/v1/jobs/cancel` takes GET and DELETE as a job id besides its POST. HEAD is taken wherever
+    GET is (api.main.HeadAsGet)."""
+    methods = methods_at(request.app.router.routes, request.scope)
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 

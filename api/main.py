@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import Depends, FastAPI
+from starlette.routing import Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.importer import import_from_string
 
 from api.auth import FailedKeys, api_key_if_sent, require_api_key, require_api_key_for_reads
 from api.channel_hub import ChannelHub
-from api.errors import ApiError, error_response, install_error_handlers
+from api.errors import ApiError, error_response, install_error_handlers, methods_at
 from api.json_bodies import JsonParsers
 from api.origin import AllowedOrigins, Cors, OriginCheck
 from api.stream import SendDeadline
@@ -258,6 +259,32 @@ class BodyDeadline:
                         headers={"Connection": "close"})
 
 
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET is (its status and headers, no body) at every path where a route takes
+    GET and none takes HEAD, as HTTP has it and Starlette's own routes do. FastAPI's routes take only the methods they
+    name: `HEAD /healthz` or `HEAD /v1/models`, which uptime checks and load balancers send, was a 405."""
+
+    def __init__(self, app: ASGIApp, router: Router):
+        self.app, self.router = app, router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        head = scope["type"] == "http" and scope["method"] == "HEAD"
+        methods = methods_at(self.router.routes, scope) if head else set()
+        if "GET" not in methods or "HEAD" in methods:
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        # (The servers in front see HEAD still: they send no body, and log the request as it came.)
+        await self.app({**scope, "method": "GET"}, receive, without_body)
+
+
 class _Api(FastAPI):
     """FastAPI, with the body limit's refusals in the API's formats (BodyLimitAnswers, outside everything but
     SendDeadline, which lets go of a client that reads nothing of a response), and a deadline on request bodies
@@ -309,6 +336,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The Origin check runs first (the last added is outermost): a page not allowed is refused before CORS or a
     # route sees it. CORS is there even with no origin configured, so that a refused preflight says what to set.
     allowed = AllowedOrigins(settings.cors_origins, settings.public_url)
+    app.add_middleware(HeadAsGet, router=app.router)  # (innermost: the checks before it see HEAD, as it came)
     app.add_middleware(Cors, allowed=allowed)
     app.add_middleware(OriginCheck, allowed=allowed)
     for module in (health, metrics, page):

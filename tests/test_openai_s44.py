@@ -18,10 +18,10 @@ def test_a_405_allows_every_method_its_path_takes(stack):
     # client reading it did not know the job could be cancelled there.
     job_id = requests.post(f"{stack.base_url}/v1/jobs", json={"prompt": "Hi", "max_new_tokens": 1},
                            timeout=10).json()["id"]
-    for path, allowed in ((f"/v1/jobs/{job_id}", "DELETE, GET"), ("/v1/jobs", "GET, POST"),
-                          ("/v1/files/file-nope", "DELETE, GET"), ("/v1/batches", "GET, POST"),
+    for path, allowed in ((f"/v1/jobs/{job_id}", "DELETE, GET, HEAD"), ("/v1/jobs", "GET, HEAD, POST"),
+                          ("/v1/files/file-nope", "DELETE, GET, HEAD"), ("/v1/batches", "GET, HEAD, POST"),
                           # (GET and DELETE take `cancel` as a job id.)
-                          ("/v1/jobs/cancel", "DELETE, GET, POST"), ("/v1/chat/completions", "POST")):
+                          ("/v1/jobs/cancel", "DELETE, GET, HEAD, POST"), ("/v1/chat/completions", "POST")):
         refused = requests.put(f"{stack.base_url}{path}", timeout=10)
         assert refused.status_code == 405 and refused.headers["Allow"] == allowed, (path, refused.headers)
         assert refused.json()["error"]["message"] == f"Invalid method for URL (PUT {path})"

@@ -211,12 +211,40 @@ class CompletionFields(BaseModel):
     _stream_options = field_validator("stream_options", mode="before")(_only_with_stream)
 
 
+class Prediction(BaseModel):
+    """OpenAI's predicted output, `{"type": "content", "content": ...}`: text the answer is expected to repeat, which
+    makes it come sooner where it is supported, and never changes it. Its shape is checked, as OpenAI checks it, and
+    it is ignored, as vLLM ignores it."""
+
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_or_parts(cls, content: Any) -> Any:
+        """One error naming `content` (pydantic's would name each member of the union)."""
+        if isinstance(content, str) or isinstance(content, list) and all(
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                for part in content):
+            return content
+        raise ValueError('must be a string or a list of text parts ({"type": "text", "text": ...})')
+
+
+# OpenAI's service tiers. A request may name any: its answer says that it was served at the default one (see
+# ChatCompletion.service_tier), the only one there is for an interactive request.
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+
+
 class ChatCompletionRequest(CompletionFields):
     """`POST /v1/chat/completions`."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)  # at most MAX_NEW_TOKENS_CAP (`_within_cap`)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # Both were taken as anything at all and ignored: a misspelt tier ("prority") or a prediction in another shape
+    # went without a word, where OpenAI answers 400.
+    service_tier: ServiceTier | None = None
+    prediction: Prediction | None = None
 
     _token_numbers = field_validator("max_tokens", "max_completion_tokens", mode="before")(_number)
     _caps = field_validator("max_tokens", "max_completion_tokens")(_within_cap)
@@ -247,6 +275,8 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     system_fingerprint: None = None
+    # As OpenAI answers it: the tier that served the request when the request named one, null otherwise.
+    service_tier: Literal["default"] | None = None
     choices: list[Choice]
     usage: Usage
 
@@ -318,6 +348,12 @@ _UNSUPPORTED = {
     "modalities": (lambda value: value not in (None, [], ["text"]), "only text output is supported"),
     "audio": (lambda value: value is not None, "audio output is not supported"),
     "web_search_options": (lambda value: value is not None, "web search is not supported"),
+    # OpenAI refuses these for its models that do not reason, as none served here does ("none" asks for no
+    # reasoning, "medium" is the verbosity of every answer).
+    "reasoning_effort": (lambda value: value not in (None, "none"),
+                         "reasoning is not supported, the model does not reason (send \"none\" or leave it out)"),
+    "verbosity": (lambda value: value not in (None, "medium"),
+                  "verbosity is not supported (send \"medium\" or leave it out)"),
     # vLLM's and SGLang's sampling extras (`extra_body` with the openai package): the engine samples with
     # temperature, top_p and seed only, so any other setting would be dropped without a word.
     "top_k": (lambda value: value not in (None, 0, -1), "top_k is not supported (send -1 or leave it out)"),
@@ -537,10 +573,12 @@ def job_error(record: dict | None, prompt_field: str = "messages") -> ApiError |
                     headers=_NOT_RETRIED if final else None)
 
 
-def completion_of(record: dict, completion_id: str, model: str, created: int) -> ChatCompletion:
+def completion_of(record: dict, completion_id: str, model: str, created: int,
+                  service_tier: str | None = None) -> ChatCompletion:
     """The chat.completion object of a job that succeeded (its record, or a batch line's copy of it)."""
     choice = Choice(message=ChatCompletionMessage(content=record["text"]), finish_reason=record["finish_reason"])
-    return ChatCompletion(id=completion_id, created=created, model=model, choices=[choice], usage=usage_of(record))
+    return ChatCompletion(id=completion_id, created=created, model=model, service_tier=service_tier, choices=[choice],
+                          usage=usage_of(record))
 
 
 def parse_chat_request(raw: Any) -> tuple[ChatCompletionRequest, GenerateRequest]:
@@ -565,12 +603,14 @@ class Completion:
     CHUNK_OBJECT = "chat.completion.chunk"
     PROMPT_FIELD = "messages"  # the request's field that a prompt too long for the model's context is blamed on
 
-    def __init__(self, store: JobStore, hub: ChannelHub, job_id: str, model: str, keep_on_disconnect: bool):
+    def __init__(self, store: JobStore, hub: ChannelHub, job_id: str, model: str, keep_on_disconnect: bool,
+                 service_tier: str | None = None):
         self.store, self.hub, self.job_id = store, hub, job_id
         self.id = self.ID_PREFIX + job_id
         self.model = model
         self.created = int(time.time())
         self.keep_on_disconnect = keep_on_disconnect
+        self.service_tier = service_tier  # the tier that served it, when the request named one (ChatCompletion's)
 
     async def wait(self, request: Request) -> ChatCompletion | TextCompletion:
         """Wait for the job's end and answer the whole completion; a client that leaves cancels the job."""
@@ -709,8 +749,9 @@ class Completion:
         return int(value) if value and value.isdigit() else 0
 
     def _base(self) -> dict:
+        tier = {"service_tier": self.service_tier} if self.service_tier else {}
         return {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+                "system_fingerprint": None, **tier}
 
     def _chunk(self, content: dict, finish_reason: str | None, include_usage: bool,
                counts: tuple[int, int] | None) -> str:
@@ -726,7 +767,7 @@ class Completion:
         return _sse(chunk)
 
     def _answer(self, record: dict) -> ChatCompletion:
-        return completion_of(record, self.id, self.model, self.created)
+        return completion_of(record, self.id, self.model, self.created, self.service_tier)
 
     def _opening(self, include_usage: bool, counts: tuple[int, int] | None = None) -> str | None:
         """The chunk a stream starts with, before the job has generated anything: the assistant's role."""
@@ -820,7 +861,9 @@ async def _run(kind: type[Completion], body: ChatCompletionRequest | TextComplet
     await require_served(registry, body.model)
     [job_id] = await asyncio.to_thread(submitter.submit, [(job_request, "interactive")],
                                        idempotency_key=idempotency_key, owner=api_key)
-    completion = kind(store, hub, job_id, body.model, body.keep_on_disconnect or idempotency_key is not None)
+    # (Every request is served at the default tier: see ServiceTier.)
+    tier = "default" if getattr(body, "service_tier", None) else None
+    completion = kind(store, hub, job_id, body.model, body.keep_on_disconnect or idempotency_key is not None, tier)
     if body.stream:
         options = body.stream_options or StreamOptions()
         include_usage = bool(options.include_usage)
