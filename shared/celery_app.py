@@ -47,10 +47,21 @@ def task_queue(queue: str, model: str | None = None) -> str:
     return f"{queue}.{_ESCAPED.sub(_escape, model)}" if model else queue
 
 
-def worker_queues(model: str) -> list[str]:
+def worker_queues(model: str, max_batch_tokens: int | None = None) -> list[str]:
     """The queues a worker serving `model` reads, in the order it takes from them: interactive jobs for its
-    model, then for any model, then batch jobs the same way."""
-    return [task_queue(INTERACTIVE_QUEUE, model), INTERACTIVE_QUEUE, task_queue(BATCH_QUEUE, model), BATCH_QUEUE]
+    model, then for any model, then batch jobs the same way; with its engine's `max_batch_tokens`, first of each kind
+    those sent to the workers of its model with that budget (`budget_queue`)."""
+    return [queue for kind in (INTERACTIVE_QUEUE, BATCH_QUEUE)
+            for queue in ([budget_queue(kind, model, max_batch_tokens)] if max_batch_tokens else [])
+            + [task_queue(kind, model), kind]]
+
+
+def budget_queue(queue: str, model: str, max_batch_tokens: int) -> str:
+    """The Celery queue of a job sent to the workers of `model` whose engine's KV budget (MAX_BATCH_TOKENS) is
+    `max_batch_tokens`: one that needs more than the budget of the worker that took it (workers/generation.py).
+    It is the model's queue and "%kv<budget>": a model's name, escaped there, holds "%" only before two hex digits,
+    so no model's queue is one of these."""
+    return f"{task_queue(queue, model)}%kv{max_batch_tokens}"
 
 
 # Hash of delivery tag → the registry key of the worker that took the message (`message_holder`); kombu keeps the
@@ -383,7 +394,8 @@ def remove_stale_messages(app: Celery, store: JobStore, scan: QueueScan, limit: 
         if not scan.lists:
             return []
         served = {queue for worker in WorkerRegistry(store.redis, store.prefix).workers()
-                  if isinstance(worker.get("model"), str) for queue in worker_queues(worker["model"])}
+                  if isinstance(worker.get("model"), str)
+                  for queue in worker_queues(worker["model"], worker.get("max_batch_tokens"))}
         served_lists = {prefix + channel._q_for_pri(queue, priority)
                         for queue in served for priority in channel.priority_steps}
         for name in [name for name in scan.lists if name in served_lists]:

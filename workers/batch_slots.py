@@ -33,8 +33,8 @@ PAUSED_POLL_SECONDS = 0.05
 
 class BatchSlots:
     """Counts this worker's batch jobs from their receipt to their end, and pauses its batch-queue consumers
-    (`queues`: the batch queue for its model, and for any) at `limit`, and while requests wait in the engine for
-    room (`engine_waits`).
+    (`queues`: the batch queues of its budget, of its model and of any) at `limit`, and while requests wait in the
+    engine for room (`engine_waits`).
 
     Counting starts at receipt (in the consumer's own thread, before it fetches the next message),
     so a worker with free threads does not take more batch jobs in the moment before they start.

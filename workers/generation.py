@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from shared.conversation import choose_template, render_messages
 from shared.jobs import (CANCELLED_ERROR, DAMAGED_ERROR, DAMAGED_STATUS_ERROR, QUEUES, RECORD_DAMAGED, RECORD_GONE,
-                         DamagedRecord, Ending, JobStore, answers_later)
+                         DamagedRecord, Ending, JobStore, WorkerRegistry, answers_later)
 from shared.protocol import CONTEXT_OVERFLOW_MSG, EXHAUSTED_ERROR, MAX_RENDERED_CHARS, ErrorCode, GenerateRequest
 from workers.builder import LoadedModel
 from workers.engine import LLMEngine, SamplingParams, SeqOutput
@@ -183,7 +183,8 @@ class JobRunner:
     """Runs jobs on one engine and keeps their records and channels current."""
 
     def __init__(self, store: JobStore, loaded: LoadedModel, worker_name: str, max_new_tokens_cap: int = 1024,
-                 max_attempts: int = 3, stream_interval: int = 1, write_behind: bool = False):
+                 max_attempts: int = 3, stream_interval: int = 1, write_behind: bool = False,
+                 hand_over: Callable[[str, str, int], None] | None = None):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
         self.store = store
@@ -240,6 +241,9 @@ class JobRunner:
         # again then.
         self._engine_stop: str | None = None
         self._requeue: Callable[[str], None] | None = None
+        # hand_over(job, queue kind, budget) sends a job to the workers of this model whose engine's MAX_BATCH_TOKENS
+        # is that budget (`_hand_over`); without it, a job past this engine's budget is refused.
+        self.hand_over = hand_over
 
     def attach(self, engine: LLMEngine) -> None:
         """Use `engine` (built with `on_step=self.publish`)."""
@@ -376,6 +380,10 @@ class JobRunner:
             prepared.params = replace(prepared.params, max_new_tokens=max_new_tokens)
         # Interactive jobs first, in the engine too: those it holds beyond what its budgets admit wait there.
         priority = QUEUES.index(queue) if queue in QUEUES else 0
+        # What the engine reserves for it (Sequence.max_kv_tokens: `prepare` and the resume above keep it in context).
+        needed = len(prepared.token_ids) + prepared.params.max_new_tokens
+        if needed > self.engine.scheduler.max_batch_tokens and self._hand_over(job_id, QUEUES[priority], needed):
+            return "handed_over"
         handle = self.engine.add_request(job_id, prepared.text_token_ids, prepared.params,
                                          prompt_embeds=prepared.engine_prompt_embeds(), text_context=text_context,
                                          priority=priority)
@@ -538,6 +546,38 @@ class JobRunner:
                 handed.append(job_id)
                 _requeue(requeue, job_id, deadline)
         return handed
+
+    def _hand_over(self, job_id: str, queue: str, needed: int) -> bool:
+        """Hand a job whose KV cache (`needed` tokens) this engine's MAX_BATCH_TOKENS cannot hold to the live workers
+        of its model whose budget can (workers of one model given different budgets: GPUs of different sizes), those
+        of the budget with the most room left; True once it has left this worker. False where no such worker is
+        ready: the engine then refuses the job, the client's error (it was refused so even where another worker
+        could run it).
+
+        The job is handed back as at shutdown (`JobStore.release`: counted as a hand-back, not as an attempt) and its
+        task sent to the head of the queue only the workers of that budget read (`budget_queue`). Should they all be
+        gone before one takes it, the orphan sweep delivers it again to its model's queue a minute later."""
+        if self.hand_over is None:
+            return False
+        workers = self._when_redis_answers(WorkerRegistry(self.store.redis, self.store.prefix).workers,
+                                           f"reading the workers for job {job_id}")
+        rooms = {}
+        for worker in workers:
+            budget = worker.get("max_batch_tokens")  # a number where present (`WorkerRegistry.workers`)
+            if worker.get("model") == self.loaded.name and worker.get("ready", True) and isinstance(budget, int) \
+                    and budget >= needed:
+                rooms[budget] = max(rooms.get(budget, 0), budget - worker.get("reserved_tokens", 0))
+        if not rooms:
+            return False
+        budget = max(rooms, key=rooms.get)
+        if self._when_redis_answers(lambda: self.store.release(job_id, self.worker_name),
+                                    f"handing job {job_id} over"):
+            log.info("job %s needs %d tokens of KV cache, more than this worker's MAX_BATCH_TOKENS (%d): handed over "
+                     "to the workers of its model with a budget of %d", job_id, needed,
+                     self.engine.scheduler.max_batch_tokens, budget)
+            _requeue(lambda job: self.hand_over(job, queue, budget), job_id,
+                     time.monotonic() + HAND_BACK_REQUEUE_SECONDS)
+        return True  # released, or not this worker's any more (cancelled, or ended, since it started)
 
     def _hand_back_if_engine_stopped(self, out: SeqOutput) -> None:
         """Hand back the job of an output that ended because the engine stopped itself (`engine_stopped`), instead

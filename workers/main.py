@@ -18,12 +18,12 @@ from kombu.exceptions import OperationalError
 from PIL import Image
 from redis.exceptions import RedisError, ResponseError
 
-from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, QueueScan, celery_app, redis_warnings,
+from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, QueueScan, budget_queue, celery_app, redis_warnings,
                                remove_stale_messages, resend_lost_tasks, restore_messages_of_gone_workers,
                                send_first, task_queue, worker_queues)
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
-from shared.jobs import Claim, JobStore, WorkerRegistry, answers_later
+from shared.jobs import Claim, DamagedRecord, JobStore, WorkerRegistry, answers_later, wrong_type
 from shared.logs import bind_job_ids_to_celery_tasks, celery_worker_arguments
 from shared.protocol import IMAGE_TOKEN, GenerateRequest, set_max_new_tokens_cap
 from shared.settings import Settings
@@ -65,13 +65,16 @@ def run_worker(settings: Settings) -> None:
     name = f"{loaded.name}@{socket.gethostname()}/{secrets.token_hex(3)}:{os.getpid()}"
     behind = writes_behind(loaded.device, split.engine, split.rest)
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts,
-                       settings.stream_interval, behind)
+                       settings.stream_interval, behind,
+                       hand_over=lambda job_id, queue, budget: send_first(celery_app, job_id,
+                                                                          budget_queue(queue, loaded.name, budget)))
     log.info("engine steps written to Redis %s", "on a thread of their own, while the engine goes on" if behind
              else "by the engine thread (a CPU engine on every core)")
     # R = 0 slots kept included: the batch queues are paused while a job waits in the engine for room, as well as at
     # MAX_NUM_SEQS - R batch jobs.
     batch_slots = BatchSlots(settings.max_num_seqs - settings.reserved_slots,
-                             (task_queue(BATCH_QUEUE, loaded.name), BATCH_QUEUE))
+                             (budget_queue(BATCH_QUEUE, loaded.name, settings.max_batch_tokens),
+                              task_queue(BATCH_QUEUE, loaded.name), BATCH_QUEUE))
 
     def on_step(outputs):
         try:
@@ -171,7 +174,8 @@ def run_worker(settings: Settings) -> None:
         celery_app.conf.worker_pool = f"{HandingBackPool.__module__}:{HandingBackPool.__name__}"
         celery_app.worker_main([*celery_worker_arguments(settings.log_format),
                                 "worker", f"--concurrency={settings.max_num_seqs}",
-                                "-Q", ",".join(worker_queues(loaded.name)), "-n", celery_node_name(name),
+                                "-Q", ",".join(worker_queues(loaded.name, settings.max_batch_tokens)),
+                                "-n", celery_node_name(name),
                                 f"--loglevel={settings.log_level}",
                                 "--without-gossip", "--without-mingle"])
     finally:
@@ -243,9 +247,23 @@ HAND_BACK_JOIN_SECONDS = HAND_BACK_REQUEUE_SECONDS + 5.0
 def _deliver_again(store: JobStore, job_id: str) -> None:
     """Send a started job's task again, to the head of its queue for the model it started on (the text it has came
     from that model, so a worker serving another one must not go on with it): it goes on before the jobs queued
-    since it started (`send_first`)."""
-    queue, model = store.redis.hmget(store.key(job_id), ["queue", "model"])
-    send_first(celery_app, job_id, task_queue(queue or INTERACTIVE_QUEUE, model))
+    since it started (`send_first`). A job whose record is damaged is not sent (`_fields`)."""
+    fields = _fields(store, job_id, "queue", "model")
+    if fields is not None:
+        send_first(celery_app, job_id, task_queue(fields[0] or INTERACTIVE_QUEUE, fields[1]))
+
+
+def _fields(store: JobStore, job_id: str, *names: str) -> list | None:
+    """The fields `names` of a job's record; None, logged, where its key holds another type than a hash (a key SET by
+    hand), in which no job can run. Its WRONGTYPE, raised, failed the orphan sweep's rounds as an outage, with the
+    claims of other jobs, or was tried again for a hand-back's whole wait."""
+    try:
+        return store.redis.hmget(store.key(job_id), names)
+    except ResponseError as exc:
+        if not wrong_type(exc):
+            raise
+    log.warning("%s; it is not delivered again", DamagedRecord(job_id, store.redis.type(store.key(job_id))).message)
+    return None
 
 
 class _RedisOutage:
@@ -454,8 +472,9 @@ def _deliver_claimed(store: JobStore, claims: dict[str, Claim], requeue_after: f
         if store.clock() - claim.at > requeue_after / 2:  # a claim's time is on the store's clock
             del claims[job_id]
             continue
-        if store.claim(claim):
-            if store.redis.hget(store.key(job_id), "cancel_requested") == "1":
+        # A claim made again answers as it did, even where the job's record was damaged since (`_fields`).
+        if store.claim(claim) and (fields := _fields(store, job_id, "cancel_requested")) is not None:
+            if fields[0] == "1":
                 # Cancelled while its worker was dead (or dying): the cancel left it to that worker, and delivered
                 # again it waited for a worker of its model to start it, and end it; where none came, for its whole
                 # wait again (a batch's line: the batch's window, its batch "cancelling" for as long). Claimed, no
