@@ -22,10 +22,10 @@ from typing import IO, Any
 from celery import Celery
 from pydantic import ValidationError
 
-from api.errors import MODEL_NOT_FOUND, ApiError, answered_code
+from api.errors import MODEL_NOT_FOUND, ApiError, answered_code, log_damaged
 from api.json_bodies import JsonParsers
 from api.routes.openai import parse_chat_request
-from api.submission import check_unicode, queue_unavailable
+from api.submission import check_unicode, damaged_images, queue_unavailable
 from shared.celery_app import BATCH_QUEUE, send_many, task_queue
 from shared.batches import FINAL_STATUSES, BatchStore
 from shared.dataroot import PathRefused, resolve_in_folder
@@ -201,6 +201,7 @@ class Intake:
         that became final (or went) meanwhile takes none of them: their jobs are cancelled, and their errors not
         listed in its `errors` (its errors file does not hold them)."""
         first_line = self.total - len(entries)
+        jobs = self._without_damaged_images(entries, jobs)
         ids = self.store.create_many(
             [request for _, request in jobs], "batch", deadline_seconds=self.deadline_seconds, owner=self.owner,
             extra=[{"batch": self.batch_id, "batch_line": first_line + index} for index, _ in jobs]) if jobs else []
@@ -215,6 +216,25 @@ class Intake:
                              for job_id, (_, request) in zip(ids, jobs)]
             self.job_ids += ids
         return self.status
+
+    def _without_damaged_images(self, entries: list[dict[str, Any]],
+                                jobs: list[tuple[int, GenerateRequest]]) -> list[tuple[int, GenerateRequest]]:
+        """The chunk's `jobs` but those holding an image whose stored copy is damaged (`damaged_images`): each such
+        line fails alone, as a 500 that names the damage. Written with the chunk, its image failed the chunk's write,
+        and so the whole batch, as "the queue was unavailable while reading", every time it was sent again."""
+        damage = damaged_images(self.store, [request for _, request in jobs])
+        for position, what in damage.items():
+            entry = entries[jobs[position][0]]
+            message = f"line {entry['line']}: {what}; an operator must delete the key"
+            log_damaged(message)
+            entry["error"] = {"message": message, "param": None, "status_code": 500,
+                              "code": int(ErrorCode.SERVER_ERROR)}
+            self.invalid += 1
+            self.errors.append({"code": "invalid_line", "message": message, "param": None, "line": entry["line"]})
+        if damage:
+            # In line order, as the lines refused while read are listed; the first MAX_LISTED_ERRORS of them.
+            self.errors = sorted(self.errors, key=lambda error: error["line"])[:MAX_LISTED_ERRORS]
+        return [job for position, job in enumerate(jobs) if position not in damage]
 
     def send(self) -> None:
         """Send the jobs recorded to the workers (pipelined, a few hundred a round trip); a 503 if the broker

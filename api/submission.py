@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,10 +21,10 @@ import redis
 from celery import Celery
 from pydantic import BaseModel
 
-from api.errors import ApiError, log_unavailable
+from api.errors import ApiError, log_damaged, log_unavailable
 from shared.batches import BatchStore
 from shared.celery_app import send_many, task_queue
-from shared.jobs import Ending, JobStore, NewJob, answers_later, new_job_id, owner_id
+from shared.jobs import Ending, JobStore, NewJob, answers_later, new_job_id, owner_id, wrong_type
 from shared.protocol import ErrorCode, GenerateRequest
 
 log = logging.getLogger("llava_queue.api")
@@ -158,7 +159,7 @@ class Submitter:
             with admission_lock(self.store):
                 fresh = [submission for submission in group
                          if submission.idempotency_key is None or not self._settled_by_key(submission)]
-                admitted = self._admit(fresh)
+                admitted = self._admit(self._refuse_damaged(fresh))
                 self._unclaim([submission for submission in fresh if submission.error is not None])
                 created = self._record(admitted, written)
             send_many(self.celery, created, self.store.clock)
@@ -187,6 +188,28 @@ class Submitter:
             raise error from exc
         for submission in admitted:
             submission.settle(submission.ids)
+
+    def _refuse_damaged(self, group: list[_Submission]) -> list[_Submission]:
+        """The submissions of `group` whose images' stored copies are sound; the others are settled with the 500 that
+        names the damage (`damaged_images`). Written with the group, such an image failed the write of every job of the
+        group: each submission got a 503 "the queue is unavailable", its jobs failed, and so at every retry."""
+        requests = [request for submission in group for request, _ in submission.requests]
+        damage = damaged_images(self.store, requests)
+        if not damage:
+            return group
+        sound, start = [], 0
+        for submission in group:
+            count = len(submission.requests)
+            found = [(index, damage[start + index]) for index in range(count) if start + index in damage]
+            start += count
+            if not found:
+                sound.append(submission)
+                continue
+            index, what = found[0]
+            message = f"{f'jobs.{index}: ' if count > 1 else ''}{what}; an operator must delete the key"
+            log_damaged(message)
+            submission.settle(error=ApiError(500, message, type="server_error", code=ErrorCode.SERVER_ERROR))
+        return sound
 
     def _record(self, admitted: list[_Submission], written: list[str]) -> list[tuple[str, str]]:
         """Write the records of the `admitted` submissions' jobs (each id added to `written` first) and set each one's
@@ -327,6 +350,44 @@ def _fingerprint(requests: list[tuple[GenerateRequest, str]]) -> str:
     """A digest of a submission's requests as recorded (fields set, defaults applied) and their queues, in order."""
     body = json.dumps([[request.model_dump_json(exclude_none=True), queue] for request, queue in requests])
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def damaged_images(store: JobStore, requests: Sequence[GenerateRequest]) -> dict[int, str]:
+    """The requests (by index) that hold an image whose stored copy (`JobStore.image_key`) is damaged, and how, read
+    in one round trip: its key holds another type than a hash, its count of holders is no number, or its data is not
+    the image (another length). No job is written with one: its HSETNX or HINCRBY failed the whole write it was part
+    of, or its worker read what the store kept in the image's place."""
+    held = [[(store.image_key_of(image), len(image.encode("utf-8", "surrogatepass"))) for image in request.all_images()]
+            for request in requests]
+    keys = list(dict.fromkeys(key for images in held for key, _ in images))
+    if not keys:
+        return {}
+    with store.redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.type(key)
+            pipe.hget(key, "refs")
+            pipe.hstrlen(key, "data")
+        answers = pipe.execute(raise_on_error=False)
+    for answer in answers:
+        if isinstance(answer, redis.ResponseError) and not wrong_type(answer):  # (a key of another type's HGET)
+            raise answer
+    stored = dict(zip(keys, zip(answers[::3], answers[1::3], answers[2::3])))
+    damage = {}
+    for index, images in enumerate(held):
+        for number, (key, length) in enumerate(images):
+            kind, refs, size = stored[key]
+            if kind not in ("hash", "none"):
+                what = f"its key holds a {kind}, not a hash"
+            elif refs is not None and not re.fullmatch(r"-?[0-9]+", refs):
+                what = "its count of holders (field refs) is no number"
+            elif size not in (0, length):  # (0: no data yet, which the job's write stores)
+                what = f"its data is {size} bytes, not the image's {length}"
+            else:
+                continue
+            damage[index] = (f"image {number}: its stored copy ({key}) is damaged: {what} (changed by hand, or by "
+                             "another program on the key prefix)")
+            break
+    return damage
 
 
 def check_unicode(request: BaseModel, prefix: str = "") -> None:

@@ -47,7 +47,7 @@ ABANDONED_ERROR = {"code": "abandoned", "message": "the API process reading the 
 # Either is final at once (OpenAI's `failed` has no line to wait for): it takes no more lines (_ADD_LINES), and its
 # lines not ended yet end with it, from line `lines_to_end` on (_END_LINES). Ended here too, in the one script, they
 # held Redis for a second with 50,000 lines, every other client (workers' steps, streams, submissions) waiting.
-_FAIL = """
+_FAIL = BATCH_END_LUA + """
 local status, final = redis.call('HGET', KEYS[1], 'status'), 'failed'
 if status == 'cancelling' and redis.call('HEXISTS', KEYS[1], 'total') == 0 then
   final = 'cancelled'
@@ -55,6 +55,7 @@ elseif status ~= 'validating' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', final, final .. '_at', ARGV[1], 'errors', ARGV[2], 'lines_to_end', 0)
+keep_ended(KEYS[1], ARGV[1])
 return 1
 """
 
@@ -131,6 +132,7 @@ redis.call('HINCRBY', KEYS[1], 'ended', tonumber(ARGV[2]))
 if cancelled then return end_batch_if_done(KEYS[1], ARGV[3]) end
 if tonumber(ARGV[1]) == tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[3])
+  keep_ended(KEYS[1], ARGV[3])
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[3])
@@ -222,21 +224,6 @@ return answer
 # A field (ARGV[1] = ARGV[2]) of a batch (KEYS[1]) that is still kept: HSET on one gone would make a new hash.
 _KEEP_SIZE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-"""
-
-# A batch that ended (KEYS[1]) kept ARGV[1] s from now, with its lines and results (KEYS[2], KEYS[3]) and its owner's
-# index (KEYS[4]): its output files were made as it ended, and are kept the batch TTL from then, as an upload is from
-# its upload. They went with the batch, the TTL after its creation: a file listed (by when it was made) after an
-# upload expired before it, and a page's `after` naming it then ended the list with that upload never listed. Never
-# shortened; marked (`files_kept`) so that it is done once. Not for a batch gone (HSET would make a new hash).
-_KEEP_FILES = """
-if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
-for i = 1, 4 do
-  local left = redis.call('TTL', KEYS[i])
-  if left >= 0 and left < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
-end
-redis.call('HSET', KEYS[1], 'files_kept', '1')
-return 1
 """
 
 # A page of an owner's batches (KEYS[1], its index), newest first, in one script, so that the cursor's rank and the
@@ -458,7 +445,6 @@ class BatchStore:
         self._release = self.redis.register_script(_RELEASE)
         self._keep_size = self.redis.register_script(_KEEP_SIZE)
         self._list_page = self.redis.register_script(_LIST_PAGE)
-        self._keep_files = self.redis.register_script(_KEEP_FILES)
 
     def key(self, batch_id: str) -> str:
         return f"{self.store.batch_prefix}{batch_id}"
@@ -501,10 +487,11 @@ class BatchStore:
         self.redis.hdel(self.reservations_key, batch_id)
 
     def create(self, batch_id: str, fields: dict[str, Any]) -> None:
-        """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL, or, read once
-        it has ended, the TTL after its end (`get`): within twice the TTL either way. The index drops the batches past
-        that (their records expired) and expires with its newest: it kept every batch ever created (only a batch list
-        that paged as far as one dropped it), and GET /v1/files read each it named."""
+        """A new batch in `validating`, listed in the index; it and its lines expire after the batch TTL, or, once it
+        has ended, the TTL after its end (BATCH_END_LUA, shared/jobs.py): within twice the TTL either way. The index
+        drops the batches past that (their records expired) and expires with its newest (or as its files do): it kept
+        every batch ever created (only a batch list that paged as far as one dropped it), and GET /v1/files read each
+        it named."""
         now = self.store.clock()
         record = {"id": batch_id, "owner": self.owner, "status": "validating", "created_at": repr(now), "ended": 0,
                   "completed": 0,
@@ -641,15 +628,7 @@ class BatchStore:
             raise self._damage_of(batch_id, exc) from exc
         if not raw or raw.get("owner", "") != self.owner:
             return None
-        record = self._typed(batch_id, raw)
-        ended = ended_at(record)
-        if ended is not None and "files_kept" not in raw:
-            # Its output files are kept the TTL from when they were made (`_KEEP_FILES`), from their first read on:
-            # none is shown before.
-            self._keep_files(keys=[self.key(batch_id), self.lines_key(batch_id), self.results_key(batch_id),
-                                   self.index_key],
-                             args=[math.ceil(ended + self.ttl_seconds - self.store.clock())])
-        return record
+        return self._typed(batch_id, raw)
 
     def ended_times(self, batch_ids: Sequence[str]) -> dict[str, float]:
         """When each of these batches that has ended did (`ended_at`: when its output files were made), read in one

@@ -220,7 +220,25 @@ return seqs
 
 # A batch (shared/batches.py) ends with its last line: completed, expired (some lines waited past
 # its completion window), or cancelled. `ended`, `total` and the counters are fields of its hash.
+# As it ends (`now`), its output files are made: it is kept, with its lines and results and its owner's index (named
+# as `BatchStore.index_key` names it), the batch TTL from then (as long after its end as it was kept after its
+# creation, `created_at`), as an upload is from its upload; never shortened. (The first read of the batch that found
+# it ended did it: one not read within the TTL after its creation went, its files with it, though they were said to
+# expire the TTL after its end.)
 BATCH_END_LUA = """
+local function keep_ended(bkey, now)
+  local created, owner = unpack(redis.call('HMGET', bkey, 'created_at', 'owner'))
+  local left = redis.call('TTL', bkey)
+  if not tonumber(created) or left < 0 then return end
+  local ttl = math.ceil(tonumber(now) - tonumber(created)) + left
+  local keys = {bkey, bkey .. ':lines', bkey .. ':results'}
+  local prefix = string.match(bkey, '^(.*):batch:[^:]+$')
+  if prefix then keys[4] = prefix .. ':batches' .. ((owner or '') ~= '' and ':' .. owner or '') end
+  for _, key in ipairs(keys) do
+    local kept = redis.call('TTL', key)
+    if kept >= 0 and kept < ttl then redis.call('EXPIRE', key, ttl) end
+  end
+end
 local function end_batch_if_done(bkey, now)
   local b = redis.call('HMGET', bkey, 'status', 'total', 'ended', 'expired')
   local status, total, ended = b[1], tonumber(b[2]), tonumber(b[3]) or 0
@@ -235,6 +253,7 @@ local function end_batch_if_done(bkey, now)
   end
   redis.call('HSET', bkey, 'status', final, final .. '_at', now)
   if final == 'completed' then redis.call('HSET', bkey, 'finalizing_at', now) end
+  keep_ended(bkey, now)
   return final
 end
 """

@@ -35,8 +35,8 @@ class FileObject(BaseModel):
     purpose: str
     status: str = "processed"
     status_details: None = None
-    # When it goes: BATCH_TTL_SECONDS after it was made (a batch's file as its batch ended, `BatchStore.get`) or
-    # uploaded, as Redis expires either; it was null, which is OpenAI's "never expires".
+    # When it goes: BATCH_TTL_SECONDS after it was made (a batch's file as its batch ended: BATCH_END_LUA,
+    # shared/jobs.py) or uploaded, as Redis expires either; it was null, which is OpenAI's "never expires".
     expires_at: int | None = None
 
 
