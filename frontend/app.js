@@ -32,8 +32,9 @@ const BUSY_NOTICE = "An answer is still being generated: your message stays in t
 const SEND_ONCE_STOPPED_NOTICE = "The answer is stopping: your message is sent as soon as it has stopped.";
 // Enter with no model to send to keeps the message too, and says why (the model field's text, after it).
 const NO_MODEL_NOTICE = "Your message stays in the box: there is no model to send it to";
-// Enter while an image was read that could not be taken (the image panel says why).
-const IMAGE_REFUSED_NOTICE = "Your message stays in the box: the image was not taken (the image panel says why).";
+// Enter while an image was read that could not be taken (its error says why: in the image panel, or on a phone over
+// the message box).
+const IMAGE_REFUSED_NOTICE = "Your message stays in the box: the image was not taken (its error says why).";
 // The most pixels an image may have is the API's (LLAVA_QUEUE_MAX_IMAGE_PIXELS), read from the server; its default
 // when it cannot be read (an image past a smaller limit is then refused by the API, with its own message).
 const DEFAULT_MAX_IMAGE_PIXELS = 50_000_000;
@@ -53,7 +54,7 @@ const ui = {
 
 const state = {
   // {role: "user", text, image: {source, mode, sent: {mode, base64, dataUrl}} | null}
-  // {role: "assistant", text, jobId, model, imageNote, status, error, errorCode, meta, voted, stopRequested,
+  // {role: "assistant", text, jobId, model, imageNote, started, status, error, errorCode, meta, voted, stopRequested,
   //  position, modelGone}
   turns: [],
   models: new Map(), // the served models by name, as GET /v1/models lists them: {id, reads_images}
@@ -131,7 +132,9 @@ function updateAssistant(turn) {
   const streaming = turn === state.current;
   el.dataset.status = turn.status;
   if (turn.jobId) el.dataset.jobId = turn.jobId;
-  setText(el.querySelector(".answer-note"), turn.imageNote);
+  // Only once a worker has taken the job: an answer refused, cancelled or failed before any worker had it was made
+  // without the image by no model at all.
+  setText(el.querySelector(".answer-note"), turn.started ? turn.imageNote : "");
   // As the original: the answer is shown stripped, with the cursor while it streams.
   const rendered = document.createElement("template");
   rendered.innerHTML = renderMarkdown(turn.text.trim());
@@ -272,7 +275,7 @@ async function send() {
   }
   if (state.imageReading) {
     // A large image takes a moment to read: the message waits for it (sent once, however often Enter is pressed),
-    // and stays in the box if the image could not be read (the image panel says why).
+    // and stays in the box if the image could not be read (its error says why).
     if (state.sendOnceRead) return;
     state.sendOnceRead = true;
     notice("Reading the image…");
@@ -343,8 +346,8 @@ async function generate() {
   const imageNote = state.turns.some((turn) => turn.image) && !readsImages(model)
     ? `Answered without seeing the image: ${model} does not read images.` : "";
   // (submission: aborted by a Stop it leaves unanswered, stopCurrent)
-  const turn = { role: "assistant", text: "", model, imageNote, status: "submitting", jobId: null, error: "",
-                 meta: "sending…", submission: new AbortController() };
+  const turn = { role: "assistant", text: "", model, imageNote, started: false, status: "submitting", jobId: null,
+                 error: "", meta: "sending…", submission: new AbortController() };
   state.turns.push(turn);
   state.current = turn;
   // The log is busy while the answer streams: a screen reader would read it out again, whole, at every chunk (and
@@ -393,6 +396,7 @@ async function generate() {
       }
     },
     onStarted() {
+      turn.started = true;
       // Its place is gone once a worker has it, whenever its first text comes (a long prompt or an image takes a
       // while).
       if (turn.status !== "queued") return;
@@ -401,6 +405,7 @@ async function generate() {
       updateAssistant(turn);
     },
     onError(text, code) {
+      turn.started = true; // (a worker's error chunk)
       turn.error = text;
       turn.errorCode = code;
       updateAssistant(turn);
@@ -408,6 +413,7 @@ async function generate() {
     onText(text) {
       // The job went on past an error chunk: the error no longer says how the answer goes.
       if (turn.error && text !== turn.text) turn.error = "";
+      turn.started = true;
       turn.status = "running";
       turn.text = text;
       turn.meta = "generating…";
@@ -468,17 +474,37 @@ async function submitWhenTaken(turn, request) {
  * know. Cancelled by key when the page goes. */
 const unansweredSubmissions = new Set();
 
-/** The Idempotency-Keys of submissions whose answer was lost on the network and whose cancel has not been answered
- * either: cancelled again when the page goes. */
-const lostSubmissions = new Set();
+/** The Idempotency-Keys of submissions whose answer was lost on the network (or given up by a Stop) and whose cancel
+ * has not been taken, each with its retry `{attempt, timer}` (timer null while a cancel is on its way). */
+const lostSubmissions = new Map();
+
+// A lost submission's cancel that did not reach the API is sent again after CANCEL_RETRY_SECONDS, twice as long after
+// each failure, up to this long; at once when the browser is back online; and as the page goes. Sent only as the
+// page went, the job of a Stop whose cancel met a network blip ran on for nobody as long as the tab stayed open.
+const LOST_CANCEL_MAX_WAIT_SECONDS = 60;
 
 /** Cancel by its key the job a submission whose answer was lost may have made (the answer shows failed). */
 function cancelLostSubmission(key) {
-  lostSubmissions.add(key);
+  const retry = lostSubmissions.get(key) ?? { attempt: 0, timer: null };
+  clearTimeout(retry.timer);
+  retry.timer = null;
+  lostSubmissions.set(key, retry);
   cancelSubmission(key).then(() => lostSubmissions.delete(key), (error) => {
-    if (error.status) lostSubmissions.delete(key);  // answered (an ended job: 409): nothing left to cancel
+    if (!cancelWaits(error)) {
+      lostSubmissions.delete(key); // answered (an ended job: 409): nothing left to cancel
+      return;
+    }
+    const wait = error.retryAfter || Math.min(CANCEL_RETRY_SECONDS * 2 ** retry.attempt, LOST_CANCEL_MAX_WAIT_SECONDS);
+    retry.attempt += 1;
+    retry.timer = setTimeout(cancelLostSubmission, wait * 1000, key);
   });
 }
+
+window.addEventListener("online", () => {
+  for (const [key, retry] of lostSubmissions) {
+    if (retry.timer !== null) cancelLostSubmission(key);
+  }
+});
 
 /** submitJob, its key in unansweredSubmissions until the answer comes (or `signal` gives it up). */
 async function submitUnanswered(request, key, signal) {
@@ -535,6 +561,7 @@ function finish(turn, job, ending) {
   // The socket's own end for a job it could not find ("unknown"), or a refusal: a failure as far as the user goes.
   if (!FINAL_STATES.includes(turn.status)) turn.status = "failed";
   if (job) turn.text = job.text;
+  if (job && job.started_at) turn.started = true; // (its socket may have said nothing of it)
   if (turn.status === "succeeded") {
     turn.error = ""; // an error chunk shown on the way is no error of an answer that succeeded
   } else {
@@ -755,11 +782,24 @@ async function showPreview() {
   ui.preview.title = `${width}×${height}, as it will be sent`;
 }
 
-/** Say in the image panel why the image picked last was not taken ("": it was, or it was removed). */
+/** Say why the image picked last was not taken ("": it was, or it was removed), and bring it into view (the image
+ * may have come from a drop or a paste far from it). */
 function showImageError(text) {
   ui.imageError.textContent = text;
   ui.imageError.hidden = !text;
+  if (text) ui.imageError.scrollIntoView({ block: "nearest" });
 }
+
+// Where the image's error goes: in the image panel beside the chat, or, on a phone-sized screen (style.css's one
+// column), over the message box where the image would have been attached. In the panel there, it was far below the
+// message box and its image button, out of view, and nothing seemed to happen.
+const oneColumn = matchMedia("(max-width: 760px)");
+function placeImageError() {
+  if (oneColumn.matches) ui.attachment.after(ui.imageError);
+  else ui.preview.after(ui.imageError);
+}
+oneColumn.addEventListener("change", placeImageError);
+placeImageError();
 
 async function takeImageFile(file) {
   if (!file) return;
@@ -1020,7 +1060,7 @@ window.addEventListener("pagehide", () => {
   const jobs = new Set(pendingCancels);
   if (state.current && state.current.jobId) jobs.add(state.current.jobId);
   for (const id of jobs) cancelJob(id, { keepalive: true }).catch(() => {});
-  for (const key of new Set([...unansweredSubmissions, ...lostSubmissions])) {
+  for (const key of new Set([...unansweredSubmissions, ...lostSubmissions.keys()])) {
     cancelSubmission(key, { keepalive: true }).catch(() => {});
   }
 });
