@@ -129,7 +129,10 @@ if not ended and handed_back > tonumber(ARGV[8]) then ended = 'handed_back' end
 if not ended then
   local attempts = (tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0) + 1
   redis.call('HSET', KEYS[1], 'attempts', attempts)
-  if attempts - handed_back > tonumber(ARGV[6]) then ended = 'exhausted' end
+  -- Nor are starts that followed a hand-over (`JobStore.release` with `over`), which no bound limits: each went to a
+  -- worker that could run the job, or back to the model's queue when none of them took it in time.
+  local handed_over = tonumber(redis.call('HGET', KEYS[1], 'handed_over')) or 0
+  if attempts - handed_back - handed_over > tonumber(ARGV[6]) then ended = 'exhausted' end
 end
 if ended then
   -- The caller ends the job. One its earlier worker held (dead, or handing it back) becomes the caller's, whose
@@ -544,8 +547,9 @@ if running and worker == ARGV[3] and is_mark(holder, ARGV[5]) then return 1 end
 if not running or holder ~= ARGV[2] or worker ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[2], 'worker', ARGV[3])
--- A hand-back is no failed attempt: the job's next start is not counted against its limit (_START).
-redis.call('HINCRBY', KEYS[2], 'handed_back', 1)
+-- A hand-back is no failed attempt: the job's next start is not counted against its limit (_START); ARGV[7] names
+-- which count it adds to, `handed_back` (bounded) or `handed_over`.
+redis.call('HINCRBY', KEYS[2], ARGV[7], 1)
 requeue_deadline(KEYS[2], KEYS[3], ARGV[1], ARGV[6])
 return 1
 """
@@ -1608,15 +1612,18 @@ class JobStore:
         """Claim every job `orphans` lists; returns the ids claimed."""
         return [claim.job_id for claim in self.orphans(requeue_after) if self.claim(claim)]
 
-    def release(self, job_id: str, worker: str) -> bool:
-        """Give a running job of `worker` back for a new delivery (a graceful shutdown); False if not held.
+    def release(self, job_id: str, worker: str, over: bool = False) -> bool:
+        """Give a running job of `worker` back for a new delivery (a graceful shutdown); False if not held. With
+        `over`, a hand-over to workers that can run the job (workers/generation.py): not counted as a hand-back, which
+        MAX_HAND_BACKS bounds (a job handed over past it failed "handed back by workers told to stop").
 
         Safe to send again: a release whose answer was lost (after it ran) answers True again as long as nobody has
         started the job since, and counts one hand-back. A hand-back is not counted against the job's attempts.
         """
         now = self.clock()
         keys = [self.running_key, self.key(job_id), self.deadlines_key]
-        args = [job_id, worker, f"{_REQUEUED}{worker}", f"{_REQUEUED}{now!r}", _REQUEUED, repr(now)]
+        args = [job_id, worker, f"{_REQUEUED}{worker}", f"{_REQUEUED}{now!r}", _REQUEUED, repr(now),
+                "handed_over" if over else "handed_back"]
         return bool(_sent_again_if_lost(lambda: self._release(keys=keys, args=args)))
 
     def set_prompt(self, job_id: str, prompt: str, prompt_tokens: int, worker: str) -> bool:

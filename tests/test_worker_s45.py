@@ -43,8 +43,9 @@ def wait_until(check, what: str, timeout: float = 60.0):
 
 
 def test_a_job_past_a_workers_kv_budget_runs_on_a_worker_whose_budget_holds_it(default_model_dir, tmp_path):
+    # No hand-back allowed: a hand-over is none (counted as one, the job failed "handed back more than 0 times").
     env = {"LLAVA_QUEUE_MODEL_PATH": str(default_model_dir), "LLAVA_QUEUE_MODEL_NAME": "smol",
-           "LLAVA_QUEUE_MAX_NUM_SEQS": "1"}
+           "LLAVA_QUEUE_MAX_NUM_SEQS": "1", "LLAVA_QUEUE_MAX_HAND_BACKS": "0"}
     with RedisServer() as server, redis.Redis.from_url(server.url, decode_responses=True) as client:
         small = start_service("worker-small", ["worker"], dict(os.environ, **env, LLAVA_QUEUE_REDIS_URL=server.url,
                                                                LLAVA_QUEUE_MAX_BATCH_TOKENS="400"), tmp_path)
@@ -66,12 +67,13 @@ def test_a_job_past_a_workers_kv_budget_runs_on_a_worker_whose_budget_holds_it(d
                 # worker's slot is freed first: it takes the job.
                 large = submit(stack, {"prompt": "Say hello.", "max_new_tokens": 500, "temperature": 0})
                 requests.delete(f"{stack.base_url}/v1/jobs/{runs[400]}", timeout=10)
-                wait_until(lambda: record(client, large).get("handed_back") or record(client, large).get("status")
+                wait_until(lambda: record(client, large).get("handed_over") or record(client, large).get("status")
                            not in ("queued", "running"), "the large job taken by the small worker")
                 requests.delete(f"{stack.base_url}/v1/jobs/{runs[1024]}", timeout=10)
                 job = job_final(stack, large)
                 assert job["status"] == "succeeded", (job, (tmp_path / "worker-small.log").read_text())
                 assert budgets[record(client, large)["worker"]] == 1024
+                assert (record(client, large)["handed_over"], record(client, large).get("handed_back")) == ("1", None)
                 assert "handed over to the workers of its model with a budget of 1024" in (
                     tmp_path / "worker-small.log").read_text()
                 # Past every live worker's budget: refused, the client's error, whichever worker took it.

@@ -554,8 +554,9 @@ class JobRunner:
         ready: the engine then refuses the job, the client's error (it was refused so even where another worker
         could run it).
 
-        The job is handed back as at shutdown (`JobStore.release`: counted as a hand-back, not as an attempt) and its
-        task sent to the head of the queue only the workers of that budget read (`budget_queue`). Should they all be
+        The job is handed back as at shutdown (`JobStore.release`, counted as a hand-over: neither an attempt nor a
+        hand-back) and its task sent to the queue only the workers of that budget read (`budget_queue`), at its tail:
+        the hand-overs are taken in the order they were made. Should they all be
         gone before one takes it, the orphan sweep delivers it again to its model's queue a minute later."""
         if self.hand_over is None:
             return False
@@ -570,7 +571,7 @@ class JobRunner:
         if not rooms:
             return False
         budget = max(rooms, key=rooms.get)
-        if self._when_redis_answers(lambda: self.store.release(job_id, self.worker_name),
+        if self._when_redis_answers(lambda: self.store.release(job_id, self.worker_name, over=True),
                                     f"handing job {job_id} over"):
             log.info("job %s needs %d tokens of KV cache, more than this worker's MAX_BATCH_TOKENS (%d): handed over "
                      "to the workers of its model with a budget of %d", job_id, needed,

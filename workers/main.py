@@ -20,7 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared.celery_app import (BATCH_QUEUE, INTERACTIVE_QUEUE, QueueScan, budget_queue, celery_app, redis_warnings,
                                remove_stale_messages, resend_lost_tasks, restore_messages_of_gone_workers,
-                               send_first, task_queue, worker_queues)
+                               send_first, send_many, task_queue, worker_queues)
 from shared.cpus import keep_process_to, split_cpus
 from shared.heap import freeze_startup_heap
 from shared.jobs import Claim, DamagedRecord, JobStore, WorkerRegistry, answers_later, wrong_type
@@ -66,8 +66,8 @@ def run_worker(settings: Settings) -> None:
     behind = writes_behind(loaded.device, split.engine, split.rest)
     runner = JobRunner(store, loaded, name, settings.max_new_tokens_cap, settings.max_attempts,
                        settings.stream_interval, behind,
-                       hand_over=lambda job_id, queue, budget: send_first(celery_app, job_id,
-                                                                          budget_queue(queue, loaded.name, budget)))
+                       hand_over=lambda job_id, queue, budget: send_many(
+                           celery_app, [(job_id, budget_queue(queue, loaded.name, budget))], store.clock))
     log.info("engine steps written to Redis %s", "on a thread of their own, while the engine goes on" if behind
              else "by the engine thread (a CPU engine on every core)")
     # R = 0 slots kept included: the batch queues are paused while a job waits in the engine for room, as well as at
