@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 from api.errors import ApiError, log_damaged, log_unavailable
 from shared.batches import BatchStore
 from shared.celery_app import send_many, task_queue
-from shared.jobs import Ending, JobStore, NewJob, answers_later, new_job_id, owner_id, wrong_type
+from shared.jobs import Ending, JobStore, NewJob, answers_later, new_job_id, owner_id
 from shared.protocol import ErrorCode, GenerateRequest
 
 log = logging.getLogger("llava_queue.api")
@@ -354,40 +353,18 @@ def _fingerprint(requests: list[tuple[GenerateRequest, str]]) -> str:
 
 def damaged_images(store: JobStore, requests: Sequence[GenerateRequest]) -> dict[int, str]:
     """The requests (by index) that hold an image whose stored copy (`JobStore.image_key`) is damaged, and how, read
-    in one round trip: its key holds another type than a hash, its count of holders is no number, or its data is not
-    the image (another length). No job is written with one: its HSETNX or HINCRBY failed the whole write it was part
-    of, or its worker read what the store kept in the image's place."""
-    held = [[(store.image_key_of(image), len(image.encode("utf-8", "surrogatepass"))) for image in request.all_images()]
-            for request in requests]
-    keys = list(dict.fromkeys(key for images in held for key, _ in images))
-    if not keys:
-        return {}
-    with store.redis.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.type(key)
-            pipe.hget(key, "refs")
-            pipe.hstrlen(key, "data")
-        answers = pipe.execute(raise_on_error=False)
-    for answer in answers:
-        if isinstance(answer, redis.ResponseError) and not wrong_type(answer):  # (a key of another type's HGET)
-            raise answer
-    stored = dict(zip(keys, zip(answers[::3], answers[1::3], answers[2::3])))
-    damage = {}
-    for index, images in enumerate(held):
-        for number, (key, length) in enumerate(images):
-            kind, refs, size = stored[key]
-            if kind not in ("hash", "none"):
-                what = f"its key holds a {kind}, not a hash"
-            elif refs is not None and not re.fullmatch(r"-?[0-9]+", refs):
-                what = "its count of holders (field refs) is no number"
-            elif size not in (0, length):  # (0: no data yet, which the job's write stores)
-                what = f"its data is {size} bytes, not the image's {length}"
-            else:
-                continue
-            damage[index] = (f"image {number}: its stored copy ({key}) is damaged: {what} (changed by hand, or by "
-                             "another program on the key prefix)")
-            break
-    return damage
+    in one round trip (`JobStore.image_damage`): its key holds another type than a hash, its count of holders is no
+    number, or its data is not the image (another length). No job is written with one: its HSETNX or HINCRBY failed
+    the whole write it was part of, or its worker read what the store kept in the image's place."""
+    damage = store.image_damage([image for request in requests for image in request.all_images()])
+    found = {}
+    for index, request in enumerate(requests):
+        for number, image in enumerate(request.all_images()):
+            if image in damage:
+                found[index] = (f"image {number}: its stored copy ({store.image_key_of(image)}) is damaged: "
+                                f"{damage[image]} (changed by hand, or by another program on the key prefix)")
+                break
+    return found
 
 
 def check_unicode(request: BaseModel, prefix: str = "") -> None:

@@ -313,6 +313,28 @@ local function is_count(value)
 end
 """
 
+# What is damaged in each stored image (KEYS), in words, or '' where nothing is: its key of another type than a hash, a
+# count of holders that is no number (as _FINISH checks them: `is_count`), or data of another length than its image's
+# (ARGV, in the same order; no data yet is none). Read before a submission's jobs are written (api/submission.py).
+_IMAGE_DAMAGE = _CHECKS_LUA + """
+local damage = {}
+for i, key in ipairs(KEYS) do
+  local kind, what = kind_of(key), ''
+  if kind ~= 'none' and kind ~= 'hash' then
+    what = 'its key holds a ' .. kind .. ', not a hash'
+  elseif not is_count(redis.call('HGET', key, 'refs')) then
+    what = 'its count of holders (field refs) is no number'
+  else
+    local size = redis.call('HSTRLEN', key, 'data')
+    if size ~= 0 and size ~= tonumber(ARGV[i]) then
+      what = 'its data is ' .. size .. " bytes, not the image's " .. ARGV[i]
+    end
+  end
+  damage[i] = what
+end
+return damage
+"""
+
 # A job's ending. Everything it writes is checked before the first write: it stopped at the first key it could not
 # write (an image key of another type, a count that is no number) with the job ended in its record, and still in the
 # running hash, its ending unpublished, its other images held and its record kept for good. What is the job's own and
@@ -914,6 +936,7 @@ class JobStore:
         self._set_prompt = client.register_script(_SET_PROMPT)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
+        self._image_damage = client.register_script(_IMAGE_DAMAGE)
         self._check_idempotency = client.register_script(_CHECK_IDEMPOTENCY)
         self._create_keyed = client.register_script(_CREATE_KEYED)
         self._create = client.register_script(_CREATE)
@@ -1136,6 +1159,16 @@ class JobStore:
     def image_key_of(self, image: str) -> str:
         """The key `image` is stored under."""
         return self.image_key(image_digest(image))
+
+    def image_damage(self, images: Sequence[str]) -> dict[str, str]:
+        """{image: what is damaged in its stored copy} for those of `images` whose copy is damaged (`_IMAGE_DAMAGE`:
+        the checks the ending of a job holding them makes), read in one round trip."""
+        keys = {image: self.image_key_of(image) for image in images}
+        if not keys:
+            return {}
+        answers = self._image_damage(keys=list(keys.values()),
+                                     args=[len(image.encode("utf-8", "surrogatepass")) for image in keys])
+        return {image: what for image, what in zip(keys, answers) if what}
 
     def _recorded_request(self, request: GenerateRequest) -> tuple[str, dict[str, str]]:
         """The request's JSON as recorded, each image replaced by its digest, and {image key: image} for its images."""
